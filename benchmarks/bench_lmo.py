@@ -1,0 +1,85 @@
+"""LMO step time against its matmul bound and against torch.optim.Muon, printed as ratios.
+
+* Bound: Newton–Schulz with 5 steps is 15 matmuls per matrix (X Xᵀ, A·A, B·X per step). We time
+  exactly those 15 matmuls on the same shapes with nothing else and report
+  ``efficiency = bound / LMO time`` (1.0 = the LMO costs nothing beyond its matmuls).
+* torch.optim.Muon (torch ≥ 2.9) always orthogonalises in bf16, 70–180× slower than fp32 on AVX2
+  CPUs, so it is compared on small matrices only.
+
+Run: ``python -m benchmarks.bench_lmo [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import best_time, machine
+from fedgluon.geometry import Geometry
+from fedgluon.optim import Gluon
+
+
+def ns_matmul_bound(shapes: dict[str, tuple[int, int]], device: str, dtype: torch.dtype) -> float:
+    mats = [torch.randn(*(s if s[0] <= s[1] else s[::-1]), device=device, dtype=dtype) for s in shapes.values()]
+    grams = [m @ m.mT for m in mats]
+
+    def run():
+        for X, A in zip(mats, grams):
+            for _ in range(5):
+                X @ X.mT
+                A @ A
+                A @ X
+    return best_time(run)
+
+
+def bench_block(device: str, repeat: int) -> None:
+    d = 768
+    shapes = {f"attn.{k}": (d, d) for k in "qkvo"} | {"mlp.fc": (4 * d, d), "mlp.proj": (d, 4 * d)}
+    grads = {n: torch.randn(*s, device=device) for n, s in shapes.items()}
+    work = torch.bfloat16 if device == "cuda" else torch.float32
+    bound = ns_matmul_bound(shapes, device, work)
+    print(f"\n[transformer block, d={d}: 4x{d}x{d} + {4*d}x{d} + {d}x{4*d}, device={device}, NS in {work}]")
+    for label, kw in [("NS5 quintic (batched)", {}), ("Polar Express 5", {"ns_coefficients": "polar_express"}),
+                      ("exact SVD", {"spectral_method": "svd"})]:
+        geom = Geometry.from_shapes(shapes, preset="muon", **kw)
+        t = best_time(lambda: geom.lmo(grads), repeat=repeat)
+        print(f"  {label:24s} {t*1e3:8.1f} ms   bound/time = {bound / t:5.2f}")
+    print(f"  {'15 matmuls (bound)':24s} {bound*1e3:8.1f} ms")
+
+
+def bench_vs_torch_muon(n: int, repeat: int) -> None:
+    if not hasattr(torch.optim, "Muon"):
+        print("torch.optim.Muon not available in this torch")
+        return
+    w1 = torch.nn.Parameter(torch.randn(n, n))
+    w2 = torch.nn.Parameter(w1.detach().clone())
+    ref = torch.optim.Muon([w1], lr=0.02, momentum=0.95, nesterov=True)
+    ours = Gluon([("w", w2)], lr=0.02, method="muon")
+    g = torch.randn(n, n)
+
+    def step(opt, w):
+        w.grad = g
+        opt.step()
+    t_ref = best_time(lambda: step(ref, w1), repeat=max(1, repeat // 2))
+    t_ours = best_time(lambda: step(ours, w2), repeat=repeat)
+    print(f"  {n}x{n}: torch.optim.Muon {t_ref*1e3:9.1f} ms   fedgluon Gluon(muon) {t_ours*1e3:7.1f} ms   "
+          f"speed-up {t_ref / t_ours:6.1f}x")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and smaller Muon comparison")
+    args = ap.parse_args(argv)
+    repeat = 2 if args.quick else 5
+    print(f"machine: {machine()}")
+    bench_block("cpu", repeat)
+    if torch.cuda.is_available():
+        bench_block("cuda", repeat)
+    print("\n[one optimizer step on an n x n matrix vs torch.optim.Muon (bf16 NS), CPU]")
+    for n in ((128, 256) if args.quick else (128, 256, 512)):
+        bench_vs_torch_muon(n, repeat)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+from click.testing import CliRunner
+
+from fedgluon.cli import main
+
+
+def test_list_shows_registries():
+    out = CliRunner().invoke(main, ["list"])
+    assert out.exit_code == 0, out.output
+    assert "optimizer methods: muon, scion" in out.output
+    assert "norms: spectral" in out.output
+
+
+def test_demo_trains_and_rejects_bad_method():
+    out = CliRunner().invoke(main, ["demo", "--epochs", "2", "--method", "muon"])
+    assert out.exit_code == 0, out.output
+    acc = float(out.output.strip().splitlines()[-1].split()[-1])
+    assert acc > 0.85
+    bad = CliRunner().invoke(main, ["demo", "--method", "adam"])
+    assert bad.exit_code != 0 and "--method" in bad.output and "must be one of" in bad.output

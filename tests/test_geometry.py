@@ -1,0 +1,71 @@
+import math
+
+import pytest
+import torch
+
+from fedgluon.geometry import Geometry
+from fedgluon.models import MLP, SmallCNN, TinyGPT
+from fedgluon.norms import RMS, RowNorm, Sign, Spectral
+
+
+def test_mlp_geometry_scion_rules():
+    g = Geometry.from_model(MLP(64, (128, 32), 10))
+    p = g.params
+    assert p["body.0.weight"].role == "hidden" and isinstance(p["body.0.weight"].norm, Spectral)
+    assert p["body.0.weight"].norm.factor == pytest.approx(math.sqrt(64 / 128))
+    assert p["body.1.weight"].norm.factor == pytest.approx(math.sqrt(128 / 32))
+    assert p["head.weight"].role == "head" and isinstance(p["head.weight"].norm, Sign)
+    assert p["head.weight"].norm.factor == 32
+    assert isinstance(p["head.bias"].norm, RMS) and p["head.bias"].role == "vector"
+
+
+def test_cnn_geometry_conv_reshape_factor():
+    g = Geometry.from_model(SmallCNN(in_channels=1, widths=(8, 16), image_size=8))
+    conv = g.params["features.4.weight"]  # 16 x 8 x 3 x 3
+    assert conv.role == "conv" and isinstance(conv.norm, Spectral)
+    assert conv.norm.factor == pytest.approx(9 * math.sqrt(8 / 16))  # Scion: lmo * sqrt(Cout/Cin) / k^2
+    assert isinstance(g.params["features.1.weight"].norm, RMS)  # BatchNorm gain
+
+
+def test_transformer_geometry_embeddings_and_head():
+    g = Geometry.from_model(TinyGPT(vocab_size=30, context=16, dim=32, layers=1, heads=4))
+    assert g.params["tok_emb.weight"].role == "embedding" and isinstance(g.params["tok_emb.weight"].norm, RowNorm)
+    assert g.params["pos_emb.weight"].role == "embedding"
+    assert g.params["head.weight"].role == "head"
+    assert g.params["blocks.0.qkv.weight"].role == "hidden"
+    assert isinstance(g.params["blocks.0.ln1.weight"].norm, RMS)
+
+
+def test_overrides_and_radius_by_role():
+    g = Geometry.from_model(MLP(8, (16,), 4), radius={"head": 16.0},
+                            overrides=[{"pattern": "body.*.weight", "norm": "col", "factor": 2.0},
+                                       {"pattern": "body.0.bias", "radius": 3.0}])
+    assert g.params["head.weight"].radius == 16.0
+    assert g.params["body.0.weight"].norm.name == "col" and g.params["body.0.weight"].norm.factor == 2.0
+    assert g.params["body.0.bias"].radius == 3.0
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"preset": "adam"}, "geometry.preset"),
+    ({"overrides": [{"pattern": "*", "norm": "nuclear"}]}, "geometry.overrides\\[0\\].norm"),
+    ({"overrides": [{"norm": "sign"}]}, "geometry.overrides\\[0\\]"),
+    ({"roles": {"x": "decoder"}}, "geometry.roles"),
+    ({"radius": {"output": 2.0}}, "geometry.radius key"),
+    ({"spectral_method": "qr"}, "spectral_method"),
+])
+def test_bad_geometry_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        Geometry.from_model(MLP(8, (16,), 4), **kwargs)
+
+
+def test_batched_application_equals_per_parameter():
+    model = TinyGPT(vocab_size=20, context=8, dim=16, layers=2, heads=2)
+    g = Geometry.from_model(model, spectral_method="svd")
+    grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    batched = g.lmo(grads)
+    for name, G in grads.items():
+        single = g.params[name].norm.lmo(G.unsqueeze(0))[0]
+        torch.testing.assert_close(batched[name], single, rtol=1e-5, atol=1e-6)
+    # blocks.0.qkv and blocks.1.qkv share (norm, shape): one group
+    groups = [names for (norm, shape), names in g._groups.items() if shape == (48, 16)]
+    assert groups and len(groups[0]) == 2

@@ -1,4 +1,18 @@
 """Compression operators, error feedback, payloads, validation and bit accounting.
 
 Imports neither Flower nor Ray (DESIGN §1); conversion to Flower records lives in ``strategies``.
+
+    from compressors import make_compressor, compress_message, decode_message
+    C = make_compressor({"name": "topk", "ratio": 0.05})
 """
+
+from .bits import CONVENTIONS, BitCount, dense_bits
+from .error_feedback import EF14, EF21, ef21_server_update
+from .message import compress_message, decode_message, message_bits
+from .operators import Compressor, Context, Properties
+from .payload import Message, PayloadError, TensorPayload
+from .registry import COMPRESSORS, make_compressor
+
+__all__ = ["BitCount", "CONVENTIONS", "COMPRESSORS", "Compressor", "Context", "EF14", "EF21", "Message",
+           "PayloadError", "Properties", "TensorPayload", "compress_message", "decode_message", "dense_bits",
+           "ef21_server_update", "make_compressor", "message_bits"]

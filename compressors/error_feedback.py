@@ -1,0 +1,127 @@
+"""Error feedback as pure state transitions on dicts of tensors.
+
+**EF21** (Richtárik, Sokolov, Fatkhullin 2021; ALGORITHMS §8.1): client j keeps a tracker g_j, sends
+``R_j = C(v_j − g_j)`` and sets ``g_j ← g_j + R_j``; the server adds ``w_j R_j`` to its aggregate, so
+``G = Σ_j w_j g_j`` holds exactly as long as both sides add the *decoded* payload.
+
+**EF14** (error feedback with residual memory, Seide et al. 2014 / Stich et al. 2018): client keeps
+``e_j``, sends ``p = C(e_j + x_j)`` and keeps ``e_j ← e_j + x_j − p``.
+
+**Reduced-precision trackers** (``tracker="fixed16"``): the tracker is stored as int16 multiples of
+a per-layer power-of-two step ``s`` (2 bytes per entry, like fp16). The client compresses
+``v − g_j`` against its *stored* tracker, rounds ``g_j + R_j`` to the grid (saturating), and sends
+the exact difference of stored trackers ``Δ = s·(q_new − q_old)`` — an integer below 2^17 times a
+power of two, so exact in fp32 — instead of ``R_j``. Client and server trackers therefore stay
+equal. (fp16 storage cannot do this: the difference of two fp16 numbers may need 40 significant
+bits.) ``Δ`` has the support of ``R_j``, so this needs a dense or top-k structure with fp32/fp64
+values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .message import compress_message
+from .operators import Compressor, State
+from .payload import Message
+
+Tensors = dict[str, Tensor]
+
+
+def _decode_own(compressor: Compressor, message: Message, like: Mapping[str, Tensor]) -> Tensors:
+    return {n: compressor.decompress(p, shape=tuple(like[n].shape), layer=n, device=like[n].device,
+                                     dtype=like[n].dtype) for n, p in message.items()}
+
+
+@dataclass
+class EF21:
+    """EF21 on the client side; the server applies :func:`ef21_server_update`."""
+
+    compressor: Compressor
+    tracker: str = "full"  # "full" | "fixed16"
+    headroom: float = 8.0  # fixed16: the grid covers headroom × max|v| at the first round
+
+    def __post_init__(self) -> None:
+        if self.tracker not in ("full", "fixed16"):
+            raise ValueError(f"tracker must be one of ['full', 'fixed16'], got {self.tracker!r}")
+        if self.tracker == "fixed16" and (self.compressor.structure.name not in ("dense", "topk")
+                                          or self.compressor.values.name not in ("fp32", "fp64")):
+            raise ValueError("tracker='fixed16' needs a dense or top-k compressor with fp32/fp64 values "
+                             f"(the difference must travel exactly), got {self.compressor!r}")
+
+    def step(self, state: Mapping[str, Tensors] | None, v: Mapping[str, Tensor], seed_parts: tuple[int, ...],
+             comp_states: Mapping[str, State] | None = None) -> tuple[Message, dict[str, Tensors], Tensors,
+                                                                        dict[str, State]]:
+        """One client round: (message, new EF state, decoded message, new compressor states)."""
+        if self.tracker == "full":
+            g = state["g"] if state else {n: torch.zeros_like(t) for n, t in v.items()}
+            msg, cstates = compress_message(self.compressor, {n: v[n] - g[n] for n in v}, seed_parts, comp_states)
+            r = _decode_own(self.compressor, msg, v)
+            return msg, {"g": {n: g[n] + r[n] for n in v}}, r, cstates
+        return self._step_fixed16(state, v, seed_parts, comp_states)
+
+    def tracker_values(self, state: Mapping[str, Tensors], like: Mapping[str, Tensor]) -> Tensors:
+        """The tracker g_j as a tensor dict in the working dtype."""
+        if self.tracker == "full":
+            return dict(state["g"])
+        return {n: state["q"][n].to(like[n].dtype) * state["step"][n].to(like[n].dtype) for n in like}
+
+    def _step_fixed16(self, state, v, seed_parts, comp_states):
+        if state:
+            q_old, step = state["q"], state["step"]
+        else:
+            q_old = {n: torch.zeros_like(t, dtype=torch.int16) for n, t in v.items()}
+            step = {}
+            for n, t in v.items():
+                amax = float(t.abs().max()) if t.numel() else 0.0
+                e = math.ceil(math.log2(self.headroom * amax / 32767)) if amax > 0 else -24
+                step[n] = torch.tensor(2.0 ** max(e, -126), dtype=torch.float64)
+        g = {n: q_old[n].to(v[n].dtype) * step[n].to(v[n].dtype) for n in v}
+        msg, cstates = compress_message(self.compressor, {n: v[n] - g[n] for n in v}, seed_parts, comp_states)
+        r = _decode_own(self.compressor, msg, v)
+        q_new, delta = {}, {}
+        for n in v:
+            q = torch.round((g[n] + r[n]).double() / step[n]).clamp(-32767, 32767)
+            q_new[n] = q.to(torch.int16)
+            delta[n] = ((q - q_old[n].double()) * step[n]).to(v[n].dtype)
+            payload = msg[n]
+            dtype = payload.arrays["v.v"].dtype
+            flat = delta[n].reshape(-1)
+            sent = flat if "idx" not in payload.arrays else flat[torch.from_numpy(
+                payload.arrays["idx"].astype(np.int64))]
+            payload.arrays["v.v"] = sent.detach().cpu().numpy().astype(dtype)
+            if not torch.equal(torch.from_numpy(payload.arrays["v.v"]).to(sent.dtype), sent):
+                raise ArithmeticError(f"fixed16 tracker difference of {n!r} is not exact in {dtype}")
+        return msg, {"q": q_new, "step": step}, delta, cstates
+
+
+def ef21_server_update(G: Mapping[str, Tensor], decoded: Mapping[int, Mapping[str, Tensor]],
+                       weights: Mapping[int, float]) -> Tensors:
+    """``G ← G + Σ_j w_j R_j`` over accepted clients, in client-id order (DESIGN §2)."""
+    out = {n: t.clone() for n, t in G.items()}
+    for j in sorted(decoded):
+        for n, r in decoded[j].items():
+            out[n] += weights[j] * r.to(out[n].dtype)
+    return out
+
+
+@dataclass
+class EF14:
+    """Classic error feedback: send ``C(e + x)``, keep ``e ← e + x − C(e + x)``."""
+
+    compressor: Compressor
+
+    def step(self, state: Mapping[str, Tensors] | None, x: Mapping[str, Tensor], seed_parts: tuple[int, ...],
+             comp_states: Mapping[str, State] | None = None) -> tuple[Message, dict[str, Tensors], Tensors,
+                                                                        dict[str, State]]:
+        e = state["e"] if state else {n: torch.zeros_like(t) for n, t in x.items()}
+        corrected = {n: e[n] + x[n] for n in x}
+        msg, cstates = compress_message(self.compressor, corrected, seed_parts, comp_states)
+        sent = _decode_own(self.compressor, msg, x)
+        return msg, {"e": {n: corrected[n] - sent[n] for n in x}}, sent, cstates

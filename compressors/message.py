@@ -1,0 +1,72 @@
+"""Layer-wise compression of a whole message (a dict of tensors), validated decoding and bits.
+
+Layers are processed in sorted-name order, and layer ``i`` of a message gets the seed
+``derive_seed(*seed_parts, i)`` where ``seed_parts`` is e.g. ``(run_seed, client_id, round)``, so
+every draw is reproducible on any device and in any scheduling order (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from fedgluon.rng import derive_seed
+
+from .bits import BitCount
+from .operators import Compressor, Context, State
+from .payload import LayerSetError, Message, SizeError, TensorPayload
+
+DEFAULT_MAX_BYTES_FACTOR = 4  # a payload may be at most this many times its dense fp32 size (+ 1 KiB)
+
+
+def compress_message(compressor: Compressor, tensors: Mapping[str, Tensor], seed_parts: tuple[int, ...],
+                     states: Mapping[str, State] | None = None) -> tuple[Message, dict[str, State]]:
+    """Compress every tensor; returns the message and the new per-layer compressor states."""
+    message, new_states = {}, {}
+    for i, name in enumerate(sorted(tensors)):
+        ctx = Context(seed=derive_seed(*seed_parts, i), state=(states or {}).get(name))
+        payload, state = compressor.compress(tensors[name], ctx)
+        message[name] = payload
+        if state is not None:
+            new_states[name] = state
+    return message, new_states
+
+
+def decode_message(compressor: Compressor, message: Mapping[str, TensorPayload], shapes: Mapping[str, tuple],
+                   *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                   max_bytes: int | None = None) -> dict[str, Tensor]:
+    """Validate and decode a message against the expected layer shapes; raises a PayloadError.
+
+    Checks: the layer set, each payload's codec/shape/arrays/header/indices/finiteness, and sizes
+    (each layer at most ``DEFAULT_MAX_BYTES_FACTOR``× its dense fp32 size, the message at most
+    ``max_bytes`` when given).
+    """
+    if not isinstance(message, Mapping):
+        raise LayerSetError("*", "message", f"expected a mapping of layers, got {type(message).__name__}")
+    names = set(message)
+    expected = set(shapes)
+    if names != expected:
+        missing, extra = sorted(expected - names), sorted(map(str, names - expected))
+        raise LayerSetError("*", "layers", f"missing {missing}, unexpected {extra}")
+    total = 0
+    out = {}
+    for name in sorted(shapes):
+        payload = message[name]
+        if isinstance(payload, TensorPayload):
+            nbytes = payload.nbytes() if isinstance(payload.arrays, dict) else 0
+            dense = 4 * int(torch.Size(shapes[name]).numel())
+            if nbytes > DEFAULT_MAX_BYTES_FACTOR * dense + 1024:
+                raise SizeError(name, "arrays", f"{nbytes} bytes for a tensor of {dense} dense bytes")
+            total += nbytes
+        out[name] = compressor.decompress(payload, shape=tuple(shapes[name]), layer=name, device=device, dtype=dtype)
+    if max_bytes is not None and total > max_bytes:
+        raise SizeError("*", "message", f"{total} bytes exceeds the cap of {max_bytes}")
+    return out
+
+
+def message_bits(compressor: Compressor, message: Mapping[str, TensorPayload]) -> BitCount:
+    """Raw bit counts of a message, summed over layers (plus one flag bit per layer for the codec choice
+    when the compressor can fall back to dense)."""
+    return sum((compressor.bits(p) for p in message.values()), BitCount())

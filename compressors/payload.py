@@ -1,0 +1,80 @@
+"""Payloads: what one client sends for one tensor, and the errors a decoder raises.
+
+A :class:`TensorPayload` is plain data — a codec id ``"<structure>/<values>"`` (e.g. ``"topk/fp32"``,
+``"randk_seeded/qsgd"``, ``"lowrank/fp16"``), the tensor's shape, NumPy arrays (indices, values,
+factors, packed bits) and a few integer/float header fields (seeds, levels). Nothing in it is ever
+pickled; the Flower adapter maps it to ``Array``/``ConfigRecord`` entries one to one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class TensorPayload:
+    """One tensor's compressed form (see module doc)."""
+
+    codec: str
+    shape: tuple[int, ...]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, int | float] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        """Bytes of the arrays themselves (no container overhead)."""
+        return int(sum(np.asarray(a).nbytes for a in self.arrays.values()))
+
+
+Message = dict[str, TensorPayload]
+
+
+class PayloadError(ValueError):
+    """A payload failed validation; ``layer`` and ``field`` say where."""
+
+    kind = "invalid"
+
+    def __init__(self, layer: str, field: str, reason: str):
+        self.layer, self.field, self.reason = layer, field, reason
+        super().__init__(f"{self.kind} payload for layer {layer!r}, field {field!r}: {reason}")
+
+
+class CodecError(PayloadError):
+    kind = "unknown or disallowed codec in"
+
+
+class LayerSetError(PayloadError):
+    kind = "wrong layer set in"
+
+
+class ShapeError(PayloadError):
+    kind = "wrong shape in"
+
+
+class DtypeError(PayloadError):
+    kind = "wrong dtype in"
+
+
+class TruncatedError(PayloadError):
+    kind = "truncated or mis-sized array in"
+
+
+class IndexRangeError(PayloadError):
+    kind = "index out of range in"
+
+
+class DuplicateIndexError(PayloadError):
+    kind = "duplicate or unsorted indices in"
+
+
+class NonFiniteError(PayloadError):
+    kind = "non-finite values in"
+
+
+class SizeError(PayloadError):
+    kind = "oversized"
+
+
+class MetaError(PayloadError):
+    kind = "bad header in"

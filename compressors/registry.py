@@ -1,0 +1,46 @@
+"""Compressors by name: one registration per structure; any structure takes any value codec.
+
+``make_compressor({"name": "topk", "ratio": 0.05, "values": "qsgd", "levels": 15})``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .operators import (Compressor, Dense, PowerSGD, RandK, RandKSeeded, RandomizedSVD, Structure, SVDLowRank,
+                        TopK)
+from .values import VALUE_CODECS, make_value_codec
+
+COMPRESSORS: dict[str, tuple[Callable[..., Structure], tuple[str, ...], str]] = {
+    # name: (structure factory, its options, default value codec)
+    "identity": (lambda: Dense(), (), "fp32"),
+    "qsgd": (lambda: Dense(), (), "qsgd"),
+    "natural": (lambda: Dense(), (), "natural"),
+    "topk": (TopK, ("ratio", "min_k"), "fp32"),
+    "randk": (RandK, ("ratio", "min_k"), "fp32"),
+    "randk_seeded": (RandKSeeded, ("ratio", "min_k"), "fp32"),
+    "svd": (SVDLowRank, ("rank", "min_compression_rate"), "fp32"),
+    "rsvd": (RandomizedSVD, ("rank", "min_compression_rate", "oversample"), "fp32"),
+    "powersgd": (PowerSGD, ("rank", "min_compression_rate", "warm_start"), "fp32"),
+}
+
+
+def make_compressor(spec: str | Mapping[str, Any]) -> Compressor:
+    """Build a compressor from a name or a mapping with ``name``, structure options, ``values``, ``levels``."""
+    spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+    name = spec.pop("name", None)
+    if name not in COMPRESSORS:
+        raise ValueError(f"compressor.name must be one of {sorted(COMPRESSORS)}, got {name!r}")
+    factory, options, default_values = COMPRESSORS[name]
+    values = spec.pop("values", default_values)
+    if values not in VALUE_CODECS:
+        raise ValueError(f"compressor.values must be one of {list(VALUE_CODECS)}, got {values!r}")
+    levels = spec.pop("levels", 15)
+    unknown = set(spec) - set(options)
+    if unknown:
+        raise ValueError(f"compressor {name!r} takes options {sorted(options) + ['levels', 'values']}, "
+                         f"got unknown {sorted(unknown)}")
+    if name in ("qsgd", "natural") and values != default_values:
+        raise ValueError(f"compressor {name!r} fixes values={default_values!r}")
+    return Compressor(factory(**spec), make_value_codec(values, levels), name=name)

@@ -1,0 +1,263 @@
+"""Value codecs: how a vector of n floats travels. Each is exact, rounding, or unbiased (with ω).
+
+| codec   | arrays                                   | bits                   | kind / ω |
+| ------- | ---------------------------------------- | ---------------------- | -------- |
+| fp32    | ``v`` float32 (n)                        | 32 n                   | exact (the working precision) |
+| fp64    | ``v`` float64 (n)                        | 64 n                   | exact for float64 (tests)      |
+| fp16    | ``v`` float16 (n), ``scale`` float32 (1) | 16 n + 32              | rounding, relative error ≤ 2⁻¹¹ (values scaled into fp16 range first) |
+| qsgd    | ``norm`` float32 (1), ``q`` packed bits  | n ⌈log2(2s+1)⌉ + 32    | unbiased, ω = min(n/s², √n/s) (Alistarh et al. 2017, Lemma 3.1) |
+| natural | ``e`` uint8 (n), ``sign`` packed bits    | 9 n                    | unbiased, ω = 1/8 (Horváth et al., "Natural compression", 2019) |
+
+QSGD: ``Q(v)_l = ‖v‖₂ · sign(v_l) · ξ_l / s`` with ``ξ_l ∈ {⌊s|v_l|/‖v‖⌋, ⌊…⌋+1}`` rounded up with
+probability equal to the fractional part. Levels ``sign·ξ ∈ [−s, s]`` are bit-packed.
+Natural: ``|v| ∈ [2^e, 2^{e+1})`` rounds to ``2^{e+1}`` with probability ``(|v| − 2^e)/2^e`` (else
+``2^e``), encoded as the float32 biased exponent (1..254, 0 = zero) plus a sign bit. Magnitudes
+below 2⁻¹²⁶ round stochastically to 0 or 2⁻¹²⁶ (still unbiased); at 2¹²⁷ and above the exponent
+saturates (a bias only for values beyond 1.7e38).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .bits import BitCount
+from .payload import DtypeError, MetaError, NonFiniteError, TruncatedError
+
+Arrays = dict[str, np.ndarray]
+
+
+def get_array(arrays: dict[str, Any], key: str, layer: str, dtypes: tuple[type, ...], length: int) -> np.ndarray:
+    """Fetch ``arrays[key]`` as a 1-D array of one of ``dtypes`` and exactly ``length`` entries."""
+    a = arrays.get(key)
+    if not isinstance(a, np.ndarray):
+        raise TruncatedError(layer, key, f"missing array (got {type(a).__name__})")
+    if a.dtype.type not in dtypes:
+        raise DtypeError(layer, key, f"dtype {a.dtype} not in {[np.dtype(d).name for d in dtypes]}")
+    if a.ndim != 1 or a.shape[0] != length:
+        raise TruncatedError(layer, key, f"expected shape ({length},), got {a.shape}")
+    return a
+
+
+def check_finite(a: np.ndarray, layer: str, key: str) -> None:
+    if not np.isfinite(a).all():
+        raise NonFiniteError(layer, key, f"{int((~np.isfinite(a)).sum())} NaN/Inf entries")
+
+
+def _to_torch(a: np.ndarray, device: torch.device | str | None) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device) if device is not None else torch.from_numpy(
+        np.ascontiguousarray(a))
+
+
+class ValueCodec(ABC):
+    name: str
+    kind: str  # "exact" | "rounding" | "unbiased"
+    unit_roundoff: float = 0.0
+
+    def omega(self, n: int) -> float:
+        return 0.0
+
+    @abstractmethod
+    def encode(self, v: Tensor, gen: torch.Generator | None) -> tuple[Arrays, dict[str, int | float]]: ...
+
+    @abstractmethod
+    def decode(self, arrays: dict[str, Any], meta: dict[str, Any], n: int, layer: str,
+               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Validate the arrays for ``n`` values and return them (raises a PayloadError)."""
+
+    @abstractmethod
+    def bits(self, n: int, meta: dict[str, Any]) -> BitCount: ...
+
+    def keys(self) -> set[str]:
+        return {"v"}
+
+    def meta_keys(self) -> set[str]:
+        return set()
+
+
+class FP32(ValueCodec):
+    name, kind = "fp32", "exact"
+
+    def encode(self, v, gen):
+        return {"v": v.detach().to("cpu", torch.float32).numpy()}, {}
+
+    def decode(self, arrays, meta, n, layer, device=None, dtype=torch.float32):
+        a = get_array(arrays, "v", layer, (np.float32,), n)
+        check_finite(a, layer, "v")
+        return _to_torch(a, device).to(dtype)
+
+    def bits(self, n, meta):
+        return BitCount(value_bits=32 * n, n_values=n)
+
+
+class FP64(FP32):
+    """Double precision: exact for float64 tensors (used by the float64 reduction tests)."""
+
+    name = "fp64"
+
+    def encode(self, v, gen):
+        return {"v": v.detach().to("cpu", torch.float64).numpy()}, {}
+
+    def decode(self, arrays, meta, n, layer, device=None, dtype=torch.float64):
+        a = get_array(arrays, "v", layer, (np.float64,), n)
+        check_finite(a, layer, "v")
+        return _to_torch(a, device).to(dtype)
+
+    def bits(self, n, meta):
+        return BitCount(value_bits=64 * n, n_values=n)
+
+
+class FP16(ValueCodec):
+    """Scaled half precision: ``v ≈ scale · fp16(v / scale)`` with ``scale = max|v| / 2^14``."""
+
+    name, kind, unit_roundoff = "fp16", "rounding", 2.0 ** -11
+
+    def keys(self):
+        return {"v", "scale"}
+
+    def encode(self, v, gen):
+        v = v.detach().to("cpu", torch.float32)
+        amax = float(v.abs().max()) if v.numel() else 0.0
+        scale = np.float32(amax / 2.0 ** 14 if amax > 0 else 1.0)
+        if not np.isfinite(scale) or scale == 0:  # subnormal maxima: send unscaled-by-one
+            scale = np.float32(1.0)
+        return {"v": (v / float(scale)).to(torch.float16).numpy(), "scale": np.array([scale], dtype=np.float32)}, {}
+
+    def decode(self, arrays, meta, n, layer, device=None, dtype=torch.float32):
+        a = get_array(arrays, "v", layer, (np.float16,), n)
+        s = get_array(arrays, "scale", layer, (np.float32,), 1)
+        check_finite(a, layer, "v")
+        check_finite(s, layer, "scale")
+        if not s[0] > 0:
+            raise MetaError(layer, "scale", f"must be positive, got {s[0]}")
+        out = _to_torch(a, device).to(torch.float32) * float(s[0])
+        check_finite(out.cpu().numpy(), layer, "v·scale")
+        return out.to(dtype)
+
+    def bits(self, n, meta):
+        return BitCount(value_bits=16 * n, n_values=n, scalar_bits=32)
+
+
+def _pack(codes: np.ndarray, width: int) -> np.ndarray:
+    """Pack non-negative integers < 2^width (width ≤ 16), ``width`` bits each, most significant first."""
+    bits = np.unpackbits(codes.astype(">u2").view(np.uint8)).reshape(-1, 16)[:, 16 - width:]
+    return np.packbits(bits.reshape(-1))
+
+
+def _unpack(packed: np.ndarray, n: int, width: int) -> np.ndarray:
+    bits = np.unpackbits(packed, count=n * width).reshape(n, width)
+    full = np.zeros((n, 16), dtype=np.uint8)
+    full[:, 16 - width:] = bits
+    return np.packbits(full.reshape(-1)).view(">u2").astype(np.int64)
+
+
+class QSGD(ValueCodec):
+    name, kind = "qsgd", "unbiased"
+
+    def __init__(self, levels: int = 15):
+        if not (isinstance(levels, int) and 1 <= levels <= 2 ** 15):
+            raise ValueError(f"qsgd levels must be an integer in [1, 32768], got {levels!r}")
+        self.levels = levels
+        self.width = math.ceil(math.log2(2 * levels + 1))
+
+    def omega(self, n: int) -> float:
+        s = self.levels
+        return min(n / s ** 2, math.sqrt(n) / s)
+
+    def keys(self):
+        return {"norm", "q"}
+
+    def meta_keys(self):
+        return {"levels"}
+
+    def encode(self, v, gen):
+        v = v.detach().to("cpu", torch.float64)
+        norm = float(torch.linalg.vector_norm(v))  # float64: fp32 inputs give an exact ratio |v|/‖v‖
+        s = self.levels
+        if norm == 0 or not math.isfinite(norm):
+            xi = torch.zeros_like(v, dtype=torch.int64)
+            norm = 0.0 if norm == 0 else norm
+        else:
+            r = v.abs() / norm * s
+            low = torch.floor(r)
+            u = torch.rand(v.shape, generator=gen, dtype=torch.float64)
+            xi = (low + (u < (r - low)).to(torch.float64)).to(torch.int64)
+        signed = (torch.sign(v).to(torch.int64) * xi + s).numpy()
+        return {"norm": np.array([norm], dtype=np.float32), "q": _pack(signed, self.width)}, {"levels": s}
+
+    def decode(self, arrays, meta, n, layer, device=None, dtype=torch.float32):
+        if meta.get("levels") != self.levels:
+            raise MetaError(layer, "levels", f"expected {self.levels}, got {meta.get('levels')!r}")
+        norm = get_array(arrays, "norm", layer, (np.float32,), 1)
+        check_finite(norm, layer, "norm")
+        if norm[0] < 0:
+            raise MetaError(layer, "norm", f"must be >= 0, got {norm[0]}")
+        q = get_array(arrays, "q", layer, (np.uint8,), math.ceil(n * self.width / 8))
+        codes = _unpack(q, n, self.width) - self.levels
+        if np.abs(codes).max(initial=0) > self.levels:
+            raise MetaError(layer, "q", f"quantisation level outside [-{self.levels}, {self.levels}]")
+        vals = torch.from_numpy(codes).to(torch.float64) * (float(norm[0]) / self.levels)
+        return vals.to(device=device, dtype=dtype) if device is not None else vals.to(dtype)
+
+    def bits(self, n, meta):
+        return BitCount(value_bits=self.width * n, n_values=n, scalar_bits=32)
+
+
+class Natural(ValueCodec):
+    name, kind = "natural", "unbiased"
+    _MIN_EXP, _MAX_EXP = -126, 127
+
+    def omega(self, n: int) -> float:
+        return 1.0 / 8.0
+
+    def keys(self):
+        return {"e", "sign"}
+
+    def encode(self, v, gen):
+        v = v.detach().to("cpu", torch.float64)
+        a = v.abs()
+        tiny = 2.0 ** self._MIN_EXP
+        e = torch.floor(torch.log2(torch.where(a > 0, a, torch.ones_like(a)))).clamp(self._MIN_EXP, self._MAX_EXP)
+        low = torch.exp2(e)
+        p_up = torch.where(a >= tiny, (a - low) / low, a / tiny)  # below 2^-126: round to 0 or 2^-126
+        up = torch.rand(v.shape, generator=gen, dtype=torch.float64) < p_up
+        zero = (a == 0) | ((a < tiny) & ~up)
+        e_final = torch.where((a >= tiny) & up, (e + 1).clamp(max=self._MAX_EXP), e)
+        code = torch.where(zero, torch.zeros_like(e), e_final + 127).to(torch.uint8).numpy()
+        sign = np.packbits((v < 0).numpy().astype(np.uint8))
+        return {"e": code, "sign": sign}, {}
+
+    def decode(self, arrays, meta, n, layer, device=None, dtype=torch.float32):
+        code = get_array(arrays, "e", layer, (np.uint8,), n)
+        if (code == 255).any():
+            raise MetaError(layer, "e", "exponent code 255 is reserved")
+        sign = get_array(arrays, "sign", layer, (np.uint8,), math.ceil(n / 8))
+        neg = np.unpackbits(sign, count=n).astype(bool)
+        mag = np.where(code == 0, 0.0, np.exp2(code.astype(np.float64) - 127))
+        vals = torch.from_numpy(np.where(neg, -mag, mag))
+        return vals.to(device=device, dtype=dtype) if device is not None else vals.to(dtype)
+
+    def bits(self, n, meta):
+        return BitCount(value_bits=9 * n, n_values=n)
+
+
+VALUE_CODECS = ("fp32", "fp64", "fp16", "qsgd", "natural")
+
+
+def make_value_codec(name: str, levels: int = 15) -> ValueCodec:
+    if name == "fp32":
+        return FP32()
+    if name == "fp64":
+        return FP64()
+    if name == "fp16":
+        return FP16()
+    if name == "qsgd":
+        return QSGD(levels)
+    if name == "natural":
+        return Natural()
+    raise ValueError(f"values must be one of {list(VALUE_CODECS)}, got {name!r}")

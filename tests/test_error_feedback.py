@@ -1,0 +1,89 @@
+"""EF21 / EF14 identities in float64."""
+
+import pytest
+import torch
+
+from compressors import EF14, EF21, decode_message, ef21_server_update, make_compressor
+
+
+def client_inputs(rounds, clients, shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    drift = {j: {n: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in shapes.items()} for j in clients}
+    for r in range(rounds):
+        yield {j: {n: drift[j][n] * (1 + 0.1 * r) + 0.3 * torch.randn(s, generator=gen, dtype=torch.float64)
+                   for n, s in shapes.items()} for j in clients}
+
+
+SHAPES = {"w": (12, 9), "b": (12,)}
+
+
+def test_ef21_identity_tracker_equals_input():
+    ef = EF21(make_compressor({"name": "identity", "values": "fp64"}))
+    state = None
+    for r, v in enumerate(client_inputs(30, [0], SHAPES)):
+        _, state, _, _ = ef.step(state, v[0], (0, 0, r))
+        for n in SHAPES:
+            torch.testing.assert_close(state["g"][n], v[0][n], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("tracker, spec", [("full", {"name": "topk", "ratio": 0.1, "values": "fp64"}),
+                                           ("full", {"name": "randk", "ratio": 0.2}),
+                                           ("full", {"name": "powersgd", "rank": 2, "min_compression_rate": 1.0}),
+                                           ("fixed16", {"name": "topk", "ratio": 0.1})])
+def test_ef21_server_aggregate_equals_mean_of_client_trackers(tracker, spec):
+    """Server G += mean_j decoded(R_j) (decoding the payloads itself) equals mean_j g_j every round."""
+    clients = list(range(5))
+    C = make_compressor(spec)
+    ef = EF21(C, tracker=tracker)
+    states = {j: None for j in clients}
+    cstates = {j: None for j in clients}
+    G = {n: torch.zeros(s, dtype=torch.float64) for n, s in SHAPES.items()}
+    for r, v in enumerate(client_inputs(30, clients, SHAPES)):
+        decoded = {}
+        for j in clients:
+            msg, states[j], _, cstates[j] = ef.step(states[j], v[j], (0, j, r), cstates[j])
+            decoded[j] = decode_message(C, msg, SHAPES, dtype=torch.float64)  # what the server sees
+        G = ef21_server_update(G, decoded, {j: 1 / len(clients) for j in clients})
+        for n in SHAPES:
+            mean = sum(ef.tracker_values(states[j], v[j])[n] for j in clients) / len(clients)
+            torch.testing.assert_close(G[n], mean, rtol=1e-12, atol=1e-14)
+
+
+def test_ef21_topk_tracker_converges_to_fixed_input():
+    ef = EF21(make_compressor({"name": "topk", "ratio": 0.1, "values": "fp64"}))
+    v = {"w": torch.randn(20, 10, dtype=torch.float64)}
+    state, errs = None, []
+    for r in range(40):
+        _, state, _, _ = ef.step(state, v, (0, 0, r))
+        errs.append(float((state["g"]["w"] - v["w"]).norm() / v["w"].norm()))
+    # contraction: ‖g − v‖² ≤ (1−α)^r ‖v‖² with α = 0.1
+    assert all(e ** 2 <= 0.9 ** (r + 1) * (1 + 1e-9) for r, e in enumerate(errs))
+
+
+def test_fixed16_tracker_stays_close_to_full_precision():
+    full, fixed = (EF21(make_compressor({"name": "topk", "ratio": 0.2}), tracker=t) for t in ("full", "fixed16"))
+    s1 = s2 = None
+    for r, v in enumerate(client_inputs(20, [0], {"w": (30, 20)}, seed=3)):
+        v = {n: t.float() for n, t in v[0].items()}
+        _, s1, _, _ = full.step(s1, v, (0, 0, r))
+        _, s2, _, _ = fixed.step(s2, v, (0, 0, r))
+    g1 = s1["g"]["w"]
+    g2 = fixed.tracker_values(s2, {"w": g1})["w"]
+    assert float((g1 - g2).norm() / g1.norm()) < 1e-2
+    assert s2["q"]["w"].dtype == torch.int16
+
+
+def test_fixed16_needs_exact_difference_transport():
+    with pytest.raises(ValueError, match="fixed16"):
+        EF21(make_compressor({"name": "randk", "ratio": 0.1}), tracker="fixed16")
+
+
+def test_ef14_telescopes():
+    """Σ_r sent_r = Σ_r x_r − e_R exactly (the residual carries everything not yet sent)."""
+    ef = EF14(make_compressor({"name": "topk", "ratio": 0.05, "values": "fp64"}))
+    state, sent_sum, x_sum = None, 0, 0
+    for r, v in enumerate(client_inputs(25, [0], SHAPES)):
+        _, state, sent, _ = ef.step(state, v[0], (0, 0, r))
+        sent_sum = sent_sum + sent["w"]
+        x_sum = x_sum + v[0]["w"]
+    torch.testing.assert_close(sent_sum, x_sum - state["e"]["w"], rtol=1e-12, atol=1e-12)

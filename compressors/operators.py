@@ -37,7 +37,7 @@ from fedgluon.rng import derive_seed
 
 from .bits import BitCount
 from .payload import CodecError, DuplicateIndexError, IndexRangeError, MetaError, ShapeError, TensorPayload
-from .values import FP32, ValueCodec, get_array
+from .values import Raw, ValueCodec, get_array
 
 State = dict[str, Tensor]
 
@@ -138,7 +138,9 @@ class _Sparse(Structure):
     def _scale(self, shape: tuple[int, ...]) -> float:
         return 1.0
 
-    def _indices(self, arrays: Mapping[str, Any], shape: tuple[int, ...], layer: str) -> np.ndarray:
+    def _indices(self, arrays: Mapping[str, Any], meta: Mapping[str, Any], shape: tuple[int, ...],
+                 layer: str) -> np.ndarray:
+        """The validated, strictly increasing indices a payload refers to."""
         d, k = numel(shape), self.k(shape)
         idx = get_array(dict(arrays), "idx", layer, INDEX_DTYPES, k)
         if k and (idx.min() < 0 or idx.max() >= d):
@@ -150,7 +152,7 @@ class _Sparse(Structure):
         return idx
 
     def decode(self, values, arrays, meta, shape, layer):
-        idx = torch.from_numpy(self._indices(arrays, shape, layer).astype(np.int64)).to(values.device)
+        idx = torch.from_numpy(self._indices(arrays, meta, shape, layer).astype(np.int64)).to(values.device)
         out = torch.zeros(numel(shape), dtype=values.dtype, device=values.device)
         out[idx] = values * self._scale(shape)
         return out.reshape(shape)
@@ -243,14 +245,11 @@ class RandKSeeded(RandK):
         idx = randk_indices(x.numel(), self.k(x.shape), torch.Generator().manual_seed(seed))
         return x.reshape(-1)[idx.to(x.device)], {}, {"seed": seed}, None
 
-    def decode(self, values, arrays, meta, shape, layer):
+    def _indices(self, arrays, meta, shape, layer):
         seed = meta.get("seed")
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= int(seed) < 2 ** 63:
             raise MetaError(layer, "seed", f"must be an integer in [0, 2^63), got {seed!r}")
-        idx = randk_indices(numel(shape), self.k(shape), torch.Generator().manual_seed(int(seed)))
-        out = torch.zeros(numel(shape), dtype=values.dtype, device=values.device)
-        out[idx.to(values.device)] = values * self._scale(shape)
-        return out.reshape(shape)
+        return randk_indices(numel(shape), self.k(shape), torch.Generator().manual_seed(int(seed))).numpy()
 
     def bits(self, shape, meta):
         return BitCount(seed_bits=64)
@@ -357,7 +356,7 @@ class Compressor:
 
     def __init__(self, structure: Structure, values: ValueCodec | None = None, name: str | None = None):
         self.structure = structure
-        self.values = values or FP32()
+        self.values = values or Raw(np.float32)
         self.name = name or structure.name
         self._dense = Dense()
 

@@ -80,36 +80,25 @@ class ValueCodec(ABC):
         return set()
 
 
-class FP32(ValueCodec):
-    name, kind = "fp32", "exact"
+class Raw(ValueCodec):
+    """Values as they are, in float32 (``fp32``, the working precision) or float64 (``fp64``)."""
+
+    kind = "exact"
+
+    def __init__(self, dtype: type = np.float32):
+        self.dtype = np.dtype(dtype)
+        self.name = {np.float32: "fp32", np.float64: "fp64"}[self.dtype.type]
 
     def encode(self, v, gen):
-        return {"v": v.detach().to("cpu", torch.float32).numpy()}, {}
+        return {"v": v.detach().cpu().numpy().astype(self.dtype, copy=False)}, {}
 
     def decode(self, arrays, meta, n, layer, device=None, dtype=torch.float32):
-        a = get_array(arrays, "v", layer, (np.float32,), n)
+        a = get_array(arrays, "v", layer, (self.dtype.type,), n)
         check_finite(a, layer, "v")
         return _to_torch(a, device).to(dtype)
 
     def bits(self, n, meta):
-        return BitCount(value_bits=32 * n, n_values=n)
-
-
-class FP64(FP32):
-    """Double precision: exact for float64 tensors (used by the float64 reduction tests)."""
-
-    name = "fp64"
-
-    def encode(self, v, gen):
-        return {"v": v.detach().to("cpu", torch.float64).numpy()}, {}
-
-    def decode(self, arrays, meta, n, layer, device=None, dtype=torch.float64):
-        a = get_array(arrays, "v", layer, (np.float64,), n)
-        check_finite(a, layer, "v")
-        return _to_torch(a, device).to(dtype)
-
-    def bits(self, n, meta):
-        return BitCount(value_bits=64 * n, n_values=n)
+        return BitCount(value_bits=8 * self.dtype.itemsize * n, n_values=n)
 
 
 class FP16(ValueCodec):
@@ -251,9 +240,9 @@ VALUE_CODECS = ("fp32", "fp64", "fp16", "qsgd", "natural")
 
 def make_value_codec(name: str, levels: int = 15) -> ValueCodec:
     if name == "fp32":
-        return FP32()
+        return Raw(np.float32)
     if name == "fp64":
-        return FP64()
+        return Raw(np.float64)
     if name == "fp16":
         return FP16()
     if name == "qsgd":

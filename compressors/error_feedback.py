@@ -34,7 +34,7 @@ from .payload import Message
 Tensors = dict[str, Tensor]
 
 
-def _decode_own(compressor: Compressor, message: Message, like: Mapping[str, Tensor]) -> Tensors:
+def decode_own(compressor: Compressor, message: Message, like: Mapping[str, Tensor]) -> Tensors:
     return {n: compressor.decompress(p, shape=tuple(like[n].shape), layer=n, device=like[n].device,
                                      dtype=like[n].dtype) for n, p in message.items()}
 
@@ -62,7 +62,7 @@ class EF21:
         if self.tracker == "full":
             g = state["g"] if state else {n: torch.zeros_like(t) for n, t in v.items()}
             msg, cstates = compress_message(self.compressor, {n: v[n] - g[n] for n in v}, seed_parts, comp_states)
-            r = _decode_own(self.compressor, msg, v)
+            r = decode_own(self.compressor, msg, v)
             return msg, {"g": {n: g[n] + r[n] for n in v}}, r, cstates
         return self._step_fixed16(state, v, seed_parts, comp_states)
 
@@ -84,7 +84,7 @@ class EF21:
                 step[n] = torch.tensor(2.0 ** max(e, -126), dtype=torch.float64)
         g = {n: q_old[n].to(v[n].dtype) * step[n].to(v[n].dtype) for n in v}
         msg, cstates = compress_message(self.compressor, {n: v[n] - g[n] for n in v}, seed_parts, comp_states)
-        r = _decode_own(self.compressor, msg, v)
+        r = decode_own(self.compressor, msg, v)
         q_new, delta = {}, {}
         for n in v:
             q = torch.round((g[n] + r[n]).double() / step[n]).clamp(-32767, 32767)
@@ -123,5 +123,5 @@ class EF14:
         e = state["e"] if state else {n: torch.zeros_like(t) for n, t in x.items()}
         corrected = {n: e[n] + x[n] for n in x}
         msg, cstates = compress_message(self.compressor, corrected, seed_parts, comp_states)
-        sent = _decode_own(self.compressor, msg, x)
+        sent = decode_own(self.compressor, msg, x)
         return msg, {"e": {n: corrected[n] - sent[n] for n in x}}, sent, cstates

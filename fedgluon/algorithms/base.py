@@ -1,0 +1,294 @@
+"""The algorithm interface (DESIGN §3) and the plumbing every algorithm shares.
+
+An algorithm is a client step and a server step on dicts of tensors::
+
+    broadcast(server_state, k, ...)                     -> Broadcast (model to compute at, flags, bits)
+    client_step(client_state, broadcast, objective, j)  -> (client_state', ClientReply)
+    server_step(server_state, {j: reply}, broadcast)    -> (server_state', ServerOutcome)
+
+``client_state'`` is *committed by the driver only if the server accepted j's reply*
+(``ServerOutcome.accepted``); a rejected, failed or late client keeps its old state, so client and
+server trackers never drift apart (DESIGN §2). Replies are processed in client-id order and all
+randomness comes from ``fedgluon.rng.generator(seed, purpose, client, round)``.
+
+Subclasses are compositions of named parts: a client-side *estimator* (fedgluon.estimators), an
+*uplink* (what is compressed and how the server aggregates it), and a *server update* (the
+layer-wise LMO step by default). They override a few small hooks:
+
+* ``local_update(state, grads, bc, j)`` → (new state pieces, tensors to send)
+* ``aggregate(server_state, decoded, weights, bc)`` → the server's estimate G
+* ``server_update(server_state, G, k)`` → new model X (default: LMO step)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from compressors import BitCount, Compressor, Message, PayloadError, decode_message, make_compressor, message_bits
+from compressors.bits import dense_bits
+from compressors.message import compress_message
+from compressors.operators import Context
+
+from ..estimators import Estimator, RefreshPolicy, make_estimator
+from ..geometry import Geometry
+from ..objective import SupervisedObjective
+from ..radius import GluonAdaptive, Scheduled, make_schedule
+from ..rng import derive_seed, generator
+from ..step import LMOStep, StepInfo
+
+Tensors = dict[str, Tensor]
+State = dict[str, Any]
+
+
+@dataclass
+class Broadcast:
+    """What the server sends round k: the model clients compute at, flags, and its bits per client."""
+
+    round: int
+    seed: int
+    model: Tensors
+    flags: dict[str, int] = field(default_factory=dict)
+    bits: BitCount = field(default_factory=BitCount)
+
+
+@dataclass
+class ClientReply:
+    """A client's reply: its id and round (checked by the server), the payload, and metrics."""
+
+    client: int
+    round: int
+    message: Message
+    loss: float = float("nan")
+    grad_evals: int = 0
+    samples: int = 0
+
+
+@dataclass
+class ServerOutcome:
+    accepted: list[int]
+    rejected: dict[int, str]
+    uplink: dict[int, BitCount]
+    step: StepInfo | None = None
+
+
+@dataclass
+class GradPair:
+    """Gradients of one client round: at the broadcast model and, when needed, at the client's X_prev on
+    the same batch; or a large-batch gradient on refresh rounds."""
+
+    now: Tensors
+    prev: Tensors | None
+    refresh: bool
+    loss: float
+    evals: int
+    samples: int
+
+
+class Algorithm:
+    """Shared plumbing; see the module docstring. Options are validated against ``OPTIONS``."""
+
+    name: ClassVar[str] = "base"
+    estimator: ClassVar[str | None] = None  # client-side estimator name, or None for the plain gradient
+    uses_refresh: ClassVar[bool] = False  # draws a large-batch refresh coin per round
+    BASE_OPTIONS: ClassVar[dict[str, Any]] = {
+        "lr": 0.02, "schedule": "constant", "power": 0.75, "total": None, "warmup": 0, "final_fraction": 0.0,
+        "adaptive": None, "weight_decay": 0.0, "constrained": False,
+        "values": "fp32",  # value codec of dense messages ("fp64" for exact float64 runs)
+        "downlink": None,  # compressor spec for EF21-P on the model shift (any algorithm)
+    }
+    OPTIONS: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, geometry: Geometry, **options: Any):
+        allowed = {**self.BASE_OPTIONS, **self.OPTIONS}
+        unknown = set(options) - set(allowed)
+        if unknown:
+            raise ValueError(f"algorithm {self.name!r} got unknown option(s) {sorted(unknown)}; "
+                             f"allowed: {sorted(allowed)}")
+        self.opt = {**allowed, **options}
+        self.geometry = geometry
+        self.shapes = {p.name: p.shape for p in geometry}
+        if self.opt["adaptive"] is not None:
+            rule: Scheduled | GluonAdaptive = GluonAdaptive(**self.opt["adaptive"])
+        else:
+            rule = Scheduled(make_schedule(self.opt["schedule"], self.opt["lr"], power=self.opt["power"],
+                                           total=self.opt["total"], warmup=self.opt["warmup"],
+                                           final_fraction=self.opt["final_fraction"]))
+        self.lmo_step = LMOStep(geometry, rule, weight_decay=self.opt["weight_decay"],
+                                constrained=self.opt["constrained"])
+        self.dense = make_compressor({"name": "identity", "values": self.opt["values"]})
+        self.downlink = make_compressor(self.opt["downlink"]) if self.opt["downlink"] else None
+        est_name = self.estimator_name()
+        self.est: Estimator | None = make_estimator(est_name, **self._estimator_options()) if est_name else None
+        self.refresh_policy = None
+        if self.uses_refresh:
+            prob, period = self.opt.get("refresh_prob"), self.opt.get("refresh_period")
+            self.refresh_policy = RefreshPolicy(prob=prob if period is None else None, period=period)
+
+    def estimator_name(self) -> str | None:
+        return self.estimator
+
+    def _estimator_options(self) -> dict[str, Any]:
+        return {k: self.opt[k] for k in ("beta", "nesterov", "gamma", "clip", "rank", "oversample", "seed")
+                if k in self.opt}
+
+    @property
+    def uplink(self) -> Compressor:
+        """The compressor the server validates replies with."""
+        return self.dense
+
+    @property
+    def needs_previous(self) -> bool:
+        return bool(self.est and self.est.needs_previous)
+
+    # ------------------------------------------------------------------ server: state and broadcast
+    def init_server(self, X0: Mapping[str, Tensor]) -> State:
+        X = {n: X0[n].detach().clone() for n in self.shapes}
+        state: State = {"X": X, "round": 0}
+        if self.downlink is not None:
+            state["W"] = {n: t.clone() for n, t in X.items()}  # the shadow model every client holds
+        return state
+
+    def broadcast(self, server_state: State, k: int, seed: int, num_clients: int) -> Broadcast:
+        flags = {}
+        if self.refresh_policy is not None:
+            flags["refresh"] = int(self.refresh_policy.due(k, generator(seed, "refresh", k)))
+        model = server_state["W"] if self.downlink is not None else server_state["X"]
+        bits = server_state.get("downlink_bits") or dense_bits(sum(t.numel() for t in model.values()),
+                                                               self.dense.values.bits(1, {}).value_bits)
+        return Broadcast(k, seed, model, flags, bits)
+
+    # ------------------------------------------------------------------ client
+    def gradients(self, state: State, bc: Broadcast, objective: SupervisedObjective, j: int) -> GradPair:
+        """Gradients at the broadcast model (and at X_prev on the same batch when the estimator needs it)."""
+        gen = generator(bc.seed, "sample", j, bc.round)
+        if bc.flags.get("refresh"):
+            batch = objective.large_batch(gen)
+            loss, g = objective.gradient(bc.model, batch)
+            return GradPair(g, None, True, loss, 1, len(batch[1]))
+        batch = objective.sample_batch(gen)
+        loss, g = objective.gradient(bc.model, batch)
+        prev = None
+        if self.needs_previous and "x_prev" in state:
+            _, prev = objective.gradient(state["x_prev"], batch)
+        n = len(batch[1])
+        return GradPair(g, prev, False, loss, 1 + (prev is not None), n * (1 + (prev is not None)))
+
+    def estimate(self, state: State, grads: GradPair) -> tuple[State, Tensors]:
+        """The client-side estimator's step (plain gradient when there is none)."""
+        if self.est is None:
+            return {}, grads.now
+        if grads.refresh and self.est.supports_refresh:
+            est_state, v = self.est.refresh(state.get("est"), grads.now)
+        else:
+            est_state, v = self.est.update(state.get("est"), grads.now, grads.prev)
+        return {"est": est_state}, v
+
+    def local_update(self, state: State, grads: GradPair, bc: Broadcast, j: int) -> tuple[State, Message]:
+        """Default uplink: the estimate, dense."""
+        new, v = self.estimate(state, grads)
+        msg, _ = compress_message(self.dense, v, (bc.seed, j, bc.round))
+        return new, msg
+
+    def client_step(self, state: State | None, bc: Broadcast, objective: SupervisedObjective,
+                    j: int) -> tuple[State, ClientReply]:
+        state = state or {}
+        grads = self.gradients(state, bc, objective, j)
+        updates, msg = self.local_update(state, grads, bc, j)
+        new_state = {**state, **updates}
+        if self.needs_previous or "x_prev" in state:
+            new_state["x_prev"] = {n: t.clone() for n, t in bc.model.items()}
+        return new_state, ClientReply(j, bc.round, msg, grads.loss, grads.evals, grads.samples)
+
+    # ------------------------------------------------------------------ server
+    def uplink_for(self, bc: Broadcast, reply: ClientReply) -> Compressor:
+        """The compressor a reply of this round must use (MARINA/DASHA switch on refresh or first rounds)."""
+        return self.uplink
+
+    def validate(self, reply: Any, j: int, bc: Broadcast) -> Tensors:
+        """Decode a reply with the uplink compressor's validators; raises PayloadError."""
+        k = bc.round
+        if not isinstance(reply, ClientReply):
+            raise PayloadError("*", "reply", f"expected a ClientReply, got {type(reply).__name__}")
+        if reply.client != j:
+            raise PayloadError("*", "client", f"reply claims client {reply.client!r}, expected {j}")
+        if reply.round != k:
+            raise PayloadError("*", "round", f"reply is for round {reply.round!r}, expected {k}")
+        dtype = torch.float64 if self.opt["values"] == "fp64" else torch.float32
+        return decode_message(self.uplink_for(bc, reply), reply.message, self.shapes, dtype=dtype)
+
+    def aggregate(self, state: State, decoded: Mapping[int, Tensors], weights: Mapping[int, float],
+                  bc: Broadcast) -> Tensors | None:
+        """Default: the weighted mean of the accepted dense estimates, renormalised over them."""
+        return weighted_mean(decoded, weights)
+
+    def server_update(self, state: State, G: Tensors, k: int) -> tuple[Tensors, StepInfo | None]:
+        """Default: the layer-wise LMO step ``X + t ⊙ lmo(G)``."""
+        return self.lmo_step.apply(state["X"], G, k)
+
+    def server_step(self, state: State, replies: Mapping[int, Any], bc: Broadcast,
+                    weights: Mapping[int, float]) -> tuple[State, ServerOutcome]:
+        k = bc.round
+        decoded, rejected, uplink = {}, {}, {}
+        for j in sorted(replies):
+            try:
+                decoded[j] = self.validate(replies[j], j, bc)
+                uplink[j] = message_bits(self.uplink_for(bc, replies[j]), replies[j].message)
+            except PayloadError as err:
+                rejected[j] = str(err)
+        state = dict(state)
+        info = None
+        G = self.aggregate(state, decoded, weights, bc) if decoded else None
+        if G is not None:
+            state["G"] = G
+            X, info = self.server_update(state, G, k)
+            state["X"] = X
+            if self.downlink is not None:
+                state = self._downlink_update(state, k, bc.seed)
+        state["round"] = k + 1
+        return state, ServerOutcome(sorted(decoded), rejected, uplink, info)
+
+    def _downlink_update(self, state: State, k: int, seed: int) -> State:
+        """EF21-P (ALGORITHMS §8.2): ``S = C_P(X^{k+1} − W)``, ``W ← W + S``; clients compute at W."""
+        assert self.downlink is not None
+        shift = {n: state["X"][n] - state["W"][n] for n in self.shapes}
+        msg, _ = compress_message(self.downlink, shift, (seed, derive_seed(k), 2 ** 31))
+        dtype = next(iter(state["X"].values())).dtype
+        S = decode_message(self.downlink, msg, self.shapes, dtype=dtype)
+        state["W"] = {n: state["W"][n] + S[n] for n in self.shapes}
+        state["downlink_bits"] = message_bits(self.downlink, msg)
+        return state
+
+
+def weighted_mean(decoded: Mapping[int, Tensors], weights: Mapping[int, float]) -> Tensors:
+    """``Σ_j w_j V_j / Σ_j w_j`` over the given clients, summed in client-id order."""
+    total = sum(weights[j] for j in decoded)
+    out: Tensors = {}
+    for j in sorted(decoded):
+        for n, v in decoded[j].items():
+            out[n] = out[n] + (weights[j] / total) * v if n in out else (weights[j] / total) * v
+    return out
+
+
+def tracker_update(G: Mapping[str, Tensor] | None, decoded: Mapping[int, Tensors], weights: Mapping[int, float],
+                   like: Mapping[str, Tensor]) -> Tensors:
+    """``G ← G + Σ_{j accepted} w_j R_j`` (absent clients contribute their last tracker, DESIGN §2)."""
+    out = {n: (G[n].clone() if G is not None else torch.zeros_like(like[n])) for n in like}
+    for j in sorted(decoded):
+        for n, r in decoded[j].items():
+            out[n] += weights[j] * r
+    return out
+
+
+def compress_with(compressor: Compressor, tensors: Mapping[str, Tensor], bc: Broadcast, j: int,
+                  states: Mapping[str, Any] | None = None) -> tuple[Message, dict[str, Any]]:
+    """Compress a client's tensors with seeds from (run seed, client, round)."""
+    return compress_message(compressor, tensors, (bc.seed, j, bc.round), states)
+
+
+__all__ = ["Algorithm", "Broadcast", "ClientReply", "Context", "GradPair", "ServerOutcome", "compress_with",
+           "tracker_update", "weighted_mean"]

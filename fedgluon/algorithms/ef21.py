@@ -1,0 +1,80 @@
+"""Contractive compression with EF21 error feedback on a client estimator (EF21-Muon family).
+
+Client j (ALGORITHMS §8.3 and §10.2 C/D): estimator ``V_j`` (EMA momentum, SARAH or MVR), then
+``R_j = C(V_j − G_j)``, ``G_j ← G_j + R_j``, send ``R_j``. Server: ``G ← G + Σ_{j∈S} w_j R_j``,
+so ``G = Σ_j w_j G_j`` over *all* clients (absent ones contribute their last tracker, DESIGN §2),
+then the layer-wise LMO step. ``G_j`` starts at 0, so the first round sends ``C(V_j)``.
+
+EF21-Muon writes ``M ← (1−β_paper)M + β_paper g``: our ``beta = 1 − β_paper``. The papers assume full
+participation; with partial participation absent clients' trackers stay in G unchanged. A rejected
+client keeps its tracker (its R_j never reached G), so ``G = Σ_j w_j G_j`` still holds.
+``tracker="fixed16"`` stores G_j as int16 on a power-of-two grid and sends exact differences
+(compressors.error_feedback).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from compressors import EF21, Compressor, make_compressor
+
+from .base import Algorithm, tracker_update
+
+
+class _EF21Uplink(Algorithm):
+    OPTIONS: ClassVar[dict[str, Any]] = {"compressor": {"name": "topk", "ratio": 0.05}, "tracker": "full"}
+
+    def __init__(self, geometry, **options):
+        super().__init__(geometry, **options)
+        self.compressor = make_compressor(self.opt["compressor"])
+        self.ef = EF21(self.compressor, tracker=self.opt["tracker"])
+
+    @property
+    def uplink(self) -> Compressor:
+        return self.compressor
+
+    def local_update(self, state, grads, bc, j):
+        new, v = self.estimate(state, grads)
+        msg, ef_state, _, comp = self.ef.step(state.get("ef"), v, (bc.seed, j, bc.round), state.get("comp"))
+        new.update({"ef": ef_state, "comp": comp})
+        return new, msg
+
+    def aggregate(self, state, decoded, weights, bc):
+        return tracker_update(state.get("G"), decoded, weights, state["X"])
+
+
+class GluonEF21(_EF21Uplink):
+    """``gluon-ef21`` — EF21-Muon uplink (Gruntkowska et al., arXiv 2510.00643): EMA momentum
+    ``M_j ← βM_j + (1−β)∇f_j(X^k; ξ)`` compressed with EF21."""
+
+    name = "gluon-ef21"
+    estimator = "ema"
+    OPTIONS = {**_EF21Uplink.OPTIONS, "beta": 0.9, "nesterov": False}
+
+
+class GluonEF21SARAH(_EF21Uplink):
+    """``gluon-ef21-sarah`` — core paper variant C [RECON]: SARAH estimator
+    ``V_j ← V_j + ∇f_j(X^k; ξ) − ∇f_j(X_prev; ξ)`` (large-batch refresh with probability p), EF21."""
+
+    name = "gluon-ef21-sarah"
+    estimator = "sarah"
+    uses_refresh = True
+    OPTIONS = {**_EF21Uplink.OPTIONS, "refresh_prob": 0.1, "refresh_period": None}
+
+
+class GluonEF21MVR(_EF21Uplink):
+    """``gluon-ef21-mvr`` — core paper variant D, contractive [RECON]: STORM estimator
+    ``V_j ← ∇f_j(X^k; ξ) + β(V_j − ∇f_j(X_prev; ξ))`` compressed with EF21 (no dense rounds)."""
+
+    name = "gluon-ef21-mvr"
+    estimator = "mvr"
+    OPTIONS = {**_EF21Uplink.OPTIONS, "beta": 0.9}
+
+
+class EF21MuonBidir(GluonEF21):
+    """``ef21-muon-bidir`` — EF21-Muon with both directions compressed (arXiv 2510.00643, Alg. 2/3):
+    ``gluon-ef21`` plus EF21-P on the downlink, ``S = C_P(X^{k+1} − W)``, ``W ← W + S``; clients
+    compute at the shadow W. Every client must apply every S, so downlink bits count all n clients."""
+
+    name = "ef21-muon-bidir"
+    BASE_OPTIONS = {**Algorithm.BASE_OPTIONS, "downlink": {"name": "topk", "ratio": 0.1}}

@@ -1,0 +1,56 @@
+"""Non-LMO baselines: a torch optimizer on the server, applied to the (compressed) aggregate.
+
+Clients send plain stochastic gradients through EF21 with any compressor (identity by default), so
+the server's ``G = Σ_j w_j G_j`` tracks the mean gradient (ALGORITHMS §8.1); the server then takes
+a ``torch.optim.SGD`` (momentum) or ``torch.optim.AdamW`` step with ``.grad = G``. This is what
+"Adam vs Muon vs Gluon" sweeps compare against. Partial participation and rejection follow EF21.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from .ef21 import _EF21Uplink
+
+
+class _TorchServer(_EF21Uplink):
+    OPTIONS = {**_EF21Uplink.OPTIONS, "compressor": {"name": "identity"}}
+
+    def make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def init_server(self, X0):
+        state = super().init_server(X0)
+        state["optimizer"] = self.make_optimizer(list(state["X"].values()))
+        return state
+
+    def server_update(self, state, G, k):
+        X = state["X"]
+        for n, p in X.items():
+            p.grad = G[n].to(p.dtype).clone()
+        state["optimizer"].step()
+        return X, None
+
+
+class ServerSGD(_TorchServer):
+    """``sgd`` — ``torch.optim.SGD(lr, momentum, nesterov, weight_decay)`` on the aggregate."""
+
+    name = "sgd"
+    OPTIONS: ClassVar[dict[str, Any]] = {**_TorchServer.OPTIONS, "momentum": 0.9, "nesterov": False}
+
+    def make_optimizer(self, params):
+        return torch.optim.SGD(params, lr=self.opt["lr"], momentum=self.opt["momentum"],
+                               nesterov=self.opt["nesterov"], weight_decay=self.opt["weight_decay"])
+
+
+class ServerAdamW(_TorchServer):
+    """``adamw`` — ``torch.optim.AdamW(lr, betas, eps, weight_decay)`` on the aggregate."""
+
+    name = "adamw"
+    OPTIONS: ClassVar[dict[str, Any]] = {**_TorchServer.OPTIONS, "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}
+
+    def make_optimizer(self, params):
+        return torch.optim.AdamW(params, lr=self.opt["lr"], betas=tuple(self.opt["betas"]), eps=self.opt["eps"],
+                                 weight_decay=self.opt["weight_decay"])

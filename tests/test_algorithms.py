@@ -1,0 +1,240 @@
+"""The algorithm catalogue: exact reductions (float64, SVD LMO), determinism, bits, rejected payloads."""
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from fedgluon.algorithms import ALGORITHMS, make_algorithm
+from fedgluon.data.synthetic import leaf_synthetic
+from fedgluon.driver import client_weights, run_plain
+from fedgluon.geometry import Geometry
+from fedgluon.models import MLP
+from fedgluon.objective import SupervisedObjective
+
+ROUNDS = 32
+
+
+def problem(num_clients=4, dtype=torch.float64, batch_size=8, seed=0, identical=False, large_batch_size=24):
+    data = leaf_synthetic(num_clients, 0.5, 0.5, dim=10, classes=4, mean_samples=40, seed=seed, dtype=dtype)
+    if identical:
+        data = [data[0]] * num_clients
+    torch.manual_seed(seed)
+    model = MLP(10, (12,), 4).to(dtype)
+    objs = [SupervisedObjective(model, x, y, batch_size=batch_size, large_batch_size=large_batch_size) for x, y in data]
+    X0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    geom = Geometry.from_model(model, spectral_method="svd")
+    return model, objs, X0, geom
+
+
+def trajectory(name, objs, X0, geom, rounds=ROUNDS, seed=0, **options):
+    xs = []
+    algo = make_algorithm(name, geom, **options)
+    res = run_plain(algo, objs, X0, rounds, seed=seed,
+                    evaluate=lambda X: xs.append({n: t.clone() for n, t in X.items()}) or {})
+    return xs, res
+
+
+def assert_same(xs, ys, rtol=1e-10):
+    assert len(xs) == len(ys)
+    for k, (a, b) in enumerate(zip(xs, ys)):
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=rtol, atol=1e-12, msg=f"round {k}, {n}")
+
+
+EXACT = {"values": "fp64", "lr": 0.03, "schedule": "polynomial", "power": 0.5}
+IDENTITY = {"name": "identity", "values": "fp64"}
+
+
+@pytest.mark.parametrize("compressed, parent, shared", [
+    ("gluon-ef21", "gluon", {"beta": 0.8}),
+    ("gluon-ef21-sarah", "gluon-sarah", {"refresh_prob": 0.2}),
+    ("gluon-ef21-mvr", "gluon-mvr", {"beta": 0.7}),
+])
+def test_ef21_identity_equals_uncompressed_parent(compressed, parent, shared):
+    _, objs, X0, geom = problem()
+    xs, _ = trajectory(compressed, objs, X0, geom, compressor=IDENTITY, **EXACT, **shared)
+    ys, _ = trajectory(parent, objs, X0, geom, **EXACT, **shared)
+    assert_same(xs, ys)
+
+
+def test_marina_identity_no_refresh_equals_sarah():
+    """MARINA with the identity compressor and p = 0 after round 0 is SARAH on the clients' mean."""
+    _, objs, X0, geom = problem()
+    xs, _ = trajectory("gluon-marina", objs, X0, geom, compressor=IDENTITY, refresh_period=10 ** 9, **EXACT)
+    ys, _ = trajectory("gluon-sarah", objs, X0, geom, refresh_period=10 ** 9, **EXACT)
+    assert_same(xs, ys)
+
+
+def test_marina_identity_with_refresh_equals_sarah_with_refresh():
+    _, objs, X0, geom = problem()
+    xs, r1 = trajectory("gluon-marina", objs, X0, geom, compressor=IDENTITY, refresh_prob=0.3, **EXACT)
+    ys, r2 = trajectory("gluon-sarah", objs, X0, geom, refresh_prob=0.3, **EXACT)
+    assert r1.frame()["refresh"].sum() > 3
+    assert_same(xs, ys)
+
+
+def test_dasha_identity_equals_mvr():
+    """With ω = 0, a = 1: m_j = H_j' − G_j, so G_j = H_j' and the server holds the mean MVR estimate."""
+    _, objs, X0, geom = problem()
+    xs, _ = trajectory("gluon-dasha-mvr", objs, X0, geom, compressor=IDENTITY, beta=0.6, **EXACT)
+    ys, _ = trajectory("gluon-mvr", objs, X0, geom, beta=0.6, **EXACT)
+    assert_same(xs, ys)
+
+
+def test_bidir_identity_downlink_equals_ef21():
+    _, objs, X0, geom = problem()
+    spec = {"name": "topk", "ratio": 0.2, "values": "fp64"}
+    xs, _ = trajectory("ef21-muon-bidir", objs, X0, geom, compressor=spec, downlink=IDENTITY, **EXACT)
+    ys, _ = trajectory("gluon-ef21", objs, X0, geom, compressor=spec, **EXACT)
+    assert_same(xs, ys)
+
+
+@pytest.mark.parametrize("clients, identical", [(1, False), (3, True)])
+def test_local_gluon_one_step_equals_gluon_without_momentum(clients, identical):
+    """Mean of LMO directions = LMO of the mean gradient only when the clients' gradients agree: one client,
+    or identical clients on full batches (their minibatches are drawn per client id)."""
+    _, objs, X0, geom = problem(num_clients=clients, identical=identical, batch_size=10 ** 6 if identical else 8)
+    xs, _ = trajectory("local-gluon", objs, X0, geom, local_steps=1, beta=0.0, **EXACT)
+    ys, _ = trajectory("gluon", objs, X0, geom, beta=0.0, **EXACT)
+    assert_same(xs, ys)
+
+
+def test_sarah_one_client_full_batch_equals_exact_gradient_gluon():
+    model, objs, X0, geom = problem(num_clients=1, batch_size=10 ** 6, large_batch_size=None)
+    xs, _ = trajectory("gluon-sarah", objs, X0, geom, refresh_period=10 ** 9, **EXACT)
+    # independent parent: X ← X + t_k lmo(∇f(X)) with the exact gradient of the full local set
+    X, lr = {n: t.clone() for n, t in X0.items()}, EXACT["lr"]
+    for k in range(ROUNDS):
+        _, g = objs[0].gradient(X, objs[0].full_batch())
+        d = geom.lmo(g)
+        X = {n: X[n] + lr * (k + 1) ** -0.5 * d[n] for n in X}
+        for n in X:
+            torch.testing.assert_close(xs[k][n], X[n], rtol=1e-10, atol=1e-12)
+
+
+def test_same_seed_bitwise_and_different_seeds_differ():
+    _, objs, X0, geom = problem(dtype=torch.float32)
+    opts = {"compressor": {"name": "randk", "ratio": 0.1}, "refresh_prob": 0.2, "lr": 0.02}
+    a, ra = trajectory("gluon-marina", objs, X0, geom, seed=5, rounds=10, **opts)
+    b, rb = trajectory("gluon-marina", objs, X0, geom, seed=5, rounds=10, **opts)
+    c, _ = trajectory("gluon-marina", objs, X0, geom, seed=6, rounds=10, **opts)
+    for n in a[-1]:
+        assert torch.equal(a[-1][n], b[-1][n])
+    assert any(not torch.equal(a[-1][n], c[-1][n]) for n in a[-1])
+    cols = [c for c in ra.frame().columns if c != "wall_time"]
+    assert ra.frame()[cols].equals(rb.frame()[cols])
+
+
+def synthetic_federation():
+    data = leaf_synthetic(10, 1.0, 1.0, dim=20, classes=5, mean_samples=60, seed=3)
+    torch.manual_seed(0)
+    model = MLP(20, (24,), 5)
+    objs = [SupervisedObjective(model, x, y, batch_size=16) for x, y in data]
+    X0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    allx, ally = torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])
+
+    def loss(X):
+        with torch.no_grad():
+            return F.cross_entropy(functional_call(model, X, (allx,)), ally).item()
+    return model, objs, X0, Geometry.from_model(model), loss
+
+
+SETTINGS = {"fedavg": {"local_lr": 0.05, "local_steps": 3}, "sgd": {"lr": 0.1}, "adamw": {"lr": 0.01},
+            "local-gluon": {"lr": 0.02, "local_steps": 3}}
+
+
+def test_every_algorithm_decreases_loss_and_compressed_ones_send_fewer_bits():
+    model, objs, X0, geom, loss = synthetic_federation()
+    start = loss(X0)
+    bits = {}
+    for name in ALGORITHMS:
+        opts = SETTINGS.get(name, {"lr": 0.05, "schedule": "polynomial", "power": 0.5})
+        res = run_plain(make_algorithm(name, geom, **opts), objs, X0, 25, seed=1)
+        end = loss(res.server_state["X"])
+        assert end < 0.92 * start, (name, start, end)  # measured here: 0.43 (sgd) to 0.90 (local-gluon)
+        bits[name] = res.frame()["up_int32_total"].sum()
+    for name in ("gluon-marina", "gluon-dasha-mvr", "gluon-ef21", "gluon-ef21-sarah", "gluon-ef21-mvr",
+                 "ef21-muon-bidir"):
+        assert bits[name] < bits["gluon"], (name, bits[name], bits["gluon"])
+
+
+@pytest.mark.parametrize("name", ["gluon-ef21", "gluon-dasha-mvr"])
+def test_rejected_payload_keeps_trackers_consistent(name):
+    """Client 2's payload is corrupted every third round: it is rejected, its state stays as before the
+    round, and the server's G equals Σ_j w_j G_j over the committed client trackers."""
+    model, objs, X0, geom, _ = synthetic_federation()
+    spec = {"name": "topk", "ratio": 0.1} if name == "gluon-ef21" else {"name": "randk", "ratio": 0.1}
+    algo = make_algorithm(name, geom, compressor=spec, lr=0.02)
+
+    def tamper(k, j, reply):
+        if j == 2 and k % 3 == 1:
+            layer = sorted(reply.message)[0]
+            arrays = dict(reply.message[layer].arrays)
+            key = next(a for a in arrays if a.startswith("v."))
+            bad = arrays[key].copy()
+            bad.flat[0] = np.nan if bad.dtype.kind == "f" else 255
+            arrays[key] = bad
+            reply.message[layer].arrays = arrays
+        return reply
+
+    res = run_plain(algo, objs, X0, 12, seed=2, tamper=tamper, participation=1.0)
+    df = res.frame()
+    assert df["rejected"].tolist() == [1 if k % 3 == 1 else 0 for k in range(12)]
+    w = client_weights(objs)
+    tracker_key = "ef" if name == "gluon-ef21" else None
+    G = res.server_state["G"]
+    for n in G:
+        total = sum(w[j] * (res.client_states[j][tracker_key]["g"][n] if tracker_key else res.client_states[j]["g"][n])
+                    for j in range(len(objs)))
+        torch.testing.assert_close(G[n], total, rtol=1e-5, atol=1e-6)
+
+
+def test_rejected_client_state_is_not_advanced():
+    model, objs, X0, geom, _ = synthetic_federation()
+    algo = make_algorithm("gluon-ef21", geom, compressor={"name": "topk", "ratio": 0.1})
+
+    def tamper(k, j, reply):
+        if j == 4 and k == 3:
+            reply.round = 99  # a stale or replayed reply
+        return reply
+    run_a = run_plain(algo, objs, X0, 4, seed=0, tamper=tamper)
+    run_b = run_plain(algo, objs, X0, 3, seed=0)
+    for n in run_a.client_states[4]["ef"]["g"]:
+        assert torch.equal(run_a.client_states[4]["ef"]["g"][n], run_b.client_states[4]["ef"]["g"][n])
+    assert run_a.frame()["rejected"].tolist() == [0, 0, 0, 1]
+
+
+def test_partial_participation_and_weights():
+    model, objs, X0, geom, loss = synthetic_federation()
+    res = run_plain(make_algorithm("gluon-ef21", geom, lr=0.05), objs, X0, 10, seed=0, participation=0.3,
+                    weights="samples")
+    df = res.frame()
+    assert (df["participants"] == 3).all()
+    assert loss(res.server_state["X"]) < loss(X0)
+    with pytest.raises(ValueError, match="participation fraction"):
+        run_plain(make_algorithm("gluon", geom), objs, X0, 1, participation=1.5)
+
+
+def test_bad_options_name_the_field():
+    _, _, _, geom = problem()
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        make_algorithm("fedprox", geom)
+    with pytest.raises(ValueError, match="unknown option.*allowed"):
+        make_algorithm("gluon", geom, momentum=0.9)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        make_algorithm("gluon-mvr", geom, variant="mvr3")
+    with pytest.raises(ValueError, match="unbiased compressor"):
+        make_algorithm("gluon-dasha-mvr", geom, compressor={"name": "topk", "ratio": 0.1})
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_docstrings_state_equations_sources_and_rules(name):
+    cls = ALGORITHMS[name]
+    text = (inspect.getdoc(cls) or "") + (inspect.getmodule(cls).__doc__ or "")
+    assert "←" in text or "=" in text  # the update equations
+    assert "arXiv" in text or "et al." in text or "ALGORITHMS" in text  # the source
+    assert "participation" in text.lower() and "reject" in text.lower()

@@ -23,9 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from compressors import CONVENTIONS, BitCount
-
 from .algorithms.base import Algorithm, ClientReply
+from .metrics import round_row
 from .objective import SupervisedObjective
 from .rng import generator
 
@@ -33,14 +32,18 @@ Tensors = dict[str, Tensor]
 Tamper = Callable[[int, int, ClientReply], Any]
 
 
-def client_weights(objectives: Sequence[SupervisedObjective], mode: str = "uniform") -> dict[int, float]:
-    """``w_j = 1/n`` (``"uniform"``) or ``n_j / N`` (``"samples"``)."""
+def client_weights_from_sizes(sizes: Sequence[int], mode: str = "uniform") -> dict[int, float]:
+    """``w_j = 1/n`` (``"uniform"``) or ``n_j / N`` (``"samples"``) from the clients' sample counts."""
     if mode == "uniform":
-        return {j: 1.0 / len(objectives) for j in range(len(objectives))}
+        return {j: 1.0 / len(sizes) for j in range(len(sizes))}
     if mode == "samples":
-        total = sum(o.num_samples for o in objectives)
-        return {j: o.num_samples / total for j, o in enumerate(objectives)}
+        total = sum(sizes)
+        return {j: n_j / total for j, n_j in enumerate(sizes)}
     raise ValueError(f"weights must be one of ['uniform', 'samples'], got {mode!r}")
+
+
+def client_weights(objectives: Sequence[SupervisedObjective], mode: str = "uniform") -> dict[int, float]:
+    return client_weights_from_sizes([o.num_samples for o in objectives], mode)
 
 
 def sample_clients(num_clients: int, k: int, seed: int, participation: float | int) -> list[int]:
@@ -72,16 +75,6 @@ class RunResult:
         return pd.DataFrame(self.history)
 
 
-def _bit_columns(prefix: str, per_client: Mapping[int, BitCount]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for c in CONVENTIONS:
-        vals = [b.total(c) for b in per_client.values()]
-        out[f"{prefix}_{c}_total"] = float(sum(vals))
-        out[f"{prefix}_{c}_mean"] = float(sum(vals) / len(vals)) if vals else 0.0
-        out[f"{prefix}_{c}_max"] = float(max(vals)) if vals else 0.0
-    return out
-
-
 def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X0: Mapping[str, Tensor],
               rounds: int, *, seed: int = 0, participation: float | int = 1.0, weights: str = "uniform",
               evaluate: Callable[[Tensors], dict[str, float]] | None = None, eval_every: int = 1,
@@ -106,21 +99,9 @@ def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X
         for j in outcome.accepted:
             states[j] = pending[j]
         receivers = n if algorithm.downlink is not None else len(S)
-        row: dict[str, Any] = {
-            "round": k, "participants": len(S), "accepted": len(outcome.accepted), "rejected": len(outcome.rejected),
-            "train_loss": _mean([replies[j].loss for j in outcome.accepted]),
-            "grad_evals": sum(replies[j].grad_evals for j in outcome.accepted),
-            "samples": sum(replies[j].samples for j in outcome.accepted),
-            "refresh": int(bc.flags.get("refresh", 0)),
-        }
-        row.update(_bit_columns("up", outcome.uplink))
-        row.update({f"down_{c}_total": float(bc.bits.total(c) * receivers) for c in CONVENTIONS})
+        row = round_row(k, S, replies, outcome, bc, receivers)
         if evaluate is not None and ((k + 1) % eval_every == 0 or k == rounds - 1):
             row.update(evaluate(server["X"]))
         row["wall_time"] = time.perf_counter() - t0
         history.append(row)
     return RunResult(history, server, states)
-
-
-def _mean(values: Sequence[float]) -> float:
-    return float(sum(values) / len(values)) if values else float("nan")

@@ -14,7 +14,7 @@ import torch
 
 # Stable small integers for the purposes of draws (never reuse or renumber an entry).
 PURPOSES = {"sample": 1, "compress": 2, "refresh": 3, "sketch": 4, "partition": 5, "init": 6,
-            "quantise": 7, "powersgd": 8, "fault": 9}
+            "quantise": 7, "powersgd": 8, "fault": 9, "participants": 10, "downlink": 11}
 
 
 def purpose_code(purpose: str | int) -> int:

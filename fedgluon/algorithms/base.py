@@ -38,7 +38,7 @@ from ..estimators import Estimator, RefreshPolicy, make_estimator
 from ..geometry import Geometry
 from ..objective import SupervisedObjective
 from ..radius import GluonAdaptive, Scheduled, make_schedule
-from ..rng import derive_seed, generator
+from ..rng import generator, purpose_code
 from ..step import LMOStep, StepInfo
 
 Tensors = dict[str, Tensor]
@@ -256,7 +256,7 @@ class Algorithm:
         """EF21-P (ALGORITHMS §8.2): ``S = C_P(X^{k+1} − W)``, ``W ← W + S``; clients compute at W."""
         assert self.downlink is not None
         shift = {n: state["X"][n] - state["W"][n] for n in self.shapes}
-        msg, _ = compress_message(self.downlink, shift, (seed, derive_seed(k), 2 ** 31))
+        msg, _ = compress_message(self.downlink, shift, (seed, purpose_code("downlink"), k))
         dtype = next(iter(state["X"].values())).dtype
         S = decode_message(self.downlink, msg, self.shapes, dtype=dtype)
         state["W"] = {n: state["W"][n] + S[n] for n in self.shapes}

@@ -1,0 +1,146 @@
+"""Three ways to drive the same Flower apps (DESIGN §3 "Engines"):
+
+* :func:`run_inprocess` — fedgluon's :class:`InProcessGrid` (a ``flwr.serverapp.Grid``) hands each
+  message to the real ``ClientApp`` in this process, in order; no Ray. For tests and quick runs.
+* :func:`run_ray` — Flower's simulation engine on Ray (``flwr.simulation.run_simulation``), with
+  per-client CPU/GPU shares, on a private local Ray instance or an existing cluster (``address``).
+* ``flwr run .`` — the Flower-native way; ``pyproject.toml`` carries the app components.
+
+All three run ``strategies.server_app.serve`` and ``fedgluon.client_app`` and produce the same
+metrics rows for the same spec and seed (fixed thread counts, replies in client-id order).
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from . import spec as specs
+from .rng import derive_seed
+
+QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
+             "RAY_DEDUP_LOGS": "0"}
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes are ClientApp calls in this process (Flower ships no such backend).
+
+    Node ids are random-looking 63-bit integers derived from the seed, so the server must learn the
+    partition ids through the handshake exactly as on Ray.
+    """
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, *, seed: int = 0,
+                 run_config: Mapping[str, Any] | None = None):
+        self.client_app = client_app
+        self._run = Run.create_empty(1)
+        self.contexts: dict[int, Context] = {}
+        for j in range(num_nodes):
+            node_id = derive_seed(seed, "nodes", j)
+            self.contexts[node_id] = Context(run_id=1, node_id=node_id,
+                                             node_config={"partition-id": j, "num-partitions": num_nodes},
+                                             state=RecordDict(), run_config=dict(run_config or {}))
+        self._inbox: dict[str, Message] = {}
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg_id = str(uuid.uuid4())
+            msg.metadata.__dict__["_message_id"] = msg_id
+            self._inbox[msg_id] = msg
+            ids.append(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = []
+        for msg_id in message_ids:
+            msg = self._inbox.pop(msg_id, None)
+            if msg is None:
+                continue
+            context = self.contexts[msg.metadata.dst_node_id]
+            try:
+                replies.append(self.client_app(msg, context))
+            except Exception:  # noqa: BLE001 - a failing client becomes an error reply, as in Flower
+                replies.append(Message(Error(code=0, reason=traceback.format_exc()), reply_to=msg))
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+def _quiet() -> None:
+    """No telemetry or update checks; Flower's per-round INFO logs off (fedgluon reports progress itself)."""
+    import logging
+
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+def run_inprocess(spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None):
+    """Run the Flower ServerApp and ClientApp in this process; returns the GluonStrategy."""
+    from strategies.server_app import make_server_app
+
+    from .client_app import make_client_app
+
+    _quiet()
+    s = specs.normalise(spec)
+    task, _ = specs.build(s)
+    grid = InProcessGrid(make_client_app(s), task.num_clients, seed=s["seed"])
+    # Flower's Message constructor reads the process's task identity; its runtimes set it like this
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
+    sink: list = []
+    make_server_app(s, sink, on_round)(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                                     run_config={}))
+    return sink[0]
+
+
+def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0.0, address: str | None = None,
+            ray_init_args: Mapping[str, Any] | None = None,
+            on_round: Callable[[dict[str, Any]], None] | None = None):
+    """Run on Flower's simulation engine (Ray). ``address`` joins an existing Ray cluster ("auto" or
+    "HOST:PORT"); without it a private local Ray instance is started (and stopped) for this run."""
+    from flwr.simulation import run_simulation
+
+    from strategies.server_app import make_server_app
+
+    from .client_app import make_client_app
+
+    _quiet()
+    s = specs.normalise(spec)
+    task, _ = specs.build(s)
+    init_args: dict[str, Any] = {"address": address} if address else {"address": "local"}
+    init_args.update({"include_dashboard": False, **(ray_init_args or {})})
+    if num_cpus <= 0:
+        raise ValueError(f"num_cpus per client must be positive, got {num_cpus}")
+    sink: list = []
+    run_simulation(server_app=make_server_app(s, sink, on_round), client_app=make_client_app(s),
+                   num_supernodes=task.num_clients,
+                   backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
+                                   "init_args": init_args})
+    if not sink:
+        raise RuntimeError("the Flower simulation ended without a result; the ServerApp failed (see the log above)")
+    return sink[0]

@@ -1,0 +1,37 @@
+"""One tidy metrics row per round, shared by every engine so their outputs compare column by column."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from compressors import CONVENTIONS, BitCount
+
+from .algorithms.base import Broadcast, ClientReply, ServerOutcome
+
+
+def bit_columns(prefix: str, per_client: Mapping[int, BitCount]) -> dict[str, float]:
+    """``<prefix>_<convention>_{total,mean,max}`` over the clients in ``per_client``."""
+    out: dict[str, float] = {}
+    for c in CONVENTIONS:
+        vals = [b.total(c) for b in per_client.values()]
+        out[f"{prefix}_{c}_total"] = float(sum(vals))
+        out[f"{prefix}_{c}_mean"] = float(sum(vals) / len(vals)) if vals else 0.0
+        out[f"{prefix}_{c}_max"] = float(max(vals)) if vals else 0.0
+    return out
+
+
+def round_row(k: int, participants: Sequence[int], replies: Mapping[int, ClientReply], outcome: ServerOutcome,
+              bc: Broadcast, receivers: int, failed: int = 0) -> dict[str, Any]:
+    """Round k's row: counts, mean training loss of accepted clients, gradient work, bits up and down."""
+    acc = outcome.accepted
+    losses = [replies[j].loss for j in acc]
+    row: dict[str, Any] = {
+        "round": k, "participants": len(participants), "accepted": len(acc), "rejected": len(outcome.rejected),
+        "failed": failed, "train_loss": float(sum(losses) / len(losses)) if losses else float("nan"),
+        "grad_evals": sum(replies[j].grad_evals for j in acc), "samples": sum(replies[j].samples for j in acc),
+        "refresh": int(bc.flags.get("refresh", 0)),
+    }
+    row.update(bit_columns("up", outcome.uplink))
+    row.update({f"down_{c}_total": float(bc.bits.total(c) * receivers) for c in CONVENTIONS})
+    return row

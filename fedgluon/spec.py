@@ -1,0 +1,54 @@
+"""A run specification: one plain mapping that every engine (plain driver, in-process Flower grid,
+Flower on Ray, ``flwr run``) turns into the same task and algorithm.
+
+    {"task": {"name": "synthetic", "num_clients": 10},
+     "geometry": {"preset": "scion"},
+     "algorithm": {"name": "gluon-ef21-sarah", "lr": 0.05, "compressor": {"name": "topk", "ratio": 0.05}},
+     "rounds": 20, "seed": 0, "participation": 1.0, "weights": "uniform", "eval_every": 1,
+     "threads": 1, "round_timeout": 120.0}
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from .algorithms import Algorithm, make_algorithm
+from .geometry import Geometry
+from .tasks import Task, make_task
+
+DEFAULTS: dict[str, Any] = {
+    "task": {"name": "synthetic"}, "geometry": {"preset": "scion"}, "algorithm": {"name": "gluon"},
+    "rounds": 10, "seed": 0, "participation": 1.0, "weights": "uniform", "eval_every": 1, "threads": 1,
+    "round_timeout": 120.0, "node_timeout": 60.0,
+}
+
+
+def normalise(spec: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Fill defaults and check the top-level keys; nested sections are checked when built."""
+    spec = dict(spec or {})
+    unknown = set(spec) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown run spec key(s) {sorted(unknown)}; allowed: {sorted(DEFAULTS)}")
+    out = copy.deepcopy(DEFAULTS)
+    out.update(copy.deepcopy(spec))
+    if not isinstance(out["rounds"], int) or out["rounds"] < 0:
+        raise ValueError(f"rounds must be a non-negative integer, got {out['rounds']!r}")
+    return out
+
+
+def key(spec: Mapping[str, Any]) -> str:
+    """A stable string identifying a spec (for per-process caches)."""
+    return json.dumps(spec, sort_keys=True, default=str)
+
+
+def build(spec: Mapping[str, Any]) -> tuple[Task, Algorithm]:
+    """The task and the algorithm of a (normalised) spec; the task seed defaults to the run seed."""
+    task_spec = {"seed": spec["seed"], **spec["task"]}
+    task = make_task(task_spec)
+    geometry = Geometry.from_model(task.model, **spec["geometry"])
+    alg = dict(spec["algorithm"])
+    name = alg.pop("name", None)
+    return task, make_algorithm(name, geometry, **alg)

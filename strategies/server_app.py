@@ -1,0 +1,56 @@
+"""The Flower ``ServerApp``: builds the task and algorithm from the run spec and runs GluonStrategy.
+
+``make_server_app(spec, sink)`` is used by fedgluon's engines (the spec is captured; results go to
+``sink``); the module-level ``app`` is the ``flwr run .`` entry point, reading the spec file named
+by the run config key ``spec-file``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedgluon import spec as specs
+from fedgluon.client_app import spec_from_context
+
+from .records import tensors_to_record
+from .strategy import GluonStrategy
+
+
+def serve(grid: Grid, spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None
+          ) -> GluonStrategy:
+    """Run a whole federated training over ``grid``; returns the strategy (history, states)."""
+    task, algorithm = specs.build(spec)
+    X0 = task.initial_params()
+    strategy = GluonStrategy(algorithm, X0, task.num_clients, seed=spec["seed"], participation=spec["participation"],
+                             weights=spec["weights"], evaluate=task.evaluate, eval_every=spec["eval_every"],
+                             on_round=on_round)
+    strategy.connect(grid, timeout=float(spec["node_timeout"]))
+    strategy.start(grid=grid, initial_arrays=tensors_to_record(X0), num_rounds=spec["rounds"],
+                   timeout=float(spec["round_timeout"]))
+    return strategy
+
+
+def make_server_app(spec: Mapping[str, Any] | None = None, sink: list | None = None,
+                    on_round: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
+    fixed = specs.normalise(spec) if spec is not None else None
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        s = fixed if fixed is not None else spec_from_context(context)
+        strategy = serve(grid, s, on_round)
+        if sink is not None:
+            sink.append(strategy)
+        elif "output" in context.run_config:  # flwr run: write the metrics where the run config says
+            import pandas as pd
+
+            pd.DataFrame(strategy.history).to_csv(str(context.run_config["output"]), index=False)
+
+    return app
+
+
+app = make_server_app()

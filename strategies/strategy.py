@@ -1,0 +1,185 @@
+"""``GluonStrategy``: a Flower ``Strategy`` that runs any fedgluon algorithm's server step.
+
+Per round (Flower's ``Strategy.start`` loop calls these):
+
+* ``configure_train`` — samples clients (seeded, by partition id), asks the algorithm for the
+  broadcast (model, refresh flag, downlink bits) and sends each sampled client a ``train``
+  message with the model, the round's config and *its committed state* (client_app.py explains why).
+* ``aggregate_train`` — turns replies into payloads (``strategies.records``; anything malformed is
+  a rejection), treats error replies and missing replies as failures, runs the algorithm's
+  ``server_step`` (which validates every payload before touching server state), commits the
+  returned client states of accepted clients only, evaluates centrally every ``eval_every`` rounds
+  and records one metrics row (``fedgluon.metrics.round_row``, identical to the plain driver's).
+
+Before the first round :meth:`connect` waits (bounded) for the expected nodes and maps Flower's
+random node ids to partition ids with a ``query`` handshake. Replies are processed in client-id
+order. Rejections and failures are logged with their reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from compressors import PayloadError
+from fedgluon.algorithms import Algorithm, Broadcast, ClientReply
+from fedgluon.driver import client_weights_from_sizes, sample_clients
+from fedgluon.metrics import round_row
+
+from .records import record_to_state, records_to_message, state_to_record, tensors_to_record
+
+log = logging.getLogger("fedgluon.strategy")
+
+
+class GluonStrategy(Strategy):
+    """Drive ``algorithm`` over Flower messages (see module docstring)."""
+
+    def __init__(self, algorithm: Algorithm, X0: Mapping[str, Any], num_clients: int, *, seed: int = 0,
+                 participation: float | int = 1.0, weights: str = "uniform",
+                 evaluate: Callable[[Mapping[str, Any]], dict[str, float]] | None = None, eval_every: int = 1,
+                 on_round: Callable[[dict[str, Any]], None] | None = None):
+        self.algorithm = algorithm
+        self.num_clients = num_clients
+        self.seed = seed
+        self.participation = participation
+        self.weights_mode = weights
+        self.evaluate = evaluate
+        self.eval_every = eval_every
+        self.on_round = on_round
+        self.server_state = algorithm.init_server(X0)
+        self.client_states: dict[int, Any] = {j: None for j in range(num_clients)}
+        self.node_of: dict[int, int] = {}
+        self.partition_of: dict[int, int] = {}
+        self.weights: dict[int, float] = {}
+        self.history: list[dict[str, Any]] = []
+        self.ray_nodes: set[str] = set()
+        self._round: tuple[Broadcast, list[int], float] | None = None
+        self.num_rounds = 0
+
+    # ------------------------------------------------------------------ handshake
+    def connect(self, grid: Grid, timeout: float) -> None:
+        """Wait for ``num_clients`` nodes, then learn each node's partition id and sample count."""
+        deadline = time.monotonic() + timeout
+        nodes: list[int] = []
+        while time.monotonic() < deadline:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= self.num_clients:
+                break
+            time.sleep(0.1)
+        if len(nodes) < self.num_clients:
+            raise TimeoutError(f"only {len(nodes)} of {self.num_clients} client nodes connected within {timeout} s")
+        msgs = [Message(RecordDict(), dst_node_id=n, message_type="query", group_id="hello") for n in nodes]
+        sizes: dict[int, int] = {}
+        for reply in grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())):
+            if reply.has_error():
+                raise RuntimeError(f"node {reply.metadata.src_node_id} failed the handshake: {reply.error.reason}")
+            hello = reply.content.metric_records["hello"]
+            pid = int(hello["partition"])
+            self.node_of[pid] = reply.metadata.src_node_id
+            self.partition_of[reply.metadata.src_node_id] = pid
+            sizes[pid] = int(hello["num_samples"])
+        missing = sorted(set(range(self.num_clients)) - set(self.node_of))
+        if missing:
+            raise RuntimeError(f"no node answered for partitions {missing}")
+        self.weights = client_weights_from_sizes([sizes[j] for j in range(self.num_clients)], self.weights_mode)
+
+    # ------------------------------------------------------------------ Strategy API
+    def summary(self) -> None:
+        log.info("GluonStrategy: %s over %d clients, participation %s", self.algorithm.name, self.num_clients,
+                 self.participation)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        k = server_round - 1
+        S = sample_clients(self.num_clients, k, self.seed, self.participation)
+        bc = self.algorithm.broadcast(self.server_state, k, self.seed, self.num_clients)
+        model = tensors_to_record(bc.model)
+        self._round = (bc, S, time.perf_counter())
+        out = []
+        for j in S:
+            cfg = ConfigRecord({"round": k, "seed": self.seed, "partition": j, "refresh": int(bc.flags.get("refresh", 0))})
+            content = RecordDict({"model": model, "config": cfg, "state": state_to_record(self.client_states[j])})
+            out.append(Message(content, dst_node_id=self.node_of[j], message_type="train", group_id=str(k)))
+        return out
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
+                                                                                        MetricRecord | None]:
+        assert self._round is not None
+        bc, S, t0 = self._round
+        k = bc.round
+        parsed: dict[int, ClientReply] = {}
+        proposed: dict[int, Any] = {}
+        failed: dict[int, str] = {}
+        pre_rejected: dict[int, str] = {}
+        for msg in replies:
+            j = self.partition_of.get(msg.metadata.src_node_id)
+            if j is None or j not in S:
+                log.warning("round %d: ignoring a reply from unexpected node %s", k, msg.metadata.src_node_id)
+                continue
+            if msg.has_error():
+                failed[j] = msg.error.reason or f"error code {msg.error.code}"
+                continue
+            try:
+                parsed[j], proposed[j] = self._parse(msg)
+                info = msg.content.config_records.get("info")
+                if info is not None and info.get("ray_node"):
+                    self.ray_nodes.add(str(info["ray_node"]))
+            except PayloadError as err:
+                pre_rejected[j] = str(err)
+        for j in S:
+            if j not in parsed and j not in failed and j not in pre_rejected:
+                failed[j] = "no reply before the round timeout"
+        self.server_state, outcome = self.algorithm.server_step(self.server_state, parsed, bc, self.weights)
+        outcome.rejected.update(pre_rejected)
+        for j in outcome.accepted:
+            self.client_states[j] = proposed[j]
+        for j, why in sorted(outcome.rejected.items()):
+            log.warning("round %d: rejected client %d: %s", k, j, why)
+        for j, why in sorted(failed.items()):
+            log.warning("round %d: client %d failed: %s", k, j, why.strip().splitlines()[-1] if why.strip() else why)
+        receivers = self.num_clients if self.algorithm.downlink is not None else len(S)
+        row = round_row(k, S, parsed, outcome, bc, receivers, failed=len(failed))
+        if self.evaluate is not None and ((k + 1) % self.eval_every == 0 or k + 1 == self.num_rounds):
+            row.update(self.evaluate(self.server_state["X"]))
+        row["wall_time"] = time.perf_counter() - t0
+        self.history.append(row)
+        if self.on_round is not None:
+            self.on_round(row)
+        metrics = MetricRecord({key: float(v) for key, v in row.items() if isinstance(v, (int, float))})
+        return tensors_to_record(self.server_state["X"]), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []  # evaluation is central, on the server (aggregate_train)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    # ------------------------------------------------------------------ helpers
+    def _parse(self, msg: Message) -> tuple[ClientReply, Any]:
+        content = msg.content
+        try:
+            metrics = content.metric_records["metrics"]
+            reply = ClientReply(client=int(metrics["partition"]), round=int(metrics["round"]),
+                                message=records_to_message(content.array_records.get("payload"),
+                                                           content.config_records.get("payload.header")),
+                                loss=float(metrics["loss"]), grad_evals=int(metrics["grad_evals"]),
+                                samples=int(metrics["samples"]))
+            state = record_to_state(content.array_records["state"])
+        except PayloadError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a malformed reply is a rejection, never a crash
+            raise PayloadError("*", "reply", f"{type(err).__name__}: {err}") from None
+        return reply, state
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              **kwargs: Any):
+        self.num_rounds = num_rounds
+        return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds, timeout=timeout,
+                             **kwargs)

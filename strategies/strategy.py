@@ -58,6 +58,7 @@ class GluonStrategy(Strategy):
         self.partition_of: dict[int, int] = {}
         self.weights: dict[int, float] = {}
         self.history: list[dict[str, Any]] = []
+        self.client_log: list[dict[str, Any]] = []  # one row per sampled client per round
         self.ray_nodes: set[str] = set()
         self._round: tuple[Broadcast, list[int], float] | None = None
         self.num_rounds = 0
@@ -143,6 +144,12 @@ class GluonStrategy(Strategy):
             log.warning("round %d: rejected client %d: %s", k, j, why)
         for j, why in sorted(failed.items()):
             log.warning("round %d: client %d failed: %s", k, j, why.strip().splitlines()[-1] if why.strip() else why)
+        for j in S:
+            status, reason = ("accepted", "") if j in outcome.accepted else (
+                ("rejected", outcome.rejected[j]) if j in outcome.rejected else ("failed", failed.get(j, "")))
+            self.client_log.append({"round": k, "client": j, "status": status, "reason": reason,
+                                    "loss": parsed[j].loss if j in parsed else float("nan"),
+                                    "up_bits_int32": outcome.uplink[j].total("int32") if j in outcome.uplink else 0})
         receivers = self.num_clients if self.algorithm.downlink is not None else len(S)
         row = round_row(k, S, parsed, outcome, bc, receivers, failed=len(failed))
         if self.evaluate is not None and ((k + 1) % self.eval_every == 0 or k + 1 == self.num_rounds):

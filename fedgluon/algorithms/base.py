@@ -199,7 +199,7 @@ class Algorithm:
         state = state or {}
         grads = self.gradients(state, bc, objective, j)
         updates, msg = self.local_update(state, grads, bc, j)
-        new_state = {**state, **updates}
+        new_state = {**state, **updates, "commits": commit_count(state) + 1}
         if self.needs_previous or "x_prev" in state:
             new_state["x_prev"] = {n: t.clone() for n, t in bc.model.items()}
         return new_state, ClientReply(j, bc.round, msg, grads.loss, grads.evals, grads.samples)
@@ -264,6 +264,12 @@ class Algorithm:
         return state
 
 
+def commit_count(state: State | None) -> Tensor:
+    """How many of this client's rounds have been committed (a 0-d int64 tensor kept in its state)."""
+    count = (state or {}).get("commits")
+    return count.clone() if isinstance(count, Tensor) else torch.tensor(0, dtype=torch.int64)
+
+
 def weighted_mean(decoded: Mapping[int, Tensors], weights: Mapping[int, float]) -> Tensors:
     """``Σ_j w_j V_j / Σ_j w_j`` over the given clients, summed in client-id order."""
     total = sum(weights[j] for j in decoded)
@@ -290,5 +296,5 @@ def compress_with(compressor: Compressor, tensors: Mapping[str, Tensor], bc: Bro
     return compress_message(compressor, tensors, (bc.seed, j, bc.round), states)
 
 
-__all__ = ["Algorithm", "Broadcast", "ClientReply", "Context", "GradPair", "ServerOutcome", "compress_with",
+__all__ = ["Algorithm", "Broadcast", "ClientReply", "Context", "GradPair", "ServerOutcome", "commit_count", "compress_with",
            "tracker_update", "weighted_mean"]

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 from compressors import EF14, Compressor, make_compressor
 
 from ..rng import generator
-from .base import Algorithm, ClientReply, compress_with
+from .base import Algorithm, ClientReply, commit_count, compress_with
 
 
 class FedAvg(Algorithm):
@@ -54,7 +54,7 @@ class FedAvg(Algorithm):
             samples += len(batch[1])
             X, est_state = self.local_step(X, g, bc.round * tau + s, est_state)
         delta = {n: X[n] - bc.model[n] for n in X}
-        new_state = dict(state)
+        new_state = {**state, "commits": commit_count(state) + 1}
         if self.opt["error_feedback"] == "ef14":
             msg, new_state["ef14"], _, _ = EF14(self.compressor).step(state.get("ef14"), delta, (bc.seed, j, bc.round))
         else:

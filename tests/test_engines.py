@@ -1,0 +1,109 @@
+"""Flower engines: the in-process Grid and Ray simulation run the same apps and give the plain driver's metrics."""
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+from flwr.app import Array
+
+from fedgluon import spec as specs
+from fedgluon.driver import run_plain
+from fedgluon.engines import InProcessGrid, run_inprocess, run_ray
+
+SPEC = {"task": {"name": "synthetic", "num_clients": 4, "dim": 10, "classes": 4, "mean_samples": 40, "hidden": [8]},
+        "algorithm": {"name": "gluon-ef21-sarah", "lr": 0.05, "compressor": {"name": "topk", "ratio": 0.1},
+                      "refresh_prob": 0.3},
+        "rounds": 5, "seed": 3}
+
+
+def plain_frame(spec):
+    s = specs.normalise(spec)
+    task, algo = specs.build(s)
+    return run_plain(algo, task.objectives, task.initial_params(), s["rounds"], seed=s["seed"],
+                     participation=s["participation"], evaluate=task.evaluate).frame()
+
+
+def same_metrics(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    cols = [c for c in a.columns if c != "wall_time"]
+    assert sorted(cols) == sorted(c for c in b.columns if c != "wall_time")
+    pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=True)
+
+
+def test_inprocess_flower_equals_plain_driver():
+    strategy = run_inprocess(SPEC)
+    same_metrics(pd.DataFrame(strategy.history), plain_frame(SPEC))
+    assert len(strategy.history) == SPEC["rounds"]
+
+
+def test_client_state_commits_only_accepted_rounds(monkeypatch, caplog):
+    """Partial participation; client 1's payload is corrupted in rounds 1 and 3 and client 2 raises in round 2.
+    Every client's commit counter equals its accepted rounds; the rounds complete; reasons are logged."""
+    spec = {**SPEC, "participation": 0.75, "rounds": 6, "algorithm": {**SPEC["algorithm"], "name": "gluon-ef21"}}
+    spec["algorithm"].pop("refresh_prob")
+    original = InProcessGrid.pull_messages
+
+    def faulty(self, ids):
+        ids = list(ids)
+        targets = {i: (self._inbox[i].metadata.group_id, self.contexts[self._inbox[i].metadata.dst_node_id]
+                       .node_config["partition-id"]) for i in ids}
+        replies = []
+        for i in ids:
+            k, j = targets[i]
+            if k == "2" and j == 2:
+                self._inbox[i].content.config_records["config"]["partition"] = -1  # the ClientApp raises
+            reply = list(original(self, [i]))[0]
+            if k in ("1", "3") and j == 1 and not reply.has_error():
+                payload = reply.content.array_records["payload"]
+                name = next(n for n in payload.keys() if n.endswith("v.v"))
+                bad = payload[name].numpy().copy()
+                bad[0] = np.nan
+                payload[name] = Array(bad)
+            replies.append(reply)
+        return replies
+
+    monkeypatch.setattr(InProcessGrid, "pull_messages", faulty)
+    with caplog.at_level(logging.WARNING, logger="fedgluon.strategy"):
+        strategy = run_inprocess(spec)
+    log = pd.DataFrame(strategy.client_log)
+    assert len(strategy.history) == 6
+    accepted = log[log.status == "accepted"].groupby("client").size()
+    for j in range(4):
+        state = strategy.client_states[j]
+        assert (int(state["commits"]) if state else 0) == int(accepted.get(j, 0)), j
+    bad = log[(log.client == 1) & log["round"].isin([1, 3])]
+    assert set(bad.status) <= {"rejected"} and len(bad) >= 1
+    assert "non-finite values" in caplog.text
+    if ((log.client == 2) & (log["round"] == 2)).any():
+        assert log[(log.client == 2) & (log["round"] == 2)].status.item() == "failed"
+        assert "failed" in caplog.text
+    frame = pd.DataFrame(strategy.history)
+    assert frame["rejected"].sum() == (log.status == "rejected").sum()
+    assert frame["failed"].sum() == (log.status == "failed").sum()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ray_simulation_equals_inprocess_and_plain_driver():
+    strategy = run_ray(SPEC, num_cpus=1, ray_init_args={"num_cpus": 2})
+    ray_frame = pd.DataFrame(strategy.history)
+    same_metrics(ray_frame, plain_frame(SPEC))
+    same_metrics(ray_frame, pd.DataFrame(run_inprocess(SPEC).history))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_two_node_ray_cluster_uses_both_nodes():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                            "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+        spec = {**SPEC, "rounds": 3}
+        strategy = run_ray(spec, num_cpus=1, address=cluster.address)
+        assert len(strategy.history) == 3
+        assert len(strategy.ray_nodes) == 2, strategy.ray_nodes
+    finally:
+        cluster.shutdown()

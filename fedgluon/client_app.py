@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,11 +40,21 @@ def runtime(spec: Mapping[str, Any]):
     return _CACHE[k]
 
 
+APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (project) directory
+
+
+def app_path(value: str) -> Path:
+    """A path from the run config, relative paths resolved against the app directory (Flower's
+    runtimes do not run apps in it)."""
+    path = Path(value)
+    return path if path.is_absolute() else APP_DIR / path
+
+
 def spec_from_context(context: Context) -> dict[str, Any]:
     """The run spec for ``flwr run``: a YAML/JSON file named by run config ``spec-file``."""
     from omegaconf import OmegaConf
 
-    path = str(context.run_config.get("spec-file", "experiments/quickstart.yaml"))
+    path = app_path(str(context.run_config.get("spec-file", "experiments/quickstart.yaml")))
     return specs.normalise(OmegaConf.to_container(OmegaConf.load(path), resolve=True))  # type: ignore[arg-type]
 
 

@@ -14,7 +14,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedgluon import spec as specs
-from fedgluon.client_app import spec_from_context
+from fedgluon.client_app import app_path, spec_from_context
 
 from .records import tensors_to_record
 from .strategy import GluonStrategy
@@ -48,7 +48,7 @@ def make_server_app(spec: Mapping[str, Any] | None = None, sink: list | None = N
         elif "output" in context.run_config:  # flwr run: write the metrics where the run config says
             import pandas as pd
 
-            pd.DataFrame(strategy.history).to_csv(str(context.run_config["output"]), index=False)
+            pd.DataFrame(strategy.history).to_csv(app_path(str(context.run_config["output"])), index=False)
 
     return app
 

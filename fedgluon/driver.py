@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .algorithms.base import Algorithm, ClientReply
-from .metrics import round_row
+from .metrics import client_rows, round_row
 from .objective import SupervisedObjective
 from .rng import generator
 
@@ -68,6 +68,7 @@ class RunResult:
     history: list[dict[str, Any]]
     server_state: dict[str, Any]
     client_states: dict[int, Any]
+    client_log: list[dict[str, Any]] = field(default_factory=list)
 
     def frame(self):
         import pandas as pd
@@ -78,7 +79,7 @@ class RunResult:
 def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X0: Mapping[str, Tensor],
               rounds: int, *, seed: int = 0, participation: float | int = 1.0, weights: str = "uniform",
               evaluate: Callable[[Tensors], dict[str, float]] | None = None, eval_every: int = 1,
-              tamper: Tamper | None = None) -> RunResult:
+              tamper: Tamper | None = None, on_round: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
     """Run ``rounds`` rounds; ``tamper(round, client, reply)`` may replace replies (fault/attack tests)."""
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
@@ -86,7 +87,7 @@ def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X
     w = client_weights(objectives, weights)
     server = algorithm.init_server(X0)
     states: dict[int, Any] = {j: None for j in range(n)}
-    history = []
+    history, log = [], []
     for k in range(rounds):
         t0 = time.perf_counter()
         S = sample_clients(n, k, seed, participation)
@@ -100,8 +101,11 @@ def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X
             states[j] = pending[j]
         receivers = n if algorithm.downlink is not None else len(S)
         row = round_row(k, S, replies, outcome, bc, receivers)
+        log.extend(client_rows(k, S, replies, outcome))
         if evaluate is not None and ((k + 1) % eval_every == 0 or k == rounds - 1):
             row.update(evaluate(server["X"]))
         row["wall_time"] = time.perf_counter() - t0
         history.append(row)
-    return RunResult(history, server, states)
+        if on_round is not None:
+            on_round(row)
+    return RunResult(history, server, states, log)

@@ -100,7 +100,11 @@ def _quiet() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
-def run_inprocess(spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None):
+Evaluate = Callable[[Mapping[str, Any]], dict[str, float]]
+
+
+def run_inprocess(spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None,
+                  evaluate: Evaluate | None = None):
     """Run the Flower ServerApp and ClientApp in this process; returns the GluonStrategy."""
     from strategies.server_app import make_server_app
 
@@ -113,14 +117,14 @@ def run_inprocess(spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], 
     # Flower's Message constructor reads the process's task identity; its runtimes set it like this
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
     sink: list = []
-    make_server_app(s, sink, on_round)(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+    make_server_app(s, sink, on_round, evaluate)(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                                      run_config={}))
     return sink[0]
 
 
 def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0.0, address: str | None = None,
             ray_init_args: Mapping[str, Any] | None = None,
-            on_round: Callable[[dict[str, Any]], None] | None = None):
+            on_round: Callable[[dict[str, Any]], None] | None = None, evaluate: Evaluate | None = None):
     """Run on Flower's simulation engine (Ray). ``address`` joins an existing Ray cluster ("auto" or
     "HOST:PORT"); without it a private local Ray instance is started (and stopped) for this run."""
     from flwr.simulation import run_simulation
@@ -137,7 +141,7 @@ def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0
     if num_cpus <= 0:
         raise ValueError(f"num_cpus per client must be positive, got {num_cpus}")
     sink: list = []
-    run_simulation(server_app=make_server_app(s, sink, on_round), client_app=make_client_app(s),
+    run_simulation(server_app=make_server_app(s, sink, on_round, evaluate), client_app=make_client_app(s),
                    num_supernodes=task.num_clients,
                    backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
                                    "init_args": init_args})

@@ -20,13 +20,14 @@ from .records import tensors_to_record
 from .strategy import GluonStrategy
 
 
-def serve(grid: Grid, spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None
-          ) -> GluonStrategy:
-    """Run a whole federated training over ``grid``; returns the strategy (history, states)."""
+def serve(grid: Grid, spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None,
+          evaluate: Callable[[Mapping[str, Any]], dict[str, float]] | None = None) -> GluonStrategy:
+    """Run a whole federated training over ``grid``; returns the strategy (history, states).
+    ``evaluate`` replaces the task's central evaluation (e.g. to add the true gradient's norm)."""
     task, algorithm = specs.build(spec)
     X0 = task.initial_params()
     strategy = GluonStrategy(algorithm, X0, task.num_clients, seed=spec["seed"], participation=spec["participation"],
-                             weights=spec["weights"], evaluate=task.evaluate, eval_every=spec["eval_every"],
+                             weights=spec["weights"], evaluate=evaluate or task.evaluate, eval_every=spec["eval_every"],
                              on_round=on_round)
     strategy.connect(grid, timeout=float(spec["node_timeout"]))
     strategy.start(grid=grid, initial_arrays=tensors_to_record(X0), num_rounds=spec["rounds"],
@@ -35,14 +36,15 @@ def serve(grid: Grid, spec: Mapping[str, Any], on_round: Callable[[dict[str, Any
 
 
 def make_server_app(spec: Mapping[str, Any] | None = None, sink: list | None = None,
-                    on_round: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
+                    on_round: Callable[[dict[str, Any]], None] | None = None,
+                    evaluate: Callable[[Mapping[str, Any]], dict[str, float]] | None = None) -> ServerApp:
     fixed = specs.normalise(spec) if spec is not None else None
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         s = fixed if fixed is not None else spec_from_context(context)
-        strategy = serve(grid, s, on_round)
+        strategy = serve(grid, s, on_round, evaluate)
         if sink is not None:
             sink.append(strategy)
         elif "output" in context.run_config:  # flwr run: write the metrics where the run config says

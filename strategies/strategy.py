@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import Strategy
 from compressors import PayloadError
 from fedgluon.algorithms import Algorithm, Broadcast, ClientReply
 from fedgluon.driver import client_weights_from_sizes, sample_clients
-from fedgluon.metrics import round_row
+from fedgluon.metrics import client_rows, round_row
 
 from .records import record_to_state, records_to_message, state_to_record, tensors_to_record
 
@@ -144,12 +144,7 @@ class GluonStrategy(Strategy):
             log.warning("round %d: rejected client %d: %s", k, j, why)
         for j, why in sorted(failed.items()):
             log.warning("round %d: client %d failed: %s", k, j, why.strip().splitlines()[-1] if why.strip() else why)
-        for j in S:
-            status, reason = ("accepted", "") if j in outcome.accepted else (
-                ("rejected", outcome.rejected[j]) if j in outcome.rejected else ("failed", failed.get(j, "")))
-            self.client_log.append({"round": k, "client": j, "status": status, "reason": reason,
-                                    "loss": parsed[j].loss if j in parsed else float("nan"),
-                                    "up_bits_int32": outcome.uplink[j].total("int32") if j in outcome.uplink else 0})
+        self.client_log.extend(client_rows(k, S, parsed, outcome, failed))
         receivers = self.num_clients if self.algorithm.downlink is not None else len(S)
         row = round_row(k, S, parsed, outcome, bc, receivers, failed=len(failed))
         if self.evaluate is not None and ((k + 1) % self.eval_every == 0 or k + 1 == self.num_rounds):

@@ -1,0 +1,209 @@
+"""Run one experiment config and write ``runs/<name>/``:
+
+| file | content |
+| --- | --- |
+| ``config.yaml`` | the resolved config |
+| ``partition.csv`` | client sizes (and label histograms) |
+| ``metrics.csv`` | one row per round (:data:`METRIC_COLUMNS` documents the columns) |
+| ``clients.csv`` | one row per sampled client per round: accepted / rejected / failed, reason, loss, bits |
+| ``summary.json`` | final and best metrics, totals, wall time; ``"complete": true`` is written last |
+| ``model.pt`` | the final parameters (a dict of tensors, ``torch.load(..., weights_only=True)``) |
+| ``plots.png`` | test loss and accuracy vs rounds and vs cumulative uplink bits per client |
+
+A directory without ``"complete": true`` in its summary is never reported as complete; an existing
+directory is only replaced with ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import spec as specs
+from .config import ConfigError, run_name, spec_of
+
+METRIC_COLUMNS = {
+    "round": "round index k (0-based)",
+    "participants / accepted / rejected / failed": "sampled clients and what became of their replies",
+    "receivers": "clients that received the broadcast (all n with a compressed downlink)",
+    "train_loss": "mean minibatch loss reported by accepted clients",
+    "grad_evals / samples": "gradient evaluations and samples processed by accepted clients",
+    "refresh": "1 on SARAH/PAGE/MARINA large-batch refresh rounds",
+    "up_<conv>_{total,mean,max}": "uplink bits under each convention (values, log2d, int32, coo64, bitmask)",
+    "down_<conv>_total": "downlink bits to all receivers",
+    "test_loss / test_accuracy [/ test_perplexity]": "central evaluation on held-out data (every eval_every rounds)",
+    "grad_dual_norm": "Σ_i ‖∇_i f(X)‖_(i)* of the full-batch gradient (every grad_norm_every rounds)",
+    "up_bits_cum / up_bits_per_client_cum / down_bits_cum": "cumulative bits under network.bits",
+    "sim_round_time / sim_time": "simulated seconds: 2·latency + max uplink / up bw + per-client downlink / down bw",
+    "wall_time": "seconds the round took here",
+}
+
+
+def _grad_dual_norm(task, geometry, params: Mapping[str, torch.Tensor], weights: Mapping[int, float]) -> float:
+    total: dict[str, torch.Tensor] = {}
+    for j, obj in enumerate(task.objectives):
+        _, g = obj.gradient(params, obj.full_batch())
+        for n, t in g.items():
+            total[n] = total[n] + weights[j] * t if n in total else weights[j] * t
+    return float(sum(float(v) for v in geometry.dual_norms(total).values()))
+
+
+class _Evaluator:
+    """Central evaluation plus, every ``grad_norm_every`` rounds, the true gradient's dual norm."""
+
+    def __init__(self, task, geometry, weights, rounds: int, eval_every: int, grad_every: int):
+        self.task, self.geometry, self.weights, self.grad_every = task, geometry, weights, grad_every
+        self.eval_rounds = [k for k in range(rounds) if (k + 1) % eval_every == 0 or k == rounds - 1]
+        self.calls = 0
+
+    def __call__(self, params: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        k = self.eval_rounds[min(self.calls, len(self.eval_rounds) - 1)]
+        self.calls += 1
+        row = self.task.evaluate(params)
+        last = k == self.eval_rounds[-1]
+        if self.grad_every and ((k + 1) % self.grad_every == 0 or last):
+            row["grad_dual_norm"] = _grad_dual_norm(self.task, self.geometry, params, self.weights)
+        return row
+
+
+def add_derived_columns(frame: pd.DataFrame, cfg: DictConfig) -> pd.DataFrame:
+    """Cumulative bits and the simulated time of the bandwidth/latency model."""
+    c, net = cfg.network.bits, cfg.network
+    f = frame.copy()
+    f["up_bits_cum"] = f[f"up_{c}_total"].cumsum()
+    f["up_bits_per_client_cum"] = f[f"up_{c}_mean"].cumsum()
+    f["down_bits_cum"] = f[f"down_{c}_total"].cumsum()
+    per_client_down = f[f"down_{c}_total"] / f["receivers"].clip(lower=1)
+    f["sim_round_time"] = (2 * net.latency_ms / 1e3 + f[f"up_{c}_max"] / (net.uplink_mbps * 1e6)
+                           + per_client_down / (net.downlink_mbps * 1e6))
+    f["sim_time"] = f["sim_round_time"].cumsum()
+    return f
+
+
+def is_complete(run_dir: str | Path) -> bool:
+    path = Path(run_dir) / "summary.json"
+    try:
+        return bool(json.loads(path.read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def prepare_dir(out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not overwrite:
+            state = "a complete" if is_complete(out) else "an incomplete"
+            raise ConfigError(f"{out} holds {state} run; pass --overwrite (output.overwrite=true) to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+
+def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = None,
+        on_round: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """Run ``cfg`` on its engine and write the run directory (module docstring); returns its path."""
+    out = Path(out_dir) if out_dir is not None else Path(cfg.output.dir) / run_name(cfg)
+    prepare_dir(out, cfg.output.overwrite)
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    spec = spec_of(cfg)
+    task, algorithm = specs.build(spec)
+    task.partition_summary.to_csv(out / "partition.csv", index=False)
+    from .driver import client_weights
+
+    evaluate = _Evaluator(task, algorithm.geometry, client_weights(task.objectives, spec["weights"]), spec["rounds"],
+                          spec["eval_every"], int(cfg.grad_norm_every))
+    t0 = time.perf_counter()
+    with _progress(progress, spec["rounds"], run_name(cfg)) as tick:
+        def round_done(row: dict[str, Any]) -> None:
+            tick(row)
+            if on_round is not None:
+                on_round(row)
+
+        engine = cfg.engine.name
+        if engine == "plain":
+            from .driver import run_plain
+
+            res = run_plain(algorithm, task.objectives, task.initial_params(), spec["rounds"], seed=spec["seed"],
+                            participation=spec["participation"], weights=spec["weights"], evaluate=evaluate,
+                            eval_every=spec["eval_every"], on_round=round_done)
+            history, final, clients = res.history, res.server_state["X"], res.client_log
+        else:
+            from .engines import run_inprocess, run_ray
+
+            if engine == "inprocess":
+                strategy = run_inprocess(spec, round_done, evaluate)
+            else:
+                strategy = run_ray(spec, num_cpus=cfg.engine.num_cpus, num_gpus=cfg.engine.num_gpus,
+                                   address=cfg.engine.address, on_round=round_done, evaluate=evaluate)
+            history, final, clients = strategy.history, strategy.server_state["X"], strategy.client_log
+    wall = time.perf_counter() - t0
+    frame = add_derived_columns(pd.DataFrame(history), cfg) if history else pd.DataFrame()
+    frame.to_csv(out / "metrics.csv", index=False)
+    pd.DataFrame(clients).to_csv(out / "clients.csv", index=False)
+    if cfg.output.save_model:
+        torch.save({n: t.detach().cpu() for n, t in final.items()}, out / "model.pt")
+    if len(frame):
+        from .plots import plot_run
+
+        plot_run(frame, out / "plots.png", title=run_name(cfg),
+                 bits_label=f"uplink bits per client ({cfg.network.bits} convention)")
+    (out / "summary.json").write_text(json.dumps(summarise(frame, cfg, wall), indent=2))
+    return out
+
+
+def summarise(frame: pd.DataFrame, cfg: DictConfig, wall: float) -> dict[str, Any]:
+    def last(col: str) -> float | None:
+        if col not in frame or frame[col].dropna().empty:
+            return None
+        return float(frame[col].dropna().iloc[-1])
+
+    def best(col: str, fn) -> float | None:
+        return None if col not in frame or frame[col].dropna().empty else float(fn(frame[col].dropna()))
+
+    out = {
+        "name": run_name(cfg), "algorithm": cfg.algorithm["name"], "task": cfg.task["name"], "seed": int(cfg.seed),
+        "rounds": int(len(frame)), "engine": cfg.engine.name,
+        "final_test_loss": last("test_loss"), "final_test_accuracy": last("test_accuracy"),
+        "best_test_accuracy": best("test_accuracy", max), "best_test_loss": best("test_loss", min),
+        "final_grad_dual_norm": last("grad_dual_norm"),
+        "uplink_bits_total": last("up_bits_cum"), "uplink_bits_per_client": last("up_bits_per_client_cum"),
+        "downlink_bits_total": last("down_bits_cum"), "sim_time": last("sim_time"),
+        "rejected": int(frame["rejected"].sum()) if "rejected" in frame else 0,
+        "failed": int(frame["failed"].sum()) if "failed" in frame else 0,
+        "bit_convention": cfg.network.bits, "wall_time": wall, "complete": True,
+    }
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+
+
+class _progress:
+    """A rich progress bar over rounds (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, label: str):
+        self.enabled, self.total, self.label = enabled, total, label
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda row: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+        self.bar.__enter__()
+        self.task = self.bar.add_task(self.label, total=self.total, info="")
+
+        def tick(row: dict[str, Any]) -> None:
+            info = " ".join(f"{k}={row[k]:.4g}" for k in ("test_loss", "test_accuracy") if k in row)
+            self.bar.update(self.task, advance=1, info=info)
+        return tick
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+        return False

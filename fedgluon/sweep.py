@@ -1,0 +1,183 @@
+"""Sweeps: a grid over config keys and seeds, run member by member, summarised into tables and a
+communication-vs-accuracy Pareto plot.
+
+``fedgluon sweep CONFIG algorithm.name=[gluon-ef21,gluon-ef21-sarah] algorithm.compressor.ratio=[0.01,0.05] seed=[0,1]``;
+an axis over a whole section replaces it per member, for algorithms whose options differ:
+``'algorithm=[{name: gluon, lr: 0.05}, {name: gluon-ef21, lr: 0.05, compressor: {name: topk, ratio: 0.05}}]'``
+writes ``<output.dir>/<sweep name>/<member>/`` (a run directory each, see fedgluon/experiment.py) and,
+in the sweep directory, ``members.csv`` (one row per member), ``table.csv`` (mean and std over
+seeds per configuration, plus bits to reach the target accuracy) and ``pareto.png``. Members whose
+run directory is complete are skipped, so an interrupted sweep continues where it stopped.
+
+Members run one after another on the configured engine (Flower's Ray engine starts and stops Ray
+for every simulation, so it is never nested inside Ray tasks, FLOWER.md). ``parallel=N`` runs
+members as N parallel Ray tasks on the plain engine instead (on ``engine.address`` if given).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from . import config as configs
+from .experiment import is_complete, run
+
+
+def parse_grid(args: Sequence[str]) -> tuple[list[str], dict[str, list[Any]]]:
+    """Split CLI arguments into plain overrides (``k=v``) and grid axes (``k=[a,b,c]``)."""
+    overrides, grid = [], {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise configs.ConfigError(f"sweep arguments must look like key=value or key=[a,b], got {arg!r}")
+        if value.startswith("[") and value.endswith("]"):
+            parsed = OmegaConf.create({"v": OmegaConf.from_dotlist([f"v={value}"]).v})["v"]
+            values = list(OmegaConf.to_container(parsed)) if parsed is not None else []  # type: ignore[arg-type]
+            if not values:
+                raise configs.ConfigError(f"sweep axis {key!r} has no values")
+            grid[key] = values
+        else:
+            overrides.append(arg)
+    return overrides, grid
+
+
+def members(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def member_name(values: dict[str, Any]) -> str:
+    parts = [f"{k.split('.')[-1]}={v.get('name', v) if isinstance(v, dict) else v}" for k, v in values.items()]
+    return ",".join(parts).replace("/", "_") or "base"
+
+
+def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | None = None, progress: bool = True,
+          parallel: int = 0) -> Path:
+    """Run every grid member (skipping complete ones) and write the sweep summary; returns the sweep dir."""
+    overrides, grid = parse_grid(args)
+    base = configs.load(config_path, overrides)
+    sweep_dir = Path(base.output.dir) / (name or f"sweep-{configs.run_name(base)}")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for values in members(grid):
+        mname = member_name(values)
+        sections = {k: v for k, v in values.items() if k in configs.SECTIONS}
+        dotted = [f"{k}={_fmt(v)}" for k, v in values.items() if k not in configs.SECTIONS]
+        cfg = configs.load(config_path, [*overrides, *dotted], replace=sections)
+        cfg.output.name = mname
+        cfg.output.dir = str(sweep_dir)
+        if is_complete(sweep_dir / mname):
+            continue
+        cfg.output.overwrite = True  # an incomplete member directory is a leftover of an interrupted sweep
+        todo.append((mname, cfg))
+    (sweep_dir / "sweep.json").write_text(json.dumps({"config": str(config_path) if config_path else None,
+                                                      "overrides": list(overrides), "grid": grid}, indent=2))
+    if parallel and todo:
+        _run_parallel(todo, parallel, base.engine.address)
+    else:
+        for i, (mname, cfg) in enumerate(todo):
+            if progress:
+                print(f"[{i + 1}/{len(todo)}] {mname}")
+            run(cfg, progress=progress)
+    summarise(sweep_dir)
+    return sweep_dir
+
+
+def _fmt(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+
+
+def _run_parallel(todo, workers: int, address: str | None) -> None:
+    import ray
+
+    ray.init(address=address or "local", num_cpus=None if address else workers, include_dashboard=False,
+             ignore_reinit_error=True)
+
+    @ray.remote(num_cpus=1)
+    def one(cfg_yaml: str) -> str:
+        cfg = OmegaConf.create(cfg_yaml)
+        cfg.engine.name = "plain"
+        return str(run(cfg, progress=False))
+
+    try:
+        ray.get([one.remote(OmegaConf.to_yaml(cfg)) for _, cfg in todo])
+    finally:
+        ray.shutdown()
+
+
+def load_members(sweep_dir: str | Path) -> pd.DataFrame:
+    """One row per complete member: its grid values, summary and the full config's key fields."""
+    sweep_dir = Path(sweep_dir)
+    meta = json.loads((sweep_dir / "sweep.json").read_text())
+    rows = []
+    for values in members(meta["grid"]):
+        d = sweep_dir / member_name(values)
+        if not is_complete(d):
+            continue
+        summary = json.loads((d / "summary.json").read_text())
+        rows.append({"member": member_name(values), **{k: _fmt(v) for k, v in values.items()}, **summary})
+    return pd.DataFrame(rows)
+
+
+def summarise(sweep_dir: str | Path, target: float | None = None, target_fraction: float = 0.95) -> pd.DataFrame:
+    """``members.csv``, ``table.csv`` (mean/std over seeds; bits to reach the target accuracy) and ``pareto.png``.
+
+    The target is ``target`` if given, else ``target_fraction`` × the best member's final accuracy;
+    ``bits_to_target`` is the cumulative uplink bits per client at the first evaluation reaching it
+    (NaN if never reached).
+    """
+    from .plots import plot_pareto
+
+    sweep_dir = Path(sweep_dir)
+    frame = load_members(sweep_dir)
+    frame.to_csv(sweep_dir / "members.csv", index=False)
+    if frame.empty:
+        return frame
+    grid = json.loads((sweep_dir / "sweep.json").read_text())["grid"]
+    if target is None and frame["final_test_accuracy"].notna().any():
+        target = target_fraction * float(frame["final_test_accuracy"].max())
+    frame["bits_to_target"] = [_bits_to_target(sweep_dir / m, target) for m in frame["member"]]
+    keys = [k for k in grid if k != "seed"]
+    frame["config"] = frame[keys].astype(str).agg(",".join, axis=1) if keys else "base"
+    metrics = ["final_test_accuracy", "final_test_loss", "uplink_bits_per_client", "bits_to_target", "sim_time"]
+    table = frame.groupby("config")[metrics].agg(["mean", "std", "count"])
+    table.columns = [f"{a}_{b}" for a, b in table.columns]
+    table = table.reset_index()
+    table["target_accuracy"] = target
+    table.to_csv(sweep_dir / "table.csv", index=False)
+    convention = str(frame["bit_convention"].iloc[0]) if "bit_convention" in frame else "int32"
+    plot_pareto(table, sweep_dir / "pareto.png", label="config",
+                title=f"{sweep_dir.name}: final accuracy vs uplink bits per client",
+                xlabel=f"uplink bits per client, whole run ({convention} convention; mean over seeds)")
+    return table
+
+
+def _bits_to_target(run_dir: Path, target: float | None) -> float:
+    if target is None:
+        return float("nan")
+    m = pd.read_csv(run_dir / "metrics.csv")
+    if "test_accuracy" not in m:
+        return float("nan")
+    hit = m[m["test_accuracy"] >= target]
+    return float(hit["up_bits_per_client_cum"].iloc[0]) if len(hit) else float("nan")
+
+
+def load_run(run_dir: str | Path) -> dict[str, Any]:
+    """A run directory as ``{"metrics", "clients", "partition"}`` DataFrames plus ``summary`` and ``config``."""
+    d = Path(run_dir)
+    out: dict[str, Any] = {"summary": json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists()
+                           else {"complete": False},
+                           "config": OmegaConf.to_container(OmegaConf.load(d / "config.yaml"))}
+    for name in ("metrics", "clients", "partition"):
+        path = d / f"{name}.csv"
+        out[name] = pd.read_csv(path) if path.exists() and path.stat().st_size > 1 else pd.DataFrame()
+    return out
+
+
+__all__ = ["load_members", "load_run", "parse_grid", "summarise", "sweep"]

@@ -1,0 +1,123 @@
+"""Configs, the fedgluon CLI, run directories, sweeps."""
+
+import json
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from fedgluon.cli import main
+from fedgluon.experiment import METRIC_COLUMNS
+
+FAST = ["engine.name=plain", "rounds=6", "task.num_clients=4", "task.mean_samples=40", "grad_norm_every=3"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_run_writes_documented_files_and_columns(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = invoke("run", *FAST, "--quiet")
+    assert out.exit_code == 0, out.output
+    d = tmp_path / "runs" / "gluon-ef21-sarah-synthetic-s0"
+    assert {"config.yaml", "metrics.csv", "clients.csv", "summary.json", "model.pt", "plots.png",
+            "partition.csv"} <= {p.name for p in d.iterdir()}
+    m = pd.read_csv(d / "metrics.csv")
+    documented = set()
+    for key in METRIC_COLUMNS:
+        for part in key.split(" / "):
+            documented.add(part.split(" [")[0])
+    expected = {"round", "participants", "accepted", "rejected", "failed", "receivers", "train_loss", "grad_evals",
+                "samples", "refresh", "test_loss", "test_accuracy", "grad_dual_norm", "up_bits_cum",
+                "up_bits_per_client_cum", "down_bits_cum", "sim_round_time", "sim_time", "wall_time",
+                "up_int32_total", "up_int32_mean", "up_int32_max", "up_values_total", "down_bitmask_total"}
+    assert expected <= set(m.columns)
+    assert len(m) == 6 and m["grad_dual_norm"].notna().sum() == 2 and (m["sim_time"].diff().dropna() > 0).all()
+    s = json.loads((d / "summary.json").read_text())
+    assert s["complete"] and s["rounds"] == 6 and s["uplink_bits_per_client"] == m["up_int32_mean"].sum()
+    clients = pd.read_csv(d / "clients.csv")
+    assert len(clients) == 6 * 4 and set(clients.status) == {"accepted"}
+    # never overwritten without --overwrite
+    again = CliRunner().invoke(main, ["run", *FAST, "--quiet"])
+    assert again.exit_code != 0 and "--overwrite" in again.output
+    assert invoke("run", *FAST, "--quiet", "--overwrite").exit_code == 0
+
+
+@pytest.mark.parametrize("args, words", [
+    (["algorithm.name=fedprox"], ["algorithm.name must be one of", "gluon-ef21"]),
+    (["algorithm.compressor.ratio=-0.1"], ["ratio must be in (0, 1]"]),
+    (["task.name=fashion_mnist", "task.data_dir=/nonexistent"], ["task:", "apt-get install dataset-fashion-mnist"]),
+    (["colour=red"], ["unknown config key 'colour'", "algorithm"]),
+    (["engine.name=spark"], ["engine.name must be one of", "inprocess"]),
+    (["algorithm.momentum=0.9"], ["unknown option", "allowed"]),
+])
+def test_invalid_configs_exit_nonzero_naming_the_field(tmp_path, monkeypatch, args, words):
+    monkeypatch.chdir(tmp_path)
+    out = CliRunner().invoke(main, ["run", *FAST, *args, "--quiet"])
+    assert out.exit_code != 0
+    for w in words:
+        assert w in out.output, out.output
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_sweep_2x2_then_rerun_skips(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["sweep", *FAST, "algorithm.name=[gluon-ef21,gluon-ef21-sarah]", "algorithm.compressor.ratio=[0.02,0.1]",
+            "--name", "s", "--quiet"]
+    out = invoke(*args)
+    assert out.exit_code == 0, out.output
+    d = tmp_path / "runs" / "s"
+    runs = [p for p in d.iterdir() if p.is_dir()]
+    assert len(runs) == 4 and all((p / "summary.json").exists() for p in runs)
+    assert {"members.csv", "table.csv", "pareto.png", "sweep.json"} <= {p.name for p in d.iterdir()}
+    table = pd.read_csv(d / "table.csv")
+    assert len(table) == 4 and {"final_test_accuracy_mean", "uplink_bits_per_client_mean", "bits_to_target_mean"} <= \
+        set(table.columns)
+    stamps = {p.name: (p / "summary.json").stat().st_mtime_ns for p in runs}
+    # an interrupted member (no completion marker) is redone; complete ones are skipped
+    broken = runs[0]
+    (broken / "summary.json").unlink()
+    assert invoke(*args).exit_code == 0
+    for p in runs:
+        if p == broken:
+            assert (p / "summary.json").exists()
+        else:
+            assert (p / "summary.json").stat().st_mtime_ns == stamps[p.name]
+    assert invoke("plot", str(d)).exit_code == 0
+
+
+def test_sweep_over_whole_algorithm_sections_and_seeds(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = invoke("sweep", *FAST, "--name", "mixed", "--quiet",
+                 "algorithm=[{name: gluon, lr: 0.05}, {name: gluon-ef21, lr: 0.05, compressor: {name: topk, ratio: 0.1}}]",
+                 "seed=[0,1]")
+    assert out.exit_code == 0, out.output
+    table = pd.read_csv(tmp_path / "runs" / "mixed" / "table.csv")
+    assert len(table) == 2 and (table["final_test_accuracy_count"] == 2).all()
+    dense, ef21 = (table.set_index("config").loc[name, "uplink_bits_per_client_mean"] for name in ("gluon", "gluon-ef21"))
+    assert ef21 < dense
+
+
+def test_python_api_loads_runs_and_sweeps(tmp_path, monkeypatch):
+    from fedgluon.sweep import load_members, load_run
+
+    monkeypatch.chdir(tmp_path)
+    invoke("sweep", *FAST, "seed=[0,1]", "--name", "seeds", "--quiet")
+    members = load_members(tmp_path / "runs" / "seeds")
+    assert len(members) == 2 and set(members["seed"].astype(int)) == {0, 1}
+    run = load_run(tmp_path / "runs" / "seeds" / "seed=0")
+    assert isinstance(run["metrics"], pd.DataFrame) and run["summary"]["complete"] and run["config"]["seed"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fedgluon_run_without_arguments_on_ray(tmp_path, monkeypatch):
+    """The README's first command: the default config (10 clients, 30 rounds) on Flower's Ray engine."""
+    monkeypatch.chdir(tmp_path)
+    out = invoke("run", "--quiet")
+    assert out.exit_code == 0, out.output
+    d = tmp_path / "runs" / "gluon-ef21-sarah-synthetic-s0"
+    m = pd.read_csv(d / "metrics.csv")
+    assert len(m) == 30 and (d / "plots.png").stat().st_size > 10_000
+    assert m["test_accuracy"].iloc[-1] > m["test_accuracy"].iloc[0]

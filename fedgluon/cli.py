@@ -105,6 +105,32 @@ def sweep(config: str | None, args: tuple[str, ...], name: str | None, parallel:
         click.echo(table[cols].to_string(index=False))
 
 
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.argument("args", nargs=-1)
+@click.option("--algorithms", required=True, help="comma-separated algorithm names to tune")
+@click.option("--metric", default="final_test_loss", show_default=True)
+@click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True)
+@click.option("--name", default="tune", show_default=True)
+@click.option("--parallel", default=0, type=int)
+@click.option("--quiet", is_flag=True)
+def tune(config: str | None, args: tuple[str, ...], algorithms: str, metric: str, mode: str, name: str,
+         parallel: int, quiet: bool) -> None:
+    """Tune each algorithm over the grid in ARGS (e.g. "algorithm.lr=[0.01,0.03,0.1]") and print the best."""
+    from fedgluon.config import ConfigError
+    from fedgluon.sweep import tune as run_tune
+
+    if config is not None and "=" in config and not Path(config).exists():
+        args, config = (config, *args), None
+    try:
+        best = run_tune(config, args, [a.strip() for a in algorithms.split(",") if a.strip()], metric=metric,
+                        mode=mode, name=name, progress=not quiet, parallel=parallel)
+    except ConfigError as err:
+        _fail(err)
+        return
+    click.echo(best.to_string(index=False))
+
+
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 def plot(directory: str) -> None:

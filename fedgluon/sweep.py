@@ -180,4 +180,32 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     return out
 
 
-__all__ = ["load_members", "load_run", "parse_grid", "summarise", "sweep"]
+__all__ = ["load_members", "load_run", "parse_grid", "summarise", "sweep", "tune"]
+
+
+def tune(config_path: str | Path | None, args: Sequence[str], algorithms: Sequence[str], *,
+         metric: str = "final_test_loss", mode: str = "min", name: str = "tune", progress: bool = True,
+         parallel: int = 0) -> pd.DataFrame:
+    """Sweep the grid in ``args`` (e.g. ``algorithm.lr=[0.01,0.03,0.1]``) for every algorithm and keep each
+    one's best configuration by ``metric`` (mean over seeds), so comparisons are between tuned methods.
+    Writes ``<output.dir>/<name>/tuned.csv``; returns it."""
+    if mode not in ("min", "max"):
+        raise configs.ConfigError(f"mode must be one of ['min', 'max'], got {mode!r}")
+    rows = []
+    root = None
+    for alg in algorithms:
+        d = sweep(config_path, [*args, f"algorithm.name={alg}"], name=f"{name}/{alg}", progress=progress,
+                  parallel=parallel)
+        root = d.parent
+        table = pd.read_csv(d / "table.csv")
+        col = f"{metric}_mean"
+        if col not in table or table[col].dropna().empty:
+            raise configs.ConfigError(f"metric {metric!r} is not in the sweep table; use one of "
+                                      f"{sorted(c[:-5] for c in table.columns if c.endswith('_mean'))}")
+        best = table.loc[table[col].idxmin() if mode == "min" else table[col].idxmax()]
+        rows.append({"algorithm": alg, "best_config": best["config"], metric: best[col],
+                     **{c: best[c] for c in table.columns if c.endswith("_mean") and c != col}})
+    out = pd.DataFrame(rows)
+    if root is not None:
+        out.to_csv(root / "tuned.csv", index=False)
+    return out

@@ -121,3 +121,27 @@ def test_fedgluon_run_without_arguments_on_ray(tmp_path, monkeypatch):
     m = pd.read_csv(d / "metrics.csv")
     assert len(m) == 30 and (d / "plots.png").stat().st_size > 10_000
     assert m["test_accuracy"].iloc[-1] > m["test_accuracy"].iloc[0]
+
+
+def test_tune_picks_the_best_radius_per_algorithm(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = invoke("tune", *FAST, "algorithm.lr=[0.001,0.05]", "--algorithms", "gluon-ef21,gluon-ef21-mvr", "--quiet")
+    assert out.exit_code == 0, out.output
+    tuned = pd.read_csv(tmp_path / "runs" / "tune" / "tuned.csv")
+    assert list(tuned["algorithm"]) == ["gluon-ef21", "gluon-ef21-mvr"]
+    for alg in tuned["algorithm"]:
+        table = pd.read_csv(tmp_path / "runs" / "tune" / alg / "table.csv")
+        assert tuned.set_index("algorithm").loc[alg, "final_test_loss"] == table["final_test_loss_mean"].min()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_parallel_sweep_as_ray_tasks(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = invoke("sweep", *FAST, "seed=[0,1]", "--name", "par", "--parallel", "2", "--quiet")
+    assert out.exit_code == 0, out.output
+    serial = invoke("sweep", *FAST, "seed=[0,1]", "--name", "ser", "--quiet")
+    assert serial.exit_code == 0
+    a = pd.read_csv(tmp_path / "runs" / "par" / "seed=1" / "metrics.csv").drop(columns=["wall_time"])
+    b = pd.read_csv(tmp_path / "runs" / "ser" / "seed=1" / "metrics.csv").drop(columns=["wall_time"])
+    pd.testing.assert_frame_equal(a, b)

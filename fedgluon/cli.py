@@ -108,13 +108,14 @@ def sweep(config: str | None, args: tuple[str, ...], name: str | None, parallel:
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.argument("args", nargs=-1)
-@click.option("--algorithms", required=True, help="comma-separated algorithm names to tune")
+@click.option("--algorithm", "algorithms", multiple=True, required=True,
+              help="an algorithm name, or a YAML mapping of the whole algorithm section; repeat for several")
 @click.option("--metric", default="final_test_loss", show_default=True)
 @click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True)
 @click.option("--name", default="tune", show_default=True)
 @click.option("--parallel", default=0, type=int)
 @click.option("--quiet", is_flag=True)
-def tune(config: str | None, args: tuple[str, ...], algorithms: str, metric: str, mode: str, name: str,
+def tune(config: str | None, args: tuple[str, ...], algorithms: tuple[str, ...], metric: str, mode: str, name: str,
          parallel: int, quiet: bool) -> None:
     """Tune each algorithm over the grid in ARGS (e.g. "algorithm.lr=[0.01,0.03,0.1]") and print the best."""
     from fedgluon.config import ConfigError
@@ -123,8 +124,12 @@ def tune(config: str | None, args: tuple[str, ...], algorithms: str, metric: str
     if config is not None and "=" in config and not Path(config).exists():
         args, config = (config, *args), None
     try:
-        best = run_tune(config, args, [a.strip() for a in algorithms.split(",") if a.strip()], metric=metric,
-                        mode=mode, name=name, progress=not quiet, parallel=parallel)
+        from omegaconf import OmegaConf
+
+        algs = [OmegaConf.to_container(OmegaConf.create(a)) if a.strip().startswith("{") else a.strip()
+                for a in algorithms]
+        best = run_tune(config, args, algs, metric=metric, mode=mode, name=name, progress=not quiet,
+                        parallel=parallel)
     except ConfigError as err:
         _fail(err)
         return
@@ -149,6 +154,22 @@ def plot(directory: str) -> None:
         click.echo(d / "plots.png")
     else:
         _fail(ValueError(f"{d} is neither a run directory (metrics.csv) nor a sweep directory (sweep.json)"))
+
+
+BENCHMARKS = {"lmo": "benchmarks.bench_lmo", "compressors": "benchmarks.bench_compressors",
+              "engines": "benchmarks.bench_engines"}
+
+
+@main.command()
+@click.argument("which", type=click.Choice([*BENCHMARKS, "all"]), default="all")
+@click.option("--quick", is_flag=True, help="smaller sizes and fewer repeats")
+def bench(which: str, quick: bool) -> None:
+    """Run the benchmarks (LMO vs its matmul bound and torch.optim.Muon, compressors, engines); each prints ratios."""
+    import importlib
+
+    for name in (BENCHMARKS if which == "all" else [which]):
+        click.echo(f"=== {name}")
+        importlib.import_module(BENCHMARKS[name]).main(["--quick"] if quick else [])
 
 
 @main.command()

@@ -76,30 +76,55 @@ SECTIONS = ("task", "geometry", "algorithm")
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
          replace: dict[str, Any] | None = None) -> DictConfig:
-    """Defaults ← YAML file ← ``key=value`` overrides ← whole ``replace``d sections, then :func:`validate`.
+    """Defaults ← YAML file ← whole ``replace``d sections ← ``key=value`` overrides, then :func:`validate`.
 
     ``replace={"algorithm": {...}}`` swaps a section for a new mapping instead of merging into it (a
     sweep over algorithms whose options differ)."""
     try:
         cfg = OmegaConf.structured(ExperimentConfig)
+        user = OmegaConf.create({})
         if path is not None:
             p = Path(path)
             if not p.exists():
                 raise ConfigError(f"config file {p} not found")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+            user = OmegaConf.merge(user, OmegaConf.load(p))
+        for section, value in (replace or {}).items():
+            if section not in SECTIONS or not isinstance(value, dict):
+                raise ConfigError(f"only the sections {list(SECTIONS)} can be replaced by a mapping, got {section!r}")
+            user[section] = value
+            cfg[section] = {}
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"overrides must look like key=value, got {bad}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        for section, value in (replace or {}).items():
-            if section not in SECTIONS or not isinstance(value, dict):
-                raise ConfigError(f"only the sections {list(SECTIONS)} can be replaced by a mapping, got {section!r}")
-            cfg[section] = value
+            user = OmegaConf.merge(user, OmegaConf.from_dotlist(list(overrides)))
+        for section in SECTIONS:
+            named = user.get(section, {}).get("name") if isinstance(user.get(section), DictConfig) else None
+            if named is not None and named != cfg[section].get("name"):
+                cfg[section] = _defaults_that_apply(section, str(named), cfg[section])
+        cfg = OmegaConf.merge(cfg, user)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None
     validate(cfg)
     return cfg
+
+
+def _defaults_that_apply(section: str, name: str, defaults: DictConfig) -> dict[str, Any]:
+    """When the user names another task or algorithm than the default one: a task keeps none of the
+    default task's options (the same option name can mean different things, e.g. ``alpha``); an
+    algorithm keeps the default options it accepts (``lr``, the schedule, ``compressor``…), which
+    mean the same for every algorithm."""
+    if section != "algorithm":
+        return {}
+    from .algorithms import ALGORITHMS
+
+    cls = ALGORITHMS.get(name)
+    if cls is None:
+        return {}
+    accepted = {**cls.BASE_OPTIONS, **cls.OPTIONS}
+    kept = OmegaConf.to_container(defaults)
+    assert isinstance(kept, dict)
+    return {k: v for k, v in kept.items() if k in accepted}
 
 
 def _explain(err: OmegaConfBaseException) -> str:

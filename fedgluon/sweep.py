@@ -183,19 +183,23 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
 __all__ = ["load_members", "load_run", "parse_grid", "summarise", "sweep", "tune"]
 
 
-def tune(config_path: str | Path | None, args: Sequence[str], algorithms: Sequence[str], *,
+def tune(config_path: str | Path | None, args: Sequence[str], algorithms: Sequence[str | dict[str, Any]], *,
          metric: str = "final_test_loss", mode: str = "min", name: str = "tune", progress: bool = True,
          parallel: int = 0) -> pd.DataFrame:
     """Sweep the grid in ``args`` (e.g. ``algorithm.lr=[0.01,0.03,0.1]``) for every algorithm and keep each
     one's best configuration by ``metric`` (mean over seeds), so comparisons are between tuned methods.
-    Writes ``<output.dir>/<name>/tuned.csv``; returns it."""
+    An algorithm is a name (keeping the config's other algorithm options) or a whole ``algorithm``
+    mapping (for methods whose options differ). Writes ``<output.dir>/<name>/tuned.csv``; returns it."""
     if mode not in ("min", "max"):
         raise configs.ConfigError(f"mode must be one of ['min', 'max'], got {mode!r}")
     rows = []
     root = None
     for alg in algorithms:
-        d = sweep(config_path, [*args, f"algorithm.name={alg}"], name=f"{name}/{alg}", progress=progress,
-                  parallel=parallel)
+        if isinstance(alg, dict):
+            label, extra = str(alg.get("name")), [f"algorithm=[{json.dumps(alg)}]"]
+        else:
+            label, extra = alg, [f"algorithm.name={alg}"]
+        d = sweep(config_path, [*args, *extra], name=f"{name}/{label}", progress=progress, parallel=parallel)
         root = d.parent
         table = pd.read_csv(d / "table.csv")
         col = f"{metric}_mean"
@@ -203,7 +207,7 @@ def tune(config_path: str | Path | None, args: Sequence[str], algorithms: Sequen
             raise configs.ConfigError(f"metric {metric!r} is not in the sweep table; use one of "
                                       f"{sorted(c[:-5] for c in table.columns if c.endswith('_mean'))}")
         best = table.loc[table[col].idxmin() if mode == "min" else table[col].idxmax()]
-        rows.append({"algorithm": alg, "best_config": best["config"], metric: best[col],
+        rows.append({"algorithm": label, "best_config": best["config"], metric: best[col],
                      **{c: best[c] for c in table.columns if c.endswith("_mean") and c != col}})
     out = pd.DataFrame(rows)
     if root is not None:

@@ -17,3 +17,10 @@ def test_demo_trains_and_rejects_bad_method():
     assert acc > 0.85
     bad = CliRunner().invoke(main, ["demo", "--method", "adam"])
     assert bad.exit_code != 0 and "--method" in bad.output and "must be one of" in bad.output
+
+
+def test_bench_offers_every_benchmark():
+    out = CliRunner().invoke(main, ["bench", "--help"])
+    assert out.exit_code == 0 and all(n in out.output for n in ("lmo", "compressors", "engines", "all"))
+    bad = CliRunner().invoke(main, ["bench", "gpu"])
+    assert bad.exit_code != 0 and "lmo" in bad.output

@@ -125,7 +125,8 @@ def test_fedgluon_run_without_arguments_on_ray(tmp_path, monkeypatch):
 
 def test_tune_picks_the_best_radius_per_algorithm(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    out = invoke("tune", *FAST, "algorithm.lr=[0.001,0.05]", "--algorithms", "gluon-ef21,gluon-ef21-mvr", "--quiet")
+    out = invoke("tune", *FAST, "algorithm.lr=[0.001,0.05]", "--algorithm", "gluon-ef21", "--algorithm",
+                 "{name: gluon-ef21-mvr, compressor: {name: topk, ratio: 0.1}}", "--quiet")
     assert out.exit_code == 0, out.output
     tuned = pd.read_csv(tmp_path / "runs" / "tune" / "tuned.csv")
     assert list(tuned["algorithm"]) == ["gluon-ef21", "gluon-ef21-mvr"]
@@ -145,3 +146,17 @@ def test_parallel_sweep_as_ray_tasks(tmp_path, monkeypatch):
     a = pd.read_csv(tmp_path / "runs" / "par" / "seed=1" / "metrics.csv").drop(columns=["wall_time"])
     b = pd.read_csv(tmp_path / "runs" / "ser" / "seed=1" / "metrics.csv").drop(columns=["wall_time"])
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_switching_task_or_algorithm_drops_the_defaults_of_the_other(tmp_path):
+    from fedgluon.config import load
+
+    cfg = load(None, ["task.name=digits", "algorithm.name=gluon"])
+    assert dict(cfg.task) == {"name": "digits"}  # no synthetic alpha/beta leak into digits
+    assert cfg.algorithm.name == "gluon" and "compressor" not in cfg.algorithm and cfg.algorithm.lr == 0.05
+    assert load(None, ["algorithm.name=gluon-ef21"]).algorithm.compressor.name == "topk"  # shared options stay
+    cfg = load(None, ["task.num_clients=4"])  # same task: the defaults stay and the override applies
+    assert cfg.task.name == "synthetic" and cfg.task.num_clients == 4 and cfg.task.hidden == [64]
+    f = tmp_path / "c.yaml"
+    f.write_text("task: {name: digits, partition: dirichlet}")
+    assert dict(load(f).task) == {"name": "digits", "partition": "dirichlet"}

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .estimators import Estimator, RefreshPolicy, make_estimator
 from .geometry import Geometry
-from .radius import GluonAdaptive, Scheduled, make_schedule
+from .radius import make_radius_rule
 from .rng import generator
 from .step import LMOStep, StepInfo
 
@@ -119,13 +119,8 @@ class Gluon(torch.optim.Optimizer):
             if (estimator or cfg["estimator"]) == "limuon":
                 ekw["seed"] = seed
             self.estimator = make_estimator(estimator or cfg["estimator"], **ekw)
-        if adaptive is not None:
-            rule: Scheduled | GluonAdaptive = GluonAdaptive(**adaptive)
-        else:
-            sched = schedule if schedule is not None else cfg.get("schedule", "constant")
-            if isinstance(sched, str):
-                sched = make_schedule(sched, lr, **{k: cfg[k] for k in _SCHEDULE_KEYS if k in cfg})
-            rule = Scheduled(sched)
+        rule = make_radius_rule(lr, schedule if schedule is not None else cfg.get("schedule", "constant"), adaptive,
+                                **{k: cfg[k] for k in _SCHEDULE_KEYS if k in cfg})
         self.lmo_step = LMOStep(geometry, rule, weight_decay=weight_decay, constrained=constrained)
         self.refresh_policy: RefreshPolicy | None = None
         if self.estimator.supports_refresh:

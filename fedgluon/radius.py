@@ -21,11 +21,11 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from .geometry import Geometry
@@ -172,6 +172,17 @@ class GluonAdaptive:
 
     def base(self, k: int) -> float:
         return 1.0
+
+
+def make_radius_rule(lr: float, schedule: str | Callable[[int], float] = "constant",
+                     adaptive: Mapping[str, Any] | None = None, **schedule_options: Any) -> "Scheduled | GluonAdaptive":
+    """The radius rule of a config: Gluon's adaptive rule when ``adaptive`` (``{"L0": .., "L1": ..}``) is
+    given, else ``schedule`` (a name from :data:`SCHEDULES` with its options, or a callable) times ρ_i."""
+    if adaptive is not None:
+        return GluonAdaptive(**adaptive)
+    if isinstance(schedule, str):
+        schedule = make_schedule(schedule, lr, **schedule_options)
+    return Scheduled(schedule)
 
 
 def fit_l0_l1(lhat: np.ndarray, grad_dual: np.ndarray, lam: float = 0.0) -> tuple[float, float]:

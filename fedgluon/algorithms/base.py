@@ -37,7 +37,7 @@ from compressors.operators import Context
 from ..estimators import Estimator, RefreshPolicy, make_estimator
 from ..geometry import Geometry
 from ..objective import SupervisedObjective
-from ..radius import GluonAdaptive, Scheduled, make_schedule
+from ..radius import make_radius_rule
 from ..rng import generator, purpose_code
 from ..step import LMOStep, StepInfo
 
@@ -112,12 +112,9 @@ class Algorithm:
         self.opt = {**allowed, **options}
         self.geometry = geometry
         self.shapes = {p.name: p.shape for p in geometry}
-        if self.opt["adaptive"] is not None:
-            rule: Scheduled | GluonAdaptive = GluonAdaptive(**self.opt["adaptive"])
-        else:
-            rule = Scheduled(make_schedule(self.opt["schedule"], self.opt["lr"], power=self.opt["power"],
-                                           total=self.opt["total"], warmup=self.opt["warmup"],
-                                           final_fraction=self.opt["final_fraction"]))
+        rule = make_radius_rule(self.opt["lr"], self.opt["schedule"], self.opt["adaptive"], power=self.opt["power"],
+                                total=self.opt["total"], warmup=self.opt["warmup"],
+                                final_fraction=self.opt["final_fraction"])
         self.lmo_step = LMOStep(geometry, rule, weight_decay=self.opt["weight_decay"],
                                 constrained=self.opt["constrained"])
         self.dense = make_compressor({"name": "identity", "values": self.opt["values"]})

@@ -2,7 +2,9 @@
 
 For each method's best configuration (tuned.csv) and each seed: the cumulative uplink bits per
 client at the first evaluation whose test loss is within ``--slack`` (default 5%) of the best
-method's final test loss, averaged over seeds; savings = 1 − bits / bits of ``--baseline``.
+method's final test loss, averaged over seeds (also divided by the model size in fp32 bits, the
+EF21-Muon paper's normalisation, and the downlink bits per client to the same point);
+savings = 1 − uplink bits / uplink bits of ``--baseline``. int32 bit convention.
 Writes <tune dir>/comparison.csv and prints a Markdown table.
 
     python experiments/compare.py runs/t3 --baseline gluon
@@ -15,6 +17,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 
 def main() -> None:
@@ -33,18 +36,26 @@ def main() -> None:
         runs[row["algorithm"]] = [pd.read_csv(sweep_dir / m / "metrics.csv") for m in chosen["member"]]
     finals = {a: sum(m["test_loss"].dropna().iloc[-1] for m in ms) / len(ms) for a, ms in runs.items()}
     target = min(finals.values()) * (1 + args.slack)
+    first_member = pd.read_csv(args.tune_dir / tuned["algorithm"].iloc[0] / "members.csv")["member"].iloc[0]
+    model = torch.load(args.tune_dir / tuned["algorithm"].iloc[0] / first_member / "model.pt", weights_only=True)
+    model_bits = 32 * sum(t.numel() for t in model.values())
     rows = []
     for alg, metrics in runs.items():
-        hits = []
+        hits, downs = [], []
         for m in metrics:
+            m = m.assign(down_per_client_cum=(m["down_int32_total"] / m["receivers"].clip(lower=1)).cumsum())
             ev = m.dropna(subset=["test_loss"])
             reached = ev[ev["test_loss"] <= target]
             hits.append(float(reached["up_bits_per_client_cum"].iloc[0]) if len(reached) else float("nan"))
+            downs.append(float(reached["down_per_client_cum"].iloc[0]) if len(reached) else float("nan"))
         rows.append({"algorithm": alg, "lr": tuned.set_index("algorithm").loc[alg, "best_config"].split(",")[0],
                      "final_test_loss": finals[alg],
                      "final_test_accuracy": sum(m["test_accuracy"].dropna().iloc[-1] for m in metrics) / len(metrics),
                      "seeds_reaching_target": sum(h == h for h in hits), "seeds": len(hits),
                      "bits_to_target": sum(hits) / len(hits) if all(h == h for h in hits) else float("nan"),
+                     "up_to_target_over_model": (sum(hits) / len(hits) / model_bits) if all(h == h for h in hits)
+                     else float("nan"),
+                     "down_bits_to_target": sum(downs) / len(downs) if all(d == d for d in downs) else float("nan"),
                      "total_uplink_bits": sum(m["up_bits_per_client_cum"].iloc[-1] for m in metrics) / len(metrics)})
     table = pd.DataFrame(rows)
     base = table.set_index("algorithm").loc[args.baseline, "bits_to_target"]

@@ -189,16 +189,16 @@ def tune(config_path: str | Path | None, args: Sequence[str], algorithms: Sequen
     """Sweep the grid in ``args`` (e.g. ``algorithm.lr=[0.01,0.03,0.1]``) for every algorithm and keep each
     one's best configuration by ``metric`` (mean over seeds), so comparisons are between tuned methods.
     An algorithm is a name (keeping the config's other algorithm options) or a whole ``algorithm``
-    mapping (for methods whose options differ). Writes ``<output.dir>/<name>/tuned.csv``; returns it."""
+    mapping (for methods whose options differ); an algorithm listed several times (e.g. with different
+    compressors) is labelled ``<name>-1``, ``<name>-2``…. Writes ``<output.dir>/<name>/tuned.csv``; returns it."""
     if mode not in ("min", "max"):
         raise configs.ConfigError(f"mode must be one of ['min', 'max'], got {mode!r}")
     rows = []
     root = None
-    for alg in algorithms:
-        if isinstance(alg, dict):
-            label, extra = str(alg.get("name")), [f"algorithm=[{json.dumps(alg)}]"]
-        else:
-            label, extra = alg, [f"algorithm.name={alg}"]
+    names = [str(a.get("name")) if isinstance(a, dict) else a for a in algorithms]
+    for i, alg in enumerate(algorithms):
+        label = names[i] if names.count(names[i]) == 1 else f"{names[i]}-{names[:i].count(names[i]) + 1}"
+        extra = [f"algorithm=[{json.dumps(alg)}]"] if isinstance(alg, dict) else [f"algorithm.name={alg}"]
         d = sweep(config_path, [*args, *extra], name=f"{name}/{label}", progress=progress, parallel=parallel)
         root = d.parent
         table = pd.read_csv(d / "table.csv")

@@ -160,3 +160,15 @@ def test_switching_task_or_algorithm_drops_the_defaults_of_the_other(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("task: {name: digits, partition: dirichlet}")
     assert dict(load(f).task) == {"name": "digits", "partition": "dirichlet"}
+
+
+def test_tune_labels_repeated_algorithms(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = invoke("tune", *FAST, "algorithm.lr=[0.05]", "--name", "dup", "--quiet",
+                 "--algorithm", "{name: gluon-ef21, compressor: {name: topk, ratio: 0.1}}",
+                 "--algorithm", "{name: gluon-ef21, compressor: {name: topk, ratio: 0.5}}")
+    assert out.exit_code == 0, out.output
+    tuned = pd.read_csv(tmp_path / "runs" / "dup" / "tuned.csv")
+    assert list(tuned["algorithm"]) == ["gluon-ef21-1", "gluon-ef21-2"]
+    bits = tuned.set_index("algorithm")["uplink_bits_per_client_mean"]
+    assert bits["gluon-ef21-1"] < bits["gluon-ef21-2"]

@@ -29,17 +29,6 @@ from flwr.clientapp import ClientApp
 from . import spec as specs
 from .algorithms import Broadcast
 
-_CACHE: dict[str, Any] = {}  # per-process cache of (task, algorithm) by spec; never holds client state
-
-
-def runtime(spec: Mapping[str, Any]):
-    k = specs.key(spec)
-    if k not in _CACHE:
-        _CACHE.clear()
-        _CACHE[k] = specs.build(spec)
-    return _CACHE[k]
-
-
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (project) directory
 
 
@@ -78,7 +67,7 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
     @app.query()
     def hello(msg: Message, context: Context) -> Message:
         s = resolve(context)
-        task, _ = runtime(s)
+        task, _ = specs.build_cached(s)
         pid = int(context.node_config["partition-id"])
         content = RecordDict({"hello": MetricRecord({"partition": pid, "num_samples": task.objectives[pid].num_samples})})
         return Message(content, reply_to=msg)
@@ -89,7 +78,7 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
 
         s = resolve(context)
         torch.set_num_threads(int(s["threads"]))
-        task, algorithm = runtime(s)
+        task, algorithm = specs.build_cached(s)
         pid = int(context.node_config["partition-id"])
         cfg = msg.content.config_records["config"]
         if int(cfg["partition"]) != pid:

@@ -163,7 +163,7 @@ def validate(cfg: DictConfig) -> None:
     try:
         from . import spec as specs
 
-        specs.build(spec_of(cfg))
+        specs.build_cached(spec_of(cfg))
     except ConfigError:
         raise
     except FileNotFoundError as err:

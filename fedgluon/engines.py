@@ -112,7 +112,7 @@ def run_inprocess(spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], 
 
     _quiet()
     s = specs.normalise(spec)
-    task, _ = specs.build(s)
+    task, _ = specs.build_cached(s)
     grid = InProcessGrid(make_client_app(s), task.num_clients, seed=s["seed"])
     # Flower's Message constructor reads the process's task identity; its runtimes set it like this
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
@@ -135,7 +135,7 @@ def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0
 
     _quiet()
     s = specs.normalise(spec)
-    task, _ = specs.build(s)
+    task, _ = specs.build_cached(s)
     init_args: dict[str, Any] = {"address": address} if address else {"address": "local"}
     init_args.update({"include_dashboard": False, **(ray_init_args or {})})
     if num_cpus <= 0:

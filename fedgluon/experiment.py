@@ -113,7 +113,7 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
     prepare_dir(out, cfg.output.overwrite)
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     spec = spec_of(cfg)
-    task, algorithm = specs.build(spec)
+    task, algorithm = specs.build_cached(spec)
     task.partition_summary.to_csv(out / "partition.csv", index=False)
     from .driver import client_weights
 

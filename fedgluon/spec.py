@@ -44,6 +44,20 @@ def key(spec: Mapping[str, Any]) -> str:
     return json.dumps(spec, sort_keys=True, default=str)
 
 
+_CACHE: dict[str, tuple[Task, Algorithm]] = {}
+
+
+def build_cached(spec: Mapping[str, Any]) -> tuple[Task, Algorithm]:
+    """:func:`build`, memoised for the last spec in this process (validation, the runner, the server and
+    in-process clients share one task instead of loading the data again). Tasks and algorithms hold
+    no per-run mutable state: server and client state live outside them."""
+    k = key(spec)
+    if k not in _CACHE:
+        _CACHE.clear()
+        _CACHE[k] = build(spec)
+    return _CACHE[k]
+
+
 def build(spec: Mapping[str, Any]) -> tuple[Task, Algorithm]:
     """The task and the algorithm of a (normalised) spec; the task seed defaults to the run seed."""
     task_spec = {"seed": spec["seed"], **spec["task"]}

@@ -24,7 +24,7 @@ def serve(grid: Grid, spec: Mapping[str, Any], on_round: Callable[[dict[str, Any
           evaluate: Callable[[Mapping[str, Any]], dict[str, float]] | None = None) -> GluonStrategy:
     """Run a whole federated training over ``grid``; returns the strategy (history, states).
     ``evaluate`` replaces the task's central evaluation (e.g. to add the true gradient's norm)."""
-    task, algorithm = specs.build(spec)
+    task, algorithm = specs.build_cached(spec)
     X0 = task.initial_params()
     strategy = GluonStrategy(algorithm, X0, task.num_clients, seed=spec["seed"], participation=spec["participation"],
                              weights=spec["weights"], evaluate=evaluate or task.evaluate, eval_every=spec["eval_every"],

@@ -13,23 +13,19 @@ from __future__ import annotations
 
 import argparse
 
-
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
+from fedgluon.data.tabular import load_sklearn
 from fedgluon.models import MLP
 from fedgluon.optim import Gluon
 from fedgluon.radius import SmoothnessTracker
+from fedgluon.tasks import stratified_split
 
 
 def data():
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x / 16.0, dtype=torch.float32)
-    y = torch.tensor(y)
-    return train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    return [torch.from_numpy(a) for a in stratified_split(*load_sklearn("digits"), 0.25, 0)]
 
 
 def train(steps: int, *, lr: float = 0.02, adaptive=None, track: bool = False, seed: int = 0):

@@ -16,11 +16,11 @@ import argparse
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
+from fedgluon.data.tabular import load_sklearn
 from fedgluon.models import MLP
 from fedgluon.optim import Gluon
+from fedgluon.tasks import stratified_split
 
 METHODS = {"muon": {"method": "muon"}, "muon-mvr1": {"method": "muon-mvr1"}, "muon-mvr2": {"method": "muon-mvr2"},
            "storm (gamma=1, no clip)": {"method": "gluon-mvr", "preset": "muon", "beta": 0.9, "schedule": "constant"}}
@@ -28,10 +28,7 @@ GRAD_PER_STEP = {"muon": 1, "muon-mvr1": 1, "muon-mvr2": 2, "storm (gamma=1, no 
 
 
 def run(options: dict, lr: float, epochs: int, seed: int) -> list[float]:
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x / 16.0, dtype=torch.float32)
-    y = torch.tensor(y)
-    xtr, _, ytr, _ = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    xtr, _, ytr, _ = (torch.from_numpy(a) for a in stratified_split(*load_sklearn("digits"), 0.25, 0))
     torch.manual_seed(seed)
     model = MLP(64, (128, 128), 10)
     opt = Gluon(model, lr=lr, **options)

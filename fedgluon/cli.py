@@ -181,19 +181,15 @@ def demo(method: str, lr: float, epochs: int, seed: int) -> None:
     """Train an MLP on scikit-learn's digits with fedgluon.optim.Gluon and print test accuracy."""
     import torch
     import torch.nn.functional as F
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
+    from fedgluon.data.tabular import load_sklearn
     from fedgluon.models import MLP
     from fedgluon.optim import METHODS, Gluon
+    from fedgluon.tasks import stratified_split
 
     if method not in METHODS:
         raise click.BadParameter(f"must be one of {list(METHODS)}", param_hint="--method")
     torch.manual_seed(seed)
-    X, y = load_digits(return_X_y=True)
-    X = torch.tensor(X / 16.0, dtype=torch.float32)
-    y = torch.tensor(y)
-    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, random_state=seed, stratify=y)
+    Xtr, Xte, ytr, yte = (torch.from_numpy(a) for a in stratified_split(*load_sklearn("digits"), 0.25, seed))
     model = MLP(64, (128, 128), 10)
     opt = Gluon(model, lr=lr, method=method, seed=seed)
     click.echo(f"digits MLP 64-128-128-10, method={method}, lr={lr}, batch 32")

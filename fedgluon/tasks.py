@@ -84,7 +84,8 @@ def _objectives(model: nn.Module, x: Tensor, y: Tensor, parts: list[np.ndarray],
                                 large_batch_size=large_batch_size, loss_fn=loss_fn) for p in parts]
 
 
-def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
+def stratified_split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
+    """``(x_train, x_test, y_train, y_test)``, stratified by label, seeded (scikit-learn's train_test_split)."""
     from sklearn.model_selection import train_test_split
 
     if not 0 < test_fraction < 1:
@@ -133,7 +134,7 @@ def _sklearn(name: str, default_hidden: tuple[int, ...]):
 
         opts = {**_PARTITION_DEFAULTS, **kw}
         x, y = load_sklearn(name)
-        x_tr, x_te, y_tr, y_te = _split(x, y, test_fraction, opts["seed"])
+        x_tr, x_te, y_tr, y_te = stratified_split(x, y, test_fraction, opts["seed"])
         torch.manual_seed(opts["seed"])
         model = MLP(x.shape[1], tuple(default_hidden if hidden is None else hidden), int(y.max()) + 1)
         return _classification(x_tr, y_tr, x_te, y_te, model, **opts)
@@ -169,7 +170,7 @@ def _fashion_mnist(data_dir: str | None = None, model: str = "cnn", train_limit:
 def _linear(x: np.ndarray, y: np.ndarray, test_fraction: float = 0.2, hidden: tuple[int, ...] = (),
             **kw: Any) -> Task:
     opts = {**_PARTITION_DEFAULTS, **kw}
-    x_tr, x_te, y_tr, y_te = _split(x, y, test_fraction, opts["seed"])
+    x_tr, x_te, y_tr, y_te = stratified_split(x, y, test_fraction, opts["seed"])
     torch.manual_seed(opts["seed"])
     return _classification(x_tr, y_tr, x_te, y_te, MLP(x.shape[1], tuple(hidden), int(y.max()) + 1), **opts)
 

@@ -51,11 +51,17 @@ def _fail(err: Exception) -> None:
 @click.option("--engine", type=click.Choice(["ray", "inprocess", "plain"]), help="override engine.name")
 @click.option("--overwrite", is_flag=True, help="replace an existing run directory")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def run(config: str | None, overrides: tuple[str, ...], engine: str | None, overwrite: bool, quiet: bool) -> None:
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
+              help="continue the unfinished run in this directory from its checkpoint (OVERRIDES may change "
+                   "engine settings, threads and timeouts only)")
+def run(config: str | None, overrides: tuple[str, ...], engine: str | None, overwrite: bool, quiet: bool,
+        resume_dir: str | None) -> None:
     """Run CONFIG (a YAML file; defaults when omitted) with key=value OVERRIDES.
 
     With no arguments: 10 synthetic clients, Gluon-EF21-SARAH with top-5% uplink, 30 rounds on Ray.
+    SIGINT/SIGTERM stop the run after the current round with a checkpoint; --resume continues it.
     """
+    from fedgluon.checkpoint import RunInterrupted, RunStopped
     from fedgluon.config import ConfigError, load
     from fedgluon.experiment import run as run_experiment
 
@@ -63,11 +69,23 @@ def run(config: str | None, overrides: tuple[str, ...], engine: str | None, over
         overrides, config = (config, *overrides), None
     extra = [*overrides, *([f"engine.name={engine}"] if engine else []), *(["output.overwrite=true"] if overwrite else [])]
     try:
-        cfg = load(config, extra)
-        out = run_experiment(cfg, progress=not quiet)
+        if resume_dir is not None:
+            if config is not None:
+                raise ConfigError("--resume takes the run's own config.yaml; pass overrides only, not a CONFIG file")
+            saved = Path(resume_dir) / "config.yaml"
+            if not saved.exists():
+                raise ConfigError(f"{resume_dir} is not a run directory (no config.yaml)")
+            out = run_experiment(load(saved, extra), progress=not quiet, out_dir=resume_dir, resume=True)
+        else:
+            out = run_experiment(load(config, extra), progress=not quiet)
     except ConfigError as err:
         _fail(err)
         return
+    except RunStopped as err:
+        click.echo(f"\nstopped: {err}", err=True)
+        if err.checkpoint is not None:
+            click.echo(f"resume with: fedgluon run --resume {err.checkpoint.parent}", err=True)
+        sys.exit(130 if isinstance(err, RunInterrupted) else 1)
     summary = json.loads((out / "summary.json").read_text())
     click.echo(f"\n{out}")
     for key in ("algorithm", "task", "rounds", "final_test_loss", "final_test_accuracy", "uplink_bits_per_client",

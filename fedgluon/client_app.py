@@ -28,6 +28,7 @@ from flwr.clientapp import ClientApp
 
 from . import spec as specs
 from .algorithms import Broadcast
+from .faults import FaultPlan
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (project) directory
 
@@ -74,7 +75,12 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        from strategies.records import message_to_records, record_to_state, record_to_tensors, state_to_record
+        from strategies.records import (
+            message_to_records,
+            record_to_state,
+            record_to_tensors,
+            state_to_record,
+        )
 
         s = resolve(context)
         torch.set_num_threads(int(s["threads"]))
@@ -86,6 +92,7 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
         bc = Broadcast(int(cfg["round"]), int(cfg["seed"]), record_to_tensors(msg.content.array_records["model"]),
                        {"refresh": int(cfg["refresh"])})
         state = record_to_state(msg.content.array_records["state"])
+        FaultPlan.from_spec(s["faults"]).inject(bc.seed, pid, bc.round)  # no-op unless faults are configured
         new_state, reply = algorithm.client_step(state, bc, task.objectives[pid], pid)
         arrays, header = message_to_records(reply.message)
         content = RecordDict({

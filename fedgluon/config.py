@@ -47,6 +47,19 @@ class OutputConfig:
     name: str | None = None  # default: <algorithm>-<task>-s<seed>
     overwrite: bool = False
     save_model: bool = True
+    checkpoint_every: int = 10  # rounds between checkpoints (0: only on SIGINT/SIGTERM and fatal stops)
+
+
+@dataclass
+class FaultConfig:
+    """Injected client faults (fedgluon/faults.py): per task, raise w.p. raise_prob, or sleep delay_s
+    seconds w.p. delay_prob (late when delay_s > round_timeout); ``die``: [round, client] pairs whose
+    Ray worker exits."""
+
+    raise_prob: float = 0.0
+    delay_prob: float = 0.0
+    delay_s: float = 0.0
+    die: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -69,6 +82,7 @@ class ExperimentConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
 
 SECTIONS = ("task", "geometry", "algorithm")
@@ -152,6 +166,8 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every}")
     need(cfg.grad_norm_every >= 0, f"grad_norm_every must be >= 0, got {cfg.grad_norm_every}")
     need(cfg.engine.num_cpus > 0, f"engine.num_cpus must be > 0, got {cfg.engine.num_cpus}")
+    need(cfg.output.checkpoint_every >= 0, f"output.checkpoint_every must be >= 0, got {cfg.output.checkpoint_every}")
+    need(cfg.round_timeout > 0, f"round_timeout must be > 0 seconds, got {cfg.round_timeout}")
     for key in ("uplink_mbps", "downlink_mbps"):
         need(cfg.network[key] > 0, f"network.{key} must be > 0, got {cfg.network[key]}")
     from compressors import CONVENTIONS
@@ -184,7 +200,8 @@ def spec_of(cfg: DictConfig) -> dict[str, Any]:
     return specs.normalise({"task": c["task"], "geometry": c["geometry"], "algorithm": c["algorithm"],
                             "rounds": c["rounds"], "seed": c["seed"], "participation": participation,
                             "weights": c["weights"], "eval_every": c["eval_every"], "threads": c["threads"],
-                            "round_timeout": c["round_timeout"], "node_timeout": c["node_timeout"]})
+                            "round_timeout": c["round_timeout"], "node_timeout": c["node_timeout"],
+                            "faults": c["faults"]})
 
 
 def run_name(cfg: DictConfig) -> str:

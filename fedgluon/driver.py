@@ -8,14 +8,15 @@ Tests of the math use it, and benchmarks use it as the "plain loop" baseline. On
     server_state, outcome = algorithm.server_step(server_state, {j: reply_j}, bc, w)
     for j in outcome.accepted:  state_j = state_j'      # commit only what the server accepted
 
-Per-round rows hold the losses, participants, accepted and rejected counts, uplink bits in every
+The server side (sampling, ``server_step``, commits, rows, checkpoints) is
+:class:`fedgluon.federation.Federation`, the same object the Flower strategy uses; this loop only
+calls the clients. Per-round rows hold the losses, participants, accepted and rejected counts, uplink bits in every
 convention (total, mean and max per accepted client), downlink bits, gradient evaluations and wall
 time; ``run_plain(...).frame()`` returns them as a pandas DataFrame.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,9 @@ import torch
 from torch import Tensor
 
 from .algorithms.base import Algorithm, ClientReply
-from .metrics import client_rows, round_row
+from .checkpoint import Checkpointer, Snapshot
+from .faults import FaultPlan
+from .federation import Evaluate, Federation
 from .objective import SupervisedObjective
 from .rng import generator
 
@@ -46,7 +49,7 @@ def client_weights(objectives: Sequence[SupervisedObjective], mode: str = "unifo
     return client_weights_from_sizes([o.num_samples for o in objectives], mode)
 
 
-def sample_clients(num_clients: int, k: int, seed: int, participation: float | int) -> list[int]:
+def sample_clients(num_clients: int, k: int, seed: int, participation: float) -> list[int]:
     """Sorted participants of round k: a fraction in (0, 1] or a count of clients, drawn with a seeded
     CPU generator (full participation draws nothing)."""
     if isinstance(participation, float) and not isinstance(participation, bool):
@@ -77,35 +80,32 @@ class RunResult:
 
 
 def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X0: Mapping[str, Tensor],
-              rounds: int, *, seed: int = 0, participation: float | int = 1.0, weights: str = "uniform",
-              evaluate: Callable[[Tensors], dict[str, float]] | None = None, eval_every: int = 1,
-              tamper: Tamper | None = None, on_round: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
-    """Run ``rounds`` rounds; ``tamper(round, client, reply)`` may replace replies (fault/attack tests)."""
+              rounds: int, *, seed: int = 0, participation: float = 1.0, weights: str = "uniform",
+              evaluate: Evaluate | None = None, eval_every: int = 1, tamper: Tamper | None = None,
+              on_round: Callable[[dict[str, Any]], None] | None = None, faults: FaultPlan | None = None,
+              checkpointer: Checkpointer | None = None, resume: Snapshot | None = None) -> RunResult:
+    """Run ``rounds`` rounds (from ``resume``'s round when given). ``evaluate(X, k)`` returns central
+    metrics; ``tamper(round, client, reply)`` may replace replies (attack tests); ``faults`` marks the
+    tasks it draws as failed (a raise or a missed deadline: no reply) exactly as the Flower engines see them."""
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
-    n = len(objectives)
-    w = client_weights(objectives, weights)
-    server = algorithm.init_server(X0)
-    states: dict[int, Any] = {j: None for j in range(n)}
-    history, log = [], []
-    for k in range(rounds):
-        t0 = time.perf_counter()
-        S = sample_clients(n, k, seed, participation)
-        bc = algorithm.broadcast(server, k, seed, n)
-        replies, pending = {}, {}
-        for j in S:
-            pending[j], reply = algorithm.client_step(states[j], bc, objectives[j], j)
-            replies[j] = tamper(k, j, reply) if tamper else reply
-        server, outcome = algorithm.server_step(server, replies, bc, w)
-        for j in outcome.accepted:
-            states[j] = pending[j]
-        receivers = n if algorithm.downlink is not None else len(S)
-        row = round_row(k, S, replies, outcome, bc, receivers)
-        log.extend(client_rows(k, S, replies, outcome))
-        if evaluate is not None and ((k + 1) % eval_every == 0 or k == rounds - 1):
-            row.update(evaluate(server["X"]))
-        row["wall_time"] = time.perf_counter() - t0
-        history.append(row)
-        if on_round is not None:
-            on_round(row)
-    return RunResult(history, server, states, log)
+    fed = Federation(algorithm, X0, len(objectives), rounds, seed=seed, participation=participation,
+                     weights=client_weights(objectives, weights), evaluate=evaluate, eval_every=eval_every,
+                     on_round=on_round, checkpointer=checkpointer, resume=resume)
+    while not fed.done:
+        plan = fed.open_round()
+        replies, pending, failed = {}, {}, {}
+        for j in plan.participants:
+            kind = faults.draw(seed, j, plan.k) if faults is not None else None
+            if kind is not None:
+                failed[j] = FAILURE_REASONS[kind]
+                continue
+            pending[j], reply = algorithm.client_step(fed.client_states[j], plan.broadcast, objectives[j], j)
+            replies[j] = tamper(plan.k, j, reply) if tamper else reply
+        fed.close_round(plan, replies, pending, failed)
+    return RunResult(fed.history, fed.server_state, fed.client_states, fed.client_log)
+
+
+# What a Flower engine reports for a task that met an injected fault (fedgluon.faults).
+FAILURE_REASONS = {"raise": "InjectedFault: injected fault", "delay": "no reply before the round timeout",
+                   "die": "SimulatedActorDeath: injected actor death"}

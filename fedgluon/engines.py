@@ -13,6 +13,7 @@ metrics rows for the same spec and seed (fixed thread counts, replies in client-
 from __future__ import annotations
 
 import os
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -20,12 +21,14 @@ from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from . import spec as specs
+from .checkpoint import Checkpointer, Snapshot
+from .federation import Evaluate
 from .rng import derive_seed
 
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
@@ -74,21 +77,27 @@ class InProcessGrid(Grid):
             ids.append(msg_id)
         return ids
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+    def pull_messages(self, message_ids: Iterable[str], timeout: float | None = None) -> Iterable[Message]:
+        """Run the ClientApp on each message. A call that takes longer than ``timeout`` seconds is
+        dropped, as a reply arriving after the round's deadline would be (nodes run in parallel on a
+        real grid, so each call is timed on its own)."""
         replies = []
         for msg_id in message_ids:
             msg = self._inbox.pop(msg_id, None)
             if msg is None:
                 continue
             context = self.contexts[msg.metadata.dst_node_id]
+            t0 = time.perf_counter()
             try:
-                replies.append(self.client_app(msg, context))
+                reply = self.client_app(msg, context)
             except Exception:  # noqa: BLE001 - a failing client becomes an error reply, as in Flower
-                replies.append(Message(Error(code=0, reason=traceback.format_exc()), reply_to=msg))
+                reply = Message(Error(code=0, reason=traceback.format_exc()), reply_to=msg)
+            if timeout is None or time.perf_counter() - t0 <= timeout:
+                replies.append(reply)
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        return self.pull_messages(self.push_messages(messages), timeout)
 
 
 def _quiet() -> None:
@@ -100,11 +109,9 @@ def _quiet() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
-Evaluate = Callable[[Mapping[str, Any]], dict[str, float]]
-
-
 def run_inprocess(spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None,
-                  evaluate: Evaluate | None = None):
+                  evaluate: Evaluate | None = None, checkpointer: Checkpointer | None = None,
+                  resume: Snapshot | None = None):
     """Run the Flower ServerApp and ClientApp in this process; returns the GluonStrategy."""
     from strategies.server_app import make_server_app
 
@@ -117,14 +124,15 @@ def run_inprocess(spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], 
     # Flower's Message constructor reads the process's task identity; its runtimes set it like this
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
     sink: list = []
-    make_server_app(s, sink, on_round, evaluate)(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                                                     run_config={}))
+    server_app = make_server_app(s, sink, on_round, evaluate, checkpointer, resume)
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
     return sink[0]
 
 
 def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0.0, address: str | None = None,
             ray_init_args: Mapping[str, Any] | None = None,
-            on_round: Callable[[dict[str, Any]], None] | None = None, evaluate: Evaluate | None = None):
+            on_round: Callable[[dict[str, Any]], None] | None = None, evaluate: Evaluate | None = None,
+            checkpointer: Checkpointer | None = None, resume: Snapshot | None = None):
     """Run on Flower's simulation engine (Ray). ``address`` joins an existing Ray cluster ("auto" or
     "HOST:PORT"); without it a private local Ray instance is started (and stopped) for this run."""
     from flwr.simulation import run_simulation
@@ -141,7 +149,8 @@ def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0
     if num_cpus <= 0:
         raise ValueError(f"num_cpus per client must be positive, got {num_cpus}")
     sink: list = []
-    run_simulation(server_app=make_server_app(s, sink, on_round, evaluate), client_app=make_client_app(s),
+    run_simulation(server_app=make_server_app(s, sink, on_round, evaluate, checkpointer, resume),
+                   client_app=make_client_app(s),
                    num_supernodes=task.num_clients,
                    backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
                                    "init_args": init_args})

@@ -10,8 +10,11 @@
 | ``model.pt`` | the final parameters (a dict of tensors, ``torch.load(..., weights_only=True)``) |
 | ``plots.png`` | test loss and accuracy vs rounds and vs cumulative uplink bits per client |
 
+| ``checkpoint.pt`` | while the run is unfinished: the state to resume from (fedgluon/checkpoint.py) |
+
 A directory without ``"complete": true`` in its summary is never reported as complete; an existing
-directory is only replaced with ``overwrite``.
+directory is only replaced with ``overwrite``; ``run(cfg, resume=True)`` (``fedgluon run --resume
+DIR``) continues an unfinished one from its checkpoint.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import spec as specs
+from .checkpoint import Checkpointer, RunStopped, Snapshot
+from .checkpoint import load as load_checkpoint
 from .config import ConfigError, run_name, spec_of
+from .faults import FaultPlan
 
 METRIC_COLUMNS = {
     "round": "round index k (0-based)",
@@ -60,17 +66,13 @@ def _grad_dual_norm(task, geometry, params: Mapping[str, torch.Tensor], weights:
 class _Evaluator:
     """Central evaluation plus, every ``grad_norm_every`` rounds, the true gradient's dual norm."""
 
-    def __init__(self, task, geometry, weights, rounds: int, eval_every: int, grad_every: int):
-        self.task, self.geometry, self.weights, self.grad_every = task, geometry, weights, grad_every
-        self.eval_rounds = [k for k in range(rounds) if (k + 1) % eval_every == 0 or k == rounds - 1]
-        self.calls = 0
+    def __init__(self, task, geometry, weights, rounds: int, grad_every: int):
+        self.task, self.geometry, self.weights = task, geometry, weights
+        self.rounds, self.grad_every = rounds, grad_every
 
-    def __call__(self, params: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        k = self.eval_rounds[min(self.calls, len(self.eval_rounds) - 1)]
-        self.calls += 1
+    def __call__(self, params: Mapping[str, torch.Tensor], k: int) -> dict[str, float]:
         row = self.task.evaluate(params)
-        last = k == self.eval_rounds[-1]
-        if self.grad_every and ((k + 1) % self.grad_every == 0 or last):
+        if self.grad_every and ((k + 1) % self.grad_every == 0 or k + 1 == self.rounds):
             row["grad_dual_norm"] = _grad_dual_norm(self.task, self.geometry, params, self.weights)
         return row
 
@@ -106,56 +108,115 @@ def prepare_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True)
 
 
+CHECKPOINT = "checkpoint.pt"
+ENVIRONMENT = ("threads", "round_timeout", "node_timeout", "faults")  # may change when a run is resumed
+
+
+def run_key(spec: Mapping[str, Any]) -> str:
+    """What a checkpoint must match to be resumed: the spec without the fields of the environment
+    (threads, timeouts, injected faults), so a run checkpointed on Ray may resume in-process, or
+    without the fault that stopped it."""
+    return specs.key({k: v for k, v in spec.items() if k not in ENVIRONMENT})
+
+
+
 def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = None,
-        on_round: Callable[[dict[str, Any]], None] | None = None) -> Path:
-    """Run ``cfg`` on its engine and write the run directory (module docstring); returns its path."""
+        on_round: Callable[[dict[str, Any]], None] | None = None, resume: bool = False) -> Path:
+    """Run ``cfg`` on its engine and write the run directory (module docstring); returns its path.
+
+    Every ``output.checkpoint_every`` rounds, on SIGINT/SIGTERM, on a dead Ray actor and on a
+    non-finite server step, ``checkpoint.pt`` is written; the last three raise
+    :class:`~fedgluon.checkpoint.RunStopped` after writing the metrics so far (summary without
+    ``"complete": true``). ``resume=True`` continues the run in ``out_dir`` from its checkpoint; the
+    final metrics equal an uninterrupted run's in every column but the wall times."""
     out = Path(out_dir) if out_dir is not None else Path(cfg.output.dir) / run_name(cfg)
-    prepare_dir(out, cfg.output.overwrite)
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     spec = spec_of(cfg)
+    snapshot = _resumable(out, spec) if resume else None
+    if snapshot is None:
+        prepare_dir(out, cfg.output.overwrite)
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     task, algorithm = specs.build_cached(spec)
     task.partition_summary.to_csv(out / "partition.csv", index=False)
     from .driver import client_weights
 
     evaluate = _Evaluator(task, algorithm.geometry, client_weights(task.objectives, spec["weights"]), spec["rounds"],
-                          spec["eval_every"], int(cfg.grad_norm_every))
+                          int(cfg.grad_norm_every))
+    checkpointer = Checkpointer(out / CHECKPOINT, int(cfg.output.checkpoint_every), run_key(spec))
     t0 = time.perf_counter()
-    with _progress(progress, spec["rounds"], run_name(cfg)) as tick:
-        def round_done(row: dict[str, Any]) -> None:
-            tick(row)
-            if on_round is not None:
-                on_round(row)
+    start = snapshot.next_round if snapshot is not None else 0
+    try:
+        with checkpointer.signals(), _progress(progress, spec["rounds"], run_name(cfg), start) as tick:
+            def round_done(row: dict[str, Any]) -> None:
+                tick(row)
+                if on_round is not None:
+                    on_round(row)
 
-        engine = cfg.engine.name
-        if engine == "plain":
-            from .driver import run_plain
+            history, final, clients = _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer,
+                                                  snapshot)
+    except RunStopped as err:
+        if err.checkpoint is not None:
+            snap = load_checkpoint(err.checkpoint)
+            _write_results(out, cfg, snap.history, snap.client_log, None, time.perf_counter() - t0,
+                           stopped=str(err), resumed_from=start)
+        raise
+    _write_results(out, cfg, history, clients, final, time.perf_counter() - t0, resumed_from=start)
+    (out / CHECKPOINT).unlink(missing_ok=True)
+    return out
 
-            res = run_plain(algorithm, task.objectives, task.initial_params(), spec["rounds"], seed=spec["seed"],
-                            participation=spec["participation"], weights=spec["weights"], evaluate=evaluate,
-                            eval_every=spec["eval_every"], on_round=round_done)
-            history, final, clients = res.history, res.server_state["X"], res.client_log
-        else:
-            from .engines import run_inprocess, run_ray
 
-            if engine == "inprocess":
-                strategy = run_inprocess(spec, round_done, evaluate)
-            else:
-                strategy = run_ray(spec, num_cpus=cfg.engine.num_cpus, num_gpus=cfg.engine.num_gpus,
-                                   address=cfg.engine.address, on_round=round_done, evaluate=evaluate)
-            history, final, clients = strategy.history, strategy.server_state["X"], strategy.client_log
-    wall = time.perf_counter() - t0
+def _resumable(out: Path, spec: Mapping[str, Any]) -> Snapshot:
+    if is_complete(out):
+        raise ConfigError(f"{out} holds a complete run; nothing to resume")
+    path = out / CHECKPOINT
+    if not path.exists():
+        raise ConfigError(f"{out} has no {CHECKPOINT} to resume from; rerun it with --overwrite")
+    snapshot = load_checkpoint(path)
+    if snapshot.run_key != run_key(spec):
+        raise ConfigError(f"{path} was written by a run with another config (task, geometry, algorithm, rounds, "
+                          f"seed, participation, weights or eval_every differ); only engine, network and output "
+                          f"settings, {', '.join(ENVIRONMENT)} may change on resume")
+    return snapshot
+
+
+def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, snapshot):
+    engine = cfg.engine.name
+    if engine == "plain":
+        from .driver import run_plain
+
+        res = run_plain(algorithm, task.objectives, task.initial_params(), spec["rounds"], seed=spec["seed"],
+                        participation=spec["participation"], weights=spec["weights"], evaluate=evaluate,
+                        eval_every=spec["eval_every"], on_round=round_done, faults=FaultPlan.from_spec(spec["faults"]),
+                        checkpointer=checkpointer, resume=snapshot)
+        return res.history, res.server_state["X"], res.client_log
+    from .engines import run_inprocess, run_ray
+
+    if engine == "inprocess":
+        strategy = run_inprocess(spec, round_done, evaluate, checkpointer, snapshot)
+    else:
+        strategy = run_ray(spec, num_cpus=cfg.engine.num_cpus, num_gpus=cfg.engine.num_gpus, address=cfg.engine.address,
+                           on_round=round_done, evaluate=evaluate, checkpointer=checkpointer, resume=snapshot)
+    return strategy.history, strategy.server_state["X"], strategy.client_log
+
+
+def _write_results(out: Path, cfg: DictConfig, history, clients, final, wall: float, *, stopped: str | None = None,
+                   resumed_from: int = 0) -> None:
+    """metrics.csv, clients.csv, model.pt, plots.png and summary.json (``"complete": true`` only when the
+    run finished; a stopped run's summary says why and where it stopped)."""
     frame = add_derived_columns(pd.DataFrame(history), cfg) if history else pd.DataFrame()
     frame.to_csv(out / "metrics.csv", index=False)
     pd.DataFrame(clients).to_csv(out / "clients.csv", index=False)
-    if cfg.output.save_model:
+    if final is not None and cfg.output.save_model:
         torch.save({n: t.detach().cpu() for n, t in final.items()}, out / "model.pt")
     if len(frame):
         from .plots import plot_run
 
         plot_run(frame, out / "plots.png", title=run_name(cfg),
                  bits_label=f"uplink bits per client ({cfg.network.bits} convention)")
-    (out / "summary.json").write_text(json.dumps(summarise(frame, cfg, wall), indent=2))
-    return out
+    summary = summarise(frame, cfg, wall)
+    summary["resumed_from_round"] = resumed_from
+    if stopped is not None:
+        summary.update({"complete": False, "stopped": stopped, "resume": f"fedgluon run --resume {out}"})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def summarise(frame: pd.DataFrame, cfg: DictConfig, wall: float) -> dict[str, Any]:
@@ -169,7 +230,7 @@ def summarise(frame: pd.DataFrame, cfg: DictConfig, wall: float) -> dict[str, An
 
     out = {
         "name": run_name(cfg), "algorithm": cfg.algorithm["name"], "task": cfg.task["name"], "seed": int(cfg.seed),
-        "rounds": int(len(frame)), "engine": cfg.engine.name,
+        "rounds": len(frame), "engine": cfg.engine.name,
         "final_test_loss": last("test_loss"), "final_test_accuracy": last("test_accuracy"),
         "best_test_accuracy": best("test_accuracy", max), "best_test_loss": best("test_loss", min),
         "final_grad_dual_norm": last("grad_dual_norm"),
@@ -185,18 +246,24 @@ def summarise(frame: pd.DataFrame, cfg: DictConfig, wall: float) -> dict[str, An
 class _progress:
     """A rich progress bar over rounds (a no-op when disabled)."""
 
-    def __init__(self, enabled: bool, total: int, label: str):
-        self.enabled, self.total, self.label = enabled, total, label
+    def __init__(self, enabled: bool, total: int, label: str, start: int = 0):
+        self.enabled, self.total, self.label, self.start = enabled, total, label, start
 
     def __enter__(self):
         if not self.enabled:
             return lambda row: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
         self.bar.__enter__()
-        self.task = self.bar.add_task(self.label, total=self.total, info="")
+        self.task = self.bar.add_task(self.label, total=self.total, completed=self.start, info="")
 
         def tick(row: dict[str, Any]) -> None:
             info = " ".join(f"{k}={row[k]:.4g}" for k in ("test_loss", "test_accuracy") if k in row)

@@ -5,7 +5,9 @@ Flower on Ray, ``flwr run``) turns into the same task and algorithm.
      "geometry": {"preset": "scion"},
      "algorithm": {"name": "gluon-ef21-sarah", "lr": 0.05, "compressor": {"name": "topk", "ratio": 0.05}},
      "rounds": 20, "seed": 0, "participation": 1.0, "weights": "uniform", "eval_every": 1,
-     "threads": 1, "round_timeout": 120.0}
+     "threads": 1, "round_timeout": 120.0, "faults": {"raise_prob": 0.1}}
+
+``faults`` (optional) injects client failures (fedgluon/faults.py).
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from .algorithms import Algorithm, make_algorithm
+from .faults import FaultPlan
 from .geometry import Geometry
 from .tasks import Task, make_task
 
 DEFAULTS: dict[str, Any] = {
     "task": {"name": "synthetic"}, "geometry": {"preset": "scion"}, "algorithm": {"name": "gluon"},
     "rounds": 10, "seed": 0, "participation": 1.0, "weights": "uniform", "eval_every": 1, "threads": 1,
-    "round_timeout": 120.0, "node_timeout": 60.0,
+    "round_timeout": 120.0, "node_timeout": 60.0, "faults": {},
 }
 
 
@@ -36,6 +39,7 @@ def normalise(spec: Mapping[str, Any] | None) -> dict[str, Any]:
     out.update(copy.deepcopy(spec))
     if not isinstance(out["rounds"], int) or out["rounds"] < 0:
         raise ValueError(f"rounds must be a non-negative integer, got {out['rounds']!r}")
+    FaultPlan.from_spec(out["faults"])  # names a bad fault option
     return out
 
 

@@ -14,37 +14,42 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedgluon import spec as specs
+from fedgluon.checkpoint import Checkpointer, Snapshot
 from fedgluon.client_app import app_path, spec_from_context
+from fedgluon.federation import Evaluate
 
 from .records import tensors_to_record
 from .strategy import GluonStrategy
 
 
 def serve(grid: Grid, spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None,
-          evaluate: Callable[[Mapping[str, Any]], dict[str, float]] | None = None) -> GluonStrategy:
-    """Run a whole federated training over ``grid``; returns the strategy (history, states).
-    ``evaluate`` replaces the task's central evaluation (e.g. to add the true gradient's norm)."""
+          evaluate: Evaluate | None = None, checkpointer: Checkpointer | None = None,
+          resume: Snapshot | None = None) -> GluonStrategy:
+    """Run a whole federated training over ``grid`` (or what is left of it after ``resume``); returns the
+    strategy (history, states). ``evaluate(X, k)`` replaces the task's central evaluation (e.g. to add
+    the true gradient's norm)."""
     task, algorithm = specs.build_cached(spec)
     X0 = task.initial_params()
     strategy = GluonStrategy(algorithm, X0, task.num_clients, seed=spec["seed"], participation=spec["participation"],
-                             weights=spec["weights"], evaluate=evaluate or task.evaluate, eval_every=spec["eval_every"],
-                             on_round=on_round)
+                             weights=spec["weights"], evaluate=evaluate or (lambda X, k: task.evaluate(X)),
+                             eval_every=spec["eval_every"], on_round=on_round, rounds=spec["rounds"],
+                             checkpointer=checkpointer, resume=resume)
     strategy.connect(grid, timeout=float(spec["node_timeout"]))
-    strategy.start(grid=grid, initial_arrays=tensors_to_record(X0), num_rounds=spec["rounds"],
+    strategy.start(grid=grid, initial_arrays=tensors_to_record(strategy.server_state["X"]),
                    timeout=float(spec["round_timeout"]))
     return strategy
 
 
 def make_server_app(spec: Mapping[str, Any] | None = None, sink: list | None = None,
-                    on_round: Callable[[dict[str, Any]], None] | None = None,
-                    evaluate: Callable[[Mapping[str, Any]], dict[str, float]] | None = None) -> ServerApp:
+                    on_round: Callable[[dict[str, Any]], None] | None = None, evaluate: Evaluate | None = None,
+                    checkpointer: Checkpointer | None = None, resume: Snapshot | None = None) -> ServerApp:
     fixed = specs.normalise(spec) if spec is not None else None
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         s = fixed if fixed is not None else spec_from_context(context)
-        strategy = serve(grid, s, on_round, evaluate)
+        strategy = serve(grid, s, on_round, evaluate, checkpointer, resume)
         if sink is not None:
             sink.append(strategy)
         elif "output" in context.run_config:  # flwr run: write the metrics where the run config says

@@ -6,10 +6,11 @@ Per round (Flower's ``Strategy.start`` loop calls these):
   broadcast (model, refresh flag, downlink bits) and sends each sampled client a ``train``
   message with the model, the round's config and *its committed state* (client_app.py explains why).
 * ``aggregate_train`` — turns replies into payloads (``strategies.records``; anything malformed is
-  a rejection), treats error replies and missing replies as failures, runs the algorithm's
-  ``server_step`` (which validates every payload before touching server state), commits the
-  returned client states of accepted clients only, evaluates centrally every ``eval_every`` rounds
-  and records one metrics row (``fedgluon.metrics.round_row``, identical to the plain driver's).
+  a rejection, a second reply from the same node is ignored), treats error replies and missing
+  replies as failures, and hands them to ``Federation.close_round`` (shared with the plain driver):
+  the algorithm's ``server_step`` validates every payload before touching server state, accepted
+  clients' returned states are committed, the metrics row is recorded, checkpoints are written, and
+  a dead Ray actor or a non-finite server step stops the run with a checkpoint.
 
 Before the first round :meth:`connect` waits (bounded) for the expected nodes and maps Flower's
 random node ids to partition ids with a ``query`` handshake. Replies are processed in client-id
@@ -28,9 +29,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from compressors import PayloadError
-from fedgluon.algorithms import Algorithm, Broadcast, ClientReply
-from fedgluon.driver import client_weights_from_sizes, sample_clients
-from fedgluon.metrics import client_rows, round_row
+from fedgluon.algorithms import Algorithm, ClientReply
+from fedgluon.checkpoint import Checkpointer, Snapshot
+from fedgluon.driver import client_weights_from_sizes
+from fedgluon.federation import Evaluate, Federation, RoundPlan
 
 from .records import record_to_state, records_to_message, state_to_record, tensors_to_record
 
@@ -38,30 +40,41 @@ log = logging.getLogger("fedgluon.strategy")
 
 
 class GluonStrategy(Strategy):
-    """Drive ``algorithm`` over Flower messages (see module docstring)."""
+    """Drive ``algorithm`` over Flower messages (see module docstring). The server side of every round
+    is a :class:`fedgluon.federation.Federation` (shared with the plain driver); ``resume`` continues a
+    checkpointed run, ``checkpointer`` writes checkpoints."""
 
     def __init__(self, algorithm: Algorithm, X0: Mapping[str, Any], num_clients: int, *, seed: int = 0,
-                 participation: float | int = 1.0, weights: str = "uniform",
-                 evaluate: Callable[[Mapping[str, Any]], dict[str, float]] | None = None, eval_every: int = 1,
-                 on_round: Callable[[dict[str, Any]], None] | None = None):
+                 participation: float = 1.0, weights: str = "uniform", evaluate: Evaluate | None = None,
+                 eval_every: int = 1, on_round: Callable[[dict[str, Any]], None] | None = None, rounds: int = 0,
+                 checkpointer: Checkpointer | None = None, resume: Snapshot | None = None):
         self.algorithm = algorithm
         self.num_clients = num_clients
         self.seed = seed
-        self.participation = participation
         self.weights_mode = weights
-        self.evaluate = evaluate
-        self.eval_every = eval_every
-        self.on_round = on_round
-        self.server_state = algorithm.init_server(X0)
-        self.client_states: dict[int, Any] = {j: None for j in range(num_clients)}
+        self.federation = Federation(algorithm, X0, num_clients, rounds, seed=seed, participation=participation,
+                                     evaluate=evaluate, eval_every=eval_every, on_round=on_round,
+                                     checkpointer=checkpointer, resume=resume)
         self.node_of: dict[int, int] = {}
         self.partition_of: dict[int, int] = {}
-        self.weights: dict[int, float] = {}
-        self.history: list[dict[str, Any]] = []
-        self.client_log: list[dict[str, Any]] = []  # one row per sampled client per round
         self.ray_nodes: set[str] = set()
-        self._round: tuple[Broadcast, list[int], float] | None = None
-        self.num_rounds = 0
+        self._round: RoundPlan | None = None
+
+    @property
+    def server_state(self) -> dict[str, Any]:
+        return self.federation.server_state
+
+    @property
+    def client_states(self) -> dict[int, Any]:
+        return self.federation.client_states
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.federation.history
+
+    @property
+    def client_log(self) -> list[dict[str, Any]]:
+        return self.federation.client_log
 
     # ------------------------------------------------------------------ handshake
     def connect(self, grid: Grid, timeout: float) -> None:
@@ -88,22 +101,22 @@ class GluonStrategy(Strategy):
         missing = sorted(set(range(self.num_clients)) - set(self.node_of))
         if missing:
             raise RuntimeError(f"no node answered for partitions {missing}")
-        self.weights = client_weights_from_sizes([sizes[j] for j in range(self.num_clients)], self.weights_mode)
+        self.federation.weights = client_weights_from_sizes([sizes[j] for j in range(self.num_clients)],
+                                                            self.weights_mode)
 
     # ------------------------------------------------------------------ Strategy API
     def summary(self) -> None:
         log.info("GluonStrategy: %s over %d clients, participation %s", self.algorithm.name, self.num_clients,
-                 self.participation)
+                 self.federation.participation)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        k = server_round - 1
-        S = sample_clients(self.num_clients, k, self.seed, self.participation)
-        bc = self.algorithm.broadcast(self.server_state, k, self.seed, self.num_clients)
+        plan = self.federation.open_round()
+        bc, k = plan.broadcast, plan.k
         model = tensors_to_record(bc.model)
-        self._round = (bc, S, time.perf_counter())
+        self._round = plan
         out = []
-        for j in S:
+        for j in plan.participants:
             cfg = ConfigRecord({"round": k, "seed": self.seed, "partition": j, "refresh": int(bc.flags.get("refresh", 0))})
             content = RecordDict({"model": model, "config": cfg, "state": state_to_record(self.client_states[j])})
             out.append(Message(content, dst_node_id=self.node_of[j], message_type="train", group_id=str(k)))
@@ -112,15 +125,15 @@ class GluonStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                         MetricRecord | None]:
         assert self._round is not None
-        bc, S, t0 = self._round
-        k = bc.round
+        plan = self._round
+        k, S = plan.k, plan.participants
         parsed: dict[int, ClientReply] = {}
         proposed: dict[int, Any] = {}
         failed: dict[int, str] = {}
         pre_rejected: dict[int, str] = {}
         for msg in replies:
             j = self.partition_of.get(msg.metadata.src_node_id)
-            if j is None or j not in S:
+            if j is None or j not in S or j in parsed or j in failed or j in pre_rejected:
                 log.warning("round %d: ignoring a reply from unexpected node %s", k, msg.metadata.src_node_id)
                 continue
             if msg.has_error():
@@ -136,23 +149,7 @@ class GluonStrategy(Strategy):
         for j in S:
             if j not in parsed and j not in failed and j not in pre_rejected:
                 failed[j] = "no reply before the round timeout"
-        self.server_state, outcome = self.algorithm.server_step(self.server_state, parsed, bc, self.weights)
-        outcome.rejected.update(pre_rejected)
-        for j in outcome.accepted:
-            self.client_states[j] = proposed[j]
-        for j, why in sorted(outcome.rejected.items()):
-            log.warning("round %d: rejected client %d: %s", k, j, why)
-        for j, why in sorted(failed.items()):
-            log.warning("round %d: client %d failed: %s", k, j, why.strip().splitlines()[-1] if why.strip() else why)
-        self.client_log.extend(client_rows(k, S, parsed, outcome, failed))
-        receivers = self.num_clients if self.algorithm.downlink is not None else len(S)
-        row = round_row(k, S, parsed, outcome, bc, receivers, failed=len(failed))
-        if self.evaluate is not None and ((k + 1) % self.eval_every == 0 or k + 1 == self.num_rounds):
-            row.update(self.evaluate(self.server_state["X"]))
-        row["wall_time"] = time.perf_counter() - t0
-        self.history.append(row)
-        if self.on_round is not None:
-            self.on_round(row)
+        row = self.federation.close_round(plan, parsed, proposed, failed, pre_rejected)
         metrics = MetricRecord({key: float(v) for key, v in row.items() if isinstance(v, (int, float))})
         return tensors_to_record(self.server_state["X"]), metrics
 
@@ -180,8 +177,10 @@ class GluonStrategy(Strategy):
             raise PayloadError("*", "reply", f"{type(err).__name__}: {err}") from None
         return reply, state
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int | None = None, timeout: float = 3600,
               **kwargs: Any):
-        self.num_rounds = num_rounds
-        return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds, timeout=timeout,
-                             **kwargs)
+        """Run the rounds left (all of them, or those after the resumed checkpoint's round)."""
+        left = self.federation.rounds - self.federation.next_round if num_rounds is None else num_rounds
+        if left <= 0:
+            return None
+        return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=left, timeout=timeout, **kwargs)

@@ -34,7 +34,7 @@ def trajectory(name, objs, X0, geom, rounds=ROUNDS, seed=0, **options):
     xs = []
     algo = make_algorithm(name, geom, **options)
     res = run_plain(algo, objs, X0, rounds, seed=seed,
-                    evaluate=lambda X: xs.append({n: t.clone() for n, t in X.items()}) or {})
+                    evaluate=lambda X, k: xs.append({n: t.clone() for n, t in X.items()}) or {})
     return xs, res
 
 

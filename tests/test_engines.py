@@ -21,7 +21,7 @@ def plain_frame(spec):
     s = specs.normalise(spec)
     task, algo = specs.build(s)
     return run_plain(algo, task.objectives, task.initial_params(), s["rounds"], seed=s["seed"],
-                     participation=s["participation"], evaluate=task.evaluate).frame()
+                     participation=s["participation"], evaluate=lambda X, k: task.evaluate(X)).frame()
 
 
 def same_metrics(a: pd.DataFrame, b: pd.DataFrame) -> None:
@@ -43,7 +43,7 @@ def test_client_state_commits_only_accepted_rounds(monkeypatch, caplog):
     spec["algorithm"].pop("refresh_prob")
     original = InProcessGrid.pull_messages
 
-    def faulty(self, ids):
+    def faulty(self, ids, timeout=None):
         ids = list(ids)
         targets = {i: (self._inbox[i].metadata.group_id, self.contexts[self._inbox[i].metadata.dst_node_id]
                        .node_config["partition-id"]) for i in ids}
@@ -63,7 +63,7 @@ def test_client_state_commits_only_accepted_rounds(monkeypatch, caplog):
         return replies
 
     monkeypatch.setattr(InProcessGrid, "pull_messages", faulty)
-    with caplog.at_level(logging.WARNING, logger="fedgluon.strategy"):
+    with caplog.at_level(logging.WARNING, logger="fedgluon"):
         strategy = run_inprocess(spec)
     log = pd.DataFrame(strategy.client_log)
     assert len(strategy.history) == 6

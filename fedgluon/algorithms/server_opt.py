@@ -2,12 +2,15 @@
 
 Clients send plain stochastic gradients through EF21 with any compressor (identity by default), so
 the server's ``G = Σ_j w_j G_j`` tracks the mean gradient (ALGORITHMS §8.1); the server then takes
-a ``torch.optim.SGD`` (momentum) or ``torch.optim.AdamW`` step with ``.grad = G``. This is what
+a ``torch.optim.SGD`` (momentum) or ``torch.optim.AdamW`` step with ``.grad = G``. The optimizer's
+state lives in the server state as its ``state_dict`` (plain tensors, so it checkpoints), and each
+step works on copies: the previous server state is never modified. This is what
 "Adam vs Muon vs Gluon" sweeps compare against. Partial participation and rejection follow EF21.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 import torch
@@ -23,14 +26,20 @@ class _TorchServer(_EF21Uplink):
 
     def init_server(self, X0):
         state = super().init_server(X0)
-        state["optimizer"] = self.make_optimizer(list(state["X"].values()))
+        state["optimizer"] = None  # the optimizer's state_dict after the first step
         return state
 
     def server_update(self, state, G, k):
-        X = state["X"]
+        X = {n: t.detach().clone() for n, t in state["X"].items()}
+        optimizer = self.make_optimizer(list(X.values()))
+        if state.get("optimizer") is not None:
+            optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         for n, p in X.items():
             p.grad = G[n].to(p.dtype).clone()
-        state["optimizer"].step()
+        optimizer.step()
+        for p in X.values():
+            p.grad = None
+        state["optimizer"] = optimizer.state_dict()
         return X, None
 
 

@@ -1,0 +1,272 @@
+"""Reliability: checkpoints and exact resume (SIGTERM and SIGKILL), injected client faults, actor death,
+a non-finite server step. Hostile payloads through the strategy are in test_strategy_fuzz.py."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from compressors import BitCount
+from fedgluon import checkpoint, config, experiment
+from fedgluon import spec as specs
+from fedgluon.checkpoint import ActorDeathError, Checkpointer, NonFiniteStateError, RunInterrupted
+from fedgluon.driver import run_plain
+from fedgluon.engines import run_inprocess
+from fedgluon.faults import FaultPlan
+
+SMALL = ["task.num_clients=6", "task.dim=12", "task.classes=4", "task.hidden=[16]", "task.mean_samples=60",
+         "algorithm.refresh_prob=0.3", "grad_norm_every=3"]
+
+
+def load_cfg(tmp_path, *extra):
+    return config.load(None, [*SMALL, f"output.dir={tmp_path}", *extra])
+
+
+def same_run(a: Path, b: Path) -> None:
+    """metrics.csv identical in every column but wall time; clients.csv and the final model identical."""
+    fa, fb = pd.read_csv(a / "metrics.csv"), pd.read_csv(b / "metrics.csv")
+    cols = [c for c in fa.columns if c != "wall_time"]
+    assert len(fa) == len(fb) and cols == [c for c in fb.columns if c != "wall_time"]
+    pd.testing.assert_frame_equal(fa[cols], fb[cols], check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_csv(a / "clients.csv"), pd.read_csv(b / "clients.csv"), check_exact=True)
+    ma, mb = torch.load(a / "model.pt", weights_only=True), torch.load(b / "model.pt", weights_only=True)
+    assert all(torch.equal(ma[n], mb[n]) for n in ma)
+
+
+def test_checkpoint_files_are_atomic_and_load_without_unpickling(tmp_path):
+    snap = checkpoint.Snapshot(3, {"X": {"w": torch.randn(3, 2)}, "downlink_bits": BitCount(value_bits=32, n_values=6),
+                                   "optimizer": {"state": {0: {"step": torch.tensor(2.0)}}, "param_groups": [
+                                       {"lr": 0.1, "betas": (0.9, 0.99), "params": [0]}]}},
+                               {0: None, 1: {"est": {"w": torch.ones(2)}, "commits": torch.tensor(4)}},
+                               [{"round": 0, "train_loss": 1.5}], [{"round": 0, "client": 1, "reason": ""}], "key")
+    path = checkpoint.save(snap, tmp_path / "c.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+    back = checkpoint.load(path)
+    assert back.next_round == 3 and back.run_key == "key" and back.history == snap.history
+    assert back.server_state["downlink_bits"] == snap.server_state["downlink_bits"]
+    assert torch.equal(back.client_states[1]["est"]["w"], torch.ones(2)) and back.client_states[0] is None
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    torch.save({"format": 1, "evil": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        checkpoint.load(tmp_path / "evil.pt")
+
+
+@pytest.mark.parametrize("engine", ["plain", "inprocess"])
+def test_sigterm_then_resume_equals_uninterrupted(tmp_path, engine):
+    """SIGTERM during round 4 stops the run after that round with a checkpoint and an incomplete summary;
+    --resume finishes it; every file matches an uninterrupted run (wall times aside)."""
+    base = [f"engine.name={engine}", "rounds=9", "output.checkpoint_every=0"]
+    full = experiment.run(load_cfg(tmp_path, *base, "output.name=full"), progress=False)
+
+    def stop_in_round_4(row):
+        if row["round"] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = load_cfg(tmp_path, *base, "output.name=cut")
+    with pytest.raises(RunInterrupted, match="SIGTERM"):
+        experiment.run(cfg, progress=False, on_round=stop_in_round_4)
+    cut = tmp_path / "cut"
+    assert not experiment.is_complete(cut) and (cut / "checkpoint.pt").exists()
+    assert len(pd.read_csv(cut / "metrics.csv")) == 5
+    experiment.run(cfg, progress=False, out_dir=cut, resume=True)
+    assert experiment.is_complete(cut) and not (cut / "checkpoint.pt").exists()
+    same_run(full, cut)
+
+
+def test_resume_refuses_another_config_and_complete_runs(tmp_path):
+    cfg = load_cfg(tmp_path, "engine.name=plain", "rounds=4", "output.name=r")
+    experiment.run(cfg, progress=False)
+    with pytest.raises(config.ConfigError, match="complete run"):
+        experiment.run(cfg, progress=False, out_dir=tmp_path / "r", resume=True)
+    out = tmp_path / "r"
+    snap = checkpoint.Snapshot(2, {}, {}, run_key="another")
+    checkpoint.save(snap, out / "checkpoint.pt")
+    (out / "summary.json").unlink()
+    with pytest.raises(config.ConfigError, match="another config"):
+        experiment.run(cfg, progress=False, out_dir=out, resume=True)
+    (out / "checkpoint.pt").unlink()
+    with pytest.raises(config.ConfigError, match="no checkpoint.pt"):
+        experiment.run(cfg, progress=False, out_dir=out, resume=True)
+
+
+def _descendants(pid: int) -> list[int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    out, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        out += kids
+        frontier += kids
+    return out
+
+
+def _kill_at_round(args: list[str], ckpt: Path, at_round: int, timeout: float) -> None:
+    """Start the CLI, SIGKILL it (and every process it started, by PID) once its checkpoint reaches ``at_round``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            assert time.monotonic() < deadline, "the run did not reach the kill round in time"
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended before round {at_round}: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                if ckpt.exists() and checkpoint.load(ckpt).next_round >= at_round:
+                    break
+            except (OSError, RuntimeError, ValueError, EOFError):
+                pass
+            time.sleep(0.01)
+    finally:
+        family = _descendants(proc.pid)
+        for pid in [proc.pid, *family]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+        proc.stderr.close()
+
+
+def _sigkill_resume(tmp_path, engine: str, rounds: int, at_round: int, timeout: float):
+    cli = [sys.executable, "-m", "fedgluon.cli"]
+    args = [*SMALL, f"output.dir={tmp_path}", f"rounds={rounds}", "output.checkpoint_every=2", "task.hidden=[64]",
+            "grad_norm_every=1", f"engine.name={engine}", "engine.num_cpus=1", "round_timeout=60"]
+    _kill_at_round([*cli, "run", *args, "output.name=killed", "--quiet"], tmp_path / "killed" / "checkpoint.pt",
+                   at_round, timeout)
+    killed = tmp_path / "killed"
+    assert not experiment.is_complete(killed)
+    done = subprocess.run([*cli, "run", "--resume", str(killed), "--quiet"], capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    full = experiment.run(config.load(None, [*args, "engine.name=inprocess", "output.name=full"]), progress=False)
+    same_run(full, killed)
+    assert checkpoint.load is not None and not (killed / "checkpoint.pt").exists()
+
+
+@pytest.mark.timeout(240)
+def test_sigkill_at_a_random_round_then_resume_inprocess(tmp_path):
+    at_round = random.Random().randrange(4, 14)
+    _sigkill_resume(tmp_path, "inprocess", 40, at_round, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigkill_at_a_random_round_then_resume_on_ray(tmp_path):
+    at_round = random.Random().randrange(2, 8)
+    _sigkill_resume(tmp_path, "ray", 16, at_round, timeout=180)
+
+
+def test_injected_faults_are_failures_and_states_follow_accepted_rounds(tmp_path):
+    """20% of client tasks raise or miss the deadline (a real sleep past round_timeout on the in-process
+    Flower grid): the run completes, failure counts equal the planned injection, and metrics and every
+    client's state equal the plain driver's, which simply drops the planned tasks."""
+    faults = {"raise_prob": 0.15, "delay_prob": 0.05, "delay_s": 1.2}
+    spec = specs.normalise({"task": {"name": "synthetic", "num_clients": 8, "dim": 10, "classes": 4, "hidden": [8],
+                                     "mean_samples": 40},
+                            "algorithm": {"name": "gluon-ef21-sarah", "lr": 0.05, "refresh_prob": 0.2,
+                                          "compressor": {"name": "topk", "ratio": 0.1}},
+                            "rounds": 20, "seed": 5, "participation": 0.75, "round_timeout": 1.0, "faults": faults})
+    strategy = run_inprocess(spec)
+    frame = pd.DataFrame(strategy.history)
+    assert len(frame) == 20
+    from fedgluon.driver import sample_clients
+
+    plan = FaultPlan.from_spec(faults).planned(5, 20, {k: sample_clients(8, k, 5, 0.75) for k in range(20)})
+    per_round = pd.Series([k for k, _ in plan], dtype=int).value_counts().reindex(range(20), fill_value=0)
+    assert frame["failed"].tolist() == per_round.tolist()
+    assert 0.1 < len(plan) / frame["participants"].sum() < 0.3 and {"raise", "delay"} <= set(plan.values())
+    log = pd.DataFrame(strategy.client_log)
+    failed = log[log.status == "failed"]
+    assert set(zip(failed["round"], failed["client"], strict=True)) == set(plan)
+
+    task, algo = specs.build(spec)
+    ref = run_plain(algo, task.objectives, task.initial_params(), 20, seed=5, participation=0.75,
+                    evaluate=lambda X, k: task.evaluate(X), faults=FaultPlan.from_spec(faults))
+    cols = [c for c in frame.columns if c != "wall_time"]
+    pd.testing.assert_frame_equal(frame[cols], ref.frame()[cols], check_exact=True)
+    accepted = log[log.status == "accepted"].groupby("client").size()
+    for j in range(8):
+        mine, theirs = strategy.client_states[j], ref.client_states[j]
+        assert int(mine["commits"]) == int(accepted.get(j, 0))
+        _assert_tree_equal(mine, theirs)
+
+
+def _assert_tree_equal(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_tree_equal(a[k], b[k])
+    else:
+        assert torch.equal(a, b)
+
+
+def test_injected_actor_death_inprocess_stops_with_a_usable_checkpoint(tmp_path):
+    cfg = load_cfg(tmp_path, "engine.name=inprocess", "rounds=6", "faults.die=[[3,2]]", "output.name=dead",
+                   "output.checkpoint_every=0")
+    with pytest.raises(ActorDeathError, match="client 2 died") as err:
+        experiment.run(cfg, progress=False)
+    assert err.value.next_round == 3
+    dead = tmp_path / "dead"
+    assert checkpoint.load(dead / "checkpoint.pt").next_round == 3
+    assert len(pd.read_csv(dead / "metrics.csv")) == 3 and not experiment.is_complete(dead)
+    experiment.run(load_cfg(tmp_path, "engine.name=inprocess", "rounds=6", "output.name=dead"), progress=False,
+                   out_dir=dead, resume=True)
+    same_run(experiment.run(load_cfg(tmp_path, "engine.name=plain", "rounds=6", "output.name=ok"), progress=False),
+             dead)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_injected_ray_actor_death_stops_promptly_and_resumes(tmp_path):
+    cfg = load_cfg(tmp_path, "engine.name=ray", "rounds=6", "faults.die=[[2,1]]", "output.name=dead",
+                   "engine.num_cpus=1", "round_timeout=60")
+    t0 = time.monotonic()
+    with pytest.raises(ActorDeathError, match="ActorDiedError"):
+        experiment.run(cfg, progress=False)
+    assert time.monotonic() - t0 < 120  # not the round timeout of a hung pool
+    dead = tmp_path / "dead"
+    assert checkpoint.load(dead / "checkpoint.pt").next_round == 2
+    experiment.run(load_cfg(tmp_path, "engine.name=inprocess", "rounds=6", "output.name=dead"), progress=False,
+                   out_dir=dead, resume=True)
+    same_run(experiment.run(load_cfg(tmp_path, "engine.name=plain", "rounds=6", "output.name=ok"), progress=False),
+             dead)
+
+
+def test_non_finite_server_step_stops_with_the_last_finite_state(tmp_path):
+    spec = specs.normalise({"task": {"name": "synthetic", "num_clients": 3, "dim": 8, "classes": 3, "hidden": [8]},
+                            "algorithm": {"name": "gluon", "lr": 1e39}, "rounds": 10})  # t·lmo(G) overflows fp32
+    task, algo = specs.build(spec)
+    ck = Checkpointer(tmp_path / "c.pt")
+    with pytest.raises(NonFiniteStateError, match="NaN/Inf") as err:
+        run_plain(algo, task.objectives, task.initial_params(), 10, checkpointer=ck)
+    snap = checkpoint.load(tmp_path / "c.pt")
+    assert snap.next_round == err.value.next_round == 0 and snap.history == []
+    assert all(bool(torch.isfinite(t).all()) for t in snap.server_state["X"].values())
+
+
+def test_fault_config_errors_name_the_field(tmp_path):
+    with pytest.raises(config.ConfigError, match="faults.raise_prob"):
+        load_cfg(tmp_path, "faults.raise_prob=0.8", "faults.delay_prob=0.5")
+    with pytest.raises(config.ConfigError, match="faults.die"):
+        load_cfg(tmp_path, "faults.die=[3]")
+    with pytest.raises(config.ConfigError, match="checkpoint_every"):
+        load_cfg(tmp_path, "output.checkpoint_every=-1")

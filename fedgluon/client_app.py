@@ -1,10 +1,14 @@
 """The Flower ``ClientApp``: one simulated client per call, driven by the algorithm's ``client_step``.
 
-Handlers:
-* ``query`` — the handshake: replies with the node's partition id (its stable client id,
-  DESIGN §2) and its number of samples.
-* ``train`` — receives the broadcast model, the round's flags and *this client's committed state*,
-  runs ``client_step`` and replies with the encoded payload, the proposed new state and metrics.
+Each node simulates a block of ``block_size`` virtual clients (fedgluon/blocks.py; one client per
+node by default). Handlers:
+* ``query`` — the handshake: replies with the node's block, its virtual clients' stable ids (their
+  partition ids, DESIGN §2) and their numbers of samples.
+* ``train`` — receives the broadcast model, the round's flags, the sampled clients of this block
+  and *their committed states* (``state.<j>``), runs their client steps (one vmapped gradient call
+  for the block) and replies per client with the encoded payload (``payload.<j>``,
+  ``header.<j>``), the proposed new state (``state.<j>``) and metrics (``metrics.<j>``); clients
+  whose injected fault raised are listed in ``failed``.
 
 Why the state travels with the messages: DESIGN §2 wants client state keyed by partition id,
 committed only when the server accepts the payload, included in checkpoints and reachable from
@@ -28,7 +32,8 @@ from flwr.clientapp import ClientApp
 
 from . import spec as specs
 from .algorithms import Broadcast
-from .faults import FaultPlan
+from .blocks import block_clients
+from .faults import FaultPlan, InjectedFault
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (project) directory
 
@@ -57,6 +62,11 @@ def _ray_node() -> str:
         return ""
 
 
+def _clients_of(context: Context, spec: Mapping[str, Any], num_clients: int) -> list[int]:
+    """The virtual clients simulated by this node (fedgluon.blocks): block ``partition-id``."""
+    return block_clients(int(context.node_config["partition-id"]), num_clients, int(spec["block_size"]))
+
+
 def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp for ``spec`` (or, when None, for the spec named in the run config)."""
     fixed = specs.normalise(spec) if spec is not None else None
@@ -69,38 +79,45 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
     def hello(msg: Message, context: Context) -> Message:
         s = resolve(context)
         task, _ = specs.build_cached(s)
-        pid = int(context.node_config["partition-id"])
-        content = RecordDict({"hello": MetricRecord({"partition": pid, "num_samples": task.objectives[pid].num_samples})})
+        clients = _clients_of(context, s, task.num_clients)
+        content = RecordDict({"hello": MetricRecord({
+            "block": int(context.node_config["partition-id"]), "clients": clients,
+            "num_samples": [task.objectives[j].num_samples for j in clients]})})
         return Message(content, reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        from strategies.records import (
-            message_to_records,
-            record_to_state,
-            record_to_tensors,
-            state_to_record,
-        )
+        from strategies.records import message_to_records, record_to_state, record_to_tensors, state_to_record
 
         s = resolve(context)
         torch.set_num_threads(int(s["threads"]))
         task, algorithm = specs.build_cached(s)
-        pid = int(context.node_config["partition-id"])
+        mine = _clients_of(context, s, task.num_clients)
         cfg = msg.content.config_records["config"]
-        if int(cfg["partition"]) != pid:
-            raise RuntimeError(f"message for partition {cfg['partition']} reached partition {pid}")
+        asked = [int(j) for j in cfg["clients"]]
+        if not set(asked) <= set(mine):
+            raise RuntimeError(f"message for clients {asked} reached the node of clients {mine}")
         bc = Broadcast(int(cfg["round"]), int(cfg["seed"]), record_to_tensors(msg.content.array_records["model"]),
                        {"refresh": int(cfg["refresh"])})
-        state = record_to_state(msg.content.array_records["state"])
-        FaultPlan.from_spec(s["faults"]).inject(bc.seed, pid, bc.round)  # no-op unless faults are configured
-        new_state, reply = algorithm.client_step(state, bc, task.objectives[pid], pid)
-        arrays, header = message_to_records(reply.message)
-        content = RecordDict({
-            "payload": arrays, "payload.header": header, "state": state_to_record(new_state),
-            "metrics": MetricRecord({"partition": pid, "round": bc.round, "loss": reply.loss,
-                                     "grad_evals": reply.grad_evals, "samples": reply.samples}),
-            "info": ConfigRecord({"ray_node": _ray_node(), "pid": os.getpid()}),
-        })
+        faults = FaultPlan.from_spec(s["faults"])
+        failed, working = ConfigRecord(), []
+        for j in asked:  # a raise fails its own client; a delay makes the whole node late; a death ends it
+            try:
+                faults.inject(bc.seed, j, bc.round)
+                working.append(j)
+            except InjectedFault as err:
+                failed[str(j)] = f"InjectedFault: {err}"
+        states = {j: record_to_state(msg.content.array_records[f"state.{j}"]) for j in working}
+        if len(working) == 1:
+            results = {working[0]: algorithm.client_step(states[working[0]], bc, task.objectives[working[0]], working[0])}
+        else:
+            results = algorithm.client_block(states, bc, task.objectives, working)
+        content = RecordDict({"failed": failed, "info": ConfigRecord({"ray_node": _ray_node(), "pid": os.getpid()})})
+        for j, (new_state, reply) in results.items():
+            content[f"payload.{j}"], content[f"header.{j}"] = message_to_records(reply.message)
+            content[f"state.{j}"] = state_to_record(new_state)
+            content[f"metrics.{j}"] = MetricRecord({"partition": j, "round": bc.round, "loss": reply.loss,
+                                                    "grad_evals": reply.grad_evals, "samples": reply.samples})
         return Message(content, reply_to=msg)
 
     return app

@@ -29,6 +29,7 @@ class EngineConfig:
     num_cpus: float = 1.0  # Ray CPU share per client task
     num_gpus: float = 0.0  # Ray GPU share per client task
     address: str | None = None  # join an existing Ray cluster ("auto" or HOST:PORT)
+    block_size: int = 1  # virtual clients per Flower node, gradients vmapped per block (fedgluon/blocks.py)
 
 
 @dataclass
@@ -166,6 +167,7 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every}")
     need(cfg.grad_norm_every >= 0, f"grad_norm_every must be >= 0, got {cfg.grad_norm_every}")
     need(cfg.engine.num_cpus > 0, f"engine.num_cpus must be > 0, got {cfg.engine.num_cpus}")
+    need(cfg.engine.block_size >= 1, f"engine.block_size must be >= 1, got {cfg.engine.block_size}")
     need(cfg.output.checkpoint_every >= 0, f"output.checkpoint_every must be >= 0, got {cfg.output.checkpoint_every}")
     need(cfg.round_timeout > 0, f"round_timeout must be > 0 seconds, got {cfg.round_timeout}")
     for key in ("uplink_mbps", "downlink_mbps"):
@@ -201,7 +203,7 @@ def spec_of(cfg: DictConfig) -> dict[str, Any]:
                             "rounds": c["rounds"], "seed": c["seed"], "participation": participation,
                             "weights": c["weights"], "eval_every": c["eval_every"], "threads": c["threads"],
                             "round_timeout": c["round_timeout"], "node_timeout": c["node_timeout"],
-                            "faults": c["faults"]})
+                            "faults": c["faults"], "block_size": c["engine"]["block_size"]})
 
 
 def run_name(cfg: DictConfig) -> str:

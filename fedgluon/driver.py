@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .algorithms.base import Algorithm, ClientReply
+from .blocks import block_of, num_blocks
 from .checkpoint import Checkpointer, Snapshot
 from .faults import FaultPlan
 from .federation import Evaluate, Federation
@@ -83,24 +84,33 @@ def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X
               rounds: int, *, seed: int = 0, participation: float = 1.0, weights: str = "uniform",
               evaluate: Evaluate | None = None, eval_every: int = 1, tamper: Tamper | None = None,
               on_round: Callable[[dict[str, Any]], None] | None = None, faults: FaultPlan | None = None,
-              checkpointer: Checkpointer | None = None, resume: Snapshot | None = None) -> RunResult:
+              checkpointer: Checkpointer | None = None, resume: Snapshot | None = None,
+              block_size: int = 1) -> RunResult:
     """Run ``rounds`` rounds (from ``resume``'s round when given). ``evaluate(X, k)`` returns central
     metrics; ``tamper(round, client, reply)`` may replace replies (attack tests); ``faults`` marks the
-    tasks it draws as failed (a raise or a missed deadline: no reply) exactly as the Flower engines see them."""
+    tasks it draws as failed (a raise or a missed deadline: no reply) exactly as the Flower engines see
+    them; ``block_size > 1`` computes the gradients of each block of clients in one vmapped call."""
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
     fed = Federation(algorithm, X0, len(objectives), rounds, seed=seed, participation=participation,
                      weights=client_weights(objectives, weights), evaluate=evaluate, eval_every=eval_every,
                      on_round=on_round, checkpointer=checkpointer, resume=resume)
+    num_blocks(len(objectives), block_size)  # checks block_size
     while not fed.done:
         plan = fed.open_round()
-        replies, pending, failed = {}, {}, {}
-        for j in plan.participants:
-            kind = faults.draw(seed, j, plan.k) if faults is not None else None
-            if kind is not None:
-                failed[j] = FAILURE_REASONS[kind]
-                continue
-            pending[j], reply = algorithm.client_step(fed.client_states[j], plan.broadcast, objectives[j], j)
+        replies, pending = {}, {}
+        kinds = {j: faults.draw(seed, j, plan.k) if faults is not None else None for j in plan.participants}
+        failed = {j: FAILURE_REASONS[kind] for j, kind in kinds.items() if kind is not None}
+        working = [j for j in plan.participants if j not in failed]
+        if block_size == 1:
+            out = {j: algorithm.client_step(fed.client_states[j], plan.broadcast, objectives[j], j) for j in working}
+        else:
+            out = {}
+            for p in sorted({block_of(j, block_size) for j in working}):
+                js = [j for j in working if block_of(j, block_size) == p]
+                out.update(algorithm.client_block(fed.client_states, plan.broadcast, objectives, js))
+        for j in working:
+            pending[j], reply = out[j]
             replies[j] = tamper(plan.k, j, reply) if tamper else reply
         fed.close_round(plan, replies, pending, failed)
     return RunResult(fed.history, fed.server_state, fed.client_states, fed.client_log)

@@ -27,6 +27,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from . import spec as specs
+from .blocks import num_blocks
 from .checkpoint import Checkpointer, Snapshot
 from .federation import Evaluate
 from .rng import derive_seed
@@ -120,7 +121,7 @@ def run_inprocess(spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], 
     _quiet()
     s = specs.normalise(spec)
     task, _ = specs.build_cached(s)
-    grid = InProcessGrid(make_client_app(s), task.num_clients, seed=s["seed"])
+    grid = InProcessGrid(make_client_app(s), num_blocks(task.num_clients, s["block_size"]), seed=s["seed"])
     # Flower's Message constructor reads the process's task identity; its runtimes set it like this
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
     sink: list = []
@@ -151,7 +152,7 @@ def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0
     sink: list = []
     run_simulation(server_app=make_server_app(s, sink, on_round, evaluate, checkpointer, resume),
                    client_app=make_client_app(s),
-                   num_supernodes=task.num_clients,
+                   num_supernodes=num_blocks(task.num_clients, s["block_size"]),
                    backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
                                    "init_args": init_args})
     if not sink:

@@ -109,13 +109,13 @@ def prepare_dir(out: Path, overwrite: bool) -> None:
 
 
 CHECKPOINT = "checkpoint.pt"
-ENVIRONMENT = ("threads", "round_timeout", "node_timeout", "faults")  # may change when a run is resumed
+ENVIRONMENT = ("threads", "round_timeout", "node_timeout", "faults", "block_size")  # may change when a run is resumed
 
 
 def run_key(spec: Mapping[str, Any]) -> str:
     """What a checkpoint must match to be resumed: the spec without the fields of the environment
-    (threads, timeouts, injected faults), so a run checkpointed on Ray may resume in-process, or
-    without the fault that stopped it."""
+    (threads, timeouts, injected faults, client block size), so a run checkpointed on Ray may resume
+    in-process, or without the fault that stopped it."""
     return specs.key({k: v for k, v in spec.items() if k not in ENVIRONMENT})
 
 
@@ -186,7 +186,7 @@ def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, 
         res = run_plain(algorithm, task.objectives, task.initial_params(), spec["rounds"], seed=spec["seed"],
                         participation=spec["participation"], weights=spec["weights"], evaluate=evaluate,
                         eval_every=spec["eval_every"], on_round=round_done, faults=FaultPlan.from_spec(spec["faults"]),
-                        checkpointer=checkpointer, resume=snapshot)
+                        checkpointer=checkpointer, resume=snapshot, block_size=spec["block_size"])
         return res.history, res.server_state["X"], res.client_log
     from .engines import run_inprocess, run_ray
 

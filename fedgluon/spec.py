@@ -7,7 +7,8 @@ Flower on Ray, ``flwr run``) turns into the same task and algorithm.
      "rounds": 20, "seed": 0, "participation": 1.0, "weights": "uniform", "eval_every": 1,
      "threads": 1, "round_timeout": 120.0, "faults": {"raise_prob": 0.1}}
 
-``faults`` (optional) injects client failures (fedgluon/faults.py).
+``faults`` (optional) injects client failures (fedgluon/faults.py); ``block_size`` virtual clients
+are simulated per Flower node (fedgluon/blocks.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "task": {"name": "synthetic"}, "geometry": {"preset": "scion"}, "algorithm": {"name": "gluon"},
     "rounds": 10, "seed": 0, "participation": 1.0, "weights": "uniform", "eval_every": 1, "threads": 1,
     "round_timeout": 120.0, "node_timeout": 60.0, "faults": {},
+    "block_size": 1,
 }
 
 
@@ -40,6 +42,8 @@ def normalise(spec: Mapping[str, Any] | None) -> dict[str, Any]:
     if not isinstance(out["rounds"], int) or out["rounds"] < 0:
         raise ValueError(f"rounds must be a non-negative integer, got {out['rounds']!r}")
     FaultPlan.from_spec(out["faults"])  # names a bad fault option
+    if not isinstance(out["block_size"], int) or out["block_size"] < 1:
+        raise ValueError(f"block_size must be an integer >= 1, got {out['block_size']!r}")
     return out
 
 

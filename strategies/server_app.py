@@ -33,7 +33,7 @@ def serve(grid: Grid, spec: Mapping[str, Any], on_round: Callable[[dict[str, Any
     strategy = GluonStrategy(algorithm, X0, task.num_clients, seed=spec["seed"], participation=spec["participation"],
                              weights=spec["weights"], evaluate=evaluate or (lambda X, k: task.evaluate(X)),
                              eval_every=spec["eval_every"], on_round=on_round, rounds=spec["rounds"],
-                             checkpointer=checkpointer, resume=resume)
+                             checkpointer=checkpointer, resume=resume, block_size=int(spec["block_size"]))
     strategy.connect(grid, timeout=float(spec["node_timeout"]))
     strategy.start(grid=grid, initial_arrays=tensors_to_record(strategy.server_state["X"]),
                    timeout=float(spec["round_timeout"]))

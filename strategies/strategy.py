@@ -12,8 +12,10 @@ Per round (Flower's ``Strategy.start`` loop calls these):
   clients' returned states are committed, the metrics row is recorded, checkpoints are written, and
   a dead Ray actor or a non-finite server step stops the run with a checkpoint.
 
-Before the first round :meth:`connect` waits (bounded) for the expected nodes and maps Flower's
-random node ids to partition ids with a ``query`` handshake. Replies are processed in client-id
+Each node simulates a block of ``block_size`` virtual clients (fedgluon/blocks.py): one message
+per node carries the round's sampled clients of its block and their states, and its reply one
+payload per client. Before the first round :meth:`connect` waits (bounded) for the expected nodes
+and maps Flower's random node ids to blocks with a ``query`` handshake. Replies are processed in client-id
 order. Rejections and failures are logged with their reason.
 """
 
@@ -30,6 +32,7 @@ from flwr.serverapp.strategy import Strategy
 
 from compressors import PayloadError
 from fedgluon.algorithms import Algorithm, ClientReply
+from fedgluon.blocks import block_of, num_blocks
 from fedgluon.checkpoint import Checkpointer, Snapshot
 from fedgluon.driver import client_weights_from_sizes
 from fedgluon.federation import Evaluate, Federation, RoundPlan
@@ -47,9 +50,11 @@ class GluonStrategy(Strategy):
     def __init__(self, algorithm: Algorithm, X0: Mapping[str, Any], num_clients: int, *, seed: int = 0,
                  participation: float = 1.0, weights: str = "uniform", evaluate: Evaluate | None = None,
                  eval_every: int = 1, on_round: Callable[[dict[str, Any]], None] | None = None, rounds: int = 0,
-                 checkpointer: Checkpointer | None = None, resume: Snapshot | None = None):
+                 checkpointer: Checkpointer | None = None, resume: Snapshot | None = None, block_size: int = 1):
         self.algorithm = algorithm
         self.num_clients = num_clients
+        self.block_size = block_size
+        self.num_nodes = num_blocks(num_clients, block_size)
         self.seed = seed
         self.weights_mode = weights
         self.federation = Federation(algorithm, X0, num_clients, rounds, seed=seed, participation=participation,
@@ -78,29 +83,30 @@ class GluonStrategy(Strategy):
 
     # ------------------------------------------------------------------ handshake
     def connect(self, grid: Grid, timeout: float) -> None:
-        """Wait for ``num_clients`` nodes, then learn each node's partition id and sample count."""
+        """Wait for the ``num_blocks`` nodes, then learn each node's block, virtual clients and sample counts."""
         deadline = time.monotonic() + timeout
         nodes: list[int] = []
         while time.monotonic() < deadline:
             nodes = sorted(grid.get_node_ids())
-            if len(nodes) >= self.num_clients:
+            if len(nodes) >= self.num_nodes:
                 break
             time.sleep(0.1)
-        if len(nodes) < self.num_clients:
-            raise TimeoutError(f"only {len(nodes)} of {self.num_clients} client nodes connected within {timeout} s")
+        if len(nodes) < self.num_nodes:
+            raise TimeoutError(f"only {len(nodes)} of {self.num_nodes} client nodes connected within {timeout} s")
         msgs = [Message(RecordDict(), dst_node_id=n, message_type="query", group_id="hello") for n in nodes]
         sizes: dict[int, int] = {}
         for reply in grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())):
             if reply.has_error():
                 raise RuntimeError(f"node {reply.metadata.src_node_id} failed the handshake: {reply.error.reason}")
             hello = reply.content.metric_records["hello"]
-            pid = int(hello["partition"])
-            self.node_of[pid] = reply.metadata.src_node_id
-            self.partition_of[reply.metadata.src_node_id] = pid
-            sizes[pid] = int(hello["num_samples"])
-        missing = sorted(set(range(self.num_clients)) - set(self.node_of))
+            block = int(hello["block"])
+            self.node_of[block] = reply.metadata.src_node_id
+            self.partition_of[reply.metadata.src_node_id] = block
+            for j, n_j in zip(hello["clients"], hello["num_samples"], strict=True):
+                sizes[int(j)] = int(n_j)
+        missing = sorted(set(range(self.num_clients)) - set(sizes))
         if missing:
-            raise RuntimeError(f"no node answered for partitions {missing}")
+            raise RuntimeError(f"no node answered for clients {missing}")
         self.federation.weights = client_weights_from_sizes([sizes[j] for j in range(self.num_clients)],
                                                             self.weights_mode)
 
@@ -116,37 +122,46 @@ class GluonStrategy(Strategy):
         model = tensors_to_record(bc.model)
         self._round = plan
         out = []
-        for j in plan.participants:
-            cfg = ConfigRecord({"round": k, "seed": self.seed, "partition": j, "refresh": int(bc.flags.get("refresh", 0))})
-            content = RecordDict({"model": model, "config": cfg, "state": state_to_record(self.client_states[j])})
-            out.append(Message(content, dst_node_id=self.node_of[j], message_type="train", group_id=str(k)))
+        for block, js in self._by_block(plan.participants).items():
+            cfg = ConfigRecord({"round": k, "seed": self.seed, "clients": js, "refresh": int(bc.flags.get("refresh", 0))})
+            content = RecordDict({"model": model, "config": cfg})
+            for j in js:
+                content[f"state.{j}"] = state_to_record(self.client_states[j])
+            out.append(Message(content, dst_node_id=self.node_of[block], message_type="train", group_id=str(k)))
         return out
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                         MetricRecord | None]:
         assert self._round is not None
         plan = self._round
-        k, S = plan.k, plan.participants
+        k, expected = plan.k, self._by_block(plan.participants)
         parsed: dict[int, ClientReply] = {}
         proposed: dict[int, Any] = {}
         failed: dict[int, str] = {}
         pre_rejected: dict[int, str] = {}
+        seen: set[int] = set()
         for msg in replies:
-            j = self.partition_of.get(msg.metadata.src_node_id)
-            if j is None or j not in S or j in parsed or j in failed or j in pre_rejected:
+            block = self.partition_of.get(msg.metadata.src_node_id)
+            if block is None or block not in expected or block in seen:
                 log.warning("round %d: ignoring a reply from unexpected node %s", k, msg.metadata.src_node_id)
                 continue
+            seen.add(block)
             if msg.has_error():
-                failed[j] = msg.error.reason or f"error code {msg.error.code}"
+                failed.update({j: msg.error.reason or f"error code {msg.error.code}" for j in expected[block]})
                 continue
-            try:
-                parsed[j], proposed[j] = self._parse(msg)
-                info = msg.content.config_records.get("info")
-                if info is not None and info.get("ray_node"):
-                    self.ray_nodes.add(str(info["ray_node"]))
-            except PayloadError as err:
-                pre_rejected[j] = str(err)
-        for j in S:
+            info = msg.content.config_records.get("info")
+            if info is not None and info.get("ray_node"):
+                self.ray_nodes.add(str(info["ray_node"]))
+            reported = msg.content.config_records.get("failed")
+            for j in expected[block]:
+                if reported is not None and str(j) in reported:
+                    failed[j] = str(reported[str(j)])
+                    continue
+                try:
+                    parsed[j], proposed[j] = self._parse(msg.content, j)
+                except PayloadError as err:
+                    pre_rejected[j] = str(err)
+        for j in plan.participants:
             if j not in parsed and j not in failed and j not in pre_rejected:
                 failed[j] = "no reply before the round timeout"
         row = self.federation.close_round(plan, parsed, proposed, failed, pre_rejected)
@@ -161,16 +176,23 @@ class GluonStrategy(Strategy):
         return None
 
     # ------------------------------------------------------------------ helpers
-    def _parse(self, msg: Message) -> tuple[ClientReply, Any]:
-        content = msg.content
+    def _by_block(self, clients: Iterable[int]) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for j in sorted(clients):
+            out.setdefault(block_of(j, self.block_size), []).append(j)
+        return out
+
+    @staticmethod
+    def _parse(content: RecordDict, j: int) -> tuple[ClientReply, Any]:
+        """Client j's reply within a node's reply; anything malformed is a PayloadError."""
         try:
-            metrics = content.metric_records["metrics"]
+            metrics = content.metric_records[f"metrics.{j}"]
             reply = ClientReply(client=int(metrics["partition"]), round=int(metrics["round"]),
-                                message=records_to_message(content.array_records.get("payload"),
-                                                           content.config_records.get("payload.header")),
+                                message=records_to_message(content.array_records.get(f"payload.{j}"),
+                                                           content.config_records.get(f"header.{j}")),
                                 loss=float(metrics["loss"]), grad_evals=int(metrics["grad_evals"]),
                                 samples=int(metrics["samples"]))
-            state = record_to_state(content.array_records["state"])
+            state = record_to_state(content.array_records[f"state.{j}"])
         except PayloadError:
             raise
         except Exception as err:  # noqa: BLE001 - a malformed reply is a rejection, never a crash

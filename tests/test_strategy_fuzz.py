@@ -61,9 +61,9 @@ def world():
     return grid, strategy, algo
 
 
-def corrupt(reply, how: str, data: st.DataObject, k: int) -> None:
+def corrupt(reply, j: int, how: str, data: st.DataObject, k: int) -> None:
     content = reply.content
-    payload, header = content.array_records["payload"], content.config_records["payload.header"]
+    payload, header = content.array_records[f"payload.{j}"], content.config_records[f"header.{j}"]
     names = sorted(payload.keys())
     values = [n for n in names if n.endswith("/v.v")]
     pick = data.draw(st.sampled_from(values), label="layer")
@@ -97,15 +97,16 @@ def corrupt(reply, how: str, data: st.DataObject, k: int) -> None:
         shape = list(header[f"{layer}/shape"])
         header[f"{layer}/shape"] = [*shape[:-1], shape[-1] + data.draw(st.sampled_from([-1, 1, 7]))]
     elif how == "round":
-        content.metric_records["metrics"]["round"] = k + data.draw(st.sampled_from([-1, 1, 1000]))
+        content.metric_records[f"metrics.{j}"]["round"] = k + data.draw(st.sampled_from([-1, 1, 1000]))
     elif how == "partition":
-        content.metric_records["metrics"]["partition"] = (int(content.metric_records["metrics"]["partition"]) + 1) % N
+        metrics = content.metric_records[f"metrics.{j}"]
+        metrics["partition"] = (int(metrics["partition"]) + 1) % N
     elif how == "no_payload":
-        del content.array_records["payload"]
+        del content.array_records[f"payload.{j}"]
     elif how == "no_metrics":
-        del content.metric_records["metrics"]
+        del content.metric_records[f"metrics.{j}"]
     elif how == "no_header":
-        del content.config_records["payload.header"]
+        del content.config_records[f"header.{j}"]
     elif how == "pickle":
         buf = io.BytesIO()  # a .npy file whose object array is a pickle that would call _pwned
         np.save(buf, np.array([Evil()], dtype=object), allow_pickle=True)
@@ -135,13 +136,13 @@ def test_hostile_replies_never_touch_server_state(world, data, plan):
     replies = list(grid.send_and_receive(messages))
     bc = strategy._round.broadcast
     for reply in replies:
-        j = strategy.partition_of[reply.metadata.src_node_id]
+        j = strategy.partition_of[reply.metadata.src_node_id]  # one client per node here
         how = plan[j]
         plan_of[j] = how
         if how is None:
-            valid_parsed[j] = strategy._parse(reply)[0]
+            valid_parsed[j] = strategy._parse(reply.content, j)[0]
         else:
-            corrupt(reply, how, data, bc.round)
+            corrupt(reply, j, how, data, bc.round)
     strategy.aggregate_train(1, replies)  # must not raise
 
     expected, outcome = algo.server_step(copy.deepcopy(before_server), valid_parsed, bc, strategy.federation.weights)

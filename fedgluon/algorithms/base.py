@@ -22,7 +22,7 @@ layer-wise LMO step by default). They override a few small hooks:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -36,10 +36,11 @@ from compressors.operators import Context
 
 from ..estimators import Estimator, RefreshPolicy, make_estimator
 from ..geometry import Geometry
-from ..objective import SupervisedObjective
+from ..objective import Batch, SupervisedObjective
 from ..radius import make_radius_rule
 from ..rng import generator, purpose_code
 from ..step import LMOStep, StepInfo
+from ..vectorised import block_gradients
 
 Tensors = dict[str, Tensor]
 State = dict[str, Any]
@@ -160,20 +161,42 @@ class Algorithm:
         return Broadcast(k, seed, model, flags, bits)
 
     # ------------------------------------------------------------------ client
-    def gradients(self, state: State, bc: Broadcast, objective: SupervisedObjective, j: int) -> GradPair:
-        """Gradients at the broadcast model (and at X_prev on the same batch when the estimator needs it)."""
+    def batch_for(self, bc: Broadcast, objective: SupervisedObjective, j: int) -> tuple[Batch, bool]:
+        """Client j's batch of round k from ``generator(seed, "sample", j, k)``: a large batch on refresh
+        rounds (second value True), else a minibatch."""
         gen = generator(bc.seed, "sample", j, bc.round)
         if bc.flags.get("refresh"):
-            batch = objective.large_batch(gen)
-            loss, g = objective.gradient(bc.model, batch)
-            return GradPair(g, None, True, loss, 1, len(batch[1]))
-        batch = objective.sample_batch(gen)
-        loss, g = objective.gradient(bc.model, batch)
-        prev = None
-        if self.needs_previous and "x_prev" in state:
-            _, prev = objective.gradient(state["x_prev"], batch)
-        n = len(batch[1])
-        return GradPair(g, prev, False, loss, 1 + (prev is not None), n * (1 + (prev is not None)))
+            return objective.large_batch(gen), True
+        return objective.sample_batch(gen), False
+
+    def wants_previous(self, state: State, refresh: bool) -> bool:
+        """Does this client step also need ∇f_j(X_prev; same batch)?"""
+        return not refresh and self.needs_previous and "x_prev" in state
+
+    @staticmethod
+    def grad_pair(now: tuple[float, Tensors], prev: tuple[float, Tensors] | None, refresh: bool,
+                  batch: Batch) -> GradPair:
+        n, calls = len(batch[1]), 1 + (prev is not None)
+        return GradPair(now[1], prev[1] if prev is not None else None, refresh, now[0], calls, n * calls)
+
+    def gradients(self, state: State, bc: Broadcast, objective: SupervisedObjective, j: int) -> GradPair:
+        """Gradients at the broadcast model (and at X_prev on the same batch when the estimator needs it)."""
+        batch, refresh = self.batch_for(bc, objective, j)
+        now = objective.gradient(bc.model, batch)
+        prev = objective.gradient(state["x_prev"], batch) if self.wants_previous(state, refresh) else None
+        return self.grad_pair(now, prev, refresh, batch)
+
+    def block_gradients(self, states: Mapping[int, State], bc: Broadcast,
+                        objectives: Sequence[SupervisedObjective], js: Sequence[int]) -> dict[int, GradPair]:
+        """:meth:`gradients` of a block of clients at once (``fedgluon.vectorised``): the same batches from
+        the same generators; gradients equal to the per-client ones up to rounding (bitwise in float32 here)."""
+        drawn = {j: self.batch_for(bc, objectives[j], j) for j in js}
+        batches = {j: b for j, (b, _) in drawn.items()}
+        now = block_gradients(objectives, batches, shared=bc.model)
+        with_prev = [j for j in js if self.wants_previous(states[j], drawn[j][1])]
+        prev = block_gradients(objectives, {j: batches[j] for j in with_prev},
+                               per_client={j: states[j]["x_prev"] for j in with_prev}) if with_prev else {}
+        return {j: self.grad_pair(now[j], prev.get(j), drawn[j][1], batches[j]) for j in js}
 
     def estimate(self, state: State, grads: GradPair) -> tuple[State, Tensors]:
         """The client-side estimator's step (plain gradient when there is none)."""
@@ -194,12 +217,25 @@ class Algorithm:
     def client_step(self, state: State | None, bc: Broadcast, objective: SupervisedObjective,
                     j: int) -> tuple[State, ClientReply]:
         state = state or {}
-        grads = self.gradients(state, bc, objective, j)
+        return self.finish_client_step(state, self.gradients(state, bc, objective, j), bc, j)
+
+    def finish_client_step(self, state: State, grads: GradPair, bc: Broadcast, j: int) -> tuple[State, ClientReply]:
+        """Estimator, compression and the proposed new state, given the round's gradients."""
         updates, msg = self.local_update(state, grads, bc, j)
         new_state = {**state, **updates, "commits": commit_count(state) + 1}
         if self.needs_previous or "x_prev" in state:
             new_state["x_prev"] = {n: t.clone() for n, t in bc.model.items()}
         return new_state, ClientReply(j, bc.round, msg, grads.loss, grads.evals, grads.samples)
+
+    def client_block(self, states: Mapping[int, State | None], bc: Broadcast,
+                     objectives: Sequence[SupervisedObjective], js: Sequence[int]) -> dict[int, tuple[State, ClientReply]]:
+        """``client_step`` of a block of virtual clients, their gradients computed in one vmapped call;
+        algorithms with their own ``client_step`` (several local steps) run it client by client."""
+        if type(self).client_step is not Algorithm.client_step:
+            return {j: self.client_step(states[j], bc, objectives[j], j) for j in js}
+        full = {j: states[j] or {} for j in js}
+        grads = self.block_gradients(full, bc, objectives, js)
+        return {j: self.finish_client_step(full[j], grads[j], bc, j) for j in js}
 
     # ------------------------------------------------------------------ server
     def uplink_for(self, bc: Broadcast, reply: ClientReply) -> Compressor:

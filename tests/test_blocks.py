@@ -1,0 +1,90 @@
+"""Client blocks: vmapped per-client gradients equal the per-client loop (bitwise in float32 here), and a run with blocks of
+virtual clients (plain driver, in-process Flower grid) gives the metrics of one client per node."""
+
+import pandas as pd
+import pytest
+import torch
+
+from fedgluon import spec as specs
+from fedgluon.blocks import block_clients, num_blocks
+from fedgluon.driver import run_plain
+from fedgluon.engines import run_inprocess
+from fedgluon.faults import FaultPlan
+from fedgluon.rng import generator
+from fedgluon.tasks import make_task
+from fedgluon.vectorised import block_gradients, can_vectorise
+
+TASK = {"name": "synthetic", "num_clients": 9, "dim": 10, "classes": 4, "hidden": [16], "mean_samples": 30,
+        "batch_size": 24}
+
+
+def test_block_layout():
+    assert num_blocks(10, 4) == 3 and block_clients(2, 10, 4) == [8, 9] and block_clients(0, 10, 1) == [0]
+    with pytest.raises(ValueError, match="block_size"):
+        num_blocks(10, 0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_vmapped_gradients_equal_the_loop_bitwise(dtype):
+    task = make_task({**TASK, "dtype": dtype, "seed": 2})
+    objs, X = task.objectives, task.initial_params()
+    batches = {j: o.sample_batch(generator(0, "sample", j, 0)) for j, o in enumerate(objs)}
+    assert len({tuple(b[1].shape) for b in batches.values()}) > 1  # ragged: some clients hold < batch_size samples
+    shared = block_gradients(objs, batches, shared=X)
+    per = {j: {n: t + 0.01 * j for n, t in X.items()} for j in batches}
+    stacked = block_gradients(objs, batches, per_client=per)
+    for j, o in enumerate(objs):
+        for got, params in ((shared[j], X), (stacked[j], per[j])):
+            loss, ref = o.gradient(params, batches[j])
+            if dtype == "float32":  # measured bitwise equal here; float64 takes another BLAS path (1-ulp differences)
+                assert all(torch.equal(got[1][n], ref[n]) for n in ref)
+            for n in ref:
+                torch.testing.assert_close(got[1][n], ref[n], rtol=1e-14 if dtype == "float64" else 0, atol=1e-15)
+            assert got[0] == pytest.approx(loss, rel=1e-6)
+
+
+def test_batchnorm_models_fall_back_to_the_loop():
+    from fedgluon.models import MLP, SmallCNN
+
+    assert not can_vectorise(SmallCNN(1, 10, widths=(4,))) and can_vectorise(MLP(4, (3,), 2))
+
+
+def _frames_match(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    cols = [c for c in a.columns if c not in ("wall_time", "train_loss")]
+    pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=True)
+    pd.testing.assert_series_equal(a["train_loss"], b["train_loss"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", [
+    {"name": "gluon-ef21-sarah", "refresh_prob": 0.3, "compressor": {"name": "topk", "ratio": 0.1}},
+    {"name": "gluon-mvr", "variant": "storm"},
+    {"name": "gluon-marina", "compressor": {"name": "randk", "ratio": 0.2}},
+    {"name": "fedavg", "local_steps": 2},
+])
+def test_plain_driver_blocks_equal_one_client_per_node(algorithm):
+    spec = specs.normalise({"task": TASK, "algorithm": {"lr": 0.05, **algorithm}, "rounds": 6, "seed": 4})
+    task, algo = specs.build(spec)
+    kw = {"seed": 4, "participation": 0.7, "evaluate": lambda X, k: task.evaluate(X)}
+    one = run_plain(algo, task.objectives, task.initial_params(), 6, **kw)
+    blocks = run_plain(algo, task.objectives, task.initial_params(), 6, block_size=4, **kw)
+    _frames_match(one.frame(), blocks.frame())
+    for j in range(TASK["num_clients"]):
+        a, b = one.client_states[j], blocks.client_states[j]
+        assert (a is None) == (b is None)
+
+
+def test_flower_blocks_equal_plain_driver_with_faults():
+    """9 clients in blocks of 4 (3 nodes, the last holding one client), partial participation, injected raises
+    that fail single clients inside a block."""
+    faults = {"raise_prob": 0.15}
+    spec = specs.normalise({"task": TASK, "rounds": 6, "seed": 1, "participation": 0.8, "block_size": 4,
+                            "faults": faults,
+                            "algorithm": {"name": "gluon-ef21-mvr", "lr": 0.05,
+                                          "compressor": {"name": "topk", "ratio": 0.1}}})
+    strategy = run_inprocess(spec)
+    task, algo = specs.build(spec)
+    ref = run_plain(algo, task.objectives, task.initial_params(), 6, seed=1, participation=0.8,
+                    evaluate=lambda X, k: task.evaluate(X), faults=FaultPlan.from_spec(faults))
+    frame = pd.DataFrame(strategy.history)
+    assert frame["failed"].sum() > 0
+    _frames_match(frame, ref.frame())

@@ -1,10 +1,18 @@
-"""Per-client-task cost of the engines against the plain driver doing the same client work.
+"""Per-client-task cost of the engines, with and without client blocks, against the plain driver.
 
-For n ∈ {10, 50, 200} clients of the synthetic task (MLP 60→64→10, batch 32, gluon-ef21 with
-top-5%), run R rounds with full participation on (1) the plain driver, (2) the Flower strategy +
-ClientApp on fedgluon's in-process Grid, (3) Flower's simulation engine on Ray (1 CPU per client,
-a private local Ray). Prints seconds per round, per client task, and the ratio to the plain driver;
-Ray's start-up (and shut-down) is reported separately from the per-round cost.
+For n ∈ {10, 50, 200, 1000} clients of the synthetic task (MLP 60→64→10 ≈ 4.6k parameters, batch
+32, gluon-ef21 with top-5%), full participation, R rounds, 1 torch thread. Rows:
+
+* ``plain loop``            — the reference driver, one ``client_step`` per client (the baseline, 1.00)
+* ``plain, blocks of B``    — the same driver computing each block's gradients in one vmapped call
+* ``in-process, 1/node``    — Flower strategy + ClientApp on fedgluon's in-process Grid, one client per node
+* ``in-process, blocks``    — the same with B virtual clients per node (n/B nodes)
+* ``ray, 1/node``           — Flower's simulation engine on a private local Ray, one client per node
+* ``ray, blocks``           — the same with B = n/2 virtual clients per node (2 nodes, one per core)
+
+Prints seconds per round (mean over rounds after the first), milliseconds per client task and the
+ratio to the plain loop; Ray's start-up and shut-down are reported apart. Ray with one client per
+node is skipped above 200 clients (minutes per run here).
 
 Run: ``python -m benchmarks.bench_engines [--quick] [--no-ray]``.
 """
@@ -22,10 +30,11 @@ from fedgluon.driver import run_plain
 from fedgluon.engines import run_inprocess, run_ray
 
 
-def spec_for(n: int, rounds: int) -> dict:
-    return {"task": {"name": "synthetic", "num_clients": n, "hidden": [64], "mean_samples": 60},
+def spec_for(n: int, rounds: int, block_size: int = 1) -> dict:
+    return {"task": {"name": "synthetic", "num_clients": n, "hidden": [64], "mean_samples": 80},
             "algorithm": {"name": "gluon-ef21", "lr": 0.05, "compressor": {"name": "topk", "ratio": 0.05}},
-            "rounds": rounds, "seed": 0, "eval_every": 10 ** 6, "node_timeout": 300.0, "round_timeout": 600.0}
+            "rounds": rounds, "seed": 0, "eval_every": 10 ** 6, "node_timeout": 600.0, "round_timeout": 600.0,
+            "block_size": block_size}
 
 
 def per_round(history: list[dict], skip: int = 1) -> float:
@@ -37,30 +46,40 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="10 and 50 clients, 3 rounds")
     ap.add_argument("--no-ray", action="store_true")
+    ap.add_argument("--sizes", type=int, nargs="*", help="client counts (default 10 50 200 1000)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    sizes, rounds = ((10, 50), 3) if args.quick else ((10, 50, 200), 4)
+    sizes, rounds = ((10, 50), 3) if args.quick else ((10, 50, 200, 1000), 4)
+    sizes = tuple(args.sizes) if args.sizes else sizes
     print(f"machine: {machine()}")
-    print(f"{'clients':>7s} {'engine':>22s} {'s/round':>9s} {'ms/client task':>15s} {'x plain':>8s} {'start-up s':>11s}")
+    print(f"{'clients':>7s} {'engine':>24s} {'s/round':>9s} {'ms/client task':>15s} {'x plain':>8s} {'start-up s':>11s}")
+
+    def show(n: int, label: str, sec: float, base: float, startup: str = "-") -> None:
+        print(f"{n:7d} {label:>24s} {sec:9.3f} {1e3 * sec / n:15.3f} {sec / base:8.2f} {startup:>11s}", flush=True)
+
     for n in sizes:
+        block = max(1, n // 2)
         s = specs.normalise(spec_for(n, rounds))
-        task, algo = specs.build(s)
-        res = run_plain(algo, task.objectives, task.initial_params(), rounds, seed=0)
-        plain = per_round(res.history)
-        print(f"{n:7d} {'plain driver':>22s} {plain:9.3f} {1e3 * plain / n:15.2f} {1.0:8.2f} {'-':>11s}")
-        t = time.perf_counter()
-        strat = run_inprocess(s)
-        total = time.perf_counter() - t
-        inproc = per_round(strat.history)
-        print(f"{n:7d} {'flower in-process grid':>22s} {inproc:9.3f} {1e3 * inproc / n:15.2f} {inproc / plain:8.2f} "
-              f"{total - sum(r['wall_time'] for r in strat.history):11.1f}")
-        if not args.no_ray:
+        task, algo = specs.build_cached(s)
+        plain = per_round(run_plain(algo, task.objectives, task.initial_params(), rounds, seed=0).history)
+        show(n, "plain loop", plain, plain)
+        for b in sorted({min(n, 64), block}):
+            res = run_plain(algo, task.objectives, task.initial_params(), rounds, seed=0, block_size=b)
+            show(n, f"plain, blocks of {b}", per_round(res.history), plain)
+        for label, b in (("in-process, 1/node", 1), (f"in-process, blocks of {block}", block)):
             t = time.perf_counter()
-            strat = run_ray(s, num_cpus=1)
+            strat = run_inprocess(specs.normalise(spec_for(n, rounds, b)))
             total = time.perf_counter() - t
-            ray_round = per_round(strat.history)
-            print(f"{n:7d} {'flower on ray':>22s} {ray_round:9.3f} {1e3 * ray_round / n:15.2f} {ray_round / plain:8.2f} "
-                  f"{total - sum(r['wall_time'] for r in strat.history):11.1f}")
+            show(n, label, per_round(strat.history), plain, f"{total - sum(r['wall_time'] for r in strat.history):.1f}")
+        if args.no_ray:
+            continue
+        for label, b in (("ray, 1/node", 1), (f"ray, blocks of {block}", block)):
+            if b == 1 and n > 200:
+                continue
+            t = time.perf_counter()
+            strat = run_ray(specs.normalise(spec_for(n, rounds, b)), num_cpus=1)
+            total = time.perf_counter() - t
+            show(n, label, per_round(strat.history), plain, f"{total - sum(r['wall_time'] for r in strat.history):.1f}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from fedgluon.data.tabular import load_sklearn
 from fedgluon.models import MLP
-from fedgluon.optim import Gluon
+from fedgluon.optim import Gluon, minibatch_epoch
 from fedgluon.tasks import stratified_split
 
 METHODS = {"muon": {"method": "muon"}, "muon-mvr1": {"method": "muon-mvr1"}, "muon-mvr2": {"method": "muon-mvr2"},
@@ -34,19 +34,13 @@ def run(options: dict, lr: float, epochs: int, seed: int) -> list[float]:
     opt = Gluon(model, lr=lr, **options)
     g = torch.Generator().manual_seed(seed)
     curve = []
-    for _ in range(epochs):
-        perm = torch.randperm(len(xtr), generator=g)
-        for i in range(0, len(xtr), 32):
-            idx = perm[i:i + 32]
 
-            def closure():
-                opt.zero_grad()
-                loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
-                loss.backward()
-                return loss
-            opt.step(closure)
-            with torch.no_grad():
-                curve.append(F.cross_entropy(model(xtr), ytr).item())
+    def record() -> None:
+        with torch.no_grad():
+            curve.append(F.cross_entropy(model(xtr), ytr).item())
+
+    for _ in range(epochs):
+        minibatch_epoch(opt, model, xtr, ytr, 32, generator=g, after_step=record)
     return curve
 
 

@@ -201,7 +201,7 @@ def demo(method: str, lr: float, epochs: int, seed: int) -> None:
     import torch.nn.functional as F
     from fedgluon.data.tabular import load_sklearn
     from fedgluon.models import MLP
-    from fedgluon.optim import METHODS, Gluon
+    from fedgluon.optim import METHODS, Gluon, minibatch_epoch
     from fedgluon.tasks import stratified_split
 
     if method not in METHODS:
@@ -219,16 +219,7 @@ def demo(method: str, lr: float, epochs: int, seed: int) -> None:
         return loss
 
     for epoch in range(epochs):
-        perm = torch.randperm(len(Xtr))
-        for i in range(0, len(Xtr), 32):
-            idx = perm[i:i + 32]
-
-            def closure():
-                opt.zero_grad()
-                loss = F.cross_entropy(model(Xtr[idx]), ytr[idx])
-                loss.backward()
-                return loss
-            opt.step(closure, refresh_closure=full_batch_closure)
+        minibatch_epoch(opt, model, Xtr, ytr, 32, refresh_closure=full_batch_closure)
         with torch.no_grad():
             acc = (model(Xte).argmax(1) == yte).float().mean().item()
             loss = F.cross_entropy(model(Xtr), ytr).item()

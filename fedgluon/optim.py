@@ -212,3 +212,26 @@ class Gluon(torch.optim.Optimizer):
         _, self.last_info = self.lmo_step.apply(params, estimate, k, inplace=True)
         group["step_count"] = k + 1
         return loss
+
+
+def minibatch_epoch(opt: torch.optim.Optimizer, model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 32, *,
+                    generator: torch.Generator | None = None,
+                    loss_fn: Callable[[Tensor, Tensor], Tensor] = torch.nn.functional.cross_entropy,
+                    refresh_closure: Callable[[], Any] | None = None,
+                    after_step: Callable[[], None] | None = None) -> None:
+    """One pass over ``(x, y)`` in minibatches of a ``torch.randperm`` order (``generator``, or torch's
+    default generator), one ``opt.step(closure, refresh_closure=...)`` per batch (the closure protocol
+    in the module docstring); ``after_step()`` runs after every step."""
+    perm = torch.randperm(len(x), generator=generator)
+    for i in range(0, len(x), batch_size):
+        idx = perm[i:i + batch_size]
+
+        def closure(idx: Tensor = idx) -> Tensor:
+            opt.zero_grad()
+            loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+            return loss
+
+        opt.step(closure, refresh_closure=refresh_closure)
+        if after_step is not None:
+            after_step()

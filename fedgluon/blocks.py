@@ -5,13 +5,13 @@ Block ``p`` holds the virtual clients ``[pB, min((p+1)B, n))``; a run of n clien
 client per node, and the gradients of a block are computed in one vmapped call
 (``fedgluon.vectorised``), equal to the per-client ones bitwise in float32 on this machine's BLAS;
 so a run with blocks gives the metrics of a run without (the reported training loss may differ in
-its last bit). ``B = 1`` is one
-client per node.
+its last bit). ``B = 1`` is one client per node.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 
 def num_blocks(num_clients: int, block_size: int) -> int:
@@ -26,3 +26,11 @@ def block_of(client: int, block_size: int) -> int:
 
 def block_clients(block: int, num_clients: int, block_size: int) -> list[int]:
     return list(range(block * block_size, min(num_clients, (block + 1) * block_size)))
+
+
+def by_block(clients: Iterable[int], block_size: int) -> dict[int, list[int]]:
+    """``{block: its clients among clients}``, blocks and clients in increasing order."""
+    out: dict[int, list[int]] = {}
+    for j in sorted(clients):
+        out.setdefault(block_of(j, block_size), []).append(j)
+    return out

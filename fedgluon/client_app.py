@@ -108,10 +108,7 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
             except InjectedFault as err:
                 failed[str(j)] = f"InjectedFault: {err}"
         states = {j: record_to_state(msg.content.array_records[f"state.{j}"]) for j in working}
-        if len(working) == 1:
-            results = {working[0]: algorithm.client_step(states[working[0]], bc, task.objectives[working[0]], working[0])}
-        else:
-            results = algorithm.client_block(states, bc, task.objectives, working)
+        results = algorithm.client_block(states, bc, task.objectives, working)
         content = RecordDict({"failed": failed, "info": ConfigRecord({"ray_node": _ray_node(), "pid": os.getpid()})})
         for j, (new_state, reply) in results.items():
             content[f"payload.{j}"], content[f"header.{j}"] = message_to_records(reply.message)

@@ -10,8 +10,8 @@ Tests of the math use it, and benchmarks use it as the "plain loop" baseline. On
 
 The server side (sampling, ``server_step``, commits, rows, checkpoints) is
 :class:`fedgluon.federation.Federation`, the same object the Flower strategy uses; this loop only
-calls the clients. Per-round rows hold the losses, participants, accepted and rejected counts, uplink bits in every
-convention (total, mean and max per accepted client), downlink bits, gradient evaluations and wall
+calls the clients. Per-round rows hold the losses, participants, accepted and rejected counts,
+uplink bits in every convention (total, mean and max per accepted client), downlink bits, gradient evaluations and wall
 time; ``run_plain(...).frame()`` returns them as a pandas DataFrame.
 """
 
@@ -21,50 +21,21 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from .algorithms.base import Algorithm, ClientReply
-from .blocks import block_of, num_blocks
+from .blocks import by_block, num_blocks
 from .checkpoint import Checkpointer, Snapshot
 from .faults import FaultPlan
-from .federation import Evaluate, Federation
+from .federation import Evaluate, Federation, client_weights_from_sizes
 from .objective import SupervisedObjective
-from .rng import generator
 
 Tensors = dict[str, Tensor]
 Tamper = Callable[[int, int, ClientReply], Any]
 
 
-def client_weights_from_sizes(sizes: Sequence[int], mode: str = "uniform") -> dict[int, float]:
-    """``w_j = 1/n`` (``"uniform"``) or ``n_j / N`` (``"samples"``) from the clients' sample counts."""
-    if mode == "uniform":
-        return {j: 1.0 / len(sizes) for j in range(len(sizes))}
-    if mode == "samples":
-        total = sum(sizes)
-        return {j: n_j / total for j, n_j in enumerate(sizes)}
-    raise ValueError(f"weights must be one of ['uniform', 'samples'], got {mode!r}")
-
-
 def client_weights(objectives: Sequence[SupervisedObjective], mode: str = "uniform") -> dict[int, float]:
     return client_weights_from_sizes([o.num_samples for o in objectives], mode)
-
-
-def sample_clients(num_clients: int, k: int, seed: int, participation: float) -> list[int]:
-    """Sorted participants of round k: a fraction in (0, 1] or a count of clients, drawn with a seeded
-    CPU generator (full participation draws nothing)."""
-    if isinstance(participation, float) and not isinstance(participation, bool):
-        if not 0 < participation <= 1:
-            raise ValueError(f"participation fraction must be in (0, 1], got {participation}")
-        m = max(1, round(participation * num_clients))
-    else:
-        m = int(participation)
-        if not 1 <= m <= num_clients:
-            raise ValueError(f"clients per round must be in [1, {num_clients}], got {m}")
-    if m == num_clients:
-        return list(range(num_clients))
-    perm = torch.randperm(num_clients, generator=generator(seed, "participants", k))
-    return sorted(perm[:m].tolist())
 
 
 @dataclass
@@ -81,7 +52,7 @@ class RunResult:
 
 
 def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X0: Mapping[str, Tensor],
-              rounds: int, *, seed: int = 0, participation: float = 1.0, weights: str = "uniform",
+              rounds: int, *, seed: int = 0, participation: float | int = 1.0, weights: str = "uniform",
               evaluate: Evaluate | None = None, eval_every: int = 1, tamper: Tamper | None = None,
               on_round: Callable[[dict[str, Any]], None] | None = None, faults: FaultPlan | None = None,
               checkpointer: Checkpointer | None = None, resume: Snapshot | None = None,
@@ -102,13 +73,9 @@ def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X
         kinds = {j: faults.draw(seed, j, plan.k) if faults is not None else None for j in plan.participants}
         failed = {j: FAILURE_REASONS[kind] for j, kind in kinds.items() if kind is not None}
         working = [j for j in plan.participants if j not in failed]
-        if block_size == 1:
-            out = {j: algorithm.client_step(fed.client_states[j], plan.broadcast, objectives[j], j) for j in working}
-        else:
-            out = {}
-            for p in sorted({block_of(j, block_size) for j in working}):
-                js = [j for j in working if block_of(j, block_size) == p]
-                out.update(algorithm.client_block(fed.client_states, plan.broadcast, objectives, js))
+        out = {}
+        for js in by_block(working, block_size).values():
+            out.update(algorithm.client_block(fed.client_states, plan.broadcast, objectives, js))
         for j in working:
             pending[j], reply = out[j]
             replies[j] = tamper(plan.k, j, reply) if tamper else reply

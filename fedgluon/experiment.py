@@ -119,7 +119,6 @@ def run_key(spec: Mapping[str, Any]) -> str:
     return specs.key({k: v for k, v in spec.items() if k not in ENVIRONMENT})
 
 
-
 def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = None,
         on_round: Callable[[dict[str, Any]], None] | None = None, resume: bool = False) -> Path:
     """Run ``cfg`` on its engine and write the run directory (module docstring); returns its path.
@@ -252,13 +251,7 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return lambda row: None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeRemainingColumn(), TextColumn("{task.fields[info]}"))

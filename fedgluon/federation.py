@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +31,38 @@ from .algorithms.base import Algorithm, Broadcast, ClientReply
 from .checkpoint import ActorDeathError, Checkpointer, NonFiniteStateError, RunStopped, Snapshot
 from .faults import actor_death
 from .metrics import client_rows, round_row
+from .rng import generator
 
 log = logging.getLogger("fedgluon.federation")
 
 Evaluate = Callable[[Mapping[str, Tensor], int], dict[str, float]]  # (model, round) -> metrics
+
+
+def client_weights_from_sizes(sizes: Sequence[int], mode: str = "uniform") -> dict[int, float]:
+    """``w_j = 1/n`` (``"uniform"``) or ``n_j / N`` (``"samples"``) from the clients' sample counts."""
+    if mode == "uniform":
+        return {j: 1.0 / len(sizes) for j in range(len(sizes))}
+    if mode == "samples":
+        total = sum(sizes)
+        return {j: n_j / total for j, n_j in enumerate(sizes)}
+    raise ValueError(f"weights must be one of ['uniform', 'samples'], got {mode!r}")
+
+
+def sample_clients(num_clients: int, k: int, seed: int, participation: float | int) -> list[int]:
+    """Sorted participants of round k: a fraction in (0, 1] or a count of clients, drawn with a seeded
+    CPU generator (full participation draws nothing)."""
+    if isinstance(participation, float) and not isinstance(participation, bool):
+        if not 0 < participation <= 1:
+            raise ValueError(f"participation fraction must be in (0, 1], got {participation}")
+        m = max(1, round(participation * num_clients))
+    else:
+        m = int(participation)
+        if not 1 <= m <= num_clients:
+            raise ValueError(f"clients per round must be in [1, {num_clients}], got {m}")
+    if m == num_clients:
+        return list(range(num_clients))
+    perm = torch.randperm(num_clients, generator=generator(seed, "participants", k))
+    return sorted(perm[:m].tolist())
 
 
 @dataclass
@@ -49,13 +77,10 @@ class Federation:
     """Server state, every client's committed state and the run's records (module docstring)."""
 
     def __init__(self, algorithm: Algorithm, X0: Mapping[str, Tensor], num_clients: int, rounds: int, *,
-                 seed: int = 0, participation: float = 1.0, weights: Mapping[int, float] | None = None,
+                 seed: int = 0, participation: float | int = 1.0, weights: Mapping[int, float] | None = None,
                  evaluate: Evaluate | None = None, eval_every: int = 1,
                  on_round: Callable[[dict[str, Any]], None] | None = None,
                  checkpointer: Checkpointer | None = None, resume: Snapshot | None = None):
-        from .driver import sample_clients
-
-        self.sample = sample_clients
         self.algorithm, self.num_clients, self.rounds, self.seed = algorithm, num_clients, rounds, seed
         self.participation, self.evaluate, self.eval_every = participation, evaluate, eval_every
         self.on_round, self.checkpointer = on_round, checkpointer
@@ -86,7 +111,7 @@ class Federation:
     # ------------------------------------------------------------------ one round
     def open_round(self) -> RoundPlan:
         k = self.next_round
-        S = self.sample(self.num_clients, k, self.seed, self.participation)
+        S = sample_clients(self.num_clients, k, self.seed, self.participation)
         bc = self.algorithm.broadcast(self.server_state, k, self.seed, self.num_clients)
         return RoundPlan(k, S, bc, time.perf_counter())
 

@@ -32,10 +32,9 @@ from flwr.serverapp.strategy import Strategy
 
 from compressors import PayloadError
 from fedgluon.algorithms import Algorithm, ClientReply
-from fedgluon.blocks import block_of, num_blocks
+from fedgluon.blocks import by_block, num_blocks
 from fedgluon.checkpoint import Checkpointer, Snapshot
-from fedgluon.driver import client_weights_from_sizes
-from fedgluon.federation import Evaluate, Federation, RoundPlan
+from fedgluon.federation import Evaluate, Federation, RoundPlan, client_weights_from_sizes
 
 from .records import record_to_state, records_to_message, state_to_record, tensors_to_record
 
@@ -48,7 +47,7 @@ class GluonStrategy(Strategy):
     checkpointed run, ``checkpointer`` writes checkpoints."""
 
     def __init__(self, algorithm: Algorithm, X0: Mapping[str, Any], num_clients: int, *, seed: int = 0,
-                 participation: float = 1.0, weights: str = "uniform", evaluate: Evaluate | None = None,
+                 participation: float | int = 1.0, weights: str = "uniform", evaluate: Evaluate | None = None,
                  eval_every: int = 1, on_round: Callable[[dict[str, Any]], None] | None = None, rounds: int = 0,
                  checkpointer: Checkpointer | None = None, resume: Snapshot | None = None, block_size: int = 1):
         self.algorithm = algorithm
@@ -122,7 +121,7 @@ class GluonStrategy(Strategy):
         model = tensors_to_record(bc.model)
         self._round = plan
         out = []
-        for block, js in self._by_block(plan.participants).items():
+        for block, js in by_block(plan.participants, self.block_size).items():
             cfg = ConfigRecord({"round": k, "seed": self.seed, "clients": js, "refresh": int(bc.flags.get("refresh", 0))})
             content = RecordDict({"model": model, "config": cfg})
             for j in js:
@@ -134,7 +133,7 @@ class GluonStrategy(Strategy):
                                                                                         MetricRecord | None]:
         assert self._round is not None
         plan = self._round
-        k, expected = plan.k, self._by_block(plan.participants)
+        k, expected = plan.k, by_block(plan.participants, self.block_size)
         parsed: dict[int, ClientReply] = {}
         proposed: dict[int, Any] = {}
         failed: dict[int, str] = {}
@@ -176,12 +175,6 @@ class GluonStrategy(Strategy):
         return None
 
     # ------------------------------------------------------------------ helpers
-    def _by_block(self, clients: Iterable[int]) -> dict[int, list[int]]:
-        out: dict[int, list[int]] = {}
-        for j in sorted(clients):
-            out.setdefault(block_of(j, self.block_size), []).append(j)
-        return out
-
     @staticmethod
     def _parse(content: RecordDict, j: int) -> tuple[ClientReply, Any]:
         """Client j's reply within a node's reply; anything malformed is a PayloadError."""

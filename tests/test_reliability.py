@@ -188,7 +188,7 @@ def test_injected_faults_are_failures_and_states_follow_accepted_rounds(tmp_path
     strategy = run_inprocess(spec)
     frame = pd.DataFrame(strategy.history)
     assert len(frame) == 20
-    from fedgluon.driver import sample_clients
+    from fedgluon.federation import sample_clients
 
     plan = FaultPlan.from_spec(faults).planned(5, 20, {k: sample_clients(8, k, 5, 0.75) for k in range(20)})
     per_round = pd.Series([k for k, _ in plan], dtype=int).value_counts().reindex(range(20), fill_value=0)

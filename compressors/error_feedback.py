@@ -7,6 +7,13 @@
 **EF14** (error feedback with residual memory, Seide et al. 2014 / Stich et al. 2018): client keeps
 ``e_j``, sends ``p = C(e_j + x_j)`` and keeps ``e_j ← e_j + x_j − p``.
 
+**None**: send ``C(x)`` as is (unbiased compressors, or to measure what feedback buys).
+
+Every kind has ``step(state, x, seed_parts, comp_states) -> (message, state', decoded, comp_states')``
+and says with ``tracks`` whether the server keeps a running sum of the decoded messages (EF21:
+``G = Σ_j w_j g_j``) or averages each round's (EF14, none). :func:`make_error_feedback` builds one by
+name.
+
 **Reduced-precision trackers** (``tracker="fixed16"``): the tracker is stored as int16 multiples of
 a per-layer power-of-two step ``s`` (2 bytes per entry, like fp16). The client compresses
 ``v − g_j`` against its *stored* tracker, rounds ``g_j + R_j`` to the grid (saturating), and sends
@@ -42,6 +49,8 @@ def decode_own(compressor: Compressor, message: Message, like: Mapping[str, Tens
 @dataclass
 class EF21:
     """EF21 on the client side; the server applies :func:`ef21_server_update`."""
+
+    tracks = True  # the server's aggregate is the sum of every client's tracker
 
     compressor: Compressor
     tracker: str = "full"  # "full" | "fixed16"
@@ -116,6 +125,7 @@ class EF14:
     """Classic error feedback: send ``C(e + x)``, keep ``e ← e + x − C(e + x)``."""
 
     compressor: Compressor
+    tracks = False
 
     def step(self, state: Mapping[str, Tensors] | None, x: Mapping[str, Tensor], seed_parts: tuple[int, ...],
              comp_states: Mapping[str, State] | None = None) -> tuple[Message, dict[str, Tensors], Tensors,
@@ -125,3 +135,31 @@ class EF14:
         msg, cstates = compress_message(self.compressor, corrected, seed_parts, comp_states)
         sent = decode_own(self.compressor, msg, x)
         return msg, {"e": {n: corrected[n] - sent[n] for n in x}}, sent, cstates
+
+
+@dataclass
+class NoFeedback:
+    """No error feedback: send ``C(x)``; the client keeps no residual."""
+
+    compressor: Compressor
+    tracks = False
+
+    def step(self, state: Mapping[str, Tensors] | None, x: Mapping[str, Tensor], seed_parts: tuple[int, ...],
+             comp_states: Mapping[str, State] | None = None) -> tuple[Message, dict[str, Tensors], Tensors,
+                                                                        dict[str, State]]:
+        msg, cstates = compress_message(self.compressor, dict(x), seed_parts, comp_states)
+        return msg, {}, decode_own(self.compressor, msg, x), cstates
+
+
+ERROR_FEEDBACK = ("ef21", "ef14", "none")
+
+
+def make_error_feedback(name: str, compressor: Compressor, tracker: str = "full") -> EF21 | EF14 | NoFeedback:
+    """``ef21`` (with its ``tracker`` storage), ``ef14`` or ``none`` around ``compressor``."""
+    if name not in ERROR_FEEDBACK:
+        raise ValueError(f"error_feedback must be one of {list(ERROR_FEEDBACK)}, got {name!r}")
+    if name != "ef21" and tracker != "full":
+        raise ValueError(f"tracker={tracker!r} needs error_feedback='ef21', got {name!r}")
+    if name == "ef21":
+        return EF21(compressor, tracker=tracker)
+    return EF14(compressor) if name == "ef14" else NoFeedback(compressor)

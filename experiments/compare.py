@@ -13,7 +13,6 @@ Writes <tune dir>/comparison.csv and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -31,8 +30,7 @@ def main() -> None:
     for _, row in tuned.iterrows():
         sweep_dir = args.tune_dir / row["algorithm"]
         members = pd.read_csv(sweep_dir / "members.csv")
-        keys = [k for k in json.loads((sweep_dir / "sweep.json").read_text())["grid"] if k != "seed"]
-        chosen = members[members[keys].astype(str).agg(",".join, axis=1) == row["best_config"]]
+        chosen = members[members["config"].astype(str) == row["best_config"]]
         runs[row["algorithm"]] = [pd.read_csv(sweep_dir / m / "metrics.csv") for m in chosen["member"]]
     finals = {a: sum(m["test_loss"].dropna().iloc[-1] for m in ms) / len(ms) for a, ms in runs.items()}
     target = min(finals.values()) * (1 + args.slack)

@@ -10,10 +10,18 @@ Files are written atomically (``torch.save`` to a temporary file in the same dir
 ``os.replace``), so a run killed mid-write leaves the previous checkpoint intact, and read with
 ``torch.load(weights_only=True)``: nothing in a checkpoint is unpickled beyond tensors, containers,
 numbers, strings and :class:`compressors.BitCount`.
+
+The metrics and per-client rows grow with every round, so they do not go into the snapshot file
+(re-pickling them every save made long runs quadratic: 2/3 of a 2,000-round run's time here). They
+are appended to a JSON-lines journal beside it (``checkpoint.pt.rows.jsonl``), fsynced before the
+snapshot that counts them is renamed into place; a load reads exactly the counted rows, so lines a
+crash left after the last snapshot are ignored (and dropped by the next save, which rewrites the
+journal once per process before appending).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -26,7 +34,7 @@ import torch
 
 from compressors import BitCount
 
-FORMAT = 1
+FORMAT = 2
 
 
 class RunStopped(RuntimeError):
@@ -59,19 +67,52 @@ class Snapshot:
     run_key: str = ""
 
 
-def save(snapshot: Snapshot, path: str | Path) -> Path:
-    """Write ``snapshot`` to ``path`` atomically (write, fsync, rename)."""
+def journal_path(path: str | Path) -> Path:
+    """The rows journal that belongs to the checkpoint at ``path``."""
     path = Path(path)
+    return path.with_name(path.name + ".rows.jsonl")
+
+
+def _lines(snapshot: Snapshot, start: tuple[int, int]) -> str:
+    rows = [json.dumps({"h": r}) for r in snapshot.history[start[0]:]]
+    rows += [json.dumps({"c": r}) for r in snapshot.client_log[start[1]:]]
+    return "".join(r + "\n" for r in rows)
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    payload = {"format": FORMAT, "next_round": snapshot.next_round, "server_state": snapshot.server_state,
-               "client_states": snapshot.client_states, "history": snapshot.history,
-               "client_log": snapshot.client_log, "run_key": snapshot.run_key}
-    with open(tmp, "wb") as fh:
-        torch.save(payload, fh)
+    with open(tmp, mode) as fh:
+        write(fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def save(snapshot: Snapshot, path: str | Path, journaled: tuple[int, int] | None = None) -> Path:
+    """Write ``snapshot`` to ``path`` atomically (write, fsync, rename), its rows to the journal first:
+    appended after the ``journaled = (history, client_log)`` rows already there, or the journal rewritten."""
+    path = Path(path)
+    journal = journal_path(path)
+    grown = journaled is not None and len(snapshot.history) >= journaled[0] and \
+        len(snapshot.client_log) >= journaled[1]
+    if not grown or not journal.exists():
+        _atomic_write(journal, lambda fh: fh.write(_lines(snapshot, (0, 0))), "w")
+    else:
+        with open(journal, "a") as fh:
+            fh.write(_lines(snapshot, journaled))  # type: ignore[arg-type]
+            fh.flush()
+            os.fsync(fh.fileno())
+    payload = {"format": FORMAT, "next_round": snapshot.next_round, "server_state": snapshot.server_state,
+               "client_states": snapshot.client_states, "rows": [len(snapshot.history), len(snapshot.client_log)],
+               "run_key": snapshot.run_key}
+    _atomic_write(path, lambda fh: torch.save(payload, fh))
     return path
+
+
+def remove(path: str | Path) -> None:
+    """Delete a checkpoint and its journal (a finished run)."""
+    Path(path).unlink(missing_ok=True)
+    journal_path(path).unlink(missing_ok=True)
 
 
 def load(path: str | Path) -> Snapshot:
@@ -83,8 +124,19 @@ def load(path: str | Path) -> Snapshot:
         data = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path} is not a fedgluon checkpoint of format {FORMAT}")
-    return Snapshot(int(data["next_round"]), data["server_state"], data["client_states"], data["history"],
-                    data["client_log"], data["run_key"])
+    n_history, n_clients = (int(n) for n in data["rows"])
+    history, client_log = [], []
+    with open(journal_path(path)) as fh:
+        for line in fh:
+            if len(history) == n_history and len(client_log) == n_clients:
+                break
+            row = json.loads(line)
+            (history if "h" in row else client_log).append(row.get("h", row.get("c")))
+    if (len(history), len(client_log)) != (n_history, n_clients):
+        raise ValueError(f"{journal_path(path)} holds fewer rows than {path} counts ({len(history)}/{n_history} "
+                         f"metrics rows, {len(client_log)}/{n_clients} client rows)")
+    return Snapshot(int(data["next_round"]), data["server_state"], data["client_states"], history, client_log,
+                    data["run_key"])
 
 
 class Checkpointer:
@@ -98,6 +150,7 @@ class Checkpointer:
         if every < 0:
             raise ValueError(f"checkpoint every must be >= 0 rounds, got {every}")
         self.path, self.every, self.run_key = Path(path), int(every), run_key
+        self._journaled: tuple[int, int] | None = None  # rows this process wrote to the journal
         self._stop = threading.Event()
         self.reason = ""
 
@@ -111,7 +164,9 @@ class Checkpointer:
 
     def save(self, snapshot: Snapshot) -> Path:
         snapshot.run_key = self.run_key
-        return save(snapshot, self.path)
+        path = save(snapshot, self.path, self._journaled)
+        self._journaled = (len(snapshot.history), len(snapshot.client_log))
+        return path
 
     def after_round(self, k: int, snapshot: Callable[[], Snapshot]) -> None:
         due = self.every > 0 and (k + 1) % self.every == 0

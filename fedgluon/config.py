@@ -117,6 +117,8 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             named = user.get(section, {}).get("name") if isinstance(user.get(section), DictConfig) else None
             if named is not None and named != cfg[section].get("name"):
                 cfg[section] = _defaults_that_apply(section, str(named), cfg[section])
+            if isinstance(user.get(section), DictConfig):
+                cfg[section] = _without_renamed_parts(cfg[section], user[section])
         cfg = OmegaConf.merge(cfg, user)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None
@@ -140,6 +142,19 @@ def _defaults_that_apply(section: str, name: str, defaults: DictConfig) -> dict[
     kept = OmegaConf.to_container(defaults)
     assert isinstance(kept, dict)
     return {k: v for k, v in kept.items() if k in accepted}
+
+
+def _without_renamed_parts(defaults: DictConfig, user: DictConfig) -> DictConfig:
+    """Drop a default sub-mapping (a compressor, say) that the user replaces by one with another ``name``:
+    ``{name: topk, ratio: 0.05}`` must not leave its ``ratio`` in ``{name: powersgd, rank: 2}``."""
+    out = OmegaConf.to_container(defaults)
+    assert isinstance(out, dict)
+    for key, value in user.items():
+        old = out.get(key)
+        if isinstance(value, DictConfig) and isinstance(old, dict) and "name" in value and \
+                value.get("name") != old.get("name"):
+            del out[key]
+    return OmegaConf.create(out)
 
 
 def _explain(err: OmegaConfBaseException) -> str:

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import spec as specs
 from .checkpoint import Checkpointer, RunStopped, Snapshot
 from .checkpoint import load as load_checkpoint
+from .checkpoint import remove as remove_checkpoint
 from .config import ConfigError, run_name, spec_of
 from .faults import FaultPlan
 
@@ -159,7 +160,7 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
                            stopped=str(err), resumed_from=start)
         raise
     _write_results(out, cfg, history, clients, final, time.perf_counter() - t0, resumed_from=start)
-    (out / CHECKPOINT).unlink(missing_ok=True)
+    remove_checkpoint(out / CHECKPOINT)
     return out
 
 

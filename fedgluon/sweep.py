@@ -16,6 +16,7 @@ members as N parallel Ray tasks on the plain engine instead (on ``engine.address
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from collections.abc import Sequence
@@ -52,8 +53,20 @@ def members(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
-def member_name(values: dict[str, Any]) -> str:
-    parts = [f"{k.split('.')[-1]}={v.get('name', v) if isinstance(v, dict) else v}" for k, v in values.items()]
+def value_label(key: str, v: Any, grid: dict[str, list[Any]] | None = None) -> str:
+    """A grid value as text: a mapping (a whole section) shows its ``name``, plus a short hash of its
+    content when another value of the same axis has that name."""
+    if not isinstance(v, dict):
+        return str(v)
+    same = [o for o in (grid or {}).get(key, []) if isinstance(o, dict) and o.get("name") == v.get("name")]
+    if len(same) < 2:
+        return str(v.get("name", v))
+    return f"{v.get('name')}-{hashlib.sha1(json.dumps(v, sort_keys=True).encode()).hexdigest()[:6]}"
+
+
+def member_name(values: dict[str, Any], grid: dict[str, list[Any]] | None = None) -> str:
+    """``key=value,...`` with the last part of each dotted key (see :func:`value_label`)."""
+    parts = [f"{k.split('.')[-1]}={value_label(k, v, grid)}" for k, v in values.items()]
     return ",".join(parts).replace("/", "_") or "base"
 
 
@@ -66,7 +79,7 @@ def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | No
     sweep_dir.mkdir(parents=True, exist_ok=True)
     todo = []
     for values in members(grid):
-        mname = member_name(values)
+        mname = member_name(values, grid)
         sections = {k: v for k, v in values.items() if k in configs.SECTIONS}
         dotted = [f"{k}={_fmt(v)}" for k, v in values.items() if k not in configs.SECTIONS]
         cfg = configs.load(config_path, [*overrides, *dotted], replace=sections)
@@ -117,12 +130,18 @@ def load_members(sweep_dir: str | Path) -> pd.DataFrame:
     meta = json.loads((sweep_dir / "sweep.json").read_text())
     rows = []
     for values in members(meta["grid"]):
-        d = sweep_dir / member_name(values)
+        d = sweep_dir / member_name(values, meta["grid"])
         if not is_complete(d):
             continue
         summary = json.loads((d / "summary.json").read_text())
-        rows.append({"member": member_name(values), **{k: _fmt(v) for k, v in values.items()}, **summary})
+        config = ",".join(value_label(k, v, meta["grid"]) for k, v in values.items() if k != "seed") or "base"
+        rows.append({"member": d.name, **{k: _fmt(v) for k, v in values.items()}, **summary, "config": config})
     return pd.DataFrame(rows)
+
+
+TABLE_METRICS = ("final_test_accuracy", "final_test_loss", "best_test_accuracy", "best_test_loss",
+                 "final_grad_dual_norm", "uplink_bits_per_client", "bits_to_target", "sim_time")
+"""Summary fields a sweep table aggregates over seeds (those the runs measured) and ``tune`` can rank by."""
 
 
 def summarise(sweep_dir: str | Path, target: float | None = None, target_fraction: float = 0.95) -> pd.DataFrame:
@@ -139,13 +158,10 @@ def summarise(sweep_dir: str | Path, target: float | None = None, target_fractio
     frame.to_csv(sweep_dir / "members.csv", index=False)
     if frame.empty:
         return frame
-    grid = json.loads((sweep_dir / "sweep.json").read_text())["grid"]
     if target is None and frame["final_test_accuracy"].notna().any():
         target = target_fraction * float(frame["final_test_accuracy"].max())
     frame["bits_to_target"] = [_bits_to_target(sweep_dir / m, target) for m in frame["member"]]
-    keys = [k for k in grid if k != "seed"]
-    frame["config"] = frame[keys].astype(str).agg(",".join, axis=1) if keys else "base"
-    metrics = ["final_test_accuracy", "final_test_loss", "uplink_bits_per_client", "bits_to_target", "sim_time"]
+    metrics = [m for m in TABLE_METRICS if m in frame and frame[m].notna().any()]
     table = frame.groupby("config")[metrics].agg(["mean", "std", "count"])
     table.columns = [f"{a}_{b}" for a, b in table.columns]
     table = table.reset_index()
@@ -193,6 +209,8 @@ def tune(config_path: str | Path | None, args: Sequence[str], algorithms: Sequen
     compressors) is labelled ``<name>-1``, ``<name>-2``…. Writes ``<output.dir>/<name>/tuned.csv``; returns it."""
     if mode not in ("min", "max"):
         raise configs.ConfigError(f"mode must be one of ['min', 'max'], got {mode!r}")
+    if metric not in TABLE_METRICS:
+        raise configs.ConfigError(f"metric must be one of {list(TABLE_METRICS)}, got {metric!r}")
     rows = []
     root = None
     names = [str(a.get("name")) if isinstance(a, dict) else a for a in algorithms]
@@ -204,7 +222,7 @@ def tune(config_path: str | Path | None, args: Sequence[str], algorithms: Sequen
         table = pd.read_csv(d / "table.csv")
         col = f"{metric}_mean"
         if col not in table or table[col].dropna().empty:
-            raise configs.ConfigError(f"metric {metric!r} is not in the sweep table; use one of "
+            raise configs.ConfigError(f"metric {metric!r} was not measured by these runs; measured: "
                                       f"{sorted(c[:-5] for c in table.columns if c.endswith('_mean'))}")
         best = table.loc[table[col].idxmin() if mode == "min" else table[col].idxmax()]
         rows.append({"algorithm": label, "best_config": best["config"], metric: best[col],

@@ -43,6 +43,25 @@ def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def sigmoid_squared_loss(scores: Tensor, targets: Tensor) -> Tensor:
+    """The nonconvex binary loss of MARINA/DASHA's experiments, ``mean_i (1 − σ(s_i z_i))²`` with the
+    label mapped to ``s_i = 2y_i − 1 ∈ {−1, +1}`` and the model's single score ``z_i`` (ALGORITHMS §13 T2)."""
+    signs = 2.0 * targets.to(scores.dtype) - 1.0
+    return (1.0 - torch.sigmoid(signs * scores[..., 0])).square().mean()
+
+
+def argmax_prediction(out: Tensor) -> Tensor:
+    return out.argmax(-1)
+
+
+def sign_prediction(out: Tensor) -> Tensor:
+    """Class 1 where the single score is positive (the prediction of :func:`sigmoid_squared_loss`)."""
+    return (out[..., 0] > 0).long()
+
+
+LOSSES = ("cross_entropy", "sigmoid_squared")
+
+
 @dataclass
 class Task:
     model: nn.Module
@@ -53,6 +72,7 @@ class Task:
     language_model: bool = False
     partition_summary: pd.DataFrame = field(default_factory=pd.DataFrame)
     eval_batch: int = 2048
+    predict: Callable[[Tensor], Tensor] = argmax_prediction
 
     @property
     def num_clients(self) -> int:
@@ -69,7 +89,7 @@ class Task:
                 x, y = self.test_inputs[i:i + self.eval_batch], self.test_targets[i:i + self.eval_batch]
                 out = functional_call(self.model, dict(params), (x,))
                 total_loss += float(self.loss_fn(out, y)) * y.numel()
-                correct += int((out.argmax(-1) == y).sum())
+                correct += int((self.predict(out) == y).sum())
                 count += y.numel()
         loss = total_loss / max(1, count)
         row = {"test_loss": loss, "test_accuracy": correct / max(1, count)}
@@ -95,13 +115,34 @@ def stratified_split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: i
 
 def _classification(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray, model: nn.Module, *,
                     num_clients: int, partition: str, alpha: float, shards_per_client: int, batch_size: int,
-                    large_batch_size: int | None, seed: int, dtype: torch.dtype = torch.float32) -> Task:
+                    large_batch_size: int | None, seed: int, dtype: str = "float32",
+                    loss: str = "cross_entropy") -> Task:
+    torch_dtype = _dtype(dtype)
     parts = partitions.partition(y_tr, num_clients, partition, seed=seed, alpha=alpha,
                                  shards_per_client=shards_per_client)
-    xt, yt = torch.tensor(x_tr, dtype=dtype), torch.tensor(y_tr, dtype=torch.long)
-    return Task(model.to(dtype), _objectives(model, xt, yt, parts, batch_size, large_batch_size),
-                torch.tensor(x_te, dtype=dtype), torch.tensor(y_te, dtype=torch.long),
-                partition_summary=partitions.summary(parts, y_tr))
+    xt, yt = torch.tensor(x_tr, dtype=torch_dtype), torch.tensor(y_tr, dtype=torch.long)
+    loss_fn, predict = (sigmoid_squared_loss, sign_prediction) if loss == "sigmoid_squared" else \
+        (F.cross_entropy, argmax_prediction)
+    return Task(model.to(torch_dtype), _objectives(model, xt, yt, parts, batch_size, large_batch_size, loss_fn),
+                torch.tensor(x_te, dtype=torch_dtype), torch.tensor(y_te, dtype=torch.long), loss_fn=loss_fn,
+                partition_summary=partitions.summary(parts, y_tr), predict=predict)
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "float64": torch.float64}
+    if name not in dtypes:
+        raise ValueError(f"task dtype must be one of {sorted(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def _head(x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...], loss: str, bias: bool = True) -> nn.Module:
+    """The task's MLP: C outputs for cross-entropy, one score for the binary ``sigmoid_squared`` loss."""
+    if loss not in LOSSES:
+        raise ValueError(f"task loss must be one of {list(LOSSES)}, got {loss!r}")
+    classes = int(y.max()) + 1
+    if loss == "sigmoid_squared" and classes != 2:
+        raise ValueError(f"task loss 'sigmoid_squared' needs a binary dataset, this one has {classes} classes")
+    return MLP(x.shape[1], tuple(hidden), 1 if loss == "sigmoid_squared" else classes, bias=bias)
 
 
 _PARTITION_DEFAULTS = {"num_clients": 10, "partition": "iid", "alpha": 0.5, "shards_per_client": 2, "batch_size": 32,
@@ -112,7 +153,7 @@ def _synthetic(num_clients: int = 10, alpha: float = 1.0, beta: float = 1.0, dim
                mean_samples: int = 100, hidden: tuple[int, ...] = (), batch_size: int = 32,
                large_batch_size: int | None = None, test_fraction: float = 0.2, seed: int = 0,
                dtype: str = "float32") -> Task:
-    torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    torch_dtype = _dtype(dtype)
     data = leaf_synthetic(num_clients, alpha, beta, dim=dim, classes=classes, mean_samples=mean_samples, seed=seed,
                           dtype=torch_dtype)
     objectives, test_x, test_y = [], [], []
@@ -129,15 +170,16 @@ def _synthetic(num_clients: int = 10, alpha: float = 1.0, beta: float = 1.0, dim
 
 
 def _sklearn(name: str, default_hidden: tuple[int, ...]):
-    def build(hidden: tuple[int, ...] | None = None, test_fraction: float = 0.25, **kw: Any) -> Task:
+    def build(hidden: tuple[int, ...] | None = None, test_fraction: float = 0.25, loss: str = "cross_entropy",
+              bias: bool = True, **kw: Any) -> Task:
         from .data.tabular import load_sklearn
 
         opts = {**_PARTITION_DEFAULTS, **kw}
         x, y = load_sklearn(name)
         x_tr, x_te, y_tr, y_te = stratified_split(x, y, test_fraction, opts["seed"])
         torch.manual_seed(opts["seed"])
-        model = MLP(x.shape[1], tuple(default_hidden if hidden is None else hidden), int(y.max()) + 1)
-        return _classification(x_tr, y_tr, x_te, y_te, model, **opts)
+        model = _head(x, y, default_hidden if hidden is None else hidden, loss, bias)
+        return _classification(x_tr, y_tr, x_te, y_te, model, loss=loss, **opts)
     return build
 
 
@@ -168,11 +210,11 @@ def _fashion_mnist(data_dir: str | None = None, model: str = "cnn", train_limit:
 
 
 def _linear(x: np.ndarray, y: np.ndarray, test_fraction: float = 0.2, hidden: tuple[int, ...] = (),
-            **kw: Any) -> Task:
+            loss: str = "cross_entropy", bias: bool = True, **kw: Any) -> Task:
     opts = {**_PARTITION_DEFAULTS, **kw}
     x_tr, x_te, y_tr, y_te = stratified_split(x, y, test_fraction, opts["seed"])
     torch.manual_seed(opts["seed"])
-    return _classification(x_tr, y_tr, x_te, y_te, MLP(x.shape[1], tuple(hidden), int(y.max()) + 1), **opts)
+    return _classification(x_tr, y_tr, x_te, y_te, _head(x, y, hidden, loss, bias), loss=loss, **opts)
 
 
 def _libsvm(path: str | None = None, n_features: int | None = None, **kw: Any) -> Task:

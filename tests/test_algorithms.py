@@ -238,3 +238,49 @@ def test_docstrings_state_equations_sources_and_rules(name):
     assert "←" in text or "=" in text  # the update equations
     assert "arXiv" in text or "et al." in text or "ALGORITHMS" in text  # the source
     assert "participation" in text.lower() and "reject" in text.lower()
+
+
+@pytest.mark.parametrize("feedback", ["ef14", "none"])
+def test_sgd_error_feedback_choices_equal_an_independent_loop(feedback):
+    """``sgd`` (no momentum) with top-k and EF14 / no feedback, full local batches, float64, against a loop
+    written here: ``p_j = topk(e_j + g_j)``, ``e_j ← e_j + g_j − p_j`` (EF14) or ``p_j = topk(g_j)``;
+    ``X ← X − lr (k+1)^{-1/2} · mean_j p_j`` (the run's polynomial schedule drives torch's learning rate)."""
+    _, objs, X0, geom = problem(num_clients=3, batch_size=10 ** 6)
+    lr, ratio = 0.2, 0.25
+    xs, _ = trajectory("sgd", objs, X0, geom, rounds=8, lr=lr, momentum=0.0, error_feedback=feedback,
+                       schedule="polynomial", power=0.5,
+                       compressor={"name": "topk", "ratio": ratio, "values": "fp64"}, values="fp64")
+
+    def topk(t):
+        k = max(1, int(np.ceil(ratio * t.numel())))
+        flat = t.reshape(-1)
+        out = torch.zeros_like(flat)
+        idx = flat.abs().topk(k).indices
+        out[idx] = flat[idx]
+        return out.reshape(t.shape)
+
+    X = {n: t.clone() for n, t in X0.items()}
+    e = [{n: torch.zeros_like(t) for n, t in X0.items()} for _ in objs]
+    for k in range(8):
+        sent = []
+        for j, obj in enumerate(objs):
+            _, g = obj.gradient(X, obj.full_batch())
+            p = {n: topk(e[j][n] + g[n]) if feedback == "ef14" else topk(g[n]) for n in g}
+            if feedback == "ef14":
+                e[j] = {n: e[j][n] + g[n] - p[n] for n in g}
+            sent.append(p)
+        X = {n: X[n] - lr * (k + 1) ** -0.5 * sum(p[n] for p in sent) / len(sent) for n in X}
+        for n in X:
+            torch.testing.assert_close(xs[k][n], X[n], rtol=1e-10, atol=1e-12)
+
+
+def test_ef14_changes_the_trajectory_and_bad_feedback_is_named():
+    _, objs, X0, geom = problem(num_clients=2, batch_size=10 ** 6)
+    opts = {"lr": 0.2, "momentum": 0.0, "compressor": {"name": "topk", "ratio": 0.1}}
+    a, _ = trajectory("sgd", objs, X0, geom, rounds=4, error_feedback="ef14", **opts)
+    b, _ = trajectory("sgd", objs, X0, geom, rounds=4, error_feedback="none", **opts)
+    assert not torch.equal(a[-1]["head.weight"], b[-1]["head.weight"])
+    with pytest.raises(ValueError, match=r"error_feedback must be one of \['ef21', 'ef14', 'none'\]"):
+        make_algorithm("gluon-ef21", geom, error_feedback="ef99")
+    with pytest.raises(ValueError, match="tracker='fixed16' needs error_feedback='ef21'"):
+        make_algorithm("gluon-ef21", geom, error_feedback="ef14", tracker="fixed16")

@@ -51,6 +51,9 @@ def test_run_writes_documented_files_and_columns(tmp_path, monkeypatch):
     (["colour=red"], ["unknown config key 'colour'", "algorithm"]),
     (["engine.name=spark"], ["engine.name must be one of", "inprocess"]),
     (["algorithm.momentum=0.9"], ["unknown option", "allowed"]),
+    (["algorithm.error_feedback=ef3"], ["error_feedback must be one of", "ef14"]),
+    (["algorithm.name=sgd", "algorithm.adaptive={L0: 1.0, L1: 0.0}"], ["takes a schedule", "adaptive"]),
+    (["task.name=digits", "task.loss=hinge"], ["task loss must be one of", "sigmoid_squared"]),
 ])
 def test_invalid_configs_exit_nonzero_naming_the_field(tmp_path, monkeypatch, args, words):
     monkeypatch.chdir(tmp_path)
@@ -160,6 +163,10 @@ def test_switching_task_or_algorithm_drops_the_defaults_of_the_other(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("task: {name: digits, partition: dirichlet}")
     assert dict(load(f).task) == {"name": "digits", "partition": "dirichlet"}
+    # a compressor of another name replaces the default one: no top-k ratio leaks into PowerSGD
+    cfg = load(None, ["algorithm.compressor={name: powersgd, rank: 2}"])
+    assert dict(cfg.algorithm.compressor) == {"name": "powersgd", "rank": 2}
+    assert load(None, ["algorithm.compressor.ratio=0.1"]).algorithm.compressor == {"name": "topk", "ratio": 0.1}
 
 
 def test_tune_labels_repeated_algorithms(tmp_path, monkeypatch):
@@ -172,3 +179,18 @@ def test_tune_labels_repeated_algorithms(tmp_path, monkeypatch):
     assert list(tuned["algorithm"]) == ["gluon-ef21-1", "gluon-ef21-2"]
     bits = tuned.set_index("algorithm")["uplink_bits_per_client_mean"]
     assert bits["gluon-ef21-1"] < bits["gluon-ef21-2"]
+
+
+def test_sweep_members_with_the_same_algorithm_name_stay_apart(tmp_path, monkeypatch):
+    """Two sections of one algorithm (different compressors) are two members and two table rows."""
+    monkeypatch.chdir(tmp_path)
+    out = invoke("sweep", *FAST, "--name", "same", "--quiet",
+                 "algorithm=[{name: gluon-ef21, lr: 0.05, compressor: {name: topk, ratio: 0.1}}, "
+                 "{name: gluon-ef21, lr: 0.05, compressor: {name: topk, ratio: 0.5}}]")
+    assert out.exit_code == 0, out.output
+    members = pd.read_csv(tmp_path / "runs" / "same" / "members.csv")
+    table = pd.read_csv(tmp_path / "runs" / "same" / "table.csv")
+    assert members["member"].nunique() == 2 and len(table) == 2
+    assert all(c.startswith("gluon-ef21-") for c in table["config"])
+    bits = table["uplink_bits_per_client_mean"]
+    assert bits.max() > 3 * bits.min()  # 50% vs 10% top-k

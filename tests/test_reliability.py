@@ -47,7 +47,7 @@ def test_checkpoint_files_are_atomic_and_load_without_unpickling(tmp_path):
                                {0: None, 1: {"est": {"w": torch.ones(2)}, "commits": torch.tensor(4)}},
                                [{"round": 0, "train_loss": 1.5}], [{"round": 0, "client": 1, "reason": ""}], "key")
     path = checkpoint.save(snap, tmp_path / "c.pt")
-    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "c.pt.rows.jsonl"]  # no temporary file left
     back = checkpoint.load(path)
     assert back.next_round == 3 and back.run_key == "key" and back.history == snap.history
     assert back.server_state["downlink_bits"] == snap.server_state["downlink_bits"]
@@ -58,9 +58,37 @@ def test_checkpoint_files_are_atomic_and_load_without_unpickling(tmp_path):
         def __reduce__(self):
             return (os.system, ("true",))
 
-    torch.save({"format": 1, "evil": Evil()}, tmp_path / "evil.pt")
+    torch.save({"format": checkpoint.FORMAT, "evil": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(pickle.UnpicklingError):
         checkpoint.load(tmp_path / "evil.pt")
+
+
+def test_rows_journal_is_appended_and_reads_exactly_the_counted_rows(tmp_path):
+    """Rows are appended, not re-pickled, per save; lines written after the last snapshot (a crash between
+    journal and snapshot) are ignored on load and dropped by the next process's first save."""
+    path = tmp_path / "c.pt"
+    ckpt = Checkpointer(path, every=1)
+    history = [{"round": k, "train_loss": float(k), "note": "x"} for k in range(3)]
+    clients = [{"round": k, "client": j, "status": "accepted"} for k in range(3) for j in range(2)]
+    for k in range(3):
+        ckpt.after_round(k, lambda k=k: checkpoint.Snapshot(k + 1, {"X": {}}, {}, history[:k + 1], clients[:2 * k + 2]))
+    journal = checkpoint.journal_path(path)
+    assert len(journal.read_text().splitlines()) == 3 + 6  # each row written once
+    back = checkpoint.load(path)
+    assert back.history == history and back.client_log == clients and back.next_round == 3
+    with open(journal, "a") as fh:  # a crash after the journal append, before the snapshot rename
+        fh.write('{"h": {"round": 3, "train_loss": 9.0}}\n')
+    assert checkpoint.load(path).history == history
+    fresh = Checkpointer(path, every=1)  # the resumed process
+    fresh.after_round(3, lambda: checkpoint.Snapshot(4, {"X": {}}, {}, [*history, {"round": 3, "train_loss": 3.0}],
+                                                     clients))
+    assert checkpoint.load(path).history[-1] == {"round": 3, "train_loss": 3.0}
+    assert len(journal.read_text().splitlines()) == 4 + 6
+    journal.write_text(journal.read_text().splitlines()[0] + "\n")
+    with pytest.raises(ValueError, match="fewer rows than"):
+        checkpoint.load(path)
+    checkpoint.remove(path)
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("engine", ["plain", "inprocess"])

@@ -97,3 +97,23 @@ def test_tiny_gpt_beats_character_bigram_on_shakespeare():
     metrics = train(task, opt, 250, 32, epochs=False)
     assert metrics["test_loss"] < bigram - 0.1, (metrics, bigram)
 
+
+
+def test_sigmoid_squared_binary_task():
+    """T2's nonconvex loss ``mean (1 − σ(s·aᵀx))²`` (s = ±1) on a bias-free linear model, with sign predictions."""
+    task = make_task({"name": "breast_cancer", "num_clients": 5, "hidden": [], "loss": "sigmoid_squared",
+                      "bias": False, "dtype": "float64"})
+    params = task.initial_params()
+    assert {n: tuple(t.shape) for n, t in params.items()} == {"head.weight": (1, 30)}
+    w = torch.randn(1, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    obj = task.objectives[0]
+    x, y = obj.full_batch()
+    s = 2.0 * y.double() - 1.0
+    expected = ((1 - torch.sigmoid(s * (x @ w[0]))) ** 2).mean()
+    loss, g = obj.gradient({"head.weight": w}, (x, y))
+    assert loss == pytest.approx(float(expected), rel=1e-12)
+    assert g["head.weight"].dtype == torch.float64
+    acc = task.evaluate({"head.weight": w})["test_accuracy"]
+    assert acc == pytest.approx(float(((task.test_inputs @ w[0] > 0).long() == task.test_targets).double().mean()))
+    with pytest.raises(ValueError, match="needs a binary dataset, this one has 10 classes"):
+        make_task({"name": "digits", "loss": "sigmoid_squared"})

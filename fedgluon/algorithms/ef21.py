@@ -10,24 +10,31 @@ participation; with partial participation absent clients' trackers stay in G unc
 client keeps its tracker (its R_j never reached G), so ``G = Σ_j w_j G_j`` still holds.
 ``tracker="fixed16"`` stores G_j as int16 on a power-of-two grid and sends exact differences
 (compressors.error_feedback).
+
+The uplink's error feedback is a named part: ``error_feedback="ef21"`` (default, above), ``"ef14"``
+(send ``C(e_j + V_j)``, keep the residual; the server averages the round's messages, as in PowerSGD)
+or ``"none"`` (send ``C(V_j)``).
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from compressors import EF21, Compressor, make_compressor
+from compressors import Compressor, make_compressor, make_error_feedback
 
-from .base import Algorithm, tracker_update
+from .base import Algorithm, tracker_update, weighted_mean
 
 
-class _EF21Uplink(Algorithm):
-    OPTIONS: ClassVar[dict[str, Any]] = {"compressor": {"name": "topk", "ratio": 0.05}, "tracker": "full"}
+class FeedbackUplink(Algorithm):
+    """The estimate, compressed with error feedback (EF21 by default); see the module docstring."""
+
+    OPTIONS: ClassVar[dict[str, Any]] = {"compressor": {"name": "topk", "ratio": 0.05}, "tracker": "full",
+                                         "error_feedback": "ef21"}
 
     def __init__(self, geometry, **options):
         super().__init__(geometry, **options)
         self.compressor = make_compressor(self.opt["compressor"])
-        self.ef = EF21(self.compressor, tracker=self.opt["tracker"])
+        self.ef = make_error_feedback(self.opt["error_feedback"], self.compressor, self.opt["tracker"])
 
     @property
     def uplink(self) -> Compressor:
@@ -40,35 +47,37 @@ class _EF21Uplink(Algorithm):
         return new, msg
 
     def aggregate(self, state, decoded, weights, bc):
-        return tracker_update(state.get("G"), decoded, weights, state["X"])
+        if self.ef.tracks:
+            return tracker_update(state.get("G"), decoded, weights, state["X"])
+        return weighted_mean(decoded, weights)
 
 
-class GluonEF21(_EF21Uplink):
+class GluonEF21(FeedbackUplink):
     """``gluon-ef21`` — EF21-Muon uplink (Gruntkowska et al., arXiv 2510.00643): EMA momentum
     ``M_j ← βM_j + (1−β)∇f_j(X^k; ξ)`` compressed with EF21."""
 
     name = "gluon-ef21"
     estimator = "ema"
-    OPTIONS = {**_EF21Uplink.OPTIONS, "beta": 0.9, "nesterov": False}
+    OPTIONS = {**FeedbackUplink.OPTIONS, "beta": 0.9, "nesterov": False}
 
 
-class GluonEF21SARAH(_EF21Uplink):
+class GluonEF21SARAH(FeedbackUplink):
     """``gluon-ef21-sarah`` — core paper variant C [RECON]: SARAH estimator
     ``V_j ← V_j + ∇f_j(X^k; ξ) − ∇f_j(X_prev; ξ)`` (large-batch refresh with probability p), EF21."""
 
     name = "gluon-ef21-sarah"
     estimator = "sarah"
     uses_refresh = True
-    OPTIONS = {**_EF21Uplink.OPTIONS, "refresh_prob": 0.1, "refresh_period": None}
+    OPTIONS = {**FeedbackUplink.OPTIONS, "refresh_prob": 0.1, "refresh_period": None}
 
 
-class GluonEF21MVR(_EF21Uplink):
+class GluonEF21MVR(FeedbackUplink):
     """``gluon-ef21-mvr`` — core paper variant D, contractive [RECON]: STORM estimator
     ``V_j ← ∇f_j(X^k; ξ) + β(V_j − ∇f_j(X_prev; ξ))`` compressed with EF21 (no dense rounds)."""
 
     name = "gluon-ef21-mvr"
     estimator = "mvr"
-    OPTIONS = {**_EF21Uplink.OPTIONS, "beta": 0.9}
+    OPTIONS = {**FeedbackUplink.OPTIONS, "beta": 0.9}
 
 
 class EF21MuonBidir(GluonEF21):

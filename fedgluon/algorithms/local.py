@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from compressors import EF14, Compressor, make_compressor
+from compressors import Compressor, make_compressor, make_error_feedback
 
 from ..rng import generator
-from .base import Algorithm, ClientReply, commit_count, compress_with
+from .base import Algorithm, ClientReply, commit_count
 
 
 class FedAvg(Algorithm):
@@ -34,6 +34,7 @@ class FedAvg(Algorithm):
         if isinstance(spec, dict) and spec.get("name") == "identity" and "values" not in spec:
             spec = {**spec, "values": self.opt["values"]}
         self.compressor = make_compressor(spec)
+        self.feedback = make_error_feedback(self.opt["error_feedback"], self.compressor)
 
     @property
     def uplink(self) -> Compressor:
@@ -54,11 +55,8 @@ class FedAvg(Algorithm):
             samples += len(batch[1])
             X, est_state = self.local_step(X, g, bc.round * tau + s, est_state)
         delta = {n: X[n] - bc.model[n] for n in X}
-        new_state = {**state, "commits": commit_count(state) + 1}
-        if self.opt["error_feedback"] == "ef14":
-            msg, new_state["ef14"], _, _ = EF14(self.compressor).step(state.get("ef14"), delta, (bc.seed, j, bc.round))
-        else:
-            msg, _ = compress_with(self.compressor, delta, bc, j)
+        msg, ef_state, _, comp = self.feedback.step(state.get("ef"), delta, (bc.seed, j, bc.round), state.get("comp"))
+        new_state = {**state, "commits": commit_count(state) + 1, "ef": ef_state, "comp": comp}
         return new_state, ClientReply(j, bc.round, msg, losses[0], tau, samples)
 
     def server_update(self, state, G, k):

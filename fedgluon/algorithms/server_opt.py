@@ -1,8 +1,10 @@
 """Non-LMO baselines: a torch optimizer on the server, applied to the (compressed) aggregate.
 
 Clients send plain stochastic gradients through EF21 with any compressor (identity by default), so
-the server's ``G = Σ_j w_j G_j`` tracks the mean gradient (ALGORITHMS §8.1); the server then takes
-a ``torch.optim.SGD`` (momentum) or ``torch.optim.AdamW`` step with ``.grad = G``. The optimizer's
+the server's ``G = Σ_j w_j G_j`` tracks the mean gradient (ALGORITHMS §8.1) — or through EF14 / no
+feedback (``error_feedback``), the PowerSGD recipe with ``compressor: powersgd``; the server then takes
+a ``torch.optim.SGD`` (momentum) or ``torch.optim.AdamW`` step with ``.grad = G`` at the learning rate
+``lr · schedule(k)`` of the run's schedule (``constant`` by default; Gluon's ``adaptive`` rule does not apply). The optimizer's
 state lives in the server state as its ``state_dict`` (plain tensors, so it checkpoints), and each
 step works on copies: the previous server state is never modified. This is what
 "Adam vs Muon vs Gluon" sweeps compare against. Partial participation and rejection follow EF21.
@@ -15,14 +17,20 @@ from typing import Any, ClassVar
 
 import torch
 
-from .ef21 import _EF21Uplink
+from .ef21 import FeedbackUplink
 
 
-class _TorchServer(_EF21Uplink):
-    OPTIONS = {**_EF21Uplink.OPTIONS, "compressor": {"name": "identity"}}
+class _TorchServer(FeedbackUplink):
+    OPTIONS = {**FeedbackUplink.OPTIONS, "compressor": {"name": "identity"}}
 
     def make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         raise NotImplementedError
+
+    def __init__(self, geometry, **options):
+        super().__init__(geometry, **options)
+        if self.opt["adaptive"] is not None:
+            raise ValueError(f"algorithm {self.name!r} takes a schedule, not Gluon's adaptive radius "
+                             f"(got adaptive={self.opt['adaptive']!r})")
 
     def init_server(self, X0):
         state = super().init_server(X0)
@@ -34,6 +42,8 @@ class _TorchServer(_EF21Uplink):
         optimizer = self.make_optimizer(list(X.values()))
         if state.get("optimizer") is not None:
             optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        for group in optimizer.param_groups:
+            group["lr"] = self.lmo_step.radius_rule.base(k)
         for n, p in X.items():
             p.grad = G[n].to(p.dtype).clone()
         optimizer.step()

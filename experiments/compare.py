@@ -4,10 +4,14 @@ For each method's best configuration (tuned.csv) and each seed: the cumulative u
 client at the first evaluation whose test loss is within ``--slack`` (default 5%) of the best
 method's final test loss, averaged over seeds (also divided by the model size in fp32 bits, the
 EF21-Muon paper's normalisation, and the downlink bits per client to the same point);
-savings = 1 − uplink bits / uplink bits of ``--baseline``. int32 bit convention.
-Writes <tune dir>/comparison.csv and prints a Markdown table.
+savings = 1 − uplink bits / uplink bits of ``--baseline``. int32 bit convention. Also the test
+accuracy at equal uplink bits: the last evaluation within the smallest whole-run uplink budget per
+client of all methods (``accuracy_at_budget``).
+Several tune directories (methods run for different numbers of rounds) are compared together.
+Writes <first tune dir>/comparison.csv (and ``--plot``: accuracy vs uplink bits) and prints a Markdown table.
 
     python experiments/compare.py runs/t3 --baseline gluon
+    python experiments/compare.py runs/fmnist/dense runs/fmnist/compressed --baseline gluon --plot runs/fmnist/acc.png
 """
 
 from __future__ import annotations
@@ -21,22 +25,25 @@ import torch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("tune_dir", type=Path)
+    ap.add_argument("tune_dirs", type=Path, nargs="+")
     ap.add_argument("--baseline", default="gluon")
     ap.add_argument("--slack", type=float, default=0.05)
+    ap.add_argument("--plot", type=Path, default=None, help="write test accuracy vs uplink bits per client here")
     args = ap.parse_args()
-    tuned = pd.read_csv(args.tune_dir / "tuned.csv")
-    runs = {}
-    for _, row in tuned.iterrows():
-        sweep_dir = args.tune_dir / row["algorithm"]
-        members = pd.read_csv(sweep_dir / "members.csv")
-        chosen = members[members["config"].astype(str) == row["best_config"]]
-        runs[row["algorithm"]] = [pd.read_csv(sweep_dir / m / "metrics.csv") for m in chosen["member"]]
+    runs, lrs, model_bits = {}, {}, 0
+    for tune_dir in args.tune_dirs:
+        tuned = pd.read_csv(tune_dir / "tuned.csv")
+        for _, row in tuned.iterrows():
+            sweep_dir = tune_dir / row["algorithm"]
+            members = pd.read_csv(sweep_dir / "members.csv")
+            chosen = members[members["config"].astype(str) == row["best_config"]]
+            runs[row["algorithm"]] = [pd.read_csv(sweep_dir / m / "metrics.csv") for m in chosen["member"]]
+            lrs[row["algorithm"]] = row["best_config"].split(",")[0]
+            model = torch.load(sweep_dir / chosen["member"].iloc[0] / "model.pt", weights_only=True)
+            model_bits = 32 * sum(t.numel() for t in model.values())
     finals = {a: sum(m["test_loss"].dropna().iloc[-1] for m in ms) / len(ms) for a, ms in runs.items()}
     target = min(finals.values()) * (1 + args.slack)
-    first_member = pd.read_csv(args.tune_dir / tuned["algorithm"].iloc[0] / "members.csv")["member"].iloc[0]
-    model = torch.load(args.tune_dir / tuned["algorithm"].iloc[0] / first_member / "model.pt", weights_only=True)
-    model_bits = 32 * sum(t.numel() for t in model.values())
+    budget = min(sum(m["up_bits_per_client_cum"].iloc[-1] for m in ms) / len(ms) for ms in runs.values())
     rows = []
     for alg, metrics in runs.items():
         hits, downs = [], []
@@ -46,7 +53,9 @@ def main() -> None:
             reached = ev[ev["test_loss"] <= target]
             hits.append(float(reached["up_bits_per_client_cum"].iloc[0]) if len(reached) else float("nan"))
             downs.append(float(reached["down_per_client_cum"].iloc[0]) if len(reached) else float("nan"))
-        rows.append({"algorithm": alg, "lr": tuned.set_index("algorithm").loc[alg, "best_config"].split(",")[0],
+        at_budget = [float(m.dropna(subset=["test_accuracy"]).query("up_bits_per_client_cum <= @budget * 1.0001")
+                           ["test_accuracy"].iloc[-1]) for m in metrics]
+        rows.append({"algorithm": alg, "lr": lrs[alg], "rounds": len(metrics[0]),
                      "final_test_loss": finals[alg],
                      "final_test_accuracy": sum(m["test_accuracy"].dropna().iloc[-1] for m in metrics) / len(metrics),
                      "seeds_reaching_target": sum(h == h for h in hits), "seeds": len(hits),
@@ -54,13 +63,34 @@ def main() -> None:
                      "up_to_target_over_model": (sum(hits) / len(hits) / model_bits) if all(h == h for h in hits)
                      else float("nan"),
                      "down_bits_to_target": sum(downs) / len(downs) if all(d == d for d in downs) else float("nan"),
-                     "total_uplink_bits": sum(m["up_bits_per_client_cum"].iloc[-1] for m in metrics) / len(metrics)})
+                     "total_uplink_bits": sum(m["up_bits_per_client_cum"].iloc[-1] for m in metrics) / len(metrics),
+                     "accuracy_at_budget": sum(at_budget) / len(at_budget)})
     table = pd.DataFrame(rows)
     base = table.set_index("algorithm").loc[args.baseline, "bits_to_target"]
     table["saving_vs_" + args.baseline] = 1 - table["bits_to_target"] / base
-    table.to_csv(args.tune_dir / "comparison.csv", index=False)
-    print(f"target test loss: {target:.4f} (best final {min(finals.values()):.4f} + {args.slack:.0%})\n")
+    table.to_csv(args.tune_dirs[0] / "comparison.csv", index=False)
+    if args.plot is not None:
+        plot(runs, args.plot, budget)
+    print(f"target test loss: {target:.4f} (best final {min(finals.values()):.4f} + {args.slack:.0%}); "
+          f"uplink budget for accuracy_at_budget: {budget:.4g} bits per client\n")
     print(markdown(table))
+
+
+def plot(runs: dict[str, list[pd.DataFrame]], path: Path, budget: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for alg, metrics in runs.items():
+        ev = [m.dropna(subset=["test_accuracy"]) for m in metrics]
+        ax.plot(ev[0]["up_bits_per_client_cum"], sum(e["test_accuracy"].to_numpy() for e in ev) / len(ev), label=alg)
+    ax.axvline(budget, color="grey", lw=0.8, ls=":")
+    ax.set(xscale="log", xlabel="uplink bits per client (int32 convention)", ylabel="test accuracy (mean over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def markdown(table: pd.DataFrame) -> str:

@@ -2,8 +2,8 @@
 against the formula.
 
 For each member of the `fedgluon sweep` directory of experiments/t5_powersgd.sh: the algorithm, rank,
-warm start and error feedback from its config.yaml; final and best test accuracy (mean ± std over
-seeds); uplink floats per client per round from the logged value bits (fp32: bits / 32); the logged
+warm start and error feedback from its config.yaml; final test loss, final and best test accuracy
+(mean, and the final accuracy's std, over seeds); uplink floats per client per round from the logged value bits (fp32: bits / 32); the logged
 compression ratio (dense floats / sent floats) and the one the formula predicts,
 ``Σ_layers n·m / Σ_layers ((n+m)·r if the layer is compressed else n·m)`` — PowerSGD's ``nm/((n+m)r)``
 per matrix, with vectors and matrices below ``min_compression_rate`` sent dense.
@@ -61,14 +61,15 @@ def main() -> None:
                  f"{info['error_feedback']}")
         ev = metrics.dropna(subset=["test_accuracy"])
         curves.setdefault(label, []).append((floats.cumsum()[ev.index], ev["test_accuracy"]))
-        rows.append({"method": label, "seed": m["seed"], "final_accuracy": float(ev["test_accuracy"].iloc[-1]),
+        rows.append({"method": label, "seed": m["seed"], "final_loss": float(ev["test_loss"].iloc[-1]),
+                     "final_accuracy": float(ev["test_accuracy"].iloc[-1]),
                      "best_accuracy": float(ev["test_accuracy"].max()),
                      "floats_per_round": float(floats.iloc[-1]),
                      "ratio_logged": dense / float(floats.iloc[-1]),
                      "ratio_formula": formula_ratio(info["compressor"], shapes)})
     per_seed = pd.DataFrame(rows)
     table = per_seed.groupby("method", sort=False).agg(
-        final_accuracy=("final_accuracy", "mean"), final_std=("final_accuracy", "std"),
+        final_loss=("final_loss", "mean"), final_accuracy=("final_accuracy", "mean"), final_std=("final_accuracy", "std"),
         best_accuracy=("best_accuracy", "mean"), seeds=("seed", "count"),
         floats_per_round=("floats_per_round", "mean"), ratio_logged=("ratio_logged", "mean"),
         ratio_formula=("ratio_formula", "mean")).reset_index()

@@ -35,6 +35,7 @@ from . import spec as specs
 from .checkpoint import Checkpointer, RunStopped, Snapshot
 from .checkpoint import load as load_checkpoint
 from .checkpoint import remove as remove_checkpoint
+from .memory import client_state_bytes
 from .config import ConfigError, run_name, spec_of
 from .faults import FaultPlan
 
@@ -151,7 +152,7 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
                 if on_round is not None:
                     on_round(row)
 
-            history, final, clients = _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer,
+            history, final, clients, state_bytes = _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer,
                                                   snapshot)
     except RunStopped as err:
         if err.checkpoint is not None:
@@ -159,7 +160,8 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
             _write_results(out, cfg, snap.history, snap.client_log, None, time.perf_counter() - t0,
                            stopped=str(err), resumed_from=start)
         raise
-    _write_results(out, cfg, history, clients, final, time.perf_counter() - t0, resumed_from=start)
+    _write_results(out, cfg, history, clients, final, time.perf_counter() - t0, resumed_from=start,
+                   state_bytes=state_bytes)
     remove_checkpoint(out / CHECKPOINT)
     return out
 
@@ -187,7 +189,7 @@ def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, 
                         participation=spec["participation"], weights=spec["weights"], evaluate=evaluate,
                         eval_every=spec["eval_every"], on_round=round_done, faults=FaultPlan.from_spec(spec["faults"]),
                         checkpointer=checkpointer, resume=snapshot, block_size=spec["block_size"])
-        return res.history, res.server_state["X"], res.client_log
+        return res.history, res.server_state["X"], res.client_log, client_state_bytes(res.client_states)
     from .engines import run_inprocess, run_ray
 
     if engine == "inprocess":
@@ -195,11 +197,11 @@ def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, 
     else:
         strategy = run_ray(spec, num_cpus=cfg.engine.num_cpus, num_gpus=cfg.engine.num_gpus, address=cfg.engine.address,
                            on_round=round_done, evaluate=evaluate, checkpointer=checkpointer, resume=snapshot)
-    return strategy.history, strategy.server_state["X"], strategy.client_log
+    return strategy.history, strategy.server_state["X"], strategy.client_log, client_state_bytes(strategy.client_states)
 
 
 def _write_results(out: Path, cfg: DictConfig, history, clients, final, wall: float, *, stopped: str | None = None,
-                   resumed_from: int = 0) -> None:
+                   resumed_from: int = 0, state_bytes: Mapping[str, float] | None = None) -> None:
     """metrics.csv, clients.csv, model.pt, plots.png and summary.json (``"complete": true`` only when the
     run finished; a stopped run's summary says why and where it stopped)."""
     frame = add_derived_columns(pd.DataFrame(history), cfg) if history else pd.DataFrame()
@@ -214,6 +216,8 @@ def _write_results(out: Path, cfg: DictConfig, history, clients, final, wall: fl
                  bits_label=f"uplink bits per client ({cfg.network.bits} convention)")
     summary = summarise(frame, cfg, wall)
     summary["resumed_from_round"] = resumed_from
+    if state_bytes is not None:  # what the simulator holds per client at the end (fedgluon.memory)
+        summary.update({f"client_state_bytes_{k}": v for k, v in state_bytes.items()})
     if stopped is not None:
         summary.update({"complete": False, "stopped": stopped, "resume": f"fedgluon run --resume {out}"})
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -223,8 +223,8 @@ class Algorithm:
         """Estimator, compression and the proposed new state, given the round's gradients."""
         updates, msg = self.local_update(state, grads, bc, j)
         new_state = {**state, **updates, "commits": commit_count(state) + 1}
-        if self.needs_previous or "x_prev" in state:
-            new_state["x_prev"] = {n: t.clone() for n, t in bc.model.items()}
+        if self.needs_previous or "x_prev" in state:  # the broadcast tensors themselves: servers never change
+            new_state["x_prev"] = dict(bc.model)      # a model in place, so every client shares one copy
         return new_state, ClientReply(j, bc.round, msg, grads.loss, grads.evals, grads.samples)
 
     def client_block(self, states: Mapping[int, State | None], bc: Broadcast,

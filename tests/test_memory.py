@@ -1,0 +1,37 @@
+"""Client-state bytes (fedgluon.memory) and the shared x_prev of the plain driver."""
+
+import torch
+
+from fedgluon.algorithms import make_algorithm
+from fedgluon.driver import run_plain
+from fedgluon.geometry import Geometry
+from fedgluon.memory import client_state_bytes, nbytes
+from fedgluon.models import MLP
+from fedgluon.data.synthetic import leaf_synthetic
+from fedgluon.objective import SupervisedObjective
+
+
+def test_nbytes_counts_shared_storage_once():
+    a = torch.zeros(10, 10)  # 400 bytes
+    assert nbytes([{"x": a, "y": [a, a[0]]}]) == 400  # a view of a shares its storage
+    assert nbytes([{"x": a}, {"x": a.clone()}]) == 800
+    assert nbytes([{"q": torch.zeros(5, dtype=torch.int16), "n": None, "s": "text"}]) == 10
+
+
+def test_plain_driver_clients_share_the_broadcast_model_as_x_prev():
+    data = leaf_synthetic(4, 0.5, 0.5, dim=10, classes=4, mean_samples=40, seed=0)
+    model = MLP(10, (12,), 4)
+    objs = [SupervisedObjective(model, x, y, batch_size=8) for x, y in data]
+    X0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    P = sum(t.numel() for t in X0.values())
+    algo = make_algorithm("gluon-ef21-sarah", Geometry.from_model(model), compressor={"name": "topk", "ratio": 0.2})
+    seen = []
+    res = run_plain(algo, objs, X0, 3, seed=0, evaluate=lambda X, k: seen.append(dict(X)) or {})
+    states = res.client_states
+    ptrs = {states[j]["x_prev"]["head.weight"].data_ptr() for j in states}
+    assert len(ptrs) == 1  # one copy of the previous model for all clients
+    assert all(torch.equal(states[j]["x_prev"][n], seen[-2][n]) for j in states for n in X0)  # X^{k-1}
+    sizes = client_state_bytes(states)
+    # per client: SARAH estimate + EF21 tracker (fp32) + x_prev; all clients together: x_prev once
+    assert sizes["mean"] >= 3 * 4 * P
+    assert sizes["total"] < 4 * sizes["mean"] - 2.5 * 4 * P

@@ -9,10 +9,14 @@ For n ∈ {10, 50, 200, 1000} clients of the synthetic task (MLP 60→64→10 �
 * ``in-process, blocks``    — the same with B virtual clients per node (n/B nodes)
 * ``ray, 1/node``           — Flower's simulation engine on a private local Ray, one client per node
 * ``ray, blocks``           — the same with B = n/2 virtual clients per node (2 nodes, one per core)
+* ``stock Flower FedAvg``   — Flower's built-in ``FedAvg`` strategy and a plain ClientApp doing the same
+  gradient work (one minibatch gradient of the same model per client task; ``benchmarks.flower_fedavg``),
+  on the same Ray simulation engine, one client per node
 
 Prints seconds per round (mean over rounds after the first), milliseconds per client task and the
-ratio to the plain loop; Ray's start-up and shut-down are reported apart. Ray with one client per
-node is skipped above 200 clients (minutes per run here).
+ratio to the plain loop; Ray's start-up and shut-down are reported apart; then, per size, stock
+Flower's per-client cost divided by that of Ray with client blocks (the issue's "≥25×" target). Ray
+with one client per node and stock Flower are skipped above 200 clients (minutes per run here).
 
 Run: ``python -m benchmarks.bench_engines [--quick] [--no-ray]``.
 """
@@ -27,6 +31,7 @@ import torch
 from benchmarks.common import machine
 from fedgluon import spec as specs
 from fedgluon.driver import run_plain
+from benchmarks.flower_fedavg import run_stock_fedavg
 from fedgluon.engines import run_inprocess, run_ray
 
 
@@ -73,13 +78,21 @@ def main(argv: list[str] | None = None) -> None:
             show(n, label, per_round(strat.history), plain, f"{total - sum(r['wall_time'] for r in strat.history):.1f}")
         if args.no_ray:
             continue
+        blocked = float("nan")
         for label, b in (("ray, 1/node", 1), (f"ray, blocks of {block}", block)):
             if b == 1 and n > 200:
                 continue
             t = time.perf_counter()
             strat = run_ray(specs.normalise(spec_for(n, rounds, b)), num_cpus=1)
             total = time.perf_counter() - t
-            show(n, label, per_round(strat.history), plain, f"{total - sum(r['wall_time'] for r in strat.history):.1f}")
+            blocked = per_round(strat.history)
+            show(n, label, blocked, plain, f"{total - sum(r['wall_time'] for r in strat.history):.1f}")
+        if n <= 200:
+            t = time.perf_counter()
+            times = run_stock_fedavg(spec_for(n, rounds))
+            stock = sum(times[1:]) / max(1, len(times) - 1)
+            show(n, "stock Flower FedAvg, ray", stock, plain, f"{time.perf_counter() - t - sum(times):.1f}")
+            print(f"{n:7d} {'stock Flower / ray blocks':>24s} {stock / blocked:9.2f}x per client task", flush=True)
 
 
 if __name__ == "__main__":

@@ -31,14 +31,17 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=None, help="write test accuracy vs uplink bits per client here")
     args = ap.parse_args()
     runs, lrs, model_bits = {}, {}, 0
-    for tune_dir in args.tune_dirs:
-        tuned = pd.read_csv(tune_dir / "tuned.csv")
+    tables = {d: pd.read_csv(d / "tuned.csv") for d in args.tune_dirs}
+    names = [a for t in tables.values() for a in t["algorithm"]]
+    for tune_dir, tuned in tables.items():
         for _, row in tuned.iterrows():
             sweep_dir = tune_dir / row["algorithm"]
             members = pd.read_csv(sweep_dir / "members.csv")
             chosen = members[members["config"].astype(str) == row["best_config"]]
-            runs[row["algorithm"]] = [pd.read_csv(sweep_dir / m / "metrics.csv") for m in chosen["member"]]
-            lrs[row["algorithm"]] = row["best_config"].split(",")[0]
+            # an algorithm tuned in several directories (dense and compressed, say) is labelled by directory
+            label = row["algorithm"] if names.count(row["algorithm"]) == 1 else f"{row['algorithm']}@{tune_dir.name}"
+            runs[label] = [pd.read_csv(sweep_dir / m / "metrics.csv") for m in chosen["member"]]
+            lrs[label] = row["best_config"].split(",")[0]
             model = torch.load(sweep_dir / chosen["member"].iloc[0] / "model.pt", weights_only=True)
             model_bits = 32 * sum(t.numel() for t in model.values())
     finals = {a: sum(m["test_loss"].dropna().iloc[-1] for m in ms) / len(ms) for a, ms in runs.items()}
@@ -53,8 +56,8 @@ def main() -> None:
             reached = ev[ev["test_loss"] <= target]
             hits.append(float(reached["up_bits_per_client_cum"].iloc[0]) if len(reached) else float("nan"))
             downs.append(float(reached["down_per_client_cum"].iloc[0]) if len(reached) else float("nan"))
-        at_budget = [float(m.dropna(subset=["test_accuracy"]).query("up_bits_per_client_cum <= @budget * 1.0001")
-                           ["test_accuracy"].iloc[-1]) for m in metrics]
+        evals = [m.dropna(subset=["test_accuracy"]) for m in metrics]
+        at_budget = [float(e[e["up_bits_per_client_cum"] <= budget * 1.0001]["test_accuracy"].iloc[-1]) for e in evals]
         rows.append({"algorithm": alg, "lr": lrs[alg], "rounds": len(metrics[0]),
                      "final_test_loss": finals[alg],
                      "final_test_accuracy": sum(m["test_accuracy"].dropna().iloc[-1] for m in metrics) / len(metrics),

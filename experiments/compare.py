@@ -57,7 +57,8 @@ def main() -> None:
             hits.append(float(reached["up_bits_per_client_cum"].iloc[0]) if len(reached) else float("nan"))
             downs.append(float(reached["down_per_client_cum"].iloc[0]) if len(reached) else float("nan"))
         evals = [m.dropna(subset=["test_accuracy"]) for m in metrics]
-        at_budget = [float(e[e["up_bits_per_client_cum"] <= budget * 1.0001]["test_accuracy"].iloc[-1]) for e in evals]
+        within = [e[e["up_bits_per_client_cum"] <= budget * 1.0001]["test_accuracy"] for e in evals]
+        at_budget = [float(w.iloc[-1]) if len(w) else float("nan") for w in within]  # NaN: no evaluation yet
         rows.append({"algorithm": alg, "lr": lrs[alg], "rounds": len(metrics[0]),
                      "final_test_loss": finals[alg],
                      "final_test_accuracy": sum(m["test_accuracy"].dropna().iloc[-1] for m in metrics) / len(metrics),

@@ -50,12 +50,14 @@ def train(steps: int, *, lr: float = 0.02, adaptive=None, track: bool = False, s
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--radii", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5],
+                    help="constant radii to tune over (the best must not sit on an edge)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     grid = {}
-    for lr in (0.005, 0.01, 0.02, 0.05, 0.1):
+    for lr in args.radii:
         grid[lr] = train(args.steps, lr=lr)[:2]
-        print(f"constant radius {lr:<6}: train loss {grid[lr][0]:.4f}  test acc {grid[lr][1]:.4f}")
+        print(f"constant radius {lr:<6}: train loss {grid[lr][0]:.3g}  test acc {grid[lr][1]:.4f}")
     best_lr = min(grid, key=lambda k: grid[k][0])
     _, _, tracker = train(args.steps, lr=best_lr, track=True)
     rows = []
@@ -68,13 +70,13 @@ def main() -> None:
                      "1/L1 (λ=10)": 1 / fits[10.0][name][1] if fits[10.0][name][1] > 0 else float("inf"),
                      "points": len(tracker.lhat[name])})
     table = pd.DataFrame(rows)
-    print(f"\nbest constant radius: {best_lr} (train loss {grid[best_lr][0]:.4f})")
+    print(f"\nbest constant radius: {best_lr} (train loss {grid[best_lr][0]:.3g})")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     L0 = {r["layer"]: max(r["L0 (λ=10)"], 0.0) for r in rows}
     L1 = {r["layer"]: max(r["L1 (λ=10)"], 1e-12) for r in rows}
     loss, acc, _ = train(args.steps, adaptive={"L0": L0, "L1": L1})
-    print(f"\nGluon adaptive radius from the λ=10 fit: train loss {loss:.4f}  test acc {acc:.4f} "
-          f"(best constant: {grid[best_lr][0]:.4f} / {grid[best_lr][1]:.4f})")
+    print(f"\nGluon adaptive radius from the λ=10 fit: train loss {loss:.3g}  test acc {acc:.4f} "
+          f"(best constant: {grid[best_lr][0]:.3g} / {grid[best_lr][1]:.4f})")
 
 
 

@@ -35,3 +35,25 @@ def test_plain_driver_clients_share_the_broadcast_model_as_x_prev():
     # per client: SARAH estimate + EF21 tracker (fp32) + x_prev; all clients together: x_prev once
     assert sizes["mean"] >= 3 * 4 * P
     assert sizes["total"] < 4 * sizes["mean"] - 2.5 * 4 * P
+
+
+def test_rounds_that_decode_replies_again_equal_rounds_that_keep_them(monkeypatch):
+    """Past the byte budget the server decodes accepted replies again when it aggregates instead of
+    holding them all; the trajectory is bitwise the same (decoding is deterministic)."""
+    from fedgluon.algorithms.base import DecodedReplies
+
+    data = leaf_synthetic(5, 0.5, 0.5, dim=10, classes=4, mean_samples=40, seed=1)
+    model = MLP(10, (12,), 4)
+    objs = [SupervisedObjective(model, x, y, batch_size=8) for x, y in data]
+    X0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    runs = {}
+    default = DecodedReplies.budget
+    for budget in (default, 0):
+        monkeypatch.setattr(DecodedReplies, "budget", budget)
+        for name, opts in (("gluon-ef21-mvr", {"compressor": {"name": "topk", "ratio": 0.2}}),
+                           ("gluon-marina", {"compressor": {"name": "randk", "ratio": 0.2}, "refresh_prob": 0.3})):
+            algo = make_algorithm(name, Geometry.from_model(model), lr=0.05, **opts)
+            runs[budget, name] = run_plain(algo, objs, X0, 4, seed=0, participation=0.6).server_state
+    for name in ("gluon-ef21-mvr", "gluon-marina"):
+        a, b = runs[default, name], runs[0, name]
+        assert all(torch.equal(a["X"][n], b["X"][n]) and torch.equal(a["G"][n], b["G"][n]) for n in X0)

@@ -266,10 +266,10 @@ class Algorithm:
     def server_step(self, state: State, replies: Mapping[int, Any], bc: Broadcast,
                     weights: Mapping[int, float]) -> tuple[State, ServerOutcome]:
         k = bc.round
-        decoded, rejected, uplink = {}, {}, {}
+        decoded, rejected, uplink = DecodedReplies(self, replies, bc), {}, {}
         for j in sorted(replies):
             try:
-                decoded[j] = self.validate(replies[j], j, bc)
+                decoded.add(j, self.validate(replies[j], j, bc))
                 uplink[j] = message_bits(self.uplink_for(bc, replies[j]), replies[j].message)
             except PayloadError as err:
                 rejected[j] = str(err)
@@ -295,6 +295,41 @@ class Algorithm:
         state["W"] = {n: state["W"][n] + S[n] for n in self.shapes}
         state["downlink_bits"] = message_bits(self.downlink, msg)
         return state
+
+
+class DecodedReplies(Mapping[int, Tensors]):
+    """The accepted replies of a round, decoded: kept while they fit in ``budget`` bytes, decoded again
+    on access beyond it, so a round of many large clients never holds every dense payload at once
+    (aggregations read each client once, in id order). Decoding is deterministic, so the values —
+    and every result — are the same either way."""
+
+    budget: ClassVar[int] = 256 * 2 ** 20
+
+    def __init__(self, algorithm: Algorithm, replies: Mapping[int, Any], bc: Broadcast):
+        self.algorithm, self.replies, self.bc = algorithm, replies, bc
+        self.accepted: list[int] = []
+        self.kept: dict[int, Tensors] = {}
+        self.kept_bytes = 0
+
+    def add(self, j: int, tensors: Tensors) -> None:
+        self.accepted.append(j)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.kept_bytes + size <= self.budget:
+            self.kept[j] = tensors
+            self.kept_bytes += size
+
+    def __getitem__(self, j: int) -> Tensors:
+        if j in self.kept:
+            return self.kept[j]
+        if j not in self.accepted:
+            raise KeyError(j)
+        return self.algorithm.validate(self.replies[j], j, self.bc)
+
+    def __iter__(self):
+        return iter(self.accepted)
+
+    def __len__(self) -> int:
+        return len(self.accepted)
 
 
 def commit_count(state: State | None) -> Tensor:

@@ -37,6 +37,8 @@ CONFIGS = [
     ("gluon-ef21, top-1%, fixed16 tracker", "gluon-ef21", {"compressor": TOPK, "tracker": "fixed16"}),
     ("gluon-ef21-sarah, top-1%", "gluon-ef21-sarah", {"compressor": TOPK}),
     ("gluon-ef21-sarah, top-1%, fixed16", "gluon-ef21-sarah", {"compressor": TOPK, "tracker": "fixed16"}),
+    ("gluon-ef21-sarah, fixed16 + fp16 estimator", "gluon-ef21-sarah",
+     {"compressor": TOPK, "tracker": "fixed16", "state_dtype": "float16"}),
     ("gluon-ef21-mvr, top-1%", "gluon-ef21-mvr", {"compressor": TOPK}),
     ("gluon-marina, rand-1% seeded", "gluon-marina", {"compressor": {"name": "randk_seeded", "ratio": 0.01}}),
     ("gluon-dasha-mvr, rand-1% seeded", "gluon-dasha-mvr", {"compressor": {"name": "randk_seeded", "ratio": 0.01}}),
@@ -58,7 +60,7 @@ def problem(num_clients: int, samples: int = 32, seed: int = 0):
 def per_client_table(model, objectives, X0, clients: int) -> None:
     P = sum(t.numel() for t in X0.values())
     print(f"model: MLP 784-1024-256-10, {P:,} parameters ({4 * P / 2**20:.1f} MiB in fp32)")
-    print(f"{'configuration':38s} {'bytes/client':>13s} {'B/param':>8s} {'marginal B/param':>17s} "
+    print(f"{'configuration':44s} {'bytes/client':>13s} {'B/param':>8s} {'marginal B/param':>17s} "
           f"{'GiB @ ' + format(clients, ','):>12s}")
     for label, name, options in CONFIGS:
         algo = make_algorithm(name, Geometry.from_model(model), lr=0.01, **options)
@@ -66,20 +68,22 @@ def per_client_table(model, objectives, X0, clients: int) -> None:
         sizes = client_state_bytes(res.client_states)
         marginal = sizes["total"] - sizes["mean"]
         projected = sizes["mean"] + (clients - 1) * marginal
-        print(f"{label:38s} {sizes['mean']:13,.0f} {sizes['mean'] / P:8.2f} {marginal / P:17.2f} "
+        print(f"{label:44s} {sizes['mean']:13,.0f} {sizes['mean'] / P:8.2f} {marginal / P:17.2f} "
               f"{projected / 2**30:12.2f}")
 
 
-def many_clients(model, objectives, X0, algorithm: str, tracker: str) -> None:
+def many_clients(model, objectives, X0, algorithm: str, tracker: str, state_dtype: str | None = None) -> None:
     P = sum(t.numel() for t in X0.values())
     n = len(objectives)
-    algo = make_algorithm(algorithm, Geometry.from_model(model), lr=0.01, compressor=TOPK, tracker=tracker)
+    algo = make_algorithm(algorithm, Geometry.from_model(model), lr=0.01, compressor=TOPK, tracker=tracker,
+                          state_dtype=state_dtype)
     t = time.perf_counter()
     res = run_plain(algo, objectives, X0, 2, seed=0, evaluate=lambda X, k: {})
     wall = time.perf_counter() - t
     sizes = client_state_bytes(res.client_states)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    print(f"\n{n:,} clients x {P:,} parameters, {algorithm} (top-1%, {tracker} tracker), 2 rounds in {wall:.1f} s:")
+    print(f"\n{n:,} clients x {P:,} parameters, {algorithm} (top-1%, {tracker} tracker, estimator state "
+          f"{state_dtype or 'fp32'}), 2 rounds in {wall:.1f} s:")
     print(f"  client states: {sizes['total'] / 2**30:.2f} GiB in all, {sizes['mean'] / P:.2f} bytes/param for one "
           f"client alone, {(sizes['total'] - sizes['mean']) / max(1, n - 1) / P:.2f} marginal")
     print(f"  peak resident memory of this process: {peak / 2**30:.2f} GiB (the issue's budget for 1,000 clients "
@@ -98,12 +102,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clients", type=int, default=None, help="clients in part 2 (default 1000, quick 50)")
     ap.add_argument("--algorithm", default="gluon-ef21-sarah")
     ap.add_argument("--tracker", default="full", choices=["full", "fixed16"])
+    ap.add_argument("--state-dtype", default=None, choices=["float16", "bfloat16"],
+                    help="store the client estimator's state in this dtype (part 2)")
     args = ap.parse_args(argv)
     clients = args.clients or (50 if args.quick else 1000)
     print(machine())
     model, objectives, X0 = problem(clients)
     per_client_table(model, objectives, X0, 1000)
-    many_clients(model, objectives, X0, args.algorithm, args.tracker)
+    many_clients(model, objectives, X0, args.algorithm, args.tracker, args.state_dtype)
 
 
 if __name__ == "__main__":

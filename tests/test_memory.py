@@ -57,3 +57,34 @@ def test_rounds_that_decode_replies_again_equal_rounds_that_keep_them(monkeypatc
     for name in ("gluon-ef21-mvr", "gluon-marina"):
         a, b = runs[default, name], runs[0, name]
         assert all(torch.equal(a["X"][n], b["X"][n]) and torch.equal(a["G"][n], b["G"][n]) for n in X0)
+
+
+def test_half_precision_estimator_state_halves_its_bytes_and_stays_close():
+    """``state_dtype="float16"`` stores the client-only estimator (here MVR's m) in fp16: 2 bytes per
+    parameter less per client, the EF21 tracker untouched (it must match the server's), a nearby run."""
+    import pytest
+
+    data = leaf_synthetic(4, 0.5, 0.5, dim=10, classes=4, mean_samples=40, seed=2)
+    model = MLP(10, (12,), 4)
+    objs = [SupervisedObjective(model, x, y, batch_size=8) for x, y in data]
+    X0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    P = sum(t.numel() for t in X0.values())
+    res = {}
+    for dtype in (None, "float16"):
+        for rounds in (2, 6):
+            algo = make_algorithm("gluon-ef21-mvr", Geometry.from_model(model), lr=0.05, state_dtype=dtype,
+                                  compressor={"name": "topk", "ratio": 0.3})
+            res[dtype, rounds] = run_plain(algo, objs, X0, rounds, seed=0)
+    full, half = res[None, 6], res["float16", 6]
+    state = half.client_states[0]
+    assert all(t.dtype == torch.float16 for t in state["est"]["m"].values())
+    assert all(t.dtype == torch.float32 for t in state["ef"]["g"].values())
+    assert client_state_bytes(full.client_states)["mean"] - client_state_bytes(half.client_states)["mean"] == 2 * P
+    # one rounding of m: the round-2 aggregate moves by well under 2% (measured here: 0.6%); later rounds
+    # diverge in detail (top-k picks and sign LMOs flip) while the loss stays within 1% (measured: 0.16%)
+    g32, g16 = res[None, 2].server_state["G"], res["float16", 2].server_state["G"]
+    rel = max(float((g16[n] - g32[n]).norm() / g32[n].norm()) for n in X0)
+    assert 0 < rel < 0.02
+    assert half.frame()["train_loss"].iloc[-1] == pytest.approx(full.frame()["train_loss"].iloc[-1], rel=0.01)
+    with pytest.raises(ValueError, match=r"state_dtype must be one of \[None, 'float16', 'bfloat16'\]"):
+        make_algorithm("gluon-ef21-mvr", Geometry.from_model(model), state_dtype="int8")

@@ -101,6 +101,7 @@ class Algorithm:
         "adaptive": None, "weight_decay": 0.0, "constrained": False,
         "values": "fp32",  # value codec of dense messages ("fp64" for exact float64 runs)
         "downlink": None,  # compressor spec for EF21-P on the model shift (any algorithm)
+        "state_dtype": None,  # "float16"/"bfloat16": store the client estimator's state compactly
     }
     OPTIONS: ClassVar[dict[str, Any]] = {}
 
@@ -122,6 +123,9 @@ class Algorithm:
         self.downlink = make_compressor(self.opt["downlink"]) if self.opt["downlink"] else None
         est_name = self.estimator_name()
         self.est: Estimator | None = make_estimator(est_name, **self._estimator_options()) if est_name else None
+        if self.opt["state_dtype"] not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {list(STATE_DTYPES)}, got {self.opt['state_dtype']!r}")
+        self.state_dtype = STATE_DTYPES[self.opt["state_dtype"]]
         self.refresh_policy = None
         if self.uses_refresh:
             prob, period = self.opt.get("refresh_prob"), self.opt.get("refresh_period")
@@ -199,13 +203,20 @@ class Algorithm:
         return {j: self.grad_pair(now[j], prev.get(j), drawn[j][1], batches[j]) for j in js}
 
     def estimate(self, state: State, grads: GradPair) -> tuple[State, Tensors]:
-        """The client-side estimator's step (plain gradient when there is none)."""
+        """The client-side estimator's step (plain gradient when there is none). With ``state_dtype`` the
+        estimator's state is stored in that dtype and computed with in the gradients' dtype: it never
+        leaves the client, so client and server stay consistent (DESIGN §2); the estimate itself is
+        rounded once per round."""
         if self.est is None:
             return {}, grads.now
+        work = next(iter(grads.now.values())).dtype
+        stored = _cast_floats(state.get("est"), work) if self.state_dtype is not None else state.get("est")
         if grads.refresh and self.est.supports_refresh:
-            est_state, v = self.est.refresh(state.get("est"), grads.now)
+            est_state, v = self.est.refresh(stored, grads.now)
         else:
-            est_state, v = self.est.update(state.get("est"), grads.now, grads.prev)
+            est_state, v = self.est.update(stored, grads.now, grads.prev)
+        if self.state_dtype is not None:
+            est_state = _cast_floats(est_state, self.state_dtype)
         return {"est": est_state}, v
 
     def local_update(self, state: State, grads: GradPair, bc: Broadcast, j: int) -> tuple[State, Message]:
@@ -330,6 +341,21 @@ class DecodedReplies(Mapping[int, Tensors]):
 
     def __len__(self) -> int:
         return len(self.accepted)
+
+
+STATE_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "float16": torch.float16,
+                                                       "bfloat16": torch.bfloat16}
+
+
+def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
+    """``obj`` with every floating-point tensor in it cast to ``dtype`` (containers rebuilt, rest kept)."""
+    if isinstance(obj, Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cast_floats(v, dtype) for v in obj)
+    return obj
 
 
 def commit_count(state: State | None) -> Tensor:

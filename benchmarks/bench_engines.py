@@ -35,8 +35,8 @@ from benchmarks.flower_fedavg import run_stock_fedavg
 from fedgluon.engines import run_inprocess, run_ray
 
 
-def spec_for(n: int, rounds: int, block_size: int = 1) -> dict:
-    return {"task": {"name": "synthetic", "num_clients": n, "hidden": [64], "mean_samples": 80},
+def spec_for(n: int, rounds: int, block_size: int = 1, hidden: int = 64) -> dict:
+    return {"task": {"name": "synthetic", "num_clients": n, "hidden": [hidden], "mean_samples": 80},
             "algorithm": {"name": "gluon-ef21", "lr": 0.05, "compressor": {"name": "topk", "ratio": 0.05}},
             "rounds": rounds, "seed": 0, "eval_every": 10 ** 6, "node_timeout": 600.0, "round_timeout": 600.0,
             "block_size": block_size}
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="10 and 50 clients, 3 rounds")
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument("--sizes", type=int, nargs="*", help="client counts (default 10 50 200 1000)")
+    ap.add_argument("--hidden", type=int, default=64, help="hidden width of the MLP (1536: ≈107k parameters)")
+    ap.add_argument("--plain-only", action="store_true", help="only the plain driver rows")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     sizes, rounds = ((10, 50), 3) if args.quick else ((10, 50, 200, 1000), 4)
@@ -64,16 +66,18 @@ def main(argv: list[str] | None = None) -> None:
 
     for n in sizes:
         block = max(1, n // 2)
-        s = specs.normalise(spec_for(n, rounds))
+        s = specs.normalise(spec_for(n, rounds, hidden=args.hidden))
         task, algo = specs.build_cached(s)
         plain = per_round(run_plain(algo, task.objectives, task.initial_params(), rounds, seed=0).history)
         show(n, "plain loop", plain, plain)
         for b in sorted({min(n, 64), block}):
             res = run_plain(algo, task.objectives, task.initial_params(), rounds, seed=0, block_size=b)
             show(n, f"plain, blocks of {b}", per_round(res.history), plain)
+        if args.plain_only:
+            continue
         for label, b in (("in-process, 1/node", 1), (f"in-process, blocks of {block}", block)):
             t = time.perf_counter()
-            strat = run_inprocess(specs.normalise(spec_for(n, rounds, b)))
+            strat = run_inprocess(specs.normalise(spec_for(n, rounds, b, args.hidden)))
             total = time.perf_counter() - t
             show(n, label, per_round(strat.history), plain, f"{total - sum(r['wall_time'] for r in strat.history):.1f}")
         if args.no_ray:
@@ -83,13 +87,13 @@ def main(argv: list[str] | None = None) -> None:
             if b == 1 and n > 200:
                 continue
             t = time.perf_counter()
-            strat = run_ray(specs.normalise(spec_for(n, rounds, b)), num_cpus=1)
+            strat = run_ray(specs.normalise(spec_for(n, rounds, b, args.hidden)), num_cpus=1)
             total = time.perf_counter() - t
             blocked = per_round(strat.history)
             show(n, label, blocked, plain, f"{total - sum(r['wall_time'] for r in strat.history):.1f}")
         if n <= 200:
             t = time.perf_counter()
-            times = run_stock_fedavg(spec_for(n, rounds))
+            times = run_stock_fedavg(spec_for(n, rounds, hidden=args.hidden))
             stock = sum(times[1:]) / max(1, len(times) - 1)
             show(n, "stock Flower FedAvg, ray", stock, plain, f"{time.perf_counter() - t - sum(times):.1f}")
             print(f"{n:7d} {'stock Flower / ray blocks':>24s} {stock / blocked:9.2f}x per client task", flush=True)

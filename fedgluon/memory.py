@@ -11,18 +11,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from torch import Tensor
+from torch.utils._pytree import tree_leaves  # torch's pytree, the one torch.func flattens with
 
 
 def tensors_in(obj: Any) -> Iterator[Tensor]:
-    """Every tensor in a nest of mappings, lists and tuples."""
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from tensors_in(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from tensors_in(v)
+    """Every tensor in a nest of dicts, lists and tuples."""
+    return (leaf for leaf in tree_leaves(obj) if isinstance(leaf, Tensor))
 
 
 def nbytes(objs: Iterable[Any], seen: set[tuple[str, int]] | None = None) -> int:

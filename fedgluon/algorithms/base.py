@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
 from compressors import BitCount, Compressor, Message, PayloadError, decode_message, make_compressor, message_bits
 from compressors.bits import dense_bits
@@ -348,14 +349,8 @@ STATE_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "float16": tor
 
 
 def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
-    """``obj`` with every floating-point tensor in it cast to ``dtype`` (containers rebuilt, rest kept)."""
-    if isinstance(obj, Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, dict):
-        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cast_floats(v, dtype) for v in obj)
-    return obj
+    """``obj`` with every floating-point tensor in it cast to ``dtype`` (torch's pytree map; rest kept)."""
+    return tree_map(lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t, obj)
 
 
 def commit_count(state: State | None) -> Tensor:

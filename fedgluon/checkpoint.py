@@ -79,12 +79,16 @@ def _lines(snapshot: Snapshot, start: tuple[int, int]) -> str:
     return "".join(r + "\n" for r in rows)
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, mode) as fh:
+def _write_synced(path: Path, write: Callable[[Any], None], mode: str) -> None:
+    with open(path, mode) as fh:
         write(fh)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _write_synced(tmp, write, mode)
     os.replace(tmp, path)
 
 
@@ -98,10 +102,7 @@ def save(snapshot: Snapshot, path: str | Path, journaled: tuple[int, int] | None
     if not grown or not journal.exists():
         _atomic_write(journal, lambda fh: fh.write(_lines(snapshot, (0, 0))), "w")
     else:
-        with open(journal, "a") as fh:
-            fh.write(_lines(snapshot, journaled))  # type: ignore[arg-type]
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_synced(journal, lambda fh: fh.write(_lines(snapshot, journaled)), "a")  # type: ignore[arg-type]
     payload = {"format": FORMAT, "next_round": snapshot.next_round, "server_state": snapshot.server_state,
                "client_states": snapshot.client_states, "rows": [len(snapshot.history), len(snapshot.client_log)],
                "run_key": snapshot.run_key}

@@ -59,7 +59,11 @@ def sign_prediction(out: Tensor) -> Tensor:
     return (out[..., 0] > 0).long()
 
 
-LOSSES = ("cross_entropy", "sigmoid_squared")
+LOSSES: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
+    "cross_entropy": (F.cross_entropy, argmax_prediction),
+    "sigmoid_squared": (sigmoid_squared_loss, sign_prediction),
+}
+"""Classification losses by name: (loss function, prediction from the model's output)."""
 
 
 @dataclass
@@ -121,8 +125,7 @@ def _classification(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: 
     parts = partitions.partition(y_tr, num_clients, partition, seed=seed, alpha=alpha,
                                  shards_per_client=shards_per_client)
     xt, yt = torch.tensor(x_tr, dtype=torch_dtype), torch.tensor(y_tr, dtype=torch.long)
-    loss_fn, predict = (sigmoid_squared_loss, sign_prediction) if loss == "sigmoid_squared" else \
-        (F.cross_entropy, argmax_prediction)
+    loss_fn, predict = LOSSES[loss]
     return Task(model.to(torch_dtype), _objectives(model, xt, yt, parts, batch_size, large_batch_size, loss_fn),
                 torch.tensor(x_te, dtype=torch_dtype), torch.tensor(y_te, dtype=torch.long), loss_fn=loss_fn,
                 partition_summary=partitions.summary(parts, y_tr), predict=predict)

@@ -210,8 +210,9 @@ class Algorithm:
         rounded once per round."""
         if self.est is None:
             return {}, grads.now
-        work = next(iter(grads.now.values())).dtype
-        stored = _cast_floats(state.get("est"), work) if self.state_dtype is not None else state.get("est")
+        stored = state.get("est")
+        if self.state_dtype is not None:
+            stored = _cast_floats(stored, next(iter(grads.now.values())).dtype)
         if grads.refresh and self.est.supports_refresh:
             est_state, v = self.est.refresh(stored, grads.now)
         else:
@@ -319,29 +320,27 @@ class DecodedReplies(Mapping[int, Tensors]):
 
     def __init__(self, algorithm: Algorithm, replies: Mapping[int, Any], bc: Broadcast):
         self.algorithm, self.replies, self.bc = algorithm, replies, bc
-        self.accepted: list[int] = []
-        self.kept: dict[int, Tensors] = {}
+        self.decoded: dict[int, Tensors | None] = {}  # accepted ids in order; None: decode again on access
         self.kept_bytes = 0
 
     def add(self, j: int, tensors: Tensors) -> None:
-        self.accepted.append(j)
         size = sum(t.numel() * t.element_size() for t in tensors.values())
-        if self.kept_bytes + size <= self.budget:
-            self.kept[j] = tensors
-            self.kept_bytes += size
+        keep = self.kept_bytes + size <= self.budget
+        self.decoded[j] = tensors if keep else None
+        self.kept_bytes += size if keep else 0
 
     def __getitem__(self, j: int) -> Tensors:
-        if j in self.kept:
-            return self.kept[j]
-        if j not in self.accepted:
-            raise KeyError(j)
-        return self.algorithm.validate(self.replies[j], j, self.bc)
+        tensors = self.decoded[j]
+        return tensors if tensors is not None else self.algorithm.validate(self.replies[j], j, self.bc)
+
+    def __contains__(self, j: object) -> bool:  # Mapping's default would decode
+        return j in self.decoded
 
     def __iter__(self):
-        return iter(self.accepted)
+        return iter(self.decoded)
 
     def __len__(self) -> int:
-        return len(self.accepted)
+        return len(self.decoded)
 
 
 STATE_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "float16": torch.float16,

@@ -9,7 +9,7 @@
 
 **None**: send ``C(x)`` as is (unbiased compressors, or to measure what feedback buys).
 
-Every kind has ``step(state, x, seed_parts, comp_states) -> (message, state', decoded, comp_states')``
+Every kind has ``step(state, x, seed_parts, comp_states) -> (message, state', comp_states')``
 and says with ``tracks`` whether the server keeps a running sum of the decoded messages (EF21:
 ``G = Σ_j w_j g_j``) or averages each round's (EF14, none). :func:`make_error_feedback` builds one by
 name.
@@ -37,13 +37,15 @@ from torch import Tensor
 from .message import compress_message
 from .operators import Compressor, State
 from .payload import Message
+from .sparse import add_scaled_
 
 Tensors = dict[str, Tensor]
 
 
-def decode_own(compressor: Compressor, message: Message, like: Mapping[str, Tensor]) -> Tensors:
-    return {n: compressor.decompress(p, shape=tuple(like[n].shape), layer=n, device=like[n].device,
-                                     dtype=like[n].dtype) for n, p in message.items()}
+def add_own(compressor: Compressor, base: Mapping[str, Tensor], message: Message, sign: float = 1.0) -> Tensors:
+    """``base + sign · decode(message)`` layer by layer, for the client's own message (sparse payloads
+    are added at their indices, never decoded dense: :meth:`Compressor.add_decoded`)."""
+    return {n: compressor.add_decoded(base[n], message[n], sign) for n in base}
 
 
 @dataclass
@@ -65,14 +67,12 @@ class EF21:
                              f"(the difference must travel exactly), got {self.compressor!r}")
 
     def step(self, state: Mapping[str, Tensors] | None, v: Mapping[str, Tensor], seed_parts: tuple[int, ...],
-             comp_states: Mapping[str, State] | None = None) -> tuple[Message, dict[str, Tensors], Tensors,
-                                                                        dict[str, State]]:
-        """One client round: (message, new EF state, decoded message, new compressor states)."""
+             comp_states: Mapping[str, State] | None = None) -> tuple[Message, dict[str, Tensors], dict[str, State]]:
+        """One client round: (message, new EF state, new compressor states)."""
         if self.tracker == "full":
             g = state["g"] if state else {n: torch.zeros_like(t) for n, t in v.items()}
             msg, cstates = compress_message(self.compressor, {n: v[n] - g[n] for n in v}, seed_parts, comp_states)
-            r = decode_own(self.compressor, msg, v)
-            return msg, {"g": {n: g[n] + r[n] for n in v}}, r, cstates
+            return msg, {"g": add_own(self.compressor, g, msg)}, cstates
         return self._step_fixed16(state, v, seed_parts, comp_states)
 
     def tracker_values(self, state: Mapping[str, Tensors], like: Mapping[str, Tensor]) -> Tensors:
@@ -93,10 +93,10 @@ class EF21:
                 step[n] = torch.tensor(2.0 ** max(e, -126), dtype=torch.float64)
         g = {n: q_old[n].to(v[n].dtype) * step[n].to(v[n].dtype) for n in v}
         msg, cstates = compress_message(self.compressor, {n: v[n] - g[n] for n in v}, seed_parts, comp_states)
-        r = decode_own(self.compressor, msg, v)
+        g_plus_r = add_own(self.compressor, g, msg)
         q_new, delta = {}, {}
         for n in v:
-            q = torch.round((g[n] + r[n]).double() / step[n]).clamp(-32767, 32767)
+            q = torch.round(g_plus_r[n].double() / step[n]).clamp(-32767, 32767)
             q_new[n] = q.to(torch.int16)
             delta[n] = ((q - q_old[n].double()) * step[n]).to(v[n].dtype)
             payload = msg[n]
@@ -107,7 +107,7 @@ class EF21:
             payload.arrays["v.v"] = sent.detach().cpu().numpy().astype(dtype)
             if not torch.equal(torch.from_numpy(payload.arrays["v.v"]).to(sent.dtype), sent):
                 raise ArithmeticError(f"fixed16 tracker difference of {n!r} is not exact in {dtype}")
-        return msg, {"q": q_new, "step": step}, delta, cstates
+        return msg, {"q": q_new, "step": step}, cstates
 
 
 def ef21_server_update(G: Mapping[str, Tensor], decoded: Mapping[int, Mapping[str, Tensor]],
@@ -116,7 +116,7 @@ def ef21_server_update(G: Mapping[str, Tensor], decoded: Mapping[int, Mapping[st
     out = {n: t.clone() for n, t in G.items()}
     for j in sorted(decoded):
         for n, r in decoded[j].items():
-            out[n] += weights[j] * r.to(out[n].dtype)
+            add_scaled_(out[n], weights[j], r)
     return out
 
 
@@ -128,13 +128,11 @@ class EF14:
     tracks = False
 
     def step(self, state: Mapping[str, Tensors] | None, x: Mapping[str, Tensor], seed_parts: tuple[int, ...],
-             comp_states: Mapping[str, State] | None = None) -> tuple[Message, dict[str, Tensors], Tensors,
-                                                                        dict[str, State]]:
+             comp_states: Mapping[str, State] | None = None) -> tuple[Message, dict[str, Tensors], dict[str, State]]:
         e = state["e"] if state else {n: torch.zeros_like(t) for n, t in x.items()}
         corrected = {n: e[n] + x[n] for n in x}
         msg, cstates = compress_message(self.compressor, corrected, seed_parts, comp_states)
-        sent = decode_own(self.compressor, msg, x)
-        return msg, {"e": {n: corrected[n] - sent[n] for n in x}}, sent, cstates
+        return msg, {"e": add_own(self.compressor, corrected, msg, -1.0)}, cstates
 
 
 @dataclass
@@ -145,10 +143,9 @@ class NoFeedback:
     tracks = False
 
     def step(self, state: Mapping[str, Tensors] | None, x: Mapping[str, Tensor], seed_parts: tuple[int, ...],
-             comp_states: Mapping[str, State] | None = None) -> tuple[Message, dict[str, Tensors], Tensors,
-                                                                        dict[str, State]]:
+             comp_states: Mapping[str, State] | None = None) -> tuple[Message, dict[str, Tensors], dict[str, State]]:
         msg, cstates = compress_message(self.compressor, dict(x), seed_parts, comp_states)
-        return msg, {}, decode_own(self.compressor, msg, x), cstates
+        return msg, {}, cstates
 
 
 ERROR_FEEDBACK = ("ef21", "ef14", "none")

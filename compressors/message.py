@@ -12,10 +12,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from fedgluon.rng import derive_seed
-
 from .bits import BitCount
 from .operators import Compressor, Context, State
+from .sparse import SparseTensor
 from .payload import LayerSetError, Message, SizeError, TensorPayload
 
 DEFAULT_MAX_BYTES_FACTOR = 4  # a payload may be at most this many times its dense fp32 size (+ 1 KiB)
@@ -26,7 +25,7 @@ def compress_message(compressor: Compressor, tensors: Mapping[str, Tensor], seed
     """Compress every tensor; returns the message and the new per-layer compressor states."""
     message, new_states = {}, {}
     for i, name in enumerate(sorted(tensors)):
-        ctx = Context(seed=derive_seed(*seed_parts, i), state=(states or {}).get(name))
+        ctx = Context(seed_parts=(*seed_parts, i), state=(states or {}).get(name))
         payload, state = compressor.compress(tensors[name], ctx)
         message[name] = payload
         if state is not None:
@@ -36,12 +35,13 @@ def compress_message(compressor: Compressor, tensors: Mapping[str, Tensor], seed
 
 def decode_message(compressor: Compressor, message: Mapping[str, TensorPayload], shapes: Mapping[str, tuple],
                    *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                   max_bytes: int | None = None) -> dict[str, Tensor]:
+                   max_bytes: int | None = None, sparse: bool = False) -> dict[str, Tensor | SparseTensor]:
     """Validate and decode a message against the expected layer shapes; raises a PayloadError.
 
     Checks: the layer set, each payload's codec/shape/arrays/header/indices/finiteness, and sizes
     (each layer at most ``DEFAULT_MAX_BYTES_FACTOR``× its dense fp32 size, the message at most
-    ``max_bytes`` when given).
+    ``max_bytes`` when given). With ``sparse``, sparse layers come back as
+    :class:`~compressors.sparse.SparseTensor`.
     """
     if not isinstance(message, Mapping):
         raise LayerSetError("*", "message", f"expected a mapping of layers, got {type(message).__name__}")
@@ -60,7 +60,8 @@ def decode_message(compressor: Compressor, message: Mapping[str, TensorPayload],
             if nbytes > DEFAULT_MAX_BYTES_FACTOR * dense + 1024:
                 raise SizeError(name, "arrays", f"{nbytes} bytes for a tensor of {dense} dense bytes")
             total += nbytes
-        out[name] = compressor.decompress(payload, shape=tuple(shapes[name]), layer=name, device=device, dtype=dtype)
+        out[name] = compressor.decompress(payload, shape=tuple(shapes[name]), layer=name, device=device, dtype=dtype,
+                                        sparse=sparse)
     if max_bytes is not None and total > max_bytes:
         raise SizeError("*", "message", f"{total} bytes exceeds the cap of {max_bytes}")
     return out

@@ -36,6 +36,7 @@ from fedgluon.linalg import randomized_svd
 from fedgluon.rng import derive_seed
 
 from .bits import BitCount
+from .sparse import SparseTensor, added
 from .payload import CodecError, DuplicateIndexError, IndexRangeError, MetaError, ShapeError, TensorPayload
 from .values import Raw, ValueCodec, get_array
 
@@ -61,12 +62,20 @@ def index_dtype(d: int) -> type:
 INDEX_DTYPES = (np.uint8, np.uint16, np.int32, np.uint32, np.int64)
 
 
-@dataclass
 class Context:
-    """Per-call inputs: the layer's seed (from run seed, client, round, layer) and its state."""
+    """Per-call inputs: the layer's seed (from run seed, client, round, layer) and its state.
 
-    seed: int = 0
-    state: State | None = None
+    Given ``seed_parts``, the seed is ``derive_seed(*seed_parts)`` computed on first use, so the
+    deterministic structures (dense, top-k) with deterministic values never pay for it."""
+
+    def __init__(self, seed: int = 0, state: State | None = None, *, seed_parts: tuple[int, ...] | None = None):
+        self._seed, self._parts, self.state = seed, seed_parts, state
+
+    @property
+    def seed(self) -> int:
+        if self._parts is not None:
+            self._seed, self._parts = derive_seed(*self._parts), None
+        return self._seed
 
     def generator(self, purpose: str) -> torch.Generator:
         return torch.Generator().manual_seed(derive_seed(self.seed, purpose))
@@ -152,10 +161,12 @@ class _Sparse(Structure):
         return idx
 
     def decode(self, values, arrays, meta, shape, layer):
+        return self.decode_sparse(values, arrays, meta, shape, layer).dense()
+
+    def decode_sparse(self, values: Tensor, arrays: Mapping[str, Any], meta: Mapping[str, Any],
+                      shape: tuple[int, ...], layer: str) -> SparseTensor:
         idx = torch.from_numpy(self._indices(arrays, meta, shape, layer).astype(np.int64)).to(values.device)
-        out = torch.zeros(numel(shape), dtype=values.dtype, device=values.device)
-        out[idx] = values * self._scale(shape)
-        return out.reshape(shape)
+        return SparseTensor(idx, values * self._scale(shape), shape)
 
     def bits(self, shape, meta):
         d, k = numel(shape), self.k(shape)
@@ -418,13 +429,20 @@ class Compressor:
         shape = tuple(x.shape)
         s = self._structure_for(shape)
         vals, arrays, meta, state = s.encode(x, ctx)
-        varrays, vmeta = self.values.encode(vals, ctx.generator("quantise"))
+        varrays, vmeta = self.values.encode(vals, ctx.generator("quantise") if self.values.draws else None)
         arrays = {**arrays, **{f"v.{k}": a for k, a in varrays.items()}}
         return TensorPayload(f"{s.name}/{self.values.name}", shape, arrays, {**meta, **vmeta}), state
 
     def decompress(self, payload: TensorPayload, *, shape: tuple[int, ...] | None = None, layer: str = "?",
-                   device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
-        """Validate ``payload`` (against ``shape`` when given) and return the tensor it encodes."""
+                   device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                   sparse: bool = False) -> Tensor | SparseTensor:
+        """Validate ``payload`` (against ``shape`` when given) and return the tensor it encodes; with
+        ``sparse``, a sparse structure returns it as a :class:`SparseTensor` (same validation)."""
+        pshape, s = self._check(payload, shape, layer)
+        return self._decode(s, payload, pshape, layer, device, dtype, sparse)
+
+    def _check(self, payload: TensorPayload, shape: tuple[int, ...] | None, layer: str) -> tuple[tuple[int, ...], Structure]:
+        """The container checks of :meth:`decompress` (type, shape, codec, keys, header types)."""
         expected = tuple(shape) if shape is not None else None
         if not isinstance(payload, TensorPayload):
             raise CodecError(layer, "payload", f"expected a TensorPayload, got {type(payload).__name__}")
@@ -452,12 +470,27 @@ class Compressor:
         for key, value in meta.items():
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
                 raise MetaError(layer, str(key), f"header values must be numbers, got {type(value).__name__}")
+        return pshape, s
+
+    def _decode(self, s: Structure, payload: TensorPayload, pshape: tuple[int, ...], layer: str,
+                device: torch.device | str | None, dtype: torch.dtype | None, sparse: bool) -> Tensor | SparseTensor:
+        arrays, meta = payload.arrays, payload.meta
         n = s.n_values(pshape)
         vals = self.values.decode({k[2:]: a for k, a in arrays.items() if k.startswith("v.")}, meta, n, layer,
                                   device=device, dtype=dtype or torch.float32)
         if self._shrink(s):
             vals = vals / (1 + self.values.omega(n))
+        if sparse and isinstance(s, _Sparse):
+            return s.decode_sparse(vals, arrays, meta, pshape, layer)
         return s.decode(vals, arrays, meta, pshape, layer)
+
+    def add_decoded(self, base: Tensor, payload: TensorPayload, sign: float = 1.0) -> Tensor:
+        """``base + sign · decompress(payload)`` as a new tensor, for a payload this process has just made
+        (error feedback on the client's own message): the container checks are skipped, sparse
+        structures add their k values at their indices (:mod:`compressors.sparse`)."""
+        shape = tuple(base.shape)
+        r = self._decode(self._structure_for(shape), payload, shape, "own", base.device, base.dtype, True)
+        return added(base, sign, r)
 
     def bits(self, payload: TensorPayload) -> BitCount:
         """Raw bit counts of a (valid) payload, from its codec and shape alone."""

@@ -58,6 +58,7 @@ class ValueCodec(ABC):
     name: str
     kind: str  # "exact" | "rounding" | "unbiased"
     unit_roundoff: float = 0.0
+    draws: bool = False  # whether encode uses its generator (else it gets None)
 
     def omega(self, n: int) -> float:
         return 0.0
@@ -146,7 +147,7 @@ def _unpack(packed: np.ndarray, n: int, width: int) -> np.ndarray:
 
 
 class QSGD(ValueCodec):
-    name, kind = "qsgd", "unbiased"
+    name, kind, draws = "qsgd", "unbiased", True
 
     def __init__(self, levels: int = 15):
         if not (isinstance(levels, int) and 1 <= levels <= 2 ** 15):
@@ -198,7 +199,7 @@ class QSGD(ValueCodec):
 
 
 class Natural(ValueCodec):
-    name, kind = "natural", "unbiased"
+    name, kind, draws = "natural", "unbiased", True
     _MIN_EXP, _MAX_EXP = -126, 127
 
     def omega(self, n: int) -> float:

@@ -75,4 +75,5 @@ def _vmapped(objective: SupervisedObjective, js: list[int], batches: Mapping[int
         params, dims = {n: torch.stack([per_client[j][n].detach() for j in js]) for n in names}, 0
     with torch.enable_grad():
         grads, losses = vmap(grad_and_value(loss), in_dims=(dims, 0, 0))(params, xs, ys)
-    return {j: (float(losses[i]), {n: grads[n][i].clone() for n in names}) for i, j in enumerate(js)}
+    # views into the block's stacked gradients (no copy); nothing downstream writes to a gradient in place
+    return {j: (float(losses[i]), {n: grads[n][i] for n in names}) for i, j in enumerate(js)}

@@ -138,6 +138,22 @@ def test_round_trip_lossless(spec):
         assert torch.equal(decode_message(C, again, shapes)[k], direct[k])
 
 
+@pytest.mark.parametrize("spec", ALL, ids=str)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_add_decoded_equals_the_dense_sum(spec, sign):
+    """Error feedback's ``base ± C(x)`` (sparse payloads added at their indices) equals the dense sum."""
+    C = make_compressor(spec)
+    gen = torch.Generator().manual_seed(1)
+    x = {"w": torch.randn(40, 30, generator=gen), "b": torch.randn(40, generator=gen)}
+    base = {k: torch.randn(v.shape, generator=gen) for k, v in x.items()}
+    msg, _ = compress_message(C, x, (7, 1, 3))
+    decoded = decode_message(C, msg, {k: tuple(v.shape) for k, v in x.items()})
+    for k in x:
+        got = C.add_decoded(base[k], msg[k], sign)
+        assert torch.equal(got, base[k] + sign * decoded[k])
+        assert not torch.equal(got, base[k])  # something was added
+
+
 def test_identity_and_fp64_are_exact():
     x = torch.randn(20, 7, dtype=torch.float64)
     assert torch.equal(make_compressor({"name": "identity", "values": "fp64"})(x), x)

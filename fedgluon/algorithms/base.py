@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_map
 from compressors import BitCount, Compressor, Message, PayloadError, decode_message, make_compressor, message_bits
 from compressors.bits import dense_bits
 from compressors.message import compress_message
+from compressors.sparse import SparseTensor, add_scaled_
 from compressors.operators import Context
 
 from ..estimators import Estimator, RefreshPolicy, make_estimator
@@ -255,8 +256,9 @@ class Algorithm:
         """The compressor a reply of this round must use (MARINA/DASHA switch on refresh or first rounds)."""
         return self.uplink
 
-    def validate(self, reply: Any, j: int, bc: Broadcast) -> Tensors:
-        """Decode a reply with the uplink compressor's validators; raises PayloadError."""
+    def validate(self, reply: Any, j: int, bc: Broadcast, sparse: bool = False) -> Tensors:
+        """Decode a reply with the uplink compressor's validators; raises PayloadError. With ``sparse``,
+        sparse layers stay :class:`~compressors.sparse.SparseTensor` (what the server holds)."""
         k = bc.round
         if not isinstance(reply, ClientReply):
             raise PayloadError("*", "reply", f"expected a ClientReply, got {type(reply).__name__}")
@@ -265,7 +267,7 @@ class Algorithm:
         if reply.round != k:
             raise PayloadError("*", "round", f"reply is for round {reply.round!r}, expected {k}")
         dtype = torch.float64 if self.opt["values"] == "fp64" else torch.float32
-        return decode_message(self.uplink_for(bc, reply), reply.message, self.shapes, dtype=dtype)
+        return decode_message(self.uplink_for(bc, reply), reply.message, self.shapes, dtype=dtype, sparse=sparse)
 
     def aggregate(self, state: State, decoded: Mapping[int, Tensors], weights: Mapping[int, float],
                   bc: Broadcast) -> Tensors | None:
@@ -282,7 +284,7 @@ class Algorithm:
         decoded, rejected, uplink = DecodedReplies(self, replies, bc), {}, {}
         for j in sorted(replies):
             try:
-                decoded.add(j, self.validate(replies[j], j, bc))
+                decoded.add(j, self.validate(replies[j], j, bc, sparse=True))
                 uplink[j] = message_bits(self.uplink_for(bc, replies[j]), replies[j].message)
             except PayloadError as err:
                 rejected[j] = str(err)
@@ -311,27 +313,33 @@ class Algorithm:
 
 
 class DecodedReplies(Mapping[int, Tensors]):
-    """The accepted replies of a round, decoded: kept while they fit in ``budget`` bytes, decoded again
-    on access beyond it, so a round of many large clients never holds every dense payload at once
-    (aggregations read each client once, in id order). Decoding is deterministic, so the values —
-    and every result — are the same either way."""
+    """The accepted replies of a round, decoded: sparse layers as :class:`SparseTensor` (k values and
+    indices), kept while they fit in ``budget`` bytes, decoded again on access beyond it, so a round of
+    many large clients never holds every dense payload at once (aggregations read each client once, in
+    id order). ``self[j]`` is dense; :meth:`terms` gives the stored (possibly sparse) form, which
+    :func:`weighted_mean` and :func:`tracker_update` add at the indices. Decoding is deterministic and
+    sparse adds equal dense ones, so every result is the same either way."""
 
     budget: ClassVar[int] = 256 * 2 ** 20
 
     def __init__(self, algorithm: Algorithm, replies: Mapping[int, Any], bc: Broadcast):
         self.algorithm, self.replies, self.bc = algorithm, replies, bc
-        self.decoded: dict[int, Tensors | None] = {}  # accepted ids in order; None: decode again on access
+        self.decoded: dict[int, dict[str, Tensor | SparseTensor] | None] = {}  # None: decode again on access
         self.kept_bytes = 0
 
-    def add(self, j: int, tensors: Tensors) -> None:
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
+    def add(self, j: int, tensors: Mapping[str, Tensor | SparseTensor]) -> None:
+        size = sum(t.nbytes() if isinstance(t, SparseTensor) else t.numel() * t.element_size()
+                   for t in tensors.values())
         keep = self.kept_bytes + size <= self.budget
-        self.decoded[j] = tensors if keep else None
+        self.decoded[j] = dict(tensors) if keep else None
         self.kept_bytes += size if keep else 0
 
-    def __getitem__(self, j: int) -> Tensors:
+    def terms(self, j: int) -> dict[str, Tensor | SparseTensor]:
         tensors = self.decoded[j]
-        return tensors if tensors is not None else self.algorithm.validate(self.replies[j], j, self.bc)
+        return tensors if tensors is not None else self.algorithm.validate(self.replies[j], j, self.bc, sparse=True)
+
+    def __getitem__(self, j: int) -> Tensors:
+        return {n: t.dense() if isinstance(t, SparseTensor) else t for n, t in self.terms(j).items()}
 
     def __contains__(self, j: object) -> bool:  # Mapping's default would decode
         return j in self.decoded
@@ -358,13 +366,21 @@ def commit_count(state: State | None) -> Tensor:
     return count.clone() if isinstance(count, Tensor) else torch.tensor(0, dtype=torch.int64)
 
 
+def _terms(decoded: Mapping[int, Tensors], j: int) -> Mapping[str, Tensor | SparseTensor]:
+    return decoded.terms(j) if isinstance(decoded, DecodedReplies) else decoded[j]
+
+
 def weighted_mean(decoded: Mapping[int, Tensors], weights: Mapping[int, float]) -> Tensors:
-    """``Σ_j w_j V_j / Σ_j w_j`` over the given clients, summed in client-id order."""
+    """``Σ_j w_j V_j / Σ_j w_j`` over the given clients, summed in client-id order from zero (sparse
+    replies added at their indices)."""
     total = sum(weights[j] for j in decoded)
     out: Tensors = {}
     for j in sorted(decoded):
-        for n, v in decoded[j].items():
-            out[n] = out[n] + (weights[j] / total) * v if n in out else (weights[j] / total) * v
+        for n, v in _terms(decoded, j).items():
+            if n not in out:
+                dtype = v.values.dtype if isinstance(v, SparseTensor) else v.dtype
+                out[n] = torch.zeros(v.shape, dtype=dtype, device=(v.values if isinstance(v, SparseTensor) else v).device)
+            add_scaled_(out[n], weights[j] / total, v)
     return out
 
 
@@ -373,8 +389,8 @@ def tracker_update(G: Mapping[str, Tensor] | None, decoded: Mapping[int, Tensors
     """``G ← G + Σ_{j accepted} w_j R_j`` (absent clients contribute their last tracker, DESIGN §2)."""
     out = {n: (G[n].clone() if G is not None else torch.zeros_like(like[n])) for n in like}
     for j in sorted(decoded):
-        for n, r in decoded[j].items():
-            out[n] += weights[j] * r
+        for n, r in _terms(decoded, j).items():
+            add_scaled_(out[n], weights[j], r)
     return out
 
 

@@ -42,7 +42,7 @@ class FeedbackUplink(Algorithm):
 
     def local_update(self, state, grads, bc, j):
         new, v = self.estimate(state, grads)
-        msg, ef_state, _, comp = self.ef.step(state.get("ef"), v, (bc.seed, j, bc.round), state.get("comp"))
+        msg, ef_state, comp = self.ef.step(state.get("ef"), v, (bc.seed, j, bc.round), state.get("comp"))
         new.update({"ef": ef_state, "comp": comp})
         return new, msg
 

@@ -55,7 +55,7 @@ class FedAvg(Algorithm):
             samples += len(batch[1])
             X, est_state = self.local_step(X, g, bc.round * tau + s, est_state)
         delta = {n: X[n] - bc.model[n] for n in X}
-        msg, ef_state, _, comp = self.feedback.step(state.get("ef"), delta, (bc.seed, j, bc.round), state.get("comp"))
+        msg, ef_state, comp = self.feedback.step(state.get("ef"), delta, (bc.seed, j, bc.round), state.get("comp"))
         new_state = {**state, "commits": commit_count(state) + 1, "ef": ef_state, "comp": comp}
         return new_state, ClientReply(j, bc.round, msg, losses[0], tau, samples)
 

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 
 from compressors import Compressor, make_compressor
-from compressors.error_feedback import decode_own
+from compressors.error_feedback import add_own
 
 from .base import Algorithm, compress_with, tracker_update, weighted_mean
 
@@ -102,8 +102,7 @@ class GluonDASHAMVR(Algorithm):
         h_old, g = state["est"]["m"], state["g"]
         target = {n: h_new[n] - h_old[n] - self.a * (g[n] - h_old[n]) for n in h_new}
         msg, _ = compress_with(self.compressor, target, bc, j)
-        sent = decode_own(self.compressor, msg, target)
-        return {**new, "g": {n: g[n] + sent[n] for n in g}}, msg
+        return {**new, "g": add_own(self.compressor, g, msg)}, msg
 
     def aggregate(self, state, decoded, weights, bc):
         return tracker_update(state.get("G"), decoded, weights, state["X"])

@@ -93,11 +93,12 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
         torch.set_num_threads(int(s["threads"]))
         task, algorithm = specs.build_cached(s)
         mine = _clients_of(context, s, task.num_clients)
-        cfg = msg.content.config_records["config"]
+        # Flower rebuilds these typed views on every access (O(records)): take them once, not per client
+        arrays, cfg = msg.content.array_records, msg.content.config_records["config"]
         asked = [int(j) for j in cfg["clients"]]
         if not set(asked) <= set(mine):
             raise RuntimeError(f"message for clients {asked} reached the node of clients {mine}")
-        bc = Broadcast(int(cfg["round"]), int(cfg["seed"]), record_to_tensors(msg.content.array_records["model"]),
+        bc = Broadcast(int(cfg["round"]), int(cfg["seed"]), record_to_tensors(arrays["model"]),
                        {"refresh": int(cfg["refresh"])})
         faults = FaultPlan.from_spec(s["faults"])
         failed, working = ConfigRecord(), []
@@ -107,7 +108,7 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
                 working.append(j)
             except InjectedFault as err:
                 failed[str(j)] = f"InjectedFault: {err}"
-        states = {j: record_to_state(msg.content.array_records[f"state.{j}"]) for j in working}
+        states = {j: record_to_state(arrays[f"state.{j}"]) for j in working}
         results = algorithm.client_block(states, bc, task.objectives, working)
         content = RecordDict({"failed": failed, "info": ConfigRecord({"ray_node": _ray_node(), "pid": os.getpid()})})
         for j, (new_state, reply) in results.items():

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -39,6 +39,18 @@ from fedgluon.federation import Evaluate, Federation, RoundPlan, client_weights_
 from .records import record_to_state, records_to_message, state_to_record, tensors_to_record
 
 log = logging.getLogger("fedgluon.strategy")
+
+
+class Records(NamedTuple):
+    """A reply's records by type (RecordDict's ``*_records`` views, each built once)."""
+
+    array: Mapping[str, ArrayRecord]
+    config: Mapping[str, ConfigRecord]
+    metric: Mapping[str, MetricRecord]
+
+    @classmethod
+    def of(cls, content: RecordDict) -> Records:
+        return cls(content.array_records, content.config_records, content.metric_records)
 
 
 class GluonStrategy(Strategy):
@@ -148,16 +160,18 @@ class GluonStrategy(Strategy):
             if msg.has_error():
                 failed.update({j: msg.error.reason or f"error code {msg.error.code}" for j in expected[block]})
                 continue
-            info = msg.content.config_records.get("info")
+            # Flower rebuilds these typed views on every access (O(records)): take them once per reply
+            records = Records.of(msg.content)
+            info = records.config.get("info")
             if info is not None and info.get("ray_node"):
                 self.ray_nodes.add(str(info["ray_node"]))
-            reported = msg.content.config_records.get("failed")
+            reported = records.config.get("failed")
             for j in expected[block]:
                 if reported is not None and str(j) in reported:
                     failed[j] = str(reported[str(j)])
                     continue
                 try:
-                    parsed[j], proposed[j] = self._parse(msg.content, j)
+                    parsed[j], proposed[j] = self._parse(records, j)
                 except PayloadError as err:
                     pre_rejected[j] = str(err)
         for j in plan.participants:
@@ -176,16 +190,16 @@ class GluonStrategy(Strategy):
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _parse(content: RecordDict, j: int) -> tuple[ClientReply, Any]:
+    def _parse(records: Records, j: int) -> tuple[ClientReply, Any]:
         """Client j's reply within a node's reply; anything malformed is a PayloadError."""
         try:
-            metrics = content.metric_records[f"metrics.{j}"]
+            metrics = records.metric[f"metrics.{j}"]
             reply = ClientReply(client=int(metrics["partition"]), round=int(metrics["round"]),
-                                message=records_to_message(content.array_records.get(f"payload.{j}"),
-                                                           content.config_records.get(f"header.{j}")),
+                                message=records_to_message(records.array.get(f"payload.{j}"),
+                                                           records.config.get(f"header.{j}")),
                                 loss=float(metrics["loss"]), grad_evals=int(metrics["grad_evals"]),
                                 samples=int(metrics["samples"]))
-            state = record_to_state(content.array_records[f"state.{j}"])
+            state = record_to_state(records.array[f"state.{j}"])
         except PayloadError:
             raise
         except Exception as err:  # noqa: BLE001 - a malformed reply is a rejection, never a crash

@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
-from flwr.app import Array
+from strategies.records import from_array, to_array
 
 from fedgluon import spec as specs
 from fedgluon.driver import run_plain
@@ -61,9 +61,9 @@ def test_client_state_commits_only_accepted_rounds(monkeypatch, caplog):
             if k in ("1", "3") and j == 1 and not reply.has_error():
                 payload = reply.content.array_records["payload.1"]
                 name = next(n for n in payload.keys() if n.endswith("v.v"))
-                bad = payload[name].numpy().copy()
+                bad = from_array(payload[name])
                 bad[0] = np.nan
-                payload[name] = Array(bad)
+                payload[name] = to_array(bad)
             replies.append(reply)
         return replies
 

@@ -88,3 +88,33 @@ def test_half_precision_estimator_state_halves_its_bytes_and_stays_close():
     assert half.frame()["train_loss"].iloc[-1] == pytest.approx(full.frame()["train_loss"].iloc[-1], rel=0.01)
     with pytest.raises(ValueError, match=r"state_dtype must be one of \[None, 'float16', 'bfloat16'\]"):
         make_algorithm("gluon-ef21-mvr", Geometry.from_model(model), state_dtype="int8")
+
+
+def test_server_sums_of_sparse_replies_equal_dense_sums():
+    """The server holds top-k/rand-k replies as (indices, values) and adds them at their indices; the
+    weighted mean and the EF21 tracker sum equal the sums of the dense decoded replies bitwise."""
+    from compressors import compress_message
+    from fedgluon.algorithms.base import Broadcast, ClientReply, DecodedReplies, tracker_update, weighted_mean
+
+    model = MLP(10, (12,), 4)
+    geometry = Geometry.from_model(model)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(5)
+    for spec in ({"name": "topk", "ratio": 0.2}, {"name": "randk", "ratio": 0.3, "values": "fp64"}):
+        algo = make_algorithm("gluon-ef21", geometry, compressor=spec, values="fp64" if "values" in spec else "fp32")
+        dtype = torch.float64 if "values" in spec else torch.float32
+        bc = Broadcast(0, 0, {})
+        replies = {j: ClientReply(j, 0, compress_message(algo.compressor, {n: torch.randn(s, generator=gen, dtype=dtype)
+                                                                           for n, s in shapes.items()}, (0, j, 0))[0])
+                   for j in range(4)}
+        held = DecodedReplies(algo, replies, bc)
+        for j in replies:
+            held.add(j, algo.validate(replies[j], j, bc, sparse=True))
+        dense = {j: algo.validate(replies[j], j, bc) for j in replies}
+        assert any(not isinstance(t, torch.Tensor) for t in held.terms(0).values())  # held sparse
+        w = {0: 0.1, 1: 0.2, 2: 0.3, 3: 0.4}
+        like = {n: torch.randn(s, generator=gen, dtype=dtype) for n, s in shapes.items()}
+        for a, b in ((weighted_mean(held, w), weighted_mean(dense, w)),
+                     (tracker_update(like, held, w, like), tracker_update(like, dense, w, like))):
+            assert all(torch.equal(a[n], b[n]) for n in shapes)
+        assert all(torch.equal(held[0][n], dense[0][n]) for n in shapes)

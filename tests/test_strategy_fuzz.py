@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from fedgluon import spec as specs
 from fedgluon.client_app import make_client_app
 from fedgluon.engines import InProcessGrid
-from strategies.strategy import GluonStrategy
+from strategies.records import RAW, from_array, to_array
+from strategies.strategy import GluonStrategy, Records
 
 N = 4
 SPEC = specs.normalise({"task": {"name": "synthetic", "num_clients": N, "dim": 6, "classes": 3, "hidden": [4]},
@@ -68,29 +69,29 @@ def corrupt(reply, j: int, how: str, data: st.DataObject, k: int) -> None:
     values = [n for n in names if n.endswith("/v.v")]
     pick = data.draw(st.sampled_from(values), label="layer")
     layer = pick.split("/")[0]
-    v = payload[pick].numpy().copy()
+    v = from_array(payload[pick])
     if how == "drop_array":
         del payload[data.draw(st.sampled_from(names), label="dropped")]
     elif how == "extra_array":
-        payload[f"{layer}/zzz"] = Array(np.zeros(3, np.float32))
+        payload[f"{layer}/zzz"] = to_array(np.zeros(3, np.float32))
     elif how == "orphan_array":
-        payload["not.a.layer/v.v"] = Array(np.zeros(3, np.float32))
+        payload["not.a.layer/v.v"] = to_array(np.zeros(3, np.float32))
     elif how == "nan":
         v[data.draw(st.integers(0, len(v) - 1))] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]))
-        payload[pick] = Array(v)
+        payload[pick] = to_array(v)
     elif how == "length":
-        payload[pick] = Array(v[:-1] if data.draw(st.booleans()) else np.append(v, np.float32(1)))
+        payload[pick] = to_array(v[:-1] if data.draw(st.booleans()) else np.append(v, np.float32(1)))
     elif how == "index_range":
-        idx = payload[f"{layer}/idx"].numpy().copy()
+        idx = from_array(payload[f"{layer}/idx"])
         idx[data.draw(st.integers(0, len(idx) - 1))] = np.iinfo(idx.dtype).max
-        payload[f"{layer}/idx"] = Array(idx)
+        payload[f"{layer}/idx"] = to_array(idx)
     elif how == "dup_index":
         layer = "body.0.weight"
-        idx = payload[f"{layer}/idx"].numpy().copy()
+        idx = from_array(payload[f"{layer}/idx"])
         idx[1] = idx[0]
-        payload[f"{layer}/idx"] = Array(idx)
+        payload[f"{layer}/idx"] = to_array(idx)
     elif how == "dtype":
-        payload[pick] = Array(v.astype(data.draw(st.sampled_from([np.float64, np.float16, np.int32, np.uint8]))))
+        payload[pick] = to_array(v.astype(data.draw(st.sampled_from([np.float64, np.float16, np.int32, np.uint8]))))
     elif how == "codec":
         header[f"{layer}/codec"] = data.draw(st.text(max_size=12).filter(lambda c: c != "topk/fp32"), label="codec")
     elif how == "shape":
@@ -113,7 +114,7 @@ def corrupt(reply, j: int, how: str, data: st.DataObject, k: int) -> None:
         payload[pick] = Array(dtype="O", shape=(1,), stype="numpy.ndarray", data=buf.getvalue())
     elif how == "garbage":
         raw = data.draw(st.binary(min_size=0, max_size=64), label="bytes")
-        payload[pick] = Array(dtype="float32", shape=tuple(v.shape), stype="numpy.ndarray", data=raw)
+        payload[pick] = Array(dtype="float32", shape=tuple(v.shape), stype=RAW, data=raw)
 
 
 def tree_equal(a, b) -> bool:
@@ -140,7 +141,7 @@ def test_hostile_replies_never_touch_server_state(world, data, plan):
         how = plan[j]
         plan_of[j] = how
         if how is None:
-            valid_parsed[j] = strategy._parse(reply.content, j)[0]
+            valid_parsed[j] = strategy._parse(Records.of(reply.content), j)[0]
         else:
             corrupt(reply, j, how, data, bc.round)
     strategy.aggregate_train(1, replies)  # must not raise
@@ -155,3 +156,26 @@ def test_hostile_replies_never_touch_server_state(world, data, plan):
         if how is not None:
             assert tree_equal(strategy.client_states[j], before_clients[j]), (j, how)
     assert not UNPICKLED
+
+
+def test_raw_arrays_round_trip_and_reject_anything_else():
+    """Records carry raw little-endian bytes of an allowed dtype; other stypes, dtypes and byte counts
+    are refused (a ValueError, which the parsers turn into a PayloadError)."""
+    from strategies.records import record_to_state, state_to_record
+
+    state = {"est": {"m": torch.randn(3, 4).to(torch.bfloat16)}, "ef": {"q": torch.arange(6, dtype=torch.int16)},
+             "x": torch.randn(5, dtype=torch.float64), "commits": torch.tensor(3), "flag": torch.tensor([True, False])}
+    back = record_to_state(state_to_record(state))
+    assert tree_equal(state, back) and back["est"]["m"].dtype == torch.bfloat16
+    for a in (np.arange(7, dtype=np.uint16), np.ones((2, 0), np.float32), np.array([1.5], np.float16)):
+        assert np.array_equal(from_array(to_array(a)), a) and from_array(to_array(a)).dtype == a.dtype
+    good = to_array(np.ones(4, np.float32))
+    bad = [Array(np.ones(4, np.float32)),  # Flower's .npy encoding
+           Array(dtype="O", shape=(4,), stype=RAW, data=good.data),
+           Array(dtype="float32", shape=(5,), stype=RAW, data=good.data),
+           Array(dtype="float32", shape=(-4,), stype=RAW, data=good.data)]
+    for arr in bad:
+        with pytest.raises(ValueError):
+            from_array(arr)
+    with pytest.raises(TypeError):
+        to_array(np.array([object()]))

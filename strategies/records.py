@@ -3,13 +3,13 @@ for payloads, DESIGN §1).
 
 * A payload message ``{layer: TensorPayload}`` becomes an ``ArrayRecord`` with one ``Array`` per
   (layer, key) named ``"<layer>/<key>"`` plus a ``ConfigRecord`` with ``"<layer>/codec"``,
-  ``"<layer>/shape"`` and ``"<layer>/meta/<name>"``. Arrays are NumPy ``.npy`` bytes that Flower
-  reads with ``allow_pickle=False``; nothing a client sends is ever unpickled.
-* Client state (nested dicts of tensors) becomes an ``ArrayRecord`` keyed by ``/``-joined paths.
+  ``"<layer>/shape"`` and ``"<layer>/meta/<name>"``.
+* Client state (nested dicts of tensors) becomes an ``ArrayRecord`` of two Arrays: a JSON layout
+  ``[[path, dtype, shape], ...]`` and the leaves' bytes concatenated (:func:`state_to_record`).
 * Every ``Array`` holds raw little-endian bytes (``stype = "fedgluon.raw"``) of a dtype from a fixed
-  list of numeric types, checked against its shape on reading (:func:`from_array`). Flower's default
-  ``.npy`` encoding parses a Python-literal header per array (``ast``), which cost several ms per
-  client of a block; raw bytes cost a copy.
+  list of numeric types, checked against its shape on reading (:func:`from_array`); nothing a client
+  sends is ever unpickled. Flower's default ``.npy`` encoding parses a Python-literal header per array
+  (``ast``), which cost several ms per client of a block; raw bytes cost a copy.
 
 :func:`records_to_message` never raises anything but :class:`compressors.PayloadError`, so a
 hostile reply is rejected like any malformed payload.
@@ -17,6 +17,7 @@ hostile reply is rejected like any malformed payload.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -36,40 +37,68 @@ DTYPES = {name: np.dtype(name).newbyteorder("<") for name in
 DTYPES["bfloat16"] = np.dtype("<i2")
 
 
+TORCH_NAMES = {torch.bool: "bool", torch.uint8: "uint8", torch.int8: "int8", torch.uint16: "uint16",
+               torch.int16: "int16", torch.uint32: "uint32", torch.int32: "int32", torch.int64: "int64",
+               torch.float16: "float16", torch.float32: "float32", torch.float64: "float64",
+               torch.bfloat16: "bfloat16"}
+
+
+def _raw(a: np.ndarray | Tensor) -> tuple[str, tuple[int, ...], bytes]:
+    """(dtype name, shape, little-endian bytes) of an array or tensor of an allowed dtype."""
+    if isinstance(a, Tensor):
+        name = TORCH_NAMES.get(a.dtype)
+        if name is None:
+            raise TypeError(f"cannot send a tensor of dtype {a.dtype}; allowed: {sorted(DTYPES)}")
+        t = a.detach().cpu().contiguous()
+        a = (t.view(torch.int16) if name == "bfloat16" else t).numpy()
+    else:
+        name = a.dtype.name
+        if name not in DTYPES:
+            raise TypeError(f"cannot send an array of dtype {a.dtype}; allowed: {sorted(DTYPES)}")
+    if a.dtype != DTYPES[name] or not a.flags.c_contiguous:  # big-endian or strided
+        a = np.ascontiguousarray(a, dtype=DTYPES[name])
+    return name, tuple(a.shape), a.tobytes()
+
+
+def _unraw(name: Any, shape: Any, data: Any, offset: int = 0) -> np.ndarray:
+    """Inverse of :func:`_raw` on ``data[offset:]`` (a writable copy); ``ValueError`` on bad input."""
+    dtype = DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None:
+        raise ValueError(f"array dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    shape = tuple(shape) if isinstance(shape, (tuple, list)) else None
+    if shape is None or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"array shape must be non-negative integers, got {shape!r}")
+    size = math.prod(shape) * dtype.itemsize
+    if not isinstance(data, bytes) or len(data) < offset + size:
+        raise ValueError(f"array of shape {shape} and dtype {name} needs {size} bytes at offset {offset}, "
+                         f"got {len(data) if isinstance(data, bytes) else type(data).__name__}")
+    return np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape).astype(
+        dtype.newbyteorder("="))
+
+
+def _as_tensor(name: str, a: np.ndarray) -> Tensor:
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if name == "bfloat16" else t
+
+
 def to_array(a: np.ndarray | Tensor) -> Array:
     """A NumPy array or tensor as a raw-bytes Flower ``Array`` (module docstring)."""
-    name = None
-    if isinstance(a, Tensor):
-        t = a.detach().cpu().contiguous()
-        if t.dtype == torch.bfloat16:
-            name, t = "bfloat16", t.view(torch.int16)
-        a = t.numpy()
-    name = name or a.dtype.name
-    if name not in DTYPES:
-        raise TypeError(f"cannot send an array of dtype {a.dtype}; allowed: {sorted(DTYPES)}")
-    data = np.ascontiguousarray(a, dtype=DTYPES[name]).tobytes()
-    return Array(dtype=name, shape=tuple(int(s) for s in a.shape), stype=RAW, data=data)
+    name, shape, data = _raw(a)
+    return Array(dtype=name, shape=shape, stype=RAW, data=data)
 
 
 def from_array(arr: Array) -> np.ndarray:
     """The NumPy array of a raw-bytes ``Array`` (a writable copy); ``ValueError`` on anything else."""
     if not isinstance(arr, Array) or arr.stype != RAW:
         raise ValueError(f"expected an Array with stype {RAW!r}, got {getattr(arr, 'stype', type(arr).__name__)!r}")
-    dtype = DTYPES.get(arr.dtype) if isinstance(arr.dtype, str) else None
-    if dtype is None:
-        raise ValueError(f"array dtype must be one of {sorted(DTYPES)}, got {arr.dtype!r}")
-    shape = tuple(arr.shape)
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ValueError(f"array shape must be non-negative integers, got {shape!r}")
-    if not isinstance(arr.data, bytes) or len(arr.data) != math.prod(shape) * dtype.itemsize:
-        raise ValueError(f"array of shape {shape} and dtype {arr.dtype} needs {math.prod(shape) * dtype.itemsize} "
-                         f"bytes, got {len(arr.data) if isinstance(arr.data, bytes) else type(arr.data).__name__}")
-    return np.frombuffer(arr.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    out = _unraw(arr.dtype, arr.shape, arr.data)
+    if len(arr.data) != out.nbytes:
+        raise ValueError(f"array of shape {out.shape} and dtype {arr.dtype} needs {out.nbytes} bytes, got {len(arr.data)}")
+    return out
 
 
 def _tensor(arr: Array) -> Tensor:
-    t = torch.from_numpy(from_array(arr))
-    return t.view(torch.bfloat16) if arr.dtype == "bfloat16" else t
+    return _as_tensor(arr.dtype, from_array(arr))
 
 
 def message_to_records(message: Message) -> tuple[ArrayRecord, ConfigRecord]:
@@ -138,20 +167,44 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Tensor]:
 
 
 def state_to_record(state: Mapping[str, Any] | None) -> ArrayRecord:
-    """Nested client state → ArrayRecord (keys are ``/``-joined paths; parameter names contain no ``/``)."""
-    return tensors_to_record(_flatten(state or {}))
+    """Nested client state → an ArrayRecord of two Arrays: ``layout`` (UTF-8 JSON list of
+    ``[path, dtype, shape]``, paths ``/``-joined; parameter names contain no ``/``) and ``data`` (the
+    leaves' raw bytes, concatenated). Two Arrays per client instead of one per leaf: each Flower
+    ``Array`` costs tens of µs to build."""
+    layout, chunks = [], []
+    for path, t in _flatten(state or {}).items():
+        name, shape, data = _raw(t)
+        layout.append([path, name, list(shape)])
+        chunks.append(data)
+    text = np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8)
+    return ArrayRecord({"layout": to_array(text),
+                        "data": Array(dtype="uint8", shape=(sum(map(len, chunks)),), stype=RAW, data=b"".join(chunks))})
 
 
 def record_to_state(record: ArrayRecord) -> dict[str, Any] | None:
-    flat = record_to_tensors(record)
-    if not flat:
+    """Inverse of :func:`state_to_record`; ``ValueError`` when the record is malformed."""
+    layout = json.loads(from_array(record["layout"]).tobytes().decode())
+    data = record["data"]
+    if not isinstance(data, Array) or data.stype != RAW or not isinstance(data.data, bytes):
+        raise ValueError("state data must be a raw-bytes Array")
+    if not isinstance(layout, list) or not all(isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
+                                               for e in layout):
+        raise ValueError("state layout must be a list of [path, dtype, shape]")
+    if not layout:
         return None
     state: dict[str, Any] = {}
-    for path, value in flat.items():
+    offset = 0
+    for path, name, shape in layout:
+        a = _unraw(name, shape, data.data, offset)
+        offset += a.nbytes
         *parents, leaf = path.split(SEP)
         node = state
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"state path {path!r} runs through a leaf")
         if leaf:
-            node[leaf] = value
+            node[leaf] = _as_tensor(name, a)
+    if offset != len(data.data):
+        raise ValueError(f"state data has {len(data.data)} bytes, its layout describes {offset}")
     return state

@@ -10,7 +10,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array
+from flwr.app import Array, ArrayRecord
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
@@ -179,3 +179,14 @@ def test_raw_arrays_round_trip_and_reject_anything_else():
             from_array(arr)
     with pytest.raises(TypeError):
         to_array(np.array([object()]))
+    assert record_to_state(state_to_record(None)) is None
+    assert record_to_state(state_to_record({"a": {}, "b": torch.ones(2)}))["a"] == {}
+    record = state_to_record(state)
+    text = lambda t: to_array(np.frombuffer(t.encode(), np.uint8))  # noqa: E731
+    broken = [("data", Array(dtype="uint8", shape=(3,), stype=RAW, data=b"abc")),  # fewer bytes than the layout
+              ("layout", text("[[\"x\", \"float32\", [1]], [\"x/y\", \"float32\", [1]]]")),  # path through a leaf
+              ("layout", text("{not json")), ("layout", text("[[\"x\", \"object\", [1]]]"))]
+    for key, value in broken:
+        bad = ArrayRecord({**{k: record[k] for k in record.keys()}, key: value})
+        with pytest.raises(ValueError):
+            record_to_state(bad)

@@ -114,6 +114,7 @@ def corrupt(reply, j: int, how: str, data: st.DataObject, k: int) -> None:
         payload[pick] = Array(dtype="O", shape=(1,), stype="numpy.ndarray", data=buf.getvalue())
     elif how == "garbage":
         raw = data.draw(st.binary(min_size=0, max_size=64), label="bytes")
+        raw += b"\0" * (len(raw) == v.nbytes)  # bytes of exactly the right length are a valid (other) array
         payload[pick] = Array(dtype="float32", shape=tuple(v.shape), stype=RAW, data=raw)
 
 

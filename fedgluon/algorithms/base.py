@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_map
 
 from compressors import BitCount, Compressor, Message, PayloadError, decode_message, make_compressor, message_bits
 from compressors.bits import dense_bits
+from compressors.error_feedback import ef21_server_update
 from compressors.message import compress_message
 from compressors.sparse import SparseTensor, add_scaled_
 from compressors.operators import Context
@@ -366,8 +367,24 @@ def commit_count(state: State | None) -> Tensor:
     return count.clone() if isinstance(count, Tensor) else torch.tensor(0, dtype=torch.int64)
 
 
-def _terms(decoded: Mapping[int, Tensors], j: int) -> Mapping[str, Tensor | SparseTensor]:
-    return decoded.terms(j) if isinstance(decoded, DecodedReplies) else decoded[j]
+class _Terms(Mapping[int, dict[str, Tensor | SparseTensor]]):
+    """``DecodedReplies`` seen through :meth:`DecodedReplies.terms` (sparse layers stay sparse)."""
+
+    def __init__(self, replies: DecodedReplies):
+        self.replies = replies
+
+    def __getitem__(self, j: int) -> dict[str, Tensor | SparseTensor]:
+        return self.replies.terms(j)
+
+    def __iter__(self):
+        return iter(self.replies)
+
+    def __len__(self) -> int:
+        return len(self.replies)
+
+
+def _terms(decoded: Mapping[int, Tensors]) -> Mapping[int, Mapping[str, Tensor | SparseTensor]]:
+    return _Terms(decoded) if isinstance(decoded, DecodedReplies) else decoded
 
 
 def weighted_mean(decoded: Mapping[int, Tensors], weights: Mapping[int, float]) -> Tensors:
@@ -375,8 +392,9 @@ def weighted_mean(decoded: Mapping[int, Tensors], weights: Mapping[int, float]) 
     replies added at their indices)."""
     total = sum(weights[j] for j in decoded)
     out: Tensors = {}
+    terms = _terms(decoded)
     for j in sorted(decoded):
-        for n, v in _terms(decoded, j).items():
+        for n, v in terms[j].items():
             if n not in out:
                 dtype = v.values.dtype if isinstance(v, SparseTensor) else v.dtype
                 out[n] = torch.zeros(v.shape, dtype=dtype, device=(v.values if isinstance(v, SparseTensor) else v).device)
@@ -387,11 +405,8 @@ def weighted_mean(decoded: Mapping[int, Tensors], weights: Mapping[int, float]) 
 def tracker_update(G: Mapping[str, Tensor] | None, decoded: Mapping[int, Tensors], weights: Mapping[int, float],
                    like: Mapping[str, Tensor]) -> Tensors:
     """``G ← G + Σ_{j accepted} w_j R_j`` (absent clients contribute their last tracker, DESIGN §2)."""
-    out = {n: (G[n].clone() if G is not None else torch.zeros_like(like[n])) for n in like}
-    for j in sorted(decoded):
-        for n, r in _terms(decoded, j).items():
-            add_scaled_(out[n], weights[j], r)
-    return out
+    start = G if G is not None else {n: torch.zeros_like(like[n]) for n in like}
+    return ef21_server_update(start, _terms(decoded), weights)
 
 
 def compress_with(compressor: Compressor, tensors: Mapping[str, Tensor], bc: Broadcast, j: int,

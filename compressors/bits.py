@@ -37,7 +37,11 @@ class BitCount:
     dense_fallbacks: int = 0
 
     def __add__(self, other: "BitCount") -> "BitCount":
-        return BitCount(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+        return BitCount(*[a + b for a, b in zip(self.counts(), other.counts())])
+
+    def counts(self) -> tuple[int, ...]:
+        """The raw counts in field order."""
+        return tuple(getattr(self, name) for name in _FIELDS)
 
     def __radd__(self, other: object) -> "BitCount":  # sum() starts from 0
         if other == 0:
@@ -58,9 +62,12 @@ class BitCount:
 
     def as_dict(self) -> dict[str, int]:
         """Raw counts plus every convention's total (for metrics rows)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out = dict(zip(_FIELDS, self.counts()))
         out.update({f"bits_{c}": self.total(c) for c in CONVENTIONS})
         return out
+
+
+_FIELDS = tuple(f.name for f in fields(BitCount))
 
 
 def dense_bits(numel: int, width: int = 32) -> BitCount:

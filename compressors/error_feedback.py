@@ -9,8 +9,10 @@
 
 **None**: send ``C(x)`` as is (unbiased compressors, or to measure what feedback buys).
 
-Every kind has ``step(state, x, seed_parts, comp_states) -> (message, state', comp_states')``
-and says with ``tracks`` whether the server keeps a running sum of the decoded messages (EF21:
+Every kind has ``step(state, x, seed_parts, comp_states) -> (message, state', comp_states')``,
+``step_rows(states, X)`` doing the same for B clients at once (``X[name]`` is (B, *shape); None when
+the compressor has no row encoder, see :meth:`Compressor.compress_rows`; equal to ``step`` client by
+client), and says with ``tracks`` whether the server keeps a running sum of the decoded messages (EF21:
 ``G = Σ_j w_j g_j``) or averages each round's (EF14, none). :func:`make_error_feedback` builds one by
 name.
 
@@ -27,16 +29,16 @@ values.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .message import compress_message
+from .message import compress_message, compress_message_rows, split_rows
 from .operators import Compressor, State
-from .payload import Message
+from .payload import Message, PayloadRows
 from .sparse import add_scaled_
 
 Tensors = dict[str, Tensor]
@@ -46,6 +48,28 @@ def add_own(compressor: Compressor, base: Mapping[str, Tensor], message: Message
     """``base + sign · decode(message)`` layer by layer, for the client's own message (sparse payloads
     are added at their indices, never decoded dense: :meth:`Compressor.add_decoded`)."""
     return {n: compressor.add_decoded(base[n], message[n], sign) for n in base}
+
+
+Rows = list[tuple[Message, dict[str, Tensors], dict[str, State]]]
+
+
+def stacked(states: Sequence[Mapping[str, Tensors] | None], key: str, like: Mapping[str, Tensor]) -> Tensors:
+    """``{name: (B, *shape)}`` of every client's ``state[key][name]`` (zeros for clients without state),
+    a fresh tensor the row steps may update in place."""
+    if not any(states):
+        return {n: torch.zeros_like(t) for n, t in like.items()}
+    return {n: torch.stack([s[key][n] if s else torch.zeros_like(t[0]) for s in states]) for n, t in like.items()}
+
+
+def _unstacked(rows: Mapping[str, PayloadRows], key: str | None, new: Tensors | None) -> Rows:
+    """Per-client (message, state, compressor states); each client's state rows are its own copies (not
+    views of the block, which would keep and pickle the whole block)."""
+    messages = split_rows(rows)
+    out: Rows = []
+    for i, msg in enumerate(messages):
+        state = {key: {n: t[i].clone() for n, t in new.items()}} if key is not None and new is not None else {}
+        out.append((msg, state, {}))
+    return out
 
 
 @dataclass
@@ -74,6 +98,17 @@ class EF21:
             msg, cstates = compress_message(self.compressor, {n: v[n] - g[n] for n in v}, seed_parts, comp_states)
             return msg, {"g": add_own(self.compressor, g, msg)}, cstates
         return self._step_fixed16(state, v, seed_parts, comp_states)
+
+    def step_rows(self, states: Sequence[Mapping[str, Tensors] | None], v: Mapping[str, Tensor]) -> Rows | None:
+        """:meth:`step` for B clients at once (``v[name]`` is (B, *shape)); full trackers only."""
+        if self.tracker != "full":
+            return None
+        g = stacked(states, "g", v)
+        rows = compress_message_rows(self.compressor, {n: v[n] - g[n] for n in v})
+        if rows is None:
+            return None
+        new = {n: self.compressor.add_decoded_rows_(g[n], rows[n]) for n in v}
+        return _unstacked(rows, "g", new)
 
     def tracker_values(self, state: Mapping[str, Tensors], like: Mapping[str, Tensor]) -> Tensors:
         """The tracker g_j as a tensor dict in the working dtype."""
@@ -134,6 +169,16 @@ class EF14:
         msg, cstates = compress_message(self.compressor, corrected, seed_parts, comp_states)
         return msg, {"e": add_own(self.compressor, corrected, msg, -1.0)}, cstates
 
+    def step_rows(self, states: Sequence[Mapping[str, Tensors] | None], x: Mapping[str, Tensor]) -> Rows | None:
+        e = stacked(states, "e", x)
+        corrected = {n: e[n] + x[n] for n in x}
+        rows = compress_message_rows(self.compressor, corrected)
+        if rows is None:
+            return None
+        # a copy: dense payloads may share memory with what they encode (as compress's do)
+        return _unstacked(rows, "e", {n: self.compressor.add_decoded_rows_(corrected[n].clone(), rows[n], -1.0)
+                                      for n in x})
+
 
 @dataclass
 class NoFeedback:
@@ -146,6 +191,10 @@ class NoFeedback:
              comp_states: Mapping[str, State] | None = None) -> tuple[Message, dict[str, Tensors], dict[str, State]]:
         msg, cstates = compress_message(self.compressor, dict(x), seed_parts, comp_states)
         return msg, {}, cstates
+
+    def step_rows(self, states: Sequence[Mapping[str, Tensors] | None], x: Mapping[str, Tensor]) -> Rows | None:
+        rows = compress_message_rows(self.compressor, x)
+        return None if rows is None else _unstacked(rows, None, None)
 
 
 ERROR_FEEDBACK = ("ef21", "ef14", "none")

@@ -15,7 +15,7 @@ from torch import Tensor
 from .bits import BitCount
 from .operators import Compressor, Context, State
 from .sparse import SparseTensor
-from .payload import LayerSetError, Message, SizeError, TensorPayload
+from .payload import LayerSetError, Message, PayloadRows, SizeError, TensorPayload
 
 DEFAULT_MAX_BYTES_FACTOR = 4  # a payload may be at most this many times its dense fp32 size (+ 1 KiB)
 
@@ -31,6 +31,27 @@ def compress_message(compressor: Compressor, tensors: Mapping[str, Tensor], seed
         if state is not None:
             new_states[name] = state
     return message, new_states
+
+
+def compress_message_rows(compressor: Compressor, tensors: Mapping[str, Tensor]) -> dict[str, PayloadRows] | None:
+    """:func:`compress_message` of B clients at once: ``tensors[name]`` is (B, *shape), row i client i's.
+    Client i's message is ``{name: rows[name].payload(i)}``, equal to compressing its tensors alone
+    (the compressors that support rows draw no seeds). None when a layer is not supported
+    (:meth:`Compressor.compress_rows`): then compress client by client."""
+    out = {}
+    for name in sorted(tensors):
+        rows = compressor.compress_rows(tensors[name])
+        if rows is None:
+            return None
+        out[name] = rows
+    return out
+
+
+def split_rows(rows: Mapping[str, PayloadRows]) -> list[Message]:
+    """The B per-client messages of :func:`compress_message_rows`' result."""
+    names = list(rows)
+    count = len(rows[names[0]]) if names else 0
+    return [{n: rows[n].payload(i) for n in names} for i in range(count)]
 
 
 def decode_message(compressor: Compressor, message: Mapping[str, TensorPayload], shapes: Mapping[str, tuple],

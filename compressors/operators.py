@@ -37,7 +37,7 @@ from fedgluon.rng import derive_seed
 
 from .bits import BitCount
 from .sparse import SparseTensor, added
-from .payload import CodecError, DuplicateIndexError, IndexRangeError, MetaError, ShapeError, TensorPayload
+from .payload import PayloadRows, CodecError, DuplicateIndexError, IndexRangeError, MetaError, ShapeError, TensorPayload
 from .values import Raw, ValueCodec, get_array
 
 State = dict[str, Tensor]
@@ -112,6 +112,18 @@ class Structure(ABC):
     def bits(self, shape: tuple[int, ...], meta: Mapping[str, Any]) -> BitCount:
         return BitCount()
 
+    # Row-wise encoding of B same-shape tensors at once (client blocks); deterministic, stateless
+    # structures only. Row i of every result is exactly what ``encode`` gives for row i.
+    rows = False  # whether encode_rows / add_rows_ are implemented
+
+    def encode_rows(self, X: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, dict[str, np.ndarray]]:
+        """``X`` (B, d), row i the flattened tensor of client i → (values (B, n), arrays (B, ·))."""
+        raise NotImplementedError
+
+    def add_rows_(self, out: Tensor, w: float, values: Tensor, arrays: Mapping[str, np.ndarray]) -> None:
+        """``out[i] += w · decode(row i)`` in place for every row of ``out`` (B, d)."""
+        raise NotImplementedError
+
 
 class Dense(Structure):
     name, kind = "dense", "exact"
@@ -124,6 +136,14 @@ class Dense(Structure):
 
     def decode(self, values, arrays, meta, shape, layer):
         return values.reshape(shape)
+
+    rows = True
+
+    def encode_rows(self, X, shape):
+        return X, {}
+
+    def add_rows_(self, out, w, values, arrays):
+        out += w * values
 
 
 @dataclass
@@ -149,24 +169,29 @@ class _Sparse(Structure):
 
     def _indices(self, arrays: Mapping[str, Any], meta: Mapping[str, Any], shape: tuple[int, ...],
                  layer: str) -> np.ndarray:
-        """The validated, strictly increasing indices a payload refers to."""
+        """The validated, strictly increasing indices a payload refers to (int64)."""
         d, k = numel(shape), self.k(shape)
         idx = get_array(dict(arrays), "idx", layer, INDEX_DTYPES, k)
-        if k and (idx.min() < 0 or idx.max() >= d):
-            raise IndexRangeError(layer, "idx", f"indices must lie in [0, {d}), got [{idx.min()}, {idx.max()}]")
-        steps = np.diff(idx.astype(np.int64))
-        if (steps <= 0).any():
+        wide = idx.astype(np.int64)
+        increasing = bool((np.diff(wide) > 0).all())
+        if k:  # the range check comes first; for increasing indices the ends are the extremes
+            lo, hi = (int(wide[0]), int(wide[-1])) if increasing else (int(wide.min()), int(wide.max()))
+            if lo < 0 or hi >= d:
+                raise IndexRangeError(layer, "idx", f"indices must lie in [0, {d}), got [{lo}, {hi}]")
+        if not increasing:
+            steps = np.diff(wide)
             what = "duplicate" if (steps == 0).any() else "unsorted"
             raise DuplicateIndexError(layer, "idx", f"{what} indices (indices must be strictly increasing)")
-        return idx
+        return wide
 
     def decode(self, values, arrays, meta, shape, layer):
         return self.decode_sparse(values, arrays, meta, shape, layer).dense()
 
     def decode_sparse(self, values: Tensor, arrays: Mapping[str, Any], meta: Mapping[str, Any],
                       shape: tuple[int, ...], layer: str) -> SparseTensor:
-        idx = torch.from_numpy(self._indices(arrays, meta, shape, layer).astype(np.int64)).to(values.device)
-        return SparseTensor(idx, values * self._scale(shape), shape)
+        idx = torch.from_numpy(self._indices(arrays, meta, shape, layer)).to(values.device)
+        scale = self._scale(shape)
+        return SparseTensor(idx, values * scale if scale != 1.0 else values, shape)
 
     def bits(self, shape, meta):
         d, k = numel(shape), self.k(shape)
@@ -188,6 +213,20 @@ def topk_indices(x: Tensor, k: int) -> Tensor:
     return torch.from_numpy(idx)
 
 
+def topk_rows(X: Tensor, k: int) -> Tensor:
+    """:func:`topk_indices` of every row of ``X`` (B, d) in one call: (B, k) int64, each row increasing.
+    On CPU, NumPy's row-wise argpartition runs the same selection on each row as the 1-D call, so row i
+    equals ``topk_indices(X[i], k)`` (ties included)."""
+    B, d = X.shape
+    if k >= d:
+        return torch.arange(d, device=X.device).expand(B, d)
+    if X.is_cuda:
+        return torch.topk(X.abs(), k, dim=1, sorted=False).indices.sort(dim=1).values
+    idx = np.argpartition(np.abs(X.detach().numpy()), d - k, axis=1)[:, d - k:]
+    idx.sort(axis=1)
+    return torch.from_numpy(idx)
+
+
 @dataclass
 class TopK(_Sparse):
     name = "topk"
@@ -200,6 +239,16 @@ class TopK(_Sparse):
     def encode(self, x, ctx):
         idx = topk_indices(x, self.k(x.shape))
         return x.reshape(-1)[idx.to(x.device)], {"idx": idx.cpu().numpy().astype(index_dtype(x.numel()))}, {}, None
+
+    rows = True
+
+    def encode_rows(self, X, shape):
+        idx = topk_rows(X, self.k(shape)).to(X.device)
+        return torch.gather(X, 1, idx), {"idx": idx.cpu().numpy().astype(index_dtype(numel(shape)))}
+
+    def add_rows_(self, out, w, values, arrays):
+        idx = torch.from_numpy(arrays["idx"].astype(np.int64)).to(out.device)
+        out.scatter_add_(1, idx, w * values)
 
 
 def randk_indices(d: int, k: int, generator: torch.Generator) -> Tensor:
@@ -260,7 +309,7 @@ class RandKSeeded(RandK):
         seed = meta.get("seed")
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= int(seed) < 2 ** 63:
             raise MetaError(layer, "seed", f"must be an integer in [0, 2^63), got {seed!r}")
-        return randk_indices(numel(shape), self.k(shape), torch.Generator().manual_seed(int(seed))).numpy()
+        return randk_indices(numel(shape), self.k(shape), torch.Generator().manual_seed(int(seed))).numpy().astype(np.int64)
 
     def bits(self, shape, meta):
         return BitCount(seed_bits=64)
@@ -370,6 +419,7 @@ class Compressor:
         self.values = values or Raw(np.float32)
         self.name = name or structure.name
         self._dense = Dense()
+        self._bits: dict[tuple[str, tuple[int, ...]], BitCount] = {}
 
     def __repr__(self) -> str:
         return f"Compressor({self.structure!r}, values={self.values.name})"
@@ -492,12 +542,49 @@ class Compressor:
         r = self._decode(self._structure_for(shape), payload, shape, "own", base.device, base.dtype, True)
         return added(base, sign, r)
 
+    # ------------------------------------------------------------------ B clients at once
+    def rows_supported(self, shape: tuple[int, ...]) -> bool:
+        """Whether :meth:`compress_rows` handles ``shape``: a deterministic, stateless structure with row
+        encoders (dense, top-k) and exact raw values (fp32/fp64)."""
+        s = self._structure_for(shape)
+        return s.rows and not s.stateful and isinstance(self.values, Raw)
+
+    def compress_rows(self, X: Tensor) -> PayloadRows | None:
+        """The payloads of ``X[0], …, X[B-1]`` (same shape) in one call; row i equals
+        ``compress(X[i])[0]`` exactly. None when unsupported (:meth:`rows_supported`) or when a value is
+        not finite (the row-by-row path then raises for that client, as it always has). As with
+        :meth:`compress`, dense payloads may share memory with ``X``: don't write to ``X`` after."""
+        shape = tuple(X.shape[1:])
+        if not self.rows_supported(shape):
+            return None
+        s = self._structure_for(shape)
+        vals, arrays = s.encode_rows(X.reshape(X.shape[0], -1), shape)
+        varrays, _ = self.values.encode(vals, None)
+        if not np.isfinite(varrays["v"]).all():
+            return None
+        return PayloadRows(f"{s.name}/{self.values.name}", shape,
+                           {**arrays, **{f"v.{k}": a for k, a in varrays.items()}})
+
+    def add_decoded_rows_(self, base: Tensor, rows: PayloadRows, sign: float = 1.0) -> Tensor:
+        """``base[i] += sign · decode(rows.payload(i))`` in place for every row, equal to
+        :meth:`add_decoded` row by row; returns ``base``."""
+        s = self._structure_for(rows.shape)
+        vals = torch.from_numpy(rows.arrays["v.v"]).to(base.device, base.dtype)
+        s.add_rows_(base.view(base.shape[0], -1), sign, vals, rows.arrays)
+        return base
+
     def bits(self, payload: TensorPayload) -> BitCount:
-        """Raw bit counts of a (valid) payload, from its codec and shape alone."""
-        shape = tuple(payload.shape)
+        """Raw bit counts of a (valid) payload, from its codec and shape alone (no structure or value
+        codec reads its header), memoised per (codec, shape)."""
+        key = (payload.codec, tuple(payload.shape))
+        if key not in self._bits:
+            self._bits[key] = self._count_bits(key[1])
+        return self._bits[key]
+
+    def _count_bits(self, shape: tuple[int, ...]) -> BitCount:
         s = self._structure_for(shape)
         fallback = BitCount(dense_fallbacks=1) if (s is self._dense and self.structure is not self._dense) else BitCount()
-        return s.bits(shape, payload.meta) + self.values.bits(s.n_values(shape), payload.meta) + fallback
+        return s.bits(shape, {}) + self.values.bits(s.n_values(shape), {}) + fallback
 
     def __call__(self, x: Tensor, ctx: Context | None = None) -> Tensor:
         """``C(x)``: compress and decompress (for analysis and tests)."""

@@ -30,6 +30,23 @@ class TensorPayload:
 Message = dict[str, TensorPayload]
 
 
+@dataclass
+class PayloadRows:
+    """The payloads of B clients for one tensor, encoded at once: row i of every array is client i's
+    (:meth:`compressors.Compressor.compress_rows`). Headers are empty (deterministic codecs only)."""
+
+    codec: str
+    shape: tuple[int, ...]
+    arrays: dict[str, np.ndarray]  # each (B, ·)
+
+    def __len__(self) -> int:
+        return next(iter(self.arrays.values())).shape[0]
+
+    def payload(self, i: int) -> TensorPayload:
+        """Client i's payload (its arrays are row views, contiguous)."""
+        return TensorPayload(self.codec, self.shape, {k: a[i] for k, a in self.arrays.items()}, {})
+
+
 class PayloadError(ValueError):
     """A payload failed validation; ``layer`` and ``field`` say where."""
 

@@ -4,6 +4,7 @@ virtual clients (plain driver, in-process Flower grid) gives the metrics of one 
 import pandas as pd
 import pytest
 import torch
+from torch.utils._pytree import tree_flatten
 
 from fedgluon import spec as specs
 from fedgluon.blocks import block_clients, num_blocks
@@ -60,6 +61,9 @@ def _frames_match(a: pd.DataFrame, b: pd.DataFrame) -> None:
     {"name": "gluon-mvr", "variant": "storm"},
     {"name": "gluon-marina", "compressor": {"name": "randk", "ratio": 0.2}},
     {"name": "fedavg", "local_steps": 2},
+    {"name": "gluon-ef21", "error_feedback": "ef14", "compressor": {"name": "topk", "ratio": 0.2}},
+    {"name": "gluon-ef21-mvr", "error_feedback": "none", "compressor": {"name": "identity"}},
+    {"name": "gluon-ef21", "tracker": "fixed16", "compressor": {"name": "topk", "ratio": 0.1}},
 ])
 def test_plain_driver_blocks_equal_one_client_per_node(algorithm):
     spec = specs.normalise({"task": TASK, "algorithm": {"lr": 0.05, **algorithm}, "rounds": 6, "seed": 4})
@@ -68,9 +72,14 @@ def test_plain_driver_blocks_equal_one_client_per_node(algorithm):
     one = run_plain(algo, task.objectives, task.initial_params(), 6, **kw)
     blocks = run_plain(algo, task.objectives, task.initial_params(), 6, block_size=4, **kw)
     _frames_match(one.frame(), blocks.frame())
-    for j in range(TASK["num_clients"]):
+    for j in range(TASK["num_clients"]):  # every tracker, estimate and residual, bitwise
         a, b = one.client_states[j], blocks.client_states[j]
         assert (a is None) == (b is None)
+        if a is not None:
+            flat_a, spec_a = tree_flatten(a)
+            flat_b, spec_b = tree_flatten(b)
+            assert spec_a == spec_b
+            assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(flat_a, flat_b))
 
 
 def test_flower_blocks_equal_plain_driver_with_faults():

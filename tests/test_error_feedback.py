@@ -87,3 +87,82 @@ def test_ef14_telescopes():
         sent_sum = sent_sum + ef.compressor.decompress(msg["w"], dtype=torch.float64)
         x_sum = x_sum + v[0]["w"]
     torch.testing.assert_close(sent_sum, x_sum - state["e"]["w"], rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- B clients at once (client blocks)
+def _payloads_equal(p, q):
+    assert p.codec == q.codec and tuple(p.shape) == tuple(q.shape) and p.meta == q.meta
+    assert set(p.arrays) == set(q.arrays)
+    for key in p.arrays:
+        assert p.arrays[key].dtype == q.arrays[key].dtype and (p.arrays[key] == q.arrays[key]).all()
+
+
+ROW_SPECS = [{"name": "topk", "ratio": 0.1}, {"name": "topk", "ratio": 0.1, "values": "fp64"},
+             {"name": "identity"}, {"name": "topk", "ratio": 1.0}]
+
+
+@pytest.mark.parametrize("spec", ROW_SPECS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compress_rows_equals_compressing_each_row(spec, dtype):
+    """Row i of compress_rows is compress(X[i]) exactly, ties included (integer-valued inputs: many equal
+    magnitudes), and add_decoded_rows_ is add_decoded row by row, bitwise."""
+    C = make_compressor(spec)
+    gen = torch.Generator().manual_seed(3)
+    for X in (torch.randn(7, 12, 9, generator=gen, dtype=dtype),
+              torch.randint(-3, 4, (7, 12, 9), generator=gen).to(dtype)):
+        rows = C.compress_rows(X)
+        assert rows is not None and len(rows) == 7
+        base = torch.randn(7, 12, 9, generator=gen, dtype=dtype)
+        for sign in (1.0, -1.0):
+            summed = C.add_decoded_rows_(base.clone(), rows, sign)
+            for i in range(7):
+                alone, _ = C.compress(X[i])
+                _payloads_equal(rows.payload(i), alone)
+                assert torch.equal(summed[i], C.add_decoded(base[i], alone, sign))
+
+
+@pytest.mark.parametrize("spec", [{"name": "randk", "ratio": 0.2}, {"name": "topk", "ratio": 0.1, "values": "qsgd"},
+                                  {"name": "topk", "ratio": 0.1, "values": "fp16"}, {"name": "powersgd", "rank": 1}])
+def test_compress_rows_declines_random_stateful_or_rounding_compressors(spec):
+    assert make_compressor(spec).compress_rows(torch.randn(3, 12, 9)) is None
+
+
+def test_compress_rows_declines_non_finite_blocks():
+    X = torch.randn(3, 12, 9)
+    X[1, 2, 3] = float("nan")
+    assert make_compressor({"name": "topk", "ratio": 1.0}).compress_rows(X) is None
+
+
+@pytest.mark.parametrize("kind", ["ef21", "ef14", "none"])
+@pytest.mark.parametrize("spec", [{"name": "topk", "ratio": 0.1, "values": "fp64"}, {"name": "identity", "values": "fp64"},
+                                  {"name": "topk", "ratio": 0.2}])
+def test_error_feedback_rows_equal_client_by_client(kind, spec):
+    """step_rows over 5 clients (some without state yet) equals step client by client, bitwise: messages,
+    states, and the states it proposes are each client's own storage."""
+    from compressors import make_error_feedback
+
+    ef = make_error_feedback(kind, make_compressor(spec))
+    clients = range(5)
+    alone = {j: None for j in clients}
+    rows = {j: None for j in clients}
+    for r, v in enumerate(client_inputs(4, list(clients), SHAPES, seed=7)):
+        active = [j for j in clients if r > 0 or j % 2 == 0]  # odd clients join in round 1
+        dtype = torch.float64 if spec.get("values") == "fp64" else torch.float32
+        block = {n: torch.stack([v[j][n].to(dtype) for j in active]) for n in SHAPES}
+        out = ef.step_rows([rows[j] for j in active], block)
+        assert out is not None
+        for i, j in enumerate(active):
+            msg, state, comp = ef.step(alone[j], {n: v[j][n].to(dtype) for n in SHAPES}, (0, j, r))
+            for n in SHAPES:
+                _payloads_equal(out[i][0][n], msg[n])
+            for key in state:
+                for n in SHAPES:
+                    assert torch.equal(out[i][1][key][n], state[key][n])
+                    assert out[i][1][key][n].untyped_storage().nbytes() == state[key][n].numel() * state[key][n].element_size()
+            assert out[i][2] == comp == {}
+            alone[j], rows[j] = state, out[i][1]
+
+
+def test_fixed16_trackers_have_no_row_step():
+    ef = EF21(make_compressor({"name": "topk", "ratio": 0.1}), tracker="fixed16")
+    assert ef.step_rows([None, None], {n: torch.randn(2, *s) for n, s in SHAPES.items()}) is None

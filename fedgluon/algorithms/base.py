@@ -234,9 +234,19 @@ class Algorithm:
         state = state or {}
         return self.finish_client_step(state, self.gradients(state, bc, objective, j), bc, j)
 
+    def block_local_update(self, states: Sequence[State], grads: Sequence[GradPair], bc: Broadcast,
+                           js: Sequence[int]) -> list[tuple[State, Message]]:
+        """:meth:`local_update` of a block of clients; uplinks that can compress a block at once override
+        it (equal results, client by client)."""
+        return [self.local_update(s, g, bc, j) for s, g, j in zip(states, grads, js)]
+
     def finish_client_step(self, state: State, grads: GradPair, bc: Broadcast, j: int) -> tuple[State, ClientReply]:
         """Estimator, compression and the proposed new state, given the round's gradients."""
-        updates, msg = self.local_update(state, grads, bc, j)
+        return self.propose(state, grads, bc, j, *self.local_update(state, grads, bc, j))
+
+    def propose(self, state: State, grads: GradPair, bc: Broadcast, j: int, updates: State,
+                msg: Message) -> tuple[State, ClientReply]:
+        """The proposed new state (committed only if the server accepts) and the reply."""
         new_state = {**state, **updates, "commits": commit_count(state) + 1}
         if self.needs_previous or "x_prev" in state:  # the broadcast tensors themselves: servers never change
             new_state["x_prev"] = dict(bc.model)      # a model in place, so every client shares one copy
@@ -248,9 +258,11 @@ class Algorithm:
         algorithms with their own ``client_step`` (several local steps) run it client by client."""
         if type(self).client_step is not Algorithm.client_step:
             return {j: self.client_step(states[j], bc, objectives[j], j) for j in js}
-        full = {j: states[j] or {} for j in js}
-        grads = self.block_gradients(full, bc, objectives, js)
-        return {j: self.finish_client_step(full[j], grads[j], bc, j) for j in js}
+        full = [states[j] or {} for j in js]
+        grads = self.block_gradients(dict(zip(js, full)), bc, objectives, js)
+        pairs = [grads[j] for j in js]
+        updates = self.block_local_update(full, pairs, bc, js)
+        return {j: self.propose(s, g, bc, j, *u) for j, s, g, u in zip(js, full, pairs, updates)}
 
     # ------------------------------------------------------------------ server
     def uplink_for(self, bc: Broadcast, reply: ClientReply) -> Compressor:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 from compressors import Compressor, make_compressor, make_error_feedback
 
 from .base import Algorithm, tracker_update, weighted_mean
@@ -45,6 +46,20 @@ class FeedbackUplink(Algorithm):
         msg, ef_state, comp = self.ef.step(state.get("ef"), v, (bc.seed, j, bc.round), state.get("comp"))
         new.update({"ef": ef_state, "comp": comp})
         return new, msg
+
+    def block_local_update(self, states, grads, bc, js):
+        """Estimates client by client, then error feedback and compression of the whole block at once
+        (:meth:`EF21.step_rows`: one top-k selection over (B, d) per layer) when the compressor allows."""
+        estimates = [self.estimate(s, g) for s, g in zip(states, grads)]
+        rows = None
+        if len(js) > 1:
+            v = {n: torch.stack([e[1][n] for e in estimates]) for n in estimates[0][1]}
+            rows = self.ef.step_rows([s.get("ef") for s in states], v)
+        if rows is None:
+            rows = [self.ef.step(s.get("ef"), v_j, (bc.seed, j, bc.round), s.get("comp"))
+                    for s, (_, v_j), j in zip(states, estimates, js)]
+        return [({**new, "ef": ef_state, "comp": comp}, msg)
+                for (new, _), (msg, ef_state, comp) in zip(estimates, rows)]
 
     def aggregate(self, state, decoded, weights, bc):
         if self.ef.tracks:

@@ -5,10 +5,10 @@ node by default). Handlers:
 * ``query`` — the handshake: replies with the node's block, its virtual clients' stable ids (their
   partition ids, DESIGN §2) and their numbers of samples.
 * ``train`` — receives the broadcast model, the round's flags, the sampled clients of this block
-  and *their committed states* (``state.<j>``), runs their client steps (one vmapped gradient call
-  for the block) and replies per client with the encoded payload (``payload.<j>``,
-  ``header.<j>``), the proposed new state (``state.<j>``) and metrics (``metrics.<j>``); clients
-  whose injected fault raised are listed in ``failed``.
+  and *their committed states* (``states``), runs their client steps (one vmapped gradient call
+  and one compression call per layer for the block) and replies with one packed record
+  (``replies``, strategies/records.py) holding per client the encoded payload, the proposed new
+  state and metrics; clients whose injected fault raised are listed in ``failed``.
 
 Why the state travels with the messages: DESIGN §2 wants client state keyed by partition id,
 committed only when the server accepts the payload, included in checkpoints and reachable from
@@ -87,7 +87,7 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        from strategies.records import message_to_records, record_to_state, record_to_tensors, state_to_record
+        from strategies.records import record_to_states, record_to_tensors, replies_to_record
 
         s = resolve(context)
         torch.set_num_threads(int(s["threads"]))
@@ -108,14 +108,11 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
                 working.append(j)
             except InjectedFault as err:
                 failed[str(j)] = f"InjectedFault: {err}"
-        states = {j: record_to_state(arrays[f"state.{j}"]) for j in working}
+        committed = record_to_states(arrays["states"])
+        states = {j: committed.get(j) for j in working}
         results = algorithm.client_block(states, bc, task.objectives, working)
-        content = RecordDict({"failed": failed, "info": ConfigRecord({"ray_node": _ray_node(), "pid": os.getpid()})})
-        for j, (new_state, reply) in results.items():
-            content[f"payload.{j}"], content[f"header.{j}"] = message_to_records(reply.message)
-            content[f"state.{j}"] = state_to_record(new_state)
-            content[f"metrics.{j}"] = MetricRecord({"partition": j, "round": bc.round, "loss": reply.loss,
-                                                    "grad_evals": reply.grad_evals, "samples": reply.samples})
+        content = RecordDict({"failed": failed, "info": ConfigRecord({"ray_node": _ray_node(), "pid": os.getpid()}),
+                              "replies": replies_to_record(results)})
         return Message(content, reply_to=msg)
 
     return app

@@ -14,7 +14,7 @@ Per round (Flower's ``Strategy.start`` loop calls these):
 
 Each node simulates a block of ``block_size`` virtual clients (fedgluon/blocks.py): one message
 per node carries the round's sampled clients of its block and their states, and its reply one
-payload per client. Before the first round :meth:`connect` waits (bounded) for the expected nodes
+packed record with every client's payload, proposed state and metrics (strategies/records.py). Before the first round :meth:`connect` waits (bounded) for the expected nodes
 and maps Flower's random node ids to blocks with a ``query`` handshake. Replies are processed in client-id
 order. Rejections and failures are logged with their reason.
 """
@@ -36,7 +36,7 @@ from fedgluon.blocks import by_block, num_blocks
 from fedgluon.checkpoint import Checkpointer, Snapshot
 from fedgluon.federation import Evaluate, Federation, RoundPlan, client_weights_from_sizes
 
-from .records import record_to_state, records_to_message, state_to_record, tensors_to_record
+from .records import BlockReplies, states_to_record, tensors_to_record
 
 log = logging.getLogger("fedgluon.strategy")
 
@@ -135,9 +135,8 @@ class GluonStrategy(Strategy):
         out = []
         for block, js in by_block(plan.participants, self.block_size).items():
             cfg = ConfigRecord({"round": k, "seed": self.seed, "clients": js, "refresh": int(bc.flags.get("refresh", 0))})
-            content = RecordDict({"model": model, "config": cfg})
-            for j in js:
-                content[f"state.{j}"] = state_to_record(self.client_states[j])
+            content = RecordDict({"model": model, "config": cfg,
+                                  "states": states_to_record({j: self.client_states[j] for j in js})})
             out.append(Message(content, dst_node_id=self.node_of[block], message_type="train", group_id=str(k)))
         return out
 
@@ -166,12 +165,13 @@ class GluonStrategy(Strategy):
             if info is not None and info.get("ray_node"):
                 self.ray_nodes.add(str(info["ray_node"]))
             reported = records.config.get("failed")
+            block_replies = BlockReplies(records.array.get("replies"))
             for j in expected[block]:
                 if reported is not None and str(j) in reported:
                     failed[j] = str(reported[str(j)])
                     continue
                 try:
-                    parsed[j], proposed[j] = self._parse(records, j)
+                    parsed[j], proposed[j] = block_replies.parse(j)
                 except PayloadError as err:
                     pre_rejected[j] = str(err)
         for j in plan.participants:
@@ -189,23 +189,6 @@ class GluonStrategy(Strategy):
         return None
 
     # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def _parse(records: Records, j: int) -> tuple[ClientReply, Any]:
-        """Client j's reply within a node's reply; anything malformed is a PayloadError."""
-        try:
-            metrics = records.metric[f"metrics.{j}"]
-            reply = ClientReply(client=int(metrics["partition"]), round=int(metrics["round"]),
-                                message=records_to_message(records.array.get(f"payload.{j}"),
-                                                           records.config.get(f"header.{j}")),
-                                loss=float(metrics["loss"]), grad_evals=int(metrics["grad_evals"]),
-                                samples=int(metrics["samples"]))
-            state = record_to_state(records.array[f"state.{j}"])
-        except PayloadError:
-            raise
-        except Exception as err:  # noqa: BLE001 - a malformed reply is a rejection, never a crash
-            raise PayloadError("*", "reply", f"{type(err).__name__}: {err}") from None
-        return reply, state
-
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int | None = None, timeout: float = 3600,
               **kwargs: Any):
         """Run the rounds left (all of them, or those after the resumed checkpoint's round)."""

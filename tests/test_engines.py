@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
-from strategies.records import from_array, to_array
+from packed_edit import PackedEdit
 
 from fedgluon import spec as specs
 from fedgluon.driver import run_plain
@@ -59,11 +59,12 @@ def test_client_state_commits_only_accepted_rounds(monkeypatch, caplog):
                 self._inbox[i].content.config_records["config"]["clients"] = [-1]  # the ClientApp raises
             reply = list(original(self, [i]))[0]
             if k in ("1", "3") and j == 1 and not reply.has_error():
-                payload = reply.content.array_records["payload.1"]
-                name = next(n for n in payload.keys() if n.endswith("v.v"))
-                bad = from_array(payload[name])
+                edit = PackedEdit(reply.content)
+                arrays = next(iter(edit.entry(1)["payload"].values()))["arrays"]
+                bad = edit.array(arrays["v.v"])
                 bad[0] = np.nan
-                payload[name] = to_array(bad)
+                arrays["v.v"] = edit.append(bad)
+                edit.save()
             replies.append(reply)
         return replies
 

@@ -6,6 +6,7 @@ corrupted clients keep their state."""
 
 import copy
 import io
+import json
 
 import numpy as np
 import pytest
@@ -16,10 +17,12 @@ from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from compressors import PayloadError
 from fedgluon import spec as specs
 from fedgluon.client_app import make_client_app
 from fedgluon.engines import InProcessGrid
-from strategies.records import RAW, from_array, to_array
+from packed_edit import PackedEdit
+from strategies.records import RAW, BlockReplies, from_array, to_array
 from strategies.strategy import GluonStrategy, Records
 
 N = 4
@@ -49,7 +52,8 @@ class Evil:
 
 
 MUTATIONS = ["drop_array", "extra_array", "orphan_array", "nan", "length", "index_range", "dup_index", "dtype",
-             "codec", "shape", "round", "partition", "no_payload", "no_metrics", "no_header", "pickle", "garbage"]
+             "codec", "shape", "round", "partition", "no_payload", "no_metrics", "no_header", "pickle", "garbage",
+             "bad_state", "bad_layout", "no_replies"]
 
 
 @pytest.fixture(scope="module")
@@ -63,59 +67,82 @@ def world():
 
 
 def corrupt(reply, j: int, how: str, data: st.DataObject, k: int) -> None:
+    """Corrupt client j's entry of its node's packed reply (one client per node here)."""
     content = reply.content
-    payload, header = content.array_records[f"payload.{j}"], content.config_records[f"header.{j}"]
-    names = sorted(payload.keys())
-    values = [n for n in names if n.endswith("/v.v")]
-    pick = data.draw(st.sampled_from(values), label="layer")
-    layer = pick.split("/")[0]
-    v = from_array(payload[pick])
+    if how == "no_replies":
+        del content["replies"]
+        return
+    if how == "bad_layout":
+        record = content.array_records["replies"]
+        text = data.draw(st.sampled_from([b"{not json", b"[]", b'{"clients": 3}', b"\xff\xfe"]), label="layout")
+        content["replies"] = ArrayRecord({"layout": to_array(np.frombuffer(text, np.uint8)), "data": record["data"]})
+        return
+    edit = PackedEdit(content)
+    entry = edit.entry(j)
+    payload = entry["payload"]
+    layer = data.draw(st.sampled_from(sorted(payload)), label="layer")
+    arrays = payload[layer]["arrays"]
+    v = edit.array(arrays["v.v"])
     if how == "drop_array":
-        del payload[data.draw(st.sampled_from(names), label="dropped")]
+        del arrays[data.draw(st.sampled_from(sorted(arrays)), label="dropped")]
     elif how == "extra_array":
-        payload[f"{layer}/zzz"] = to_array(np.zeros(3, np.float32))
+        arrays["zzz"] = edit.append(np.zeros(3, np.float32))
     elif how == "orphan_array":
-        payload["not.a.layer/v.v"] = to_array(np.zeros(3, np.float32))
+        payload["not.a.layer"] = {"codec": "topk/fp32", "shape": [3], "meta": {},
+                                  "arrays": {"v.v": edit.append(np.zeros(3, np.float32))}}
     elif how == "nan":
         v[data.draw(st.integers(0, len(v) - 1))] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]))
-        payload[pick] = to_array(v)
+        arrays["v.v"] = edit.append(v)
     elif how == "length":
-        payload[pick] = to_array(v[:-1] if data.draw(st.booleans()) else np.append(v, np.float32(1)))
+        arrays["v.v"] = edit.append(v[:-1] if data.draw(st.booleans()) else np.append(v, np.float32(1)))
     elif how == "index_range":
-        idx = from_array(payload[f"{layer}/idx"])
+        idx = edit.array(arrays["idx"])
         idx[data.draw(st.integers(0, len(idx) - 1))] = np.iinfo(idx.dtype).max
-        payload[f"{layer}/idx"] = to_array(idx)
+        arrays["idx"] = edit.append(idx)
     elif how == "dup_index":
-        layer = "body.0.weight"
-        idx = from_array(payload[f"{layer}/idx"])
+        arrays = payload["body.0.weight"]["arrays"]
+        idx = edit.array(arrays["idx"])
         idx[1] = idx[0]
-        payload[f"{layer}/idx"] = to_array(idx)
+        arrays["idx"] = edit.append(idx)
     elif how == "dtype":
-        payload[pick] = to_array(v.astype(data.draw(st.sampled_from([np.float64, np.float16, np.int32, np.uint8]))))
+        arrays["v.v"] = edit.append(v.astype(data.draw(st.sampled_from([np.float64, np.float16, np.int32, np.uint8]))))
     elif how == "codec":
-        header[f"{layer}/codec"] = data.draw(st.text(max_size=12).filter(lambda c: c != "topk/fp32"), label="codec")
+        payload[layer]["codec"] = data.draw(st.one_of(st.text(max_size=12).filter(lambda c: c != "topk/fp32"),
+                                                      st.integers(), st.none()), label="codec")
     elif how == "shape":
-        shape = list(header[f"{layer}/shape"])
-        header[f"{layer}/shape"] = [*shape[:-1], shape[-1] + data.draw(st.sampled_from([-1, 1, 7]))]
+        shape = payload[layer]["shape"]
+        payload[layer]["shape"] = [*shape[:-1], shape[-1] + data.draw(st.sampled_from([-1, 1, 7]))]
     elif how == "round":
-        content.metric_records[f"metrics.{j}"]["round"] = k + data.draw(st.sampled_from([-1, 1, 1000]))
+        entry["round"] = k + data.draw(st.sampled_from([-1, 1, 1000]))
     elif how == "partition":
-        metrics = content.metric_records[f"metrics.{j}"]
-        metrics["partition"] = (int(metrics["partition"]) + 1) % N
+        entry["client"] = (entry["client"] + 1) % N
     elif how == "no_payload":
-        del content.array_records[f"payload.{j}"]
+        del entry["payload"]
     elif how == "no_metrics":
-        del content.metric_records[f"metrics.{j}"]
+        del entry[data.draw(st.sampled_from(["client", "round", "loss", "grad_evals", "samples"]), label="metric")]
     elif how == "no_header":
-        del content.config_records[f"header.{j}"]
+        del payload[layer][data.draw(st.sampled_from(["codec", "shape", "meta"]), label="header")]
     elif how == "pickle":
         buf = io.BytesIO()  # a .npy file whose object array is a pickle that would call _pwned
         np.save(buf, np.array([Evil()], dtype=object), allow_pickle=True)
-        payload[pick] = Array(dtype="O", shape=(1,), stype="numpy.ndarray", data=buf.getvalue())
-    elif how == "garbage":
-        raw = data.draw(st.binary(min_size=0, max_size=64), label="bytes")
-        raw += b"\0" * (len(raw) == v.nbytes)  # bytes of exactly the right length are a valid (other) array
-        payload[pick] = Array(dtype="float32", shape=tuple(v.shape), stype=RAW, data=raw)
+        name = data.draw(st.sampled_from(["object", "O", "float32"]))  # float32: claims more bytes than there are
+        arrays["v.v"] = edit.append(buf.getvalue(), name=name, shape=[len(buf.getvalue()) if name == "float32" else 1])
+    elif how == "garbage":  # references no valid array: misaligned, negative, past the end, or not a number
+        size = len(edit.data)
+        offset = data.draw(st.one_of(st.integers(-64, -1), st.integers(size - v.nbytes + 1, size + 64),
+                                     st.integers(0, size).map(lambda o: o | 1), st.text(max_size=3),
+                                     st.floats(allow_nan=True)), label="offset")
+        arrays["v.v"] = ["float32", list(v.shape), offset]
+    elif how == "bad_state":  # the proposed state must never be committed when it is malformed
+        state = entry["state"]
+        i = data.draw(st.sampled_from([i for i, (_, ref) in enumerate(state) if ref is not None]), label="leaf")
+        path, ref = state[i]
+        if data.draw(st.booleans(), label="path through a leaf"):
+            state.append([path + "/deeper", ref])
+        else:
+            state[i] = data.draw(st.sampled_from([[path, ["object", [1], 0]], [3, ref], "leaf", [path, None],
+                                                  [path, [ref[0], [10 ** 9], 0]]]), label="bad leaf")
+    edit.save()
 
 
 def tree_equal(a, b) -> bool:
@@ -142,7 +169,7 @@ def test_hostile_replies_never_touch_server_state(world, data, plan):
         how = plan[j]
         plan_of[j] = how
         if how is None:
-            valid_parsed[j] = strategy._parse(Records.of(reply.content), j)[0]
+            valid_parsed[j] = BlockReplies(Records.of(reply.content).array["replies"]).parse(j)[0]
         else:
             corrupt(reply, j, how, data, bc.round)
     strategy.aggregate_train(1, replies)  # must not raise
@@ -162,12 +189,22 @@ def test_hostile_replies_never_touch_server_state(world, data, plan):
 def test_raw_arrays_round_trip_and_reject_anything_else():
     """Records carry raw little-endian bytes of an allowed dtype; other stypes, dtypes and byte counts
     are refused (a ValueError, which the parsers turn into a PayloadError)."""
-    from strategies.records import record_to_state, state_to_record
+    from strategies.records import record_to_states, states_to_record
+
+    def record_to_state(record):
+        return record_to_states(record)[0]
+
+    def state_to_record(state):
+        return states_to_record({0: state})
 
     state = {"est": {"m": torch.randn(3, 4).to(torch.bfloat16)}, "ef": {"q": torch.arange(6, dtype=torch.int16)},
              "x": torch.randn(5, dtype=torch.float64), "commits": torch.tensor(3), "flag": torch.tensor([True, False])}
     back = record_to_state(state_to_record(state))
     assert tree_equal(state, back) and back["est"]["m"].dtype == torch.bfloat16
+    for t in (back["ef"]["q"], back["x"], back["commits"]):  # views of one copy: aligned and writable
+        assert t.data_ptr() % t.element_size() == 0
+        t.add_(1)
+    assert tree_equal(record_to_state(state_to_record(state)), state)  # the record's bytes are untouched
     for a in (np.arange(7, dtype=np.uint16), np.ones((2, 0), np.float32), np.array([1.5], np.float16)):
         assert np.array_equal(from_array(to_array(a)), a) and from_array(to_array(a)).dtype == a.dtype
     good = to_array(np.ones(4, np.float32))
@@ -184,10 +221,44 @@ def test_raw_arrays_round_trip_and_reject_anything_else():
     assert record_to_state(state_to_record({"a": {}, "b": torch.ones(2)}))["a"] == {}
     record = state_to_record(state)
     text = lambda t: to_array(np.frombuffer(t.encode(), np.uint8))  # noqa: E731
+    leaf = lambda *ref: text(json.dumps({"states": {"0": [["x", list(ref)]]}}))  # noqa: E731
     broken = [("data", Array(dtype="uint8", shape=(3,), stype=RAW, data=b"abc")),  # fewer bytes than the layout
-              ("layout", text("[[\"x\", \"float32\", [1]], [\"x/y\", \"float32\", [1]]]")),  # path through a leaf
-              ("layout", text("{not json")), ("layout", text("[[\"x\", \"object\", [1]]]"))]
+              ("layout", text(json.dumps({"states": {"0": [["x", ["float32", [1], 0]],
+                                                           ["x/y", ["float32", [1], 0]]]}}))),  # path through a leaf
+              ("layout", text("{not json")), ("layout", leaf("object", [1], 0)), ("layout", leaf("float32", [1], 4)),
+              ("layout", leaf("float32", [1], -8)), ("layout", leaf("float32", [10 ** 6], 0)),
+              ("layout", text("[]"))]
     for key, value in broken:
         bad = ArrayRecord({**{k: record[k] for k in record.keys()}, key: value})
         with pytest.raises(ValueError):
             record_to_state(bad)
+
+
+def test_server_copies_each_committed_state_out_of_the_block():
+    """Parsed proposed states own one buffer per client (never a view of the block's record, which a
+    committed state would keep alive and pickle into checkpoints); payload and metrics round-trip."""
+    from compressors import make_compressor
+    from fedgluon.algorithms import ClientReply
+    from strategies.records import replies_to_record
+
+    C = make_compressor({"name": "topk", "ratio": 0.25})
+    results = {}
+    for j in (3, 5):
+        msg = {"w": C.compress(torch.randn(4, 6))[0]}
+        state = {"ef": {"g": {"w": torch.randn(4, 6)}}, "comp": {}, "commits": torch.tensor(j)}
+        results[j] = (state, ClientReply(j, 2, msg, loss=float("nan") if j == 5 else 0.5, grad_evals=2, samples=9))
+    record = replies_to_record(results)
+    block = BlockReplies(record)
+    for j, (state, sent) in results.items():
+        reply, back = block.parse(j)
+        assert tree_equal({k: v for k, v in back.items() if k != "comp"}, {k: v for k, v in state.items() if k != "comp"})
+        assert back["comp"] == {}
+        start = block.unpacker.buffer.ctypes.data
+        for t in (back["ef"]["g"]["w"], back["commits"]):
+            assert not start <= t.data_ptr() < start + block.unpacker.buffer.nbytes
+        assert (reply.client, reply.round, reply.grad_evals, reply.samples) == (j, 2, 2, 9)
+        assert reply.loss == sent.loss or (np.isnan(reply.loss) and np.isnan(sent.loss))
+        for key, a in sent.message["w"].arrays.items():
+            assert np.array_equal(reply.message["w"].arrays[key], a)
+    with pytest.raises(PayloadError, match="no entry for client 4"):
+        block.parse(4)

@@ -1,0 +1,41 @@
+"""Test helper: read and rewrite the packed ``replies`` record of a node's reply (strategies/records.py),
+the way a hostile or broken node could."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from strategies.records import ALIGN, DTYPES, RAW, from_array, to_array
+
+
+class PackedEdit:
+    def __init__(self, content):
+        self.content = content
+        record = content.array_records["replies"]
+        self.layout = json.loads(from_array(record["layout"]).tobytes().decode())
+        self.data = bytearray(record["data"].data)
+
+    def entry(self, j: int) -> dict:
+        return self.layout["clients"][str(j)]
+
+    def array(self, ref) -> np.ndarray:
+        name, shape, offset = ref
+        return np.frombuffer(bytes(self.data), dtype=DTYPES[name], count=int(np.prod(shape)),
+                             offset=offset).reshape(shape).copy()
+
+    def append(self, a: np.ndarray | bytes, name: str | None = None, shape=None) -> list:
+        """Append an array (or raw bytes claimed to be ``name`` of ``shape``) and return its reference."""
+        self.data += bytes(-len(self.data) % ALIGN)
+        offset = len(self.data)
+        if isinstance(a, np.ndarray):
+            name, shape, a = a.dtype.name, list(a.shape), np.ascontiguousarray(a).tobytes()
+        self.data += a
+        return [name, list(shape), offset]
+
+    def save(self) -> None:
+        text = np.frombuffer(json.dumps(self.layout).encode(), dtype=np.uint8)
+        self.content["replies"] = ArrayRecord({"layout": to_array(text), "data": Array(
+            dtype="uint8", shape=(len(self.data),), stype=RAW, data=bytes(self.data))})

@@ -13,8 +13,9 @@ For n ∈ {10, 50, 200, 1000} clients of the synthetic task (MLP 60→64→10 �
   gradient work (one minibatch gradient of the same model per client task; ``benchmarks.flower_fedavg``),
   on the same Ray simulation engine, one client per node
 
-Prints seconds per round (mean over rounds after the first), milliseconds per client task and the
-ratio to the plain loop; Ray's start-up and shut-down are reported apart; then, per size, stock
+Prints seconds per round (mean over rounds after the first, and "steady": the median of the second
+half of the rounds, once the allocator reuses the memory of earlier rounds' client states instead of
+faulting in new pages), milliseconds per client task (from the mean) and the ratio to the plain loop; Ray's start-up and shut-down are reported apart; then, per size, stock
 Flower's per-client cost divided by that of Ray with client blocks (the issue's "≥25×" target). Ray
 with one client per node and stock Flower are skipped above 200 clients (minutes per run here).
 
@@ -24,6 +25,7 @@ Run: ``python -m benchmarks.bench_engines [--quick] [--no-ray]``.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -47,6 +49,11 @@ def per_round(history: list[dict], skip: int = 1) -> float:
     return sum(r["wall_time"] for r in rows) / len(rows)
 
 
+def steady(history: list[dict]) -> float:
+    """Median wall time of the second half of the rounds."""
+    return statistics.median(r["wall_time"] for r in history[len(history) // 2:])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="10 and 50 clients, 3 rounds")
@@ -54,32 +61,40 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", type=int, nargs="*", help="client counts (default 10 50 200 1000)")
     ap.add_argument("--hidden", type=int, default=64, help="hidden width of the MLP (1536: ≈107k parameters)")
     ap.add_argument("--plain-only", action="store_true", help="only the plain driver rows")
+    ap.add_argument("--rounds", type=int, help="rounds per run (default 4; 3 with --quick)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     sizes, rounds = ((10, 50), 3) if args.quick else ((10, 50, 200, 1000), 4)
+    rounds = args.rounds or rounds
     sizes = tuple(args.sizes) if args.sizes else sizes
     print(f"machine: {machine()}")
-    print(f"{'clients':>7s} {'engine':>24s} {'s/round':>9s} {'ms/client task':>15s} {'x plain':>8s} {'start-up s':>11s}")
+    print(f"{'clients':>7s} {'engine':>24s} {'s/round':>9s} {'steady':>8s} {'ms/client task':>15s} {'x plain':>8s} "
+          f"{'start-up s':>11s}")
 
-    def show(n: int, label: str, sec: float, base: float, startup: str = "-") -> None:
-        print(f"{n:7d} {label:>24s} {sec:9.3f} {1e3 * sec / n:15.3f} {sec / base:8.2f} {startup:>11s}", flush=True)
+    def show(n: int, label: str, history: list[dict], base: float, startup: str = "-") -> float:
+        sec = per_round(history)
+        print(f"{n:7d} {label:>24s} {sec:9.3f} {steady(history):8.3f} {1e3 * sec / n:15.3f} {sec / base:8.2f} "
+              f"{startup:>11s}", flush=True)
+        return sec
 
     for n in sizes:
         block = max(1, n // 2)
         s = specs.normalise(spec_for(n, rounds, hidden=args.hidden))
         task, algo = specs.build_cached(s)
-        plain = per_round(run_plain(algo, task.objectives, task.initial_params(), rounds, seed=0).history)
-        show(n, "plain loop", plain, plain)
+        history = run_plain(algo, task.objectives, task.initial_params(), rounds, seed=0).history
+        plain = per_round(history)
+        show(n, "plain loop", history, plain)
         for b in sorted({min(n, 64), block}):
             res = run_plain(algo, task.objectives, task.initial_params(), rounds, seed=0, block_size=b)
-            show(n, f"plain, blocks of {b}", per_round(res.history), plain)
+            show(n, f"plain, blocks of {b}", res.history, plain)
         if args.plain_only:
             continue
         for label, b in (("in-process, 1/node", 1), (f"in-process, blocks of {block}", block)):
             t = time.perf_counter()
             strat = run_inprocess(specs.normalise(spec_for(n, rounds, b, args.hidden)))
             total = time.perf_counter() - t
-            show(n, label, per_round(strat.history), plain, f"{total - sum(r['wall_time'] for r in strat.history):.1f}")
+            show(n, label, strat.history, plain, f"{total - sum(r['wall_time'] for r in strat.history):.1f}")
         if args.no_ray:
             continue
         blocked = float("nan")
@@ -89,13 +104,12 @@ def main(argv: list[str] | None = None) -> None:
             t = time.perf_counter()
             strat = run_ray(specs.normalise(spec_for(n, rounds, b, args.hidden)), num_cpus=1)
             total = time.perf_counter() - t
-            blocked = per_round(strat.history)
-            show(n, label, blocked, plain, f"{total - sum(r['wall_time'] for r in strat.history):.1f}")
+            blocked = show(n, label, strat.history, plain, f"{total - sum(r['wall_time'] for r in strat.history):.1f}")
         if n <= 200:
             t = time.perf_counter()
             times = run_stock_fedavg(spec_for(n, rounds, hidden=args.hidden))
-            stock = sum(times[1:]) / max(1, len(times) - 1)
-            show(n, "stock Flower FedAvg, ray", stock, plain, f"{time.perf_counter() - t - sum(times):.1f}")
+            stock = show(n, "stock Flower FedAvg, ray", [{"wall_time": x} for x in times], plain,
+                         f"{time.perf_counter() - t - sum(times):.1f}")
             print(f"{n:7d} {'stock Flower / ray blocks':>24s} {stock / blocked:9.2f}x per client task", flush=True)
 
 

@@ -53,23 +53,35 @@ def add_own(compressor: Compressor, base: Mapping[str, Tensor], message: Message
 Rows = list[tuple[Message, dict[str, Tensors], dict[str, State]]]
 
 
-def stacked(states: Sequence[Mapping[str, Tensors] | None], key: str, like: Mapping[str, Tensor]) -> Tensors:
-    """``{name: (B, *shape)}`` of every client's ``state[key][name]`` (zeros for clients without state),
-    a fresh tensor the row steps may update in place."""
-    if not any(states):
-        return {n: torch.zeros_like(t) for n, t in like.items()}
-    return {n: torch.stack([s[key][n] if s else torch.zeros_like(t[0]) for s in states]) for n, t in like.items()}
+def _rows_of(states: Sequence[Mapping[str, Tensors] | None], key: str) -> list[Tensors | None]:
+    return [s[key] if s else None for s in states]
 
 
-def _unstacked(rows: Mapping[str, PayloadRows], key: str | None, new: Tensors | None) -> Rows:
-    """Per-client (message, state, compressor states); each client's state rows are its own copies (not
-    views of the block, which would keep and pickle the whole block)."""
-    messages = split_rows(rows)
-    out: Rows = []
-    for i, msg in enumerate(messages):
-        state = {key: {n: t[i].clone() for n, t in new.items()}} if key is not None and new is not None else {}
-        out.append((msg, state, {}))
+def _combined(X: Tensor, others: Sequence[Tensor | None], sign: float) -> Tensor:
+    """``X[i] + sign · others[i]`` for every row, written row by row into one new (B, *shape) tensor
+    (no stacked copy of ``others``); a missing row is zero, computed as ``X[i] + sign · 0`` exactly
+    as the per-client step does."""
+    if all(o is None for o in others):
+        return X - 0.0 if sign < 0 else X + 0.0
+    out = torch.empty_like(X)
+    for i, o in enumerate(others):
+        if o is None:
+            torch.add(X[i], 0.0, out=out[i]) if sign > 0 else torch.sub(X[i], 0.0, out=out[i])
+        elif sign > 0:
+            torch.add(o, X[i], out=out[i])
+        else:
+            torch.sub(X[i], o, out=out[i])
     return out
+
+
+def _rows_result(rows: Mapping[str, PayloadRows], key: str | None, new: Sequence[Tensors] | None) -> Rows:
+    """Per-client (message, state, compressor states) of a row step."""
+    return [(msg, {key: new[i]} if key is not None and new is not None else {}, {})
+            for i, msg in enumerate(split_rows(rows))]
+
+
+def _supported(compressor: Compressor, X: Mapping[str, Tensor]) -> bool:
+    return all(compressor.rows_supported(tuple(t.shape[1:])) for t in X.values())
 
 
 @dataclass
@@ -100,15 +112,17 @@ class EF21:
         return self._step_fixed16(state, v, seed_parts, comp_states)
 
     def step_rows(self, states: Sequence[Mapping[str, Tensors] | None], v: Mapping[str, Tensor]) -> Rows | None:
-        """:meth:`step` for B clients at once (``v[name]`` is (B, *shape)); full trackers only."""
-        if self.tracker != "full":
+        """:meth:`step` for B clients at once (``v[name]`` is (B, *shape)); full trackers only. Each
+        client's new tracker is its own tensor (``g_j`` + its decoded row)."""
+        if self.tracker != "full" or not _supported(self.compressor, v):
             return None
-        g = stacked(states, "g", v)
-        rows = compress_message_rows(self.compressor, {n: v[n] - g[n] for n in v})
+        g = _rows_of(states, "g")
+        rows = compress_message_rows(self.compressor, {n: _combined(v[n], [t and t[n] for t in g], -1.0) for n in v})
         if rows is None:
             return None
-        new = {n: self.compressor.add_decoded_rows_(g[n], rows[n]) for n in v}
-        return _unstacked(rows, "g", new)
+        C = self.compressor
+        return _rows_result(rows, "g", [{n: C.add_decoded_row(t[n] if t else torch.zeros_like(v[n][i]), rows[n], i)
+                                         for n in v} for i, t in enumerate(g)])
 
     def tracker_values(self, state: Mapping[str, Tensors], like: Mapping[str, Tensor]) -> Tensors:
         """The tracker g_j as a tensor dict in the working dtype."""
@@ -170,14 +184,16 @@ class EF14:
         return msg, {"e": add_own(self.compressor, corrected, msg, -1.0)}, cstates
 
     def step_rows(self, states: Sequence[Mapping[str, Tensors] | None], x: Mapping[str, Tensor]) -> Rows | None:
-        e = stacked(states, "e", x)
-        corrected = {n: e[n] + x[n] for n in x}
+        if not _supported(self.compressor, x):
+            return None
+        e = _rows_of(states, "e")
+        corrected = {n: _combined(x[n], [t and t[n] for t in e], 1.0) for n in x}
         rows = compress_message_rows(self.compressor, corrected)
         if rows is None:
             return None
-        # a copy: dense payloads may share memory with what they encode (as compress's do)
-        return _unstacked(rows, "e", {n: self.compressor.add_decoded_rows_(corrected[n].clone(), rows[n], -1.0)
-                                      for n in x})
+        C = self.compressor
+        return _rows_result(rows, "e", [{n: C.add_decoded_row(corrected[n][i], rows[n], i, -1.0) for n in x}
+                                        for i in range(len(states))])
 
 
 @dataclass
@@ -194,7 +210,7 @@ class NoFeedback:
 
     def step_rows(self, states: Sequence[Mapping[str, Tensors] | None], x: Mapping[str, Tensor]) -> Rows | None:
         rows = compress_message_rows(self.compressor, x)
-        return None if rows is None else _unstacked(rows, None, None)
+        return None if rows is None else _rows_result(rows, None, None)
 
 
 ERROR_FEEDBACK = ("ef21", "ef14", "none")

@@ -36,6 +36,7 @@ from fedgluon.linalg import randomized_svd
 from fedgluon.rng import derive_seed
 
 from .bits import BitCount
+from .selection import topk_rows_numpy
 from .sparse import SparseTensor, added
 from .payload import PayloadRows, CodecError, DuplicateIndexError, IndexRangeError, MetaError, ShapeError, TensorPayload
 from .values import Raw, ValueCodec, get_array
@@ -114,14 +115,14 @@ class Structure(ABC):
 
     # Row-wise encoding of B same-shape tensors at once (client blocks); deterministic, stateless
     # structures only. Row i of every result is exactly what ``encode`` gives for row i.
-    rows = False  # whether encode_rows / add_rows_ are implemented
+    rows = False  # whether encode_rows / add_row_ are implemented
 
     def encode_rows(self, X: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, dict[str, np.ndarray]]:
         """``X`` (B, d), row i the flattened tensor of client i → (values (B, n), arrays (B, ·))."""
         raise NotImplementedError
 
-    def add_rows_(self, out: Tensor, w: float, values: Tensor, arrays: Mapping[str, np.ndarray]) -> None:
-        """``out[i] += w · decode(row i)`` in place for every row of ``out`` (B, d)."""
+    def add_row_(self, out: Tensor, w: float, values: Tensor, arrays: Mapping[str, np.ndarray], i: int) -> None:
+        """``out += w · decode(row i)`` in place (``out`` flat, ``values`` row i's decoded values)."""
         raise NotImplementedError
 
 
@@ -142,7 +143,7 @@ class Dense(Structure):
     def encode_rows(self, X, shape):
         return X, {}
 
-    def add_rows_(self, out, w, values, arrays):
+    def add_row_(self, out, w, values, arrays, i):
         out += w * values
 
 
@@ -200,31 +201,23 @@ class _Sparse(Structure):
 
 
 def topk_indices(x: Tensor, k: int) -> Tensor:
-    """Indices of the k largest |x| in increasing order (argpartition on CPU, torch.topk on GPU)."""
+    """Indices of the k largest |x| in increasing order; ties at the k-th magnitude go to lower indices
+    on CPU (:mod:`compressors.selection`), torch.topk on GPU."""
     flat = x.reshape(-1)
-    d = flat.numel()
-    if k >= d:
-        return torch.arange(d, device=x.device)
-    if flat.is_cuda:
-        return torch.topk(flat.abs(), k, sorted=False).indices.sort().values
-    a = np.abs(flat.detach().numpy())
-    idx = np.argpartition(a, d - k)[d - k:]
-    idx.sort()
-    return torch.from_numpy(idx)
+    if flat.is_cuda or k >= flat.numel():
+        return topk_rows(flat[None], k)[0]
+    return torch.from_numpy(topk_rows_numpy(flat[None].detach().numpy(), k)[0])
 
 
 def topk_rows(X: Tensor, k: int) -> Tensor:
     """:func:`topk_indices` of every row of ``X`` (B, d) in one call: (B, k) int64, each row increasing.
-    On CPU, NumPy's row-wise argpartition runs the same selection on each row as the 1-D call, so row i
-    equals ``topk_indices(X[i], k)`` (ties included)."""
+    On CPU row i equals ``topk_indices(X[i], k)`` exactly (the selection is a function of the row)."""
     B, d = X.shape
     if k >= d:
         return torch.arange(d, device=X.device).expand(B, d)
     if X.is_cuda:
         return torch.topk(X.abs(), k, dim=1, sorted=False).indices.sort(dim=1).values
-    idx = np.argpartition(np.abs(X.detach().numpy()), d - k, axis=1)[:, d - k:]
-    idx.sort(axis=1)
-    return torch.from_numpy(idx)
+    return torch.from_numpy(topk_rows_numpy(X.detach().numpy(), k))
 
 
 @dataclass
@@ -246,9 +239,8 @@ class TopK(_Sparse):
         idx = topk_rows(X, self.k(shape)).to(X.device)
         return torch.gather(X, 1, idx), {"idx": idx.cpu().numpy().astype(index_dtype(numel(shape)))}
 
-    def add_rows_(self, out, w, values, arrays):
-        idx = torch.from_numpy(arrays["idx"].astype(np.int64)).to(out.device)
-        out.scatter_add_(1, idx, w * values)
+    def add_row_(self, out, w, values, arrays, i):
+        out.index_add_(0, torch.from_numpy(arrays["idx"][i].astype(np.int64)).to(out.device), w * values)
 
 
 def randk_indices(d: int, k: int, generator: torch.Generator) -> Tensor:
@@ -565,13 +557,13 @@ class Compressor:
         return PayloadRows(f"{s.name}/{self.values.name}", shape,
                            {**arrays, **{f"v.{k}": a for k, a in varrays.items()}})
 
-    def add_decoded_rows_(self, base: Tensor, rows: PayloadRows, sign: float = 1.0) -> Tensor:
-        """``base[i] += sign · decode(rows.payload(i))`` in place for every row, equal to
-        :meth:`add_decoded` row by row; returns ``base``."""
-        s = self._structure_for(rows.shape)
-        vals = torch.from_numpy(rows.arrays["v.v"]).to(base.device, base.dtype)
-        s.add_rows_(base.view(base.shape[0], -1), sign, vals, rows.arrays)
-        return base
+    def add_decoded_row(self, base: Tensor, rows: PayloadRows, i: int, sign: float = 1.0) -> Tensor:
+        """``base + sign · decode(rows.payload(i))`` as a new tensor, equal to :meth:`add_decoded` (for a
+        payload this process has just made: no validation)."""
+        out = base.clone()
+        vals = torch.from_numpy(rows.arrays["v.v"][i]).to(base.device, base.dtype)
+        self._structure_for(rows.shape).add_row_(out.view(-1), sign, vals, rows.arrays, i)
+        return out
 
     def bits(self, payload: TensorPayload) -> BitCount:
         """Raw bit counts of a (valid) payload, from its codec and shape alone (no structure or value

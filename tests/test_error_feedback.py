@@ -105,7 +105,7 @@ ROW_SPECS = [{"name": "topk", "ratio": 0.1}, {"name": "topk", "ratio": 0.1, "val
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_compress_rows_equals_compressing_each_row(spec, dtype):
     """Row i of compress_rows is compress(X[i]) exactly, ties included (integer-valued inputs: many equal
-    magnitudes), and add_decoded_rows_ is add_decoded row by row, bitwise."""
+    magnitudes), and add_decoded_row is add_decoded, bitwise."""
     C = make_compressor(spec)
     gen = torch.Generator().manual_seed(3)
     for X in (torch.randn(7, 12, 9, generator=gen, dtype=dtype),
@@ -114,11 +114,10 @@ def test_compress_rows_equals_compressing_each_row(spec, dtype):
         assert rows is not None and len(rows) == 7
         base = torch.randn(7, 12, 9, generator=gen, dtype=dtype)
         for sign in (1.0, -1.0):
-            summed = C.add_decoded_rows_(base.clone(), rows, sign)
             for i in range(7):
                 alone, _ = C.compress(X[i])
                 _payloads_equal(rows.payload(i), alone)
-                assert torch.equal(summed[i], C.add_decoded(base[i], alone, sign))
+                assert torch.equal(C.add_decoded_row(base[i], rows, i, sign), C.add_decoded(base[i], alone, sign))
 
 
 @pytest.mark.parametrize("spec", [{"name": "randk", "ratio": 0.2}, {"name": "topk", "ratio": 0.1, "values": "qsgd"},

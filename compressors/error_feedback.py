@@ -84,8 +84,19 @@ def _supported(compressor: Compressor, X: Mapping[str, Tensor]) -> bool:
     return all(compressor.rows_supported(tuple(t.shape[1:])) for t in X.values())
 
 
+class _RowSteps:
+    """What every error-feedback kind says about row steps."""
+
+    compressor: Compressor
+
+    def supports_rows(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        """Whether :meth:`step_rows` can handle tensors of these shapes (it may still decline a block
+        with non-finite values)."""
+        return all(self.compressor.rows_supported(tuple(s)) for s in shapes.values())
+
+
 @dataclass
-class EF21:
+class EF21(_RowSteps):
     """EF21 on the client side; the server applies :func:`ef21_server_update`."""
 
     tracks = True  # the server's aggregate is the sum of every client's tracker
@@ -110,6 +121,9 @@ class EF21:
             msg, cstates = compress_message(self.compressor, {n: v[n] - g[n] for n in v}, seed_parts, comp_states)
             return msg, {"g": add_own(self.compressor, g, msg)}, cstates
         return self._step_fixed16(state, v, seed_parts, comp_states)
+
+    def supports_rows(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        return self.tracker == "full" and super().supports_rows(shapes)
 
     def step_rows(self, states: Sequence[Mapping[str, Tensors] | None], v: Mapping[str, Tensor]) -> Rows | None:
         """:meth:`step` for B clients at once (``v[name]`` is (B, *shape)); full trackers only. Each
@@ -170,7 +184,7 @@ def ef21_server_update(G: Mapping[str, Tensor], decoded: Mapping[int, Mapping[st
 
 
 @dataclass
-class EF14:
+class EF14(_RowSteps):
     """Classic error feedback: send ``C(e + x)``, keep ``e ← e + x − C(e + x)``."""
 
     compressor: Compressor
@@ -197,7 +211,7 @@ class EF14:
 
 
 @dataclass
-class NoFeedback:
+class NoFeedback(_RowSteps):
     """No error feedback: send ``C(x)``; the client keeps no residual."""
 
     compressor: Compressor

@@ -34,6 +34,7 @@ from . import spec as specs
 from .algorithms import Broadcast
 from .blocks import block_clients
 from .faults import FaultPlan, InjectedFault
+from .gc_pause import gc_paused
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (project) directory
 
@@ -87,6 +88,10 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        with gc_paused():
+            return _train(msg, context)
+
+    def _train(msg: Message, context: Context) -> Message:
         from strategies.records import record_to_states, record_to_tensors, replies_to_record
 
         s = resolve(context)

@@ -28,6 +28,7 @@ from .blocks import by_block, num_blocks
 from .checkpoint import Checkpointer, Snapshot
 from .faults import FaultPlan
 from .federation import Evaluate, Federation, client_weights_from_sizes
+from .gc_pause import gc_paused
 from .objective import SupervisedObjective
 
 Tensors = dict[str, Tensor]
@@ -68,18 +69,19 @@ def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X
                      on_round=on_round, checkpointer=checkpointer, resume=resume)
     num_blocks(len(objectives), block_size)  # checks block_size
     while not fed.done:
-        plan = fed.open_round()
-        replies, pending = {}, {}
-        kinds = {j: faults.draw(seed, j, plan.k) if faults is not None else None for j in plan.participants}
-        failed = {j: FAILURE_REASONS[kind] for j, kind in kinds.items() if kind is not None}
-        working = [j for j in plan.participants if j not in failed]
-        out = {}
-        for js in by_block(working, block_size).values():
-            out.update(algorithm.client_block(fed.client_states, plan.broadcast, objectives, js))
-        for j in working:
-            pending[j], reply = out[j]
-            replies[j] = tamper(plan.k, j, reply) if tamper else reply
-        fed.close_round(plan, replies, pending, failed)
+        with gc_paused():
+            plan = fed.open_round()
+            replies, pending = {}, {}
+            kinds = {j: faults.draw(seed, j, plan.k) if faults is not None else None for j in plan.participants}
+            failed = {j: FAILURE_REASONS[kind] for j, kind in kinds.items() if kind is not None}
+            working = [j for j in plan.participants if j not in failed]
+            out = {}
+            for js in by_block(working, block_size).values():
+                out.update(algorithm.client_block(fed.client_states, plan.broadcast, objectives, js))
+            for j in working:
+                pending[j], reply = out[j]
+                replies[j] = tamper(plan.k, j, reply) if tamper else reply
+            fed.close_round(plan, replies, pending, failed)
     return RunResult(fed.history, fed.server_state, fed.client_states, fed.client_log)
 
 

@@ -21,6 +21,19 @@ from fedgluon.federation import Evaluate
 from .records import tensors_to_record
 from .strategy import GluonStrategy
 
+# Seconds between the server's polls for replies. Flower's simulation Grid (InMemoryGrid) sleeps
+# 0.1 s between polls, a floor under every round (0.5 ms per client task at 200 clients, as much as
+# the clients' whole work in blocks); polling the in-memory state every 5 ms costs ~1% of a core.
+POLL_INTERVAL = 0.005
+
+
+def poll_faster(grid: Grid, interval: float = POLL_INTERVAL) -> None:
+    """Lower the Grid's reply-polling interval to ``interval`` where it has one (Flower's InMemoryGrid
+    documents ``pull_interval``); other grids are left as they are."""
+    current = getattr(grid, "pull_interval", None)
+    if isinstance(current, (int, float)) and not isinstance(current, bool) and current > interval:
+        grid.pull_interval = interval  # type: ignore[attr-defined]
+
 
 def serve(grid: Grid, spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None,
           evaluate: Evaluate | None = None, checkpointer: Checkpointer | None = None,
@@ -34,6 +47,7 @@ def serve(grid: Grid, spec: Mapping[str, Any], on_round: Callable[[dict[str, Any
                              weights=spec["weights"], evaluate=evaluate or (lambda X, k: task.evaluate(X)),
                              eval_every=spec["eval_every"], on_round=on_round, rounds=spec["rounds"],
                              checkpointer=checkpointer, resume=resume, block_size=int(spec["block_size"]))
+    poll_faster(grid)
     strategy.connect(grid, timeout=float(spec["node_timeout"]))
     strategy.start(grid=grid, initial_arrays=tensors_to_record(strategy.server_state["X"]),
                    timeout=float(spec["round_timeout"]))

@@ -35,6 +35,7 @@ from fedgluon.algorithms import Algorithm, ClientReply
 from fedgluon.blocks import by_block, num_blocks
 from fedgluon.checkpoint import Checkpointer, Snapshot
 from fedgluon.federation import Evaluate, Federation, RoundPlan, client_weights_from_sizes
+from fedgluon.gc_pause import gc_paused
 
 from .records import BlockReplies, states_to_record, tensors_to_record
 
@@ -128,6 +129,10 @@ class GluonStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        with gc_paused():
+            return self._configure_train()
+
+    def _configure_train(self) -> list[Message]:
         plan = self.federation.open_round()
         bc, k = plan.broadcast, plan.k
         model = tensors_to_record(bc.model)
@@ -142,6 +147,10 @@ class GluonStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                         MetricRecord | None]:
+        with gc_paused():
+            return self._aggregate_train(replies)
+
+    def _aggregate_train(self, replies: Iterable[Message]) -> tuple[ArrayRecord, MetricRecord]:
         assert self._round is not None
         plan = self._round
         k, expected = plan.k, by_block(plan.participants, self.block_size)

@@ -8,6 +8,7 @@ import pytest
 from packed_edit import PackedEdit
 
 from fedgluon import spec as specs
+from fedgluon.client_app import make_client_app
 from fedgluon.driver import run_plain
 from fedgluon.engines import InProcessGrid, run_inprocess, run_ray
 
@@ -114,3 +115,47 @@ def test_two_node_ray_cluster_uses_both_nodes():
         assert len(strategy.ray_nodes) == 2, strategy.ray_nodes
     finally:
         cluster.shutdown()
+
+
+def test_server_polls_flowers_simulation_grid_every_5_ms():
+    """Flower's simulation Grid (the real InMemoryGrid, built as run_simulation builds it) sleeps 0.1 s
+    between reply polls, a floor under every round; the ServerApp lowers it. Grids without the
+    attribute (fedgluon's in-process Grid) are left alone."""
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+
+    from strategies.server_app import POLL_INTERVAL, poll_faster
+
+    grid = InMemoryGrid(state_factory=LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(),
+                                                       ObjectStoreFactory()))
+    assert grid.pull_interval == 0.1
+    poll_faster(grid)
+    assert grid.pull_interval == POLL_INTERVAL == 0.005
+    inprocess = InProcessGrid(make_client_app(SPEC), 2, seed=0)
+    poll_faster(inprocess)
+    assert not hasattr(inprocess, "pull_interval")
+
+
+def test_gc_pause_restores_the_collector_state():
+    import gc
+
+    from fedgluon.gc_pause import gc_paused
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with gc_paused():
+            with gc_paused():
+                assert not gc.isenabled()
+            assert not gc.isenabled()  # the outer pause still holds
+            raise RuntimeError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # not re-enabled by a pause that found it off
+    finally:
+        gc.enable()

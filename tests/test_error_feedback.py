@@ -164,4 +164,5 @@ def test_error_feedback_rows_equal_client_by_client(kind, spec):
 
 def test_fixed16_trackers_have_no_row_step():
     ef = EF21(make_compressor({"name": "topk", "ratio": 0.1}), tracker="fixed16")
+    assert not ef.supports_rows(SHAPES) and EF21(make_compressor({"name": "topk", "ratio": 0.1})).supports_rows(SHAPES)
     assert ef.step_rows([None, None], {n: torch.randn(2, *s) for n, s in SHAPES.items()}) is None

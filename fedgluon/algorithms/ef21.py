@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+
 from compressors import Compressor, make_compressor, make_error_feedback
 
 from .base import Algorithm, tracker_update, weighted_mean
@@ -52,7 +53,7 @@ class FeedbackUplink(Algorithm):
         (:meth:`EF21.step_rows`: one top-k selection over (B, d) per layer) when the compressor allows."""
         estimates = [self.estimate(s, g) for s, g in zip(states, grads)]
         rows = None
-        if len(js) > 1:
+        if len(js) > 1 and self.ef.supports_rows(self.shapes):
             v = {n: torch.stack([e[1][n] for e in estimates]) for n in estimates[0][1]}
             rows = self.ef.step_rows([s.get("ef") for s in states], v)
         if rows is None:

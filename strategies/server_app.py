@@ -22,8 +22,10 @@ from .records import tensors_to_record
 from .strategy import GluonStrategy
 
 # Seconds between the server's polls for replies. Flower's simulation Grid (InMemoryGrid) sleeps
-# 0.1 s between polls, a floor under every round (0.5 ms per client task at 200 clients, as much as
-# the clients' whole work in blocks); polling the in-memory state every 5 ms costs ~1% of a core.
+# 0.1 s between polls, up to 0.1 s added to every round (0.5 ms per client task at 200 clients, as
+# much as the clients' whole work in blocks); polling the in-memory state every 5 ms costs ~1% of a
+# core. (Flower's simulation engine also hands messages to nodes on a 0.1 s cadence, in its own
+# thread, which no public setting changes: that floor remains.)
 POLL_INTERVAL = 0.005
 
 

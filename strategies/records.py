@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -136,13 +137,19 @@ class Packer:
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
         self.size = 0
+        self.seen: dict[tuple, Ref] = {}  # the same memory (e.g. x_prev, the broadcast model every client
+        # of a round keeps) is written once and referenced by every state that holds it
 
     def add(self, a: np.ndarray | Tensor) -> Ref:
+        key = _memory(a)
+        if key in self.seen:
+            return self.seen[key]
         name, shape, data = _raw(a)
         ref = [name, list(shape), self.size]
         pad = -len(data) % ALIGN
         self.chunks += [data, bytes(pad)] if pad else [data]
         self.size += len(data) + pad
+        self.seen[key] = ref
         return ref
 
     def tree(self, state: Mapping[str, Any] | None) -> list[list[Any]] | None:
@@ -159,6 +166,13 @@ class Packer:
         text = np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8)
         return ArrayRecord({"layout": to_array(text), "data": Array(dtype="uint8", shape=(self.size,), stype=RAW,
                                                                     data=b"".join(self.chunks))})
+
+
+def _memory(a: np.ndarray | Tensor) -> tuple:
+    """Where an array's elements lie (two arrays with the same key hold the same values)."""
+    if isinstance(a, Tensor):
+        return ("torch", str(a.device), a.data_ptr(), str(a.dtype), tuple(a.shape), a.stride())
+    return ("numpy", a.__array_interface__["data"][0], a.dtype.str, a.shape, a.strides)
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Tensor | None]]:
@@ -200,9 +214,12 @@ class Unpacker:
         a = self.buffer[offset:offset + size].view(dtype).reshape(shape)
         return a if dtype.isnative else a.astype(dtype.newbyteorder("="))
 
-    def tree(self, entries: Any, copy: bool = False) -> dict[str, Any] | None:
+    def tree(self, entries: Any, copy: bool = False, shared: dict[str, np.ndarray | None] | None = None
+             ) -> dict[str, Any] | None:
         """Inverse of :meth:`Packer.tree`; with ``copy`` the leaves are views of one new buffer of their
-        own (so a committed state does not keep the block's buffer alive)."""
+        own (so a committed state does not keep the block's buffer alive), except references listed in
+        ``shared`` (``json.dumps(ref)`` → its copy, None until first copied): those are copied once and
+        shared by every state that refers to them."""
         if entries is None:
             return None
         if not isinstance(entries, list) or not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)
@@ -211,10 +228,18 @@ class Unpacker:
         leaves = [(path, ref[0] if isinstance(ref, list) and ref else None, None if ref is None else self.array(ref))
                   for path, ref in entries]
         if copy:
-            own = np.empty(sum(a.nbytes + (-a.nbytes % ALIGN) for _, _, a in leaves if a is not None), np.uint8)
+            keys = [json.dumps(ref) if shared and ref is not None else None for _, ref in entries]
+            common = {i for i, key in enumerate(keys) if key in (shared or {})}
+            own = np.empty(sum(a.nbytes + (-a.nbytes % ALIGN) for i, (_, _, a) in enumerate(leaves)
+                               if a is not None and i not in common), np.uint8)
             offset, moved = 0, []
-            for path, name, a in leaves:
-                if a is not None:
+            for i, (path, name, a) in enumerate(leaves):
+                if i in common:
+                    assert shared is not None and a is not None
+                    if shared[keys[i]] is None:
+                        shared[keys[i]] = a.copy()  # type: ignore[index]
+                    a = shared[keys[i]]
+                elif a is not None:
                     view = own[offset:offset + a.nbytes].view(a.dtype).reshape(a.shape)
                     view[...] = a
                     offset += a.nbytes + (-a.nbytes % ALIGN)
@@ -271,6 +296,18 @@ def replies_to_record(results: Mapping[int, tuple[Mapping[str, Any] | None, Any]
     return packer.record({"clients": clients})
 
 
+def _shared_references(entries: Any) -> dict[str, None]:
+    """The state references that several entries (or leaves) of a block hold, as ``json.dumps(ref)``:
+    typically every client's ``x_prev``, the model of the round they computed at."""
+    counts: Counter[str] = Counter()
+    for entry in entries:
+        state = entry.get("state") if isinstance(entry, dict) else None
+        if isinstance(state, list):
+            counts.update(json.dumps(leaf[1]) for leaf in state if isinstance(leaf, list) and len(leaf) == 2
+                          and leaf[1] is not None)
+    return {key: None for key, n in counts.items() if n > 1}
+
+
 def _integer(entry: Mapping[str, Any], key: str) -> int:
     value = entry.get(key)
     if not isinstance(value, int) or isinstance(value, bool):
@@ -298,6 +335,7 @@ class BlockReplies:
             if not isinstance(clients, dict):
                 raise ValueError("a replies record's layout is {\"clients\": {client: entry}}")
             self.clients: dict[str, Any] = clients
+            self.shared = _shared_references(clients.values())
         except Exception as err:  # noqa: BLE001 - anything a hostile reply triggers becomes a rejection
             self.error = PayloadError("*", "records", f"{type(err).__name__}: {err}")
 
@@ -311,7 +349,7 @@ class BlockReplies:
             reply = ClientReply(client=_integer(entry, "client"), round=_integer(entry, "round"),
                                 message=self._message(entry.get("payload")), loss=_number(entry, "loss"),
                                 grad_evals=_integer(entry, "grad_evals"), samples=_integer(entry, "samples"))
-            return reply, self.unpacker.tree(entry.get("state"), copy=True)
+            return reply, self.unpacker.tree(entry.get("state"), copy=True, shared=self.shared)
         except PayloadError:
             raise
         except Exception as err:  # noqa: BLE001 - anything a hostile reply triggers becomes a rejection

@@ -243,22 +243,43 @@ def test_server_copies_each_committed_state_out_of_the_block():
 
     C = make_compressor({"name": "topk", "ratio": 0.25})
     results = {}
+    model = {"w": torch.randn(4, 6)}  # x_prev: the broadcast model both clients keep
     for j in (3, 5):
         msg = {"w": C.compress(torch.randn(4, 6))[0]}
-        state = {"ef": {"g": {"w": torch.randn(4, 6)}}, "comp": {}, "commits": torch.tensor(j)}
+        state = {"ef": {"g": {"w": torch.randn(4, 6)}}, "comp": {}, "commits": torch.tensor(j), "x_prev": dict(model)}
         results[j] = (state, ClientReply(j, 2, msg, loss=float("nan") if j == 5 else 0.5, grad_evals=2, samples=9))
     record = replies_to_record(results)
+    assert record["data"].shape[0] < 2 * 4 * 24 * 3  # x_prev written once, not per client
     block = BlockReplies(record)
+    x_prev = []
     for j, (state, sent) in results.items():
         reply, back = block.parse(j)
+        x_prev.append(back["x_prev"]["w"])
         assert tree_equal({k: v for k, v in back.items() if k != "comp"}, {k: v for k, v in state.items() if k != "comp"})
         assert back["comp"] == {}
         start = block.unpacker.buffer.ctypes.data
-        for t in (back["ef"]["g"]["w"], back["commits"]):
+        for t in (back["ef"]["g"]["w"], back["commits"], back["x_prev"]["w"]):
             assert not start <= t.data_ptr() < start + block.unpacker.buffer.nbytes
         assert (reply.client, reply.round, reply.grad_evals, reply.samples) == (j, 2, 2, 9)
         assert reply.loss == sent.loss or (np.isnan(reply.loss) and np.isnan(sent.loss))
         for key, a in sent.message["w"].arrays.items():
             assert np.array_equal(reply.message["w"].arrays[key], a)
+    assert x_prev[0].data_ptr() == x_prev[1].data_ptr() and torch.equal(x_prev[0], model["w"])  # one shared copy
+    assert results[3][0]["ef"]["g"]["w"].data_ptr() != results[5][0]["ef"]["g"]["w"].data_ptr()
     with pytest.raises(PayloadError, match="no entry for client 4"):
         block.parse(4)
+
+
+def test_states_record_writes_shared_tensors_once():
+    """The server's message to a node holds a tensor its clients' states share (x_prev) once; the node
+    reads it back as one memory for all of them."""
+    from strategies.records import record_to_states, states_to_record
+
+    model = torch.randn(50, 40)
+    states = {j: {"x_prev": {"w": model}, "est": {"w": torch.full((50, 40), float(j))}} for j in range(4)}
+    record = states_to_record(states)
+    assert record["data"].shape[0] == 5 * model.numel() * 4  # one x_prev + four estimates
+    back = record_to_states(record)
+    assert len({back[j]["x_prev"]["w"].data_ptr() for j in range(4)}) == 1
+    assert all(torch.equal(back[j]["x_prev"]["w"], model) and torch.equal(back[j]["est"]["w"], states[j]["est"]["w"])
+               for j in range(4))

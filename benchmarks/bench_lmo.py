@@ -4,7 +4,9 @@
   exactly those 15 matmuls on the same shapes with nothing else and report
   ``efficiency = bound / LMO time`` (1.0 = the LMO costs nothing beyond its matmuls).
 * torch.optim.Muon (torch ≥ 2.9) always orthogonalises in bf16, 70–180× slower than fp32 on AVX2
-  CPUs, so it is compared on small matrices only.
+  CPUs without native bf16 (so it is compared on small matrices only) but *faster* than fp32 on CPUs
+  with AVX-512 BF16 or AMX; the machine line says which this is. fedgluon's default runs NS in fp32
+  on CPU; its ``ns_dtype="bfloat16"`` row shows what asking for bf16 gives.
 
 Run: ``python -m benchmarks.bench_lmo [--quick]``.
 """
@@ -55,7 +57,9 @@ def bench_vs_torch_muon(n: int, repeat: int) -> None:
     w1 = torch.nn.Parameter(torch.randn(n, n))
     w2 = torch.nn.Parameter(w1.detach().clone())
     ref = torch.optim.Muon([w1], lr=0.02, momentum=0.95, nesterov=True)
+    w3 = torch.nn.Parameter(w1.detach().clone())
     ours = Gluon([("w", w2)], lr=0.02, method="muon")
+    ours_bf16 = Gluon([("w", w3)], lr=0.02, method="muon", ns_dtype="bfloat16")
     g = torch.randn(n, n)
 
     def step(opt, w):
@@ -63,8 +67,10 @@ def bench_vs_torch_muon(n: int, repeat: int) -> None:
         opt.step()
     t_ref = best_time(lambda: step(ref, w1), repeat=max(1, repeat // 2))
     t_ours = best_time(lambda: step(ours, w2), repeat=repeat)
-    print(f"  {n}x{n}: torch.optim.Muon {t_ref*1e3:9.1f} ms   fedgluon Gluon(muon) {t_ours*1e3:7.1f} ms   "
-          f"speed-up {t_ref / t_ours:6.1f}x")
+    t_bf16 = best_time(lambda: step(ours_bf16, w3), repeat=repeat)
+    print(f"  {n}x{n}: torch.optim.Muon {t_ref*1e3:8.1f} ms   fedgluon Gluon(muon), fp32 NS (default) "
+          f"{t_ours*1e3:7.1f} ms: speed-up {t_ref / t_ours:6.1f}x   with ns_dtype=bfloat16 {t_bf16*1e3:7.1f} ms: "
+          f"{t_ref / t_bf16:5.1f}x")
 
 
 def main(argv: list[str] | None = None) -> None:

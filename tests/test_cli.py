@@ -24,3 +24,12 @@ def test_bench_offers_every_benchmark():
     assert out.exit_code == 0 and all(n in out.output for n in ("lmo", "compressors", "engines", "memory", "all"))
     bad = CliRunner().invoke(main, ["bench", "gpu"])
     assert bad.exit_code != 0 and "lmo" in bad.output
+
+
+def test_benchmark_machine_line_names_the_cpu_features_that_decide_bf16_comparisons():
+    import torch
+
+    from benchmarks.common import machine
+
+    line = machine()
+    assert torch.backends.cpu.get_cpu_capability() in line and "bf16" in line and "threads" in line

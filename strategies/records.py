@@ -57,6 +57,13 @@ TORCH_NAMES = {torch.bool: "bool", torch.uint8: "uint8", torch.int8: "int8", tor
 
 def _raw(a: np.ndarray | Tensor) -> tuple[str, tuple[int, ...], bytes]:
     """(dtype name, shape, little-endian bytes) of an array or tensor of an allowed dtype."""
+    name, b = _little_endian(a)
+    return name, tuple(b.shape), b.tobytes()
+
+
+def _little_endian(a: np.ndarray | Tensor) -> tuple[str, np.ndarray]:
+    """(dtype name, a C-contiguous little-endian array of the values), without a copy when ``a``
+    already is one (a CPU tensor shares its memory)."""
     if isinstance(a, Tensor):
         name = TORCH_NAMES.get(a.dtype)
         if name is None:
@@ -69,7 +76,7 @@ def _raw(a: np.ndarray | Tensor) -> tuple[str, tuple[int, ...], bytes]:
             raise TypeError(f"cannot send an array of dtype {a.dtype}; allowed: {sorted(DTYPES)}")
     if a.dtype != DTYPES[name] or not a.flags.c_contiguous:  # big-endian or strided
         a = np.ascontiguousarray(a, dtype=DTYPES[name])
-    return name, tuple(a.shape), a.tobytes()
+    return name, a
 
 
 def _checked(name: Any, shape: Any) -> tuple[np.dtype, tuple[int, ...]]:
@@ -135,7 +142,7 @@ class Packer:
     """Arrays appended to one byte buffer, each referenced by ``[dtype, shape, offset]`` (module doc)."""
 
     def __init__(self) -> None:
-        self.chunks: list[bytes] = []
+        self.chunks: list[bytes | memoryview] = []  # views keep their arrays alive until record()
         self.size = 0
         self.seen: dict[tuple, Ref] = {}  # the same memory (e.g. x_prev, the broadcast model every client
         # of a round keeps) is written once and referenced by every state that holds it
@@ -144,11 +151,12 @@ class Packer:
         key = _memory(a)
         if key in self.seen:
             return self.seen[key]
-        name, shape, data = _raw(a)
-        ref = [name, list(shape), self.size]
-        pad = -len(data) % ALIGN
+        name, b = _little_endian(a)
+        ref = [name, list(b.shape), self.size]
+        data = memoryview(b.reshape(-1)).cast("B") if b.size else b""  # copied once, by record()'s join
+        pad = -b.nbytes % ALIGN
         self.chunks += [data, bytes(pad)] if pad else [data]
-        self.size += len(data) + pad
+        self.size += b.nbytes + pad
         self.seen[key] = ref
         return ref
 

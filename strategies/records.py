@@ -7,7 +7,9 @@ per-client records the main cost of a block. A :class:`Packer` record holds two 
 
 * ``layout`` — UTF-8 JSON describing every client of the block; each array in it is a reference
   ``[dtype, shape, offset]`` into
-* ``data`` — the arrays' raw little-endian bytes, concatenated, each starting at a multiple of 8.
+* ``data`` — the arrays' raw little-endian bytes, concatenated, each starting at a multiple of 8;
+  the same memory added twice (``x_prev``: the round's model, which every client of a block keeps)
+  is written once and referenced twice.
 
 The server → node message carries the sampled clients' committed states
 (:func:`states_to_record`: ``{"states": {j: [[path, ref], ...] | null}}``); the node's reply carries,
@@ -21,8 +23,8 @@ list of numeric types, checked against its shape (and references against the dat
 alignment) on reading; nothing a client sends is ever unpickled. Server-side reading
 (:class:`BlockReplies`) turns anything malformed in client j's entry into a
 :class:`compressors.PayloadError` for j alone; a malformed layout or data rejects the whole block.
-Committed states are copied out of the block's buffer, one buffer per client, so a committed state
-never keeps the whole block's buffer alive.
+Committed states are copied out of the block's buffer, one buffer per client (references several
+states share, once, shared again), so a committed state never keeps the whole block's buffer alive.
 """
 
 from __future__ import annotations

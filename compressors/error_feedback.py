@@ -62,15 +62,10 @@ def _combined(X: Tensor, others: Sequence[Tensor | None], sign: float) -> Tensor
     (no stacked copy of ``others``); a missing row is zero, computed as ``X[i] + sign · 0`` exactly
     as the per-client step does."""
     if all(o is None for o in others):
-        return X - 0.0 if sign < 0 else X + 0.0
+        return torch.add(X, 0.0, alpha=sign)
     out = torch.empty_like(X)
-    for i, o in enumerate(others):
-        if o is None:
-            torch.add(X[i], 0.0, out=out[i]) if sign > 0 else torch.sub(X[i], 0.0, out=out[i])
-        elif sign > 0:
-            torch.add(o, X[i], out=out[i])
-        else:
-            torch.sub(X[i], o, out=out[i])
+    for i, o in enumerate(others):  # sign = ±1: sign · o is exact, so this is X[i] ± o rounded once
+        torch.add(X[i], 0.0 if o is None else o, alpha=sign, out=out[i])
     return out
 
 
@@ -80,8 +75,9 @@ def _rows_result(rows: Mapping[str, PayloadRows], key: str | None, new: Sequence
             for i, msg in enumerate(split_rows(rows))]
 
 
-def _supported(compressor: Compressor, X: Mapping[str, Tensor]) -> bool:
-    return all(compressor.rows_supported(tuple(t.shape[1:])) for t in X.values())
+def _row_shapes(X: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    """The per-client shapes of a block's (B, *shape) tensors."""
+    return {n: tuple(t.shape[1:]) for n, t in X.items()}
 
 
 class _RowSteps:
@@ -128,7 +124,7 @@ class EF21(_RowSteps):
     def step_rows(self, states: Sequence[Mapping[str, Tensors] | None], v: Mapping[str, Tensor]) -> Rows | None:
         """:meth:`step` for B clients at once (``v[name]`` is (B, *shape)); full trackers only. Each
         client's new tracker is its own tensor (``g_j`` + its decoded row)."""
-        if self.tracker != "full" or not _supported(self.compressor, v):
+        if not self.supports_rows(_row_shapes(v)):
             return None
         g = _rows_of(states, "g")
         rows = compress_message_rows(self.compressor, {n: _combined(v[n], [t and t[n] for t in g], -1.0) for n in v})
@@ -198,7 +194,7 @@ class EF14(_RowSteps):
         return msg, {"e": add_own(self.compressor, corrected, msg, -1.0)}, cstates
 
     def step_rows(self, states: Sequence[Mapping[str, Tensors] | None], x: Mapping[str, Tensor]) -> Rows | None:
-        if not _supported(self.compressor, x):
+        if not self.supports_rows(_row_shapes(x)):
             return None
         e = _rows_of(states, "e")
         corrected = {n: _combined(x[n], [t and t[n] for t in e], 1.0) for n in x}

@@ -93,8 +93,8 @@ def test_ef14_telescopes():
 def _payloads_equal(p, q):
     assert p.codec == q.codec and tuple(p.shape) == tuple(q.shape) and p.meta == q.meta
     assert set(p.arrays) == set(q.arrays)
-    for key in p.arrays:
-        assert p.arrays[key].dtype == q.arrays[key].dtype and (p.arrays[key] == q.arrays[key]).all()
+    for key in p.arrays:  # byte for byte: signed zeros included
+        assert p.arrays[key].dtype == q.arrays[key].dtype and p.arrays[key].tobytes() == q.arrays[key].tobytes()
 
 
 ROW_SPECS = [{"name": "topk", "ratio": 0.1}, {"name": "topk", "ratio": 0.1, "values": "fp64"},
@@ -147,6 +147,8 @@ def test_error_feedback_rows_equal_client_by_client(kind, spec):
     for r, v in enumerate(client_inputs(4, list(clients), SHAPES, seed=7)):
         active = [j for j in clients if r > 0 or j % 2 == 0]  # odd clients join in round 1
         dtype = torch.float64 if spec.get("values") == "fp64" else torch.float32
+        for j in clients:  # negative zeros: x + 0 and x - 0 differ in their sign
+            v[j]["b"][:3] = -0.0
         block = {n: torch.stack([v[j][n].to(dtype) for j in active]) for n in SHAPES}
         out = ef.step_rows([rows[j] for j in active], block)
         assert out is not None
@@ -156,7 +158,8 @@ def test_error_feedback_rows_equal_client_by_client(kind, spec):
                 _payloads_equal(out[i][0][n], msg[n])
             for key in state:
                 for n in SHAPES:
-                    assert torch.equal(out[i][1][key][n], state[key][n])
+                    got, want = out[i][1][key][n], state[key][n]
+                    assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
                     assert out[i][1][key][n].untyped_storage().nbytes() == state[key][n].numel() * state[key][n].element_size()
             assert out[i][2] == comp == {}
             alone[j], rows[j] = state, out[i][1]

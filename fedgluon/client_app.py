@@ -114,7 +114,9 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
             except InjectedFault as err:
                 failed[str(j)] = f"InjectedFault: {err}"
         committed = record_to_states(arrays["states"])
-        states = {j: committed.get(j) for j in working}
+        if not set(working) <= set(committed):
+            raise RuntimeError(f"the message carries no state for clients {sorted(set(working) - set(committed))}")
+        states = {j: committed[j] for j in working}
         results = algorithm.client_block(states, bc, task.objectives, working)
         content = RecordDict({"failed": failed, "info": ConfigRecord({"ray_node": _ray_node(), "pid": os.getpid()}),
                               "replies": replies_to_record(results)})

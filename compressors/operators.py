@@ -174,13 +174,13 @@ class _Sparse(Structure):
         d, k = numel(shape), self.k(shape)
         idx = get_array(dict(arrays), "idx", layer, INDEX_DTYPES, k)
         wide = idx.astype(np.int64)
-        increasing = bool((np.diff(wide) > 0).all())
+        steps = np.diff(wide)
+        increasing = bool((steps > 0).all())
         if k:  # the range check comes first; for increasing indices the ends are the extremes
             lo, hi = (int(wide[0]), int(wide[-1])) if increasing else (int(wide.min()), int(wide.max()))
             if lo < 0 or hi >= d:
                 raise IndexRangeError(layer, "idx", f"indices must lie in [0, {d}), got [{lo}, {hi}]")
         if not increasing:
-            steps = np.diff(wide)
             what = "duplicate" if (steps == 0).any() else "unsorted"
             raise DuplicateIndexError(layer, "idx", f"{what} indices (indices must be strictly increasing)")
         return wide
@@ -203,10 +203,7 @@ class _Sparse(Structure):
 def topk_indices(x: Tensor, k: int) -> Tensor:
     """Indices of the k largest |x| in increasing order; ties at the k-th magnitude go to lower indices
     on CPU (:mod:`compressors.selection`), torch.topk on GPU."""
-    flat = x.reshape(-1)
-    if flat.is_cuda or k >= flat.numel():
-        return topk_rows(flat[None], k)[0]
-    return torch.from_numpy(topk_rows_numpy(flat[None].detach().numpy(), k)[0])
+    return topk_rows(x.reshape(1, -1), k)[0]
 
 
 def topk_rows(X: Tensor, k: int) -> Tensor:

@@ -92,15 +92,14 @@ def _checked(name: Any, shape: Any) -> tuple[np.dtype, tuple[int, ...]]:
     return dtype, shape
 
 
-def _unraw(name: Any, shape: Any, data: Any, offset: int = 0) -> np.ndarray:
-    """Inverse of :func:`_raw` on ``data[offset:]`` (a writable copy); ``ValueError`` on bad input."""
+def _unraw(name: Any, shape: Any, data: Any) -> np.ndarray:
+    """Inverse of :func:`_raw` (a writable copy); ``ValueError`` on bad input."""
     dtype, shape = _checked(name, shape)
     size = math.prod(shape) * dtype.itemsize
-    if not isinstance(data, bytes) or len(data) < offset + size:
-        raise ValueError(f"array of shape {shape} and dtype {name} needs {size} bytes at offset {offset}, "
+    if not isinstance(data, bytes) or len(data) < size:
+        raise ValueError(f"array of shape {shape} and dtype {name} needs {size} bytes, "
                          f"got {len(data) if isinstance(data, bytes) else type(data).__name__}")
-    return np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape).astype(
-        dtype.newbyteorder("="))
+    return np.frombuffer(data, dtype=dtype, count=math.prod(shape)).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def _as_tensor(name: str, a: np.ndarray) -> Tensor:

@@ -8,12 +8,13 @@ Imports neither Flower nor Ray (DESIGN §1); conversion to Flower records lives 
 
 from .bits import CONVENTIONS, BitCount, dense_bits
 from .error_feedback import EF14, EF21, ERROR_FEEDBACK, NoFeedback, ef21_server_update, make_error_feedback
-from .message import compress_message, decode_message, message_bits
+from .message import compress_message, decode_message, decode_messages, message_bits
 from .operators import Compressor, Context, Properties
 from .payload import Message, PayloadError, TensorPayload
 from .registry import COMPRESSORS, make_compressor
 
 __all__ = ["BitCount", "CONVENTIONS", "COMPRESSORS", "Compressor", "Context", "EF14", "EF21", "ERROR_FEEDBACK", "Message",
            "NoFeedback",
-           "PayloadError", "Properties", "TensorPayload", "compress_message", "decode_message", "dense_bits",
+           "PayloadError", "Properties", "TensorPayload", "compress_message", "decode_message", "decode_messages",
+           "dense_bits",
            "ef21_server_update", "make_compressor", "make_error_feedback", "message_bits"]

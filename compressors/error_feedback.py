@@ -39,7 +39,7 @@ from torch import Tensor
 from .message import compress_message, compress_message_rows, split_rows
 from .operators import Compressor, State
 from .payload import Message, PayloadRows
-from .sparse import add_scaled_
+from .sparse import WeightedSum
 
 Tensors = dict[str, Tensor]
 
@@ -172,11 +172,10 @@ class EF21(_RowSteps):
 def ef21_server_update(G: Mapping[str, Tensor], decoded: Mapping[int, Mapping[str, Tensor]],
                        weights: Mapping[int, float]) -> Tensors:
     """``G ← G + Σ_j w_j R_j`` over accepted clients, in client-id order (DESIGN §2)."""
-    out = {n: t.clone() for n, t in G.items()}
+    total = WeightedSum({n: t.clone() for n, t in G.items()})
     for j in sorted(decoded):
-        for n, r in decoded[j].items():
-            add_scaled_(out[n], weights[j], r)
-    return out
+        total.add(weights[j], decoded[j])
+    return total.result()
 
 
 @dataclass

@@ -7,15 +7,16 @@ every draw is reproducible on any device and in any scheduling order (DESIGN §2
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .bits import BitCount
 from .operators import Compressor, Context, State
-from .sparse import SparseTensor
-from .payload import LayerSetError, Message, PayloadRows, SizeError, TensorPayload
+from .sparse import SparseRows, SparseTensor
+from .payload import LayerSetError, Message, PayloadError, PayloadRows, SizeError, TensorPayload
 
 DEFAULT_MAX_BYTES_FACTOR = 4  # a payload may be at most this many times its dense fp32 size (+ 1 KiB)
 
@@ -88,7 +89,52 @@ def decode_message(compressor: Compressor, message: Mapping[str, TensorPayload],
     return out
 
 
+def decode_messages(compressor: Compressor, messages: Mapping[int, Any], shapes: Mapping[str, tuple], *,
+                    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32, sparse: bool = False
+                    ) -> Iterator[tuple[int, dict[str, Tensor | SparseTensor] | PayloadError]]:
+    """:func:`decode_message` of many clients' messages: yields ``(j, decoded)`` or ``(j, error)`` for each
+    ``j`` in ``messages``' order, the same results and the same errors as decoding them one by one.
+
+    The layers :meth:`Compressor.decompress_block` handles (top-k, rand-k with raw values) are
+    checked and decoded for all clients at once, up front, each client's layer a row of one
+    :class:`~compressors.sparse.SparseRows` (dense when not ``sparse``). Messages that fail a block
+    check, and all of them when a layer has no block decoder, go through :func:`decode_message` one at
+    a time as they are reached, so a consumer that drops what it cannot keep never holds every
+    dense decoded message at once."""
+    expected = set(shapes)
+    regular = [j for j, m in messages.items() if isinstance(m, Mapping) and len(m) == len(expected) and set(m) == expected]
+    layers: dict[str, SparseRows] = {}
+    slow: set[int] = set()
+    for name in sorted(shapes):
+        shape = tuple(shapes[name])
+        limit = DEFAULT_MAX_BYTES_FACTOR * 4 * int(torch.Size(shape).numel()) + 1024
+        block = compressor.decompress_block([messages[j][name] for j in regular], shape, device=device, dtype=dtype,
+                                            max_nbytes=limit) if regular else None
+        if block is None:
+            regular, layers = [], {}
+            break
+        layers[name], ok = block
+        slow.update(j for j, good in zip(regular, ok.tolist()) if not good)
+    row = {j: i for i, j in enumerate(regular) if j not in slow}
+    for j in messages:
+        if j in row:
+            i = row[j]
+            yield j, {n: rows.tensor(i) if sparse else rows.tensor(i).dense() for n, rows in layers.items()}
+            continue
+        try:
+            decoded = decode_message(compressor, messages[j], shapes, device=device, dtype=dtype, sparse=sparse)
+        except PayloadError as err:
+            yield j, err
+        else:
+            yield j, decoded
+
+
 def message_bits(compressor: Compressor, message: Mapping[str, TensorPayload]) -> BitCount:
-    """Raw bit counts of a message, summed over layers (plus one flag bit per layer for the codec choice
-    when the compressor can fall back to dense)."""
-    return sum((compressor.bits(p) for p in message.values()), BitCount())
+    """Raw bit counts of a (valid) message, summed over layers (plus one flag bit per layer for the codec
+    choice when the compressor can fall back to dense); memoised per sequence of (codec, shape), as
+    each payload's count is (:meth:`Compressor.bits`)."""
+    key = tuple((p.codec, tuple(p.shape)) for p in message.values())
+    memo = compressor._message_bits
+    if key not in memo:
+        memo[key] = sum((compressor.bits(p) for p in message.values()), BitCount())
+    return memo[key]

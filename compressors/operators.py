@@ -37,7 +37,7 @@ from fedgluon.rng import derive_seed
 
 from .bits import BitCount
 from .selection import topk_rows_numpy
-from .sparse import SparseTensor, added
+from .sparse import SparseRows, SparseTensor, added
 from .payload import PayloadRows, CodecError, DuplicateIndexError, IndexRangeError, MetaError, ShapeError, TensorPayload
 from .values import Raw, ValueCodec, get_array
 
@@ -240,6 +240,12 @@ class TopK(_Sparse):
         out.index_add_(0, torch.from_numpy(arrays["idx"][i].astype(np.int64)).to(out.device), w * values)
 
 
+def _scatter_rows(A: np.ndarray, rows: np.ndarray, count: int) -> np.ndarray:
+    out = np.zeros((count, *A.shape[1:]), A.dtype)
+    out[rows] = A
+    return out
+
+
 def randk_indices(d: int, k: int, generator: torch.Generator) -> Tensor:
     """k distinct uniform indices of 0..d-1, sorted, from a CPU generator.
 
@@ -409,6 +415,7 @@ class Compressor:
         self.name = name or structure.name
         self._dense = Dense()
         self._bits: dict[tuple[str, tuple[int, ...]], BitCount] = {}
+        self._message_bits: dict[tuple, BitCount] = {}  # compressors.message.message_bits' memo
 
     def __repr__(self) -> str:
         return f"Compressor({self.structure!r}, values={self.values.name})"
@@ -522,6 +529,60 @@ class Compressor:
         if sparse and isinstance(s, _Sparse):
             return s.decode_sparse(vals, arrays, meta, pshape, layer)
         return s.decode(vals, arrays, meta, pshape, layer)
+
+    def block_decodable(self, shape: tuple[int, ...]) -> bool:
+        """Whether :meth:`decompress_block` handles ``shape``: an index-carrying sparse structure (top-k,
+        rand-k) with raw values (fp32/fp64)."""
+        s = self._structure_for(shape)
+        return isinstance(s, _Sparse) and s.array_keys == {"idx"} and isinstance(self.values, Raw)
+
+    def decompress_block(self, payloads: list[Any], shape: tuple[int, ...], *, device: torch.device | str | None = None,
+                         dtype: torch.dtype = torch.float32, max_nbytes: int | None = None
+                         ) -> tuple[SparseRows, np.ndarray] | None:
+        """Validate and decode the payloads of B clients for one tensor of ``shape`` at once: ``(rows,
+        ok)`` where ``ok[i]`` says payload i passes every check of :meth:`decompress` (and has at most
+        ``max_nbytes`` bytes of arrays), and then ``rows.tensor(i)`` is what ``decompress(payload_i,
+        sparse=True)`` returns. A payload with ``ok[i]`` False may be invalid or merely unusual (an
+        ndarray subclass, another index dtype than the first payload's): decode it alone to know.
+        None when ``shape``'s structure has no block decoder (:meth:`block_decodable`).
+
+        The checks, vectorised over the (B, k) arrays: codec, shape, no header, exactly the keys
+        ``idx`` and ``v.v``, dtypes, lengths k, indices strictly increasing within [0, d), values
+        finite."""
+        s = self._structure_for(shape)
+        if not self.block_decodable(shape) or not s.n_values(shape):
+            return None
+        assert isinstance(s, _Sparse)
+        codec, k, d = f"{s.name}/{self.values.name}", s.k(shape), numel(shape)
+        vtype = self.values.dtype.type  # type: ignore[attr-defined]
+        ok = np.zeros(len(payloads), dtype=bool)
+        first = next((p.arrays.get("idx") for p in payloads if type(p) is TensorPayload and type(p.arrays) is dict), None)
+        itype = first.dtype if type(first) is np.ndarray and first.dtype.type in INDEX_DTYPES else np.dtype(np.int64)
+        itype = itype.newbyteorder("=")
+        idx, vals = [], []
+        for i, p in enumerate(payloads):
+            if (type(p) is not TensorPayload or p.codec != codec or type(p.shape) is not tuple or p.shape != shape
+                    or type(p.meta) is not dict or p.meta or type(p.arrays) is not dict or len(p.arrays) != 2):
+                continue
+            a, v = p.arrays.get("idx"), p.arrays.get("v.v")
+            if (type(a) is not np.ndarray or a.dtype != itype or a.shape != (k,)
+                    or type(v) is not np.ndarray or v.dtype.type is not vtype or not v.dtype.isnative or v.shape != (k,)
+                    or (max_nbytes is not None and a.nbytes + v.nbytes > max_nbytes)):
+                continue
+            ok[i] = True
+            idx.append(a)
+            vals.append(v)
+        taken = np.flatnonzero(ok)
+        I = np.stack(idx).astype(np.int64) if idx else np.empty((0, k), np.int64)
+        V = np.stack(vals) if vals else np.empty((0, k), vtype)
+        good = np.isfinite(V).all(axis=1) & (np.diff(I, axis=1) > 0).all(axis=1) & (I[:, 0] >= 0) & (I[:, -1] < d)
+        ok[taken[~good]] = False
+        if len(taken) < len(payloads):  # row i is payload i's (the rows of payloads left out: zeros)
+            I, V = _scatter_rows(I, taken, len(payloads)), _scatter_rows(V, taken, len(payloads))
+        values = torch.from_numpy(V).to(device).to(dtype)
+        scale = s._scale(shape)
+        return SparseRows(torch.from_numpy(I).to(values.device), values * scale if scale != 1.0 else values,
+                          shape), ok
 
     def add_decoded(self, base: Tensor, payload: TensorPayload, sign: float = 1.0) -> Tensor:
         """``base + sign · decompress(payload)`` as a new tensor, for a payload this process has just made

@@ -4,11 +4,16 @@ Sparse structures (top-k, rand-k) decode to this instead of a dense tensor when 
 (``decompress(..., sparse=True)``), so error feedback and the server's weighted sums add ``k`` values
 instead of ``d``. Adding at the indices equals adding the dense decoded tensor element for element
 (``b + w·0 = b``; only the sign of a zero may differ), since the indices are distinct.
+
+A server decodes the payloads of many clients at once (:meth:`compressors.Compressor.decompress_block`)
+into one :class:`SparseRows` — (B, k) indices and values — whose rows are the clients'
+``SparseTensor``; :class:`WeightedSum` then adds a run of consecutive rows in one ``index_add_``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -19,6 +24,8 @@ class SparseTensor:
     idx: Tensor  # int64, strictly increasing, in [0, numel(shape))
     values: Tensor
     shape: tuple[int, ...]
+    block: SparseRows | None = field(default=None, repr=False, compare=False)  # set when this is row
+    row: int = field(default=-1, repr=False, compare=False)                    # ``row`` of a block
 
     def dense(self) -> Tensor:
         out = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
@@ -27,6 +34,18 @@ class SparseTensor:
 
     def nbytes(self) -> int:
         return self.idx.numel() * self.idx.element_size() + self.values.numel() * self.values.element_size()
+
+
+@dataclass
+class SparseRows:
+    """B sparse tensors of one shape and one k: row i of ``idx`` (B, k) and ``values`` (B, k)."""
+
+    idx: Tensor
+    values: Tensor
+    shape: tuple[int, ...]
+
+    def tensor(self, i: int) -> SparseTensor:
+        return SparseTensor(self.idx[i], self.values[i], self.shape, self, i)
 
 
 def add_scaled_(out: Tensor, w: float, r: Tensor | SparseTensor) -> Tensor:
@@ -42,3 +61,51 @@ def add_scaled_(out: Tensor, w: float, r: Tensor | SparseTensor) -> Tensor:
 def added(base: Tensor, w: float, r: Tensor | SparseTensor) -> Tensor:
     """``base + w · r`` as a new tensor."""
     return add_scaled_(base.clone(), w, r)
+
+
+class WeightedSum:
+    """``out[n] += w_j · r_j[n]`` for the terms ``(w_j, r_j)`` given to :meth:`add` in order, each add
+    rounded as :func:`add_scaled_` does. Consecutive rows of one :class:`SparseRows` (clients decoded as
+    a block, added in row order) go in one ``index_add_`` of their (rows·k) indices and weighted
+    values: the same sums in the same order, since on CPU ``index_add_`` adds its source elements one
+    after another and ``w · v`` rounds ``w`` to the values' dtype either way (tests compare the two
+    bitwise). On other devices, where ``index_add_`` adds concurrently, rows are added one by one.
+    Missing outputs start at zero; call :meth:`result` once all terms are in."""
+
+    def __init__(self, out: dict[str, Tensor] | None = None):
+        self.out: dict[str, Tensor] = out if out is not None else {}
+        self._run: dict[str, tuple[SparseRows, int, list[float]]] = {}  # n -> (block, first row, weights)
+
+    def add(self, w: float, terms: Mapping[str, Tensor | SparseTensor]) -> None:
+        for n, r in terms.items():
+            run = self._run.get(n)
+            if run is not None and isinstance(r, SparseTensor) and r.block is run[0] and r.row == run[1] + len(run[2]):
+                run[2].append(w)
+                continue
+            self._flush(n)
+            target = self._target(n, r)
+            if isinstance(r, SparseTensor) and r.block is not None and target.device.type == "cpu":
+                self._run[n] = (r.block, r.row, [w])
+            else:
+                add_scaled_(target, w, r)
+
+    def result(self) -> dict[str, Tensor]:
+        for n in list(self._run):
+            self._flush(n)
+        return self.out
+
+    def _target(self, n: str, r: Tensor | SparseTensor) -> Tensor:
+        if n not in self.out:
+            v = r.values if isinstance(r, SparseTensor) else r
+            self.out[n] = torch.zeros(r.shape, dtype=v.dtype, device=v.device)
+        return self.out[n]
+
+    def _flush(self, n: str) -> None:
+        run = self._run.pop(n, None)
+        if run is None:
+            return
+        block, first, ws = run
+        out = self.out[n]
+        rows = slice(first, first + len(ws))
+        scale = torch.tensor(ws, dtype=out.dtype, device=out.device).unsqueeze(1)
+        out.view(-1).index_add_(0, block.idx[rows].reshape(-1), (scale * block.values[rows].to(out.dtype)).reshape(-1))

@@ -22,7 +22,7 @@ layer-wise LMO step by default). They override a few small hooks:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -30,11 +30,12 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from compressors import BitCount, Compressor, Message, PayloadError, decode_message, make_compressor, message_bits
+from compressors import (BitCount, Compressor, Message, PayloadError, decode_message, decode_messages, make_compressor,
+                         message_bits)
 from compressors.bits import dense_bits
 from compressors.error_feedback import ef21_server_update
 from compressors.message import compress_message
-from compressors.sparse import SparseTensor, add_scaled_
+from compressors.sparse import SparseTensor, WeightedSum
 from compressors.operators import Context
 
 from ..estimators import Estimator, RefreshPolicy, make_estimator
@@ -272,15 +273,42 @@ class Algorithm:
     def validate(self, reply: Any, j: int, bc: Broadcast, sparse: bool = False) -> Tensors:
         """Decode a reply with the uplink compressor's validators; raises PayloadError. With ``sparse``,
         sparse layers stay :class:`~compressors.sparse.SparseTensor` (what the server holds)."""
-        k = bc.round
+        return decode_message(self._reply_uplink(reply, j, bc), reply.message, self.shapes, dtype=self._value_dtype,
+                              sparse=sparse)
+
+    def validate_each(self, replies: Mapping[int, Any], bc: Broadcast,
+                      sparse: bool = False) -> Iterator[tuple[int, Tensors | PayloadError]]:
+        """:meth:`validate` of every reply: yields ``(j, decoded)`` or ``(j, error)`` per client, the same
+        results and errors as one by one, with the messages of one uplink compressor checked and decoded
+        together (:func:`compressors.decode_messages`: one set of array operations per layer for a
+        round's top-k / rand-k payloads instead of one per client)."""
+        groups: dict[int, tuple[Compressor, dict[int, Any]]] = {}
+        for j in sorted(replies):
+            try:
+                compressor = self._reply_uplink(replies[j], j, bc)
+            except PayloadError as err:
+                yield j, err
+                continue
+            groups.setdefault(id(compressor), (compressor, {}))[1][j] = replies[j].message
+        for compressor, messages in groups.values():
+            yield from decode_messages(compressor, messages, self.shapes, dtype=self._value_dtype, sparse=sparse)
+
+    @property
+    def _value_dtype(self) -> torch.dtype:
+        return torch.float64 if self.opt["values"] == "fp64" else torch.float32
+
+    def _reply_uplink(self, reply: Any, j: int, bc: Broadcast) -> Compressor:
+        """The compressor ``reply`` must use, after checking its type, client and round (PayloadError)."""
         if not isinstance(reply, ClientReply):
             raise PayloadError("*", "reply", f"expected a ClientReply, got {type(reply).__name__}")
         if reply.client != j:
             raise PayloadError("*", "client", f"reply claims client {reply.client!r}, expected {j}")
-        if reply.round != k:
-            raise PayloadError("*", "round", f"reply is for round {reply.round!r}, expected {k}")
-        dtype = torch.float64 if self.opt["values"] == "fp64" else torch.float32
-        return decode_message(self.uplink_for(bc, reply), reply.message, self.shapes, dtype=dtype, sparse=sparse)
+        if reply.round != bc.round:
+            raise PayloadError("*", "round", f"reply is for round {reply.round!r}, expected {bc.round}")
+        try:
+            return self.uplink_for(bc, reply)
+        except (AttributeError, TypeError) as err:  # a malformed message an uplink_for could not read
+            raise PayloadError("*", "message", f"{type(err).__name__}: {err}") from None
 
     def aggregate(self, state: State, decoded: Mapping[int, Tensors], weights: Mapping[int, float],
                   bc: Broadcast) -> Tensors | None:
@@ -295,12 +323,13 @@ class Algorithm:
                     weights: Mapping[int, float]) -> tuple[State, ServerOutcome]:
         k = bc.round
         decoded, rejected, uplink = DecodedReplies(self, replies, bc), {}, {}
-        for j in sorted(replies):
-            try:
-                decoded.add(j, self.validate(replies[j], j, bc, sparse=True))
+        for j, result in self.validate_each(replies, bc, sparse=True):
+            if isinstance(result, PayloadError):
+                rejected[j] = str(result)
+            else:
+                decoded.add(j, result)
                 uplink[j] = message_bits(self.uplink_for(bc, replies[j]), replies[j].message)
-            except PayloadError as err:
-                rejected[j] = str(err)
+        rejected, uplink = dict(sorted(rejected.items())), dict(sorted(uplink.items()))
         state = dict(state)
         info = None
         G = self.aggregate(state, decoded, weights, bc) if decoded else None
@@ -403,15 +432,10 @@ def weighted_mean(decoded: Mapping[int, Tensors], weights: Mapping[int, float]) 
     """``Σ_j w_j V_j / Σ_j w_j`` over the given clients, summed in client-id order from zero (sparse
     replies added at their indices)."""
     total = sum(weights[j] for j in decoded)
-    out: Tensors = {}
-    terms = _terms(decoded)
+    out, terms = WeightedSum(), _terms(decoded)
     for j in sorted(decoded):
-        for n, v in terms[j].items():
-            if n not in out:
-                dtype = v.values.dtype if isinstance(v, SparseTensor) else v.dtype
-                out[n] = torch.zeros(v.shape, dtype=dtype, device=(v.values if isinstance(v, SparseTensor) else v).device)
-            add_scaled_(out[n], weights[j] / total, v)
-    return out
+        out.add(weights[j] / total, terms[j])
+    return out.result()
 
 
 def tracker_update(G: Mapping[str, Tensor] | None, decoded: Mapping[int, Tensors], weights: Mapping[int, float],

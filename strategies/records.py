@@ -31,8 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -139,6 +138,9 @@ ALIGN = 8  # every array of a packed record starts at a multiple of 8 bytes (vie
 Ref = list  # [dtype name, shape, offset]
 
 
+STACK_BELOW = 1 << 16  # Packer.add_rows stacks rows smaller than this many bytes
+
+
 class Packer:
     """Arrays appended to one byte buffer, each referenced by ``[dtype, shape, offset]`` (module doc)."""
 
@@ -161,15 +163,26 @@ class Packer:
         self.seen[key] = ref
         return ref
 
-    def tree(self, state: Mapping[str, Any] | None) -> list[list[Any]] | None:
-        """A nested state as ``[[path, ref], ...]`` (paths ``/``-joined; an empty sub-dict is the path
-        with a trailing ``/`` and no array), None for no state."""
-        if state is None:
-            return None
-        out: list[list[Any]] = []
-        for path, t in _flatten(state):
-            out.append([path, None if t is None else self.add(t)])
-        return out
+    def add_rows(self, rows: Sequence[np.ndarray | Tensor]) -> Ref:
+        """Arrays of one dtype and shape written back to back: a reference to the (len(rows), *shape)
+        array they form. Small rows are stacked first (one call instead of one per row); large ones
+        are not copied before record()'s join."""
+        first = rows[0]
+        if first.nbytes < STACK_BELOW:
+            return self.add(torch.stack(list(rows)) if isinstance(first, Tensor) else np.stack(rows))
+        converted = [_little_endian(a) for a in rows]
+        name, first = converted[0]
+        if any(n != name or b.shape != first.shape for n, b in converted):
+            raise ValueError("the rows of a column must share one dtype and shape")
+        ref = [name, [len(rows), *first.shape], self.size]
+        if first.size:
+            self.chunks += [memoryview(b.reshape(-1)).cast("B") for _, b in converted]
+        nbytes = len(rows) * first.nbytes
+        pad = -nbytes % ALIGN
+        if pad:
+            self.chunks.append(bytes(pad))
+        self.size += nbytes + pad
+        return ref
 
     def record(self, layout: Any) -> ArrayRecord:
         text = np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8)
@@ -223,109 +236,248 @@ class Unpacker:
         a = self.buffer[offset:offset + size].view(dtype).reshape(shape)
         return a if dtype.isnative else a.astype(dtype.newbyteorder("="))
 
-    def tree(self, entries: Any, copy: bool = False, shared: dict[str, np.ndarray | None] | None = None
-             ) -> dict[str, Any] | None:
-        """Inverse of :meth:`Packer.tree`; with ``copy`` the leaves are views of one new buffer of their
-        own (so a committed state does not keep the block's buffer alive), except references listed in
-        ``shared`` (``json.dumps(ref)`` → its copy, None until first copied): those are copied once and
-        shared by every state that refers to them."""
-        if entries is None:
-            return None
-        if not isinstance(entries, list) or not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)
-                                                    for e in entries):
-            raise ValueError("a packed state is a list of [path, reference]")
-        leaves = [(path, ref[0] if isinstance(ref, list) and ref else None, None if ref is None else self.array(ref))
-                  for path, ref in entries]
-        if copy:
-            keys = [json.dumps(ref) if shared and ref is not None else None for _, ref in entries]
-            common = {i for i, key in enumerate(keys) if key in (shared or {})}
-            own = np.empty(sum(a.nbytes + (-a.nbytes % ALIGN) for i, (_, _, a) in enumerate(leaves)
-                               if a is not None and i not in common), np.uint8)
-            offset, moved = 0, []
-            for i, (path, name, a) in enumerate(leaves):
-                if i in common:
-                    assert shared is not None and a is not None
-                    if shared[keys[i]] is None:
-                        shared[keys[i]] = a.copy()  # type: ignore[index]
-                    a = shared[keys[i]]
-                elif a is not None:
-                    view = own[offset:offset + a.nbytes].view(a.dtype).reshape(a.shape)
-                    view[...] = a
-                    offset += a.nbytes + (-a.nbytes % ALIGN)
-                    a = view
-                moved.append((path, name, a))
-            leaves = moved
-        state: dict[str, Any] = {}
-        for path, name, a in leaves:
-            *parents, leaf = path.split(SEP)
-            node = state
-            for p in parents:
-                node = node.setdefault(p, {})
-                if not isinstance(node, dict):
-                    raise ValueError(f"state path {path!r} runs through a leaf")
-            if leaf:
-                if a is None:
-                    raise ValueError(f"state leaf {path!r} has no array")
-                node[leaf] = _as_tensor(name, a)
-            elif a is not None:
-                raise ValueError(f"state path {path!r} names a sub-dict but has an array")
-        return state
-
 
 def states_to_record(states: Mapping[int, Mapping[str, Any] | None]) -> ArrayRecord:
     """The committed states of a block's sampled clients, for the server → node message."""
     packer = Packer()
-    return packer.record({"states": {str(j): packer.tree(state) for j, state in states.items()}})
+    trees = list(states.values())
+    return packer.record({"clients": [int(j) for j in states], "states": _pack_trees(packer, trees)})
 
 
 def record_to_states(record: Any) -> dict[int, dict[str, Any] | None]:
     """Inverse of :func:`states_to_record` (node side; the leaves are views of the record's buffer)."""
     unpacker = Unpacker(record)
-    states = unpacker.layout.get("states") if isinstance(unpacker.layout, dict) else None
-    if not isinstance(states, dict):
-        raise ValueError("a states record's layout is {\"states\": {client: state}}")
-    return {int(j): unpacker.tree(entries) for j, entries in states.items()}
+    clients = _clients(unpacker.layout)
+    trees = _unpack_trees(unpacker, unpacker.layout.get("states"), len(clients))
+    for tree in trees:
+        if isinstance(tree, Exception):
+            raise tree
+    return dict(zip(clients, trees))  # type: ignore[arg-type]
 
 
-def _payload_layout(packer: Packer, message: Message) -> dict[str, Any]:
-    return {layer: {"codec": p.codec, "shape": [int(s) for s in p.shape],
-                    "meta": {k: int(v) if isinstance(v, (int, np.integer)) else float(v) for k, v in p.meta.items()},
-                    "arrays": {key: packer.add(a) for key, a in p.arrays.items()}}
-            for layer, p in message.items()}
+METRICS = {"client": int, "round": int, "loss": float, "grad_evals": int, "samples": int}
 
 
 def replies_to_record(results: Mapping[int, tuple[Mapping[str, Any] | None, Any]]) -> ArrayRecord:
     """A block's replies ``{j: (proposed state, ClientReply)}`` as one packed record (module doc)."""
     packer = Packer()
-    clients = {}
-    for j, (state, reply) in results.items():
-        clients[str(j)] = {"client": int(reply.client), "round": int(reply.round), "loss": float(reply.loss),
-                           "grad_evals": int(reply.grad_evals), "samples": int(reply.samples),
-                           "payload": _payload_layout(packer, reply.message), "state": packer.tree(state)}
-    return packer.record({"clients": clients})
+    replies = [reply for _, reply in results.values()]
+    layout: dict[str, Any] = {"clients": [int(j) for j in results]}
+    layout.update({key: [kind(getattr(r, key)) for r in replies] for key, kind in METRICS.items()})
+    layout["payloads"] = _pack_payloads(packer, [r.message for r in replies])
+    layout["states"] = _pack_trees(packer, [state for state, _ in results.values()])
+    return packer.record(layout)
 
 
-def _shared_references(entries: Any) -> dict[str, None]:
-    """The state references that several entries (or leaves) of a block hold, as ``json.dumps(ref)``:
-    typically every client's ``x_prev``, the model of the round they computed at."""
-    counts: Counter[str] = Counter()
-    for entry in entries:
-        state = entry.get("state") if isinstance(entry, dict) else None
-        if isinstance(state, list):
-            counts.update(json.dumps(leaf[1]) for leaf in state if isinstance(leaf, list) and len(leaf) == 2
-                          and leaf[1] is not None)
-    return {key: None for key, n in counts.items() if n > 1}
+# ---------------------------------------------------------------------- columns of a block's trees
+def _kind(a: np.ndarray | Tensor) -> tuple:
+    if isinstance(a, Tensor):
+        return ("torch", str(a.dtype), tuple(a.shape))
+    return ("numpy", a.dtype.str, a.shape)
 
 
-def _integer(entry: Mapping[str, Any], key: str) -> int:
-    value = entry.get(key)
+def _pack_trees(packer: Packer, trees: Sequence[Mapping[str, Any] | None]) -> list[dict[str, Any]]:
+    """Trees (client states) grouped by their leaf paths, dtypes and shapes; per group, each leaf is one
+    column ``[path, ref, shared]``: the group's leaves stacked (a (rows, *shape) array), or, when every
+    tree of the group holds the same memory there (``x_prev``), that array once (``shared``)."""
+    groups: dict[Any, tuple[list[int], list[list[tuple[str, Any]]]]] = {}
+    for i, tree in enumerate(trees):
+        leaves = None if tree is None else _flatten(tree)
+        sig = None if leaves is None else tuple((p, None if t is None else _kind(t)) for p, t in leaves)
+        rows, members = groups.setdefault(sig, ([], []))
+        rows.append(i)
+        members.append(leaves or [])
+    out = []
+    for sig, (rows, members) in groups.items():
+        if sig is None:
+            out.append({"rows": rows, "leaves": None})
+            continue
+        leaves = []
+        for n, (path, kind) in enumerate(sig):
+            column = [m[n][1] for m in members]
+            if kind is None:
+                leaves.append([path, None, False])
+            elif all(a is column[0] for a in column):  # e.g. x_prev: the round's model, one tensor
+                leaves.append([path, packer.add(column[0]), True])
+            else:
+                leaves.append([path, packer.add_rows(column), False])
+        out.append({"rows": rows, "leaves": leaves})
+    return out
+
+
+def _pack_payloads(packer: Packer, messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """Messages grouped by layer set, codecs, shapes, header keys and array kinds; per group and layer
+    the arrays are columns (rows, ·) and each header key a list of the rows' values."""
+    groups: dict[Any, tuple[list[int], list[Message]]] = {}
+    for i, message in enumerate(messages):
+        sig = tuple((layer, p.codec, tuple(p.shape), tuple(p.meta), tuple((k, _kind(a)) for k, a in p.arrays.items()))
+                    for layer, p in message.items())
+        rows, members = groups.setdefault(sig, ([], []))
+        rows.append(i)
+        members.append(message)
+    out = []
+    for rows, members in groups.values():
+        layers = {}
+        for layer, first in members[0].items():
+            payloads = [m[layer] for m in members]
+            layers[layer] = {"codec": first.codec, "shape": [int(d) for d in first.shape],
+                             "meta": {key: [_number_of(p.meta[key]) for p in payloads] for key in first.meta},
+                             "arrays": {key: packer.add_rows([p.arrays[key] for p in payloads]) for key in first.arrays}}
+        out.append({"rows": rows, "layers": layers})
+    return out
+
+
+def _number_of(v: Any) -> int | float:
+    return int(v) if isinstance(v, (int, np.integer)) else float(v)
+
+
+def _clients(layout: Any) -> list[int]:
+    clients = layout.get("clients") if isinstance(layout, dict) else None
+    if not isinstance(clients, list) or not all(type(j) is int for j in clients) or len(set(clients)) != len(clients):
+        raise ValueError("a block record's layout has a list of distinct client ids under 'clients'")
+    return clients
+
+
+def _groups(groups: Any, count: int, key: str) -> list[tuple[list[int], Any]]:
+    """The (rows, body) of each group, checked: rows are distinct indices below ``count``."""
+    if not isinstance(groups, list):
+        raise ValueError("groups must be a list")
+    seen: set[int] = set()
+    out = []
+    for g in groups:
+        if not isinstance(g, dict) or set(g) != {"rows", key}:
+            raise ValueError(f"a group is {{'rows': [...], {key!r}: ...}}")
+        rows = g["rows"]
+        if (not isinstance(rows, list) or not rows or not all(type(r) is int and 0 <= r < count for r in rows)
+                or seen.intersection(rows) or len(set(rows)) != len(rows)):
+            raise ValueError(f"group rows must be distinct indices below {count}, got {rows!r}")
+        seen.update(rows)
+        out.append((rows, g[key]))
+    return out
+
+
+def _column(unpacker: Unpacker, ref: Any, rows: int) -> np.ndarray:
+    a = unpacker.array(ref)
+    if a.ndim == 0 or a.shape[0] != rows:
+        raise ValueError(f"a column of {rows} rows has shape {a.shape}")
+    return a
+
+
+def _unpack_trees(unpacker: Unpacker, groups: Any, count: int) -> list[dict[str, Any] | None | Exception]:
+    """Inverse of :func:`_pack_trees` (leaves are views of the record's buffer): one tree per row, None
+    where there was none, or the ValueError that made its group unreadable."""
+    out: list[dict[str, Any] | None | Exception] = [None] * count
+    for rows, leaves in _groups(groups, count, "leaves"):
+        group = _TreeGroup(unpacker, len(rows), leaves)
+        for i, r in enumerate(rows):
+            out[r] = group.error or group.tree(i)
+    return out
+
+
+class _TreeGroup:
+    """One group of :func:`_pack_trees`, its columns read and checked once (``error`` if malformed);
+    :meth:`tree` builds the tree of its i-th row."""
+
+    def __init__(self, unpacker: Unpacker, m: int, leaves: Any):
+        self.error: ValueError | None = None
+        self.columns: list[tuple[str, np.ndarray | None, str | None]] = []  # (dtype name, array, shared key)
+        try:
+            self._read(unpacker, m, leaves)
+        except ValueError as err:
+            self.error = err
+
+    def _read(self, unpacker: Unpacker, m: int, leaves: Any) -> None:
+        self.empty = leaves is None
+        if self.empty:
+            return
+        if not isinstance(leaves, list) or not all(isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
+                                                   and isinstance(e[2], bool) for e in leaves):
+            raise ValueError("a packed state is a list of [path, reference, shared]")
+        paths = []
+        for path, ref, is_shared in leaves:
+            if ref is None:
+                self.columns.append(("", None, None))
+            else:
+                a = unpacker.array(ref) if is_shared else _column(unpacker, ref, m)
+                self.columns.append((ref[0], a, json.dumps(ref) if is_shared else None))
+            paths.append((path, ref is not None))
+        self.skeleton = _skeleton(paths)
+        self.own_bytes = sum(_aligned(a[0].nbytes) for _, a, key in self.columns if a is not None and key is None)
+
+    def tree(self, i: int, copy: bool = False, shared: dict[str, Tensor] | None = None) -> dict[str, Any] | None:
+        """Row i's tree; with ``copy`` its leaves are views of one new buffer of its own (so a committed
+        state never keeps the block's buffer alive), and shared columns are copied once into ``shared``
+        (by reference) and shared by every tree that holds them."""
+        if self.error is not None:
+            raise self.error
+        if self.empty:
+            return None
+        own = np.empty(self.own_bytes, np.uint8) if copy else None
+        offset, values = 0, []
+        for name, a, key in self.columns:
+            if a is None:
+                values.append(None)
+            elif key is not None:
+                if copy:
+                    store = shared if shared is not None else {}
+                    if key not in store:
+                        store[key] = _as_tensor(name, a.copy())
+                    values.append(store[key])
+                else:
+                    values.append(_as_tensor(name, a))
+            else:
+                row = a[i, ...]
+                if own is not None:
+                    view = own[offset:offset + row.nbytes].view(row.dtype).reshape(row.shape)
+                    view[...] = row
+                    offset += _aligned(row.nbytes)
+                    row = view
+                values.append(_as_tensor(name, row))
+        return _fill(self.skeleton, values)
+
+
+def _aligned(n: int) -> int:
+    return n + (-n % ALIGN)
+
+
+def _skeleton(paths: list[tuple[str, bool]]) -> list[tuple[tuple[str, ...], str, bool]]:
+    """(parents, leaf, has array) per path, checked once per group: a path never runs through a leaf, an
+    empty sub-dict (trailing separator) has no array and a leaf has one."""
+    out, leaves, dicts = [], set(), set()
+    for path, has_array in paths:
+        *parents, leaf = path.split(SEP)
+        for depth in range(len(parents)):
+            dicts.add(tuple(parents[:depth + 1]))
+        if leaf:
+            if not has_array:
+                raise ValueError(f"state leaf {path!r} has no array")
+            leaves.add((*parents, leaf))
+        elif has_array:
+            raise ValueError(f"state path {path!r} names a sub-dict but has an array")
+        out.append((tuple(parents), leaf, has_array))
+    if leaves & dicts:
+        raise ValueError(f"state path {SEP.join(sorted(leaves & dicts)[0])!r} runs through a leaf")
+    return out
+
+
+def _fill(skeleton: list[tuple[tuple[str, ...], str, bool]], values: list[Tensor | None]) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    for (parents, leaf, _), value in zip(skeleton, values):
+        node = state
+        for p in parents:
+            node = node.setdefault(p, {})
+        if leaf:
+            node[leaf] = value
+    return state
+
+
+def _integer(value: Any, key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise PayloadError("*", key, f"must be an integer, got {value!r}")
     return value
 
 
-def _number(entry: Mapping[str, Any], key: str) -> float:
-    value = entry.get(key)
+def _number(value: Any, key: str) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise PayloadError("*", key, f"must be a number, got {value!r}")
     return float(value)
@@ -333,42 +485,73 @@ def _number(entry: Mapping[str, Any], key: str) -> float:
 
 class BlockReplies:
     """Server side of :func:`replies_to_record`: ``parse(j)`` gives client j's (ClientReply, proposed
-    state) or raises a :class:`PayloadError` naming what is wrong; a block whose record is malformed
-    raises it for every client (``error``)."""
+    state) or raises a :class:`PayloadError` naming what is wrong. A malformed layout (client list,
+    metric lists, group rows, references) rejects the whole block (``error``); a malformed payload or
+    state group rejects the clients of that group; a bad metric or payload value its client alone."""
 
     def __init__(self, record: Any):
         self.error: PayloadError | None = None
+        self.shared: dict[str, Tensor] = {}
         try:
             self.unpacker = Unpacker(record)
-            clients = self.unpacker.layout.get("clients") if isinstance(self.unpacker.layout, dict) else None
-            if not isinstance(clients, dict):
-                raise ValueError("a replies record's layout is {\"clients\": {client: entry}}")
-            self.clients: dict[str, Any] = clients
-            self.shared = _shared_references(clients.values())
+            layout = self.unpacker.layout
+            self.clients = _clients(layout)
+            self.row = {j: i for i, j in enumerate(self.clients)}
+            m = len(self.clients)
+            self.metrics = {key: layout.get(key) for key in METRICS}
+            for key, values in self.metrics.items():
+                if not isinstance(values, list) or len(values) != m:
+                    raise ValueError(f"metric {key!r} must be a list of {m} values")
+            self.messages = self._messages(layout.get("payloads"), m)
+            self.state_of: dict[int, tuple[_TreeGroup, int]] = {}
+            for rows, leaves in _groups(layout.get("states"), m, "leaves"):
+                group = _TreeGroup(self.unpacker, len(rows), leaves)
+                self.state_of.update({r: (group, i) for i, r in enumerate(rows)})
         except Exception as err:  # noqa: BLE001 - anything a hostile reply triggers becomes a rejection
             self.error = PayloadError("*", "records", f"{type(err).__name__}: {err}")
 
     def parse(self, j: int) -> tuple[ClientReply, dict[str, Any] | None]:
         if self.error is not None:
             raise self.error
-        try:
-            entry = self.clients.get(str(j))
-            if not isinstance(entry, dict):
-                raise PayloadError("*", "reply", f"no entry for client {j} in its block's reply")
-            reply = ClientReply(client=_integer(entry, "client"), round=_integer(entry, "round"),
-                                message=self._message(entry.get("payload")), loss=_number(entry, "loss"),
-                                grad_evals=_integer(entry, "grad_evals"), samples=_integer(entry, "samples"))
-            return reply, self.unpacker.tree(entry.get("state"), copy=True, shared=self.shared)
-        except PayloadError:
-            raise
-        except Exception as err:  # noqa: BLE001 - anything a hostile reply triggers becomes a rejection
-            raise PayloadError("*", "reply", f"{type(err).__name__}: {err}") from None
+        r = self.row.get(j)
+        if r is None:
+            raise PayloadError("*", "reply", f"no entry for client {j} in its block's reply")
+        message = self.messages[r]
+        if isinstance(message, PayloadError):
+            raise message
+        reply = ClientReply(client=_integer(self.metrics["client"][r], "client"),
+                            round=_integer(self.metrics["round"][r], "round"), message=message,
+                            loss=_number(self.metrics["loss"][r], "loss"),
+                            grad_evals=_integer(self.metrics["grad_evals"][r], "grad_evals"),
+                            samples=_integer(self.metrics["samples"][r], "samples"))
+        return reply, self._state(r)
 
-    def _message(self, payload: Any) -> Message:
-        if not isinstance(payload, dict):
-            raise PayloadError("*", "payload", f"must be a mapping of layers, got {type(payload).__name__}")
-        message: dict[str, TensorPayload] = {}
-        for layer, p in payload.items():
+    def _state(self, r: int) -> dict[str, Any] | None:
+        where = self.state_of.get(r)
+        if where is None:
+            raise PayloadError("*", "state", "no proposed state")
+        group, i = where
+        try:
+            return group.tree(i, copy=True, shared=self.shared)
+        except ValueError as err:
+            raise PayloadError("*", "state", str(err)) from None
+
+    def _messages(self, groups: Any, m: int) -> list[Message | PayloadError]:
+        out: list[Message | PayloadError] = [PayloadError("*", "payload", "no payload")] * m
+        for rows, layers in _groups(groups, m, "layers"):
+            try:
+                messages = self._group_messages(layers, len(rows))
+            except PayloadError as err:
+                messages = [err] * len(rows)
+            for r, message in zip(rows, messages):
+                out[r] = message
+        return out
+
+    def _group_messages(self, layers: Any, m: int) -> list[Message]:
+        if not isinstance(layers, dict):
+            raise PayloadError("*", "payload", f"must be a mapping of layers, got {type(layers).__name__}")
+        columns = {}
+        for layer, p in layers.items():
             if not isinstance(p, dict) or set(p) != {"codec", "shape", "meta", "arrays"}:
                 raise PayloadError(layer, "payload", "expected the entries codec, shape, meta and arrays")
             shape, meta, arrays = p["shape"], p["meta"], p["arrays"]
@@ -376,9 +559,13 @@ class BlockReplies:
                 raise PayloadError(layer, "shape", f"must be a list of integers, got {shape!r}")
             if not isinstance(meta, dict) or not isinstance(arrays, dict):
                 raise PayloadError(layer, "arrays", "meta and arrays must be mappings")
+            if not all(isinstance(v, list) and len(v) == m for v in meta.values()):
+                raise PayloadError(layer, "meta", f"each header entry must list {m} values")
             try:
-                decoded = {str(key): self.unpacker.array(ref) for key, ref in arrays.items()}
+                cols = {str(key): _column(self.unpacker, ref, m) for key, ref in arrays.items()}
             except ValueError as err:
                 raise PayloadError(layer, "arrays", str(err)) from None
-            message[layer] = TensorPayload(p["codec"], tuple(shape), decoded, dict(meta))
-        return message
+            columns[layer] = (p["codec"], tuple(shape), meta, cols)
+        return [{layer: TensorPayload(codec, shape, {key: a[r, ...] for key, a in cols.items()},
+                                      {key: values[r] for key, values in meta.items()})
+                 for layer, (codec, shape, meta, cols) in columns.items()} for r in range(m)]

@@ -18,8 +18,20 @@ class PackedEdit:
         self.layout = json.loads(from_array(record["layout"]).tobytes().decode())
         self.data = bytearray(record["data"].data)
 
-    def entry(self, j: int) -> dict:
-        return self.layout["clients"][str(j)]
+    def row(self, j: int) -> int:
+        """Client j's row in the block (its index in the metric lists)."""
+        return self.layout["clients"].index(j)
+
+    def group(self, j: int, section: str) -> tuple[dict, int]:
+        """The ``payloads`` or ``states`` group holding client j, and j's position in it."""
+        r = self.row(j)
+        group = next(g for g in self.layout[section] if r in g["rows"])
+        return group, group["rows"].index(r)
+
+    def layers(self, j: int) -> tuple[dict, int]:
+        """The payload layers of client j's group (columns: one row per client of the group), and j's row."""
+        group, i = self.group(j, "payloads")
+        return group["layers"], i
 
     def array(self, ref) -> np.ndarray:
         name, shape, offset = ref

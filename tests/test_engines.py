@@ -61,9 +61,10 @@ def test_client_state_commits_only_accepted_rounds(monkeypatch, caplog):
             reply = list(original(self, [i]))[0]
             if k in ("1", "3") and j == 1 and not reply.has_error():
                 edit = PackedEdit(reply.content)
-                arrays = next(iter(edit.entry(1)["payload"].values()))["arrays"]
+                layers, row = edit.layers(1)
+                arrays = next(iter(layers.values()))["arrays"]
                 bad = edit.array(arrays["v.v"])
-                bad[0] = np.nan
+                bad[row, 0] = np.nan
                 arrays["v.v"] = edit.append(bad)
                 edit.save()
             replies.append(reply)

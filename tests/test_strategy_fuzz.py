@@ -78,70 +78,72 @@ def corrupt(reply, j: int, how: str, data: st.DataObject, k: int) -> None:
         content["replies"] = ArrayRecord({"layout": to_array(np.frombuffer(text, np.uint8)), "data": record["data"]})
         return
     edit = PackedEdit(content)
-    entry = edit.entry(j)
-    payload = entry["payload"]
-    layer = data.draw(st.sampled_from(sorted(payload)), label="layer")
-    arrays = payload[layer]["arrays"]
-    v = edit.array(arrays["v.v"])
+    r = edit.row(j)
+    layers, _ = edit.layers(j)  # one client per node: every column has one row, j's
+    layer = data.draw(st.sampled_from(sorted(layers)), label="layer")
+    arrays = layers[layer]["arrays"]
+    v = edit.array(arrays["v.v"])[0]
     if how == "drop_array":
         del arrays[data.draw(st.sampled_from(sorted(arrays)), label="dropped")]
     elif how == "extra_array":
-        arrays["zzz"] = edit.append(np.zeros(3, np.float32))
+        arrays["zzz"] = edit.append(np.zeros((1, 3), np.float32))
     elif how == "orphan_array":
-        payload["not.a.layer"] = {"codec": "topk/fp32", "shape": [3], "meta": {},
-                                  "arrays": {"v.v": edit.append(np.zeros(3, np.float32))}}
+        layers["not.a.layer"] = {"codec": "topk/fp32", "shape": [3], "meta": {},
+                                 "arrays": {"v.v": edit.append(np.zeros((1, 3), np.float32))}}
     elif how == "nan":
         v[data.draw(st.integers(0, len(v) - 1))] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]))
-        arrays["v.v"] = edit.append(v)
+        arrays["v.v"] = edit.append(v[None])
     elif how == "length":
-        arrays["v.v"] = edit.append(v[:-1] if data.draw(st.booleans()) else np.append(v, np.float32(1)))
+        arrays["v.v"] = edit.append((v[:-1] if data.draw(st.booleans()) else np.append(v, np.float32(1)))[None])
     elif how == "index_range":
         idx = edit.array(arrays["idx"])
-        idx[data.draw(st.integers(0, len(idx) - 1))] = np.iinfo(idx.dtype).max
+        idx[0, data.draw(st.integers(0, idx.shape[1] - 1))] = np.iinfo(idx.dtype).max
         arrays["idx"] = edit.append(idx)
     elif how == "dup_index":
-        arrays = payload["body.0.weight"]["arrays"]
+        arrays = layers["body.0.weight"]["arrays"]
         idx = edit.array(arrays["idx"])
-        idx[1] = idx[0]
+        idx[0, 1] = idx[0, 0]
         arrays["idx"] = edit.append(idx)
     elif how == "dtype":
-        arrays["v.v"] = edit.append(v.astype(data.draw(st.sampled_from([np.float64, np.float16, np.int32, np.uint8]))))
+        arrays["v.v"] = edit.append(v.astype(data.draw(st.sampled_from([np.float64, np.float16, np.int32, np.uint8])))[None])
     elif how == "codec":
-        payload[layer]["codec"] = data.draw(st.one_of(st.text(max_size=12).filter(lambda c: c != "topk/fp32"),
-                                                      st.integers(), st.none()), label="codec")
+        layers[layer]["codec"] = data.draw(st.one_of(st.text(max_size=12).filter(lambda c: c != "topk/fp32"),
+                                                     st.integers(), st.none()), label="codec")
     elif how == "shape":
-        shape = payload[layer]["shape"]
-        payload[layer]["shape"] = [*shape[:-1], shape[-1] + data.draw(st.sampled_from([-1, 1, 7]))]
+        shape = layers[layer]["shape"]
+        layers[layer]["shape"] = [*shape[:-1], shape[-1] + data.draw(st.sampled_from([-1, 1, 7]))]
     elif how == "round":
-        entry["round"] = k + data.draw(st.sampled_from([-1, 1, 1000]))
+        edit.layout["round"][r] = k + data.draw(st.sampled_from([-1, 1, 1000]))
     elif how == "partition":
-        entry["client"] = (entry["client"] + 1) % N
+        edit.layout["client"][r] = (edit.layout["client"][r] + 1) % N
     elif how == "no_payload":
-        del entry["payload"]
+        edit.layout["payloads"] = [g for g in edit.layout["payloads"] if r not in g["rows"]]
     elif how == "no_metrics":
-        del entry[data.draw(st.sampled_from(["client", "round", "loss", "grad_evals", "samples"]), label="metric")]
+        del edit.layout[data.draw(st.sampled_from(["client", "round", "loss", "grad_evals", "samples"]), label="metric")]
     elif how == "no_header":
-        del payload[layer][data.draw(st.sampled_from(["codec", "shape", "meta"]), label="header")]
+        del layers[layer][data.draw(st.sampled_from(["codec", "shape", "meta"]), label="header")]
     elif how == "pickle":
         buf = io.BytesIO()  # a .npy file whose object array is a pickle that would call _pwned
         np.save(buf, np.array([Evil()], dtype=object), allow_pickle=True)
         name = data.draw(st.sampled_from(["object", "O", "float32"]))  # float32: claims more bytes than there are
-        arrays["v.v"] = edit.append(buf.getvalue(), name=name, shape=[len(buf.getvalue()) if name == "float32" else 1])
+        arrays["v.v"] = edit.append(buf.getvalue(), name=name, shape=[1, len(buf.getvalue()) if name == "float32" else 1])
     elif how == "garbage":  # references no valid array: misaligned, negative, past the end, or not a number
         size = len(edit.data)
         offset = data.draw(st.one_of(st.integers(-64, -1), st.integers(size - v.nbytes + 1, size + 64),
                                      st.integers(0, size).map(lambda o: o | 1), st.text(max_size=3),
                                      st.floats(allow_nan=True)), label="offset")
-        arrays["v.v"] = ["float32", list(v.shape), offset]
+        arrays["v.v"] = ["float32", [1, *v.shape], offset]
     elif how == "bad_state":  # the proposed state must never be committed when it is malformed
-        state = entry["state"]
-        i = data.draw(st.sampled_from([i for i, (_, ref) in enumerate(state) if ref is not None]), label="leaf")
-        path, ref = state[i]
+        group, _ = edit.group(j, "states")
+        state = group["leaves"]
+        i = data.draw(st.sampled_from([i for i, (_, ref, _) in enumerate(state) if ref is not None]), label="leaf")
+        path, ref, shared = state[i]
         if data.draw(st.booleans(), label="path through a leaf"):
-            state.append([path + "/deeper", ref])
+            state.append([path + "/deeper", ref, shared])
         else:
-            state[i] = data.draw(st.sampled_from([[path, ["object", [1], 0]], [3, ref], "leaf", [path, None],
-                                                  [path, [ref[0], [10 ** 9], 0]]]), label="bad leaf")
+            state[i] = data.draw(st.sampled_from([[path, ["object", [1], 0], False], [3, ref, shared], "leaf",
+                                                  [path, None, False], [path, [ref[0], [10 ** 9], 0], False],
+                                                  [path, ref, "yes"]]), label="bad leaf")
     edit.save()
 
 
@@ -221,12 +223,18 @@ def test_raw_arrays_round_trip_and_reject_anything_else():
     assert record_to_state(state_to_record({"a": {}, "b": torch.ones(2)}))["a"] == {}
     record = state_to_record(state)
     text = lambda t: to_array(np.frombuffer(t.encode(), np.uint8))  # noqa: E731
-    leaf = lambda *ref: text(json.dumps({"states": {"0": [["x", list(ref)]]}}))  # noqa: E731
+    states = lambda *leaves, rows=(0,): text(json.dumps(  # noqa: E731
+        {"clients": [0], "states": [{"rows": list(rows), "leaves": [list(leaf) for leaf in leaves]}]}))
+    leaf = lambda *ref: states(["x", list(ref), True])  # noqa: E731
     broken = [("data", Array(dtype="uint8", shape=(3,), stype=RAW, data=b"abc")),  # fewer bytes than the layout
-              ("layout", text(json.dumps({"states": {"0": [["x", ["float32", [1], 0]],
-                                                           ["x/y", ["float32", [1], 0]]]}}))),  # path through a leaf
+              ("layout", states(["x", ["float32", [1], 0], True], ["x/y", ["float32", [1], 0], True])),  # through a leaf
               ("layout", text("{not json")), ("layout", leaf("object", [1], 0)), ("layout", leaf("float32", [1], 4)),
               ("layout", leaf("float32", [1], -8)), ("layout", leaf("float32", [10 ** 6], 0)),
+              ("layout", states(["x", ["float32", [2], 0], False])),  # a column of 2 rows for 1 client
+              ("layout", states(["x", ["float32", [1], 0], True], rows=(0, 0))),
+              ("layout", states(["x", ["float32", [1], 0], True], rows=(1,))),
+              ("layout", states(["x", ["float32", [1], 0], 1])),
+              ("layout", text(json.dumps({"clients": [0, 0], "states": []}))),
               ("layout", text("[]"))]
     for key, value in broken:
         bad = ArrayRecord({**{k: record[k] for k in record.keys()}, key: value})

@@ -130,9 +130,8 @@ class EF21(_RowSteps):
         rows = compress_message_rows(self.compressor, {n: _combined(v[n], [t and t[n] for t in g], -1.0) for n in v})
         if rows is None:
             return None
-        C = self.compressor
-        return _rows_result(rows, "g", [{n: C.add_decoded_row(t[n] if t else torch.zeros_like(v[n][i]), rows[n], i)
-                                         for n in v} for i, t in enumerate(g)])
+        new = {n: self.compressor.add_decoded_rows([t[n] if t else None for t in g], rows[n], v[n]) for n in v}
+        return _rows_result(rows, "g", [{n: new[n][i] for n in v} for i in range(len(g))])
 
     def tracker_values(self, state: Mapping[str, Tensors], like: Mapping[str, Tensor]) -> Tensors:
         """The tracker g_j as a tensor dict in the working dtype."""
@@ -200,9 +199,8 @@ class EF14(_RowSteps):
         rows = compress_message_rows(self.compressor, corrected)
         if rows is None:
             return None
-        C = self.compressor
-        return _rows_result(rows, "e", [{n: C.add_decoded_row(corrected[n][i], rows[n], i, -1.0) for n in x}
-                                        for i in range(len(states))])
+        new = {n: self.compressor.add_decoded_rows(list(corrected[n]), rows[n], x[n], -1.0) for n in x}
+        return _rows_result(rows, "e", [{n: new[n][i] for n in x} for i in range(len(states))])
 
 
 @dataclass

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,14 +115,15 @@ class Structure(ABC):
 
     # Row-wise encoding of B same-shape tensors at once (client blocks); deterministic, stateless
     # structures only. Row i of every result is exactly what ``encode`` gives for row i.
-    rows = False  # whether encode_rows / add_row_ are implemented
+    rows = False  # whether encode_rows / add_rows_ are implemented
 
     def encode_rows(self, X: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, dict[str, np.ndarray]]:
         """``X`` (B, d), row i the flattened tensor of client i → (values (B, n), arrays (B, ·))."""
         raise NotImplementedError
 
-    def add_row_(self, out: Tensor, w: float, values: Tensor, arrays: Mapping[str, np.ndarray], i: int) -> None:
-        """``out += w · decode(row i)`` in place (``out`` flat, ``values`` row i's decoded values)."""
+    def add_rows_(self, outs: list[Tensor], values: Tensor, arrays: Mapping[str, np.ndarray]) -> None:
+        """``outs[i] += decode(row i)`` in place for every row (``outs[i]`` flat, ``values`` (B, n) the
+        rows' decoded values, already scaled)."""
         raise NotImplementedError
 
 
@@ -143,8 +144,9 @@ class Dense(Structure):
     def encode_rows(self, X, shape):
         return X, {}
 
-    def add_row_(self, out, w, values, arrays, i):
-        out += w * values
+    def add_rows_(self, outs, values, arrays):
+        for out, v in zip(outs, values):
+            out += v
 
 
 @dataclass
@@ -236,8 +238,10 @@ class TopK(_Sparse):
         idx = topk_rows(X, self.k(shape)).to(X.device)
         return torch.gather(X, 1, idx), {"idx": idx.cpu().numpy().astype(index_dtype(numel(shape)))}
 
-    def add_row_(self, out, w, values, arrays, i):
-        out.index_add_(0, torch.from_numpy(arrays["idx"][i].astype(np.int64)).to(out.device), w * values)
+    def add_rows_(self, outs, values, arrays):
+        idx = torch.from_numpy(arrays["idx"].astype(np.int64)).to(values.device)
+        for out, i, v in zip(outs, idx, values):
+            out.index_add_(0, i, v)
 
 
 def _scatter_rows(A: np.ndarray, rows: np.ndarray, count: int) -> np.ndarray:
@@ -615,13 +619,18 @@ class Compressor:
         return PayloadRows(f"{s.name}/{self.values.name}", shape,
                            {**arrays, **{f"v.{k}": a for k, a in varrays.items()}})
 
-    def add_decoded_row(self, base: Tensor, rows: PayloadRows, i: int, sign: float = 1.0) -> Tensor:
-        """``base + sign · decode(rows.payload(i))`` as a new tensor, equal to :meth:`add_decoded` (for a
-        payload this process has just made: no validation)."""
-        out = base.clone()
-        vals = torch.from_numpy(rows.arrays["v.v"][i]).to(base.device, base.dtype)
-        self._structure_for(rows.shape).add_row_(out.view(-1), sign, vals, rows.arrays, i)
-        return out
+    def add_decoded_rows(self, bases: Sequence[Tensor | None], rows: PayloadRows, like: Tensor,
+                         sign: float = 1.0) -> list[Tensor]:
+        """``bases[i] + sign · decode(rows.payload(i))`` for every row, each a new tensor of ``like``'s
+        dtype and device (a None base is zero), equal to :meth:`add_decoded` row by row (for payloads
+        this process has just made: no validation). The rows' values are converted and signed once
+        for the block (``sign`` = ±1: exact), then each row is added with one call."""
+        values = torch.from_numpy(rows.arrays["v.v"]).to(like.device, like.dtype)
+        signed = values if sign == 1.0 else sign * values
+        outs = [b.clone() if b is not None else torch.zeros(rows.shape, dtype=values.dtype, device=values.device)
+                for b in bases]
+        self._structure_for(rows.shape).add_rows_([o.view(-1) for o in outs], signed, rows.arrays)
+        return outs
 
     def bits(self, payload: TensorPayload) -> BitCount:
         """Raw bit counts of a (valid) payload, from its codec and shape alone (no structure or value

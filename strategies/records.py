@@ -1,36 +1,45 @@
 """Conversion between fedgluon's payloads / states and Flower records (the only Flower-aware code
 for payloads, DESIGN §1).
 
-A node simulates a block of clients (fedgluon/blocks.py), so what travels is packed per *block*, not
-per client: every Flower ``Array`` and record entry costs tens of µs to build and to read, which made
-per-client records the main cost of a block. A :class:`Packer` record holds two Arrays:
+A node simulates a block of clients (fedgluon/blocks.py), so what travels is packed per *block* and
+by *column*: every Flower ``Array`` and record entry costs tens of µs to build and to read, and so
+does every per-client array of a hand-made layout, which made them the main cost of a block. A
+:class:`Packer` record holds two Arrays:
 
-* ``layout`` — UTF-8 JSON describing every client of the block; each array in it is a reference
+* ``layout`` — UTF-8 JSON describing the block; each array in it is a reference
   ``[dtype, shape, offset]`` into
-* ``data`` — the arrays' raw little-endian bytes, concatenated, each starting at a multiple of 8;
-  the same memory added twice (``x_prev``: the round's model, which every client of a block keeps)
-  is written once and referenced twice.
+* ``data`` — the arrays' raw little-endian bytes, concatenated, each starting at a multiple of 8.
 
-The server → node message carries the sampled clients' committed states
-(:func:`states_to_record`: ``{"states": {j: [[path, ref], ...] | null}}``); the node's reply carries,
-per client, its metrics, payload and proposed state (:func:`replies_to_record`: ``{"clients": {j:
-{"client", "round", "loss", "grad_evals", "samples", "payload": {layer: {"codec", "shape", "meta",
-"arrays": {key: ref}}}, "state": [[path, ref], ...] | null}}}``). The model travels as an ``ArrayRecord``
-with one ``Array`` per tensor (:func:`tensors_to_record`).
+Clients whose states (or payloads) have the same layout — leaf paths, dtypes and shapes (codecs,
+shapes, header keys and array kinds) — form a *group* ``{"rows": [...], ...}``, rows being the
+clients' positions in the block's ``clients`` list; in a group each leaf (payload array) is one
+*column*, a (rows, *shape) array whose row i is the i-th client's. A leaf every client of the group
+holds as one tensor (``x_prev``: the round's model) is written once, flagged ``shared``.
+
+* server → node (:func:`states_to_record`): ``{"clients": [j...], "states": [{"rows", "leaves":
+  [[path, ref, shared], ...] | null}]}`` — the sampled clients' committed states (paths
+  ``/``-joined; an empty sub-dict is its path with a trailing ``/`` and no array);
+* node → server (:func:`replies_to_record`): ``{"clients", "client", "round", "loss", "grad_evals",
+  "samples"`` (one list entry per client) ``, "payloads": [{"rows", "layers": {layer: {"codec",
+  "shape", "meta": {key: [value per row]}, "arrays": {key: column ref}}}}], "states": [...]}``.
+
+The model travels as an ``ArrayRecord`` with one ``Array`` per tensor (:func:`tensors_to_record`).
 
 Every ``Array`` holds raw little-endian bytes (``stype = "fedgluon.raw"``) of a dtype from a fixed
 list of numeric types, checked against its shape (and references against the data's bounds and
-alignment) on reading; nothing a client sends is ever unpickled. Server-side reading
-(:class:`BlockReplies`) turns anything malformed in client j's entry into a
-:class:`compressors.PayloadError` for j alone; a malformed layout or data rejects the whole block.
-Committed states are copied out of the block's buffer, one buffer per client (references several
-states share, once, shared again), so a committed state never keeps the whole block's buffer alive.
+alignment, columns against their group's row count) on reading; nothing a client sends is ever
+unpickled. Server-side reading (:class:`BlockReplies`): a malformed layout, metric list or group
+``rows`` rejects the whole block; a malformed payload or state group rejects the clients of that
+group; everything else (metric values, codecs, indices, values, ids, rounds) is checked per client.
+Committed states are copied out of the block's buffer, one buffer per client (shared leaves once,
+shared again), so a committed state never keeps the whole block's buffer alive.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -168,6 +177,8 @@ class Packer:
         array they form. Small rows are stacked first (one call instead of one per row); large ones
         are not copied before record()'s join."""
         first = rows[0]
+        if len(rows) == 1:  # a view with a leading axis of one
+            return self.add(first.unsqueeze(0) if isinstance(first, Tensor) else first[None])
         if first.nbytes < STACK_BELOW:
             return self.add(torch.stack(list(rows)) if isinstance(first, Tensor) else np.stack(rows))
         converted = [_little_endian(a) for a in rows]
@@ -279,10 +290,13 @@ def _kind(a: np.ndarray | Tensor) -> tuple:
 def _pack_trees(packer: Packer, trees: Sequence[Mapping[str, Any] | None]) -> list[dict[str, Any]]:
     """Trees (client states) grouped by their leaf paths, dtypes and shapes; per group, each leaf is one
     column ``[path, ref, shared]``: the group's leaves stacked (a (rows, *shape) array), or, when every
-    tree of the group holds the same memory there (``x_prev``), that array once (``shared``)."""
+    tree of the group holds one tensor there that the block holds more than once (``x_prev``), that
+    tensor once (``shared``; written once for the whole block)."""
     groups: dict[Any, tuple[list[int], list[list[tuple[str, Any]]]]] = {}
+    held: Counter[int] = Counter()  # how many leaves of the block are each tensor object
     for i, tree in enumerate(trees):
         leaves = None if tree is None else _flatten(tree)
+        held.update(id(t) for _, t in leaves or [] if t is not None)
         sig = None if leaves is None else tuple((p, None if t is None else _kind(t)) for p, t in leaves)
         rows, members = groups.setdefault(sig, ([], []))
         rows.append(i)
@@ -297,7 +311,7 @@ def _pack_trees(packer: Packer, trees: Sequence[Mapping[str, Any] | None]) -> li
             column = [m[n][1] for m in members]
             if kind is None:
                 leaves.append([path, None, False])
-            elif all(a is column[0] for a in column):  # e.g. x_prev: the round's model, one tensor
+            elif held[id(column[0])] > 1 and all(a is column[0] for a in column):  # x_prev: the round model
                 leaves.append([path, packer.add(column[0]), True])
             else:
                 leaves.append([path, packer.add_rows(column), False])

@@ -105,7 +105,7 @@ ROW_SPECS = [{"name": "topk", "ratio": 0.1}, {"name": "topk", "ratio": 0.1, "val
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_compress_rows_equals_compressing_each_row(spec, dtype):
     """Row i of compress_rows is compress(X[i]) exactly, ties included (integer-valued inputs: many equal
-    magnitudes), and add_decoded_row is add_decoded, bitwise."""
+    magnitudes), and add_decoded_rows is add_decoded row by row, bitwise (a None base: zeros)."""
     C = make_compressor(spec)
     gen = torch.Generator().manual_seed(3)
     for X in (torch.randn(7, 12, 9, generator=gen, dtype=dtype),
@@ -114,10 +114,14 @@ def test_compress_rows_equals_compressing_each_row(spec, dtype):
         assert rows is not None and len(rows) == 7
         base = torch.randn(7, 12, 9, generator=gen, dtype=dtype)
         for sign in (1.0, -1.0):
+            bases = [base[i] if i != 2 else None for i in range(7)]
+            added = C.add_decoded_rows(bases, rows, X, sign)
             for i in range(7):
                 alone, _ = C.compress(X[i])
                 _payloads_equal(rows.payload(i), alone)
-                assert torch.equal(C.add_decoded_row(base[i], rows, i, sign), C.add_decoded(base[i], alone, sign))
+                start = base[i] if i != 2 else torch.zeros_like(base[i])
+                assert added[i].dtype == dtype and torch.equal(added[i], C.add_decoded(start, alone, sign))
+                assert added[i].data_ptr() != base[i].data_ptr()
 
 
 @pytest.mark.parametrize("spec", [{"name": "randk", "ratio": 0.2}, {"name": "topk", "ratio": 0.1, "values": "qsgd"},

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
@@ -42,7 +43,7 @@ from ..estimators import Estimator, RefreshPolicy, make_estimator
 from ..geometry import Geometry
 from ..objective import Batch, SupervisedObjective
 from ..radius import make_radius_rule
-from ..rng import generator, purpose_code
+from ..rng import derive_seeds, generator, purpose_code
 from ..step import LMOStep, StepInfo
 from ..vectorised import block_gradients
 
@@ -172,7 +173,18 @@ class Algorithm:
     def batch_for(self, bc: Broadcast, objective: SupervisedObjective, j: int) -> tuple[Batch, bool]:
         """Client j's batch of round k from ``generator(seed, "sample", j, k)``: a large batch on refresh
         rounds (second value True), else a minibatch."""
-        gen = generator(bc.seed, "sample", j, bc.round)
+        return self._batch(bc, objective, generator(bc.seed, "sample", j, bc.round))
+
+    def block_batches(self, bc: Broadcast, objectives: Sequence[SupervisedObjective],
+                      js: Sequence[int]) -> dict[int, tuple[Batch, bool]]:
+        """:meth:`batch_for` of a block's clients, their generators' seeds derived in one vectorised call
+        (:func:`fedgluon.rng.derive_seeds`, equal to ``generator(seed, "sample", j, k)``'s)."""
+        seeds = derive_seeds(bc.seed, "sample", np.asarray(js, dtype=np.int64), bc.round).tolist()
+        return {j: self._batch(bc, objectives[j], torch.Generator(device="cpu").manual_seed(s))
+                for j, s in zip(js, seeds)}
+
+    @staticmethod
+    def _batch(bc: Broadcast, objective: SupervisedObjective, gen: torch.Generator) -> tuple[Batch, bool]:
         if bc.flags.get("refresh"):
             return objective.large_batch(gen), True
         return objective.sample_batch(gen), False
@@ -198,7 +210,7 @@ class Algorithm:
                         objectives: Sequence[SupervisedObjective], js: Sequence[int]) -> dict[int, GradPair]:
         """:meth:`gradients` of a block of clients at once (``fedgluon.vectorised``): the same batches from
         the same generators; gradients equal to the per-client ones up to rounding (bitwise in float32 here)."""
-        drawn = {j: self.batch_for(bc, objectives[j], j) for j in js}
+        drawn = self.block_batches(bc, objectives, js)
         batches = {j: b for j, (b, _) in drawn.items()}
         now = block_gradients(objectives, batches, shared=bc.model)
         with_prev = [j for j in js if self.wants_previous(states[j], drawn[j][1])]

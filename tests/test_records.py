@@ -1,0 +1,109 @@
+"""Column-packed block records (strategies/records.py): states and replies of clients with different
+layouts round-trip through groups, and a broken group rejects its own clients only."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from compressors import PayloadError, compress_message, make_compressor
+from fedgluon.algorithms import ClientReply
+from packed_edit import PackedEdit
+from strategies.records import BlockReplies, Unpacker, record_to_states, replies_to_record, states_to_record
+
+
+def tree_equal(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(tree_equal(a[k], b[k]) for k in a)
+    return a.dtype == b.dtype and torch.equal(a, b)
+
+
+def heterogeneous_states():
+    model = {"w": torch.randn(4, 3)}  # x_prev of every client: one tensor
+    same = lambda j: {"est": {"m": torch.full((4, 3), float(j))}, "x_prev": dict(model),  # noqa: E731
+                      "commits": torch.tensor(j)}
+    return model, {
+        7: same(7), 2: same(2), 5: None,
+        9: {"est": {"m": torch.ones(2, 2)}, "x_prev": dict(model), "commits": torch.tensor(1)},  # another shape
+        4: {"ef": {"q": torch.arange(6, dtype=torch.int16)}, "comp": {}, "m": torch.randn(3).to(torch.bfloat16)},
+        8: same(8),
+    }
+
+
+def test_states_of_different_layouts_round_trip_in_groups():
+    model, states = heterogeneous_states()
+    record = states_to_record(states)
+    layout = Unpacker(record).layout
+    assert layout["clients"] == list(states)
+    assert sorted(len(g["rows"]) for g in layout["states"]) == [1, 1, 1, 3]  # 7, 2, 8 share a layout
+    back = record_to_states(record)
+    assert list(back) == list(states)
+    for j in states:
+        assert tree_equal(back[j], states[j]), j
+    # x_prev is written once for the whole block (both groups that hold it refer to the same bytes)
+    refs = {json.dumps(leaf[1]) for g in layout["states"] for leaf in (g["leaves"] or []) if leaf[0] == "x_prev/w"}
+    assert len(refs) == 1
+    assert len({back[j]["x_prev"]["w"].data_ptr() for j in (7, 2, 9, 8)}) == 1
+
+
+def replies_for(states):
+    topk, seeded = make_compressor({"name": "topk", "ratio": 0.25}), make_compressor({"name": "randk_seeded", "ratio": 0.5})
+    results = {}
+    for n, j in enumerate(states):
+        C = seeded if j == 9 else topk  # client 9: another codec and a header (seed) per layer
+        msg, _ = compress_message(C, {"a": torch.randn(4, 3), "b": torch.randn(5)}, (0, j, 3))
+        results[j] = (states[j], ClientReply(j, 3, msg, loss=0.25 * n, grad_evals=2, samples=10 + n))
+    return results
+
+
+def test_replies_of_different_layouts_parse_per_client():
+    _, states = heterogeneous_states()
+    results = replies_for(states)
+    block = BlockReplies(replies_to_record(results))
+    assert block.error is None
+    for j, (state, sent) in results.items():
+        reply, proposed = block.parse(j)
+        assert (reply.client, reply.round, reply.loss, reply.grad_evals, reply.samples) == \
+               (sent.client, sent.round, sent.loss, sent.grad_evals, sent.samples)
+        assert tree_equal(proposed, state)
+        for layer, p in sent.message.items():
+            q = reply.message[layer]
+            assert (q.codec, q.shape, q.meta) == (p.codec, p.shape, p.meta)
+            assert q.arrays.keys() == p.arrays.keys()
+            assert all(np.array_equal(q.arrays[k], a) and q.arrays[k].dtype == a.dtype for k, a in p.arrays.items())
+    with pytest.raises(PayloadError, match="no entry for client 3"):
+        block.parse(3)
+
+
+class _Content(dict):
+    @property
+    def array_records(self):
+        return self
+
+
+def test_a_broken_group_rejects_its_clients_and_a_broken_layout_the_block():
+    _, states = heterogeneous_states()
+    content = _Content(replies=replies_to_record(replies_for(states)))
+    edit = PackedEdit(content)
+    layers, _ = edit.layers(7)  # the group of 7, 2, 8 (and 5, 4: same payload layout)
+    column = layers["a"]["arrays"]["v.v"]
+    layers["a"]["arrays"]["v.v"] = edit.append(edit.array(column)[:-1])  # one row short
+    edit.save()
+    block = BlockReplies(content["replies"])
+    group = {edit.layout["clients"][r] for r in edit.group(7, "payloads")[0]["rows"]}
+    assert group == {7, 2, 5, 4, 8}
+    for j in group:
+        with pytest.raises(PayloadError, match="rows"):
+            block.parse(j)
+    block.parse(9)  # another group: untouched
+
+    edit.layout["payloads"][0]["rows"].append(edit.layout["payloads"][1]["rows"][0])  # a row in two groups
+    edit.save()
+    block = BlockReplies(content["replies"])
+    assert block.error is not None
+    for j in states:
+        with pytest.raises(PayloadError):
+            block.parse(j)

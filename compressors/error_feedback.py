@@ -10,9 +10,9 @@
 **None**: send ``C(x)`` as is (unbiased compressors, or to measure what feedback buys).
 
 Every kind has ``step(state, x, seed_parts, comp_states) -> (message, state', comp_states')``,
-``step_rows(states, X)`` doing the same for B clients at once (``X[name]`` is (B, *shape); None when
-the compressor has no row encoder, see :meth:`Compressor.compress_rows`; equal to ``step`` client by
-client), and says with ``tracks`` whether the server keeps a running sum of the decoded messages (EF21:
+``step_rows(states, X)`` doing the same for B clients at once (``X[name]``: the B clients' tensors or
+one (B, *shape) tensor; None when the compressor has no row encoder, see
+:meth:`Compressor.compress_rows`; equal to ``step`` client by client), and says with ``tracks`` whether the server keeps a running sum of the decoded messages (EF21:
 ``G = Σ_j w_j g_j``) or averages each round's (EF14, none). :func:`make_error_feedback` builds one by
 name.
 
@@ -57,15 +57,13 @@ def _rows_of(states: Sequence[Mapping[str, Tensors] | None], key: str) -> list[T
     return [s[key] if s else None for s in states]
 
 
-def _combined(X: Tensor, others: Sequence[Tensor | None], sign: float) -> Tensor:
+def _combined(X: Sequence[Tensor], others: Sequence[Tensor | None], sign: float) -> Tensor:
     """``X[i] + sign · others[i]`` for every row, written row by row into one new (B, *shape) tensor
-    (no stacked copy of ``others``); a missing row is zero, computed as ``X[i] + sign · 0`` exactly
-    as the per-client step does."""
-    if all(o is None for o in others):
-        return torch.add(X, 0.0, alpha=sign)
-    out = torch.empty_like(X)
-    for i, o in enumerate(others):  # sign = ±1: sign · o is exact, so this is X[i] ± o rounded once
-        torch.add(X[i], 0.0 if o is None else o, alpha=sign, out=out[i])
+    (no stacked copy of ``X`` or ``others``); a missing row is zero, computed as ``X[i] + sign · 0``
+    exactly as the per-client step does."""
+    out = torch.empty((len(X), *X[0].shape), dtype=X[0].dtype, device=X[0].device)
+    for i, (x, o) in enumerate(zip(X, others)):  # sign = ±1: sign · o is exact, so this is x ± o rounded once
+        torch.add(x, 0.0 if o is None else o, alpha=sign, out=out[i])
     return out
 
 
@@ -75,9 +73,14 @@ def _rows_result(rows: Mapping[str, PayloadRows], key: str | None, new: Sequence
             for i, msg in enumerate(split_rows(rows))]
 
 
-def _row_shapes(X: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
-    """The per-client shapes of a block's (B, *shape) tensors."""
-    return {n: tuple(t.shape[1:]) for n, t in X.items()}
+def _row_list(X: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """A block's rows: the B tensors of a sequence, or the rows of a (B, *shape) tensor."""
+    return list(X.unbind(0)) if isinstance(X, Tensor) else list(X)
+
+
+def _row_shapes(X: Mapping[str, Sequence[Tensor]]) -> dict[str, tuple[int, ...]]:
+    """The per-client shapes of a block's rows."""
+    return {n: tuple(t[0].shape) for n, t in X.items()}
 
 
 class _RowSteps:
@@ -121,16 +124,19 @@ class EF21(_RowSteps):
     def supports_rows(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
         return self.tracker == "full" and super().supports_rows(shapes)
 
-    def step_rows(self, states: Sequence[Mapping[str, Tensors] | None], v: Mapping[str, Tensor]) -> Rows | None:
-        """:meth:`step` for B clients at once (``v[name]`` is (B, *shape)); full trackers only. Each
-        client's new tracker is its own tensor (``g_j`` + its decoded row)."""
+    def step_rows(self, states: Sequence[Mapping[str, Tensors] | None],
+                  v: Mapping[str, Tensor | Sequence[Tensor]]) -> Rows | None:
+        """:meth:`step` for B clients at once (``v[name]``: the B clients' tensors, or one (B, *shape)
+        tensor); full trackers only. Each client's new tracker is its own tensor (``g_j`` + its decoded
+        row)."""
+        v = {n: _row_list(t) for n, t in v.items()}
         if not self.supports_rows(_row_shapes(v)):
             return None
         g = _rows_of(states, "g")
         rows = compress_message_rows(self.compressor, {n: _combined(v[n], [t and t[n] for t in g], -1.0) for n in v})
         if rows is None:
             return None
-        new = {n: self.compressor.add_decoded_rows([t[n] if t else None for t in g], rows[n], v[n]) for n in v}
+        new = {n: self.compressor.add_decoded_rows([t[n] if t else None for t in g], rows[n], v[n][0]) for n in v}
         return _rows_result(rows, "g", [{n: new[n][i] for n in v} for i in range(len(g))])
 
     def tracker_values(self, state: Mapping[str, Tensors], like: Mapping[str, Tensor]) -> Tensors:
@@ -191,7 +197,9 @@ class EF14(_RowSteps):
         msg, cstates = compress_message(self.compressor, corrected, seed_parts, comp_states)
         return msg, {"e": add_own(self.compressor, corrected, msg, -1.0)}, cstates
 
-    def step_rows(self, states: Sequence[Mapping[str, Tensors] | None], x: Mapping[str, Tensor]) -> Rows | None:
+    def step_rows(self, states: Sequence[Mapping[str, Tensors] | None],
+                  x: Mapping[str, Tensor | Sequence[Tensor]]) -> Rows | None:
+        x = {n: _row_list(t) for n, t in x.items()}
         if not self.supports_rows(_row_shapes(x)):
             return None
         e = _rows_of(states, "e")
@@ -199,7 +207,7 @@ class EF14(_RowSteps):
         rows = compress_message_rows(self.compressor, corrected)
         if rows is None:
             return None
-        new = {n: self.compressor.add_decoded_rows(list(corrected[n]), rows[n], x[n], -1.0) for n in x}
+        new = {n: self.compressor.add_decoded_rows(list(corrected[n]), rows[n], corrected[n], -1.0) for n in x}
         return _rows_result(rows, "e", [{n: new[n][i] for n in x} for i in range(len(states))])
 
 
@@ -215,8 +223,10 @@ class NoFeedback(_RowSteps):
         msg, cstates = compress_message(self.compressor, dict(x), seed_parts, comp_states)
         return msg, {}, cstates
 
-    def step_rows(self, states: Sequence[Mapping[str, Tensors] | None], x: Mapping[str, Tensor]) -> Rows | None:
-        rows = compress_message_rows(self.compressor, x)
+    def step_rows(self, states: Sequence[Mapping[str, Tensors] | None],
+                  x: Mapping[str, Tensor | Sequence[Tensor]]) -> Rows | None:
+        rows = compress_message_rows(self.compressor, {n: t if isinstance(t, Tensor) else torch.stack(list(t))
+                                                       for n, t in x.items()})
         return None if rows is None else _rows_result(rows, None, None)
 
 

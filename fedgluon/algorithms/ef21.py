@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
-
 from compressors import Compressor, make_compressor, make_error_feedback
 
 from .base import Algorithm, tracker_update, weighted_mean
@@ -54,7 +52,7 @@ class FeedbackUplink(Algorithm):
         estimates = [self.estimate(s, g) for s, g in zip(states, grads)]
         rows = None
         if len(js) > 1 and self.ef.supports_rows(self.shapes):
-            v = {n: torch.stack([e[1][n] for e in estimates]) for n in estimates[0][1]}
+            v = {n: [e[1][n] for e in estimates] for n in estimates[0][1]}  # rows, not stacked: one copy less
             rows = self.ef.step_rows([s.get("ef") for s in states], v)
         if rows is None:
             rows = [self.ef.step(s.get("ef"), v_j, (bc.seed, j, bc.round), s.get("comp"))

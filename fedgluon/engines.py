@@ -17,6 +17,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -29,6 +30,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from . import spec as specs
 from .blocks import num_blocks
 from .checkpoint import Checkpointer, Snapshot
+from .dispatch import faster_dispatch
 from .federation import Evaluate
 from .rng import derive_seed
 
@@ -133,9 +135,11 @@ def run_inprocess(spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], 
 def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0.0, address: str | None = None,
             ray_init_args: Mapping[str, Any] | None = None,
             on_round: Callable[[dict[str, Any]], None] | None = None, evaluate: Evaluate | None = None,
-            checkpointer: Checkpointer | None = None, resume: Snapshot | None = None):
+            checkpointer: Checkpointer | None = None, resume: Snapshot | None = None, fast_dispatch: bool = True):
     """Run on Flower's simulation engine (Ray). ``address`` joins an existing Ray cluster ("auto" or
-    "HOST:PORT"); without it a private local Ray instance is started (and stopped) for this run."""
+    "HOST:PORT"); without it a private local Ray instance is started (and stopped) for this run. With
+    ``fast_dispatch`` Flower's dispatch loop polls every few ms instead of every 0.1 s
+    (:mod:`fedgluon.dispatch`)."""
     from flwr.simulation import run_simulation
 
     from strategies.server_app import make_server_app
@@ -150,11 +154,12 @@ def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0
     if num_cpus <= 0:
         raise ValueError(f"num_cpus per client must be positive, got {num_cpus}")
     sink: list = []
-    run_simulation(server_app=make_server_app(s, sink, on_round, evaluate, checkpointer, resume),
-                   client_app=make_client_app(s),
-                   num_supernodes=num_blocks(task.num_clients, s["block_size"]),
-                   backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
-                                   "init_args": init_args})
+    nodes = num_blocks(task.num_clients, s["block_size"])
+    with faster_dispatch(nodes) if fast_dispatch else nullcontext():
+        run_simulation(server_app=make_server_app(s, sink, on_round, evaluate, checkpointer, resume),
+                       client_app=make_client_app(s), num_supernodes=nodes,
+                       backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
+                                       "init_args": init_args})
     if not sink:
         raise RuntimeError("the Flower simulation ended without a result; the ServerApp failed (see the log above)")
     return sink[0]

@@ -34,6 +34,8 @@ def derive_seed(*parts: int | str) -> int:
     return int((int(state[0]) << 31) ^ int(state[1])) & 0x7FFF_FFFF_FFFF_FFFF
 
 
+SCALAR_BELOW = 12  # derive_seeds of at most this many rows calls derive_seed row by row (measured crossover)
+
 # NumPy's SeedSequence constants (numpy/random/bit_generator.pyx), for the vectorised derive_seeds
 _MASK = 0xFFFF_FFFF
 _INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
@@ -48,13 +50,14 @@ def derive_seeds(*parts: int | str | Sequence[int] | np.ndarray) -> np.ndarray:
     NumPy's ``SeedSequence(entropy).generate_state(2)`` vectorised over rows: the entropy words
     (32-bit pieces of each part, one for 0) are hashed into a pool of 4 words (``hashmix``), the
     pool words mixed with each other and with the remaining words (``mix``), and two output words
-    drawn from the pool. Rows whose values need more than one word fall back to :func:`derive_seed`.
-    Tests compare the two on random tuples."""
+    drawn from the pool. Rows whose values need more than one word, and fewer than
+    ``SCALAR_BELOW + 1`` rows (where the array calls cost more than they save), go through
+    :func:`derive_seed`. Tests compare the two on random tuples."""
     columns = [np.asarray(p, dtype=np.int64) if not isinstance(p, (int, str, np.integer)) else None for p in parts]
     n = next((len(c) for c in columns if c is not None), 1)
     if any(c is not None and (c.ndim != 1 or len(c) != n) for c in columns):
         raise ValueError("per-row seed parts must be 1-D and of one length")
-    if any(c is not None and ((c < 0).any() or (c > _MASK).any()) for c in columns):
+    if n <= SCALAR_BELOW or any(c is not None and ((c < 0).any() or (c > _MASK).any()) for c in columns):
         if any(c is not None and (c < 0).any() for c in columns):
             raise ValueError(f"seed parts must be non-negative, got {parts}")
         rows = zip(*[c.tolist() if c is not None else [p] * n for c, p in zip(columns, parts)])

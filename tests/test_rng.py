@@ -11,7 +11,7 @@ shared = st.one_of(st.integers(0, 2 ** 64), st.sampled_from(["sample", "compress
 
 
 @settings(max_examples=200, deadline=None)
-@given(data=st.data(), n=st.integers(1, 20), kinds=st.lists(st.sampled_from(["shared", "small", "wide"]),
+@given(data=st.data(), n=st.integers(1, 40), kinds=st.lists(st.sampled_from(["shared", "small", "wide"]),
                                                             min_size=1, max_size=7))
 def test_derive_seeds_equals_derive_seed(data, n, kinds):
     """Parts shared or per row, of one or more 32-bit words (wide per-row values take the fallback),

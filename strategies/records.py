@@ -395,6 +395,8 @@ class _TreeGroup:
     def __init__(self, unpacker: Unpacker, m: int, leaves: Any):
         self.error: ValueError | None = None
         self.columns: list[tuple[str, np.ndarray | None, str | None]] = []  # (dtype name, array, shared key)
+        self.views: dict[str, Tensor] = {}  # shared columns as tensors, made once
+        self.copies: dict[str, Tensor] = {}
         try:
             self._read(unpacker, m, leaves)
         except ValueError as err:
@@ -431,14 +433,11 @@ class _TreeGroup:
         for name, a, key in self.columns:
             if a is None:
                 values.append(None)
-            elif key is not None:
-                if copy:
-                    store = shared if shared is not None else {}
-                    if key not in store:
-                        store[key] = _as_tensor(name, a.copy())
-                    values.append(store[key])
-                else:
-                    values.append(_as_tensor(name, a))
+            elif key is not None:  # one tensor for every tree that holds it (a copy of it with ``copy``)
+                store = (shared if shared is not None else self.copies) if copy else self.views
+                if key not in store:
+                    store[key] = _as_tensor(name, a.copy() if copy else a)
+                values.append(store[key])
             else:
                 row = a[i, ...]
                 if own is not None:

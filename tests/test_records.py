@@ -47,6 +47,7 @@ def test_states_of_different_layouts_round_trip_in_groups():
     refs = {json.dumps(leaf[1]) for g in layout["states"] for leaf in (g["leaves"] or []) if leaf[0] == "x_prev/w"}
     assert len(refs) == 1
     assert len({back[j]["x_prev"]["w"].data_ptr() for j in (7, 2, 9, 8)}) == 1
+    assert back[7]["x_prev"]["w"] is back[2]["x_prev"]["w"]  # one tensor per group, as sent
 
 
 def replies_for(states):

@@ -31,8 +31,8 @@ alignment, columns against their group's row count) on reading; nothing a client
 unpickled. Server-side reading (:class:`BlockReplies`): a malformed layout, metric list or group
 ``rows`` rejects the whole block; a malformed payload or state group rejects the clients of that
 group; everything else (metric values, codecs, indices, values, ids, rounds) is checked per client.
-Committed states are copied out of the block's buffer, one buffer per client (shared leaves once,
-shared again), so a committed state never keeps the whole block's buffer alive.
+Committed states are copied out of the block's buffer leaf by leaf (shared leaves once, shared
+again), so a committed state never keeps the whole block's buffer alive.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Tenso
     out: list[tuple[str, Tensor | None]] = []
     for key, value in tree.items():
         path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
+        if isinstance(value, dict) or (not isinstance(value, Tensor) and isinstance(value, Mapping)):
             out += _flatten(value, path + SEP) if value else [(path + SEP, None)]
         else:
             out.append((path, value))
@@ -282,9 +282,8 @@ def replies_to_record(results: Mapping[int, tuple[Mapping[str, Any] | None, Any]
 
 # ---------------------------------------------------------------------- columns of a block's trees
 def _kind(a: np.ndarray | Tensor) -> tuple:
-    if isinstance(a, Tensor):
-        return ("torch", str(a.dtype), tuple(a.shape))
-    return ("numpy", a.dtype.str, a.shape)
+    """What makes two leaves one column: dtype and shape (torch and NumPy dtypes never compare equal)."""
+    return a.dtype, a.shape
 
 
 def _pack_trees(packer: Packer, trees: Sequence[Mapping[str, Any] | None]) -> list[dict[str, Any]]:
@@ -394,7 +393,7 @@ class _TreeGroup:
 
     def __init__(self, unpacker: Unpacker, m: int, leaves: Any):
         self.error: ValueError | None = None
-        self.columns: list[tuple[str, np.ndarray | None, str | None]] = []  # (dtype name, array, shared key)
+        self.columns: list[tuple[Tensor | None, str | None]] = []  # (column or shared tensor, shared key)
         self.views: dict[str, Tensor] = {}  # shared columns as tensors, made once
         self.copies: dict[str, Tensor] = {}
         try:
@@ -412,45 +411,33 @@ class _TreeGroup:
         paths = []
         for path, ref, is_shared in leaves:
             if ref is None:
-                self.columns.append(("", None, None))
+                self.columns.append((None, None))
             else:
                 a = unpacker.array(ref) if is_shared else _column(unpacker, ref, m)
-                self.columns.append((ref[0], a, json.dumps(ref) if is_shared else None))
+                self.columns.append((_as_tensor(ref[0], a), json.dumps(ref) if is_shared else None))
             paths.append((path, ref is not None))
         self.skeleton = _skeleton(paths)
-        self.own_bytes = sum(_aligned(a[0].nbytes) for _, a, key in self.columns if a is not None and key is None)
 
     def tree(self, i: int, copy: bool = False, shared: dict[str, Tensor] | None = None) -> dict[str, Any] | None:
-        """Row i's tree; with ``copy`` its leaves are views of one new buffer of its own (so a committed
-        state never keeps the block's buffer alive), and shared columns are copied once into ``shared``
-        (by reference) and shared by every tree that holds them."""
+        """Row i's tree, its leaves views of the record's buffer; with ``copy`` each leaf is a copy of its
+        own (so a committed state never keeps the block's buffer alive), and a shared column is copied
+        once into ``shared`` (by reference) and shared by every tree that holds it."""
         if self.error is not None:
             raise self.error
         if self.empty:
             return None
-        own = np.empty(self.own_bytes, np.uint8) if copy else None
-        offset, values = 0, []
-        for name, a, key in self.columns:
-            if a is None:
+        values = []
+        for t, key in self.columns:
+            if t is None:
                 values.append(None)
             elif key is not None:  # one tensor for every tree that holds it (a copy of it with ``copy``)
                 store = (shared if shared is not None else self.copies) if copy else self.views
                 if key not in store:
-                    store[key] = _as_tensor(name, a.copy() if copy else a)
+                    store[key] = t.clone() if copy else t
                 values.append(store[key])
             else:
-                row = a[i, ...]
-                if own is not None:
-                    view = own[offset:offset + row.nbytes].view(row.dtype).reshape(row.shape)
-                    view[...] = row
-                    offset += _aligned(row.nbytes)
-                    row = view
-                values.append(_as_tensor(name, row))
+                values.append(t[i].clone() if copy else t[i])
         return _fill(self.skeleton, values)
-
-
-def _aligned(n: int) -> int:
-    return n + (-n % ALIGN)
 
 
 def _skeleton(paths: list[tuple[str, bool]]) -> list[tuple[tuple[str, ...], str, bool]]:

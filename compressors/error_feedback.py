@@ -12,9 +12,9 @@
 Every kind has ``step(state, x, seed_parts, comp_states) -> (message, state', comp_states')``,
 ``step_rows(states, X)`` doing the same for B clients at once (``X[name]``: the B clients' tensors or
 one (B, *shape) tensor; None when the compressor has no row encoder, see
-:meth:`Compressor.compress_rows`; equal to ``step`` client by client), and says with ``tracks`` whether the server keeps a running sum of the decoded messages (EF21:
-``G = Σ_j w_j g_j``) or averages each round's (EF14, none). :func:`make_error_feedback` builds one by
-name.
+:meth:`Compressor.compress_rows`; equal to ``step`` client by client), and says with ``tracks``
+whether the server keeps a running sum of the decoded messages (EF21: ``G = Σ_j w_j g_j``) or
+averages each round's (EF14, none). :func:`make_error_feedback` builds one by name.
 
 **Reduced-precision trackers** (``tracker="fixed16"``): the tracker is stored as int16 multiples of
 a per-layer power-of-two step ``s`` (2 bytes per entry, like fp16). The client compresses

@@ -55,6 +55,11 @@ def split_rows(rows: Mapping[str, PayloadRows]) -> list[Message]:
     return [{n: rows[n].payload(i) for n in names} for i in range(count)]
 
 
+def max_layer_bytes(shape: tuple[int, ...]) -> int:
+    """The most bytes of arrays a payload for a tensor of ``shape`` may carry."""
+    return DEFAULT_MAX_BYTES_FACTOR * 4 * int(torch.Size(shape).numel()) + 1024
+
+
 def decode_message(compressor: Compressor, message: Mapping[str, TensorPayload], shapes: Mapping[str, tuple],
                    *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
                    max_bytes: int | None = None, sparse: bool = False) -> dict[str, Tensor | SparseTensor]:
@@ -78,9 +83,9 @@ def decode_message(compressor: Compressor, message: Mapping[str, TensorPayload],
         payload = message[name]
         if isinstance(payload, TensorPayload):
             nbytes = payload.nbytes() if isinstance(payload.arrays, dict) else 0
-            dense = 4 * int(torch.Size(shapes[name]).numel())
-            if nbytes > DEFAULT_MAX_BYTES_FACTOR * dense + 1024:
-                raise SizeError(name, "arrays", f"{nbytes} bytes for a tensor of {dense} dense bytes")
+            if nbytes > max_layer_bytes(shapes[name]):
+                raise SizeError(name, "arrays", f"{nbytes} bytes for a tensor of "
+                                                f"{4 * int(torch.Size(shapes[name]).numel())} dense bytes")
             total += nbytes
         out[name] = compressor.decompress(payload, shape=tuple(shapes[name]), layer=name, device=device, dtype=dtype,
                                         sparse=sparse)
@@ -107,9 +112,8 @@ def decode_messages(compressor: Compressor, messages: Mapping[int, Any], shapes:
     slow: set[int] = set()
     for name in sorted(shapes):
         shape = tuple(shapes[name])
-        limit = DEFAULT_MAX_BYTES_FACTOR * 4 * int(torch.Size(shape).numel()) + 1024
         block = compressor.decompress_block([messages[j][name] for j in regular], shape, device=device, dtype=dtype,
-                                            max_nbytes=limit) if regular else None
+                                            max_nbytes=max_layer_bytes(shape)) if regular else None
         if block is None:
             regular, layers = [], {}
             break

@@ -164,13 +164,20 @@ class Packer:
         if key in self.seen:
             return self.seen[key]
         name, b = _little_endian(a)
-        ref = [name, list(b.shape), self.size]
-        data = memoryview(b.reshape(-1)).cast("B") if b.size else b""  # copied once, by record()'s join
-        pad = -b.nbytes % ALIGN
-        self.chunks += [data, bytes(pad)] if pad else [data]
-        self.size += b.nbytes + pad
-        self.seen[key] = ref
+        ref = self.seen[key] = [name, list(b.shape), self._write([b])]
         return ref
+
+    def _write(self, arrays: list[np.ndarray]) -> int:
+        """Append C-contiguous arrays back to back (copied once, by record()'s join), padded to the next
+        multiple of ALIGN; returns the offset of the first."""
+        offset = self.size
+        self.chunks += [memoryview(b.reshape(-1)).cast("B") for b in arrays if b.size]
+        nbytes = sum(b.nbytes for b in arrays)
+        pad = -nbytes % ALIGN
+        if pad:
+            self.chunks.append(bytes(pad))
+        self.size += nbytes + pad
+        return offset
 
     def add_rows(self, rows: Sequence[np.ndarray | Tensor]) -> Ref:
         """Arrays of one dtype and shape written back to back: a reference to the (len(rows), *shape)
@@ -185,15 +192,7 @@ class Packer:
         name, first = converted[0]
         if any(n != name or b.shape != first.shape for n, b in converted):
             raise ValueError("the rows of a column must share one dtype and shape")
-        ref = [name, [len(rows), *first.shape], self.size]
-        if first.size:
-            self.chunks += [memoryview(b.reshape(-1)).cast("B") for _, b in converted]
-        nbytes = len(rows) * first.nbytes
-        pad = -nbytes % ALIGN
-        if pad:
-            self.chunks.append(bytes(pad))
-        self.size += nbytes + pad
-        return ref
+        return [name, [len(rows), *first.shape], self._write([b for _, b in converted])]
 
     def record(self, layout: Any) -> ArrayRecord:
         text = np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8)

@@ -7,8 +7,10 @@
   CPUs without native bf16 (so it is compared on small matrices only) but *faster* than fp32 on CPUs
   with AVX-512 BF16 or AMX; the machine line says which this is. fedgluon's default runs NS in fp32
   on CPU; its ``ns_dtype="bfloat16"`` row shows what asking for bf16 gives.
+* ``ns_compile`` (``torch.compile`` of the NS iterations): a row on CUDA, and on CPU with ``--compile``
+  (its first call compiles, ≈ 20 s here, and is left out of the time as a warm-up).
 
-Run: ``python -m benchmarks.bench_lmo [--quick]``.
+Run: ``python -m benchmarks.bench_lmo [--quick] [--compile]``.
 """
 
 from __future__ import annotations
@@ -35,15 +37,18 @@ def ns_matmul_bound(shapes: dict[str, tuple[int, int]], device: str, dtype: torc
     return best_time(run)
 
 
-def bench_block(device: str, repeat: int) -> None:
+def bench_block(device: str, repeat: int, compile: bool = False) -> None:
     d = 768
     shapes = {f"attn.{k}": (d, d) for k in "qkvo"} | {"mlp.fc": (4 * d, d), "mlp.proj": (d, 4 * d)}
     grads = {n: torch.randn(*s, device=device) for n, s in shapes.items()}
     work = torch.bfloat16 if device == "cuda" else torch.float32
     bound = ns_matmul_bound(shapes, device, work)
     print(f"\n[transformer block, d={d}: 4x{d}x{d} + {4*d}x{d} + {d}x{4*d}, device={device}, NS in {work}]")
-    for label, kw in [("NS5 quintic (batched)", {}), ("Polar Express 5", {"ns_coefficients": "polar_express"}),
-                      ("exact SVD", {"spectral_method": "svd"})]:
+    rows = [("NS5 quintic (batched)", {}), ("Polar Express 5", {"ns_coefficients": "polar_express"}),
+            ("exact SVD", {"spectral_method": "svd"})]
+    if compile:
+        rows.insert(1, ("NS5, torch.compile", {"ns_compile": True}))
+    for label, kw in rows:
         geom = Geometry.from_shapes(shapes, preset="muon", **kw)
         t = best_time(lambda: geom.lmo(grads), repeat=repeat)
         print(f"  {label:24s} {t*1e3:8.1f} ms   bound/time = {bound / t:5.2f}")
@@ -76,12 +81,13 @@ def bench_vs_torch_muon(n: int, repeat: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and smaller Muon comparison")
+    ap.add_argument("--compile", action="store_true", help="also time ns_compile on CPU (it always runs on CUDA)")
     args = ap.parse_args(argv)
     repeat = 2 if args.quick else 5
     print(f"machine: {machine()}")
-    bench_block("cpu", repeat)
+    bench_block("cpu", repeat, compile=args.compile)
     if torch.cuda.is_available():
-        bench_block("cuda", repeat)
+        bench_block("cuda", repeat, compile=True)
     print("\n[one optimizer step on an n x n matrix vs torch.optim.Muon (bf16 NS), CPU]")
     for n in ((128, 256) if args.quick else (128, 256, 512)):
         bench_vs_torch_muon(n, repeat)

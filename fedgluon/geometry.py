@@ -140,11 +140,12 @@ class Geometry:
         ns_steps: int = 5,
         ns_coefficients: str = "quintic",
         ns_dtype: str = "auto",
+        ns_compile: bool = False,
     ) -> "Geometry":
         """Assign norms to named shapes by role rules, the preset, then pattern overrides."""
         _check_choice("geometry.preset", preset, PRESETS)
         oracle = make_polar(spectral_method, steps=ns_steps, coefficients=ns_coefficients,  # type: ignore[arg-type]
-                            dtype=ns_dtype)  # type: ignore[arg-type]
+                            dtype=ns_dtype, compile=ns_compile)  # type: ignore[arg-type]
         role_patterns = list((roles or {}).items())
         for pattern, role in role_patterns:
             _check_choice(f"geometry.roles[{pattern!r}]", role, ROLES)

@@ -17,6 +17,12 @@ Two oracles, both batched over leading dimensions (same-shape matrices in one ca
 
 Precision: ``dtype="auto"`` runs NS in bfloat16 on CUDA and in float32 on CPU (float64 inputs stay
 float64), because bf16 matmuls on AVX2 CPUs are 70–180× slower than fp32 (DESIGN §5).
+
+``compile=True`` runs the iterations through ``torch.compile`` (TorchInductor), meant for CUDA, where
+it fuses the normalisation and the elementwise parts of each step around the matmuls. The first call
+per shape and dtype compiles (≈ 20 s on the 2-core CPU here); on CPU the matmuls stay the same BLAS
+calls, so it pays nothing there (``benchmarks/bench_lmo.py`` measures it) and the result equals the
+eager one (tested).
 """
 
 from __future__ import annotations
@@ -82,6 +88,25 @@ def _frobenius_normalise(G: Tensor, safety: float) -> Tensor:
     return X / torch.where(fro > 0, fro * safety, torch.ones_like(fro))
 
 
+def _iterate(X: Tensor, schedule: tuple[tuple[float, float, float], ...], safety: float) -> Tensor:
+    """``X₀ = X / (safety‖X‖_F)``, then ``X ← a X + b (X Xᵀ) X + c (X Xᵀ)² X`` per ``(a, b, c)``."""
+    X = _frobenius_normalise(X, safety)
+    for a, b, c in schedule:
+        A = X @ X.mT
+        B = _fused_matmul(A, A, A, beta=b, alpha=c)  # b A + c A²
+        X = _fused_matmul(X, B, X, beta=a, alpha=1.0)  # a X + B X
+    return X
+
+
+_COMPILED: list = []  # torch.compile(_iterate), made on first use (importing torch._dynamo is slow)
+
+
+def _compiled_iterate():
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_iterate, dynamic=False))
+    return _COMPILED[0]
+
+
 def _fused_matmul(C: Tensor, A: Tensor, B: Tensor, *, beta: float, alpha: float) -> Tensor:
     """``beta·C + alpha·A@B`` in one BLAS call for 2-D and 3-D (batched) operands."""
     if C.ndim == 2:
@@ -98,9 +123,12 @@ class NewtonSchulz:
     steps: int = 5
     coefficients: CoefficientName = "quintic"
     dtype: DtypeName = "auto"
+    compile: bool = False  # run the iterations through torch.compile (module doc)
 
     def __post_init__(self) -> None:
         coefficient_schedule(self.coefficients, self.steps)  # validates both fields
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"ns_compile must be true or false, got {self.compile!r}")
 
     def __call__(self, G: Tensor) -> Tensor:
         if G.ndim < 2:
@@ -109,11 +137,8 @@ class NewtonSchulz:
         wide = G.shape[-2] <= G.shape[-1]
         X = G if wide else G.mT  # iterate on the wide orientation: X Xᵀ is the smaller Gram
         safety = POLAR_EXPRESS_SAFETY if self.coefficients == "polar_express" else 1.0
-        X = _frobenius_normalise(X.to(work), safety)
-        for a, b, c in coefficient_schedule(self.coefficients, self.steps):
-            A = X @ X.mT
-            B = _fused_matmul(A, A, A, beta=b, alpha=c)  # b A + c A²
-            X = _fused_matmul(X, B, X, beta=a, alpha=1.0)  # a X + B X
+        schedule = tuple(coefficient_schedule(self.coefficients, self.steps))
+        X = (_compiled_iterate() if self.compile else _iterate)(X.to(work), schedule, safety)
         X = X if wide else X.mT
         return X.to(G.dtype)
 
@@ -141,11 +166,14 @@ class SVDPolar:
 PolarOracle = NewtonSchulz | SVDPolar
 
 
-def make_polar(method: str = "newton_schulz", *, steps: int = 5,
-               coefficients: CoefficientName = "quintic", dtype: DtypeName = "auto") -> PolarOracle:
-    """Build a polar oracle from config values (``method`` ∈ {"newton_schulz", "svd"})."""
+def make_polar(method: str = "newton_schulz", *, steps: int = 5, coefficients: CoefficientName = "quintic",
+               dtype: DtypeName = "auto", compile: bool = False) -> PolarOracle:
+    """Build a polar oracle from config values (``method`` ∈ {"newton_schulz", "svd"}; ``compile``
+    applies to Newton–Schulz only)."""
     if method == "newton_schulz":
-        return NewtonSchulz(steps=steps, coefficients=coefficients, dtype=dtype)
+        return NewtonSchulz(steps=steps, coefficients=coefficients, dtype=dtype, compile=compile)
+    if compile is not False:
+        raise ValueError(f"ns_compile applies to spectral_method 'newton_schulz', got {method!r}")
     if method == "svd":
         return SVDPolar()
     raise ValueError(f"spectral_method must be one of ['newton_schulz', 'svd'], got {method!r}")

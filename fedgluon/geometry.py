@@ -20,6 +20,15 @@ Presets (role → norm; Scion's ``Auto`` rules, ALGORITHMS.md §1.1 and §4):
 Overrides: ``[{"pattern": "head.*", "norm": "col", "factor": 2.0, "radius": 16.0}, ...]``; later
 entries win. ``norm`` is one of :data:`NORM_NAMES`; without ``factor`` the norm's default rule for
 that shape is used. ``radius`` multipliers can also be given per role (``radius={"head": 16}``).
+
+Device (``lmo_device``): where the spectral LMOs run (Newton–Schulz or SVD: the step's hot path).
+``"auto"`` (default) moves each stacked group of spectral matrices that lies on the CPU to the GPU
+when torch sees one and brings the result back (tensors already on a GPU stay where they are), so a
+federated server whose state lives on the CPU still takes its LMO step on the GPU; ``"same"`` runs
+every LMO where its tensors are; ``"cpu"`` / ``"cuda"`` / ``"cuda:N"`` name a device. Other norms
+(sign, column, row, RMS) are elementwise and always run where their tensors are. With ``ns_dtype:
+auto`` NS runs in bf16 on a GPU and in fp32 on the CPU, so a run's numbers depend on whether a GPU
+was used (the machine line of results says so).
 """
 
 from __future__ import annotations
@@ -111,6 +120,27 @@ def _role_from_shape(shape: tuple[int, ...]) -> str:
     return "conv" if len(shape) >= 3 else "hidden" if len(shape) == 2 else "vector"
 
 
+def resolve_lmo_device(name: str) -> torch.device | None:
+    """The device ``lmo_device`` names (module doc), or None for "where the tensors are"; ValueError
+    naming the field for anything else, or for a GPU torch cannot see."""
+    if name == "same" or (name == "auto" and not torch.cuda.is_available()):
+        return None
+    if name == "auto":
+        return torch.device("cuda", torch.cuda.current_device())
+    try:
+        device = torch.device(name) if isinstance(name, str) else None
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"geometry.lmo_device must be one of ['auto', 'same', 'cpu', 'cuda', 'cuda:N'], got {name!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"geometry.lmo_device is {name!r} but torch sees {count} CUDA device(s); "
+                             "use 'auto' to take a GPU only when there is one")
+    return device
+
+
 def _check_choice(field_name: str, value: object, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{field_name} must be one of {list(allowed)}, got {value!r}")
@@ -119,8 +149,10 @@ def _check_choice(field_name: str, value: object, allowed: Sequence[str]) -> Non
 class Geometry:
     """The per-parameter geometry of a model, with batched LMO / dual-norm application."""
 
-    def __init__(self, params: Iterable[ParamGeometry]):
+    def __init__(self, params: Iterable[ParamGeometry], lmo_device: str = "auto"):
         self.params: dict[str, ParamGeometry] = {p.name: p for p in params}
+        self.lmo_device = lmo_device
+        self._device = resolve_lmo_device(lmo_device)  # None: where the tensors are
         groups: dict[tuple[Norm, tuple[int, ...]], list[str]] = defaultdict(list)
         for p in self.params.values():
             groups[(p.norm, p.shape)].append(p.name)
@@ -141,6 +173,7 @@ class Geometry:
         ns_coefficients: str = "quintic",
         ns_dtype: str = "auto",
         ns_compile: bool = False,
+        lmo_device: str = "auto",
     ) -> "Geometry":
         """Assign norms to named shapes by role rules, the preset, then pattern overrides."""
         _check_choice("geometry.preset", preset, PRESETS)
@@ -174,7 +207,7 @@ class Geometry:
                 raise ValueError(f"radius multiplier of {name!r} must be positive and finite, got {rho}")
             norm = NORMS[norm_name](shape, oracle, factor)
             params.append(ParamGeometry(name, shape, str(role), norm, rho))
-        return cls(params)
+        return cls(params, lmo_device)
 
     @classmethod
     def from_model(cls, model: nn.Module, **kwargs) -> "Geometry":
@@ -199,12 +232,25 @@ class Geometry:
             if not present:
                 continue
             stacked = torch.stack([tensors[n] for n in present])
-            result = fn(norm, stacked)
+            home = stacked.device
+            target = self._target(norm, home)
+            result = fn(norm, stacked if target == home else stacked.to(target))
             parts = result if isinstance(result, tuple) else (result,)
+            if target != home:
+                parts = tuple(r.to(home) for r in parts)
+                result = parts if isinstance(result, tuple) else parts[0]
             for i, n in enumerate(present):
                 picked = tuple(r[i] for r in parts)
                 out[n] = picked if isinstance(result, tuple) else picked[0]
         return out
+
+    def _target(self, norm: Norm, home: torch.device) -> torch.device:
+        """Where a group of ``norm`` lying on ``home`` is computed (module doc, "Device")."""
+        if self._device is None or not isinstance(norm, Spectral):
+            return home
+        if self.lmo_device == "auto" and home.type != "cpu":
+            return home
+        return self._device
 
     def lmo(self, tensors: Mapping[str, Tensor]) -> Tensors:
         """Layer-wise unit-ball minimisers ``lmo_i(G_i)``; same-shape matrices in one batched call."""

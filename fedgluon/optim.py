@@ -53,7 +53,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "limuon": {"preset": "muon", "estimator": "limuon", "beta": 0.9, "rank": 8},
 }
 _GEOMETRY_KEYS = ("preset", "roles", "overrides", "radius", "spectral_method", "ns_steps", "ns_coefficients",
-                  "ns_dtype", "ns_compile")
+                  "ns_dtype", "ns_compile", "lmo_device")
 _ESTIMATOR_KEYS = ("beta", "nesterov", "init", "gamma", "clip", "rank", "oversample")
 _SCHEDULE_KEYS = ("power", "total", "warmup", "final_fraction")
 

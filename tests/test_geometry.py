@@ -52,6 +52,9 @@ def test_overrides_and_radius_by_role():
     ({"roles": {"x": "decoder"}}, "geometry.roles"),
     ({"radius": {"output": 2.0}}, "geometry.radius key"),
     ({"spectral_method": "qr"}, "spectral_method"),
+    ({"lmo_device": "tpu"}, "geometry.lmo_device must be one of"),
+    ({"lmo_device": "cuda:7"} if not torch.cuda.is_available() or torch.cuda.device_count() < 8
+     else {"lmo_device": "cuda:99"}, "geometry.lmo_device is 'cuda"),
 ])
 def test_bad_geometry_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -69,3 +72,31 @@ def test_batched_application_equals_per_parameter():
     # blocks.0.qkv and blocks.1.qkv share (norm, shape): one group
     groups = [names for (norm, shape), names in g._groups.items() if shape == (48, 16)]
     assert groups and len(groups[0]) == 2
+
+
+@pytest.mark.parametrize("lmo_device", ["auto", "same", "cpu"])
+def test_lmo_device_on_a_cpu_machine_gives_the_cpu_result(lmo_device):
+    """Without a GPU every setting computes on the CPU, bitwise as before, and results come back where the
+    inputs were; with one (run on a GPU machine) ``cpu`` still does."""
+    model = MLP(12, (24, 16), 5)
+    grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    reference = Geometry.from_model(model, lmo_device="same")
+    got = Geometry.from_model(model, lmo_device=lmo_device)
+    lmo, dual = got.lmo_and_dual(grads)
+    ref_lmo, ref_dual = reference.lmo_and_dual(grads)
+    if lmo_device == "cpu" or not torch.cuda.is_available():
+        for name in grads:
+            assert torch.equal(lmo[name], ref_lmo[name]) and torch.equal(dual[name], ref_dual[name])
+    assert all(t.device == grads[n].device for n, t in lmo.items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_spectral_lmo_on_the_gpu_matches_the_cpu():
+    """``lmo_device: auto`` runs CPU-held spectral groups on the GPU (fp32 NS asked for, so comparable)."""
+    model = MLP(32, (64, 48), 10)
+    grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    on_gpu = Geometry.from_model(model, lmo_device="auto", ns_dtype="float32").lmo(grads)
+    on_cpu = Geometry.from_model(model, lmo_device="same", ns_dtype="float32").lmo(grads)
+    for name in grads:
+        assert on_gpu[name].device.type == "cpu"
+        torch.testing.assert_close(on_gpu[name], on_cpu[name], rtol=1e-4, atol=1e-4)

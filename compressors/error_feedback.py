@@ -57,20 +57,54 @@ def _rows_of(states: Sequence[Mapping[str, Tensors] | None], key: str) -> list[T
     return [s[key] if s else None for s in states]
 
 
-def _combined(X: Sequence[Tensor], others: Sequence[Tensor | None], sign: float) -> Tensor:
-    """``X[i] + sign · others[i]`` for every row, written row by row into one new (B, *shape) tensor
-    (no stacked copy of ``X`` or ``others``); a missing row is zero, computed as ``X[i] + sign · 0``
-    exactly as the per-client step does."""
-    out = torch.empty((len(X), *X[0].shape), dtype=X[0].dtype, device=X[0].device)
-    for i, (x, o) in enumerate(zip(X, others)):  # sign = ±1: sign · o is exact, so this is x ± o rounded once
-        torch.add(x, 0.0 if o is None else o, alpha=sign, out=out[i])
-    return out
+CHUNK_BYTES = 1 << 21  # a row step takes a layer's rows in chunks of about this many bytes
 
 
-def _rows_result(rows: Mapping[str, PayloadRows], key: str | None, new: Sequence[Tensors] | None) -> Rows:
-    """Per-client (message, state, compressor states) of a row step."""
-    return [(msg, {key: new[i]} if key is not None and new is not None else {}, {})
-            for i, msg in enumerate(split_rows(rows))]
+def _layer_rows(compressor: Compressor, X: Sequence[Tensor], others: Sequence[Tensor | None], sign: float,
+                feedback: str) -> tuple[list[PayloadRows], int, list[Tensor]] | None:
+    """One layer of a row step, in chunks of rows small enough to stay in the cache: per chunk,
+    ``C = X[i] + sign · others[i]`` row by row into one buffer (a missing row is zero: ``X[i] + sign · 0``,
+    exactly as the per-client step computes it), the chunk's payloads ``compress_rows(C)``, and the
+    rows' new states: ``others[i] + decode(row i)`` (``feedback="ef21"``: the new tracker) or
+    ``C[i] − decode(row i)`` (``"ef14"``: the new residual), each its own tensor. So each pass over a
+    chunk after the first reads the cache, and the buffer is reused from chunk to chunk unless the
+    payloads may be views of it (dense). Returns (the chunks' payload rows, rows per chunk, new states),
+    or None when a chunk cannot be compressed as rows (:meth:`Compressor.compress_rows`)."""
+    shape = tuple(X[0].shape)
+    per = max(1, CHUNK_BYTES // max(1, X[0].numel() * X[0].element_size()))
+    reuse = not compressor.rows_share_input(shape)
+    parts: list[PayloadRows] = []
+    new: list[Tensor] = []
+    buf = None
+    for start in range(0, len(X), per):
+        xs, os = X[start:start + per], others[start:start + per]
+        if buf is None or not reuse:
+            buf = torch.empty((min(per, len(X)), *shape), dtype=X[0].dtype, device=X[0].device)
+        chunk = buf[:len(xs)]
+        for i, (x, o) in enumerate(zip(xs, os)):  # sign = ±1: sign · o is exact, so x ± o is rounded once
+            torch.add(x, 0.0 if o is None else o, alpha=sign, out=chunk[i])
+        rows = compressor.compress_rows(chunk)
+        if rows is None:
+            return None
+        if feedback == "ef21":
+            new += compressor.add_decoded_rows(list(os), rows, xs[0])
+        else:
+            new += compressor.add_decoded_rows(list(chunk.unbind(0)), rows, xs[0], -1.0)
+        parts.append(rows)
+    return parts, per, new
+
+
+def _row_step(compressor: Compressor, X: Mapping[str, Sequence[Tensor]], others: Sequence[Mapping[str, Tensor] | None],
+              sign: float, feedback: str, key: str) -> Rows | None:
+    """:func:`_layer_rows` for every layer; per client (message, {key: new state}, {})."""
+    layers = {}
+    for n in sorted(X):  # messages list their layers sorted, as compress_message does; states keep X's order
+        out = _layer_rows(compressor, X[n], [t[n] if t else None for t in others], sign, feedback)
+        if out is None:
+            return None
+        layers[n] = out
+    return [({n: parts[i // per].payload(i % per) for n, (parts, per, _) in layers.items()},
+             {key: {n: layers[n][2][i] for n in X}}, {}) for i in range(len(others))]
 
 
 def _row_list(X: Tensor | Sequence[Tensor]) -> list[Tensor]:
@@ -132,12 +166,7 @@ class EF21(_RowSteps):
         v = {n: _row_list(t) for n, t in v.items()}
         if not self.supports_rows(_row_shapes(v)):
             return None
-        g = _rows_of(states, "g")
-        rows = compress_message_rows(self.compressor, {n: _combined(v[n], [t and t[n] for t in g], -1.0) for n in v})
-        if rows is None:
-            return None
-        new = {n: self.compressor.add_decoded_rows([t[n] if t else None for t in g], rows[n], v[n][0]) for n in v}
-        return _rows_result(rows, "g", [{n: new[n][i] for n in v} for i in range(len(g))])
+        return _row_step(self.compressor, v, _rows_of(states, "g"), -1.0, "ef21", "g")
 
     def tracker_values(self, state: Mapping[str, Tensors], like: Mapping[str, Tensor]) -> Tensors:
         """The tracker g_j as a tensor dict in the working dtype."""
@@ -202,13 +231,7 @@ class EF14(_RowSteps):
         x = {n: _row_list(t) for n, t in x.items()}
         if not self.supports_rows(_row_shapes(x)):
             return None
-        e = _rows_of(states, "e")
-        corrected = {n: _combined(x[n], [t and t[n] for t in e], 1.0) for n in x}
-        rows = compress_message_rows(self.compressor, corrected)
-        if rows is None:
-            return None
-        new = {n: self.compressor.add_decoded_rows(list(corrected[n]), rows[n], corrected[n], -1.0) for n in x}
-        return _rows_result(rows, "e", [{n: new[n][i] for n in x} for i in range(len(states))])
+        return _row_step(self.compressor, x, _rows_of(states, "e"), 1.0, "ef14", "e")
 
 
 @dataclass
@@ -227,7 +250,7 @@ class NoFeedback(_RowSteps):
                   x: Mapping[str, Tensor | Sequence[Tensor]]) -> Rows | None:
         rows = compress_message_rows(self.compressor, {n: t if isinstance(t, Tensor) else torch.stack(list(t))
                                                        for n, t in x.items()})
-        return None if rows is None else _rows_result(rows, None, None)
+        return None if rows is None else [(msg, {}, {}) for msg in split_rows(rows)]
 
 
 ERROR_FEEDBACK = ("ef21", "ef14", "none")

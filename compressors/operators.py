@@ -116,6 +116,7 @@ class Structure(ABC):
     # Row-wise encoding of B same-shape tensors at once (client blocks); deterministic, stateless
     # structures only. Row i of every result is exactly what ``encode`` gives for row i.
     rows = False  # whether encode_rows / add_rows_ are implemented
+    rows_share_input = False  # whether encode_rows' values may be views of X (dense: X itself)
 
     def encode_rows(self, X: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, dict[str, np.ndarray]]:
         """``X`` (B, d), row i the flattened tensor of client i → (values (B, n), arrays (B, ·))."""
@@ -140,6 +141,7 @@ class Dense(Structure):
         return values.reshape(shape)
 
     rows = True
+    rows_share_input = True
 
     def encode_rows(self, X, shape):
         return X, {}
@@ -602,6 +604,11 @@ class Compressor:
         encoders (dense, top-k) and exact raw values (fp32/fp64)."""
         s = self._structure_for(shape)
         return s.rows and not s.stateful and isinstance(self.values, Raw)
+
+    def rows_share_input(self, shape: tuple[int, ...]) -> bool:
+        """Whether :meth:`compress_rows`' payloads for ``shape`` may share memory with its input (dense
+        ones do), so that the input must not be written to while they are in use."""
+        return self._structure_for(shape).rows_share_input
 
     def compress_rows(self, X: Tensor) -> PayloadRows | None:
         """The payloads of ``X[0], …, X[B-1]`` (same shape) in one call; row i equals

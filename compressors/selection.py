@@ -19,6 +19,8 @@ Instead, per row:
 
 The sample only decides speed, never the result. NaN magnitudes count as +inf (selected first, as
 a partition orders them), so a non-finite payload is still produced and rejected where it is checked.
+Magnitudes are compared as integer keys (:func:`magnitude_keys`: fp32/fp64 bits without the sign,
+ordered as |x|), and rows are taken in cache-sized chunks.
 """
 
 from __future__ import annotations
@@ -49,58 +51,96 @@ def _sampled(d: int, k: int) -> int | None:
     return None if d < MIN_SAMPLED_D or 8 * k > d or 4 * s > d else s
 
 
-def _low_threshold(X: np.ndarray, k: int, s: int) -> np.ndarray:
-    """Per row, a magnitude that k entries reach with high probability (step 1 of the module doc): the
-    sample holds ~100 expected top-k entries (s = 100·d/k), and the threshold sits 3σ beyond them."""
-    B, d = X.shape
+def _low_threshold(A: np.ndarray, k: int, s: int) -> np.ndarray:
+    """Per row of the magnitude keys A, a key that k entries reach with high probability (step 1 of the
+    module doc): the sample holds ~100 expected top-k entries (s = 100·d/k), and the threshold sits 3σ
+    beyond them."""
+    B, d = A.shape
     p = k / d
     m = min(s, math.ceil(s * p + 3 * math.sqrt(s * p)) + 1)
-    return np.partition(np.abs(X[:, _sample_positions(d, s)]), s - m, axis=1)[:, s - m]
+    return np.partition(A[:, _sample_positions(d, s)], s - m, axis=1)[:, s - m]
+
+
+def _drop_tied(keep: np.ndarray, tied: np.ndarray, surplus: int) -> None:
+    """Ties at the k-th magnitude: un-keep the ``surplus`` highest-index entries of ``tied``."""
+    keep[tied[len(tied) - surplus:]] = False
 
 
 def _select(M: np.ndarray, t: np.ndarray, k: int) -> np.ndarray:
-    """Per row of the magnitudes M (B, c), given its exact k-th largest value t: the columns of the
+    """Per row of the magnitude keys M (B, c), given its exact k-th largest value t: the columns of the
     entries above t and of the lowest-column entries equal to t, k in all, increasing."""
     B = M.shape[0]
     above = M > t[:, None]
     keep = above | (M == t[:, None])
     surplus = np.count_nonzero(keep, axis=1) - k
-    for i in np.flatnonzero(surplus).tolist():  # ties at t (rare but for integer-like data): drop the last
-        tied = np.flatnonzero(keep[i] & ~above[i])
-        keep[i, tied[len(tied) - surplus[i]:]] = False
+    for i in np.flatnonzero(surplus).tolist():  # ties at t (rare but for integer-like data)
+        _drop_tied(keep[i], np.flatnonzero(keep[i] & ~above[i]), int(surplus[i]))
     return np.nonzero(keep)[1].reshape(B, k)  # row-major: increasing within each row
+
+
+# float dtype -> (the integer dtype of its width, the mask of every bit but the sign)
+_KEYS = {np.dtype(np.float32): (np.int32, 0x7FFF_FFFF), np.dtype(np.float64): (np.int64, 0x7FFF_FFFF_FFFF_FFFF)}
+
+
+def magnitude_keys(X: np.ndarray) -> np.ndarray:
+    """Keys ordered as ``|X|`` and equal exactly where ``|X|`` is, for X without NaN: for fp32 / fp64 the
+    bit pattern without its sign bit, as an integer (IEEE-754 orders non-negative floats, +inf included,
+    as their bit patterns; ±0 both give 0) — one integer pass, no float ``abs``; other dtypes ``|X|``."""
+    spec = _KEYS.get(X.dtype)
+    if spec is None:
+        return np.abs(X)
+    itype, sign_off = spec
+    return np.bitwise_and(X.view(itype), sign_off)
+
+
+def _without_nan(X: np.ndarray) -> np.ndarray:
+    """X with its NaNs replaced by +inf (NaN magnitudes count as +inf); X itself when it has none (a
+    finite sum proves there are none, in one reduction)."""
+    if np.isfinite(X.sum()) or not np.isnan(X).any():
+        return X
+    return np.where(np.isnan(X), np.inf, X)
+
+
+CHUNK_BYTES = 1 << 21  # rows are selected in chunks of about this size, so each pass after the first reads the cache
 
 
 def topk_rows_numpy(X: np.ndarray, k: int) -> np.ndarray:
     """(B, k) int64 indices of the k largest |X[i]| of every row, increasing within each row (module
-    doc); requires ``0 < k < d``."""
+    doc); requires ``0 < k < d``. Rows are taken in chunks of about ``CHUNK_BYTES``; the result does not
+    depend on the chunking (each row's selection is a function of the row)."""
     B, d = X.shape
-    if not np.isfinite(X).all():
-        X = np.where(np.isnan(X), np.inf, X)
+    X = np.ascontiguousarray(X)
     s = _sampled(d, k)
-    if s is None:
-        A = np.abs(X)
-        return _select(A, _exact_kth(A, k), k).astype(np.int64, copy=False)
-    t_low = _low_threshold(X, k, s)
-    mask = (X >= t_low[:, None]) | (X <= -t_low[:, None])  # |x| >= t_low, without a (B, d) |X|
+    out = np.empty((B, k), dtype=np.int64)
+    per = max(1, CHUNK_BYTES // max(1, d * X.itemsize))
+    for start in range(0, B, per):
+        A = magnitude_keys(_without_nan(X[start:start + per]))
+        out[start:start + per] = _select(A, _exact_kth(A, k), k) if s is None else _select_sampled(A, k, s)
+    return out
+
+
+def _select_sampled(A: np.ndarray, k: int, s: int) -> np.ndarray:
+    """Steps 1–3 of the module doc on the magnitude keys A (B, d)."""
+    B, d = A.shape
+    t_low = _low_threshold(A, k, s)
+    mask = A >= t_low[:, None]
     counts = np.count_nonzero(mask, axis=1)
     short = counts < k
     if short.any():  # unlucky samples: the exact k-th magnitude for those rows
-        t_low[short] = _exact_kth(np.abs(X[short]), k)
-        mask[short] = np.abs(X[short]) >= t_low[short, None]
+        t_low[short] = _exact_kth(A[short], k)
+        mask[short] = A[short] >= t_low[short, None]
         counts[short] = np.count_nonzero(mask[short], axis=1)
     flat = np.flatnonzero(mask)  # row-major: columns increase within a row
-    magnitudes = np.abs(X.reshape(-1)[flat])
+    keys = A.reshape(-1)[flat]
     out = np.empty((B, k), dtype=np.int64)
     end = 0
     for i, c in enumerate(counts.tolist()):  # a loop over rows, each step vectorised over ~1.3 k candidates
         start, end = end, end + c
-        seg = magnitudes[start:end]
+        seg = keys[start:end]
         t = np.partition(seg, c - k)[c - k]  # the exact k-th magnitude
         keep = seg >= t
         surplus = int(np.count_nonzero(keep)) - k
-        if surplus:  # ties at t: drop the highest-index ones
-            tied = np.flatnonzero(seg == t)
-            keep[tied[len(tied) - surplus:]] = False
+        if surplus:
+            _drop_tied(keep, np.flatnonzero(seg == t), surplus)
         out[i] = flat[start:end][keep] - i * d
     return out

@@ -175,15 +175,16 @@ def plot(directory: str) -> None:
 
 
 BENCHMARKS = {"lmo": "benchmarks.bench_lmo", "compressors": "benchmarks.bench_compressors",
-              "engines": "benchmarks.bench_engines", "memory": "benchmarks.bench_memory"}
+              "engines": "benchmarks.bench_engines", "transport": "benchmarks.bench_transport",
+              "memory": "benchmarks.bench_memory"}
 
 
 @main.command()
 @click.argument("which", type=click.Choice([*BENCHMARKS, "all"]), default="all")
 @click.option("--quick", is_flag=True, help="smaller sizes and fewer repeats")
 def bench(which: str, quick: bool) -> None:
-    """Run the benchmarks (LMO vs its matmul bound and torch.optim.Muon, compressors, engines, memory per
-    client); each prints ratios."""
+    """Run the benchmarks (LMO vs its matmul bound and torch.optim.Muon, compressors, engines, a block's
+    record through Ray, memory per client); each prints ratios."""
     import importlib
 
     for name in (BENCHMARKS if which == "all" else [which]):

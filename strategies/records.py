@@ -115,10 +115,36 @@ def _as_tensor(name: str, a: np.ndarray) -> Tensor:
     return t.view(torch.bfloat16) if name == "bfloat16" else t
 
 
+class RawArray(Array):
+    """A raw-bytes Flower ``Array`` that pickles its bytes as a NumPy buffer. Flower's simulation engine
+    moves messages to and from its Ray actors with pickle protocol 5, which hands NumPy buffers to
+    Ray's object store out of band but copies ``bytes`` through the pickle stream, several times per
+    hop (``python -m benchmarks.bench_transport``). Unpickling rebuilds a ``RawArray`` holding the
+    same bytes, so nothing downstream sees a difference, and what it unpickles is the array's dtype
+    name, shape, stype and raw bytes (no object of the sender's choosing)."""
+
+    def __reduce__(self):
+        return _array_from_buffer, (self.dtype, tuple(self.shape), self.stype,
+                                    np.frombuffer(self.data, dtype=np.uint8))
+
+
+def _array_from_buffer(dtype: str, shape: tuple[int, ...], stype: str, buffer: np.ndarray) -> Array:
+    return RawArray(dtype=dtype, shape=shape, stype=stype, data=buffer.tobytes())
+
+
+def array_record(arrays: Mapping[str, Array]) -> ArrayRecord:
+    """An ``ArrayRecord`` holding these very Arrays (``ArrayRecord(dict)`` would copy each into a plain
+    ``Array``, losing :class:`RawArray`'s pickling)."""
+    record = ArrayRecord()
+    for key, array in arrays.items():
+        record[key] = array
+    return record
+
+
 def to_array(a: np.ndarray | Tensor) -> Array:
     """A NumPy array or tensor as a raw-bytes Flower ``Array`` (module docstring)."""
     name, shape, data = _raw(a)
-    return Array(dtype=name, shape=shape, stype=RAW, data=data)
+    return RawArray(dtype=name, shape=shape, stype=RAW, data=data)
 
 
 def from_array(arr: Array) -> np.ndarray:
@@ -136,7 +162,7 @@ def _tensor(arr: Array) -> Tensor:
 
 
 def tensors_to_record(tensors: Mapping[str, Tensor]) -> ArrayRecord:
-    return ArrayRecord({k: to_array(t) for k, t in tensors.items()})
+    return array_record({k: to_array(t) for k, t in tensors.items()})
 
 
 def record_to_tensors(record: ArrayRecord) -> dict[str, Tensor]:
@@ -196,7 +222,7 @@ class Packer:
 
     def record(self, layout: Any) -> ArrayRecord:
         text = np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8)
-        return ArrayRecord({"layout": to_array(text), "data": Array(dtype="uint8", shape=(self.size,), stype=RAW,
+        return array_record({"layout": to_array(text), "data": RawArray(dtype="uint8", shape=(self.size,), stype=RAW,
                                                                     data=b"".join(self.chunks))})
 
 

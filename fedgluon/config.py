@@ -30,6 +30,7 @@ class EngineConfig:
     num_gpus: float = 0.0  # Ray GPU share per client task
     address: str | None = None  # join an existing Ray cluster ("auto" or HOST:PORT)
     block_size: int = 1  # virtual clients per Flower node, gradients vmapped per block (fedgluon/blocks.py)
+    client_device: str = "cpu"  # where client blocks compute gradients: cpu | auto | cuda | cuda:N
 
 
 @dataclass
@@ -183,6 +184,12 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.grad_norm_every >= 0, f"grad_norm_every must be >= 0, got {cfg.grad_norm_every}")
     need(cfg.engine.num_cpus > 0, f"engine.num_cpus must be > 0, got {cfg.engine.num_cpus}")
     need(cfg.engine.block_size >= 1, f"engine.block_size must be >= 1, got {cfg.engine.block_size}")
+    try:
+        from .devices import resolve_device
+
+        resolve_device("engine.client_device", cfg.engine.client_device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     need(cfg.output.checkpoint_every >= 0, f"output.checkpoint_every must be >= 0, got {cfg.output.checkpoint_every}")
     need(cfg.round_timeout > 0, f"round_timeout must be > 0 seconds, got {cfg.round_timeout}")
     for key in ("uplink_mbps", "downlink_mbps"):
@@ -218,7 +225,8 @@ def spec_of(cfg: DictConfig) -> dict[str, Any]:
                             "rounds": c["rounds"], "seed": c["seed"], "participation": participation,
                             "weights": c["weights"], "eval_every": c["eval_every"], "threads": c["threads"],
                             "round_timeout": c["round_timeout"], "node_timeout": c["node_timeout"],
-                            "faults": c["faults"], "block_size": c["engine"]["block_size"]})
+                            "faults": c["faults"], "block_size": c["engine"]["block_size"],
+                            "client_device": c["engine"]["client_device"]})
 
 
 def run_name(cfg: DictConfig) -> str:

@@ -111,7 +111,7 @@ def prepare_dir(out: Path, overwrite: bool) -> None:
 
 
 CHECKPOINT = "checkpoint.pt"
-ENVIRONMENT = ("threads", "round_timeout", "node_timeout", "faults", "block_size")  # may change when a run is resumed
+ENVIRONMENT = ("threads", "round_timeout", "node_timeout", "faults", "block_size", "client_device")  # may change when a run is resumed
 
 
 def run_key(spec: Mapping[str, Any]) -> str:

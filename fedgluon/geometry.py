@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .devices import resolve_device
 from .norms import ColNorm, Euclidean, Norm, RowNorm, Sign, Spectral, rms
 from .polar import PolarOracle, make_polar
 
@@ -121,24 +122,12 @@ def _role_from_shape(shape: tuple[int, ...]) -> str:
 
 
 def resolve_lmo_device(name: str) -> torch.device | None:
-    """The device ``lmo_device`` names (module doc), or None for "where the tensors are"; ValueError
-    naming the field for anything else, or for a GPU torch cannot see."""
-    if name == "same" or (name == "auto" and not torch.cuda.is_available()):
+    """The device ``lmo_device`` names (module doc), or None for "where the tensors are" (``same``, and
+    ``auto`` without a GPU); ValueError naming the field for anything else, or for a GPU torch cannot see."""
+    if name == "same":
         return None
-    if name == "auto":
-        return torch.device("cuda", torch.cuda.current_device())
-    try:
-        device = torch.device(name) if isinstance(name, str) else None
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"geometry.lmo_device must be one of ['auto', 'same', 'cpu', 'cuda', 'cuda:N'], got {name!r}")
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            raise ValueError(f"geometry.lmo_device is {name!r} but torch sees {count} CUDA device(s); "
-                             "use 'auto' to take a GPU only when there is one")
-    return device
+    device = resolve_device("geometry.lmo_device", name, extra=("same",))
+    return None if name == "auto" and device.type == "cpu" else device
 
 
 def _check_choice(field_name: str, value: object, allowed: Sequence[str]) -> None:

@@ -8,7 +8,8 @@ Flower on Ray, ``flwr run``) turns into the same task and algorithm.
      "threads": 1, "round_timeout": 120.0, "faults": {"raise_prob": 0.1}}
 
 ``faults`` (optional) injects client failures (fedgluon/faults.py); ``block_size`` virtual clients
-are simulated per Flower node (fedgluon/blocks.py).
+are simulated per Flower node (fedgluon/blocks.py); ``client_device`` (``"cpu"``, the default, ``"auto"``,
+``"cuda"``, ``"cuda:N"``) is where client blocks compute their vmapped gradients (fedgluon/vectorised.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .algorithms import Algorithm, make_algorithm
+from .devices import resolve_device
 from .faults import FaultPlan
 from .geometry import Geometry
 from .tasks import Task, make_task
@@ -27,7 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "task": {"name": "synthetic"}, "geometry": {"preset": "scion"}, "algorithm": {"name": "gluon"},
     "rounds": 10, "seed": 0, "participation": 1.0, "weights": "uniform", "eval_every": 1, "threads": 1,
     "round_timeout": 120.0, "node_timeout": 60.0, "faults": {},
-    "block_size": 1,
+    "block_size": 1, "client_device": "cpu",
 }
 
 
@@ -44,6 +46,7 @@ def normalise(spec: Mapping[str, Any] | None) -> dict[str, Any]:
     FaultPlan.from_spec(out["faults"])  # names a bad fault option
     if not isinstance(out["block_size"], int) or out["block_size"] < 1:
         raise ValueError(f"block_size must be an integer >= 1, got {out['block_size']!r}")
+    resolve_device("client_device", out["client_device"])
     return out
 
 
@@ -73,4 +76,6 @@ def build(spec: Mapping[str, Any]) -> tuple[Task, Algorithm]:
     geometry = Geometry.from_model(task.model, **spec["geometry"])
     alg = dict(spec["algorithm"])
     name = alg.pop("name", None)
-    return task, make_algorithm(name, geometry, **alg)
+    algorithm = make_algorithm(name, geometry, **alg)
+    algorithm.client_device = resolve_device("client_device", spec.get("client_device", "cpu"))
+    return task, algorithm

@@ -14,6 +14,11 @@ per-client loop *bitwise*, so blocked runs reproduce unblocked ones exactly (tes
 float64 gradients differ by up to ~1 ulp (the batched GEMM takes another kernel path); the reported
 loss may differ in its last bit (the batch mean is reduced in another order). Other BLAS builds may
 round differently: then blocked runs agree to rounding, not bitwise.
+
+``device``: where the vmapped call runs. On a GPU the block's batches, the parameters and the model's
+buffers go there for the call and the gradients come back to the batches' device (the CPU: client
+states, estimators and compression stay there), so results agree with the CPU's to rounding, not
+bitwise. Clients that fall back to ``objective.gradient`` compute on the CPU.
 """
 
 from __future__ import annotations
@@ -36,9 +41,10 @@ def can_vectorise(model: nn.Module) -> bool:
 
 def block_gradients(objectives: Sequence[SupervisedObjective], batches: Mapping[int, Batch],
                     shared: Mapping[str, Tensor] | None = None,
-                    per_client: Mapping[int, Mapping[str, Tensor]] | None = None) -> dict[int, tuple[float, Tensors]]:
+                    per_client: Mapping[int, Mapping[str, Tensor]] | None = None,
+                    device: torch.device | None = None) -> dict[int, tuple[float, Tensors]]:
     """``{j: (loss, ∇f_j(X_j; batch_j))}`` for the clients in ``batches``; ``X_j = shared`` or
-    ``per_client[j]`` (exactly one of the two)."""
+    ``per_client[j]`` (exactly one of the two); the vmapped calls run on ``device`` (module doc)."""
     if (shared is None) == (per_client is None):
         raise ValueError("give either shared parameters or per-client parameters")
     params_of = (lambda j: shared) if shared is not None else (lambda j: per_client[j])  # type: ignore[index]
@@ -53,27 +59,33 @@ def block_gradients(objectives: Sequence[SupervisedObjective], batches: Mapping[
             for j in js:
                 out[j] = objectives[j].gradient(params_of(j), batches[j])
             continue
-        out.update(_vmapped(first, js, batches, shared, per_client))
+        out.update(_vmapped(first, js, batches, shared, per_client, device))
     return out
 
 
 def _vmapped(objective: SupervisedObjective, js: list[int], batches: Mapping[int, Batch],
-             shared: Mapping[str, Tensor] | None,
-             per_client: Mapping[int, Mapping[str, Tensor]] | None) -> dict[int, tuple[float, Tensors]]:
+             shared: Mapping[str, Tensor] | None, per_client: Mapping[int, Mapping[str, Tensor]] | None,
+             device: torch.device | None = None) -> dict[int, tuple[float, Tensors]]:
     names = objective._names
     model, loss_fn = objective.model, objective.loss_fn
-
-    def loss(params: Tensors, x: Tensor, y: Tensor) -> Tensor:
-        return loss_fn(functional_call(model, params, (x,)), y)
-
     xs = torch.stack([batches[j][0] for j in js])
     ys = torch.stack([batches[j][1] for j in js])
+    home = xs.device
+    device = home if device is None else device
+    moved = device != home
+    buffers = {n: b.to(device) for n, b in model.named_buffers()} if moved else {}
+
+    def loss(params: Tensors, x: Tensor, y: Tensor) -> Tensor:
+        return loss_fn(functional_call(model, {**buffers, **params} if moved else params, (x,)), y)
+
     if shared is not None:
-        params, dims = {n: shared[n].detach() for n in names}, None
+        params, dims = {n: shared[n].detach().to(device) for n in names}, None
     else:
         assert per_client is not None
-        params, dims = {n: torch.stack([per_client[j][n].detach() for j in js]) for n in names}, 0
+        params, dims = {n: torch.stack([per_client[j][n].detach() for j in js]).to(device) for n in names}, 0
     with torch.enable_grad():
-        grads, losses = vmap(grad_and_value(loss), in_dims=(dims, 0, 0))(params, xs, ys)
+        grads, losses = vmap(grad_and_value(loss), in_dims=(dims, 0, 0))(params, xs.to(device), ys.to(device))
+    if moved:
+        grads, losses = {n: g.to(home) for n, g in grads.items()}, losses.to(home)
     # views into the block's stacked gradients (no copy); nothing downstream writes to a gradient in place
     return {j: (float(losses[i]), {n: grads[n][i] for n in names}) for i, j in enumerate(js)}

@@ -97,3 +97,37 @@ def test_flower_blocks_equal_plain_driver_with_faults():
     frame = pd.DataFrame(strategy.history)
     assert frame["failed"].sum() > 0
     _frames_match(frame, ref.frame())
+
+
+def test_client_device_is_checked_and_cpu_without_a_gpu():
+    """``client_device``: a bad name or an invisible GPU is an error naming the field; ``auto`` is the CPU on
+    a machine without a GPU, so its run equals the default's bitwise."""
+    with pytest.raises(ValueError, match="client_device must be one of"):
+        specs.normalise({"task": TASK, "client_device": "tpu"})
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="client_device is 'cuda' but torch sees 0 CUDA"):
+            specs.normalise({"task": TASK, "client_device": "cuda"})
+    runs = []
+    for device in ("cpu", "auto"):
+        spec = specs.normalise({"task": TASK, "algorithm": {"name": "gluon-ef21-mvr", "lr": 0.05}, "rounds": 3,
+                                "seed": 1, "client_device": device})
+        task, algo = specs.build(spec)
+        assert algo.client_device == (torch.device("cpu") if device == "cpu" or not torch.cuda.is_available()
+                                      else torch.device("cuda", torch.cuda.current_device()))
+        runs.append(run_plain(algo, task.objectives, task.initial_params(), 3, seed=1, block_size=4))
+    if not torch.cuda.is_available():
+        pd.testing.assert_frame_equal(runs[0].frame().drop(columns="wall_time"), runs[1].frame().drop(columns="wall_time"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_vmapped_gradients_on_the_gpu_match_the_cpu():
+    task = make_task({**TASK, "seed": 2})
+    objs, X = task.objectives, task.initial_params()
+    batches = {j: o.sample_batch(generator(0, "sample", j, 0)) for j, o in enumerate(objs)}
+    cpu = block_gradients(objs, batches, shared=X)
+    gpu = block_gradients(objs, batches, shared=X, device=torch.device("cuda"))
+    for j in batches:
+        assert abs(cpu[j][0] - gpu[j][0]) < 1e-4
+        for n in X:
+            assert gpu[j][1][n].device.type == "cpu"
+            torch.testing.assert_close(gpu[j][1][n], cpu[j][1][n], rtol=1e-4, atol=1e-5)

@@ -54,6 +54,8 @@ def test_run_writes_documented_files_and_columns(tmp_path, monkeypatch):
     (["algorithm.error_feedback=ef3"], ["error_feedback must be one of", "ef14"]),
     (["algorithm.name=sgd", "algorithm.adaptive={L0: 1.0, L1: 0.0}"], ["takes a schedule", "adaptive"]),
     (["task.name=digits", "task.loss=hinge"], ["task loss must be one of", "sigmoid_squared"]),
+    (["engine.client_device=tpu"], ["engine.client_device must be one of", "cuda:N"]),
+    (["geometry.lmo_device=npu"], ["geometry.lmo_device must be one of", "same"]),
 ])
 def test_invalid_configs_exit_nonzero_naming_the_field(tmp_path, monkeypatch, args, words):
     monkeypatch.chdir(tmp_path)

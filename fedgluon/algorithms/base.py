@@ -109,6 +109,9 @@ class Algorithm:
         "state_dtype": None,  # "float16"/"bfloat16": store the client estimator's state compactly
     }
     OPTIONS: ClassVar[dict[str, Any]] = {}
+    # where client blocks compute their vmapped gradients (the run spec's client_device; set by
+    # fedgluon.spec.build); the states, estimators and compression stay on the CPU
+    client_device: torch.device = torch.device("cpu")
 
     def __init__(self, geometry: Geometry, **options: Any):
         allowed = {**self.BASE_OPTIONS, **self.OPTIONS}
@@ -212,10 +215,11 @@ class Algorithm:
         the same generators; gradients equal to the per-client ones up to rounding (bitwise in float32 here)."""
         drawn = self.block_batches(bc, objectives, js)
         batches = {j: b for j, (b, _) in drawn.items()}
-        now = block_gradients(objectives, batches, shared=bc.model)
+        now = block_gradients(objectives, batches, shared=bc.model, device=self.client_device)
         with_prev = [j for j in js if self.wants_previous(states[j], drawn[j][1])]
         prev = block_gradients(objectives, {j: batches[j] for j in with_prev},
-                               per_client={j: states[j]["x_prev"] for j in with_prev}) if with_prev else {}
+                               per_client={j: states[j]["x_prev"] for j in with_prev},
+                               device=self.client_device) if with_prev else {}
         return {j: self.grad_pair(now[j], prev.get(j), drawn[j][1], batches[j]) for j in js}
 
     def estimate(self, state: State, grads: GradPair) -> tuple[State, Tensors]:

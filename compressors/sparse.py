@@ -13,19 +13,38 @@ into one :class:`SparseRows` — (B, k) indices and values — whose rows are th
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 
-@dataclass
 class SparseTensor:
-    idx: Tensor  # int64, strictly increasing, in [0, numel(shape))
-    values: Tensor
-    shape: tuple[int, ...]
-    block: SparseRows | None = field(default=None, repr=False, compare=False)  # set when this is row
-    row: int = field(default=-1, repr=False, compare=False)                    # ``row`` of a block
+    """``values`` at the flat indices ``idx`` (int64, strictly increasing, in ``[0, numel(shape))``) of a
+    tensor of ``shape``. Row ``row`` of a :class:`SparseRows` ``block`` makes its two row views only when
+    they are read (a server round reads most rows only through their block, in :class:`WeightedSum`)."""
+
+    __slots__ = ("_idx", "_values", "shape", "block", "row")
+
+    def __init__(self, idx: Tensor | None, values: Tensor | None, shape: tuple[int, ...],
+                 block: SparseRows | None = None, row: int = -1):
+        if (idx is None or values is None) and block is None:
+            raise ValueError("a SparseTensor needs its indices and values, or the block row holding them")
+        self._idx, self._values, self.shape, self.block, self.row = idx, values, shape, block, row
+
+    @property
+    def idx(self) -> Tensor:
+        if self._idx is None:
+            assert self.block is not None
+            self._idx = self.block.idx[self.row]
+        return self._idx
+
+    @property
+    def values(self) -> Tensor:
+        if self._values is None:
+            assert self.block is not None
+            self._values = self.block.values[self.row]
+        return self._values
 
     def dense(self) -> Tensor:
         out = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
@@ -33,7 +52,12 @@ class SparseTensor:
         return out
 
     def nbytes(self) -> int:
+        if self._idx is None and self.block is not None:
+            return self.block.row_nbytes()
         return self.idx.numel() * self.idx.element_size() + self.values.numel() * self.values.element_size()
+
+    def __repr__(self) -> str:
+        return f"SparseTensor(k={self.idx.numel()}, shape={self.shape})"
 
 
 @dataclass
@@ -45,7 +69,11 @@ class SparseRows:
     shape: tuple[int, ...]
 
     def tensor(self, i: int) -> SparseTensor:
-        return SparseTensor(self.idx[i], self.values[i], self.shape, self, i)
+        return SparseTensor(None, None, self.shape, self, i)
+
+    def row_nbytes(self) -> int:
+        """Bytes of one row's indices and values."""
+        return self.idx.shape[1] * self.idx.element_size() + self.values.shape[1] * self.values.element_size()
 
 
 def add_scaled_(out: Tensor, w: float, r: Tensor | SparseTensor) -> Tensor:

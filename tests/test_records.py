@@ -130,3 +130,18 @@ def test_records_pickle_their_bytes_out_of_band_and_round_trip():
     assert isinstance(back["data"], RawArray) and back["data"].data == data
     got = record_to_states(back)
     assert all(tree_equal(got[j], states[j]) for j in states)
+
+
+def test_raw_arrays_deflate_and_inflate_as_flower_arrays():
+    """Flower's deployment path deflates objects under their class's qualified name and inflates them by
+    it in processes without fedgluon: a RawArray must travel as an ``Array``."""
+    from flwr.app import Array
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    _, states = heterogeneous_states()
+    record = states_to_record(states)
+    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(record).items()}
+    back = inflate_object_from_contents(record.object_id, contents)
+    assert type(back["data"]) is Array and back["data"].data == record["data"].data
+    assert all(tree_equal(record_to_states(back)[j], states[j]) for j in states)

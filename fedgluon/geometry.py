@@ -28,7 +28,7 @@ federated server whose state lives on the CPU still takes its LMO step on the GP
 every LMO where its tensors are; ``"cpu"`` / ``"cuda"`` / ``"cuda:N"`` name a device. Other norms
 (sign, column, row, RMS) are elementwise and always run where their tensors are. With ``ns_dtype:
 auto`` NS runs in bf16 on a GPU and in fp32 on the CPU, so a run's numbers depend on whether a GPU
-was used (the machine line of results says so).
+was used: compare runs made on the same kind of machine, or set ``lmo_device: same``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ float64), because bf16 matmuls on AVX2 CPUs are 70–180× slower than fp32 (DES
 ``compile=True`` runs the iterations through ``torch.compile`` (TorchInductor), meant for CUDA, where
 it fuses the normalisation and the elementwise parts of each step around the matmuls. The first call
 per shape and dtype compiles (≈ 20 s on the 2-core CPU here); on CPU the matmuls stay the same BLAS
-calls, so it pays nothing there (``benchmarks/bench_lmo.py`` measures it) and the result equals the
+calls, so it gains little there (``benchmarks/bench_lmo.py --compile`` measures it) and the result equals the
 eager one (tested).
 """
 

@@ -34,17 +34,17 @@ class SparseTensor:
 
     @property
     def idx(self) -> Tensor:
-        if self._idx is None:
-            assert self.block is not None
-            self._idx = self.block.idx[self.row]
-        return self._idx
+        return self._idx if self._idx is not None else self._views()[0]
 
     @property
     def values(self) -> Tensor:
-        if self._values is None:
-            assert self.block is not None
-            self._values = self.block.values[self.row]
-        return self._values
+        return self._values if self._values is not None else self._views()[1]
+
+    def _views(self) -> tuple[Tensor, Tensor]:
+        """Make (and keep) the row views of the block's indices and values."""
+        assert self.block is not None
+        self._idx, self._values = self.block.idx[self.row], self.block.values[self.row]
+        return self._idx, self._values
 
     def dense(self) -> Tensor:
         out = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)

@@ -82,15 +82,16 @@ def _select(M: np.ndarray, t: np.ndarray, k: int) -> np.ndarray:
 _KEYS = {np.dtype(np.float32): (np.int32, 0x7FFF_FFFF), np.dtype(np.float64): (np.int64, 0x7FFF_FFFF_FFFF_FFFF)}
 
 
-def magnitude_keys(X: np.ndarray) -> np.ndarray:
+def magnitude_keys(X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Keys ordered as ``|X|`` and equal exactly where ``|X|`` is, for X without NaN: for fp32 / fp64 the
     bit pattern without its sign bit, as an integer (IEEE-754 orders non-negative floats, +inf included,
-    as their bit patterns; ±0 both give 0) — one integer pass, no float ``abs``; other dtypes ``|X|``."""
+    as their bit patterns; ±0 both give 0) — one integer pass, no float ``abs``; other dtypes ``|X|``.
+    Written into ``out`` when given (of the keys' dtype and X's shape)."""
     spec = _KEYS.get(X.dtype)
     if spec is None:
-        return np.abs(X)
+        return np.abs(X, out=out)
     itype, sign_off = spec
-    return np.bitwise_and(X.view(itype), sign_off)
+    return np.bitwise_and(X.view(itype), sign_off, out=out)
 
 
 def _without_nan(X: np.ndarray) -> np.ndarray:
@@ -110,27 +111,39 @@ def topk_rows_numpy(X: np.ndarray, k: int) -> np.ndarray:
     depend on the chunking (each row's selection is a function of the row)."""
     B, d = X.shape
     X = np.ascontiguousarray(X)
-    s = _sampled(d, k)
     out = np.empty((B, k), dtype=np.int64)
-    per = max(1, CHUNK_BYTES // max(1, d * X.itemsize))
-    for start in range(0, B, per):
-        A = magnitude_keys(_without_nan(X[start:start + per]))
-        out[start:start + per] = _select(A, _exact_kth(A, k), k) if s is None else _select_sampled(A, k, s)
+    _select_rows(X, k, out)
     return out
 
 
-def _select_sampled(A: np.ndarray, k: int, s: int) -> np.ndarray:
-    """Steps 1–3 of the module doc on the magnitude keys A (B, d)."""
+def _select_rows(X: np.ndarray, k: int, out: np.ndarray) -> None:
+    """The selection of every row of X (B, d) into out (B, k), in chunks of about ``CHUNK_BYTES``,
+    their keys and candidate masks in buffers reused from chunk to chunk (fresh pages cost more than
+    the pass that fills them)."""
+    B, d = X.shape
+    s = _sampled(d, k)
+    per = min(B, max(1, CHUNK_BYTES // max(1, d * X.itemsize)))
+    keys = np.empty((per, d), dtype=magnitude_keys(X[:1, :1]).dtype)
+    mask = np.empty((per, d), dtype=bool) if s is not None else None
+    for start in range(0, B, per):
+        rows = X[start:start + per]
+        A = magnitude_keys(_without_nan(rows), out=keys[:len(rows)])
+        out[start:start + per] = (_select(A, _exact_kth(A, k), k) if s is None
+                                  else _select_sampled(A, k, s, mask[:len(rows)]))
+
+
+def _select_sampled(A: np.ndarray, k: int, s: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """Steps 1–3 of the module doc on the magnitude keys A (B, d); ``mask``: a (B, d) bool buffer."""
     B, d = A.shape
     t_low = _low_threshold(A, k, s)
-    mask = A >= t_low[:, None]
-    counts = np.count_nonzero(mask, axis=1)
-    short = counts < k
-    if short.any():  # unlucky samples: the exact k-th magnitude for those rows
+    flat = np.flatnonzero(np.greater_equal(A, t_low[:, None], out=mask))  # row-major: columns increase in a row
+    ends = np.searchsorted(flat, np.arange(1, B + 1) * d)  # each row's end in flat (cheaper than counting)
+    counts = np.diff(ends, prepend=0)
+    short = np.flatnonzero(counts < k)
+    if short.size:  # unlucky samples: the exact k-th magnitude for those rows
         t_low[short] = _exact_kth(A[short], k)
-        mask[short] = A[short] >= t_low[short, None]
-        counts[short] = np.count_nonzero(mask[short], axis=1)
-    flat = np.flatnonzero(mask)  # row-major: columns increase within a row
+        flat = np.flatnonzero(np.greater_equal(A, t_low[:, None], out=mask))
+        counts = np.diff(np.searchsorted(flat, np.arange(1, B + 1) * d), prepend=0)
     keys = A.reshape(-1)[flat]
     out = np.empty((B, k), dtype=np.int64)
     end = 0

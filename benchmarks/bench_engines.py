@@ -15,10 +15,12 @@ For n ∈ {10, 50, 200, 1000} clients of the synthetic task (MLP 60→64→10 �
 
 Prints seconds per round (mean over rounds after the first, and "steady": the median of the second
 half of the rounds, once the allocator reuses the memory of earlier rounds' client states instead of
-faulting in new pages), milliseconds per client task (from the mean) and the ratio to the plain loop; Ray's start-up and shut-down are reported apart; then, per size, stock
-Flower's per-client cost divided by that of Ray with client blocks (the issue's "≥25×" target), and
-the Flower paths with blocks divided by the best plain driver with blocks (the "≤1.5×" target). Ray
-with one client per node and stock Flower are skipped above 200 clients (minutes per run here).
+faulting in new pages), the server step's share of it (the metrics' ``server_time``: validation,
+aggregation, LMO step), milliseconds per client task (from the mean) and the ratio to the plain
+loop; Ray's start-up and shut-down are reported apart; then, per size, stock Flower's per-client cost
+divided by that of Ray with client blocks (the issue's "≥25×" target), and the Flower paths with
+blocks divided by the best plain driver with blocks (the "≤1.5×" target). Ray with one client per
+node and stock Flower are skipped above 200 clients (minutes per run here).
 
 Run: ``python -m benchmarks.bench_engines [--quick] [--no-ray]``.
 """
@@ -45,9 +47,10 @@ def spec_for(n: int, rounds: int, block_size: int = 1, hidden: int = 64) -> dict
             "block_size": block_size}
 
 
-def per_round(history: list[dict], skip: int = 1) -> float:
+def per_round(history: list[dict], skip: int = 1, key: str = "wall_time") -> float:
+    """Mean of ``key`` (seconds) over the rounds after the first ``skip``."""
     rows = history[skip:] or history
-    return sum(r["wall_time"] for r in rows) / len(rows)
+    return sum(r[key] for r in rows) / len(rows)
 
 
 def steady(history: list[dict]) -> float:
@@ -70,12 +73,13 @@ def main(argv: list[str] | None = None) -> None:
     rounds = args.rounds or rounds
     sizes = tuple(args.sizes) if args.sizes else sizes
     print(f"machine: {machine()}")
-    print(f"{'clients':>7s} {'engine':>24s} {'s/round':>9s} {'steady':>8s} {'ms/client task':>15s} {'x plain':>8s} "
-          f"{'start-up s':>11s}")
+    print(f"{'clients':>7s} {'engine':>24s} {'s/round':>9s} {'steady':>8s} {'server s':>9s} {'ms/client task':>15s} "
+          f"{'x plain':>8s} {'start-up s':>11s}")
 
     def show(n: int, label: str, history: list[dict], base: float, startup: str = "-") -> float:
         sec = per_round(history)
-        print(f"{n:7d} {label:>24s} {sec:9.3f} {steady(history):8.3f} {1e3 * sec / n:15.3f} {sec / base:8.2f} "
+        server = f"{per_round(history, key='server_time'):9.3f}" if "server_time" in history[0] else f"{'-':>9s}"
+        print(f"{n:7d} {label:>24s} {sec:9.3f} {steady(history):8.3f} {server} {1e3 * sec / n:15.3f} {sec / base:8.2f} "
               f"{startup:>11s}", flush=True)
         return sec
 

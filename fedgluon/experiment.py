@@ -53,6 +53,7 @@ METRIC_COLUMNS = {
     "up_bits_cum / up_bits_per_client_cum / down_bits_cum": "cumulative bits under network.bits",
     "sim_round_time / sim_time": "simulated seconds: 2·latency + max uplink / up bw + per-client downlink / down bw",
     "wall_time": "seconds the round took here",
+    "server_time": "seconds of it in the server step (validation, aggregation, LMO step)",
 }
 
 

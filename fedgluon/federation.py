@@ -127,7 +127,9 @@ class Federation:
             j, line = min(deaths.items())
             self._stop(ActorDeathError, f"round {k}: the worker running client {j} died ({line}); Flower's Ray "
                                         f"actor pool does not replace dead actors, so the run stops here")
+        started = time.perf_counter()
         state, outcome = self.algorithm.server_step(self.server_state, replies, bc, self.weights)
+        server_time = time.perf_counter() - started
         bad = [n for n, t in state["X"].items() if not bool(torch.isfinite(t).all())]
         if bad:
             self._stop(NonFiniteStateError, f"round {k}: the server step produced NaN/Inf in {bad}")
@@ -144,6 +146,7 @@ class Federation:
         row = round_row(k, S, replies, outcome, bc, receivers, failed=len(failed))
         if self.evaluate is not None and ((k + 1) % self.eval_every == 0 or k + 1 == self.rounds):
             row.update(self.evaluate(self.server_state["X"], k))
+        row["server_time"] = server_time
         row["wall_time"] = time.perf_counter() - plan.started
         self.history.append(row)
         self.next_round = k + 1

@@ -9,6 +9,9 @@ from compressors import CONVENTIONS, BitCount
 
 from .algorithms.base import Broadcast, ClientReply, ServerOutcome
 
+# Columns that measure this machine's time, not the run: they differ between reruns of the same seed.
+TIMING_COLUMNS = ("wall_time", "server_time")
+
 
 def bit_columns(prefix: str, per_client: Mapping[int, BitCount]) -> dict[str, float]:
     """``<prefix>_<convention>_{total,mean,max}`` over the clients in ``per_client``."""

@@ -11,6 +11,7 @@ from torch.func import functional_call
 from fedgluon.algorithms import ALGORITHMS, make_algorithm
 from fedgluon.data.synthetic import leaf_synthetic
 from fedgluon.driver import client_weights, run_plain
+from fedgluon.metrics import TIMING_COLUMNS
 from fedgluon.geometry import Geometry
 from fedgluon.models import MLP
 from fedgluon.objective import SupervisedObjective
@@ -125,7 +126,7 @@ def test_same_seed_bitwise_and_different_seeds_differ():
     for n in a[-1]:
         assert torch.equal(a[-1][n], b[-1][n])
     assert any(not torch.equal(a[-1][n], c[-1][n]) for n in a[-1])
-    cols = [c for c in ra.frame().columns if c != "wall_time"]
+    cols = [c for c in ra.frame().columns if c not in TIMING_COLUMNS]
     assert ra.frame()[cols].equals(rb.frame()[cols])
 
 

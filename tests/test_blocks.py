@@ -11,6 +11,7 @@ from fedgluon.blocks import block_clients, num_blocks
 from fedgluon.driver import run_plain
 from fedgluon.engines import run_inprocess
 from fedgluon.faults import FaultPlan
+from fedgluon.metrics import TIMING_COLUMNS
 from fedgluon.rng import generator
 from fedgluon.tasks import make_task
 from fedgluon.vectorised import block_gradients, can_vectorise
@@ -51,7 +52,7 @@ def test_batchnorm_models_fall_back_to_the_loop():
 
 
 def _frames_match(a: pd.DataFrame, b: pd.DataFrame) -> None:
-    cols = [c for c in a.columns if c not in ("wall_time", "train_loss")]
+    cols = [c for c in a.columns if c not in (*TIMING_COLUMNS, "train_loss")]
     pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=True)
     pd.testing.assert_series_equal(a["train_loss"], b["train_loss"], rtol=1e-6)
 
@@ -116,7 +117,8 @@ def test_client_device_is_checked_and_cpu_without_a_gpu():
                                       else torch.device("cuda", torch.cuda.current_device()))
         runs.append(run_plain(algo, task.objectives, task.initial_params(), 3, seed=1, block_size=4))
     if not torch.cuda.is_available():
-        pd.testing.assert_frame_equal(runs[0].frame().drop(columns="wall_time"), runs[1].frame().drop(columns="wall_time"))
+        pd.testing.assert_frame_equal(runs[0].frame().drop(columns=list(TIMING_COLUMNS)),
+                                      runs[1].frame().drop(columns=list(TIMING_COLUMNS)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -11,6 +11,7 @@ from fedgluon import spec as specs
 from fedgluon.client_app import make_client_app
 from fedgluon.driver import run_plain
 from fedgluon.engines import InProcessGrid, run_inprocess, run_ray
+from fedgluon.metrics import TIMING_COLUMNS
 
 SPEC = {"task": {"name": "synthetic", "num_clients": 4, "dim": 10, "classes": 4, "mean_samples": 40, "hidden": [8]},
         "algorithm": {"name": "gluon-ef21-sarah", "lr": 0.05, "compressor": {"name": "topk", "ratio": 0.1},
@@ -28,7 +29,7 @@ def plain_frame(spec):
 def same_metrics(a: pd.DataFrame, b: pd.DataFrame, loss_rtol: float = 0.0) -> None:
     """Equal in every column but wall time (and the mean training loss to ``loss_rtol``: client blocks
     reduce each batch's loss in another order)."""
-    skip = ("wall_time", "train_loss") if loss_rtol else ("wall_time",)
+    skip = (*TIMING_COLUMNS, "train_loss") if loss_rtol else TIMING_COLUMNS
     cols = [c for c in a.columns if c not in skip]
     assert sorted(cols) == sorted(c for c in b.columns if c not in skip)
     pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=True)

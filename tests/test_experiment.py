@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from fedgluon.cli import main
 from fedgluon.experiment import METRIC_COLUMNS
+from fedgluon.metrics import TIMING_COLUMNS
 
 FAST = ["engine.name=plain", "rounds=6", "task.num_clients=4", "task.mean_samples=40", "grad_norm_every=3"]
 
@@ -31,6 +32,7 @@ def test_run_writes_documented_files_and_columns(tmp_path, monkeypatch):
     expected = {"round", "participants", "accepted", "rejected", "failed", "receivers", "train_loss", "grad_evals",
                 "samples", "refresh", "test_loss", "test_accuracy", "grad_dual_norm", "up_bits_cum",
                 "up_bits_per_client_cum", "down_bits_cum", "sim_round_time", "sim_time", "wall_time",
+                "server_time",
                 "up_int32_total", "up_int32_mean", "up_int32_max", "up_values_total", "down_bitmask_total"}
     assert expected <= set(m.columns)
     assert len(m) == 6 and m["grad_dual_norm"].notna().sum() == 2 and (m["sim_time"].diff().dropna() > 0).all()
@@ -148,8 +150,8 @@ def test_parallel_sweep_as_ray_tasks(tmp_path, monkeypatch):
     assert out.exit_code == 0, out.output
     serial = invoke("sweep", *FAST, "seed=[0,1]", "--name", "ser", "--quiet")
     assert serial.exit_code == 0
-    a = pd.read_csv(tmp_path / "runs" / "par" / "seed=1" / "metrics.csv").drop(columns=["wall_time"])
-    b = pd.read_csv(tmp_path / "runs" / "ser" / "seed=1" / "metrics.csv").drop(columns=["wall_time"])
+    a = pd.read_csv(tmp_path / "runs" / "par" / "seed=1" / "metrics.csv").drop(columns=list(TIMING_COLUMNS))
+    b = pd.read_csv(tmp_path / "runs" / "ser" / "seed=1" / "metrics.csv").drop(columns=list(TIMING_COLUMNS))
     pd.testing.assert_frame_equal(a, b)
 
 

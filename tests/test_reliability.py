@@ -20,6 +20,7 @@ from fedgluon.checkpoint import ActorDeathError, Checkpointer, NonFiniteStateErr
 from fedgluon.driver import run_plain
 from fedgluon.engines import run_inprocess
 from fedgluon.faults import FaultPlan
+from fedgluon.metrics import TIMING_COLUMNS
 
 SMALL = ["task.num_clients=6", "task.dim=12", "task.classes=4", "task.hidden=[16]", "task.mean_samples=60",
          "algorithm.refresh_prob=0.3", "grad_norm_every=3"]
@@ -32,8 +33,8 @@ def load_cfg(tmp_path, *extra):
 def same_run(a: Path, b: Path) -> None:
     """metrics.csv identical in every column but wall time; clients.csv and the final model identical."""
     fa, fb = pd.read_csv(a / "metrics.csv"), pd.read_csv(b / "metrics.csv")
-    cols = [c for c in fa.columns if c != "wall_time"]
-    assert len(fa) == len(fb) and cols == [c for c in fb.columns if c != "wall_time"]
+    cols = [c for c in fa.columns if c not in TIMING_COLUMNS]
+    assert len(fa) == len(fb) and cols == [c for c in fb.columns if c not in TIMING_COLUMNS]
     pd.testing.assert_frame_equal(fa[cols], fb[cols], check_exact=True)
     pd.testing.assert_frame_equal(pd.read_csv(a / "clients.csv"), pd.read_csv(b / "clients.csv"), check_exact=True)
     ma, mb = torch.load(a / "model.pt", weights_only=True), torch.load(b / "model.pt", weights_only=True)
@@ -229,7 +230,7 @@ def test_injected_faults_are_failures_and_states_follow_accepted_rounds(tmp_path
     task, algo = specs.build(spec)
     ref = run_plain(algo, task.objectives, task.initial_params(), 20, seed=5, participation=0.75,
                     evaluate=lambda X, k: task.evaluate(X), faults=FaultPlan.from_spec(faults))
-    cols = [c for c in frame.columns if c != "wall_time"]
+    cols = [c for c in frame.columns if c not in TIMING_COLUMNS]
     pd.testing.assert_frame_equal(frame[cols], ref.frame()[cols], check_exact=True)
     accepted = log[log.status == "accepted"].groupby("client").size()
     for j in range(8):

@@ -424,7 +424,8 @@ class _TreeGroup:
 
     def __init__(self, unpacker: Unpacker, m: int, leaves: Any):
         self.error: ValueError | None = None
-        self.columns: list[tuple[Tensor | None, str | None]] = []  # (column or shared tensor, shared key)
+        # (dtype name, column (rows, ...) or shared array, shared key); rows become tensors in tree()
+        self.columns: list[tuple[str, np.ndarray | None, str | None]] = []
         self.views: dict[str, Tensor] = {}  # shared columns as tensors, made once
         self.copies: dict[str, Tensor] = {}
         try:
@@ -442,10 +443,11 @@ class _TreeGroup:
         paths = []
         for path, ref, is_shared in leaves:
             if ref is None:
-                self.columns.append((None, None))
+                self.columns.append(("", None, None))
             else:
                 a = unpacker.array(ref) if is_shared else _column(unpacker, ref, m)
-                self.columns.append((_as_tensor(ref[0], a), json.dumps(ref) if is_shared else None))
+                _as_tensor(ref[0], a)  # torch takes every dtype _checked allows; were it not, the block is rejected here
+                self.columns.append((ref[0], a, json.dumps(ref) if is_shared else None))
             paths.append((path, ref is not None))
         self.skeleton = _skeleton(paths)
 
@@ -458,16 +460,16 @@ class _TreeGroup:
         if self.empty:
             return None
         values = []
-        for t, key in self.columns:
-            if t is None:
+        for name, a, key in self.columns:  # rows are taken in NumPy: a third of the cost of torch indexing
+            if a is None:
                 values.append(None)
             elif key is not None:  # one tensor for every tree that holds it (a copy of it with ``copy``)
                 store = (shared if shared is not None else self.copies) if copy else self.views
                 if key not in store:
-                    store[key] = t.clone() if copy else t
+                    store[key] = _as_tensor(name, a.copy() if copy else a)
                 values.append(store[key])
             else:
-                values.append(t[i].clone() if copy else t[i])
+                values.append(_as_tensor(name, a[i, ...].copy() if copy else a[i, ...]))
         return _fill(self.skeleton, values)
 
 

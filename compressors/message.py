@@ -134,11 +134,5 @@ def decode_messages(compressor: Compressor, messages: Mapping[int, Any], shapes:
 
 
 def message_bits(compressor: Compressor, message: Mapping[str, TensorPayload]) -> BitCount:
-    """Raw bit counts of a (valid) message, summed over layers (plus one flag bit per layer for the codec
-    choice when the compressor can fall back to dense); memoised per sequence of (codec, shape), as
-    each payload's count is (:meth:`Compressor.bits`)."""
-    key = tuple((p.codec, tuple(p.shape)) for p in message.values())
-    memo = compressor._message_bits
-    if key not in memo:
-        memo[key] = sum((compressor.bits(p) for p in message.values()), BitCount())
-    return memo[key]
+    """Raw bit counts of a (valid) message: :meth:`Compressor.message_bits`."""
+    return compressor.message_bits(message)

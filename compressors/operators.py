@@ -421,7 +421,7 @@ class Compressor:
         self.name = name or structure.name
         self._dense = Dense()
         self._bits: dict[tuple[str, tuple[int, ...]], BitCount] = {}
-        self._message_bits: dict[tuple, BitCount] = {}  # compressors.message.message_bits' memo
+        self._message_bits: dict[tuple, BitCount] = {}
 
     def __repr__(self) -> str:
         return f"Compressor({self.structure!r}, values={self.values.name})"
@@ -646,6 +646,15 @@ class Compressor:
         if key not in self._bits:
             self._bits[key] = self._count_bits(key[1])
         return self._bits[key]
+
+    def message_bits(self, message: Mapping[str, TensorPayload]) -> BitCount:
+        """Raw bit counts of a (valid) message, summed over its layers' :meth:`bits` (each with the flag
+        bit for the codec choice when the compressor can fall back to dense), memoised per sequence of
+        (codec, shape)."""
+        key = tuple((p.codec, tuple(p.shape)) for p in message.values())
+        if key not in self._message_bits:
+            self._message_bits[key] = sum((self.bits(p) for p in message.values()), BitCount())
+        return self._message_bits[key]
 
     def _count_bits(self, shape: tuple[int, ...]) -> BitCount:
         s = self._structure_for(shape)

@@ -31,8 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from compressors import (BitCount, Compressor, Message, PayloadError, decode_message, decode_messages, make_compressor,
-                         message_bits)
+from compressors import BitCount, Compressor, Message, PayloadError, decode_message, decode_messages, make_compressor
 from compressors.bits import dense_bits
 from compressors.error_feedback import ef21_server_update
 from compressors.message import compress_message
@@ -293,21 +292,24 @@ class Algorithm:
                               sparse=sparse)
 
     def validate_each(self, replies: Mapping[int, Any], bc: Broadcast,
-                      sparse: bool = False) -> Iterator[tuple[int, Tensors | PayloadError]]:
-        """:meth:`validate` of every reply: yields ``(j, decoded)`` or ``(j, error)`` per client, the same
-        results and errors as one by one, with the messages of one uplink compressor checked and decoded
-        together (:func:`compressors.decode_messages`: one set of array operations per layer for a
-        round's top-k / rand-k payloads instead of one per client)."""
+                      sparse: bool = False) -> Iterator[tuple[int, Tensors | PayloadError, Compressor | None]]:
+        """:meth:`validate` of every reply: yields ``(j, decoded or error, its uplink compressor)`` per
+        client (None for a reply whose compressor could not be told), the same results and errors as one
+        by one, with the messages of one uplink compressor checked and decoded together
+        (:func:`compressors.decode_messages`: one set of array operations per layer for a round's
+        top-k / rand-k payloads instead of one per client)."""
         groups: dict[int, tuple[Compressor, dict[int, Any]]] = {}
         for j in sorted(replies):
             try:
                 compressor = self._reply_uplink(replies[j], j, bc)
             except PayloadError as err:
-                yield j, err
+                yield j, err, None
                 continue
             groups.setdefault(id(compressor), (compressor, {}))[1][j] = replies[j].message
         for compressor, messages in groups.values():
-            yield from decode_messages(compressor, messages, self.shapes, dtype=self._value_dtype, sparse=sparse)
+            for j, result in decode_messages(compressor, messages, self.shapes, dtype=self._value_dtype,
+                                             sparse=sparse):
+                yield j, result, compressor
 
     @property
     def _value_dtype(self) -> torch.dtype:
@@ -339,12 +341,12 @@ class Algorithm:
                     weights: Mapping[int, float]) -> tuple[State, ServerOutcome]:
         k = bc.round
         decoded, rejected, uplink = DecodedReplies(self, replies, bc), {}, {}
-        for j, result in self.validate_each(replies, bc, sparse=True):
+        for j, result, compressor in self.validate_each(replies, bc, sparse=True):
             if isinstance(result, PayloadError):
                 rejected[j] = str(result)
             else:
                 decoded.add(j, result)
-                uplink[j] = message_bits(self.uplink_for(bc, replies[j]), replies[j].message)
+                uplink[j] = compressor.message_bits(replies[j].message)
         rejected, uplink = dict(sorted(rejected.items())), dict(sorted(uplink.items()))
         state = dict(state)
         info = None
@@ -366,7 +368,7 @@ class Algorithm:
         dtype = next(iter(state["X"].values())).dtype
         S = decode_message(self.downlink, msg, self.shapes, dtype=dtype)
         state["W"] = {n: state["W"][n] + S[n] for n in self.shapes}
-        state["downlink_bits"] = message_bits(self.downlink, msg)
+        state["downlink_bits"] = self.downlink.message_bits(msg)
         return state
 
 

@@ -83,6 +83,39 @@ def test_plain_driver_blocks_equal_one_client_per_node(algorithm):
             assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(flat_a, flat_b))
 
 
+@pytest.mark.parametrize("algorithm", [
+    {"name": "gluon-ef21", "compressor": {"name": "topk", "ratio": 0.1}},
+    {"name": "gluon-ef21-sarah", "refresh_prob": 0.3, "compressor": {"name": "topk", "ratio": 0.1}},
+])
+def test_a_block_steps_in_runs_of_bounded_gradient_bytes(algorithm, monkeypatch):
+    """A block's clients step in runs of ``RUN_BYTES`` of gradients (two per client where the estimator
+    needs ∇f(X_prev)); a block of all 9 clients in runs of 2 equals one run and one client per node."""
+    from fedgluon.algorithms.base import Algorithm
+
+    spec = specs.normalise({"task": TASK, "algorithm": {"lr": 0.05, **algorithm}, "rounds": 5, "seed": 3})
+    task, algo = specs.build(spec)
+    X = task.initial_params()
+    grad_bytes = sum(t.numel() * t.element_size() for t in X.values()) * (2 if algo.needs_previous else 1)
+    monkeypatch.setattr(Algorithm, "RUN_BYTES", 2 * grad_bytes + 1)
+    kw = {"seed": 3, "participation": 0.8, "evaluate": lambda X, k: task.evaluate(X)}
+    calls = []
+    run = Algorithm._client_run
+    monkeypatch.setattr(Algorithm, "_client_run", lambda self, *a: calls.append(len(a[-1])) or run(self, *a))
+    in_runs = run_plain(algo, task.objectives, X, 5, block_size=9, **kw)
+    assert calls and max(calls) == 2
+    monkeypatch.setattr(Algorithm, "RUN_BYTES", 10 ** 12)
+    calls.clear()
+    whole = run_plain(algo, task.objectives, X, 5, block_size=9, **kw)
+    assert max(calls) > 2
+    one = run_plain(algo, task.objectives, X, 5, **kw)
+    _frames_match(in_runs.frame(), whole.frame())
+    _frames_match(in_runs.frame(), one.frame())
+    for j in range(TASK["num_clients"]):
+        flat_a, _ = tree_flatten(in_runs.client_states[j])
+        flat_b, _ = tree_flatten(one.client_states[j])
+        assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(flat_a, flat_b))
+
+
 def test_flower_blocks_equal_plain_driver_with_faults():
     """9 clients in blocks of 4 (3 nodes, the last holding one client), partial participation, injected raises
     that fail single clients inside a block."""

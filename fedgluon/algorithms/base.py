@@ -268,12 +268,32 @@ class Algorithm:
             new_state["x_prev"] = dict(bc.model)      # a model in place, so every client shares one copy
         return new_state, ClientReply(j, bc.round, msg, grads.loss, grads.evals, grads.samples)
 
+    # A block's clients step in runs whose gradients take about this many bytes (a run's gradients,
+    # activations and error-feedback rows then stay near the cache instead of streaming through memory)
+    RUN_BYTES: ClassVar[int] = 32 * 2 ** 20
+
     def client_block(self, states: Mapping[int, State | None], bc: Broadcast,
                      objectives: Sequence[SupervisedObjective], js: Sequence[int]) -> dict[int, tuple[State, ClientReply]]:
-        """``client_step`` of a block of virtual clients, their gradients computed in one vmapped call;
-        algorithms with their own ``client_step`` (several local steps) run it client by client."""
+        """``client_step`` of a block of virtual clients, in runs of :meth:`run_length` clients whose
+        gradients are computed in one vmapped call each (each client's result depends on its own state,
+        batch and the broadcast alone, so on neither the block nor the run it is in); algorithms with
+        their own ``client_step`` (several local steps) run it client by client."""
         if type(self).client_step is not Algorithm.client_step:
             return {j: self.client_step(states[j], bc, objectives[j], j) for j in js}
+        per = self.run_length(bc)
+        out: dict[int, tuple[State, ClientReply]] = {}
+        for start in range(0, len(js), per):
+            out.update(self._client_run(states, bc, objectives, js[start:start + per]))
+        return out
+
+    def run_length(self, bc: Broadcast) -> int:
+        """Clients per run of a block step: ``RUN_BYTES`` over one client's gradient bytes (two gradients
+        for estimators that also need ∇f(X_prev)); at least 1."""
+        grad_bytes = sum(t.numel() * t.element_size() for t in bc.model.values()) * (1 + self.needs_previous)
+        return max(1, self.RUN_BYTES // max(1, grad_bytes))
+
+    def _client_run(self, states: Mapping[int, State | None], bc: Broadcast, objectives: Sequence[SupervisedObjective],
+                    js: Sequence[int]) -> dict[int, tuple[State, ClientReply]]:
         full = [states[j] or {} for j in js]
         grads = self.block_gradients(dict(zip(js, full)), bc, objectives, js)
         pairs = [grads[j] for j in js]

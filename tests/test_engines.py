@@ -37,6 +37,23 @@ def same_metrics(a: pd.DataFrame, b: pd.DataFrame, loss_rtol: float = 0.0) -> No
         pd.testing.assert_series_equal(a["train_loss"], b["train_loss"], rtol=loss_rtol)
 
 
+def test_client_app_pickles_as_its_spec():
+    """Flower's Ray engine pickles the ClientApp with every message: a fixed-spec app pickles as its spec
+    (small) and unpickles to one app per spec and process, which runs like the original."""
+    import json
+    import pickle
+
+    from fedgluon.client_app import SpecClientApp
+
+    app = make_client_app(SPEC)
+    data = pickle.dumps(app)
+    assert isinstance(app, SpecClientApp) and len(data) < 2000
+    back = pickle.loads(data)
+    assert isinstance(back, SpecClientApp) and back is pickle.loads(pickle.dumps(app))
+    assert specs.normalise(SPEC) == specs.normalise(json.loads(back.spec_json))
+    assert type(make_client_app()) is not SpecClientApp  # no fixed spec: the run config names it
+
+
 def test_inprocess_flower_equals_plain_driver():
     strategy = run_inprocess(SPEC)
     same_metrics(pd.DataFrame(strategy.history), plain_frame(SPEC))

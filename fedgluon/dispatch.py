@@ -1,15 +1,30 @@
-"""A shorter dispatch cadence for Flower's simulation engine (flwr 1.41–1.42).
+"""Event-driven hand-off between fedgluon's ServerApp and Flower's simulation engine (flwr 1.41–1.42).
 
-Flower's simulation runtime hands messages to its Ray workers from one thread that polls the
-LinkState for every node, then sleeps 0.1 s (``add_messages_to_queue`` in
-``flwr.server.superlink.fleet.vce.vce_api``, ``f_stop.wait(0.1)``). A message therefore waits 50 ms
-on average before a worker sees it, a floor of 0.05–0.1 s per round that dominates rounds of blocked
-clients (fedgluon's 200 clients in two blocks compute in ~0.05 s per block).
+Flower's simulation runtime moves a round's messages through its in-memory LinkState with two
+polling loops, each sleeping 0.1 s between polls:
 
-:func:`faster_dispatch` keeps Flower's own loop and only shortens its sleep: it wraps the stop event
-the loop waits on so that ``wait(t)`` waits ``min(t, interval)``. The interval grows with the number
-of nodes (each poll asks the LinkState once per node), so the thread stays a small share of a core.
-When Flower's function is not there or has another signature, nothing is patched (logged).
+* its dispatch thread (``add_messages_to_queue`` in ``flwr.server.superlink.fleet.vce.vce_api``)
+  scans the LinkState for every node's messages, then ``f_stop.wait(0.1)``;
+* the ServerApp's Grid (``InMemoryGrid.send_and_receive``) pulls replies, then sleeps
+  ``pull_interval`` (0.1 s).
+
+A message therefore waits ~50 ms on average at each, a floor of 0.1–0.2 s per round that dominated
+rounds of blocked clients (200 clients in two blocks compute in ~0.05 s per block). Polling faster
+costs CPU that the clients' workers need: each poll takes the LinkState's lock and checks every
+message (~0.1–0.3 ms here), and on this 2-core machine the two workers already use both cores.
+
+:func:`faster_dispatch` (``run_ray`` enters it around Flower's ``run_simulation``) turns both waits
+into wake-ups, keeping Flower's loops and LinkState:
+
+* the ServerApp wraps its Grid in a :class:`WakingGrid` (``strategies.server_app``), which sets
+  ``pushed`` after storing messages and waits on ``replied`` between pulls;
+* Flower's reply thread (``put_message_into_state``) gets a LinkState view that sets ``replied``
+  after storing each reply;
+* the dispatch loop's ``f_stop.wait(t)`` becomes :meth:`ShortWait.wait`: a wait on ``pushed``.
+
+Each wait is still bounded: by :func:`interval_for` (a few ms) while no Grid signals its pushes, by
+``SIGNALLED_WAIT`` once one does, so a missed wake-up costs at most Flower's own cadence. When
+Flower's functions are not there or have other signatures, nothing is patched (logged).
 """
 
 from __future__ import annotations
@@ -17,60 +32,153 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 log = logging.getLogger("fedgluon")
 
-EXPECTED = ["state", "queue", "nodes_mapping", "f_stop"]
+EXPECTED = {"add_messages_to_queue": ["state", "queue", "nodes_mapping", "f_stop"],
+            "put_message_into_state": ["state", "queue", "f_stop"]}
+SIGNALLED_WAIT = 0.1  # the longest wait between polls once pushes and replies are signalled (Flower's cadence)
 
 
 def interval_for(num_nodes: int) -> float:
-    """Seconds between polls: 2 ms, plus 0.1 ms per node (each poll costs tens of µs per node), at most
-    Flower's 0.1 s."""
+    """Seconds between the dispatch loop's polls while no Grid signals its pushes: 2 ms, plus 0.1 ms per
+    node (each poll costs tens of µs per node), at most Flower's 0.1 s."""
     return min(0.1, 0.002 + 1e-4 * max(0, num_nodes))
 
 
-class ShortWait:
-    """A view of a ``threading.Event`` whose ``wait(t)`` waits at most ``interval`` seconds."""
+class Wakeups:
+    """The events of one simulation: ``pushed`` (a Grid stored messages for the nodes) and ``replied``
+    (Flower's reply thread stored a reply); ``signalled`` once a :class:`WakingGrid` has pushed."""
 
-    def __init__(self, event: threading.Event, interval: float):
-        self.event, self.interval = event, interval
+    def __init__(self) -> None:
+        self.pushed = threading.Event()
+        self.replied = threading.Event()
+        self.signalled = False
+
+
+_ACTIVE: Wakeups | None = None
+
+
+def active() -> Wakeups | None:
+    """The wake-ups of the simulation running in this process (inside :func:`faster_dispatch`), if any."""
+    return _ACTIVE
+
+
+class ShortWait:
+    """A view of the dispatch loop's stop event whose ``wait(t)`` waits on ``wake`` (when given) for at
+    most ``interval`` seconds, or ``SIGNALLED_WAIT`` once ``signalled()``; it returns whether the stop
+    event is set, as ``Event.wait`` would."""
+
+    def __init__(self, event: threading.Event, interval: float, wake: Wakeups | None = None):
+        self.event, self.interval, self.wake = event, interval, wake
 
     def is_set(self) -> bool:
         return self.event.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self.event.wait(self.interval if timeout is None else min(timeout, self.interval))
+        if self.wake is None:
+            return self.event.wait(self.interval if timeout is None else min(timeout, self.interval))
+        cap = SIGNALLED_WAIT if self.wake.signalled else self.interval
+        if self.wake.pushed.wait(cap if timeout is None else min(timeout, cap)):
+            self.wake.pushed.clear()  # before the loop scans again: a push after this wakes the next wait
+        return self.event.is_set()
 
     def __getattr__(self, name: str) -> Any:  # set(), clear(), ...: the event's own
         return getattr(self.event, name)
 
 
-@contextmanager
-def faster_dispatch(num_nodes: int) -> Iterator[bool]:
-    """While active, Flower's simulation dispatch loop polls every :func:`interval_for` seconds; yields
-    whether the patch is in place. Restores Flower's function on exit."""
+class SignallingState:
+    """A LinkState view whose ``store_message_res`` sets ``replied`` once the reply is stored."""
+
+    def __init__(self, state: Any, replied: threading.Event):
+        self.state, self.replied = state, replied
+
+    def store_message_res(self, message: Any) -> Any:
+        out = self.state.store_message_res(message)
+        self.replied.set()
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.state, name)
+
+
+def _flower_functions() -> tuple[Any, dict[str, Any]] | None:
+    """Flower's simulation module and its two loop functions, or None (logged) if they are not as expected."""
     try:
         from flwr.server.superlink.fleet.vce import vce_api
-        original = vce_api.add_messages_to_queue
-        params = list(inspect.signature(original).parameters)
+        functions = {name: getattr(vce_api, name) for name in EXPECTED}
+        params = {name: list(inspect.signature(f).parameters) for name, f in functions.items()}
     except (ImportError, AttributeError, TypeError, ValueError) as err:
-        log.info("faster_dispatch: Flower's dispatch loop not found (%s); keeping its 0.1 s cadence", err)
-        yield False
-        return
+        log.info("faster_dispatch: Flower's simulation loops not found (%s); keeping its 0.1 s cadence", err)
+        return None
     if params != EXPECTED:
-        log.info("faster_dispatch: unexpected signature %s of Flower's dispatch loop; keeping its cadence", params)
+        log.info("faster_dispatch: unexpected signatures %s of Flower's simulation loops; keeping its cadence", params)
+        return None
+    return vce_api, functions
+
+
+@contextmanager
+def faster_dispatch(num_nodes: int) -> Iterator[bool]:
+    """While active, Flower's simulation loops in this process wake on :class:`Wakeups` (module doc);
+    yields whether the patch is in place. Restores Flower's functions on exit."""
+    global _ACTIVE
+    found = _flower_functions()
+    if found is None:
         yield False
         return
-    interval = interval_for(num_nodes)
+    vce_api, original = found
+    wake, interval = Wakeups(), interval_for(num_nodes)
 
     def add_messages_to_queue(state, queue, nodes_mapping, f_stop):  # noqa: ANN001 - Flower's signature
-        return original(state, queue, nodes_mapping, ShortWait(f_stop, interval))
+        return original["add_messages_to_queue"](state, queue, nodes_mapping, ShortWait(f_stop, interval, wake))
+
+    def put_message_into_state(state, queue, f_stop):  # noqa: ANN001 - Flower's signature
+        return original["put_message_into_state"](SignallingState(state, wake.replied), queue, f_stop)
 
     vce_api.add_messages_to_queue = add_messages_to_queue
+    vce_api.put_message_into_state = put_message_into_state
+    previous, _ACTIVE = _ACTIVE, wake
     try:
         yield True
     finally:
-        vce_api.add_messages_to_queue = original
+        _ACTIVE = previous
+        vce_api.add_messages_to_queue = original["add_messages_to_queue"]
+        vce_api.put_message_into_state = original["put_message_into_state"]
+
+
+class WakingGrid:
+    """A Grid (Flower's simulation ``InMemoryGrid``, say) whose pushes set ``wake.pushed`` and whose
+    ``send_and_receive`` waits on ``wake.replied`` between pulls instead of sleeping; everything else is
+    the wrapped Grid's. Same results as the Grid's own loop: replies until all have come or ``timeout``
+    seconds have passed (none: wait for all)."""
+
+    def __init__(self, grid: Any, wake: Wakeups):
+        self.grid, self.wake = grid, wake
+
+    def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:
+        ids = self.grid.push_messages(messages)
+        self.wake.signalled = True
+        self.wake.pushed.set()
+        return ids
+
+    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
+        waiting = set(self.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        out: list[Any] = []
+        while waiting:
+            self.wake.replied.clear()  # before pulling: a reply stored after this wakes the wait below
+            replies = list(self.grid.pull_messages(waiting))
+            out += replies
+            waiting -= {m.metadata.reply_to_message_id for m in replies}
+            left = SIGNALLED_WAIT if end is None else min(SIGNALLED_WAIT, end - time.monotonic())
+            if not waiting or left <= 0:
+                break
+            self.wake.replied.wait(left)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)

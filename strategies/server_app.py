@@ -13,9 +13,11 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedgluon import dispatch
 from fedgluon import spec as specs
 from fedgluon.checkpoint import Checkpointer, Snapshot
 from fedgluon.client_app import app_path, spec_from_context
+from fedgluon.dispatch import WakingGrid
 from fedgluon.federation import Evaluate
 
 from .records import tensors_to_record
@@ -24,8 +26,8 @@ from .strategy import GluonStrategy
 # Seconds between the server's polls for replies. Flower's simulation Grid (InMemoryGrid) sleeps
 # 0.1 s between polls, up to 0.1 s added to every round (0.5 ms per client task at 200 clients, as
 # much as the clients' whole work in blocks); polling the in-memory state every 5 ms costs ~1% of a
-# core. (Flower's simulation engine also hands messages to nodes on a 0.1 s cadence, in its own
-# thread, which no public setting changes: that floor remains.)
+# core. Under fedgluon.engines.run_ray the Grid is also wrapped to wake on each stored reply instead
+# (fedgluon.dispatch, which also wakes Flower's dispatch thread on each push).
 POLL_INTERVAL = 0.005
 
 
@@ -50,6 +52,9 @@ def serve(grid: Grid, spec: Mapping[str, Any], on_round: Callable[[dict[str, Any
                              eval_every=spec["eval_every"], on_round=on_round, rounds=spec["rounds"],
                              checkpointer=checkpointer, resume=resume, block_size=int(spec["block_size"]))
     poll_faster(grid)
+    wake = dispatch.active()
+    if wake is not None:  # Flower's simulation under fedgluon.engines.run_ray: event-driven hand-off
+        grid = WakingGrid(grid, wake)  # type: ignore[assignment]
     strategy.connect(grid, timeout=float(spec["node_timeout"]))
     strategy.start(grid=grid, initial_arrays=tensors_to_record(strategy.server_state["X"]),
                    timeout=float(spec["round_timeout"]))

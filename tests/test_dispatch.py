@@ -1,11 +1,15 @@
-"""fedgluon.dispatch: Flower's dispatch loop waits at most the interval, and is restored afterwards."""
+"""fedgluon.dispatch: Flower's simulation loops wake on pushes and replies (and wait at most their caps),
+the Grid wrapper returns every reply or stops at its timeout, and Flower's functions are restored afterwards."""
 
+import queue
 import threading
 import time
+from types import SimpleNamespace
 
 from flwr.server.superlink.fleet.vce import vce_api
 
-from fedgluon.dispatch import ShortWait, faster_dispatch, interval_for
+from fedgluon import dispatch
+from fedgluon.dispatch import SIGNALLED_WAIT, ShortWait, Wakeups, WakingGrid, faster_dispatch, interval_for
 
 
 def test_short_wait_caps_the_wait_and_passes_the_event_through():
@@ -19,10 +23,82 @@ def test_short_wait_caps_the_wait_and_passes_the_event_through():
     assert event.is_set() and short.is_set() and short.wait(30.0) is True
 
 
+def test_short_wait_wakes_on_a_push_and_is_capped():
+    stop, wake = threading.Event(), Wakeups()
+    threading.Timer(0.05, wake.pushed.set).start()
+    start = time.perf_counter()
+    assert ShortWait(stop, 30.0, wake).wait(None) is False  # woken by the push, not the 30 s cap
+    assert time.perf_counter() - start < 10.0 and not wake.pushed.is_set()  # cleared for the next wait
+    start = time.perf_counter()
+    assert ShortWait(stop, 0.01, wake).wait(30.0) is False  # no push: the interval caps the wait
+    assert time.perf_counter() - start < 10.0
+    wake.signalled = True  # a Grid signals its pushes: the cap is Flower's cadence, not the interval
+    start = time.perf_counter()
+    ShortWait(stop, 0.0, wake).wait(30.0)
+    assert time.perf_counter() - start >= 0.9 * SIGNALLED_WAIT
+    stop.set()
+    assert ShortWait(stop, 0.01, wake).wait(0.0) is True
+
+
+def test_flowers_reply_thread_signals_each_stored_reply():
+    stored, replies, stop = [], queue.Queue(), threading.Event()
+    state = SimpleNamespace(store_message_res=stored.append)
+    with faster_dispatch(num_nodes=2) as patched:
+        assert patched and dispatch.active() is not None
+        wake = dispatch.active()
+        thread = threading.Thread(target=vce_api.put_message_into_state, args=(state, replies, stop))
+        thread.start()
+        replies.put("reply")
+        assert wake.replied.wait(30.0) and stored == ["reply"]
+        stop.set()
+        thread.join(timeout=30)
+    assert dispatch.active() is None
+
+
+class _SlowGrid:
+    """A stand-in for Flower's InMemoryGrid: a reply to each pushed message is stored by another thread
+    after ``delay`` seconds (never, when None), as Flower's reply thread stores it, waking ``wake.replied``."""
+
+    def __init__(self, wake, delay):
+        self.wake, self.delay, self.stored, self.lock = wake, delay, {}, threading.Lock()
+        self.name = "slow grid"
+
+    def push_messages(self, messages):
+        ids = [str(i) for i, _ in enumerate(messages)]
+        for k, i in enumerate(ids):
+            if self.delay is not None:
+                threading.Timer(self.delay * (k + 1), self._reply, args=(i,)).start()
+        return ids
+
+    def _reply(self, i):
+        with self.lock:
+            self.stored[i] = SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i))
+        self.wake.replied.set()
+
+    def pull_messages(self, ids):
+        with self.lock:
+            return [self.stored.pop(i) for i in list(ids) if i in self.stored]
+
+
+def test_waking_grid_returns_every_reply_or_stops_at_its_timeout():
+    wake = Wakeups()
+    grid = WakingGrid(_SlowGrid(wake, 0.02), wake)
+    start = time.perf_counter()
+    replies = grid.send_and_receive(["a", "b", "c"], timeout=60.0)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["0", "1", "2"]
+    assert time.perf_counter() - start < 30.0 and wake.signalled and grid.name == "slow grid"
+    silent = WakingGrid(_SlowGrid(wake, None), wake)
+    start = time.perf_counter()
+    assert silent.send_and_receive(["a"], timeout=0.3) == []
+    assert 0.3 <= time.perf_counter() - start < 30.0
+
+
 def test_faster_dispatch_patches_flowers_loop_only_while_active():
     original = vce_api.add_messages_to_queue
+    original_replies = vce_api.put_message_into_state
     with faster_dispatch(num_nodes=2) as patched:
         assert patched and vce_api.add_messages_to_queue is not original
+        assert vce_api.put_message_into_state is not original_replies
         # Flower's own loop runs, sleeping on the short wait: it stops as soon as the event is set
         stop = threading.Event()
         thread = threading.Thread(target=vce_api.add_messages_to_queue, args=(_NoState(), None, {}, stop))
@@ -30,7 +106,7 @@ def test_faster_dispatch_patches_flowers_loop_only_while_active():
         stop.set()
         thread.join(timeout=30)
         assert not thread.is_alive()
-    assert vce_api.add_messages_to_queue is original
+    assert vce_api.add_messages_to_queue is original and vce_api.put_message_into_state is original_replies
     assert interval_for(2) < 0.01 and interval_for(10 ** 6) == 0.1
 
 

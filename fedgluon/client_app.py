@@ -78,7 +78,9 @@ class SpecClientApp(ClientApp):
     one pickles as ``(client_app_for, spec as JSON)``, and each actor process builds the app once per
     spec and keeps it."""
 
-    spec_json: str
+    def __init__(self, spec_json: str):
+        super().__init__()
+        self.spec_json = spec_json
 
     def __reduce__(self) -> tuple[Any, tuple[str]]:
         return client_app_for, (self.spec_json,)
@@ -105,9 +107,7 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp for ``spec`` (or, when None, for the spec named in the run config)."""
     fixed = specs.normalise(spec) if spec is not None else None
     text = _as_json(fixed)
-    app = ClientApp() if text is None else SpecClientApp()
-    if text is not None:
-        app.spec_json = text
+    app = ClientApp() if text is None else SpecClientApp(text)
 
     def resolve(context: Context) -> dict[str, Any]:
         return fixed if fixed is not None else spec_from_context(context)

@@ -70,7 +70,7 @@ def active() -> Wakeups | None:
 
 class ShortWait:
     """A view of the dispatch loop's stop event whose ``wait(t)`` waits on ``wake`` (when given) for at
-    most ``interval`` seconds, or ``SIGNALLED_WAIT`` once ``signalled()``; it returns whether the stop
+    most ``interval`` seconds, or ``SIGNALLED_WAIT`` once ``wake.signalled``; it returns whether the stop
     event is set, as ``Event.wait`` would."""
 
     def __init__(self, event: threading.Event, interval: float, wake: Wakeups | None = None):

@@ -228,8 +228,8 @@ class Packer:
 
     def record(self, layout: Any) -> ArrayRecord:
         text = np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8)
-        return array_record({"layout": to_array(text), "data": RawArray(dtype="uint8", shape=(self.size,), stype=RAW,
-                                                                    data=b"".join(self.chunks))})
+        data = RawArray(dtype="uint8", shape=(self.size,), stype=RAW, data=b"".join(self.chunks))
+        return array_record({"layout": to_array(text), "data": data})
 
 
 def _memory(a: np.ndarray | Tensor) -> tuple:

@@ -58,18 +58,29 @@ def _rows_of(states: Sequence[Mapping[str, Tensors] | None], key: str) -> list[T
 
 
 CHUNK_BYTES = 1 << 21  # a row step takes a layer's rows in chunks of about this many bytes
+STACK_ROWS = 8  # chunks of at least this many rows are stacked: one call per chunk instead of one per row
+
+
+def _stacked(rows: Sequence[Tensor | None], like: Tensor) -> Tensor:
+    """The rows stacked into a new (n, *shape) tensor, a missing row as zeros."""
+    if any(r is None for r in rows):
+        zero = torch.zeros_like(like)
+        rows = [zero if r is None else r for r in rows]
+    return torch.stack(list(rows))
 
 
 def _layer_rows(compressor: Compressor, X: Sequence[Tensor], others: Sequence[Tensor | None], sign: float,
                 feedback: str) -> tuple[list[PayloadRows], int, list[Tensor]] | None:
     """One layer of a row step, in chunks of rows small enough to stay in the cache: per chunk,
-    ``C = X[i] + sign · others[i]`` row by row into one buffer (a missing row is zero: ``X[i] + sign · 0``,
-    exactly as the per-client step computes it), the chunk's payloads ``compress_rows(C)``, and the
-    rows' new states: ``others[i] + decode(row i)`` (``feedback="ef21"``: the new tracker) or
-    ``C[i] − decode(row i)`` (``"ef14"``: the new residual), each its own tensor. So each pass over a
-    chunk after the first reads the cache, and the buffer is reused from chunk to chunk unless the
-    payloads may be views of it (dense). Returns (the chunks' payload rows, rows per chunk, new states),
-    or None when a chunk cannot be compressed as rows (:meth:`Compressor.compress_rows`)."""
+    ``C = X[i] + sign · others[i]`` into one buffer (a missing row is zero: ``X[i] + sign · 0``, exactly
+    as the per-client step computes it), the chunk's payloads ``compress_rows(C)``, and the rows' new
+    states: ``others[i] + decode(row i)`` (``feedback="ef21"``: the new tracker) or ``C[i] − decode(row i)``
+    (``"ef14"``: the new residual), each its own tensor. So each pass over a chunk after the first reads
+    the cache, and the buffer is reused from chunk to chunk unless the payloads may be views of it
+    (dense). Chunks of ``STACK_ROWS`` rows or more (small layers) are stacked and stepped with one call
+    per operation, larger rows one call per row (stacking them would cost a pass over the data).
+    Returns (the chunks' payload rows, rows per chunk, new states), or None when a chunk cannot be
+    compressed as rows (:meth:`Compressor.compress_rows`)."""
     shape = tuple(X[0].shape)
     per = max(1, CHUNK_BYTES // max(1, X[0].numel() * X[0].element_size()))
     reuse = not compressor.rows_share_input(shape)
@@ -81,13 +92,21 @@ def _layer_rows(compressor: Compressor, X: Sequence[Tensor], others: Sequence[Te
         if buf is None or not reuse:
             buf = torch.empty((min(per, len(X)), *shape), dtype=X[0].dtype, device=X[0].device)
         chunk = buf[:len(xs)]
-        for i, (x, o) in enumerate(zip(xs, os)):  # sign = ±1: sign · o is exact, so x ± o is rounded once
-            torch.add(x, 0.0 if o is None else o, alpha=sign, out=chunk[i])
+        stacked = len(xs) >= STACK_ROWS
+        if stacked:  # sign = ±1: sign · o is exact, so x ± o is rounded once, as row by row
+            base = _stacked(os, xs[0])
+            torch.stack(list(xs), out=chunk)
+            chunk.add_(base, alpha=sign)
+        else:
+            for i, (x, o) in enumerate(zip(xs, os)):
+                torch.add(x, 0.0 if o is None else o, alpha=sign, out=chunk[i])
         rows = compressor.compress_rows(chunk)
         if rows is None:
             return None
         if feedback == "ef21":
-            new += compressor.add_decoded_rows(list(os), rows, xs[0])
+            new += compressor.add_decoded_rows(base if stacked else list(os), rows, xs[0])
+        elif stacked:  # the chunk is ours to overwrite unless the payloads are views of it
+            new += compressor.add_decoded_rows(chunk if reuse else chunk.clone(), rows, xs[0], -1.0)
         else:
             new += compressor.add_decoded_rows(list(chunk.unbind(0)), rows, xs[0], -1.0)
         parts.append(rows)

@@ -122,9 +122,9 @@ class Structure(ABC):
         """``X`` (B, d), row i the flattened tensor of client i → (values (B, n), arrays (B, ·))."""
         raise NotImplementedError
 
-    def add_rows_(self, outs: list[Tensor], values: Tensor, arrays: Mapping[str, np.ndarray]) -> None:
-        """``outs[i] += decode(row i)`` in place for every row (``outs[i]`` flat, ``values`` (B, n) the
-        rows' decoded values, already scaled)."""
+    def add_rows_(self, out: Tensor, values: Tensor, arrays: Mapping[str, np.ndarray]) -> None:
+        """``out[i] += decode(row i)`` in place for every row of ``out`` (B, d), contiguous (``values`` (B, n)
+        the rows' decoded values, already scaled; ``arrays`` the rows' (B, ·) structure arrays)."""
         raise NotImplementedError
 
 
@@ -146,9 +146,8 @@ class Dense(Structure):
     def encode_rows(self, X, shape):
         return X, {}
 
-    def add_rows_(self, outs, values, arrays):
-        for out, v in zip(outs, values):
-            out += v
+    def add_rows_(self, out, values, arrays):
+        out += values
 
 
 @dataclass
@@ -240,10 +239,14 @@ class TopK(_Sparse):
         idx = topk_rows(X, self.k(shape)).to(X.device)
         return torch.gather(X, 1, idx), {"idx": idx.cpu().numpy().astype(index_dtype(numel(shape)))}
 
-    def add_rows_(self, outs, values, arrays):
+    def add_rows_(self, out, values, arrays):
+        """One ``index_add_`` into the flat block at ``i·d + idx`` (distinct positions: each entry gets its
+        one value added exactly as a row-by-row add would)."""
+        B, d = out.shape
         idx = torch.from_numpy(arrays["idx"].astype(np.int64)).to(values.device)
-        for out, i, v in zip(outs, idx, values):
-            out.index_add_(0, i, v)
+        if B > 1:
+            idx += torch.arange(0, B * d, d, device=idx.device)[:, None]
+        out.view(-1).index_add_(0, idx.view(-1), values.reshape(-1))
 
 
 def _scatter_rows(A: np.ndarray, rows: np.ndarray, count: int) -> np.ndarray:
@@ -626,17 +629,24 @@ class Compressor:
         return PayloadRows(f"{s.name}/{self.values.name}", shape,
                            {**arrays, **{f"v.{k}": a for k, a in varrays.items()}})
 
-    def add_decoded_rows(self, bases: Sequence[Tensor | None], rows: PayloadRows, like: Tensor,
+    def add_decoded_rows(self, bases: Sequence[Tensor | None] | Tensor, rows: PayloadRows, like: Tensor,
                          sign: float = 1.0) -> list[Tensor]:
-        """``bases[i] + sign · decode(rows.payload(i))`` for every row, each a new tensor of ``like``'s
-        dtype and device (a None base is zero), equal to :meth:`add_decoded` row by row (for payloads
-        this process has just made: no validation). The rows' values are converted and signed once
-        for the block (``sign`` = ±1: exact), then each row is added with one call."""
+        """``bases[i] + sign · decode(rows.payload(i))`` for every row, each a new tensor of its own storage,
+        of ``like``'s dtype and device, equal to :meth:`add_decoded` row by row (for payloads this process
+        has just made: no validation). ``bases``: the rows' tensors (None is zero), or one (B, *shape)
+        contiguous tensor that the rows are added into in place (the caller's scratch; one call for the
+        block, then one copy per row out of it). The rows' values are converted and signed once for the
+        block (``sign`` = ±1: exact)."""
         values = torch.from_numpy(rows.arrays["v.v"]).to(like.device, like.dtype)
         signed = values if sign == 1.0 else sign * values
+        structure = self._structure_for(rows.shape)
+        if isinstance(bases, Tensor):
+            structure.add_rows_(bases.view(len(bases), -1), signed, rows.arrays)
+            return [b.clone() for b in bases.unbind(0)]
         outs = [b.clone() if b is not None else torch.zeros(rows.shape, dtype=values.dtype, device=values.device)
                 for b in bases]
-        self._structure_for(rows.shape).add_rows_([o.view(-1) for o in outs], signed, rows.arrays)
+        for i, out in enumerate(outs):
+            structure.add_rows_(out.view(1, -1), signed[i:i + 1], {k: a[i:i + 1] for k, a in rows.arrays.items()})
         return outs
 
     def bits(self, payload: TensorPayload) -> BitCount:

@@ -140,14 +140,17 @@ def test_compress_rows_declines_non_finite_blocks():
 @pytest.mark.parametrize("spec", [{"name": "topk", "ratio": 0.1, "values": "fp64"}, {"name": "identity", "values": "fp64"},
                                   {"name": "topk", "ratio": 0.2}])
 @pytest.mark.parametrize("chunk_bytes", [None, 1, 1000])
-def test_error_feedback_rows_equal_client_by_client(kind, spec, chunk_bytes, monkeypatch):
+@pytest.mark.parametrize("stack_rows", [1, 10 ** 9])
+def test_error_feedback_rows_equal_client_by_client(kind, spec, chunk_bytes, stack_rows, monkeypatch):
     """step_rows over 5 clients (some without state yet) equals step client by client, bitwise: messages,
     states, and the states it proposes are each client's own storage; also when a layer's rows are taken
-    in chunks of one or two rows (the chunk buffer is reused, so a payload aliasing it would show here)."""
+    in chunks of one or two rows (the chunk buffer is reused, so a payload aliasing it would show here),
+    and with chunks stepped row by row or stacked (STACK_ROWS)."""
     from compressors import error_feedback, make_error_feedback
 
     if chunk_bytes is not None:
         monkeypatch.setattr(error_feedback, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(error_feedback, "STACK_ROWS", stack_rows)
 
     ef = make_error_feedback(kind, make_compressor(spec))
     clients = range(5)

@@ -31,8 +31,9 @@ alignment, columns against their group's row count) on reading; nothing a client
 unpickled. Server-side reading (:class:`BlockReplies`): a malformed layout, metric list or group
 ``rows`` rejects the whole block; a malformed payload or state group rejects the clients of that
 group; everything else (metric values, codecs, indices, values, ids, rounds) is checked per client.
-Committed states are copied out of the block's buffer leaf by leaf (shared leaves once, shared
-again), so a committed state never keeps the whole block's buffer alive.
+Proposed states are copied out of the block's buffer leaf by leaf (shared leaves once, shared
+again), or, for the strategy, parsed as views of it: strategies/columns.py keeps those only while
+every client of the block holds them, and sends them back as the same columns.
 """
 
 from __future__ import annotations
@@ -227,9 +228,14 @@ class Packer:
         return [name, [len(rows), *first.shape], self._write([b for _, b in converted])]
 
     def record(self, layout: Any) -> ArrayRecord:
-        text = np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8)
-        data = RawArray(dtype="uint8", shape=(self.size,), stype=RAW, data=b"".join(self.chunks))
-        return array_record({"layout": to_array(text), "data": data})
+        return packed_record(layout, b"".join(self.chunks))
+
+
+def packed_record(layout: Any, data: bytes) -> ArrayRecord:
+    """A packed record: the layout as JSON and the data its references point into (module doc)."""
+    text = np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8)
+    return array_record({"layout": to_array(text),
+                         "data": RawArray(dtype="uint8", shape=(len(data),), stype=RAW, data=data)})
 
 
 def _memory(a: np.ndarray | Tensor) -> tuple:
@@ -520,10 +526,16 @@ class BlockReplies:
     """Server side of :func:`replies_to_record`: ``parse(j)`` gives client j's (ClientReply, proposed
     state) or raises a :class:`PayloadError` naming what is wrong. A malformed layout (client list,
     metric lists, group rows, references) rejects the whole block (``error``); a malformed payload or
-    state group rejects the clients of that group; a bad metric or payload value its client alone."""
+    state group rejects the clients of that group; a bad metric or payload value its client alone.
 
-    def __init__(self, record: Any):
+    The proposed states are copies of their own, or with ``views`` views of the reply's buffer (which
+    they then keep alive: the caller copies them out where it keeps only some, see
+    ``strategies.strategy.StateColumns``); :meth:`states_record` sends them back to the block as they
+    came."""
+
+    def __init__(self, record: Any, views: bool = False):
         self.error: PayloadError | None = None
+        self.views = views
         self.shared: dict[str, Tensor] = {}
         try:
             self.unpacker = Unpacker(record)
@@ -565,9 +577,18 @@ class BlockReplies:
             raise PayloadError("*", "state", "no proposed state")
         group, i = where
         try:
-            return group.tree(i, copy=True, shared=self.shared)
+            return group.tree(i, copy=not self.views, shared=self.shared)
         except ValueError as err:
             raise PayloadError("*", "state", str(err)) from None
+
+    def states_record(self) -> ArrayRecord:
+        """The proposed states of this block's clients (in its ``clients`` order) as a
+        :func:`states_to_record` record, made of the reply's own state groups and a copy of its data:
+        what the node needs next round when the server committed every one of them."""
+        if self.error is not None:
+            raise self.error
+        return packed_record({"clients": self.clients, "states": self.unpacker.layout["states"]},
+                             self.unpacker.buffer.tobytes())
 
     def _messages(self, groups: Any, m: int) -> list[Message | PayloadError]:
         out: list[Message | PayloadError] = [PayloadError("*", "payload", "no payload")] * m

@@ -37,6 +37,7 @@ from fedgluon.checkpoint import Checkpointer, Snapshot
 from fedgluon.federation import Evaluate, Federation, RoundPlan, client_weights_from_sizes
 from fedgluon.gc_pause import gc_paused
 
+from .columns import StateColumns
 from .records import BlockReplies, states_to_record, tensors_to_record
 
 log = logging.getLogger("fedgluon.strategy")
@@ -75,6 +76,7 @@ class GluonStrategy(Strategy):
         self.node_of: dict[int, int] = {}
         self.partition_of: dict[int, int] = {}
         self.ray_nodes: set[str] = set()
+        self.columns = StateColumns()  # committed states held as their replies' columns (strategies/columns.py)
         self._round: RoundPlan | None = None
 
     @property
@@ -140,8 +142,9 @@ class GluonStrategy(Strategy):
         out = []
         for block, js in by_block(plan.participants, self.block_size).items():
             cfg = ConfigRecord({"round": k, "seed": self.seed, "clients": js, "refresh": int(bc.flags.get("refresh", 0))})
-            content = RecordDict({"model": model, "config": cfg,
-                                  "states": states_to_record({j: self.client_states[j] for j in js})})
+            states = (self.columns.record_for(js, self.client_states)
+                      or states_to_record({j: self.client_states[j] for j in js}))
+            content = RecordDict({"model": model, "config": cfg, "states": states})
             out.append(Message(content, dst_node_id=self.node_of[block], message_type="train", group_id=str(k)))
         return out
 
@@ -174,7 +177,7 @@ class GluonStrategy(Strategy):
             if info is not None and info.get("ray_node"):
                 self.ray_nodes.add(str(info["ray_node"]))
             reported = records.config.get("failed")
-            block_replies = BlockReplies(records.array.get("replies"))
+            block_replies = BlockReplies(records.array.get("replies"), views=True)
             for j in expected[block]:
                 if reported is not None and str(j) in reported:
                     failed[j] = str(reported[str(j)])
@@ -183,10 +186,14 @@ class GluonStrategy(Strategy):
                     parsed[j], proposed[j] = block_replies.parse(j)
                 except PayloadError as err:
                     pre_rejected[j] = str(err)
+            self.columns.offer(block_replies, {j: proposed[j] for j in expected[block] if j in proposed})
         for j in plan.participants:
             if j not in parsed and j not in failed and j not in pre_rejected:
                 failed[j] = "no reply before the round timeout"
-        row = self.federation.close_round(plan, parsed, proposed, failed, pre_rejected)
+        try:
+            row = self.federation.close_round(plan, parsed, proposed, failed, pre_rejected)
+        finally:  # also when the run stops: no committed state keeps a partly committed reply alive
+            self.columns.settle(self.client_states)
         metrics = MetricRecord({key: float(v) for key, v in row.items() if isinstance(v, (int, float))})
         return tensors_to_record(self.server_state["X"]), metrics
 

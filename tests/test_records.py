@@ -145,3 +145,60 @@ def test_raw_arrays_deflate_and_inflate_as_flower_arrays():
     back = inflate_object_from_contents(record.object_id, contents)
     assert type(back["data"]) is Array and back["data"].data == record["data"].data
     assert all(tree_equal(record_to_states(back)[j], states[j]) for j in states)
+
+
+def _in_buffer(t, block: BlockReplies) -> bool:
+    start = block.unpacker.buffer.ctypes.data
+    return start <= t.data_ptr() < start + block.unpacker.buffer.nbytes
+
+
+def _leaves(tree):
+    return [t for v in tree.values() for t in (_leaves(v) if isinstance(v, dict) else [v])]
+
+
+def test_committed_states_stay_columns_only_while_their_whole_block_holds_them():
+    """strategies.columns.StateColumns: a reply whose clients all hold its views is kept and sends them
+    back as they came (the same states as packing them again); one only some hold has those copied out
+    (no view of its buffer left, x_prev still one tensor); one nobody holds is forgotten."""
+    from strategies.columns import StateColumns
+
+    model = {"w": torch.randn(4, 3)}
+    states = {j: {"est": {"m": torch.full((4, 3), float(j))}, "x_prev": dict(model), "commits": torch.tensor(j)}
+              for j in (2, 3, 4)}
+    columns, committed = StateColumns(), {}
+    blocks = []
+    for clients in ((2, 3), (4,)):
+        block = BlockReplies(replies_to_record({j: (states[j], replies_for({j: None})[j][1]) for j in clients}),
+                             views=True)
+        proposed = {j: block.parse(j)[1] for j in clients}
+        assert all(_in_buffer(t, block) for j in clients for t in _leaves(proposed[j]))
+        committed.update(proposed)
+        columns.offer(block, proposed)
+        blocks.append(block)
+    columns.settle(committed)
+    for clients in ((2, 3), (4,)):
+        record = columns.record_for(list(clients), committed)
+        assert record is not None and Unpacker(record).layout["clients"] == list(clients)
+        back = record_to_states(record)
+        again = record_to_states(states_to_record({j: committed[j] for j in clients}))
+        assert all(tree_equal(back[j], again[j]) and tree_equal(back[j], states[j]) for j in clients)
+    assert columns.record_for([3, 2], committed) is None  # another order: another record
+
+    committed[3] = {"commits": torch.tensor(9)}  # client 3 moves on, client 2 was not sampled
+    committed[4] = {"commits": torch.tensor(7)}
+    columns.settle(committed)
+    assert columns.held == {} and columns.record_for([2, 3], committed) is None
+    assert tree_equal(committed[2], states[2])
+    assert not any(_in_buffer(t, blocks[0]) for t in _leaves(committed[2]))
+
+    # a block with a rejected client: the accepted ones are copied out at once, x_prev still shared
+    block = BlockReplies(replies_to_record({j: (states[j], replies_for({j: None})[j][1]) for j in (2, 3, 4)}),
+                         views=True)
+    proposed = {j: block.parse(j)[1] for j in (2, 3, 4)}
+    committed.update({j: proposed[j] for j in (2, 3)})  # 4 rejected: keeps its state
+    columns.offer(block, proposed)
+    columns.settle(committed)
+    assert columns.held == {}
+    assert not any(_in_buffer(t, block) for j in (2, 3) for t in _leaves(committed[j]))
+    assert committed[2]["x_prev"]["w"] is committed[3]["x_prev"]["w"]
+    assert all(tree_equal(committed[j], states[j]) for j in (2, 3))

@@ -569,13 +569,17 @@ class Compressor:
         itype = first.dtype if type(first) is np.ndarray and first.dtype.type in INDEX_DTYPES else np.dtype(np.int64)
         itype = itype.newbyteorder("=")
         idx, vals = [], []
+        row, ndarray = (k,), np.ndarray
         for i, p in enumerate(payloads):
-            if (type(p) is not TensorPayload or p.codec != codec or type(p.shape) is not tuple or p.shape != shape
-                    or type(p.meta) is not dict or p.meta or type(p.arrays) is not dict or len(p.arrays) != 2):
+            if type(p) is not TensorPayload:
                 continue
-            a, v = p.arrays.get("idx"), p.arrays.get("v.v")
-            if (type(a) is not np.ndarray or a.dtype != itype or a.shape != (k,)
-                    or type(v) is not np.ndarray or v.dtype.type is not vtype or not v.dtype.isnative or v.shape != (k,)
+            pshape, meta, arrays = p.shape, p.meta, p.arrays
+            if (p.codec != codec or type(pshape) is not tuple or pshape != shape or type(meta) is not dict or meta
+                    or type(arrays) is not dict or len(arrays) != 2):
+                continue
+            a, v = arrays.get("idx"), arrays.get("v.v")
+            if (type(a) is not ndarray or type(v) is not ndarray or a.shape != row or v.shape != row
+                    or a.dtype != itype or v.dtype.type is not vtype or not v.dtype.isnative
                     or (max_nbytes is not None and a.nbytes + v.nbytes > max_nbytes)):
                 continue
             ok[i] = True

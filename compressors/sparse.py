@@ -68,12 +68,15 @@ class SparseRows:
     values: Tensor
     shape: tuple[int, ...]
 
+    def __post_init__(self) -> None:  # one row's bytes of indices and values (read once per client and layer)
+        self._row_nbytes = self.idx.shape[1] * self.idx.element_size() + self.values.shape[1] * self.values.element_size()
+
     def tensor(self, i: int) -> SparseTensor:
         return SparseTensor(None, None, self.shape, self, i)
 
     def row_nbytes(self) -> int:
         """Bytes of one row's indices and values."""
-        return self.idx.shape[1] * self.idx.element_size() + self.values.shape[1] * self.values.element_size()
+        return self._row_nbytes
 
 
 def add_scaled_(out: Tensor, w: float, r: Tensor | SparseTensor) -> Tensor:

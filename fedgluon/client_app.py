@@ -36,7 +36,7 @@ from . import spec as specs
 from .algorithms import Broadcast
 from .blocks import block_clients
 from .faults import FaultPlan, InjectedFault
-from .gc_pause import gc_paused
+from .gc_pause import freeze_worker, gc_paused, mark_worker_process
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (project) directory
 
@@ -86,9 +86,15 @@ class SpecClientApp(ClientApp):
         return client_app_for, (self.spec_json,)
 
 
-@lru_cache(maxsize=8)
 def client_app_for(spec_json: str) -> ClientApp:
-    """The ClientApp of a spec given as JSON, made once per process (:class:`SpecClientApp`)."""
+    """The ClientApp of a spec given as JSON, made once per process (:class:`SpecClientApp`); the process
+    is a worker of the run (fedgluon.gc_pause.freeze_worker)."""
+    mark_worker_process()
+    return _client_app_for(spec_json)
+
+
+@lru_cache(maxsize=8)
+def _client_app_for(spec_json: str) -> ClientApp:
     return make_client_app(json.loads(spec_json))
 
 
@@ -133,6 +139,7 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
         s = resolve(context)
         torch.set_num_threads(int(s["threads"]))
         task, algorithm = specs.build_cached(s)
+        freeze_worker()
         mine = _clients_of(context, s, task.num_clients)
         # Flower rebuilds these typed views on every access (O(records)): take them once, not per client
         arrays, cfg = msg.content.array_records, msg.content.config_records["config"]

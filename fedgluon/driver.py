@@ -28,7 +28,7 @@ from .blocks import by_block, num_blocks
 from .checkpoint import Checkpointer, Snapshot
 from .faults import FaultPlan
 from .federation import Evaluate, Federation, client_weights_from_sizes
-from .gc_pause import gc_paused
+from .gc_pause import gc_frozen, gc_paused
 from .objective import SupervisedObjective
 
 Tensors = dict[str, Tensor]
@@ -68,6 +68,13 @@ def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X
                      weights=client_weights(objectives, weights), evaluate=evaluate, eval_every=eval_every,
                      on_round=on_round, checkpointer=checkpointer, resume=resume)
     num_blocks(len(objectives), block_size)  # checks block_size
+    with gc_frozen():
+        _rounds(fed, algorithm, objectives, seed, faults, tamper, block_size)
+    return RunResult(fed.history, fed.server_state, fed.client_states, fed.client_log)
+
+
+def _rounds(fed: Federation, algorithm: Algorithm, objectives: Sequence[SupervisedObjective], seed: int,
+            faults: FaultPlan | None, tamper: Tamper | None, block_size: int) -> None:
     while not fed.done:
         with gc_paused():
             plan = fed.open_round()
@@ -82,7 +89,6 @@ def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X
                 pending[j], reply = out[j]
                 replies[j] = tamper(plan.k, j, reply) if tamper else reply
             fed.close_round(plan, replies, pending, failed)
-    return RunResult(fed.history, fed.server_state, fed.client_states, fed.client_log)
 
 
 # What a Flower engine reports for a task that met an injected fault (fedgluon.faults).

@@ -19,6 +19,7 @@ from fedgluon.checkpoint import Checkpointer, Snapshot
 from fedgluon.client_app import app_path, spec_from_context
 from fedgluon.dispatch import WakingGrid
 from fedgluon.federation import Evaluate
+from fedgluon.gc_pause import gc_frozen
 
 from .records import tensors_to_record
 from .strategy import GluonStrategy
@@ -56,8 +57,9 @@ def serve(grid: Grid, spec: Mapping[str, Any], on_round: Callable[[dict[str, Any
     if wake is not None:  # Flower's simulation under fedgluon.engines.run_ray: event-driven hand-off
         grid = WakingGrid(grid, wake)  # type: ignore[assignment]
     strategy.connect(grid, timeout=float(spec["node_timeout"]))
-    strategy.start(grid=grid, initial_arrays=tensors_to_record(strategy.server_state["X"]),
-                   timeout=float(spec["round_timeout"]))
+    with gc_frozen():
+        strategy.start(grid=grid, initial_arrays=tensors_to_record(strategy.server_state["X"]),
+                       timeout=float(spec["round_timeout"]))
     return strategy
 
 

@@ -37,13 +37,17 @@ def same_metrics(a: pd.DataFrame, b: pd.DataFrame, loss_rtol: float = 0.0) -> No
         pd.testing.assert_series_equal(a["train_loss"], b["train_loss"], rtol=loss_rtol)
 
 
-def test_client_app_pickles_as_its_spec():
+def test_client_app_pickles_as_its_spec(monkeypatch):
     """Flower's Ray engine pickles the ClientApp with every message: a fixed-spec app pickles as its spec
-    (small) and unpickles to one app per spec and process, which runs like the original."""
+    (small) and unpickles to one app per spec and process, which runs like the original, and marks its
+    process a worker of the run (fedgluon.gc_pause.freeze_worker)."""
     import json
     import pickle
 
+    from fedgluon import gc_pause
     from fedgluon.client_app import SpecClientApp
+
+    monkeypatch.setitem(gc_pause._worker, "is", False)  # this test process is no worker: restored after
 
     app = make_client_app(SPEC)
     data = pickle.dumps(app)
@@ -52,6 +56,7 @@ def test_client_app_pickles_as_its_spec():
     assert isinstance(back, SpecClientApp) and back is pickle.loads(pickle.dumps(app))
     assert specs.normalise(SPEC) == specs.normalise(json.loads(back.spec_json))
     assert type(make_client_app()) is not SpecClientApp  # no fixed spec: the run config names it
+    assert gc_pause._worker["is"]
 
 
 def test_inprocess_flower_equals_plain_driver():
@@ -178,3 +183,28 @@ def test_gc_pause_restores_the_collector_state():
         assert not gc.isenabled()  # not re-enabled by a pause that found it off
     finally:
         gc.enable()
+
+
+def test_runs_freeze_what_was_alive_before_them_and_unfreeze_after():
+    """The plain driver and the Flower server run their rounds with the objects alive at the start frozen
+    (gc.freeze: full collections skip them) and unfreeze them afterwards; a freeze made by someone else
+    is left as it was."""
+    import gc
+
+    from fedgluon.gc_pause import gc_frozen
+
+    assert gc.get_freeze_count() == 0
+    seen = []
+    s = specs.normalise({**SPEC, "rounds": 2})
+    task, algo = specs.build(s)
+    run_plain(algo, task.objectives, task.initial_params(), 2, on_round=lambda row: seen.append(gc.get_freeze_count()))
+    run_inprocess({**SPEC, "rounds": 2}, on_round=lambda row: seen.append(gc.get_freeze_count()))
+    assert len(seen) == 4 and min(seen) > 0 and gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with gc_frozen():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()

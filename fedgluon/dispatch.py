@@ -33,7 +33,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -154,10 +154,11 @@ class WakingGrid:
     """A Grid (Flower's simulation ``InMemoryGrid``, say) whose pushes set ``wake.pushed`` and whose
     ``send_and_receive`` waits on ``wake.replied`` between pulls instead of sleeping; everything else is
     the wrapped Grid's. Same results as the Grid's own loop: replies until all have come or ``timeout``
-    seconds have passed (none: wait for all)."""
+    seconds have passed (none: wait for all). ``on_reply`` (when given) sees each reply as it is pulled,
+    while the others are still being computed (GluonStrategy.read_reply)."""
 
-    def __init__(self, grid: Any, wake: Wakeups):
-        self.grid, self.wake = grid, wake
+    def __init__(self, grid: Any, wake: Wakeups, on_reply: Callable[[Any], None] | None = None):
+        self.grid, self.wake, self.on_reply = grid, wake, on_reply
 
     def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:
         ids = self.grid.push_messages(messages)
@@ -172,6 +173,9 @@ class WakingGrid:
         while waiting:
             self.wake.replied.clear()  # before pulling: a reply stored after this wakes the wait below
             replies = list(self.grid.pull_messages(waiting))
+            if self.on_reply is not None:
+                for reply in replies:
+                    self.on_reply(reply)
             out += replies
             waiting -= {m.metadata.reply_to_message_id for m in replies}
             left = SIGNALLED_WAIT if end is None else min(SIGNALLED_WAIT, end - time.monotonic())

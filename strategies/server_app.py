@@ -55,7 +55,7 @@ def serve(grid: Grid, spec: Mapping[str, Any], on_round: Callable[[dict[str, Any
     poll_faster(grid)
     wake = dispatch.active()
     if wake is not None:  # Flower's simulation under fedgluon.engines.run_ray: event-driven hand-off
-        grid = WakingGrid(grid, wake)  # type: ignore[assignment]
+        grid = WakingGrid(grid, wake, on_reply=strategy.read_reply)  # type: ignore[assignment]
     strategy.connect(grid, timeout=float(spec["node_timeout"]))
     with gc_frozen():
         strategy.start(grid=grid, initial_arrays=tensors_to_record(strategy.server_state["X"]),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -55,6 +56,19 @@ class Records(NamedTuple):
         return cls(content.array_records, content.config_records, content.metric_records)
 
 
+@dataclass
+class BlockRead:
+    """What one block's reply says: its clients' parsed replies and proposed states, failures (reported by
+    the node, or the whole block's error), rejections, the node's Ray node id, and the parsed record."""
+
+    parsed: dict[int, ClientReply] = field(default_factory=dict)
+    proposed: dict[int, Any] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)
+    ray_node: str = ""
+    replies: BlockReplies | None = None
+
+
 class GluonStrategy(Strategy):
     """Drive ``algorithm`` over Flower messages (see module docstring). The server side of every round
     is a :class:`fedgluon.federation.Federation` (shared with the plain driver); ``resume`` continues a
@@ -78,6 +92,7 @@ class GluonStrategy(Strategy):
         self.ray_nodes: set[str] = set()
         self.columns = StateColumns()  # committed states held as their replies' columns (strategies/columns.py)
         self._round: RoundPlan | None = None
+        self._early: dict[int, tuple[Message, BlockRead]] = {}  # replies read as they came (read_reply)
 
     @property
     def server_state(self) -> dict[str, Any]:
@@ -162,31 +177,23 @@ class GluonStrategy(Strategy):
         failed: dict[int, str] = {}
         pre_rejected: dict[int, str] = {}
         seen: set[int] = set()
+        early, self._early = self._early, {}
         for msg in replies:
             block = self.partition_of.get(msg.metadata.src_node_id)
             if block is None or block not in expected or block in seen:
                 log.warning("round %d: ignoring a reply from unexpected node %s", k, msg.metadata.src_node_id)
                 continue
             seen.add(block)
-            if msg.has_error():
-                failed.update({j: msg.error.reason or f"error code {msg.error.code}" for j in expected[block]})
-                continue
-            # Flower rebuilds these typed views on every access (O(records)): take them once per reply
-            records = Records.of(msg.content)
-            info = records.config.get("info")
-            if info is not None and info.get("ray_node"):
-                self.ray_nodes.add(str(info["ray_node"]))
-            reported = records.config.get("failed")
-            block_replies = BlockReplies(records.array.get("replies"), views=True)
-            for j in expected[block]:
-                if reported is not None and str(j) in reported:
-                    failed[j] = str(reported[str(j)])
-                    continue
-                try:
-                    parsed[j], proposed[j] = block_replies.parse(j)
-                except PayloadError as err:
-                    pre_rejected[j] = str(err)
-            self.columns.offer(block_replies, {j: proposed[j] for j in expected[block] if j in proposed})
+            got = early.get(id(msg))
+            read = got[1] if got is not None and got[0] is msg else self._read(msg, expected[block])
+            if read.ray_node:
+                self.ray_nodes.add(read.ray_node)
+            failed.update(read.failed)
+            parsed.update(read.parsed)
+            proposed.update(read.proposed)
+            pre_rejected.update(read.rejected)
+            if read.replies is not None:
+                self.columns.offer(read.replies, read.proposed)
         for j in plan.participants:
             if j not in parsed and j not in failed and j not in pre_rejected:
                 failed[j] = "no reply before the round timeout"
@@ -196,6 +203,44 @@ class GluonStrategy(Strategy):
             self.columns.settle(self.client_states)
         metrics = MetricRecord({key: float(v) for key, v in row.items() if isinstance(v, (int, float))})
         return tensors_to_record(self.server_state["X"]), metrics
+
+    def read_reply(self, msg: Message) -> None:
+        """Read a reply of the current round as soon as it arrives (the Ray engine's grid calls this
+        between its pulls, so a block's reply is parsed while the others still compute);
+        ``aggregate_train`` then uses what was read, and decides, as for any reply, whether to."""
+        plan, meta = self._round, msg.metadata
+        block = self.partition_of.get(meta.src_node_id)
+        if plan is None or block is None or meta.message_type != "train" or meta.group_id != str(plan.k):
+            return
+        clients = by_block(plan.participants, self.block_size).get(block)
+        if clients is None:
+            return
+        try:
+            with gc_paused():
+                self._early[id(msg)] = (msg, self._read(msg, clients))
+        except Exception:  # noqa: BLE001 - read again, and fail there as any reply would, in aggregate_train
+            log.debug("round %d: reading a reply early failed", plan.k, exc_info=True)
+
+    def _read(self, msg: Message, clients: list[int]) -> BlockRead:
+        """One block's reply: its clients' replies and proposed states (views of the reply's columns),
+        failures and rejections."""
+        if msg.has_error():
+            return BlockRead(failed={j: msg.error.reason or f"error code {msg.error.code}" for j in clients})
+        # Flower rebuilds these typed views on every access (O(records)): take them once per reply
+        records = Records.of(msg.content)
+        info = records.config.get("info")
+        read = BlockRead(ray_node=str(info["ray_node"]) if info is not None and info.get("ray_node") else "")
+        reported = records.config.get("failed")
+        read.replies = BlockReplies(records.array.get("replies"), views=True)
+        for j in clients:
+            if reported is not None and str(j) in reported:
+                read.failed[j] = str(reported[str(j)])
+                continue
+            try:
+                read.parsed[j], read.proposed[j] = read.replies.parse(j)
+            except PayloadError as err:
+                read.rejected[j] = str(err)
+        return read
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

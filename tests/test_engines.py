@@ -208,3 +208,29 @@ def test_runs_freeze_what_was_alive_before_them_and_unfreeze_after():
         assert gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()
+
+
+def test_replies_read_as_they_arrive_give_the_same_run(monkeypatch):
+    """Under run_ray the server's grid hands each reply to GluonStrategy.read_reply as it is pulled (a
+    block is parsed while the others compute); aggregate_train then uses those reads, each reply read
+    once, and the run equals the plain driver's. Here with fedgluon's in-process grid behind the same
+    WakingGrid (dispatch.active() patched to give one)."""
+    from fedgluon import dispatch
+    from strategies.strategy import GluonStrategy
+
+    monkeypatch.setattr(dispatch, "active", lambda: dispatch.Wakeups())
+    reads, early = [], []
+    read, read_reply = GluonStrategy._read, GluonStrategy.read_reply
+    monkeypatch.setattr(GluonStrategy, "_read", lambda self, msg, js: reads.append(js) or read(self, msg, js))
+
+    def spy(self, msg):
+        read_reply(self, msg)
+        early.append(id(msg) in self._early)
+
+    monkeypatch.setattr(GluonStrategy, "read_reply", spy)
+    spec = {**SPEC, "block_size": 2}
+    strategy = run_inprocess(spec)
+    same_metrics(pd.DataFrame(strategy.history), plain_frame(SPEC), loss_rtol=1e-6)
+    rounds, blocks = SPEC["rounds"], 2
+    assert len(reads) == rounds * blocks and early.count(True) == rounds * blocks  # the hello replies are not read
+    assert strategy._early == {}

@@ -49,7 +49,9 @@ def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.nda
     freed buffers of a few MB go back to the OS (glibc trims the heap), and fresh pages cost more than
     the pass that fills them (a block of 100 rows of 3,840 entries: 35 µs per row with fresh key, work
     and mask buffers per call, 12 with these). Its contents are the caller's only until the next call
-    with the same name: never return it."""
+    with the same name: never return it. Buffers live as long as their thread and never shrink: the
+    largest chunk seen (≈ ``CHUNK_BYTES`` for rows that fit it, one row's keys and mask otherwise — 50 MB
+    after a 10M-entry row)."""
     bufs = _scratch.__dict__.setdefault("bufs", {})
     dtype = np.dtype(dtype)
     need = math.prod(shape) * dtype.itemsize

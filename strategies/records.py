@@ -530,7 +530,7 @@ class BlockReplies:
 
     The proposed states are copies of their own, or with ``views`` views of the reply's buffer (which
     they then keep alive: the caller copies them out where it keeps only some, see
-    ``strategies.strategy.StateColumns``); :meth:`states_record` sends them back to the block as they
+    ``strategies.columns.StateColumns``); :meth:`states_record` sends them back to the block as they
     came."""
 
     def __init__(self, record: Any, views: bool = False):

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -92,6 +92,7 @@ class GluonStrategy(Strategy):
         self.ray_nodes: set[str] = set()
         self.columns = StateColumns()  # committed states held as their replies' columns (strategies/columns.py)
         self._round: RoundPlan | None = None
+        self._expected: dict[int, list[int]] = {}  # the round's sampled clients by block (by_block), once per round
         self._early: dict[int, tuple[Message, BlockRead]] = {}  # replies read as they came (read_reply)
 
     @property
@@ -154,8 +155,9 @@ class GluonStrategy(Strategy):
         bc, k = plan.broadcast, plan.k
         model = tensors_to_record(bc.model)
         self._round = plan
+        self._expected = by_block(plan.participants, self.block_size)
         out = []
-        for block, js in by_block(plan.participants, self.block_size).items():
+        for block, js in self._expected.items():
             cfg = ConfigRecord({"round": k, "seed": self.seed, "clients": js, "refresh": int(bc.flags.get("refresh", 0))})
             states = (self.columns.record_for(js, self.client_states)
                       or states_to_record({j: self.client_states[j] for j in js}))
@@ -171,7 +173,7 @@ class GluonStrategy(Strategy):
     def _aggregate_train(self, replies: Iterable[Message]) -> tuple[ArrayRecord, MetricRecord]:
         assert self._round is not None
         plan = self._round
-        k, expected = plan.k, by_block(plan.participants, self.block_size)
+        k, expected = plan.k, self._expected
         parsed: dict[int, ClientReply] = {}
         proposed: dict[int, Any] = {}
         failed: dict[int, str] = {}
@@ -212,7 +214,7 @@ class GluonStrategy(Strategy):
         block = self.partition_of.get(meta.src_node_id)
         if plan is None or block is None or meta.message_type != "train" or meta.group_id != str(plan.k):
             return
-        clients = by_block(plan.participants, self.block_size).get(block)
+        clients = self._expected.get(block)
         if clients is None:
             return
         try:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -247,13 +247,21 @@ def _memory(a: np.ndarray | Tensor) -> tuple:
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Tensor | None]]:
     out: list[tuple[str, Tensor | None]] = []
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) or (not isinstance(value, Tensor) and isinstance(value, Mapping)):
-            out += _flatten(value, path + SEP) if value else [(path + SEP, None)]
-        else:
-            out.append((path, value))
+    _flatten_into(tree, prefix, out)
     return out
+
+
+def _flatten_into(tree: Mapping[str, Any], prefix: str, out: list[tuple[str, Tensor | None]]) -> None:
+    for key, value in tree.items():
+        if isinstance(value, Tensor):
+            out.append((f"{prefix}{key}", value))
+        elif type(value) is dict or isinstance(value, Mapping):
+            if value:
+                _flatten_into(value, f"{prefix}{key}{SEP}", out)
+            else:
+                out.append((f"{prefix}{key}{SEP}", None))
+        else:
+            out.append((f"{prefix}{key}", value))
 
 
 class Unpacker:
@@ -318,37 +326,39 @@ def replies_to_record(results: Mapping[int, tuple[Mapping[str, Any] | None, Any]
 
 
 # ---------------------------------------------------------------------- columns of a block's trees
-def _kind(a: np.ndarray | Tensor) -> tuple:
-    """What makes two leaves one column: dtype and shape (torch and NumPy dtypes never compare equal)."""
-    return a.dtype, a.shape
-
-
 def _pack_trees(packer: Packer, trees: Sequence[Mapping[str, Any] | None]) -> list[dict[str, Any]]:
     """Trees (client states) grouped by their leaf paths, dtypes and shapes; per group, each leaf is one
     column ``[path, ref, shared]``: the group's leaves stacked (a (rows, *shape) array), or, when every
     tree of the group holds one tensor there that the block holds more than once (``x_prev``), that
-    tensor once (``shared``; written once for the whole block)."""
-    groups: dict[Any, tuple[list[int], list[list[tuple[str, Any]]]]] = {}
+    tensor once (``shared``; written once for the whole block). Two leaves are one column when their
+    paths, dtypes and shapes agree (torch and NumPy dtypes never compare equal)."""
+    groups: dict[Any, tuple[list[int], list[list[Any]]]] = {}
     held: Counter[int] = Counter()  # how many leaves of the block are each tensor object
     for i, tree in enumerate(trees):
-        leaves = None if tree is None else _flatten(tree)
-        held.update(id(t) for _, t in leaves or [] if t is not None)
-        sig = None if leaves is None else tuple((p, None if t is None else _kind(t)) for p, t in leaves)
+        if tree is None:
+            groups.setdefault(None, ([], []))[0].append(i)
+            continue
+        leaves: list[tuple[str, Any]] = []
+        _flatten_into(tree, "", leaves)
+        values = [t for _, t in leaves]
+        held.update(map(id, values))
+        sig = tuple([(p, None if t is None else (t.dtype, t.shape)) for p, t in leaves])
         rows, members = groups.setdefault(sig, ([], []))
         rows.append(i)
-        members.append(leaves or [])
+        members.append(values)
+    held.pop(id(None), None)
     out = []
     for sig, (rows, members) in groups.items():
         if sig is None:
             out.append({"rows": rows, "leaves": None})
             continue
         leaves = []
-        for n, (path, kind) in enumerate(sig):
-            column = [m[n][1] for m in members]
+        for (path, kind), column in zip(sig, zip(*members)):
+            first = column[0]
             if kind is None:
                 leaves.append([path, None, False])
-            elif held[id(column[0])] > 1 and all(a is column[0] for a in column):  # x_prev: the round model
-                leaves.append([path, packer.add(column[0]), True])
+            elif held[id(first)] > 1 and all(a is first for a in column):  # x_prev: the round model
+                leaves.append([path, packer.add(first), True])
             else:
                 leaves.append([path, packer.add_rows(column), False])
         out.append({"rows": rows, "leaves": leaves})
@@ -360,8 +370,8 @@ def _pack_payloads(packer: Packer, messages: Sequence[Message]) -> list[dict[str
     the arrays are columns (rows, ·) and each header key a list of the rows' values."""
     groups: dict[Any, tuple[list[int], list[Message]]] = {}
     for i, message in enumerate(messages):
-        sig = tuple((layer, p.codec, tuple(p.shape), tuple(p.meta), tuple((k, _kind(a)) for k, a in p.arrays.items()))
-                    for layer, p in message.items())
+        sig = tuple([(layer, p.codec, tuple(p.shape), tuple(p.meta), tuple([(k, a.dtype, a.shape) for k, a in p.arrays.items()]))
+                     for layer, p in message.items()])
         rows, members = groups.setdefault(sig, ([], []))
         rows.append(i)
         members.append(message)
@@ -430,8 +440,10 @@ class _TreeGroup:
 
     def __init__(self, unpacker: Unpacker, m: int, leaves: Any):
         self.error: ValueError | None = None
-        # (dtype name, column (rows, ...) or shared array, shared key); rows become tensors in tree()
-        self.columns: list[tuple[str, np.ndarray | None, str | None]] = []
+        # per leaf: None (an empty sub-dict) or (dtype name, array, shared key): a column (rows, ...) whose
+        # rows become views of one tensor (``unbind``) on first use, or, with a key, one shared array
+        self.columns: list[tuple[str, np.ndarray, str | None] | None] = []
+        self.rows: list[Sequence[Tensor] | None] | None = None
         self.views: dict[str, Tensor] = {}  # shared columns as tensors, made once
         self.copies: dict[str, Tensor] = {}
         try:
@@ -449,13 +461,19 @@ class _TreeGroup:
         paths = []
         for path, ref, is_shared in leaves:
             if ref is None:
-                self.columns.append(("", None, None))
+                self.columns.append(None)
             else:
                 a = unpacker.array(ref) if is_shared else _column(unpacker, ref, m)
                 _as_tensor(ref[0], a)  # torch takes every dtype _checked allows; were it not, the block is rejected here
                 self.columns.append((ref[0], a, json.dumps(ref) if is_shared else None))
             paths.append((path, ref is not None))
-        self.skeleton = _skeleton(paths)
+        self.build = _builder(_skeleton(paths))
+
+    def _row_views(self) -> list[Sequence[Tensor] | None]:
+        if self.rows is None:  # one unbind per column: a C++ loop instead of a tensor per row and leaf
+            self.rows = [_as_tensor(c[0], c[1]).unbind(0) if c is not None and c[2] is None else None
+                         for c in self.columns]
+        return self.rows
 
     def tree(self, i: int, copy: bool = False, shared: dict[str, Tensor] | None = None) -> dict[str, Any] | None:
         """Row i's tree, its leaves views of the record's buffer; with ``copy`` each leaf is a copy of its
@@ -465,18 +483,19 @@ class _TreeGroup:
             raise self.error
         if self.empty:
             return None
-        values = []
-        for name, a, key in self.columns:  # rows are taken in NumPy: a third of the cost of torch indexing
-            if a is None:
+        values: list[Tensor | None] = []
+        for column, rows in zip(self.columns, self._row_views()):
+            if column is None:
                 values.append(None)
-            elif key is not None:  # one tensor for every tree that holds it (a copy of it with ``copy``)
+            elif rows is not None:
+                values.append(rows[i].clone() if copy else rows[i])
+            else:  # one tensor for every tree that holds it (a copy of it with ``copy``)
+                name, a, key = column
                 store = (shared if shared is not None else self.copies) if copy else self.views
                 if key not in store:
                     store[key] = _as_tensor(name, a.copy() if copy else a)
                 values.append(store[key])
-            else:
-                values.append(_as_tensor(name, a[i, ...].copy() if copy else a[i, ...]))
-        return _fill(self.skeleton, values)
+        return self.build(values)
 
 
 def _skeleton(paths: list[tuple[str, bool]]) -> list[tuple[tuple[str, ...], str, bool]]:
@@ -499,15 +518,23 @@ def _skeleton(paths: list[tuple[str, bool]]) -> list[tuple[tuple[str, ...], str,
     return out
 
 
-def _fill(skeleton: list[tuple[tuple[str, ...], str, bool]], values: list[Tensor | None]) -> dict[str, Any]:
-    state: dict[str, Any] = {}
-    for (parents, leaf, _), value in zip(skeleton, values):
-        node = state
+def _builder(skeleton: list[tuple[tuple[str, ...], str, bool]]) -> Callable[[list[Any]], dict[str, Any]]:
+    """A function of a row's leaf values (in the skeleton's order) that builds its tree: the skeleton's
+    nesting resolved once per group into (key, leaf position or sub-builder) pairs, so a row costs one
+    dict per sub-dict and one lookup per leaf."""
+    nested: dict[str, Any] = {}
+    for n, (parents, leaf, _) in enumerate(skeleton):
+        node = nested
         for p in parents:
             node = node.setdefault(p, {})
         if leaf:
-            node[leaf] = value
-    return state
+            node[leaf] = n
+    return _compiled(nested)
+
+
+def _compiled(node: dict[str, Any]) -> Callable[[list[Any]], dict[str, Any]]:
+    items = [(k, v if isinstance(v, int) else _compiled(v)) for k, v in node.items()]
+    return lambda values: {k: values[v] if type(v) is int else v(values) for k, v in items}
 
 
 def _integer(value: Any, key: str) -> int:

@@ -22,7 +22,11 @@ divided by that of Ray with client blocks (the issue's "≥25×" target), and th
 blocks divided by the best plain driver with blocks (the "≤1.5×" target). Ray with one client per
 node and stock Flower are skipped above 200 clients (minutes per run here).
 
-Run: ``python -m benchmarks.bench_engines [--quick] [--no-ray]``.
+With ``--repeats R`` every row of a size runs R times, interleaved, and each target ratio is taken
+within a repeat (side by side) and summarised by its median over the repeats: on a machine whose speed
+drifts by tens of percent within an hour, one run's ratio is one draw.
+
+Run: ``python -m benchmarks.bench_engines [--quick] [--no-ray] [--sizes N ...] [--rounds R] [--repeats K]``.
 """
 
 from __future__ import annotations
@@ -67,7 +71,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plain-only", action="store_true", help="only the plain driver rows")
     ap.add_argument("--rounds", type=int, help="rounds per run (default 4; 3 with --quick)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of every row per size, interleaved (the machine's drift hits each engine alike); "
+                         "the target ratios are then taken per repeat, side by side, and summarised by their median")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
     torch.set_num_threads(args.threads)
     sizes, rounds = ((10, 50), 3) if args.quick else ((10, 50, 200, 1000), 4)
     rounds = args.rounds or rounds
@@ -75,52 +84,72 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {machine()}")
     print(f"{'clients':>7s} {'engine':>24s} {'s/round':>9s} {'steady':>8s} {'server s':>9s} {'ms/client task':>15s} "
           f"{'x plain':>8s} {'start-up s':>11s}")
-
-    def show(n: int, label: str, history: list[dict], base: float, startup: str = "-") -> float:
-        sec = per_round(history)
-        server = f"{per_round(history, key='server_time'):9.3f}" if "server_time" in history[0] else f"{'-':>9s}"
-        print(f"{n:7d} {label:>24s} {sec:9.3f} {steady(history):8.3f} {server} {1e3 * sec / n:15.3f} {sec / base:8.2f} "
-              f"{startup:>11s}", flush=True)
-        return sec
-
     for n in sizes:
-        block = max(1, n // 2)
-        s = specs.normalise(spec_for(n, rounds, hidden=args.hidden))
-        task, algo = specs.build_cached(s)
-        history = run_plain(algo, task.objectives, task.initial_params(), rounds, seed=0).history
-        plain = per_round(history)
-        show(n, "plain loop", history, plain)
-        vmapped = float("inf")  # the plain driver with blocks (the "vmapped loop"), its best block size
-        for b in sorted({min(n, 64), block}):
-            res = run_plain(algo, task.objectives, task.initial_params(), rounds, seed=0, block_size=b)
-            vmapped = min(vmapped, show(n, f"plain, blocks of {b}", res.history, plain))
-        if args.plain_only:
+        ratios: dict[str, list[float]] = {}
+        for _ in range(args.repeats):
+            for key, value in run_size(n, rounds, args).items():
+                ratios.setdefault(key, []).append(value)
+        if args.repeats > 1:
+            for key, values in ratios.items():
+                print(f"{n:7d} {key:>24s} median {statistics.median(values):6.2f}x over {len(values)} repeats "
+                      f"(each: {', '.join(f'{v:.2f}' for v in values)})", flush=True)
+
+
+def show(n: int, label: str, history: list[dict], base: float, startup: str = "-") -> float:
+    """Print one engine's row; returns its mean seconds per round."""
+    sec = per_round(history)
+    server = f"{per_round(history, key='server_time'):9.3f}" if "server_time" in history[0] else f"{'-':>9s}"
+    print(f"{n:7d} {label:>24s} {sec:9.3f} {steady(history):8.3f} {server} {1e3 * sec / n:15.3f} {sec / base:8.2f} "
+          f"{startup:>11s}", flush=True)
+    return sec
+
+
+def run_size(n: int, rounds: int, args: argparse.Namespace) -> dict[str, float]:
+    """Every row of one client count, once; returns the ratios it printed (the targets' among them)."""
+    block = max(1, n // 2)
+    ratios: dict[str, float] = {}
+    s = specs.normalise(spec_for(n, rounds, hidden=args.hidden))
+    task, algo = specs.build_cached(s)
+    history = run_plain(algo, task.objectives, task.initial_params(), rounds, seed=0).history
+    plain = per_round(history)
+    show(n, "plain loop", history, plain)
+    vmapped = float("inf")  # the plain driver with blocks (the "vmapped loop"), its best block size
+    for b in sorted({min(n, 64), block}):
+        res = run_plain(algo, task.objectives, task.initial_params(), rounds, seed=0, block_size=b)
+        vmapped = min(vmapped, show(n, f"plain, blocks of {b}", res.history, plain))
+    if args.plain_only:
+        return ratios
+
+    def startup(total: float, history: list[dict]) -> str:
+        return f"{total - sum(r['wall_time'] for r in history):.1f}"
+
+    for label, b in (("in-process, 1/node", 1), (f"in-process, blocks of {block}", block)):
+        t = time.perf_counter()
+        strat = run_inprocess(specs.normalise(spec_for(n, rounds, b, args.hidden)))
+        sec = show(n, label, strat.history, plain, startup(time.perf_counter() - t, strat.history))
+    ratios["in-process blocks / vmapped"] = sec / vmapped
+    print(f"{n:7d} {'in-process blocks / vmapped':>24s} {sec / vmapped:9.2f}x per client task", flush=True)
+    if args.no_ray:
+        return ratios
+    blocked = float("nan")
+    for label, b in (("ray, 1/node", 1), (f"ray, blocks of {block}", block)):
+        if b == 1 and n > 200:
             continue
-        for label, b in (("in-process, 1/node", 1), (f"in-process, blocks of {block}", block)):
-            t = time.perf_counter()
-            strat = run_inprocess(specs.normalise(spec_for(n, rounds, b, args.hidden)))
-            total = time.perf_counter() - t
-            sec = show(n, label, strat.history, plain, f"{total - sum(r['wall_time'] for r in strat.history):.1f}")
-        print(f"{n:7d} {'in-process blocks / vmapped':>24s} {sec / vmapped:9.2f}x per client task", flush=True)
-        if args.no_ray:
-            continue
-        blocked = float("nan")
-        for label, b in (("ray, 1/node", 1), (f"ray, blocks of {block}", block)):
-            if b == 1 and n > 200:
-                continue
-            t = time.perf_counter()
-            strat = run_ray(specs.normalise(spec_for(n, rounds, b, args.hidden)), num_cpus=1)
-            total = time.perf_counter() - t
-            blocked = show(n, label, strat.history, plain, f"{total - sum(r['wall_time'] for r in strat.history):.1f}")
-        print(f"{n:7d} {'ray blocks / vmapped':>24s} {blocked / vmapped:9.2f}x per client task (target <= 1.5)",
+        t = time.perf_counter()
+        strat = run_ray(specs.normalise(spec_for(n, rounds, b, args.hidden)), num_cpus=1)
+        blocked = show(n, label, strat.history, plain, startup(time.perf_counter() - t, strat.history))
+    ratios["ray blocks / vmapped"] = blocked / vmapped
+    print(f"{n:7d} {'ray blocks / vmapped':>24s} {blocked / vmapped:9.2f}x per client task (target <= 1.5)",
+          flush=True)
+    if n <= 200:
+        t = time.perf_counter()
+        times = run_stock_fedavg(spec_for(n, rounds, hidden=args.hidden))
+        stock = show(n, "stock Flower FedAvg, ray", [{"wall_time": x} for x in times], plain,
+                     f"{time.perf_counter() - t - sum(times):.1f}")
+        ratios["stock Flower / ray blocks"] = stock / blocked
+        print(f"{n:7d} {'stock Flower / ray blocks':>24s} {stock / blocked:9.2f}x per client task (target >= 25)",
               flush=True)
-        if n <= 200:
-            t = time.perf_counter()
-            times = run_stock_fedavg(spec_for(n, rounds, hidden=args.hidden))
-            stock = show(n, "stock Flower FedAvg, ray", [{"wall_time": x} for x in times], plain,
-                         f"{time.perf_counter() - t - sum(times):.1f}")
-            print(f"{n:7d} {'stock Flower / ray blocks':>24s} {stock / blocked:9.2f}x per client task (target >= 25)",
-                  flush=True)
+    return ratios
 
 
 if __name__ == "__main__":

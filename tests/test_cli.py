@@ -33,3 +33,22 @@ def test_benchmark_machine_line_names_the_cpu_features_that_decide_bf16_comparis
 
     line = machine()
     assert torch.backends.cpu.get_cpu_capability() in line and "bf16" in line and "threads" in line
+
+
+def test_engine_benchmark_repeats_interleave_and_summarise_each_ratio(capsys):
+    import re
+
+    import pytest
+
+    from benchmarks import bench_engines
+
+    bench_engines.main(["--sizes", "4", "--rounds", "2", "--repeats", "2", "--no-ray"])
+    out = capsys.readouterr().out
+    each = [float(x) for x in re.findall(r"in-process blocks / vmapped\s+([\d.]+)x per client task", out)]
+    assert len(each) == 2 and out.count("plain loop") == 2  # every row ran once per repeat
+    summary = re.search(r"in-process blocks / vmapped median\s+([\d.]+)x over 2 repeats \(each: ([\d., ]+)\)", out)
+    assert summary is not None, out
+    assert [float(x) for x in summary.group(2).split(", ")] == pytest.approx(each, abs=0.005)
+    assert float(summary.group(1)) == pytest.approx(sum(each) / 2, abs=0.01)
+    with pytest.raises(SystemExit):
+        bench_engines.main(["--repeats", "0"])

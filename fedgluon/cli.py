@@ -179,17 +179,36 @@ BENCHMARKS = {"lmo": "benchmarks.bench_lmo", "compressors": "benchmarks.bench_co
               "memory": "benchmarks.bench_memory"}
 
 
-@main.command()
+@main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("which", type=click.Choice([*BENCHMARKS, "all"]), default="all")
 @click.option("--quick", is_flag=True, help="smaller sizes and fewer repeats")
-def bench(which: str, quick: bool) -> None:
+@click.option("--against", "rev", default=None, metavar="REV",
+              help="also run the benchmark from git revision REV, alternating with this tree, and print the "
+                   "ratios of the medians (benchmarks/against.py)")
+@click.option("--pairs", default=3, show_default=True, type=int, help="with --against: runs of each tree")
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
+def bench(which: str, quick: bool, rev: str | None, pairs: int, extra: tuple[str, ...]) -> None:
     """Run the benchmarks (LMO vs its matmul bound and torch.optim.Muon, compressors, engines, a block's
-    record through Ray, memory per client); each prints ratios."""
+    record through Ray, memory per client); each prints ratios. Arguments after ``--`` go to the
+    benchmark (one benchmark only), e.g. ``fedgluon bench engines -- --sizes 200 --rounds 8``."""
     import importlib
 
+    if extra and which == "all":
+        raise click.BadParameter("arguments after -- go to one benchmark; name it", param_hint="WHICH")
+    if pairs < 1:
+        raise click.BadParameter(f"must be at least 1, got {pairs}", param_hint="--pairs")
+    args = (["--quick"] if quick else []) + list(extra)
     for name in (BENCHMARKS if which == "all" else [which]):
         click.echo(f"=== {name}")
-        importlib.import_module(BENCHMARKS[name]).main(["--quick"] if quick else [])
+        if rev is None:
+            importlib.import_module(BENCHMARKS[name]).main(args)
+            continue
+        from benchmarks.against import compare
+
+        try:
+            compare(rev, BENCHMARKS[name], args, pairs, echo=click.echo)
+        except (RuntimeError, OSError) as err:
+            _fail(err)
 
 
 @main.command()

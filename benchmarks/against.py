@@ -123,12 +123,13 @@ def compare(rev: str, module: str, args: Sequence[str] = (), pairs: int = 3, rep
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 usage="python -m benchmarks.against REV [--pairs N] -- MODULE|SCRIPT.py [ARGS ...]")
     ap.add_argument("rev", help="the revision to compare with (anything git understands)")
     ap.add_argument("--pairs", type=int, default=3, help="runs of each tree (default 3)")
-    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- MODULE [ARGS ...]")
-    args = ap.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    args, command = ap.parse_args(argv[:cut]), argv[cut + 1:]
     if not command:
         ap.error("name the benchmark module after --, e.g. -- benchmarks.bench_engines --sizes 200")
     compare(args.rev, command[0], command[1:], args.pairs)

@@ -63,3 +63,16 @@ def test_cli_passes_arguments_after_the_separator_to_one_benchmark():
     out = CliRunner().invoke(main, ["bench", "engines", "--", "--sizes", "4", "--rounds", "2", "--plain-only"])
     assert out.exit_code == 0, out.output
     assert "plain, blocks of 2" in out.output and "     10 " not in out.output  # the sizes given, not the default
+
+
+def test_command_line_splits_at_the_separator(monkeypatch):
+    import benchmarks.against as against
+
+    seen = {}
+    monkeypatch.setattr(against, "compare", lambda rev, module, args, pairs: seen.update(
+        rev=rev, module=module, args=list(args), pairs=pairs))
+    against.main(["HEAD~1", "--pairs", "4", "--", "benchmarks.bench_engines", "--sizes", "200", "--pairs", "9"])
+    assert seen == {"rev": "HEAD~1", "module": "benchmarks.bench_engines", "args": ["--sizes", "200", "--pairs", "9"],
+                    "pairs": 4}
+    with pytest.raises(SystemExit):
+        against.main(["HEAD"])

@@ -42,15 +42,15 @@ Run = dict[Key, tuple[str, list[float]]]  # per line: its layout (numbers as "#"
 
 
 def parse(output: str) -> Run:
-    """The numbers of each line of a run's output, keyed by the line's words (numbers replaced by
-    ``#``, runs of spaces by one: padding moves with a number's width) and occurrence; lines without
-    numbers are left out."""
+    """The numbers of each line of a run's output (none for a header), keyed by the line's words
+    (numbers replaced by ``#``, runs of spaces by one: padding moves with a number's width) and
+    occurrence; blank lines are left out."""
     seen: Counter[str] = Counter()
     out: Run = {}
     for line in output.splitlines():
-        numbers = [float(m) for m in NUMBER.findall(line)]
-        if not numbers:
+        if not line.strip():
             continue
+        numbers = [float(m) for m in NUMBER.findall(line)]
         layout = NUMBER.sub("#", line.rstrip())
         words = " ".join(layout.split())
         out[(words, seen[words])] = (layout, numbers)
@@ -68,8 +68,9 @@ def _fill(skeleton: str, values: Sequence[float]) -> str:
 
 
 def report(new: list[Run], old: list[Run]) -> list[str]:
-    """Per line both trees printed in every run: this tree's medians in the line's own layout, then the
-    ratio of medians (new / old) of each number that differed between runs."""
+    """Per line both trees printed in every run: this tree's medians in the line's own layout (a line
+    without numbers, a table's header say, as it is), then the ratio of medians (new / old) of each
+    number that differed between runs."""
     runs = new + old
     keys = [k for k in new[0] if all(k in r and len(r[k][1]) == len(new[0][k][1]) for r in runs)]
     lines = []

@@ -9,17 +9,19 @@ from benchmarks.against import compare, parse, report
 
 
 def test_lines_pair_up_by_their_words_and_ratios_come_from_medians():
-    run = lambda t, s: parse(f"machine: AVX2, torch 2.13.0+cpu, 2 cores\n  200   ray, blocks of 100   {t:9.3f}   {s:>5s}\n"
-                             f"ratio {t * 10:.2f}x (target <= 1.5)\nno numbers here\n")
+    run = lambda t, s: parse(f"machine: AVX2, torch 2.13.0+cpu, 2 cores\nclients   engine   s/round\n"
+                             f"  200   ray, blocks of 100   {t:9.3f}   {s:>5s}\n\nratio {t * 10:.2f}x (target <= 1.5)\n")
     new = [run(0.100, "12.9"), run(0.120, "9.5"), run(0.110, "9.9")]
     old = [run(0.200, "9.1"), run(0.220, "8.0"), run(0.210, "8.5")]
     assert ("machine: AVX2, torch 2.13.0+cpu, # cores", 0) in new[0]  # a version is not a number
+    new[0].update(parse("a line only one run printed 1.0"))  # not in every run: left out
     lines = report(new, old)
-    assert len(lines) == 3  # the padding of a right-aligned number does not split a row
+    assert len(lines) == 4  # the padding of a right-aligned number does not split a row; blank lines go
     assert lines[0] == "machine: AVX2, torch 2.13.0+cpu, 2 cores"  # nothing moved: no ratio
-    assert lines[1].split("|")[0].split() == ["200", "ray,", "blocks", "of", "100", "0.11", "9.9"]
-    assert lines[1].endswith("new/old 0.52 1.16")  # medians 0.110 / 0.210 and 9.9 / 8.5
-    assert lines[2].startswith("ratio 1.1x (target <= 1.5)") and lines[2].endswith("new/old 0.52")
+    assert lines[1] == "clients   engine   s/round"  # a header, as it is
+    assert lines[2].split("|")[0].split() == ["200", "ray,", "blocks", "of", "100", "0.11", "9.9"]
+    assert lines[2].endswith("new/old 0.52 1.16")  # medians 0.110 / 0.210 and 9.9 / 8.5
+    assert lines[3].startswith("ratio 1.1x (target <= 1.5)") and lines[3].endswith("new/old 0.52")
 
 
 def _git(repo: Path, *args: str) -> None:

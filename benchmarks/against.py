@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?!\.?\d)")
 
 Key = tuple[str, int]  # a line's words with its numbers blanked, and its occurrence among such lines
-Run = dict[Key, tuple[str, list[float]]]  # per line: its layout (numbers as "#") and its numbers
+Run = dict[Key, tuple[str, list[float]]]  # per line: its layout (numbers as "{}" with their format) and its numbers
 
 
 def parse(output: str) -> Run:
@@ -51,20 +51,23 @@ def parse(output: str) -> Run:
         if not line.strip():
             continue
         numbers = [float(m) for m in NUMBER.findall(line)]
-        layout = NUMBER.sub("#", line.rstrip())
-        words = " ".join(layout.split())
+        layout = NUMBER.sub(_slot, line.rstrip().replace("{", "{{").replace("}", "}}"))
+        words = " ".join(NUMBER.sub("#", line).split())
         out[(words, seen[words])] = (layout, numbers)
         seen[words] += 1
     return out
 
 
+def _slot(number: re.Match) -> str:
+    """A format slot printing a number as the line printed it: as many decimals, or 4 significant digits."""
+    text = number.group(0)
+    if "e" in text.lower():
+        return "{:.4g}"
+    return f"{{:.{len(text.split('.')[1])}f}}" if "." in text else "{:.0f}"
+
+
 def _medians(runs: list[Run], key: Key) -> list[float]:
     return [statistics.median(run[key][1][i] for run in runs) for i in range(len(runs[0][key][1]))]
-
-
-def _fill(skeleton: str, values: Sequence[float]) -> str:
-    it = iter(values)
-    return re.sub("#", lambda _: f"{next(it):.4g}", skeleton)
 
 
 def report(new: list[Run], old: list[Run]) -> list[str]:
@@ -78,7 +81,7 @@ def report(new: list[Run], old: list[Run]) -> list[str]:
         med_new, med_old = _medians(new, key), _medians(old, key)
         moved = [i for i in range(len(med_new)) if len({r[key][1][i] for r in runs}) > 1]
         ratios = " ".join(f"{med_new[i] / med_old[i]:.2f}" if med_old[i] else "-" for i in moved)
-        lines.append(_fill(new[0][key][0], med_new) + (f"   | new/old {ratios}" if moved else ""))
+        lines.append(new[0][key][0].format(*med_new) + (f"   | new/old {ratios}" if moved else ""))
     return lines
 
 

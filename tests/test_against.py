@@ -15,13 +15,16 @@ def test_lines_pair_up_by_their_words_and_ratios_come_from_medians():
     old = [run(0.200, "9.1"), run(0.220, "8.0"), run(0.210, "8.5")]
     assert ("machine: AVX2, torch 2.13.0+cpu, # cores", 0) in new[0]  # a version is not a number
     new[0].update(parse("a line only one run printed 1.0"))  # not in every run: left out
+    for i, r in enumerate(new + old):
+        r.update(parse(f"sizes {{'a': {i}.5}}"))  # braces in a line are text
+    assert report(new, old)[-1] == "sizes {'a': 1.5}   | new/old 0.33"  # medians 1.5 (0.5, 1.5, 2.5) / 4.5
     lines = report(new, old)
-    assert len(lines) == 4  # the padding of a right-aligned number does not split a row; blank lines go
+    assert len(lines) == 5  # the padding of a right-aligned number does not split a row; blank lines go
     assert lines[0] == "machine: AVX2, torch 2.13.0+cpu, 2 cores"  # nothing moved: no ratio
     assert lines[1] == "clients   engine   s/round"  # a header, as it is
-    assert lines[2].split("|")[0].split() == ["200", "ray,", "blocks", "of", "100", "0.11", "9.9"]
+    assert lines[2].split("|")[0].split() == ["200", "ray,", "blocks", "of", "100", "0.110", "9.9"]  # as printed
     assert lines[2].endswith("new/old 0.52 1.16")  # medians 0.110 / 0.210 and 9.9 / 8.5
-    assert lines[3].startswith("ratio 1.1x (target <= 1.5)") and lines[3].endswith("new/old 0.52")
+    assert lines[3].startswith("ratio 1.10x (target <= 1.5)") and lines[3].endswith("new/old 0.52")
 
 
 def _git(repo: Path, *args: str) -> None:
@@ -41,12 +44,12 @@ def test_compare_runs_both_revisions_from_their_own_trees(tmp_path):
     probe.write_text("import os\nprint('cost', 1.0, 'cwd files', len(os.listdir('.')))\n")  # uncommitted: this tree
     said = []
     lines = compare("HEAD", "toy.probe", pairs=2, repo=repo, echo=said.append)
-    assert lines == ["cost 1 cwd files 0   | new/old 0.50"]  # each ran its own code, from an empty directory
+    assert lines == ["cost 1.0 cwd files 0   | new/old 0.50"]  # each ran its own code, from an empty directory
     assert sum(s.startswith("# pair") for s in said) == 4
     assert subprocess.run(["git", "-C", str(repo), "worktree", "list"], capture_output=True, text=True).stdout.count("\n") == 1
     script = tmp_path / "probe_script.py"  # an ad-hoc script runs against each tree's packages
     script.write_text("import toy.probe\n")
-    assert compare("HEAD", str(script), pairs=1, repo=repo, echo=said.append) == ["cost 1 cwd files 0   | new/old 0.50"]
+    assert compare("HEAD", str(script), pairs=1, repo=repo, echo=said.append) == ["cost 1.0 cwd files 0   | new/old 0.50"]
     with pytest.raises(RuntimeError, match="cannot check out 'no-such-rev'"):
         compare("no-such-rev", "toy.probe", pairs=1, repo=repo, echo=said.append)
     with pytest.raises(ValueError, match="pairs"):

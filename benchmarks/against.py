@@ -9,8 +9,9 @@ for the numbers that moved, the ratio of the medians, this tree's over the other
 
 Each run gets ``PYTHONPATH`` set to its tree and starts in an empty directory: Ray starts its workers
 with the driver's working directory at the front of ``sys.path``, so a run started inside a checkout
-has its Ray workers import that checkout's code whatever ``PYTHONPATH`` says (seen with Ray 2.55: a
-run from /work/main with ``PYTHONPATH`` on another tree traced nothing in its actors). The other
+has its Ray workers import that checkout's code whatever ``PYTHONPATH`` says (seen with Ray 2.55.1: run
+from a checkout with ``PYTHONPATH`` on another tree, the driver imported the other tree's modules and
+the Ray workers the checkout's, the checkout first on their ``sys.path``). The other
 revision is checked out with ``git worktree`` into a temporary directory and removed afterwards; this
 tree is used as it is, uncommitted changes included.
 

@@ -108,6 +108,10 @@ def run_size(n: int, rounds: int, args: argparse.Namespace) -> dict[str, float]:
     """Every row of one client count, once; returns the ratios it printed (the targets' among them)."""
     block = max(1, n // 2)
     ratios: dict[str, float] = {}
+
+    def ratio(key: str, value: float, target: str = "") -> None:
+        ratios[key] = value
+        print(f"{n:7d} {key:>24s} {value:9.2f}x per client task{target}", flush=True)
     s = specs.normalise(spec_for(n, rounds, hidden=args.hidden))
     task, algo = specs.build_cached(s)
     history = run_plain(algo, task.objectives, task.initial_params(), rounds, seed=0).history
@@ -127,8 +131,7 @@ def run_size(n: int, rounds: int, args: argparse.Namespace) -> dict[str, float]:
         t = time.perf_counter()
         strat = run_inprocess(specs.normalise(spec_for(n, rounds, b, args.hidden)))
         sec = show(n, label, strat.history, plain, startup(time.perf_counter() - t, strat.history))
-    ratios["in-process blocks / vmapped"] = sec / vmapped
-    print(f"{n:7d} {'in-process blocks / vmapped':>24s} {sec / vmapped:9.2f}x per client task", flush=True)
+    ratio("in-process blocks / vmapped", sec / vmapped)
     if args.no_ray:
         return ratios
     blocked = float("nan")
@@ -138,17 +141,13 @@ def run_size(n: int, rounds: int, args: argparse.Namespace) -> dict[str, float]:
         t = time.perf_counter()
         strat = run_ray(specs.normalise(spec_for(n, rounds, b, args.hidden)), num_cpus=1)
         blocked = show(n, label, strat.history, plain, startup(time.perf_counter() - t, strat.history))
-    ratios["ray blocks / vmapped"] = blocked / vmapped
-    print(f"{n:7d} {'ray blocks / vmapped':>24s} {blocked / vmapped:9.2f}x per client task (target <= 1.5)",
-          flush=True)
+    ratio("ray blocks / vmapped", blocked / vmapped, " (target <= 1.5)")
     if n <= 200:
         t = time.perf_counter()
         times = run_stock_fedavg(spec_for(n, rounds, hidden=args.hidden))
         stock = show(n, "stock Flower FedAvg, ray", [{"wall_time": x} for x in times], plain,
                      f"{time.perf_counter() - t - sum(times):.1f}")
-        ratios["stock Flower / ray blocks"] = stock / blocked
-        print(f"{n:7d} {'stock Flower / ray blocks':>24s} {stock / blocked:9.2f}x per client task (target >= 25)",
-              flush=True)
+        ratio("stock Flower / ray blocks", stock / blocked, " (target >= 25)")
     return ratios
 
 

@@ -189,8 +189,8 @@ BENCHMARKS = {"lmo": "benchmarks.bench_lmo", "compressors": "benchmarks.bench_co
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
 def bench(which: str, quick: bool, rev: str | None, pairs: int, extra: tuple[str, ...]) -> None:
     """Run the benchmarks (LMO vs its matmul bound and torch.optim.Muon, compressors, engines, a block's
-    record through Ray, memory per client); each prints ratios. Arguments after ``--`` go to the
-    benchmark (one benchmark only), e.g. ``fedgluon bench engines -- --sizes 200 --rounds 8``."""
+    record through Ray, memory per client); each prints ratios. Arguments after -- go to the
+    benchmark (one benchmark only), e.g. fedgluon bench engines -- --sizes 200 --rounds 8 --repeats 3."""
     import importlib
 
     if extra and which == "all":

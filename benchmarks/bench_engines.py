@@ -19,7 +19,8 @@ faulting in new pages), the server step's share of it (the metrics' ``server_tim
 aggregation, LMO step), milliseconds per client task (from the mean) and the ratio to the plain
 loop; Ray's start-up and shut-down are reported apart; then, per size, stock Flower's per-client cost
 divided by that of Ray with client blocks (the issue's "≥25×" target), and the Flower paths with
-blocks divided by the best plain driver with blocks (the "≤1.5×" target). Ray with one client per
+blocks divided by the best plain driver with blocks (the "≤1.5×" target), each from the means (the
+targets' measure) and from the steady medians. Ray with one client per
 node and stock Flower are skipped above 200 clients (minutes per run here).
 
 With ``--repeats R`` every row of a size runs R times, interleaved, and each target ratio is taken
@@ -32,8 +33,10 @@ Run: ``python -m benchmarks.bench_engines [--quick] [--no-ray] [--sizes N ...] [
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -95,13 +98,20 @@ def main(argv: list[str] | None = None) -> None:
                       f"(each: {', '.join(f'{v:.2f}' for v in values)})", flush=True)
 
 
-def show(n: int, label: str, history: list[dict], base: float, startup: str = "-") -> float:
-    """Print one engine's row; returns its mean seconds per round."""
-    sec = per_round(history)
+class Cost(NamedTuple):
+    """Seconds per round of one engine's run: the mean after the first round, and the steady median."""
+
+    mean: float
+    steady: float
+
+
+def show(n: int, label: str, history: list[dict], base: Cost, startup: str = "-") -> Cost:
+    """Print one engine's row; returns its cost."""
+    cost = Cost(per_round(history), steady(history))
     server = f"{per_round(history, key='server_time'):9.3f}" if "server_time" in history[0] else f"{'-':>9s}"
-    print(f"{n:7d} {label:>24s} {sec:9.3f} {steady(history):8.3f} {server} {1e3 * sec / n:15.3f} {sec / base:8.2f} "
-          f"{startup:>11s}", flush=True)
-    return sec
+    print(f"{n:7d} {label:>24s} {cost.mean:9.3f} {cost.steady:8.3f} {server} {1e3 * cost.mean / n:15.3f} "
+          f"{cost.mean / base.mean:8.2f} {startup:>11s}", flush=True)
+    return cost
 
 
 def run_size(n: int, rounds: int, args: argparse.Namespace) -> dict[str, float]:
@@ -109,18 +119,22 @@ def run_size(n: int, rounds: int, args: argparse.Namespace) -> dict[str, float]:
     block = max(1, n // 2)
     ratios: dict[str, float] = {}
 
-    def ratio(key: str, value: float, target: str = "") -> None:
-        ratios[key] = value
-        print(f"{n:7d} {key:>24s} {value:9.2f}x per client task{target}", flush=True)
+    def ratio(key: str, num: Cost, den: Cost, target: str = "") -> None:
+        """The ratio of two rows' means (the target's measure) and of their steady medians."""
+        ratios[key], ratios[f"{key}, steady"] = num.mean / den.mean, num.steady / den.steady
+        print(f"{n:7d} {key:>24s} {num.mean / den.mean:9.2f}x per client task{target}; steady "
+              f"{num.steady / den.steady:.2f}x", flush=True)
+
     s = specs.normalise(spec_for(n, rounds, hidden=args.hidden))
     task, algo = specs.build_cached(s)
     history = run_plain(algo, task.objectives, task.initial_params(), rounds, seed=0).history
-    plain = per_round(history)
+    plain = Cost(per_round(history), steady(history))
     show(n, "plain loop", history, plain)
-    vmapped = float("inf")  # the plain driver with blocks (the "vmapped loop"), its best block size
+    vmapped = Cost(math.inf, math.inf)  # the plain driver with blocks (the "vmapped loop"), its best block size
     for b in sorted({min(n, 64), block}):
         res = run_plain(algo, task.objectives, task.initial_params(), rounds, seed=0, block_size=b)
-        vmapped = min(vmapped, show(n, f"plain, blocks of {b}", res.history, plain))
+        got = show(n, f"plain, blocks of {b}", res.history, plain)
+        vmapped = Cost(min(vmapped.mean, got.mean), min(vmapped.steady, got.steady))
     if args.plain_only:
         return ratios
 
@@ -131,23 +145,23 @@ def run_size(n: int, rounds: int, args: argparse.Namespace) -> dict[str, float]:
         t = time.perf_counter()
         strat = run_inprocess(specs.normalise(spec_for(n, rounds, b, args.hidden)))
         sec = show(n, label, strat.history, plain, startup(time.perf_counter() - t, strat.history))
-    ratio("in-process blocks / vmapped", sec / vmapped)
+    ratio("in-process blocks / vmapped", sec, vmapped)
     if args.no_ray:
         return ratios
-    blocked = float("nan")
+    blocked = Cost(math.nan, math.nan)
     for label, b in (("ray, 1/node", 1), (f"ray, blocks of {block}", block)):
         if b == 1 and n > 200:
             continue
         t = time.perf_counter()
         strat = run_ray(specs.normalise(spec_for(n, rounds, b, args.hidden)), num_cpus=1)
         blocked = show(n, label, strat.history, plain, startup(time.perf_counter() - t, strat.history))
-    ratio("ray blocks / vmapped", blocked / vmapped, " (target <= 1.5)")
+    ratio("ray blocks / vmapped", blocked, vmapped, " (target <= 1.5)")
     if n <= 200:
         t = time.perf_counter()
         times = run_stock_fedavg(spec_for(n, rounds, hidden=args.hidden))
         stock = show(n, "stock Flower FedAvg, ray", [{"wall_time": x} for x in times], plain,
                      f"{time.perf_counter() - t - sum(times):.1f}")
-        ratio("stock Flower / ray blocks", stock / blocked, " (target >= 25)")
+        ratio("stock Flower / ray blocks", stock, blocked, " (target >= 25)")
     return ratios
 
 

@@ -37,6 +37,7 @@ from .algorithms import Broadcast
 from .blocks import block_clients
 from .faults import FaultPlan, InjectedFault
 from .gc_pause import freeze_worker, gc_paused, mark_worker_process
+from .trace import phase
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (project) directory
 
@@ -156,13 +157,17 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
                 working.append(j)
             except InjectedFault as err:
                 failed[str(j)] = f"InjectedFault: {err}"
-        committed = record_to_states(arrays["states"])
+        with phase("unpack", bc.round):
+            committed = record_to_states(arrays["states"])
         if not set(working) <= set(committed):
             raise RuntimeError(f"the message carries no state for clients {sorted(set(working) - set(committed))}")
         states = {j: committed[j] for j in working}
-        results = algorithm.client_block(states, bc, task.objectives, working)
+        with phase("compute", bc.round):
+            results = algorithm.client_block(states, bc, task.objectives, working)
+        with phase("pack", bc.round):
+            replies = replies_to_record(results)
         content = RecordDict({"failed": failed, "info": ConfigRecord({"ray_node": _ray_node(), "pid": os.getpid()}),
-                              "replies": replies_to_record(results)})
+                              "replies": replies})
         return Message(content, reply_to=msg)
 
     return app

@@ -37,6 +37,7 @@ from fedgluon.blocks import by_block, num_blocks
 from fedgluon.checkpoint import Checkpointer, Snapshot
 from fedgluon.federation import Evaluate, Federation, RoundPlan, client_weights_from_sizes
 from fedgluon.gc_pause import gc_paused
+from fedgluon.trace import phase
 
 from .columns import StateColumns
 from .records import BlockReplies, states_to_record, tensors_to_record
@@ -147,7 +148,7 @@ class GluonStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        with gc_paused():
+        with gc_paused(), phase("configure", self.federation.next_round):
             return self._configure_train()
 
     def _configure_train(self) -> list[Message]:
@@ -167,7 +168,7 @@ class GluonStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                         MetricRecord | None]:
-        with gc_paused():
+        with gc_paused(), phase("aggregate", self._round.k if self._round is not None else -1):
             return self._aggregate_train(replies)
 
     def _aggregate_train(self, replies: Iterable[Message]) -> tuple[ArrayRecord, MetricRecord]:
@@ -218,7 +219,7 @@ class GluonStrategy(Strategy):
         if clients is None:
             return
         try:
-            with gc_paused():
+            with gc_paused(), phase("read", plan.k):
                 self._early[id(msg)] = (msg, self._read(msg, clients))
         except Exception:  # noqa: BLE001 - read again, and fail there as any reply would, in aggregate_train
             log.debug("round %d: reading a reply early failed", plan.k, exc_info=True)

@@ -3,7 +3,8 @@
 Set ``FEDGLUON_TRACE`` to a directory and each process of a run (the driver, and Ray's workers, which
 inherit its environment) appends one JSON line per phase to ``DIR/trace-<pid>.jsonl``:
 ``{"phase", "round", "start", "end", "pid"}``, wall-clock seconds (comparable across the processes
-of one machine). The strategy records ``configure``, ``read`` (a reply read as it arrives, Ray only)
+of one machine). Workers of a Ray cluster that ``run_ray`` joins (``address=...``) have the cluster's
+environment, not the driver's: set the variable where they start. The strategy records ``configure``, ``read`` (a reply read as it arrives, Ray only)
 and ``aggregate``; the ClientApp records ``unpack`` (the block's states), ``compute`` (the client
 steps) and ``pack`` (the reply). Unset, a phase costs one environment lookup.
 

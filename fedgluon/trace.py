@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import time
@@ -26,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ENV = "FEDGLUON_TRACE"
+log = logging.getLogger("fedgluon.trace")
 
 
 @contextmanager
@@ -39,12 +41,23 @@ def phase(name: str, round: int) -> Iterator[None]:
     try:
         yield
     finally:
-        end = time.time()
-        line = json.dumps({"phase": name, "round": int(round), "start": start, "end": end, "pid": os.getpid()})
-        path = Path(where)
-        path.mkdir(parents=True, exist_ok=True)
-        with open(path / f"trace-{os.getpid()}.jsonl", "a") as f:
-            f.write(line + "\n")
+        _write(Path(where), {"phase": name, "round": int(round), "start": start, "end": time.time(),
+                             "pid": os.getpid()})
+
+
+_failed: set[str] = set()
+
+
+def _write(where: Path, event: dict) -> None:
+    """Append one event; a directory that cannot be written is logged once and never stops a run."""
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with open(where / f"trace-{event['pid']}.jsonl", "a") as f:
+            f.write(json.dumps(event) + "\n")
+    except OSError as err:
+        if str(where) not in _failed:
+            _failed.add(str(where))
+            log.warning("%s=%s: cannot write the trace (%s); the run goes on without it", ENV, where, err)
 
 
 def load(where: str | Path) -> list[dict]:

@@ -38,3 +38,14 @@ def test_nothing_is_written_when_unset(tmp_path, monkeypatch):
     with trace.phase("compute", 0):
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unwritable_directory_is_logged_once_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv(trace.ENV, str(blocker / "trace"))
+    with caplog.at_level("WARNING", logger="fedgluon.trace"):
+        for _ in range(3):
+            with trace.phase("compute", 0):
+                pass
+    assert sum("cannot write the trace" in r.message for r in caplog.records) == 1

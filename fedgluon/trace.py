@@ -3,10 +3,11 @@
 Set ``FEDGLUON_TRACE`` to a directory and each process of a run (the driver, and Ray's workers, which
 inherit its environment) appends one JSON line per phase to ``DIR/trace-<pid>.jsonl``:
 ``{"phase", "round", "start", "end", "pid"}``, wall-clock seconds (comparable across the processes
-of one machine). Workers of a Ray cluster that ``run_ray`` joins (``address=...``) have the cluster's
-environment, not the driver's: set the variable where they start. The strategy records ``configure``, ``read`` (a reply read as it arrives, Ray only)
-and ``aggregate``; the ClientApp records ``unpack`` (the block's states), ``compute`` (the client
-steps) and ``pack`` (the reply). Unset, a phase costs one environment lookup.
+of one machine). Workers of a Ray cluster that ``run_ray`` joins (``address=...``) have the
+cluster's environment, not the driver's: set the variable where they start. The strategy records
+``configure``, ``read`` (a reply read as it arrives, Ray only) and ``aggregate``; the ClientApp
+records ``unpack`` (the block's states), ``compute`` (the client steps) and ``pack`` (the reply).
+Unset, a phase costs one environment lookup.
 
 ``python -m fedgluon.trace DIR`` prints, per phase and occurrence within a round (``read#1`` is the
 round's second read), its start and end in ms from the start of the round's ``configure``: the
@@ -77,7 +78,7 @@ def summary(events: list[dict], skip: int = 2) -> list[tuple[str, float, float, 
         rounds[e["round"]].append(e)
     starts: dict[str, list[float]] = defaultdict(list)
     ends: dict[str, list[float]] = defaultdict(list)
-    order: dict[str, float] = {}
+    order: dict[str, int] = {}  # labels in order of first appearance
     for k in sorted(rounds)[skip:]:
         configure = [e for e in rounds[k] if e["phase"] == "configure"]
         if not configure:

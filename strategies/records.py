@@ -327,6 +327,84 @@ def replies_to_record(results: Mapping[int, tuple[Mapping[str, Any] | None, Any]
 
 # ---------------------------------------------------------------------- columns of a block's trees
 def _pack_trees(packer: Packer, trees: Sequence[Mapping[str, Any] | None]) -> list[dict[str, Any]]:
+    """:func:`_pack_uniform_trees` when it applies, else :func:`_pack_grouped_trees` (same layout)."""
+    return _pack_uniform_trees(packer, trees) or _pack_grouped_trees(packer, trees)
+
+
+class _Mismatch(Exception):
+    """A tree or payload whose layout is not the first one's (the uniform fast paths give up)."""
+
+
+def _tree_reader(tree: Mapping[str, Any]) -> Callable[[Any, list[Any]], None]:
+    """A function appending a tree's leaves to a list in ``tree``'s flattening order (None for an empty
+    sub-dict), or raising :class:`_Mismatch` when its keys (order included) or nesting differ from
+    ``tree``'s; leaves' kinds, dtypes and shapes are the caller's to check. Compiled once per block, it
+    costs one key-tuple comparison per dict and one lookup per leaf."""
+    keys = tuple(tree)
+    parts: list[tuple[str, Any]] = []
+    for key, value in tree.items():
+        if isinstance(value, Tensor):
+            parts.append((key, None))
+        elif type(value) is dict:
+            parts.append((key, _tree_reader(value) if value else _EMPTY))
+        else:  # other leaf kinds (never in a state) take the grouped path
+            raise _Mismatch(key)
+
+    def read(node: Any, out: list[Any]) -> None:
+        if type(node) is not dict or tuple(node) != keys:
+            raise _Mismatch(keys)
+        for key, sub in parts:
+            value = node[key]
+            if sub is None:
+                out.append(value)
+            elif sub is _EMPTY:
+                if type(value) is not dict or value:
+                    raise _Mismatch(key)
+                out.append(None)
+            else:
+                sub(value, out)
+    return read
+
+
+_EMPTY = object()  # _tree_reader's mark of an empty sub-dict
+
+
+def _pack_uniform_trees(packer: Packer, trees: Sequence[Mapping[str, Any] | None]) -> list[dict[str, Any]] | None:
+    """:func:`_pack_grouped_trees`'s layout for the usual block — two or more trees, every one with the
+    first one's paths (in its order), dtypes and shapes, so one group — read by one compiled reader per
+    block and checked column by column instead of flattened and keyed tree by tree; None (nothing
+    written) for any other block."""
+    if len(trees) < 2 or type(trees[0]) is not dict:
+        return None
+    try:
+        read = _tree_reader(trees[0])
+        rows: list[list[Any]] = []
+        for tree in trees:
+            leaves: list[Any] = []
+            read(tree, leaves)
+            rows.append(leaves)
+    except _Mismatch:
+        return None
+    columns = list(zip(*rows))
+    for column in columns:
+        first = column[0]
+        if first is not None and not all(isinstance(t, Tensor) for t in column):
+            return None
+        if first is not None and len({(t.dtype, t.shape) for t in column}) != 1:
+            return None
+    leaves = []
+    for (path, _), column in zip(_flatten(trees[0]), columns):
+        first = column[0]
+        if first is None:
+            leaves.append([path, None, False])
+        elif all(a is first for a in column):  # x_prev: the round model, held by every tree
+            leaves.append([path, packer.add(first), True])
+        else:
+            leaves.append([path, packer.add_rows(column), False])
+    return [{"rows": list(range(len(trees))), "leaves": leaves}]
+
+
+def _pack_grouped_trees(packer: Packer, trees: Sequence[Mapping[str, Any] | None]) -> list[dict[str, Any]]:
     """Trees (client states) grouped by their leaf paths, dtypes and shapes; per group, each leaf is one
     column ``[path, ref, shared]``: the group's leaves stacked (a (rows, *shape) array), or, when every
     tree of the group holds one tensor there that the block holds more than once (``x_prev``), that
@@ -366,6 +444,39 @@ def _pack_trees(packer: Packer, trees: Sequence[Mapping[str, Any] | None]) -> li
 
 
 def _pack_payloads(packer: Packer, messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """:func:`_pack_uniform_payloads` when it applies, else :func:`_pack_grouped_payloads` (same layout)."""
+    return _pack_uniform_payloads(packer, messages) or _pack_grouped_payloads(packer, messages)
+
+
+def _pack_uniform_payloads(packer: Packer, messages: Sequence[Message]) -> list[dict[str, Any]] | None:
+    """:func:`_pack_grouped_payloads`'s layout for the usual block — two or more messages with the first
+    one's layers (in its order), codecs, shapes, header keys and array kinds, so one group — checked
+    layer by layer and column by column; None (nothing written) for any other block."""
+    if len(messages) < 2:
+        return None
+    names = tuple(messages[0])
+    if any(tuple(m) != names for m in messages):
+        return None
+    checked = []
+    for layer in names:
+        payloads = [m[layer] for m in messages]
+        first = payloads[0]
+        codec, shape, meta, kinds = first.codec, tuple(first.shape), tuple(first.meta), tuple(first.arrays)
+        if any(p.codec != codec or tuple(p.shape) != shape or tuple(p.meta) != meta or tuple(p.arrays) != kinds
+               for p in payloads):
+            return None
+        columns = {key: [p.arrays[key] for p in payloads] for key in kinds}
+        if any(len({(a.dtype, a.shape) for a in column}) != 1 for column in columns.values()):
+            return None
+        checked.append((layer, first, payloads, columns))
+    layers = {layer: {"codec": first.codec, "shape": [int(d) for d in first.shape],
+                      "meta": {key: [_number_of(p.meta[key]) for p in payloads] for key in first.meta},
+                      "arrays": {key: packer.add_rows(column) for key, column in columns.items()}}
+              for layer, first, payloads, columns in checked}
+    return [{"rows": list(range(len(messages))), "layers": layers}]
+
+
+def _pack_grouped_payloads(packer: Packer, messages: Sequence[Message]) -> list[dict[str, Any]]:
     """Messages grouped by layer set, codecs, shapes, header keys and array kinds; per group and layer
     the arrays are columns (rows, ·) and each header key a list of the rows' values."""
     groups: dict[Any, tuple[list[int], list[Message]]] = {}

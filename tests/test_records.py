@@ -202,3 +202,34 @@ def test_committed_states_stay_columns_only_while_their_whole_block_holds_them()
     assert not any(_in_buffer(t, block) for j in (2, 3) for t in _leaves(committed[j]))
     assert committed[2]["x_prev"]["w"] is committed[3]["x_prev"]["w"]
     assert all(tree_equal(committed[j], states[j]) for j in (2, 3))
+
+
+def _packed(pack, items):
+    from strategies.records import Packer
+
+    packer = Packer()
+    layout = pack(packer, items)
+    return layout, (b"".join(packer.chunks) if layout is not None else packer.size)
+
+
+def test_uniform_blocks_pack_as_the_grouped_path_does_and_anything_else_falls_back():
+    from strategies.records import (_pack_grouped_payloads, _pack_grouped_trees, _pack_uniform_payloads,
+                                    _pack_uniform_trees)
+
+    model = {"w": torch.randn(4, 3)}
+    states = [{"est": {"m": {"w": torch.randn(4, 3), "b": torch.randn(3)}}, "comp": {}, "x_prev": dict(model),
+               "commits": torch.tensor(j)} for j in range(5)]
+    assert _packed(_pack_uniform_trees, states) == _packed(_pack_grouped_trees, states)
+    results = replies_for({j: None for j in (1, 2, 3)})
+    messages = [reply.message for _, reply in results.values()]
+    assert _packed(_pack_uniform_payloads, messages) == _packed(_pack_grouped_payloads, messages)
+    # every way a block can differ from its first tree or message: the fast path writes nothing
+    swapped = {"comp": {}, "est": states[1]["est"], "x_prev": dict(model), "commits": torch.tensor(1)}
+    for odd in (swapped, None, {**states[1], "comp": {"s": torch.ones(1)}}, {**states[1], "commits": torch.tensor(1.0)},
+                {**states[1], "est": {"m": {"w": torch.randn(4, 3), "b": torch.randn(4)}}},
+                {**states[1], "est": {"m": {"w": torch.randn(4, 3)}}}, {**states[1], "x_prev": model["w"]}):
+        assert _packed(_pack_uniform_trees, [states[0], odd, states[2]]) == (None, 0)
+    assert _packed(_pack_uniform_trees, states[:1]) == (None, 0)
+    mixed = replies_for({j: None for j in (1, 9, 3)})  # client 9: another codec, with a header
+    assert _packed(_pack_uniform_payloads, [reply.message for _, reply in mixed.values()]) == (None, 0)
+    assert _packed(_pack_uniform_payloads, [messages[0], {"b": messages[1]["b"], "a": messages[1]["a"]}]) == (None, 0)

@@ -275,6 +275,7 @@ class Unpacker:
         data = record["data"]
         if not isinstance(data, Array) or data.stype != RAW or not isinstance(data.data, bytes):
             raise ValueError("packed data must be a raw-bytes Array")
+        self.data = data.data  # as received: what the sender packed, whatever is later done with the copy
         self.buffer = np.frombuffer(data.data, dtype=np.uint8).copy()
 
     def array(self, ref: Any) -> np.ndarray:
@@ -721,12 +722,12 @@ class BlockReplies:
 
     def states_record(self) -> ArrayRecord:
         """The proposed states of this block's clients (in its ``clients`` order) as a
-        :func:`states_to_record` record, made of the reply's own state groups and a copy of its data:
-        what the node needs next round when the server committed every one of them."""
+        :func:`states_to_record` record, made of the reply's own state groups and its data as received
+        (no copy: the states are what the node proposed, and the server never writes into them): what
+        the node needs next round when the server committed every one of them."""
         if self.error is not None:
             raise self.error
-        return packed_record({"clients": self.clients, "states": self.unpacker.layout["states"]},
-                             self.unpacker.buffer.tobytes())
+        return packed_record({"clients": self.clients, "states": self.unpacker.layout["states"]}, self.unpacker.data)
 
     def _messages(self, groups: Any, m: int) -> list[Message | PayloadError]:
         out: list[Message | PayloadError] = [PayloadError("*", "payload", "no payload")] * m

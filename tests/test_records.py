@@ -176,9 +176,10 @@ def test_committed_states_stay_columns_only_while_their_whole_block_holds_them()
         columns.offer(block, proposed)
         blocks.append(block)
     columns.settle(committed)
-    for clients in ((2, 3), (4,)):
+    for clients, block in zip(((2, 3), (4,)), blocks):
         record = columns.record_for(list(clients), committed)
         assert record is not None and Unpacker(record).layout["clients"] == list(clients)
+        assert record["data"].data is block.unpacker.data  # the bytes as received, not a copy
         back = record_to_states(record)
         again = record_to_states(states_to_record({j: committed[j] for j in clients}))
         assert all(tree_equal(back[j], again[j]) and tree_equal(back[j], states[j]) for j in clients)

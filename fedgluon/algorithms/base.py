@@ -180,10 +180,11 @@ class Algorithm:
     def block_batches(self, bc: Broadcast, objectives: Sequence[SupervisedObjective],
                       js: Sequence[int]) -> dict[int, tuple[Batch, bool]]:
         """:meth:`batch_for` of a block's clients, their generators' seeds derived in one vectorised call
-        (:func:`fedgluon.rng.derive_seeds`, equal to ``generator(seed, "sample", j, k)``'s)."""
+        (:func:`fedgluon.rng.derive_seeds`, equal to ``generator(seed, "sample", j, k)``'s); one generator
+        re-seeded per client (seeding sets its whole state, so each draw is that of a fresh generator)."""
         seeds = derive_seeds(bc.seed, "sample", np.asarray(js, dtype=np.int64), bc.round).tolist()
-        return {j: self._batch(bc, objectives[j], torch.Generator(device="cpu").manual_seed(s))
-                for j, s in zip(js, seeds)}
+        gen = torch.Generator(device="cpu")
+        return {j: self._batch(bc, objectives[j], gen.manual_seed(s)) for j, s in zip(js, seeds)}
 
     @staticmethod
     def _batch(bc: Broadcast, objective: SupervisedObjective, gen: torch.Generator) -> tuple[Batch, bool]:

@@ -641,17 +641,26 @@ class Compressor:
         contiguous tensor that the rows are added into in place (the caller's scratch; one call for the
         block, then one copy per row out of it). The rows' values are converted and signed once for the
         block (``sign`` = ±1: exact)."""
+        if isinstance(bases, Tensor):
+            self.add_decoded_block_(bases, rows, sign)
+            return [b.clone() for b in bases.unbind(0)]
         values = torch.from_numpy(rows.arrays["v.v"]).to(like.device, like.dtype)
         signed = values if sign == 1.0 else sign * values
         structure = self._structure_for(rows.shape)
-        if isinstance(bases, Tensor):
-            structure.add_rows_(bases.view(len(bases), -1), signed, rows.arrays)
-            return [b.clone() for b in bases.unbind(0)]
         outs = [b.clone() if b is not None else torch.zeros(rows.shape, dtype=values.dtype, device=values.device)
                 for b in bases]
         for i, out in enumerate(outs):
             structure.add_rows_(out.view(1, -1), signed[i:i + 1], {k: a[i:i + 1] for k, a in rows.arrays.items()})
         return outs
+
+    def add_decoded_block_(self, block: Tensor, rows: PayloadRows, sign: float = 1.0) -> Tensor:
+        """``block[i] += sign · decode(rows.payload(i))`` for every row of the contiguous (B, *shape)
+        ``block``, in place, in one call (payloads this process has just made: no validation); equal to
+        :meth:`add_decoded` row by row. Returns ``block``."""
+        values = torch.from_numpy(rows.arrays["v.v"]).to(block.device, block.dtype)
+        self._structure_for(rows.shape).add_rows_(block.view(len(block), -1), values if sign == 1.0 else sign * values,
+                                                  rows.arrays)
+        return block
 
     def bits(self, payload: TensorPayload) -> BitCount:
         """Raw bit counts of a (valid) payload, from its codec and shape alone (no structure or value

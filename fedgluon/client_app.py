@@ -157,20 +157,42 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
                 working.append(j)
             except InjectedFault as err:
                 failed[str(j)] = f"InjectedFault: {err}"
-        with phase("unpack", bc.round):
-            committed = record_to_states(arrays["states"])
-        if not set(working) <= set(committed):
-            raise RuntimeError(f"the message carries no state for clients {sorted(set(working) - set(committed))}")
-        states = {j: committed[j] for j in working}
-        with phase("compute", bc.round):
-            results = algorithm.client_block(states, bc, task.objectives, working)
-        with phase("pack", bc.round):
-            replies = replies_to_record(results)
+        replies = _column_replies(algorithm, arrays["states"], bc, task.objectives, working)
+        if replies is None:
+            with phase("unpack", bc.round):
+                committed = record_to_states(arrays["states"])
+            if not set(working) <= set(committed):
+                raise RuntimeError(f"the message carries no state for clients {sorted(set(working) - set(committed))}")
+            states = {j: committed[j] for j in working}
+            with phase("compute", bc.round):
+                results = algorithm.client_block(states, bc, task.objectives, working)
+            with phase("pack", bc.round):
+                replies = replies_to_record(results)
         content = RecordDict({"failed": failed, "info": ConfigRecord({"ray_node": _ray_node(), "pid": os.getpid()}),
                               "replies": replies})
         return Message(content, reply_to=msg)
 
     return app
+
+
+def _column_replies(algorithm: Any, states: Any, bc: Broadcast, objectives: Any, working: list[int]) -> Any:
+    """The block's reply record stepped on columns (fedgluon/algorithms/columns.py: the same bytes as
+    the per-client path), or None where that does not apply: an algorithm without a column step, clients
+    of several state layouts, a client that failed (its state is in the record, not in the step)."""
+    from strategies.records import record_to_columns, step_to_record
+
+    if not algorithm.steps_columns():
+        return None
+    with phase("unpack", bc.round):
+        columns = record_to_columns(states)
+    if columns is None or columns.clients != working:
+        return None
+    with phase("compute", bc.round):
+        step = algorithm.column_block(columns, bc, objectives)
+    if step is None:
+        return None
+    with phase("pack", bc.round):
+        return step_to_record(step)
 
 
 app = make_client_app()  # `flwr run .` entry point (pyproject [tool.flwr.app.components])

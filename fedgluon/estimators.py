@@ -57,6 +57,9 @@ class Estimator(ABC):
     name: str = "estimator"
     needs_previous: bool = False  # uses ∇f(X^{k−1}; ξ_k)
     supports_refresh: bool = False  # accepts a large-batch refresh (SARAH/PAGE)
+    # every output entry is a function of the same entries of the inputs alone, so one step over
+    # clients' stacked tensors equals the per-client steps bitwise (fedgluon.algorithms.columns)
+    elementwise: bool = False
 
     @abstractmethod
     def update(self, state: State | None, g_now: Mapping[str, Tensor],
@@ -78,6 +81,7 @@ class EMAMomentum(Estimator):
     nesterov: bool = False
     init: str = "zero"
     name = "ema"
+    elementwise = True
 
     def __post_init__(self) -> None:
         _check_beta(self.beta)
@@ -102,6 +106,7 @@ class MVR(Estimator):
     beta: float = 0.9
     name = "mvr"
     needs_previous = True
+    elementwise = True
 
     def __post_init__(self) -> None:
         _check_beta(self.beta, allow_one=True)
@@ -182,6 +187,7 @@ class SARAH(Estimator):
     name = "sarah"
     needs_previous = True
     supports_refresh = True
+    elementwise = True
 
     def update(self, state, g_now, g_prev=None):
         if state is None:

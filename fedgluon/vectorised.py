@@ -63,29 +63,86 @@ def block_gradients(objectives: Sequence[SupervisedObjective], batches: Mapping[
     return out
 
 
-def _vmapped(objective: SupervisedObjective, js: list[int], batches: Mapping[int, Batch],
-             shared: Mapping[str, Tensor] | None, per_client: Mapping[int, Mapping[str, Tensor]] | None,
-             device: torch.device | None = None) -> dict[int, tuple[float, Tensors]]:
-    names = objective._names
+def stacked_gradients(objectives: Sequence[SupervisedObjective], js: Sequence[int], batches: Sequence[Batch], per: int,
+                      shared: Mapping[str, Tensor] | None = None, stacked: Mapping[str, Tensor] | None = None,
+                      device: torch.device | None = None) -> tuple[list[float], Tensors] | None:
+    """:func:`block_gradients` of clients ``js`` (row i: ``js[i]`` on ``batches[i]``, at ``shared``
+    parameters or at row i of ``stacked``), taken in runs of ``per`` clients as
+    ``Algorithm.client_block`` takes them and grouped by batch shape within each run as
+    :func:`block_gradients` groups them (a group of one by ``objective.gradient``), so every row is the
+    same value; returned as the losses and ``{name: (B, *shape)}`` (the vmapped call's own output when
+    one call covers the block). None for clients of different models or a model with BatchNorm."""
+    first = objectives[js[0]]
+    if not can_vectorise(first.model) or any(objectives[j].model is not first.model
+                                             or objectives[j].loss_fn is not first.loss_fn for j in js):
+        return None
+    names = first._names
+    losses = [0.0] * len(js)
+    out: Tensors = {}
+    for start in range(0, len(js), per):
+        groups: dict[tuple, list[int]] = {}
+        for i in range(start, min(len(js), start + per)):
+            x, y = batches[i]
+            groups.setdefault((tuple(x.shape), tuple(y.shape), x.dtype, y.dtype), []).append(i)
+        for rows in groups.values():
+            if len(rows) == 1:
+                i = rows[0]
+                params = shared if shared is not None else {n: stacked[n][i] for n in names}  # type: ignore[index]
+                loss, grads = first.gradient(params, batches[i])
+                got_losses, got = [loss], {n: g.unsqueeze(0) for n, g in grads.items()}
+            else:
+                xs, ys = torch.stack([batches[i][0] for i in rows]), torch.stack([batches[i][1] for i in rows])
+                if shared is not None:
+                    params, dims = {n: shared[n].detach() for n in names}, None
+                else:
+                    index = torch.tensor(rows)
+                    params, dims = {n: stacked[n].detach().index_select(0, index) for n in names}, 0  # type: ignore[index]
+                got, loss_rows = _vmapped_call(first, xs, ys, params, dims, device)
+                got_losses = loss_rows.tolist()
+                if len(rows) == len(js):  # one call for the whole block: its output is the columns
+                    return got_losses, got
+            for i, loss in zip(rows, got_losses):
+                losses[i] = loss
+            for n, g in got.items():
+                if n not in out:
+                    out[n] = torch.empty((len(js), *g.shape[1:]), dtype=g.dtype, device=g.device)
+                out[n][rows] = g
+    return losses, out
+
+
+def _vmapped_call(objective: SupervisedObjective, xs: Tensor, ys: Tensor, params: Tensors, dims: int | None,
+                  device: torch.device | None) -> tuple[Tensors, Tensor]:
+    """``vmap(grad_and_value(loss))`` over the stacked batches (module doc), on ``device`` when given
+    (results back on the batches' device)."""
     model, loss_fn = objective.model, objective.loss_fn
-    xs = torch.stack([batches[j][0] for j in js])
-    ys = torch.stack([batches[j][1] for j in js])
     home = xs.device
     device = home if device is None else device
     moved = device != home
     buffers = {n: b.to(device) for n, b in model.named_buffers()} if moved else {}
 
-    def loss(params: Tensors, x: Tensor, y: Tensor) -> Tensor:
-        return loss_fn(functional_call(model, {**buffers, **params} if moved else params, (x,)), y)
+    def loss(p: Tensors, x: Tensor, y: Tensor) -> Tensor:
+        return loss_fn(functional_call(model, {**buffers, **p} if moved else p, (x,)), y)
 
-    if shared is not None:
-        params, dims = {n: shared[n].detach().to(device) for n in names}, None
-    else:
-        assert per_client is not None
-        params, dims = {n: torch.stack([per_client[j][n].detach() for j in js]).to(device) for n in names}, 0
+    if moved:
+        params = {n: t.to(device) for n, t in params.items()}
     with torch.enable_grad():
         grads, losses = vmap(grad_and_value(loss), in_dims=(dims, 0, 0))(params, xs.to(device), ys.to(device))
     if moved:
         grads, losses = {n: g.to(home) for n, g in grads.items()}, losses.to(home)
+    return grads, losses
+
+
+def _vmapped(objective: SupervisedObjective, js: list[int], batches: Mapping[int, Batch],
+             shared: Mapping[str, Tensor] | None, per_client: Mapping[int, Mapping[str, Tensor]] | None,
+             device: torch.device | None = None) -> dict[int, tuple[float, Tensors]]:
+    names = objective._names
+    xs = torch.stack([batches[j][0] for j in js])
+    ys = torch.stack([batches[j][1] for j in js])
+    if shared is not None:
+        params, dims = {n: shared[n].detach() for n in names}, None
+    else:
+        assert per_client is not None
+        params, dims = {n: torch.stack([per_client[j][n].detach() for j in js]) for n in names}, 0
+    grads, losses = _vmapped_call(objective, xs, ys, params, dims, device)
     # views into the block's stacked gradients (no copy); nothing downstream writes to a gradient in place
     return {j: (float(losses[i]), {n: grads[n][i] for n in names}) for i, j in enumerate(js)}

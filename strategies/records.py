@@ -51,6 +51,7 @@ from torch import Tensor
 
 from compressors import Message, PayloadError, TensorPayload
 from fedgluon.algorithms.base import ClientReply
+from fedgluon.algorithms.columns import BlockColumns, BlockStep, Shared
 
 SEP = "/"
 RAW = "fedgluon.raw"
@@ -227,6 +228,11 @@ class Packer:
             raise ValueError("the rows of a column must share one dtype and shape")
         return [name, [len(rows), *first.shape], self._write([b for _, b in converted])]
 
+    def add_column(self, a: np.ndarray | Tensor) -> Ref:
+        """A (rows, *shape) array written whole: the reference and bytes :meth:`add_rows` gives its rows."""
+        name, b = _little_endian(a)
+        return [name, list(b.shape), self._write([b])]
+
     def record(self, layout: Any) -> ArrayRecord:
         return packed_record(layout, b"".join(self.chunks))
 
@@ -310,6 +316,58 @@ def record_to_states(record: Any) -> dict[int, dict[str, Any] | None]:
         if isinstance(tree, Exception):
             raise tree
     return dict(zip(clients, trees))  # type: ignore[arg-type]
+
+
+def record_to_columns(record: Any) -> BlockColumns | None:
+    """The states record of a block whose clients all have one layout, as columns (node side: views of
+    the record's buffer, a shared leaf as :class:`~fedgluon.algorithms.columns.Shared`), or None when
+    they come in several groups or out of order (the node then takes :func:`record_to_states`).
+    ``ValueError`` on a malformed record, as :func:`record_to_states`."""
+    unpacker = Unpacker(record)
+    clients = _clients(unpacker.layout)
+    groups = _groups(unpacker.layout.get("states"), len(clients), "leaves")
+    if len(groups) != 1 or groups[0][0] != list(range(len(clients))):
+        return None
+    group = _TreeGroup(unpacker, len(clients), groups[0][1])
+    if group.error is not None:
+        raise group.error
+    if group.empty:
+        return BlockColumns(clients, None)
+    values = [None if c is None else Shared(_as_tensor(c[0], c[1])) if c[2] is not None else _as_tensor(c[0], c[1])
+              for c in group.columns]
+    return BlockColumns(clients, group.build(values))
+
+
+def step_to_record(step: BlockStep) -> ArrayRecord:
+    """A block's replies made on columns (:mod:`fedgluon.algorithms.columns`) as one packed record: byte
+    for byte what :func:`replies_to_record` makes of the same replies client by client."""
+    packer = Packer()
+    m = len(step.clients)
+    layout: dict[str, Any] = {"clients": [int(j) for j in step.clients]}
+    values = {"client": step.clients, "round": [step.round] * m, "loss": step.loss, "grad_evals": step.grad_evals,
+              "samples": step.samples}
+    layout.update({key: [kind(v) for v in values[key]] for key, kind in METRICS.items()})
+    layout["payloads"] = [{"rows": list(range(m)), "layers": {
+        layer: {"codec": rows.codec, "shape": [int(d) for d in rows.shape], "meta": {},
+                "arrays": {key: packer.add_column(a) for key, a in rows.arrays.items()}}
+        for layer, rows in step.payloads.items()}}]
+    leaves: list[list[Any]] = []
+    _column_leaves(packer, step.states, "", leaves)
+    layout["states"] = [{"rows": list(range(m)), "leaves": leaves}]
+    return packer.record(layout)
+
+
+def _column_leaves(packer: Packer, tree: Mapping[str, Any], prefix: str, out: list[list[Any]]) -> None:
+    """:func:`_pack_uniform_trees`'s leaves of a column tree, in its flattening order."""
+    for key, value in tree.items():
+        if isinstance(value, Shared):
+            out.append([f"{prefix}{key}", packer.add(value.tensor), True])
+        elif isinstance(value, Tensor):
+            out.append([f"{prefix}{key}", packer.add_column(value), False])
+        elif value:
+            _column_leaves(packer, value, f"{prefix}{key}{SEP}", out)
+        else:
+            out.append([f"{prefix}{key}{SEP}", None, False])
 
 
 METRICS = {"client": int, "round": int, "loss": float, "grad_evals": int, "samples": int}

@@ -287,6 +287,15 @@ class Algorithm:
             out.update(self._client_run(states, bc, objectives, js[start:start + per]))
         return out
 
+    def steps_columns(self) -> bool:
+        """Whether :meth:`column_block` may step a block on columns (:mod:`fedgluon.algorithms.columns`)."""
+        return False
+
+    def column_block(self, columns: Any, bc: Broadcast, objectives: Sequence[SupervisedObjective]) -> Any:
+        """:meth:`client_block` on a block's state columns, where an algorithm can (``FeedbackUplink``);
+        None: the caller takes :meth:`client_block`."""
+        return None
+
     def run_length(self, bc: Broadcast) -> int:
         """Clients per run of a block step: ``RUN_BYTES`` over one client's gradient bytes (two gradients
         for estimators that also need ∇f(X_prev)); at least 1."""

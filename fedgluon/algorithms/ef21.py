@@ -18,11 +18,21 @@ or ``"none"`` (send ``C(V_j)``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from compressors import Compressor, make_compressor, make_error_feedback
+import numpy as np
+import torch
+from torch import Tensor
 
-from .base import Algorithm, tracker_update, weighted_mean
+from compressors import EF21, Compressor, make_compressor, make_error_feedback
+from compressors.error_feedback import CHUNK_BYTES
+from compressors.payload import PayloadRows
+
+from ..objective import SupervisedObjective
+from ..vectorised import stacked_gradients
+from .base import Algorithm, Broadcast, GradPair, tracker_update, weighted_mean
+from .columns import BlockColumns, BlockStep, Shared, column_params
 
 
 class FeedbackUplink(Algorithm):
@@ -60,10 +70,110 @@ class FeedbackUplink(Algorithm):
         return [({**new, "ef": ef_state, "comp": comp}, msg)
                 for (new, _), (msg, ef_state, comp) in zip(estimates, rows)]
 
+    def steps_columns(self) -> bool:
+        """Whether :meth:`column_block` may apply: the base client step (gradients, estimate, this class's
+        local update, propose), an elementwise estimator or none, EF21 with full trackers over a
+        compressor with row encoders for every layer."""
+        own = type(self)
+        return (own.client_step is Algorithm.client_step and own.propose is Algorithm.propose
+                and own.estimate is Algorithm.estimate and own.block_gradients is Algorithm.block_gradients
+                and own.block_batches is Algorithm.block_batches and own.uplink_for is Algorithm.uplink_for
+                and own.block_local_update is FeedbackUplink.block_local_update
+                and own.local_update is FeedbackUplink.local_update
+                and (self.est is None or self.est.elementwise)
+                and isinstance(self.ef, EF21) and self.ef.tracker == "full" and self.ef.supports_rows(self.shapes))
+
+    def column_block(self, columns: BlockColumns, bc: Broadcast,
+                     objectives: Sequence[SupervisedObjective]) -> BlockStep | None:
+        """:meth:`client_block` of a block whose clients share one state layout, on columns
+        (:mod:`fedgluon.algorithms.columns`: the same values, packed to the same bytes); None where it
+        does not apply (:meth:`steps_columns`, fewer than two clients, an unexpected tracker layout, a
+        non-finite estimate), and the caller takes :meth:`client_block`."""
+        js, tree = list(columns.clients), dict(columns.tree or {})
+        if len(js) < 2 or not self.steps_columns() or _holds_shared({k: t for k, t in tree.items() if k != "x_prev"}):
+            return None
+        drawn = self.block_batches(bc, objectives, js)
+        batches = [drawn[j][0] for j in js]
+        refresh = drawn[js[0]][1]
+        per = self.run_length(bc)
+        now = stacked_gradients(objectives, js, batches, per, shared=bc.model, device=self.client_device)
+        prev = None
+        if not refresh and self.needs_previous and "x_prev" in tree:
+            shared, stacked = column_params(tree["x_prev"])
+            if shared is not None:  # client_block stacks every client's X_prev, shared or not
+                stacked = {n: t.expand(len(js), *t.shape) for n, t in shared.items()}
+            prev = stacked_gradients(objectives, js, batches, per, stacked=stacked,
+                                     device=self.client_device) if stacked is not None else None
+            if prev is None:
+                return None
+        if now is None:
+            return None
+        state = {"est": tree["est"]} if "est" in tree else {}
+        new_est, v = self.estimate(state, GradPair(now[1], prev[1] if prev is not None else None, refresh, 0.0, 0, 0))
+        g_old = tree["ef"]["g"] if "ef" in tree else None
+        if g_old is not None and (not isinstance(g_old, dict) or set(g_old) != set(v)
+                                  or any(g_old[n].shape != v[n].shape for n in v)):
+            return None
+        payloads, g_new = {}, {}
+        for n in sorted(v):  # message order
+            got = self._ef21_column(v[n], g_old[n] if g_old is not None else None)
+            if got is None:
+                return None
+            payloads[n], g_new[n] = got
+        commits = tree.get("commits")
+        if commits is not None and not isinstance(commits, torch.Tensor):
+            return None
+        new = {**tree, **new_est, "ef": {"g": {n: g_new[n] for n in v}}, "comp": {},
+               "commits": commits + 1 if commits is not None else torch.ones(len(js), dtype=torch.int64)}
+        if self.needs_previous or "x_prev" in tree:
+            new["x_prev"] = {n: Shared(t) for n, t in bc.model.items()}
+        calls = 1 + (prev is not None)
+        return BlockStep(js, bc.round, payloads, new, now[0], [calls] * len(js),
+                         [len(b[1]) * calls for b in batches])
+
+    def _ef21_column(self, V: Tensor, g: Tensor | None) -> tuple[PayloadRows, Tensor] | None:
+        """EF21 on one layer's column (EF21.step_rows, by column): ``R_B = C(V_B − g_B)`` row by row and
+        ``g'_B = g_B + R_B`` (g = 0 before the first round), in chunks of rows of about
+        ``CHUNK_BYTES`` so each pass over a chunk after the first reads the cache; None when a row is
+        not finite (the per-client path then raises for its client)."""
+        B = len(V)
+        per = max(1, CHUNK_BYTES // max(1, V[0].numel() * V.element_size()))
+        reuse = not self.compressor.rows_share_input(tuple(V.shape[1:]))  # dense payloads are views of C
+        out, parts, buf = torch.empty_like(V), [], None
+        for a in range(0, B, per):
+            b = min(B, a + per)
+            if buf is None or not reuse:
+                buf = torch.empty((min(per, B), *V.shape[1:]), dtype=V.dtype, device=V.device)
+            C = buf[:b - a]
+            if g is None:
+                C.copy_(V[a:b])
+            else:
+                torch.add(V[a:b], g[a:b], alpha=-1.0, out=C)
+            rows = self.compressor.compress_rows(C)
+            if rows is None:
+                return None
+            parts.append(rows)
+            if g is None:
+                out[a:b].zero_()
+            else:
+                out[a:b].copy_(g[a:b])
+            self.compressor.add_decoded_block_(out[a:b], rows)
+        if len(parts) == 1:
+            return parts[0], out
+        return PayloadRows(parts[0].codec, parts[0].shape,
+                           {k: np.concatenate([p.arrays[k] for p in parts]) for k in parts[0].arrays}), out
+
     def aggregate(self, state, decoded, weights, bc):
         if self.ef.tracks:
             return tracker_update(state.get("G"), decoded, weights, state["X"])
         return weighted_mean(decoded, weights)
+
+
+def _holds_shared(tree: Any) -> bool:
+    """Whether a column tree has a :class:`Shared` leaf (only ``x_prev`` may: the rest is per client)."""
+    if isinstance(tree, Shared):
+        return True
+    return isinstance(tree, dict) and any(_holds_shared(t) for t in tree.values())
 
 
 class GluonEF21(FeedbackUplink):

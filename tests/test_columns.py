@@ -1,0 +1,91 @@
+"""A block's client step on columns (fedgluon/algorithms/columns.py) packs the very bytes the per-client
+step does (replies_to_record(client_block(...))), for every algorithm it covers, on the first round and
+later ones, with ragged batches, a refresh round and x_prev; anything else declines (None)."""
+
+import pytest
+import torch
+
+from fedgluon import spec as specs
+from fedgluon.blocks import block_clients
+from fedgluon.driver import run_plain
+from strategies.records import Unpacker, record_to_columns, replies_to_record, states_to_record, step_to_record
+
+TASK = {"name": "synthetic", "num_clients": 10, "dim": 10, "classes": 4, "hidden": [16], "mean_samples": 30,
+        "batch_size": 24}
+
+
+def build(algorithm: dict):
+    spec = specs.normalise({"task": TASK, "algorithm": algorithm, "rounds": 3, "block_size": 5})
+    return specs.build_cached(spec)
+
+
+def both_records(algo, task, states, bc, js):
+    per_client = replies_to_record(algo.client_block({j: states.get(j) for j in js}, bc, task.objectives, js))
+    columns = record_to_columns(states_to_record({j: states.get(j) for j in js}))
+    step = algo.column_block(columns, bc, task.objectives)
+    return per_client, (step_to_record(step) if step is not None else None)
+
+
+def same_record(a, b) -> bool:
+    return Unpacker(a).layout == Unpacker(b).layout and a["data"].data == b["data"].data
+
+
+@pytest.mark.parametrize("algorithm", [
+    {"name": "gluon-ef21"},
+    {"name": "gluon-ef21", "beta": 0.5, "nesterov": True, "state_dtype": "float16"},
+    {"name": "gluon-ef21-mvr", "compressor": {"name": "topk", "ratio": 0.2}},
+    {"name": "gluon-ef21-sarah", "refresh_prob": 0.5},
+    {"name": "ef21-muon-bidir"},
+    {"name": "gluon-ef21", "compressor": {"name": "identity"}},
+    {"name": "sgd"},
+])
+def test_the_column_step_packs_the_per_client_steps_bytes(algorithm):
+    task, algo = build(algorithm)
+    assert algo.steps_columns()
+    X0 = task.initial_params()
+    checked = 0
+    for rounds in (0, 1, 2, 3):  # states after 0..3 plain rounds: none, then with trackers, momenta and x_prev
+        res = run_plain(algo, task.objectives, X0, rounds, seed=4, block_size=5)
+        server = res.server_state if rounds else algo.init_server(X0)
+        bc = algo.broadcast(server, rounds, 4, TASK["num_clients"])
+        if algo.refresh_policy is not None:  # the server's coin: this round refreshes or not (both are tried)
+            bc.flags["refresh"] = rounds % 2
+        for block in (0, 1):
+            js = block_clients(block, TASK["num_clients"], 5)
+            per_client, columns = both_records(algo, task, res.client_states, bc, js)
+            assert columns is not None and same_record(per_client, columns), (rounds, block)
+            checked += 1
+    assert checked == 8
+
+
+@pytest.mark.parametrize("compressor", [{"name": "topk", "ratio": 0.1}, {"name": "identity"}])
+def test_chunked_error_feedback_packs_the_same_bytes(monkeypatch, compressor):
+    """Layers taken a few rows at a time (as large layers are) give the same record."""
+    import fedgluon.algorithms.ef21 as ef21
+
+    monkeypatch.setattr(ef21, "CHUNK_BYTES", 200)  # 1-3 rows per chunk of these layers
+    task, algo = build({"name": "gluon-ef21", "compressor": compressor})
+    res = run_plain(algo, task.objectives, task.initial_params(), 2, seed=3, block_size=5)
+    bc = algo.broadcast(res.server_state, 2, 3, TASK["num_clients"])
+    per_client, columns = both_records(algo, task, res.client_states, bc, block_clients(1, TASK["num_clients"], 5))
+    assert columns is not None and same_record(per_client, columns)
+
+
+def test_blocks_it_does_not_cover_decline():
+    task, algo = build({"name": "gluon-ef21"})
+    res = run_plain(algo, task.objectives, task.initial_params(), 2, seed=1, block_size=5)
+    bc = algo.broadcast(res.server_state, 2, 1, TASK["num_clients"])
+    js = block_clients(0, TASK["num_clients"], 5)
+    mixed = {**{j: res.client_states[j] for j in js}, js[0]: None}  # one client without a state: two groups
+    assert record_to_columns(states_to_record(mixed)) is None
+    columns = record_to_columns(states_to_record({j: res.client_states[j] for j in js[:1]}))
+    assert algo.column_block(columns, bc, task.objectives) is None  # one client: the per-client path
+    nan = {j: res.client_states[j] for j in js}
+    nan[js[1]] = {**nan[js[1]], "ef": {"g": {n: torch.full_like(t, float("nan")) for n, t in nan[js[1]]["ef"]["g"].items()}}}
+    assert algo.column_block(record_to_columns(states_to_record(nan)), bc, task.objectives) is None
+    for other in ({"name": "gluon"}, {"name": "local-gluon"}, {"name": "limuon"}, {"name": "gluon-marina"},
+                  {"name": "gluon-ef21", "tracker": "fixed16"}, {"name": "gluon-ef21", "error_feedback": "ef14"},
+                  {"name": "gluon-ef21", "compressor": {"name": "randk_seeded", "ratio": 0.1}}):
+        _, declined = build(other)
+        assert not declined.steps_columns(), other
+        assert declined.column_block(columns, bc, task.objectives) is None

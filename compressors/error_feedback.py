@@ -29,7 +29,7 @@ values.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +69,23 @@ def _stacked(rows: Sequence[Tensor | None], like: Tensor) -> Tensor:
     return torch.stack(list(rows))
 
 
+def _chunking(compressor: Compressor, like: Tensor) -> tuple[int, bool]:
+    """Rows per chunk of a layer whose rows are shaped like ``like`` (about ``CHUNK_BYTES``), and whether
+    one chunk buffer may serve every chunk (not when the payloads may be views of it: dense)."""
+    return (max(1, CHUNK_BYTES // max(1, like.numel() * like.element_size())),
+            not compressor.rows_share_input(tuple(like.shape)))
+
+
+def _chunks(per: int, reuse: bool, like: Tensor, count: int) -> Iterator[tuple[int, Tensor]]:
+    """``count`` rows in chunks of ``per``: (first row, a buffer of the chunk's rows shaped like ``like``),
+    the buffer reused from chunk to chunk when ``reuse`` (:func:`_chunking`), else fresh per chunk."""
+    buf = None
+    for start in range(0, count, per):
+        if buf is None or not reuse:
+            buf = torch.empty((min(per, count), *like.shape), dtype=like.dtype, device=like.device)
+        yield start, buf[:min(per, count - start)]
+
+
 def _layer_rows(compressor: Compressor, X: Sequence[Tensor], others: Sequence[Tensor | None], sign: float,
                 feedback: str) -> tuple[list[PayloadRows], int, list[Tensor]] | None:
     """One layer of a row step, in chunks of rows small enough to stay in the cache: per chunk,
@@ -81,17 +98,11 @@ def _layer_rows(compressor: Compressor, X: Sequence[Tensor], others: Sequence[Te
     per operation, larger rows one call per row (stacking them would cost a pass over the data).
     Returns (the chunks' payload rows, rows per chunk, new states), or None when a chunk cannot be
     compressed as rows (:meth:`Compressor.compress_rows`)."""
-    shape = tuple(X[0].shape)
-    per = max(1, CHUNK_BYTES // max(1, X[0].numel() * X[0].element_size()))
-    reuse = not compressor.rows_share_input(shape)
+    per, reuse = _chunking(compressor, X[0])
     parts: list[PayloadRows] = []
     new: list[Tensor] = []
-    buf = None
-    for start in range(0, len(X), per):
+    for start, chunk in _chunks(per, reuse, X[0], len(X)):
         xs, os = X[start:start + per], others[start:start + per]
-        if buf is None or not reuse:
-            buf = torch.empty((min(per, len(X)), *shape), dtype=X[0].dtype, device=X[0].device)
-        chunk = buf[:len(xs)]
         stacked = len(xs) >= STACK_ROWS
         if stacked:  # sign = ±1: sign · o is exact, so x ± o is rounded once, as row by row
             base = _stacked(os, xs[0])
@@ -186,6 +197,34 @@ class EF21(_RowSteps):
         if not self.supports_rows(_row_shapes(v)):
             return None
         return _row_step(self.compressor, v, _rows_of(states, "g"), -1.0, "ef21", "g")
+
+    def step_column(self, V: Tensor, g: Tensor | None) -> tuple[PayloadRows, Tensor] | None:
+        """:meth:`step_rows` of one layer on columns (full trackers): ``R_B = C(V_B − g_B)`` row by row and
+        ``g'_B = g_B + R_B`` for the (B, *shape) estimates ``V`` and trackers ``g`` (None: zero, before
+        the first round), in :func:`_layer_rows`' chunks; the payload rows and the new trackers as one
+        (B, *shape) tensor, or None when a chunk cannot be compressed as rows (a row not finite: the
+        per-client path then raises for its client)."""
+        per, reuse = _chunking(self.compressor, V[0])
+        out, parts = torch.empty_like(V), []
+        for a, C in _chunks(per, reuse, V[0], len(V)):
+            b = a + len(C)
+            if g is None:
+                C.copy_(V[a:b])
+            else:
+                torch.add(V[a:b], g[a:b], alpha=-1.0, out=C)
+            rows = self.compressor.compress_rows(C)
+            if rows is None:
+                return None
+            parts.append(rows)
+            if g is None:
+                out[a:b].zero_()
+            else:
+                out[a:b].copy_(g[a:b])
+            self.compressor.add_decoded_block_(out[a:b], rows)
+        if len(parts) == 1:
+            return parts[0], out
+        return PayloadRows(parts[0].codec, parts[0].shape,
+                           {k: np.concatenate([p.arrays[k] for p in parts]) for k in parts[0].arrays}), out
 
     def tracker_values(self, state: Mapping[str, Tensors], like: Mapping[str, Tensor]) -> Tensors:
         """The tracker g_j as a tensor dict in the working dtype."""

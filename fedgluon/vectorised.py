@@ -39,6 +39,12 @@ def can_vectorise(model: nn.Module) -> bool:
     return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def _batch_kind(batch: Batch) -> tuple:
+    """What clients must share to be stacked into one vmapped call: their batches' shapes and dtypes."""
+    x, y = batch
+    return tuple(x.shape), tuple(y.shape), x.dtype, y.dtype
+
+
 def block_gradients(objectives: Sequence[SupervisedObjective], batches: Mapping[int, Batch],
                     shared: Mapping[str, Tensor] | None = None,
                     per_client: Mapping[int, Mapping[str, Tensor]] | None = None,
@@ -50,8 +56,8 @@ def block_gradients(objectives: Sequence[SupervisedObjective], batches: Mapping[
     params_of = (lambda j: shared) if shared is not None else (lambda j: per_client[j])  # type: ignore[index]
     out: dict[int, tuple[float, Tensors]] = {}
     groups: dict[tuple, list[int]] = {}
-    for j, (x, y) in batches.items():
-        groups.setdefault((tuple(x.shape), tuple(y.shape), x.dtype, y.dtype), []).append(j)
+    for j, batch in batches.items():
+        groups.setdefault(_batch_kind(batch), []).append(j)
     for js in groups.values():
         first = objectives[js[0]]
         same = all(objectives[j].model is first.model and objectives[j].loss_fn is first.loss_fn for j in js)
@@ -82,8 +88,7 @@ def stacked_gradients(objectives: Sequence[SupervisedObjective], js: Sequence[in
     for start in range(0, len(js), per):
         groups: dict[tuple, list[int]] = {}
         for i in range(start, min(len(js), start + per)):
-            x, y = batches[i]
-            groups.setdefault((tuple(x.shape), tuple(y.shape), x.dtype, y.dtype), []).append(i)
+            groups.setdefault(_batch_kind(batches[i]), []).append(i)
         for rows in groups.values():
             if len(rows) == 1:
                 i = rows[0]

@@ -61,9 +61,9 @@ def test_the_column_step_packs_the_per_client_steps_bytes(algorithm):
 @pytest.mark.parametrize("compressor", [{"name": "topk", "ratio": 0.1}, {"name": "identity"}])
 def test_chunked_error_feedback_packs_the_same_bytes(monkeypatch, compressor):
     """Layers taken a few rows at a time (as large layers are) give the same record."""
-    import fedgluon.algorithms.ef21 as ef21
+    import compressors.error_feedback as error_feedback
 
-    monkeypatch.setattr(ef21, "CHUNK_BYTES", 200)  # 1-3 rows per chunk of these layers
+    monkeypatch.setattr(error_feedback, "CHUNK_BYTES", 200)  # 1-3 rows per chunk of these layers
     task, algo = build({"name": "gluon-ef21", "compressor": compressor})
     res = run_plain(algo, task.objectives, task.initial_params(), 2, seed=3, block_size=5)
     bc = algo.broadcast(res.server_state, 2, 3, TASK["num_clients"])

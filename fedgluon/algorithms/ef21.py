@@ -21,13 +21,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
-from torch import Tensor
 
 from compressors import EF21, Compressor, make_compressor, make_error_feedback
-from compressors.error_feedback import CHUNK_BYTES
-from compressors.payload import PayloadRows
 
 from ..objective import SupervisedObjective
 from ..vectorised import stacked_gradients
@@ -97,6 +93,8 @@ class FeedbackUplink(Algorithm):
         refresh = drawn[js[0]][1]
         per = self.run_length(bc)
         now = stacked_gradients(objectives, js, batches, per, shared=bc.model, device=self.client_device)
+        if now is None:
+            return None
         prev = None
         if not refresh and self.needs_previous and "x_prev" in tree:
             shared, stacked = column_params(tree["x_prev"])
@@ -106,8 +104,6 @@ class FeedbackUplink(Algorithm):
                                      device=self.client_device) if stacked is not None else None
             if prev is None:
                 return None
-        if now is None:
-            return None
         state = {"est": tree["est"]} if "est" in tree else {}
         new_est, v = self.estimate(state, GradPair(now[1], prev[1] if prev is not None else None, refresh, 0.0, 0, 0))
         g_old = tree["ef"]["g"] if "ef" in tree else None
@@ -116,7 +112,7 @@ class FeedbackUplink(Algorithm):
             return None
         payloads, g_new = {}, {}
         for n in sorted(v):  # message order
-            got = self._ef21_column(v[n], g_old[n] if g_old is not None else None)
+            got = self.ef.step_column(v[n], g_old[n] if g_old is not None else None)
             if got is None:
                 return None
             payloads[n], g_new[n] = got
@@ -130,38 +126,6 @@ class FeedbackUplink(Algorithm):
         calls = 1 + (prev is not None)
         return BlockStep(js, bc.round, payloads, new, now[0], [calls] * len(js),
                          [len(b[1]) * calls for b in batches])
-
-    def _ef21_column(self, V: Tensor, g: Tensor | None) -> tuple[PayloadRows, Tensor] | None:
-        """EF21 on one layer's column (EF21.step_rows, by column): ``R_B = C(V_B − g_B)`` row by row and
-        ``g'_B = g_B + R_B`` (g = 0 before the first round), in chunks of rows of about
-        ``CHUNK_BYTES`` so each pass over a chunk after the first reads the cache; None when a row is
-        not finite (the per-client path then raises for its client)."""
-        B = len(V)
-        per = max(1, CHUNK_BYTES // max(1, V[0].numel() * V.element_size()))
-        reuse = not self.compressor.rows_share_input(tuple(V.shape[1:]))  # dense payloads are views of C
-        out, parts, buf = torch.empty_like(V), [], None
-        for a in range(0, B, per):
-            b = min(B, a + per)
-            if buf is None or not reuse:
-                buf = torch.empty((min(per, B), *V.shape[1:]), dtype=V.dtype, device=V.device)
-            C = buf[:b - a]
-            if g is None:
-                C.copy_(V[a:b])
-            else:
-                torch.add(V[a:b], g[a:b], alpha=-1.0, out=C)
-            rows = self.compressor.compress_rows(C)
-            if rows is None:
-                return None
-            parts.append(rows)
-            if g is None:
-                out[a:b].zero_()
-            else:
-                out[a:b].copy_(g[a:b])
-            self.compressor.add_decoded_block_(out[a:b], rows)
-        if len(parts) == 1:
-            return parts[0], out
-        return PayloadRows(parts[0].codec, parts[0].shape,
-                           {k: np.concatenate([p.arrays[k] for p in parts]) for k in parts[0].arrays}), out
 
     def aggregate(self, state, decoded, weights, bc):
         if self.ef.tracks:

@@ -3,7 +3,8 @@
 A node's reply packs its clients' proposed states by column (strategies/records.py). When the server
 commits every one of them, it keeps the committed states as views of that reply's buffer instead of
 copying each leaf of each client out, and the next round sends the block its states as the same
-columns (:meth:`BlockReplies.states_record`: the reply's state layout and one copy of its data)
+columns (:meth:`BlockReplies.states_record`: the reply's state layout and the bytes it came in,
+which the server reads where they lie and never writes into)
 instead of packing them again. A block of 100 clients of the 4.6k-parameter MLP: ≈ 4 ms of copies
 and 5 ms of packing per round off the server's serial work.
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -113,7 +114,15 @@ def _unraw(name: Any, shape: Any, data: Any) -> np.ndarray:
 
 
 def _as_tensor(name: str, a: np.ndarray) -> Tensor:
-    t = torch.from_numpy(a)
+    """``a`` as a tensor sharing its memory (bfloat16 travels as its bits). A read-only ``a`` (a view of
+    received bytes, :class:`Unpacker` with ``copy=False``) gives a tensor nobody may write into: torch
+    has no read-only tensors and warns about it once per process, which is silenced here."""
+    if a.flags.writeable:
+        t = torch.from_numpy(a)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(a)
     return t.view(torch.bfloat16) if name == "bfloat16" else t
 
 
@@ -271,18 +280,28 @@ def _flatten_into(tree: Mapping[str, Any], prefix: str, out: list[tuple[str, Ten
 
 
 class Unpacker:
-    """Reads a :class:`Packer` record: the parsed layout, and arrays by reference (views of one
-    writable copy of the data). ``ValueError`` on anything malformed."""
+    """Reads a :class:`Packer` record: the parsed layout, and arrays by reference. ``ValueError`` on
+    anything malformed.
 
-    def __init__(self, record: Any):
+    By default the arrays are views of one writable copy of the data (a node steps its clients'
+    states in place). With ``copy=False`` they are read-only views of the bytes as received, with no
+    copy at all: the server's side of a block's reply, whose proposed states it only reads (commits,
+    re-sends as they came, checkpoints; ``tests/test_records.py`` checks a run leaves every reply's
+    bytes as they were) and whose payloads it copies out before decoding (:class:`BlockReplies`).
+    NumPy refuses writes into read-only views; a tensor made of one (:func:`_as_tensor`) would not,
+    so nothing outside this module gets one it could write into except those proposed states."""
+
+    def __init__(self, record: Any, copy: bool = True):
         if not isinstance(record, ArrayRecord) or set(record.keys()) != {"layout", "data"}:
             raise ValueError("expected an ArrayRecord with the Arrays 'layout' and 'data'")
         self.layout = json.loads(from_array(record["layout"]).tobytes().decode())
         data = record["data"]
         if not isinstance(data, Array) or data.stype != RAW or not isinstance(data.data, bytes):
             raise ValueError("packed data must be a raw-bytes Array")
-        self.data = data.data  # as received: what the sender packed, whatever is later done with the copy
-        self.buffer = np.frombuffer(data.data, dtype=np.uint8).copy()
+        self.data = data.data  # as received (a copy=True unpacker's buffer may since have been written into)
+        self.buffer = np.frombuffer(data.data, dtype=np.uint8)
+        if copy:
+            self.buffer = self.buffer.copy()
 
     def array(self, ref: Any) -> np.ndarray:
         """The array ``ref`` points at (a view of the buffer)."""
@@ -586,6 +605,12 @@ def _groups(groups: Any, count: int, key: str) -> list[tuple[list[int], Any]]:
     return out
 
 
+def _writable(a: np.ndarray) -> np.ndarray:
+    """``a``, or a copy of it where it is a read-only view (payload arrays go on to decoders that may
+    make tensors of them and compute in place)."""
+    return a if a.flags.writeable else a.copy()
+
+
 def _column(unpacker: Unpacker, ref: Any, rows: int) -> np.ndarray:
     a = unpacker.array(ref)
     if a.ndim == 0 or a.shape[0] != rows:
@@ -725,17 +750,18 @@ class BlockReplies:
     metric lists, group rows, references) rejects the whole block (``error``); a malformed payload or
     state group rejects the clients of that group; a bad metric or payload value its client alone.
 
-    The proposed states are copies of their own, or with ``views`` views of the reply's buffer (which
-    they then keep alive: the caller copies them out where it keeps only some, see
-    ``strategies.columns.StateColumns``); :meth:`states_record` sends them back to the block as they
-    came."""
+    The reply's bytes are read where they lie, never copied whole (:class:`Unpacker` with
+    ``copy=False``): payload arrays are copied out, and the proposed states are copies of their own,
+    or with ``views`` read-only views of the reply's bytes (which they then keep alive: the caller
+    copies them out where it keeps only some, see ``strategies.columns.StateColumns``);
+    :meth:`states_record` sends them back to the block as those same bytes."""
 
     def __init__(self, record: Any, views: bool = False):
         self.error: PayloadError | None = None
         self.views = views
         self.shared: dict[str, Tensor] = {}
         try:
-            self.unpacker = Unpacker(record)
+            self.unpacker = Unpacker(record, copy=False)  # read-only: states are copied or only read
             layout = self.unpacker.layout
             self.clients = _clients(layout)
             self.row = {j: i for i, j in enumerate(self.clients)}
@@ -813,7 +839,7 @@ class BlockReplies:
             if not all(isinstance(v, list) and len(v) == m for v in meta.values()):
                 raise PayloadError(layer, "meta", f"each header entry must list {m} values")
             try:
-                cols = {str(key): _column(self.unpacker, ref, m) for key, ref in arrays.items()}
+                cols = {str(key): _writable(_column(self.unpacker, ref, m)) for key, ref in arrays.items()}
             except ValueError as err:
                 raise PayloadError(layer, "arrays", str(err)) from None
             columns[layer] = (p["codec"], tuple(shape), meta, cols)

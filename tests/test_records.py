@@ -234,3 +234,44 @@ def test_uniform_blocks_pack_as_the_grouped_path_does_and_anything_else_falls_ba
     mixed = replies_for({j: None for j in (1, 9, 3)})  # client 9: another codec, with a header
     assert _packed(_pack_uniform_payloads, [reply.message for _, reply in mixed.values()]) == (None, 0)
     assert _packed(_pack_uniform_payloads, [messages[0], {"b": messages[1]["b"], "a": messages[1]["a"]}]) == (None, 0)
+
+
+@pytest.mark.parametrize("algorithm", [
+    {"name": "gluon-ef21-sarah", "refresh_prob": 0.5, "compressor": {"name": "topk", "ratio": 0.2}},
+    {"name": "ef21-muon-bidir", "beta": 0.5, "nesterov": True, "state_dtype": "float16"},
+])
+def test_a_run_leaves_the_reply_bytes_its_committed_states_are_views_of_as_they_came(monkeypatch, tmp_path,
+                                                                                      algorithm):
+    """The server reads a block's reply where it lies (Unpacker with copy=False: no copy on receipt,
+    none to send the states back) and keeps committed states as read-only views of those bytes. Torch
+    cannot refuse a write into such a view, so a run (in-process Flower grid, every client committed
+    and re-sent as it came, a checkpoint each round) must leave every reply's bytes as they arrived."""
+    import hashlib
+
+    import strategies.strategy as strategy_module
+    from fedgluon.checkpoint import Checkpointer
+    from fedgluon.engines import run_inprocess
+
+    seen = []
+
+    class Recorded(BlockReplies):
+        def __init__(self, record, views=False):
+            super().__init__(record, views)
+            if self.error is None:
+                seen.append((self, hashlib.sha256(self.unpacker.data).digest()))
+
+    resent = []
+    states_record = BlockReplies.states_record
+    monkeypatch.setattr(strategy_module, "BlockReplies", Recorded)
+    monkeypatch.setattr(BlockReplies, "states_record", lambda self: resent.append(self) or states_record(self))
+    task = {"name": "synthetic", "num_clients": 6, "dim": 8, "classes": 3, "hidden": [8], "mean_samples": 20,
+            "batch_size": 12}
+    strategy = run_inprocess({"task": task, "rounds": 4, "seed": 2, "block_size": 3,
+                              "algorithm": {"lr": 0.05, **algorithm}},
+                             checkpointer=Checkpointer(tmp_path / "ckpt", every=1))
+    assert len(seen) == 8 and len(resent) == 6  # 2 blocks a round; rounds 2-4 re-send the bytes that came
+    assert not any(block.unpacker.buffer.flags.writeable for block, _ in seen)
+    assert all(np.shares_memory(block.unpacker.buffer, np.frombuffer(block.unpacker.data, np.uint8))
+               for block, _ in seen)
+    assert all(hashlib.sha256(block.unpacker.data).digest() == digest for block, digest in seen)
+    assert strategy.columns.held  # the last round's states are still held as views

@@ -1,13 +1,15 @@
-"""What moving a client block's record through Ray costs, with the record's bytes pickled in band (Flower's
-``Array``) or as an out-of-band NumPy buffer (fedgluon's ``RawArray``, strategies/records.py).
+"""What moving a client block's states through Ray costs: the record's bytes pickled in band (Flower's
+``Array``), as an out-of-band NumPy buffer (fedgluon's ``RawArray``), or written to a file in host
+shared memory that the message names (strategies/shared.py).
 
 Flower's simulation engine sends each node's message to a Ray actor and gets the reply back, both
 pickled (protocol 5). A block's message carries the committed states of its clients, so for the
 synthetic task's MLP (≈4.6k parameters, EMA momentum and EF21 tracker: ≈37 kB per client) a block of
 100 clients is ≈3.7 MB each way. This benchmark builds that record (:func:`strategies.records.
-states_to_record`), sends it inside a Flower ``Message`` to an actor that sends it straight back,
-and prints the median milliseconds from the call to the actor's start ("there") and from the actor's
-return to the driver holding the reply ("back"), for both kinds of Array, and their ratio.
+states_to_record`) and sends it inside a Flower ``Message`` to an actor that does what a node does
+with it (reads it into a writable copy) and replies with as many bytes of the same kind; the driver
+then reads the reply as the server does (no copy; a file is mapped). It prints the median
+milliseconds of that round trip for each kind and their ratios.
 
 Run: ``python -m benchmarks.bench_transport [--clients 25 100 500] [--repeat 15]``.
 """
@@ -23,9 +25,9 @@ import torch
 from benchmarks.common import machine
 
 
-def block_record(clients: int, params: int = 4_634, plain: bool = False):
+def block_record(clients: int, params: int = 4_634, plain: bool = False, files=None):
     """A states record of ``clients`` clients with two fp32 tensors of ``params`` each (as Flower
-    ``Array``s with ``plain``, else fedgluon's ``RawArray``s)."""
+    ``Array``s with ``plain``, else fedgluon's ``RawArray``s, or a file of ``files``)."""
     from flwr.app import Array, ArrayRecord
 
     from strategies.records import states_to_record
@@ -33,7 +35,7 @@ def block_record(clients: int, params: int = 4_634, plain: bool = False):
     gen = torch.Generator().manual_seed(0)
     states = {j: {"est": {"m": torch.randn(params, generator=gen)}, "ef": {"g": torch.randn(params, generator=gen)}}
               for j in range(clients)}
-    record = states_to_record(states)
+    record = states_to_record(states, files)
     if plain:
         record = ArrayRecord({k: Array(dtype=a.dtype, shape=tuple(a.shape), stype=a.stype, data=a.data)
                               for k, a in record.items()})
@@ -53,6 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
+    from strategies.records import Unpacker
+    from strategies.shared import SharedFiles
+
     print(f"machine: {machine()}")
     # Flower's Message constructor reads the process's task identity; its runtimes set it like this
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
@@ -61,34 +66,49 @@ def main(argv: list[str] | None = None) -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 
     @ray.remote(num_cpus=1)
-    class Echo:
-        def run(self, message):
-            return time.time(), message
+    class Node:
+        """Does with a block's states what a node does: reads them into a writable copy and replies
+        with a record of as many bytes (inline, or as a file of the run's shared directory)."""
 
-    echo = Echo.remote()
-    ray.get(echo.run.remote(None))
-    print(f"{'clients':>7s} {'MB':>6s} {'Array there':>12s} {'back':>7s} {'RawArray there':>15s} {'back':>7s} "
-          f"{'Array / RawArray':>17s}")
+        def run(self, message, shm: str | None):
+            from strategies.records import Unpacker, file_record, packed_record
+            from strategies.shared import SharedFiles
+
+            files = SharedFiles.attach(shm) if shm else None
+            unpacker = Unpacker(message.content.array_records["states"], copy=True, files=files)
+            size = unpacker.buffer.size
+            name = files.write([unpacker.buffer], size) if files is not None else None
+            if name is not None:
+                return file_record(unpacker.layout, name, size)
+            return packed_record(unpacker.layout, unpacker.buffer.tobytes())
+
+    node = Node.remote()
+    ray.get(node.run.remote(Message(RecordDict({"states": block_record(1)}), dst_node_id=1, message_type="train"),
+                            None))
+    files = SharedFiles.create()
+    print(f"{'clients':>7s} {'MB':>6s} {'Array ms':>9s} {'RawArray ms':>12s} {'shared ms':>10s} "
+          f"{'Array / RawArray':>17s} {'RawArray / shared':>18s}")
     try:
         for n in args.clients:
             times = {}
-            for plain in (True, False):
-                record = block_record(n, plain=plain)
+            for kind in ("Array", "RawArray", "shared"):
+                record = block_record(n, plain=kind == "Array", files=files if kind == "shared" else None)
                 message = Message(RecordDict({"states": record}), dst_node_id=1, message_type="train")
-                there, back = [], []
+                shm = str(files.path) if kind == "shared" and files is not None else None
+                trips = []
                 for _ in range(args.repeat):
-                    t0 = time.time()
-                    started, reply = ray.get(echo.run.remote(message))
-                    t1 = time.time()
-                    there.append(started - t0)
-                    back.append(t1 - started)
-                    assert reply.content.array_records["states"]["data"].data == record["data"].data
-                times[plain] = (statistics.median(there), statistics.median(back))
+                    t0 = time.perf_counter()
+                    reply = Unpacker(ray.get(node.run.remote(message, shm)), copy=False, files=files)
+                    trips.append(time.perf_counter() - t0)
+                    assert reply.buffer.size == Unpacker(block_record(n)).buffer.size
+                times[kind] = statistics.median(trips)
             mb = len(block_record(n)["data"].data) / 1e6
-            a, r = times[True], times[False]
-            print(f"{n:7d} {mb:6.1f} {1e3 * a[0]:12.1f} {1e3 * a[1]:7.1f} {1e3 * r[0]:15.1f} {1e3 * r[1]:7.1f} "
-                  f"{sum(a) / sum(r):16.2f}x", flush=True)
+            a, r, f = times["Array"], times["RawArray"], times["shared"]
+            print(f"{n:7d} {mb:6.1f} {1e3 * a:9.1f} {1e3 * r:12.1f} {1e3 * f:10.1f} {a / r:16.2f}x {r / f:17.2f}x",
+                  flush=True)
     finally:
+        if files is not None:
+            files.close()
         if started_here:
             ray.shutdown()
 

@@ -131,11 +131,12 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        with gc_paused():
+        with gc_paused(), phase("node", int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else -1):
             return _train(msg, context)
 
     def _train(msg: Message, context: Context) -> Message:
         from strategies.records import record_to_states, record_to_tensors, replies_to_record
+        from strategies.shared import SharedFiles
 
         s = resolve(context)
         torch.set_num_threads(int(s["threads"]))
@@ -149,6 +150,7 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
             raise RuntimeError(f"message for clients {asked} reached the node of clients {mine}")
         bc = Broadcast(int(cfg["round"]), int(cfg["seed"]), record_to_tensors(arrays["model"]),
                        {"refresh": int(cfg["refresh"])})
+        files = SharedFiles.attach(str(cfg["shm"])) if "shm" in cfg else None  # same host as the server
         faults = FaultPlan.from_spec(s["faults"])
         failed, working = ConfigRecord(), []
         for j in asked:  # a raise fails its own client; a delay makes the whole node late; a death ends it
@@ -157,17 +159,17 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
                 working.append(j)
             except InjectedFault as err:
                 failed[str(j)] = f"InjectedFault: {err}"
-        replies = _column_replies(algorithm, arrays["states"], bc, task.objectives, working)
+        replies = _column_replies(algorithm, arrays["states"], bc, task.objectives, working, files)
         if replies is None:
             with phase("unpack", bc.round):
-                committed = record_to_states(arrays["states"])
+                committed = record_to_states(arrays["states"], files)
             if not set(working) <= set(committed):
                 raise RuntimeError(f"the message carries no state for clients {sorted(set(working) - set(committed))}")
             states = {j: committed[j] for j in working}
             with phase("compute", bc.round):
                 results = algorithm.client_block(states, bc, task.objectives, working)
             with phase("pack", bc.round):
-                replies = replies_to_record(results)
+                replies = replies_to_record(results, files)
         content = RecordDict({"failed": failed, "info": ConfigRecord({"ray_node": _ray_node(), "pid": os.getpid()}),
                               "replies": replies})
         return Message(content, reply_to=msg)
@@ -175,7 +177,8 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
     return app
 
 
-def _column_replies(algorithm: Any, states: Any, bc: Broadcast, objectives: Any, working: list[int]) -> Any:
+def _column_replies(algorithm: Any, states: Any, bc: Broadcast, objectives: Any, working: list[int],
+                    files: Any = None) -> Any:
     """The block's reply record stepped on columns (fedgluon/algorithms/columns.py: the same bytes as
     the per-client path), or None where that does not apply: an algorithm without a column step, clients
     of several state layouts, a client that failed (its state is in the record, not in the step)."""
@@ -184,7 +187,7 @@ def _column_replies(algorithm: Any, states: Any, bc: Broadcast, objectives: Any,
     if not algorithm.steps_columns():
         return None
     with phase("unpack", bc.round):
-        columns = record_to_columns(states)
+        columns = record_to_columns(states, files)
     if columns is None or columns.clients != working:
         return None
     with phase("compute", bc.round):
@@ -192,7 +195,7 @@ def _column_replies(algorithm: Any, states: Any, bc: Broadcast, objectives: Any,
     if step is None:
         return None
     with phase("pack", bc.round):
-        return step_to_record(step)
+        return step_to_record(step, files)
 
 
 app = make_client_app()  # `flwr run .` entry point (pyproject [tool.flwr.app.components])

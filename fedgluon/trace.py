@@ -6,7 +6,8 @@ inherit its environment) appends one JSON line per phase to ``DIR/trace-<pid>.js
 of one machine). Workers of a Ray cluster that ``run_ray`` joins (``address=...``) have the
 cluster's environment, not the driver's: set the variable where they start. The strategy records
 ``configure``, ``read`` (a reply read as it arrives, Ray only) and ``aggregate``; the ClientApp
-records ``unpack`` (the block's states), ``compute`` (the client steps) and ``pack`` (the reply).
+records ``node`` (its whole train call: what lies outside it is Flower's and Ray's hand-off),
+``unpack`` (the block's states), ``compute`` (the client steps) and ``pack`` (the reply).
 Unset, a phase costs one environment lookup.
 
 ``python -m fedgluon.trace DIR`` prints, per phase and occurrence within a round (``read#1`` is the

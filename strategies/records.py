@@ -54,6 +54,8 @@ from compressors import Message, PayloadError, TensorPayload
 from fedgluon.algorithms.base import ClientReply
 from fedgluon.algorithms.columns import BlockColumns, BlockStep, Shared
 
+from .shared import SharedFiles, min_bytes
+
 SEP = "/"
 RAW = "fedgluon.raw"
 # dtype names an Array may carry -> little-endian NumPy dtype (bfloat16 travels as its int16 bit pattern)
@@ -242,7 +244,13 @@ class Packer:
         name, b = _little_endian(a)
         return [name, list(b.shape), self._write([b])]
 
-    def record(self, layout: Any) -> ArrayRecord:
+    def record(self, layout: Any, files: SharedFiles | None = None) -> ArrayRecord:
+        """The packed record; with ``files`` (and at least ``shared.min_bytes()``) its bytes go to a file
+        in host shared memory and the record names it (strategies/shared.py), unless that fails."""
+        if files is not None and self.size >= min_bytes():
+            name = files.write(self.chunks, self.size)
+            if name is not None:
+                return file_record(layout, name, self.size)
         return packed_record(layout, b"".join(self.chunks))
 
 
@@ -251,6 +259,13 @@ def packed_record(layout: Any, data: bytes) -> ArrayRecord:
     text = np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8)
     return array_record({"layout": to_array(text),
                          "data": RawArray(dtype="uint8", shape=(len(data),), stype=RAW, data=data)})
+
+
+def file_record(layout: Any, name: str, size: int) -> ArrayRecord:
+    """A packed record whose data is the file ``name`` (``size`` bytes) of the run's shared directory."""
+    text = np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8)
+    ref = np.frombuffer(json.dumps({"name": name, "size": int(size)}).encode(), dtype=np.uint8)
+    return array_record({"layout": to_array(text), "file": to_array(ref)})
 
 
 def _memory(a: np.ndarray | Tensor) -> tuple:
@@ -291,17 +306,29 @@ class Unpacker:
     NumPy refuses writes into read-only views; a tensor made of one (:func:`_as_tensor`) would not,
     so nothing outside this module gets one it could write into except those proposed states."""
 
-    def __init__(self, record: Any, copy: bool = True):
-        if not isinstance(record, ArrayRecord) or set(record.keys()) != {"layout", "data"}:
-            raise ValueError("expected an ArrayRecord with the Arrays 'layout' and 'data'")
+    def __init__(self, record: Any, copy: bool = True, files: SharedFiles | None = None):
+        if not isinstance(record, ArrayRecord) or set(record.keys()) not in ({"layout", "data"}, {"layout", "file"}):
+            raise ValueError("expected an ArrayRecord with the Arrays 'layout' and 'data' (or 'file')")
         self.layout = json.loads(from_array(record["layout"]).tobytes().decode())
+        self.data: bytes | None = None  # as received (a copy=True unpacker's buffer may since have been written into)
+        self.file: tuple[str, int] | None = None  # or the shared file it came in: (name, size)
+        if "file" in record:
+            self.file = file_ref(record["file"])
+            if files is None:
+                raise ValueError("this record is a file in host shared memory, and none was expected here")
+            self.buffer = files.read(*self.file) if copy else files.map(*self.file)
+            return
         data = record["data"]
         if not isinstance(data, Array) or data.stype != RAW or not isinstance(data.data, bytes):
             raise ValueError("packed data must be a raw-bytes Array")
-        self.data = data.data  # as received (a copy=True unpacker's buffer may since have been written into)
+        self.data = data.data
         self.buffer = np.frombuffer(data.data, dtype=np.uint8)
         if copy:
             self.buffer = self.buffer.copy()
+
+    def record(self, layout: Any) -> ArrayRecord:
+        """A record of ``layout`` over this record's data as it came (its bytes, or its shared file)."""
+        return packed_record(layout, self.data) if self.file is None else file_record(layout, *self.file)
 
     def array(self, ref: Any) -> np.ndarray:
         """The array ``ref`` points at (a view of the buffer)."""
@@ -319,16 +346,31 @@ class Unpacker:
         return a if dtype.isnative else a.astype(dtype.newbyteorder("="))
 
 
-def states_to_record(states: Mapping[int, Mapping[str, Any] | None]) -> ArrayRecord:
-    """The committed states of a block's sampled clients, for the server → node message."""
+def file_ref(array: Any) -> tuple[str, int]:
+    """The (name, size) a record's ``file`` entry holds; ``ValueError`` if it is anything else."""
+    try:
+        ref = json.loads(from_array(array).tobytes().decode())
+    except (TypeError, ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"a shared file reference must be JSON: {err}") from None
+    if not isinstance(ref, dict) or set(ref) != {"name", "size"}:
+        raise ValueError(f"a shared file reference is {{'name', 'size'}}, got {ref!r}")
+    name, size = ref["name"], ref["size"]
+    if not isinstance(name, str) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ValueError(f"a shared file reference needs a name and a size in bytes, got {ref!r}")
+    return name, size
+
+
+def states_to_record(states: Mapping[int, Mapping[str, Any] | None], files: SharedFiles | None = None) -> ArrayRecord:
+    """The committed states of a block's sampled clients, for the server → node message (a file of
+    ``files`` where they are large enough, :meth:`Packer.record`)."""
     packer = Packer()
     trees = list(states.values())
-    return packer.record({"clients": [int(j) for j in states], "states": _pack_trees(packer, trees)})
+    return packer.record({"clients": [int(j) for j in states], "states": _pack_trees(packer, trees)}, files)
 
 
-def record_to_states(record: Any) -> dict[int, dict[str, Any] | None]:
+def record_to_states(record: Any, files: SharedFiles | None = None) -> dict[int, dict[str, Any] | None]:
     """Inverse of :func:`states_to_record` (node side; the leaves are views of the record's buffer)."""
-    unpacker = Unpacker(record)
+    unpacker = Unpacker(record, files=files)
     clients = _clients(unpacker.layout)
     trees = _unpack_trees(unpacker, unpacker.layout.get("states"), len(clients))
     for tree in trees:
@@ -337,12 +379,12 @@ def record_to_states(record: Any) -> dict[int, dict[str, Any] | None]:
     return dict(zip(clients, trees))  # type: ignore[arg-type]
 
 
-def record_to_columns(record: Any) -> BlockColumns | None:
+def record_to_columns(record: Any, files: SharedFiles | None = None) -> BlockColumns | None:
     """The states record of a block whose clients all have one layout, as columns (node side: views of
     the record's buffer, a shared leaf as :class:`~fedgluon.algorithms.columns.Shared`), or None when
     they come in several groups or out of order (the node then takes :func:`record_to_states`).
     ``ValueError`` on a malformed record, as :func:`record_to_states`."""
-    unpacker = Unpacker(record)
+    unpacker = Unpacker(record, files=files)
     clients = _clients(unpacker.layout)
     groups = _groups(unpacker.layout.get("states"), len(clients), "leaves")
     if len(groups) != 1 or groups[0][0] != list(range(len(clients))):
@@ -357,7 +399,7 @@ def record_to_columns(record: Any) -> BlockColumns | None:
     return BlockColumns(clients, group.build(values))
 
 
-def step_to_record(step: BlockStep) -> ArrayRecord:
+def step_to_record(step: BlockStep, files: SharedFiles | None = None) -> ArrayRecord:
     """A block's replies made on columns (:mod:`fedgluon.algorithms.columns`) as one packed record: byte
     for byte what :func:`replies_to_record` makes of the same replies client by client."""
     packer = Packer()
@@ -373,7 +415,7 @@ def step_to_record(step: BlockStep) -> ArrayRecord:
     leaves: list[list[Any]] = []
     _column_leaves(packer, step.states, "", leaves)
     layout["states"] = [{"rows": list(range(m)), "leaves": leaves}]
-    return packer.record(layout)
+    return packer.record(layout, files)
 
 
 def _column_leaves(packer: Packer, tree: Mapping[str, Any], prefix: str, out: list[list[Any]]) -> None:
@@ -392,7 +434,8 @@ def _column_leaves(packer: Packer, tree: Mapping[str, Any], prefix: str, out: li
 METRICS = {"client": int, "round": int, "loss": float, "grad_evals": int, "samples": int}
 
 
-def replies_to_record(results: Mapping[int, tuple[Mapping[str, Any] | None, Any]]) -> ArrayRecord:
+def replies_to_record(results: Mapping[int, tuple[Mapping[str, Any] | None, Any]],
+                      files: SharedFiles | None = None) -> ArrayRecord:
     """A block's replies ``{j: (proposed state, ClientReply)}`` as one packed record (module doc)."""
     packer = Packer()
     replies = [reply for _, reply in results.values()]
@@ -400,7 +443,7 @@ def replies_to_record(results: Mapping[int, tuple[Mapping[str, Any] | None, Any]
     layout.update({key: [kind(getattr(r, key)) for r in replies] for key, kind in METRICS.items()})
     layout["payloads"] = _pack_payloads(packer, [r.message for r in replies])
     layout["states"] = _pack_trees(packer, [state for state, _ in results.values()])
-    return packer.record(layout)
+    return packer.record(layout, files)
 
 
 # ---------------------------------------------------------------------- columns of a block's trees
@@ -756,12 +799,12 @@ class BlockReplies:
     copies them out where it keeps only some, see ``strategies.columns.StateColumns``);
     :meth:`states_record` sends them back to the block as those same bytes."""
 
-    def __init__(self, record: Any, views: bool = False):
+    def __init__(self, record: Any, views: bool = False, files: SharedFiles | None = None):
         self.error: PayloadError | None = None
         self.views = views
         self.shared: dict[str, Tensor] = {}
         try:
-            self.unpacker = Unpacker(record, copy=False)  # read-only: states are copied or only read
+            self.unpacker = Unpacker(record, copy=False, files=files)  # read-only: states are copied or only read
             layout = self.unpacker.layout
             self.clients = _clients(layout)
             self.row = {j: i for i, j in enumerate(self.clients)}
@@ -811,7 +854,7 @@ class BlockReplies:
         the node needs next round when the server committed every one of them."""
         if self.error is not None:
             raise self.error
-        return packed_record({"clients": self.clients, "states": self.unpacker.layout["states"]}, self.unpacker.data)
+        return self.unpacker.record({"clients": self.clients, "states": self.unpacker.layout["states"]})
 
     def _messages(self, groups: Any, m: int) -> list[Message | PayloadError]:
         out: list[Message | PayloadError] = [PayloadError("*", "payload", "no payload")] * m

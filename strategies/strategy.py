@@ -40,7 +40,8 @@ from fedgluon.gc_pause import gc_paused
 from fedgluon.trace import phase
 
 from .columns import StateColumns
-from .records import BlockReplies, states_to_record, tensors_to_record
+from .records import BlockReplies, file_ref, states_to_record, tensors_to_record
+from .shared import SharedFiles
 
 log = logging.getLogger("fedgluon.strategy")
 
@@ -92,6 +93,8 @@ class GluonStrategy(Strategy):
         self.partition_of: dict[int, int] = {}
         self.ray_nodes: set[str] = set()
         self.columns = StateColumns()  # committed states held as their replies' columns (strategies/columns.py)
+        self.files: SharedFiles | None = None  # records through host shared memory (strategies/shared.py)
+        self._sent: list[str] = []  # this round's files of states the server wrote (removed when it closes)
         self._round: RoundPlan | None = None
         self._expected: dict[int, list[int]] = {}  # the round's sampled clients by block (by_block), once per round
         self._early: dict[int, tuple[Message, BlockRead]] = {}  # replies read as they came (read_reply)
@@ -160,8 +163,12 @@ class GluonStrategy(Strategy):
         out = []
         for block, js in self._expected.items():
             cfg = ConfigRecord({"round": k, "seed": self.seed, "clients": js, "refresh": int(bc.flags.get("refresh", 0))})
+            if self.files is not None:
+                cfg["shm"] = str(self.files.path)
             states = (self.columns.record_for(js, self.client_states)
-                      or states_to_record({j: self.client_states[j] for j in js}))
+                      or states_to_record({j: self.client_states[j] for j in js}, self.files))
+            if "file" in states:
+                self._sent.append(file_ref(states["file"])[0])
             content = RecordDict({"model": model, "config": cfg, "states": states})
             out.append(Message(content, dst_node_id=self.node_of[block], message_type="train", group_id=str(k)))
         return out
@@ -204,6 +211,10 @@ class GluonStrategy(Strategy):
             row = self.federation.close_round(plan, parsed, proposed, failed, pre_rejected)
         finally:  # also when the run stops: no committed state keeps a partly committed reply alive
             self.columns.settle(self.client_states)
+            if self.files is not None:  # the nodes have read (or will never read) the states sent them
+                for name in self._sent:
+                    self.files.remove(name)
+            self._sent = []
         metrics = MetricRecord({key: float(v) for key, v in row.items() if isinstance(v, (int, float))})
         return tensors_to_record(self.server_state["X"]), metrics
 
@@ -234,7 +245,7 @@ class GluonStrategy(Strategy):
         info = records.config.get("info")
         read = BlockRead(ray_node=str(info["ray_node"]) if info is not None and info.get("ray_node") else "")
         reported = records.config.get("failed")
-        read.replies = BlockReplies(records.array.get("replies"), views=True)
+        read.replies = BlockReplies(records.array.get("replies"), views=True, files=self.files)
         for j in clients:
             if reported is not None and str(j) in reported:
                 read.failed[j] = str(reported[str(j)])

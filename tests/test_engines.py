@@ -115,9 +115,16 @@ def test_client_state_commits_only_accepted_rounds(monkeypatch, caplog):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_ray_simulation_equals_inprocess_and_plain_driver():
-    """On Ray with blocks of 2 virtual clients per node (one client per node on Ray: test_reliability)."""
+def test_ray_simulation_equals_inprocess_and_plain_driver(monkeypatch):
+    """On Ray with blocks of 2 virtual clients per node (one client per node on Ray: test_reliability),
+    every record through host shared memory (strategies/shared.py; Ray's workers inherit the setting)."""
+    from strategies import shared
+
+    monkeypatch.setenv(shared.MIN_BYTES_ENV, "0")
+    mapped = []
+    monkeypatch.setattr(shared.SharedFiles, "map", lambda self, *a, _f=shared.SharedFiles.map: mapped.append(a) or _f(self, *a))
     strategy = run_ray({**SPEC, "block_size": 2}, num_cpus=1, ray_init_args={"num_cpus": 2})
+    assert len(mapped) == 2 * SPEC["rounds"]  # every block's reply came as a file the node wrote
     ray_frame = pd.DataFrame(strategy.history)
     same_metrics(ray_frame, plain_frame(SPEC), loss_rtol=1e-6)
     same_metrics(ray_frame, pd.DataFrame(run_inprocess(SPEC).history), loss_rtol=1e-6)

@@ -3,10 +3,10 @@
 Under Flower's Ray simulation every message goes through Ray: a record's bytes are put into Ray's
 object store by the sender and fetched by the receiver. For a block of 100 clients of the
 4.6k-parameter MLP that is 3.7 MB of committed states to the node and 3.8 MB of proposed states and
-payloads back, and a bare Ray actor call carrying 3.7 MB each way took a median 16-17 ms on this
-project's 2-core VM against 2 ms for a small one, while writing the same bytes to a file in
-``/dev/shm``, reading them in the actor, writing its reply there and mapping it in the driver took
-6.9 ms (``python -m benchmarks.bench_transport``, "shared memory" rows).
+payloads back. Sent to an actor that reads them as a node does and replies with as many bytes, they
+took a median 25.3 ms there and back through Ray's object store and 8.7 ms as files in ``/dev/shm``
+(500 clients, 18.5 MB: 72 against 38 ms; ``python -m benchmarks.bench_transport``, this project's
+2-core VM).
 
 So when the server runs on the same host as a node, the node writes its reply's packed bytes to a
 file in the run's directory under ``/dev/shm`` and sends the file's name (``{"layout", "file"}``
@@ -16,10 +16,18 @@ commits every state of the block, sends the same name back the next round. A nod
 (a multi-node Ray cluster) does not see the directory and sends its bytes inline, as does any node
 when ``shared_memory`` is off or the directory is full; the server reads both kinds.
 
+Trust. A node on the server's host runs as the server's user; the checks below guard against a
+node's mistakes (and a reply naming what is not its file), not against a process that could as well
+write into the server's memory.
+
 Lifetimes. The server creates the directory with a marker file (:meth:`SharedFiles.create`) and
 removes it, and whatever is left in it, when the run ends (:meth:`SharedFiles.close`). A file the
 server maps is unlinked when the last array viewing it is freed (the mapping stays valid until then),
-so a reply's file lives exactly as long as the committed states that are views of it. Names are
+so a reply's file lives exactly as long as the committed states that are views of it (mapped
+read-only: a write into one faults rather than changing a state the server may send back). States
+the server packs for a node go the same way and are removed when the round closes. A server killed
+before its end leaves its directory behind; the next run's :meth:`SharedFiles.create` removes the
+directories whose marker names a process that is gone (:func:`sweep`). Names are
 checked (32 hex digits) and files opened without following links: a node names a file in the
 server's directory, nothing else.
 """
@@ -95,10 +103,7 @@ class SharedFiles:
             if mapped.size != size:
                 raise ValueError(f"shared record {name!r} holds {mapped.size} bytes, its reference says {size}")
             return mapped
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as err:
-            raise ValueError(f"shared record {name!r}: {err.strerror}") from None
+        fd = self._open(name)
         try:
             if os.fstat(fd).st_size != size:
                 raise ValueError(f"shared record {name!r} holds {os.fstat(fd).st_size} bytes, its reference says {size}")
@@ -151,14 +156,15 @@ class SharedFiles:
 
     def read(self, name: str, size: int) -> np.ndarray:
         """A writable copy of the file ``name`` (``size`` bytes). ``ValueError`` if it is not there."""
-        path = self._file(name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as err:
-            raise ValueError(f"shared record {name!r}: {err.strerror}") from None
+        fd = self._open(name)
         try:
             out = np.empty(size, dtype=np.uint8)
-            got = os.readv(fd, [out]) if size else 0
+            view, got = memoryview(out), 0
+            while got < size:  # read() returns at most ≈ 2 GiB per call on Linux
+                n = os.readv(fd, [view[got:]])
+                if n == 0:
+                    break
+                got += n
             if got != size or os.read(fd, 1):
                 raise ValueError(f"shared record {name!r} does not hold the {size} bytes its reference says")
         finally:
@@ -166,6 +172,12 @@ class SharedFiles:
         return out
 
     # ------------------------------------------------------------------ both
+    def _open(self, name: str) -> int:
+        try:
+            return os.open(self._file(name), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as err:
+            raise ValueError(f"shared record {name!r}: {err.strerror}") from None
+
     def _file(self, name: str) -> Path:
         if not isinstance(name, str) or not _NAME.match(name):
             raise ValueError(f"a shared record's name is 32 hex digits, got {name!r}")

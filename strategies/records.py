@@ -299,8 +299,9 @@ class Unpacker:
     anything malformed.
 
     By default the arrays are views of one writable copy of the data (a node steps its clients'
-    states in place). With ``copy=False`` they are read-only views of the bytes as received, with no
-    copy at all: the server's side of a block's reply, whose proposed states it only reads (commits,
+    states in place; a record that names a file of ``files`` is mapped copy-on-write instead,
+    :mod:`strategies.shared`). With ``copy=False`` they are read-only views of the bytes as received
+    (or of the file, mapped read-only), with no copy at all: the server's side of a block's reply, whose proposed states it only reads (commits,
     re-sends as they came, checkpoints; ``tests/test_records.py`` checks a run leaves every reply's
     bytes as they were) and whose payloads it copies out before decoding (:class:`BlockReplies`).
     NumPy refuses writes into read-only views; a tensor made of one (:func:`_as_tensor`) would not,
@@ -316,7 +317,7 @@ class Unpacker:
             self.file = file_ref(record["file"])
             if files is None:
                 raise ValueError("this record is a file in host shared memory, and none was expected here")
-            self.buffer = files.read(*self.file) if copy else files.map(*self.file)
+            self.buffer = files.map_private(*self.file) if copy else files.map(*self.file)
             return
         data = record["data"]
         if not isinstance(data, Array) or data.stype != RAW or not isinstance(data.data, bytes):

@@ -37,10 +37,13 @@ def test_a_file_reads_back_and_its_mapping_removes_it_when_freed(files, tmp_path
     assert node is not None and SharedFiles.attach(str(tmp_path / "elsewhere")) is None
     name = node.write(chunks(), len(data))
     assert name is not None and (files.path / name).stat().st_size == len(data)
-    copy = node.read(name, len(data))
-    assert copy.tobytes() == data and copy.flags.writeable
+    own = node.map_private(name, len(data))
+    assert own.tobytes() == data and own.flags.writeable
     mapped = files.map(name, len(data))
     assert mapped.tobytes() == data and not mapped.flags.writeable
+    own[:4] = 255  # copy-on-write: neither the file nor the server's mapping sees it
+    assert mapped.tobytes() == data and (files.path / name).read_bytes() == data
+    del own
     assert files.map(name, len(data)) is mapped  # read again: the same mapping
     view = mapped[8:16].view(np.float32)
     del mapped
@@ -80,8 +83,8 @@ def test_names_sizes_and_links_other_than_its_own_files_are_refused(files, tmp_p
         files.map("0" * 32, 16)
     with pytest.raises(ValueError, match="holds 16 bytes"):
         files.map(name, 17)
-    with pytest.raises(ValueError, match="15 bytes its reference"):
-        node.read(name, 15)
+    with pytest.raises(ValueError, match="holds 16 bytes, its reference says 15"):
+        node.map_private(name, 15)
     outside = tmp_path / "secret"
     outside.write_bytes(b"y" * 16)
     os.symlink(outside, files.path / ("1" * 32))

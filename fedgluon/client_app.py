@@ -26,7 +26,7 @@ import os
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -38,6 +38,9 @@ from .blocks import block_clients
 from .faults import FaultPlan, InjectedFault
 from .gc_pause import freeze_worker, gc_paused, mark_worker_process
 from .trace import phase
+
+if TYPE_CHECKING:
+    from strategies.shared import SharedFiles
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (project) directory
 
@@ -178,7 +181,7 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
 
 
 def _column_replies(algorithm: Any, states: Any, bc: Broadcast, objectives: Any, working: list[int],
-                    files: Any = None) -> Any:
+                    files: SharedFiles | None = None) -> Any:
     """The block's reply record stepped on columns (fedgluon/algorithms/columns.py: the same bytes as
     the per-client path), or None where that does not apply: an algorithm without a column step, clients
     of several state layouts, a client that failed (its state is in the record, not in the step)."""

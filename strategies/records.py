@@ -256,16 +256,23 @@ class Packer:
 
 def packed_record(layout: Any, data: bytes) -> ArrayRecord:
     """A packed record: the layout as JSON and the data its references point into (module doc)."""
-    text = np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8)
-    return array_record({"layout": to_array(text),
+    return array_record({"layout": json_array(layout),
                          "data": RawArray(dtype="uint8", shape=(len(data),), stype=RAW, data=data)})
 
 
 def file_record(layout: Any, name: str, size: int) -> ArrayRecord:
     """A packed record whose data is the file ``name`` (``size`` bytes) of the run's shared directory."""
-    text = np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8)
-    ref = np.frombuffer(json.dumps({"name": name, "size": int(size)}).encode(), dtype=np.uint8)
-    return array_record({"layout": to_array(text), "file": to_array(ref)})
+    return array_record({"layout": json_array(layout), "file": json_array({"name": name, "size": int(size)})})
+
+
+def json_array(value: Any) -> Array:
+    """``value`` as JSON text in a uint8 ``Array`` (a record's layout, a file reference)."""
+    return to_array(np.frombuffer(json.dumps(value).encode(), dtype=np.uint8))
+
+
+def from_json_array(array: Any) -> Any:
+    """Inverse of :func:`json_array`; ``ValueError`` on anything but an array of JSON text."""
+    return json.loads(from_array(array).tobytes().decode())
 
 
 def _memory(a: np.ndarray | Tensor) -> tuple:
@@ -301,16 +308,17 @@ class Unpacker:
     By default the arrays are views of one writable copy of the data (a node steps its clients'
     states in place; a record that names a file of ``files`` is mapped copy-on-write instead,
     :mod:`strategies.shared`). With ``copy=False`` they are read-only views of the bytes as received
-    (or of the file, mapped read-only), with no copy at all: the server's side of a block's reply, whose proposed states it only reads (commits,
-    re-sends as they came, checkpoints; ``tests/test_records.py`` checks a run leaves every reply's
-    bytes as they were) and whose payloads it copies out before decoding (:class:`BlockReplies`).
+    (or of the file, mapped read-only), with no copy at all: the server's side of a block's reply,
+    whose proposed states it only reads (commits, re-sends as they came, checkpoints;
+    ``tests/test_records.py`` checks a run leaves every reply's bytes as they were) and whose
+    payloads it copies out before decoding (:class:`BlockReplies`).
     NumPy refuses writes into read-only views; a tensor made of one (:func:`_as_tensor`) would not,
     so nothing outside this module gets one it could write into except those proposed states."""
 
     def __init__(self, record: Any, copy: bool = True, files: SharedFiles | None = None):
         if not isinstance(record, ArrayRecord) or set(record.keys()) not in ({"layout", "data"}, {"layout", "file"}):
             raise ValueError("expected an ArrayRecord with the Arrays 'layout' and 'data' (or 'file')")
-        self.layout = json.loads(from_array(record["layout"]).tobytes().decode())
+        self.layout = from_json_array(record["layout"])
         self.data: bytes | None = None  # as received (a copy=True unpacker's buffer may since have been written into)
         self.file: tuple[str, int] | None = None  # or the shared file it came in: (name, size)
         if "file" in record:
@@ -350,8 +358,8 @@ class Unpacker:
 def file_ref(array: Any) -> tuple[str, int]:
     """The (name, size) a record's ``file`` entry holds; ``ValueError`` if it is anything else."""
     try:
-        ref = json.loads(from_array(array).tobytes().decode())
-    except (TypeError, ValueError, UnicodeDecodeError) as err:
+        ref = from_json_array(array)
+    except (TypeError, ValueError) as err:
         raise ValueError(f"a shared file reference must be JSON: {err}") from None
     if not isinstance(ref, dict) or set(ref) != {"name", "size"}:
         raise ValueError(f"a shared file reference is {{'name', 'size'}}, got {ref!r}")

@@ -3,19 +3,17 @@ the way a hostile or broken node could."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from strategies.records import ALIGN, DTYPES, RAW, from_array, to_array
+from strategies.records import ALIGN, DTYPES, RAW, from_json_array, json_array
 
 
 class PackedEdit:
     def __init__(self, content):
         self.content = content
         record = content.array_records["replies"]
-        self.layout = json.loads(from_array(record["layout"]).tobytes().decode())
+        self.layout = from_json_array(record["layout"])
         self.data = bytearray(record["data"].data)
 
     def row(self, j: int) -> int:
@@ -48,6 +46,5 @@ class PackedEdit:
         return [name, list(shape), offset]
 
     def save(self) -> None:
-        text = np.frombuffer(json.dumps(self.layout).encode(), dtype=np.uint8)
-        self.content["replies"] = ArrayRecord({"layout": to_array(text), "data": Array(
+        self.content["replies"] = ArrayRecord({"layout": json_array(self.layout), "data": Array(
             dtype="uint8", shape=(len(self.data),), stype=RAW, data=bytes(self.data))})

@@ -5,6 +5,8 @@ For n ∈ {10, 50, 200, 1000} clients of the synthetic task (MLP 60→64→10 �
 
 * ``plain loop``            — the reference driver, one ``client_step`` per client (the baseline, 1.00)
 * ``plain, blocks of B``    — the same driver computing each block's gradients in one vmapped call
+* ``..., W workers``        — (``--workers W``) the same with W blocks stepped at once in threads, the
+  torch threads split among them (``run_plain(workers=W)``; the same results)
 * ``in-process, 1/node``    — Flower strategy + ClientApp on fedgluon's in-process Grid, one client per node
 * ``in-process, blocks``    — the same with B virtual clients per node (n/B nodes)
 * ``ray, 1/node``           — Flower's simulation engine on a private local Ray, one client per node
@@ -27,7 +29,11 @@ With ``--repeats R`` every row of a size runs R times, interleaved, and each tar
 within a repeat (side by side) and summarised by its median over the repeats: on a machine whose speed
 drifts by tens of percent within an hour, one run's ratio is one draw.
 
-Run: ``python -m benchmarks.bench_engines [--quick] [--no-ray] [--sizes N ...] [--rounds R] [--repeats K]``.
+The best plain row with blocks (workers included) is the "vmapped loop" the Flower paths are divided by.
+
+Run: ``python -m benchmarks.bench_engines [--quick] [--no-ray] [--sizes N ...] [--rounds R] [--repeats K]
+[--threads T] [--workers W]``; the issue's 1,000 clients of a 100k-parameter model:
+``--sizes 1000 --hidden 1536 --plain-only --threads 2 --workers 2``.
 """
 
 from __future__ import annotations
@@ -74,18 +80,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plain-only", action="store_true", help="only the plain driver rows")
     ap.add_argument("--rounds", type=int, help="rounds per run (default 4; 3 with --quick)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="also run the plain driver's block rows with this many blocks at once in threads")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of every row per size, interleaved (the machine's drift hits each engine alike); "
                          "the target ratios are then taken per repeat, side by side, and summarised by their median")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.workers < 1:
+        ap.error(f"--workers must be at least 1, got {args.workers}")
     torch.set_num_threads(args.threads)
     sizes, rounds = ((10, 50), 3) if args.quick else ((10, 50, 200, 1000), 4)
     rounds = args.rounds or rounds
     sizes = tuple(args.sizes) if args.sizes else sizes
     print(f"machine: {machine()}")
-    print(f"{'clients':>7s} {'engine':>24s} {'s/round':>9s} {'steady':>8s} {'server s':>9s} {'ms/client task':>15s} "
+    print(f"{'clients':>7s} {'engine':>32s} {'s/round':>9s} {'steady':>8s} {'server s':>9s} {'ms/client task':>15s} "
           f"{'x plain':>8s} {'start-up s':>11s}")
     for n in sizes:
         ratios: dict[str, list[float]] = {}
@@ -94,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
                 ratios.setdefault(key, []).append(value)
         if args.repeats > 1:
             for key, values in ratios.items():
-                print(f"{n:7d} {key:>24s} median {statistics.median(values):6.2f}x over {len(values)} repeats "
+                print(f"{n:7d} {key:>32s} median {statistics.median(values):6.2f}x over {len(values)} repeats "
                       f"(each: {', '.join(f'{v:.2f}' for v in values)})", flush=True)
 
 
@@ -109,7 +119,7 @@ def show(n: int, label: str, history: list[dict], base: Cost, startup: str = "-"
     """Print one engine's row; returns its cost."""
     cost = Cost(per_round(history), steady(history))
     server = f"{per_round(history, key='server_time'):9.3f}" if "server_time" in history[0] else f"{'-':>9s}"
-    print(f"{n:7d} {label:>24s} {cost.mean:9.3f} {cost.steady:8.3f} {server} {1e3 * cost.mean / n:15.3f} "
+    print(f"{n:7d} {label:>32s} {cost.mean:9.3f} {cost.steady:8.3f} {server} {1e3 * cost.mean / n:15.3f} "
           f"{cost.mean / base.mean:8.2f} {startup:>11s}", flush=True)
     return cost
 
@@ -122,7 +132,7 @@ def run_size(n: int, rounds: int, args: argparse.Namespace) -> dict[str, float]:
     def ratio(key: str, num: Cost, den: Cost, target: str = "") -> None:
         """The ratio of two rows' means (the target's measure) and of their steady medians."""
         ratios[key], ratios[f"{key}, steady"] = num.mean / den.mean, num.steady / den.steady
-        print(f"{n:7d} {key:>24s} {num.mean / den.mean:9.2f}x per client task{target}; steady "
+        print(f"{n:7d} {key:>32s} {num.mean / den.mean:9.2f}x per client task{target}; steady "
               f"{num.steady / den.steady:.2f}x", flush=True)
 
     s = specs.normalise(spec_for(n, rounds, hidden=args.hidden))
@@ -132,9 +142,10 @@ def run_size(n: int, rounds: int, args: argparse.Namespace) -> dict[str, float]:
     show(n, "plain loop", history, plain)
     vmapped = Cost(math.inf, math.inf)  # the plain driver with blocks (the "vmapped loop"), its best block size
     for b in sorted({min(n, 64), block}):
-        res = run_plain(algo, task.objectives, task.initial_params(), rounds, seed=0, block_size=b)
-        got = show(n, f"plain, blocks of {b}", res.history, plain)
-        vmapped = Cost(min(vmapped.mean, got.mean), min(vmapped.steady, got.steady))
+        for w in sorted({1, args.workers}):
+            res = run_plain(algo, task.objectives, task.initial_params(), rounds, seed=0, block_size=b, workers=w)
+            got = show(n, f"plain, blocks of {b}" + (f", {w} workers" if w > 1 else ""), res.history, plain)
+            vmapped = Cost(min(vmapped.mean, got.mean), min(vmapped.steady, got.steady))
     if args.plain_only:
         return ratios
 

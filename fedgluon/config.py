@@ -31,6 +31,7 @@ class EngineConfig:
     address: str | None = None  # join an existing Ray cluster ("auto" or HOST:PORT)
     block_size: int = 1  # virtual clients per Flower node, gradients vmapped per block (fedgluon/blocks.py)
     client_device: str = "cpu"  # where client blocks compute gradients: cpu | auto | cuda | cuda:N
+    workers: int = 1  # plain engine: blocks stepped at once in threads (fedgluon/driver.py); same results
 
 
 @dataclass
@@ -184,6 +185,10 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.grad_norm_every >= 0, f"grad_norm_every must be >= 0, got {cfg.grad_norm_every}")
     need(cfg.engine.num_cpus > 0, f"engine.num_cpus must be > 0, got {cfg.engine.num_cpus}")
     need(cfg.engine.block_size >= 1, f"engine.block_size must be >= 1, got {cfg.engine.block_size}")
+    need(cfg.engine.workers >= 1, f"engine.workers must be >= 1, got {cfg.engine.workers}")
+    need(cfg.engine.workers == 1 or cfg.engine.name == "plain",
+         f"engine.workers applies to engine.name='plain' only (Flower engines step one block per node), "
+         f"got engine.workers={cfg.engine.workers} with engine.name={cfg.engine.name!r}")
     try:
         from .devices import resolve_device
 

@@ -13,14 +13,27 @@ The server side (sampling, ``server_step``, commits, rows, checkpoints) is
 calls the clients. Per-round rows hold the losses, participants, accepted and rejected counts,
 uplink bits in every convention (total, mean and max per accepted client), downlink bits, gradient evaluations and wall
 time; ``run_plain(...).frame()`` returns them as a pandas DataFrame.
+
+``workers > 1`` steps that many blocks of clients at once, in threads (each with
+``torch.get_num_threads() // workers`` torch threads; the server step keeps the caller's). A block's
+step reads the committed states and the broadcast and writes nothing another block reads, its
+randomness comes from per-client generators, and the replies are merged in block order, so a run
+gives the same results with any number of workers (tested). Threads pay off because much of a
+block's step holds no lock: torch's and NumPy's kernels release Python's, so one block's top-k
+selection runs beside another's gradients. Models with buffers (BatchNorm) step one block at a time
+(:func:`fedgluon.objective.thread_model`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .algorithms.base import Algorithm, ClientReply
@@ -29,8 +42,9 @@ from .checkpoint import Checkpointer, Snapshot
 from .faults import FaultPlan
 from .federation import Evaluate, Federation, client_weights_from_sizes
 from .gc_pause import gc_frozen, gc_paused
-from .objective import SupervisedObjective
+from .objective import SupervisedObjective, has_buffers
 
+log = logging.getLogger("fedgluon.driver")
 Tensors = dict[str, Tensor]
 Tamper = Callable[[int, int, ClientReply], Any]
 
@@ -57,24 +71,25 @@ def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X
               evaluate: Evaluate | None = None, eval_every: int = 1, tamper: Tamper | None = None,
               on_round: Callable[[dict[str, Any]], None] | None = None, faults: FaultPlan | None = None,
               checkpointer: Checkpointer | None = None, resume: Snapshot | None = None,
-              block_size: int = 1) -> RunResult:
+              block_size: int = 1, workers: int = 1) -> RunResult:
     """Run ``rounds`` rounds (from ``resume``'s round when given). ``evaluate(X, k)`` returns central
     metrics; ``tamper(round, client, reply)`` may replace replies (attack tests); ``faults`` marks the
     tasks it draws as failed (a raise or a missed deadline: no reply) exactly as the Flower engines see
-    them; ``block_size > 1`` computes the gradients of each block of clients in one vmapped call."""
+    them; ``block_size > 1`` computes the gradients of each block of clients in one vmapped call;
+    ``workers > 1`` steps that many blocks at once (module doc)."""
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
     fed = Federation(algorithm, X0, len(objectives), rounds, seed=seed, participation=participation,
                      weights=client_weights(objectives, weights), evaluate=evaluate, eval_every=eval_every,
                      on_round=on_round, checkpointer=checkpointer, resume=resume)
     num_blocks(len(objectives), block_size)  # checks block_size
-    with gc_frozen():
-        _rounds(fed, algorithm, objectives, seed, faults, tamper, block_size)
+    with gc_frozen(), block_workers(workers, objectives) as pool:
+        _rounds(fed, algorithm, objectives, seed, faults, tamper, block_size, pool)
     return RunResult(fed.history, fed.server_state, fed.client_states, fed.client_log)
 
 
 def _rounds(fed: Federation, algorithm: Algorithm, objectives: Sequence[SupervisedObjective], seed: int,
-            faults: FaultPlan | None, tamper: Tamper | None, block_size: int) -> None:
+            faults: FaultPlan | None, tamper: Tamper | None, block_size: int, pool: Executor | None) -> None:
     while not fed.done:
         with gc_paused():
             plan = fed.open_round()
@@ -82,13 +97,43 @@ def _rounds(fed: Federation, algorithm: Algorithm, objectives: Sequence[Supervis
             kinds = {j: faults.draw(seed, j, plan.k) if faults is not None else None for j in plan.participants}
             failed = {j: FAILURE_REASONS[kind] for j, kind in kinds.items() if kind is not None}
             working = [j for j in plan.participants if j not in failed]
-            out = {}
-            for js in by_block(working, block_size).values():
-                out.update(algorithm.client_block(fed.client_states, plan.broadcast, objectives, js))
+            out = _step_blocks(algorithm, fed.client_states, plan.broadcast, objectives,
+                               list(by_block(working, block_size).values()), pool)
             for j in working:
                 pending[j], reply = out[j]
                 replies[j] = tamper(plan.k, j, reply) if tamper else reply
             fed.close_round(plan, replies, pending, failed)
+
+
+def _step_blocks(algorithm: Algorithm, states: Mapping[int, Any], bc: Any, objectives: Sequence[SupervisedObjective],
+                 blocks: list[list[int]], pool: Executor | None) -> dict[int, tuple[Any, ClientReply]]:
+    """``client_block`` of every block, on ``pool``'s threads when given, merged in block order."""
+    def step(js: list[int]) -> dict[int, tuple[Any, ClientReply]]:
+        return algorithm.client_block(states, bc, objectives, js)
+
+    out: dict[int, tuple[Any, ClientReply]] = {}
+    for got in (pool.map(step, blocks) if pool is not None and len(blocks) > 1 else map(step, blocks)):
+        out.update(got)
+    return out
+
+
+@contextmanager
+def block_workers(workers: int, objectives: Sequence[SupervisedObjective]) -> Iterator[Executor | None]:
+    """Threads that step blocks at once (module doc), each with ``torch.get_num_threads() // workers``
+    torch threads (at least one); None for one worker, or where a model has buffers (logged)."""
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    if workers > 1 and any(has_buffers(m) for m in {id(o.model): o.model for o in objectives}.values()):
+        log.warning("workers=%d ignored: the model has buffers (BatchNorm), which blocks stepping at once in "
+                    "threads would update apart; stepping one block at a time", workers)
+        workers = 1
+    if workers == 1:
+        yield None
+        return
+    per = max(1, torch.get_num_threads() // workers)
+    with ThreadPoolExecutor(workers, thread_name_prefix="fedgluon-block", initializer=torch.set_num_threads,
+                            initargs=(per,)) as pool:
+        yield pool
 
 
 # What a Flower engine reports for a task that met an injected fault (fedgluon.faults).

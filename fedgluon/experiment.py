@@ -189,7 +189,8 @@ def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, 
         res = run_plain(algorithm, task.objectives, task.initial_params(), spec["rounds"], seed=spec["seed"],
                         participation=spec["participation"], weights=spec["weights"], evaluate=evaluate,
                         eval_every=spec["eval_every"], on_round=round_done, faults=FaultPlan.from_spec(spec["faults"]),
-                        checkpointer=checkpointer, resume=snapshot, block_size=spec["block_size"])
+                        checkpointer=checkpointer, resume=snapshot, block_size=spec["block_size"],
+                        workers=cfg.engine.workers)
         return res.history, res.server_state["X"], res.client_log, client_state_bytes(res.client_states)
     from .engines import run_inprocess, run_ray
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from .objective import Batch, SupervisedObjective
+from .objective import Batch, SupervisedObjective, thread_model
 
 Tensors = dict[str, Tensor]
 
@@ -119,7 +119,7 @@ def _vmapped_call(objective: SupervisedObjective, xs: Tensor, ys: Tensor, params
                   device: torch.device | None) -> tuple[Tensors, Tensor]:
     """``vmap(grad_and_value(loss))`` over the stacked batches (module doc), on ``device`` when given
     (results back on the batches' device)."""
-    model, loss_fn = objective.model, objective.loss_fn
+    model, loss_fn = thread_model(objective.model), objective.loss_fn
     home = xs.device
     device = home if device is None else device
     moved = device != home

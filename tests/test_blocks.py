@@ -1,6 +1,8 @@
 """Client blocks: vmapped per-client gradients equal the per-client loop (bitwise in float32 here), and a run with blocks of
 virtual clients (plain driver, in-process Flower grid) gives the metrics of one client per node."""
 
+import threading
+
 import pandas as pd
 import pytest
 import torch
@@ -72,15 +74,71 @@ def test_plain_driver_blocks_equal_one_client_per_node(algorithm):
     kw = {"seed": 4, "participation": 0.7, "evaluate": lambda X, k: task.evaluate(X)}
     one = run_plain(algo, task.objectives, task.initial_params(), 6, **kw)
     blocks = run_plain(algo, task.objectives, task.initial_params(), 6, block_size=4, **kw)
-    _frames_match(one.frame(), blocks.frame())
-    for j in range(TASK["num_clients"]):  # every tracker, estimate and residual, bitwise
-        a, b = one.client_states[j], blocks.client_states[j]
-        assert (a is None) == (b is None)
-        if a is not None:
-            flat_a, spec_a = tree_flatten(a)
-            flat_b, spec_b = tree_flatten(b)
-            assert spec_a == spec_b
-            assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(flat_a, flat_b))
+    threads = run_plain(algo, task.objectives, task.initial_params(), 6, block_size=2, workers=3, **kw)
+    for other in (blocks, threads):
+        _frames_match(one.frame(), other.frame())
+        for j in range(TASK["num_clients"]):  # every tracker, estimate and residual, bitwise
+            a, b = one.client_states[j], other.client_states[j]
+            assert (a is None) == (b is None)
+            if a is not None:
+                flat_a, spec_a = tree_flatten(a)
+                flat_b, spec_b = tree_flatten(b)
+                assert spec_a == spec_b
+                assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(flat_a, flat_b))
+
+
+def test_threads_never_share_a_module_in_functional_call():
+    """Two threads computing vmapped and per-client gradients at once get the serial results
+    (``functional_call`` swaps a module's parameters, so threads sharing one module read each other's:
+    hundreds of wrong gradients in this loop without :func:`thread_model`); the main thread and models
+    with buffers use the module itself."""
+    from fedgluon.models import SmallCNN
+    from fedgluon.objective import thread_model
+
+    task = make_task({**TASK, "seed": 5})
+    objs, X = task.objectives, task.initial_params()
+    batches = {j: o.sample_batch(generator(0, "sample", j, 0)) for j, o in enumerate(objs)}
+    ref = block_gradients(objs, batches, shared=X)
+    wrong = []
+
+    def work(params: dict) -> None:
+        for _ in range(40):
+            got = block_gradients(objs, batches, shared=params)
+            wrong.extend(j for j in got if not all(torch.equal(got[j][1][n], ref[j][1][n]) for n in X))
+
+    other = {n: t + 1.0 for n, t in X.items()}  # a second thread at other parameters would leak them
+    pool = [threading.Thread(target=work, args=(p,)) for p in (X, X, other)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert len(wrong) == 40 * len(objs)  # exactly the third thread's, all of them
+    model = objs[0].model
+    assert thread_model(model) is model
+    cnn = SmallCNN(1, 10, widths=(4,))
+    seen = {}
+    worker = threading.Thread(target=lambda: seen.update(mlp=thread_model(model), again=thread_model(model),
+                                                         cnn=thread_model(cnn)))
+    worker.start()
+    worker.join()
+    assert seen["mlp"] is not model and seen["again"] is seen["mlp"] and seen["cnn"] is cnn
+
+
+def test_workers_are_checked_and_models_with_buffers_step_one_block_at_a_time(caplog):
+    from fedgluon.driver import block_workers
+    from fedgluon.models import SmallCNN
+    from fedgluon.objective import SupervisedObjective
+
+    task, algo = specs.build(specs.normalise({"task": TASK, "algorithm": {"name": "gluon-ef21"}}))
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+            run_plain(algo, task.objectives, task.initial_params(), 1, workers=bad)
+    with block_workers(2, task.objectives) as pool:
+        assert pool is not None
+    cnn = SupervisedObjective(SmallCNN(1, 10, widths=(4,)), torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+    with caplog.at_level("WARNING", logger="fedgluon.driver"), block_workers(2, [cnn]) as pool:
+        assert pool is None
+    assert "buffers" in caplog.text
 
 
 @pytest.mark.parametrize("algorithm", [

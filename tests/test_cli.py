@@ -42,13 +42,15 @@ def test_engine_benchmark_repeats_interleave_and_summarise_each_ratio(capsys):
 
     from benchmarks import bench_engines
 
-    bench_engines.main(["--sizes", "4", "--rounds", "2", "--repeats", "2", "--no-ray"])
+    bench_engines.main(["--sizes", "4", "--rounds", "2", "--repeats", "2", "--no-ray", "--workers", "2"])
     out = capsys.readouterr().out
+    assert out.count("plain, blocks of 2, 2 workers") == 2
     each = [float(x) for x in re.findall(r"in-process blocks / vmapped\s+([\d.]+)x per client task", out)]
     assert len(each) == 2 and out.count("plain loop") == 2  # every row ran once per repeat
     summary = re.search(r"in-process blocks / vmapped median\s+([\d.]+)x over 2 repeats \(each: ([\d., ]+)\)", out)
     assert summary is not None, out
     assert [float(x) for x in summary.group(2).split(", ")] == pytest.approx(each, abs=0.005)
     assert float(summary.group(1)) == pytest.approx(sum(each) / 2, abs=0.01)
-    with pytest.raises(SystemExit):
-        bench_engines.main(["--repeats", "0"])
+    for bad in (["--repeats", "0"], ["--workers", "0"]):
+        with pytest.raises(SystemExit):
+            bench_engines.main(bad)

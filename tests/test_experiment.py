@@ -44,6 +44,11 @@ def test_run_writes_documented_files_and_columns(tmp_path, monkeypatch):
     again = CliRunner().invoke(main, ["run", *FAST, "--quiet"])
     assert again.exit_code != 0 and "--overwrite" in again.output
     assert invoke("run", *FAST, "--quiet", "--overwrite").exit_code == 0
+    # blocks stepped in two threads: the same run
+    assert invoke("run", *FAST, "engine.block_size=2", "engine.workers=2", "output.name=threads", "--quiet").exit_code == 0
+    threads = pd.read_csv(tmp_path / "runs" / "threads" / "metrics.csv")
+    same = [c for c in m.columns if c not in TIMING_COLUMNS and c != "train_loss"]
+    pd.testing.assert_frame_equal(threads[same], m[same], check_exact=True)
 
 
 @pytest.mark.parametrize("args, words", [
@@ -58,6 +63,8 @@ def test_run_writes_documented_files_and_columns(tmp_path, monkeypatch):
     (["task.name=digits", "task.loss=hinge"], ["task loss must be one of", "sigmoid_squared"]),
     (["engine.client_device=tpu"], ["engine.client_device must be one of", "cuda:N"]),
     (["geometry.lmo_device=npu"], ["geometry.lmo_device must be one of", "same"]),
+    (["engine.workers=0"], ["engine.workers must be >= 1"]),
+    (["engine.name=ray", "engine.workers=2"], ["engine.workers applies to engine.name='plain' only"]),
 ])
 def test_invalid_configs_exit_nonzero_naming_the_field(tmp_path, monkeypatch, args, words):
     monkeypatch.chdir(tmp_path)

@@ -130,10 +130,13 @@ def block_workers(workers: int, objectives: Sequence[SupervisedObjective]) -> It
     if workers == 1:
         yield None
         return
-    per = max(1, torch.get_num_threads() // workers)
-    with ThreadPoolExecutor(workers, thread_name_prefix="fedgluon-block", initializer=torch.set_num_threads,
-                            initargs=(per,)) as pool:
-        yield pool
+    threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="fedgluon-block", initializer=torch.set_num_threads,
+                                initargs=(max(1, threads // workers),)) as pool:
+            yield pool
+    finally:  # a worker's set_num_threads also set the count that threads started later begin with
+        torch.set_num_threads(threads)
 
 
 # What a Flower engine reports for a task that met an injected fault (fedgluon.faults).

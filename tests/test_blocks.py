@@ -133,8 +133,15 @@ def test_workers_are_checked_and_models_with_buffers_step_one_block_at_a_time(ca
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="workers must be an integer >= 1"):
             run_plain(algo, task.objectives, task.initial_params(), 1, workers=bad)
+    threads = torch.get_num_threads()
     with block_workers(2, task.objectives) as pool:
         assert pool is not None
+        assert pool.submit(torch.get_num_threads).result() == max(1, threads // 2)
+    later = []  # threads started afterwards begin with the caller's count again
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert later == [threads] and torch.get_num_threads() == threads
     cnn = SupervisedObjective(SmallCNN(1, 10, widths=(4,)), torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
     with caplog.at_level("WARNING", logger="fedgluon.driver"), block_workers(2, [cnn]) as pool:
         assert pool is None

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .algorithms.base import Algorithm, ClientReply
+from .algorithms.base import Algorithm, Broadcast, ClientReply
 from .blocks import by_block, num_blocks
 from .checkpoint import Checkpointer, Snapshot
 from .faults import FaultPlan
@@ -105,7 +105,7 @@ def _rounds(fed: Federation, algorithm: Algorithm, objectives: Sequence[Supervis
             fed.close_round(plan, replies, pending, failed)
 
 
-def _step_blocks(algorithm: Algorithm, states: Mapping[int, Any], bc: Any, objectives: Sequence[SupervisedObjective],
+def _step_blocks(algorithm: Algorithm, states: Mapping[int, Any], bc: Broadcast, objectives: Sequence[SupervisedObjective],
                  blocks: list[list[int]], pool: Executor | None) -> dict[int, tuple[Any, ClientReply]]:
     """``client_block`` of every block, on ``pool``'s threads when given, merged in block order."""
     def step(js: list[int]) -> dict[int, tuple[Any, ClientReply]]:

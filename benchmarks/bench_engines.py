@@ -31,8 +31,11 @@ drifts by tens of percent within an hour, one run's ratio is one draw.
 
 The best plain row with blocks (workers included) is the "vmapped loop" the Flower paths are divided by.
 
+With ``--client-device cuda`` the plain and in-process rows with blocks compute their gradients on the GPU
+(states, estimators and compression stay on the CPU); the loops and the Ray rows stay on the CPU.
+
 Run: ``python -m benchmarks.bench_engines [--quick] [--no-ray] [--sizes N ...] [--rounds R] [--repeats K]
-[--threads T] [--workers W]``; the issue's 1,000 clients of a 100k-parameter model:
+[--threads T] [--workers W] [--client-device D]``; the issue's 1,000 clients of a 100k-parameter model:
 ``--sizes 1000 --hidden 1536 --plain-only --threads 2 --workers 2``.
 """
 
@@ -48,16 +51,17 @@ import torch
 
 from benchmarks.common import machine
 from fedgluon import spec as specs
+from fedgluon.devices import resolve_device
 from fedgluon.driver import run_plain
 from benchmarks.flower_fedavg import run_stock_fedavg
 from fedgluon.engines import run_inprocess, run_ray
 
 
-def spec_for(n: int, rounds: int, block_size: int = 1, hidden: int = 64) -> dict:
+def spec_for(n: int, rounds: int, block_size: int = 1, hidden: int = 64, client_device: str = "cpu") -> dict:
     return {"task": {"name": "synthetic", "num_clients": n, "hidden": [hidden], "mean_samples": 80},
             "algorithm": {"name": "gluon-ef21", "lr": 0.05, "compressor": {"name": "topk", "ratio": 0.05}},
             "rounds": rounds, "seed": 0, "eval_every": 10 ** 6, "node_timeout": 600.0, "round_timeout": 600.0,
-            "block_size": block_size}
+            "block_size": block_size, "client_device": client_device}
 
 
 def per_round(history: list[dict], skip: int = 1, key: str = "wall_time") -> float:
@@ -82,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--workers", type=int, default=1,
                     help="also run the plain driver's block rows with this many blocks at once in threads")
+    ap.add_argument("--client-device", default="cpu",
+                    help="where the plain and in-process rows with blocks compute their vmapped gradients (cpu, auto, "
+                         "cuda, cuda:N; the spec's client_device); Ray rows and the loops stay on the CPU")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of every row per size, interleaved (the machine's drift hits each engine alike); "
                          "the target ratios are then taken per repeat, side by side, and summarised by their median")
@@ -90,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.workers < 1:
         ap.error(f"--workers must be at least 1, got {args.workers}")
+    try:
+        resolve_device("--client-device", args.client_device)
+    except ValueError as e:
+        ap.error(str(e))
     torch.set_num_threads(args.threads)
     sizes, rounds = ((10, 50), 3) if args.quick else ((10, 50, 200, 1000), 4)
     rounds = args.rounds or rounds
@@ -135,7 +146,7 @@ def run_size(n: int, rounds: int, args: argparse.Namespace) -> dict[str, float]:
         print(f"{n:7d} {key:>32s} {num.mean / den.mean:9.2f}x per client task{target}; steady "
               f"{num.steady / den.steady:.2f}x", flush=True)
 
-    s = specs.normalise(spec_for(n, rounds, hidden=args.hidden))
+    s = specs.normalise(spec_for(n, rounds, hidden=args.hidden, client_device=args.client_device))
     task, algo = specs.build_cached(s)
     history = run_plain(algo, task.objectives, task.initial_params(), rounds, seed=0).history
     plain = Cost(per_round(history), steady(history))
@@ -154,7 +165,7 @@ def run_size(n: int, rounds: int, args: argparse.Namespace) -> dict[str, float]:
 
     for label, b in (("in-process, 1/node", 1), (f"in-process, blocks of {block}", block)):
         t = time.perf_counter()
-        strat = run_inprocess(specs.normalise(spec_for(n, rounds, b, args.hidden)))
+        strat = run_inprocess(specs.normalise(spec_for(n, rounds, b, args.hidden, args.client_device)))
         sec = show(n, label, strat.history, plain, startup(time.perf_counter() - t, strat.history))
     ratio("in-process blocks / vmapped", sec, vmapped)
     if args.no_ray:

@@ -51,6 +51,24 @@ def test_engine_benchmark_repeats_interleave_and_summarise_each_ratio(capsys):
     assert summary is not None, out
     assert [float(x) for x in summary.group(2).split(", ")] == pytest.approx(each, abs=0.005)
     assert float(summary.group(1)) == pytest.approx(sum(each) / 2, abs=0.01)
-    for bad in (["--repeats", "0"], ["--workers", "0"]):
+    for bad in (["--repeats", "0"], ["--workers", "0"], ["--client-device", "tpu"]):
         with pytest.raises(SystemExit):
             bench_engines.main(bad)
+    assert "--client-device must be one of" in capsys.readouterr().err
+
+
+def test_lmo_benchmark_times_the_widths_asked_for(capsys):
+    import pytest
+    import torch
+
+    from benchmarks import bench_lmo
+
+    bench_lmo.main(["--quick", "--dim", "32", "48"])
+    out = capsys.readouterr().out
+    for d in (32, 48):
+        assert f"d={d}: 4x{d}x{d} + {4 * d}x{d} + {d}x{4 * d}, device=cpu" in out
+    blocks = 2 * (1 + torch.cuda.is_available())  # each width on the CPU, and on CUDA with a compiled row
+    assert out.count("15 matmuls (bound)") == blocks and "torch.optim.Muon" in out
+    assert out.count("bound/time") == 3 * 2 + 4 * (blocks - 2)
+    with pytest.raises(SystemExit):
+        bench_lmo.main(["--dim", "0"])

@@ -97,7 +97,7 @@ def corruptions(msg):
         _edit(msg, "w", "idx", idx[::-1].copy()),                                       # unsorted
         _edit(msg, "w", "idx", np.concatenate([idx[:1], idx[:-1]])),                    # duplicate
         _edit(msg, "w", "idx", np.where(np.arange(idx.size) == idx.size - 1, 600, idx).astype(np.int32)),  # range
-        _edit(msg, "w", "idx", np.where(np.arange(idx.size) == 0, -1, idx).astype(np.int32)),
+        _edit(msg, "w", "idx", np.where(np.arange(idx.size) == 0, -1, idx.astype(np.int32))),
         _edit(msg, "w", "idx", idx.astype(np.int64)),                                   # another (valid) dtype
         _edit(msg, "w", "idx", idx.astype(np.float32)),                                 # invalid dtype
         _edit(msg, "w", "idx", idx.astype(idx.dtype.newbyteorder(">"))),                # big-endian

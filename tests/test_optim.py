@@ -34,7 +34,8 @@ def test_gluon_reproduces_reference_muon_step_for_step():
     torch.manual_seed(0)
     model = MLP(20, (48, 24), 5, bias=False)
     ref = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = Gluon(model, lr=0.02, method="muon", roles={"*": "hidden"})
+    # lmo_device="cpu": the reference runs NS in fp32 on the CPU (on a GPU machine "auto" would take bf16 there)
+    opt = Gluon(model, lr=0.02, method="muon", roles={"*": "hidden"}, lmo_device="cpu")
     bufs = {}
     for step in range(10):
         x, y = torch.randn(16, 20), torch.randint(0, 5, (16,))

@@ -38,7 +38,7 @@ def test_specific_errors():
         (mutated(msg, codec=b"topk/fp32"), CodecError),
         (mutated(msg, arrays={**msg["w"].arrays, "idx": np.where(np.arange(idx.size) == 0, 600, idx).astype(np.int32)}),
          IndexRangeError),
-        (mutated(msg, arrays={**msg["w"].arrays, "idx": np.where(np.arange(idx.size) == 0, -1, idx).astype(np.int32)}),
+        (mutated(msg, arrays={**msg["w"].arrays, "idx": np.where(np.arange(idx.size) == 0, -1, idx.astype(np.int32))}),
          IndexRangeError),
         (mutated(msg, arrays={**msg["w"].arrays, "idx": np.concatenate([idx[:1], idx[:-1]])}), DuplicateIndexError),
         (mutated(msg, arrays={**msg["w"].arrays, "idx": idx[::-1].copy()}), DuplicateIndexError),

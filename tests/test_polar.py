@@ -66,8 +66,8 @@ def test_compiled_newton_schulz_equals_eager():
     G = torch.randn(3, 20, 12)
     eager, compiled = NewtonSchulz(), NewtonSchulz(compile=True)
     torch.testing.assert_close(compiled(G), eager(G), rtol=1e-5, atol=1e-6)
-    geometry = Geometry.from_shapes({"w": (20, 12), "b": (20,)}, ns_compile=True)
-    reference = Geometry.from_shapes({"w": (20, 12), "b": (20,)})
+    geometry = Geometry.from_shapes({"w": (20, 12), "b": (20,)}, ns_compile=True, lmo_device="cpu")
+    reference = Geometry.from_shapes({"w": (20, 12), "b": (20,)}, lmo_device="cpu")  # on a GPU machine too
     tensors = {"w": G[0], "b": G[0, :, 0]}
     for name, value in geometry.lmo(tensors).items():
         torch.testing.assert_close(value, reference.lmo(tensors)[name], rtol=1e-5, atol=1e-6)

@@ -17,6 +17,7 @@ Run: ``python -m benchmarks.bench_lmo [--quick] [--compile] [--dim D ...]``.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 
 import torch
 
@@ -28,11 +29,8 @@ from fedgluon.optim import Gluon
 def ns_matmul_bound(shapes: dict[str, tuple[int, int]], device: str, dtype: torch.dtype) -> float:
     """Best time of NS5's 15 matmuls alone on the LMO's own operands: same-shape matrices stacked into one
     batch, as the geometry stacks them, each in its wide orientation (X: m×n with m ≤ n, A = X Xᵀ)."""
-    groups: dict[tuple[int, int], int] = {}
-    for s in shapes.values():
-        groups[s] = groups.get(s, 0) + 1
     mats = [torch.randn(count, *(s if s[0] <= s[1] else s[::-1]), device=device, dtype=dtype)
-            for s, count in groups.items()]
+            for s, count in Counter(shapes.values()).items()]
     grams = [m @ m.mT for m in mats]
 
     def run():
@@ -91,10 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dim", type=int, nargs="+", default=[768],
                     help="model widths d of the transformer blocks timed (default 768)")
     args = ap.parse_args(argv)
-    repeat = 2 if args.quick else 5
-    print(f"machine: {machine()}")
     if min(args.dim) < 1:
         ap.error(f"--dim must be positive, got {args.dim}")
+    repeat = 2 if args.quick else 5
+    print(f"machine: {machine()}")
     for d in args.dim:
         bench_block("cpu", repeat, compile=args.compile, d=d)
         if torch.cuda.is_available():

@@ -15,10 +15,10 @@ from fedgluon import spec as specs
 from fedgluon.driver import run_plain
 from fedgluon.engines import run_inprocess
 from fedgluon.geometry import Geometry
-from fedgluon.metrics import TIMING_COLUMNS
 from fedgluon.models import MLP
 from fedgluon.norms import RMS, ColNorm, RowNorm, Sign, Spectral
 from fedgluon.polar import NewtonSchulz, SVDPolar, resolve_dtype
+from test_engines import same_metrics
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
@@ -130,16 +130,12 @@ def _run(spec: dict, **kw):
                      block_size=spec["block_size"], evaluate=lambda X, k: task.evaluate(X), **kw)
 
 
-def _values(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.drop(columns=[c for c in TIMING_COLUMNS if c in frame.columns])
-
-
 def test_a_gpu_run_agrees_with_the_cpu_run_to_rounding():
     """Client gradients and the server's LMO on the GPU in fp32 (``ns_dtype: float32``): every round's
     losses within 1e-4 of the CPU run's, and the bits exactly (they depend on shapes, not values)."""
     geometry = {"preset": "muon", "ns_dtype": "float32"}
-    gpu = _values(_run(_spec(client_device="cuda", geometry=geometry)).frame())
-    cpu = _values(_run(_spec(client_device="cpu", geometry={**geometry, "lmo_device": "cpu"})).frame())
+    gpu = _run(_spec(client_device="cuda", geometry=geometry)).frame()
+    cpu = _run(_spec(client_device="cpu", geometry={**geometry, "lmo_device": "cpu"})).frame()
     bits = [c for c in cpu.columns if c.startswith(("up_", "down_"))]
     assert bits
     pd.testing.assert_frame_equal(gpu[bits], cpu[bits], check_exact=True)
@@ -151,11 +147,7 @@ def test_gpu_runs_are_the_same_across_engines_and_workers():
     """Device for device the engines agree: the in-process Flower engine with blocks on the GPU equals the
     plain driver with the same blocks, and two workers equal one (bf16 NS on the GPU, the default)."""
     spec = _spec(client_device="cuda")
-    plain = _values(_run(spec).frame())
-    threads = _values(_run(spec, workers=2).frame())
-    flower = _values(pd.DataFrame(run_inprocess(spec).history))
-    cols = [c for c in plain.columns if c in flower.columns and c != "train_loss"]
-    assert "test_loss" in cols
-    pd.testing.assert_frame_equal(threads, plain, check_exact=True)
-    pd.testing.assert_frame_equal(flower[cols], plain[cols], check_exact=True)
-    pd.testing.assert_series_equal(flower["train_loss"], plain["train_loss"], rtol=1e-6)
+    plain = _run(spec).frame()
+    assert "test_loss" in plain.columns
+    same_metrics(_run(spec, workers=2).frame(), plain)
+    same_metrics(pd.DataFrame(run_inprocess(spec).history), plain, loss_rtol=1e-6)

@@ -14,6 +14,14 @@ calls the clients. Per-round rows hold the losses, participants, accepted and re
 uplink bits in every convention (total, mean and max per accepted client), downlink bits, gradient evaluations and wall
 time; ``run_plain(...).frame()`` returns them as a pandas DataFrame.
 
+Blocks step on columns where the algorithm can (``Algorithm.column_block``, fedgluon/algorithms/columns.py:
+EF21 uplinks with elementwise estimators): each client's committed state is then a tree of row views of
+its block's columns, and the next round hands the block those columns again instead of stacking its
+clients' states (:class:`fedgluon.held_columns.HeldTrees`, which copies the states out of columns
+that only some of their clients still hold); a block whose states are not one step's columns (after a
+partial commit, or with partial participation) has them stacked first. The column step equals the per-client one bitwise
+(tested), so ``columns=False`` (every block by ``client_block``) gives the same run.
+
 ``workers > 1`` steps that many blocks of clients at once, in threads (each with
 ``torch.get_num_threads() // workers`` torch threads; the server step keeps the caller's). A block's
 step reads the committed states and the broadcast and writes nothing another block reads, its
@@ -37,11 +45,13 @@ import torch
 from torch import Tensor
 
 from .algorithms.base import Algorithm, Broadcast, ClientReply
+from .algorithms.columns import BlockColumns, BlockStep, stacked_columns
 from .blocks import by_block, num_blocks
 from .checkpoint import Checkpointer, Snapshot
 from .faults import FaultPlan
 from .federation import Evaluate, Federation, client_weights_from_sizes
 from .gc_pause import gc_frozen, gc_paused
+from .held_columns import HeldColumns, HeldTrees
 from .objective import SupervisedObjective, has_buffers
 
 log = logging.getLogger("fedgluon.driver")
@@ -71,12 +81,20 @@ def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X
               evaluate: Evaluate | None = None, eval_every: int = 1, tamper: Tamper | None = None,
               on_round: Callable[[dict[str, Any]], None] | None = None, faults: FaultPlan | None = None,
               checkpointer: Checkpointer | None = None, resume: Snapshot | None = None,
-              block_size: int = 1, workers: int = 1) -> RunResult:
+              block_size: int = 1, workers: int = 1, columns: bool = True) -> RunResult:
     """Run ``rounds`` rounds (from ``resume``'s round when given). ``evaluate(X, k)`` returns central
     metrics; ``tamper(round, client, reply)`` may replace replies (attack tests); ``faults`` marks the
     tasks it draws as failed (a raise or a missed deadline: no reply) exactly as the Flower engines see
     them; ``block_size > 1`` computes the gradients of each block of clients in one vmapped call;
-    ``workers > 1`` steps that many blocks at once (module doc)."""
+    Blocks step on columns where the algorithm can (``Algorithm.column_block``, fedgluon/algorithms/columns.py:
+EF21 uplinks with elementwise estimators): each client's committed state is then a tree of row views of
+its block's columns, and the next round hands the block those columns again instead of stacking its
+clients' states (:class:`fedgluon.held_columns.HeldTrees`, which copies the states out of columns
+that only some of their clients still hold); a block whose states are not one step's columns (after a
+partial commit, or with partial participation) has them stacked first. The column step equals the per-client one bitwise
+(tested), so ``columns=False`` (every block by ``client_block``) gives the same run.
+
+``workers > 1`` steps that many blocks at once (module doc)."""
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
     fed = Federation(algorithm, X0, len(objectives), rounds, seed=seed, participation=participation,
@@ -84,12 +102,14 @@ def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X
                      on_round=on_round, checkpointer=checkpointer, resume=resume)
     num_blocks(len(objectives), block_size)  # checks block_size
     with gc_frozen(), block_workers(workers, objectives) as pool:
-        _rounds(fed, algorithm, objectives, seed, faults, tamper, block_size, pool)
+        _rounds(fed, algorithm, objectives, seed, faults, tamper, block_size, pool,
+                HeldTrees() if columns and block_size > 1 and algorithm.steps_columns() else None)
     return RunResult(fed.history, fed.server_state, fed.client_states, fed.client_log)
 
 
 def _rounds(fed: Federation, algorithm: Algorithm, objectives: Sequence[SupervisedObjective], seed: int,
-            faults: FaultPlan | None, tamper: Tamper | None, block_size: int, pool: Executor | None) -> None:
+            faults: FaultPlan | None, tamper: Tamper | None, block_size: int, pool: Executor | None,
+            held: HeldColumns[dict[str, Any]] | None) -> None:
     while not fed.done:
         with gc_paused():
             plan = fed.open_round()
@@ -98,23 +118,52 @@ def _rounds(fed: Federation, algorithm: Algorithm, objectives: Sequence[Supervis
             failed = {j: FAILURE_REASONS[kind] for j, kind in kinds.items() if kind is not None}
             working = [j for j in plan.participants if j not in failed]
             out = _step_blocks(algorithm, fed.client_states, plan.broadcast, objectives,
-                               list(by_block(working, block_size).values()), pool)
+                               list(by_block(working, block_size).values()), pool, held)
             for j in working:
                 pending[j], reply = out[j]
                 replies[j] = tamper(plan.k, j, reply) if tamper else reply
-            fed.close_round(plan, replies, pending, failed)
+            try:
+                fed.close_round(plan, replies, pending, failed)
+            finally:  # also when the run stops: no committed state keeps partly committed columns alive
+                if held is not None:
+                    held.settle(fed.client_states)
 
 
 def _step_blocks(algorithm: Algorithm, states: Mapping[int, Any], bc: Broadcast, objectives: Sequence[SupervisedObjective],
-                 blocks: list[list[int]], pool: Executor | None) -> dict[int, tuple[Any, ClientReply]]:
-    """``client_block`` of every block, on ``pool``'s threads when given, merged in block order."""
-    def step(js: list[int]) -> dict[int, tuple[Any, ClientReply]]:
-        return algorithm.client_block(states, bc, objectives, js)
+                 blocks: list[list[int]], pool: Executor | None,
+                 held: HeldColumns[dict[str, Any]] | None = None) -> dict[int, tuple[Any, ClientReply]]:
+    """Every block's step, on ``pool``'s threads when given, merged in block order: ``column_block`` on the
+    block's columns where ``held`` has them (or its clients have no state yet), else ``client_block``.
+    Column steps are offered to ``held`` (here, in block order, not in the threads)."""
+    def step(js: list[int]) -> BlockStep | dict[int, tuple[Any, ClientReply]]:
+        columns = _columns_of(held, states, js) if held is not None else None
+        got = algorithm.column_block(columns, bc, objectives) if columns is not None else None
+        return got if got is not None else algorithm.client_block(states, bc, objectives, js)
 
     out: dict[int, tuple[Any, ClientReply]] = {}
     for got in (pool.map(step, blocks) if pool is not None and len(blocks) > 1 else map(step, blocks)):
+        if isinstance(got, BlockStep):
+            results = got.results()
+            assert held is not None
+            held.offer(got.states, got.clients, {j: state for j, (state, _) in results.items()})
+            got = results
         out.update(got)
     return out
+
+
+def _columns_of(held: HeldColumns[dict[str, Any]], states: Mapping[int, Any], js: list[int]) -> BlockColumns | None:
+    """The committed states of block ``js`` as columns: none yet (every state None), the column tree they
+    are views of, or else their trees stacked (after a block was only partly committed, or with partial
+    participation); None where they cannot be (the block steps client by client)."""
+    if len(js) < 2:
+        return None
+    trees = [states[j] for j in js]
+    if all(t is None for t in trees):
+        return BlockColumns(js, None)
+    tree = held.source_for(js, states)
+    if tree is None:
+        tree = stacked_columns(trees)
+    return BlockColumns(js, tree) if tree is not None else None
 
 
 @contextmanager

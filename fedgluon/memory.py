@@ -1,8 +1,11 @@
 """Bytes held by client and server state: what "compact client state" is measured with.
 
-A state is a nest of dicts, lists and tuples with tensors at the leaves. Tensors that share storage
-(in the plain driver a client's ``x_prev`` is the broadcast model itself, shared by every client of
-that round: ``Algorithm.finish_client_step``) are counted once, by their storage, so the totals are what the process really holds.
+A state is a nest of dicts, lists and tuples with tensors at the leaves. What a set of tensors holds is,
+per storage, the union of the bytes they span: tensors that share memory (in the plain driver a
+client's ``x_prev`` is the broadcast model itself, shared by every client of that round:
+``Algorithm.propose``) are counted once, and a client whose state is rows of its block's columns
+(fedgluon/held_columns.py) is counted for its own rows, not for the whole block's buffer. So the
+totals are what the process really holds.
 """
 
 from __future__ import annotations
@@ -19,19 +22,24 @@ def tensors_in(obj: Any) -> Iterator[Tensor]:
     return (leaf for leaf in tree_leaves(obj) if isinstance(leaf, Tensor))
 
 
-def nbytes(objs: Iterable[Any], seen: set[tuple[str, int]] | None = None) -> int:
-    """Bytes of the distinct storages the tensors of ``objs`` use (a storage counted once, also across
-    calls that pass the same ``seen`` set)."""
-    seen = set() if seen is None else seen
-    total = 0
+def nbytes(objs: Iterable[Any]) -> int:
+    """Bytes the tensors of ``objs`` span, each byte counted once: per storage, the union of the byte
+    ranges its tensors span (a view's range, not its whole storage's)."""
+    spans: dict[tuple[str, int], list[tuple[int, int]]] = {}
     for obj in objs:
         for t in tensors_in(obj):
-            storage = t.untyped_storage()
-            key = (str(t.device), storage.data_ptr())
-            if key in seen:
+            if t.numel() == 0:
                 continue
-            seen.add(key)
-            total += storage.nbytes()
+            size = t.element_size()
+            start = t.storage_offset() * size
+            end = start + size * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
+            spans.setdefault((str(t.device), t.untyped_storage().data_ptr()), []).append((start, end))
+    total = 0
+    for ranges in spans.values():
+        reach = -1
+        for start, end in sorted(ranges):
+            total += max(0, end - max(start, reach))
+            reach = max(reach, end)
     return total
 
 

@@ -89,3 +89,73 @@ def test_blocks_it_does_not_cover_decline():
         _, declined = build(other)
         assert not declined.steps_columns(), other
         assert declined.column_block(columns, bc, task.objectives) is None
+
+
+# ---------------------------------------------------------------- the plain driver on held columns
+def _states_equal(a: dict, b: dict) -> None:
+    from torch.utils._pytree import tree_flatten
+
+    assert sorted(a) == sorted(b)
+    for j in a:
+        flat_a, spec_a = tree_flatten(a[j])
+        flat_b, spec_b = tree_flatten(b[j])
+        assert spec_a == spec_b, j
+        assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(flat_a, flat_b)), j
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _corrupt_client_2_in_rounds_1_and_4(k, j, reply):
+    """A NaN in client 2's first payload value in rounds 1 and 4: the server rejects it."""
+    import numpy as np
+
+    if j == 2 and k in (1, 4):
+        layer = sorted(reply.message)[0]
+        arrays = dict(reply.message[layer].arrays)
+        bad = arrays["v.v"].copy()
+        bad.flat[0] = np.nan
+        arrays["v.v"] = bad
+        reply.message[layer].arrays = arrays
+    return reply
+
+
+@pytest.mark.parametrize("algorithm", [{"name": "gluon-ef21"}, {"name": "gluon-ef21-mvr", "compressor": {"name": "topk", "ratio": 0.2}},
+                                       {"name": "gluon-ef21-sarah", "refresh_prob": 0.4}])
+def test_plain_driver_on_held_columns_equals_client_by_client(algorithm):
+    """run_plain steps blocks on the columns their last step made (fedgluon/held_columns.py): the same
+    rows, bits and states as client_block and as one client at a time, with partial participation, an
+    injected raise, and rejected replies (a block only partly committed is copied out of its columns)."""
+    from fedgluon.faults import FaultPlan
+    from fedgluon.memory import client_state_bytes, nbytes
+    from tests.test_blocks import _frames_match
+
+    task, algo = build(algorithm)
+    X0 = task.initial_params()
+    kw = {"seed": 2, "evaluate": lambda X, k: task.evaluate(X), "tamper": _corrupt_client_2_in_rounds_1_and_4}
+    runs = {}
+    for name, extra in {"one": {}, "blocks": {"block_size": 5, "columns": False}, "columns": {"block_size": 5},
+                        "partial": {"block_size": 5, "participation": 0.8, "faults": FaultPlan.from_spec({"raise_prob": 0.1})},
+                        "partial, blocks": {"block_size": 5, "participation": 0.8, "columns": False,
+                                            "faults": FaultPlan.from_spec({"raise_prob": 0.1})},
+                        "partial, one": {"participation": 0.8, "faults": FaultPlan.from_spec({"raise_prob": 0.1})}}.items():
+        runs[name] = run_plain(algo, task.objectives, X0, 6, **kw, **extra)
+    assert runs["columns"].frame()["rejected"].sum() == 2 and runs["partial"].frame()["failed"].sum() > 0
+    for a, b in (("one", "blocks"), ("one", "columns"), ("partial, one", "partial"), ("partial, blocks", "partial")):
+        _frames_match(runs[a].frame(), runs[b].frame())
+        _states_equal(runs[a].client_states, runs[b].client_states)
+        assert client_state_bytes(runs[a].client_states) == client_state_bytes(runs[b].client_states)
+    # the columns run did step on columns: each block's trackers are rows of one buffer (client_block's are not)
+    layer = sorted(X0)[0]
+    for name, shared in (("columns", True), ("blocks", False)):
+        states = runs[name].client_states
+        ptrs = {_storage(states[j]["ef"]["g"][layer]) for j in range(5)}
+        assert (len(ptrs) == 1) == shared, name
+    # and no committed state keeps a partly committed buffer alive: every storage is spanned whole
+    for name in ("columns", "partial"):
+        states = runs[name].client_states
+        for t in (t for s in states.values() for t in torch.utils._pytree.tree_leaves(s) if isinstance(t, torch.Tensor)):
+            holders = [s for s in states.values() if any(_storage(u) == _storage(t) for u in torch.utils._pytree.tree_leaves(s)
+                                                         if isinstance(u, torch.Tensor))]
+            assert nbytes(holders) >= t.untyped_storage().nbytes(), name

@@ -24,9 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from compressors.payload import PayloadRows
+
+from .base import ClientReply
 
 
 @dataclass
@@ -58,6 +61,67 @@ class BlockStep:
     loss: list[float]
     grad_evals: list[int]
     samples: list[int] = field(default_factory=list)
+
+    def results(self) -> dict[int, tuple[dict[str, Any], ClientReply]]:
+        """What :meth:`Algorithm.client_block` returns for the same clients: per client its proposed
+        state (:func:`column_rows`: row views of the columns, shared leaves as the tensor itself) and its
+        reply (the payloads' rows, :meth:`PayloadRows.payload`)."""
+        trees = column_rows(self.states, len(self.clients))
+        return {j: (trees[i], ClientReply(j, self.round, {n: rows.payload(i) for n, rows in self.payloads.items()},
+                                          self.loss[i], self.grad_evals[i], self.samples[i]))
+                for i, j in enumerate(self.clients)}
+
+
+def shared_leaves(tree: dict[str, Any]) -> list[Tensor]:
+    """The tensors of a column tree's :class:`Shared` leaves."""
+    out: list[Tensor] = []
+    for value in tree.values():
+        if isinstance(value, Shared):
+            out.append(value.tensor)
+        elif type(value) is dict:
+            out += shared_leaves(value)
+    return out
+
+
+def stacked_columns(trees: list[Any]) -> dict[str, Any] | None:
+    """The column tree of ``trees`` (the inverse of :func:`column_rows`, copying): a leaf every tree holds
+    as one tensor object stays that tensor (:class:`Shared`: ``x_prev``, the round's model), other
+    tensor leaves are stacked into (B, *shape) columns; None unless every tree is a dict with the
+    first one's keys (in its order), nesting, dtypes and shapes."""
+    first = trees[0]
+    if not all(type(t) is dict and t.keys() == first.keys() for t in trees):
+        return None
+    out: dict[str, Any] = {}
+    for key, value in first.items():
+        column = [t[key] for t in trees]
+        if isinstance(value, Tensor):
+            if not all(isinstance(t, Tensor) and t.dtype == value.dtype and t.shape == value.shape for t in column):
+                return None
+            out[key] = Shared(value) if all(t is value for t in column) else torch.stack(column)
+        elif type(value) is dict:
+            sub = stacked_columns(column)
+            if sub is None:
+                return None
+            out[key] = sub
+        else:
+            return None
+    return out
+
+
+def column_rows(tree: dict[str, Any], rows: int) -> list[dict[str, Any]]:
+    """The ``rows`` trees a column tree holds: row i of every (B, *shape) leaf (a view), a
+    :class:`Shared` leaf's tensor itself in every tree, an empty sub-dict as an empty dict."""
+    out: list[dict[str, Any]] = [{} for _ in range(rows)]
+    for key, value in tree.items():
+        if isinstance(value, Shared):
+            parts: Any = [value.tensor] * rows
+        elif isinstance(value, Tensor):
+            parts = value.unbind(0)
+        else:
+            parts = column_rows(value, rows)
+        for node, part in zip(out, parts):
+            node[key] = part
+    return out
 
 
 def column_params(tree: dict[str, Any]) -> tuple[dict[str, Tensor] | None, dict[str, Tensor] | None]:

@@ -16,7 +16,8 @@ time; ``run_plain(...).frame()`` returns them as a pandas DataFrame.
 
 Blocks step on columns where the algorithm can (``Algorithm.column_block``, fedgluon/algorithms/columns.py:
 EF21 uplinks with elementwise estimators): each client's committed state is then a tree of row views of
-its block's columns, and the next round hands the block those columns again instead of stacking its
+its block's columns (one set per run of ``Algorithm.run_length`` clients, the runs ``client_block``
+steps a block in), and the next round hands the block those columns again instead of stacking its
 clients' states (:class:`fedgluon.held_columns.HeldTrees`, which copies the states out of columns
 that only some of their clients still hold); a block whose states are not one step's columns (after a
 partial commit, or with partial participation) has them stacked first. The column step equals the per-client one bitwise
@@ -88,7 +89,8 @@ def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X
     them; ``block_size > 1`` computes the gradients of each block of clients in one vmapped call;
     Blocks step on columns where the algorithm can (``Algorithm.column_block``, fedgluon/algorithms/columns.py:
 EF21 uplinks with elementwise estimators): each client's committed state is then a tree of row views of
-its block's columns, and the next round hands the block those columns again instead of stacking its
+its block's columns (one set per run of ``Algorithm.run_length`` clients, the runs ``client_block``
+steps a block in), and the next round hands the block those columns again instead of stacking its
 clients' states (:class:`fedgluon.held_columns.HeldTrees`, which copies the states out of columns
 that only some of their clients still hold); a block whose states are not one step's columns (after a
 partial commit, or with partial participation) has them stacked first. The column step equals the per-client one bitwise
@@ -132,22 +134,28 @@ def _rounds(fed: Federation, algorithm: Algorithm, objectives: Sequence[Supervis
 def _step_blocks(algorithm: Algorithm, states: Mapping[int, Any], bc: Broadcast, objectives: Sequence[SupervisedObjective],
                  blocks: list[list[int]], pool: Executor | None,
                  held: HeldColumns[dict[str, Any]] | None = None) -> dict[int, tuple[Any, ClientReply]]:
-    """Every block's step, on ``pool``'s threads when given, merged in block order: ``column_block`` on the
-    block's columns where ``held`` has them (or its clients have no state yet), else ``client_block``.
-    Column steps are offered to ``held`` (here, in block order, not in the threads)."""
-    def step(js: list[int]) -> BlockStep | dict[int, tuple[Any, ClientReply]]:
+    """Every block's step, on ``pool``'s threads when given, merged in block order. With ``held``, a block
+    steps in runs of ``Algorithm.run_length`` clients (as ``client_block`` does: a run's gradients,
+    states and rows stay near the cache), each by ``column_block`` on its columns where it can, else by
+    ``client_block``; column steps are offered to ``held`` (here, in order, not in the threads)."""
+    def run(js: list[int]) -> BlockStep | dict[int, tuple[Any, ClientReply]]:
         columns = _columns_of(held, states, js) if held is not None else None
         got = algorithm.column_block(columns, bc, objectives) if columns is not None else None
         return got if got is not None else algorithm.client_block(states, bc, objectives, js)
 
+    def step(js: list[int]) -> list[BlockStep | dict[int, tuple[Any, ClientReply]]]:
+        per = algorithm.run_length(bc) if held is not None else len(js)  # as client_block steps its runs
+        return [run(js[start:start + per]) for start in range(0, len(js), per)]
+
     out: dict[int, tuple[Any, ClientReply]] = {}
-    for got in (pool.map(step, blocks) if pool is not None and len(blocks) > 1 else map(step, blocks)):
-        if isinstance(got, BlockStep):
-            results = got.results()
-            assert held is not None
-            held.offer(got.states, got.clients, {j: state for j, (state, _) in results.items()})
-            got = results
-        out.update(got)
+    for runs in (pool.map(step, blocks) if pool is not None and len(blocks) > 1 else map(step, blocks)):
+        for got in runs:
+            if isinstance(got, BlockStep):
+                results = got.results()
+                assert held is not None
+                held.offer(got.states, got.clients, {j: state for j, (state, _) in results.items()})
+                got = results
+            out.update(got)
     return out
 
 

@@ -163,15 +163,20 @@ def test_a_block_steps_in_runs_of_bounded_gradient_bytes(algorithm, monkeypatch)
     grad_bytes = sum(t.numel() * t.element_size() for t in X.values()) * (2 if algo.needs_previous else 1)
     monkeypatch.setattr(Algorithm, "RUN_BYTES", 2 * grad_bytes + 1)
     kw = {"seed": 3, "participation": 0.8, "evaluate": lambda X, k: task.evaluate(X)}
-    calls = []
-    run = Algorithm._client_run
+    from fedgluon.algorithms.ef21 import FeedbackUplink
+
+    calls, column_calls = [], []
+    run, column_block = Algorithm._client_run, FeedbackUplink.column_block
     monkeypatch.setattr(Algorithm, "_client_run", lambda self, *a: calls.append(len(a[-1])) or run(self, *a))
+    monkeypatch.setattr(FeedbackUplink, "column_block",  # the plain driver steps columns in the same runs
+                        lambda self, cols, *a: column_calls.append(len(cols.clients)) or column_block(self, cols, *a))
     in_runs = run_plain(algo, task.objectives, X, 5, block_size=9, **kw)
-    assert calls and max(calls) == 2
+    assert calls and max(calls) == 2 and column_calls and max(column_calls) == 2
     monkeypatch.setattr(Algorithm, "RUN_BYTES", 10 ** 12)
     calls.clear()
+    column_calls.clear()
     whole = run_plain(algo, task.objectives, X, 5, block_size=9, **kw)
-    assert max(calls) > 2
+    assert max(calls + column_calls) > 2
     one = run_plain(algo, task.objectives, X, 5, **kw)
     _frames_match(in_runs.frame(), whole.frame())
     _frames_match(in_runs.frame(), one.frame())

@@ -122,7 +122,8 @@ def _corrupt_client_2_in_rounds_1_and_4(k, j, reply):
 
 
 @pytest.mark.parametrize("algorithm", [{"name": "gluon-ef21"}, {"name": "gluon-ef21-mvr", "compressor": {"name": "topk", "ratio": 0.2}},
-                                       {"name": "gluon-ef21-sarah", "refresh_prob": 0.4}])
+                                       {"name": "gluon-ef21-sarah", "refresh_prob": 0.4},
+                                       {"name": "gluon-ef21", "nesterov": True, "state_dtype": "float16"}])
 def test_plain_driver_on_held_columns_equals_client_by_client(algorithm):
     """run_plain steps blocks on the columns their last step made (fedgluon/held_columns.py): the same
     rows, bits and states as client_block and as one client at a time, with partial participation, an
@@ -159,3 +160,22 @@ def test_plain_driver_on_held_columns_equals_client_by_client(algorithm):
             holders = [s for s in states.values() if any(_storage(u) == _storage(t) for u in torch.utils._pytree.tree_leaves(s)
                                                          if isinstance(u, torch.Tensor))]
             assert nbytes(holders) >= t.untyped_storage().nbytes(), name
+
+
+def test_stacked_columns_inverts_column_rows_and_declines_mixed_layouts():
+    from fedgluon.algorithms.columns import Shared, column_rows, stacked_columns
+
+    model = {"w": torch.randn(3, 2)}
+    trees = [{"ef": {"g": {"w": torch.randn(3, 2)}}, "comp": {}, "commits": torch.tensor(i), "x_prev": dict(model)}
+             for i in range(4)]
+    tree = stacked_columns(trees)
+    assert tree["ef"]["g"]["w"].shape == (4, 3, 2) and tree["commits"].tolist() == [0, 1, 2, 3]
+    assert isinstance(tree["x_prev"]["w"], Shared) and tree["x_prev"]["w"].tensor is model["w"]  # held by all: once
+    back = column_rows(tree, 4)
+    for a, b in zip(trees, back):
+        assert torch.equal(a["ef"]["g"]["w"], b["ef"]["g"]["w"]) and a["commits"] == b["commits"] and b["comp"] == {}
+        assert b["x_prev"]["w"] is model["w"]
+    assert stacked_columns([trees[0], {**trees[1], "extra": torch.zeros(1)}]) is None  # other keys
+    assert stacked_columns([trees[0], {**trees[1], "commits": torch.zeros(2)}]) is None  # another shape
+    assert stacked_columns([trees[0], {**trees[1], "comp": torch.zeros(1)}]) is None  # a leaf for a sub-dict
+    assert stacked_columns([trees[0], None]) is None

@@ -19,9 +19,10 @@ EF21 uplinks with elementwise estimators): each client's committed state is then
 its block's columns (one set per run of ``Algorithm.run_length`` clients, the runs ``client_block``
 steps a block in), and the next round hands the block those columns again instead of stacking its
 clients' states (:class:`fedgluon.held_columns.HeldTrees`, which copies the states out of columns
-that only some of their clients still hold); a block whose states are not one step's columns (after a
-partial commit, or with partial participation) has them stacked first. The column step equals the per-client one bitwise
-(tested), so ``columns=False`` (every block by ``client_block``) gives the same run.
+that only some of their clients still hold); a block whose states are not one step's columns (after
+a partial commit, or with partial participation) has them stacked first. The column step equals the
+per-client one bitwise (tested), so ``columns=False`` (every block by ``client_block``) gives the same
+run.
 
 ``workers > 1`` steps that many blocks of clients at once, in threads (each with
 ``torch.get_num_threads() // workers`` torch threads; the server step keeps the caller's). A block's
@@ -87,16 +88,8 @@ def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X
     metrics; ``tamper(round, client, reply)`` may replace replies (attack tests); ``faults`` marks the
     tasks it draws as failed (a raise or a missed deadline: no reply) exactly as the Flower engines see
     them; ``block_size > 1`` computes the gradients of each block of clients in one vmapped call;
-    Blocks step on columns where the algorithm can (``Algorithm.column_block``, fedgluon/algorithms/columns.py:
-EF21 uplinks with elementwise estimators): each client's committed state is then a tree of row views of
-its block's columns (one set per run of ``Algorithm.run_length`` clients, the runs ``client_block``
-steps a block in), and the next round hands the block those columns again instead of stacking its
-clients' states (:class:`fedgluon.held_columns.HeldTrees`, which copies the states out of columns
-that only some of their clients still hold); a block whose states are not one step's columns (after a
-partial commit, or with partial participation) has them stacked first. The column step equals the per-client one bitwise
-(tested), so ``columns=False`` (every block by ``client_block``) gives the same run.
-
-``workers > 1`` steps that many blocks at once (module doc)."""
+    ``workers > 1`` steps that many blocks at once; ``columns`` lets blocks step on their state columns
+    (module doc; the same results)."""
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
     fed = Federation(algorithm, X0, len(objectives), rounds, seed=seed, participation=participation,

@@ -36,3 +36,13 @@ def by_block(clients: Iterable[int], block_size: int) -> dict[int, list[int]]:
     for j in sorted(clients):
         out.setdefault(block_of(j, block_size), []).append(j)
     return out
+
+
+def run_slices(count: int, per: int) -> list[slice]:
+    """``count`` clients in consecutive runs of ``per`` (at least 1), a last run of one client joined to
+    the run before it (a run of one steps client by client, not on columns)."""
+    per = max(1, per)
+    starts = list(range(0, count, per))
+    if len(starts) > 1 and count - starts[-1] == 1:
+        starts.pop()
+    return [slice(a, b) for a, b in zip(starts, starts[1:] + [count])]

@@ -194,11 +194,11 @@ def _column_replies(algorithm: Any, states: Any, bc: Broadcast, objectives: Any,
     if columns is None or columns.clients != working:
         return None
     with phase("compute", bc.round):
-        step = algorithm.column_block(columns, bc, objectives)
-    if step is None:
+        steps = algorithm.column_runs(columns, bc, objectives)
+    if steps is None:
         return None
     with phase("pack", bc.round):
-        return step_to_record(step, files)
+        return step_to_record(steps, files)
 
 
 app = make_client_app()  # `flwr run .` entry point (pyproject [tool.flwr.app.components])

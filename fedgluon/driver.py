@@ -48,7 +48,7 @@ from torch import Tensor
 
 from .algorithms.base import Algorithm, Broadcast, ClientReply
 from .algorithms.columns import BlockColumns, BlockStep, stacked_columns
-from .blocks import by_block, num_blocks
+from .blocks import by_block, num_blocks, run_slices
 from .checkpoint import Checkpointer, Snapshot
 from .faults import FaultPlan
 from .federation import Evaluate, Federation, client_weights_from_sizes
@@ -138,7 +138,7 @@ def _step_blocks(algorithm: Algorithm, states: Mapping[int, Any], bc: Broadcast,
 
     def step(js: list[int]) -> list[BlockStep | dict[int, tuple[Any, ClientReply]]]:
         per = algorithm.run_length(bc) if held is not None else len(js)  # as client_block steps its runs
-        return [run(js[start:start + per]) for start in range(0, len(js), per)]
+        return [run(js[rows]) for rows in run_slices(len(js), per)]
 
     out: dict[int, tuple[Any, ClientReply]] = {}
     for runs in (pool.map(step, blocks) if pool is not None and len(blocks) > 1 else map(step, blocks)):

@@ -241,8 +241,17 @@ class Packer:
 
     def add_column(self, a: np.ndarray | Tensor) -> Ref:
         """A (rows, *shape) array written whole: the reference and bytes :meth:`add_rows` gives its rows."""
-        name, b = _little_endian(a)
-        return [name, list(b.shape), self._write([b])]
+        return self.add_column_parts([a])
+
+    def add_column_parts(self, parts: Sequence[np.ndarray | Tensor]) -> Ref:
+        """(rows_i, *shape) arrays of one dtype written back to back as one (Σ rows_i, *shape) column: the
+        reference and bytes :meth:`add_rows` gives all their rows."""
+        converted = [_little_endian(a) for a in parts]
+        name, first = converted[0]
+        if any(n != name or b.ndim == 0 or b.shape[1:] != first.shape[1:] for n, b in converted):
+            raise ValueError("the parts of a column must share one dtype and row shape")
+        rows = sum(b.shape[0] for _, b in converted)
+        return [name, [rows, *first.shape[1:]], self._write([b for _, b in converted])]
 
     def record(self, layout: Any, files: SharedFiles | None = None) -> ArrayRecord:
         """The packed record; with ``files`` (and at least ``shared.min_bytes()``) its bytes go to a file
@@ -408,34 +417,51 @@ def record_to_columns(record: Any, files: SharedFiles | None = None) -> BlockCol
     return BlockColumns(clients, group.build(values))
 
 
-def step_to_record(step: BlockStep, files: SharedFiles | None = None) -> ArrayRecord:
-    """A block's replies made on columns (:mod:`fedgluon.algorithms.columns`) as one packed record: byte
-    for byte what :func:`replies_to_record` makes of the same replies client by client."""
+def step_to_record(steps: BlockStep | Sequence[BlockStep], files: SharedFiles | None = None) -> ArrayRecord:
+    """A block's replies made on columns (:mod:`fedgluon.algorithms.columns`), one step or the steps of its
+    consecutive runs (``Algorithm.column_runs``), as one packed record: byte for byte what
+    :func:`replies_to_record` makes of the same replies client by client (each column written as the
+    runs' parts back to back)."""
+    steps = [steps] if isinstance(steps, BlockStep) else list(steps)
+    first = steps[0]
+    if any(s.payloads.keys() != first.payloads.keys() or s.round != first.round
+           or any((r.codec, r.shape) != (first.payloads[n].codec, first.payloads[n].shape) for n, r in s.payloads.items())
+           for s in steps):
+        raise ValueError("the runs of a block step must have one round and one payload layout")
     packer = Packer()
-    m = len(step.clients)
-    layout: dict[str, Any] = {"clients": [int(j) for j in step.clients]}
-    values = {"client": step.clients, "round": [step.round] * m, "loss": step.loss, "grad_evals": step.grad_evals,
-              "samples": step.samples}
+    clients = [j for s in steps for j in s.clients]
+    m = len(clients)
+    layout: dict[str, Any] = {"clients": [int(j) for j in clients]}
+    values = {"client": clients, "round": [first.round] * m, "loss": [v for s in steps for v in s.loss],
+              "grad_evals": [v for s in steps for v in s.grad_evals], "samples": [v for s in steps for v in s.samples]}
     layout.update({key: [kind(v) for v in values[key]] for key, kind in METRICS.items()})
     layout["payloads"] = [{"rows": list(range(m)), "layers": {
         layer: {"codec": rows.codec, "shape": [int(d) for d in rows.shape], "meta": {},
-                "arrays": {key: packer.add_column(a) for key, a in rows.arrays.items()}}
-        for layer, rows in step.payloads.items()}}]
+                "arrays": {key: packer.add_column_parts([s.payloads[layer].arrays[key] for s in steps])
+                           for key in rows.arrays}}
+        for layer, rows in first.payloads.items()}}]
     leaves: list[list[Any]] = []
-    _column_leaves(packer, step.states, "", leaves)
+    _column_leaves(packer, [s.states for s in steps], "", leaves)
     layout["states"] = [{"rows": list(range(m)), "leaves": leaves}]
     return packer.record(layout, files)
 
 
-def _column_leaves(packer: Packer, tree: Mapping[str, Any], prefix: str, out: list[list[Any]]) -> None:
-    """:func:`_pack_uniform_trees`'s leaves of a column tree, in its flattening order."""
-    for key, value in tree.items():
+def _column_leaves(packer: Packer, trees: Sequence[Mapping[str, Any]], prefix: str, out: list[list[Any]]) -> None:
+    """:func:`_pack_uniform_trees`'s leaves of the column trees of a block's runs (one tree per run, each
+    with the first one's keys), in the first one's flattening order."""
+    first = trees[0]
+    if any(t.keys() != first.keys() for t in trees):
+        raise ValueError("the runs of a block step must have one state layout")
+    for key, value in first.items():
+        column = [t[key] for t in trees]
         if isinstance(value, Shared):
+            if any(not isinstance(c, Shared) or c.tensor is not value.tensor for c in column):
+                raise ValueError(f"state leaf {prefix}{key} is shared in one run and not in all")
             out.append([f"{prefix}{key}", packer.add(value.tensor), True])
         elif isinstance(value, Tensor):
-            out.append([f"{prefix}{key}", packer.add_column(value), False])
+            out.append([f"{prefix}{key}", packer.add_column_parts(column), False])
         elif value:
-            _column_leaves(packer, value, f"{prefix}{key}{SEP}", out)
+            _column_leaves(packer, column, f"{prefix}{key}{SEP}", out)
         else:
             out.append([f"{prefix}{key}{SEP}", None, False])
 

@@ -179,3 +179,33 @@ def test_stacked_columns_inverts_column_rows_and_declines_mixed_layouts():
     assert stacked_columns([trees[0], {**trees[1], "commits": torch.zeros(2)}]) is None  # another shape
     assert stacked_columns([trees[0], {**trees[1], "comp": torch.zeros(1)}]) is None  # a leaf for a sub-dict
     assert stacked_columns([trees[0], None]) is None
+
+
+@pytest.mark.parametrize("algorithm", [{"name": "gluon-ef21"}, {"name": "gluon-ef21-mvr", "compressor": {"name": "topk", "ratio": 0.2}},
+                                       {"name": "gluon-ef21-sarah", "refresh_prob": 0.5}])
+def test_a_node_steps_its_columns_in_runs_and_packs_the_same_bytes(algorithm, monkeypatch):
+    """A node steps a block's columns in runs of Algorithm.run_length clients (Algorithm.column_runs, as
+    client_block steps a block) and packs the runs' steps into the record the per-client step makes."""
+    from fedgluon.algorithms.base import Algorithm
+
+    task, algo = build(algorithm)
+    X0 = task.initial_params()
+    res = run_plain(algo, task.objectives, X0, 2, seed=4, block_size=5)
+    bc = algo.broadcast(res.server_state, 2, 4, TASK["num_clients"])
+    grad_bytes = sum(t.numel() * t.element_size() for t in X0.values()) * (2 if algo.needs_previous else 1)
+    monkeypatch.setattr(Algorithm, "RUN_BYTES", 2 * grad_bytes)  # runs of 2: 5 clients step as 2 + 3
+    js = block_clients(1, TASK["num_clients"], 5)
+    columns = record_to_columns(states_to_record({j: res.client_states[j] for j in js}))
+    steps = algo.column_runs(columns, bc, task.objectives)
+    assert steps is not None and [s.clients for s in steps] == [js[:2], js[2:]]
+    per_client = replies_to_record(algo.client_block({j: res.client_states[j] for j in js}, bc, task.objectives, js))
+    assert same_record(per_client, step_to_record(steps))
+
+
+def test_run_slices_join_a_last_run_of_one():
+    from fedgluon.blocks import run_slices
+
+    assert run_slices(5, 2) == [slice(0, 2), slice(2, 5)]
+    assert run_slices(6, 2) == [slice(0, 2), slice(2, 4), slice(4, 6)]
+    assert run_slices(3, 10) == [slice(0, 3)] and run_slices(1, 4) == [slice(0, 1)] and run_slices(0, 4) == []
+    assert run_slices(4, 0) == [slice(0, 1), slice(1, 2), slice(2, 4)]

@@ -296,6 +296,18 @@ class Algorithm:
         None: the caller takes :meth:`client_block`."""
         return None
 
+    def column_runs(self, columns: Any, bc: Broadcast, objectives: Sequence[SupervisedObjective]) -> list[Any] | None:
+        """:meth:`column_block` of a block's columns in runs of :meth:`run_length` clients
+        (``BlockColumns.runs``: views), as :meth:`client_block` steps a block, so a large block's
+        gradients, estimates and trackers stay near the cache; None if any run declines."""
+        steps = []
+        for run in columns.runs(self.run_length(bc)):
+            step = self.column_block(run, bc, objectives)
+            if step is None:
+                return None
+            steps.append(step)
+        return steps
+
     def run_length(self, bc: Broadcast) -> int:
         """Clients per run of a block step: ``RUN_BYTES`` over one client's gradient bytes (two gradients
         for estimators that also need ∇f(X_prev)); at least 1."""

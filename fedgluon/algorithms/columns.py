@@ -29,6 +29,7 @@ from torch import Tensor
 
 from compressors.payload import PayloadRows
 
+from ..blocks import run_slices
 from .base import ClientReply
 
 
@@ -47,6 +48,17 @@ class BlockColumns:
 
     clients: list[int]
     tree: dict[str, Any] | None
+
+    def runs(self, per: int) -> list[BlockColumns]:
+        """The block as consecutive runs of ``per`` clients (:func:`fedgluon.blocks.run_slices`), each
+        tree's (B, *shape) leaves sliced to its rows (views), :class:`Shared` leaves as they are."""
+        return [BlockColumns(self.clients[rows], None if self.tree is None else _rows_of(self.tree, rows))
+                for rows in run_slices(len(self.clients), per)]
+
+
+def _rows_of(tree: dict[str, Any], rows: slice) -> dict[str, Any]:
+    return {k: v[rows] if isinstance(v, Tensor) else v if isinstance(v, Shared) else _rows_of(v, rows)
+            for k, v in tree.items()}
 
 
 @dataclass

@@ -21,6 +21,8 @@ from typing import Any, Generic, TypeVar
 
 from torch import Tensor
 
+from .algorithms.columns import shared_leaves
+
 Source = TypeVar("Source")
 
 
@@ -74,8 +76,6 @@ class HeldTrees(HeldColumns[dict[str, Any]]):
     round's model, which other clients' states hold too) and are never copied out."""
 
     def copy_out(self, source: dict[str, Any], tree: Any, memo: dict[int, Tensor]) -> Any:
-        from .algorithms.columns import shared_leaves
-
         for t in shared_leaves(source):
             memo.setdefault(id(t), t)
         return copied(tree, memo)

@@ -24,6 +24,7 @@ from fedgluon.held_columns import HeldColumns
 
 from .records import BlockReplies
 
+
 class StateColumns(HeldColumns[BlockReplies]):
     """The replies whose proposed states are committed as views of their buffers, by client tuple."""
 

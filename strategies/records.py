@@ -239,10 +239,6 @@ class Packer:
             raise ValueError("the rows of a column must share one dtype and shape")
         return [name, [len(rows), *first.shape], self._write([b for _, b in converted])]
 
-    def add_column(self, a: np.ndarray | Tensor) -> Ref:
-        """A (rows, *shape) array written whole: the reference and bytes :meth:`add_rows` gives its rows."""
-        return self.add_column_parts([a])
-
     def add_column_parts(self, parts: Sequence[np.ndarray | Tensor]) -> Ref:
         """(rows_i, *shape) arrays of one dtype written back to back as one (Σ rows_i, *shape) column: the
         reference and bytes :meth:`add_rows` gives all their rows."""

@@ -3,44 +3,43 @@
 Top-k keeps, per row, the k entries of largest magnitude; ties at the k-th magnitude are broken
 toward *lower indices*, so the selection is a function of the row alone (the same row gives the
 same indices in a block of any size, and in the per-client path, which calls this with B = 1).
+NaN ranks above +inf, as ``torch.topk`` ranks it (the GPU path), so a non-finite row still gives
+a payload, rejected where values are checked.
 
-Per row, the exact k-th largest magnitude ``t`` comes from a partition (NumPy's SIMD partition of
-integer keys: ~1 ns per element here), then one comparison pass ``|x| ≥ t`` and one ``flatnonzero``
-over the block give the k columns (the lowest-index entries equal to ``t`` where there are ties).
-Long rows (d ≥ ``MIN_SAMPLED_D``, k ≤ d/8) skip the full partition:
+Magnitudes are compared as integer keys (:func:`magnitude_keys`: fp16/fp32/fp64 bits without the
+sign, ordered as |x|, NaN above +inf), and rows are taken in cache-sized chunks. Per row, the exact
+k-th largest key ``t`` comes from a partition, then one comparison pass ``key ≥ t`` and one
+``flatnonzero`` over the block give the k columns (the lowest-index entries equal to ``t`` where
+there are ties). Long rows (k ≤ d/8, and a sample of at most d/4) may skip the full partition:
 
 1. a threshold ``t_low`` that at least k entries reach: the m-th largest of a fixed sample of
    ``s = 100·d/k`` positions, with m three standard deviations above the ~100 sampled entries
    expected in the top k (rows where fewer than k reach it — unlucky samples — get the exact k-th
    magnitude instead);
-2. the candidates ``|x| ≥ t_low`` (one comparison pass and one ``nonzero``), about 1.3·k per row;
-3. the exact k-th magnitude ``t`` among the candidates (a partition of ~1.3·k values, row by row:
-   ~6 µs for 6,000), then, for the whole block at once, every candidate above ``t`` and the
-   lowest-index candidates equal to ``t`` until there are k.
+2. the candidates ``key ≥ t_low`` (one comparison pass and one ``nonzero``), about 1.3·k per row;
+3. the exact k-th magnitude ``t`` among the candidates (a partition of ~1.3·k values, row by row),
+   then, for the whole block at once, every candidate above ``t`` and the lowest-index candidates
+   equal to ``t`` until there are k.
 
-Measured here (AVX2, float32 rows, 5% kept; µs per row, side by side with the previous version,
-which sampled from 4,096 entries and took the exact path's columns with a 2-D ``nonzero``): d = 3,840:
-11.5 against 20.6; 15,360: 51 against 59–72 (sampled); 46,080: 128–135 against 138–141 (sampled);
-92,160: equal (282–298, both sampled); 200,000: exact 690 against sampled 515–646 — so rows are
-sampled from 2^16 entries on. Step 3 for the whole block instead of row by row: 92,160, 240 → 233 µs
-(5 rows) and 256 → 240 (64 rows). Of the 233, ~100 are the ``flatnonzero`` of step 2 (NumPy's
-nonzero: ~1 ns per entry; a word-wise prefilter and ``torch.nonzero`` were no faster here).
-
-The sample only decides speed, never the result. NaN magnitudes count as +inf (selected first, as
-a partition orders them), so a non-finite payload is still produced and rejected where it is checked.
-Magnitudes are compared as integer keys (:func:`magnitude_keys`: fp32/fp64 bits without the sign,
-ordered as |x|), and rows are taken in cache-sized chunks.
+Which of the two is faster depends on the machine's partition: NumPy's SIMD partition took ~1 ns
+per entry on one development VM, where the exact path won up to d ≈ 46,000, and ~5 ns on another
+(NumPy 2.4.6, AMD EPYC), where sampling took d = 15,360 from 101 to 51 µs per row and 46,080 from
+309 to 110. So rows of d ≥ ``MIN_SAMPLED_D`` are always sampled, and for shorter rows that may be,
+:func:`_plan` times both paths once per (d, k, dtype) and process on a chunk of random rows and
+keeps the faster. The plan only decides speed, never the result.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+import time
 from functools import lru_cache
 
 import numpy as np
 
-MIN_SAMPLED_D = 1 << 16  # below this (or for k > d/8) the threshold is the exact k-th magnitude
+CHUNK_BYTES = 1 << 21  # rows are selected in chunks of about this size, so each pass after the first reads the cache
+MIN_SAMPLED_D = 1 << 16  # rows this long are sampled where they may be; shorter ones as :func:`_plan` finds faster
 
 
 _scratch = threading.local()
@@ -81,10 +80,35 @@ def _exact_kth(A: np.ndarray, k: int, work: np.ndarray | None = None) -> np.ndar
     return work[:, d - k].copy()
 
 
-def _sampled(d: int, k: int) -> int | None:
-    """The sample size step 1 uses for rows of d with k kept, or None where the threshold is exact."""
+def _sample_size(d: int, k: int) -> int | None:
+    """The sample size step 1 would use for rows of d with k kept, or None where rows may not be sampled
+    (k > d/8, or a sample of more than d/4)."""
     s = max(2048, math.ceil(100 * d / k))
-    return None if d < MIN_SAMPLED_D or 8 * k > d or 4 * s > d else s
+    return None if 8 * k > d or 4 * s > d else s
+
+
+@lru_cache(maxsize=256)
+def _plan(d: int, k: int, dtype: np.dtype) -> int | None:
+    """The sample size for rows of d with k kept, or None for the exact threshold: sampled where rows may
+    be and d ≥ ``MIN_SAMPLED_D``; for shorter rows that may be, whichever of the two selected a quarter
+    chunk of random rows of ``dtype`` faster (best of 3 each), timed the first time this process asks
+    (5–10 ms). The selection does not depend on the plan."""
+    s = _sample_size(d, k)
+    if s is None or d >= MIN_SAMPLED_D:
+        return s
+    per = max(1, CHUNK_BYTES // 4 // (d * dtype.itemsize))
+    rows = np.random.default_rng(d).standard_normal((per, d)).astype(dtype)
+    out = np.empty((per, k), dtype=np.int64)
+
+    def best(plan: int | None) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            _select_rows(rows, k, out, plan)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return s if best(s) < best(None) else None
 
 
 def _low_threshold(A: np.ndarray, k: int, s: int) -> np.ndarray:
@@ -116,14 +140,16 @@ def _select(M: np.ndarray, t: np.ndarray, k: int, mask: np.ndarray | None = None
 
 
 # float dtype -> (the integer dtype of its width, the mask of every bit but the sign)
-_KEYS = {np.dtype(np.float32): (np.int32, 0x7FFF_FFFF), np.dtype(np.float64): (np.int64, 0x7FFF_FFFF_FFFF_FFFF)}
+_KEYS = {np.dtype(np.float16): (np.int16, 0x7FFF), np.dtype(np.float32): (np.int32, 0x7FFF_FFFF),
+         np.dtype(np.float64): (np.int64, 0x7FFF_FFFF_FFFF_FFFF)}
 
 
 def magnitude_keys(X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Keys ordered as ``|X|`` and equal exactly where ``|X|`` is, for X without NaN: for fp32 / fp64 the
-    bit pattern without its sign bit, as an integer (IEEE-754 orders non-negative floats, +inf included,
-    as their bit patterns; ±0 both give 0) — one integer pass, no float ``abs``; other dtypes ``|X|``.
-    Written into ``out`` when given (of the keys' dtype and X's shape)."""
+    """Keys ordered as ``|X|``, equal exactly where ``|X|`` is, and NaN above +inf: for fp16 / fp32 / fp64
+    the bit pattern without its sign bit, as an integer (IEEE-754 orders non-negative floats, +inf
+    included, as their bit patterns, and every NaN's pattern lies above +inf's; ±0 both give 0) — one
+    integer pass, no float ``abs``; other (integer) dtypes ``|X|``. Written into ``out`` when given (of
+    the keys' dtype and X's shape)."""
     spec = _KEYS.get(X.dtype)
     if spec is None:
         return np.abs(X, out=out)
@@ -131,33 +157,23 @@ def magnitude_keys(X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return np.bitwise_and(X.view(itype), sign_off, out=out)
 
 
-def _without_nan(X: np.ndarray) -> np.ndarray:
-    """X with its NaNs replaced by +inf (NaN magnitudes count as +inf); X itself when it has none (a
-    finite sum proves there are none, in one reduction)."""
-    if np.isfinite(X.sum()) or not np.isnan(X).any():
-        return X
-    return np.where(np.isnan(X), np.inf, X)
-
-
-CHUNK_BYTES = 1 << 21  # rows are selected in chunks of about this size, so each pass after the first reads the cache
-
 
 def topk_rows_numpy(X: np.ndarray, k: int) -> np.ndarray:
     """(B, k) int64 indices of the k largest |X[i]| of every row, increasing within each row (module
-    doc); requires ``0 < k < d``. Rows are taken in chunks of about ``CHUNK_BYTES``; the result does not
-    depend on the chunking (each row's selection is a function of the row)."""
+    doc); requires ``0 < k < d``. Rows are taken in chunks of about ``CHUNK_BYTES``; the result depends
+    neither on the chunking nor on the plan (each row's selection is a function of the row)."""
     B, d = X.shape
     X = np.ascontiguousarray(X)
     out = np.empty((B, k), dtype=np.int64)
-    _select_rows(X, k, out)
+    _select_rows(X, k, out, _plan(d, k, X.dtype))
     return out
 
 
-def _select_rows(X: np.ndarray, k: int, out: np.ndarray) -> None:
-    """The selection of every row of X (B, d) into out (B, k), in chunks of about ``CHUNK_BYTES``,
-    their keys, partitions and masks in :func:`scratch` buffers."""
+def _select_rows(X: np.ndarray, k: int, out: np.ndarray, s: int | None) -> None:
+    """The selection of every row of X (B, d) into out (B, k), sampled from ``s`` positions or, for None,
+    by the exact threshold, in chunks of about ``CHUNK_BYTES``, their keys, partitions and masks in
+    :func:`scratch` buffers."""
     B, d = X.shape
-    s = _sampled(d, k)
     per = min(B, max(1, CHUNK_BYTES // max(1, d * X.itemsize)))
     keys = scratch("keys", (per, d), magnitude_keys(X[:1, :1]).dtype)
     work = scratch("work", (per, d), keys.dtype) if s is None else None
@@ -165,7 +181,7 @@ def _select_rows(X: np.ndarray, k: int, out: np.ndarray) -> None:
     for start in range(0, B, per):
         rows = X[start:start + per]
         n = len(rows)
-        A = magnitude_keys(_without_nan(rows), out=keys[:n])
+        A = magnitude_keys(rows, out=keys[:n])
         out[start:start + n] = (_select(A, _exact_kth(A, k, work[:n]), k, mask[:n]) if work is not None
                                 else _select_sampled(A, k, s, mask[:n]))
 

@@ -210,37 +210,46 @@ def test_importing_compressors_imports_neither_flower_nor_ray():
 
 
 def _reference_topk(X: np.ndarray, k: int) -> np.ndarray:
-    """Independent reference: stable order by (−|x|, index), NaN as +inf, first k, sorted."""
+    """Independent reference: NaN first, then by (−|x|, index), first k, sorted."""
     out = []
     for row in X:
         a = np.abs(row.astype(np.float64))
-        a[np.isnan(a)] = np.inf
-        out.append(np.sort(np.lexsort((np.arange(a.size), -a))[:k]))
+        nan = np.isnan(a)
+        out.append(np.sort(np.lexsort((np.arange(a.size), -np.where(nan, 0.0, a), ~nan))[:k]))
     return np.array(out)
 
 
 @pytest.mark.parametrize("B, d, k", [(5, 100, 7), (3, 10_000, 500), (2, 200_000, 2_000), (3, 50_000, 1),
-                                     (3, 50_000, 49_999)])
+                                     (3, 50_000, 49_999), (4, 20_000, 1_000)])
 @pytest.mark.parametrize("kind", ["normal", "ties", "sparse", "nonfinite", "adversarial"])
-def test_topk_selection_is_exact_with_ties_to_lower_indices(B, d, k, kind):
-    """The sampled-threshold selection (compressors.selection) equals a sort-based reference, row by row and
-    for the block, including ties, NaN/inf, and rows whose sample overshoots (the exact fallback)."""
-    from compressors.selection import _sample_positions, topk_rows_numpy
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_topk_selection_is_exact_with_ties_to_lower_indices(B, d, k, kind, dtype):
+    """The selection (compressors.selection) equals a sort-based reference, row by row and for the block,
+    by both thresholds (exact and sampled) where rows may be sampled, including ties, NaN above inf, and
+    rows whose sample overshoots (the exact fallback)."""
+    from compressors.selection import _plan, _sample_positions, _sample_size, _select_rows, topk_rows_numpy
 
     rng = np.random.default_rng(d + k)
-    X = rng.standard_normal((B, d)).astype(np.float32)
+    X = rng.standard_normal((B, d)).astype(dtype)
     if kind == "ties":
         X = rng.integers(-3, 4, (B, d)).astype(np.float32)
     elif kind == "sparse":
         X = np.zeros((B, d), np.float32)
         X[0, 5] = 1
     elif kind == "nonfinite":
-        X[0, 3], X[-1, 7], X[-1, 9] = np.nan, np.inf, -np.inf
+        X[0, 3], X[-1, 7], X[-1, 9], X[-1, 11] = np.nan, np.inf, -np.inf, -np.nan
     elif kind == "adversarial":  # the sampled positions hold the largest values: too few reach the threshold
         s = max(2048, -(-100 * d // k))
         if 4 * s <= d:
-            X[0, _sample_positions(d, s)] = 10 + np.arange(s, dtype=np.float32)
+            X[0, _sample_positions(d, s)] = 10 + np.arange(s) % 1000
+    want = _reference_topk(X, k)
     got = topk_rows_numpy(X, k)
-    assert np.array_equal(got, _reference_topk(X, k))
+    assert np.array_equal(got, want)
     for i in range(B):
         assert np.array_equal(topk_rows_numpy(X[i:i + 1], k)[0], got[i])
+    s = _sample_size(d, k)
+    assert _plan(d, k, X.dtype) in {s, None}
+    for plan in {s, None}:  # both thresholds, whichever the plan picked on this machine
+        out = np.empty((B, k), np.int64)
+        _select_rows(X, k, out, plan)
+        assert np.array_equal(out, want)

@@ -54,6 +54,7 @@ import torch
 
 from benchmarks.common import machine
 from fedgluon import spec as specs
+from fedgluon.allocator import keep_freed_memory
 from fedgluon.devices import resolve_device
 from fedgluon.driver import run_plain
 from benchmarks.flower_fedavg import run_stock_fedavg
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         resolve_device("--client-device", args.client_device)
     except ValueError as e:
         ap.error(str(e))
+    keep_freed_memory()  # as the fedgluon command line does (fedgluon.allocator); the machine line says
     torch.set_num_threads(args.threads)
     sizes, rounds = ((10, 50), 3) if args.quick else ((10, 50, 200, 1000), 4)
     rounds = args.rounds or rounds

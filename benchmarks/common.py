@@ -47,6 +47,9 @@ def cpu_description() -> str:
 
 
 def machine() -> str:
+    from fedgluon.allocator import applied
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    malloc = "malloc keeps freed memory" if applied() else "malloc defaults"
     return (f"{cpu_description()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, {gpu}")
+            f"{torch.get_num_threads()} threads, {gpu}, {malloc}")

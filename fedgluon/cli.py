@@ -13,6 +13,9 @@ import click
 @click.version_option(package_name="fedgluon")
 def main() -> None:
     """fedgluon: communication-efficient federated training with layer-wise LMO optimizers."""
+    from fedgluon.allocator import keep_freed_memory
+
+    keep_freed_memory()  # this process exists to run fedgluon (fedgluon.allocator)
 
 
 @main.command("list")

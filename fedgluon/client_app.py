@@ -36,7 +36,8 @@ from . import spec as specs
 from .algorithms import Broadcast
 from .blocks import block_clients
 from .faults import FaultPlan, InjectedFault
-from .gc_pause import freeze_worker, gc_paused, mark_worker_process
+from .allocator import keep_freed_memory
+from .gc_pause import freeze_worker, gc_paused, is_worker_process, mark_worker_process
 from .trace import phase
 
 if TYPE_CHECKING:
@@ -145,6 +146,8 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
         torch.set_num_threads(int(s["threads"]))
         task, algorithm = specs.build_cached(s)
         freeze_worker()
+        if is_worker_process():
+            keep_freed_memory()
         mine = _clients_of(context, s, task.num_clients)
         # Flower rebuilds these typed views on every access (O(records)): take them once, not per client
         arrays, cfg = msg.content.array_records, msg.content.config_records["config"]

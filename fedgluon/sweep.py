@@ -114,6 +114,9 @@ def _run_parallel(todo, workers: int, address: str | None) -> None:
 
     @ray.remote(num_cpus=1)
     def one(cfg_yaml: str) -> str:
+        from .allocator import keep_freed_memory
+
+        keep_freed_memory()  # a Ray worker that runs sweep members (fedgluon.allocator)
         cfg = OmegaConf.create(cfg_yaml)
         cfg.engine.name = "plain"
         return str(run(cfg, progress=False))

@@ -157,7 +157,6 @@ def magnitude_keys(X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return np.bitwise_and(X.view(itype), sign_off, out=out)
 
 
-
 def topk_rows_numpy(X: np.ndarray, k: int) -> np.ndarray:
     """(B, k) int64 indices of the k largest |X[i]| of every row, increasing within each row (module
     doc); requires ``0 < k < d``. Rows are taken in chunks of about ``CHUNK_BYTES``; the result depends

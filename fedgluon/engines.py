@@ -12,12 +12,13 @@ metrics rows for the same spec and seed (fixed thread counts, replies in client-
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -105,11 +106,29 @@ class InProcessGrid(Grid):
 
 def _quiet() -> None:
     """No telemetry or update checks; Flower's per-round INFO logs off (fedgluon reports progress itself)."""
-    import logging
-
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
     logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+class _WithoutRunSimulationDeprecation(logging.Filter):
+    """Drops flwr 1.42's warning that ``run_simulation`` is deprecated in favour of ``flwr run``: the Ray
+    engine calls it on purpose (it is the Python entry to Flower's simulation engine; ``flwr run .``
+    works too, README), and fedgluon pins flwr below 1.43."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+@contextmanager
+def _without_run_simulation_deprecation() -> Iterator[None]:
+    """:class:`_WithoutRunSimulationDeprecation` on Flower's logger for the duration."""
+    logger, quiet = logging.getLogger("flwr"), _WithoutRunSimulationDeprecation()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def run_inprocess(spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None,
@@ -160,7 +179,7 @@ def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0
         raise ValueError(f"num_cpus per client must be positive, got {num_cpus}")
     sink: list = []
     nodes = num_blocks(task.num_clients, s["block_size"])
-    with faster_dispatch(nodes) if fast_dispatch else nullcontext():
+    with faster_dispatch(nodes) if fast_dispatch else nullcontext(), _without_run_simulation_deprecation():
         run_simulation(server_app=make_server_app(s, sink, on_round, evaluate, checkpointer, resume,
                                                    shared_memory=shared_memory),
                        client_app=make_client_app(s), num_supernodes=nodes,

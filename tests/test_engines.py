@@ -117,13 +117,22 @@ def test_client_state_commits_only_accepted_rounds(monkeypatch, caplog):
 @pytest.mark.timeout(300)
 def test_ray_simulation_equals_inprocess_and_plain_driver(monkeypatch):
     """On Ray with blocks of 2 virtual clients per node (one client per node on Ray: test_reliability),
-    every record through host shared memory (strategies/shared.py; Ray's workers inherit the setting)."""
+    every record through host shared memory (strategies/shared.py; Ray's workers inherit the setting);
+    flwr 1.42's deprecation of ``run_simulation``, which the Ray engine calls on purpose, is not shown."""
     from strategies import shared
 
     monkeypatch.setenv(shared.MIN_BYTES_ENV, "0")
     mapped = []
     monkeypatch.setattr(shared.SharedFiles, "map", lambda self, *a, _f=shared.SharedFiles.map: mapped.append(a) or _f(self, *a))
-    strategy = run_ray({**SPEC, "block_size": 2}, num_cpus=1, ray_init_args={"num_cpus": 2})
+    shown: list[str] = []
+    flwr_log, handler = logging.getLogger("flwr"), logging.Handler()
+    handler.emit = lambda record: shown.append(record.getMessage())
+    flwr_log.addHandler(handler)
+    try:
+        strategy = run_ray({**SPEC, "block_size": 2}, num_cpus=1, ray_init_args={"num_cpus": 2})
+    finally:
+        flwr_log.removeHandler(handler)
+    assert not [m for m in shown if "`run_simulation` function is deprecated" in m]
     assert len(mapped) == 2 * SPEC["rounds"]  # every block's reply came as a file the node wrote
     ray_frame = pd.DataFrame(strategy.history)
     same_metrics(ray_frame, plain_frame(SPEC), loss_rtol=1e-6)

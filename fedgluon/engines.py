@@ -17,6 +17,7 @@ import os
 import time
 import traceback
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -36,7 +37,10 @@ from .federation import Evaluate
 from .rng import derive_seed
 
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
-             "RAY_DEDUP_LOGS": "0"}
+             "RAY_DEDUP_LOGS": "0",
+             # Ray's default today, named so that a later Ray keeps it: a task without a GPU share sees no GPU
+             # (fedgluon.devices: "auto" is then the CPU); the local Ray's workers inherit it
+             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
 
 
 class InProcessGrid(Grid):
@@ -121,12 +125,17 @@ class _WithoutRunSimulationDeprecation(logging.Filter):
 
 
 @contextmanager
-def _without_run_simulation_deprecation() -> Iterator[None]:
-    """:class:`_WithoutRunSimulationDeprecation` on Flower's logger for the duration."""
+def _engine_notices_filtered() -> Iterator[None]:
+    """:class:`_WithoutRunSimulationDeprecation` on Flower's logger for the duration, and without Ray's
+    tip that a later Ray will stop hiding GPUs from tasks with no GPU share (``QUIET_ENV`` names the
+    setting that keeps them hidden)."""
     logger, quiet = logging.getLogger("flwr"), _WithoutRunSimulationDeprecation()
     logger.addFilter(quiet)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Tip: In future versions of Ray, Ray will no longer override",
+                                    category=FutureWarning)
+            yield
     finally:
         logger.removeFilter(quiet)
 
@@ -179,7 +188,7 @@ def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0
         raise ValueError(f"num_cpus per client must be positive, got {num_cpus}")
     sink: list = []
     nodes = num_blocks(task.num_clients, s["block_size"])
-    with faster_dispatch(nodes) if fast_dispatch else nullcontext(), _without_run_simulation_deprecation():
+    with faster_dispatch(nodes) if fast_dispatch else nullcontext(), _engine_notices_filtered():
         run_simulation(server_app=make_server_app(s, sink, on_round, evaluate, checkpointer, resume,
                                                    shared_memory=shared_memory),
                        client_app=make_client_app(s), num_supernodes=nodes,

@@ -1,6 +1,7 @@
 """Flower engines: the in-process Grid and Ray simulation run the same apps and give the plain driver's metrics."""
 
 import logging
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -118,7 +119,8 @@ def test_client_state_commits_only_accepted_rounds(monkeypatch, caplog):
 def test_ray_simulation_equals_inprocess_and_plain_driver(monkeypatch):
     """On Ray with blocks of 2 virtual clients per node (one client per node on Ray: test_reliability),
     every record through host shared memory (strategies/shared.py; Ray's workers inherit the setting);
-    flwr 1.42's deprecation of ``run_simulation``, which the Ray engine calls on purpose, is not shown."""
+    neither flwr 1.42's deprecation of ``run_simulation``, which the Ray engine calls on purpose, nor
+    Ray's tip on the GPU hiding that fedgluon.engines.QUIET_ENV pins is shown."""
     from strategies import shared
 
     monkeypatch.setenv(shared.MIN_BYTES_ENV, "0")
@@ -129,10 +131,13 @@ def test_ray_simulation_equals_inprocess_and_plain_driver(monkeypatch):
     handler.emit = lambda record: shown.append(record.getMessage())
     flwr_log.addHandler(handler)
     try:
-        strategy = run_ray({**SPEC, "block_size": 2}, num_cpus=1, ray_init_args={"num_cpus": 2})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            strategy = run_ray({**SPEC, "block_size": 2}, num_cpus=1, ray_init_args={"num_cpus": 2})
     finally:
         flwr_log.removeHandler(handler)
     assert not [m for m in shown if "`run_simulation` function is deprecated" in m]
+    assert not [w for w in caught if "Ray will no longer override accelerator" in str(w.message)]
     assert len(mapped) == 2 * SPEC["rounds"]  # every block's reply came as a file the node wrote
     ray_frame = pd.DataFrame(strategy.history)
     same_metrics(ray_frame, plain_frame(SPEC), loss_rtol=1e-6)

@@ -70,6 +70,18 @@ def _ray_node() -> str:
         return ""
 
 
+def _ray_gpus() -> str:
+    """The ids of the GPUs Ray assigned this task (its ``engine.num_gpus`` share), comma-separated; empty
+    outside Ray or without a share."""
+    try:
+        import ray
+
+        return ",".join(map(str, ray.get_runtime_context().get_accelerator_ids().get("GPU", []))) \
+            if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - outside a Ray task there are no accelerator ids
+        return ""
+
+
 def _clients_of(context: Context, spec: Mapping[str, Any], num_clients: int) -> list[int]:
     """The virtual clients simulated by this node (fedgluon.blocks): block ``partition-id``."""
     return block_clients(int(context.node_config["partition-id"]), num_clients, int(spec["block_size"]))
@@ -176,7 +188,9 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
                 results = algorithm.client_block(states, bc, task.objectives, working)
             with phase("pack", bc.round):
                 replies = replies_to_record(results, files)
-        content = RecordDict({"failed": failed, "info": ConfigRecord({"ray_node": _ray_node(), "pid": os.getpid()}),
+        info = ConfigRecord({"ray_node": _ray_node(), "pid": os.getpid(), "device": str(algorithm.client_device),
+                             "ray_gpus": _ray_gpus()})
+        content = RecordDict({"failed": failed, "info": info,
                               "replies": replies})
         return Message(content, reply_to=msg)
 

@@ -68,6 +68,7 @@ class BlockRead:
     failed: dict[int, str] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
     ray_node: str = ""
+    device: tuple[str, str] | None = None  # (where the node computed its gradients, the Ray GPU ids it held)
     replies: BlockReplies | None = None
 
 
@@ -92,6 +93,7 @@ class GluonStrategy(Strategy):
         self.node_of: dict[int, int] = {}
         self.partition_of: dict[int, int] = {}
         self.ray_nodes: set[str] = set()
+        self.node_devices: set[tuple[str, str]] = set()  # (client device, Ray GPU ids) as the nodes report them
         self.columns = StateColumns()  # committed states held as their replies' columns (strategies/columns.py)
         self.files: SharedFiles | None = None  # records through host shared memory (strategies/shared.py)
         self._sent: list[str] = []  # this round's files of states the server wrote (removed when it closes)
@@ -198,6 +200,8 @@ class GluonStrategy(Strategy):
             read = got[1] if got is not None and got[0] is msg else self._read(msg, expected[block])
             if read.ray_node:
                 self.ray_nodes.add(read.ray_node)
+            if read.device is not None:
+                self.node_devices.add(read.device)
             failed.update(read.failed)
             parsed.update(read.parsed)
             proposed.update(read.proposed)
@@ -243,7 +247,8 @@ class GluonStrategy(Strategy):
         # Flower rebuilds these typed views on every access (O(records)): take them once per reply
         records = Records.of(msg.content)
         info = records.config.get("info")
-        read = BlockRead(ray_node=str(info["ray_node"]) if info is not None and info.get("ray_node") else "")
+        read = BlockRead(ray_node=str(info["ray_node"]) if info is not None and info.get("ray_node") else "",
+                         device=_reported_device(info))
         reported = records.config.get("failed")
         read.replies = BlockReplies(records.array.get("replies"), views=True, files=self.files)
         for j in clients:
@@ -271,3 +276,12 @@ class GluonStrategy(Strategy):
         if left <= 0:
             return None
         return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=left, timeout=timeout, **kwargs)
+
+
+def _reported_device(info: Any) -> tuple[str, str] | None:
+    """A node's (client device, Ray GPU ids) from its reply's info record, each cut to 64 characters (a
+    node's word, only reported); None where it did not say."""
+    if info is None or not isinstance(info.get("device"), str):
+        return None
+    gpus = info.get("ray_gpus")
+    return info["device"][:64], (gpus if isinstance(gpus, str) else "")[:64]

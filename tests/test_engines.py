@@ -139,9 +139,22 @@ def test_ray_simulation_equals_inprocess_and_plain_driver(monkeypatch):
     assert not [m for m in shown if "`run_simulation` function is deprecated" in m]
     assert not [w for w in caught if "Ray will no longer override accelerator" in str(w.message)]
     assert len(mapped) == 2 * SPEC["rounds"]  # every block's reply came as a file the node wrote
+    assert strategy.node_devices == {("cpu", "")}  # no GPU share: Ray assigned the nodes no GPU
     ray_frame = pd.DataFrame(strategy.history)
     same_metrics(ray_frame, plain_frame(SPEC), loss_rtol=1e-6)
     same_metrics(ray_frame, pd.DataFrame(run_inprocess(SPEC).history), loss_rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_ray_with_gpu_shares_on_a_machine_without_cuda_falls_back_to_the_cpu():
+    """``engine.num_gpus``: each client task asks Ray for half of a GPU that Ray is told exists
+    (``num_gpus=1`` at init), so Ray schedules the actors on shares and sets their visible devices; torch
+    sees no CUDA here, so ``client_device: auto`` is the CPU and the run equals the plain driver's."""
+    spec = {**SPEC, "block_size": 2, "client_device": "auto", "rounds": 3}
+    strategy = run_ray(spec, num_cpus=1, num_gpus=0.5, ray_init_args={"num_cpus": 2, "num_gpus": 1})
+    assert strategy.node_devices == {("cpu", "0")}  # each node held a share of GPU 0 and computed on the CPU
+    same_metrics(pd.DataFrame(strategy.history), plain_frame(spec), loss_rtol=1e-6)
 
 
 @pytest.mark.slow

@@ -61,25 +61,19 @@ def spec_from_context(context: Context) -> dict[str, Any]:
     return specs.normalise(OmegaConf.to_container(OmegaConf.load(path), resolve=True))  # type: ignore[arg-type]
 
 
-def _ray_node() -> str:
+def _ray_task() -> dict[str, str]:
+    """This Ray task's node id and the ids of the GPUs Ray assigned it (its ``engine.num_gpus`` share),
+    comma-separated; empty strings outside Ray."""
     try:
         import ray
 
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-    except Exception:  # noqa: BLE001 - outside Ray there is no node id
-        return ""
-
-
-def _ray_gpus() -> str:
-    """The ids of the GPUs Ray assigned this task (its ``engine.num_gpus`` share), comma-separated; empty
-    outside Ray or without a share."""
-    try:
-        import ray
-
-        return ",".join(map(str, ray.get_runtime_context().get_accelerator_ids().get("GPU", []))) \
-            if ray.is_initialized() else ""
-    except Exception:  # noqa: BLE001 - outside a Ray task there are no accelerator ids
-        return ""
+        if ray.is_initialized():
+            context = ray.get_runtime_context()
+            return {"ray_node": context.get_node_id(),
+                    "ray_gpus": ",".join(map(str, context.get_accelerator_ids().get("GPU", [])))}
+    except Exception:  # noqa: BLE001 - outside a Ray task there is no node and no accelerator
+        pass
+    return {"ray_node": "", "ray_gpus": ""}
 
 
 def _clients_of(context: Context, spec: Mapping[str, Any], num_clients: int) -> list[int]:
@@ -188,8 +182,7 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
                 results = algorithm.client_block(states, bc, task.objectives, working)
             with phase("pack", bc.round):
                 replies = replies_to_record(results, files)
-        info = ConfigRecord({"ray_node": _ray_node(), "pid": os.getpid(), "device": str(algorithm.client_device),
-                             "ray_gpus": _ray_gpus()})
+        info = ConfigRecord({**_ray_task(), "pid": os.getpid(), "device": str(algorithm.client_device)})
         content = RecordDict({"failed": failed, "info": info,
                               "replies": replies})
         return Message(content, reply_to=msg)

@@ -37,7 +37,7 @@ from .algorithms import Broadcast
 from .blocks import block_clients
 from .faults import FaultPlan, InjectedFault
 from .allocator import keep_freed_memory
-from .gc_pause import freeze_worker, gc_paused, is_worker_process, mark_worker_process
+from .gc_pause import freeze_worker, gc_paused, mark_worker_process
 from .trace import phase
 
 if TYPE_CHECKING:
@@ -99,8 +99,10 @@ class SpecClientApp(ClientApp):
 
 def client_app_for(spec_json: str) -> ClientApp:
     """The ClientApp of a spec given as JSON, made once per process (:class:`SpecClientApp`); the process
-    is a worker of the run (fedgluon.gc_pause.freeze_worker)."""
+    is a worker of the run (fedgluon.gc_pause.freeze_worker), whose freed memory stays mapped
+    (fedgluon.allocator)."""
     mark_worker_process()
+    keep_freed_memory()
     return _client_app_for(spec_json)
 
 
@@ -152,8 +154,6 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
         torch.set_num_threads(int(s["threads"]))
         task, algorithm = specs.build_cached(s)
         freeze_worker()
-        if is_worker_process():
-            keep_freed_memory()
         mine = _clients_of(context, s, task.num_clients)
         # Flower rebuilds these typed views on every access (O(records)): take them once, not per client
         arrays, cfg = msg.content.array_records, msg.content.config_records["config"]

@@ -55,11 +55,6 @@ def mark_worker_process() -> None:
     _worker["is"] = True
 
 
-def is_worker_process() -> bool:
-    """Whether :func:`mark_worker_process` was called in this process."""
-    return _worker["is"]
-
-
 def freeze_worker() -> None:
     """In a worker process (:func:`mark_worker_process`), once its task is built: freeze what is alive
     (:func:`gc_frozen`'s reasons) for the life of the process. Elsewhere (the in-process engine, tests,

@@ -94,7 +94,8 @@ def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X
         raise ValueError(f"rounds must be >= 0, got {rounds}")
     fed = Federation(algorithm, X0, len(objectives), rounds, seed=seed, participation=participation,
                      weights=client_weights(objectives, weights), evaluate=evaluate, eval_every=eval_every,
-                     on_round=on_round, checkpointer=checkpointer, resume=resume)
+                     on_round=on_round, checkpointer=checkpointer, resume=resume,
+                     schema=algorithm.state_schema(objectives[0], X0, seed))
     num_blocks(len(objectives), block_size)  # checks block_size
     with gc_frozen(), block_workers(workers, objectives) as pool:
         _rounds(fed, algorithm, objectives, seed, faults, tamper, block_size, pool,

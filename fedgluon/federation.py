@@ -32,6 +32,7 @@ from .checkpoint import ActorDeathError, Checkpointer, NonFiniteStateError, RunS
 from .faults import actor_death
 from .metrics import client_rows, round_row
 from .rng import generator
+from .state_schema import StateSchema
 
 log = logging.getLogger("fedgluon.federation")
 
@@ -80,8 +81,10 @@ class Federation:
                  seed: int = 0, participation: float | int = 1.0, weights: Mapping[int, float] | None = None,
                  evaluate: Evaluate | None = None, eval_every: int = 1,
                  on_round: Callable[[dict[str, Any]], None] | None = None,
-                 checkpointer: Checkpointer | None = None, resume: Snapshot | None = None):
+                 checkpointer: Checkpointer | None = None, resume: Snapshot | None = None,
+                 schema: StateSchema):
         self.algorithm, self.num_clients, self.rounds, self.seed = algorithm, num_clients, rounds, seed
+        self.schema = schema
         self.participation, self.evaluate, self.eval_every = participation, evaluate, eval_every
         self.on_round, self.checkpointer = on_round, checkpointer
         self.weights: dict[int, float] = dict(weights or {})
@@ -97,6 +100,11 @@ class Federation:
                                  f"the run has {num_clients}")
             if not 0 <= resume.next_round <= rounds:
                 raise ValueError(f"checkpoint is at round {resume.next_round}, the run has {rounds} rounds")
+            for j, state in sorted(resume.client_states.items()):
+                why = None if state is None else schema.mismatch(state)
+                if why:
+                    raise ValueError(f"checkpoint: client {j}'s state does not fit this run's client-state schema: "
+                                     f"{why}")
             self.next_round = resume.next_round
             self.server_state, self.client_states = resume.server_state, dict(resume.client_states)
             self.history, self.client_log = list(resume.history), list(resume.client_log)
@@ -127,6 +135,8 @@ class Federation:
             j, line = min(deaths.items())
             self._stop(ActorDeathError, f"round {k}: the worker running client {j} died ({line}); Flower's Ray "
                                         f"actor pool does not replace dead actors, so the run stops here")
+        pre_rejected = {**(pre_rejected or {}), **self._unfit_states(replies, proposed, bc)}
+        replies = {j: r for j, r in replies.items() if j not in pre_rejected}
         started = time.perf_counter()
         state, outcome = self.algorithm.server_step(self.server_state, replies, bc, self.weights)
         server_time = time.perf_counter() - started
@@ -134,7 +144,7 @@ class Federation:
         if bad:
             self._stop(NonFiniteStateError, f"round {k}: the server step produced NaN/Inf in {bad}")
         self.server_state = state
-        outcome.rejected.update(pre_rejected or {})
+        outcome.rejected.update(pre_rejected)
         for j in outcome.accepted:
             self.client_states[j] = proposed[j]
         for j, why in sorted(outcome.rejected.items()):
@@ -155,6 +165,21 @@ class Federation:
         if self.checkpointer is not None:
             self.checkpointer.after_round(k, self.snapshot)
         return row
+
+    def _unfit_states(self, replies: Mapping[int, ClientReply], proposed: Mapping[int, Any],
+                      bc: Broadcast) -> dict[int, str]:
+        """The replying clients whose proposed state does not fit the client-state schema or disagrees with
+        what the server derives itself (:meth:`Algorithm.derived_mismatch`), with the reason: their
+        payloads are rejected before the server step, so their state is never committed."""
+        out, seen = {}, set()
+        for j in sorted(replies):
+            state = proposed.get(j)
+            why = self.schema.mismatch(state)
+            if why is None:
+                why = self.algorithm.derived_mismatch(self.client_states.get(j), state, bc, seen)
+            if why is not None:
+                out[j] = f"state: {why}"
+        return out
 
     def _stop(self, error: type[RunStopped], message: str) -> None:
         """Checkpoint the state from before the current round (if checkpointing) and raise ``error``."""

@@ -53,6 +53,7 @@ from torch import Tensor
 from compressors import Message, PayloadError, TensorPayload
 from fedgluon.algorithms.base import ClientReply
 from fedgluon.algorithms.columns import BlockColumns, BlockStep, Shared
+from fedgluon.state_schema import StateSchema
 
 from .shared import SharedFiles, min_bytes
 
@@ -707,8 +708,9 @@ class _TreeGroup:
     """One group of :func:`_pack_trees`, its columns read and checked once (``error`` if malformed);
     :meth:`tree` builds the tree of its i-th row."""
 
-    def __init__(self, unpacker: Unpacker, m: int, leaves: Any):
+    def __init__(self, unpacker: Unpacker, m: int, leaves: Any, schema: StateSchema | None = None):
         self.error: ValueError | None = None
+        self.finite: Tensor | None = None  # with a schema: per row, whether every floating-point leaf is finite
         # per leaf: None (an empty sub-dict) or (dtype name, array, shared key): a column (rows, ...) whose
         # rows become views of one tensor (``unbind``) on first use, or, with a key, one shared array
         self.columns: list[tuple[str, np.ndarray, str | None] | None] = []
@@ -716,7 +718,11 @@ class _TreeGroup:
         self.views: dict[str, Tensor] = {}  # shared columns as tensors, made once
         self.copies: dict[str, Tensor] = {}
         try:
+            if schema is not None:
+                _check_layout(schema, leaves, m)
             self._read(unpacker, m, leaves)
+            if schema is not None:
+                self.finite = self._finite_rows(m)
         except ValueError as err:
             self.error = err
 
@@ -738,6 +744,18 @@ class _TreeGroup:
             paths.append((path, ref is not None))
         self.build = _builder(_skeleton(paths))
 
+    def _finite_rows(self, m: int) -> Tensor:
+        """Per row, whether its floating-point leaves hold no NaN/Inf: one pass over each column (a
+        shared leaf, one tensor for every row, fails every row)."""
+        ok = torch.ones(m, dtype=torch.bool)
+        for column in self.columns:
+            if column is None:
+                continue
+            t = _as_tensor(column[0], column[1])
+            if t.is_floating_point():
+                ok &= torch.isfinite(t).all() if column[2] is not None else torch.isfinite(t.reshape(m, -1)).all(1)
+        return ok
+
     def _row_views(self) -> list[Sequence[Tensor] | None]:
         if self.rows is None:  # one unbind per column: a C++ loop instead of a tensor per row and leaf
             self.rows = [_as_tensor(c[0], c[1]).unbind(0) if c is not None and c[2] is None else None
@@ -750,6 +768,8 @@ class _TreeGroup:
         once into ``shared`` (by reference) and shared by every tree that holds it."""
         if self.error is not None:
             raise self.error
+        if self.finite is not None and not bool(self.finite[i]):
+            raise ValueError("the proposed state holds NaN or Inf")
         if self.empty:
             return None
         values: list[Tensor | None] = []
@@ -765,6 +785,33 @@ class _TreeGroup:
                     store[key] = _as_tensor(name, a.copy() if copy else a)
                 values.append(store[key])
         return self.build(values)
+
+
+def _check_layout(schema: StateSchema, leaves: Any, m: int) -> None:
+    """ValueError unless a state group's leaves ``[[path, [dtype, shape, offset] or None, shared], ...]``
+    describe states of the client-state schema (columns of ``m`` rows, shared leaves one row's shape);
+    read from the layout alone, before any of the group's bytes."""
+    if not isinstance(leaves, list) or len(leaves) != len(schema.leaves):
+        size = len(leaves) if isinstance(leaves, list) else 0
+        raise ValueError(f"the proposed state has {size} leaves, the client-state schema {len(schema.leaves)}")
+    entries = []
+    for entry in leaves:
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                and isinstance(entry[2], bool)):
+            raise ValueError("a packed state is a list of [path, reference, shared]")
+        path, ref, shared = entry
+        if ref is None:
+            entries.append((path, None, ()))
+            continue
+        if not (isinstance(ref, list) and len(ref) == 3 and isinstance(ref[1], list)):
+            raise ValueError(f"state leaf {path[:200]!r} has a malformed reference")
+        shape = tuple(ref[1]) if shared else tuple(ref[1][1:])
+        if not shared and (not ref[1] or ref[1][0] != m):
+            raise ValueError(f"state leaf {path[:200]!r} is not a column of {m} rows")
+        entries.append((path, ref[0], shape))
+    why = schema.layout_mismatch(entries)
+    if why:
+        raise ValueError(why)
 
 
 def _skeleton(paths: list[tuple[str, bool]]) -> list[tuple[tuple[str, ...], str, bool]]:
@@ -830,7 +877,8 @@ class BlockReplies:
     copies them out where it keeps only some, see ``strategies.columns.StateColumns``);
     :meth:`states_record` sends them back to the block as those same bytes."""
 
-    def __init__(self, record: Any, views: bool = False, files: SharedFiles | None = None):
+    def __init__(self, record: Any, views: bool = False, files: SharedFiles | None = None,
+                 schema: StateSchema | None = None):
         self.error: PayloadError | None = None
         self.views = views
         self.shared: dict[str, Tensor] = {}
@@ -847,7 +895,7 @@ class BlockReplies:
             self.messages = self._messages(layout.get("payloads"), m)
             self.state_of: dict[int, tuple[_TreeGroup, int]] = {}
             for rows, leaves in _groups(layout.get("states"), m, "leaves"):
-                group = _TreeGroup(self.unpacker, len(rows), leaves)
+                group = _TreeGroup(self.unpacker, len(rows), leaves, schema)
                 self.state_of.update({r: (group, i) for i, r in enumerate(rows)})
         except Exception as err:  # noqa: BLE001 - anything a hostile reply triggers becomes a rejection
             self.error = PayloadError("*", "records", f"{type(err).__name__}: {err}")

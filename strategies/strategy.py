@@ -37,6 +37,7 @@ from fedgluon.blocks import by_block, num_blocks
 from fedgluon.checkpoint import Checkpointer, Snapshot
 from fedgluon.federation import Evaluate, Federation, RoundPlan, client_weights_from_sizes
 from fedgluon.gc_pause import gc_paused
+from fedgluon.state_schema import StateSchema
 from fedgluon.trace import phase
 
 from .columns import StateColumns
@@ -80,7 +81,8 @@ class GluonStrategy(Strategy):
     def __init__(self, algorithm: Algorithm, X0: Mapping[str, Any], num_clients: int, *, seed: int = 0,
                  participation: float | int = 1.0, weights: str = "uniform", evaluate: Evaluate | None = None,
                  eval_every: int = 1, on_round: Callable[[dict[str, Any]], None] | None = None, rounds: int = 0,
-                 checkpointer: Checkpointer | None = None, resume: Snapshot | None = None, block_size: int = 1):
+                 checkpointer: Checkpointer | None = None, resume: Snapshot | None = None, block_size: int = 1,
+                 schema: StateSchema):
         self.algorithm = algorithm
         self.num_clients = num_clients
         self.block_size = block_size
@@ -89,7 +91,7 @@ class GluonStrategy(Strategy):
         self.weights_mode = weights
         self.federation = Federation(algorithm, X0, num_clients, rounds, seed=seed, participation=participation,
                                      evaluate=evaluate, eval_every=eval_every, on_round=on_round,
-                                     checkpointer=checkpointer, resume=resume)
+                                     checkpointer=checkpointer, resume=resume, schema=schema)
         self.node_of: dict[int, int] = {}
         self.partition_of: dict[int, int] = {}
         self.ray_nodes: set[str] = set()
@@ -250,7 +252,8 @@ class GluonStrategy(Strategy):
         read = BlockRead(ray_node=str(info["ray_node"]) if info is not None and info.get("ray_node") else "",
                          device=_reported_device(info))
         reported = records.config.get("failed")
-        read.replies = BlockReplies(records.array.get("replies"), views=True, files=self.files)
+        read.replies = BlockReplies(records.array.get("replies"), views=True, files=self.files,
+                                    schema=self.federation.schema)
         for j in clients:
             if reported is not None and str(j) in reported:
                 read.failed[j] = str(reported[str(j)])

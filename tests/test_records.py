@@ -255,8 +255,8 @@ def test_a_run_leaves_the_reply_bytes_its_committed_states_are_views_of_as_they_
     seen = []
 
     class Recorded(BlockReplies):
-        def __init__(self, record, views=False, files=None):
-            super().__init__(record, views, files)
+        def __init__(self, record, views=False, files=None, schema=None):
+            super().__init__(record, views, files, schema)
             if self.error is None:
                 seen.append((self, hashlib.sha256(self.unpacker.data).digest()))
 

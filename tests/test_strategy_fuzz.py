@@ -61,7 +61,8 @@ def world():
     task, algo = specs.build(SPEC)
     grid = InProcessGrid(make_client_app(SPEC), N, seed=1)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
-    strategy = GluonStrategy(algo, task.initial_params(), N, seed=1, rounds=SPEC["rounds"])
+    strategy = GluonStrategy(algo, task.initial_params(), N, seed=1, rounds=SPEC["rounds"],
+                             schema=algo.state_schema(task.objectives[0], task.initial_params(), 1))
     strategy.connect(grid, timeout=10)
     return grid, strategy, algo
 

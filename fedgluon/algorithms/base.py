@@ -43,6 +43,7 @@ from ..geometry import Geometry
 from ..objective import Batch, SupervisedObjective
 from ..radius import make_radius_rule
 from ..rng import derive_seeds, generator, purpose_code
+from ..state_schema import StateSchema
 from ..step import LMOStep, StepInfo
 from ..vectorised import block_gradients
 
@@ -268,6 +269,31 @@ class Algorithm:
         if self.needs_previous or "x_prev" in state:  # the broadcast tensors themselves: servers never change
             new_state["x_prev"] = dict(bc.model)      # a model in place, so every client shares one copy
         return new_state, ClientReply(j, bc.round, msg, grads.loss, grads.evals, grads.samples)
+
+    def state_schema(self, objective: SupervisedObjective, X0: Mapping[str, Tensor], seed: int) -> StateSchema:
+        """The run's client-state schema (:mod:`fedgluon.state_schema`): the layout of the state that one
+        throwaway step of client 0 proposes from no state at round 0, at ``X0`` with the run's ``seed``.
+        Nothing of the run is touched: every draw comes from its own seeded generator."""
+        bc = self.broadcast(self.init_server(X0), 0, seed, 1)
+        state, _ = self.client_step(None, bc, objective, 0)
+        return StateSchema.of(state)
+
+    def derived_mismatch(self, old: State | None, new: Mapping[str, Any], bc: Broadcast,
+                         seen: set[int] | None = None) -> str | None:
+        """Why a proposed state disagrees with what the server knows of it (None when it agrees): its
+        ``commits`` must be the committed count plus one, and its ``x_prev`` (the model the client last
+        computed at) the round's broadcast model. Called on states that fit the schema; ``seen`` holds
+        the ids of tensors already found equal (a block's clients share one ``x_prev``)."""
+        if "commits" in new and int(new["commits"]) != int(commit_count(old)) + 1:
+            return f"state claims {int(new['commits'])} commits, the server counts {int(commit_count(old))} + 1"
+        seen = set() if seen is None else seen
+        for n, t in (new.get("x_prev") or {}).items():
+            if t is bc.model[n] or id(t) in seen:
+                continue
+            if not torch.equal(t, bc.model[n]):
+                return f"state leaf 'x_prev/{n}' is not the model of round {bc.round}"
+            seen.add(id(t))
+        return None
 
     # A block's clients step in runs whose gradients take about this many bytes (a run's gradients,
     # activations and error-feedback rows then stay near the cache instead of streaming through memory)

@@ -33,7 +33,12 @@ class MLP(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """A small airbench-style CNN: conv blocks (conv → BatchNorm → GELU → max-pool), then a head."""
+    """A small airbench-style CNN: conv blocks (conv → BatchNorm → GELU → max-pool), then a head.
+
+    BatchNorm normalises with each batch's own statistics, in training and in evaluation alike
+    (``track_running_stats=False``): fedgluon's models always run in training mode, so running
+    statistics would be updated in place and never read. Without them the model has no buffers, and
+    client blocks compute its gradients in vmapped calls and step in threads like any other model's."""
 
     parameter_roles = {"head.weight": "head"}
 
@@ -42,7 +47,7 @@ class SmallCNN(nn.Module):
         super().__init__()
         blocks, c = [], in_channels
         for w in widths:
-            blocks += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.GELU(), nn.MaxPool2d(2)]
+            blocks += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w, track_running_stats=False), nn.GELU(), nn.MaxPool2d(2)]
             c = w
         self.features = nn.Sequential(*blocks)
         side = image_size // 2 ** len(widths)

@@ -35,8 +35,8 @@ Tensors = dict[str, Tensor]
 
 
 def can_vectorise(model: nn.Module) -> bool:
-    """False for models whose forward pass updates buffers in place (BatchNorm in training mode)."""
-    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    """False for models whose forward pass updates buffers in place (BatchNorm with running statistics)."""
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
 
 
 def _batch_kind(batch: Batch) -> tuple:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -80,6 +81,34 @@ class StateSchema:
                 raise TypeError(f"client state leaf {path!r} is a {type(value).__name__}, not a tensor")
         return cls(out)
 
+    @cached_property
+    def _expected(self) -> dict[str, Any]:
+        """The schema as a nested dict of ``(torch dtype, shape)`` leaves (empty sub-dicts empty), for
+        :meth:`_fits`."""
+        root: dict[str, Any] = {}
+        for path, leaf in self.leaves.items():
+            *parents, key = path.split(SEP)
+            node = root
+            for p in parents:
+                node = node.setdefault(p, {})
+            if leaf.dtype is not None:
+                node[key] = (getattr(torch, leaf.dtype), torch.Size(leaf.shape))
+        return root
+
+    def _fits(self, node: Any, expected: dict[str, Any]) -> bool:
+        """Whether a state of plain dicts fits: key sets compared per dict, dtypes and shapes per leaf, no
+        path strings (the per-client check of every round; :meth:`mismatch` explains a False)."""
+        if type(node) is not dict or node.keys() != expected.keys():
+            return False
+        for key, want in expected.items():
+            value = node[key]
+            if type(want) is dict:
+                if not self._fits(value, want):
+                    return False
+            elif not (isinstance(value, Tensor) and value.dtype == want[0] and value.shape == want[1]):
+                return False
+        return True
+
     @property
     def nbytes(self) -> int:
         """Bytes of one client's state (shared leaves counted as if each client held its own)."""
@@ -91,6 +120,8 @@ class StateSchema:
         it does not know, and the walk stops there); with ``finite``, a floating-point leaf
         holding NaN/Inf (tensors whose ``id`` is in ``trusted``, e.g. the server's own broadcast model,
         are not scanned)."""
+        if not finite and self._fits(tree, self._expected):
+            return None
         if not isinstance(tree, Mapping):
             return f"state must be a mapping, got {type(tree).__name__}"
         seen = 0

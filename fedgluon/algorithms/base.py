@@ -284,8 +284,9 @@ class Algorithm:
         ``commits`` must be the committed count plus one, and its ``x_prev`` (the model the client last
         computed at) the round's broadcast model. Called on states that fit the schema; ``seen`` holds
         the ids of tensors already found equal (a block's clients share one ``x_prev``)."""
-        if "commits" in new and int(new["commits"]) != int(commit_count(old)) + 1:
-            return f"state claims {int(new['commits'])} commits, the server counts {int(commit_count(old))} + 1"
+        counted = int(old["commits"]) if old and "commits" in old else 0
+        if "commits" in new and int(new["commits"]) != counted + 1:
+            return f"state claims {int(new['commits'])} commits, the server counts {counted} + 1"
         seen = set() if seen is None else seen
         for n, t in (new.get("x_prev") or {}).items():
             if t is bc.model[n] or id(t) in seen:

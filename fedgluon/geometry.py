@@ -14,7 +14,7 @@ Presets (role → norm; Scion's ``Auto`` rules, ALGORITHMS.md §1.1 and §4):
 | muon      | spectral, c = 1/sqrt(max(1, d_out/d_in)) (Muon's shape scale) | same rule on the reshape | as scion | as scion | as scion |
 | euclidean | euclidean (layer-wise normalised GD) for every parameter                                      ||||||
 | sign      | sign, c = 1 (layer-wise signGD) for every parameter                                            ||||||
-| muon_mvr  | by shape, not role: every 2-D parameter (embeddings and heads too) spectral, c = 1/(0.2·sqrt(max(d_out, d_in))); every other one identity (c = 1) ||||||
+| muon_mvr  | by shape: 2-D spectral, c = 1/(0.2·sqrt(max(d_out, d_in))), embeddings and heads too; others identity ||||||
 
 (k = product of kernel sizes; Scion's SpectralConv divides by k² for a k×k kernel.)
 

@@ -122,10 +122,13 @@ def max_gap(a, b):
 
 
 @pytest.mark.parametrize("variant", [1, 2])
-def test_optimizer_reference_form_follows_the_published_code(variant):
+@pytest.mark.parametrize("hyper", [{}, {"beta": 0.9, "gamma": 0.1, "adamw_betas": (0.8, 0.95)}])
+def test_optimizer_reference_form_follows_the_published_code(variant, hyper):
+    """The code's defaults, and values that tell its momentum from AdamW's β₁ (which its c uses there)."""
     batches = batches_of()
-    ref = published_muon_mvr(make_net(), batches, approx=variant == 1)
-    ours = optimizer_run(make_net(), batches, f"muon-mvr{variant}", form="reference")
+    code_kw = {"momentum": hyper["beta"], "gamma": hyper["gamma"], "adamw_betas": hyper["adamw_betas"]} if hyper else {}
+    ref = published_muon_mvr(make_net(), batches, approx=variant == 1, **code_kw)
+    ours = optimizer_run(make_net(), batches, f"muon-mvr{variant}", form="reference", **hyper)
     assert max_gap(ours, ref) <= 1e-10
     moved = max_gap(ref[-1:], [{n: p.detach() for n, p in make_net().named_parameters()}])
     assert moved > 1e-2  # the comparison is not vacuous

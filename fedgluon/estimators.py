@@ -166,7 +166,15 @@ class MuonMVR(Estimator):
     with Moonlight's scale ``0.2·sqrt(max(m, n))``, the rest ``identity``) and weight decay λ the step is
     the code's ``X ← X(1 − lr·λ) − lr·0.2·sqrt(max(m, n))·polar(M/(1−β))`` for matrices and
     ``X ← X(1 − lr·λ) − lr·estimate`` for the rest. The code's defaults: lr 3e-3, β = 0.95,
-    γ = 0.025, weight decay 0. Clipping follows ``clip`` (the code always clips).
+    γ = 0.025, weight decay 0. Clipping follows ``clip`` (the code always clips). In ``variant=2`` the
+    code's training loop reloads X^{k−1}, back-propagates the current batch there and calls
+    ``update_last_grad()`` before each step but the first, which is ``g_last = ∇f(X^{k−1}; ξ_k)`` here.
+
+    Source read: the repository itself could not be fetched when this was written; the update above is
+    from a public copy of its ``MuonMVR`` class (github.com/RayCyder/Intro, a CIFAR-10 notebook, marked
+    "Muon-MVR2 method from On the Convergence of Muon and Beyond", with a note that it fixed errors on
+    Apple M1), whose 2-D branch matches the MARS-M code's Muon branch (same ``c``, clipping and
+    ``0.2·sqrt(max(A, B))``). ``tests/test_presets.py`` checks this form against a transcription of it.
     """
 
     beta: float = 0.95

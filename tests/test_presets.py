@@ -211,6 +211,20 @@ def test_default_form_is_unchanged(variant, form):
     assert max_gap(reference, ref) > 1e-3  # the two forms differ
 
 
+@pytest.mark.parametrize("variant", [1, 2])
+def test_gluon_mvr_default_form_is_unchanged(variant):
+    x, y = make_data(seed=3)
+    model = make_net()
+    objective = SupervisedObjective(model, x, y, batch_size=8)
+    batches = [objective.sample_batch(generator(7, "sample", 0, k)) for k in range(8)]
+    ref = todays_muon_mvr(copy.deepcopy(model), batches, variant=variant, beta=0.9)  # gluon-mvr's default β
+    algo = make_algorithm("gluon-mvr", Geometry.from_model(model, preset="muon", spectral_method="svd"),
+                          variant=f"muon_mvr{variant}", lr=LR, weight_decay=WD, values="fp64")
+    X0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    X = run_plain(algo, [objective], X0, rounds=8, seed=7).server_state["X"]
+    assert max(float((X[n] - ref[-1][n]).abs().max()) for n in X) <= 1e-10
+
+
 # ---------------------------------------------------------------- bad values: one clear error
 def test_bad_form_is_one_clear_error():
     with pytest.raises(ValueError, match=r"form must be one of \['fedgluon', 'reference'\], got 'ref'"):

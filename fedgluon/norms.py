@@ -26,6 +26,7 @@ estimate itself (unnormalised). It serves parameters whose estimator already ret
 such as the AdamW part of the Muon-MVR reference form (:class:`fedgluon.estimators.MuonMVR`); with another
 estimator it is plain (momentum) SGD on that parameter. Its norm and dual norm, used for reporting, are
 the Euclidean ones (``c‖X‖_F``, ``‖G‖_F/c``), and ``‖lmo(G)‖ = 1`` does not hold.
+
 Sources: LIONS-EPFL/scion ``scion.py`` (ALGORITHMS.md §1.1); Gluon's special cases (§1.1).
 """
 

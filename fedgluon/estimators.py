@@ -12,8 +12,11 @@ previous iterate (only estimators with ``needs_previous = True`` use it). Moment
 | ---------- | ------------------------------------------------------------------- | ------ |
 | ema        | M ← βM + (1−β)g;  estimate M, or (1−β)g + βM with Nesterov          | Gluon Alg. 1; KellerJordan/Muon |
 | mvr        | M ← g_now + β(M − g_prev)                                           | STORM / Gluon-MVR (ALGORITHMS §5) |
-| muon_mvr1  | c = g + γβ/(1−β)(g − g_last), clip ‖c‖_F ≤ 1, M ← βM + (1−β)c        | Muon-MVR code, is_approx=True (§6) |
-| muon_mvr2  | as muon_mvr1 with g_last = g_prev (same batch)                      | Muon-MVR2 (§6) |
+| muon_mvr1  | c = g + γβ/(1−β)(g − g_last), clip ‖c‖_F ≤ 1, M ← βM + (1−β)c        | Muon-MVR code, is_approx=True |
+| muon_mvr2  | as muon_mvr1 with g_last = g_prev (same batch)                      | Muon-MVR2 (is_approx=False) |
+
+``muon_mvr1/2`` also have ``form="reference"``: the published code's first step and AdamW on
+non-matrix parameters (:class:`MuonMVR`).
 | sarah      | V ← V + g_now − g_prev; on refresh V ← large-batch gradient         | SARAH / PAGE (§10.2 A) |
 | limuon     | M ← g_now + β(RSVD_r(M) − g_prev), 2-D state stored as rank-r factors | LiMuon Option 2 (§7) |
 
@@ -125,21 +128,62 @@ def _clip_unit_frobenius(c: Tensor) -> Tensor:
     return c / n if n > 1 else c
 
 
+FORMS = ("fedgluon", "reference")
+
+
 @dataclass
 class MuonMVR(Estimator):
-    """Muon-MVR (Chang, Liu, Yuan, arXiv 2509.15816; code MaeChd/MUON-MVR, ALGORITHMS §6).
+    """Muon-MVR1/2 (Chang, Liu, Yuan, "On the Convergence of Muon and Beyond", arXiv 2509.15816; code
+    github.com/MaeChd/MUON-MVR, class ``MuonMVR``, which follows the MARS-M code), in two forms.
 
-    ``c = g + γ·β/(1−β)·(g − g_last)``; if ``clip`` and ``‖c‖_F > 1`` then ``c ← c/‖c‖_F``
-    (per parameter); ``M ← βM + (1−β)c`` from M = 0. ``variant=1`` (one batch): ``g_last`` is the
-    previous step's gradient on the previous batch, kept in the state. ``variant=2`` (two
-    gradients per step): ``g_last = ∇f(X^{k−1}; ξ_k)`` on the current batch. The code's NS input
-    ``M/(1−β)`` differs from M by a scalar, which a layer-wise LMO ignores.
+    ``form="fedgluon"`` (default), per parameter, from M = 0::
+
+        c = g + γ·β/(1−β)·(g − g_last)   (c = g on the first step: there is no g_last yet)
+        if clip and ‖c‖_F > 1: c ← c/‖c‖_F
+        M ← βM + (1−β)c;  estimate M
+
+    ``variant=1`` (one gradient per step, the code's ``is_approx=True``): ``g_last`` is the previous
+    step's gradient on the previous batch, kept in the state. ``variant=2`` (two gradients per step,
+    ``is_approx=False``): ``g_last = ∇f(X^{k−1}; ξ_k)`` on the current batch.
+
+    ``form="reference"`` is the published code's update, step for step:
+
+    * the code keeps ``last_grad`` from zero, so the first step's ``c₁ = g₁ + γβ/(1−β)·g₁``
+      (1.475·g₁ at γ = 0.025, β = 0.95), before clipping; later steps as above;
+    * 2-D parameters: M as above, estimate ``M/(1−β)``, the code's Newton–Schulz input. The scale
+      changes no LMO: fedgluon's NS divides by ‖·‖_F exactly and SVD is scale-free, so only the code's
+      ``‖X‖ + 1e-7`` in its bf16 NS (3 quintic steps in the copy read) would notice; the step's reported
+      dual norms are those of M/(1−β);
+    * every other parameter (vectors, conv kernels, scalars: the code tests ``p.ndim == 2``) takes the
+      code's AdamW branch on the same corrected gradient, with ``β₁, β₂ = adamw_betas`` (the code's
+      defaults (0.95, 0.99)) and β₁ in place of β in c::
+
+          c = g + γ·β₁/(1−β₁)·(g − g_last), clipped as above
+          m ← β₁m + (1−β₁)c;  v ← β₂v + (1−β₂)c²            (from m = v = 0)
+          estimate  m/(ε + √v) · √(1−β₂ᵗ)/(1−β₁ᵗ)             (t = 1, 2, …; ε = adamw_eps = 1e-8)
+
+    The estimate is the step direction itself; with the ``muon_mvr`` geometry preset (2-D spectral
+    with Moonlight's scale ``0.2·sqrt(max(m, n))``, the rest ``identity``) and weight decay λ the step is
+    the code's ``X ← X(1 − lr·λ) − lr·0.2·sqrt(max(m, n))·polar(M/(1−β))`` for matrices and
+    ``X ← X(1 − lr·λ) − lr·estimate`` for the rest. The code's defaults: lr 3e-3, β = 0.95,
+    γ = 0.025, weight decay 0. Clipping follows ``clip`` (the code always clips). In ``variant=2`` the
+    code's training loop reloads X^{k−1}, back-propagates the current batch there and calls
+    ``update_last_grad()`` before each step but the first, which is ``g_last = ∇f(X^{k−1}; ξ_k)`` here.
+
+    Source read: the repository itself could not be fetched when this was written; the update above is
+    from a public copy of its ``MuonMVR`` class (github.com/RayCyder/Intro, a CIFAR-10 notebook, marked
+    "Muon-MVR2 method from On the Convergence of Muon and Beyond", with a note that it fixed errors on
+    Apple M1), whose 2-D branch matches the MARS-M code's Muon branch (same ``c``, clipping and
+    ``0.2·sqrt(max(A, B))``). ``tests/test_presets.py`` checks this form against a transcription of it.
     """
 
     beta: float = 0.95
     gamma: float = 0.025
     clip: bool = True
     variant: int = 1
+    form: str = "fedgluon"
+    adamw_betas: tuple[float, float] = (0.95, 0.99)
+    adamw_eps: float = 1e-8
 
     def __post_init__(self) -> None:
         _check_beta(self.beta)
@@ -147,6 +191,14 @@ class MuonMVR(Estimator):
             raise ValueError(f"muon_mvr variant must be one of [1, 2], got {self.variant}")
         if self.gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+        if self.form not in FORMS:
+            raise ValueError(f"form must be one of {list(FORMS)}, got {self.form!r}")
+        betas = tuple(self.adamw_betas)
+        if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+            raise ValueError(f"adamw_betas must be two numbers in [0, 1), got {self.adamw_betas!r}")
+        self.adamw_betas = (float(betas[0]), float(betas[1]))
+        if not self.adamw_eps >= 0:
+            raise ValueError(f"adamw_eps must be >= 0, got {self.adamw_eps}")
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -156,24 +208,49 @@ class MuonMVR(Estimator):
     def needs_previous(self) -> bool:  # type: ignore[override]
         return self.variant == 2
 
-    def update(self, state, g_now, g_prev=None):
-        b, scale = self.beta, self.gamma * self.beta / (1 - self.beta)
+    def _last(self, state: State | None, g_prev: Mapping[str, Tensor] | None) -> Mapping[str, Tensor] | None:
         if state is None:
-            last: Mapping[str, Tensor] | None = None
-            m_old = {k: torch.zeros_like(g) for k, g in g_now.items()}
-        else:
-            last = _require_prev(self.name, g_prev) if self.variant == 2 else state["last"]
-            m_old = state["m"]
-        m = {}
-        for k, g in g_now.items():
-            c = g if last is None else g + scale * (g - last[k])
-            if self.clip:
-                c = _clip_unit_frobenius(c)
-            m[k] = torch.lerp(m_old[k], c, 1 - b)
+            return None
+        return _require_prev(self.name, g_prev) if self.variant == 2 else state["last"]
+
+    def _corrected(self, g: Tensor, last: Tensor | None, beta: float) -> Tensor:
+        c = g if last is None else g + self.gamma * beta / (1 - beta) * (g - last)
+        return _clip_unit_frobenius(c) if self.clip else c
+
+    def update(self, state, g_now, g_prev=None):
+        if self.form == "reference":
+            return self._update_reference(state, g_now, g_prev)
+        b, last = self.beta, self._last(state, g_prev)
+        m_old = state["m"] if state is not None else {k: torch.zeros_like(g) for k, g in g_now.items()}
+        m = {k: torch.lerp(m_old[k], self._corrected(g, None if last is None else last[k], b), 1 - b)
+             for k, g in g_now.items()}
         new_state = {"m": m}
         if self.variant == 1:
             new_state["last"] = {k: g.clone() for k, g in g_now.items()}
         return new_state, m
+
+    def _update_reference(self, state, g_now, g_prev):
+        last = self._last(state, g_prev)
+        b1, b2 = self.adamw_betas
+        if state is None:
+            state = {"m": {k: torch.zeros_like(g) for k, g in g_now.items()},
+                     "v": {k: torch.zeros_like(g) for k, g in g_now.items() if g.ndim != 2},
+                     "step": {"t": torch.tensor(0, dtype=torch.int64)}}
+        t = int(state["step"]["t"]) + 1
+        m, v, est = {}, {}, {}
+        for k, g in g_now.items():
+            b = self.beta if g.ndim == 2 else b1
+            c = self._corrected(g, torch.zeros_like(g) if last is None else last[k], b)
+            m[k] = torch.lerp(state["m"][k], c, 1 - b)
+            if g.ndim == 2:
+                est[k] = m[k] / (1 - b)
+            else:
+                v[k] = torch.lerp(state["v"][k], c * c, 1 - b2)
+                est[k] = m[k] / (self.adamw_eps + v[k].sqrt()) * (math.sqrt(1 - b2 ** t) / (1 - b1 ** t))
+        new_state = {"m": m, "v": v, "step": {"t": torch.tensor(t, dtype=torch.int64)}}
+        if self.variant == 1:
+            new_state["last"] = {k: g.clone() for k, g in g_now.items()}
+        return new_state, est
 
 
 @dataclass
@@ -264,7 +341,8 @@ def make_estimator(name: str, **kwargs) -> Estimator:
     if name == "mvr":
         return MVR(**_pick(kwargs, "beta"))
     if name in ("muon_mvr1", "muon_mvr2"):
-        return MuonMVR(variant=int(name[-1]), **_pick(kwargs, "beta", "gamma", "clip"))
+        return MuonMVR(variant=int(name[-1]), **_pick(kwargs, "beta", "gamma", "clip", "form", "adamw_betas",
+                                                      "adamw_eps"))
     if name == "sarah":
         return SARAH()
     if name == "limuon":

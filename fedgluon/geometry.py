@@ -14,8 +14,15 @@ Presets (role → norm; Scion's ``Auto`` rules, ALGORITHMS.md §1.1 and §4):
 | muon      | spectral, c = 1/sqrt(max(1, d_out/d_in)) (Muon's shape scale) | same rule on the reshape | as scion | as scion | as scion |
 | euclidean | euclidean (layer-wise normalised GD) for every parameter                                      ||||||
 | sign      | sign, c = 1 (layer-wise signGD) for every parameter                                            ||||||
+| muon_mvr  | by shape: 2-D spectral, c = 1/(0.2·sqrt(max(d_out, d_in))), embeddings and heads too; others identity ||||||
 
 (k = product of kernel sizes; Scion's SpectralConv divides by k² for a k×k kernel.)
+
+``muon_mvr`` is the geometry of the Muon-MVR code (the ``form: reference`` of ``muon_mvr1/2``,
+:class:`fedgluon.estimators.MuonMVR`): a 2-D parameter moves by ``lr·0.2·sqrt(max(m, n))·UVᵀ``
+(Moonlight's scale, where the ``muon`` preset has ``sqrt(max(1, m/n))``), and every other parameter by
+``lr`` times the AdamW direction the estimator returns (the ``identity`` norm of :mod:`fedgluon.norms`:
+the step takes the estimate as it is).
 
 Overrides: ``[{"pattern": "head.*", "norm": "col", "factor": 2.0, "radius": 16.0}, ...]``; later
 entries win. ``norm`` is one of :data:`NORM_NAMES`; without ``factor`` the norm's default rule for
@@ -43,11 +50,11 @@ import torch
 from torch import Tensor, nn
 
 from .devices import resolve_device
-from .norms import ColNorm, Euclidean, Norm, RowNorm, Sign, Spectral, rms
+from .norms import ColNorm, Euclidean, Identity, Norm, RowNorm, Sign, Spectral, rms
 from .polar import PolarOracle, make_polar
 
 ROLES = ("hidden", "conv", "embedding", "head", "vector")
-PRESETS = ("scion", "muon", "euclidean", "sign")
+PRESETS = ("scion", "muon", "euclidean", "sign", "muon_mvr")
 Tensors = dict[str, Tensor]
 
 
@@ -69,6 +76,11 @@ def _muon_spectral_factor(shape: tuple[int, ...]) -> float:
     return 1.0 / math.sqrt(max(1.0, d_out / d_in))
 
 
+def _moonlight_spectral_factor(shape: tuple[int, ...]) -> float:
+    """``1/(0.2·sqrt(max(d_out, d_in)))``: the LMO step is then ``lr·0.2·sqrt(max(m, n))·UVᵀ`` (Moonlight)."""
+    return 1.0 / (0.2 * math.sqrt(max(_d_out_d_in(shape))))
+
+
 NormFactory = Callable[[tuple[int, ...], PolarOracle, "float | None"], Norm]
 
 
@@ -86,6 +98,8 @@ NORMS: dict[str, NormFactory] = {
     "row": lambda shape, o, f: RowNorm(factor=f if f is not None else 1.0 / math.sqrt(shape[-1])),
     "rms": lambda shape, o, f: rms(shape) if f is None else Euclidean(factor=f),
     "euclidean": lambda shape, o, f: Euclidean(factor=f if f is not None else 1.0),
+    "spectral_moonlight": _spectral(_moonlight_spectral_factor),
+    "identity": lambda shape, o, f: Identity(factor=f if f is not None else 1.0),
 }
 NORM_NAMES = tuple(NORMS)
 
@@ -96,6 +110,23 @@ _PRESET_RULES: dict[str, dict[str, str]] = {
     "euclidean": {r: "euclidean" for r in ROLES},
     "sign": {r: "sign_unscaled" for r in ROLES},
 }
+
+
+def _preset_norm(preset: str, role: str, shape: tuple[int, ...]) -> str:
+    """The norm a preset gives a parameter: by role, except ``muon_mvr``, which goes by shape as its code does."""
+    if preset == "muon_mvr":
+        return "spectral_moonlight" if len(shape) == 2 else "identity"
+    return _PRESET_RULES[preset][role]
+
+
+def check_muon_mvr_reference(geometry: "Geometry", field_name: str) -> None:
+    """ValueError unless ``geometry`` is shaped like the Muon-MVR code's: every 2-D parameter spectral and
+    every other one ``identity`` (the ``muon_mvr`` preset), which the ``reference`` form of ``muon_mvr1/2``
+    needs: that form hands the LMO the momentum of matrices and the finished AdamW direction of the rest."""
+    wrong = [p.name for p in geometry if not isinstance(p.norm, Spectral if len(p.shape) == 2 else Identity)]
+    if wrong:
+        raise ValueError(f"{field_name} 'reference' needs geometry.preset 'muon_mvr' (2-D parameters spectral, "
+                         f"the others identity); parameters {wrong} have other norms")
 
 
 @dataclass(frozen=True)
@@ -184,7 +215,7 @@ class Geometry:
         for name, shape in shapes.items():
             shape = tuple(int(s) for s in shape)
             role = _choose(name, role_patterns) or _role_from_shape(shape)
-            norm_name = _PRESET_RULES[preset][role]  # type: ignore[index]
+            norm_name = _preset_norm(preset, str(role), shape)
             factor = None
             rho = float((radius or {}).get(role, 1.0))  # type: ignore[arg-type]
             for o in overrides:

@@ -20,6 +20,13 @@ parameters are handled in one call; ``norm``/``dual`` return shape ``(B,)``.
 | Euclidean   | ‖X‖_F                            | −G / ‖G‖_F                  | ‖G‖_F              |
 
 RMS is ``Euclidean`` with ``c = 1/sqrt(numel)`` (Scion's BiasRMS: ``lmo = −G / rms(G)``).
+
+``Identity`` is *not* a norm ball: its "LMO" is ``−G/c``, so the step ``X + t·lmo(G)`` moves along the
+estimate itself (unnormalised). It serves parameters whose estimator already returns the step direction,
+such as the AdamW part of the Muon-MVR reference form (:class:`fedgluon.estimators.MuonMVR`); with another
+estimator it is plain (momentum) SGD on that parameter. Its norm and dual norm, used for reporting, are
+the Euclidean ones (``c‖X‖_F``, ``‖G‖_F/c``), and ``‖lmo(G)‖ = 1`` does not hold.
+
 Sources: LIONS-EPFL/scion ``scion.py`` (ALGORITHMS.md §1.1); Gluon's special cases (§1.1).
 """
 
@@ -221,3 +228,25 @@ class RMS(Euclidean):
 def rms(shape: tuple[int, ...]) -> RMS:
     """The RMS norm for parameters of ``shape``."""
     return RMS(factor=1.0 / math.sqrt(max(1, math.prod(shape))))
+
+
+@dataclass(frozen=True)
+class Identity(Norm):
+    """Not an LMO (module doc): ``lmo(G) = −G/c``; norm ``c‖X‖_F`` and dual ``‖G‖_F/c`` for reporting.
+
+    :meth:`lmo_and_dual` returns this Euclidean dual norm, not ``−<G, lmo(G)> = ‖G‖_F²/c``.
+    """
+
+    name: str = field(default="identity", init=False)
+
+    def _lmo_base(self, G: Tensor) -> Tensor:
+        return -G
+
+    def _norm_base(self, X: Tensor) -> Tensor:
+        return _unit_and_norm(X, _batch_dims(X))[1].flatten()
+
+    def _dual_base(self, G: Tensor) -> Tensor:
+        return self._norm_base(G)
+
+    def lmo_and_dual(self, G: Tensor) -> tuple[Tensor, Tensor]:
+        return self.lmo(G), self.dual(G)

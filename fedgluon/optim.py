@@ -24,6 +24,12 @@ SARAH/PAGE refreshes its estimate with a large-batch gradient on the steps its
 ``opt.step(closure, refresh_closure=big_closure)``, where ``big_closure`` computes the loss on a
 large batch. A forward pass at ``X^{k−1}`` also updates BatchNorm running statistics; evaluate such
 models in ``eval()`` mode in the closure if that matters.
+
+**Two forms of Muon-MVR.** ``Gluon(model, method="muon-mvr2")`` is fedgluon's form (first corrected
+gradient ``c₁ = g₁``, the ``muon`` geometry's scale ``sqrt(max(1, m/n))``, an LMO on every parameter);
+``Gluon(model, method="muon-mvr2", form="reference", lr=3e-3)`` is the published Muon-MVR code's update
+(arXiv 2509.15816, github.com/MaeChd/MUON-MVR): ``c₁ = g₁ + γβ/(1−β)·g₁``, ``0.2·sqrt(max(m, n))`` on
+every 2-D parameter, AdamW on the others (:class:`~fedgluon.estimators.MuonMVR` states it in full).
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .estimators import Estimator, RefreshPolicy, make_estimator
-from .geometry import Geometry
+from .estimators import FORMS, Estimator, RefreshPolicy, make_estimator
+from .geometry import Geometry, check_muon_mvr_reference
 from .radius import make_radius_rule
 from .rng import generator
 from .step import LMOStep, StepInfo
@@ -54,8 +60,28 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 _GEOMETRY_KEYS = ("preset", "roles", "overrides", "radius", "spectral_method", "ns_steps", "ns_coefficients",
                   "ns_dtype", "ns_compile", "lmo_device")
-_ESTIMATOR_KEYS = ("beta", "nesterov", "init", "gamma", "clip", "rank", "oversample")
+_ESTIMATOR_KEYS = ("beta", "nesterov", "init", "gamma", "clip", "rank", "oversample", "form", "adamw_betas",
+                   "adamw_eps")
 _SCHEDULE_KEYS = ("power", "total", "warmup", "final_fraction")
+
+
+def _method_config(method: str, options: Mapping[str, Any], estimator: Estimator | str | None) -> dict[str, Any]:
+    """The method's defaults updated by the user's options; ``form="reference"`` (muon-mvr1/2 only) makes
+    ``muon_mvr`` the default geometry preset (see :class:`Gluon`)."""
+    cfg = dict(METHODS[method])
+    form = options.get("form", "fedgluon")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {list(FORMS)}, got {form!r}")
+    if form == "reference":
+        name = estimator.name if isinstance(estimator, Estimator) else estimator or cfg["estimator"]
+        if isinstance(estimator, Estimator) and getattr(estimator, "form", None) != "reference":
+            raise ValueError("form 'reference' with a prebuilt estimator needs MuonMVR(form='reference')")
+        if name not in ("muon_mvr1", "muon_mvr2"):
+            raise ValueError(f"form 'reference' applies to methods ['muon-mvr1', 'muon-mvr2'] (estimators "
+                             f"muon_mvr1/2), got method {method!r} with estimator {name!r}")
+        cfg["preset"] = "muon_mvr"
+    cfg.update(options)
+    return cfg
 
 
 class Gluon(torch.optim.Optimizer):
@@ -75,6 +101,13 @@ class Gluon(torch.optim.Optimizer):
         adaptive: ``{"L0": ..., "L1": ...}`` to use Gluon's adaptive radius instead of a schedule.
         weight_decay, constrained: see :mod:`fedgluon.step`.
         refresh_prob / refresh_period: SARAH/PAGE refresh policy; ``seed`` seeds its coins.
+        form: ``"fedgluon"`` (default) or ``"reference"``, for ``muon-mvr1``/``muon-mvr2`` only: the
+            published Muon-MVR code's update (:class:`~fedgluon.estimators.MuonMVR`): its first step
+            (``last_grad`` from zero), its learning-rate scale ``0.2·sqrt(max(m, n))`` on every 2-D
+            parameter and AdamW (``adamw_betas``, ``adamw_eps``) on every other one. It makes
+            ``muon_mvr`` the default geometry preset, and needs a geometry of that shape. The code's
+            own defaults are ``lr=3e-3``, β = 0.95, γ = 0.025, ``weight_decay=0``; pass
+            ``lr=3e-3`` to match it (the optimizer's default lr stays 0.02).
     """
 
     def __init__(self, params: nn.Module | Iterable[tuple[str, Tensor]], lr: float = 0.02, *,
@@ -85,8 +118,7 @@ class Gluon(torch.optim.Optimizer):
                  **options: Any):
         if method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-        cfg = dict(METHODS[method])
-        cfg.update({k: v for k, v in options.items()})
+        cfg = _method_config(method, options, estimator)
         unknown = set(options) - set(_GEOMETRY_KEYS) - set(_ESTIMATOR_KEYS) - set(_SCHEDULE_KEYS)
         if unknown:
             raise TypeError(f"Gluon got unknown options {sorted(unknown)}; allowed: "
@@ -111,6 +143,8 @@ class Gluon(torch.optim.Optimizer):
         if missing:
             raise ValueError(f"geometry has no entry for parameters {missing}")
         self.geometry = geometry
+        if cfg.get("form") == "reference":
+            check_muon_mvr_reference(geometry, "form")
 
         if isinstance(estimator, Estimator):
             self.estimator = estimator

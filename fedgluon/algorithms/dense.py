@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from ..estimators import FORMS
+from ..geometry import Geometry, check_muon_mvr_reference
 from .base import Algorithm
 
 
@@ -34,22 +36,48 @@ class GluonMVR(Algorithm):
     (Chang, Liu, Yuan, arXiv 2509.15816), client-side.
 
     ``variant="storm"``: ``V_j ← ∇f_j(X^k; ξ) + β(V_j − ∇f_j(X_prev; ξ))`` (same ξ; two gradients).
-    ``"muon_mvr1"``/``"muon_mvr2"``: the Muon-MVR code's form (ALGORITHMS §6, with γ and clipping).
+    ``"muon_mvr1"``/``"muon_mvr2"``: the Muon-MVR code's recursion with γ and clipping
+    (:class:`fedgluon.estimators.MuonMVR`), in one of two forms (option ``form``):
+
+    * ``"fedgluon"`` (default): first corrected gradient ``c₁ = g₁``; the client sends its momentum M_j;
+      the server steps ``X ← X + t·lmo(mean_j M_j)`` in the run's geometry.
+    * ``"reference"``: the published code's update. First step ``c₁ = g₁ + γβ/(1−β)·g₁`` (the code's
+      ``last_grad`` starts at zero); a client sends ``M_j/(1−β)`` for 2-D parameters and its AdamW
+      direction (``adamw_betas``, ``adamw_eps``; the code's (0.95, 0.99), 1e-8) for the others; the
+      geometry must be the ``muon_mvr`` preset, so the server moves matrices by
+      ``lr·0.2·sqrt(max(m, n))·polar(mean)`` and the rest by ``lr·mean``. ``beta`` defaults to the
+      code's 0.95 in this form. With one client this is the code's update step for step; with several,
+      the server averages the clients' AdamW directions (each client keeps its own moments).
+
     The exact Gluon-MVR-1/2/3 recursions were not available: STORM is the reconstruction [RECON].
     """
 
     name = "gluon-mvr"
-    OPTIONS: ClassVar[dict[str, Any]] = {"variant": "storm", "beta": 0.9, "gamma": 0.025, "clip": True}
+    OPTIONS: ClassVar[dict[str, Any]] = {"variant": "storm", "beta": 0.9, "gamma": 0.025, "clip": True,
+                                         "form": "fedgluon", "adamw_betas": (0.95, 0.99), "adamw_eps": 1e-8}
     VARIANTS = {"storm": "mvr", "muon_mvr1": "muon_mvr1", "muon_mvr2": "muon_mvr2"}
+    MUON_KEYS = ("beta", "gamma", "clip", "form", "adamw_betas", "adamw_eps")
+
+    def __init__(self, geometry: Geometry, **options: Any):
+        if options.get("form") == "reference" and options.get("variant") in ("muon_mvr1", "muon_mvr2"):
+            options.setdefault("beta", 0.95)
+        super().__init__(geometry, **options)
+        if self.opt["form"] == "reference":
+            check_muon_mvr_reference(geometry, "algorithm.form")
 
     def estimator_name(self) -> str | None:
-        variant = self.opt["variant"]
+        variant, form = self.opt["variant"], self.opt["form"]
         if variant not in self.VARIANTS:
             raise ValueError(f"gluon-mvr variant must be one of {list(self.VARIANTS)}, got {variant!r}")
+        if form not in FORMS:
+            raise ValueError(f"algorithm.form must be one of {list(FORMS)}, got {form!r}")
+        if form == "reference" and variant == "storm":
+            raise ValueError("algorithm.form 'reference' applies to variants ['muon_mvr1', 'muon_mvr2'], "
+                             "got variant 'storm'")
         return self.VARIANTS[variant]
 
     def _estimator_options(self):
-        keys = ("beta",) if self.opt["variant"] == "storm" else ("beta", "gamma", "clip")
+        keys = ("beta",) if self.opt["variant"] == "storm" else self.MUON_KEYS
         return {k: self.opt[k] for k in keys}
 
 

@@ -170,17 +170,23 @@ def _commit(snapshot: Snapshot, path: Path, journal: Journal | None, committed: 
         jpath = path.with_name(journal.name)
     data = _lines(snapshot, journal.rows)
     created = not jpath.exists()
-    _append(jpath, journal.size, data)
-    if created:
-        _fsync_dir(path.parent)
-    sha = journal.sha.copy()
-    sha.update(data)
-    after = Journal(journal.name, journal.size + len(data), (len(snapshot.history), len(snapshot.client_log)), sha)
-    payload = {"format": FORMAT, "next_round": snapshot.next_round, "server_state": snapshot.server_state,
-               "client_states": snapshot.client_states, "run_key": snapshot.run_key,
-               "journal": {"name": after.name, "size": after.size, "rows": list(after.rows),
-                           "sha256": sha.hexdigest()}}
-    _replace_synced(path, lambda fh: torch.save(payload, fh))
+    try:
+        _append(jpath, journal.size, data)
+        if created:
+            _fsync_dir(path.parent)
+        sha = journal.sha.copy()
+        sha.update(data)
+        after = Journal(journal.name, journal.size + len(data), (len(snapshot.history), len(snapshot.client_log)),
+                        sha)
+        payload = {"format": FORMAT, "next_round": snapshot.next_round, "server_state": snapshot.server_state,
+                   "client_states": snapshot.client_states, "run_key": snapshot.run_key,
+                   "journal": {"name": after.name, "size": after.size, "rows": list(after.rows),
+                               "sha256": sha.hexdigest()}}
+        _replace_synced(path, lambda fh: torch.save(payload, fh))
+    except BaseException:
+        if created:  # a journal this save started, which no checkpoint names
+            jpath.unlink(missing_ok=True)
+        raise
     committed(after)  # from here on a resume reads this save, whatever fails next
     _fsync_dir(path.parent)
     if after.name != previous:
@@ -349,6 +355,9 @@ class Checkpointer:
             _commit(snapshot, self.path, self._journal, committed)
         except OSError as err:
             what = f"could not save the checkpoint of round {snapshot.next_round} to {self.path} ({err})"
+            if self._round is None and self.path.exists():  # one this checkpointer did not load: untouched
+                raise SaveFailed(f"{what}; the checkpoint already at {self.path} was not changed", 0, self.path) \
+                    from err
             if self._round is None:
                 raise SaveFailed(f"{what}; this run has no complete checkpoint to resume from", 0) from err
             raise SaveFailed(f"{what}; the checkpoint of round {self._round} is intact", self._round,

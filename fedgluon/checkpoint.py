@@ -162,10 +162,12 @@ def _commit(snapshot: Snapshot, path: Path, journal: Journal | None, committed: 
     write a new journal); ``committed(journal)`` is called as soon as the rename made this save the one a
     resume reads."""
     previous = journal.name if journal is not None else None
-    grown = journal is not None and len(snapshot.history) >= journal.rows[0] and \
-        len(snapshot.client_log) >= journal.rows[1]
-    jpath = path.with_name(journal.name) if journal is not None else path
-    if journal is None or not grown or not jpath.exists() or jpath.stat().st_size < journal.size:
+    if journal is not None:  # append, unless the rows do not extend it or its committed bytes are gone
+        jpath = path.with_name(journal.name)
+        grown = len(snapshot.history) >= journal.rows[0] and len(snapshot.client_log) >= journal.rows[1]
+        if not grown or not jpath.exists() or jpath.stat().st_size < journal.size:
+            journal = None
+    if journal is None:
         journal = Journal(f"{path.name}.rows.{secrets.token_hex(6)}.jsonl")
         jpath = path.with_name(journal.name)
     data = _lines(snapshot, journal.rows)
@@ -200,13 +202,14 @@ def save(snapshot: Snapshot, path: str | Path) -> Path:
     return Path(path)
 
 
-def sweep(path: str | Path) -> list[Path]:
+def sweep(path: str | Path, loaded: Snapshot | None = None) -> list[Path]:
     """Remove what failed or killed saves left beside the checkpoint at ``path``: its temporary files
-    and the journals it does not name (every journal when there is no checkpoint). Only files named
-    like those in the checkpoint's own directory are touched. Returns the removed paths."""
+    and the journals it does not name (``loaded``: the checkpoint as :func:`load` read it, which saves
+    reading it again; every journal when there is no checkpoint). Only files named like those, in the
+    checkpoint's own directory, are touched. Returns the removed paths."""
     path = Path(path)
-    keep = None
-    if path.exists():
+    keep = loaded.journal.name if loaded is not None and loaded.journal is not None else None
+    if keep is None and path.exists():
         try:
             keep = _read_payload(path)["journal"]["name"]
         except CheckpointError:
@@ -236,18 +239,23 @@ def _damaged(path: Path, what: str) -> CheckpointError:
     return CheckpointError(f"{path} cannot be resumed: {what}")
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _read_payload(path: Path) -> dict[str, Any]:
     """The snapshot file's dict, its format and fields checked (not the journal)."""
     try:
         with torch.serialization.safe_globals([BitCount]):
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise _damaged(path, "it holds objects that a checkpoint never contains (refused without unpickling "
-                             "them)") from None
+        raise _damaged(path, "it is damaged or holds objects that a checkpoint never contains (refused without "
+                             "unpickling them)") from None
     except (RuntimeError, EOFError, ValueError, OSError, IndexError, KeyError) as err:
-        reason = "it is empty" if path.exists() and path.stat().st_size == 0 else \
-            f"it is truncated or damaged ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
-        raise _damaged(path, reason) from None
+        if path.exists() and path.stat().st_size == 0:
+            raise _damaged(path, "it is empty") from None
+        raise _damaged(path, f"it is truncated or damaged ({_first_line(err)})") from None
     if not isinstance(data, dict) or "format" not in data:
         raise _damaged(path, "it is not a fedgluon checkpoint")
     if data["format"] != FORMAT:
@@ -272,6 +280,8 @@ def _read_journal(path: Path, spec: dict[str, Any]) -> tuple[list[dict[str, Any]
             data = fh.read(spec["size"])
     except FileNotFoundError:
         raise _damaged(path, f"its rows journal {jpath.name} is missing") from None
+    except OSError as err:
+        raise _damaged(path, f"its rows journal {jpath.name} cannot be read ({_first_line(err)})") from None
     if len(data) < spec["size"]:
         raise _damaged(path, f"its rows journal {jpath.name} holds {len(data)} bytes, fewer than the "
                              f"{spec['size']} the checkpoint counts")

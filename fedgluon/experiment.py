@@ -134,7 +134,9 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
     Every ``output.checkpoint_every`` rounds, on SIGINT/SIGTERM, on a dead Ray actor and on a
     non-finite server step, ``checkpoint.pt`` is written; the last three raise
     :class:`~fedgluon.checkpoint.RunStopped` after writing the metrics so far (summary without
-    ``"complete": true``). ``resume=True`` continues the run in ``out_dir`` from its checkpoint; the
+    ``"complete": true``), as does an I/O error while saving (:class:`~fedgluon.checkpoint.SaveFailed`,
+    the last complete checkpoint intact). ``resume=True`` continues the run in ``out_dir`` from its
+    checkpoint, after checking it (a bad one is a ConfigError) and removing what killed saves left; the
     final metrics equal an uninterrupted run's in every column but the wall times."""
     out = Path(out_dir) if out_dir is not None else Path(cfg.output.dir) / run_name(cfg)
     spec = spec_of(cfg)
@@ -192,7 +194,7 @@ def _resumable(out: Path, spec: Mapping[str, Any]) -> Snapshot:
     if snapshot.next_round > spec["rounds"]:
         raise ConfigError(f"{path} cannot be resumed: it is at round {snapshot.next_round}, the run has "
                           f"{spec['rounds']} rounds")
-    sweep_checkpoint(path)  # temporary files and journals that killed saves left in this run directory
+    sweep_checkpoint(path, snapshot)  # temporary files and journals that killed saves left in this run directory
     return snapshot
 
 

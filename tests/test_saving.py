@@ -167,7 +167,7 @@ def _finish(path: Path):
     if not path.exists():
         return _plain(path)
     snap = checkpoint.load(path)
-    checkpoint.sweep(path)
+    checkpoint.sweep(path, snap)
     return _plain(path, snap)
 
 
@@ -360,7 +360,8 @@ def _cli(*args: str, kill_at: int | None = None, fsize: int | None = None) -> su
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # inherited through exec: writes past the limit raise EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
-    head = [sys.executable, "-c", KILL_AT_SAVE_STEP, str(kill_at)] if kill_at else [sys.executable, "-m", "fedgluon.cli"]
+    python = [sys.executable, "-c", KILL_AT_SAVE_STEP, str(kill_at)] if kill_at else [sys.executable, "-m"]
+    head = python if kill_at else [*python, "fedgluon.cli"]
     return subprocess.run([*head, "run", *args, "--quiet"], check=False, capture_output=True, text=True, env=ENV,
                           timeout=120,
                           preexec_fn=limit if fsize else None)

@@ -145,6 +145,9 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
         prepare_dir(out, cfg.output.overwrite)
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     task, algorithm = specs.build_cached(spec)
+    if snapshot is not None and sorted(snapshot.client_states) != list(range(len(task.objectives))):
+        raise ConfigError(f"{out / CHECKPOINT} cannot be resumed: it holds the states of {len(snapshot.client_states)} "
+                          f"clients, the run has {len(task.objectives)}")
     task.partition_summary.to_csv(out / "partition.csv", index=False)
     from .driver import client_weights
 

@@ -453,6 +453,14 @@ def test_a_changed_or_missing_journal_is_refused(tmp_path):
     assert "is missing" in _resume_error(run_dir)
 
 
+def test_client_states_of_another_federation_are_refused(tmp_path):
+    run_dir = _stopped_run(tmp_path)
+    with torch.serialization.safe_globals([BitCount]):
+        states = torch.load(run_dir / "checkpoint.pt", weights_only=True)["client_states"]
+    _edit_payload(run_dir / "checkpoint.pt", client_states={**states, 3: states[0]})
+    assert "holds the states of 4 clients, the run has 3" in _resume_error(run_dir)
+
+
 def test_an_old_format_checkpoint_is_refused_with_one_line(tmp_path):
     run_dir = _stopped_run(tmp_path)
     _edit_payload(run_dir / "checkpoint.pt", format=2)

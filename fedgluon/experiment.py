@@ -10,7 +10,8 @@
 | ``model.pt`` | the final parameters (a dict of tensors, ``torch.load(..., weights_only=True)``) |
 | ``plots.png`` | test loss and accuracy vs rounds and vs cumulative uplink bits per client |
 
-| ``checkpoint.pt`` | while the run is unfinished: the state to resume from (fedgluon/checkpoint.py) |
+| ``checkpoint.pt`` | while the run is unfinished: the state to resume from, with its rows journal |
+| ``checkpoint.pt.rows.<id>.jsonl`` | (fedgluon/checkpoint.py) |
 
 A directory without ``"complete": true`` in its summary is never reported as complete; an existing
 directory is only replaced with ``overwrite``; ``run(cfg, resume=True)`` (``fedgluon run --resume
@@ -20,6 +21,7 @@ DIR``) continues an unfinished one from its checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
@@ -32,12 +34,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import spec as specs
-from .checkpoint import Checkpointer, RunStopped, Snapshot
+from .checkpoint import CheckpointError, Checkpointer, RunStopped, Snapshot
 from .checkpoint import load as load_checkpoint
 from .checkpoint import remove as remove_checkpoint
+from .checkpoint import sweep as sweep_checkpoint
 from .memory import client_state_bytes
 from .config import ConfigError, run_name, spec_of
 from .faults import FaultPlan
+
+log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = {
     "round": "round index k (0-based)",
@@ -129,7 +134,9 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
     Every ``output.checkpoint_every`` rounds, on SIGINT/SIGTERM, on a dead Ray actor and on a
     non-finite server step, ``checkpoint.pt`` is written; the last three raise
     :class:`~fedgluon.checkpoint.RunStopped` after writing the metrics so far (summary without
-    ``"complete": true``). ``resume=True`` continues the run in ``out_dir`` from its checkpoint; the
+    ``"complete": true``), as does an I/O error while saving (:class:`~fedgluon.checkpoint.SaveFailed`,
+    the last complete checkpoint intact). ``resume=True`` continues the run in ``out_dir`` from its
+    checkpoint, after checking it (a bad one is a ConfigError) and removing what killed saves left; the
     final metrics equal an uninterrupted run's in every column but the wall times."""
     out = Path(out_dir) if out_dir is not None else Path(cfg.output.dir) / run_name(cfg)
     spec = spec_of(cfg)
@@ -138,12 +145,15 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
         prepare_dir(out, cfg.output.overwrite)
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     task, algorithm = specs.build_cached(spec)
+    if snapshot is not None and sorted(snapshot.client_states) != list(range(len(task.objectives))):
+        raise ConfigError(f"{out / CHECKPOINT} cannot be resumed: it holds the states of {len(snapshot.client_states)} "
+                          f"clients, the run has {len(task.objectives)}")
     task.partition_summary.to_csv(out / "partition.csv", index=False)
     from .driver import client_weights
 
     evaluate = _Evaluator(task, algorithm.geometry, client_weights(task.objectives, spec["weights"]), spec["rounds"],
                           int(cfg.grad_norm_every))
-    checkpointer = Checkpointer(out / CHECKPOINT, int(cfg.output.checkpoint_every), run_key(spec))
+    checkpointer = Checkpointer(out / CHECKPOINT, int(cfg.output.checkpoint_every), run_key(spec), resumed=snapshot)
     t0 = time.perf_counter()
     start = snapshot.next_round if snapshot is not None else 0
     try:
@@ -158,8 +168,11 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
     except RunStopped as err:
         if err.checkpoint is not None:
             snap = load_checkpoint(err.checkpoint)
-            _write_results(out, cfg, snap.history, snap.client_log, None, time.perf_counter() - t0,
-                           stopped=str(err), resumed_from=start)
+            try:
+                _write_results(out, cfg, snap.history, snap.client_log, None, time.perf_counter() - t0,
+                               stopped=str(err), resumed_from=start)
+            except OSError as write_err:  # e.g. the full disk that stopped a save; the checkpoint is intact
+                log.warning("could not write the results of the stopped run to %s: %s", out, write_err)
         raise
     _write_results(out, cfg, history, clients, final, time.perf_counter() - t0, resumed_from=start,
                    state_bytes=state_bytes)
@@ -173,11 +186,18 @@ def _resumable(out: Path, spec: Mapping[str, Any]) -> Snapshot:
     path = out / CHECKPOINT
     if not path.exists():
         raise ConfigError(f"{out} has no {CHECKPOINT} to resume from; rerun it with --overwrite")
-    snapshot = load_checkpoint(path)
+    try:
+        snapshot = load_checkpoint(path)
+    except CheckpointError as err:
+        raise ConfigError(f"{err}; start the run again with --overwrite") from None
     if snapshot.run_key != run_key(spec):
         raise ConfigError(f"{path} was written by a run with another config (task, geometry, algorithm, rounds, "
                           f"seed, participation, weights or eval_every differ); only engine, network and output "
                           f"settings, {', '.join(ENVIRONMENT)} may change on resume")
+    if snapshot.next_round > spec["rounds"]:
+        raise ConfigError(f"{path} cannot be resumed: it is at round {snapshot.next_round}, the run has "
+                          f"{spec['rounds']} rounds")
+    sweep_checkpoint(path, snapshot)  # temporary files and journals that killed saves left in this run directory
     return snapshot
 
 

@@ -42,31 +42,34 @@ def same_run(a: Path, b: Path) -> None:
 
 
 def test_checkpoint_files_are_atomic_and_load_without_unpickling(tmp_path):
-    snap = checkpoint.Snapshot(3, {"X": {"w": torch.randn(3, 2)}, "downlink_bits": BitCount(value_bits=32, n_values=6),
+    snap = checkpoint.Snapshot(1, {"X": {"w": torch.randn(3, 2)}, "downlink_bits": BitCount(value_bits=32, n_values=6),
                                    "optimizer": {"state": {0: {"step": torch.tensor(2.0)}}, "param_groups": [
                                        {"lr": 0.1, "betas": (0.9, 0.99), "params": [0]}]}},
                                {0: None, 1: {"est": {"w": torch.ones(2)}, "commits": torch.tensor(4)}},
                                [{"round": 0, "train_loss": 1.5}], [{"round": 0, "client": 1, "reason": ""}], "key")
     path = checkpoint.save(snap, tmp_path / "c.pt")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "c.pt.rows.jsonl"]  # no temporary file left
+    journal = checkpoint.journal_path(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", journal.name]  # no temporary file left
     back = checkpoint.load(path)
-    assert back.next_round == 3 and back.run_key == "key" and back.history == snap.history
+    assert back.next_round == 1 and back.run_key == "key" and back.history == snap.history
     assert back.server_state["downlink_bits"] == snap.server_state["downlink_bits"]
     assert torch.equal(back.client_states[1]["est"]["w"], torch.ones(2)) and back.client_states[0] is None
     import pickle
 
     class Evil:
         def __reduce__(self):
-            return (os.system, ("true",))
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
 
     torch.save({"format": checkpoint.FORMAT, "evil": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(checkpoint.CheckpointError, match="refused without unpickling") as err:
         checkpoint.load(tmp_path / "evil.pt")
+    assert isinstance(err.value.__context__, pickle.UnpicklingError) and not (tmp_path / "pwned").exists()
 
 
 def test_rows_journal_is_appended_and_reads_exactly_the_counted_rows(tmp_path):
-    """Rows are appended, not re-pickled, per save; lines written after the last snapshot (a crash between
-    journal and snapshot) are ignored on load and dropped by the next process's first save."""
+    """Rows are appended, not re-pickled, per save; bytes written after the last snapshot (a crash between
+    journal and snapshot) are ignored on load and cut by the next save, which appends after the committed
+    length; the resumed process appends to the journal it loaded."""
     path = tmp_path / "c.pt"
     ckpt = Checkpointer(path, every=1)
     history = [{"round": k, "train_loss": float(k), "note": "x"} for k in range(3)]
@@ -79,14 +82,15 @@ def test_rows_journal_is_appended_and_reads_exactly_the_counted_rows(tmp_path):
     assert back.history == history and back.client_log == clients and back.next_round == 3
     with open(journal, "a") as fh:  # a crash after the journal append, before the snapshot rename
         fh.write('{"h": {"round": 3, "train_loss": 9.0}}\n')
-    assert checkpoint.load(path).history == history
-    fresh = Checkpointer(path, every=1)  # the resumed process
+    back = checkpoint.load(path)
+    assert back.history == history
+    fresh = Checkpointer(path, every=1, resumed=back)  # the resumed process
     fresh.after_round(3, lambda: checkpoint.Snapshot(4, {"X": {}}, {}, [*history, {"round": 3, "train_loss": 3.0}],
                                                      clients))
     assert checkpoint.load(path).history[-1] == {"round": 3, "train_loss": 3.0}
-    assert len(journal.read_text().splitlines()) == 4 + 6
+    assert checkpoint.journal_path(path) == journal and len(journal.read_text().splitlines()) == 4 + 6
     journal.write_text(journal.read_text().splitlines()[0] + "\n")
-    with pytest.raises(ValueError, match="fewer rows than"):
+    with pytest.raises(checkpoint.CheckpointError, match="fewer than"):
         checkpoint.load(path)
     checkpoint.remove(path)
     assert not any(tmp_path.iterdir())
@@ -120,7 +124,7 @@ def test_resume_refuses_another_config_and_complete_runs(tmp_path):
     with pytest.raises(config.ConfigError, match="complete run"):
         experiment.run(cfg, progress=False, out_dir=tmp_path / "r", resume=True)
     out = tmp_path / "r"
-    snap = checkpoint.Snapshot(2, {}, {}, run_key="another")
+    snap = checkpoint.Snapshot(0, {}, {}, run_key="another")
     checkpoint.save(snap, out / "checkpoint.pt")
     (out / "summary.json").unlink()
     with pytest.raises(config.ConfigError, match="another config"):

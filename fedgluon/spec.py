@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,4 +79,18 @@ def build(spec: Mapping[str, Any]) -> tuple[Task, Algorithm]:
     name = alg.pop("name", None)
     algorithm = make_algorithm(name, geometry, **alg)
     algorithm.client_device = resolve_device("client_device", spec.get("client_device", "cpu"))
+    check_min_k(algorithm)
     return task, algorithm
+
+
+def check_min_k(algorithm: Algorithm) -> None:
+    """Refuse a sparsifier's ``min_k`` above the largest layer's size ``d``: each layer sends
+    ``k_i = clamp(⌈ratio·d_i⌉, min_k, d_i)`` values, so such a ``min_k`` silently sends every layer whole.
+    (A ``min_k`` above a small layer's size, a bias say, is the intended clamp and is allowed.)"""
+    d = max((math.prod(shape) for shape in algorithm.shapes.values()), default=0)
+    for key in ("compressor", "downlink"):
+        compressor = getattr(algorithm, key, None)
+        min_k = getattr(getattr(compressor, "structure", None), "min_k", None)
+        if min_k is not None and min_k > d:
+            raise ValueError(f"algorithm.{key}.min_k must be an integer in [1, {d}] (the largest layer's size; "
+                             f"a larger min_k sends every layer whole), got {min_k}")

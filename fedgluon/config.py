@@ -257,7 +257,7 @@ RULES: dict[str, tuple[Any, Callable[[Any], bool]]] = {
     "engine.num_gpus": (NONNEG + " (Ray GPUs per client task)", lambda v: v >= 0),
     "engine.address": ("null (a private local Ray), 'auto' or HOST:PORT", lambda v: True),
     "engine.block_size": (POS_INT, lambda v: v >= 1),
-    "engine.client_device": ("one of ['cpu', 'auto', 'cuda', 'cuda:N']", lambda v: True),  # resolve_device
+    "engine.client_device": ("one of ['auto', 'cpu', 'cuda', 'cuda:N']", lambda v: True),  # resolve_device
     "engine.workers": (POS_INT + " (more than 1 with engine.name='plain' only)", lambda v: v >= 1),
     "network.uplink_mbps": (POS, lambda v: v > 0),
     "network.downlink_mbps": (POS, lambda v: v > 0),

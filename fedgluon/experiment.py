@@ -12,9 +12,12 @@
 
 | ``checkpoint.pt`` | while the run is unfinished: the state to resume from (fedgluon/checkpoint.py) |
 
+| ``.fedgluon-run`` | the marker of a directory fedgluon created, and the lock a run holds on it (:data:`MARKER`) |
+
 A directory without ``"complete": true`` in its summary is never reported as complete; an existing
-directory is only replaced with ``overwrite``; ``run(cfg, resume=True)`` (``fedgluon run --resume
-DIR``) continues an unfinished one from its checkpoint.
+directory is only replaced with ``overwrite`` and only if it holds the marker (:func:`prepare_dir`);
+``run(cfg, resume=True)`` (``fedgluon run --resume DIR``) continues an unfinished one from its
+checkpoint. A directory in use by another run is refused.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ The defaults *are* the small, meaningful run that ``fedgluon run`` does with no 
 10 LEAF-synthetic clients, Gluon-EF21-SARAH with top-5% uplink compression, 30 rounds on Flower's
 Ray engine. ``task``, ``geometry`` and ``algorithm`` are open mappings checked by their builders
 (each builder names the allowed options); everything else is typed here, and :data:`RULES` gives
-every field's allowed values. A bad value is one :class:`ConfigError` naming the field and them,
+every field's allowed values (numbers are finite). A bad value is one :class:`ConfigError` naming the field and them,
 whether it is out of range, of the wrong type or missing: null (``key=null``, or an empty ``key:``
 in YAML); OmegaConf's ``???`` merges as "not given" and keeps the default. ``output.overwrite`` is
 never read from a file or an override (:func:`load`'s ``overwrite``).
@@ -14,6 +14,7 @@ never read from a file or an override (:func:`load`'s ``overwrite``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -311,9 +312,10 @@ def validate(cfg: DictConfig) -> None:
     """Check every typed field against :data:`RULES`, then build the task and algorithm once (their
     builders name bad options) and check what depends on them (participation and faults.die against
     the number of clients)."""
+    types = fields()
     for key, (_, ok) in RULES.items():
         value = OmegaConf.select(cfg, key)
-        if not ok(value):
+        if (types[key] is float and not math.isfinite(value)) or not ok(value):
             raise _bad(key, value)
     if cfg.engine.workers != 1 and cfg.engine.name != "plain":
         raise ConfigError(f"engine.workers applies to engine.name='plain' only (Flower engines step one block per "

@@ -17,6 +17,7 @@ import typing
 
 import pytest
 from click.testing import CliRunner
+from omegaconf import OmegaConf
 
 from fedgluon import config
 from fedgluon.cli import main
@@ -63,6 +64,20 @@ def _cases():
             yield pytest.param(key, f"{key}=null", id=f"{key}-missing")
 
 
+def _section_cases():
+    """The scalar options of the default task, geometry and algorithm sections (their builders check
+    them): of the wrong type and null."""
+    defaults = OmegaConf.structured(config.ExperimentConfig)
+    for section in config.SECTIONS:
+        for option, value in defaults[section].items():
+            if option == "name" or not isinstance(value, (int, float, str)):
+                continue
+            key = f"{section}.{option}"
+            wrong = "[1,2]" if isinstance(value, str) else "abc"
+            yield pytest.param(key, f"{key}={wrong}", id=f"{key}-type")
+            yield pytest.param(key, f"{key}=null", id=f"{key}-missing")
+
+
 def test_every_config_field_has_an_out_of_range_case_or_a_reason():
     """A new config field fails here until it gets an out-of-range case (or a reason it has none)."""
     assert set(config.fields()) == set(OUT_OF_RANGE) | set(NO_OUT_OF_RANGE)
@@ -77,7 +92,7 @@ def one_error_line(output: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("key, override", list(_cases()))
+@pytest.mark.parametrize("key, override", [*_cases(), *_section_cases()])
 def test_a_bad_config_field_is_one_error_line_naming_it(tmp_path, monkeypatch, key, override):
     monkeypatch.chdir(tmp_path)
     out = CliRunner().invoke(main, ["run", *BASE, override], catch_exceptions=False)

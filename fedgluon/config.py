@@ -5,10 +5,11 @@ The defaults *are* the small, meaningful run that ``fedgluon run`` does with no 
 10 LEAF-synthetic clients, Gluon-EF21-SARAH with top-5% uplink compression, 30 rounds on Flower's
 Ray engine. ``task``, ``geometry`` and ``algorithm`` are open mappings checked by their builders
 (each builder names the allowed options); everything else is typed here, and :data:`RULES` gives
-every field's allowed values (numbers are finite). A bad value is one :class:`ConfigError` naming the field and them,
-whether it is out of range, of the wrong type or missing: null (``key=null``, or an empty ``key:``
-in YAML); OmegaConf's ``???`` merges as "not given" and keeps the default. ``output.overwrite`` is
-never read from a file or an override (:func:`load`'s ``overwrite``).
+every field's allowed values (numbers are finite). A bad value is one :class:`ConfigError` naming
+the field and its allowed values, whether it is out of range, of the wrong type or missing: null
+(``key=null``, or an empty ``key:`` in YAML); OmegaConf's ``???`` merges as "not given" and keeps
+the default. ``output.overwrite`` is never read from a file or an override (:func:`load`'s
+``overwrite``).
 """
 
 from __future__ import annotations
@@ -296,13 +297,12 @@ def _explain(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or getattr(err, "key", None)
     msg = str(err).splitlines()[0]
     if "Key" in type(err).__name__ or "not in struct" in msg:
-        section, _, _ = str(key).rpartition(".")
-        known = fields()
-        names = sorted({k[len(section) + 1:] for k in known if k.startswith(section + ".")} if section in
-                       ("engine", "network", "output", "faults") else {k.split(".")[0] for k in known})
-        where = f"keys of {section!r} are" if section in ("engine", "network", "output", "faults") else \
-            "top-level keys are"
-        return f"unknown config key {key!r}; {where} {names} (see fedgluon/config.py)"
+        section = str(key).rpartition(".")[0]
+        inner = sorted(k.partition(".")[2] for k in fields() if k.startswith(f"{section}."))
+        if section and inner:  # engine, network, output or faults
+            return f"unknown config key {key!r}; keys of {section!r} are {inner} (see fedgluon/config.py)"
+        top = sorted(f.name for f in dataclasses.fields(ExperimentConfig))
+        return f"unknown config key {key!r}; top-level keys are {top} (see fedgluon/config.py)"
     if key in RULES:
         return f"{key} must be {allowed(str(key))} ({msg})"
     return f"bad value for {key!r}: {msg}"

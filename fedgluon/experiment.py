@@ -200,7 +200,9 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
 
     The directory is created with its :data:`MARKER` (or, with ``output.overwrite``, an existing
     fedgluon run directory is emptied, see :func:`prepare_dir`) and stays locked until the run ends,
-    so no other run can write into it or replace it meanwhile. Every ``output.checkpoint_every`` rounds, on SIGINT/SIGTERM, on a dead Ray actor and on a
+    so no other run can write into it or replace it meanwhile.
+
+    Every ``output.checkpoint_every`` rounds, on SIGINT/SIGTERM, on a dead Ray actor and on a
     non-finite server step, ``checkpoint.pt`` is written; the last three raise
     :class:`~fedgluon.checkpoint.RunStopped` after writing the metrics so far (summary without
     ``"complete": true``). ``resume=True`` continues the run in ``out_dir`` from its checkpoint; the

@@ -52,7 +52,8 @@ def _fail(err: Exception) -> None:
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
 @click.option("--engine", type=click.Choice(["ray", "inprocess", "plain"]), help="override engine.name")
-@click.option("--overwrite", is_flag=True, help="replace an existing run directory")
+@click.option("--overwrite", is_flag=True,
+              help="replace an existing run directory (only one that fedgluon created and no run is using)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
               help="continue the unfinished run in this directory from its checkpoint (OVERRIDES may change "
@@ -70,7 +71,7 @@ def run(config: str | None, overrides: tuple[str, ...], engine: str | None, over
 
     if config is not None and "=" in config and not Path(config).exists():
         overrides, config = (config, *overrides), None
-    extra = [*overrides, *([f"engine.name={engine}"] if engine else []), *(["output.overwrite=true"] if overwrite else [])]
+    extra = [*overrides, *([f"engine.name={engine}"] if engine else [])]
     try:
         if resume_dir is not None:
             if config is not None:
@@ -78,9 +79,9 @@ def run(config: str | None, overrides: tuple[str, ...], engine: str | None, over
             saved = Path(resume_dir) / "config.yaml"
             if not saved.exists():
                 raise ConfigError(f"{resume_dir} is not a run directory (no config.yaml)")
-            out = run_experiment(load(saved, extra), progress=not quiet, out_dir=resume_dir, resume=True)
+            out = run_experiment(load(saved, extra, own_run=True), progress=not quiet, out_dir=resume_dir, resume=True)
         else:
-            out = run_experiment(load(config, extra), progress=not quiet)
+            out = run_experiment(load(config, extra, overwrite=overwrite), progress=not quiet)
     except ConfigError as err:
         _fail(err)
         return
@@ -95,7 +96,7 @@ def run(config: str | None, overrides: tuple[str, ...], engine: str | None, over
                 "downlink_bits_total", "sim_time", "rejected", "failed", "wall_time"):
         value = summary.get(key)
         click.echo(f"  {key:24s} {value:.6g}" if isinstance(value, float) else f"  {key:24s} {value}")
-    click.echo(f"  files: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    click.echo(f"  files: {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

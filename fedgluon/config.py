@@ -4,11 +4,20 @@ overrides, validated with errors that name the field and the allowed values.
 The defaults *are* the small, meaningful run that ``fedgluon run`` does with no arguments:
 10 LEAF-synthetic clients, Gluon-EF21-SARAH with top-5% uplink compression, 30 rounds on Flower's
 Ray engine. ``task``, ``geometry`` and ``algorithm`` are open mappings checked by their builders
-(each builder names the allowed options); everything else is typed here.
+(each builder names the allowed options); everything else is typed here, and :data:`RULES` gives
+every field's allowed values (numbers are finite). A bad value is one :class:`ConfigError` naming
+the field and its allowed values, whether it is out of range, of the wrong type or missing: null
+(``key=null``, or an empty ``key:`` in YAML); OmegaConf's ``???`` merges as "not given" and keeps
+the default. ``output.overwrite`` is never read from a file or an override (:func:`load`'s
+``overwrite``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +57,7 @@ class NetworkConfig:
 class OutputConfig:
     dir: str = "runs"
     name: str | None = None  # default: <algorithm>-<task>-s<seed>
-    overwrite: bool = False
+    overwrite: bool = False  # set by `fedgluon run --overwrite` / load(overwrite=True) only, never by a file
     save_model: bool = True
     checkpoint_every: int = 10  # rounds between checkpoints (0: only on SIGINT/SIGTERM and fatal stops)
 
@@ -92,19 +101,20 @@ SECTIONS = ("task", "geometry", "algorithm")
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-         replace: dict[str, Any] | None = None) -> DictConfig:
+         replace: dict[str, Any] | None = None, *, overwrite: bool = False, own_run: bool = False) -> DictConfig:
     """Defaults ← YAML file ← whole ``replace``d sections ← ``key=value`` overrides, then :func:`validate`.
 
     ``replace={"algorithm": {...}}`` swaps a section for a new mapping instead of merging into it (a
-    sweep over algorithms whose options differ)."""
+    sweep over algorithms whose options differ). ``output.overwrite`` is never read from the file or the
+    overrides (a shared YAML file must not be able to delete a run directory): it is ``overwrite``,
+    which ``fedgluon run --overwrite`` sets. ``own_run=True`` marks ``path`` as a run's own
+    ``config.yaml`` (``--resume``), whose ``output.overwrite`` only records how that run started and
+    is ignored. The file is read with YAML's safe loader: tags such as ``!!python/object`` are refused."""
     try:
         cfg = OmegaConf.structured(ExperimentConfig)
         user = OmegaConf.create({})
         if path is not None:
-            p = Path(path)
-            if not p.exists():
-                raise ConfigError(f"config file {p} not found")
-            user = OmegaConf.merge(user, OmegaConf.load(p))
+            user = OmegaConf.merge(user, _read_yaml(Path(path), own_run))
         for section, value in (replace or {}).items():
             if section not in SECTIONS or not isinstance(value, dict):
                 raise ConfigError(f"only the sections {list(SECTIONS)} can be replaced by a mapping, got {section!r}")
@@ -114,7 +124,9 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"overrides must look like key=value, got {bad}")
-            user = OmegaConf.merge(user, OmegaConf.from_dotlist(list(overrides)))
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+            _refuse_overwrite(dotlist, "a key=value override")
+            user = OmegaConf.merge(user, dotlist)
         for section in SECTIONS:
             named = user.get(section, {}).get("name") if isinstance(user.get(section), DictConfig) else None
             if named is not None and named != cfg[section].get("name"):
@@ -122,10 +134,42 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             if isinstance(user.get(section), DictConfig):
                 cfg[section] = _without_renamed_parts(cfg[section], user[section])
         cfg = OmegaConf.merge(cfg, user)
+        cfg.output.overwrite = bool(overwrite)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None
     validate(cfg)
     return cfg
+
+
+def _read_yaml(path: Path, own_run: bool) -> DictConfig:
+    """A config file as a mapping, read by OmegaConf's (safe) YAML loader; any failure is a ConfigError."""
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not plain YAML{where}: {problem}; tags such as !!python/... "
+                          f"are not allowed") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read: {err}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of config keys, got a list")
+    if own_run and isinstance(loaded.get("output"), DictConfig) and "overwrite" in loaded.output:
+        del loaded.output["overwrite"]
+    _refuse_overwrite(loaded, f"config file {path}")
+    return loaded
+
+
+def _refuse_overwrite(user: DictConfig, source: str) -> None:
+    output = user.get("output")
+    if isinstance(output, DictConfig) and "overwrite" in output:
+        raise ConfigError(f"output.overwrite must not be set in {source}: overwriting is requested only by "
+                          f"`fedgluon run --overwrite` or config.load(..., overwrite=True)")
 
 
 def _defaults_that_apply(section: str, name: str, defaults: DictConfig) -> dict[str, Any]:
@@ -159,62 +203,155 @@ def _without_renamed_parts(defaults: DictConfig, user: DictConfig) -> DictConfig
     return OmegaConf.create(out)
 
 
+def fields(cls: type | None = None, prefix: str = "") -> dict[str, Any]:
+    """Every field of the structured config, ``{dotted key: type}`` (``engine.num_gpus: float``…); the
+    open sections ``task``, ``geometry``, ``algorithm`` are one field each."""
+    cls = cls or ExperimentConfig
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(fields(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = hints[f.name]
+    return out
+
+
+def _conventions() -> list[str]:
+    from compressors import CONVENTIONS
+
+    return list(CONVENTIONS)
+
+
+def _registry(section: str) -> list[str]:
+    if section == "task":
+        from .tasks import TASKS
+
+        return sorted(TASKS)
+    from .algorithms import ALGORITHMS
+
+    return sorted(ALGORITHMS)
+
+
+def _count(v: Any) -> bool:
+    return 0 < v <= 1 or (v > 1 and float(v).is_integer())
+
+
+def _plain_name(v: Any) -> bool:
+    return v is None or (v not in ("", ".", "..") and "/" not in v and "\\" not in v and "\0" not in v
+                         and not Path(v).is_absolute())
+
+
+NONNEG_INT, POS_INT, NONNEG, POS = "an integer >= 0", "an integer >= 1", "a number >= 0", "a number > 0"
+RULES: dict[str, tuple[Any, Callable[[Any], bool]]] = {
+    # dotted key: (the allowed values in words, or a function giving them; the check of a typed value)
+    "task": (lambda: f"a mapping with task.name one of {_registry('task')} and that task's options", lambda v: True),
+    "geometry": ("a mapping of geometry options (preset, overrides, lmo_device, ...)", lambda v: True),
+    "algorithm": (lambda: f"a mapping with algorithm.name one of {_registry('algorithm')} and its options",
+                  lambda v: True),
+    "rounds": (NONNEG_INT, lambda v: v >= 0),
+    "seed": (NONNEG_INT, lambda v: v >= 0),
+    "participation": ("a fraction in (0, 1] or a whole number of clients (at most task.num_clients)", _count),
+    "weights": ("one of ['uniform', 'samples']", lambda v: v in ("uniform", "samples")),
+    "eval_every": (POS_INT, lambda v: v >= 1),
+    "grad_norm_every": (NONNEG_INT + " (0: never)", lambda v: v >= 0),
+    "threads": (POS_INT + " (torch threads per client task)", lambda v: v >= 1),
+    "round_timeout": ("a number of seconds > 0", lambda v: v > 0),
+    "node_timeout": ("a number of seconds > 0", lambda v: v > 0),
+    "engine.name": (f"one of {list(ENGINES)}", lambda v: v in ENGINES),
+    "engine.num_cpus": (POS + " (Ray CPUs per client task)", lambda v: v > 0),
+    "engine.num_gpus": (NONNEG + " (Ray GPUs per client task)", lambda v: v >= 0),
+    "engine.address": ("null (a private local Ray), 'auto' or HOST:PORT", lambda v: True),
+    "engine.block_size": (POS_INT, lambda v: v >= 1),
+    "engine.client_device": ("one of ['auto', 'cpu', 'cuda', 'cuda:N']", lambda v: True),  # resolve_device
+    "engine.workers": (POS_INT + " (more than 1 with engine.name='plain' only)", lambda v: v >= 1),
+    "network.uplink_mbps": (POS, lambda v: v > 0),
+    "network.downlink_mbps": (POS, lambda v: v > 0),
+    "network.latency_ms": (NONNEG, lambda v: v >= 0),
+    "network.bits": (lambda: f"one of {_conventions()}", lambda v: v in _conventions()),
+    "output.dir": ("a directory path", lambda v: True),
+    "output.name": ("null (<algorithm>-<task>-s<seed>) or a plain name: no path separator, not '.' or '..', "
+                    "not absolute", _plain_name),
+    "output.overwrite": ("set by `fedgluon run --overwrite` or load(..., overwrite=True) only", lambda v: True),
+    "output.save_model": ("true or false", lambda v: True),
+    "output.checkpoint_every": (NONNEG_INT + " (0: only on SIGINT/SIGTERM and fatal stops)", lambda v: v >= 0),
+    "faults.raise_prob": ("a probability in [0, 1] (raise_prob + delay_prob <= 1)", lambda v: 0 <= v <= 1),
+    "faults.delay_prob": ("a probability in [0, 1] (raise_prob + delay_prob <= 1)", lambda v: 0 <= v <= 1),
+    "faults.delay_s": ("a number of seconds >= 0", lambda v: v >= 0),
+    "faults.die": ("a list of [round, client] pairs of integers, 0 <= round < rounds, 0 <= client < num_clients",
+                   lambda v: True),  # checked against the task in validate
+}
+
+
+def allowed(key: str) -> str:
+    """The allowed values of a config field, in words."""
+    text = RULES[key][0]
+    return text() if callable(text) else text
+
+
+def _bad(key: str, value: Any) -> ConfigError:
+    return ConfigError(f"{key} must be {allowed(key)}, got {value!r}")
+
+
 def _explain(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or getattr(err, "key", None)
     msg = str(err).splitlines()[0]
     if "Key" in type(err).__name__ or "not in struct" in msg:
-        allowed = sorted(f.name for f in ExperimentConfig.__dataclass_fields__.values())
-        return f"unknown config key {key!r}; top-level keys are {allowed} (see fedgluon/config.py)"
+        section = str(key).rpartition(".")[0]
+        inner = sorted(k.partition(".")[2] for k in fields() if k.startswith(f"{section}."))
+        if section and inner:  # engine, network, output or faults
+            return f"unknown config key {key!r}; keys of {section!r} are {inner} (see fedgluon/config.py)"
+        top = sorted(f.name for f in dataclasses.fields(ExperimentConfig))
+        return f"unknown config key {key!r}; top-level keys are {top} (see fedgluon/config.py)"
+    if key in RULES:
+        return f"{key} must be {allowed(str(key))} ({msg})"
     return f"bad value for {key!r}: {msg}"
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check the typed fields, then build the task and algorithm once (their builders name bad options)."""
-    from .algorithms import ALGORITHMS
-    from .tasks import TASKS
-
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
-    need(cfg.rounds >= 0, f"rounds must be >= 0, got {cfg.rounds}")
-    need(cfg.engine.name in ENGINES, f"engine.name must be one of {list(ENGINES)}, got {cfg.engine.name!r}")
-    need(cfg.weights in ("uniform", "samples"), f"weights must be one of ['uniform', 'samples'], got {cfg.weights!r}")
-    need(cfg.participation > 0, f"participation must be a fraction in (0, 1] or a client count, got {cfg.participation}")
-    need(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every}")
-    need(cfg.grad_norm_every >= 0, f"grad_norm_every must be >= 0, got {cfg.grad_norm_every}")
-    need(cfg.engine.num_cpus > 0, f"engine.num_cpus must be > 0, got {cfg.engine.num_cpus}")
-    need(cfg.engine.block_size >= 1, f"engine.block_size must be >= 1, got {cfg.engine.block_size}")
-    need(cfg.engine.workers >= 1, f"engine.workers must be >= 1, got {cfg.engine.workers}")
-    need(cfg.engine.workers == 1 or cfg.engine.name == "plain",
-         f"engine.workers applies to engine.name='plain' only (Flower engines step one block per node), "
-         f"got engine.workers={cfg.engine.workers} with engine.name={cfg.engine.name!r}")
+    """Check every typed field against :data:`RULES`, then build the task and algorithm once (their
+    builders name bad options) and check what depends on them (participation and faults.die against
+    the number of clients)."""
+    types = fields()
+    for key, (_, ok) in RULES.items():
+        value = OmegaConf.select(cfg, key)
+        if (types[key] is float and not math.isfinite(value)) or not ok(value):
+            raise _bad(key, value)
+    if cfg.engine.workers != 1 and cfg.engine.name != "plain":
+        raise ConfigError(f"engine.workers applies to engine.name='plain' only (Flower engines step one block per "
+                          f"node), got engine.workers={cfg.engine.workers} with engine.name={cfg.engine.name!r}")
     try:
         from .devices import resolve_device
 
         resolve_device("engine.client_device", cfg.engine.client_device)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    need(cfg.output.checkpoint_every >= 0, f"output.checkpoint_every must be >= 0, got {cfg.output.checkpoint_every}")
-    need(cfg.round_timeout > 0, f"round_timeout must be > 0 seconds, got {cfg.round_timeout}")
-    for key in ("uplink_mbps", "downlink_mbps"):
-        need(cfg.network[key] > 0, f"network.{key} must be > 0, got {cfg.network[key]}")
-    from compressors import CONVENTIONS
-
-    need(cfg.network.bits in CONVENTIONS, f"network.bits must be one of {list(CONVENTIONS)}, got {cfg.network.bits!r}")
-    need(cfg.task.get("name") in TASKS, f"task.name must be one of {sorted(TASKS)}, got {cfg.task.get('name')!r}")
-    need(cfg.algorithm.get("name") in ALGORITHMS,
-         f"algorithm.name must be one of {sorted(ALGORITHMS)}, got {cfg.algorithm.get('name')!r}")
+    die = OmegaConf.to_container(cfg.faults.die)
+    if not all(isinstance(d, list) and len(d) == 2 and all(type(x) is int and x >= 0 for x in d) for d in die):
+        raise _bad("faults.die", die)
+    for section in ("task", "algorithm"):
+        if cfg[section].get("name") not in _registry(section):
+            raise ConfigError(f"{section}.name must be one of {_registry(section)}, got {cfg[section].get('name')!r}")
     try:
         from . import spec as specs
 
-        specs.build_cached(spec_of(cfg))
+        task, _ = specs.build_cached(spec_of(cfg))
     except ConfigError:
         raise
     except FileNotFoundError as err:
         raise ConfigError(f"task: {err}") from None
     except (ValueError, TypeError) as err:
         raise ConfigError(str(err)) from None
+    except Exception as err:  # noqa: BLE001 - a builder's unforeseen failure is still one line, not a traceback
+        raise ConfigError(f"building the task and algorithm failed: {type(err).__name__}: {err}") from None
+    n = len(task.objectives)
+    if cfg.participation > n:
+        raise ConfigError(f"participation must be a fraction in (0, 1] or a whole number of clients in [1, {n}] "
+                          f"(task has {n} clients), got {cfg.participation}")
+    missing = [d for d in die if d[0] >= cfg.rounds or d[1] >= n]
+    if missing:
+        raise ConfigError(f"faults.die must be a list of [round, client] pairs with 0 <= round < {cfg.rounds} "
+                          f"and 0 <= client < {n}, got {missing}")
 
 
 def spec_of(cfg: DictConfig) -> dict[str, Any]:

@@ -13,9 +13,12 @@
 | ``checkpoint.pt`` | while the run is unfinished: the state to resume from, with its rows journal |
 | ``checkpoint.pt.rows.<id>.jsonl`` | (fedgluon/checkpoint.py) |
 
+| ``.fedgluon-run`` | the marker of a directory fedgluon created, and the lock a run holds on it (:data:`MARKER`) |
+
 A directory without ``"complete": true`` in its summary is never reported as complete; an existing
-directory is only replaced with ``overwrite``; ``run(cfg, resume=True)`` (``fedgluon run --resume
-DIR``) continues an unfinished one from its checkpoint.
+directory is only replaced with ``overwrite`` and only if it holds the marker (:func:`prepare_dir`);
+``run(cfg, resume=True)`` (``fedgluon run --resume DIR``) continues an unfinished one from its
+checkpoint. A directory in use by another run is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -107,13 +111,81 @@ def is_complete(run_dir: str | Path) -> bool:
         return False
 
 
-def prepare_dir(out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not overwrite:
-            state = "a complete" if is_complete(out) else "an incomplete"
-            raise ConfigError(f"{out} holds {state} run; pass --overwrite (output.overwrite=true) to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+MARKER = ".fedgluon-run"
+"""The file in every run directory fedgluon creates: ``--overwrite`` deletes only directories that hold
+it, and a run holds an exclusive ``flock`` on it for its whole life (the OS releases it when the
+process ends, however it ends), so a second run on the same directory is refused."""
+
+
+class RunDirLock:
+    """An exclusive, non-blocking ``flock`` on a run directory's :data:`MARKER` file (created if absent);
+    :meth:`release` (or the process's end) frees it."""
+
+    def __init__(self, out: Path):
+        import fcntl
+
+        self.path = out / MARKER
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise ConfigError(f"cannot lock the run directory {out}: {err.strerror or err}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 200).decode(errors="replace").split("pid ")[-1].strip() or "?"
+            os.close(self.fd)
+            raise ConfigError(f"{out} is in use by another fedgluon run (process {holder}); wait for it to end "
+                              f"or choose another output.name") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"fedgluon run directory; locked by pid {os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the only descriptor drops the flock
+            self.fd = -1
+
+    def __enter__(self) -> RunDirLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def prepare_dir(out: Path, overwrite: bool) -> RunDirLock:
+    """Create the run directory ``out`` (with its :data:`MARKER`) and lock it; returns the held lock.
+
+    An existing ``out`` is refused unless ``overwrite``; even then only when it holds the marker (a
+    directory fedgluon did not create is left untouched) and no other run holds its lock. Replacing it
+    deletes every entry inside it but the marker, whose lock stays held meanwhile. OS errors (an
+    unwritable ``output.dir``, say) become one-line :class:`ConfigError`s."""
+    try:
+        if out.exists() or out.is_symlink():
+            return _reuse_dir(out, overwrite)
+        out.mkdir(parents=True)  # FileExistsError if another run created it meanwhile: refused
+        return RunDirLock(out)
+    except OSError as err:
+        raise ConfigError(f"cannot create the run directory {out}: {err.strerror or err}") from None
+
+
+def _reuse_dir(out: Path, overwrite: bool) -> RunDirLock:
+    if not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a directory; choose another output.name")
+    if not (out / MARKER).is_file():
+        raise ConfigError(f"{out} exists and was not created by fedgluon (it has no {MARKER} file), so it is "
+                          f"never replaced, even with --overwrite; choose another output.name or output.dir")
+    lock = RunDirLock(out)
+    if not overwrite:
+        lock.release()
+        state = "a complete" if is_complete(out) else "an incomplete"
+        raise ConfigError(f"{out} holds {state} run; pass --overwrite to replace it")
+    for entry in out.iterdir():
+        if entry.name == MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    return lock
 
 
 CHECKPOINT = "checkpoint.pt"
@@ -131,6 +203,10 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
         on_round: Callable[[dict[str, Any]], None] | None = None, resume: bool = False) -> Path:
     """Run ``cfg`` on its engine and write the run directory (module docstring); returns its path.
 
+    The directory is created with its :data:`MARKER` (or, with ``output.overwrite``, an existing
+    fedgluon run directory is emptied, see :func:`prepare_dir`) and stays locked until the run ends,
+    so no other run can write into it or replace it meanwhile.
+
     Every ``output.checkpoint_every`` rounds, on SIGINT/SIGTERM, on a dead Ray actor and on a
     non-finite server step, ``checkpoint.pt`` is written; the last three raise
     :class:`~fedgluon.checkpoint.RunStopped` after writing the metrics so far (summary without
@@ -139,11 +215,16 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
     checkpoint, after checking it (a bad one is a ConfigError) and removing what killed saves left; the
     final metrics equal an uninterrupted run's in every column but the wall times."""
     out = Path(out_dir) if out_dir is not None else Path(cfg.output.dir) / run_name(cfg)
+    with RunDirLock(out) if resume else prepare_dir(out, cfg.output.overwrite):
+        return _run_locked(cfg, out, progress, on_round, resume)
+
+
+def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[dict[str, Any]], None] | None,
+                resume: bool) -> Path:
+    """:func:`run` in its locked run directory ``out``."""
     spec = spec_of(cfg)
     snapshot = _resumable(out, spec) if resume else None
-    if snapshot is None:
-        prepare_dir(out, cfg.output.overwrite)
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    _save_config(cfg, out / "config.yaml")
     task, algorithm = specs.build_cached(spec)
     if snapshot is not None and sorted(snapshot.client_states) != list(range(len(task.objectives))):
         raise ConfigError(f"{out / CHECKPOINT} cannot be resumed: it holds the states of {len(snapshot.client_states)} "
@@ -178,6 +259,15 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
                    state_bytes=state_bytes)
     remove_checkpoint(out / CHECKPOINT)
     return out
+
+
+def _save_config(cfg: DictConfig, path: Path) -> None:
+    """The resolved config, without ``output.overwrite``: that is a request of the command that started
+    the run, never part of a config (fedgluon.config.load refuses it in a file)."""
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(saved, dict)
+    saved["output"].pop("overwrite", None)
+    OmegaConf.save(OmegaConf.create(saved), path)
 
 
 def _resumable(out: Path, spec: Mapping[str, Any]) -> Snapshot:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,10 +74,80 @@ def build_cached(spec: Mapping[str, Any]) -> tuple[Task, Algorithm]:
 def build(spec: Mapping[str, Any]) -> tuple[Task, Algorithm]:
     """The task and the algorithm of a (normalised) spec; the task seed defaults to the run seed."""
     task_spec = {"seed": spec["seed"], **spec["task"]}
+    check_option_types(task_spec, spec["algorithm"])
     task = make_task(task_spec)
     geometry = Geometry.from_model(task.model, **spec["geometry"])
     alg = dict(spec["algorithm"])
     name = alg.pop("name", None)
     algorithm = make_algorithm(name, geometry, **alg)
     algorithm.client_device = resolve_device("client_device", spec.get("client_device", "cpu"))
+    check_min_k(algorithm)
     return task, algorithm
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_KINDS: dict[Any, tuple[str, Any]] = {  # a scalar type: (in words, its check)
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", _is_number),
+    str: ("a string", lambda v: isinstance(v, str)),
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def _task_kinds(name: str) -> dict[str, tuple[str, Any]]:
+    """The scalar options of a task builder (and of the partitioned tasks' shared options), by annotation;
+    ``X | None`` also takes null."""
+    from . import tasks
+
+    kinds: dict[str, tuple[str, Any]] = {}
+    for fn in (tasks._classification, tasks.TASKS[name]):
+        for key, hint in typing.get_type_hints(fn).items():
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            optional = len(args) < len(typing.get_args(hint))
+            base = args[0] if optional and len(args) == 1 else hint
+            if base in _KINDS:
+                words, ok = _KINDS[base]
+                kinds[key] = (words + " or null", lambda v, ok=ok: v is None or ok(v)) if optional else (words, ok)
+    return kinds
+
+
+def check_option_types(task: Mapping[str, Any], algorithm: Mapping[str, Any]) -> None:
+    """Refuse a task or algorithm option of the wrong scalar type (``task.num_clients=abc``,
+    ``algorithm.lr=abc``) with a message naming it, before a builder trips over it. Task options are
+    checked against the builder's annotations, algorithm options against the type of their default
+    (a number, a boolean or a string; options whose default is null or a mapping are the builders')."""
+    from .algorithms import ALGORITHMS
+    from .tasks import TASKS
+
+    if task.get("name") in TASKS:
+        kinds = _task_kinds(task["name"])
+        for key, value in task.items():
+            if key in kinds and not kinds[key][1](value):
+                raise ValueError(f"task.{key} must be {kinds[key][0]}, got {value!r}")
+    cls = ALGORITHMS.get(algorithm.get("name"))
+    defaults = {**cls.BASE_OPTIONS, **cls.OPTIONS} if cls is not None else {}
+    for key, value in algorithm.items():
+        default = defaults.get(key)
+        kind = bool if isinstance(default, bool) else float if _is_number(default) else \
+            str if isinstance(default, str) else None
+        if kind is None or (kind is not str and isinstance(value, (Mapping, list))):
+            continue  # a mapping or list for a number or a flag (a per-layer value, say) is the builder's to judge
+        words, ok = _KINDS[kind]
+        if not ok(value):
+            raise ValueError(f"algorithm.{key} must be {words}, got {value!r}")
+
+
+def check_min_k(algorithm: Algorithm) -> None:
+    """Refuse a sparsifier's ``min_k`` above the largest layer's size ``d``: each layer sends
+    ``k_i = clamp(⌈ratio·d_i⌉, min_k, d_i)`` values, so such a ``min_k`` silently sends every layer whole.
+    (A ``min_k`` above a small layer's size, a bias say, is the intended clamp and is allowed.)"""
+    d = max((math.prod(shape) for shape in algorithm.shapes.values()), default=0)
+    for key in ("compressor", "downlink"):
+        compressor = getattr(algorithm, key, None)
+        min_k = getattr(getattr(compressor, "structure", None), "min_k", None)
+        if min_k is not None and min_k > d:
+            raise ValueError(f"algorithm.{key}.min_k must be an integer in [1, {d}] (the largest layer's size; "
+                             f"a larger min_k sends every layer whole), got {min_k}")

@@ -277,6 +277,11 @@ def make_task(spec: Mapping[str, Any]) -> Task:
     name = spec.pop("name", None)
     if name not in TASKS:
         raise ValueError(f"task.name must be one of {sorted(TASKS)}, got {name!r}")
+    hidden = spec.get("hidden")
+    if hidden is not None and not (isinstance(hidden, (list, tuple)) and
+                                   all(type(w) is int and w >= 1 for w in hidden)):
+        raise ValueError(f"task.hidden must be a list of hidden layer widths, integers >= 1 ([] for none), "
+                         f"got {hidden!r}")
     try:
         return TASKS[name](**spec)
     except TypeError as err:

@@ -63,7 +63,7 @@ def test_run_writes_documented_files_and_columns(tmp_path, monkeypatch):
     (["task.name=digits", "task.loss=hinge"], ["task loss must be one of", "sigmoid_squared"]),
     (["engine.client_device=tpu"], ["engine.client_device must be one of", "cuda:N"]),
     (["geometry.lmo_device=npu"], ["geometry.lmo_device must be one of", "same"]),
-    (["engine.workers=0"], ["engine.workers must be >= 1"]),
+    (["engine.workers=0"], ["engine.workers must be an integer >= 1"]),
     (["engine.name=ray", "engine.workers=2"], ["engine.workers applies to engine.name='plain' only"]),
 ])
 def test_invalid_configs_exit_nonzero_naming_the_field(tmp_path, monkeypatch, args, words):

@@ -82,6 +82,7 @@ class ExperimentConfig:
     threads: int = 1
     round_timeout: float = 120.0
     node_timeout: float = 60.0
+    max_failed_rounds: int = 10  # stop after this many consecutive rounds without an accepted client (0: never)
     engine: EngineConfig = field(default_factory=EngineConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -197,6 +198,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(str(err)) from None
     need(cfg.output.checkpoint_every >= 0, f"output.checkpoint_every must be >= 0, got {cfg.output.checkpoint_every}")
     need(cfg.round_timeout > 0, f"round_timeout must be > 0 seconds, got {cfg.round_timeout}")
+    need(cfg.max_failed_rounds >= 0, f"max_failed_rounds must be an integer >= 0 (0: never stop), "
+                                     f"got {cfg.max_failed_rounds}")
     for key in ("uplink_mbps", "downlink_mbps"):
         need(cfg.network[key] > 0, f"network.{key} must be > 0, got {cfg.network[key]}")
     from compressors import CONVENTIONS
@@ -231,7 +234,8 @@ def spec_of(cfg: DictConfig) -> dict[str, Any]:
                             "weights": c["weights"], "eval_every": c["eval_every"], "threads": c["threads"],
                             "round_timeout": c["round_timeout"], "node_timeout": c["node_timeout"],
                             "faults": c["faults"], "block_size": c["engine"]["block_size"],
-                            "client_device": c["engine"]["client_device"]})
+                            "client_device": c["engine"]["client_device"],
+                            "max_failed_rounds": c["max_failed_rounds"]})
 
 
 def run_name(cfg: DictConfig) -> str:

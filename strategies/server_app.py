@@ -53,7 +53,9 @@ def serve(grid: Grid, spec: Mapping[str, Any], on_round: Callable[[dict[str, Any
     strategy = GluonStrategy(algorithm, X0, task.num_clients, seed=spec["seed"], participation=spec["participation"],
                              weights=spec["weights"], evaluate=evaluate or (lambda X, k: task.evaluate(X)),
                              eval_every=spec["eval_every"], on_round=on_round, rounds=spec["rounds"],
-                             checkpointer=checkpointer, resume=resume, block_size=int(spec["block_size"]))
+                             checkpointer=checkpointer, resume=resume, block_size=int(spec["block_size"]),
+                             sizes=[objective.num_samples for objective in task.objectives],
+                             max_failed_rounds=int(spec["max_failed_rounds"]))
     poll_faster(grid)
     wake = dispatch.active()
     if wake is not None:  # Flower's simulation under fedgluon.engines.run_ray: event-driven hand-off

@@ -161,7 +161,8 @@ class Federation:
         started = time.perf_counter()
         state, outcome = self.algorithm.server_step(self.server_state, replies, bc, self.weights)
         server_time = time.perf_counter() - started
-        self._require_finite(k, _non_finite_state(state))
+        bad = _non_finite_state(state)
+        self._require_finite(k, [f"the server state ({', '.join(bad[:4])}{' …' if len(bad) > 4 else ''})"] if bad else [])
         outcome.rejected.update(pre_rejected or {})
         outcome.rejected = {j: clip_text(why) for j, why in outcome.rejected.items()}
         receivers = self.num_clients if self.algorithm.downlink is not None else len(S)
@@ -221,13 +222,13 @@ class Federation:
 
 
 def _non_finite_state(state: Mapping[str, Any]) -> list[str]:
-    """The server state's entries holding a NaN/Inf, by path (``X.w``, ``G.w``, ``optimizer.state.0.exp_avg``)."""
+    """The server state's tensors holding a NaN/Inf, by path (``X.w``, ``G.w``, ``optimizer.state.0.exp_avg``)."""
     bad: list[str] = []
 
     def visit(obj: Any, path: str) -> None:
         if isinstance(obj, Tensor):
             if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
-                bad.append(f"the server state's {path}")
+                bad.append(path)
         elif isinstance(obj, Mapping):
             for key, value in obj.items():
                 visit(value, f"{path}.{key}" if path else str(key))

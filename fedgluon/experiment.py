@@ -137,8 +137,9 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
     Every ``output.checkpoint_every`` rounds, on SIGINT/SIGTERM, on a dead Ray actor, on a NaN/Inf the
     server computed and after ``max_failed_rounds`` rounds without an accepted client,
     ``checkpoint.pt`` is written; all but the first raise :class:`~fedgluon.checkpoint.RunStopped` after
-    writing the metrics so far (summary with ``"complete": false`` and the reason). ``resume=True`` continues the run in ``out_dir`` from its checkpoint; the
-    final metrics equal an uninterrupted run's in every column but the wall times."""
+    writing the metrics so far (summary with ``"complete": false`` and the reason). ``resume=True``
+    continues the run in ``out_dir`` from its checkpoint; the final metrics equal an uninterrupted run's
+    in every column but the wall times."""
     out = Path(out_dir) if out_dir is not None else Path(cfg.output.dir) / run_name(cfg)
     spec = spec_of(cfg)
     snapshot = _resumable(out, spec) if resume else None

@@ -162,7 +162,8 @@ class Federation:
         state, outcome = self.algorithm.server_step(self.server_state, replies, bc, self.weights)
         server_time = time.perf_counter() - started
         bad = _non_finite_state(state)
-        self._require_finite(k, [f"the server state ({', '.join(bad[:4])}{' …' if len(bad) > 4 else ''})"] if bad else [])
+        self._require_finite(k, [f"the server state ({', '.join(bad[:4])}{' …' if len(bad) > 4 else ''})"]
+                             if bad else [])
         outcome.rejected.update(pre_rejected or {})
         outcome.rejected = {j: clip_text(why) for j, why in outcome.rejected.items()}
         receivers = self.num_clients if self.algorithm.downlink is not None else len(S)

@@ -270,7 +270,8 @@ class GluonStrategy(Strategy):
                 self.columns.offer(read.replies, read.proposed)
         for j in plan.participants:
             if j not in parsed and j not in failed and j not in pre_rejected:
-                failed[j] = "no reply before the round timeout" if block_of(j, self.block_size) in self.node_of else NO_NODE
+                held = block_of(j, self.block_size) in self.node_of
+                failed[j] = "no reply before the round timeout" if held else NO_NODE
         try:
             row = self.federation.close_round(plan, parsed, proposed, failed, pre_rejected, died=died)
         finally:  # also when the run stops: no committed state keeps a partly committed reply alive

@@ -1,8 +1,8 @@
 """Hostile replies through the real strategy: hypothesis corrupts the Flower records of genuine client replies
-(missing/extra arrays, NaN/Inf, finite values beyond the server's bound, wrong lengths, dtypes, shapes, codecs, out-of-range or duplicate indices,
-wrong round or client ids, missing records, pickled objects, garbage bytes). No exception escapes, nothing
-is unpickled, and after every round the server state equals the state computed from the valid replies alone;
-corrupted clients keep their state."""
+(missing/extra arrays, NaN/Inf, finite values beyond the server's bound, wrong lengths, dtypes, shapes, codecs,
+out-of-range or duplicate indices, wrong round or client ids, missing records, pickled objects, garbage bytes).
+No exception escapes, nothing is unpickled, and after every round the server state equals the state computed
+from the valid replies alone; corrupted clients keep their state."""
 
 import copy
 import io

@@ -16,7 +16,7 @@ from torch import Tensor
 from .bits import BitCount
 from .operators import Compressor, Context, State
 from .sparse import SparseRows, SparseTensor
-from .payload import LayerSetError, Message, PayloadError, PayloadRows, SizeError, TensorPayload
+from .payload import LayerSetError, Message, PayloadError, PayloadRows, RangeError, SizeError, TensorPayload
 
 DEFAULT_MAX_BYTES_FACTOR = 4  # a payload may be at most this many times its dense fp32 size (+ 1 KiB)
 
@@ -62,12 +62,14 @@ def max_layer_bytes(shape: tuple[int, ...]) -> int:
 
 def decode_message(compressor: Compressor, message: Mapping[str, TensorPayload], shapes: Mapping[str, tuple],
                    *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                   max_bytes: int | None = None, sparse: bool = False) -> dict[str, Tensor | SparseTensor]:
+                   max_bytes: int | None = None, sparse: bool = False,
+                   max_abs: float | None = None) -> dict[str, Tensor | SparseTensor]:
     """Validate and decode a message against the expected layer shapes; raises a PayloadError.
 
     Checks: the layer set, each payload's codec/shape/arrays/header/indices/finiteness, and sizes
     (each layer at most ``DEFAULT_MAX_BYTES_FACTOR``× its dense fp32 size, the message at most
-    ``max_bytes`` when given). With ``sparse``, sparse layers come back as
+    ``max_bytes`` when given); with ``max_abs``, every decoded value ``|v| <= max_abs``
+    (:class:`~compressors.payload.RangeError`). With ``sparse``, sparse layers come back as
     :class:`~compressors.sparse.SparseTensor`.
     """
     if not isinstance(message, Mapping):
@@ -89,13 +91,16 @@ def decode_message(compressor: Compressor, message: Mapping[str, TensorPayload],
             total += nbytes
         out[name] = compressor.decompress(payload, shape=tuple(shapes[name]), layer=name, device=device, dtype=dtype,
                                         sparse=sparse)
+        if max_abs is not None:
+            _check_range(name, out[name], max_abs)
     if max_bytes is not None and total > max_bytes:
         raise SizeError("*", "message", f"{total} bytes exceeds the cap of {max_bytes}")
     return out
 
 
 def decode_messages(compressor: Compressor, messages: Mapping[int, Any], shapes: Mapping[str, tuple], *,
-                    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32, sparse: bool = False
+                    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32, sparse: bool = False,
+                    max_abs: float | None = None
                     ) -> Iterator[tuple[int, dict[str, Tensor | SparseTensor] | PayloadError]]:
     """:func:`decode_message` of many clients' messages: yields ``(j, decoded)`` or ``(j, error)`` for each
     ``j`` in ``messages``' order, the same results and the same errors as decoding them one by one.
@@ -118,6 +123,8 @@ def decode_messages(compressor: Compressor, messages: Mapping[int, Any], shapes:
             regular, layers = [], {}
             break
         layers[name], ok = block
+        if max_abs is not None and layers[name].values.shape[1]:  # a row over the bound fails in decode_message
+            ok = ok & (layers[name].values.abs().amax(dim=1) <= max_abs).cpu().numpy()
         slow.update(j for j, good in zip(regular, ok.tolist()) if not good)
     row = {j: i for i, j in enumerate(regular) if j not in slow}
     for j in messages:
@@ -126,11 +133,18 @@ def decode_messages(compressor: Compressor, messages: Mapping[int, Any], shapes:
             yield j, {n: rows.tensor(i) if sparse else rows.tensor(i).dense() for n, rows in layers.items()}
             continue
         try:
-            decoded = decode_message(compressor, messages[j], shapes, device=device, dtype=dtype, sparse=sparse)
+            decoded = decode_message(compressor, messages[j], shapes, device=device, dtype=dtype, sparse=sparse,
+                                     max_abs=max_abs)
         except PayloadError as err:
             yield j, err
         else:
             yield j, decoded
+
+
+def _check_range(name: str, tensor: Tensor | SparseTensor, max_abs: float) -> None:
+    values = tensor.values if isinstance(tensor, SparseTensor) else tensor
+    if values.numel() and float(values.abs().max()) > max_abs:
+        raise RangeError(name, "values", f"|v| up to {float(values.abs().max()):.4g}, the bound is {max_abs:.4g}")
 
 
 def message_bits(compressor: Compressor, message: Mapping[str, TensorPayload]) -> BitCount:

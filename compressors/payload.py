@@ -89,6 +89,10 @@ class NonFiniteError(PayloadError):
     kind = "non-finite values in"
 
 
+class RangeError(PayloadError):
+    kind = "out-of-range values in"
+
+
 class SizeError(PayloadError):
     kind = "oversized"
 

@@ -67,6 +67,7 @@ def run(config: str | None, overrides: tuple[str, ...], engine: str | None, over
     """
     from fedgluon.checkpoint import RunInterrupted, RunStopped
     from fedgluon.config import ConfigError, load
+    from fedgluon.experiment import resumable
     from fedgluon.experiment import run as run_experiment
 
     if config is not None and "=" in config and not Path(config).exists():
@@ -87,7 +88,7 @@ def run(config: str | None, overrides: tuple[str, ...], engine: str | None, over
         return
     except RunStopped as err:
         click.echo(f"\nstopped: {err}", err=True)
-        if err.checkpoint is not None:
+        if err.checkpoint is not None and resumable(err):
             click.echo(f"resume with: fedgluon run --resume {err.checkpoint.parent}", err=True)
         sys.exit(130 if isinstance(err, RunInterrupted) else 1)
     summary = json.loads((out / "summary.json").read_text())

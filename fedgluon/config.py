@@ -91,6 +91,7 @@ class ExperimentConfig:
     threads: int = 1
     round_timeout: float = 120.0
     node_timeout: float = 60.0
+    max_failed_rounds: int = 10  # stop after this many consecutive rounds without an accepted client (0: never)
     engine: EngineConfig = field(default_factory=EngineConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -258,6 +259,7 @@ RULES: dict[str, tuple[Any, Callable[[Any], bool]]] = {
     "threads": (POS_INT + " (torch threads per client task)", lambda v: v >= 1),
     "round_timeout": ("a number of seconds > 0", lambda v: v > 0),
     "node_timeout": ("a number of seconds > 0", lambda v: v > 0),
+    "max_failed_rounds": (NONNEG_INT + " (0: never stop)", lambda v: v >= 0),
     "engine.name": (f"one of {list(ENGINES)}", lambda v: v in ENGINES),
     "engine.num_cpus": (POS + " (Ray CPUs per client task)", lambda v: v > 0),
     "engine.num_gpus": (NONNEG + " (Ray GPUs per client task)", lambda v: v >= 0),
@@ -368,7 +370,8 @@ def spec_of(cfg: DictConfig) -> dict[str, Any]:
                             "weights": c["weights"], "eval_every": c["eval_every"], "threads": c["threads"],
                             "round_timeout": c["round_timeout"], "node_timeout": c["node_timeout"],
                             "faults": c["faults"], "block_size": c["engine"]["block_size"],
-                            "client_device": c["engine"]["client_device"]})
+                            "client_device": c["engine"]["client_device"],
+                            "max_failed_rounds": c["max_failed_rounds"]})
 
 
 def run_name(cfg: DictConfig) -> str:

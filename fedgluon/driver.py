@@ -83,18 +83,20 @@ def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X
               evaluate: Evaluate | None = None, eval_every: int = 1, tamper: Tamper | None = None,
               on_round: Callable[[dict[str, Any]], None] | None = None, faults: FaultPlan | None = None,
               checkpointer: Checkpointer | None = None, resume: Snapshot | None = None,
-              block_size: int = 1, workers: int = 1, columns: bool = True) -> RunResult:
+              block_size: int = 1, workers: int = 1, columns: bool = True, max_failed_rounds: int = 0) -> RunResult:
     """Run ``rounds`` rounds (from ``resume``'s round when given). ``evaluate(X, k)`` returns central
     metrics; ``tamper(round, client, reply)`` may replace replies (attack tests); ``faults`` marks the
     tasks it draws as failed (a raise or a missed deadline: no reply) exactly as the Flower engines see
     them; ``block_size > 1`` computes the gradients of each block of clients in one vmapped call;
     ``workers > 1`` steps that many blocks at once; ``columns`` lets blocks step on their state columns
-    (module doc; the same results)."""
+    (module doc; the same results); ``max_failed_rounds`` consecutive rounds without an accepted client
+    stop the run (0, the default here: never; a run that accepts no client at all stops at its end,
+    :class:`~fedgluon.federation.Federation`)."""
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
     fed = Federation(algorithm, X0, len(objectives), rounds, seed=seed, participation=participation,
                      weights=client_weights(objectives, weights), evaluate=evaluate, eval_every=eval_every,
-                     on_round=on_round, checkpointer=checkpointer, resume=resume,
+                     on_round=on_round, checkpointer=checkpointer, resume=resume, max_failed_rounds=max_failed_rounds,
                      schema=algorithm.state_schema(objectives[0], X0, seed))
     num_blocks(len(objectives), block_size)  # checks block_size
     with gc_frozen(), block_workers(workers, objectives) as pool:
@@ -112,6 +114,7 @@ def _rounds(fed: Federation, algorithm: Algorithm, objectives: Sequence[Supervis
             replies, pending = {}, {}
             kinds = {j: faults.draw(seed, j, plan.k) if faults is not None else None for j in plan.participants}
             failed = {j: FAILURE_REASONS[kind] for j, kind in kinds.items() if kind is not None}
+            died = {j: failed[j] for j, kind in kinds.items() if kind == "die"}  # what a runtime would report
             working = [j for j in plan.participants if j not in failed]
             out = _step_blocks(algorithm, fed.client_states, plan.broadcast, objectives,
                                list(by_block(working, block_size).values()), pool, held)
@@ -119,7 +122,7 @@ def _rounds(fed: Federation, algorithm: Algorithm, objectives: Sequence[Supervis
                 pending[j], reply = out[j]
                 replies[j] = tamper(plan.k, j, reply) if tamper else reply
             try:
-                fed.close_round(plan, replies, pending, failed)
+                fed.close_round(plan, replies, pending, failed, died=died)
             finally:  # also when the run stops: no committed state keeps partly committed columns alive
                 if held is not None:
                     held.settle(fed.client_states)

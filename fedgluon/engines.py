@@ -24,7 +24,7 @@ from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -33,6 +33,7 @@ from . import spec as specs
 from .blocks import num_blocks
 from .checkpoint import Checkpointer, Snapshot
 from .dispatch import faster_dispatch
+from .faults import SimulatedActorDeath
 from .federation import Evaluate
 from .rng import derive_seed
 
@@ -45,6 +46,10 @@ QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "R
 
 class InProcessGrid(Grid):
     """A Grid whose nodes are ClientApp calls in this process (Flower ships no such backend).
+
+    A ClientApp that raises gets an error reply with Flower's code for that
+    (``CLIENT_APP_RAISED_EXCEPTION``), except an injected :class:`~fedgluon.faults.SimulatedActorDeath`,
+    which stands for a worker process that exits: ``CLIENT_APP_CRASHED``, a runtime failure.
 
     Node ids are random-looking 63-bit integers derived from the seed, so the server must learn the
     partition ids through the handshake exactly as on Ray.
@@ -98,8 +103,11 @@ class InProcessGrid(Grid):
             t0 = time.perf_counter()
             try:
                 reply = self.client_app(msg, context)
+            except SimulatedActorDeath:  # this grid's stand-in for a worker process that exits
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason=traceback.format_exc()), reply_to=msg)
             except Exception:  # noqa: BLE001 - a failing client becomes an error reply, as in Flower
-                reply = Message(Error(code=0, reason=traceback.format_exc()), reply_to=msg)
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=traceback.format_exc()),
+                                reply_to=msg)
             if timeout is None or time.perf_counter() - t0 <= timeout:
                 replies.append(reply)
         return replies

@@ -38,7 +38,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import spec as specs
-from .checkpoint import CheckpointError, Checkpointer, RunStopped, Snapshot
+from .checkpoint import CheckpointError, Checkpointer, NonFiniteStateError, RunStopped, Snapshot
 from .checkpoint import load as load_checkpoint
 from .checkpoint import remove as remove_checkpoint
 from .checkpoint import sweep as sweep_checkpoint
@@ -67,12 +67,19 @@ METRIC_COLUMNS = {
 
 
 def _grad_dual_norm(task, geometry, params: Mapping[str, torch.Tensor], weights: Mapping[int, float]) -> float:
+    """``Σ_i ‖∇_i f(X)‖_(i)*`` of the weighted full-batch gradient; NaN where the gradient holds a NaN/Inf
+    or its dual norm cannot be computed (an SVD that fails), which stops the run (fedgluon/federation.py)."""
     total: dict[str, torch.Tensor] = {}
     for j, obj in enumerate(task.objectives):
         _, g = obj.gradient(params, obj.full_batch())
         for n, t in g.items():
             total[n] = total[n] + weights[j] * t if n in total else weights[j] * t
-    return float(sum(float(v) for v in geometry.dual_norms(total).values()))
+    if not all(bool(torch.isfinite(t).all()) for t in total.values()):
+        return math.nan
+    try:
+        return float(sum(float(v) for v in geometry.dual_norms(total).values()))
+    except torch.linalg.LinAlgError:
+        return math.nan
 
 
 class _Evaluator:
@@ -189,7 +196,8 @@ def _reuse_dir(out: Path, overwrite: bool) -> RunDirLock:
 
 
 CHECKPOINT = "checkpoint.pt"
-ENVIRONMENT = ("threads", "round_timeout", "node_timeout", "faults", "block_size", "client_device")  # may change when a run is resumed
+ENVIRONMENT = ("threads", "round_timeout", "node_timeout", "faults", "block_size", "client_device",
+               "max_failed_rounds")  # may change when a run is resumed
 
 
 def run_key(spec: Mapping[str, Any]) -> str:
@@ -207,13 +215,14 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
     fedgluon run directory is emptied, see :func:`prepare_dir`) and stays locked until the run ends,
     so no other run can write into it or replace it meanwhile.
 
-    Every ``output.checkpoint_every`` rounds, on SIGINT/SIGTERM, on a dead Ray actor and on a
-    non-finite server step, ``checkpoint.pt`` is written; the last three raise
-    :class:`~fedgluon.checkpoint.RunStopped` after writing the metrics so far (summary without
-    ``"complete": true``), as does an I/O error while saving (:class:`~fedgluon.checkpoint.SaveFailed`,
-    the last complete checkpoint intact). ``resume=True`` continues the run in ``out_dir`` from its
-    checkpoint, after checking it (a bad one is a ConfigError) and removing what killed saves left; the
-    final metrics equal an uninterrupted run's in every column but the wall times."""
+    Every ``output.checkpoint_every`` rounds, on SIGINT/SIGTERM, on a dead Ray actor, on a NaN/Inf the
+    server computed and after ``max_failed_rounds`` rounds without an accepted client,
+    ``checkpoint.pt`` is written; all but the first raise :class:`~fedgluon.checkpoint.RunStopped` after
+    writing the metrics so far (summary with ``"complete": false`` and the reason), as does an I/O error
+    while saving (:class:`~fedgluon.checkpoint.SaveFailed`, the last complete checkpoint intact).
+    ``resume=True`` continues the run in ``out_dir`` from its checkpoint, after checking it (a bad one is a
+    ConfigError) and removing what killed saves left; the final metrics equal an uninterrupted run's in
+    every column but the wall times."""
     out = Path(out_dir) if out_dir is not None else Path(cfg.output.dir) / run_name(cfg)
     with RunDirLock(out) if resume else prepare_dir(out, cfg.output.overwrite):
         return _run_locked(cfg, out, progress, on_round, resume)
@@ -251,7 +260,7 @@ def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[
             snap = load_checkpoint(err.checkpoint)
             try:
                 _write_results(out, cfg, snap.history, snap.client_log, None, time.perf_counter() - t0,
-                               stopped=str(err), resumed_from=start)
+                               stopped=str(err), resumed_from=start, resumable=resumable(err))
             except OSError as write_err:  # e.g. the full disk that stopped a save; the checkpoint is intact
                 log.warning("could not write the results of the stopped run to %s: %s", out, write_err)
         raise
@@ -268,6 +277,12 @@ def _save_config(cfg: DictConfig, path: Path) -> None:
     assert isinstance(saved, dict)
     saved["output"].pop("overwrite", None)
     OmegaConf.save(OmegaConf.create(saved), path)
+
+
+def resumable(err: RunStopped) -> bool:
+    """Whether resuming can get past this stop: not past a NaN/Inf of the server's (the resumed run replays
+    the same round; only a new run with a smaller radius helps)."""
+    return not isinstance(err, NonFiniteStateError)
 
 
 def _resumable(out: Path, spec: Mapping[str, Any]) -> Snapshot:
@@ -300,7 +315,7 @@ def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, 
                         participation=spec["participation"], weights=spec["weights"], evaluate=evaluate,
                         eval_every=spec["eval_every"], on_round=round_done, faults=FaultPlan.from_spec(spec["faults"]),
                         checkpointer=checkpointer, resume=snapshot, block_size=spec["block_size"],
-                        workers=cfg.engine.workers)
+                        workers=cfg.engine.workers, max_failed_rounds=spec["max_failed_rounds"])
         return res.history, res.server_state["X"], res.client_log, client_state_bytes(res.client_states)
     from .engines import run_inprocess, run_ray
 
@@ -313,9 +328,11 @@ def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, 
 
 
 def _write_results(out: Path, cfg: DictConfig, history, clients, final, wall: float, *, stopped: str | None = None,
-                   resumed_from: int = 0, state_bytes: Mapping[str, float] | None = None) -> None:
+                   resumed_from: int = 0, state_bytes: Mapping[str, float] | None = None,
+                   resumable: bool = True) -> None:
     """metrics.csv, clients.csv, model.pt, plots.png and summary.json (``"complete": true`` only when the
-    run finished; a stopped run's summary says why and where it stopped)."""
+    run finished; a stopped run's summary says why and where it stopped, and how to resume it where a
+    resume can help)."""
     frame = add_derived_columns(pd.DataFrame(history), cfg) if history else pd.DataFrame()
     frame.to_csv(out / "metrics.csv", index=False)
     pd.DataFrame(clients).to_csv(out / "clients.csv", index=False)
@@ -331,7 +348,9 @@ def _write_results(out: Path, cfg: DictConfig, history, clients, final, wall: fl
     if state_bytes is not None:  # what the simulator holds per client at the end (fedgluon.memory)
         summary.update({f"client_state_bytes_{k}": v for k, v in state_bytes.items()})
     if stopped is not None:
-        summary.update({"complete": False, "stopped": stopped, "resume": f"fedgluon run --resume {out}"})
+        summary.update({"complete": False, "stopped": stopped})
+        if resumable:
+            summary["resume"] = f"fedgluon run --resume {out}"
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 

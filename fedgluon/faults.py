@@ -7,7 +7,9 @@ sleeps ``delay_s`` seconds before computing (the server's round deadline, ``roun
 shorter for the reply to count as late). The draw is the same in every engine and independent of
 scheduling, so the expected failures of a run are known in advance (:func:`planned`). ``die`` names
 ``[round, client]`` tasks whose process exits (``os._exit``) inside a Ray worker; outside Ray the
-task raises :class:`SimulatedActorDeath`, which the server treats like a dead actor.
+task raises :class:`SimulatedActorDeath`, which the in-process grid (the runtime there) reports with
+the error code of a crashed ClientApp, as Ray's reports a dead actor. The server takes only such
+runtime error codes for a dead worker (:func:`runtime_failure`), never a client's own words.
 
 Spec form (run spec key ``faults``)::
 
@@ -17,7 +19,6 @@ Spec form (run spec key ``faults``)::
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,6 @@ import torch
 from .rng import generator
 
 DEFAULTS: dict[str, Any] = {"raise_prob": 0.0, "delay_prob": 0.0, "delay_s": 0.0, "die": []}
-ACTOR_DEATH = re.compile(r"ActorDiedError|RayActorError|ActorUnavailableError|SimulatedActorDeath|actor died")
 
 
 class InjectedFault(RuntimeError):
@@ -104,9 +104,14 @@ class FaultPlan:
         return out
 
 
-def actor_death(reason: str) -> str | None:
-    """The line of a failed task's error reason that says the process running it died, or None."""
-    return next((line.strip() for line in (reason or "").splitlines() if ACTOR_DEATH.search(line)), None)
+def runtime_failure(code: int) -> bool:
+    """Whether a Flower error reply's ``code`` says the runtime lost the task (the worker process died, the
+    node or the reply is gone, the app could not load): any of flwr's ``ErrorCode`` values except
+    ``CLIENT_APP_RAISED_EXCEPTION``, which is the ClientApp's own exception and fails only its clients.
+    The reason text is never read: a client can write anything there."""
+    from flwr.common.constant import ErrorCode
+
+    return code != ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 
 def _in_ray_worker() -> bool:

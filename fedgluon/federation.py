@@ -4,21 +4,29 @@ Engines only move messages. Each round::
 
     plan = federation.open_round()            # sample S (seeded), broadcast X^k + flags
     ... the engine gets replies (and proposed client states) from the clients in plan.participants ...
-    federation.close_round(plan, replies, proposed, failed)
+    federation.close_round(plan, replies, proposed, failed, died=died)
 
-``close_round`` stops the run, before touching any state, when a failure says a worker process died
-(:class:`~fedgluon.checkpoint.ActorDeathError`: Flower's Ray actor pool keeps sending tasks to a dead
+``close_round`` stops the run, before touching any state, when the *runtime* says a worker process
+died (``died``: the engine's word, from Ray/Flower error codes, never from a client's own text;
+:class:`~fedgluon.checkpoint.ActorDeathError`: Flower's Ray actor pool keeps sending tasks to a dead
 actor, so the run would silently lose clients); otherwise it runs the algorithm's ``server_step``
-(which validates every payload first), stops with :class:`~fedgluon.checkpoint.NonFiniteStateError`
-if the server's own step produced NaN/Inf, commits the proposed states of accepted clients only
-(DESIGN §2), logs rejections and failures with their reasons, records the metrics row, evaluates
-every ``eval_every`` rounds, and hands the checkpointer a snapshot. Stops write the state from
-*before* the round, so a resumed run replays that round exactly.
+(which validates every payload first), and stops with :class:`~fedgluon.checkpoint.NonFiniteStateError`
+if any quantity the server computes is NaN/Inf: the server state (model, aggregate/estimator,
+optimizer), or the central evaluation (test loss and accuracy, the gradient's dual norm). Only
+then does it commit the proposed states of accepted clients (DESIGN §2), log rejections and failures
+with their reasons (client text clipped to :data:`MAX_CLIENT_TEXT` characters), record the metrics
+row, and hand the checkpointer a snapshot. These stops write the state from *before* the round, so a
+resumed run replays that round exactly.
+
+A run also stops (:class:`NoProgressError`, after the round, with a checkpoint of the state after
+it) when ``max_failed_rounds`` consecutive rounds accepted no client, and at its last round when no
+client was accepted in any round: such a run is never reported complete.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +37,6 @@ from torch import Tensor
 
 from .algorithms.base import Algorithm, Broadcast, ClientReply
 from .checkpoint import ActorDeathError, Checkpointer, NonFiniteStateError, RunStopped, Snapshot
-from .faults import actor_death
 from .metrics import client_rows, round_row
 from .rng import generator
 from .state_schema import StateSchema
@@ -37,6 +44,25 @@ from .state_schema import StateSchema
 log = logging.getLogger("fedgluon.federation")
 
 Evaluate = Callable[[Mapping[str, Tensor], int], dict[str, float]]  # (model, round) -> metrics
+
+MAX_CLIENT_TEXT = 1000  # characters of a client's failure or rejection reason that are logged and stored
+FINITE_METRICS = ("test_loss", "test_accuracy", "grad_dual_norm")  # central evaluation: a NaN/Inf stops the run
+SMALLER_RADIUS = ("start a new run with a smaller radius (algorithm.lr, or its schedule); "
+                  "a resume may not change it")
+
+
+class NoProgressError(RunStopped):
+    """No client was accepted in ``max_failed_rounds`` consecutive rounds, or in any round of the run."""
+
+
+def clip_text(text: object, limit: int = MAX_CLIENT_TEXT) -> str:
+    """``str(text)`` cut to at most about ``limit`` characters: its head and its tail (where a traceback
+    names the error) around a note of how much was cut."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]} …[{len(text) - 2 * half} characters cut]… {text[-half:]}"
 
 
 def client_weights_from_sizes(sizes: Sequence[int], mode: str = "uniform") -> dict[int, float]:
@@ -82,9 +108,10 @@ class Federation:
                  evaluate: Evaluate | None = None, eval_every: int = 1,
                  on_round: Callable[[dict[str, Any]], None] | None = None,
                  checkpointer: Checkpointer | None = None, resume: Snapshot | None = None,
-                 schema: StateSchema):
+                 max_failed_rounds: int = 0, schema: StateSchema):
         self.algorithm, self.num_clients, self.rounds, self.seed = algorithm, num_clients, rounds, seed
         self.schema = schema
+        self.max_failed_rounds = max_failed_rounds  # 0: never stop for rounds without an accepted client
         self.participation, self.evaluate, self.eval_every = participation, evaluate, eval_every
         self.on_round, self.checkpointer = on_round, checkpointer
         self.weights: dict[int, float] = dict(weights or {})
@@ -108,6 +135,8 @@ class Federation:
             self.next_round = resume.next_round
             self.server_state, self.client_states = resume.server_state, dict(resume.client_states)
             self.history, self.client_log = list(resume.history), list(resume.client_log)
+            if self.done and (why := self._no_progress()) is not None:
+                raise NoProgressError(f"{why}; nothing to resume: start a new run", self.next_round)
 
     @property
     def done(self) -> bool:
@@ -124,27 +153,36 @@ class Federation:
         return RoundPlan(k, S, bc, time.perf_counter())
 
     def close_round(self, plan: RoundPlan, replies: Mapping[int, ClientReply], proposed: Mapping[int, Any],
-                    failed: Mapping[int, str] | None = None,
-                    pre_rejected: Mapping[int, str] | None = None) -> dict[str, Any]:
+                    failed: Mapping[int, str] | None = None, pre_rejected: Mapping[int, str] | None = None,
+                    died: Mapping[int, str] | None = None) -> dict[str, Any]:
         """Apply round ``plan.k``'s replies; ``failed`` maps clients without a usable reply to the reason,
-        ``pre_rejected`` those whose reply could not even be parsed."""
+        ``pre_rejected`` those whose reply could not even be parsed, ``died`` those whose worker process
+        the runtime reports dead (an error code of Ray/Flower, not a client's message)."""
         k, S, bc = plan.k, plan.participants, plan.broadcast
-        failed = dict(failed or {})
-        deaths = {j: line for j, why in failed.items() if (line := actor_death(why))}
-        if deaths:
-            j, line = min(deaths.items())
-            self._stop(ActorDeathError, f"round {k}: the worker running client {j} died ({line}); Flower's Ray "
-                                        f"actor pool does not replace dead actors, so the run stops here")
+        failed = {j: clip_text(why) for j, why in (failed or {}).items()}
+        if died:
+            j = min(died)
+            self._stop(ActorDeathError, f"round {k}: the worker running client {j} died "
+                                        f"({_first_line(clip_text(died[j], 300))}); Flower's Ray actor pool "
+                                        f"does not replace dead actors, so the run stops here")
         pre_rejected = {**(pre_rejected or {}), **self._unfit_states(replies, proposed, bc)}
         replies = {j: r for j, r in replies.items() if j not in pre_rejected}
         started = time.perf_counter()
         state, outcome = self.algorithm.server_step(self.server_state, replies, bc, self.weights)
         server_time = time.perf_counter() - started
-        bad = [n for n, t in state["X"].items() if not bool(torch.isfinite(t).all())]
-        if bad:
-            self._stop(NonFiniteStateError, f"round {k}: the server step produced NaN/Inf in {bad}")
-        self.server_state = state
+        bad = _non_finite_state(state)
+        self._require_finite(k, [f"the server state ({', '.join(bad[:4])}{' …' if len(bad) > 4 else ''})"]
+                             if bad else [])
         outcome.rejected.update(pre_rejected)
+        outcome.rejected = {j: clip_text(why) for j, why in outcome.rejected.items()}
+        receivers = self.num_clients if self.algorithm.downlink is not None else len(S)
+        row = round_row(k, S, replies, outcome, bc, receivers, failed=len(failed))
+        if self.evaluate is not None and ((k + 1) % self.eval_every == 0 or k + 1 == self.rounds):
+            metrics = self.evaluate(state["X"], k)
+            self._require_finite(k, [f"the central evaluation's {m} ({metrics[m]})" for m in FINITE_METRICS
+                                     if m in metrics and not math.isfinite(metrics[m])])
+            row.update(metrics)
+        self.server_state = state
         for j in outcome.accepted:
             self.client_states[j] = proposed[j]
         for j, why in sorted(outcome.rejected.items()):
@@ -152,16 +190,16 @@ class Federation:
         for j, why in sorted(failed.items()):
             log.warning("round %d: client %d failed: %s", k, j, _last_line(why))
         self.client_log.extend(client_rows(k, S, replies, outcome, failed))
-        receivers = self.num_clients if self.algorithm.downlink is not None else len(S)
-        row = round_row(k, S, replies, outcome, bc, receivers, failed=len(failed))
-        if self.evaluate is not None and ((k + 1) % self.eval_every == 0 or k + 1 == self.rounds):
-            row.update(self.evaluate(self.server_state["X"], k))
         row["server_time"] = server_time
         row["wall_time"] = time.perf_counter() - plan.started
         self.history.append(row)
         self.next_round = k + 1
         if self.on_round is not None:
             self.on_round(row)
+        why = self._no_progress()
+        if why is not None:
+            self._stop(NoProgressError, f"{why}; fix the cause (see the failed and rejected reasons in "
+                                        f"clients.csv) and resume")
         if self.checkpointer is not None:
             self.checkpointer.after_round(k, self.snapshot)
         return row
@@ -181,6 +219,23 @@ class Federation:
                 out[j] = f"state: {why}"
         return out
 
+    def _require_finite(self, k: int, bad: Sequence[str]) -> None:
+        """Stop the run, with the state from before round ``k``, when ``bad`` names non-finite quantities."""
+        if bad:
+            self._stop(NonFiniteStateError, f"round {k}: NaN/Inf in {', '.join(bad)}; {SMALLER_RADIUS}")
+
+    def _no_progress(self) -> str | None:
+        """Why the run must stop for want of accepted clients, or None: the last ``max_failed_rounds``
+        rounds (when > 0) accepted none, or the run is over and none of its rounds accepted any."""
+        rows = self.history
+        trailing = next((i for i, row in enumerate(reversed(rows)) if row.get("accepted", 0)), len(rows))
+        if self.max_failed_rounds and trailing >= self.max_failed_rounds:
+            return (f"round {self.next_round - 1}: no client was accepted in the last {trailing} rounds "
+                    f"(max_failed_rounds={self.max_failed_rounds})")
+        if self.done and rows and trailing == len(rows):
+            return f"no client was accepted in any of the run's {len(rows)} rounds"
+        return None
+
     def _stop(self, error: type[RunStopped], message: str) -> None:
         """Checkpoint the state from before the current round (if checkpointing) and raise ``error``."""
         path = None
@@ -189,6 +244,29 @@ class Federation:
             message += f"; checkpoint of round {self.next_round} in {path}"
         log.error(message)
         raise error(message, self.next_round, path)
+
+
+def _non_finite_state(state: Mapping[str, Any]) -> list[str]:
+    """The server state's tensors holding a NaN/Inf, by path (``X.w``, ``G.w``, ``optimizer.state.0.exp_avg``)."""
+    bad: list[str] = []
+
+    def visit(obj: Any, path: str) -> None:
+        if isinstance(obj, Tensor):
+            if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+                bad.append(path)
+        elif isinstance(obj, Mapping):
+            for key, value in obj.items():
+                visit(value, f"{path}.{key}" if path else str(key))
+        elif isinstance(obj, (list, tuple)):
+            for i, value in enumerate(obj):
+                visit(value, f"{path}.{i}")
+
+    visit(state, "")
+    return bad
+
+
+def _first_line(text: str) -> str:
+    return next((ln.strip() for ln in (text or "").splitlines() if ln.strip()), text)
 
 
 def _last_line(text: str) -> str:

@@ -9,7 +9,9 @@ Flower on Ray, ``flwr run``) turns into the same task and algorithm.
 
 ``faults`` (optional) injects client failures (fedgluon/faults.py); ``block_size`` virtual clients
 are simulated per Flower node (fedgluon/blocks.py); ``client_device`` (``"cpu"``, the default, ``"auto"``,
-``"cuda"``, ``"cuda:N"``) is where client blocks compute their vmapped gradients (fedgluon/vectorised.py).
+``"cuda"``, ``"cuda:N"``) is where client blocks compute their vmapped gradients (fedgluon/vectorised.py);
+``max_failed_rounds`` consecutive rounds without an accepted client stop the run (0: never;
+fedgluon/federation.py).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "task": {"name": "synthetic"}, "geometry": {"preset": "scion"}, "algorithm": {"name": "gluon"},
     "rounds": 10, "seed": 0, "participation": 1.0, "weights": "uniform", "eval_every": 1, "threads": 1,
     "round_timeout": 120.0, "node_timeout": 60.0, "faults": {},
-    "block_size": 1, "client_device": "cpu",
+    "block_size": 1, "client_device": "cpu", "max_failed_rounds": 10,
 }
 
 
@@ -49,6 +51,9 @@ def normalise(spec: Mapping[str, Any] | None) -> dict[str, Any]:
     if not isinstance(out["block_size"], int) or out["block_size"] < 1:
         raise ValueError(f"block_size must be an integer >= 1, got {out['block_size']!r}")
     resolve_device("client_device", out["client_device"])
+    if isinstance(out["max_failed_rounds"], bool) or not isinstance(out["max_failed_rounds"], int) \
+            or out["max_failed_rounds"] < 0:
+        raise ValueError(f"max_failed_rounds must be an integer >= 0 (0: never stop), got {out['max_failed_rounds']!r}")
     return out
 
 

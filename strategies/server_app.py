@@ -54,6 +54,8 @@ def serve(grid: Grid, spec: Mapping[str, Any], on_round: Callable[[dict[str, Any
                              weights=spec["weights"], evaluate=evaluate or (lambda X, k: task.evaluate(X)),
                              eval_every=spec["eval_every"], on_round=on_round, rounds=spec["rounds"],
                              checkpointer=checkpointer, resume=resume, block_size=int(spec["block_size"]),
+                             sizes=[objective.num_samples for objective in task.objectives],
+                             max_failed_rounds=int(spec["max_failed_rounds"]),
                              schema=algorithm.state_schema(task.objectives[0], X0, spec["seed"]))
     poll_faster(grid)
     wake = dispatch.active()

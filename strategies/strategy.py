@@ -14,16 +14,23 @@ Per round (Flower's ``Strategy.start`` loop calls these):
 
 Each node simulates a block of ``block_size`` virtual clients (fedgluon/blocks.py): one message
 per node carries the round's sampled clients of its block and their states, and its reply one
-packed record with every client's payload, proposed state and metrics (strategies/records.py). Before the first round :meth:`connect` waits (bounded) for the expected nodes
-and maps Flower's random node ids to blocks with a ``query`` handshake. Replies are processed in client-id
-order. Rejections and failures are logged with their reason.
+packed record with every client's payload, proposed state and metrics (strategies/records.py). Before the
+first round :meth:`connect` waits (bounded) for the expected nodes and maps Flower's random node ids to
+blocks with a ``query`` handshake, checking what each node says (:meth:`GluonStrategy.hello`): a node with
+a bad answer is rejected and logged, and the clients of a block no node holds fail every round. Replies
+are processed in client-id order. Rejections and failures are logged with their reason, client text
+clipped (``fedgluon.federation.clip_text``).
+
+A failed reply counts as a dead worker, which stops the run, only by its Flower error code
+(:func:`fedgluon.faults.runtime_failure`): any code but ``CLIENT_APP_RAISED_EXCEPTION``. What the reply's
+reason says, and a node's own ``failed`` record, only fail the clients concerned.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -33,9 +40,10 @@ from flwr.serverapp.strategy import Strategy
 
 from compressors import PayloadError
 from fedgluon.algorithms import Algorithm, ClientReply
-from fedgluon.blocks import by_block, num_blocks
+from fedgluon.blocks import block_clients, block_of, by_block, num_blocks
 from fedgluon.checkpoint import Checkpointer, Snapshot
-from fedgluon.federation import Evaluate, Federation, RoundPlan, client_weights_from_sizes
+from fedgluon.faults import runtime_failure
+from fedgluon.federation import Evaluate, Federation, RoundPlan, clip_text, client_weights_from_sizes
 from fedgluon.gc_pause import gc_paused
 from fedgluon.state_schema import StateSchema
 from fedgluon.trace import phase
@@ -45,6 +53,13 @@ from .records import BlockReplies, file_ref, states_to_record, tensors_to_record
 from .shared import SharedFiles
 
 log = logging.getLogger("fedgluon.strategy")
+
+SAMPLE_CAP = 2 ** 31 - 1  # the most samples a node may report for one client at the handshake
+NO_NODE = "no node holds this client's block (rejected or missing at the handshake)"
+
+
+class HandshakeError(ValueError):
+    """A node's answer to the handshake query is unusable; the node is rejected."""
 
 
 class Records(NamedTuple):
@@ -68,6 +83,7 @@ class BlockRead:
     proposed: dict[int, Any] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
+    died: dict[int, str] = field(default_factory=dict)  # failed by a runtime error code (the worker died)
     ray_node: str = ""
     device: tuple[str, str] | None = None  # (where the node computed its gradients, the Ray GPU ids it held)
     replies: BlockReplies | None = None
@@ -76,22 +92,26 @@ class BlockRead:
 class GluonStrategy(Strategy):
     """Drive ``algorithm`` over Flower messages (see module docstring). The server side of every round
     is a :class:`fedgluon.federation.Federation` (shared with the plain driver); ``resume`` continues a
-    checkpointed run, ``checkpointer`` writes checkpoints."""
+    checkpointed run, ``checkpointer`` writes checkpoints. ``sizes``: each client's number of samples
+    where the server knows them (the nodes must report the same; the weights come from them);
+    ``max_failed_rounds``: see :class:`~fedgluon.federation.Federation`."""
 
     def __init__(self, algorithm: Algorithm, X0: Mapping[str, Any], num_clients: int, *, seed: int = 0,
                  participation: float | int = 1.0, weights: str = "uniform", evaluate: Evaluate | None = None,
                  eval_every: int = 1, on_round: Callable[[dict[str, Any]], None] | None = None, rounds: int = 0,
                  checkpointer: Checkpointer | None = None, resume: Snapshot | None = None, block_size: int = 1,
-                 schema: StateSchema):
+                 sizes: Sequence[int] | None = None, max_failed_rounds: int = 0, schema: StateSchema):
         self.algorithm = algorithm
         self.num_clients = num_clients
         self.block_size = block_size
         self.num_nodes = num_blocks(num_clients, block_size)
         self.seed = seed
         self.weights_mode = weights
+        self.sizes = list(sizes) if sizes is not None else None
         self.federation = Federation(algorithm, X0, num_clients, rounds, seed=seed, participation=participation,
                                      evaluate=evaluate, eval_every=eval_every, on_round=on_round,
-                                     checkpointer=checkpointer, resume=resume, schema=schema)
+                                     checkpointer=checkpointer, resume=resume, max_failed_rounds=max_failed_rounds,
+                                     schema=schema)
         self.node_of: dict[int, int] = {}
         self.partition_of: dict[int, int] = {}
         self.ray_nodes: set[str] = set()
@@ -121,7 +141,11 @@ class GluonStrategy(Strategy):
 
     # ------------------------------------------------------------------ handshake
     def connect(self, grid: Grid, timeout: float) -> None:
-        """Wait for the ``num_blocks`` nodes, then learn each node's block, virtual clients and sample counts."""
+        """Wait for the ``num_blocks`` nodes, then learn each node's block, virtual clients and sample counts.
+
+        A node whose answer :meth:`hello` refuses is logged and left out; the clients of a block no node
+        holds fail every round (``max_failed_rounds`` then stops a run that cannot progress). The weights
+        come from the server's own sample counts when it has them, else from the nodes' checked counts."""
         deadline = time.monotonic() + timeout
         nodes: list[int] = []
         while time.monotonic() < deadline:
@@ -134,19 +158,51 @@ class GluonStrategy(Strategy):
         msgs = [Message(RecordDict(), dst_node_id=n, message_type="query", group_id="hello") for n in nodes]
         sizes: dict[int, int] = {}
         for reply in grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())):
-            if reply.has_error():
-                raise RuntimeError(f"node {reply.metadata.src_node_id} failed the handshake: {reply.error.reason}")
-            hello = reply.content.metric_records["hello"]
-            block = int(hello["block"])
-            self.node_of[block] = reply.metadata.src_node_id
-            self.partition_of[reply.metadata.src_node_id] = block
-            for j, n_j in zip(hello["clients"], hello["num_samples"], strict=True):
-                sizes[int(j)] = int(n_j)
-        missing = sorted(set(range(self.num_clients)) - set(sizes))
-        if missing:
-            raise RuntimeError(f"no node answered for clients {missing}")
-        self.federation.weights = client_weights_from_sizes([sizes[j] for j in range(self.num_clients)],
-                                                            self.weights_mode)
+            node = reply.metadata.src_node_id
+            try:
+                block, counts = self.hello(reply)
+            except HandshakeError as err:
+                log.warning("handshake: rejected node %s: %s", node, clip_text(err, 300))
+                continue
+            self.node_of[block], self.partition_of[node] = node, block
+            sizes.update(counts)
+        unheld = sorted(set(range(self.num_nodes)) - set(self.node_of))
+        if unheld:
+            log.warning("handshake: no node holds block(s) %s; their clients fail every round", unheld)
+        if self.sizes is None and len(sizes) < self.num_clients:
+            raise RuntimeError(f"no node answered for clients {sorted(set(range(self.num_clients)) - set(sizes))}, "
+                               f"and the server does not know their sample counts")
+        known = self.sizes if self.sizes is not None else [sizes[j] for j in range(self.num_clients)]
+        self.federation.weights = client_weights_from_sizes(known, self.weights_mode)
+
+    def hello(self, reply: Message) -> tuple[int, dict[int, int]]:
+        """A node's handshake answer, checked: ``(block, {client: samples})``; raises HandshakeError for an
+        error reply, a block id that is not an integer in ``[0, num_blocks)`` or is already held, a client
+        list other than the block's, or a sample count that is not an integer in ``[1, SAMPLE_CAP]`` or
+        differs from the server's own count of that client."""
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            raise HandshakeError(f"error reply (code {reply.error.code}): {reply.error.reason}")
+        if node in self.partition_of:
+            raise HandshakeError("a second answer from the same node")
+        hello = reply.content.metric_records.get("hello")
+        if hello is None:
+            raise HandshakeError("no 'hello' record")
+        block = _integer(hello.get("block"), "block", 0, self.num_nodes - 1)
+        if block in self.node_of:
+            raise HandshakeError(f"block {block} is already held by node {self.node_of[block]}")
+        clients = block_clients(block, self.num_clients, self.block_size)
+        said = hello.get("clients")
+        if not isinstance(said, list) or [_integer(j, "clients", 0, self.num_clients - 1) for j in said] != clients:
+            raise HandshakeError(f"clients {clip_text(said, 200)}, expected block {block}'s {clients}")
+        counts = hello.get("num_samples")
+        if not isinstance(counts, list) or len(counts) != len(clients):
+            raise HandshakeError(f"num_samples must be a list of {len(clients)} counts, got {clip_text(counts, 200)}")
+        out = {j: _integer(n_j, f"num_samples of client {j}", 1, SAMPLE_CAP) for j, n_j in zip(clients, counts)}
+        wrong = {j: n_j for j, n_j in out.items() if self.sizes is not None and n_j != self.sizes[j]}
+        if wrong:
+            raise HandshakeError(f"num_samples {wrong} differ from the server's {({j: self.sizes[j] for j in wrong})}")
+        return block, out
 
     # ------------------------------------------------------------------ Strategy API
     def summary(self) -> None:
@@ -166,6 +222,8 @@ class GluonStrategy(Strategy):
         self._expected = by_block(plan.participants, self.block_size)
         out = []
         for block, js in self._expected.items():
+            if block not in self.node_of:  # no node holds it: its clients fail (aggregate_train)
+                continue
             cfg = ConfigRecord({"round": k, "seed": self.seed, "clients": js, "refresh": int(bc.flags.get("refresh", 0))})
             if self.files is not None:
                 cfg["shm"] = str(self.files.path)
@@ -190,6 +248,7 @@ class GluonStrategy(Strategy):
         proposed: dict[int, Any] = {}
         failed: dict[int, str] = {}
         pre_rejected: dict[int, str] = {}
+        died: dict[int, str] = {}
         seen: set[int] = set()
         early, self._early = self._early, {}
         for msg in replies:
@@ -205,6 +264,7 @@ class GluonStrategy(Strategy):
             if read.device is not None:
                 self.node_devices.add(read.device)
             failed.update(read.failed)
+            died.update(read.died)
             parsed.update(read.parsed)
             proposed.update(read.proposed)
             pre_rejected.update(read.rejected)
@@ -212,9 +272,10 @@ class GluonStrategy(Strategy):
                 self.columns.offer(read.replies, read.proposed)
         for j in plan.participants:
             if j not in parsed and j not in failed and j not in pre_rejected:
-                failed[j] = "no reply before the round timeout"
+                held = block_of(j, self.block_size) in self.node_of
+                failed[j] = "no reply before the round timeout" if held else NO_NODE
         try:
-            row = self.federation.close_round(plan, parsed, proposed, failed, pre_rejected)
+            row = self.federation.close_round(plan, parsed, proposed, failed, pre_rejected, died=died)
         finally:  # also when the run stops: no committed state keeps a partly committed reply alive
             self.columns.settle(self.client_states)
             if self.files is not None:  # the nodes have read (or will never read) the states sent them
@@ -245,18 +306,23 @@ class GluonStrategy(Strategy):
         """One block's reply: its clients' replies and proposed states (views of the reply's columns),
         failures and rejections."""
         if msg.has_error():
-            return BlockRead(failed={j: msg.error.reason or f"error code {msg.error.code}" for j in clients})
+            code = msg.error.code
+            why = clip_text(f"error code {code}: {msg.error.reason}")
+            read = BlockRead(failed=dict.fromkeys(clients, why))
+            if runtime_failure(code):
+                read.died = dict(read.failed)
+            return read
         # Flower rebuilds these typed views on every access (O(records)): take them once per reply
         records = Records.of(msg.content)
         info = records.config.get("info")
-        read = BlockRead(ray_node=str(info["ray_node"]) if info is not None and info.get("ray_node") else "",
+        read = BlockRead(ray_node=str(info["ray_node"])[:64] if info is not None and info.get("ray_node") else "",
                          device=_reported_device(info))
         reported = records.config.get("failed")
         read.replies = BlockReplies(records.array.get("replies"), views=True, files=self.files,
                                     schema=self.federation.schema)
         for j in clients:
             if reported is not None and str(j) in reported:
-                read.failed[j] = str(reported[str(j)])
+                read.failed[j] = clip_text(reported[str(j)])
                 continue
             try:
                 read.parsed[j], read.proposed[j] = read.replies.parse(j)
@@ -279,6 +345,15 @@ class GluonStrategy(Strategy):
         if left <= 0:
             return None
         return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=left, timeout=timeout, **kwargs)
+
+
+def _integer(value: Any, what: str, low: int, high: int) -> int:
+    """``value`` as an int in ``[low, high]`` (an int, or a float with an integer value); else HandshakeError."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise HandshakeError(f"{what} must be an integer in [{low}, {high}], got {clip_text(repr(value), 100)}")
+    return value
 
 
 def _reported_device(info: Any) -> tuple[str, str] | None:

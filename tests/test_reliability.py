@@ -1,6 +1,8 @@
 """Reliability: checkpoints and exact resume (SIGTERM and SIGKILL), injected client faults, actor death,
 a non-finite server step. Hostile payloads through the strategy are in test_strategy_fuzz.py."""
 
+import json
+import math
 import os
 import random
 import signal
@@ -20,6 +22,7 @@ from fedgluon.checkpoint import ActorDeathError, Checkpointer, NonFiniteStateErr
 from fedgluon.driver import run_plain
 from fedgluon.engines import run_inprocess
 from fedgluon.faults import FaultPlan
+from fedgluon.federation import NoProgressError
 from fedgluon.metrics import TIMING_COLUMNS
 
 SMALL = ["task.num_clients=6", "task.dim=12", "task.classes=4", "task.hidden=[16]", "task.mean_samples=60",
@@ -303,3 +306,88 @@ def test_fault_config_errors_name_the_field(tmp_path):
         load_cfg(tmp_path, "faults.die=[3]")
     with pytest.raises(config.ConfigError, match="checkpoint_every"):
         load_cfg(tmp_path, "output.checkpoint_every=-1")
+
+
+def test_diverging_run_stops_cleanly_naming_round_and_quantity(tmp_path):
+    """algorithm.lr=1e30: the model stays finite but the central evaluation does not; the run stops at the
+    first NaN/Inf with its round and quantity, writes metrics, summary and a finite checkpoint, and says
+    to start a new run (a resume would replay the same round)."""
+    cfg = load_cfg(tmp_path, "engine.name=plain", "rounds=12", "algorithm.lr=1e30", "output.name=big")
+    with pytest.raises(NonFiniteStateError, match=r"round 0: NaN/Inf in the central evaluation's test_loss.*"
+                                                  r"smaller radius") as err:
+        experiment.run(cfg, progress=False)
+    out = tmp_path / "big"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is False and "smaller radius" in summary["stopped"] and "resume" not in summary
+    assert (out / "metrics.csv").exists() and (out / "clients.csv").exists()
+    snap = checkpoint.load(out / "checkpoint.pt")
+    assert snap.next_round == err.value.next_round == 0
+    assert all(bool(torch.isfinite(t).all()) for t in snap.server_state["X"].values())
+
+
+def test_gradient_norm_of_a_diverged_model_is_nan_not_a_linalg_error():
+    """The true gradient's dual norm at a model whose gradient overflows is NaN (which stops the run), not
+    a raw LinAlgError from the SVD."""
+    from fedgluon.experiment import _grad_dual_norm
+
+    spec = specs.normalise({"task": {"name": "synthetic", "num_clients": 3, "dim": 8, "classes": 3, "hidden": [8]},
+                            "algorithm": {"name": "gluon"}})
+    task, algo = specs.build(spec)
+    X = {n: torch.full_like(t, 1e30) for n, t in task.initial_params().items()}
+    assert math.isnan(_grad_dual_norm(task, algo.geometry, X, {j: 1 / 3 for j in range(3)}))
+
+
+def test_rounds_without_an_accepted_client_stop_the_run(tmp_path):
+    """faults.raise_prob=1: every client fails every round. After max_failed_rounds such rounds the run
+    stops, non-zero exit, "complete": false with the reason; a run shorter than that which never
+    accepted a client is not complete either."""
+    cfg = load_cfg(tmp_path, "engine.name=plain", "rounds=8", "faults.raise_prob=1", "max_failed_rounds=3",
+                   "output.name=none")
+    with pytest.raises(NoProgressError, match=r"no client was accepted in the last 3 rounds \(max_failed_rounds=3\)"):
+        experiment.run(cfg, progress=False)
+    summary = json.loads((tmp_path / "none" / "summary.json").read_text())
+    assert summary["complete"] is False and "max_failed_rounds" in summary["stopped"]
+    assert len(pd.read_csv(tmp_path / "none" / "metrics.csv")) == 3
+    cfg = load_cfg(tmp_path, "engine.name=inprocess", "rounds=2", "faults.raise_prob=1", "output.name=short")
+    with pytest.raises(NoProgressError, match="no client was accepted in any of the run's 2 rounds"):
+        experiment.run(cfg, progress=False)
+    assert not experiment.is_complete(tmp_path / "short")
+    with pytest.raises(NoProgressError, match="nothing to resume"):  # the checkpoint is at the end
+        experiment.run(load_cfg(tmp_path, "engine.name=plain", "rounds=2", "output.name=short"), progress=False,
+                       out_dir=tmp_path / "short", resume=True)
+    assert not experiment.is_complete(tmp_path / "short")
+
+
+def test_cli_exits_non_zero_when_no_client_is_ever_accepted(tmp_path):
+    from click.testing import CliRunner
+
+    from fedgluon.cli import main
+
+    out = CliRunner().invoke(main, ["run", *SMALL, f"output.dir={tmp_path}", "output.name=cli", "rounds=2",
+                                    "--engine", "plain", "faults.raise_prob=1", "--quiet"])
+    assert out.exit_code == 1 and "no client was accepted" in out.output
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["complete"] is False
+
+
+def test_a_client_that_says_its_actor_died_fails_only_itself(monkeypatch):
+    """A ClientApp whose exception text says its actor died is an exception of the ClientApp (Flower's
+    CLIENT_APP_RAISED_EXCEPTION), not a dead worker: its clients fail, the run goes on and completes."""
+    from fedgluon import engines
+
+    lie = "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task. actor died"
+
+    class LyingGrid(engines.InProcessGrid):
+        def __init__(self, client_app, *args, **kwargs):
+            def app(msg, context):
+                if msg.metadata.message_type == "train" and msg.metadata.group_id == "1" \
+                        and context.node_config["partition-id"] == 2:
+                    raise RuntimeError(lie)
+                return client_app(msg, context)
+            super().__init__(app, *args, **kwargs)
+
+    monkeypatch.setattr(engines, "InProcessGrid", LyingGrid)
+    strategy = run_inprocess(specs.normalise({"task": {"name": "synthetic", "num_clients": 4, "dim": 6,
+                                                       "classes": 3, "hidden": [4]}, "rounds": 3}))
+    assert [row["failed"] for row in strategy.history] == [0, 1, 0]
+    failed = [r for r in strategy.client_log if r["status"] == "failed"]
+    assert [(r["round"], r["client"]) for r in failed] == [(1, 2)] and "ActorDiedError" in failed[0]["reason"]

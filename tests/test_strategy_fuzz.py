@@ -1,8 +1,8 @@
 """Hostile replies through the real strategy: hypothesis corrupts the Flower records of genuine client replies
-(missing/extra arrays, NaN/Inf, wrong lengths, dtypes, shapes, codecs, out-of-range or duplicate indices,
-wrong round or client ids, missing records, pickled objects, garbage bytes). No exception escapes, nothing
-is unpickled, and after every round the server state equals the state computed from the valid replies alone;
-corrupted clients keep their state."""
+(missing/extra arrays, NaN/Inf, finite values beyond the server's bound, wrong lengths, dtypes, shapes, codecs,
+out-of-range or duplicate indices, wrong round or client ids, missing records, pickled objects, garbage bytes).
+No exception escapes, nothing is unpickled, and after every round the server state equals the state computed
+from the valid replies alone; corrupted clients keep their state."""
 
 import copy
 import io
@@ -53,7 +53,7 @@ class Evil:
 
 MUTATIONS = ["drop_array", "extra_array", "orphan_array", "nan", "length", "index_range", "dup_index", "dtype",
              "codec", "shape", "round", "partition", "no_payload", "no_metrics", "no_header", "pickle", "garbage",
-             "bad_state", "bad_layout", "no_replies"]
+             "bad_state", "bad_layout", "no_replies", "huge"]
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,9 @@ def corrupt(reply, j: int, how: str, data: st.DataObject, k: int) -> None:
                                  "arrays": {"v.v": edit.append(np.zeros((1, 3), np.float32))}}
     elif how == "nan":
         v[data.draw(st.integers(0, len(v) - 1))] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+        arrays["v.v"] = edit.append(v[None])
+    elif how == "huge":  # finite, valid, and far beyond the server's bound float32 max / (2n)
+        v[data.draw(st.integers(0, len(v) - 1))] = data.draw(st.sampled_from([1, -1])) * np.finfo(np.float32).max
         arrays["v.v"] = edit.append(v[None])
     elif how == "length":
         arrays["v.v"] = edit.append((v[:-1] if data.draw(st.booleans()) else np.append(v, np.float32(1)))[None])
@@ -292,3 +295,112 @@ def test_states_record_writes_shared_tensors_once():
     assert len({back[j]["x_prev"]["w"].data_ptr() for j in range(4)}) == 1
     assert all(torch.equal(back[j]["x_prev"]["w"], model) and torch.equal(back[j]["est"]["w"], states[j]["est"]["w"])
                for j in range(4))
+
+
+def test_huge_finite_values_are_rejected_for_their_client_and_the_run_goes_on():
+    """A valid top-k payload of float32 max values, every round: rejected for that client alone (the bound
+    float32 max / (2n) holds whatever the others send); before, it grew the EF21 tracker to Inf and
+    stopped the run with NonFiniteStateError."""
+    from fedgluon.driver import run_plain
+
+    task, algo = specs.build({**SPEC, "rounds": 8})
+
+    def tamper(k, j, reply):
+        if k >= 1 and j == 2:
+            for payload in reply.message.values():
+                payload.arrays["v.v"] = np.full_like(payload.arrays["v.v"], np.finfo(np.float32).max)
+        return reply
+
+    res = run_plain(algo, task.objectives, task.initial_params(), 8, seed=1, tamper=tamper)
+    assert [(r["accepted"], r["rejected"]) for r in res.history] == [(4, 0)] + [(3, 1)] * 7
+    rejected = [r for r in res.client_log if r["status"] == "rejected"]
+    assert {r["client"] for r in rejected} == {2} and all("out-of-range values" in r["reason"] for r in rejected)
+    assert all(bool(torch.isfinite(t).all()) for t in res.server_state["G"].values())
+
+
+def _handshake_world(edit, weights="samples"):
+    """An in-process grid whose node of partition 1 answers the handshake as ``edit`` makes it, and a
+    strategy connected to it that knows the true sample counts."""
+    from fedgluon.federation import client_weights_from_sizes
+
+    task, algo = specs.build(SPEC)
+    app = make_client_app(SPEC)
+
+    def hostile(msg, context):
+        reply = app(msg, context)
+        if msg.metadata.message_type == "query" and context.node_config["partition-id"] == 1:
+            edit(reply.content.metric_records["hello"])
+        return reply
+
+    grid = InProcessGrid(hostile, N, seed=1)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
+    sizes = [o.num_samples for o in task.objectives]
+    strategy = GluonStrategy(algo, task.initial_params(), N, seed=1, rounds=3, weights=weights, sizes=sizes,
+                             schema=algo.state_schema(task.objectives[0], task.initial_params(), 1))
+    strategy.connect(grid, timeout=10)
+    return grid, strategy, client_weights_from_sizes(sizes, weights)
+
+
+HOSTILE_HELLOS = {
+    "nan block": lambda h: h.__setitem__("block", float("nan")),
+    "another node's block": lambda h: h.__setitem__("block", 0),
+    "block out of range": lambda h: h.__setitem__("block", 99),
+    "huge count": lambda h: h.__setitem__("num_samples", [1e12]),
+    "negative count": lambda h: h.__setitem__("num_samples", [-5]),
+    "zero count": lambda h: h.__setitem__("num_samples", [0]),
+    "fractional count": lambda h: h.__setitem__("num_samples", [2.5]),
+    "count not the partition's": lambda h: h.__setitem__("num_samples", [h["num_samples"][0] + 1]),
+    "no counts": lambda h: h.__setitem__("num_samples", []),
+    "other clients": lambda h: h.__setitem__("clients", [0]),
+}
+
+
+@pytest.mark.parametrize("how", sorted(HOSTILE_HELLOS))
+def test_a_bad_handshake_rejects_that_node_and_never_weighs(how, caplog):
+    """A node with a NaN or foreign or out-of-range block id, or sample counts that are not positive
+    integers under the cap equal to the server's, is rejected with a logged reason: no crash, no weight
+    from it; its clients fail each round while the others train."""
+    grid, strategy, weights = _handshake_world(HOSTILE_HELLOS[how])
+    assert "handshake: rejected node" in caplog.text
+    assert sorted(strategy.node_of) == [0, 2, 3] and strategy.federation.weights == weights
+    replies = list(grid.send_and_receive(list(strategy.configure_train(1, None, None, grid))))
+    strategy.aggregate_train(1, replies)
+    row, log = strategy.history[-1], {r["client"]: r for r in strategy.client_log}
+    assert (row["accepted"], row["failed"]) == (3, 1) and "no node holds" in log[1]["reason"]
+
+
+def test_client_strings_are_clipped_and_a_reported_death_is_only_a_failure():
+    """A node's 5 MB failure reason (claiming a dead actor), a 5 MB error reason and a 1 MB Ray node id are
+    clipped before they are stored; none of them stops the run. A runtime error code does stop it."""
+    from flwr.app import ConfigRecord, Error, Message
+    from flwr.common.constant import ErrorCode
+
+    from fedgluon.checkpoint import ActorDeathError
+    from fedgluon.federation import MAX_CLIENT_TEXT
+
+    task, algo = specs.build(SPEC)
+    grid = InProcessGrid(make_client_app(SPEC), N, seed=1)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
+    strategy = GluonStrategy(algo, task.initial_params(), N, seed=1, rounds=3,
+                             schema=algo.state_schema(task.objectives[0], task.initial_params(), 1))
+    strategy.connect(grid, timeout=10)
+    messages = list(strategy.configure_train(1, None, None, grid))
+    replies = list(grid.send_and_receive(messages))
+    by_client = {strategy.partition_of[r.metadata.src_node_id]: r for r in replies}
+    by_client[0].content["failed"] = ConfigRecord({"0": "RayActorError: actor died " + "x" * 5_000_000})
+    sent = next(m for m in messages if strategy.partition_of[m.metadata.dst_node_id] == 1)
+    by_client[1] = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                 reason="ActorDiedError " + "y" * 5_000_000), reply_to=sent)
+    by_client[2].content.config_records["info"]["ray_node"] = "z" * 1_000_000
+    strategy.aggregate_train(1, list(by_client.values()))
+    rows = {r["client"]: r for r in strategy.client_log}
+    assert rows[0]["status"] == rows[1]["status"] == "failed" and rows[2]["status"] == "accepted"
+    assert all(len(r["reason"]) <= MAX_CLIENT_TEXT + 50 for r in rows.values())
+    assert "actor died" in rows[0]["reason"] and all(len(n) <= 64 for n in strategy.ray_nodes)
+
+    messages = list(strategy.configure_train(2, None, None, grid))
+    sent = next(m for m in messages if strategy.partition_of[m.metadata.dst_node_id] == 3)
+    replies = [r for r in grid.send_and_receive(messages) if r.metadata.src_node_id != sent.metadata.dst_node_id]
+    replies.append(Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason="gone"), reply_to=sent))
+    with pytest.raises(ActorDeathError, match="client 3 died"):
+        strategy.aggregate_train(2, replies)

@@ -360,13 +360,27 @@ class Algorithm:
         return decode_message(self._reply_uplink(reply, j, bc), reply.message, self.shapes, dtype=self._value_dtype,
                               sparse=sparse)
 
-    def validate_each(self, replies: Mapping[int, Any], bc: Broadcast,
-                      sparse: bool = False) -> Iterator[tuple[int, Tensors | PayloadError, Compressor | None]]:
+    def value_bound(self, num_clients: int) -> float:
+        """The largest ``|v|`` the server accepts in a decoded payload of a run of ``num_clients`` clients:
+        ``B = F / (2n)`` with ``F`` the largest finite value of the server's value dtype (float32: 3.4e38).
+
+        It holds each client to a bound of its own, whatever the other clients send and in whatever
+        order: the server's aggregates are sums of at most n terms ``w_j v_j`` with weights
+        ``w_j ≤ 1`` (the weighted mean, ``Σ_j w_j v_j / Σ_j w_j``, and one round of a tracker,
+        ``Σ_j w_j R_j``), so every partial sum is at most ``n·B = F/2`` in magnitude and, added to a
+        tracker below ``F/2``, stays finite. A tracker grown over many rounds beyond that, or a server
+        optimizer that squares the aggregate (AdamW), can still overflow; the run then stops cleanly
+        (fedgluon/federation.py)."""
+        return float(torch.finfo(self._value_dtype).max) / (2 * max(1, num_clients))
+
+    def validate_each(self, replies: Mapping[int, Any], bc: Broadcast, sparse: bool = False,
+                      max_abs: float | None = None) -> Iterator[tuple[int, Tensors | PayloadError, Compressor | None]]:
         """:meth:`validate` of every reply: yields ``(j, decoded or error, its uplink compressor)`` per
         client (None for a reply whose compressor could not be told), the same results and errors as one
         by one, with the messages of one uplink compressor checked and decoded together
         (:func:`compressors.decode_messages`: one set of array operations per layer for a round's
-        top-k / rand-k payloads instead of one per client)."""
+        top-k / rand-k payloads instead of one per client). With ``max_abs`` (:meth:`value_bound`), a
+        decoded value beyond it is a PayloadError for that client."""
         groups: dict[int, tuple[Compressor, dict[int, Any]]] = {}
         for j in sorted(replies):
             try:
@@ -377,7 +391,7 @@ class Algorithm:
             groups.setdefault(id(compressor), (compressor, {}))[1][j] = replies[j].message
         for compressor, messages in groups.values():
             for j, result in decode_messages(compressor, messages, self.shapes, dtype=self._value_dtype,
-                                             sparse=sparse):
+                                             sparse=sparse, max_abs=max_abs):
                 yield j, result, compressor
 
     @property
@@ -410,7 +424,8 @@ class Algorithm:
                     weights: Mapping[int, float]) -> tuple[State, ServerOutcome]:
         k = bc.round
         decoded, rejected, uplink = DecodedReplies(self, replies, bc), {}, {}
-        for j, result, compressor in self.validate_each(replies, bc, sparse=True):
+        bound = self.value_bound(len(weights))
+        for j, result, compressor in self.validate_each(replies, bc, sparse=True, max_abs=bound):
             if isinstance(result, PayloadError):
                 rejected[j] = str(result)
             else:

@@ -59,6 +59,7 @@ def test_the_comparison_sees_one_ulp_and_any_change_of_a_count():
     frame = pd.DataFrame({"round": [0, 1], "train_loss": [1.0, 0.5], "up_int32_total": [64.0, 64.0],
                           "status": ["accepted", "rejected"]})
     assert golden.diff_frames(frame, frame.copy()).equal
+    assert golden.diff_frames(frame[frame.columns[::-1]], frame).equal  # a column's place is no result
     ulp = frame.assign(train_loss=[1.0, float(torch.nextafter(torch.tensor(0.5), torch.tensor(1.0)))])
     assert not golden.diff_frames(ulp, frame).within  # bitwise by default
     assert golden.diff_frames(ulp, frame, RTOL).within and not golden.diff_frames(ulp, frame, RTOL).equal

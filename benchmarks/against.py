@@ -31,7 +31,8 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,12 +97,11 @@ def run_once(tree: Path, module: str, args: Sequence[str], cwd: Path) -> str:
     return done.stdout
 
 
-def compare(rev: str, module: str, args: Sequence[str] = (), pairs: int = 3, repo: Path = REPO,
-            echo=print) -> list[str]:
-    """Run ``module`` ``pairs`` times from ``repo``'s working tree and from revision ``rev``, alternating;
-    returns (and echoes) the report (module doc)."""
-    if pairs < 1:
-        raise ValueError(f"pairs must be at least 1, got {pairs}")
+@contextmanager
+def checkout(rev: str, repo: Path = REPO) -> Iterator[tuple[Path, Path]]:
+    """Revision ``rev`` of ``repo`` checked out (``git worktree``, detached) into a temporary directory,
+    and an empty directory to run from (module doc); both removed, and the worktree pruned, on exit.
+    Raises ``RuntimeError`` naming ``rev`` when git cannot check it out."""
     with tempfile.TemporaryDirectory(prefix="fedgluon-against-") as tmp:
         other, cwd = Path(tmp) / "tree", Path(tmp) / "cwd"
         cwd.mkdir()
@@ -110,16 +110,26 @@ def compare(rev: str, module: str, args: Sequence[str] = (), pairs: int = 3, rep
         if added.returncode != 0:
             raise RuntimeError(f"cannot check out {rev!r} from {repo}: {added.stderr.strip()}")
         try:
-            new: list[Run] = []
-            old: list[Run] = []
-            for i in range(pairs):
-                order = [(repo, new, "this tree"), (other, old, rev)]
-                for tree, into, label in order if i % 2 == 0 else order[::-1]:
-                    echo(f"# pair {i + 1}/{pairs}: {label}")
-                    into.append(parse(run_once(tree, module, args, cwd)))
+            yield other, cwd
         finally:
             subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(other)], capture_output=True)
             subprocess.run(["git", "-C", str(repo), "worktree", "prune"], capture_output=True)
+
+
+def compare(rev: str, module: str, args: Sequence[str] = (), pairs: int = 3, repo: Path = REPO,
+            echo=print) -> list[str]:
+    """Run ``module`` ``pairs`` times from ``repo``'s working tree and from revision ``rev``, alternating;
+    returns (and echoes) the report (module doc)."""
+    if pairs < 1:
+        raise ValueError(f"pairs must be at least 1, got {pairs}")
+    new: list[Run] = []
+    old: list[Run] = []
+    with checkout(rev, repo) as (other, cwd):
+        for i in range(pairs):
+            order = [(repo, new, "this tree"), (other, old, rev)]
+            for tree, into, label in order if i % 2 == 0 else order[::-1]:
+                echo(f"# pair {i + 1}/{pairs}: {label}")
+                into.append(parse(run_once(tree, module, args, cwd)))
     lines = report(new, old)
     echo(f"# {module} {' '.join(args)}: medians of {pairs} runs of this tree; new/old against {rev}")
     for line in lines:

@@ -1,4 +1,4 @@
-"""The Flower ``ClientApp``: one simulated client per call, driven by the algorithm's ``client_step``.
+"""The Flower ``ClientApp``: one node per call steps its block of simulated clients (``Algorithm.client_block``).
 
 Each node simulates a block of ``block_size`` virtual clients (fedgluon/blocks.py; one client per
 node by default). Handlers:

@@ -36,7 +36,7 @@ OUT_OF_RANGE = {  # one override per field, out of the field's allowed values
     "network.bits": "network.bits=int7", "output.name": "output.name=..", "output.overwrite": "output.overwrite=true",
     "output.checkpoint_every": "output.checkpoint_every=-1", "faults.raise_prob": "faults.raise_prob=1.5",
     "faults.delay_prob": "faults.delay_prob=-0.1", "faults.delay_s": "faults.delay_s=-1",
-    "faults.die": "faults.die=[[0,99]]",
+    "faults.die": "faults.die=[[0,99]]", "max_failed_rounds": "max_failed_rounds=-1",
 }
 NO_OUT_OF_RANGE = {  # fields whose every value of the right type is legal
     "engine.address": "any string: Ray checks the address when it connects",

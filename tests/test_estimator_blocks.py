@@ -184,7 +184,7 @@ def test_block_rows_equal_per_client_updates(name, kw, dtype):
         state_in = {k: {n: t[active] for n, t in v.items()} for k, v in block.items()}
         if step == 1:  # a first row holding garbage must not change the math
             state_in = torch.utils._pytree.tree_map(
-                lambda t: torch.where(first.view(-1, *[1] * (t.ndim - 1)), torch.full_like(t, 7), t), state_in)
+                lambda t, f=first: torch.where(f.view(-1, *[1] * (t.ndim - 1)), torch.full_like(t, 7), t), state_in)
         G, GP = stack([g[i] for i in active]), stack([gp[i] for i in active])
         new_block, est_block = est.update(state_in, G, GP if est.needs_previous else None, first)
         for r, i in enumerate(active):

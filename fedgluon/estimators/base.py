@@ -8,7 +8,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map
 
 Tensors = dict[str, Tensor]
 State = dict[str, Tensors]
@@ -30,10 +29,11 @@ def _require_prev(name: str, g_prev: Mapping[str, Tensor] | None) -> Mapping[str
 class Rows:
     """A block's first-step mask ``first`` ((B,) bool) and the row selections made with it."""
 
-    def __init__(self, first: Tensor) -> None:
+    def __init__(self, first: Tensor, every: bool | None = None) -> None:
+        """``every``: the one value of a block of one, known without reading ``first``."""
         self.first = first
-        self.any = bool(first.any())
-        self.all = bool(first.all())
+        self.any = bool(first.any()) if every is None else every
+        self.all = bool(first.all()) if every is None else every
 
     def _mask(self, t: Tensor) -> Tensor:
         return self.first.view(-1, *([1] * (t.ndim - 1))).to(t.device)
@@ -44,6 +44,8 @@ class Rows:
 
     def zero(self, t: Tensor) -> Tensor:
         """``t`` with its first rows set to 0: the state a first step starts from, whatever the row held."""
+        if self.all:
+            return torch.zeros_like(t)
         return t.masked_fill(self._mask(t), 0) if self.any else t
 
 
@@ -51,12 +53,19 @@ def _clone(t: Mapping[str, Tensor]) -> Tensors:
     return {k: v.clone() for k, v in t.items()}
 
 
-def _as_block(tree):
-    return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, tree)
+def _as_block(t: Mapping[str, Tensor]) -> Tensors:
+    return {k: v.unsqueeze(0) for k, v in t.items()}
 
 
-def _row(tree, i: int, *, copy: bool = False):
-    return tree_map(lambda t: (t[i].clone() if copy else t[i]) if isinstance(t, Tensor) else t, tree)
+def _row(t: Mapping[str, Tensor], i: int, copy: bool = False) -> Tensors:
+    return {k: v[i].clone() if copy else v[i] for k, v in t.items()}
+
+
+def _state_row(state: State, i: int, copy: bool = False) -> State:
+    return {grp: _row(part, i, copy) for grp, part in state.items()}
+
+
+_FIRST, _LATER = torch.tensor([True]), torch.tensor([False])  # read only
 
 class Estimator(ABC):
     """A gradient estimator over a block of clients; subclasses define :meth:`zero_state` and ``_update``."""
@@ -109,14 +118,14 @@ class Estimator(ABC):
                  *, refresh: bool = False) -> tuple[State, Tensors]:
         """One model's step (the optimizer's, B = 1) on unbatched tensors: the block step of one row
         (unsqueezed views, no copy); ``state is None`` on the first step; the state comes back unbatched."""
-        g1 = _as_block(dict(g_now))
-        s1 = self.zero_state(g1) if state is None else _as_block(state)
-        first = torch.tensor([state is None])
+        g1 = _as_block(g_now)
+        s1 = self.zero_state(g1) if state is None else {grp: _as_block(part) for grp, part in state.items()}
         if refresh:
-            new, est = self.refresh(s1, g1, first)
+            new, est = self.refresh(s1, g1, _FIRST if state is None else _LATER)
         else:
-            new, est = self.update(s1, g1, None if g_prev is None else _as_block(dict(g_prev)), first)
-        return _row(new, 0), _row(est, 0)
+            rows = Rows(_FIRST, True) if state is None else Rows(_LATER, False)
+            new, est = self._update(s1, g1, None if g_prev is None else _as_block(g_prev), rows)
+        return _state_row(new, 0), _row(est, 0)
 
     def update_rows(self, states: Sequence[State | None], g_now: Sequence[Mapping[str, Tensor]],
                     g_prev: Sequence[Mapping[str, Tensor] | None] | None = None,
@@ -125,8 +134,9 @@ class Estimator(ABC):
         gradients (``None`` where absent) stacked into one block step; each client's new state and estimate
         come back as standalone tensors, equal bitwise to its own :meth:`update`."""
         G = {k: torch.stack([g[k] for g in g_now]) for k in g_now[0]}
-        zero = _row(self.zero_state({k: t[:1] for k, t in G.items()}), 0)
-        S = tree_map(lambda *rows: torch.stack(rows), *[zero if s is None else s for s in states])
+        zero = _state_row(self.zero_state({k: t[:1] for k, t in G.items()}), 0)
+        rows = [zero if s is None else s for s in states]
+        S = {grp: {k: torch.stack([r[grp][k] for r in rows]) for k in part} for grp, part in zero.items()}
         first = torch.tensor([s is None for s in states])
         if refresh:
             new, est = self.refresh(S, G, first)
@@ -136,7 +146,7 @@ class Estimator(ABC):
                 gp = {k: torch.stack([torch.zeros_like(g[k]) if p is None else p[k] for p, g in zip(g_prev, g_now)])
                       for k in G}
             new, est = self.update(S, G, gp, first)
-        return [(_row(new, i, copy=True), _row(est, i, copy=True)) for i in range(len(states))]
+        return [(_state_row(new, i, copy=True), _row(est, i, copy=True)) for i in range(len(states))]
 
 
 def _zeros(g: Mapping[str, Tensor]) -> Tensors:

@@ -36,7 +36,10 @@ def _row_norms(c: Tensor) -> Tensor:
 def _clip_rows(c: Tensor) -> Tensor:
     """Each row scaled to Frobenius norm 1 where its norm exceeds 1."""
     n = _row_norms(c)
-    return torch.where(n > 1, c / n, c)
+    over = n > 1
+    if not over.any():
+        return c
+    return c / n if over.all() else torch.where(over, c / n, c)
 
 
 FORMS = ("fedgluon", "reference")

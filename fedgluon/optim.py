@@ -229,7 +229,7 @@ class Gluon(torch.optim.Optimizer):
             if refresh_closure is None:
                 raise ValueError(f"step {k} is a SARAH/PAGE refresh: pass refresh_closure (a large-batch closure)")
             g_large = self._gradient_at(refresh_closure)
-            state, estimate = self.estimator.refresh(state, g_large)
+            state, estimate = self.estimator.step_one(state, g_large, refresh=True)
         else:
             g_prev = None
             if self.estimator.needs_previous and state is not None:
@@ -237,7 +237,7 @@ class Gluon(torch.optim.Optimizer):
                     raise ValueError(f"estimator {self.estimator.name!r} needs step(closure): it evaluates the "
                                      "gradient at the previous iterate on the same batch")
                 g_prev = self._gradient_at(closure, self._x_prev)
-            state, estimate = self.estimator.update(state, g_now, g_prev)
+            state, estimate = self.estimator.step_one(state, g_now, g_prev)
         for n, p in params.items():  # leave .grad as the gradient at X^k
             p.grad = g_now[n]
         self._est_state = state

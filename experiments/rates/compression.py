@@ -1,0 +1,179 @@
+"""Item 3: how the rounds to a fixed ‖∇f‖_* grow with the compression, against the bounds' factors.
+
+The problem of :mod:`.problem` (same data, model, geometry and metric), split iid over n ∈ {1, 10}
+clients; every client computes its full local gradient (no sampling noise, so the rounds measure the
+compression alone). fedgluon's own algorithms run in the plain driver (``fedgluon.driver.run_plain``):
+
+* ``gluon-ef21-sarah`` with top-k (contractive, α = k/d, the smallest over layers), no refreshes after
+  round 0 (with exact local gradients the SARAH estimator is the exact gradient);
+* ``gluon-marina`` with rand-k (unbiased, ω = d/k − 1, the largest over layers), refresh (dense)
+  rounds with MARINA's p = 1/(ω+1).
+
+For every (method, n, ratio) the constant radius t is searched on a grid of ratio √2 upwards from
+T_MIN, and the fewest rounds to reach ``‖∇f(X^k)‖_* ≤ TARGET`` is kept: a run stops at the target,
+once it cannot beat the best so far, or after PATIENCE rounds without a 0.1% lower loss, and the
+search stops at the first radius that does worse (too large a radius oscillates above the target).
+One seed (0) per point: top-k with exact gradients is deterministic; rand-k and MARINA's coin are not.
+
+Bounds (Euclidean step-size conditions; the LMO analyses of EF21-Muon carry the same factors, and
+the core paper's own bounds are not public), the number of rounds being ∝ 1/γ_max:
+
+* EF21 (Richtárik, Sokolov, Fatkhullin 2021, Thm 1): ``γ ≤ 1/(L + L̃·√(β/θ))`` with
+  θ = 1 − √(1−α), β = (1−α)/θ, so rounds ∝ ``1 + √(1−α)/(1 − √(1−α))`` ≈ 2/α for small α,
+  independent of n;
+* MARINA (Gorbunov et al. 2021, Thm 2.1): ``γ ≤ 1/(L(1 + √((1−p)ω/(p n))))``; with p = 1/(ω+1),
+  rounds ∝ ``1 + ω/√n``.
+
+``predicted_rounds`` scales the factor to the measured rounds at the least compressed ratio.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from compressors import make_compressor
+from fedgluon.algorithms import make_algorithm
+from fedgluon.driver import run_plain
+from fedgluon.objective import SupervisedObjective
+
+from .fit import slope
+from .problem import digits, grad_dual_norm, make_geometry, make_model
+
+TARGET = 0.3
+COMPRESSOR = {"gluon-ef21-sarah": "topk", "gluon-marina": "randk"}
+RATIOS = (0.5, 0.25, 0.1, 0.05)
+CLIENTS = (1, 10)
+T_MIN = 0.005
+STEP = 2 ** 0.5  # the radius grid's ratio
+PATIENCE = 200  # a run stops when its full loss has not improved by 0.1% for this many rounds
+
+
+class _Reached(Exception):
+    pass
+
+
+def factor(method: str, ratio: float, shapes) -> float:
+    """1/α (top-k) or ω (rand-k) of the layer-wise compressor at ``ratio`` (worst layer)."""
+    comp = make_compressor({"name": COMPRESSOR[method], "ratio": ratio}).structure
+    if method == "gluon-ef21-sarah":
+        return 1.0 / min(comp.alpha(s) for s in shapes)
+    return max(comp.omega(s) for s in shapes)
+
+
+def bound(method: str, x: float, clients: int) -> float:
+    """The bounds' round factor (module docstring) at 1/α = x (EF21) or ω = x (MARINA)."""
+    if method == "gluon-ef21-sarah":
+        r = math.sqrt(max(0.0, 1 - 1 / x))
+        return 1 + r / (1 - r)
+    return 1 + x / math.sqrt(clients)
+
+
+def rounds_to_target(method: str, clients: int, ratio: float, radius: float, seed: int, cap: int,
+                     target: float = TARGET) -> int | None:
+    """Rounds until ‖∇f‖_* ≤ ``target`` (None if not within ``cap`` rounds)."""
+    torch.set_num_threads(1)
+    x, y = digits()
+    model = make_model(0)
+    geometry = make_geometry(model)
+    parts = np.array_split(np.random.default_rng(0).permutation(len(x)), clients)
+    objectives = [SupervisedObjective(model, x[torch.from_numpy(p)], y[torch.from_numpy(p)], batch_size=len(p))
+                  for p in parts]
+    shapes = [p.shape for p in geometry]
+    opts: dict[str, Any] = {"lr": radius, "schedule": "constant",
+                            "compressor": {"name": COMPRESSOR[method], "ratio": ratio}}
+    if method == "gluon-marina":
+        opts["refresh_prob"] = 1.0 / (1.0 + factor(method, ratio, shapes))
+    else:
+        opts["refresh_prob"] = 0.0
+    algorithm = make_algorithm(method, geometry, **opts)
+    X0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    best = [math.inf, 0]  # the lowest full loss so far and the round it was reached
+
+    def evaluate(params, k: int) -> dict[str, float]:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(params[n])
+        loss = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        value = grad_dual_norm(geometry, {n: g for (n, _), g in zip(model.named_parameters(), grads)})
+        if not math.isfinite(value) or value <= target:
+            raise _Reached(k + 1 if math.isfinite(value) else -1)
+        if float(loss.detach()) < (1 - 1e-3) * best[0]:
+            best[:] = [float(loss.detach()), k]
+        elif k - best[1] > PATIENCE:
+            raise _Reached(-1)
+        return {"grad_dual_norm": value}
+
+    try:
+        run_plain(algorithm, objectives, X0, cap, seed=seed, evaluate=evaluate, eval_every=1)
+    except _Reached as hit:
+        r = hit.args[0]
+        return r if r > 0 else None
+    return None
+
+
+def _task(args: tuple) -> dict[str, Any]:
+    """Radius search for one (method, clients, ratio), upwards from T_MIN by STEP: every run is capped
+    at the best rounds so far, and the search stops at the first radius that does not beat it."""
+    method, clients, ratio, cap, quick, target = args
+    shapes = [p.shape for p in make_geometry(make_model(0))]
+    rows, best = [], math.inf
+    radius = T_MIN
+    for _ in range(2 if quick else 12):
+        limit = int(min(cap, best))
+        got = rounds_to_target(method, clients, ratio, radius, 0, limit, target)
+        rounds = float(got) if got is not None else math.inf
+        rows.append({"method": method, "clients": clients, "ratio": ratio, "factor": factor(method, ratio, shapes),
+                     "radius": round(radius, 6), "rounds": rounds, "cap": limit})
+        if rounds >= best:
+            break
+        best = rounds
+        radius *= STEP
+    return {"rows": rows}
+
+
+def run(out: Path, quick: bool = False, jobs: int = 2) -> pd.DataFrame:
+    """The sweep; writes compression.csv, compression_fit.csv and compression.png, returns the fit."""
+    ratios = RATIOS[:2] if quick else RATIOS
+    clients = (1, 2) if quick else CLIENTS
+    cap, target = (10, 0.95) if quick else (3000, TARGET)
+    tasks = [(m, n, r, cap, quick, target) for m in COMPRESSOR for n in clients for r in ratios]
+    if jobs > 1:
+        with mp.get_context("spawn").Pool(jobs) as pool:
+            results = list(pool.imap_unordered(_task, tasks))
+    else:
+        results = [_task(t) for t in tasks]
+    frame = pd.DataFrame([row for res in results for row in res["rows"]])
+    frame = frame.sort_values(["method", "clients", "ratio", "radius"], ascending=[True, True, False, False])
+    frame.to_csv(out / "compression.csv", index=False)
+    best = frame.loc[frame.groupby(["method", "clients", "ratio"])["rounds"].idxmin()].copy()
+    best = best.sort_values(["method", "clients", "factor"])
+    preds = []
+    for (m, n), sub in best.groupby(["method", "clients"]):
+        base = sub.iloc[0]
+        for row in sub.itertuples():
+            preds.append(base.rounds * bound(m, row.factor, n) / bound(m, base.factor, n))
+    best["predicted_rounds"] = preds
+    summary = []
+    for (m, n), sub in best.groupby(["method", "clients"]):
+        ok = np.isfinite(sub["rounds"].to_numpy())
+        fx, r, p = sub["factor"].to_numpy()[ok], sub["rounds"].to_numpy()[ok], sub["predicted_rounds"].to_numpy()[ok]
+        summary.append({"method": m, "clients": n, "ratios": len(sub), "reached": int(ok.sum()),
+                        "measured_slope": slope(fx, r) if ok.sum() >= 2 else math.nan,
+                        "bound_slope": slope(fx, p) if ok.sum() >= 2 else math.nan})
+    best.to_csv(out / "compression_best.csv", index=False)
+    table = pd.DataFrame(summary)
+    table.to_csv(out / "compression_fit.csv", index=False)
+    from .plots import plot_compression
+
+    plot_compression(best, out / "compression.png")
+    return table

@@ -9,10 +9,10 @@ compression alone). fedgluon's own algorithms run in the plain driver (``fedgluo
 * ``gluon-marina`` with rand-k (unbiased, ω = d/k − 1, the largest over layers), refresh (dense)
   rounds with MARINA's p = 1/(ω+1).
 
-For every (method, n, ratio) the constant radius t is searched on a grid of ratio √2 upwards from
-T_MIN, and the fewest rounds to reach ``‖∇f(X^k)‖_* ≤ TARGET`` is kept: a run stops at the target,
-once it cannot beat the best so far, or after PATIENCE rounds without a 0.1% lower loss, and the
-search stops at the first radius that does worse (too large a radius oscillates above the target).
+For every (method, n, ratio) the constant radius t is searched on a grid of ratio √2 (from T_START
+down until a run reaches ``‖∇f(X^k)‖_* ≤ TARGET``, then up while the rounds fall), and the fewest
+rounds is kept: a run stops at the target, once it cannot beat the best so far, or after PATIENCE
+rounds without a 0.1% lower loss (too large a radius oscillates above the target).
 One seed (0) per point: top-k with exact gradients is deterministic; rand-k and MARINA's coin are not.
 
 Bounds (Euclidean step-size conditions; the LMO analyses of EF21-Muon carry the same factors, and
@@ -49,9 +49,9 @@ from .problem import digits, grad_dual_norm, make_geometry, make_model
 
 TARGET = 0.3
 COMPRESSOR = {"gluon-ef21-sarah": "topk", "gluon-marina": "randk"}
-RATIOS = (0.5, 0.25, 0.1, 0.05)
+RATIOS = (0.5, 0.2, 0.05)
 CLIENTS = (1, 10)
-T_MIN = 0.005
+T_START = 0.01
 STEP = 2 ** 0.5  # the radius grid's ratio
 PATIENCE = 200  # a run stops when its full loss has not improved by 0.1% for this many rounds
 
@@ -122,22 +122,35 @@ def rounds_to_target(method: str, clients: int, ratio: float, radius: float, see
 
 
 def _task(args: tuple) -> dict[str, Any]:
-    """Radius search for one (method, clients, ratio), upwards from T_MIN by STEP: every run is capped
-    at the best rounds so far, and the search stops at the first radius that does not beat it."""
+    """Radius search for one (method, clients, ratio) on a grid of ratio STEP: from T_START downwards
+    until a radius reaches the target, then upwards while the rounds fall. Every run is capped at the
+    best rounds so far, so a radius that cannot beat it stops early."""
     method, clients, ratio, cap, quick, target = args
     shapes = [p.shape for p in make_geometry(make_model(0))]
-    rows, best = [], math.inf
-    radius = T_MIN
-    for _ in range(2 if quick else 12):
+    rows, best, tried = [], math.inf, {}
+
+    def attempt(radius: float) -> float:
         limit = int(min(cap, best))
         got = rounds_to_target(method, clients, ratio, radius, 0, limit, target)
         rounds = float(got) if got is not None else math.inf
         rows.append({"method": method, "clients": clients, "ratio": ratio, "factor": factor(method, ratio, shapes),
                      "radius": round(radius, 6), "rounds": rounds, "cap": limit})
+        tried[radius] = rounds
+        return rounds
+
+    radius = T_START
+    for _ in range(1 if quick else 4):  # downwards until the target is reached
+        best = min(best, attempt(radius))
+        if math.isfinite(best):
+            break
+        radius /= STEP ** 2
+    radius = max(r for r, v in tried.items() if v == best) if math.isfinite(best) else radius
+    for _ in range(1 if quick else 8):  # upwards while the rounds fall
+        radius *= STEP
+        rounds = attempt(radius)
         if rounds >= best:
             break
         best = rounds
-        radius *= STEP
     return {"rows": rows}
 
 
@@ -145,14 +158,33 @@ def run(out: Path, quick: bool = False, jobs: int = 2) -> pd.DataFrame:
     """The sweep; writes compression.csv, compression_fit.csv and compression.png, returns the fit."""
     ratios = RATIOS[:2] if quick else RATIOS
     clients = (1, 2) if quick else CLIENTS
-    cap, target = (10, 0.95) if quick else (3000, TARGET)
-    tasks = [(m, n, r, cap, quick, target) for m in COMPRESSOR for n in clients for r in ratios]
-    if jobs > 1:
-        with mp.get_context("spawn").Pool(jobs) as pool:
-            results = list(pool.imap_unordered(_task, tasks))
-    else:
-        results = [_task(t) for t in tasks]
-    frame = pd.DataFrame([row for res in results for row in res["rows"]])
+    cap, target = (10, 0.95) if quick else (1500, TARGET)
+    tasks = [(m, n, r, cap, quick, target) for n in clients for m in COMPRESSOR for r in ratios]
+    path = out / "compression.csv"
+    path.unlink(missing_ok=True)
+    rows: list[dict[str, Any]] = []
+    with mp.get_context("spawn").Pool(jobs) if jobs > 1 else _Serial() as pool:
+        for res in pool.imap(_task, tasks):  # one client first (cheap), each result written at once
+            pd.DataFrame(res["rows"]).to_csv(path, mode="a", header=not rows, index=False)
+            rows += res["rows"]
+    return summarise(out, pd.DataFrame(rows))
+
+
+class _Serial:
+    """``Pool.imap`` in this process (``jobs = 1``)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap(self, fn, tasks):
+        return map(fn, tasks)
+
+
+def summarise(out: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    """compression_best.csv, compression_fit.csv and compression.png from the search rows."""
     frame = frame.sort_values(["method", "clients", "ratio", "radius"], ascending=[True, True, False, False])
     frame.to_csv(out / "compression.csv", index=False)
     best = frame.loc[frame.groupby(["method", "clients", "ratio"])["rounds"].idxmin()].copy()

@@ -62,12 +62,15 @@ def pilot(out: Path, methods, jobs: int, grid=T0_GRID, K: int = 1000) -> pd.Data
     return frame
 
 
-def sweep(out: Path, horizons, seeds, methods, jobs: int, t0: float = T0) -> pd.DataFrame:
-    """Every (method, K, seed), seed by seed (so a stopped sweep leaves whole seeds); each finished run
-    is appended to ``rates.csv`` at once."""
-    path = out / "rates.csv"
+def sweep(out: Path, horizons, seeds, methods, jobs: int, t0: float = T0, name: str = "rates.csv") -> pd.DataFrame:
+    """Every (method, K, seed): the horizons up to 1,000 for every seed first, then the longer ones
+    seed by seed (so a stopped sweep leaves whole seeds); each finished run is appended to the CSV
+    at once."""
+    path = out / name
     path.unlink(missing_ok=True)
-    tasks = [(m, K, s, t0) for s in seeds for K in sorted(horizons, reverse=True) for m in methods]
+    short = [K for K in horizons if K <= 1000]
+    tasks = [(m, K, s, t0) for K in sorted(short) for s in seeds for m in methods]  # every seed's short runs first
+    tasks += [(m, K, s, t0) for s in seeds for K in sorted(set(horizons) - set(short)) for m in methods]
     rows = []
     for row in _pool_iter(_run_rate, tasks, jobs):
         rows.append(row)
@@ -78,20 +81,33 @@ def sweep(out: Path, horizons, seeds, methods, jobs: int, t0: float = T0) -> pd.
 
 
 def fit_table(frame: pd.DataFrame, methods) -> pd.DataFrame:
-    """Per method: the exponent of min_k ‖∇f‖_* in K with its intervals (seeds that ran every K)."""
+    """Per method, two fits of the exponent of min_k ‖∇f‖_* in K with their intervals: ``all seeds``
+    over the horizons that every seed ran, and ``all horizons`` over the seeds that ran every horizon
+    (the same fit when the sweep is complete)."""
     fits = []
     for m in methods:
-        sub = frame[frame.method == m].pivot(index="seed", columns="K", values="min_grad_dual_norm").dropna()
-        f = fit_exponent(list(sub.columns), sub.to_numpy())
-        fits.append({"method": m, "exponent": f.slope, "ci_lo": f.lo, "ci_hi": f.hi,
-                     "seed_mean": f.seed_mean, "seed_ci_lo": f.seed_lo, "seed_ci_hi": f.seed_hi, "seeds": f.seeds,
-                     "theory": rate.THEORY[m], "within_0.05": bool(abs(f.slope - rate.THEORY[m]) <= 0.05)})
-    return pd.DataFrame(fits)
+        table = frame[frame.method == m].pivot(index="seed", columns="K", values="min_grad_dual_norm")
+        for kind, sub in (("all seeds", table.dropna(axis=1)), ("all horizons", table.dropna(axis=0))):
+            if sub.shape[0] < 2 or sub.shape[1] < 2:
+                continue
+            f = fit_exponent(list(sub.columns), sub.to_numpy())
+            fits.append({"method": m, "fit": kind, "horizons": "/".join(str(k) for k in sub.columns),
+                         "exponent": f.slope, "ci_lo": f.lo, "ci_hi": f.hi, "seed_mean": f.seed_mean,
+                         "seed_ci_lo": f.seed_lo, "seed_ci_hi": f.seed_hi, "seeds": f.seeds,
+                         "theory": rate.THEORY[m], "within_0.05": bool(abs(f.slope - rate.THEORY[m]) <= 0.05)})
+    return pd.DataFrame(fits).drop_duplicates(["method", "horizons", "seeds"])
 
 
-def rates(out: Path, horizons, seeds, methods, jobs: int) -> pd.DataFrame:
+def rates(out: Path, horizons, seeds, methods, jobs: int, name: str = "rates.csv") -> pd.DataFrame:
     """Item 2: sweep, fits (``rates_fit.csv``), plot (``rates.png``); returns the fit table."""
-    frame = sweep(out, horizons, seeds, methods, jobs)
+    sweep(out, horizons, seeds, methods, jobs, name=name)
+    return fit_and_plot(out, methods)
+
+
+def fit_and_plot(out: Path, methods) -> pd.DataFrame:
+    """Fits and figure from every ``rates*.csv`` in ``out`` (sweeps split over seeds, ``--part fit``)."""
+    frame = pd.concat([pd.read_csv(p) for p in sorted(out.glob("rates*.csv")) if p.name != "rates_fit.csv"])
+    frame = frame.drop_duplicates(["method", "K", "seed"]).sort_values(["method", "K", "seed"])
     table = fit_table(frame, methods)
     table.to_csv(out / "rates_fit.csv", index=False)
     from .plots import plot_rates
@@ -105,11 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny horizons and grids: a smoke run of seconds")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
-    ap.add_argument("--part", choices=("all", "rates", "compression", "pilot"), default="all")
+    ap.add_argument("--part", choices=("all", "rates", "compression", "pilot", "fit"), default="all")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--horizons", type=int, nargs="+", default=None, help="default: 100 300 1000 3000 10000")
+    ap.add_argument("--seed-start", type=int, default=0, help="first seed of the sweep (seeds start..start+seeds-1)")
+    ap.add_argument("--csv", default="rates.csv", help="the sweep's output file name inside --out")
     args = ap.parse_args(argv)
-    if args.jobs < 1 or args.seeds < 2:
-        print("error: --jobs must be >= 1 and --seeds >= 2", file=sys.stderr)
+    if args.jobs < 1 or args.seeds < 1:
+        print("error: --jobs and --seeds must be >= 1", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -119,9 +138,12 @@ def main(argv: list[str] | None = None) -> int:
                       K=20 if args.quick else 1000)
         print(frame[["method", "t0", "min_grad_dual_norm", "final_loss"]].to_string(index=False))
     if args.part in ("all", "rates"):
-        horizons = (5, 10, 20) if args.quick else rate.HORIZONS
-        table = rates(args.out, horizons, range(2 if args.quick else args.seeds), rate.METHODS, args.jobs)
+        horizons = (5, 10, 20) if args.quick else tuple(args.horizons or rate.HORIZONS)
+        seeds = range(args.seed_start, args.seed_start + (2 if args.quick else args.seeds))
+        table = rates(args.out, horizons, seeds, rate.METHODS, args.jobs, args.csv)
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if args.part == "fit":
+        print(fit_and_plot(args.out, rate.METHODS).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.part in ("all", "compression"):
         table = compression.run(args.out, quick=args.quick, jobs=args.jobs)
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))

@@ -15,7 +15,9 @@ import pandas as pd  # noqa: E402
 def plot_rates(frame: pd.DataFrame, fits: pd.DataFrame, path: Path) -> None:
     """min_k ‖∇f‖_* against K per method: seed means (dots), per-seed min–max (bars), fitted lines."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=90)
-    fits = fits.drop_duplicates("method")  # the first fit of each method (``all seeds``)
+    # per method the fit over the most seeds, then the longest horizons
+    fits = fits.sort_values(["seeds", "K_max"], ascending=False).drop_duplicates("method")
+    fits = fits.set_index("method").loc[[m for m in dict.fromkeys(frame.method) if m in set(fits.method)]].reset_index()
     for i, row in enumerate(fits.itertuples()):
         sub = frame[frame.method == row.method].groupby("K")["min_grad_dual_norm"]
         K = np.array(sub.mean().index, dtype=float)

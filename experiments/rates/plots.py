@@ -7,9 +7,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
 
 def plot_rates(frame: pd.DataFrame, fits: pd.DataFrame, path: Path) -> None:
@@ -25,8 +25,8 @@ def plot_rates(frame: pd.DataFrame, fits: pd.DataFrame, path: Path) -> None:
         color = f"C{i}"
         ax.errorbar(K, mean, yerr=[mean - lo, hi - mean], fmt="o", color=color, ms=4, capsize=2)
         c = np.exp(np.mean(np.log(mean)) - row.exponent * np.mean(np.log(K)))
-        ax.plot(K, c * K ** row.exponent, "-", color=color,
-                label=f"{row.method}: {row.exponent:+.2f} [{row.ci_lo:+.2f}, {row.ci_hi:+.2f}] (theory {row.theory:+.2f})")
+        label = f"{row.method}: {row.exponent:+.2f} [{row.ci_lo:+.2f}, {row.ci_hi:+.2f}] (theory {row.theory:+.2f})"
+        ax.plot(K, c * K ** row.exponent, "-", color=color, label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("horizon K (iterations)")

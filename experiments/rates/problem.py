@@ -1,8 +1,9 @@
 """The test problem of the rate experiment: a smooth nonconvex objective with an exact full gradient.
 
 ``f(X) = (1/N) Σ_i CE(head(tanh(hidden(x_i))), y_i)`` on all N = 1,797 scikit-learn digits (pixels
-in [0, 1]), a 64→16→10 MLP with biases (1,210 parameters), 20% of the labels redrawn at random. tanh and the cross-entropy are smooth,
-the network makes ``f`` nonconvex, and the full gradient is one batched backward pass. The
+in [0, 1], 20% of the labels redrawn at random), a 64→16→10 MLP with biases (1,210 parameters).
+tanh and the cross-entropy are smooth, the network makes ``f`` nonconvex, and the full gradient is
+one batched backward pass. The
 stochastic oracle is a minibatch of ``b`` samples drawn uniformly with replacement, so
 ``σ² = E‖g_b − ∇f‖² = σ₁²/b``: the batch size controls the noise.
 

@@ -64,7 +64,7 @@ def schedule(method: str, K: int, t0: float, batch: int, n: int) -> Schedule:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     t = t0 * K ** (-2 / 3)
     if method == "gluon-sarah":
-        return Schedule(t, None, refresh_prob=K ** (-2 / 3), large_batch=min(n, int(math.ceil(batch * K ** (2 / 3)))))
+        return Schedule(t, None, refresh_prob=K ** (-2 / 3), large_batch=min(n, math.ceil(batch * K ** (2 / 3))))
     return Schedule(t, 1 - K ** (-2 / 3))
 
 

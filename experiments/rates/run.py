@@ -113,6 +113,8 @@ def fit_and_plot(out: Path, methods) -> pd.DataFrame:
     frame = frame.drop_duplicates(["method", "K", "seed"]).sort_values(["method", "K", "seed"])
     table = fit_table(frame, methods)
     table.to_csv(out / "rates_fit.csv", index=False)
+    if table.empty:  # fewer than three horizons or two seeds: nothing to fit yet (--part fit once they are in)
+        return table
     from .plots import plot_rates
 
     plot_rates(frame, table, out / "rates.png")

@@ -216,7 +216,8 @@ class _Serial:
 
 def summarise(out: Path, frame: pd.DataFrame, quick: bool = False) -> pd.DataFrame:
     """compression_best.csv, compression_fit.csv and compression.png from the search rows."""
-    frame = frame.sort_values(["method", "clients", "ratio", "radius"], ascending=[True, True, False, False])
+    frame = frame.sort_values(["method", "clients", "ratio", "radius"], ascending=[True, True, False, False],
+                              ignore_index=True)
     frame.to_csv(out / "compression.csv", index=False)
     best = frame.loc[frame.groupby(["method", "clients", "ratio"])["rounds"].idxmin()].copy()
     best = best.sort_values(["method", "clients", "factor"])

@@ -1,4 +1,4 @@
-"""Bit accounting (DESIGN §2 "Bits"): raw counts per message, every convention derived from them.
+"""Bit accounting (docs/DESIGN.md §2 "Bits"): raw counts per message, every convention derived from them.
 
 A :class:`BitCount` stores what was sent, not a convention: value bits (at the width the codec
 actually uses), the number of indices with the ``⌈log2 d⌉`` and bitmask alternatives, seeds,

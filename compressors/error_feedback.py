@@ -1,6 +1,6 @@
 """Error feedback as pure state transitions on dicts of tensors.
 
-**EF21** (Richtárik, Sokolov, Fatkhullin 2021; ALGORITHMS §8.1): client j keeps a tracker g_j, sends
+**EF21** (Richtárik, Sokolov, Fatkhullin 2021; docs/ALGORITHMS.md §8.1): client j keeps a tracker g_j, sends
 ``R_j = C(v_j − g_j)`` and sets ``g_j ← g_j + R_j``; the server adds ``w_j R_j`` to its aggregate, so
 ``G = Σ_j w_j g_j`` holds exactly as long as both sides add the *decoded* payload.
 
@@ -263,7 +263,7 @@ class EF21(_RowSteps):
 
 def ef21_server_update(G: Mapping[str, Tensor], decoded: Mapping[int, Mapping[str, Tensor]],
                        weights: Mapping[int, float]) -> Tensors:
-    """``G ← G + Σ_j w_j R_j`` over accepted clients, in client-id order (DESIGN §2)."""
+    """``G ← G + Σ_j w_j R_j`` over accepted clients, in client-id order (docs/DESIGN.md §2)."""
     total = WeightedSum({n: t.clone() for n, t in G.items()})
     for j in sorted(decoded):
         total.add(weights[j], decoded[j])

@@ -2,7 +2,7 @@
 
 Layers are processed in sorted-name order, and layer ``i`` of a message gets the seed
 ``derive_seed(*seed_parts, i)`` where ``seed_parts`` is e.g. ``(run_seed, client_id, round)``, so
-every draw is reproducible on any device and in any scheduling order (DESIGN §2).
+every draw is reproducible on any device and in any scheduling order (docs/DESIGN.md §2).
 """
 
 from __future__ import annotations

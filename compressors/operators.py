@@ -15,7 +15,7 @@ Structures, applied per tensor (per layer; ratios give ``k_i = clamp(⌈ratio·d
 Matrices are the ``(shape[0], prod(shape[1:]))`` view. Low-rank structures send a tensor dense when
 it is 1-D or ``m·n / ((m+n)·r) < min_compression_rate`` (PowerSGD's rule, default 2).
 
-Composition rules (ALGORITHMS §1.3; proofs in the docstring of :meth:`Compressor.properties`):
+Composition rules (docs/ALGORITHMS.md §1.3; proofs in the docstring of :meth:`Compressor.properties`):
 unbiased ∘ unbiased: ω = (1+ω₁)(1+ω₂) − 1; contractive ∘ unbiased, scaled by 1/(1+ω₂) at decode:
 α' = α/(1+ω₂); contractive ∘ rounding (fp16, unit roundoff u): α' = 1 − (s + u(1+s))², s = √(1−α).
 """
@@ -383,7 +383,7 @@ class RandomizedSVD(_LowRank):
 
 @dataclass
 class PowerSGD(_LowRank):
-    """One-shot PowerSGD (Vogels et al. 2019; ALGORITHMS §11.1): ``P = orth(M Q)``, ``Q' = Mᵀ P``,
+    """One-shot PowerSGD (Vogels et al. 2019; docs/ALGORITHMS.md §11.1): ``P = orth(M Q)``, ``Q' = Mᵀ P``,
     send (P, Q'), decode ``P Q'ᵀ``. With ``warm_start`` the next call starts from the last Q'
     (kept in the client's compressor state), i.e. one subspace-iteration step per round."""
 

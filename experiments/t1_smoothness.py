@@ -1,4 +1,4 @@
-"""T1 of ALGORITHMS.md §13 (Gluon §2.3–2.4), scaled down: fit layer-wise (L0, L1) along a trajectory.
+"""T1 of docs/ALGORITHMS.md §13 (§2.3–2.4 there), scaled down: fit layer-wise (L0, L1) along a trajectory.
 
 MLP 64→128→128→10 on scikit-learn digits, full-batch gradients, Scion geometry, no momentum, fixed
 radius ``t`` (the best of a small grid). Along the trajectory ``L̂_i[k] = ‖g_i^{k+1} − g_i^k‖_* /

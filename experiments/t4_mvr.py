@@ -1,4 +1,4 @@
-"""T4 of ALGORITHMS.md §13, scaled down: Muon vs Muon-MVR1 vs Muon-MVR2 vs STORM-MVR on one machine.
+"""T4 of docs/ALGORITHMS.md §13, scaled down: Muon vs Muon-MVR1 vs Muon-MVR2 vs STORM-MVR on one machine.
 
 MLP 64→128→128→10 on scikit-learn digits, batch 32, ``fedgluon.optim.Gluon`` with the Muon geometry
 (hidden spectral with Muon's shape scale, head sign, vectors RMS), NS5 in fp32, constant radius tuned per

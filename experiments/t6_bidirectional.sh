@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# T6 of ALGORITHMS.md §13 (scaled down): EF21-Muon with both directions compressed vs uncompressed Gluon,
+# T6 of docs/ALGORITHMS.md §13 (scaled down): EF21-Muon with both directions compressed vs uncompressed Gluon,
 # on the T3 model (digits, multinomial logistic regression) with 4 clients. Uplink top-k 10% / 5% / 1%
 # with EF21, downlink top-k 10% of the model shift with EF21-P; EF21-Muon's beta_paper = 0.1 is our beta = 0.9.
 # Radius tuned over lr in {0.3, 1, 3} (t_k = lr (k+1)^-1/2), 2 seeds.  ~3 min on 2 cores.

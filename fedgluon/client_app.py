@@ -3,14 +3,14 @@
 Each node simulates a block of ``block_size`` virtual clients (fedgluon/blocks.py; one client per
 node by default). Handlers:
 * ``query`` — the handshake: replies with the node's block, its virtual clients' stable ids (their
-  partition ids, DESIGN §2) and their numbers of samples.
+  partition ids, docs/DESIGN.md §2) and their numbers of samples.
 * ``train`` — receives the broadcast model, the round's flags, the sampled clients of this block
   and *their committed states* (``states``), runs their client steps (one vmapped gradient call
   and one compression call per layer for the block) and replies with one packed record
   (``replies``, strategies/records.py) holding per client the encoded payload, the proposed new
   state and metrics; clients whose injected fault raised are listed in ``failed``.
 
-Why the state travels with the messages: DESIGN §2 wants client state keyed by partition id,
+Why the state travels with the messages: docs/DESIGN.md §2 wants client state keyed by partition id,
 committed only when the server accepts the payload, included in checkpoints and reachable from
 every node of a multi-node run. Flower's ``context.state`` is per node, saved even when the server
 has given up on the reply, and invisible to the server. Here the server keeps every client's

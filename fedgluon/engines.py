@@ -1,4 +1,4 @@
-"""Three ways to drive the same Flower apps (DESIGN §3 "Engines"):
+"""Three ways to drive the same Flower apps (docs/DESIGN.md §3 "Engines"):
 
 * :func:`run_inprocess` — fedgluon's :class:`InProcessGrid` (a ``flwr.serverapp.Grid``) hands each
   message to the real ``ClientApp`` in this process, in order; no Ray. For tests and quick runs.

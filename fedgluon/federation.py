@@ -13,7 +13,7 @@ actor, so the run would silently lose clients); otherwise it runs the algorithm'
 (which validates every payload first), and stops with :class:`~fedgluon.checkpoint.NonFiniteStateError`
 if any quantity the server computes is NaN/Inf: the server state (model, aggregate/estimator,
 optimizer), or the central evaluation (test loss and accuracy, the gradient's dual norm). Only
-then does it commit the proposed states of accepted clients (DESIGN §2), log rejections and failures
+then does it commit the proposed states of accepted clients (docs/DESIGN.md §2), log rejections and failures
 with their reasons (client text clipped to :data:`MAX_CLIENT_TEXT` characters), record the metrics
 row, and hand the checkpointer a snapshot. These stops write the state from *before* the round, so a
 resumed run replays that round exactly.

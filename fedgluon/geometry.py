@@ -1,12 +1,12 @@
 """Layer-wise geometry: for every named parameter, its role, norm (with shape factor), LMO, dual
-norm and radius multiplier ρ_i (DESIGN §3 "Geometry").
+norm and radius multiplier ρ_i (docs/DESIGN.md §3 "Geometry").
 
 Roles. Shape alone cannot tell an embedding or an output head from a hidden matrix, so models
 declare them: a model may carry ``parameter_roles = {"head.*": "head", "tok_emb.*": "embedding"}``
 (fnmatch patterns on parameter names), or the caller passes ``roles=``. Undeclared parameters get
 a role from their shape: ≥3-D → ``conv``, 2-D → ``hidden``, ≤1-D → ``vector``.
 
-Presets (role → norm; Scion's ``Auto`` rules, ALGORITHMS.md §1.1 and §4):
+Presets (role → norm; Scion's ``Auto`` rules, docs/ALGORITHMS.md §1.1 and §4):
 
 | preset    | hidden (d_out×d_in)          | conv (C_out×C_in×k…)           | embedding (V×D)   | head (d_out×d_in) | vector |
 | --------- | ---------------------------- | ------------------------------ | ----------------- | ----------------- | ------ |

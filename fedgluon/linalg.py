@@ -7,7 +7,7 @@ from torch import Tensor
 
 
 def randomized_svd(M: Tensor, rank: int, oversample: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Rank-``r`` randomized SVD (Halko–Martinsson–Tropp; LiMuon's RSVD, ALGORITHMS §7).
+    """Rank-``r`` randomized SVD (Halko–Martinsson–Tropp; LiMuon's RSVD, docs/ALGORITHMS.md §7).
 
     ``Ω ~ N(0,1)^{n×(r+s)}`` (drawn on the CPU from ``generator``), ``Y = MΩ``, ``Q = qr(Y)``,
     ``B = QᵀM = Ũ Σ Vᵀ``; returns ``P = Q Ũ_r Σ_r`` (m×r) and ``V_r`` (n×r), so ``M ≈ P V_rᵀ``.

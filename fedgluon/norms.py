@@ -1,6 +1,6 @@
 """Per-layer norms, their unit-ball LMOs and dual norms (one class per norm, after Scion).
 
-Every norm here is ``‖X‖ = c · base(X)`` for a positive shape factor ``c`` (DESIGN §2, "Norm
+Every norm here is ``‖X‖ = c · base(X)`` for a positive shape factor ``c`` (docs/DESIGN.md §2, "Norm
 scaling"), so its unit-ball minimiser and dual norm carry the inverse factor::
 
     lmo(G) = argmin_{‖U‖ ≤ 1} <G, U> = (1/c) · lmo_base(G),      ‖G‖_* = (1/c) · base_*(G)
@@ -27,7 +27,7 @@ such as the AdamW part of the Muon-MVR reference form (:class:`fedgluon.estimato
 estimator it is plain (momentum) SGD on that parameter. Its norm and dual norm, used for reporting, are
 the Euclidean ones (``c‖X‖_F``, ``‖G‖_F/c``), and ``‖lmo(G)‖ = 1`` does not hold.
 
-Sources: LIONS-EPFL/scion ``scion.py`` (ALGORITHMS.md §1.1); Gluon's special cases (§1.1).
+Sources: LIONS-EPFL/scion ``scion.py`` (docs/ALGORITHMS.md §1.1); Gluon's special cases (§1.1).
 """
 
 from __future__ import annotations

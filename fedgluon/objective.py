@@ -3,7 +3,7 @@
 Algorithms never touch a ``nn.Module`` directly: they ask an objective for
 ``(loss, ∇f_j(X; ξ))`` at parameter dicts ``X``, on batches the objective samples from a seeded
 generator, so the same batch ξ can be evaluated at ``X^k`` and ``X^{k−1}`` (same-sample
-requirement of SARAH/MVR) and every draw is reproducible (DESIGN §2).
+requirement of SARAH/MVR) and every draw is reproducible (docs/DESIGN.md §2).
 
 ``functional_call`` swaps a module's parameters in place for the call, so two threads calling it on
 one module see each other's parameters (measured: 433 of 600 vmapped gradients wrong with two threads

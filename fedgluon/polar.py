@@ -1,6 +1,6 @@
 """Polar factor ``polar(G) = U Vᵀ`` of (batches of) matrices: Newton–Schulz and exact SVD.
 
-For ``G = U Σ Vᵀ`` (reduced SVD) the spectral-norm LMO is ``-U Vᵀ`` (DESIGN §2); this module
+For ``G = U Σ Vᵀ`` (reduced SVD) the spectral-norm LMO is ``-U Vᵀ`` (docs/DESIGN.md §2); this module
 computes the positive factor ``U Vᵀ`` and leaves the sign to :mod:`fedgluon.norms`.
 
 Two oracles, both batched over leading dimensions (same-shape matrices in one call):
@@ -13,10 +13,10 @@ Two oracles, both batched over leading dimensions (same-shape matrices in one ca
   and ``X₀ = G / (1.01 ‖G‖_F)``). NS is approximate: singular values of the output land in a band
   around 1 (measured in ``tests/test_polar.py``), not exactly on 1.
 * :class:`SVDPolar` — exact ``U Vᵀ`` from ``torch.linalg.svd``; singular directions with
-  ``σ ≤ tol`` map to 0 (the minimiser is not unique there, DESIGN §2).
+  ``σ ≤ tol`` map to 0 (the minimiser is not unique there, docs/DESIGN.md §2).
 
 Precision: ``dtype="auto"`` runs NS in bfloat16 on CUDA and in float32 on CPU (float64 inputs stay
-float64), because bf16 matmuls on AVX2 CPUs are 70–180× slower than fp32 (DESIGN §5).
+float64), because bf16 matmuls on AVX2 CPUs are 70–180× slower than fp32 (docs/DESIGN.md §5).
 
 ``compile=True`` runs the iterations through ``torch.compile`` (TorchInductor), meant for CUDA, where
 it fuses the normalisation and the elementwise parts of each step around the matmuls. The first call

@@ -4,16 +4,16 @@ Two kinds of rule, both returning one radius per parameter:
 
 * :class:`Scheduled` — ``t_i^k = γ_k · ρ_i``: a scalar schedule γ_k (constant, polynomial decay
   ``γ (k+1)^−a``, warmup + cosine / linear) times the layer's radius multiplier ρ_i.
-  Gluon's stochastic theory (Thm 2, ALGORITHMS §2.2) uses ``t_i (k+1)^{−3/4}``.
-* :class:`GluonAdaptive` — ``t_i^k = ‖G_i‖_* / (L0_i + L1_i ‖G_i‖_*)`` (Gluon Thm 1, §2.2), with
+  Gluon's stochastic theory (Thm 2, docs/ALGORITHMS.md §2.2) uses ``t_i (k+1)^{−3/4}``.
+* :class:`GluonAdaptive` — ``t_i^k = ‖G_i‖_* / (L0_i + L1_i ‖G_i‖_*)`` (Gluon Thm 1, docs/ALGORITHMS.md §2.2), with
   the dual norm of the estimate handed to the LMO.
 
 :func:`fit_l0_l1` and :class:`SmoothnessTracker` estimate ``(L0_i, L1_i)`` along a trajectory
-(Gluon Eq. 10/30, §2.3): ``L̂_i[k] = ‖g_i^{k+1} − g_i^k‖_* / ‖X_i^{k+1} − X_i^k‖`` fitted by
+(Gluon Eq. 10/30, docs/ALGORITHMS.md §2.3): ``L̂_i[k] = ‖g_i^{k+1} − g_i^k‖_* / ‖X_i^{k+1} − X_i^k‖`` fitted by
 ``L0 + L1 ‖g_i^{k+1}‖_*`` under a hinge-weighted least squares that penalises underestimation.
 
 An LMO step moves each layer by exactly t_i, so variance reduction or compressed differences only
-pay off when the radius decays or adapts (DESIGN §3).
+pay off when the radius decays or adapts (docs/DESIGN.md §3).
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ class GluonAdaptive:
     """``t_i = ‖G_i‖_* / (L0_i + L1_i ‖G_i‖_*)``, capped at ``max_radius`` when given.
 
     ``L0``/``L1`` are floats or mappings from roles / name patterns to floats. With ``L0 = 0`` the
-    radius is ``1/L1_i`` whenever G_i ≠ 0 (the fitted regime of Gluon §2.4).
+    radius is ``1/L1_i`` whenever G_i ≠ 0 (the fitted regime, docs/ALGORITHMS.md §2.4).
     """
 
     L0: float | Mapping[str, float] = 0.0
@@ -186,7 +186,7 @@ def make_radius_rule(lr: float, schedule: str | Callable[[int], float] = "consta
 
 
 def fit_l0_l1(lhat: np.ndarray, grad_dual: np.ndarray, lam: float = 0.0) -> tuple[float, float]:
-    """Fit ``L̂ ≈ L0 + L1·‖g‖_*`` with L0, L1 ≥ 0 (Gluon Eq. 10/30, ALGORITHMS §2.3)::
+    """Fit ``L̂ ≈ L0 + L1·‖g‖_*`` with L0, L1 ≥ 0 (Gluon Eq. 10/30, docs/ALGORITHMS.md §2.3)::
 
         min Σ_k r_k² + λ Σ_k max(0, r_k)²,   r_k = L̂_k − (L0 + L1 ‖g_{k+1}‖_*)
 

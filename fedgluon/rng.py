@@ -1,4 +1,4 @@
-"""Explicit, device-independent randomness (DESIGN §2 "Randomness").
+"""Explicit, device-independent randomness (docs/DESIGN.md §2 "Randomness").
 
 Every random draw in fedgluon comes from a CPU ``torch.Generator`` whose seed is derived from a
 tuple of integers such as ``(run_seed, client_id, round, purpose)``, so results depend neither on

@@ -1,6 +1,6 @@
 """The layer-wise LMO step, shared by the single-machine optimizer and the federated server.
 
-For every parameter i (Gluon Alg. 1; Scion's step in DESIGN §2 sign convention)::
+For every parameter i (Gluon Alg. 1; Scion's step in docs/DESIGN.md §2 sign convention)::
 
     X_i ← (1 − λ · t_i/ρ_i) · X_i + t_i · lmo_i(G_i)
 

@@ -45,7 +45,7 @@ def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 def sigmoid_squared_loss(scores: Tensor, targets: Tensor) -> Tensor:
     """The nonconvex binary loss of MARINA/DASHA's experiments, ``mean_i (1 − σ(s_i z_i))²`` with the
-    label mapped to ``s_i = 2y_i − 1 ∈ {−1, +1}`` and the model's single score ``z_i`` (ALGORITHMS §13 T2)."""
+    label mapped to ``s_i = 2y_i − 1 ∈ {−1, +1}`` and the model's single score ``z_i`` (docs/ALGORITHMS.md §13 T2)."""
     signs = 2.0 * targets.to(scores.dtype) - 1.0
     return (1.0 - torch.sigmoid(signs * scores[..., 0])).square().mean()
 

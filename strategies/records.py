@@ -1,5 +1,5 @@
 """Conversion between fedgluon's payloads / states and Flower records (the only Flower-aware code
-for payloads, DESIGN §1).
+for payloads, docs/DESIGN.md §1).
 
 A node simulates a block of clients (fedgluon/blocks.py), so what travels is packed per *block* and
 by *column*: every Flower ``Array`` and record entry costs tens of µs to build and to read, and so

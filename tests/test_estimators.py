@@ -59,7 +59,7 @@ def test_sarah_noiseless_equals_true_gradient():
 
 
 def test_muon_mvr_matches_reference_code():
-    """ALGORITHMS §6: c = g + γβ/(1−β)(g − last); clip; M = βM + (1−β)c."""
+    """docs/ALGORITHMS.md §6: c = g + γβ/(1−β)(g − last); clip; M = βM + (1−β)c."""
     beta, gamma = 0.9, 0.3
     for variant in (1, 2):
         est = MuonMVR(beta=beta, gamma=gamma, clip=True, variant=variant)

@@ -1,4 +1,4 @@
-"""The algorithm interface (DESIGN §3) and the plumbing every algorithm shares.
+"""The algorithm interface (docs/DESIGN.md §3) and the plumbing every algorithm shares.
 
 An algorithm is a client step and a server step on dicts of tensors::
 
@@ -8,7 +8,7 @@ An algorithm is a client step and a server step on dicts of tensors::
 
 ``client_state'`` is *committed by the driver only if the server accepted j's reply*
 (``ServerOutcome.accepted``); a rejected, failed or late client keeps its old state, so client and
-server trackers never drift apart (DESIGN §2). Replies are processed in client-id order and all
+server trackers never drift apart (docs/DESIGN.md §2). Replies are processed in client-id order and all
 randomness comes from ``fedgluon.rng.generator(seed, purpose, client, round)``.
 
 Subclasses are compositions of named parts: a client-side *estimator* (fedgluon.estimators), an
@@ -226,7 +226,7 @@ class Algorithm:
     def estimate(self, state: State, grads: GradPair) -> tuple[State, Tensors]:
         """The client-side estimator's step (plain gradient when there is none). With ``state_dtype`` the
         estimator's state is stored in that dtype and computed with in the gradients' dtype: it never
-        leaves the client, so client and server stay consistent (DESIGN §2); the estimate itself is
+        leaves the client, so client and server stay consistent (docs/DESIGN.md §2); the estimate itself is
         rounded once per round."""
         if self.est is None:
             return {}, grads.now
@@ -445,7 +445,7 @@ class Algorithm:
         return state, ServerOutcome(sorted(decoded), rejected, uplink, info)
 
     def _downlink_update(self, state: State, k: int, seed: int) -> State:
-        """EF21-P (ALGORITHMS §8.2): ``S = C_P(X^{k+1} − W)``, ``W ← W + S``; clients compute at W."""
+        """EF21-P (docs/ALGORITHMS.md §8.2): ``S = C_P(X^{k+1} − W)``, ``W ← W + S``; clients compute at W."""
         assert self.downlink is not None
         shift = {n: state["X"][n] - state["W"][n] for n in self.shapes}
         msg, _ = compress_message(self.downlink, shift, (seed, purpose_code("downlink"), k))
@@ -542,7 +542,7 @@ def weighted_mean(decoded: Mapping[int, Tensors], weights: Mapping[int, float]) 
 
 def tracker_update(G: Mapping[str, Tensor] | None, decoded: Mapping[int, Tensors], weights: Mapping[int, float],
                    like: Mapping[str, Tensor]) -> Tensors:
-    """``G ← G + Σ_{j accepted} w_j R_j`` (absent clients contribute their last tracker, DESIGN §2)."""
+    """``G ← G + Σ_{j accepted} w_j R_j`` (absent clients contribute their last tracker, docs/DESIGN.md §2)."""
     start = G if G is not None else {n: torch.zeros_like(like[n]) for n in like}
     return ef21_server_update(start, _terms(decoded), weights)
 

@@ -1,6 +1,6 @@
 """Uncompressed layer-wise LMO methods: every client sends its estimate dense.
 
-Common server step (Gluon Alg. 1, ALGORITHMS §2.1 and §10.2): ``G = Σ_{j∈S} w_j V_j / Σ_{j∈S} w_j``
+Common server step (Gluon Alg. 1, docs/ALGORITHMS.md §2.1 and §10.2): ``G = Σ_{j∈S} w_j V_j / Σ_{j∈S} w_j``
 over the accepted clients S, then ``X_i ← X_i + t_i lmo_i(G_i)`` per layer.
 
 Partial participation: the mean is renormalised over the accepted clients; absent clients keep
@@ -83,7 +83,7 @@ class GluonMVR(Algorithm):
 
 class GluonSARAH(Algorithm):
     """``gluon-sarah`` — the uncompressed variance-reduced Gluon of the core paper (arXiv 2604.10689,
-    variant A of ALGORITHMS §10.2, [RECON]): SARAH/PAGE on the clients,
+    variant A of docs/ALGORITHMS.md §10.2, [RECON]): SARAH/PAGE on the clients,
     ``V_j ← V_j + ∇f_j(X^k; ξ) − ∇f_j(X_prev; ξ)``, and on refresh rounds (a coin with probability
     ``refresh_prob`` drawn once per round by the server, or every ``refresh_period`` rounds; round 0
     always) ``V_j ← ∇f_j(X^k; large batch)``.

@@ -1,8 +1,8 @@
 """Contractive compression with EF21 error feedback on a client estimator (EF21-Muon family).
 
-Client j (ALGORITHMS §8.3 and §10.2 C/D): estimator ``V_j`` (EMA momentum, SARAH or MVR), then
+Client j (docs/ALGORITHMS.md §8.3 and §10.2 C/D): estimator ``V_j`` (EMA momentum, SARAH or MVR), then
 ``R_j = C(V_j − G_j)``, ``G_j ← G_j + R_j``, send ``R_j``. Server: ``G ← G + Σ_{j∈S} w_j R_j``,
-so ``G = Σ_j w_j G_j`` over *all* clients (absent ones contribute their last tracker, DESIGN §2),
+so ``G = Σ_j w_j G_j`` over *all* clients (absent ones contribute their last tracker, docs/DESIGN.md §2),
 then the layer-wise LMO step. ``G_j`` starts at 0, so the first round sends ``C(V_j)``.
 
 EF21-Muon writes ``M ← (1−β_paper)M + β_paper g``: our ``beta = 1 − β_paper``. The papers assume full

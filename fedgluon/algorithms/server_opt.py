@@ -1,7 +1,7 @@
 """Non-LMO baselines: a torch optimizer on the server, applied to the (compressed) aggregate.
 
 Clients send plain stochastic gradients through EF21 with any compressor (identity by default), so
-the server's ``G = Σ_j w_j G_j`` tracks the mean gradient (ALGORITHMS §8.1) — or through EF14 / no
+the server's ``G = Σ_j w_j G_j`` tracks the mean gradient (docs/ALGORITHMS.md §8.1) — or through EF14 / no
 feedback (``error_feedback``), the PowerSGD recipe with ``compressor: powersgd``; the server then takes
 a ``torch.optim.SGD`` (momentum) or ``torch.optim.AdamW`` step with ``.grad = G`` at the learning rate
 ``lr · schedule(k)`` of the run's schedule (``constant`` by default; Gluon's ``adaptive`` rule does not apply). The optimizer's

@@ -1,6 +1,6 @@
 """Unbiased compression of gradient differences: MARINA and DASHA-MVR with a layer-wise LMO step.
 
-Both follow the Flower DASHA/MARINA baseline's flow (ALGORITHMS §9) with the server's plain step
+Both follow the Flower DASHA/MARINA baseline's flow (docs/ALGORITHMS.md §9) with the server's plain step
 replaced by ``X_i ← X_i + t_i lmo_i(G_i)`` (core paper variants B and D-unbiased, [RECON]).
 The theory assumes full participation; the partial-participation rules are stated per class.
 """

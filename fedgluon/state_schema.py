@@ -20,7 +20,7 @@ wire format of ``strategies/records.py`` uses the same paths).
 from __future__ import annotations
 
 import math
-from collections.abc import Container, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -59,7 +59,7 @@ class Leaf:
     def nbytes(self) -> int:
         if self.dtype is None:
             return 0
-        return math.prod(self.shape) * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return math.prod(self.shape) * getattr(torch, self.dtype).itemsize
 
 
 @dataclass(frozen=True)
@@ -114,13 +114,12 @@ class StateSchema:
         """Bytes of one client's state (shared leaves counted as if each client held its own)."""
         return sum(leaf.nbytes for leaf in self.leaves.values())
 
-    def mismatch(self, tree: Any, finite: bool = False, trusted: Container[int] = ()) -> str | None:
+    def mismatch(self, tree: Any) -> str | None:
         """Why ``tree`` does not fit the schema (None when it does): not a dict, a leaf missing, extra or of
         another dtype or shape (paths are unique, so a state with more leaves than the schema has one
-        it does not know, and the walk stops there); with ``finite``, a floating-point leaf
-        holding NaN/Inf (tensors whose ``id`` is in ``trusted``, e.g. the server's own broadcast model,
-        are not scanned)."""
-        if not finite and self._fits(tree, self._expected):
+        it does not know, and the walk stops there). Values are not read: the Flower engines scan what
+        crosses a process boundary for NaN/Inf where it arrives (strategies/records.py)."""
+        if self._fits(tree, self._expected):
             return None
         if not isinstance(tree, Mapping):
             return f"state must be a mapping, got {type(tree).__name__}"
@@ -137,9 +136,6 @@ class StateSchema:
             if dtype_name(value.dtype) != want.dtype or tuple(value.shape) != want.shape:
                 return (f"state leaf {path!r} is {dtype_name(value.dtype)} {tuple(value.shape)}, "
                         f"expected {want.dtype} {want.shape}")
-            if finite and value.is_floating_point() and id(value) not in trusted \
-                    and not bool(torch.isfinite(value).all()):
-                return f"state leaf {path!r} holds NaN or Inf"
         if seen != len(self.leaves):
             missing = sorted(set(self.leaves) - {p for p, _ in leaves(tree)})
             return f"state lacks the leaves {missing[:5]}"

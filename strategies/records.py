@@ -54,6 +54,7 @@ from compressors import Message, PayloadError, TensorPayload
 from fedgluon.algorithms.base import ClientReply
 from fedgluon.algorithms.columns import BlockColumns, BlockStep, Shared
 from fedgluon.state_schema import StateSchema
+from fedgluon.state_schema import leaves as state_leaves
 
 from .shared import SharedFiles, min_bytes
 
@@ -287,25 +288,6 @@ def _memory(a: np.ndarray | Tensor) -> tuple:
     if isinstance(a, Tensor):
         return ("torch", str(a.device), a.data_ptr(), str(a.dtype), tuple(a.shape), a.stride())
     return ("numpy", a.__array_interface__["data"][0], a.dtype.str, a.shape, a.strides)
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Tensor | None]]:
-    out: list[tuple[str, Tensor | None]] = []
-    _flatten_into(tree, prefix, out)
-    return out
-
-
-def _flatten_into(tree: Mapping[str, Any], prefix: str, out: list[tuple[str, Tensor | None]]) -> None:
-    for key, value in tree.items():
-        if isinstance(value, Tensor):
-            out.append((f"{prefix}{key}", value))
-        elif type(value) is dict or isinstance(value, Mapping):
-            if value:
-                _flatten_into(value, f"{prefix}{key}{SEP}", out)
-            else:
-                out.append((f"{prefix}{key}{SEP}", None))
-        else:
-            out.append((f"{prefix}{key}", value))
 
 
 class Unpacker:
@@ -547,7 +529,7 @@ def _pack_uniform_trees(packer: Packer, trees: Sequence[Mapping[str, Any] | None
         if first is not None and len({(t.dtype, t.shape) for t in column}) != 1:
             return None
     leaves = []
-    for (path, _), column in zip(_flatten(trees[0]), columns):
+    for (path, _), column in zip(state_leaves(trees[0]), columns):
         first = column[0]
         if first is None:
             leaves.append([path, None, False])
@@ -570,8 +552,7 @@ def _pack_grouped_trees(packer: Packer, trees: Sequence[Mapping[str, Any] | None
         if tree is None:
             groups.setdefault(None, ([], []))[0].append(i)
             continue
-        leaves: list[tuple[str, Any]] = []
-        _flatten_into(tree, "", leaves)
+        leaves = list(state_leaves(tree))
         values = [t for _, t in leaves]
         held.update(map(id, values))
         sig = tuple([(p, None if t is None else (t.dtype, t.shape)) for p, t in leaves])

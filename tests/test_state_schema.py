@@ -67,7 +67,7 @@ def test_mismatch_names_what_is_wrong():
     assert "'commits' must be a tensor, got int" in schema.mismatch({**state, "commits": 3})
     assert "must be a mapping" in schema.mismatch([1])
     nan = {**state, "est": {"m": {"w": torch.full((2, 3), float("nan"))}}}
-    assert schema.mismatch(nan) is None and "NaN or Inf" in schema.mismatch(nan, finite=True)
+    assert schema.mismatch(nan) is None  # the layout only: NaN is caught where states arrive (the hostile test)
     many = {**state, "junk": {str(i): torch.zeros(()) for i in range(200_000)}}
     assert "unexpected state leaf 'junk/0'" in schema.mismatch(many)
 

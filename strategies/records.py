@@ -700,21 +700,24 @@ class _TreeGroup:
         self.views: dict[str, Tensor] = {}  # shared columns as tensors, made once
         self.copies: dict[str, Tensor] = {}
         try:
-            if schema is not None:
-                _check_layout(schema, leaves, m)
-            self._read(unpacker, m, leaves)
+            self._read(unpacker, m, leaves, schema)
             if schema is not None:
                 self.finite = self._finite_rows(m)
         except ValueError as err:
             self.error = err
 
-    def _read(self, unpacker: Unpacker, m: int, leaves: Any) -> None:
-        self.empty = leaves is None
+    def _read(self, unpacker: Unpacker, m: int, leaves: Any, schema: StateSchema | None) -> None:
+        self.empty = leaves is None and schema is None
         if self.empty:
             return
+        if schema is not None and (not isinstance(leaves, list) or len(leaves) != len(schema.leaves)):
+            size = len(leaves) if isinstance(leaves, list) else 0
+            raise ValueError(f"the proposed state has {size} leaves, the client-state schema {len(schema.leaves)}")
         if not isinstance(leaves, list) or not all(isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
                                                    and isinstance(e[2], bool) for e in leaves):
             raise ValueError("a packed state is a list of [path, reference, shared]")
+        if schema is not None:
+            _check_layout(schema, leaves, m)
         paths = []
         for path, ref, is_shared in leaves:
             if ref is None:
@@ -771,19 +774,12 @@ class _TreeGroup:
         return self.build(values)
 
 
-def _check_layout(schema: StateSchema, leaves: Any, m: int) -> None:
-    """ValueError unless a state group's leaves ``[[path, [dtype, shape, offset] or None, shared], ...]``
-    describe states of the client-state schema (columns of ``m`` rows, shared leaves one row's shape);
-    read from the layout alone, before any of the group's bytes."""
-    if not isinstance(leaves, list) or len(leaves) != len(schema.leaves):
-        size = len(leaves) if isinstance(leaves, list) else 0
-        raise ValueError(f"the proposed state has {size} leaves, the client-state schema {len(schema.leaves)}")
+def _check_layout(schema: StateSchema, leaves: list[list[Any]], m: int) -> None:
+    """ValueError unless a state group's well-formed leaves ``[[path, [dtype, shape, offset] or None,
+    shared], ...]`` describe states of the client-state schema (columns of ``m`` rows, shared leaves one
+    row's shape); read from the layout alone, before any of the group's bytes."""
     entries = []
-    for entry in leaves:
-        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
-                and isinstance(entry[2], bool)):
-            raise ValueError("a packed state is a list of [path, reference, shared]")
-        path, ref, shared = entry
+    for path, ref, shared in leaves:
         if ref is None:
             entries.append((path, None, ()))
             continue

@@ -7,7 +7,7 @@ every draw is reproducible on any device and in any scheduling order (docs/DESIG
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,44 +15,45 @@ from torch import Tensor
 
 from .bits import BitCount
 from .operators import Compressor, Context, State
-from .sparse import SparseRows, SparseTensor
 from .payload import LayerSetError, Message, PayloadError, PayloadRows, RangeError, SizeError, TensorPayload
+from .sparse import SparseRows, SparseTensor
 
 DEFAULT_MAX_BYTES_FACTOR = 4  # a payload may be at most this many times its dense fp32 size (+ 1 KiB)
 
 
+def contexts(compressor: Compressor, seed_parts: Sequence[tuple[int, ...]], layer: int, name: str,
+             states: Sequence[Mapping[str, State] | None] | None) -> list[Context] | None:
+    """Each row's :class:`Context` for layer number ``layer`` (sorted-name order) called ``name``: seed
+    ``derive_seed(*seed_parts[i], layer)`` and state ``states[i][name]``; None when the compressor reads
+    neither (deterministic, stateless)."""
+    if not compressor.draws:
+        return None
+    states = states if states is not None else [None] * len(seed_parts)
+    return [Context(seed_parts=(*p, layer), state=(s or {}).get(name)) for p, s in zip(seed_parts, states)]
+
+
+def compress_block(compressor: Compressor, tensors: Mapping[str, Tensor], seed_parts: Sequence[tuple[int, ...]],
+                   states: Sequence[Mapping[str, State] | None] | None = None
+                   ) -> tuple[dict[str, PayloadRows], list[dict[str, State]]]:
+    """Compress every layer of B clients: ``tensors[name]`` is (B, *shape), row i client i's, whose seeds
+    come from ``seed_parts[i]`` and states from ``states[i]``; returns the payload rows per layer (sorted
+    names) and each client's new compressor states (the layers that have one)."""
+    rows, new_states = {}, [{} for _ in seed_parts]
+    for i, name in enumerate(sorted(tensors)):
+        rows[name], layer_states = compressor.encode(tensors[name], contexts(compressor, seed_parts, i, name,
+                                                                                     states))
+        for new, state in zip(new_states, layer_states):
+            if state is not None:
+                new[name] = state
+    return rows, new_states
+
+
 def compress_message(compressor: Compressor, tensors: Mapping[str, Tensor], seed_parts: tuple[int, ...],
                      states: Mapping[str, State] | None = None) -> tuple[Message, dict[str, State]]:
-    """Compress every tensor; returns the message and the new per-layer compressor states."""
-    message, new_states = {}, {}
-    for i, name in enumerate(sorted(tensors)):
-        ctx = Context(seed_parts=(*seed_parts, i), state=(states or {}).get(name))
-        payload, state = compressor.compress(tensors[name], ctx)
-        message[name] = payload
-        if state is not None:
-            new_states[name] = state
-    return message, new_states
-
-
-def compress_message_rows(compressor: Compressor, tensors: Mapping[str, Tensor]) -> dict[str, PayloadRows] | None:
-    """:func:`compress_message` of B clients at once: ``tensors[name]`` is (B, *shape), row i client i's.
-    Client i's message is ``{name: rows[name].payload(i)}``, equal to compressing its tensors alone
-    (the compressors that support rows draw no seeds). None when a layer is not supported
-    (:meth:`Compressor.compress_rows`): then compress client by client."""
-    out = {}
-    for name in sorted(tensors):
-        rows = compressor.compress_rows(tensors[name])
-        if rows is None:
-            return None
-        out[name] = rows
-    return out
-
-
-def split_rows(rows: Mapping[str, PayloadRows]) -> list[Message]:
-    """The B per-client messages of :func:`compress_message_rows`' result."""
-    names = list(rows)
-    count = len(rows[names[0]]) if names else 0
-    return [{n: rows[n].payload(i) for n in names} for i in range(count)]
+    """:func:`compress_block` of one client: its message and new per-layer compressor states."""
+    rows, new_states = compress_block(compressor, {n: t.unsqueeze(0) for n, t in tensors.items()}, [seed_parts],
+                                      [states])
+    return {n: r.payload(0) for n, r in rows.items()}, new_states[0]
 
 
 def max_layer_bytes(shape: tuple[int, ...]) -> int:

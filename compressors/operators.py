@@ -23,7 +23,6 @@ unbiased ∘ unbiased: ω = (1+ω₁)(1+ω₂) − 1; contractive ∘ unbiased, 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,378 +31,44 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedgluon.linalg import randomized_svd
-from fedgluon.rng import derive_seed
-
 from .bits import BitCount
-from .selection import topk_rows_numpy
-from .sparse import SparseRows, SparseTensor, added
-from .payload import PayloadRows, CodecError, DuplicateIndexError, IndexRangeError, MetaError, ShapeError, TensorPayload
-from .values import Raw, ValueCodec, get_array
-
-State = dict[str, Tensor]
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
-
-
-def matrix_dims(shape: tuple[int, ...]) -> tuple[int, int]:
-    return shape[0], numel(shape[1:])
-
-
-def index_dtype(d: int) -> type:
-    """Smallest integer dtype holding indices 0..d-1."""
-    for dt, top in ((np.uint8, 2 ** 8), (np.uint16, 2 ** 16), (np.int32, 2 ** 31)):
-        if d <= top:
-            return dt
-    return np.int64
-
-
-INDEX_DTYPES = (np.uint8, np.uint16, np.int32, np.uint32, np.int64)
-
-
-class Context:
-    """Per-call inputs: the layer's seed (from run seed, client, round, layer) and its state.
-
-    Given ``seed_parts``, the seed is ``derive_seed(*seed_parts)`` computed on first use, so the
-    deterministic structures (dense, top-k) with deterministic values never pay for it."""
-
-    def __init__(self, seed: int = 0, state: State | None = None, *, seed_parts: tuple[int, ...] | None = None):
-        self._seed, self._parts, self.state = seed, seed_parts, state
-
-    @property
-    def seed(self) -> int:
-        if self._parts is not None:
-            self._seed, self._parts = derive_seed(*self._parts), None
-        return self._seed
-
-    def generator(self, purpose: str) -> torch.Generator:
-        return torch.Generator().manual_seed(derive_seed(self.seed, purpose))
-
-
-class Structure(ABC):
-    name: str
-    kind: str  # "exact" | "contractive" | "unbiased" | "biased"
-    stateful = False
-    array_keys: frozenset[str] = frozenset()
-    meta_keys: frozenset[str] = frozenset()
-
-    def active(self, shape: tuple[int, ...]) -> bool:
-        """Whether this structure compresses ``shape`` (else the tensor travels dense)."""
-        return True
-
-    def alpha(self, shape: tuple[int, ...]) -> float | None:
-        return None
-
-    def omega(self, shape: tuple[int, ...]) -> float | None:
-        return None
-
-    @abstractmethod
-    def n_values(self, shape: tuple[int, ...]) -> int: ...
-
-    @abstractmethod
-    def encode(self, x: Tensor, ctx: Context) -> tuple[Tensor, dict[str, np.ndarray], dict[str, int], State | None]:
-        """``x`` → (values to encode, structure arrays, header, new state)."""
-
-    @abstractmethod
-    def decode(self, values: Tensor, arrays: Mapping[str, Any], meta: Mapping[str, Any],
-               shape: tuple[int, ...], layer: str) -> Tensor: ...
-
-    def bits(self, shape: tuple[int, ...], meta: Mapping[str, Any]) -> BitCount:
-        return BitCount()
-
-    # Row-wise encoding of B same-shape tensors at once (client blocks); deterministic, stateless
-    # structures only. Row i of every result is exactly what ``encode`` gives for row i.
-    rows = False  # whether encode_rows / add_rows_ are implemented
-    rows_share_input = False  # whether encode_rows' values may be views of X (dense: X itself)
-
-    def encode_rows(self, X: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, dict[str, np.ndarray]]:
-        """``X`` (B, d), row i the flattened tensor of client i → (values (B, n), arrays (B, ·))."""
-        raise NotImplementedError
-
-    def add_rows_(self, out: Tensor, values: Tensor, arrays: Mapping[str, np.ndarray]) -> None:
-        """``out[i] += decode(row i)`` in place for every row of ``out`` (B, d), contiguous (``values`` (B, n)
-        the rows' decoded values, already scaled; ``arrays`` the rows' (B, ·) structure arrays)."""
-        raise NotImplementedError
-
-
-class Dense(Structure):
-    name, kind = "dense", "exact"
-
-    def n_values(self, shape):
-        return numel(shape)
-
-    def encode(self, x, ctx):
-        return x.reshape(-1), {}, {}, None
-
-    def decode(self, values, arrays, meta, shape, layer):
-        return values.reshape(shape)
-
-    rows = True
-    rows_share_input = True
-
-    def encode_rows(self, X, shape):
-        return X, {}
-
-    def add_rows_(self, out, values, arrays):
-        out += values
-
-
-@dataclass
-class _Sparse(Structure):
-    ratio: float = 0.01
-    min_k: int = 1
-
-    def __post_init__(self) -> None:
-        if not (0 < self.ratio <= 1):
-            raise ValueError(f"compressor ratio must be in (0, 1], got {self.ratio}")
-        if self.min_k < 1:
-            raise ValueError(f"min_k must be >= 1, got {self.min_k}")
-
-    def k(self, shape: tuple[int, ...]) -> int:
-        d = numel(shape)
-        return min(d, max(self.min_k, math.ceil(self.ratio * d)))
-
-    def n_values(self, shape):
-        return self.k(shape)
-
-    def _scale(self, shape: tuple[int, ...]) -> float:
-        return 1.0
-
-    def _indices(self, arrays: Mapping[str, Any], meta: Mapping[str, Any], shape: tuple[int, ...],
-                 layer: str) -> np.ndarray:
-        """The validated, strictly increasing indices a payload refers to (int64)."""
-        d, k = numel(shape), self.k(shape)
-        idx = get_array(dict(arrays), "idx", layer, INDEX_DTYPES, k)
-        wide = idx.astype(np.int64)
-        steps = np.diff(wide)
-        increasing = bool((steps > 0).all())
-        if k:  # the range check comes first; for increasing indices the ends are the extremes
-            lo, hi = (int(wide[0]), int(wide[-1])) if increasing else (int(wide.min()), int(wide.max()))
-            if lo < 0 or hi >= d:
-                raise IndexRangeError(layer, "idx", f"indices must lie in [0, {d}), got [{lo}, {hi}]")
-        if not increasing:
-            what = "duplicate" if (steps == 0).any() else "unsorted"
-            raise DuplicateIndexError(layer, "idx", f"{what} indices (indices must be strictly increasing)")
-        return wide
-
-    def decode(self, values, arrays, meta, shape, layer):
-        return self.decode_sparse(values, arrays, meta, shape, layer).dense()
-
-    def decode_sparse(self, values: Tensor, arrays: Mapping[str, Any], meta: Mapping[str, Any],
-                      shape: tuple[int, ...], layer: str) -> SparseTensor:
-        idx = torch.from_numpy(self._indices(arrays, meta, shape, layer)).to(values.device)
-        scale = self._scale(shape)
-        return SparseTensor(idx, values * scale if scale != 1.0 else values, shape)
-
-    def bits(self, shape, meta):
-        d, k = numel(shape), self.k(shape)
-        return BitCount(n_indices=k, index_bits_log2=k * max(1, math.ceil(math.log2(d))),
-                        coo_bits=64 * len(shape) * k, bitmask_bits=d)
-
-
-def topk_indices(x: Tensor, k: int) -> Tensor:
-    """Indices of the k largest |x| in increasing order; ties at the k-th magnitude go to lower indices
-    on CPU (:mod:`compressors.selection`), torch.topk on GPU."""
-    return topk_rows(x.reshape(1, -1), k)[0]
-
-
-def topk_rows(X: Tensor, k: int) -> Tensor:
-    """:func:`topk_indices` of every row of ``X`` (B, d) in one call: (B, k) int64, each row increasing.
-    On CPU row i equals ``topk_indices(X[i], k)`` exactly (the selection is a function of the row)."""
-    B, d = X.shape
-    if k >= d:
-        return torch.arange(d, device=X.device).expand(B, d)
-    if X.is_cuda:
-        return torch.topk(X.abs(), k, dim=1, sorted=False).indices.sort(dim=1).values
-    return torch.from_numpy(topk_rows_numpy(X.detach().numpy(), k))
-
-
-@dataclass
-class TopK(_Sparse):
-    name = "topk"
-    kind = "contractive"
-    array_keys = frozenset({"idx"})
-
-    def alpha(self, shape):
-        return self.k(shape) / numel(shape)
-
-    def encode(self, x, ctx):
-        idx = topk_indices(x, self.k(x.shape))
-        return x.reshape(-1)[idx.to(x.device)], {"idx": idx.cpu().numpy().astype(index_dtype(x.numel()))}, {}, None
-
-    rows = True
-
-    def encode_rows(self, X, shape):
-        idx = topk_rows(X, self.k(shape)).to(X.device)
-        return torch.gather(X, 1, idx), {"idx": idx.cpu().numpy().astype(index_dtype(numel(shape)))}
-
-    def add_rows_(self, out, values, arrays):
-        """One ``index_add_`` into the flat block at ``i·d + idx`` (distinct positions: each entry gets its
-        one value added exactly as a row-by-row add would)."""
-        B, d = out.shape
-        idx = torch.from_numpy(arrays["idx"].astype(np.int64)).to(values.device)
-        if B > 1:
-            idx += torch.arange(0, B * d, d, device=idx.device)[:, None]
-        out.view(-1).index_add_(0, idx.view(-1), values.reshape(-1))
-
-
-def _scatter_rows(A: np.ndarray, rows: np.ndarray, count: int) -> np.ndarray:
-    out = np.zeros((count, *A.shape[1:]), A.dtype)
-    out[rows] = A
-    return out
-
-
-def randk_indices(d: int, k: int, generator: torch.Generator) -> Tensor:
-    """k distinct uniform indices of 0..d-1, sorted, from a CPU generator.
-
-    For k ≤ d/4: the first k distinct values of an i.i.d. uniform sequence (a uniformly random
-    k-subset, sequential sampling without replacement) in O(k log k); otherwise ``randperm``.
-    """
-    if 4 * k > d:
-        return torch.randperm(d, generator=generator)[:k].sort().values
-    found = torch.empty(0, dtype=torch.int64)
-    order = torch.empty(0, dtype=torch.int64)
-    drawn = 0
-    while found.numel() < k:
-        extra = torch.randint(0, d, (k - found.numel() + 64 + (k >> 5),), generator=generator)
-        seq = torch.cat([found, extra])
-        pos = torch.cat([order, torch.arange(drawn, drawn + extra.numel())])
-        drawn += extra.numel()
-        uniq, inverse = torch.unique(seq, return_inverse=True)
-        first = torch.full((uniq.numel(),), torch.iinfo(torch.int64).max, dtype=torch.int64)
-        first.scatter_reduce_(0, inverse, pos, reduce="amin")
-        keep = torch.argsort(first)[:k]
-        found, order = uniq[keep], first[keep]
-    return found.sort().values
-
-
-@dataclass
-class RandK(_Sparse):
-    name = "randk"
-    kind = "unbiased"
-    array_keys = frozenset({"idx"})
-
-    def omega(self, shape):
-        return numel(shape) / self.k(shape) - 1
-
-    def _scale(self, shape):
-        return numel(shape) / self.k(shape)
-
-    def encode(self, x, ctx):
-        idx = randk_indices(x.numel(), self.k(x.shape), ctx.generator("randk"))
-        return x.reshape(-1)[idx.to(x.device)], {"idx": idx.numpy().astype(index_dtype(x.numel()))}, {}, None
-
-
-@dataclass
-class RandKSeeded(RandK):
-    """Rand-k whose indices the server regenerates from a 63-bit seed sent in the header."""
-
-    name = "randk_seeded"
-    array_keys = frozenset()
-    meta_keys = frozenset({"seed"})
-
-    def encode(self, x, ctx):
-        seed = derive_seed(ctx.seed, "randk")
-        idx = randk_indices(x.numel(), self.k(x.shape), torch.Generator().manual_seed(seed))
-        return x.reshape(-1)[idx.to(x.device)], {}, {"seed": seed}, None
-
-    def _indices(self, arrays, meta, shape, layer):
-        seed = meta.get("seed")
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= int(seed) < 2 ** 63:
-            raise MetaError(layer, "seed", f"must be an integer in [0, 2^63), got {seed!r}")
-        return randk_indices(numel(shape), self.k(shape), torch.Generator().manual_seed(int(seed))).numpy().astype(np.int64)
-
-    def bits(self, shape, meta):
-        return BitCount(seed_bits=64)
-
-
-@dataclass
-class _LowRank(Structure):
-    rank: int = 2
-    min_compression_rate: float = 2.0
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"compressor rank must be >= 1, got {self.rank}")
-
-    def r(self, shape: tuple[int, ...]) -> int:
-        return min(self.rank, *matrix_dims(shape))
-
-    def active(self, shape):
-        if len(shape) < 2:
-            return False
-        m, n = matrix_dims(shape)
-        return m * n / ((m + n) * self.r(shape)) >= self.min_compression_rate
-
-    def n_values(self, shape):
-        m, n = matrix_dims(shape)
-        return (m + n) * self.r(shape)
-
-    def _factors(self, M: Tensor, ctx: Context) -> tuple[Tensor, Tensor, State | None]:
-        raise NotImplementedError
-
-    def encode(self, x, ctx):
-        M = x.reshape(matrix_dims(tuple(x.shape)))
-        P, Q, state = self._factors(M, ctx)
-        return torch.cat([P.reshape(-1), Q.reshape(-1)]), {}, {}, state
-
-    def decode(self, values, arrays, meta, shape, layer):
-        m, n = matrix_dims(shape)
-        r = self.r(shape)
-        P, Q = values[: m * r].reshape(m, r), values[m * r:].reshape(n, r)
-        return (P @ Q.mT).reshape(shape)
-
-
-@dataclass
-class SVDLowRank(_LowRank):
-    name = "svd"
-    kind = "contractive"
-
-    def alpha(self, shape):
-        return self.r(shape) / min(matrix_dims(shape))
-
-    def _factors(self, M, ctx):
-        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        r = self.r(tuple(M.shape))
-        return U[:, :r] * S[:r], Vh[:r].mT, None
-
-
-@dataclass
-class RandomizedSVD(_LowRank):
-    name = "rsvd"
-    kind = "biased"
-    oversample: int = 2
-
-    def _factors(self, M, ctx):
-        P, Q = randomized_svd(M, self.r(tuple(M.shape)), self.oversample, ctx.generator("sketch"))
-        return P, Q, None
-
-
-@dataclass
-class PowerSGD(_LowRank):
-    """One-shot PowerSGD (Vogels et al. 2019; docs/ALGORITHMS.md §11.1): ``P = orth(M Q)``, ``Q' = Mᵀ P``,
-    send (P, Q'), decode ``P Q'ᵀ``. With ``warm_start`` the next call starts from the last Q'
-    (kept in the client's compressor state), i.e. one subspace-iteration step per round."""
-
-    name = "powersgd"
-    kind = "biased"
-    warm_start: bool = True
-
-    @property
-    def stateful(self) -> bool:  # type: ignore[override]
-        return self.warm_start
-
-    def _factors(self, M, ctx):
-        r = self.r(tuple(M.shape))
-        Q = ctx.state.get("Q") if (self.warm_start and ctx.state) else None
-        if Q is None or Q.shape != (M.shape[1], r):
-            Q = torch.randn(M.shape[1], r, generator=ctx.generator("powersgd"), dtype=torch.float64)
-            Q = Q.to(M.device, M.dtype)
-        P, _ = torch.linalg.qr(M @ Q)
-        Q_new = M.mT @ P
-        return P, Q_new, ({"Q": Q_new} if self.warm_start else None)
+from .payload import CodecError, MetaError, PayloadRows, ShapeError, TensorPayload
+from .sparse import SparseRows, SparseTensor
+from .structures import (
+    INDEX_DTYPES,
+    Context,
+    Dense,
+    PowerSGD,
+    RandK,
+    RandKSeeded,
+    RandomizedSVD,
+    State,
+    Structure,
+    SVDLowRank,
+    TopK,
+    _Sparse,
+    numel,
+    topk_indices,
+    topk_rows,
+)
+from .values import Raw, ValueCodec
+
+__all__ = [
+    "Compressor",
+    "Context",
+    "Dense",
+    "PowerSGD",
+    "Properties",
+    "RandK",
+    "RandKSeeded",
+    "RandomizedSVD",
+    "SVDLowRank",
+    "State",
+    "Structure",
+    "TopK",
+    "topk_indices",
+    "topk_rows",
+]
 
 
 @dataclass(frozen=True)
@@ -478,23 +143,42 @@ class Compressor:
         return Properties("contractive", alpha=1 - (root + v.unit_roundoff * (1 + root)) ** 2)
 
     # ------------------------------------------------------------------ encode / decode
-    def compress(self, x: Tensor, ctx: Context | None = None) -> tuple[TensorPayload, State | None]:
-        """Payload for ``x`` and the new compressor state (None for stateless structures)."""
-        ctx = ctx or Context()
-        shape = tuple(x.shape)
+    @property
+    def draws(self) -> bool:
+        """Whether encoding reads the rows' contexts (random structures or values, or compressor state)."""
+        return self.structure.draws or self.values.draws or self.structure.stateful
+
+    def header_keys(self, shape: tuple[int, ...]) -> set[str]:
+        """The header fields of a payload for ``shape`` (none for dense/top-k/rand-k/low-rank raw values)."""
+        return set(self._structure_for(shape).meta_keys) | self.values.meta_keys()
+
+    def encode(self, X: Tensor, ctxs: Sequence[Context] | None = None) -> tuple[PayloadRows, list[State | None]]:
+        """The payloads of ``X[0], …, X[B-1]`` (B tensors of one shape) and their new compressor states:
+        row i is client i's payload, drawn from ``ctxs[i]`` (its seed and state; default ``Context()``),
+        the same whatever the other rows. Dense payloads may share memory with ``X``: don't write to ``X``
+        while they are in use."""
+        shape = tuple(X.shape[1:])
+        ctxs = list(ctxs) if ctxs is not None else [Context()] * len(X)
         s = self._structure_for(shape)
-        vals, arrays, meta, state = s.encode(x, ctx)
-        varrays, vmeta = self.values.encode(vals, ctx.generator("quantise") if self.values.draws else None)
-        arrays = {**arrays, **{f"v.{k}": a for k, a in varrays.items()}}
-        return TensorPayload(f"{s.name}/{self.values.name}", shape, arrays, {**meta, **vmeta}), state
+        vals, arrays, meta, states = s.encode(X.reshape(len(X), -1), shape, ctxs)
+        gens = [c.generator("quantise") for c in ctxs] if self.values.draws else None
+        varrays, vmeta = self.values.encode(vals, gens)
+        return (PayloadRows(f"{s.name}/{self.values.name}", shape, {**arrays, **{f"v.{k}": a for k, a in varrays.items()}},
+                            {**meta, **vmeta}), states)
+
+    def compress(self, x: Tensor, ctx: Context | None = None) -> tuple[TensorPayload, State | None]:
+        """:meth:`encode` of one tensor: its payload and new state (None for stateless structures)."""
+        rows, states = self.encode(x.unsqueeze(0), [ctx or Context()])
+        return rows.payload(0), states[0]
 
     def decompress(self, payload: TensorPayload, *, shape: tuple[int, ...] | None = None, layer: str = "?",
                    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                    sparse: bool = False) -> Tensor | SparseTensor:
         """Validate ``payload`` (against ``shape`` when given) and return the tensor it encodes; with
         ``sparse``, a sparse structure returns it as a :class:`SparseTensor` (same validation)."""
-        pshape, s = self._check(payload, shape, layer)
-        return self._decode(s, payload, pshape, layer, device, dtype, sparse)
+        pshape, _ = self._check(payload, shape, layer)
+        out = self.decode(PayloadRows.of(payload, pshape), layer=layer, device=device, dtype=dtype, sparse=sparse)
+        return out.tensor(0) if isinstance(out, SparseRows) else out[0]
 
     def _check(self, payload: TensorPayload, shape: tuple[int, ...] | None, layer: str) -> tuple[tuple[int, ...], Structure]:
         """The container checks of :meth:`decompress` (type, shape, codec, keys, header types)."""
@@ -527,17 +211,38 @@ class Compressor:
                 raise MetaError(layer, str(key), f"header values must be numbers, got {type(value).__name__}")
         return pshape, s
 
-    def _decode(self, s: Structure, payload: TensorPayload, pshape: tuple[int, ...], layer: str,
-                device: torch.device | str | None, dtype: torch.dtype | None, sparse: bool) -> Tensor | SparseTensor:
-        arrays, meta = payload.arrays, payload.meta
-        n = s.n_values(pshape)
-        vals = self.values.decode({k[2:]: a for k, a in arrays.items() if k.startswith("v.")}, meta, n, layer,
+    def decode(self, rows: PayloadRows, *, layer: str = "own", device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None, sparse: bool = False) -> Tensor | SparseRows:
+        """The (B, *shape) tensors that payload rows encode (``rows.shape``' structure and this compressor's
+        value codec; the arrays are checked — lengths, dtypes, indices, finiteness — and a PayloadError
+        names the first failure); with ``sparse``, a sparse structure returns a :class:`SparseRows`."""
+        s = self._structure_for(rows.shape)
+        n = s.n_values(rows.shape)
+        vals = self.values.decode({k[2:]: a for k, a in rows.arrays.items() if k.startswith("v.")}, rows.meta, n, layer,
                                   device=device, dtype=dtype or torch.float32)
         if self._shrink(s):
             vals = vals / (1 + self.values.omega(n))
         if sparse and isinstance(s, _Sparse):
-            return s.decode_sparse(vals, arrays, meta, pshape, layer)
-        return s.decode(vals, arrays, meta, pshape, layer)
+            return s.decode_sparse(vals, rows.arrays, rows.meta, rows.shape, layer)
+        return s.decode(vals, rows.arrays, rows.meta, rows.shape, layer)
+
+    def add_decoded_(self, out: Tensor, rows: PayloadRows, sign: float = 1.0) -> Tensor:
+        """``out[i] += sign · decode(row i)`` for every row of the (B, *shape) ``out``, in place, and returns
+        it: sparse rows add their k values at their indices (distinct positions: the dense sum's values,
+        :mod:`compressors.sparse`), others the decoded tensor; ``sign · value`` is rounded first, then
+        added. For payloads this process has made (error feedback on a client's own message)."""
+        decoded = self.decode(rows, device=out.device, dtype=out.dtype, sparse=True)
+        if isinstance(decoded, SparseRows):
+            decoded.add_into_(out, sign)
+        else:
+            out += sign * decoded
+        return out
+
+    @staticmethod
+    def _scatter_rows(A: np.ndarray, rows: np.ndarray, count: int) -> np.ndarray:
+        out = np.zeros((count, *A.shape[1:]), A.dtype)
+        out[rows] = A
+        return out
 
     def block_decodable(self, shape: tuple[int, ...]) -> bool:
         """Whether :meth:`decompress_block` handles ``shape``: an index-carrying sparse structure (top-k,
@@ -591,76 +296,11 @@ class Compressor:
         good = np.isfinite(V).all(axis=1) & (np.diff(I, axis=1) > 0).all(axis=1) & (I[:, 0] >= 0) & (I[:, -1] < d)
         ok[taken[~good]] = False
         if len(taken) < len(payloads):  # row i is payload i's (the rows of payloads left out: zeros)
-            I, V = _scatter_rows(I, taken, len(payloads)), _scatter_rows(V, taken, len(payloads))
+            I, V = self._scatter_rows(I, taken, len(payloads)), self._scatter_rows(V, taken, len(payloads))
         values = torch.from_numpy(V).to(device).to(dtype)
         scale = s._scale(shape)
         return SparseRows(torch.from_numpy(I).to(values.device), values * scale if scale != 1.0 else values,
                           shape), ok
-
-    def add_decoded(self, base: Tensor, payload: TensorPayload, sign: float = 1.0) -> Tensor:
-        """``base + sign · decompress(payload)`` as a new tensor, for a payload this process has just made
-        (error feedback on the client's own message): the container checks are skipped, sparse
-        structures add their k values at their indices (:mod:`compressors.sparse`)."""
-        shape = tuple(base.shape)
-        r = self._decode(self._structure_for(shape), payload, shape, "own", base.device, base.dtype, True)
-        return added(base, sign, r)
-
-    # ------------------------------------------------------------------ B clients at once
-    def rows_supported(self, shape: tuple[int, ...]) -> bool:
-        """Whether :meth:`compress_rows` handles ``shape``: a deterministic, stateless structure with row
-        encoders (dense, top-k) and exact raw values (fp32/fp64)."""
-        s = self._structure_for(shape)
-        return s.rows and not s.stateful and isinstance(self.values, Raw)
-
-    def rows_share_input(self, shape: tuple[int, ...]) -> bool:
-        """Whether :meth:`compress_rows`' payloads for ``shape`` may share memory with its input (dense
-        ones do), so that the input must not be written to while they are in use."""
-        return self._structure_for(shape).rows_share_input
-
-    def compress_rows(self, X: Tensor) -> PayloadRows | None:
-        """The payloads of ``X[0], …, X[B-1]`` (same shape) in one call; row i equals
-        ``compress(X[i])[0]`` exactly. None when unsupported (:meth:`rows_supported`) or when a value is
-        not finite (the row-by-row path then raises for that client, as it always has). As with
-        :meth:`compress`, dense payloads may share memory with ``X``: don't write to ``X`` after."""
-        shape = tuple(X.shape[1:])
-        if not self.rows_supported(shape):
-            return None
-        s = self._structure_for(shape)
-        vals, arrays = s.encode_rows(X.reshape(X.shape[0], -1), shape)
-        varrays, _ = self.values.encode(vals, None)
-        if not np.isfinite(varrays["v"]).all():
-            return None
-        return PayloadRows(f"{s.name}/{self.values.name}", shape,
-                           {**arrays, **{f"v.{k}": a for k, a in varrays.items()}})
-
-    def add_decoded_rows(self, bases: Sequence[Tensor | None] | Tensor, rows: PayloadRows, like: Tensor,
-                         sign: float = 1.0) -> list[Tensor]:
-        """``bases[i] + sign · decode(rows.payload(i))`` for every row, each a new tensor of its own storage,
-        of ``like``'s dtype and device, equal to :meth:`add_decoded` row by row (for payloads this process
-        has just made: no validation). ``bases``: the rows' tensors (None is zero), or one (B, *shape)
-        contiguous tensor that the rows are added into in place (the caller's scratch; one call for the
-        block, then one copy per row out of it). The rows' values are converted and signed once for the
-        block (``sign`` = ±1: exact)."""
-        if isinstance(bases, Tensor):
-            self.add_decoded_block_(bases, rows, sign)
-            return [b.clone() for b in bases.unbind(0)]
-        values = torch.from_numpy(rows.arrays["v.v"]).to(like.device, like.dtype)
-        signed = values if sign == 1.0 else sign * values
-        structure = self._structure_for(rows.shape)
-        outs = [b.clone() if b is not None else torch.zeros(rows.shape, dtype=values.dtype, device=values.device)
-                for b in bases]
-        for i, out in enumerate(outs):
-            structure.add_rows_(out.view(1, -1), signed[i:i + 1], {k: a[i:i + 1] for k, a in rows.arrays.items()})
-        return outs
-
-    def add_decoded_block_(self, block: Tensor, rows: PayloadRows, sign: float = 1.0) -> Tensor:
-        """``block[i] += sign · decode(rows.payload(i))`` for every row of the contiguous (B, *shape)
-        ``block``, in place, in one call (payloads this process has just made: no validation); equal to
-        :meth:`add_decoded` row by row. Returns ``block``."""
-        values = torch.from_numpy(rows.arrays["v.v"]).to(block.device, block.dtype)
-        self._structure_for(rows.shape).add_rows_(block.view(len(block), -1), values if sign == 1.0 else sign * values,
-                                                  rows.arrays)
-        return block
 
     def bits(self, payload: TensorPayload) -> BitCount:
         """Raw bit counts of a (valid) payload, from its codec and shape alone (no structure or value

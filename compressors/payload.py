@@ -32,19 +32,41 @@ Message = dict[str, TensorPayload]
 
 @dataclass
 class PayloadRows:
-    """The payloads of B clients for one tensor, encoded at once: row i of every array is client i's
-    (:meth:`compressors.Compressor.compress_rows`). Headers are empty (deterministic codecs only)."""
+    """The payloads of B clients for one tensor: row i of every array, and entry i of every header list,
+    are client i's. Every compressor encodes and decodes these (:meth:`compressors.Compressor.encode`);
+    a single payload is a block of one (:meth:`of`)."""
 
     codec: str
     shape: tuple[int, ...]
     arrays: dict[str, np.ndarray]  # each (B, ·)
+    meta: dict[str, list[int | float]] = field(default_factory=dict)  # each B entries
 
     def __len__(self) -> int:
-        return next(iter(self.arrays.values())).shape[0]
+        if self.arrays:
+            return next(iter(self.arrays.values())).shape[0]
+        return len(next(iter(self.meta.values()))) if self.meta else 0
 
     def payload(self, i: int) -> TensorPayload:
         """Client i's payload (its arrays are row views, contiguous)."""
-        return TensorPayload(self.codec, self.shape, {k: a[i] for k, a in self.arrays.items()}, {})
+        return TensorPayload(self.codec, self.shape, {k: a[i] for k, a in self.arrays.items()},
+                             {k: v[i] for k, v in self.meta.items()})
+
+    @classmethod
+    def of(cls, payload: TensorPayload, shape: tuple[int, ...] | None = None) -> PayloadRows:
+        """One payload as a block of one (array ``a`` as the view ``a[None]``; anything not an array as is,
+        for the decoder's checks to reject)."""
+        return cls(payload.codec, tuple(payload.shape) if shape is None else shape,
+                   {k: a[None] if isinstance(a, np.ndarray) else a for k, a in payload.arrays.items()},
+                   {k: [v] for k, v in payload.meta.items()})
+
+    @classmethod
+    def concat(cls, parts: list[PayloadRows]) -> PayloadRows:
+        """The rows of ``parts`` (one codec and shape) in order, as one block."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        return cls(first.codec, first.shape, {k: np.concatenate([p.arrays[k] for p in parts]) for k in first.arrays},
+                   {k: [v for p in parts for v in p.meta[k]] for k in first.meta})
 
 
 class PayloadError(ValueError):

@@ -71,6 +71,21 @@ class SparseRows:
     def __post_init__(self) -> None:  # one row's bytes of indices and values (read once per client and layer)
         self._row_nbytes = self.idx.shape[1] * self.idx.element_size() + self.values.shape[1] * self.values.element_size()
 
+    def dense(self) -> Tensor:
+        """The (B, *shape) dense tensors (zeros off the indices)."""
+        out = torch.zeros((len(self.idx), *self.shape), dtype=self.values.dtype, device=self.values.device)
+        out.view(len(self.idx), -1).scatter_(1, self.idx, self.values)
+        return out
+
+    def add_into_(self, out: Tensor, w: float = 1.0) -> Tensor:
+        """``out[i] += w · row i`` for the (B, *shape) contiguous ``out``, in one ``index_add_`` at the flat
+        positions ``i·d + idx`` (distinct: each gets its one term, rounded as :func:`add_scaled_`)."""
+        B = len(out)
+        d = out[0].numel() if B else 0
+        flat = self.idx + torch.arange(0, B * d, d, device=self.idx.device)[:, None] if B > 1 else self.idx
+        out.view(-1).index_add_(0, flat.reshape(-1), (w * self.values.to(out.dtype)).reshape(-1))
+        return out
+
     def tensor(self, i: int) -> SparseTensor:
         return SparseTensor(None, None, self.shape, self, i)
 
@@ -87,11 +102,6 @@ def add_scaled_(out: Tensor, w: float, r: Tensor | SparseTensor) -> Tensor:
     else:
         out += w * r.to(out.dtype)
     return out
-
-
-def added(base: Tensor, w: float, r: Tensor | SparseTensor) -> Tensor:
-    """``base + w · r`` as a new tensor."""
-    return add_scaled_(base.clone(), w, r)
 
 
 class WeightedSum:

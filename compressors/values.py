@@ -33,14 +33,14 @@ Arrays = dict[str, np.ndarray]
 
 
 def get_array(arrays: dict[str, Any], key: str, layer: str, dtypes: tuple[type, ...], length: int) -> np.ndarray:
-    """Fetch ``arrays[key]`` as a 1-D array of one of ``dtypes`` and exactly ``length`` entries."""
+    """Fetch ``arrays[key]`` as (B, ``length``) rows — each row a payload's 1-D array — of one of ``dtypes``."""
     a = arrays.get(key)
     if not isinstance(a, np.ndarray):
         raise TruncatedError(layer, key, f"missing array (got {type(a).__name__})")
     if a.dtype.type not in dtypes:
         raise DtypeError(layer, key, f"dtype {a.dtype} not in {[np.dtype(d).name for d in dtypes]}")
-    if a.ndim != 1 or a.shape[0] != length:
-        raise TruncatedError(layer, key, f"expected shape ({length},), got {a.shape}")
+    if a.ndim != 2 or a.shape[1] != length:
+        raise TruncatedError(layer, key, f"expected shape ({length},), got {a.shape[1:]}")
     return a
 
 
@@ -55,6 +55,10 @@ def _to_torch(a: np.ndarray, device: torch.device | str | None) -> Tensor:
 
 
 class ValueCodec(ABC):
+    """Encodes and decodes B rows of n values at once; row i's result depends on row i (and its generator)
+    alone. Codecs whose arithmetic involves a per-row scalar or a draw encode row by row
+    (:meth:`encode_row`), so every row is computed exactly as a lone vector would be."""
+
     name: str
     kind: str  # "exact" | "rounding" | "unbiased"
     unit_roundoff: float = 0.0
@@ -63,13 +67,24 @@ class ValueCodec(ABC):
     def omega(self, n: int) -> float:
         return 0.0
 
-    @abstractmethod
-    def encode(self, v: Tensor, gen: torch.Generator | None) -> tuple[Arrays, dict[str, int | float]]: ...
+    def encode(self, V: Tensor, gens: list[torch.Generator] | None) -> tuple[Arrays, dict[str, list]]:
+        """(B, n) values → (arrays (B, ·), per-row headers); row i draws from ``gens[i]`` (None: no draws)."""
+        rows = [self.encode_row(v, gens[i] if gens is not None else None) for i, v in enumerate(V)]
+        if not rows:
+            rows = [self.encode_row(V.new_zeros(V.shape[1]), None)]
+            return {k: np.empty((0, *a.shape), a.dtype) for k, a in rows[0][0].items()}, {k: [] for k in rows[0][1]}
+        return ({k: np.stack([r[0][k] for r in rows]) for k in rows[0][0]},
+                {k: [r[1][k] for r in rows] for k in rows[0][1]})
+
+    def encode_row(self, v: Tensor, gen: torch.Generator | None) -> tuple[Arrays, dict[str, int | float]]:
+        """One row of :meth:`encode`."""
+        raise NotImplementedError
 
     @abstractmethod
     def decode(self, arrays: dict[str, Any], meta: dict[str, Any], n: int, layer: str,
                device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Validate the arrays for ``n`` values and return them (raises a PayloadError)."""
+        """Validate B rows' arrays (B, ·) and headers (lists) for ``n`` values each and return the (B, n)
+        values (raises a PayloadError)."""
 
     @abstractmethod
     def bits(self, n: int, meta: dict[str, Any]) -> BitCount: ...
@@ -90,8 +105,8 @@ class Raw(ValueCodec):
         self.dtype = np.dtype(dtype)
         self.name = {np.float32: "fp32", np.float64: "fp64"}[self.dtype.type]
 
-    def encode(self, v, gen):
-        return {"v": v.detach().cpu().numpy().astype(self.dtype, copy=False)}, {}
+    def encode(self, V, gens):
+        return {"v": V.detach().cpu().numpy().astype(self.dtype, copy=False)}, {}
 
     def decode(self, arrays, meta, n, layer, device=None, dtype=torch.float32):
         a = get_array(arrays, "v", layer, (self.dtype.type,), n)
@@ -110,7 +125,7 @@ class FP16(ValueCodec):
     def keys(self):
         return {"v", "scale"}
 
-    def encode(self, v, gen):
+    def encode_row(self, v, gen):
         v = v.detach().to("cpu", torch.float32)
         amax = float(v.abs().max()) if v.numel() else 0.0
         scale = np.float32(amax / 2.0 ** 14 if amax > 0 else 1.0)
@@ -123,9 +138,9 @@ class FP16(ValueCodec):
         s = get_array(arrays, "scale", layer, (np.float32,), 1)
         check_finite(a, layer, "v")
         check_finite(s, layer, "scale")
-        if not s[0] > 0:
-            raise MetaError(layer, "scale", f"must be positive, got {s[0]}")
-        out = _to_torch(a, device).to(torch.float32) * float(s[0])
+        if not (s > 0).all():
+            raise MetaError(layer, "scale", f"must be positive, got {s[~(s > 0)][0]}")
+        out = _to_torch(a, device).to(torch.float32) * _to_torch(s, device)
         check_finite(out.cpu().numpy(), layer, "v·scale")
         return out.to(dtype)
 
@@ -133,17 +148,19 @@ class FP16(ValueCodec):
         return BitCount(value_bits=16 * n, n_values=n, scalar_bits=32)
 
 
-def _pack(codes: np.ndarray, width: int) -> np.ndarray:
+def _pack(codes: np.ndarray, width: int) -> np.ndarray:  # one row
     """Pack non-negative integers < 2^width (width ≤ 16), ``width`` bits each, most significant first."""
     bits = np.unpackbits(codes.astype(">u2").view(np.uint8)).reshape(-1, 16)[:, 16 - width:]
     return np.packbits(bits.reshape(-1))
 
 
 def _unpack(packed: np.ndarray, n: int, width: int) -> np.ndarray:
-    bits = np.unpackbits(packed, count=n * width).reshape(n, width)
-    full = np.zeros((n, 16), dtype=np.uint8)
-    full[:, 16 - width:] = bits
-    return np.packbits(full.reshape(-1)).view(">u2").astype(np.int64)
+    """The (B, n) integers of :func:`_pack`'s rows (B, ⌈n·width/8⌉)."""
+    B = len(packed)
+    bits = np.unpackbits(packed, axis=1, count=n * width).reshape(B, n, width)
+    full = np.zeros((B, n, 16), dtype=np.uint8)
+    full[:, :, 16 - width:] = bits
+    return np.packbits(full.reshape(B, -1), axis=1).view(">u2").astype(np.int64)
 
 
 class QSGD(ValueCodec):
@@ -165,7 +182,7 @@ class QSGD(ValueCodec):
     def meta_keys(self):
         return {"levels"}
 
-    def encode(self, v, gen):
+    def encode_row(self, v, gen):
         v = v.detach().to("cpu", torch.float64)
         norm = float(torch.linalg.vector_norm(v))  # float64: fp32 inputs give an exact ratio |v|/‖v‖
         s = self.levels
@@ -181,17 +198,18 @@ class QSGD(ValueCodec):
         return {"norm": np.array([norm], dtype=np.float32), "q": _pack(signed, self.width)}, {"levels": s}
 
     def decode(self, arrays, meta, n, layer, device=None, dtype=torch.float32):
-        if meta.get("levels") != self.levels:
-            raise MetaError(layer, "levels", f"expected {self.levels}, got {meta.get('levels')!r}")
+        for levels in meta.get("levels"):
+            if levels != self.levels:
+                raise MetaError(layer, "levels", f"expected {self.levels}, got {levels!r}")
         norm = get_array(arrays, "norm", layer, (np.float32,), 1)
         check_finite(norm, layer, "norm")
-        if norm[0] < 0:
-            raise MetaError(layer, "norm", f"must be >= 0, got {norm[0]}")
+        if (norm < 0).any():
+            raise MetaError(layer, "norm", f"must be >= 0, got {norm[norm < 0][0]}")
         q = get_array(arrays, "q", layer, (np.uint8,), math.ceil(n * self.width / 8))
         codes = _unpack(q, n, self.width) - self.levels
         if np.abs(codes).max(initial=0) > self.levels:
             raise MetaError(layer, "q", f"quantisation level outside [-{self.levels}, {self.levels}]")
-        vals = torch.from_numpy(codes).to(torch.float64) * (float(norm[0]) / self.levels)
+        vals = torch.from_numpy(codes).to(torch.float64) * torch.from_numpy(norm.astype(np.float64) / self.levels)
         return vals.to(device=device, dtype=dtype) if device is not None else vals.to(dtype)
 
     def bits(self, n, meta):
@@ -208,7 +226,7 @@ class Natural(ValueCodec):
     def keys(self):
         return {"e", "sign"}
 
-    def encode(self, v, gen):
+    def encode_row(self, v, gen):
         v = v.detach().to("cpu", torch.float64)
         a = v.abs()
         tiny = 2.0 ** self._MIN_EXP
@@ -227,7 +245,7 @@ class Natural(ValueCodec):
         if (code == 255).any():
             raise MetaError(layer, "e", "exponent code 255 is reserved")
         sign = get_array(arrays, "sign", layer, (np.uint8,), math.ceil(n / 8))
-        neg = np.unpackbits(sign, count=n).astype(bool)
+        neg = np.unpackbits(sign, axis=1, count=n).astype(bool)
         mag = np.where(code == 0, 0.0, np.exp2(code.astype(np.float64) - 127))
         vals = torch.from_numpy(np.where(neg, -mag, mag))
         return vals.to(device=device, dtype=dtype) if device is not None else vals.to(dtype)

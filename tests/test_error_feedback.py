@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from compressors import EF14, EF21, decode_message, ef21_server_update, make_compressor
+from compressors import EF14, EF21, Context, decode_message, ef21_server_update, make_compressor, make_error_feedback
+from compressors.error_feedback import stack_states, step_one
+from compressors.payload import PayloadError, PayloadRows
+from compressors.registry import COMPRESSORS
+from compressors.values import VALUE_CODECS
 
 
 def client_inputs(rounds, clients, shapes, seed=0):
@@ -21,7 +25,7 @@ def test_ef21_identity_tracker_equals_input():
     ef = EF21(make_compressor({"name": "identity", "values": "fp64"}))
     state = None
     for r, v in enumerate(client_inputs(30, [0], SHAPES)):
-        _, state, _ = ef.step(state, v[0], (0, 0, r))
+        _, state, _ = step_one(ef, state, v[0], (0, 0, r))
         for n in SHAPES:
             torch.testing.assert_close(state["g"][n], v[0][n], rtol=1e-12, atol=0)
 
@@ -41,7 +45,7 @@ def test_ef21_server_aggregate_equals_mean_of_client_trackers(tracker, spec):
     for r, v in enumerate(client_inputs(30, clients, SHAPES)):
         decoded = {}
         for j in clients:
-            msg, states[j], cstates[j] = ef.step(states[j], v[j], (0, j, r), cstates[j])
+            msg, states[j], cstates[j] = step_one(ef, states[j], v[j], (0, j, r), cstates[j])
             decoded[j] = decode_message(C, msg, SHAPES, dtype=torch.float64)  # what the server sees
         G = ef21_server_update(G, decoded, {j: 1 / len(clients) for j in clients})
         for n in SHAPES:
@@ -54,7 +58,7 @@ def test_ef21_topk_tracker_converges_to_fixed_input():
     v = {"w": torch.randn(20, 10, dtype=torch.float64)}
     state, errs = None, []
     for r in range(40):
-        _, state, _ = ef.step(state, v, (0, 0, r))
+        _, state, _ = step_one(ef, state, v, (0, 0, r))
         errs.append(float((state["g"]["w"] - v["w"]).norm() / v["w"].norm()))
     # contraction: ‖g − v‖² ≤ (1−α)^r ‖v‖² with α = 0.1
     assert all(e ** 2 <= 0.9 ** (r + 1) * (1 + 1e-9) for r, e in enumerate(errs))
@@ -65,8 +69,8 @@ def test_fixed16_tracker_stays_close_to_full_precision():
     s1 = s2 = None
     for r, v in enumerate(client_inputs(20, [0], {"w": (30, 20)}, seed=3)):
         v = {n: t.float() for n, t in v[0].items()}
-        _, s1, _ = full.step(s1, v, (0, 0, r))
-        _, s2, _ = fixed.step(s2, v, (0, 0, r))
+        _, s1, _ = step_one(full, s1, v, (0, 0, r))
+        _, s2, _ = step_one(fixed, s2, v, (0, 0, r))
     g1 = s1["g"]["w"]
     g2 = fixed.tracker_values(s2, {"w": g1})["w"]
     assert float((g1 - g2).norm() / g1.norm()) < 1e-2
@@ -83,101 +87,114 @@ def test_ef14_telescopes():
     ef = EF14(make_compressor({"name": "topk", "ratio": 0.05, "values": "fp64"}))
     state, sent_sum, x_sum = None, 0, 0
     for r, v in enumerate(client_inputs(25, [0], SHAPES)):
-        msg, state, _ = ef.step(state, v[0], (0, 0, r))
+        msg, state, _ = step_one(ef, state, v[0], (0, 0, r))
         sent_sum = sent_sum + ef.compressor.decompress(msg["w"], dtype=torch.float64)
         x_sum = x_sum + v[0]["w"]
     torch.testing.assert_close(sent_sum, x_sum - state["e"]["w"], rtol=1e-12, atol=1e-12)
 
 
-# ---------------------------------------------------------------- B clients at once (client blocks)
+# ---------------------------------------------------------------- a single tensor is a block of one
 def _payloads_equal(p, q):
     assert p.codec == q.codec and tuple(p.shape) == tuple(q.shape) and p.meta == q.meta
+    assert [type(v) for v in p.meta.values()] == [type(v) for v in q.meta.values()]
     assert set(p.arrays) == set(q.arrays)
     for key in p.arrays:  # byte for byte: signed zeros included
-        assert p.arrays[key].dtype == q.arrays[key].dtype and p.arrays[key].tobytes() == q.arrays[key].tobytes()
+        assert p.arrays[key].dtype == q.arrays[key].dtype and p.arrays[key].shape == q.arrays[key].shape
+        assert p.arrays[key].tobytes() == q.arrays[key].tobytes()
 
 
-ROW_SPECS = [{"name": "topk", "ratio": 0.1}, {"name": "topk", "ratio": 0.1, "values": "fp64"},
-             {"name": "identity"}, {"name": "topk", "ratio": 1.0}]
+def _every_compressor():
+    """Every structure the registry builds with every value codec it accepts."""
+    for name, (_, options, default) in COMPRESSORS.items():
+        for values in VALUE_CODECS if name not in ("qsgd", "natural") else [default]:
+            spec = {"name": name, "values": values}
+            spec.update({"ratio": 0.1} if "ratio" in options else {"rank": 2} if "rank" in options else {})
+            yield spec
 
 
-@pytest.mark.parametrize("spec", ROW_SPECS)
+@pytest.mark.parametrize("spec", list(_every_compressor()), ids=lambda s: f"{s['name']}-{s['values']}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_compress_rows_equals_compressing_each_row(spec, dtype):
-    """Row i of compress_rows is compress(X[i]) exactly, ties included (integer-valued inputs: many equal
-    magnitudes), and add_decoded_rows is add_decoded row by row, bitwise (a None base: zeros)."""
+def test_block_encode_equals_encoding_each_row_alone(spec, dtype):
+    """Row i of one encode over B rows is the payload of row i encoded alone (a block of one) with the same
+    context, byte for byte — arrays, headers, bit counts, new compressor states — ties included (an
+    integer-valued row: many equal magnitudes), over two rounds (PowerSGD's warm start from its state);
+    decoding the rows equals decoding each payload, and adding them into a base equals adding each."""
     C = make_compressor(spec)
     gen = torch.Generator().manual_seed(3)
-    for X in (torch.randn(7, 12, 9, generator=gen, dtype=dtype),
-              torch.randint(-3, 4, (7, 12, 9), generator=gen).to(dtype)):
-        rows = C.compress_rows(X)
-        assert rows is not None and len(rows) == 7
-        base = torch.randn(7, 12, 9, generator=gen, dtype=dtype)
-        for sign in (1.0, -1.0):
-            bases = [base[i] if i != 2 else None for i in range(7)]
-            added = C.add_decoded_rows(bases, rows, X, sign)
-            for i in range(7):
-                alone, _ = C.compress(X[i])
+    states = [None] * 5
+    for r in range(2):
+        for shape in ((12, 9), (30, 40), (7,)):
+            X = torch.randn(5, *shape, generator=gen, dtype=dtype)
+            X[1] = torch.randint(-3, 4, shape, generator=gen).to(dtype)
+            ctxs = [Context(seed_parts=(4, j, r), state=states[j]) for j in range(5)]
+            rows, new = C.encode(X, ctxs)
+            assert len(rows) == 5
+            dense = C.decode(rows, dtype=dtype)
+            base = torch.randn(5, *shape, generator=gen, dtype=dtype)
+            added = C.add_decoded_(base.clone(), rows, -1.0)
+            for i in range(5):
+                alone, state = C.compress(X[i], Context(seed_parts=(4, i, r), state=states[i]))
                 _payloads_equal(rows.payload(i), alone)
-                start = base[i] if i != 2 else torch.zeros_like(base[i])
-                assert added[i].dtype == dtype and torch.equal(added[i], C.add_decoded(start, alone, sign))
-                assert added[i].data_ptr() != base[i].data_ptr()
+                assert C.bits(rows.payload(i)) == C.bits(alone)
+                assert (state is None) == (new[i] is None) and (state is None or torch.equal(state["Q"], new[i]["Q"]))
+                one = C.decompress(alone, shape=shape, dtype=dtype)
+                assert torch.equal(dense[i], one) and torch.equal(dense[i].signbit(), one.signbit())
+                assert torch.equal(added[i], C.add_decoded_(base[i:i + 1].clone(), PayloadRows.of(alone), -1.0)[0])
+            if shape == (30, 40):
+                states = new
 
 
-@pytest.mark.parametrize("spec", [{"name": "randk", "ratio": 0.2}, {"name": "topk", "ratio": 0.1, "values": "qsgd"},
-                                  {"name": "topk", "ratio": 0.1, "values": "fp16"}, {"name": "powersgd", "rank": 1}])
-def test_compress_rows_declines_random_stateful_or_rounding_compressors(spec):
-    assert make_compressor(spec).compress_rows(torch.randn(3, 12, 9)) is None
+def _block_tree(trees):
+    return stack_states(trees)
 
 
-def test_compress_rows_declines_non_finite_blocks():
-    X = torch.randn(3, 12, 9)
-    X[1, 2, 3] = float("nan")
-    assert make_compressor({"name": "topk", "ratio": 1.0}).compress_rows(X) is None
-
-
-@pytest.mark.parametrize("kind", ["ef21", "ef14", "none"])
+@pytest.mark.parametrize("kind, tracker", [("ef21", "full"), ("ef21", "fixed16"), ("ef14", "full"), ("none", "full")])
 @pytest.mark.parametrize("spec", [{"name": "topk", "ratio": 0.1, "values": "fp64"}, {"name": "identity", "values": "fp64"},
-                                  {"name": "topk", "ratio": 0.2}])
+                                  {"name": "topk", "ratio": 0.2}, {"name": "randk", "ratio": 0.2, "values": "qsgd"},
+                                  {"name": "powersgd", "rank": 2, "min_compression_rate": 1.0}])
 @pytest.mark.parametrize("chunk_bytes", [None, 1, 1000])
-@pytest.mark.parametrize("stack_rows", [1, 10 ** 9])
-def test_error_feedback_rows_equal_client_by_client(kind, spec, chunk_bytes, stack_rows, monkeypatch):
-    """step_rows over 5 clients (some without state yet) equals step client by client, bitwise: messages,
-    states, and the states it proposes are each client's own storage; also when a layer's rows are taken
-    in chunks of one or two rows (the chunk buffer is reused, so a payload aliasing it would show here),
-    and with chunks stepped row by row or stacked (STACK_ROWS)."""
-    from compressors import error_feedback, make_error_feedback
+def test_error_feedback_block_step_equals_each_client_alone(kind, tracker, spec, chunk_bytes, monkeypatch):
+    """One step over 5 clients (some in their first round: zero rows of the stacked state) equals the step
+    of each client alone (a block of one), bitwise: messages, states (signed zeros included) and compressor
+    states; also when a layer's rows are taken in chunks of one or two rows (a reused chunk buffer that a
+    payload aliased would show here)."""
+    from compressors import error_feedback
 
+    if tracker == "fixed16" and spec["name"] not in ("topk", "identity"):
+        pytest.skip("fixed16 needs dense or top-k")
     if chunk_bytes is not None:
         monkeypatch.setattr(error_feedback, "CHUNK_BYTES", chunk_bytes)
-    monkeypatch.setattr(error_feedback, "STACK_ROWS", stack_rows)
-
-    ef = make_error_feedback(kind, make_compressor(spec))
+    ef = make_error_feedback(kind, make_compressor(spec), tracker)
     clients = range(5)
-    alone = {j: None for j in clients}
-    rows = {j: None for j in clients}
+    alone = {j: (None, None) for j in clients}
+    block = {j: (None, None) for j in clients}
+    dtype = torch.float64 if spec.get("values") == "fp64" else torch.float32
     for r, v in enumerate(client_inputs(4, list(clients), SHAPES, seed=7)):
         active = [j for j in clients if r > 0 or j % 2 == 0]  # odd clients join in round 1
-        dtype = torch.float64 if spec.get("values") == "fp64" else torch.float32
         for j in clients:  # negative zeros: x + 0 and x - 0 differ in their sign
             v[j]["b"][:3] = -0.0
-        block = {n: torch.stack([v[j][n].to(dtype) for j in active]) for n in SHAPES}
-        out = ef.step_rows([rows[j] for j in active], block)
-        assert out is not None
+        V = {n: torch.stack([v[j][n].to(dtype) for j in active]) for n in SHAPES}
+        rows, new, comps = ef.step(_block_tree([block[j][0] for j in active]), V, [(0, j, r) for j in active],
+                                   [block[j][1] for j in active])
         for i, j in enumerate(active):
-            msg, state, comp = ef.step(alone[j], {n: v[j][n].to(dtype) for n in SHAPES}, (0, j, r))
+            msg, state, comp = step_one(ef, alone[j][0], {n: v[j][n].to(dtype) for n in SHAPES}, (0, j, r), alone[j][1])
             for n in SHAPES:
-                _payloads_equal(out[i][0][n], msg[n])
+                _payloads_equal(rows[n].payload(i), msg[n])
             for key in state:
                 for n in SHAPES:
-                    got, want = out[i][1][key][n], state[key][n]
+                    got, want = new[key][n][i], state[key][n]
                     assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
-                    assert out[i][1][key][n].untyped_storage().nbytes() == state[key][n].numel() * state[key][n].element_size()
-            assert out[i][2] == comp == {}
-            alone[j], rows[j] = state, out[i][1]
+            assert comps[i].keys() == comp.keys() and all(torch.equal(comps[i][n]["Q"], comp[n]["Q"]) for n in comp)
+            alone[j] = (state, comp)
+            block[j] = ({key: {n: t[i] for n, t in tree.items()} for key, tree in new.items()}, comps[i])
 
 
-def test_fixed16_trackers_have_no_row_step():
-    ef = EF21(make_compressor({"name": "topk", "ratio": 0.1}), tracker="fixed16")
-    assert not ef.supports_rows(SHAPES) and EF21(make_compressor({"name": "topk", "ratio": 0.1})).supports_rows(SHAPES)
-    assert ef.step_rows([None, None], {n: torch.randn(2, *s) for n, s in SHAPES.items()}) is None
+def test_a_non_finite_row_raises_as_it_does_alone():
+    """A block with a NaN row fails as that client's step alone does (its own payload does not decode)."""
+    ef = EF21(make_compressor({"name": "topk", "ratio": 1.0}))
+    V = {n: torch.randn(3, *s) for n, s in SHAPES.items()}
+    V["w"][1, 2, 3] = float("nan")
+    with pytest.raises(PayloadError):
+        step_one(ef, None, {n: t[1] for n, t in V.items()}, (0, 1, 0))
+    with pytest.raises(PayloadError):
+        ef.step(None, V, [(0, j, 0) for j in range(3)])

@@ -9,7 +9,7 @@ one state layout steps them as columns (:meth:`FeedbackUplink.column_block`):
 
     G_B = vmap(∇ℓ)(X, batches)                      # (B, *shape) per layer, one call
     V_B, est' = estimator(est_B, G_B)               # elementwise estimators only (EMA, MVR, SARAH)
-    R_B = C(V_B − g_B) row by row;  g'_B = g_B + R_B # EF21 (compress_rows: top-k / dense, raw values)
+    R_B = C(V_B − g_B) row by row;  g'_B = g_B + R_B # EF21 (Compressor.encode, row by row)
     commits' = commits + 1;  x_prev' = X (one tensor for all rows)
 
 Every row equals the per-client step bitwise (elementwise operations and row-wise selections do not

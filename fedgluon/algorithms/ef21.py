@@ -23,7 +23,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from compressors import EF21, Compressor, make_compressor, make_error_feedback
+from compressors import EF21, Compressor, PayloadError, make_compressor, make_error_feedback
+from compressors.error_feedback import split_states, stack_states, step_one
 
 from ..objective import SupervisedObjective
 from ..vectorised import stacked_gradients
@@ -48,28 +49,25 @@ class FeedbackUplink(Algorithm):
 
     def local_update(self, state, grads, bc, j):
         new, v = self.estimate(state, grads)
-        msg, ef_state, comp = self.ef.step(state.get("ef"), v, (bc.seed, j, bc.round), state.get("comp"))
+        msg, ef_state, comp = step_one(self.ef, state.get("ef"), v, (bc.seed, j, bc.round), state.get("comp"))
         new.update({"ef": ef_state, "comp": comp})
         return new, msg
 
     def block_local_update(self, states, grads, bc, js):
         """Estimates client by client, then error feedback and compression of the whole block at once
-        (:meth:`EF21.step_rows`: one top-k selection over (B, d) per layer) when the compressor allows."""
+        (:meth:`EF21.step` over (B, *shape) rows: one top-k selection over (B, d) per layer)."""
         estimates = [self.estimate(s, g) for s, g in zip(states, grads)]
-        rows = None
-        if len(js) > 1 and self.ef.supports_rows(self.shapes):
-            v = {n: [e[1][n] for e in estimates] for n in estimates[0][1]}  # rows, not stacked: one copy less
-            rows = self.ef.step_rows([s.get("ef") for s in states], v)
-        if rows is None:
-            rows = [self.ef.step(s.get("ef"), v_j, (bc.seed, j, bc.round), s.get("comp"))
-                    for s, (_, v_j), j in zip(states, estimates, js)]
-        return [({**new, "ef": ef_state, "comp": comp}, msg)
-                for (new, _), (msg, ef_state, comp) in zip(estimates, rows)]
+        v = {n: torch.stack([e[1][n] for e in estimates]) for n in estimates[0][1]}
+        rows, ef_new, comps = self.ef.step(stack_states([s.get("ef") for s in states]), v,
+                                           [(bc.seed, j, bc.round) for j in js], [s.get("comp") for s in states])
+        ef_states = split_states(ef_new, len(js)) if ef_new else [{} for _ in js]
+        return [({**new, "ef": ef_states[i], "comp": comps[i]}, {n: r.payload(i) for n, r in rows.items()})
+                for i, (new, _) in enumerate(estimates)]
 
     def steps_columns(self) -> bool:
         """Whether :meth:`column_block` may apply: the base client step (gradients, estimate, this class's
         local update, propose), an elementwise estimator or none, EF21 with full trackers over a
-        compressor with row encoders for every layer."""
+        stateless compressor whose payloads carry no header."""
         own = type(self)
         return (own.client_step is Algorithm.client_step and own.propose is Algorithm.propose
                 and own.estimate is Algorithm.estimate and own.block_gradients is Algorithm.block_gradients
@@ -77,7 +75,8 @@ class FeedbackUplink(Algorithm):
                 and own.block_local_update is FeedbackUplink.block_local_update
                 and own.local_update is FeedbackUplink.local_update
                 and (self.est is None or self.est.elementwise)
-                and isinstance(self.ef, EF21) and self.ef.tracker == "full" and self.ef.supports_rows(self.shapes))
+                and isinstance(self.ef, EF21) and self.ef.tracker == "full" and not self.compressor.stateful
+                and not any(self.compressor.header_keys(tuple(s)) for s in self.shapes.values()))
 
     def column_block(self, columns: BlockColumns, bc: Broadcast,
                      objectives: Sequence[SupervisedObjective]) -> BlockStep | None:
@@ -110,12 +109,12 @@ class FeedbackUplink(Algorithm):
         if g_old is not None and (not isinstance(g_old, dict) or set(g_old) != set(v)
                                   or any(g_old[n].shape != v[n].shape for n in v)):
             return None
-        payloads, g_new = {}, {}
-        for n in sorted(v):  # message order
-            got = self.ef.step_column(v[n], g_old[n] if g_old is not None else None)
-            if got is None:
-                return None
-            payloads[n], g_new[n] = got
+        try:
+            payloads, ef_new, _ = self.ef.step({"g": g_old} if g_old is not None else None, v,
+                                               [(bc.seed, j, bc.round) for j in js])
+        except PayloadError:  # a non-finite row: the per-client path raises for its client
+            return None
+        g_new = ef_new["g"]
         commits = tree.get("commits")
         if commits is not None and not isinstance(commits, torch.Tensor):
             return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from compressors import Compressor, make_compressor, make_error_feedback
+from compressors.error_feedback import step_one
 
 from ..rng import generator
 from .base import Algorithm, ClientReply, commit_count
@@ -55,7 +56,7 @@ class FedAvg(Algorithm):
             samples += len(batch[1])
             X, est_state = self.local_step(X, g, bc.round * tau + s, est_state)
         delta = {n: X[n] - bc.model[n] for n in X}
-        msg, ef_state, comp = self.feedback.step(state.get("ef"), delta, (bc.seed, j, bc.round), state.get("comp"))
+        msg, ef_state, comp = step_one(self.feedback, state.get("ef"), delta, (bc.seed, j, bc.round), state.get("comp"))
         new_state = {**state, "commits": commit_count(state) + 1, "ef": ef_state, "comp": comp}
         return new_state, ClientReply(j, bc.round, msg, losses[0], tau, samples)
 

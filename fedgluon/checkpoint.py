@@ -50,7 +50,7 @@ import torch
 
 from compressors import BitCount
 
-FORMAT = 3  # 3: the snapshot names its journal, the committed length and SHA-256 (2: one unnamed journal)
+FORMAT = 4  # 4: client states as one client-state table (3: one tree per client; 2: one unnamed journal)
 
 
 class RunStopped(RuntimeError):
@@ -97,7 +97,7 @@ class Journal:
 class Snapshot:
     next_round: int
     server_state: dict[str, Any]
-    client_states: dict[int, Any]
+    client_states: dict[str, Any]  # the client-state table (fedgluon.client_table.ClientStateTable.state_dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     client_log: list[dict[str, Any]] = field(default_factory=list)
     run_key: str = ""

@@ -235,8 +235,9 @@ def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[
     snapshot = _resumable(out, spec) if resume else None
     _save_config(cfg, out / "config.yaml")
     task, algorithm = specs.build_cached(spec)
-    if snapshot is not None and sorted(snapshot.client_states) != list(range(len(task.objectives))):
-        raise ConfigError(f"{out / CHECKPOINT} cannot be resumed: it holds the states of {len(snapshot.client_states)} "
+    held = _clients_held(snapshot.client_states) if snapshot is not None else len(task.objectives)
+    if held != len(task.objectives):
+        raise ConfigError(f"{out / CHECKPOINT} cannot be resumed: it holds the states of {held} "
                           f"clients, the run has {len(task.objectives)}")
     task.partition_summary.to_csv(out / "partition.csv", index=False)
     from .driver import client_weights
@@ -306,6 +307,12 @@ def _resumable(out: Path, spec: Mapping[str, Any]) -> Snapshot:
     return snapshot
 
 
+def _clients_held(table: Any) -> int | None:
+    """How many clients a checkpoint's client-state table holds (None when it cannot tell)."""
+    commits = table.get("commits") if isinstance(table, dict) else None
+    return int(commits.shape[0]) if hasattr(commits, "shape") and len(commits.shape) == 1 else None
+
+
 def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, snapshot):
     engine = cfg.engine.name
     if engine == "plain":
@@ -316,7 +323,7 @@ def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, 
                         eval_every=spec["eval_every"], on_round=round_done, faults=FaultPlan.from_spec(spec["faults"]),
                         checkpointer=checkpointer, resume=snapshot, block_size=spec["block_size"],
                         workers=cfg.engine.workers, max_failed_rounds=spec["max_failed_rounds"])
-        return res.history, res.server_state["X"], res.client_log, client_state_bytes(res.client_states)
+        return res.history, res.server_state["X"], res.client_log, client_state_bytes(res.table)
     from .engines import run_inprocess, run_ray
 
     if engine == "inprocess":
@@ -324,7 +331,7 @@ def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, 
     else:
         strategy = run_ray(spec, num_cpus=cfg.engine.num_cpus, num_gpus=cfg.engine.num_gpus, address=cfg.engine.address,
                            on_round=round_done, evaluate=evaluate, checkpointer=checkpointer, resume=snapshot)
-    return strategy.history, strategy.server_state["X"], strategy.client_log, client_state_bytes(strategy.client_states)
+    return strategy.history, strategy.server_state["X"], strategy.client_log, client_state_bytes(strategy.federation.table)
 
 
 def _write_results(out: Path, cfg: DictConfig, history, clients, final, wall: float, *, stopped: str | None = None,

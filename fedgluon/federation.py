@@ -3,7 +3,8 @@
 Engines only move messages. Each round::
 
     plan = federation.open_round()            # sample S (seeded), broadcast X^k + flags
-    ... the engine gets replies (and proposed client states) from the clients in plan.participants ...
+    rows = federation.table.rows(block)       # a block's committed client states (fedgluon/client_table.py)
+    ... the engine gets replies and proposed state rows from the clients in plan.participants ...
     federation.close_round(plan, replies, proposed, failed, died=died)
 
 ``close_round`` stops the run, before touching any state, when the *runtime* says a worker process
@@ -13,7 +14,9 @@ actor, so the run would silently lose clients); otherwise it runs the algorithm'
 (which validates every payload first), and stops with :class:`~fedgluon.checkpoint.NonFiniteStateError`
 if any quantity the server computes is NaN/Inf: the server state (model, aggregate/estimator,
 optimizer), or the central evaluation (test loss and accuracy, the gradient's dual norm). Only
-then does it commit the proposed states of accepted clients (docs/DESIGN.md §2), log rejections and failures
+then does it commit the proposed state rows of accepted clients into the client-state table
+(docs/DESIGN.md §2; a block whose proposed columns do not fit the schema is rejected before the
+server step, every client of it, with the reason), log rejections and failures
 with their reasons (client text clipped to :data:`MAX_CLIENT_TEXT` characters), record the metrics
 row, and hand the checkpointer a snapshot. These stops write the state from *before* the round, so a
 resumed run replays that round exactly.
@@ -36,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .algorithms.base import Algorithm, Broadcast, ClientReply
+from .client_table import ClientStateTable
 from .checkpoint import ActorDeathError, Checkpointer, NonFiniteStateError, RunStopped, Snapshot
 from .metrics import client_rows, round_row
 from .rng import generator
@@ -92,6 +96,9 @@ def sample_clients(num_clients: int, k: int, seed: int, participation: float | i
     return sorted(perm[:m].tolist())
 
 
+Proposal = tuple[Sequence[int], Mapping[str, Tensor]]  # a block's clients (row order), its proposed state columns
+
+
 @dataclass
 class RoundPlan:
     k: int
@@ -115,25 +122,21 @@ class Federation:
         self.participation, self.evaluate, self.eval_every = participation, evaluate, eval_every
         self.on_round, self.checkpointer = on_round, checkpointer
         self.weights: dict[int, float] = dict(weights or {})
+        self.table = ClientStateTable(schema, num_clients, keep_models=algorithm.needs_previous)
         if resume is None:
             self.next_round = 0
             self.server_state = algorithm.init_server(X0)
-            self.client_states: dict[int, Any] = {j: None for j in range(num_clients)}
             self.history: list[dict[str, Any]] = []
             self.client_log: list[dict[str, Any]] = []
         else:
-            if sorted(resume.client_states) != list(range(num_clients)):
-                raise ValueError(f"checkpoint holds states of {len(resume.client_states)} clients, "
-                                 f"the run has {num_clients}")
             if not 0 <= resume.next_round <= rounds:
                 raise ValueError(f"checkpoint is at round {resume.next_round}, the run has {rounds} rounds")
-            for j, state in sorted(resume.client_states.items()):
-                why = None if state is None else schema.mismatch(state)
-                if why:
-                    raise ValueError(f"checkpoint: client {j}'s state does not fit this run's client-state schema: "
-                                     f"{why}")
+            try:
+                self.table.load_state_dict(resume.client_states)
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"checkpoint: {err}") from None
             self.next_round = resume.next_round
-            self.server_state, self.client_states = resume.server_state, dict(resume.client_states)
+            self.server_state = resume.server_state
             self.history, self.client_log = list(resume.history), list(resume.client_log)
             if self.done and (why := self._no_progress()) is not None:
                 raise NoProgressError(f"{why}; nothing to resume: start a new run", self.next_round)
@@ -143,7 +146,7 @@ class Federation:
         return self.next_round >= self.rounds
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(self.next_round, self.server_state, self.client_states, self.history, self.client_log)
+        return Snapshot(self.next_round, self.server_state, self.table.state_dict(), self.history, self.client_log)
 
     # ------------------------------------------------------------------ one round
     def open_round(self) -> RoundPlan:
@@ -152,10 +155,11 @@ class Federation:
         bc = self.algorithm.broadcast(self.server_state, k, self.seed, self.num_clients)
         return RoundPlan(k, S, bc, time.perf_counter())
 
-    def close_round(self, plan: RoundPlan, replies: Mapping[int, ClientReply], proposed: Mapping[int, Any],
+    def close_round(self, plan: RoundPlan, replies: Mapping[int, ClientReply], proposed: Sequence[Proposal],
                     failed: Mapping[int, str] | None = None, pre_rejected: Mapping[int, str] | None = None,
                     died: Mapping[int, str] | None = None) -> dict[str, Any]:
-        """Apply round ``plan.k``'s replies; ``failed`` maps clients without a usable reply to the reason,
+        """Apply round ``plan.k``'s replies; ``proposed``: per block its clients (row order) and proposed
+        state columns (schema path → (B, *shape)); ``failed`` maps clients without a usable reply to the reason,
         ``pre_rejected`` those whose reply could not even be parsed, ``died`` those whose worker process
         the runtime reports dead (an error code of Ray/Flower, not a client's message)."""
         k, S, bc = plan.k, plan.participants, plan.broadcast
@@ -165,10 +169,11 @@ class Federation:
             self._stop(ActorDeathError, f"round {k}: the worker running client {j} died "
                                         f"({_first_line(clip_text(died[j], 300))}); Flower's Ray actor pool "
                                         f"does not replace dead actors, so the run stops here")
-        pre_rejected = {**(pre_rejected or {}), **self._unfit_states(replies, proposed, bc)}
+        pre_rejected = {**(pre_rejected or {}), **self._unfit_states(replies, proposed)}
         replies = {j: r for j, r in replies.items() if j not in pre_rejected}
+        first = set((self.table.commits == 0).nonzero().flatten().tolist()) & set(replies)
         started = time.perf_counter()
-        state, outcome = self.algorithm.server_step(self.server_state, replies, bc, self.weights)
+        state, outcome = self.algorithm.server_step(self.server_state, replies, bc, self.weights, first)
         server_time = time.perf_counter() - started
         bad = _non_finite_state(state)
         self._require_finite(k, [f"the server state ({', '.join(bad[:4])}{' …' if len(bad) > 4 else ''})"]
@@ -183,8 +188,9 @@ class Federation:
                                      if m in metrics and not math.isfinite(metrics[m])])
             row.update(metrics)
         self.server_state = state
-        for j in outcome.accepted:
-            self.client_states[j] = proposed[j]
+        for clients, columns in proposed:
+            self.table.commit(clients, columns, outcome.accepted, k, bc.model)
+        self.table.settle()
         for j, why in sorted(outcome.rejected.items()):
             log.warning("round %d: rejected client %d: %s", k, j, why)
         for j, why in sorted(failed.items()):
@@ -204,19 +210,17 @@ class Federation:
             self.checkpointer.after_round(k, self.snapshot)
         return row
 
-    def _unfit_states(self, replies: Mapping[int, ClientReply], proposed: Mapping[int, Any],
-                      bc: Broadcast) -> dict[int, str]:
-        """The replying clients whose proposed state does not fit the client-state schema or disagrees with
-        what the server derives itself (:meth:`Algorithm.derived_mismatch`), with the reason: their
-        payloads are rejected before the server step, so their state is never committed."""
-        out, seen = {}, set()
-        for j in sorted(replies):
-            state = proposed.get(j)
-            why = self.schema.mismatch(state)
-            if why is None:
-                why = self.algorithm.derived_mismatch(self.client_states.get(j), state, bc, seen)
+    def _unfit_states(self, replies: Mapping[int, ClientReply], proposed: Sequence[Proposal]) -> dict[int, str]:
+        """The replying clients of blocks whose proposed state columns do not fit the client-state schema
+        (:meth:`ClientStateTable.check`), with the reason, and replying clients no block proposes a state
+        for: their payloads are rejected before the server step, so nothing of theirs is committed."""
+        out, covered = {}, set()
+        for clients, columns in proposed:
+            why = self.table.check(columns, len(clients))
+            covered.update(clients)
             if why is not None:
-                out[j] = f"state: {why}"
+                out.update({j: f"state: {why}" for j in clients if j in replies})
+        out.update({j: "state: the reply came without a proposed state" for j in replies if j not in covered})
         return out
 
     def _require_finite(self, k: int, bad: Sequence[str]) -> None:

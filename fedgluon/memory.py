@@ -1,16 +1,13 @@
 """Bytes held by client and server state: what "compact client state" is measured with.
 
 A state is a nest of dicts, lists and tuples with tensors at the leaves. What a set of tensors holds is,
-per storage, the union of the bytes they span: tensors that share memory (in the plain driver a
-client's ``x_prev`` is the broadcast model itself, shared by every client of that round:
-``Algorithm.propose``) are counted once, and a client whose state is rows of its block's columns
-(fedgluon/held_columns.py) is counted for its own rows, not for the whole block's buffer. So the
-totals are what the process really holds.
+per storage, the union of the bytes they span: tensors that share memory are counted once, a view for
+its own range. So the totals are what the process really holds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from torch import Tensor
@@ -43,12 +40,13 @@ def nbytes(objs: Iterable[Any]) -> int:
     return total
 
 
-def client_state_bytes(states: Mapping[int, Any]) -> dict[str, float]:
-    """Per-client state size: ``mean``/``max`` bytes of one client alone, and ``total`` bytes of all of
-    them together (shared storages once)."""
-    alone = [nbytes([s]) for s in states.values()]
-    return {"mean": sum(alone) / len(alone) if alone else 0.0, "max": float(max(alone, default=0)),
-            "total": float(nbytes(states.values()))}
+def client_state_bytes(table: Any) -> dict[str, float]:
+    """Per-client state size of a :class:`fedgluon.client_table.ClientStateTable`: ``mean``/``max`` bytes of
+    one client's row (every row has the schema's size), and ``total`` bytes of the table, its
+    ``commits``/``seen`` columns and the broadcast models it keeps for ``X_prev``."""
+    row = float(table.bytes_per_client)
+    total = nbytes([table.columns, table.commits, table.seen, table.models])
+    return {"mean": row, "max": row, "total": float(total)}
 
 
 __all__ = ["client_state_bytes", "nbytes", "tensors_in"]

@@ -45,73 +45,48 @@ def _batch_kind(batch: Batch) -> tuple:
     return tuple(x.shape), tuple(y.shape), x.dtype, y.dtype
 
 
-def block_gradients(objectives: Sequence[SupervisedObjective], batches: Mapping[int, Batch],
-                    shared: Mapping[str, Tensor] | None = None,
-                    per_client: Mapping[int, Mapping[str, Tensor]] | None = None,
-                    device: torch.device | None = None) -> dict[int, tuple[float, Tensors]]:
-    """``{j: (loss, ∇f_j(X_j; batch_j))}`` for the clients in ``batches``; ``X_j = shared`` or
-    ``per_client[j]`` (exactly one of the two); the vmapped calls run on ``device`` (module doc)."""
-    if (shared is None) == (per_client is None):
-        raise ValueError("give either shared parameters or per-client parameters")
-    params_of = (lambda j: shared) if shared is not None else (lambda j: per_client[j])  # type: ignore[index]
-    out: dict[int, tuple[float, Tensors]] = {}
-    groups: dict[tuple, list[int]] = {}
-    for j, batch in batches.items():
-        groups.setdefault(_batch_kind(batch), []).append(j)
-    for js in groups.values():
-        first = objectives[js[0]]
-        same = all(objectives[j].model is first.model and objectives[j].loss_fn is first.loss_fn for j in js)
-        if len(js) == 1 or not same or not can_vectorise(first.model):
-            for j in js:
-                out[j] = objectives[j].gradient(params_of(j), batches[j])
-            continue
-        out.update(_vmapped(first, js, batches, shared, per_client, device))
-    return out
-
-
-def stacked_gradients(objectives: Sequence[SupervisedObjective], js: Sequence[int], batches: Sequence[Batch], per: int,
+def stacked_gradients(objectives: Sequence[SupervisedObjective], js: Sequence[int], batches: Sequence[Batch],
                       shared: Mapping[str, Tensor] | None = None, stacked: Mapping[str, Tensor] | None = None,
-                      device: torch.device | None = None) -> tuple[list[float], Tensors] | None:
-    """:func:`block_gradients` of clients ``js`` (row i: ``js[i]`` on ``batches[i]``, at ``shared``
-    parameters or at row i of ``stacked``), taken in runs of ``per`` clients as
-    ``Algorithm.client_block`` takes them and grouped by batch shape within each run as
-    :func:`block_gradients` groups them (a group of one by ``objective.gradient``), so every row is the
-    same value; returned as the losses and ``{name: (B, *shape)}`` (the vmapped call's own output when
-    one call covers the block). None for clients of different models or a model with BatchNorm."""
+                      device: torch.device | None = None) -> tuple[list[float], Tensors]:
+    """The losses and gradients ``{name: (B, *shape)}`` of clients ``js`` (row i: ``js[i]`` on
+    ``batches[i]``), at the ``shared`` parameters or at row i of ``stacked`` (exactly one of the two).
+    Rows are grouped by batch shape (module doc), each group in one vmapped call; a group of one, a model
+    whose forward pass writes buffers, and clients of different models take ``objective.gradient`` row
+    by row. Row i's value depends on its own client, batch and parameters alone."""
+    if (shared is None) == (stacked is None):
+        raise ValueError("give either shared parameters or stacked per-row parameters")
     first = objectives[js[0]]
-    if not can_vectorise(first.model) or any(objectives[j].model is not first.model
-                                             or objectives[j].loss_fn is not first.loss_fn for j in js):
-        return None
+    vectorise = can_vectorise(first.model) and all(objectives[j].model is first.model
+                                                   and objectives[j].loss_fn is first.loss_fn for j in js)
     names = first._names
+    groups: dict[tuple, list[int]] = {}
+    for i, batch in enumerate(batches):
+        groups.setdefault(_batch_kind(batch) if vectorise else (i,), []).append(i)
     losses = [0.0] * len(js)
     out: Tensors = {}
-    for start in range(0, len(js), per):
-        groups: dict[tuple, list[int]] = {}
-        for i in range(start, min(len(js), start + per)):
-            groups.setdefault(_batch_kind(batches[i]), []).append(i)
-        for rows in groups.values():
-            if len(rows) == 1:
-                i = rows[0]
-                params = shared if shared is not None else {n: stacked[n][i] for n in names}  # type: ignore[index]
-                loss, grads = first.gradient(params, batches[i])
-                got_losses, got = [loss], {n: g.unsqueeze(0) for n, g in grads.items()}
+    for rows in groups.values():
+        if len(rows) == 1:
+            i = rows[0]
+            params = shared if shared is not None else {n: stacked[n][i] for n in names}  # type: ignore[index]
+            loss, grads = objectives[js[i]].gradient(params, batches[i])
+            got_losses, got = [loss], {n: g.unsqueeze(0) for n, g in grads.items()}
+        else:
+            xs, ys = torch.stack([batches[i][0] for i in rows]), torch.stack([batches[i][1] for i in rows])
+            if shared is not None:
+                params, dims = {n: shared[n].detach() for n in names}, None
             else:
-                xs, ys = torch.stack([batches[i][0] for i in rows]), torch.stack([batches[i][1] for i in rows])
-                if shared is not None:
-                    params, dims = {n: shared[n].detach() for n in names}, None
-                else:
-                    index = torch.tensor(rows)
-                    params, dims = {n: stacked[n].detach().index_select(0, index) for n in names}, 0  # type: ignore[index]
-                got, loss_rows = _vmapped_call(first, xs, ys, params, dims, device)
-                got_losses = loss_rows.tolist()
-                if len(rows) == len(js):  # one call for the whole block: its output is the columns
-                    return got_losses, got
-            for i, loss in zip(rows, got_losses):
-                losses[i] = loss
-            for n, g in got.items():
-                if n not in out:
-                    out[n] = torch.empty((len(js), *g.shape[1:]), dtype=g.dtype, device=g.device)
-                out[n][rows] = g
+                index = torch.tensor(rows)
+                params, dims = {n: stacked[n].detach().index_select(0, index) for n in names}, 0  # type: ignore[index]
+            got, loss_rows = _vmapped_call(first, xs, ys, params, dims, device)
+            got_losses = loss_rows.tolist()
+        if len(rows) == len(js):  # one group: its output is the columns
+            return got_losses, got
+        for i, loss in zip(rows, got_losses):
+            losses[i] = loss
+        for n, g in got.items():
+            if n not in out:
+                out[n] = torch.empty((len(js), *g.shape[1:]), dtype=g.dtype, device=g.device)
+            out[n][rows] = g
     return losses, out
 
 
@@ -135,19 +110,3 @@ def _vmapped_call(objective: SupervisedObjective, xs: Tensor, ys: Tensor, params
     if moved:
         grads, losses = {n: g.to(home) for n, g in grads.items()}, losses.to(home)
     return grads, losses
-
-
-def _vmapped(objective: SupervisedObjective, js: list[int], batches: Mapping[int, Batch],
-             shared: Mapping[str, Tensor] | None, per_client: Mapping[int, Mapping[str, Tensor]] | None,
-             device: torch.device | None = None) -> dict[int, tuple[float, Tensors]]:
-    names = objective._names
-    xs = torch.stack([batches[j][0] for j in js])
-    ys = torch.stack([batches[j][1] for j in js])
-    if shared is not None:
-        params, dims = {n: shared[n].detach() for n in names}, None
-    else:
-        assert per_client is not None
-        params, dims = {n: torch.stack([per_client[j][n].detach() for j in js]) for n in names}, 0
-    grads, losses = _vmapped_call(objective, xs, ys, params, dims, device)
-    # views into the block's stacked gradients (no copy); nothing downstream writes to a gradient in place
-    return {j: (float(losses[i]), {n: grads[n][i] for n in names}) for i, j in enumerate(js)}

@@ -1,29 +1,32 @@
 """The algorithm interface (docs/DESIGN.md §3) and the plumbing every algorithm shares.
 
-An algorithm is a client step and a server step on dicts of tensors::
+An algorithm is a client step over a block of clients and a server step, on dicts of tensors::
 
-    broadcast(server_state, k, ...)                     -> Broadcast (model to compute at, flags, bits)
-    client_step(client_state, broadcast, objective, j)  -> (client_state', ClientReply)
-    server_step(server_state, {j: reply}, broadcast)    -> (server_state', ServerOutcome)
+    broadcast(server_state, k, ...)              -> Broadcast (model to compute at, flags, bits)
+    client_step(rows, broadcast, objectives)     -> BlockResult (proposed state rows, payload groups, metrics)
+    server_step(server_state, {j: reply}, broadcast, weights, first) -> (server_state', ServerOutcome)
 
-``client_state'`` is *committed by the driver only if the server accepted j's reply*
-(``ServerOutcome.accepted``); a rejected, failed or late client keeps its old state, so client and
-server trackers never drift apart (docs/DESIGN.md §2). Replies are processed in client-id order and all
-randomness comes from ``fedgluon.rng.generator(seed, purpose, client, round)``.
+Every client-side tensor carries a leading client axis: ``rows`` are the block's committed states in
+the client-state table (:mod:`fedgluon.client_table`), one row per client, and a single client is a
+block of one. The proposed state is *committed by the server only for accepted clients*
+(``ServerOutcome.accepted``); a rejected, failed or late client keeps its old row, so client and server
+trackers never drift apart (docs/DESIGN.md §2). Replies are processed in client-id order and all
+randomness comes from ``fedgluon.rng.generator(seed, purpose, client, round)``, so a row's result is
+the same whatever block it steps in.
 
 Subclasses are compositions of named parts: a client-side *estimator* (fedgluon.estimators), an
 *uplink* (what is compressed and how the server aggregates it), and a *server update* (the
 layer-wise LMO step by default). They override a few small hooks:
 
-* ``local_update(state, grads, bc, j)`` → (new state pieces, tensors to send)
+* ``local_update(state, grads, bc, rows)`` → (new state pieces, payload groups), over the block
+* ``reply_group(bc, first)`` → the payload group a client must reply in (from the server's flags)
 * ``aggregate(server_state, decoded, weights, bc)`` → the server's estimate G
 * ``server_update(server_state, G, k)`` → new model X (default: LMO step)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,13 +34,13 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from compressors import BitCount, Compressor, Message, PayloadError, decode_message, decode_messages, make_compressor
+from compressors import Compressor, PayloadError, decode_message, decode_messages, make_compressor
 from compressors.bits import dense_bits
-from compressors.error_feedback import ef21_server_update
-from compressors.message import compress_message
-from compressors.sparse import SparseTensor, WeightedSum
-from compressors.operators import Context
+from compressors.error_feedback import split_states, stack_states
+from compressors.message import compress_block, compress_message
 
+from ..blocks import run_slices
+from ..client_table import ClientRows
 from ..estimators import Estimator, RefreshPolicy, make_estimator
 from ..geometry import Geometry
 from ..objective import Batch, SupervisedObjective
@@ -45,54 +48,13 @@ from ..radius import make_radius_rule
 from ..rng import derive_seeds, generator, purpose_code
 from ..state_schema import StateSchema
 from ..step import LMOStep, StepInfo
-from ..vectorised import block_gradients
+from ..vectorised import stacked_gradients
+from .aggregate import DecodedReplies, weighted_mean
+from .block import BlockGrads, BlockResult, PayloadGroup, concat
+from .messages import Broadcast, ClientReply, ServerOutcome
 
 Tensors = dict[str, Tensor]
 State = dict[str, Any]
-
-
-@dataclass
-class Broadcast:
-    """What the server sends round k: the model clients compute at, flags, and its bits per client."""
-
-    round: int
-    seed: int
-    model: Tensors
-    flags: dict[str, int] = field(default_factory=dict)
-    bits: BitCount = field(default_factory=BitCount)
-
-
-@dataclass
-class ClientReply:
-    """A client's reply: its id and round (checked by the server), the payload, and metrics."""
-
-    client: int
-    round: int
-    message: Message
-    loss: float = float("nan")
-    grad_evals: int = 0
-    samples: int = 0
-
-
-@dataclass
-class ServerOutcome:
-    accepted: list[int]
-    rejected: dict[int, str]
-    uplink: dict[int, BitCount]
-    step: StepInfo | None = None
-
-
-@dataclass
-class GradPair:
-    """Gradients of one client round: at the broadcast model and, when needed, at the client's X_prev on
-    the same batch; or a large-batch gradient on refresh rounds."""
-
-    now: Tensors
-    prev: Tensors | None
-    refresh: bool
-    loss: float
-    evals: int
-    samples: int
 
 
 class Algorithm:
@@ -172,168 +134,89 @@ class Algorithm:
                                                                self.dense.values.bits(1, {}).value_bits)
         return Broadcast(k, seed, model, flags, bits)
 
-    # ------------------------------------------------------------------ client
-    def batch_for(self, bc: Broadcast, objective: SupervisedObjective, j: int) -> tuple[Batch, bool]:
-        """Client j's batch of round k from ``generator(seed, "sample", j, k)``: a large batch on refresh
-        rounds (second value True), else a minibatch."""
-        return self._batch(bc, objective, generator(bc.seed, "sample", j, bc.round))
-
+    # ------------------------------------------------------------------ client: one step over a block
     def block_batches(self, bc: Broadcast, objectives: Sequence[SupervisedObjective],
-                      js: Sequence[int]) -> dict[int, tuple[Batch, bool]]:
-        """:meth:`batch_for` of a block's clients, their generators' seeds derived in one vectorised call
-        (:func:`fedgluon.rng.derive_seeds`, equal to ``generator(seed, "sample", j, k)``'s); one generator
-        re-seeded per client (seeding sets its whole state, so each draw is that of a fresh generator)."""
+                      js: Sequence[int]) -> list[Batch]:
+        """Each client's batch of round k, from ``generator(seed, "sample", j, k)`` (seeds derived in one
+        vectorised call, :func:`fedgluon.rng.derive_seeds`; one generator re-seeded per client, which
+        sets its whole state): a large batch on refresh rounds, else a minibatch."""
         seeds = derive_seeds(bc.seed, "sample", np.asarray(js, dtype=np.int64), bc.round).tolist()
         gen = torch.Generator(device="cpu")
-        return {j: self._batch(bc, objectives[j], gen.manual_seed(s)) for j, s in zip(js, seeds)}
+        large = bool(bc.flags.get("refresh"))
+        return [(objectives[j].large_batch if large else objectives[j].sample_batch)(gen.manual_seed(s))
+                for j, s in zip(js, seeds)]
 
-    @staticmethod
-    def _batch(bc: Broadcast, objective: SupervisedObjective, gen: torch.Generator) -> tuple[Batch, bool]:
-        if bc.flags.get("refresh"):
-            return objective.large_batch(gen), True
-        return objective.sample_batch(gen), False
+    def gradients(self, rows: ClientRows, bc: Broadcast, objectives: Sequence[SupervisedObjective]) -> BlockGrads:
+        """The block's gradients at the broadcast model and, when the estimator needs them, at each row's
+        ``X_prev`` (the model of round ``seen``) on the same batch: rows grouped by that round, each group
+        in vmapped calls (:func:`fedgluon.vectorised.stacked_gradients`)."""
+        js = rows.clients
+        batches = self.block_batches(bc, objectives, js)
+        refresh = bool(bc.flags.get("refresh"))
+        loss, now = stacked_gradients(objectives, js, batches, shared=bc.model, device=self.client_device)
+        has_prev = torch.zeros(len(js), dtype=torch.bool)
+        prev = None
+        if self.needs_previous and not refresh:
+            has_prev = rows.seen >= 0
+            for r in sorted(set(rows.seen[has_prev].tolist())):
+                at = (rows.seen == r).nonzero().flatten().tolist()
+                _, g = stacked_gradients(objectives, [js[i] for i in at], [batches[i] for i in at],
+                                         shared=rows.models[r], device=self.client_device)
+                if len(at) == len(js):
+                    prev = g
+                    break
+                prev = prev if prev is not None else {n: torch.zeros_like(t) for n, t in now.items()}
+                for n in prev:
+                    prev[n][at] = g[n]
+        calls = [1 + int(p) for p in has_prev.tolist()]
+        return BlockGrads(now, prev, has_prev, refresh, loss, calls,
+                          [len(b[1]) * c for b, c in zip(batches, calls)])
 
-    def wants_previous(self, state: State, refresh: bool) -> bool:
-        """Does this client step also need ∇f_j(X_prev; same batch)?"""
-        return not refresh and self.needs_previous and "x_prev" in state
-
-    @staticmethod
-    def grad_pair(now: tuple[float, Tensors], prev: tuple[float, Tensors] | None, refresh: bool,
-                  batch: Batch) -> GradPair:
-        n, calls = len(batch[1]), 1 + (prev is not None)
-        return GradPair(now[1], prev[1] if prev is not None else None, refresh, now[0], calls, n * calls)
-
-    def gradients(self, state: State, bc: Broadcast, objective: SupervisedObjective, j: int) -> GradPair:
-        """Gradients at the broadcast model (and at X_prev on the same batch when the estimator needs it)."""
-        batch, refresh = self.batch_for(bc, objective, j)
-        now = objective.gradient(bc.model, batch)
-        prev = objective.gradient(state["x_prev"], batch) if self.wants_previous(state, refresh) else None
-        return self.grad_pair(now, prev, refresh, batch)
-
-    def block_gradients(self, states: Mapping[int, State], bc: Broadcast,
-                        objectives: Sequence[SupervisedObjective], js: Sequence[int]) -> dict[int, GradPair]:
-        """:meth:`gradients` of a block of clients at once (``fedgluon.vectorised``): the same batches from
-        the same generators; gradients equal to the per-client ones up to rounding (bitwise in float32 here)."""
-        drawn = self.block_batches(bc, objectives, js)
-        batches = {j: b for j, (b, _) in drawn.items()}
-        now = block_gradients(objectives, batches, shared=bc.model, device=self.client_device)
-        with_prev = [j for j in js if self.wants_previous(states[j], drawn[j][1])]
-        prev = block_gradients(objectives, {j: batches[j] for j in with_prev},
-                               per_client={j: states[j]["x_prev"] for j in with_prev},
-                               device=self.client_device) if with_prev else {}
-        return {j: self.grad_pair(now[j], prev.get(j), drawn[j][1], batches[j]) for j in js}
-
-    def estimate(self, state: State, grads: GradPair) -> tuple[State, Tensors]:
-        """The client-side estimator's step (plain gradient when there is none). With ``state_dtype`` the
-        estimator's state is stored in that dtype and computed with in the gradients' dtype: it never
-        leaves the client, so client and server stay consistent (docs/DESIGN.md §2); the estimate itself is
-        rounded once per round."""
+    def estimate(self, state: State | None, grads: BlockGrads, first: Tensor) -> tuple[State, Tensors]:
+        """The client-side estimator's block step (the plain gradient when there is none); ``first`` marks
+        the rows that step for the first time. With ``state_dtype`` the estimator's state is stored in that
+        dtype and computed with in the gradients' dtype: it never leaves the client (docs/DESIGN.md §2)."""
         if self.est is None:
             return {}, grads.now
-        stored = state.get("est")
-        if self.state_dtype is not None:
+        stored = (state or {}).get("est")
+        if stored is None:
+            stored = self.est.zero_state(grads.now)
+        elif self.state_dtype is not None:
             stored = _cast_floats(stored, next(iter(grads.now.values())).dtype)
         if grads.refresh and self.est.supports_refresh:
-            est_state, v = self.est.refresh(stored, grads.now)
+            est_state, v = self.est.refresh(stored, grads.now, first)
         else:
-            est_state, v = self.est.update(stored, grads.now, grads.prev)
+            est_state, v = self.est.update(stored, grads.now, grads.prev, first)
         if self.state_dtype is not None:
             est_state = _cast_floats(est_state, self.state_dtype)
         return {"est": est_state}, v
 
-    def local_update(self, state: State, grads: GradPair, bc: Broadcast, j: int) -> tuple[State, Message]:
-        """Default uplink: the estimate, dense."""
-        new, v = self.estimate(state, grads)
-        msg, _ = compress_message(self.dense, v, (bc.seed, j, bc.round))
-        return new, msg
+    def local_update(self, state: State | None, grads: BlockGrads, bc: Broadcast,
+                     rows: ClientRows) -> tuple[State, dict[str, PayloadGroup]]:
+        """The proposed state pieces and the payload groups of a block; default: the estimate, dense."""
+        new, v = self.estimate(state, grads, rows.first)
+        return new, self.send("dense", v, bc, rows)
 
-    def client_step(self, state: State | None, bc: Broadcast, objective: SupervisedObjective,
-                    j: int) -> tuple[State, ClientReply]:
-        state = state or {}
-        return self.finish_client_step(state, self.gradients(state, bc, objective, j), bc, j)
+    def send(self, group: str, tensors: Mapping[str, Tensor], bc: Broadcast, rows: ClientRows,
+             at: Sequence[int] | None = None) -> dict[str, PayloadGroup]:
+        """``tensors`` ((B', *shape): the block's rows ``at``, default all) compressed with the group's
+        compressor, row i with seeds from (run seed, its client, round)."""
+        at = list(range(len(rows))) if at is None else list(at)
+        seeds = [(bc.seed, rows.clients[i], bc.round) for i in at]
+        layers, _ = compress_block(self.compressor_of(group), tensors, seeds)
+        return {group: PayloadGroup(at, layers)}
 
-    def block_local_update(self, states: Sequence[State], grads: Sequence[GradPair], bc: Broadcast,
-                           js: Sequence[int]) -> list[tuple[State, Message]]:
-        """:meth:`local_update` of a block of clients; uplinks that can compress a block at once override
-        it (equal results, client by client)."""
-        return [self.local_update(s, g, bc, j) for s, g, j in zip(states, grads, js)]
+    def client_step(self, rows: ClientRows, bc: Broadcast, objectives: Sequence[SupervisedObjective]) -> BlockResult:
+        """One round of a block of clients (module docstring): gradients, estimator, uplink; the proposed
+        state is committed by the server for accepted clients only."""
+        grads = self.gradients(rows, bc, objectives)
+        updates, groups = self.local_update(rows.tree, grads, bc, rows)
+        return BlockResult(rows.clients, bc.round, groups, {**(rows.tree or {}), **updates}, grads.loss,
+                           grads.evals, grads.samples)
 
-    def finish_client_step(self, state: State, grads: GradPair, bc: Broadcast, j: int) -> tuple[State, ClientReply]:
-        """Estimator, compression and the proposed new state, given the round's gradients."""
-        return self.propose(state, grads, bc, j, *self.local_update(state, grads, bc, j))
-
-    def propose(self, state: State, grads: GradPair, bc: Broadcast, j: int, updates: State,
-                msg: Message) -> tuple[State, ClientReply]:
-        """The proposed new state (committed only if the server accepts) and the reply."""
-        new_state = {**state, **updates, "commits": commit_count(state) + 1}
-        if self.needs_previous or "x_prev" in state:  # the broadcast tensors themselves: servers never change
-            new_state["x_prev"] = dict(bc.model)      # a model in place, so every client shares one copy
-        return new_state, ClientReply(j, bc.round, msg, grads.loss, grads.evals, grads.samples)
-
-    def state_schema(self, objective: SupervisedObjective, X0: Mapping[str, Tensor], seed: int) -> StateSchema:
-        """The run's client-state schema (:mod:`fedgluon.state_schema`): the layout of the state that one
-        throwaway step of client 0 proposes from no state at round 0, at ``X0`` with the run's ``seed``.
-        Nothing of the run is touched: every draw comes from its own seeded generator."""
-        bc = self.broadcast(self.init_server(X0), 0, seed, 1)
-        state, _ = self.client_step(None, bc, objective, 0)
-        return StateSchema.of(state)
-
-    def derived_mismatch(self, old: State | None, new: Mapping[str, Any], bc: Broadcast,
-                         seen: set[int] | None = None) -> str | None:
-        """Why a proposed state disagrees with what the server knows of it (None when it agrees): its
-        ``commits`` must be the committed count plus one, and its ``x_prev`` (the model the client last
-        computed at) the round's broadcast model. Called on states that fit the schema; ``seen`` holds
-        the ids of tensors already found equal (a block's clients share one ``x_prev``)."""
-        counted = int(old["commits"]) if old and "commits" in old else 0
-        if "commits" in new and int(new["commits"]) != counted + 1:
-            return f"state claims {int(new['commits'])} commits, the server counts {counted} + 1"
-        seen = set() if seen is None else seen
-        for n, t in (new.get("x_prev") or {}).items():
-            if t is bc.model[n] or id(t) in seen:
-                continue
-            if not torch.equal(t, bc.model[n]):
-                return f"state leaf 'x_prev/{n}' is not the model of round {bc.round}"
-            seen.add(id(t))
-        return None
-
-    # A block's clients step in runs whose gradients take about this many bytes (a run's gradients,
-    # activations and error-feedback rows then stay near the cache instead of streaming through memory)
+    # A block steps in runs whose gradients take about this many bytes (a run's gradients, activations
+    # and error-feedback rows then stay near the cache instead of streaming through memory)
     RUN_BYTES: ClassVar[int] = 32 * 2 ** 20
-
-    def client_block(self, states: Mapping[int, State | None], bc: Broadcast,
-                     objectives: Sequence[SupervisedObjective], js: Sequence[int]) -> dict[int, tuple[State, ClientReply]]:
-        """``client_step`` of a block of virtual clients, in runs of :meth:`run_length` clients whose
-        gradients are computed in one vmapped call each (each client's result depends on its own state,
-        batch and the broadcast alone, so on neither the block nor the run it is in); algorithms with
-        their own ``client_step`` (several local steps) run it client by client."""
-        if type(self).client_step is not Algorithm.client_step:
-            return {j: self.client_step(states[j], bc, objectives[j], j) for j in js}
-        per = self.run_length(bc)
-        out: dict[int, tuple[State, ClientReply]] = {}
-        for start in range(0, len(js), per):
-            out.update(self._client_run(states, bc, objectives, js[start:start + per]))
-        return out
-
-    def steps_columns(self) -> bool:
-        """Whether :meth:`column_block` may step a block on columns (:mod:`fedgluon.algorithms.columns`)."""
-        return False
-
-    def column_block(self, columns: Any, bc: Broadcast, objectives: Sequence[SupervisedObjective]) -> Any:
-        """:meth:`client_block` on a block's state columns, where an algorithm can (``FeedbackUplink``);
-        None: the caller takes :meth:`client_block`."""
-        return None
-
-    def column_runs(self, columns: Any, bc: Broadcast, objectives: Sequence[SupervisedObjective]) -> list[Any] | None:
-        """:meth:`column_block` of a block's columns in runs of :meth:`run_length` clients
-        (``BlockColumns.runs``: views), as :meth:`client_block` steps a block, so a large block's
-        gradients, estimates and trackers stay near the cache; None if any run declines."""
-        steps = []
-        for run in columns.runs(self.run_length(bc)):
-            step = self.column_block(run, bc, objectives)
-            if step is None:
-                return None
-            steps.append(step)
-        return steps
 
     def run_length(self, bc: Broadcast) -> int:
         """Clients per run of a block step: ``RUN_BYTES`` over one client's gradient bytes (two gradients
@@ -341,24 +224,47 @@ class Algorithm:
         grad_bytes = sum(t.numel() * t.element_size() for t in bc.model.values()) * (1 + self.needs_previous)
         return max(1, self.RUN_BYTES // max(1, grad_bytes))
 
-    def _client_run(self, states: Mapping[int, State | None], bc: Broadcast, objectives: Sequence[SupervisedObjective],
-                    js: Sequence[int]) -> dict[int, tuple[State, ClientReply]]:
-        full = [states[j] or {} for j in js]
-        grads = self.block_gradients(dict(zip(js, full)), bc, objectives, js)
-        pairs = [grads[j] for j in js]
-        updates = self.block_local_update(full, pairs, bc, js)
-        return {j: self.propose(s, g, bc, j, *u) for j, s, g, u in zip(js, full, pairs, updates)}
+    def step_block(self, rows: ClientRows, bc: Broadcast,
+                   objectives: Sequence[SupervisedObjective]) -> list[BlockResult]:
+        """:meth:`client_step` of a block in runs of :meth:`run_length` clients, one result per run (each
+        row's result depends on its own client alone, so on neither the block nor the run). A run whose step raises an
+        ``ArithmeticError`` (fixed16's inexact tracker difference) is stepped row by row, and the rows
+        that fail are reported in ``failed``: only those clients are lost."""
+        return [self._isolated(rows.part(part), bc, objectives) for part in run_slices(len(rows), self.run_length(bc))]
+
+    def _isolated(self, rows: ClientRows, bc: Broadcast, objectives: Sequence[SupervisedObjective]) -> BlockResult:
+        try:
+            return self.client_step(rows, bc, objectives)
+        except ArithmeticError as err:
+            if len(rows) == 1:
+                return BlockResult(rows.clients, bc.round, {}, rows.tree, [float("nan")], [0], [0],
+                                   {0: f"{type(err).__name__}: {err}"})
+            return concat([self._isolated(rows.part(slice(i, i + 1)), bc, objectives) for i in range(len(rows))])
+
+    def state_schema(self, objective: SupervisedObjective, X0: Mapping[str, Tensor], seed: int) -> StateSchema:
+        """The run's client-state schema (:mod:`fedgluon.state_schema`): the layout of one row of the state
+        that a throwaway step of client 0 proposes from no state at round 0, at ``X0`` with the run's
+        ``seed``. Nothing of the run is touched: every draw comes from its own seeded generator."""
+        bc = self.broadcast(self.init_server(X0), 0, seed, 1)
+        result = self.client_step(ClientRows.fresh([0]), bc, [objective])
+        return StateSchema.of(tree_map(lambda t: t[0], result.state))
 
     # ------------------------------------------------------------------ server
-    def uplink_for(self, bc: Broadcast, reply: ClientReply) -> Compressor:
-        """The compressor a reply of this round must use (MARINA/DASHA switch on refresh or first rounds)."""
-        return self.uplink
+    def reply_group(self, bc: Broadcast, first: bool) -> str:
+        """The payload group a client's reply of this round belongs to, from the server's own flags and
+        whether it is the client's first participation (``"dense"`` or ``"uplink"``; MARINA sends dense on
+        refresh rounds, DASHA a client's first message). Client and server both ask this."""
+        return "dense"
 
-    def validate(self, reply: Any, j: int, bc: Broadcast, sparse: bool = False) -> Tensors:
-        """Decode a reply with the uplink compressor's validators; raises PayloadError. With ``sparse``,
+    def compressor_of(self, group: str) -> Compressor:
+        """The compressor of a payload group."""
+        return self.dense if group == "dense" else self.uplink
+
+    def validate(self, reply: Any, j: int, bc: Broadcast, first: bool = False, sparse: bool = False) -> Tensors:
+        """Decode a reply with its group's compressor's validators; raises PayloadError. With ``sparse``,
         sparse layers stay :class:`~compressors.sparse.SparseTensor` (what the server holds)."""
-        return decode_message(self._reply_uplink(reply, j, bc), reply.message, self.shapes, dtype=self._value_dtype,
-                              sparse=sparse)
+        return decode_message(self._reply_uplink(reply, j, bc, first), reply.message, self.shapes,
+                              dtype=self._value_dtype, sparse=sparse)
 
     def value_bound(self, num_clients: int) -> float:
         """The largest ``|v|`` the server accepts in a decoded payload of a run of ``num_clients`` clients:
@@ -373,8 +279,8 @@ class Algorithm:
         (fedgluon/federation.py)."""
         return float(torch.finfo(self._value_dtype).max) / (2 * max(1, num_clients))
 
-    def validate_each(self, replies: Mapping[int, Any], bc: Broadcast, sparse: bool = False,
-                      max_abs: float | None = None) -> Iterator[tuple[int, Tensors | PayloadError, Compressor | None]]:
+    def validate_each(self, replies: Mapping[int, Any], bc: Broadcast, first: Collection[int] = (),
+                      sparse: bool = False, max_abs: float | None = None) -> Iterator[tuple[int, Tensors | PayloadError, Compressor | None]]:
         """:meth:`validate` of every reply: yields ``(j, decoded or error, its uplink compressor)`` per
         client (None for a reply whose compressor could not be told), the same results and errors as one
         by one, with the messages of one uplink compressor checked and decoded together
@@ -384,7 +290,7 @@ class Algorithm:
         groups: dict[int, tuple[Compressor, dict[int, Any]]] = {}
         for j in sorted(replies):
             try:
-                compressor = self._reply_uplink(replies[j], j, bc)
+                compressor = self._reply_uplink(replies[j], j, bc, j in first)
             except PayloadError as err:
                 yield j, err, None
                 continue
@@ -398,18 +304,19 @@ class Algorithm:
     def _value_dtype(self) -> torch.dtype:
         return torch.float64 if self.opt["values"] == "fp64" else torch.float32
 
-    def _reply_uplink(self, reply: Any, j: int, bc: Broadcast) -> Compressor:
-        """The compressor ``reply`` must use, after checking its type, client and round (PayloadError)."""
+    def _reply_uplink(self, reply: Any, j: int, bc: Broadcast, first: bool) -> Compressor:
+        """The compressor ``reply`` must use, after checking its type, client, round and payload group
+        (PayloadError)."""
         if not isinstance(reply, ClientReply):
             raise PayloadError("*", "reply", f"expected a ClientReply, got {type(reply).__name__}")
         if reply.client != j:
             raise PayloadError("*", "client", f"reply claims client {reply.client!r}, expected {j}")
         if reply.round != bc.round:
             raise PayloadError("*", "round", f"reply is for round {reply.round!r}, expected {bc.round}")
-        try:
-            return self.uplink_for(bc, reply)
-        except (AttributeError, TypeError) as err:  # a malformed message an uplink_for could not read
-            raise PayloadError("*", "message", f"{type(err).__name__}: {err}") from None
+        group = self.reply_group(bc, first)
+        if reply.group != group:
+            raise PayloadError("*", "group", f"reply is in payload group {str(reply.group)[:40]!r}, expected {group!r}")
+        return self.compressor_of(group)
 
     def aggregate(self, state: State, decoded: Mapping[int, Tensors], weights: Mapping[int, float],
                   bc: Broadcast) -> Tensors | None:
@@ -421,11 +328,14 @@ class Algorithm:
         return self.lmo_step.apply(state["X"], G, k)
 
     def server_step(self, state: State, replies: Mapping[int, Any], bc: Broadcast,
-                    weights: Mapping[int, float]) -> tuple[State, ServerOutcome]:
+                    weights: Mapping[int, float], first: Collection[int] = ()) -> tuple[State, ServerOutcome]:
+        """Validate every reply (``first``: the clients whose first participation this is), aggregate the
+        accepted ones and step; the outcome says who was accepted and why others were rejected."""
         k = bc.round
-        decoded, rejected, uplink = DecodedReplies(self, replies, bc), {}, {}
+        decoded = DecodedReplies(lambda j: self.validate(replies[j], j, bc, j in first, sparse=True))
+        rejected, uplink = {}, {}
         bound = self.value_bound(len(weights))
-        for j, result, compressor in self.validate_each(replies, bc, sparse=True, max_abs=bound):
+        for j, result, compressor in self.validate_each(replies, bc, first, sparse=True, max_abs=bound):
             if isinstance(result, PayloadError):
                 rejected[j] = str(result)
             else:
@@ -456,43 +366,17 @@ class Algorithm:
         return state
 
 
-class DecodedReplies(Mapping[int, Tensors]):
-    """The accepted replies of a round, decoded: sparse layers as :class:`SparseTensor` (k values and
-    indices), kept while they fit in ``budget`` bytes, decoded again on access beyond it, so a round of
-    many large clients never holds every dense payload at once (aggregations read each client once, in
-    id order). ``self[j]`` is dense; :meth:`terms` gives the stored (possibly sparse) form, which
-    :func:`weighted_mean` and :func:`tracker_update` add at the indices. Decoding is deterministic and
-    sparse adds equal dense ones, so every result is the same either way."""
-
-    budget: ClassVar[int] = 256 * 2 ** 20
-
-    def __init__(self, algorithm: Algorithm, replies: Mapping[int, Any], bc: Broadcast):
-        self.algorithm, self.replies, self.bc = algorithm, replies, bc
-        self.decoded: dict[int, dict[str, Tensor | SparseTensor] | None] = {}  # None: decode again on access
-        self.kept_bytes = 0
-
-    def add(self, j: int, tensors: Mapping[str, Tensor | SparseTensor]) -> None:
-        size = sum(t.nbytes() if isinstance(t, SparseTensor) else t.numel() * t.element_size()
-                   for t in tensors.values())
-        keep = self.kept_bytes + size <= self.budget
-        self.decoded[j] = dict(tensors) if keep else None
-        self.kept_bytes += size if keep else 0
-
-    def terms(self, j: int) -> dict[str, Tensor | SparseTensor]:
-        tensors = self.decoded[j]
-        return tensors if tensors is not None else self.algorithm.validate(self.replies[j], j, self.bc, sparse=True)
-
-    def __getitem__(self, j: int) -> Tensors:
-        return {n: t.dense() if isinstance(t, SparseTensor) else t for n, t in self.terms(j).items()}
-
-    def __contains__(self, j: object) -> bool:  # Mapping's default would decode
-        return j in self.decoded
-
-    def __iter__(self):
-        return iter(self.decoded)
-
-    def __len__(self) -> int:
-        return len(self.decoded)
+def feedback_step(ef: Any, state: State | None, v: Mapping[str, Tensor], bc: Broadcast, rows: ClientRows,
+                  group: str = "uplink") -> tuple[State, dict[str, PayloadGroup]]:
+    """One error-feedback step (``compressors.make_error_feedback``) over a block's rows, row i seeded by
+    (run seed, its client, round): the new ``ef`` and ``comp`` state pieces and the payload group.
+    Compressor warm starts (PowerSGD's Q) are kept per row; a first row's is ignored."""
+    seeds = [(bc.seed, j, bc.round) for j in rows.clients]
+    comp = (state or {}).get("comp") or None
+    held = split_states(comp, len(rows)) if comp else [None] * len(rows)
+    held = [None if f else c for c, f in zip(held, rows.first.tolist())]
+    layers, ef_state, comps = ef.step((state or {}).get("ef") or None, v, seeds, held)
+    return {"ef": ef_state, "comp": stack_states(comps) or {}}, {group: PayloadGroup(list(range(len(rows))), layers)}
 
 
 STATE_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "float16": torch.float16,
@@ -504,54 +388,4 @@ def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
     return tree_map(lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t, obj)
 
 
-def commit_count(state: State | None) -> Tensor:
-    """How many of this client's rounds have been committed (a 0-d int64 tensor kept in its state)."""
-    count = (state or {}).get("commits")
-    return count.clone() if isinstance(count, Tensor) else torch.tensor(0, dtype=torch.int64)
-
-
-class _Terms(Mapping[int, dict[str, Tensor | SparseTensor]]):
-    """``DecodedReplies`` seen through :meth:`DecodedReplies.terms` (sparse layers stay sparse)."""
-
-    def __init__(self, replies: DecodedReplies):
-        self.replies = replies
-
-    def __getitem__(self, j: int) -> dict[str, Tensor | SparseTensor]:
-        return self.replies.terms(j)
-
-    def __iter__(self):
-        return iter(self.replies)
-
-    def __len__(self) -> int:
-        return len(self.replies)
-
-
-def _terms(decoded: Mapping[int, Tensors]) -> Mapping[int, Mapping[str, Tensor | SparseTensor]]:
-    return _Terms(decoded) if isinstance(decoded, DecodedReplies) else decoded
-
-
-def weighted_mean(decoded: Mapping[int, Tensors], weights: Mapping[int, float]) -> Tensors:
-    """``Σ_j w_j V_j / Σ_j w_j`` over the given clients, summed in client-id order from zero (sparse
-    replies added at their indices)."""
-    total = sum(weights[j] for j in decoded)
-    out, terms = WeightedSum(), _terms(decoded)
-    for j in sorted(decoded):
-        out.add(weights[j] / total, terms[j])
-    return out.result()
-
-
-def tracker_update(G: Mapping[str, Tensor] | None, decoded: Mapping[int, Tensors], weights: Mapping[int, float],
-                   like: Mapping[str, Tensor]) -> Tensors:
-    """``G ← G + Σ_{j accepted} w_j R_j`` (absent clients contribute their last tracker, docs/DESIGN.md §2)."""
-    start = G if G is not None else {n: torch.zeros_like(like[n]) for n in like}
-    return ef21_server_update(start, _terms(decoded), weights)
-
-
-def compress_with(compressor: Compressor, tensors: Mapping[str, Tensor], bc: Broadcast, j: int,
-                  states: Mapping[str, Any] | None = None) -> tuple[Message, dict[str, Any]]:
-    """Compress a client's tensors with seeds from (run seed, client, round)."""
-    return compress_message(compressor, tensors, (bc.seed, j, bc.round), states)
-
-
-__all__ = ["Algorithm", "Broadcast", "ClientReply", "Context", "GradPair", "ServerOutcome", "commit_count", "compress_with",
-           "tracker_update", "weighted_mean"]
+__all__ = ["Algorithm", "feedback_step", "BlockGrads", "BlockResult", "Broadcast", "ClientReply", "PayloadGroup", "ServerOutcome"]

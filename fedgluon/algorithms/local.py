@@ -12,10 +12,21 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from compressors import Compressor, make_compressor, make_error_feedback
-from compressors.error_feedback import step_one
 
+import torch
+from torch import Tensor
+
+from ..objective import Batch
 from ..rng import generator
-from .base import Algorithm, ClientReply, commit_count
+from ..vectorised import stacked_gradients
+from .base import Algorithm, BlockResult, Broadcast, feedback_step
+
+Tensors = dict[str, Tensor]
+
+
+def objective_batch(objective, bc: Broadcast, j: int, s: int) -> Batch:
+    """Client j's minibatch of local step s ≥ 1 of round k: ``generator(seed, "sample", j, k, s)``."""
+    return objective.sample_batch(generator(bc.seed, "sample", j, bc.round, s))
 
 
 class FedAvg(Algorithm):
@@ -41,24 +52,31 @@ class FedAvg(Algorithm):
     def uplink(self) -> Compressor:
         return self.compressor
 
-    def local_step(self, X, g, step, est_state):
+    def reply_group(self, bc, first):
+        return "uplink"
+
+    def local_step(self, X: Tensors, g: Tensors, step: int, est_state: Any, first: Tensor) -> tuple[Tensors, Any]:
+        """One local step of the block, ``X ← X − η g`` row by row."""
         return {n: X[n] - self.opt["local_lr"] * g[n] for n in X}, est_state
 
-    def client_step(self, state, bc, objective, j):
-        state = state or {}
-        X = {n: t.clone() for n, t in bc.model.items()}
-        tau, est_state, losses, samples = self.opt["local_steps"], None, [], 0
-        for s in range(tau):
-            gen = generator(bc.seed, "sample", j, bc.round) if s == 0 else generator(bc.seed, "sample", j, bc.round, s)
-            batch = objective.sample_batch(gen)
-            loss, g = objective.gradient(X, batch)
-            losses.append(loss)
-            samples += len(batch[1])
-            X, est_state = self.local_step(X, g, bc.round * tau + s, est_state)
+    def client_step(self, rows, bc, objectives):
+        """τ local steps of every row from the broadcast model (step 0 on the round's batch, step s on
+        ``generator(seed, "sample", j, k, s)``), then ``Δ = X^τ − X^k`` through the uplink with its error
+        feedback."""
+        grads = self.gradients(rows, bc, objectives)
+        state, tau, js = rows.tree, self.opt["local_steps"], rows.clients
+        X = {n: t.expand(len(js), *t.shape) for n, t in bc.model.items()}
+        X, est_state = self.local_step(X, grads.now, bc.round * tau, None, torch.ones(len(js), dtype=torch.bool))
+        for s in range(1, tau):
+            batches = [objective_batch(objectives[j], bc, j, s) for j in js]
+            _, g = stacked_gradients(objectives, js, batches, stacked=X, device=self.client_device)
+            X, est_state = self.local_step(X, g, bc.round * tau + s, est_state, torch.zeros(len(js), dtype=torch.bool))
+            for i, b in enumerate(batches):
+                grads.samples[i] += len(b[1])
+        grads.evals[:] = [tau] * len(js)
         delta = {n: X[n] - bc.model[n] for n in X}
-        msg, ef_state, comp = step_one(self.feedback, state.get("ef"), delta, (bc.seed, j, bc.round), state.get("comp"))
-        new_state = {**state, "commits": commit_count(state) + 1, "ef": ef_state, "comp": comp}
-        return new_state, ClientReply(j, bc.round, msg, losses[0], tau, samples)
+        pieces, groups = feedback_step(self.feedback, state, delta, bc, rows)
+        return BlockResult(js, bc.round, groups, pieces, grads.loss, grads.evals, grads.samples)
 
     def server_update(self, state, G, k):
         eta = self.opt["server_lr"]
@@ -74,8 +92,9 @@ class LocalGluon(FedAvg):
     estimator = "ema"
     OPTIONS = {**{k: v for k, v in FedAvg.OPTIONS.items() if k != "local_lr"}, "beta": 0.0, "local_steps": 5}
 
-    def local_step(self, X, g, step, est_state):
-        est_state, m = self.est.update(est_state, g)
-        X, _ = self.lmo_step.apply(X, m, step)
-        return X, est_state
-
+    def local_step(self, X, g, step, est_state, first):
+        """``M ← βM + (1−β)g`` (restarted each round: ``first`` at step 0), then each row's layer-wise LMO
+        step ``X_i ← X_i + t_i lmo_i(M_i)`` (rows one by one: the LMO step takes one model)."""
+        est_state, m = self.est.update(est_state if est_state is not None else self.est.zero_state(g), g, None, first)
+        rows = [self.lmo_step.apply({n: X[n][i] for n in X}, {n: m[n][i] for n in m}, step)[0] for i in range(len(first))]
+        return {n: torch.stack([r[n] for r in rows]) for n in X}, est_state

@@ -11,9 +11,11 @@ from typing import Any, ClassVar
 
 
 from compressors import Compressor, make_compressor
-from compressors.error_feedback import add_own
+import torch
 
-from .base import Algorithm, compress_with, tracker_update, weighted_mean
+
+from .aggregate import tracker_update, weighted_mean
+from .base import Algorithm
 
 
 class GluonMARINA(Algorithm):
@@ -44,15 +46,18 @@ class GluonMARINA(Algorithm):
     def needs_previous(self) -> bool:
         return True
 
-    def uplink_for(self, bc, reply):
-        return self.dense if bc.flags.get("refresh") else self.compressor
+    def reply_group(self, bc, first):
+        return "dense" if bc.flags.get("refresh") else "uplink"
 
-    def local_update(self, state, grads, bc, j):
+    def local_update(self, state, grads, bc, rows):
         if grads.refresh:
-            return {}, compress_with(self.dense, grads.now, bc, j)[0]
-        prev = grads.prev if grads.prev is not None else grads.now
-        diff = {n: grads.now[n] - prev[n] for n in grads.now}
-        return {}, compress_with(self.compressor, diff, bc, j)[0]
+            return {}, self.send("dense", grads.now, bc, rows)
+        if grads.prev is None:  # no client has an X_prev yet: zero differences
+            diff = {n: torch.zeros_like(g) for n, g in grads.now.items()}
+        else:
+            diff = {n: torch.where(grads.has_prev.view(-1, *[1] * (g.dim() - 1)), g - grads.prev[n], torch.zeros_like(g))
+                    for n, g in grads.now.items()}
+        return {}, self.send("uplink", diff, bc, rows)
 
     def aggregate(self, state, decoded, weights, bc):
         mean = weighted_mean(decoded, weights)
@@ -89,20 +94,30 @@ class GluonDASHAMVR(Algorithm):
     def uplink(self) -> Compressor:
         return self.compressor
 
-    def uplink_for(self, bc, reply):
-        first = next(iter(reply.message.values()), None)
-        dense_codec = getattr(first, "codec", None) in self.dense.codecs(getattr(first, "shape", ()))
-        return self.dense if dense_codec and self.compressor.structure.name != "dense" else self.compressor
+    def reply_group(self, bc, first):
+        return "dense" if first else "uplink"
 
-    def local_update(self, state, grads, bc, j):
-        new, h_new = self.estimate(state, grads)
-        if "g" not in state:
-            msg, _ = compress_with(self.dense, h_new, bc, j)
-            return {**new, "g": {n: t.clone() for n, t in h_new.items()}}, msg
-        h_old, g = state["est"]["m"], state["g"]
-        target = {n: h_new[n] - h_old[n] - self.a * (g[n] - h_old[n]) for n in h_new}
-        msg, _ = compress_with(self.compressor, target, bc, j)
-        return {**new, "g": add_own(self.compressor, g, msg)}, msg
+    def local_update(self, state, grads, bc, rows):
+        """First rows send ``H_j'`` dense and set ``G_j = H_j'``; the others send the compressed target and
+        add their own decoded message to ``G_j`` (one group each)."""
+        new, h_new = self.estimate(state, grads, rows.first)
+        first = rows.first.tolist()
+        fresh, later = [i for i, f in enumerate(first) if f], [i for i, f in enumerate(first) if not f]
+        g = {n: t.clone() for n, t in (state or {}).get("g", h_new).items()} if later else {}
+        groups = {}
+        if later:
+            h_old, at = state["est"]["m"], torch.tensor(later)
+            target = {n: (h_new[n] - h_old[n] - self.a * (g[n] - h_old[n]))[at] for n in h_new}
+            groups.update(self.send("uplink", target, bc, rows, later))
+            for n, layer in groups["uplink"].layers.items():
+                g[n][at] = self.compressor.add_decoded_(g[n][at], layer)
+        if fresh:
+            at = torch.tensor(fresh)
+            groups.update(self.send("dense", {n: t[at] for n, t in h_new.items()}, bc, rows, fresh))
+            g = g or {n: torch.empty_like(t) for n, t in h_new.items()}
+            for n in g:
+                g[n][at] = h_new[n][at]
+        return {**new, "g": g}, groups
 
     def aggregate(self, state, decoded, weights, bc):
         return tracker_update(state.get("G"), decoded, weights, state["X"])

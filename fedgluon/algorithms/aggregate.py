@@ -1,0 +1,94 @@
+"""The server's view of a round's accepted payloads and the two aggregations every uplink uses: the
+weighted mean of the round's estimates and the EF21/DASHA tracker update (docs/DESIGN.md §2)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from compressors.error_feedback import ef21_server_update
+from compressors.sparse import SparseTensor, WeightedSum
+
+Tensors = dict[str, Tensor]
+
+
+
+
+
+class DecodedReplies(Mapping[int, Tensors]):
+    """The accepted replies of a round, decoded: sparse layers as :class:`SparseTensor` (k values and
+    indices), kept while they fit in ``budget`` bytes, decoded again on access beyond it, so a round of
+    many large clients never holds every dense payload at once (aggregations read each client once, in
+    id order). ``self[j]`` is dense; :meth:`terms` gives the stored (possibly sparse) form, which
+    :func:`weighted_mean` and :func:`tracker_update` add at the indices. Decoding is deterministic and
+    sparse adds equal dense ones, so every result is the same either way."""
+
+    budget: ClassVar[int] = 256 * 2 ** 20
+
+    def __init__(self, decode: Callable[[int], Mapping[str, Tensor | SparseTensor]]):
+        self.decode = decode  # client → its reply decoded again (sparse layers sparse)
+        self.decoded: dict[int, dict[str, Tensor | SparseTensor] | None] = {}  # None: decode again on access
+        self.kept_bytes = 0
+
+    def add(self, j: int, tensors: Mapping[str, Tensor | SparseTensor]) -> None:
+        size = sum(t.nbytes() if isinstance(t, SparseTensor) else t.numel() * t.element_size()
+                   for t in tensors.values())
+        keep = self.kept_bytes + size <= self.budget
+        self.decoded[j] = dict(tensors) if keep else None
+        self.kept_bytes += size if keep else 0
+
+    def terms(self, j: int) -> dict[str, Tensor | SparseTensor]:
+        tensors = self.decoded[j]
+        return dict(tensors) if tensors is not None else dict(self.decode(j))
+
+    def __getitem__(self, j: int) -> Tensors:
+        return {n: t.dense() if isinstance(t, SparseTensor) else t for n, t in self.terms(j).items()}
+
+    def __contains__(self, j: object) -> bool:  # Mapping's default would decode
+        return j in self.decoded
+
+    def __iter__(self):
+        return iter(self.decoded)
+
+    def __len__(self) -> int:
+        return len(self.decoded)
+
+
+class _Terms(Mapping[int, dict[str, Tensor | SparseTensor]]):
+    """``DecodedReplies`` seen through :meth:`DecodedReplies.terms` (sparse layers stay sparse)."""
+
+    def __init__(self, replies: DecodedReplies):
+        self.replies = replies
+
+    def __getitem__(self, j: int) -> dict[str, Tensor | SparseTensor]:
+        return self.replies.terms(j)
+
+    def __iter__(self):
+        return iter(self.replies)
+
+    def __len__(self) -> int:
+        return len(self.replies)
+
+
+def _terms(decoded: Mapping[int, Tensors]) -> Mapping[int, Mapping[str, Tensor | SparseTensor]]:
+    return _Terms(decoded) if isinstance(decoded, DecodedReplies) else decoded
+
+
+def weighted_mean(decoded: Mapping[int, Tensors], weights: Mapping[int, float]) -> Tensors:
+    """``Σ_j w_j V_j / Σ_j w_j`` over the given clients, summed in client-id order from zero (sparse
+    replies added at their indices)."""
+    total = sum(weights[j] for j in decoded)
+    out, terms = WeightedSum(), _terms(decoded)
+    for j in sorted(decoded):
+        out.add(weights[j] / total, terms[j])
+    return out.result()
+
+
+def tracker_update(G: Mapping[str, Tensor] | None, decoded: Mapping[int, Tensors], weights: Mapping[int, float],
+                   like: Mapping[str, Tensor]) -> Tensors:
+    """``G ← G + Σ_{j accepted} w_j R_j`` (absent clients contribute their last tracker, docs/DESIGN.md §2)."""
+    start = G if G is not None else {n: torch.zeros_like(like[n]) for n in like}
+    return ef21_server_update(start, _terms(decoded), weights)

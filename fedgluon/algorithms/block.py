@@ -1,0 +1,122 @@
+"""What one client step of a block of B clients takes and makes (docs/DESIGN.md §3).
+
+Every tensor carries a leading client axis; a single client is a block of one. The step reads the
+block's committed rows (:class:`fedgluon.client_table.ClientRows`) and makes
+
+* :class:`BlockGrads`: the gradients at the broadcast model and, for rows that have one, at their
+  ``X_prev`` on the same batch, as ``(B, *shape)`` tensors;
+* :class:`BlockResult`: the proposed state rows, the payloads in named *groups* (each a set of rows
+  with one codec per layer: DASHA sends a client's first message dense and the rest compressed, so a
+  block may hold both), per-row metrics, and the rows that failed (that client alone is lost).
+
+The server knows which group each client must use from its own flags (``Algorithm.reply_group``),
+never from the codec a reply claims.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from compressors.payload import PayloadRows
+
+from .messages import ClientReply
+
+Tensors = dict[str, Tensor]
+
+
+@dataclass
+class BlockGrads:
+    """A block's gradients: ``now`` at the broadcast model; ``prev`` at each row's ``X_prev`` on the same
+    batch where ``has_prev`` (other rows zero; None when no row has one); ``refresh``: a large batch."""
+
+    now: Tensors
+    prev: Tensors | None
+    has_prev: Tensor
+    refresh: bool
+    loss: list[float]
+    evals: list[int]
+    samples: list[int]
+
+
+@dataclass
+class PayloadGroup:
+    """Rows ``rows`` (indices into the block) of a block's replies, one :class:`PayloadRows` per layer."""
+
+    rows: list[int]
+    layers: dict[str, PayloadRows]
+
+    def select(self, keep: Sequence[int]) -> PayloadGroup | None:
+        """The group's rows whose block index is in ``keep`` (None when none is)."""
+        wanted = set(keep)
+        pos = [i for i, r in enumerate(self.rows) if r in wanted]
+        if len(pos) == len(self.rows):
+            return self
+        if not pos:
+            return None
+        index = np.asarray(pos)
+        return PayloadGroup([self.rows[i] for i in pos], {n: _take(p, index) for n, p in self.layers.items()})
+
+
+def _take(rows: PayloadRows, index: np.ndarray) -> PayloadRows:
+    return PayloadRows(rows.codec, rows.shape, {k: a[index] for k, a in rows.arrays.items()},
+                       {k: [v[i] for i in index] for k, v in rows.meta.items()})
+
+
+@dataclass
+class BlockResult:
+    """A block's client step (module docstring). ``state``: the proposed state tree of (B, *shape) rows,
+    committed row by row for accepted clients only; ``failed``: block row → reason."""
+
+    clients: list[int]
+    round: int
+    groups: dict[str, PayloadGroup]
+    state: dict[str, Any] | None
+    loss: list[float]
+    grad_evals: list[int]
+    samples: list[int]
+    failed: dict[int, str] = field(default_factory=dict)
+
+    def replies(self) -> dict[int, ClientReply]:
+        """Per client its reply: its payload rows (views), group and metrics; failed rows have none."""
+        out: dict[int, ClientReply] = {}
+        for name, group in self.groups.items():
+            for pos, i in enumerate(group.rows):
+                j = self.clients[i]
+                out[j] = ClientReply(j, self.round, {n: p.payload(pos) for n, p in group.layers.items()},
+                                     self.loss[i], self.grad_evals[i], self.samples[i], group=name)
+        return dict(sorted(out.items()))
+
+    def failures(self) -> dict[int, str]:
+        """Client id → reason of every failed row."""
+        return {self.clients[i]: why for i, why in sorted(self.failed.items())}
+
+
+def concat(parts: Sequence[BlockResult]) -> BlockResult:
+    """The results of consecutive parts of one block as one result (rows in order)."""
+    if len(parts) == 1:
+        return parts[0]
+    offsets = np.cumsum([0] + [len(p.clients) for p in parts]).tolist()
+    groups: dict[str, list[tuple[int, PayloadGroup]]] = {}
+    for off, p in zip(offsets, parts):
+        for name, g in p.groups.items():
+            groups.setdefault(name, []).append((off, g))
+    merged = {name: PayloadGroup([off + r for off, g in gs for r in g.rows],
+                                 {n: PayloadRows.concat([g.layers[n] for _, g in gs]) for n in gs[0][1].layers})
+              for name, gs in groups.items()}
+    trees = [p.state for p in parts]
+    state = None if any(t is None for t in trees) else _cat(trees)
+    return BlockResult([j for p in parts for j in p.clients], parts[0].round, merged, state,
+                       [x for p in parts for x in p.loss], [x for p in parts for x in p.grad_evals],
+                       [x for p in parts for x in p.samples],
+                       {off + i: why for off, p in zip(offsets, parts) for i, why in p.failed.items()})
+
+
+def _cat(trees: list[dict[str, Any]]) -> dict[str, Any]:
+    return {k: _cat([t[k] for t in trees]) if isinstance(v, dict) else torch.cat([t[k] for t in trees])
+            for k, v in trees[0].items()}

@@ -1,0 +1,45 @@
+"""The messages of a round: the server's broadcast, a client's reply and the server step's outcome."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from compressors import BitCount, Message
+
+from ..step import StepInfo
+
+Tensors = dict[str, Tensor]
+
+
+@dataclass
+class Broadcast:
+    """What the server sends round k: the model clients compute at, flags, and its bits per client."""
+
+    round: int
+    seed: int
+    model: Tensors
+    flags: dict[str, int] = field(default_factory=dict)
+    bits: BitCount = field(default_factory=BitCount)
+
+
+@dataclass
+class ClientReply:
+    """A client's reply: its id and round (checked by the server), the payload, and metrics."""
+
+    client: int
+    round: int
+    message: Message
+    loss: float = float("nan")
+    grad_evals: int = 0
+    samples: int = 0
+    group: str = ""  # the payload group it was sent in (Algorithm.reply_group), checked by the server
+
+
+@dataclass
+class ServerOutcome:
+    accepted: list[int]
+    rejected: dict[int, str]
+    uplink: dict[int, BitCount]
+    step: StepInfo | None = None

@@ -1,0 +1,187 @@
+"""The client-state table: every client's committed state, one tensor of shape ``(n_clients, *shape)``
+per leaf of the run's client-state schema (:mod:`fedgluon.state_schema`).
+
+A block of B clients steps on its rows (:meth:`ClientStateTable.rows`): ``(B, *shape)`` tensors, a
+slice view when the clients are consecutive (a block of the full federation), a gathered copy otherwise.
+Algorithms never write into their inputs (docs/DESIGN.md §2), so the proposed rows are new tensors, and
+:meth:`ClientStateTable.commit` copies in the rows of *accepted* clients alone once the server step
+succeeded. Until then the table is the state from before the round: a run that stops mid-round saves
+it as it is, with no second copy of the table.
+
+Two pieces of every client's state are derived by the server, never read from a reply:
+
+* ``commits`` ((n,) int64): how many of the client's rounds were committed; 0 marks its *first
+  participation* (EMA's first ``m = g``, DASHA's dense first message). A zero-filled row never changes
+  the math: every first-round branch reads ``commits``.
+* ``seen`` ((n,) int64): the round whose broadcast model the client last computed at (−1: none). Its
+  ``X_prev`` is ``models[seen]``: the table keeps a history of broadcast models for as long as any
+  client points at one (one model under full participation, a few under partial participation),
+  instead of an ``(n, d)`` column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .state_schema import SEP, StateSchema, leaves
+
+Tensors = dict[str, Tensor]
+NEVER = -1  # ``seen`` of a client that never computed
+
+
+def nest(flat: Mapping[str, Tensor], schema: StateSchema) -> dict[str, Any]:
+    """The nested state tree of ``flat`` (schema path → tensor), empty sub-dicts of the schema restored."""
+    root: dict[str, Any] = {}
+    for path, leaf in schema.leaves.items():
+        *parents, key = path.split(SEP)
+        node = root
+        for p in parents:
+            node = node.setdefault(p, {})
+        if leaf.dtype is not None:
+            node[key] = flat[path]
+    return root
+
+
+def flatten(tree: Mapping[str, Any] | None) -> dict[str, Tensor]:
+    """Path → tensor of a nested state tree (empty sub-dicts carry no tensor)."""
+    return {path: value for path, value in leaves(tree or {}) if value is not None}
+
+
+@dataclass
+class ClientRows:
+    """A block's committed client states, one row per client (``clients`` in row order)."""
+
+    clients: list[int]
+    tree: dict[str, Any] | None  # nested dict of (B, *shape) tensors; None: no state yet (the schema step)
+    commits: Tensor  # (B,) int64
+    seen: Tensor  # (B,) int64, NEVER for a client that never computed
+    models: Mapping[int, Tensors] = field(default_factory=dict)  # round → broadcast model, for X_prev
+
+    @classmethod
+    def fresh(cls, clients: Sequence[int]) -> ClientRows:
+        """Clients that never stepped, without a table (the schema step)."""
+        b = len(clients)
+        return cls(list(clients), None, torch.zeros(b, dtype=torch.int64), torch.full((b,), NEVER, dtype=torch.int64))
+
+    def __len__(self) -> int:
+        return len(self.clients)
+
+    @property
+    def first(self) -> Tensor:
+        """(B,) bool: the rows whose client participates for the first time."""
+        return self.commits == 0
+
+    def part(self, rows: slice) -> ClientRows:
+        """Rows ``rows`` of the block (views)."""
+        tree = None if self.tree is None else _map(self.tree, lambda t: t[rows])
+        return ClientRows(self.clients[rows], tree, self.commits[rows], self.seen[rows], self.models)
+
+
+def _map(tree: Mapping[str, Any], f) -> dict[str, Any]:
+    return {k: _map(v, f) if isinstance(v, Mapping) else f(v) for k, v in tree.items()}
+
+
+class ClientStateTable:
+    """Every client's committed state (module docstring); ``keep_models``: keep the broadcast models that
+    clients' ``seen`` points at (algorithms whose estimator needs ``X_prev``)."""
+
+    FORMAT = 1
+
+    def __init__(self, schema: StateSchema, num_clients: int, keep_models: bool):
+        self.schema, self.num_clients, self.keep_models = schema, num_clients, keep_models
+        self.columns: Tensors = {path: torch.zeros((num_clients, *leaf.shape), dtype=getattr(torch, leaf.dtype))
+                                 for path, leaf in schema.leaves.items() if leaf.dtype is not None}
+        self.commits = torch.zeros(num_clients, dtype=torch.int64)
+        self.seen = torch.full((num_clients,), NEVER, dtype=torch.int64)
+        self.models: dict[int, Tensors] = {}
+
+    def rows(self, clients: Sequence[int]) -> ClientRows:
+        """The committed rows of ``clients`` (sorted ids): views when they are consecutive, else copies."""
+        clients = list(clients)
+        if clients and clients == list(range(clients[0], clients[0] + len(clients))):
+            index: Any = slice(clients[0], clients[0] + len(clients))
+            take = lambda t: t[index]  # noqa: E731
+        else:
+            index = torch.as_tensor(clients, dtype=torch.int64)
+            take = lambda t: t.index_select(0, index)  # noqa: E731
+        seen = take(self.seen)
+        models = {r: self.models[r] for r in set(seen.tolist()) if r in self.models}
+        return ClientRows(clients, nest({p: take(c) for p, c in self.columns.items()}, self.schema),
+                          take(self.commits), seen, models)
+
+    def check(self, proposed: Mapping[str, Tensor], rows: int) -> str | None:
+        """Why proposed columns of a block of ``rows`` clients do not fit the schema (None when they do):
+        a path missing or unknown, a column of another dtype or shape than ``(rows, *leaf.shape)``."""
+        if proposed.keys() != self.columns.keys():
+            extra = sorted(set(proposed) - set(self.columns))[:3]
+            missing = sorted(set(self.columns) - set(proposed))[:3]
+            return f"state columns differ from the schema (unexpected {extra}, missing {missing})"
+        for path, column in self.columns.items():
+            got = proposed[path]
+            if not isinstance(got, Tensor) or got.dtype != column.dtype or tuple(got.shape) != (rows, *column.shape[1:]):
+                desc = f"{got.dtype} {tuple(got.shape)}" if isinstance(got, Tensor) else type(got).__name__
+                return f"state column {path!r} is {desc}, expected {column.dtype} {(rows, *column.shape[1:])}"
+        return None
+
+    def commit(self, clients: Sequence[int], proposed: Mapping[str, Tensor], accepted: Sequence[int],
+               k: int, model: Mapping[str, Tensor]) -> None:
+        """Commit round ``k``'s proposed rows (``proposed``: path → (B, *shape), row i client
+        ``clients[i]``) of the ``accepted`` clients among them; they computed at ``model``."""
+        accepted = set(accepted)
+        take = [i for i, j in enumerate(clients) if j in accepted]
+        if not take:
+            return
+        rows = torch.as_tensor(take, dtype=torch.int64)
+        ids = torch.as_tensor([clients[i] for i in take], dtype=torch.int64)
+        whole = len(take) == len(clients)
+        for path, column in self.columns.items():
+            new = proposed[path] if whole else proposed[path].index_select(0, rows)
+            if new.untyped_storage().data_ptr() == column.untyped_storage().data_ptr():
+                new = new.clone()  # rows handed back unchanged (views of this column)
+            column.index_copy_(0, ids, new)
+        self.commits.index_add_(0, ids, torch.ones(len(take), dtype=torch.int64))
+        self.seen.index_fill_(0, ids, k)
+        if self.keep_models:
+            self.models[k] = dict(model)
+
+    def settle(self) -> None:
+        """Forget the models no client points at any more (after a round's commits)."""
+        live = set(self.seen.tolist())
+        self.models = {r: m for r, m in self.models.items() if r in live}
+
+    @property
+    def bytes_per_client(self) -> int:
+        """Bytes of one client's row (state columns, ``commits`` and ``seen``)."""
+        return self.schema.nbytes + 2 * self.commits.element_size()
+
+    def client_state(self, j: int) -> dict[str, Any]:
+        """Client ``j``'s committed state as a tree of row views (tests, inspection)."""
+        return nest({p: c[j] for p, c in self.columns.items()}, self.schema)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": self.FORMAT, "columns": self.columns, "commits": self.commits, "seen": self.seen,
+                "models": self.models}
+
+    def load_state_dict(self, data: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; ValueError naming the first part that does not fit this table."""
+        if not isinstance(data, Mapping) or data.get("format") != self.FORMAT:
+            raise ValueError(f"client-state table format {data.get('format') if isinstance(data, Mapping) else None!r}, "
+                             f"expected {self.FORMAT}")
+        why = self.check(data["columns"], self.num_clients)
+        if why is not None:
+            raise ValueError(f"the client-state table does not fit this run's schema: {why}")
+        for name in ("commits", "seen"):
+            got = data[name]
+            if not isinstance(got, Tensor) or got.dtype != torch.int64 or tuple(got.shape) != (self.num_clients,):
+                raise ValueError(f"client-state table {name!r} must be int64 ({self.num_clients},)")
+        missing = set(data["seen"].tolist()) - set(data["models"]) - {NEVER}
+        if self.keep_models and missing:
+            raise ValueError(f"client-state table lacks the models of rounds {sorted(missing)[:5]}")
+        self.columns = {p: t.clone() for p, t in data["columns"].items()}
+        self.commits, self.seen = data["commits"].clone(), data["seen"].clone()
+        self.models = {int(r): dict(m) for r, m in data["models"].items()}

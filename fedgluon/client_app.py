@@ -1,14 +1,15 @@
-"""The Flower ``ClientApp``: one node per call steps its block of simulated clients (``Algorithm.client_block``).
+"""The Flower ``ClientApp``: one node per call steps its block of simulated clients (``Algorithm.step_block``).
 
 Each node simulates a block of ``block_size`` virtual clients (fedgluon/blocks.py; one client per
 node by default). Handlers:
 * ``query`` — the handshake: replies with the node's block, its virtual clients' stable ids (their
   partition ids, docs/DESIGN.md §2) and their numbers of samples.
 * ``train`` — receives the broadcast model, the round's flags, the sampled clients of this block
-  and *their committed states* (``states``), runs their client steps (one vmapped gradient call
-  and one compression call per layer for the block) and replies with one packed record
-  (``replies``, strategies/records.py) holding per client the encoded payload, the proposed new
-  state and metrics; clients whose injected fault raised are listed in ``failed``.
+  and *their committed rows of the client-state table* (``states``, and the models their ``X_prev``
+  points at, ``prev``), runs their client step over the block (one vmapped gradient call and one
+  compression call per layer) and replies with the payload groups, the proposed state columns and the
+  metrics (``replies`` and ``meta``, strategies/wire.py); clients whose injected fault raised are
+  listed in ``failed``.
 
 Why the state travels with the messages: docs/DESIGN.md §2 wants client state keyed by partition id,
 committed only when the server accepts the payload, included in checkpoints and reachable from
@@ -26,7 +27,7 @@ import os
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -39,9 +40,6 @@ from .faults import FaultPlan, InjectedFault
 from .allocator import keep_freed_memory
 from .gc_pause import freeze_worker, gc_paused, mark_worker_process
 from .trace import phase
-
-if TYPE_CHECKING:
-    from strategies.shared import SharedFiles
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (project) directory
 
@@ -147,22 +145,19 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
             return _train(msg, context)
 
     def _train(msg: Message, context: Context) -> Message:
-        from strategies.records import record_to_states, record_to_tensors, replies_to_record
-        from strategies.shared import SharedFiles
-
+        from strategies.wire import record_to_rows, record_to_tensors, results_to_records
         s = resolve(context)
         torch.set_num_threads(int(s["threads"]))
         task, algorithm = specs.build_cached(s)
         freeze_worker()
         mine = _clients_of(context, s, task.num_clients)
-        # Flower rebuilds these typed views on every access (O(records)): take them once, not per client
+        # Flower rebuilds these typed views on every access (O(records)): take them once
         arrays, cfg = msg.content.array_records, msg.content.config_records["config"]
         asked = [int(j) for j in cfg["clients"]]
         if not set(asked) <= set(mine):
             raise RuntimeError(f"message for clients {asked} reached the node of clients {mine}")
         bc = Broadcast(int(cfg["round"]), int(cfg["seed"]), record_to_tensors(arrays["model"]),
                        {"refresh": int(cfg["refresh"])})
-        files = SharedFiles.attach(str(cfg["shm"])) if "shm" in cfg else None  # same host as the server
         faults = FaultPlan.from_spec(s["faults"])
         failed, working = ConfigRecord(), []
         for j in asked:  # a raise fails its own client; a delay makes the whole node late; a death ends it
@@ -171,44 +166,16 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
                 working.append(j)
             except InjectedFault as err:
                 failed[str(j)] = f"InjectedFault: {err}"
-        replies = _column_replies(algorithm, arrays["states"], bc, task.objectives, working, files)
-        if replies is None:
-            with phase("unpack", bc.round):
-                committed = record_to_states(arrays["states"], files)
-            if not set(working) <= set(committed):
-                raise RuntimeError(f"the message carries no state for clients {sorted(set(working) - set(committed))}")
-            states = {j: committed[j] for j in working}
-            with phase("compute", bc.round):
-                results = algorithm.client_block(states, bc, task.objectives, working)
-            with phase("pack", bc.round):
-                replies = replies_to_record(results, files)
+        with phase("unpack", bc.round):
+            rows = record_to_rows(asked, arrays["states"], arrays["prev"]).select(working)
+        with phase("compute", bc.round):
+            results = algorithm.step_block(rows, bc, task.objectives) if working else []
+        with phase("pack", bc.round):
+            replies, meta = results_to_records(results)
         info = ConfigRecord({**_ray_task(), "pid": os.getpid(), "device": str(algorithm.client_device)})
-        content = RecordDict({"failed": failed, "info": info,
-                              "replies": replies})
-        return Message(content, reply_to=msg)
+        return Message(RecordDict({"failed": failed, "info": info, "replies": replies, "meta": meta}), reply_to=msg)
 
     return app
-
-
-def _column_replies(algorithm: Any, states: Any, bc: Broadcast, objectives: Any, working: list[int],
-                    files: SharedFiles | None = None) -> Any:
-    """The block's reply record stepped on columns (fedgluon/algorithms/columns.py: the same bytes as
-    the per-client path), or None where that does not apply: an algorithm without a column step, clients
-    of several state layouts, a client that failed (its state is in the record, not in the step)."""
-    from strategies.records import record_to_columns, step_to_record
-
-    if not algorithm.steps_columns():
-        return None
-    with phase("unpack", bc.round):
-        columns = record_to_columns(states, files)
-    if columns is None or columns.clients != working:
-        return None
-    with phase("compute", bc.round):
-        steps = algorithm.column_runs(columns, bc, objectives)
-    if steps is None:
-        return None
-    with phase("pack", bc.round):
-        return step_to_record(steps, files)
 
 
 app = make_client_app()  # `flwr run .` entry point (pyproject [tool.flwr.app.components])

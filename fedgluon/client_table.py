@@ -34,16 +34,15 @@ Tensors = dict[str, Tensor]
 NEVER = -1  # ``seen`` of a client that never computed
 
 
-def nest(flat: Mapping[str, Tensor], schema: StateSchema) -> dict[str, Any]:
-    """The nested state tree of ``flat`` (schema path → tensor), empty sub-dicts of the schema restored."""
+def nest(flat: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The nested state tree of ``flat`` (``/``-joined path → tensor)."""
     root: dict[str, Any] = {}
-    for path, leaf in schema.leaves.items():
+    for path, value in flat.items():
         *parents, key = path.split(SEP)
         node = root
         for p in parents:
             node = node.setdefault(p, {})
-        if leaf.dtype is not None:
-            node[key] = flat[path]
+        node[key] = value
     return root
 
 
@@ -81,6 +80,14 @@ class ClientRows:
         tree = None if self.tree is None else _map(self.tree, lambda t: t[rows])
         return ClientRows(self.clients[rows], tree, self.commits[rows], self.seen[rows], self.models)
 
+    def select(self, clients: Sequence[int]) -> ClientRows:
+        """The rows of ``clients`` (a subset of :attr:`clients`, in order): views when they are all."""
+        if list(clients) == self.clients:
+            return self
+        at = torch.as_tensor([self.clients.index(j) for j in clients], dtype=torch.int64)
+        tree = None if self.tree is None else _map(self.tree, lambda t: t.index_select(0, at))
+        return ClientRows(list(clients), tree, self.commits[at], self.seen[at], self.models)
+
 
 def _map(tree: Mapping[str, Any], f) -> dict[str, Any]:
     return {k: _map(v, f) if isinstance(v, Mapping) else f(v) for k, v in tree.items()}
@@ -111,7 +118,7 @@ class ClientStateTable:
             take = lambda t: t.index_select(0, index)  # noqa: E731
         seen = take(self.seen)
         models = {r: self.models[r] for r in set(seen.tolist()) if r in self.models}
-        return ClientRows(clients, nest({p: take(c) for p, c in self.columns.items()}, self.schema),
+        return ClientRows(clients, nest({p: take(c) for p, c in self.columns.items()}),
                           take(self.commits), seen, models)
 
     def check(self, proposed: Mapping[str, Tensor], rows: int) -> str | None:
@@ -161,7 +168,7 @@ class ClientStateTable:
 
     def client_state(self, j: int) -> dict[str, Any]:
         """Client ``j``'s committed state as a tree of row views (tests, inspection)."""
-        return nest({p: c[j] for p, c in self.columns.items()}, self.schema)
+        return nest({p: c[j] for p, c in self.columns.items()})
 
     def state_dict(self) -> dict[str, Any]:
         return {"format": self.FORMAT, "columns": self.columns, "commits": self.commits, "seen": self.seen,

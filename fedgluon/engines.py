@@ -150,10 +150,9 @@ def _engine_notices_filtered() -> Iterator[None]:
 
 def run_inprocess(spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None,
                   evaluate: Evaluate | None = None, checkpointer: Checkpointer | None = None,
-                  resume: Snapshot | None = None, shared_memory: bool = False):
+                  resume: Snapshot | None = None):
     """Run the Flower ServerApp and ClientApp in this process; returns the GluonStrategy. Messages are
-    not serialised here, so ``shared_memory`` (records as files, :mod:`strategies.shared`) only costs;
-    it is there to test that path in one process."""
+    not serialised here."""
     from strategies.server_app import make_server_app
 
     from .client_app import make_client_app
@@ -165,7 +164,7 @@ def run_inprocess(spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], 
     # Flower's Message constructor reads the process's task identity; its runtimes set it like this
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
     sink: list = []
-    server_app = make_server_app(s, sink, on_round, evaluate, checkpointer, resume, shared_memory=shared_memory)
+    server_app = make_server_app(s, sink, on_round, evaluate, checkpointer, resume)
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
     return sink[0]
 
@@ -173,14 +172,11 @@ def run_inprocess(spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], 
 def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0.0, address: str | None = None,
             ray_init_args: Mapping[str, Any] | None = None,
             on_round: Callable[[dict[str, Any]], None] | None = None, evaluate: Evaluate | None = None,
-            checkpointer: Checkpointer | None = None, resume: Snapshot | None = None, fast_dispatch: bool = True,
-            shared_memory: bool = True):
+            checkpointer: Checkpointer | None = None, resume: Snapshot | None = None, fast_dispatch: bool = True):
     """Run on Flower's simulation engine (Ray). ``address`` joins an existing Ray cluster ("auto" or
     "HOST:PORT"); without it a private local Ray instance is started (and stopped) for this run. With
     ``fast_dispatch`` Flower's dispatch loop polls every few ms instead of every 0.1 s
-    (:mod:`fedgluon.dispatch`); with ``shared_memory`` the blocks' states and replies go through files
-    in ``/dev/shm`` instead of Ray's object store where a node runs on the server's host
-    (:mod:`strategies.shared`; the same results either way)."""
+    (:mod:`fedgluon.dispatch`)."""
     from flwr.simulation import run_simulation
 
     from strategies.server_app import make_server_app
@@ -197,8 +193,7 @@ def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0
     sink: list = []
     nodes = num_blocks(task.num_clients, s["block_size"])
     with faster_dispatch(nodes) if fast_dispatch else nullcontext(), _engine_notices_filtered():
-        run_simulation(server_app=make_server_app(s, sink, on_round, evaluate, checkpointer, resume,
-                                                   shared_memory=shared_memory),
+        run_simulation(server_app=make_server_app(s, sink, on_round, evaluate, checkpointer, resume),
                        client_app=make_client_app(s), num_supernodes=nodes,
                        backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
                                        "init_args": init_args})

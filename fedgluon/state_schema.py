@@ -14,7 +14,7 @@ cannot drift from the code that makes the states (``tests/test_state_schema.py``
 algorithm's states over several rounds against it).
 
 Paths are ``/``-joined keys; an empty sub-dict is its path with a trailing ``/`` and no array (the
-wire format of ``strategies/records.py`` uses the same paths).
+wire format of ``strategies/wire.py`` uses the same paths).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class StateSchema:
         """Why ``tree`` does not fit the schema (None when it does): not a dict, a leaf missing, extra or of
         another dtype or shape (paths are unique, so a state with more leaves than the schema has one
         it does not know, and the walk stops there). Values are not read: the Flower engines scan what
-        crosses a process boundary for NaN/Inf where it arrives (strategies/records.py)."""
+        crosses a process boundary for NaN/Inf where it arrives (strategies/wire.py)."""
         if self._fits(tree, self._expected):
             return None
         if not isinstance(tree, Mapping):

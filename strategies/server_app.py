@@ -21,8 +21,7 @@ from fedgluon.dispatch import WakingGrid
 from fedgluon.federation import Evaluate
 from fedgluon.gc_pause import gc_frozen
 
-from .records import tensors_to_record
-from .shared import SharedFiles
+from .wire import tensors_to_record
 from .strategy import GluonStrategy
 
 # Seconds between the server's polls for replies. Flower's simulation Grid (InMemoryGrid) sleeps
@@ -43,11 +42,10 @@ def poll_faster(grid: Grid, interval: float = POLL_INTERVAL) -> None:
 
 def serve(grid: Grid, spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None,
           evaluate: Evaluate | None = None, checkpointer: Checkpointer | None = None,
-          resume: Snapshot | None = None, shared_memory: bool = False) -> GluonStrategy:
+          resume: Snapshot | None = None) -> GluonStrategy:
     """Run a whole federated training over ``grid`` (or what is left of it after ``resume``); returns the
     strategy (history, states). ``evaluate(X, k)`` replaces the task's central evaluation (e.g. to add
-    the true gradient's norm). With ``shared_memory`` large records go through host shared memory to the
-    nodes that see it (strategies/shared.py; for a simulation whose messages cross processes)."""
+    the true gradient's norm)."""
     task, algorithm = specs.build_cached(spec)
     X0 = task.initial_params()
     strategy = GluonStrategy(algorithm, X0, task.num_clients, seed=spec["seed"], participation=spec["participation"],
@@ -61,29 +59,23 @@ def serve(grid: Grid, spec: Mapping[str, Any], on_round: Callable[[dict[str, Any
     wake = dispatch.active()
     if wake is not None:  # Flower's simulation under fedgluon.engines.run_ray: event-driven hand-off
         grid = WakingGrid(grid, wake, on_reply=strategy.read_reply)  # type: ignore[assignment]
-    strategy.files = SharedFiles.create() if shared_memory else None
-    try:
-        strategy.connect(grid, timeout=float(spec["node_timeout"]))
-        with gc_frozen():
-            strategy.start(grid=grid, initial_arrays=tensors_to_record(strategy.server_state["X"]),
-                           timeout=float(spec["round_timeout"]))
-    finally:
-        if strategy.files is not None:
-            strategy.files.close()
+    strategy.connect(grid, timeout=float(spec["node_timeout"]))
+    with gc_frozen():
+        strategy.start(grid=grid, initial_arrays=tensors_to_record(strategy.server_state["X"]),
+                       timeout=float(spec["round_timeout"]))
     return strategy
 
 
 def make_server_app(spec: Mapping[str, Any] | None = None, sink: list | None = None,
                     on_round: Callable[[dict[str, Any]], None] | None = None, evaluate: Evaluate | None = None,
-                    checkpointer: Checkpointer | None = None, resume: Snapshot | None = None,
-                    shared_memory: bool = False) -> ServerApp:
+                    checkpointer: Checkpointer | None = None, resume: Snapshot | None = None) -> ServerApp:
     fixed = specs.normalise(spec) if spec is not None else None
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         s = fixed if fixed is not None else spec_from_context(context)
-        strategy = serve(grid, s, on_round, evaluate, checkpointer, resume, shared_memory=shared_memory)
+        strategy = serve(grid, s, on_round, evaluate, checkpointer, resume)
         if sink is not None:
             sink.append(strategy)
         elif "output" in context.run_config:  # flwr run: write the metrics where the run config says

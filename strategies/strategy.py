@@ -5,7 +5,7 @@ Per round (Flower's ``Strategy.start`` loop calls these):
 * ``configure_train`` — samples clients (seeded, by partition id), asks the algorithm for the
   broadcast (model, refresh flag, downlink bits) and sends each sampled client a ``train``
   message with the model, the round's config and *its committed state* (client_app.py explains why).
-* ``aggregate_train`` — turns replies into payloads (``strategies.records``; anything malformed is
+* ``aggregate_train`` — turns replies into payloads (``strategies.wire``; anything malformed is
   a rejection, a second reply from the same node is ignored), treats error replies and missing
   replies as failures, and hands them to ``Federation.close_round`` (shared with the plain driver):
   the algorithm's ``server_step`` validates every payload before touching server state, accepted
@@ -13,8 +13,8 @@ Per round (Flower's ``Strategy.start`` loop calls these):
   a dead Ray actor or a non-finite server step stops the run with a checkpoint.
 
 Each node simulates a block of ``block_size`` virtual clients (fedgluon/blocks.py): one message
-per node carries the round's sampled clients of its block and their states, and its reply one
-packed record with every client's payload, proposed state and metrics (strategies/records.py). Before the
+per node carries the round's sampled clients of its block and their rows of the client-state table,
+and its reply their payload groups, proposed state columns and metrics (strategies/wire.py). Before the
 first round :meth:`connect` waits (bounded) for the expected nodes and maps Flower's random node ids to
 blocks with a ``query`` handshake, checking what each node says (:meth:`GluonStrategy.hello`): a node with
 a bad answer is rejected and logged, and the clients of a block no node holds fail every round. Replies
@@ -38,7 +38,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from compressors import PayloadError
 from fedgluon.algorithms import Algorithm, ClientReply
 from fedgluon.blocks import block_clients, block_of, by_block, num_blocks
 from fedgluon.checkpoint import Checkpointer, Snapshot
@@ -48,9 +47,7 @@ from fedgluon.gc_pause import gc_paused
 from fedgluon.state_schema import StateSchema
 from fedgluon.trace import phase
 
-from .columns import StateColumns
-from .records import BlockReplies, file_ref, states_to_record, tensors_to_record
-from .shared import SharedFiles
+from .wire import read_replies, rows_to_record, tensors_to_record
 
 log = logging.getLogger("fedgluon.strategy")
 
@@ -76,17 +73,16 @@ class Records(NamedTuple):
 
 @dataclass
 class BlockRead:
-    """What one block's reply says: its clients' parsed replies and proposed states, failures (reported by
-    the node, or the whole block's error), rejections, the node's Ray node id, and the parsed record."""
+    """What one block's reply says: its clients' parsed replies and proposed state columns per run,
+    failures (reported by the node, or the whole block's error), rejections, and the node's Ray node id."""
 
     parsed: dict[int, ClientReply] = field(default_factory=dict)
-    proposed: dict[int, Any] = field(default_factory=dict)
+    proposed: list[tuple[list[int], dict[str, Any]]] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
     died: dict[int, str] = field(default_factory=dict)  # failed by a runtime error code (the worker died)
     ray_node: str = ""
     device: tuple[str, str] | None = None  # (where the node computed its gradients, the Ray GPU ids it held)
-    replies: BlockReplies | None = None
 
 
 class GluonStrategy(Strategy):
@@ -116,9 +112,6 @@ class GluonStrategy(Strategy):
         self.partition_of: dict[int, int] = {}
         self.ray_nodes: set[str] = set()
         self.node_devices: set[tuple[str, str]] = set()  # (client device, Ray GPU ids) as the nodes report them
-        self.columns = StateColumns()  # committed states held as their replies' columns (strategies/columns.py)
-        self.files: SharedFiles | None = None  # records through host shared memory (strategies/shared.py)
-        self._sent: list[str] = []  # this round's files of states the server wrote (removed when it closes)
         self._round: RoundPlan | None = None
         self._expected: dict[int, list[int]] = {}  # the round's sampled clients by block (by_block), once per round
         self._early: dict[int, tuple[Message, BlockRead]] = {}  # replies read as they came (read_reply)
@@ -127,9 +120,6 @@ class GluonStrategy(Strategy):
     def server_state(self) -> dict[str, Any]:
         return self.federation.server_state
 
-    @property
-    def client_states(self) -> dict[int, Any]:
-        return self.federation.client_states
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -225,13 +215,8 @@ class GluonStrategy(Strategy):
             if block not in self.node_of:  # no node holds it: its clients fail (aggregate_train)
                 continue
             cfg = ConfigRecord({"round": k, "seed": self.seed, "clients": js, "refresh": int(bc.flags.get("refresh", 0))})
-            if self.files is not None:
-                cfg["shm"] = str(self.files.path)
-            states = (self.columns.record_for(js, self.client_states)
-                      or states_to_record({j: self.client_states[j] for j in js}, self.files))
-            if "file" in states:
-                self._sent.append(file_ref(states["file"])[0])
-            content = RecordDict({"model": model, "config": cfg, "states": states})
+            states, prev = rows_to_record(self.federation.table.rows(js))
+            content = RecordDict({"model": model, "config": cfg, "states": states, "prev": prev})
             out.append(Message(content, dst_node_id=self.node_of[block], message_type="train", group_id=str(k)))
         return out
 
@@ -245,7 +230,7 @@ class GluonStrategy(Strategy):
         plan = self._round
         k, expected = plan.k, self._expected
         parsed: dict[int, ClientReply] = {}
-        proposed: dict[int, Any] = {}
+        proposed: list[tuple[list[int], dict[str, Any]]] = []
         failed: dict[int, str] = {}
         pre_rejected: dict[int, str] = {}
         died: dict[int, str] = {}
@@ -266,22 +251,14 @@ class GluonStrategy(Strategy):
             failed.update(read.failed)
             died.update(read.died)
             parsed.update(read.parsed)
-            proposed.update(read.proposed)
+            proposed.extend(read.proposed)
             pre_rejected.update(read.rejected)
-            if read.replies is not None:
-                self.columns.offer(read.replies, read.proposed)
         for j in plan.participants:
             if j not in parsed and j not in failed and j not in pre_rejected:
                 held = block_of(j, self.block_size) in self.node_of
                 failed[j] = "no reply before the round timeout" if held else NO_NODE
-        try:
-            row = self.federation.close_round(plan, parsed, proposed, failed, pre_rejected, died=died)
-        finally:  # also when the run stops: no committed state keeps a partly committed reply alive
-            self.columns.settle(self.client_states)
-            if self.files is not None:  # the nodes have read (or will never read) the states sent them
-                for name in self._sent:
-                    self.files.remove(name)
-            self._sent = []
+        row = self.federation.close_round(plan, dict(sorted(parsed.items())), proposed, failed, pre_rejected,
+                                          died=died)
         metrics = MetricRecord({key: float(v) for key, v in row.items() if isinstance(v, (int, float))})
         return tensors_to_record(self.server_state["X"]), metrics
 
@@ -303,8 +280,8 @@ class GluonStrategy(Strategy):
             log.debug("round %d: reading a reply early failed", plan.k, exc_info=True)
 
     def _read(self, msg: Message, clients: list[int]) -> BlockRead:
-        """One block's reply: its clients' replies and proposed states (views of the reply's columns),
-        failures and rejections."""
+        """One block's reply: its clients' replies and proposed state columns (views of the reply's
+        bytes), failures and rejections (strategies/wire.py)."""
         if msg.has_error():
             code = msg.error.code
             why = clip_text(f"error code {code}: {msg.error.reason}")
@@ -318,16 +295,16 @@ class GluonStrategy(Strategy):
         read = BlockRead(ray_node=str(info["ray_node"])[:64] if info is not None and info.get("ray_node") else "",
                          device=_reported_device(info))
         reported = records.config.get("failed")
-        read.replies = BlockReplies(records.array.get("replies"), views=True, files=self.files,
-                                    schema=self.federation.schema)
-        for j in clients:
-            if reported is not None and str(j) in reported:
-                read.failed[j] = clip_text(reported[str(j)])
-                continue
-            try:
-                read.parsed[j], read.proposed[j] = read.replies.parse(j)
-            except PayloadError as err:
-                read.rejected[j] = str(err)
+        reported = {int(j): clip_text(why) for j, why in reported.items() if j.isdigit() and int(j) in clients} \
+            if reported is not None else {}
+        working = [j for j in clients if j not in reported]
+        got = read_replies(records.array.get("replies"), records.config.get("meta"), working, self._round.k,
+                           self.federation.table, self.algorithm.shapes) if working else None
+        read.failed.update(reported)
+        if got is not None:
+            read.parsed, read.proposed = got.replies, got.proposed
+            read.failed.update({j: clip_text(why) for j, why in got.failed.items()})
+            read.rejected.update(got.rejected)
         return read
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

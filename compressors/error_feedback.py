@@ -66,20 +66,29 @@ def _layer(compressor: Compressor, X: Tensor, other: Tensor | None, sign: float,
     (``other`` None: zero, so ``X ± 0`` as with a zero row; ``sign`` = ±1, so ``C`` is rounded once), its payload rows, and the new
     state rows ``other + decode(C)`` (``kind="ef21"``) or ``C − decode(C)`` (``"ef14"``), none for
     ``"none"``. Returns (payload rows, new state (B, *shape), new compressor states)."""
-    B = len(X)
-    per = max(1, CHUNK_BYTES // max(1, X[0].numel() * X.element_size())) if B and kind != "none" else max(B, 1)
-    share = compressor._structure_for(tuple(X.shape[1:])).name == "dense"  # payloads may view C: no reuse
-    new = torch.empty_like(X) if kind != "none" else None
-    parts, states, buf = [], [], None
+    B = X.shape[0]
     ctxs = contexts(compressor, seed_parts, layer, name, comp_states)
+    if kind == "none":
+        rows, states = compressor.encode(X, ctxs)
+        return rows, None, states
+    row_bytes = X[0].numel() * X.element_size() if B else 1
+    if B * row_bytes <= CHUNK_BYTES:  # one chunk: no buffers to manage
+        C = torch.add(X, 0.0 if other is None else other, alpha=sign)
+        rows, states = compressor.encode(C, ctxs)
+        if kind == "ef21":
+            new = compressor.add_decoded_(other.clone() if other is not None else torch.zeros_like(X), rows)
+        else:
+            new = compressor.add_decoded_(C.clone() if _shares(compressor, X) else C, rows, -1.0)
+        return rows, new, states
+    per = max(1, CHUNK_BYTES // row_bytes)
+    share = _shares(compressor, X)  # payloads may view C: no reuse
+    new = torch.empty_like(X)
+    parts, states, buf = [], [], None
     for a in range(0, B, per):
         b = min(B, a + per)
-        if kind == "none":
-            C = X[a:b]
-        else:
-            if buf is None or share:
-                buf = torch.empty((min(per, B), *X.shape[1:]), dtype=X.dtype, device=X.device)
-            C = torch.add(X[a:b], 0.0 if other is None else other[a:b], alpha=sign, out=buf[:b - a])
+        if buf is None or share:
+            buf = torch.empty((min(per, B), *X.shape[1:]), dtype=X.dtype, device=X.device)
+        C = torch.add(X[a:b], 0.0 if other is None else other[a:b], alpha=sign, out=buf[:b - a])
         rows, st = compressor.encode(C, ctxs[a:b] if ctxs is not None else None)
         parts.append(rows)
         states += st
@@ -89,9 +98,14 @@ def _layer(compressor: Compressor, X: Tensor, other: Tensor | None, sign: float,
             else:
                 new[a:b].copy_(other[a:b])
             compressor.add_decoded_(new[a:b], rows)
-        elif kind == "ef14":
+        else:
             compressor.add_decoded_(new[a:b].copy_(C), rows, -1.0)
     return PayloadRows.concat(parts), new, states
+
+
+def _shares(compressor: Compressor, X: Tensor) -> bool:
+    """Whether ``compressor``'s payloads for rows like ``X``'s may share memory with them (dense)."""
+    return compressor._structure_for(tuple(X.shape[1:])).name == "dense"
 
 
 def _step(compressor: Compressor, X: Mapping[str, Tensor], others: Mapping[str, Tensor] | None, sign: float,

@@ -15,7 +15,8 @@ travels is one Flower ``Array`` per *column*, never one per client:
 
 Every ``Array`` holds raw little-endian bytes (``stype = "fedgluon.raw"``) of a dtype from a fixed list;
 nothing a node sends is ever unpickled. The server (:func:`read_replies`) checks, before it copies
-anything, the number of arrays and each state column's dtype, shape and byte size against the schema
+anything, the number of arrays and their total size (:func:`max_reply_bytes`, what the schema and the
+payload bounds allow), and each state column's dtype, shape and byte size against the schema
 (a mismatch rejects the clients of that run, with the reason), then scans the state columns for
 NaN/Inf row by row (that client alone is rejected). The payload arrays are checked per client by the
 compressors' decoders in the server step; a malformed group rejects its clients.
@@ -215,6 +216,10 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
         bound = len(clients) * (len(table.columns) + len(GROUPS) * len(shapes) * MAX_PARTS)
         if len(arrays) > bound:  # before reading any of them: a reply of 200,000 arrays is refused here
             raise WireError(f"the reply holds {len(arrays)} arrays, more than a block of {len(clients)} may")
+        size, most = sum(len(a.data) for a in arrays.values()), max_reply_bytes(table, shapes, len(clients))
+        if size > most:
+            raise WireError(f"the reply holds {size} bytes of arrays, more than the {most} a block of "
+                            f"{len(clients)} clients may")
         wanted, seen = set(clients), set()
         for r in range(runs):
             js = [_int(j, "clients", 0, table.num_clients - 1) for j in _list(meta, f"{r}/clients")]
@@ -300,6 +305,13 @@ def _payload_rows(arrays: ArrayRecord, meta: ConfigRecord, key: str, rows: int,
         got[str(k)] = a
     heads = {str(k): _list(meta, f"{key}/m/{k}", rows) for k in _list(meta, f"{key}/meta")}
     return PayloadRows(codec, shape_t, got, heads)
+
+
+def max_reply_bytes(table: ClientStateTable, shapes: Mapping[str, tuple[int, ...]], clients: int) -> int:
+    """The most bytes of arrays a block reply of ``clients`` clients may hold: their proposed state rows
+    (the schema's size) and a payload per client with every layer at its bound
+    (:func:`compressors.message.max_layer_bytes`). A deployment's transport cap can be set from it."""
+    return clients * (table.schema.nbytes + sum(max_layer_bytes(tuple(s)) for s in shapes.values()))
 
 
 def _non_finite_rows(columns: Mapping[str, Tensor], b: int) -> list[int]:

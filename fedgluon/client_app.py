@@ -171,7 +171,7 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
         with phase("compute", bc.round):
             results = algorithm.step_block(rows, bc, task.objectives) if working else []
         with phase("pack", bc.round):
-            replies, meta = results_to_records(results)
+            replies, meta = results_to_records(results, algorithm.derived)
         info = ConfigRecord({**_ray_task(), "pid": os.getpid(), "device": str(algorithm.client_device)})
         return Message(RecordDict({"failed": failed, "info": info, "replies": replies, "meta": meta}), reply_to=msg)
 

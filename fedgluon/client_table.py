@@ -121,37 +121,38 @@ class ClientStateTable:
         return ClientRows(clients, nest({p: take(c) for p, c in self.columns.items()}),
                           take(self.commits), seen, models)
 
-    def check(self, proposed: Mapping[str, Tensor], rows: int) -> str | None:
+    def travelling(self, derived: tuple[str, ...] = ()) -> dict[str, Tensor]:
+        """The columns a reply carries: those whose path starts with none of the ``derived`` prefixes."""
+        return {p: c for p, c in self.columns.items() if not p.startswith(derived)}
+
+    def check(self, proposed: Mapping[str, Tensor], rows: int, derived: tuple[str, ...] = ()) -> str | None:
         """Why proposed columns of a block of ``rows`` clients do not fit the schema (None when they do):
-        a path missing or unknown, a column of another dtype or shape than ``(rows, *leaf.shape)``."""
-        if proposed.keys() != self.columns.keys():
-            extra = sorted(set(proposed) - set(self.columns))[:3]
-            missing = sorted(set(self.columns) - set(proposed))[:3]
+        a path missing or unknown (paths under a ``derived`` prefix must not come), a column of another
+        dtype or shape than ``(rows, *leaf.shape)``."""
+        expected = self.travelling(derived)
+        if proposed.keys() != expected.keys():
+            extra = sorted(set(proposed) - set(expected))[:3]
+            missing = sorted(set(expected) - set(proposed))[:3]
             return f"state columns differ from the schema (unexpected {extra}, missing {missing})"
-        for path, column in self.columns.items():
+        for path, column in expected.items():
             got = proposed[path]
             if not isinstance(got, Tensor) or got.dtype != column.dtype or tuple(got.shape) != (rows, *column.shape[1:]):
                 desc = f"{got.dtype} {tuple(got.shape)}" if isinstance(got, Tensor) else type(got).__name__
                 return f"state column {path!r} is {desc}, expected {column.dtype} {(rows, *column.shape[1:])}"
         return None
 
-    def commit(self, clients: Sequence[int], proposed: Mapping[str, Tensor], accepted: Sequence[int],
-               k: int, model: Mapping[str, Tensor]) -> None:
-        """Commit round ``k``'s proposed rows (``proposed``: path → (B, *shape), row i client
-        ``clients[i]``) of the ``accepted`` clients among them; they computed at ``model``."""
-        accepted = set(accepted)
-        take = [i for i, j in enumerate(clients) if j in accepted]
-        if not take:
+    def commit(self, clients: Sequence[int], rows: Mapping[str, Tensor], k: int, model: Mapping[str, Tensor]) -> None:
+        """Commit round ``k``'s rows of accepted ``clients`` (``rows``: every schema path → (B, *shape), row i
+        client ``clients[i]``); they computed at ``model``."""
+        if not clients:
             return
-        rows = torch.as_tensor(take, dtype=torch.int64)
-        ids = torch.as_tensor([clients[i] for i in take], dtype=torch.int64)
-        whole = len(take) == len(clients)
+        ids = torch.as_tensor(list(clients), dtype=torch.int64)
         for path, column in self.columns.items():
-            new = proposed[path] if whole else proposed[path].index_select(0, rows)
+            new = rows[path]
             if new.untyped_storage().data_ptr() == column.untyped_storage().data_ptr():
                 new = new.clone()  # rows handed back unchanged (views of this column)
             column.index_copy_(0, ids, new)
-        self.commits.index_add_(0, ids, torch.ones(len(take), dtype=torch.int64))
+        self.commits.index_add_(0, ids, torch.ones(len(ids), dtype=torch.int64))
         self.seen.index_fill_(0, ids, k)
         if self.keep_models:
             self.models[k] = dict(model)

@@ -44,7 +44,7 @@ from torch import Tensor
 from .algorithms.base import Algorithm, BlockResult, Broadcast, ClientReply
 from .blocks import by_block, num_blocks
 from .checkpoint import Checkpointer, Snapshot
-from .client_table import ClientStateTable, flatten
+from .client_table import ClientStateTable
 from .faults import FaultPlan
 from .federation import Evaluate, Federation, client_weights_from_sizes
 from .gc_pause import gc_frozen, gc_paused
@@ -113,7 +113,7 @@ def _rounds(fed: Federation, algorithm: Algorithm, objectives: Sequence[Supervis
                 failed.update(result.failures())
                 for j, reply in result.replies().items():
                     replies[j] = tamper(plan.k, j, reply) if tamper else reply
-            fed.close_round(plan, dict(sorted(replies.items())), [(r.clients, flatten(r.state)) for r in results],
+            fed.close_round(plan, dict(sorted(replies.items())), [r.proposal(algorithm.derived) for r in results],
                             failed, died=died)
 
 

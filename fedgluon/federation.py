@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .algorithms.base import Algorithm, Broadcast, ClientReply
+from .algorithms.block import Proposal
 from .client_table import ClientStateTable
 from .checkpoint import ActorDeathError, Checkpointer, NonFiniteStateError, RunStopped, Snapshot
 from .metrics import client_rows, round_row
@@ -94,9 +95,6 @@ def sample_clients(num_clients: int, k: int, seed: int, participation: float | i
         return list(range(num_clients))
     perm = torch.randperm(num_clients, generator=generator(seed, "participants", k))
     return sorted(perm[:m].tolist())
-
-
-Proposal = tuple[Sequence[int], Mapping[str, Tensor]]  # a block's clients (row order), its proposed state columns
 
 
 @dataclass
@@ -158,8 +156,8 @@ class Federation:
     def close_round(self, plan: RoundPlan, replies: Mapping[int, ClientReply], proposed: Sequence[Proposal],
                     failed: Mapping[int, str] | None = None, pre_rejected: Mapping[int, str] | None = None,
                     died: Mapping[int, str] | None = None) -> dict[str, Any]:
-        """Apply round ``plan.k``'s replies; ``proposed``: per block its clients (row order) and proposed
-        state columns (schema path → (B, *shape)); ``failed`` maps clients without a usable reply to the reason,
+        """Apply round ``plan.k``'s replies; ``proposed``: per run of a block its clients, proposed state
+        columns and payload groups (:class:`~fedgluon.algorithms.block.Proposal`); ``failed`` maps clients without a usable reply to the reason,
         ``pre_rejected`` those whose reply could not even be parsed, ``died`` those whose worker process
         the runtime reports dead (an error code of Ray/Flower, not a client's message)."""
         k, S, bc = plan.k, plan.participants, plan.broadcast
@@ -188,8 +186,9 @@ class Federation:
                                      if m in metrics and not math.isfinite(metrics[m])])
             row.update(metrics)
         self.server_state = state
-        for clients, columns in proposed:
-            self.table.commit(clients, columns, outcome.accepted, k, bc.model)
+        accepted = set(outcome.accepted)
+        for prop in proposed:
+            self._commit(prop, accepted, k, bc)
         self.table.settle()
         for j, why in sorted(outcome.rejected.items()):
             log.warning("round %d: rejected client %d: %s", k, j, why)
@@ -210,16 +209,29 @@ class Federation:
             self.checkpointer.after_round(k, self.snapshot)
         return row
 
+    def _commit(self, prop: Proposal, accepted: set[int], k: int, bc: Broadcast) -> None:
+        """Commit the accepted clients' rows of one run: the columns they sent, and the ones the server
+        derives from their old rows and accepted payloads (``Algorithm.derive_state``)."""
+        at, clients = prop.accepted(accepted)
+        if not clients:
+            return
+        index = torch.as_tensor(at, dtype=torch.int64)
+        whole = len(at) == len(prop.clients)
+        rows = {p: c if whole else c.index_select(0, index) for p, c in prop.columns.items()}
+        if self.algorithm.derived:
+            rows.update(self.algorithm.derive_state(self.table.rows(clients).tree, prop.groups_of(at)))
+        self.table.commit(clients, rows, k, bc.model)
+
     def _unfit_states(self, replies: Mapping[int, ClientReply], proposed: Sequence[Proposal]) -> dict[int, str]:
         """The replying clients of blocks whose proposed state columns do not fit the client-state schema
         (:meth:`ClientStateTable.check`), with the reason, and replying clients no block proposes a state
         for: their payloads are rejected before the server step, so nothing of theirs is committed."""
         out, covered = {}, set()
-        for clients, columns in proposed:
-            why = self.table.check(columns, len(clients))
-            covered.update(clients)
+        for prop in proposed:
+            why = self.table.check(prop.columns, len(prop.clients), self.algorithm.derived)
+            covered.update(prop.clients)
             if why is not None:
-                out.update({j: f"state: {why}" for j in clients if j in replies})
+                out.update({j: f"state: {why}" for j in prop.clients if j in replies})
         out.update({j: "state: the reply came without a proposed state" for j in replies if j not in covered})
         return out
 

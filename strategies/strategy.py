@@ -39,6 +39,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedgluon.algorithms import Algorithm, ClientReply
+from fedgluon.algorithms.block import Proposal
 from fedgluon.blocks import block_clients, block_of, by_block, num_blocks
 from fedgluon.checkpoint import Checkpointer, Snapshot
 from fedgluon.faults import runtime_failure
@@ -77,7 +78,7 @@ class BlockRead:
     failures (reported by the node, or the whole block's error), rejections, and the node's Ray node id."""
 
     parsed: dict[int, ClientReply] = field(default_factory=dict)
-    proposed: list[tuple[list[int], dict[str, Any]]] = field(default_factory=list)
+    proposed: list[Proposal] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
     died: dict[int, str] = field(default_factory=dict)  # failed by a runtime error code (the worker died)
@@ -230,7 +231,7 @@ class GluonStrategy(Strategy):
         plan = self._round
         k, expected = plan.k, self._expected
         parsed: dict[int, ClientReply] = {}
-        proposed: list[tuple[list[int], dict[str, Any]]] = []
+        proposed: list[Proposal] = []
         failed: dict[int, str] = {}
         pre_rejected: dict[int, str] = {}
         died: dict[int, str] = {}
@@ -299,7 +300,7 @@ class GluonStrategy(Strategy):
             if reported is not None else {}
         working = [j for j in clients if j not in reported]
         got = read_replies(records.array.get("replies"), records.config.get("meta"), working, self._round.k,
-                           self.federation.table, self.algorithm.shapes) if working else None
+                           self.federation.table, self.algorithm.shapes, self.algorithm.derived) if working else None
         read.failed.update(reported)
         if got is not None:
             read.parsed, read.proposed = got.replies, got.proposed

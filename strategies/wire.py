@@ -38,7 +38,7 @@ from torch import Tensor
 from compressors.message import max_layer_bytes
 from compressors.payload import PayloadRows
 from fedgluon.algorithms import ClientReply
-from fedgluon.algorithms.block import BlockResult
+from fedgluon.algorithms.block import BlockResult, PayloadGroup, Proposal
 from fedgluon.client_table import ClientRows, ClientStateTable, flatten, nest
 
 RAW = "fedgluon.raw"
@@ -166,8 +166,9 @@ def record_to_rows(clients: Sequence[int], states: ArrayRecord, prev: ArrayRecor
 
 
 # ---------------------------------------------------------------------------------------------- node → server
-def results_to_records(results: Sequence[BlockResult]) -> tuple[ArrayRecord, ConfigRecord]:
-    """A block's run results as the ``replies`` and ``meta`` records (module docstring)."""
+def results_to_records(results: Sequence[BlockResult], derived: tuple[str, ...] = ()) -> tuple[ArrayRecord, ConfigRecord]:
+    """A block's run results as the ``replies`` and ``meta`` records (module docstring); state paths under
+    a ``derived`` prefix do not travel (the server computes them: ``Algorithm.derive_state``)."""
     arrays: dict[str, Array] = {}
     meta = ConfigRecord({"runs": len(results)})
     for r, res in enumerate(results):
@@ -178,7 +179,7 @@ def results_to_records(results: Sequence[BlockResult]) -> tuple[ArrayRecord, Con
         meta[f"{r}/samples"] = [int(x) for x in res.samples]
         meta[f"{r}/failed"] = sorted(res.failed)
         meta[f"{r}/why"] = [str(res.failed[i]) for i in sorted(res.failed)]
-        arrays.update({f"{r}/s/{p}": to_array(t) for p, t in flatten(res.state).items()})
+        arrays.update({f"{r}/s/{p}": to_array(t) for p, t in res.proposal(derived).columns.items()})
         meta[f"{r}/groups"] = sorted(res.groups)
         for g, group in res.groups.items():
             meta[f"{r}/p/{g}/rows"] = list(group.rows)
@@ -198,15 +199,16 @@ class BlockRead:
     each run (:data:`fedgluon.federation.Proposal`), failed and rejected clients with their reasons."""
 
     replies: dict[int, ClientReply] = field(default_factory=dict)
-    proposed: list[tuple[list[int], dict[str, Tensor]]] = field(default_factory=list)
+    proposed: list[Proposal] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
 
 
 def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, table: ClientStateTable,
-                 shapes: Mapping[str, tuple[int, ...]]) -> BlockRead:
-    """One block's reply (``clients``: the block's clients the server sent; ``shapes``: the model's), checked
-    as the module docstring says. A reply whose layout cannot be read rejects every client of the block;
+                 shapes: Mapping[str, tuple[int, ...]], derived: tuple[str, ...] = ()) -> BlockRead:
+    """One block's reply (``clients``: the block's clients the server sent; ``shapes``: the model's;
+    ``derived``: the state paths the server computes, which must not come), checked as the module
+    docstring says. A reply whose layout cannot be read rejects every client of the block;
     a run whose state columns do not fit the schema rejects the clients of that run."""
     out = BlockRead()
     try:
@@ -227,7 +229,7 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
                 raise WireError(f"run {r}'s clients {str(js)[:80]} are not sorted new clients of {list(clients)[:20]}")
             seen.update(js)
             try:
-                _read_run(arrays, meta, r, js, round_, table, shapes, out)
+                _read_run(arrays, meta, r, js, round_, table.travelling(derived), table.num_clients, shapes, out)
             except _Reject as err:
                 out.rejected.update(dict.fromkeys(js, str(err)))
         for j in wanted - seen:
@@ -237,8 +239,8 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
     return out
 
 
-def _read_run(arrays: ArrayRecord, meta: ConfigRecord, r: int, js: list[int], round_: int, table: ClientStateTable,
-              shapes: Mapping[str, tuple[int, ...]], out: BlockRead) -> None:
+def _read_run(arrays: ArrayRecord, meta: ConfigRecord, r: int, js: list[int], round_: int, expected: Mapping[str, Tensor],
+              n: int, shapes: Mapping[str, tuple[int, ...]], out: BlockRead) -> None:
     b = len(js)
     if _int(meta.get(f"{r}/round"), "round", 0, 2 ** 62) != round_:
         raise WireError(f"run {r} is for round {meta.get(f'{r}/round')}, expected {round_}")
@@ -250,7 +252,7 @@ def _read_run(arrays: ArrayRecord, meta: ConfigRecord, r: int, js: list[int], ro
     out.failed.update({js[i]: str(w) for i, w in zip(failed, why)})
     try:  # the state columns, checked against the schema before any byte is read
         columns = {p: _tensor(arrays[f"{r}/s/{p}"], _dtype_name(c.dtype), (b, *c.shape[1:]))
-                   for p, c in table.columns.items()}
+                   for p, c in expected.items()}
         if sum(1 for k in arrays.keys() if k.startswith(f"{r}/s/")) != len(columns):
             raise WireError("state columns the schema does not have")
     except KeyError as err:
@@ -259,7 +261,8 @@ def _read_run(arrays: ArrayRecord, meta: ConfigRecord, r: int, js: list[int], ro
         raise _Reject(f"state: {err}") from None
     bad = _non_finite_rows(columns, b)
     out.rejected.update({js[i]: "state: NaN/Inf in a proposed state column" for i in bad})
-    out.proposed.append((js, columns))
+    proposal = Proposal(js, columns, {})
+    out.proposed.append(proposal)
     groups = _list(meta, f"{r}/groups")
     taken: set[int] = set(failed) | set(bad)
     for g in groups:
@@ -273,6 +276,7 @@ def _read_run(arrays: ArrayRecord, meta: ConfigRecord, r: int, js: list[int], ro
             out.rejected.update({js[i]: f"payload: {err}" for i in rows if i not in taken})
             taken.update(rows)
             continue
+        proposal.groups[g] = PayloadGroup(rows, layers)
         for pos, i in enumerate(rows):
             if i in taken:
                 continue

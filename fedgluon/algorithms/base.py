@@ -241,6 +241,15 @@ class Algorithm:
                                    {0: f"{type(err).__name__}: {err}"})
             return concat([self._isolated(rows.part(slice(i, i + 1)), bc, objectives) for i in range(len(rows))])
 
+    # prefixes of state paths the server derives itself from a client's old row and its accepted payload,
+    # never taken from a reply (``derive_state``); they do not travel back
+    derived: ClassVar[tuple[str, ...]] = ()
+
+    def derive_state(self, old: State, groups: Mapping[str, PayloadGroup]) -> dict[str, Tensor]:
+        """The state columns (paths under :attr:`derived`) of accepted clients, from their committed rows
+        ``old`` and their payload ``groups`` (rows numbered as in ``old``); none by default."""
+        return {}
+
     def state_schema(self, objective: SupervisedObjective, X0: Mapping[str, Tensor], seed: int) -> StateSchema:
         """The run's client-state schema (:mod:`fedgluon.state_schema`): the layout of one row of the state
         that a throwaway step of client 0 proposes from no state at round 0, at ``X0`` with the run's

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from compressors.payload import PayloadRows
 
+from ..state_schema import leaves
 from .messages import ClientReply
 
 Tensors = dict[str, Tensor]
@@ -95,6 +96,38 @@ class BlockResult:
     def failures(self) -> dict[int, str]:
         """Client id → reason of every failed row."""
         return {self.clients[i]: why for i, why in sorted(self.failed.items())}
+
+    def proposal(self, derived: tuple[str, ...] = ()) -> Proposal:
+        """What the server commits from this result: the state columns that travel (paths not starting
+        with a ``derived`` prefix) and the payload groups."""
+        columns = {p: t for p, t in leaves(self.state or {}) if t is not None and not p.startswith(derived)}
+        return Proposal(list(self.clients), columns, dict(self.groups))
+
+
+@dataclass
+class Proposal:
+    """One run of a block as the server commits it: its clients (row order), the proposed state columns
+    that travel (schema path → (B, *shape)), and its payload groups, from which the server derives the
+    state it computes itself (``Algorithm.derive_state``: the EF21 and DASHA trackers)."""
+
+    clients: list[int]
+    columns: dict[str, Tensor]
+    groups: dict[str, PayloadGroup]
+
+    def accepted(self, accepted: set[int]) -> tuple[list[int], list[int]]:
+        """(row positions, clients) of the accepted clients of this run."""
+        at = [i for i, j in enumerate(self.clients) if j in accepted]
+        return at, [self.clients[i] for i in at]
+
+    def groups_of(self, at: Sequence[int]) -> dict[str, PayloadGroup]:
+        """The payload groups restricted to rows ``at``, renumbered to their positions in ``at``."""
+        pos = {r: i for i, r in enumerate(at)}
+        out = {}
+        for name, group in self.groups.items():
+            kept = group.select(at)
+            if kept is not None:
+                out[name] = PayloadGroup([pos[r] for r in kept.rows], kept.layers)
+        return out
 
 
 def concat(parts: Sequence[BlockResult]) -> BlockResult:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from compressors import Compressor, make_compressor, make_error_feedback
+from compressors import EF21, Compressor, make_compressor, make_error_feedback
 
 from .aggregate import tracker_update, weighted_mean
 from .base import Algorithm, feedback_step
@@ -50,6 +50,18 @@ class FeedbackUplink(Algorithm):
         new, v = self.estimate(state, grads, rows.first)
         pieces, groups = feedback_step(self.ef, state, v, bc, rows)
         return {**new, **pieces}, groups
+
+    @property
+    def derived(self) -> tuple[str, ...]:  # type: ignore[override]
+        """EF21's full tracker ``G_j ← G_j + R_j`` is the server's to compute: its old row plus the decoded
+        message, the same operations as the client's (bitwise equal)."""
+        return ("ef/g/",) if isinstance(self.ef, EF21) and self.ef.tracker == "full" else ()
+
+    def derive_state(self, old, groups):
+        if not self.derived:
+            return {}
+        layers = groups["uplink"].layers  # every row of the block (reply_group is "uplink")
+        return {f"ef/g/{n}": self.compressor.add_decoded_(g.clone(), layers[n]) for n, g in old["ef"]["g"].items()}
 
     def aggregate(self, state, decoded, weights, bc):
         if self.ef.tracks:

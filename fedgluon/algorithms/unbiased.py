@@ -119,6 +119,21 @@ class GluonDASHAMVR(Algorithm):
                 g[n][at] = h_new[n][at]
         return {**new, "g": g}, groups
 
+    derived = ("g/",)  # G_j: the server's to compute from the old row and the accepted message
+
+    def derive_state(self, old, groups):
+        """``G_j ← G_j + m_j`` for compressed messages, ``G_j = m_j`` for a first (dense) one; the same
+        operations as the client's."""
+        g = {n: t.clone() for n, t in old["g"].items()}
+        for name, group in groups.items():
+            at = torch.tensor(group.rows)
+            for n, layer in group.layers.items():
+                if name == "uplink":
+                    g[n][at] = self.compressor.add_decoded_(g[n][at], layer)
+                else:
+                    g[n][at] = self.dense.decode(layer, dtype=g[n].dtype)
+        return {f"g/{n}": t for n, t in g.items()}
+
     def aggregate(self, state, decoded, weights, bc):
         return tracker_update(state.get("G"), decoded, weights, state["X"])
 

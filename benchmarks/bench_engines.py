@@ -50,11 +50,11 @@ from typing import NamedTuple
 import torch
 
 from benchmarks.common import machine
+from benchmarks.flower_fedavg import run_stock_fedavg
 from fedgluon import spec as specs
 from fedgluon.allocator import keep_freed_memory
 from fedgluon.devices import resolve_device
 from fedgluon.driver import run_plain
-from benchmarks.flower_fedavg import run_stock_fedavg
 from fedgluon.engines import run_inprocess, run_ray
 
 

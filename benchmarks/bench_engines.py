@@ -3,7 +3,7 @@
 For n ∈ {10, 50, 200, 1000} clients of the synthetic task (MLP 60→64→10 ≈ 4.6k parameters, batch
 32, gluon-ef21 with top-5%), full participation, R rounds, 1 torch thread. Rows:
 
-* ``plain loop``            — the reference driver, one ``client_step`` per client (a block of one; the baseline, 1.00)
+* ``plain loop``            — the reference driver, one ``client_step`` per client (a block of one), the baseline 1.00
 * ``plain, blocks of B``    — the same driver computing each block's gradients in one vmapped call
 * ``..., W workers``        — (``--workers W``) the same with W blocks stepped at once in threads, the
   torch threads split among them (``run_plain(workers=W)``; the same results)

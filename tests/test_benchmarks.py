@@ -33,8 +33,8 @@ def test_memory_benchmark_counts_shared_models_once_and_a_row_per_client():
 
     gen = torch.Generator().manual_seed(0)
     model = MLP(20, (16,), 4)
-    objectives = [SupervisedObjective(model, torch.randn(8, 20, generator=gen), torch.randint(0, 4, (8,), generator=gen),
-                                      batch_size=8) for _ in range(3)]
+    objectives = [SupervisedObjective(model, torch.randn(8, 20, generator=gen),
+                                      torch.randint(0, 4, (8,), generator=gen), batch_size=8) for _ in range(3)]
     X0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     P = sum(t.numel() for t in X0.values())
     algo = make_algorithm("gluon-ef21-sarah", Geometry.from_model(model), lr=0.01,

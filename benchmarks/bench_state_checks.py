@@ -1,20 +1,13 @@
 """What the server's checks of a block's returned client state cost per round (strategies/wire.py).
 
 One real block reply: ``--block`` clients of the ``bench_engines`` model (gluon-ef21, top-5%) stepped
-by ``Algorithm.step_block`` over their rows of a client-state table and packed by
-``results_to_records``, as a node sends it. The server reads it with ``read_replies``, which checks,
-before it copies anything, each proposed state column's header (dtype, shape, byte size) against the
-schema, then scans the columns for NaN/Inf row by row. This times, in ``--pairs`` interleaved rounds
-after an A/A pair of whole reads:
-
-* ``read``: the whole ``read_replies`` of the block (headers, state views, scan, payload rows, replies);
-* ``headers``: the schema check of every state column's header, alone (the views it makes);
-* ``scan``: the NaN/Inf scan per row of every state column, alone;
-* ``step``: the block's client step (``step_block``: gradients, estimator, compression), the work the
-  checks are set against.
-
-It prints the machine, the medians per block, and per round of ``--clients`` clients (``--clients /
---block`` such blocks) the checks' cost in milliseconds and as a fraction of the round's client step.
+by ``Algorithm.step_block`` over their table rows and packed by ``results_to_records``, as a node sends
+it. The server's ``read_replies`` checks each state column's header (dtype, shape, byte size) against
+the schema before it copies anything, then scans the columns for NaN/Inf row by row. After an A/A pair
+of whole reads, this times in ``--pairs`` interleaved rounds: the whole read; the header checks alone;
+the scan alone; the block's client step (gradients, estimator, compression). It prints the machine,
+the medians per block, and per round of ``--clients`` clients the checks' cost in ms and as a fraction
+of the round's client step.
 
     python -m benchmarks.bench_state_checks                     # 1,000 clients x 107k parameters, blocks of 500
     python -m benchmarks.bench_state_checks --clients 100 --block 50 --hidden 64 --pairs 3   # a quick look
@@ -32,13 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from fedgluon import spec as specs
 from fedgluon.client_table import ClientStateTable
-from strategies.wire import (
-    _dtype_name,
-    _non_finite_rows,
-    _tensor,
-    read_replies,
-    results_to_records,
-)
+from strategies import wire
 
 from .bench_engines import spec_for
 from .common import machine
@@ -52,13 +39,13 @@ def _seconds(fn: Callable[[], object]) -> float:
 
 def _headers(arrays: ArrayRecord, meta: ConfigRecord, table: ClientStateTable) -> list[dict[str, torch.Tensor]]:
     """Every run's state columns, each header checked against the schema as ``read_replies`` does."""
-    return [{p: _tensor(arrays[f"{r}/s/{p}"], _dtype_name(c.dtype), (len(meta[f"{r}/clients"]), *c.shape[1:]))
+    return [{p: wire._tensor(arrays[f"{r}/s/{p}"], wire._dtype_name(c.dtype), (len(meta[f"{r}/clients"]), *c.shape[1:]))
              for p, c in table.columns.items()} for r in range(meta["runs"])]
 
 
 def _scan(runs: list[dict[str, torch.Tensor]], meta: ConfigRecord) -> list[list[int]]:
     """Every run's rows holding a NaN/Inf, as ``read_replies`` finds them."""
-    return [_non_finite_rows(columns, len(meta[f"{r}/clients"])) for r, columns in enumerate(runs)]
+    return [wire._non_finite_rows(columns, len(meta[f"{r}/clients"])) for r, columns in enumerate(runs)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,8 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     table = ClientStateTable(algo.state_schema(task.objectives[0], X0, 0), args.block, algo.needs_previous)
     clients = list(range(args.block))
     bc = algo.broadcast(algo.init_server(X0), 0, 0, args.block)
-    arrays, meta = results_to_records(algo.step_block(table.rows(clients), bc, task.objectives))
-    got = read_replies(arrays, meta, clients, 0, table, algo.shapes)
+    arrays, meta = wire.results_to_records(algo.step_block(table.rows(clients), bc, task.objectives))
+    got = wire.read_replies(arrays, meta, clients, 0, table, algo.shapes)
     if got.rejected or got.failed or len(got.replies) != args.block:
         raise SystemExit(f"the block's reply was not accepted whole: {dict(list(got.rejected.items())[:3])}")
     params = sum(t.numel() for t in X0.values())
@@ -89,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{scanned * args.block / 1e6:.1f} MB scanned per block; {args.threads} torch thread(s)")
 
     def read() -> object:
-        return read_replies(arrays, meta, clients, 0, table, algo.shapes)
+        return wire.read_replies(arrays, meta, clients, 0, table, algo.shapes)
 
     aa = [_seconds(read) for _ in range(2)]
     runs = _headers(arrays, meta, table)

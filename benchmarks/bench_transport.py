@@ -1,17 +1,14 @@
 """What moving a client block's state rows through Ray costs: the wire's arrays pickled in band (Flower's
 ``Array``) or as out-of-band NumPy buffers (fedgluon's ``RawArray``, strategies/wire.py).
 
-Flower's simulation engine sends each node's message to a Ray actor and gets the reply back, both
-pickled (protocol 5). A block's message carries its clients' committed rows of the client-state table,
-so for the synthetic task's MLP (≈4.6k parameters, gluon-ef21: EMA momentum and EF21 tracker, ≈37 kB
-per client) a block of 100 clients is ≈3.7 MB each way. This benchmark takes a block's rows of that
-table (random values), packs them as the server does (:func:`strategies.wire.rows_to_record`: one
-array per state column), and sends them inside a Flower ``Message`` to an actor that does what a node
-does with them (:func:`strategies.wire.record_to_rows`: tensors over the received bytes) and replies
-with the same columns packed again (as many bytes of the same kind as a block's proposed state); the
-driver then reads the reply as rows (no copy). It prints the megabytes each way, the median
-milliseconds of the round trip for each kind and their ratio, and the median of the server's pack and
-read of the rows, in this process.
+Flower's simulation engine pickles (protocol 5) each node's message to a Ray actor and the reply back. A
+block's message carries its clients' rows of the client-state table: for the synthetic task's MLP
+(≈4.6k parameters; gluon-ef21's EMA momentum and EF21 tracker, ≈37 kB a client) ≈3.7 MB per 100
+clients. This packs a block's rows (random values) as the server does (``rows_to_record``: one array
+per state column) into a Flower ``Message`` to an actor that reads them as a node does
+(``record_to_rows``: tensors over the received bytes) and replies with the same columns packed again;
+the driver reads the reply as rows. It prints the megabytes each way, the median round trip with each
+kind of array and their ratio, and the median of the server's pack and read of the rows in process.
 
 Run: ``python -m benchmarks.bench_transport [--clients 25 100 500] [--repeat 15] [--quick]``.
 """

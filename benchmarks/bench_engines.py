@@ -3,13 +3,10 @@
 For n ∈ {10, 50, 200, 1000} clients of the synthetic task (MLP 60→64→10 ≈ 4.6k parameters, batch
 32, gluon-ef21 with top-5%), full participation, R rounds, 1 torch thread. Rows:
 
-* ``plain loop``            — the reference driver, one ``client_step`` per client (the baseline, 1.00)
+* ``plain loop``            — the reference driver, one ``client_step`` per client (a block of one), the baseline 1.00
 * ``plain, blocks of B``    — the same driver computing each block's gradients in one vmapped call
 * ``..., W workers``        — (``--workers W``) the same with W blocks stepped at once in threads, the
   torch threads split among them (``run_plain(workers=W)``; the same results)
-* ``..., 1 by 1``           — (``--client-by-client``) the same with ``run_plain(columns=False)``: each
-  block stepped by ``client_block`` on one state tree per client instead of on the columns its last
-  step left (the same results), and the ratio of the two
 * ``in-process, 1/node``    — Flower strategy + ClientApp on fedgluon's in-process Grid, one client per node
 * ``in-process, blocks``    — the same with B virtual clients per node (n/B nodes)
 * ``ray, 1/node``           — Flower's simulation engine on a private local Ray, one client per node
@@ -38,7 +35,7 @@ With ``--client-device cuda`` the plain and in-process rows with blocks compute 
 (states, estimators and compression stay on the CPU); the loops and the Ray rows stay on the CPU.
 
 Run: ``python -m benchmarks.bench_engines [--quick] [--no-ray] [--sizes N ...] [--rounds R] [--repeats K]
-[--threads T] [--workers W] [--client-by-client] [--client-device D]``; the issue's 1,000 clients of a 100k-parameter model:
+[--threads T] [--workers W] [--client-device D]``; the issue's 1,000 clients of a 100k-parameter model:
 ``--sizes 1000 --hidden 1536 --plain-only --threads 2 --workers 2``.
 """
 
@@ -53,11 +50,11 @@ from typing import NamedTuple
 import torch
 
 from benchmarks.common import machine
+from benchmarks.flower_fedavg import run_stock_fedavg
 from fedgluon import spec as specs
 from fedgluon.allocator import keep_freed_memory
 from fedgluon.devices import resolve_device
 from fedgluon.driver import run_plain
-from benchmarks.flower_fedavg import run_stock_fedavg
 from fedgluon.engines import run_inprocess, run_ray
 
 
@@ -90,9 +87,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--workers", type=int, default=1,
                     help="also run the plain driver's block rows with this many blocks at once in threads")
-    ap.add_argument("--client-by-client", action="store_true",
-                    help="also run every plain row with blocks with run_plain(columns=False): the blocks' states "
-                         "one tree per client (client_block) instead of held columns; labelled '1 by 1'")
     ap.add_argument("--client-device", default="cpu",
                     help="where the plain and in-process rows with blocks compute their vmapped gradients (cpu, auto, "
                          "cuda, cuda:N; the spec's client_device); Ray rows and the loops stay on the CPU")
@@ -162,15 +156,9 @@ def run_size(n: int, rounds: int, args: argparse.Namespace) -> dict[str, float]:
     vmapped = Cost(math.inf, math.inf)  # the plain driver with blocks (the "vmapped loop"), its best block size
     for b in sorted({min(n, 64), block}):
         for w in sorted({1, args.workers}):
-            costs = {}
-            for columns in (True, False) if args.client_by_client else (True,):
-                res = run_plain(algo, task.objectives, task.initial_params(), rounds, seed=0, block_size=b, workers=w,
-                                columns=columns)
-                label = f"plain, blocks of {b}" + (f", {w} workers" if w > 1 else "") + ("" if columns else ", 1 by 1")
-                costs[columns] = got = show(n, label, res.history, plain)
-                vmapped = Cost(min(vmapped.mean, got.mean), min(vmapped.steady, got.steady))
-            if args.client_by_client:
-                ratio(f"columns / 1 by 1, {b}" + (f", {w}w" if w > 1 else ""), costs[True], costs[False])
+            res = run_plain(algo, task.objectives, task.initial_params(), rounds, seed=0, block_size=b, workers=w)
+            got = show(n, f"plain, blocks of {b}" + (f", {w} workers" if w > 1 else ""), res.history, plain)
+            vmapped = Cost(min(vmapped.mean, got.mean), min(vmapped.steady, got.steady))
     if args.plain_only:
         return ratios
 

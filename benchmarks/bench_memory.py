@@ -1,9 +1,10 @@
 """Memory per client: the bytes each algorithm keeps per simulated client, and a real many-client run.
 
 Part 1 — for a ~1.07M-parameter MLP (784→1024→256→10) and each stateful configuration below, two
-clients run two rounds of the plain driver; we print the bytes one client's committed state holds
-(``fedgluon.memory``: shared storages once), bytes per parameter, the marginal bytes of one more
-client (the previous model ``x_prev`` is shared by every client of a round), and the projection
+clients run two rounds of the plain driver; from the client-state table (``fedgluon.memory.
+client_state_bytes``) we print the bytes one client's committed state holds alone (its row of the table
+and the broadcast models the table keeps for ``X_prev``), bytes per parameter, the marginal bytes of one
+more client (its row: the kept models are shared by every client pointing at them), and the projection
 ``alone + (N−1)·marginal`` for N = 1,000 clients.
 
 Part 2 — ``--clients N`` clients (1,000 by default, 50 with ``--quick``) of that model really run
@@ -65,11 +66,18 @@ def per_client_table(model, objectives, X0, clients: int) -> None:
     for label, name, options in CONFIGS:
         algo = make_algorithm(name, Geometry.from_model(model), lr=0.01, **options)
         res = run_plain(algo, objectives[:2], X0, 2, seed=0, evaluate=lambda X, k: {})
-        sizes = client_state_bytes(res.client_states)
-        marginal = sizes["total"] - sizes["mean"]
-        projected = sizes["mean"] + (clients - 1) * marginal
-        print(f"{label:44s} {sizes['mean']:13,.0f} {sizes['mean'] / P:8.2f} {marginal / P:17.2f} "
+        alone, marginal = alone_and_marginal(res.table)
+        projected = alone + (clients - 1) * marginal
+        print(f"{label:44s} {alone:13,.0f} {alone / P:8.2f} {marginal / P:17.2f} "
               f"{projected / 2**30:12.2f}")
+
+
+def alone_and_marginal(table) -> tuple[float, float]:
+    """Bytes of one client's state alone (its row and the table's shared part: the models kept for
+    ``X_prev``) and the bytes one more client adds (its row), from a table of any number of clients."""
+    sizes = client_state_bytes(table)
+    shared = sizes["total"] - table.num_clients * sizes["mean"]
+    return sizes["mean"] + shared, sizes["mean"]
 
 
 def many_clients(model, objectives, X0, algorithm: str, tracker: str, state_dtype: str | None = None) -> None:
@@ -80,12 +88,13 @@ def many_clients(model, objectives, X0, algorithm: str, tracker: str, state_dtyp
     t = time.perf_counter()
     res = run_plain(algo, objectives, X0, 2, seed=0, evaluate=lambda X, k: {})
     wall = time.perf_counter() - t
-    sizes = client_state_bytes(res.client_states)
+    sizes = client_state_bytes(res.table)
+    alone, marginal = alone_and_marginal(res.table)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     print(f"\n{n:,} clients x {P:,} parameters, {algorithm} (top-1%, {tracker} tracker, estimator state "
           f"{state_dtype or 'fp32'}), 2 rounds in {wall:.1f} s:")
-    print(f"  client states: {sizes['total'] / 2**30:.2f} GiB in all, {sizes['mean'] / P:.2f} bytes/param for one "
-          f"client alone, {(sizes['total'] - sizes['mean']) / max(1, n - 1) / P:.2f} marginal")
+    print(f"  client states: {sizes['total'] / 2**30:.2f} GiB in all, {alone / P:.2f} bytes/param for one "
+          f"client alone, {marginal / P:.2f} marginal")
     print(f"  peak resident memory of this process: {peak / 2**30:.2f} GiB (the issue's budget for 1,000 clients "
           f"x 1M parameters: 24 GiB; this machine has {_total_memory() / 2**30:.1f} GiB)")
 

@@ -1,17 +1,16 @@
-"""What moving a client block's states through Ray costs: the record's bytes pickled in band (Flower's
-``Array``), as an out-of-band NumPy buffer (fedgluon's ``RawArray``), or written to a file in host
-shared memory that the message names (strategies/shared.py).
+"""What moving a client block's state rows through Ray costs: the wire's arrays pickled in band (Flower's
+``Array``) or as out-of-band NumPy buffers (fedgluon's ``RawArray``, strategies/wire.py).
 
-Flower's simulation engine sends each node's message to a Ray actor and gets the reply back, both
-pickled (protocol 5). A block's message carries the committed states of its clients, so for the
-synthetic task's MLP (≈4.6k parameters, EMA momentum and EF21 tracker: ≈37 kB per client) a block of
-100 clients is ≈3.7 MB each way. This benchmark builds that record (:func:`strategies.records.
-states_to_record`) and sends it inside a Flower ``Message`` to an actor that does what a node does
-with it (reads it into a writable copy) and replies with as many bytes of the same kind; the driver
-then reads the reply as the server does (no copy; a file is mapped). It prints the median
-milliseconds of that round trip for each kind and their ratios.
+Flower's simulation engine pickles (protocol 5) each node's message to a Ray actor and the reply back. A
+block's message carries its clients' rows of the client-state table: for the synthetic task's MLP
+(≈4.6k parameters; gluon-ef21's EMA momentum and EF21 tracker, ≈37 kB a client) ≈3.7 MB per 100
+clients. This packs a block's rows (random values) as the server does (``rows_to_record``: one array
+per state column) into a Flower ``Message`` to an actor that reads them as a node does
+(``record_to_rows``: tensors over the received bytes) and replies with the same columns packed again;
+the driver reads the reply as rows. It prints the megabytes each way, the median round trip with each
+kind of array and their ratio, and the median of the server's pack and read of the rows in process.
 
-Run: ``python -m benchmarks.bench_transport [--clients 25 100 500] [--repeat 15]``.
+Run: ``python -m benchmarks.bench_transport [--clients 25 100 500] [--repeat 15] [--quick]``.
 """
 
 from __future__ import annotations
@@ -25,21 +24,70 @@ import torch
 from benchmarks.common import machine
 
 
-def block_record(clients: int, params: int = 4_634, plain: bool = False, files=None):
-    """A states record of ``clients`` clients with two fp32 tensors of ``params`` each (as Flower
-    ``Array``s with ``plain``, else fedgluon's ``RawArray``s, or a file of ``files``)."""
+def block_rows(clients: int, hidden: int = 64):
+    """A block's rows (clients 0..``clients``−1) of the ``bench_engines`` model's client-state table,
+    filled with random values (seed 0)."""
+    from fedgluon import spec as specs
+    from fedgluon.client_table import ClientStateTable
+
+    from .bench_engines import spec_for
+
+    task, algo = specs.build(specs.normalise(spec_for(clients, 1, clients, hidden)))
+    table = ClientStateTable(algo.state_schema(task.objectives[0], task.initial_params(), 0), clients,
+                             algo.needs_previous)
+    gen = torch.Generator().manual_seed(0)
+    for column in table.columns.values():
+        if column.is_floating_point():
+            column.copy_(torch.randn(column.shape, generator=gen, dtype=column.dtype))
+    return table.rows(range(clients))
+
+
+def records(rows, plain: bool):
+    """The rows' ``states`` and ``prev`` records (strategies/wire.py), as Flower ``Array``s with
+    ``plain`` (bytes pickled in band), else as fedgluon's ``RawArray``s (out-of-band buffers)."""
+    from strategies.wire import rows_to_record
+
+    states, prev = rows_to_record(rows)
+    return (in_band(states), in_band(prev)) if plain else (states, prev)
+
+
+def in_band(record):
+    """The record with each array as a plain Flower ``Array`` (its bytes pickled in band)."""
     from flwr.app import Array, ArrayRecord
 
-    from strategies.records import states_to_record
+    return ArrayRecord({k: Array(dtype=a.dtype, shape=tuple(a.shape), stype=a.stype, data=a.data)
+                        for k, a in record.items()})
 
-    gen = torch.Generator().manual_seed(0)
-    states = {j: {"est": {"m": torch.randn(params, generator=gen)}, "ef": {"g": torch.randn(params, generator=gen)}}
-              for j in range(clients)}
-    record = states_to_record(states, files)
-    if plain:
-        record = ArrayRecord({k: Array(dtype=a.dtype, shape=tuple(a.shape), stype=a.stype, data=a.data)
-                              for k, a in record.items()})
-    return record
+
+def _nbytes(record) -> int:
+    return sum(len(a.data) for a in record.values())
+
+
+def _median_ms(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return 1e3 * statistics.median(times)
+
+
+def _round_trip_ms(node, rows, plain: bool, repeat: int) -> float:
+    """Median milliseconds of ``rows`` sent to ``node`` inside a Flower ``Message`` and read back as rows."""
+    from flwr.app import Message, RecordDict
+
+    from strategies.wire import record_to_rows
+
+    states, prev = records(rows, plain)
+    message = Message(RecordDict({"states": states, "prev": prev}), dst_node_id=1, message_type="train")
+
+    def trip() -> None:
+        import ray
+
+        back = record_to_rows(rows.clients, ray.get(node.run.remote(message, plain)), prev)
+        assert torch.equal(back.commits, rows.commits)
+
+    return _median_ms(trip, repeat)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,12 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.clients, args.repeat = [100], 7
     import ray
-    from flwr.app import Message, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
-    from strategies.records import Unpacker
-    from strategies.shared import SharedFiles
+    from strategies.wire import record_to_rows, rows_to_record
 
     print(f"machine: {machine()}")
     # Flower's Message constructor reads the process's task identity; its runtimes set it like this
@@ -67,48 +113,32 @@ def main(argv: list[str] | None = None) -> None:
 
     @ray.remote(num_cpus=1)
     class Node:
-        """Does with a block's states what a node does: reads them into a writable copy and replies
-        with a record of as many bytes (inline, or as a file of the run's shared directory)."""
+        """Does with a block's rows what a node does: reads them as tensors over the received bytes, and
+        replies with the same columns packed again (in Flower ``Array``s when they came so)."""
 
-        def run(self, message, shm: str | None):
-            from strategies.records import Unpacker, file_record, packed_record
-            from strategies.shared import SharedFiles
+        def run(self, message, plain: bool):
+            from strategies.wire import record_to_rows, rows_to_record
 
-            files = SharedFiles.attach(shm) if shm else None
-            unpacker = Unpacker(message.content.array_records["states"], copy=True, files=files)
-            size = unpacker.buffer.size
-            name = files.write([unpacker.buffer], size) if files is not None else None
-            if name is not None:
-                return file_record(unpacker.layout, name, size)
-            return packed_record(unpacker.layout, unpacker.buffer.tobytes())
+            content = message.content.array_records
+            states = content["states"]
+            rows = record_to_rows(range(states["@commits"].shape[0]), states, content["prev"])
+            reply, _ = rows_to_record(rows)
+            return in_band(reply) if plain else reply
 
     node = Node.remote()
-    ray.get(node.run.remote(Message(RecordDict({"states": block_record(1)}), dst_node_id=1, message_type="train"),
-                            None))
-    files = SharedFiles.create()
-    print(f"{'clients':>7s} {'MB':>6s} {'Array ms':>9s} {'RawArray ms':>12s} {'shared ms':>10s} "
-          f"{'Array / RawArray':>17s} {'RawArray / shared':>18s}")
+    _round_trip_ms(node, block_rows(1), False, 1)  # the actor's imports
+    print(f"{'clients':>7s} {'MB':>6s} {'Array ms':>9s} {'RawArray ms':>12s} {'Array / RawArray':>17s} "
+          f"{'pack ms':>8s} {'read ms':>8s}")
     try:
         for n in args.clients:
-            times = {}
-            for kind in ("Array", "RawArray", "shared"):
-                record = block_record(n, plain=kind == "Array", files=files if kind == "shared" else None)
-                message = Message(RecordDict({"states": record}), dst_node_id=1, message_type="train")
-                shm = str(files.path) if kind == "shared" and files is not None else None
-                trips = []
-                for _ in range(args.repeat):
-                    t0 = time.perf_counter()
-                    reply = Unpacker(ray.get(node.run.remote(message, shm)), copy=False, files=files)
-                    trips.append(time.perf_counter() - t0)
-                    assert reply.buffer.size == Unpacker(block_record(n)).buffer.size
-                times[kind] = statistics.median(trips)
-            mb = len(block_record(n)["data"].data) / 1e6
-            a, r, f = times["Array"], times["RawArray"], times["shared"]
-            print(f"{n:7d} {mb:6.1f} {1e3 * a:9.1f} {1e3 * r:12.1f} {1e3 * f:10.1f} {a / r:16.2f}x {r / f:17.2f}x",
+            rows = block_rows(n)
+            a, r = (_round_trip_ms(node, rows, plain, args.repeat) for plain in (True, False))
+            packed, prev = rows_to_record(rows)
+            pack = _median_ms(lambda: rows_to_record(rows), args.repeat)  # noqa: B023
+            read = _median_ms(lambda: record_to_rows(rows.clients, packed, prev), args.repeat)  # noqa: B023
+            print(f"{n:7d} {_nbytes(packed) / 1e6:6.1f} {a:9.1f} {r:12.1f} {a / r:16.2f}x {pack:8.2f} {read:8.2f}",
                   flush=True)
     finally:
-        if files is not None:
-            files.close()
         if started_here:
             ray.shutdown()
 

@@ -319,12 +319,17 @@ def max_reply_bytes(table: ClientStateTable, shapes: Mapping[str, tuple[int, ...
 
 
 def _non_finite_rows(columns: Mapping[str, Tensor], b: int) -> list[int]:
-    """Rows holding a NaN/Inf in any floating-point column (one pass per column)."""
-    bad = torch.zeros(b, dtype=torch.bool)
+    """Rows holding a NaN/Inf in any floating-point column, one NumPy pass per column (``np.isfinite``
+    over a (B, d) float32 column is ~15× faster than ``torch.isfinite`` here: BENCHMARKS.md)."""
+    bad = np.zeros(b, dtype=bool)
     for t in columns.values():
         if t.is_floating_point() and t.numel():
-            bad |= ~torch.isfinite(t.reshape(b, -1)).all(dim=1)
-    return bad.nonzero().flatten().tolist()
+            a = (t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()).reshape(b, -1)
+            if t.dtype == torch.bfloat16:  # exponent bits all ones: Inf or NaN
+                bad |= ((a & 0x7F80) == 0x7F80).any(axis=1)
+            else:
+                bad |= ~np.isfinite(a).all(axis=1)
+    return np.flatnonzero(bad).tolist()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -51,7 +51,7 @@ from .structures import (
     topk_indices,
     topk_rows,
 )
-from .values import Raw, ValueCodec
+from .values import OWN, Raw, ValueCodec
 
 __all__ = [
     "Compressor",
@@ -230,8 +230,14 @@ class Compressor:
         """``out[i] += sign · decode(row i)`` for every row of the (B, *shape) ``out``, in place, and returns
         it: sparse rows add their k values at their indices (distinct positions: the dense sum's values,
         :mod:`compressors.sparse`), others the decoded tensor; ``sign · value`` is rounded first, then
-        added. For payloads this process has made (error feedback on a client's own message)."""
-        decoded = self.decode(rows, device=out.device, dtype=out.dtype, sparse=True)
+        added. For payloads this process has made (error feedback on a client's own message) or has
+        already validated (the server deriving a tracker): the value and index checks are skipped
+        (:data:`compressors.values.OWN`)."""
+        token = OWN.set(True)
+        try:
+            decoded = self.decode(rows, device=out.device, dtype=out.dtype, sparse=True)
+        finally:
+            OWN.reset(token)
         if isinstance(decoded, SparseRows):
             decoded.add_into_(out, sign)
         else:

@@ -1,6 +1,7 @@
 """EF21 / EF14 identities in float64."""
 
 import pytest
+import numpy as np
 import torch
 
 from compressors import EF14, EF21, Context, decode_message, ef21_server_update, make_compressor, make_error_feedback
@@ -189,12 +190,18 @@ def test_error_feedback_block_step_equals_each_client_alone(kind, tracker, spec,
             block[j] = ({key: {n: t[i] for n, t in tree.items()} for key, tree in new.items()}, comps[i])
 
 
-def test_a_non_finite_row_raises_as_it_does_alone():
-    """A block with a NaN row fails as that client's step alone does (its own payload does not decode)."""
+def test_a_non_finite_row_is_sent_and_fails_validation_alone():
+    """A block with a NaN row: the client's own decode does not check values (compressors.values.OWN), so the
+    NaN travels in that row's payload, which the server's validated decode rejects; the other rows are
+    their lone steps' bitwise."""
     ef = EF21(make_compressor({"name": "topk", "ratio": 1.0}))
     V = {n: torch.randn(3, *s) for n, s in SHAPES.items()}
     V["w"][1, 2, 3] = float("nan")
+    rows, _, _ = ef.step(None, V, [(0, j, 0) for j in range(3)])
     with pytest.raises(PayloadError):
-        step_one(ef, None, {n: t[1] for n, t in V.items()}, (0, 1, 0))
-    with pytest.raises(PayloadError):
-        ef.step(None, V, [(0, j, 0) for j in range(3)])
+        ef.compressor.decode(rows["w"])
+    for i in (0, 2):
+        alone, _, _ = step_one(ef, None, {n: t[i] for n, t in V.items()}, (0, i, 0))
+        for n in V:
+            for key, a in alone[n].arrays.items():
+                assert np.array_equal(rows[n].arrays[key][i], a)

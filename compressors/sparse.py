@@ -80,10 +80,16 @@ class SparseRows:
     def add_into_(self, out: Tensor, w: float = 1.0) -> Tensor:
         """``out[i] += w · row i`` for the (B, *shape) contiguous ``out``, in one ``index_add_`` at the flat
         positions ``i·d + idx`` (distinct: each gets its one term, rounded as :func:`add_scaled_`)."""
-        B = len(out)
-        d = out[0].numel() if B else 0
-        flat = self.idx + torch.arange(0, B * d, d, device=self.idx.device)[:, None] if B > 1 else self.idx
-        out.view(-1).index_add_(0, flat.reshape(-1), (w * self.values.to(out.dtype)).reshape(-1))
+        B = out.shape[0]
+        values = self.values if self.values.dtype == out.dtype else self.values.to(out.dtype)
+        if w != 1.0:  # 1·v is v exactly: the product is skipped, not rounded differently
+            values = w * values
+        if B > 1:
+            d = out.numel() // B
+            flat = self.idx + torch.arange(0, B * d, d, device=self.idx.device)[:, None]
+        else:
+            flat = self.idx
+        out.view(-1).index_add_(0, flat.reshape(-1), values.reshape(-1))
         return out
 
     def tensor(self, i: int) -> SparseTensor:

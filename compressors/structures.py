@@ -172,7 +172,8 @@ class _Sparse(Structure):
 
     def decode_sparse(self, values: Tensor, arrays: Mapping[str, Any], meta: Mapping[str, Any],
                       shape: tuple[int, ...], layer: str) -> SparseRows:
-        idx = torch.from_numpy(self._indices(arrays, meta, shape, layer)).to(values.device)
+        idx = torch.from_numpy(self._indices(arrays, meta, shape, layer))
+        idx = idx if values.device.type == "cpu" else idx.to(values.device)
         scale = self._scale(shape)
         return SparseRows(idx, values * scale if scale != 1.0 else values, shape)
 

@@ -76,7 +76,9 @@ class ClientRows:
         return self.commits == 0
 
     def part(self, rows: slice) -> ClientRows:
-        """Rows ``rows`` of the block (views)."""
+        """Rows ``rows`` of the block (views; the block itself when they are all of it)."""
+        if rows.indices(len(self.clients))[:2] == (0, len(self.clients)) and rows.step in (None, 1):
+            return self
         tree = None if self.tree is None else _map(self.tree, lambda t: t[rows])
         return ClientRows(self.clients[rows], tree, self.commits[rows], self.seen[rows], self.models)
 
@@ -120,6 +122,13 @@ class ClientStateTable:
         models = {r: self.models[r] for r in set(seen.tolist()) if r in self.models}
         return ClientRows(clients, nest({p: take(c) for p, c in self.columns.items()}),
                           take(self.commits), seen, models)
+
+    def take(self, clients: Sequence[int], paths: Sequence[str]) -> dict[str, Tensor]:
+        """The committed rows of ``clients`` (sorted ids) in the columns ``paths`` (views when consecutive)."""
+        if clients == list(range(clients[0], clients[0] + len(clients))):
+            return {p: self.columns[p][clients[0]:clients[0] + len(clients)] for p in paths}
+        index = torch.as_tensor(list(clients), dtype=torch.int64)
+        return {p: self.columns[p].index_select(0, index) for p in paths}
 
     def travelling(self, derived: tuple[str, ...] = ()) -> dict[str, Tensor]:
         """The columns a reply carries: those whose path starts with none of the ``derived`` prefixes."""

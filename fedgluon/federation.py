@@ -218,8 +218,10 @@ class Federation:
         index = torch.as_tensor(at, dtype=torch.int64)
         whole = len(at) == len(prop.clients)
         rows = {p: c if whole else c.index_select(0, index) for p, c in prop.columns.items()}
-        if self.algorithm.derived:
-            rows.update(self.algorithm.derive_state(self.table.rows(clients).tree, prop.groups_of(at)))
+        derived = self.algorithm.derived
+        if derived:
+            old = self.table.take(clients, [p for p in self.table.columns if p.startswith(derived)])
+            rows.update(self.algorithm.derive_state(old, prop.groups_of(at)))
         self.table.commit(clients, rows, k, bc.model)
 
     def _unfit_states(self, replies: Mapping[int, ClientReply], proposed: Sequence[Proposal]) -> dict[int, str]:

@@ -245,9 +245,10 @@ class Algorithm:
     # never taken from a reply (``derive_state``); they do not travel back
     derived: ClassVar[tuple[str, ...]] = ()
 
-    def derive_state(self, old: State, groups: Mapping[str, PayloadGroup]) -> dict[str, Tensor]:
-        """The state columns (paths under :attr:`derived`) of accepted clients, from their committed rows
-        ``old`` and their payload ``groups`` (rows numbered as in ``old``); none by default."""
+    def derive_state(self, old: Mapping[str, Tensor], groups: Mapping[str, PayloadGroup]) -> dict[str, Tensor]:
+        """The state columns under :attr:`derived` of accepted clients (path → (B, *shape)), from their
+        committed rows ``old`` of those columns and their payload ``groups`` (rows numbered as in ``old``);
+        none by default."""
         return {}
 
     def state_schema(self, objective: SupervisedObjective, X0: Mapping[str, Tensor], seed: int) -> StateSchema:

@@ -61,7 +61,7 @@ class FeedbackUplink(Algorithm):
         if not self.derived:
             return {}
         layers = groups["uplink"].layers  # every row of the block (reply_group is "uplink")
-        return {f"ef/g/{n}": self.compressor.add_decoded_(g.clone(), layers[n]) for n, g in old["ef"]["g"].items()}
+        return {p: self.compressor.add_decoded_(g.clone(), layers[p.removeprefix("ef/g/")]) for p, g in old.items()}
 
     def aggregate(self, state, decoded, weights, bc):
         if self.ef.tracks:

@@ -124,7 +124,7 @@ class GluonDASHAMVR(Algorithm):
     def derive_state(self, old, groups):
         """``G_j ← G_j + m_j`` for compressed messages, ``G_j = m_j`` for a first (dense) one; the same
         operations as the client's."""
-        g = {n: t.clone() for n, t in old["g"].items()}
+        g = {p.removeprefix("g/"): t.clone() for p, t in old.items()}
         for name, group in groups.items():
             at = torch.tensor(group.rows)
             for n, layer in group.layers.items():

@@ -1,5 +1,6 @@
-"""Client blocks: vmapped per-client gradients equal the per-client loop (bitwise in float32 here), and a run with blocks of
-virtual clients (plain driver, in-process Flower grid) gives the metrics of one client per node."""
+"""Client blocks: vmapped per-client gradients equal the per-client loop (bitwise in float32 here), a row's
+result is bitwise independent of its block-mates, and a run with blocks of virtual clients (plain driver,
+in-process Flower grid) gives the metrics of one client per node."""
 
 import threading
 
@@ -311,8 +312,10 @@ def test_a_block_steps_in_runs_of_bounded_gradient_bytes(algorithm, monkeypatch)
     kw = {"seed": 3, "participation": 0.8, "evaluate": lambda X, k: task.evaluate(X)}
     blocks, runs = [], []
     step_block, client_step = Algorithm.step_block, Algorithm.client_step
-    monkeypatch.setattr(Algorithm, "step_block", lambda self, rows, *a: blocks.append(len(rows)) or step_block(self, rows, *a))
-    monkeypatch.setattr(Algorithm, "client_step", lambda self, rows, *a: runs.append(len(rows)) or client_step(self, rows, *a))
+    monkeypatch.setattr(Algorithm, "step_block",
+                        lambda self, rows, *a: blocks.append(len(rows)) or step_block(self, rows, *a))
+    monkeypatch.setattr(Algorithm, "client_step",
+                        lambda self, rows, *a: runs.append(len(rows)) or client_step(self, rows, *a))
 
     def run(run_bytes: int):
         monkeypatch.setattr(Algorithm, "RUN_BYTES", run_bytes)

@@ -189,7 +189,8 @@ def test_rejected_payload_keeps_trackers_consistent(name):
     tracker_key = "ef" if name == "gluon-ef21" else None
     G = res.server_state["G"]
     for n in G:
-        total = sum(w[j] * (res.client_states[j][tracker_key]["g"][n] if tracker_key else res.client_states[j]["g"][n])
+        rows = [res.table.client_state(j) for j in range(len(objs))]
+        total = sum(w[j] * (rows[j][tracker_key]["g"][n] if tracker_key else rows[j]["g"][n])
                     for j in range(len(objs)))
         torch.testing.assert_close(G[n], total, rtol=1e-5, atol=1e-6)
 
@@ -204,8 +205,12 @@ def test_rejected_client_state_is_not_advanced():
         return reply
     run_a = run_plain(algo, objs, X0, 4, seed=0, tamper=tamper)
     run_b = run_plain(algo, objs, X0, 3, seed=0)
-    for n in run_a.client_states[4]["ef"]["g"]:
-        assert torch.equal(run_a.client_states[4]["ef"]["g"][n], run_b.client_states[4]["ef"]["g"][n])
+    a, b = run_a.table.client_state(4), run_b.table.client_state(4)
+    for n in a["ef"]["g"]:
+        assert torch.equal(a["ef"]["g"][n], b["ef"]["g"][n])
+    # the rejected round is not counted: 3 commits, its X_prev still the model of round 2
+    assert int(run_a.table.commits[4]) == int(run_b.table.commits[4]) == 3
+    assert int(run_a.table.seen[4]) == int(run_b.table.seen[4]) == 2
     assert run_a.frame()["rejected"].tolist() == [0, 0, 0, 1]
 
 

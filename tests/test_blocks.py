@@ -1,22 +1,25 @@
-"""Client blocks: vmapped per-client gradients equal the per-client loop (bitwise in float32 here), and a run with blocks of
-virtual clients (plain driver, in-process Flower grid) gives the metrics of one client per node."""
+"""Client blocks: vmapped per-client gradients equal the per-client loop (bitwise in float32 here), a row's
+result is bitwise independent of its block-mates, and a run with blocks of virtual clients (plain driver,
+in-process Flower grid) gives the metrics of one client per node."""
 
 import threading
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch.utils._pytree import tree_flatten
 
 from fedgluon import spec as specs
+from fedgluon import vectorised
 from fedgluon.blocks import block_clients, num_blocks
+from fedgluon.client_table import flatten
 from fedgluon.driver import run_plain
 from fedgluon.engines import run_inprocess
 from fedgluon.faults import FaultPlan
 from fedgluon.metrics import TIMING_COLUMNS
 from fedgluon.rng import generator
 from fedgluon.tasks import make_task
-from fedgluon.vectorised import block_gradients, can_vectorise
+from fedgluon.vectorised import can_vectorise, stacked_gradients
 
 TASK = {"name": "synthetic", "num_clients": 9, "dim": 10, "classes": 4, "hidden": [16], "mean_samples": 30,
         "batch_size": 24}
@@ -28,23 +31,47 @@ def test_block_layout():
         num_blocks(10, 0)
 
 
+@pytest.fixture
+def vmapped_calls(monkeypatch):
+    """The batch shapes of every vmapped call :func:`stacked_gradients` makes (the real call runs)."""
+    calls = []
+    real = vectorised._vmapped_call
+
+    def spy(objective, xs, ys, *rest):
+        calls.append(tuple(ys.shape))
+        return real(objective, xs, ys, *rest)
+
+    monkeypatch.setattr(vectorised, "_vmapped_call", spy)
+    return calls
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_vmapped_gradients_equal_the_loop_bitwise(dtype):
+def test_vmapped_gradients_equal_the_loop_bitwise(dtype, vmapped_calls):
+    """Row i of ``stacked_gradients`` is client ``js[i]``'s ``objective.gradient`` on ``batches[i]``, at the
+    shared parameters or at row i of stacked ones; rows are grouped by batch shape, one vmapped call per
+    group of two or more (a client with fewer samples than the batch size draws a smaller batch)."""
     task = make_task({**TASK, "dtype": dtype, "seed": 2})
     objs, X = task.objectives, task.initial_params()
-    batches = {j: o.sample_batch(generator(0, "sample", j, 0)) for j, o in enumerate(objs)}
-    assert len({tuple(b[1].shape) for b in batches.values()}) > 1  # ragged: some clients hold < batch_size samples
-    shared = block_gradients(objs, batches, shared=X)
-    per = {j: {n: t + 0.01 * j for n, t in X.items()} for j in batches}
-    stacked = block_gradients(objs, batches, per_client=per)
-    for j, o in enumerate(objs):
-        for got, params in ((shared[j], X), (stacked[j], per[j])):
-            loss, ref = o.gradient(params, batches[j])
+    js = list(range(len(objs)))[::-1]  # rows in another order than the clients
+    batches = [objs[j].sample_batch(generator(0, "sample", j, 0)) for j in js]
+    sizes = [len(b[1]) for b in batches]
+    assert len(set(sizes)) > 1  # ragged: some clients hold < batch_size samples
+    losses, shared = stacked_gradients(objs, js, batches, shared=X)
+    groups = {n: sizes.count(n) for n in set(sizes)}
+    assert sorted(vmapped_calls) == sorted((n, size) for size, n in groups.items() if n > 1)
+    per = {n: torch.stack([t + 0.01 * j for j in js]) for n, t in X.items()}
+    stacked_losses, stacked = stacked_gradients(objs, js, batches, stacked=per)
+    for i, j in enumerate(js):
+        for got, got_loss, params in ((shared, losses[i], X), (stacked, stacked_losses[i], {n: per[n][i] for n in X})):
+            loss, ref = objs[j].gradient(params, batches[i])
+            assert all(got[n].shape == (len(js), *X[n].shape) for n in ref)
             if dtype == "float32":  # measured bitwise equal here; float64 takes another BLAS path (1-ulp differences)
-                assert all(torch.equal(got[1][n], ref[n]) for n in ref)
+                assert all(torch.equal(got[n][i], ref[n]) for n in ref)
             for n in ref:
-                torch.testing.assert_close(got[1][n], ref[n], rtol=1e-14 if dtype == "float64" else 0, atol=1e-15)
-            assert got[0] == pytest.approx(loss, rel=1e-6)
+                torch.testing.assert_close(got[n][i], ref[n], rtol=1e-14 if dtype == "float64" else 0, atol=1e-15)
+            assert got_loss == pytest.approx(loss, rel=1e-6)
+    with pytest.raises(ValueError, match="either shared parameters or stacked"):
+        stacked_gradients(objs, js, batches, shared=X, stacked=per)
 
 
 def _running_bn():
@@ -52,15 +79,29 @@ def _running_bn():
     return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
 
 
-def test_batchnorm_with_running_statistics_falls_back_to_the_loop_and_the_cnn_has_none():
+def test_batchnorm_with_running_statistics_falls_back_to_the_loop_and_the_cnn_has_none(vmapped_calls):
+    """A model whose forward pass writes its running statistics is not vmapped: every row is its
+    ``objective.gradient``, bitwise; SmallCNN normalises with batch statistics alone and has no buffers."""
     from fedgluon.models import MLP, SmallCNN
+    from fedgluon.objective import SupervisedObjective
 
     assert not can_vectorise(_running_bn()) and can_vectorise(MLP(4, (3,), 2))
     cnn = SmallCNN(1, 10, widths=(4,))
     assert can_vectorise(cnn) and not list(cnn.buffers())
+    gen = torch.Generator().manual_seed(1)
+    model = _running_bn()
+    objs = [SupervisedObjective(model, torch.randn(8, 4, generator=gen), torch.randn(8, 3, generator=gen),
+                                batch_size=4, loss_fn=torch.nn.functional.mse_loss) for _ in range(3)]
+    X = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batches = [o.sample_batch(generator(0, "sample", j, 0)) for j, o in enumerate(objs)]
+    losses, got = stacked_gradients(objs, [0, 1, 2], batches, shared=X)
+    assert vmapped_calls == []
+    for j, o in enumerate(objs):
+        loss, ref = o.gradient(X, batches[j])
+        assert losses[j] == loss and all(torch.equal(got[n][j], ref[n]) for n in ref)
 
 
-def test_the_cnn_batches_its_gradients_and_gives_the_loop_results():
+def test_the_cnn_batches_its_gradients_and_gives_the_loop_results(vmapped_calls):
     """SmallCNN normalises with batch statistics only, so its block gradients are vmapped, equal to the
     per-client loop up to float32 rounding (conv kernels differ batched: measured <= 1e-6 relative)."""
     from fedgluon.models import SmallCNN
@@ -71,18 +112,29 @@ def test_the_cnn_batches_its_gradients_and_gives_the_loop_results():
     objs = [SupervisedObjective(model, torch.randn(6, 1, 8, 8, generator=gen), torch.randint(0, 4, (6,), generator=gen),
                                 batch_size=4) for _ in range(3)]
     X = {n: p.detach().clone() for n, p in model.named_parameters()}
-    batches = {j: o.sample_batch(generator(0, "sample", j, 0)) for j, o in enumerate(objs)}
-    got = block_gradients(objs, batches, shared=X)
+    batches = [o.sample_batch(generator(0, "sample", j, 0)) for j, o in enumerate(objs)]
+    _, got = stacked_gradients(objs, [0, 1, 2], batches, shared=X)
+    assert vmapped_calls == [(3, 4)]  # one call for the block
     for j, o in enumerate(objs):
         loss, ref = o.gradient(X, batches[j])
         for n in ref:
-            torch.testing.assert_close(got[j][1][n], ref[n], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got[n][j], ref[n], rtol=1e-5, atol=1e-6)
 
 
 def _frames_match(a: pd.DataFrame, b: pd.DataFrame) -> None:
     cols = [c for c in a.columns if c not in (*TIMING_COLUMNS, "train_loss")]
     pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=True)
     pd.testing.assert_series_equal(a["train_loss"], b["train_loss"], rtol=1e-6)
+
+
+def _tables_equal(a, b) -> None:
+    """Two runs' client-state tables hold the same rows bitwise: every tracker, estimate and residual,
+    the commit counts, the rounds last seen and the models kept for X_prev."""
+    assert a.columns.keys() == b.columns.keys()
+    assert all(torch.equal(a.columns[p], b.columns[p]) for p in a.columns)
+    assert torch.equal(a.commits, b.commits) and torch.equal(a.seen, b.seen)
+    assert a.models.keys() == b.models.keys()
+    assert all(torch.equal(a.models[r][n], b.models[r][n]) for r in a.models for n in a.models[r])
 
 
 @pytest.mark.parametrize("algorithm", [
@@ -103,14 +155,84 @@ def test_plain_driver_blocks_equal_one_client_per_node(algorithm):
     threads = run_plain(algo, task.objectives, task.initial_params(), 6, block_size=2, workers=3, **kw)
     for other in (blocks, threads):
         _frames_match(one.frame(), other.frame())
-        for j in range(TASK["num_clients"]):  # every tracker, estimate and residual, bitwise
-            a, b = one.client_states[j], other.client_states[j]
-            assert (a is None) == (b is None)
-            if a is not None:
-                flat_a, spec_a = tree_flatten(a)
-                flat_b, spec_b = tree_flatten(b)
-                assert spec_a == spec_b
-                assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(flat_a, flat_b))
+        _tables_equal(one.table, other.table)
+        assert all(torch.equal(one.server_state["X"][n], other.server_state["X"][n]) for n in one.server_state["X"])
+
+
+def _rows_of(results) -> dict:
+    """Per client of a block step's results: its reply's group, metrics and payload arrays, its proposed
+    state row (views) and its failure, if any."""
+    out = {}
+    for res in results:
+        state = flatten(res.state)
+        replies, failures = res.replies(), res.failures()
+        for i, j in enumerate(res.clients):
+            reply = replies.get(j)
+            out[j] = {"state": {p: t[i] for p, t in state.items()}, "failed": failures.get(j),
+                      "reply": None if reply is None else (reply.group, reply.loss, reply.grad_evals, reply.samples),
+                      "payload": None if reply is None else reply.message}
+    return out
+
+
+def _same_row(a: dict, b: dict, what: str) -> None:
+    """Bitwise equal but the reported loss, which may differ in its last bit (module doc of
+    fedgluon.vectorised: a vmapped batch mean is reduced in another order)."""
+    assert a["failed"] == b["failed"], what
+    if a["reply"] is None or b["reply"] is None:
+        assert a["reply"] == b["reply"], what
+    else:
+        (group, loss, *rest), (group_b, loss_b, *rest_b) = a["reply"], b["reply"]
+        assert group == group_b and rest == rest_b and loss == pytest.approx(loss_b, rel=1e-6), what
+    assert a["state"].keys() == b["state"].keys(), what
+    for p, t in a["state"].items():
+        assert t.dtype == b["state"][p].dtype and torch.equal(t, b["state"][p]), f"{what}: state {p}"
+    if a["payload"] is None:
+        assert b["payload"] is None, what
+        return
+    assert a["payload"].keys() == b["payload"].keys(), what
+    for layer, x in a["payload"].items():
+        y = b["payload"][layer]
+        assert (x.codec, x.shape, x.meta) == (y.codec, y.shape, y.meta), f"{what}: {layer}"
+        assert x.arrays.keys() == y.arrays.keys(), f"{what}: {layer}"
+        for k, arr in x.arrays.items():
+            other = np.asarray(y.arrays[k])
+            arr = np.asarray(arr)
+            assert arr.dtype == other.dtype and np.array_equal(arr, other), f"{what}: {layer}/{k}"
+
+
+@pytest.mark.parametrize("algorithm", [
+    {"name": "gluon-ef21-mvr", "compressor": {"name": "topk", "ratio": 0.1}},
+    {"name": "gluon-mvr", "variant": "storm"},  # Muon-MVR: per-row clipping norms
+    {"name": "gluon-dasha-mvr", "compressor": {"name": "randk", "ratio": 0.2}},  # dense first messages
+    {"name": "gluon-ef21", "tracker": "fixed16", "compressor": {"name": "topk", "ratio": 0.1}},  # per-layer scales
+    {"name": "limuon", "rank": 2},  # per-row RSVD factors
+    {"name": "fedavg", "local_steps": 2},
+])
+def test_a_rows_result_is_bitwise_independent_of_its_block_mates(algorithm):
+    """After 3 rounds of partial participation (first-time clients beside later ones, X_prev of several
+    rounds), every client steps round 3 alone, in a block of all 9 (table views) and in a block of every
+    other client (gathered rows): its payload arrays, metrics and proposed state row are bitwise equal."""
+    from fedgluon.algorithms.block import concat
+
+    spec = specs.normalise({"task": TASK, "algorithm": {"lr": 0.05, **algorithm}, "rounds": 3, "seed": 6})
+    task, algo = specs.build(spec)
+    objs = task.objectives
+    res = run_plain(algo, objs, task.initial_params(), 3, seed=6, participation=0.5)
+    table = res.table
+    assert (table.commits == 0).any() and (table.commits > 0).any()
+    bc = algo.broadcast(res.server_state, 3, 6, len(objs))
+    n = len(objs)
+
+    def step(blocks: list[list[int]]) -> dict:
+        return _rows_of([concat(algo.step_block(table.rows(js), bc, objs)) for js in blocks])
+
+    alone = step([[j] for j in range(n)])
+    together = step([list(range(n))])
+    mixed = step([list(range(0, n, 2)), list(range(1, n, 2))])
+    assert any(r["payload"] for r in alone.values())
+    for j in range(n):
+        _same_row(alone[j], together[j], f"client {j}: alone vs a block of {n}")
+        _same_row(alone[j], mixed[j], f"client {j}: alone vs every other client")
 
 
 def test_threads_never_share_a_module_in_functional_call():
@@ -122,14 +244,15 @@ def test_threads_never_share_a_module_in_functional_call():
 
     task = make_task({**TASK, "seed": 5})
     objs, X = task.objectives, task.initial_params()
-    batches = {j: o.sample_batch(generator(0, "sample", j, 0)) for j, o in enumerate(objs)}
-    ref = block_gradients(objs, batches, shared=X)
+    batches = [o.sample_batch(generator(0, "sample", j, 0)) for j, o in enumerate(objs)]
+    js = list(range(len(objs)))
+    _, ref = stacked_gradients(objs, js, batches, shared=X)
     wrong = []
 
     def work(params: dict) -> None:
         for _ in range(40):
-            got = block_gradients(objs, batches, shared=params)
-            wrong.extend(j for j in got if not all(torch.equal(got[j][1][n], ref[j][1][n]) for n in X))
+            _, got = stacked_gradients(objs, js, batches, shared=params)
+            wrong.extend(j for j in js if not all(torch.equal(got[n][j], ref[n][j]) for n in X))
 
     other = {n: t + 1.0 for n, t in X.items()}  # a second thread at other parameters would leak them
     pool = [threading.Thread(target=work, args=(p,)) for p in (X, X, other)]
@@ -178,36 +301,41 @@ def test_workers_are_checked_and_models_with_buffers_step_one_block_at_a_time(ca
 ])
 def test_a_block_steps_in_runs_of_bounded_gradient_bytes(algorithm, monkeypatch):
     """A block's clients step in runs of ``RUN_BYTES`` of gradients (two per client where the estimator
-    needs ∇f(X_prev)); a block of all 9 clients in runs of 2 equals one run and one client per node."""
+    needs ∇f(X_prev)), a last run of one joined to the one before; a block of all 9 clients in runs of 2
+    equals one run and one client per node."""
     from fedgluon.algorithms.base import Algorithm
 
     spec = specs.normalise({"task": TASK, "algorithm": {"lr": 0.05, **algorithm}, "rounds": 5, "seed": 3})
     task, algo = specs.build(spec)
     X = task.initial_params()
     grad_bytes = sum(t.numel() * t.element_size() for t in X.values()) * (2 if algo.needs_previous else 1)
-    monkeypatch.setattr(Algorithm, "RUN_BYTES", 2 * grad_bytes + 1)
     kw = {"seed": 3, "participation": 0.8, "evaluate": lambda X, k: task.evaluate(X)}
-    from fedgluon.algorithms.ef21 import FeedbackUplink
+    blocks, runs = [], []
+    step_block, client_step = Algorithm.step_block, Algorithm.client_step
+    monkeypatch.setattr(Algorithm, "step_block",
+                        lambda self, rows, *a: blocks.append(len(rows)) or step_block(self, rows, *a))
+    monkeypatch.setattr(Algorithm, "client_step",
+                        lambda self, rows, *a: runs.append(len(rows)) or client_step(self, rows, *a))
 
-    calls, column_calls = [], []
-    run, column_block = Algorithm._client_run, FeedbackUplink.column_block
-    monkeypatch.setattr(Algorithm, "_client_run", lambda self, *a: calls.append(len(a[-1])) or run(self, *a))
-    monkeypatch.setattr(FeedbackUplink, "column_block",  # the plain driver steps columns in the same runs
-                        lambda self, cols, *a: column_calls.append(len(cols.clients)) or column_block(self, cols, *a))
-    in_runs = run_plain(algo, task.objectives, X, 5, block_size=9, **kw)
-    assert calls and max(calls) == 2 and column_calls and max(column_calls) == 3  # a last run of one joins the one before
-    monkeypatch.setattr(Algorithm, "RUN_BYTES", 10 ** 12)
-    calls.clear()
-    column_calls.clear()
-    whole = run_plain(algo, task.objectives, X, 5, block_size=9, **kw)
-    assert max(calls + column_calls) > 2
+    def run(run_bytes: int):
+        monkeypatch.setattr(Algorithm, "RUN_BYTES", run_bytes)
+        blocks.clear()
+        runs.clear()
+        result = run_plain(algo, task.objectives, X, 5, block_size=9, **kw)
+        assert runs[0] == 1  # the schema's throwaway step of client 0 (Algorithm.state_schema)
+        return result, runs[1:]
+
+    in_runs, got = run(2 * grad_bytes + 1)
+    assert len(blocks) == 5 and min(blocks) >= 3
+    assert got == [r for b in blocks for r in [2] * (b // 2 - 1) + [2 + b % 2]]  # 7 clients: 2, 2, 3
+    assert 3 in got
+    whole, got = run(10 ** 12)
+    assert got == blocks  # one run per block
     one = run_plain(algo, task.objectives, X, 5, **kw)
     _frames_match(in_runs.frame(), whole.frame())
     _frames_match(in_runs.frame(), one.frame())
-    for j in range(TASK["num_clients"]):
-        flat_a, _ = tree_flatten(in_runs.client_states[j])
-        flat_b, _ = tree_flatten(one.client_states[j])
-        assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(flat_a, flat_b))
+    _tables_equal(in_runs.table, whole.table)
+    _tables_equal(in_runs.table, one.table)
 
 
 def test_flower_blocks_equal_plain_driver_with_faults():
@@ -252,11 +380,11 @@ def test_client_device_is_checked_and_cpu_without_a_gpu():
 def test_vmapped_gradients_on_the_gpu_match_the_cpu():
     task = make_task({**TASK, "seed": 2})
     objs, X = task.objectives, task.initial_params()
-    batches = {j: o.sample_batch(generator(0, "sample", j, 0)) for j, o in enumerate(objs)}
-    cpu = block_gradients(objs, batches, shared=X)
-    gpu = block_gradients(objs, batches, shared=X, device=torch.device("cuda"))
-    for j in batches:
-        assert abs(cpu[j][0] - gpu[j][0]) < 1e-4
-        for n in X:
-            assert gpu[j][1][n].device.type == "cpu"
-            torch.testing.assert_close(gpu[j][1][n], cpu[j][1][n], rtol=1e-4, atol=1e-5)
+    js = list(range(len(objs)))
+    batches = [o.sample_batch(generator(0, "sample", j, 0)) for j, o in enumerate(objs)]
+    cpu_losses, cpu = stacked_gradients(objs, js, batches, shared=X)
+    gpu_losses, gpu = stacked_gradients(objs, js, batches, shared=X, device=torch.device("cuda"))
+    assert np.allclose(cpu_losses, gpu_losses, rtol=0, atol=1e-4)
+    for n in X:
+        assert gpu[n].device.type == "cpu"
+        torch.testing.assert_close(gpu[n], cpu[n], rtol=1e-4, atol=1e-5)

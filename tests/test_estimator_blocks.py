@@ -249,19 +249,18 @@ def test_state_dtype_rows(name, kw):
         assert_row_equal(out, i, o, f"{name} estimate from fp16 {i}")
 
 
-def test_update_rows_adapter_and_schema():
-    """The transitional adapter takes per-client states (None: first) and returns standalone per-client
-    results equal to the parent's; ``schema`` names one client's state layout."""
+def test_step_one_and_schema():
+    """``step_one`` (the optimizer's B = 1 step on unbatched tensors, ``None``: first step) equals the
+    parent's, for a later and a first step; ``schema`` names one client's state layout."""
     est = make_estimator("muon_mvr2", form="reference")
     dtype = torch.float32
     s1 = ref_muon_mvr(est, None, grads(1, dtype))[0]
     g, gp = [grads(2, dtype), grads(3, dtype)], [grads(4, dtype), None]
-    out = est.update_rows([s1, None], g, gp)
-    for i, (state, prev) in enumerate([(s1, gp[0]), (None, None)]):
-        ref_state, ref_est = ref_muon_mvr(est, state, g[i], prev)
-        assert_row_equal(stack([out[i][0]]), 0, ref_state, f"update_rows state {i}")
-        assert_row_equal(stack([out[i][1]]), 0, ref_est, f"update_rows estimate {i}")
-        assert out[i][1]["big"].untyped_storage().nbytes() == out[i][1]["big"].nbytes  # not a view of the block
+    for i, state in enumerate([s1, None]):
+        got_state, got_est = est.step_one(state, g[i], gp[i])
+        ref_state, ref_est = ref_muon_mvr(est, state, g[i], gp[i])
+        assert_row_equal(stack([got_state]), 0, ref_state, f"step_one state {i}")
+        assert_row_equal(stack([got_est]), 0, ref_est, f"step_one estimate {i}")
     schema = est.schema({k: s for k, s in SHAPES.items()}, torch.float32)
     assert schema["m"]["w"] == ((9, 7), torch.float32) and "w" not in schema["v"] and "big" not in schema["v"]
     assert schema["step"]["t"] == ((), torch.int64)

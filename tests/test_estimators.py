@@ -14,9 +14,9 @@ def grads(seed, shapes={"w": (6, 4), "b": (6,)}):
 def test_updates_are_pure():
     for est in [EMAMomentum(0.9), MVR(0.5), MuonMVR(variant=2), SARAH(), LiMuon(rank=2)]:
         g0, g1, gp = grads(0), grads(1), grads(2)
-        state, _ = est.update(None, g0)
+        state, _ = est.step_one(None, g0)
         snapshot = {k: {n: t.clone() for n, t in v.items()} for k, v in state.items()}
-        est.update(state, g1, gp)
+        est.step_one(state, g1, gp)
         for k, v in state.items():
             for n, t in v.items():
                 assert torch.equal(t, snapshot[k][n]), (est.name, k, n)
@@ -28,7 +28,7 @@ def test_ema_matches_definition():
     state = None
     for s in range(5):
         g = grads(s)
-        state, out = est.update(state, g)
+        state, out = est.step_one(state, g)
         m = {k: 0.8 * m[k] + 0.2 * g[k] for k in g}
         for k in g:
             torch.testing.assert_close(out[k], 0.8 * m[k] + 0.2 * g[k], rtol=1e-12, atol=1e-14)
@@ -38,9 +38,9 @@ def test_mvr_beta_zero_is_plain_gradient_and_beta_one_is_sarah():
     state0 = state1 = stateS = None
     for s in range(6):
         g, gp = grads(s), grads(100 + s)
-        state0, out0 = MVR(beta=0.0).update(state0, g, gp)
-        state1, out1 = MVR(beta=1.0).update(state1, g, gp)
-        stateS, outS = SARAH().update(stateS, g, gp)
+        state0, out0 = MVR(beta=0.0).step_one(state0, g, gp)
+        state1, out1 = MVR(beta=1.0).step_one(state1, g, gp)
+        stateS, outS = SARAH().step_one(stateS, g, gp)
         for k in g:
             assert torch.equal(out0[k], g[k])
             torch.testing.assert_close(out1[k], outS[k], rtol=1e-12, atol=1e-12)
@@ -53,7 +53,7 @@ def test_sarah_noiseless_equals_true_gradient():
     x_prev, state = None, None
     x = torch.randn(5, dtype=torch.float64)
     for _ in range(40):
-        state, v = SARAH().update(state, grad(x), None if x_prev is None else grad(x_prev))
+        state, v = SARAH().step_one(state, grad(x), None if x_prev is None else grad(x_prev))
         torch.testing.assert_close(v["x"], grad(x)["x"], rtol=1e-10, atol=1e-12)
         x_prev, x = x, x - 0.05 * v["x"]
 
@@ -66,7 +66,7 @@ def test_muon_mvr_matches_reference_code():
         state, m, last = None, {k: torch.zeros_like(v) for k, v in grads(0).items()}, None
         for s in range(6):
             g, gp = grads(s), grads(50 + s)
-            state, out = est.update(state, g, gp)
+            state, out = est.step_one(state, g, gp)
             ref_last = (gp if variant == 2 else last) if s > 0 else None
             for k in g:
                 c = g[k] if ref_last is None else g[k] + gamma * beta / (1 - beta) * (g[k] - ref_last[k])
@@ -82,19 +82,19 @@ def test_limuon_full_rank_equals_mvr_and_low_rank_state_is_small():
     s_l = s_m = None
     for s in range(5):
         g, gp = grads(s, shapes), grads(40 + s, shapes)
-        s_l, out_l = LiMuon(beta=0.7, rank=10).update(s_l, g, gp)
-        s_m, out_m = MVR(beta=0.7).update(s_m, g, gp)
+        s_l, out_l = LiMuon(beta=0.7, rank=10).step_one(s_l, g, gp)
+        s_m, out_m = MVR(beta=0.7).step_one(s_m, g, gp)
         for k in g:
             torch.testing.assert_close(out_l[k], out_m[k], rtol=1e-12, atol=1e-12)
-    state, _ = LiMuon(beta=0.7, rank=2).update(None, grads(0, shapes))
+    state, _ = LiMuon(beta=0.7, rank=2).step_one(None, grads(0, shapes))
     assert state["P"]["w"].shape == (12, 2) and state["Q"]["w"].shape == (10, 2)
     assert "b" in state["full"]
 
 
 def test_needs_previous_gradient_error():
-    state, _ = MVR(0.5).update(None, grads(0))
+    state, _ = MVR(0.5).step_one(None, grads(0))
     with pytest.raises(ValueError, match="needs the gradient at the previous iterate"):
-        MVR(0.5).update(state, grads(1))
+        MVR(0.5).step_one(state, grads(1))
 
 
 def test_refresh_policy():

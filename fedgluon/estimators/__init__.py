@@ -32,9 +32,8 @@ Modules: :mod:`.base` (the interface, :class:`Rows`), :mod:`.momentum` (EMA, MVR
 :mod:`.muon` (Muon-MVR, LiMuon: per-row norms and factors); this package re-exports them and builds them by
 name (:func:`make_estimator`).
 
-One model (the optimizer, B = 1) steps with :meth:`Estimator.step_one`. Transitional, to be deleted once
-every caller steps blocks: ``update``/``refresh`` called without ``first`` (the old per-client signature, a
-wrapper of ``step_one``) and :meth:`Estimator.update_rows` (a list of per-client states in, a list out).
+One model (the optimizer, B = 1) steps with :meth:`Estimator.step_one`: unbatched tensors, ``state is
+None`` on its first step, the block step of one row.
 """
 
 from __future__ import annotations

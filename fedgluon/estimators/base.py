@@ -1,10 +1,10 @@
-"""The block estimator interface: a block's state rows, its first-step mask (:class:`Rows`) and the
-transitional per-client adapters (see :mod:`fedgluon.estimators`)."""
+"""The block estimator interface: a block's state rows, its first-step mask (:class:`Rows`), and the
+one-model step of the optimizer (:meth:`Estimator.step_one`; see :mod:`fedgluon.estimators`)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -57,12 +57,12 @@ def _as_block(t: Mapping[str, Tensor]) -> Tensors:
     return {k: v.unsqueeze(0) for k, v in t.items()}
 
 
-def _row(t: Mapping[str, Tensor], i: int, copy: bool = False) -> Tensors:
-    return {k: v[i].clone() if copy else v[i] for k, v in t.items()}
+def _row(t: Mapping[str, Tensor], i: int) -> Tensors:
+    return {k: v[i] for k, v in t.items()}
 
 
-def _state_row(state: State, i: int, copy: bool = False) -> State:
-    return {grp: _row(part, i, copy) for grp, part in state.items()}
+def _state_row(state: State, i: int) -> State:
+    return {grp: _row(part, i) for grp, part in state.items()}
 
 
 _FIRST, _LATER = torch.tensor([True]), torch.tensor([False])  # read only
@@ -91,19 +91,15 @@ class Estimator(ABC):
         return {grp: {k: (tuple(t.shape[1:]), t.dtype) for k, t in part.items()}
                 for grp, part in self.zero_state(meta).items()}
 
-    def update(self, state: State | None, g_now: Mapping[str, Tensor], g_prev: Mapping[str, Tensor] | None = None,
-               first: Tensor | None = None) -> tuple[State, Tensors]:
+    def update(self, state: State, g_now: Mapping[str, Tensor], g_prev: Mapping[str, Tensor] | None,
+               first: Tensor) -> tuple[State, Tensors]:
         """One step of a block: the new state and the gradient estimate handed to the LMO, row by row.
 
         ``first`` ((B,) bool) marks the rows whose client steps for the first time; their state rows are
-        ignored (zero-filled in a table). Without ``first`` (transitional): one client, unbatched tensors,
-        ``state is None`` on its first step."""
-        if first is None:
-            return self.step_one(state, g_now, g_prev)  # transitional
+        ignored (zero-filled in a table)."""
         return self._update(state, g_now, g_prev, self._rows(first, g_now))
 
-    def refresh(self, state: State | None, g_large: Mapping[str, Tensor],
-                first: Tensor | None = None) -> tuple[State, Tensors]:
+    def refresh(self, state: State, g_large: Mapping[str, Tensor], first: Tensor) -> tuple[State, Tensors]:
         """A large-batch refresh of a block (SARAH/PAGE); same conventions as :meth:`update`."""
         raise ValueError(f"estimator {self.name!r} has no large-batch refresh")
 
@@ -126,27 +122,6 @@ class Estimator(ABC):
             rows = Rows(_FIRST, True) if state is None else Rows(_LATER, False)
             new, est = self._update(s1, g1, None if g_prev is None else _as_block(g_prev), rows)
         return _state_row(new, 0), _row(est, 0)
-
-    def update_rows(self, states: Sequence[State | None], g_now: Sequence[Mapping[str, Tensor]],
-                    g_prev: Sequence[Mapping[str, Tensor] | None] | None = None,
-                    refresh: bool = False) -> list[tuple[State, Tensors]]:
-        """Transitional adapter: per-client states (``None``: first step), gradients and previous
-        gradients (``None`` where absent) stacked into one block step; each client's new state and estimate
-        come back as standalone tensors, equal bitwise to its own :meth:`update`."""
-        G = {k: torch.stack([g[k] for g in g_now]) for k in g_now[0]}
-        zero = _state_row(self.zero_state({k: t[:1] for k, t in G.items()}), 0)
-        rows = [zero if s is None else s for s in states]
-        S = {grp: {k: torch.stack([r[grp][k] for r in rows]) for k in part} for grp, part in zero.items()}
-        first = torch.tensor([s is None for s in states])
-        if refresh:
-            new, est = self.refresh(S, G, first)
-        else:
-            gp = None
-            if g_prev is not None and any(p is not None for p in g_prev):
-                gp = {k: torch.stack([torch.zeros_like(g[k]) if p is None else p[k] for p, g in zip(g_prev, g_now)])
-                      for k in G}
-            new, est = self.update(S, G, gp, first)
-        return [(_state_row(new, i, copy=True), _row(est, i, copy=True)) for i in range(len(states))]
 
 
 def _zeros(g: Mapping[str, Tensor]) -> Tensors:

@@ -88,9 +88,7 @@ class SARAH(Estimator):
             v = {k: rows.where(g, state["v"][k] + g - gp[k]) for k, g in g_now.items()}
         return {"v": v}, v
 
-    def refresh(self, state, g_large, first=None):
-        if first is None:
-            return self.step_one(state, g_large, refresh=True)  # transitional
+    def refresh(self, state, g_large, first):
         self._rows(first, g_large)
         v = _clone(g_large)
         return {"v": v}, v

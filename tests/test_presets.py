@@ -156,9 +156,9 @@ def test_first_step_is_the_codes_and_differs_from_fedgluons():
     from fedgluon.estimators import make_estimator
 
     g = {"w": torch.full((3, 2), 0.01, dtype=torch.float64), "b": torch.full((3,), 0.01, dtype=torch.float64)}
-    _, est = make_estimator("muon_mvr1", beta=0.95, gamma=0.025, form="reference").update(None, g)
+    _, est = make_estimator("muon_mvr1", beta=0.95, gamma=0.025, form="reference").step_one(None, g)
     torch.testing.assert_close(est["w"], 1.475 * g["w"], rtol=1e-12, atol=0)  # M1/(1−β) = c1
-    _, est = make_estimator("muon_mvr1", beta=0.95, gamma=0.025).update(None, g)
+    _, est = make_estimator("muon_mvr1", beta=0.95, gamma=0.025).step_one(None, g)
     torch.testing.assert_close(est["w"], 0.05 * g["w"], rtol=1e-12, atol=0)  # M1 = (1−β)·g1
 
 

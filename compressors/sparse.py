@@ -103,10 +103,13 @@ class SparseRows:
 def add_scaled_(out: Tensor, w: float, r: Tensor | SparseTensor) -> Tensor:
     """``out += w · r`` in place (``w · r`` rounded first, then added, as the dense expression does;
     ``r`` is cast to ``out``'s dtype before the product)."""
+    v = r.values if isinstance(r, SparseTensor) else r
+    v = v if v.dtype == out.dtype else v.to(out.dtype)
+    v = v if w == 1.0 else w * v  # 1·v is v exactly
     if isinstance(r, SparseTensor):
-        out.view(-1).index_add_(0, r.idx, w * r.values.to(out.dtype))
+        out.view(-1).index_add_(0, r.idx, v)
     else:
-        out += w * r.to(out.dtype)
+        out += v
     return out
 
 

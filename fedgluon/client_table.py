@@ -150,21 +150,36 @@ class ClientStateTable:
                 return f"state column {path!r} is {desc}, expected {column.dtype} {(rows, *column.shape[1:])}"
         return None
 
-    def commit(self, clients: Sequence[int], rows: Mapping[str, Tensor], k: int, model: Mapping[str, Tensor]) -> None:
-        """Commit round ``k``'s rows of accepted ``clients`` (``rows``: every schema path → (B, *shape), row i
-        client ``clients[i]``); they computed at ``model``."""
+    def write(self, clients: Sequence[int], rows: Mapping[str, Tensor]) -> None:
+        """Copy ``rows`` (some schema paths → (B, *shape), row i client ``clients[i]``, sorted ids) into the
+        columns: one slice copy per path for consecutive clients, else one ``index_copy_``."""
+        if not clients:
+            return
+        run = clients == list(range(clients[0], clients[0] + len(clients)))
+        ids = None if run else torch.as_tensor(list(clients), dtype=torch.int64)
+        for path, new in rows.items():
+            column = self.columns[path]
+            if new.untyped_storage().data_ptr() == column.untyped_storage().data_ptr():
+                new = new.clone()  # rows handed back unchanged (views of this column)
+            if run:
+                column[clients[0]:clients[0] + len(clients)].copy_(new)
+            else:
+                column.index_copy_(0, ids, new)
+
+    def mark(self, clients: Sequence[int], k: int, model: Mapping[str, Tensor]) -> None:
+        """Round ``k`` is committed for ``clients``, who computed at ``model``: ``commits + 1``, ``seen = k``."""
         if not clients:
             return
         ids = torch.as_tensor(list(clients), dtype=torch.int64)
-        for path, column in self.columns.items():
-            new = rows[path]
-            if new.untyped_storage().data_ptr() == column.untyped_storage().data_ptr():
-                new = new.clone()  # rows handed back unchanged (views of this column)
-            column.index_copy_(0, ids, new)
         self.commits.index_add_(0, ids, torch.ones(len(ids), dtype=torch.int64))
         self.seen.index_fill_(0, ids, k)
         if self.keep_models:
             self.models[k] = dict(model)
+
+    def commit(self, clients: Sequence[int], rows: Mapping[str, Tensor], k: int, model: Mapping[str, Tensor]) -> None:
+        """:meth:`write` every column of accepted ``clients`` and :meth:`mark` them."""
+        self.write(clients, rows)
+        self.mark(clients, k, model)
 
     def settle(self) -> None:
         """Forget the models no client points at any more (after a round's commits)."""

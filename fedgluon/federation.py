@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .algorithms.base import Algorithm, Broadcast, ClientReply
+from .algorithms.base import Algorithm, Broadcast, ClientReply, ServerOutcome
 from .algorithms.block import Proposal
 from .client_table import ClientStateTable
 from .checkpoint import ActorDeathError, Checkpointer, NonFiniteStateError, RunStopped, Snapshot
@@ -186,9 +186,7 @@ class Federation:
                                      if m in metrics and not math.isfinite(metrics[m])])
             row.update(metrics)
         self.server_state = state
-        accepted = set(outcome.accepted)
-        for prop in proposed:
-            self._commit(prop, accepted, k, bc)
+        self._commit(proposed, outcome, first, k, bc)
         self.table.settle()
         for j, why in sorted(outcome.rejected.items()):
             log.warning("round %d: rejected client %d: %s", k, j, why)
@@ -209,20 +207,24 @@ class Federation:
             self.checkpointer.after_round(k, self.snapshot)
         return row
 
-    def _commit(self, prop: Proposal, accepted: set[int], k: int, bc: Broadcast) -> None:
-        """Commit the accepted clients' rows of one run: the columns they sent, and the ones the server
-        derives from their old rows and accepted payloads (``Algorithm.derive_state``)."""
-        at, clients = prop.accepted(accepted)
-        if not clients:
-            return
-        index = torch.as_tensor(at, dtype=torch.int64)
-        whole = len(at) == len(prop.clients)
-        rows = {p: c if whole else c.index_select(0, index) for p, c in prop.columns.items()}
+    def _commit(self, proposed: Sequence[Proposal], outcome: ServerOutcome, first: set[int], k: int,
+                bc: Broadcast) -> None:
+        """Commit the accepted clients' rows: the columns they sent, and the ones the server derives from
+        their old rows and accepted payloads (``Algorithm.derive_state``); then their commit counts and
+        ``seen`` rounds."""
+        accepted = set(outcome.accepted)
+        for prop in proposed:
+            at, clients = prop.accepted(accepted)
+            if clients:
+                index = torch.as_tensor(at, dtype=torch.int64)
+                whole = len(at) == len(prop.clients)
+                self.table.write(clients, {p: c if whole else c.index_select(0, index) for p, c in prop.columns.items()})
+        ids = sorted(accepted)
         derived = self.algorithm.derived
-        if derived:
-            old = self.table.take(clients, [p for p in self.table.columns if p.startswith(derived)])
-            rows.update(self.algorithm.derive_state(old, prop.groups_of(at)))
-        self.table.commit(clients, rows, k, bc.model)
+        if derived and ids:
+            old = self.table.take(ids, [p for p in self.table.columns if p.startswith(derived)])
+            self.table.write(ids, self.algorithm.derive_state(old, ids, outcome.decoded, first))
+        self.table.mark(ids, k, bc.model)
 
     def _unfit_states(self, replies: Mapping[int, ClientReply], proposed: Sequence[Proposal]) -> dict[int, str]:
         """The replying clients of blocks whose proposed state columns do not fit the client-state schema

@@ -38,7 +38,7 @@ from torch import Tensor
 from compressors.message import max_layer_bytes
 from compressors.payload import PayloadRows
 from fedgluon.algorithms import ClientReply
-from fedgluon.algorithms.block import BlockResult, PayloadGroup, Proposal
+from fedgluon.algorithms.block import BlockResult, Proposal
 from fedgluon.client_table import ClientRows, ClientStateTable, flatten, nest
 
 RAW = "fedgluon.raw"
@@ -261,8 +261,7 @@ def _read_run(arrays: ArrayRecord, meta: ConfigRecord, r: int, js: list[int], ro
         raise _Reject(f"state: {err}") from None
     bad = _non_finite_rows(columns, b)
     out.rejected.update({js[i]: "state: NaN/Inf in a proposed state column" for i in bad})
-    proposal = Proposal(js, columns, {})
-    out.proposed.append(proposal)
+    out.proposed.append(Proposal(js, columns))
     groups = _list(meta, f"{r}/groups")
     taken: set[int] = set(failed) | set(bad)
     for g in groups:
@@ -276,7 +275,6 @@ def _read_run(arrays: ArrayRecord, meta: ConfigRecord, r: int, js: list[int], ro
             out.rejected.update({js[i]: f"payload: {err}" for i in rows if i not in taken})
             taken.update(rows)
             continue
-        proposal.groups[g] = PayloadGroup(rows, layers)
         for pos, i in enumerate(rows):
             if i in taken:
                 continue

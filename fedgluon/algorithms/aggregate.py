@@ -3,14 +3,14 @@ weighted mean of the round's estimates and the EF21/DASHA tracker update (docs/D
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from compressors.error_feedback import ef21_server_update
-from compressors.sparse import SparseTensor, WeightedSum
+from compressors.sparse import SparseTensor, WeightedSum, add_scaled_
 
 Tensors = dict[str, Tensor]
 
@@ -92,3 +92,22 @@ def tracker_update(G: Mapping[str, Tensor] | None, decoded: Mapping[int, Tensors
     """``G ← G + Σ_{j accepted} w_j R_j`` (absent clients contribute their last tracker, docs/DESIGN.md §2)."""
     start = G if G is not None else {n: torch.zeros_like(like[n]) for n in like}
     return ef21_server_update(start, _terms(decoded), weights)
+
+
+def tracker_rows(old: Mapping[str, Tensor], prefix: str, clients: Sequence[int], decoded: DecodedReplies,
+                 first: Collection[int] = ()) -> dict[str, Tensor]:
+    """Clients' trackers after their accepted messages (docs/DESIGN.md §2), per column ``prefix + layer`` of
+    ``old``: row i is ``old[i] + R_j`` for client ``j = clients[i]`` (``R_j`` as the server step decoded
+    it; the client adds its own message to its tracker with the same operations), or ``R_j`` itself for a
+    client in ``first`` (DASHA's first message is its tracker)."""
+    out = {p: t.clone() for p, t in old.items()}
+    layers = [(p, p.removeprefix(prefix)) for p in out]
+    for i, j in enumerate(clients):
+        terms = decoded.terms(j)
+        for p, n in layers:
+            row, term = out[p][i], terms[n]
+            if j in first:  # a copy, not 0 + R_j: the sign of a zero survives, as in the client's copy
+                row.copy_(term.dense() if isinstance(term, SparseTensor) else term)
+            else:
+                add_scaled_(row, 1.0, term)
+    return out

@@ -245,10 +245,12 @@ class Algorithm:
     # never taken from a reply (``derive_state``); they do not travel back
     derived: ClassVar[tuple[str, ...]] = ()
 
-    def derive_state(self, old: Mapping[str, Tensor], groups: Mapping[str, PayloadGroup]) -> dict[str, Tensor]:
-        """The state columns under :attr:`derived` of accepted clients (path → (B, *shape)), from their
-        committed rows ``old`` of those columns and their payload ``groups`` (rows numbered as in ``old``);
-        none by default."""
+    def derive_state(self, old: Mapping[str, Tensor], clients: Sequence[int], decoded: DecodedReplies,
+                     first: Collection[int]) -> dict[str, Tensor]:
+        """The state columns under :attr:`derived` of the accepted ``clients`` (path → (A, *shape), row i
+        client ``clients[i]``), from their committed rows ``old`` of those columns and their accepted
+        payloads as the server step decoded them (``decoded.terms(j)``); ``first``: the clients whose
+        first participation this was. None by default."""
         return {}
 
     def state_schema(self, objective: SupervisedObjective, X0: Mapping[str, Tensor], seed: int) -> StateSchema:
@@ -362,7 +364,7 @@ class Algorithm:
             if self.downlink is not None:
                 state = self._downlink_update(state, k, bc.seed)
         state["round"] = k + 1
-        return state, ServerOutcome(sorted(decoded), rejected, uplink, info)
+        return state, ServerOutcome(sorted(decoded), rejected, uplink, info, decoded)
 
     def _downlink_update(self, state: State, k: int, seed: int) -> State:
         """EF21-P (docs/ALGORITHMS.md §8.2): ``S = C_P(X^{k+1} − W)``, ``W ← W + S``; clients compute at W."""

@@ -52,22 +52,6 @@ class PayloadGroup:
     rows: list[int]
     layers: dict[str, PayloadRows]
 
-    def select(self, keep: Sequence[int]) -> PayloadGroup | None:
-        """The group's rows whose block index is in ``keep`` (None when none is)."""
-        wanted = set(keep)
-        pos = [i for i, r in enumerate(self.rows) if r in wanted]
-        if len(pos) == len(self.rows):
-            return self
-        if not pos:
-            return None
-        index = np.asarray(pos)
-        return PayloadGroup([self.rows[i] for i in pos], {n: _take(p, index) for n, p in self.layers.items()})
-
-
-def _take(rows: PayloadRows, index: np.ndarray) -> PayloadRows:
-    return PayloadRows(rows.codec, rows.shape, {k: a[index] for k, a in rows.arrays.items()},
-                       {k: [v[i] for i in index] for k, v in rows.meta.items()})
-
 
 @dataclass
 class BlockResult:
@@ -99,35 +83,24 @@ class BlockResult:
 
     def proposal(self, derived: tuple[str, ...] = ()) -> Proposal:
         """What the server commits from this result: the state columns that travel (paths not starting
-        with a ``derived`` prefix) and the payload groups."""
+        with a ``derived`` prefix)."""
         columns = {p: t for p, t in leaves(self.state or {}) if t is not None and not p.startswith(derived)}
-        return Proposal(list(self.clients), columns, dict(self.groups))
+        return Proposal(list(self.clients), columns)
 
 
 @dataclass
 class Proposal:
-    """One run of a block as the server commits it: its clients (row order), the proposed state columns
-    that travel (schema path → (B, *shape)), and its payload groups, from which the server derives the
-    state it computes itself (``Algorithm.derive_state``: the EF21 and DASHA trackers)."""
+    """One run of a block as the server commits it: its clients (row order) and the proposed state
+    columns that travel (schema path → (B, *shape)); the server derives the rest itself
+    (``Algorithm.derive_state``: the EF21 and DASHA trackers)."""
 
     clients: list[int]
     columns: dict[str, Tensor]
-    groups: dict[str, PayloadGroup]
 
     def accepted(self, accepted: set[int]) -> tuple[list[int], list[int]]:
         """(row positions, clients) of the accepted clients of this run."""
         at = [i for i, j in enumerate(self.clients) if j in accepted]
         return at, [self.clients[i] for i in at]
-
-    def groups_of(self, at: Sequence[int]) -> dict[str, PayloadGroup]:
-        """The payload groups restricted to rows ``at``, renumbered to their positions in ``at``."""
-        pos = {r: i for i, r in enumerate(at)}
-        out = {}
-        for name, group in self.groups.items():
-            kept = group.select(at)
-            if kept is not None:
-                out[name] = PayloadGroup([pos[r] for r in kept.rows], kept.layers)
-        return out
 
 
 def concat(parts: Sequence[BlockResult]) -> BlockResult:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from compressors import EF21, Compressor, make_compressor, make_error_feedback
 
-from .aggregate import tracker_update, weighted_mean
+from .aggregate import tracker_rows, tracker_update, weighted_mean
 from .base import Algorithm, feedback_step
 
 
@@ -57,11 +57,10 @@ class FeedbackUplink(Algorithm):
         message, the same operations as the client's (bitwise equal)."""
         return ("ef/g/",) if isinstance(self.ef, EF21) and self.ef.tracker == "full" else ()
 
-    def derive_state(self, old, groups):
+    def derive_state(self, old, clients, decoded, first):
         if not self.derived:
             return {}
-        layers = groups["uplink"].layers  # every row of the block (reply_group is "uplink")
-        return {p: self.compressor.add_decoded_(g.clone(), layers[p.removeprefix("ef/g/")]) for p, g in old.items()}
+        return tracker_rows(old, "ef/g/", clients, decoded)
 
     def aggregate(self, state, decoded, weights, bc):
         if self.ef.tracks:

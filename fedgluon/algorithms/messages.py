@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -39,7 +40,11 @@ class ClientReply:
 
 @dataclass
 class ServerOutcome:
+    """Who was accepted, who rejected and why, the uplink bits per client, the step's info, and the
+    accepted payloads decoded (``decoded.terms(j)``: layer → tensor or sparse tensor)."""
+
     accepted: list[int]
     rejected: dict[int, str]
     uplink: dict[int, BitCount]
     step: StepInfo | None = None
+    decoded: Any = None

@@ -14,7 +14,7 @@ from compressors import Compressor, make_compressor
 import torch
 
 
-from .aggregate import tracker_update, weighted_mean
+from .aggregate import tracker_rows, tracker_update, weighted_mean
 from .base import Algorithm
 
 
@@ -121,18 +121,9 @@ class GluonDASHAMVR(Algorithm):
 
     derived = ("g/",)  # G_j: the server's to compute from the old row and the accepted message
 
-    def derive_state(self, old, groups):
-        """``G_j ← G_j + m_j`` for compressed messages, ``G_j = m_j`` for a first (dense) one; the same
-        operations as the client's."""
-        g = {p.removeprefix("g/"): t.clone() for p, t in old.items()}
-        for name, group in groups.items():
-            at = torch.tensor(group.rows)
-            for n, layer in group.layers.items():
-                if name == "uplink":
-                    g[n][at] = self.compressor.add_decoded_(g[n][at], layer)
-                else:
-                    g[n][at] = self.dense.decode(layer, dtype=g[n].dtype)
-        return {f"g/{n}": t for n, t in g.items()}
+    def derive_state(self, old, clients, decoded, first):
+        """``G_j ← G_j + m_j`` for compressed messages, ``G_j = m_j`` for a first (dense) one."""
+        return tracker_rows(old, "g/", clients, decoded, first)
 
     def aggregate(self, state, decoded, weights, bc):
         return tracker_update(state.get("G"), decoded, weights, state["X"])

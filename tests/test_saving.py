@@ -477,7 +477,7 @@ def test_a_table_that_does_not_fit_the_runs_schema_is_refused_with_one_line(tmp_
     run_dir = _stopped_run(tmp_path)
     table = _table_of(run_dir)
     columns = dict(table["columns"])
-    path = sorted(columns)[0]
+    path = min(columns)
     expected = {"extra column": "unexpected ['extra/w']", "missing column": f"missing [{path!r}]",
                 "dtype": f"state column {path!r} is torch.float64", "shape": f"state column {path!r} is",
                 "commits": "'commits' must be int64"}[edit]

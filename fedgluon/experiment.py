@@ -153,6 +153,8 @@ def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[
     if held != len(task.objectives):
         raise ConfigError(f"{out / CHECKPOINT} cannot be resumed: it holds the states of {held} "
                           f"clients, the run has {len(task.objectives)}")
+    if snapshot is not None:
+        _check_table(out / CHECKPOINT, snapshot, task, algorithm, spec["seed"])
     task.partition_summary.to_csv(out / "partition.csv", index=False)
     from .driver import client_weights
 
@@ -219,6 +221,21 @@ def _resumable(out: Path, spec: Mapping[str, Any]) -> Snapshot:
                           f"{spec['rounds']} rounds")
     sweep_checkpoint(path, snapshot)  # temporary files and journals that killed saves left in this run directory
     return snapshot
+
+
+def _check_table(path: Path, snapshot: Snapshot, task: Any, algorithm: Any, seed: int) -> None:
+    """ConfigError (one line) when the checkpoint's client-state table does not fit this run's schema:
+    checked before any engine starts, since an engine's server may run where its errors are not ours to
+    report. Its peak memory is the resumed federation's own (a zero table and the loaded copy)."""
+    from .client_table import ClientStateTable
+
+    schema = algorithm.state_schema(task.objectives[0], task.initial_params(), seed)
+    table = ClientStateTable(schema, len(task.objectives), keep_models=algorithm.needs_previous)
+    try:
+        table.load_state_dict(snapshot.client_states)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ConfigError(f"{path} cannot be resumed: {str(err).splitlines()[0] if str(err) else err!r}; "
+                          f"start the run again with --overwrite") from None
 
 
 def _clients_held(table: Any) -> int | None:

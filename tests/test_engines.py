@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from packed_edit import PackedEdit
+import torch
 
 from fedgluon import spec as specs
 from fedgluon.client_app import make_client_app
@@ -25,6 +25,21 @@ def plain_frame(spec):
     task, algo = specs.build(s)
     return run_plain(algo, task.objectives, task.initial_params(), s["rounds"], seed=s["seed"],
                      participation=s["participation"], evaluate=lambda X, k: task.evaluate(X)).frame()
+
+
+def plain_table(spec):
+    s = specs.normalise(spec)
+    task, algo = specs.build(s)
+    return run_plain(algo, task.objectives, task.initial_params(), s["rounds"], seed=s["seed"],
+                     participation=s["participation"]).table
+
+
+def same_table(a, b) -> None:
+    """Two client-state tables hold bitwise the same rows, commit counters, rounds seen and models."""
+    assert a.columns.keys() == b.columns.keys() and all(torch.equal(a.columns[p], b.columns[p]) for p in a.columns)
+    assert torch.equal(a.commits, b.commits) and torch.equal(a.seen, b.seen)
+    assert a.models.keys() == b.models.keys()
+    assert all(torch.equal(a.models[r][n], b.models[r][n]) for r in a.models for n in a.models[r])
 
 
 def same_metrics(a: pd.DataFrame, b: pd.DataFrame, loss_rtol: float = 0.0) -> None:
@@ -61,9 +76,11 @@ def test_client_app_pickles_as_its_spec(monkeypatch):
 
 
 def test_inprocess_flower_equals_plain_driver():
+    """Metrics bitwise equal (wall times aside), and the client-state tables too."""
     strategy = run_inprocess(SPEC)
     same_metrics(pd.DataFrame(strategy.history), plain_frame(SPEC))
     assert len(strategy.history) == SPEC["rounds"]
+    same_table(strategy.federation.table, plain_table(SPEC))
 
 
 def test_client_state_commits_only_accepted_rounds(monkeypatch, caplog):
@@ -84,13 +101,7 @@ def test_client_state_commits_only_accepted_rounds(monkeypatch, caplog):
                 self._inbox[i].content.config_records["config"]["clients"] = [-1]  # the ClientApp raises
             reply = list(original(self, [i]))[0]
             if k in ("1", "3") and j == 1 and not reply.has_error():
-                edit = PackedEdit(reply.content)
-                layers, row = edit.layers(1)
-                arrays = next(iter(layers.values()))["arrays"]
-                bad = edit.array(arrays["v.v"])
-                bad[row, 0] = np.nan
-                arrays["v.v"] = edit.append(bad)
-                edit.save()
+                nan_in_payload(reply.content, 1)
             replies.append(reply)
         return replies
 
@@ -100,9 +111,8 @@ def test_client_state_commits_only_accepted_rounds(monkeypatch, caplog):
     log = pd.DataFrame(strategy.client_log)
     assert len(strategy.history) == 6
     accepted = log[log.status == "accepted"].groupby("client").size()
-    for j in range(4):
-        state = strategy.client_states[j]
-        assert (int(state["commits"]) if state else 0) == int(accepted.get(j, 0)), j
+    table = strategy.federation.table
+    assert table.commits.tolist() == [int(accepted.get(j, 0)) for j in range(4)]
     bad = log[(log.client == 1) & log["round"].isin([1, 3])]
     assert set(bad.status) <= {"rejected"} and len(bad) >= 1
     assert "non-finite values" in caplog.text
@@ -114,18 +124,28 @@ def test_client_state_commits_only_accepted_rounds(monkeypatch, caplog):
     assert frame["failed"].sum() == (log.status == "failed").sum()
 
 
+def nan_in_payload(content, j: int) -> None:
+    """A NaN in the first value of client ``j``'s first payload layer of a node's reply (strategies/wire.py
+    layout), the way a broken node could send it."""
+    from strategies.wire import DTYPES, to_array
+
+    meta, arrays = content.config_records["meta"], content.array_records["replies"]
+    r = next(r for r in range(meta["runs"]) if j in meta[f"{r}/clients"])
+    i = meta[f"{r}/clients"].index(j)
+    g = next(g for g in meta[f"{r}/groups"] if i in meta[f"{r}/p/{g}/rows"])
+    key = f"{r}/p/{g}/{meta[f'{r}/p/{g}/layers'][0]}/v.v"
+    bad = np.frombuffer(arrays[key].data, dtype=DTYPES[arrays[key].dtype]).reshape(arrays[key].shape).copy()
+    bad[meta[f"{r}/p/{g}/rows"].index(i), 0] = np.nan
+    arrays[key] = to_array(bad)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_ray_simulation_equals_inprocess_and_plain_driver(monkeypatch):
+def test_ray_simulation_equals_inprocess_and_plain_driver():
     """On Ray with blocks of 2 virtual clients per node (one client per node on Ray: test_reliability),
-    every record through host shared memory (strategies/shared.py; Ray's workers inherit the setting);
-    neither flwr 1.42's deprecation of ``run_simulation``, which the Ray engine calls on purpose, nor
-    Ray's tip on the GPU hiding that fedgluon.engines.QUIET_ENV pins is shown."""
-    from strategies import shared
-
-    monkeypatch.setenv(shared.MIN_BYTES_ENV, "0")
-    mapped = []
-    monkeypatch.setattr(shared.SharedFiles, "map", lambda self, *a, _f=shared.SharedFiles.map: mapped.append(a) or _f(self, *a))
+    the metrics equal the plain driver's and the in-process engine's, and so does every client's row of
+    the client-state table; neither flwr 1.42's deprecation of ``run_simulation``, which the Ray engine
+    calls on purpose, nor Ray's tip on the GPU hiding that fedgluon.engines.QUIET_ENV pins is shown."""
     shown: list[str] = []
     flwr_log, handler = logging.getLogger("flwr"), logging.Handler()
     handler.emit = lambda record: shown.append(record.getMessage())
@@ -138,11 +158,13 @@ def test_ray_simulation_equals_inprocess_and_plain_driver(monkeypatch):
         flwr_log.removeHandler(handler)
     assert not [m for m in shown if "`run_simulation` function is deprecated" in m]
     assert not [w for w in caught if "Ray will no longer override accelerator" in str(w.message)]
-    assert len(mapped) == 2 * SPEC["rounds"]  # every block's reply came as a file the node wrote
     assert strategy.node_devices == {("cpu", "")}  # no GPU share: Ray assigned the nodes no GPU
     ray_frame = pd.DataFrame(strategy.history)
     same_metrics(ray_frame, plain_frame(SPEC), loss_rtol=1e-6)
-    same_metrics(ray_frame, pd.DataFrame(run_inprocess(SPEC).history), loss_rtol=1e-6)
+    inprocess = run_inprocess(SPEC)
+    same_metrics(ray_frame, pd.DataFrame(inprocess.history), loss_rtol=1e-6)
+    same_table(strategy.federation.table, inprocess.federation.table)
+    same_table(strategy.federation.table, plain_table(SPEC))
 
 
 @pytest.mark.slow

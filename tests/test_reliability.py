@@ -48,7 +48,8 @@ def test_checkpoint_files_are_atomic_and_load_without_unpickling(tmp_path):
     snap = checkpoint.Snapshot(1, {"X": {"w": torch.randn(3, 2)}, "downlink_bits": BitCount(value_bits=32, n_values=6),
                                    "optimizer": {"state": {0: {"step": torch.tensor(2.0)}}, "param_groups": [
                                        {"lr": 0.1, "betas": (0.9, 0.99), "params": [0]}]}},
-                               {0: None, 1: {"est": {"w": torch.ones(2)}, "commits": torch.tensor(4)}},
+                               {"format": 1, "columns": {"est/w": torch.ones(2, 2)}, "commits": torch.tensor([0, 4]),
+                                "seen": torch.tensor([-1, 0]), "models": {0: {"w": torch.full((3, 2), 2.0)}}},
                                [{"round": 0, "train_loss": 1.5}], [{"round": 0, "client": 1, "reason": ""}], "key")
     path = checkpoint.save(snap, tmp_path / "c.pt")
     journal = checkpoint.journal_path(path)
@@ -56,7 +57,9 @@ def test_checkpoint_files_are_atomic_and_load_without_unpickling(tmp_path):
     back = checkpoint.load(path)
     assert back.next_round == 1 and back.run_key == "key" and back.history == snap.history
     assert back.server_state["downlink_bits"] == snap.server_state["downlink_bits"]
-    assert torch.equal(back.client_states[1]["est"]["w"], torch.ones(2)) and back.client_states[0] is None
+    table = back.client_states
+    assert torch.equal(table["columns"]["est/w"], torch.ones(2, 2)) and table["commits"].tolist() == [0, 4]
+    assert table["seen"].tolist() == [-1, 0] and torch.equal(table["models"][0]["w"], torch.full((3, 2), 2.0))
     import pickle
 
     class Evil:
@@ -118,6 +121,28 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, engine):
     assert len(pd.read_csv(cut / "metrics.csv")) == 5
     experiment.run(cfg, progress=False, out_dir=cut, resume=True)
     assert experiment.is_complete(cut) and not (cut / "checkpoint.pt").exists()
+    same_run(full, cut)
+
+
+def test_sigterm_under_partial_participation_with_x_prev_then_resume_on_flower(tmp_path):
+    """gluon-ef21-mvr (clients need X_prev), 2 of 6 clients a round, blocks of 2 on the in-process Flower
+    engine: the X_prev models the server sends are those of the rounds the clients last computed at,
+    from the resumed table's model history; the resumed run's files equal an uninterrupted plain run's."""
+    base = [*(o for o in SMALL if not o.startswith("algorithm.refresh_prob")), f"output.dir={tmp_path}", "rounds=9",
+            "output.checkpoint_every=0", "algorithm.name=gluon-ef21-mvr", "participation=2", "engine.block_size=2"]
+    full = experiment.run(config.load(None, [*base, "engine.name=plain", "output.name=full"]), progress=False)
+
+    def stop_in_round_5(row):
+        if row["round"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = config.load(None, [*base, "engine.name=inprocess", "output.name=cut"])
+    with pytest.raises(RunInterrupted, match="SIGTERM"):
+        experiment.run(cfg, progress=False, on_round=stop_in_round_5)
+    cut = tmp_path / "cut"
+    snap = checkpoint.load(cut / "checkpoint.pt")
+    assert snap.next_round == 6 and len(snap.client_states["models"]) >= 2  # clients at several older models
+    experiment.run(cfg, progress=False, out_dir=cut, resume=True)
     same_run(full, cut)
 
 
@@ -240,19 +265,55 @@ def test_injected_faults_are_failures_and_states_follow_accepted_rounds(tmp_path
     cols = [c for c in frame.columns if c not in TIMING_COLUMNS]
     pd.testing.assert_frame_equal(frame[cols], ref.frame()[cols], check_exact=True)
     accepted = log[log.status == "accepted"].groupby("client").size()
-    for j in range(8):
-        mine, theirs = strategy.client_states[j], ref.client_states[j]
-        assert int(mine["commits"]) == int(accepted.get(j, 0))
-        _assert_tree_equal(mine, theirs)
+    assert strategy.federation.table.commits.tolist() == [int(accepted.get(j, 0)) for j in range(8)]
+    same_table(strategy.federation.table, ref.table)
 
 
-def _assert_tree_equal(a, b):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            _assert_tree_equal(a[k], b[k])
-    else:
-        assert torch.equal(a, b)
+def same_table(a, b) -> None:
+    """Two client-state tables hold bitwise the same rows, commit counters, rounds seen and models."""
+    assert a.columns.keys() == b.columns.keys() and all(torch.equal(a.columns[p], b.columns[p]) for p in a.columns)
+    assert torch.equal(a.commits, b.commits) and torch.equal(a.seen, b.seen)
+    assert a.models.keys() == b.models.keys()
+    assert all(a.models[r].keys() == b.models[r].keys() and all(torch.equal(a.models[r][n], b.models[r][n])
+                                                               for n in a.models[r]) for r in a.models)
+
+
+@pytest.mark.parametrize("algorithm", [
+    {"name": "gluon-ef21-mvr", "compressor": {"name": "topk", "ratio": 0.2}},
+    {"name": "gluon-mvr"},
+])
+def test_resume_under_partial_participation_reproduces_x_prev_bitwise(tmp_path, algorithm):
+    """An algorithm whose clients need X_prev (the model they last computed at), 3 of 8 clients a round:
+    the run stops after round 5 with clients pointing at broadcast models of several older rounds (the
+    table's model history, saved in the checkpoint); the resumed run equals the uninterrupted one
+    bitwise: metrics, client rows, final model, and the whole client-state table."""
+    spec = specs.normalise({"task": {"name": "synthetic", "num_clients": 8, "dim": 10, "classes": 4, "hidden": [8],
+                                     "mean_samples": 40},
+                            "algorithm": {**algorithm, "lr": 0.05}, "rounds": 12, "seed": 7, "participation": 3})
+    task, algo = specs.build(spec)
+    assert algo.needs_previous
+    kw = {"seed": 7, "participation": 3, "evaluate": lambda X, k: task.evaluate(X)}
+    full = run_plain(algo, task.objectives, task.initial_params(), 12, **kw)
+    ck = Checkpointer(tmp_path / "c.pt")
+
+    def stop_after_5(row):
+        if row["round"] == 5:
+            ck.request_stop("test")
+
+    with pytest.raises(RunInterrupted):
+        run_plain(algo, task.objectives, task.initial_params(), 12, **kw, checkpointer=ck, on_round=stop_after_5)
+    snap = checkpoint.load(tmp_path / "c.pt")
+    seen = snap.client_states["seen"]
+    assert snap.next_round == 6 and len(set(seen.tolist()) - {-1}) >= 3  # clients last computed in 3+ rounds
+    assert sorted(snap.client_states["models"]) == sorted(set(seen.tolist()) - {-1})  # exactly those models kept
+    resumed = run_plain(algo, task.objectives, task.initial_params(), 12, **kw,
+                        checkpointer=Checkpointer(tmp_path / "c.pt", resumed=snap), resume=snap)
+    fa, fb = full.frame(), resumed.frame()
+    cols = [c for c in fa.columns if c not in TIMING_COLUMNS]
+    pd.testing.assert_frame_equal(fa[cols], fb[cols], check_exact=True)
+    assert full.client_log == resumed.client_log
+    assert all(torch.equal(full.server_state["X"][n], resumed.server_state["X"][n]) for n in full.server_state["X"])
+    same_table(full.table, resumed.table)
 
 
 def test_injected_actor_death_inprocess_stops_with_a_usable_checkpoint(tmp_path):

@@ -453,15 +453,67 @@ def test_a_changed_or_missing_journal_is_refused(tmp_path):
     assert "is missing" in _resume_error(run_dir)
 
 
-def test_client_states_of_another_federation_are_refused(tmp_path):
-    run_dir = _stopped_run(tmp_path)
+def _table_of(run_dir: Path) -> dict:
     with torch.serialization.safe_globals([BitCount]):
-        states = torch.load(run_dir / "checkpoint.pt", weights_only=True)["client_states"]
-    _edit_payload(run_dir / "checkpoint.pt", client_states={**states, 3: states[0]})
+        return torch.load(run_dir / "checkpoint.pt", weights_only=True)["client_states"]
+
+
+def test_client_states_of_another_federation_are_refused(tmp_path):
+    """A client-state table of 4 clients (the run has 3) is refused before any round runs."""
+    run_dir = _stopped_run(tmp_path)
+    table = _table_of(run_dir)
+    grown = {**table, "columns": {p: torch.cat([c, c[:1]]) for p, c in table["columns"].items()},
+             "commits": torch.cat([table["commits"], table["commits"][:1]]),
+             "seen": torch.cat([table["seen"], table["seen"][:1]])}
+    _edit_payload(run_dir / "checkpoint.pt", client_states=grown)
     assert "holds the states of 4 clients, the run has 3" in _resume_error(run_dir)
 
 
-def test_an_old_format_checkpoint_is_refused_with_one_line(tmp_path):
+@pytest.mark.parametrize("edit", ["extra column", "missing column", "dtype", "shape", "commits"])
+def test_a_table_that_does_not_fit_the_runs_schema_is_refused_with_one_line(tmp_path, edit):
+    """A checkpoint's client-state table whose columns differ from the schema of the run it resumes (a
+    column more or less, another dtype or row shape, commit counters of another dtype) is refused with
+    one ``error:`` line naming what does not fit; the checkpoint is left as it was."""
     run_dir = _stopped_run(tmp_path)
-    _edit_payload(run_dir / "checkpoint.pt", format=2)
-    assert f"has checkpoint format 2, this fedgluon reads format {checkpoint.FORMAT} only" in _resume_error(run_dir)
+    table = _table_of(run_dir)
+    columns = dict(table["columns"])
+    path = min(columns)
+    expected = {"extra column": "unexpected ['extra/w']", "missing column": f"missing [{path!r}]",
+                "dtype": f"state column {path!r} is torch.float64", "shape": f"state column {path!r} is",
+                "commits": "'commits' must be int64"}[edit]
+    if edit == "extra column":
+        columns["extra/w"] = torch.zeros(3, 2)
+    elif edit == "missing column":
+        del columns[path]
+    elif edit == "dtype":
+        columns[path] = columns[path].double()
+    elif edit == "shape":
+        columns[path] = columns[path].reshape(3, -1)[:, :1].clone()
+    table = {**table, "columns": columns}
+    if edit == "commits":
+        table["commits"] = table["commits"].float()
+    _edit_payload(run_dir / "checkpoint.pt", client_states=table)
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    line = _resume_error(run_dir)
+    assert expected in line, line
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("fmt", [3, 2, 5, "4"])
+def test_an_old_format_checkpoint_is_refused_with_one_line(tmp_path, fmt):
+    """A checkpoint of another format (3: one state tree per client, before the client-state table) is
+    refused by checkpoint.load with one CheckpointError line naming the format, and by the CLI with one
+    ``error:`` line."""
+    run_dir = _stopped_run(tmp_path)
+    _edit_payload(run_dir / "checkpoint.pt", format=fmt)
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.load(run_dir / "checkpoint.pt")
+    assert len(str(err.value).splitlines()) == 1
+    assert f"has checkpoint format {fmt!r}, this fedgluon reads format {checkpoint.FORMAT} only" in str(err.value)
+    assert f"has checkpoint format {fmt!r}, this fedgluon reads format {checkpoint.FORMAT} only" in _resume_error(run_dir)
+
+
+def test_a_table_of_another_table_format_is_refused(tmp_path):
+    run_dir = _stopped_run(tmp_path)
+    _edit_payload(run_dir / "checkpoint.pt", client_states={**_table_of(run_dir), "format": 0})
+    assert "client-state table format 0, expected 1" in _resume_error(run_dir)

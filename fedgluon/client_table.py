@@ -176,10 +176,16 @@ class ClientStateTable:
         if self.keep_models:
             self.models[k] = dict(model)
 
-    def commit(self, clients: Sequence[int], rows: Mapping[str, Tensor], k: int, model: Mapping[str, Tensor]) -> None:
-        """:meth:`write` every column of accepted ``clients`` and :meth:`mark` them."""
-        self.write(clients, rows)
-        self.mark(clients, k, model)
+    def commit(self, clients: Sequence[int], proposed: Mapping[str, Tensor], accepted: Sequence[int], k: int,
+               model: Mapping[str, Tensor]) -> None:
+        """Commit round ``k``'s proposed rows (every schema path → (B, *shape), row i client ``clients[i]``)
+        of the ``accepted`` clients among them: :meth:`write` and :meth:`mark` them."""
+        keep = set(accepted)
+        at = [i for i, j in enumerate(clients) if j in keep]
+        index = torch.as_tensor(at, dtype=torch.int64)
+        ids = [clients[i] for i in at]
+        self.write(ids, {p: t if len(at) == len(clients) else t.index_select(0, index) for p, t in proposed.items()})
+        self.mark(ids, k, model)
 
     def settle(self) -> None:
         """Forget the models no client points at any more (after a round's commits)."""

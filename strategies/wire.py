@@ -227,6 +227,8 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
                 out.rejected.update(dict.fromkeys(js, str(err)))
         for j in wanted - seen:
             out.failed[j] = "the node's reply does not cover this client"
+        for j in out.rejected:  # a row the node calls failed but whose state is bad: rejected, counted once
+            out.failed.pop(j, None)
     except WireError as err:
         return BlockRead(rejected=dict.fromkeys(clients, f"reply: {err}"))
     return out

@@ -353,3 +353,23 @@ def test_clients_the_reply_does_not_cover_fail():
     arrays, meta = results_to_records(results[:2])
     got = read(algo, table, arrays, meta)
     assert got.failed.keys() == {4, 5} and sorted(got.replies) == [0, 1, 2, 3] and got.rejected == {}
+
+
+def test_a_client_both_failed_and_rejected_counts_once_as_rejected():
+    """A node that lists a row as failed and proposes a NaN state for it: the client is rejected, and not
+    also failed (the round's counts would add up to more than its participants)."""
+    algo, table, results = world(ALGORITHMS[1], run=2)
+    res = results[1]
+    res.failed = {0: "ArithmeticError: inexact"}
+    res.groups = {g: s for g, grp in res.groups.items() if (s := grp.select([r for r in grp.rows if r != 0]))}
+    arrays, meta = results_to_records(results)
+    path, _ = _columns(table)
+    column = flatten(res.state)[path].clone()
+    column[0].view(-1)[0] = float("nan")
+    arrays[f"1/s/{path}"] = to_array(column)
+    got = read(algo, table, arrays, meta)
+    assert got.rejected.keys() == {2} and got.failed == {}
+    arrays, meta = results_to_records(results)
+    arrays[f"1/s/{path}"] = to_array(column[:, :1])  # the whole run's state does not fit
+    got = read(algo, table, arrays, meta)
+    assert got.rejected.keys() == {2, 3} and got.failed == {}

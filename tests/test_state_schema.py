@@ -110,7 +110,7 @@ SPEC = specs.normalise({"task": {**TASK, "num_clients": N}, "seed": 1, "rounds":
 
 
 def _state_key(arrays) -> str:
-    return next(k for k in arrays.keys() if k.startswith("0/s/ef/g/"))
+    return next(k for k in arrays if k.startswith("0/s/ef/g/"))
 
 
 def _tamper(how: str):

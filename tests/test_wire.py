@@ -14,8 +14,17 @@ from flwr.app import Array, ArrayRecord
 from fedgluon import spec as specs
 from fedgluon.client_table import flatten
 from fedgluon.driver import run_plain
-from strategies.wire import (RAW, RawArray, WireError, _view, read_replies, record_to_rows, results_to_records,
-                             rows_to_record, to_array)
+from strategies.wire import (
+    RAW,
+    RawArray,
+    WireError,
+    _view,
+    read_replies,
+    record_to_rows,
+    results_to_records,
+    rows_to_record,
+    to_array,
+)
 
 TASK = {"name": "synthetic", "num_clients": 6, "dim": 6, "classes": 3, "hidden": [5], "mean_samples": 20,
         "batch_size": 8}
@@ -54,7 +63,7 @@ def same_tensors(a: dict, b: dict) -> bool:
 
 
 def same_reply(got, sent) -> bool:
-    head = lambda r: (r.client, r.round, r.loss, r.grad_evals, r.samples, r.group, list(r.message))  # noqa: E731
+    head = lambda r: (r.client, r.round, r.loss, r.grad_evals, r.samples, r.group, list(r.message))
     if head(got) != head(sent):
         return False
     for layer, p in sent.message.items():
@@ -120,7 +129,7 @@ def test_records_pickle_their_bytes_out_of_band_and_round_trip():
     bytes, which reads back to the same replies."""
     algo, table, results = world(ALGORITHMS[0])
     arrays, meta = results_to_records(results)
-    assert all(type(arrays[k]) is RawArray for k in arrays.keys())
+    assert all(type(arrays[k]) is RawArray for k in arrays)
     buffers = []
     stream = pickle.dumps(arrays, protocol=5, buffer_callback=buffers.append)
     big = max(arrays.keys(), key=lambda k: len(arrays[k].data))
@@ -128,7 +137,7 @@ def test_records_pickle_their_bytes_out_of_band_and_round_trip():
     assert len(buffers) == len(arrays) and any(bytes(memoryview(b)) == data for b in buffers)
     assert data not in stream
     back = pickle.loads(stream, buffers=buffers)
-    assert all(type(back[k]) is RawArray and back[k].data == arrays[k].data for k in arrays.keys())
+    assert all(type(back[k]) is RawArray and back[k].data == arrays[k].data for k in arrays)
     got, want = read(algo, table, back, meta), read(algo, table, arrays, meta)
     assert all(same_reply(got.replies[j], want.replies[j]) for j in CLIENTS)
     assert all(same_tensors(a, b) for (_, a), (_, b) in zip(got.proposed, want.proposed))
@@ -144,7 +153,7 @@ def test_raw_arrays_deflate_and_inflate_as_flower_arrays():
     arrays, meta = results_to_records(results)
     contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(arrays).items()}
     back = inflate_object_from_contents(arrays.object_id, contents)
-    assert all(type(back[k]) is Array and back[k].data == arrays[k].data for k in arrays.keys())
+    assert all(type(back[k]) is Array and back[k].data == arrays[k].data for k in arrays)
     got = read(algo, table, back, meta)
     assert got.rejected == {} and all(same_reply(got.replies[j], r) for res in results
                                       for j, r in res.replies().items())
@@ -237,7 +246,7 @@ def test_too_many_arrays_reject_the_block_before_any_is_looked_at():
     algo, table, results = world(ALGORITHMS[0])
     arrays, meta = results_to_records(results)
     watched = Watched()
-    for key in arrays.keys():
+    for key in arrays:
         watched[key] = arrays[key]
     tiny = to_array(np.zeros(1, np.float32))
     for n in range(2_000):

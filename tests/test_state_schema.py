@@ -186,3 +186,33 @@ def test_a_hostile_state_is_rejected_and_the_checkpoint_does_not_grow(how, monke
     clean = _run(monkeypatch, tmp_path / "clean.pt", None)
     assert [row["accepted"] for row in clean.history] == [N] * ROUNDS
     assert (tmp_path / "hostile.pt").stat().st_size == (tmp_path / "clean.pt").stat().st_size
+
+
+def test_a_nan_row_in_a_block_rejects_that_client_and_commits_its_block_mates(monkeypatch, caplog):
+    """Blocks of 3 clients per node: a NaN in client 1's row of its node's proposed state rejects client 1
+    alone, every round; its block-mates 0 and 2 are committed from the same (read-only) columns."""
+    real = client_app.make_client_app
+
+    def make_hostile_app(spec):
+        app = real(spec)
+
+        def hostile(msg, context):
+            reply = app(msg, context)
+            if msg.metadata.message_type == "train" and context.node_config["partition-id"] == 0:
+                arrays = reply.content["replies"]
+                key = _state_key(arrays)
+                a = np.frombuffer(arrays[key].data, np.float32).reshape(arrays[key].shape).copy()
+                a[1].reshape(-1)[-1] = np.nan
+                arrays[key] = to_array(a)
+            return reply
+
+        return hostile
+
+    monkeypatch.setattr(client_app, "make_client_app", make_hostile_app)
+    with caplog.at_level(logging.WARNING, logger="fedgluon"):
+        strategy = run_inprocess({**SPEC, "task": {**TASK, "num_clients": 6}, "block_size": 3})
+    table = strategy.federation.table
+    assert [(row["accepted"], row["rejected"]) for row in strategy.history] == [(5, 1)] * ROUNDS
+    assert table.commits.tolist() == [ROUNDS, 0, ROUNDS, ROUNDS, ROUNDS, ROUNDS]
+    assert all(not c[1].any() and c[[0, 2]].any() and bool(torch.isfinite(c).all()) for c in table.columns.values())
+    assert sum("rejected client 1: state: NaN/Inf" in r.getMessage() for r in caplog.records) == ROUNDS

@@ -123,7 +123,10 @@ def _view(arr: Any, dtype: str | None = None, shape: tuple[int, ...] | None = No
     size = math.prod(got) * DTYPES[arr.dtype].itemsize
     if not isinstance(arr.data, bytes) or len(arr.data) != size:
         raise WireError(f"array of shape {got} and dtype {arr.dtype} needs {size} bytes")
-    return np.frombuffer(arr.data, dtype=DTYPES[arr.dtype], count=math.prod(got)).reshape(got)
+    try:  # NumPy refuses more than 32 or 64 dimensions, and sizes past its index range even when empty
+        return np.frombuffer(arr.data, dtype=DTYPES[arr.dtype], count=math.prod(got)).reshape(got)
+    except ValueError as err:
+        raise WireError(f"array shape {str(got)[:60]}: {err}") from None
 
 
 def _tensor(arr: Any, dtype: str | None = None, shape: tuple[int, ...] | None = None) -> Tensor:

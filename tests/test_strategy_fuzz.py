@@ -60,7 +60,7 @@ class Evil:
 
 MUTATIONS = ["drop_array", "extra_array", "orphan_layer", "nan", "huge", "length", "index_range", "dup_index",
              "dtype", "codec", "shape", "round", "partition", "no_payload", "no_metrics", "no_header", "pickle",
-             "garbage", "group", "group_rows", "bad_state", "bad_layout", "no_records"]
+             "garbage", "dims", "group", "group_rows", "bad_state", "bad_layout", "no_records"]
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +150,12 @@ def corrupt(reply, how: str, data: st.DataObject, k: int) -> None:
             Array(dtype="object", shape=(1, 1), stype=RAW, data=payload),
             Array(dtype="O", shape=(1, 1), stype="numpy.ndarray", data=payload),
             Array(dtype="float32", shape=(1, len(payload)), stype=RAW, data=payload)]), label="pickle")
+    elif how == "dims":  # a payload array of another rank: extra axes, more than NumPy holds, or empty and vast
+        name = data.draw(st.sampled_from(meta[f"{key}/arrays"]), label="array")
+        a = _values(arrays[f"{key}/{name}"])
+        extra = data.draw(st.sampled_from([(1,), (1,) * 40, (1,) * 98, (0,), (0, 2 ** 31 - 1, 2 ** 31 - 1)]))
+        arrays[f"{key}/{name}"] = Array(dtype=a.dtype.name, shape=(*a.shape, *extra), stype=RAW,
+                                        data=a.tobytes() if 0 not in extra else b"")
     elif how == "garbage":  # bytes that do not fit the header
         n = data.draw(st.sampled_from([0, 1, v.nbytes - 1, v.nbytes + 4]), label="bytes")
         arrays[f"{key}/v.v"] = Array(dtype="float32", shape=tuple(v.shape), stype=RAW, data=bytes(n))

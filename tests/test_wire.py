@@ -181,6 +181,7 @@ def untouched(a: np.ndarray, **header) -> Untouched:
 @pytest.mark.parametrize("header, match", [
     ({"dtype": "float64"}, "dtype"), ({"dtype": "object"}, "dtype"), ({"stype": "numpy.ndarray"}, "stype"),
     ({"shape": (3, 4)}, "shape"), ({"shape": (2, -6)}, "shape"), ({"shape": "12"}, "shape"),
+    ({"shape": (2, 6) + (1,) * 98}, "shape"),  # more dimensions than NumPy has (its ValueError is no WireError)
 ])
 def test_headers_are_checked_before_any_byte_is_read(header, match):
     Untouched.reads = 0
@@ -301,7 +302,7 @@ def _dense_layer(meta):
     return f"0/p/dense/{meta['0/p/dense/layers'][0]}"
 
 
-@pytest.mark.parametrize("how", ["drop", "rows", "codec", "dtype", "layer", "parts"])
+@pytest.mark.parametrize("how", ["drop", "rows", "codec", "dtype", "layer", "parts", "dims", "empty"])
 def test_a_malformed_payload_group_rejects_its_clients_only(how):
     algo, table, results = world(ALGORITHMS[0])
     arrays, meta = results_to_records(results)
@@ -319,6 +320,11 @@ def test_a_malformed_payload_group_rejects_its_clients_only(how):
         arrays[f"{key}/v.v"] = Array(dtype="object", shape=values.shape, stype=RAW, data=values.tobytes())
     elif how == "layer":
         meta["0/p/dense/layers"] = [*meta["0/p/dense/layers"], "not.a.layer"]
+    elif how == "dims":  # more dimensions than NumPy can hold: a WireError, not NumPy's ValueError
+        arrays[f"{key}/v.v"] = Array(dtype="float32", shape=(len(dense), values.shape[1]) + (1,) * 98, stype=RAW,
+                                     data=values.tobytes())
+    elif how == "empty":  # no bytes, but sizes past NumPy's index range (Flower's shapes are int32)
+        arrays[f"{key}/v.v"] = Array(dtype="float32", shape=(len(dense), 0) + (2 ** 31 - 1,) * 3, stype=RAW, data=b"")
     else:
         meta[f"{key}/arrays"] = [f"v{n}" for n in range(9)]
     got = read(algo, table, arrays, meta)

@@ -376,3 +376,22 @@ def test_client_strings_are_clipped_and_a_reported_death_is_only_a_failure():
     replies.append(Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason="gone"), reply_to=sent))
     with pytest.raises(ActorDeathError, match="client 3 died"):
         strategy.aggregate_train(2, replies)
+
+
+@pytest.mark.parametrize("key", ["\u00b2", "9" * 5000, "\u0661"])
+def test_a_failed_record_with_keys_that_are_no_client_ids_is_ignored(key):
+    """A node's ``failed`` record names its clients by decimal id; a key that only looks like one (a
+    superscript digit, 5,000 digits, another script's digit) fails nobody and crashes nothing."""
+    from flwr.app import ConfigRecord
+
+    task, algo = specs.build(SPEC)
+    grid = InProcessGrid(make_client_app(SPEC), N, seed=1)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
+    strategy = GluonStrategy(algo, task.initial_params(), N, seed=1, rounds=3,
+                             schema=algo.state_schema(task.objectives[0], task.initial_params(), 1))
+    strategy.connect(grid, timeout=10)
+    replies = list(grid.send_and_receive(list(strategy.configure_train(1, None, None, grid))))
+    by_client = {strategy.partition_of[r.metadata.src_node_id]: r for r in replies}
+    by_client[1].content["failed"] = ConfigRecord({key: "InjectedFault: not really"})
+    strategy.aggregate_train(1, replies)
+    assert (strategy.history[-1]["accepted"], strategy.history[-1]["failed"]) == (N, 0)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -218,6 +219,7 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
         bound = len(clients) * (len(table.columns) + len(GROUPS) * len(shapes) * MAX_PARTS)
         if len(arrays) > bound:  # before reading any of them: a reply of 200,000 arrays is refused here
             raise WireError(f"the reply holds {len(arrays)} arrays, more than a block of {len(clients)} may")
+        stated = Counter(r for r, _, rest in (k.partition("/") for k in arrays) if rest.startswith("s/"))
         wanted, seen = set(clients), set()
         for r in range(runs):
             js = [_int(j, "clients", 0, table.num_clients - 1) for j in _list(meta, f"{r}/clients")]
@@ -225,7 +227,7 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
                 raise WireError(f"run {r}'s clients {str(js)[:80]} are not sorted new clients of {list(clients)[:20]}")
             seen.update(js)
             try:
-                _read_run(arrays, meta, r, js, round_, table, shapes, out)
+                _read_run(arrays, meta, r, js, round_, table, shapes, stated[str(r)], out)
             except _Reject as err:
                 out.rejected.update(dict.fromkeys(js, str(err)))
         for j in wanted - seen:
@@ -238,7 +240,8 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
 
 
 def _read_run(arrays: ArrayRecord, meta: ConfigRecord, r: int, js: list[int], round_: int, table: ClientStateTable,
-              shapes: Mapping[str, tuple[int, ...]], out: BlockRead) -> None:
+              shapes: Mapping[str, tuple[int, ...]], stated: int, out: BlockRead) -> None:
+    """Run ``r`` of a block's reply (its clients ``js``; ``stated``: how many ``r/s/`` arrays the reply holds)."""
     b = len(js)
     if _int(meta.get(f"{r}/round"), "round", 0, 2 ** 62) != round_:
         raise WireError(f"run {r} is for round {meta.get(f'{r}/round')}, expected {round_}")
@@ -251,7 +254,7 @@ def _read_run(arrays: ArrayRecord, meta: ConfigRecord, r: int, js: list[int], ro
     try:  # the state columns, checked against the schema before any byte is read
         columns = {p: _tensor(arrays[f"{r}/s/{p}"], _dtype_name(c.dtype), (b, *c.shape[1:]))
                    for p, c in table.columns.items()}
-        if sum(1 for k in arrays.keys() if k.startswith(f"{r}/s/")) != len(columns):
+        if stated != len(columns):
             raise WireError("state columns the schema does not have")
     except KeyError as err:
         raise _Reject(f"state: no column {str(err)[:100]}") from None

@@ -416,3 +416,42 @@ def test_the_reader_walks_the_keys_once_whatever_the_number_of_runs():
     got = read(algo, table, walked, meta)
     assert len(results) >= 5 and sorted(got.replies) == CLIENTS
     assert Walked.walks == 1
+
+
+@pytest.mark.parametrize("algorithm", [
+    {"name": "gluon-ef21-sarah", "refresh_prob": 0.5, "compressor": {"name": "topk", "ratio": 0.2}},
+    {"name": "ef21-muon-bidir", "beta": 0.5, "nesterov": True, "state_dtype": "float16"},
+    {"name": "gluon-dasha-mvr"}, {"name": "fedavg", "error_feedback": "ef14"},
+])
+def test_a_run_leaves_every_reply_byte_as_it_came(monkeypatch, tmp_path, algorithm):
+    """The server reads replies where they lie: proposed state columns and payload arrays are views of the
+    received (immutable) ``bytes``, which torch cannot refuse to write into. A run (in-process Flower grid,
+    blocks of 3, partial participation, a checkpoint each round) must leave every reply's bytes as they came."""
+    import hashlib
+
+    from fedgluon import client_app
+    from fedgluon.checkpoint import Checkpointer
+    from fedgluon.engines import run_inprocess
+
+    sent = []
+    real = client_app.make_client_app
+
+    def make_recording_app(spec):
+        app = real(spec)
+
+        def recording(msg, context):
+            reply = app(msg, context)
+            if msg.metadata.message_type == "train":
+                arrays = reply.content["replies"]
+                sent.append((arrays, {k: hashlib.sha256(arrays[k].data).digest() for k in arrays}))
+            return reply
+
+        return recording
+
+    monkeypatch.setattr(client_app, "make_client_app", make_recording_app)
+    strategy = run_inprocess({"task": TASK, "rounds": 4, "seed": 2, "block_size": 3, "participation": 0.7,
+                              "algorithm": {"lr": 0.05, **algorithm}},
+                             checkpointer=Checkpointer(tmp_path / "ckpt.pt", every=1))
+    assert sum(row["accepted"] for row in strategy.history) > 4 and len(sent) >= 4
+    assert all(hashlib.sha256(arrays[k].data).digest() == digest for arrays, digests in sent
+               for k, digest in digests.items())

@@ -284,9 +284,10 @@ def test_a_run_whose_state_does_not_fit_rejects_that_run_only(how):
     assert [js for js, _ in got.proposed] == [[0, 1], [4, 5]]
 
 
+@pytest.mark.parametrize("algorithm", [ALGORITHMS[0], ALGORITHMS[4]], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_a_non_finite_state_row_rejects_that_client_only(value):
-    algo, table, results = world(ALGORITHMS[0])
+def test_a_non_finite_state_row_rejects_that_client_only(value, algorithm):
+    algo, table, results = world(algorithm)
     arrays, meta = results_to_records(results)
     path, _ = _columns(table)
     column = flatten(results[0].state)[path].clone()

@@ -296,7 +296,7 @@ class GluonStrategy(Strategy):
         read = BlockRead(ray_node=str(info["ray_node"])[:64] if info is not None and info.get("ray_node") else "",
                          device=_reported_device(info))
         reported = records.config.get("failed")
-        reported = {int(j): clip_text(why) for j, why in reported.items() if j.isdigit() and int(j) in clients} \
+        reported = {int(j): clip_text(why) for j, why in reported.items() if _client_id(j) in clients} \
             if reported is not None else {}
         working = [j for j in clients if j not in reported]
         got = read_replies(records.array.get("replies"), records.config.get("meta"), working, self._round.k,
@@ -332,6 +332,12 @@ def _integer(value: Any, what: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise HandshakeError(f"{what} must be an integer in [{low}, {high}], got {clip_text(repr(value), 100)}")
     return value
+
+
+def _client_id(key: str) -> int | None:
+    """The client id a node's ``failed`` record names by ``key``: ASCII decimal digits only (``str.isdigit``
+    also takes "²", which ``int`` refuses, and ``int`` refuses more than 4,300 digits); else None."""
+    return int(key) if key.isascii() and key.isdigit() and len(key) <= 18 else None
 
 
 def _reported_device(info: Any) -> tuple[str, str] | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,7 +125,10 @@ def _view(arr: Any, dtype: str | None = None, shape: tuple[int, ...] | None = No
     size = math.prod(got) * DTYPES[arr.dtype].itemsize
     if not isinstance(arr.data, bytes) or len(arr.data) != size:
         raise WireError(f"array of shape {got} and dtype {arr.dtype} needs {size} bytes")
-    return np.frombuffer(arr.data, dtype=DTYPES[arr.dtype], count=math.prod(got)).reshape(got)
+    try:  # NumPy refuses more than 32 or 64 dimensions, and sizes past its index range even when empty
+        return np.frombuffer(arr.data, dtype=DTYPES[arr.dtype], count=math.prod(got)).reshape(got)
+    except ValueError as err:
+        raise WireError(f"array shape {str(got)[:60]}: {err}") from None
 
 
 def _tensor(arr: Any, dtype: str | None = None, shape: tuple[int, ...] | None = None) -> Tensor:
@@ -222,6 +226,8 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
         if size > most:
             raise WireError(f"the reply holds {size} bytes of arrays, more than the {most} a block of "
                             f"{len(clients)} clients may")
+        stated = Counter(r for r, _, rest in (k.partition("/") for k in arrays) if rest.startswith("s/"))
+        expected = table.travelling(derived)
         wanted, seen = set(clients), set()
         for r in range(runs):
             js = [_int(j, "clients", 0, table.num_clients - 1) for j in _list(meta, f"{r}/clients")]
@@ -229,18 +235,22 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
                 raise WireError(f"run {r}'s clients {str(js)[:80]} are not sorted new clients of {list(clients)[:20]}")
             seen.update(js)
             try:
-                _read_run(arrays, meta, r, js, round_, table.travelling(derived), table.num_clients, shapes, out)
+                _read_run(arrays, meta, r, js, round_, expected, shapes, stated[str(r)], out)
             except _Reject as err:
                 out.rejected.update(dict.fromkeys(js, str(err)))
         for j in wanted - seen:
             out.failed[j] = "the node's reply does not cover this client"
+        for j in out.rejected:  # a row the node calls failed but whose state is bad: rejected, counted once
+            out.failed.pop(j, None)
     except WireError as err:
         return BlockRead(rejected=dict.fromkeys(clients, f"reply: {err}"))
     return out
 
 
 def _read_run(arrays: ArrayRecord, meta: ConfigRecord, r: int, js: list[int], round_: int, expected: Mapping[str, Tensor],
-              n: int, shapes: Mapping[str, tuple[int, ...]], out: BlockRead) -> None:
+              shapes: Mapping[str, tuple[int, ...]], stated: int, out: BlockRead) -> None:
+    """Run ``r`` of a block's reply (its clients ``js``; ``expected``: the state columns that travel;
+    ``stated``: how many ``r/s/`` arrays the reply holds)."""
     b = len(js)
     if _int(meta.get(f"{r}/round"), "round", 0, 2 ** 62) != round_:
         raise WireError(f"run {r} is for round {meta.get(f'{r}/round')}, expected {round_}")
@@ -253,7 +263,7 @@ def _read_run(arrays: ArrayRecord, meta: ConfigRecord, r: int, js: list[int], ro
     try:  # the state columns, checked against the schema before any byte is read
         columns = {p: _tensor(arrays[f"{r}/s/{p}"], _dtype_name(c.dtype), (b, *c.shape[1:]))
                    for p, c in expected.items()}
-        if sum(1 for k in arrays.keys() if k.startswith(f"{r}/s/")) != len(columns):
+        if stated != len(columns):
             raise WireError("state columns the schema does not have")
     except KeyError as err:
         raise _Reject(f"state: no column {str(err)[:100]}") from None

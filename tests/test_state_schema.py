@@ -1,9 +1,9 @@
-"""The client-state schema (fedgluon/state_schema.py).
+"""The client-state schema (fedgluon/state_schema.py) and the table that holds it (fedgluon/client_table.py).
 
 Every algorithm's states, over rounds with partial participation, fit the schema its first step fixes;
-a state that does not fit (an extra leaf, another shape or dtype, NaN, a 256 MB array, 200,000 leaves,
-a forged commit count or model) is rejected for that client, logged, and never committed: the other
-clients go on, and the checkpoint does not grow."""
+a state that does not fit (an extra column, another shape or dtype, NaN, a 256 MB array, 200,000
+arrays, a forged commit count) is rejected for that client, logged, and never committed: the other
+clients go on, and the checkpoint is the size it would be without it."""
 
 from __future__ import annotations
 
@@ -12,18 +12,16 @@ import logging
 import numpy as np
 import pytest
 import torch
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
-from packed_edit import PackedEdit
 
+from fedgluon import client_app
 from fedgluon import spec as specs
 from fedgluon.checkpoint import Checkpointer, Snapshot
-from fedgluon.client_app import make_client_app
+from fedgluon.client_table import flatten
 from fedgluon.driver import run_plain
-from fedgluon.engines import InProcessGrid
+from fedgluon.engines import run_inprocess
 from fedgluon.federation import Federation
 from fedgluon.state_schema import StateSchema
-from strategies.strategy import GluonStrategy
+from strategies.wire import to_array
 
 TASK = {"name": "synthetic", "num_clients": 6, "dim": 6, "classes": 3, "hidden": [5], "mean_samples": 20,
         "batch_size": 8}
@@ -42,161 +40,179 @@ ALGORITHMS = [
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS, ids=lambda a: "-".join(str(v) for v in a.values()))
 def test_every_algorithm_keeps_the_state_layout_its_first_step_fixes(algorithm):
+    """Over 4 rounds at participation 0.5 (first and later participations mixed in a block) no state is
+    rejected, and a step of every client from the table the run left proposes columns that fit it."""
     spec = specs.normalise({"task": TASK, "algorithm": {"lr": 0.05, **algorithm}, "seed": 3})
     task, algo = specs.build(spec)
     X0 = task.initial_params()
     schema = algo.state_schema(task.objectives[0], X0, 3)
-    assert schema.leaves and "commits" in schema.leaves
+    assert not {"commits", "x_prev"} & {p.split("/")[0] for p in schema.leaves}  # derived by the server
     res = run_plain(algo, task.objectives, X0, 4, seed=3, participation=0.5, block_size=3)
     assert sum(row["rejected"] for row in res.history) == 0
-    held = [s for s in res.client_states.values() if s is not None]
-    assert held and all(schema.mismatch(s) is None for s in held)
+    table = res.table
+    assert table.check(table.columns, table.num_clients) is None
+    assert set(table.commits.tolist()) != {0}
+    bc = algo.broadcast(res.server_state, 4, 3, table.num_clients)
+    results = algo.step_block(table.rows(range(table.num_clients)), bc, task.objectives)
+    assert all(table.check(flatten(r.state), len(r.clients)) is None for r in results)
 
 
 def test_mismatch_names_what_is_wrong():
-    state = {"est": {"m": {"w": torch.zeros(2, 3)}}, "comp": {}, "commits": torch.tensor(1)}
+    state = {"est": {"m": {"w": torch.zeros(2, 3)}}, "comp": {}, "n": torch.tensor(1)}
     schema = StateSchema.of(state)
-    assert set(schema.leaves) == {"est/m/w", "comp/", "commits"}
+    assert set(schema.leaves) == {"est/m/w", "comp/", "n"}
     assert schema.nbytes == 6 * 4 + 8
     assert schema.mismatch(state) is None
     assert "unexpected state leaf 'evil'" in schema.mismatch({**state, "evil": torch.zeros(1)})
-    assert "lacks the leaves ['commits']" in schema.mismatch({k: v for k, v in state.items() if k != "commits"})
+    assert "lacks the leaves ['n']" in schema.mismatch({k: v for k, v in state.items() if k != "n"})
     assert "expected float32 (2, 3)" in schema.mismatch({**state, "est": {"m": {"w": torch.zeros(3, 2)}}})
     assert "float64 (2, 3)" in schema.mismatch({**state, "est": {"m": {"w": torch.zeros(2, 3, dtype=torch.float64)}}})
     assert "unexpected state leaf 'comp/q'" in schema.mismatch({**state, "comp": {"q": torch.zeros(1)}})
-    assert "'commits' must be a tensor, got int" in schema.mismatch({**state, "commits": 3})
+    assert "'n' must be a tensor, got int" in schema.mismatch({**state, "n": 3})
     assert "must be a mapping" in schema.mismatch([1])
-    nan = {**state, "est": {"m": {"w": torch.full((2, 3), float("nan"))}}}
-    assert schema.mismatch(nan) is None  # the layout only: NaN is caught where states arrive (the hostile test)
     many = {**state, "junk": {str(i): torch.zeros(()) for i in range(200_000)}}
     assert "unexpected state leaf 'junk/0'" in schema.mismatch(many)
 
 
-def test_a_checkpoint_whose_states_do_not_fit_the_run_is_refused():
+def test_the_table_check_names_what_is_wrong():
+    spec = specs.normalise({"task": TASK, "algorithm": {"name": "gluon-ef21", "lr": 0.05}, "seed": 3})
+    task, algo = specs.build(spec)
+    table = run_plain(algo, task.objectives, task.initial_params(), 1, seed=3).table
+    columns = {p: c[:2] for p, c in table.columns.items()}
+    path = next(iter(columns))
+    assert table.check(columns, 2) is None
+    assert "unexpected ['evil']" in table.check({**columns, "evil": torch.zeros(2, 1)}, 2)
+    assert f"missing [{path!r}]" in table.check({p: c for p, c in columns.items() if p != path}, 2)
+    assert "expected torch.float32" in table.check({**columns, path: columns[path].double()}, 2)
+    assert "expected torch.float32" in table.check({**columns, path: columns[path][:1]}, 2)
+    assert "is ndarray" in table.check({**columns, path: columns[path].numpy()}, 2)
+
+
+def test_a_checkpoint_whose_table_does_not_fit_the_run_is_refused():
     spec = specs.normalise({"task": TASK, "algorithm": {"name": "gluon-ef21", "lr": 0.05}, "seed": 3})
     task, algo = specs.build(spec)
     X0 = task.initial_params()
     res = run_plain(algo, task.objectives, X0, 2, seed=3)
-    states = dict(res.client_states)
-    states[4] = {**states[4], "ef": {"g": {n: t[..., :1] for n, t in states[4]["ef"]["g"].items()}}}
-    snap = Snapshot(2, res.server_state, states, res.history, res.client_log)
-    with pytest.raises(ValueError, match="client 4's state does not fit"):
-        Federation(algo, X0, 6, 4, seed=3, resume=snap, schema=algo.state_schema(task.objectives[0], X0, 3))
+    schema = algo.state_schema(task.objectives[0], X0, 3)
+    data = res.table.state_dict()
+    path = next(p for p in data["columns"] if p.startswith("ef/g/"))
+    for columns in ({**data["columns"], path: data["columns"][path][..., :1]},
+                    {**data["columns"], "evil": torch.zeros(6, 1)}):
+        snap = Snapshot(2, res.server_state, {**data, "columns": columns}, res.history, res.client_log)
+        with pytest.raises(ValueError, match="does not fit this run's schema"):
+            Federation(algo, X0, 6, 4, seed=3, resume=snap, schema=schema)
 
 
-def _tamper_state(state, how):
-    """A hostile client's proposed state (plain driver: the reply stays valid, only the state is bad)."""
-    if how == "commits":
-        return {**state, "commits": state["commits"] + 5}
-    if how == "x_prev":
-        return {**state, "x_prev": {n: t + 1 for n, t in state["x_prev"].items()}}
-    raise AssertionError(how)
-
-
-@pytest.mark.parametrize("how", ["commits", "x_prev"])
-def test_a_state_that_forges_what_the_server_derives_is_rejected(how, caplog):
-    """``commits`` and ``x_prev`` are the server's to know: a state claiming other values is rejected."""
-    from fedgluon import driver
-
-    spec = specs.normalise({"task": TASK, "algorithm": {"name": "gluon-ef21-sarah", "lr": 0.05}, "seed": 3})
-    task, algo = specs.build(spec)
-    original = driver._step_blocks
-
-    def step_blocks(*args, **kwargs):
-        out = original(*args, **kwargs)
-        state, reply = out[2]
-        out[2] = (_tamper_state(state, how), reply)
-        return out
-
-    with caplog.at_level(logging.WARNING, logger="fedgluon"):
-        driver._step_blocks = step_blocks
-        try:
-            res = run_plain(algo, task.objectives, task.initial_params(), 3, seed=3)
-        finally:
-            driver._step_blocks = original
-    assert [row["rejected"] for row in res.history] == [1, 1, 1]
-    assert res.client_states[2] is None  # never committed
-    assert sum("rejected client 2: state:" in r.getMessage() for r in caplog.records) == 3
-
-
-# ---------------------------------------------------------------------------- through Flower records
-N = 4
-SPEC = specs.normalise({"task": {**TASK, "num_clients": N}, "seed": 1, "rounds": 1000,
+# ---------------------------------------------------------------------------- hostile replies through Flower
+N, ROUNDS, HOSTILE = 4, 5, 1
+SPEC = specs.normalise({"task": {**TASK, "num_clients": N}, "seed": 1, "rounds": ROUNDS,
                         "algorithm": {"name": "gluon-ef21", "lr": 0.05, "compressor": {"name": "topk", "ratio": 0.3}}})
 
 
-def _world():
-    task, algo = specs.build(SPEC)
-    X0 = task.initial_params()
-    grid = InProcessGrid(make_client_app(SPEC), N, seed=1)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
-    strategy = GluonStrategy(algo, X0, N, seed=1, rounds=SPEC["rounds"],
-                             schema=algo.state_schema(task.objectives[0], X0, 1))
-    strategy.connect(grid, timeout=10)
-    return grid, strategy
+def _state_key(arrays) -> str:
+    return next(k for k in arrays if k.startswith("0/s/ef/g/"))
 
 
-def _corrupt_state(reply, j: int, how: str) -> None:
-    """Rewrite client j's proposed state in its node's packed reply (one client per node)."""
-    edit = PackedEdit(reply.content)
-    group, _ = edit.group(j, "states")
-    leaves = group["leaves"]
-    i, (path, ref, _) = next((i, e) for i, e in enumerate(leaves) if e[0].startswith("ef/g/"))
-    a = edit.array(ref)
-    if how == "extra_leaf":
-        leaves.append(["evil", edit.append(np.zeros((1, 3), np.float32)), False])
-    elif how == "shape":
-        leaves[i] = [path, edit.append(np.zeros((1, a.shape[1] + 1, *a.shape[2:]), np.float32)), False]
-    elif how == "dtype":
-        leaves[i] = [path, edit.append(a.astype(np.float64)), False]
-    elif how == "nan":
-        a.reshape(-1)[0] = np.nan
-        leaves[i] = [path, edit.append(a), False]
-    elif how == "huge":  # a 256 MB leaf beside the valid ones
-        leaves.append(["huge", edit.append(np.zeros((1, 64 * 2 ** 20), np.float32)), False])
-    elif how == "many_leaves":
-        ref0 = edit.append(np.zeros((1,), np.float32))
-        leaves.extend([f"leaf{n}", ref0, False] for n in range(200_000))
-    else:
-        raise AssertionError(how)
-    edit.save()
+def _tamper(how: str):
+    """What node HOSTILE does to its reply's ``replies`` record every round (one client per node: run 0)."""
+    if how == "huge":
+        huge = to_array(np.zeros(64 * 2 ** 20, np.float32))  # 256 MB, once per test
+    tiny = to_array(np.zeros((1, 1), np.float32))
+
+    def tamper(arrays) -> None:
+        key = _state_key(arrays)
+        a = np.frombuffer(arrays[key].data, np.float32).reshape(arrays[key].shape).copy()
+        if how == "extra_column":
+            arrays["0/s/evil"] = tiny
+        elif how == "shape":
+            arrays[key] = to_array(np.zeros((1, a.shape[1] + 1, *a.shape[2:]), np.float32))
+        elif how == "dtype":
+            arrays[key] = to_array(a.astype(np.float64))
+        elif how == "nan":
+            a.reshape(-1)[0] = np.nan
+            arrays[key] = to_array(a)
+        elif how == "huge":
+            arrays["0/s/huge"] = huge
+        elif how == "many_arrays":
+            for n in range(200_000):
+                arrays[f"0/s/leaf{n}"] = tiny
+        elif how == "commits":  # forging what the server derives
+            arrays["0/s/commits"] = to_array(torch.tensor([5]))
+        else:
+            raise AssertionError(how)
+
+    return tamper
 
 
-def _rounds(grid, strategy, rounds: int, how: str | None) -> list[dict]:
-    for _ in range(rounds):
-        messages = list(strategy.configure_train(1, None, None, grid))
-        replies = list(grid.send_and_receive(messages))
-        for reply in replies:
-            j = strategy.partition_of[reply.metadata.src_node_id]
-            if how is not None and j == 1:
-                _corrupt_state(reply, j, how)
-        strategy.aggregate_train(1, replies)
-    return strategy.history
+def _run(monkeypatch, path, how: str | None):
+    """run_inprocess of SPEC with a checkpoint every round, node HOSTILE's replies tampered by ``how``."""
+    if how is not None:
+        real, tamper = client_app.make_client_app, _tamper(how)
+
+        def make_hostile_app(spec):
+            app = real(spec)
+
+            def hostile(msg, context):
+                reply = app(msg, context)
+                if msg.metadata.message_type == "train" and context.node_config["partition-id"] == HOSTILE:
+                    tamper(reply.content["replies"])
+                return reply
+
+            return hostile
+
+        monkeypatch.setattr(client_app, "make_client_app", make_hostile_app)
+    strategy = run_inprocess(SPEC, checkpointer=Checkpointer(path, every=1))
+    monkeypatch.undo()
+    return strategy
 
 
-@pytest.mark.parametrize("how", ["extra_leaf", "shape", "dtype", "nan", pytest.param("huge", marks=pytest.mark.slow),
-                                 pytest.param("many_leaves", marks=pytest.mark.slow)])
-def test_a_hostile_state_is_rejected_and_the_run_goes_on(how, tmp_path, caplog):
-    """Client 1 returns a bad state every round for 5 rounds: rejected and logged each time, before its
-    bytes are read; the others are accepted, client 1 stays at its (empty) state, and the checkpoint is
-    the size of a run in which client 1 merely failed."""
-    grid, strategy = _world()
+@pytest.mark.parametrize("how", ["extra_column", "shape", "dtype", "nan", "commits", "huge", "many_arrays"])
+def test_a_hostile_state_is_rejected_and_the_checkpoint_does_not_grow(how, monkeypatch, tmp_path, caplog):
+    """Node HOSTILE returns a bad state every round for 5 rounds (run_inprocess, the real ClientApp with
+    its reply tampered): rejected and logged each time, the others accepted, its row never committed,
+    and the checkpoint exactly the size of a clean run's."""
     with caplog.at_level(logging.WARNING, logger="fedgluon"):
-        history = _rounds(grid, strategy, 5, how)
-    assert [row["rejected"] for row in history] == [1] * 5
-    assert [row["accepted"] for row in history] == [N - 1] * 5
-    assert strategy.client_states[1] is None
-    assert all(strategy.client_states[j] is not None for j in (0, 2, 3))
-    assert sum("rejected client 1" in r.getMessage() and "state" in r.getMessage() for r in caplog.records) == 5
-    hostile = Checkpointer(tmp_path / "hostile", every=1).save(strategy.federation.snapshot())
+        strategy = _run(monkeypatch, tmp_path / "hostile.pt", how)
+    history, table = strategy.history, strategy.federation.table
+    assert [(row["accepted"], row["rejected"], row["failed"]) for row in history] == [(N - 1, 1, 0)] * ROUNDS
+    assert table.commits.tolist() == [ROUNDS if j != HOSTILE else 0 for j in range(N)]
+    assert all(not c[HOSTILE].any() for c in table.columns.values())  # its row: never written
+    logged = [r.getMessage() for r in caplog.records if f"rejected client {HOSTILE}:" in r.getMessage()]
+    assert len(logged) == ROUNDS
+    assert all(("state: " if how != "many_arrays" else "arrays") in m for m in logged), logged[0]
+    rows = [r for r in strategy.client_log if r["client"] == HOSTILE]
+    assert [r["status"] for r in rows] == ["rejected"] * ROUNDS
 
-    grid, clean = _world()
-    original = clean.aggregate_train
+    clean = _run(monkeypatch, tmp_path / "clean.pt", None)
+    assert [row["accepted"] for row in clean.history] == [N] * ROUNDS
+    assert (tmp_path / "hostile.pt").stat().st_size == (tmp_path / "clean.pt").stat().st_size
 
-    def without_client_1(server_round, replies):
-        return original(server_round, [r for r in replies if clean.partition_of[r.metadata.src_node_id] != 1])
 
-    clean.aggregate_train = without_client_1
-    _rounds(grid, clean, 5, None)
-    reference = Checkpointer(tmp_path / "clean", every=1).save(clean.federation.snapshot())
-    assert abs(hostile.stat().st_size - reference.stat().st_size) < 2048  # the rows' reason strings differ
+def test_a_nan_row_in_a_block_rejects_that_client_and_commits_its_block_mates(monkeypatch, caplog):
+    """Blocks of 3 clients per node: a NaN in client 1's row of its node's proposed state rejects client 1
+    alone, every round; its block-mates 0 and 2 are committed from the same (read-only) columns."""
+    real = client_app.make_client_app
+
+    def make_hostile_app(spec):
+        app = real(spec)
+
+        def hostile(msg, context):
+            reply = app(msg, context)
+            if msg.metadata.message_type == "train" and context.node_config["partition-id"] == 0:
+                arrays = reply.content["replies"]
+                key = _state_key(arrays)
+                a = np.frombuffer(arrays[key].data, np.float32).reshape(arrays[key].shape).copy()
+                a[1].reshape(-1)[-1] = np.nan
+                arrays[key] = to_array(a)
+            return reply
+
+        return hostile
+
+    monkeypatch.setattr(client_app, "make_client_app", make_hostile_app)
+    with caplog.at_level(logging.WARNING, logger="fedgluon"):
+        strategy = run_inprocess({**SPEC, "task": {**TASK, "num_clients": 6}, "block_size": 3})
+    table = strategy.federation.table
+    assert [(row["accepted"], row["rejected"]) for row in strategy.history] == [(5, 1)] * ROUNDS
+    assert table.commits.tolist() == [ROUNDS, 0, ROUNDS, ROUNDS, ROUNDS, ROUNDS]
+    assert all(not c[1].any() and c[[0, 2]].any() and bool(torch.isfinite(c).all()) for c in table.columns.values())
+    assert sum("rejected client 1: state: NaN/Inf" in r.getMessage() for r in caplog.records) == ROUNDS

@@ -11,7 +11,9 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
+from compressors.payload import PayloadRows
 from fedgluon import spec as specs
+from fedgluon.algorithms.block import PayloadGroup
 from fedgluon.client_table import flatten
 from fedgluon.driver import run_plain
 from strategies.wire import (
@@ -55,7 +57,7 @@ def world(algorithm: dict, run: int | None = None):
 
 
 def read(algo, table, arrays, meta, clients=CLIENTS, round_=ROUND):
-    return read_replies(arrays, meta, clients, round_, table, algo.shapes)
+    return read_replies(arrays, meta, clients, round_, table, algo.shapes, algo.derived)
 
 
 def same_tensors(a: dict, b: dict) -> bool:
@@ -73,6 +75,18 @@ def same_reply(got, sent) -> bool:
         if not all(q.arrays[k].dtype == a.dtype and np.array_equal(q.arrays[k], a) for k, a in p.arrays.items()):
             return False
     return True
+
+
+def without_row(groups: dict, row: int) -> dict:
+    """A block's payload groups without block row ``row`` (as if that client sent nothing)."""
+    out = {}
+    for name, group in groups.items():
+        keep = [i for i, r in enumerate(group.rows) if r != row]
+        if keep:
+            layers = {n: PayloadRows(p.codec, p.shape, {k: a[keep] for k, a in p.arrays.items()},
+                                     {k: [v[i] for i in keep] for k, v in p.meta.items()}) for n, p in group.layers.items()}
+            out[name] = PayloadGroup([group.rows[i] for i in keep], layers)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- round trips
@@ -101,13 +115,13 @@ def test_a_block_step_round_trips_bitwise(algorithm, run):
     their dtypes, headers, metrics, group) and every run's proposed state columns."""
     algo, table, results = world(algorithm, run)
     assert len(results) == (1 if run is None else 3)
-    got = read(algo, table, *results_to_records(results))
+    got = read(algo, table, *results_to_records(results, algo.derived))
     assert got.failed == {} and got.rejected == {}
     sent = {j: r for res in results for j, r in res.replies().items()}
     assert sorted(got.replies) == sorted(sent) == CLIENTS
     assert all(same_reply(got.replies[j], sent[j]) for j in CLIENTS)
-    assert [js for js, _ in got.proposed] == [res.clients for res in results]
-    assert all(same_tensors(columns, flatten(res.state)) for (_, columns), res in zip(got.proposed, results))
+    assert [p.clients for p in got.proposed] == [res.clients for res in results]
+    assert all(same_tensors(p.columns, res.proposal(algo.derived).columns) for p, res in zip(got.proposed, results))
     if algorithm["name"] == "gluon-dasha-mvr":
         assert {r.group for r in got.replies.values()} == {"dense", "uplink"}
 
@@ -116,8 +130,8 @@ def test_a_failed_row_travels_as_a_failure():
     algo, table, results = world(ALGORITHMS[0])
     res = results[0]
     res.failed = {1: "ArithmeticError: inexact"}
-    res.groups = {g: s for g, grp in res.groups.items() if (s := grp.select([r for r in grp.rows if r != 1]))}
-    got = read(algo, table, *results_to_records(results))
+    res.groups = without_row(res.groups, 1)
+    got = read(algo, table, *results_to_records(results, algo.derived))
     assert got.failed == {1: "ArithmeticError: inexact"} and got.rejected == {}
     assert sorted(got.replies) == [0, 2, 3, 4, 5]
 
@@ -128,7 +142,7 @@ def test_records_pickle_their_bytes_out_of_band_and_round_trip():
     actors) their bytes travel as out-of-band buffers, and what comes back is a RawArray with the same
     bytes, which reads back to the same replies."""
     algo, table, results = world(ALGORITHMS[0])
-    arrays, meta = results_to_records(results)
+    arrays, meta = results_to_records(results, algo.derived)
     assert all(type(arrays[k]) is RawArray for k in arrays)
     buffers = []
     stream = pickle.dumps(arrays, protocol=5, buffer_callback=buffers.append)
@@ -140,7 +154,7 @@ def test_records_pickle_their_bytes_out_of_band_and_round_trip():
     assert all(type(back[k]) is RawArray and back[k].data == arrays[k].data for k in arrays)
     got, want = read(algo, table, back, meta), read(algo, table, arrays, meta)
     assert all(same_reply(got.replies[j], want.replies[j]) for j in CLIENTS)
-    assert all(same_tensors(a, b) for (_, a), (_, b) in zip(got.proposed, want.proposed))
+    assert all(same_tensors(a.columns, b.columns) for a, b in zip(got.proposed, want.proposed))
 
 
 def test_raw_arrays_deflate_and_inflate_as_flower_arrays():
@@ -150,7 +164,7 @@ def test_raw_arrays_deflate_and_inflate_as_flower_arrays():
     from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
     algo, table, results = world(ALGORITHMS[0])
-    arrays, meta = results_to_records(results)
+    arrays, meta = results_to_records(results, algo.derived)
     contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(arrays).items()}
     back = inflate_object_from_contents(arrays.object_id, contents)
     assert all(type(back[k]) is Array and back[k].data == arrays[k].data for k in arrays)
@@ -205,8 +219,8 @@ def test_a_byte_count_that_does_not_fit_the_header_is_refused():
 
 def test_a_state_column_of_another_dtype_rejects_its_run_unread():
     algo, table, results = world(ALGORITHMS[1], run=2)
-    arrays, meta = results_to_records(results)
-    path = next(iter(table.columns))
+    arrays, meta = results_to_records(results, algo.derived)
+    path = next(iter(table.travelling(algo.derived)))
     Untouched.reads = 0
     arrays[f"1/s/{path}"] = untouched(table.columns[path][2:4].double().numpy())
     got = read(algo, table, arrays, meta)
@@ -245,7 +259,7 @@ class Watched(ArrayRecord):
 
 def test_too_many_arrays_reject_the_block_before_any_is_looked_at():
     algo, table, results = world(ALGORITHMS[0])
-    arrays, meta = results_to_records(results)
+    arrays, meta = results_to_records(results, algo.derived)
     watched = Watched()
     for key in arrays:
         watched[key] = arrays[key]
@@ -267,7 +281,7 @@ def _columns(table):
 @pytest.mark.parametrize("how", ["shape", "dtype", "missing", "extra"])
 def test_a_run_whose_state_does_not_fit_rejects_that_run_only(how):
     algo, table, results = world(ALGORITHMS[0], run=2)
-    arrays, meta = results_to_records(results)
+    arrays, meta = results_to_records(results, algo.derived)
     path, column = _columns(table)
     key = f"1/s/{path}"
     if how == "shape":
@@ -281,14 +295,14 @@ def test_a_run_whose_state_does_not_fit_rejects_that_run_only(how):
     got = read(algo, table, arrays, meta)
     assert got.rejected.keys() == {2, 3} and all(why.startswith("state: ") for why in got.rejected.values())
     assert sorted(got.replies) == [0, 1, 4, 5] and got.failed == {}
-    assert [js for js, _ in got.proposed] == [[0, 1], [4, 5]]
+    assert [p.clients for p in got.proposed] == [[0, 1], [4, 5]]
 
 
 @pytest.mark.parametrize("algorithm", [ALGORITHMS[0], ALGORITHMS[4]], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_a_non_finite_state_row_rejects_that_client_only(value, algorithm):
     algo, table, results = world(algorithm)
-    arrays, meta = results_to_records(results)
+    arrays, meta = results_to_records(results, algo.derived)
     path, _ = _columns(table)
     column = flatten(results[0].state)[path].clone()
     column[4].view(-1)[0] = value
@@ -296,7 +310,7 @@ def test_a_non_finite_state_row_rejects_that_client_only(value, algorithm):
     got = read(algo, table, arrays, meta)
     assert got.rejected == {4: "state: NaN/Inf in a proposed state column"}
     assert sorted(got.replies) == [0, 1, 2, 3, 5] and got.failed == {}
-    assert [js for js, _ in got.proposed] == [CLIENTS]  # committed for the accepted clients only (the server)
+    assert [p.clients for p in got.proposed] == [CLIENTS]  # committed for the accepted clients only (the server)
 
 
 def _dense_layer(meta):
@@ -306,7 +320,7 @@ def _dense_layer(meta):
 @pytest.mark.parametrize("how", ["drop", "rows", "codec", "dtype", "layer", "parts", "dims", "empty"])
 def test_a_malformed_payload_group_rejects_its_clients_only(how):
     algo, table, results = world(ALGORITHMS[0])
-    arrays, meta = results_to_records(results)
+    arrays, meta = results_to_records(results, algo.derived)
     dense, uplink = meta["0/p/dense/rows"], meta["0/p/uplink/rows"]
     assert dense and uplink
     key = _dense_layer(meta)
@@ -331,13 +345,13 @@ def test_a_malformed_payload_group_rejects_its_clients_only(how):
     got = read(algo, table, arrays, meta)
     assert got.rejected.keys() == set(dense) and all(why.startswith("payload: ") for why in got.rejected.values())
     assert sorted(got.replies) == sorted(uplink) and got.failed == {}
-    assert [js for js, _ in got.proposed] == [CLIENTS]
+    assert [p.clients for p in got.proposed] == [CLIENTS]
 
 
 @pytest.mark.parametrize("round_", [ROUND - 1, ROUND + 1, -1, "2", True])
 def test_a_run_for_another_round_is_rejected(round_):
     algo, table, results = world(ALGORITHMS[1], run=2)
-    arrays, meta = results_to_records(results)
+    arrays, meta = results_to_records(results, algo.derived)
     meta["1/round"] = round_
     got = read(algo, table, arrays, meta)
     assert {2, 3} <= got.rejected.keys() and all("round" in why for why in got.rejected.values())
@@ -347,7 +361,7 @@ def test_a_run_for_another_round_is_rejected(round_):
 @pytest.mark.parametrize("how", ["no records", "runs", "clients", "foreign client", "repeated client", "group"])
 def test_an_unreadable_layout_rejects_the_block(how):
     algo, table, results = world(ALGORITHMS[0], run=2)
-    arrays, meta = results_to_records(results)
+    arrays, meta = results_to_records(results, algo.derived)
     if how == "no records":
         arrays = None
     elif how == "runs":
@@ -366,7 +380,7 @@ def test_an_unreadable_layout_rejects_the_block(how):
 
 def test_clients_the_reply_does_not_cover_fail():
     algo, table, results = world(ALGORITHMS[1], run=2)
-    arrays, meta = results_to_records(results[:2])
+    arrays, meta = results_to_records(results[:2], algo.derived)
     got = read(algo, table, arrays, meta)
     assert got.failed.keys() == {4, 5} and sorted(got.replies) == [0, 1, 2, 3] and got.rejected == {}
 
@@ -377,15 +391,15 @@ def test_a_client_both_failed_and_rejected_counts_once_as_rejected():
     algo, table, results = world(ALGORITHMS[1], run=2)
     res = results[1]
     res.failed = {0: "ArithmeticError: inexact"}
-    res.groups = {g: s for g, grp in res.groups.items() if (s := grp.select([r for r in grp.rows if r != 0]))}
-    arrays, meta = results_to_records(results)
+    res.groups = without_row(res.groups, 0)
+    arrays, meta = results_to_records(results, algo.derived)
     path, _ = _columns(table)
     column = flatten(res.state)[path].clone()
     column[0].view(-1)[0] = float("nan")
     arrays[f"1/s/{path}"] = to_array(column)
     got = read(algo, table, arrays, meta)
     assert got.rejected.keys() == {2} and got.failed == {}
-    arrays, meta = results_to_records(results)
+    arrays, meta = results_to_records(results, algo.derived)
     arrays[f"1/s/{path}"] = to_array(column[:, :1])  # the whole run's state does not fit
     got = read(algo, table, arrays, meta)
     assert got.rejected.keys() == {2, 3} and got.failed == {}
@@ -409,7 +423,7 @@ def test_the_reader_walks_the_keys_once_whatever_the_number_of_runs():
     """Counting each run's state columns by a walk over every key made a block of many runs quadratic: a
     node of 1,000 runs and as many arrays as they may hold took the server 17 s to read, every round."""
     algo, table, results = world(ALGORITHMS[1], run=1)
-    arrays, meta = results_to_records(results)
+    arrays, meta = results_to_records(results, algo.derived)
     walked = Walked()
     for key in arrays:
         walked[key] = arrays[key]

@@ -222,7 +222,7 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
         bound = len(clients) * (len(table.columns) + len(GROUPS) * len(shapes) * MAX_PARTS)
         if len(arrays) > bound:  # before reading any of them: a reply of 200,000 arrays is refused here
             raise WireError(f"the reply holds {len(arrays)} arrays, more than a block of {len(clients)} may")
-        size, most = sum(len(a.data) for a in arrays.values()), max_reply_bytes(table, shapes, len(clients))
+        size, most = sum(_declared_bytes(a) for a in arrays.values()), max_reply_bytes(table, shapes, len(clients))
         if size > most:
             raise WireError(f"the reply holds {size} bytes of arrays, more than the {most} a block of "
                             f"{len(clients)} clients may")
@@ -317,6 +317,15 @@ def _payload_rows(arrays: ArrayRecord, meta: ConfigRecord, key: str, rows: int,
         got[str(k)] = a
     heads = {str(k): _list(meta, f"{key}/m/{k}", rows) for k in _list(meta, f"{key}/meta")}
     return PayloadRows(codec, shape_t, got, heads)
+
+
+def _declared_bytes(arr: Any) -> int:
+    """The bytes an ``Array``'s header declares (its data is checked against them before it is read)."""
+    shape = getattr(arr, "shape", None)
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise WireError(f"array shape {str(shape)[:60]} is not sizes")
+    dtype = getattr(arr, "dtype", None)
+    return math.prod(shape) * (DTYPES[dtype].itemsize if isinstance(dtype, str) and dtype in DTYPES else 8)
 
 
 def max_reply_bytes(table: ClientStateTable, shapes: Mapping[str, tuple[int, ...]], clients: int) -> int:

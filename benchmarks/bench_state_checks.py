@@ -37,10 +37,11 @@ def _seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def _headers(arrays: ArrayRecord, meta: ConfigRecord, table: ClientStateTable) -> list[dict[str, torch.Tensor]]:
-    """Every run's state columns, each header checked against the schema as ``read_replies`` does."""
+def _headers(arrays: ArrayRecord, meta: ConfigRecord, table: ClientStateTable,
+             derived: tuple[str, ...]) -> list[dict[str, torch.Tensor]]:
+    """Every run's travelling state columns, each header checked against the schema as ``read_replies`` does."""
     return [{p: wire._tensor(arrays[f"{r}/s/{p}"], wire._dtype_name(c.dtype), (len(meta[f"{r}/clients"]), *c.shape[1:]))
-             for p, c in table.columns.items()} for r in range(meta["runs"])]
+             for p, c in table.travelling(derived).items()} for r in range(meta["runs"])]
 
 
 def _scan(runs: list[dict[str, torch.Tensor]], meta: ConfigRecord) -> list[list[int]]:
@@ -65,23 +66,24 @@ def main(argv: list[str] | None = None) -> None:
     table = ClientStateTable(algo.state_schema(task.objectives[0], X0, 0), args.block, algo.needs_previous)
     clients = list(range(args.block))
     bc = algo.broadcast(algo.init_server(X0), 0, 0, args.block)
-    arrays, meta = wire.results_to_records(algo.step_block(table.rows(clients), bc, task.objectives))
-    got = wire.read_replies(arrays, meta, clients, 0, table, algo.shapes)
+    arrays, meta = wire.results_to_records(algo.step_block(table.rows(clients), bc, task.objectives), algo.derived)
+    got = wire.read_replies(arrays, meta, clients, 0, table, algo.shapes, algo.derived)
     if got.rejected or got.failed or len(got.replies) != args.block:
         raise SystemExit(f"the block's reply was not accepted whole: {dict(list(got.rejected.items())[:3])}")
     params = sum(t.numel() for t in X0.values())
-    scanned = sum(c.element_size() * c[0].numel() for c in table.columns.values() if c.is_floating_point())
+    travelling = table.travelling(algo.derived)
+    scanned = sum(c.element_size() * c[0].numel() for c in travelling.values() if c.is_floating_point())
     print(f"{args.block} clients of a {params:,}-parameter model in {meta['runs']} run(s); returned state "
-          f"{table.schema.nbytes / 1e6:.2f} MB per client in {len(table.columns)} column(s), "
+          f"{scanned / 1e6:.2f} MB per client in {len(travelling)} column(s) (the server derives the rest), "
           f"{scanned * args.block / 1e6:.1f} MB scanned per block; {args.threads} torch thread(s)")
 
     def read() -> object:
-        return wire.read_replies(arrays, meta, clients, 0, table, algo.shapes)
+        return wire.read_replies(arrays, meta, clients, 0, table, algo.shapes, algo.derived)
 
     aa = [_seconds(read) for _ in range(2)]
-    runs = _headers(arrays, meta, table)
+    runs = _headers(arrays, meta, table, algo.derived)
     parts: dict[str, Callable[[], object]] = {
-        "read": read, "headers": lambda: _headers(arrays, meta, table), "scan": lambda: _scan(runs, meta),
+        "read": read, "headers": lambda: _headers(arrays, meta, table, algo.derived), "scan": lambda: _scan(runs, meta),
         "step": lambda: algo.step_block(table.rows(clients), bc, task.objectives)}
     times: dict[str, list[float]] = {name: [] for name in parts}
     for i in range(args.pairs):

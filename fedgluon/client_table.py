@@ -123,13 +123,6 @@ class ClientStateTable:
         return ClientRows(clients, nest({p: take(c) for p, c in self.columns.items()}),
                           take(self.commits), seen, models)
 
-    def take(self, clients: Sequence[int], paths: Sequence[str]) -> dict[str, Tensor]:
-        """The committed rows of ``clients`` (sorted ids) in the columns ``paths`` (views when consecutive)."""
-        if clients == list(range(clients[0], clients[0] + len(clients))):
-            return {p: self.columns[p][clients[0]:clients[0] + len(clients)] for p in paths}
-        index = torch.as_tensor(list(clients), dtype=torch.int64)
-        return {p: self.columns[p].index_select(0, index) for p in paths}
-
     def travelling(self, derived: tuple[str, ...] = ()) -> dict[str, Tensor]:
         """The columns a reply carries: those whose path starts with none of the ``derived`` prefixes."""
         return {p: c for p, c in self.columns.items() if not p.startswith(derived)}

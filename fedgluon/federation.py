@@ -220,10 +220,8 @@ class Federation:
                 whole = len(at) == len(prop.clients)
                 self.table.write(clients, {p: c if whole else c.index_select(0, index) for p, c in prop.columns.items()})
         ids = sorted(accepted)
-        derived = self.algorithm.derived
-        if derived and ids:
-            old = self.table.take(ids, [p for p in self.table.columns if p.startswith(derived)])
-            self.table.write(ids, self.algorithm.derive_state(old, ids, outcome.decoded, first))
+        if self.algorithm.derived and ids:
+            self.algorithm.derive_state(self.table.columns, ids, outcome.decoded, first)
         self.table.mark(ids, k, bc.model)
 
     def _unfit_states(self, replies: Mapping[int, ClientReply], proposed: Sequence[Proposal]) -> dict[int, str]:

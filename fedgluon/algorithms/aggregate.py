@@ -94,20 +94,18 @@ def tracker_update(G: Mapping[str, Tensor] | None, decoded: Mapping[int, Tensors
     return ef21_server_update(start, _terms(decoded), weights)
 
 
-def tracker_rows(old: Mapping[str, Tensor], prefix: str, clients: Sequence[int], decoded: DecodedReplies,
-                 first: Collection[int] = ()) -> dict[str, Tensor]:
-    """Clients' trackers after their accepted messages (docs/DESIGN.md §2), per column ``prefix + layer`` of
-    ``old``: row i is ``old[i] + R_j`` for client ``j = clients[i]`` (``R_j`` as the server step decoded
-    it; the client adds its own message to its tracker with the same operations), or ``R_j`` itself for a
-    client in ``first`` (DASHA's first message is its tracker)."""
-    out = {p: t.clone() for p, t in old.items()}
-    layers = [(p, p.removeprefix(prefix)) for p in out]
-    for i, j in enumerate(clients):
+def update_trackers(columns: Mapping[str, Tensor], prefix: str, clients: Sequence[int], decoded: DecodedReplies,
+                    first: Collection[int] = ()) -> None:
+    """Clients' trackers after their accepted messages (docs/DESIGN.md §2), in place in the table's
+    columns ``prefix + layer`` (row ``j``: client ``j``): ``G_j ← G_j + R_j`` with ``R_j`` as the server
+    step decoded it (the client adds its own message to its tracker with the same operations), or
+    ``G_j = R_j`` for a client in ``first`` (DASHA's first message is its tracker)."""
+    layers = [(p, p.removeprefix(prefix)) for p in columns if p.startswith(prefix)]
+    for j in clients:
         terms = decoded.terms(j)
         for p, n in layers:
-            row, term = out[p][i], terms[n]
+            row, term = columns[p][j], terms[n]
             if j in first:  # a copy, not 0 + R_j: the sign of a zero survives, as in the client's copy
                 row.copy_(term.dense() if isinstance(term, SparseTensor) else term)
             else:
                 add_scaled_(row, 1.0, term)
-    return out

@@ -40,13 +40,13 @@ from compressors.error_feedback import split_states, stack_states
 from compressors.message import compress_block, compress_message
 
 from ..blocks import run_slices
-from ..client_table import ClientRows
+from ..client_table import ClientRows, nest
 from ..estimators import Estimator, RefreshPolicy, make_estimator
 from ..geometry import Geometry
 from ..objective import Batch, SupervisedObjective
 from ..radius import make_radius_rule
 from ..rng import derive_seeds, generator, purpose_code
-from ..state_schema import StateSchema
+from ..state_schema import StateSchema, leaves
 from ..step import LMOStep, StepInfo
 from ..vectorised import stacked_gradients
 from .aggregate import DecodedReplies, weighted_mean
@@ -230,7 +230,11 @@ class Algorithm:
         row's result depends on its own client alone, so on neither the block nor the run). A run whose step raises an
         ``ArithmeticError`` (fixed16's inexact tracker difference) is stepped row by row, and the rows
         that fail are reported in ``failed``: only those clients are lost."""
-        return [self._isolated(rows.part(part), bc, objectives) for part in run_slices(len(rows), self.run_length(bc))]
+        results = [self._isolated(rows.part(part), bc, objectives) for part in run_slices(len(rows), self.run_length(bc))]
+        if self.derived:  # the server computes these itself: drop them now, not at the round's end
+            for r in results:
+                r.state = nest({p: t for p, t in leaves(r.state or {}) if t is not None and not p.startswith(self.derived)})
+        return results
 
     def _isolated(self, rows: ClientRows, bc: Broadcast, objectives: Sequence[SupervisedObjective]) -> BlockResult:
         try:
@@ -245,13 +249,13 @@ class Algorithm:
     # never taken from a reply (``derive_state``); they do not travel back
     derived: ClassVar[tuple[str, ...]] = ()
 
-    def derive_state(self, old: Mapping[str, Tensor], clients: Sequence[int], decoded: DecodedReplies,
-                     first: Collection[int]) -> dict[str, Tensor]:
-        """The state columns under :attr:`derived` of the accepted ``clients`` (path → (A, *shape), row i
-        client ``clients[i]``), from their committed rows ``old`` of those columns and their accepted
-        payloads as the server step decoded them (``decoded.terms(j)``); ``first``: the clients whose
-        first participation this was. None by default."""
-        return {}
+    def derive_state(self, columns: Mapping[str, Tensor], clients: Sequence[int], decoded: DecodedReplies,
+                     first: Collection[int]) -> None:
+        """Update, in place, the state columns under :attr:`derived` of the client-state table (``columns``:
+        path → (n, *shape), row j client j) for the accepted ``clients``, from their committed rows and
+        their accepted payloads as the server step decoded them (``decoded.terms(j)``); ``first``: the
+        clients whose first participation this was. Called at commit time, after the server step
+        succeeded. Nothing by default."""
 
     def state_schema(self, objective: SupervisedObjective, X0: Mapping[str, Tensor], seed: int) -> StateSchema:
         """The run's client-state schema (:mod:`fedgluon.state_schema`): the layout of one row of the state

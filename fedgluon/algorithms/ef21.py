@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from compressors import EF21, Compressor, make_compressor, make_error_feedback
 
-from .aggregate import tracker_rows, tracker_update, weighted_mean
+from .aggregate import update_trackers, tracker_update, weighted_mean
 from .base import Algorithm, feedback_step
 
 
@@ -57,10 +57,9 @@ class FeedbackUplink(Algorithm):
         message, the same operations as the client's (bitwise equal)."""
         return ("ef/g/",) if isinstance(self.ef, EF21) and self.ef.tracker == "full" else ()
 
-    def derive_state(self, old, clients, decoded, first):
-        if not self.derived:
-            return {}
-        return tracker_rows(old, "ef/g/", clients, decoded)
+    def derive_state(self, columns, clients, decoded, first):
+        if self.derived:
+            update_trackers(columns, "ef/g/", clients, decoded)
 
     def aggregate(self, state, decoded, weights, bc):
         if self.ef.tracks:

@@ -14,7 +14,7 @@ from compressors import Compressor, make_compressor
 import torch
 
 
-from .aggregate import tracker_rows, tracker_update, weighted_mean
+from .aggregate import update_trackers, tracker_update, weighted_mean
 from .base import Algorithm
 
 
@@ -121,9 +121,9 @@ class GluonDASHAMVR(Algorithm):
 
     derived = ("g/",)  # G_j: the server's to compute from the old row and the accepted message
 
-    def derive_state(self, old, clients, decoded, first):
+    def derive_state(self, columns, clients, decoded, first):
         """``G_j ← G_j + m_j`` for compressed messages, ``G_j = m_j`` for a first (dense) one."""
-        return tracker_rows(old, "g/", clients, decoded, first)
+        update_trackers(columns, "g/", clients, decoded, first)
 
     def aggregate(self, state, decoded, weights, bc):
         return tracker_update(state.get("G"), decoded, weights, state["X"])

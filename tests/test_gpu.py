@@ -15,10 +15,10 @@ from fedgluon import spec as specs
 from fedgluon.driver import run_plain
 from fedgluon.engines import run_inprocess
 from fedgluon.geometry import Geometry
-from fedgluon.metrics import TIMING_COLUMNS
 from fedgluon.models import MLP
 from fedgluon.norms import RMS, ColNorm, RowNorm, Sign, Spectral
 from fedgluon.polar import NewtonSchulz, SVDPolar, resolve_dtype
+from test_engines import same_metrics
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
@@ -116,17 +116,6 @@ def test_geometry_sends_cpu_spectral_groups_to_the_gpu_in_bf16():
             assert 0 < rel(on_gpu[name], on_cpu[name]) < 3e-2, (name, rel(on_gpu[name], on_cpu[name]))
         else:
             assert torch.equal(on_gpu[name], on_cpu[name])
-
-
-def same_metrics(a: pd.DataFrame, b: pd.DataFrame, loss_rtol: float = 0.0) -> None:
-    """Equal in every column but wall time (and the mean training loss to ``loss_rtol``: client blocks
-    reduce each batch's loss in another order)."""
-    skip = (*TIMING_COLUMNS, "train_loss") if loss_rtol else TIMING_COLUMNS
-    cols = [c for c in a.columns if c not in skip]
-    assert sorted(cols) == sorted(c for c in b.columns if c not in skip)
-    pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=True)
-    if loss_rtol:
-        pd.testing.assert_series_equal(a["train_loss"], b["train_loss"], rtol=loss_rtol)
 
 
 def _spec(**kw) -> dict:

@@ -286,3 +286,55 @@ def test_run_slices_join_a_last_run_of_one():
     assert run_slices(6, 2) == [slice(0, 2), slice(2, 4), slice(4, 6)]
     assert run_slices(3, 10) == [slice(0, 3)] and run_slices(1, 4) == [slice(0, 1)] and run_slices(0, 4) == []
     assert run_slices(4, 0) == [slice(0, 1), slice(1, 2), slice(2, 4)]
+
+
+@pytest.mark.parametrize("name", ["gluon-ef21", "gluon-dasha-mvr", "gluon-ef21-mvr"])
+def test_the_server_derives_exactly_the_trackers_its_clients_compute(name):
+    """The EF21/DASHA tracker never travels back (``Algorithm.derived``): the server adds each accepted
+    client's decoded message to its committed row. Over rounds of partial participation in blocks of 3, with
+    one client's payload corrupted (rejected) in round 2, every accepted client's derived row equals, bitwise,
+    the tracker its own step computed; the rejected client's row stays as it was."""
+    import numpy as np
+
+    spec = specs.normalise({"task": {"name": "synthetic", "num_clients": 7, "dim": 6, "classes": 3, "hidden": [5],
+                                     "mean_samples": 20, "batch_size": 8},
+                            "algorithm": {"name": name, "lr": 0.05}, "seed": 3})
+    task, algo = specs.build(spec)
+    prefix = algo.derived[0]
+    seen: dict[int, dict[int, dict[str, torch.Tensor]]] = {}  # round -> client -> its own tracker row
+    step = algo.client_step
+
+    def recording(rows, bc, objectives):
+        result = step(rows, bc, objectives)
+        for i, j in enumerate(result.clients):
+            seen.setdefault(bc.round, {})[j] = {p: t[i].clone() for p, t in flatten(result.state).items()
+                                                if p.startswith(prefix)}
+        return result
+
+    def tamper(k, j, reply):
+        if k == 2 and j == min(seen[2]):
+            layer = sorted(reply.message)[0]
+            arrays = dict(reply.message[layer].arrays)
+            key = next(a for a in arrays if a.startswith("v."))
+            arrays[key] = np.full_like(arrays[key], np.nan)
+            reply.message[layer].arrays = arrays
+        return reply
+
+    algo.client_step = recording
+    before = None
+    for rounds in (2, 3):
+        seen.clear()
+        res = run_plain(algo, task.objectives, task.initial_params(), rounds, seed=3, participation=0.6,
+                        block_size=3, tamper=tamper)
+        if rounds == 2:
+            before = {p: c.clone() for p, c in res.table.columns.items() if p.startswith(prefix)}
+    last = rounds - 1
+    log = [r for r in res.client_log if r["round"] == last]
+    accepted = {r["client"] for r in log if r["status"] == "accepted"}
+    rejected = {r["client"] for r in log if r["status"] == "rejected"}
+    assert accepted and rejected == {min(seen[last])}
+    for j in accepted:
+        for p, row in seen[last][j].items():
+            assert torch.equal(res.table.columns[p][j], row), (j, p)
+    for j in rejected:
+        assert all(torch.equal(res.table.columns[p][j], before[p][j]) for p in before)

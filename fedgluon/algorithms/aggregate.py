@@ -99,13 +99,39 @@ def update_trackers(columns: Mapping[str, Tensor], prefix: str, clients: Sequenc
     """Clients' trackers after their accepted messages (docs/DESIGN.md §2), in place in the table's
     columns ``prefix + layer`` (row ``j``: client ``j``): ``G_j ← G_j + R_j`` with ``R_j`` as the server
     step decoded it (the client adds its own message to its tracker with the same operations), or
-    ``G_j = R_j`` for a client in ``first`` (DASHA's first message is its tracker)."""
+    ``G_j = R_j`` for a client in ``first`` (DASHA's first message is its tracker). Sparse messages that
+    the server step decoded as consecutive rows of one block are added in one ``index_add_`` at their
+    flat positions ``j·d + idx`` (distinct, so each gets its one term: the per-client sums)."""
     layers = [(p, p.removeprefix(prefix)) for p in columns if p.startswith(prefix)]
+    runs: dict[str, list[tuple[int, SparseTensor]]] = {p: [] for p, _ in layers}
     for j in clients:
         terms = decoded.terms(j)
         for p, n in layers:
-            row, term = columns[p][j], terms[n]
+            term, run = terms[n], runs[p]
+            if isinstance(term, SparseTensor) and term.block is not None and j not in first and (
+                    not run or (run[-1][1].block is term.block and run[-1][1].row + 1 == term.row)):
+                run.append((j, term))
+                continue
+            _add_run(columns[p], run)
             if j in first:  # a copy, not 0 + R_j: the sign of a zero survives, as in the client's copy
-                row.copy_(term.dense() if isinstance(term, SparseTensor) else term)
+                columns[p][j].copy_(term.dense() if isinstance(term, SparseTensor) else term)
+            elif isinstance(term, SparseTensor) and term.block is not None:
+                run.append((j, term))
             else:
-                add_scaled_(row, 1.0, term)
+                add_scaled_(columns[p][j], 1.0, term)
+    for p, _ in layers:
+        _add_run(columns[p], runs[p])
+
+
+def _add_run(column: Tensor, run: list[tuple[int, SparseTensor]]) -> None:
+    """Add a run of consecutive rows of one decoded block to their clients' rows of ``column``; empties it."""
+    if not run:
+        return
+    block, first = run[0][1].block, run[0][1].row
+    assert block is not None
+    rows = slice(first, first + len(run))
+    ids = torch.tensor([j for j, _ in run], dtype=torch.int64, device=block.idx.device)
+    flat = (block.idx[rows] + ids[:, None] * column[0].numel()).reshape(-1)
+    values = block.values[rows]
+    column.view(-1).index_add_(0, flat, (values if values.dtype == column.dtype else values.to(column.dtype)).reshape(-1))
+    run.clear()

@@ -21,7 +21,7 @@ Two pieces of every client's state are derived by the server, never read from a 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +91,13 @@ class ClientRows:
         return ClientRows(list(clients), tree, self.commits[at], self.seen[at], self.models)
 
 
+def _consecutive(clients: Sequence[int]) -> slice | None:
+    """The slice of sorted ids ``clients`` when they are consecutive (a block of the federation), else None."""
+    if clients and list(clients) == list(range(clients[0], clients[0] + len(clients))):
+        return slice(clients[0], clients[0] + len(clients))
+    return None
+
+
 def _map(tree: Mapping[str, Any], f) -> dict[str, Any]:
     return {k: _map(v, f) if isinstance(v, Mapping) else f(v) for k, v in tree.items()}
 
@@ -112,9 +119,9 @@ class ClientStateTable:
     def rows(self, clients: Sequence[int]) -> ClientRows:
         """The committed rows of ``clients`` (sorted ids): views when they are consecutive, else copies."""
         clients = list(clients)
-        if clients and clients == list(range(clients[0], clients[0] + len(clients))):
-            index: Any = slice(clients[0], clients[0] + len(clients))
-            take = lambda t: t[index]  # noqa: E731
+        run = _consecutive(clients)
+        if run is not None:
+            take = lambda t: t[run]  # noqa: E731
         else:
             index = torch.as_tensor(clients, dtype=torch.int64)
             take = lambda t: t.index_select(0, index)  # noqa: E731
@@ -148,16 +155,27 @@ class ClientStateTable:
         columns: one slice copy per path for consecutive clients, else one ``index_copy_``."""
         if not clients:
             return
-        run = clients == list(range(clients[0], clients[0] + len(clients)))
-        ids = None if run else torch.as_tensor(list(clients), dtype=torch.int64)
+        run = _consecutive(clients)
+        ids = None if run is not None else torch.as_tensor(list(clients), dtype=torch.int64)
         for path, new in rows.items():
             column = self.columns[path]
             if new.untyped_storage().data_ptr() == column.untyped_storage().data_ptr():
                 new = new.clone()  # rows handed back unchanged (views of this column)
-            if run:
-                column[clients[0]:clients[0] + len(clients)].copy_(new)
+            if run is not None:
+                column[run].copy_(new)
             else:
                 column.index_copy_(0, ids, new)
+
+    def write_accepted(self, clients: Sequence[int], proposed: Mapping[str, Tensor], accepted: Collection[int]) -> list[int]:
+        """:meth:`write` the rows of the ``accepted`` clients among ``clients`` (row i of every ``proposed``
+        column is client ``clients[i]``'s); returns those clients."""
+        at = [i for i, j in enumerate(clients) if j in accepted]
+        ids = [clients[i] for i in at]
+        if at:
+            index = torch.as_tensor(at, dtype=torch.int64)
+            whole = len(at) == len(clients)
+            self.write(ids, {p: t if whole else t.index_select(0, index) for p, t in proposed.items()})
+        return ids
 
     def mark(self, clients: Sequence[int], k: int, model: Mapping[str, Tensor]) -> None:
         """Round ``k`` is committed for ``clients``, who computed at ``model``: ``commits + 1``, ``seen = k``."""
@@ -173,12 +191,7 @@ class ClientStateTable:
                model: Mapping[str, Tensor]) -> None:
         """Commit round ``k``'s proposed rows (every schema path → (B, *shape), row i client ``clients[i]``)
         of the ``accepted`` clients among them: :meth:`write` and :meth:`mark` them."""
-        keep = set(accepted)
-        at = [i for i, j in enumerate(clients) if j in keep]
-        index = torch.as_tensor(at, dtype=torch.int64)
-        ids = [clients[i] for i in at]
-        self.write(ids, {p: t if len(at) == len(clients) else t.index_select(0, index) for p, t in proposed.items()})
-        self.mark(ids, k, model)
+        self.mark(self.write_accepted(clients, proposed, set(accepted)), k, model)
 
     def settle(self) -> None:
         """Forget the models no client points at any more (after a round's commits)."""

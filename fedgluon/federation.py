@@ -214,11 +214,7 @@ class Federation:
         ``seen`` rounds."""
         accepted = set(outcome.accepted)
         for prop in proposed:
-            at, clients = prop.accepted(accepted)
-            if clients:
-                index = torch.as_tensor(at, dtype=torch.int64)
-                whole = len(at) == len(prop.clients)
-                self.table.write(clients, {p: c if whole else c.index_select(0, index) for p, c in prop.columns.items()})
+            self.table.write_accepted(prop.clients, prop.columns, accepted)
         ids = sorted(accepted)
         if self.algorithm.derived and ids:
             self.algorithm.derive_state(self.table.columns, ids, outcome.decoded, first)

@@ -46,7 +46,7 @@ from ..geometry import Geometry
 from ..objective import Batch, SupervisedObjective
 from ..radius import make_radius_rule
 from ..rng import derive_seeds, generator, purpose_code
-from ..state_schema import StateSchema, leaves
+from ..state_schema import StateSchema
 from ..step import LMOStep, StepInfo
 from ..vectorised import stacked_gradients
 from .aggregate import DecodedReplies, weighted_mean
@@ -233,7 +233,7 @@ class Algorithm:
         results = [self._isolated(rows.part(part), bc, objectives) for part in run_slices(len(rows), self.run_length(bc))]
         if self.derived:  # the server computes these itself: drop them now, not at the round's end
             for r in results:
-                r.state = nest({p: t for p, t in leaves(r.state or {}) if t is not None and not p.startswith(self.derived)})
+                r.state = nest(r.proposal(self.derived).columns)
         return results
 
     def _isolated(self, rows: ClientRows, bc: Broadcast, objectives: Sequence[SupervisedObjective]) -> BlockResult:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from compressors.payload import PayloadRows
 
-from ..state_schema import leaves
+from ..client_table import flatten
 from .messages import ClientReply
 
 Tensors = dict[str, Tensor]
@@ -84,8 +84,7 @@ class BlockResult:
     def proposal(self, derived: tuple[str, ...] = ()) -> Proposal:
         """What the server commits from this result: the state columns that travel (paths not starting
         with a ``derived`` prefix)."""
-        columns = {p: t for p, t in leaves(self.state or {}) if t is not None and not p.startswith(derived)}
-        return Proposal(list(self.clients), columns)
+        return Proposal(list(self.clients), {p: t for p, t in flatten(self.state).items() if not p.startswith(derived)})
 
 
 @dataclass
@@ -96,11 +95,6 @@ class Proposal:
 
     clients: list[int]
     columns: dict[str, Tensor]
-
-    def accepted(self, accepted: set[int]) -> tuple[list[int], list[int]]:
-        """(row positions, clients) of the accepted clients of this run."""
-        at = [i for i, j in enumerate(self.clients) if j in accepted]
-        return at, [self.clients[i] for i in at]
 
 
 def concat(parts: Sequence[BlockResult]) -> BlockResult:

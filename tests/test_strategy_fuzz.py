@@ -327,6 +327,17 @@ HOSTILE_HELLOS = {
 }
 
 
+def _connected_strategy() -> tuple[GluonStrategy, InProcessGrid]:
+    """A GluonStrategy of SPEC over an in-process grid of its N nodes, handshake done (rounds driven by hand)."""
+    task, algo = specs.build(SPEC)
+    grid = InProcessGrid(make_client_app(SPEC), N, seed=1)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
+    strategy = GluonStrategy(algo, task.initial_params(), N, seed=1, rounds=3,
+                             schema=algo.state_schema(task.objectives[0], task.initial_params(), 1))
+    strategy.connect(grid, timeout=10)
+    return strategy, grid
+
+
 @pytest.mark.parametrize("how", sorted(HOSTILE_HELLOS))
 def test_a_bad_handshake_rejects_that_node_and_never_weighs(how, caplog):
     """A node with a NaN or foreign or out-of-range block id, or sample counts that are not positive
@@ -350,12 +361,7 @@ def test_client_strings_are_clipped_and_a_reported_death_is_only_a_failure():
     from fedgluon.checkpoint import ActorDeathError
     from fedgluon.federation import MAX_CLIENT_TEXT
 
-    task, algo = specs.build(SPEC)
-    grid = InProcessGrid(make_client_app(SPEC), N, seed=1)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
-    strategy = GluonStrategy(algo, task.initial_params(), N, seed=1, rounds=3,
-                             schema=algo.state_schema(task.objectives[0], task.initial_params(), 1))
-    strategy.connect(grid, timeout=10)
+    strategy, grid = _connected_strategy()
     messages = list(strategy.configure_train(1, None, None, grid))
     replies = list(grid.send_and_receive(messages))
     by_client = {strategy.partition_of[r.metadata.src_node_id]: r for r in replies}
@@ -384,12 +390,7 @@ def test_a_failed_record_with_keys_that_are_no_client_ids_is_ignored(key):
     superscript digit, 5,000 digits, another script's digit) fails nobody and crashes nothing."""
     from flwr.app import ConfigRecord
 
-    task, algo = specs.build(SPEC)
-    grid = InProcessGrid(make_client_app(SPEC), N, seed=1)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
-    strategy = GluonStrategy(algo, task.initial_params(), N, seed=1, rounds=3,
-                             schema=algo.state_schema(task.objectives[0], task.initial_params(), 1))
-    strategy.connect(grid, timeout=10)
+    strategy, grid = _connected_strategy()
     replies = list(grid.send_and_receive(list(strategy.configure_train(1, None, None, grid))))
     by_client = {strategy.partition_of[r.metadata.src_node_id]: r for r in replies}
     by_client[1].content["failed"] = ConfigRecord({key: "InjectedFault: not really"})

@@ -79,27 +79,44 @@ def _little_endian(a: np.ndarray | Tensor) -> tuple[str, np.ndarray]:
 
 
 class RawArray(Array):
-    """A raw-bytes Flower ``Array`` that pickles its bytes as a NumPy buffer. Flower's simulation engine
-    moves messages to and from its Ray actors with pickle protocol 5, which hands NumPy buffers to Ray's
-    object store out of band but copies ``bytes`` through the pickle stream. Unpickling rebuilds a
-    ``RawArray`` from its dtype name, shape, stype and raw bytes (no object of the sender's choosing).
-    Flower's own serialisation (deployments over gRPC) writes an object's ``__qualname__`` into its
-    header, so a ``RawArray`` presents itself as ``Array`` there and is inflated as one."""
+    """A raw-bytes Flower ``Array`` that holds its values as a flat ``uint8`` NumPy array, not ``bytes``:
+    making one copies nothing (it may share the memory of the tensor it was made from: don't write to
+    that while the record is in use), and the reader (:func:`_view`) takes the array itself. ``data``
+    makes the bytes only when something asks for them: Flower's own serialisation (deployments over
+    gRPC), which writes an object's ``__qualname__`` into its header, so a ``RawArray`` presents itself
+    as ``Array`` there and is inflated as one. Flower's simulation engine moves messages to and from its
+    Ray actors with pickle protocol 5, which hands the NumPy array to Ray's object store out of band;
+    unpickling rebuilds a ``RawArray`` from its dtype name, shape, stype and that buffer (no object of
+    the sender's choosing)."""
 
     __qualname__ = "Array"
 
+    def __init__(self, dtype: str, shape: tuple[int, ...], stype: str, values: np.ndarray) -> None:
+        self.__dict__.update(dtype=dtype, shape=shape, stype=stype, values=values)
+
+    @property  # type: ignore[override]
+    def data(self) -> bytes:
+        if "_bytes" not in self.__dict__:
+            self.__dict__["_bytes"] = self.__dict__["values"].tobytes()
+        return self.__dict__["_bytes"]
+
+    @data.setter
+    def data(self, value: bytes) -> None:
+        self.__dict__.update(values=np.frombuffer(value, dtype=np.uint8), _bytes=value)
+
     def __reduce__(self):
-        return _array_from_buffer, (self.dtype, tuple(self.shape), self.stype, np.frombuffer(self.data, dtype=np.uint8))
+        return _raw_array, (self.dtype, tuple(self.shape), self.stype, self.__dict__["values"])
 
 
-def _array_from_buffer(dtype: str, shape: tuple[int, ...], stype: str, buffer: np.ndarray) -> Array:
-    return RawArray(dtype=dtype, shape=shape, stype=stype, data=buffer.tobytes())
+def _raw_array(dtype: str, shape: tuple[int, ...], stype: str, values: np.ndarray) -> RawArray:
+    return RawArray(dtype, shape, stype, values)  # checked by its reader (_view), like any Array
 
 
 def to_array(a: np.ndarray | Tensor) -> Array:
-    """A NumPy array or tensor as a raw-bytes Flower ``Array``."""
+    """A NumPy array or tensor as a raw-bytes Flower ``Array`` sharing its memory when it is a C-contiguous
+    little-endian CPU array already (:class:`RawArray`)."""
     name, b = _little_endian(a)
-    return RawArray(dtype=name, shape=tuple(b.shape), stype=RAW, data=b.tobytes())
+    return RawArray(name, tuple(b.shape), RAW, b.reshape(-1).view(np.uint8))
 
 
 def array_record(arrays: Mapping[str, Array]) -> ArrayRecord:
@@ -116,19 +133,26 @@ def _view(arr: Any, dtype: str | None = None, shape: tuple[int, ...] | None = No
     ``shape`` when given, else any allowed ones) and its byte count against them; WireError otherwise."""
     if not isinstance(arr, Array) or arr.stype != RAW:
         raise WireError(f"expected an Array with stype {RAW!r}, got {getattr(arr, 'stype', type(arr).__name__)!r}")
-    if arr.dtype not in DTYPES or (dtype is not None and arr.dtype != dtype):
+    if not isinstance(arr.dtype, str) or arr.dtype not in DTYPES or (dtype is not None and arr.dtype != dtype):
         raise WireError(f"array dtype {str(arr.dtype)[:20]!r}, expected {dtype or sorted(DTYPES)}")
     got = tuple(arr.shape) if isinstance(arr.shape, (list, tuple)) else None
     if got is None or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in got) or \
             (shape is not None and got != shape):
         raise WireError(f"array shape {str(arr.shape)[:60]}, expected {shape if shape is not None else 'sizes'}")
     size = math.prod(got) * DTYPES[arr.dtype].itemsize
-    if not isinstance(arr.data, bytes) or len(arr.data) != size:
+    buffer = arr.__dict__.get("values") if isinstance(arr, RawArray) else arr.data
+    if isinstance(buffer, np.ndarray):
+        ok = buffer.dtype == np.uint8 and buffer.ndim == 1 and buffer.flags.c_contiguous and buffer.nbytes == size
+    else:
+        ok = isinstance(buffer, bytes) and len(buffer) == size
+    if not ok:
         raise WireError(f"array of shape {got} and dtype {arr.dtype} needs {size} bytes")
     try:  # NumPy refuses more than 32 or 64 dimensions, and sizes past its index range even when empty
-        return np.frombuffer(arr.data, dtype=DTYPES[arr.dtype], count=math.prod(got)).reshape(got)
+        view = np.frombuffer(buffer, dtype=DTYPES[arr.dtype], count=math.prod(got)).reshape(got)
     except ValueError as err:
         raise WireError(f"array shape {str(got)[:60]}: {err}") from None
+    view.flags.writeable = False  # the sender's memory, when it is in this process
+    return view
 
 
 def _tensor(arr: Any, dtype: str | None = None, shape: tuple[int, ...] | None = None) -> Tensor:

@@ -10,12 +10,22 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .bits import BitCount
 from .operators import Compressor, Context, State
-from .payload import LayerSetError, Message, PayloadError, PayloadRows, RangeError, SizeError, TensorPayload
+from .payload import (
+    LayerSetError,
+    Message,
+    PayloadError,
+    PayloadRows,
+    RangeError,
+    RowMessage,
+    SizeError,
+    TensorPayload,
+)
 from .sparse import SparseRows, SparseTensor
 
 DEFAULT_MAX_BYTES_FACTOR = 4  # a payload may be at most this many times its dense fp32 size (+ 1 KiB)
@@ -99,6 +109,9 @@ def decode_message(compressor: Compressor, message: Mapping[str, TensorPayload],
     return out
 
 
+CHUNK_BYTES = 64 * 2 ** 20  # the most dense bytes one call of decode_messages decodes at once
+
+
 def decode_messages(compressor: Compressor, messages: Mapping[int, Any], shapes: Mapping[str, tuple], *,
                     device: torch.device | str | None = None, dtype: torch.dtype = torch.float32, sparse: bool = False,
                     max_abs: float | None = None
@@ -106,40 +119,70 @@ def decode_messages(compressor: Compressor, messages: Mapping[int, Any], shapes:
     """:func:`decode_message` of many clients' messages: yields ``(j, decoded)`` or ``(j, error)`` for each
     ``j`` in ``messages``' order, the same results and the same errors as decoding them one by one.
 
-    The layers :meth:`Compressor.decompress_block` handles (top-k, rand-k with raw values) are
-    checked and decoded for all clients at once, up front, each client's layer a row of one
-    :class:`~compressors.sparse.SparseRows` (dense when not ``sparse``). Messages that fail a block
-    check, and all of them when a layer has no block decoder, go through :func:`decode_message` one at
-    a time as they are reached, so a consumer that drops what it cannot keep never holds every
-    dense decoded message at once."""
-    expected = set(shapes)
-    regular = [j for j, m in messages.items() if isinstance(m, Mapping) and len(m) == len(expected) and set(m) == expected]
-    layers: dict[str, SparseRows] = {}
-    slow: set[int] = set()
+    Messages that are rows of one payload group (:class:`~compressors.payload.RowMessage`: a block's
+    reply as it arrives) are checked and decoded a chunk of rows at a time, one
+    :meth:`Compressor.decode_rows` per layer: every row at once when the decoded layers are sparse,
+    else as many rows as :data:`CHUNK_BYTES` of dense tensors hold, so a consumer that drops what it
+    cannot keep never holds every dense decoded message at once. A chunk that fails any check is
+    decoded message by message, which gives each bad message its own error."""
+    chunk_of = _chunks(compressor, messages, shapes, sparse)
+    pending: dict[int, dict[str, Tensor | SparseTensor] | None] = {}
+    for j in messages:
+        if j in chunk_of and j not in pending:
+            chunk = chunk_of[j]
+            try:
+                pending.update(zip(chunk, _decode_chunk(compressor, [messages[i] for i in chunk], shapes, device=device,
+                                                        dtype=dtype, sparse=sparse, max_abs=max_abs)))
+            except PayloadError:
+                pending.update(dict.fromkeys(chunk))  # None: one by one below
+        decoded = pending.pop(j, None)
+        if decoded is None:
+            try:
+                decoded = decode_message(compressor, messages[j], shapes, device=device, dtype=dtype, sparse=sparse,
+                                         max_abs=max_abs)
+            except PayloadError as err:
+                yield j, err
+                continue
+        yield j, decoded
+
+
+def _chunks(compressor: Compressor, messages: Mapping[int, Any], shapes: Mapping[str, tuple],
+            sparse: bool) -> dict[int, list[int]]:
+    """Client → the chunk of rows of its payload group it is decoded with (module-level policy above)."""
+    groups: dict[int, list[int]] = {}
+    for j, m in messages.items():
+        if isinstance(m, RowMessage) and set(m.layers) == set(shapes):
+            groups.setdefault(id(m.layers), []).append(j)
+    dense = sum(4 * int(torch.Size(s).numel()) for n, s in shapes.items()
+                if not (sparse and compressor.sparse_rows(tuple(s))))
+    size = max(1, CHUNK_BYTES // dense) if dense else None
+    out: dict[int, list[int]] = {}
+    for js in groups.values():
+        for start in range(0, len(js), size or len(js)):
+            chunk = js[start:start + (size or len(js))]
+            out.update(dict.fromkeys(chunk, chunk))
+    return out
+
+
+def _decode_chunk(compressor: Compressor, messages: Sequence[RowMessage], shapes: Mapping[str, tuple], *,
+                  device: torch.device | str | None, dtype: torch.dtype, sparse: bool,
+                  max_abs: float | None) -> list[dict[str, Tensor | SparseTensor]]:
+    """Rows of one payload group decoded together; a PayloadError when any of them fails a check."""
+    rows = [m.row for m in messages]
+    out: list[dict[str, Tensor | SparseTensor]] = [{} for _ in messages]
     for name in sorted(shapes):
         shape = tuple(shapes[name])
-        block = compressor.decompress_block([messages[j][name] for j in regular], shape, device=device, dtype=dtype,
-                                            max_nbytes=max_layer_bytes(shape)) if regular else None
-        if block is None:
-            regular, layers = [], {}
-            break
-        layers[name], ok = block
-        if max_abs is not None and layers[name].values.shape[1]:  # a row over the bound fails in decode_message
-            ok = ok & (layers[name].values.abs().amax(dim=1) <= max_abs).cpu().numpy()
-        slow.update(j for j, good in zip(regular, ok.tolist()) if not good)
-    row = {j: i for i, j in enumerate(regular) if j not in slow}
-    for j in messages:
-        if j in row:
-            i = row[j]
-            yield j, {n: rows.tensor(i) if sparse else rows.tensor(i).dense() for n, rows in layers.items()}
-            continue
-        try:
-            decoded = decode_message(compressor, messages[j], shapes, device=device, dtype=dtype, sparse=sparse,
-                                     max_abs=max_abs)
-        except PayloadError as err:
-            yield j, err
-        else:
-            yield j, decoded
+        block = messages[0].layers[name].take(rows)
+        nbytes = sum(a.nbytes for a in block.arrays.values() if isinstance(a, np.ndarray))
+        if nbytes > len(rows) * max_layer_bytes(shape):
+            raise SizeError(name, "arrays", "a row is over the size bound")
+        decoded = compressor.decode_rows(block, shape=shape, layer=name, device=device, dtype=dtype, sparse=sparse)
+        values = decoded.values if isinstance(decoded, SparseRows) else decoded.reshape(len(rows), -1)
+        if max_abs is not None and values.shape[1] and bool((values.abs().amax(dim=1) > max_abs).any()):
+            raise RangeError(name, "values", f"a row is over the bound {max_abs:.4g}")
+        for i, d in enumerate(out):
+            d[name] = decoded.tensor(i) if isinstance(decoded, SparseRows) else decoded[i]
+    return out
 
 
 def _check_range(name: str, tensor: Tensor | SparseTensor, max_abs: float) -> None:

@@ -25,17 +25,22 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .bits import BitCount
-from .payload import CodecError, MetaError, PayloadRows, ShapeError, TensorPayload
+from .payload import (
+    CodecError,
+    MetaError,
+    PayloadRows,
+    RowMessage,
+    ShapeError,
+    TensorPayload,
+)
 from .sparse import SparseRows, SparseTensor
 from .structures import (
-    INDEX_DTYPES,
     Context,
     Dense,
     PowerSGD,
@@ -47,7 +52,6 @@ from .structures import (
     SVDLowRank,
     TopK,
     _Sparse,
-    numel,
     topk_indices,
     topk_rows,
 )
@@ -175,29 +179,34 @@ class Compressor:
                    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                    sparse: bool = False) -> Tensor | SparseTensor:
         """Validate ``payload`` (against ``shape`` when given) and return the tensor it encodes; with
-        ``sparse``, a sparse structure returns it as a :class:`SparseTensor` (same validation)."""
-        pshape, _ = self._check(payload, shape, layer)
-        out = self.decode(PayloadRows.of(payload, pshape), layer=layer, device=device, dtype=dtype, sparse=sparse)
-        return out.tensor(0) if isinstance(out, SparseRows) else out[0]
-
-    def _check(self, payload: TensorPayload, shape: tuple[int, ...] | None, layer: str) -> tuple[tuple[int, ...], Structure]:
-        """The container checks of :meth:`decompress` (type, shape, codec, keys, header types)."""
-        expected = tuple(shape) if shape is not None else None
+        ``sparse``, a sparse structure returns it as a :class:`SparseTensor`: :meth:`decode_rows` of a
+        block of one."""
         if not isinstance(payload, TensorPayload):
             raise CodecError(layer, "payload", f"expected a TensorPayload, got {type(payload).__name__}")
         try:
             pshape = tuple(int(s) for s in payload.shape)
         except (TypeError, ValueError):
             raise ShapeError(layer, "shape", f"not a tuple of integers: {payload.shape!r}") from None
-        if expected is not None and pshape != expected:
-            raise ShapeError(layer, "shape", f"expected {expected}, got {pshape}")
+        out = self.decode_rows(PayloadRows.of(payload, pshape), shape=shape, layer=layer, device=device, dtype=dtype,
+                               sparse=sparse)
+        return out.tensor(0) if isinstance(out, SparseRows) else out[0]
+
+    def decode_rows(self, rows: PayloadRows, *, shape: tuple[int, ...] | None = None, layer: str = "?",
+                    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                    sparse: bool = False) -> Tensor | SparseRows:
+        """Validate payload rows (against ``shape`` when given) and :meth:`decode` them. The container
+        checks (shape, codec, array and header keys, header types) come first; a PayloadError names the
+        first failure, so one bad row fails the whole block (decode the rows alone to tell them apart)."""
+        pshape = tuple(rows.shape)
+        if shape is not None and pshape != tuple(shape):
+            raise ShapeError(layer, "shape", f"expected {tuple(shape)}, got {pshape}")
         if any(s < 0 for s in pshape):
             raise ShapeError(layer, "shape", f"negative dimension in {pshape}")
         allowed = self.codecs(pshape)
-        if not isinstance(payload.codec, str) or payload.codec not in allowed:
-            raise CodecError(layer, "codec", f"expected one of {sorted(allowed)}, got {payload.codec!r}")
+        if not isinstance(rows.codec, str) or rows.codec not in allowed:
+            raise CodecError(layer, "codec", f"expected one of {sorted(allowed)}, got {rows.codec!r}")
         s = self._structure_for(pshape)
-        arrays, meta = payload.arrays, payload.meta
+        arrays, meta = rows.arrays, rows.meta
         if not isinstance(arrays, dict) or not isinstance(meta, dict):
             raise CodecError(layer, "arrays", "arrays and meta must be dicts")
         want = set(s.array_keys) | {f"v.{k}" for k in self.values.keys()}
@@ -206,10 +215,11 @@ class Compressor:
         want_meta = set(s.meta_keys) | self.values.meta_keys()
         if set(meta) != want_meta:
             raise MetaError(layer, "meta", f"expected keys {sorted(want_meta)}, got {sorted(map(str, meta))}")
-        for key, value in meta.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-                raise MetaError(layer, str(key), f"header values must be numbers, got {type(value).__name__}")
-        return pshape, s
+        for key, values in meta.items():
+            for value in values:
+                if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                    raise MetaError(layer, str(key), f"header values must be numbers, got {type(value).__name__}")
+        return self.decode(rows, layer=layer, device=device, dtype=dtype, sparse=sparse)
 
     def decode(self, rows: PayloadRows, *, layer: str = "own", device: torch.device | str | None = None,
                dtype: torch.dtype | None = None, sparse: bool = False) -> Tensor | SparseRows:
@@ -244,69 +254,9 @@ class Compressor:
             out += sign * decoded
         return out
 
-    @staticmethod
-    def _scatter_rows(A: np.ndarray, rows: np.ndarray, count: int) -> np.ndarray:
-        out = np.zeros((count, *A.shape[1:]), A.dtype)
-        out[rows] = A
-        return out
-
-    def block_decodable(self, shape: tuple[int, ...]) -> bool:
-        """Whether :meth:`decompress_block` handles ``shape``: an index-carrying sparse structure (top-k,
-        rand-k) with raw values (fp32/fp64)."""
-        s = self._structure_for(shape)
-        return isinstance(s, _Sparse) and s.array_keys == {"idx"} and isinstance(self.values, Raw)
-
-    def decompress_block(self, payloads: list[Any], shape: tuple[int, ...], *, device: torch.device | str | None = None,
-                         dtype: torch.dtype = torch.float32, max_nbytes: int | None = None
-                         ) -> tuple[SparseRows, np.ndarray] | None:
-        """Validate and decode the payloads of B clients for one tensor of ``shape`` at once: ``(rows,
-        ok)`` where ``ok[i]`` says payload i passes every check of :meth:`decompress` (and has at most
-        ``max_nbytes`` bytes of arrays), and then ``rows.tensor(i)`` is what ``decompress(payload_i,
-        sparse=True)`` returns. A payload with ``ok[i]`` False may be invalid or merely unusual (an
-        ndarray subclass, another index dtype than the first payload's): decode it alone to know.
-        None when ``shape``'s structure has no block decoder (:meth:`block_decodable`).
-
-        The checks, vectorised over the (B, k) arrays: codec, shape, no header, exactly the keys
-        ``idx`` and ``v.v``, dtypes, lengths k, indices strictly increasing within [0, d), values
-        finite."""
-        s = self._structure_for(shape)
-        if not self.block_decodable(shape) or not s.n_values(shape):
-            return None
-        assert isinstance(s, _Sparse)
-        codec, k, d = f"{s.name}/{self.values.name}", s.k(shape), numel(shape)
-        vtype = self.values.dtype.type  # type: ignore[attr-defined]
-        ok = np.zeros(len(payloads), dtype=bool)
-        first = next((p.arrays.get("idx") for p in payloads if type(p) is TensorPayload and type(p.arrays) is dict), None)
-        itype = first.dtype if type(first) is np.ndarray and first.dtype.type in INDEX_DTYPES else np.dtype(np.int64)
-        itype = itype.newbyteorder("=")
-        idx, vals = [], []
-        row, ndarray = (k,), np.ndarray
-        for i, p in enumerate(payloads):
-            if type(p) is not TensorPayload:
-                continue
-            pshape, meta, arrays = p.shape, p.meta, p.arrays
-            if (p.codec != codec or type(pshape) is not tuple or pshape != shape or type(meta) is not dict or meta
-                    or type(arrays) is not dict or len(arrays) != 2):
-                continue
-            a, v = arrays.get("idx"), arrays.get("v.v")
-            if (type(a) is not ndarray or type(v) is not ndarray or a.shape != row or v.shape != row
-                    or a.dtype != itype or v.dtype.type is not vtype or not v.dtype.isnative
-                    or (max_nbytes is not None and a.nbytes + v.nbytes > max_nbytes)):
-                continue
-            ok[i] = True
-            idx.append(a)
-            vals.append(v)
-        taken = np.flatnonzero(ok)
-        I = np.stack(idx).astype(np.int64) if idx else np.empty((0, k), np.int64)
-        V = np.stack(vals) if vals else np.empty((0, k), vtype)
-        good = np.isfinite(V).all(axis=1) & (np.diff(I, axis=1) > 0).all(axis=1) & (I[:, 0] >= 0) & (I[:, -1] < d)
-        ok[taken[~good]] = False
-        if len(taken) < len(payloads):  # row i is payload i's (the rows of payloads left out: zeros)
-            I, V = self._scatter_rows(I, taken, len(payloads)), self._scatter_rows(V, taken, len(payloads))
-        values = torch.from_numpy(V).to(device).to(dtype)
-        scale = s._scale(shape)
-        return SparseRows(torch.from_numpy(I).to(values.device), values * scale if scale != 1.0 else values,
-                          shape), ok
+    def sparse_rows(self, shape: tuple[int, ...]) -> bool:
+        """Whether :meth:`decode` with ``sparse`` gives :class:`SparseRows` for ``shape`` (a sparse structure)."""
+        return isinstance(self._structure_for(shape), _Sparse)
 
     def bits(self, payload: TensorPayload) -> BitCount:
         """Raw bit counts of a (valid) payload, from its codec and shape alone (no structure or value
@@ -320,9 +270,10 @@ class Compressor:
         """Raw bit counts of a (valid) message, summed over its layers' :meth:`bits` (each with the flag
         bit for the codec choice when the compressor can fall back to dense), memoised per sequence of
         (codec, shape)."""
-        key = tuple((p.codec, tuple(p.shape)) for p in message.values())
+        payloads = message.layers if isinstance(message, RowMessage) else message  # a row's codec and shape are its group's
+        key = tuple((p.codec, tuple(p.shape)) for p in payloads.values())
         if key not in self._message_bits:
-            self._message_bits[key] = sum((self.bits(p) for p in message.values()), BitCount())
+            self._message_bits[key] = sum((self._count_bits(shape) for _, shape in key), BitCount())
         return self._message_bits[key]
 
     def _count_bits(self, shape: tuple[int, ...]) -> BitCount:

@@ -8,6 +8,7 @@ pickled; the Flower adapter maps it to ``Array``/``ConfigRecord`` entries one to
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,9 +56,19 @@ class PayloadRows:
     def of(cls, payload: TensorPayload, shape: tuple[int, ...] | None = None) -> PayloadRows:
         """One payload as a block of one (array ``a`` as the view ``a[None]``; anything not an array as is,
         for the decoder's checks to reject)."""
+        arrays, meta = payload.arrays, payload.meta
         return cls(payload.codec, tuple(payload.shape) if shape is None else shape,
-                   {k: a[None] if isinstance(a, np.ndarray) else a for k, a in payload.arrays.items()},
-                   {k: [v] for k, v in payload.meta.items()})
+                   {k: a[None] if isinstance(a, np.ndarray) else a for k, a in arrays.items()}
+                   if isinstance(arrays, dict) else arrays,
+                   {k: [v] for k, v in meta.items()} if isinstance(meta, dict) else meta)
+
+    def take(self, rows: Sequence[int]) -> PayloadRows:
+        """These rows (at least one), in the order given: views when they are consecutive."""
+        rows = list(rows)
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        pick = slice(rows[0], rows[0] + len(rows)) if consecutive else np.asarray(rows)
+        return PayloadRows(self.codec, self.shape, {k: a[pick] for k, a in self.arrays.items()},
+                           {k: [v[i] for i in rows] for k, v in self.meta.items()})
 
     @classmethod
     def concat(cls, parts: list[PayloadRows]) -> PayloadRows:
@@ -67,6 +78,24 @@ class PayloadRows:
         first = parts[0]
         return cls(first.codec, first.shape, {k: np.concatenate([p.arrays[k] for p in parts]) for k in first.arrays},
                    {k: [v for p in parts for v in p.meta[k]] for k in first.meta})
+
+
+class RowMessage(Mapping[str, TensorPayload]):
+    """One client's message as row ``row`` of its block's payload group (``layers``: layer → the group's
+    :class:`PayloadRows`), as a reply arrives: ``message[layer]`` is that row's payload. The server
+    decodes the rows of one group together (:func:`compressors.decode_messages`)."""
+
+    def __init__(self, layers: Mapping[str, PayloadRows], row: int):
+        self.layers, self.row = layers, row
+
+    def __getitem__(self, name: str) -> TensorPayload:
+        return self.layers[name].payload(self.row)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
 
 
 class PayloadError(ValueError):

@@ -5,7 +5,7 @@ Sparse structures (top-k, rand-k) decode to this instead of a dense tensor when 
 instead of ``d``. Adding at the indices equals adding the dense decoded tensor element for element
 (``b + w·0 = b``; only the sign of a zero may differ), since the indices are distinct.
 
-A server decodes the payloads of many clients at once (:meth:`compressors.Compressor.decompress_block`)
+A server decodes the rows of a block's payload group at once (:func:`compressors.decode_messages`)
 into one :class:`SparseRows` — (B, k) indices and values — whose rows are the clients'
 ``SparseTensor``; :class:`WeightedSum` then adds a run of consecutive rows in one ``index_add_``.
 """

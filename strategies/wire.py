@@ -37,7 +37,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from torch import Tensor
 
 from compressors.message import max_layer_bytes
-from compressors.payload import PayloadRows
+from compressors.payload import PayloadRows, RowMessage
 from fedgluon.algorithms import ClientReply
 from fedgluon.algorithms.block import BlockResult, Proposal
 from fedgluon.client_table import ClientRows, ClientStateTable, flatten, nest
@@ -313,7 +313,7 @@ def _read_run(arrays: ArrayRecord, meta: ConfigRecord, r: int, js: list[int], ro
             if i in taken:
                 continue
             taken.add(i)
-            out.replies[js[i]] = ClientReply(js[i], round_, {n: p.payload(pos) for n, p in layers.items()},
+            out.replies[js[i]] = ClientReply(js[i], round_, RowMessage(layers, pos),
                                              loss[i], evals[i], samples[i], group=g)
     for i in set(range(b)) - taken:
         out.failed[js[i]] = "the node sent neither a payload nor a failure for this client"

@@ -1,5 +1,6 @@
 """The algorithm catalogue: exact reductions (float64, SVD LMO), determinism, bits, rejected payloads."""
 
+import dataclasses
 import inspect
 
 import numpy as np
@@ -179,7 +180,7 @@ def test_rejected_payload_keeps_trackers_consistent(name):
             bad = arrays[key].copy()
             bad.flat[0] = np.nan if bad.dtype.kind == "f" else 255
             arrays[key] = bad
-            reply.message[layer].arrays = arrays
+            reply.message = {**reply.message, layer: dataclasses.replace(reply.message[layer], arrays=arrays)}
         return reply
 
     res = run_plain(algo, objs, X0, 12, seed=2, tamper=tamper, participation=1.0)

@@ -3,6 +3,7 @@ accepted rows only, the model history for X_prev, the schema check, its state_di
 plain driver, partial commits of a block (a rejected or failed client keeps its row bitwise while its
 block-mates commit)."""
 
+import dataclasses
 import pandas as pd
 import pytest
 import torch
@@ -220,7 +221,7 @@ def _corrupt_client_2_in_rounds_1_and_4(k, j, reply):
         bad = arrays["v.v"].copy()
         bad.flat[0] = np.nan
         arrays["v.v"] = bad
-        reply.message[layer].arrays = arrays
+        reply.message = {**reply.message, layer: dataclasses.replace(reply.message[layer], arrays=arrays)}
     return reply
 
 
@@ -317,7 +318,7 @@ def test_the_server_derives_exactly_the_trackers_its_clients_compute(name):
             arrays = dict(reply.message[layer].arrays)
             key = next(a for a in arrays if a.startswith("v."))
             arrays[key] = np.full_like(arrays[key], np.nan)
-            reply.message[layer].arrays = arrays
+            reply.message = {**reply.message, layer: dataclasses.replace(reply.message[layer], arrays=arrays)}
         return reply
 
     algo.client_step = recording

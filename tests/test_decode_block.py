@@ -1,9 +1,10 @@
 """Server-side decoding of many clients at once equals decoding them one by one.
 
-``decode_messages`` checks a round's top-k / rand-k payloads as (B, k) arrays; it must accept exactly
-the messages ``decode_message`` accepts, decode them to the same tensors and reject the others with
-the same error. ``WeightedSum`` adds runs of such rows in one ``index_add_``; it must equal adding the
-clients one after another bitwise.
+``decode_messages`` checks and decodes the rows of one payload group (``RowMessage``s, as a block's
+reply arrives) a chunk at a time; it must accept exactly the messages ``decode_message`` accepts,
+decode them to the same tensors and reject the others with the same error, whether the bad message is
+a row of the group or a message of its own. ``WeightedSum`` adds runs of such rows in one
+``index_add_``; it must equal adding the clients one after another bitwise.
 """
 
 import numpy as np
@@ -12,7 +13,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compressors import PayloadError, TensorPayload, compress_message, decode_message, decode_messages, make_compressor
+from compressors import PayloadError, TensorPayload, decode_message, decode_messages, make_compressor
+from compressors import message as messages_module
+from compressors.message import compress_block
+from compressors.payload import RowMessage
 from compressors.sparse import SparseTensor, WeightedSum, add_scaled_
 
 SHAPES = {"w": (30, 20), "b": (30,), "c": (7,)}
@@ -21,11 +25,13 @@ BLOCK_SPECS = [{"name": "topk", "ratio": 0.1}, {"name": "randk", "ratio": 0.2},
 
 
 def messages_of(spec, count, seed=0):
+    """``count`` clients' messages as the rows of one payload group (one ``compress_block``)."""
     C = make_compressor(spec)
     gen = torch.Generator().manual_seed(seed)
     dtype = torch.float64 if spec.get("values") == "fp64" else torch.float32
-    return C, {j: compress_message(C, {n: torch.randn(s, generator=gen, dtype=dtype) for n, s in SHAPES.items()},
-                                   (seed, j, 0))[0] for j in range(count)}
+    layers, _ = compress_block(C, {n: torch.randn(count, *s, generator=gen, dtype=dtype) for n, s in SHAPES.items()},
+                               [(seed, j, 0) for j in range(count)])
+    return C, {j: RowMessage(layers, j) for j in range(count)}
 
 
 def one_by_one(C, messages, dtype, sparse):
@@ -149,10 +155,57 @@ def test_random_mixes_of_clean_and_corrupt_messages(spec, picks, sparse):
                 one_by_one(C, messages, dtype, sparse))
 
 
-def test_unsupported_compressors_decode_one_by_one():
-    for spec in ("identity", "qsgd", {"name": "topk", "ratio": 0.1, "values": "fp16"}, {"name": "svd", "rank": 2}):
-        C, messages = messages_of(spec if isinstance(spec, dict) else {"name": spec}, 3)
-        assert_same(dict(decode_messages(C, messages, SHAPES)), one_by_one(C, messages, torch.float32, False))
+def _row_edits(rows):
+    """One edit of row 1's arrays per way a row of a group can fail a check the others pass."""
+    idx, vals = rows.arrays["idx"], rows.arrays["v.v"]
+
+    def edit(key, change):
+        arrays = {k: a.copy() for k, a in rows.arrays.items()}
+        change(arrays[key][1])
+        return type(rows)(rows.codec, rows.shape, arrays, dict(rows.meta))
+
+    def reverse(r):
+        r[:] = r[::-1].copy()
+
+    return [edit("idx", reverse), edit("idx", lambda r: r.__setitem__(1, r[0])),
+            edit("idx", lambda r: r.__setitem__(-1, 600)), edit("v.v", lambda r: r.__setitem__(3, np.nan)),
+            edit("v.v", lambda r: r.__setitem__(0, np.inf)), edit("v.v", lambda r: r.__setitem__(2, 1e30))] \
+        if idx.shape[1] > 2 and vals.dtype.kind == "f" else []
+
+
+@pytest.mark.parametrize("spec", BLOCK_SPECS)
+def test_a_bad_row_of_a_group_gets_the_one_by_one_verdict(spec):
+    """A row of a group that fails a check fails its chunk, which is then decoded message by message:
+    that row gets its own error (a value over ``max_abs`` too), the other rows their tensors."""
+    C, clean = messages_of(spec, 4, seed=4)
+    layers = clean[0].layers
+    dtype = torch.float64 if spec.get("values") == "fp64" else torch.float32
+    edits = _row_edits(layers["w"])
+    assert edits
+    for rows in edits:
+        bad = {**layers, "w": rows}
+        messages = {j: RowMessage(bad, j) for j in range(4)}
+        got = dict(decode_messages(C, messages, SHAPES, dtype=dtype, sparse=True, max_abs=1e20))
+        want = {}
+        for j, m in messages.items():
+            try:
+                want[j] = decode_message(C, m, SHAPES, dtype=dtype, sparse=True, max_abs=1e20)
+            except PayloadError as err:
+                want[j] = err
+        assert_same(got, want)
+        assert isinstance(got[1], PayloadError) and not any(isinstance(got[j], PayloadError) for j in (0, 2, 3))
+
+
+@pytest.mark.parametrize("spec", ["identity", "qsgd", {"name": "topk", "ratio": 0.1, "values": "fp16"},
+                                  {"name": "svd", "rank": 2}, {"name": "randk", "ratio": 0.2}])
+def test_every_compressor_decodes_groups_in_chunks_as_one_by_one(spec, monkeypatch):
+    """Dense decoded layers are decoded a chunk of rows at a time (here 2 rows of dense bytes), sparse
+    ones all at once; either way every row equals its message decoded alone."""
+    monkeypatch.setattr(messages_module, "CHUNK_BYTES", 2 * 4 * sum(int(np.prod(s)) for s in SHAPES.values()))
+    C, messages = messages_of(spec if isinstance(spec, dict) else {"name": spec}, 5)
+    for sparse in (False, True):
+        assert_same(dict(decode_messages(C, messages, SHAPES, sparse=sparse)),
+                    one_by_one(C, messages, torch.float32, sparse))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -163,8 +216,9 @@ def test_weighted_sum_equals_adding_one_client_at_a_time(dtype):
     C = make_compressor(spec)
     gen = torch.Generator().manual_seed(3)
     scales = torch.logspace(-6, 6, 12, dtype=torch.float64)
-    messages = {j: compress_message(C, {"w": (torch.randn(40, generator=gen, dtype=torch.float64) * scales[j]).to(dtype)},
-                                    (0, j, 0))[0] for j in range(12)}
+    layers, _ = compress_block(C, {"w": (torch.randn(12, 40, generator=gen, dtype=torch.float64) * scales[:, None]).to(dtype)},
+                               [(0, j, 0) for j in range(12)])
+    messages = {j: RowMessage(layers, j) for j in range(12)}
     decoded = dict(decode_messages(C, messages, {"w": (40,)}, dtype=dtype, sparse=True))
     decoded[5] = decode_message(C, messages[5], {"w": (40,)}, dtype=dtype, sparse=True)  # not a block row
     decoded[8] = {"w": decoded[8]["w"].dense()}

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from compressors.payload import PayloadRows
+from compressors.payload import PayloadRows, RowMessage
 
 from ..client_table import flatten
 from .messages import ClientReply
@@ -68,12 +68,12 @@ class BlockResult:
     failed: dict[int, str] = field(default_factory=dict)
 
     def replies(self) -> dict[int, ClientReply]:
-        """Per client its reply: its payload rows (views), group and metrics; failed rows have none."""
+        """Per client its reply: its row of the group's payloads, the group and metrics; failed rows have none."""
         out: dict[int, ClientReply] = {}
         for name, group in self.groups.items():
             for pos, i in enumerate(group.rows):
                 j = self.clients[i]
-                out[j] = ClientReply(j, self.round, {n: p.payload(pos) for n, p in group.layers.items()},
+                out[j] = ClientReply(j, self.round, RowMessage(group.layers, pos),
                                      self.loss[i], self.grad_evals[i], self.samples[i], group=name)
         return dict(sorted(out.items()))
 

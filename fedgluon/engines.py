@@ -13,6 +13,7 @@ compute with the spec's ``threads`` torch threads (fedgluon/threads.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -150,6 +151,16 @@ def _engine_notices_filtered() -> Iterator[None]:
         logger.removeFilter(quiet)
 
 
+def _with_spec_threads(run: Callable[..., Any]) -> Callable[..., Any]:
+    """``run(spec, ...)`` with the spec's ``threads`` torch threads (the server's: the ClientApp sets, and
+    restores, its own in each handler), the caller's count restored afterwards (fedgluon/threads.py)."""
+    @functools.wraps(run)
+    def with_threads(spec: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        with torch_threads(int(specs.normalise(spec)["threads"])):
+            return run(spec, *args, **kwargs)
+    return with_threads
+
+
 @contextmanager
 def _actors_end_quietly() -> Iterator[None]:
     """While active, Flower's simulation ends its Ray actors with ``ray.kill`` instead of its remote
@@ -178,6 +189,7 @@ def _actors_end_quietly() -> Iterator[None]:
         BasicActorPool.terminate_all_actors = original  # type: ignore[method-assign]
 
 
+@_with_spec_threads
 def run_inprocess(spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None,
                   evaluate: Evaluate | None = None, checkpointer: Checkpointer | None = None,
                   resume: Snapshot | None = None):
@@ -189,17 +201,17 @@ def run_inprocess(spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], 
 
     _quiet()
     s = specs.normalise(spec)
-    with torch_threads(s["threads"]):  # the server's count; the ClientApp sets (and restores) its own
-        task, _ = specs.build_cached(s)
-        grid = InProcessGrid(make_client_app(s), num_blocks(task.num_clients, s["block_size"]), seed=s["seed"])
-        # Flower's Message constructor reads the process's task identity; its runtimes set it like this
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
-        sink: list = []
-        server_app = make_server_app(s, sink, on_round, evaluate, checkpointer, resume)
-        server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+    task, _ = specs.build_cached(s)
+    grid = InProcessGrid(make_client_app(s), num_blocks(task.num_clients, s["block_size"]), seed=s["seed"])
+    # Flower's Message constructor reads the process's task identity; its runtimes set it like this
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
+    sink: list = []
+    server_app = make_server_app(s, sink, on_round, evaluate, checkpointer, resume)
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
     return sink[0]
 
 
+@_with_spec_threads
 def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0.0, address: str | None = None,
             ray_init_args: Mapping[str, Any] | None = None,
             on_round: Callable[[dict[str, Any]], None] | None = None, evaluate: Evaluate | None = None,
@@ -216,8 +228,7 @@ def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0
 
     _quiet()
     s = specs.normalise(spec)
-    with torch_threads(s["threads"]):  # the ServerApp's (fedgluon.threads); each client task sets its own
-        task, _ = specs.build_cached(s)
+    task, _ = specs.build_cached(s)
     init_args: dict[str, Any] = {"address": address} if address else {"address": "local"}
     init_args.update({"include_dashboard": False, **(ray_init_args or {})})
     if num_cpus <= 0:
@@ -225,7 +236,7 @@ def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0
     sink: list = []
     nodes = num_blocks(task.num_clients, s["block_size"])
     with faster_dispatch(nodes) if fast_dispatch else nullcontext(), _engine_notices_filtered(), \
-            _actors_end_quietly(), torch_threads(s["threads"]):
+            _actors_end_quietly():
         run_simulation(server_app=make_server_app(s, sink, on_round, evaluate, checkpointer, resume),
                        client_app=make_client_app(s), num_supernodes=nodes,
                        backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},

@@ -27,6 +27,8 @@ geometry: {preset: scion, overrides: [{pattern: head.weight, norm: spectral}]}
 algorithm: {name: gluon, lr: 1.0}
 rounds: 2
 engine: {name: plain}
+node_timeout: 600   # Ray workers import torch and Flower before the handshake: slow on a loaded machine
+round_timeout: 600
 """
 RAY_NOISE = ("Manually terminating", "FutureWarning", "Tip: In future versions of Ray")
 _runs: dict[tuple[str, int], tuple[Path, str]] = {}
@@ -122,3 +124,16 @@ def test_sweep_and_tune_take_engine(tmp_path, monkeypatch):
         assert out.exit_code == 0, out.output
         engines = [OmegaConf.load(p).engine.name for p in (tmp_path / args[0]).rglob("config.yaml")]
         assert len(engines) == 2 and set(engines) == {args[-1]}
+
+
+def test_inprocess_server_computes_with_threads_and_leaves_the_callers_count():
+    """The in-process engine's server runs with the spec's ``threads`` (the ClientApp in its process sets
+    and restores its own), and the caller's count is back afterwards."""
+    from fedgluon.engines import run_inprocess
+
+    spec = {"task": {"name": "synthetic", "num_clients": 2, "dim": 6, "classes": 3, "mean_samples": 20, "hidden": [4]},
+            "algorithm": {"name": "gluon", "lr": 0.05}, "rounds": 2, "threads": 1}
+    torch.set_num_threads(2)
+    seen: list[int] = []
+    run_inprocess(spec, on_round=lambda row: seen.append(torch.get_num_threads()))
+    assert seen == [1, 1] and torch.get_num_threads() == 2

@@ -9,13 +9,21 @@ from pathlib import Path
 import click
 
 
+RAY_TIP = "Tip: In future versions of Ray, Ray will no longer override"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fedgluon")
 def main() -> None:
     """fedgluon: communication-efficient federated training with layer-wise LMO optimizers."""
+    import warnings
+
     from fedgluon.allocator import keep_freed_memory
 
     keep_freed_memory()  # this process exists to run fedgluon (fedgluon.allocator)
+    # Ray's tip, at every ray.init (a parallel sweep's too), that a later Ray will stop hiding GPUs from tasks
+    # without a GPU share: fedgluon relies on the hiding and names the setting (fedgluon.engines.QUIET_ENV)
+    warnings.filterwarnings("ignore", message=RAY_TIP, category=FutureWarning)
 
 
 @main.command("list")
@@ -100,19 +108,30 @@ def run(config: str | None, overrides: tuple[str, ...], engine: str | None, over
     click.echo(f"  files: {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))}")
 
 
+ENGINE_CHOICES = ["ray", "inprocess", "plain"]
+
+
+def _with_engine(args: tuple[str, ...], engine: str | None) -> tuple[str, ...]:
+    """``args`` with the override ``engine.name=ENGINE`` last (so it wins) when ``--engine`` was given."""
+    return (*args, f"engine.name={engine}") if engine else args
+
+
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.argument("args", nargs=-1)
 @click.option("--name", help="sweep directory name (default: sweep-<base run name>)")
 @click.option("--parallel", default=0, type=int, help="run members as N parallel Ray tasks (plain engine)")
+@click.option("--engine", type=click.Choice(ENGINE_CHOICES), help="override engine.name of every member")
 @click.option("--quiet", is_flag=True)
-def sweep(config: str | None, args: tuple[str, ...], name: str | None, parallel: int, quiet: bool) -> None:
+def sweep(config: str | None, args: tuple[str, ...], name: str | None, parallel: int, engine: str | None,
+          quiet: bool) -> None:
     """Sweep CONFIG over a grid: key=[a,b,c] axes (seed=[0,1,2] for seeds), key=value overrides."""
     from fedgluon.config import ConfigError
     from fedgluon.sweep import sweep as run_sweep
 
     if config is not None and "=" in config and not Path(config).exists():
         args, config = (config, *args), None
+    args = _with_engine(args, engine)
     try:
         out = run_sweep(config, args, name=name, progress=not quiet, parallel=parallel)
     except ConfigError as err:
@@ -137,15 +156,17 @@ def sweep(config: str | None, args: tuple[str, ...], name: str | None, parallel:
 @click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True)
 @click.option("--name", default="tune", show_default=True)
 @click.option("--parallel", default=0, type=int)
+@click.option("--engine", type=click.Choice(ENGINE_CHOICES), help="override engine.name of every run")
 @click.option("--quiet", is_flag=True)
 def tune(config: str | None, args: tuple[str, ...], algorithms: tuple[str, ...], metric: str, mode: str, name: str,
-         parallel: int, quiet: bool) -> None:
+         parallel: int, engine: str | None, quiet: bool) -> None:
     """Tune each algorithm over the grid in ARGS (e.g. "algorithm.lr=[0.01,0.03,0.1]") and print the best."""
     from fedgluon.config import ConfigError
     from fedgluon.sweep import tune as run_tune
 
     if config is not None and "=" in config and not Path(config).exists():
         args, config = (config, *args), None
+    args = _with_engine(args, engine)
     try:
         from omegaconf import OmegaConf
 

@@ -29,7 +29,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -39,6 +38,7 @@ from .blocks import block_clients
 from .faults import FaultPlan, InjectedFault
 from .allocator import keep_freed_memory
 from .gc_pause import freeze_worker, gc_paused, mark_worker_process
+from .threads import torch_threads
 from .trace import phase
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (project) directory
@@ -132,7 +132,8 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
     @app.query()
     def hello(msg: Message, context: Context) -> Message:
         s = resolve(context)
-        task, _ = specs.build_cached(s)
+        with torch_threads(int(s["threads"])):  # the task is built as in every engine (fedgluon.threads)
+            task, _ = specs.build_cached(s)
         clients = _clients_of(context, s, task.num_clients)
         content = RecordDict({"hello": MetricRecord({
             "block": int(context.node_config["partition-id"]), "clients": clients,
@@ -141,13 +142,14 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        with gc_paused(), phase("node", int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else -1):
-            return _train(msg, context)
-
-    def _train(msg: Message, context: Context) -> Message:
-        from strategies.wire import record_to_rows, record_to_tensors, results_to_records
         s = resolve(context)
-        torch.set_num_threads(int(s["threads"]))
+        # the spec's torch threads for this step only: the in-process engine's server shares this process
+        with gc_paused(), torch_threads(int(s["threads"])), \
+                phase("node", int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else -1):
+            return _train(msg, context, s)
+
+    def _train(msg: Message, context: Context, s: dict[str, Any]) -> Message:
+        from strategies.wire import record_to_rows, record_to_tensors, results_to_records
         task, algorithm = specs.build_cached(s)
         freeze_worker()
         mine = _clients_of(context, s, task.num_clients)

@@ -7,11 +7,13 @@
 * ``flwr run .`` — the Flower-native way; ``pyproject.toml`` carries the app components.
 
 All three run ``strategies.server_app.serve`` and ``fedgluon.client_app`` and produce the same
-metrics rows for the same spec and seed (fixed thread counts, replies in client-id order).
+metrics rows for the same spec and seed (replies in client-id order): the server and every client step
+compute with the spec's ``threads`` torch threads (fedgluon/threads.py).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -36,6 +38,7 @@ from .dispatch import faster_dispatch
 from .faults import SimulatedActorDeath
 from .federation import Evaluate
 from .rng import derive_seed
+from .threads import torch_threads
 
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
              "RAY_DEDUP_LOGS": "0",
@@ -148,6 +151,45 @@ def _engine_notices_filtered() -> Iterator[None]:
         logger.removeFilter(quiet)
 
 
+def _with_spec_threads(run: Callable[..., Any]) -> Callable[..., Any]:
+    """``run(spec, ...)`` with the spec's ``threads`` torch threads (the server's: the ClientApp sets, and
+    restores, its own in each handler), the caller's count restored afterwards (fedgluon/threads.py)."""
+    @functools.wraps(run)
+    def with_threads(spec: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        with torch_threads(int(specs.normalise(spec)["threads"])):
+            return run(spec, *args, **kwargs)
+    return with_threads
+
+
+@contextmanager
+def _actors_end_quietly() -> Iterator[None]:
+    """While active, Flower's simulation ends its Ray actors with ``ray.kill`` instead of its remote
+    ``terminate`` call, which logs "Manually terminating ClientAppActor" in every actor; Ray forwards those
+    lines to this terminal, one per actor, after the run's own output. Either way the idle actors end,
+    and Flower shuts Ray down next. Flower's way is kept where its actor pool is not found (logged)."""
+    try:
+        from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+        original = BasicActorPool.terminate_all_actors
+    except (ImportError, AttributeError) as err:
+        logging.getLogger("fedgluon").debug("Flower's actor pool not found (%s); its actors end Flower's way", err)
+        yield
+        return
+
+    def terminate_all_actors(pool: Any) -> None:
+        import ray
+
+        for actor in pool.pool:  # Flower's idle actors: every actor once the ServerApp has returned
+            ray.kill(actor)
+
+    BasicActorPool.terminate_all_actors = terminate_all_actors  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        BasicActorPool.terminate_all_actors = original  # type: ignore[method-assign]
+
+
+@_with_spec_threads
 def run_inprocess(spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None,
                   evaluate: Evaluate | None = None, checkpointer: Checkpointer | None = None,
                   resume: Snapshot | None = None):
@@ -169,6 +211,7 @@ def run_inprocess(spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], 
     return sink[0]
 
 
+@_with_spec_threads
 def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0.0, address: str | None = None,
             ray_init_args: Mapping[str, Any] | None = None,
             on_round: Callable[[dict[str, Any]], None] | None = None, evaluate: Evaluate | None = None,
@@ -192,7 +235,8 @@ def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0
         raise ValueError(f"num_cpus per client must be positive, got {num_cpus}")
     sink: list = []
     nodes = num_blocks(task.num_clients, s["block_size"])
-    with faster_dispatch(nodes) if fast_dispatch else nullcontext(), _engine_notices_filtered():
+    with faster_dispatch(nodes) if fast_dispatch else nullcontext(), _engine_notices_filtered(), \
+            _actors_end_quietly():
         run_simulation(server_app=make_server_app(s, sink, on_round, evaluate, checkpointer, resume),
                        client_app=make_client_app(s), num_supernodes=nodes,
                        backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},

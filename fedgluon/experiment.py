@@ -44,6 +44,7 @@ from .memory import client_state_bytes
 from .config import ConfigError, run_name, spec_of
 from .faults import FaultPlan
 from .run_dir import MARKER, RunDirLock, is_complete, prepare_dir  # noqa: F401 (MARKER, RunDirLock: re-exported)
+from .threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +137,10 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
     while saving (:class:`~fedgluon.checkpoint.SaveFailed`, the last complete checkpoint intact).
     ``resume=True`` continues the run in ``out_dir`` from its checkpoint, after checking it (a bad one is a
     ConfigError) and removing what killed saves left; the final metrics equal an uninterrupted run's in
-    every column but the wall times."""
+    every column but the wall times. The run computes with ``cfg.threads`` torch threads, the caller's
+    count restored after (fedgluon/threads.py)."""
     out = Path(out_dir) if out_dir is not None else Path(cfg.output.dir) / run_name(cfg)
-    with RunDirLock(out) if resume else prepare_dir(out, cfg.output.overwrite):
+    with RunDirLock(out) if resume else prepare_dir(out, cfg.output.overwrite), torch_threads(int(cfg.threads)):
         return _run_locked(cfg, out, progress, on_round, resume)
 
 

@@ -109,7 +109,8 @@ def _fmt(v: Any) -> str:
 def _run_parallel(todo, workers: int, address: str | None) -> None:
     import ray
 
-    ray.init(address=address or "local", num_cpus=None if address else workers, include_dashboard=False,
+    threads = max(int(cfg.threads) for _, cfg in todo)  # a member's task holds one CPU per torch thread
+    ray.init(address=address or "local", num_cpus=None if address else workers * threads, include_dashboard=False,
              ignore_reinit_error=True)
 
     @ray.remote(num_cpus=1)
@@ -119,10 +120,10 @@ def _run_parallel(todo, workers: int, address: str | None) -> None:
         keep_freed_memory()  # a Ray worker that runs sweep members (fedgluon.allocator)
         cfg = OmegaConf.create(cfg_yaml)
         cfg.engine.name = "plain"
-        return str(run(cfg, progress=False))
+        return str(run(cfg, progress=False))  # with cfg.threads torch threads, as a sequential member
 
     try:
-        ray.get([one.remote(OmegaConf.to_yaml(cfg)) for _, cfg in todo])
+        ray.get([one.options(num_cpus=int(cfg.threads)).remote(OmegaConf.to_yaml(cfg)) for _, cfg in todo])
     finally:
         ray.shutdown()
 

@@ -11,7 +11,9 @@ run directory is complete are skipped, so an interrupted sweep continues where i
 
 Members run one after another on the configured engine (Flower's Ray engine starts and stops Ray
 for every simulation, so it is never nested inside Ray tasks, FLOWER.md). ``parallel=N`` runs
-members as N parallel Ray tasks on the plain engine instead (on ``engine.address`` if given).
+members as Ray tasks on the plain engine instead, N at a time, on a private local Ray or on the
+cluster at ``engine.address``; each task returns its run directory's files and the driver writes
+them under its own ``output.dir`` (no shared filesystem needed; fedgluon.cluster ships the code).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from omegaconf import OmegaConf
 
 from . import config as configs
 from .experiment import is_complete, run
+from .run_dir import MARKER, prepare_dir
 
 
 def parse_grid(args: Sequence[str]) -> tuple[list[str], dict[str, list[Any]]]:
@@ -92,7 +95,7 @@ def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | No
     (sweep_dir / "sweep.json").write_text(json.dumps({"config": str(config_path) if config_path else None,
                                                       "overrides": list(overrides), "grid": grid}, indent=2))
     if parallel and todo:
-        _run_parallel(todo, parallel, base.engine.address)
+        _run_parallel(todo, parallel, base.engine.address, sweep_dir, progress)
     else:
         for i, (mname, cfg) in enumerate(todo):
             if progress:
@@ -106,25 +109,87 @@ def _fmt(v: Any) -> str:
     return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
 
 
-def _run_parallel(todo, workers: int, address: str | None) -> None:
+def _run_parallel(todo, workers: int, address: str | None, sweep_dir: Path, progress: bool = False) -> None:
+    """The members as Ray tasks on the plain engine, at most ``workers`` at a time, on a private local Ray
+    (``workers`` CPUs) or the cluster at ``address``. Each task runs its member in a scratch directory of
+    its node and returns the files (:func:`run_member`); this process writes every member's directory
+    (:func:`write_member`), so nothing depends on a shared filesystem or on the nodes' working
+    directories. Members that fail are written as far as they got and reported together at the end."""
     import ray
 
-    ray.init(address=address or "local", num_cpus=None if address else workers, include_dashboard=False,
-             ignore_reinit_error=True)
+    from .cluster import connect
+
+    connect(address, num_cpus=workers)
 
     @ray.remote(num_cpus=1)
-    def one(cfg_yaml: str) -> str:
+    def one(cfg_yaml: str) -> dict[str, Any]:
         from .allocator import keep_freed_memory
 
         keep_freed_memory()  # a Ray worker that runs sweep members (fedgluon.allocator)
         cfg = OmegaConf.create(cfg_yaml)
         cfg.engine.name = "plain"
-        return str(run(cfg, progress=False))
+        return run_member(cfg)
 
+    failures = []
     try:
-        ray.get([one.remote(OmegaConf.to_yaml(cfg)) for _, cfg in todo])
+        queue, running = list(todo), {}
+        while queue or running:
+            while queue and len(running) < workers:
+                mname, cfg = queue.pop(0)
+                running[one.remote(OmegaConf.to_yaml(cfg))] = mname
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            mname = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as err:
+                result = {"files": {}, "error": f"{type(err).__name__}: {str(err).strip().splitlines()[-1]}"}
+            write_member(sweep_dir / mname, result["files"])
+            if result["error"]:
+                failures.append(f"{mname}: {result['error']}")
+            if progress:
+                print(f"[{len(todo) - len(queue) - len(running)}/{len(todo)}] {mname}"
+                      + (" failed" if result["error"] else ""))
     finally:
         ray.shutdown()
+    if failures:
+        summarise(sweep_dir)
+        raise configs.ConfigError(f"{len(failures)} sweep member(s) failed (their directories hold what they "
+                                  f"wrote; rerun the sweep to retry them): {'; '.join(failures)}")
+
+
+def run_member(cfg: Any) -> dict[str, Any]:
+    """Run one member in a scratch directory of this node and return its run directory as
+    ``{"files": {name: bytes}, "error": None | "one line"}`` (the scratch directory is removed)."""
+    import shutil
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix="fedgluon-member-"))
+    cfg.output.dir = str(scratch)
+    out, error = scratch / str(cfg.output.name), None
+    try:
+        run(cfg, progress=False)
+    except Exception as err:  # noqa: BLE001 - reported by the driver, with the other members' failures
+        text = str(err).strip()
+        error = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+    try:
+        files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+                 if p.is_file() and p.name != MARKER} if out.is_dir() else {}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"files": files, "error": error}
+
+
+def write_member(out: Path, files: dict[str, bytes]) -> None:
+    """Write a member's run directory from :func:`run_member`'s files: created (or an old one replaced) as
+    any run directory (fedgluon.run_dir.prepare_dir), ``summary.json`` last, so the member is complete
+    only once everything else is on disk. Names that would leave the directory are refused."""
+    bad = [n for n in files if Path(n).is_absolute() or ".." in Path(n).parts or n == MARKER]
+    if bad:
+        raise ValueError(f"a sweep member returned files named {bad}")
+    with prepare_dir(out, overwrite=True):
+        for name in sorted(files, key=lambda n: n == "summary.json"):
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(files[name])
 
 
 def load_members(sweep_dir: str | Path) -> pd.DataFrame:

@@ -60,7 +60,9 @@ def connect(address: str | None, *, num_cpus: float | None = None, task_share: M
     task will ask for: a share no node holds is a :class:`ConfigError` naming the field and what the
     cluster has. On a cluster each node is probed (:func:`probe_nodes`). Ray is shut down again on any
     error here; otherwise the caller (or Flower, at the end of a simulation) shuts it down."""
-    from .engines import _quiet
+    import logging
+
+    from .engines import _engine_notices_filtered, _quiet
 
     _quiet()
     import ray
@@ -68,8 +70,9 @@ def connect(address: str | None, *, num_cpus: float | None = None, task_share: M
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"num_cpus": num_cpus} if not address else {}
         try:
-            ray.init(address=address or "local", include_dashboard=False, runtime_env=runtime_env(address),
-                     **kwargs)
+            with _engine_notices_filtered():  # no "Started a local Ray instance" line, nor Ray's GPU tip
+                ray.init(address=address or "local", include_dashboard=False, runtime_env=runtime_env(address),
+                         logging_level=logging.WARNING, **kwargs)
         except (ConnectionError, ValueError, RuntimeError) as err:
             raise ConfigError(f"engine.address={address!r}: cannot connect to a Ray cluster there: "
                               f"{_first_line(err)}") from None
@@ -162,15 +165,16 @@ def data_paths(task: Mapping[str, Any]) -> list[str]:
     return [os.path.abspath(str(task[k])) for k in DATA_KEYS if task.get(k)]
 
 
-def this_host(device: str | None = None) -> dict[str, Any]:
-    """Where this process runs: ``hostname``, ``ip`` and, inside a Ray task or driver, the Ray ``node_id``."""
+def this_host() -> dict[str, Any]:
+    """Where this process runs: ``hostname``, ``ip`` and, inside a Ray task or driver, the Ray ``node_id``
+    (and the IP the cluster knows the node by)."""
     out: dict[str, Any] = {"hostname": socket.gethostname(), "ip": _ip(), "node_id": None}
     try:
         import ray
 
         if ray.is_initialized():
             out["node_id"] = ray.get_runtime_context().get_node_id()
-            out["ip"] = ray.util.get_node_ip_address()
+            out["ip"] = next((n["ip"] for n in ray_nodes() if n["node_id"] == out["node_id"]), out["ip"])
     except Exception:  # noqa: BLE001 - no Ray here
         pass
     return out

@@ -203,7 +203,10 @@ def load_members(sweep_dir: str | Path) -> pd.DataFrame:
             continue
         summary = json.loads((d / "summary.json").read_text())
         config = ",".join(value_label(k, v, meta["grid"]) for k, v in values.items() if k != "seed") or "base"
-        rows.append({"member": d.name, **{k: _fmt(v) for k, v in values.items()}, **summary, "config": config})
+        scalars = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
+        where = ";".join(str(n.get("hostname") or n.get("node_id")) for n in summary.get("nodes", []))
+        rows.append({"member": d.name, **{k: _fmt(v) for k, v in values.items()}, **scalars, "nodes": where,
+                     "config": config})
     return pd.DataFrame(rows)
 
 

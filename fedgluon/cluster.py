@@ -53,12 +53,13 @@ def _imported(names: Sequence[str]) -> list[str]:
 
 
 def connect(address: str | None, *, num_cpus: float | None = None, task_share: Mapping[str, float] | None = None,
-            data_paths: Sequence[str] = ()) -> list[dict[str, Any]]:
+            data_paths: Sequence[str] = (), log_to_driver: bool = True) -> list[dict[str, Any]]:
     """Start (``address`` None: a private local Ray with ``num_cpus`` CPUs) or join a Ray cluster, unless
     Ray is already initialised in this process (then that instance is used as it is); returns its nodes
     (:func:`ray_nodes`). ``task_share`` (``{"engine.num_cpus": 1, "engine.num_gpus": 0.5}``) is what each
     task will ask for: a share no node holds is a :class:`ConfigError` naming the field and what the
-    cluster has. On a cluster each node is probed (:func:`probe_nodes`). Ray is shut down again on any
+    cluster has. On a cluster each node is probed (:func:`probe_nodes`). ``log_to_driver=False`` keeps
+    the workers' output off this terminal. Ray is shut down again on any
     error here; otherwise the caller (or Flower, at the end of a simulation) shuts it down."""
     import logging
 
@@ -68,11 +69,13 @@ def connect(address: str | None, *, num_cpus: float | None = None, task_share: M
     import ray
 
     if not ray.is_initialized():
+        if address:
+            reachable(address)
         kwargs: dict[str, Any] = {"num_cpus": num_cpus} if not address else {}
         try:
             with _engine_notices_filtered():  # no "Started a local Ray instance" line, nor Ray's GPU tip
                 ray.init(address=address or "local", include_dashboard=False, runtime_env=runtime_env(address),
-                         logging_level=logging.WARNING, **kwargs)
+                         logging_level=logging.WARNING, log_to_driver=log_to_driver, **kwargs)
         except (ConnectionError, ValueError, RuntimeError) as err:
             raise ConfigError(f"engine.address={address!r}: cannot connect to a Ray cluster there: "
                               f"{_first_line(err)}") from None
@@ -85,6 +88,22 @@ def connect(address: str | None, *, num_cpus: float | None = None, task_share: M
         ray.shutdown()
         raise
     return nodes
+
+
+def reachable(address: str, timeout: float = 5.0) -> None:
+    """:class:`ConfigError` unless ``address`` is ``auto`` or a ``HOST:PORT`` that accepts a TCP connection
+    within ``timeout`` seconds (Ray itself retries an unreachable address for minutes)."""
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"engine.address must be 'auto' or HOST:PORT (the head's `ray start --head --port`), "
+                          f"got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConfigError(f"engine.address={address!r}: no Ray head answers there ({err.strerror or err}); start "
+                          f"one with `ray start --head --port={port}` or fix the address") from None
 
 
 def ray_nodes() -> list[dict[str, Any]]:

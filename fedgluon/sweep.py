@@ -78,6 +78,10 @@ def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | No
     """Run every grid member (skipping complete ones) and write the sweep summary; returns the sweep dir."""
     overrides, grid = parse_grid(args)
     base = configs.load(config_path, overrides)
+    if base.engine.address and (parallel or base.engine.name == "ray"):
+        from .cluster import reachable
+
+        reachable(base.engine.address)  # before the sweep directory: a wrong address is one line, not minutes
     sweep_dir = Path(base.output.dir) / (name or f"sweep-{configs.run_name(base)}")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     todo = []
@@ -119,7 +123,7 @@ def _run_parallel(todo, workers: int, address: str | None, sweep_dir: Path, prog
 
     from .cluster import connect
 
-    connect(address, num_cpus=workers)
+    connect(address, num_cpus=workers, log_to_driver=False)  # a member's log lines: its error, summary, clients.csv
 
     @ray.remote(num_cpus=1)
     def one(cfg_yaml: str) -> dict[str, Any]:
@@ -143,9 +147,9 @@ def _run_parallel(todo, workers: int, address: str | None, sweep_dir: Path, prog
                 result = ray.get(ref)
             except ray.exceptions.RayError as err:
                 result = {"files": {}, "error": f"{type(err).__name__}: {str(err).strip().splitlines()[-1]}"}
-            write_member(sweep_dir / mname, result["files"])
-            if result["error"]:
-                failures.append(f"{mname}: {result['error']}")
+            error = write_member(sweep_dir / mname, result["files"], result.get("scratch"), result["error"])
+            if error:
+                failures.append(f"{mname}: {error}")
             if progress:
                 print(f"[{len(todo) - len(queue) - len(running)}/{len(todo)}] {mname}"
                       + (" failed" if result["error"] else ""))
@@ -159,7 +163,8 @@ def _run_parallel(todo, workers: int, address: str | None, sweep_dir: Path, prog
 
 def run_member(cfg: Any) -> dict[str, Any]:
     """Run one member in a scratch directory of this node and return its run directory as
-    ``{"files": {name: bytes}, "error": None | "one line"}`` (the scratch directory is removed)."""
+    ``{"files": {name: bytes}, "error": None | "one line", "scratch": its path}`` (the scratch directory
+    is removed)."""
     import shutil
     import tempfile
 
@@ -176,13 +181,19 @@ def run_member(cfg: Any) -> dict[str, Any]:
                  if p.is_file() and p.name != MARKER} if out.is_dir() else {}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return {"files": files, "error": error}
+    return {"files": files, "error": error, "scratch": str(out)}
 
 
-def write_member(out: Path, files: dict[str, bytes]) -> None:
+def write_member(out: Path, files: dict[str, bytes], scratch: str | None = None,
+                 error: str | None = None) -> str | None:
     """Write a member's run directory from :func:`run_member`'s files: created (or an old one replaced) as
     any run directory (fedgluon.run_dir.prepare_dir), ``summary.json`` last, so the member is complete
-    only once everything else is on disk. Names that would leave the directory are refused."""
+    only once everything else is on disk. Names that would leave the directory are refused. The node's
+    ``scratch`` path becomes ``out`` in the summary (a stopped run's reason and resume command) and in
+    ``error``, which is returned."""
+    if scratch and "summary.json" in files:
+        files = {**files, "summary.json": files["summary.json"].replace(json.dumps(scratch)[1:-1].encode(),
+                                                                        json.dumps(str(out))[1:-1].encode())}
     bad = [n for n in files if Path(n).is_absolute() or ".." in Path(n).parts or n == MARKER]
     if bad:
         raise ValueError(f"a sweep member returned files named {bad}")
@@ -190,6 +201,7 @@ def write_member(out: Path, files: dict[str, bytes]) -> None:
         for name in sorted(files, key=lambda n: n == "summary.json"):
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             (out / name).write_bytes(files[name])
+    return error.replace(scratch, str(out)) if error and scratch else error
 
 
 def load_members(sweep_dir: str | Path) -> pd.DataFrame:

@@ -186,3 +186,34 @@ def test_shares_are_checked_against_every_node_of_a_ray_with_a_faked_gpu():
         check_shares(nodes, {"engine.num_gpus": 1.5})
     with pytest.raises(ConfigError, match=r"engine.num_cpus=2 .* it has 1 in all"):
         check_shares(nodes, {"engine.num_cpus": 2.0})
+
+
+@pytest.mark.parametrize("command", [["run", "engine.name=ray"], ["sweep", "seed=[0,1]", "--parallel", "2"]])
+def test_an_address_where_no_ray_head_answers_is_one_line_before_any_directory(tmp_path, monkeypatch, command):
+    """Ray retries an unreachable GCS address for minutes; fedgluon refuses it at once."""
+    monkeypatch.chdir(tmp_path)
+    out = invoke(*command, *TINY, f"engine.address=127.0.0.1:{_free_port()}")
+    assert out.exit_code == 2, out.output
+    assert out.output.startswith("error: engine.address='127.0.0.1:") and "no Ray head answers there" in out.output
+    assert len(out.output.strip().splitlines()) == 1, out.output
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_failed_parallel_member_is_written_and_reported_in_one_line(tmp_path, monkeypatch):
+    """A member that stops on its node (a client that dies in round 1, ``faults.die``) comes back as far
+    as it got, with its ``"complete": false`` summary, and is one ``error:`` line; the other member is
+    complete and in the table."""
+    monkeypatch.chdir(tmp_path)
+    out = invoke("sweep", "engine.name=plain", *TINY, "faults.die=[[],[[1,0]]]", "--name", "bad", "--parallel", "2")
+    assert out.exit_code == 2, out.output
+    lines = out.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: 1 sweep member(s) failed"), out.output
+    d = tmp_path / "runs" / "bad"
+    assert "die=[[1, 0]]: ActorDeathError: round 1:" in lines[0] and "fedgluon-member-" not in lines[0], lines[0]
+    good, bad = (json.loads((d / m / "summary.json").read_text()) for m in ("die=[]", "die=[[1, 0]]"))
+    assert good["complete"] and not bad["complete"] and bad["stopped"], bad
+    assert "in runs/bad/die=[[1, 0]]/checkpoint.pt" in bad["stopped"] and "fedgluon-member-" not in json.dumps(bad), bad
+    assert pd.read_csv(d / "die=[[1, 0]]" / "metrics.csv")["round"].tolist() == [0]
+    assert len(pd.read_csv(d / "members.csv")) == 1

@@ -217,3 +217,24 @@ def test_a_failed_parallel_member_is_written_and_reported_in_one_line(tmp_path, 
     assert "in runs/bad/die=[[1, 0]]/checkpoint.pt" in bad["stopped"] and "fedgluon-member-" not in json.dumps(bad), bad
     assert pd.read_csv(d / "die=[[1, 0]]" / "metrics.csv")["round"].tolist() == [0]
     assert len(pd.read_csv(d / "members.csv")) == 1
+
+
+def test_a_member_run_elsewhere_comes_back_as_files_the_driver_writes(tmp_path):
+    """What a parallel member's Ray task does, without Ray: the run in a scratch directory (removed
+    afterwards) returned as bytes, written by the driver into a complete run directory with its marker;
+    a file name that would leave the member's directory is refused before anything is written."""
+    from fedgluon.config import load
+    from fedgluon.run_dir import MARKER, is_complete
+    from fedgluon.sweep import run_member, write_member
+
+    cfg = load(None, ["engine.name=plain", *TINY[:-1], "output.name=m"])
+    result = run_member(cfg)
+    assert result["error"] is None and not Path(result["scratch"]).exists()
+    assert {"config.yaml", "metrics.csv", "clients.csv", "summary.json", "model.pt"} <= set(result["files"])
+    assert MARKER not in result["files"]
+    write_member(tmp_path / "m", result["files"], result["scratch"])
+    assert is_complete(tmp_path / "m") and (tmp_path / "m" / MARKER).exists()
+    assert len(pd.read_csv(tmp_path / "m" / "metrics.csv")) == 2
+    with pytest.raises(ValueError, match="files named"):
+        write_member(tmp_path / "evil", {"../outside.txt": b"x", "summary.json": b"{}"})
+    assert not (tmp_path / "outside.txt").exists() and not (tmp_path / "evil").exists()

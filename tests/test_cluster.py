@@ -238,3 +238,27 @@ def test_a_member_run_elsewhere_comes_back_as_files_the_driver_writes(tmp_path):
     with pytest.raises(ValueError, match="files named"):
         write_member(tmp_path / "evil", {"../outside.txt": b"x", "summary.json": b"{}"})
     assert not (tmp_path / "outside.txt").exists() and not (tmp_path / "evil").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_gpu_share_on_a_ray_that_fakes_a_gpu_runs_and_records_the_gpu_ids(tmp_path):
+    """On a Ray told it has one GPU (this machine has none), ``engine.num_gpus=0.5`` passes the check,
+    the client actors get shares of GPU 0 and compute on the CPU (``client_device: auto``), and
+    ``summary.json`` records that; the metrics equal the plain engine's."""
+    import ray
+
+    from fedgluon.config import load
+    from fedgluon.experiment import run
+
+    args = [*TINY[:-1], f"output.dir={tmp_path}", "engine.client_device=auto", "engine.block_size=1"]
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
+    try:
+        out = run(load(None, ["engine.name=ray", "engine.num_gpus=0.5", "output.name=ray", *args]), progress=False)
+    finally:
+        ray.shutdown()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["devices"] == [{"device": "cpu", "ray_gpus": "0"}] and len(summary["nodes"]) == 1
+    plain = run(load(None, ["engine.name=plain", "output.name=plain", *args]), progress=False)
+    a, b = (pd.read_csv(d / "metrics.csv").drop(columns=list(TIMING_COLUMNS)) for d in (out, plain))
+    pd.testing.assert_frame_equal(a, b)

@@ -145,9 +145,12 @@ def _run_parallel(todo, workers: int, address: str | None, sweep_dir: Path, prog
             mname = running.pop(ref)
             try:
                 result = ray.get(ref)
-            except ray.exceptions.RayError as err:
-                result = {"files": {}, "error": f"{type(err).__name__}: {str(err).strip().splitlines()[-1]}"}
-            error = write_member(sweep_dir / mname, result["files"], result.get("scratch"), result["error"])
+            except ray.exceptions.RayError as err:  # the task's worker or node died
+                result = {"files": {}, "error": f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1]}"}
+            try:
+                error = write_member(sweep_dir / mname, result["files"], result.get("scratch"), result["error"])
+            except ValueError as err:
+                error = str(err)
             if error:
                 failures.append(f"{mname}: {error}")
             if progress:

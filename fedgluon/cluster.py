@@ -188,14 +188,10 @@ def this_host() -> dict[str, Any]:
     """Where this process runs: ``hostname``, ``ip`` and, inside a Ray task or driver, the Ray ``node_id``
     (and the IP the cluster knows the node by)."""
     out: dict[str, Any] = {"hostname": socket.gethostname(), "ip": _ip(), "node_id": None}
-    try:
-        import ray
-
-        if ray.is_initialized():
-            out["node_id"] = ray.get_runtime_context().get_node_id()
-            out["ip"] = next((n["ip"] for n in ray_nodes() if n["node_id"] == out["node_id"]), out["ip"])
-    except Exception:  # noqa: BLE001 - no Ray here
-        pass
+    ray = sys.modules.get("ray")  # imported by whoever started or joined Ray; never imported here
+    if ray is not None and ray.is_initialized():
+        out["node_id"] = ray.get_runtime_context().get_node_id()
+        out["ip"] = next((n["ip"] for n in ray_nodes() if n["node_id"] == out["node_id"]), out["ip"])
     return out
 
 

@@ -82,11 +82,11 @@ def two_nodes(tmp_path_factory):
 
 def _wait_for_nodes(address: str, n: int, procs: list[subprocess.Popen], tries: int = 120) -> None:
     """Until the cluster at ``address`` has ``n`` alive nodes (checked from a fresh driver process)."""
-    code = ("import ray; ray.init(address=%r, include_dashboard=False, log_to_driver=False); "
-            "print(sum(1 for x in ray.nodes() if x['Alive']))" % address)
+    code = (f"import ray; ray.init(address={address!r}, include_dashboard=False, log_to_driver=False); "
+            "print(sum(1 for x in ray.nodes() if x['Alive']))")
     for _ in range(tries):
         assert all(p.poll() is None for p in procs), "a ray start process exited"
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
         if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
             return
         time.sleep(1)
@@ -94,8 +94,8 @@ def _wait_for_nodes(address: str, n: int, procs: list[subprocess.Popen], tries: 
 
 
 def _cluster_nodes(address: str) -> set[str]:
-    code = ("import ray; ray.init(address=%r, include_dashboard=False, log_to_driver=False); "
-            "print(' '.join(x['NodeID'] for x in ray.nodes() if x['Alive']))" % address)
+    code = (f"import ray; ray.init(address={address!r}, include_dashboard=False, log_to_driver=False); "
+            "print(' '.join(x['NodeID'] for x in ray.nodes() if x['Alive']))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     return set(out.stdout.split())
 

@@ -140,12 +140,31 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
     every column but the wall times. The run computes with ``cfg.threads`` torch threads, the caller's
     count restored after (fedgluon/threads.py)."""
     out = Path(out_dir) if out_dir is not None else Path(cfg.output.dir) / run_name(cfg)
-    with RunDirLock(out) if resume else prepare_dir(out, cfg.output.overwrite), torch_threads(int(cfg.threads)):
-        return _run_locked(cfg, out, progress, on_round, resume)
+    nodes = _connect(cfg)
+    try:
+        with RunDirLock(out) if resume else prepare_dir(out, cfg.output.overwrite), torch_threads(int(cfg.threads)):
+            return _run_locked(cfg, out, progress, on_round, resume, nodes)
+    finally:
+        if nodes is not None:
+            import ray
+
+            ray.shutdown()  # Flower's engine shuts Ray down when it ends; this covers the runs it never started
+
+
+def _connect(cfg: DictConfig) -> list[dict[str, Any]] | None:
+    """For the Ray engine, Ray started or joined (fedgluon.cluster.connect) before the run directory exists,
+    so a cluster that cannot run the config (a GPU share no node has, a node without fedgluon or the
+    task's data) is refused first; returns the cluster's nodes. None for the other engines."""
+    if cfg.engine.name != "ray":
+        return None
+    from .cluster import connect, data_paths
+
+    share = {"engine.num_cpus": float(cfg.engine.num_cpus), "engine.num_gpus": float(cfg.engine.num_gpus)}
+    return connect(cfg.engine.address, task_share=share, data_paths=data_paths(cfg.task))
 
 
 def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[dict[str, Any]], None] | None,
-                resume: bool) -> Path:
+                resume: bool, nodes: list[dict[str, Any]] | None = None) -> Path:
     """:func:`run` in its locked run directory ``out``."""
     spec = spec_of(cfg)
     snapshot = _resumable(out, spec) if resume else None
@@ -172,8 +191,8 @@ def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[
                 if on_round is not None:
                     on_round(row)
 
-            history, final, clients, state_bytes = _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer,
-                                                  snapshot)
+            history, final, clients, state_bytes, placed = _run_engine(cfg, spec, task, algorithm, evaluate,
+                                                                       round_done, checkpointer, snapshot, nodes)
     except RunStopped as err:
         if err.checkpoint is not None:
             snap = load_checkpoint(err.checkpoint)
@@ -184,7 +203,7 @@ def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[
                 log.warning("could not write the results of the stopped run to %s: %s", out, write_err)
         raise
     _write_results(out, cfg, history, clients, final, time.perf_counter() - t0, resumed_from=start,
-                   state_bytes=state_bytes)
+                   state_bytes=state_bytes, placement=placed)
     remove_checkpoint(out / CHECKPOINT)
     return out
 
@@ -246,7 +265,8 @@ def _clients_held(table: Any) -> int | None:
     return int(commits.shape[0]) if hasattr(commits, "shape") and len(commits.shape) == 1 else None
 
 
-def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, snapshot):
+def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, snapshot, nodes=None):
+    """The run on its engine: history, final parameters, client log, state bytes and :func:`placement`."""
     engine = cfg.engine.name
     if engine == "plain":
         from .driver import run_plain
@@ -256,7 +276,8 @@ def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, 
                         eval_every=spec["eval_every"], on_round=round_done, faults=FaultPlan.from_spec(spec["faults"]),
                         checkpointer=checkpointer, resume=snapshot, block_size=spec["block_size"],
                         workers=cfg.engine.workers, max_failed_rounds=spec["max_failed_rounds"])
-        return res.history, res.server_state["X"], res.client_log, client_state_bytes(res.table)
+        return (res.history, res.server_state["X"], res.client_log, client_state_bytes(res.table),
+                placement(algorithm))
     from .engines import run_inprocess, run_ray
 
     if engine == "inprocess":
@@ -264,12 +285,30 @@ def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, 
     else:
         strategy = run_ray(spec, num_cpus=cfg.engine.num_cpus, num_gpus=cfg.engine.num_gpus, address=cfg.engine.address,
                            on_round=round_done, evaluate=evaluate, checkpointer=checkpointer, resume=snapshot)
-    return strategy.history, strategy.server_state["X"], strategy.client_log, client_state_bytes(strategy.federation.table)
+    return (strategy.history, strategy.server_state["X"], strategy.client_log,
+            client_state_bytes(strategy.federation.table), placement(algorithm, strategy, nodes))
+
+
+def placement(algorithm: Any, strategy: Any = None, nodes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Where the clients of a run computed, for ``summary.json``: ``nodes`` (``hostname``, ``ip`` and Ray
+    ``node_id``) and ``devices`` (``device``, a GPU's ``name``, and on Ray the GPU ids it was given).
+    Without Ray's engine (``strategy`` None) that is this process's host (a Ray node when a parallel
+    sweep runs it as a Ray task) and the client device; on Ray, the nodes whose client actors replied,
+    as the cluster listed them when the run started."""
+    from .cluster import device_info, this_host
+
+    if strategy is None:
+        return {"nodes": [this_host()], "devices": [device_info(str(algorithm.client_device))]}
+    ran = [n for n in nodes or [] if n["node_id"] in strategy.ray_nodes]
+    known = {n["node_id"] for n in ran}
+    ran += [{"node_id": i, "hostname": None, "ip": None} for i in sorted(strategy.ray_nodes - known)]
+    devices = [{"device": d, "ray_gpus": g} for d, g in sorted(strategy.node_devices)]
+    return {"nodes": [{k: n[k] for k in ("hostname", "ip", "node_id")} for n in ran], "devices": devices}
 
 
 def _write_results(out: Path, cfg: DictConfig, history, clients, final, wall: float, *, stopped: str | None = None,
                    resumed_from: int = 0, state_bytes: Mapping[str, float] | None = None,
-                   resumable: bool = True) -> None:
+                   resumable: bool = True, placement: Mapping[str, Any] | None = None) -> None:
     """metrics.csv, clients.csv, model.pt, plots.png and summary.json (``"complete": true`` only when the
     run finished; a stopped run's summary says why and where it stopped, and how to resume it where a
     resume can help)."""
@@ -287,6 +326,8 @@ def _write_results(out: Path, cfg: DictConfig, history, clients, final, wall: fl
     summary["resumed_from_round"] = resumed_from
     if state_bytes is not None:  # what the simulator holds per client at the end (fedgluon.memory)
         summary.update({f"client_state_bytes_{k}": v for k, v in state_bytes.items()})
+    if placement is not None:
+        summary.update(placement)
     if stopped is not None:
         summary.update({"complete": False, "stopped": stopped})
         if resumable:

@@ -11,7 +11,9 @@ run directory is complete are skipped, so an interrupted sweep continues where i
 
 Members run one after another on the configured engine (Flower's Ray engine starts and stops Ray
 for every simulation, so it is never nested inside Ray tasks, FLOWER.md). ``parallel=N`` runs
-members as N parallel Ray tasks on the plain engine instead (on ``engine.address`` if given).
+members as Ray tasks on the plain engine instead, N at a time, on a private local Ray or on the
+cluster at ``engine.address``; each task returns its run directory's files and the driver writes
+them under its own ``output.dir`` (no shared filesystem needed; fedgluon.cluster ships the code).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from omegaconf import OmegaConf
 
 from . import config as configs
 from .experiment import is_complete, run
+from .run_dir import MARKER, prepare_dir
 
 
 def parse_grid(args: Sequence[str]) -> tuple[list[str], dict[str, list[Any]]]:
@@ -75,6 +78,10 @@ def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | No
     """Run every grid member (skipping complete ones) and write the sweep summary; returns the sweep dir."""
     overrides, grid = parse_grid(args)
     base = configs.load(config_path, overrides)
+    if base.engine.address and (parallel or base.engine.name == "ray"):
+        from .cluster import reachable
+
+        reachable(base.engine.address)  # before the sweep directory: a wrong address is one line, not minutes
     sweep_dir = Path(base.output.dir) / (name or f"sweep-{configs.run_name(base)}")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     todo = []
@@ -92,7 +99,7 @@ def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | No
     (sweep_dir / "sweep.json").write_text(json.dumps({"config": str(config_path) if config_path else None,
                                                       "overrides": list(overrides), "grid": grid}, indent=2))
     if parallel and todo:
-        _run_parallel(todo, parallel, base.engine.address)
+        _run_parallel(todo, parallel, base.engine.address, sweep_dir, progress)
     else:
         for i, (mname, cfg) in enumerate(todo):
             if progress:
@@ -106,26 +113,99 @@ def _fmt(v: Any) -> str:
     return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
 
 
-def _run_parallel(todo, workers: int, address: str | None) -> None:
+def _run_parallel(todo, workers: int, address: str | None, sweep_dir: Path, progress: bool = False) -> None:
+    """The members as Ray tasks on the plain engine, at most ``workers`` at a time, on a private local Ray
+    (``workers`` CPUs) or the cluster at ``address``. Each task runs its member in a scratch directory of
+    its node and returns the files (:func:`run_member`); this process writes every member's directory
+    (:func:`write_member`), so nothing depends on a shared filesystem or on the nodes' working
+    directories. Members that fail are written as far as they got and reported together at the end."""
     import ray
 
     threads = max(int(cfg.threads) for _, cfg in todo)  # a member's task holds one CPU per torch thread
-    ray.init(address=address or "local", num_cpus=None if address else workers * threads, include_dashboard=False,
-             ignore_reinit_error=True)
+    from .cluster import connect
+
+    connect(address, num_cpus=workers * threads, log_to_driver=False)  # members' logs: error, summary, clients.csv
 
     @ray.remote(num_cpus=1)
-    def one(cfg_yaml: str) -> str:
+    def one(cfg_yaml: str) -> dict[str, Any]:
         from .allocator import keep_freed_memory
 
         keep_freed_memory()  # a Ray worker that runs sweep members (fedgluon.allocator)
         cfg = OmegaConf.create(cfg_yaml)
         cfg.engine.name = "plain"
-        return str(run(cfg, progress=False))  # with cfg.threads torch threads, as a sequential member
+        return run_member(cfg)
 
+    failures = []
     try:
-        ray.get([one.options(num_cpus=int(cfg.threads)).remote(OmegaConf.to_yaml(cfg)) for _, cfg in todo])
+        queue, running = list(todo), {}
+        while queue or running:
+            while queue and len(running) < workers:
+                mname, cfg = queue.pop(0)
+                running[one.options(num_cpus=int(cfg.threads)).remote(OmegaConf.to_yaml(cfg))] = mname
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            mname = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as err:  # the task's worker or node died
+                result = {"files": {}, "error": f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1]}"}
+            try:
+                error = write_member(sweep_dir / mname, result["files"], result.get("scratch"), result["error"])
+            except ValueError as err:
+                error = str(err)
+            if error:
+                failures.append(f"{mname}: {error}")
+            if progress:
+                print(f"[{len(todo) - len(queue) - len(running)}/{len(todo)}] {mname}"
+                      + (" failed" if result["error"] else ""))
     finally:
         ray.shutdown()
+    if failures:
+        summarise(sweep_dir)
+        raise configs.ConfigError(f"{len(failures)} sweep member(s) failed (their directories hold what they "
+                                  f"wrote; rerun the sweep to retry them): {'; '.join(failures)}")
+
+
+def run_member(cfg: Any) -> dict[str, Any]:
+    """Run one member in a scratch directory of this node and return its run directory as
+    ``{"files": {name: bytes}, "error": None | "one line", "scratch": its path}`` (the scratch directory
+    is removed)."""
+    import shutil
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix="fedgluon-member-"))
+    cfg.output.dir = str(scratch)
+    out, error = scratch / str(cfg.output.name), None
+    try:
+        run(cfg, progress=False)
+    except Exception as err:  # noqa: BLE001 - reported by the driver, with the other members' failures
+        text = str(err).strip()
+        error = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+    try:
+        files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+                 if p.is_file() and p.name != MARKER} if out.is_dir() else {}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"files": files, "error": error, "scratch": str(out)}
+
+
+def write_member(out: Path, files: dict[str, bytes], scratch: str | None = None,
+                 error: str | None = None) -> str | None:
+    """Write a member's run directory from :func:`run_member`'s files: created (or an old one replaced) as
+    any run directory (fedgluon.run_dir.prepare_dir), ``summary.json`` last, so the member is complete
+    only once everything else is on disk. Names that would leave the directory are refused. The node's
+    ``scratch`` path becomes ``out`` in the summary (a stopped run's reason and resume command) and in
+    ``error``, which is returned."""
+    if scratch and "summary.json" in files:
+        files = {**files, "summary.json": files["summary.json"].replace(json.dumps(scratch)[1:-1].encode(),
+                                                                        json.dumps(str(out))[1:-1].encode())}
+    bad = [n for n in files if Path(n).is_absolute() or ".." in Path(n).parts or n == MARKER]
+    if bad:
+        raise ValueError(f"a sweep member returned files named {bad}")
+    with prepare_dir(out, overwrite=True):
+        for name in sorted(files, key=lambda n: n == "summary.json"):
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(files[name])
+    return error.replace(scratch, str(out)) if error and scratch else error
 
 
 def load_members(sweep_dir: str | Path) -> pd.DataFrame:
@@ -139,7 +219,10 @@ def load_members(sweep_dir: str | Path) -> pd.DataFrame:
             continue
         summary = json.loads((d / "summary.json").read_text())
         config = ",".join(value_label(k, v, meta["grid"]) for k, v in values.items() if k != "seed") or "base"
-        rows.append({"member": d.name, **{k: _fmt(v) for k, v in values.items()}, **summary, "config": config})
+        scalars = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
+        where = ";".join(str(n.get("hostname") or n.get("node_id")) for n in summary.get("nodes", []))
+        rows.append({"member": d.name, **{k: _fmt(v) for k, v in values.items()}, **scalars, "nodes": where,
+                     "config": config})
     return pd.DataFrame(rows)
 
 

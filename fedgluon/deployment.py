@@ -180,6 +180,37 @@ class VersionCheckedGrid:
         return replies
 
 
+# ---------------------------------------------------------------------- polling
+PULL_INTERVAL = 0.05  # seconds between the ServerApp's pulls for replies under flwr run (Flower's: 3 s)
+
+
+class PollingGrid:
+    """A deployment Grid whose ``send_and_receive`` pulls the replies every ``interval`` seconds. Flower
+    1.42's grid of a ``flwr run`` ServerApp sleeps 3 s between pulls, up to 3 s added to every round;
+    one pull is one request to the SuperLink (on loopback ~1 ms). Everything else is the wrapped grid's."""
+
+    def __init__(self, grid: Any, interval: float = PULL_INTERVAL):
+        self._grid, self.interval = grid, interval
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
+        """Push ``messages`` and return their replies that arrive within ``timeout`` seconds (None: wait
+        for all), as Flower's ``Grid.send_and_receive``."""
+        waiting = set(self._grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Any] = []
+        while waiting:
+            got = list(self._grid.pull_messages(waiting))
+            replies.extend(got)
+            waiting -= {reply.metadata.reply_to_message_id for reply in got}
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.interval)
+        return replies
+
+
 # ---------------------------------------------------------------------- node count
 class NodeCountError(RuntimeError):
     """The federation has another number of client nodes than the run's blocks."""

@@ -102,7 +102,7 @@ def deployed_run(grid: Grid, context: Context) -> None:
         cfg = deployment.load_config(context.run_config)
         _, _, root, resume, _ = deployment.run_settings(context.run_config)
         out = deployment.run_dir(cfg, root)
-        run(cfg, progress=False, out_dir=out, resume=resume, grid=grid)
+        run(cfg, progress=False, out_dir=out, resume=resume, grid=deployment.PollingGrid(grid))
     except BaseException as err:
         if out is not None:
             deployment.record_failure(out, f"{type(err).__name__}: {err}")

@@ -128,8 +128,8 @@ def record_failure(out: Path, reason: str) -> None:
 @lru_cache(maxsize=1)
 def versions() -> dict[str, str]:
     """This process's fedgluon and flwr versions and a digest of fedgluon's source (``fedgluon``,
-    ``strategies``, ``compressors`` .py files, as imported), so that two checkouts of the same version
-    number with different code are told apart."""
+    ``strategies``, ``compressors`` .py files, as imported, but those ``flwr build`` leaves out of the
+    app bundle), so that two checkouts of the same version number with different code are told apart."""
     from importlib import import_module
     from importlib.metadata import PackageNotFoundError, version
 
@@ -137,6 +137,8 @@ def versions() -> dict[str, str]:
     for package in PACKAGES:
         root = Path(import_module(package).__file__).parent  # type: ignore[arg-type]
         for path in sorted(root.rglob("*.py")):
+            if path.name.startswith("test_") or path.name.endswith("_test.py"):
+                continue  # flwr build leaves these out of the app bundle the SuperNodes run
             digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     try:
         fedgluon_version = version("fedgluon")

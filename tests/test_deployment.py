@@ -162,6 +162,14 @@ def test_version_mismatch_fails_the_handshake(tiny: Path):
         deployment.check_versions(replies[0], other)
 
 
+def test_polling_grid_returns_the_replies_of_send_and_receive(tiny: Path):
+    grid = _grid(2, {"spec-file": str(tiny)})
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="query", group_id="hello") for n in grid.get_node_ids()]
+    replies = deployment.PollingGrid(grid, interval=0.001).send_and_receive(msgs, timeout=30)
+    assert sorted(r.metadata.src_node_id for r in replies) == sorted(grid.get_node_ids())
+    assert all(not r.has_error() and "hello" in r.content.metric_records for r in replies)
+
+
 # ---------------------------------------------------------------------- a real SuperLink and SuperNodes
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]

@@ -241,9 +241,9 @@ def _end_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-@pytest.fixture
-def loopback(tmp_path: Path):
-    dep = Deployment(tmp_path / "flwr-home", nodes=2)
+@pytest.fixture(scope="module")
+def loopback(tmp_path_factory: pytest.TempPathFactory):
+    dep = Deployment(tmp_path_factory.mktemp("loopback") / "flwr-home", nodes=2)
     try:
         dep.wait_connected(2)
         yield dep
@@ -263,3 +263,16 @@ def test_flwr_run_on_superlink_and_supernodes_equals_inprocess(loopback: Deploym
         got, want = pd.read_csv(out / name), pd.read_csv(ref / name)
         timing = [c for c in TIMING if c in got]
         pd.testing.assert_frame_equal(got.drop(columns=timing), want.drop(columns=timing))  # bitwise
+
+
+@pytest.mark.slow
+def test_flwr_run_with_too_few_supernodes_says_so_in_the_summary(loopback: Deployment, tiny: Path, tmp_path: Path):
+    """6 clients in blocks of 2 need 3 SuperNodes; 2 are up. flwr run exits 0 (Flower's code), the summary
+    says complete: false and names both numbers."""
+    done = loopback.flwr_run(f"spec-file='{tiny}' output-root='{tmp_path}' "
+                             f"overrides='task.num_clients=6 node_timeout=2'")
+    assert done.returncode == 0, done.stdout.decode(errors="replace")[-3000:]
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    assert summary["complete"] is False
+    assert "the run needs 3 client nodes (ceil(task.num_clients=6 / engine.block_size=2))" in summary["stopped"]
+    assert "; 2 connected within node_timeout=2 s" in summary["stopped"]

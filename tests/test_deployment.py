@@ -149,6 +149,28 @@ def test_deployed_run_writes_the_run_directory(tiny: Path, tmp_path: Path):
                                   pd.read_csv(ref / "metrics.csv").drop(columns=list(TIMING)))
 
 
+def test_resume_run_config_continues_a_stopped_run(tiny: Path, tmp_path: Path):
+    """A run stopped after round 1 (here: in-process, by an error after its checkpoint) continues under
+    the deployment with run config resume=true, to the metrics of an uninterrupted run."""
+    rc = {"spec-file": str(tiny), "overrides": "output.checkpoint_every=1", "output-root": str(tmp_path)}
+    out = tmp_path / "runs" / "tiny"
+
+    def stop_after_round_1(row):
+        if row["round"] == 1:
+            raise RuntimeError("stopped for the test")
+
+    with pytest.raises(RuntimeError, match="stopped for the test"):
+        run(load(tiny, ["output.checkpoint_every=1", "engine.name=inprocess"]), progress=False, out_dir=out,
+            on_round=stop_after_round_1)
+    assert (out / "checkpoint.pt").exists()
+    deployed_run(_grid(2, {**rc, "resume": True}), _context({**rc, "resume": True}))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is True and summary["resumed_from_round"] >= 1
+    ref = run(load(tiny, ["engine.name=inprocess", f"output.dir={tmp_path / 'ip'}"]), progress=False)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv").drop(columns=list(TIMING)),
+                                  pd.read_csv(ref / "metrics.csv").drop(columns=list(TIMING)))
+
+
 def test_version_mismatch_fails_the_handshake(tiny: Path):
     rc = {"spec-file": str(tiny)}
     grid = _grid(2, rc)

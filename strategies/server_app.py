@@ -95,6 +95,7 @@ def deployed_run(grid: Grid, context: Context) -> None:
     run directory's summary.json (when the directory can be named) before the error propagates to
     Flower, which marks the run failed."""
     from fedgluon import deployment
+    from fedgluon.config import ConfigError
     from fedgluon.experiment import run
 
     out = None
@@ -104,9 +105,11 @@ def deployed_run(grid: Grid, context: Context) -> None:
         out = deployment.run_dir(cfg, root)
         run(cfg, progress=False, out_dir=out, resume=resume, grid=deployment.PollingGrid(grid))
     except BaseException as err:
+        if isinstance(err, ConfigError) and "--overwrite" in str(err):  # fedgluon run's flag; flwr run's key
+            err = ConfigError(str(err).replace("--overwrite", "--run-config overwrite=true"))
         if out is not None:
             deployment.record_failure(out, f"{type(err).__name__}: {err}")
-        raise
+        raise err from None
 
 
 app = make_server_app()

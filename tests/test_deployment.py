@@ -149,6 +149,16 @@ def test_deployed_run_writes_the_run_directory(tiny: Path, tmp_path: Path):
                                   pd.read_csv(ref / "metrics.csv").drop(columns=list(TIMING)))
 
 
+def test_an_existing_run_directory_is_refused_with_the_run_config_key(tiny: Path, tmp_path: Path):
+    rc = {"spec-file": str(tiny), "overrides": "rounds=1", "output-root": str(tmp_path)}
+    deployed_run(_grid(2, rc), _context(rc))
+    with pytest.raises(ConfigError, match=r"holds a complete run; pass --run-config overwrite=true to replace it"):
+        deployed_run(_grid(2, rc), _context(rc))
+    assert json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())["complete"] is True  # untouched
+    rc["overwrite"] = True
+    deployed_run(_grid(2, rc), _context(rc))
+
+
 def test_resume_run_config_continues_a_stopped_run(tiny: Path, tmp_path: Path):
     """A run stopped after round 1 (here: in-process, by an error after its checkpoint) continues under
     the deployment with run config resume=true, to the metrics of an uninterrupted run."""

@@ -26,7 +26,6 @@ import json
 import os
 from collections.abc import Mapping
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -41,22 +40,13 @@ from .gc_pause import freeze_worker, gc_paused, mark_worker_process
 from .threads import torch_threads
 from .trace import phase
 
-APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (project) directory
-
-
-def app_path(value: str) -> Path:
-    """A path from the run config, relative paths resolved against the app directory (Flower's
-    runtimes do not run apps in it)."""
-    path = Path(value)
-    return path if path.is_absolute() else APP_DIR / path
-
 
 def spec_from_context(context: Context) -> dict[str, Any]:
-    """The run spec for ``flwr run``: a YAML/JSON file named by run config ``spec-file``."""
-    from omegaconf import OmegaConf
+    """The run spec for ``flwr run``: the ``fedgluon run`` config named by the run config (``spec-file``,
+    ``overrides``; fedgluon/deployment.py), read and validated once per process and config."""
+    from .deployment import spec_of_run_config
 
-    path = app_path(str(context.run_config.get("spec-file", "experiments/quickstart.yaml")))
-    return specs.normalise(OmegaConf.to_container(OmegaConf.load(path), resolve=True))  # type: ignore[arg-type]
+    return spec_of_run_config(context.run_config)
 
 
 def _ray_task() -> dict[str, str]:
@@ -135,9 +125,12 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
         with torch_threads(int(s["threads"])):  # the task is built as in every engine (fedgluon.threads)
             task, _ = specs.build_cached(s)
         clients = _clients_of(context, s, task.num_clients)
+        from .deployment import versions
+
         content = RecordDict({"hello": MetricRecord({
             "block": int(context.node_config["partition-id"]), "clients": clients,
-            "num_samples": [task.objectives[j].num_samples for j in clients]})})
+            "num_samples": [task.objectives[j].num_samples for j in clients]}),
+            "versions": ConfigRecord(versions())})  # checked by the server (fedgluon.deployment.check_versions)
         return Message(content, reply_to=msg)
 
     @app.train()

@@ -123,8 +123,10 @@ def run_key(spec: Mapping[str, Any]) -> str:
 
 
 def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = None,
-        on_round: Callable[[dict[str, Any]], None] | None = None, resume: bool = False) -> Path:
+        on_round: Callable[[dict[str, Any]], None] | None = None, resume: bool = False, grid: Any = None) -> Path:
     """Run ``cfg`` on its engine and write the run directory (module docstring); returns its path.
+    ``grid``: a Flower deployment's Grid (the ServerApp of ``flwr run``, fedgluon/deployment.py), which is
+    then the engine instead of ``engine.name``.
 
     The directory is created with its :data:`MARKER` (or, with ``output.overwrite``, an existing
     fedgluon run directory is emptied, see :func:`prepare_dir`) and stays locked until the run ends,
@@ -143,7 +145,7 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
     nodes = _connect(cfg)
     try:
         with RunDirLock(out) if resume else prepare_dir(out, cfg.output.overwrite), torch_threads(int(cfg.threads)):
-            return _run_locked(cfg, out, progress, on_round, resume, nodes)
+            return _run_locked(cfg, out, progress, on_round, resume, nodes, grid)
     finally:
         if nodes is not None:
             import ray
@@ -164,7 +166,7 @@ def _connect(cfg: DictConfig) -> list[dict[str, Any]] | None:
 
 
 def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[dict[str, Any]], None] | None,
-                resume: bool, nodes: list[dict[str, Any]] | None = None) -> Path:
+                resume: bool, nodes: list[dict[str, Any]] | None = None, grid: Any = None) -> Path:
     """:func:`run` in its locked run directory ``out``."""
     spec = spec_of(cfg)
     snapshot = _resumable(out, spec) if resume else None
@@ -192,18 +194,18 @@ def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[
                     on_round(row)
 
             history, final, clients, state_bytes, placed = _run_engine(cfg, spec, task, algorithm, evaluate,
-                                                                       round_done, checkpointer, snapshot, nodes)
+                                                                       round_done, checkpointer, snapshot, nodes, grid)
     except RunStopped as err:
         if err.checkpoint is not None:
             snap = load_checkpoint(err.checkpoint)
             try:
                 _write_results(out, cfg, snap.history, snap.client_log, None, time.perf_counter() - t0,
-                               stopped=str(err), resumed_from=start, resumable=resumable(err))
+                               stopped=str(err), resumed_from=start, resumable=resumable(err), deployed=grid is not None)
             except OSError as write_err:  # e.g. the full disk that stopped a save; the checkpoint is intact
                 log.warning("could not write the results of the stopped run to %s: %s", out, write_err)
         raise
     _write_results(out, cfg, history, clients, final, time.perf_counter() - t0, resumed_from=start,
-                   state_bytes=state_bytes, placement=placed)
+                   state_bytes=state_bytes, placement=placed, deployed=grid is not None)
     remove_checkpoint(out / CHECKPOINT)
     return out
 
@@ -265,9 +267,10 @@ def _clients_held(table: Any) -> int | None:
     return int(commits.shape[0]) if hasattr(commits, "shape") and len(commits.shape) == 1 else None
 
 
-def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, snapshot, nodes=None):
-    """The run on its engine: history, final parameters, client log, state bytes and :func:`placement`."""
-    engine = cfg.engine.name
+def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, snapshot, nodes=None, grid=None):
+    """The run on its engine (``grid``: a Flower deployment's): history, final parameters, client log, state
+    bytes and :func:`placement`."""
+    engine = "deployment" if grid is not None else cfg.engine.name
     if engine == "plain":
         from .driver import run_plain
 
@@ -280,7 +283,11 @@ def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, 
                 placement(algorithm))
     from .engines import run_inprocess, run_ray
 
-    if engine == "inprocess":
+    if engine == "deployment":  # flwr run: this ServerApp's grid (fedgluon/deployment.py)
+        from strategies.server_app import serve
+
+        strategy = serve(grid, spec, round_done, evaluate, checkpointer, snapshot)
+    elif engine == "inprocess":
         strategy = run_inprocess(spec, round_done, evaluate, checkpointer, snapshot)
     else:
         strategy = run_ray(spec, num_cpus=cfg.engine.num_cpus, num_gpus=cfg.engine.num_gpus, address=cfg.engine.address,
@@ -308,7 +315,7 @@ def placement(algorithm: Any, strategy: Any = None, nodes: list[dict[str, Any]] 
 
 def _write_results(out: Path, cfg: DictConfig, history, clients, final, wall: float, *, stopped: str | None = None,
                    resumed_from: int = 0, state_bytes: Mapping[str, float] | None = None,
-                   resumable: bool = True, placement: Mapping[str, Any] | None = None) -> None:
+                   resumable: bool = True, placement: Mapping[str, Any] | None = None, deployed: bool = False) -> None:
     """metrics.csv, clients.csv, model.pt, plots.png and summary.json (``"complete": true`` only when the
     run finished; a stopped run's summary says why and where it stopped, and how to resume it where a
     resume can help)."""
@@ -324,6 +331,8 @@ def _write_results(out: Path, cfg: DictConfig, history, clients, final, wall: fl
                  bits_label=f"uplink bits per client ({cfg.network.bits} convention)")
     summary = summarise(frame, cfg, wall)
     summary["resumed_from_round"] = resumed_from
+    if deployed:
+        summary["engine"] = "flower-deployment"
     if state_bytes is not None:  # what the simulator holds per client at the end (fedgluon.memory)
         summary.update({f"client_state_bytes_{k}": v for k, v in state_bytes.items()})
     if placement is not None:
@@ -331,7 +340,8 @@ def _write_results(out: Path, cfg: DictConfig, history, clients, final, wall: fl
     if stopped is not None:
         summary.update({"complete": False, "stopped": stopped})
         if resumable:
-            summary["resume"] = f"fedgluon run --resume {out}"
+            summary["resume"] = "flwr run ... --run-config resume=true (same config)" if deployed else \
+                f"fedgluon run --resume {out}"
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 

@@ -21,10 +21,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,6 +33,9 @@ from .data import partition as partitions
 from .data.synthetic import leaf_synthetic
 from .models import MLP, SmallCNN, TinyGPT
 from .objective import SupervisedObjective
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 Tensors = dict[str, Tensor]
 
@@ -74,9 +76,17 @@ class Task:
     test_targets: Tensor
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
     language_model: bool = False
-    partition_summary: pd.DataFrame = field(default_factory=pd.DataFrame)
+    summary_rows: list[dict[str, Any]] = field(default_factory=list)  # one per client: see partition_summary
     eval_batch: int = 2048
     predict: Callable[[Tensor], Tensor] = argmax_prediction
+
+    @property
+    def partition_summary(self) -> pd.DataFrame:
+        """One row per client (its size, and its label histogram or its play and role), as a DataFrame built
+        on access: a Flower ClientApp process builds the task for every message and never needs pandas."""
+        import pandas as pd
+
+        return pd.DataFrame(self.summary_rows)
 
     @property
     def num_clients(self) -> int:
@@ -128,7 +138,7 @@ def _classification(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: 
     loss_fn, predict = LOSSES[loss]
     return Task(model.to(torch_dtype), _objectives(model, xt, yt, parts, batch_size, large_batch_size, loss_fn),
                 torch.tensor(x_te, dtype=torch_dtype), torch.tensor(y_te, dtype=torch.long), loss_fn=loss_fn,
-                partition_summary=partitions.summary(parts, y_tr), predict=predict)
+                summary_rows=partitions.summary_rows(parts, y_tr), predict=predict)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -168,8 +178,8 @@ def _synthetic(num_clients: int = 10, alpha: float = 1.0, beta: float = 1.0, dim
                                               large_batch_size=large_batch_size))
         test_x.append(x[cut:])
         test_y.append(y[cut:])
-    sizes = pd.DataFrame({"client": range(num_clients), "size": [o.num_samples for o in objectives]})
-    return Task(model, objectives, torch.cat(test_x), torch.cat(test_y), partition_summary=sizes)
+    sizes = [{"client": j, "size": o.num_samples} for j, o in enumerate(objectives)]
+    return Task(model, objectives, torch.cat(test_x), torch.cat(test_y), summary_rows=sizes)
 
 
 def _sklearn(name: str, default_hidden: tuple[int, ...]):
@@ -253,11 +263,10 @@ def _shakespeare(plays: tuple[str, ...] | None = None, context: int = 64, min_ch
         objectives.append(SupervisedObjective(model, torch.from_numpy(x), torch.from_numpy(y), batch_size=batch_size,
                                               large_batch_size=large_batch_size, loss_fn=lm_loss))
     vx, vy = shk.windows(corpus.encode(corpus.validation), context)
-    summary = pd.DataFrame({"client": range(len(roles)), "play": [r[0] for r in roles], "role": [r[1] for r in roles],
-                            "size": [o.num_samples for o in objectives],
-                            "chars": [len(corpus.train[r]) for r in roles]})
+    summary = [{"client": j, "play": r[0], "role": r[1], "size": o.num_samples, "chars": len(corpus.train[r])}
+               for j, (r, o) in enumerate(zip(roles, objectives))]
     return Task(model, objectives, torch.from_numpy(vx), torch.from_numpy(vy), loss_fn=lm_loss, language_model=True,
-                partition_summary=summary, eval_batch=256)
+                summary_rows=summary, eval_batch=256)
 
 
 TASKS: dict[str, Callable[..., Task]] = {

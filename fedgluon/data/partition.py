@@ -11,8 +11,12 @@ and covers every sample exactly once.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SCHEMES = ("iid", "dirichlet", "shards", "natural")
 
@@ -59,12 +63,19 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str = "iid", *, seed
     raise ValueError(f"partition must be one of {list(SCHEMES)}, got {scheme!r}")
 
 
-def summary(parts: list[np.ndarray], labels: np.ndarray) -> pd.DataFrame:
-    """One row per client: its size and label histogram (columns ``label_<c>``)."""
+def summary_rows(parts: list[np.ndarray], labels: np.ndarray) -> list[dict[str, int]]:
+    """One row per client: its size and label histogram (keys ``label_<c>``)."""
     labels = np.asarray(labels)
     classes = np.unique(labels)
     rows = []
     for j, idx in enumerate(parts):
         counts = {f"label_{c}": int((labels[idx] == c).sum()) for c in classes}
         rows.append({"client": j, "size": len(idx), **counts})
-    return pd.DataFrame(rows)
+    return rows
+
+
+def summary(parts: list[np.ndarray], labels: np.ndarray) -> pd.DataFrame:
+    """:func:`summary_rows` as a DataFrame."""
+    import pandas as pd
+
+    return pd.DataFrame(summary_rows(parts, labels))

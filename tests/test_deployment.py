@@ -1,0 +1,312 @@
+"""The Flower deployment (fedgluon/deployment.py, strategies/server_app.py ``deployed_run``).
+
+Fast tests drive the real ServerApp and ClientApp over fedgluon's in-process grid; the slow test starts a
+real SuperLink and two SuperNodes on free loopback ports, runs ``flwr run`` and compares the run
+directory with the in-process engine's. Every process it starts runs in its own process group, which the
+fixture's finaliser ends by that process's id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from flwr import __version__ as flwr_version
+from flwr.app import Context, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedgluon import config as configs
+from fedgluon import deployment
+from fedgluon import spec as specs
+from fedgluon.client_app import make_client_app
+from fedgluon.config import ConfigError, load
+from fedgluon.engines import InProcessGrid
+from fedgluon.experiment import run
+from strategies.server_app import deployed_run, serve
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = """\
+task: {name: synthetic, num_clients: 4, dim: 20, classes: 4, hidden: [16], batch_size: 16}
+algorithm: {name: gluon-ef21-sarah, lr: 0.05, compressor: {name: topk, ratio: 0.1}}
+rounds: 3
+seed: 0
+engine: {block_size: 2}
+output: {dir: runs, name: tiny}
+"""
+TIMING = ("wall_time", "server_time")
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches():
+    """Each test reads its config and builds its task anew (the caches are per process)."""
+    deployment._load.cache_clear()
+    deployment._spec.cache_clear()
+    specs._CACHE.clear()
+    yield
+    deployment._load.cache_clear()
+    deployment._spec.cache_clear()
+
+
+def _grid(nodes: int, run_config: dict) -> InProcessGrid:
+    """The in-process grid over the run-config ClientApp (``flwr run``'s: spec from the run config)."""
+    grid = InProcessGrid(make_client_app(), nodes, run_config=run_config)
+    # Flower's Message constructor reads the process's task identity; its runtimes set it like this
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
+    return grid
+
+
+def _context(run_config: dict) -> Context:
+    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+
+
+def test_relative_output_dir_needs_an_absolute_root(tiny: Path, tmp_path: Path):
+    cfg = load(tiny)
+    with pytest.raises(ConfigError, match="output.dir 'runs' is relative.*output-root"):
+        deployment.run_dir(cfg, "")
+    with pytest.raises(ConfigError, match="output-root 'rel' is not an absolute"):
+        deployment.run_dir(cfg, "rel")
+    assert deployment.run_dir(cfg, str(tmp_path)) == tmp_path / "runs" / "tiny"
+    absolute = load(tiny, [f"output.dir={tmp_path / 'abs'}"])
+    assert deployment.run_dir(absolute, "") == tmp_path / "abs" / "tiny"
+
+
+def test_run_config_takes_fedgluon_run_keys(tiny: Path):
+    """The spec file holds a `fedgluon run` config: engine.*, output.*, network.* are accepted."""
+    rc = {"spec-file": str(tiny), "overrides": "engine.name=ray engine.num_cpus=2 network.bits=coo64 rounds=2"}
+    spec = deployment.spec_of_run_config(rc)
+    assert spec["block_size"] == 2 and spec["rounds"] == 2
+    with pytest.raises(ConfigError, match="unknown config key 'block_size'"):
+        deployment.spec_of_run_config({"spec-file": str(tiny), "overrides": "block_size=2"})
+
+
+def test_task_and_config_are_built_once_per_process(tiny: Path, monkeypatch: pytest.MonkeyPatch):
+    """The ClientApp reads its spec from the run config for every message; the config is read and the task
+    built once per process (here the server's and both nodes' handlers share this process)."""
+    calls = {"build": 0, "load": 0}
+    real_build, real_load = specs.build, configs.load
+
+    def build(spec):
+        calls["build"] += 1
+        return real_build(spec)
+
+    def counted_load(*args, **kwargs):
+        calls["load"] += 1
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(specs, "build", build)
+    monkeypatch.setattr(configs, "load", counted_load)
+    rc = {"spec-file": str(tiny)}
+    grid = _grid(2, rc)
+    strategy = serve(grid, deployment.spec_of_run_config(rc))
+    assert len(strategy.history) == 3  # 2 handshakes and 6 train messages
+    assert calls == {"build": 1, "load": 1}
+
+
+def test_failed_serverapp_leaves_complete_false_with_the_reason(tiny: Path, tmp_path: Path):
+    """One node for a run of two blocks: the node-count error names both numbers, and the run directory's
+    summary says complete: false and why."""
+    rc = {"spec-file": str(tiny), "overrides": "node_timeout=0.5", "output-root": str(tmp_path)}
+    grid = _grid(1, rc)
+    with pytest.raises(deployment.NodeCountError, match=r"needs 2 client nodes .*num_clients=4 / "
+                                                        r"engine.block_size=2.*; 1 connected"):
+        deployed_run(grid, _context(rc))
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    assert summary["complete"] is False
+    assert "NodeCountError: the run needs 2 client nodes" in summary["stopped"]
+
+
+def test_more_nodes_than_blocks_is_refused(tiny: Path):
+    rc = {"spec-file": str(tiny)}
+    grid = _grid(3, rc)
+    with pytest.raises(deployment.NodeCountError, match="needs 2 client nodes.*; 3 connected"):
+        serve(grid, deployment.spec_of_run_config(rc))
+
+
+def test_deployed_run_writes_the_run_directory(tiny: Path, tmp_path: Path):
+    rc = {"spec-file": str(tiny), "output-root": str(tmp_path / "d")}
+    deployed_run(_grid(2, rc), _context(rc))
+    out = tmp_path / "d" / "runs" / "tiny"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is True and summary["engine"] == "flower-deployment"
+    assert {"metrics.csv", "clients.csv", "model.pt", "plots.png", "config.yaml"} <= {p.name for p in out.iterdir()}
+    ref = run(load(tiny, ["engine.name=inprocess", f"output.dir={tmp_path / 'ip'}"]), progress=False)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv").drop(columns=list(TIMING)),
+                                  pd.read_csv(ref / "metrics.csv").drop(columns=list(TIMING)))
+
+
+def test_an_existing_run_directory_is_refused_with_the_run_config_key(tiny: Path, tmp_path: Path):
+    rc = {"spec-file": str(tiny), "overrides": "rounds=1", "output-root": str(tmp_path)}
+    deployed_run(_grid(2, rc), _context(rc))
+    with pytest.raises(ConfigError, match=r"holds a complete run; pass --run-config overwrite=true to replace it"):
+        deployed_run(_grid(2, rc), _context(rc))
+    assert json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())["complete"] is True  # untouched
+    rc["overwrite"] = True
+    deployed_run(_grid(2, rc), _context(rc))
+
+
+def test_resume_run_config_continues_a_stopped_run(tiny: Path, tmp_path: Path):
+    """A run stopped after round 1 (here: in-process, by an error after its checkpoint) continues under
+    the deployment with run config resume=true, to the metrics of an uninterrupted run."""
+    rc = {"spec-file": str(tiny), "overrides": "output.checkpoint_every=1", "output-root": str(tmp_path)}
+    out = tmp_path / "runs" / "tiny"
+
+    def stop_after_round_1(row):
+        if row["round"] == 1:
+            raise RuntimeError("stopped for the test")
+
+    with pytest.raises(RuntimeError, match="stopped for the test"):
+        run(load(tiny, ["output.checkpoint_every=1", "engine.name=inprocess"]), progress=False, out_dir=out,
+            on_round=stop_after_round_1)
+    assert (out / "checkpoint.pt").exists()
+    deployed_run(_grid(2, {**rc, "resume": True}), _context({**rc, "resume": True}))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is True and summary["resumed_from_round"] >= 1
+    ref = run(load(tiny, ["engine.name=inprocess", f"output.dir={tmp_path / 'ip'}"]), progress=False)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv").drop(columns=list(TIMING)),
+                                  pd.read_csv(ref / "metrics.csv").drop(columns=list(TIMING)))
+
+
+def test_version_mismatch_fails_the_handshake(tiny: Path):
+    rc = {"spec-file": str(tiny)}
+    grid = _grid(2, rc)
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="query", group_id="hello") for n in grid.get_node_ids()]
+    replies = list(grid.send_and_receive(msgs))
+    for reply in replies:
+        deployment.check_versions(reply, deployment.versions())  # same process: same versions
+    other = {**deployment.versions(), "flwr": "0.0.1"}
+    with pytest.raises(deployment.VersionMismatch, match=rf"runs fedgluon .*flwr {re.escape(flwr_version)}; "
+                                                         r"the ServerApp runs .*flwr 0\.0\.1"):
+        deployment.check_versions(replies[0], other)
+
+
+def test_polling_grid_returns_the_replies_of_send_and_receive(tiny: Path):
+    grid = _grid(2, {"spec-file": str(tiny)})
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="query", group_id="hello") for n in grid.get_node_ids()]
+    replies = deployment.PollingGrid(grid, interval=0.001).send_and_receive(msgs, timeout=30)
+    assert sorted(r.metadata.src_node_id for r in replies) == sorted(grid.get_node_ids())
+    assert all(not r.has_error() and "hello" in r.content.metric_records for r in replies)
+
+
+# ---------------------------------------------------------------------- a real SuperLink and SuperNodes
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+class Deployment:
+    """A SuperLink and ``nodes`` SuperNodes on loopback, each started in its own process group (so the
+    SuperExec and app processes they start end with them); ``stop`` ends each group by its leader's PID."""
+
+    def __init__(self, home: Path, nodes: int):
+        self.home, self.procs = home, []
+        home.mkdir(parents=True)
+        self.env = {**os.environ, "FLWR_HOME": str(home), "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0",
+                    "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        link, health, *node_ports = _free_ports(2 + nodes)
+        self.address = f"127.0.0.1:{link}"
+        self._start("superlink", _bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+                    "--host", "127.0.0.1", "--port", str(link), "--health-server-address", f"127.0.0.1:{health}")
+        for i, port in enumerate(node_ports):
+            self._start(f"node{i}", _bin("flower-supernode"), "--insecure", "--superlink", self.address,
+                        "--node-config", f"partition-id={i}", "--host", "127.0.0.1", "--port", str(port))
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "loop"\n\n[superlink.loop]\n'
+                                          f'address = "{self.address}"\ninsecure = true\n')
+
+    def _start(self, name: str, *cmd: str) -> None:
+        log = open(self.home / f"{name}.log", "wb")
+        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                           start_new_session=True))
+        log.close()
+
+    def wait_connected(self, nodes: int, timeout: float = 240.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            up = sum(b"SuperNode ID" in (self.home / f"node{i}.log").read_bytes() for i in range(nodes))
+            if up == nodes:
+                return
+            time.sleep(1.0)
+        raise TimeoutError(f"SuperNodes did not connect within {timeout} s; logs in {self.home}")
+
+    def flwr_run(self, run_config: str, timeout: float = 600.0) -> subprocess.CompletedProcess:
+        return subprocess.run([_bin("flwr"), "run", str(ROOT), "loop", "--stream", "--run-config", run_config],
+                              env=self.env, cwd=ROOT, capture_output=True, timeout=timeout, start_new_session=True)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            _end_group(proc, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                _end_group(proc, signal.SIGKILL)
+                proc.wait(timeout=15)
+
+
+def _end_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the group this test created for the process: its PID is the group id
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def loopback(tmp_path_factory: pytest.TempPathFactory):
+    dep = Deployment(tmp_path_factory.mktemp("loopback") / "flwr-home", nodes=2)
+    try:
+        dep.wait_connected(2)
+        yield dep
+    finally:
+        dep.stop()
+
+
+@pytest.mark.slow
+def test_flwr_run_on_superlink_and_supernodes_equals_inprocess(loopback: Deployment, tiny: Path, tmp_path: Path):
+    done = loopback.flwr_run(f"spec-file='{tiny}' output-root='{tmp_path / 'flwr'}'")
+    out = tmp_path / "flwr" / "runs" / "tiny"
+    assert done.returncode == 0, done.stdout.decode(errors="replace")[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is True and summary["engine"] == "flower-deployment"
+    ref = run(load(tiny, ["engine.name=inprocess", f"output.dir={tmp_path / 'ip'}"]), progress=False)
+    for name in ("metrics.csv", "clients.csv"):
+        got, want = pd.read_csv(out / name), pd.read_csv(ref / name)
+        timing = [c for c in TIMING if c in got]
+        pd.testing.assert_frame_equal(got.drop(columns=timing), want.drop(columns=timing))  # bitwise
+
+
+@pytest.mark.slow
+def test_flwr_run_with_too_few_supernodes_says_so_in_the_summary(loopback: Deployment, tiny: Path, tmp_path: Path):
+    """6 clients in blocks of 2 need 3 SuperNodes; 2 are up. flwr run exits 0 (Flower's code), the summary
+    says complete: false and names both numbers."""
+    done = loopback.flwr_run(f"spec-file='{tiny}' output-root='{tmp_path}' "
+                             f"overrides='task.num_clients=6 node_timeout=2'")
+    assert done.returncode == 0, done.stdout.decode(errors="replace")[-3000:]
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    assert summary["complete"] is False
+    assert "the run needs 3 client nodes (ceil(task.num_clients=6 / engine.block_size=2))" in summary["stopped"]
+    assert "; 2 connected within node_timeout=2 s" in summary["stopped"]

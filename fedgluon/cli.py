@@ -162,7 +162,8 @@ def tune(config: str | None, args: tuple[str, ...], algorithms: tuple[str, ...],
     """Tune each algorithm over the grid in ARGS (e.g. "algorithm.lr=[0.01,0.03,0.1]") on Ray Tune and print
     the best; writes <output.dir>/<name>/ (tuned.csv, best.json, <algorithm>/best.yaml; fedgluon/tuning.py)."""
     from fedgluon.config import ConfigError
-    from fedgluon.tuning import TuneIncomplete, resume, tune as run_tune
+    from fedgluon.tuning import TuneIncomplete, resume
+    from fedgluon.tuning import tune as run_tune
 
     if config is not None and "=" in config and not Path(config).exists():
         args, config = (config, *args), None

@@ -14,7 +14,8 @@ The tune directory ``<output.dir>/<name>/`` holds:
 | path | content |
 | --- | --- |
 | ``tune.json`` | the request: config, overrides, grid, algorithms, metric, search, scheduler, resources |
-| ``tuned.csv`` | one row per trial: algorithm, config, grid values, ``rounds`` run, ``complete``, the metrics at its last round, ``client_rounds``, ``best``, ``run_dir`` |
+| ``tuned.csv`` | one row per trial: algorithm, config, grid values, ``rounds`` run, ``complete``, the |
+| | metrics at its last round, ``client_rounds``, ``status``, ``best``, ``run_dir`` |
 | ``best.json`` | per algorithm: the best config, its metric and its trials |
 | ``<algorithm>/best.yaml`` | the best trial's full config (``fedgluon run`` it to reproduce the trial) |
 | ``<algorithm>/runs/<member>/`` | every trial's run directory (an early-stopped one is incomplete) |
@@ -79,6 +80,8 @@ def tune(config_path: str | Path | None, args: Sequence[str], algorithms: Sequen
     overrides, grid = parse_grid(args)
     base = configs.load(config_path, overrides)
     labels = algorithm_labels(algorithms, base)
+    if _is_local(storage_path):
+        storage_path = str(Path(str(storage_path)).resolve())
     request = {"config": str(Path(config_path).resolve()) if config_path else None, "overrides": list(overrides),
                "grid": grid, "algorithms": [a for a in algorithms] or [None], "labels": labels, "metric": metric,
                "mode": mode, "search": search, "samples": samples, "scheduler": scheduler,
@@ -118,9 +121,7 @@ def algorithm_labels(algorithms: Sequence[str | dict[str, Any]], base: Any) -> l
 def check_request(request: Mapping[str, Any], base: Any) -> None:
     """One-line :class:`ConfigError` for an option out of range, and for an algorithm or grid point whose
     config is invalid (each is loaded once, as a trial would)."""
-    def bad(what: str) -> configs.ConfigError:
-        return configs.ConfigError(what)
-
+    bad = configs.ConfigError
     if request["metric"] not in METRICS:
         raise bad(f"--metric must be one of {list(METRICS)}, got {request['metric']!r}")
     if request["mode"] not in ("min", "max"):
@@ -145,9 +146,12 @@ def check_request(request: Mapping[str, Any], base: Any) -> None:
         raise bad(f"--grace-period must be in [1, rounds={int(base.rounds)}], got {grace}")
     if not request["reduction_factor"] > 1:
         raise bad(f"--reduction-factor must be > 1, got {request['reduction_factor']}")
-    for alg in request["algorithms"]:
-        for values in _grid_points(request["grid"]):
-            trial_config(request, alg, values, Path("."))
+    grid = request["grid"]
+    first = {k: v[0] for k, v in grid.items()}
+    for alg in request["algorithms"]:  # every value of every axis, the other axes at their first value
+        for key, values in grid.items() or [(None, [None])]:
+            for value in values:
+                trial_config(request, alg, {**first, **({key: value} if key else {})}, Path("."))
 
 
 def _grid_points(grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
@@ -237,8 +241,7 @@ def _tune_one(tune_dir: Path, request: Mapping[str, Any], label: str, alg: str |
     trainable = tune.with_resources(
         tune.with_parameters(_trial, request=dict(request), algorithm=alg, runs_dir=str(runs_dir)),
         {"cpu": float(request["cpus_per_trial"]), "gpu": float(request["gpus_per_trial"])})
-    storage = str(Path(request["storage_path"]).resolve()) if _is_local(request["storage_path"]) else \
-        request["storage_path"] or str(tune_dir)
+    storage = request["storage_path"] or str(tune_dir)
     experiment = f"{storage.rstrip('/')}/{label}"
     total = _trial_count(request)
     reporter = TrialProgress(label, total, request["metric"], progress)
@@ -246,7 +249,7 @@ def _tune_one(tune_dir: Path, request: Mapping[str, Any], label: str, alg: str |
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=_param_space(request))
         reporter.done = sum(1 for t in tune.ExperimentAnalysis(experiment).trials if t.status == "TERMINATED")
-        tuner._local_tuner.get_run_config().callbacks = [reporter]  # noqa: SLF001 (restore takes no RunConfig)
+        tuner._local_tuner.get_run_config().callbacks = [reporter]  # Tuner.restore takes no RunConfig
     else:
         tuner = tune.Tuner(trainable, param_space=_param_space(request),
                            tune_config=_tune_config(request), run_config=_run_config(request, storage, label,

@@ -23,7 +23,7 @@ def invoke(*args):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_asha_stops_the_worse_half_and_the_best_config_reproduces(tmp_path, monkeypatch):
+def test_asha_stops_trials_behind_the_median_and_the_best_config_reproduces(tmp_path, monkeypatch):
     """Trials one at a time: at round 1 each trial is compared with the median of the earlier ones
     (reduction factor 2), so 0.2 (better than 0.05) goes on, the two small radii stop there, and the best
     config reruns bitwise."""
@@ -101,7 +101,7 @@ def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path):
     assert 1 <= len(finished) < 4 and "UNFINISHED" in set(tuned["status"])
     stamps = {r: (d / r / "summary.json").stat().st_mtime_ns for r in finished["run_dir"]}
     again = subprocess.run([sys.executable, "-m", "fedgluon.cli", "tune", "--resume", str(d)], cwd=tmp_path,
-                           env=env, capture_output=True, text=True, timeout=300)
+                           env=env, capture_output=True, text=True, timeout=300, check=False)
     assert again.returncode == 0, again.stdout + again.stderr
     lines = [ln for ln in again.stdout.splitlines() if ln.startswith("[")]
     assert len(lines) == 4 - len(finished) and lines[-1].startswith("[4/4]"), again.stdout

@@ -7,7 +7,9 @@ for every algorithm: the whole grid (``search="grid"``) or ``samples`` random po
 ``cpus_per_trial``/``gpus_per_trial`` and reports, after every round, the summary fields a run would
 write if it stopped there (:data:`METRICS`, plus ``round`` and ``client_rounds``, the client steps so
 far), so the ASHA scheduler (``scheduler="asha"``, over ``round``) stops poor trials early; ``"fifo"``
-runs every trial to the end. The last round is reported only once the run directory is complete.
+runs every trial to the end. The last round is reported only once the run directory is complete. A run
+that stops itself (a NaN/Inf from too large a radius, rounds without a reply) ends its trial
+incomplete, with the reason in ``stopped``; any other exception fails the trial.
 
 The tune directory ``<output.dir>/<name>/`` holds:
 
@@ -15,7 +17,7 @@ The tune directory ``<output.dir>/<name>/`` holds:
 | --- | --- |
 | ``tune.json`` | the request: config, overrides, grid, algorithms, metric, search, scheduler, resources |
 | ``tuned.csv`` | one row per trial: algorithm, config, grid values, ``rounds`` run, ``complete``, the |
-| | metrics at its last round, ``client_rounds``, ``status``, ``best``, ``run_dir`` |
+| | metrics at its last round, ``client_rounds``, ``status``, ``stopped``, ``best``, ``run_dir`` |
 | ``best.json`` | per algorithm: the best config, its metric and its trials |
 | ``<algorithm>/best.yaml`` | the best trial's full config (``fedgluon run`` it to reproduce the trial) |
 | ``<algorithm>/runs/<member>/`` | every trial's run directory (an early-stopped one is incomplete) |
@@ -320,6 +322,7 @@ def _trial(params: dict[str, Any], *, request: dict[str, Any], algorithm: Any, r
     import torch
     from ray import tune
 
+    from .checkpoint import RunStopped
     from .experiment import add_derived_columns, run, summarise
 
     values = dict(params.get("values", {}))
@@ -335,7 +338,13 @@ def _trial(params: dict[str, Any], *, request: dict[str, Any], algorithm: Any, r
             summary = summarise(add_derived_columns(pd.DataFrame(history), cfg), cfg, time.perf_counter() - t0)
             tune.report(_report(summary, len(history), clients[0]))
 
-    out = run(cfg, progress=False, on_round=report_row)
+    try:
+        out = run(cfg, progress=False, on_round=report_row)
+    except RunStopped as err:  # a radius that diverges (NaN/Inf), clients that never reply: ends incomplete
+        path = Path(runs_dir) / str(cfg.output.name) / "summary.json"
+        summary = json.loads(path.read_text()) if path.exists() else {}
+        tune.report({**_report(summary, len(history), clients[0]), "stopped": str(err).splitlines()[0][:300]})
+        return
     summary = json.loads((out / "summary.json").read_text())
     tune.report(_report(summary, len(history), clients[0]))
 
@@ -359,7 +368,8 @@ def _row(request: Mapping[str, Any], label: str, alg: Any, result: Any, tune_dir
             "rounds": rounds, "complete": rounds == int(cfg.rounds) and result.error is None,
             "client_rounds": int(metrics.get("client_rounds", 0) or 0),
             **{m: metrics.get(m, math.nan) for m in METRICS},
-            "status": "ERROR" if result.error is not None else "TERMINATED", "best": False,
+            "status": "ERROR" if result.error is not None else "TERMINATED", "stopped": metrics.get("stopped", ""),
+            "best": False,
             "run_dir": str(run_dir.relative_to(tune_dir))}
 
 

@@ -163,9 +163,10 @@ def _grid_points(grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
 
 
 def trial_config(request: Mapping[str, Any], algorithm: str | dict[str, Any] | None, values: Mapping[str, Any],
-                 runs_dir: Path) -> Any:
+                 runs_dir: Path, trial_id: str = "") -> Any:
     """The config a trial runs: the request's config and overrides, the algorithm, then the trial's grid
-    ``values``; on the plain engine, written to ``runs_dir/<member name>``."""
+    ``values``; on the plain engine, written to ``runs_dir/<member name>`` (``-<trial id>`` appended in a
+    random search, which may draw a point twice)."""
     extra = [] if algorithm is None else (
         [f"algorithm.name={algorithm}"] if not isinstance(algorithm, dict) else [])
     replace = {"algorithm": algorithm} if isinstance(algorithm, dict) else {}
@@ -175,6 +176,8 @@ def trial_config(request: Mapping[str, Any], algorithm: str | dict[str, Any] | N
     cfg.engine.name = "plain"
     cfg.output.dir = str(runs_dir)
     cfg.output.name = member_name(dict(values), request["grid"])
+    if request["search"] == "random":
+        cfg.output.name += f"-{trial_id}"
     return cfg
 
 
@@ -326,7 +329,7 @@ def _trial(params: dict[str, Any], *, request: dict[str, Any], algorithm: Any, r
     from .experiment import add_derived_columns, run, summarise
 
     values = dict(params.get("values", {}))
-    cfg = trial_config(request, algorithm, values, Path(runs_dir))
+    cfg = trial_config(request, algorithm, values, Path(runs_dir), tune.get_context().get_trial_id())
     cfg.output.overwrite = True  # a leftover of an interrupted trial: its directory holds fedgluon's marker
     torch.set_num_threads(int(cfg.threads))
     rounds, history, clients, t0 = int(cfg.rounds), [], [0], time.perf_counter()
@@ -359,11 +362,12 @@ def _row(request: Mapping[str, Any], label: str, alg: Any, result: Any, tune_dir
     values = dict((result.config or {}).get("values", {}))
     grid = request["grid"]
     metrics = result.metrics or {}
-    cfg = trial_config(request, alg, values, tune_dir / label / "runs")
+    trial_id = metrics.get("trial_id") or _trial_id(result.path)
+    cfg = trial_config(request, alg, values, tune_dir / label / "runs", trial_id)
     run_dir = Path(cfg.output.dir) / cfg.output.name
     config = member_name({k: v for k, v in values.items() if k != "seed"}, grid)
     rounds = int(metrics.get("round", 0) or 0)
-    return {"algorithm": label, "trial_id": metrics.get("trial_id") or _trial_id(result.path),
+    return {"algorithm": label, "trial_id": trial_id,
             "config": config, **{k: _fmt(v) for k, v in values.items()}, "seed": int(cfg.seed),
             "rounds": rounds, "complete": rounds == int(cfg.rounds) and result.error is None,
             "client_rounds": int(metrics.get("client_rounds", 0) or 0),

@@ -77,6 +77,23 @@ def test_each_algorithm_is_tuned_apart_and_a_diverging_radius_is_no_failure(tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_random_search_draws_points_of_the_grid_each_in_its_own_run(tmp_path, monkeypatch):
+    """Three draws from two values: a point is drawn twice, runs in two directories, and measures the same."""
+    monkeypatch.chdir(tmp_path)
+    out = invoke("tune", *FAST, "algorithm.name=gluon", "algorithm.lr=[0.05,0.2]", "--search", "random",
+                 "--samples", "3", "--scheduler", "fifo", "--quiet")
+    assert out.exit_code == 0, out.output
+    tuned = pd.read_csv(tmp_path / "runs" / "tune" / "tuned.csv")
+    assert len(tuned) == 3 and tuned["run_dir"].nunique() == 3 and tuned["complete"].all()
+    assert set(tuned["algorithm.lr"]) <= {0.05, 0.2}
+    twice = tuned[tuned.duplicated("algorithm.lr", keep=False)]
+    assert len(twice) >= 2 and twice["final_test_loss"].nunique() == 1
+    assert tuned.loc[tuned["best"], "algorithm.lr"].unique().tolist() == [
+        tuned.loc[tuned["final_test_loss"].idxmin(), "algorithm.lr"]]
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path):
     """Ctrl-C after the first finished trial: Ray Tune saves its state, the CLI exits 1 naming --resume;

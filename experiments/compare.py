@@ -40,7 +40,7 @@ def main() -> None:
             # an algorithm tuned in several directories (dense and compressed, say) is labelled by directory
             label = alg if names.count(alg) == 1 else f"{alg}@{tune_dir.name}"
             runs[label] = [pd.read_csv(tune_dir / r / "metrics.csv") for r in chosen["run_dir"]]
-            lrs[label] = chosen["config"].iloc[0].split(",")[0]
+            lrs[label] = str(chosen["config"].iloc[0]).split(",")[0].split("=")[-1]
             model = torch.load(tune_dir / chosen["run_dir"].iloc[0] / "model.pt", weights_only=True)
             model_bits = 32 * sum(t.numel() for t in model.values())
     finals = {a: sum(m["test_loss"].dropna().iloc[-1] for m in ms) / len(ms) for a, ms in runs.items()}

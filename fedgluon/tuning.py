@@ -224,10 +224,12 @@ def _tune_all(tune_dir: Path, request: Mapping[str, Any], progress: bool, verbos
         if resume and done.exists():
             frames.append(pd.read_csv(done))
             continue
-        frame, failed = _tune_one(tune_dir, request, label, alg, progress, verbose, resume)
+        frame, failed, interrupted = _tune_one(tune_dir, request, label, alg, progress, verbose, resume)
         frames.append(frame)
         if failed:
             failures.append(f"{label}: {failed}")
+            if interrupted:  # Ctrl-C: the next algorithms wait for --resume too
+                break
             continue
         frame.to_csv(done, index=False)
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -238,8 +240,9 @@ def _tune_all(tune_dir: Path, request: Mapping[str, Any], progress: bool, verbos
 
 
 def _tune_one(tune_dir: Path, request: Mapping[str, Any], label: str, alg: str | dict[str, Any] | None,
-              progress: bool, verbose: bool, resume: bool) -> tuple[pd.DataFrame, str | None]:
-    """Run (or restore and continue) one algorithm's Tuner; returns its trial rows and what did not finish."""
+              progress: bool, verbose: bool, resume: bool) -> tuple[pd.DataFrame, str | None, bool]:
+    """Run (or restore and continue) one algorithm's Tuner; returns its trial rows, what did not finish,
+    and whether the Tuner was interrupted (trials left unfinished, by Ctrl-C)."""
     from ray import tune
 
     runs_dir = tune_dir / label / "runs"
@@ -272,7 +275,7 @@ def _tune_one(tune_dir: Path, request: Mapping[str, Any], label: str, alg: str |
         failed.append(f"{unfinished + total - len(rows)} of {total} trials unfinished")
     frame = pd.DataFrame(rows).sort_values("trial_id", kind="stable").reset_index(drop=True) if rows else \
         pd.DataFrame()
-    return frame, "; ".join(failed) or None
+    return frame, "; ".join(failed) or None, unfinished + total - len(rows) > 0
 
 
 def _is_local(storage: str | None) -> bool:

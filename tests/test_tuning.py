@@ -96,11 +96,12 @@ def test_random_search_draws_points_of_the_grid_each_in_its_own_run(tmp_path, mo
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path):
-    """Ctrl-C after the first finished trial: Ray Tune saves its state, the CLI exits 1 naming --resume;
-    --resume runs the unfinished trials only (the finished trials' run directories are not written again)."""
+    """Ctrl-C after the first finished trial: Ray Tune saves its state, the second algorithm does not start,
+    and the CLI exits 1 naming --resume; --resume runs the unfinished trials only (the finished trials' run
+    directories are not written again), then the second algorithm."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    args = [sys.executable, "-m", "fedgluon.cli", "tune", *FAST, "algorithm.name=gluon", "algorithm.lr=[0.2,0.05,0.01]",
-            "--name", "res", "--scheduler", "fifo", "--parallel", "1"]
+    args = [sys.executable, "-m", "fedgluon.cli", "tune", *FAST, "algorithm.lr=[0.2,0.05,0.01]", "--name", "res",
+            "--scheduler", "fifo", "--parallel", "1", "--algorithm", "gluon", "--algorithm", "gluon-ef21"]
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
@@ -118,18 +119,19 @@ def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path):
             proc.wait()
         proc.stdout.close()
     d = tmp_path / "runs" / "res"
-    assert f"fedgluon tune --resume {d}" in output
+    assert f"fedgluon tune --resume {d}" in output and not (d / "gluon-ef21").exists()
     tuned = pd.read_csv(d / "tuned.csv")
     finished = tuned[tuned["status"] == "TERMINATED"]
-    assert 1 <= len(finished) < 3 and "UNFINISHED" in set(tuned["status"])
+    assert 1 <= len(finished) < 3 and set(tuned["status"]) <= {"TERMINATED", "UNFINISHED"}
     stamps = {r: (d / r / "summary.json").stat().st_mtime_ns for r in finished["run_dir"]}
     again = subprocess.run([sys.executable, "-m", "fedgluon.cli", "tune", "--resume", str(d)], cwd=tmp_path,
                            env=env, capture_output=True, text=True, timeout=300, check=False)
     assert again.returncode == 0, again.stdout + again.stderr
-    lines = [ln for ln in again.stdout.splitlines() if ln.startswith("[")]
-    assert len(lines) == 3 - len(finished) and lines[-1].startswith("[3/3]"), again.stdout
+    lines = [ln.split(" lr=")[0] for ln in again.stdout.splitlines() if ln.startswith("[")]
+    assert lines == [f"[{i}/3] gluon" for i in range(len(finished) + 1, 4)] + [
+        f"[{i}/3] gluon-ef21" for i in range(1, 4)], again.stdout
     tuned = pd.read_csv(d / "tuned.csv")
-    assert list(tuned["status"]) == ["TERMINATED"] * 3 and tuned["complete"].all()
+    assert list(tuned["status"]) == ["TERMINATED"] * 6 and tuned["complete"].all()
     assert {r: (d / r / "summary.json").stat().st_mtime_ns for r in stamps} == stamps
     assert json.loads((d / "best.json").read_text())["algorithms"]["gluon"]["config"] == "lr=0.2"
 

@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import os
-import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -329,35 +328,61 @@ def _trial(params: dict[str, Any], *, request: dict[str, Any], algorithm: Any, r
     from ray import tune
 
     from .checkpoint import RunStopped
-    from .experiment import add_derived_columns, run, summarise
+    from .experiment import run
 
     values = dict(params.get("values", {}))
     cfg = trial_config(request, algorithm, values, Path(runs_dir), tune.get_context().get_trial_id())
     cfg.output.overwrite = True  # a leftover of an interrupted trial: its directory holds fedgluon's marker
     torch.set_num_threads(int(cfg.threads))
-    rounds, history, clients, t0 = int(cfg.rounds), [], [0], time.perf_counter()
+    so_far = RunningSummary(cfg)
 
     def report_row(row: dict[str, Any]) -> None:
-        history.append(row)
-        clients[0] += int(row.get("participants", 0))
-        if len(history) < rounds:
-            summary = summarise(add_derived_columns(pd.DataFrame(history), cfg), cfg, time.perf_counter() - t0)
-            tune.report(_report(summary, len(history), clients[0]))
+        metrics = so_far.add(row)
+        if so_far.rounds < int(cfg.rounds):
+            tune.report(metrics)
 
     try:
         out = run(cfg, progress=False, on_round=report_row)
     except RunStopped as err:  # a radius that diverges (NaN/Inf), clients that never reply: ends incomplete
         path = Path(runs_dir) / str(cfg.output.name) / "summary.json"
         summary = json.loads(path.read_text()) if path.exists() else {}
-        tune.report({**_report(summary, len(history), clients[0]), "stopped": str(err).splitlines()[0][:300]})
+        tune.report({**so_far.report(summary), "stopped": str(err).splitlines()[0][:300]})
         return
-    summary = json.loads((out / "summary.json").read_text())
-    tune.report(_report(summary, len(history), clients[0]))
+    tune.report(so_far.report(json.loads((out / "summary.json").read_text())))
 
 
-def _report(summary: Mapping[str, Any], rounds: int, client_rounds: int) -> dict[str, Any]:
-    return {"round": rounds, "client_rounds": client_rounds,
-            **{m: math.nan if summary.get(m) is None else float(summary[m]) for m in METRICS}}
+class RunningSummary:
+    """The :data:`METRICS` of a run so far, round by round at a constant cost per round: what its
+    ``summary.json`` would hold if it stopped after the last row added (fedgluon.experiment.summarise
+    and add_derived_columns, without rebuilding the whole table every round)."""
+
+    def __init__(self, cfg: Any):
+        self.net, self.values = cfg.network, {}
+        self.rounds = self.client_rounds = 0
+
+    def add(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """Take one round's metrics row; returns the report for the rounds so far."""
+        self.rounds += 1
+        self.client_rounds += int(row.get("participants", 0))
+        c, net = self.net.bits, self.net
+        per_client_down = row[f"down_{c}_total"] / max(row["receivers"], 1)
+        sim_round = (2 * net.latency_ms / 1e3 + row[f"up_{c}_max"] / (net.uplink_mbps * 1e6)
+                     + per_client_down / (net.downlink_mbps * 1e6))
+        self.values["uplink_bits_per_client"] = self.values.get("uplink_bits_per_client", 0) + row[f"up_{c}_mean"]
+        self.values["sim_time"] = self.values.get("sim_time", 0) + sim_round
+        for col, best in (("test_loss", min), ("test_accuracy", max), ("grad_dual_norm", None)):
+            v = row.get(col)
+            if v is None or math.isnan(v):
+                continue
+            self.values[f"final_{col}"] = float(v)
+            if best is not None:
+                self.values[f"best_{col}"] = best(self.values.get(f"best_{col}", v), float(v))
+        return self.report(self.values)
+
+    def report(self, summary: Mapping[str, Any]) -> dict[str, Any]:
+        """``summary``'s :data:`METRICS` (NaN where not measured), with ``round`` and ``client_rounds``."""
+        return {"round": self.rounds, "client_rounds": self.client_rounds,
+                **{m: math.nan if summary.get(m) is None else float(summary[m]) for m in METRICS}}
 
 
 def _row(request: Mapping[str, Any], label: str, alg: Any, result: Any, tune_dir: Path) -> dict[str, Any]:

@@ -173,3 +173,30 @@ def test_best_config_is_the_best_mean_over_seeds_of_complete_trials():
     best = best_configs(table, "final_test_loss", "min")
     assert list(best["best"]) == [False, False, True, True, False, False]
     assert list(best_configs(table, "final_test_loss", "max")["best"]) == [True, True, False, False, False, False]
+
+
+def test_running_summary_equals_the_summary_of_the_rounds_so_far(tmp_path):
+    """What a trial reports after each round is what summary.json would hold had the run stopped there."""
+    import math
+
+    from fedgluon.config import load
+    from fedgluon.experiment import add_derived_columns, run, summarise
+    from fedgluon.tuning import RunningSummary
+
+    cfg = load(None, [*FAST, "rounds=5", "eval_every=2", "grad_norm_every=2", "network.bits=values",
+                      f"output.dir={tmp_path}"])
+    rows, reports = [], []
+    running = RunningSummary(cfg)
+
+    def on_round(row):
+        rows.append(dict(row))
+        reports.append(running.add(row))
+
+    run(cfg, progress=False, on_round=on_round)
+    for k, report in enumerate(reports):
+        summary = summarise(add_derived_columns(pd.DataFrame(rows[:k + 1]), cfg), cfg, 0.0)
+        assert report["round"] == k + 1 and report["client_rounds"] == 4 * (k + 1)
+        for m in METRICS:
+            want = math.nan if summary[m] is None else summary[m]
+            assert report[m] == want or (math.isnan(report[m]) and math.isnan(want)), (k, m, report[m], want)
+    assert math.isnan(reports[0]["final_test_loss"]) and not math.isnan(reports[1]["final_test_loss"])

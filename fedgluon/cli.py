@@ -178,9 +178,9 @@ def tune(config: str | None, args: tuple[str, ...], algorithms: tuple[str, ...],
             algs = [OmegaConf.to_container(OmegaConf.create(a)) if a.strip().startswith("{") else a.strip()
                     for a in algorithms]
             out = run_tune(config, args, algs, metric=metric, mode=mode, name=name, search=search, samples=samples,
-                             scheduler=scheduler, grace_period=grace_period, reduction_factor=reduction_factor,
-                             cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, parallel=parallel,
-                             storage_path=storage_path, progress=not quiet, verbose=verbose)
+                           scheduler=scheduler, grace_period=grace_period, reduction_factor=reduction_factor,
+                           cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, parallel=parallel,
+                           storage_path=storage_path, progress=not quiet, verbose=verbose)
     except ConfigError as err:
         _fail(err)
         return

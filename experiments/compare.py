@@ -1,8 +1,8 @@
 """Compare tuned methods of a `fedgluon tune` directory at a common target.
 
-For each method's best configuration (tuned.csv) and each seed: the cumulative uplink bits per
-client at the first evaluation whose test loss is within ``--slack`` (default 5%) of the best
-method's final test loss, averaged over seeds (also divided by the model size in fp32 bits, the
+For each method's best configuration (the ``best`` trials of tuned.csv, one per seed) and each seed:
+the cumulative uplink bits per client at the first evaluation whose test loss is within ``--slack``
+(default 5%) of the best method's final test loss, averaged over seeds (also divided by the model size in fp32 bits, the
 EF21-Muon paper's normalisation, and the downlink bits per client to the same point);
 savings = 1 − uplink bits / uplink bits of ``--baseline``. int32 bit convention. Also the test
 accuracy at equal uplink bits: the last evaluation within the smallest whole-run uplink budget per
@@ -32,17 +32,16 @@ def main() -> None:
     args = ap.parse_args()
     runs, lrs, model_bits = {}, {}, 0
     tables = {d: pd.read_csv(d / "tuned.csv") for d in args.tune_dirs}
-    names = [a for t in tables.values() for a in t["algorithm"]]
+    names = [a for t in tables.values() for a in t.loc[t["best"], "algorithm"].unique()]
     for tune_dir, tuned in tables.items():
-        for _, row in tuned.iterrows():
-            sweep_dir = tune_dir / row["algorithm"]
-            members = pd.read_csv(sweep_dir / "members.csv")
-            chosen = members[members["config"].astype(str) == row["best_config"]]
+        best = tuned[tuned["best"]]
+        for alg in best["algorithm"].unique():
+            chosen = best[best["algorithm"] == alg]  # the best config's trials, one per seed
             # an algorithm tuned in several directories (dense and compressed, say) is labelled by directory
-            label = row["algorithm"] if names.count(row["algorithm"]) == 1 else f"{row['algorithm']}@{tune_dir.name}"
-            runs[label] = [pd.read_csv(sweep_dir / m / "metrics.csv") for m in chosen["member"]]
-            lrs[label] = row["best_config"].split(",")[0]
-            model = torch.load(sweep_dir / chosen["member"].iloc[0] / "model.pt", weights_only=True)
+            label = alg if names.count(alg) == 1 else f"{alg}@{tune_dir.name}"
+            runs[label] = [pd.read_csv(tune_dir / r / "metrics.csv") for r in chosen["run_dir"]]
+            lrs[label] = str(chosen["config"].iloc[0]).split(",")[0].split("=")[-1]
+            model = torch.load(tune_dir / chosen["run_dir"].iloc[0] / "model.pt", weights_only=True)
             model_bits = 32 * sum(t.numel() for t in model.values())
     finals = {a: sum(m["test_loss"].dropna().iloc[-1] for m in ms) / len(ms) for a, ms in runs.items()}
     target = min(finals.values()) * (1 + args.slack)

@@ -10,20 +10,20 @@ cd "$(dirname "$0")/.."
 TOPK="compressor: {name: topk, ratio: 0.1}"
 COSINE="schedule: warmup_cosine, warmup: 0"
 fedgluon tune experiments/fmnist_cnn.yaml "algorithm.lr=[0.1,0.3,1.0]" rounds=40 algorithm.total=40 \
-  --name fmnist/dense --metric final_test_accuracy --mode max --parallel 2 --quiet \
+  --name fmnist/dense --metric final_test_accuracy --mode max --parallel 2 --quiet --scheduler fifo \
   --algorithm "{name: gluon, beta: 0.9, $COSINE}"
 fedgluon tune experiments/fmnist_cnn.yaml "algorithm.local_lr=[0.03,0.1,0.3]" rounds=40 \
-  --name fmnist/dense-fedavg --metric final_test_accuracy --mode max --parallel 2 --quiet \
+  --name fmnist/dense-fedavg --metric final_test_accuracy --mode max --parallel 2 --quiet --scheduler fifo \
   --algorithm "{name: fedavg, local_steps: 5}"
 fedgluon tune experiments/fmnist_cnn.yaml "algorithm.lr=[0.001,0.003,0.01]" rounds=40 algorithm.total=40 \
-  --name fmnist/dense-adamw --metric final_test_accuracy --mode max --parallel 2 --quiet \
+  --name fmnist/dense-adamw --metric final_test_accuracy --mode max --parallel 2 --quiet --scheduler fifo \
   --algorithm "{name: adamw, $COSINE}"
 fedgluon tune experiments/fmnist_cnn.yaml "algorithm.lr=[0.1,0.3,1.0]" rounds=200 algorithm.total=200 \
-  --name fmnist/compressed --metric final_test_accuracy --mode max --parallel 2 --quiet \
+  --name fmnist/compressed --metric final_test_accuracy --mode max --parallel 2 --quiet --scheduler fifo \
   --algorithm "{name: gluon-ef21, beta: 0.9, $TOPK, $COSINE}" \
   --algorithm "{name: gluon-ef21-mvr, beta: 0.9, $TOPK, $COSINE}"
 fedgluon tune experiments/fmnist_cnn.yaml "algorithm.lr=[0.003,0.01,0.03]" rounds=200 algorithm.total=200 \
-  --name fmnist/compressed-adamw --metric final_test_accuracy --mode max --parallel 2 --quiet \
+  --name fmnist/compressed-adamw --metric final_test_accuracy --mode max --parallel 2 --quiet --scheduler fifo \
   --algorithm "{name: adamw, $TOPK, $COSINE}"
 python experiments/compare.py runs/fmnist/dense runs/fmnist/dense-fedavg runs/fmnist/dense-adamw runs/fmnist/compressed \
   runs/fmnist/compressed-adamw --baseline adamw@dense-adamw --slack 0.1 --plot runs/fmnist/accuracy.png

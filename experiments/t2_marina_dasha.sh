@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-10000}
 RANDK="{name: randk_seeded, ratio: 0.01, min_k: 10, values: fp64}"
 fedgluon tune experiments/t2_marina_dasha.yaml "algorithm.adaptive.L0=[1.0,2.0,4.0]" rounds="$ROUNDS" \
-  --name t2 --metric final_grad_dual_norm --parallel 2 --quiet \
+  --name t2 --metric final_grad_dual_norm --parallel 2 --quiet --scheduler fifo \
   --algorithm "{name: gluon-marina, values: fp64, adaptive: {L0: 2.0, L1: 0.0}, refresh_prob: 0.3333, compressor: $RANDK}" \
   --algorithm "{name: gluon-dasha-mvr, values: fp64, adaptive: {L0: 2.0, L1: 0.0}, compressor: $RANDK}"
 python experiments/t2_report.py runs/t2

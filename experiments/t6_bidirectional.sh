@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fedgluon tune experiments/t3_digits.yaml task.num_clients=4 "algorithm.lr=[0.3,1.0,3.0]" algorithm.schedule=polynomial \
-  algorithm.power=0.5 "seed=[0,1]" --name t6 --metric final_test_loss --parallel 2 --quiet \
+  algorithm.power=0.5 "seed=[0,1]" --name t6 --metric final_test_loss --parallel 2 --quiet --scheduler fifo \
   --algorithm "{name: gluon, beta: 0.9}" \
   --algorithm "{name: ef21-muon-bidir, beta: 0.9, compressor: {name: topk, ratio: 0.1}, downlink: {name: topk, ratio: 0.1}}" \
   --algorithm "{name: ef21-muon-bidir, beta: 0.9, compressor: {name: topk, ratio: 0.05}, downlink: {name: topk, ratio: 0.1}}" \

@@ -150,34 +150,73 @@ def sweep(config: str | None, args: tuple[str, ...], name: str | None, parallel:
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.argument("args", nargs=-1)
-@click.option("--algorithm", "algorithms", multiple=True, required=True,
-              help="an algorithm name, or a YAML mapping of the whole algorithm section; repeat for several")
+@click.option("--algorithm", "algorithms", multiple=True,
+              help="an algorithm name, or a YAML mapping of the whole algorithm section; repeat for several "
+                   "(default: the config's algorithm)")
 @click.option("--metric", default="final_test_loss", show_default=True)
 @click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True)
-@click.option("--name", default="tune", show_default=True)
-@click.option("--parallel", default=0, type=int)
-@click.option("--engine", type=click.Choice(ENGINE_CHOICES), help="override engine.name of every run")
-@click.option("--quiet", is_flag=True)
+@click.option("--name", default="tune", show_default=True, help="tune directory under output.dir")
+@click.option("--search", type=click.Choice(["grid", "random"]), default="grid", show_default=True,
+              help="every grid point, or --samples random points of the grid")
+@click.option("--samples", type=int, default=None, help="trials per algorithm with --search random [default: 10]")
+@click.option("--scheduler", type=click.Choice(["asha", "fifo"]), default="asha", show_default=True,
+              help="ASHA stops poor trials early (over rounds); fifo runs every trial to the end")
+@click.option("--grace-period", type=int, default=None,
+              help="ASHA: rounds before a trial can be stopped [default: eval_every]")
+@click.option("--reduction-factor", type=float, default=3.0, show_default=True, help="ASHA: keep 1/N at each rung")
+@click.option("--cpus-per-trial", type=float, default=1.0, show_default=True)
+@click.option("--gpus-per-trial", type=float, default=0.0, show_default=True)
+@click.option("--parallel", default=0, type=int, help="trials at once (0: as many as the CPUs allow)")
+@click.option("--storage-path", default=None,
+              help="Ray Tune's experiment storage (default: the tune directory); on several nodes a path all of "
+                   "them reach (NFS, s3://...)")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
+              help="continue the interrupted tune in this directory (no CONFIG, ARGS or other options)")
+@click.option("--quiet", is_flag=True, help="no line per finished trial")
+@click.option("--verbose", is_flag=True, help="Ray Tune's own progress tables and the trials' logs")
 def tune(config: str | None, args: tuple[str, ...], algorithms: tuple[str, ...], metric: str, mode: str, name: str,
-         parallel: int, engine: str | None, quiet: bool) -> None:
-    """Tune each algorithm over the grid in ARGS (e.g. "algorithm.lr=[0.01,0.03,0.1]") and print the best."""
+         search: str, samples: int | None, scheduler: str, grace_period: int | None, reduction_factor: float,
+         cpus_per_trial: float, gpus_per_trial: float, parallel: int, storage_path: str | None,
+         resume_dir: str | None, quiet: bool, verbose: bool) -> None:
+    """Tune each algorithm over the grid in ARGS (e.g. "algorithm.lr=[0.01,0.03,0.1]") on Ray Tune and print
+    the best; writes <output.dir>/<name>/ (tuned.csv, best.json, <algorithm>/best.yaml; fedgluon/tuning.py)."""
     from fedgluon.config import ConfigError
-    from fedgluon.sweep import tune as run_tune
+    from fedgluon.tuning import TuneIncomplete, resume
+    from fedgluon.tuning import tune as run_tune
 
     if config is not None and "=" in config and not Path(config).exists():
         args, config = (config, *args), None
-    args = _with_engine(args, engine)
     try:
-        from omegaconf import OmegaConf
+        if resume_dir is not None:
+            if config is not None or args or algorithms:
+                raise ConfigError("--resume continues the tune as it was asked; pass no CONFIG, ARGS or --algorithm")
+            out = resume(resume_dir, progress=not quiet, verbose=verbose)
+        else:
+            from omegaconf import OmegaConf
 
-        algs = [OmegaConf.to_container(OmegaConf.create(a)) if a.strip().startswith("{") else a.strip()
-                for a in algorithms]
-        best = run_tune(config, args, algs, metric=metric, mode=mode, name=name, progress=not quiet,
-                        parallel=parallel)
+            algs = [OmegaConf.to_container(OmegaConf.create(a)) if a.strip().startswith("{") else a.strip()
+                    for a in algorithms]
+            out = run_tune(config, args, algs, metric=metric, mode=mode, name=name, search=search, samples=samples,
+                           scheduler=scheduler, grace_period=grace_period, reduction_factor=reduction_factor,
+                           cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, parallel=parallel,
+                           storage_path=storage_path, progress=not quiet, verbose=verbose)
     except ConfigError as err:
         _fail(err)
         return
-    click.echo(best.to_string(index=False))
+    except TuneIncomplete as err:
+        click.echo(f"error: the tune did not finish ({err}); resume with: fedgluon tune --resume {err.tune_dir}",
+                   err=True)
+        sys.exit(1)
+    import pandas as pd
+
+    metric = json.loads((out / "tune.json").read_text())["metric"]
+    table = pd.read_csv(out / "tuned.csv")
+    click.echo(f"\n{out}")
+    click.echo(table[table["best"]][["algorithm", "config", "seed", "rounds", metric]].to_string(index=False))
+    done = table[table["complete"]]
+    if len(done):
+        click.echo(f"{len(done)} of {len(table)} trials ran every round; {int(table['rounds'].sum())} rounds run, "
+                   f"{int(done['rounds'].max()) * len(table)} without early stopping")
 
 
 @main.command()

@@ -283,38 +283,5 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     return out
 
 
-__all__ = ["load_members", "load_run", "parse_grid", "summarise", "sweep", "tune"]
+__all__ = ["load_members", "load_run", "parse_grid", "summarise", "sweep"]  # fedgluon tune: fedgluon/tuning.py
 
-
-def tune(config_path: str | Path | None, args: Sequence[str], algorithms: Sequence[str | dict[str, Any]], *,
-         metric: str = "final_test_loss", mode: str = "min", name: str = "tune", progress: bool = True,
-         parallel: int = 0) -> pd.DataFrame:
-    """Sweep the grid in ``args`` (e.g. ``algorithm.lr=[0.01,0.03,0.1]``) for every algorithm and keep each
-    one's best configuration by ``metric`` (mean over seeds), so comparisons are between tuned methods.
-    An algorithm is a name (keeping the config's other algorithm options) or a whole ``algorithm``
-    mapping (for methods whose options differ); an algorithm listed several times (e.g. with different
-    compressors) is labelled ``<name>-1``, ``<name>-2``…. Writes ``<output.dir>/<name>/tuned.csv``; returns it."""
-    if mode not in ("min", "max"):
-        raise configs.ConfigError(f"mode must be one of ['min', 'max'], got {mode!r}")
-    if metric not in TABLE_METRICS:
-        raise configs.ConfigError(f"metric must be one of {list(TABLE_METRICS)}, got {metric!r}")
-    rows = []
-    root = None
-    names = [str(a.get("name")) if isinstance(a, dict) else a for a in algorithms]
-    for i, alg in enumerate(algorithms):
-        label = names[i] if names.count(names[i]) == 1 else f"{names[i]}-{names[:i].count(names[i]) + 1}"
-        extra = [f"algorithm=[{json.dumps(alg)}]"] if isinstance(alg, dict) else [f"algorithm.name={alg}"]
-        d = sweep(config_path, [*args, *extra], name=f"{name}/{label}", progress=progress, parallel=parallel)
-        root = d.parent
-        table = pd.read_csv(d / "table.csv")
-        col = f"{metric}_mean"
-        if col not in table or table[col].dropna().empty:
-            raise configs.ConfigError(f"metric {metric!r} was not measured by these runs; measured: "
-                                      f"{sorted(c[:-5] for c in table.columns if c.endswith('_mean'))}")
-        best = table.loc[table[col].idxmin() if mode == "min" else table[col].idxmax()]
-        rows.append({"algorithm": label, "best_config": best["config"], metric: best[col],
-                     **{c: best[c] for c in table.columns if c.endswith("_mean") and c != col}})
-    out = pd.DataFrame(rows)
-    if root is not None:
-        out.to_csv(root / "tuned.csv", index=False)
-    return out

@@ -137,18 +137,6 @@ def test_fedgluon_run_without_arguments_on_ray(tmp_path, monkeypatch):
     assert m["test_accuracy"].iloc[-1] > m["test_accuracy"].iloc[0]
 
 
-def test_tune_picks_the_best_radius_per_algorithm(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    out = invoke("tune", *FAST, "algorithm.lr=[0.001,0.05]", "--algorithm", "gluon-ef21", "--algorithm",
-                 "{name: gluon-ef21-mvr, compressor: {name: topk, ratio: 0.1}}", "--quiet")
-    assert out.exit_code == 0, out.output
-    tuned = pd.read_csv(tmp_path / "runs" / "tune" / "tuned.csv")
-    assert list(tuned["algorithm"]) == ["gluon-ef21", "gluon-ef21-mvr"]
-    for alg in tuned["algorithm"]:
-        table = pd.read_csv(tmp_path / "runs" / "tune" / alg / "table.csv")
-        assert tuned.set_index("algorithm").loc[alg, "final_test_loss"] == table["final_test_loss_mean"].min()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_parallel_sweep_as_ray_tasks(tmp_path, monkeypatch):
@@ -178,18 +166,6 @@ def test_switching_task_or_algorithm_drops_the_defaults_of_the_other(tmp_path):
     cfg = load(None, ["algorithm.compressor={name: powersgd, rank: 2}"])
     assert dict(cfg.algorithm.compressor) == {"name": "powersgd", "rank": 2}
     assert load(None, ["algorithm.compressor.ratio=0.1"]).algorithm.compressor == {"name": "topk", "ratio": 0.1}
-
-
-def test_tune_labels_repeated_algorithms(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    out = invoke("tune", *FAST, "algorithm.lr=[0.05]", "--name", "dup", "--quiet",
-                 "--algorithm", "{name: gluon-ef21, compressor: {name: topk, ratio: 0.1}}",
-                 "--algorithm", "{name: gluon-ef21, compressor: {name: topk, ratio: 0.5}}")
-    assert out.exit_code == 0, out.output
-    tuned = pd.read_csv(tmp_path / "runs" / "dup" / "tuned.csv")
-    assert list(tuned["algorithm"]) == ["gluon-ef21-1", "gluon-ef21-2"]
-    bits = tuned.set_index("algorithm")["uplink_bits_per_client_mean"]
-    assert bits["gluon-ef21-1"] < bits["gluon-ef21-2"]
 
 
 def test_sweep_members_with_the_same_algorithm_name_stay_apart(tmp_path, monkeypatch):

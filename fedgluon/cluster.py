@@ -96,7 +96,8 @@ def reachable(address: str, timeout: float = 5.0) -> None:
     if address == "auto" or address.startswith("ray://"):
         return
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [IPv6]:PORT
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"engine.address must be 'auto' or HOST:PORT (the head's `ray start --head --port`), "
                           f"got {address!r}")
     try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
+
+log = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (project) directory
 PACKAGES = ("fedgluon", "strategies", "compressors")  # the code whose digest the version check compares
@@ -44,9 +47,18 @@ def app_path(value: str) -> Path:
 
 def run_settings(run_config: Mapping[str, Any]) -> tuple[str, tuple[str, ...], str, bool, bool]:
     """``(spec-file, overrides, output-root, resume, overwrite)`` of a Flower run config, with defaults."""
+    import shlex
+
     get = {k: run_config.get(k, default) for k, default in KEYS.items()}
-    return (str(get["spec-file"] or "experiments/quickstart.yaml"), tuple(str(get["overrides"]).split()),
-            str(get["output-root"]), bool(get["resume"]), bool(get["overwrite"]))
+    for key in ("resume", "overwrite"):
+        if not isinstance(get[key], bool):
+            raise ConfigError(f"run config {key} must be true or false (a TOML boolean), got {get[key]!r}")
+    try:
+        overrides = tuple(shlex.split(str(get["overrides"])))  # 'task.hidden="[16, 16]"' stays one override
+    except ValueError as err:
+        raise ConfigError(f"run config overrides: {err}") from None
+    return (str(get["spec-file"] or "experiments/quickstart.yaml"), overrides, str(get["output-root"]), get["resume"],
+            get["overwrite"])
 
 
 def load_config(run_config: Mapping[str, Any]) -> Any:
@@ -167,7 +179,9 @@ def check_versions(reply: Any, expected: Mapping[str, str]) -> None:
 
 class VersionCheckedGrid:
     """A Grid whose ``send_and_receive`` checks each reply's versions (:func:`check_versions`); used for
-    the handshake only. Everything else is the wrapped grid's."""
+    the handshake only. A reply from a node that runs other versions is logged and left out, as any bad
+    handshake answer: that node gets no block, and the other nodes' clients go on. Everything else is
+    the wrapped grid's."""
 
     def __init__(self, grid: Any, expected: Mapping[str, str] | None = None):
         self._grid, self.expected = grid, dict(expected or versions())
@@ -176,10 +190,17 @@ class VersionCheckedGrid:
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> Iterable[Any]:
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        for reply in replies:
-            check_versions(reply, self.expected)
-        return replies
+        kept = []
+        for reply in self._grid.send_and_receive(messages, timeout=timeout):
+            try:
+                check_versions(reply, self.expected)
+            except VersionMismatch as err:
+                from .federation import clip_text
+
+                log.error("handshake: node left out: %s", clip_text(str(err), 500))
+                continue
+            kept.append(reply)
+        return kept
 
 
 # ---------------------------------------------------------------------- polling

@@ -142,7 +142,9 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
     every column but the wall times. The run computes with ``cfg.threads`` torch threads, the caller's
     count restored after (fedgluon/threads.py)."""
     out = Path(out_dir) if out_dir is not None else Path(cfg.output.dir) / run_name(cfg)
-    nodes = _connect(cfg)
+    if resume and not (out / MARKER).is_file():  # never make a run directory of a folder fedgluon did not create
+        raise ConfigError(f"{out} is not a fedgluon run directory: nothing to resume")
+    nodes = _connect(cfg) if grid is None else None  # a deployment's clients are its SuperNodes, not Ray's
     try:
         with RunDirLock(out) if resume else prepare_dir(out, cfg.output.overwrite), torch_threads(int(cfg.threads)):
             return _run_locked(cfg, out, progress, on_round, resume, nodes, grid)
@@ -293,7 +295,8 @@ def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, 
         strategy = run_ray(spec, num_cpus=cfg.engine.num_cpus, num_gpus=cfg.engine.num_gpus, address=cfg.engine.address,
                            on_round=round_done, evaluate=evaluate, checkpointer=checkpointer, resume=snapshot)
     return (strategy.history, strategy.server_state["X"], strategy.client_log,
-            client_state_bytes(strategy.federation.table), placement(algorithm, strategy, nodes))
+            client_state_bytes(strategy.federation.table),
+            placement(algorithm, strategy, nodes) if engine == "ray" else placement(algorithm))
 
 
 def placement(algorithm: Any, strategy: Any = None, nodes: list[dict[str, Any]] | None = None) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import hashlib
 import itertools
 import json
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
@@ -150,13 +150,12 @@ def _run_parallel(todo, workers: int, address: str | None, sweep_dir: Path, prog
                 result = {"files": {}, "error": f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1]}"}
             try:
                 error = write_member(sweep_dir / mname, result["files"], result.get("scratch"), result["error"])
-            except ValueError as err:
+            except (ValueError, OSError) as err:  # a refused file name, a full disk
                 error = str(err)
             if error:
                 failures.append(f"{mname}: {error}")
             if progress:
-                print(f"[{len(todo) - len(queue) - len(running)}/{len(todo)}] {mname}"
-                      + (" failed" if result["error"] else ""))
+                print(f"[{len(todo) - len(queue) - len(running)}/{len(todo)}] {mname}" + (" failed" if error else ""))
     finally:
         ray.shutdown()
     if failures:
@@ -173,17 +172,16 @@ def run_member(cfg: Any) -> dict[str, Any]:
     import tempfile
 
     scratch = Path(tempfile.mkdtemp(prefix="fedgluon-member-"))
-    cfg.output.dir = str(scratch)
     out, error = scratch / str(cfg.output.name), None
     try:
-        run(cfg, progress=False)
-    except Exception as err:  # noqa: BLE001 - reported by the driver, with the other members' failures
-        text = str(err).strip()
-        error = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
-    try:
+        try:
+            run(cfg, progress=False, out_dir=out)  # cfg keeps the driver's output.dir: its config.yaml is as sequential
+        except Exception as err:  # noqa: BLE001 - reported by the driver, with the other members' failures
+            text = str(err).strip()
+            error = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
         files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
                  if p.is_file() and p.name != MARKER} if out.is_dir() else {}
-    finally:
+    finally:  # also when the task is cancelled
         shutil.rmtree(scratch, ignore_errors=True)
     return {"files": files, "error": error, "scratch": str(out)}
 
@@ -198,7 +196,7 @@ def write_member(out: Path, files: dict[str, bytes], scratch: str | None = None,
     if scratch and "summary.json" in files:
         files = {**files, "summary.json": files["summary.json"].replace(json.dumps(scratch)[1:-1].encode(),
                                                                         json.dumps(str(out))[1:-1].encode())}
-    bad = [n for n in files if Path(n).is_absolute() or ".." in Path(n).parts or n == MARKER]
+    bad = [n for n in files if not _member_file(n)]
     if bad:
         raise ValueError(f"a sweep member returned files named {bad}")
     with prepare_dir(out, overwrite=True):
@@ -206,6 +204,13 @@ def write_member(out: Path, files: dict[str, bytes], scratch: str | None = None,
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             (out / name).write_bytes(files[name])
     return error.replace(scratch, str(out)) if error and scratch else error
+
+
+def _member_file(name: str) -> bool:
+    """Whether a member may return a file of this name: a relative path inside its directory, not the marker."""
+    parts = PurePosixPath(name).parts
+    return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts and parts[0] != MARKER \
+        and name == str(PurePosixPath(*parts))
 
 
 def load_members(sweep_dir: str | Path) -> pd.DataFrame:

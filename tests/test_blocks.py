@@ -211,7 +211,8 @@ def _same_row(a: dict, b: dict, what: str) -> None:
 def test_a_rows_result_is_bitwise_independent_of_its_block_mates(algorithm):
     """After 3 rounds of partial participation (first-time clients beside later ones, X_prev of several
     rounds), every client steps round 3 alone, in a block of all 9 (table views) and in a block of every
-    other client (gathered rows): its payload arrays, metrics and proposed state row are bitwise equal."""
+    other client (gathered rows): its payload arrays, metrics and proposed state row are bitwise equal, and
+    the table's rows and the broadcast model are left as they were."""
     from fedgluon.algorithms.block import concat
 
     spec = specs.normalise({"task": TASK, "algorithm": {"lr": 0.05, **algorithm}, "rounds": 3, "seed": 6})
@@ -223,6 +224,9 @@ def test_a_rows_result_is_bitwise_independent_of_its_block_mates(algorithm):
     bc = algo.broadcast(res.server_state, 3, 6, len(objs))
     n = len(objs)
 
+    before = {p: c.clone() for p, c in table.columns.items()}
+    model = {k: t.clone() for k, t in bc.model.items()}
+
     def step(blocks: list[list[int]]) -> dict:
         return _rows_of([concat(algo.step_block(table.rows(js), bc, objs)) for js in blocks])
 
@@ -233,6 +237,10 @@ def test_a_rows_result_is_bitwise_independent_of_its_block_mates(algorithm):
     for j in range(n):
         _same_row(alone[j], together[j], f"client {j}: alone vs a block of {n}")
         _same_row(alone[j], mixed[j], f"client {j}: alone vs every other client")
+    # a step never writes into the rows or the model it is given: the in-process engine and the plain driver
+    # hand it the server's own table and model memory (table views, wire arrays that share memory)
+    assert all(torch.equal(before[p], c) for p, c in table.columns.items())
+    assert all(torch.equal(model[k], t) for k, t in bc.model.items())
 
 
 def test_threads_never_share_a_module_in_functional_call():

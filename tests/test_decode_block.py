@@ -202,10 +202,19 @@ def test_every_compressor_decodes_groups_in_chunks_as_one_by_one(spec, monkeypat
     """Dense decoded layers are decoded a chunk of rows at a time (here 2 rows of dense bytes), sparse
     ones all at once; either way every row equals its message decoded alone."""
     monkeypatch.setattr(messages_module, "CHUNK_BYTES", 2 * 4 * sum(int(np.prod(s)) for s in SHAPES.values()))
+    chunks = []
+    real = messages_module._decode_chunk
+    monkeypatch.setattr(messages_module, "_decode_chunk", lambda C, ms, *a, **k: chunks.append(len(ms)) or real(C, ms, *a, **k))
+    alone = []
+    single = messages_module.decode_message
+    monkeypatch.setattr(messages_module, "decode_message", lambda C, m, *a, **k: alone.append(1) or single(C, m, *a, **k))
     C, messages = messages_of(spec if isinstance(spec, dict) else {"name": spec}, 5)
     for sparse in (False, True):
+        chunks.clear()
         assert_same(dict(decode_messages(C, messages, SHAPES, sparse=sparse)),
                     one_by_one(C, messages, torch.float32, sparse))
+        all_sparse = sparse and all(C.sparse_rows(s) for s in SHAPES.values())
+        assert chunks == ([5] if all_sparse else [2, 2, 1]) and not alone  # decoded in chunks, none alone
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

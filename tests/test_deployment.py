@@ -183,7 +183,7 @@ def test_resume_run_config_continues_a_stopped_run(tiny: Path, tmp_path: Path):
                                   pd.read_csv(ref / "metrics.csv").drop(columns=list(TIMING)))
 
 
-def test_version_mismatch_fails_the_handshake(tiny: Path):
+def test_a_node_of_other_versions_is_left_out_of_the_handshake(tiny: Path):
     rc = {"spec-file": str(tiny)}
     grid = _grid(2, rc)
     msgs = [Message(RecordDict(), dst_node_id=n, message_type="query", group_id="hello") for n in grid.get_node_ids()]
@@ -194,6 +194,9 @@ def test_version_mismatch_fails_the_handshake(tiny: Path):
     with pytest.raises(deployment.VersionMismatch, match=rf"runs fedgluon .*flwr {re.escape(flwr_version)}; "
                                                          r"the ServerApp runs .*flwr 0\.0\.1"):
         deployment.check_versions(replies[0], other)
+    checked = deployment.VersionCheckedGrid(grid, other)  # a node of other versions is left out, the run goes on
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="query", group_id="hello") for n in grid.get_node_ids()]
+    assert list(checked.send_and_receive(msgs)) == []
 
 
 def test_polling_grid_returns_the_replies_of_send_and_receive(tiny: Path):

@@ -119,12 +119,13 @@ def decode_messages(compressor: Compressor, messages: Mapping[int, Any], shapes:
     """:func:`decode_message` of many clients' messages: yields ``(j, decoded)`` or ``(j, error)`` for each
     ``j`` in ``messages``' order, the same results and the same errors as decoding them one by one.
 
-    Messages that are rows of one payload group (:class:`~compressors.payload.RowMessage`: a block's
-    reply as it arrives) are checked and decoded a chunk of rows at a time, one
-    :meth:`Compressor.decode_rows` per layer: every row at once when the decoded layers are sparse,
-    else as many rows as :data:`CHUNK_BYTES` of dense tensors hold, so a consumer that drops what it
-    cannot keep never holds every dense decoded message at once. A chunk that fails any check is
-    decoded message by message, which gives each bad message its own error."""
+    Messages that are rows of payload groups (:class:`~compressors.payload.RowMessage`: blocks' replies
+    as they arrive) are checked and decoded a chunk of rows at a time, rows of every group of one
+    layout stacked (:func:`_chunks`), one :meth:`Compressor.decode_rows` per layer: every row at once
+    when the decoded layers are sparse, else as many rows as :data:`CHUNK_BYTES` of dense tensors hold,
+    so a consumer that drops what it cannot keep never holds every dense decoded message at once. A
+    chunk that fails any check is decoded message by message, which gives each bad message its own
+    error."""
     chunk_of = _chunks(compressor, messages, shapes, sparse)
     pending: dict[int, dict[str, Tensor | SparseTensor] | None] = {}
     for j in messages:
@@ -148,36 +149,70 @@ def decode_messages(compressor: Compressor, messages: Mapping[int, Any], shapes:
 
 def _chunks(compressor: Compressor, messages: Mapping[int, Any], shapes: Mapping[str, tuple],
             sparse: bool) -> dict[int, list[int]]:
-    """Client → the chunk of rows of its payload group it is decoded with (module-level policy above)."""
-    groups: dict[int, list[int]] = {}
+    """Client → the chunk of rows it is decoded with: rows of payload groups whose layers have the same
+    codecs, shapes, array dtypes and row shapes and header keys (:func:`_layout`: so their rows stack
+    without a conversion, and a block of one client's group joins the others), every row at once when
+    the decoded layers are sparse, else :data:`CHUNK_BYTES` of dense tensors at a time."""
+    layouts: dict[int, tuple | None] = {}
+    classes: dict[tuple, list[int]] = {}
     for j, m in messages.items():
-        if isinstance(m, RowMessage) and set(m.layers) == set(shapes):
-            groups.setdefault(id(m.layers), []).append(j)
-    dense = sum(4 * int(torch.Size(s).numel()) for n, s in shapes.items()
-                if not (sparse and compressor.sparse_rows(tuple(s))))
-    size = max(1, CHUNK_BYTES // dense) if dense else None
+        if isinstance(m, RowMessage):
+            key = id(m.layers)
+            if key not in layouts:
+                layouts[key] = _layout(m.layers, shapes)
+            if layouts[key] is not None:
+                classes.setdefault(layouts[key], []).append(j)
+    dense = sum(torch.Size(s).numel() * 4 for s in shapes.values() if not (sparse and compressor.sparse_rows(tuple(s))))
+    size = max(1, CHUNK_BYTES // dense) if dense else len(messages)
     out: dict[int, list[int]] = {}
-    for js in groups.values():
-        for start in range(0, len(js), size or len(js)):
-            chunk = js[start:start + (size or len(js))]
+    for js in classes.values():
+        for start in range(0, len(js), size):
+            chunk = js[start:start + size]
             out.update(dict.fromkeys(chunk, chunk))
     return out
+
+
+def _layout(layers: Mapping[str, PayloadRows], shapes: Mapping[str, tuple]) -> tuple | None:
+    """What rows of ``layers`` must share to be stacked with other groups' rows; None when they cannot be
+    (another layer set, arrays that are not NumPy arrays): those are decoded one by one."""
+    if set(layers) != set(shapes):
+        return None
+    out = []
+    for name in sorted(shapes):
+        rows = layers[name]
+        if not isinstance(rows.arrays, dict) or not isinstance(rows.meta, dict) or \
+                not all(isinstance(a, np.ndarray) and a.ndim >= 1 for a in rows.arrays.values()):
+            return None
+        out.append((name, rows.codec, tuple(rows.shape), tuple(sorted(rows.meta)),
+                    tuple(sorted((k, a.dtype.str, a.shape[1:]) for k, a in rows.arrays.items()))))
+    return tuple(out)
+
+
+def _stacked(messages: Sequence[RowMessage], name: str) -> PayloadRows:
+    """Layer ``name`` of these messages' rows as one block, row i message i's (views of one group's
+    consecutive rows; rows of several groups concatenated)."""
+    parts: list[tuple[Any, list[int]]] = []
+    for m in messages:
+        if parts and parts[-1][0] is m.layers and parts[-1][1][-1] + 1 == m.row:
+            parts[-1][1].append(m.row)
+        else:
+            parts.append((m.layers, [m.row]))
+    return PayloadRows.concat([layers[name].take(rows) for layers, rows in parts])
 
 
 def _decode_chunk(compressor: Compressor, messages: Sequence[RowMessage], shapes: Mapping[str, tuple], *,
                   device: torch.device | str | None, dtype: torch.dtype, sparse: bool,
                   max_abs: float | None) -> list[dict[str, Tensor | SparseTensor]]:
-    """Rows of one payload group decoded together; a PayloadError when any of them fails a check."""
-    rows = [m.row for m in messages]
+    """Rows of payload groups decoded together; a PayloadError when any of them fails a check."""
     out: list[dict[str, Tensor | SparseTensor]] = [{} for _ in messages]
     for name in sorted(shapes):
         shape = tuple(shapes[name])
-        block = messages[0].layers[name].take(rows)
-        nbytes = sum(a.nbytes for a in block.arrays.values() if isinstance(a, np.ndarray))
-        if nbytes > len(rows) * max_layer_bytes(shape):
+        block = _stacked(messages, name)
+        nbytes = sum(a.nbytes for a in block.arrays.values())
+        if nbytes > len(messages) * max_layer_bytes(shape):
             raise SizeError(name, "arrays", "a row is over the size bound")
         decoded = compressor.decode_rows(block, shape=shape, layer=name, device=device, dtype=dtype, sparse=sparse)
-        values = decoded.values if isinstance(decoded, SparseRows) else decoded.reshape(len(rows), -1)
+        values = decoded.values if isinstance(decoded, SparseRows) else decoded.reshape(len(messages), -1)
         if max_abs is not None and values.shape[1] and bool((values.abs().amax(dim=1) > max_abs).any()):
             raise RangeError(name, "values", f"a row is over the bound {max_abs:.4g}")
         for i, d in enumerate(out):

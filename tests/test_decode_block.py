@@ -248,3 +248,23 @@ def test_weighted_sum_equals_adding_one_client_at_a_time(dtype):
     for j in sorted(decoded):
         add_scaled_(zero, weights[j], decoded[j]["w"])
     assert torch.equal(fresh.result()["w"], zero)
+
+
+def test_blocks_of_one_client_decode_together(monkeypatch):
+    """Blocks of one client (the plain loop, one client per node) each send a group of one row: groups of
+    one layout are stacked and decoded in one chunk, each row equal to its message decoded alone; a row
+    with NaN sends its chunk message by message, where only that row fails."""
+    spec = {"name": "topk", "ratio": 0.1}
+    groups = [messages_of(spec, 1, seed=s) for s in range(5)]
+    C, messages = groups[0][0], {j: group[1][0] for j, group in enumerate(groups)}
+    chunks = []
+    real = messages_module._decode_chunk
+    monkeypatch.setattr(messages_module, "_decode_chunk", lambda C, ms, *a, **k: chunks.append(len(ms)) or real(C, ms, *a, **k))
+    assert_same(dict(decode_messages(C, messages, SHAPES, sparse=True)), one_by_one(C, messages, torch.float32, True))
+    assert chunks == [5]
+    _, pair = messages_of(spec, 2, seed=9)  # a group of 2 whose second row holds a NaN joins their layout
+    nan = _row_edits(pair[0].layers["w"])[3]
+    messages[5] = RowMessage({**pair[0].layers, "w": nan}, 1)
+    got = dict(decode_messages(C, messages, SHAPES, sparse=True))
+    assert_same(got, one_by_one(C, messages, torch.float32, True))
+    assert isinstance(got[5], PayloadError) and not any(isinstance(got[j], PayloadError) for j in range(5))

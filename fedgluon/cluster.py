@@ -216,3 +216,28 @@ def device_info(name: str) -> dict[str, str]:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def for_run(cfg: Any) -> list[dict[str, Any]] | None:
+    """For the Ray engine, Ray started or joined (fedgluon.cluster.connect) before the run directory exists,
+    so a cluster that cannot run the config (a GPU share no node has, a node without fedgluon or the
+    task's data) is refused first; returns the cluster's nodes. None for the other engines."""
+    if cfg.engine.name != "ray":
+        return None
+    share = {"engine.num_cpus": float(cfg.engine.num_cpus), "engine.num_gpus": float(cfg.engine.num_gpus)}
+    return connect(cfg.engine.address, task_share=share, data_paths=data_paths(cfg.task))
+
+
+def placement(algorithm: Any, strategy: Any = None, nodes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Where the clients of a run computed, for ``summary.json``: ``nodes`` (``hostname``, ``ip`` and Ray
+    ``node_id``) and ``devices`` (``device``, a GPU's ``name``, and on Ray the GPU ids it was given).
+    Without Ray's engine (``strategy`` None) that is this process's host (a Ray node when a parallel
+    sweep runs it as a Ray task) and the client device; on Ray, the nodes whose client actors replied,
+    as the cluster listed them when the run started."""
+    if strategy is None:
+        return {"nodes": [this_host()], "devices": [device_info(str(algorithm.client_device))]}
+    ran = [n for n in nodes or [] if n["node_id"] in strategy.ray_nodes]
+    known = {n["node_id"] for n in ran}
+    ran += [{"node_id": i, "hostname": None, "ip": None} for i in sorted(strategy.ray_nodes - known)]
+    devices = [{"device": d, "ray_gpus": g} for d, g in sorted(strategy.node_devices)]
+    return {"nodes": [{k: n[k] for k in ("hostname", "ip", "node_id")} for n in ran], "devices": devices}

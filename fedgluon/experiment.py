@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import cluster
 from . import spec as specs
 from .checkpoint import CheckpointError, Checkpointer, NonFiniteStateError, RunStopped, Snapshot
 from .checkpoint import load as load_checkpoint
@@ -144,7 +145,7 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
     out = Path(out_dir) if out_dir is not None else Path(cfg.output.dir) / run_name(cfg)
     if resume and not (out / MARKER).is_file():  # never make a run directory of a folder fedgluon did not create
         raise ConfigError(f"{out} is not a fedgluon run directory: nothing to resume")
-    nodes = _connect(cfg) if grid is None else None  # a deployment's clients are its SuperNodes, not Ray's
+    nodes = cluster.for_run(cfg) if grid is None else None  # a deployment's clients are its SuperNodes, not Ray's
     try:
         with RunDirLock(out) if resume else prepare_dir(out, cfg.output.overwrite), torch_threads(int(cfg.threads)):
             return _run_locked(cfg, out, progress, on_round, resume, nodes, grid)
@@ -153,18 +154,6 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
             import ray
 
             ray.shutdown()  # Flower's engine shuts Ray down when it ends; this covers the runs it never started
-
-
-def _connect(cfg: DictConfig) -> list[dict[str, Any]] | None:
-    """For the Ray engine, Ray started or joined (fedgluon.cluster.connect) before the run directory exists,
-    so a cluster that cannot run the config (a GPU share no node has, a node without fedgluon or the
-    task's data) is refused first; returns the cluster's nodes. None for the other engines."""
-    if cfg.engine.name != "ray":
-        return None
-    from .cluster import connect, data_paths
-
-    share = {"engine.num_cpus": float(cfg.engine.num_cpus), "engine.num_gpus": float(cfg.engine.num_gpus)}
-    return connect(cfg.engine.address, task_share=share, data_paths=data_paths(cfg.task))
 
 
 def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[dict[str, Any]], None] | None,
@@ -271,7 +260,7 @@ def _clients_held(table: Any) -> int | None:
 
 def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, snapshot, nodes=None, grid=None):
     """The run on its engine (``grid``: a Flower deployment's): history, final parameters, client log, state
-    bytes and :func:`placement`."""
+    bytes and :func:`fedgluon.cluster.placement`."""
     engine = "deployment" if grid is not None else cfg.engine.name
     if engine == "plain":
         from .driver import run_plain
@@ -282,7 +271,7 @@ def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, 
                         checkpointer=checkpointer, resume=snapshot, block_size=spec["block_size"],
                         workers=cfg.engine.workers, max_failed_rounds=spec["max_failed_rounds"])
         return (res.history, res.server_state["X"], res.client_log, client_state_bytes(res.table),
-                placement(algorithm))
+                cluster.placement(algorithm))
     from .engines import run_inprocess, run_ray
 
     if engine == "deployment":  # flwr run: this ServerApp's grid (fedgluon/deployment.py)
@@ -296,24 +285,7 @@ def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, 
                            on_round=round_done, evaluate=evaluate, checkpointer=checkpointer, resume=snapshot)
     return (strategy.history, strategy.server_state["X"], strategy.client_log,
             client_state_bytes(strategy.federation.table),
-            placement(algorithm, strategy, nodes) if engine == "ray" else placement(algorithm))
-
-
-def placement(algorithm: Any, strategy: Any = None, nodes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Where the clients of a run computed, for ``summary.json``: ``nodes`` (``hostname``, ``ip`` and Ray
-    ``node_id``) and ``devices`` (``device``, a GPU's ``name``, and on Ray the GPU ids it was given).
-    Without Ray's engine (``strategy`` None) that is this process's host (a Ray node when a parallel
-    sweep runs it as a Ray task) and the client device; on Ray, the nodes whose client actors replied,
-    as the cluster listed them when the run started."""
-    from .cluster import device_info, this_host
-
-    if strategy is None:
-        return {"nodes": [this_host()], "devices": [device_info(str(algorithm.client_device))]}
-    ran = [n for n in nodes or [] if n["node_id"] in strategy.ray_nodes]
-    known = {n["node_id"] for n in ran}
-    ran += [{"node_id": i, "hostname": None, "ip": None} for i in sorted(strategy.ray_nodes - known)]
-    devices = [{"device": d, "ray_gpus": g} for d, g in sorted(strategy.node_devices)]
-    return {"nodes": [{k: n[k] for k in ("hostname", "ip", "node_id")} for n in ran], "devices": devices}
+            cluster.placement(algorithm, strategy, nodes) if engine == "ray" else cluster.placement(algorithm))
 
 
 def _write_results(out: Path, cfg: DictConfig, history, clients, final, wall: float, *, stopped: str | None = None,

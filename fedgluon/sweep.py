@@ -10,7 +10,7 @@ seeds per configuration, plus bits to reach the target accuracy) and ``pareto.pn
 run directory is complete are skipped, so an interrupted sweep continues where it stopped.
 
 Members run one after another on the configured engine (Flower's Ray engine starts and stops Ray
-for every simulation, so it is never nested inside Ray tasks, FLOWER.md). ``parallel=N`` runs
+for every simulation, so it is never nested inside Ray tasks). ``parallel=N`` runs
 members as Ray tasks on the plain engine instead, N at a time, on a private local Ray or on the
 cluster at ``engine.address``; each task returns its run directory's files and the driver writes
 them under its own ``output.dir`` (no shared filesystem needed; fedgluon.cluster ships the code).

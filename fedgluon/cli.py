@@ -133,6 +133,9 @@ def sweep(config: str | None, args: tuple[str, ...], name: str | None, parallel:
         args, config = (config, *args), None
     args = _with_engine(args, engine)
     try:
+        if parallel > 0 and engine not in (None, "plain"):
+            raise ConfigError(f"--parallel runs every member on the plain engine; --engine {engine} cannot go "
+                              f"with it (use --engine plain, or no --parallel)")
         out = run_sweep(config, args, name=name, progress=not quiet, parallel=parallel)
     except ConfigError as err:
         _fail(err)

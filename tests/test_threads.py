@@ -136,3 +136,15 @@ def test_inprocess_server_computes_with_threads_and_leaves_the_callers_count():
     seen: list[int] = []
     run_inprocess(spec, on_round=lambda row: seen.append(torch.get_num_threads()))
     assert seen == [1, 1] and torch.get_num_threads() == 2
+
+
+def test_sweep_refuses_an_engine_parallel_members_cannot_use(tmp_path, monkeypatch):
+    """--parallel runs members on the plain engine: another --engine with it is one error line, not ignored."""
+    from click.testing import CliRunner
+
+    from fedgluon.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    out = CliRunner().invoke(main, ["sweep", "seed=[0,1]", "--parallel", "2", "--engine", "inprocess", "--quiet"])
+    assert out.exit_code == 2 and out.output.count("error:") == 1 and "--engine inprocess" in out.output
+    assert not any(tmp_path.iterdir())

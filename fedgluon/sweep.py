@@ -117,9 +117,8 @@ def _run_parallel(todo, workers: int, address: str | None, sweep_dir: Path, prog
     """The members as Ray tasks on the plain engine, at most ``workers`` at a time, on a private local Ray
     (``workers`` × the largest ``threads`` CPUs) or the cluster at ``address``. Each task runs its member in
     a scratch directory of its node and returns the files (:func:`run_member`); this process writes every
-    member's directory
-    (:func:`write_member`), so nothing depends on a shared filesystem or on the nodes' working
-    directories. Members that fail are written as far as they got and reported together at the end."""
+    member's directory (:func:`write_member`), so nothing depends on a shared filesystem or on the nodes'
+    working directories. Members that fail are written as far as they got and reported together at the end."""
     import ray
 
     threads = max(int(cfg.threads) for _, cfg in todo)  # a member's task holds one CPU per torch thread

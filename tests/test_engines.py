@@ -179,22 +179,6 @@ def test_ray_with_gpu_shares_on_a_machine_without_cuda_falls_back_to_the_cpu():
     same_metrics(pd.DataFrame(strategy.history), plain_frame(spec), loss_rtol=1e-6)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(180)
-def test_two_node_ray_cluster_uses_both_nodes():
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
-                                                            "include_dashboard": False})
-    try:
-        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-        cluster.wait_for_nodes()
-        spec = {**SPEC, "rounds": 3}
-        strategy = run_ray(spec, num_cpus=1, address=cluster.address)
-        assert len(strategy.history) == 3
-        assert len(strategy.ray_nodes) == 2, strategy.ray_nodes
-    finally:
-        cluster.shutdown()
 
 
 def test_server_polls_flowers_simulation_grid_every_5_ms():

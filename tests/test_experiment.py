@@ -137,17 +137,6 @@ def test_fedgluon_run_without_arguments_on_ray(tmp_path, monkeypatch):
     assert m["test_accuracy"].iloc[-1] > m["test_accuracy"].iloc[0]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_parallel_sweep_as_ray_tasks(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    out = invoke("sweep", *FAST, "seed=[0,1]", "--name", "par", "--parallel", "2", "--quiet")
-    assert out.exit_code == 0, out.output
-    serial = invoke("sweep", *FAST, "seed=[0,1]", "--name", "ser", "--quiet")
-    assert serial.exit_code == 0
-    a = pd.read_csv(tmp_path / "runs" / "par" / "seed=1" / "metrics.csv").drop(columns=list(TIMING_COLUMNS))
-    b = pd.read_csv(tmp_path / "runs" / "ser" / "seed=1" / "metrics.csv").drop(columns=list(TIMING_COLUMNS))
-    pd.testing.assert_frame_equal(a, b)
 
 
 def test_switching_task_or_algorithm_drops_the_defaults_of_the_other(tmp_path):

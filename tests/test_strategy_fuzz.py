@@ -7,6 +7,7 @@ server state equals the state computed from the valid replies alone; corrupted c
 client-state table are left as they were, and the other clients proceed."""
 
 import copy
+import dataclasses
 import io
 
 import numpy as np
@@ -279,8 +280,9 @@ def test_huge_finite_values_are_rejected_for_their_client_and_the_run_goes_on():
 
     def tamper(k, j, reply):
         if k >= 1 and j == 2:
-            for payload in reply.message.values():
-                payload.arrays["v.v"] = np.full_like(payload.arrays["v.v"], np.finfo(np.float32).max)
+            reply.message = {n: dataclasses.replace(p, arrays={**p.arrays, "v.v": np.full_like(p.arrays["v.v"],
+                                                                                        np.finfo(np.float32).max)})
+                             for n, p in reply.message.items()}
         return reply
 
     res = run_plain(algo, task.objectives, task.initial_params(), 8, seed=1, tamper=tamper)

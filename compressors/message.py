@@ -188,16 +188,15 @@ def _layout(layers: Mapping[str, PayloadRows], shapes: Mapping[str, tuple]) -> t
     return tuple(out)
 
 
-def _stacked(messages: Sequence[RowMessage], name: str) -> PayloadRows:
-    """Layer ``name`` of these messages' rows as one block, row i message i's (views of one group's
-    consecutive rows; rows of several groups concatenated)."""
-    parts: list[tuple[Any, list[int]]] = []
+def _runs(messages: Sequence[RowMessage]) -> list[tuple[Mapping[str, PayloadRows], list[int]]]:
+    """The messages as runs of consecutive rows of one group each, in order: ``(group layers, rows)``."""
+    runs: list[tuple[Mapping[str, PayloadRows], list[int]]] = []
     for m in messages:
-        if parts and parts[-1][0] is m.layers and parts[-1][1][-1] + 1 == m.row:
-            parts[-1][1].append(m.row)
+        if runs and runs[-1][0] is m.layers and runs[-1][1][-1] + 1 == m.row:
+            runs[-1][1].append(m.row)
         else:
-            parts.append((m.layers, [m.row]))
-    return PayloadRows.concat([layers[name].take(rows) for layers, rows in parts])
+            runs.append((m.layers, [m.row]))
+    return runs
 
 
 def _decode_chunk(compressor: Compressor, messages: Sequence[RowMessage], shapes: Mapping[str, tuple], *,
@@ -205,9 +204,10 @@ def _decode_chunk(compressor: Compressor, messages: Sequence[RowMessage], shapes
                   max_abs: float | None) -> list[dict[str, Tensor | SparseTensor]]:
     """Rows of payload groups decoded together; a PayloadError when any of them fails a check."""
     out: list[dict[str, Tensor | SparseTensor]] = [{} for _ in messages]
+    runs = _runs(messages)
     for name in sorted(shapes):
         shape = tuple(shapes[name])
-        block = _stacked(messages, name)
+        block = PayloadRows.concat([layers[name].take(rows) for layers, rows in runs])  # row i: message i's
         nbytes = sum(a.nbytes for a in block.arrays.values())
         if nbytes > len(messages) * max_layer_bytes(shape):
             raise SizeError(name, "arrays", "a row is over the size bound")

@@ -51,11 +51,11 @@ import torch
 
 from benchmarks.common import machine
 from benchmarks.flower_fedavg import run_stock_fedavg
-from fedgluon import spec as specs
-from fedgluon.allocator import keep_freed_memory
-from fedgluon.devices import resolve_device
-from fedgluon.driver import run_plain
-from fedgluon.engines import run_inprocess, run_ray
+from fedgluon.config import spec as specs
+from fedgluon.runtime.allocator import keep_freed_memory
+from fedgluon.core.devices import resolve_device
+from fedgluon.sim.driver import run_plain
+from fedgluon.flower.engines import run_inprocess, run_ray
 
 
 def spec_for(n: int, rounds: int, block_size: int = 1, hidden: int = 64, client_device: str = "cpu") -> dict:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         resolve_device("--client-device", args.client_device)
     except ValueError as e:
         ap.error(str(e))
-    keep_freed_memory()  # as the fedgluon command line does (fedgluon.allocator); the machine line says
+    keep_freed_memory()  # as the fedgluon command line does (fedgluon.runtime.allocator); the machine line says
     torch.set_num_threads(args.threads)
     sizes, rounds = ((10, 50), 3) if args.quick else ((10, 50, 200, 1000), 4)
     rounds = args.rounds or rounds

@@ -22,8 +22,8 @@ from collections import Counter
 import torch
 
 from benchmarks.common import best_time, machine
-from fedgluon.geometry import Geometry
-from fedgluon.optim import Gluon
+from fedgluon.lmo.geometry import Geometry
+from fedgluon.lmo.optim import Gluon
 
 
 def ns_matmul_bound(shapes: dict[str, tuple[int, int]], device: str, dtype: torch.dtype) -> float:

@@ -1,7 +1,7 @@
 """Memory per client: the bytes each algorithm keeps per simulated client, and a real many-client run.
 
 Part 1 — for a ~1.07M-parameter MLP (784→1024→256→10) and each stateful configuration below, two
-clients run two rounds of the plain driver; from the client-state table (``fedgluon.memory.
+clients run two rounds of the plain driver; from the client-state table (``fedgluon.core.memory.
 client_state_bytes``) we print the bytes one client's committed state holds alone (its row of the table
 and the broadcast models the table keeps for ``X_prev``), bytes per parameter, the marginal bytes of one
 more client (its row: the kept models are shared by every client pointing at them), and the projection
@@ -25,11 +25,11 @@ import torch
 
 from benchmarks.common import machine
 from fedgluon.algorithms import make_algorithm
-from fedgluon.driver import run_plain
-from fedgluon.geometry import Geometry
-from fedgluon.memory import client_state_bytes
-from fedgluon.models import MLP
-from fedgluon.objective import SupervisedObjective
+from fedgluon.sim.driver import run_plain
+from fedgluon.lmo.geometry import Geometry
+from fedgluon.core.memory import client_state_bytes
+from fedgluon.tasks.models import MLP
+from fedgluon.clients.objective import SupervisedObjective
 
 TOPK = {"name": "topk", "ratio": 0.01}
 CONFIGS = [

@@ -1,4 +1,4 @@
-"""What the server's checks of a block's returned client state cost per round (strategies/wire.py).
+"""What the server's checks of a block's returned client state cost per round (fedgluon/flower/wire.py).
 
 One real block reply: ``--block`` clients of the ``bench_engines`` model (gluon-ef21, top-5%) stepped
 by ``Algorithm.step_block`` over their table rows and packed by ``results_to_records``, as a node sends
@@ -23,9 +23,9 @@ from collections.abc import Callable
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fedgluon import spec as specs
-from fedgluon.client_table import ClientStateTable
-from strategies import wire
+from fedgluon.config import spec as specs
+from fedgluon.clients.table import ClientStateTable
+from fedgluon.flower import wire
 
 from .bench_engines import spec_for
 from .common import machine

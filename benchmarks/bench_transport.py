@@ -1,5 +1,5 @@
 """What moving a client block's state rows through Ray costs: the wire's arrays pickled in band (Flower's
-``Array``) or as out-of-band NumPy buffers (fedgluon's ``RawArray``, strategies/wire.py).
+``Array``) or as out-of-band NumPy buffers (fedgluon's ``RawArray``, fedgluon/flower/wire.py).
 
 Flower's simulation engine pickles (protocol 5) each node's message to a Ray actor and the reply back. A
 block's message carries its clients' rows of the client-state table: for the synthetic task's MLP
@@ -27,8 +27,8 @@ from benchmarks.common import machine
 def block_rows(clients: int, hidden: int = 64):
     """A block's rows (clients 0..``clients``−1) of the ``bench_engines`` model's client-state table,
     filled with random values (seed 0)."""
-    from fedgluon import spec as specs
-    from fedgluon.client_table import ClientStateTable
+    from fedgluon.config import spec as specs
+    from fedgluon.clients.table import ClientStateTable
 
     from .bench_engines import spec_for
 
@@ -43,9 +43,9 @@ def block_rows(clients: int, hidden: int = 64):
 
 
 def records(rows, plain: bool):
-    """The rows' ``states`` and ``prev`` records (strategies/wire.py), as Flower ``Array``s with
+    """The rows' ``states`` and ``prev`` records (fedgluon/flower/wire.py), as Flower ``Array``s with
     ``plain`` (bytes pickled in band), else as fedgluon's ``RawArray``s (out-of-band buffers)."""
-    from strategies.wire import rows_to_record
+    from fedgluon.flower.wire import rows_to_record
 
     states, prev = rows_to_record(rows)
     return (in_band(states), in_band(prev)) if plain else (states, prev)
@@ -76,7 +76,7 @@ def _round_trip_ms(node, rows, plain: bool, repeat: int) -> float:
     """Median milliseconds of ``rows`` sent to ``node`` inside a Flower ``Message`` and read back as rows."""
     from flwr.app import Message, RecordDict
 
-    from strategies.wire import record_to_rows
+    from fedgluon.flower.wire import record_to_rows
 
     states, prev = records(rows, plain)
     message = Message(RecordDict({"states": states, "prev": prev}), dst_node_id=1, message_type="train")
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
-    from strategies.wire import record_to_rows, rows_to_record
+    from fedgluon.flower.wire import record_to_rows, rows_to_record
 
     print(f"machine: {machine()}")
     # Flower's Message constructor reads the process's task identity; its runtimes set it like this
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         replies with the same columns packed again (in Flower ``Array``s when they came so)."""
 
         def run(self, message, plain: bool):
-            from strategies.wire import record_to_rows, rows_to_record
+            from fedgluon.flower.wire import record_to_rows, rows_to_record
 
             content = message.content.array_records
             states = content["states"]

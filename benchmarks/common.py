@@ -47,7 +47,7 @@ def cpu_description() -> str:
 
 
 def machine() -> str:
-    from fedgluon.allocator import applied
+    from fedgluon.runtime.allocator import applied
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     malloc = "malloc keeps freed memory" if applied() else "malloc defaults"

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from fedgluon import spec as specs
-from fedgluon.rng import generator
+from fedgluon.config import spec as specs
+from fedgluon.core.rng import generator
 
 
 def _client_app(spec: Mapping[str, Any]):
@@ -69,7 +69,7 @@ def run_stock_fedavg(spec: Mapping[str, Any], num_cpus: float = 1) -> list[float
     """Seconds of each round of stock Flower FedAvg on Flower's Ray simulation engine, one client per node."""
     from flwr.simulation import run_simulation
 
-    from fedgluon.engines import _quiet
+    from fedgluon.flower.engines import _quiet
 
     _quiet()
     s = specs.normalise(spec)

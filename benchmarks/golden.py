@@ -3,10 +3,10 @@
 Each configuration of :data:`CONFIGS` runs on a small synthetic task (:data:`TASK`: 6 clients, one
 hidden layer, :data:`ROUNDS` rounds, seed :data:`SEED`; partial participation in some configurations,
 refresh rounds for SARAH / MARINA) at client block sizes B = 1 and B = 4 on the plain driver
-(``fedgluon.driver.run_plain``), and the configurations of :data:`INPROCESS` also on the in-process
-Flower engine (``fedgluon.engines.run_inprocess``). A run's artefacts are
+(``fedgluon.sim.driver.run_plain``), and the configurations of :data:`INPROCESS` also on the in-process
+Flower engine (``fedgluon.flower.engines.run_inprocess``). A run's artefacts are
 
-- ``metrics``: its metrics frame, every column but the timing ones (``fedgluon.metrics.TIMING_COLUMNS``);
+- ``metrics``: its metrics frame, every column but the timing ones (``fedgluon.sim.metrics.TIMING_COLUMNS``);
 - ``clients``: its per-client rows (``clients.csv``: ``RunResult.client_log``);
 - ``model``: the final model tensors (the server state's ``X``).
 
@@ -29,7 +29,7 @@ this tree, each configuration's B = 4 run against its B = 1 run and each in-proc
 plain driver's at the same B: a row's results must not depend on its block (issue 28); where they do
 today, the table says so (``--strict-blocks`` makes that an error too).
 
-Only the public API is used (``fedgluon.spec``, ``run_plain``, ``run_inprocess``), and this file is
+Only the public API is used (``fedgluon.config.spec``, ``run_plain``, ``run_inprocess``), and this file is
 run as a script against the other revision's packages, so it must keep working on both sides of a
 change it checks.
 """
@@ -130,22 +130,32 @@ def to_csv(frame: pd.DataFrame) -> str:
     return frame.to_csv(index=False, na_rep="nan")
 
 
+def _module(name: str, flat_name: str) -> Any:
+    """Module ``name``, or ``flat_name`` in a revision from before fedgluon's sub-packages (this file also runs
+    against older trees). The flat name is tried first: an editable install of this tree would otherwise
+    serve an old tree the new sub-packages."""
+    from importlib import import_module
+
+    try:
+        return import_module(flat_name)
+    except ModuleNotFoundError:
+        return import_module(name)
+
+
 def run_one(config: str, block_size: int, engine: str) -> Artefacts:
     """One golden run's artefacts (module doc)."""
-    from fedgluon import spec as specs
-    from fedgluon.metrics import TIMING_COLUMNS
+    specs = _module("fedgluon.config.spec", "fedgluon.spec")
+    TIMING_COLUMNS = _module("fedgluon.sim.metrics", "fedgluon.metrics").TIMING_COLUMNS
 
     s = specs.normalise(spec_of(config, block_size))
     if engine == "plain":
-        from fedgluon.driver import run_plain
-
+        run_plain = _module("fedgluon.sim.driver", "fedgluon.driver").run_plain
         task, algo = specs.build(s)
         res = run_plain(algo, task.objectives, task.initial_params(), s["rounds"], seed=s["seed"],
                         participation=s["participation"], evaluate=lambda X, k: task.evaluate(X),
                         block_size=block_size)
     elif engine == "inprocess":
-        from fedgluon.engines import run_inprocess
-
+        run_inprocess = _module("fedgluon.flower.engines", "fedgluon.engines").run_inprocess
         res = run_inprocess(s)  # its server evaluates like the plain driver above
     else:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")

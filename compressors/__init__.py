@@ -6,12 +6,12 @@ Imports neither Flower nor Ray (docs/DESIGN.md §1); conversion to Flower record
     C = make_compressor({"name": "topk", "ratio": 0.05})
 """
 
-from .bits import CONVENTIONS, BitCount, dense_bits
-from .error_feedback import EF14, EF21, ERROR_FEEDBACK, NoFeedback, ef21_server_update, make_error_feedback
-from .message import compress_message, decode_message, decode_messages, message_bits
-from .operators import Compressor, Context, Properties
-from .payload import Message, PayloadError, TensorPayload
-from .registry import COMPRESSORS, make_compressor
+from compressors.bits import CONVENTIONS, BitCount, dense_bits
+from compressors.error_feedback import EF14, EF21, ERROR_FEEDBACK, NoFeedback, ef21_server_update, make_error_feedback
+from compressors.message import compress_message, decode_message, decode_messages, message_bits
+from compressors.operators import Compressor, Context, Properties
+from compressors.payload import Message, PayloadError, TensorPayload
+from compressors.registry import COMPRESSORS, make_compressor
 
 __all__ = ["BitCount", "CONVENTIONS", "COMPRESSORS", "Compressor", "Context", "EF14", "EF21", "ERROR_FEEDBACK", "Message",
            "NoFeedback",

@@ -40,10 +40,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .message import contexts
-from .operators import Compressor, State
-from .payload import Message, PayloadRows
-from .sparse import WeightedSum
+from compressors.message import contexts
+from compressors.operators import Compressor, State
+from compressors.payload import Message, PayloadRows
+from compressors.sparse import WeightedSum
 
 Tensors = dict[str, Tensor]
 Rows = dict[str, PayloadRows]

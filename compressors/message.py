@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .bits import BitCount
-from .operators import Compressor, Context, State
-from .payload import (
+from compressors.bits import BitCount
+from compressors.operators import Compressor, Context, State
+from compressors.payload import (
     LayerSetError,
     Message,
     PayloadError,
@@ -26,7 +26,7 @@ from .payload import (
     SizeError,
     TensorPayload,
 )
-from .sparse import SparseRows, SparseTensor
+from compressors.sparse import SparseRows, SparseTensor
 
 DEFAULT_MAX_BYTES_FACTOR = 4  # a payload may be at most this many times its dense fp32 size (+ 1 KiB)
 

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .bits import BitCount
-from .payload import (
+from compressors.bits import BitCount
+from compressors.payload import (
     CodecError,
     MetaError,
     PayloadRows,
@@ -39,8 +39,8 @@ from .payload import (
     ShapeError,
     TensorPayload,
 )
-from .sparse import SparseRows, SparseTensor
-from .structures import (
+from compressors.sparse import SparseRows, SparseTensor
+from compressors.structures import (
     Context,
     Dense,
     PowerSGD,
@@ -55,7 +55,7 @@ from .structures import (
     topk_indices,
     topk_rows,
 )
-from .values import OWN, Raw, ValueCodec
+from compressors.values import OWN, Raw, ValueCodec
 
 __all__ = [
     "Compressor",

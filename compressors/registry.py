@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .operators import (Compressor, Dense, PowerSGD, RandK, RandKSeeded, RandomizedSVD, Structure, SVDLowRank,
+from compressors.operators import (Compressor, Dense, PowerSGD, RandK, RandKSeeded, RandomizedSVD, Structure, SVDLowRank,
                         TopK)
-from .values import VALUE_CODECS, make_value_codec
+from compressors.values import VALUE_CODECS, make_value_codec
 
 COMPRESSORS: dict[str, tuple[Callable[..., Structure], tuple[str, ...], str]] = {
     # name: (structure factory, its options, default value codec)

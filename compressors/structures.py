@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedgluon.linalg import randomized_svd
-from fedgluon.rng import derive_seed
+from fedgluon.core.linalg import randomized_svd
+from fedgluon.core.rng import derive_seed
 
-from .bits import BitCount
-from .payload import DuplicateIndexError, IndexRangeError, MetaError
-from .selection import topk_rows_numpy
-from .sparse import SparseRows
-from .values import OWN, get_array
+from compressors.bits import BitCount
+from compressors.payload import DuplicateIndexError, IndexRangeError, MetaError
+from compressors.selection import topk_rows_numpy
+from compressors.sparse import SparseRows
+from compressors.values import OWN, get_array
 
 State = dict[str, Tensor]
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .bits import BitCount
-from .payload import DtypeError, MetaError, NonFiniteError, TruncatedError
+from compressors.bits import BitCount
+from compressors.payload import DtypeError, MetaError, NonFiniteError, TruncatedError
 
 Arrays = dict[str, np.ndarray]
 

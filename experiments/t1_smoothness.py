@@ -17,11 +17,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from fedgluon.data.tabular import load_sklearn
-from fedgluon.models import MLP
-from fedgluon.optim import Gluon
-from fedgluon.radius import SmoothnessTracker
-from fedgluon.tasks import stratified_split
+from fedgluon.tasks.data.tabular import load_sklearn
+from fedgluon.tasks.models import MLP
+from fedgluon.lmo.optim import Gluon
+from fedgluon.lmo.radius import SmoothnessTracker
+from fedgluon.tasks.registry import stratified_split
 
 
 def data():

@@ -1,6 +1,6 @@
 """T4 of docs/ALGORITHMS.md §13, scaled down: Muon vs Muon-MVR1 vs Muon-MVR2 vs STORM-MVR on one machine.
 
-MLP 64→128→128→10 on scikit-learn digits, batch 32, ``fedgluon.optim.Gluon`` with the Muon geometry
+MLP 64→128→128→10 on scikit-learn digits, batch 32, ``fedgluon.lmo.optim.Gluon`` with the Muon geometry
 (hidden spectral with Muon's shape scale, head sign, vectors RMS), NS5 in fp32, constant radius tuned per
 method over {0.01, 0.02, 0.05} by final full-batch train loss (mean of 2 seeds). MVR2 and STORM take two
 gradients per step (same batch at X^k and X^{k−1}); the table reports the train loss both at equal
@@ -17,10 +17,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from fedgluon.data.tabular import load_sklearn
-from fedgluon.models import MLP
-from fedgluon.optim import Gluon, minibatch_epoch
-from fedgluon.tasks import stratified_split
+from fedgluon.tasks.data.tabular import load_sklearn
+from fedgluon.tasks.models import MLP
+from fedgluon.lmo.optim import Gluon, minibatch_epoch
+from fedgluon.tasks.registry import stratified_split
 
 METHODS = {"muon": {"method": "muon"}, "muon-mvr1": {"method": "muon-mvr1"}, "muon-mvr2": {"method": "muon-mvr2"},
            "storm (gamma=1, no clip)": {"method": "gluon-mvr", "preset": "muon", "beta": 0.9, "schedule": "constant"}}

@@ -1,10 +1,8 @@
 """The Flower ``ServerApp``: builds the task and algorithm from the run spec and runs GluonStrategy.
 
-``make_server_app(spec, sink)`` is used by fedgluon's engines (the spec is captured; results go to
-``sink``); the module-level ``app`` is the ``flwr run .`` entry point: it reads the ``fedgluon run``
-config named by the Flower run config (fedgluon/deployment.py) and writes the same run directory as
-``fedgluon run`` (fedgluon/experiment.py), to an absolute directory. A run that fails leaves
-``"complete": false`` and the reason in its ``summary.json`` (``flwr run`` exits 0 either way).
+``make_server_app(spec, sink)`` is used by fedgluon's engines (the spec is captured, or read from the
+run's context when ``spec`` is None; results go to ``sink``). The ``flwr run .`` entry point, which reads
+a whole ``fedgluon run`` config and writes its run directory, is ``fedgluon.exp.deployed.app``.
 """
 
 from __future__ import annotations
@@ -15,23 +13,23 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedgluon import dispatch
-from fedgluon import spec as specs
-from fedgluon.checkpoint import Checkpointer, Snapshot
-from fedgluon.client_app import spec_from_context
-from fedgluon.deployment import VersionCheckedGrid, wait_for_nodes
-from fedgluon.dispatch import WakingGrid
-from fedgluon.federation import Evaluate
-from fedgluon.gc_pause import gc_frozen
+from fedgluon.flower import dispatch
+from fedgluon.config import spec as specs
+from fedgluon.sim.checkpoint import Checkpointer, Snapshot
+from fedgluon.flower.client_app import spec_from_context
+from fedgluon.flower.deployment import VersionCheckedGrid, wait_for_nodes
+from fedgluon.flower.dispatch import WakingGrid
+from fedgluon.sim.federation import Evaluate
+from fedgluon.runtime.gc_pause import gc_frozen
 
-from .wire import tensors_to_record
-from .strategy import GluonStrategy
+from fedgluon.flower.wire import tensors_to_record
+from strategies.strategy import GluonStrategy
 
 # Seconds between the server's polls for replies. Flower's simulation Grid (InMemoryGrid) sleeps
 # 0.1 s between polls, up to 0.1 s added to every round (0.5 ms per client task at 200 clients, as
 # much as the clients' whole work in blocks); polling the in-memory state every 5 ms costs ~1% of a
-# core. Under fedgluon.engines.run_ray the Grid is also wrapped to wake on each stored reply instead
-# (fedgluon.dispatch, which also wakes Flower's dispatch thread on each push).
+# core. Under fedgluon.flower.engines.run_ray the Grid is also wrapped to wake on each stored reply instead
+# (fedgluon.flower.dispatch, which also wakes Flower's dispatch thread on each push).
 POLL_INTERVAL = 0.005
 
 
@@ -60,7 +58,7 @@ def serve(grid: Grid, spec: Mapping[str, Any], on_round: Callable[[dict[str, Any
                              schema=algorithm.state_schema(task.objectives[0], X0, spec["seed"]))
     poll_faster(grid)
     wake = dispatch.active()
-    if wake is not None:  # Flower's simulation under fedgluon.engines.run_ray: event-driven hand-off
+    if wake is not None:  # Flower's simulation under fedgluon.flower.engines.run_ray: event-driven hand-off
         grid = WakingGrid(grid, wake, on_reply=strategy.read_reply)  # type: ignore[assignment]
     wait_for_nodes(grid, task.num_clients, int(spec["block_size"]), float(spec["node_timeout"]))
     strategy.connect(VersionCheckedGrid(grid), timeout=float(spec["node_timeout"]))  # type: ignore[arg-type]
@@ -78,38 +76,9 @@ def make_server_app(spec: Mapping[str, Any] | None = None, sink: list | None = N
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        if fixed is None and sink is None:  # flwr run: the whole run, with its run directory
-            deployed_run(grid, context)
-            return
         s = fixed if fixed is not None else spec_from_context(context)
         strategy = serve(grid, s, on_round, evaluate, checkpointer, resume)
         if sink is not None:
             sink.append(strategy)
 
     return app
-
-
-def deployed_run(grid: Grid, context: Context) -> None:
-    """``flwr run``'s ServerApp: run the config the Flower run config names (fedgluon/deployment.py) over
-    ``grid`` and write its run directory; on any failure, ``"complete": false`` and the reason go to the
-    run directory's summary.json (when the directory can be named) before the error propagates to
-    Flower, which marks the run failed."""
-    from fedgluon import deployment
-    from fedgluon.config import ConfigError
-    from fedgluon.experiment import run
-
-    out = None
-    try:
-        cfg = deployment.load_config(context.run_config)
-        _, _, root, resume, _ = deployment.run_settings(context.run_config)
-        out = deployment.run_dir(cfg, root)
-        run(cfg, progress=False, out_dir=out, resume=resume, grid=deployment.PollingGrid(grid))
-    except BaseException as err:
-        if isinstance(err, ConfigError) and "--overwrite" in str(err):  # fedgluon run's flag; flwr run's key
-            err = ConfigError(str(err).replace("--overwrite", "--run-config overwrite=true"))
-        if out is not None:
-            deployment.record_failure(out, f"{type(err).__name__}: {err}")
-        raise err from None
-
-
-app = make_server_app()

@@ -5,24 +5,24 @@ Per round (Flower's ``Strategy.start`` loop calls these):
 * ``configure_train`` — samples clients (seeded, by partition id), asks the algorithm for the
   broadcast (model, refresh flag, downlink bits) and sends each sampled client a ``train``
   message with the model, the round's config and *its committed state* (client_app.py explains why).
-* ``aggregate_train`` — turns replies into payloads (``strategies.wire``; anything malformed is
+* ``aggregate_train`` — turns replies into payloads (``fedgluon.flower.wire``; anything malformed is
   a rejection, a second reply from the same node is ignored), treats error replies and missing
   replies as failures, and hands them to ``Federation.close_round`` (shared with the plain driver):
   the algorithm's ``server_step`` validates every payload before touching server state, accepted
   clients' returned states are committed, the metrics row is recorded, checkpoints are written, and
   a dead Ray actor or a non-finite server step stops the run with a checkpoint.
 
-Each node simulates a block of ``block_size`` virtual clients (fedgluon/blocks.py): one message
+Each node simulates a block of ``block_size`` virtual clients (fedgluon/clients/blocks.py): one message
 per node carries the round's sampled clients of its block and their rows of the client-state table,
-and its reply their payload groups, proposed state columns and metrics (strategies/wire.py). Before the
+and its reply their payload groups, proposed state columns and metrics (fedgluon/flower/wire.py). Before the
 first round :meth:`connect` waits (bounded) for the expected nodes and maps Flower's random node ids to
 blocks with a ``query`` handshake, checking what each node says (:meth:`GluonStrategy.hello`): a node with
 a bad answer is rejected and logged, and the clients of a block no node holds fail every round. Replies
 are processed in client-id order. Rejections and failures are logged with their reason, client text
-clipped (``fedgluon.federation.clip_text``).
+clipped (``fedgluon.sim.federation.clip_text``).
 
 A failed reply counts as a dead worker, which stops the run, only by its Flower error code
-(:func:`fedgluon.faults.runtime_failure`): any code but ``CLIENT_APP_RAISED_EXCEPTION``. What the reply's
+(:func:`runtime_failure`): any code but ``CLIENT_APP_RAISED_EXCEPTION``. What the reply's
 reason says, and a node's own ``failed`` record, only fail the clients concerned.
 """
 
@@ -40,20 +40,30 @@ from flwr.serverapp.strategy import Strategy
 
 from fedgluon.algorithms import Algorithm, ClientReply
 from fedgluon.algorithms.block import Proposal
-from fedgluon.blocks import block_clients, block_of, by_block, num_blocks
-from fedgluon.checkpoint import Checkpointer, Snapshot
-from fedgluon.faults import runtime_failure
-from fedgluon.federation import Evaluate, Federation, RoundPlan, clip_text, client_weights_from_sizes
-from fedgluon.gc_pause import gc_paused
-from fedgluon.state_schema import StateSchema
-from fedgluon.trace import phase
+from fedgluon.clients.blocks import block_clients, block_of, by_block, num_blocks
+from fedgluon.sim.checkpoint import Checkpointer, Snapshot
+from fedgluon.sim.federation import Evaluate, Federation, RoundPlan, clip_text, client_weights_from_sizes
+from fedgluon.runtime.gc_pause import gc_paused
+from fedgluon.clients.state_schema import StateSchema
+from fedgluon.runtime.trace import phase
 
-from .wire import read_replies, rows_to_record, tensors_to_record
+from fedgluon.flower.wire import read_replies, rows_to_record, tensors_to_record
 
 log = logging.getLogger("fedgluon.strategy")
 
 SAMPLE_CAP = 2 ** 31 - 1  # the most samples a node may report for one client at the handshake
 NO_NODE = "no node holds this client's block (rejected or missing at the handshake)"
+
+
+
+def runtime_failure(code: int) -> bool:
+    """Whether a Flower error reply's ``code`` says the runtime lost the task (the worker process died, the
+    node or the reply is gone, the app could not load): any of flwr's ``ErrorCode`` values except
+    ``CLIENT_APP_RAISED_EXCEPTION``, which is the ClientApp's own exception and fails only its clients.
+    The reason text is never read: a client can write anything there."""
+    from flwr.common.constant import ErrorCode
+
+    return code != ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 
 class HandshakeError(ValueError):
@@ -88,10 +98,10 @@ class BlockRead:
 
 class GluonStrategy(Strategy):
     """Drive ``algorithm`` over Flower messages (see module docstring). The server side of every round
-    is a :class:`fedgluon.federation.Federation` (shared with the plain driver); ``resume`` continues a
+    is a :class:`fedgluon.sim.federation.Federation` (shared with the plain driver); ``resume`` continues a
     checkpointed run, ``checkpointer`` writes checkpoints. ``sizes``: each client's number of samples
     where the server knows them (the nodes must report the same; the weights come from them);
-    ``max_failed_rounds``: see :class:`~fedgluon.federation.Federation`."""
+    ``max_failed_rounds``: see :class:`~fedgluon.sim.federation.Federation`."""
 
     def __init__(self, algorithm: Algorithm, X0: Mapping[str, Any], num_clients: int, *, seed: int = 0,
                  participation: float | int = 1.0, weights: str = "uniform", evaluate: Evaluate | None = None,
@@ -282,7 +292,7 @@ class GluonStrategy(Strategy):
 
     def _read(self, msg: Message, clients: list[int]) -> BlockRead:
         """One block's reply: its clients' replies and proposed state columns (views of the reply's
-        bytes), failures and rejections (strategies/wire.py)."""
+        bytes), failures and rejections (fedgluon/flower/wire.py)."""
         if msg.has_error():
             code = msg.error.code
             why = clip_text(f"error code {code}: {msg.error.reason}")

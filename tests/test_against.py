@@ -59,7 +59,7 @@ def test_compare_runs_both_revisions_from_their_own_trees(tmp_path):
 def test_cli_passes_arguments_after_the_separator_to_one_benchmark():
     from click.testing import CliRunner
 
-    from fedgluon.cli import main
+    from fedgluon.exp.cli import main
 
     out = CliRunner().invoke(main, ["bench", "all", "--", "--sizes", "4"])
     assert out.exit_code != 0 and "name it" in out.output

@@ -1,4 +1,4 @@
-"""fedgluon.allocator: glibc keeps freed memory mapped where fedgluon owns the process.
+"""fedgluon.runtime.allocator: glibc keeps freed memory mapped where fedgluon owns the process.
 
 Each check runs in a fresh interpreter: the settings are process-wide and permanent."""
 
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from fedgluon.allocator import _glibc
+from fedgluon.runtime.allocator import _glibc
 
 pytestmark = pytest.mark.skipif(_glibc() is None, reason="needs glibc's malloc")
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(_glibc() is None, reason="needs glibc's malloc")
 # join makes), each pass freed before the next: the minor faults of each pass.
 PASSES = """
 import json, resource, sys, torch
-from fedgluon.allocator import applied, keep_freed_memory
+from fedgluon.runtime.allocator import applied, keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else False
 make = {"tensors": lambda: [torch.ones(1 << 18) for _ in range(100)], "bytes": lambda: b"1" * (100 << 20)}[sys.argv[2]]
 counts = []
@@ -55,14 +55,14 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again(kind):
 def test_the_environment_turns_it_off_and_it_applies_once():
     off = _run(PASSES, "keep", "tensors", env={"FEDGLUON_KEEP_FREED_MEMORY": "0"})
     assert not off["kept"] and not off["applied"]
-    twice = _run("import json; from fedgluon.allocator import keep_freed_memory as k, applied; "
+    twice = _run("import json; from fedgluon.runtime.allocator import keep_freed_memory as k, applied; "
                  "print(json.dumps({'calls': [k(), k()], 'applied': applied()}))")
     assert twice == {"calls": [True, True], "applied": True}
 
 
 def test_the_command_line_applies_it_and_a_user_process_is_left_alone():
-    code = ("import json; from click.testing import CliRunner; from fedgluon.allocator import applied; "
-            "from fedgluon.cli import main; import fedgluon.driver; before = applied(); "
+    code = ("import json; from click.testing import CliRunner; from fedgluon.runtime.allocator import applied; "
+            "from fedgluon.exp.cli import main; import fedgluon.sim.driver; before = applied(); "
             "result = CliRunner().invoke(main, ['list']); "
             "print(json.dumps({'before': before, 'after': applied(), 'code': result.exit_code}))")
     assert _run(code) == {"before": False, "after": True, "code": 0}

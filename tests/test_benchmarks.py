@@ -6,10 +6,10 @@ import re
 import torch
 
 from fedgluon.algorithms import make_algorithm
-from fedgluon.driver import run_plain
-from fedgluon.geometry import Geometry
-from fedgluon.models import MLP
-from fedgluon.objective import SupervisedObjective
+from fedgluon.sim.driver import run_plain
+from fedgluon.lmo.geometry import Geometry
+from fedgluon.tasks.models import MLP
+from fedgluon.clients.objective import SupervisedObjective
 
 
 def test_state_check_benchmark_reads_a_whole_block_and_prices_its_checks(capsys):

@@ -9,17 +9,17 @@ import pandas as pd
 import pytest
 import torch
 
-from fedgluon import spec as specs
-from fedgluon import vectorised
-from fedgluon.blocks import block_clients, num_blocks
-from fedgluon.client_table import flatten
-from fedgluon.driver import run_plain
-from fedgluon.engines import run_inprocess
-from fedgluon.faults import FaultPlan
-from fedgluon.metrics import TIMING_COLUMNS
-from fedgluon.rng import generator
-from fedgluon.tasks import make_task
-from fedgluon.vectorised import can_vectorise, stacked_gradients
+from fedgluon.config import spec as specs
+from fedgluon.clients import vectorised
+from fedgluon.clients.blocks import block_clients, num_blocks
+from fedgluon.clients.table import flatten
+from fedgluon.sim.driver import run_plain
+from fedgluon.flower.engines import run_inprocess
+from fedgluon.sim.faults import FaultPlan
+from fedgluon.sim.metrics import TIMING_COLUMNS
+from fedgluon.core.rng import generator
+from fedgluon.tasks.registry import make_task
+from fedgluon.clients.vectorised import can_vectorise, stacked_gradients
 
 TASK = {"name": "synthetic", "num_clients": 9, "dim": 10, "classes": 4, "hidden": [16], "mean_samples": 30,
         "batch_size": 24}
@@ -82,8 +82,8 @@ def _running_bn():
 def test_batchnorm_with_running_statistics_falls_back_to_the_loop_and_the_cnn_has_none(vmapped_calls):
     """A model whose forward pass writes its running statistics is not vmapped: every row is its
     ``objective.gradient``, bitwise; SmallCNN normalises with batch statistics alone and has no buffers."""
-    from fedgluon.models import MLP, SmallCNN
-    from fedgluon.objective import SupervisedObjective
+    from fedgluon.tasks.models import MLP, SmallCNN
+    from fedgluon.clients.objective import SupervisedObjective
 
     assert not can_vectorise(_running_bn()) and can_vectorise(MLP(4, (3,), 2))
     cnn = SmallCNN(1, 10, widths=(4,))
@@ -104,8 +104,8 @@ def test_batchnorm_with_running_statistics_falls_back_to_the_loop_and_the_cnn_ha
 def test_the_cnn_batches_its_gradients_and_gives_the_loop_results(vmapped_calls):
     """SmallCNN normalises with batch statistics only, so its block gradients are vmapped, equal to the
     per-client loop up to float32 rounding (conv kernels differ batched: measured <= 1e-6 relative)."""
-    from fedgluon.models import SmallCNN
-    from fedgluon.objective import SupervisedObjective
+    from fedgluon.tasks.models import SmallCNN
+    from fedgluon.clients.objective import SupervisedObjective
 
     gen = torch.Generator().manual_seed(0)
     model = SmallCNN(1, 4, widths=(3,), image_size=8)
@@ -176,7 +176,7 @@ def _rows_of(results) -> dict:
 
 def _same_row(a: dict, b: dict, what: str) -> None:
     """Bitwise equal but the reported loss, which may differ in its last bit (module doc of
-    fedgluon.vectorised: a vmapped batch mean is reduced in another order)."""
+    fedgluon.clients.vectorised: a vmapped batch mean is reduced in another order)."""
     assert a["failed"] == b["failed"], what
     if a["reply"] is None or b["reply"] is None:
         assert a["reply"] == b["reply"], what
@@ -248,7 +248,7 @@ def test_threads_never_share_a_module_in_functional_call():
     (``functional_call`` swaps a module's parameters, so threads sharing one module read each other's:
     hundreds of wrong gradients in this loop without :func:`thread_model`); the main thread and models
     with buffers use the module itself."""
-    from fedgluon.objective import thread_model
+    from fedgluon.clients.objective import thread_model
 
     task = make_task({**TASK, "seed": 5})
     objs, X = task.objectives, task.initial_params()
@@ -281,8 +281,8 @@ def test_threads_never_share_a_module_in_functional_call():
 
 
 def test_workers_are_checked_and_models_with_buffers_step_one_block_at_a_time(caplog):
-    from fedgluon.driver import block_workers
-    from fedgluon.objective import SupervisedObjective
+    from fedgluon.sim.driver import block_workers
+    from fedgluon.clients.objective import SupervisedObjective
 
     task, algo = specs.build(specs.normalise({"task": TASK, "algorithm": {"name": "gluon-ef21"}}))
     for bad in (0, -1, 1.5, True):
@@ -298,7 +298,7 @@ def test_workers_are_checked_and_models_with_buffers_step_one_block_at_a_time(ca
     t.join()
     assert later == [threads] and torch.get_num_threads() == threads
     cnn = SupervisedObjective(_running_bn(), torch.zeros(4, 4), torch.zeros(4, dtype=torch.long))
-    with caplog.at_level("WARNING", logger="fedgluon.driver"), block_workers(2, [cnn]) as pool:
+    with caplog.at_level("WARNING", logger="fedgluon.sim.driver"), block_workers(2, [cnn]) as pool:
         assert pool is None
     assert "buffers" in caplog.text
 

@@ -1,6 +1,6 @@
 from click.testing import CliRunner
 
-from fedgluon.cli import main
+from fedgluon.exp.cli import main
 
 
 def test_list_shows_registries():

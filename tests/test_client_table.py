@@ -1,4 +1,4 @@
-"""The client-state table (fedgluon/client_table.py): rows of a block as views or copies, commits of
+"""The client-state table (fedgluon/clients/table.py): rows of a block as views or copies, commits of
 accepted rows only, the model history for X_prev, the schema check, its state_dict; and, through the
 plain driver, partial commits of a block (a rejected or failed client keeps its row bitwise while its
 block-mates commit)."""
@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-from fedgluon import spec as specs
-from fedgluon.client_table import NEVER, ClientRows, ClientStateTable, flatten, nest
-from fedgluon.driver import run_plain
-from fedgluon.memory import client_state_bytes
-from fedgluon.metrics import TIMING_COLUMNS
-from fedgluon.state_schema import StateSchema
+from fedgluon.config import spec as specs
+from fedgluon.clients.table import NEVER, ClientRows, ClientStateTable, flatten, nest
+from fedgluon.sim.driver import run_plain
+from fedgluon.core.memory import client_state_bytes
+from fedgluon.sim.metrics import TIMING_COLUMNS
+from fedgluon.clients.state_schema import StateSchema
 
 N = 6
 STATE = {"ef": {"g": {"w": torch.zeros(3, 2)}}, "m": {"b": torch.zeros(2, dtype=torch.float16)}, "comp": {}}
@@ -233,7 +233,7 @@ def test_a_rejected_client_keeps_its_row_while_its_block_mates_commit(algorithm)
     are bitwise those after round 0 while clients 0, 1, 3, 4 (same block) committed; with partial
     participation and injected raises too, the tables equal those of one client at a time, and so do
     the state bytes."""
-    from fedgluon.faults import FaultPlan
+    from fedgluon.sim.faults import FaultPlan
 
     spec = specs.normalise({"task": TASK, "algorithm": algorithm, "rounds": 6, "block_size": 5})
     task, algo = specs.build_cached(spec)
@@ -281,7 +281,7 @@ def test_chunked_error_feedback_gives_the_same_run(monkeypatch, compressor):
 
 
 def test_run_slices_join_a_last_run_of_one():
-    from fedgluon.blocks import run_slices
+    from fedgluon.clients.blocks import run_slices
 
     assert run_slices(5, 2) == [slice(0, 2), slice(2, 5)]
     assert run_slices(6, 2) == [slice(0, 2), slice(2, 4), slice(4, 6)]

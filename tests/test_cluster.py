@@ -1,4 +1,4 @@
-"""Ray clusters through the CLI (fedgluon/cluster.py, fedgluon/sweep.py): a real two-node cluster on
+"""Ray clusters through the CLI (fedgluon/exp/cluster.py, fedgluon/exp/sweep.py): a real two-node cluster on
 loopback started with ``ray start`` as the README says, sweeps whose members come back to the driver,
 where runs ran, and shares the cluster cannot hold."""
 
@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from fedgluon.cli import main
-from fedgluon.metrics import TIMING_COLUMNS
+from fedgluon.exp.cli import main
+from fedgluon.sim.metrics import TIMING_COLUMNS
 
 TINY = ["rounds=2", "task.num_clients=2", "task.mean_samples=30", "grad_norm_every=0", "--quiet"]
 
@@ -168,8 +168,8 @@ def test_shares_are_checked_against_every_node_of_a_ray_with_a_faked_gpu():
     that node and names a data file it lacks."""
     import ray
 
-    from fedgluon.cluster import check_shares, probe_nodes, ray_nodes
-    from fedgluon.config import ConfigError
+    from fedgluon.exp.cluster import check_shares, probe_nodes, ray_nodes
+    from fedgluon.config.schema import ConfigError
 
     ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False)
     try:
@@ -223,9 +223,9 @@ def test_a_member_run_elsewhere_comes_back_as_files_the_driver_writes(tmp_path):
     """What a parallel member's Ray task does, without Ray: the run in a scratch directory (removed
     afterwards) returned as bytes, written by the driver into a complete run directory with its marker;
     a file name that would leave the member's directory is refused before anything is written."""
-    from fedgluon.config import load
-    from fedgluon.run_dir import MARKER, is_complete
-    from fedgluon.sweep import run_member, write_member
+    from fedgluon.config.schema import load
+    from fedgluon.config.run_dir import MARKER, is_complete
+    from fedgluon.exp.sweep import run_member, write_member
 
     cfg = load(None, ["engine.name=plain", *TINY[:-1], "output.name=m"])
     result = run_member(cfg)
@@ -248,8 +248,8 @@ def test_a_gpu_share_on_a_ray_that_fakes_a_gpu_runs_and_records_the_gpu_ids(tmp_
     ``summary.json`` records that; the metrics equal the plain engine's."""
     import ray
 
-    from fedgluon.config import load
-    from fedgluon.experiment import run
+    from fedgluon.config.schema import load
+    from fedgluon.exp.experiment import run
 
     args = [*TINY[:-1], f"output.dir={tmp_path}", "engine.client_device=auto", "engine.block_size=1"]
     ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)

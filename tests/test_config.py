@@ -19,8 +19,8 @@ import pytest
 from click.testing import CliRunner
 from omegaconf import OmegaConf
 
-from fedgluon import config
-from fedgluon.cli import main
+from fedgluon.config import schema as config
+from fedgluon.exp.cli import main
 
 BASE = ["engine.name=plain", "--quiet"]
 
@@ -168,7 +168,7 @@ def test_yaml_python_tags_are_refused_without_running_them(tmp_path, monkeypatch
 def test_the_installed_command_prints_one_line_and_no_traceback(tmp_path, args, named):
     """The same guarantee through a real process (stderr and stdout both checked)."""
     (tmp_path / "evil.yaml").write_text("seed: !!python/name:os.system\n")
-    proc = subprocess.run([sys.executable, "-m", "fedgluon.cli", "run", *args, "engine.name=plain"],
+    proc = subprocess.run([sys.executable, "-m", "fedgluon.exp.cli", "run", *args, "engine.name=plain"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stdout == ""

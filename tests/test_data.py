@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedgluon.data import shakespeare as shk
-from fedgluon.data.idx import FASHION_MNIST_DIR, load_mnist_like, read_idx
-from fedgluon.data.synthetic import leaf_synthetic
-from fedgluon.data.tabular import a9a_like, load_libsvm, load_sklearn
+from fedgluon.tasks.data import shakespeare as shk
+from fedgluon.tasks.data.idx import FASHION_MNIST_DIR, load_mnist_like, read_idx
+from fedgluon.tasks.data.synthetic import leaf_synthetic
+from fedgluon.tasks.data.tabular import a9a_like, load_libsvm, load_sklearn
 
 DATA = Path(__file__).with_name("data")
 

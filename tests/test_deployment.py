@@ -1,4 +1,4 @@
-"""The Flower deployment (fedgluon/deployment.py, strategies/server_app.py ``deployed_run``).
+"""The Flower deployment (fedgluon/flower/deployment.py, fedgluon/exp/deployed.py).
 
 Fast tests drive the real ServerApp and ClientApp over fedgluon's in-process grid; the slow test starts a
 real SuperLink and two SuperNodes on free loopback ports, runs ``flwr run`` and compares the run
@@ -25,14 +25,15 @@ from flwr.app import Context, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedgluon import config as configs
-from fedgluon import deployment
-from fedgluon import spec as specs
-from fedgluon.client_app import make_client_app
-from fedgluon.config import ConfigError, load
-from fedgluon.engines import InProcessGrid
-from fedgluon.experiment import run
-from strategies.server_app import deployed_run, serve
+from fedgluon.config import schema as configs
+from fedgluon.flower import deployment
+from fedgluon.config import spec as specs
+from fedgluon.flower.client_app import make_client_app
+from fedgluon.config.schema import ConfigError, load
+from fedgluon.flower.engines import InProcessGrid
+from fedgluon.exp.experiment import run
+from fedgluon.exp.deployed import deployed_run
+from strategies.server_app import serve
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """\

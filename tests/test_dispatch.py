@@ -1,4 +1,4 @@
-"""fedgluon.dispatch: Flower's simulation loops wake on pushes and replies (and wait at most their caps),
+"""fedgluon.flower.dispatch: Flower's simulation loops wake on pushes and replies (and wait at most their caps),
 the Grid wrapper returns every reply or stops at its timeout, and Flower's functions are restored afterwards."""
 
 import queue
@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 from flwr.server.superlink.fleet.vce import vce_api
 
-from fedgluon import dispatch
-from fedgluon.dispatch import SIGNALLED_WAIT, ShortWait, Wakeups, WakingGrid, faster_dispatch, interval_for
+from fedgluon.flower import dispatch
+from fedgluon.flower.dispatch import SIGNALLED_WAIT, ShortWait, Wakeups, WakingGrid, faster_dispatch, interval_for
 
 
 def test_short_wait_caps_the_wait_and_passes_the_event_through():

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from fedgluon import spec as specs
-from fedgluon.client_app import make_client_app
-from fedgluon.driver import run_plain
-from fedgluon.engines import InProcessGrid, run_inprocess, run_ray
-from fedgluon.metrics import TIMING_COLUMNS
+from fedgluon.config import spec as specs
+from fedgluon.flower.client_app import make_client_app
+from fedgluon.sim.driver import run_plain
+from fedgluon.flower.engines import InProcessGrid, run_inprocess, run_ray
+from fedgluon.sim.metrics import TIMING_COLUMNS
 
 SPEC = {"task": {"name": "synthetic", "num_clients": 4, "dim": 10, "classes": 4, "mean_samples": 40, "hidden": [8]},
         "algorithm": {"name": "gluon-ef21-sarah", "lr": 0.05, "compressor": {"name": "topk", "ratio": 0.1},
@@ -56,12 +56,12 @@ def same_metrics(a: pd.DataFrame, b: pd.DataFrame, loss_rtol: float = 0.0) -> No
 def test_client_app_pickles_as_its_spec(monkeypatch):
     """Flower's Ray engine pickles the ClientApp with every message: a fixed-spec app pickles as its spec
     (small) and unpickles to one app per spec and process, which runs like the original, and marks its
-    process a worker of the run (fedgluon.gc_pause.freeze_worker)."""
+    process a worker of the run (fedgluon.runtime.gc_pause.freeze_worker)."""
     import json
     import pickle
 
-    from fedgluon import gc_pause
-    from fedgluon.client_app import SpecClientApp
+    from fedgluon.runtime import gc_pause
+    from fedgluon.flower.client_app import SpecClientApp
 
     monkeypatch.setitem(gc_pause._worker, "is", False)  # this test process is no worker: restored after
 
@@ -125,9 +125,9 @@ def test_client_state_commits_only_accepted_rounds(monkeypatch, caplog):
 
 
 def nan_in_payload(content, j: int) -> None:
-    """A NaN in the first value of client ``j``'s first payload layer of a node's reply (strategies/wire.py
+    """A NaN in the first value of client ``j``'s first payload layer of a node's reply (fedgluon/flower/wire.py
     layout), the way a broken node could send it."""
-    from strategies.wire import DTYPES, to_array
+    from fedgluon.flower.wire import DTYPES, to_array
 
     meta, arrays = content.config_records["meta"], content.array_records["replies"]
     r = next(r for r in range(meta["runs"]) if j in meta[f"{r}/clients"])
@@ -145,7 +145,7 @@ def test_ray_simulation_equals_inprocess_and_plain_driver():
     """On Ray with blocks of 2 virtual clients per node (one client per node on Ray: test_reliability),
     the metrics equal the plain driver's and the in-process engine's, and so does every client's row of
     the client-state table; neither flwr 1.42's deprecation of ``run_simulation``, which the Ray engine
-    calls on purpose, nor Ray's tip on the GPU hiding that fedgluon.engines.QUIET_ENV pins is shown."""
+    calls on purpose, nor Ray's tip on the GPU hiding that fedgluon.flower.engines.QUIET_ENV pins is shown."""
     shown: list[str] = []
     flwr_log, handler = logging.getLogger("flwr"), logging.Handler()
     handler.emit = lambda record: shown.append(record.getMessage())
@@ -206,7 +206,7 @@ def test_server_polls_flowers_simulation_grid_every_5_ms():
 def test_gc_pause_restores_the_collector_state():
     import gc
 
-    from fedgluon.gc_pause import gc_paused
+    from fedgluon.runtime.gc_pause import gc_paused
 
     assert gc.isenabled()
     with pytest.raises(RuntimeError):
@@ -231,7 +231,7 @@ def test_runs_freeze_what_was_alive_before_them_and_unfreeze_after():
     is left as it was."""
     import gc
 
-    from fedgluon.gc_pause import gc_frozen
+    from fedgluon.runtime.gc_pause import gc_frozen
 
     # Some interpreters freeze objects at start-up (375 on the GPU image's Python 3.12), a freeze runs leave
     # alone: start from none, and freeze again at the end.
@@ -260,7 +260,7 @@ def test_replies_read_as_they_arrive_give_the_same_run(monkeypatch):
     block is parsed while the others compute); aggregate_train then uses those reads, each reply read
     once, and the run equals the plain driver's. Here with fedgluon's in-process grid behind the same
     WakingGrid (dispatch.active() patched to give one)."""
-    from fedgluon import dispatch
+    from fedgluon.flower import dispatch
     from strategies.strategy import GluonStrategy
 
     monkeypatch.setattr(dispatch, "active", lambda: dispatch.Wakeups())

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedgluon.estimators import MVR, SARAH, EMAMomentum, LiMuon, MuonMVR, RefreshPolicy, make_estimator
+from fedgluon.lmo.estimators import MVR, SARAH, EMAMomentum, LiMuon, MuonMVR, RefreshPolicy, make_estimator
 
 
 def grads(seed, shapes={"w": (6, 4), "b": (6,)}):

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from fedgluon.cli import main
-from fedgluon.experiment import METRIC_COLUMNS
-from fedgluon.metrics import TIMING_COLUMNS
+from fedgluon.exp.cli import main
+from fedgluon.exp.experiment import METRIC_COLUMNS
+from fedgluon.sim.metrics import TIMING_COLUMNS
 
 FAST = ["engine.name=plain", "rounds=6", "task.num_clients=4", "task.mean_samples=40", "grad_norm_every=3"]
 
@@ -114,7 +114,7 @@ def test_sweep_over_whole_algorithm_sections_and_seeds(tmp_path, monkeypatch):
 
 
 def test_python_api_loads_runs_and_sweeps(tmp_path, monkeypatch):
-    from fedgluon.sweep import load_members, load_run
+    from fedgluon.exp.sweep import load_members, load_run
 
     monkeypatch.chdir(tmp_path)
     invoke("sweep", *FAST, "seed=[0,1]", "--name", "seeds", "--quiet")
@@ -140,7 +140,7 @@ def test_fedgluon_run_without_arguments_on_ray(tmp_path, monkeypatch):
 
 
 def test_switching_task_or_algorithm_drops_the_defaults_of_the_other(tmp_path):
-    from fedgluon.config import load
+    from fedgluon.config.schema import load
 
     cfg = load(None, ["task.name=digits", "algorithm.name=gluon"])
     assert dict(cfg.task) == {"name": "digits"}  # no synthetic alpha/beta leak into digits

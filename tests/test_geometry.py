@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from fedgluon.geometry import Geometry
-from fedgluon.models import MLP, SmallCNN, TinyGPT
-from fedgluon.norms import RMS, RowNorm, Sign, Spectral
+from fedgluon.lmo.geometry import Geometry
+from fedgluon.tasks.models import MLP, SmallCNN, TinyGPT
+from fedgluon.lmo.norms import RMS, RowNorm, Sign, Spectral
 
 
 def test_mlp_geometry_scion_rules():

@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from fedgluon import spec as specs
-from fedgluon.driver import run_plain
-from fedgluon.engines import run_inprocess
-from fedgluon.geometry import Geometry
-from fedgluon.models import MLP
-from fedgluon.norms import RMS, ColNorm, RowNorm, Sign, Spectral
-from fedgluon.polar import NewtonSchulz, SVDPolar, resolve_dtype
+from fedgluon.config import spec as specs
+from fedgluon.sim.driver import run_plain
+from fedgluon.flower.engines import run_inprocess
+from fedgluon.lmo.geometry import Geometry
+from fedgluon.tasks.models import MLP
+from fedgluon.lmo.norms import RMS, ColNorm, RowNorm, Sign, Spectral
+from fedgluon.lmo.polar import NewtonSchulz, SVDPolar, resolve_dtype
 from test_engines import same_metrics
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

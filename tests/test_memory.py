@@ -1,14 +1,14 @@
-"""Client-state bytes (fedgluon.memory) and the shared x_prev of the plain driver."""
+"""Client-state bytes (fedgluon.core.memory) and the shared x_prev of the plain driver."""
 
 import torch
 
 from fedgluon.algorithms import make_algorithm
-from fedgluon.driver import run_plain
-from fedgluon.geometry import Geometry
-from fedgluon.memory import client_state_bytes, nbytes
-from fedgluon.models import MLP
-from fedgluon.data.synthetic import leaf_synthetic
-from fedgluon.objective import SupervisedObjective
+from fedgluon.sim.driver import run_plain
+from fedgluon.lmo.geometry import Geometry
+from fedgluon.core.memory import client_state_bytes, nbytes
+from fedgluon.tasks.models import MLP
+from fedgluon.tasks.data.synthetic import leaf_synthetic
+from fedgluon.clients.objective import SupervisedObjective
 
 
 def test_nbytes_counts_shared_storage_once():

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedgluon.geometry import NORMS
-from fedgluon.norms import ColNorm, Euclidean, RowNorm, Sign, Spectral, rms
-from fedgluon.polar import NewtonSchulz, SVDPolar
+from fedgluon.lmo.geometry import NORMS
+from fedgluon.lmo.norms import ColNorm, Euclidean, RowNorm, Sign, Spectral, rms
+from fedgluon.lmo.polar import NewtonSchulz, SVDPolar
 
 EXACT = {
     "spectral_svd": lambda shape: Spectral(factor=math.sqrt(shape[1] / shape[0]), oracle=SVDPolar()),

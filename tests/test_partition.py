@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedgluon.data.partition import partition, summary
+from fedgluon.tasks.data.partition import partition, summary
 
 LABELS = np.random.default_rng(0).integers(0, 10, 3000)
 

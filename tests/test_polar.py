@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fedgluon.polar import NewtonSchulz, SVDPolar, coefficient_schedule, resolve_dtype
+from fedgluon.lmo.polar import NewtonSchulz, SVDPolar, coefficient_schedule, resolve_dtype
 
 
 def test_batched_equals_per_matrix():
@@ -61,7 +61,7 @@ def test_bad_config_errors_name_the_field():
 def test_compiled_newton_schulz_equals_eager():
     """``ns_compile: true`` (torch.compile of the iterations, meant for CUDA) gives the eager result on CPU to
     fp32 rounding, batched and through a geometry built from config values. Compiling takes ≈ 20 s here."""
-    from fedgluon.geometry import Geometry
+    from fedgluon.lmo.geometry import Geometry
 
     G = torch.randn(3, 20, 12)
     eager, compiled = NewtonSchulz(), NewtonSchulz(compile=True)
@@ -74,7 +74,7 @@ def test_compiled_newton_schulz_equals_eager():
 
 
 def test_ns_compile_is_checked():
-    from fedgluon.polar import make_polar
+    from fedgluon.lmo.polar import make_polar
 
     with pytest.raises(ValueError, match="ns_compile must be true or false"):
         NewtonSchulz(compile="yes")  # type: ignore[arg-type]

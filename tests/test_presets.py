@@ -12,11 +12,11 @@ from torch import nn
 from torch.func import functional_call
 
 from fedgluon.algorithms import make_algorithm
-from fedgluon.driver import run_plain
-from fedgluon.geometry import Geometry
-from fedgluon.objective import SupervisedObjective
-from fedgluon.optim import Gluon
-from fedgluon.rng import generator
+from fedgluon.sim.driver import run_plain
+from fedgluon.lmo.geometry import Geometry
+from fedgluon.clients.objective import SupervisedObjective
+from fedgluon.lmo.optim import Gluon
+from fedgluon.core.rng import generator
 
 LR, WD, STEPS = 0.02, 0.1, 20
 
@@ -153,7 +153,7 @@ def test_gluon_mvr_reference_form_with_one_client_follows_the_published_code(var
 
 def test_first_step_is_the_codes_and_differs_from_fedgluons():
     """The code's last_grad starts at zero: c1 = g1 + γβ/(1−β)·g1 = 1.475·g1 before clipping."""
-    from fedgluon.estimators import make_estimator
+    from fedgluon.lmo.estimators import make_estimator
 
     g = {"w": torch.full((3, 2), 0.01, dtype=torch.float64), "b": torch.full((3,), 0.01, dtype=torch.float64)}
     _, est = make_estimator("muon_mvr1", beta=0.95, gamma=0.025, form="reference").step_one(None, g)
@@ -245,7 +245,7 @@ def test_bad_form_is_one_clear_error():
 def test_bad_form_in_a_config_is_one_error_line(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from fedgluon.cli import main
+    from fedgluon.exp.cli import main
 
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["run", "engine.name=plain", "rounds=1", "task.num_clients=2", "--quiet",

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedgluon.geometry import Geometry
-from fedgluon.radius import (Constant, GluonAdaptive, Polynomial, Scheduled, SmoothnessTracker, Warmup, fit_l0_l1,
+from fedgluon.lmo.geometry import Geometry
+from fedgluon.lmo.radius import (Constant, GluonAdaptive, Polynomial, Scheduled, SmoothnessTracker, Warmup, fit_l0_l1,
                              make_schedule)
 
 

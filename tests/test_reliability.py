@@ -16,14 +16,16 @@ import pytest
 import torch
 
 from compressors import BitCount
-from fedgluon import checkpoint, config, experiment
-from fedgluon import spec as specs
-from fedgluon.checkpoint import ActorDeathError, Checkpointer, NonFiniteStateError, RunInterrupted
-from fedgluon.driver import run_plain
-from fedgluon.engines import run_inprocess
-from fedgluon.faults import FaultPlan
-from fedgluon.federation import NoProgressError
-from fedgluon.metrics import TIMING_COLUMNS
+from fedgluon.sim import checkpoint
+from fedgluon.config import schema as config
+from fedgluon.exp import experiment
+from fedgluon.config import spec as specs
+from fedgluon.sim.checkpoint import ActorDeathError, Checkpointer, NonFiniteStateError, RunInterrupted
+from fedgluon.sim.driver import run_plain
+from fedgluon.flower.engines import run_inprocess
+from fedgluon.sim.faults import FaultPlan
+from fedgluon.sim.federation import NoProgressError
+from fedgluon.sim.metrics import TIMING_COLUMNS
 
 SMALL = ["task.num_clients=6", "task.dim=12", "task.classes=4", "task.hidden=[16]", "task.mean_samples=60",
          "algorithm.refresh_prob=0.3", "grad_norm_every=3"]
@@ -208,7 +210,7 @@ def _kill_at_round(args: list[str], ckpt: Path, at_round: int, timeout: float) -
 
 
 def _sigkill_resume(tmp_path, engine: str, rounds: int, at_round: int, timeout: float):
-    cli = [sys.executable, "-m", "fedgluon.cli"]
+    cli = [sys.executable, "-m", "fedgluon.exp.cli"]
     args = [*SMALL, f"output.dir={tmp_path}", f"rounds={rounds}", "output.checkpoint_every=2", "task.hidden=[64]",
             "grad_norm_every=1", f"engine.name={engine}", "engine.num_cpus=1", "round_timeout=60"]
     _kill_at_round([*cli, "run", *args, "output.name=killed", "--quiet"], tmp_path / "killed" / "checkpoint.pt",
@@ -249,7 +251,7 @@ def test_injected_faults_are_failures_and_states_follow_accepted_rounds(tmp_path
     strategy = run_inprocess(spec)
     frame = pd.DataFrame(strategy.history)
     assert len(frame) == 20
-    from fedgluon.federation import sample_clients
+    from fedgluon.sim.federation import sample_clients
 
     plan = FaultPlan.from_spec(faults).planned(5, 20, {k: sample_clients(8, k, 5, 0.75) for k in range(20)})
     per_round = pd.Series([k for k, _ in plan], dtype=int).value_counts().reindex(range(20), fill_value=0)
@@ -389,7 +391,7 @@ def test_diverging_run_stops_cleanly_naming_round_and_quantity(tmp_path):
 def test_gradient_norm_of_a_diverged_model_is_nan_not_a_linalg_error():
     """The true gradient's dual norm at a model whose gradient overflows is NaN (which stops the run), not
     a raw LinAlgError from the SVD."""
-    from fedgluon.experiment import _grad_dual_norm
+    from fedgluon.exp.experiment import _grad_dual_norm
 
     spec = specs.normalise({"task": {"name": "synthetic", "num_clients": 3, "dim": 8, "classes": 3, "hidden": [8]},
                             "algorithm": {"name": "gluon"}})
@@ -422,7 +424,7 @@ def test_rounds_without_an_accepted_client_stop_the_run(tmp_path):
 def test_cli_exits_non_zero_when_no_client_is_ever_accepted(tmp_path):
     from click.testing import CliRunner
 
-    from fedgluon.cli import main
+    from fedgluon.exp.cli import main
 
     out = CliRunner().invoke(main, ["run", *SMALL, f"output.dir={tmp_path}", "output.name=cli", "rounds=2",
                                     "--engine", "plain", "faults.raise_prob=1", "--quiet"])
@@ -433,7 +435,7 @@ def test_cli_exits_non_zero_when_no_client_is_ever_accepted(tmp_path):
 def test_a_client_that_says_its_actor_died_fails_only_itself(monkeypatch):
     """A ClientApp whose exception text says its actor died is an exception of the ClientApp (Flower's
     CLIENT_APP_RAISED_EXCEPTION), not a dead worker: its clients fail, the run goes on and completes."""
-    from fedgluon import engines
+    from fedgluon.flower import engines
 
     lie = "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task. actor died"
 

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedgluon.rng import derive_seed, derive_seeds
+from fedgluon.core.rng import derive_seed, derive_seeds
 
 shared = st.one_of(st.integers(0, 2 ** 64), st.sampled_from(["sample", "compress", "an unlisted purpose"]))
 

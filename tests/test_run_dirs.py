@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fedgluon import config, experiment
-from fedgluon.cli import main
-from fedgluon.experiment import MARKER
+from fedgluon.config import schema as config
+from fedgluon.exp import experiment
+from fedgluon.exp.cli import main
+from fedgluon.exp.experiment import MARKER
 
 FAST = ["engine.name=plain", "rounds=3", "task.num_clients=3", "task.mean_samples=30", "grad_norm_every=0",
         "output.save_model=false", "--quiet"]
@@ -102,7 +103,7 @@ def test_the_lock_is_released_when_its_process_is_killed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli("output.name=r").exit_code == 0
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from fedgluon.experiment import RunDirLock; "
+        [sys.executable, "-c", "import sys; from pathlib import Path; from fedgluon.exp.experiment import RunDirLock; "
                                "lock = RunDirLock(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()",
          str(tmp_path / "runs" / "r")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

@@ -27,12 +27,14 @@ from click.testing import CliRunner
 from test_reliability import same_run
 
 from compressors import BitCount
-from fedgluon import checkpoint, config, experiment
-from fedgluon import spec as specs
-from fedgluon.checkpoint import Checkpointer, RunStopped, SaveFailed
-from fedgluon.cli import main
-from fedgluon.driver import run_plain
-from fedgluon.metrics import TIMING_COLUMNS
+from fedgluon.sim import checkpoint
+from fedgluon.config import schema as config
+from fedgluon.exp import experiment
+from fedgluon.config import spec as specs
+from fedgluon.sim.checkpoint import Checkpointer, RunStopped, SaveFailed
+from fedgluon.exp.cli import main
+from fedgluon.sim.driver import run_plain
+from fedgluon.sim.metrics import TIMING_COLUMNS
 
 ROUNDS = 3
 TINY = ["task.num_clients=3", "task.dim=6", "task.classes=3", "task.hidden=[4]", "task.mean_samples=20",
@@ -349,7 +351,7 @@ def killing(fn):
         return fn(*args)
     return at
 os.fsync, os.replace = killing(os.fsync), killing(os.replace)
-from fedgluon.cli import main
+from fedgluon.exp.cli import main
 sys.argv[0] = "fedgluon"
 main()
 """
@@ -361,7 +363,7 @@ def _cli(*args: str, kill_at: int | None = None, fsize: int | None = None) -> su
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
     python = [sys.executable, "-c", KILL_AT_SAVE_STEP, str(kill_at)] if kill_at else [sys.executable, "-m"]
-    head = python if kill_at else [*python, "fedgluon.cli"]
+    head = python if kill_at else [*python, "fedgluon.exp.cli"]
     return subprocess.run([*head, "run", *args, "--quiet"], check=False, capture_output=True, text=True, env=ENV,
                           timeout=120,
                           preexec_fn=limit if fsize else None)

@@ -1,4 +1,4 @@
-"""The client-state schema (fedgluon/state_schema.py) and the table that holds it (fedgluon/client_table.py).
+"""The client-state schema (fedgluon/clients/state_schema.py) and the table that holds it (fedgluon/clients/table.py).
 
 Every algorithm's states, over rounds with partial participation, fit the schema its first step fixes;
 a state that does not fit (an extra column, another shape or dtype, NaN, a 256 MB array, 200,000
@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from fedgluon import client_app
-from fedgluon import spec as specs
-from fedgluon.checkpoint import Checkpointer, Snapshot
-from fedgluon.client_table import flatten
-from fedgluon.driver import run_plain
-from fedgluon.engines import run_inprocess
-from fedgluon.federation import Federation
-from fedgluon.state_schema import StateSchema
-from strategies.wire import to_array
+from fedgluon.flower import client_app
+from fedgluon.config import spec as specs
+from fedgluon.sim.checkpoint import Checkpointer, Snapshot
+from fedgluon.clients.table import flatten
+from fedgluon.sim.driver import run_plain
+from fedgluon.flower.engines import run_inprocess
+from fedgluon.sim.federation import Federation
+from fedgluon.clients.state_schema import StateSchema
+from fedgluon.flower.wire import to_array
 
 TASK = {"name": "synthetic", "num_clients": 6, "dim": 6, "classes": 3, "hidden": [5], "mean_samples": 20,
         "batch_size": 8}

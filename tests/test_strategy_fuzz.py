@@ -1,5 +1,5 @@
 """Hostile replies through the real strategy: hypothesis corrupts the Flower records of genuine client replies
-(strategies/wire.py: the ``replies`` ArrayRecord and the ``meta`` ConfigRecord) — missing/extra arrays, NaN/Inf,
+(fedgluon/flower/wire.py: the ``replies`` ArrayRecord and the ``meta`` ConfigRecord) — missing/extra arrays, NaN/Inf,
 finite values beyond the server's bound, wrong lengths, dtypes, shapes, codecs, headers and groups,
 out-of-range or duplicate indices, wrong round or client ids, missing records or entries, pickled objects,
 garbage bytes, malformed state columns. No exception escapes, nothing is unpickled, and after every round the
@@ -19,11 +19,11 @@ from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedgluon import spec as specs
-from fedgluon.client_app import make_client_app
-from fedgluon.engines import InProcessGrid
+from fedgluon.config import spec as specs
+from fedgluon.flower.client_app import make_client_app
+from fedgluon.flower.engines import InProcessGrid
 from strategies.strategy import GluonStrategy
-from strategies.wire import (
+from fedgluon.flower.wire import (
     RAW,
     WireError,
     _view,
@@ -274,7 +274,7 @@ def test_huge_finite_values_are_rejected_for_their_client_and_the_run_goes_on():
     """A valid top-k payload of float32 max values, every round: rejected for that client alone (the bound
     float32 max / (2n) holds whatever the others send); before, it grew the EF21 tracker to Inf and
     stopped the run with NonFiniteStateError."""
-    from fedgluon.driver import run_plain
+    from fedgluon.sim.driver import run_plain
 
     task, algo = specs.build({**SPEC, "rounds": 8})
 
@@ -295,7 +295,7 @@ def test_huge_finite_values_are_rejected_for_their_client_and_the_run_goes_on():
 def _handshake_world(edit, weights="samples"):
     """An in-process grid whose node of partition 1 answers the handshake as ``edit`` makes it, and a
     strategy connected to it that knows the true sample counts."""
-    from fedgluon.federation import client_weights_from_sizes
+    from fedgluon.sim.federation import client_weights_from_sizes
 
     task, algo = specs.build(SPEC)
     app = make_client_app(SPEC)
@@ -360,8 +360,8 @@ def test_client_strings_are_clipped_and_a_reported_death_is_only_a_failure():
     from flwr.app import ConfigRecord, Error, Message
     from flwr.common.constant import ErrorCode
 
-    from fedgluon.checkpoint import ActorDeathError
-    from fedgluon.federation import MAX_CLIENT_TEXT
+    from fedgluon.sim.checkpoint import ActorDeathError
+    from fedgluon.sim.federation import MAX_CLIENT_TEXT
 
     strategy, grid = _connected_strategy()
     messages = list(strategy.configure_train(1, None, None, grid))

@@ -1,13 +1,13 @@
-"""Tasks from the registry, and centralised training bars with fedgluon.optim.Gluon."""
+"""Tasks from the registry, and centralised training bars with fedgluon.lmo.optim.Gluon."""
 
 import numpy as np
 import pytest
 import torch
 
 
-from fedgluon.data.idx import FASHION_MNIST_DIR
-from fedgluon.optim import Gluon
-from fedgluon.tasks import TASKS, make_task
+from fedgluon.tasks.data.idx import FASHION_MNIST_DIR
+from fedgluon.lmo.optim import Gluon
+from fedgluon.tasks.registry import TASKS, make_task
 
 FAST = [{"name": "synthetic", "num_clients": 3}, {"name": "digits", "partition": "dirichlet", "alpha": 1.0},
         {"name": "breast_cancer", "partition": "shards"}, {"name": "a9a_synthetic", "num_samples": 2000},
@@ -78,7 +78,7 @@ def test_cnn_fashion_mnist_reaches_88_percent():
 def test_tiny_gpt_beats_character_bigram_on_shakespeare():
     """The bigram model (add-one smoothing, fitted on the training text) gives 2.42 nats on validation here;
     the tiny GPT passes it within ~100 steps (1.88 after 400)."""
-    from fedgluon.data import shakespeare as shk
+    from fedgluon.tasks.data import shakespeare as shk
 
     task = make_task({"name": "shakespeare", "max_clients": None})
     corpus = shk.build_corpus()

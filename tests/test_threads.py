@@ -1,4 +1,4 @@
-"""Engine equality at a fixed ``threads`` (fedgluon/threads.py); a quiet terminal on Ray; ``--engine`` on sweep/tune.
+"""Engine equality at a fixed ``threads`` (fedgluon/runtime/threads.py); a quiet terminal on Ray; ``--engine`` on sweep/tune.
 
 Each run is a real ``fedgluon`` process without ``OMP_NUM_THREADS`` (nor ``MKL_NUM_THREADS``), on a CPU set
 chosen so that torch's default thread count differs from ``threads`` where the machine allows: all CPUs
@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fedgluon.metrics import TIMING_COLUMNS
+from fedgluon.sim.metrics import TIMING_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = """task: {name: digits, num_clients: 2, partition: iid, hidden: []}
@@ -47,7 +47,7 @@ def fedgluon(cwd: Path, threads: int, *args: str) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     cpus = _cpus(threads)
-    proc = subprocess.run([sys.executable, "-m", "fedgluon.cli", *args], cwd=cwd, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "fedgluon.exp.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600, preexec_fn=lambda: os.sched_setaffinity(0, cpus))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout + proc.stderr
@@ -110,11 +110,11 @@ def test_parallel_sweep_members_equal_sequential_ones(tmp_path):
 @pytest.mark.slow
 def test_sweep_takes_engine(tmp_path, monkeypatch):
     """The README's ``fedgluon sweep … --engine plain``: ``--engine`` on sweep sets engine.name of every
-    member (the default engine is Ray). A tune's trials always run on the plain engine (fedgluon/tuning.py)."""
+    member (the default engine is Ray). A tune's trials always run on the plain engine (fedgluon/exp/tuning.py)."""
     from click.testing import CliRunner
     from omegaconf import OmegaConf
 
-    from fedgluon.cli import main
+    from fedgluon.exp.cli import main
 
     monkeypatch.chdir(tmp_path)
     fast = ["rounds=1", "task.num_clients=2", "task.mean_samples=20", "--quiet"]
@@ -128,7 +128,7 @@ def test_sweep_takes_engine(tmp_path, monkeypatch):
 def test_inprocess_server_computes_with_threads_and_leaves_the_callers_count():
     """The in-process engine's server runs with the spec's ``threads`` (the ClientApp in its process sets
     and restores its own), and the caller's count is back afterwards."""
-    from fedgluon.engines import run_inprocess
+    from fedgluon.flower.engines import run_inprocess
 
     spec = {"task": {"name": "synthetic", "num_clients": 2, "dim": 6, "classes": 3, "mean_samples": 20, "hidden": [4]},
             "algorithm": {"name": "gluon", "lr": 0.05}, "rounds": 2, "threads": 1}
@@ -142,7 +142,7 @@ def test_sweep_refuses_an_engine_parallel_members_cannot_use(tmp_path, monkeypat
     """--parallel runs members on the plain engine: another --engine with it is one error line, not ignored."""
     from click.testing import CliRunner
 
-    from fedgluon.cli import main
+    from fedgluon.exp.cli import main
 
     monkeypatch.chdir(tmp_path)
     out = CliRunner().invoke(main, ["sweep", "seed=[0,1]", "--parallel", "2", "--engine", "inprocess", "--quiet"])

@@ -1,11 +1,11 @@
-"""fedgluon.trace: a round's phases recorded by the strategy and the ClientApp when FEDGLUON_TRACE is set."""
+"""fedgluon.runtime.trace: a round's phases recorded by the strategy and the ClientApp when FEDGLUON_TRACE is set."""
 
 from collections import Counter
 
 import pytest
 
-from fedgluon import trace
-from fedgluon.engines import run_inprocess
+from fedgluon.runtime import trace
+from fedgluon.flower.engines import run_inprocess
 
 SPEC = {"task": {"name": "synthetic", "num_clients": 6, "dim": 10, "classes": 4, "mean_samples": 40, "hidden": [8]},
         "algorithm": {"name": "gluon-ef21", "lr": 0.05, "compressor": {"name": "topk", "ratio": 0.1}},
@@ -44,7 +44,7 @@ def test_an_unwritable_directory_is_logged_once_and_the_run_goes_on(tmp_path, mo
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     monkeypatch.setenv(trace.ENV, str(blocker / "trace"))
-    with caplog.at_level("WARNING", logger="fedgluon.trace"):
+    with caplog.at_level("WARNING", logger="fedgluon.runtime.trace"):
         for _ in range(3):
             with trace.phase("compute", 0):
                 pass

@@ -1,4 +1,4 @@
-"""``fedgluon tune`` on Ray Tune (fedgluon/tuning.py): ASHA over rounds, the tune directory, resume."""
+"""``fedgluon tune`` on Ray Tune (fedgluon/exp/tuning.py): ASHA over rounds, the tune directory, resume."""
 
 import json
 import os
@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from fedgluon.cli import main
-from fedgluon.tuning import METRICS, best_configs
+from fedgluon.exp.cli import main
+from fedgluon.exp.tuning import METRICS, best_configs
 
 FAST = ["engine.name=plain", "rounds=3", "task.num_clients=4", "task.mean_samples=40", "grad_norm_every=3"]
 
@@ -100,7 +100,7 @@ def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path):
     and the CLI exits 1 naming --resume; --resume runs the unfinished trials only (the finished trials' run
     directories are not written again), then the second algorithm."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    args = [sys.executable, "-m", "fedgluon.cli", "tune", *FAST, "algorithm.lr=[0.2,0.05,0.01]", "--name", "res",
+    args = [sys.executable, "-m", "fedgluon.exp.cli", "tune", *FAST, "algorithm.lr=[0.2,0.05,0.01]", "--name", "res",
             "--scheduler", "fifo", "--parallel", "1", "--algorithm", "gluon", "--algorithm", "gluon-ef21"]
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -124,7 +124,7 @@ def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path):
     finished = tuned[tuned["status"] == "TERMINATED"]
     assert 1 <= len(finished) < 3 and set(tuned["status"]) <= {"TERMINATED", "UNFINISHED"}
     stamps = {r: (d / r / "summary.json").stat().st_mtime_ns for r in finished["run_dir"]}
-    again = subprocess.run([sys.executable, "-m", "fedgluon.cli", "tune", "--resume", str(d)], cwd=tmp_path,
+    again = subprocess.run([sys.executable, "-m", "fedgluon.exp.cli", "tune", "--resume", str(d)], cwd=tmp_path,
                            env=env, capture_output=True, text=True, timeout=300, check=False)
     assert again.returncode == 0, again.stdout + again.stderr
     lines = [ln.split(" lr=")[0] for ln in again.stdout.splitlines() if ln.startswith("[")]
@@ -179,9 +179,9 @@ def test_running_summary_equals_the_summary_of_the_rounds_so_far(tmp_path):
     """What a trial reports after each round is what summary.json would hold had the run stopped there."""
     import math
 
-    from fedgluon.config import load
-    from fedgluon.experiment import add_derived_columns, run, summarise
-    from fedgluon.tuning import RunningSummary
+    from fedgluon.config.schema import load
+    from fedgluon.exp.experiment import add_derived_columns, run, summarise
+    from fedgluon.exp.tuning import RunningSummary
 
     cfg = load(None, [*FAST, "rounds=5", "eval_every=2", "grad_norm_every=2", "network.bits=values",
                       f"output.dir={tmp_path}"])

@@ -1,4 +1,4 @@
-"""The wire format (strategies/wire.py): a block's rows and its step's results round-trip through Flower
+"""The wire format (fedgluon/flower/wire.py): a block's rows and its step's results round-trip through Flower
 records bitwise, RawArrays pickle their bytes out of band, and the server's reader checks every header
 against the schema before it reads a byte, rejecting exactly the clients a malformed part concerns."""
 
@@ -12,11 +12,11 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from compressors.payload import PayloadRows
-from fedgluon import spec as specs
+from fedgluon.config import spec as specs
 from fedgluon.algorithms.block import PayloadGroup
-from fedgluon.client_table import flatten
-from fedgluon.driver import run_plain
-from strategies.wire import (
+from fedgluon.clients.table import flatten
+from fedgluon.sim.driver import run_plain
+from fedgluon.flower.wire import (
     RAW,
     RawArray,
     WireError,
@@ -444,9 +444,9 @@ def test_a_run_leaves_every_reply_byte_as_it_came(monkeypatch, tmp_path, algorit
     blocks of 3, partial participation, a checkpoint each round) must leave every reply's bytes as they came."""
     import hashlib
 
-    from fedgluon import client_app
-    from fedgluon.checkpoint import Checkpointer
-    from fedgluon.engines import run_inprocess
+    from fedgluon.flower import client_app
+    from fedgluon.sim.checkpoint import Checkpointer
+    from fedgluon.flower.engines import run_inprocess
 
     sent = []
     real = client_app.make_client_app

@@ -2,7 +2,7 @@
 
 The problem of :mod:`.problem` (same data, model, geometry and metric), split iid over n ∈ {1, 10}
 clients; every client computes its full local gradient (no sampling noise, so the rounds measure the
-compression alone). fedgluon's own algorithms run in the plain driver (``fedgluon.driver.run_plain``):
+compression alone). fedgluon's own algorithms run in the plain driver (``fedgluon.sim.driver.run_plain``):
 
 * ``gluon-ef21-sarah`` with top-k (contractive, α = k/d, the smallest over layers), no refreshes after
   round 0 (with exact local gradients the SARAH estimator is the exact gradient);
@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 from compressors import make_compressor
 from fedgluon.algorithms import make_algorithm
-from fedgluon.driver import run_plain
-from fedgluon.objective import SupervisedObjective
+from fedgluon.sim.driver import run_plain
+from fedgluon.clients.objective import SupervisedObjective
 
 from .fit import slope
 from .problem import digits, grad_dual_norm, make_geometry, make_model

@@ -1,6 +1,6 @@
 """Item 2: the iteration-complexity exponents of fedgluon's single-machine LMO optimizers.
 
-For a horizon K every method runs K steps of ``fedgluon.optim.Gluon`` (one client, the methods'
+For a horizon K every method runs K steps of ``fedgluon.lmo.optim.Gluon`` (one client, the methods'
 own estimators and LMO step) with the fixed-horizon radius and momentum its theorem prescribes,
 and we record ``min_{k ≤ K} ‖∇f(X^k)‖_*`` (the full gradient's dual norm, :mod:`.problem`).
 
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fedgluon.optim import Gluon
+from fedgluon.lmo.optim import Gluon
 
 from .problem import digits, full_gradient, grad_dual_norm, make_geometry, make_model, noise_level
 
@@ -69,7 +69,7 @@ def schedule(method: str, K: int, t0: float, batch: int, n: int) -> Schedule:
 
 
 def make_optimizer(method: str, model: torch.nn.Module, sch: Schedule, seed: int) -> Gluon:
-    """``fedgluon.optim.Gluon`` configured for ``method`` with a constant radius ``sch.radius``."""
+    """``fedgluon.lmo.optim.Gluon`` configured for ``method`` with a constant radius ``sch.radius``."""
     geometry = make_geometry(model)
     common: dict[str, Any] = {"geometry": geometry, "schedule": "constant", "seed": seed}
     if method == "gluon":

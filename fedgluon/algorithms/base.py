@@ -7,14 +7,14 @@ An algorithm is a client step over a block of clients and a server step, on dict
     server_step(server_state, {j: reply}, broadcast, weights, first) -> (server_state', ServerOutcome)
 
 Every client-side tensor carries a leading client axis: ``rows`` are the block's committed states in
-the client-state table (:mod:`fedgluon.client_table`), one row per client, and a single client is a
+the client-state table (:mod:`fedgluon.clients.table`), one row per client, and a single client is a
 block of one. The proposed state is *committed by the server only for accepted clients*
 (``ServerOutcome.accepted``); a rejected, failed or late client keeps its old row, so client and server
 trackers never drift apart (docs/DESIGN.md §2). Replies are processed in client-id order and all
-randomness comes from ``fedgluon.rng.generator(seed, purpose, client, round)``, so a row's result is
+randomness comes from ``fedgluon.core.rng.generator(seed, purpose, client, round)``, so a row's result is
 the same whatever block it steps in.
 
-Subclasses are compositions of named parts: a client-side *estimator* (fedgluon.estimators), an
+Subclasses are compositions of named parts: a client-side *estimator* (fedgluon.lmo.estimators), an
 *uplink* (what is compressed and how the server aggregates it), and a *server update* (the
 layer-wise LMO step by default). They override a few small hooks:
 
@@ -39,19 +39,19 @@ from compressors.bits import dense_bits
 from compressors.error_feedback import split_states, stack_states
 from compressors.message import compress_block, compress_message
 
-from ..blocks import run_slices
-from ..client_table import ClientRows, nest
-from ..estimators import Estimator, RefreshPolicy, make_estimator
-from ..geometry import Geometry
-from ..objective import Batch, SupervisedObjective
-from ..radius import make_radius_rule
-from ..rng import derive_seeds, generator, purpose_code
-from ..state_schema import StateSchema
-from ..step import LMOStep, StepInfo
-from ..vectorised import stacked_gradients
-from .aggregate import DecodedReplies, weighted_mean
-from .block import BlockGrads, BlockResult, PayloadGroup, concat
-from .messages import Broadcast, ClientReply, ServerOutcome
+from fedgluon.clients.blocks import run_slices
+from fedgluon.clients.table import ClientRows, nest
+from fedgluon.lmo.estimators import Estimator, RefreshPolicy, make_estimator
+from fedgluon.lmo.geometry import Geometry
+from fedgluon.clients.objective import Batch, SupervisedObjective
+from fedgluon.lmo.radius import make_radius_rule
+from fedgluon.core.rng import derive_seeds, generator, purpose_code
+from fedgluon.clients.state_schema import StateSchema
+from fedgluon.lmo.step import LMOStep, StepInfo
+from fedgluon.clients.vectorised import stacked_gradients
+from fedgluon.algorithms.aggregate import DecodedReplies, weighted_mean
+from fedgluon.algorithms.block import BlockGrads, BlockResult, PayloadGroup, concat
+from fedgluon.algorithms.messages import Broadcast, ClientReply, ServerOutcome
 
 Tensors = dict[str, Tensor]
 State = dict[str, Any]
@@ -72,7 +72,7 @@ class Algorithm:
     }
     OPTIONS: ClassVar[dict[str, Any]] = {}
     # where client blocks compute their vmapped gradients (the run spec's client_device; set by
-    # fedgluon.spec.build); the states, estimators and compression stay on the CPU
+    # fedgluon.config.spec.build); the states, estimators and compression stay on the CPU
     client_device: torch.device = torch.device("cpu")
 
     def __init__(self, geometry: Geometry, **options: Any):
@@ -138,7 +138,7 @@ class Algorithm:
     def block_batches(self, bc: Broadcast, objectives: Sequence[SupervisedObjective],
                       js: Sequence[int]) -> list[Batch]:
         """Each client's batch of round k, from ``generator(seed, "sample", j, k)`` (seeds derived in one
-        vectorised call, :func:`fedgluon.rng.derive_seeds`; one generator re-seeded per client, which
+        vectorised call, :func:`fedgluon.core.rng.derive_seeds`; one generator re-seeded per client, which
         sets its whole state): a large batch on refresh rounds, else a minibatch."""
         seeds = derive_seeds(bc.seed, "sample", np.asarray(js, dtype=np.int64), bc.round).tolist()
         gen = torch.Generator(device="cpu")
@@ -149,7 +149,7 @@ class Algorithm:
     def gradients(self, rows: ClientRows, bc: Broadcast, objectives: Sequence[SupervisedObjective]) -> BlockGrads:
         """The block's gradients at the broadcast model and, when the estimator needs them, at each row's
         ``X_prev`` (the model of round ``seen``) on the same batch: rows grouped by that round, each group
-        in vmapped calls (:func:`fedgluon.vectorised.stacked_gradients`)."""
+        in vmapped calls (:func:`fedgluon.clients.vectorised.stacked_gradients`)."""
         js = rows.clients
         batches = self.block_batches(bc, objectives, js)
         refresh = bool(bc.flags.get("refresh"))
@@ -258,7 +258,7 @@ class Algorithm:
         succeeded. Nothing by default."""
 
     def state_schema(self, objective: SupervisedObjective, X0: Mapping[str, Tensor], seed: int) -> StateSchema:
-        """The run's client-state schema (:mod:`fedgluon.state_schema`): the layout of one row of the state
+        """The run's client-state schema (:mod:`fedgluon.clients.state_schema`): the layout of one row of the state
         that a throwaway step of client 0 proposes from no state at round 0, at ``X0`` with the run's
         ``seed``. Nothing of the run is touched: every draw comes from its own seeded generator."""
         bc = self.broadcast(self.init_server(X0), 0, seed, 1)
@@ -292,7 +292,7 @@ class Algorithm:
         ``Σ_j w_j R_j``), so every partial sum is at most ``n·B = F/2`` in magnitude and, added to a
         tracker below ``F/2``, stays finite. A tracker grown over many rounds beyond that, or a server
         optimizer that squares the aggregate (AdamW), can still overflow; the run then stops cleanly
-        (fedgluon/federation.py)."""
+        (fedgluon/sim/federation.py)."""
         return float(torch.finfo(self._value_dtype).max) / (2 * max(1, num_clients))
 
     def validate_each(self, replies: Mapping[int, Any], bc: Broadcast, first: Collection[int] = (),

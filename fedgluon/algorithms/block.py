@@ -1,7 +1,7 @@
 """What one client step of a block of B clients takes and makes (docs/DESIGN.md §3).
 
 Every tensor carries a leading client axis; a single client is a block of one. The step reads the
-block's committed rows (:class:`fedgluon.client_table.ClientRows`) and makes
+block's committed rows (:class:`fedgluon.clients.table.ClientRows`) and makes
 
 * :class:`BlockGrads`: the gradients at the broadcast model and, for rows that have one, at their
   ``X_prev`` on the same batch, as ``(B, *shape)`` tensors;
@@ -25,8 +25,8 @@ from torch import Tensor
 
 from compressors.payload import PayloadRows, RowMessage
 
-from ..client_table import flatten
-from .messages import ClientReply
+from fedgluon.clients.table import flatten
+from fedgluon.algorithms.messages import ClientReply
 
 Tensors = dict[str, Tensor]
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from ..estimators import FORMS
-from ..geometry import Geometry, check_muon_mvr_reference
-from .base import Algorithm
+from fedgluon.lmo.estimators import FORMS
+from fedgluon.lmo.geometry import Geometry, check_muon_mvr_reference
+from fedgluon.algorithms.base import Algorithm
 
 
 class Gluon(Algorithm):
@@ -37,7 +37,7 @@ class GluonMVR(Algorithm):
 
     ``variant="storm"``: ``V_j ← ∇f_j(X^k; ξ) + β(V_j − ∇f_j(X_prev; ξ))`` (same ξ; two gradients).
     ``"muon_mvr1"``/``"muon_mvr2"``: the Muon-MVR code's recursion with γ and clipping
-    (:class:`fedgluon.estimators.MuonMVR`), in one of two forms (option ``form``):
+    (:class:`fedgluon.lmo.estimators.MuonMVR`), in one of two forms (option ``form``):
 
     * ``"fedgluon"`` (default): first corrected gradient ``c₁ = g₁``; the client sends its momentum M_j;
       the server steps ``X ← X + t·lmo(mean_j M_j)`` in the run's geometry.

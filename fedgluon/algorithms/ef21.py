@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 
 from compressors import EF21, Compressor, make_compressor, make_error_feedback
 
-from .aggregate import update_trackers, tracker_update, weighted_mean
-from .base import Algorithm, feedback_step
+from fedgluon.algorithms.aggregate import update_trackers, tracker_update, weighted_mean
+from fedgluon.algorithms.base import Algorithm, feedback_step
 
 
 class FeedbackUplink(Algorithm):

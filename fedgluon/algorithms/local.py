@@ -16,10 +16,10 @@ from compressors import Compressor, make_compressor, make_error_feedback
 import torch
 from torch import Tensor
 
-from ..objective import Batch
-from ..rng import generator
-from ..vectorised import stacked_gradients
-from .base import Algorithm, BlockResult, Broadcast, feedback_step
+from fedgluon.clients.objective import Batch
+from fedgluon.core.rng import generator
+from fedgluon.clients.vectorised import stacked_gradients
+from fedgluon.algorithms.base import Algorithm, BlockResult, Broadcast, feedback_step
 
 Tensors = dict[str, Tensor]
 

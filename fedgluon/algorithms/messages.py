@@ -9,7 +9,7 @@ from torch import Tensor
 
 from compressors import BitCount, Message
 
-from ..step import StepInfo
+from fedgluon.lmo.step import StepInfo
 
 Tensors = dict[str, Tensor]
 

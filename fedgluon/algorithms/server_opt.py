@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .ef21 import FeedbackUplink
+from fedgluon.algorithms.ef21 import FeedbackUplink
 
 
 class _TorchServer(FeedbackUplink):

@@ -14,8 +14,8 @@ from compressors import Compressor, make_compressor
 import torch
 
 
-from .aggregate import update_trackers, tracker_update, weighted_mean
-from .base import Algorithm
+from fedgluon.algorithms.aggregate import update_trackers, tracker_update, weighted_mean
+from fedgluon.algorithms.base import Algorithm
 
 
 class GluonMARINA(Algorithm):

@@ -1,0 +1,378 @@
+"""Experiment configuration: OmegaConf structured configs (dataclasses), YAML files and ``key=value``
+overrides, validated with errors that name the field and the allowed values.
+
+The defaults *are* the small, meaningful run that ``fedgluon run`` does with no arguments:
+10 LEAF-synthetic clients, Gluon-EF21-SARAH with top-5% uplink compression, 30 rounds on Flower's
+Ray engine. ``task``, ``geometry`` and ``algorithm`` are open mappings checked by their builders
+(each builder names the allowed options); everything else is typed here, and :data:`RULES` gives
+every field's allowed values (numbers are finite). A bad value is one :class:`ConfigError` naming
+the field and its allowed values, whether it is out of range, of the wrong type or missing: null
+(``key=null``, or an empty ``key:`` in YAML); OmegaConf's ``???`` merges as "not given" and keeps
+the default. ``output.overwrite`` is never read from a file or an override (:func:`load`'s
+``overwrite``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+ENGINES = ("ray", "inprocess", "plain")
+
+
+class ConfigError(ValueError):
+    """A bad experiment config; the message names the field and the allowed values."""
+
+
+@dataclass
+class EngineConfig:
+    name: str = "ray"  # ray | inprocess | plain
+    num_cpus: float = 1.0  # Ray CPU share per client task
+    num_gpus: float = 0.0  # Ray GPU share per client task
+    address: str | None = None  # join an existing Ray cluster ("auto" or HOST:PORT)
+    block_size: int = 1  # virtual clients per Flower node, gradients vmapped per block (fedgluon/clients/blocks.py)
+    client_device: str = "cpu"  # where client blocks compute gradients: cpu | auto | cuda | cuda:N
+    workers: int = 1  # plain engine: blocks stepped at once in threads (fedgluon/sim/driver.py); same results
+
+
+@dataclass
+class NetworkConfig:
+    """Simulated time of a round: ``2·latency + max_j uplink_j / up_bw + downlink / down_bw``."""
+
+    uplink_mbps: float = 10.0
+    downlink_mbps: float = 50.0
+    latency_ms: float = 50.0
+    bits: str = "int32"  # the bit convention the simulated time uses (compressors.CONVENTIONS)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"
+    name: str | None = None  # default: <algorithm>-<task>-s<seed>
+    overwrite: bool = False  # set by `fedgluon run --overwrite` / load(overwrite=True) only, never by a file
+    save_model: bool = True
+    checkpoint_every: int = 10  # rounds between checkpoints (0: only on SIGINT/SIGTERM and fatal stops)
+
+
+@dataclass
+class FaultConfig:
+    """Injected client faults (fedgluon/sim/faults.py): per task, raise w.p. raise_prob, or sleep delay_s
+    seconds w.p. delay_prob (late when delay_s > round_timeout); ``die``: [round, client] pairs whose
+    Ray worker exits."""
+
+    raise_prob: float = 0.0
+    delay_prob: float = 0.0
+    delay_s: float = 0.0
+    die: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class ExperimentConfig:
+    task: dict[str, Any] = field(default_factory=lambda: {
+        "name": "synthetic", "num_clients": 10, "alpha": 1.0, "beta": 1.0, "hidden": [64], "batch_size": 32})
+    geometry: dict[str, Any] = field(default_factory=lambda: {"preset": "scion"})
+    algorithm: dict[str, Any] = field(default_factory=lambda: {
+        "name": "gluon-ef21-sarah", "lr": 0.05, "schedule": "polynomial", "power": 0.5,
+        "compressor": {"name": "topk", "ratio": 0.05}})
+    rounds: int = 30
+    seed: int = 0
+    participation: float = 1.0  # a fraction in (0, 1], or a count of clients when > 1
+    weights: str = "uniform"  # uniform | samples
+    eval_every: int = 1
+    grad_norm_every: int = 10  # the true gradient's dual norm every N rounds (0 = never)
+    threads: int = 1
+    round_timeout: float = 120.0
+    node_timeout: float = 60.0
+    max_failed_rounds: int = 10  # stop after this many consecutive rounds without an accepted client (0: never)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+
+SECTIONS = ("task", "geometry", "algorithm")
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+         replace: dict[str, Any] | None = None, *, overwrite: bool = False, own_run: bool = False) -> DictConfig:
+    """Defaults ← YAML file ← whole ``replace``d sections ← ``key=value`` overrides, then :func:`validate`.
+
+    ``replace={"algorithm": {...}}`` swaps a section for a new mapping instead of merging into it (a
+    sweep over algorithms whose options differ). ``output.overwrite`` is never read from the file or the
+    overrides (a shared YAML file must not be able to delete a run directory): it is ``overwrite``,
+    which ``fedgluon run --overwrite`` sets. ``own_run=True`` marks ``path`` as a run's own
+    ``config.yaml`` (``--resume``), whose ``output.overwrite`` only records how that run started and
+    is ignored. The file is read with YAML's safe loader: tags such as ``!!python/object`` are refused."""
+    try:
+        cfg = OmegaConf.structured(ExperimentConfig)
+        user = OmegaConf.create({})
+        if path is not None:
+            user = OmegaConf.merge(user, _read_yaml(Path(path), own_run))
+        for section, value in (replace or {}).items():
+            if section not in SECTIONS or not isinstance(value, dict):
+                raise ConfigError(f"only the sections {list(SECTIONS)} can be replaced by a mapping, got {section!r}")
+            user[section] = value
+            cfg[section] = {}
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must look like key=value, got {bad}")
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+            _refuse_overwrite(dotlist, "a key=value override")
+            user = OmegaConf.merge(user, dotlist)
+        for section in SECTIONS:
+            named = user.get(section, {}).get("name") if isinstance(user.get(section), DictConfig) else None
+            if named is not None and named != cfg[section].get("name"):
+                cfg[section] = _defaults_that_apply(section, str(named), cfg[section])
+            if isinstance(user.get(section), DictConfig):
+                cfg[section] = _without_renamed_parts(cfg[section], user[section])
+        cfg = OmegaConf.merge(cfg, user)
+        cfg.output.overwrite = bool(overwrite)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err)) from None
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path, own_run: bool) -> DictConfig:
+    """A config file as a mapping, read by OmegaConf's (safe) YAML loader; any failure is a ConfigError."""
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not plain YAML{where}: {problem}; tags such as !!python/... "
+                          f"are not allowed") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read: {err}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of config keys, got a list")
+    if own_run and isinstance(loaded.get("output"), DictConfig) and "overwrite" in loaded.output:
+        del loaded.output["overwrite"]
+    _refuse_overwrite(loaded, f"config file {path}")
+    return loaded
+
+
+def _refuse_overwrite(user: DictConfig, source: str) -> None:
+    output = user.get("output")
+    if isinstance(output, DictConfig) and "overwrite" in output:
+        raise ConfigError(f"output.overwrite must not be set in {source}: overwriting is requested only by "
+                          f"`fedgluon run --overwrite` or config.load(..., overwrite=True)")
+
+
+def _defaults_that_apply(section: str, name: str, defaults: DictConfig) -> dict[str, Any]:
+    """When the user names another task or algorithm than the default one: a task keeps none of the
+    default task's options (the same option name can mean different things, e.g. ``alpha``); an
+    algorithm keeps the default options it accepts (``lr``, the schedule, ``compressor``…), which
+    mean the same for every algorithm."""
+    if section != "algorithm":
+        return {}
+    from fedgluon.algorithms import ALGORITHMS
+
+    cls = ALGORITHMS.get(name)
+    if cls is None:
+        return {}
+    accepted = {**cls.BASE_OPTIONS, **cls.OPTIONS}
+    kept = OmegaConf.to_container(defaults)
+    assert isinstance(kept, dict)
+    return {k: v for k, v in kept.items() if k in accepted}
+
+
+def _without_renamed_parts(defaults: DictConfig, user: DictConfig) -> DictConfig:
+    """Drop a default sub-mapping (a compressor, say) that the user replaces by one with another ``name``:
+    ``{name: topk, ratio: 0.05}`` must not leave its ``ratio`` in ``{name: powersgd, rank: 2}``."""
+    out = OmegaConf.to_container(defaults)
+    assert isinstance(out, dict)
+    for key, value in user.items():
+        old = out.get(key)
+        if isinstance(value, DictConfig) and isinstance(old, dict) and "name" in value and \
+                value.get("name") != old.get("name"):
+            del out[key]
+    return OmegaConf.create(out)
+
+
+def fields(cls: type | None = None, prefix: str = "") -> dict[str, Any]:
+    """Every field of the structured config, ``{dotted key: type}`` (``engine.num_gpus: float``…); the
+    open sections ``task``, ``geometry``, ``algorithm`` are one field each."""
+    cls = cls or ExperimentConfig
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(fields(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = hints[f.name]
+    return out
+
+
+def _conventions() -> list[str]:
+    from compressors import CONVENTIONS
+
+    return list(CONVENTIONS)
+
+
+def _registry(section: str) -> list[str]:
+    if section == "task":
+        from fedgluon.tasks.registry import TASKS
+
+        return sorted(TASKS)
+    from fedgluon.algorithms import ALGORITHMS
+
+    return sorted(ALGORITHMS)
+
+
+def _count(v: Any) -> bool:
+    return 0 < v <= 1 or (v > 1 and float(v).is_integer())
+
+
+def _plain_name(v: Any) -> bool:
+    return v is None or (v not in ("", ".", "..") and "/" not in v and "\\" not in v and "\0" not in v
+                         and not Path(v).is_absolute())
+
+
+NONNEG_INT, POS_INT, NONNEG, POS = "an integer >= 0", "an integer >= 1", "a number >= 0", "a number > 0"
+RULES: dict[str, tuple[Any, Callable[[Any], bool]]] = {
+    # dotted key: (the allowed values in words, or a function giving them; the check of a typed value)
+    "task": (lambda: f"a mapping with task.name one of {_registry('task')} and that task's options", lambda v: True),
+    "geometry": ("a mapping of geometry options (preset, overrides, lmo_device, ...)", lambda v: True),
+    "algorithm": (lambda: f"a mapping with algorithm.name one of {_registry('algorithm')} and its options",
+                  lambda v: True),
+    "rounds": (NONNEG_INT, lambda v: v >= 0),
+    "seed": (NONNEG_INT, lambda v: v >= 0),
+    "participation": ("a fraction in (0, 1] or a whole number of clients (at most task.num_clients)", _count),
+    "weights": ("one of ['uniform', 'samples']", lambda v: v in ("uniform", "samples")),
+    "eval_every": (POS_INT, lambda v: v >= 1),
+    "grad_norm_every": (NONNEG_INT + " (0: never)", lambda v: v >= 0),
+    "threads": (POS_INT + " (torch threads per client task)", lambda v: v >= 1),
+    "round_timeout": ("a number of seconds > 0", lambda v: v > 0),
+    "node_timeout": ("a number of seconds > 0", lambda v: v > 0),
+    "max_failed_rounds": (NONNEG_INT + " (0: never stop)", lambda v: v >= 0),
+    "engine.name": (f"one of {list(ENGINES)}", lambda v: v in ENGINES),
+    "engine.num_cpus": (POS + " (Ray CPUs per client task)", lambda v: v > 0),
+    "engine.num_gpus": (NONNEG + " (Ray GPUs per client task)", lambda v: v >= 0),
+    "engine.address": ("null (a private local Ray), 'auto' or HOST:PORT", lambda v: True),
+    "engine.block_size": (POS_INT, lambda v: v >= 1),
+    "engine.client_device": ("one of ['auto', 'cpu', 'cuda', 'cuda:N']", lambda v: True),  # resolve_device
+    "engine.workers": (POS_INT + " (more than 1 with engine.name='plain' only)", lambda v: v >= 1),
+    "network.uplink_mbps": (POS, lambda v: v > 0),
+    "network.downlink_mbps": (POS, lambda v: v > 0),
+    "network.latency_ms": (NONNEG, lambda v: v >= 0),
+    "network.bits": (lambda: f"one of {_conventions()}", lambda v: v in _conventions()),
+    "output.dir": ("a directory path", lambda v: True),
+    "output.name": ("null (<algorithm>-<task>-s<seed>) or a plain name: no path separator, not '.' or '..', "
+                    "not absolute", _plain_name),
+    "output.overwrite": ("set by `fedgluon run --overwrite` or load(..., overwrite=True) only", lambda v: True),
+    "output.save_model": ("true or false", lambda v: True),
+    "output.checkpoint_every": (NONNEG_INT + " (0: only on SIGINT/SIGTERM and fatal stops)", lambda v: v >= 0),
+    "faults.raise_prob": ("a probability in [0, 1] (raise_prob + delay_prob <= 1)", lambda v: 0 <= v <= 1),
+    "faults.delay_prob": ("a probability in [0, 1] (raise_prob + delay_prob <= 1)", lambda v: 0 <= v <= 1),
+    "faults.delay_s": ("a number of seconds >= 0", lambda v: v >= 0),
+    "faults.die": ("a list of [round, client] pairs of integers, 0 <= round < rounds, 0 <= client < num_clients",
+                   lambda v: True),  # checked against the task in validate
+}
+
+
+def allowed(key: str) -> str:
+    """The allowed values of a config field, in words."""
+    text = RULES[key][0]
+    return text() if callable(text) else text
+
+
+def _bad(key: str, value: Any) -> ConfigError:
+    return ConfigError(f"{key} must be {allowed(key)}, got {value!r}")
+
+
+def _explain(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None)
+    msg = str(err).splitlines()[0]
+    if "Key" in type(err).__name__ or "not in struct" in msg:
+        section = str(key).rpartition(".")[0]
+        inner = sorted(k.partition(".")[2] for k in fields() if k.startswith(f"{section}."))
+        if section and inner:  # engine, network, output or faults
+            return f"unknown config key {key!r}; keys of {section!r} are {inner} (see fedgluon/config/schema.py)"
+        top = sorted(f.name for f in dataclasses.fields(ExperimentConfig))
+        return f"unknown config key {key!r}; top-level keys are {top} (see fedgluon/config/schema.py)"
+    if key in RULES:
+        return f"{key} must be {allowed(str(key))} ({msg})"
+    return f"bad value for {key!r}: {msg}"
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every typed field against :data:`RULES`, then build the task and algorithm once (their
+    builders name bad options) and check what depends on them (participation and faults.die against
+    the number of clients)."""
+    types = fields()
+    for key, (_, ok) in RULES.items():
+        value = OmegaConf.select(cfg, key)
+        if (types[key] is float and not math.isfinite(value)) or not ok(value):
+            raise _bad(key, value)
+    if cfg.engine.workers != 1 and cfg.engine.name != "plain":
+        raise ConfigError(f"engine.workers applies to engine.name='plain' only (Flower engines step one block per "
+                          f"node), got engine.workers={cfg.engine.workers} with engine.name={cfg.engine.name!r}")
+    try:
+        from fedgluon.core.devices import resolve_device
+
+        resolve_device("engine.client_device", cfg.engine.client_device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    die = OmegaConf.to_container(cfg.faults.die)
+    if not all(isinstance(d, list) and len(d) == 2 and all(type(x) is int and x >= 0 for x in d) for d in die):
+        raise _bad("faults.die", die)
+    for section in ("task", "algorithm"):
+        if cfg[section].get("name") not in _registry(section):
+            raise ConfigError(f"{section}.name must be one of {_registry(section)}, got {cfg[section].get('name')!r}")
+    try:
+        from fedgluon.config import spec as specs
+
+        task, _ = specs.build_cached(spec_of(cfg))
+    except ConfigError:
+        raise
+    except FileNotFoundError as err:
+        raise ConfigError(f"task: {err}") from None
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from None
+    except Exception as err:  # noqa: BLE001 - a builder's unforeseen failure is still one line, not a traceback
+        raise ConfigError(f"building the task and algorithm failed: {type(err).__name__}: {err}") from None
+    n = len(task.objectives)
+    if cfg.participation > n:
+        raise ConfigError(f"participation must be a fraction in (0, 1] or a whole number of clients in [1, {n}] "
+                          f"(task has {n} clients), got {cfg.participation}")
+    missing = [d for d in die if d[0] >= cfg.rounds or d[1] >= n]
+    if missing:
+        raise ConfigError(f"faults.die must be a list of [round, client] pairs with 0 <= round < {cfg.rounds} "
+                          f"and 0 <= client < {n}, got {missing}")
+
+
+def spec_of(cfg: DictConfig) -> dict[str, Any]:
+    """The engine-level run spec (fedgluon/config/spec.py) of a config."""
+    from fedgluon.config import spec as specs
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(c, dict)
+    participation = c["participation"]
+    if isinstance(participation, float) and participation > 1:
+        participation = int(participation)
+    return specs.normalise({"task": c["task"], "geometry": c["geometry"], "algorithm": c["algorithm"],
+                            "rounds": c["rounds"], "seed": c["seed"], "participation": participation,
+                            "weights": c["weights"], "eval_every": c["eval_every"], "threads": c["threads"],
+                            "round_timeout": c["round_timeout"], "node_timeout": c["node_timeout"],
+                            "faults": c["faults"], "block_size": c["engine"]["block_size"],
+                            "client_device": c["engine"]["client_device"],
+                            "max_failed_rounds": c["max_failed_rounds"]})
+
+
+def run_name(cfg: DictConfig) -> str:
+    return cfg.output.name or f"{cfg.algorithm['name']}-{cfg.task['name']}-s{cfg.seed}"

@@ -1,0 +1,158 @@
+"""A run specification: one plain mapping that every engine (plain driver, in-process Flower grid,
+Flower on Ray, ``flwr run``) turns into the same task and algorithm.
+
+    {"task": {"name": "synthetic", "num_clients": 10},
+     "geometry": {"preset": "scion"},
+     "algorithm": {"name": "gluon-ef21-sarah", "lr": 0.05, "compressor": {"name": "topk", "ratio": 0.05}},
+     "rounds": 20, "seed": 0, "participation": 1.0, "weights": "uniform", "eval_every": 1,
+     "threads": 1, "round_timeout": 120.0, "faults": {"raise_prob": 0.1}}
+
+``faults`` (optional) injects client failures (fedgluon/sim/faults.py); ``block_size`` virtual clients
+are simulated per Flower node (fedgluon/clients/blocks.py); ``client_device`` (``"cpu"``, the default, ``"auto"``,
+``"cuda"``, ``"cuda:N"``) is where client blocks compute their vmapped gradients (fedgluon/clients/vectorised.py);
+``max_failed_rounds`` consecutive rounds without an accepted client stop the run (0: never;
+fedgluon/sim/federation.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+from fedgluon.algorithms import Algorithm, make_algorithm
+from fedgluon.core.devices import resolve_device
+from fedgluon.sim.faults import FaultPlan
+from fedgluon.lmo.geometry import Geometry
+from fedgluon.tasks.registry import Task, make_task
+
+DEFAULTS: dict[str, Any] = {
+    "task": {"name": "synthetic"}, "geometry": {"preset": "scion"}, "algorithm": {"name": "gluon"},
+    "rounds": 10, "seed": 0, "participation": 1.0, "weights": "uniform", "eval_every": 1, "threads": 1,
+    "round_timeout": 120.0, "node_timeout": 60.0, "faults": {},
+    "block_size": 1, "client_device": "cpu", "max_failed_rounds": 10,
+}
+
+
+def normalise(spec: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Fill defaults and check the top-level keys; nested sections are checked when built."""
+    spec = dict(spec or {})
+    unknown = set(spec) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown run spec key(s) {sorted(unknown)}; allowed: {sorted(DEFAULTS)}")
+    out = copy.deepcopy(DEFAULTS)
+    out.update(copy.deepcopy(spec))
+    if not isinstance(out["rounds"], int) or out["rounds"] < 0:
+        raise ValueError(f"rounds must be a non-negative integer, got {out['rounds']!r}")
+    FaultPlan.from_spec(out["faults"])  # names a bad fault option
+    if not isinstance(out["block_size"], int) or out["block_size"] < 1:
+        raise ValueError(f"block_size must be an integer >= 1, got {out['block_size']!r}")
+    resolve_device("client_device", out["client_device"])
+    if isinstance(out["max_failed_rounds"], bool) or not isinstance(out["max_failed_rounds"], int) \
+            or out["max_failed_rounds"] < 0:
+        raise ValueError(f"max_failed_rounds must be an integer >= 0 (0: never stop), got {out['max_failed_rounds']!r}")
+    return out
+
+
+def key(spec: Mapping[str, Any]) -> str:
+    """A stable string identifying a spec (for per-process caches)."""
+    return json.dumps(spec, sort_keys=True, default=str)
+
+
+_CACHE: dict[str, tuple[Task, Algorithm]] = {}
+
+
+def build_cached(spec: Mapping[str, Any]) -> tuple[Task, Algorithm]:
+    """:func:`build`, memoised for the last spec in this process (validation, the runner, the server and
+    in-process clients share one task instead of loading the data again). Tasks and algorithms hold
+    no per-run mutable state: server and client state live outside them."""
+    k = key(spec)
+    if k not in _CACHE:
+        _CACHE.clear()
+        _CACHE[k] = build(spec)
+    return _CACHE[k]
+
+
+def build(spec: Mapping[str, Any]) -> tuple[Task, Algorithm]:
+    """The task and the algorithm of a (normalised) spec; the task seed defaults to the run seed."""
+    task_spec = {"seed": spec["seed"], **spec["task"]}
+    check_option_types(task_spec, spec["algorithm"])
+    task = make_task(task_spec)
+    geometry = Geometry.from_model(task.model, **spec["geometry"])
+    alg = dict(spec["algorithm"])
+    name = alg.pop("name", None)
+    algorithm = make_algorithm(name, geometry, **alg)
+    algorithm.client_device = resolve_device("client_device", spec.get("client_device", "cpu"))
+    check_min_k(algorithm)
+    return task, algorithm
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_KINDS: dict[Any, tuple[str, Any]] = {  # a scalar type: (in words, its check)
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", _is_number),
+    str: ("a string", lambda v: isinstance(v, str)),
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def _task_kinds(name: str) -> dict[str, tuple[str, Any]]:
+    """The scalar options of a task builder (and of the partitioned tasks' shared options), by annotation;
+    ``X | None`` also takes null."""
+    from fedgluon.tasks import registry as tasks
+
+    kinds: dict[str, tuple[str, Any]] = {}
+    for fn in (tasks._classification, tasks.TASKS[name]):
+        for key, hint in typing.get_type_hints(fn).items():
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            optional = len(args) < len(typing.get_args(hint))
+            base = args[0] if optional and len(args) == 1 else hint
+            if base in _KINDS:
+                words, ok = _KINDS[base]
+                kinds[key] = (words + " or null", lambda v, ok=ok: v is None or ok(v)) if optional else (words, ok)
+    return kinds
+
+
+def check_option_types(task: Mapping[str, Any], algorithm: Mapping[str, Any]) -> None:
+    """Refuse a task or algorithm option of the wrong scalar type (``task.num_clients=abc``,
+    ``algorithm.lr=abc``) with a message naming it, before a builder trips over it. Task options are
+    checked against the builder's annotations, algorithm options against the type of their default
+    (a number, a boolean or a string; options whose default is null or a mapping are the builders')."""
+    from fedgluon.algorithms import ALGORITHMS
+    from fedgluon.tasks.registry import TASKS
+
+    if task.get("name") in TASKS:
+        kinds = _task_kinds(task["name"])
+        for key, value in task.items():
+            if key in kinds and not kinds[key][1](value):
+                raise ValueError(f"task.{key} must be {kinds[key][0]}, got {value!r}")
+    cls = ALGORITHMS.get(algorithm.get("name"))
+    defaults = {**cls.BASE_OPTIONS, **cls.OPTIONS} if cls is not None else {}
+    for key, value in algorithm.items():
+        default = defaults.get(key)
+        kind = bool if isinstance(default, bool) else float if _is_number(default) else \
+            str if isinstance(default, str) else None
+        if kind is None or (kind is not str and isinstance(value, (Mapping, list))):
+            continue  # a mapping or list for a number or a flag (a per-layer value, say) is the builder's to judge
+        words, ok = _KINDS[kind]
+        if not ok(value):
+            raise ValueError(f"algorithm.{key} must be {words}, got {value!r}")
+
+
+def check_min_k(algorithm: Algorithm) -> None:
+    """Refuse a sparsifier's ``min_k`` above the largest layer's size ``d``: each layer sends
+    ``k_i = clamp(⌈ratio·d_i⌉, min_k, d_i)`` values, so such a ``min_k`` silently sends every layer whole.
+    (A ``min_k`` above a small layer's size, a bias say, is the intended clamp and is allowed.)"""
+    d = max((math.prod(shape) for shape in algorithm.shapes.values()), default=0)
+    for key in ("compressor", "downlink"):
+        compressor = getattr(algorithm, key, None)
+        min_k = getattr(getattr(compressor, "structure", None), "min_k", None)
+        if min_k is not None and min_k > d:
+            raise ValueError(f"algorithm.{key}.min_k must be an integer in [1, {d}] (the largest layer's size; "
+                             f"a larger min_k sends every layer whole), got {min_k}")

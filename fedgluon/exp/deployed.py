@@ -1,0 +1,43 @@
+"""``flwr run .``'s ServerApp (``pyproject.toml``'s ``serverapp``): a whole ``fedgluon run`` over a Flower
+deployment.
+
+It reads the ``fedgluon run`` config named by the Flower run config (``fedgluon.flower.deployment``) and
+writes the same run directory as ``fedgluon run`` (``fedgluon.exp.experiment``), to an absolute
+directory. A run that fails leaves ``"complete": false`` and the reason in its ``summary.json``
+(``flwr run`` exits 0 either way). The ClientApp of a deployment is ``fedgluon.flower.client_app.app``.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedgluon.config.schema import ConfigError
+from fedgluon.exp.experiment import run
+from fedgluon.flower import deployment
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    deployed_run(grid, context)
+
+
+def deployed_run(grid: Grid, context: Context) -> None:
+    """``flwr run``'s ServerApp: run the config the Flower run config names (fedgluon/flower/deployment.py) over
+    ``grid`` and write its run directory; on any failure, ``"complete": false`` and the reason go to the
+    run directory's summary.json (when the directory can be named) before the error propagates to
+    Flower, which marks the run failed."""
+    out = None
+    try:
+        cfg = deployment.load_config(context.run_config)
+        _, _, root, resume, _ = deployment.run_settings(context.run_config)
+        out = deployment.run_dir(cfg, root)
+        run(cfg, progress=False, out_dir=out, resume=resume, grid=deployment.PollingGrid(grid))
+    except BaseException as err:
+        if isinstance(err, ConfigError) and "--overwrite" in str(err):  # fedgluon run's flag; flwr run's key
+            err = ConfigError(str(err).replace("--overwrite", "--run-config overwrite=true"))
+        if out is not None:
+            deployment.record_failure(out, f"{type(err).__name__}: {err}")
+        raise err from None

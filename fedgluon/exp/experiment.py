@@ -1,0 +1,371 @@
+"""Run one experiment config and write ``runs/<name>/``:
+
+| file | content |
+| --- | --- |
+| ``config.yaml`` | the resolved config |
+| ``partition.csv`` | client sizes (and label histograms) |
+| ``metrics.csv`` | one row per round (:data:`METRIC_COLUMNS` documents the columns) |
+| ``clients.csv`` | one row per sampled client per round: accepted / rejected / failed, reason, loss, bits |
+| ``summary.json`` | final and best metrics, totals, wall time; ``"complete": true`` is written last |
+| ``model.pt`` | the final parameters (a dict of tensors, ``torch.load(..., weights_only=True)``) |
+| ``plots.png`` | test loss and accuracy vs rounds and vs cumulative uplink bits per client |
+
+| ``checkpoint.pt`` | while the run is unfinished: the state to resume from, with its rows journal |
+| ``checkpoint.pt.rows.<id>.jsonl`` | (fedgluon/sim/checkpoint.py) |
+
+| ``.fedgluon-run`` | the marker of a directory fedgluon created, and the lock a run holds on it (:data:`MARKER`) |
+
+A directory without ``"complete": true`` in its summary is never reported as complete; an existing
+directory is only replaced with ``overwrite`` and only if it holds the marker (fedgluon/config/schema/run_dir.py);
+``run(cfg, resume=True)`` (``fedgluon run --resume DIR``) continues an unfinished one from its
+checkpoint. A directory in use by another run is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fedgluon.exp import cluster
+from fedgluon.config import spec as specs
+from fedgluon.sim.checkpoint import CheckpointError, Checkpointer, NonFiniteStateError, RunStopped, Snapshot
+from fedgluon.sim.checkpoint import load as load_checkpoint
+from fedgluon.sim.checkpoint import remove as remove_checkpoint
+from fedgluon.sim.checkpoint import sweep as sweep_checkpoint
+from fedgluon.core.memory import client_state_bytes
+from fedgluon.config.schema import ConfigError, run_name, spec_of
+from fedgluon.sim.faults import FaultPlan
+from fedgluon.config.run_dir import MARKER, RunDirLock, is_complete, prepare_dir  # noqa: F401 (MARKER, RunDirLock: re-exported)
+from fedgluon.runtime.threads import torch_threads
+
+log = logging.getLogger(__name__)
+
+METRIC_COLUMNS = {
+    "round": "round index k (0-based)",
+    "participants / accepted / rejected / failed": "sampled clients and what became of their replies",
+    "receivers": "clients that received the broadcast (all n with a compressed downlink)",
+    "train_loss": "mean minibatch loss reported by accepted clients",
+    "grad_evals / samples": "gradient evaluations and samples processed by accepted clients",
+    "refresh": "1 on SARAH/PAGE/MARINA large-batch refresh rounds",
+    "up_<conv>_{total,mean,max}": "uplink bits under each convention (values, log2d, int32, coo64, bitmask)",
+    "down_<conv>_total": "downlink bits to all receivers",
+    "test_loss / test_accuracy [/ test_perplexity]": "central evaluation on held-out data (every eval_every rounds)",
+    "grad_dual_norm": "Σ_i ‖∇_i f(X)‖_(i)* of the full-batch gradient (every grad_norm_every rounds)",
+    "up_bits_cum / up_bits_per_client_cum / down_bits_cum": "cumulative bits under network.bits",
+    "sim_round_time / sim_time": "simulated seconds: 2·latency + max uplink / up bw + per-client downlink / down bw",
+    "wall_time": "seconds the round took here",
+    "server_time": "seconds of it in the server step (validation, aggregation, LMO step)",
+}
+
+
+def _grad_dual_norm(task, geometry, params: Mapping[str, torch.Tensor], weights: Mapping[int, float]) -> float:
+    """``Σ_i ‖∇_i f(X)‖_(i)*`` of the weighted full-batch gradient; NaN where the gradient holds a NaN/Inf
+    or its dual norm cannot be computed (an SVD that fails), which stops the run (fedgluon/sim/federation.py)."""
+    total: dict[str, torch.Tensor] = {}
+    for j, obj in enumerate(task.objectives):
+        _, g = obj.gradient(params, obj.full_batch())
+        for n, t in g.items():
+            total[n] = total[n] + weights[j] * t if n in total else weights[j] * t
+    if not all(bool(torch.isfinite(t).all()) for t in total.values()):
+        return math.nan
+    try:
+        return float(sum(float(v) for v in geometry.dual_norms(total).values()))
+    except torch.linalg.LinAlgError:
+        return math.nan
+
+
+class _Evaluator:
+    """Central evaluation plus, every ``grad_norm_every`` rounds, the true gradient's dual norm."""
+
+    def __init__(self, task, geometry, weights, rounds: int, grad_every: int):
+        self.task, self.geometry, self.weights = task, geometry, weights
+        self.rounds, self.grad_every = rounds, grad_every
+
+    def __call__(self, params: Mapping[str, torch.Tensor], k: int) -> dict[str, float]:
+        row = self.task.evaluate(params)
+        if self.grad_every and ((k + 1) % self.grad_every == 0 or k + 1 == self.rounds):
+            row["grad_dual_norm"] = _grad_dual_norm(self.task, self.geometry, params, self.weights)
+        return row
+
+
+def add_derived_columns(frame: pd.DataFrame, cfg: DictConfig) -> pd.DataFrame:
+    """Cumulative bits and the simulated time of the bandwidth/latency model."""
+    c, net = cfg.network.bits, cfg.network
+    f = frame.copy()
+    f["up_bits_cum"] = f[f"up_{c}_total"].cumsum()
+    f["up_bits_per_client_cum"] = f[f"up_{c}_mean"].cumsum()
+    f["down_bits_cum"] = f[f"down_{c}_total"].cumsum()
+    per_client_down = f[f"down_{c}_total"] / f["receivers"].clip(lower=1)
+    f["sim_round_time"] = (2 * net.latency_ms / 1e3 + f[f"up_{c}_max"] / (net.uplink_mbps * 1e6)
+                           + per_client_down / (net.downlink_mbps * 1e6))
+    f["sim_time"] = f["sim_round_time"].cumsum()
+    return f
+
+
+CHECKPOINT = "checkpoint.pt"
+ENVIRONMENT = ("threads", "round_timeout", "node_timeout", "faults", "block_size", "client_device",
+               "max_failed_rounds")  # may change when a run is resumed
+
+
+def run_key(spec: Mapping[str, Any]) -> str:
+    """What a checkpoint must match to be resumed: the spec without the fields of the environment
+    (threads, timeouts, injected faults, client block size), so a run checkpointed on Ray may resume
+    in-process, or without the fault that stopped it."""
+    return specs.key({k: v for k, v in spec.items() if k not in ENVIRONMENT})
+
+
+def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = None,
+        on_round: Callable[[dict[str, Any]], None] | None = None, resume: bool = False, grid: Any = None) -> Path:
+    """Run ``cfg`` on its engine and write the run directory (module docstring); returns its path.
+    ``grid``: a Flower deployment's Grid (the ServerApp of ``flwr run``, fedgluon/flower/deployment.py), which is
+    then the engine instead of ``engine.name``.
+
+    The directory is created with its :data:`MARKER` (or, with ``output.overwrite``, an existing
+    fedgluon run directory is emptied, see :func:`prepare_dir`) and stays locked until the run ends,
+    so no other run can write into it or replace it meanwhile.
+
+    Every ``output.checkpoint_every`` rounds, on SIGINT/SIGTERM, on a dead Ray actor, on a NaN/Inf the
+    server computed and after ``max_failed_rounds`` rounds without an accepted client,
+    ``checkpoint.pt`` is written; all but the first raise :class:`~fedgluon.sim.checkpoint.RunStopped` after
+    writing the metrics so far (summary with ``"complete": false`` and the reason), as does an I/O error
+    while saving (:class:`~fedgluon.sim.checkpoint.SaveFailed`, the last complete checkpoint intact).
+    ``resume=True`` continues the run in ``out_dir`` from its checkpoint, after checking it (a bad one is a
+    ConfigError) and removing what killed saves left; the final metrics equal an uninterrupted run's in
+    every column but the wall times. The run computes with ``cfg.threads`` torch threads, the caller's
+    count restored after (fedgluon/runtime/threads.py)."""
+    out = Path(out_dir) if out_dir is not None else Path(cfg.output.dir) / run_name(cfg)
+    if resume and not (out / MARKER).is_file():  # never make a run directory of a folder fedgluon did not create
+        raise ConfigError(f"{out} is not a fedgluon run directory: nothing to resume")
+    nodes = cluster.for_run(cfg) if grid is None else None  # a deployment's clients are its SuperNodes, not Ray's
+    try:
+        with RunDirLock(out) if resume else prepare_dir(out, cfg.output.overwrite), torch_threads(int(cfg.threads)):
+            return _run_locked(cfg, out, progress, on_round, resume, nodes, grid)
+    finally:
+        if nodes is not None:
+            import ray
+
+            ray.shutdown()  # Flower's engine shuts Ray down when it ends; this covers the runs it never started
+
+
+def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[dict[str, Any]], None] | None,
+                resume: bool, nodes: list[dict[str, Any]] | None = None, grid: Any = None) -> Path:
+    """:func:`run` in its locked run directory ``out``."""
+    spec = spec_of(cfg)
+    snapshot = _resumable(out, spec) if resume else None
+    _save_config(cfg, out / "config.yaml")
+    task, algorithm = specs.build_cached(spec)
+    held = _clients_held(snapshot.client_states) if snapshot is not None else len(task.objectives)
+    if held != len(task.objectives):
+        raise ConfigError(f"{out / CHECKPOINT} cannot be resumed: it holds the states of {held} "
+                          f"clients, the run has {len(task.objectives)}")
+    if snapshot is not None:
+        _check_table(out / CHECKPOINT, snapshot, task, algorithm, spec["seed"])
+    task.partition_summary.to_csv(out / "partition.csv", index=False)
+    from fedgluon.sim.driver import client_weights
+
+    evaluate = _Evaluator(task, algorithm.geometry, client_weights(task.objectives, spec["weights"]), spec["rounds"],
+                          int(cfg.grad_norm_every))
+    checkpointer = Checkpointer(out / CHECKPOINT, int(cfg.output.checkpoint_every), run_key(spec), resumed=snapshot)
+    t0 = time.perf_counter()
+    start = snapshot.next_round if snapshot is not None else 0
+    try:
+        with checkpointer.signals(), _progress(progress, spec["rounds"], run_name(cfg), start) as tick:
+            def round_done(row: dict[str, Any]) -> None:
+                tick(row)
+                if on_round is not None:
+                    on_round(row)
+
+            history, final, clients, state_bytes, placed = _run_engine(cfg, spec, task, algorithm, evaluate,
+                                                                       round_done, checkpointer, snapshot, nodes, grid)
+    except RunStopped as err:
+        if err.checkpoint is not None:
+            snap = load_checkpoint(err.checkpoint)
+            try:
+                _write_results(out, cfg, snap.history, snap.client_log, None, time.perf_counter() - t0,
+                               stopped=str(err), resumed_from=start, resumable=resumable(err), deployed=grid is not None)
+            except OSError as write_err:  # e.g. the full disk that stopped a save; the checkpoint is intact
+                log.warning("could not write the results of the stopped run to %s: %s", out, write_err)
+        raise
+    _write_results(out, cfg, history, clients, final, time.perf_counter() - t0, resumed_from=start,
+                   state_bytes=state_bytes, placement=placed, deployed=grid is not None)
+    remove_checkpoint(out / CHECKPOINT)
+    return out
+
+
+def _save_config(cfg: DictConfig, path: Path) -> None:
+    """The resolved config, without ``output.overwrite``: that is a request of the command that started
+    the run, never part of a config (fedgluon.config.schema.load refuses it in a file)."""
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(saved, dict)
+    saved["output"].pop("overwrite", None)
+    OmegaConf.save(OmegaConf.create(saved), path)
+
+
+def resumable(err: RunStopped) -> bool:
+    """Whether resuming can get past this stop: not past a NaN/Inf of the server's (the resumed run replays
+    the same round; only a new run with a smaller radius helps)."""
+    return not isinstance(err, NonFiniteStateError)
+
+
+def _resumable(out: Path, spec: Mapping[str, Any]) -> Snapshot:
+    if is_complete(out):
+        raise ConfigError(f"{out} holds a complete run; nothing to resume")
+    path = out / CHECKPOINT
+    if not path.exists():
+        raise ConfigError(f"{out} has no {CHECKPOINT} to resume from; rerun it with --overwrite")
+    try:
+        snapshot = load_checkpoint(path)
+    except CheckpointError as err:
+        raise ConfigError(f"{err}; start the run again with --overwrite") from None
+    if snapshot.run_key != run_key(spec):
+        raise ConfigError(f"{path} was written by a run with another config (task, geometry, algorithm, rounds, "
+                          f"seed, participation, weights or eval_every differ); only engine, network and output "
+                          f"settings, {', '.join(ENVIRONMENT)} may change on resume")
+    if snapshot.next_round > spec["rounds"]:
+        raise ConfigError(f"{path} cannot be resumed: it is at round {snapshot.next_round}, the run has "
+                          f"{spec['rounds']} rounds")
+    sweep_checkpoint(path, snapshot)  # temporary files and journals that killed saves left in this run directory
+    return snapshot
+
+
+def _check_table(path: Path, snapshot: Snapshot, task: Any, algorithm: Any, seed: int) -> None:
+    """ConfigError (one line) when the checkpoint's client-state table does not fit this run's schema:
+    checked before any engine starts, since an engine's server may run where its errors are not ours to
+    report. Its peak memory is the resumed federation's own (a zero table and the loaded copy)."""
+    from fedgluon.clients.table import ClientStateTable
+
+    schema = algorithm.state_schema(task.objectives[0], task.initial_params(), seed)
+    table = ClientStateTable(schema, len(task.objectives), keep_models=algorithm.needs_previous)
+    try:
+        table.load_state_dict(snapshot.client_states)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ConfigError(f"{path} cannot be resumed: {str(err).splitlines()[0] if str(err) else err!r}; "
+                          f"start the run again with --overwrite") from None
+
+
+def _clients_held(table: Any) -> int | None:
+    """How many clients a checkpoint's client-state table holds (None when it cannot tell)."""
+    commits = table.get("commits") if isinstance(table, dict) else None
+    return int(commits.shape[0]) if hasattr(commits, "shape") and len(commits.shape) == 1 else None
+
+
+def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, snapshot, nodes=None, grid=None):
+    """The run on its engine (``grid``: a Flower deployment's): history, final parameters, client log, state
+    bytes and :func:`fedgluon.exp.cluster.placement`."""
+    engine = "deployment" if grid is not None else cfg.engine.name
+    if engine == "plain":
+        from fedgluon.sim.driver import run_plain
+
+        res = run_plain(algorithm, task.objectives, task.initial_params(), spec["rounds"], seed=spec["seed"],
+                        participation=spec["participation"], weights=spec["weights"], evaluate=evaluate,
+                        eval_every=spec["eval_every"], on_round=round_done, faults=FaultPlan.from_spec(spec["faults"]),
+                        checkpointer=checkpointer, resume=snapshot, block_size=spec["block_size"],
+                        workers=cfg.engine.workers, max_failed_rounds=spec["max_failed_rounds"])
+        return (res.history, res.server_state["X"], res.client_log, client_state_bytes(res.table),
+                cluster.placement(algorithm))
+    from fedgluon.flower.engines import run_inprocess, run_ray
+
+    if engine == "deployment":  # flwr run: this ServerApp's grid (fedgluon/flower/deployment.py)
+        from strategies.server_app import serve
+
+        strategy = serve(grid, spec, round_done, evaluate, checkpointer, snapshot)
+    elif engine == "inprocess":
+        strategy = run_inprocess(spec, round_done, evaluate, checkpointer, snapshot)
+    else:
+        strategy = run_ray(spec, num_cpus=cfg.engine.num_cpus, num_gpus=cfg.engine.num_gpus, address=cfg.engine.address,
+                           on_round=round_done, evaluate=evaluate, checkpointer=checkpointer, resume=snapshot)
+    return (strategy.history, strategy.server_state["X"], strategy.client_log,
+            client_state_bytes(strategy.federation.table),
+            cluster.placement(algorithm, strategy, nodes) if engine == "ray" else cluster.placement(algorithm))
+
+
+def _write_results(out: Path, cfg: DictConfig, history, clients, final, wall: float, *, stopped: str | None = None,
+                   resumed_from: int = 0, state_bytes: Mapping[str, float] | None = None,
+                   resumable: bool = True, placement: Mapping[str, Any] | None = None, deployed: bool = False) -> None:
+    """metrics.csv, clients.csv, model.pt, plots.png and summary.json (``"complete": true`` only when the
+    run finished; a stopped run's summary says why and where it stopped, and how to resume it where a
+    resume can help)."""
+    frame = add_derived_columns(pd.DataFrame(history), cfg) if history else pd.DataFrame()
+    frame.to_csv(out / "metrics.csv", index=False)
+    pd.DataFrame(clients).to_csv(out / "clients.csv", index=False)
+    if final is not None and cfg.output.save_model:
+        torch.save({n: t.detach().cpu() for n, t in final.items()}, out / "model.pt")
+    if len(frame):
+        from fedgluon.exp.plots import plot_run
+
+        plot_run(frame, out / "plots.png", title=run_name(cfg),
+                 bits_label=f"uplink bits per client ({cfg.network.bits} convention)")
+    summary = summarise(frame, cfg, wall)
+    summary["resumed_from_round"] = resumed_from
+    if deployed:
+        summary["engine"] = "flower-deployment"
+    if state_bytes is not None:  # what the simulator holds per client at the end (fedgluon.core.memory)
+        summary.update({f"client_state_bytes_{k}": v for k, v in state_bytes.items()})
+    if placement is not None:
+        summary.update(placement)
+    if stopped is not None:
+        summary.update({"complete": False, "stopped": stopped})
+        if resumable:
+            summary["resume"] = "flwr run ... --run-config resume=true (same config)" if deployed else \
+                f"fedgluon run --resume {out}"
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def summarise(frame: pd.DataFrame, cfg: DictConfig, wall: float) -> dict[str, Any]:
+    def last(col: str) -> float | None:
+        if col not in frame or frame[col].dropna().empty:
+            return None
+        return float(frame[col].dropna().iloc[-1])
+
+    def best(col: str, fn) -> float | None:
+        return None if col not in frame or frame[col].dropna().empty else float(fn(frame[col].dropna()))
+
+    out = {
+        "name": run_name(cfg), "algorithm": cfg.algorithm["name"], "task": cfg.task["name"], "seed": int(cfg.seed),
+        "rounds": len(frame), "engine": cfg.engine.name,
+        "final_test_loss": last("test_loss"), "final_test_accuracy": last("test_accuracy"),
+        "best_test_accuracy": best("test_accuracy", max), "best_test_loss": best("test_loss", min),
+        "final_grad_dual_norm": last("grad_dual_norm"),
+        "uplink_bits_total": last("up_bits_cum"), "uplink_bits_per_client": last("up_bits_per_client_cum"),
+        "downlink_bits_total": last("down_bits_cum"), "sim_time": last("sim_time"),
+        "rejected": int(frame["rejected"].sum()) if "rejected" in frame else 0,
+        "failed": int(frame["failed"].sum()) if "failed" in frame else 0,
+        "bit_convention": cfg.network.bits, "wall_time": wall, "complete": True,
+    }
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+
+
+class _progress:
+    """A rich progress bar over rounds (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, label: str, start: int = 0):
+        self.enabled, self.total, self.label, self.start = enabled, total, label, start
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda row: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+        self.bar.__enter__()
+        self.task = self.bar.add_task(self.label, total=self.total, completed=self.start, info="")
+
+        def tick(row: dict[str, Any]) -> None:
+            info = " ".join(f"{k}={row[k]:.4g}" for k in ("test_loss", "test_accuracy") if k in row)
+            self.bar.update(self.task, advance=1, info=info)
+        return tick
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+        return False

@@ -1,0 +1,292 @@
+"""Sweeps: a grid over config keys and seeds, run member by member, summarised into tables and a
+communication-vs-accuracy Pareto plot.
+
+``fedgluon sweep CONFIG algorithm.name=[gluon-ef21,gluon-ef21-sarah] algorithm.compressor.ratio=[0.01,0.05] seed=[0,1]``;
+an axis over a whole section replaces it per member, for algorithms whose options differ:
+``'algorithm=[{name: gluon, lr: 0.05}, {name: gluon-ef21, lr: 0.05, compressor: {name: topk, ratio: 0.05}}]'``
+writes ``<output.dir>/<sweep name>/<member>/`` (a run directory each, see fedgluon/exp/experiment.py) and,
+in the sweep directory, ``members.csv`` (one row per member), ``table.csv`` (mean and std over
+seeds per configuration, plus bits to reach the target accuracy) and ``pareto.png``. Members whose
+run directory is complete are skipped, so an interrupted sweep continues where it stopped.
+
+Members run one after another on the configured engine (Flower's Ray engine starts and stops Ray
+for every simulation, so it is never nested inside Ray tasks). ``parallel=N`` runs
+members as Ray tasks on the plain engine instead, N at a time, on a private local Ray or on the
+cluster at ``engine.address``; each task returns its run directory's files and the driver writes
+them under its own ``output.dir`` (no shared filesystem needed; fedgluon.exp.cluster ships the code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from fedgluon.config import schema as configs
+from fedgluon.exp.experiment import is_complete, run
+from fedgluon.config.run_dir import MARKER, prepare_dir
+
+
+def parse_grid(args: Sequence[str]) -> tuple[list[str], dict[str, list[Any]]]:
+    """Split CLI arguments into plain overrides (``k=v``) and grid axes (``k=[a,b,c]``)."""
+    overrides, grid = [], {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise configs.ConfigError(f"sweep arguments must look like key=value or key=[a,b], got {arg!r}")
+        if value.startswith("[") and value.endswith("]"):
+            parsed = OmegaConf.create({"v": OmegaConf.from_dotlist([f"v={value}"]).v})["v"]
+            values = list(OmegaConf.to_container(parsed)) if parsed is not None else []  # type: ignore[arg-type]
+            if not values:
+                raise configs.ConfigError(f"sweep axis {key!r} has no values")
+            grid[key] = values
+        else:
+            overrides.append(arg)
+    return overrides, grid
+
+
+def members(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def value_label(key: str, v: Any, grid: dict[str, list[Any]] | None = None) -> str:
+    """A grid value as text: a mapping (a whole section) shows its ``name``, plus a short hash of its
+    content when another value of the same axis has that name."""
+    if not isinstance(v, dict):
+        return str(v)
+    same = [o for o in (grid or {}).get(key, []) if isinstance(o, dict) and o.get("name") == v.get("name")]
+    if len(same) < 2:
+        return str(v.get("name", v))
+    return f"{v.get('name')}-{hashlib.sha1(json.dumps(v, sort_keys=True).encode()).hexdigest()[:6]}"
+
+
+def member_name(values: dict[str, Any], grid: dict[str, list[Any]] | None = None) -> str:
+    """``key=value,...`` with the last part of each dotted key (see :func:`value_label`)."""
+    parts = [f"{k.split('.')[-1]}={value_label(k, v, grid)}" for k, v in values.items()]
+    return ",".join(parts).replace("/", "_") or "base"
+
+
+def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | None = None, progress: bool = True,
+          parallel: int = 0) -> Path:
+    """Run every grid member (skipping complete ones) and write the sweep summary; returns the sweep dir."""
+    overrides, grid = parse_grid(args)
+    base = configs.load(config_path, overrides)
+    if base.engine.address and (parallel or base.engine.name == "ray"):
+        from fedgluon.exp.cluster import reachable
+
+        reachable(base.engine.address)  # before the sweep directory: a wrong address is one line, not minutes
+    sweep_dir = Path(base.output.dir) / (name or f"sweep-{configs.run_name(base)}")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for values in members(grid):
+        mname = member_name(values, grid)
+        sections = {k: v for k, v in values.items() if k in configs.SECTIONS}
+        dotted = [f"{k}={_fmt(v)}" for k, v in values.items() if k not in configs.SECTIONS]
+        cfg = configs.load(config_path, [*overrides, *dotted], replace=sections)
+        cfg.output.name = mname
+        cfg.output.dir = str(sweep_dir)
+        if is_complete(sweep_dir / mname):
+            continue
+        cfg.output.overwrite = True  # an incomplete member directory is a leftover of an interrupted sweep
+        todo.append((mname, cfg))
+    (sweep_dir / "sweep.json").write_text(json.dumps({"config": str(config_path) if config_path else None,
+                                                      "overrides": list(overrides), "grid": grid}, indent=2))
+    if parallel and todo:
+        _run_parallel(todo, parallel, base.engine.address, sweep_dir, progress)
+    else:
+        for i, (mname, cfg) in enumerate(todo):
+            if progress:
+                print(f"[{i + 1}/{len(todo)}] {mname}")
+            run(cfg, progress=progress)
+    summarise(sweep_dir)
+    return sweep_dir
+
+
+def _fmt(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+
+
+def _run_parallel(todo, workers: int, address: str | None, sweep_dir: Path, progress: bool = False) -> None:
+    """The members as Ray tasks on the plain engine, at most ``workers`` at a time, on a private local Ray
+    (``workers`` × the largest ``threads`` CPUs) or the cluster at ``address``. Each task runs its member in
+    a scratch directory of its node and returns the files (:func:`run_member`); this process writes every
+    member's directory (:func:`write_member`), so nothing depends on a shared filesystem or on the nodes'
+    working directories. Members that fail are written as far as they got and reported together at the end."""
+    import ray
+
+    threads = max(int(cfg.threads) for _, cfg in todo)  # a member's task holds one CPU per torch thread
+    from fedgluon.exp.cluster import connect
+
+    connect(address, num_cpus=workers * threads, log_to_driver=False)  # members' logs: error, summary, clients.csv
+
+    @ray.remote(num_cpus=1)
+    def one(cfg_yaml: str) -> dict[str, Any]:
+        from fedgluon.runtime.allocator import keep_freed_memory
+
+        keep_freed_memory()  # a Ray worker that runs sweep members (fedgluon.runtime.allocator)
+        cfg = OmegaConf.create(cfg_yaml)
+        cfg.engine.name = "plain"
+        return run_member(cfg)
+
+    failures = []
+    try:
+        queue, running = list(todo), {}
+        while queue or running:
+            while queue and len(running) < workers:
+                mname, cfg = queue.pop(0)
+                running[one.options(num_cpus=int(cfg.threads)).remote(OmegaConf.to_yaml(cfg))] = mname
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            mname = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as err:  # the task's worker or node died
+                result = {"files": {}, "error": f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1]}"}
+            try:
+                error = write_member(sweep_dir / mname, result["files"], result.get("scratch"), result["error"])
+            except (ValueError, OSError) as err:  # a refused file name, a full disk
+                error = str(err)
+            if error:
+                failures.append(f"{mname}: {error}")
+            if progress:
+                print(f"[{len(todo) - len(queue) - len(running)}/{len(todo)}] {mname}" + (" failed" if error else ""))
+    finally:
+        ray.shutdown()
+    if failures:
+        summarise(sweep_dir)
+        raise configs.ConfigError(f"{len(failures)} sweep member(s) failed (their directories hold what they "
+                                  f"wrote; rerun the sweep to retry them): {'; '.join(failures)}")
+
+
+def run_member(cfg: Any) -> dict[str, Any]:
+    """Run one member in a scratch directory of this node and return its run directory as
+    ``{"files": {name: bytes}, "error": None | "one line", "scratch": its path}`` (the scratch directory
+    is removed)."""
+    import shutil
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix="fedgluon-member-"))
+    out, error = scratch / str(cfg.output.name), None
+    try:
+        try:
+            run(cfg, progress=False, out_dir=out)  # cfg keeps the driver's output.dir: its config.yaml is as sequential
+        except Exception as err:  # noqa: BLE001 - reported by the driver, with the other members' failures
+            text = str(err).strip()
+            error = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+        files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+                 if p.is_file() and p.name != MARKER} if out.is_dir() else {}
+    finally:  # also when the task is cancelled
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"files": files, "error": error, "scratch": str(out)}
+
+
+def write_member(out: Path, files: dict[str, bytes], scratch: str | None = None,
+                 error: str | None = None) -> str | None:
+    """Write a member's run directory from :func:`run_member`'s files: created (or an old one replaced) as
+    any run directory (fedgluon.config.run_dir.prepare_dir), ``summary.json`` last, so the member is complete
+    only once everything else is on disk. Names that would leave the directory are refused. The node's
+    ``scratch`` path becomes ``out`` in the summary (a stopped run's reason and resume command) and in
+    ``error``, which is returned."""
+    if scratch and "summary.json" in files:
+        files = {**files, "summary.json": files["summary.json"].replace(json.dumps(scratch)[1:-1].encode(),
+                                                                        json.dumps(str(out))[1:-1].encode())}
+    bad = [n for n in files if not _member_file(n)]
+    if bad:
+        raise ValueError(f"a sweep member returned files named {bad}")
+    with prepare_dir(out, overwrite=True):
+        for name in sorted(files, key=lambda n: n == "summary.json"):
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(files[name])
+    return error.replace(scratch, str(out)) if error and scratch else error
+
+
+def _member_file(name: str) -> bool:
+    """Whether a member may return a file of this name: a relative path inside its directory, not the marker."""
+    parts = PurePosixPath(name).parts
+    return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts and parts[0] != MARKER \
+        and name == str(PurePosixPath(*parts))
+
+
+def load_members(sweep_dir: str | Path) -> pd.DataFrame:
+    """One row per complete member: its grid values, summary and the full config's key fields."""
+    sweep_dir = Path(sweep_dir)
+    meta = json.loads((sweep_dir / "sweep.json").read_text())
+    rows = []
+    for values in members(meta["grid"]):
+        d = sweep_dir / member_name(values, meta["grid"])
+        if not is_complete(d):
+            continue
+        summary = json.loads((d / "summary.json").read_text())
+        config = ",".join(value_label(k, v, meta["grid"]) for k, v in values.items() if k != "seed") or "base"
+        scalars = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
+        where = ";".join(str(n.get("hostname") or n.get("node_id")) for n in summary.get("nodes", []))
+        rows.append({"member": d.name, **{k: _fmt(v) for k, v in values.items()}, **scalars, "nodes": where,
+                     "config": config})
+    return pd.DataFrame(rows)
+
+
+TABLE_METRICS = ("final_test_accuracy", "final_test_loss", "best_test_accuracy", "best_test_loss",
+                 "final_grad_dual_norm", "uplink_bits_per_client", "bits_to_target", "sim_time")
+"""Summary fields a sweep table aggregates over seeds (those the runs measured) and ``tune`` can rank by."""
+
+
+def summarise(sweep_dir: str | Path, target: float | None = None, target_fraction: float = 0.95) -> pd.DataFrame:
+    """``members.csv``, ``table.csv`` (mean/std over seeds; bits to reach the target accuracy) and ``pareto.png``.
+
+    The target is ``target`` if given, else ``target_fraction`` × the best member's final accuracy;
+    ``bits_to_target`` is the cumulative uplink bits per client at the first evaluation reaching it
+    (NaN if never reached).
+    """
+    from fedgluon.exp.plots import plot_pareto
+
+    sweep_dir = Path(sweep_dir)
+    frame = load_members(sweep_dir)
+    frame.to_csv(sweep_dir / "members.csv", index=False)
+    if frame.empty:
+        return frame
+    if target is None and frame["final_test_accuracy"].notna().any():
+        target = target_fraction * float(frame["final_test_accuracy"].max())
+    frame["bits_to_target"] = [_bits_to_target(sweep_dir / m, target) for m in frame["member"]]
+    metrics = [m for m in TABLE_METRICS if m in frame and frame[m].notna().any()]
+    table = frame.groupby("config")[metrics].agg(["mean", "std", "count"])
+    table.columns = [f"{a}_{b}" for a, b in table.columns]
+    table = table.reset_index()
+    table["target_accuracy"] = target
+    table.to_csv(sweep_dir / "table.csv", index=False)
+    convention = str(frame["bit_convention"].iloc[0]) if "bit_convention" in frame else "int32"
+    plot_pareto(table, sweep_dir / "pareto.png", label="config",
+                title=f"{sweep_dir.name}: final accuracy vs uplink bits per client",
+                xlabel=f"uplink bits per client, whole run ({convention} convention; mean over seeds)")
+    return table
+
+
+def _bits_to_target(run_dir: Path, target: float | None) -> float:
+    if target is None:
+        return float("nan")
+    m = pd.read_csv(run_dir / "metrics.csv")
+    if "test_accuracy" not in m:
+        return float("nan")
+    hit = m[m["test_accuracy"] >= target]
+    return float(hit["up_bits_per_client_cum"].iloc[0]) if len(hit) else float("nan")
+
+
+def load_run(run_dir: str | Path) -> dict[str, Any]:
+    """A run directory as ``{"metrics", "clients", "partition"}`` DataFrames plus ``summary`` and ``config``."""
+    d = Path(run_dir)
+    out: dict[str, Any] = {"summary": json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists()
+                           else {"complete": False},
+                           "config": OmegaConf.to_container(OmegaConf.load(d / "config.yaml"))}
+    for name in ("metrics", "clients", "partition"):
+        path = d / f"{name}.csv"
+        out[name] = pd.read_csv(path) if path.exists() and path.stat().st_size > 1 else pd.DataFrame()
+    return out
+
+
+__all__ = ["load_members", "load_run", "parse_grid", "summarise", "sweep"]  # fedgluon tune: fedgluon/exp/tuning.py
+

@@ -1,0 +1,97 @@
+"""Gradient estimators as pure state transitions over a block of clients.
+
+Every tensor carries a leading client axis: ``update(state, g_now, g_prev, first) -> (state', estimate)``
+steps B clients at once, ``state`` a dict of dicts of ``(B, *shape)`` tensors (one row per client, the
+layout of a client-state table), ``first`` a ``(B,)`` bool tensor marking each client's first step. A row
+of a client that never stepped is zero-filled (:meth:`Estimator.zero_state`), and a zero-filled row never
+changes the math: wherever the first step differs, the row is selected by ``first``. Row ``i`` of a block
+update equals the update of client ``i`` alone bitwise (``tests/test_estimator_blocks.py``); per-row
+reductions (Muon-MVR's clipping norm, LiMuon's RSVD) stay per row. Updates never mutate their inputs, so
+a caller can drop ``state'`` (a rejected client keeps its old state).
+
+Notation: ``g_now = ∇f(X^k; ξ_k)``; ``g_prev = ∇f(X^{k−1}; ξ_k)`` — the *same* sample ξ_k at the
+previous iterate (only estimators with ``needs_previous = True`` use it; it may be ``None`` when every
+row is a first step). Momentum ``beta`` weighs the *old* value.
+
+| name       | update                                                              | source |
+| ---------- | ------------------------------------------------------------------- | ------ |
+| ema        | M ← βM + (1−β)g;  estimate M, or (1−β)g + βM with Nesterov          | Gluon Alg. 1; KellerJordan/Muon |
+| mvr        | M ← g_now + β(M − g_prev)                                           | STORM / Gluon-MVR |
+| muon_mvr1  | c = g + γβ/(1−β)(g − g_last), clip ‖c‖_F ≤ 1, M ← βM + (1−β)c        | Muon-MVR code, is_approx=True |
+| muon_mvr2  | as muon_mvr1 with g_last = g_prev (same batch)                      | Muon-MVR2 (is_approx=False) |
+| sarah      | V ← V + g_now − g_prev; on refresh V ← large-batch gradient         | SARAH / PAGE |
+| limuon     | M ← g_now + β(RSVD_r(M) − g_prev), 2-D state stored as rank-r factors | LiMuon Option 2 |
+
+``muon_mvr1/2`` also have ``form="reference"``: the published code's first step and AdamW on
+non-matrix parameters (:class:`MuonMVR`).
+
+LiMuon writes ``(1 − β_LiMuon)`` for our ``β``; EF21-Muon's and Scion's β weigh the new gradient
+and translate to ``β = 1 − β_paper``.
+
+Modules: :mod:`.base` (the interface, :class:`Rows`), :mod:`.momentum` (EMA, MVR, SARAH: elementwise),
+:mod:`.muon` (Muon-MVR, LiMuon: per-row norms and factors); this package re-exports them and builds them by
+name (:func:`make_estimator`).
+
+One model (the optimizer, B = 1) steps with :meth:`Estimator.step_one`: unbatched tensors, ``state is
+None`` on its first step, the block step of one row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from fedgluon.lmo.estimators.base import Estimator, Rows, State, Tensors
+from fedgluon.lmo.estimators.momentum import MVR, SARAH, EMAMomentum
+from fedgluon.lmo.estimators.muon import FORMS, LiMuon, MuonMVR
+
+__all__ = ["ESTIMATORS", "FORMS", "MVR", "SARAH", "EMAMomentum", "Estimator", "LiMuon", "MuonMVR", "RefreshPolicy",
+           "Rows", "State", "Tensors", "make_estimator"]
+
+ESTIMATORS = ("ema", "mvr", "muon_mvr1", "muon_mvr2", "sarah", "limuon")
+
+
+def make_estimator(name: str, **kwargs) -> Estimator:
+    """Build an estimator by name (see :data:`ESTIMATORS`) from keyword config values."""
+    if name == "ema":
+        return EMAMomentum(**_pick(kwargs, "beta", "nesterov", "init"))
+    if name == "mvr":
+        return MVR(**_pick(kwargs, "beta"))
+    if name in ("muon_mvr1", "muon_mvr2"):
+        return MuonMVR(variant=int(name[-1]), **_pick(kwargs, "beta", "gamma", "clip", "form", "adamw_betas",
+                                                      "adamw_eps"))
+    if name == "sarah":
+        return SARAH()
+    if name == "limuon":
+        return LiMuon(**_pick(kwargs, "beta", "rank", "oversample", "seed"))
+    raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {name!r}")
+
+
+def _pick(kwargs: Mapping[str, object], *keys: str) -> dict[str, object]:
+    return {k: kwargs[k] for k in keys if kwargs.get(k) is not None}
+
+
+@dataclass
+class RefreshPolicy:
+    """When SARAH/PAGE refreshes with a large batch: with probability ``prob`` (one coin per step
+    from the caller's generator), or every ``period`` steps; step 0 always refreshes."""
+
+    prob: float | None = None
+    period: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.prob is None) == (self.period is None):
+            raise ValueError("refresh needs exactly one of refresh_prob (in [0, 1]) or refresh_period (>= 1)")
+        if self.prob is not None and not 0.0 <= self.prob <= 1.0:
+            raise ValueError(f"refresh_prob must be in [0, 1], got {self.prob}")
+        if self.period is not None and self.period < 1:
+            raise ValueError(f"refresh_period must be >= 1, got {self.period}")
+
+    def due(self, step: int, generator: torch.Generator) -> bool:
+        if step == 0:
+            return True
+        if self.period is not None:
+            return step % self.period == 0
+        return bool(torch.rand((), generator=generator) < self.prob)

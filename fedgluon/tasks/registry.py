@@ -1,0 +1,297 @@
+"""Tasks: a model + a federated dataset + a loss, built from a config by name (one registry).
+
+A task gives each client its :class:`~fedgluon.clients.objective.SupervisedObjective`, the initial model
+parameters (seeded), the model for the geometry, a partition summary (client sizes and label
+histograms) and a central evaluation on held-out data (loss, accuracy; perplexity for language
+models).
+
+| task | data | default model | partition |
+| --- | --- | --- | --- |
+| ``synthetic`` | LEAF synthetic(α, β), generated | MLP / softmax regression | natural (one distribution per client) |
+| ``digits`` | scikit-learn digits (8×8) | MLP 64→128→10 | iid / dirichlet / shards |
+| ``breast_cancer`` | scikit-learn breast cancer | logistic regression | iid / dirichlet / shards |
+| ``fashion_mnist`` | Debian ``dataset-fashion-mnist`` IDX files (any MNIST-format dir) | small CNN (or MLP) | iid / dirichlet / shards |
+| ``libsvm`` | any LibSVM/svmlight file | logistic regression | iid / dirichlet / shards |
+| ``a9a_synthetic`` | a9a-shaped generator (123 binary features) | logistic regression | iid / dirichlet / shards |
+| ``shakespeare`` | vendored plays, next-character prediction | tiny GPT | natural, by speaking role |
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from fedgluon.tasks.data import partition as partitions
+from fedgluon.tasks.data.synthetic import leaf_synthetic
+from fedgluon.tasks.models import MLP, SmallCNN, TinyGPT
+from fedgluon.clients.objective import SupervisedObjective
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+Tensors = dict[str, Tensor]
+
+
+def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over every position."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def sigmoid_squared_loss(scores: Tensor, targets: Tensor) -> Tensor:
+    """The nonconvex binary loss of MARINA/DASHA's experiments, ``mean_i (1 − σ(s_i z_i))²`` with the
+    label mapped to ``s_i = 2y_i − 1 ∈ {−1, +1}`` and the model's single score ``z_i`` (docs/ALGORITHMS.md §13 T2)."""
+    signs = 2.0 * targets.to(scores.dtype) - 1.0
+    return (1.0 - torch.sigmoid(signs * scores[..., 0])).square().mean()
+
+
+def argmax_prediction(out: Tensor) -> Tensor:
+    return out.argmax(-1)
+
+
+def sign_prediction(out: Tensor) -> Tensor:
+    """Class 1 where the single score is positive (the prediction of :func:`sigmoid_squared_loss`)."""
+    return (out[..., 0] > 0).long()
+
+
+LOSSES: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
+    "cross_entropy": (F.cross_entropy, argmax_prediction),
+    "sigmoid_squared": (sigmoid_squared_loss, sign_prediction),
+}
+"""Classification losses by name: (loss function, prediction from the model's output)."""
+
+
+@dataclass
+class Task:
+    model: nn.Module
+    objectives: list[SupervisedObjective]
+    test_inputs: Tensor
+    test_targets: Tensor
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
+    language_model: bool = False
+    summary_rows: list[dict[str, Any]] = field(default_factory=list)  # one per client: see partition_summary
+    eval_batch: int = 2048
+    predict: Callable[[Tensor], Tensor] = argmax_prediction
+
+    @property
+    def partition_summary(self) -> pd.DataFrame:
+        """One row per client (its size, and its label histogram or its play and role), as a DataFrame built
+        on access: a Flower ClientApp process builds the task for every message and never needs pandas."""
+        import pandas as pd
+
+        return pd.DataFrame(self.summary_rows)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.objectives)
+
+    def initial_params(self) -> Tensors:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def evaluate(self, params: Mapping[str, Tensor]) -> dict[str, float]:
+        """Central evaluation on the held-out set: ``test_loss``, ``test_accuracy`` (+ ``test_perplexity``)."""
+        total_loss, correct, count = 0.0, 0, 0
+        with torch.no_grad():
+            for i in range(0, len(self.test_targets), self.eval_batch):
+                x, y = self.test_inputs[i:i + self.eval_batch], self.test_targets[i:i + self.eval_batch]
+                out = functional_call(self.model, dict(params), (x,))
+                total_loss += float(self.loss_fn(out, y)) * y.numel()
+                correct += int((self.predict(out) == y).sum())
+                count += y.numel()
+        loss = total_loss / max(1, count)
+        row = {"test_loss": loss, "test_accuracy": correct / max(1, count)}
+        if self.language_model:
+            row["test_perplexity"] = math.exp(min(loss, 50.0))
+        return row
+
+
+def _objectives(model: nn.Module, x: Tensor, y: Tensor, parts: list[np.ndarray], batch_size: int,
+                large_batch_size: int | None, loss_fn=F.cross_entropy) -> list[SupervisedObjective]:
+    return [SupervisedObjective(model, x[torch.from_numpy(p)], y[torch.from_numpy(p)], batch_size=batch_size,
+                                large_batch_size=large_batch_size, loss_fn=loss_fn) for p in parts]
+
+
+def stratified_split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
+    """``(x_train, x_test, y_train, y_test)``, stratified by label, seeded (scikit-learn's train_test_split)."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    return train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+
+
+def _classification(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray, model: nn.Module, *,
+                    num_clients: int, partition: str, alpha: float, shards_per_client: int, batch_size: int,
+                    large_batch_size: int | None, seed: int, dtype: str = "float32",
+                    loss: str = "cross_entropy") -> Task:
+    torch_dtype = _dtype(dtype)
+    parts = partitions.partition(y_tr, num_clients, partition, seed=seed, alpha=alpha,
+                                 shards_per_client=shards_per_client)
+    xt, yt = torch.tensor(x_tr, dtype=torch_dtype), torch.tensor(y_tr, dtype=torch.long)
+    loss_fn, predict = LOSSES[loss]
+    return Task(model.to(torch_dtype), _objectives(model, xt, yt, parts, batch_size, large_batch_size, loss_fn),
+                torch.tensor(x_te, dtype=torch_dtype), torch.tensor(y_te, dtype=torch.long), loss_fn=loss_fn,
+                summary_rows=partitions.summary_rows(parts, y_tr), predict=predict)
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "float64": torch.float64}
+    if name not in dtypes:
+        raise ValueError(f"task dtype must be one of {sorted(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def _head(x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...], loss: str, bias: bool = True) -> nn.Module:
+    """The task's MLP: C outputs for cross-entropy, one score for the binary ``sigmoid_squared`` loss."""
+    if loss not in LOSSES:
+        raise ValueError(f"task loss must be one of {list(LOSSES)}, got {loss!r}")
+    classes = int(y.max()) + 1
+    if loss == "sigmoid_squared" and classes != 2:
+        raise ValueError(f"task loss 'sigmoid_squared' needs a binary dataset, this one has {classes} classes")
+    return MLP(x.shape[1], tuple(hidden), 1 if loss == "sigmoid_squared" else classes, bias=bias)
+
+
+_PARTITION_DEFAULTS = {"num_clients": 10, "partition": "iid", "alpha": 0.5, "shards_per_client": 2, "batch_size": 32,
+                       "large_batch_size": None, "seed": 0}
+
+
+def _synthetic(num_clients: int = 10, alpha: float = 1.0, beta: float = 1.0, dim: int = 60, classes: int = 10,
+               mean_samples: int = 100, hidden: tuple[int, ...] = (), batch_size: int = 32,
+               large_batch_size: int | None = None, test_fraction: float = 0.2, seed: int = 0,
+               dtype: str = "float32") -> Task:
+    torch_dtype = _dtype(dtype)
+    data = leaf_synthetic(num_clients, alpha, beta, dim=dim, classes=classes, mean_samples=mean_samples, seed=seed,
+                          dtype=torch_dtype)
+    objectives, test_x, test_y = [], [], []
+    torch.manual_seed(seed)
+    model = MLP(dim, tuple(hidden), classes).to(torch_dtype)
+    for x, y in data:  # hold out the last test_fraction of every client's samples for central evaluation
+        cut = max(1, int(round(len(y) * (1 - test_fraction))))
+        objectives.append(SupervisedObjective(model, x[:cut], y[:cut], batch_size=batch_size,
+                                              large_batch_size=large_batch_size))
+        test_x.append(x[cut:])
+        test_y.append(y[cut:])
+    sizes = [{"client": j, "size": o.num_samples} for j, o in enumerate(objectives)]
+    return Task(model, objectives, torch.cat(test_x), torch.cat(test_y), summary_rows=sizes)
+
+
+def _sklearn(name: str, default_hidden: tuple[int, ...]):
+    def build(hidden: tuple[int, ...] | None = None, test_fraction: float = 0.25, loss: str = "cross_entropy",
+              bias: bool = True, **kw: Any) -> Task:
+        from fedgluon.tasks.data.tabular import load_sklearn
+
+        opts = {**_PARTITION_DEFAULTS, **kw}
+        x, y = load_sklearn(name)
+        x_tr, x_te, y_tr, y_te = stratified_split(x, y, test_fraction, opts["seed"])
+        torch.manual_seed(opts["seed"])
+        model = _head(x, y, default_hidden if hidden is None else hidden, loss, bias)
+        return _classification(x_tr, y_tr, x_te, y_te, model, loss=loss, **opts)
+    return build
+
+
+def _fashion_mnist(data_dir: str | None = None, model: str = "cnn", train_limit: int | None = None,
+                   test_limit: int | None = None, widths: tuple[int, ...] = (32, 64), **kw: Any) -> Task:
+    from fedgluon.tasks.data.idx import FASHION_MNIST_DIR, load_mnist_like
+
+    opts = {**_PARTITION_DEFAULTS, **kw}
+    directory = data_dir or FASHION_MNIST_DIR
+    x_tr, y_tr = load_mnist_like(directory, "train")
+    x_te, y_te = load_mnist_like(directory, "test")
+    if train_limit:
+        keep = np.random.default_rng(opts["seed"]).permutation(len(y_tr))[:train_limit]
+        x_tr, y_tr = x_tr[np.sort(keep)], y_tr[np.sort(keep)]
+    if test_limit:
+        x_te, y_te = x_te[:test_limit], y_te[:test_limit]
+
+    def prep(x: np.ndarray) -> np.ndarray:
+        return ((x.astype(np.float32) / 255.0 - 0.2860) / 0.3530)[:, None, :, :]
+    torch.manual_seed(opts["seed"])
+    if model == "cnn":
+        net: nn.Module = SmallCNN(1, 10, tuple(widths), 28)
+    elif model == "mlp":
+        net = MLP(28 * 28, (256,), 10)
+    else:
+        raise ValueError(f"fashion_mnist model must be one of ['cnn', 'mlp'], got {model!r}")
+    return _classification(prep(x_tr), y_tr.astype(np.int64), prep(x_te), y_te.astype(np.int64), net, **opts)
+
+
+def _linear(x: np.ndarray, y: np.ndarray, test_fraction: float = 0.2, hidden: tuple[int, ...] = (),
+            loss: str = "cross_entropy", bias: bool = True, **kw: Any) -> Task:
+    opts = {**_PARTITION_DEFAULTS, **kw}
+    x_tr, x_te, y_tr, y_te = stratified_split(x, y, test_fraction, opts["seed"])
+    torch.manual_seed(opts["seed"])
+    return _classification(x_tr, y_tr, x_te, y_te, _head(x, y, hidden, loss, bias), loss=loss, **opts)
+
+
+def _libsvm(path: str | None = None, n_features: int | None = None, **kw: Any) -> Task:
+    from fedgluon.tasks.data.tabular import load_libsvm
+
+    if path is None:
+        raise ValueError("task 'libsvm' needs path (a LibSVM/svmlight file)")
+    return _linear(*load_libsvm(path, n_features), **kw)
+
+
+def _a9a(num_samples: int = 32561, **kw: Any) -> Task:
+    from fedgluon.tasks.data.tabular import a9a_like
+
+    return _linear(*a9a_like(num_samples, kw.get("seed", 0)), **kw)
+
+
+def _shakespeare(plays: tuple[str, ...] | None = None, context: int = 64, min_chars: int = 2000,
+                 max_clients: int | None = 20, dim: int = 64, layers: int = 2, heads: int = 4, batch_size: int = 16,
+                 large_batch_size: int | None = None, val_fraction: float = 0.1, seed: int = 0) -> Task:
+    from fedgluon.tasks.data import shakespeare as shk
+
+    corpus = shk.build_corpus(tuple(plays) if plays else shk.PLAYS, val_fraction)
+    floor = max(min_chars, context + 1)  # a client needs at least one full window
+    roles = sorted((k for k, text in corpus.train.items() if len(text) >= floor),
+                   key=lambda k: (-len(corpus.train[k]), k))[:max_clients]
+    if not roles:
+        raise ValueError(f"no speaking role has at least min_chars={min_chars} training characters")
+    torch.manual_seed(seed)
+    model = TinyGPT(len(corpus.vocab), context, dim, layers, heads)
+    objectives = []
+    for role in roles:
+        x, y = shk.windows(corpus.encode(corpus.train[role]), context, stride=context // 2)
+        objectives.append(SupervisedObjective(model, torch.from_numpy(x), torch.from_numpy(y), batch_size=batch_size,
+                                              large_batch_size=large_batch_size, loss_fn=lm_loss))
+    vx, vy = shk.windows(corpus.encode(corpus.validation), context)
+    summary = [{"client": j, "play": r[0], "role": r[1], "size": o.num_samples, "chars": len(corpus.train[r])}
+               for j, (r, o) in enumerate(zip(roles, objectives))]
+    return Task(model, objectives, torch.from_numpy(vx), torch.from_numpy(vy), loss_fn=lm_loss, language_model=True,
+                summary_rows=summary, eval_batch=256)
+
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "synthetic": _synthetic,
+    "digits": _sklearn("digits", (128,)),
+    "breast_cancer": _sklearn("breast_cancer", ()),
+    "fashion_mnist": _fashion_mnist,
+    "libsvm": _libsvm,
+    "a9a_synthetic": _a9a,
+    "shakespeare": _shakespeare,
+}
+
+
+def make_task(spec: Mapping[str, Any]) -> Task:
+    """Build a task from ``{"name": ..., **options}``."""
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if name not in TASKS:
+        raise ValueError(f"task.name must be one of {sorted(TASKS)}, got {name!r}")
+    hidden = spec.get("hidden")
+    if hidden is not None and not (isinstance(hidden, (list, tuple)) and
+                                   all(type(w) is int and w >= 1 for w in hidden)):
+        raise ValueError(f"task.hidden must be a list of hidden layer widths, integers >= 1 ([] for none), "
+                         f"got {hidden!r}")
+    try:
+        return TASKS[name](**spec)
+    except TypeError as err:
+        raise ValueError(f"bad options for task {name!r}: {err}") from None

@@ -52,10 +52,10 @@ import torch
 from benchmarks.common import machine
 from benchmarks.flower_fedavg import run_stock_fedavg
 from fedgluon.config import spec as specs
-from fedgluon.runtime.allocator import keep_freed_memory
 from fedgluon.core.devices import resolve_device
-from fedgluon.sim.driver import run_plain
 from fedgluon.flower.engines import run_inprocess, run_ray
+from fedgluon.runtime.allocator import keep_freed_memory
+from fedgluon.sim.driver import run_plain
 
 
 def spec_for(n: int, rounds: int, block_size: int = 1, hidden: int = 64, client_device: str = "cpu") -> dict:

@@ -25,11 +25,11 @@ import torch
 
 from benchmarks.common import machine
 from fedgluon.algorithms import make_algorithm
-from fedgluon.sim.driver import run_plain
-from fedgluon.lmo.geometry import Geometry
-from fedgluon.core.memory import client_state_bytes
-from fedgluon.tasks.models import MLP
 from fedgluon.clients.objective import SupervisedObjective
+from fedgluon.core.memory import client_state_bytes
+from fedgluon.lmo.geometry import Geometry
+from fedgluon.sim.driver import run_plain
+from fedgluon.tasks.models import MLP
 
 TOPK = {"name": "topk", "ratio": 0.01}
 CONFIGS = [

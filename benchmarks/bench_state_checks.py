@@ -23,8 +23,8 @@ from collections.abc import Callable
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fedgluon.config import spec as specs
 from fedgluon.clients.table import ClientStateTable
+from fedgluon.config import spec as specs
 from fedgluon.flower import wire
 
 from .bench_engines import spec_for

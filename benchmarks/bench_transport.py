@@ -27,8 +27,8 @@ from benchmarks.common import machine
 def block_rows(clients: int, hidden: int = 64):
     """A block's rows (clients 0..``clients``−1) of the ``bench_engines`` model's client-state table,
     filled with random values (seed 0)."""
-    from fedgluon.config import spec as specs
     from fedgluon.clients.table import ClientStateTable
+    from fedgluon.config import spec as specs
 
     from .bench_engines import spec_for
 

@@ -36,14 +36,14 @@ class BitCount:
     flag_bits: int = 0
     dense_fallbacks: int = 0
 
-    def __add__(self, other: "BitCount") -> "BitCount":
+    def __add__(self, other: BitCount) -> BitCount:
         return BitCount(*[a + b for a, b in zip(self.counts(), other.counts())])
 
     def counts(self) -> tuple[int, ...]:
         """The raw counts in field order."""
         return tuple(getattr(self, name) for name in _FIELDS)
 
-    def __radd__(self, other: object) -> "BitCount":  # sum() starts from 0
+    def __radd__(self, other: object) -> BitCount:  # sum() starts from 0
         if other == 0:
             return self
         return NotImplemented  # type: ignore[return-value]

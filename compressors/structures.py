@@ -17,14 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedgluon.core.linalg import randomized_svd
-from fedgluon.core.rng import derive_seed
-
 from compressors.bits import BitCount
 from compressors.payload import DuplicateIndexError, IndexRangeError, MetaError
 from compressors.selection import topk_rows_numpy
 from compressors.sparse import SparseRows
 from compressors.values import OWN, get_array
+from fedgluon.core.linalg import randomized_svd
+from fedgluon.core.rng import derive_seed
 
 State = dict[str, Tensor]
 

@@ -17,10 +17,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from fedgluon.tasks.data.tabular import load_sklearn
-from fedgluon.tasks.models import MLP
 from fedgluon.lmo.optim import Gluon
 from fedgluon.lmo.radius import SmoothnessTracker
+from fedgluon.tasks.data.tabular import load_sklearn
+from fedgluon.tasks.models import MLP
 from fedgluon.tasks.registry import stratified_split
 
 

@@ -17,9 +17,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from fedgluon.lmo.optim import Gluon, minibatch_epoch
 from fedgluon.tasks.data.tabular import load_sklearn
 from fedgluon.tasks.models import MLP
-from fedgluon.lmo.optim import Gluon, minibatch_epoch
 from fedgluon.tasks.registry import stratified_split
 
 METHODS = {"muon": {"method": "muon"}, "muon-mvr1": {"method": "muon-mvr1"}, "muon-mvr2": {"method": "muon-mvr2"},

@@ -13,16 +13,15 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedgluon.flower import dispatch
 from fedgluon.config import spec as specs
-from fedgluon.sim.checkpoint import Checkpointer, Snapshot
+from fedgluon.flower import dispatch
 from fedgluon.flower.client_app import spec_from_context
 from fedgluon.flower.deployment import VersionCheckedGrid, wait_for_nodes
 from fedgluon.flower.dispatch import WakingGrid
-from fedgluon.sim.federation import Evaluate
-from fedgluon.runtime.gc_pause import gc_frozen
-
 from fedgluon.flower.wire import tensors_to_record
+from fedgluon.runtime.gc_pause import gc_frozen
+from fedgluon.sim.checkpoint import Checkpointer, Snapshot
+from fedgluon.sim.federation import Evaluate
 from strategies.strategy import GluonStrategy
 
 # Seconds between the server's polls for replies. Flower's simulation Grid (InMemoryGrid) sleeps

@@ -41,13 +41,12 @@ from flwr.serverapp.strategy import Strategy
 from fedgluon.algorithms import Algorithm, ClientReply
 from fedgluon.algorithms.block import Proposal
 from fedgluon.clients.blocks import block_clients, block_of, by_block, num_blocks
-from fedgluon.sim.checkpoint import Checkpointer, Snapshot
-from fedgluon.sim.federation import Evaluate, Federation, RoundPlan, clip_text, client_weights_from_sizes
-from fedgluon.runtime.gc_pause import gc_paused
 from fedgluon.clients.state_schema import StateSchema
-from fedgluon.runtime.trace import phase
-
 from fedgluon.flower.wire import read_replies, rows_to_record, tensors_to_record
+from fedgluon.runtime.gc_pause import gc_paused
+from fedgluon.runtime.trace import phase
+from fedgluon.sim.checkpoint import Checkpointer, Snapshot
+from fedgluon.sim.federation import Evaluate, Federation, RoundPlan, client_weights_from_sizes, clip_text
 
 log = logging.getLogger("fedgluon.strategy")
 

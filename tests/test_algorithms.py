@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from fedgluon.algorithms import ALGORITHMS, make_algorithm
-from fedgluon.tasks.data.synthetic import leaf_synthetic
+from fedgluon.clients.objective import SupervisedObjective
+from fedgluon.lmo.geometry import Geometry
 from fedgluon.sim.driver import client_weights, run_plain
 from fedgluon.sim.metrics import TIMING_COLUMNS
-from fedgluon.lmo.geometry import Geometry
+from fedgluon.tasks.data.synthetic import leaf_synthetic
 from fedgluon.tasks.models import MLP
-from fedgluon.clients.objective import SupervisedObjective
 
 ROUNDS = 32
 

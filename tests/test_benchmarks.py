@@ -6,10 +6,10 @@ import re
 import torch
 
 from fedgluon.algorithms import make_algorithm
-from fedgluon.sim.driver import run_plain
-from fedgluon.lmo.geometry import Geometry
-from fedgluon.tasks.models import MLP
 from fedgluon.clients.objective import SupervisedObjective
+from fedgluon.lmo.geometry import Geometry
+from fedgluon.sim.driver import run_plain
+from fedgluon.tasks.models import MLP
 
 
 def test_state_check_benchmark_reads_a_whole_block_and_prices_its_checks(capsys):

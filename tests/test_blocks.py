@@ -9,17 +9,17 @@ import pandas as pd
 import pytest
 import torch
 
-from fedgluon.config import spec as specs
 from fedgluon.clients import vectorised
 from fedgluon.clients.blocks import block_clients, num_blocks
 from fedgluon.clients.table import flatten
-from fedgluon.sim.driver import run_plain
+from fedgluon.clients.vectorised import can_vectorise, stacked_gradients
+from fedgluon.config import spec as specs
+from fedgluon.core.rng import generator
 from fedgluon.flower.engines import run_inprocess
+from fedgluon.sim.driver import run_plain
 from fedgluon.sim.faults import FaultPlan
 from fedgluon.sim.metrics import TIMING_COLUMNS
-from fedgluon.core.rng import generator
 from fedgluon.tasks.registry import make_task
-from fedgluon.clients.vectorised import can_vectorise, stacked_gradients
 
 TASK = {"name": "synthetic", "num_clients": 9, "dim": 10, "classes": 4, "hidden": [16], "mean_samples": 30,
         "batch_size": 24}
@@ -82,8 +82,8 @@ def _running_bn():
 def test_batchnorm_with_running_statistics_falls_back_to_the_loop_and_the_cnn_has_none(vmapped_calls):
     """A model whose forward pass writes its running statistics is not vmapped: every row is its
     ``objective.gradient``, bitwise; SmallCNN normalises with batch statistics alone and has no buffers."""
-    from fedgluon.tasks.models import MLP, SmallCNN
     from fedgluon.clients.objective import SupervisedObjective
+    from fedgluon.tasks.models import MLP, SmallCNN
 
     assert not can_vectorise(_running_bn()) and can_vectorise(MLP(4, (3,), 2))
     cnn = SmallCNN(1, 10, widths=(4,))
@@ -104,8 +104,8 @@ def test_batchnorm_with_running_statistics_falls_back_to_the_loop_and_the_cnn_ha
 def test_the_cnn_batches_its_gradients_and_gives_the_loop_results(vmapped_calls):
     """SmallCNN normalises with batch statistics only, so its block gradients are vmapped, equal to the
     per-client loop up to float32 rounding (conv kernels differ batched: measured <= 1e-6 relative)."""
-    from fedgluon.tasks.models import SmallCNN
     from fedgluon.clients.objective import SupervisedObjective
+    from fedgluon.tasks.models import SmallCNN
 
     gen = torch.Generator().manual_seed(0)
     model = SmallCNN(1, 4, widths=(3,), image_size=8)
@@ -281,8 +281,8 @@ def test_threads_never_share_a_module_in_functional_call():
 
 
 def test_workers_are_checked_and_models_with_buffers_step_one_block_at_a_time(caplog):
-    from fedgluon.sim.driver import block_workers
     from fedgluon.clients.objective import SupervisedObjective
+    from fedgluon.sim.driver import block_workers
 
     task, algo = specs.build(specs.normalise({"task": TASK, "algorithm": {"name": "gluon-ef21"}}))
     for bad in (0, -1, 1.5, True):

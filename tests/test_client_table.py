@@ -4,16 +4,17 @@ plain driver, partial commits of a block (a rejected or failed client keeps its 
 block-mates commit)."""
 
 import dataclasses
+
 import pandas as pd
 import pytest
 import torch
 
-from fedgluon.config import spec as specs
-from fedgluon.clients.table import NEVER, ClientRows, ClientStateTable, flatten, nest
-from fedgluon.sim.driver import run_plain
-from fedgluon.core.memory import client_state_bytes
-from fedgluon.sim.metrics import TIMING_COLUMNS
 from fedgluon.clients.state_schema import StateSchema
+from fedgluon.clients.table import NEVER, ClientRows, ClientStateTable, flatten, nest
+from fedgluon.config import spec as specs
+from fedgluon.core.memory import client_state_bytes
+from fedgluon.sim.driver import run_plain
+from fedgluon.sim.metrics import TIMING_COLUMNS
 
 N = 6
 STATE = {"ef": {"g": {"w": torch.zeros(3, 2)}}, "m": {"b": torch.zeros(2, dtype=torch.float16)}, "comp": {}}

@@ -168,8 +168,8 @@ def test_shares_are_checked_against_every_node_of_a_ray_with_a_faked_gpu():
     that node and names a data file it lacks."""
     import ray
 
-    from fedgluon.exp.cluster import check_shares, probe_nodes, ray_nodes
     from fedgluon.config.schema import ConfigError
+    from fedgluon.exp.cluster import check_shares, probe_nodes, ray_nodes
 
     ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False)
     try:
@@ -223,8 +223,8 @@ def test_a_member_run_elsewhere_comes_back_as_files_the_driver_writes(tmp_path):
     """What a parallel member's Ray task does, without Ray: the run in a scratch directory (removed
     afterwards) returned as bytes, written by the driver into a complete run directory with its marker;
     a file name that would leave the member's directory is refused before anything is written."""
-    from fedgluon.config.schema import load
     from fedgluon.config.run_dir import MARKER, is_complete
+    from fedgluon.config.schema import load
     from fedgluon.exp.sweep import run_member, write_member
 
     cfg = load(None, ["engine.name=plain", *TINY[:-1], "output.name=m"])

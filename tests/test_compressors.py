@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from compressors import (TensorPayload, compress_message, decode_message, make_compressor, message_bits)
+from compressors import TensorPayload, compress_message, decode_message, make_compressor, message_bits
 from compressors.error_feedback import add_own
 from compressors.operators import Context
 

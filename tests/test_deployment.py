@@ -26,13 +26,13 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedgluon.config import schema as configs
-from fedgluon.flower import deployment
 from fedgluon.config import spec as specs
-from fedgluon.flower.client_app import make_client_app
 from fedgluon.config.schema import ConfigError, load
-from fedgluon.flower.engines import InProcessGrid
-from fedgluon.exp.experiment import run
 from fedgluon.exp.deployed import deployed_run
+from fedgluon.exp.experiment import run
+from fedgluon.flower import deployment
+from fedgluon.flower.client_app import make_client_app
+from fedgluon.flower.engines import InProcessGrid
 from strategies.server_app import serve
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ import torch
 
 from fedgluon.config import spec as specs
 from fedgluon.flower.client_app import make_client_app
-from fedgluon.sim.driver import run_plain
 from fedgluon.flower.engines import InProcessGrid, run_inprocess, run_ray
+from fedgluon.sim.driver import run_plain
 from fedgluon.sim.metrics import TIMING_COLUMNS
 
 SPEC = {"task": {"name": "synthetic", "num_clients": 4, "dim": 10, "classes": 4, "mean_samples": 40, "hidden": [8]},
@@ -60,8 +60,8 @@ def test_client_app_pickles_as_its_spec(monkeypatch):
     import json
     import pickle
 
-    from fedgluon.runtime import gc_pause
     from fedgluon.flower.client_app import SpecClientApp
+    from fedgluon.runtime import gc_pause
 
     monkeypatch.setitem(gc_pause._worker, "is", False)  # this test process is no worker: restored after
 
@@ -186,10 +186,10 @@ def test_server_polls_flowers_simulation_grid_every_5_ms():
     between reply polls, a floor under every round; the ServerApp lowers it. Grids without the
     attribute (fedgluon's in-process Grid) are left alone."""
     from flwr.server.superlink.linkstate import LinkStateFactory
-    from flwr.superlink.federation import NoOpFederationManager
-    from flwr.superlink.grid import InMemoryGrid
     from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
     from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
 
     from strategies.server_app import POLL_INTERVAL, poll_faster
 

@@ -1,7 +1,7 @@
 """EF21 / EF14 identities in float64."""
 
-import pytest
 import numpy as np
+import pytest
 import torch
 
 from compressors import EF14, EF21, Context, decode_message, ef21_server_update, make_compressor, make_error_feedback

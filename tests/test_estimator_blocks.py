@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from fedgluon.algorithms.base import _cast_floats
-from fedgluon.lmo.estimators import SARAH, LiMuon, make_estimator
 from fedgluon.core.linalg import randomized_svd
 from fedgluon.core.rng import generator
+from fedgluon.lmo.estimators import SARAH, LiMuon, make_estimator
 
 
 # ---------------------------------------------------------------- the per-client parent (copied, unchanged)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fedgluon.lmo.geometry import Geometry
-from fedgluon.tasks.models import MLP, SmallCNN, TinyGPT
 from fedgluon.lmo.norms import RMS, RowNorm, Sign, Spectral
+from fedgluon.tasks.models import MLP, SmallCNN, TinyGPT
 
 
 def test_mlp_geometry_scion_rules():

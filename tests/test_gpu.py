@@ -10,15 +10,15 @@ Tolerances in bf16 are relative Frobenius errors, ``‖A − B‖_F / ‖B‖_F`
 import pandas as pd
 import pytest
 import torch
+from test_engines import same_metrics
 
 from fedgluon.config import spec as specs
-from fedgluon.sim.driver import run_plain
 from fedgluon.flower.engines import run_inprocess
 from fedgluon.lmo.geometry import Geometry
-from fedgluon.tasks.models import MLP
 from fedgluon.lmo.norms import RMS, ColNorm, RowNorm, Sign, Spectral
 from fedgluon.lmo.polar import NewtonSchulz, SVDPolar, resolve_dtype
-from test_engines import same_metrics
+from fedgluon.sim.driver import run_plain
+from fedgluon.tasks.models import MLP
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 

@@ -3,12 +3,12 @@
 import torch
 
 from fedgluon.algorithms import make_algorithm
-from fedgluon.sim.driver import run_plain
-from fedgluon.lmo.geometry import Geometry
-from fedgluon.core.memory import client_state_bytes, nbytes
-from fedgluon.tasks.models import MLP
-from fedgluon.tasks.data.synthetic import leaf_synthetic
 from fedgluon.clients.objective import SupervisedObjective
+from fedgluon.core.memory import client_state_bytes, nbytes
+from fedgluon.lmo.geometry import Geometry
+from fedgluon.sim.driver import run_plain
+from fedgluon.tasks.data.synthetic import leaf_synthetic
+from fedgluon.tasks.models import MLP
 
 
 def test_nbytes_counts_shared_storage_once():

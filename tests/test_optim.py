@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from fedgluon.tasks.models import MLP
 from fedgluon.lmo.optim import Gluon
+from fedgluon.tasks.models import MLP
 
 
 def reference_muon_step(params, bufs, grads, lr, beta=0.95):

@@ -7,8 +7,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compressors import PayloadError, TensorPayload, compress_message, decode_message, make_compressor
-from compressors.payload import (CodecError, DtypeError, DuplicateIndexError, IndexRangeError, LayerSetError, MetaError,
-                                 NonFiniteError, ShapeError, SizeError, TruncatedError)
+from compressors.payload import (
+    CodecError,
+    DtypeError,
+    DuplicateIndexError,
+    IndexRangeError,
+    LayerSetError,
+    MetaError,
+    NonFiniteError,
+    ShapeError,
+    SizeError,
+    TruncatedError,
+)
 
 SHAPES = {"w": (30, 20), "b": (30,)}
 SPECS = ["identity", {"name": "topk", "ratio": 0.1}, {"name": "randk_seeded", "ratio": 0.1}, "qsgd", "natural",

@@ -12,11 +12,11 @@ from torch import nn
 from torch.func import functional_call
 
 from fedgluon.algorithms import make_algorithm
-from fedgluon.sim.driver import run_plain
-from fedgluon.lmo.geometry import Geometry
 from fedgluon.clients.objective import SupervisedObjective
-from fedgluon.lmo.optim import Gluon
 from fedgluon.core.rng import generator
+from fedgluon.lmo.geometry import Geometry
+from fedgluon.lmo.optim import Gluon
+from fedgluon.sim.driver import run_plain
 
 LR, WD, STEPS = 0.02, 0.1, 20
 

@@ -3,8 +3,16 @@ import pytest
 import torch
 
 from fedgluon.lmo.geometry import Geometry
-from fedgluon.lmo.radius import (Constant, GluonAdaptive, Polynomial, Scheduled, SmoothnessTracker, Warmup, fit_l0_l1,
-                             make_schedule)
+from fedgluon.lmo.radius import (
+    Constant,
+    GluonAdaptive,
+    Polynomial,
+    Scheduled,
+    SmoothnessTracker,
+    Warmup,
+    fit_l0_l1,
+    make_schedule,
+)
 
 
 def test_schedules():

@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from compressors import BitCount
-from fedgluon.sim import checkpoint
 from fedgluon.config import schema as config
-from fedgluon.exp import experiment
 from fedgluon.config import spec as specs
+from fedgluon.exp import experiment
+from fedgluon.flower.engines import run_inprocess
+from fedgluon.sim import checkpoint
 from fedgluon.sim.checkpoint import ActorDeathError, Checkpointer, NonFiniteStateError, RunInterrupted
 from fedgluon.sim.driver import run_plain
-from fedgluon.flower.engines import run_inprocess
 from fedgluon.sim.faults import FaultPlan
 from fedgluon.sim.federation import NoProgressError
 from fedgluon.sim.metrics import TIMING_COLUMNS

@@ -27,12 +27,12 @@ from click.testing import CliRunner
 from test_reliability import same_run
 
 from compressors import BitCount
-from fedgluon.sim import checkpoint
 from fedgluon.config import schema as config
-from fedgluon.exp import experiment
 from fedgluon.config import spec as specs
-from fedgluon.sim.checkpoint import Checkpointer, RunStopped, SaveFailed
+from fedgluon.exp import experiment
 from fedgluon.exp.cli import main
+from fedgluon.sim import checkpoint
+from fedgluon.sim.checkpoint import Checkpointer, RunStopped, SaveFailed
 from fedgluon.sim.driver import run_plain
 from fedgluon.sim.metrics import TIMING_COLUMNS
 

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from fedgluon.flower import client_app
-from fedgluon.config import spec as specs
-from fedgluon.sim.checkpoint import Checkpointer, Snapshot
-from fedgluon.clients.table import flatten
-from fedgluon.sim.driver import run_plain
-from fedgluon.flower.engines import run_inprocess
-from fedgluon.sim.federation import Federation
 from fedgluon.clients.state_schema import StateSchema
+from fedgluon.clients.table import flatten
+from fedgluon.config import spec as specs
+from fedgluon.flower import client_app
+from fedgluon.flower.engines import run_inprocess
 from fedgluon.flower.wire import to_array
+from fedgluon.sim.checkpoint import Checkpointer, Snapshot
+from fedgluon.sim.driver import run_plain
+from fedgluon.sim.federation import Federation
 
 TASK = {"name": "synthetic", "num_clients": 6, "dim": 6, "classes": 3, "hidden": [5], "mean_samples": 20,
         "batch_size": 8}

@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from fedgluon.config import spec as specs
 from fedgluon.flower.client_app import make_client_app
 from fedgluon.flower.engines import InProcessGrid
-from strategies.strategy import GluonStrategy
 from fedgluon.flower.wire import (
     RAW,
     WireError,
@@ -32,6 +31,7 @@ from fedgluon.flower.wire import (
     tensors_to_record,
     to_array,
 )
+from strategies.strategy import GluonStrategy
 
 N = 4
 SPEC = specs.normalise({"task": {"name": "synthetic", "num_clients": N, "dim": 6, "classes": 3, "hidden": [4]},

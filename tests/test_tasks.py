@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-
-from fedgluon.tasks.data.idx import FASHION_MNIST_DIR
 from fedgluon.lmo.optim import Gluon
+from fedgluon.tasks.data.idx import FASHION_MNIST_DIR
 from fedgluon.tasks.registry import TASKS, make_task
 
 FAST = [{"name": "synthetic", "num_clients": 3}, {"name": "digits", "partition": "dirichlet", "alpha": 1.0},

@@ -4,8 +4,8 @@ from collections import Counter
 
 import pytest
 
-from fedgluon.runtime import trace
 from fedgluon.flower.engines import run_inprocess
+from fedgluon.runtime import trace
 
 SPEC = {"task": {"name": "synthetic", "num_clients": 6, "dim": 10, "classes": 4, "mean_samples": 40, "hidden": [8]},
         "algorithm": {"name": "gluon-ef21", "lr": 0.05, "compressor": {"name": "topk", "ratio": 0.1}},

@@ -12,10 +12,9 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from compressors.payload import PayloadRows
-from fedgluon.config import spec as specs
 from fedgluon.algorithms.block import PayloadGroup
 from fedgluon.clients.table import flatten
-from fedgluon.sim.driver import run_plain
+from fedgluon.config import spec as specs
 from fedgluon.flower.wire import (
     RAW,
     RawArray,
@@ -27,6 +26,7 @@ from fedgluon.flower.wire import (
     rows_to_record,
     to_array,
 )
+from fedgluon.sim.driver import run_plain
 
 TASK = {"name": "synthetic", "num_clients": 6, "dim": 6, "classes": 3, "hidden": [5], "mean_samples": 20,
         "batch_size": 8}
@@ -445,8 +445,8 @@ def test_a_run_leaves_every_reply_byte_as_it_came(monkeypatch, tmp_path, algorit
     import hashlib
 
     from fedgluon.flower import client_app
-    from fedgluon.sim.checkpoint import Checkpointer
     from fedgluon.flower.engines import run_inprocess
+    from fedgluon.sim.checkpoint import Checkpointer
 
     sent = []
     real = client_app.make_client_app

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 from compressors import make_compressor
 from fedgluon.algorithms import make_algorithm
-from fedgluon.sim.driver import run_plain
 from fedgluon.clients.objective import SupervisedObjective
+from fedgluon.sim.driver import run_plain
 
 from .fit import slope
 from .problem import digits, grad_dual_norm, make_geometry, make_model

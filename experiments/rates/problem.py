@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedgluon.tasks.data.tabular import load_sklearn
 from fedgluon.lmo.geometry import Geometry
+from fedgluon.tasks.data.tabular import load_sklearn
 
 GEOMETRY = {"preset": "scion", "overrides": [{"pattern": "head.weight", "norm": "spectral"}]}
 

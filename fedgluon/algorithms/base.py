@@ -38,20 +38,19 @@ from compressors import Compressor, PayloadError, decode_message, decode_message
 from compressors.bits import dense_bits
 from compressors.error_feedback import split_states, stack_states
 from compressors.message import compress_block, compress_message
-
-from fedgluon.clients.blocks import run_slices
-from fedgluon.clients.table import ClientRows, nest
-from fedgluon.lmo.estimators import Estimator, RefreshPolicy, make_estimator
-from fedgluon.lmo.geometry import Geometry
-from fedgluon.clients.objective import Batch, SupervisedObjective
-from fedgluon.lmo.radius import make_radius_rule
-from fedgluon.core.rng import derive_seeds, generator, purpose_code
-from fedgluon.clients.state_schema import StateSchema
-from fedgluon.lmo.step import LMOStep, StepInfo
-from fedgluon.clients.vectorised import stacked_gradients
 from fedgluon.algorithms.aggregate import DecodedReplies, weighted_mean
 from fedgluon.algorithms.block import BlockGrads, BlockResult, PayloadGroup, concat
 from fedgluon.algorithms.messages import Broadcast, ClientReply, ServerOutcome
+from fedgluon.clients.blocks import run_slices
+from fedgluon.clients.objective import Batch, SupervisedObjective
+from fedgluon.clients.state_schema import StateSchema
+from fedgluon.clients.table import ClientRows, nest
+from fedgluon.clients.vectorised import stacked_gradients
+from fedgluon.core.rng import derive_seeds, generator, purpose_code
+from fedgluon.lmo.estimators import Estimator, RefreshPolicy, make_estimator
+from fedgluon.lmo.geometry import Geometry
+from fedgluon.lmo.radius import make_radius_rule
+from fedgluon.lmo.step import LMOStep, StepInfo
 
 Tensors = dict[str, Tensor]
 State = dict[str, Any]

@@ -24,9 +24,8 @@ import torch
 from torch import Tensor
 
 from compressors.payload import PayloadRows, RowMessage
-
-from fedgluon.clients.table import flatten
 from fedgluon.algorithms.messages import ClientReply
+from fedgluon.clients.table import flatten
 
 Tensors = dict[str, Tensor]
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from fedgluon.algorithms.base import Algorithm
 from fedgluon.lmo.estimators import FORMS
 from fedgluon.lmo.geometry import Geometry, check_muon_mvr_reference
-from fedgluon.algorithms.base import Algorithm
 
 
 class Gluon(Algorithm):

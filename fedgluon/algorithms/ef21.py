@@ -21,8 +21,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from compressors import EF21, Compressor, make_compressor, make_error_feedback
-
-from fedgluon.algorithms.aggregate import update_trackers, tracker_update, weighted_mean
+from fedgluon.algorithms.aggregate import tracker_update, update_trackers, weighted_mean
 from fedgluon.algorithms.base import Algorithm, feedback_step
 
 

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from compressors import Compressor, make_compressor, make_error_feedback
-
 import torch
 from torch import Tensor
 
-from fedgluon.clients.objective import Batch
-from fedgluon.core.rng import generator
-from fedgluon.clients.vectorised import stacked_gradients
+from compressors import Compressor, make_compressor, make_error_feedback
 from fedgluon.algorithms.base import Algorithm, BlockResult, Broadcast, feedback_step
+from fedgluon.clients.objective import Batch
+from fedgluon.clients.vectorised import stacked_gradients
+from fedgluon.core.rng import generator
 
 Tensors = dict[str, Tensor]
 

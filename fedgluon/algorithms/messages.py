@@ -8,7 +8,6 @@ from typing import Any
 from torch import Tensor
 
 from compressors import BitCount, Message
-
 from fedgluon.lmo.step import StepInfo
 
 Tensors = dict[str, Tensor]

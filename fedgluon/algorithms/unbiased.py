@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-
-from compressors import Compressor, make_compressor
 import torch
 
-
-from fedgluon.algorithms.aggregate import update_trackers, tracker_update, weighted_mean
+from compressors import Compressor, make_compressor
+from fedgluon.algorithms.aggregate import tracker_update, update_trackers, weighted_mean
 from fedgluon.algorithms.base import Algorithm
 
 

@@ -25,8 +25,8 @@ from typing import Any
 
 from fedgluon.algorithms import Algorithm, make_algorithm
 from fedgluon.core.devices import resolve_device
-from fedgluon.sim.faults import FaultPlan
 from fedgluon.lmo.geometry import Geometry
+from fedgluon.sim.faults import FaultPlan
 from fedgluon.tasks.registry import Task, make_task
 
 DEFAULTS: dict[str, Any] = {

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-
 RAY_TIP = "Tip: In future versions of Ray, Ray will no longer override"
 
 
@@ -73,10 +72,10 @@ def run(config: str | None, overrides: tuple[str, ...], engine: str | None, over
     With no arguments: 10 synthetic clients, Gluon-EF21-SARAH with top-5% uplink, 30 rounds on Ray.
     SIGINT/SIGTERM stop the run after the current round with a checkpoint; --resume continues it.
     """
-    from fedgluon.sim.checkpoint import RunInterrupted, RunStopped
     from fedgluon.config.schema import ConfigError, load
     from fedgluon.exp.experiment import resumable
     from fedgluon.exp.experiment import run as run_experiment
+    from fedgluon.sim.checkpoint import RunInterrupted, RunStopped
 
     if config is not None and "=" in config and not Path(config).exists():
         overrides, config = (config, *overrides), None
@@ -288,9 +287,10 @@ def demo(method: str, lr: float, epochs: int, seed: int) -> None:
     """Train an MLP on scikit-learn's digits with fedgluon.lmo.optim.Gluon and print test accuracy."""
     import torch
     import torch.nn.functional as F
+
+    from fedgluon.lmo.optim import METHODS, Gluon, minibatch_epoch
     from fedgluon.tasks.data.tabular import load_sklearn
     from fedgluon.tasks.models import MLP
-    from fedgluon.lmo.optim import METHODS, Gluon, minibatch_epoch
     from fedgluon.tasks.registry import stratified_split
 
     if method not in METHODS:

@@ -35,17 +35,17 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fedgluon.exp import cluster
 from fedgluon.config import spec as specs
-from fedgluon.sim.checkpoint import CheckpointError, Checkpointer, NonFiniteStateError, RunStopped, Snapshot
+from fedgluon.config.run_dir import MARKER, RunDirLock, is_complete, prepare_dir  # noqa: F401 (MARKER, RunDirLock: re-exported)
+from fedgluon.config.schema import ConfigError, run_name, spec_of
+from fedgluon.core.memory import client_state_bytes
+from fedgluon.exp import cluster
+from fedgluon.runtime.threads import torch_threads
+from fedgluon.sim.checkpoint import Checkpointer, CheckpointError, NonFiniteStateError, RunStopped, Snapshot
 from fedgluon.sim.checkpoint import load as load_checkpoint
 from fedgluon.sim.checkpoint import remove as remove_checkpoint
 from fedgluon.sim.checkpoint import sweep as sweep_checkpoint
-from fedgluon.core.memory import client_state_bytes
-from fedgluon.config.schema import ConfigError, run_name, spec_of
 from fedgluon.sim.faults import FaultPlan
-from fedgluon.config.run_dir import MARKER, RunDirLock, is_complete, prepare_dir  # noqa: F401 (MARKER, RunDirLock: re-exported)
-from fedgluon.runtime.threads import torch_threads
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from fedgluon.config import schema as configs
-from fedgluon.exp.experiment import is_complete, run
 from fedgluon.config.run_dir import MARKER, prepare_dir
+from fedgluon.exp.experiment import is_complete, run
 
 
 def parse_grid(args: Sequence[str]) -> tuple[list[str], dict[str, list[Any]]]:

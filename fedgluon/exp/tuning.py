@@ -329,8 +329,8 @@ def _trial(params: dict[str, Any], *, request: dict[str, Any], algorithm: Any, r
     import torch
     from ray import tune
 
-    from fedgluon.sim.checkpoint import RunStopped
     from fedgluon.exp.experiment import run
+    from fedgluon.sim.checkpoint import RunStopped
 
     values = dict(params.get("values", {}))
     cfg = trial_config(request, algorithm, values, Path(runs_dir), tune.get_context().get_trial_id())

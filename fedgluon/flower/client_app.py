@@ -31,14 +31,14 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedgluon.config import spec as specs
 from fedgluon.algorithms import Broadcast
 from fedgluon.clients.blocks import block_clients
-from fedgluon.sim.faults import FaultPlan, InjectedFault
+from fedgluon.config import spec as specs
 from fedgluon.runtime.allocator import keep_freed_memory
 from fedgluon.runtime.gc_pause import freeze_worker, gc_paused, mark_worker_process
 from fedgluon.runtime.threads import torch_threads
 from fedgluon.runtime.trace import phase
+from fedgluon.sim.faults import FaultPlan, InjectedFault
 
 
 def spec_from_context(context: Context) -> dict[str, Any]:

@@ -31,14 +31,14 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedgluon.config import spec as specs
 from fedgluon.clients.blocks import num_blocks
-from fedgluon.sim.checkpoint import Checkpointer, Snapshot
+from fedgluon.config import spec as specs
+from fedgluon.core.rng import derive_seed
 from fedgluon.flower.dispatch import faster_dispatch
+from fedgluon.runtime.threads import torch_threads
+from fedgluon.sim.checkpoint import Checkpointer, Snapshot
 from fedgluon.sim.faults import SimulatedActorDeath
 from fedgluon.sim.federation import Evaluate
-from fedgluon.core.rng import derive_seed
-from fedgluon.runtime.threads import torch_threads
 
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
              "RAY_DEDUP_LOGS": "0",
@@ -195,9 +195,8 @@ def run_inprocess(spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], 
                   resume: Snapshot | None = None):
     """Run the Flower ServerApp and ClientApp in this process; returns the GluonStrategy. Messages are
     not serialised here."""
-    from strategies.server_app import make_server_app
-
     from fedgluon.flower.client_app import make_client_app
+    from strategies.server_app import make_server_app
 
     _quiet()
     s = specs.normalise(spec)
@@ -222,9 +221,8 @@ def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0
     (:mod:`fedgluon.flower.dispatch`)."""
     from flwr.simulation import run_simulation
 
-    from strategies.server_app import make_server_app
-
     from fedgluon.flower.client_app import make_client_app
+    from strategies.server_app import make_server_app
 
     _quiet()
     s = specs.normalise(spec)

@@ -119,7 +119,7 @@ def _preset_norm(preset: str, role: str, shape: tuple[int, ...]) -> str:
     return _PRESET_RULES[preset][role]
 
 
-def check_muon_mvr_reference(geometry: "Geometry", field_name: str) -> None:
+def check_muon_mvr_reference(geometry: Geometry, field_name: str) -> None:
     """ValueError unless ``geometry`` is shaped like the Muon-MVR code's: every 2-D parameter spectral and
     every other one ``identity`` (the ``muon_mvr`` preset), which the ``reference`` form of ``muon_mvr1/2``
     needs: that form hands the LMO the momentum of matrices and the finished AdamW direction of the rest."""
@@ -194,7 +194,7 @@ class Geometry:
         ns_dtype: str = "auto",
         ns_compile: bool = False,
         lmo_device: str = "auto",
-    ) -> "Geometry":
+    ) -> Geometry:
         """Assign norms to named shapes by role rules, the preset, then pattern overrides."""
         _check_choice("geometry.preset", preset, PRESETS)
         oracle = make_polar(spectral_method, steps=ns_steps, coefficients=ns_coefficients,  # type: ignore[arg-type]
@@ -230,7 +230,7 @@ class Geometry:
         return cls(params, lmo_device)
 
     @classmethod
-    def from_model(cls, model: nn.Module, **kwargs) -> "Geometry":
+    def from_model(cls, model: nn.Module, **kwargs) -> Geometry:
         """Geometry of ``model``'s trainable parameters; roles from ``model.parameter_roles``."""
         roles = dict(getattr(model, "parameter_roles", {}) or {})
         roles.update(kwargs.pop("roles", None) or {})

@@ -40,10 +40,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fedgluon.core.rng import generator
 from fedgluon.lmo.estimators import FORMS, Estimator, RefreshPolicy, make_estimator
 from fedgluon.lmo.geometry import Geometry, check_muon_mvr_reference
 from fedgluon.lmo.radius import make_radius_rule
-from fedgluon.core.rng import generator
 from fedgluon.lmo.step import LMOStep, StepInfo
 
 # Method presets: defaults that a user's keyword arguments override.

@@ -175,7 +175,7 @@ class GluonAdaptive:
 
 
 def make_radius_rule(lr: float, schedule: str | Callable[[int], float] = "constant",
-                     adaptive: Mapping[str, Any] | None = None, **schedule_options: Any) -> "Scheduled | GluonAdaptive":
+                     adaptive: Mapping[str, Any] | None = None, **schedule_options: Any) -> Scheduled | GluonAdaptive:
     """The radius rule of a config: Gluon's adaptive rule when ``adaptive`` (``{"L0": .., "L1": ..}``) is
     given, else ``schedule`` (a name from :data:`SCHEDULES` with its options, or a callable) times ρ_i."""
     if adaptive is not None:

@@ -43,12 +43,12 @@ from torch import Tensor
 
 from fedgluon.algorithms.base import Algorithm, BlockResult, Broadcast, ClientReply
 from fedgluon.clients.blocks import by_block, num_blocks
-from fedgluon.sim.checkpoint import Checkpointer, Snapshot
+from fedgluon.clients.objective import SupervisedObjective, has_buffers
 from fedgluon.clients.table import ClientStateTable
+from fedgluon.runtime.gc_pause import gc_frozen, gc_paused
+from fedgluon.sim.checkpoint import Checkpointer, Snapshot
 from fedgluon.sim.faults import FaultPlan
 from fedgluon.sim.federation import Evaluate, Federation, client_weights_from_sizes
-from fedgluon.runtime.gc_pause import gc_frozen, gc_paused
-from fedgluon.clients.objective import SupervisedObjective, has_buffers
 
 log = logging.getLogger("fedgluon.sim.driver")
 Tensors = dict[str, Tensor]

@@ -40,11 +40,11 @@ from torch import Tensor
 
 from fedgluon.algorithms.base import Algorithm, Broadcast, ClientReply, ServerOutcome
 from fedgluon.algorithms.block import Proposal
+from fedgluon.clients.state_schema import StateSchema
 from fedgluon.clients.table import ClientStateTable
+from fedgluon.core.rng import generator
 from fedgluon.sim.checkpoint import ActorDeathError, Checkpointer, NonFiniteStateError, RunStopped, Snapshot
 from fedgluon.sim.metrics import client_rows, round_row
-from fedgluon.core.rng import generator
-from fedgluon.clients.state_schema import StateSchema
 
 log = logging.getLogger("fedgluon.sim.federation")
 

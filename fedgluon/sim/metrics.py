@@ -6,7 +6,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from compressors import CONVENTIONS, BitCount
-
 from fedgluon.algorithms.base import Broadcast, ClientReply, ServerOutcome
 
 # Columns that measure this machine's time, not the run: they differ between reruns of the same seed.

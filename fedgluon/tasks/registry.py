@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from fedgluon.clients.objective import SupervisedObjective
 from fedgluon.tasks.data import partition as partitions
 from fedgluon.tasks.data.synthetic import leaf_synthetic
 from fedgluon.tasks.models import MLP, SmallCNN, TinyGPT
-from fedgluon.clients.objective import SupervisedObjective
 
 if TYPE_CHECKING:
     import pandas as pd

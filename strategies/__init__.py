@@ -1,2 +1,3 @@
-"""Flower server side: ``GluonStrategy`` (strategy.py), the ``ServerApp`` (server_app.py), and the conversion
-between payloads/states and Flower records (records.py, columns.py, shared.py)."""
+"""The Flower server side: ``GluonStrategy`` (strategy.py), which validates and aggregates the replies of a
+round and takes the server step, and the ``ServerApp`` that runs it (server_app.py). The wire format both
+sides speak is ``fedgluon.flower.wire``."""

@@ -16,7 +16,7 @@
 | ``.fedgluon-run`` | the marker of a directory fedgluon created, and the lock a run holds on it (:data:`MARKER`) |
 
 A directory without ``"complete": true`` in its summary is never reported as complete; an existing
-directory is only replaced with ``overwrite`` and only if it holds the marker (fedgluon/config/schema/run_dir.py);
+directory is only replaced with ``overwrite`` and only if it holds the marker (fedgluon/config/run_dir.py);
 ``run(cfg, resume=True)`` (``fedgluon run --resume DIR``) continues an unfinished one from its
 checkpoint. A directory in use by another run is refused.
 """

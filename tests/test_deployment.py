@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -209,6 +210,46 @@ def test_polling_grid_returns_the_replies_of_send_and_receive(tiny: Path):
 
 
 # ---------------------------------------------------------------------- a real SuperLink and SuperNodes
+def _readme_block(lang: str, first_line: str) -> str:
+    """The README's ``lang`` code block whose first line starts with ``first_line`` (in "Flower deployment")."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Flower deployment"):]
+    blocks = re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)
+    found = [b for b in blocks if b.startswith(first_line)]
+    assert len(found) == 1, f"README's Flower deployment section has {len(found)} {lang} blocks starting {first_line!r}"
+    return found[0]
+
+
+def _readme_commands(block: str) -> list[list[str]]:
+    """Each command of a shell block as its argument list: continuations joined, comments and ``&`` dropped."""
+    out = []
+    for line in block.replace("\\\n", " ").splitlines():
+        args = shlex.split(line, comments=True)
+        out.append([a for a in args if a != "&"])
+    return [args for args in out if args]
+
+
+def _with_value(args: list[str], option: str, value: str) -> list[str]:
+    """``args`` with ``option``'s value replaced (the option must be there)."""
+    i = args.index(option)
+    return [*args[: i + 1], value, *args[i + 2:]]
+
+
+def test_the_readme_loopback_commands_are_the_ones_the_deployment_test_runs():
+    """The slow test below starts what README's loopback block says (ports aside), so the block runs as
+    written; this checks the block's shape the test relies on."""
+    link, *nodes = _readme_commands(_readme_block("bash", "flower-superlink --insecure"))
+    assert link[0] == "flower-superlink" and [n[0] for n in nodes] == ["flower-supernode"] * len(nodes)
+    address = f"{link[link.index('--host') + 1]}:{link[link.index('--port') + 1]}"
+    assert all(n[n.index("--superlink") + 1] == address for n in nodes)
+    assert [n[n.index("--node-config") + 1] for n in nodes] == [f"partition-id={i}" for i in range(len(nodes))]
+    toml = _readme_block("toml", "[superlink]")
+    name = re.search(r'default = "(.+)"', toml).group(1)
+    assert f'[superlink.{name}]\naddress = "{address}"' in toml
+    (run_cmd,) = _readme_commands(_readme_block("bash", "flwr run"))
+    assert run_cmd[:5] == ["flwr", "run", ".", name, "--stream"] and run_cmd[5] == "--run-config"
+
+
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
@@ -234,13 +275,18 @@ class Deployment:
                     "FLWR_DISABLE_UPDATE_CHECK": "1"}
         link, health, *node_ports = _free_ports(2 + nodes)
         self.address = f"127.0.0.1:{link}"
-        self._start("superlink", _bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-                    "--host", "127.0.0.1", "--port", str(link), "--health-server-address", f"127.0.0.1:{health}")
-        for i, port in enumerate(node_ports):
-            self._start(f"node{i}", _bin("flower-supernode"), "--insecure", "--superlink", self.address,
-                        "--node-config", f"partition-id={i}", "--host", "127.0.0.1", "--port", str(port))
-        (home / "config.toml").write_text(f'[superlink]\ndefault = "loop"\n\n[superlink.loop]\n'
-                                          f'address = "{self.address}"\ninsecure = true\n')
+        # README's loopback commands as written, on free ports; the health server's port is also freed here
+        # (its default could be taken by another run), and the SuperNodes' Runtime API bound to loopback.
+        superlink, *supernodes = _readme_commands(_readme_block("bash", "flower-superlink --insecure"))
+        assert len(supernodes) >= nodes
+        self._start("superlink", _bin(superlink[0]), *_with_value(superlink, "--port", str(link))[1:],
+                    "--health-server-address", f"127.0.0.1:{health}")
+        for i, (cmd, port) in enumerate(zip(supernodes, node_ports)):
+            cmd = _with_value(_with_value(cmd, "--superlink", self.address), "--port", str(port))
+            self._start(f"node{i}", _bin(cmd[0]), *cmd[1:], "--host", "127.0.0.1")
+        toml = _readme_block("toml", "[superlink]")
+        self.name = re.search(r'default = "(.+)"', toml).group(1)
+        (home / "config.toml").write_text(re.sub(r'address = ".*"', f'address = "{self.address}"', toml))
 
     def _start(self, name: str, *cmd: str) -> None:
         log = open(self.home / f"{name}.log", "wb")
@@ -258,7 +304,9 @@ class Deployment:
         raise TimeoutError(f"SuperNodes did not connect within {timeout} s; logs in {self.home}")
 
     def flwr_run(self, run_config: str, timeout: float = 600.0) -> subprocess.CompletedProcess:
-        return subprocess.run([_bin("flwr"), "run", str(ROOT), "loop", "--stream", "--run-config", run_config],
+        (cmd,) = _readme_commands(_readme_block("bash", "flwr run"))
+        cmd = [_bin(cmd[0]), cmd[1], str(ROOT), *cmd[3:6], run_config]  # README's, from this checkout
+        return subprocess.run(cmd,
                               env=self.env, cwd=ROOT, capture_output=True, timeout=timeout, start_new_session=True)
 
     def stop(self) -> None:

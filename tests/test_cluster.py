@@ -262,3 +262,23 @@ def test_a_gpu_share_on_a_ray_that_fakes_a_gpu_runs_and_records_the_gpu_ids(tmp_
     plain = run(load(None, ["engine.name=plain", "output.name=plain", *args]), progress=False)
     a, b = (pd.read_csv(d / "metrics.csv").drop(columns=list(TIMING_COLUMNS)) for d in (out, plain))
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_the_readme_cluster_commands_name_real_config_fields():
+    """README's "Ray cluster" block: the ``ray start`` lines name one head and its port, and its ``fedgluon
+    run`` line's file and overrides load as a valid config pointed at that head (a renamed field fails)."""
+    import re
+    import shlex
+
+    from fedgluon.config.schema import load
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = re.search(r"### Ray cluster\n.*?```bash\n(.*?)```", readme, flags=re.S).group(1)
+    lines = [shlex.split(line, comments=True) for line in block.splitlines()]
+    head = next(args for args in lines if args[:3] == ["ray", "start", "--head"])
+    port = next(a.split("=")[1] for a in head if a.startswith("--port="))
+    (run,) = [args for args in lines if args[:2] == ["fedgluon", "run"]]
+    cfg = load(root / run[2], [a.replace("HEAD_IP", "127.0.0.1") for a in run[3:]])
+    assert cfg.engine.address == f"127.0.0.1:{port}"
+    assert any(args[:3] == ["ray", "start", f"--address=HEAD_IP:{port}"] for args in lines)

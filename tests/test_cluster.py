@@ -186,6 +186,9 @@ def test_shares_are_checked_against_every_node_of_a_ray_with_a_faked_gpu():
         check_shares(nodes, {"engine.num_gpus": 1.5})
     with pytest.raises(ConfigError, match=r"engine.num_cpus=2 .* it has 1 in all"):
         check_shares(nodes, {"engine.num_cpus": 2.0})
+    check_shares(nodes, {"threads": 1.0})  # a parallel sweep member holds one CPU per torch thread
+    with pytest.raises(ConfigError, match=r"threads=2 asks each task for 2 CPU.* it has 1 in all"):
+        check_shares(nodes, {"threads": 2.0})
 
 
 @pytest.mark.parametrize("command", [["run", "engine.name=ray"], ["sweep", "seed=[0,1]", "--parallel", "2"]])

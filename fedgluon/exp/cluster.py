@@ -117,17 +117,21 @@ def ray_nodes() -> list[dict[str, Any]]:
              "gpus": float(n.get("Resources", {}).get("GPU", 0))} for n in ray.nodes() if n.get("Alive")]
 
 
+# The Ray resource each config field asks a task for (a sweep member holds one CPU per torch thread).
+RESOURCE_OF = {"engine.num_cpus": "cpus", "engine.num_gpus": "gpus", "threads": "cpus"}
+
+
 def check_shares(nodes: Sequence[Mapping[str, Any]], share: Mapping[str, float]) -> None:
-    """:class:`ConfigError` when a task's share of a resource (``{"engine.num_gpus": 0.5}``; the field's
-    last part names the resource) is more than every node holds: Ray would never schedule the task."""
+    """:class:`ConfigError` when a task's share of a resource (``{"engine.num_gpus": 0.5}``, a field of
+    :data:`RESOURCE_OF`) is more than every node holds: Ray would never schedule the task."""
     for field, amount in share.items():
-        resource = field.rsplit("_", 1)[-1]  # cpus / gpus
+        resource = RESOURCE_OF[field]
         if amount <= 0:
             continue
         held = [float(n[resource]) for n in nodes]
         if max(held, default=0.0) < amount:
             per_node = ", ".join(f"{n['hostname'] or n['ip']}: {n[resource]:g}" for n in nodes) or "no nodes"
-            raise ConfigError(f"{field}={amount:g} asks each client task for {amount:g} {resource.upper()[:-1]}, "
+            raise ConfigError(f"{field}={amount:g} asks each task for {amount:g} {resource.upper()[:-1]}, "
                               f"but no node of the Ray cluster has that many: it has {sum(held):g} in all "
                               f"({per_node}); lower {field} or add nodes that have them")
 

@@ -124,7 +124,8 @@ def _run_parallel(todo, workers: int, address: str | None, sweep_dir: Path, prog
     threads = max(int(cfg.threads) for _, cfg in todo)  # a member's task holds one CPU per torch thread
     from fedgluon.exp.cluster import connect
 
-    connect(address, num_cpus=workers * threads, log_to_driver=False)  # members' logs: error, summary, clients.csv
+    connect(address, num_cpus=workers * threads, task_share={"threads": threads},  # a node must hold one member
+            log_to_driver=False)  # members' logs: error, summary, clients.csv
 
     @ray.remote(num_cpus=1)
     def one(cfg_yaml: str) -> dict[str, Any]:

@@ -285,3 +285,18 @@ def test_the_readme_cluster_commands_name_real_config_fields():
     cfg = load(root / run[2], [a.replace("HEAD_IP", "127.0.0.1") for a in run[3:]])
     assert cfg.engine.address == f"127.0.0.1:{port}"
     assert any(args[:3] == ["ray", "start", f"--address=HEAD_IP:{port}"] for args in lines)
+
+
+def test_relative_data_paths_reach_ray_tasks_absolute(tmp_path, monkeypatch):
+    """A relative ``task.path`` means the user's directory: Ray tasks (client actors, parallel sweep members)
+    get it made absolute, since they run elsewhere; the original config is left as it was."""
+    from fedgluon.config.schema import load
+    from fedgluon.exp.cluster import with_absolute_data_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.svm").write_text("".join(f"{i % 2} 1:{i / 40} 2:{i % 3}\n" for i in range(40)))
+    cfg = load(None, ["task.name=libsvm", "task.path=data/train.svm"])
+    out = with_absolute_data_paths(cfg)
+    assert out.task.path == str(tmp_path / "data" / "train.svm") and cfg.task.path == "data/train.svm"
+    assert with_absolute_data_paths(load(None, [])).task == load(None, []).task  # no data file: unchanged

@@ -189,6 +189,19 @@ def data_paths(task: Mapping[str, Any]) -> list[str]:
     return [os.path.abspath(str(task[k])) for k in DATA_KEYS if task.get(k)]
 
 
+def with_absolute_data_paths(cfg: Any) -> Any:
+    """A copy of ``cfg`` whose task data files (:data:`DATA_KEYS`) are absolute against this directory: a
+    Ray task on another node, or in a scratch directory, would otherwise resolve a relative path
+    against its own working directory, not the one the user ran the command in."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    for key in DATA_KEYS:
+        if out.task.get(key):
+            out.task[key] = os.path.abspath(str(out.task[key]))
+    return out
+
+
 def this_host() -> dict[str, Any]:
     """Where this process runs: ``hostname``, ``ip`` and, inside a Ray task or driver, the Ray ``node_id``
     (and the IP the cluster knows the node by)."""

@@ -146,6 +146,8 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
     if resume and not (out / MARKER).is_file():  # never make a run directory of a folder fedgluon did not create
         raise ConfigError(f"{out} is not a fedgluon run directory: nothing to resume")
     nodes = cluster.for_run(cfg) if grid is None else None  # a deployment's clients are its SuperNodes, not Ray's
+    if nodes is not None:  # Ray's client actors run in their own directories, perhaps on other nodes
+        cfg = cluster.with_absolute_data_paths(cfg)
     try:
         with RunDirLock(out) if resume else prepare_dir(out, cfg.output.overwrite), torch_threads(int(cfg.threads)):
             return _run_locked(cfg, out, progress, on_round, resume, nodes, grid)

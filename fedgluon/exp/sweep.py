@@ -121,8 +121,10 @@ def _run_parallel(todo, workers: int, address: str | None, sweep_dir: Path, prog
     working directories. Members that fail are written as far as they got and reported together at the end."""
     import ray
 
+    from fedgluon.exp.cluster import connect, with_absolute_data_paths
+
+    todo = [(mname, with_absolute_data_paths(cfg)) for mname, cfg in todo]  # members run in scratch directories
     threads = max(int(cfg.threads) for _, cfg in todo)  # a member's task holds one CPU per torch thread
-    from fedgluon.exp.cluster import connect
 
     connect(address, num_cpus=workers * threads, task_share={"threads": threads},  # a node must hold one member
             log_to_driver=False)  # members' logs: error, summary, clients.csv

@@ -27,6 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib import ticker  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 BITS = "up_bits_per_client_cum"
 X_AXES = (BITS, "round", "sim_time")
@@ -358,9 +359,18 @@ def _network_label(runs: Sequence[Run]) -> str:
 
 def plot_curves(curves: Sequence[Curve], path: str | Path, *, convention: str = "int32", title: str = "",
                 time_label: str = "simulated time (s)") -> None:
+    """:func:`draw_curves` saved at ``path``."""
+    fig = draw_curves(curves, convention=convention, title=title, time_label=time_label)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_curves(curves: Sequence[Curve], *, convention: str = "int32", title: str = "",
+                time_label: str = "simulated time (s)") -> Figure:
     """Rows: test loss, test accuracy (those any curve has); columns: cumulative uplink bits per client (log,
     the bit convention named), round, simulated time (those the metrics have). Each curve is its mean over
-    seeds with the min–max band where two or more seeds reached a round; a legend below names every curve."""
+    seeds with the min–max band where two or more seeds reached a round (a single run: no band); a legend
+    below names every curve with its number of seeds and incomplete runs."""
     metrics = [m for m in METRICS if any(f"{m}_mean" in c.frame for c in curves)]
     xs = [x for x in X_AXES if any(x in c.frame for c in curves)]
     if not metrics or not xs:
@@ -404,8 +414,7 @@ def plot_curves(curves: Sequence[Curve], path: str | Path, *, convention: str = 
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, 0.02))
     fig.tight_layout(rect=(0, bottom, 1, 0.97 if title else 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def compare(dirs: Sequence[str | Path], path: str | Path, title: str | None = None) -> tuple[list[Curve], list[str]]:

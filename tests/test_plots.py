@@ -3,6 +3,7 @@ incomplete members, refusals, readable log ticks. Run and sweep directories are 
 fedgluon.exp.experiment and fedgluon.exp.sweep write them, without training."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -94,8 +95,11 @@ def test_run_directories_group_by_config_and_a_single_run_has_no_band(tmp_path):
     a0 = write_run(tmp_path / "gluon-ef21-sarah-synthetic-s0", ["seed=0"])
     a1 = write_run(tmp_path / "gluon-ef21-sarah-synthetic-s1", ["seed=1", "engine.name=plain", "threads=2"])
     b = write_run(tmp_path / "other" / "gluon-ef21-sarah-synthetic-s0", ["seed=0", "algorithm.lr=0.2"])
-    curves = plots.group(plots.collect([a0, a1, b])[0])
+    copy = shutil.copytree(a0, tmp_path / "copy")
+    curves = plots.group(plots.collect([a0, a1, b, copy, a0])[0])
     assert [len(c.runs) for c in curves] == [2, 1]  # engine and threads do not make another configuration
+    assert [r.path for r in curves[0].runs] == [a0, a1]  # a seed given twice counts once, and says so
+    assert len(curves[0].notes) == 1 and "seed 0 is in" in curves[0].notes[0]
     assert curves[0].label == "gluon-ef21-sarah-synthetic [algorithm.lr=0.05]"
     assert curves[1].label == "gluon-ef21-sarah-synthetic [algorithm.lr=0.2]"
     fig = plots.draw_curves(curves)

@@ -248,7 +248,7 @@ def plot(directories: tuple[str, ...], out: str | None) -> None:
             for note in notes:
                 click.echo(f"note: {note}")
             click.echo(out or "curves.png")
-    except PlotError as err:
+    except (PlotError, OSError) as err:  # OSError: an --out that cannot be written
         _fail(err)
 
 

@@ -307,18 +307,23 @@ def aggregate(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
 
 def group(runs: Sequence[Run]) -> list[Curve]:
     """One :class:`Curve` per configuration (runs whose configs differ only in :data:`NOT_CONFIG`), in the
-    order they first appear; labels that two configurations share get the config keys that tell them apart."""
+    order they first appear; a seed found twice (the same run given twice, or a copy) counts once, from the
+    first directory given. Labels that two configurations share get the config keys that tell them apart."""
     by_key: dict[str, list[Run]] = {}
     for r in runs:
         by_key.setdefault(r.key, []).append(r)
     curves = []
-    for members in by_key.values():
-        members = sorted(members, key=lambda r: r.seed)
-        curve = Curve(label=members[0].label, runs=members, frame=aggregate([r.frame for r in members]))
-        seeds = [r.seed for r in members]
-        if len(set(seeds)) < len(seeds):
-            where = ", ".join(str(r.path) for r in members)
-            curve.notes.append(f"{curve.label}: a seed appears more than once ({where})")
+    for same in by_key.values():
+        kept: dict[int, Run] = {}
+        notes = []
+        for r in same:
+            if r.seed in kept:
+                first = kept[r.seed]
+                notes.append(f"{first.label}: seed {r.seed} is in {first.path} and {r.path}; drawn from the first")
+            else:
+                kept[r.seed] = r
+        runs = sorted(kept.values(), key=lambda r: r.seed)
+        curve = Curve(label=runs[0].label, runs=runs, frame=aggregate([r.frame for r in runs]), notes=notes)
         curve.notes += [f"{curve.label}: incomplete, drawn as far as it got: {r.status()}" for r in curve.incomplete]
         curves.append(curve)
     _disambiguate(curves)
@@ -406,11 +411,12 @@ def draw_curves(curves: Sequence[Curve], *, convention: str = "int32", title: st
             ax.set_ylabel(m.replace("_", " "))
             ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    ncol = min(3, max(1, len(labels)))
+    widest = max((len(t) for t in labels), default=1) + 6  # characters, with the line handle
+    ncol = max(1, min(4, len(labels), int(fig.get_figwidth() * 13) // widest))  # about 13 characters an inch
     nrows = math.ceil(len(labels) / ncol)
     fig.suptitle(title, fontsize=10)
     fig.text(0.5, 0.005, "lines: mean over seeds; bands: min–max over seeds", ha="center", fontsize=7, alpha=0.7)
-    bottom = (0.35 * nrows + 0.35) / fig.get_figheight()
+    bottom = (0.2 * nrows + 0.3) / fig.get_figheight()  # inches of legend rows and the footnote
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, 0.02))
     fig.tight_layout(rect=(0, bottom, 1, 0.97 if title else 1))

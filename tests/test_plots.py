@@ -120,8 +120,8 @@ def test_incomplete_members_are_drawn_as_far_as_they_got_and_noted(tmp_path):
     assert list(first.frame["seeds"]) == [2, 2, 1, 1] and len(first.incomplete) == 1
     np.testing.assert_allclose(first.frame["test_loss_max"][2:], [loss_of(0, 0.05, k) for k in (2, 3)])
     assert first.legend() == "0.05 — 2 seeds, 1 incomplete"
-    assert any("not started: lr=0.1,seed=1" in n for n in notes)
-    assert any("stopped after round 2 of 4" in n for n in notes)
+    assert any("without metrics yet: lr=0.1,seed=1" in n for n in notes)
+    assert any("seed 1 has 2 of 4 rounds (stopped: interrupted)" in n for n in notes)
     out = invoke("plot", d)
     assert out.exit_code == 0, out.output
     assert "note: " in out.output and {"curves.png", "pareto.png", "table.csv"} <= {p.name for p in d.iterdir()}

@@ -237,15 +237,18 @@ def plot(directories: tuple[str, ...], out: str | None) -> None:
     d = Path(directories[0])
     try:
         if len(directories) == 1 and out is None and (d / "sweep.json").exists():
-            summarise(d, echo=click.echo)
-            click.echo(f"{d / 'pareto.png'}\n{d / 'curves.png'}")
+            notes: list[str] = []
+            summarise(d, echo=notes.append)
+            click.echo("\n".join([*notes, str(d / "pareto.png")]))
+            if not any("curves.png not drawn" in n for n in notes):
+                click.echo(d / "curves.png")
         elif len(directories) == 1 and out is None and (d / "metrics.csv").exists():
             plot_run(pd.read_csv(d / "metrics.csv"), d / "plots.png", title=d.name,
                      bits_label=f"uplink bits per client ({bit_convention(d)} convention)")
             click.echo(d / "plots.png")
         else:
-            _, notes = compare(directories, out or "curves.png")
-            for note in notes:
+            _, drawn = compare(directories, out or "curves.png")
+            for note in drawn:
                 click.echo(f"note: {note}")
             click.echo(out or "curves.png")
     except (PlotError, OSError) as err:  # OSError: an --out that cannot be written

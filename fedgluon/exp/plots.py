@@ -140,6 +140,7 @@ class Run:
     complete: bool
     rounds: int  # rounds the config asks for
     frame: pd.DataFrame  # the rounds with a test evaluation
+    stopped: str = ""  # why an incomplete run stopped, from its summary (empty: no summary, or still running)
 
     @property
     def task(self) -> str:
@@ -150,9 +151,10 @@ class Run:
         return str(self.config.get("network", {}).get("bits", "int32"))
 
     def status(self) -> str:
-        """How far an incomplete run got, e.g. ``seed 1 stopped after round 12 of 30``."""
+        """How far an incomplete run got, e.g. ``seed 1 has 12 of 30 rounds (stopped: ...) (runs/x)``."""
         done = int(self.frame["round"].max()) + 1 if len(self.frame) else 0
-        return f"seed {self.seed} stopped after round {done} of {self.rounds} ({self.path})"
+        why = f"stopped: {self.stopped}" if self.stopped else "no complete summary: stopped, or still running"
+        return f"seed {self.seed} has {done} of {self.rounds} rounds ({why}) ({self.path})"
 
 
 @dataclass
@@ -190,7 +192,7 @@ def collect(dirs: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
         if (d / "sweep.json").is_file():
             found, missing = _sweep_runs(d, prefix=f"{d.name}: " if several else "")
             if missing:
-                notes.append(f"{d}: {len(missing)} member(s) not started: {', '.join(missing)}")
+                notes.append(f"{d}: {len(missing)} member(s) without metrics yet: {', '.join(missing)}")
         elif (d / "metrics.csv").is_file():
             found = [_load_run(d, d, label=None)]
         else:
@@ -213,7 +215,7 @@ def _sweep_runs(sweep_dir: Path, prefix: str = "") -> tuple[list[Run], list[str]
     runs, missing = [], []
     for values in members(grid):
         d = sweep_dir / member_name(values, grid)
-        if not _has_rows(d / "metrics.csv") or not (d / "config.yaml").is_file():
+        if _read_metrics(d / "metrics.csv") is None or not (d / "config.yaml").is_file():
             missing.append(d.name)
             continue
         label = ",".join(_axis_label(k, v, grid) for k, v in values.items() if k != "seed") or "base"
@@ -238,8 +240,17 @@ def _axis_label(key: str, value: Any, grid: Mapping[str, list[Any]]) -> str:
     return f"{label} ({', '.join(f'{k}={mine.get(k)}' for k in keys[:3])}{', …' if len(keys) > 3 else ''})"
 
 
-def _has_rows(path: Path) -> bool:
-    return path.is_file() and path.stat().st_size > 1 and len(pd.read_csv(path)) > 0
+def _read_metrics(path: Path) -> pd.DataFrame | None:
+    """A metrics.csv with at least one row, or None (absent, or nothing written yet)."""
+    try:
+        frame = pd.read_csv(path)
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return None
+    except (OSError, ValueError) as err:  # pandas' ParserError is a ValueError
+        raise PlotError(f"{path} cannot be read: {str(err).strip().splitlines()[0]}") from None
+    if "round" not in frame:
+        raise PlotError(f"{path} has no round column: not a fedgluon metrics.csv")
+    return frame if len(frame) else None
 
 
 def _load_run(d: Path, source: Path, label: str | None) -> Run:
@@ -249,9 +260,15 @@ def _load_run(d: Path, source: Path, label: str | None) -> Run:
 
     if not (d / "config.yaml").is_file():
         raise PlotError(f"{d} has metrics.csv but no config.yaml: not a fedgluon run directory")
-    config = OmegaConf.to_container(OmegaConf.load(d / "config.yaml"))
-    assert isinstance(config, dict)
-    frame = pd.read_csv(d / "metrics.csv") if _has_rows(d / "metrics.csv") else pd.DataFrame({"round": []})
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(d / "config.yaml"))
+    except Exception as err:  # noqa: BLE001 - YAML and OmegaConf errors: the one line says which file
+        raise PlotError(f"{d / 'config.yaml'} cannot be read: {str(err).strip().splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise PlotError(f"{d / 'config.yaml'} is not a run's config (not a mapping)")
+    frame = _read_metrics(d / "metrics.csv")
+    if frame is None:
+        frame = pd.DataFrame({"round": []})
     evaluated = [m for m in METRICS if m in frame]
     if evaluated:
         frame = frame.dropna(subset=evaluated, how="all")
@@ -259,8 +276,21 @@ def _load_run(d: Path, source: Path, label: str | None) -> Run:
     if label is None:  # a run directory's default name is <algorithm>-<task>-s<seed>
         label = re.sub(rf"-s{seed}$", "", d.name)
     key = json.dumps({k: v for k, v in config.items() if k not in NOT_CONFIG}, sort_keys=True, default=str)
-    return Run(path=d, source=source, label=label, key=key, config=config, seed=seed, complete=is_complete(d),
-               rounds=int(config.get("rounds", 0)), frame=frame.reset_index(drop=True))
+    complete = is_complete(d)
+    return Run(path=d, source=source, label=label, key=key, config=config, seed=seed, complete=complete,
+               rounds=int(config.get("rounds", 0)), frame=frame.reset_index(drop=True),
+               stopped="" if complete else _stop_reason(d))
+
+
+def _stop_reason(d: Path) -> str:
+    """The first line of a stopped run's reason (summary.json ``stopped``), at most 100 characters."""
+    try:
+        summary = json.loads((d / "summary.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    text = str(summary.get("stopped") or "").strip() if isinstance(summary, dict) else ""
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= 100 else line[:99] + "…"
 
 
 def bit_convention(run_dir: str | Path) -> str:

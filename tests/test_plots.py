@@ -175,3 +175,11 @@ def test_log_ticks_are_few_and_do_not_overlap(lo, hi):
     boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
     assert all(left.x1 < right.x0 for left, right in zip(boxes, boxes[1:]))
     plt.close(fig)
+
+
+def test_a_curve_with_nothing_to_draw_leaves_the_others_in_the_legend(tmp_path):
+    run = write_run(tmp_path / "r")
+    real = plots.group(plots.collect([run])[0])[0]
+    empty = plots.Curve(label="nothing yet", runs=[], frame=plots.aggregate([]))
+    fig = plots.draw_curves([empty, real])
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [real.legend()]

@@ -414,9 +414,10 @@ def draw_curves(curves: Sequence[Curve], *, convention: str = "int32", title: st
                "sim_time": time_label}
     fig, axes = plt.subplots(len(metrics), len(xs), figsize=(4.6 * len(xs), 3.4 * len(metrics)), squeeze=False)
     colours = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    handles, labels = [], []
     for i, c in enumerate(curves):
         colour, style = colours(i % colours.N), ("-", "--", ":", "-.")[i // colours.N % 4]
-        f = c.frame
+        f, named = c.frame, False
         band = f["seeds"] >= 2
         for row, m in enumerate(metrics):
             if f"{m}_mean" not in f:
@@ -425,8 +426,11 @@ def draw_curves(curves: Sequence[Curve], *, convention: str = "int32", title: st
                 if x not in f:
                     continue
                 ax = axes[row][col]
-                ax.plot(f[x], f[f"{m}_mean"], color=colour, linestyle=style, lw=1.4,
-                        label=c.legend() if row == 0 and col == 0 else None)
+                (line,) = ax.plot(f[x], f[f"{m}_mean"], color=colour, linestyle=style, lw=1.4)
+                if not named:  # the curve's first line names it in the legend
+                    handles.append(line)
+                    labels.append(c.legend())
+                    named = True
                 if band.any():
                     ax.fill_between(f[x], f[f"{m}_min"], f[f"{m}_max"], where=band, color=colour, alpha=0.18, lw=0)
     for row, m in enumerate(metrics):
@@ -440,7 +444,6 @@ def draw_curves(curves: Sequence[Curve], *, convention: str = "int32", title: st
             ax.set_xlabel(xlabels[x], fontsize=8 if x != "round" else None)
             ax.set_ylabel(m.replace("_", " "))
             ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
     widest = max((len(t) for t in labels), default=1) + 6  # characters, with the line handle
     ncol = max(1, min(4, len(labels), int(fig.get_figwidth() * 13) // widest))  # about 13 characters an inch
     nrows = math.ceil(len(labels) / ncol)

@@ -222,23 +222,37 @@ def tune(config: str | None, args: tuple[str, ...], algorithms: tuple[str, ...],
 
 
 @main.command()
-@click.argument("directory", type=click.Path(exists=True, file_okay=False))
-def plot(directory: str) -> None:
-    """Redraw the plots of a run directory (plots.png) or a sweep directory (pareto.png)."""
+@click.argument("directories", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="where to write the comparison figure [default: curves.png here; one sweep: its curves.png]")
+def plot(directories: tuple[str, ...], out: str | None) -> None:
+    """Redraw one run's plots.png, or one sweep's table.csv, pareto.png and curves.png; with several run or
+    sweep directories (or --out), draw them together: test loss and accuracy against cumulative uplink bits,
+    rounds and simulated time, one curve per configuration (mean over seeds, min–max band)."""
     import pandas as pd
 
-    from fedgluon.exp.plots import plot_run
+    from fedgluon.exp.plots import PlotError, bit_convention, compare, plot_run
     from fedgluon.exp.sweep import summarise
 
-    d = Path(directory)
-    if (d / "sweep.json").exists():
-        summarise(d)
-        click.echo(d / "pareto.png")
-    elif (d / "metrics.csv").exists():
-        plot_run(pd.read_csv(d / "metrics.csv"), d / "plots.png", title=d.name)
-        click.echo(d / "plots.png")
-    else:
-        _fail(ValueError(f"{d} is neither a run directory (metrics.csv) nor a sweep directory (sweep.json)"))
+    d = Path(directories[0])
+    try:
+        if len(directories) == 1 and out is None and (d / "sweep.json").exists():
+            notes: list[str] = []
+            summarise(d, echo=notes.append)
+            click.echo("\n".join([*notes, str(d / "pareto.png")]))
+            if not any("curves.png not drawn" in n for n in notes):
+                click.echo(d / "curves.png")
+        elif len(directories) == 1 and out is None and (d / "metrics.csv").exists():
+            plot_run(pd.read_csv(d / "metrics.csv"), d / "plots.png", title=d.name,
+                     bits_label=f"uplink bits per client ({bit_convention(d)} convention)")
+            click.echo(d / "plots.png")
+        else:
+            _, drawn = compare(directories, out or "curves.png")
+            for note in drawn:
+                click.echo(f"note: {note}")
+            click.echo(out or "curves.png")
+    except (PlotError, OSError) as err:  # OSError: an --out that cannot be written
+        _fail(err)
 
 
 BENCHMARKS = {"lmo": "benchmarks.bench_lmo", "compressors": "benchmarks.bench_compressors",

@@ -1,12 +1,13 @@
-"""Sweeps: a grid over config keys and seeds, run member by member, summarised into tables and a
-communication-vs-accuracy Pareto plot.
+"""Sweeps: a grid over config keys and seeds, run member by member, summarised into tables, a
+communication-vs-accuracy Pareto plot and the curves of every configuration.
 
 ``fedgluon sweep CONFIG algorithm.name=[gluon-ef21,gluon-ef21-sarah] algorithm.compressor.ratio=[0.01,0.05] seed=[0,1]``;
 an axis over a whole section replaces it per member, for algorithms whose options differ:
 ``'algorithm=[{name: gluon, lr: 0.05}, {name: gluon-ef21, lr: 0.05, compressor: {name: topk, ratio: 0.05}}]'``
 writes ``<output.dir>/<sweep name>/<member>/`` (a run directory each, see fedgluon/exp/experiment.py) and,
 in the sweep directory, ``members.csv`` (one row per member), ``table.csv`` (mean and std over
-seeds per configuration, plus bits to reach the target accuracy) and ``pareto.png``. Members whose
+seeds per configuration, plus bits to reach the target accuracy), ``pareto.png`` and ``curves.png`` (test
+loss and accuracy against uplink bits, rounds and simulated time, per configuration). Members whose
 run directory is complete are skipped, so an interrupted sweep continues where it stopped.
 
 Members run one after another on the configured engine (Flower's Ray engine starts and stops Ray
@@ -21,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -105,7 +106,7 @@ def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | No
             if progress:
                 print(f"[{i + 1}/{len(todo)}] {mname}")
             run(cfg, progress=progress)
-    summarise(sweep_dir)
+    summarise(sweep_dir, echo=print if progress else None)
     return sweep_dir
 
 
@@ -239,8 +240,13 @@ TABLE_METRICS = ("final_test_accuracy", "final_test_loss", "best_test_accuracy",
 """Summary fields a sweep table aggregates over seeds (those the runs measured) and ``tune`` can rank by."""
 
 
-def summarise(sweep_dir: str | Path, target: float | None = None, target_fraction: float = 0.95) -> pd.DataFrame:
-    """``members.csv``, ``table.csv`` (mean/std over seeds; bits to reach the target accuracy) and ``pareto.png``.
+def summarise(sweep_dir: str | Path, target: float | None = None, target_fraction: float = 0.95,
+              echo: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """``members.csv``, ``table.csv`` (mean/std over seeds; bits to reach the target accuracy), ``pareto.png``
+    and ``curves.png`` (fedgluon.exp.plots.compare: test loss and accuracy against uplink bits, rounds and
+    simulated time, one curve per configuration with its min–max band over seeds; incomplete members drawn
+    as far as they got). ``echo`` receives the notes on members not started or incomplete, or why
+    ``curves.png`` could not be drawn.
 
     The target is ``target`` if given, else ``target_fraction`` × the best member's final accuracy;
     ``bits_to_target`` is the cumulative uplink bits per client at the first evaluation reaching it
@@ -249,6 +255,7 @@ def summarise(sweep_dir: str | Path, target: float | None = None, target_fractio
     from fedgluon.exp.plots import plot_pareto
 
     sweep_dir = Path(sweep_dir)
+    _draw_curves(sweep_dir, echo)
     frame = load_members(sweep_dir)
     frame.to_csv(sweep_dir / "members.csv", index=False)
     if frame.empty:
@@ -267,6 +274,18 @@ def summarise(sweep_dir: str | Path, target: float | None = None, target_fractio
                 title=f"{sweep_dir.name}: final accuracy vs uplink bits per client",
                 xlabel=f"uplink bits per client, whole run ({convention} convention; mean over seeds)")
     return table
+
+
+def _draw_curves(sweep_dir: Path, echo: Callable[[str], None] | None) -> None:
+    """``curves.png`` of the sweep, or a note on why not (members of different tasks, no evaluations yet)."""
+    from fedgluon.exp.plots import PlotError, compare
+
+    try:
+        _, notes = compare([sweep_dir], sweep_dir / "curves.png")
+    except PlotError as err:
+        notes = [f"curves.png not drawn: {err}"]
+    for note in notes if echo is not None else ():
+        echo(f"note: {note}")
 
 
 def _bits_to_target(run_dir: Path, target: float | None) -> float:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from fedgluon.algorithms.base import Algorithm, Broadcast, ClientReply, ServerOutcome
-from fedgluon.algorithms.dion import Dion, OrthDion
 from fedgluon.algorithms.dense import Gluon, GluonMVR, GluonSARAH, LiMuonFL
+from fedgluon.algorithms.dion import Dion, OrthDion
 from fedgluon.algorithms.ef21 import EF21MuonBidir, GluonEF21, GluonEF21MVR, GluonEF21SARAH
 from fedgluon.algorithms.local import FedAvg, LocalGluon
 from fedgluon.algorithms.server_opt import ServerAdamW, ServerSGD

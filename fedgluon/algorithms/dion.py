@@ -31,7 +31,8 @@ Options and defaults: ``beta`` = the paper's μ (0.95, Dion's default), the weig
 everywhere in fedgluon (Gluon's ``M ← βM + (1−β)g`` has the same polar direction up to the first step's
 scale, since both are sums ``Σ_s β^{k−s} G_s`` up to a constant); ``rank_fraction`` 0.25 (the paper's
 r = d/4 runs) unless ``rank`` (an integer) is given; ``orthonormalise``: ``"colnorm"`` for ``dion``,
-``"qr"`` for ``orth-dion``, ``"svd"`` (the exact rank-r polar factor) for reductions; ``eps`` 1e-8.
+``"qr"`` for ``orth-dion`` (QR with T's diagonal non-negative, :func:`positive_qr`), ``"svd"`` (the exact
+rank-r polar factor) for reductions; ``eps`` 1e-8.
 
 Where the papers are silent, fedgluon chose:
 
@@ -121,7 +122,7 @@ class Dion(Algorithm):
         if self.right == "colnorm":
             return R / torch.linalg.vector_norm(R, dim=-2, keepdim=True).clamp_min(self.opt["eps"])
         if self.right == "qr":
-            return torch.linalg.qr(R, mode="reduced").Q
+            return positive_qr(R)
         U, _, Vh = torch.linalg.svd(R, full_matrices=False)
         return U @ Vh
 
@@ -148,9 +149,6 @@ class Dion(Algorithm):
         return dense_bits(sum(t.numel() for t in tensors.values()), self.dense.values.bits(1, {}).value_bits)
 
     # ------------------------------------------------------------------ client: the two phases
-    def reply_group(self, bc: Broadcast, first: bool) -> str:
-        return "P" if bc.phase == 0 else "R"
-
     def reply_shapes(self, bc: Broadcast) -> dict[str, tuple[int, ...]]:
         if bc.phase == 0:
             return {n: (m, r) for n, (m, _, r) in self.low_rank.items()}
@@ -168,7 +166,7 @@ class Dion(Algorithm):
             prev = _zero_first(old[n], rows.first) if old is not None else torch.zeros_like(g)
             M[n] = prev + g if n in self.low_rank else torch.lerp(prev, g, 1 - self.opt["beta"])
         P = {n: self._matrix(M[n], n) @ bc.extra[Q_KEY + n].to(M[n].dtype) for n in self.low_rank}
-        return BlockResult(rows.clients, bc.round, self.send("P", P, bc, rows), {"M": M}, grads.loss,
+        return BlockResult(rows.clients, bc.round, self.send("dense", P, bc, rows), {"M": M}, grads.loss,
                            grads.evals, grads.samples)
 
     def _feedback(self, rows: ClientRows, bc: Broadcast) -> BlockResult:
@@ -182,7 +180,7 @@ class Dion(Algorithm):
             send[n] = R
             M[n] = (Bm - (1 - self.opt["beta"]) * P @ R.mT).reshape(B[n].shape)
         b = len(rows)
-        return BlockResult(rows.clients, bc.round, self.send("R", send, bc, rows), {"M": M},
+        return BlockResult(rows.clients, bc.round, self.send("dense", send, bc, rows), {"M": M},
                            [float("nan")] * b, [0] * b, [0] * b)
 
     def _matrix(self, rows: Tensor, name: str) -> Tensor:
@@ -228,8 +226,10 @@ class Dion(Algorithm):
         X = {}
         for n, x in state["X"].items():
             shrink = 1.0 - step.decay * radii[n] / self.geometry.params[n].radius
-            X[n] = x * shrink + radii[n] * dirs[n].to(x.dtype) if shrink != 1.0 else x + radii[n] * dirs[n].to(x.dtype)
-        info = StepInfo(radii={n: float(t) for n, t in radii.items()}, dual_norms={n: float(d) for n, d in duals.items()})
+            move = radii[n] * dirs[n].to(x.dtype)
+            X[n] = x * shrink + move if shrink != 1.0 else x + move
+        info = StepInfo(radii={n: float(t) for n, t in radii.items()},
+                        dual_norms={n: float(d) for n, d in duals.items()})
         return X, info
 
 
@@ -238,6 +238,15 @@ class OrthDion(Dion):
 
     name = "orth-dion"
     RIGHT = "qr"
+
+
+def positive_qr(R: Tensor) -> Tensor:
+    """The Q of ``R = QT`` (reduced) with T's diagonal made non-negative: the unique QR of a full-rank R.
+    LAPACK's Householder QR may give negative diagonal entries, which would turn columns of Orth-Dion's
+    step uphill (``⟨R, Q⟩ = tr T``)."""
+    Q, T = torch.linalg.qr(R, mode="reduced")
+    signs = torch.where(torch.diagonal(T, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(Q.dtype)
+    return Q * signs.unsqueeze(-2)
 
 
 def _zero_first(rows: Tensor, first: Tensor) -> Tensor:

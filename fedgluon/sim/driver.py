@@ -133,9 +133,11 @@ class PlanRows:
         return self.fed.rows(self.plan, clients)
 
 
-def step_blocks(algorithm: Algorithm, table: ClientStateTable | PlanRows, bc: Broadcast, objectives: Sequence[SupervisedObjective],
-                blocks: list[list[int]], pool: Executor | None = None) -> list[BlockResult]:
-    """Every block's step over its committed rows (``Algorithm.step_block``), on ``pool``'s threads when
+def step_blocks(algorithm: Algorithm, table: ClientStateTable | PlanRows, bc: Broadcast,
+                objectives: Sequence[SupervisedObjective], blocks: list[list[int]],
+                pool: Executor | None = None) -> list[BlockResult]:
+    """Every block's step over its rows (``table.rows``: the committed rows, or a later phase's
+    :class:`PlanRows`; ``Algorithm.step_block``), on ``pool``'s threads when
     given; the results of its runs, in block order."""
     def step(js: list[int]) -> list[BlockResult]:
         return algorithm.step_block(table.rows(js), bc, objectives) if js else []

@@ -21,6 +21,15 @@ with their reasons (client text clipped to :data:`MAX_CLIENT_TEXT` characters), 
 row, and hand the checkpointer a snapshot. These stops write the state from *before* the round, so a
 resumed run replays that round exactly.
 
+Phases. For an algorithm with several client phases per round (``Algorithm.phases``), the engine
+calls :meth:`Federation.advance` after each phase but the last: the algorithm's ``server_phase``
+validates the replies and answers with the next phase's broadcast; the accepted clients step next on
+the rows they proposed (:meth:`Federation.rows`), nothing is committed, and the server state is
+unchanged. ``close_round`` then sees the whole round: every sampled client, the failures and
+rejections of every phase, each accepted client's uplink bits summed over its phases, per-phase bit
+columns (``up_phase<p>_*``, ``down_phase<p>_*_total``) and the round's downlink as their sum. Only the
+last phase's rows of clients accepted in every phase are committed.
+
 A run also stops (:class:`NoProgressError`, after the round, with a checkpoint of the state after
 it) when ``max_failed_rounds`` consecutive rounds accepted no client, and at its last round when no
 client was accepted in any round: such a run is never reported complete.

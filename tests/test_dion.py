@@ -203,7 +203,8 @@ def test_stop_and_resume_equals_the_uninterrupted_run(tmp_path):
     with pytest.raises(RunInterrupted):
         run_plain(algo, objs, X0, 5, **kw, checkpointer=ck, on_round=stop_after_2)
     snap = checkpoint.load(tmp_path / "c.pt")
-    resumed = run_plain(algo, objs, X0, 5, **kw, checkpointer=Checkpointer(tmp_path / "c.pt", resumed=snap), resume=snap)
+    again = Checkpointer(tmp_path / "c.pt", resumed=snap)
+    resumed = run_plain(algo, objs, X0, 5, **kw, checkpointer=again, resume=snap)
     cols = [c for c in full.frame().columns if c not in ("wall_time", "server_time")]
     assert full.frame()[cols].equals(resumed.frame()[cols]) and full.client_log == resumed.client_log
     assert all(torch.equal(full.server_state["X"][n], resumed.server_state["X"][n]) for n in X0)

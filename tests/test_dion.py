@@ -209,3 +209,37 @@ def test_stop_and_resume_equals_the_uninterrupted_run(tmp_path):
     assert full.frame()[cols].equals(resumed.frame()[cols]) and full.client_log == resumed.client_log
     assert all(torch.equal(full.server_state["X"][n], resumed.server_state["X"][n]) for n in X0)
     same_table(full.table, resumed.table)
+
+
+def test_hostile_replies_in_either_phase_over_flower_are_rejected_and_leave_rows_unchanged(monkeypatch):
+    """In round 1 a NaN in client 2's phase-0 reply (P_2) and in client 1's phase-1 reply (R_1), as a
+    broken node could send them: both are rejected, their rows are as after round 0, the others commit."""
+    from test_engines import nan_in_payload
+
+    from fedgluon.flower.engines import InProcessGrid, run_inprocess
+
+    original = InProcessGrid.pull_messages
+
+    def hostile(self, ids, timeout=None):
+        ids = list(ids)
+        where = {i: (self._inbox[i].metadata.group_id, self.contexts[self._inbox[i].metadata.dst_node_id]
+                     .node_config["partition-id"]) for i in ids}
+        replies = []
+        for i in ids:
+            reply = list(original(self, [i]))[0]
+            if where[i] in (("1", 2), ("1.1", 1)):
+                nan_in_payload(reply.content, where[i][1])
+            replies.append(reply)
+        return replies
+
+    monkeypatch.setattr(InProcessGrid, "pull_messages", hostile)
+    spec = {**ENGINE_SPEC, "participation": 1.0, "rounds": 2}
+    strategy = run_inprocess(spec)
+    row = strategy.history[1]
+    assert (row["rejected"], row["accepted"]) == (2, 2)
+    before = plain_run({**spec, "rounds": 1}).table
+    table = strategy.federation.table
+    for j in range(4):
+        same = all(torch.equal(table.columns[p][j], before.columns[p][j]) for p in table.columns)
+        assert same == (j in (1, 2)), j
+    assert table.commits.tolist() == [2, 1, 1, 2]

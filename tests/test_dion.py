@@ -243,3 +243,22 @@ def test_hostile_replies_in_either_phase_over_flower_are_rejected_and_leave_rows
         same = all(torch.equal(table.columns[p][j], before.columns[p][j]) for p in table.columns)
         assert same == (j in (1, 2)), j
     assert table.commits.tolist() == [2, 1, 1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ray_equals_plain_with_faults_in_the_second_phase():
+    """The Ray engine (blocks of 2 clients per node), clients raising in phase 2: metrics equal the plain
+    driver's (training loss to 1e-6: blocks reduce batch losses in another order), tables bitwise."""
+    import pandas as pd
+    from test_engines import same_metrics, same_table
+
+    from fedgluon.flower.engines import run_ray
+
+    spec = {**ENGINE_SPEC, "block_size": 2, "faults": {"raise_prob": 0.2, "phase": 1}}
+    strategy = run_ray(spec, num_cpus=1, ray_init_args={"num_cpus": 2})
+    plain = plain_run(spec)
+    frame = pd.DataFrame(strategy.history)
+    same_metrics(frame, plain.frame(), loss_rtol=1e-6)
+    same_table(strategy.federation.table, plain.table)
+    assert ((frame["failed"] > 0) & (frame["accepted"] > 0)).any()

@@ -229,7 +229,7 @@ class GluonStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._grid = grid  # the later phases of a round go out from aggregate_train (_later_phases)
+        self._grid = grid  # the later phases of a round go out from aggregate_train (_later_phase)
         with gc_paused(), phase("configure", self.federation.next_round):
             return self._configure_train()
 
@@ -284,6 +284,7 @@ class GluonStrategy(Strategy):
         plan = self.federation.advance(plan, *got)
         self._round, self._expected = plan, by_block(plan.participants, self.block_size)
         messages = self._messages(plan)
+        assert self._grid is not None, "configure_train keeps the grid"
         replies = self._grid.send_and_receive(messages, timeout=self._timeout) if messages else []
         return plan, self._gather(plan, replies, {})
 

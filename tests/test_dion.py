@@ -114,6 +114,7 @@ def test_one_client_small_rank_equals_power_iteration(name):
     model_values = sum(t.numel() for t in X0.values())
     assert row["down_phase0_values_total"] == 64 * (model_values + sum(mat[n][1] * rank[n] for n in X))
     assert row["up_values_total"] == row["up_phase0_values_total"] + row["up_phase1_values_total"]
+    assert row["phases"] == 2  # two round trips in the simulated time (fedgluon.exp.experiment)
 
 
 def test_a_client_out_in_phase_two_keeps_its_state_and_the_round_goes_on():

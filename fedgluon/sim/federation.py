@@ -27,7 +27,8 @@ validates the replies and answers with the next phase's broadcast; the accepted 
 the rows they proposed (:meth:`Federation.rows`), nothing is committed, and the server state is
 unchanged. ``close_round`` then sees the whole round: every sampled client, the failures and
 rejections of every phase, each accepted client's uplink bits summed over its phases, per-phase bit
-columns (``up_phase<p>_*``, ``down_phase<p>_*_total``) and the round's downlink as their sum. Only the
+columns (``up_phase<p>_*``, ``down_phase<p>_*_total``), the round's downlink as their sum, and
+``phases`` (round trips, for the simulated time of fedgluon.exp.experiment). Only the
 last phase's rows of clients accepted in every phase are committed.
 
 A run also stops (:class:`NoProgressError`, after the round, with a checkpoint of the state after
@@ -299,7 +300,7 @@ class Federation:
         cost its receivers."""
         carry, bc = plan.carry, plan.broadcast
         assert carry is not None
-        columns = dict(carry.columns)
+        columns = {"phases": float(bc.phase + 1), **carry.columns}
         columns.update(bit_columns(f"up_phase{bc.phase}", outcome.uplink))
         columns.update({f"down_phase{bc.phase}_{c}_total": float(bc.bits.total(c) * len(plan.participants))
                         for c in CONVENTIONS})

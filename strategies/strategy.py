@@ -21,6 +21,12 @@ a bad answer is rejected and logged, and the clients of a block no node holds fa
 are processed in client-id order. Rejections and failures are logged with their reason, client text
 clipped (``fedgluon.sim.federation.clip_text``).
 
+Rounds of several client phases (``Algorithm.phases``, Dion's two uplinks): ``aggregate_train`` closes each
+phase before the last with ``Federation.advance`` and sends the next phase (its broadcast's ``extra``
+tensors and the rows the clients proposed in the phase before) to the clients it accepted, over the
+grid Flower handed ``configure_train``, in message group ``<round>.<phase>``; the last phase's replies
+go to ``close_round``. A client that fails or is rejected in any phase is out of the round, its row unchanged.
+
 A failed reply counts as a dead worker, which stops the run, only by its Flower error code
 (:func:`runtime_failure`): any code but ``CLIENT_APP_RAISED_EXCEPTION``. What the reply's
 reason says, and a node's own ``failed`` record, only fail the clients concerned.
@@ -95,6 +101,16 @@ class BlockRead:
     device: tuple[str, str] | None = None  # (where the node computed its gradients, the Ray GPU ids it held)
 
 
+class Gathered(NamedTuple):
+    """One phase's replies as :meth:`Federation.close_round` and :meth:`Federation.advance` take them."""
+
+    replies: dict[int, ClientReply]
+    proposed: list[Proposal]
+    failed: dict[int, str]
+    pre_rejected: dict[int, str]
+    died: dict[int, str]
+
+
 class GluonStrategy(Strategy):
     """Drive ``algorithm`` over Flower messages (see module docstring). The server side of every round
     is a :class:`fedgluon.sim.federation.Federation` (shared with the plain driver); ``resume`` continues a
@@ -125,6 +141,8 @@ class GluonStrategy(Strategy):
         self._round: RoundPlan | None = None
         self._expected: dict[int, list[int]] = {}  # the round's sampled clients by block (by_block), once per round
         self._early: dict[int, tuple[Message, BlockRead]] = {}  # replies read as they came (read_reply)
+        self._grid: Grid | None = None  # rounds of several phases send their later phases here
+        self._timeout: float | None = None
 
     @property
     def server_state(self) -> dict[str, Any]:
@@ -211,23 +229,37 @@ class GluonStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        self._grid = grid  # the later phases of a round go out from aggregate_train (_later_phase)
         with gc_paused(), phase("configure", self.federation.next_round):
             return self._configure_train()
 
     def _configure_train(self) -> list[Message]:
         plan = self.federation.open_round()
-        bc, k = plan.broadcast, plan.k
-        model = tensors_to_record(bc.model)
         self._round = plan
         self._expected = by_block(plan.participants, self.block_size)
+        return self._messages(plan)
+
+    def _messages(self, plan: RoundPlan) -> list[Message]:
+        """The ``train`` messages of ``plan``'s phase, one per block with participants. A later phase
+        (Algorithm.phases > 1) sends its phase, the broadcast's ``extra`` tensors and the rows the clients
+        proposed in the phase before (``Federation.rows``), in group ``<round>.<phase>``."""
+        bc, k = plan.broadcast, plan.k
+        model = tensors_to_record(bc.model)
+        multi = self.algorithm.phases > 1
         out = []
         for block, js in self._expected.items():
             if block not in self.node_of:  # no node holds it: its clients fail (aggregate_train)
                 continue
-            cfg = ConfigRecord({"round": k, "seed": self.seed, "clients": js, "refresh": int(bc.flags.get("refresh", 0))})
-            states, prev = rows_to_record(self.federation.table.rows(js))
+            cfg = ConfigRecord({"round": k, "seed": self.seed, "clients": js,
+                                "refresh": int(bc.flags.get("refresh", 0))})
+            states, prev = rows_to_record(self.federation.rows(plan, js) if multi else self.federation.table.rows(js))
             content = RecordDict({"model": model, "config": cfg, "states": states, "prev": prev})
-            out.append(Message(content, dst_node_id=self.node_of[block], message_type="train", group_id=str(k)))
+            group = str(k)
+            if multi:
+                cfg["phase"] = bc.phase
+                content["extra"] = tensors_to_record(bc.extra)
+                group = f"{k}.{bc.phase}" if bc.phase else group
+            out.append(Message(content, dst_node_id=self.node_of[block], message_type="train", group_id=group))
         return out
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
@@ -238,6 +270,28 @@ class GluonStrategy(Strategy):
     def _aggregate_train(self, replies: Iterable[Message]) -> tuple[ArrayRecord, MetricRecord]:
         assert self._round is not None
         plan = self._round
+        early, self._early = self._early, {}
+        got = self._gather(plan, replies, early)
+        while plan.broadcast.phase + 1 < self.algorithm.phases:
+            plan, got = self._later_phase(plan, got)
+        row = self.federation.close_round(plan, *got)
+        metrics = MetricRecord({key: float(v) for key, v in row.items() if isinstance(v, (int, float))})
+        return tensors_to_record(self.server_state["X"]), metrics
+
+    def _later_phase(self, plan: RoundPlan, got: Gathered) -> tuple[RoundPlan, Gathered]:
+        """Close ``plan``'s phase (``Federation.advance``), send the next phase to the clients it accepted
+        and gather their replies (Algorithm docstring, "Phases")."""
+        plan = self.federation.advance(plan, *got)
+        self._round, self._expected = plan, by_block(plan.participants, self.block_size)
+        messages = self._messages(plan)
+        assert self._grid is not None, "configure_train keeps the grid"
+        replies = self._grid.send_and_receive(messages, timeout=self._timeout) if messages else []
+        return plan, self._gather(plan, replies, {})
+
+    def _gather(self, plan: RoundPlan, replies: Iterable[Message],
+                early: Mapping[int, tuple[Message, BlockRead]]) -> Gathered:
+        """One phase's replies as ``Federation.close_round`` takes them (parsed replies, proposed rows,
+        failed, pre-rejected and died clients); expected clients without a reply failed."""
         k, expected = plan.k, self._expected
         parsed: dict[int, ClientReply] = {}
         proposed: list[Proposal] = []
@@ -245,7 +299,6 @@ class GluonStrategy(Strategy):
         pre_rejected: dict[int, str] = {}
         died: dict[int, str] = {}
         seen: set[int] = set()
-        early, self._early = self._early, {}
         for msg in replies:
             block = self.partition_of.get(msg.metadata.src_node_id)
             if block is None or block not in expected or block in seen:
@@ -267,10 +320,7 @@ class GluonStrategy(Strategy):
             if j not in parsed and j not in failed and j not in pre_rejected:
                 held = block_of(j, self.block_size) in self.node_of
                 failed[j] = "no reply before the round timeout" if held else NO_NODE
-        row = self.federation.close_round(plan, dict(sorted(parsed.items())), proposed, failed, pre_rejected,
-                                          died=died)
-        metrics = MetricRecord({key: float(v) for key, v in row.items() if isinstance(v, (int, float))})
-        return tensors_to_record(self.server_state["X"]), metrics
+        return Gathered(dict(sorted(parsed.items())), proposed, failed, pre_rejected, died)
 
     def read_reply(self, msg: Message) -> None:
         """Read a reply of the current round as soon as it arrives (the Ray engine's grid calls this
@@ -309,7 +359,8 @@ class GluonStrategy(Strategy):
             if reported is not None else {}
         working = [j for j in clients if j not in reported]
         got = read_replies(records.array.get("replies"), records.config.get("meta"), working, self._round.k,
-                           self.federation.table, self.algorithm.shapes, self.algorithm.derived) if working else None
+                           self.federation.table, self.algorithm.reply_shapes(self._round.broadcast),
+                           self.algorithm.derived) if working else None
         read.failed.update(reported)
         if got is not None:
             read.parsed, read.proposed = got.replies, got.proposed
@@ -329,6 +380,7 @@ class GluonStrategy(Strategy):
               **kwargs: Any):
         """Run the rounds left (all of them, or those after the resumed checkpoint's round)."""
         left = self.federation.rounds - self.federation.next_round if num_rounds is None else num_rounds
+        self._timeout = timeout  # a later phase's deadline (_later_phase), as Flower's for the first
         if left <= 0:
             return None
         return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=left, timeout=timeout, **kwargs)

@@ -22,6 +22,15 @@ layer-wise LMO step by default). They override a few small hooks:
 * ``reply_group(bc, first)`` → the payload group a client must reply in (from the server's flags)
 * ``aggregate(server_state, decoded, weights, bc)`` → the server's estimate G
 * ``server_update(server_state, G, k)`` → new model X (default: LMO step)
+
+Phases. An algorithm may declare several client phases per round (``phases``, default 1). Each phase
+is a ``client_step`` over the block's rows (``bc.phase`` says which); its replies go to the server,
+which answers every phase before the last with ``server_phase`` (the next phase's broadcast, carrying
+what that phase needs in ``bc.extra``) and the last with ``server_step``. A later phase steps on the
+rows its client proposed in the phase before (the federation holds them, uncommitted). The commit
+rule spans the round: only the last phase's proposed rows of clients accepted in every phase are
+committed; a client that fails or is rejected in any phase is out of the round, its row unchanged
+(:class:`fedgluon.sim.federation.Federation`).
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ class Algorithm:
     name: ClassVar[str] = "base"
     estimator: ClassVar[str | None] = None  # client-side estimator name, or None for the plain gradient
     uses_refresh: ClassVar[bool] = False  # draws a large-batch refresh coin per round
+    phases: ClassVar[int] = 1  # client phases per round (module docstring, "Phases")
     BASE_OPTIONS: ClassVar[dict[str, Any]] = {
         "lr": 0.02, "schedule": "constant", "power": 0.75, "total": None, "warmup": 0, "final_fraction": 0.0,
         "adaptive": None, "weight_decay": 0.0, "constrained": False,
@@ -278,8 +288,12 @@ class Algorithm:
     def validate(self, reply: Any, j: int, bc: Broadcast, first: bool = False, sparse: bool = False) -> Tensors:
         """Decode a reply with its group's compressor's validators; raises PayloadError. With ``sparse``,
         sparse layers stay :class:`~compressors.sparse.SparseTensor` (what the server holds)."""
-        return decode_message(self._reply_uplink(reply, j, bc, first), reply.message, self.shapes,
+        return decode_message(self._reply_uplink(reply, j, bc, first), reply.message, self.reply_shapes(bc),
                               dtype=self._value_dtype, sparse=sparse)
+
+    def reply_shapes(self, bc: Broadcast) -> Mapping[str, tuple[int, ...]]:
+        """Layer → shape of a reply's payload in ``bc``'s phase (default: the model's shapes)."""
+        return self.shapes
 
     def value_bound(self, num_clients: int) -> float:
         """The largest ``|v|`` the server accepts in a decoded payload of a run of ``num_clients`` clients:
@@ -311,7 +325,7 @@ class Algorithm:
                 continue
             groups.setdefault(id(compressor), (compressor, {}))[1][j] = replies[j].message
         for compressor, messages in groups.values():
-            for j, result in decode_messages(compressor, messages, self.shapes, dtype=self._value_dtype,
+            for j, result in decode_messages(compressor, messages, self.reply_shapes(bc), dtype=self._value_dtype,
                                              sparse=sparse, max_abs=max_abs):
                 yield j, result, compressor
 
@@ -368,6 +382,14 @@ class Algorithm:
                 state = self._downlink_update(state, k, bc.seed)
         state["round"] = k + 1
         return state, ServerOutcome(sorted(decoded), rejected, uplink, info, decoded)
+
+    def server_phase(self, state: State, replies: Mapping[int, Any], bc: Broadcast, weights: Mapping[int, float],
+                     first: Collection[int] = ()) -> tuple[Broadcast, ServerOutcome]:
+        """The server's answer to phase ``bc.phase`` of a round with several phases (not the last; module
+        docstring, "Phases"): validate the replies as :meth:`server_step` does and return the next phase's
+        broadcast and who was accepted. The server state is not changed. Single-phase algorithms never
+        get here."""
+        raise NotImplementedError(f"{self.name} has {self.phases} phase(s) per round")
 
     def _downlink_update(self, state: State, k: int, seed: int) -> State:
         """EF21-P (docs/ALGORITHMS.md §8.2): ``S = C_P(X^{k+1} − W)``, ``W ← W + S``; clients compute at W."""

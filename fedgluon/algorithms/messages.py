@@ -15,13 +15,19 @@ Tensors = dict[str, Tensor]
 
 @dataclass
 class Broadcast:
-    """What the server sends round k: the model clients compute at, flags, and its bits per client."""
+    """What the server sends round k: the model clients compute at, flags, and its bits per client.
+
+    Algorithms with several client phases per round (``Algorithm.phases``) answer each phase before the
+    last with the next phase's broadcast: the same round, model and flags, ``phase`` + 1, and in ``extra``
+    what that phase needs (Dion's orthonormalised P); ``bits`` are then that answer's bits per client."""
 
     round: int
     seed: int
     model: Tensors
     flags: dict[str, int] = field(default_factory=dict)
     bits: BitCount = field(default_factory=BitCount)
+    phase: int = 0
+    extra: Tensors = field(default_factory=dict)
 
 
 @dataclass

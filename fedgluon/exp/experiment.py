@@ -105,7 +105,8 @@ def add_derived_columns(frame: pd.DataFrame, cfg: DictConfig) -> pd.DataFrame:
     f["up_bits_per_client_cum"] = f[f"up_{c}_mean"].cumsum()
     f["down_bits_cum"] = f[f"down_{c}_total"].cumsum()
     per_client_down = f[f"down_{c}_total"] / f["receivers"].clip(lower=1)
-    f["sim_round_time"] = (2 * net.latency_ms / 1e3 + f[f"up_{c}_max"] / (net.uplink_mbps * 1e6)
+    trips = f["phases"] if "phases" in f else 1  # rounds of several client phases (Dion) make several trips
+    f["sim_round_time"] = (2 * net.latency_ms / 1e3 * trips + f[f"up_{c}_max"] / (net.uplink_mbps * 1e6)
                            + per_client_down / (net.downlink_mbps * 1e6))
     f["sim_time"] = f["sim_round_time"].cumsum()
     return f

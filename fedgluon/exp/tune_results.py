@@ -37,7 +37,8 @@ class RunningSummary:
         self.client_rounds += int(row.get("participants", 0))
         c, net = self.net.bits, self.net
         per_client_down = row[f"down_{c}_total"] / max(row["receivers"], 1)
-        sim_round = (2 * net.latency_ms / 1e3 + row[f"up_{c}_max"] / (net.uplink_mbps * 1e6)
+        trips = row.get("phases", 1)  # rounds of several client phases (Dion) make several trips
+        sim_round = (2 * net.latency_ms / 1e3 * trips + row[f"up_{c}_max"] / (net.uplink_mbps * 1e6)
                      + per_client_down / (net.downlink_mbps * 1e6))
         self.values["uplink_bits_per_client"] = self.values.get("uplink_bits_per_client", 0) + row[f"up_{c}_mean"]
         self.values["sim_time"] = self.values.get("sim_time", 0) + sim_round

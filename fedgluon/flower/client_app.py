@@ -161,12 +161,13 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
         if not set(asked) <= set(mine):
             raise RuntimeError(f"message for clients {asked} reached the node of clients {mine}")
         bc = Broadcast(int(cfg["round"]), int(cfg["seed"]), record_to_tensors(arrays["model"]),
-                       {"refresh": int(cfg["refresh"])})
+                       {"refresh": int(cfg["refresh"])}, phase=int(cfg.get("phase", 0)),
+                       extra=record_to_tensors(arrays["extra"]) if "extra" in arrays else {})  # Algorithm.phases
         faults = FaultPlan.from_spec(s["faults"])
         failed, working = ConfigRecord(), []
         for j in asked:  # a raise fails its own client; a delay makes the whole node late; a death ends it
             try:
-                faults.inject(bc.seed, j, bc.round, exit_process=_in_ray_worker())
+                faults.inject(bc.seed, j, bc.round, exit_process=_in_ray_worker(), phase=bc.phase)
                 working.append(j)
             except InjectedFault as err:
                 failed[str(j)] = f"InjectedFault: {err}"

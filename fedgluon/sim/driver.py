@@ -44,11 +44,11 @@ from torch import Tensor
 from fedgluon.algorithms.base import Algorithm, BlockResult, Broadcast, ClientReply
 from fedgluon.clients.blocks import by_block, num_blocks
 from fedgluon.clients.objective import SupervisedObjective, has_buffers
-from fedgluon.clients.table import ClientStateTable
+from fedgluon.clients.table import ClientRows, ClientStateTable
 from fedgluon.runtime.gc_pause import gc_frozen, gc_paused
 from fedgluon.sim.checkpoint import Checkpointer, Snapshot
 from fedgluon.sim.faults import FaultPlan
-from fedgluon.sim.federation import Evaluate, Federation, client_weights_from_sizes
+from fedgluon.sim.federation import Evaluate, Federation, RoundPlan, client_weights_from_sizes
 
 log = logging.getLogger("fedgluon.sim.driver")
 Tensors = dict[str, Tensor]
@@ -102,24 +102,42 @@ def _rounds(fed: Federation, algorithm: Algorithm, objectives: Sequence[Supervis
     while not fed.done:
         with gc_paused():
             plan = fed.open_round()
-            kinds = {j: faults.draw(seed, j, plan.k) if faults is not None else None for j in plan.participants}
-            failed = {j: FAILURE_REASONS[kind] for j, kind in kinds.items() if kind is not None}
-            died = {j: failed[j] for j, kind in kinds.items() if kind == "die"}  # what a runtime would report
-            working = [j for j in plan.participants if j not in failed]
-            results = step_blocks(algorithm, fed.table, plan.broadcast, objectives,
-                                  list(by_block(working, block_size).values()), pool)
-            replies: dict[int, ClientReply] = {}
-            for result in results:
-                failed.update(result.failures())
-                for j, reply in result.replies().items():
-                    replies[j] = tamper(plan.k, j, reply) if tamper else reply
-            fed.close_round(plan, dict(sorted(replies.items())), [r.proposal(algorithm.derived) for r in results],
-                            failed, died=died)
+            for phase in range(algorithm.phases):  # one for most algorithms (Algorithm docstring, "Phases")
+                kinds = {j: faults.draw(seed, j, plan.k, phase) if faults is not None else None
+                         for j in plan.participants}
+                failed = {j: FAILURE_REASONS[kind] for j, kind in kinds.items() if kind is not None}
+                died = {j: failed[j] for j, kind in kinds.items() if kind == "die"}  # what a runtime would report
+                working = [j for j in plan.participants if j not in failed]
+                results = step_blocks(algorithm, fed.table if phase == 0 else PlanRows(fed, plan), plan.broadcast,
+                                      objectives, list(by_block(working, block_size).values()), pool)
+                replies: dict[int, ClientReply] = {}
+                for result in results:
+                    failed.update(result.failures())
+                    for j, reply in result.replies().items():
+                        replies[j] = tamper(plan.k, j, reply) if tamper else reply
+                args = (dict(sorted(replies.items())), [r.proposal(algorithm.derived) for r in results], failed)
+                if phase + 1 < algorithm.phases:
+                    plan = fed.advance(plan, *args, died=died)
+                else:
+                    fed.close_round(plan, *args, died=died)
 
 
-def step_blocks(algorithm: Algorithm, table: ClientStateTable, bc: Broadcast, objectives: Sequence[SupervisedObjective],
-                blocks: list[list[int]], pool: Executor | None = None) -> list[BlockResult]:
-    """Every block's step over its committed rows (``Algorithm.step_block``), on ``pool``'s threads when
+@dataclass
+class PlanRows:
+    """The rows a later phase of ``plan`` steps on (``Federation.rows``), with the table's ``rows`` call."""
+
+    fed: Federation
+    plan: RoundPlan
+
+    def rows(self, clients: Sequence[int]) -> ClientRows:
+        return self.fed.rows(self.plan, clients)
+
+
+def step_blocks(algorithm: Algorithm, table: ClientStateTable | PlanRows, bc: Broadcast,
+                objectives: Sequence[SupervisedObjective], blocks: list[list[int]],
+                pool: Executor | None = None) -> list[BlockResult]:
+    """Every block's step over its rows (``table.rows``: the committed rows, or a later phase's
+    :class:`PlanRows`; ``Algorithm.step_block``), on ``pool``'s threads when
     given; the results of its runs, in block order."""
     def step(js: list[int]) -> list[BlockResult]:
         return algorithm.step_block(table.rows(js), bc, objectives) if js else []

@@ -13,7 +13,10 @@ runtime error codes for a dead worker (``strategies.strategy.runtime_failure``),
 
 Spec form (run spec key ``faults``)::
 
-    {"raise_prob": 0.1, "delay_prob": 0.1, "delay_s": 1.0, "die": [[3, 0]]}
+    {"raise_prob": 0.1, "delay_prob": 0.1, "delay_s": 1.0, "die": [[3, 0]], "phase": 0}
+
+``phase``: the client phase of a round whose tasks the faults strike (algorithms with several phases
+per round, ``Algorithm.phases``; default 0, the first and, for most algorithms, the only one).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 
 from fedgluon.core.rng import generator
 
-DEFAULTS: dict[str, Any] = {"raise_prob": 0.0, "delay_prob": 0.0, "delay_s": 0.0, "die": []}
+DEFAULTS: dict[str, Any] = {"raise_prob": 0.0, "delay_prob": 0.0, "delay_s": 0.0, "die": [], "phase": 0}
 
 
 class InjectedFault(RuntimeError):
@@ -45,6 +48,7 @@ class FaultPlan:
     delay_prob: float = 0.0
     delay_s: float = 0.0
     die: tuple[tuple[int, int], ...] = field(default_factory=tuple)
+    phase: int = 0
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any] | None) -> FaultPlan:
@@ -62,14 +66,20 @@ class FaultPlan:
         die = opts["die"]
         if not isinstance(die, Sequence) or not all(isinstance(d, Sequence) and len(d) == 2 for d in die):
             raise ValueError(f"faults.die must be a list of [round, client] pairs, got {die!r}")
-        return cls(p_raise, p_delay, delay, tuple((int(k), int(j)) for k, j in die))
+        phase = opts["phase"]
+        if isinstance(phase, bool) or not isinstance(phase, int) or phase < 0:
+            raise ValueError(f"faults.phase must be an integer >= 0, got {phase!r}")
+        return cls(p_raise, p_delay, delay, tuple((int(k), int(j)) for k, j in die), phase)
 
     @property
     def active(self) -> bool:
         return bool(self.raise_prob or self.delay_prob or self.die)
 
-    def draw(self, seed: int, client: int, k: int) -> str | None:
-        """``"die"``, ``"raise"``, ``"delay"`` or None for client ``client`` in round ``k``."""
+    def draw(self, seed: int, client: int, k: int, phase: int = 0) -> str | None:
+        """``"die"``, ``"raise"``, ``"delay"`` or None for client ``client`` in phase ``phase`` of round ``k``
+        (None in every phase but the plan's)."""
+        if phase != self.phase:
+            return None
         if (k, client) in self.die:
             return "die"
         if not (self.raise_prob or self.delay_prob):
@@ -81,11 +91,11 @@ class FaultPlan:
             return "delay"
         return None
 
-    def inject(self, seed: int, client: int, k: int, exit_process: bool = False) -> None:
+    def inject(self, seed: int, client: int, k: int, exit_process: bool = False, phase: int = 0) -> None:
         """Act out this task's fault inside the client: raise, sleep, or die, which ends the process
         (``os._exit``) when ``exit_process`` (the caller runs in a Ray worker) and raises
         :class:`SimulatedActorDeath` otherwise."""
-        kind = self.draw(seed, client, k)
+        kind = self.draw(seed, client, k, phase)
         if kind == "raise":
             raise InjectedFault(f"injected fault: client {client} raised in round {k}")
         if kind == "delay":
@@ -100,7 +110,7 @@ class FaultPlan:
         out = {}
         for k in range(rounds):
             for j in participants[k]:
-                kind = self.draw(seed, j, k)
+                kind = self.draw(seed, j, k, self.phase)
                 if kind is not None:
                     out[(k, j)] = kind
         return out

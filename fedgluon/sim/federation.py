@@ -21,6 +21,16 @@ with their reasons (client text clipped to :data:`MAX_CLIENT_TEXT` characters), 
 row, and hand the checkpointer a snapshot. These stops write the state from *before* the round, so a
 resumed run replays that round exactly.
 
+Phases. For an algorithm with several client phases per round (``Algorithm.phases``), the engine
+calls :meth:`Federation.advance` after each phase but the last: the algorithm's ``server_phase``
+validates the replies and answers with the next phase's broadcast; the accepted clients step next on
+the rows they proposed (:meth:`Federation.rows`), nothing is committed, and the server state is
+unchanged. ``close_round`` then sees the whole round: every sampled client, the failures and
+rejections of every phase, each accepted client's uplink bits summed over its phases, per-phase bit
+columns (``up_phase<p>_*``, ``down_phase<p>_*_total``), the round's downlink as their sum, and
+``phases`` (round trips, for the simulated time of fedgluon.exp.experiment). Only the
+last phase's rows of clients accepted in every phase are committed.
+
 A run also stops (:class:`NoProgressError`, after the round, with a checkpoint of the state after
 it) when ``max_failed_rounds`` consecutive rounds accepted no client, and at its last round when no
 client was accepted in any round: such a run is never reported complete.
@@ -32,19 +42,20 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from compressors import CONVENTIONS, BitCount
 from fedgluon.algorithms.base import Algorithm, Broadcast, ClientReply, ServerOutcome
 from fedgluon.algorithms.block import Proposal
 from fedgluon.clients.state_schema import StateSchema
-from fedgluon.clients.table import ClientStateTable
+from fedgluon.clients.table import ClientRows, ClientStateTable, nest
 from fedgluon.core.rng import generator
 from fedgluon.sim.checkpoint import ActorDeathError, Checkpointer, NonFiniteStateError, RunStopped, Snapshot
-from fedgluon.sim.metrics import client_rows, round_row
+from fedgluon.sim.metrics import bit_columns, client_rows, round_row
 
 log = logging.getLogger("fedgluon.sim.federation")
 
@@ -98,11 +109,27 @@ def sample_clients(num_clients: int, k: int, seed: int, participation: float | i
 
 
 @dataclass
+class PhaseCarry:
+    """What the phases of a round before the current one left (module docstring, "Phases"): the clients
+    sampled, those failed or rejected with the reason, the accepted clients' uplink bits and metrics so
+    far, their proposed rows (``pending``: client → (proposal, row)), and per-phase bit columns."""
+
+    sampled: list[int]
+    failed: dict[int, str] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)
+    uplink: dict[int, BitCount] = field(default_factory=dict)
+    metrics: dict[int, tuple[float, int, int]] = field(default_factory=dict)
+    pending: dict[int, tuple[Proposal, int]] = field(default_factory=dict)
+    columns: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class RoundPlan:
     k: int
-    participants: list[int]
+    participants: list[int]  # the clients that step in this phase (after phase 0: those accepted so far)
     broadcast: Broadcast
     started: float
+    carry: PhaseCarry | None = None  # None in a round's first phase
 
 
 class Federation:
@@ -162,12 +189,10 @@ class Federation:
         the runtime reports dead (an error code of Ray/Flower, not a client's message)."""
         k, S, bc = plan.k, plan.participants, plan.broadcast
         failed = {j: clip_text(why) for j, why in (failed or {}).items()}
-        if died:
-            j = min(died)
-            self._stop(ActorDeathError, f"round {k}: the worker running client {j} died "
-                                        f"({_first_line(clip_text(died[j], 300))}); Flower's Ray actor pool "
-                                        f"does not replace dead actors, so the run stops here")
+        self._check_died(k, died)
         pre_rejected = {**(pre_rejected or {}), **self._unfit_states(replies, proposed)}
+        if plan.carry is not None:
+            S, failed, replies = self._merge_phases(plan, failed, replies)
         replies = {j: r for j, r in replies.items() if j not in pre_rejected}
         first = set((self.table.commits == 0).nonzero().flatten().tolist()) & set(replies)
         started = time.perf_counter()
@@ -179,7 +204,14 @@ class Federation:
         outcome.rejected.update(pre_rejected)
         outcome.rejected = {j: clip_text(why) for j, why in outcome.rejected.items()}
         receivers = self.num_clients if self.algorithm.downlink is not None else len(S)
+        if plan.carry is not None:
+            outcome, phase_columns = self._last_phase(plan, replies, outcome)
         row = round_row(k, S, replies, outcome, bc, receivers, failed=len(failed))
+        if plan.carry is not None:
+            row.update(phase_columns)
+            row.update({f"down_{c}_total": sum(v for key, v in phase_columns.items()
+                                               if key.startswith("down_phase") and key.endswith(f"_{c}_total"))
+                        for c in CONVENTIONS})
         if self.evaluate is not None and ((k + 1) % self.eval_every == 0 or k + 1 == self.rounds):
             metrics = self.evaluate(state["X"], k)
             self._require_finite(k, [f"the central evaluation's {m} ({metrics[m]})" for m in FINITE_METRICS
@@ -206,6 +238,82 @@ class Federation:
         if self.checkpointer is not None:
             self.checkpointer.after_round(k, self.snapshot)
         return row
+
+    # ------------------------------------------------------------------ rounds of several phases
+    def advance(self, plan: RoundPlan, replies: Mapping[int, ClientReply], proposed: Sequence[Proposal],
+                failed: Mapping[int, str] | None = None, pre_rejected: Mapping[int, str] | None = None,
+                died: Mapping[int, str] | None = None) -> RoundPlan:
+        """Close a phase before the round's last (module docstring, "Phases"; arguments as
+        :meth:`close_round`): the algorithm's ``server_phase`` validates the replies and answers with the
+        next phase's broadcast; nothing is committed and the server state is unchanged. The clients it
+        accepted step in the next phase on the rows they proposed here; the others are out of the round."""
+        k, bc = plan.k, plan.broadcast
+        self._check_died(k, died)
+        carry = plan.carry if plan.carry is not None else PhaseCarry(list(plan.participants))
+        pre_rejected = {**(pre_rejected or {}), **self._unfit_states(replies, proposed)}
+        replies = {j: r for j, r in replies.items() if j not in pre_rejected}
+        first = set((self.table.commits == 0).nonzero().flatten().tolist()) & set(replies)
+        answer, outcome = self.algorithm.server_phase(self.server_state, replies, bc, self.weights, first)
+        accepted = set(outcome.accepted)
+        carry.failed.update({j: clip_text(why) for j, why in (failed or {}).items()})
+        carry.rejected.update({j: clip_text(why) for j, why in {**outcome.rejected, **pre_rejected}.items()})
+        p = bc.phase
+        carry.columns.update(bit_columns(f"up_phase{p}", outcome.uplink))
+        carry.columns.update({f"down_phase{p}_{c}_total": float(bc.bits.total(c) * len(plan.participants))
+                              for c in CONVENTIONS})
+        for j in sorted(accepted):
+            carry.uplink[j] = carry.uplink.get(j, BitCount()) + outcome.uplink[j]
+            loss, evals, samples = carry.metrics.get(j, (replies[j].loss, 0, 0))
+            carry.metrics[j] = (loss, evals + replies[j].grad_evals, samples + replies[j].samples)
+        carry.pending = {j: (prop, i) for prop in proposed for i, j in enumerate(prop.clients) if j in accepted}
+        return RoundPlan(k, sorted(accepted), answer, plan.started, carry)
+
+    def rows(self, plan: RoundPlan, clients: Sequence[int]) -> ClientRows:
+        """The rows ``clients`` step on in ``plan``'s phase: their committed rows in a round's first phase,
+        the rows they proposed in the phase before in a later one."""
+        base = self.table.rows(clients)
+        if plan.carry is None:
+            return base
+        pending = plan.carry.pending
+        paths = pending[clients[0]][0].columns if clients else {}
+        tree = nest({path: torch.stack([pending[j][0].columns[path][pending[j][1]] for j in clients])
+                     for path in paths})
+        return ClientRows(list(clients), tree, base.commits, base.seen, base.models)
+
+    def _merge_phases(self, plan: RoundPlan, failed: dict[int, str], replies: Mapping[int, ClientReply]
+                      ) -> tuple[list[int], dict[int, str], dict[int, ClientReply]]:
+        """The last phase's view of the whole round: every sampled client, the failures of every phase,
+        and each reply with the loss of the client's first phase and the work of all its phases."""
+        carry = plan.carry
+        assert carry is not None
+        merged = {}
+        for j, r in replies.items():
+            loss, evals, samples = carry.metrics.get(j, (r.loss, 0, 0))
+            merged[j] = replace(r, loss=loss, grad_evals=evals + r.grad_evals, samples=samples + r.samples)
+        return carry.sampled, {**carry.failed, **failed}, merged
+
+    def _last_phase(self, plan: RoundPlan, replies: Mapping[int, ClientReply],
+                    outcome: ServerOutcome) -> tuple[ServerOutcome, dict[str, float]]:
+        """The outcome of a round of several phases (rejections of every phase; each accepted client's
+        uplink bits summed over its phases) and the round's per-phase bit columns: ``up_phase<p>_*`` over
+        the clients accepted in phase p, ``down_phase<p>_<convention>_total`` what phase p's broadcast
+        cost its receivers."""
+        carry, bc = plan.carry, plan.broadcast
+        assert carry is not None
+        columns = {"phases": float(bc.phase + 1), **carry.columns}
+        columns.update(bit_columns(f"up_phase{bc.phase}", outcome.uplink))
+        columns.update({f"down_phase{bc.phase}_{c}_total": float(bc.bits.total(c) * len(plan.participants))
+                        for c in CONVENTIONS})
+        outcome.rejected = {**carry.rejected, **outcome.rejected}
+        outcome.uplink = {j: carry.uplink.get(j, BitCount()) + bits for j, bits in outcome.uplink.items()}
+        return outcome, columns
+
+    def _check_died(self, k: int, died: Mapping[int, str] | None) -> None:
+        if died:
+            j = min(died)
+            self._stop(ActorDeathError, f"round {k}: the worker running client {j} died "
+                                        f"({_first_line(clip_text(died[j], 300))}); Flower's Ray actor pool "
+                                        f"does not replace dead actors, so the run stops here")
 
     def _commit(self, proposed: Sequence[Proposal], outcome: ServerOutcome, first: set[int], k: int,
                 bc: Broadcast) -> None:

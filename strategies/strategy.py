@@ -309,7 +309,8 @@ class GluonStrategy(Strategy):
             if reported is not None else {}
         working = [j for j in clients if j not in reported]
         got = read_replies(records.array.get("replies"), records.config.get("meta"), working, self._round.k,
-                           self.federation.table, self.algorithm.shapes, self.algorithm.derived) if working else None
+                           self.federation.table, self.algorithm.payload_shapes,
+                           self.algorithm.derived) if working else None
         read.failed.update(reported)
         if got is not None:
             read.parsed, read.proposed = got.replies, got.proposed

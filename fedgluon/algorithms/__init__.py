@@ -11,6 +11,7 @@ from typing import Any
 from fedgluon.algorithms.base import Algorithm, Broadcast, ClientReply, ServerOutcome
 from fedgluon.algorithms.dense import Gluon, GluonMVR, GluonSARAH, LiMuonFL
 from fedgluon.algorithms.ef21 import EF21MuonBidir, GluonEF21, GluonEF21MVR, GluonEF21SARAH
+from fedgluon.algorithms.fedmuon import FedMuon, FedMuonBC
 from fedgluon.algorithms.local import FedAvg, LocalGluon
 from fedgluon.algorithms.server_opt import ServerAdamW, ServerSGD
 from fedgluon.algorithms.unbiased import GluonDASHAMVR, GluonMARINA
@@ -18,7 +19,8 @@ from fedgluon.lmo.geometry import Geometry
 
 ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (
     Gluon, GluonMVR, GluonSARAH, GluonMARINA, GluonDASHAMVR, GluonEF21, GluonEF21SARAH, GluonEF21MVR,
-    EF21MuonBidir, LiMuonFL, FedAvg, LocalGluon, ServerSGD, ServerAdamW)}
+    EF21MuonBidir, LiMuonFL, FedAvg, LocalGluon, ServerSGD, ServerAdamW,
+    FedMuon, FedMuonBC)}
 
 
 def make_algorithm(name: str, geometry: Geometry, **options: Any) -> Algorithm:

@@ -113,6 +113,12 @@ class Algorithm:
         return self.dense
 
     @property
+    def payload_shapes(self) -> dict[str, tuple]:
+        """The layers of a reply's payload and their shapes (the model's by default; a method that sends
+        several tensors per layer names them here). The server decodes and bounds replies with it."""
+        return self.shapes
+
+    @property
     def needs_previous(self) -> bool:
         return bool(self.est and self.est.needs_previous)
 
@@ -278,7 +284,7 @@ class Algorithm:
     def validate(self, reply: Any, j: int, bc: Broadcast, first: bool = False, sparse: bool = False) -> Tensors:
         """Decode a reply with its group's compressor's validators; raises PayloadError. With ``sparse``,
         sparse layers stay :class:`~compressors.sparse.SparseTensor` (what the server holds)."""
-        return decode_message(self._reply_uplink(reply, j, bc, first), reply.message, self.shapes,
+        return decode_message(self._reply_uplink(reply, j, bc, first), reply.message, self.payload_shapes,
                               dtype=self._value_dtype, sparse=sparse)
 
     def value_bound(self, num_clients: int) -> float:
@@ -311,7 +317,7 @@ class Algorithm:
                 continue
             groups.setdefault(id(compressor), (compressor, {}))[1][j] = replies[j].message
         for compressor, messages in groups.values():
-            for j, result in decode_messages(compressor, messages, self.shapes, dtype=self._value_dtype,
+            for j, result in decode_messages(compressor, messages, self.payload_shapes, dtype=self._value_dtype,
                                              sparse=sparse, max_abs=max_abs):
                 yield j, result, compressor
 

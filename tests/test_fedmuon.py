@@ -148,3 +148,25 @@ def test_options_are_checked():
         make_algorithm("fedmuon", geom, alpha=1.5)
     with pytest.raises(ValueError, match="beta must be in"):
         make_algorithm("fedmuon-bc", geom, beta=1.0)
+
+
+@pytest.mark.parametrize("drop", ["control:", ""], ids=["control-terms", "model-delta"])
+def test_a_reply_without_its_control_terms_is_rejected_and_c_stays_the_mean_of_the_clients(drop):
+    """Client 1's reply loses its control terms (or its model delta) every other round: it is rejected, its
+    momentum row stays as before the round, and the server's c equals Σ_j w_j c_j over the committed rows."""
+    _, objs, X0, geom = problem(num_clients=3, dtype=torch.float32)
+    algo = make_algorithm("fedmuon-bc", geom, local_steps=2, lr=0.02)
+
+    def tamper(k, j, reply):
+        if j == 1 and k % 2 == 1:
+            reply.message = {n: p for n, p in reply.message.items() if (n.startswith("control:") == (drop == ""))}
+        return reply
+
+    res = run_plain(algo, objs, X0, 4, seed=2, tamper=tamper)
+    assert res.frame()["rejected"].tolist() == [0, 1, 0, 1]
+    assert res.table.commits.tolist() == [4, 2, 4]
+    rows = [res.table.client_state(j)["m"] for j in range(3)]
+    c = {n.removeprefix("control:"): t for n, t in res.server_state["G"].items() if n.startswith("control:")}
+    assert c.keys() == X0.keys()
+    for n in c:
+        torch.testing.assert_close(c[n], sum(rows[j][n] for j in range(3)) / 3, rtol=1e-5, atol=1e-7)

@@ -1,6 +1,6 @@
 """The federated Muon methods of two other groups, as compositions of ``local-gluon``'s parts: local LMO
 steps (:meth:`FedAvg.local_steps`), the delta uplink with its error feedback (:meth:`FedAvg.send_local`)
-and FedAvg's server step, plus the terms each method adds in both directions (docs/ALGORITHMS.md §11).
+and FedAvg's server step, plus the terms each method adds in both directions (docs/ALGORITHMS.md §14).
 
 Both methods send more than the model delta: a payload holds the delta under the model's layer names
 and each extra term under ``<term>:<layer>`` (:attr:`Algorithm.payload_shapes`), through the run's

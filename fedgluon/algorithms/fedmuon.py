@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -64,21 +64,14 @@ def aligned_rows(lmo_step: LMOStep, X: Tensors, m: Tensors, step: int, alpha: fl
 class FederatedMuon(LocalGluon):
     """Local LMO steps with terms sent besides the model in both directions (module docstring)."""
 
-    # prefixes of the terms a reply carries besides the delta
-    uplink_terms: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, geometry, **options):
-        super().__init__(geometry, **options)
-        if not 0 <= self.opt["beta"] < 1:
-            raise ValueError(f"beta must be in [0, 1), got {self.opt['beta']}")
+    @property
+    def uplink_terms(self) -> tuple[str, ...]:
+        """The prefixes of the terms a reply carries besides the delta; none by default."""
+        return ()
 
     @property
     def payload_shapes(self) -> dict[str, tuple]:
-        return {**self.shapes, **{p + n: s for p in self.active_uplink_terms for n, s in self.shapes.items()}}
-
-    @property
-    def active_uplink_terms(self) -> tuple[str, ...]:
-        return self.uplink_terms
+        return {**self.shapes, **{p + n: s for p in self.uplink_terms for n, s in self.shapes.items()}}
 
     def downlink_terms(self, state: Mapping[str, Any]) -> Tensors:
         """The tensors the server sends besides the model, named ``<term>:<layer>``; none by default."""
@@ -139,7 +132,7 @@ class FedMuon(FederatedMuon):
     learning rate; the means over the accepted replies (FedAvg's weights, renormalised: partial
     participation averages the clients that replied); a round with no accepted reply keeps M̄ and D; the
     weight decay of the run's LMO step shrinks X before the blended move; non-matrix layers take the
-    geometry's LMO (the paper's code uses another optimiser for them).
+    geometry's LMO.
     """
 
     name = "fedmuon"
@@ -151,7 +144,7 @@ class FedMuon(FederatedMuon):
             raise ValueError(f"alpha must be in [0, 1], got {self.opt['alpha']}")
 
     @property
-    def active_uplink_terms(self):
+    def uplink_terms(self):
         return (MOMENTUM,) if self.opt["momentum_aggregation"] else ()
 
     def downlink_terms(self, state):
@@ -218,8 +211,11 @@ class FedMuonBC(FederatedMuon):
     """
 
     name = "fedmuon-bc"
-    uplink_terms = (CONTROL,)
     OPTIONS = {**LocalGluon.OPTIONS, "beta": 0.9}
+
+    @property
+    def uplink_terms(self):
+        return (CONTROL,)
 
     def downlink_terms(self, state):
         """The server's control variate c."""

@@ -126,12 +126,14 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, engine):
     same_run(full, cut)
 
 
-def test_sigterm_under_partial_participation_with_x_prev_then_resume_on_flower(tmp_path):
-    """gluon-ef21-mvr (clients need X_prev), 2 of 6 clients a round, blocks of 2 on the in-process Flower
-    engine: the X_prev models the server sends are those of the rounds the clients last computed at,
-    from the resumed table's model history; the resumed run's files equal an uninterrupted plain run's."""
+@pytest.mark.parametrize("name", ["gluon-ef21-mvr", "fedmuon", "fedmuon-bc"])
+def test_sigterm_under_partial_participation_with_x_prev_then_resume_on_flower(tmp_path, name):
+    """2 of 6 clients a round, blocks of 2 on the in-process Flower engine, the resumed run's files equal an
+    uninterrupted plain run's. gluon-ef21-mvr (clients need X_prev): the X_prev models the server sends
+    are those of the rounds the clients last computed at, from the resumed table's model history.
+    fedmuon / fedmuon-bc: terms sent besides the model both ways, and client momenta in the table."""
     base = [*(o for o in SMALL if not o.startswith("algorithm.refresh_prob")), f"output.dir={tmp_path}", "rounds=9",
-            "output.checkpoint_every=0", "algorithm.name=gluon-ef21-mvr", "participation=2", "engine.block_size=2"]
+            "output.checkpoint_every=0", f"algorithm.name={name}", "participation=2", "engine.block_size=2"]
     full = experiment.run(config.load(None, [*base, "engine.name=plain", "output.name=full"]), progress=False)
 
     def stop_in_round_5(row):
@@ -143,7 +145,8 @@ def test_sigterm_under_partial_participation_with_x_prev_then_resume_on_flower(t
         experiment.run(cfg, progress=False, on_round=stop_in_round_5)
     cut = tmp_path / "cut"
     snap = checkpoint.load(cut / "checkpoint.pt")
-    assert snap.next_round == 6 and len(snap.client_states["models"]) >= 2  # clients at several older models
+    assert snap.next_round == 6
+    assert len(snap.client_states["models"]) >= 2 or name != "gluon-ef21-mvr"  # clients at several older models
     experiment.run(cfg, progress=False, out_dir=cut, resume=True)
     same_run(full, cut)
 

@@ -223,7 +223,8 @@ def test_hostile_replies_never_touch_server_state(world, data, plan):
         j = strategy.partition_of[reply.metadata.src_node_id]  # one client per node here
         if plan[j] is None:
             records = reply.content
-            got = read_replies(records["replies"], records["meta"], [j], bc.round, table, algo.shapes, algo.derived)
+            got = read_replies(records["replies"], records["meta"], [j], bc.round, table, algo.reply_shapes(bc),
+                               algo.derived)
             assert got.rejected == {} and got.failed == {}
             valid[j] = got.replies[j]
         else:

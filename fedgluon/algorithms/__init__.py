@@ -12,6 +12,7 @@ from fedgluon.algorithms.base import Algorithm, Broadcast, ClientReply, ServerOu
 from fedgluon.algorithms.dense import Gluon, GluonMVR, GluonSARAH, LiMuonFL
 from fedgluon.algorithms.dion import Dion, OrthDion
 from fedgluon.algorithms.ef21 import EF21MuonBidir, GluonEF21, GluonEF21MVR, GluonEF21SARAH
+from fedgluon.algorithms.fedmuon import FedMuon, FedMuonBC
 from fedgluon.algorithms.local import FedAvg, LocalGluon
 from fedgluon.algorithms.server_opt import ServerAdamW, ServerSGD
 from fedgluon.algorithms.unbiased import GluonDASHAMVR, GluonMARINA
@@ -19,9 +20,7 @@ from fedgluon.lmo.geometry import Geometry
 
 ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (
     Gluon, GluonMVR, GluonSARAH, GluonMARINA, GluonDASHAMVR, GluonEF21, GluonEF21SARAH, GluonEF21MVR,
-    EF21MuonBidir, LiMuonFL, FedAvg, LocalGluon, ServerSGD, ServerAdamW)}
-ALGORITHMS.update({cls.name: cls for cls in (Dion,)})
-ALGORITHMS.update({cls.name: cls for cls in (OrthDion,)})
+    EF21MuonBidir, LiMuonFL, FedAvg, LocalGluon, ServerSGD, ServerAdamW, FedMuon, FedMuonBC, Dion, OrthDion)}
 
 
 def make_algorithm(name: str, geometry: Geometry, **options: Any) -> Algorithm:

@@ -292,7 +292,9 @@ class Algorithm:
                               dtype=self._value_dtype, sparse=sparse)
 
     def reply_shapes(self, bc: Broadcast) -> Mapping[str, tuple[int, ...]]:
-        """Layer → shape of a reply's payload in ``bc``'s phase (default: the model's shapes)."""
+        """Layer → shape of a reply's payload in ``bc``'s phase: the model's shapes by default; a method that
+        sends several tensors per layer, or other shapes in some phase, names them here. The server decodes
+        and bounds replies with it."""
         return self.shapes
 
     def value_bound(self, num_clients: int) -> float:

@@ -9,16 +9,19 @@ a rejected client's delta is dropped and its EF14 residual is not advanced.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from compressors import Compressor, make_compressor, make_error_feedback
-from fedgluon.algorithms.base import Algorithm, BlockResult, Broadcast, feedback_step
-from fedgluon.clients.objective import Batch
+from fedgluon.algorithms.base import Algorithm, BlockGrads, BlockResult, Broadcast, feedback_step
+from fedgluon.clients.objective import Batch, SupervisedObjective
+from fedgluon.clients.table import ClientRows
 from fedgluon.clients.vectorised import stacked_gradients
 from fedgluon.core.rng import generator
+from fedgluon.lmo.step import LMOStep
 
 Tensors = dict[str, Tensor]
 
@@ -58,14 +61,15 @@ class FedAvg(Algorithm):
         """One local step of the block, ``X ← X − η g`` row by row."""
         return {n: X[n] - self.opt["local_lr"] * g[n] for n in X}, est_state
 
-    def client_step(self, rows, bc, objectives):
+    def local_steps(self, rows: ClientRows, bc: Broadcast, objectives: Sequence[SupervisedObjective],
+                    est_state: Any = None, restart: bool = True) -> tuple[Tensors, Any, BlockGrads]:
         """τ local steps of every row from the broadcast model (step 0 on the round's batch, step s on
-        ``generator(seed, "sample", j, k, s)``), then ``Δ = X^τ − X^k`` through the uplink with its error
-        feedback."""
+        ``generator(seed, "sample", j, k, s)``): the rows' models after them, the local optimiser's state
+        (``est_state`` at step 0; ``restart``: step 0 is a first step, which restarts it) and the metrics."""
         grads = self.gradients(rows, bc, objectives)
-        state, tau, js = rows.tree, self.opt["local_steps"], rows.clients
+        tau, js = self.opt["local_steps"], rows.clients
         X = {n: t.expand(len(js), *t.shape) for n, t in bc.model.items()}
-        X, est_state = self.local_step(X, grads.now, bc.round * tau, None, torch.ones(len(js), dtype=torch.bool))
+        X, est_state = self.local_step(X, grads.now, bc.round * tau, est_state, torch.full((len(js),), restart))
         for s in range(1, tau):
             batches = [objective_batch(objectives[j], bc, j, s) for j in js]
             _, g = stacked_gradients(objectives, js, batches, stacked=X, device=self.client_device)
@@ -73,9 +77,20 @@ class FedAvg(Algorithm):
             for i, b in enumerate(batches):
                 grads.samples[i] += len(b[1])
         grads.evals[:] = [tau] * len(js)
-        delta = {n: X[n] - bc.model[n] for n in X}
-        pieces, groups = feedback_step(self.feedback, state, delta, bc, rows)
-        return BlockResult(js, bc.round, groups, pieces, grads.loss, grads.evals, grads.samples)
+        return X, est_state, grads
+
+    def send_local(self, rows: ClientRows, bc: Broadcast, grads: BlockGrads, payload: Tensors,
+                   state: Mapping[str, Any] | None = None) -> BlockResult:
+        """The block's result: ``payload`` through the uplink with its error feedback, the proposed state
+        (``state`` plus the feedback's pieces) and the metrics of :meth:`local_steps`."""
+        pieces, groups = feedback_step(self.feedback, rows.tree, payload, bc, rows)
+        return BlockResult(rows.clients, bc.round, groups, {**(state or {}), **pieces}, grads.loss, grads.evals,
+                           grads.samples)
+
+    def client_step(self, rows, bc, objectives):
+        """:meth:`local_steps`, then ``Δ = X^τ − X^k`` through the uplink with its error feedback."""
+        X, _, grads = self.local_steps(rows, bc, objectives)
+        return self.send_local(rows, bc, grads, {n: X[n] - bc.model[n] for n in X})
 
     def server_update(self, state, G, k):
         eta = self.opt["server_lr"]
@@ -95,5 +110,12 @@ class LocalGluon(FedAvg):
         """``M ← βM + (1−β)g`` (restarted each round: ``first`` at step 0), then each row's layer-wise LMO
         step ``X_i ← X_i + t_i lmo_i(M_i)`` (rows one by one: the LMO step takes one model)."""
         est_state, m = self.est.update(est_state if est_state is not None else self.est.zero_state(g), g, None, first)
-        rows = [self.lmo_step.apply({n: X[n][i] for n in X}, {n: m[n][i] for n in m}, step)[0] for i in range(len(first))]
-        return {n: torch.stack([r[n] for r in rows]) for n in X}, est_state
+        return lmo_rows(self.lmo_step, X, m, step), est_state
+
+
+def lmo_rows(lmo_step: LMOStep, X: Tensors, m: Tensors, step: int) -> Tensors:
+    """Each row's layer-wise LMO step ``X_i ← X_i + t_i lmo_i(m_i)`` over a block ((B, *shape) each), rows one
+    by one (the LMO step takes one model)."""
+    rows = [lmo_step.apply({n: X[n][i] for n in X}, {n: m[n][i] for n in m}, step)[0]
+            for i in range(len(next(iter(X.values()))))]
+    return {n: torch.stack([r[n] for r in rows]) for n in X}

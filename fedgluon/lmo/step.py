@@ -51,6 +51,10 @@ class LMOStep:
     def decay(self) -> float:
         return 1.0 if self.constrained else self.weight_decay
 
+    def shrink(self, info: StepInfo, name: str) -> float:
+        """The weight-decay factor ``1 − λ t_i/ρ_i`` of parameter ``name`` in a step with radii ``info.radii``."""
+        return 1.0 - self.decay * info.radii[name] / self.geometry.params[name].radius
+
     def directions(self, estimate: Mapping[str, Tensor], k: int) -> tuple[Tensors, StepInfo]:
         """The displacement ``t_i lmo_i(G_i)`` of every parameter (before weight decay)."""
         dirs, duals = self.geometry.lmo_and_dual(estimate)
@@ -66,7 +70,7 @@ class LMOStep:
         out = {}
         with torch.no_grad():
             for name, x in params.items():
-                shrink = 1.0 - self.decay * info.radii[name] / self.geometry.params[name].radius
+                shrink = self.shrink(info, name)
                 move = moves[name].to(x.dtype)
                 if inplace:
                     out[name] = x.mul_(shrink).add_(move) if shrink != 1.0 else x.add_(move)

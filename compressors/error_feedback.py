@@ -63,9 +63,9 @@ def _layer(compressor: Compressor, X: Tensor, other: Tensor | None, sign: float,
            seed_parts: Sequence[tuple[int, ...]], layer: int, name: str, comp_states: CompStates
            ) -> tuple[PayloadRows, Tensor | None, list[State | None]]:
     """One layer of a step, in chunks of rows of about ``CHUNK_BYTES``: per chunk ``C = X + sign · other``
-    (``other`` None: zero, so ``X ± 0`` as with a zero row; ``sign`` = ±1, so ``C`` is rounded once), its payload rows, and the new
-    state rows ``other + decode(C)`` (``kind="ef21"``) or ``C − decode(C)`` (``"ef14"``), none for
-    ``"none"``. Returns (payload rows, new state (B, *shape), new compressor states)."""
+    (``other`` None: zero, so ``X ± 0`` as with a zero row; ``sign`` = ±1, so ``C`` is rounded once), its payload
+    rows, and the new state rows ``other + decode(C)`` (``kind="ef21"``) or ``C − decode(C)`` (``"ef14"``), none
+    for ``"none"``. Returns (payload rows, new state (B, *shape), new compressor states)."""
     B = X.shape[0]
     ctxs = contexts(compressor, seed_parts, layer, name, comp_states)
     if kind == "none":

@@ -95,5 +95,6 @@ class LocalGluon(FedAvg):
         """``M ← βM + (1−β)g`` (restarted each round: ``first`` at step 0), then each row's layer-wise LMO
         step ``X_i ← X_i + t_i lmo_i(M_i)`` (rows one by one: the LMO step takes one model)."""
         est_state, m = self.est.update(est_state if est_state is not None else self.est.zero_state(g), g, None, first)
-        rows = [self.lmo_step.apply({n: X[n][i] for n in X}, {n: m[n][i] for n in m}, step)[0] for i in range(len(first))]
+        rows = [self.lmo_step.apply({n: X[n][i] for n in X}, {n: m[n][i] for n in m}, step)[0]
+                for i in range(len(first))]
         return {n: torch.stack([r[n] for r in rows]) for n in X}, est_state

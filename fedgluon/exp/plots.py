@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def plot_run(frame: pd.DataFrame, path: str | Path, title: str = "", bits_label: str = "uplink bits per client") -> None:
+def plot_run(frame: pd.DataFrame, path: str | Path, title: str = "",
+             bits_label: str = "uplink bits per client") -> None:
     """2×2: test loss and accuracy against rounds and against cumulative uplink bits per client."""
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     ev = frame.dropna(subset=["test_loss"]) if "test_loss" in frame else frame

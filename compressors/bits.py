@@ -46,7 +46,7 @@ class BitCount:
     def __radd__(self, other: object) -> BitCount:  # sum() starts from 0
         if other == 0:
             return self
-        return NotImplemented  # type: ignore[return-value]
+        return NotImplemented
 
     @property
     def base(self) -> int:

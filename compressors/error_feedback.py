@@ -111,15 +111,20 @@ def _shares(compressor: Compressor, X: Tensor) -> bool:
 def _step(compressor: Compressor, X: Mapping[str, Tensor], others: Mapping[str, Tensor] | None, sign: float,
           kind: str, seed_parts: Sequence[tuple[int, ...]], comp_states: CompStates
           ) -> tuple[Rows, Tensors, list[dict[str, State]]]:
-    """:func:`_layer` for every layer (messages list their layers sorted; states keep ``X``'s order)."""
-    rows, new, comps = {}, {}, [{} for _ in seed_parts]
+    """:func:`_layer` for every layer (messages list their layers sorted; states keep ``X``'s order; none
+    for ``kind="none"``)."""
+    rows: Rows = {}
+    new: Tensors = {}
+    comps: list[dict[str, State]] = [{} for _ in seed_parts]
     for i, n in enumerate(sorted(X)):
-        rows[n], new[n], states = _layer(compressor, X[n], others[n] if others is not None else None, sign, kind,
-                                         seed_parts, i, n, comp_states)
+        rows[n], layer_new, states = _layer(compressor, X[n], others[n] if others is not None else None, sign, kind,
+                                            seed_parts, i, n, comp_states)
+        if layer_new is not None:
+            new[n] = layer_new
         for comp, state in zip(comps, states):
             if state is not None:
                 comp[n] = state
-    return rows, {n: new[n] for n in X}, comps
+    return rows, {n: new[n] for n in X if n in new}, comps
 
 
 @dataclass

@@ -135,7 +135,9 @@ class Compressor:
             if v.kind == "exact":
                 return Properties("unbiased", omega=s.omega(shape))
             if v.kind == "unbiased":
-                return Properties("unbiased", omega=(1 + s.omega(shape)) * (1 + v.omega(n)) - 1)  # type: ignore[operator]
+                s_omega = s.omega(shape)
+                assert s_omega is not None  # an unbiased structure states its ω
+                return Properties("unbiased", omega=(1 + s_omega) * (1 + v.omega(n)) - 1)
             return Properties("biased")
         alpha = s.alpha(shape)
         assert alpha is not None
@@ -286,4 +288,6 @@ class Compressor:
     def __call__(self, x: Tensor, ctx: Context | None = None) -> Tensor:
         """``C(x)``: compress and decompress (for analysis and tests)."""
         payload, _ = self.compress(x, ctx)
-        return self.decompress(payload, shape=tuple(x.shape), device=x.device, dtype=x.dtype)
+        out = self.decompress(payload, shape=tuple(x.shape), device=x.device, dtype=x.dtype)
+        assert isinstance(out, Tensor)  # not sparse=True: dense
+        return out

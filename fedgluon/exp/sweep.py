@@ -42,6 +42,7 @@ def parse_grid(args: Sequence[str]) -> tuple[list[str], dict[str, list[Any]]]:
             raise configs.ConfigError(f"sweep arguments must look like key=value or key=[a,b], got {arg!r}")
         if value.startswith("[") and value.endswith("]"):
             parsed = OmegaConf.create({"v": OmegaConf.from_dotlist([f"v={value}"]).v})["v"]
+            # [a,b] parses to a list
             values = list(OmegaConf.to_container(parsed)) if parsed is not None else []  # type: ignore[arg-type]
             if not values:
                 raise configs.ConfigError(f"sweep axis {key!r} has no values")

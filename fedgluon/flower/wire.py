@@ -94,7 +94,7 @@ class RawArray(Array):
     def __init__(self, dtype: str, shape: tuple[int, ...], stype: str, values: np.ndarray) -> None:
         self.__dict__.update(dtype=dtype, shape=shape, stype=stype, values=values)
 
-    @property  # type: ignore[override]
+    @property
     def data(self) -> bytes:
         if "_bytes" not in self.__dict__:
             self.__dict__["_bytes"] = self.__dict__["values"].tobytes()

@@ -33,6 +33,21 @@ SPECS = [
 ]
 
 
+def reference_times(x: torch.Tensor, k: int, repeat: int) -> tuple[float, float, float]:
+    """Best times of ``torch.topk(|x|, k)``, a dense copy of ``x`` and our top-k selection."""
+    return (best_time(lambda: torch.topk(x.abs(), k, sorted=False), repeat=repeat),
+            best_time(lambda: x.clone(), repeat=repeat),
+            best_time(lambda: topk_indices(x, k), repeat=repeat))
+
+
+def roundtrip_time(C, inp: torch.Tensor, repeat: int) -> float:
+    """Best time of ``C.decompress(C.compress(inp))``."""
+    def run():
+        p, _ = C.compress(inp, Context(seed=1))
+        C.decompress(p, shape=tuple(inp.shape))
+    return best_time(run, repeat=repeat)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1M only, fewer repeats")
@@ -44,9 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         x = torch.randn(d)
         m = x[: side * side].reshape(side, side)
         k = d // 100
-        t_topk = best_time(lambda: torch.topk(x.abs(), k, sorted=False), repeat=repeat)
-        t_copy = best_time(lambda: x.clone(), repeat=repeat)
-        t_sel = best_time(lambda: topk_indices(x, k), repeat=repeat)
+        t_topk, t_copy, t_sel = reference_times(x, k, repeat)
         print(f"\n[d = {d:,}] torch.topk(k={k:,}) {t_topk*1e3:.1f} ms, dense copy {t_copy*1e3:.2f} ms, "
               f"our top-k selection {t_sel*1e3:.1f} ms ({t_topk / t_sel:.1f}x faster than torch.topk)")
         print(f"  {'operator':22s} {'ms':>9s} {'M elem/s':>9s} {'/torch.topk':>12s} {'/dense copy':>12s}")
@@ -55,11 +68,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             C = make_compressor(spec)
             inp = m if label.split()[0] in ("powersgd", "rsvd", "exact") else x
-
-            def run():
-                p, _ = C.compress(inp, Context(seed=1))
-                C.decompress(p, shape=tuple(inp.shape))
-            t = best_time(run, repeat=repeat)
+            t = roundtrip_time(C, inp, repeat)
             print(f"  {label:22s} {t*1e3:9.1f} {inp.numel() / t / 1e6:9.1f} {t / t_topk:12.2f} {t / t_copy:12.1f}")
 
 

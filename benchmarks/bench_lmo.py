@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from functools import partial
 
 import torch
 
@@ -54,7 +55,7 @@ def bench_block(device: str, repeat: int, compile: bool = False, d: int = 768) -
         rows.insert(1, ("NS5, torch.compile", {"ns_compile": True}))
     for label, kw in rows:
         geom = Geometry.from_shapes(shapes, preset="muon", lmo_device="same", **kw)  # where the tensors are
-        t = best_time(lambda: geom.lmo(grads), repeat=repeat)
+        t = best_time(partial(geom.lmo, grads), repeat=repeat)
         print(f"  {label:24s} {t*1e3:8.1f} ms   bound/time = {bound / t:5.2f}")
     print(f"  {'15 matmuls (bound)':24s} {bound*1e3:8.1f} ms")
 

@@ -198,7 +198,9 @@ def save(goldens: Mapping[str, Artefacts], directory: Path) -> None:
 def load(directory: Path) -> dict[str, Artefacts]:
     """The goldens :func:`save` wrote to ``directory``."""
     models = torch.load(directory / "models.pt", weights_only=True)
-    frame = lambda k, what: read_csv(directory / f"{k}.{what}.csv")
+
+    def frame(k: str, what: str) -> pd.DataFrame:
+        return read_csv(directory / f"{k}.{what}.csv")
     return {k: {"metrics": frame(k, "metrics"), "clients": frame(k, "clients"), "model": m} for k, m in models.items()}
 
 

@@ -13,8 +13,7 @@ from compressors.operators import Compressor, Context, Properties
 from compressors.payload import Message, PayloadError, TensorPayload
 from compressors.registry import COMPRESSORS, make_compressor
 
-__all__ = ["BitCount", "CONVENTIONS", "COMPRESSORS", "Compressor", "Context", "EF14", "EF21", "ERROR_FEEDBACK", "Message",
-           "NoFeedback",
-           "PayloadError", "Properties", "TensorPayload", "compress_message", "decode_message", "decode_messages",
-           "dense_bits",
-           "ef21_server_update", "make_compressor", "make_error_feedback", "message_bits"]
+__all__ = ["BitCount", "CONVENTIONS", "COMPRESSORS", "Compressor", "Context", "EF14", "EF21", "ERROR_FEEDBACK",
+           "Message", "NoFeedback", "PayloadError", "Properties", "TensorPayload", "compress_message", "decode_message",
+           "decode_messages", "dense_bits", "ef21_server_update", "make_compressor", "make_error_feedback",
+           "message_bits"]

@@ -5,13 +5,13 @@ actually uses), the number of indices with the ``⌈log2 d⌉`` and bitmask alte
 scalars (norms, scales), flags, and how many layers fell back to dense. Counts add up over layers,
 clients and rounds. The conventions:
 
-| convention | bits                                                              | used by |
-| ---------- | ----------------------------------------------------------------- | ------- |
-| values     | value + scalar + seed + flag bits (indices free)                  | EF21 code |
-| log2d      | values + Σ k_i ⌈log2 d_i⌉                                         | "ideal" index coding |
-| int32      | values + 32 per index                                             | Flower DASHA/MARINA baseline (with fp32 values) |
-| coo64      | values + 64 · ndim_i per index (PyTorch sparse COO)               | |
-| bitmask    | values + d_i per sparse layer                                     | FLSim |
+| convention | bits                                                | used by |
+| ---------- | --------------------------------------------------- | ------- |
+| values     | value + scalar + seed + flag bits (indices free)    | EF21 code |
+| log2d      | values + Σ k_i ⌈log2 d_i⌉                           | "ideal" index coding |
+| int32      | values + 32 per index                               | Flower DASHA/MARINA baseline (with fp32 values) |
+| coo64      | values + 64 · ndim_i per index (PyTorch sparse COO) | |
+| bitmask    | values + d_i per sparse layer                       | FLSim |
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class BitCount:
     def __radd__(self, other: object) -> BitCount:  # sum() starts from 0
         if other == 0:
             return self
-        return NotImplemented  # type: ignore[return-value]
+        return NotImplemented
 
     @property
     def base(self) -> int:

@@ -63,9 +63,9 @@ def _layer(compressor: Compressor, X: Tensor, other: Tensor | None, sign: float,
            seed_parts: Sequence[tuple[int, ...]], layer: int, name: str, comp_states: CompStates
            ) -> tuple[PayloadRows, Tensor | None, list[State | None]]:
     """One layer of a step, in chunks of rows of about ``CHUNK_BYTES``: per chunk ``C = X + sign · other``
-    (``other`` None: zero, so ``X ± 0`` as with a zero row; ``sign`` = ±1, so ``C`` is rounded once), its payload rows, and the new
-    state rows ``other + decode(C)`` (``kind="ef21"``) or ``C − decode(C)`` (``"ef14"``), none for
-    ``"none"``. Returns (payload rows, new state (B, *shape), new compressor states)."""
+    (``other`` None: zero, so ``X ± 0`` as with a zero row; ``sign`` = ±1, so ``C`` is rounded once), its payload
+    rows, and the new state rows ``other + decode(C)`` (``kind="ef21"``) or ``C − decode(C)`` (``"ef14"``), none
+    for ``"none"``. Returns (payload rows, new state (B, *shape), new compressor states)."""
     B = X.shape[0]
     ctxs = contexts(compressor, seed_parts, layer, name, comp_states)
     if kind == "none":
@@ -111,15 +111,20 @@ def _shares(compressor: Compressor, X: Tensor) -> bool:
 def _step(compressor: Compressor, X: Mapping[str, Tensor], others: Mapping[str, Tensor] | None, sign: float,
           kind: str, seed_parts: Sequence[tuple[int, ...]], comp_states: CompStates
           ) -> tuple[Rows, Tensors, list[dict[str, State]]]:
-    """:func:`_layer` for every layer (messages list their layers sorted; states keep ``X``'s order)."""
-    rows, new, comps = {}, {}, [{} for _ in seed_parts]
+    """:func:`_layer` for every layer (messages list their layers sorted; states keep ``X``'s order; none
+    for ``kind="none"``)."""
+    rows: Rows = {}
+    new: Tensors = {}
+    comps: list[dict[str, State]] = [{} for _ in seed_parts]
     for i, n in enumerate(sorted(X)):
-        rows[n], new[n], states = _layer(compressor, X[n], others[n] if others is not None else None, sign, kind,
-                                         seed_parts, i, n, comp_states)
+        rows[n], layer_new, states = _layer(compressor, X[n], others[n] if others is not None else None, sign, kind,
+                                            seed_parts, i, n, comp_states)
+        if layer_new is not None:
+            new[n] = layer_new
         for comp, state in zip(comps, states):
             if state is not None:
                 comp[n] = state
-    return rows, {n: new[n] for n in X}, comps
+    return rows, {n: new[n] for n in X if n in new}, comps
 
 
 @dataclass

@@ -48,7 +48,8 @@ def compress_block(compressor: Compressor, tensors: Mapping[str, Tensor], seed_p
     """Compress every layer of B clients: ``tensors[name]`` is (B, *shape), row i client i's, whose seeds
     come from ``seed_parts[i]`` and states from ``states[i]``; returns the payload rows per layer (sorted
     names) and each client's new compressor states (the layers that have one)."""
-    rows, new_states = {}, [{} for _ in seed_parts]
+    rows: dict[str, PayloadRows] = {}
+    new_states: list[dict[str, State]] = [{} for _ in seed_parts]
     for i, name in enumerate(sorted(tensors)):
         rows[name], layer_states = compressor.encode(tensors[name], contexts(compressor, seed_parts, i, name,
                                                                                      states))
@@ -160,8 +161,9 @@ def _chunks(compressor: Compressor, messages: Mapping[int, Any], shapes: Mapping
             key = id(m.layers)
             if key not in layouts:
                 layouts[key] = _layout(m.layers, shapes)
-            if layouts[key] is not None:
-                classes.setdefault(layouts[key], []).append(j)
+            layout = layouts[key]
+            if layout is not None:
+                classes.setdefault(layout, []).append(j)
     dense = sum(torch.Size(s).numel() * 4 for s in shapes.values() if not (sparse and compressor.sparse_rows(tuple(s))))
     size = max(1, CHUNK_BYTES // dense) if dense else len(messages)
     out: dict[int, list[int]] = {}

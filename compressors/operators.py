@@ -135,7 +135,9 @@ class Compressor:
             if v.kind == "exact":
                 return Properties("unbiased", omega=s.omega(shape))
             if v.kind == "unbiased":
-                return Properties("unbiased", omega=(1 + s.omega(shape)) * (1 + v.omega(n)) - 1)  # type: ignore[operator]
+                s_omega = s.omega(shape)
+                assert s_omega is not None  # an unbiased structure states its ω
+                return Properties("unbiased", omega=(1 + s_omega) * (1 + v.omega(n)) - 1)
             return Properties("biased")
         alpha = s.alpha(shape)
         assert alpha is not None
@@ -167,8 +169,8 @@ class Compressor:
         vals, arrays, meta, states = s.encode(X.reshape(len(X), -1), shape, ctxs)
         gens = [c.generator("quantise") for c in ctxs] if self.values.draws else None
         varrays, vmeta = self.values.encode(vals, gens)
-        return (PayloadRows(f"{s.name}/{self.values.name}", shape, {**arrays, **{f"v.{k}": a for k, a in varrays.items()}},
-                            {**meta, **vmeta}), states)
+        arrays = {**arrays, **{f"v.{k}": a for k, a in varrays.items()}}
+        return PayloadRows(f"{s.name}/{self.values.name}", shape, arrays, {**meta, **vmeta}), states
 
     def compress(self, x: Tensor, ctx: Context | None = None) -> tuple[TensorPayload, State | None]:
         """:meth:`encode` of one tensor: its payload and new state (None for stateless structures)."""
@@ -270,7 +272,8 @@ class Compressor:
         """Raw bit counts of a (valid) message, summed over its layers' :meth:`bits` (each with the flag
         bit for the codec choice when the compressor can fall back to dense), memoised per sequence of
         (codec, shape)."""
-        payloads = message.layers if isinstance(message, RowMessage) else message  # a row's codec and shape are its group's
+        # a row's codec and shape are its group's
+        payloads = message.layers if isinstance(message, RowMessage) else message
         key = tuple((p.codec, tuple(p.shape)) for p in payloads.values())
         if key not in self._message_bits:
             self._message_bits[key] = sum((self._count_bits(shape) for _, shape in key), BitCount())
@@ -278,10 +281,13 @@ class Compressor:
 
     def _count_bits(self, shape: tuple[int, ...]) -> BitCount:
         s = self._structure_for(shape)
-        fallback = BitCount(dense_fallbacks=1) if (s is self._dense and self.structure is not self._dense) else BitCount()
+        fell_back = s is self._dense and self.structure is not self._dense
+        fallback = BitCount(dense_fallbacks=1) if fell_back else BitCount()
         return s.bits(shape, {}) + self.values.bits(s.n_values(shape), {}) + fallback
 
     def __call__(self, x: Tensor, ctx: Context | None = None) -> Tensor:
         """``C(x)``: compress and decompress (for analysis and tests)."""
         payload, _ = self.compress(x, ctx)
-        return self.decompress(payload, shape=tuple(x.shape), device=x.device, dtype=x.dtype)
+        out = self.decompress(payload, shape=tuple(x.shape), device=x.device, dtype=x.dtype)
+        assert isinstance(out, Tensor)  # not sparse=True: dense
+        return out

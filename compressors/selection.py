@@ -181,8 +181,11 @@ def _select_rows(X: np.ndarray, k: int, out: np.ndarray, s: int | None) -> None:
         rows = X[start:start + per]
         n = len(rows)
         A = magnitude_keys(rows, out=keys[:n])
-        out[start:start + n] = (_select(A, _exact_kth(A, k, work[:n]), k, mask[:n]) if work is not None
-                                else _select_sampled(A, k, s, mask[:n]))
+        if s is None:
+            assert work is not None  # allocated above for the exact threshold
+            out[start:start + n] = _select(A, _exact_kth(A, k, work[:n]), k, mask[:n])
+        else:
+            out[start:start + n] = _select_sampled(A, k, s, mask[:n])
 
 
 def _select_sampled(A: np.ndarray, k: int, s: int, mask: np.ndarray | None = None) -> np.ndarray:

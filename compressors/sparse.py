@@ -69,7 +69,8 @@ class SparseRows:
     shape: tuple[int, ...]
 
     def __post_init__(self) -> None:  # one row's bytes of indices and values (read once per client and layer)
-        self._row_nbytes = self.idx.shape[1] * self.idx.element_size() + self.values.shape[1] * self.values.element_size()
+        idx, values = self.idx, self.values
+        self._row_nbytes = idx.shape[1] * idx.element_size() + values.shape[1] * values.element_size()
 
     def dense(self) -> Tensor:
         """The (B, *shape) dense tensors (zeros off the indices)."""

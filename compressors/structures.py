@@ -143,7 +143,8 @@ class _Sparse(Structure):
         """The values of ``X`` at the rows' indices ``idx`` (B, k), with the indices as the ``idx`` array when
         this structure sends them."""
         idx = idx.to(X.device)
-        arrays = {"idx": idx.cpu().numpy().astype(index_dtype(numel(shape)))} if "idx" in self.array_keys else {}
+        arrays: dict[str, np.ndarray] = (
+            {"idx": idx.cpu().numpy().astype(index_dtype(numel(shape)))} if "idx" in self.array_keys else {})
         return torch.gather(X, 1, idx), arrays, meta, [None] * len(X)
 
     def _indices(self, arrays: Mapping[str, Any], meta: Mapping[str, Any], shape: tuple[int, ...],
@@ -368,7 +369,7 @@ class PowerSGD(_LowRank):
     warm_start: bool = True
 
     @property
-    def stateful(self) -> bool:  # type: ignore[override]
+    def stateful(self) -> bool:  # type: ignore[override]  # follows warm_start; a class attribute elsewhere
         return self.warm_start
 
     def _factors(self, M, ctx):

@@ -1,12 +1,15 @@
 """Value codecs: how a vector of n floats travels. Each is exact, rounding, or unbiased (with ω).
 
-| codec   | arrays                                   | bits                   | kind / ω |
-| ------- | ---------------------------------------- | ---------------------- | -------- |
-| fp32    | ``v`` float32 (n)                        | 32 n                   | exact (the working precision) |
-| fp64    | ``v`` float64 (n)                        | 64 n                   | exact for float64 (tests)      |
-| fp16    | ``v`` float16 (n), ``scale`` float32 (1) | 16 n + 32              | rounding, relative error ≤ 2⁻¹¹ (values scaled into fp16 range first) |
-| qsgd    | ``norm`` float32 (1), ``q`` packed bits  | n ⌈log2(2s+1)⌉ + 32    | unbiased, ω = min(n/s², √n/s) (Alistarh et al. 2017, Lemma 3.1) |
-| natural | ``e`` uint8 (n), ``sign`` packed bits    | 9 n                    | unbiased, ω = 1/8 (Horváth et al., "Natural compression", 2019) |
+| codec   | arrays                                   | bits                | kind / ω |
+| ------- | ---------------------------------------- | ------------------- | -------- |
+| fp32    | ``v`` float32 (n)                        | 32 n                | exact (the working precision) |
+| fp64    | ``v`` float64 (n)                        | 64 n                | exact for float64 (tests) |
+| fp16    | ``v`` float16 (n), ``scale`` float32 (1) | 16 n + 32           | rounding, relative error ≤ 2⁻¹¹ (a) |
+| qsgd    | ``norm`` float32 (1), ``q`` packed bits  | n ⌈log2(2s+1)⌉ + 32 | unbiased, ω = min(n/s², √n/s) (b) |
+| natural | ``e`` uint8 (n), ``sign`` packed bits    | 9 n                 | unbiased, ω = 1/8 (c) |
+
+(a) values scaled into the fp16 range first; (b) Alistarh et al. 2017, Lemma 3.1; (c) Horváth et al.,
+"Natural compression", 2019.
 
 QSGD: ``Q(v)_l = ‖v‖₂ · sign(v_l) · ξ_l / s`` with ``ξ_l ∈ {⌊s|v_l|/‖v‖⌋, ⌊…⌋+1}`` rounded up with
 probability equal to the fractional part. Levels ``sign·ξ ∈ [−s, s]`` are bit-packed.

@@ -2,9 +2,9 @@
 
 Reads the `fedgluon tune` directory of experiments/t2_marina_dasha.sh (every trial that ran every
 round, not only the tuned one: the script tunes with ``--scheduler fifo``), plots ``‖∇f(X^k)‖²``
-against the cumulative per-round maximum over clients of the uplink value bits (the DASHA paper's x-axis: 64 bits per sent coordinate) and writes a table with the bits
-each run needs to reach a common target — the largest final ``‖∇f‖²`` of all runs, so every run
-reaches it — and the final ``‖∇f‖²``.
+against the cumulative per-round maximum over clients of the uplink value bits (the DASHA paper's
+x-axis: 64 bits per sent coordinate) and writes a table with the bits each run needs to reach a common
+target — the largest final ``‖∇f‖²`` of all runs, so every run reaches it — and the final ``‖∇f‖²``.
 
     python experiments/t2_report.py runs/t2
 """

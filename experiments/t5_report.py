@@ -3,9 +3,9 @@ against the formula.
 
 For each member of the `fedgluon sweep` directory of experiments/t5_powersgd.sh: the algorithm, rank,
 warm start and error feedback from its config.yaml; final test loss, final and best test accuracy
-(mean, and the final accuracy's std, over seeds); uplink floats per client per round from the logged value bits (fp32: bits / 32); the logged
-compression ratio (dense floats / sent floats) and the one the formula predicts,
-``Σ_layers n·m / Σ_layers ((n+m)·r if the layer is compressed else n·m)`` — PowerSGD's ``nm/((n+m)r)``
+(mean, and the final accuracy's std, over seeds); uplink floats per client per round from the logged
+value bits (fp32: bits / 32); the logged compression ratio (dense floats / sent floats) and the one the
+formula predicts, ``Σ_layers n·m / Σ_layers ((n+m)·r if the layer is compressed else n·m)`` — PowerSGD's ``nm/((n+m)r)``
 per matrix, with vectors and matrices below ``min_compression_rate`` sent dense.
 
     python experiments/t5_report.py runs/t5
@@ -69,8 +69,8 @@ def main() -> None:
                      "ratio_formula": formula_ratio(info["compressor"], shapes)})
     per_seed = pd.DataFrame(rows)
     table = per_seed.groupby("method", sort=False).agg(
-        final_loss=("final_loss", "mean"), final_accuracy=("final_accuracy", "mean"), final_std=("final_accuracy", "std"),
-        best_accuracy=("best_accuracy", "mean"), seeds=("seed", "count"),
+        final_loss=("final_loss", "mean"), final_accuracy=("final_accuracy", "mean"),
+        final_std=("final_accuracy", "std"), best_accuracy=("best_accuracy", "mean"), seeds=("seed", "count"),
         floats_per_round=("floats_per_round", "mean"), ratio_logged=("ratio_logged", "mean"),
         ratio_formula=("ratio_formula", "mean")).reset_index()
     table.to_csv(args.sweep_dir / "t5.csv", index=False)

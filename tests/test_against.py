@@ -9,8 +9,9 @@ from benchmarks.against import compare, parse, report
 
 
 def test_lines_pair_up_by_their_words_and_ratios_come_from_medians():
-    run = lambda t, s: parse(f"machine: AVX2, torch 2.13.0+cpu, 2 cores\nclients   engine   s/round\n"
-                             f"  200   ray, blocks of 100   {t:9.3f}   {s:>5s}\n\nratio {t * 10:.2f}x (target <= 1.5)\n")
+    def run(t, s):
+        return parse(f"machine: AVX2, torch 2.13.0+cpu, 2 cores\nclients   engine   s/round\n"
+                     f"  200   ray, blocks of 100   {t:9.3f}   {s:>5s}\n\nratio {t * 10:.2f}x (target <= 1.5)\n")
     new = [run(0.100, "12.9"), run(0.120, "9.5"), run(0.110, "9.9")]
     old = [run(0.200, "9.1"), run(0.220, "8.0"), run(0.210, "8.5")]
     assert ("machine: AVX2, torch 2.13.0+cpu, # cores", 0) in new[0]  # a version is not a number
@@ -46,10 +47,12 @@ def test_compare_runs_both_revisions_from_their_own_trees(tmp_path):
     lines = compare("HEAD", "toy.probe", pairs=2, repo=repo, echo=said.append)
     assert lines == ["cost 1.0 cwd files 0   | new/old 0.50"]  # each ran its own code, from an empty directory
     assert sum(s.startswith("# pair") for s in said) == 4
-    assert subprocess.run(["git", "-C", str(repo), "worktree", "list"], capture_output=True, text=True).stdout.count("\n") == 1
+    worktrees = subprocess.run(["git", "-C", str(repo), "worktree", "list"], capture_output=True, text=True).stdout
+    assert worktrees.count("\n") == 1
     script = tmp_path / "probe_script.py"  # an ad-hoc script runs against each tree's packages
     script.write_text("import toy.probe\n")
-    assert compare("HEAD", str(script), pairs=1, repo=repo, echo=said.append) == ["cost 1.0 cwd files 0   | new/old 0.50"]
+    lines = compare("HEAD", str(script), pairs=1, repo=repo, echo=said.append)
+    assert lines == ["cost 1.0 cwd files 0   | new/old 0.50"]
     with pytest.raises(RuntimeError, match="cannot check out 'no-such-rev'"):
         compare("no-such-rev", "toy.probe", pairs=1, repo=repo, echo=said.append)
     with pytest.raises(ValueError, match="pairs"):

@@ -21,7 +21,8 @@ def test_demo_trains_and_rejects_bad_method():
 
 def test_bench_offers_every_benchmark():
     out = CliRunner().invoke(main, ["bench", "--help"])
-    assert out.exit_code == 0 and all(n in out.output for n in ("lmo", "compressors", "engines", "transport", "memory", "all"))
+    names = ("lmo", "compressors", "engines", "transport", "memory", "all")
+    assert out.exit_code == 0 and all(n in out.output for n in names)
     bad = CliRunner().invoke(main, ["bench", "gpu"])
     assert bad.exit_code != 0 and "lmo" in bad.output
 

@@ -57,7 +57,8 @@ def assert_same(block, reference):
             a, b = got[n], want[n]
             assert type(a) is type(b)
             if isinstance(a, SparseTensor):
-                assert torch.equal(a.idx, b.idx) and a.values.dtype == b.values.dtype and torch.equal(a.values, b.values)
+                assert torch.equal(a.idx, b.idx) and a.values.dtype == b.values.dtype
+                assert torch.equal(a.values, b.values)
                 assert a.shape == b.shape
             else:
                 assert a.dtype == b.dtype and torch.equal(a, b)
@@ -204,10 +205,12 @@ def test_every_compressor_decodes_groups_in_chunks_as_one_by_one(spec, monkeypat
     monkeypatch.setattr(messages_module, "CHUNK_BYTES", 2 * 4 * sum(int(np.prod(s)) for s in SHAPES.values()))
     chunks = []
     real = messages_module._decode_chunk
-    monkeypatch.setattr(messages_module, "_decode_chunk", lambda C, ms, *a, **k: chunks.append(len(ms)) or real(C, ms, *a, **k))
+    monkeypatch.setattr(messages_module, "_decode_chunk",
+                        lambda C, ms, *a, **k: chunks.append(len(ms)) or real(C, ms, *a, **k))
     alone = []
     single = messages_module.decode_message
-    monkeypatch.setattr(messages_module, "decode_message", lambda C, m, *a, **k: alone.append(1) or single(C, m, *a, **k))
+    monkeypatch.setattr(messages_module, "decode_message",
+                        lambda C, m, *a, **k: alone.append(1) or single(C, m, *a, **k))
     C, messages = messages_of(spec if isinstance(spec, dict) else {"name": spec}, 5)
     for sparse in (False, True):
         chunks.clear()
@@ -225,8 +228,8 @@ def test_weighted_sum_equals_adding_one_client_at_a_time(dtype):
     C = make_compressor(spec)
     gen = torch.Generator().manual_seed(3)
     scales = torch.logspace(-6, 6, 12, dtype=torch.float64)
-    layers, _ = compress_block(C, {"w": (torch.randn(12, 40, generator=gen, dtype=torch.float64) * scales[:, None]).to(dtype)},
-                               [(0, j, 0) for j in range(12)])
+    w = (torch.randn(12, 40, generator=gen, dtype=torch.float64) * scales[:, None]).to(dtype)
+    layers, _ = compress_block(C, {"w": w}, [(0, j, 0) for j in range(12)])
     messages = {j: RowMessage(layers, j) for j in range(12)}
     decoded = dict(decode_messages(C, messages, {"w": (40,)}, dtype=dtype, sparse=True))
     decoded[5] = decode_message(C, messages[5], {"w": (40,)}, dtype=dtype, sparse=True)  # not a block row
@@ -259,7 +262,8 @@ def test_blocks_of_one_client_decode_together(monkeypatch):
     C, messages = groups[0][0], {j: group[1][0] for j, group in enumerate(groups)}
     chunks = []
     real = messages_module._decode_chunk
-    monkeypatch.setattr(messages_module, "_decode_chunk", lambda C, ms, *a, **k: chunks.append(len(ms)) or real(C, ms, *a, **k))
+    monkeypatch.setattr(messages_module, "_decode_chunk",
+                        lambda C, ms, *a, **k: chunks.append(len(ms)) or real(C, ms, *a, **k))
     assert_same(dict(decode_messages(C, messages, SHAPES, sparse=True)), one_by_one(C, messages, torch.float32, True))
     assert chunks == [5]
     _, pair = messages_of(spec, 2, seed=9)  # a group of 2 whose second row holds a NaN joins their layout

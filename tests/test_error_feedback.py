@@ -150,7 +150,8 @@ def _block_tree(trees):
 
 
 @pytest.mark.parametrize("kind, tracker", [("ef21", "full"), ("ef21", "fixed16"), ("ef14", "full"), ("none", "full")])
-@pytest.mark.parametrize("spec", [{"name": "topk", "ratio": 0.1, "values": "fp64"}, {"name": "identity", "values": "fp64"},
+@pytest.mark.parametrize("spec", [{"name": "topk", "ratio": 0.1, "values": "fp64"},
+                                  {"name": "identity", "values": "fp64"},
                                   {"name": "topk", "ratio": 0.2}, {"name": "randk", "ratio": 0.2, "values": "qsgd"},
                                   {"name": "powersgd", "rank": 2, "min_compression_rate": 1.0}])
 @pytest.mark.parametrize("chunk_bytes", [None, 1, 1000])

@@ -5,8 +5,11 @@ import torch
 
 from fedgluon.lmo.estimators import MVR, SARAH, EMAMomentum, LiMuon, MuonMVR, RefreshPolicy, make_estimator
 
+SHAPES = {"w": (6, 4), "b": (6,)}
 
-def grads(seed, shapes={"w": (6, 4), "b": (6,)}):
+
+def grads(seed, shapes=None):
+    shapes = SHAPES if shapes is None else shapes
     gen = torch.Generator().manual_seed(seed)
     return {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
 

@@ -45,7 +45,8 @@ def test_run_writes_documented_files_and_columns(tmp_path, monkeypatch):
     assert again.exit_code != 0 and "--overwrite" in again.output
     assert invoke("run", *FAST, "--quiet", "--overwrite").exit_code == 0
     # blocks stepped in two threads: the same run
-    assert invoke("run", *FAST, "engine.block_size=2", "engine.workers=2", "output.name=threads", "--quiet").exit_code == 0
+    out = invoke("run", *FAST, "engine.block_size=2", "engine.workers=2", "output.name=threads", "--quiet")
+    assert out.exit_code == 0
     threads = pd.read_csv(tmp_path / "runs" / "threads" / "metrics.csv")
     same = [c for c in m.columns if c not in TIMING_COLUMNS and c != "train_loss"]
     pd.testing.assert_frame_equal(threads[same], m[same], check_exact=True)
@@ -104,12 +105,14 @@ def test_sweep_2x2_then_rerun_skips(tmp_path, monkeypatch):
 def test_sweep_over_whole_algorithm_sections_and_seeds(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = invoke("sweep", *FAST, "--name", "mixed", "--quiet",
-                 "algorithm=[{name: gluon, lr: 0.05}, {name: gluon-ef21, lr: 0.05, compressor: {name: topk, ratio: 0.1}}]",
+                 "algorithm=[{name: gluon, lr: 0.05},"
+                 " {name: gluon-ef21, lr: 0.05, compressor: {name: topk, ratio: 0.1}}]",
                  "seed=[0,1]")
     assert out.exit_code == 0, out.output
     table = pd.read_csv(tmp_path / "runs" / "mixed" / "table.csv")
     assert len(table) == 2 and (table["final_test_accuracy_count"] == 2).all()
-    dense, ef21 = (table.set_index("config").loc[name, "uplink_bits_per_client_mean"] for name in ("gluon", "gluon-ef21"))
+    bits = table.set_index("config")["uplink_bits_per_client_mean"]
+    dense, ef21 = bits["gluon"], bits["gluon-ef21"]
     assert ef21 < dense
 
 

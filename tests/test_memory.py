@@ -111,7 +111,7 @@ def test_server_sums_of_sparse_replies_equal_dense_sums():
                                                                            for n, s in shapes.items()}, (0, j, 0))[0],
                                   group=group)
                    for j in range(4)}
-        held = DecodedReplies(lambda j: algo.validate(replies[j], j, bc, sparse=True))
+        held = DecodedReplies(lambda j: algo.validate(replies[j], j, bc, sparse=True))  # noqa: B023 - used in this iteration
         for j in replies:
             held.add(j, algo.validate(replies[j], j, bc, sparse=True))
         dense = {j: algo.validate(replies[j], j, bc) for j in replies}

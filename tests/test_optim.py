@@ -25,9 +25,9 @@ def reference_muon_step(params, bufs, grads, lr, beta=0.95):
             A = X @ X.T
             B = -4.7750 * A + 2.0315 * A @ A
             X = 3.4445 * X + B @ X
-        O = X.T if u.shape[0] > u.shape[1] else X
-        O = O * math.sqrt(max(1.0, u.shape[0] / u.shape[1]))
-        p.sub_(lr * O)
+        orth = X.T if u.shape[0] > u.shape[1] else X
+        orth = orth * math.sqrt(max(1.0, u.shape[0] / u.shape[1]))
+        p.sub_(lr * orth)
 
 
 def test_gluon_reproduces_reference_muon_step_for_step():
@@ -112,7 +112,7 @@ def test_state_dict_resume_is_bitwise():
         for x, y in batches:
             def closure():
                 opt.zero_grad()
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(model(x), y)  # noqa: B023 - called within the iteration that defines it
                 loss.backward()
                 return loss
             opt.step(closure)

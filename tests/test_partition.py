@@ -12,8 +12,8 @@ def label_skew(parts, labels=LABELS):
     return float(np.mean([0.5 * np.abs(np.bincount(labels[p], minlength=10) / len(p) - glob).sum() for p in parts]))
 
 
-@pytest.mark.parametrize("scheme, kw", [("iid", {}), ("dirichlet", {"alpha": 0.3}), ("shards", {"shards_per_client": 2}),
-                                        ("natural", {"groups": LABELS % 7})])
+@pytest.mark.parametrize("scheme, kw", [("iid", {}), ("dirichlet", {"alpha": 0.3}),
+                                        ("shards", {"shards_per_client": 2}), ("natural", {"groups": LABELS % 7})])
 def test_cover_every_sample_once_and_reproducible(scheme, kw):
     parts = partition(LABELS, 20, scheme, seed=1, **kw)
     allidx = np.concatenate(parts)

@@ -95,8 +95,8 @@ def test_max_bytes_cap():
 arrays_st = st.one_of(
     st.none(), st.integers(), st.text(max_size=3),
     st.builds(lambda n, dt, fill: np.full(n, fill).astype(dt),
-              st.integers(0, 700), st.sampled_from(["float32", "float16", "float64", "int32", "uint8", "uint16", "int64",
-                                                    "bool"]),
+              st.integers(0, 700),
+              st.sampled_from(["float32", "float16", "float64", "int32", "uint8", "uint16", "int64", "bool"]),
               st.sampled_from([0, 1, -1, 599, 600, 255, np.nan, np.inf, 1e40])),
     st.builds(lambda n: np.arange(n), st.integers(0, 700)),
 )

@@ -53,7 +53,7 @@ def test_svd_polar_rank_deficient_maps_null_directions_to_zero():
 
 def test_bad_config_errors_name_the_field():
     with pytest.raises(ValueError, match="ns_coefficients"):
-        NewtonSchulz(coefficients="cubic")  # type: ignore[arg-type]
+        NewtonSchulz(coefficients="cubic")  # type: ignore[arg-type]  # a wrong value on purpose
     with pytest.raises(ValueError, match="ns_steps"):
         NewtonSchulz(steps=0)
 
@@ -77,6 +77,6 @@ def test_ns_compile_is_checked():
     from fedgluon.lmo.polar import make_polar
 
     with pytest.raises(ValueError, match="ns_compile must be true or false"):
-        NewtonSchulz(compile="yes")  # type: ignore[arg-type]
+        NewtonSchulz(compile="yes")  # type: ignore[arg-type]  # a wrong type on purpose
     with pytest.raises(ValueError, match="ns_compile applies to spectral_method 'newton_schulz'"):
         make_polar("svd", compile=True)

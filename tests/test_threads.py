@@ -1,4 +1,5 @@
-"""Engine equality at a fixed ``threads`` (fedgluon/runtime/threads.py); a quiet terminal on Ray; ``--engine`` on sweep/tune.
+"""Engine equality at a fixed ``threads`` (fedgluon/runtime/threads.py); a quiet terminal on Ray; ``--engine`` on
+sweep/tune.
 
 Each run is a real ``fedgluon`` process without ``OMP_NUM_THREADS`` (nor ``MKL_NUM_THREADS``), on a CPU set
 chosen so that torch's default thread count differs from ``threads`` where the machine allows: all CPUs

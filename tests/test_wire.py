@@ -65,7 +65,8 @@ def same_tensors(a: dict, b: dict) -> bool:
 
 
 def same_reply(got, sent) -> bool:
-    head = lambda r: (r.client, r.round, r.loss, r.grad_evals, r.samples, r.group, list(r.message))
+    def head(r):
+        return r.client, r.round, r.loss, r.grad_evals, r.samples, r.group, list(r.message)
     if head(got) != head(sent):
         return False
     for layer, p in sent.message.items():
@@ -84,7 +85,8 @@ def without_row(groups: dict, row: int) -> dict:
         keep = [i for i, r in enumerate(group.rows) if r != row]
         if keep:
             layers = {n: PayloadRows(p.codec, p.shape, {k: a[keep] for k, a in p.arrays.items()},
-                                     {k: [v[i] for i in keep] for k, v in p.meta.items()}) for n, p in group.layers.items()}
+                                     {k: [v[i] for i in keep] for k, v in p.meta.items()})
+                      for n, p in group.layers.items()}
             out[name] = PayloadGroup([group.rows[i] for i in keep], layers)
     return out
 

@@ -166,7 +166,7 @@ def effective_alpha(ratio: float, steps: int = 200, radius: float = 0.02) -> flo
     geometry = make_geometry(model)
     comp = make_compressor({"name": "topk", "ratio": ratio})
     g_old, ratios = None, []
-    for k in range(steps):
+    for _ in range(steps):
         grads = {n: t for n, t in zip([n for n, _ in model.named_parameters()], torch.autograd.grad(
             F.cross_entropy(model(x), y), list(model.parameters())))}
         if g_old is not None:

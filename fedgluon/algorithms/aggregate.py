@@ -133,5 +133,6 @@ def _add_run(column: Tensor, run: list[tuple[int, SparseTensor]]) -> None:
     ids = torch.tensor([j for j, _ in run], dtype=torch.int64, device=block.idx.device)
     flat = (block.idx[rows] + ids[:, None] * column[0].numel()).reshape(-1)
     values = block.values[rows]
-    column.view(-1).index_add_(0, flat, (values if values.dtype == column.dtype else values.to(column.dtype)).reshape(-1))
+    values = values if values.dtype == column.dtype else values.to(column.dtype)
+    column.view(-1).index_add_(0, flat, values.reshape(-1))
     run.clear()

@@ -239,7 +239,8 @@ class Algorithm:
         row's result depends on its own client alone, so on neither the block nor the run). A run whose step raises an
         ``ArithmeticError`` (fixed16's inexact tracker difference) is stepped row by row, and the rows
         that fail are reported in ``failed``: only those clients are lost."""
-        results = [self._isolated(rows.part(part), bc, objectives) for part in run_slices(len(rows), self.run_length(bc))]
+        parts = run_slices(len(rows), self.run_length(bc))
+        results = [self._isolated(rows.part(part), bc, objectives) for part in parts]
         if self.derived:  # the server computes these itself: drop them now, not at the round's end
             for r in results:
                 r.state = nest(r.proposal(self.derived).columns)
@@ -311,7 +312,8 @@ class Algorithm:
         return float(torch.finfo(self._value_dtype).max) / (2 * max(1, num_clients))
 
     def validate_each(self, replies: Mapping[int, Any], bc: Broadcast, first: Collection[int] = (),
-                      sparse: bool = False, max_abs: float | None = None) -> Iterator[tuple[int, Tensors | PayloadError, Compressor | None]]:
+                      sparse: bool = False, max_abs: float | None = None
+                      ) -> Iterator[tuple[int, Tensors | PayloadError, Compressor | None]]:
         """:meth:`validate` of every reply: yields ``(j, decoded or error, its uplink compressor)`` per
         client (None for a reply whose compressor could not be told), the same results and errors as one
         by one, with the messages of one uplink compressor checked and decoded together
@@ -427,4 +429,5 @@ def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
     return tree_map(lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t, obj)
 
 
-__all__ = ["Algorithm", "feedback_step", "BlockGrads", "BlockResult", "Broadcast", "ClientReply", "PayloadGroup", "ServerOutcome"]
+__all__ = ["Algorithm", "feedback_step", "BlockGrads", "BlockResult", "Broadcast", "ClientReply", "PayloadGroup",
+           "ServerOutcome"]

@@ -51,7 +51,7 @@ class FeedbackUplink(Algorithm):
         return {**new, **pieces}, groups
 
     @property
-    def derived(self) -> tuple[str, ...]:  # type: ignore[override]
+    def derived(self) -> tuple[str, ...]:  # type: ignore[override]  # per instance: a ClassVar elsewhere
         """EF21's full tracker ``G_j ← G_j + R_j`` is the server's to compute: its old row plus the decoded
         message, the same operations as the client's (bitwise equal)."""
         return ("ef/g/",) if isinstance(self.ef, EF21) and self.ef.tracker == "full" else ()

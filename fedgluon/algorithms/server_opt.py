@@ -4,9 +4,9 @@ Clients send plain stochastic gradients through EF21 with any compressor (identi
 the server's ``G = Σ_j w_j G_j`` tracks the mean gradient (docs/ALGORITHMS.md §8.1) — or through EF14 / no
 feedback (``error_feedback``), the PowerSGD recipe with ``compressor: powersgd``; the server then takes
 a ``torch.optim.SGD`` (momentum) or ``torch.optim.AdamW`` step with ``.grad = G`` at the learning rate
-``lr · schedule(k)`` of the run's schedule (``constant`` by default; Gluon's ``adaptive`` rule does not apply). The optimizer's
-state lives in the server state as its ``state_dict`` (plain tensors, so it checkpoints), and each
-step works on copies: the previous server state is never modified. This is what
+``lr · schedule(k)`` of the run's schedule (``constant`` by default; Gluon's ``adaptive`` rule does not
+apply). The optimizer's state lives in the server state as its ``state_dict`` (plain tensors, so it
+checkpoints), and each step works on copies: the previous server state is never modified. This is what
 "Adam vs Muon vs Gluon" sweeps compare against. Partial participation and rejection follow EF21.
 """
 

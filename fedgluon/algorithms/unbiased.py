@@ -53,7 +53,8 @@ class GluonMARINA(Algorithm):
         if grads.prev is None:  # no client has an X_prev yet: zero differences
             diff = {n: torch.zeros_like(g) for n, g in grads.now.items()}
         else:
-            diff = {n: torch.where(grads.has_prev.view(-1, *[1] * (g.dim() - 1)), g - grads.prev[n], torch.zeros_like(g))
+            has_prev = grads.has_prev
+            diff = {n: torch.where(has_prev.view(-1, *[1] * (g.dim() - 1)), g - grads.prev[n], torch.zeros_like(g))
                     for n, g in grads.now.items()}
         return {}, self.send("uplink", diff, bc, rows)
 

@@ -145,9 +145,10 @@ class ClientStateTable:
             return f"state columns differ from the schema (unexpected {extra}, missing {missing})"
         for path, column in expected.items():
             got = proposed[path]
-            if not isinstance(got, Tensor) or got.dtype != column.dtype or tuple(got.shape) != (rows, *column.shape[1:]):
+            shape = (rows, *column.shape[1:])
+            if not isinstance(got, Tensor) or got.dtype != column.dtype or tuple(got.shape) != shape:
                 desc = f"{got.dtype} {tuple(got.shape)}" if isinstance(got, Tensor) else type(got).__name__
-                return f"state column {path!r} is {desc}, expected {column.dtype} {(rows, *column.shape[1:])}"
+                return f"state column {path!r} is {desc}, expected {column.dtype} {shape}"
         return None
 
     def write(self, clients: Sequence[int], rows: Mapping[str, Tensor]) -> None:
@@ -166,7 +167,8 @@ class ClientStateTable:
             else:
                 column.index_copy_(0, ids, new)
 
-    def write_accepted(self, clients: Sequence[int], proposed: Mapping[str, Tensor], accepted: Collection[int]) -> list[int]:
+    def write_accepted(self, clients: Sequence[int], proposed: Mapping[str, Tensor],
+                       accepted: Collection[int]) -> list[int]:
         """:meth:`write` the rows of the ``accepted`` clients among ``clients`` (row i of every ``proposed``
         column is client ``clients[i]``'s); returns those clients."""
         at = [i for i, j in enumerate(clients) if j in accepted]
@@ -214,8 +216,8 @@ class ClientStateTable:
     def load_state_dict(self, data: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; ValueError naming the first part that does not fit this table."""
         if not isinstance(data, Mapping) or data.get("format") != self.FORMAT:
-            raise ValueError(f"client-state table format {data.get('format') if isinstance(data, Mapping) else None!r}, "
-                             f"expected {self.FORMAT}")
+            fmt = data.get("format") if isinstance(data, Mapping) else None
+            raise ValueError(f"client-state table format {fmt!r}, expected {self.FORMAT}")
         why = self.check(data["columns"], self.num_clients)
         if why is not None:
             raise ValueError(f"the client-state table does not fit this run's schema: {why}")

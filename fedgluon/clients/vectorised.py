@@ -67,6 +67,7 @@ def stacked_gradients(objectives: Sequence[SupervisedObjective], js: Sequence[in
     for rows in groups.values():
         if len(rows) == 1:
             i = rows[0]
+            # stacked is given when shared is not (checked above)
             params = shared if shared is not None else {n: stacked[n][i] for n in names}  # type: ignore[index]
             loss, grads = objectives[js[i]].gradient(params, batches[i])
             got_losses, got = [loss], {n: g.unsqueeze(0) for n, g in grads.items()}
@@ -74,7 +75,7 @@ def stacked_gradients(objectives: Sequence[SupervisedObjective], js: Sequence[in
             xs, ys = torch.stack([batches[i][0] for i in rows]), torch.stack([batches[i][1] for i in rows])
             if shared is not None:
                 params, dims = {n: shared[n].detach() for n in names}, None
-            else:
+            else:  # stacked is given (checked above)
                 index = torch.tensor(rows)
                 params, dims = {n: stacked[n].detach().index_select(0, index) for n in names}, 0  # type: ignore[index]
             got, loss_rows = _vmapped_call(first, xs, ys, params, dims, device)

@@ -28,7 +28,7 @@ def nbytes(objs: Iterable[Any]) -> int:
             if t.numel() == 0:
                 continue
             size = t.element_size()
-            start = t.storage_offset() * size
+            start = int(t.storage_offset()) * size
             end = start + size * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
             spans.setdefault((str(t.device), t.untyped_storage().data_ptr()), []).append((start, end))
     total = 0

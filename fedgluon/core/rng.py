@@ -67,6 +67,7 @@ def derive_seeds(*parts: int | str | Sequence[int] | np.ndarray) -> np.ndarray:
         if c is not None:
             entropy.append(c.astype(np.uint64))
             continue
+        assert isinstance(p, (int, str, np.integer))  # a shared part (no column)
         value = purpose_code(p) if isinstance(p, str) else int(p)
         if value < 0:
             raise ValueError(f"seed parts must be non-negative, got {parts}")

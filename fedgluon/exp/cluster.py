@@ -40,6 +40,7 @@ def runtime_env(address: str | None) -> dict[str, Any]:
 
     if not address:
         return {"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}}
+    # regular packages: their __file__ is set
     modules = [str(Path(sys.modules[name].__file__).parent) for name in _imported(PACKAGES)]  # type: ignore[arg-type]
     return {"py_modules": modules, "excludes": ["__pycache__", "*.pyc"], "env_vars": dict(QUIET_ENV)}
 
@@ -155,7 +156,7 @@ def _probe(paths: Sequence[str]) -> dict[str, Any]:
 
 def local_versions() -> dict[str, str]:
     """This process's versions of :data:`VERSIONED`."""
-    return _probe(())  # type: ignore[return-value]
+    return _probe(())
 
 
 def probe_nodes(nodes: Sequence[Mapping[str, Any]], data_paths: Sequence[str] = (), timeout: float = 300.0) -> None:

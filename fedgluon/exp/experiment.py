@@ -194,7 +194,8 @@ def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[
             snap = load_checkpoint(err.checkpoint)
             try:
                 _write_results(out, cfg, snap.history, snap.client_log, None, time.perf_counter() - t0,
-                               stopped=str(err), resumed_from=start, resumable=resumable(err), deployed=grid is not None)
+                               stopped=str(err), resumed_from=start, resumable=resumable(err),
+                               deployed=grid is not None)
             except OSError as write_err:  # e.g. the full disk that stopped a save; the checkpoint is intact
                 log.warning("could not write the results of the stopped run to %s: %s", out, write_err)
         raise

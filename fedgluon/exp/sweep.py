@@ -1,8 +1,8 @@
 """Sweeps: a grid over config keys and seeds, run member by member, summarised into tables, a
 communication-vs-accuracy Pareto plot and the curves of every configuration.
 
-``fedgluon sweep CONFIG algorithm.name=[gluon-ef21,gluon-ef21-sarah] algorithm.compressor.ratio=[0.01,0.05] seed=[0,1]``;
-an axis over a whole section replaces it per member, for algorithms whose options differ:
+``fedgluon sweep CONFIG algorithm.name=[gluon-ef21,gluon-ef21-sarah] algorithm.compressor.ratio=[0.01,0.05]
+seed=[0,1]``; an axis over a whole section replaces it per member, for algorithms whose options differ:
 ``'algorithm=[{name: gluon, lr: 0.05}, {name: gluon-ef21, lr: 0.05, compressor: {name: topk, ratio: 0.05}}]'``
 writes ``<output.dir>/<sweep name>/<member>/`` (a run directory each, see fedgluon/exp/experiment.py) and,
 in the sweep directory, ``members.csv`` (one row per member), ``table.csv`` (mean and std over
@@ -43,6 +43,7 @@ def parse_grid(args: Sequence[str]) -> tuple[list[str], dict[str, list[Any]]]:
             raise configs.ConfigError(f"sweep arguments must look like key=value or key=[a,b], got {arg!r}")
         if value.startswith("[") and value.endswith("]"):
             parsed = OmegaConf.create({"v": OmegaConf.from_dotlist([f"v={value}"]).v})["v"]
+            # [a,b] parses to a list
             values = list(OmegaConf.to_container(parsed)) if parsed is not None else []  # type: ignore[arg-type]
             if not values:
                 raise configs.ConfigError(f"sweep axis {key!r} has no values")

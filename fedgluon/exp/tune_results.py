@@ -70,7 +70,7 @@ def best_configs(table: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
     over the config's seeds, among the trials that ran every round (none of an algorithm's: no best)."""
     table = table.copy()
     table["best"] = False
-    for label, trials in table.groupby("algorithm", sort=False):
+    for _, trials in table.groupby("algorithm", sort=False):
         done = trials[trials["complete"].astype(bool) & trials[metric].notna()]
         if done.empty:
             continue

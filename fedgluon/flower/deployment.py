@@ -147,7 +147,7 @@ def versions() -> dict[str, str]:
 
     digest = hashlib.sha256()
     for package in PACKAGES:
-        root = Path(import_module(package).__file__).parent  # type: ignore[arg-type]
+        root = Path(import_module(package).__file__).parent  # type: ignore[arg-type]  # a regular package
         for path in sorted(root.rglob("*.py")):
             if path.name.startswith("test_") or path.name.endswith("_test.py"):
                 continue  # flwr build leaves these out of the app bundle the SuperNodes run

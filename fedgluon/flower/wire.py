@@ -94,7 +94,7 @@ class RawArray(Array):
     def __init__(self, dtype: str, shape: tuple[int, ...], stype: str, values: np.ndarray) -> None:
         self.__dict__.update(dtype=dtype, shape=shape, stype=stype, values=values)
 
-    @property  # type: ignore[override]
+    @property
     def data(self) -> bytes:
         if "_bytes" not in self.__dict__:
             self.__dict__["_bytes"] = self.__dict__["values"].tobytes()
@@ -194,7 +194,8 @@ def record_to_rows(clients: Sequence[int], states: ArrayRecord, prev: ArrayRecor
 
 
 # ---------------------------------------------------------------------------------------------- node → server
-def results_to_records(results: Sequence[BlockResult], derived: tuple[str, ...] = ()) -> tuple[ArrayRecord, ConfigRecord]:
+def results_to_records(results: Sequence[BlockResult],
+                       derived: tuple[str, ...] = ()) -> tuple[ArrayRecord, ConfigRecord]:
     """A block's run results as the ``replies`` and ``meta`` records (module docstring); state paths under
     a ``derived`` prefix do not travel (the server computes them: ``Algorithm.derive_state``)."""
     arrays: dict[str, Array] = {}
@@ -271,8 +272,9 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
     return out
 
 
-def _read_run(arrays: ArrayRecord, meta: ConfigRecord, r: int, js: list[int], round_: int, expected: Mapping[str, Tensor],
-              shapes: Mapping[str, tuple[int, ...]], stated: int, out: BlockRead) -> None:
+def _read_run(arrays: ArrayRecord, meta: ConfigRecord, r: int, js: list[int], round_: int,
+              expected: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]], stated: int,
+              out: BlockRead) -> None:
     """Run ``r`` of a block's reply (its clients ``js``; ``expected``: the state columns that travel;
     ``stated``: how many ``r/s/`` arrays the reply holds)."""
     b = len(js)

@@ -8,15 +8,18 @@ a role from their shape: ≥3-D → ``conv``, 2-D → ``hidden``, ≤1-D → ``v
 
 Presets (role → norm; Scion's ``Auto`` rules, docs/ALGORITHMS.md §1.1 and §4):
 
-| preset    | hidden (d_out×d_in)          | conv (C_out×C_in×k…)           | embedding (V×D)   | head (d_out×d_in) | vector |
-| --------- | ---------------------------- | ------------------------------ | ----------------- | ----------------- | ------ |
-| scion     | spectral, c = sqrt(d_in/d_out) | spectral of reshape, c = k·sqrt(C_in/C_out) | row, c = 1/sqrt(D) | sign, c = d_in | rms |
-| muon      | spectral, c = 1/sqrt(max(1, d_out/d_in)) (Muon's shape scale) | same rule on the reshape | as scion | as scion | as scion |
-| euclidean | euclidean (layer-wise normalised GD) for every parameter                                      ||||||
-| sign      | sign, c = 1 (layer-wise signGD) for every parameter                                            ||||||
-| muon_mvr  | by shape: 2-D spectral, c = 1/(0.2·sqrt(max(d_out, d_in))), embeddings and heads too; others identity ||||||
+| role                 | ``scion``                                   | ``muon``                                 |
+| -------------------- | ------------------------------------------- | ---------------------------------------- |
+| hidden (d_out×d_in)  | spectral, c = sqrt(d_in/d_out)              | spectral, c = 1/sqrt(max(1, d_out/d_in)) |
+| conv (C_out×C_in×k…) | spectral of reshape, c = k·sqrt(C_in/C_out) | the hidden rule on the reshape           |
+| embedding (V×D)      | row, c = 1/sqrt(D)                          | as scion                                 |
+| head (d_out×d_in)    | sign, c = d_in                              | as scion                                 |
+| vector               | rms                                         | as scion                                 |
 
-(k = product of kernel sizes; Scion's SpectralConv divides by k² for a k×k kernel.)
+(k = product of kernel sizes; Scion's SpectralConv divides by k² for a k×k kernel; ``muon``'s hidden c is
+Muon's shape scale.) The other presets use one rule for every parameter: ``euclidean``, euclidean
+(layer-wise normalised GD); ``sign``, sign with c = 1 (layer-wise signGD); ``muon_mvr``, by shape: 2-D
+spectral with c = 1/(0.2·sqrt(max(d_out, d_in))), embeddings and heads too, others identity.
 
 ``muon_mvr`` is the geometry of the Muon-MVR code (the ``form: reference`` of ``muon_mvr1/2``,
 :class:`fedgluon.lmo.estimators.MuonMVR`): a 2-D parameter moves by ``lr·0.2·sqrt(max(m, n))·UVᵀ``
@@ -45,13 +48,16 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from fedgluon.core.devices import resolve_device
 from fedgluon.lmo.norms import ColNorm, Euclidean, Identity, Norm, RowNorm, Sign, Spectral, rms
-from fedgluon.lmo.polar import PolarOracle, make_polar
+from fedgluon.lmo.polar import CoefficientName, DtypeName, PolarOracle, make_polar
+
+_T = TypeVar("_T")
 
 ROLES = ("hidden", "conv", "embedding", "head", "vector")
 PRESETS = ("scion", "muon", "euclidean", "sign", "muon_mvr")
@@ -140,7 +146,7 @@ class ParamGeometry:
     radius: float = 1.0
 
 
-def _choose(name: str, patterns: Iterable[tuple[str, object]]) -> object | None:
+def _choose(name: str, patterns: Iterable[tuple[str, _T]]) -> _T | None:
     hit = None
     for pattern, value in patterns:
         if fnmatch.fnmatchcase(name, pattern):
@@ -186,19 +192,19 @@ class Geometry:
         *,
         preset: str = "scion",
         roles: Mapping[str, str] | None = None,
-        overrides: Sequence[Mapping[str, object]] = (),
+        overrides: Sequence[Mapping[str, Any]] = (),
         radius: Mapping[str, float] | None = None,
         spectral_method: str = "newton_schulz",
         ns_steps: int = 5,
-        ns_coefficients: str = "quintic",
-        ns_dtype: str = "auto",
+        ns_coefficients: CoefficientName = "quintic",
+        ns_dtype: DtypeName = "auto",
         ns_compile: bool = False,
         lmo_device: str = "auto",
     ) -> Geometry:
         """Assign norms to named shapes by role rules, the preset, then pattern overrides."""
         _check_choice("geometry.preset", preset, PRESETS)
-        oracle = make_polar(spectral_method, steps=ns_steps, coefficients=ns_coefficients,  # type: ignore[arg-type]
-                            dtype=ns_dtype, compile=ns_compile)  # type: ignore[arg-type]
+        oracle = make_polar(spectral_method, steps=ns_steps, coefficients=ns_coefficients, dtype=ns_dtype,
+                            compile=ns_compile)
         role_patterns = list((roles or {}).items())
         for pattern, role in role_patterns:
             _check_choice(f"geometry.roles[{pattern!r}]", role, ROLES)
@@ -217,12 +223,12 @@ class Geometry:
             role = _choose(name, role_patterns) or _role_from_shape(shape)
             norm_name = _preset_norm(preset, str(role), shape)
             factor = None
-            rho = float((radius or {}).get(role, 1.0))  # type: ignore[arg-type]
+            rho = float((radius or {}).get(role, 1.0))
             for o in overrides:
                 if fnmatch.fnmatchcase(name, str(o["pattern"])):
                     norm_name = str(o.get("norm", norm_name))
-                    factor = float(o["factor"]) if o.get("factor") is not None else factor  # type: ignore[arg-type]
-                    rho = float(o["radius"]) if o.get("radius") is not None else rho  # type: ignore[arg-type]
+                    factor = float(o["factor"]) if o.get("factor") is not None else factor
+                    rho = float(o["radius"]) if o.get("radius") is not None else rho
             if rho <= 0 or not math.isfinite(rho):
                 raise ValueError(f"radius multiplier of {name!r} must be positive and finite, got {rho}")
             norm = NORMS[norm_name](shape, oracle, factor)
@@ -274,20 +280,20 @@ class Geometry:
 
     def lmo(self, tensors: Mapping[str, Tensor]) -> Tensors:
         """Layer-wise unit-ball minimisers ``lmo_i(G_i)``; same-shape matrices in one batched call."""
-        return self._apply(tensors, lambda norm, G: norm.lmo(G))  # type: ignore[return-value]
+        return self._apply(tensors, lambda norm, G: norm.lmo(G))
 
     def lmo_and_dual(self, tensors: Mapping[str, Tensor]) -> tuple[Tensors, Tensors]:
         """``(lmo_i(G_i), −<G_i, lmo_i(G_i)>)`` for every i (see :meth:`Norm.lmo_and_dual`)."""
         both = self._apply(tensors, lambda norm, G: norm.lmo_and_dual(G))
-        return ({n: v[0] for n, v in both.items()}, {n: v[1] for n, v in both.items()})  # type: ignore[index]
+        return ({n: v[0] for n, v in both.items()}, {n: v[1] for n, v in both.items()})
 
     def dual_norms(self, tensors: Mapping[str, Tensor]) -> Tensors:
         """Exact dual norms ``‖G_i‖_(i)*`` (nuclear norm by SVD for spectral layers)."""
-        return self._apply(tensors, lambda norm, G: norm.dual(G))  # type: ignore[return-value]
+        return self._apply(tensors, lambda norm, G: norm.dual(G))
 
     def norms(self, tensors: Mapping[str, Tensor]) -> Tensors:
         """Primal norms ``‖X_i‖_(i)``."""
-        return self._apply(tensors, lambda norm, X: norm.norm(X))  # type: ignore[return-value]
+        return self._apply(tensors, lambda norm, X: norm.norm(X))
 
     def describe(self) -> list[dict[str, object]]:
         """One row per parameter: name, shape, role, norm, radius (for logs and the CLI)."""

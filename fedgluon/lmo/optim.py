@@ -125,7 +125,7 @@ class Gluon(torch.optim.Optimizer):
                             f"{sorted(_GEOMETRY_KEYS + _ESTIMATOR_KEYS + _SCHEDULE_KEYS)}")
         if isinstance(params, nn.Module):
             module: nn.Module | None = params
-            named = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
+            named: list[tuple[str, Tensor]] = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
         else:
             module, named = None, list(params)
             if named and not isinstance(named[0], tuple):
@@ -212,7 +212,7 @@ class Gluon(torch.optim.Optimizer):
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None,
-             refresh_closure: Callable[[], Any] | None = None):  # type: ignore[override]
+             refresh_closure: Callable[[], Any] | None = None):
         group = self.param_groups[0]
         k = int(group["step_count"])
         params = self._params()
@@ -248,7 +248,7 @@ class Gluon(torch.optim.Optimizer):
         return loss
 
 
-def minibatch_epoch(opt: torch.optim.Optimizer, model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 32, *,
+def minibatch_epoch(opt: Gluon, model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 32, *,
                     generator: torch.Generator | None = None,
                     loss_fn: Callable[[Tensor, Tensor], Tensor] = torch.nn.functional.cross_entropy,
                     refresh_closure: Callable[[], Any] | None = None,

@@ -97,7 +97,7 @@ SCHEDULES = ("constant", "polynomial", "warmup_cosine", "warmup_linear")
 
 
 def make_schedule(name: str, lr: float, *, power: float = 0.75, total: int | None = None,
-                  warmup: int = 0, final_fraction: float = 0.0):
+                  warmup: int = 0, final_fraction: float = 0.0) -> Callable[[int], float]:
     """A scalar schedule by name (see :data:`SCHEDULES`)."""
     if name == "constant":
         return Constant(lr)
@@ -114,15 +114,15 @@ def make_schedule(name: str, lr: float, *, power: float = 0.75, total: int | Non
 class Scheduled:
     """``t_i^k = schedule(k) · ρ_i``."""
 
-    schedule: object
+    schedule: Callable[[int], float]
     needs_dual_norms = False
 
     def radii(self, k: int, geometry: Geometry, dual_norms: Mapping[str, Tensor] | None = None) -> dict[str, float]:
-        g = self.schedule(k)  # type: ignore[operator]
+        g = self.schedule(k)
         return {p.name: g * p.radius for p in geometry}
 
     def base(self, k: int) -> float:
-        return float(self.schedule(k))  # type: ignore[operator]
+        return float(self.schedule(k))
 
 
 def _per_param(value: float | Mapping[str, float], geometry: Geometry, what: str) -> dict[str, float]:
@@ -180,9 +180,7 @@ def make_radius_rule(lr: float, schedule: str | Callable[[int], float] = "consta
     given, else ``schedule`` (a name from :data:`SCHEDULES` with its options, or a callable) times ρ_i."""
     if adaptive is not None:
         return GluonAdaptive(**adaptive)
-    if isinstance(schedule, str):
-        schedule = make_schedule(schedule, lr, **schedule_options)
-    return Scheduled(schedule)
+    return Scheduled(make_schedule(schedule, lr, **schedule_options) if isinstance(schedule, str) else schedule)
 
 
 def fit_l0_l1(lhat: np.ndarray, grad_dual: np.ndarray, lam: float = 0.0) -> tuple[float, float]:

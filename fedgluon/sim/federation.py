@@ -184,9 +184,10 @@ class Federation:
                     failed: Mapping[int, str] | None = None, pre_rejected: Mapping[int, str] | None = None,
                     died: Mapping[int, str] | None = None) -> dict[str, Any]:
         """Apply round ``plan.k``'s replies; ``proposed``: per run of a block its clients, proposed state
-        columns and payload groups (:class:`~fedgluon.algorithms.block.Proposal`); ``failed`` maps clients without a usable reply to the reason,
-        ``pre_rejected`` those whose reply could not even be parsed, ``died`` those whose worker process
-        the runtime reports dead (an error code of Ray/Flower, not a client's message)."""
+        columns and payload groups (:class:`~fedgluon.algorithms.block.Proposal`); ``failed`` maps clients
+        without a usable reply to the reason, ``pre_rejected`` those whose reply could not even be parsed,
+        ``died`` those whose worker process the runtime reports dead (an error code of Ray/Flower, not a
+        client's message)."""
         k, S, bc = plan.k, plan.participants, plan.broadcast
         failed = {j: clip_text(why) for j, why in (failed or {}).items()}
         self._check_died(k, died)

@@ -47,7 +47,8 @@ class SmallCNN(nn.Module):
         super().__init__()
         blocks, c = [], in_channels
         for w in widths:
-            blocks += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w, track_running_stats=False), nn.GELU(), nn.MaxPool2d(2)]
+            blocks += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w, track_running_stats=False),
+                       nn.GELU(), nn.MaxPool2d(2)]
             c = w
         self.features = nn.Sequential(*blocks)
         side = image_size // 2 ** len(widths)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -69,7 +70,7 @@ def make_estimator(name: str, **kwargs) -> Estimator:
     raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {name!r}")
 
 
-def _pick(kwargs: Mapping[str, object], *keys: str) -> dict[str, object]:
+def _pick(kwargs: Mapping[str, Any], *keys: str) -> dict[str, Any]:
     return {k: kwargs[k] for k in keys if kwargs.get(k) is not None}
 
 
@@ -94,4 +95,5 @@ class RefreshPolicy:
             return True
         if self.period is not None:
             return step % self.period == 0
+        assert self.prob is not None  # __post_init__: exactly one of prob and period
         return bool(torch.rand((), generator=generator) < self.prob)

@@ -115,11 +115,11 @@ class MuonMVR(Estimator):
             raise ValueError(f"adamw_eps must be >= 0, got {self.adamw_eps}")
 
     @property
-    def name(self) -> str:  # type: ignore[override]
+    def name(self) -> str:  # type: ignore[override]  # from the variant; a class attribute elsewhere
         return f"muon_mvr{self.variant}"
 
     @property
-    def needs_previous(self) -> bool:  # type: ignore[override]
+    def needs_previous(self) -> bool:  # type: ignore[override]  # variant 2 only; a class attribute elsewhere
         return self.variant == 2
 
     def zero_state(self, g):
@@ -215,7 +215,8 @@ class LiMuon(Estimator):
 
     def _compress(self, m: Mapping[str, Tensor], steps: Tensor) -> State:
         keys = sorted(k for k in m if self._factored(m[k].shape[1:]))
-        P, Q = {k: [] for k in keys}, {k: [] for k in keys}
+        P: dict[str, list[Tensor]] = {k: [] for k in keys}
+        Q: dict[str, list[Tensor]] = {k: [] for k in keys}
         for i, step in enumerate(steps.tolist()):
             gen = generator(self.seed, "sketch", step)
             for k in keys:

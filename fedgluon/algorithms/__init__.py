@@ -12,13 +12,15 @@ from fedgluon.algorithms.base import Algorithm, Broadcast, ClientReply, ServerOu
 from fedgluon.algorithms.dense import Gluon, GluonMVR, GluonSARAH, LiMuonFL
 from fedgluon.algorithms.ef21 import EF21MuonBidir, GluonEF21, GluonEF21MVR, GluonEF21SARAH
 from fedgluon.algorithms.local import FedAvg, LocalGluon
+from fedgluon.algorithms.loco import DiLoCo, MuLoCo
 from fedgluon.algorithms.server_opt import ServerAdamW, ServerSGD
 from fedgluon.algorithms.unbiased import GluonDASHAMVR, GluonMARINA
 from fedgluon.lmo.geometry import Geometry
 
 ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (
     Gluon, GluonMVR, GluonSARAH, GluonMARINA, GluonDASHAMVR, GluonEF21, GluonEF21SARAH, GluonEF21MVR,
-    EF21MuonBidir, LiMuonFL, FedAvg, LocalGluon, ServerSGD, ServerAdamW)}
+    EF21MuonBidir, LiMuonFL, FedAvg, LocalGluon, ServerSGD, ServerAdamW,
+    DiLoCo, MuLoCo)}
 
 
 def make_algorithm(name: str, geometry: Geometry, **options: Any) -> Algorithm:

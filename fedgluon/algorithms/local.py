@@ -17,6 +17,7 @@ from torch import Tensor
 from compressors import Compressor, make_compressor, make_error_feedback
 from fedgluon.algorithms.base import Algorithm, BlockResult, Broadcast, feedback_step
 from fedgluon.clients.objective import Batch
+from fedgluon.clients.table import ClientRows
 from fedgluon.clients.vectorised import stacked_gradients
 from fedgluon.core.rng import generator
 
@@ -65,7 +66,8 @@ class FedAvg(Algorithm):
         grads = self.gradients(rows, bc, objectives)
         state, tau, js = rows.tree, self.opt["local_steps"], rows.clients
         X = {n: t.expand(len(js), *t.shape) for n, t in bc.model.items()}
-        X, est_state = self.local_step(X, grads.now, bc.round * tau, None, torch.ones(len(js), dtype=torch.bool))
+        est_state, first = self.inner_start(rows)
+        X, est_state = self.local_step(X, grads.now, bc.round * tau, est_state, first)
         for s in range(1, tau):
             batches = [objective_batch(objectives[j], bc, j, s) for j in js]
             _, g = stacked_gradients(objectives, js, batches, stacked=X, device=self.client_device)
@@ -75,7 +77,17 @@ class FedAvg(Algorithm):
         grads.evals[:] = [tau] * len(js)
         delta = {n: X[n] - bc.model[n] for n in X}
         pieces, groups = feedback_step(self.feedback, state, delta, bc, rows)
-        return BlockResult(js, bc.round, groups, pieces, grads.loss, grads.evals, grads.samples)
+        return BlockResult(js, bc.round, groups, {**pieces, **self.inner_kept(est_state)}, grads.loss,
+                           grads.evals, grads.samples)
+
+    def inner_start(self, rows: ClientRows) -> tuple[Any, Tensor]:
+        """The local steps' starting state and first-step mask: none and every row first (restarted each
+        round; methods that keep an inner optimizer across rounds read it from ``rows``)."""
+        return None, torch.ones(len(rows), dtype=torch.bool)
+
+    def inner_kept(self, est_state: Any) -> dict[str, Any]:
+        """The state pieces the local steps leave to the next round: none (restarted each round)."""
+        return {}
 
     def server_update(self, state, G, k):
         eta = self.opt["server_lr"]

@@ -35,6 +35,7 @@ ALGORITHMS = [
     {"name": "gluon-ef21-mvr"}, {"name": "ef21-muon-bidir"},
     {"name": "fedavg", "compressor": {"name": "topk", "ratio": 0.3}, "error_feedback": "ef14"},
     {"name": "local-gluon", "local_steps": 2}, {"name": "sgd"}, {"name": "adamw"},
+    {"name": "diloco", "local_steps": 2}, {"name": "muloco", "local_steps": 2},
 ]
 
 

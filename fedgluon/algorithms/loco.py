@@ -82,6 +82,9 @@ class _LoCo(FedAvg):
         super().__init__(geometry, **options)
         if self.opt["adaptive"] is not None:
             raise ValueError(f"algorithm {self.name!r} takes an inner schedule, not Gluon's adaptive radius")
+        if self.opt["state_dtype"] is not None:
+            raise ValueError(f"algorithm {self.name!r} keeps its inner optimizer state in the working dtype "
+                             f"(state_dtype must be None, got {self.opt['state_dtype']!r})")
         if not self.opt["outer_lr"] > 0:
             raise ValueError(f"outer_lr must be > 0, got {self.opt['outer_lr']}")
         if not 0 <= self.opt["outer_momentum"] < 1:

@@ -1,5 +1,5 @@
 """DiLoCo and MuLoCo: H inner steps with a kept inner optimizer, a compressed pseudo-gradient, an outer
-Nesterov step.
+Nesterov step (docs/ALGORITHMS.md §14).
 
 **DiLoCo** (Douillard et al., arXiv 2311.08105, Algorithm 1). Round k, client j starts from the broadcast
 ``X = X^k`` and takes H inner steps of its own optimizer (AdamW) on its own minibatches::
@@ -23,7 +23,8 @@ with M kept across rounds; and the pseudo-gradient compressed with error feedbac
     p_j = C(e_j + Δ_j),   e_j ← e_j + Δ_j − p_j,   Δ = Σ_j w_j p_j / Σ_j w_j
 
 with top-k or low-bit quantisers; its default ``C`` is the deterministic 2-bit quantiser with a
-per-tensor scale (``compressor: int2``, :class:`compressors.values.SymmetricInt`).
+per-tensor scale (``compressor: int2``, :class:`compressors.values.SymmetricInt`: the symmetric absmax
+grid {−s, 0, s}, s = max|v|; [RECON] the paper's own definition of its grid was not available here).
 
 Both take any compressor and ``error_feedback`` (``none`` or ``ef14``; DiLoCo's default: identity,
 none; MuLoCo's: int2, ef14).
@@ -35,13 +36,14 @@ none; MuLoCo's: int2, ef14).
   int-b, identity);
 * H (``local_steps``) defaults to 5, not the papers' 500 (DiLoCo) or 30 (MuLoCo): simulator rounds on
   small tasks; the inner learning rate ``lr`` follows the run's schedule at inner step ``kH + h``
-  (the papers use cosine with warmup over inner steps: ``schedule: cosine``);
+  (the papers use cosine with warmup over inner steps: ``schedule: warmup_cosine``);
 * DiLoCo's AdamW uses ``betas = (0.9, 0.999)``, ``eps = 1e-8`` (torch's defaults; the paper gives
   lr 4e-4 and weight decay 0.1, which are the defaults here); AdamW's step count is per client and
   kept with its moments; a client's first participation starts from zero moments;
 * MuLoCo's inner Muon is fedgluon's LMO step of whatever geometry the run configures (pick the
   ``muon`` preset for the paper's Muon; its decay is the LMO step's ``weight_decay``, 0 by default);
-* EF14 with a unit error decay (the residual is kept in full), per client, committed with the row;
+* EF14 with a unit error decay (the residual is kept in full: no decay factor is applied), per client,
+  committed with the row; the residual is added before compression, as the paper describes;
 * the outer optimizer is ``torch.optim.SGD(nesterov=True)`` at a constant ``outer_lr`` (no outer
   schedule), its momentum buffer in the server state;
 * ``inner: "sgd"`` (DiLoCo only) swaps AdamW for plain SGD ``X ← X − η g``: DiLoCo with SGD inside

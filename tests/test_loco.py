@@ -197,3 +197,14 @@ def test_resume_and_rejection_keep_the_inner_state(tmp_path, algorithm):
     rejected = run_plain(algo, task.objectives, task.initial_params(), 3, seed=3, tamper=stale)
     assert rejected.frame()["rejected"].tolist() == [0, 0, 4]
     same_table(two.table, rejected.table)
+
+
+def test_bad_options_name_the_field():
+    *_, geom = tiny(1)
+    for options, match in [({"inner": "lion"}, "inner must be one of"), ({"outer_momentum": 1.0}, "outer_momentum"),
+                           ({"outer_lr": 0.0}, "outer_lr"), ({"state_dtype": "bfloat16"}, "state_dtype"),
+                           ({"local_lr": 0.1}, "unknown option")]:
+        with pytest.raises(ValueError, match=match):
+            make_algorithm("diloco", geom, **options)
+    with pytest.raises(ValueError, match="unknown option"):
+        make_algorithm("muloco", geom, inner="adamw")

@@ -134,7 +134,7 @@ class DiLoCo(_LoCo):
 
     def local_step(self, X, g, step, est_state, first):
         """One inner step of the block at the schedule's ``η = lr(step)``: AdamW (decoupled decay λ), or
-        plain SGD ``X ← X − η g`` with ``inner: sgd`` (no state)."""
+        plain SGD ``X ← X − η g`` with ``inner: sgd`` (no state, no decay)."""
         eta = self.lmo_step.radius_rule.base(step)
         if self.est is None:
             return {n: X[n] - eta * g[n] for n in X}, {}

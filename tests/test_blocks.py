@@ -208,7 +208,6 @@ def _same_row(a: dict, b: dict, what: str) -> None:
     {"name": "limuon", "rank": 2},  # per-row RSVD factors
     {"name": "fedavg", "local_steps": 2},
     {"name": "diloco", "local_steps": 2},  # AdamW kept across rounds: per-row step counts
-    {"name": "muloco", "local_steps": 2},  # Muon momentum kept across rounds, int2 scales per row
 ])
 def test_a_rows_result_is_bitwise_independent_of_its_block_mates(algorithm):
     """After 3 rounds of partial participation (first-time clients beside later ones, X_prev of several

@@ -118,7 +118,8 @@ class Compressor:
         Proof sketch of the contractive ∘ unbiased rule: with y = C(x), z = Q(y)/(1+ω),
         E‖z − x‖² ≤ ‖y‖²/(1+ω) − 2<y, x>/(1+ω) + ‖x‖² = (‖y−x‖² − ‖x‖²)/(1+ω) + ‖x‖²
         ≤ (1 − α/(1+ω))‖x‖². Rounding with unit roundoff u after C: ‖R(y) − x‖ ≤ u‖y‖ + ‖y − x‖
-        ≤ (u(1+s) + s)‖x‖ with s = √(1−α).
+        ≤ (u(1+s) + s)‖x‖ with s = √(1−α). A contractive codec (int-b, ``‖Q(y) − y‖² ≤ (1 − α_Q)‖y‖²``)
+        enters the same bound with u = √(1 − α_Q); where the bound reaches 1 no constant is claimed ("biased").
         """
         s = self._structure_for(shape)
         n = s.n_values(shape)
@@ -130,7 +131,7 @@ class Compressor:
                 return Properties("identity", alpha=1.0, omega=0.0)
             if v.kind == "unbiased":
                 return Properties("unbiased", omega=v.omega(n))
-            return Properties("contractive", alpha=1 - v.unit_roundoff ** 2)
+            return Properties("contractive", alpha=1 - _relative_error(v, n) ** 2)
         if s.kind == "unbiased":
             if v.kind == "exact":
                 return Properties("unbiased", omega=s.omega(shape))
@@ -146,7 +147,8 @@ class Compressor:
         if v.kind == "unbiased":
             return Properties("contractive", alpha=alpha / (1 + v.omega(n)))
         root = math.sqrt(1 - alpha)
-        return Properties("contractive", alpha=1 - (root + v.unit_roundoff * (1 + root)) ** 2)
+        bound = root + _relative_error(v, n) * (1 + root)
+        return Properties("contractive", alpha=1 - bound ** 2) if bound < 1 else Properties("biased")
 
     # ------------------------------------------------------------------ encode / decode
     @property
@@ -291,3 +293,8 @@ class Compressor:
         out = self.decompress(payload, shape=tuple(x.shape), device=x.device, dtype=x.dtype)
         assert isinstance(out, Tensor)  # not sparse=True: dense
         return out
+
+
+def _relative_error(values: ValueCodec, n: int) -> float:
+    """u with ``‖Q(y) − y‖ ≤ u‖y‖`` on n values: ``√(1 − α)`` (a rounding codec's unit roundoff)."""
+    return math.sqrt(1 - values.alpha(n))

@@ -26,6 +26,7 @@ COMPRESSORS: dict[str, tuple[Callable[..., Structure], tuple[str, ...], str]] = 
     "identity": (lambda: Dense(), (), "fp32"),
     "qsgd": (lambda: Dense(), (), "qsgd"),
     "natural": (lambda: Dense(), (), "natural"),
+    "int2": (lambda: Dense(), (), "int2"),
     "topk": (TopK, ("ratio", "min_k"), "fp32"),
     "randk": (RandK, ("ratio", "min_k"), "fp32"),
     "randk_seeded": (RandKSeeded, ("ratio", "min_k"), "fp32"),
@@ -50,6 +51,6 @@ def make_compressor(spec: str | Mapping[str, Any]) -> Compressor:
     if unknown:
         raise ValueError(f"compressor {name!r} takes options {sorted(options) + ['levels', 'values']}, "
                          f"got unknown {sorted(unknown)}")
-    if name in ("qsgd", "natural") and values != default_values:
+    if name in ("qsgd", "natural", "int2") and values != default_values:
         raise ValueError(f"compressor {name!r} fixes values={default_values!r}")
     return Compressor(factory(**spec), make_value_codec(values, levels), name=name)

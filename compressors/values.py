@@ -1,15 +1,16 @@
 """Value codecs: how a vector of n floats travels. Each is exact, rounding, or unbiased (with ω).
 
-| codec   | arrays                                   | bits                | kind / ω |
-| ------- | ---------------------------------------- | ------------------- | -------- |
-| fp32    | ``v`` float32 (n)                        | 32 n                | exact (the working precision) |
-| fp64    | ``v`` float64 (n)                        | 64 n                | exact for float64 (tests) |
-| fp16    | ``v`` float16 (n), ``scale`` float32 (1) | 16 n + 32           | rounding, relative error ≤ 2⁻¹¹ (a) |
-| qsgd    | ``norm`` float32 (1), ``q`` packed bits  | n ⌈log2(2s+1)⌉ + 32 | unbiased, ω = min(n/s², √n/s) (b) |
-| natural | ``e`` uint8 (n), ``sign`` packed bits    | 9 n                 | unbiased, ω = 1/8 (c) |
+| codec    | arrays                                   | bits                | kind / ω |
+| -------- | ---------------------------------------- | ------------------- | -------- |
+| fp32     | ``v`` float32 (n)                        | 32 n                | exact (the working precision) |
+| fp64     | ``v`` float64 (n)                        | 64 n                | exact for float64 (tests) |
+| fp16     | ``v`` float16 (n), ``scale`` float32 (1) | 16 n + 32           | rounding, relative error ≤ 2⁻¹¹ (a) |
+| qsgd     | ``norm`` float32 (1), ``q`` packed bits  | n ⌈log2(2s+1)⌉ + 32 | unbiased, ω = min(n/s², √n/s) (b) |
+| natural  | ``e`` uint8 (n), ``sign`` packed bits    | 9 n                 | unbiased, ω = 1/8 (c) |
+| int2/4/8 | ``q`` b bits, ``scale`` float32 (1)      | b n + 32            | deterministic, α = 1/n (d) |
 
 (a) values scaled into the fp16 range first; (b) Alistarh et al. 2017, Lemma 3.1; (c) Horváth et al.,
-"Natural compression", 2019.
+"Natural compression", 2019; (d) MuLoCo's low-bit quantiser (arXiv 2505.23725).
 
 QSGD: ``Q(v)_l = ‖v‖₂ · sign(v_l) · ξ_l / s`` with ``ξ_l ∈ {⌊s|v_l|/‖v‖⌋, ⌊…⌋+1}`` rounded up with
 probability equal to the fractional part. Levels ``sign·ξ ∈ [−s, s]`` are bit-packed.
@@ -78,6 +79,11 @@ class ValueCodec(ABC):
 
     def omega(self, n: int) -> float:
         return 0.0
+
+    def alpha(self, n: int) -> float:
+        """``‖Q(v) − v‖² ≤ (1 − α)‖v‖²`` for exact, rounding and contractive codecs on n values (rounding:
+        1 − u² from the unit roundoff u)."""
+        return 1.0 - self.unit_roundoff ** 2
 
     def encode(self, V: Tensor, gens: list[torch.Generator] | None) -> tuple[Arrays, dict[str, list]]:
         """(B, n) values → (arrays (B, ·), per-row headers); row i draws from ``gens[i]`` (None: no draws)."""
@@ -266,7 +272,68 @@ class Natural(ValueCodec):
         return BitCount(value_bits=9 * n, n_values=n)
 
 
-VALUE_CODECS = ("fp32", "fp64", "fp16", "qsgd", "natural")
+class SymmetricInt(ValueCodec):
+    """Deterministic b-bit quantisation with a per-tensor scale (``int2``, ``int4``, ``int8``)::
+
+        s = max_l |v_l|,   L = 2^{b−1} − 1,   q_l = round(L v_l / s) ∈ [−L, L],   Q(v)_l = s q_l / L
+
+    the symmetric absmax grid (zero and ±s are levels; b = 2 gives {−s, 0, s}). MuLoCo (arXiv
+    2505.23725) compresses the pseudo-gradient to 2 bits per value with a per-tensor scale and error
+    feedback. [RECON] The paper's text defining its grid was not available here (only its abstract and
+    summaries): this is the standard symmetric absmax quantiser with those properties.
+    Rounds half to even; ``q + L`` travels in b bits (one code unused), the scale as float32.
+
+    Deterministic, hence *biased*: no unbiasedness is claimed. Each entry goes to a level no farther
+    than 0 and the largest entry is exact (up to the float32 rounding of s, 2⁻²⁴ relative), so
+    ``‖Q(v) − v‖² ≤ ‖v‖² − s² ≤ (1 − 1/n)‖v‖²``: a contraction with α = 1/n on n values (``alpha``;
+    tests/test_compressors.py measures it). A non-finite input sends zeros.
+    """
+
+    kind = "contractive"
+    _WIDTHS = {"int2": 2, "int4": 4, "int8": 8}
+
+    def __init__(self, name: str = "int2"):
+        if name not in self._WIDTHS:
+            raise ValueError(f"symmetric int codec must be one of {list(self._WIDTHS)}, got {name!r}")
+        self.name, self.width = name, self._WIDTHS[name]
+        self.top = 2 ** (self.width - 1) - 1
+
+    def alpha(self, n: int) -> float:
+        """The contraction constant on n values: ``‖Q(v) − v‖² ≤ (1 − α)‖v‖²`` with α = 1/n."""
+        return 1.0 / max(1, n)
+
+    def keys(self):
+        return {"q", "scale"}
+
+    def encode_row(self, v, gen):
+        v = v.detach().to("cpu", torch.float64)
+        amax = float(v.abs().max()) if v.numel() else 0.0
+        s = float(np.float32(min(amax, float(np.finfo(np.float32).max))))  # the scale that travels
+        if s == 0 or not math.isfinite(amax):
+            q = torch.zeros(v.shape, dtype=torch.int64)
+            s = 0.0
+        else:  # round to the grid the decoder rebuilds from the float32 scale
+            q = torch.round(v * (self.top / s)).clamp(-self.top, self.top).to(torch.int64)
+        return {"q": _pack((q + self.top).numpy(), self.width),
+                "scale": np.array([s], dtype=np.float32)}, {}
+
+    def decode(self, arrays, meta, n, layer, device=None, dtype=torch.float32):
+        scale = get_array(arrays, "scale", layer, (np.float32,), 1)
+        check_finite(scale, layer, "scale")
+        if (scale < 0).any():
+            raise MetaError(layer, "scale", f"must be >= 0, got {scale[scale < 0][0]}")
+        q = get_array(arrays, "q", layer, (np.uint8,), math.ceil(n * self.width / 8))
+        codes = _unpack(q, n, self.width) - self.top
+        if np.abs(codes).max(initial=0) > self.top:
+            raise MetaError(layer, "q", f"quantisation level outside [-{self.top}, {self.top}]")
+        vals = torch.from_numpy(codes).to(torch.float64) * torch.from_numpy(scale.astype(np.float64) / self.top)
+        return vals.to(device=device, dtype=dtype) if device is not None else vals.to(dtype)
+
+    def bits(self, n, meta):
+        return BitCount(value_bits=self.width * n, n_values=n, scalar_bits=32)
+
+
+VALUE_CODECS = ("fp32", "fp64", "fp16", "qsgd", "natural", "int2", "int4", "int8")
 
 
 def make_value_codec(name: str, levels: int = 15) -> ValueCodec:
@@ -280,4 +347,6 @@ def make_value_codec(name: str, levels: int = 15) -> ValueCodec:
         return QSGD(levels)
     if name == "natural":
         return Natural()
+    if name in ("int2", "int4", "int8"):
+        return SymmetricInt(name)
     raise ValueError(f"values must be one of {list(VALUE_CODECS)}, got {name!r}")

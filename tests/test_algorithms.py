@@ -146,7 +146,8 @@ def synthetic_federation():
 
 
 SETTINGS = {"fedavg": {"local_lr": 0.05, "local_steps": 3}, "sgd": {"lr": 0.1}, "adamw": {"lr": 0.01},
-            "local-gluon": {"lr": 0.02, "local_steps": 3},
+            "local-gluon": {"lr": 0.02, "local_steps": 3}, "diloco": {"lr": 0.02, "local_steps": 1},
+            "muloco": {"lr": 0.03, "local_steps": 2},
             "fedmuon": {"lr": 0.05, "schedule": "polynomial", "power": 0.5, "local_steps": 3},
             "fedmuon-bc": {"lr": 0.05, "schedule": "polynomial", "power": 0.5, "local_steps": 3}}
 

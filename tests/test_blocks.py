@@ -207,6 +207,7 @@ def _same_row(a: dict, b: dict, what: str) -> None:
     {"name": "gluon-ef21", "tracker": "fixed16", "compressor": {"name": "topk", "ratio": 0.1}},  # per-layer scales
     {"name": "limuon", "rank": 2},  # per-row RSVD factors
     {"name": "fedavg", "local_steps": 2},
+    {"name": "diloco", "local_steps": 2},  # AdamW kept across rounds: per-row step counts
 ])
 def test_a_rows_result_is_bitwise_independent_of_its_block_mates(algorithm):
     """After 3 rounds of partial participation (first-time clients beside later ones, X_prev of several

@@ -8,6 +8,7 @@ def test_list_shows_registries():
     assert out.exit_code == 0, out.output
     assert "optimizer methods: muon, scion" in out.output
     assert "norms: spectral" in out.output
+    assert ", diloco, " in out.output and ", muloco, " in out.output and ", int2, " in out.output
 
 
 def test_demo_trains_and_rejects_bad_method():

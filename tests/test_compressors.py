@@ -76,6 +76,60 @@ def test_contractive_composition_measured():
     assert float(errs.mean()) <= 1 - alpha + 4 * float(errs.std()) / math.sqrt(2000)
 
 
+def test_int2_is_a_contraction_with_alpha_one_over_n_measured():
+    """MuLoCo's 2-bit quantiser: every entry goes to a level of {−s, 0, s} no farther than 0 and the largest
+    is exact, so ‖Q(x) − x‖² ≤ ‖x‖² − s² ≤ (1 − 1/n)‖x‖² (up to the float32 scale); near-tight on entries
+    just below s/2."""
+    C = make_compressor("int2")
+    n = 600
+    assert C.properties((30, 20)).kind == "contractive" and C.properties((30, 20)).alpha == pytest.approx(1 / n)
+    for label, x in adversarial_inputs():
+        err, norm2, s2 = float((C(x) - x).pow(2).sum()), float(x.pow(2).sum()), float(x.abs().max()) ** 2
+        assert err <= (norm2 - s2) + 1e-6 * s2, label
+        assert err <= (1 - 1 / n) * norm2 * (1 + 1e-6), label
+    x = torch.full((n,), 0.499, dtype=torch.float64)
+    x[0] = 1.0
+    ratio = float((C(x) - x).pow(2).sum() / x.pow(2).sum())
+    assert 1 - 5 / n < ratio <= 1 - 1 / n  # the constant α = 1/n is nearly attained
+    int8 = make_compressor({"name": "identity", "values": "int8"})
+    assert C.properties((100,)).alpha == int8.properties((100,)).alpha  # the bound only needs 0 and ±s as levels
+
+
+def test_int2_is_deterministic_hence_biased():
+    """No draws: every seed gives the same payload, so E[Q(x)] = Q(x) ≠ x (biased; no ω is claimed)."""
+    C = make_compressor("int2")
+    x = torch.randn(8, 5, dtype=torch.float64)
+    assert not C.draws
+    same = draws(C, x, 4)
+    assert all(torch.equal(same[0], d) for d in same)
+    assert C.properties(tuple(x.shape)).omega is None
+    v = torch.tensor([1.0, 0.4, -0.7, 0.0], dtype=torch.float64)
+    assert C(v).tolist() == [1.0, 0.0, -1.0, 0.0]  # 0.4 → 0, −0.7 → −s: E[Q(v)] ≠ v
+
+
+def test_int_codecs_count_b_bits_per_value_and_one_scale_per_tensor():
+    x = {"w": torch.randn(30, 20), "b": torch.randn(7)}
+    for name, b in [("int2", 2), ("int4", 4), ("int8", 8)]:
+        C = make_compressor({"name": "identity", "values": name})
+        msg, _ = compress_message(C, x, (1, 2, 3))
+        assert message_bits(C, msg).total("int32") == b * 607 + 2 * 32
+    topk = make_compressor({"name": "topk", "ratio": 0.1, "values": "int2"})
+    bits = topk.bits(topk.compress(torch.randn(1000))[0])
+    assert (bits.value_bits, bits.scalar_bits, bits.n_indices) == (2 * 100, 32, 100)
+
+
+def test_int2_payload_with_an_unused_code_or_negative_scale_is_rejected():
+    from compressors import PayloadError
+    C = make_compressor("int2")
+    x = {"w": torch.randn(4, 3)}
+    msg, _ = compress_message(C, x, (1, 2, 3))
+    for key, value in [("v.q", np.full_like(msg["w"].arrays["v.q"], 0xFF)),  # code 3: level 2 > 1
+                       ("v.scale", np.array([-1.0], dtype=np.float32))]:
+        bad = {"w": TensorPayload(msg["w"].codec, msg["w"].shape, {**msg["w"].arrays, key: value}, msg["w"].meta)}
+        with pytest.raises(PayloadError):
+            decode_message(C, bad, {"w": (4, 3)})
+
+
 def test_powersgd_warm_start_measured():
     """One-shot PowerSGD is not contractive by theory; measured here on a fixed low-rank-plus-noise
     matrix, the warm-started error converges to the rank-r SVD optimum within 2% after 10 rounds,
@@ -121,7 +175,8 @@ ALL = ["identity", "qsgd", "natural", {"name": "topk", "ratio": 0.1}, {"name": "
        {"name": "randk_seeded", "ratio": 0.1}, {"name": "svd", "rank": 2}, {"name": "rsvd", "rank": 2},
        {"name": "powersgd", "rank": 2}, {"name": "topk", "ratio": 0.1, "values": "fp16"},
        {"name": "topk", "ratio": 0.1, "values": "qsgd", "levels": 3}, {"name": "randk", "ratio": 0.1,
-                                                                        "values": "natural"}]
+                                                                        "values": "natural"},
+       "int2", {"name": "topk", "ratio": 0.1, "values": "int4"}]
 
 
 @pytest.mark.parametrize("spec", ALL, ids=str)
@@ -198,7 +253,7 @@ def test_bad_compressor_configs():
     with pytest.raises(ValueError, match="ratio must be in"):
         make_compressor({"name": "topk", "ratio": -0.1})
     with pytest.raises(ValueError, match="compressor.values must be one of"):
-        make_compressor({"name": "topk", "values": "int4"})
+        make_compressor({"name": "topk", "values": "int3"})
     with pytest.raises(ValueError, match="unknown"):
         make_compressor({"name": "topk", "rank": 2})
 

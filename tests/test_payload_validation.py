@@ -22,7 +22,7 @@ from compressors.payload import (
 
 SHAPES = {"w": (30, 20), "b": (30,)}
 SPECS = ["identity", {"name": "topk", "ratio": 0.1}, {"name": "randk_seeded", "ratio": 0.1}, "qsgd", "natural",
-         {"name": "svd", "rank": 2}, {"name": "topk", "ratio": 0.1, "values": "fp16"}]
+         {"name": "svd", "rank": 2}, {"name": "topk", "ratio": 0.1, "values": "fp16"}, "int2"]
 
 
 def valid(spec):
@@ -106,7 +106,7 @@ arrays_st = st.one_of(
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=st.sampled_from(SPECS), layer=st.sampled_from(["w", "b"]),
        codec=st.one_of(st.none(), st.sampled_from(["dense/fp32", "topk/fp32", "randk_seeded/fp32", "dense/qsgd",
-                                                   "dense/natural", "svd/fp32", "topk/fp16", "x"])),
+                                                   "dense/natural", "svd/fp32", "topk/fp16", "dense/int2", "x"])),
        shape=st.one_of(st.none(), st.sampled_from([(30, 20), (30,), (20, 30), (600,), (-1, 5), ("a",)])),
        key=st.one_of(st.none(), st.sampled_from(["v.v", "idx", "v.scale", "v.q", "v.norm", "v.e", "v.sign", "zz"])),
        array=arrays_st,

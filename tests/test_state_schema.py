@@ -36,6 +36,7 @@ ALGORITHMS = [
     {"name": "fedavg", "compressor": {"name": "topk", "ratio": 0.3}, "error_feedback": "ef14"},
     {"name": "local-gluon", "local_steps": 2}, {"name": "sgd"}, {"name": "adamw"},
     {"name": "fedmuon", "local_steps": 2}, {"name": "fedmuon-bc", "local_steps": 2},
+    {"name": "diloco", "local_steps": 2}, {"name": "muloco", "local_steps": 2},
 ]
 
 

@@ -14,13 +14,15 @@ from fedgluon.algorithms.dion import Dion, OrthDion
 from fedgluon.algorithms.ef21 import EF21MuonBidir, GluonEF21, GluonEF21MVR, GluonEF21SARAH
 from fedgluon.algorithms.fedmuon import FedMuon, FedMuonBC
 from fedgluon.algorithms.local import FedAvg, LocalGluon
+from fedgluon.algorithms.loco import DiLoCo, MuLoCo
 from fedgluon.algorithms.server_opt import ServerAdamW, ServerSGD
 from fedgluon.algorithms.unbiased import GluonDASHAMVR, GluonMARINA
 from fedgluon.lmo.geometry import Geometry
 
 ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (
     Gluon, GluonMVR, GluonSARAH, GluonMARINA, GluonDASHAMVR, GluonEF21, GluonEF21SARAH, GluonEF21MVR,
-    EF21MuonBidir, LiMuonFL, FedAvg, LocalGluon, ServerSGD, ServerAdamW, FedMuon, FedMuonBC, Dion, OrthDion)}
+    EF21MuonBidir, LiMuonFL, FedAvg, LocalGluon, ServerSGD, ServerAdamW, FedMuon, FedMuonBC, Dion, OrthDion,
+    DiLoCo, MuLoCo)}
 
 
 def make_algorithm(name: str, geometry: Geometry, **options: Any) -> Algorithm:

@@ -163,7 +163,7 @@ class FedMuon(FederatedMuon):
         start = {"m": rows_of(part(MOMENTUM, terms), len(rows))} if aggregate else None
         shift = part(STEP, terms)
         X, local, grads = self.local_steps(rows, model_bc, objectives, {"est": start, "shift": shift},
-                                           restart=not aggregate)
+                                           first=not aggregate)
         payload = {n: X[n] - model_bc.model[n] for n in X}
         if aggregate:
             payload.update(named(MOMENTUM, local["est"]["m"]))
@@ -228,7 +228,7 @@ class FedMuonBC(FederatedMuon):
         c = part(CONTROL, terms)
         shift = {n: c[n] - c_i[n] for n in c_i}
         X, local, grads = self.local_steps(rows, model_bc, objectives, {"est": {"m": c_i}, "shift": shift},
-                                           restart=False)
+                                           first=False)
         m = local["est"]["m"]
         payload = {n: X[n] - model_bc.model[n] for n in X}
         payload.update(named(CONTROL, {n: m[n] - c_i[n] for n in m}))

@@ -62,14 +62,16 @@ class FedAvg(Algorithm):
         return {n: X[n] - self.opt["local_lr"] * g[n] for n in X}, est_state
 
     def local_steps(self, rows: ClientRows, bc: Broadcast, objectives: Sequence[SupervisedObjective],
-                    est_state: Any = None, restart: bool = True) -> tuple[Tensors, Any, BlockGrads]:
+                    est_state: Any = None, first: Tensor | bool = True) -> tuple[Tensors, Any, BlockGrads]:
         """τ local steps of every row from the broadcast model (step 0 on the round's batch, step s on
         ``generator(seed, "sample", j, k, s)``): the rows' models after them, the local optimiser's state
-        (``est_state`` at step 0; ``restart``: step 0 is a first step, which restarts it) and the metrics."""
+        (``est_state`` at step 0; ``first``, per row or for all: step 0 is a first step, which restarts it)
+        and the metrics."""
         grads = self.gradients(rows, bc, objectives)
         tau, js = self.opt["local_steps"], rows.clients
         X = {n: t.expand(len(js), *t.shape) for n, t in bc.model.items()}
-        X, est_state = self.local_step(X, grads.now, bc.round * tau, est_state, torch.full((len(js),), restart))
+        first = torch.full((len(js),), first) if isinstance(first, bool) else first
+        X, est_state = self.local_step(X, grads.now, bc.round * tau, est_state, first)
         for s in range(1, tau):
             batches = [objective_batch(objectives[j], bc, j, s) for j in js]
             _, g = stacked_gradients(objectives, js, batches, stacked=X, device=self.client_device)
@@ -88,9 +90,20 @@ class FedAvg(Algorithm):
                            grads.samples)
 
     def client_step(self, rows, bc, objectives):
-        """:meth:`local_steps`, then ``Δ = X^τ − X^k`` through the uplink with its error feedback."""
-        X, _, grads = self.local_steps(rows, bc, objectives)
-        return self.send_local(rows, bc, grads, {n: X[n] - bc.model[n] for n in X})
+        """:meth:`local_steps` from :meth:`inner_start`, then ``Δ = X^τ − X^k`` through the uplink with its error
+        feedback; the state the steps leave to the next round is :meth:`inner_kept`'s."""
+        est_state, first = self.inner_start(rows)
+        X, est_state, grads = self.local_steps(rows, bc, objectives, est_state, first)
+        return self.send_local(rows, bc, grads, {n: X[n] - bc.model[n] for n in X}, self.inner_kept(est_state))
+
+    def inner_start(self, rows: ClientRows) -> tuple[Any, Tensor]:
+        """The local steps' starting state and first-step mask: none and every row first (restarted each
+        round; methods that keep an inner optimizer across rounds read it from ``rows``)."""
+        return None, torch.ones(len(rows), dtype=torch.bool)
+
+    def inner_kept(self, est_state: Any) -> dict[str, Any]:
+        """The state pieces the local steps leave to the next round: none (restarted each round)."""
+        return {}
 
     def server_update(self, state, G, k):
         eta = self.opt["server_lr"]

@@ -13,11 +13,32 @@ checkpoints), and each step works on copies: the previous server state is never 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
 
 from fedgluon.algorithms.ef21 import FeedbackUplink
+
+
+def torch_step(make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer], X: Mapping[str, torch.Tensor],
+               G: Mapping[str, torch.Tensor], lr: float, saved: dict[str, Any] | None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One step of a torch optimizer on copies of ``X`` with ``.grad = G`` at learning rate ``lr``, from its
+    ``saved`` ``state_dict`` (None: a fresh optimizer): the new model and the optimizer's new ``state_dict``.
+    Neither ``X`` nor ``saved`` is modified."""
+    X = {n: t.detach().clone() for n, t in X.items()}
+    optimizer = make_optimizer(list(X.values()))
+    if saved is not None:
+        optimizer.load_state_dict(copy.deepcopy(saved))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for n, p in X.items():
+        p.grad = G[n].to(p.dtype).clone()
+    optimizer.step()
+    for p in X.values():
+        p.grad = None
+    return X, optimizer.state_dict()
 
 
 class _TorchServer(FeedbackUplink):
@@ -38,18 +59,8 @@ class _TorchServer(FeedbackUplink):
         return state
 
     def server_update(self, state, G, k):
-        X = {n: t.detach().clone() for n, t in state["X"].items()}
-        optimizer = self.make_optimizer(list(X.values()))
-        if state.get("optimizer") is not None:
-            optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
-        for group in optimizer.param_groups:
-            group["lr"] = self.lmo_step.radius_rule.base(k)
-        for n, p in X.items():
-            p.grad = G[n].to(p.dtype).clone()
-        optimizer.step()
-        for p in X.values():
-            p.grad = None
-        state["optimizer"] = optimizer.state_dict()
+        X, state["optimizer"] = torch_step(self.make_optimizer, state["X"], G, self.lmo_step.radius_rule.base(k),
+                                           state.get("optimizer"))
         return X, None
 
 

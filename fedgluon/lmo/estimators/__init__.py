@@ -45,11 +45,11 @@ from typing import Any
 import torch
 
 from fedgluon.lmo.estimators.base import Estimator, Rows, State, Tensors
-from fedgluon.lmo.estimators.momentum import MVR, SARAH, EMAMomentum
+from fedgluon.lmo.estimators.momentum import MVR, SARAH, AdamMoments, EMAMomentum
 from fedgluon.lmo.estimators.muon import FORMS, LiMuon, MuonMVR
 
-__all__ = ["ESTIMATORS", "FORMS", "MVR", "SARAH", "EMAMomentum", "Estimator", "LiMuon", "MuonMVR", "RefreshPolicy",
-           "Rows", "State", "Tensors", "make_estimator"]
+__all__ = ["ESTIMATORS", "FORMS", "MVR", "SARAH", "AdamMoments", "EMAMomentum", "Estimator", "LiMuon", "MuonMVR",
+           "RefreshPolicy", "Rows", "State", "Tensors", "make_estimator"]
 
 ESTIMATORS = ("ema", "mvr", "muon_mvr1", "muon_mvr2", "sarah", "limuon")
 

@@ -241,8 +241,8 @@ class GluonStrategy(Strategy):
 
     def _messages(self, plan: RoundPlan) -> list[Message]:
         """The ``train`` messages of ``plan``'s phase, one per block with participants. A later phase
-        (Algorithm.phases > 1) sends its phase, the broadcast's ``extra`` tensors and the rows the clients
-        proposed in the phase before (``Federation.rows``), in group ``<round>.<phase>``."""
+        (Algorithm.phases > 1) sends its phase and the rows the clients proposed in the phase before
+        (``Federation.rows``), in group ``<round>.<phase>``; any phase sends the broadcast's ``extra`` tensors."""
         bc, k = plan.broadcast, plan.k
         model = tensors_to_record(bc.model)
         multi = self.algorithm.phases > 1
@@ -255,9 +255,10 @@ class GluonStrategy(Strategy):
             states, prev = rows_to_record(self.federation.rows(plan, js) if multi else self.federation.table.rows(js))
             content = RecordDict({"model": model, "config": cfg, "states": states, "prev": prev})
             group = str(k)
+            if bc.extra:  # tensors besides the model (Broadcast.extra)
+                content["extra"] = tensors_to_record(bc.extra)
             if multi:
                 cfg["phase"] = bc.phase
-                content["extra"] = tensors_to_record(bc.extra)
                 group = f"{k}.{bc.phase}" if bc.phase else group
             out.append(Message(content, dst_node_id=self.node_of[block], message_type="train", group_id=group))
         return out

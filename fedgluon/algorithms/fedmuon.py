@@ -2,12 +2,11 @@
 steps (:meth:`FedAvg.local_steps`), the delta uplink with its error feedback (:meth:`FedAvg.send_local`)
 and FedAvg's server step, plus the terms each method adds in both directions (docs/ALGORITHMS.md §14).
 
-Both methods send more than the model delta: a payload holds the delta under the model's layer names
-and each extra term under ``<term>:<layer>`` (:meth:`Algorithm.reply_shapes`), through the run's
-compressor. The server sends its extra terms with the model, under the same names, dense at the run's
-value width; every engine ships a broadcast's tensors as they are, and :meth:`FederatedMuon.split` takes
-them apart on the client. Bits count both: uplink bits are the payload's (delta + terms), downlink bits
-the broadcast's (model + terms), per receiving client.
+Both methods send more than the model delta: a payload holds the delta under the model's layer names and each
+extra term under ``<term>:<layer>`` (:meth:`Algorithm.reply_shapes`), through the run's compressor. The server
+sends its terms beside the model, under the same names, dense at the run's value width, in the broadcast's
+``extra`` tensors (every engine ships them with the model). Bits count both: uplink bits are the payload's
+(delta + terms), downlink bits the broadcast's (model + terms), per receiving client.
 
 Partial participation and rejected replies: a term is aggregated over the accepted replies only; a
 rejected, failed or absent client keeps its committed state (its old momentum / control variate).
@@ -92,12 +91,7 @@ class FederatedMuon(LocalGluon):
             return bc
         width = self.dense.values.bits(1, {}).value_bits
         bits = bc.bits + dense_bits(sum(t.numel() for t in terms.values()), width)
-        return dataclasses.replace(bc, model={**bc.model, **terms}, bits=bits)
-
-    def split(self, bc: Broadcast) -> tuple[Broadcast, Tensors]:
-        """The broadcast with the model alone (what the clients compute at), and its extra terms."""
-        model = {n: bc.model[n] for n in self.shapes}
-        return dataclasses.replace(bc, model=model), {n: t for n, t in bc.model.items() if n not in self.shapes}
+        return dataclasses.replace(bc, extra=terms, bits=bits)
 
     def server_update(self, state, G, k):
         """FedAvg's ``X + η_s G`` on the model's layers of G (the terms are the server's state in G)."""
@@ -158,13 +152,13 @@ class FedMuon(FederatedMuon):
 
     def client_step(self, rows, bc, objectives):
         """τ blended local steps from ``M̄`` (or from 0), then ``Δ`` and (with aggregation) ``M^τ`` uplink."""
-        model_bc, terms = self.split(bc)
+        terms = bc.extra
         aggregate = self.opt["momentum_aggregation"]
         start = {"m": rows_of(part(MOMENTUM, terms), len(rows))} if aggregate else None
         shift = part(STEP, terms)
-        X, local, grads = self.local_steps(rows, model_bc, objectives, {"est": start, "shift": shift},
+        X, local, grads = self.local_steps(rows, bc, objectives, {"est": start, "shift": shift},
                                            first=not aggregate)
-        payload = {n: X[n] - model_bc.model[n] for n in X}
+        payload = {n: X[n] - bc.model[n] for n in X}
         if aggregate:
             payload.update(named(MOMENTUM, local["est"]["m"]))
         return self.send_local(rows, bc, grads, payload)
@@ -222,15 +216,15 @@ class FedMuonBC(FederatedMuon):
 
     def client_step(self, rows, bc, objectives):
         """τ corrected local steps from the client's own momentum c_i, then ``Δx`` and ``Δc`` uplink."""
-        model_bc, terms = self.split(bc)
+        terms = bc.extra
         own = (rows.tree or {}).get("m")
-        c_i = own if own else {n: torch.zeros(len(rows), *t.shape, dtype=t.dtype) for n, t in model_bc.model.items()}
+        c_i = own if own else {n: torch.zeros(len(rows), *t.shape, dtype=t.dtype) for n, t in bc.model.items()}
         c = part(CONTROL, terms)
         shift = {n: c[n] - c_i[n] for n in c_i}
-        X, local, grads = self.local_steps(rows, model_bc, objectives, {"est": {"m": c_i}, "shift": shift},
+        X, local, grads = self.local_steps(rows, bc, objectives, {"est": {"m": c_i}, "shift": shift},
                                            first=False)
         m = local["est"]["m"]
-        payload = {n: X[n] - model_bc.model[n] for n in X}
+        payload = {n: X[n] - bc.model[n] for n in X}
         payload.update(named(CONTROL, {n: m[n] - c_i[n] for n in m}))
         return self.send_local(rows, bc, grads, payload, state={"m": m})
 

@@ -15,7 +15,9 @@ Tensors = dict[str, Tensor]
 
 @dataclass
 class Broadcast:
-    """What the server sends round k: the model clients compute at, flags, and its bits per client.
+    """What the server sends round k: the model clients compute at, flags, tensors besides the model
+    (``extra``: FedMuon's aggregate momentum and last global step, say; counted in ``bits``) and its bits
+    per client.
 
     Algorithms with several client phases per round (``Algorithm.phases``) answer each phase before the
     last with the next phase's broadcast: the same round, model and flags, ``phase`` + 1, and in ``extra``

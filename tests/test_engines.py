@@ -56,15 +56,17 @@ def same_metrics(a: pd.DataFrame, b: pd.DataFrame, loss_rtol: float = 0.0) -> No
 def test_client_app_pickles_as_its_spec(monkeypatch):
     """Flower's Ray engine pickles the ClientApp with every message: a fixed-spec app pickles as its spec
     (small) and unpickles to one app per spec and process, which runs like the original, and marks its
-    process a worker of the run (fedgluon.runtime.gc_pause.freeze_worker)."""
+    process as fedgluon's (fedgluon.runtime.prepare_process)."""
     import json
     import pickle
 
     from fedgluon.flower.client_app import SpecClientApp
-    from fedgluon.runtime import gc_pause
+    from fedgluon.runtime import process
 
-    monkeypatch.setitem(gc_pause._worker, "is", False)  # this test process is no worker: restored after
+    monkeypatch.setitem(process._owned, "is", False)  # this test process is no worker: restored after
 
+    monkeypatch.setitem(process._owned, "frozen", True)  # nor frozen by the handler
+    threads = torch.get_num_threads()
     app = make_client_app(SPEC)
     data = pickle.dumps(app)
     assert isinstance(app, SpecClientApp) and len(data) < 2000
@@ -72,7 +74,8 @@ def test_client_app_pickles_as_its_spec(monkeypatch):
     assert isinstance(back, SpecClientApp) and back is pickle.loads(pickle.dumps(app))
     assert specs.normalise(SPEC) == specs.normalise(json.loads(back.spec_json))
     assert type(make_client_app()) is not SpecClientApp  # no fixed spec: the run config names it
-    assert gc_pause._worker["is"]
+    assert process.owned()
+    torch.set_num_threads(threads)  # unpickling prepared this process: the spec's threads
 
 
 def test_inprocess_flower_equals_plain_driver():

@@ -45,20 +45,3 @@ def gc_frozen() -> Iterator[None]:
     finally:
         gc.unfreeze()
 
-
-_worker = {"is": False, "frozen": False}
-
-
-def mark_worker_process() -> None:
-    """Say that this process exists to run one spec's ClientApps (a Ray actor: it unpickled a
-    :class:`~fedgluon.flower.client_app.SpecClientApp`), so :func:`freeze_worker` may freeze it."""
-    _worker["is"] = True
-
-
-def freeze_worker() -> None:
-    """In a worker process (:func:`mark_worker_process`), once its task is built: freeze what is alive
-    (:func:`gc_frozen`'s reasons) for the life of the process. Elsewhere (the in-process engine, tests,
-    a user's process) nothing: a process-wide freeze is not a library's to make there."""
-    if _worker["is"] and not _worker["frozen"]:
-        _worker["frozen"] = True
-        gc.freeze()

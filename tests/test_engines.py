@@ -228,6 +228,55 @@ def test_gc_pause_restores_the_collector_state():
         gc.enable()
 
 
+def test_the_collector_is_paused_once_per_round_in_each_engine_loop(monkeypatch):
+    """The plain driver's round, and a Flower round from configure_train through the Grid's exchange to
+    aggregate_train (GluonStrategy.start's RoundPause), run with the collector off; it is on again after
+    each run."""
+    import gc
+
+    seen: dict[str, list[bool]] = {"plain": [], "flower": [], "exchange": []}
+    exchange = InProcessGrid.send_and_receive
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if any(m.metadata.message_type == "train" for m in messages):  # not the handshake, nor evaluate's none
+            seen["exchange"].append(gc.isenabled())  # between configure_train and aggregate_train
+        return exchange(self, messages, timeout=timeout)
+
+    monkeypatch.setattr(InProcessGrid, "send_and_receive", send_and_receive)
+    s = specs.normalise({**SPEC, "rounds": 2})
+    task, algo = specs.build(s)
+    run_plain(algo, task.objectives, task.initial_params(), 2,
+              on_round=lambda row: seen["plain"].append(gc.isenabled()))
+    assert gc.isenabled()
+    run_inprocess(s, on_round=lambda row: seen["flower"].append(gc.isenabled()))
+    assert gc.isenabled()
+    assert seen == {"plain": [False, False], "flower": [False, False], "exchange": [False, False]}
+
+
+def test_a_round_pause_left_open_ends_with_its_loop():
+    import gc
+
+    from fedgluon.runtime.gc_pause import round_pauses
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with round_pauses() as pause:
+            pause.begin()
+            pause.begin()  # a round is open: nothing
+            assert not gc.isenabled()
+            raise RuntimeError  # the round never reaches its end()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with round_pauses() as pause:
+            pause.begin()
+            pause.end()
+        assert not gc.isenabled()  # not re-enabled by a pause that found it off
+    finally:
+        gc.enable()
+
+
 def test_runs_freeze_what_was_alive_before_them_and_unfreeze_after():
     """The plain driver and the Flower server run their rounds with the objects alive at the start frozen
     (gc.freeze: full collections skip them) and unfreeze them afterwards; a freeze made by someone else

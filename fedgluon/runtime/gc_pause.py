@@ -19,6 +19,8 @@ from contextlib import contextmanager
 
 @contextmanager
 def gc_paused() -> Iterator[None]:
+    """The collector off for the body (one round of the plain driver, one message of the ClientApp), back
+    on after it if it was on before (also when the body raises)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -26,6 +28,39 @@ def gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+class RoundPause:
+    """The pause of a round whose work spans calls that another's loop makes (Flower's ``Strategy.start``
+    calls ``configure_train``, the Grid's ``send_and_receive``, then ``aggregate_train``): :meth:`begin` at
+    the round's start, :meth:`end` at its end. Only made by :func:`round_pauses`, which ends a round left
+    open (a round that raised) when the loop ends."""
+
+    def __init__(self) -> None:
+        self._resume: bool | None = None  # None: no round open; else whether the collector was on before it
+
+    def begin(self) -> None:
+        """Pause the collector for the round (nothing if a round is open)."""
+        if self._resume is None:
+            self._resume = gc.isenabled()
+            gc.disable()
+
+    def end(self) -> None:
+        """End the open round's pause: the collector back on if it was on at :meth:`begin` (nothing if none)."""
+        if self._resume is not None:
+            resume, self._resume = self._resume, None
+            if resume:
+                gc.enable()
+
+
+@contextmanager
+def round_pauses() -> Iterator[RoundPause]:
+    """A :class:`RoundPause` for an engine loop's rounds; on exit, a round still open is ended."""
+    pause = RoundPause()
+    try:
+        yield pause
+    finally:
+        pause.end()
 
 
 @contextmanager

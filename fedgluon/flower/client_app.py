@@ -82,8 +82,8 @@ class SpecClientApp(ClientApp):
     """A ClientApp made by :func:`make_client_app` for a fixed spec, which pickles as that recipe.
 
     Flower's simulation engine sends the app to its Ray actor with every message, cloudpickled by
-    value (the handlers are closures): ≈ 4 ms of the driver's time per message here, for 7 kB. This
-    one pickles as ``(client_app_for, spec as JSON)``, and each actor process builds the app once per
+    value (the handlers are closures), which costs the driver time per message (BENCHMARKS.md, "Process
+    tuning"). This one pickles as ``(client_app_for, spec as JSON)``, and each actor process builds the app once per
     spec and keeps it."""
 
     def __init__(self, spec_json: str):

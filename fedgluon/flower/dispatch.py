@@ -51,7 +51,7 @@ SIGNALLED_WAIT = 0.1  # the longest wait between polls once pushes and replies a
 
 def interval_for(num_nodes: int) -> float:
     """Seconds between the dispatch loop's polls while no Grid signals its pushes: 2 ms, plus 0.1 ms per
-    node (each poll costs tens of µs per node), at most Flower's 0.1 s."""
+    node (each poll's cost grows with the nodes), at most Flower's 0.1 s."""
     return min(0.1, 0.002 + 1e-4 * max(0, num_nodes))
 
 

@@ -1,13 +1,15 @@
-"""Pause Python's cyclic garbage collector around a round's allocation-heavy work.
+"""Pause Python's cyclic garbage collector around a round's allocation-heavy work, once per round.
 
 A round makes many short-lived Python objects (payload objects, JSON layouts of client blocks,
 per-client dicts) while thousands of long-lived ones stay alive (every client's state). Each
-generation-0 overflow can escalate to a full collection that walks all of them; with 1,000 clients
-in blocks of 500 on fedgluon's in-process Grid this cost about a fifth of a round (1.50 ms per client
-task with the collector on, 1.19 with it off for the whole run; 0.89 in a later run with these pauses
-in place; 2-core AMD EPYC VM, 1 thread, one run each). The round's objects form no
-reference cycles of note, so collecting after the round, when the collector resumes, frees the same
-memory. Nested pauses are fine; the collector resumes only if it was running before the outermost.
+generation-0 overflow can escalate to a full collection that walks all of them, a sizeable share of
+a round with many clients (BENCHMARKS.md, "Process tuning"). The round's objects form no reference
+cycles of note, so collecting after the round, when the collector resumes, frees the same memory.
+
+Each engine loop takes the pause once per round: the plain driver's round (:func:`gc_paused`), the
+Flower strategy's round from ``configure_train`` to the end of ``aggregate_train`` (:class:`RoundPause`,
+held by ``GluonStrategy.start``) and the ClientApp's handling of one message (:func:`gc_paused`). Nested
+pauses are fine; the collector resumes only if it was running before the outermost.
 """
 
 from __future__ import annotations
@@ -65,12 +67,11 @@ def round_pauses() -> Iterator[RoundPause]:
 
 @contextmanager
 def gc_frozen() -> Iterator[None]:
-    """Move every object alive now (modules, the task's data, the process's long-lived objects: ~340k
-    here once torch and Flower are imported) out of the collector's reach for the duration of a run
-    (``gc.freeze``), so its full collections walk only what the run makes; unfrozen afterwards, so
-    anything that became cyclic garbage meanwhile is collected as usual. A first collection of the
-    young generations after import cost ~70–110 ms here, each full one more; the run's own cost
-    ~1.5 ms per round at 200 clients. Nested uses keep the outermost's freeze."""
+    """Move every object alive now (modules, the task's data, the process's long-lived objects: hundreds
+    of thousands once torch and Flower are imported) out of the collector's reach for the duration of a
+    run (``gc.freeze``), so its full collections walk only what the run makes; unfrozen afterwards, so
+    anything that became cyclic garbage meanwhile is collected as usual. Nested uses keep the
+    outermost's freeze."""
     if gc.get_freeze_count():
         yield
         return

@@ -26,8 +26,9 @@ from strategies.strategy import GluonStrategy
 
 # Seconds between the server's polls for replies. Flower's simulation Grid (InMemoryGrid) sleeps
 # 0.1 s between polls, up to 0.1 s added to every round; polling the in-memory state every 5 ms costs
-# little CPU (BENCHMARKS.md, "Process tuning"). Under fedgluon.flower.engines.run_ray the Grid is also wrapped to wake on each stored reply instead
-# (fedgluon.flower.dispatch, which also wakes Flower's dispatch thread on each push).
+# little CPU (BENCHMARKS.md, "Process tuning"). Under fedgluon.flower.engines.run_ray the Grid is also
+# wrapped to wake on each stored reply instead (fedgluon.flower.dispatch, which also wakes Flower's
+# dispatch thread on each push).
 POLL_INTERVAL = 0.005
 
 

@@ -7,10 +7,10 @@ tuning pays). The machine line and the load (``/proc/loadavg``) are printed with
 * ``seeds``   — ``derive_seeds``' vectorised SeedSequence against NumPy's ``SeedSequence`` row by row:
   the plain driver's round (``--clients`` of the synthetic MLP, blocks of half of them, top-5 %
   gluon-ef21), and the call itself for one block;
-* ``topk``    — top-k's timed ``_plan`` against a fixed rule (rows sampled wherever they may be), for
-  one block of rows of each planned length (d < ``MIN_SAMPLED_D``), and the exact path for contrast;
-* ``freeze``  — ``run_plain`` with ``gc.freeze`` over the run against without, in a process that has
-  imported torch, Flower and Ray (as the command line has);
+* ``topk``    — top-k's timed ``_plan`` against either fixed rule (rows always sampled where they may be,
+  or never), for one block of rows of lengths that are planned (d < ``MIN_SAMPLED_D``);
+* ``freeze``  — ``run_plain`` with ``gc.freeze`` over the run (removed in issue 30) against without, in a
+  process that has imported torch, Flower and Ray (as the command line has), and the collector's time;
 * ``malloc``  — the ``mallopt`` settings (process-wide and permanent, so each run is a fresh process,
   alternating ``FEDGLUON_KEEP_FREED_MEMORY=1/0``): the plain driver's steady round.
 
@@ -22,6 +22,7 @@ Run: ``python -m benchmarks.bench_tunings {seeds,topk,freeze,malloc} [--pairs 5]
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -144,20 +145,21 @@ def freeze(args: argparse.Namespace) -> None:
     import ray  # noqa: F401
 
     import fedgluon.exp.experiment  # noqa: F401
-    import fedgluon.sim.driver as driver
 
-    frozen = driver.gc_frozen
+    @contextmanager
+    def frozen():  # what fedgluon.runtime.gc_pause.gc_frozen did around every run until issue 30
+        gc.freeze()
+        try:
+            yield
+        finally:
+            gc.unfreeze()
 
     def variant(ctx):
         def run() -> float:
-            driver.gc_frozen = ctx
-            try:
+            with ctx():
                 return round_time(args.clients, args.rounds, args.hidden)
-            finally:
-                driver.gc_frozen = frozen
         return run
 
-    import gc
     print(f"objects tracked by the collector: {len(gc.get_objects())}")
     spent = {"s": 0.0, "full": 0, "start": 0.0}
 
@@ -168,6 +170,7 @@ def freeze(args: argparse.Namespace) -> None:
             spent["s"] += time.perf_counter() - spent["start"]
             spent["full"] += info["generation"] == 2
 
+    round_time(args.clients, 2, args.hidden)  # the task is built (and cached) outside the timed runs
     gc.callbacks.append(timing)
     for label, ctx in (("frozen", frozen), ("not frozen", nullcontext)):
         spent.update(s=0.0, full=0)

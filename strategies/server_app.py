@@ -19,7 +19,6 @@ from fedgluon.flower.client_app import spec_from_context
 from fedgluon.flower.deployment import VersionCheckedGrid, wait_for_nodes
 from fedgluon.flower.dispatch import WakingGrid
 from fedgluon.flower.wire import tensors_to_record
-from fedgluon.runtime.gc_pause import gc_frozen
 from fedgluon.sim.checkpoint import Checkpointer, Snapshot
 from fedgluon.sim.federation import Evaluate
 from strategies.strategy import GluonStrategy
@@ -61,9 +60,8 @@ def serve(grid: Grid, spec: Mapping[str, Any], on_round: Callable[[dict[str, Any
         grid = WakingGrid(grid, wake, on_reply=strategy.read_reply)  # type: ignore[assignment]
     wait_for_nodes(grid, task.num_clients, int(spec["block_size"]), float(spec["node_timeout"]))
     strategy.connect(VersionCheckedGrid(grid), timeout=float(spec["node_timeout"]))  # type: ignore[arg-type]
-    with gc_frozen():
-        strategy.start(grid=grid, initial_arrays=tensors_to_record(strategy.server_state["X"]),
-                       timeout=float(spec["round_timeout"]))
+    strategy.start(grid=grid, initial_arrays=tensors_to_record(strategy.server_state["X"]),
+                   timeout=float(spec["round_timeout"]))
     return strategy
 
 

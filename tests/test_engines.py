@@ -65,7 +65,6 @@ def test_client_app_pickles_as_its_spec(monkeypatch):
 
     monkeypatch.setitem(process._owned, "is", False)  # this test process is no worker: restored after
 
-    monkeypatch.setitem(process._owned, "frozen", True)  # nor frozen by the handler
     threads = torch.get_num_threads()
     app = make_client_app(SPEC)
     data = pickle.dumps(app)
@@ -275,36 +274,6 @@ def test_a_round_pause_left_open_ends_with_its_loop():
         assert not gc.isenabled()  # not re-enabled by a pause that found it off
     finally:
         gc.enable()
-
-
-def test_runs_freeze_what_was_alive_before_them_and_unfreeze_after():
-    """The plain driver and the Flower server run their rounds with the objects alive at the start frozen
-    (gc.freeze: full collections skip them) and unfreeze them afterwards; a freeze made by someone else
-    is left as it was."""
-    import gc
-
-    from fedgluon.runtime.gc_pause import gc_frozen
-
-    # Some interpreters freeze objects at start-up (375 on the GPU image's Python 3.12), a freeze runs leave
-    # alone: start from none, and freeze again at the end.
-    refreeze = gc.get_freeze_count() > 0
-    gc.unfreeze()
-    seen = []
-    s = specs.normalise({**SPEC, "rounds": 2})
-    task, algo = specs.build(s)
-    run_plain(algo, task.objectives, task.initial_params(), 2, on_round=lambda row: seen.append(gc.get_freeze_count()))
-    run_inprocess({**SPEC, "rounds": 2}, on_round=lambda row: seen.append(gc.get_freeze_count()))
-    assert len(seen) == 4 and min(seen) > 0 and gc.get_freeze_count() == 0
-    gc.freeze()
-    try:
-        frozen = gc.get_freeze_count()
-        with gc_frozen():
-            assert gc.get_freeze_count() == frozen
-        assert gc.get_freeze_count() == frozen
-    finally:
-        gc.unfreeze()
-        if refreeze:
-            gc.freeze()
 
 
 def test_replies_read_as_they_arrive_give_the_same_run(monkeypatch):

@@ -34,7 +34,7 @@ from flwr.clientapp import ClientApp
 from fedgluon.algorithms import Broadcast
 from fedgluon.clients.blocks import block_clients
 from fedgluon.config import spec as specs
-from fedgluon.runtime import freeze_long_lived, prepare_process
+from fedgluon.runtime import prepare_process
 from fedgluon.runtime.gc_pause import gc_paused
 from fedgluon.runtime.threads import torch_threads
 from fedgluon.runtime.trace import phase
@@ -151,7 +151,6 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
     def _train(msg: Message, context: Context, s: dict[str, Any]) -> Message:
         from fedgluon.flower.wire import record_to_rows, record_to_tensors, results_to_records
         task, algorithm = specs.build_cached(s)
-        freeze_long_lived()  # a worker's task is built: its objects live as long as the process
         mine = _clients_of(context, s, task.num_clients)
         # Flower rebuilds these typed views on every access (O(records)): take them once
         arrays, cfg = msg.content.array_records, msg.content.config_records["config"]

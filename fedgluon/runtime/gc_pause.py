@@ -64,20 +64,3 @@ def round_pauses() -> Iterator[RoundPause]:
     finally:
         pause.end()
 
-
-@contextmanager
-def gc_frozen() -> Iterator[None]:
-    """Move every object alive now (modules, the task's data, the process's long-lived objects: hundreds
-    of thousands once torch and Flower are imported) out of the collector's reach for the duration of a
-    run (``gc.freeze``), so its full collections walk only what the run makes; unfrozen afterwards, so
-    anything that became cyclic garbage meanwhile is collected as usual. Nested uses keep the
-    outermost's freeze."""
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-

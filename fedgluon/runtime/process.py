@@ -8,22 +8,18 @@ There, and only there, fedgluon makes process-wide settings:
 - glibc's malloc keeps freed memory for reuse (:func:`fedgluon.runtime.allocator.keep_freed_memory`;
   ``FEDGLUON_KEEP_FREED_MEMORY=0`` turns it off);
 - torch's intra-op thread count, when the caller knows the run's ``threads`` (runs still set their own count
-  for their stretch with :func:`fedgluon.runtime.threads.torch_threads`, which every engine does);
-- the process is marked as fedgluon's, so :func:`freeze_long_lived` may ``gc.freeze`` what is alive once the
-  process's long-lived objects (the task) are built.
+  for their stretch with :func:`fedgluon.runtime.threads.torch_threads`, which every engine does).
 
 A user's process that imports fedgluon and runs experiments is left as it was: nothing here runs on import.
 """
 
 from __future__ import annotations
 
-import gc
-
 import torch
 
 from fedgluon.runtime.allocator import keep_freed_memory
 
-_owned = {"is": False, "frozen": False}
+_owned = {"is": False}
 
 
 def prepare_process(*, threads: int | None = None) -> dict[str, object]:
@@ -42,14 +38,3 @@ def owned() -> bool:
     """Whether :func:`prepare_process` prepared this process."""
     return _owned["is"]
 
-
-def freeze_long_lived() -> bool:
-    """In a process :func:`prepare_process` prepared, once: move every object alive now out of the cyclic
-    collector's reach for the life of the process (``gc.freeze``), so its full collections walk only what
-    later rounds make. Elsewhere nothing: a process-wide freeze is not a library's to make in a user's
-    process. Returns whether this call froze."""
-    if not _owned["is"] or _owned["frozen"]:
-        return False
-    _owned["frozen"] = True
-    gc.freeze()
-    return True

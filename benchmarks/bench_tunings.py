@@ -4,9 +4,6 @@ An A/A pair first (the tuned variant twice: the noise), then ``--pairs`` pairs o
 order alternating within pairs; prints every ratio untuned / tuned and their median (above 1: the
 tuning pays). The machine line and the load (``/proc/loadavg``) are printed with each figure.
 
-* ``seeds``   — ``derive_seeds``' vectorised SeedSequence against NumPy's ``SeedSequence`` row by row:
-  the plain driver's round (``--clients`` of the synthetic MLP, blocks of half of them, top-5 %
-  gluon-ef21), and the call itself for one block;
 * ``topk``    — top-k's timed ``_plan`` against either fixed rule (rows always sampled where they may be,
   or never), for one block of rows of lengths that are planned (d < ``MIN_SAMPLED_D``);
 * ``freeze``  — ``run_plain`` with ``gc.freeze`` over the run (removed in issue 30) against without, in a
@@ -14,9 +11,10 @@ tuning pays). The machine line and the load (``/proc/loadavg``) are printed with
 * ``malloc``  — the ``mallopt`` settings (process-wide and permanent, so each run is a fresh process,
   alternating ``FEDGLUON_KEEP_FREED_MEMORY=1/0``): the plain driver's steady round.
 
-Round times are the mean ``wall_time`` of the rounds after the first two.
+(``derive_seeds``' vectorised SeedSequence, removed in issue 30, was measured by this script's ``seeds``
+at commit 4306784.) Round times are the mean ``wall_time`` of the rounds after the first two.
 
-Run: ``python -m benchmarks.bench_tunings {seeds,topk,freeze,malloc} [--pairs 5] [--clients N] [--hidden H]``.
+Run: ``python -m benchmarks.bench_tunings {topk,freeze,malloc} [--pairs 5] [--clients N] [--hidden H]``.
 """
 
 from __future__ import annotations
@@ -64,7 +62,9 @@ def round_time(n: int, rounds: int, hidden: int) -> float:
 
 def compare(label: str, tuned: Callable[[], float], untuned: Callable[[], float], pairs: int) -> float:
     """Print the A/A ratio and ``pairs`` interleaved ratios untuned / tuned; returns their median."""
-    aa = tuned() / tuned()
+    first, second = tuned(), tuned()
+    aa = first / second
+    print(f"  A/A: {first:.4g}, {second:.4g} ({load()})", flush=True)
     ratios = []
     for i in range(pairs):
         if i % 2:
@@ -74,6 +74,7 @@ def compare(label: str, tuned: Callable[[], float], untuned: Callable[[], float]
             a = tuned()
             b = untuned()
         ratios.append(b / a)
+        print(f"  pair {i + 1}: tuned {a:.4g}, untuned {b:.4g}, ratio {b / a:.3f} ({load()})", flush=True)
     med = statistics.median(ratios)
     print(f"{label}: A/A {aa:.3f}; untuned/tuned {', '.join(f'{r:.3f}' for r in ratios)}; median {med:.3f} "
           f"({load()})", flush=True)
@@ -89,34 +90,6 @@ def best_of(fn: Callable[[], object], repeat: int) -> Callable[[], float]:
             best = min(best, time.perf_counter() - t)
         return best
     return timed
-
-
-def seeds(args: argparse.Namespace) -> None:
-    import fedgluon.algorithms.base as base
-    from fedgluon.core.rng import derive_seed, derive_seeds
-
-    def per_row(*parts):  # NumPy's SeedSequence, row by row (derive_seed)
-        columns = [np.asarray(p).tolist() if isinstance(p, (list, np.ndarray)) else None for p in parts]
-        n = next(len(c) for c in columns if c is not None)
-        rows = zip(*[c if c is not None else [p] * n for c, p in zip(columns, parts)])
-        return np.array([derive_seed(*row) for row in rows], dtype=np.int64)
-
-    js = np.arange(args.clients // 2, dtype=np.int64)
-    assert (per_row(0, "sample", js, 3) == derive_seeds(0, "sample", js, 3)).all()
-    compare(f"derive_seeds, one call of {len(js)} rows", best_of(lambda: derive_seeds(0, "sample", js, 3), 20),
-            best_of(lambda: per_row(0, "sample", js, 3), 20), args.pairs)
-
-    def variant(fn):
-        def run() -> float:
-            base.derive_seeds = fn
-            try:
-                return round_time(args.clients, args.rounds, args.hidden)
-            finally:
-                base.derive_seeds = derive_seeds
-        return run
-
-    compare(f"plain round, {args.clients} clients, hidden {args.hidden}", variant(derive_seeds), variant(per_row),
-            args.pairs)
 
 
 def topk(args: argparse.Namespace) -> None:
@@ -205,7 +178,7 @@ def malloc(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("tuning", choices=["seeds", "topk", "freeze", "malloc"])
+    ap.add_argument("tuning", choices=["topk", "freeze", "malloc"])
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--clients", type=int, default=1000)
     ap.add_argument("--hidden", type=int, default=64, help="MLP hidden width (1536: ≈107k parameters)")
@@ -218,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
 
         keep_freed_memory()  # as the command line does
     print(f"machine: {machine()}; {args.tuning}; {load()}", flush=True)
-    {"seeds": seeds, "topk": topk, "freeze": freeze, "malloc": malloc}[args.tuning](args)
+    {"topk": topk, "freeze": freeze, "malloc": malloc}[args.tuning](args)
 
 
 if __name__ == "__main__":

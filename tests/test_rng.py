@@ -1,4 +1,4 @@
-"""Seeds: the vectorised derive_seeds equals derive_seed (NumPy's SeedSequence) row by row."""
+"""Seeds: derive_seeds equals derive_seed (NumPy's SeedSequence) row by row, and gives the seeds runs were made with."""
 
 import numpy as np
 import pytest

@@ -155,11 +155,14 @@ def freeze(args: argparse.Namespace) -> None:
 
 
 CHILD = """
-import json, sys
+import json, resource, sys
 from fedgluon.runtime.allocator import keep_freed_memory
 keep_freed_memory()
 from benchmarks.bench_tunings import round_time
-print(json.dumps(round_time(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))))
+before = resource.getrusage(resource.RUSAGE_SELF)
+t = round_time(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+after = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps([t, after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime]))
 """
 
 
@@ -169,7 +172,10 @@ def malloc(args: argparse.Namespace) -> None:
             out = subprocess.run([sys.executable, "-c", CHILD, str(args.clients), str(args.rounds), str(args.hidden)],
                                  capture_output=True, text=True, check=True,
                                  env={**os.environ, "FEDGLUON_KEEP_FREED_MEMORY": keep})
-            return float(json.loads(out.stdout.strip().splitlines()[-1]))
+            t, faults, system = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"    FEDGLUON_KEEP_FREED_MEMORY={keep}: round {t:.3f} s; whole run {faults} minor faults, "
+                  f"{system:.1f} s system time", flush=True)
+            return float(t)
         return run
 
     compare(f"plain round, {args.clients} clients, hidden {args.hidden}, mallopt", variant("1"), variant("0"),

@@ -47,14 +47,12 @@ import statistics
 import time
 from typing import NamedTuple
 
-import torch
-
 from benchmarks.common import machine
 from benchmarks.flower_fedavg import run_stock_fedavg
 from fedgluon.config import spec as specs
 from fedgluon.core.devices import resolve_device
 from fedgluon.flower.engines import run_inprocess, run_ray
-from fedgluon.runtime.allocator import keep_freed_memory
+from fedgluon.runtime import prepare_process
 from fedgluon.sim.driver import run_plain
 
 
@@ -102,8 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         resolve_device("--client-device", args.client_device)
     except ValueError as e:
         ap.error(str(e))
-    keep_freed_memory()  # as the fedgluon command line does (fedgluon.runtime.allocator); the machine line says
-    torch.set_num_threads(args.threads)
+    prepare_process(threads=args.threads)  # as the fedgluon command line does; the machine line says
     sizes, rounds = ((10, 50), 3) if args.quick else ((10, 50, 200, 1000), 4)
     rounds = args.rounds or rounds
     sizes = tuple(args.sizes) if args.sizes else sizes

@@ -21,12 +21,11 @@ there are ties). Long rows (k ≤ d/8, and a sample of at most d/4) may skip the
    then, for the whole block at once, every candidate above ``t`` and the lowest-index candidates
    equal to ``t`` until there are k.
 
-Which of the two is faster depends on the machine's partition: NumPy's SIMD partition took ~1 ns
-per entry on one development VM, where the exact path won up to d ≈ 46,000, and ~5 ns on another
-(NumPy 2.4.6, AMD EPYC), where sampling took d = 15,360 from 101 to 51 µs per row and 46,080 from
-309 to 110. So rows of d ≥ ``MIN_SAMPLED_D`` are always sampled, and for shorter rows that may be,
-:func:`_plan` times both paths once per (d, k, dtype) and process on a chunk of random rows and
-keeps the faster. The plan only decides speed, never the result.
+Which of the two is faster depends on the machine's partition: with a fast (SIMD) partition the exact
+path wins for rows up to tens of thousands of entries, with a slow one sampling wins from a few
+thousand (figures: BENCHMARKS.md, "Process tuning"). So rows of d ≥ ``MIN_SAMPLED_D`` are always
+sampled, and for shorter rows that may be, :func:`_plan` times both paths once per (d, k, dtype) and
+process on a chunk of random rows and keeps the faster. The plan only decides speed, never the result.
 """
 
 from __future__ import annotations
@@ -49,8 +48,7 @@ def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.nda
     """A work buffer of ``shape`` and ``dtype``, the same memory on every call with this ``name`` in this
     thread (grown when too small), so its pages are touched once per process rather than once per call:
     freed buffers of a few MB go back to the OS (glibc trims the heap), and fresh pages cost more than
-    the pass that fills them (a block of 100 rows of 3,840 entries: 35 µs per row with fresh key, work
-    and mask buffers per call, 12 with these). Its contents are the caller's only until the next call
+    the pass that fills them (BENCHMARKS.md, "Process tuning"). Its contents are the caller's only until the next call
     with the same name: never return it. Buffers live as long as their thread and never shrink: the
     largest chunk seen (≈ ``CHUNK_BYTES`` for rows that fit it, one row's keys and mask otherwise — 50 MB
     after a 10M-entry row)."""
@@ -92,7 +90,7 @@ def _plan(d: int, k: int, dtype: np.dtype) -> int | None:
     """The sample size for rows of d with k kept, or None for the exact threshold: sampled where rows may
     be and d ≥ ``MIN_SAMPLED_D``; for shorter rows that may be, whichever of the two selected a quarter
     chunk of random rows of ``dtype`` faster (best of 3 each), timed the first time this process asks
-    (5–10 ms). The selection does not depend on the plan."""
+    (some ms, once per shape). The selection does not depend on the plan."""
     s = _sample_size(d, k)
     if s is None or d >= MIN_SAMPLED_D:
         return s
@@ -206,7 +204,7 @@ def _select_sampled(A: np.ndarray, k: int, s: int, mask: np.ndarray | None = Non
 def _select_candidates(keys: np.ndarray, flat: np.ndarray, counts: np.ndarray, d: int, k: int) -> np.ndarray:
     """Step 3 of the module doc: from the candidates' keys, flat positions (row-major, so increasing
     within a row) and per-row counts (each ≥ k), each row's exact k-th magnitude ``t`` (a partition of
-    its candidates, row by row: ~6 µs for 6,000), then for all rows at once the candidates above ``t``
+    its candidates, row by row), then for all rows at once the candidates above ``t``
     and the lowest-column ones equal to it, k per row."""
     B = len(counts)
     ends = np.cumsum(counts)

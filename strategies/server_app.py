@@ -19,16 +19,15 @@ from fedgluon.flower.client_app import spec_from_context
 from fedgluon.flower.deployment import VersionCheckedGrid, wait_for_nodes
 from fedgluon.flower.dispatch import WakingGrid
 from fedgluon.flower.wire import tensors_to_record
-from fedgluon.runtime.gc_pause import gc_frozen
 from fedgluon.sim.checkpoint import Checkpointer, Snapshot
 from fedgluon.sim.federation import Evaluate
 from strategies.strategy import GluonStrategy
 
 # Seconds between the server's polls for replies. Flower's simulation Grid (InMemoryGrid) sleeps
-# 0.1 s between polls, up to 0.1 s added to every round (0.5 ms per client task at 200 clients, as
-# much as the clients' whole work in blocks); polling the in-memory state every 5 ms costs ~1% of a
-# core. Under fedgluon.flower.engines.run_ray the Grid is also wrapped to wake on each stored reply instead
-# (fedgluon.flower.dispatch, which also wakes Flower's dispatch thread on each push).
+# 0.1 s between polls, up to 0.1 s added to every round; polling the in-memory state every 5 ms costs
+# little CPU (BENCHMARKS.md, "Process tuning"). Under fedgluon.flower.engines.run_ray the Grid is also
+# wrapped to wake on each stored reply instead (fedgluon.flower.dispatch, which also wakes Flower's
+# dispatch thread on each push).
 POLL_INTERVAL = 0.005
 
 
@@ -61,9 +60,8 @@ def serve(grid: Grid, spec: Mapping[str, Any], on_round: Callable[[dict[str, Any
         grid = WakingGrid(grid, wake, on_reply=strategy.read_reply)  # type: ignore[assignment]
     wait_for_nodes(grid, task.num_clients, int(spec["block_size"]), float(spec["node_timeout"]))
     strategy.connect(VersionCheckedGrid(grid), timeout=float(spec["node_timeout"]))  # type: ignore[arg-type]
-    with gc_frozen():
-        strategy.start(grid=grid, initial_arrays=tensors_to_record(strategy.server_state["X"]),
-                       timeout=float(spec["round_timeout"]))
+    strategy.start(grid=grid, initial_arrays=tensors_to_record(strategy.server_state["X"]),
+                   timeout=float(spec["round_timeout"]))
     return strategy
 
 

@@ -49,7 +49,7 @@ from fedgluon.algorithms.block import Proposal
 from fedgluon.clients.blocks import block_clients, block_of, by_block, num_blocks
 from fedgluon.clients.state_schema import StateSchema
 from fedgluon.flower.wire import read_replies, rows_to_record, tensors_to_record
-from fedgluon.runtime.gc_pause import gc_paused
+from fedgluon.runtime.gc_pause import RoundPause, round_pauses
 from fedgluon.runtime.trace import phase
 from fedgluon.sim.checkpoint import Checkpointer, Snapshot
 from fedgluon.sim.federation import Evaluate, Federation, RoundPlan, client_weights_from_sizes, clip_text
@@ -143,6 +143,7 @@ class GluonStrategy(Strategy):
         self._early: dict[int, tuple[Message, BlockRead]] = {}  # replies read as they came (read_reply)
         self._grid: Grid | None = None  # rounds of several phases send their later phases here
         self._timeout: float | None = None
+        self._pause: RoundPause | None = None  # the round's GC pause, while start runs the rounds
 
     @property
     def server_state(self) -> dict[str, Any]:
@@ -230,7 +231,9 @@ class GluonStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._grid = grid  # the later phases of a round go out from aggregate_train (_later_phase)
-        with gc_paused(), phase("configure", self.federation.next_round):
+        if self._pause is not None:
+            self._pause.begin()  # the round's GC pause, to the end of aggregate_train (fedgluon/runtime/gc_pause.py)
+        with phase("configure", self.federation.next_round):
             return self._configure_train()
 
     def _configure_train(self) -> list[Message]:
@@ -265,8 +268,12 @@ class GluonStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                         MetricRecord | None]:
-        with gc_paused(), phase("aggregate", self._round.k if self._round is not None else -1):
-            return self._aggregate_train(replies)
+        try:
+            with phase("aggregate", self._round.k if self._round is not None else -1):
+                return self._aggregate_train(replies)
+        finally:
+            if self._pause is not None:
+                self._pause.end()
 
     def _aggregate_train(self, replies: Iterable[Message]) -> tuple[ArrayRecord, MetricRecord]:
         assert self._round is not None
@@ -335,7 +342,7 @@ class GluonStrategy(Strategy):
         if clients is None:
             return
         try:
-            with gc_paused(), phase("read", plan.k):
+            with phase("read", plan.k):  # inside the round's GC pause
                 self._early[id(msg)] = (msg, self._read(msg, clients))
         except Exception:  # noqa: BLE001 - read again, and fail there as any reply would, in aggregate_train
             log.debug("round %d: reading a reply early failed", plan.k, exc_info=True)
@@ -384,7 +391,12 @@ class GluonStrategy(Strategy):
         self._timeout = timeout  # a later phase's deadline (_later_phase), as Flower's for the first
         if left <= 0:
             return None
-        return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=left, timeout=timeout, **kwargs)
+        with round_pauses() as self._pause:  # the collector is paused once per round, configure to aggregate
+            try:
+                return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=left, timeout=timeout,
+                                     **kwargs)
+            finally:
+                self._pause = None
 
 
 def _integer(value: Any, what: str, low: int, high: int) -> int:

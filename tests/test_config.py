@@ -40,6 +40,7 @@ OUT_OF_RANGE = {  # one override per field, out of the field's allowed values
 }
 NO_OUT_OF_RANGE = {  # fields whose every value of the right type is legal
     "engine.address": "any string: Ray checks the address when it connects",
+    "engine.fast_dispatch": "both booleans are legal",
     "output.dir": "any path; one where the run directory cannot be made is refused then (tested below)",
     "output.save_model": "both booleans are legal",
 }

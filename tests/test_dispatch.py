@@ -113,3 +113,38 @@ def test_faster_dispatch_patches_flowers_loop_only_while_active():
 class _NoState:
     def get_message_ins(self, node_id, limit):  # pragma: no cover - no nodes to poll
         return []
+
+
+def test_the_installed_flwr_is_a_version_the_patch_was_written_for():
+    """fedgluon.flower.dispatch patches Flower's internals: a flwr it was not written for fails here, loudly."""
+    installed = dispatch.flower_version()
+    assert installed in dispatch.WRITTEN_FOR, (
+        f"fedgluon/flower/dispatch.py patches Flower's simulation loops (vce_api.add_messages_to_queue, "
+        f"put_message_into_state, InMemoryGrid.send_and_receive) and was written for flwr "
+        f"{', '.join(dispatch.WRITTEN_FOR)}, but flwr {installed} is installed: check the patch against it, then "
+        f"add the version to dispatch.WRITTEN_FOR (until then run_ray keeps Flower's 0.1 s cadence)")
+
+
+def test_under_another_flwr_version_nothing_is_patched(monkeypatch, caplog):
+    original = vce_api.add_messages_to_queue
+    monkeypatch.setattr(dispatch, "flower_version", lambda: "0.0.1")
+    with faster_dispatch(num_nodes=2) as patched:
+        assert not patched and dispatch.active() is None
+        assert vce_api.add_messages_to_queue is original
+    assert "not flwr 0.0.1" in caplog.text
+
+
+def test_engine_fast_dispatch_is_a_config_field_on_by_default():
+    """``engine.fast_dispatch`` (on by default, as run_ray's ``fast_dispatch``) is the explicit option."""
+    import inspect
+
+    import pytest
+
+    from fedgluon.config.schema import ConfigError, load
+    from fedgluon.flower.engines import run_ray
+
+    assert load(None).engine.fast_dispatch is True
+    assert inspect.signature(run_ray).parameters["fast_dispatch"].default is True
+    assert load(None, ["engine.fast_dispatch=false"]).engine.fast_dispatch is False
+    with pytest.raises(ConfigError, match="fast_dispatch"):
+        load(None, ["engine.fast_dispatch=sometimes"])

@@ -56,15 +56,16 @@ def same_metrics(a: pd.DataFrame, b: pd.DataFrame, loss_rtol: float = 0.0) -> No
 def test_client_app_pickles_as_its_spec(monkeypatch):
     """Flower's Ray engine pickles the ClientApp with every message: a fixed-spec app pickles as its spec
     (small) and unpickles to one app per spec and process, which runs like the original, and marks its
-    process a worker of the run (fedgluon.runtime.gc_pause.freeze_worker)."""
+    process as fedgluon's (fedgluon.runtime.prepare_process)."""
     import json
     import pickle
 
     from fedgluon.flower.client_app import SpecClientApp
-    from fedgluon.runtime import gc_pause
+    from fedgluon.runtime import process
 
-    monkeypatch.setitem(gc_pause._worker, "is", False)  # this test process is no worker: restored after
+    monkeypatch.setitem(process._owned, "is", False)  # this test process is no worker: restored after
 
+    threads = torch.get_num_threads()
     app = make_client_app(SPEC)
     data = pickle.dumps(app)
     assert isinstance(app, SpecClientApp) and len(data) < 2000
@@ -72,7 +73,8 @@ def test_client_app_pickles_as_its_spec(monkeypatch):
     assert isinstance(back, SpecClientApp) and back is pickle.loads(pickle.dumps(app))
     assert specs.normalise(SPEC) == specs.normalise(json.loads(back.spec_json))
     assert type(make_client_app()) is not SpecClientApp  # no fixed spec: the run config names it
-    assert gc_pause._worker["is"]
+    assert process.owned()
+    torch.set_num_threads(threads)  # unpickling prepared this process: the spec's threads
 
 
 def test_inprocess_flower_equals_plain_driver():
@@ -225,34 +227,53 @@ def test_gc_pause_restores_the_collector_state():
         gc.enable()
 
 
-def test_runs_freeze_what_was_alive_before_them_and_unfreeze_after():
-    """The plain driver and the Flower server run their rounds with the objects alive at the start frozen
-    (gc.freeze: full collections skip them) and unfreeze them afterwards; a freeze made by someone else
-    is left as it was."""
+def test_the_collector_is_paused_once_per_round_in_each_engine_loop(monkeypatch):
+    """The plain driver's round, and a Flower round from configure_train through the Grid's exchange to
+    aggregate_train (GluonStrategy.start's RoundPause), run with the collector off; it is on again after
+    each run."""
     import gc
 
-    from fedgluon.runtime.gc_pause import gc_frozen
+    seen: dict[str, list[bool]] = {"plain": [], "flower": [], "exchange": []}
+    exchange = InProcessGrid.send_and_receive
 
-    # Some interpreters freeze objects at start-up (375 on the GPU image's Python 3.12), a freeze runs leave
-    # alone: start from none, and freeze again at the end.
-    refreeze = gc.get_freeze_count() > 0
-    gc.unfreeze()
-    seen = []
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if any(m.metadata.message_type == "train" for m in messages):  # not the handshake, nor evaluate's none
+            seen["exchange"].append(gc.isenabled())  # between configure_train and aggregate_train
+        return exchange(self, messages, timeout=timeout)
+
+    monkeypatch.setattr(InProcessGrid, "send_and_receive", send_and_receive)
     s = specs.normalise({**SPEC, "rounds": 2})
     task, algo = specs.build(s)
-    run_plain(algo, task.objectives, task.initial_params(), 2, on_round=lambda row: seen.append(gc.get_freeze_count()))
-    run_inprocess({**SPEC, "rounds": 2}, on_round=lambda row: seen.append(gc.get_freeze_count()))
-    assert len(seen) == 4 and min(seen) > 0 and gc.get_freeze_count() == 0
-    gc.freeze()
+    run_plain(algo, task.objectives, task.initial_params(), 2,
+              on_round=lambda row: seen["plain"].append(gc.isenabled()))
+    assert gc.isenabled()
+    run_inprocess(s, on_round=lambda row: seen["flower"].append(gc.isenabled()))
+    assert gc.isenabled()
+    assert seen == {"plain": [False, False], "flower": [False, False], "exchange": [False, False]}
+
+
+def test_a_round_pause_left_open_ends_with_its_loop():
+    import gc
+
+    from fedgluon.runtime.gc_pause import round_pauses
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with round_pauses() as pause:
+            pause.begin()
+            pause.begin()  # a round is open: nothing
+            assert not gc.isenabled()
+            raise RuntimeError  # the round never reaches its end()
+    assert gc.isenabled()
+    gc.disable()
     try:
-        frozen = gc.get_freeze_count()
-        with gc_frozen():
-            assert gc.get_freeze_count() == frozen
-        assert gc.get_freeze_count() == frozen
+        with round_pauses() as pause:
+            pause.begin()
+            pause.end()
+        assert not gc.isenabled()  # not re-enabled by a pause that found it off
     finally:
-        gc.unfreeze()
-        if refreeze:
-            gc.freeze()
+        gc.enable()
 
 
 def test_replies_read_as_they_arrive_give_the_same_run(monkeypatch):

@@ -146,9 +146,9 @@ class Algorithm:
     # ------------------------------------------------------------------ client: one step over a block
     def block_batches(self, bc: Broadcast, objectives: Sequence[SupervisedObjective],
                       js: Sequence[int]) -> list[Batch]:
-        """Each client's batch of round k, from ``generator(seed, "sample", j, k)`` (seeds derived in one
-        vectorised call, :func:`fedgluon.core.rng.derive_seeds`; one generator re-seeded per client, which
-        sets its whole state): a large batch on refresh rounds, else a minibatch."""
+        """Each client's batch of round k, from ``generator(seed, "sample", j, k)`` (the block's seeds from
+        :func:`fedgluon.core.rng.derive_seeds`; one generator re-seeded per client, which sets its whole
+        state): a large batch on refresh rounds, else a minibatch."""
         seeds = derive_seeds(bc.seed, "sample", np.asarray(js, dtype=np.int64), bc.round).tolist()
         gen = torch.Generator(device="cpu")
         large = bool(bc.flags.get("refresh"))

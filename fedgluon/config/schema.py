@@ -41,6 +41,7 @@ class EngineConfig:
     block_size: int = 1  # virtual clients per Flower node, gradients vmapped per block (fedgluon/clients/blocks.py)
     client_device: str = "cpu"  # where client blocks compute gradients: cpu | auto | cuda | cuda:N
     workers: int = 1  # plain engine: blocks stepped at once in threads (fedgluon/sim/driver.py); same results
+    fast_dispatch: bool = True  # ray engine: Flower's simulation loops wake on events (fedgluon/flower/dispatch.py)
 
 
 @dataclass
@@ -267,6 +268,8 @@ RULES: dict[str, tuple[Any, Callable[[Any], bool]]] = {
     "engine.block_size": (POS_INT, lambda v: v >= 1),
     "engine.client_device": ("one of ['auto', 'cpu', 'cuda', 'cuda:N']", lambda v: True),  # resolve_device
     "engine.workers": (POS_INT + " (more than 1 with engine.name='plain' only)", lambda v: v >= 1),
+    "engine.fast_dispatch": ("true or false (engine.name='ray': patch Flower's simulation loops to wake on events, "
+                             "fedgluon/flower/dispatch.py; false keeps Flower's 0.1 s polling)", lambda v: True),
     "network.uplink_mbps": (POS, lambda v: v > 0),
     "network.downlink_mbps": (POS, lambda v: v > 0),
     "network.latency_ms": (NONNEG, lambda v: v >= 0),

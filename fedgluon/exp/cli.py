@@ -17,9 +17,9 @@ def main() -> None:
     """fedgluon: communication-efficient federated training with layer-wise LMO optimizers."""
     import warnings
 
-    from fedgluon.runtime.allocator import keep_freed_memory
+    from fedgluon.runtime import prepare_process
 
-    keep_freed_memory()  # this process exists to run fedgluon (fedgluon.runtime.allocator)
+    prepare_process()  # this process exists to run fedgluon (fedgluon/runtime/process.py)
     # Ray's tip, at every ray.init (a parallel sweep's too), that a later Ray will stop hiding GPUs from tasks
     # without a GPU share: fedgluon relies on the hiding and names the setting (fedgluon.flower.engines.QUIET_ENV)
     warnings.filterwarnings("ignore", message=RAY_TIP, category=FutureWarning)

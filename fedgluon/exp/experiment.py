@@ -286,7 +286,8 @@ def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, 
         strategy = run_inprocess(spec, round_done, evaluate, checkpointer, snapshot)
     else:
         strategy = run_ray(spec, num_cpus=cfg.engine.num_cpus, num_gpus=cfg.engine.num_gpus, address=cfg.engine.address,
-                           on_round=round_done, evaluate=evaluate, checkpointer=checkpointer, resume=snapshot)
+                           on_round=round_done, evaluate=evaluate, checkpointer=checkpointer, resume=snapshot,
+                           fast_dispatch=bool(cfg.engine.fast_dispatch))
     return (strategy.history, strategy.server_state["X"], strategy.client_log,
             client_state_bytes(strategy.federation.table),
             cluster.placement(algorithm, strategy, nodes) if engine == "ray" else cluster.placement(algorithm))

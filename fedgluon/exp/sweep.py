@@ -133,10 +133,10 @@ def _run_parallel(todo, workers: int, address: str | None, sweep_dir: Path, prog
 
     @ray.remote(num_cpus=1)
     def one(cfg_yaml: str) -> dict[str, Any]:
-        from fedgluon.runtime.allocator import keep_freed_memory
+        from fedgluon.runtime import prepare_process
 
-        keep_freed_memory()  # a Ray worker that runs sweep members (fedgluon.runtime.allocator)
         cfg = OmegaConf.create(cfg_yaml)
+        prepare_process(threads=int(cfg.threads))  # a Ray worker that runs sweep members (fedgluon/runtime/process.py)
         cfg.engine.name = "plain"
         return run_member(cfg)
 

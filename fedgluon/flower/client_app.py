@@ -34,8 +34,8 @@ from flwr.clientapp import ClientApp
 from fedgluon.algorithms import Broadcast
 from fedgluon.clients.blocks import block_clients
 from fedgluon.config import spec as specs
-from fedgluon.runtime.allocator import keep_freed_memory
-from fedgluon.runtime.gc_pause import freeze_worker, gc_paused, mark_worker_process
+from fedgluon.runtime import prepare_process
+from fedgluon.runtime.gc_pause import gc_paused
 from fedgluon.runtime.threads import torch_threads
 from fedgluon.runtime.trace import phase
 from fedgluon.sim.faults import FaultPlan, InjectedFault
@@ -82,8 +82,8 @@ class SpecClientApp(ClientApp):
     """A ClientApp made by :func:`make_client_app` for a fixed spec, which pickles as that recipe.
 
     Flower's simulation engine sends the app to its Ray actor with every message, cloudpickled by
-    value (the handlers are closures): ≈ 4 ms of the driver's time per message here, for 7 kB. This
-    one pickles as ``(client_app_for, spec as JSON)``, and each actor process builds the app once per
+    value (the handlers are closures), which costs the driver time per message (BENCHMARKS.md, "Process
+    tuning"). This one pickles as ``(client_app_for, spec as JSON)``, and each actor process builds the app once per
     spec and keeps it."""
 
     def __init__(self, spec_json: str):
@@ -96,10 +96,8 @@ class SpecClientApp(ClientApp):
 
 def client_app_for(spec_json: str) -> ClientApp:
     """The ClientApp of a spec given as JSON, made once per process (:class:`SpecClientApp`); the process
-    is a worker of the run (fedgluon.runtime.gc_pause.freeze_worker), whose freed memory stays mapped
-    (fedgluon.runtime.allocator)."""
-    mark_worker_process()
-    keep_freed_memory()
+    is a worker of the run, prepared as fedgluon's (fedgluon/runtime/process.py)."""
+    prepare_process(threads=int(json.loads(spec_json)["threads"]))
     return _client_app_for(spec_json)
 
 
@@ -153,7 +151,6 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
     def _train(msg: Message, context: Context, s: dict[str, Any]) -> Message:
         from fedgluon.flower.wire import record_to_rows, record_to_tensors, results_to_records
         task, algorithm = specs.build_cached(s)
-        freeze_worker()
         mine = _clients_of(context, s, task.num_clients)
         # Flower rebuilds these typed views on every access (O(records)): take them once
         arrays, cfg = msg.content.array_records, msg.content.config_records["config"]

@@ -1,4 +1,5 @@
-"""Event-driven hand-off between fedgluon's ServerApp and Flower's simulation engine (flwr 1.41–1.42).
+"""Event-driven hand-off between fedgluon's ServerApp and Flower's simulation engine: a patch of Flower's
+internals, written for the flwr versions in :data:`WRITTEN_FOR` and made only under them.
 
 Flower's simulation runtime moves a round's messages through its in-memory LinkState with two
 polling loops, each sleeping 0.1 s between polls:
@@ -8,13 +9,14 @@ polling loops, each sleeping 0.1 s between polls:
 * the ServerApp's Grid (``InMemoryGrid.send_and_receive``) pulls replies, then sleeps
   ``pull_interval`` (0.1 s).
 
-A message therefore waits ~50 ms on average at each, a floor of 0.1–0.2 s per round that dominated
-rounds of blocked clients (200 clients in two blocks compute in ~0.05 s per block). Polling faster
-costs CPU that the clients' workers need: each poll takes the LinkState's lock and checks every
-message (~0.1–0.3 ms here), and on this 2-core machine the two workers already use both cores.
+A message therefore waits half a poll on average at each, a floor per round that dominates rounds of
+blocked clients whose blocks compute in less. Polling faster costs CPU that the clients' workers need:
+each poll takes the LinkState's lock and checks every message (figures: BENCHMARKS.md, "Flower's
+dispatch").
 
-:func:`faster_dispatch` (``run_ray`` enters it around Flower's ``run_simulation``) turns both waits
-into wake-ups, keeping Flower's loops and LinkState:
+:func:`faster_dispatch` (``run_ray`` enters it around Flower's ``run_simulation`` when the config's
+``engine.fast_dispatch`` is true, the default) turns both waits into wake-ups, keeping Flower's loops
+and LinkState:
 
 * the ServerApp wraps its Grid in a :class:`WakingGrid` (``strategies.server_app``), which sets
   ``pushed`` after storing messages and waits on ``replied`` between pulls;
@@ -23,12 +25,14 @@ into wake-ups, keeping Flower's loops and LinkState:
 * the dispatch loop's ``f_stop.wait(t)`` becomes :meth:`ShortWait.wait`: a wait on ``pushed``.
 
 Each wait is still bounded: by :func:`interval_for` (a few ms) while no Grid signals its pushes, by
-``SIGNALLED_WAIT`` once one does, so a missed wake-up costs at most Flower's own cadence. When
-Flower's functions are not there or have other signatures, nothing is patched (logged).
+``SIGNALLED_WAIT`` once one does, so a missed wake-up costs at most Flower's own cadence. Under a
+flwr version not in :data:`WRITTEN_FOR`, or when Flower's functions are not there or have other
+signatures, nothing is patched (logged; tests/test_dispatch.py fails on such a version, naming it).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import logging
 import threading
@@ -39,6 +43,7 @@ from typing import Any
 
 log = logging.getLogger("fedgluon")
 
+WRITTEN_FOR = ("1.42.0",)  # the flwr versions whose simulation loops this patch was written and tested against
 EXPECTED = {"add_messages_to_queue": ["state", "queue", "nodes_mapping", "f_stop"],
             "put_message_into_state": ["state", "queue", "f_stop"]}
 SIGNALLED_WAIT = 0.1  # the longest wait between polls once pushes and replies are signalled (Flower's cadence)
@@ -46,7 +51,7 @@ SIGNALLED_WAIT = 0.1  # the longest wait between polls once pushes and replies a
 
 def interval_for(num_nodes: int) -> float:
     """Seconds between the dispatch loop's polls while no Grid signals its pushes: 2 ms, plus 0.1 ms per
-    node (each poll costs tens of µs per node), at most Flower's 0.1 s."""
+    node (each poll's cost grows with the nodes), at most Flower's 0.1 s."""
     return min(0.1, 0.002 + 1e-4 * max(0, num_nodes))
 
 
@@ -106,8 +111,22 @@ class SignallingState:
         return getattr(self.state, name)
 
 
+def flower_version() -> str | None:
+    """The installed flwr's version (None without one)."""
+    try:
+        return importlib.metadata.version("flwr")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def _flower_functions() -> tuple[Any, dict[str, Any]] | None:
-    """Flower's simulation module and its two loop functions, or None (logged) if they are not as expected."""
+    """Flower's simulation module and its two loop functions, or None (logged) under a flwr version not in
+    :data:`WRITTEN_FOR` or if they are not as expected."""
+    version = flower_version()
+    if version not in WRITTEN_FOR:
+        log.warning("faster_dispatch: written for flwr %s, not flwr %s; keeping Flower's 0.1 s cadence "
+                    "(engine.fast_dispatch=false says so and silences this)", ", ".join(WRITTEN_FOR), version)
+        return None
     try:
         from flwr.server.superlink.fleet.vce import vce_api
         functions = {name: getattr(vce_api, name) for name in EXPECTED}

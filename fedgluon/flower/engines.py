@@ -217,8 +217,9 @@ def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0
             checkpointer: Checkpointer | None = None, resume: Snapshot | None = None, fast_dispatch: bool = True):
     """Run on Flower's simulation engine (Ray). ``address`` joins an existing Ray cluster ("auto" or
     "HOST:PORT"); without it a private local Ray instance is started (and stopped) for this run. With
-    ``fast_dispatch`` Flower's dispatch loop polls every few ms instead of every 0.1 s
-    (:mod:`fedgluon.flower.dispatch`)."""
+    ``fast_dispatch`` (the config's ``engine.fast_dispatch``, on by default) Flower's simulation loops wake
+    on pushes and replies instead of polling every 0.1 s (:mod:`fedgluon.flower.dispatch`: a patch of
+    Flower's internals, made only for the flwr versions it was written for)."""
     from flwr.simulation import run_simulation
 
     from fedgluon.flower.client_app import make_client_app

@@ -1,13 +1,15 @@
-"""Pause Python's cyclic garbage collector around a round's allocation-heavy work.
+"""Pause Python's cyclic garbage collector around a round's allocation-heavy work, once per round.
 
 A round makes many short-lived Python objects (payload objects, JSON layouts of client blocks,
 per-client dicts) while thousands of long-lived ones stay alive (every client's state). Each
-generation-0 overflow can escalate to a full collection that walks all of them; with 1,000 clients
-in blocks of 500 on fedgluon's in-process Grid this cost about a fifth of a round (1.50 ms per client
-task with the collector on, 1.19 with it off for the whole run; 0.89 in a later run with these pauses
-in place; 2-core AMD EPYC VM, 1 thread, one run each). The round's objects form no
-reference cycles of note, so collecting after the round, when the collector resumes, frees the same
-memory. Nested pauses are fine; the collector resumes only if it was running before the outermost.
+generation-0 overflow can escalate to a full collection that walks all of them, a sizeable share of
+a round with many clients (BENCHMARKS.md, "Process tuning"). The round's objects form no reference
+cycles of note, so collecting after the round, when the collector resumes, frees the same memory.
+
+Each engine loop takes the pause once per round: the plain driver's round (:func:`gc_paused`), the
+Flower strategy's round from ``configure_train`` to the end of ``aggregate_train`` (:class:`RoundPause`,
+held by ``GluonStrategy.start``) and the ClientApp's handling of one message (:func:`gc_paused`). Nested
+pauses are fine; the collector resumes only if it was running before the outermost.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from contextlib import contextmanager
 
 @contextmanager
 def gc_paused() -> Iterator[None]:
+    """The collector off for the body (one round of the plain driver, one message of the ClientApp), back
+    on after it if it was on before (also when the body raises)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -28,37 +32,35 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+class RoundPause:
+    """The pause of a round whose work spans calls that another's loop makes (Flower's ``Strategy.start``
+    calls ``configure_train``, the Grid's ``send_and_receive``, then ``aggregate_train``): :meth:`begin` at
+    the round's start, :meth:`end` at its end. Only made by :func:`round_pauses`, which ends a round left
+    open (a round that raised) when the loop ends."""
+
+    def __init__(self) -> None:
+        self._resume: bool | None = None  # None: no round open; else whether the collector was on before it
+
+    def begin(self) -> None:
+        """Pause the collector for the round (nothing if a round is open)."""
+        if self._resume is None:
+            self._resume = gc.isenabled()
+            gc.disable()
+
+    def end(self) -> None:
+        """End the open round's pause: the collector back on if it was on at :meth:`begin` (nothing if none)."""
+        if self._resume is not None:
+            resume, self._resume = self._resume, None
+            if resume:
+                gc.enable()
+
+
 @contextmanager
-def gc_frozen() -> Iterator[None]:
-    """Move every object alive now (modules, the task's data, the process's long-lived objects: ~340k
-    here once torch and Flower are imported) out of the collector's reach for the duration of a run
-    (``gc.freeze``), so its full collections walk only what the run makes; unfrozen afterwards, so
-    anything that became cyclic garbage meanwhile is collected as usual. A first collection of the
-    young generations after import cost ~70–110 ms here, each full one more; the run's own cost
-    ~1.5 ms per round at 200 clients. Nested uses keep the outermost's freeze."""
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
+def round_pauses() -> Iterator[RoundPause]:
+    """A :class:`RoundPause` for an engine loop's rounds; on exit, a round still open is ended."""
+    pause = RoundPause()
     try:
-        yield
+        yield pause
     finally:
-        gc.unfreeze()
+        pause.end()
 
-
-_worker = {"is": False, "frozen": False}
-
-
-def mark_worker_process() -> None:
-    """Say that this process exists to run one spec's ClientApps (a Ray actor: it unpickled a
-    :class:`~fedgluon.flower.client_app.SpecClientApp`), so :func:`freeze_worker` may freeze it."""
-    _worker["is"] = True
-
-
-def freeze_worker() -> None:
-    """In a worker process (:func:`mark_worker_process`), once its task is built: freeze what is alive
-    (:func:`gc_frozen`'s reasons) for the life of the process. Elsewhere (the in-process engine, tests,
-    a user's process) nothing: a process-wide freeze is not a library's to make there."""
-    if _worker["is"] and not _worker["frozen"]:
-        _worker["frozen"] = True
-        gc.freeze()

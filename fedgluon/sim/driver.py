@@ -45,7 +45,7 @@ from fedgluon.algorithms.base import Algorithm, BlockResult, Broadcast, ClientRe
 from fedgluon.clients.blocks import by_block, num_blocks
 from fedgluon.clients.objective import SupervisedObjective, has_buffers
 from fedgluon.clients.table import ClientRows, ClientStateTable
-from fedgluon.runtime.gc_pause import gc_frozen, gc_paused
+from fedgluon.runtime.gc_pause import gc_paused
 from fedgluon.sim.checkpoint import Checkpointer, Snapshot
 from fedgluon.sim.faults import FaultPlan
 from fedgluon.sim.federation import Evaluate, Federation, RoundPlan, client_weights_from_sizes
@@ -92,7 +92,7 @@ def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X
                      on_round=on_round, checkpointer=checkpointer, resume=resume, max_failed_rounds=max_failed_rounds,
                      schema=algorithm.state_schema(objectives[0], X0, seed))
     num_blocks(len(objectives), block_size)  # checks block_size
-    with gc_frozen(), block_workers(workers, objectives) as pool:
+    with block_workers(workers, objectives) as pool:
         _rounds(fed, algorithm, objectives, seed, faults, tamper, block_size, pool)
     return RunResult(fed.history, fed.server_state, fed.table, fed.client_log)
 

@@ -133,7 +133,7 @@ def _select(M: np.ndarray, t: np.ndarray, k: int, mask: np.ndarray | None = None
     surplus = np.count_nonzero(keep, axis=1) - k
     for i in np.flatnonzero(surplus).tolist():  # ties at t (rare but for integer-like data)
         _drop_tied(keep[i], np.flatnonzero(M[i] == t[i]), int(surplus[i]))
-    # one flat nonzero (row-major: increasing within each row; a 2-D nonzero costs ~3× more)
+    # one flat nonzero (row-major: increasing within each row; cheaper than a 2-D nonzero)
     return np.flatnonzero(keep).reshape(B, k) - np.arange(0, B * c, c)[:, None]
 
 

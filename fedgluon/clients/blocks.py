@@ -4,8 +4,8 @@ Block ``p`` holds the virtual clients ``[pB, min((p+1)B, n))``; a run of n clien
 ``ceil(n / B)`` nodes. Virtual-client ids, partitions, states, seeds and batches are those of one
 client per node, and the gradients of a block are computed in vmapped calls (``fedgluon.clients.vectorised``),
 one per run of clients whose gradients take about ``Algorithm.RUN_BYTES`` (32 MiB: a block of 500
-clients of a 100k-parameter model steps in runs of 78, at the speed of blocks of 64, instead of 1.6×
-slower in one call), equal to the per-client ones bitwise in float32 on this machine's BLAS;
+clients of a 100k-parameter model steps in runs of 78 rather than in one call; BENCHMARKS.md has the
+speeds), equal to the per-client ones bitwise in float32 on this machine's BLAS;
 so a run with blocks gives the metrics of a run without (the reported training loss may differ in
 its last bit). ``B = 1`` is one client per node.
 """

@@ -210,7 +210,7 @@ PULL_INTERVAL = 0.05  # seconds between the ServerApp's pulls for replies under 
 class PollingGrid:
     """A deployment Grid whose ``send_and_receive`` pulls the replies every ``interval`` seconds. Flower
     1.42's grid of a ``flwr run`` ServerApp sleeps 3 s between pulls, up to 3 s added to every round;
-    one pull is one request to the SuperLink (on loopback ~1 ms). Everything else is the wrapped grid's."""
+    one pull is one request to the SuperLink. Everything else is the wrapped grid's."""
 
     def __init__(self, grid: Any, interval: float = PULL_INTERVAL):
         self._grid, self.interval = grid, interval

@@ -363,7 +363,7 @@ def max_reply_bytes(table: ClientStateTable, shapes: Mapping[str, tuple[int, ...
 
 def _non_finite_rows(columns: Mapping[str, Tensor], b: int) -> list[int]:
     """Rows holding a NaN/Inf in any floating-point column, one NumPy pass per column (``np.isfinite``
-    over a (B, d) float32 column is ~15× faster than ``torch.isfinite`` here: BENCHMARKS.md)."""
+    over a (B, d) float32 column is faster than ``torch.isfinite``: BENCHMARKS.md)."""
     bad = np.zeros(b, dtype=bool)
     for t in columns.values():
         if t.is_floating_point() and t.numel():

@@ -16,11 +16,11 @@ Two oracles, both batched over leading dimensions (same-shape matrices in one ca
   ``σ ≤ tol`` map to 0 (the minimiser is not unique there, docs/DESIGN.md §2).
 
 Precision: ``dtype="auto"`` runs NS in bfloat16 on CUDA and in float32 on CPU (float64 inputs stay
-float64), because bf16 matmuls on AVX2 CPUs are 70–180× slower than fp32 (docs/DESIGN.md §5).
+float64), because bf16 matmuls on AVX2 CPUs are far slower than fp32 (docs/DESIGN.md §5).
 
 ``compile=True`` runs the iterations through ``torch.compile`` (TorchInductor), meant for CUDA, where
 it fuses the normalisation and the elementwise parts of each step around the matmuls. The first call
-per shape and dtype compiles (≈ 20 s on the 2-core CPU here); on CPU the matmuls stay the same BLAS
+per shape and dtype compiles (seconds); on CPU the matmuls stay the same BLAS
 calls, so it gains little there (``benchmarks/bench_lmo.py --compile`` measures it) and the result equals the
 eager one (tested).
 """

@@ -20,7 +20,10 @@ UNBIASED = [{"name": "randk", "ratio": 0.1}, {"name": "randk_seeded", "ratio": 0
 
 
 def draws(C, x, n):
-    return torch.stack([C(x, Context(seed=s)) for s in range(n)])
+    """``C(x)`` with seeds 0, …, n − 1: one encode of n copies of ``x`` (row i draws from its own context alone,
+    tests/unit/test_error_feedback.py), decoded through the validating path."""
+    rows, _ = C.encode(x.expand(n, *x.shape), [Context(seed=s) for s in range(n)])
+    return C.decode_rows(rows, shape=tuple(x.shape), dtype=x.dtype)
 
 
 @pytest.mark.parametrize("spec", UNBIASED, ids=lambda s: "-".join(map(str, s.values())))

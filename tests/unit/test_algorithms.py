@@ -16,7 +16,7 @@ from fedgluon.sim.metrics import TIMING_COLUMNS
 from fedgluon.tasks.data.synthetic import leaf_synthetic
 from fedgluon.tasks.models import MLP
 
-ROUNDS = 32
+ROUNDS = 16
 
 
 def problem(num_clients=4, dtype=torch.float64, batch_size=8, seed=0, identical=False, large_batch_size=24):

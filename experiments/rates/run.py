@@ -1,7 +1,7 @@
 """Measure the convergence-rate exponents and the compression factors (experiments/README.md, "Rates").
 
     python -m experiments.rates.run                 # the full experiment: results/ beside this file
-    python -m experiments.rates.run --quick         # a seconds-long smoke run (tests/test_rates.py)
+    python -m experiments.rates.run --quick         # a seconds-long smoke run (tests/integration/test_rates.py)
     python -m experiments.rates.run --part rates    # only item 2 (or --part compression)
 
 Writes to ``--out`` (default ``experiments/rates/results``):

@@ -10,7 +10,7 @@ batch); a group of one, a model with BatchNorm (its running statistics are updat
 vmap cannot batch) and objectives with different models fall back to ``objective.gradient``.
 
 Measured here (2-core AVX2 CPU, MKL, synthetic-task MLPs, batches 16–32): float32 gradients equal the
-per-client loop *bitwise*, so blocked runs reproduce unblocked ones exactly (tests/test_blocks.py);
+per-client loop *bitwise*, so blocked runs reproduce unblocked ones exactly (tests/integration/test_blocks.py);
 float64 gradients differ by up to ~1 ulp (the batched GEMM takes another kernel path); the reported
 loss may differ in its last bit (the batch mean is reduced in another order). Other BLAS builds may
 round differently: then blocked runs agree to rounding, not bitwise.

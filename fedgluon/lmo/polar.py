@@ -11,7 +11,7 @@ Two oracles, both batched over leading dimensions (same-shape matrices in one ca
   Gower, "The Polar Express: Optimal Matrix Sign Methods and Their Application to the Muon
   Algorithm", arXiv 2505.16932, Algorithm 1 (safety factor 1.01 on every polynomial but the last,
   and ``X₀ = G / (1.01 ‖G‖_F)``). NS is approximate: singular values of the output land in a band
-  around 1 (measured in ``tests/test_polar.py``), not exactly on 1.
+  around 1 (measured in ``tests/unit/test_polar.py``), not exactly on 1.
 * :class:`SVDPolar` — exact ``U Vᵀ`` from ``torch.linalg.svd``; singular directions with
   ``σ ≤ tol`` map to 0 (the minimiser is not unique there, docs/DESIGN.md §2).
 

@@ -7,7 +7,7 @@ count; each restores the caller's count when it ends, so the in-process engine's
 which shares the server's process, leaves the server's count as it was. Worker processes that Ray
 starts (``OMP_NUM_THREADS=1`` unless set) get the configured count the same way, so the plain,
 in-process and Ray engines and parallel sweep members agree bitwise for a given ``threads``
-(tests/test_threads.py).
+(tests/integration/test_threads.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ steps B clients at once, ``state`` a dict of dicts of ``(B, *shape)`` tensors (o
 layout of a client-state table), ``first`` a ``(B,)`` bool tensor marking each client's first step. A row
 of a client that never stepped is zero-filled (:meth:`Estimator.zero_state`), and a zero-filled row never
 changes the math: wherever the first step differs, the row is selected by ``first``. Row ``i`` of a block
-update equals the update of client ``i`` alone bitwise (``tests/test_estimator_blocks.py``); per-row
+update equals the update of client ``i`` alone bitwise (``tests/unit/test_estimator_blocks.py``); per-row
 reductions (Muon-MVR's clipping norm, LiMuon's RSVD) stay per row. Updates never mutate their inputs, so
 a caller can drop ``state'`` (a rejected client keeps its old state).
 

@@ -28,7 +28,7 @@ from fedgluon.lmo.estimators.base import (
 def _row_norms(c: Tensor) -> Tensor:
     """‖c_i‖_F of each row, shaped to broadcast against ``c`` (one reduction over the rows flattened: equal
     bitwise to each row's own norm here, at 1, 2 and 8 threads and above torch's parallel grain; checked by
-    ``tests/test_estimator_blocks.py``)."""
+    ``tests/unit/test_estimator_blocks.py``)."""
     n = torch.linalg.vector_norm(c.reshape(c.shape[0], -1), dim=1)
     return n.view(-1, *([1] * (c.ndim - 1)))
 
@@ -88,7 +88,7 @@ class MuonMVR(Estimator):
     from a public copy of its ``MuonMVR`` class (github.com/RayCyder/Intro, a CIFAR-10 notebook, marked
     "Muon-MVR2 method from On the Convergence of Muon and Beyond", with a note that it fixed errors on
     Apple M1), whose 2-D branch matches the MARS-M code's Muon branch (same ``c``, clipping and
-    ``0.2·sqrt(max(A, B))``). ``tests/test_presets.py`` checks this form against a transcription of it.
+    ``0.2·sqrt(max(A, B))``). ``tests/unit/test_presets.py`` checks this form against a transcription of it.
     """
 
     beta: float = 0.95

@@ -13,7 +13,7 @@ from fedgluon.tasks.data.idx import FASHION_MNIST_DIR, load_mnist_like, read_idx
 from fedgluon.tasks.data.synthetic import leaf_synthetic
 from fedgluon.tasks.data.tabular import a9a_like, load_libsvm, load_sklearn
 
-DATA = Path(__file__).with_name("data")
+DATA = Path(__file__).parents[1] / "data"
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:

@@ -99,7 +99,7 @@ def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path):
     """Ctrl-C after the first finished trial: Ray Tune saves its state, the second algorithm does not start,
     and the CLI exits 1 naming --resume; --resume runs the unfinished trials only (the finished trials' run
     directories are not written again), then the second algorithm."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     args = [sys.executable, "-m", "fedgluon.exp.cli", "tune", *FAST, "algorithm.lr=[0.2,0.05,0.01]", "--name", "res",
             "--scheduler", "fifo", "--parallel", "1", "--algorithm", "gluon", "--algorithm", "gluon-ef21"]
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

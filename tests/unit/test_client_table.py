@@ -8,6 +8,7 @@ import dataclasses
 import pandas as pd
 import pytest
 import torch
+from helpers import same_table
 
 from fedgluon.clients.state_schema import StateSchema
 from fedgluon.clients.table import NEVER, ClientRows, ClientStateTable, flatten, nest
@@ -253,7 +254,6 @@ def test_a_rejected_client_keeps_its_row_while_its_block_mates_commit(algorithm)
                                     "faults": FaultPlan.from_spec({"raise_prob": 0.1})}}.items():
         runs[name] = run_plain(algo, task.objectives, X0, 6, **kw, **extra)
     assert runs["blocks"].frame()["rejected"].sum() == 2 and runs["partial"].frame()["failed"].sum() > 0
-    from test_reliability import same_table
 
     for a, b in (("one", "blocks"), ("partial, one", "partial")):
         same_table(runs[a].table, runs[b].table)
@@ -266,7 +266,6 @@ def test_a_rejected_client_keeps_its_row_while_its_block_mates_commit(algorithm)
 def test_chunked_error_feedback_gives_the_same_run(monkeypatch, compressor):
     """Layers taken a few rows at a time (as large layers are, compressors/error_feedback.py) give the
     same metrics and client-state table as whole blocks."""
-    from test_reliability import same_table
 
     from compressors import error_feedback
 

@@ -6,8 +6,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call
+from helpers import synthetic_federation
 
 from fedgluon.algorithms import ALGORITHMS, make_algorithm
 from fedgluon.clients.objective import SupervisedObjective
@@ -17,7 +16,7 @@ from fedgluon.sim.metrics import TIMING_COLUMNS
 from fedgluon.tasks.data.synthetic import leaf_synthetic
 from fedgluon.tasks.models import MLP
 
-ROUNDS = 32
+ROUNDS = 16
 
 
 def problem(num_clients=4, dtype=torch.float64, batch_size=8, seed=0, identical=False, large_batch_size=24):
@@ -129,42 +128,6 @@ def test_same_seed_bitwise_and_different_seeds_differ():
     assert any(not torch.equal(a[-1][n], c[-1][n]) for n in a[-1])
     cols = [c for c in ra.frame().columns if c not in TIMING_COLUMNS]
     assert ra.frame()[cols].equals(rb.frame()[cols])
-
-
-def synthetic_federation():
-    data = leaf_synthetic(10, 1.0, 1.0, dim=20, classes=5, mean_samples=60, seed=3)
-    torch.manual_seed(0)
-    model = MLP(20, (24,), 5)
-    objs = [SupervisedObjective(model, x, y, batch_size=16) for x, y in data]
-    X0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    allx, ally = torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])
-
-    def loss(X):
-        with torch.no_grad():
-            return F.cross_entropy(functional_call(model, X, (allx,)), ally).item()
-    return model, objs, X0, Geometry.from_model(model), loss
-
-
-SETTINGS = {"fedavg": {"local_lr": 0.05, "local_steps": 3}, "sgd": {"lr": 0.1}, "adamw": {"lr": 0.01},
-            "local-gluon": {"lr": 0.02, "local_steps": 3}, "diloco": {"lr": 0.02, "local_steps": 1},
-            "muloco": {"lr": 0.03, "local_steps": 2},
-            "fedmuon": {"lr": 0.05, "schedule": "polynomial", "power": 0.5, "local_steps": 3},
-            "fedmuon-bc": {"lr": 0.05, "schedule": "polynomial", "power": 0.5, "local_steps": 3}}
-
-
-def test_every_algorithm_decreases_loss_and_compressed_ones_send_fewer_bits():
-    model, objs, X0, geom, loss = synthetic_federation()
-    start = loss(X0)
-    bits = {}
-    for name in ALGORITHMS:
-        opts = SETTINGS.get(name, {"lr": 0.05, "schedule": "polynomial", "power": 0.5})
-        res = run_plain(make_algorithm(name, geom, **opts), objs, X0, 25, seed=1)
-        end = loss(res.server_state["X"])
-        assert end < 0.92 * start, (name, start, end)  # measured here: 0.43 (sgd) to 0.90 (local-gluon)
-        bits[name] = res.frame()["up_int32_total"].sum()
-    for name in ("gluon-marina", "gluon-dasha-mvr", "gluon-ef21", "gluon-ef21-sarah", "gluon-ef21-mvr",
-                 "ef21-muon-bidir"):
-        assert bits[name] < bits["gluon"], (name, bits[name], bits["gluon"])
 
 
 @pytest.mark.parametrize("name", ["gluon-ef21", "gluon-dasha-mvr"])

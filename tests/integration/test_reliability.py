@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from helpers import same_table
 
 from compressors import BitCount
 from fedgluon.config import schema as config
@@ -272,15 +273,6 @@ def test_injected_faults_are_failures_and_states_follow_accepted_rounds(tmp_path
     accepted = log[log.status == "accepted"].groupby("client").size()
     assert strategy.federation.table.commits.tolist() == [int(accepted.get(j, 0)) for j in range(8)]
     same_table(strategy.federation.table, ref.table)
-
-
-def same_table(a, b) -> None:
-    """Two client-state tables hold bitwise the same rows, commit counters, rounds seen and models."""
-    assert a.columns.keys() == b.columns.keys() and all(torch.equal(a.columns[p], b.columns[p]) for p in a.columns)
-    assert torch.equal(a.commits, b.commits) and torch.equal(a.seen, b.seen)
-    assert a.models.keys() == b.models.keys()
-    assert all(a.models[r].keys() == b.models[r].keys() and all(torch.equal(a.models[r][n], b.models[r][n])
-                                                               for n in a.models[r]) for r in a.models)
 
 
 @pytest.mark.parametrize("algorithm", [

@@ -21,7 +21,7 @@ import torch
 
 from benchmarks import golden
 
-STORED = Path(__file__).parent / "data" / "golden"
+STORED = Path(__file__).parents[1] / "data" / "golden"
 RTOL = 1e-5
 
 

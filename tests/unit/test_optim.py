@@ -6,8 +6,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from fedgluon.lmo.optim import Gluon
 from fedgluon.tasks.models import MLP
@@ -161,22 +159,3 @@ def test_errors_are_clear():
     model(x).sum().backward()
     with pytest.raises(ValueError, match="needs step\\(closure\\)"):
         opt.step()
-
-
-def test_digits_mlp_reaches_95_percent():
-    torch.manual_seed(0)
-    X, y = load_digits(return_X_y=True)
-    X = torch.tensor(X / 16.0, dtype=torch.float32)
-    y = torch.tensor(y)
-    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
-    model = MLP(64, (128, 128), 10)
-    opt = Gluon(model, lr=0.02, method="scion")
-    for _ in range(15):
-        perm = torch.randperm(len(Xtr))
-        for i in range(0, len(Xtr), 32):
-            idx = perm[i:i + 32]
-            opt.zero_grad()
-            F.cross_entropy(model(Xtr[idx]), ytr[idx]).backward()
-            opt.step()
-    acc = (model(Xte).argmax(1) == yte).float().mean().item()
-    assert acc >= 0.95, acc

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import same_table
 
 from fedgluon.config import spec as specs
 from fedgluon.flower.client_app import make_client_app
@@ -32,14 +33,6 @@ def plain_table(spec):
     task, algo = specs.build(s)
     return run_plain(algo, task.objectives, task.initial_params(), s["rounds"], seed=s["seed"],
                      participation=s["participation"]).table
-
-
-def same_table(a, b) -> None:
-    """Two client-state tables hold bitwise the same rows, commit counters, rounds seen and models."""
-    assert a.columns.keys() == b.columns.keys() and all(torch.equal(a.columns[p], b.columns[p]) for p in a.columns)
-    assert torch.equal(a.commits, b.commits) and torch.equal(a.seen, b.seen)
-    assert a.models.keys() == b.models.keys()
-    assert all(torch.equal(a.models[r][n], b.models[r][n]) for r in a.models for n in a.models[r])
 
 
 def same_metrics(a: pd.DataFrame, b: pd.DataFrame, loss_rtol: float = 0.0) -> None:

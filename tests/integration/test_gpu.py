@@ -56,7 +56,7 @@ def test_ns_on_cuda_is_bf16_by_default_and_batched_equals_per_matrix():
 
 def test_ns_in_bf16_keeps_singular_values_in_a_band():
     """The quintic's band in bf16 on CUDA: every singular value with σ_i/‖G‖_F > 1e-2 maps to p(σ_i) in
-    [0.6, 1.25] (fp32's band, tests/test_norms.py, is [0.65, 1.17]); the NS estimate of the dual norm,
+    [0.6, 1.25] (fp32's band, tests/unit/test_norms.py, is [0.65, 1.17]); the NS estimate of the dual norm,
     −<G, lmo(G)>, is 0.7–1.0 of the nuclear norm. Measured on an H100: p(σ) in [0.680, 1.136], the dual
     estimate 0.80–0.85 of the nuclear norm."""
     norm = Spectral(factor=1.0, oracle=NewtonSchulz())

@@ -36,7 +36,7 @@ from fedgluon.flower.client_app import make_client_app
 from fedgluon.flower.engines import InProcessGrid
 from strategies.server_app import serve
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = """\
 task: {name: synthetic, num_clients: 4, dim: 20, classes: 4, hidden: [16], batch_size: 16}
 algorithm: {name: gluon-ef21-sarah, lr: 0.05, compressor: {name: topk, ratio: 0.1}}

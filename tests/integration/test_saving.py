@@ -338,7 +338,7 @@ def test_fuzz_twenty_kill_points_across_ten_resumed_runs(tmp_path, reference):
 
 
 # ---------------------------------------------------------------------- real kills and a real file-size limit
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 
 KILL_AT_SAVE_STEP = """
 import os, signal, sys

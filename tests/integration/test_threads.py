@@ -22,7 +22,7 @@ import torch
 
 from fedgluon.sim.metrics import TIMING_COLUMNS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TASK = """task: {name: digits, num_clients: 2, partition: iid, hidden: []}
 geometry: {preset: scion, overrides: [{pattern: head.weight, norm: spectral}]}
 algorithm: {name: gluon, lr: 1.0}

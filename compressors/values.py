@@ -286,7 +286,7 @@ class SymmetricInt(ValueCodec):
     Deterministic, hence *biased*: no unbiasedness is claimed. Each entry goes to a level no farther
     than 0 and the largest entry is exact (up to the float32 rounding of s, 2⁻²⁴ relative), so
     ``‖Q(v) − v‖² ≤ ‖v‖² − s² ≤ (1 − 1/n)‖v‖²``: a contraction with α = 1/n on n values (``alpha``;
-    tests/test_compressors.py measures it). A non-finite input sends zeros.
+    tests/unit/test_compressors.py measures it). A non-finite input sends zeros.
     """
 
     kind = "contractive"

@@ -190,7 +190,7 @@ class FedMuonBC(FederatedMuon):
     Reduction (implied by the paper: c = Σ_i w_i c_i at every round, so the correction vanishes when every
     client's control variate is the same): one client, or identical clients on full batches with full
     participation, server_lr = 1, is centralised Muon, ``M ← βM + (1−β)g``, ``X ← X + t lmo(M)``, run for
-    R·τ steps with the momentum kept across rounds (tests/test_fedmuon.py).
+    R·τ steps with the momentum kept across rounds (tests/unit/test_fedmuon.py).
 
     Communication: uplink ``Δx_i = x_i^{r,K} − x^r`` and ``Δc_i = c_i^{r+1} − c_i^r`` (2d values, through
     the run's compressor with its error feedback); downlink ``x`` and ``c`` (2d values). Client state

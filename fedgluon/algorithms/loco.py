@@ -48,7 +48,7 @@ none; MuLoCo's: int2, ef14).
   schedule), its momentum buffer in the server state;
 * ``inner: "sgd"`` (DiLoCo only) swaps AdamW for plain SGD ``X ← X − η g``: DiLoCo with SGD inside
   is FedAvg with server momentum; with H = 1, outer lr 1, no momentum and identity it is one gradient
-  descent step on the mean minibatch gradient (tests/test_loco.py).
+  descent step on the mean minibatch gradient (tests/unit/test_loco.py).
 
 Partial participation: the mean is over the accepted clients; a rejected or failed client's reply is
 dropped and its row (inner state, EF14 residual) is not advanced, so it resumes from its last

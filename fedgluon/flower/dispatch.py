@@ -27,7 +27,7 @@ and LinkState:
 Each wait is still bounded: by :func:`interval_for` (a few ms) while no Grid signals its pushes, by
 ``SIGNALLED_WAIT`` once one does, so a missed wake-up costs at most Flower's own cadence. Under a
 flwr version not in :data:`WRITTEN_FOR`, or when Flower's functions are not there or have other
-signatures, nothing is patched (logged; tests/test_dispatch.py fails on such a version, naming it).
+signatures, nothing is patched (logged; tests/integration/test_dispatch.py fails on such a version, naming it).
 """
 
 from __future__ import annotations

@@ -61,7 +61,8 @@ BLOCKS = (1, 4)
 HALF = {"participation": 0.5}  # 3 of the 6 clients a round: states kept across skipped rounds
 
 # name -> spec fields over {"task": TASK, "rounds": ROUNDS, "seed": SEED}; the algorithm's lr is 0.05 unless set.
-# The configurations of tests/integration/test_state_schema.py::ALGORITHMS, plus refresh periods and partial participation.
+# The configurations of tests/integration/test_state_schema.py::ALGORITHMS, plus refresh periods and partial
+# participation.
 CONFIGS: dict[str, dict[str, Any]] = {
     "gluon": {"algorithm": {"name": "gluon"}},
     "gluon-nesterov-bf16": {"algorithm": {"name": "gluon", "nesterov": True, "state_dtype": "bfloat16"}, **HALF},

@@ -181,6 +181,23 @@ def _unpack(packed: np.ndarray, n: int, width: int) -> np.ndarray:
     return np.packbits(full.reshape(B, -1), axis=1).view(">u2").astype(np.int64)
 
 
+def _decode_levels(arrays: dict[str, Any], scale_key: str, n: int, layer: str, width: int, levels: int,
+                   device: Any, dtype: torch.dtype) -> Tensor:
+    """``code · scale / levels`` of ``n`` packed ``width``-bit codes (stored offset by ``levels``) and a float32
+    ``scale_key`` array (QSGD's norm, the int-b quantisers' scale): the scale must be finite and ≥ 0, and
+    every code in ``[-levels, levels]``, or :class:`MetaError` names the array."""
+    scale = get_array(arrays, scale_key, layer, (np.float32,), 1)
+    check_finite(scale, layer, scale_key)
+    if (scale < 0).any():
+        raise MetaError(layer, scale_key, f"must be >= 0, got {scale[scale < 0][0]}")
+    q = get_array(arrays, "q", layer, (np.uint8,), math.ceil(n * width / 8))
+    codes = _unpack(q, n, width) - levels
+    if np.abs(codes).max(initial=0) > levels:
+        raise MetaError(layer, "q", f"quantisation level outside [-{levels}, {levels}]")
+    vals = torch.from_numpy(codes).to(torch.float64) * torch.from_numpy(scale.astype(np.float64) / levels)
+    return vals.to(device=device, dtype=dtype) if device is not None else vals.to(dtype)
+
+
 class QSGD(ValueCodec):
     name, kind, draws = "qsgd", "unbiased", True
 
@@ -219,16 +236,7 @@ class QSGD(ValueCodec):
         for levels in meta.get("levels"):
             if levels != self.levels:
                 raise MetaError(layer, "levels", f"expected {self.levels}, got {levels!r}")
-        norm = get_array(arrays, "norm", layer, (np.float32,), 1)
-        check_finite(norm, layer, "norm")
-        if (norm < 0).any():
-            raise MetaError(layer, "norm", f"must be >= 0, got {norm[norm < 0][0]}")
-        q = get_array(arrays, "q", layer, (np.uint8,), math.ceil(n * self.width / 8))
-        codes = _unpack(q, n, self.width) - self.levels
-        if np.abs(codes).max(initial=0) > self.levels:
-            raise MetaError(layer, "q", f"quantisation level outside [-{self.levels}, {self.levels}]")
-        vals = torch.from_numpy(codes).to(torch.float64) * torch.from_numpy(norm.astype(np.float64) / self.levels)
-        return vals.to(device=device, dtype=dtype) if device is not None else vals.to(dtype)
+        return _decode_levels(arrays, "norm", n, layer, self.width, self.levels, device, dtype)
 
     def bits(self, n, meta):
         return BitCount(value_bits=self.width * n, n_values=n, scalar_bits=32)
@@ -318,16 +326,7 @@ class SymmetricInt(ValueCodec):
                 "scale": np.array([s], dtype=np.float32)}, {}
 
     def decode(self, arrays, meta, n, layer, device=None, dtype=torch.float32):
-        scale = get_array(arrays, "scale", layer, (np.float32,), 1)
-        check_finite(scale, layer, "scale")
-        if (scale < 0).any():
-            raise MetaError(layer, "scale", f"must be >= 0, got {scale[scale < 0][0]}")
-        q = get_array(arrays, "q", layer, (np.uint8,), math.ceil(n * self.width / 8))
-        codes = _unpack(q, n, self.width) - self.top
-        if np.abs(codes).max(initial=0) > self.top:
-            raise MetaError(layer, "q", f"quantisation level outside [-{self.top}, {self.top}]")
-        vals = torch.from_numpy(codes).to(torch.float64) * torch.from_numpy(scale.astype(np.float64) / self.top)
-        return vals.to(device=device, dtype=dtype) if device is not None else vals.to(dtype)
+        return _decode_levels(arrays, "scale", n, layer, self.width, self.top, device, dtype)
 
     def bits(self, n, meta):
         return BitCount(value_bits=self.width * n, n_values=n, scalar_bits=32)

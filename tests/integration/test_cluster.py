@@ -275,7 +275,7 @@ def test_the_readme_cluster_commands_name_real_config_fields():
 
     from fedgluon.config.schema import load
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     readme = (root / "README.md").read_text()
     block = re.search(r"### Ray cluster\n.*?```bash\n(.*?)```", readme, flags=re.S).group(1)
     lines = [shlex.split(line, comments=True) for line in block.splitlines()]

@@ -255,7 +255,7 @@ class GluonStrategy(Strategy):
                 continue
             cfg = ConfigRecord({"round": k, "seed": self.seed, "clients": js,
                                 "refresh": int(bc.flags.get("refresh", 0))})
-            states, prev = rows_to_record(self.federation.rows(plan, js) if multi else self.federation.table.rows(js))
+            states, prev = rows_to_record(self.federation.rows(plan, js))
             content = RecordDict({"model": model, "config": cfg, "states": states, "prev": prev})
             group = str(k)
             if bc.extra:  # tensors besides the model (Broadcast.extra)

@@ -67,12 +67,14 @@ class OutputConfig:
 class FaultConfig:
     """Injected client faults (fedgluon/sim/faults.py): per task, raise w.p. raise_prob, or sleep delay_s
     seconds w.p. delay_prob (late when delay_s > round_timeout); ``die``: [round, client] pairs whose
-    Ray worker exits."""
+    Ray worker exits; ``phase``: the client phase of a round whose tasks the faults strike (algorithms
+    with several phases per round, e.g. Dion's two uplink phases; 0, the first, for every other one)."""
 
     raise_prob: float = 0.0
     delay_prob: float = 0.0
     delay_s: float = 0.0
     die: list[Any] = field(default_factory=list)
+    phase: int = 0
 
 
 @dataclass
@@ -285,6 +287,8 @@ RULES: dict[str, tuple[Any, Callable[[Any], bool]]] = {
     "faults.delay_s": ("a number of seconds >= 0", lambda v: v >= 0),
     "faults.die": ("a list of [round, client] pairs of integers, 0 <= round < rounds, 0 <= client < num_clients",
                    lambda v: True),  # checked against the task in validate
+    "faults.phase": (NONNEG_INT + " below the algorithm's number of client phases per round (1 for most "
+                     "algorithms, 2 for Dion's)", lambda v: v >= 0),  # checked against the algorithm in validate
 }
 
 
@@ -316,7 +320,7 @@ def _explain(err: OmegaConfBaseException) -> str:
 def validate(cfg: DictConfig) -> None:
     """Check every typed field against :data:`RULES`, then build the task and algorithm once (their
     builders name bad options) and check what depends on them (participation and faults.die against
-    the number of clients)."""
+    the number of clients, faults.phase against the algorithm's client phases per round)."""
     types = fields()
     for key, (_, ok) in RULES.items():
         value = OmegaConf.select(cfg, key)
@@ -340,7 +344,7 @@ def validate(cfg: DictConfig) -> None:
     try:
         from fedgluon.config import spec as specs
 
-        task, _ = specs.build_cached(spec_of(cfg))
+        task, algorithm = specs.build_cached(spec_of(cfg))
     except ConfigError:
         raise
     except FileNotFoundError as err:
@@ -357,6 +361,9 @@ def validate(cfg: DictConfig) -> None:
     if missing:
         raise ConfigError(f"faults.die must be a list of [round, client] pairs with 0 <= round < {cfg.rounds} "
                           f"and 0 <= client < {n}, got {missing}")
+    if cfg.faults.phase >= algorithm.phases:
+        raise ConfigError(f"faults.phase must be an integer >= 0 and < {algorithm.phases} (the client phases per "
+                          f"round of {cfg.algorithm.name!r}), got {cfg.faults.phase}")
 
 
 def spec_of(cfg: DictConfig) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from fedgluon.config import schema as config
 from fedgluon.exp.cli import main
+from fedgluon.sim.faults import FaultPlan
 
 BASE = ["engine.name=plain", "--quiet"]
 
@@ -36,7 +37,7 @@ OUT_OF_RANGE = {  # one override per field, out of the field's allowed values
     "network.bits": "network.bits=int7", "output.name": "output.name=..", "output.overwrite": "output.overwrite=true",
     "output.checkpoint_every": "output.checkpoint_every=-1", "faults.raise_prob": "faults.raise_prob=1.5",
     "faults.delay_prob": "faults.delay_prob=-0.1", "faults.delay_s": "faults.delay_s=-1",
-    "faults.die": "faults.die=[[0,99]]", "max_failed_rounds": "max_failed_rounds=-1",
+    "faults.die": "faults.die=[[0,99]]", "faults.phase": "faults.phase=-1", "max_failed_rounds": "max_failed_rounds=-1",
 }
 NO_OUT_OF_RANGE = {  # fields whose every value of the right type is legal
     "engine.address": "any string: Ray checks the address when it connects",
@@ -141,6 +142,24 @@ def test_values_accepted_or_crashing_before_are_refused(tmp_path, monkeypatch, o
     for w in words:
         assert w in line, line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_faults_phase_is_read_from_yaml_and_overrides_and_reaches_the_run_spec(tmp_path):
+    """``faults.phase`` (fedgluon/sim/faults.py: the client phase whose tasks the faults strike) is a config
+    field: a YAML file or an override sets it and the run spec carries it; a negative, non-integer or
+    missing phase, or one the algorithm does not have, is one ConfigError line naming the field."""
+    (tmp_path / "dion.yaml").write_text("algorithm:\n  name: dion\nfaults:\n  raise_prob: 0.2\n  phase: 1\n")
+    for path, overrides in ((tmp_path / "dion.yaml", []), (None, ["algorithm.name=dion", "faults.phase=1"])):
+        faults = config.spec_of(config.load(path, ["engine.name=plain", *overrides]))["faults"]
+        assert FaultPlan.from_spec(faults).phase == 1
+    assert config.spec_of(config.load(None, ["engine.name=plain"]))["faults"]["phase"] == 0
+    for overrides, words in ((["faults.phase=-1"], "an integer >= 0"), (["faults.phase=x"], "an integer >= 0"),
+                             (["faults.phase=null"], "an integer >= 0"), (["faults.phase=2"], "< 2"),
+                             (["algorithm.name=gluon", "faults.phase=1"], "< 1 (the client phases per round of")):
+        with pytest.raises(config.ConfigError) as err:
+            config.load(tmp_path / "dion.yaml", overrides)
+        line = str(err.value)
+        assert "\n" not in line and line.startswith("faults.phase must be") and words in line, line
 
 
 def test_a_config_file_may_not_request_overwriting(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ the default. ``output.overwrite`` is never read from a file or an override (:fun
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import typing
@@ -177,10 +178,14 @@ def _refuse_overwrite(user: DictConfig, source: str) -> None:
 
 
 def _defaults_that_apply(section: str, name: str, defaults: DictConfig) -> dict[str, Any]:
-    """When the user names another task or algorithm than the default one: a task keeps none of the
-    default task's options (the same option name can mean different things, e.g. ``alpha``); an
-    algorithm keeps the default options it accepts (``lr``, the schedule, ``compressor``…), which
-    mean the same for every algorithm."""
+    """The default section's options that still apply when the user names another task or algorithm than
+    the default one. A task keeps none of the default task's options (the same option name can mean
+    different things, e.g. ``alpha``). An algorithm keeps those it accepts, each at the algorithm's own
+    default where its class declares one (``OPTIONS``: DiLoCo's and AdamW's ``lr`` is an AdamW learning
+    rate, FedAvg's ``compressor`` is the identity, MARINA's Rand-K) and at the default section's value
+    otherwise (a shared ``BASE_OPTIONS`` option, such as Gluon's radius ``lr`` or the schedule, which
+    means the same for every algorithm that does not declare its own). Options the user writes are
+    merged over these by :func:`load`, so they are always kept."""
     if section != "algorithm":
         return {}
     from fedgluon.algorithms import ALGORITHMS
@@ -191,7 +196,8 @@ def _defaults_that_apply(section: str, name: str, defaults: DictConfig) -> dict[
     accepted = {**cls.BASE_OPTIONS, **cls.OPTIONS}
     kept = OmegaConf.to_container(defaults)
     assert isinstance(kept, dict)
-    return {k: v for k, v in kept.items() if k in accepted}
+    own = {k: copy.deepcopy(v) for k, v in cls.OPTIONS.items() if k in kept and v is not None}
+    return {k: own.get(k, v) for k, v in kept.items() if k in accepted}
 
 
 def _without_renamed_parts(defaults: DictConfig, user: DictConfig) -> DictConfig:

@@ -160,6 +160,30 @@ def test_switching_task_or_algorithm_drops_the_defaults_of_the_other(tmp_path):
     assert load(None, ["algorithm.compressor.ratio=0.1"]).algorithm.compressor == {"name": "topk", "ratio": 0.1}
 
 
+def test_another_algorithm_gets_its_own_defaults_and_keeps_what_the_user_wrote(tmp_path):
+    """Naming another algorithm than the default one: an option its class declares a default for (DiLoCo's
+    lr, an AdamW rate; FedAvg's identity compressor; MARINA's Rand-K) takes that default, not the default
+    section's (Gluon-EF21-SARAH's radius 0.05, top-k); the shared options (the schedule, Gluon's radius
+    for gluon) keep the default section's; what the user writes, in a file or an override, is kept."""
+    from fedgluon.algorithms.loco import DiLoCo
+    from fedgluon.config.schema import load
+
+    cfg = load(None, ["algorithm.name=diloco"])
+    assert cfg.algorithm.lr == DiLoCo.OPTIONS["lr"] == 4e-4 and cfg.algorithm.compressor == {"name": "identity"}
+    assert cfg.algorithm.schedule == "polynomial" and cfg.algorithm.power == 0.5  # shared: the default section's
+    assert load(None, ["algorithm.name=diloco", "algorithm.lr=0.01"]).algorithm.lr == 0.01
+    assert load(None, ["algorithm.name=fedavg"]).algorithm.compressor == {"name": "identity"}
+    assert load(None, ["algorithm.name=gluon-marina"]).algorithm.compressor.name == "randk"
+    assert load(None, ["algorithm.name=gluon-marina", "algorithm.compressor.ratio=0.1"]).algorithm.compressor == \
+        {"name": "randk", "ratio": 0.1}
+    f = tmp_path / "g.yaml"
+    f.write_text("algorithm: {name: gluon, lr: 0.1, schedule: constant}")
+    assert dict(load(f, ["algorithm.name=diloco"]).algorithm) == \
+        {"name": "diloco", "lr": 0.1, "schedule": "constant", "power": 0.5, "compressor": {"name": "identity"}}
+    f.write_text("algorithm: {name: gluon, schedule: constant}")
+    assert load(f, ["algorithm.name=diloco"]).algorithm.lr == 4e-4
+
+
 def test_sweep_members_with_the_same_algorithm_name_stay_apart(tmp_path, monkeypatch):
     """Two sections of one algorithm (different compressors) are two members and two table rows."""
     monkeypatch.chdir(tmp_path)

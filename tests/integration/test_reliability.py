@@ -134,7 +134,8 @@ def test_sigterm_under_partial_participation_with_x_prev_then_resume_on_flower(t
     are those of the rounds the clients last computed at, from the resumed table's model history.
     fedmuon / fedmuon-bc: terms sent besides the model both ways, and client momenta in the table."""
     base = [*(o for o in SMALL if not o.startswith("algorithm.refresh_prob")), f"output.dir={tmp_path}", "rounds=9",
-            "output.checkpoint_every=0", f"algorithm.name={name}", "participation=2", "engine.block_size=2"]
+            "output.checkpoint_every=0", f"algorithm.name={name}", "participation=2", "engine.block_size=2",
+            "algorithm.compressor={name: topk, ratio: 0.05}"]  # compressed uplinks for fedmuon too (its default: none)
     full = experiment.run(config.load(None, [*base, "engine.name=plain", "output.name=full"]), progress=False)
 
     def stop_in_round_5(row):

@@ -4,23 +4,11 @@ hostile replies in either phase rejected (the math is in tests/unit/test_dion.py
 
 import pytest
 import torch
-
-from fedgluon.sim.driver import run_plain
-from fedgluon.sim.faults import FaultPlan
+from helpers import plain_run
 
 ENGINE_SPEC = {"task": {"name": "synthetic", "num_clients": 4, "dim": 10, "classes": 4, "mean_samples": 40,
                         "hidden": [8]},
                "algorithm": {"name": "dion", "lr": 0.05, "rank": 2}, "rounds": 3, "seed": 3, "participation": 0.75}
-
-
-def plain_run(spec):
-    from fedgluon.config import spec as specs
-
-    s = specs.normalise(spec)
-    task, algo = specs.build(s)
-    return run_plain(algo, task.objectives, task.initial_params(), s["rounds"], seed=s["seed"],
-                     participation=s["participation"], evaluate=lambda X, k: task.evaluate(X),
-                     faults=FaultPlan.from_spec(s["faults"]))
 
 
 @pytest.mark.parametrize("faults", [None, {"raise_prob": 0.2, "phase": 1}], ids=["clean", "phase2-faults"])
@@ -29,7 +17,7 @@ def test_inprocess_flower_equals_plain_driver(faults):
     (per-phase bits included) and client-state tables bitwise equal to the plain driver's; with clients
     raising in the second phase, those clients fail, their rows stay as they were, and the rounds go on."""
     import pandas as pd
-    from test_engines import same_metrics, same_table
+    from helpers import same_metrics, same_table
 
     from fedgluon.flower.engines import run_inprocess
 
@@ -84,7 +72,7 @@ def test_ray_equals_plain_with_faults_in_the_second_phase():
     """The Ray engine (blocks of 2 clients per node), clients raising in phase 2: metrics equal the plain
     driver's (training loss to 1e-6: blocks reduce batch losses in another order), tables bitwise."""
     import pandas as pd
-    from test_engines import same_metrics, same_table
+    from helpers import same_metrics, same_table
 
     from fedgluon.flower.engines import run_ray
 

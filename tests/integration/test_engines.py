@@ -7,43 +7,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import same_table
+from helpers import plain_frame, plain_table, same_metrics, same_table
 
 from fedgluon.config import spec as specs
 from fedgluon.flower.client_app import make_client_app
 from fedgluon.flower.engines import InProcessGrid, run_inprocess, run_ray
 from fedgluon.sim.driver import run_plain
-from fedgluon.sim.metrics import TIMING_COLUMNS
 
 SPEC = {"task": {"name": "synthetic", "num_clients": 4, "dim": 10, "classes": 4, "mean_samples": 40, "hidden": [8]},
         "algorithm": {"name": "gluon-ef21-sarah", "lr": 0.05, "compressor": {"name": "topk", "ratio": 0.1},
                       "refresh_prob": 0.3},
         "rounds": 5, "seed": 3}
-
-
-def plain_frame(spec):
-    s = specs.normalise(spec)
-    task, algo = specs.build(s)
-    return run_plain(algo, task.objectives, task.initial_params(), s["rounds"], seed=s["seed"],
-                     participation=s["participation"], evaluate=lambda X, k: task.evaluate(X)).frame()
-
-
-def plain_table(spec):
-    s = specs.normalise(spec)
-    task, algo = specs.build(s)
-    return run_plain(algo, task.objectives, task.initial_params(), s["rounds"], seed=s["seed"],
-                     participation=s["participation"]).table
-
-
-def same_metrics(a: pd.DataFrame, b: pd.DataFrame, loss_rtol: float = 0.0) -> None:
-    """Equal in every column but wall time (and the mean training loss to ``loss_rtol``: client blocks
-    reduce each batch's loss in another order)."""
-    skip = (*TIMING_COLUMNS, "train_loss") if loss_rtol else TIMING_COLUMNS
-    cols = [c for c in a.columns if c not in skip]
-    assert sorted(cols) == sorted(c for c in b.columns if c not in skip)
-    pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=True)
-    if loss_rtol:
-        pd.testing.assert_series_equal(a["train_loss"], b["train_loss"], rtol=loss_rtol)
 
 
 def test_client_app_pickles_as_its_spec(monkeypatch):

@@ -10,7 +10,7 @@ Tolerances in bf16 are relative Frobenius errors, ``‖A − B‖_F / ‖B‖_F`
 import pandas as pd
 import pytest
 import torch
-from test_engines import same_metrics
+from helpers import same_metrics
 
 from fedgluon.config import spec as specs
 from fedgluon.flower.engines import run_inprocess

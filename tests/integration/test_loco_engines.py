@@ -3,7 +3,6 @@ tests/unit/test_loco.py)."""
 
 
 import pytest
-import torch
 
 from fedgluon.sim.driver import run_plain
 
@@ -27,7 +26,7 @@ def test_inprocess_flower_equals_plain_driver(algorithm):
     """The in-process Flower engine gives the plain driver's metrics and client-state table bitwise (3 of 4
     clients a round, so some rows wait with their kept inner state)."""
     import pandas as pd
-    from test_engines import plain_frame, plain_table, same_metrics, same_table
+    from helpers import plain_frame, plain_table, same_metrics, same_table
 
     from fedgluon.flower.engines import run_inprocess
 
@@ -41,29 +40,13 @@ def test_inprocess_flower_equals_plain_driver(algorithm):
 def test_resume_and_rejection_keep_the_inner_state(tmp_path, algorithm):
     """A run stopped after round 2 and resumed equals the uninterrupted run bitwise (the inner state and the
     outer momentum are in the checkpoint); a client whose reply is rejected keeps its committed row."""
-    from test_engines import same_table
+    from helpers import same_table, stop_and_resume
 
     from fedgluon.config import spec as specs
-    from fedgluon.sim import checkpoint
-    from fedgluon.sim.checkpoint import Checkpointer, RunInterrupted
 
     s = specs.normalise(loco_spec(algorithm, rounds=5))
     task, algo = specs.build(s)
-    kw = {"seed": 3, "participation": 3}
-    full = run_plain(algo, task.objectives, task.initial_params(), 5, **kw)
-    ck = Checkpointer(tmp_path / "c.pt")
-
-    def stop_after_2(row):
-        if row["round"] == 2:
-            ck.request_stop("test")
-
-    with pytest.raises(RunInterrupted):
-        run_plain(algo, task.objectives, task.initial_params(), 5, **kw, checkpointer=ck, on_round=stop_after_2)
-    snap = checkpoint.load(tmp_path / "c.pt")
-    resumed = run_plain(algo, task.objectives, task.initial_params(), 5, **kw,
-                        checkpointer=Checkpointer(tmp_path / "c.pt", resumed=snap), resume=snap)
-    assert all(torch.equal(full.server_state["X"][n], resumed.server_state["X"][n]) for n in full.server_state["X"])
-    same_table(full.table, resumed.table)
+    stop_and_resume(algo, task.objectives, task.initial_params(), 5, 2, tmp_path / "c.pt", seed=3, participation=3)
 
     def stale(k, j, reply):
         if k == 2:

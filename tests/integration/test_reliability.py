@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from helpers import same_table
+from helpers import same_table, stop_and_resume
 
 from compressors import BitCount
 from fedgluon.config import schema as config
@@ -290,28 +290,14 @@ def test_resume_under_partial_participation_reproduces_x_prev_bitwise(tmp_path, 
                             "algorithm": {**algorithm, "lr": 0.05}, "rounds": 12, "seed": 7, "participation": 3})
     task, algo = specs.build(spec)
     assert algo.needs_previous
-    kw = {"seed": 7, "participation": 3, "evaluate": lambda X, k: task.evaluate(X)}
-    full = run_plain(algo, task.objectives, task.initial_params(), 12, **kw)
-    ck = Checkpointer(tmp_path / "c.pt")
 
-    def stop_after_5(row):
-        if row["round"] == 5:
-            ck.request_stop("test")
+    def clients_at_older_models(snap):
+        seen = snap.client_states["seen"]
+        assert len(set(seen.tolist()) - {-1}) >= 3  # clients last computed in 3+ rounds
+        assert sorted(snap.client_states["models"]) == sorted(set(seen.tolist()) - {-1})  # exactly those models kept
 
-    with pytest.raises(RunInterrupted):
-        run_plain(algo, task.objectives, task.initial_params(), 12, **kw, checkpointer=ck, on_round=stop_after_5)
-    snap = checkpoint.load(tmp_path / "c.pt")
-    seen = snap.client_states["seen"]
-    assert snap.next_round == 6 and len(set(seen.tolist()) - {-1}) >= 3  # clients last computed in 3+ rounds
-    assert sorted(snap.client_states["models"]) == sorted(set(seen.tolist()) - {-1})  # exactly those models kept
-    resumed = run_plain(algo, task.objectives, task.initial_params(), 12, **kw,
-                        checkpointer=Checkpointer(tmp_path / "c.pt", resumed=snap), resume=snap)
-    fa, fb = full.frame(), resumed.frame()
-    cols = [c for c in fa.columns if c not in TIMING_COLUMNS]
-    pd.testing.assert_frame_equal(fa[cols], fb[cols], check_exact=True)
-    assert full.client_log == resumed.client_log
-    assert all(torch.equal(full.server_state["X"][n], resumed.server_state["X"][n]) for n in full.server_state["X"])
-    same_table(full.table, resumed.table)
+    stop_and_resume(algo, task.objectives, task.initial_params(), 12, 5, tmp_path / "c.pt",
+                    at_stop=clients_at_older_models, seed=7, participation=3, evaluate=lambda X, k: task.evaluate(X))
 
 
 def test_injected_actor_death_inprocess_stops_with_a_usable_checkpoint(tmp_path):

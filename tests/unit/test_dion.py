@@ -150,27 +150,8 @@ def test_a_client_out_in_phase_two_keeps_its_state_and_the_round_goes_on():
 def test_stop_and_resume_equals_the_uninterrupted_run(tmp_path):
     """Partial participation, a stop after round 2 with a checkpoint (server Q's source R, client
     momenta), then a resume: metrics, client log, model and client-state table bitwise as without the stop."""
-    from helpers import same_table
-
-    from fedgluon.sim import checkpoint
-    from fedgluon.sim.checkpoint import Checkpointer, RunInterrupted
+    from helpers import stop_and_resume
 
     _, _, objs, X0, geom = problem(5)
     algo = make_algorithm("orth-dion", geom, lr=LR, rank=2)
-    kw = {"seed": 4, "participation": 3}
-    full = run_plain(algo, objs, X0, 5, **kw)
-    ck = Checkpointer(tmp_path / "c.pt")
-
-    def stop_after_2(row):
-        if row["round"] == 2:
-            ck.request_stop("test")
-
-    with pytest.raises(RunInterrupted):
-        run_plain(algo, objs, X0, 5, **kw, checkpointer=ck, on_round=stop_after_2)
-    snap = checkpoint.load(tmp_path / "c.pt")
-    again = Checkpointer(tmp_path / "c.pt", resumed=snap)
-    resumed = run_plain(algo, objs, X0, 5, **kw, checkpointer=again, resume=snap)
-    cols = [c for c in full.frame().columns if c not in ("wall_time", "server_time")]
-    assert full.frame()[cols].equals(resumed.frame()[cols]) and full.client_log == resumed.client_log
-    assert all(torch.equal(full.server_state["X"][n], resumed.server_state["X"][n]) for n in X0)
-    same_table(full.table, resumed.table)
+    stop_and_resume(algo, objs, X0, 5, 2, tmp_path / "c.pt", seed=4, participation=3)

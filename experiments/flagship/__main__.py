@@ -1,0 +1,73 @@
+"""``python -m experiments.flagship {tune,study,report}``: the flagship study (experiments/README.md).
+
+    python -m experiments.flagship tune            # phase 1: tune every method on seed 0, write chosen.yaml
+    python -m experiments.flagship study           # phase 2: 3 seeds at the chosen values, then the report
+    python -m experiments.flagship study --quick   # the whole pipeline in a few minutes (not a result)
+    python -m experiments.flagship report          # the tables and figures again, from the study's runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from experiments.flagship import plan
+from experiments.flagship.report import report
+from experiments.flagship.study import run_study
+from experiments.flagship.tune import choose, run_tunes, summary_lines, write_chosen
+
+HEADER = ("# Phase 1 of the flagship study (python -m experiments.flagship tune): per task and method, the\n"
+          "# chosen value, the grid searched (with any one-step extension beyond an edge), the value's index in\n"
+          "# it, whether it still lies on the grid's edge, and the final test loss of seed 0 at every value whose\n"
+          "# trial ran every round (ASHA stops the others early).\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.flagship", description=__doc__.splitlines()[0])
+    ap.add_argument("phase", choices=["tune", "study", "report"])
+    ap.add_argument("--task", action="append", choices=sorted(plan.TASKS), help="a task (repeat; default: both)")
+    ap.add_argument("--method", action="append", help="a method label of methods.yaml (repeat; default: all)")
+    ap.add_argument("--quick", action="store_true", help="study: one seed, 3 rounds, under runs/flagship-quick")
+    ap.add_argument("--parallel", type=int, default=2, help="runs at once (one CPU each) [default: 2]")
+    ap.add_argument("--out", type=Path, default=None, help="where the runs go [default: runs/flagship]")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every run (repeat), e.g. --set rounds=2 for a smoke test")
+    ap.add_argument("--chosen", type=Path, default=plan.CHOSEN_FILE,
+                    help="the chosen values: tune writes them, study and report read them [default: %(default)s]")
+    ap.add_argument("--no-extend", action="store_true", help="tune: do not try one step beyond a grid edge")
+    args = ap.parse_args(argv)
+    try:
+        methods = plan.load_methods()
+        if args.method:
+            unknown = sorted(set(args.method) - {m.label for m in methods})
+            if unknown:
+                raise plan.PlanError(f"--method must be labels of methods.yaml, got unknown {unknown}")
+            methods = [m for m in methods if m.label in args.method]
+        tasks = args.task or list(plan.TASKS)
+        out = (args.out or Path("runs") / ("flagship-quick" if args.quick else "flagship")).resolve()
+        if args.phase == "tune":
+            for task in tasks:
+                run_tunes(task, methods, out / "tune", overrides=args.set, parallel=args.parallel)
+                chosen = choose(task, methods, out / "tune", overrides=args.set, extend_edges=not args.no_extend,
+                                parallel=args.parallel)
+                write_chosen({task: chosen}, args.chosen, header=HEADER)
+                print(f"{task}: chosen values (written to {args.chosen}):", *summary_lines(chosen), sep="\n")
+            return 0
+        seeds = (0,) if args.quick else plan.SEEDS
+        chosen = plan.load_chosen(args.chosen)
+        dirs = {t: out / t for t in tasks}
+        if args.phase == "study":
+            dirs = run_study(tasks, methods, chosen, out, seeds=seeds, quick=args.quick, parallel=args.parallel,
+                             overrides=args.set)
+        for task, d in dirs.items():
+            print(f"\n## {task}\n\n" + report(task, d, methods, chosen, seeds, out / "results"))
+        print(f"tables and figures: {out / 'results'}")
+        return 0
+    except (plan.PlanError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The study's answer per task: bits to a target, the metric at a common uplink budget, and the curves.
+
+For each method (the seeds of its sweep members) and each seed:
+
+* **bits to target**: the cumulative uplink and downlink bits per client (int32 convention: 32-bit values,
+  32-bit indices; a seeded rand-k sends its seed instead of indices) at the first evaluation whose metric
+  reaches the target, where the target is what dense Gluon reaches at the end of its run (the mean of its
+  seeds' final values) unless given. The table gives mean ± std over the seeds that reached it, and how
+  many did;
+* **at the budget**: the metric at the last evaluation whose cumulative uplink per client is within a
+  common budget, the median over methods of the whole run's uplink (a method whose whole run costs less is
+  taken at its end; ``—``: its first evaluation already costs more);
+* the final metric, mean ± std over seeds.
+
+Writes ``<results>/<task>.csv``, ``<task>.md`` (the Markdown table) and ``<task>.png`` (every method's mean
+curve with its min–max band over seeds, against uplink bits, rounds and simulated time).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from experiments.flagship.plan import Chosen, Method  # noqa: E402
+from experiments.flagship.study import member_labels  # noqa: E402
+from fedgluon.exp.plots import collect, draw_curves, group  # noqa: E402
+
+TARGETS = {"shakespeare": ("test_loss", "min"), "fmnist": ("test_accuracy", "max")}
+"""The metric each task's target and budget columns use, and whether smaller is better."""
+BASELINE = "gluon"
+
+
+@dataclass
+class SeedRun:
+    label: str
+    seed: int
+    metrics: pd.DataFrame  # the evaluated rounds, with up/down bits per client so far
+
+
+def load(sweep_dir: Path, labels: dict[str, tuple[str, int]]) -> dict[str, list[SeedRun]]:
+    """method label → its complete seeds' evaluated rounds."""
+    out: dict[str, list[SeedRun]] = {}
+    for member, (label, seed) in labels.items():
+        d = sweep_dir / member
+        summary = d / "summary.json"
+        if not summary.is_file() or not json.loads(summary.read_text()).get("complete"):
+            continue
+        m = pd.read_csv(d / "metrics.csv")
+        m["down_bits_per_client_cum"] = (m["down_int32_total"] / m["receivers"].clip(lower=1)).cumsum()
+        m["up_bits_per_client_cum"] = m["up_int32_mean"].cumsum()
+        out.setdefault(label, []).append(SeedRun(label, seed, m.dropna(subset=["test_loss"]).reset_index(drop=True)))
+    return out
+
+
+def reaches(m: pd.DataFrame, metric: str, mode: str, target: float) -> pd.DataFrame:
+    return m[m[metric] <= target] if mode == "min" else m[m[metric] >= target]
+
+
+def at_budget(m: pd.DataFrame, metric: str, budget: float) -> float:
+    within = m[m["up_bits_per_client_cum"] <= budget * (1 + 1e-9)]
+    return float(within[metric].iloc[-1]) if len(within) else math.nan
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    s = pd.Series([x for x in xs if x == x], dtype=float)
+    return (float(s.mean()) if len(s) else math.nan, float(s.std(ddof=1)) if len(s) > 1 else math.nan)
+
+
+def table(runs: dict[str, list[SeedRun]], task: str, methods: Sequence[Method], chosen: Chosen,
+          target: float | None = None) -> tuple[pd.DataFrame, float, float]:
+    """The per-method table, the target and the budget (module docstring)."""
+    metric, mode = TARGETS[task]
+    if target is None:
+        if BASELINE not in runs:
+            raise ValueError(f"no complete {BASELINE!r} run in the sweep: give the target explicitly")
+        target = mean_std([float(r.metrics[metric].iloc[-1]) for r in runs[BASELINE]])[0]
+    totals = {label: mean_std([float(r.metrics["up_bits_per_client_cum"].iloc[-1]) for r in rs])[0]
+              for label, rs in runs.items()}
+    budget = float(pd.Series(totals).median())
+    rows = []
+    for m in methods:
+        rs = runs.get(m.label, [])
+        hits = [reaches(r.metrics, metric, mode, target) for r in rs]
+        up = [float(h["up_bits_per_client_cum"].iloc[0]) for h in hits if len(h)]
+        down = [float(h["down_bits_per_client_cum"].iloc[0]) for h in hits if len(h)]
+        final = mean_std([float(r.metrics[metric].iloc[-1]) for r in rs])
+        budgeted = mean_std([at_budget(r.metrics, metric, budget) for r in rs])
+        rows.append({"method": m.label, "value": chosen.get(task, {}).get(m.label, {}).get("value"),
+                     "tuned": m.key, "seeds": len(rs), "reached": len(up),
+                     "up_to_target_mean": mean_std(up)[0], "up_to_target_std": mean_std(up)[1],
+                     "down_to_target_mean": mean_std(down)[0], "down_to_target_std": mean_std(down)[1],
+                     f"final_{metric}_mean": final[0], f"final_{metric}_std": final[1],
+                     f"{metric}_at_budget_mean": budgeted[0], f"{metric}_at_budget_std": budgeted[1],
+                     "up_total_mean": totals.get(m.label, math.nan)})
+    frame = pd.DataFrame(rows)
+    base = frame.set_index("method")["up_to_target_mean"].get(BASELINE, math.nan)
+    frame["up_saving_vs_gluon"] = base / frame["up_to_target_mean"]
+    return frame, target, budget
+
+
+def _pm(mean: float, std: float, scale: float = 1.0, digits: int = 3) -> str:
+    if mean != mean:
+        return "—"
+    text = f"{mean / scale:.{digits}g}"
+    return text + (f" ± {std / scale:.2g}" if std == std else "")
+
+
+def markdown(frame: pd.DataFrame, task: str, target: float, budget: float) -> str:
+    metric, mode = TARGETS[task]
+    name = metric.replace("_", " ")
+    lines = [f"Target: {name} {'≤' if mode == 'min' else '≥'} {target:.4g} (dense Gluon's final, mean of its seeds); "
+             f"budget: {budget / 1e6:.3g} Mbit uplink per client (the median method's whole run). "
+             "Bits per client, int32 convention, mean ± std over the seeds that reached the target.", "",
+             "| method | tuned value | reached | uplink to target (Mbit) | downlink to target (Mbit) "
+             f"| uplink saving vs gluon | {name} at budget | final {name} |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in frame.to_dict("records"):
+        saving = r["up_saving_vs_gluon"]
+        lines.append(
+            f"| {r['method']} | {r['tuned']} {r['value']:g} | {r['reached']}/{r['seeds']} | "
+            f"{_pm(r['up_to_target_mean'], r['up_to_target_std'], 1e6)} | "
+            f"{_pm(r['down_to_target_mean'], r['down_to_target_std'], 1e6)} | "
+            f"{'—' if saving != saving else f'{saving:.2g}×'} | "
+            f"{_pm(r[f'{metric}_at_budget_mean'], r[f'{metric}_at_budget_std'])} | "
+            f"{_pm(r[f'final_{metric}_mean'], r[f'final_{metric}_std'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(sweep_dir: Path, labels: dict[str, tuple[str, int]], path: Path, title: str) -> None:
+    """Every method's curves (fedgluon.exp.plots), labelled by method."""
+    runs, _ = collect([sweep_dir])
+    runs = [r for r in runs if r.path.name in labels]
+    for r in runs:
+        r.label = labels[r.path.name][0]
+    fig = draw_curves(group(runs), convention=runs[0].convention, title=title)
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
+def report(task: str, sweep_dir: Path, methods: Sequence[Method], chosen: Chosen, seeds: Sequence[int],
+           results: Path, target: float | None = None) -> str:
+    """Write the task's table, Markdown and figure under ``results``; returns the Markdown."""
+    labels = member_labels(task, methods, seeds, chosen)
+    runs = load(sweep_dir, labels)
+    frame, target, budget = table(runs, task, methods, chosen, target)
+    results.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(results / f"{task}.csv", index=False)
+    text = markdown(frame, task, target, budget)
+    (results / f"{task}.md").write_text(text)
+    figure(sweep_dir, labels, results / f"{task}.png", title=f"flagship study: {task} ({len(seeds)} seeds)")
+    return text
+

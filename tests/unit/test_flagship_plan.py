@@ -1,0 +1,109 @@
+"""The flagship study's plan (experiments/flagship): its methods, the committed chosen values, how phase 1
+chooses a value and how the report counts bits to a target."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from experiments.flagship import plan, report
+from experiments.flagship import tune as flagship_tune
+from fedgluon.algorithms import ALGORITHMS, make_algorithm
+from fedgluon.config import schema as configs
+from fedgluon.config.spec import check_option_types
+from fedgluon.lmo.geometry import Geometry
+from fedgluon.tasks.registry import make_task
+
+ISSUE_METHODS = ("gluon", "gluon-ef21", "gluon-ef21-sarah", "gluon-ef21-mvr", "gluon-marina", "gluon-dasha-mvr",
+                 "ef21-muon-bidir", "limuon", "fedavg", "local-gluon", "adamw", "diloco", "muloco", "fedmuon",
+                 "fedmuon-bc", "dion", "orth-dion")
+
+
+def test_every_method_of_the_study_is_planned_and_its_config_is_valid():
+    methods = plan.load_methods()
+    assert set(ISSUE_METHODS) <= {m.name for m in methods}
+    assert {m.name for m in methods} <= set(ALGORITHMS)
+    compressed = [m for m in methods if "compressor" in m.algorithm or "rank_fraction" in m.algorithm]
+    for name in ("gluon-ef21", "gluon-marina", "muloco", "dion", "orth-dion"):  # two compression levels each
+        assert sum(m.name == name for m in compressed) >= 2, name
+    for path in plan.TASKS.values():  # every option is one the algorithm takes, of the right type
+        spec = configs.spec_of(configs.load(path))
+        geometry = Geometry.from_model(make_task({"seed": 0, **spec["task"]}).model, **spec["geometry"])
+        for m in methods:
+            alg = m.algorithm_at(m.grid[-1])
+            check_option_types({"seed": 0, **spec["task"]}, alg)
+            make_algorithm(alg.pop("name"), geometry, **alg)
+
+
+def test_edges_and_their_extension():
+    grid = (0.03, 0.1, 0.3, 1.0)
+    assert plan.edge_of(grid, 0.03) == "low" and plan.edge_of(grid, 1.0) == "high"
+    assert plan.edge_of(grid, 0.3) == "" and plan.edge_of(grid, 3.0) == "beyond"
+    assert plan.extend(grid, "low") == pytest.approx(0.009)
+    assert plan.extend(grid, "high") == pytest.approx(1.0 / 0.3)
+
+
+def test_methods_file_errors_name_the_entry(tmp_path):
+    path = tmp_path / "methods.yaml"
+    path.write_text("grids: {g: [0.1, 1.0]}\nmethods:\n  - {label: a, algorithm: {name: gluon, lr: 0.1}, "
+                    "tune: {key: lr, grid: g}}\n")
+    with pytest.raises(plan.PlanError, match=r"methods\[0\] \(a\): the tuned key 'lr'"):
+        plan.load_methods(path)
+    path.write_text("grids: {g: [1.0, 0.1]}\nmethods:\n  - {label: a, algorithm: {name: gluon}, "
+                    "tune: {key: lr, grid: g}}\n")
+    with pytest.raises(plan.PlanError, match="increasing"):
+        plan.load_methods(path)
+
+
+def _tune_dir(tmp_path, labels, algorithms, rows):
+    d = tmp_path / "lr-radius"
+    d.mkdir(parents=True)
+    (d / "tune.json").write_text(json.dumps({"labels": labels, "algorithms": algorithms}))
+    pd.DataFrame(rows).to_csv(d / "tuned.csv", index=False)
+    return tmp_path
+
+
+def test_choose_takes_the_best_complete_trial_and_flags_an_edge(tmp_path):
+    a = plan.Method("a", {"name": "gluon"}, "lr", "radius", (0.03, 0.1, 0.3, 1.0))
+    b = plan.Method("b", {"name": "gluon-ef21"}, "lr", "radius", (0.03, 0.1, 0.3, 1.0))
+    rows = [{"algorithm": "gluon", "algorithm.lr": v, "complete": c, "final_test_loss": x}
+            for v, c, x in ((0.03, True, 2.0), (0.1, True, 1.5), (0.3, False, 0.1), (1.0, True, 1.7))]
+    rows += [{"algorithm": "gluon-ef21", "algorithm.lr": v, "complete": True, "final_test_loss": x}
+             for v, x in ((0.03, 1.0), (0.1, 1.1), (0.3, 1.2), (1.0, math.nan))]
+    out = _tune_dir(tmp_path / "fmnist", ["gluon", "gluon-ef21"], [a.algorithm, b.algorithm], rows).parent
+    chosen = flagship_tune.choose("fmnist", [a, b], out, extend_edges=False)
+    assert chosen["a"]["value"] == 0.1 and chosen["a"]["edge"] == "none"  # 0.3 stopped early: never competes
+    assert chosen["a"]["trials"] == {"0.03": 2.0, "0.1": 1.5, "1.0": 1.7}
+    assert chosen["b"]["value"] == 0.03 and chosen["b"]["edge"] == "low" and chosen["b"]["index"] == 0
+
+
+def _run(label, seed, up, down, loss):
+    m = pd.DataFrame({"round": range(len(up)), "up_bits_per_client_cum": up, "down_bits_per_client_cum": down,
+                      "test_loss": loss, "test_accuracy": [1 - x for x in loss]})
+    return report.SeedRun(label, seed, m)
+
+
+def test_bits_to_target_budget_and_saving_are_counted_per_seed():
+    gluon = plan.Method("gluon", {"name": "gluon"}, "lr", "radius", (0.1, 1.0))
+    fast = plan.Method("fast", {"name": "gluon-ef21"}, "lr", "radius", (0.1, 1.0))
+    runs = {"gluon": [_run("gluon", s, [10, 20, 30], [10, 20, 30], [3.0, 2.0, 1.0 + s / 10]) for s in range(2)],
+            "fast": [_run("fast", 0, [1, 2, 3], [10, 20, 30], [2.0, 1.0, 0.5]),
+                     _run("fast", 1, [1, 2, 3], [10, 20, 30], [2.0, 1.1, 1.04]),
+                     _run("fast", 2, [1, 2, 3], [10, 20, 30], [3.0, 2.0, 1.5])]}
+    chosen = {"shakespeare": {"gluon": {"value": 1.0}, "fast": {"value": 0.1}}}
+    frame, target, budget = report.table(runs, "shakespeare", [gluon, fast], chosen)
+    assert target == pytest.approx(1.05)  # dense Gluon's mean final test loss
+    assert budget == pytest.approx(16.5)  # the median of the methods' mean whole-run uplink (30 and 3)
+    row = frame.set_index("method")
+    assert row.loc["fast", "reached"] == 2 and row.loc["gluon", "reached"] == 1  # seed 1 of gluon ends at 1.1
+    assert row.loc["fast", "up_to_target_mean"] == pytest.approx(2.5)  # seeds 0 and 1: at rounds 1 and 2
+    assert row.loc["fast", "down_to_target_mean"] == pytest.approx(25.0)
+    assert row.loc["gluon", "up_to_target_mean"] == 30 and math.isnan(row.loc["gluon", "up_to_target_std"])
+    assert row.loc["fast", "up_saving_vs_gluon"] == pytest.approx(12.0)
+    assert row.loc["gluon", "test_loss_at_budget_mean"] == pytest.approx(3.0)  # the last evaluation within 16.5
+    assert row.loc["fast", "test_loss_at_budget_mean"] == pytest.approx((0.5 + 1.04 + 1.5) / 3)  # whole runs
+    text = report.markdown(frame, "shakespeare", target, budget)
+    assert "| fast | lr 0.1 | 2/3 | 2.5e-06 ± 7.1e-07 |" in text

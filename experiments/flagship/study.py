@@ -10,15 +10,22 @@ whole pipeline, not a result.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from experiments.flagship.plan import SEEDS, TASKS, Chosen, Method, PlanError, chosen_value
+from fedgluon.config import schema as configs
+from fedgluon.config.run_dir import MARKER, is_complete, prepare_dir
 from fedgluon.exp.sweep import member_name, sweep
+from fedgluon.sim.faults import DEFAULTS as FAULT_DEFAULTS
 
 QUICK = ["rounds=3", "eval_every=3"]
+TUNE = "tune"  # phase 1's directory under the study's output directory (experiments/flagship/tune.py)
 
 
 def grid_of(task: str, methods: Sequence[Method], seeds: Sequence[int], chosen: Chosen) -> dict[str, list[Any]]:
@@ -45,6 +52,9 @@ def run_study(tasks: Sequence[str], methods: Sequence[Method], chosen: Chosen, o
         grid = grid_of(task, methods, seeds, chosen)
         args = [*(QUICK if quick else []), *overrides, f"output.dir={out}",
                 f"algorithm={json.dumps(grid['algorithm'])}", f"seed={json.dumps(grid['seed'])}"]
+        reused = reuse_trials(task, grid, [*(QUICK if quick else []), *overrides], out / task, out / TUNE / task)
+        if reused and progress:
+            print(f"{task}: {reused} seed-0 member(s) copied from phase 1's trials at the chosen values")
         start = time.perf_counter()
         dirs[task] = sweep(TASKS[task], args, name=task, progress=progress, parallel=parallel)
         timing[task] = round(time.perf_counter() - start, 1)
@@ -52,3 +62,43 @@ def run_study(tasks: Sequence[str], methods: Sequence[Method], chosen: Chosen, o
     old = json.loads(path.read_text()) if path.is_file() else {}
     path.write_text(json.dumps({**old, **{f"{t}_seconds": s for t, s in timing.items()}}, indent=2))
     return dirs
+
+
+def reuse_trials(task: str, grid: dict[str, list[Any]], overrides: Sequence[str], sweep_dir: Path,
+                 tune_dir: Path) -> int:
+    """Copy phase 1's trial of a method at its chosen value into the sweep as that method's member, where the
+    trial ran the member's exact run spec to completion (seed 0, the same rounds and evaluations): every
+    random draw is seeded by (seed, purpose, client, round), so rerunning it would write the same files. The
+    copy's config.yaml names the sweep as its output. Returns how many members were copied."""
+    if not tune_dir.is_dir():
+        return 0
+    trials: dict[str, Path] = {}
+    for summary in tune_dir.glob("*/*/runs/*/summary.json"):
+        if is_complete(summary.parent):
+            trials.setdefault(_spec_key(OmegaConf.load(summary.parent / "config.yaml")), summary.parent)
+    copied = 0
+    for alg in grid["algorithm"]:
+        for seed in grid["seed"]:
+            member = sweep_dir / member_name({"algorithm": alg, "seed": seed}, grid)
+            cfg = configs.load(TASKS[task], [*overrides, f"seed={seed}"], replace={"algorithm": alg})
+            trial = trials.get(_spec_key(cfg))
+            if trial is None or is_complete(member):
+                continue
+            with prepare_dir(member, overwrite=True):
+                for f in trial.iterdir():
+                    if f.is_file() and f.name not in (MARKER, "summary.json", "config.yaml"):
+                        shutil.copy2(f, member / f.name)
+                copy = OmegaConf.load(trial / "config.yaml")
+                copy.output.dir, copy.output.name = str(sweep_dir), member.name
+                OmegaConf.save(copy, member / "config.yaml")
+                shutil.copy2(trial / "summary.json", member / "summary.json")  # last: complete once all is there
+            copied += 1
+    return copied
+
+
+def _spec_key(cfg: Any) -> str:
+    """A run spec as text, without what does not change the run's files (threads, timeouts), with the fault
+    options' defaults filled in (a config written before ``faults.phase`` existed has none)."""
+    spec = {k: v for k, v in configs.spec_of(cfg).items() if k not in ("threads", "round_timeout", "node_timeout")}
+    spec["faults"] = {**FAULT_DEFAULTS, **spec.get("faults", {})}
+    return json.dumps(spec, sort_keys=True, default=str)

@@ -29,15 +29,16 @@ TUNE = "tune"  # phase 1's directory under the study's output directory (experim
 
 
 def grid_of(task: str, methods: Sequence[Method], seeds: Sequence[int], chosen: Chosen) -> dict[str, list[Any]]:
-    """The sweep's grid: every method's algorithm section at its chosen value, and the seeds."""
-    return {"algorithm": [m.algorithm_at(chosen_value(chosen, task, m)) for m in methods], "seed": list(seeds)}
+    """The sweep's grid: the seeds, and every method's algorithm section at its chosen value. Seeds first: the
+    sweep runs every method's seed 0, then every method's seed 1…, so an interrupted study has whole seeds."""
+    return {"seed": list(seeds), "algorithm": [m.algorithm_at(chosen_value(chosen, task, m)) for m in methods]}
 
 
 def member_labels(task: str, methods: Sequence[Method], seeds: Sequence[int],
                   chosen: Chosen) -> dict[str, tuple[str, int]]:
     """Sweep member directory name → (method label, seed)."""
     grid = grid_of(task, methods, seeds, chosen)
-    return {member_name({"algorithm": alg, "seed": s}, grid): (m.label, s)
+    return {member_name({"seed": s, "algorithm": alg}, grid): (m.label, s)
             for m, alg in zip(methods, grid["algorithm"]) for s in seeds}
 
 
@@ -50,8 +51,8 @@ def run_study(tasks: Sequence[str], methods: Sequence[Method], chosen: Chosen, o
     dirs, timing = {}, {}
     for task in tasks:
         grid = grid_of(task, methods, seeds, chosen)
-        args = [*(QUICK if quick else []), *overrides, f"output.dir={out}",
-                f"algorithm={json.dumps(grid['algorithm'])}", f"seed={json.dumps(grid['seed'])}"]
+        args = [*(QUICK if quick else []), *overrides, f"output.dir={out}", f"seed={json.dumps(grid['seed'])}",
+                f"algorithm={json.dumps(grid['algorithm'])}"]
         reused = reuse_trials(task, grid, [*(QUICK if quick else []), *overrides], out / task, out / TUNE / task)
         if reused and progress:
             print(f"{task}: {reused} seed-0 member(s) copied from phase 1's trials at the chosen values")
@@ -79,7 +80,7 @@ def reuse_trials(task: str, grid: dict[str, list[Any]], overrides: Sequence[str]
     copied = 0
     for alg in grid["algorithm"]:
         for seed in grid["seed"]:
-            member = sweep_dir / member_name({"algorithm": alg, "seed": seed}, grid)
+            member = sweep_dir / member_name({"seed": seed, "algorithm": alg}, grid)
             cfg = configs.load(TASKS[task], [*overrides, f"seed={seed}"], replace={"algorithm": alg})
             trial = trials.get(_spec_key(cfg))
             if trial is None or is_complete(member):

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from experiments.flagship import plan
-from experiments.flagship.report import report
+from experiments.flagship.report import chosen_table, report
 from experiments.flagship.study import run_study
 from experiments.flagship.tune import choose, run_tunes, summary_lines, write_chosen
 
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.phase == "study":
             dirs = run_study(tasks, methods, chosen, out, seeds=seeds, quick=args.quick, parallel=args.parallel,
                              overrides=args.set)
+        (out / "results").mkdir(parents=True, exist_ok=True)
+        (out / "results" / "chosen.md").write_text(chosen_table(methods, chosen, tasks))
         for task, d in dirs.items():
             print(f"\n## {task}\n\n" + report(task, d, methods, chosen, seeds, out / "results"))
         print(f"tables and figures: {out / 'results'}")

@@ -159,3 +159,21 @@ def report(task: str, sweep_dir: Path, methods: Sequence[Method], chosen: Chosen
     figure(sweep_dir, labels, results / f"{task}.png", title=f"flagship study: {task} ({len(seeds)} seeds)")
     return text
 
+
+
+def chosen_table(methods: Sequence[Method], chosen: Chosen, tasks: Sequence[str]) -> str:
+    """Phase 1's choices as a Markdown table: per method and task the value, its place in the searched grid
+    (the one-step extension included) and a flag where it still lies on the grid's edge."""
+    lines = ["| method | tuned | " + " | ".join(tasks) + " |", "| --- | --- |" + " --- |" * len(tasks)]
+    for m in methods:
+        cells = []
+        for task in tasks:
+            c = chosen.get(task, {}).get(m.label, {})
+            if c.get("value") is None:
+                cells.append("— (no trial ran every round)" if c else "—")
+                continue
+            grid = ", ".join(f"**{v:g}**" if v == c["value"] else f"{v:g}" for v in c["grid"])
+            edge = "" if c.get("edge", "none") == "none" else f" ⚠ {c['edge']} edge"
+            cells.append(f"{grid}{edge}")
+        lines.append(f"| {m.label} | {m.key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -38,6 +38,22 @@ def test_every_method_of_the_study_is_planned_and_its_config_is_valid():
             make_algorithm(alg.pop("name"), geometry, **alg)
 
 
+def test_the_committed_chosen_values_cover_every_method_and_say_where_they_lie():
+    chosen = plan.load_chosen()
+    methods = plan.load_methods()
+    assert set(chosen) == set(plan.TASKS)
+    for task in plan.TASKS:
+        for m in methods:
+            entry = chosen[task][m.label]
+            value = plan.chosen_value(chosen, task, m)
+            grid = tuple(entry["grid"])
+            assert set(m.grid) <= set(grid) and value in grid, (task, m.label)
+            assert grid[entry["index"]] == value
+            assert entry["edge"] == (plan.edge_of(grid, value) or "none"), (task, m.label)
+            scored = {float(v): x for v, x in entry["trials"].items()}
+            assert min(scored, key=lambda v: (scored[v], v)) == value  # the best of the trials that ran
+
+
 def test_edges_and_their_extension():
     grid = (0.03, 0.1, 0.3, 1.0)
     assert plan.edge_of(grid, 0.03) == "low" and plan.edge_of(grid, 1.0) == "high"

@@ -105,21 +105,22 @@ def _run(label, seed, up, down, loss):
 def test_bits_to_target_budget_and_saving_are_counted_per_seed():
     gluon = plan.Method("gluon", {"name": "gluon"}, "lr", "radius", (0.1, 1.0))
     fast = plan.Method("fast", {"name": "gluon-ef21"}, "lr", "radius", (0.1, 1.0))
-    runs = {"gluon": [_run("gluon", s, [10, 20, 30], [10, 20, 30], [3.0, 2.0, 1.0 + s / 10]) for s in range(2)],
-            "fast": [_run("fast", 0, [1, 2, 3], [10, 20, 30], [2.0, 1.0, 0.5]),
-                     _run("fast", 1, [1, 2, 3], [10, 20, 30], [2.0, 1.1, 1.04]),
-                     _run("fast", 2, [1, 2, 3], [10, 20, 30], [3.0, 2.0, 1.5])]}
+    four = [10, 20, 30, 40]
+    runs = {"gluon": [_run("gluon", s, four, four, [3.0, 2.0 + s / 10, 1.5, 1.0]) for s in range(2)],
+            "fast": [_run("fast", 0, [1, 2, 3, 4], four, [2.5, 2.0, 1.9, 1.8]),
+                     _run("fast", 1, [1, 2, 3, 4], four, [2.5, 2.2, 2.06, 2.0]),
+                     _run("fast", 2, [1, 2, 3, 4], four, [3.0, 2.9, 2.8, 2.7])]}
     chosen = {"shakespeare": {"gluon": {"value": 1.0}, "fast": {"value": 0.1}}}
     frame, target, budget = report.table(runs, "shakespeare", [gluon, fast], chosen)
-    assert target == pytest.approx(1.05)  # dense Gluon's mean final test loss
-    assert budget == pytest.approx(16.5)  # the median of the methods' mean whole-run uplink (30 and 3)
+    assert target == pytest.approx(2.05)  # dense Gluon halfway (round 1 of 4), mean of its seeds
+    assert budget == pytest.approx(22.0)  # the median of the methods' mean whole-run uplink (40 and 4)
     row = frame.set_index("method")
-    assert row.loc["fast", "reached"] == 2 and row.loc["gluon", "reached"] == 1  # seed 1 of gluon ends at 1.1
-    assert row.loc["fast", "up_to_target_mean"] == pytest.approx(2.5)  # seeds 0 and 1: at rounds 1 and 2
-    assert row.loc["fast", "down_to_target_mean"] == pytest.approx(25.0)
-    assert row.loc["gluon", "up_to_target_mean"] == 30 and math.isnan(row.loc["gluon", "up_to_target_std"])
-    assert row.loc["fast", "up_saving_vs_gluon"] == pytest.approx(12.0)
-    assert row.loc["gluon", "test_loss_at_budget_mean"] == pytest.approx(3.0)  # the last evaluation within 16.5
-    assert row.loc["fast", "test_loss_at_budget_mean"] == pytest.approx((0.5 + 1.04 + 1.5) / 3)  # whole runs
+    assert row.loc["fast", "reached"] == 2 and row.loc["gluon", "reached"] == 2  # fast's seed 2 never does
+    assert row.loc["fast", "up_to_target_mean"] == pytest.approx(3.0)  # seed 0 at its 2nd, seed 1 at its 4th
+    assert row.loc["fast", "down_to_target_mean"] == pytest.approx(30.0)
+    assert row.loc["gluon", "up_to_target_mean"] == pytest.approx(25.0)  # seed 0 at round 1, seed 1 at round 2
+    assert row.loc["fast", "up_saving_vs_gluon"] == pytest.approx(25 / 3)
+    assert row.loc["gluon", "test_loss_at_budget_mean"] == pytest.approx(2.05)  # the last evaluation within 22
+    assert row.loc["fast", "test_loss_at_budget_mean"] == pytest.approx((1.8 + 2.0 + 2.7) / 3)  # whole runs
     text = report.markdown(frame, "shakespeare", target, budget)
-    assert "| fast | lr 0.1 | 2/3 | 2.5e-06 ± 7.1e-07 |" in text
+    assert "| fast | lr 0.1 | 2/3 | 3e-06 ± 1.4e-06 |" in text

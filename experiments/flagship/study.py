@@ -70,7 +70,8 @@ def reuse_trials(task: str, grid: dict[str, list[Any]], overrides: Sequence[str]
     """Copy phase 1's trial of a method at its chosen value into the sweep as that method's member, where the
     trial ran the member's exact run spec to completion (seed 0, the same rounds and evaluations): every
     random draw is seeded by (seed, purpose, client, round), so rerunning it would write the same files. The
-    copy's config.yaml names the sweep as its output. Returns how many members were copied."""
+    copy's config.yaml is the member's own (naming the sweep as its output; a trial's config written by an
+    older fedgluon may lack a newer option's default). Returns how many members were copied."""
     if not tune_dir.is_dir():
         return 0
     trials: dict[str, Path] = {}
@@ -89,9 +90,11 @@ def reuse_trials(task: str, grid: dict[str, list[Any]], overrides: Sequence[str]
                 for f in trial.iterdir():
                     if f.is_file() and f.name not in (MARKER, "summary.json", "config.yaml"):
                         shutil.copy2(f, member / f.name)
-                copy = OmegaConf.load(trial / "config.yaml")
-                copy.output.dir, copy.output.name = str(sweep_dir), member.name
-                OmegaConf.save(copy, member / "config.yaml")
+                saved = OmegaConf.to_container(cfg, resolve=True)  # the member's config, as the sweep writes it
+                assert isinstance(saved, dict)
+                saved["output"] = {**saved["output"], "dir": str(sweep_dir), "name": member.name}
+                saved["output"].pop("overwrite", None)
+                OmegaConf.save(OmegaConf.create(saved), member / "config.yaml")
                 shutil.copy2(trial / "summary.json", member / "summary.json")  # last: complete once all is there
             copied += 1
     return copied

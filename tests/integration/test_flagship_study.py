@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from experiments.flagship import plan
 from experiments.flagship.__main__ import main
@@ -44,6 +45,10 @@ def test_study_runs_every_member_and_reports_the_table_and_figure(tmp_path, caps
     pd.testing.assert_frame_equal(pd.read_csv(copied / "metrics.csv").drop(columns=timing, errors="ignore"),
                                   fresh.drop(columns=timing, errors="ignore"))
     assert (trial / "metrics.csv").read_bytes() == (copied / "metrics.csv").read_bytes()
+    configs_of = [OmegaConf.load(d / "fmnist" / copied.name / "config.yaml") for d in (tmp_path, tmp_path / "again")]
+    for c in configs_of:
+        del c["output"]
+    assert configs_of[0] == configs_of[1]  # the copy's config is the member's own: its seeds draw as one curve
     table = pd.read_csv(tmp_path / "results" / "fmnist.csv")
     assert list(table["method"]) == ["gluon", "gluon-ef21 top-10%"]
     assert (table["seeds"] == 1).all()

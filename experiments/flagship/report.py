@@ -66,9 +66,11 @@ def reaches(m: pd.DataFrame, metric: str, mode: str, target: float) -> pd.DataFr
 
 
 def halfway(m: pd.DataFrame, metric: str) -> float:
-    """The metric at the last evaluation in the first half of a run's rounds."""
+    """The metric at the last evaluation in the first half of a run's rounds (the first evaluation when none
+    is in the first half, as in a run of a few rounds)."""
     rounds = int(m["round"].max()) + 1
-    return float(m[m["round"] < rounds / 2][metric].iloc[-1])
+    first_half = m[m["round"] < rounds / 2]
+    return float((first_half if len(first_half) else m)[metric].iloc[-1 if len(first_half) else 0])
 
 
 def at_budget(m: pd.DataFrame, metric: str, budget: float) -> float:

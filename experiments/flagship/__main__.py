@@ -14,7 +14,7 @@ from pathlib import Path
 
 from experiments.flagship import plan
 from experiments.flagship.report import chosen_table, report
-from experiments.flagship.study import run_study
+from experiments.flagship.study import QUICK, run_study
 from experiments.flagship.tune import choose, run_tunes, summary_lines, write_chosen
 
 HEADER = ("# Phase 1 of the flagship study (python -m experiments.flagship tune): per task and method, the\n"
@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
             methods = [m for m in methods if m.label in args.method]
         tasks = args.task or list(plan.TASKS)
         out = (args.out or Path("runs") / ("flagship-quick" if args.quick else "flagship")).resolve()
+        if args.phase == "tune" and (args.set or args.quick) and args.chosen == plan.CHOSEN_FILE:
+            raise plan.PlanError("tune with --set or --quick must write its values elsewhere: give --chosen PATH "
+                                 f"(the committed {plan.CHOSEN_FILE.name} holds the study's values)")
         if args.phase == "tune":
             for task in tasks:
                 run_tunes(task, methods, out / "tune", overrides=args.set, parallel=args.parallel)
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         (out / "results").mkdir(parents=True, exist_ok=True)
         (out / "results" / "chosen.md").write_text(chosen_table(methods, chosen, tasks))
         for task, d in dirs.items():
-            print(f"\n## {task}\n\n" + report(task, d, methods, chosen, seeds, out / "results"))
+            print(f"\n## {task}\n\n" + report(task, d, methods, chosen, seeds, out / "results",
+                                                     overrides=[*(QUICK if args.quick else []), *args.set]))
         print(f"tables and figures: {out / 'results'}")
         return 0
     except (plan.PlanError, ValueError) as err:

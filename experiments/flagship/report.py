@@ -4,9 +4,10 @@ For each method (the seeds of its sweep members) and each seed:
 
 * **bits to target**: the cumulative uplink and downlink bits per client (int32 convention: 32-bit values,
   32-bit indices; a seeded rand-k sends its seed instead of indices) at the first evaluation whose metric
-  reaches the target, where the target is what dense Gluon reaches at the end of its run (the mean of its
-  seeds' final values) unless given. The table gives mean ± std over the seeds that reached it, and how
-  many did;
+  reaches the target. The target is what dense Gluon reaches halfway through its run (the mean over its
+  seeds of the last evaluation in the first half of the rounds) unless given: a level most methods reach
+  within the run, so a method's cheaper or dearer rounds show. The table gives mean ± std over the seeds
+  that reached it, and how many did;
 * **at the budget**: the metric at the last evaluation whose cumulative uplink per client is within a
   common budget, the median over methods of the whole run's uplink (a method whose whole run costs less is
   taken at its end; ``—``: its first evaluation already costs more);
@@ -31,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from experiments.flagship.plan import Chosen, Method  # noqa: E402
-from experiments.flagship.study import member_labels  # noqa: E402
+from experiments.flagship.study import check_members, grid_of, member_labels  # noqa: E402
 from fedgluon.exp.plots import collect, draw_curves, group  # noqa: E402
 
 TARGETS = {"shakespeare": ("test_loss", "min"), "fmnist": ("test_accuracy", "max")}
@@ -89,7 +90,8 @@ def table(runs: dict[str, list[SeedRun]], task: str, methods: Sequence[Method], 
     metric, mode = TARGETS[task]
     if target is None:
         if BASELINE not in runs:
-            raise ValueError(f"no complete {BASELINE!r} run in the sweep: give the target explicitly")
+            raise ValueError(f"no complete {BASELINE!r} run in the sweep: its halfway value is the target, so "
+                             f"select it too (--method {BASELINE})")
         target = mean_std([halfway(r.metrics, metric) for r in runs[BASELINE]])[0]
     totals = {label: mean_std([float(r.metrics["up_bits_per_client_cum"].iloc[-1]) for r in rs])[0]
               for label, rs in runs.items()}
@@ -148,6 +150,8 @@ def figure(sweep_dir: Path, labels: dict[str, tuple[str, int]], path: Path, titl
     """Every method's curves (fedgluon.exp.plots), labelled by method."""
     runs, _ = collect([sweep_dir])
     runs = [r for r in runs if r.path.name in labels]
+    if not runs:
+        return
     for r in runs:
         r.label = labels[r.path.name][0]
     fig = draw_curves(group(runs), convention=runs[0].convention, title=title)
@@ -156,8 +160,10 @@ def figure(sweep_dir: Path, labels: dict[str, tuple[str, int]], path: Path, titl
 
 
 def report(task: str, sweep_dir: Path, methods: Sequence[Method], chosen: Chosen, seeds: Sequence[int],
-           results: Path, target: float | None = None) -> str:
-    """Write the task's table, Markdown and figure under ``results``; returns the Markdown."""
+           results: Path, target: float | None = None, overrides: Sequence[str] = ()) -> str:
+    """Write the task's table, Markdown and figure under ``results``; returns the Markdown. ``overrides``: the
+    study's (a member that ran another config is refused)."""
+    check_members(task, grid_of(task, methods, seeds, chosen), overrides, sweep_dir)
     labels = member_labels(task, methods, seeds, chosen)
     runs = load(sweep_dir, labels)
     frame, target, budget = table(runs, task, methods, chosen, target)
@@ -167,7 +173,6 @@ def report(task: str, sweep_dir: Path, methods: Sequence[Method], chosen: Chosen
     (results / f"{task}.md").write_text(text)
     figure(sweep_dir, labels, results / f"{task}.png", title=f"flagship study: {task} ({len(seeds)} seeds)")
     return text
-
 
 
 def chosen_table(methods: Sequence[Method], chosen: Chosen, tasks: Sequence[str]) -> str:

@@ -53,6 +53,7 @@ def run_study(tasks: Sequence[str], methods: Sequence[Method], chosen: Chosen, o
         grid = grid_of(task, methods, seeds, chosen)
         args = [*(QUICK if quick else []), *overrides, f"output.dir={out}", f"seed={json.dumps(grid['seed'])}",
                 f"algorithm={json.dumps(grid['algorithm'])}"]
+        check_members(task, grid, [*(QUICK if quick else []), *overrides], out / task)
         reused = reuse_trials(task, grid, [*(QUICK if quick else []), *overrides], out / task, out / TUNE / task)
         if reused and progress:
             print(f"{task}: {reused} seed-0 member(s) copied from phase 1's trials at the chosen values")
@@ -63,6 +64,26 @@ def run_study(tasks: Sequence[str], methods: Sequence[Method], chosen: Chosen, o
     old = json.loads(path.read_text()) if path.is_file() else {}
     path.write_text(json.dumps({**old, **{f"{t}_seconds": s for t, s in timing.items()}}, indent=2))
     return dirs
+
+
+def check_members(task: str, grid: dict[str, list[Any]], overrides: Sequence[str], sweep_dir: Path) -> None:
+    """Refuse a complete member directory that holds another run than the member's (another method under
+    the same name, a value changed in chosen.yaml since, a smoke run's rounds): the sweep would skip it and
+    the report would count it as the member."""
+    base = configs.load(TASKS[task], list(overrides))
+    common = {k: OmegaConf.to_container(base[k]) if OmegaConf.is_config(base[k]) else base[k]
+              for k in ("task", "rounds", "eval_every")}
+    for seed in grid["seed"]:
+        for alg in grid["algorithm"]:
+            d = sweep_dir / member_name({"seed": seed, "algorithm": alg}, grid)
+            if not is_complete(d):
+                continue
+            saved = OmegaConf.to_container(OmegaConf.load(d / "config.yaml"))
+            assert isinstance(saved, dict)
+            want = {**common, "algorithm": alg, "seed": seed}
+            if json.dumps({k: saved.get(k) for k in want}, sort_keys=True) != json.dumps(want, sort_keys=True):
+                raise PlanError(f"{d} holds another run than {alg} at seed {seed} (its algorithm, task, rounds or "
+                                f"evaluations differ): use another --out, or remove that directory")
 
 
 def reuse_trials(task: str, grid: dict[str, list[Any]], overrides: Sequence[str], sweep_dir: Path,

@@ -79,12 +79,13 @@ def _finished(d: Path, request: dict[str, Any]) -> bool:
     return (d / "best.json").is_file() and all((d / label / "trials.csv").is_file() for label in request["labels"])
 
 
-def trials_of(task_dir: Path, method: Method) -> dict[float, float]:
-    """value → final test loss of ``method``'s trials in every tune under ``task_dir`` that ran every round."""
+def trials_of(task_dir: Path, method: Method, overrides: Sequence[str] = ()) -> dict[float, float]:
+    """value → final test loss of ``method``'s trials that ran every round, in every tune under ``task_dir``
+    made with these ``overrides`` (a smoke tune with ``--set rounds=2`` never mixes with the real one)."""
     found: dict[float, float] = {}
     mine = json.dumps(method.algorithm, sort_keys=True)
     for d, request in requests(task_dir).items():
-        if not (d / "tuned.csv").is_file():
+        if not (d / "tuned.csv").is_file() or request.get("overrides") != [*overrides, f"output.dir={task_dir}"]:
             continue
         table = pd.read_csv(d / "tuned.csv")
         for label, alg in zip(request["labels"], request["algorithms"]):
@@ -108,12 +109,12 @@ def scores(trials: pd.DataFrame, key: str) -> dict[float, float]:
 def choose(task: str, methods: Sequence[Method], out: Path, *, overrides: Sequence[str] = (), extend_edges: bool = True,
            parallel: int = 2, progress: bool = True) -> dict[str, dict[str, Any]]:
     """The chosen value per method (tuning one step beyond a grid edge first where that is where the best lies)."""
-    found = {m.label: trials_of(out / task, m) for m in methods}
+    found = {m.label: trials_of(out / task, m, overrides) for m in methods}
     edges = [m for m in methods if found[m.label] and edge_of(m.grid, _best(found[m.label])) in ("low", "high")]
     if extend_edges and edges:
         algorithms = [m.algorithm_at(extend(m.grid, edge_of(m.grid, _best(found[m.label])))) for m in edges]
         ensure(out / task, task, list(overrides), algorithms, "extend", parallel, progress)
-        found = {m.label: trials_of(out / task, m) for m in methods}
+        found = {m.label: trials_of(out / task, m, overrides) for m in methods}
     chosen = {}
     for m in methods:
         grid = sorted({*m.grid, *found[m.label]})
@@ -134,9 +135,11 @@ def _best(scored: dict[float, float]) -> float:
 
 
 def write_chosen(chosen: Chosen, path: Path = CHOSEN_FILE, *, header: str = "") -> None:
-    """Merge ``chosen`` (task → method → entry) into ``path`` (other tasks' entries are kept)."""
+    """Merge ``chosen`` (task → method → entry) into ``path``: other tasks' and methods' entries are kept."""
     old = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
-    merged = {**(old if isinstance(old, dict) else {}), **chosen}
+    merged = dict(old) if isinstance(old, dict) else {}
+    for task, entries in chosen.items():
+        merged[task] = {**merged.get(task, {}), **entries}
     text = OmegaConf.to_yaml(OmegaConf.create(merged))
     path.write_text(header + text)
 
@@ -151,4 +154,3 @@ def summary_lines(chosen: dict[str, dict[str, Any]]) -> list[str]:
             lines.append(f"  {label}: {c['value']:g} (index {c['index']} of {len(c['grid'])}; "
                          f"{METRIC} {c[METRIC]:.4f}){flag}")
     return lines
-

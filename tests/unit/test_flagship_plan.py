@@ -77,7 +77,8 @@ def test_methods_file_errors_name_the_entry(tmp_path):
 def _tune_dir(tmp_path, labels, algorithms, rows):
     d = tmp_path / "lr-radius"
     d.mkdir(parents=True)
-    (d / "tune.json").write_text(json.dumps({"labels": labels, "algorithms": algorithms}))
+    (d / "tune.json").write_text(json.dumps({"labels": labels, "algorithms": algorithms,
+                                             "overrides": [f"output.dir={tmp_path}"]}))
     pd.DataFrame(rows).to_csv(d / "tuned.csv", index=False)
     return tmp_path
 
@@ -94,6 +95,8 @@ def test_choose_takes_the_best_complete_trial_and_flags_an_edge(tmp_path):
     assert chosen["a"]["value"] == 0.1 and chosen["a"]["edge"] == "none"  # 0.3 stopped early: never competes
     assert chosen["a"]["trials"] == {"0.03": 2.0, "0.1": 1.5, "1.0": 1.7}
     assert chosen["b"]["value"] == 0.03 and chosen["b"]["edge"] == "low" and chosen["b"]["index"] == 0
+    smoke = flagship_tune.choose("fmnist", [a], out, overrides=["rounds=2"], extend_edges=False)
+    assert smoke["a"]["value"] is None  # a tune made with other overrides is never read
 
 
 def _run(label, seed, up, down, loss):

@@ -5,6 +5,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -111,3 +112,25 @@ def synthetic_federation():
         with torch.no_grad():
             return F.cross_entropy(functional_call(model, X, (allx,)), ally).item()
     return model, objs, X0, Geometry.from_model(model), loss
+
+
+def inbox_targets(grid: Any, ids: list[Any]) -> dict[Any, tuple[str, int]]:
+    """Message id → (its group id, i.e. the round and phase, and the partition id of its node) of the messages
+    an in-process Flower grid (fedgluon.flower.engines.InProcessGrid) holds for ``ids``."""
+    return {i: (grid._inbox[i].metadata.group_id,
+                grid.contexts[grid._inbox[i].metadata.dst_node_id].node_config["partition-id"]) for i in ids}
+
+
+def nan_in_payload(content, j: int) -> None:
+    """A NaN in the first value of client ``j``'s first payload layer of a node's reply (fedgluon/flower/wire.py
+    layout), the way a broken node could send it."""
+    from fedgluon.flower.wire import DTYPES, to_array
+
+    meta, arrays = content.config_records["meta"], content.array_records["replies"]
+    r = next(r for r in range(meta["runs"]) if j in meta[f"{r}/clients"])
+    i = meta[f"{r}/clients"].index(j)
+    g = next(g for g in meta[f"{r}/groups"] if i in meta[f"{r}/p/{g}/rows"])
+    key = f"{r}/p/{g}/{meta[f'{r}/p/{g}/layers'][0]}/v.v"
+    bad = np.frombuffer(arrays[key].data, dtype=DTYPES[arrays[key].dtype]).reshape(arrays[key].shape).copy()
+    bad[meta[f"{r}/p/{g}/rows"].index(i), 0] = np.nan
+    arrays[key] = to_array(bad)

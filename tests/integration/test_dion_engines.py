@@ -4,7 +4,7 @@ hostile replies in either phase rejected (the math is in tests/unit/test_dion.py
 
 import pytest
 import torch
-from helpers import plain_run
+from helpers import inbox_targets, nan_in_payload, plain_run
 
 ENGINE_SPEC = {"task": {"name": "synthetic", "num_clients": 4, "dim": 10, "classes": 4, "mean_samples": 40,
                         "hidden": [8]},
@@ -35,16 +35,13 @@ def test_inprocess_flower_equals_plain_driver(faults):
 def test_hostile_replies_in_either_phase_over_flower_are_rejected_and_leave_rows_unchanged(monkeypatch):
     """In round 1 a NaN in client 2's phase-0 reply (P_2) and in client 1's phase-1 reply (R_1), as a
     broken node could send them: both are rejected, their rows are as after round 0, the others commit."""
-    from test_engines import nan_in_payload
-
     from fedgluon.flower.engines import InProcessGrid, run_inprocess
 
     original = InProcessGrid.pull_messages
 
     def hostile(self, ids, timeout=None):
         ids = list(ids)
-        where = {i: (self._inbox[i].metadata.group_id, self.contexts[self._inbox[i].metadata.dst_node_id]
-                     .node_config["partition-id"]) for i in ids}
+        where = inbox_targets(self, ids)
         replies = []
         for i in ids:
             reply = list(original(self, [i]))[0]

@@ -3,11 +3,10 @@
 import logging
 import warnings
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import plain_frame, plain_table, same_metrics, same_table
+from helpers import inbox_targets, nan_in_payload, plain_frame, plain_table, same_metrics, same_table
 
 from fedgluon.config import spec as specs
 from fedgluon.flower.client_app import make_client_app
@@ -61,8 +60,7 @@ def test_client_state_commits_only_accepted_rounds(monkeypatch, caplog):
 
     def faulty(self, ids, timeout=None):
         ids = list(ids)
-        targets = {i: (self._inbox[i].metadata.group_id, self.contexts[self._inbox[i].metadata.dst_node_id]
-                       .node_config["partition-id"]) for i in ids}
+        targets = inbox_targets(self, ids)
         replies = []
         for i in ids:
             k, j = targets[i]
@@ -91,21 +89,6 @@ def test_client_state_commits_only_accepted_rounds(monkeypatch, caplog):
     frame = pd.DataFrame(strategy.history)
     assert frame["rejected"].sum() == (log.status == "rejected").sum()
     assert frame["failed"].sum() == (log.status == "failed").sum()
-
-
-def nan_in_payload(content, j: int) -> None:
-    """A NaN in the first value of client ``j``'s first payload layer of a node's reply (fedgluon/flower/wire.py
-    layout), the way a broken node could send it."""
-    from fedgluon.flower.wire import DTYPES, to_array
-
-    meta, arrays = content.config_records["meta"], content.array_records["replies"]
-    r = next(r for r in range(meta["runs"]) if j in meta[f"{r}/clients"])
-    i = meta[f"{r}/clients"].index(j)
-    g = next(g for g in meta[f"{r}/groups"] if i in meta[f"{r}/p/{g}/rows"])
-    key = f"{r}/p/{g}/{meta[f'{r}/p/{g}/layers'][0]}/v.v"
-    bad = np.frombuffer(arrays[key].data, dtype=DTYPES[arrays[key].dtype]).reshape(arrays[key].shape).copy()
-    bad[meta[f"{r}/p/{g}/rows"].index(i), 0] = np.nan
-    arrays[key] = to_array(bad)
 
 
 @pytest.mark.slow
@@ -146,8 +129,6 @@ def test_ray_with_gpu_shares_on_a_machine_without_cuda_falls_back_to_the_cpu():
     strategy = run_ray(spec, num_cpus=1, num_gpus=0.5, ray_init_args={"num_cpus": 2, "num_gpus": 1})
     assert strategy.node_devices == {("cpu", "0")}  # each node held a share of GPU 0 and computed on the CPU
     same_metrics(pd.DataFrame(strategy.history), plain_frame(spec), loss_rtol=1e-6)
-
-
 
 
 def test_server_polls_flowers_simulation_grid_every_5_ms():

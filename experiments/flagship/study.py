@@ -3,8 +3,8 @@
 Each task's sweep is ``<out>/<task>/`` with one member per (method, seed) (fedgluon/exp/sweep.py): the
 members run as Ray tasks on the plain engine, ``parallel`` at a time, one torch thread each, and a member
 whose run directory is complete is skipped, so an interrupted study continues where it stopped. The report
-(experiments/flagship/report.py) follows. ``quick`` runs one seed for a few rounds: a smoke test of the
-whole pipeline, not a result.
+(experiments/flagship/report.py) follows. ``quick`` adds :data:`QUICK` (a few rounds; the command line
+also takes one seed only): a smoke test of the whole pipeline, not a result.
 """
 
 from __future__ import annotations
@@ -51,10 +51,11 @@ def run_study(tasks: Sequence[str], methods: Sequence[Method], chosen: Chosen, o
     dirs, timing = {}, {}
     for task in tasks:
         grid = grid_of(task, methods, seeds, chosen)
-        args = [*(QUICK if quick else []), *overrides, f"output.dir={out}", f"seed={json.dumps(grid['seed'])}",
+        changes = [*(QUICK if quick else []), *overrides]
+        args = [*changes, f"output.dir={out}", f"seed={json.dumps(grid['seed'])}",
                 f"algorithm={json.dumps(grid['algorithm'])}"]
-        check_members(task, grid, [*(QUICK if quick else []), *overrides], out / task)
-        reused = reuse_trials(task, grid, [*(QUICK if quick else []), *overrides], out / task, out / TUNE / task)
+        check_members(task, grid, changes, out / task)
+        reused = reuse_trials(task, grid, changes, out / task, out / TUNE / task)
         if reused and progress:
             print(f"{task}: {reused} seed-0 member(s) copied from phase 1's trials at the chosen values")
         start = time.perf_counter()

@@ -128,8 +128,8 @@ def markdown(frame: pd.DataFrame, task: str, target: float, budget: float) -> st
     metric, mode = TARGETS[task]
     name = metric.replace("_", " ")
     lines = [f"Target: {name} {'≤' if mode == 'min' else '≥'} {target:.4g} (what dense Gluon reaches halfway, "
-             "mean of its seeds); "
-             f"budget: {budget / 1e6:.3g} Mbit uplink per client (the median method's whole run). "
+             "mean of its seeds);",
+             f"budget: {budget / 1e6:.3g} Mbit uplink per client (the median method's whole run).",
              "Bits per client, int32 convention, mean ± std over the seeds that reached the target.", "",
              "| method | tuned value | reached | uplink to target (Mbit) | downlink to target (Mbit) "
              f"| uplink saving vs gluon | {name} at budget | final {name} |",
@@ -147,9 +147,10 @@ def markdown(frame: pd.DataFrame, task: str, target: float, budget: float) -> st
 
 
 def figure(sweep_dir: Path, labels: dict[str, tuple[str, int]], path: Path, title: str) -> None:
-    """Every method's curves (fedgluon.exp.plots), labelled by method."""
+    """Every method's curves (fedgluon.exp.plots), labelled by method; complete members only, as in the table
+    (an interrupted study's last members would otherwise draw shorter curves than the table counts)."""
     runs, _ = collect([sweep_dir])
-    runs = [r for r in runs if r.path.name in labels]
+    runs = [r for r in runs if r.path.name in labels and r.complete]  # as the table: complete members only
     if not runs:
         return
     for r in runs:
@@ -163,8 +164,9 @@ def report(task: str, sweep_dir: Path, methods: Sequence[Method], chosen: Chosen
            results: Path, target: float | None = None, overrides: Sequence[str] = ()) -> str:
     """Write the task's table, Markdown and figure under ``results``; returns the Markdown. ``overrides``: the
     study's (a member that ran another config is refused)."""
-    check_members(task, grid_of(task, methods, seeds, chosen), overrides, sweep_dir)
-    labels = member_labels(task, methods, seeds, chosen)
+    grid = grid_of(task, methods, seeds, chosen)
+    check_members(task, grid, overrides, sweep_dir)
+    labels = member_labels(methods, grid)
     runs = load(sweep_dir, labels)
     frame, target, budget = table(runs, task, methods, chosen, target)
     results.mkdir(parents=True, exist_ok=True)

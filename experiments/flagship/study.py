@@ -34,12 +34,10 @@ def grid_of(task: str, methods: Sequence[Method], seeds: Sequence[int], chosen: 
     return {"seed": list(seeds), "algorithm": [m.algorithm_at(chosen_value(chosen, task, m)) for m in methods]}
 
 
-def member_labels(task: str, methods: Sequence[Method], seeds: Sequence[int],
-                  chosen: Chosen) -> dict[str, tuple[str, int]]:
-    """Sweep member directory name → (method label, seed)."""
-    grid = grid_of(task, methods, seeds, chosen)
+def member_labels(methods: Sequence[Method], grid: dict[str, list[Any]]) -> dict[str, tuple[str, int]]:
+    """Sweep member directory name → (method label, seed), for ``grid`` (:func:`grid_of` of ``methods``)."""
     return {member_name({"seed": s, "algorithm": alg}, grid): (m.label, s)
-            for m, alg in zip(methods, grid["algorithm"]) for s in seeds}
+            for m, alg in zip(methods, grid["algorithm"], strict=True) for s in grid["seed"]}
 
 
 def run_study(tasks: Sequence[str], methods: Sequence[Method], chosen: Chosen, out: Path, *,

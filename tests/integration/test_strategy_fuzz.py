@@ -2,7 +2,8 @@
 (fedgluon/flower/wire.py: the ``replies`` ArrayRecord and the ``meta`` ConfigRecord) — missing/extra arrays, NaN/Inf,
 finite values beyond the server's bound, wrong lengths, dtypes, shapes, codecs, headers and groups,
 out-of-range or duplicate indices, wrong round or client ids, missing records or entries, pickled objects,
-garbage bytes, malformed state columns. No exception escapes, nothing is unpickled, and after every round the
+garbage bytes, malformed state columns; for the Gluon-EF21 payload and three of other groups' methods (MuLoCo,
+DiLoCo, FedMuon-BC). No exception escapes, nothing is unpickled, and after every round the
 server state equals the state computed from the valid replies alone; corrupted clients' rows of the
 client-state table are left as they were, and the other clients proceed."""
 
@@ -16,7 +17,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedgluon.config import spec as specs
@@ -64,15 +65,34 @@ MUTATIONS = ["drop_array", "extra_array", "orphan_layer", "nan", "huge", "length
              "garbage", "dims", "group", "group_rows", "bad_state", "bad_layout", "no_records"]
 
 
-@pytest.fixture(scope="module")
-def world():
-    task, algo = specs.build(SPEC)
-    grid = InProcessGrid(make_client_app(SPEC), N, seed=1)
+ALGORITHMS = {  # top-k with indices (Gluon-EF21); int2 codes and scales, local steps and an error-feedback
+    # column (MuLoCo); dense pseudo-gradients with inner Adam state and an integer step counter (DiLoCo); dense
+    # updates and control variates, two kinds of layers in one payload (FedMuon-BC)
+    "gluon-ef21": (SPEC["algorithm"], 200, True),
+    "muloco": ({"name": "muloco"}, 80, False),
+    "diloco": ({"name": "diloco"}, 60, False),
+    "fedmuon-bc": ({"name": "fedmuon-bc"}, 60, False),
+}
+"""name → (algorithm section, hypothesis examples, whether its payload carries indices)."""
+INDEXED = ["index_range", "dup_index"]
+
+
+@pytest.fixture(scope="module", params=sorted(ALGORITHMS))
+def world(request):
+    spec = specs.normalise({**SPEC, "algorithm": ALGORITHMS[request.param][0]})
+    task, algo = specs.build(spec)
+    grid = InProcessGrid(make_client_app(spec), N, seed=1)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
-    strategy = GluonStrategy(algo, task.initial_params(), N, seed=1, rounds=SPEC["rounds"],
+    strategy = GluonStrategy(algo, task.initial_params(), N, seed=1, rounds=spec["rounds"],
                              schema=algo.state_schema(task.objectives[0], task.initial_params(), 1))
     strategy.connect(grid, timeout=10)
-    return grid, strategy, algo
+    return grid, strategy, algo, ALGORITHMS[request.param][1:]
+
+
+def value_array(meta, key: str) -> str:
+    """The payload array of a layer that holds float values: ``v.v`` (sparse or dense values) or a quantised
+    codec's scales (its codes are unsigned integers)."""
+    return next(n for n in meta[f"{key}/arrays"] if n == "v.v" or n.endswith("scale"))
 
 
 def _values(arr: Array) -> np.ndarray:
@@ -90,7 +110,8 @@ def corrupt(reply, how: str, data: st.DataObject, k: int) -> None:
     layers = meta[f"0/p/{group}/layers"]
     layer = data.draw(st.sampled_from(sorted(layers)), label="layer")
     key = f"0/p/{group}/{layer}"
-    v = _values(arrays[f"{key}/v.v"])  # (1, kept values)
+    values = f"{key}/{value_array(meta, key)}"
+    v = _values(arrays[values])  # (1, kept values), or (1, scales) of a quantised codec
     if how == "drop_array":
         name = data.draw(st.sampled_from(meta[f"{key}/arrays"]), label="dropped")
         del arrays[f"{key}/{name}"]
@@ -107,12 +128,12 @@ def corrupt(reply, how: str, data: st.DataObject, k: int) -> None:
         arrays[f"{orphan}/v.v"] = to_array(np.zeros((1, 3), np.float32))
     elif how == "nan":
         v[0, data.draw(st.integers(0, v.shape[1] - 1))] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]))
-        arrays[f"{key}/v.v"] = to_array(v)
+        arrays[values] = to_array(v)
     elif how == "huge":  # finite, valid, and far beyond the server's bound float32 max / (2n)
         v[0, data.draw(st.integers(0, v.shape[1] - 1))] = data.draw(st.sampled_from([1, -1])) * np.finfo(np.float32).max
-        arrays[f"{key}/v.v"] = to_array(v)
+        arrays[values] = to_array(v)
     elif how == "length":
-        arrays[f"{key}/v.v"] = to_array(v[:, :-1] if data.draw(st.booleans()) else np.append(v, [[1]], axis=1))
+        arrays[values] = to_array(v[:, :-1] if data.draw(st.booleans()) else np.append(v, [[1]], axis=1))
     elif how == "index_range":
         idx = _values(arrays[f"{key}/idx"])
         idx[0, data.draw(st.integers(0, idx.shape[1] - 1))] = np.iinfo(idx.dtype).max
@@ -123,10 +144,11 @@ def corrupt(reply, how: str, data: st.DataObject, k: int) -> None:
         idx[0, 1] = idx[0, 0]
         arrays[f"{key}/idx"] = to_array(idx)
     elif how == "dtype":
-        arrays[f"{key}/v.v"] = to_array(v.astype(data.draw(st.sampled_from([np.float64, np.float16, np.int32,
+        arrays[values] = to_array(v.astype(data.draw(st.sampled_from([np.float64, np.float16, np.int32,
                                                                              np.uint8]))))
     elif how == "codec":
-        meta[f"{key}/codec"] = data.draw(st.one_of(st.text(max_size=12).filter(lambda c: c != "topk/fp32"),
+        codec = meta[f"{key}/codec"]
+        meta[f"{key}/codec"] = data.draw(st.one_of(st.text(max_size=12).filter(lambda c: c != codec),
                                                    st.integers(), st.binary(max_size=4)), label="codec")
     elif how == "shape":
         shape = meta[f"{key}/shape"]
@@ -147,7 +169,7 @@ def corrupt(reply, how: str, data: st.DataObject, k: int) -> None:
         buf = io.BytesIO()  # a .npy file whose object array is a pickle that would call _pwned
         np.save(buf, np.array([Evil()], dtype=object), allow_pickle=True)
         payload = buf.getvalue()
-        arrays[f"{key}/v.v"] = data.draw(st.sampled_from([
+        arrays[values] = data.draw(st.sampled_from([
             Array(dtype="object", shape=(1, 1), stype=RAW, data=payload),
             Array(dtype="O", shape=(1, 1), stype="numpy.ndarray", data=payload),
             Array(dtype="float32", shape=(1, len(payload)), stype=RAW, data=payload)]), label="pickle")
@@ -159,7 +181,7 @@ def corrupt(reply, how: str, data: st.DataObject, k: int) -> None:
                                         data=a.tobytes() if 0 not in extra else b"")
     elif how == "garbage":  # bytes that do not fit the header
         n = data.draw(st.sampled_from([0, 1, v.nbytes - 1, v.nbytes + 4]), label="bytes")
-        arrays[f"{key}/v.v"] = Array(dtype="float32", shape=tuple(v.shape), stype=RAW, data=bytes(n))
+        arrays[values] = Array(dtype="float32", shape=tuple(v.shape), stype=RAW, data=bytes(n))
     elif how == "group":  # a group the server does not expect, or does not know
         other = data.draw(st.sampled_from(["dense", "sideways", ""]), label="group")
         meta["0/groups"] = [other]
@@ -172,7 +194,8 @@ def corrupt(reply, how: str, data: st.DataObject, k: int) -> None:
     elif how == "bad_state":  # the proposed state must never be committed when it is malformed
         path = data.draw(st.sampled_from(sorted(k for k in arrays if k.startswith("0/s/"))), label="column")
         column = _values(arrays[path])
-        bad = data.draw(st.sampled_from(["nan", "shape", "dtype", "missing", "extra", "bytes", "deeper"]), label="bad")
+        kinds = ["shape", "dtype", "missing", "extra", "bytes", "deeper"]
+        bad = data.draw(st.sampled_from(["nan", *kinds] if column.dtype.kind == "f" else kinds), label="bad")
         if bad == "nan":
             column.reshape(-1)[data.draw(st.integers(0, column.size - 1))] = np.nan
             arrays[path] = to_array(column)
@@ -207,42 +230,48 @@ def tree_equal(a, b) -> bool:
     return torch.equal(a, b)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data(), plan=st.lists(st.sampled_from([None, *MUTATIONS]), min_size=N, max_size=N))
-def test_hostile_replies_never_touch_server_state(world, data, plan):
-    grid, strategy, algo = world
-    table = strategy.federation.table
-    before_server = copy.deepcopy(strategy.server_state)
-    before_rows = {p: c.clone() for p, c in table.columns.items()}
-    before_commits = table.commits.clone()
-    messages = list(strategy.configure_train(1, None, None, grid))
-    replies = list(grid.send_and_receive(messages))
-    bc = strategy._round.broadcast
-    valid = {}
-    for reply in replies:
-        j = strategy.partition_of[reply.metadata.src_node_id]  # one client per node here
-        if plan[j] is None:
-            records = reply.content
-            got = read_replies(records["replies"], records["meta"], [j], bc.round, table, algo.reply_shapes(bc),
-                               algo.derived)
-            assert got.rejected == {} and got.failed == {}
-            valid[j] = got.replies[j]
-        else:
-            corrupt(reply, plan[j], data, bc.round)
-    first = {j for j in valid if before_commits[j] == 0}
-    strategy.aggregate_train(1, replies)  # must not raise
+def test_hostile_replies_never_touch_server_state(world):
+    grid, strategy, algo, (examples, indexed) = world
+    mutations = [m for m in MUTATIONS if indexed or m not in INDEXED]
 
-    expected, outcome = algo.server_step(copy.deepcopy(before_server), valid, bc, strategy.federation.weights, first)
-    assert sorted(outcome.accepted) == sorted(valid)
-    for key in ("X", "G"):
-        assert tree_equal(strategy.server_state.get(key), expected.get(key)), key
-    row = strategy.history[-1]
-    assert row["accepted"] == len(valid) and row["rejected"] + row["failed"] == N - len(valid)
-    bad = [j for j in range(N) if plan[j] is not None]
-    assert table.commits[bad].tolist() == before_commits[bad].tolist()
-    assert table.commits[sorted(valid)].tolist() == (before_commits[sorted(valid)] + 1).tolist()
-    assert all(torch.equal(c[bad], before_rows[p][bad]) for p, c in table.columns.items())
-    assert not UNPICKLED
+    @settings(max_examples=examples, deadline=None)
+    @given(data=st.data(), plan=st.lists(st.sampled_from([None, *mutations]), min_size=N, max_size=N))
+    def one_round(data, plan):
+        table = strategy.federation.table
+        before_server = copy.deepcopy(strategy.server_state)
+        before_rows = {p: c.clone() for p, c in table.columns.items()}
+        before_commits = table.commits.clone()
+        messages = list(strategy.configure_train(1, None, None, grid))
+        replies = list(grid.send_and_receive(messages))
+        bc = strategy._round.broadcast
+        valid = {}
+        for reply in replies:
+            j = strategy.partition_of[reply.metadata.src_node_id]  # one client per node here
+            if plan[j] is None:
+                records = reply.content
+                got = read_replies(records["replies"], records["meta"], [j], bc.round, table, algo.reply_shapes(bc),
+                                   algo.derived)
+                assert got.rejected == {} and got.failed == {}
+                valid[j] = got.replies[j]
+            else:
+                corrupt(reply, plan[j], data, bc.round)
+        first = {j for j in valid if before_commits[j] == 0}
+        strategy.aggregate_train(1, replies)  # must not raise
+
+        weights = strategy.federation.weights
+        expected, outcome = algo.server_step(copy.deepcopy(before_server), valid, bc, weights, first)
+        assert sorted(outcome.accepted) == sorted(valid)
+        for key in ("X", "G"):
+            assert tree_equal(strategy.server_state.get(key), expected.get(key)), key
+        row = strategy.history[-1]
+        assert row["accepted"] == len(valid) and row["rejected"] + row["failed"] == N - len(valid)
+        bad = [j for j in range(N) if plan[j] is not None]
+        assert table.commits[bad].tolist() == before_commits[bad].tolist()
+        assert table.commits[sorted(valid)].tolist() == (before_commits[sorted(valid)] + 1).tolist()
+        assert all(torch.equal(c[bad], before_rows[p][bad]) for p, c in table.columns.items())
+        assert not UNPICKLED
+
+    one_round()
 
 
 def test_raw_arrays_round_trip_and_reject_anything_else():

@@ -106,8 +106,8 @@ def test_sweep_and_run_on_a_two_node_cluster_come_back_to_the_driver(two_nodes, 
     """``fedgluon sweep --parallel 2 engine.address=...`` from a directory of its own, with the default
     relative ``output.dir``: every member directory and the table are in the driver's directory (not in
     the nodes' working directory), their metrics equal a sequential plain sweep's, and each summary
-    names the cluster node that ran it. ``fedgluon run engine.name=ray engine.address=...`` runs its
-    client actors on both nodes and records them."""
+    names the cluster node that ran it. ``fedgluon run engine.name=ray engine.address=...`` (MuLoCo) runs its
+    client actors on both nodes, records them, and equals the plain driver."""
     address, nodes_cwd = two_nodes
     nodes = _cluster_nodes(address)
     assert len(nodes) == 2
@@ -137,17 +137,37 @@ def test_sweep_and_run_on_a_two_node_cluster_come_back_to_the_driver(two_nodes, 
                                   pd.read_csv(seq_dir / "table.csv").drop(columns=["sim_time_mean", "sim_time_std"]))
     assert not (nodes_cwd / "runs").exists()
 
-    out = invoke("run", "engine.name=ray", *TINY, "engine.block_size=1", f"engine.address={address}",
-                 "output.name=on-ray")
+    out = invoke("run", "engine.name=ray", *TINY, "algorithm.name=muloco", "engine.block_size=1",
+                 f"engine.address={address}", "output.name=on-ray")
     assert out.exit_code == 0, out.output
     summary = json.loads((driver / "runs" / "on-ray" / "summary.json").read_text())
     assert {n["node_id"] for n in summary["nodes"]} == nodes
     assert {n["hostname"] for n in summary["nodes"]} == {socket.gethostname()}
     assert summary["devices"] == [{"device": "cpu", "ray_gpus": ""}]
-    assert invoke("run", "engine.name=plain", *TINY, "output.name=plain").exit_code == 0
-    a, b = (pd.read_csv(driver / "runs" / name / "metrics.csv").drop(columns=list(TIMING_COLUMNS))
-            for name in ("on-ray", "plain"))
-    pd.testing.assert_frame_equal(a, b)
+    assert invoke("run", "engine.name=plain", *TINY, "algorithm.name=muloco", "output.name=plain").exit_code == 0
+    for csv in ("metrics.csv", "clients.csv"):  # MuLoCo: local Muon steps, int2 codes, an error-feedback column
+        a, b = (pd.read_csv(driver / "runs" / name / csv) for name in ("on-ray", "plain"))
+        timing = [c for c in TIMING_COLUMNS if c in a]
+        pd.testing.assert_frame_equal(a.drop(columns=timing), b.drop(columns=timing))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", ["diloco", "fedmuon", "fedmuon-bc"])  # MuLoCo: the test above
+def test_other_groups_methods_on_the_cluster_equal_the_plain_driver(two_nodes, tmp_path, monkeypatch, name):
+    """Methods with local steps and client state of other kinds (inner Adam moments and an int64 step counter;
+    Muon momenta and a broadcast momentum aggregate; control variates) on the Ray engine over the two nodes,
+    one client per node: the metrics and the client log equal the plain driver's."""
+    address, _ = two_nodes
+    monkeypatch.chdir(tmp_path)
+    args = (*TINY, f"algorithm.name={name}", "engine.block_size=1")
+    for engine, extra in (("ray", [f"engine.address={address}"]), ("plain", [])):
+        out = invoke("run", f"engine.name={engine}", *args, *extra, f"output.name={engine}")
+        assert out.exit_code == 0, out.output
+    for csv in ("metrics.csv", "clients.csv"):
+        a, b = (pd.read_csv(tmp_path / "runs" / engine / csv) for engine in ("ray", "plain"))
+        timing = [c for c in TIMING_COLUMNS if c in a]
+        pd.testing.assert_frame_equal(a.drop(columns=timing), b.drop(columns=timing))
 
 
 def test_a_gpu_share_the_cluster_lacks_fails_before_any_run_directory(tmp_path, monkeypatch):

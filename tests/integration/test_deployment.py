@@ -337,18 +337,36 @@ def loopback(tmp_path_factory: pytest.TempPathFactory):
         dep.stop()
 
 
-@pytest.mark.slow
-def test_flwr_run_on_superlink_and_supernodes_equals_inprocess(loopback: Deployment, tiny: Path, tmp_path: Path):
-    done = loopback.flwr_run(f"spec-file='{tiny}' output-root='{tmp_path / 'flwr'}'")
-    out = tmp_path / "flwr" / "runs" / "tiny"
+def _deployed_equals_inprocess(loopback: Deployment, spec_file: Path, out_root: Path) -> None:
+    """``flwr run`` of ``spec_file`` on the loopback SuperLink: a complete run directory whose metrics.csv and
+    clients.csv equal the in-process engine's, bitwise but for the timing columns."""
+    done = loopback.flwr_run(f"spec-file='{spec_file}' output-root='{out_root / 'flwr'}'")
+    out = out_root / "flwr" / "runs" / "tiny"
     assert done.returncode == 0, done.stdout.decode(errors="replace")[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["complete"] is True and summary["engine"] == "flower-deployment"
-    ref = run(load(tiny, ["engine.name=inprocess", f"output.dir={tmp_path / 'ip'}"]), progress=False)
+    assert summary["complete"] is True and summary["engine"] == "flower-deployment", summary
+    ref = run(load(spec_file, ["engine.name=inprocess", f"output.dir={out_root / 'ip'}"]), progress=False)
     for name in ("metrics.csv", "clients.csv"):
         got, want = pd.read_csv(out / name), pd.read_csv(ref / name)
         timing = [c for c in TIMING if c in got]
         pd.testing.assert_frame_equal(got.drop(columns=timing), want.drop(columns=timing))  # bitwise
+
+
+@pytest.mark.slow
+def test_flwr_run_on_superlink_and_supernodes_equals_inprocess(loopback: Deployment, tiny: Path, tmp_path: Path):
+    _deployed_equals_inprocess(loopback, tiny, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["{name: dion, rank_fraction: 0.5}", "{name: diloco}"])
+def test_dion_and_diloco_deployed_equal_inprocess(loopback: Deployment, tmp_path: Path, algorithm: str):
+    """Dion's two client phases per round (P, then R after the server's orthonormalised P), and DiLoCo's
+    local AdamW steps whose moments and int64 step counter come back as client state, over gRPC; two rounds
+    (a deployed message costs ~2 s of process start and polling: BENCHMARKS.md)."""
+    spec = re.sub(r"^algorithm: .*$", f"algorithm: {algorithm}", TINY, flags=re.M).replace("rounds: 3", "rounds: 2")
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text(spec)
+    _deployed_equals_inprocess(loopback, spec_file, tmp_path)
 
 
 @pytest.mark.slow

@@ -357,9 +357,15 @@ def test_flwr_run_on_superlink_and_supernodes_equals_inprocess(loopback: Deploym
     _deployed_equals_inprocess(loopback, tiny, tmp_path)
 
 
+DEPLOYED = ["{name: dion, rank_fraction: 0.5}", "{name: diloco}"]
+"""The methods of other groups the suite deploys; ``FEDGLUON_EVERY_METHOD=1`` adds the rest (~30 s each)."""
+if os.environ.get("FEDGLUON_EVERY_METHOD"):
+    DEPLOYED += ["{name: orth-dion, rank_fraction: 0.5}", "{name: muloco}", "{name: fedmuon}", "{name: fedmuon-bc}"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["{name: dion, rank_fraction: 0.5}", "{name: diloco}"])
-def test_dion_and_diloco_deployed_equal_inprocess(loopback: Deployment, tmp_path: Path, algorithm: str):
+@pytest.mark.parametrize("algorithm", DEPLOYED)
+def test_methods_of_other_groups_deployed_equal_inprocess(loopback: Deployment, tmp_path: Path, algorithm: str):
     """Dion's two client phases per round (P, then R after the server's orthonormalised P), and DiLoCo's
     local AdamW steps whose moments and int64 step counter come back as client state, over gRPC; two rounds
     (a deployed message costs ~2 s of process start and polling: BENCHMARKS.md)."""

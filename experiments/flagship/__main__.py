@@ -23,12 +23,29 @@ HEADER = ("# Phase 1 of the flagship study (python -m experiments.flagship tune)
           "# trial ran every round (ASHA stops the others early).\n")
 
 
+def selected(methods: list[plan.Method], labels: list[str], widen: bool) -> list[plan.Method]:
+    """The methods named by ``--method``; with ``widen``, also those sharing an algorithm name with one of
+    them: a sweep member's directory name tells such methods apart by a hash only when they run side by
+    side, so a subset alone would write (and look for) other directories than the whole study's."""
+    unknown = sorted(set(labels) - {m.label for m in methods})
+    if unknown:
+        raise plan.PlanError(f"--method must be labels of methods.yaml, got unknown {unknown}")
+    names = {m.name for m in methods if m.label in labels}
+    out = [m for m in methods if m.label in labels or (widen and m.name in names)]
+    extra = [m.label for m in out if m.label not in labels]
+    if extra:
+        print(f"--method: also {', '.join(extra)} (the same algorithm name as a method selected: they are run "
+              "and reported together, under the whole study's directory names)")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.flagship", description=__doc__.splitlines()[0])
     ap.add_argument("phase", choices=["tune", "study", "report"])
     ap.add_argument("--task", action="append", choices=sorted(plan.TASKS), help="a task (repeat; default: both)")
     ap.add_argument("--method", action="append", help="a method label of methods.yaml (repeat; default: all)")
-    ap.add_argument("--quick", action="store_true", help="study: one seed, 3 rounds, under runs/flagship-quick")
+    ap.add_argument("--quick", action="store_true",
+                    help="study, report: one seed, 3 rounds, under runs/flagship-quick")
     ap.add_argument("--parallel", type=int, default=2, help="runs at once (one CPU each) [default: 2]")
     ap.add_argument("--out", type=Path, default=None, help="where the runs go [default: runs/flagship]")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -40,14 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         methods = plan.load_methods()
         if args.method:
-            unknown = sorted(set(args.method) - {m.label for m in methods})
-            if unknown:
-                raise plan.PlanError(f"--method must be labels of methods.yaml, got unknown {unknown}")
-            methods = [m for m in methods if m.label in args.method]
+            methods = selected(methods, args.method, widen=args.phase != "tune")
         tasks = args.task or list(plan.TASKS)
         out = (args.out or Path("runs") / ("flagship-quick" if args.quick else "flagship")).resolve()
-        if args.phase == "tune" and (args.set or args.quick) and args.chosen == plan.CHOSEN_FILE:
-            raise plan.PlanError("tune with --set or --quick must write its values elsewhere: give --chosen PATH "
+        if args.phase == "tune" and args.quick:
+            raise plan.PlanError("--quick is for study and report (phase 1's ASHA needs whole runs); for a short "
+                                 "tune give --set rounds=R --chosen PATH")
+        if args.phase == "tune" and args.set and args.chosen == plan.CHOSEN_FILE:
+            raise plan.PlanError("tune with --set must write its values elsewhere: give --chosen PATH "
                                  f"(the committed {plan.CHOSEN_FILE.name} holds the study's values)")
         if args.phase == "tune":
             for task in tasks:

@@ -88,6 +88,9 @@ def table(runs: dict[str, list[SeedRun]], task: str, methods: Sequence[Method], 
           target: float | None = None) -> tuple[pd.DataFrame, float, float]:
     """The per-method table, the target and the budget (module docstring)."""
     metric, mode = TARGETS[task]
+    if not runs:
+        raise ValueError("no complete member of the study in its sweep directory: run `python -m experiments.flagship "
+                         "study` first (with the same --task, --set and --quick)")
     if target is None:
         if BASELINE not in runs:
             raise ValueError(f"no complete {BASELINE!r} run in the sweep: its halfway value is the target, so "

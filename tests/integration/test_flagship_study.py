@@ -1,5 +1,5 @@
-"""The flagship study's phase 2 and report end to end (experiments/flagship), scaled down to seconds: two
-methods, one seed, two rounds of a small Fashion-MNIST, at the committed chosen values."""
+"""The flagship study's phase 2 and report end to end (experiments/flagship), scaled down to seconds: three
+methods, one seed, three rounds of a small Fashion-MNIST, at the committed chosen values."""
 
 from __future__ import annotations
 
@@ -50,10 +50,12 @@ def test_study_runs_every_member_and_reports_the_table_and_figure(tmp_path, caps
         del c["output"]
     assert configs_of[0] == configs_of[1]  # the copy's config is the member's own: its seeds draw as one curve
     table = pd.read_csv(tmp_path / "results" / "fmnist.csv")
-    assert list(table["method"]) == ["gluon", "gluon-ef21 top-10%"]
+    # --method widens to the methods sharing a selected one's algorithm name (their directory names need both)
+    assert list(table["method"]) == ["gluon", "gluon-ef21 top-10%", "gluon-ef21 top-2%"]
     assert (table["seeds"] == 1).all()
-    # top-10% under the int32 convention: values and indices, a fifth of the dense message per round
+    # top-k under the int32 convention: values and indices, a fifth (a 25th) of the dense message per round
     assert table.loc[1, "up_total_mean"] == pytest.approx(table.loc[0, "up_total_mean"] / 5, rel=0.01)
+    assert table.loc[2, "up_total_mean"] == pytest.approx(table.loc[0, "up_total_mean"] / 25, rel=0.02)
     assert (tmp_path / "results" / "fmnist.png").stat().st_size > 0
     assert "| gluon-ef21 top-10% | lr " in printed
     # a member directory that holds another run (here: fewer rounds) is refused, never counted as the member
@@ -69,3 +71,13 @@ def test_a_bad_method_label_is_one_error_line(tmp_path, capsys):
     assert main(["study", "--method", "glon", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --method must be labels of methods.yaml") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["tune", "--quick"], "error: --quick is for study and report"),
+    (["report", "--task", "fmnist"], "error: no complete member of the study"),  # nothing ran under --out yet
+])
+def test_a_command_that_cannot_work_is_one_error_line(tmp_path, capsys, argv, says):
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(says) and err.count("\n") == 1

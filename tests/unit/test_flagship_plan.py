@@ -127,3 +127,24 @@ def test_bits_to_target_budget_and_saving_are_counted_per_seed():
     assert row.loc["fast", "test_loss_at_budget_mean"] == pytest.approx((1.8 + 2.0 + 2.7) / 3)  # whole runs
     text = report.markdown(frame, "shakespeare", target, budget)
     assert "| fast | lr 0.1 | 2/3 | 3e-06 ± 1.4e-06 |" in text
+
+
+def test_a_method_subset_names_its_members_as_the_whole_study_does(capsys):
+    """A sweep member's name tells methods of one algorithm name apart by a hash only when they run side by
+    side: ``--method`` widens a subset to the methods sharing a selected one's name, so its directories are
+    the whole study's (alone, 'gluon-ef21 top-10%' would be named plain ``algorithm=gluon-ef21``)."""
+    from experiments.flagship.__main__ import selected
+    from experiments.flagship.study import grid_of, member_labels
+
+    methods = plan.load_methods()
+    chosen = plan.load_chosen()
+    whole = member_labels(methods, grid_of("fmnist", methods, plan.SEEDS, chosen))
+    ef21 = [m.label for m in methods if m.name == "gluon-ef21"]
+    assert len(ef21) == 2
+    alone = [m for m in methods if m.label == ef21[0]]
+    assert not set(member_labels(alone, grid_of("fmnist", alone, plan.SEEDS, chosen)).items()) <= set(whole.items())
+    subset = selected(methods, [ef21[0], "gluon"], widen=True)
+    assert [m.label for m in subset] == ["gluon", *ef21] and ef21[1] in capsys.readouterr().out
+    names = member_labels(subset, grid_of("fmnist", subset, plan.SEEDS, chosen))
+    assert set(names.items()) <= set(whole.items()) and len(names) == 3 * len(plan.SEEDS)
+    assert [m.label for m in selected(methods, [ef21[0]], widen=False)] == ef21[:1]  # tune: exactly as asked

@@ -24,7 +24,7 @@ from torch import Tensor
 from compressors.bits import dense_bits
 from fedgluon.algorithms.aggregate import tracker_update
 from fedgluon.algorithms.base import Broadcast
-from fedgluon.algorithms.local import LocalGluon, lmo_rows
+from fedgluon.algorithms.local import LocalGluon
 from fedgluon.lmo.step import LMOStep
 
 Tensors = dict[str, Tensor]
@@ -49,15 +49,12 @@ def rows_of(tensors: Mapping[str, Tensor], count: int) -> Tensors:
 
 def aligned_rows(lmo_step: LMOStep, X: Tensors, m: Tensors, step: int, alpha: float, shift: Tensors) -> Tensors:
     """Each row's step ``X_i ← s_i X_i + (1−α)·t_i lmo_i(m_i) + α·D_i`` over a block, with ``s_i`` the step's
-    weight-decay factor and D one model's shift (shared by the rows); ``α = 0`` is :func:`lmo_rows`."""
+    weight-decay factor and D one model's shift (shared by the rows); ``α = 0`` is the plain LMO step."""
     if alpha == 0:
-        return lmo_rows(lmo_step, X, m, step)
-    out = []
-    for i in range(len(next(iter(X.values())))):
-        moves, info = lmo_step.directions({n: m[n][i] for n in m}, step)
-        out.append({n: X[n][i] * lmo_step.shrink(info, n) + (1 - alpha) * moves[n].to(X[n].dtype) + alpha * shift[n]
-                    for n in X})
-    return {n: torch.stack([r[n] for r in out]) for n in X}
+        return lmo_step.apply(X, m, step)[0]
+    moves, info = lmo_step.directions(m, step)
+    return {n: lmo_step.decayed(X[n], info, n) + (1 - alpha) * moves[n].to(X[n].dtype) + alpha * shift[n]
+            for n in X}
 
 
 class FederatedMuon(LocalGluon):
@@ -232,7 +229,7 @@ class FedMuonBC(FederatedMuon):
         """``m ← βm + (1−β)g``, then every row's LMO step on ``m − c_i + c``."""
         est, m = self.est.update(est_state["est"], g, None, first)
         shift = est_state["shift"]
-        return lmo_rows(self.lmo_step, X, {n: m[n] + shift[n] for n in m}, step), {**est_state, "est": est}
+        return self.lmo_step.apply(X, {n: m[n] + shift[n] for n in m}, step)[0], {**est_state, "est": est}
 
     def aggregate(self, state, decoded, weights, bc):
         """``Σ_{i∈S} w_i Δx_i`` on the model's layers and ``c + Σ_{i∈S} w_i Δc_i`` on the control terms."""

@@ -21,7 +21,6 @@ from fedgluon.clients.objective import Batch, SupervisedObjective
 from fedgluon.clients.table import ClientRows
 from fedgluon.clients.vectorised import stacked_gradients
 from fedgluon.core.rng import generator
-from fedgluon.lmo.step import LMOStep
 
 Tensors = dict[str, Tensor]
 
@@ -121,14 +120,6 @@ class LocalGluon(FedAvg):
 
     def local_step(self, X, g, step, est_state, first):
         """``M ← βM + (1−β)g`` (restarted each round: ``first`` at step 0), then each row's layer-wise LMO
-        step ``X_i ← X_i + t_i lmo_i(M_i)`` (rows one by one: the LMO step takes one model)."""
+        step ``X_i ← X_i + t_i lmo_i(M_i)`` (the block's rows in one step: :class:`LMOStep` on rows)."""
         est_state, m = self.est.update(est_state if est_state is not None else self.est.zero_state(g), g, None, first)
-        return lmo_rows(self.lmo_step, X, m, step), est_state
-
-
-def lmo_rows(lmo_step: LMOStep, X: Tensors, m: Tensors, step: int) -> Tensors:
-    """Each row's layer-wise LMO step ``X_i ← X_i + t_i lmo_i(m_i)`` over a block ((B, *shape) each), rows one
-    by one (the LMO step takes one model)."""
-    rows = [lmo_step.apply({n: X[n][i] for n in X}, {n: m[n][i] for n in m}, step)[0]
-            for i in range(len(next(iter(X.values()))))]
-    return {n: torch.stack([r[n] for r in rows]) for n in X}
+        return self.lmo_step.apply(X, m, step)[0], est_state

@@ -251,24 +251,39 @@ class Geometry:
         return len(self.params)
 
     def _apply(self, tensors: Mapping[str, Tensor], fn: Callable[[Norm, Tensor], object]) -> dict:
-        """Run ``fn(norm, stacked)`` once per (norm, shape) group; stacked is (B, *shape)."""
+        """Run ``fn(norm, stacked)`` once per (norm, shape) group. A tensor is one parameter ``(*shape)`` or a
+        block's rows of it ``(R, *shape)`` (the same R for every tensor); ``stacked`` is ``(P·R, *shape)``,
+        the group's P parameters' rows in one batch, and each result comes back with the tensor's leading
+        axes: ``(*lead, *result)`` (a dual norm per row: ``(R,)``)."""
         out: dict[str, object] = {}
-        for (norm, _shape), names in self._groups.items():
+        first: torch.Size | None = None
+        for (norm, shape), names in self._groups.items():
             present = [n for n in names if n in tensors]
             if not present:
                 continue
-            stacked = torch.stack([tensors[n] for n in present])
+            lead = self._lead(tensors[present[0]], shape, present[0])
+            first = lead if first is None else first
+            if lead != first or any(self._lead(tensors[n], shape, n) != lead for n in present):
+                raise ValueError(f"every tensor must have the same leading axes (one model: none; a block: its "
+                                 f"rows), got {tuple(first)} and {tuple(lead)} among {present}")
+            stacked = torch.cat([tensors[n].reshape(-1, *shape) for n in present])
             home = stacked.device
             target = self._target(norm, home)
             result = fn(norm, stacked if target == home else stacked.to(target))
             parts = result if isinstance(result, tuple) else (result,)
             if target != home:
                 parts = tuple(r.to(home) for r in parts)
-                result = parts if isinstance(result, tuple) else parts[0]
+            rows = math.prod(lead)
             for i, n in enumerate(present):
-                picked = tuple(r[i] for r in parts)
+                picked = tuple(r[i * rows:(i + 1) * rows].reshape((*lead, *r.shape[1:])) for r in parts)
                 out[n] = picked if isinstance(result, tuple) else picked[0]
         return out
+
+    def _lead(self, t: Tensor, shape: tuple[int, ...], name: str) -> torch.Size:
+        """The axes of ``t`` before parameter ``name``'s shape (none for one model, (R,) for a block's rows)."""
+        if t.ndim < len(shape) or tuple(t.shape[t.ndim - len(shape):]) != shape:
+            raise ValueError(f"{name!r} has shape {tuple(t.shape)}: expected {shape} or (rows, *{shape})")
+        return t.shape[:t.ndim - len(shape)]
 
     def _target(self, norm: Norm, home: torch.device) -> torch.device:
         """Where a group of ``norm`` lying on ``home`` is computed (module doc, "Device")."""

@@ -26,15 +26,19 @@ Tensors = dict[str, Tensor]
 
 @dataclass
 class StepInfo:
-    """What one LMO step did: per-parameter radius and dual norm of the estimate (−<G, lmo(G)>)."""
+    """What one LMO step did: per-parameter radius and dual norm of the estimate (−<G, lmo(G)>); for a block's
+    rows, per-parameter tensors of shape (R,) (float64 radii: each row's value as a single step has it)."""
 
-    radii: dict[str, float]
-    dual_norms: dict[str, float]
+    radii: dict[str, float] | dict[str, Tensor]
+    dual_norms: dict[str, float] | dict[str, Tensor]
 
 
 @dataclass
 class LMOStep:
-    """``X ↦ X + t ⊙ lmo(G)`` layer-wise, with weight decay / constrained mode (module doc)."""
+    """``X ↦ X + t ⊙ lmo(G)`` layer-wise, with weight decay / constrained mode (module doc).
+
+    The tensors are one model's (``(*shape)`` each) or a block's rows (``(R, *shape)`` each: one step per
+    row, every row's LMOs of a shape in one batched call, each row's radius from its own dual norms)."""
 
     geometry: Geometry
     radius_rule: Scheduled | GluonAdaptive
@@ -51,17 +55,47 @@ class LMOStep:
     def decay(self) -> float:
         return 1.0 if self.constrained else self.weight_decay
 
-    def shrink(self, info: StepInfo, name: str) -> float:
-        """The weight-decay factor ``1 − λ t_i/ρ_i`` of parameter ``name`` in a step with radii ``info.radii``."""
+    def shrink(self, info: StepInfo, name: str) -> float | Tensor:
+        """The weight-decay factor ``1 − λ t_i/ρ_i`` of parameter ``name`` in a step with radii ``info.radii``
+        (per row for a block: shape (R,))."""
         return 1.0 - self.decay * info.radii[name] / self.geometry.params[name].radius
 
     def directions(self, estimate: Mapping[str, Tensor], k: int) -> tuple[Tensors, StepInfo]:
-        """The displacement ``t_i lmo_i(G_i)`` of every parameter (before weight decay)."""
+        """The displacement ``t_i lmo_i(G_i)`` of every parameter (before weight decay), per row for a block."""
         dirs, duals = self.geometry.lmo_and_dual(estimate)
-        radii = self.radius_rule.radii(k, self.geometry, duals)
-        info = StepInfo(radii={n: float(t) for n, t in radii.items()},
-                        dual_norms={n: float(d) for n, d in duals.items()})
-        return {n: d * radii[n] for n, d in dirs.items()}, info
+        one = next(iter(duals.values()), torch.zeros(())).ndim == 0
+        if one:
+            radii = self.radius_rule.radii(k, self.geometry, duals)
+            info = StepInfo(radii={n: float(t) for n, t in radii.items()},
+                            dual_norms={n: float(d) for n, d in duals.items()})
+            return {n: d * radii[n] for n, d in dirs.items()}, info
+        row_radii, host = self._row_radii(duals, k)
+        return ({n: d * _per_row(row_radii[n], d) for n, d in dirs.items()},
+                StepInfo(radii=row_radii, dual_norms=host))
+
+    def _row_radii(self, duals: Mapping[str, Tensor], k: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Each row's radii, the rule's for that row's dual norms (computed once when it reads none), and the
+        dual norms as float64 on the host."""
+        rows = len(next(iter(duals.values())))
+        host = {n: d.double().cpu() for n, d in duals.items()}
+        if self.radius_rule.needs_dual_norms:
+            each = [self.radius_rule.radii(k, self.geometry, {n: d[i] for n, d in host.items()})
+                    for i in range(rows)]
+            radii = {n: torch.tensor([float(r[n]) for r in each], dtype=torch.float64) for n in duals}
+        else:
+            radii = {n: torch.full((rows,), float(t), dtype=torch.float64)
+                     for n, t in self.radius_rule.radii(k, self.geometry, None).items() if n in duals}
+        return radii, host
+
+    def decayed(self, x: Tensor, info: StepInfo, name: str, *, inplace: bool = False) -> Tensor:
+        """``s_i · x`` with ``s_i`` the step's weight-decay factor (:meth:`shrink`; per row for a block), ``x``
+        itself where ``s_i = 1``."""
+        s = self.shrink(info, name)
+        if isinstance(s, Tensor):
+            s = _per_row(s, x)
+        elif s == 1.0:
+            return x
+        return x.mul_(s) if inplace else x * s
 
     def apply(self, params: Mapping[str, Tensor], estimate: Mapping[str, Tensor], k: int,
               *, inplace: bool = False) -> tuple[Tensors, StepInfo]:
@@ -70,10 +104,13 @@ class LMOStep:
         out = {}
         with torch.no_grad():
             for name, x in params.items():
-                shrink = self.shrink(info, name)
                 move = moves[name].to(x.dtype)
-                if inplace:
-                    out[name] = x.mul_(shrink).add_(move) if shrink != 1.0 else x.add_(move)
-                else:
-                    out[name] = x * shrink + move if shrink != 1.0 else x + move
+                decayed = self.decayed(x, info, name, inplace=inplace)
+                out[name] = decayed.add_(move) if inplace else decayed + move
         return out, info
+
+
+def _per_row(values: Tensor, like: Tensor) -> Tensor:
+    """Per-row scalars ``(R,)`` as ``like``'s dtype, shaped to multiply its rows ``(R, *shape)``: each is
+    rounded to that dtype first, as a Python float is when it multiplies a tensor."""
+    return values.to(like.dtype).to(like.device).reshape(-1, *([1] * (like.ndim - 1)))

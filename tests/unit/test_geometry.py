@@ -100,3 +100,33 @@ def test_spectral_lmo_on_the_gpu_matches_the_cpu():
     for name in grads:
         assert on_gpu[name].device.type == "cpu"
         torch.testing.assert_close(on_gpu[name], on_cpu[name], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rule, decay", [("scheduled", 0.1), ("adaptive", 0.0), ("adaptive", 0.5)])
+def test_an_lmo_step_on_a_blocks_rows_is_each_rows_own_step_bitwise(rule, decay):
+    """``LMOStep`` on rows ``(R, *shape)`` (every row's same-shape matrices in one batched LMO) gives each row
+    exactly the step it gets alone (float32, bitwise): the LMO, the weight decay, and the radius, which an
+    adaptive rule reads from that row's own dual norm (rows of different scale get different radii)."""
+    from fedgluon.lmo.radius import GluonAdaptive, make_radius_rule
+    from fedgluon.lmo.step import LMOStep
+
+    torch.manual_seed(0)
+    model = TinyGPT(vocab_size=20, context=8, dim=16, layers=2, heads=2)
+    g = Geometry.from_model(model)
+    radius = (make_radius_rule(0.05, "polynomial", total=10) if rule == "scheduled"
+              else GluonAdaptive(L0=20.0, L1=1.0, max_radius=0.3))
+    step = LMOStep(g, radius, weight_decay=decay)
+    R = 5
+    X = {n: torch.randn(R, *p.shape) for n, p in model.named_parameters()}
+    G = {n: torch.randn(R, *p.shape) * torch.logspace(-2, 1, R).reshape(-1, *[1] * p.ndim)
+         for n, p in model.named_parameters()}
+    rows, info = step.apply(X, G, 3)
+    for i in range(R):
+        alone, one = step.apply({n: x[i] for n, x in X.items()}, {n: x[i] for n, x in G.items()}, 3)
+        for n in X:
+            assert torch.equal(rows[n][i], alone[n]), (n, i)
+            assert float(info.radii[n][i]) == one.radii[n]
+    if rule == "adaptive":
+        assert len(set(info.radii["blocks.0.qkv.weight"].tolist())) > 1
+    with pytest.raises(ValueError, match="leading axes"):
+        step.apply(X, {**G, "head.weight": G["head.weight"][:2]}, 3)

@@ -449,7 +449,9 @@ def draw_curves(curves: Sequence[Curve], *, convention: str = "int32", title: st
     nrows = math.ceil(len(labels) / ncol)
     fig.suptitle(title, fontsize=10)
     fig.text(0.5, 0.005, "lines: mean over seeds; bands: min–max over seeds", ha="center", fontsize=7, alpha=0.7)
-    bottom = (0.2 * nrows + 0.3) / fig.get_figheight()  # inches of legend rows and the footnote
+    legend = 0.2 * nrows + 0.3  # inches of legend rows and the footnote, added below the axes' own height
+    fig.set_figheight(3.4 * len(metrics) + legend)
+    bottom = legend / fig.get_figheight()
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, 0.02))
     fig.tight_layout(rect=(0, bottom, 1, 0.97 if title else 1))

@@ -183,3 +183,21 @@ def test_a_curve_with_nothing_to_draw_leaves_the_others_in_the_legend(tmp_path):
     empty = plots.Curve(label="nothing yet", runs=[], frame=plots.aggregate([]))
     fig = plots.draw_curves([empty, real])
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [real.legend()]
+
+
+def test_a_legend_of_thirty_long_labels_sits_below_the_axes(tmp_path):
+    """A sweep of 30 configurations with long labels (one legend column): the figure grows by the legend's
+    rows, so the legend lies below every axes and matplotlib's layout applies (it gave up before, and the
+    legend covered the curves)."""
+    import warnings
+
+    real = plots.group(plots.collect([write_run(tmp_path / "r")])[0])[0]
+    curves = [plots.Curve(label=f"config-{i} (compressor.name=topk, compressor.ratio=0.{i:02d}, lr=0.0{i}, "
+                                f"error_feedback=ef14, values=int4)",
+                          runs=real.runs, frame=real.frame) for i in range(30)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Tight layout not applied" is a UserWarning
+        fig = plots.draw_curves(curves)
+    fig.canvas.draw()
+    legend = fig.legends[0].get_window_extent()
+    assert all(legend.y1 <= ax.get_tightbbox().y0 for ax in fig.axes)

@@ -352,23 +352,22 @@ def _deployed_equals_inprocess(loopback: Deployment, spec_file: Path, out_root: 
         pd.testing.assert_frame_equal(got.drop(columns=timing), want.drop(columns=timing))  # bitwise
 
 
-@pytest.mark.slow
-def test_flwr_run_on_superlink_and_supernodes_equals_inprocess(loopback: Deployment, tiny: Path, tmp_path: Path):
-    _deployed_equals_inprocess(loopback, tiny, tmp_path)
-
-
-DEPLOYED = ["{name: dion, rank_fraction: 0.5}", "{name: diloco}"]
-"""The methods of other groups the suite deploys; ``FEDGLUON_EVERY_METHOD=1`` adds the rest (~30 s each)."""
+DEPLOYED = {"dion": "{name: dion, rank_fraction: 0.5}"}
+"""What the suite deploys: Dion, whose rounds have two client phases (P, then R after the server's
+orthonormalised P), so it takes every message path a one-phase method takes, and more. A deployed message
+costs Flower ~5 s of polling and process start (BENCHMARKS.md), ~35 s a deployed round of Dion here;
+``FEDGLUON_EVERY_METHOD=1`` deploys the rest as well."""
 if os.environ.get("FEDGLUON_EVERY_METHOD"):
-    DEPLOYED += ["{name: orth-dion, rank_fraction: 0.5}", "{name: muloco}", "{name: fedmuon}", "{name: fedmuon-bc}"]
+    DEPLOYED.update({"gluon-ef21-sarah": "{name: gluon-ef21-sarah, lr: 0.05, compressor: {name: topk, ratio: 0.1}}",
+                     "orth-dion": "{name: orth-dion, rank_fraction: 0.5}", "diloco": "{name: diloco}",
+                     "muloco": "{name: muloco}", "fedmuon": "{name: fedmuon}", "fedmuon-bc": "{name: fedmuon-bc}"})
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", DEPLOYED)
-def test_methods_of_other_groups_deployed_equal_inprocess(loopback: Deployment, tmp_path: Path, algorithm: str):
-    """Dion's two client phases per round (P, then R after the server's orthonormalised P), and DiLoCo's
-    local AdamW steps whose moments and int64 step counter come back as client state, over gRPC; two rounds
-    (a deployed message costs ~2 s of process start and polling: BENCHMARKS.md)."""
+@pytest.mark.parametrize("algorithm", list(DEPLOYED.values()), ids=list(DEPLOYED))
+def test_flwr_run_on_superlink_and_supernodes_equals_inprocess(loopback: Deployment, tmp_path: Path, algorithm: str):
+    """Two rounds of README's loopback deployment (4 clients in blocks of 2 on 2 SuperNodes): the run directory
+    equals the in-process engine's, bitwise but for timings."""
     spec = re.sub(r"^algorithm: .*$", f"algorithm: {algorithm}", TINY, flags=re.M).replace("rounds: 3", "rounds: 2")
     spec_file = tmp_path / "tiny.yaml"
     spec_file.write_text(spec)

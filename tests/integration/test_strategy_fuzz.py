@@ -69,11 +69,11 @@ INDEXED = ("index_range", "dup_index")
 ALGORITHMS = {  # top-k with indices (Gluon-EF21); int2 codes and scales, local steps and an error-feedback
     # column (MuLoCo); dense pseudo-gradients with inner Adam state and an integer step counter (DiLoCo); dense
     # updates and control variates, two kinds of layers in one payload (FedMuon-BC); momenta (FedMuon)
-    "gluon-ef21": (SPEC["algorithm"], 200, ()),
-    "muloco": ({"name": "muloco"}, 80, INDEXED),
-    "diloco": ({"name": "diloco"}, 60, INDEXED),
-    "fedmuon-bc": ({"name": "fedmuon-bc"}, 60, INDEXED),
-    "fedmuon": ({"name": "fedmuon"}, 40, (*INDEXED, "bad_state")),  # its replies carry no state columns
+    "gluon-ef21": (SPEC["algorithm"], 150, ()),
+    "muloco": ({"name": "muloco"}, 50, INDEXED),
+    "diloco": ({"name": "diloco"}, 40, INDEXED),
+    "fedmuon-bc": ({"name": "fedmuon-bc"}, 40, INDEXED),
+    "fedmuon": ({"name": "fedmuon"}, 30, (*INDEXED, "bad_state")),  # its replies carry no state columns
 }
 """name → (algorithm section, hypothesis examples, the mutations that do not apply: no indices, no state)."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from experiments.flagship import plan
 from experiments.flagship.report import chosen_table, report
-from experiments.flagship.study import QUICK, run_study
+from experiments.flagship.study import changes_of, run_study
 from experiments.flagship.tune import choose, run_tunes, summary_lines, write_chosen
 
 HEADER = ("# Phase 1 of the flagship study (python -m experiments.flagship tune): per task and method, the\n"
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "results" / "chosen.md").write_text(chosen_table(methods, chosen, tasks))
         for task, d in dirs.items():
             print(f"\n## {task}\n\n" + report(task, d, methods, chosen, seeds, out / "results",
-                                                     overrides=[*(QUICK if args.quick else []), *args.set]))
+                                                     overrides=changes_of(args.quick, args.set)))
         print(f"tables and figures: {out / 'results'}")
         return 0
     except (plan.PlanError, ValueError) as err:

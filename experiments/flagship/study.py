@@ -40,6 +40,11 @@ def member_labels(methods: Sequence[Method], grid: dict[str, list[Any]]) -> dict
             for m, alg in zip(methods, grid["algorithm"], strict=True) for s in grid["seed"]}
 
 
+def changes_of(quick: bool, overrides: Sequence[str]) -> list[str]:
+    """The config changes every member of a study runs with: ``--quick``'s (:data:`QUICK`), then ``--set``'s."""
+    return [*(QUICK if quick else []), *overrides]
+
+
 def run_study(tasks: Sequence[str], methods: Sequence[Method], chosen: Chosen, out: Path, *,
               seeds: Sequence[int] = SEEDS, quick: bool = False, parallel: int = 2, overrides: Sequence[str] = (),
               progress: bool = True) -> dict[str, Path]:
@@ -49,7 +54,7 @@ def run_study(tasks: Sequence[str], methods: Sequence[Method], chosen: Chosen, o
     dirs, timing = {}, {}
     for task in tasks:
         grid = grid_of(task, methods, seeds, chosen)
-        changes = [*(QUICK if quick else []), *overrides]
+        changes = changes_of(quick, overrides)
         args = [*changes, f"output.dir={out}", f"seed={json.dumps(grid['seed'])}",
                 f"algorithm={json.dumps(grid['algorithm'])}"]
         check_members(task, grid, changes, out / task)

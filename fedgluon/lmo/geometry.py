@@ -167,6 +167,13 @@ def resolve_lmo_device(name: str) -> torch.device | None:
     return None if name == "auto" and device.type == "cpu" else device
 
 
+def _lead(t: Tensor, shape: tuple[int, ...], name: str) -> torch.Size:
+    """The axes of ``t`` before parameter ``name``'s shape (none for one model, (R,) for a block's rows)."""
+    if t.ndim < len(shape) or tuple(t.shape[t.ndim - len(shape):]) != shape:
+        raise ValueError(f"{name!r} has shape {tuple(t.shape)}: expected {shape} or (rows, *{shape})")
+    return t.shape[:t.ndim - len(shape)]
+
+
 def _check_choice(field_name: str, value: object, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{field_name} must be one of {list(allowed)}, got {value!r}")
@@ -261,11 +268,12 @@ class Geometry:
             present = [n for n in names if n in tensors]
             if not present:
                 continue
-            lead = self._lead(tensors[present[0]], shape, present[0])
-            first = lead if first is None else first
-            if lead != first or any(self._lead(tensors[n], shape, n) != lead for n in present):
+            leads = {n: _lead(tensors[n], shape, n) for n in present}
+            first = leads[present[0]] if first is None else first
+            if any(lead != first for lead in leads.values()):
                 raise ValueError(f"every tensor must have the same leading axes (one model: none; a block: its "
-                                 f"rows), got {tuple(first)} and {tuple(lead)} among {present}")
+                                 f"rows), got {tuple(first)} and others among {present}: {leads}")
+            lead = first
             stacked = torch.cat([tensors[n].reshape(-1, *shape) for n in present])
             home = stacked.device
             target = self._target(norm, home)
@@ -278,12 +286,6 @@ class Geometry:
                 picked = tuple(r[i * rows:(i + 1) * rows].reshape((*lead, *r.shape[1:])) for r in parts)
                 out[n] = picked if isinstance(result, tuple) else picked[0]
         return out
-
-    def _lead(self, t: Tensor, shape: tuple[int, ...], name: str) -> torch.Size:
-        """The axes of ``t`` before parameter ``name``'s shape (none for one model, (R,) for a block's rows)."""
-        if t.ndim < len(shape) or tuple(t.shape[t.ndim - len(shape):]) != shape:
-            raise ValueError(f"{name!r} has shape {tuple(t.shape)}: expected {shape} or (rows, *{shape})")
-        return t.shape[:t.ndim - len(shape)]
 
     def _target(self, norm: Norm, home: torch.device) -> torch.device:
         """Where a group of ``norm`` lying on ``home`` is computed (module doc, "Device")."""

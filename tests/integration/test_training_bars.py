@@ -60,11 +60,11 @@ def train(task, opt, steps_or_epochs, batch, epochs=True, seed=0):
 @pytest.mark.skipif(not __import__("pathlib").Path(FASHION_MNIST_DIR).exists(),
                     reason="apt-get install dataset-fashion-mnist")
 def test_cnn_fashion_mnist_reaches_88_percent():
-    """3 epochs, batch 128, Scion geometry, warmup + cosine radius: 89.3% measured here (~17 s/epoch, 2 cores)."""
+    """2 epochs, batch 128, Scion geometry, warmup + cosine radius: 89.7% measured here (88.6% after one epoch)."""
     task = make_task({"name": "fashion_mnist", "num_clients": 1, "widths": [16, 32]})
     opt = Gluon(task.model, lr=0.08, method="scion", radius={"head": 16.0}, schedule="warmup_cosine",
-                total=469 * 3, warmup=50)
-    metrics = train(task, opt, 3, 128)
+                total=469 * 2, warmup=50)
+    metrics = train(task, opt, 2, 128)
     assert metrics["test_accuracy"] >= 0.88, metrics
 
 

@@ -60,12 +60,6 @@ class BitCount:
             raise ValueError(f"bit convention must be one of {list(CONVENTIONS)}, got {convention!r}")
         return self.base + extra[convention]
 
-    def as_dict(self) -> dict[str, int]:
-        """Raw counts plus every convention's total (for metrics rows)."""
-        out = dict(zip(_FIELDS, self.counts()))
-        out.update({f"bits_{c}": self.total(c) for c in CONVENTIONS})
-        return out
-
 
 _FIELDS = tuple(f.name for f in fields(BitCount))
 

@@ -156,10 +156,6 @@ class Compressor:
         """Whether encoding reads the rows' contexts (random structures or values, or compressor state)."""
         return self.structure.draws or self.values.draws or self.structure.stateful
 
-    def header_keys(self, shape: tuple[int, ...]) -> set[str]:
-        """The header fields of a payload for ``shape`` (none for dense/top-k/rand-k/low-rank raw values)."""
-        return set(self._structure_for(shape).meta_keys) | self.values.meta_keys()
-
     def encode(self, X: Tensor, ctxs: Sequence[Context] | None = None) -> tuple[PayloadRows, list[State | None]]:
         """The payloads of ``X[0], …, X[B-1]`` (B tensors of one shape) and their new compressor states:
         row i is client i's payload, drawn from ``ctxs[i]`` (its seed and state; default ``Context()``),

@@ -73,8 +73,6 @@ class Estimator(ABC):
     name: str = "estimator"
     needs_previous: bool = False  # uses ∇f(X^{k−1}; ξ_k)
     supports_refresh: bool = False  # accepts a large-batch refresh (SARAH/PAGE)
-    # every output entry is a function of the same entries of the inputs alone (no per-row reduction)
-    elementwise: bool = False
 
     @abstractmethod
     def zero_state(self, g: Mapping[str, Tensor]) -> State:

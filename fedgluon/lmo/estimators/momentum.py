@@ -20,7 +20,6 @@ class EMAMomentum(Estimator):
     nesterov: bool = False
     init: str = "zero"
     name = "ema"
-    elementwise = True
 
     def __post_init__(self) -> None:
         _check_beta(self.beta)
@@ -88,7 +87,6 @@ class MVR(Estimator):
     beta: float = 0.9
     name = "mvr"
     needs_previous = True
-    elementwise = True
 
     def __post_init__(self) -> None:
         _check_beta(self.beta, allow_one=True)
@@ -117,7 +115,6 @@ class SARAH(Estimator):
     name = "sarah"
     needs_previous = True
     supports_refresh = True
-    elementwise = True
 
     def zero_state(self, g):
         return {"v": _zeros(g)}

@@ -28,26 +28,29 @@ def main() -> None:
 @main.command("list")
 def list_cmd() -> None:
     """List methods, estimators, norms, geometry presets, schedules and compressors, one per line."""
+    from compressors.registry import COMPRESSORS
+    from fedgluon.algorithms import ALGORITHMS
+    from fedgluon.config.schema import ENGINES
     from fedgluon.lmo.estimators import ESTIMATORS
     from fedgluon.lmo.geometry import NORM_NAMES, PRESETS
     from fedgluon.lmo.optim import METHODS
     from fedgluon.lmo.radius import SCHEDULES
-
-    try:
-        from compressors.registry import COMPRESSORS
-        compressors = sorted(COMPRESSORS)
-    except ImportError:  # pragma: no cover - the compressors package ships with fedgluon
-        compressors = []
-    from fedgluon.algorithms import ALGORITHMS
-    from fedgluon.config.schema import ENGINES
     from fedgluon.tasks.data.partition import SCHEMES
     from fedgluon.tasks.registry import TASKS
 
     for title, names in [("algorithms", sorted(ALGORITHMS)), ("tasks", sorted(TASKS)), ("partitions", SCHEMES),
                          ("engines", ENGINES), ("optimizer methods", list(METHODS)), ("estimators", ESTIMATORS),
                          ("norms", NORM_NAMES), ("geometry presets", PRESETS), ("radius schedules", SCHEDULES),
-                         ("compressors", compressors)]:
+                         ("compressors", sorted(COMPRESSORS))]:
         click.echo(f"{title}: {', '.join(names)}")
+
+
+ENGINE_CHOICES = ["ray", "inprocess", "plain"]
+
+
+def _with_engine(args: tuple[str, ...], engine: str | None) -> tuple[str, ...]:
+    """``args`` with the override ``engine.name=ENGINE`` last (so it wins) when ``--engine`` was given."""
+    return (*args, f"engine.name={engine}") if engine else args
 
 
 def _fail(err: Exception) -> None:
@@ -58,7 +61,7 @@ def _fail(err: Exception) -> None:
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
-@click.option("--engine", type=click.Choice(["ray", "inprocess", "plain"]), help="override engine.name")
+@click.option("--engine", type=click.Choice(ENGINE_CHOICES), help="override engine.name")
 @click.option("--overwrite", is_flag=True,
               help="replace an existing run directory (only one that fedgluon created and no run is using)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
@@ -79,7 +82,7 @@ def run(config: str | None, overrides: tuple[str, ...], engine: str | None, over
 
     if config is not None and "=" in config and not Path(config).exists():
         overrides, config = (config, *overrides), None
-    extra = [*overrides, *([f"engine.name={engine}"] if engine else [])]
+    extra = list(_with_engine(overrides, engine))
     try:
         if resume_dir is not None:
             if config is not None:
@@ -105,14 +108,6 @@ def run(config: str | None, overrides: tuple[str, ...], engine: str | None, over
         value = summary.get(key)
         click.echo(f"  {key:24s} {value:.6g}" if isinstance(value, float) else f"  {key:24s} {value}")
     click.echo(f"  files: {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))}")
-
-
-ENGINE_CHOICES = ["ray", "inprocess", "plain"]
-
-
-def _with_engine(args: tuple[str, ...], engine: str | None) -> tuple[str, ...]:
-    """``args`` with the override ``engine.name=ENGINE`` last (so it wins) when ``--engine`` was given."""
-    return (*args, f"engine.name={engine}") if engine else args
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

@@ -154,11 +154,6 @@ def _probe(paths: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def local_versions() -> dict[str, str]:
-    """This process's versions of :data:`VERSIONED`."""
-    return _probe(())
-
-
 def probe_nodes(nodes: Sequence[Mapping[str, Any]], data_paths: Sequence[str] = (), timeout: float = 300.0) -> None:
     """Run :func:`_probe` once on every node (a task pinned to it, taking no CPU) and raise a
     :class:`ConfigError` naming the first node that cannot import this project's packages, imports another
@@ -169,7 +164,7 @@ def probe_nodes(nodes: Sequence[Mapping[str, Any]], data_paths: Sequence[str] = 
     probe = ray.remote(num_cpus=0)(_probe)
     refs = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["node_id"], soft=False)).remote(
         list(data_paths)): n for n in nodes}
-    mine = local_versions()
+    mine = _probe(())  # the driver's own versions
     for ref, node in refs.items():
         where = f"Ray node {node['hostname'] or '?'} ({node['ip']})"
         try:

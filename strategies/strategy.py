@@ -75,18 +75,6 @@ class HandshakeError(ValueError):
     """A node's answer to the handshake query is unusable; the node is rejected."""
 
 
-class Records(NamedTuple):
-    """A reply's records by type (RecordDict's ``*_records`` views, each built once)."""
-
-    array: Mapping[str, ArrayRecord]
-    config: Mapping[str, ConfigRecord]
-    metric: Mapping[str, MetricRecord]
-
-    @classmethod
-    def of(cls, content: RecordDict) -> Records:
-        return cls(content.array_records, content.config_records, content.metric_records)
-
-
 @dataclass
 class BlockRead:
     """What one block's reply says: its clients' parsed replies and proposed state columns per run,
@@ -234,13 +222,9 @@ class GluonStrategy(Strategy):
         if self._pause is not None:
             self._pause.begin()  # the round's GC pause, to the end of aggregate_train (fedgluon/runtime/gc_pause.py)
         with phase("configure", self.federation.next_round):
-            return self._configure_train()
-
-    def _configure_train(self) -> list[Message]:
-        plan = self.federation.open_round()
-        self._round = plan
-        self._expected = by_block(plan.participants, self.block_size)
-        return self._messages(plan)
+            self._round = plan = self.federation.open_round()
+            self._expected = by_block(plan.participants, self.block_size)
+            return self._messages(plan)
 
     def _messages(self, plan: RoundPlan) -> list[Message]:
         """The ``train`` messages of ``plan``'s phase, one per block with participants. A later phase
@@ -358,15 +342,15 @@ class GluonStrategy(Strategy):
                 read.died = dict(read.failed)
             return read
         # Flower rebuilds these typed views on every access (O(records)): take them once per reply
-        records = Records.of(msg.content)
-        info = records.config.get("info")
+        arrays, configs = msg.content.array_records, msg.content.config_records
+        info = configs.get("info")
         read = BlockRead(ray_node=str(info["ray_node"])[:64] if info is not None and info.get("ray_node") else "",
                          device=_reported_device(info))
-        reported = records.config.get("failed")
+        reported = configs.get("failed")
         reported = {int(j): clip_text(why) for j, why in reported.items() if _client_id(j) in clients} \
             if reported is not None else {}
         working = [j for j in clients if j not in reported]
-        got = read_replies(records.array.get("replies"), records.config.get("meta"), working, self._round.k,
+        got = read_replies(arrays.get("replies"), configs.get("meta"), working, self._round.k,
                            self.federation.table, self.algorithm.reply_shapes(self._round.broadcast),
                            self.algorithm.derived) if working else None
         read.failed.update(reported)

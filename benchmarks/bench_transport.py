@@ -59,10 +59,6 @@ def in_band(record):
                         for k, a in record.items()})
 
 
-def _nbytes(record) -> int:
-    return sum(len(a.data) for a in record.values())
-
-
 def _median_ms(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -136,8 +132,8 @@ def main(argv: list[str] | None = None) -> None:
             packed, prev = rows_to_record(rows)
             pack = _median_ms(lambda: rows_to_record(rows), args.repeat)  # noqa: B023
             read = _median_ms(lambda: record_to_rows(rows.clients, packed, prev), args.repeat)  # noqa: B023
-            print(f"{n:7d} {_nbytes(packed) / 1e6:6.1f} {a:9.1f} {r:12.1f} {a / r:16.2f}x {pack:8.2f} {read:8.2f}",
-                  flush=True)
+            mb = sum(len(a.data) for a in packed.values()) / 1e6
+            print(f"{n:7d} {mb:6.1f} {a:9.1f} {r:12.1f} {a / r:16.2f}x {pack:8.2f} {read:8.2f}", flush=True)
     finally:
         if started_here:
             ray.shutdown()

@@ -108,10 +108,6 @@ def _journal_pattern(path: Path) -> re.Pattern[str]:
     return re.compile(re.escape(path.name) + r"\.rows\.[0-9a-f]{1,64}\.jsonl")
 
 
-def _temp_pattern(path: Path) -> re.Pattern[str]:
-    return re.compile(r"\." + re.escape(path.name) + r"\.[0-9]+\.tmp")
-
-
 def journal_path(path: str | Path) -> Path:
     """The rows journal that the checkpoint at ``path`` names (it must exist and be readable)."""
     path = Path(path)
@@ -219,7 +215,7 @@ def sweep(path: str | Path, loaded: Snapshot | None = None) -> list[Path]:
 
 def _remove_journals(path: Path, keep: str | None, temporary: bool = False) -> list[Path]:
     """Remove the journals of the checkpoint at ``path`` other than ``keep`` (and its temporary files)."""
-    journals, temps = _journal_pattern(path), _temp_pattern(path)
+    journals, temps = _journal_pattern(path), re.compile(r"\." + re.escape(path.name) + r"\.[0-9]+\.tmp")
     removed = []
     for entry in path.parent.iterdir():
         if ((temporary and temps.fullmatch(entry.name)) or (journals.fullmatch(entry.name) and entry.name != keep)) \

@@ -15,7 +15,7 @@ Per round (Flower's ``Strategy.start`` loop calls these):
 Each node simulates a block of ``block_size`` virtual clients (fedgluon/clients/blocks.py): one message
 per node carries the round's sampled clients of its block and their rows of the client-state table,
 and its reply their payload groups, proposed state columns and metrics (fedgluon/flower/wire.py). Before the
-first round :meth:`connect` waits (bounded) for the expected nodes and maps Flower's random node ids to
+first round (once ``serve`` has waited for the expected nodes) :meth:`connect` maps Flower's random node ids to
 blocks with a ``query`` handshake, checking what each node says (:meth:`GluonStrategy.hello`): a node with
 a bad answer is rejected and logged, and the clients of a block no node holds fail every round. Replies
 are processed in client-id order. Rejections and failures are logged with their reason, client text
@@ -35,7 +35,6 @@ reason says, and a node's own ``failed`` record, only fail the clients concerned
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -148,23 +147,16 @@ class GluonStrategy(Strategy):
 
     # ------------------------------------------------------------------ handshake
     def connect(self, grid: Grid, timeout: float) -> None:
-        """Wait for the ``num_blocks`` nodes, then learn each node's block, virtual clients and sample counts.
+        """Learn each connected node's block, virtual clients and sample counts (``serve`` has waited for the
+        ``num_blocks`` nodes: fedgluon.flower.deployment.wait_for_nodes); ``timeout`` bounds the handshake.
 
         A node whose answer :meth:`hello` refuses is logged and left out; the clients of a block no node
         holds fail every round (``max_failed_rounds`` then stops a run that cannot progress). The weights
         come from the server's own sample counts when it has them, else from the nodes' checked counts."""
-        deadline = time.monotonic() + timeout
-        nodes: list[int] = []
-        while time.monotonic() < deadline:
-            nodes = sorted(grid.get_node_ids())
-            if len(nodes) >= self.num_nodes:
-                break
-            time.sleep(0.1)
-        if len(nodes) < self.num_nodes:
-            raise TimeoutError(f"only {len(nodes)} of {self.num_nodes} client nodes connected within {timeout} s")
-        msgs = [Message(RecordDict(), dst_node_id=n, message_type="query", group_id="hello") for n in nodes]
+        msgs = [Message(RecordDict(), dst_node_id=n, message_type="query", group_id="hello")
+                for n in sorted(grid.get_node_ids())]
         sizes: dict[int, int] = {}
-        for reply in grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())):
+        for reply in grid.send_and_receive(msgs, timeout=max(1.0, timeout)):
             node = reply.metadata.src_node_id
             try:
                 block, counts = self.hello(reply)

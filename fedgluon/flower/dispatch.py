@@ -22,7 +22,10 @@ and LinkState:
   ``pushed`` after storing messages and waits on ``replied`` between pulls;
 * Flower's reply thread (``put_message_into_state``) gets a LinkState view that sets ``replied``
   after storing each reply;
-* the dispatch loop's ``f_stop.wait(t)`` becomes :meth:`ShortWait.wait`: a wait on ``pushed``.
+* the dispatch loop's ``f_stop.wait(t)`` becomes :meth:`ShortWait.wait`: a wait on ``pushed``;
+* the queues between those loops and Flower's worker threads wait at most ``STOP_POLL`` per ``get``
+  (:func:`short_gets`; Flower's: 1 s). Those threads see the simulation's stop event only between
+  waits, so every Ray run used to end ~1 s after its ServerApp returned (BENCHMARKS.md, "Ray start-up").
 
 Each wait is still bounded: by :func:`interval_for` (a few ms) while no Grid signals its pushes, by
 ``SIGNALLED_WAIT`` once one does, so a missed wake-up costs at most Flower's own cadence. Under a
@@ -47,6 +50,7 @@ WRITTEN_FOR = ("1.42.0",)  # the flwr versions whose simulation loops this patch
 EXPECTED = {"add_messages_to_queue": ["state", "queue", "nodes_mapping", "f_stop"],
             "put_message_into_state": ["state", "queue", "f_stop"]}
 SIGNALLED_WAIT = 0.1  # the longest wait between polls once pushes and replies are signalled (Flower's cadence)
+STOP_POLL = 0.05  # the longest one wait of Flower's worker and reply threads on their queues blocks
 
 
 def interval_for(num_nodes: int) -> float:
@@ -111,6 +115,14 @@ class SignallingState:
         return getattr(self.state, name)
 
 
+def short_gets(queue: Any) -> Any:
+    """``queue`` (a ``queue.Queue``) with its ``get`` timeouts capped at :data:`STOP_POLL`: a thread that
+    loops on ``get(timeout=1.0)`` until a stop event is set then ends within ``STOP_POLL`` of the event."""
+    get = type(queue).get
+    queue.get = lambda block=True, timeout=None: get(queue, block, None if timeout is None else min(timeout, STOP_POLL))
+    return queue
+
+
 def flower_version() -> str | None:
     """The installed flwr's version (None without one)."""
     try:
@@ -153,10 +165,12 @@ def faster_dispatch(num_nodes: int) -> Iterator[bool]:
     wake, interval = Wakeups(), interval_for(num_nodes)
 
     def add_messages_to_queue(state, queue, nodes_mapping, f_stop):  # noqa: ANN001 - Flower's signature
-        return original["add_messages_to_queue"](state, queue, nodes_mapping, ShortWait(f_stop, interval, wake))
+        # the same queue Flower's worker threads take the messages from
+        return original["add_messages_to_queue"](state, short_gets(queue), nodes_mapping,
+                                                 ShortWait(f_stop, interval, wake))
 
     def put_message_into_state(state, queue, f_stop):  # noqa: ANN001 - Flower's signature
-        return original["put_message_into_state"](SignallingState(state, wake.replied), queue, f_stop)
+        return original["put_message_into_state"](SignallingState(state, wake.replied), short_gets(queue), f_stop)
 
     vce_api.add_messages_to_queue = add_messages_to_queue
     vce_api.put_message_into_state = put_message_into_state

@@ -6,6 +6,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import pytest
 from flwr.server.superlink.fleet.vce import vce_api
 
 from fedgluon.flower import dispatch
@@ -55,6 +56,25 @@ def test_flowers_reply_thread_signals_each_stored_reply():
     assert dispatch.active() is None
 
 
+def test_short_gets_caps_flowers_one_second_queue_waits(monkeypatch):
+    """Flower's worker and reply threads loop on ``get(timeout=1.0)`` until the stop event is set: capped,
+    they see it within ``STOP_POLL`` (before, every Ray run ended ~1 s after its ServerApp)."""
+    asked = []
+    real_get = queue.Queue.get
+    monkeypatch.setattr(queue.Queue, "get", lambda q, block=True, timeout=None: asked.append(timeout) or
+                        real_get(q, block, timeout))
+    q = dispatch.short_gets(queue.Queue())
+    with pytest.raises(queue.Empty):
+        q.get(timeout=1.0)
+    q.put("message")
+    assert q.get(timeout=1.0) == "message"
+    q.put("short")
+    assert q.get(timeout=0.01) == "short"  # a shorter timeout is kept
+    q.put("blocking")
+    assert q.get() == "blocking"
+    assert asked == [dispatch.STOP_POLL, dispatch.STOP_POLL, 0.01, None]  # no timeout stays no timeout
+
+
 class _SlowGrid:
     """A stand-in for Flower's InMemoryGrid: a reply to each pushed message is stored by another thread
     after ``delay`` seconds (never, when None), as Flower's reply thread stores it, waking ``wake.replied``."""
@@ -100,12 +120,13 @@ def test_faster_dispatch_patches_flowers_loop_only_while_active():
         assert patched and vce_api.add_messages_to_queue is not original
         assert vce_api.put_message_into_state is not original_replies
         # Flower's own loop runs, sleeping on the short wait: it stops as soon as the event is set
-        stop = threading.Event()
-        thread = threading.Thread(target=vce_api.add_messages_to_queue, args=(_NoState(), None, {}, stop))
+        stop, messages = threading.Event(), queue.Queue()
+        thread = threading.Thread(target=vce_api.add_messages_to_queue, args=(_NoState(), messages, {}, stop))
         thread.start()
         stop.set()
         thread.join(timeout=30)
         assert not thread.is_alive()
+        assert "get" in vars(messages)  # Flower's worker threads take from this queue: their waits are capped too
     assert vce_api.add_messages_to_queue is original and vce_api.put_message_into_state is original_replies
     assert interval_for(2) < 0.01 and interval_for(10 ** 6) == 0.1
 

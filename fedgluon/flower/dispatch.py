@@ -40,6 +40,7 @@ import inspect
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -117,9 +118,10 @@ class SignallingState:
 
 def short_gets(queue: Any) -> Any:
     """``queue`` (a ``queue.Queue``) with its ``get`` timeouts capped at :data:`STOP_POLL`: a thread that
-    loops on ``get(timeout=1.0)`` until a stop event is set then ends within ``STOP_POLL`` of the event."""
-    get = type(queue).get
-    queue.get = lambda block=True, timeout=None: get(queue, block, None if timeout is None else min(timeout, STOP_POLL))
+    loops on ``get(timeout=1.0)`` until a stop event is set then ends within ``STOP_POLL`` of the event. The
+    capped ``get`` holds the queue weakly: no reference cycle keeps a finished run's queue alive."""
+    get, ref = type(queue).get, weakref.ref(queue)
+    queue.get = lambda block=True, timeout=None: get(ref(), block, None if timeout is None else min(timeout, STOP_POLL))
     return queue
 
 

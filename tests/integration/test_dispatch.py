@@ -4,6 +4,7 @@ the Grid wrapper returns every reply or stops at its timeout, and Flower's funct
 import queue
 import threading
 import time
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -51,8 +52,10 @@ def test_flowers_reply_thread_signals_each_stored_reply():
         thread.start()
         replies.put("reply")
         assert wake.replied.wait(30.0) and stored == ["reply"]
+        assert "get" in vars(replies)  # its waits are capped (dispatch.short_gets): it sees the stop soon
         stop.set()
         thread.join(timeout=30)
+        assert not thread.is_alive()
     assert dispatch.active() is None
 
 
@@ -73,6 +76,9 @@ def test_short_gets_caps_flowers_one_second_queue_waits(monkeypatch):
     q.put("blocking")
     assert q.get() == "blocking"
     assert asked == [dispatch.STOP_POLL, dispatch.STOP_POLL, 0.01, None]  # no timeout stays no timeout
+    gone = weakref.ref(q)
+    del q
+    assert gone() is None  # freed at once: the capped get does not hold its queue
 
 
 class _SlowGrid:

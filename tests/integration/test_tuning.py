@@ -100,7 +100,7 @@ def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path):
     and the CLI exits 1 naming --resume; --resume runs the unfinished trials only (the finished trials' run
     directories are not written again), then the second algorithm."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    args = [sys.executable, "-m", "fedgluon.exp.cli", "tune", *FAST, "algorithm.lr=[0.2,0.05]", "--name", "res",
+    args = [sys.executable, "-m", "fedgluon.exp.cli", "tune", *FAST, "algorithm.lr=[0.2,0.05,0.01]", "--name", "res",
             "--scheduler", "fifo", "--parallel", "1", "--algorithm", "gluon", "--algorithm", "gluon-ef21"]
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -108,7 +108,7 @@ def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path):
         seen = []
         for line in proc.stdout:
             seen.append(line)
-            if line.startswith("[1/2]"):
+            if line.startswith("[1/3]"):
                 proc.send_signal(signal.SIGINT)
                 break
         output = "".join(seen) + proc.stdout.read()
@@ -128,10 +128,10 @@ def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path):
                            env=env, capture_output=True, text=True, timeout=300, check=False)
     assert again.returncode == 0, again.stdout + again.stderr
     lines = [ln.split(" lr=")[0] for ln in again.stdout.splitlines() if ln.startswith("[")]
-    assert lines == [f"[{i}/2] gluon" for i in range(len(finished) + 1, 3)] + [
-        f"[{i}/2] gluon-ef21" for i in range(1, 3)], again.stdout
+    assert lines == [f"[{i}/3] gluon" for i in range(len(finished) + 1, 4)] + [
+        f"[{i}/3] gluon-ef21" for i in range(1, 4)], again.stdout
     tuned = pd.read_csv(d / "tuned.csv")
-    assert list(tuned["status"]) == ["TERMINATED"] * 4 and tuned["complete"].all()
+    assert list(tuned["status"]) == ["TERMINATED"] * 6 and tuned["complete"].all()
     assert {r: (d / r / "summary.json").stat().st_mtime_ns for r in stamps} == stamps
     assert json.loads((d / "best.json").read_text())["algorithms"]["gluon"]["config"] == "lr=0.2"
 

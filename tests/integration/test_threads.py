@@ -35,32 +35,51 @@ RAY_NOISE = ("Manually terminating", "FutureWarning", "Tip: In future versions o
 _runs: dict[tuple[str, int], tuple[Path, str]] = {}
 
 
-def _cpus(threads: int) -> set[int]:
-    """CPUs for a run at ``threads``: where torch's default count (one thread per CPU) is not ``threads``."""
+def _cpus(threads: int, which: int = 0) -> set[int]:
+    """CPUs for a run at ``threads``: where torch's default count (one thread per CPU) is not ``threads``; for
+    ``threads`` > 1 one CPU, the ``which``-th (modulo the CPUs there are)."""
     cpus = os.sched_getaffinity(0)
-    return cpus if threads == 1 else {min(cpus)}
+    return cpus if threads == 1 else {sorted(cpus)[which % len(cpus)]}
 
 
-def fedgluon(cwd: Path, threads: int, *args: str) -> str:
-    """Run ``fedgluon ARGS`` in ``cwd`` (with :data:`TASK` in ``tiny.yaml``) in a process without
-    OMP_NUM_THREADS/MKL_NUM_THREADS on :func:`_cpus`; its stdout and stderr (it must succeed)."""
+def start(cwd: Path, threads: int, *args: str, which: int = 0) -> subprocess.Popen:
+    """Start ``fedgluon ARGS`` in ``cwd`` (with :data:`TASK` in ``tiny.yaml``) in a process without
+    OMP_NUM_THREADS/MKL_NUM_THREADS on ``_cpus(threads, which)``."""
     (cwd / "tiny.yaml").write_text(TASK)
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    cpus = _cpus(threads)
-    proc = subprocess.run([sys.executable, "-m", "fedgluon.exp.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600, preexec_fn=lambda: os.sched_setaffinity(0, cpus))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout + proc.stderr
+    cpus = _cpus(threads, which)
+    return subprocess.Popen([sys.executable, "-m", "fedgluon.exp.cli", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: os.sched_setaffinity(0, cpus))
 
 
-def run_dir(tmp_path_factory, engine: str, threads: int) -> tuple[Path, str]:
-    """The run directory and terminal output of the tiny task on ``engine`` at ``threads`` (once per session)."""
-    if (engine, threads) not in _runs:
-        out = tmp_path_factory.mktemp(f"{engine}-{threads}")
-        text = fedgluon(out, threads, "run", "tiny.yaml", f"threads={threads}", f"output.dir={out}", "output.name=run",
-                        "--engine", engine, "--quiet")
-        _runs[engine, threads] = out / "run", text
+def finish(proc: subprocess.Popen) -> str:
+    """A started process's stdout and stderr (it must succeed)."""
+    try:
+        text, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, text
+    return text
+
+
+def fedgluon(cwd: Path, threads: int, *args: str) -> str:
+    return finish(start(cwd, threads, *args))
+
+
+def run_dir(tmp_path_factory, engine: str, threads: int, *, also: tuple[str, ...] = ()) -> tuple[Path, str]:
+    """The run directory and terminal output of the tiny task on ``engine`` at ``threads`` (once per session).
+    The runs of the engines in ``also`` start at the same time (separate processes: the same numbers), Ray's
+    on a CPU of its own where each run has one CPU."""
+    todo = [e for e in dict.fromkeys((engine, *also)) if (e, threads) not in _runs]
+    outs = {e: tmp_path_factory.mktemp(f"{e}-{threads}") for e in todo}
+    procs = {e: start(out, threads, "run", "tiny.yaml", f"threads={threads}", f"output.dir={out}", "output.name=run",
+                      "--engine", e, "--quiet", which=int(e != "ray")) for e, out in outs.items()}
+    for e, proc in procs.items():
+        _runs[e, threads] = outs[e] / "run", finish(proc)
     return _runs[engine, threads]
 
 
@@ -80,7 +99,7 @@ def test_plain_inprocess_and_ray_agree_bitwise_at_fixed_threads(tmp_path_factory
     """The server and the client steps compute with ``threads`` on every engine, whatever the process's
     default: before, plain used the default for everything, the in-process engine the client handler's
     count for the server too, Ray the default for the server."""
-    plain = run_dir(tmp_path_factory, "plain", threads)[0]
+    plain = run_dir(tmp_path_factory, "plain", threads, also=("inprocess", "ray"))[0]
     for engine in ("inprocess", "ray"):
         same_run(plain, run_dir(tmp_path_factory, engine, threads)[0])
 

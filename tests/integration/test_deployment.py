@@ -355,7 +355,7 @@ def _deployed_equals_inprocess(loopback: Deployment, spec_file: Path, out_root: 
 DEPLOYED = {"dion": "{name: dion, rank_fraction: 0.5}"}
 """What the suite deploys: Dion, whose rounds have two client phases (P, then R after the server's
 orthonormalised P), so it takes every message path a one-phase method takes, and more. A deployed message
-costs Flower ~5 s of polling and process start (BENCHMARKS.md), ~35 s a deployed round of Dion here;
+costs Flower ~10 s of polling and process start (BENCHMARKS.md), ~35 s a deployed round of Dion here;
 ``FEDGLUON_EVERY_METHOD=1`` deploys the rest as well."""
 if os.environ.get("FEDGLUON_EVERY_METHOD"):
     DEPLOYED.update({"gluon-ef21-sarah": "{name: gluon-ef21-sarah, lr: 0.05, compressor: {name: topk, ratio: 0.1}}",

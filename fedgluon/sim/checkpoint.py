@@ -108,6 +108,11 @@ def _journal_pattern(path: Path) -> re.Pattern[str]:
     return re.compile(re.escape(path.name) + r"\.rows\.[0-9a-f]{1,64}\.jsonl")
 
 
+def _temp_pattern(path: Path) -> re.Pattern[str]:
+    """The names :func:`_replace_synced` gives its temporary files for the checkpoint at ``path``."""
+    return re.compile(r"\." + re.escape(path.name) + r"\.[0-9]+\.tmp")
+
+
 def journal_path(path: str | Path) -> Path:
     """The rows journal that the checkpoint at ``path`` names (it must exist and be readable)."""
     path = Path(path)
@@ -215,7 +220,7 @@ def sweep(path: str | Path, loaded: Snapshot | None = None) -> list[Path]:
 
 def _remove_journals(path: Path, keep: str | None, temporary: bool = False) -> list[Path]:
     """Remove the journals of the checkpoint at ``path`` other than ``keep`` (and its temporary files)."""
-    journals, temps = _journal_pattern(path), re.compile(r"\." + re.escape(path.name) + r"\.[0-9]+\.tmp")
+    journals, temps = _journal_pattern(path), _temp_pattern(path)
     removed = []
     for entry in path.parent.iterdir():
         if ((temporary and temps.fullmatch(entry.name)) or (journals.fullmatch(entry.name) and entry.name != keep)) \

@@ -35,7 +35,7 @@ from fedgluon.algorithms import Broadcast
 from fedgluon.clients.blocks import block_clients
 from fedgluon.config import spec as specs
 from fedgluon.runtime import prepare_process
-from fedgluon.runtime.gc_pause import gc_paused
+from fedgluon.runtime.gc_pause import freeze_once, gc_paused
 from fedgluon.runtime.threads import torch_threads
 from fedgluon.runtime.trace import phase
 from fedgluon.sim.faults import FaultPlan, InjectedFault
@@ -146,7 +146,10 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
         # the spec's torch threads for this step only: the in-process engine's server shares this process
         with gc_paused(), torch_threads(int(s["threads"])), \
                 phase("node", int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else -1):
-            return _train(msg, context, s)
+            reply = _train(msg, context, s)
+        if _in_ray_worker():  # a process of this run alone (fedgluon/runtime/gc_pause.py)
+            freeze_once()
+        return reply
 
     def _train(msg: Message, context: Context, s: dict[str, Any]) -> Message:
         from fedgluon.flower.wire import record_to_rows, record_to_tensors, results_to_records

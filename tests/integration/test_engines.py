@@ -224,6 +224,33 @@ def test_a_round_pause_left_open_ends_with_its_loop():
         gc.enable()
 
 
+def test_freeze_once_freezes_a_paused_rounds_survivors_once():
+    """In a fresh process (the freeze is process-wide and permanent): objects made with the collector off
+    survive the first call frozen, the young garbage cycles among them collected first; a second call
+    freezes nothing."""
+    import subprocess
+    import sys
+
+    code = """
+import gc, weakref
+from fedgluon.runtime.gc_pause import freeze_once
+class Node: pass
+gc.disable()  # as inside a pause: nothing is collected unless freeze_once collects
+keep = [[i] for i in range(100_000)]
+cycle = Node(); cycle.me = cycle; dead = weakref.ref(cycle); del cycle
+freeze_once()
+gc.enable()
+n = gc.get_freeze_count()
+assert n >= 100_000, n
+assert dead() is None, "a young garbage cycle was frozen, not collected"
+more = [[i] for i in range(1000)]
+freeze_once()
+assert gc.get_freeze_count() == n
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
 def test_replies_read_as_they_arrive_give_the_same_run(monkeypatch):
     """Under run_ray the server's grid hands each reply to GluonStrategy.read_reply as it is pulled (a
     block is parsed while the others compute); aggregate_train then uses those reads, each reply read

@@ -39,6 +39,13 @@ def can_vectorise(model: nn.Module) -> bool:
     return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
 
 
+def warm_up() -> None:
+    """Make torch.func's first call now: it imports ``torch._dynamo``, ~1 s and ~120,000 objects here. The
+    ClientApp calls this in its handshake, so that a process's first round does not pay it, and so that
+    those objects are made before the process freezes what it keeps (fedgluon/runtime/gc_pause.py)."""
+    vmap(grad_and_value(lambda x: (x * x).sum()))(torch.ones(2, 1))
+
+
 def _batch_kind(batch: Batch) -> tuple:
     """What clients must share to be stacked into one vmapped call: their batches' shapes and dtypes."""
     x, y = batch

@@ -2,8 +2,9 @@
 
 Each node simulates a block of ``block_size`` virtual clients (fedgluon/clients/blocks.py; one client per
 node by default). Handlers:
-* ``query`` — the handshake: replies with the node's block, its virtual clients' stable ids (their
-  partition ids, docs/DESIGN.md §2) and their numbers of samples.
+* ``query`` — the handshake: builds the task, makes torch.func's first call and, in a Ray worker, freezes what
+  the process holds (``_settle``; fedgluon/runtime/gc_pause.py); replies with the node's block, its virtual
+  clients' stable ids (their partition ids, docs/DESIGN.md §2) and their numbers of samples.
 * ``train`` — receives the broadcast model, the round's flags, the sampled clients of this block
   and *their committed rows of the client-state table* (``states``, and the models their ``X_prev``
   points at, ``prev``), runs their client step over the block (one vmapped gradient call and one
@@ -25,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -33,6 +34,7 @@ from flwr.clientapp import ClientApp
 
 from fedgluon.algorithms import Broadcast
 from fedgluon.clients.blocks import block_clients
+from fedgluon.clients.vectorised import warm_up
 from fedgluon.config import spec as specs
 from fedgluon.runtime import prepare_process
 from fedgluon.runtime.gc_pause import freeze_once, gc_paused
@@ -76,6 +78,17 @@ def _ray_task() -> dict[str, str]:
 def _clients_of(context: Context, spec: Mapping[str, Any], num_clients: int) -> list[int]:
     """The virtual clients simulated by this node (fedgluon.clients.blocks): block ``partition-id``."""
     return block_clients(int(context.node_config["partition-id"]), num_clients, int(spec["block_size"]))
+
+
+@cache
+def _settle() -> None:
+    """Once per process, before its first message's work: torch.func's first call (``warm_up``), then, in a
+    Ray worker, a process of this run alone, :func:`~fedgluon.runtime.gc_pause.freeze_once`: what the
+    process has built stays out of every later collection. Not under a message's GC pause, and before the
+    message's records are read (reading them makes reference cycles, which must not be frozen)."""
+    warm_up()
+    if _in_ray_worker():
+        freeze_once()
 
 
 class SpecClientApp(ClientApp):
@@ -131,6 +144,7 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
         s = resolve(context)
         with torch_threads(int(s["threads"])):  # the task is built as in every engine (fedgluon.runtime.threads)
             task, _ = specs.build_cached(s)
+        _settle()
         clients = _clients_of(context, s, task.num_clients)
         from fedgluon.flower.deployment import versions
 
@@ -142,14 +156,12 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        _settle()  # a no-op after this process's handshake (a Ray actor may be sent no handshake)
         s = resolve(context)
         # the spec's torch threads for this step only: the in-process engine's server shares this process
         with gc_paused(), torch_threads(int(s["threads"])), \
                 phase("node", int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else -1):
-            reply = _train(msg, context, s)
-        if _in_ray_worker():  # a process of this run alone (fedgluon/runtime/gc_pause.py)
-            freeze_once()
-        return reply
+            return _train(msg, context, s)
 
     def _train(msg: Message, context: Context, s: dict[str, Any]) -> Message:
         from fedgluon.flower.wire import record_to_rows, record_to_tensors, results_to_records

@@ -11,12 +11,14 @@ Flower strategy's round from ``configure_train`` to the end of ``aggregate_train
 held by ``GluonStrategy.start``) and the ClientApp's handling of one message (:func:`gc_paused`). Nested
 pauses are fine; the collector resumes only if it was running before the outermost.
 
-What a pause leaves behind: the objects made while it lasts are all young when the collector resumes. After
-a process's first round, which imports and builds (a Ray actor holds ~450,000 objects after it), the young
-collections that follow walk them all, then promote them, and walk them again: measured in Ray's actors,
-~100 ms after round 0's message and ~70 ms after round 1's or round 2's, a round's whole cost at 200 clients
-(BENCHMARKS.md, "Ray's warm-up collections"). :func:`freeze_once` collects the young generation once after that first
-round and freezes what survives (``gc.freeze``): the collector never walks those objects again.
+What a pause leaves behind: the objects made while it lasts are all young when the collector resumes, and the
+young collections that follow walk them all, promote them, and walk them again. A process's first client step
+used to import torch._dynamo (torch.func's first call, ~120,000 objects) inside the ClientApp's pause: in Ray's
+actors, the young collection after round 0's message took 66–106 ms and the generation-1 collection one or two
+messages later 70–72 ms, as much as a steady round at 200 clients (BENCHMARKS.md, "Ray's warm-up
+collections"). So the ClientApp's handshake makes that call (``fedgluon.clients.vectorised.warm_up``) with
+the collector on, and a Ray worker then calls :func:`freeze_once`: what it has built stays out of every later
+collection.
 """
 
 from __future__ import annotations
@@ -29,14 +31,14 @@ _frozen = False
 
 
 def freeze_once() -> None:
-    """The first call in a process collects the young generation, where a paused round leaves its objects, and
-    moves every survivor to the permanent generation (``gc.freeze``); later calls do nothing.
+    """The first call in a process collects the young generation and moves every tracked object to the
+    permanent generation (``gc.freeze``); later calls do nothing.
 
-    For a process that serves one run (a Ray actor), after its first round: what survives it (modules, the
-    built task, compiled transforms) lives for the run. Frozen objects are still freed by reference counting;
-    the collector only never walks them again. The young collection costs what the one that follows the
-    pause would have; the older generations are not collected (a full collection there is ~0.26 s and
-    found ~40 objects), so what they hold of cyclic garbage stays, once."""
+    For a process that serves one run (a Ray actor), once it has built what the run needs (the ClientApp's
+    handshake): those objects live for the run. Frozen objects are still freed by reference counting; the
+    collector only never walks them again. Cyclic garbage already in the older generations stays, once (a
+    full collection there found ~40 objects); call it where no large object is alive in a reference cycle
+    (not while a message with arrays is being handled)."""
     global _frozen
     if not _frozen:
         _frozen = True

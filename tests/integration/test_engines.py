@@ -224,31 +224,50 @@ def test_a_round_pause_left_open_ends_with_its_loop():
         gc.enable()
 
 
-def test_freeze_once_freezes_a_paused_rounds_survivors_once():
-    """In a fresh process (the freeze is process-wide and permanent): objects made with the collector off
-    survive the first call frozen, the young garbage cycles among them collected first; a second call
-    freezes nothing."""
+def _in_fresh_process(code: str) -> None:
+    """Run ``code`` in a fresh interpreter (freezing is process-wide and permanent); it must exit 0."""
     import subprocess
     import sys
 
-    code = """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_freeze_once_freezes_what_survives_once():
+    """Objects made with the collector off are frozen by the first call, the young garbage cycles among them
+    collected first; a second call freezes nothing."""
+    _in_fresh_process("""
 import gc, weakref
 from fedgluon.runtime.gc_pause import freeze_once
 class Node: pass
 gc.disable()  # as inside a pause: nothing is collected unless freeze_once collects
-keep = [[i] for i in range(100_000)]
+keep = [[i] for i in range(1000)]
 cycle = Node(); cycle.me = cycle; dead = weakref.ref(cycle); del cycle
 freeze_once()
 gc.enable()
-n = gc.get_freeze_count()
-assert n >= 100_000, n
 assert dead() is None, "a young garbage cycle was frozen, not collected"
-more = [[i] for i in range(1000)]
+assert not any(o is keep for o in gc.get_objects()), "what survives is not frozen"  # frozen: not listed
+n = gc.get_freeze_count()
+later = [[i] for i in range(1000)]
 freeze_once()
+assert gc.get_freeze_count() == n and any(o is later for o in gc.get_objects())
+""")
+
+
+def test_a_ray_workers_clientapp_settles_once_before_its_first_message():
+    """The ClientApp's ``_settle`` (its handshake, or its first train message): torch.func's first call is made
+    (torch._dynamo imported) and, in a Ray worker, what the process holds is frozen; once per process."""
+    _in_fresh_process("""
+import gc, sys
+from fedgluon.flower import client_app
+client_app._in_ray_worker = lambda: True
+assert "torch._dynamo" not in sys.modules and gc.get_freeze_count() == 0
+client_app._settle()
+n = gc.get_freeze_count()
+assert "torch._dynamo" in sys.modules and n > 100_000, n
+client_app._settle()
 assert gc.get_freeze_count() == n
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+""")
 
 
 def test_replies_read_as_they_arrive_give_the_same_run(monkeypatch):

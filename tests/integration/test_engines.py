@@ -261,10 +261,11 @@ def test_a_ray_workers_clientapp_settles_once_before_its_first_message():
 import gc, sys
 from fedgluon.flower import client_app
 client_app._in_ray_worker = lambda: True
-assert "torch._dynamo" not in sys.modules and gc.get_freeze_count() == 0
+before = gc.get_freeze_count()  # some Pythons freeze a few hundred objects at start-up
+assert "torch._dynamo" not in sys.modules
 client_app._settle()
 n = gc.get_freeze_count()
-assert "torch._dynamo" in sys.modules and n > 100_000, n
+assert "torch._dynamo" in sys.modules and n > before + 100_000, (before, n)
 client_app._settle()
 assert gc.get_freeze_count() == n
 """)

@@ -41,8 +41,8 @@ def can_vectorise(model: nn.Module) -> bool:
 
 def warm_up() -> None:
     """Make torch.func's first call now: it imports ``torch._dynamo``, ~1 s and ~120,000 objects here. The
-    ClientApp calls this in its handshake, so that a process's first round does not pay it, and so that
-    those objects are made before the process freezes what it keeps (fedgluon/runtime/gc_pause.py)."""
+    ClientApp calls this in a Ray worker's handshake, so that the worker's first round does not pay it, and
+    so that those objects are made before the worker freezes what it keeps (fedgluon/runtime/gc_pause.py)."""
     vmap(grad_and_value(lambda x: (x * x).sum()))(torch.ones(2, 1))
 
 

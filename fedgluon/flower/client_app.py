@@ -2,9 +2,9 @@
 
 Each node simulates a block of ``block_size`` virtual clients (fedgluon/clients/blocks.py; one client per
 node by default). Handlers:
-* ``query`` — the handshake: builds the task, makes torch.func's first call and, in a Ray worker, freezes what
-  the process holds (``_settle``; fedgluon/runtime/gc_pause.py); replies with the node's block, its virtual
-  clients' stable ids (their partition ids, docs/DESIGN.md §2) and their numbers of samples.
+* ``query`` — the handshake: builds the task and, in a Ray worker, makes torch.func's first call and freezes
+  what the process holds (``_settle``; fedgluon/runtime/gc_pause.py); replies with the node's block, its
+  virtual clients' stable ids (their partition ids, docs/DESIGN.md §2) and their numbers of samples.
 * ``train`` — receives the broadcast model, the round's flags, the sampled clients of this block
   and *their committed rows of the client-state table* (``states``, and the models their ``X_prev``
   points at, ``prev``), runs their client step over the block (one vmapped gradient call and one
@@ -82,12 +82,14 @@ def _clients_of(context: Context, spec: Mapping[str, Any], num_clients: int) -> 
 
 @cache
 def _settle() -> None:
-    """Once per process, before its first message's work: torch.func's first call (``warm_up``), then, in a
-    Ray worker, a process of this run alone, :func:`~fedgluon.runtime.gc_pause.freeze_once`: what the
-    process has built stays out of every later collection. Not under a message's GC pause, and before the
-    message's records are read (reading them makes reference cycles, which must not be frozen)."""
-    warm_up()
+    """In a Ray worker, a process that serves this run's messages until it ends, once, before its first
+    message's work: torch.func's first call (``warm_up``), then
+    :func:`~fedgluon.runtime.gc_pause.freeze_once`, so what the process has built stays out of every later
+    collection. Not under a message's GC pause, and before the message's records are read (reading them
+    makes reference cycles, which must not be frozen). Elsewhere nothing: a deployed ClientApp process
+    handles one message and exits, and the in-process engine's is the driver."""
     if _in_ray_worker():
+        warm_up()
         freeze_once()
 
 

@@ -16,9 +16,9 @@ young collections that follow walk them all, promote them, and walk them again. 
 used to import torch._dynamo (torch.func's first call, ~120,000 objects) inside the ClientApp's pause: in Ray's
 actors, the young collection after round 0's message took 66–106 ms and the generation-1 collection one or two
 messages later 70–72 ms, as much as a steady round at 200 clients (BENCHMARKS.md, "Ray's warm-up
-collections"). So the ClientApp's handshake makes that call (``fedgluon.clients.vectorised.warm_up``) with
-the collector on, and a Ray worker then calls :func:`freeze_once`: what it has built stays out of every later
-collection.
+collections"). So in a Ray worker the ClientApp's handshake makes that call
+(``fedgluon.clients.vectorised.warm_up``) with the collector on, then calls :func:`freeze_once`: what the
+worker has built stays out of every later collection.
 """
 
 from __future__ import annotations

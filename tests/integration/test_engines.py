@@ -255,8 +255,16 @@ assert gc.get_freeze_count() == n and any(o is later for o in gc.get_objects())
 
 
 def test_a_ray_workers_clientapp_settles_once_before_its_first_message():
-    """The ClientApp's ``_settle`` (its handshake, or its first train message): torch.func's first call is made
-    (torch._dynamo imported) and, in a Ray worker, what the process holds is frozen; once per process."""
+    """The ClientApp's ``_settle`` (its handshake, or its first train message) in a Ray worker: torch.func's
+    first call is made (torch._dynamo imported) and what the process holds is frozen, once per process;
+    elsewhere (a deployed ClientApp's process of one message, the in-process engine's driver) nothing."""
+    _in_fresh_process("""
+import gc, sys
+from fedgluon.flower import client_app
+before = gc.get_freeze_count()
+client_app._settle()
+assert "torch._dynamo" not in sys.modules and gc.get_freeze_count() == before
+""")
     _in_fresh_process("""
 import gc, sys
 from fedgluon.flower import client_app

@@ -82,12 +82,11 @@ def _clients_of(context: Context, spec: Mapping[str, Any], num_clients: int) -> 
 
 @cache
 def _settle() -> None:
-    """In a Ray worker, a process that serves this run's messages until it ends, once, before its first
-    message's work: torch.func's first call (``warm_up``), then
-    :func:`~fedgluon.runtime.gc_pause.freeze_once`, so what the process has built stays out of every later
-    collection. Not under a message's GC pause, and before the message's records are read (reading them
-    makes reference cycles, which must not be frozen). Elsewhere nothing: a deployed ClientApp process
-    handles one message and exits, and the in-process engine's is the driver."""
+    """In a Ray worker, a process that serves this run's messages until it ends, once, after its first message
+    has built the task and before that message's records are read: torch.func's first call (``warm_up``),
+    then :func:`~fedgluon.runtime.gc_pause.freeze_once`, so what the process has built stays out of every
+    later collection. Elsewhere nothing: a deployed ClientApp process handles one message and exits, and
+    the in-process engine's is the driver."""
     if _in_ray_worker():
         warm_up()
         freeze_once()
@@ -141,12 +140,18 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
     def resolve(context: Context) -> dict[str, Any]:
         return fixed if fixed is not None else spec_from_context(context)
 
-    @app.query()
-    def hello(msg: Message, context: Context) -> Message:
+    def ready(context: Context) -> dict[str, Any]:
+        """The run's spec, with its task and algorithm built (once per process) and the process settled."""
         s = resolve(context)
         with torch_threads(int(s["threads"])):  # the task is built as in every engine (fedgluon.runtime.threads)
-            task, _ = specs.build_cached(s)
-        _settle()
+            specs.build_cached(s)
+        _settle()  # before any record of the message is read (fedgluon/runtime/gc_pause.py)
+        return s
+
+    @app.query()
+    def hello(msg: Message, context: Context) -> Message:
+        s = ready(context)
+        task, _ = specs.build_cached(s)
         clients = _clients_of(context, s, task.num_clients)
         from fedgluon.flower.deployment import versions
 
@@ -158,8 +163,7 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        _settle()  # a no-op after this process's handshake (a Ray actor may be sent no handshake)
-        s = resolve(context)
+        s = ready(context)  # settles here if this process was sent no handshake (a Ray actor may not be)
         # the spec's torch threads for this step only: the in-process engine's server shares this process
         with gc_paused(), torch_threads(int(s["threads"])), \
                 phase("node", int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else -1):

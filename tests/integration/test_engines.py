@@ -234,7 +234,7 @@ def _in_fresh_process(code: str) -> None:
 
 
 def test_freeze_once_freezes_what_survives_once():
-    """Objects made with the collector off are frozen by the first call, the young garbage cycles among them
+    """Objects made with the collector off are frozen by the first call, the garbage cycles among them
     collected first; a second call freezes nothing."""
     _in_fresh_process("""
 import gc, weakref
@@ -274,8 +274,31 @@ assert "torch._dynamo" not in sys.modules
 client_app._settle()
 n = gc.get_freeze_count()
 assert "torch._dynamo" in sys.modules and n > before + 100_000, (before, n)
+dynamo = vars(sys.modules["torch._dynamo"])
+assert not any(o is dynamo for o in gc.get_objects()), "frozen before the warm-up, not after"
 client_app._settle()
 assert gc.get_freeze_count() == n
+""")
+
+
+def test_the_clientapp_settles_once_after_building_the_task_and_before_reading_any_rows():
+    """A whole in-process run with the ClientApp told it is in a Ray worker: the process freezes once, after
+    the task is built and before any train message's rows are read."""
+    _in_fresh_process("""
+from fedgluon.flower import client_app, wire
+from fedgluon.flower.engines import run_inprocess
+from fedgluon.config import spec as specs
+events = []
+client_app._in_ray_worker = lambda: True
+freeze, read = client_app.freeze_once, wire.record_to_rows
+client_app.freeze_once = lambda: (events.append("freeze"), freeze())[1]
+wire.record_to_rows = lambda *a: (events.append("read"), read(*a))[1]
+built = specs.build_cached
+specs.build_cached = lambda s: (events.append("built") if not events else None, built(s))[1]
+run_inprocess(specs.normalise({"task": {"name": "synthetic", "num_clients": 4, "dim": 6, "classes": 3,
+                                        "hidden": [4]}, "algorithm": {"name": "gluon-ef21"}, "rounds": 2,
+                               "block_size": 2, "eval_every": 10}))
+assert events[:2] == ["built", "freeze"] and events.count("freeze") == 1 and events.count("read") == 4, events
 """)
 
 

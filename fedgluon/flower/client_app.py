@@ -140,18 +140,12 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
     def resolve(context: Context) -> dict[str, Any]:
         return fixed if fixed is not None else spec_from_context(context)
 
-    def ready(context: Context) -> dict[str, Any]:
-        """The run's spec, with its task and algorithm built (once per process) and the process settled."""
-        s = resolve(context)
-        with torch_threads(int(s["threads"])):  # the task is built as in every engine (fedgluon.runtime.threads)
-            specs.build_cached(s)
-        _settle()  # before any record of the message is read (fedgluon/runtime/gc_pause.py)
-        return s
-
     @app.query()
     def hello(msg: Message, context: Context) -> Message:
-        s = ready(context)
-        task, _ = specs.build_cached(s)
+        s = resolve(context)
+        with torch_threads(int(s["threads"])):  # the task is built as in every engine (fedgluon.runtime.threads)
+            task, _ = specs.build_cached(s)
+        _settle()
         clients = _clients_of(context, s, task.num_clients)
         from fedgluon.flower.deployment import versions
 
@@ -163,7 +157,7 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        s = ready(context)  # settles here if this process was sent no handshake (a Ray actor may not be)
+        s = resolve(context)
         # the spec's torch threads for this step only: the in-process engine's server shares this process
         with gc_paused(), torch_threads(int(s["threads"])), \
                 phase("node", int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else -1):
@@ -172,6 +166,7 @@ def make_client_app(spec: Mapping[str, Any] | None = None) -> ClientApp:
     def _train(msg: Message, context: Context, s: dict[str, Any]) -> Message:
         from fedgluon.flower.wire import record_to_rows, record_to_tensors, results_to_records
         task, algorithm = specs.build_cached(s)
+        _settle()  # once the task is built, before the records are read: here if this actor had no handshake
         mine = _clients_of(context, s, task.num_clients)
         # Flower rebuilds these typed views on every access (O(records)): take them once
         arrays, cfg = msg.content.array_records, msg.content.config_records["config"]

@@ -35,7 +35,7 @@ def freeze_once() -> None:
     the permanent generation (``gc.freeze``); later calls do nothing.
 
     For a process that serves one run (a Ray actor), once it has built what the run needs (the ClientApp's
-    handshake, ~0.14 s for the collection here): those objects live for the run. Frozen objects are still
+    handshake; the collection took 0.14–0.16 s there): those objects live for the run. Frozen objects are still
     freed by reference counting; the collector only never walks them again. Call it before any record of a
     message with arrays is read: reading a Flower ``RecordDict``'s typed views makes reference cycles, which
     would be frozen with their arrays."""

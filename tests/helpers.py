@@ -24,6 +24,16 @@ from fedgluon.tasks.data.synthetic import leaf_synthetic
 from fedgluon.tasks.models import MLP
 
 
+def run_inprocess(spec: Mapping[str, Any], **kwargs: Any) -> Any:
+    """Flower's in-process engine (``fedgluon.flower.engines.run_inprocess``), or the calling test skipped where
+    Flower is not installed: the GPU machine the CUDA tests run on has torch but neither Flower nor Ray, so
+    modules that test the GPU paths import Flower only in the tests that compare against its engines."""
+    pytest.importorskip("flwr", reason="Flower is not installed (the GPU machine has none)")
+    from fedgluon.flower.engines import run_inprocess as run
+
+    return run(spec, **kwargs)
+
+
 def same_table(a, b) -> None:
     """Two client-state tables hold bitwise the same rows, commit counters, rounds seen and models."""
     assert a.columns.keys() == b.columns.keys() and all(torch.equal(a.columns[p], b.columns[p]) for p in a.columns)

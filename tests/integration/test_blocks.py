@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import run_inprocess
 
 from fedgluon.clients import vectorised
 from fedgluon.clients.blocks import block_clients, num_blocks
@@ -15,7 +16,6 @@ from fedgluon.clients.table import flatten
 from fedgluon.clients.vectorised import can_vectorise, stacked_gradients
 from fedgluon.config import spec as specs
 from fedgluon.core.rng import generator
-from fedgluon.flower.engines import run_inprocess
 from fedgluon.sim.driver import run_plain
 from fedgluon.sim.faults import FaultPlan
 from fedgluon.sim.metrics import TIMING_COLUMNS

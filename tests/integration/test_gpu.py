@@ -10,10 +10,9 @@ Tolerances in bf16 are relative Frobenius errors, ``‖A − B‖_F / ‖B‖_F`
 import pandas as pd
 import pytest
 import torch
-from helpers import same_metrics
+from helpers import run_inprocess, same_metrics
 
 from fedgluon.config import spec as specs
-from fedgluon.flower.engines import run_inprocess
 from fedgluon.lmo.geometry import Geometry
 from fedgluon.lmo.norms import RMS, ColNorm, RowNorm, Sign, Spectral
 from fedgluon.lmo.polar import NewtonSchulz, SVDPolar, resolve_dtype

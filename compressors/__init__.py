@@ -1,6 +1,6 @@
 """Compression operators, error feedback, payloads, validation and bit accounting.
 
-Imports neither Flower nor Ray (docs/DESIGN.md §1); conversion to Flower records lives in ``strategies``.
+Imports neither Flower nor Ray (docs/DESIGN.md §1); conversion to Flower records lives in ``fedgluon.flower.wire``.
 
     from compressors import make_compressor, compress_message, decode_message
     C = make_compressor({"name": "topk", "ratio": 0.05})

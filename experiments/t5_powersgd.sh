@@ -3,7 +3,7 @@
 # rank {1, 2, 4} warm-started with EF14 (the paper's recipe), rank 2 without warm start, rank 2 without error
 # feedback, rank 2 with EF21; then the same compressor in the LMO pipeline (gluon-ef21, rank {1, 2, 4}) against
 # dense Gluon. Learning rates: the dense baselines' best of a small grid (see experiments/README.md), kept for
-# every compressed variant. 2 seeds, 150 rounds. Output: runs/t5/ and runs/t5/t5.{csv,png}.  ~4 min on 2 cores.
+# every compressed variant. 2 seeds, 150 rounds. Output: runs/t5/ and runs/t5/t5.{csv,png}.  1.5-4 min on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SGD_LR=${SGD_LR:-0.1}

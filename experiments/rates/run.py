@@ -1,10 +1,11 @@
 """Measure the convergence-rate exponents and the compression factors (experiments/README.md, "Rates").
 
     python -m experiments.rates.run                 # the full experiment: results/ beside this file
-    python -m experiments.rates.run --quick         # a seconds-long smoke run (tests/integration/test_rates.py)
+    python -m experiments.rates.run --quick         # a seconds-long smoke run, into runs/rates-quick
     python -m experiments.rates.run --part rates    # only item 2 (or --part compression)
 
-Writes to ``--out`` (default ``experiments/rates/results``):
+Writes to ``--out`` (default ``experiments/rates/results``, the committed results; with ``--quick``,
+``runs/rates-quick`` under the working directory, so a smoke run never replaces them):
 
 | file | content |
 | --- | --- |
@@ -31,7 +32,8 @@ import pandas as pd
 from . import compression, rate
 from .fit import fit_exponent
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"  # the committed results the README's tables quote
+QUICK_OUT = Path("runs") / "rates-quick"  # --quick's default: a smoke run never replaces the committed results
 T0_GRID = (0.3, 1.0, 3.0, 10.0)
 T0 = 1.0  # the radius constant of every method (module docstring of rate.py)
 PILOT_SEED = 100
@@ -121,10 +123,18 @@ def fit_and_plot(out: Path, methods) -> pd.DataFrame:
     return table
 
 
+def output_dir(out: Path | None, quick: bool) -> Path:
+    """``--out`` as given, else the committed results (a full run) or ``QUICK_OUT`` (a ``--quick`` smoke run)."""
+    if out is not None:
+        return out
+    return QUICK_OUT if quick else DEFAULT_OUT
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="convergence-rate exponents and compression factors")
     ap.add_argument("--quick", action="store_true", help="tiny horizons and grids: a smoke run of seconds")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"output folder (default {DEFAULT_OUT}; with --quick, {QUICK_OUT})")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
     ap.add_argument("--part", choices=("all", "rates", "compression", "pilot", "fit"), default="all")
     ap.add_argument("--seeds", type=int, default=5)
@@ -135,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1 or args.seeds < 1:
         print("error: --jobs and --seeds must be >= 1", file=sys.stderr)
         return 2
+    args.out = output_dir(args.out, args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     pd.set_option("display.width", 160)

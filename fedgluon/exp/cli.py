@@ -1,4 +1,4 @@
-"""The ``fedgluon`` command line (click): run, sweep, plot, list, demo."""
+"""The ``fedgluon`` command line (click): run, sweep, tune, plot, list, bench, demo."""
 
 from __future__ import annotations
 

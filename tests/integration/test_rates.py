@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,7 @@ import pytest
 
 from experiments.rates import rate
 from experiments.rates.fit import fit_exponent
-from experiments.rates.run import main
+from experiments.rates.run import DEFAULT_OUT, QUICK_OUT, main, output_dir
 
 
 def test_fit_recovers_a_known_exponent():
@@ -49,6 +50,12 @@ def test_schedules_follow_the_theorems():
     sarah = rate.schedule("gluon-sarah", 1000, 1.0, 32, 1797)
     assert sarah.refresh_prob == pytest.approx(0.01) and sarah.large_batch == 1797
     assert rate.schedule("gluon-sarah", 100, 1.0, 32, 1797).large_batch == math.ceil(32 * 100 ** (2 / 3))
+
+
+def test_a_quick_run_never_writes_into_the_committed_results():
+    assert output_dir(None, quick=True) == QUICK_OUT and not QUICK_OUT.is_absolute()
+    assert output_dir(None, quick=False) == DEFAULT_OUT
+    assert output_dir(Path("elsewhere"), quick=True) == Path("elsewhere")
 
 
 def test_quick_run_end_to_end(tmp_path):

@@ -33,7 +33,7 @@ from fedgluon.config.schema import ConfigError
 
 log = logging.getLogger(__name__)
 
-APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (project) directory
+APP_DIR = Path(__file__).resolve().parents[2]  # the Flower app (project) directory: fedgluon/flower/ is two below
 PACKAGES = ("fedgluon", "strategies", "compressors")  # the code whose digest the version check compares
 KEYS = {"spec-file": "", "overrides": "", "output-root": "", "resume": False, "overwrite": False}
 

@@ -248,6 +248,15 @@ def test_the_readme_loopback_commands_are_the_ones_the_deployment_test_runs():
     assert f'[superlink.{name}]\naddress = "{address}"' in toml
     (run_cmd,) = _readme_commands(_readme_block("bash", "flwr run"))
     assert run_cmd[:5] == ["flwr", "run", ".", name, "--stream"] and run_cmd[5] == "--run-config"
+    spec_file = re.search(r"spec-file='([^']+)'", run_cmd[6]).group(1)
+    assert not Path(spec_file).is_absolute() and deployment.app_path(spec_file).is_file()  # as the ServerApp reads it
+
+
+def test_relative_paths_resolve_against_the_app_directory():
+    """The app directory is the project's (what `flwr run .` bundles): pyproject's default spec-file is there."""
+    assert (deployment.APP_DIR / "pyproject.toml").is_file()
+    assert deployment.app_path("experiments/quickstart.yaml") == deployment.APP_DIR / "experiments" / "quickstart.yaml"
+    assert deployment.app_path("experiments/quickstart.yaml").is_file()
 
 
 def _free_ports(n: int) -> list[int]:
@@ -375,13 +384,14 @@ def test_flwr_run_on_superlink_and_supernodes_equals_inprocess(loopback: Deploym
 
 
 @pytest.mark.slow
-def test_flwr_run_with_too_few_supernodes_says_so_in_the_summary(loopback: Deployment, tiny: Path, tmp_path: Path):
+def test_flwr_run_with_too_few_supernodes_says_so_in_the_summary(loopback: Deployment, tmp_path: Path):
     """6 clients in blocks of 2 need 3 SuperNodes; 2 are up. flwr run exits 0 (Flower's code), the summary
-    says complete: false and names both numbers."""
-    done = loopback.flwr_run(f"spec-file='{tiny}' output-root='{tmp_path}' "
-                             f"overrides='task.num_clients=6 node_timeout=2'")
+    says complete: false and names both numbers. The spec file is README's, relative: the ServerApp reads it
+    from the app bundle Flower installed."""
+    done = loopback.flwr_run(f"spec-file='experiments/quickstart.yaml' output-root='{tmp_path}' "
+                             f"overrides='task.num_clients=6 engine.block_size=2 node_timeout=2 output.name=few'")
     assert done.returncode == 0, done.stdout.decode(errors="replace")[-3000:]
-    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "runs" / "few" / "summary.json").read_text())
     assert summary["complete"] is False
     assert "the run needs 3 client nodes (ceil(task.num_clients=6 / engine.block_size=2))" in summary["stopped"]
     assert "; 2 connected within node_timeout=2 s" in summary["stopped"]

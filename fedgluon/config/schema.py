@@ -174,7 +174,7 @@ def _refuse_overwrite(user: DictConfig, source: str) -> None:
     output = user.get("output")
     if isinstance(output, DictConfig) and "overwrite" in output:
         raise ConfigError(f"output.overwrite must not be set in {source}: overwriting is requested only by "
-                          f"`fedgluon run --overwrite` or config.load(..., overwrite=True)")
+                          f"`fedgluon run --overwrite` or fedgluon.config.schema.load(..., overwrite=True)")
 
 
 def _defaults_that_apply(section: str, name: str, defaults: DictConfig) -> dict[str, Any]:

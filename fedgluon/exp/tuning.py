@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -184,17 +182,17 @@ def trial_config(request: Mapping[str, Any], algorithm: str | dict[str, Any] | N
 
 @contextlib.contextmanager
 def _ray(address: str | None, request: Mapping[str, Any], verbose: bool) -> Iterator[None]:
-    """Ray started (or joined) for the tune, and shut down after it if this call started it; Ray Tune's
+    """Ray started (a private local instance; never a cluster that happens to be running here) or joined
+    (``address``: ``engine.address``) for the tune, and shut down after it if this call started it; Ray Tune's
     own progress output off unless ``verbose``. A one-line ConfigError when the cluster cannot hold
     one trial's resources."""
     import ray
 
+    from fedgluon.exp.cluster import connect
+
     started = not ray.is_initialized()
-    if started:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # Ray's tip about accelerator env vars
-            ray.init(address=address, include_dashboard=False, log_to_driver=verbose,
-                     logging_level=logging.INFO if verbose else logging.WARNING)
+    if started:  # as `fedgluon run` and `sweep` do: a private local Ray unless an address is given
+        connect(address, log_to_driver=verbose)
     saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
     if not verbose:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the legacy reporter, which verbose=0 silences

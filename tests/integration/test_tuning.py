@@ -154,11 +154,14 @@ def test_bad_options_are_one_error_line_before_ray_starts(tmp_path, monkeypatch,
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_gpus_the_cluster_lacks_are_one_error_line(tmp_path, monkeypatch):
+    """Also: with no engine.address, tune starts a private Ray, as run and sweep do; it never joins the cluster
+    that Ray itself would find (RAY_ADDRESS here names a dead one: joining it would hang in retries)."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
     out = CliRunner().invoke(main, ["tune", *FAST, "algorithm.lr=[0.1]", "--gpus-per-trial", "1"])
     assert out.exit_code == 2 and out.output.startswith("error: --gpus-per-trial 1 cannot be met"), out.output
     assert len(out.output.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()

@@ -18,7 +18,7 @@ import copy
 import dataclasses
 import math
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -388,6 +388,17 @@ def spec_of(cfg: DictConfig) -> dict[str, Any]:
                             "faults": c["faults"], "block_size": c["engine"]["block_size"],
                             "client_device": c["engine"]["client_device"],
                             "max_failed_rounds": c["max_failed_rounds"]})
+
+
+def dotted(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{"section.key": leaf}`` (a config's keys as overrides name them)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def run_name(cfg: DictConfig) -> str:

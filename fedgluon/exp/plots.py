@@ -29,6 +29,8 @@ import pandas as pd  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from fedgluon.config.schema import dotted  # noqa: E402
+
 BITS = "up_bits_per_client_cum"
 X_AXES = (BITS, "round", "sim_time")
 """The x columns of :func:`compare`'s panels: cumulative uplink bits per client (log), round, simulated seconds."""
@@ -232,10 +234,10 @@ def _axis_label(key: str, value: Any, grid: Mapping[str, list[Any]]) -> str:
     label = value_label(key, value, dict(grid))
     if not isinstance(value, Mapping):
         return label
-    same = [_flatten(o) for o in grid[key] if isinstance(o, Mapping) and o.get("name") == value.get("name")]
+    same = [dotted(o) for o in grid[key] if isinstance(o, Mapping) and o.get("name") == value.get("name")]
     if len(same) < 2:
         return label
-    mine = _flatten(value)
+    mine = dotted(value)
     keys = sorted({k for f in same for k in f if len({json.dumps(g.get(k), default=str) for g in same}) > 1})
     return f"{label} ({', '.join(f'{k}={mine.get(k)}' for k in keys[:3])}{', …' if len(keys) > 3 else ''})"
 
@@ -366,20 +368,10 @@ def _disambiguate(curves: list[Curve]) -> None:
     for c in curves:
         by_label.setdefault(c.label, []).append(c)
     for same in (v for v in by_label.values() if len(v) > 1):
-        flat = [_flatten({k: v for k, v in c.runs[0].config.items() if k not in NOT_CONFIG}) for c in same]
+        flat = [dotted({k: v for k, v in c.runs[0].config.items() if k not in NOT_CONFIG}) for c in same]
         keys = sorted({k for f in flat for k in f if len({json.dumps(g.get(k), default=str) for g in flat}) > 1})
         for c, f in zip(same, flat):
             c.label += " [" + ", ".join(f"{k}={f.get(k)}" for k in keys[:3]) + ("…" if len(keys) > 3 else "") + "]"
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _network_label(runs: Sequence[Run]) -> str:

@@ -22,15 +22,16 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from fedgluon.config import schema as configs
 from fedgluon.config.run_dir import MARKER, prepare_dir
+from fedgluon.exp.cluster import with_absolute_data_paths
 from fedgluon.exp.experiment import is_complete, run
 
 
@@ -85,6 +86,9 @@ def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | No
 
         reachable(base.engine.address)  # before the sweep directory: a wrong address is one line, not minutes
     sweep_dir = Path(base.output.dir) / (name or f"sweep-{configs.run_name(base)}")
+    about = {"config": str(config_path) if config_path else None,  # what the results depend on
+             "overrides": [o for o in overrides if not o.startswith(("engine.", "output."))]}
+    _same_base(sweep_dir, about)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     todo = []
     for values in members(grid):
@@ -95,11 +99,11 @@ def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | No
         cfg.output.name = mname
         cfg.output.dir = str(sweep_dir)
         if is_complete(sweep_dir / mname):
+            _ran_as(sweep_dir / mname, cfg)
             continue
         cfg.output.overwrite = True  # an incomplete member directory is a leftover of an interrupted sweep
         todo.append((mname, cfg))
-    (sweep_dir / "sweep.json").write_text(json.dumps({"config": str(config_path) if config_path else None,
-                                                      "overrides": list(overrides), "grid": grid}, indent=2))
+    (sweep_dir / "sweep.json").write_text(json.dumps({**about, "grid": grid}, indent=2))
     if parallel and todo:
         _run_parallel(todo, parallel, base.engine.address, sweep_dir, progress)
     else:
@@ -109,6 +113,46 @@ def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | No
             run(cfg, progress=progress)
     summarise(sweep_dir, echo=print if progress else None)
     return sweep_dir
+
+
+def _same_base(sweep_dir: Path, about: Mapping[str, Any]) -> None:
+    """A ConfigError unless ``sweep_dir`` is new or holds a sweep of the same config file and overrides (the
+    ``engine.*`` and ``output.*`` ones aside; its grid may grow: complete members are kept): another sweep's
+    summary is never replaced."""
+    meta = sweep_dir / "sweep.json"
+    if not meta.is_file():
+        return
+    try:
+        old = json.loads(meta.read_text())
+        old = {k: old[k] for k in about}
+    except (ValueError, KeyError, TypeError):
+        raise configs.ConfigError(f"{meta} is not a sweep's record; give the sweep another --name") from None
+    if old != dict(about):
+        raise configs.ConfigError(f"{sweep_dir} holds another sweep (config {old['config']}, overrides "
+                                  f"{old['overrides']}); give this one another --name")
+
+
+def _ran_as(member_dir: Path, cfg: DictConfig) -> None:
+    """A ConfigError unless the complete member in ``member_dir`` ran the config ``cfg`` would run (its
+    ``config.yaml``, the engine and output sections aside: engines give the same results): a sweep re-run
+    with other settings never reports old results as new."""
+    def comparable(c: Any) -> dict[str, Any]:
+        out = OmegaConf.to_container(with_absolute_data_paths(OmegaConf.create(c)), resolve=True)
+        assert isinstance(out, dict)
+        return {k: v for k, v in configs.dotted(out).items() if not k.startswith(("output.", "engine."))}
+
+    try:
+        saved = comparable(OmegaConf.load(member_dir / "config.yaml"))
+    except Exception as err:  # noqa: BLE001 - any unreadable record is the same refusal
+        raise configs.ConfigError(f"{member_dir}/config.yaml cannot be read ({type(err).__name__}); give the "
+                                  f"sweep another --name") from None
+    wanted = comparable(cfg)
+    changed = [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted))
+               if saved.get(k) != wanted.get(k)]
+    if changed:
+        raise configs.ConfigError(f"sweep member {member_dir} is complete but ran another config "
+                                  f"({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}); give this "
+                                  f"sweep another --name")
 
 
 def _fmt(v: Any) -> str:
@@ -123,7 +167,7 @@ def _run_parallel(todo, workers: int, address: str | None, sweep_dir: Path, prog
     working directories. Members that fail are written as far as they got and reported together at the end."""
     import ray
 
-    from fedgluon.exp.cluster import connect, with_absolute_data_paths
+    from fedgluon.exp.cluster import connect
 
     todo = [(mname, with_absolute_data_paths(cfg)) for mname, cfg in todo]  # members run in scratch directories
     threads = max(int(cfg.threads) for _, cfg in todo)  # a member's task holds one CPU per torch thread

@@ -102,6 +102,29 @@ def test_sweep_2x2_then_rerun_skips(tmp_path, monkeypatch):
     assert invoke("plot", str(d)).exit_code == 0
 
 
+def test_a_rerun_sweep_never_reports_old_results_as_new(tmp_path, monkeypatch):
+    """Complete members are kept only if they ran the config they would run now (engine and output aside); a
+    sweep directory holds one sweep's config file and overrides, whose grid may grow."""
+    monkeypatch.chdir(tmp_path)
+    base = tmp_path / "base.yaml"
+    base.write_text("rounds: 4\n")
+    args = ["sweep", str(base), *FAST[:1], *FAST[2:], "--name", "s", "--quiet"]
+    assert invoke(*args, "seed=[0]").exit_code == 0
+    member = tmp_path / "runs" / "s" / "seed=0"
+    stamp = (member / "summary.json").stat().st_mtime_ns
+    grown = invoke(*args, "seed=[0,1]", "--engine", "inprocess")  # a grown grid, another engine: seed=0 is kept
+    assert grown.exit_code == 0, grown.output
+    assert (member / "summary.json").stat().st_mtime_ns == stamp
+    assert (member.parent / "seed=1" / "summary.json").exists()
+    base.write_text("rounds: 5\n")  # the same file and overrides, other contents
+    out = invoke(*args, "seed=[0,1]")
+    assert out.exit_code == 2 and out.output.startswith("error: sweep member") and "rounds: 4 -> 5" in out.output
+    assert len(out.output.strip().splitlines()) == 1, out.output
+    other = invoke(*args, "rounds=5", "seed=[0,1]")  # other overrides: another sweep
+    assert other.exit_code == 2 and "holds another sweep" in other.output, other.output
+    assert (member / "summary.json").stat().st_mtime_ns == stamp
+
+
 def test_sweep_over_whole_algorithm_sections_and_seeds(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = invoke("sweep", *FAST, "--name", "mixed", "--quiet",

@@ -20,6 +20,7 @@ models).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -293,6 +294,11 @@ def make_task(spec: Mapping[str, Any]) -> Task:
                                    all(type(w) is int and w >= 1 for w in hidden)):
         raise ValueError(f"task.hidden must be a list of hidden layer widths, integers >= 1 ([] for none), "
                          f"got {hidden!r}")
+    params = inspect.signature(TASKS[name]).parameters
+    accepted = [n for n, p in params.items() if p.kind is not p.VAR_KEYWORD]
+    unknown = sorted(set(spec) - set(accepted))
+    if unknown and len(accepted) == len(params):  # a builder that passes **kw on is checked where they land
+        raise ValueError(f"task {name!r} got unknown option(s) {unknown}; allowed: {sorted(accepted)}")
     try:
         return TASKS[name](**spec)
     except TypeError as err:

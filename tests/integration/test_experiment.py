@@ -59,6 +59,7 @@ def test_run_writes_documented_files_and_columns(tmp_path, monkeypatch):
     (["colour=red"], ["unknown config key 'colour'", "algorithm"]),
     (["engine.name=spark"], ["engine.name must be one of", "inprocess"]),
     (["algorithm.momentum=0.9"], ["unknown option", "allowed"]),
+    (["task.partition=shards"], ["task 'synthetic' got unknown option(s) ['partition']", "allowed", "num_clients"]),
     (["algorithm.error_feedback=ef3"], ["error_feedback must be one of", "ef14"]),
     (["algorithm.name=sgd", "algorithm.adaptive={L0: 1.0, L1: 0.0}"], ["takes a schedule", "adaptive"]),
     (["task.name=digits", "task.loss=hinge"], ["task loss must be one of", "sigmoid_squared"]),

@@ -84,7 +84,7 @@ def check_members(task: str, grid: dict[str, list[Any]], overrides: Sequence[str
                 continue
             saved = OmegaConf.to_container(OmegaConf.load(d / "config.yaml"))
             assert isinstance(saved, dict)
-            want = {**common, "algorithm": alg, "seed": seed}
+            want = {**common, "algorithm": configs.explicit_algorithm(alg), "seed": seed}  # as the sweep saves it
             if json.dumps({k: saved.get(k) for k in want}, sort_keys=True) != json.dumps(want, sort_keys=True):
                 raise PlanError(f"{d} holds another run than {alg} at seed {seed} (its algorithm, task, rounds or "
                                 f"evaluations differ): use another --out, or remove that directory")

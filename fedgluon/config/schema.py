@@ -139,6 +139,8 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             if isinstance(user.get(section), DictConfig):
                 cfg[section] = _without_renamed_parts(cfg[section], user[section])
         cfg = OmegaConf.merge(cfg, user)
+        if "algorithm" in (replace or {}):
+            cfg.algorithm = explicit_algorithm(cfg.algorithm)
         cfg.output.overwrite = bool(overwrite)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None
@@ -198,6 +200,40 @@ def _defaults_that_apply(section: str, name: str, defaults: DictConfig) -> dict[
     assert isinstance(kept, dict)
     own = {k: copy.deepcopy(v) for k, v in cls.OPTIONS.items() if k in kept and v is not None}
     return {k: own.get(k, v) for k, v in kept.items() if k in accepted}
+
+
+def explicit_algorithm(section: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``replace``d algorithm section with every option that a config file's section would take from the
+    default section written out at the value this run uses (the algorithm's own default), so that the run's
+    ``config.yaml`` (or a tune's ``best.yaml``) run again reproduces it: a file's section is merged over the
+    defaults (:func:`_defaults_that_apply`), a replaced one is not. A compressor of the default's name gets
+    its structure's defaults for the options the default compressor names."""
+    import inspect
+
+    from compressors.registry import COMPRESSORS
+    from fedgluon.algorithms import ALGORITHMS
+
+    out = OmegaConf.to_container(section) if OmegaConf.is_config(section) else copy.deepcopy(dict(section))
+    assert isinstance(out, dict)
+    cls = ALGORITHMS.get(out.get("name"))  # type: ignore[arg-type]
+    if cls is None:
+        return out  # refused by validate
+    default = OmegaConf.structured(ExperimentConfig).algorithm
+    applies = OmegaConf.to_container(default) if out["name"] == default.name else \
+        _defaults_that_apply("algorithm", out["name"], default)
+    assert isinstance(applies, dict)
+    own = {**cls.BASE_OPTIONS, **cls.OPTIONS}
+    for key, value in applies.items():
+        if key not in out:
+            out[key] = copy.deepcopy(own.get(key))
+        elif isinstance(value, dict) and isinstance(out[key], dict) and out[key].get("name") == value.get("name") \
+                and value.get("name") in COMPRESSORS:
+            factory, _, codec = COMPRESSORS[value["name"]]
+            params = inspect.signature(factory).parameters
+            for sub in value:
+                if sub not in out[key] and (sub == "values" or sub in params):
+                    out[key][sub] = codec if sub == "values" else params[sub].default
+    return out
 
 
 def _without_renamed_parts(defaults: DictConfig, user: DictConfig) -> DictConfig:

@@ -138,6 +138,15 @@ def test_sweep_over_whole_algorithm_sections_and_seeds(tmp_path, monkeypatch):
     bits = table.set_index("config")["uplink_bits_per_client_mean"]
     dense, ef21 = bits["gluon"], bits["gluon-ef21"]
     assert ef21 < dense
+    # a member's config.yaml, run again, reproduces it (a file's algorithm section is merged over the default
+    # section, a sweep's replaces it: the saved section spells out every option the default would add)
+    member = next(d for d in (tmp_path / "runs" / "mixed").iterdir()
+                  if d.is_dir() and d.name.startswith("algorithm=gluon,") and d.name.endswith("seed=0"))
+    again = invoke("run", str(member / "config.yaml"), "output.dir=runs", "output.name=again", "--quiet")
+    assert again.exit_code == 0, again.output
+    got, want = (pd.read_csv(d / "metrics.csv").drop(columns=list(TIMING_COLUMNS)) for d in
+                 (tmp_path / "runs" / "again", member))
+    pd.testing.assert_frame_equal(got, want)
 
 
 def test_python_api_loads_runs_and_sweeps(tmp_path, monkeypatch):

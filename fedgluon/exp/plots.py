@@ -29,7 +29,7 @@ import pandas as pd  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from fedgluon.config.schema import dotted  # noqa: E402
+from fedgluon.config.sections import dotted  # noqa: E402
 
 BITS = "up_bits_per_client_cum"
 X_AXES = (BITS, "round", "sim_time")

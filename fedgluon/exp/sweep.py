@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedgluon.config import schema as configs
 from fedgluon.config.run_dir import MARKER, prepare_dir
+from fedgluon.config.sections import dotted
 from fedgluon.exp.cluster import with_absolute_data_paths
 from fedgluon.exp.experiment import is_complete, run
 
@@ -139,7 +140,7 @@ def _ran_as(member_dir: Path, cfg: DictConfig) -> None:
     def comparable(c: Any) -> dict[str, Any]:
         out = OmegaConf.to_container(with_absolute_data_paths(OmegaConf.create(c)), resolve=True)
         assert isinstance(out, dict)
-        return {k: v for k, v in configs.dotted(out).items() if not k.startswith(("output.", "engine."))}
+        return {k: v for k, v in dotted(out).items() if not k.startswith(("output.", "engine."))}
 
     try:
         saved = comparable(OmegaConf.load(member_dir / "config.yaml"))

@@ -1,0 +1,98 @@
+"""How the open config sections (``task``, ``geometry``, ``algorithm``) meet their defaults: a config file's
+section is merged over the default section (:func:`defaults_that_apply`, :func:`without_renamed_parts`), a
+section that replaces it (a sweep over whole algorithm mappings, ``fedgluon tune --algorithm``) is not, so
+such a run's saved section spells out what a file would otherwise take from the defaults
+(:func:`explicit_algorithm`)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# the default run's algorithm section (fedgluon.config.schema.ExperimentConfig)
+DEFAULT_ALGORITHM: dict[str, Any] = {"name": "gluon-ef21-sarah", "lr": 0.05, "schedule": "polynomial", "power": 0.5,
+                                     "compressor": {"name": "topk", "ratio": 0.05}}
+
+
+def defaults_that_apply(section: str, name: str, defaults: DictConfig) -> dict[str, Any]:
+    """The default section's options that still apply when the user names another task or algorithm than
+    the default one. A task keeps none of the default task's options (the same option name can mean
+    different things, e.g. ``alpha``). An algorithm keeps those it accepts, each at the algorithm's own
+    default where its class declares one (``OPTIONS``: DiLoCo's and AdamW's ``lr`` is an AdamW learning
+    rate, FedAvg's ``compressor`` is the identity, MARINA's Rand-K) and at the default section's value
+    otherwise (a shared ``BASE_OPTIONS`` option, such as Gluon's radius ``lr`` or the schedule, which
+    means the same for every algorithm that does not declare its own). Options the user writes are
+    merged over these by :func:`fedgluon.config.schema.load`, so they are always kept."""
+    if section != "algorithm":
+        return {}
+    from fedgluon.algorithms import ALGORITHMS
+
+    cls = ALGORITHMS.get(name)
+    if cls is None:
+        return {}
+    accepted = {**cls.BASE_OPTIONS, **cls.OPTIONS}
+    kept = OmegaConf.to_container(defaults)
+    assert isinstance(kept, dict)
+    own = {k: copy.deepcopy(v) for k, v in cls.OPTIONS.items() if k in kept and v is not None}
+    return {k: own.get(k, v) for k, v in kept.items() if k in accepted}
+
+
+def explicit_algorithm(section: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``replace``d algorithm section with every option that a config file's section would take from the
+    default section written out at the value this run uses (the algorithm's own default), so that the run's
+    ``config.yaml`` (or a tune's ``best.yaml``) run again reproduces it: a file's section is merged over the
+    defaults (:func:`defaults_that_apply`), a replaced one is not. A compressor of the default's name gets
+    its structure's defaults for the options the default compressor names."""
+    import inspect
+
+    from compressors.registry import COMPRESSORS
+    from fedgluon.algorithms import ALGORITHMS
+
+    out = OmegaConf.to_container(section) if OmegaConf.is_config(section) else copy.deepcopy(dict(section))
+    assert isinstance(out, dict)
+    cls = ALGORITHMS.get(out.get("name"))  # type: ignore[arg-type]
+    if cls is None:
+        return out  # refused by validate
+    default = OmegaConf.create(DEFAULT_ALGORITHM)
+    applies = copy.deepcopy(DEFAULT_ALGORITHM) if out["name"] == DEFAULT_ALGORITHM["name"] else \
+        defaults_that_apply("algorithm", out["name"], default)
+    assert isinstance(applies, dict)
+    own = {**cls.BASE_OPTIONS, **cls.OPTIONS}
+    for key, value in applies.items():
+        if key not in out:
+            out[key] = copy.deepcopy(own.get(key))
+        elif isinstance(value, dict) and isinstance(out[key], dict) and out[key].get("name") == value.get("name") \
+                and value.get("name") in COMPRESSORS:
+            factory, _, codec = COMPRESSORS[value["name"]]
+            params = inspect.signature(factory).parameters
+            for sub in value:
+                if sub not in out[key] and (sub == "values" or sub in params):
+                    out[key][sub] = codec if sub == "values" else params[sub].default
+    return out
+
+
+def without_renamed_parts(defaults: DictConfig, user: DictConfig) -> DictConfig:
+    """Drop a default sub-mapping (a compressor, say) that the user replaces by one with another ``name``:
+    ``{name: topk, ratio: 0.05}`` must not leave its ``ratio`` in ``{name: powersgd, rank: 2}``."""
+    out = OmegaConf.to_container(defaults)
+    assert isinstance(out, dict)
+    for key, value in user.items():
+        old = out.get(key)
+        if isinstance(value, DictConfig) and isinstance(old, dict) and "name" in value and \
+                value.get("name") != old.get("name"):
+            del out[key]
+    return OmegaConf.create(out)
+
+
+def dotted(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{"section.key": leaf}`` (a config's keys as overrides name them)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from experiments.flagship.plan import SEEDS, TASKS, Chosen, Method, PlanError, chosen_value
 from fedgluon.config import schema as configs
 from fedgluon.config.run_dir import MARKER, is_complete, prepare_dir
-from fedgluon.config.sections import explicit_algorithm
+from fedgluon.config.sections import explicit
 from fedgluon.exp.sweep import member_name, sweep
 from fedgluon.sim.faults import DEFAULTS as FAULT_DEFAULTS
 
@@ -85,7 +85,7 @@ def check_members(task: str, grid: dict[str, list[Any]], overrides: Sequence[str
                 continue
             saved = OmegaConf.to_container(OmegaConf.load(d / "config.yaml"))
             assert isinstance(saved, dict)
-            want = {**common, "algorithm": explicit_algorithm(alg), "seed": seed}  # as the sweep saves it
+            want = {**common, "algorithm": explicit("algorithm", alg), "seed": seed}  # as the sweep saves it
             if json.dumps({k: saved.get(k) for k in want}, sort_keys=True) != json.dumps(want, sort_keys=True):
                 raise PlanError(f"{d} holds another run than {alg} at seed {seed} (its algorithm, task, rounds or "
                                 f"evaluations differ): use another --out, or remove that directory")

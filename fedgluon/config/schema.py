@@ -27,9 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedgluon.config.sections import (
-    DEFAULT_ALGORITHM,
+    DEFAULT_SECTIONS,
     defaults_that_apply,
-    explicit_algorithm,
+    explicit,
     without_renamed_parts,
 )
 
@@ -87,10 +87,9 @@ class FaultConfig:
 
 @dataclass
 class ExperimentConfig:
-    task: dict[str, Any] = field(default_factory=lambda: {
-        "name": "synthetic", "num_clients": 10, "alpha": 1.0, "beta": 1.0, "hidden": [64], "batch_size": 32})
-    geometry: dict[str, Any] = field(default_factory=lambda: {"preset": "scion"})
-    algorithm: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_ALGORITHM))
+    task: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_SECTIONS["task"]))
+    geometry: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_SECTIONS["geometry"]))
+    algorithm: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_SECTIONS["algorithm"]))
     rounds: int = 30
     seed: int = 0
     participation: float = 1.0  # a fraction in (0, 1], or a count of clients when > 1
@@ -144,8 +143,8 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             if isinstance(user.get(section), DictConfig):
                 cfg[section] = without_renamed_parts(cfg[section], user[section])
         cfg = OmegaConf.merge(cfg, user)
-        if "algorithm" in (replace or {}):
-            cfg.algorithm = explicit_algorithm(cfg.algorithm)
+        for section in replace or {}:  # written out as a file's section would read on reload
+            cfg[section] = explicit(section, cfg[section])
         cfg.output.overwrite = bool(overwrite)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None

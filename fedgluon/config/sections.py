@@ -2,7 +2,7 @@
 section is merged over the default section (:func:`defaults_that_apply`, :func:`without_renamed_parts`), a
 section that replaces it (a sweep over whole algorithm mappings, ``fedgluon tune --algorithm``) is not, so
 such a run's saved section spells out what a file would otherwise take from the defaults
-(:func:`explicit_algorithm`)."""
+(:func:`explicit`)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-# the default run's algorithm section (fedgluon.config.schema.ExperimentConfig)
-DEFAULT_ALGORITHM: dict[str, Any] = {"name": "gluon-ef21-sarah", "lr": 0.05, "schedule": "polynomial", "power": 0.5,
-                                     "compressor": {"name": "topk", "ratio": 0.05}}
+# the default run's open sections (fedgluon.config.schema.ExperimentConfig)
+DEFAULT_SECTIONS: dict[str, dict[str, Any]] = {
+    "task": {"name": "synthetic", "num_clients": 10, "alpha": 1.0, "beta": 1.0, "hidden": [64], "batch_size": 32},
+    "geometry": {"preset": "scion"},
+    "algorithm": {"name": "gluon-ef21-sarah", "lr": 0.05, "schedule": "polynomial", "power": 0.5,
+                  "compressor": {"name": "topk", "ratio": 0.05}},
+}
+DEFAULT_ALGORITHM = DEFAULT_SECTIONS["algorithm"]
 
 
 def defaults_that_apply(section: str, name: str, defaults: DictConfig) -> dict[str, Any]:
@@ -38,6 +43,36 @@ def defaults_that_apply(section: str, name: str, defaults: DictConfig) -> dict[s
     assert isinstance(kept, dict)
     own = {k: copy.deepcopy(v) for k, v in cls.OPTIONS.items() if k in kept and v is not None}
     return {k: own.get(k, v) for k, v in kept.items() if k in accepted}
+
+
+def explicit(name: str, section: Mapping[str, Any]) -> dict[str, Any]:
+    """A section that replaced the default ``name`` section (``task``, ``geometry`` or ``algorithm``), with
+    every option a config file's section would take from the default section written out at the value the
+    run uses, so that the run's ``config.yaml`` (or a tune's ``best.yaml``) run again reproduces it. A task
+    of the default task's name and a geometry take their builder's defaults (a task of another name takes
+    nothing from the default one); an algorithm: :func:`explicit_algorithm`."""
+    import inspect
+
+    if name == "algorithm":
+        return explicit_algorithm(section)
+    out = OmegaConf.to_container(section) if OmegaConf.is_config(section) else copy.deepcopy(dict(section))
+    assert isinstance(out, dict)
+    default = DEFAULT_SECTIONS[name]
+    if name == "task":
+        from fedgluon.tasks.registry import TASKS
+
+        if out.get("name") != default["name"] or out["name"] not in TASKS:
+            return out
+        params = inspect.signature(TASKS[out["name"]]).parameters
+    else:
+        from fedgluon.lmo.geometry import Geometry
+
+        params = inspect.signature(Geometry.from_shapes).parameters
+    for key in default:
+        if key not in out and key in params and params[key].default is not inspect.Parameter.empty:
+            value = params[key].default
+            out[key] = list(value) if isinstance(value, tuple) else copy.deepcopy(value)  # as YAML reads it back
+    return out
 
 
 def explicit_algorithm(section: Mapping[str, Any]) -> dict[str, Any]:

@@ -149,6 +149,21 @@ def test_sweep_over_whole_algorithm_sections_and_seeds(tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(got, want)
 
 
+def test_a_member_of_a_sweep_over_whole_task_sections_reruns_from_its_config(tmp_path, monkeypatch):
+    """A replaced task section of the default task's name omits ``hidden``: the run has the builder's default (no
+    hidden layer), and its config.yaml says so, where a file's section would take the default section's [64]."""
+    monkeypatch.chdir(tmp_path)
+    out = invoke("sweep", "engine.name=plain", "rounds=3", "--name", "tasks", "--quiet",
+                 "task=[{name: synthetic, num_clients: 3, mean_samples: 30}]")
+    assert out.exit_code == 0, out.output
+    (member,) = [d for d in (tmp_path / "runs" / "tasks").iterdir() if d.is_dir()]
+    again = invoke("run", str(member / "config.yaml"), "output.dir=runs", "output.name=again", "--quiet")
+    assert again.exit_code == 0, again.output
+    got, want = (pd.read_csv(d / "metrics.csv").drop(columns=list(TIMING_COLUMNS)) for d in
+                 (tmp_path / "runs" / "again", member))
+    pd.testing.assert_frame_equal(got, want)
+
+
 def test_python_api_loads_runs_and_sweeps(tmp_path, monkeypatch):
     from fedgluon.exp.sweep import load_members, load_run
 

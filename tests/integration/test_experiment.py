@@ -142,10 +142,14 @@ def test_sweep_over_whole_algorithm_sections_and_seeds(tmp_path, monkeypatch):
     # section, a sweep's replaces it: the saved section spells out every option the default would add)
     member = next(d for d in (tmp_path / "runs" / "mixed").iterdir()
                   if d.is_dir() and d.name.startswith("algorithm=gluon,") and d.name.endswith("seed=0"))
-    again = invoke("run", str(member / "config.yaml"), "output.dir=runs", "output.name=again", "--quiet")
+    _reruns_from_its_config(member, tmp_path / "runs")
+
+
+def _reruns_from_its_config(member, runs) -> None:
+    """``fedgluon run member/config.yaml`` (into ``runs/again``) writes the member's metrics, timings aside."""
+    again = invoke("run", str(member / "config.yaml"), f"output.dir={runs}", "output.name=again", "--quiet")
     assert again.exit_code == 0, again.output
-    got, want = (pd.read_csv(d / "metrics.csv").drop(columns=list(TIMING_COLUMNS)) for d in
-                 (tmp_path / "runs" / "again", member))
+    got, want = (pd.read_csv(d / "metrics.csv").drop(columns=list(TIMING_COLUMNS)) for d in (runs / "again", member))
     pd.testing.assert_frame_equal(got, want)
 
 
@@ -157,11 +161,7 @@ def test_a_member_of_a_sweep_over_whole_task_sections_reruns_from_its_config(tmp
                  "task=[{name: synthetic, num_clients: 3, mean_samples: 30}]")
     assert out.exit_code == 0, out.output
     (member,) = [d for d in (tmp_path / "runs" / "tasks").iterdir() if d.is_dir()]
-    again = invoke("run", str(member / "config.yaml"), "output.dir=runs", "output.name=again", "--quiet")
-    assert again.exit_code == 0, again.output
-    got, want = (pd.read_csv(d / "metrics.csv").drop(columns=list(TIMING_COLUMNS)) for d in
-                 (tmp_path / "runs" / "again", member))
-    pd.testing.assert_frame_equal(got, want)
+    _reruns_from_its_config(member, tmp_path / "runs")
 
 
 def test_python_api_loads_runs_and_sweeps(tmp_path, monkeypatch):

@@ -19,7 +19,6 @@ DEFAULT_SECTIONS: dict[str, dict[str, Any]] = {
     "algorithm": {"name": "gluon-ef21-sarah", "lr": 0.05, "schedule": "polynomial", "power": 0.5,
                   "compressor": {"name": "topk", "ratio": 0.05}},
 }
-DEFAULT_ALGORITHM = DEFAULT_SECTIONS["algorithm"]
 
 
 def defaults_that_apply(section: str, name: str, defaults: DictConfig) -> dict[str, Any]:
@@ -50,51 +49,39 @@ def explicit(name: str, section: Mapping[str, Any]) -> dict[str, Any]:
     every option a config file's section would take from the default section written out at the value the
     run uses, so that the run's ``config.yaml`` (or a tune's ``best.yaml``) run again reproduces it. A task
     of the default task's name and a geometry take their builder's defaults (a task of another name takes
-    nothing from the default one); an algorithm: :func:`explicit_algorithm`."""
-    import inspect
-
-    if name == "algorithm":
-        return explicit_algorithm(section)
+    nothing from the default one); an algorithm: :func:`_explicit_algorithm`."""
     out = OmegaConf.to_container(section) if OmegaConf.is_config(section) else copy.deepcopy(dict(section))
     assert isinstance(out, dict)
+    if name == "algorithm":
+        return _explicit_algorithm(out)
     default = DEFAULT_SECTIONS[name]
     if name == "task":
         from fedgluon.tasks.registry import TASKS
 
         if out.get("name") != default["name"] or out["name"] not in TASKS:
             return out
-        params = inspect.signature(TASKS[out["name"]]).parameters
+        builder: Any = TASKS[out["name"]]
     else:
         from fedgluon.lmo.geometry import Geometry
 
-        params = inspect.signature(Geometry.from_shapes).parameters
-    for key in default:
-        if key not in out and key in params and params[key].default is not inspect.Parameter.empty:
-            value = params[key].default
-            out[key] = list(value) if isinstance(value, tuple) else copy.deepcopy(value)  # as YAML reads it back
+        builder = Geometry.from_shapes
+    _fill_defaults(out, default, builder)
     return out
 
 
-def explicit_algorithm(section: Mapping[str, Any]) -> dict[str, Any]:
-    """A ``replace``d algorithm section with every option that a config file's section would take from the
-    default section written out at the value this run uses (the algorithm's own default), so that the run's
-    ``config.yaml`` (or a tune's ``best.yaml``) run again reproduces it: a file's section is merged over the
-    defaults (:func:`defaults_that_apply`), a replaced one is not. A compressor of the default's name gets
-    its structure's defaults for the options the default compressor names."""
-    import inspect
-
+def _explicit_algorithm(out: dict[str, Any]) -> dict[str, Any]:
+    """``out``, a replaced algorithm section, with the options a file's section would take from the default
+    section (:func:`defaults_that_apply`) at the algorithm's own defaults; a compressor of the default
+    compressor's name gets its structure's defaults for the options the default compressor names."""
     from compressors.registry import COMPRESSORS
     from fedgluon.algorithms import ALGORITHMS
 
-    out = OmegaConf.to_container(section) if OmegaConf.is_config(section) else copy.deepcopy(dict(section))
-    assert isinstance(out, dict)
     cls = ALGORITHMS.get(out.get("name"))  # type: ignore[arg-type]
     if cls is None:
         return out  # refused by validate
-    default = OmegaConf.create(DEFAULT_ALGORITHM)
-    applies = copy.deepcopy(DEFAULT_ALGORITHM) if out["name"] == DEFAULT_ALGORITHM["name"] else \
-        defaults_that_apply("algorithm", out["name"], default)
-    assert isinstance(applies, dict)
+    default = DEFAULT_SECTIONS["algorithm"]
+    applies = copy.deepcopy(default) if out["name"] == default["name"] else \
+        defaults_that_apply("algorithm", out["name"], OmegaConf.create(default))
     own = {**cls.BASE_OPTIONS, **cls.OPTIONS}
     for key, value in applies.items():
         if key not in out:
@@ -102,11 +89,22 @@ def explicit_algorithm(section: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(value, dict) and isinstance(out[key], dict) and out[key].get("name") == value.get("name") \
                 and value.get("name") in COMPRESSORS:
             factory, _, codec = COMPRESSORS[value["name"]]
-            params = inspect.signature(factory).parameters
-            for sub in value:
-                if sub not in out[key] and (sub == "values" or sub in params):
-                    out[key][sub] = codec if sub == "values" else params[sub].default
+            if "values" in value:
+                out[key].setdefault("values", codec)
+            _fill_defaults(out[key], value, factory)
     return out
+
+
+def _fill_defaults(out: dict[str, Any], keys: Mapping[str, Any], builder: Any) -> None:
+    """Set each of ``keys`` missing from ``out`` to ``builder``'s default for that parameter, where it has one
+    (a tuple as the list YAML reads back)."""
+    import inspect
+
+    params = inspect.signature(builder).parameters
+    for key in keys:
+        if key not in out and key in params and params[key].default is not inspect.Parameter.empty:
+            value = params[key].default
+            out[key] = list(value) if isinstance(value, tuple) else copy.deepcopy(value)
 
 
 def without_renamed_parts(defaults: DictConfig, user: DictConfig) -> DictConfig:

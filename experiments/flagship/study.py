@@ -21,8 +21,7 @@ from omegaconf import OmegaConf
 from experiments.flagship.plan import SEEDS, TASKS, Chosen, Method, PlanError, chosen_value
 from fedgluon.config import schema as configs
 from fedgluon.config.run_dir import MARKER, is_complete, prepare_dir
-from fedgluon.config.sections import explicit
-from fedgluon.exp.sweep import member_name, sweep
+from fedgluon.exp.sweep import changes_from, listed, member_name, sweep
 from fedgluon.sim.faults import DEFAULTS as FAULT_DEFAULTS
 
 QUICK = ["rounds=3", "eval_every=3"]
@@ -71,24 +70,21 @@ def run_study(tasks: Sequence[str], methods: Sequence[Method], chosen: Chosen, o
     return dirs
 
 
+def member_config(task: str, overrides: Sequence[str], algorithm: Any, seed: int) -> Any:
+    """The run config of the member (``algorithm``, ``seed``) of ``task``'s sweep, as the sweep builds it."""
+    return configs.load(TASKS[task], [*overrides, f"seed={seed}"], replace={"algorithm": algorithm})
+
+
 def check_members(task: str, grid: dict[str, list[Any]], overrides: Sequence[str], sweep_dir: Path) -> None:
     """Refuse a complete member directory that holds another run than the member's (another method under
-    the same name, a value changed in chosen.yaml since, a smoke run's rounds): the sweep would skip it and
-    the report would count it as the member."""
-    base = configs.load(TASKS[task], list(overrides))
-    common = {k: OmegaConf.to_container(base[k]) if OmegaConf.is_config(base[k]) else base[k]
-              for k in ("task", "rounds", "eval_every")}
+    the same name, a value changed in chosen.yaml since, a smoke run's rounds), by the sweep's own rule
+    (:func:`fedgluon.exp.sweep.changes_from`): the report would count it as the member."""
     for seed in grid["seed"]:
         for alg in grid["algorithm"]:
             d = sweep_dir / member_name({"seed": seed, "algorithm": alg}, grid)
-            if not is_complete(d):
-                continue
-            saved = OmegaConf.to_container(OmegaConf.load(d / "config.yaml"))
-            assert isinstance(saved, dict)
-            want = {**common, "algorithm": explicit("algorithm", alg), "seed": seed}  # as the sweep saves it
-            if json.dumps({k: saved.get(k) for k in want}, sort_keys=True) != json.dumps(want, sort_keys=True):
-                raise PlanError(f"{d} holds another run than {alg} at seed {seed} (its algorithm, task, rounds or "
-                                f"evaluations differ): use another --out, or remove that directory")
+            if is_complete(d) and (changes := changes_from(d, member_config(task, overrides, alg, seed))):
+                raise PlanError(f"{d} holds another run than {alg['name']} at seed {seed} ({listed(changes)}): "
+                                f"use another --out, or remove that directory")
 
 
 def reuse_trials(task: str, grid: dict[str, list[Any]], overrides: Sequence[str], sweep_dir: Path,
@@ -108,7 +104,7 @@ def reuse_trials(task: str, grid: dict[str, list[Any]], overrides: Sequence[str]
     for alg in grid["algorithm"]:
         for seed in grid["seed"]:
             member = sweep_dir / member_name({"seed": seed, "algorithm": alg}, grid)
-            cfg = configs.load(TASKS[task], [*overrides, f"seed={seed}"], replace={"algorithm": alg})
+            cfg = member_config(task, overrides, alg, seed)
             trial = trials.get(_spec_key(cfg))
             if trial is None or is_complete(member):
                 continue

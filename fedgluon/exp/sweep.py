@@ -100,7 +100,9 @@ def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | No
         cfg.output.name = mname
         cfg.output.dir = str(sweep_dir)
         if is_complete(sweep_dir / mname):
-            _ran_as(sweep_dir / mname, cfg)
+            if changes := changes_from(sweep_dir / mname, cfg):  # a re-run never reports old results as new
+                raise configs.ConfigError(f"sweep member {sweep_dir / mname} is complete but ran another config "
+                                          f"({listed(changes)}); give this sweep another --name")
             continue
         cfg.output.overwrite = True  # an incomplete member directory is a leftover of an interrupted sweep
         todo.append((mname, cfg))
@@ -133,10 +135,10 @@ def _same_base(sweep_dir: Path, about: Mapping[str, Any]) -> None:
                                   f"{old['overrides']}); give this one another --name")
 
 
-def _ran_as(member_dir: Path, cfg: DictConfig) -> None:
-    """A ConfigError unless the complete member in ``member_dir`` ran the config ``cfg`` would run (its
-    ``config.yaml``, the engine and output sections aside: engines give the same results): a sweep re-run
-    with other settings never reports old results as new."""
+def changes_from(member_dir: Path, cfg: DictConfig) -> list[str]:
+    """What the complete run in ``member_dir`` ran with that ``cfg`` would not, as ``"key: saved -> wanted"``
+    (its ``config.yaml``, the engine and output sections aside: engines give the same results); empty when
+    ``cfg`` would run it again. A ConfigError when that record cannot be read."""
     def comparable(c: Any) -> dict[str, Any]:
         out = OmegaConf.to_container(with_absolute_data_paths(OmegaConf.create(c)), resolve=True)
         assert isinstance(out, dict)
@@ -148,12 +150,13 @@ def _ran_as(member_dir: Path, cfg: DictConfig) -> None:
         raise configs.ConfigError(f"{member_dir}/config.yaml cannot be read ({type(err).__name__}); give the "
                                   f"sweep another --name") from None
     wanted = comparable(cfg)
-    changed = [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted))
-               if saved.get(k) != wanted.get(k)]
-    if changed:
-        raise configs.ConfigError(f"sweep member {member_dir} is complete but ran another config "
-                                  f"({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}); give this "
-                                  f"sweep another --name")
+    return [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted))
+            if saved.get(k) != wanted.get(k)]
+
+
+def listed(changes: list[str], most: int = 3) -> str:
+    """The first ``most`` of :func:`changes_from`'s list, for an error line."""
+    return "; ".join(changes[:most]) + ("; ..." if len(changes) > most else "")
 
 
 def _fmt(v: Any) -> str:

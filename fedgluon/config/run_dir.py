@@ -88,8 +88,10 @@ def _reuse_dir(out: Path, overwrite: bool) -> RunDirLock:
     lock = RunDirLock(out)
     if not overwrite:
         lock.release()
-        state = "a complete" if is_complete(out) else "an incomplete"
-        raise ConfigError(f"{out} holds {state} run; pass --overwrite to replace it")
+        if is_complete(out):
+            raise ConfigError(f"{out} holds a complete run; pass --overwrite to replace it, or choose another "
+                              f"output.name")
+        raise ConfigError(f"{out} holds an incomplete run; pass --resume to continue it, or --overwrite to replace it")
     for entry in out.iterdir():
         if entry.name == MARKER:
             continue

@@ -36,8 +36,10 @@ def deployed_run(grid: Grid, context: Context) -> None:
         out = deployment.run_dir(cfg, root)
         run(cfg, progress=False, out_dir=out, resume=resume, grid=deployment.PollingGrid(grid))
     except BaseException as err:
-        if isinstance(err, ConfigError) and "--overwrite" in str(err):  # fedgluon run's flag; flwr run's key
-            err = ConfigError(str(err).replace("--overwrite", "--run-config overwrite=true"))
+        if isinstance(err, ConfigError) and ("--overwrite" in str(err) or "--resume" in str(err)):
+            # fedgluon run's flags; flwr run's keys
+            err = ConfigError(str(err).replace("--overwrite", "--run-config overwrite=true")
+                              .replace("--resume", "--run-config resume=true"))
         if out is not None:
             deployment.record_failure(out, f"{type(err).__name__}: {err}")
         raise err from None

@@ -159,6 +159,10 @@ def test_an_existing_run_directory_is_refused_with_the_run_config_key(tiny: Path
     with pytest.raises(ConfigError, match=r"holds a complete run; pass --run-config overwrite=true to replace it"):
         deployed_run(_grid(2, rc), _context(rc))
     assert json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())["complete"] is True  # untouched
+    (tmp_path / "runs" / "tiny" / "summary.json").unlink()
+    with pytest.raises(ConfigError, match=r"incomplete run; pass --run-config resume=true to continue it, or "
+                                          r"--run-config overwrite=true"):
+        deployed_run(_grid(2, rc), _context(rc))
     rc["overwrite"] = True
     deployed_run(_grid(2, rc), _context(rc))
 

@@ -61,6 +61,12 @@ def test_overwrite_replaces_a_run_directory_and_nothing_outside_it(tmp_path, mon
     assert cli("output.name=r").exit_code == 0
     run_dir = tmp_path / "runs" / "r"
     assert (run_dir / MARKER).is_file() and "fedgluon run directory" in (run_dir / MARKER).read_text()
+    # without --overwrite: one line naming both ways out (an incomplete run's: --resume)
+    assert error_line(cli("output.name=r").output).endswith("pass --overwrite to replace it, or choose another "
+                                                            "output.name")
+    (run_dir / "summary.json").unlink()
+    assert error_line(cli("output.name=r").output).endswith("holds an incomplete run; pass --resume to continue it, "
+                                                            "or --overwrite to replace it")
     outside = tmp_path / "keep"
     outside.mkdir()
     (outside / "data.txt").write_text("mine")

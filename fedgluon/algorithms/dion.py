@@ -20,8 +20,9 @@ broadcast with the model, round k is::
                         X ← X − t · P Q'ᵀ / c              (t the radius, c the spectral norm's factor)
                         Q ← Q' for the next round
 
-so a spectral layer costs (m + n)·r values up and (m + n)·r down per client and round (P and R up; Q
-with the model in phase 0's broadcast, P in phase 1's). Because the error feedback is linear in B_j,
+so a spectral layer costs (m + n)·r values up per client and round (P and R) against m·n for a dense
+gradient, and (m + n)·r down besides the model every method broadcasts (Q with the model in phase 0's
+broadcast, P in phase 1's). Because the error feedback is linear in B_j,
 the mean of the clients' M_j is the M of single-device Dion on the mean gradient (the paper's
 "decoupled momentum"). At full rank with ``orthonormalise="svd"``, ``P Q'ᵀ = polar(mean_j B_j)`` and
 ``mean_j M_j = μ·mean_j B_j``, so ``mean_j B_j`` follows heavy-ball momentum ``B ← μB + G``, which is
@@ -41,8 +42,15 @@ Where the papers are silent, fedgluon chose:
   ``m_j ← βm_j + (1−β)g_j`` (zero start), are sent dense in phase 1 and stepped with the geometry's LMO
   of the weighted mean: every layer still moves by an LMO in its own norm.
 * The direction of a spectral layer is scaled like the geometry's LMO (``1/c``) and its radius comes
-  from the run's radius rule (the paper's ``sqrt(m/n)`` scale is the ``spectral_muon`` norm's
-  business); adaptive radii use the dual-norm estimate ``⟨R, Q'⟩/c`` = ``−⟨P Rᵀ, direction⟩``.
+  from the run's radius rule. The paper's ``sqrt(m/n)`` scale is ``1/c`` of Scion's ``spectral`` norm
+  (``c = sqrt(n/m)``); ``spectral_muon`` caps it at 1 for wide matrices. Adaptive radii use the dual-norm
+  estimate ``(1−μ)⟨R, Q'⟩/c`` = ``−(1−μ)⟨P Rᵀ, direction⟩``: ``B_j`` is a heavy-ball sum, ``1/(1−μ)``
+  times EMA momentum, and the factor puts spectral layers on the scale of the other layers' EMA and of
+  Gluon's (L0, L1), so that at full rank with ``"svd"`` the adaptive radii are Gluon's too (tested).
+* The error feedback subtracts each client's own ``P R_jᵀ``; Microsoft's data-parallel Dion subtracts
+  ``P R̄ᵀ`` with the all-reduced ``R̄``. The mean of the clients' M_j is the same, so with full
+  participation the iterates are Dion's, and no client needs ``R̄`` (n×r more downlink). Each client's
+  own M_j differs, and under partial participation so does the mean.
 * The initial Q is a Gaussian from ``generator(seed, "dion-q", layer)``, passed through the same
   right-factor rule; a round in which no client is accepted keeps the old Q. Column normalisation
   divides by ``max(‖column‖, eps)``.
@@ -220,7 +228,7 @@ class Dion(Algorithm):
             Q = self.right_factor(G[n])
             P = G[P_KEY + n].to(Q.dtype)
             dirs[n] = -(P @ Q.mT).reshape(self.shapes[n]) / factor
-            duals[n] = (G[n] * Q).sum() / factor
+            duals[n] = (1 - self.opt["beta"]) * (G[n] * Q).sum() / factor  # on EMA momentum's scale
         step = self.lmo_step
         radii = step.radius_rule.radii(k, self.geometry, duals)
         X = {}

@@ -43,7 +43,8 @@ def grads(model, X, data):
 
 def run(name, objs, X0, geom, rounds, **options):
     xs = []
-    algo = make_algorithm(name, geom, lr=LR, schedule="constant", values="fp64", beta=BETA, **options)
+    algo = make_algorithm(name, geom, lr=LR, schedule="constant", values="fp64", beta=BETA,
+                          **{k: v for k, v in options.items() if v is not None})
     res = run_plain(algo, objs, X0, rounds, evaluate=lambda X, k: xs.append({n: t.clone() for n, t in X.items()}) or {})
     return xs, res
 
@@ -53,14 +54,20 @@ def polar(W):
     return U @ Vh
 
 
-def test_full_rank_exact_svd_equals_gluon_with_the_same_momentum():
+ADAPTIVE = {"L0": 10.0, "L1": 0.5}
+
+
+@pytest.mark.parametrize("adaptive", [None, ADAPTIVE])
+def test_full_rank_exact_svd_equals_gluon_with_the_same_momentum(adaptive):
     """r = min(m, n), orthonormalise="svd": Dion = Gluon with EMA momentum β (zero start), 3 clients:
     ``M_j ← βM_j + (1−β)g_j``, ``X ← X − t·polar(mean_j M_j)/c``. The head's cross-entropy gradient has
     rank classes − 1, so its polar factor is not unique: it has the sign norm, ``X ← X − t·sign(mean)/c``
-    (fedgluon's choice for layers without a spectral norm)."""
+    (fedgluon's choice for layers without a spectral norm). With Gluon's adaptive radius
+    ``t = d/(L0 + L1·d)`` of the dual norm ``d`` of the EMA mean (nuclear norm / c, ℓ1 / c for the head):
+    Dion's heavy-ball sums are 1/(1−β) times that EMA, so a wrong scale would change every spectral step."""
     model, data, objs, X0, geom = problem(3, head="sign")
     rounds = 8
-    xs, _ = run("dion", objs, X0, geom, rounds, rank_fraction=1.0, orthonormalise="svd")
+    xs, _ = run("dion", objs, X0, geom, rounds, rank_fraction=1.0, orthonormalise="svd", adaptive=adaptive)
     X = {n: t.clone() for n, t in X0.items()}
     M = [{n: torch.zeros_like(t) for n, t in X.items()} for _ in data]
     for k in range(rounds):
@@ -68,8 +75,53 @@ def test_full_rank_exact_svd_equals_gluon_with_the_same_momentum():
             M[j] = {n: BETA * M[j][n] + (1 - BETA) * g[n] for n in X}
         for n, x in X.items():
             mean = sum(Mj[n] for Mj in M) / len(M)
-            unit = torch.sign(mean) if n == "head.weight" else polar(mean.reshape(x.shape[0], -1)).reshape(x.shape)
-            X[n] = x - LR * unit / geom.params[n].norm.factor
+            c = geom.params[n].norm.factor
+            if n == "head.weight":
+                unit, dual = torch.sign(mean), mean.abs().sum() / c
+            else:
+                matrix = mean.reshape(x.shape[0], -1)
+                unit, dual = polar(matrix).reshape(x.shape), torch.linalg.matrix_norm(matrix, ord="nuc") / c
+            t = LR if adaptive is None else dual / (adaptive["L0"] + adaptive["L1"] * dual)
+            X[n] = x - t * unit / c
+        for n in X:
+            torch.testing.assert_close(xs[k][n], X[n], rtol=1e-10, atol=1e-12, msg=f"round {k}, {n}")
+
+
+def test_three_clients_small_rank_equal_power_iteration_on_weighted_means():
+    """Three clients of unequal sizes (``weights="samples"``), rank 2, Dion: the server's P is the QR of the
+    weighted mean of the clients' ``P_j = B_j Q``, its R the weighted mean of ``R_j = B_jᵀ P``, and each
+    client's error feedback subtracts its own ``P R_jᵀ``; below full rank ``P Pᵀ B_j ≠ B_j``, so the
+    averaging and the feedback both show in the iterates."""
+    model, data, objs, X0, geom = problem(3)
+    sizes = [len(y) for _, y in data]
+    assert len(set(sizes)) > 1, sizes  # unequal weights
+    w = [s / sum(sizes) for s in sizes]
+    rounds, r = 6, 2
+    xs = []
+    algo = make_algorithm("dion", geom, lr=LR, schedule="constant", values="fp64", beta=BETA, rank=r)
+    run_plain(algo, objs, X0, rounds, weights="samples",
+              evaluate=lambda X, k: xs.append({n: t.clone() for n, t in X.items()}) or {})
+    X = {n: t.clone() for n, t in X0.items()}
+    mat = {n: (t.shape[0], t[0].numel()) for n, t in X.items()}
+    rank = {n: min(r, *mat[n]) for n in X}
+
+    def colnorm(R):
+        return R / torch.linalg.vector_norm(R, dim=0).clamp_min(1e-8)
+
+    Q = {n: colnorm(torch.randn(mat[n][1], rank[n], generator=generator(0, "dion-q", i), dtype=torch.float64))
+         for i, n in enumerate(X)}
+    M = [{n: torch.zeros(mat[n], dtype=torch.float64) for n in X} for _ in data]
+    assert any(rank[n] < min(mat[n]) for n in X)
+    for k in range(rounds):
+        g = grads(model, X, data)
+        for n, x in X.items():
+            B = [M[j][n] + g[j][n].reshape(mat[n]) for j in range(3)]
+            P = torch.linalg.qr(sum(w[j] * B[j] @ Q[n] for j in range(3))).Q
+            R = [Bj.T @ P for Bj in B]
+            for j in range(3):
+                M[j][n] = B[j] - (1 - BETA) * P @ R[j].T
+            Q[n] = colnorm(sum(w[j] * R[j] for j in range(3)))
+            X[n] = x - LR * (P @ Q[n].T).reshape(x.shape) / geom.params[n].norm.factor
         for n in X:
             torch.testing.assert_close(xs[k][n], X[n], rtol=1e-10, atol=1e-12, msg=f"round {k}, {n}")
 

@@ -49,6 +49,40 @@ def test_mvr_beta_zero_is_plain_gradient_and_beta_one_is_sarah():
             torch.testing.assert_close(out1[k], outS[k], rtol=1e-12, atol=1e-12)
 
 
+def test_mvr_between_zero_and_one_is_storm():
+    """docs/ALGORITHMS.md §5 at β = 0.6 (not an end point): ``M = g₀`` first, then
+    ``M ← g_k + β(M − ∇f(X^{k−1}; ξ_k))``."""
+    beta, state, m = 0.6, None, None
+    for s in range(6):
+        g, gp = grads(s), grads(100 + s)
+        state, out = MVR(beta=beta).step_one(state, g, None if s == 0 else gp)
+        m = dict(g) if m is None else {k: g[k] + beta * (m[k] - gp[k]) for k in g}
+        for k in g:
+            torch.testing.assert_close(out[k], m[k], rtol=1e-12, atol=1e-14)
+
+
+def test_limuon_below_full_rank_recurses_on_the_best_rank_r_momentum():
+    """docs/ALGORITHMS.md §7 at rank 3 of a 12×10 matrix: ``M ← g + β(M̂ − g_prev)``, ``M̂`` the rank-3
+    truncated SVD of the last M (the bias keeps its full state). With 7 oversampling columns the sketch
+    spans all 10 columns, so the randomized SVD is the exact truncated one, written here with torch's SVD."""
+    shapes, beta, r = {"w": (12, 10), "b": (12,)}, 0.7, 3
+    est, state, m = LiMuon(beta=beta, rank=r, oversample=7), None, None
+
+    def truncated(W):
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        return U[:, :r] * S[:r] @ Vh[:r]
+
+    for s in range(5):
+        g, gp = grads(s, shapes), grads(40 + s, shapes)
+        state, out = est.step_one(state, g, None if s == 0 else gp)
+        if m is None:
+            m = dict(g)
+        else:
+            m = {"w": g["w"] + beta * (truncated(m["w"]) - gp["w"]), "b": g["b"] + beta * (m["b"] - gp["b"])}
+        for k in g:
+            torch.testing.assert_close(out[k], m[k], rtol=1e-10, atol=1e-12)
+
+
 def test_sarah_noiseless_equals_true_gradient():
     """Full-batch, deterministic: V_k = V_{k-1} + ∇f(X_k) − ∇f(X_{k−1}) = ∇f(X_k) (telescoping)."""
     A = torch.randn(5, 5, dtype=torch.float64)

@@ -1,6 +1,7 @@
 """diloco and muloco (fedgluon/algorithms/loco.py): reductions against few-line references written here,
 float64, full participation; the inner optimizer's state kept across rounds and counted in the row."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,3 +145,45 @@ def test_bad_options_name_the_field():
             make_algorithm("diloco", geom, **options)
     with pytest.raises(ValueError, match="unknown option"):
         make_algorithm("muloco", geom, inner="adamw")
+
+
+def test_muloco_end_to_end_matches_inner_muon_ef14_int2_and_outer_nesterov():
+    """Two clients, H = 2, three rounds, MuLoCo's defaults but β: each client's inner step is
+    ``M ← βM + (1−β)g``, ``X_j ← X_j + t·lmo((1−β)g + βM)`` (each layer's LMO of the geometry, t = lr·ρ_i),
+    M kept across rounds; its uplink ``u_j = X_j^H − X`` goes through EF14 with the 2-bit absmax quantiser
+    (``p = Q(e + u)``, ``e ← e + u − p``; per tensor ``s = max|v|`` as float32, levels {−s, 0, s});
+    the server takes outer Nesterov SGD (0.7, 0.9) on ``Δ = −mean_j p_j``."""
+    model, objs, X0, geom = tiny(2)
+    beta, lr, H, rounds = 0.8, 0.05, 2, 3
+    res = final("muloco", objs, X0, geom, rounds, local_steps=H, lr=lr, beta=beta, values="fp64")
+
+    def int2(v):
+        s = float(np.float32(v.abs().max()))
+        return s * torch.round(v / s).clamp(-1, 1) if s > 0 else torch.zeros_like(v)
+
+    def lmo(n, G):
+        return geom.params[n].norm.lmo(G.unsqueeze(0))[0]
+
+    X, b = dict(X0), None
+    M = [{n: torch.zeros_like(t) for n, t in X0.items()} for _ in objs]
+    e = [{n: torch.zeros_like(t) for n, t in X0.items()} for _ in objs]
+    for k in range(rounds):
+        p = []
+        for j, o in enumerate(objs):
+            Xj = dict(X)
+            for s in range(H):
+                g = grad(model, Xj, batch(o, 5, j, k, s))
+                M[j] = {n: beta * M[j][n] + (1 - beta) * g[n] for n in X}
+                Xj = {n: Xj[n] + lr * geom.params[n].radius * lmo(n, (1 - beta) * g[n] + beta * M[j][n]) for n in X}
+            u = {n: Xj[n] - X[n] for n in X}
+            p.append({n: int2(e[j][n] + u[n]) for n in X})
+            e[j] = {n: e[j][n] + u[n] - p[j][n] for n in X}
+        delta = {n: -sum(pj[n] for pj in p) / len(p) for n in X}
+        b = {n: delta[n] if b is None else 0.9 * b[n] + delta[n] for n in X}
+        X = {n: X[n] - 0.7 * (delta[n] + 0.9 * b[n]) for n in X}
+    for n in X:
+        torch.testing.assert_close(res.server_state["X"][n], X[n], rtol=1e-10, atol=1e-12)
+    for j in range(2):
+        row = res.table.client_state(j)
+        for n in X:
+            torch.testing.assert_close(row["inner"]["m"][n], M[j][n], rtol=1e-10, atol=1e-12)

@@ -35,22 +35,48 @@ COMPRESSORS: dict[str, tuple[Callable[..., Structure], tuple[str, ...], str]] = 
     "powersgd": (PowerSGD, ("rank", "min_compression_rate", "warm_start"), "fp32"),
 }
 
+OPTION_KINDS = {"ratio": float, "min_k": int, "rank": int, "min_compression_rate": float, "oversample": int,
+                "warm_start": bool, "levels": int}
 
-def make_compressor(spec: str | Mapping[str, Any]) -> Compressor:
-    """Build a compressor from a name or a mapping with ``name``, structure options, ``values``, ``levels``."""
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+KINDS: dict[type, tuple[str, Callable[[Any], bool]]] = {
+    float: ("a number", _number),
+    int: ("an integer", lambda v: _number(v) and isinstance(v, int)),
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def make_compressor(spec: str | Mapping[str, Any], where: str = "compressor") -> Compressor:
+    """Build a compressor from a name or a mapping with ``name``, structure options, ``values``, ``levels``.
+    ``where`` names the mapping in error messages (``algorithm.compressor``, say): a bad field reads
+    ``<where>.<field> must be ...``."""
     spec = {"name": spec} if isinstance(spec, str) else dict(spec)
     name = spec.pop("name", None)
     if name not in COMPRESSORS:
-        raise ValueError(f"compressor.name must be one of {sorted(COMPRESSORS)}, got {name!r}")
+        hint = (f"; {name!r} is a value codec: name identity (or any structure) with values {name}"
+                if name in VALUE_CODECS else "")
+        raise ValueError(f"{where}.name must be one of {sorted(COMPRESSORS)}, got {name!r}{hint}")
     factory, options, default_values = COMPRESSORS[name]
     values = spec.pop("values", default_values)
     if values not in VALUE_CODECS:
-        raise ValueError(f"compressor.values must be one of {list(VALUE_CODECS)}, got {values!r}")
+        raise ValueError(f"{where}.values must be one of {list(VALUE_CODECS)}, got {values!r}")
     levels = spec.pop("levels", 15)
     unknown = set(spec) - set(options)
     if unknown:
-        raise ValueError(f"compressor {name!r} takes options {sorted(options) + ['levels', 'values']}, "
+        raise ValueError(f"{where} {name!r} takes options {sorted(options) + ['levels', 'values']}, "
                          f"got unknown {sorted(unknown)}")
     if name in ("qsgd", "natural", "int2") and values != default_values:
-        raise ValueError(f"compressor {name!r} fixes values={default_values!r}")
-    return Compressor(factory(**spec), make_value_codec(values, levels), name=name)
+        raise ValueError(f"{where} {name!r} fixes values={default_values!r}")
+    for key, value in {**spec, "levels": levels}.items():
+        words, ok = KINDS[OPTION_KINDS[key]]
+        if not ok(value):
+            raise ValueError(f"{where}.{key} must be {words}, got {value!r}")
+    try:
+        return Compressor(factory(**spec), make_value_codec(values, levels), name=name)
+    except ValueError as err:  # the structure's or codec's own check, which names its field
+        raise ValueError(f"{where}.{err}" if str(err).split(" ", 1)[0] in (*options, "levels") else
+                         f"{where}: {err}") from None

@@ -124,7 +124,7 @@ class _Sparse(Structure):
 
     def __post_init__(self) -> None:
         if not (0 < self.ratio <= 1):
-            raise ValueError(f"compressor ratio must be in (0, 1], got {self.ratio}")
+            raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
         if self.min_k < 1:
             raise ValueError(f"min_k must be >= 1, got {self.min_k}")
 
@@ -297,7 +297,7 @@ class _LowRank(Structure):
 
     def __post_init__(self) -> None:
         if self.rank < 1:
-            raise ValueError(f"compressor rank must be >= 1, got {self.rank}")
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
 
     def r(self, shape: tuple[int, ...]) -> int:
         return min(self.rank, *matrix_dims(shape))

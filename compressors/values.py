@@ -203,7 +203,7 @@ class QSGD(ValueCodec):
 
     def __init__(self, levels: int = 15):
         if not (isinstance(levels, int) and 1 <= levels <= 2 ** 15):
-            raise ValueError(f"qsgd levels must be an integer in [1, 32768], got {levels!r}")
+            raise ValueError(f"levels must be an integer in [1, 32768] (qsgd's), got {levels!r}")
         self.levels = levels
         self.width = math.ceil(math.log2(2 * levels + 1))
 

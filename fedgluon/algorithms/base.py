@@ -98,8 +98,8 @@ class Algorithm:
                                 final_fraction=self.opt["final_fraction"])
         self.lmo_step = LMOStep(geometry, rule, weight_decay=self.opt["weight_decay"],
                                 constrained=self.opt["constrained"])
-        self.dense = make_compressor({"name": "identity", "values": self.opt["values"]})
-        self.downlink = make_compressor(self.opt["downlink"]) if self.opt["downlink"] else None
+        self.dense = make_compressor({"name": "identity", "values": self.opt["values"]}, "algorithm")
+        self.downlink = make_compressor(self.opt["downlink"], "algorithm.downlink") if self.opt["downlink"] else None
         est_name = self.estimator_name()
         self.est: Estimator | None = make_estimator(est_name, **self._estimator_options()) if est_name else None
         if self.opt["state_dtype"] not in STATE_DTYPES:

@@ -33,7 +33,7 @@ class FeedbackUplink(Algorithm):
 
     def __init__(self, geometry, **options):
         super().__init__(geometry, **options)
-        self.compressor = make_compressor(self.opt["compressor"])
+        self.compressor = make_compressor(self.opt["compressor"], "algorithm.compressor")
         self.ef = make_error_feedback(self.opt["error_feedback"], self.compressor, self.opt["tracker"])
 
     @property

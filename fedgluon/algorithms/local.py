@@ -46,7 +46,7 @@ class FedAvg(Algorithm):
         spec = self.opt["compressor"]
         if isinstance(spec, dict) and spec.get("name") == "identity" and "values" not in spec:
             spec = {**spec, "values": self.opt["values"]}
-        self.compressor = make_compressor(spec)
+        self.compressor = make_compressor(spec, "algorithm.compressor")
         self.feedback = make_error_feedback(self.opt["error_feedback"], self.compressor)
 
     @property

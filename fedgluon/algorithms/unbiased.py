@@ -34,7 +34,7 @@ class GluonMARINA(Algorithm):
 
     def __init__(self, geometry, **options):
         super().__init__(geometry, **options)
-        self.compressor = make_compressor(self.opt["compressor"])
+        self.compressor = make_compressor(self.opt["compressor"], "algorithm.compressor")
 
     @property
     def uplink(self) -> Compressor:
@@ -82,7 +82,7 @@ class GluonDASHAMVR(Algorithm):
 
     def __init__(self, geometry, **options):
         super().__init__(geometry, **options)
-        self.compressor = make_compressor(self.opt["compressor"])
+        self.compressor = make_compressor(self.opt["compressor"], "algorithm.compressor")
         props = [self.compressor.properties(s) for s in self.shapes.values()]
         if any(p.kind not in ("unbiased", "identity") for p in props):
             raise ValueError(f"gluon-dasha-mvr needs an unbiased compressor, got {self.opt['compressor']!r}")

@@ -133,7 +133,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"overrides must look like key=value, got {bad}")
-            dotlist = OmegaConf.from_dotlist(list(overrides))
+            dotlist = _from_dotlist(list(overrides))
             _refuse_overwrite(dotlist, "a key=value override")
             user = OmegaConf.merge(user, dotlist)
         for section in SECTIONS:
@@ -150,6 +150,24 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(_explain(err)) from None
     validate(cfg)
     return cfg
+
+
+def _from_dotlist(overrides: list[str]) -> DictConfig:
+    """``key=value`` overrides as a config (each value read as YAML); a value that is not YAML, such as an
+    unclosed ``[`` or ``{``, is a ConfigError naming that override."""
+    import yaml
+
+    try:
+        return OmegaConf.from_dotlist(overrides)
+    except yaml.YAMLError:
+        for o in overrides:
+            try:
+                OmegaConf.from_dotlist([o])
+            except yaml.YAMLError as err:
+                problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+                raise ConfigError(f"override {o!r}: the value is not YAML ({problem}); a list or mapping needs "
+                                  f"its closing bracket, e.g. key=[1, 2] or key={{a: 1}}") from None
+        raise
 
 
 def _read_yaml(path: Path, own_run: bool) -> DictConfig:

@@ -20,7 +20,8 @@ import copy
 import json
 import math
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from fedgluon.algorithms import Algorithm, make_algorithm
@@ -77,17 +78,47 @@ def build_cached(spec: Mapping[str, Any]) -> tuple[Task, Algorithm]:
 
 
 def build(spec: Mapping[str, Any]) -> tuple[Task, Algorithm]:
-    """The task and the algorithm of a (normalised) spec; the task seed defaults to the run seed."""
+    """The task and the algorithm of a (normalised) spec; the task seed defaults to the run seed. A
+    builder's ValueError that begins with one of its section's options (``beta must be in [0, 1)``) gets
+    the section's name in front (``algorithm.beta must be ...``)."""
     task_spec = {"seed": spec["seed"], **spec["task"]}
-    check_option_types(task_spec, spec["algorithm"])
-    task = make_task(task_spec)
-    geometry = Geometry.from_model(task.model, **spec["geometry"])
+    check_option_types(task_spec, spec["algorithm"], spec["geometry"])
+    with _named("task", {*task_spec, *_annotated_kinds(*_task_builders(task_spec.get("name")))}):
+        task = make_task(task_spec)
+    with _named("geometry", spec["geometry"]):
+        geometry = Geometry.from_model(task.model, **spec["geometry"])
     alg = dict(spec["algorithm"])
     name = alg.pop("name", None)
-    algorithm = make_algorithm(name, geometry, **alg)
+    with _named("algorithm", {**alg, **_algorithm_defaults(name)}):
+        algorithm = make_algorithm(name, geometry, **alg)
     algorithm.client_device = resolve_device("client_device", spec.get("client_device", "cpu"))
     check_min_k(algorithm)
     return task, algorithm
+
+
+@contextmanager
+def _named(section: str, options: Collection[str]) -> Iterator[None]:
+    """Prefix ``section.`` to a ValueError whose first word is one of ``options``."""
+    try:
+        yield
+    except ValueError as err:
+        if str(err).split(" ", 1)[0] in options:
+            raise ValueError(f"{section}.{err}") from None
+        raise
+
+
+def _task_builders(name: Any) -> tuple[Any, ...]:
+    """The functions whose keyword options a task of this name takes (none for an unknown name)."""
+    from fedgluon.tasks import registry as tasks
+
+    return (tasks._classification, tasks.TASKS[name]) if name in tasks.TASKS else ()
+
+
+def _algorithm_defaults(name: Any) -> dict[str, Any]:
+    from fedgluon.algorithms import ALGORITHMS
+
+    cls = ALGORITHMS.get(name)
+    return {**cls.BASE_OPTIONS, **cls.OPTIONS} if cls is not None else {}
 
 
 def _is_number(v: Any) -> bool:
@@ -102,13 +133,10 @@ _KINDS: dict[Any, tuple[str, Any]] = {  # a scalar type: (in words, its check)
 }
 
 
-def _task_kinds(name: str) -> dict[str, tuple[str, Any]]:
-    """The scalar options of a task builder (and of the partitioned tasks' shared options), by annotation;
-    ``X | None`` also takes null."""
-    from fedgluon.tasks import registry as tasks
-
+def _annotated_kinds(*functions: Any) -> dict[str, tuple[str, Any]]:
+    """The scalar options of builder functions, by annotation; ``X | None`` also takes null."""
     kinds: dict[str, tuple[str, Any]] = {}
-    for fn in (tasks._classification, tasks.TASKS[name]):
+    for fn in functions:
         for key, hint in typing.get_type_hints(fn).items():
             args = [a for a in typing.get_args(hint) if a is not type(None)]
             optional = len(args) < len(typing.get_args(hint))
@@ -119,30 +147,30 @@ def _task_kinds(name: str) -> dict[str, tuple[str, Any]]:
     return kinds
 
 
-def check_option_types(task: Mapping[str, Any], algorithm: Mapping[str, Any]) -> None:
-    """Refuse a task or algorithm option of the wrong scalar type (``task.num_clients=abc``,
-    ``algorithm.lr=abc``) with a message naming it, before a builder trips over it. Task options are
-    checked against the builder's annotations, algorithm options against the type of their default
-    (a number, a boolean or a string; options whose default is null or a mapping are the builders')."""
-    from fedgluon.algorithms import ALGORITHMS
-    from fedgluon.tasks.registry import TASKS
-
-    if task.get("name") in TASKS:
-        kinds = _task_kinds(task["name"])
-        for key, value in task.items():
+def check_option_types(task: Mapping[str, Any], algorithm: Mapping[str, Any],
+                       geometry: Mapping[str, Any] | None = None) -> None:
+    """Refuse a task, geometry or algorithm option of the wrong scalar type (``task.num_clients=abc``,
+    ``algorithm.lr=abc``) with a message naming it, before a builder trips over it. Task and geometry
+    options are checked against their builders' annotations (a task's and the partitioned tasks' shared
+    options; ``Geometry.from_shapes``), algorithm options against the type of their default (a number, a
+    boolean or a string; options whose default is null or a mapping are the builders')."""
+    sections = [("geometry", geometry or {}, _annotated_kinds(Geometry.from_shapes)),
+                ("task", task, _annotated_kinds(*_task_builders(task.get("name"))))]
+    for section, options, kinds in sections:
+        for key, value in options.items():
             if key in kinds and not kinds[key][1](value):
-                raise ValueError(f"task.{key} must be {kinds[key][0]}, got {value!r}")
-    cls = ALGORITHMS.get(algorithm.get("name"))
-    defaults = {**cls.BASE_OPTIONS, **cls.OPTIONS} if cls is not None else {}
+                raise ValueError(f"{section}.{key} must be {kinds[key][0]}, got {value!r}")
+    defaults = _algorithm_defaults(algorithm.get("name"))
     for key, value in algorithm.items():
         default = defaults.get(key)
         kind = bool if isinstance(default, bool) else float if _is_number(default) else \
             str if isinstance(default, str) else None
-        if kind is None or (kind is not str and isinstance(value, (Mapping, list))):
-            continue  # a mapping or list for a number or a flag (a per-layer value, say) is the builder's to judge
+        if kind is None:
+            continue  # options whose default is null or a mapping are the builders' to judge
         words, ok = _KINDS[kind]
         if not ok(value):
-            raise ValueError(f"algorithm.{key} must be {words}, got {value!r}")
+            grid = " (a list of values is a sweep's grid: fedgluon sweep)" if isinstance(value, list) else ""
+            raise ValueError(f"algorithm.{key} must be {words}, got {value!r}{grid}")
 
 
 def check_min_k(algorithm: Algorithm) -> None:

@@ -90,8 +90,7 @@ def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | No
     about = {"config": str(config_path) if config_path else None,  # what the results depend on
              "overrides": [o for o in overrides if not o.startswith(("engine.", "output."))]}
     _same_base(sweep_dir, about)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    todo = []
+    todo = []  # every member's config is validated before the sweep directory is made
     for values in members(grid):
         mname = member_name(values, grid)
         sections = {k: v for k, v in values.items() if k in configs.SECTIONS}
@@ -106,6 +105,7 @@ def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | No
             continue
         cfg.output.overwrite = True  # an incomplete member directory is a leftover of an interrupted sweep
         todo.append((mname, cfg))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "sweep.json").write_text(json.dumps({**about, "grid": grid}, indent=2))
     if parallel and todo:
         _run_parallel(todo, parallel, base.engine.address, sweep_dir, progress)

@@ -147,17 +147,17 @@ def _classification(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: 
 def _dtype(name: str) -> torch.dtype:
     dtypes = {"float32": torch.float32, "float64": torch.float64}
     if name not in dtypes:
-        raise ValueError(f"task dtype must be one of {sorted(dtypes)}, got {name!r}")
+        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {name!r}")
     return dtypes[name]
 
 
 def _head(x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...], loss: str, bias: bool = True) -> nn.Module:
     """The task's MLP: C outputs for cross-entropy, one score for the binary ``sigmoid_squared`` loss."""
     if loss not in LOSSES:
-        raise ValueError(f"task loss must be one of {list(LOSSES)}, got {loss!r}")
+        raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
     classes = int(y.max()) + 1
     if loss == "sigmoid_squared" and classes != 2:
-        raise ValueError(f"task loss 'sigmoid_squared' needs a binary dataset, this one has {classes} classes")
+        raise ValueError(f"loss 'sigmoid_squared' needs a binary dataset, this one has {classes} classes")
     return MLP(x.shape[1], tuple(hidden), 1 if loss == "sigmoid_squared" else classes, bias=bias)
 
 
@@ -221,7 +221,7 @@ def _fashion_mnist(data_dir: str | None = None, model: str = "cnn", train_limit:
     elif model == "mlp":
         net = MLP(28 * 28, (256,), 10)
     else:
-        raise ValueError(f"fashion_mnist model must be one of ['cnn', 'mlp'], got {model!r}")
+        raise ValueError(f"model must be one of ['cnn', 'mlp'], got {model!r}")
     return _classification(prep(x_tr), y_tr.astype(np.int64), prep(x_te), y_te.astype(np.int64), net, **opts)
 
 
@@ -237,7 +237,7 @@ def _libsvm(path: str | None = None, n_features: int | None = None, **kw: Any) -
     from fedgluon.tasks.data.tabular import load_libsvm
 
     if path is None:
-        raise ValueError("task 'libsvm' needs path (a LibSVM/svmlight file)")
+        raise ValueError("path must name a LibSVM/svmlight file (task 'libsvm' needs one)")
     return _linear(*load_libsvm(path, n_features), **kw)
 
 

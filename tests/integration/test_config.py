@@ -132,6 +132,23 @@ def test_wrong_type_and_missing_values_name_the_allowed_values(tmp_path, monkeyp
     ("output.name=a/b", ["output.name must be", "no path separator"]),
     ("output.name=/tmp/elsewhere", ["output.name must be", "not absolute"]),
     ("output.overwrite=false", ["output.overwrite must not be set", "--overwrite"]),
+    # a builder's own check names the field with its section
+    ("algorithm.compressor.ratio=-0.1", ["algorithm.compressor.ratio must be in (0, 1]", "got -0.1"]),
+    ("algorithm.lr=-0.1", ["algorithm.lr must be"]),
+    ("algorithm.downlink={name: topk, ratio: 2}", ["algorithm.downlink.ratio must be in (0, 1]"]),
+    ("algorithm.values=int9", ["algorithm.values must be one of", "'int8'"]),
+    ("task={name: digits, partition: diriclet}", ["task.partition must be one of", "'dirichlet'"]),
+    ("task.alpha=-1", ["task.alpha must be >= 0", "got -1"]),
+    ("task={name: digits, partition: dirichlet, alpha: -1}", ["task.alpha must be > 0"]),
+    ("task={name: libsvm}", ["task.path must name"]),
+    ("geometry.ns_steps=0", ["geometry.ns_steps must be >= 1"]),
+    ("geometry.ns_steps=x", ["geometry.ns_steps must be an integer"]),
+    # lists, mappings and YAML slips in overrides
+    ("algorithm.lr=[0.1,0.2]", ["algorithm.lr must be a number", "sweep's grid"]),
+    ("algorithm.lr={a: 1}", ["algorithm.lr must be a number"]),
+    ("algorithm.compressor.ratio=[0.1,0.2]", ["algorithm.compressor.ratio must be a number"]),
+    ("algorithm.compressor={name: topk", ["override 'algorithm.compressor={name: topk'", "not YAML"]),
+    ("algorithm.compressor.name=int8", ["algorithm.compressor.name must be one of", "values int8"]),
 ])
 def test_values_accepted_or_crashing_before_are_refused(tmp_path, monkeypatch, override, words):
     """Each of these ran (or died with a traceback, or with a message that did not name the field)."""

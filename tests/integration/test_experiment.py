@@ -62,7 +62,7 @@ def test_run_writes_documented_files_and_columns(tmp_path, monkeypatch):
     (["task.partition=shards"], ["task 'synthetic' got unknown option(s) ['partition']", "allowed", "num_clients"]),
     (["algorithm.error_feedback=ef3"], ["error_feedback must be one of", "ef14"]),
     (["algorithm.name=sgd", "algorithm.adaptive={L0: 1.0, L1: 0.0}"], ["takes a schedule", "adaptive"]),
-    (["task.name=digits", "task.loss=hinge"], ["task loss must be one of", "sigmoid_squared"]),
+    (["task.name=digits", "task.loss=hinge"], ["task.loss must be one of", "sigmoid_squared"]),
     (["engine.client_device=tpu"], ["engine.client_device must be one of", "cuda:N"]),
     (["geometry.lmo_device=npu"], ["geometry.lmo_device must be one of", "same"]),
     (["engine.workers=0"], ["engine.workers must be an integer >= 1"]),
@@ -75,6 +75,22 @@ def test_invalid_configs_exit_nonzero_naming_the_field(tmp_path, monkeypatch, ar
     for w in words:
         assert w in out.output, out.output
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize("grid, words", [
+    ("algorithm.lrr=[0.1,0.2]", ["unknown option(s) ['lrr']"]),
+    ("algorithm.compressor.ratio=[0.1,-1]", ["algorithm.compressor.ratio must be in (0, 1]", "got -1"]),
+    ("algorithm.name=[gluon,gluon-ef12]", ["algorithm.name must be one of", "gluon-ef21"]),
+])
+def test_a_sweep_with_a_bad_member_is_one_error_line_and_makes_no_directory(tmp_path, monkeypatch, grid, words):
+    """Every member's config is validated before the sweep directory exists: the second member's mistake
+    leaves nothing behind, not even an empty sweep directory."""
+    monkeypatch.chdir(tmp_path)
+    out = invoke("sweep", *FAST, grid, "--name", "bad", "--quiet")
+    assert out.exit_code == 2
+    lines = out.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and all(w in lines[0] for w in words), out.output
+    assert not (tmp_path / "runs").exists()
 
 
 def test_sweep_2x2_then_rerun_skips(tmp_path, monkeypatch):

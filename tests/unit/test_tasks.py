@@ -29,7 +29,7 @@ def test_task_errors():
         make_task({"name": "cifar10"})
     with pytest.raises(ValueError, match="bad options for task 'digits'"):
         make_task({"name": "digits", "colour": True})
-    with pytest.raises(ValueError, match="needs path"):
+    with pytest.raises(ValueError, match="path must name a LibSVM"):
         make_task({"name": "libsvm"})
     with pytest.raises(FileNotFoundError, match="apt-get install"):
         make_task({"name": "fashion_mnist", "data_dir": "/nonexistent"})

@@ -38,7 +38,7 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str = "iid", *, seed
         return [np.sort(part) for part in np.array_split(rng.permutation(n), num_clients)]
     if scheme == "dirichlet":
         if alpha <= 0:
-            raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
+            raise ValueError(f"alpha must be > 0 (the Dirichlet concentration), got {alpha}")
         classes = np.unique(labels)
         for _ in range(max_tries):
             parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]

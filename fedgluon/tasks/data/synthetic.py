@@ -18,8 +18,10 @@ def leaf_synthetic(num_clients: int, alpha: float = 1.0, beta: float = 1.0, *, d
                    mean_samples: int = 100, min_samples: int = 20, seed: int = 0,
                    dtype: torch.dtype = torch.float32) -> list[tuple[Tensor, Tensor]]:
     """One ``(inputs (n_k, dim), labels (n_k,))`` pair per client, reproducible from ``seed``."""
-    if num_clients < 1 or alpha < 0 or beta < 0 or dim < 1 or classes < 2:
-        raise ValueError("leaf_synthetic needs num_clients >= 1, alpha >= 0, beta >= 0, dim >= 1, classes >= 2")
+    for name, value, least in (("num_clients", num_clients, 1), ("alpha", alpha, 0), ("beta", beta, 0),
+                               ("dim", dim, 1), ("classes", classes, 2)):
+        if not value >= least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
     rng = np.random.default_rng(seed)
     sizes = np.maximum(min_samples, rng.lognormal(np.log(mean_samples), 0.5, num_clients).astype(int))
     std = np.arange(1, dim + 1, dtype=np.float64) ** -0.6  # Σ = diag(j^-1.2) is diagonal: x = v + std ⊙ z

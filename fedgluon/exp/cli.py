@@ -67,7 +67,7 @@ def _fail(err: Exception) -> None:
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
               help="continue the unfinished run in this directory from its checkpoint (OVERRIDES may change "
-                   "engine settings, threads and timeouts only)")
+                   "engine, network and output settings, threads, timeouts, faults and max_failed_rounds only)")
 def run(config: str | None, overrides: tuple[str, ...], engine: str | None, overwrite: bool, quiet: bool,
         resume_dir: str | None) -> None:
     """Run CONFIG (a YAML file; defaults when omitted) with key=value OVERRIDES.
@@ -87,6 +87,8 @@ def run(config: str | None, overrides: tuple[str, ...], engine: str | None, over
         if resume_dir is not None:
             if config is not None:
                 raise ConfigError("--resume takes the run's own config.yaml; pass overrides only, not a CONFIG file")
+            if overwrite:
+                raise ConfigError("--resume continues a run and --overwrite replaces it: pass one of them")
             saved = Path(resume_dir) / "config.yaml"
             if not saved.exists():
                 raise ConfigError(f"{resume_dir} is not a run directory (no config.yaml)")

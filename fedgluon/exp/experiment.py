@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedgluon.config import spec as specs
 from fedgluon.config.run_dir import MARKER, RunDirLock, is_complete, prepare_dir  # noqa: F401 (MARKER, RunDirLock: re-exported)
 from fedgluon.config.schema import ConfigError, run_name, spec_of
+from fedgluon.config.sections import dotted
 from fedgluon.core.memory import client_state_bytes
 from fedgluon.exp import cluster
 from fedgluon.runtime.threads import torch_threads
@@ -231,14 +232,26 @@ def _resumable(out: Path, spec: Mapping[str, Any]) -> Snapshot:
     except CheckpointError as err:
         raise ConfigError(f"{err}; start the run again with --overwrite") from None
     if snapshot.run_key != run_key(spec):
-        raise ConfigError(f"{path} was written by a run with another config (task, geometry, algorithm, rounds, "
-                          f"seed, participation, weights or eval_every differ); only engine, network and output "
-                          f"settings, {', '.join(ENVIRONMENT)} may change on resume")
+        raise ConfigError(f"{path} was written by a run with another config ({_changes(snapshot.run_key, spec)}); "
+                          f"only engine, network and output settings, {', '.join(ENVIRONMENT)} may change on resume")
     if snapshot.next_round > spec["rounds"]:
         raise ConfigError(f"{path} cannot be resumed: it is at round {snapshot.next_round}, the run has "
                           f"{spec['rounds']} rounds")
     sweep_checkpoint(path, snapshot)  # temporary files and journals that killed saves left in this run directory
     return snapshot
+
+
+def _changes(saved_key: str, spec: Mapping[str, Any]) -> str:
+    """The fields in which ``spec`` differs from the run a checkpoint's ``run_key`` was made from, as
+    ``key: saved -> now`` (the first three), for the refusal of a resume."""
+    try:
+        saved = dotted(json.loads(saved_key))
+    except (ValueError, TypeError, AttributeError):  # a key this fedgluon did not write
+        return "its run key differs"
+    now = dotted(json.loads(run_key(spec)))
+    diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)]
+    return "; ".join(diff[:3]) + ("; ..." if len(diff) > 3 else "") if diff else "its run key differs"
 
 
 def _check_table(path: Path, snapshot: Snapshot, task: Any, algorithm: Any, seed: int) -> None:

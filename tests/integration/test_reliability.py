@@ -164,6 +164,12 @@ def test_resume_refuses_another_config_and_complete_runs(tmp_path):
     (out / "summary.json").unlink()
     with pytest.raises(config.ConfigError, match="another config"):
         experiment.run(cfg, progress=False, out_dir=out, resume=True)
+    other = load_cfg(tmp_path, "engine.name=plain", "rounds=4", "algorithm.lr=0.5", "seed=3")
+    checkpoint.save(checkpoint.Snapshot(0, {}, {}, run_key=experiment.run_key(config.spec_of(other))),
+                    out / "checkpoint.pt")
+    with pytest.raises(config.ConfigError) as refused:  # names what differs
+        experiment.run(cfg, progress=False, out_dir=out, resume=True)
+    assert f"algorithm.lr: 0.5 -> {cfg.algorithm.lr!r}; seed: 3 -> 0" in str(refused.value)
     (out / "checkpoint.pt").unlink()
     with pytest.raises(config.ConfigError, match="no checkpoint.pt"):
         experiment.run(cfg, progress=False, out_dir=out, resume=True)

@@ -67,6 +67,7 @@ def test_overwrite_replaces_a_run_directory_and_nothing_outside_it(tmp_path, mon
     (run_dir / "summary.json").unlink()
     assert error_line(cli("output.name=r").output).endswith("holds an incomplete run; pass --resume to continue it, "
                                                             "or --overwrite to replace it")
+    assert "pass one of them" in error_line(cli("--overwrite", "--resume", str(run_dir)).output)
     outside = tmp_path / "keep"
     outside.mkdir()
     (outside / "data.txt").write_text("mine")

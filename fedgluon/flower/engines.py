@@ -3,7 +3,9 @@
 * :func:`run_inprocess` — fedgluon's :class:`InProcessGrid` (a ``flwr.serverapp.Grid``) hands each
   message to the real ``ClientApp`` in this process, in order; no Ray. For tests and quick runs.
 * :func:`run_ray` — Flower's simulation engine on Ray (``flwr.simulation.run_simulation``), with
-  per-client CPU/GPU shares, on a private local Ray instance or an existing cluster (``address``).
+  per-client CPU/GPU shares, on a private local Ray instance or an existing cluster (``address``). A
+  private instance's processes run in a session of their own, so a SIGTERM to fedgluon's process group
+  stops the run after its round (fedgluon/runtime/ray_session.py).
 * ``flwr run .`` — the Flower-native way; ``pyproject.toml`` carries the app components.
 
 All three run ``strategies.server_app.serve`` and ``fedgluon.flower.client_app`` and produce the same
@@ -35,6 +37,7 @@ from fedgluon.clients.blocks import num_blocks
 from fedgluon.config import spec as specs
 from fedgluon.core.rng import derive_seed
 from fedgluon.flower.dispatch import faster_dispatch
+from fedgluon.runtime.ray_session import ray_daemons_in_own_session
 from fedgluon.runtime.threads import torch_threads
 from fedgluon.sim.checkpoint import Checkpointer, Snapshot
 from fedgluon.sim.faults import SimulatedActorDeath
@@ -235,7 +238,7 @@ def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0
     sink: list = []
     nodes = num_blocks(task.num_clients, s["block_size"])
     with faster_dispatch(nodes) if fast_dispatch else nullcontext(), _engine_notices_filtered(), \
-            _actors_end_quietly():
+            _actors_end_quietly(), nullcontext() if address else ray_daemons_in_own_session():
         run_simulation(server_app=make_server_app(s, sink, on_round, evaluate, checkpointer, resume),
                        client_app=make_client_app(s), num_supernodes=nodes,
                        backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},

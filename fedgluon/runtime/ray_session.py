@@ -1,0 +1,55 @@
+"""Ray's processes in a session of their own, so that a signal to fedgluon's process group stops fedgluon alone.
+
+``timeout``, ``kill -TERM -- -PGID`` and a terminal's Ctrl-C signal a whole process group. A private local
+Ray (``ray.init(address="local")``, and Flower's simulation engine, which calls it) starts its GCS server,
+raylet and, through the raylet, the worker processes running the clients, all in the driver's group. Ray
+blocks SIGINT in them, but a SIGTERM to the group ends them at once: the round in flight then fails on a
+dead actor, instead of finishing and writing its checkpoint (exit code 130).
+
+While :func:`ray_daemons_in_own_session` is active, the processes Ray starts from this process begin a new
+session (``setsid``, ``start_new_session=True``), out of reach of signals to this group; this process
+handles SIGINT/SIGTERM and shuts Ray down at the end, as before. They still end if this process dies
+without doing so: on Linux Ray starts them with kernel fate-sharing (``PR_SET_PDEATHSIG``), which this
+module requires; elsewhere Ray's reaper finds them through this group, and they are left in it.
+
+A patch of Ray's private ``ray._private.services.ConsolePopen`` (the ``subprocess.Popen`` Ray starts its
+processes with), made only where it is found as written for Ray 2.55; otherwise nothing is changed (logged).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+log = logging.getLogger("fedgluon")
+
+
+@contextmanager
+def ray_daemons_in_own_session() -> Iterator[None]:
+    """While active, the processes Ray starts from this process run in a new session (see the module)."""
+    try:
+        import ray._private.services as services
+        from ray._private.utils import detect_fate_sharing_support
+
+        original = services.ConsolePopen
+        fate_sharing = bool(detect_fate_sharing_support())
+    except (ImportError, AttributeError) as err:
+        log.debug("Ray's process start-up not found (%s); its processes stay in this process group", err)
+        yield
+        return
+    if not fate_sharing:  # Ray's reaper would look for them in this group
+        yield
+        return
+
+    class InOwnSession(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("start_new_session", True)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = InOwnSession
+    try:
+        yield
+    finally:
+        services.ConsolePopen = original

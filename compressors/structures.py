@@ -287,6 +287,16 @@ class RandKSeeded(RandK):
         return BitCount(seed_bits=64)
 
 
+def balanced(P: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+    """``(P D, Q D⁻¹)``, D diagonal, so that column j of both factors has norm ``√(‖P_j‖‖Q_j‖)``: the same
+    product ``P Qᵀ`` from factors of one scale. The value codecs keep one scale per message (fp16's
+    ``max|v|/2¹⁴``, int-b's ``max|v|``): with ``U·S`` beside a unit ``V`` the small factor was lost, all of it
+    below fp16's range for a matrix of entries ~1e-20, and rounded to zero by int8 at ~1e-3."""
+    a, b = torch.linalg.vector_norm(P, dim=0), torch.linalg.vector_norm(Q, dim=0)
+    d = torch.where((a > 0) & (b > 0), b.sqrt() / a.sqrt(), torch.ones_like(a))
+    return P * d, Q / d
+
+
 @dataclass
 class _LowRank(Structure):
     """Low-rank factors of the ``(shape[0], prod(shape[1:]))`` matrix of each row. The factorisations and
@@ -319,6 +329,7 @@ class _LowRank(Structure):
         values, states = [], []
         for x, ctx in zip(X, ctxs):
             P, Q, state = self._factors(x.reshape(matrix_dims(shape)), ctx)
+            P, Q = balanced(P, Q)
             values.append(torch.cat([P.reshape(-1), Q.reshape(-1)]))
             states.append(state)
         out = torch.stack(values) if values else X.new_empty((0, self.n_values(shape)))

@@ -84,11 +84,21 @@ def test_fixed16_needs_exact_difference_transport():
 
 
 def test_ef14_telescopes():
-    """Σ_r sent_r = Σ_r x_r − e_R exactly (the residual carries everything not yet sent)."""
+    """Σ_r sent_r = Σ_r x_r − e_R exactly (the residual carries everything not yet sent), and each round
+    sends top-k of ``e + x`` (written here), not of x alone: the telescoping holds for any ``sent``."""
     ef = EF14(make_compressor({"name": "topk", "ratio": 0.05, "values": "fp64"}))
-    state, sent_sum, x_sum = None, 0, 0
+    state, sent_sum, x_sum, e = None, 0, 0, {n: torch.zeros(s, dtype=torch.float64) for n, s in SHAPES.items()}
     for r, v in enumerate(client_inputs(25, [0], SHAPES)):
         msg, state, _ = step_one(ef, state, v[0], (0, 0, r))
+        for n, shape in SHAPES.items():
+            target = (e[n] + v[0][n]).reshape(-1)
+            k = max(1, int(np.ceil(0.05 * target.numel())))
+            want = torch.zeros_like(target)
+            keep = target.abs().topk(k).indices
+            want[keep] = target[keep]
+            sent = ef.compressor.decompress(msg[n], shape=shape, dtype=torch.float64)
+            torch.testing.assert_close(sent.reshape(-1), want, rtol=0, atol=0, msg=f"round {r}, {n}")
+            e[n] = (target - want).reshape(shape)
         sent_sum = sent_sum + ef.compressor.decompress(msg["w"], dtype=torch.float64)
         x_sum = x_sum + v[0]["w"]
     torch.testing.assert_close(sent_sum, x_sum - state["e"]["w"], rtol=1e-12, atol=1e-12)

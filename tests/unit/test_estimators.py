@@ -15,6 +15,7 @@ def grads(seed, shapes=None):
 
 
 def test_updates_are_pure():
+    """Neither the old state nor the gradients passed in are modified."""
     for est in [EMAMomentum(0.9), MVR(0.5), MuonMVR(variant=2), SARAH(), LiMuon(rank=2)]:
         g0, g1, gp = grads(0), grads(1), grads(2)
         state, _ = est.step_one(None, g0)
@@ -23,6 +24,8 @@ def test_updates_are_pure():
         for k, v in state.items():
             for n, t in v.items():
                 assert torch.equal(t, snapshot[k][n]), (est.name, k, n)
+        for given, seed in ((g0, 0), (g1, 1), (gp, 2)):
+            assert all(torch.equal(given[n], grads(seed)[n]) for n in given), est.name
 
 
 def test_ema_matches_definition():
@@ -83,6 +86,19 @@ def test_limuon_below_full_rank_recurses_on_the_best_rank_r_momentum():
             torch.testing.assert_close(out[k], m[k], rtol=1e-10, atol=1e-12)
 
 
+def test_sarah_with_noisy_gradients_follows_its_recursion():
+    """``V ← V + ∇f(X_k; ξ_k) − ∇f(X_{k−1}; ξ_k)`` with independent noise at every call, so the estimate is
+    not the current gradient (the noiseless test below cannot tell SARAH from plain gradients)."""
+    state, v = None, None
+    for s in range(6):
+        g, gp = grads(s), grads(100 + s)
+        state, out = SARAH().step_one(state, g, None if s == 0 else gp)
+        v = dict(g) if v is None else {k: v[k] + g[k] - gp[k] for k in g}
+        for k in g:
+            torch.testing.assert_close(out[k], v[k], rtol=1e-12, atol=1e-14)
+        assert s == 0 or any(not torch.allclose(out[k], g[k]) for k in g)
+
+
 def test_sarah_noiseless_equals_true_gradient():
     """Full-batch, deterministic: V_k = V_{k-1} + ∇f(X_k) − ∇f(X_{k−1}) = ∇f(X_k) (telescoping)."""
     A = torch.randn(5, 5, dtype=torch.float64)
@@ -95,14 +111,16 @@ def test_sarah_noiseless_equals_true_gradient():
         x_prev, x = x, x - 0.05 * v["x"]
 
 
-def test_muon_mvr_matches_reference_code():
+@pytest.mark.parametrize("scale", [1.0, 0.01])  # at 0.01 no ‖c‖ exceeds 1: the branch without clipping
+def test_muon_mvr_matches_reference_code(scale):
     """docs/ALGORITHMS.md §6: c = g + γβ/(1−β)(g − last); clip; M = βM + (1−β)c."""
     beta, gamma = 0.9, 0.3
     for variant in (1, 2):
         est = MuonMVR(beta=beta, gamma=gamma, clip=True, variant=variant)
         state, m, last = None, {k: torch.zeros_like(v) for k, v in grads(0).items()}, None
         for s in range(6):
-            g, gp = grads(s), grads(50 + s)
+            g = {k: scale * t for k, t in grads(s).items()}
+            gp = {k: scale * t for k, t in grads(50 + s).items()}
             state, out = est.step_one(state, g, gp)
             ref_last = (gp if variant == 2 else last) if s > 0 else None
             for k in g:

@@ -117,6 +117,37 @@ def test_sarah_one_client_full_batch_equals_exact_gradient_gluon():
             torch.testing.assert_close(xs[k][n], X[n], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["gluon-sarah", "gluon-ef21-sarah"])
+def test_sarah_with_minibatches_and_periodic_large_batch_refreshes(name):
+    """Three clients, minibatches of 8, a large batch of 24 (of ~40 samples) every third round, written here:
+    ``V_j = ∇f_j(X_k; large batch)`` on rounds 0, 3, 6, ..., else ``V_j ← V_j + ∇f_j(X_k; ξ) − ∇f_j(X_{k−1}; ξ)``
+    on one minibatch ξ drawn by ``generator(seed, "sample", j, k)``; ``X ← X + t_k lmo(mean_j V_j)``. Taking the
+    minibatch on refresh rounds, or the large batch on the others, fails it."""
+    from fedgluon.core.rng import generator
+
+    model, objs, X0, geom = problem(num_clients=3)
+    extra = {"compressor": IDENTITY} if name == "gluon-ef21-sarah" else {}
+    xs, res = trajectory(name, objs, X0, geom, rounds=8, seed=2, refresh_period=3, **EXACT, **extra)
+    assert res.frame()["refresh"].tolist() == [1, 0, 0, 1, 0, 0, 1, 0]
+    X, Xp, V = {n: t.clone() for n, t in X0.items()}, None, [None] * 3
+    for k in range(8):
+        for j, o in enumerate(objs):
+            gen = generator(2, "sample", j, k)
+            if k % 3 == 0:
+                batch = o.large_batch(gen)
+                assert len(batch[1]) == 24
+                V[j] = o.gradient(X, batch)[1]
+            else:
+                batch = o.sample_batch(gen)
+                assert len(batch[1]) == 8
+                now, prev = o.gradient(X, batch)[1], o.gradient(Xp, batch)[1]
+                V[j] = {n: V[j][n] + now[n] - prev[n] for n in X}
+        d = geom.lmo({n: sum(v[n] for v in V) / 3 for n in X})
+        Xp, X = X, {n: X[n] + EXACT["lr"] * (k + 1) ** -0.5 * d[n] for n in X}
+        for n in X:
+            torch.testing.assert_close(xs[k][n], X[n], rtol=1e-10, atol=1e-12, msg=f"round {k}, {n}")
+
+
 def test_same_seed_bitwise_and_different_seeds_differ():
     _, objs, X0, geom = problem(dtype=torch.float32)
     opts = {"compressor": {"name": "randk", "ratio": 0.1}, "refresh_prob": 0.2, "lr": 0.02}

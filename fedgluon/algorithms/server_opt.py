@@ -65,7 +65,8 @@ class _TorchServer(FeedbackUplink):
 
 
 class ServerSGD(_TorchServer):
-    """``sgd`` — ``torch.optim.SGD(lr, momentum, nesterov, weight_decay)`` on the aggregate."""
+    """``sgd`` — ``torch.optim.SGD(lr, momentum, nesterov, weight_decay)`` on the aggregate G: with
+    ``g = G + λX``, ``b ← μb + g`` (``b = g`` at first), ``X ← X − η(g + μb)`` (Nesterov) or ``X ← X − ηb``."""
 
     name = "sgd"
     OPTIONS: ClassVar[dict[str, Any]] = {**_TorchServer.OPTIONS, "momentum": 0.9, "nesterov": False}
@@ -76,7 +77,9 @@ class ServerSGD(_TorchServer):
 
 
 class ServerAdamW(_TorchServer):
-    """``adamw`` — ``torch.optim.AdamW(lr, betas, eps, weight_decay)`` on the aggregate."""
+    """``adamw`` — ``torch.optim.AdamW(lr, betas, eps, weight_decay)`` on the aggregate G (Loshchilov and
+    Hutter): ``m ← β₁m + (1−β₁)G``, ``v ← β₂v + (1−β₂)G²``, ``X ← X(1 − ηλ) − η m̂/(√v̂ + ε)`` with the
+    bias-corrected ``m̂ = m/(1−β₁ᵗ)``, ``v̂ = v/(1−β₂ᵗ)``."""
 
     name = "adamw"
     OPTIONS: ClassVar[dict[str, Any]] = {**_TorchServer.OPTIONS, "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}

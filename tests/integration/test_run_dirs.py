@@ -138,12 +138,24 @@ def test_an_output_dir_where_no_directory_can_be_made_is_one_error_line(tmp_path
     assert (tmp_path / "runs" / "r").read_text().startswith("a file")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_a_read_only_output_dir_is_one_error_line(tmp_path, monkeypatch):
+    """A directory without write permission. Root (CI and this VM run as root) may write into a mode-0o555
+    directory, so there the run directory's mkdir is made to fail as the kernel fails it for other users."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ro").mkdir(mode=0o555)
+    if os.geteuid() == 0:
+        real = Path.mkdir
+
+        def refused(self, *args, **kwargs):
+            if self.parent.name == "ro":
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", refused)
     out = cli("output.dir=ro")
-    assert out.exit_code != 0 and "cannot create the run directory" in error_line(out.output)
+    line = error_line(out.output)
+    assert out.exit_code != 0 and "cannot create the run directory" in line and "Permission denied" in line
+    assert list((tmp_path / "ro").iterdir()) == []
 
 
 def test_a_runs_own_config_may_resume_though_it_recorded_overwrite(tmp_path):

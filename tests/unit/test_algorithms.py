@@ -239,7 +239,7 @@ def test_bad_options_name_the_field():
 def test_docstrings_state_equations_sources_and_rules(name):
     cls = ALGORITHMS[name]
     text = (inspect.getdoc(cls) or "") + (inspect.getmodule(cls).__doc__ or "")
-    assert "←" in text or "=" in text  # the update equations
+    assert "←" in text  # the update equations, as ``X ← ...``
     assert "arXiv" in text or "et al." in text or "ALGORITHMS" in text  # the source
     assert "participation" in text.lower() and "reject" in text.lower()
 

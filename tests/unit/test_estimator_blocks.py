@@ -2,7 +2,10 @@
 
 The parent is the per-client implementation fedgluon had before the block form (``state is None`` on the
 first step, unbatched tensors), copied here verbatim as ``ref_*`` so that the library's code is checked
-against an independent copy, not against itself.
+against an independent copy, not against itself. One part is shared, not copied: ``ref_limuon`` sketches with
+the library's :func:`~fedgluon.core.linalg.randomized_svd`, which tests/unit/test_compressor_constants.py checks
+on its own against the Halko–Martinsson–Tropp bound (and tests/unit/test_estimators.py checks LiMuon's
+recursion below full rank against torch's truncated SVD).
 """
 
 import math

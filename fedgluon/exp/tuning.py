@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -180,6 +181,18 @@ def trial_config(request: Mapping[str, Any], algorithm: str | dict[str, Any] | N
     return cfg
 
 
+class _TuneNotices(logging.Filter):
+    """Drops two Ray Tune warnings that contradict or repeat fedgluon's own lines: the ``Tuner.restore(...)``
+    instruction after an interrupt (fedgluon prints ``fedgluon tune --resume DIR``, which restores every
+    method's tune), and "Could not fetch metrics" for trials that had not started when it stopped."""
+
+    LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return "Resume experiment with" not in text and "Could not fetch metrics" not in text
+
+
 @contextlib.contextmanager
 def _ray(address: str | None, request: Mapping[str, Any], verbose: bool) -> Iterator[None]:
     """Ray started (a private local instance; never a cluster that happens to be running here) or joined
@@ -194,8 +207,11 @@ def _ray(address: str | None, request: Mapping[str, Any], verbose: bool) -> Iter
     if started:  # as `fedgluon run` and `sweep` do: a private local Ray unless an address is given
         connect(address, log_to_driver=verbose)
     saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    quiet = _TuneNotices()
     if not verbose:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the legacy reporter, which verbose=0 silences
+        for name in _TuneNotices.LOGGERS:
+            logging.getLogger(name).addFilter(quiet)
     try:
         have = ray.cluster_resources()
         for key, flag in (("CPU", "cpus_per_trial"), ("GPU", "gpus_per_trial")):
@@ -205,6 +221,8 @@ def _ray(address: str | None, request: Mapping[str, Any], verbose: bool) -> Iter
                                           f"has {float(have.get(key, 0)):g} {key}s")
         yield
     finally:
+        for name in _TuneNotices.LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
         if saved is None:
             os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         else:

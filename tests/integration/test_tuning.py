@@ -120,6 +120,7 @@ def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path):
         proc.stdout.close()
     d = tmp_path / "runs" / "res"
     assert f"fedgluon tune --resume {d}" in output and not (d / "gluon-ef21").exists()
+    assert "Tuner.restore" not in output  # Ray Tune's own instruction would contradict fedgluon's
     tuned = pd.read_csv(d / "tuned.csv")
     finished = tuned[tuned["status"] == "TERMINATED"]
     assert 1 <= len(finished) < 3 and set(tuned["status"]) <= {"TERMINATED", "UNFINISHED"}
@@ -127,6 +128,7 @@ def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path):
     again = subprocess.run([sys.executable, "-m", "fedgluon.exp.cli", "tune", "--resume", str(d)], cwd=tmp_path,
                            env=env, capture_output=True, text=True, timeout=300, check=False)
     assert again.returncode == 0, again.stdout + again.stderr
+    assert "Could not fetch metrics" not in again.stdout + again.stderr
     lines = [ln.split(" lr=")[0] for ln in again.stdout.splitlines() if ln.startswith("[")]
     assert lines == [f"[{i}/3] gluon" for i in range(len(finished) + 1, 4)] + [
         f"[{i}/3] gluon-ef21" for i in range(1, 4)], again.stdout

@@ -118,7 +118,7 @@ def run(config: str | None, overrides: tuple[str, ...], engine: str | None, over
 @click.option("--name", help="sweep directory name (default: sweep-<base run name>)")
 @click.option("--parallel", default=0, type=int, help="run members as N parallel Ray tasks (plain engine)")
 @click.option("--engine", type=click.Choice(ENGINE_CHOICES), help="override engine.name of every member")
-@click.option("--quiet", is_flag=True)
+@click.option("--quiet", is_flag=True, help="no line per member and no summary table")
 def sweep(config: str | None, args: tuple[str, ...], name: str | None, parallel: int, engine: str | None,
           quiet: bool) -> None:
     """Sweep CONFIG over a grid: key=[a,b,c] axes (seed=[0,1,2] for seeds), key=value overrides."""
@@ -248,8 +248,11 @@ def plot(directories: tuple[str, ...], out: str | None) -> None:
             for note in drawn:
                 click.echo(f"note: {note}")
             click.echo(out or "curves.png")
-    except (PlotError, OSError) as err:  # OSError: an --out that cannot be written
+    except PlotError as err:
         _fail(err)
+    except OSError as err:  # a figure that cannot be written
+        where = f"--out {out}" if out else (err.filename or "the figure")
+        _fail(OSError(f"{where} cannot be written: {err.strerror or err}"))
 
 
 BENCHMARKS = {"lmo": "benchmarks.bench_lmo", "compressors": "benchmarks.bench_compressors",

@@ -380,7 +380,8 @@ class Checkpointer:
         if due or self.stop_requested:
             self.save(snapshot())
         if self.stop_requested:
-            raise RunInterrupted(f"{self.reason}: stopped after round {k}; checkpoint {self.path}", k + 1, self.path)
+            raise RunInterrupted(f"{self.reason}: stopped after round {k} ({k + 1} rounds run, rounds count from 0); "
+                                 f"checkpoint {self.path}", k + 1, self.path)
 
     def signals(self) -> _SignalGuard:
         """A context manager: SIGINT/SIGTERM request a stop at the end of the current round; a second

@@ -149,6 +149,14 @@ def test_a_directory_that_is_neither_run_nor_sweep_is_one_error_line(tmp_path):
         assert out.exit_code == 2 and len(lines) == 1 and "neither a run directory" in lines[0], lines
 
 
+def test_an_out_that_cannot_be_written_is_one_error_line_naming_it(tmp_path):
+    run = write_run(tmp_path / "r")
+    target = tmp_path / "missing" / "c.png"
+    out = invoke("plot", run, run, "--out", target)
+    lines = out.output.strip().splitlines()
+    assert out.exit_code == 2 and lines == [f"error: --out {target} cannot be written: No such file or directory"]
+
+
 def test_several_directories_draw_one_figure_and_one_run_keeps_plots_png(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     a = write_sweep(tmp_path / "a", {"algorithm.lr": [0.05, 0.1], "seed": [0, 1]})

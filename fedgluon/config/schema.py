@@ -247,7 +247,7 @@ RULES: dict[str, tuple[Any, Callable[[Any], bool]]] = {
     "geometry": ("a mapping of geometry options (preset, overrides, lmo_device, ...)", lambda v: True),
     "algorithm": (lambda: f"a mapping with algorithm.name one of {_registry('algorithm')} and its options",
                   lambda v: True),
-    "rounds": (NONNEG_INT, lambda v: v >= 0),
+    "rounds": (POS_INT + " (a run of no rounds writes no metrics)", lambda v: v >= 1),
     "seed": (NONNEG_INT, lambda v: v >= 0),
     "participation": ("a fraction in (0, 1] or a whole number of clients (at most task.num_clients)", _count),
     "weights": ("one of ['uniform', 'samples']", lambda v: v in ("uniform", "samples")),

@@ -126,6 +126,7 @@ def test_wrong_type_and_missing_values_name_the_allowed_values(tmp_path, monkeyp
     ("algorithm.compressor.min_k=5000", ["algorithm.compressor.min_k must be an integer in [1, 3840]", "got 5000"]),
     ("task.hidden=[-5]", ["task.hidden must be", "integers >= 1", "[-5]"]),
     ("seed=-1", ["seed must be an integer >= 0", "got -1"]),
+    ("rounds=0", ["rounds must be an integer >= 1", "got 0"]),  # ran, reported complete, wrote no metrics
     ("faults.delay_s=inf", ["faults.delay_s must be a number of seconds >= 0", "got inf"]),
     ("round_timeout=nan", ["round_timeout must be a number of seconds > 0", "got nan"]),
     ("output.name=.", ["output.name must be", "plain name"]),

@@ -38,14 +38,13 @@ from omegaconf import DictConfig, OmegaConf
 from fedgluon.config import spec as specs
 from fedgluon.config.run_dir import MARKER, RunDirLock, is_complete, prepare_dir  # noqa: F401 (MARKER, RunDirLock: re-exported)
 from fedgluon.config.schema import ConfigError, run_name, spec_of
-from fedgluon.config.sections import dotted
 from fedgluon.core.memory import client_state_bytes
 from fedgluon.exp import cluster
+from fedgluon.exp.resume import CHECKPOINT, ENVIRONMENT, check_table, resumable, run_key, to_resume  # noqa: F401 (re-exported)
 from fedgluon.runtime.threads import torch_threads
-from fedgluon.sim.checkpoint import Checkpointer, CheckpointError, NonFiniteStateError, RunStopped, Snapshot
+from fedgluon.sim.checkpoint import Checkpointer, RunStopped
 from fedgluon.sim.checkpoint import load as load_checkpoint
 from fedgluon.sim.checkpoint import remove as remove_checkpoint
-from fedgluon.sim.checkpoint import sweep as sweep_checkpoint
 from fedgluon.sim.faults import FaultPlan
 
 log = logging.getLogger(__name__)
@@ -113,18 +112,6 @@ def add_derived_columns(frame: pd.DataFrame, cfg: DictConfig) -> pd.DataFrame:
     return f
 
 
-CHECKPOINT = "checkpoint.pt"
-ENVIRONMENT = ("threads", "round_timeout", "node_timeout", "faults", "block_size", "client_device",
-               "max_failed_rounds")  # may change when a run is resumed
-
-
-def run_key(spec: Mapping[str, Any]) -> str:
-    """What a checkpoint must match to be resumed: the spec without the fields of the environment
-    (threads, timeouts, injected faults, client block size), so a run checkpointed on Ray may resume
-    in-process, or without the fault that stopped it."""
-    return specs.key({k: v for k, v in spec.items() if k not in ENVIRONMENT})
-
-
 def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = None,
         on_round: Callable[[dict[str, Any]], None] | None = None, resume: bool = False, grid: Any = None) -> Path:
     """Run ``cfg`` on its engine and write the run directory (module docstring); returns its path.
@@ -164,15 +151,11 @@ def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[
                 resume: bool, nodes: list[dict[str, Any]] | None = None, grid: Any = None) -> Path:
     """:func:`run` in its locked run directory ``out``."""
     spec = spec_of(cfg)
-    snapshot = _resumable(out, spec) if resume else None
+    snapshot = to_resume(out, spec) if resume else None
     _save_config(cfg, out / "config.yaml")
     task, algorithm = specs.build_cached(spec)
-    held = _clients_held(snapshot.client_states) if snapshot is not None else len(task.objectives)
-    if held != len(task.objectives):
-        raise ConfigError(f"{out / CHECKPOINT} cannot be resumed: it holds the states of {held} "
-                          f"clients, the run has {len(task.objectives)}")
     if snapshot is not None:
-        _check_table(out / CHECKPOINT, snapshot, task, algorithm, spec["seed"])
+        check_table(out / CHECKPOINT, snapshot, task, algorithm, spec["seed"])
     task.partition_summary.to_csv(out / "partition.csv", index=False)
     from fedgluon.sim.driver import client_weights
 
@@ -213,66 +196,6 @@ def _save_config(cfg: DictConfig, path: Path) -> None:
     assert isinstance(saved, dict)
     saved["output"].pop("overwrite", None)
     OmegaConf.save(OmegaConf.create(saved), path)
-
-
-def resumable(err: RunStopped) -> bool:
-    """Whether resuming can get past this stop: not past a NaN/Inf of the server's (the resumed run replays
-    the same round; only a new run with a smaller radius helps)."""
-    return not isinstance(err, NonFiniteStateError)
-
-
-def _resumable(out: Path, spec: Mapping[str, Any]) -> Snapshot:
-    if is_complete(out):
-        raise ConfigError(f"{out} holds a complete run; nothing to resume")
-    path = out / CHECKPOINT
-    if not path.exists():
-        raise ConfigError(f"{out} has no {CHECKPOINT} to resume from; rerun it with --overwrite")
-    try:
-        snapshot = load_checkpoint(path)
-    except CheckpointError as err:
-        raise ConfigError(f"{err}; start the run again with --overwrite") from None
-    if snapshot.run_key != run_key(spec):
-        raise ConfigError(f"{path} was written by a run with another config ({_changes(snapshot.run_key, spec)}); "
-                          f"only engine, network and output settings, {', '.join(ENVIRONMENT)} may change on resume")
-    if snapshot.next_round > spec["rounds"]:
-        raise ConfigError(f"{path} cannot be resumed: it is at round {snapshot.next_round}, the run has "
-                          f"{spec['rounds']} rounds")
-    sweep_checkpoint(path, snapshot)  # temporary files and journals that killed saves left in this run directory
-    return snapshot
-
-
-def _changes(saved_key: str, spec: Mapping[str, Any]) -> str:
-    """The fields in which ``spec`` differs from the run a checkpoint's ``run_key`` was made from, as
-    ``key: saved -> now`` (the first three), for the refusal of a resume."""
-    try:
-        saved = dotted(json.loads(saved_key))
-    except (ValueError, TypeError, AttributeError):  # a key this fedgluon did not write
-        return "its run key differs"
-    now = dotted(json.loads(run_key(spec)))
-    diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-            if saved.get(k) != now.get(k)]
-    return "; ".join(diff[:3]) + ("; ..." if len(diff) > 3 else "") if diff else "its run key differs"
-
-
-def _check_table(path: Path, snapshot: Snapshot, task: Any, algorithm: Any, seed: int) -> None:
-    """ConfigError (one line) when the checkpoint's client-state table does not fit this run's schema:
-    checked before any engine starts, since an engine's server may run where its errors are not ours to
-    report. Its peak memory is the resumed federation's own (a zero table and the loaded copy)."""
-    from fedgluon.clients.table import ClientStateTable
-
-    schema = algorithm.state_schema(task.objectives[0], task.initial_params(), seed)
-    table = ClientStateTable(schema, len(task.objectives), keep_models=algorithm.needs_previous)
-    try:
-        table.load_state_dict(snapshot.client_states)
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ConfigError(f"{path} cannot be resumed: {str(err).splitlines()[0] if str(err) else err!r}; "
-                          f"start the run again with --overwrite") from None
-
-
-def _clients_held(table: Any) -> int | None:
-    """How many clients a checkpoint's client-state table holds (None when it cannot tell)."""
-    commits = table.get("commits") if isinstance(table, dict) else None
-    return int(commits.shape[0]) if hasattr(commits, "shape") and len(commits.shape) == 1 else None
 
 
 def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, snapshot, nodes=None, grid=None):

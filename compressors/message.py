@@ -27,6 +27,7 @@ from compressors.payload import (
     TensorPayload,
 )
 from compressors.sparse import SparseRows, SparseTensor
+from fedgluon.core.text import shown
 
 DEFAULT_MAX_BYTES_FACTOR = 4  # a payload may be at most this many times its dense fp32 size (+ 1 KiB)
 
@@ -113,6 +114,11 @@ def decode_message(compressor: Compressor, message: Mapping[str, TensorPayload],
 CHUNK_BYTES = 64 * 2 ** 20  # the most dense bytes one call of decode_messages decodes at once
 
 
+UNREADABLE = (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError, RuntimeError)
+"""What decoding a client's message may raise besides PayloadError (a value that defeats a check, say):
+:func:`decode_messages` makes it that message's PayloadError, so a bad message never stops the others."""
+
+
 def decode_messages(compressor: Compressor, messages: Mapping[int, Any], shapes: Mapping[str, tuple], *,
                     device: torch.device | str | None = None, dtype: torch.dtype = torch.float32, sparse: bool = False,
                     max_abs: float | None = None
@@ -135,7 +141,7 @@ def decode_messages(compressor: Compressor, messages: Mapping[int, Any], shapes:
             try:
                 pending.update(zip(chunk, _decode_chunk(compressor, [messages[i] for i in chunk], shapes, device=device,
                                                         dtype=dtype, sparse=sparse, max_abs=max_abs)))
-            except PayloadError:
+            except UNREADABLE:
                 pending.update(dict.fromkeys(chunk))  # None: one by one below
         decoded = pending.pop(j, None)
         if decoded is None:
@@ -144,6 +150,10 @@ def decode_messages(compressor: Compressor, messages: Mapping[int, Any], shapes:
                                          max_abs=max_abs)
             except PayloadError as err:
                 yield j, err
+                continue
+            except UNREADABLE as err:  # a check this module lacks: still that message's rejection, not a crash
+                yield j, PayloadError("*", "payload", f"cannot be decoded ({type(err).__name__}: "
+                                                      f"{shown(err, 200, as_repr=False)})")
                 continue
         yield j, decoded
 
@@ -215,7 +225,8 @@ def _decode_chunk(compressor: Compressor, messages: Sequence[RowMessage], shapes
             raise SizeError(name, "arrays", "a row is over the size bound")
         decoded = compressor.decode_rows(block, shape=shape, layer=name, device=device, dtype=dtype, sparse=sparse)
         values = decoded.values if isinstance(decoded, SparseRows) else decoded.reshape(len(messages), -1)
-        if max_abs is not None and values.shape[1] and bool((values.abs().amax(dim=1) > max_abs).any()):
+        # not (|v| <= bound): a NaN, which compares False, is over it too (finite factors can multiply to NaN)
+        if max_abs is not None and values.shape[1] and not bool((values.abs().amax(dim=1) <= max_abs).all()):
             raise RangeError(name, "values", f"a row is over the bound {max_abs:.4g}")
         for i, d in enumerate(out):
             d[name] = decoded.tensor(i) if isinstance(decoded, SparseRows) else decoded[i]
@@ -224,7 +235,7 @@ def _decode_chunk(compressor: Compressor, messages: Sequence[RowMessage], shapes
 
 def _check_range(name: str, tensor: Tensor | SparseTensor, max_abs: float) -> None:
     values = tensor.values if isinstance(tensor, SparseTensor) else tensor
-    if values.numel() and float(values.abs().max()) > max_abs:
+    if values.numel() and not float(values.abs().max()) <= max_abs:  # NaN included
         raise RangeError(name, "values", f"|v| up to {float(values.abs().max()):.4g}, the bound is {max_abs:.4g}")
 
 

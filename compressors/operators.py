@@ -56,6 +56,7 @@ from compressors.structures import (
     topk_rows,
 )
 from compressors.values import OWN, Raw, ValueCodec
+from fedgluon.core.text import shown
 
 __all__ = [
     "Compressor",
@@ -186,7 +187,7 @@ class Compressor:
         try:
             pshape = tuple(int(s) for s in payload.shape)
         except (TypeError, ValueError):
-            raise ShapeError(layer, "shape", f"not a tuple of integers: {payload.shape!r}") from None
+            raise ShapeError(layer, "shape", f"not a tuple of integers: {shown(payload.shape, 60)}") from None
         out = self.decode_rows(PayloadRows.of(payload, pshape), shape=shape, layer=layer, device=device, dtype=dtype,
                                sparse=sparse)
         return out.tensor(0) if isinstance(out, SparseRows) else out[0]
@@ -204,7 +205,7 @@ class Compressor:
             raise ShapeError(layer, "shape", f"negative dimension in {pshape}")
         allowed = self.codecs(pshape)
         if not isinstance(rows.codec, str) or rows.codec not in allowed:
-            raise CodecError(layer, "codec", f"expected one of {sorted(allowed)}, got {rows.codec!r}")
+            raise CodecError(layer, "codec", f"expected one of {sorted(allowed)}, got {shown(rows.codec, 60)}")
         s = self._structure_for(pshape)
         arrays, meta = rows.arrays, rows.meta
         if not isinstance(arrays, dict) or not isinstance(meta, dict):

@@ -24,6 +24,7 @@ from compressors.sparse import SparseRows
 from compressors.values import OWN, get_array
 from fedgluon.core.linalg import randomized_svd
 from fedgluon.core.rng import derive_seed
+from fedgluon.core.text import shown
 
 State = dict[str, Tensor]
 
@@ -280,7 +281,7 @@ class RandKSeeded(RandK):
         seeds = meta.get("seed")
         for seed in seeds:
             if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= int(seed) < 2 ** 63:
-                raise MetaError(layer, "seed", f"must be an integer in [0, 2^63), got {seed!r}")
+                raise MetaError(layer, "seed", f"must be an integer in [0, 2^63), got {shown(seed, 40)}")
         return _randk_rows(numel(shape), self.k(shape), [int(s) for s in seeds]).numpy()
 
     def bits(self, shape, meta):

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from compressors.bits import BitCount
 from compressors.payload import DtypeError, MetaError, NonFiniteError, TruncatedError
+from fedgluon.core.text import shown
 
 Arrays = dict[str, np.ndarray]
 
@@ -235,7 +236,7 @@ class QSGD(ValueCodec):
     def decode(self, arrays, meta, n, layer, device=None, dtype=torch.float32):
         for levels in meta.get("levels"):
             if levels != self.levels:
-                raise MetaError(layer, "levels", f"expected {self.levels}, got {levels!r}")
+                raise MetaError(layer, "levels", f"expected {self.levels}, got {shown(levels, 40)}")
         return _decode_levels(arrays, "norm", n, layer, self.width, self.levels, device, dtype)
 
     def bits(self, n, meta):

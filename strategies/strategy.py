@@ -28,8 +28,13 @@ grid Flower handed ``configure_train``, in message group ``<round>.<phase>``; th
 go to ``close_round``. A client that fails or is rejected in any phase is out of the round, its row unchanged.
 
 A failed reply counts as a dead worker, which stops the run, only by its Flower error code
-(:func:`runtime_failure`): any code but ``CLIENT_APP_RAISED_EXCEPTION``. What the reply's
-reason says, and a node's own ``failed`` record, only fail the clients concerned.
+(:func:`runtime_failure`): any code but ``CLIENT_APP_RAISED_EXCEPTION``, and only where the runtime is
+the simulation's (``deaths_stop_run``: Flower's Ray actor pool does not replace a dead actor). On a Flower
+deployment the code is a remote node's word, which a node can forge, and its SuperNode starts a new
+ClientApp process for the next message: the code fails that block's clients for the round, never the run.
+What the reply's reason says, and a node's own ``failed`` record, only fail the clients concerned. A reply
+that defeats every check (an exception no check foresaw) rejects its block's clients; it never stops the
+server. Client-sent values in messages go through :func:`fedgluon.core.text.shown`, which never raises.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from fedgluon.algorithms import Algorithm, ClientReply
 from fedgluon.algorithms.block import Proposal
 from fedgluon.clients.blocks import block_clients, block_of, by_block, num_blocks
 from fedgluon.clients.state_schema import StateSchema
+from fedgluon.core.text import shown
 from fedgluon.flower.wire import read_replies, rows_to_record, tensors_to_record
 from fedgluon.runtime.gc_pause import RoundPause, round_pauses
 from fedgluon.runtime.trace import phase
@@ -109,8 +115,10 @@ class GluonStrategy(Strategy):
                  participation: float | int = 1.0, weights: str = "uniform", evaluate: Evaluate | None = None,
                  eval_every: int = 1, on_round: Callable[[dict[str, Any]], None] | None = None, rounds: int = 0,
                  checkpointer: Checkpointer | None = None, resume: Snapshot | None = None, block_size: int = 1,
-                 sizes: Sequence[int] | None = None, max_failed_rounds: int = 0, schema: StateSchema):
+                 sizes: Sequence[int] | None = None, max_failed_rounds: int = 0, schema: StateSchema,
+                 deaths_stop_run: bool = True):
         self.algorithm = algorithm
+        self.deaths_stop_run = deaths_stop_run  # module docstring: False on a Flower deployment
         self.num_clients = num_clients
         self.block_size = block_size
         self.num_nodes = num_blocks(num_clients, block_size)
@@ -160,7 +168,7 @@ class GluonStrategy(Strategy):
             node = reply.metadata.src_node_id
             try:
                 block, counts = self.hello(reply)
-            except HandshakeError as err:
+            except Exception as err:  # noqa: BLE001 - HandshakeError, or an answer no check foresaw: the node is out
                 log.warning("handshake: rejected node %s: %s", node, clip_text(err, 300))
                 continue
             self.node_of[block], self.partition_of[node] = node, block
@@ -181,7 +189,8 @@ class GluonStrategy(Strategy):
         differs from the server's own count of that client."""
         node = reply.metadata.src_node_id
         if reply.has_error():
-            raise HandshakeError(f"error reply (code {reply.error.code}): {reply.error.reason}")
+            raise HandshakeError(f"error reply (code {shown(reply.error.code, 40)}): "
+                                 f"{clip_text(reply.error.reason, 300)}")
         if node in self.partition_of:
             raise HandshakeError("a second answer from the same node")
         hello = reply.content.metric_records.get("hello")
@@ -192,7 +201,8 @@ class GluonStrategy(Strategy):
             raise HandshakeError(f"block {block} is already held by node {self.node_of[block]}")
         clients = block_clients(block, self.num_clients, self.block_size)
         said = hello.get("clients")
-        if not isinstance(said, list) or [_integer(j, "clients", 0, self.num_clients - 1) for j in said] != clients:
+        if not isinstance(said, list) or len(said) != len(clients) or \
+                [_integer(j, "clients", 0, self.num_clients - 1) for j in said] != clients:
             raise HandshakeError(f"clients {clip_text(said, 200)}, expected block {block}'s {clients}")
         counts = hello.get("num_samples")
         if not isinstance(counts, list) or len(counts) != len(clients):
@@ -290,7 +300,11 @@ class GluonStrategy(Strategy):
                 continue
             seen.add(block)
             got = early.get(id(msg))
-            read = got[1] if got is not None and got[0] is msg else self._read(msg, expected[block])
+            try:
+                read = got[1] if got is not None and got[0] is msg else self._read(msg, expected[block])
+            except Exception as err:  # noqa: BLE001 - a reply no check foresaw rejects its block, never the server
+                log.warning("round %d: unreadable reply from node %s", k, msg.metadata.src_node_id, exc_info=True)
+                read = BlockRead(rejected=dict.fromkeys(expected[block], f"reply: unreadable ({type(err).__name__})"))
             if read.ray_node:
                 self.ray_nodes.add(read.ray_node)
             if read.device is not None:
@@ -328,16 +342,16 @@ class GluonStrategy(Strategy):
         bytes), failures and rejections (fedgluon/flower/wire.py)."""
         if msg.has_error():
             code = msg.error.code
-            why = clip_text(f"error code {code}: {msg.error.reason}")
+            why = clip_text(f"error code {shown(code, 40)}: {clip_text(msg.error.reason)}")
             read = BlockRead(failed=dict.fromkeys(clients, why))
-            if runtime_failure(code):
+            if runtime_failure(code) and self.deaths_stop_run:
                 read.died = dict(read.failed)
             return read
         # Flower rebuilds these typed views on every access (O(records)): take them once per reply
         arrays, configs = msg.content.array_records, msg.content.config_records
         info = configs.get("info")
-        read = BlockRead(ray_node=str(info["ray_node"])[:64] if info is not None and info.get("ray_node") else "",
-                         device=_reported_device(info))
+        node = shown(info["ray_node"], 64, as_repr=False)[:64] if info is not None and info.get("ray_node") else ""
+        read = BlockRead(ray_node=node, device=_reported_device(info))
         reported = configs.get("failed")
         reported = {int(j): clip_text(why) for j, why in reported.items() if _client_id(j) in clients} \
             if reported is not None else {}
@@ -380,7 +394,7 @@ def _integer(value: Any, what: str, low: int, high: int) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise HandshakeError(f"{what} must be an integer in [{low}, {high}], got {clip_text(repr(value), 100)}")
+        raise HandshakeError(f"{what} must be an integer in [{low}, {high}], got {shown(value, 100)}")
     return value
 
 

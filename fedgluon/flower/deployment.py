@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fedgluon.config.schema import ConfigError
+from fedgluon.core.text import shown
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def check_versions(reply: Any, expected: Mapping[str, str]) -> None:
     if reply.has_error():
         return  # the handshake itself reports error replies
     record = reply.content.config_records.get("versions")
-    theirs = {k: str(record.get(k)) for k in expected} if record is not None else None
+    theirs = {k: shown(record.get(k), 64, as_repr=False) for k in expected} if record is not None else None
     if theirs != dict(expected):
         said = ", ".join(f"{k} {v}" for k, v in theirs.items()) if theirs else "no versions (an older fedgluon)"
         raise VersionMismatch(f"SuperNode {reply.metadata.src_node_id} runs {said}; the ServerApp runs "

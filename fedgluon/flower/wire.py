@@ -41,6 +41,8 @@ from compressors.payload import PayloadRows, RowMessage
 from fedgluon.algorithms import ClientReply
 from fedgluon.algorithms.block import BlockResult, Proposal
 from fedgluon.clients.table import ClientRows, ClientStateTable, flatten, nest
+from fedgluon.core.text import shown
+from fedgluon.sim.federation import MAX_CLIENT_TEXT
 
 RAW = "fedgluon.raw"
 # dtype names an Array may carry -> little-endian NumPy dtype (bfloat16 travels as its int16 bit pattern)
@@ -255,7 +257,7 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
         expected = table.travelling(derived)
         wanted, seen = set(clients), set()
         for r in range(runs):
-            js = [_int(j, "clients", 0, table.num_clients - 1) for j in _list(meta, f"{r}/clients")]
+            js = [_int(j, "clients", 0, table.num_clients - 1) for j in _list(meta, f"{r}/clients", most=len(clients))]
             if not js or len(set(js)) != len(js) or not set(js) <= wanted - seen or js != sorted(js):
                 raise WireError(f"run {r}'s clients {str(js)[:80]} are not sorted new clients of {list(clients)[:20]}")
             seen.update(js)
@@ -283,9 +285,9 @@ def _read_run(arrays: ArrayRecord, meta: ConfigRecord, r: int, js: list[int], ro
     loss = [_number(x, "loss") for x in _list(meta, f"{r}/loss", b)]
     evals = [_int(x, "grad_evals", 0, 2 ** 31) for x in _list(meta, f"{r}/grad_evals", b)]
     samples = [_int(x, "samples", 0, 2 ** 62) for x in _list(meta, f"{r}/samples", b)]
-    failed = [_int(i, "failed", 0, b - 1) for i in _list(meta, f"{r}/failed")]
+    failed = [_int(i, "failed", 0, b - 1) for i in _list(meta, f"{r}/failed", most=b, unique=True)]
     why = _list(meta, f"{r}/why", len(failed))
-    out.failed.update({js[i]: str(w) for i, w in zip(failed, why)})
+    out.failed.update({js[i]: shown(w, MAX_CLIENT_TEXT, as_repr=False) for i, w in zip(failed, why)})
     try:  # the state columns, checked against the schema before any byte is read
         columns = {p: _tensor(arrays[f"{r}/s/{p}"], _dtype_name(c.dtype), (b, *c.shape[1:]))
                    for p, c in expected.items()}
@@ -298,15 +300,17 @@ def _read_run(arrays: ArrayRecord, meta: ConfigRecord, r: int, js: list[int], ro
     bad = _non_finite_rows(columns, b)
     out.rejected.update({js[i]: "state: NaN/Inf in a proposed state column" for i in bad})
     out.proposed.append(Proposal(js, columns))
-    groups = _list(meta, f"{r}/groups")
+    groups = _list(meta, f"{r}/groups", most=len(GROUPS), unique=True)
     taken: set[int] = set(failed) | set(bad)
     for g in groups:
         if g not in GROUPS:
-            raise WireError(f"unknown payload group {str(g)[:40]!r}")
-        rows = [_int(i, "rows", 0, b - 1) for i in _list(meta, f"{r}/p/{g}/rows")]
+            raise WireError(f"unknown payload group {shown(g, 40)}")
+        rows = [_int(i, "rows", 0, b - 1) for i in _list(meta, f"{r}/p/{g}/rows", most=b, unique=True)]
         try:
-            layers = {n: _payload_rows(arrays, meta, f"{r}/p/{g}/{n}", len(rows), shapes.get(n))
-                      for n in _list(meta, f"{r}/p/{g}/layers")}
+            names = _list(meta, f"{r}/p/{g}/layers", most=len(shapes), unique=True)
+            if not all(isinstance(n, str) for n in names):
+                raise WireError("layer names must be strings")
+            layers = {n: _payload_rows(arrays, meta, f"{r}/p/{g}/{n}", len(rows), shapes.get(n)) for n in names}
         except WireError as err:
             out.rejected.update({js[i]: f"payload: {err}" for i in rows if i not in taken})
             taken.update(rows)
@@ -331,9 +335,7 @@ def _payload_rows(arrays: ArrayRecord, meta: ConfigRecord, key: str, rows: int,
     if not isinstance(codec, str) or not isinstance(shape, list) or layer_shape is None:
         raise WireError(f"{key[:80]}: not a layer of the model, or no codec or shape")
     max_bytes = max_layer_bytes(tuple(layer_shape))
-    names = _list(meta, f"{key}/arrays")
-    if len(names) > MAX_PARTS:
-        raise WireError(f"{key[:80]}: more than {MAX_PARTS} arrays")
+    names = _list(meta, f"{key}/arrays", most=MAX_PARTS, unique=True)
     shape_t = tuple(_int(d, "shape", 0, 2 ** 40) for d in shape)
     got = {}
     for k in names:
@@ -341,7 +343,7 @@ def _payload_rows(arrays: ArrayRecord, meta: ConfigRecord, key: str, rows: int,
         if a.ndim < 1 or a.shape[0] != rows or a.nbytes > rows * max_bytes:
             raise WireError(f"{key}/{k}: {a.shape} is not {rows} rows of at most {max_bytes} bytes")
         got[str(k)] = a
-    heads = {str(k): _list(meta, f"{key}/m/{k}", rows) for k in _list(meta, f"{key}/meta")}
+    heads = {str(k): _list(meta, f"{key}/m/{k}", rows) for k in _list(meta, f"{key}/meta", most=MAX_PARTS, unique=True)}
     return PayloadRows(codec, shape_t, got, heads)
 
 
@@ -379,22 +381,35 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return TORCH_NAMES[dtype]
 
 
-def _list(meta: ConfigRecord, key: str, length: int | None = None) -> list[Any]:
+def _list(meta: ConfigRecord, key: str, length: int | None = None, *, most: int | None = None,
+          unique: bool = False) -> list[Any]:
+    """``meta[key]`` as a list: of ``length`` entries, or at most ``most``, without repeats when ``unique``
+    (a list of ids the server loops over must not make it loop more than the block allows)."""
     value = meta.get(key)
     if not isinstance(value, list) or (length is not None and len(value) != length):
-        raise WireError(f"{key!r} must be a list{'' if length is None else f' of {length}'}")
+        raise WireError(f"{shown(key, 80)} must be a list{'' if length is None else f' of {length}'}")
+    if most is not None and len(value) > most:
+        raise WireError(f"{shown(key, 80)} lists {len(value)} entries, at most {most} allowed")
+    if unique and len({shown(v, 80) for v in value}) != len(value):
+        raise WireError(f"{shown(key, 80)} repeats an entry")
     return value
 
 
 def _int(value: Any, what: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise WireError(f"{what} must be an integer in [{low}, {high}], got {str(value)[:40]}")
+        raise WireError(f"{what} must be an integer in [{low}, {high}], got {shown(value, 40)}")
     return value
 
 
 def _number(value: Any, what: str) -> float:
+    """A number sent as a metric (a loss, say) as a float. NaN and ±Inf pass here: a failed row, or a phase
+    after the first, has no loss, and the federation rejects an accepted client's non-finite loss on its
+    own (``Federation``, "losses"), so one client's value never rejects its block-mates."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise WireError(f"{what} must be a number, got {str(value)[:40]}")
-    return float(value)
+        raise WireError(f"{what} must be a number, got {shown(value, 40)}")
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range
+        raise WireError(f"{what} must be a float, got {shown(value, 40)}") from None
 
 

@@ -54,6 +54,7 @@ from fedgluon.algorithms.block import Proposal
 from fedgluon.clients.state_schema import StateSchema
 from fedgluon.clients.table import ClientRows, ClientStateTable, nest
 from fedgluon.core.rng import generator
+from fedgluon.core.text import shown
 from fedgluon.sim.checkpoint import ActorDeathError, Checkpointer, NonFiniteStateError, RunStopped, Snapshot
 from fedgluon.sim.metrics import bit_columns, client_rows, round_row
 
@@ -73,12 +74,23 @@ class NoProgressError(RunStopped):
 
 def clip_text(text: object, limit: int = MAX_CLIENT_TEXT) -> str:
     """``str(text)`` cut to at most about ``limit`` characters: its head and its tail (where a traceback
-    names the error) around a note of how much was cut."""
-    text = str(text)
-    if len(text) <= limit:
-        return text
-    half = limit // 2
-    return f"{text[:half]} …[{len(text) - 2 * half} characters cut]… {text[-half:]}"
+    names the error) around a note of how much was cut; never raises (:func:`fedgluon.core.text.shown`)."""
+    return shown(text, limit, as_repr=False)
+
+
+def _non_finite_losses(replies: Mapping[int, ClientReply], phase: int) -> dict[int, str]:
+    """Clients whose reply in a round's first phase reports a loss that is not a finite number: rejected,
+    so that no client's word puts a NaN or an Inf into the round's ``train_loss`` (a later phase's loss is
+    never read: the round's loss is its first phase's)."""
+    if phase:
+        return {}
+    def finite(x: object) -> bool:
+        try:
+            return not isinstance(x, bool) and math.isfinite(x)  # type: ignore[arg-type]
+        except (TypeError, ValueError, OverflowError):
+            return False
+
+    return {j: f"loss: not a finite number ({shown(r.loss, 40)})" for j, r in replies.items() if not finite(r.loss)}
 
 
 def client_weights_from_sizes(sizes: Sequence[int], mode: str = "uniform") -> dict[int, float]:
@@ -191,7 +203,8 @@ class Federation:
         k, S, bc = plan.k, plan.participants, plan.broadcast
         failed = {j: clip_text(why) for j, why in (failed or {}).items()}
         self._check_died(k, died)
-        pre_rejected = {**(pre_rejected or {}), **self._unfit_states(replies, proposed)}
+        pre_rejected = {**(pre_rejected or {}), **self._unfit_states(replies, proposed),
+                        **_non_finite_losses(replies, bc.phase)}
         if plan.carry is not None:
             S, failed, replies = self._merge_phases(plan, failed, replies)
         replies = {j: r for j, r in replies.items() if j not in pre_rejected}
@@ -251,7 +264,8 @@ class Federation:
         k, bc = plan.k, plan.broadcast
         self._check_died(k, died)
         carry = plan.carry if plan.carry is not None else PhaseCarry(list(plan.participants))
-        pre_rejected = {**(pre_rejected or {}), **self._unfit_states(replies, proposed)}
+        pre_rejected = {**(pre_rejected or {}), **self._unfit_states(replies, proposed),
+                        **_non_finite_losses(replies, bc.phase)}
         replies = {j: r for j, r in replies.items() if j not in pre_rejected}
         first = set((self.table.commits == 0).nonzero().flatten().tolist()) & set(replies)
         answer, outcome = self.algorithm.server_phase(self.server_state, replies, bc, self.weights, first)

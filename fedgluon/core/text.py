@@ -1,0 +1,25 @@
+"""Text of values a client sent, for logs and error messages: never raises, never long.
+
+``str`` or ``repr`` of a client's value can raise (Python refuses to print an integer of more than 4,300
+digits, and an object's ``__str__`` may fail) or be huge; a server that formats such a value in an error
+message must not crash on it. :func:`shown` is the one formatter for client-sent values."""
+
+from __future__ import annotations
+
+BIG_INT_BITS = 64  # integers wider than this are named by their width, not printed
+
+
+def shown(value: object, limit: int = 80, *, as_repr: bool = True) -> str:
+    """``repr(value)`` (or ``str`` with ``as_repr=False``) cut to about ``limit`` characters (head and tail
+    around a note of how much was cut); an integer wider than 64 bits is shown by its width, and a value
+    that cannot be printed by its type."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > BIG_INT_BITS:
+        return f"<an integer of {value.bit_length()} bits>"
+    try:
+        text = repr(value) if as_repr else str(value)
+    except Exception:  # noqa: BLE001 - whatever a value's __repr__ raises, the message still reads
+        return f"<an unprintable {type(value).__name__}>"
+    if len(text) <= limit:
+        return text
+    half = max(1, limit // 2)
+    return f"{text[:half]} …[{len(text) - 2 * half} characters cut]… {text[-half:]}"

@@ -390,8 +390,13 @@ def _list(meta: ConfigRecord, key: str, length: int | None = None, *, most: int 
         raise WireError(f"{shown(key, 80)} must be a list{'' if length is None else f' of {length}'}")
     if most is not None and len(value) > most:
         raise WireError(f"{shown(key, 80)} lists {len(value)} entries, at most {most} allowed")
-    if unique and len({shown(v, 80) for v in value}) != len(value):
-        raise WireError(f"{shown(key, 80)} repeats an entry")
+    if unique:
+        try:
+            distinct = len(set(value))
+        except TypeError:  # an unhashable entry (a list): compare their text
+            distinct = len({shown(v, 80) for v in value})
+        if distinct != len(value):
+            raise WireError(f"{shown(key, 80)} repeats an entry")
     return value
 
 

@@ -13,8 +13,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedgluon.config.schema import ConfigError
+from fedgluon.core.text import shown
 from fedgluon.exp.experiment import run
 from fedgluon.flower import deployment
+from fedgluon.sim.checkpoint import RunStopped
 
 app = ServerApp()
 
@@ -40,6 +42,15 @@ def deployed_run(grid: Grid, context: Context) -> None:
             # fedgluon run's flags; flwr run's keys
             err = ConfigError(str(err).replace("--overwrite", "--run-config overwrite=true")
                               .replace("--resume", "--run-config resume=true"))
-        if out is not None:
-            deployment.record_failure(out, f"{type(err).__name__}: {err}")
+        if out is not None:  # a RunStopped wrote its own reason with the run's files
+            deployment.record_failure(out, _reason(err), replace=not isinstance(err, RunStopped))
         raise err from None
+
+
+def _reason(err: BaseException) -> str:
+    """A failure as summary.json's ``stopped``; a SuperLink's 401 (it no longer serves this run: ``flwr
+    stop``, or its token expired) says so, since the HTTP error alone does not."""
+    text = f"{type(err).__name__}: {shown(err, 1000, as_repr=False)}"
+    if "401" in text and "Unauthorized" in text:
+        text = f"the SuperLink no longer serves this run (stopped with flwr stop?): {text}"
+    return text

@@ -39,10 +39,11 @@ from fedgluon.config import spec as specs
 from fedgluon.config.run_dir import MARKER, RunDirLock, is_complete, prepare_dir  # noqa: F401 (MARKER, RunDirLock: re-exported)
 from fedgluon.config.schema import ConfigError, run_name, spec_of
 from fedgluon.core.memory import client_state_bytes
+from fedgluon.core.text import shown
 from fedgluon.exp import cluster
 from fedgluon.exp.resume import CHECKPOINT, ENVIRONMENT, check_table, resumable, run_key, to_resume  # noqa: F401 (re-exported)
 from fedgluon.runtime.threads import torch_threads
-from fedgluon.sim.checkpoint import Checkpointer, RunStopped
+from fedgluon.sim.checkpoint import Checkpointer, CheckpointError, RunStopped
 from fedgluon.sim.checkpoint import load as load_checkpoint
 from fedgluon.sim.checkpoint import remove as remove_checkpoint
 from fedgluon.sim.faults import FaultPlan
@@ -175,18 +176,30 @@ def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[
                                                                        round_done, checkpointer, snapshot, nodes, grid)
     except RunStopped as err:
         if err.checkpoint is not None:
-            snap = load_checkpoint(err.checkpoint)
-            try:
-                _write_results(out, cfg, snap.history, snap.client_log, None, time.perf_counter() - t0,
-                               stopped=str(err), resumed_from=start, resumable=resumable(err),
-                               deployed=grid is not None)
-            except OSError as write_err:  # e.g. the full disk that stopped a save; the checkpoint is intact
-                log.warning("could not write the results of the stopped run to %s: %s", out, write_err)
+            _write_stopped(out, cfg, err.checkpoint, str(err), resumable(err), time.perf_counter() - t0, start, grid)
+        raise
+    except Exception as err:  # the engine failed mid-run (a SuperLink gone, Ray lost): as far as the last save
+        if (out / CHECKPOINT).is_file():
+            _write_stopped(out, cfg, out / CHECKPOINT, f"{type(err).__name__}: {shown(err, 1000, as_repr=False)}",
+                           True, time.perf_counter() - t0, start, grid)
         raise
     _write_results(out, cfg, history, clients, final, time.perf_counter() - t0, resumed_from=start,
                    state_bytes=state_bytes, placement=placed, deployed=grid is not None)
     remove_checkpoint(out / CHECKPOINT)
     return out
+
+
+def _write_stopped(out: Path, cfg: DictConfig, checkpoint: Path, reason: str, can_resume: bool, wall: float,
+                   start: int, grid: Any) -> None:
+    """The files of a run stopped by ``reason``, from the rounds its ``checkpoint`` holds (metrics, client
+    log, summary with ``"complete": false``); an unreadable checkpoint or an OS error (the full disk that
+    stopped a save, say) leaves them unwritten, logged: the checkpoint itself is never touched."""
+    try:
+        snap = load_checkpoint(checkpoint)
+        _write_results(out, cfg, snap.history, snap.client_log, None, wall, stopped=reason, resumed_from=start,
+                       resumable=can_resume, deployed=grid is not None)
+    except (OSError, CheckpointError) as err:
+        log.warning("could not write the results of the stopped run to %s: %s", out, err)
 
 
 def _save_config(cfg: DictConfig, path: Path) -> None:

@@ -105,15 +105,22 @@ def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | No
             continue
         cfg.output.overwrite = True  # an incomplete member directory is a leftover of an interrupted sweep
         todo.append((mname, cfg))
+    created = not sweep_dir.exists()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "sweep.json").write_text(json.dumps({**about, "grid": grid}, indent=2))
-    if parallel and todo:
-        _run_parallel(todo, parallel, base.engine.address, sweep_dir, progress)
-    else:
-        for i, (mname, cfg) in enumerate(todo):
-            if progress:
-                print(f"[{i + 1}/{len(todo)}] {mname}")
-            run(cfg, progress=progress)
+    try:
+        if parallel and todo:
+            _run_parallel(todo, parallel, base.engine.address, sweep_dir, progress)
+        else:
+            for i, (mname, cfg) in enumerate(todo):
+                if progress:
+                    print(f"[{i + 1}/{len(todo)}] {mname}")
+                run(cfg, progress=progress)
+    except configs.ConfigError:  # refused before any member ran (a share the cluster lacks, say): the
+        if created and [p.name for p in sweep_dir.iterdir()] == ["sweep.json"]:  # corrected rerun starts clean
+            (sweep_dir / "sweep.json").unlink()
+            sweep_dir.rmdir()  # only what this call made
+        raise
     summarise(sweep_dir, echo=print if progress else None)
     return sweep_dir
 

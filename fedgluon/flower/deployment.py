@@ -107,11 +107,13 @@ def run_dir(cfg: Any, output_root: str) -> Path:
     return out / run_name(cfg)
 
 
-def record_failure(out: Path, reason: str) -> None:
+def record_failure(out: Path, reason: str, *, replace: bool = True) -> None:
     """Leave ``"complete": false`` and ``reason`` in ``out/summary.json`` when ``out`` is a fedgluon run
     directory that holds no complete run (creating it when absent); a directory fedgluon did not
-    create, or one holding a complete run, is left alone. A summary the run already wrote keeps its
-    fields and gains ``"stopped"`` only when it has none; a directory another run holds is left alone."""
+    create, or one holding a complete run, is left alone, and so is one another run holds. A summary
+    already there keeps its fields; its ``"stopped"`` becomes ``reason`` (the earlier one kept as
+    ``"stopped_before"``: a resubmission refused names its own reason), or, with ``replace=False`` (the run
+    wrote its own reason as it stopped), gains it only when it has none."""
     from fedgluon.config.run_dir import MARKER, RunDirLock, is_complete
 
     if is_complete(out) or (out.exists() and not (out / MARKER).is_file()):
@@ -128,7 +130,11 @@ def record_failure(out: Path, reason: str) -> None:
         except (OSError, ValueError):
             summary = {}
         summary["complete"] = False
-        summary.setdefault("stopped", reason)
+        earlier = summary.get("stopped")
+        if earlier is None or (replace and earlier != reason):
+            summary["stopped"] = reason
+            if earlier is not None and earlier not in reason:  # not the same failure, retold
+                summary["stopped_before"] = earlier
         summary.setdefault("engine", "flower-deployment")
         path.write_text(json.dumps(summary, indent=2))
     except OSError:
@@ -180,9 +186,10 @@ def check_versions(reply: Any, expected: Mapping[str, str]) -> None:
 
 class VersionCheckedGrid:
     """A Grid whose ``send_and_receive`` checks each reply's versions (:func:`check_versions`); used for
-    the handshake only. A reply from a node that runs other versions is logged and left out, as any bad
-    handshake answer: that node gets no block, and the other nodes' clients go on. Everything else is
-    the wrapped grid's."""
+    the handshake only. A node that runs other versions stops the run before its first round: a
+    :class:`VersionMismatch` names each such node and both sides' versions (under ``flwr run`` it becomes
+    ``summary.json``'s ``stopped`` reason), since a run without that node's block would not be the run asked
+    for. Everything else is the wrapped grid's."""
 
     def __init__(self, grid: Any, expected: Mapping[str, str] | None = None):
         self._grid, self.expected = grid, dict(expected or versions())
@@ -191,17 +198,16 @@ class VersionCheckedGrid:
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> Iterable[Any]:
-        kept = []
-        for reply in self._grid.send_and_receive(messages, timeout=timeout):
+        replies, wrong = list(self._grid.send_and_receive(messages, timeout=timeout)), []
+        for reply in replies:
             try:
                 check_versions(reply, self.expected)
             except VersionMismatch as err:
-                from fedgluon.sim.federation import clip_text
-
-                log.error("handshake: node left out: %s", clip_text(str(err), 500))
-                continue
-            kept.append(reply)
-        return kept
+                wrong.append(shown(err, 500, as_repr=False))
+        if wrong:
+            more = f"; and {len(wrong) - 3} more node(s)" if len(wrong) > 3 else ""
+            raise VersionMismatch("; ".join(wrong[:3]) + more)
+        return replies
 
 
 # ---------------------------------------------------------------------- polling

@@ -184,6 +184,15 @@ def test_a_gpu_share_the_cluster_lacks_fails_before_any_run_directory(tmp_path, 
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_sweep_refused_before_any_member_ran_leaves_no_sweep_directory(tmp_path, monkeypatch):
+    """The first member's GPU share is refused (one error line); the sweep directory this call made goes
+    with it, so a corrected rerun under the same --name is not told it holds another sweep."""
+    monkeypatch.chdir(tmp_path)
+    out = invoke("sweep", "engine.name=ray", "engine.num_gpus=0.5", *TINY, "seed=[0,1]", "--name", "g", "--quiet")
+    assert out.exit_code == 2 and out.output.strip().splitlines()[-1].startswith("error: engine.num_gpus=0.5 ")
+    assert not (tmp_path / "runs" / "g").exists()
+
+
 def test_shares_are_checked_against_every_node_of_a_ray_with_a_faked_gpu():
     """The check reads Ray's own resources: a Ray told it has one GPU (on this CPU machine) holds a
     0.5 and a 1.0 share, not 1.5; nor 2 CPUs per task on one-CPU nodes. The per-node probe runs on

@@ -189,7 +189,7 @@ def test_resume_run_config_continues_a_stopped_run(tiny: Path, tmp_path: Path):
                                   pd.read_csv(ref / "metrics.csv").drop(columns=list(TIMING)))
 
 
-def test_a_node_of_other_versions_is_left_out_of_the_handshake(tiny: Path):
+def test_a_node_of_other_versions_stops_the_run_before_its_first_round(tiny: Path):
     rc = {"spec-file": str(tiny)}
     grid = _grid(2, rc)
     msgs = [Message(RecordDict(), dst_node_id=n, message_type="query", group_id="hello") for n in grid.get_node_ids()]
@@ -200,9 +200,67 @@ def test_a_node_of_other_versions_is_left_out_of_the_handshake(tiny: Path):
     with pytest.raises(deployment.VersionMismatch, match=rf"runs fedgluon .*flwr {re.escape(flwr_version)}; "
                                                          r"the ServerApp runs .*flwr 0\.0\.1"):
         deployment.check_versions(replies[0], other)
-    checked = deployment.VersionCheckedGrid(grid, other)  # a node of other versions is left out, the run goes on
+    checked = deployment.VersionCheckedGrid(grid, other)  # a node of other versions stops the run
     msgs = [Message(RecordDict(), dst_node_id=n, message_type="query", group_id="hello") for n in grid.get_node_ids()]
-    assert list(checked.send_and_receive(msgs)) == []
+    with pytest.raises(deployment.VersionMismatch, match=r"SuperNode \d+ runs .*; SuperNode \d+ runs "):
+        checked.send_and_receive(msgs)
+
+
+def test_a_deployed_run_with_a_node_of_other_versions_records_why_it_stopped(tiny: Path, tmp_path: Path):
+    """One SuperNode answers the handshake with another fedgluon version: the ServerApp fails before round 0
+    and the run directory's summary.json says so (the README's "Did it work?" check)."""
+    rc = {"spec-file": str(tiny), "output-root": str(tmp_path)}
+    app = make_client_app()
+
+    def older(msg, context):
+        reply = app(msg, context)
+        if msg.metadata.message_type == "query" and context.node_config["partition-id"] == 1:
+            reply.content.config_records["versions"]["fedgluon"] = "0.0.9"
+        return reply
+
+    grid = InProcessGrid(older, 2, run_config=rc)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
+    with pytest.raises(deployment.VersionMismatch):
+        deployed_run(grid, _context(rc))
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    assert summary["complete"] is False and "runs fedgluon 0.0.9" in summary["stopped"]
+
+
+class LostSuperLink(InProcessGrid):
+    """Pulls fail from the ``after``-th on, as a SuperLink's do once ``flwr stop`` revoked the run."""
+
+    def __init__(self, *args, after: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pulls, self.after = 0, after
+
+    def pull_messages(self, message_ids, timeout=None):
+        self.pulls += 1
+        if self.pulls > self.after:
+            raise RuntimeError("Client error '401 Unauthorized' for url 'http://127.0.0.1:1/v1/runtime/pull-messages'")
+        return super().pull_messages(message_ids, timeout)
+
+
+def test_a_run_the_superlink_drops_keeps_its_rounds_and_says_why_and_a_refused_resubmission_says_its_own(
+        tiny: Path, tmp_path: Path):
+    """A SuperLink that stops answering mid-run (``flwr stop``): the rounds of the last checkpoint are written
+    (metrics.csv, clients.csv) and ``stopped`` says the SuperLink no longer serves the run; the same config
+    submitted again without ``resume`` is refused, and ``stopped`` then says that, the earlier reason kept as
+    ``stopped_before``; with ``resume=true`` it completes."""
+    rc = {"spec-file": str(tiny), "overrides": "rounds=6 output.checkpoint_every=1", "output-root": str(tmp_path)}
+    grid = LostSuperLink(make_client_app(), 2, run_config=rc, after=4)  # the handshake, then 3 rounds
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
+    with pytest.raises(RuntimeError, match="401"):
+        deployed_run(grid, _context(rc))
+    out = tmp_path / "runs" / "tiny"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is False and summary["stopped"].startswith("the SuperLink no longer serves this run")
+    assert len(pd.read_csv(out / "metrics.csv")) == 3 and (out / "clients.csv").exists()
+    with pytest.raises(ConfigError, match="incomplete run"):
+        deployed_run(_grid(2, rc), _context(rc))
+    summary = json.loads((out / "summary.json").read_text())
+    assert "incomplete run" in summary["stopped"] and summary["stopped_before"].startswith("the SuperLink no longer")
+    deployed_run(_grid(2, {**rc, "resume": True}), _context({**rc, "resume": True}))
+    assert json.loads((out / "summary.json").read_text())["complete"] is True
 
 
 def test_polling_grid_returns_the_replies_of_send_and_receive(tiny: Path):

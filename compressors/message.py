@@ -114,9 +114,10 @@ def decode_message(compressor: Compressor, message: Mapping[str, TensorPayload],
 CHUNK_BYTES = 64 * 2 ** 20  # the most dense bytes one call of decode_messages decodes at once
 
 
-UNREADABLE = (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError, RuntimeError)
-"""What decoding a client's message may raise besides PayloadError (a value that defeats a check, say):
-:func:`decode_messages` makes it that message's PayloadError, so a bad message never stops the others."""
+UNREADABLE = (ValueError, TypeError, ArithmeticError)
+"""What a client's value that defeats a check may make decoding raise besides PayloadError (an integer too
+wide to print or to convert, a wrong type): :func:`decode_messages` makes it that message's PayloadError, so
+a bad message never stops the others. Anything else is fedgluon's own bug and propagates."""
 
 
 def decode_messages(compressor: Compressor, messages: Mapping[int, Any], shapes: Mapping[str, tuple], *,

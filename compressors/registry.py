@@ -39,14 +39,16 @@ OPTION_KINDS = {"ratio": float, "min_k": int, "rank": int, "min_compression_rate
                 "warm_start": bool, "levels": int}
 
 
-def _number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """An int or float, not a bool."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-KINDS: dict[type, tuple[str, Callable[[Any], bool]]] = {
-    float: ("a number", _number),
-    int: ("an integer", lambda v: _number(v) and isinstance(v, int)),
+KINDS: dict[type, tuple[str, Callable[[Any], bool]]] = {  # a scalar option's type: (in words, its check)
+    float: ("a number", is_number),
+    int: ("an integer", lambda v: is_number(v) and isinstance(v, int)),
     bool: ("true or false", lambda v: isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
 }
 
 

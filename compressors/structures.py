@@ -371,9 +371,9 @@ class RandomizedSVD(_LowRank):
 
 @dataclass
 class PowerSGD(_LowRank):
-    """One-shot PowerSGD (Vogels et al. 2019): ``P = orth(M Q)``, ``Q' = Mᵀ P``,
-    send (P, Q'), decode ``P Q'ᵀ``. With ``warm_start`` the next call starts from the last Q'
-    (kept in the client's compressor state), i.e. one subspace-iteration step per round."""
+    """One-shot PowerSGD (Vogels et al. 2019): ``P = orth(M Q)``, ``Q' = Mᵀ P``, send (P, Q') balanced
+    (:func:`balanced`), decode ``P Q'ᵀ``. With ``warm_start`` the next call starts from the last Q' (kept
+    in the client's compressor state, unbalanced), i.e. one subspace-iteration step per round."""
 
     name = "powersgd"
     kind = "biased"

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedgluon.config import spec as specs
 from fedgluon.flower import dispatch
 from fedgluon.flower.client_app import spec_from_context
-from fedgluon.flower.deployment import PollingGrid, VersionCheckedGrid, wait_for_nodes
+from fedgluon.flower.deployment import VersionCheckedGrid, wait_for_nodes
 from fedgluon.flower.dispatch import WakingGrid
 from fedgluon.flower.wire import tensors_to_record
 from fedgluon.sim.checkpoint import Checkpointer, Snapshot
@@ -54,7 +54,7 @@ def serve(grid: Grid, spec: Mapping[str, Any], on_round: Callable[[dict[str, Any
                              sizes=[objective.num_samples for objective in task.objectives],
                              max_failed_rounds=int(spec["max_failed_rounds"]),
                              schema=algorithm.state_schema(task.objectives[0], X0, spec["seed"]),
-                             deaths_stop_run=not isinstance(grid, PollingGrid))  # a deployment's nodes restart
+                             deaths_stop_run=not getattr(grid, "remote", False))  # SuperNodes restart ClientApps
     poll_faster(grid)
     wake = dispatch.active()
     if wake is not None:  # Flower's simulation under fedgluon.flower.engines.run_ray: event-driven hand-off

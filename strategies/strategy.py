@@ -168,8 +168,11 @@ class GluonStrategy(Strategy):
             node = reply.metadata.src_node_id
             try:
                 block, counts = self.hello(reply)
-            except Exception as err:  # noqa: BLE001 - HandshakeError, or an answer no check foresaw: the node is out
+            except HandshakeError as err:
                 log.warning("handshake: rejected node %s: %s", node, clip_text(err, 300))
+                continue
+            except Exception:  # noqa: BLE001 - an answer no check foresaw: the node is out, the bug logged loudly
+                log.error("handshake: rejected node %s: its answer raised", node, exc_info=True)
                 continue
             self.node_of[block], self.partition_of[node] = node, block
             sizes.update(counts)
@@ -303,7 +306,8 @@ class GluonStrategy(Strategy):
             try:
                 read = got[1] if got is not None and got[0] is msg else self._read(msg, expected[block])
             except Exception as err:  # noqa: BLE001 - a reply no check foresaw rejects its block, never the server
-                log.warning("round %d: unreadable reply from node %s", k, msg.metadata.src_node_id, exc_info=True)
+                log.error("round %d: unreadable reply from node %s (a check is missing: please report)", k,
+                          msg.metadata.src_node_id, exc_info=True)
                 read = BlockRead(rejected=dict.fromkeys(expected[block], f"reply: unreadable ({type(err).__name__})"))
             if read.ray_node:
                 self.ray_nodes.add(read.ray_node)

@@ -21,7 +21,8 @@ from omegaconf import OmegaConf
 from experiments.flagship.plan import SEEDS, TASKS, Chosen, Method, PlanError, chosen_value
 from fedgluon.config import schema as configs
 from fedgluon.config.run_dir import MARKER, is_complete, prepare_dir
-from fedgluon.exp.sweep import changes_from, listed, member_name, sweep
+from fedgluon.config.sections import listed
+from fedgluon.exp.sweep import changes_from, member_name, sweep
 from fedgluon.sim.faults import DEFAULTS as FAULT_DEFAULTS
 
 QUICK = ["rounds=3", "eval_every=3"]

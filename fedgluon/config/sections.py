@@ -129,3 +129,15 @@ def dotted(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def differences(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """``"key: saved -> wanted"`` for each key whose value differs between two flattened configs
+    (:func:`dotted`), in key order: what a refusal to reuse or resume a run names."""
+    return [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted))
+            if saved.get(k) != wanted.get(k)]
+
+
+def listed(changes: list[str], most: int = 3) -> str:
+    """The first ``most`` of :func:`differences`' list, for an error line."""
+    return "; ".join(changes[:most]) + ("; ..." if len(changes) > most else "")

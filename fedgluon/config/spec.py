@@ -24,6 +24,7 @@ from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from compressors.registry import KINDS, is_number
 from fedgluon.algorithms import Algorithm, make_algorithm
 from fedgluon.core.devices import resolve_device
 from fedgluon.lmo.geometry import Geometry
@@ -121,18 +122,6 @@ def _algorithm_defaults(name: Any) -> dict[str, Any]:
     return {**cls.BASE_OPTIONS, **cls.OPTIONS} if cls is not None else {}
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-_KINDS: dict[Any, tuple[str, Any]] = {  # a scalar type: (in words, its check)
-    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    float: ("a number", _is_number),
-    str: ("a string", lambda v: isinstance(v, str)),
-    bool: ("true or false", lambda v: isinstance(v, bool)),
-}
-
-
 def _annotated_kinds(*functions: Any) -> dict[str, tuple[str, Any]]:
     """The scalar options of builder functions, by annotation; ``X | None`` also takes null."""
     kinds: dict[str, tuple[str, Any]] = {}
@@ -141,8 +130,8 @@ def _annotated_kinds(*functions: Any) -> dict[str, tuple[str, Any]]:
             args = [a for a in typing.get_args(hint) if a is not type(None)]
             optional = len(args) < len(typing.get_args(hint))
             base = args[0] if optional and len(args) == 1 else hint
-            if base in _KINDS:
-                words, ok = _KINDS[base]
+            if base in KINDS:
+                words, ok = KINDS[base]
                 kinds[key] = (words + " or null", lambda v, ok=ok: v is None or ok(v)) if optional else (words, ok)
     return kinds
 
@@ -163,11 +152,11 @@ def check_option_types(task: Mapping[str, Any], algorithm: Mapping[str, Any],
     defaults = _algorithm_defaults(algorithm.get("name"))
     for key, value in algorithm.items():
         default = defaults.get(key)
-        kind = bool if isinstance(default, bool) else float if _is_number(default) else \
+        kind = bool if isinstance(default, bool) else float if is_number(default) else \
             str if isinstance(default, str) else None
         if kind is None:
             continue  # options whose default is null or a mapping are the builders' to judge
-        words, ok = _KINDS[kind]
+        words, ok = KINDS[kind]
         if not ok(value):
             grid = " (a list of values is a sweep's grid: fedgluon sweep)" if isinstance(value, list) else ""
             raise ValueError(f"algorithm.{key} must be {words}, got {value!r}{grid}")

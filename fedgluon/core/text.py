@@ -7,14 +7,15 @@ message must not crash on it. :func:`shown` is the one formatter for client-sent
 from __future__ import annotations
 
 BIG_INT_BITS = 64  # integers wider than this are named by their width, not printed
+MAX_CLIENT_TEXT = 1000  # characters of a client's failure or rejection reason that are logged and stored
 
 
 def shown(value: object, limit: int = 80, *, as_repr: bool = True) -> str:
     """``repr(value)`` (or ``str`` with ``as_repr=False``) cut to about ``limit`` characters (head and tail
     around a note of how much was cut); an integer wider than 64 bits is shown by its width, and a value
     that cannot be printed by its type."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > BIG_INT_BITS:
-        return f"<an integer of {value.bit_length()} bits>"
+    if isinstance(value, int) and not isinstance(value, bool) and int.bit_length(value) > BIG_INT_BITS:
+        return f"<an integer of {int.bit_length(value)} bits>"  # int's own method: a subclass cannot raise
     try:
         text = repr(value) if as_repr else str(value)
     except Exception:  # noqa: BLE001 - whatever a value's __repr__ raises, the message still reads

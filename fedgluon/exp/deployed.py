@@ -36,7 +36,7 @@ def deployed_run(grid: Grid, context: Context) -> None:
         cfg = deployment.load_config(context.run_config)
         _, _, root, resume, _ = deployment.run_settings(context.run_config)
         out = deployment.run_dir(cfg, root)
-        run(cfg, progress=False, out_dir=out, resume=resume, grid=deployment.PollingGrid(grid))
+        run(cfg, progress=False, out_dir=out, resume=resume, grid=deployment.PollingGrid(grid, remote=_remote(grid)))
     except BaseException as err:
         if isinstance(err, ConfigError) and ("--overwrite" in str(err) or "--resume" in str(err)):
             # fedgluon run's flags; flwr run's keys
@@ -45,6 +45,16 @@ def deployed_run(grid: Grid, context: Context) -> None:
         if out is not None:  # a RunStopped wrote its own reason with the run's files
             deployment.record_failure(out, _reason(err), replace=not isinstance(err, RunStopped))
         raise err from None
+
+
+def _remote(grid: Grid) -> bool:
+    """Whether ``grid`` reaches SuperNodes over a SuperLink (Flower's ``HttpGrid``, as ``flwr run`` on a
+    deployment gives the ServerApp), not a simulation runtime's in-memory nodes."""
+    try:
+        from flwr.superlink.grid import HttpGrid
+    except ImportError:  # another flwr layout: treat it as a deployment, whose codes never stop the run
+        return True
+    return isinstance(grid, HttpGrid)
 
 
 def _reason(err: BaseException) -> str:

@@ -43,7 +43,7 @@ from fedgluon.core.text import shown
 from fedgluon.exp import cluster
 from fedgluon.exp.resume import CHECKPOINT, ENVIRONMENT, check_table, resumable, run_key, to_resume  # noqa: F401 (re-exported)
 from fedgluon.runtime.threads import torch_threads
-from fedgluon.sim.checkpoint import Checkpointer, CheckpointError, RunStopped
+from fedgluon.sim.checkpoint import Checkpointer, RunStopped
 from fedgluon.sim.checkpoint import load as load_checkpoint
 from fedgluon.sim.checkpoint import remove as remove_checkpoint
 from fedgluon.sim.faults import FaultPlan
@@ -133,6 +133,8 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
     every column but the wall times. The run computes with ``cfg.threads`` torch threads, the caller's
     count restored after (fedgluon/runtime/threads.py)."""
     out = Path(out_dir) if out_dir is not None else Path(cfg.output.dir) / run_name(cfg)
+    if resume and cfg.output.overwrite:
+        raise ConfigError("--resume continues a run and --overwrite replaces it: pass one of them")
     if resume and not (out / MARKER).is_file():  # never make a run directory of a folder fedgluon did not create
         raise ConfigError(f"{out} is not a fedgluon run directory: nothing to resume")
     nodes = cluster.for_run(cfg) if grid is None else None  # a deployment's clients are its SuperNodes, not Ray's
@@ -198,7 +200,7 @@ def _write_stopped(out: Path, cfg: DictConfig, checkpoint: Path, reason: str, ca
         snap = load_checkpoint(checkpoint)
         _write_results(out, cfg, snap.history, snap.client_log, None, wall, stopped=reason, resumed_from=start,
                        resumable=can_resume, deployed=grid is not None)
-    except (OSError, CheckpointError) as err:
+    except Exception as err:  # noqa: BLE001 - the stop's own error, re-raised by the caller, is what matters
         log.warning("could not write the results of the stopped run to %s: %s", out, err)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from fedgluon.config import spec as specs
 from fedgluon.config.run_dir import is_complete
 from fedgluon.config.schema import ConfigError
-from fedgluon.config.sections import dotted
+from fedgluon.config.sections import differences, dotted, listed
 from fedgluon.sim.checkpoint import CheckpointError, NonFiniteStateError, RunStopped, Snapshot
 from fedgluon.sim.checkpoint import load as load_checkpoint
 from fedgluon.sim.checkpoint import sweep as sweep_checkpoint
@@ -64,10 +64,7 @@ def _changes(saved_key: str, spec: Mapping[str, Any]) -> str:
         saved = dotted(json.loads(saved_key))
     except (ValueError, TypeError, AttributeError):  # a key this fedgluon did not write
         return "its run key differs"
-    now = dotted(json.loads(run_key(spec)))
-    diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-            if saved.get(k) != now.get(k)]
-    return "; ".join(diff[:3]) + ("; ..." if len(diff) > 3 else "") if diff else "its run key differs"
+    return listed(differences(saved, dotted(json.loads(run_key(spec))))) or "its run key differs"
 
 
 def check_table(path: Path, snapshot: Snapshot, task: Any, algorithm: Any, seed: int) -> None:

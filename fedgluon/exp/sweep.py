@@ -19,6 +19,7 @@ them under its own ``output.dir`` (no shared filesystem needed; fedgluon.exp.clu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -31,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedgluon.config import schema as configs
 from fedgluon.config.run_dir import MARKER, prepare_dir
-from fedgluon.config.sections import dotted
+from fedgluon.config.sections import differences, dotted, listed
 from fedgluon.exp.cluster import with_absolute_data_paths
 from fedgluon.exp.experiment import is_complete, run
 
@@ -117,9 +118,10 @@ def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | No
                     print(f"[{i + 1}/{len(todo)}] {mname}")
                 run(cfg, progress=progress)
     except configs.ConfigError:  # refused before any member ran (a share the cluster lacks, say): the
-        if created and [p.name for p in sweep_dir.iterdir()] == ["sweep.json"]:  # corrected rerun starts clean
-            (sweep_dir / "sweep.json").unlink()
-            sweep_dir.rmdir()  # only what this call made
+        with contextlib.suppress(OSError):  # the refusal is what the user needs, whatever the cleanup meets
+            if created and [p.name for p in sweep_dir.iterdir()] == ["sweep.json"]:  # a corrected rerun starts clean
+                (sweep_dir / "sweep.json").unlink()
+                sweep_dir.rmdir()  # only what this call made
         raise
     summarise(sweep_dir, echo=print if progress else None)
     return sweep_dir
@@ -156,14 +158,7 @@ def changes_from(member_dir: Path, cfg: DictConfig) -> list[str]:
     except Exception as err:  # noqa: BLE001 - any unreadable record is the same refusal
         raise configs.ConfigError(f"{member_dir}/config.yaml cannot be read ({type(err).__name__}); give the "
                                   f"sweep another --name") from None
-    wanted = comparable(cfg)
-    return [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted))
-            if saved.get(k) != wanted.get(k)]
-
-
-def listed(changes: list[str], most: int = 3) -> str:
-    """The first ``most`` of :func:`changes_from`'s list, for an error line."""
-    return "; ".join(changes[:most]) + ("; ..." if len(changes) > most else "")
+    return differences(saved, comparable(cfg))
 
 
 def _fmt(v: Any) -> str:

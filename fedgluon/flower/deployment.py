@@ -189,7 +189,9 @@ class VersionCheckedGrid:
     the handshake only. A node that runs other versions stops the run before its first round: a
     :class:`VersionMismatch` names each such node and both sides' versions (under ``flwr run`` it becomes
     ``summary.json``'s ``stopped`` reason), since a run without that node's block would not be the run asked
-    for. Everything else is the wrapped grid's."""
+    for. The check trusts what a node reports: it guards against a forgotten upgrade, not a hostile node,
+    which can keep a run from starting anyway (by not connecting: :func:`wait_for_nodes`); once the rounds
+    run, nothing a node sends stops the run. Everything else is the wrapped grid's."""
 
     def __init__(self, grid: Any, expected: Mapping[str, str] | None = None):
         self._grid, self.expected = grid, dict(expected or versions())
@@ -217,10 +219,14 @@ PULL_INTERVAL = 0.05  # seconds between the ServerApp's pulls for replies under 
 class PollingGrid:
     """A deployment Grid whose ``send_and_receive`` pulls the replies every ``interval`` seconds. Flower
     1.42's grid of a ``flwr run`` ServerApp sleeps 3 s between pulls, up to 3 s added to every round;
-    one pull is one request to the SuperLink. Everything else is the wrapped grid's."""
+    one pull is one request to the SuperLink. ``remote``: the grid reaches SuperNodes (``flwr run`` on a
+    SuperLink; under Flower's simulation runtime it is False), whose error codes fail their block for the
+    round but never stop the run (``GluonStrategy``'s ``deaths_stop_run``). Everything else is the wrapped
+    grid's."""
 
-    def __init__(self, grid: Any, interval: float = PULL_INTERVAL):
+    def __init__(self, grid: Any, interval: float = PULL_INTERVAL, *, remote: bool = False):
         self._grid, self.interval = grid, interval
+        self.remote = remote  # its nodes are SuperNodes (Flower's HttpGrid), not a simulation's (InMemoryGrid)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)

@@ -41,8 +41,7 @@ from compressors.payload import PayloadRows, RowMessage
 from fedgluon.algorithms import ClientReply
 from fedgluon.algorithms.block import BlockResult, Proposal
 from fedgluon.clients.table import ClientRows, ClientStateTable, flatten, nest
-from fedgluon.core.text import shown
-from fedgluon.sim.federation import MAX_CLIENT_TEXT
+from fedgluon.core.text import MAX_CLIENT_TEXT, shown
 
 RAW = "fedgluon.raw"
 # dtype names an Array may carry -> little-endian NumPy dtype (bfloat16 travels as its int16 bit pattern)
@@ -409,7 +408,8 @@ def _int(value: Any, what: str, low: int, high: int) -> int:
 def _number(value: Any, what: str) -> float:
     """A number sent as a metric (a loss, say) as a float. NaN and ±Inf pass here: a failed row, or a phase
     after the first, has no loss, and the federation rejects an accepted client's non-finite loss on its
-    own (``Federation``, "losses"), so one client's value never rejects its block-mates."""
+    own (:func:`fedgluon.sim.federation._non_finite_losses`), so one client's value never rejects its
+    block-mates."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise WireError(f"{what} must be a number, got {shown(value, 40)}")
     try:

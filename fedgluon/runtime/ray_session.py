@@ -13,7 +13,10 @@ without doing so: on Linux Ray starts them with kernel fate-sharing (``PR_SET_PD
 module requires; elsewhere Ray's reaper finds them through this group, and they are left in it.
 
 A patch of Ray's private ``ray._private.services.ConsolePopen`` (the ``subprocess.Popen`` Ray starts its
-processes with), made only where it is found as written for Ray 2.55; otherwise nothing is changed (logged).
+processes with, in Ray 2.55), held while Flower's simulation or fedgluon's own ``ray.init`` runs, and
+only where it is found with Ray's fate-sharing; otherwise nothing is changed (a debug log line says when
+it is missing). A later Ray that starts its processes otherwise leaves them in this process group, as
+before.
 """
 
 from __future__ import annotations

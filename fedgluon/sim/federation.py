@@ -16,7 +16,8 @@ if any quantity the server computes is NaN/Inf: the server state (model, aggrega
 optimizer), or the central evaluation (test loss and accuracy, the gradient's dual norm). Only
 then does it commit the proposed state rows of accepted clients into the client-state table
 (docs/DESIGN.md §2; a block whose proposed columns do not fit the schema is rejected before the
-server step, every client of it, with the reason), log rejections and failures
+server step, every client of it, with the reason, and so is a client whose first-phase reply reports a
+loss that is not finite: :func:`_non_finite_losses`), log rejections and failures
 with their reasons (client text clipped to :data:`MAX_CLIENT_TEXT` characters), record the metrics
 row, and hand the checkpointer a snapshot. These stops write the state from *before* the round, so a
 resumed run replays that round exactly.
@@ -54,7 +55,7 @@ from fedgluon.algorithms.block import Proposal
 from fedgluon.clients.state_schema import StateSchema
 from fedgluon.clients.table import ClientRows, ClientStateTable, nest
 from fedgluon.core.rng import generator
-from fedgluon.core.text import shown
+from fedgluon.core.text import MAX_CLIENT_TEXT, shown
 from fedgluon.sim.checkpoint import ActorDeathError, Checkpointer, NonFiniteStateError, RunStopped, Snapshot
 from fedgluon.sim.metrics import bit_columns, client_rows, round_row
 
@@ -62,7 +63,6 @@ log = logging.getLogger("fedgluon.sim.federation")
 
 Evaluate = Callable[[Mapping[str, Tensor], int], dict[str, float]]  # (model, round) -> metrics
 
-MAX_CLIENT_TEXT = 1000  # characters of a client's failure or rejection reason that are logged and stored
 FINITE_METRICS = ("test_loss", "test_accuracy", "grad_dual_norm")  # central evaluation: a NaN/Inf stops the run
 SMALLER_RADIUS = ("start a new run with a smaller radius (algorithm.lr, or its schedule); "
                   "a resume may not change it")
@@ -90,7 +90,8 @@ def _non_finite_losses(replies: Mapping[int, ClientReply], phase: int) -> dict[i
         except (TypeError, ValueError, OverflowError):
             return False
 
-    return {j: f"loss: not a finite number ({shown(r.loss, 40)})" for j, r in replies.items() if not finite(r.loss)}
+    return {j: f"loss: not a finite number ({shown(r.loss, 40)}; a diverging client, or a bad reply)"
+            for j, r in replies.items() if not finite(r.loss)}
 
 
 def client_weights_from_sizes(sizes: Sequence[int], mode: str = "uniform") -> dict[int, float]:

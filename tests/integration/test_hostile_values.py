@@ -62,21 +62,25 @@ def test_shown_never_raises_and_stays_short():
     assert len(shown("x" * 10 ** 6, 80)) < 120 and shown(5) == "5"
 
 
-@pytest.mark.parametrize("edit, status", [
-    (set_meta("runs", HUGE), "rejected"),
-    (set_meta("0/round", HUGE), "rejected"),
-    (set_meta("0/samples", [HUGE]), "rejected"),
-    (set_meta("0/loss", [10 ** 400]), "rejected"),  # beyond float's range
-    (set_meta("0/clients", [HUGE]), "rejected"),
-    (lambda r: r.content.__setitem__("failed", ConfigRecord({"1": HUGE})), "failed"),
-    (lambda r: r.content.config_records["info"].__setitem__("ray_node", HUGE), "accepted"),
+WIDE = f"<an integer of {HUGE.bit_length()} bits>"
+
+
+@pytest.mark.parametrize("edit, status, reason", [
+    (set_meta("runs", HUGE), "rejected", f"runs must be an integer in [0, 1], got {WIDE}"),
+    (set_meta("0/round", HUGE), "rejected", f"round must be an integer in [0, {2 ** 62}], got {WIDE}"),
+    (set_meta("0/samples", [HUGE]), "rejected", f"samples must be an integer in [0, {2 ** 62}], got {WIDE}"),
+    (set_meta("0/loss", [10 ** 400]), "rejected", "loss must be a float, got <an integer of 1329 bits>"),
+    (set_meta("0/clients", [HUGE]), "rejected", f"clients must be an integer in [0, {N - 1}], got {WIDE}"),
+    (lambda r: r.content.__setitem__("failed", ConfigRecord({"1": HUGE})), "failed", WIDE),
+    (lambda r: r.content.config_records["info"].__setitem__("ray_node", HUGE), "accepted", ""),
 ], ids=["runs", "round", "samples", "loss", "clients", "failed-reason", "ray-node"])
-def test_an_integer_too_wide_to_print_touches_only_its_block(edit, status):
-    """Before, formatting it in the error message raised ValueError out of aggregate_train."""
+def test_an_integer_too_wide_to_print_touches_only_its_block(edit, status, reason):
+    """Before, formatting it in the error message raised ValueError out of aggregate_train. The check that
+    names the field rejects it (not the last-line catch-all, whose reason says "unreadable")."""
     strategy, grid = connected()
     rows = one_round(strategy, grid, edit)
     assert rows[1]["status"] == status and all(rows[j]["status"] == "accepted" for j in (0, 2, 3))
-    assert len(rows[1]["reason"]) < 1100
+    assert reason in rows[1]["reason"] and "unreadable" not in rows[1]["reason"], rows[1]["reason"]
 
 
 @pytest.mark.parametrize("field, value", [("block", HUGE), ("num_samples", [HUGE]), ("clients", [HUGE])],
@@ -100,6 +104,7 @@ def test_a_handshake_with_an_integer_too_wide_to_print_rejects_that_node(field, 
                              schema=algo.state_schema(task.objectives[0], task.initial_params(), 1))
     strategy.connect(grid, timeout=10)
     assert "handshake: rejected node" in caplog.text and sorted(strategy.node_of) == [0, 2, 3]
+    assert f"got {WIDE}" in caplog.text  # the field's own check, not an exception no check foresaw
     assert strategy.federation.weights == client_weights_from_sizes(sizes, "samples")
 
 
@@ -175,3 +180,19 @@ def test_a_non_finite_loss_rejects_that_client_alone(loss):
     rows = one_round(strategy, grid, set_meta("0/loss", [loss]))
     assert rows[1]["status"] == "rejected" and "loss: not a finite number" in rows[1]["reason"]
     assert math.isfinite(strategy.history[-1]["train_loss"]) and strategy.history[-1]["accepted"] == 3
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_whether_error_codes_stop_the_run_comes_from_the_grid_flwr_run_hands_over(remote):
+    """``flwr run`` gives the ServerApp Flower's HttpGrid on a deployment (SuperNodes: codes are the
+    nodes' word) and an InMemoryGrid under its simulation runtime (Ray: a dead actor stops the run);
+    deployed_run tells PollingGrid which, and serve sets the strategy from it."""
+    from fedgluon.exp.deployed import _remote
+    from fedgluon.flower.deployment import PollingGrid
+    from strategies.server_app import serve
+
+    grid = InProcessGrid(make_client_app(SPEC), N, seed=1)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
+    assert _remote(grid) is False
+    strategy = serve(PollingGrid(grid, interval=0.001, remote=remote), specs.normalise({**SPEC, "rounds": 1}))
+    assert strategy.deaths_stop_run is (not remote) and len(strategy.history) == 1

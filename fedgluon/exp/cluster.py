@@ -108,6 +108,27 @@ def reachable(address: str, timeout: float = 5.0) -> None:
     except OSError as err:
         raise ConfigError(f"engine.address={address!r}: no Ray head answers there ({err.strerror or err}); start "
                           f"one with `ray start --head --port={port}` or fix the address") from None
+    if _answers_as_gcs(host, int(port), timeout) is False:  # Ray would print its GCS errors for ~20 s first
+        raise ConfigError(f"engine.address={address!r} answers, but not as a Ray head's GCS (Ray's client-server "
+                          f"port, 10001, say): give the head's `ray start --head --port` (6379 by default)")
+
+
+def _answers_as_gcs(host: str, port: int, timeout: float) -> bool | None:
+    """Whether ``host:port`` answers the GCS's ``GetClusterId`` (True), answers gRPC without that method
+    (False: another service, such as Ray's client server), or cannot tell (None: no gRPC answer in time, or
+    grpc or Ray's generated stubs missing; Ray's own connection then decides)."""
+    try:
+        import grpc
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:
+        return None
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(gcs_service_pb2.GetClusterIdRequest(),
+                                                                              timeout=timeout)
+            return True
+        except grpc.RpcError as err:
+            return False if err.code() == grpc.StatusCode.UNIMPLEMENTED else None
 
 
 def ray_nodes() -> list[dict[str, Any]]:

@@ -184,6 +184,26 @@ def test_a_gpu_share_the_cluster_lacks_fails_before_any_run_directory(tmp_path, 
     assert not (tmp_path / "runs").exists()
 
 
+def test_an_address_that_answers_but_is_no_ray_gcs_is_one_error_line(tmp_path, monkeypatch):
+    """A gRPC server without the GCS's methods (as Ray's client-server port, 10001, is): refused by the
+    address check with one line, before Ray prints its GCS errors for ~20 s, and no run directory."""
+    from concurrent import futures
+
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    monkeypatch.chdir(tmp_path)
+    try:
+        out = invoke("run", "engine.name=ray", f"engine.address=127.0.0.1:{port}", *TINY)
+    finally:
+        server.stop(0)
+    lines = [line for line in out.output.splitlines() if line.strip()]
+    assert out.exit_code == 2 and len(lines) == 1 and "answers, but not as a Ray head's GCS" in lines[0], out.output
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_sweep_refused_before_any_member_ran_leaves_no_sweep_directory(tmp_path, monkeypatch):
     """The first member's GPU share is refused (one error line); the sweep directory this call made goes
     with it, so a corrected rerun under the same --name is not told it holds another sweep."""

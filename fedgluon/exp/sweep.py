@@ -87,6 +87,9 @@ def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | No
         from fedgluon.exp.cluster import reachable
 
         reachable(base.engine.address)  # before the sweep directory: a wrong address is one line, not minutes
+    if parallel and progress and base.engine.num_gpus:  # asked for, and not given: say so
+        print(f"note: --parallel runs every member on the plain engine ({parallel} Ray tasks at a time, "
+              f"engine.client_device for the gradients): engine.num_gpus={base.engine.num_gpus:g} is not used")
     sweep_dir = Path(base.output.dir) / (name or f"sweep-{configs.run_name(base)}")
     about = {"config": str(config_path) if config_path else None,  # what the results depend on
              "overrides": [o for o in overrides if not o.startswith(("engine.", "output."))]}

@@ -93,6 +93,21 @@ def test_a_sweep_with_a_bad_member_is_one_error_line_and_makes_no_directory(tmp_
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_parallel_sweep_says_it_does_not_use_a_gpu_share(tmp_path, monkeypatch):
+    """--parallel runs members as Ray tasks on the plain engine: a GPU share in the config is not given to
+    them, and the sweep says so in one note (the members' run itself is replaced here: it is not the point)."""
+    from fedgluon.exp import sweep as sweeps
+
+    ran = []
+    monkeypatch.setattr(sweeps, "_run_parallel", lambda todo, workers, *a, **k: ran.append((len(todo), workers)))
+    monkeypatch.chdir(tmp_path)
+    out = invoke("sweep", *FAST, "seed=[0,1]", "engine.num_gpus=0.5", "--parallel", "2", "--name", "p")
+    assert ran == [(2, 2)]
+    assert out.output.splitlines()[0] == ("note: --parallel runs every member on the plain engine (2 Ray tasks at a "
+                                          "time, engine.client_device for the gradients): engine.num_gpus=0.5 is "
+                                          "not used"), out.output
+
+
 def test_sweep_2x2_then_rerun_skips(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["sweep", *FAST, "algorithm.name=[gluon-ef21,gluon-ef21-sarah]", "algorithm.compressor.ratio=[0.02,0.1]",

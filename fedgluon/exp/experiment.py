@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -301,7 +302,8 @@ def summarise(frame: pd.DataFrame, cfg: DictConfig, wall: float) -> dict[str, An
 
 
 class _progress:
-    """A rich progress bar over rounds (a no-op when disabled)."""
+    """A rich progress bar over rounds on a terminal, a plain line every tenth of the run elsewhere (a no-op
+    when disabled)."""
 
     def __init__(self, enabled: bool, total: int, label: str, start: int = 0):
         self.enabled, self.total, self.label, self.start = enabled, total, label, start
@@ -309,6 +311,15 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return lambda row: None
+        if not sys.stdout.isatty():  # a pipe or a file: plain lines, about ten a run (rich cuts a bar to 80 columns)
+            every = max(1, self.total // 10)
+
+            def line(row: dict[str, Any]) -> None:
+                done = int(row["round"]) + 1
+                if done % every == 0 or done == self.total:
+                    info = "".join(f" {k}={row[k]:.4g}" for k in ("test_loss", "test_accuracy") if k in row)
+                    print(f"{self.label}: round {done}/{self.total}{info}", flush=True)
+            return line
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

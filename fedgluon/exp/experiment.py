@@ -307,6 +307,7 @@ class _progress:
 
     def __init__(self, enabled: bool, total: int, label: str, start: int = 0):
         self.enabled, self.total, self.label, self.start = enabled, total, label, start
+        self.bar: Any = None  # rich's Progress, on a terminal
 
     def __enter__(self):
         if not self.enabled:
@@ -333,6 +334,6 @@ class _progress:
         return tick
 
     def __exit__(self, *exc):
-        if self.enabled:
+        if self.bar is not None:
             self.bar.__exit__(*exc)
         return False

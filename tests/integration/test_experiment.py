@@ -93,6 +93,15 @@ def test_a_sweep_with_a_bad_member_is_one_error_line_and_makes_no_directory(tmp_
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_run_whose_output_is_not_a_terminal_prints_plain_progress_lines(tmp_path, monkeypatch):
+    """CliRunner's output is no terminal: about ten plain lines of progress, not rich's bar cut to 80 columns."""
+    monkeypatch.chdir(tmp_path)
+    out = invoke("run", *FAST, "output.name=lines")
+    assert out.exit_code == 0, out.output
+    progress = [line for line in out.output.splitlines() if line.startswith("lines: round ")]
+    assert [line.split()[2] for line in progress] == [f"{k}/6" for k in range(1, 7)], out.output
+
+
 def test_a_parallel_sweep_says_it_does_not_use_a_gpu_share(tmp_path, monkeypatch):
     """--parallel runs members as Ray tasks on the plain engine: a GPU share in the config is not given to
     them, and the sweep says so in one note (the members' run itself is replaced here: it is not the point)."""

@@ -20,6 +20,7 @@ from compressors.operators import (
     TopK,
 )
 from compressors.values import VALUE_CODECS, make_value_codec
+from fedgluon.core.text import prefixed
 
 COMPRESSORS: dict[str, tuple[Callable[..., Structure], tuple[str, ...], str]] = {
     # name: (structure factory, its options, default value codec)
@@ -77,8 +78,5 @@ def make_compressor(spec: str | Mapping[str, Any], where: str = "compressor") ->
         words, ok = KINDS[OPTION_KINDS[key]]
         if not ok(value):
             raise ValueError(f"{where}.{key} must be {words}, got {value!r}")
-    try:
+    with prefixed(where, (*options, "levels")):  # the structure's or codec's own check, which names its field
         return Compressor(factory(**spec), make_value_codec(values, levels), name=name)
-    except ValueError as err:  # the structure's or codec's own check, which names its field
-        raise ValueError(f"{where}.{err}" if str(err).split(" ", 1)[0] in (*options, "levels") else
-                         f"{where}: {err}") from None

@@ -20,13 +20,13 @@ import copy
 import json
 import math
 import typing
-from collections.abc import Collection, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 from compressors.registry import KINDS, is_number
 from fedgluon.algorithms import Algorithm, make_algorithm
 from fedgluon.core.devices import resolve_device
+from fedgluon.core.text import prefixed
 from fedgluon.lmo.geometry import Geometry
 from fedgluon.sim.faults import FaultPlan
 from fedgluon.tasks.registry import Task, make_task
@@ -84,28 +84,17 @@ def build(spec: Mapping[str, Any]) -> tuple[Task, Algorithm]:
     the section's name in front (``algorithm.beta must be ...``)."""
     task_spec = {"seed": spec["seed"], **spec["task"]}
     check_option_types(task_spec, spec["algorithm"], spec["geometry"])
-    with _named("task", {*task_spec, *_annotated_kinds(*_task_builders(task_spec.get("name")))}):
+    with prefixed("task", {*task_spec, *_annotated_kinds(*_task_builders(task_spec.get("name")))}):
         task = make_task(task_spec)
-    with _named("geometry", spec["geometry"]):
+    with prefixed("geometry", spec["geometry"]):
         geometry = Geometry.from_model(task.model, **spec["geometry"])
     alg = dict(spec["algorithm"])
     name = alg.pop("name", None)
-    with _named("algorithm", {**alg, **_algorithm_defaults(name)}):
+    with prefixed("algorithm", {**alg, **_algorithm_defaults(name)}):
         algorithm = make_algorithm(name, geometry, **alg)
     algorithm.client_device = resolve_device("client_device", spec.get("client_device", "cpu"))
     check_min_k(algorithm)
     return task, algorithm
-
-
-@contextmanager
-def _named(section: str, options: Collection[str]) -> Iterator[None]:
-    """Prefix ``section.`` to a ValueError whose first word is one of ``options``."""
-    try:
-        yield
-    except ValueError as err:
-        if str(err).split(" ", 1)[0] in options:
-            raise ValueError(f"{section}.{err}") from None
-        raise
 
 
 def _task_builders(name: Any) -> tuple[Any, ...]:

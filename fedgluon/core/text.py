@@ -1,10 +1,14 @@
-"""Text of values a client sent, for logs and error messages: never raises, never long.
+"""Text of error messages: values a client sent (:func:`shown`), and the config field a check names
+(:func:`prefixed`).
 
 ``str`` or ``repr`` of a client's value can raise (Python refuses to print an integer of more than 4,300
 digits, and an object's ``__str__`` may fail) or be huge; a server that formats such a value in an error
 message must not crash on it. :func:`shown` is the one formatter for client-sent values."""
 
 from __future__ import annotations
+
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 
 BIG_INT_BITS = 64  # integers wider than this are named by their width, not printed
 MAX_CLIENT_TEXT = 1000  # characters of a client's failure or rejection reason that are logged and stored
@@ -24,3 +28,16 @@ def shown(value: object, limit: int = 80, *, as_repr: bool = True) -> str:
         return text
     half = max(1, limit // 2)
     return f"{text[:half]} …[{len(text) - 2 * half} characters cut]… {text[-half:]}"
+
+
+@contextmanager
+def prefixed(section: str, fields: Collection[str]) -> Iterator[None]:
+    """A ValueError raised inside whose message begins with one of ``fields`` (a builder's ``beta must be in
+    [0, 1)``) comes out as ``section.beta must be in [0, 1)``, naming the field as a config does; any other
+    propagates as it is."""
+    try:
+        yield
+    except ValueError as err:
+        if str(err).split(" ", 1)[0] in fields:
+            raise ValueError(f"{section}.{err}") from None
+        raise

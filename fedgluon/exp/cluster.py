@@ -17,7 +17,6 @@ import os
 import socket
 import sys
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +75,7 @@ def connect(address: str | None, *, num_cpus: float | None = None, task_share: M
             reachable(address)
         kwargs: dict[str, Any] = {"num_cpus": num_cpus} if not address else {}
         try:  # no "Started a local Ray instance" line, nor Ray's GPU tip; a private Ray in its own session
-            with _engine_notices_filtered(), nullcontext() if address else ray_daemons_in_own_session():
+            with _engine_notices_filtered(), ray_daemons_in_own_session(address):
                 ray.init(address=address or "local", include_dashboard=False, runtime_env=runtime_env(address),
                          logging_level=logging.WARNING, log_to_driver=log_to_driver, **kwargs)
         except (ConnectionError, ValueError, RuntimeError) as err:

@@ -238,7 +238,7 @@ def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0
     sink: list = []
     nodes = num_blocks(task.num_clients, s["block_size"])
     with faster_dispatch(nodes) if fast_dispatch else nullcontext(), _engine_notices_filtered(), \
-            _actors_end_quietly(), nullcontext() if address else ray_daemons_in_own_session():
+            _actors_end_quietly(), ray_daemons_in_own_session(address):
         run_simulation(server_app=make_server_app(s, sink, on_round, evaluate, checkpointer, resume),
                        client_app=make_client_app(s), num_supernodes=nodes,
                        backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},

@@ -30,8 +30,12 @@ log = logging.getLogger("fedgluon")
 
 
 @contextmanager
-def ray_daemons_in_own_session() -> Iterator[None]:
-    """While active, the processes Ray starts from this process run in a new session (see the module)."""
+def ray_daemons_in_own_session(address: str | None = None) -> Iterator[None]:
+    """While active, the processes Ray starts from this process run in a new session (see the module); with
+    a cluster ``address`` Ray starts none here (the cluster's own ``ray start`` did), and nothing changes."""
+    if address:
+        yield
+        return
     try:
         import ray._private.services as services
         from ray._private.utils import detect_fate_sharing_support

@@ -87,12 +87,11 @@ def run(config: str | None, overrides: tuple[str, ...], engine: str | None, over
         if resume_dir is not None:
             if config is not None:
                 raise ConfigError("--resume takes the run's own config.yaml; pass overrides only, not a CONFIG file")
-            if overwrite:
-                raise ConfigError("--resume continues a run and --overwrite replaces it: pass one of them")
             saved = Path(resume_dir) / "config.yaml"
             if not saved.exists():
                 raise ConfigError(f"{resume_dir} is not a run directory (no config.yaml)")
-            out = run_experiment(load(saved, extra, own_run=True), progress=not quiet, out_dir=resume_dir, resume=True)
+            cfg = load(saved, extra, own_run=True, overwrite=overwrite)  # with --overwrite: refused by the run
+            out = run_experiment(cfg, progress=not quiet, out_dir=resume_dir, resume=True)
         else:
             out = run_experiment(load(config, extra, overwrite=overwrite), progress=not quiet)
     except ConfigError as err:

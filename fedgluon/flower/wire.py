@@ -19,7 +19,9 @@ anything, the number of arrays and their total size (:func:`max_reply_bytes`, wh
 payload bounds allow), and each state column's dtype, shape and byte size against the schema
 (a mismatch rejects the clients of that run, with the reason), then scans the state columns for
 NaN/Inf row by row (that client alone is rejected). The payload arrays are checked per client by the
-compressors' decoders in the server step; a malformed group rejects its clients.
+compressors' decoders in the server step; a malformed group rejects its clients. A key of either record
+that the reader never asked for (an extra array, metric or run) rejects the block: what is not read is
+not trusted either.
 """
 
 from __future__ import annotations
@@ -244,6 +246,7 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
     try:
         if not isinstance(arrays, ArrayRecord) or not isinstance(meta, ConfigRecord):
             raise WireError("the reply lacks its 'replies' or 'meta' record")
+        meta = _Noted(meta)
         runs = _int(meta.get("runs"), "runs", 0, len(clients))
         bound = len(clients) * (len(table.columns) + len(GROUPS) * len(shapes) * MAX_PARTS)
         if len(arrays) > bound:  # before reading any of them: a reply of 200,000 arrays is refused here
@@ -252,7 +255,9 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
         if size > most:
             raise WireError(f"the reply holds {size} bytes of arrays, more than the {most} a block of "
                             f"{len(clients)} clients may")
-        stated = Counter(r for r, _, rest in (k.partition("/") for k in arrays) if rest.startswith("s/"))
+        keys = list(arrays)  # the one walk over the arrays' keys
+        stated = Counter(r for r, _, rest in (k.partition("/") for k in keys) if rest.startswith("s/"))
+        arrays = _Noted(arrays)
         expected = table.travelling(derived)
         wanted, seen = set(clients), set()
         for r in range(runs):
@@ -264,6 +269,10 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
                 _read_run(arrays, meta, r, js, round_, expected, shapes, stated[str(r)], out)
             except _Reject as err:
                 out.rejected.update(dict.fromkeys(js, str(err)))
+                _pass_over(f"{r}/", arrays, meta)
+        extra = arrays.unasked(keys) + meta.unasked(list(meta.record))
+        if extra:
+            raise WireError(f"{len(extra)} key(s) the server does not expect, e.g. {shown(extra[:3], 120)}")
         for j in wanted - seen:
             out.failed[j] = "the node's reply does not cover this client"
         for j in out.rejected:  # a row the node calls failed but whose state is bad: rejected, counted once
@@ -273,7 +282,7 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
     return out
 
 
-def _read_run(arrays: ArrayRecord, meta: ConfigRecord, r: int, js: list[int], round_: int,
+def _read_run(arrays: _Noted, meta: _Noted, r: int, js: list[int], round_: int,
               expected: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]], stated: int,
               out: BlockRead) -> None:
     """Run ``r`` of a block's reply (its clients ``js``; ``expected``: the state columns that travel;
@@ -313,6 +322,7 @@ def _read_run(arrays: ArrayRecord, meta: ConfigRecord, r: int, js: list[int], ro
         except WireError as err:
             out.rejected.update({js[i]: f"payload: {err}" for i in rows if i not in taken})
             taken.update(rows)
+            _pass_over(f"{r}/p/{g}/", arrays, meta)
             continue
         for pos, i in enumerate(rows):
             if i in taken:
@@ -328,7 +338,32 @@ class _Reject(WireError):
     """A run whose state columns do not fit: its clients are rejected, the rest of the block is read."""
 
 
-def _payload_rows(arrays: ArrayRecord, meta: ConfigRecord, key: str, rows: int,
+class _Noted:
+    """A record whose reads are noted: the keys a reply holds beyond those the reader asked for (outside the
+    prefixes it passed over: a rejected run or payload group, left unread) are :meth:`unasked`."""
+
+    def __init__(self, record: Any) -> None:
+        self.record, self.asked, self.passed = record, set[str](), list[str]()
+
+    def __getitem__(self, key: str) -> Any:
+        self.asked.add(key)
+        return self.record[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.asked.add(key)
+        return self.record.get(key, default)
+
+    def unasked(self, keys: Sequence[str]) -> list[str]:
+        passed = tuple(self.passed)
+        return [k for k in keys if k not in self.asked and not (passed and k.startswith(passed))]
+
+
+def _pass_over(prefix: str, *records: _Noted) -> None:
+    for record in records:
+        record.passed.append(prefix)
+
+
+def _payload_rows(arrays: _Noted, meta: _Noted, key: str, rows: int,
                   layer_shape: tuple[int, ...] | None) -> PayloadRows:
     codec, shape = meta.get(f"{key}/codec"), meta.get(f"{key}/shape")
     if not isinstance(codec, str) or not isinstance(shape, list) or layer_shape is None:
@@ -380,7 +415,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return TORCH_NAMES[dtype]
 
 
-def _list(meta: ConfigRecord, key: str, length: int | None = None, *, most: int | None = None,
+def _list(meta: _Noted, key: str, length: int | None = None, *, most: int | None = None,
           unique: bool = False) -> list[Any]:
     """``meta[key]`` as a list: of ``length`` entries, or at most ``most``, without repeats when ``unique``
     (a list of ids the server loops over must not make it loop more than the block allows)."""

@@ -380,6 +380,28 @@ def test_an_unreadable_layout_rejects_the_block(how):
     assert got.rejected.keys() == set(CLIENTS) and got.replies == {} and got.proposed == []
 
 
+@pytest.mark.parametrize("how", ["array", "payload array", "metric", "layer header", "run"])
+def test_a_key_the_server_does_not_expect_rejects_the_block(how):
+    """Nothing a reply holds goes unread: an extra array (beside a layer's listed ones, too), metric, header
+    or a run beyond ``runs`` is a reply of another layout, and none of its clients' payloads is taken."""
+    algo, table, results = world(ALGORITHMS[0], run=2 if how == "run" else None)
+    arrays, meta = results_to_records(results, algo.derived)
+    key = _dense_layer(meta) if how != "run" else None
+    if how == "array":
+        arrays["junk"] = to_array(np.zeros(3, np.float32))
+    elif how == "payload array":
+        arrays[f"{key}/extra"] = to_array(np.zeros((len(meta["0/p/dense/rows"]), 2), np.float32))
+    elif how == "metric":
+        meta["0/gossip"] = [1.0, 2.0]
+    elif how == "layer header":
+        meta[f"{key}/m/seed"] = [0] * len(meta["0/p/dense/rows"])
+    else:
+        meta["runs"] = len(results) - 1  # the last run's records are there, unannounced
+    got = read(algo, table, arrays, meta)
+    assert got.rejected.keys() == set(CLIENTS) and got.replies == {} and got.proposed == []
+    assert all("does not expect" in why for why in got.rejected.values())
+
+
 def test_clients_the_reply_does_not_cover_fail():
     algo, table, results = world(ALGORITHMS[1], run=2)
     arrays, meta = results_to_records(results[:2], algo.derived)

@@ -36,8 +36,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# a number standing alone or before a unit letter ("1.77x"), not part of a word or a version ("AVX2", "2.13.0")
-NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?!\.?\d)")
+# a number standing alone or before a unit letter ("1.77x"), not part of a word or a version ("AVX2", "2.13.0");
+# thousands separated by commas ("109,066") are one number
+NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?(?!\.?\d)")
 
 Key = tuple[str, int]  # a line's words with its numbers blanked, and its occurrence among such lines
 Run = dict[Key, tuple[str, list[float]]]  # per line: its layout (numbers as "{}" with their format) and its numbers
@@ -52,7 +53,7 @@ def parse(output: str) -> Run:
     for line in output.splitlines():
         if not line.strip():
             continue
-        numbers = [float(m) for m in NUMBER.findall(line)]
+        numbers = [float(m.replace(",", "")) for m in NUMBER.findall(line)]
         layout = NUMBER.sub(_slot, line.rstrip().replace("{", "{{").replace("}", "}}"))
         words = " ".join(NUMBER.sub("#", line).split())
         out[(words, seen[words])] = (layout, numbers)
@@ -65,7 +66,8 @@ def _slot(number: re.Match) -> str:
     text = number.group(0)
     if "e" in text.lower():
         return "{:.4g}"
-    return f"{{:.{len(text.split('.')[1])}f}}" if "." in text else "{:.0f}"
+    comma = "," if "," in text else ""
+    return f"{{:{comma}.{len(text.split('.')[1])}f}}" if "." in text else f"{{:{comma}.0f}}"
 
 
 def _medians(runs: list[Run], key: Key) -> list[float]:

@@ -28,6 +28,11 @@ def test_lines_pair_up_by_their_words_and_ratios_come_from_medians():
     assert lines[3].startswith("ratio 1.10x (target <= 1.5)") and lines[3].endswith("new/old 0.52")
 
 
+def test_thousands_separators_keep_a_number_whole():
+    runs = [parse(f"a 109,066-parameter model, {n:,} rows, sizes 1.5,2.5") for n in (1_000_000, 2_000_000, 3_000_000)]
+    assert report(runs[:2], runs[2:]) == ["a 109,066-parameter model, 1,500,000 rows, sizes 1.5,2.5   | new/old 0.50"]
+
+
 def _git(repo: Path, *args: str) -> None:
     subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
 

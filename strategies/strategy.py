@@ -63,6 +63,7 @@ log = logging.getLogger("fedgluon.strategy")
 
 SAMPLE_CAP = 2 ** 31 - 1  # the most samples a node may report for one client at the handshake
 NO_NODE = "no node holds this client's block (rejected or missing at the handshake)"
+REPLY_RECORDS = {"failed", "info", "replies", "meta"}  # a train reply's records (fedgluon.flower.client_app)
 
 
 
@@ -351,6 +352,10 @@ class GluonStrategy(Strategy):
             if runtime_failure(code) and self.deaths_stop_run:
                 read.died = dict(read.failed)
             return read
+        unexpected = sorted(set(msg.content.keys()) - REPLY_RECORDS)
+        if unexpected:
+            why = f"reply: records the server does not expect: {shown(unexpected[:3], 120)}"
+            return BlockRead(rejected=dict.fromkeys(clients, why))
         # Flower rebuilds these typed views on every access (O(records)): take them once per reply
         arrays, configs = msg.content.array_records, msg.content.config_records
         info = configs.get("info")

@@ -83,6 +83,15 @@ def test_an_integer_too_wide_to_print_touches_only_its_block(edit, status, reaso
     assert reason in rows[1]["reason"] and "unreadable" not in rows[1]["reason"], rows[1]["reason"]
 
 
+def test_a_reply_with_a_record_the_server_does_not_expect_rejects_its_block():
+    def edit(reply):
+        reply.content["gossip"] = ConfigRecord({"x": 1})
+    strategy, grid = connected()
+    rows = one_round(strategy, grid, edit)
+    assert rows[1]["status"] == "rejected" and "records the server does not expect" in rows[1]["reason"]
+    assert all(rows[j]["status"] == "accepted" for j in (0, 2, 3))
+
+
 @pytest.mark.parametrize("field, value", [("block", HUGE), ("num_samples", [HUGE]), ("clients", [HUGE])],
                          ids=["block", "num_samples", "clients"])
 def test_a_handshake_with_an_integer_too_wide_to_print_rejects_that_node(field, value, caplog):

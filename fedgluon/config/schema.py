@@ -30,6 +30,7 @@ from fedgluon.config.sections import (
     DEFAULT_SECTIONS,
     defaults_that_apply,
     explicit,
+    options_that_apply,
     without_renamed_parts,
 )
 
@@ -135,14 +136,8 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
                 raise ConfigError(f"overrides must look like key=value, got {bad}")
             dotlist = _from_dotlist(list(overrides))
             _refuse_overwrite(dotlist, "a key=value override")
-            user = OmegaConf.merge(user, dotlist)
-        for section in SECTIONS:
-            named = user.get(section, {}).get("name") if isinstance(user.get(section), DictConfig) else None
-            if named is not None and named != cfg[section].get("name"):
-                cfg[section] = defaults_that_apply(section, str(named), cfg[section])
-            if isinstance(user.get(section), DictConfig):
-                cfg[section] = without_renamed_parts(cfg[section], user[section])
-        cfg = OmegaConf.merge(cfg, user)
+            user = _merged(user, dotlist, options_that_apply)
+        cfg = _merged(cfg, user, defaults_that_apply)
         for section in replace or {}:  # written out as a file's section would read on reload
             cfg[section] = explicit(section, cfg[section])
         cfg.output.overwrite = bool(overwrite)
@@ -150,6 +145,22 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(_explain(err)) from None
     validate(cfg)
     return cfg
+
+
+def _merged(base: DictConfig, top: DictConfig, kept: Callable[[str, str, DictConfig], dict[str, Any]]) -> DictConfig:
+    """``top`` merged over ``base`` (the defaults under the user's settings, or a file under its overrides), where
+    a section of ``top`` that names another task or algorithm keeps of ``base``'s only ``kept(section, name,
+    base section)``, and a sub-mapping of ``top`` of another ``name`` (a compressor) replaces ``base``'s."""
+    base = base.copy()
+    for section in SECTIONS:
+        mine, theirs = top.get(section), base.get(section)
+        if not isinstance(mine, DictConfig) or not isinstance(theirs, DictConfig):
+            continue
+        named = mine.get("name")
+        if named is not None and named != theirs.get("name"):
+            base[section] = kept(section, str(named), theirs)
+        base[section] = without_renamed_parts(base[section], mine)
+    return OmegaConf.merge(base, top)
 
 
 def _from_dotlist(overrides: list[str]) -> DictConfig:

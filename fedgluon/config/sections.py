@@ -30,18 +30,28 @@ def defaults_that_apply(section: str, name: str, defaults: DictConfig) -> dict[s
     otherwise (a shared ``BASE_OPTIONS`` option, such as Gluon's radius ``lr`` or the schedule, which
     means the same for every algorithm that does not declare its own). Options the user writes are
     merged over these by :func:`fedgluon.config.schema.load`, so they are always kept."""
-    if section != "algorithm":
+    kept = options_that_apply(section, name, defaults)
+    if not kept:
         return {}
     from fedgluon.algorithms import ALGORITHMS
 
-    cls = ALGORITHMS.get(name)
+    own = {k: copy.deepcopy(v) for k, v in ALGORITHMS[name].OPTIONS.items() if k in kept and v is not None}
+    return {k: own.get(k, v) for k, v in kept.items()}
+
+
+def options_that_apply(section: str, name: str, options: DictConfig) -> dict[str, Any]:
+    """The options of a section that still mean something for the task or algorithm ``name``: none of
+    another task's, and of an algorithm's those the class of ``name`` accepts (an unknown name keeps none:
+    validation names it)."""
+    from fedgluon.algorithms import ALGORITHMS
+
+    cls = ALGORITHMS.get(name) if section == "algorithm" else None
     if cls is None:
         return {}
     accepted = {**cls.BASE_OPTIONS, **cls.OPTIONS}
-    kept = OmegaConf.to_container(defaults)
+    kept = OmegaConf.to_container(options)
     assert isinstance(kept, dict)
-    own = {k: copy.deepcopy(v) for k, v in cls.OPTIONS.items() if k in kept and v is not None}
-    return {k: own.get(k, v) for k, v in kept.items() if k in accepted}
+    return {k: v for k, v in kept.items() if k in accepted}
 
 
 def explicit(name: str, section: Mapping[str, Any]) -> dict[str, Any]:

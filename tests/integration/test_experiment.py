@@ -248,6 +248,27 @@ def test_switching_task_or_algorithm_drops_the_defaults_of_the_other(tmp_path):
     assert load(None, ["algorithm.compressor.ratio=0.1"]).algorithm.compressor == {"name": "topk", "ratio": 0.1}
 
 
+def test_an_override_renaming_a_part_of_the_file_takes_nothing_of_it_that_does_not_apply(tmp_path):
+    """The rules between the defaults and the user's settings hold between a file and its overrides too:
+    a compressor, algorithm or task of another name keeps none of the file's options that do not apply
+    (before, the README's quickstart.yaml with ``algorithm.compressor={name: svd, rank: 1}`` was refused for
+    top-k's ``ratio``, and ``algorithm={name: gluon}`` for SARAH's ``refresh_prob`` and the compressor)."""
+    from fedgluon.config.schema import load
+
+    f = tmp_path / "c.yaml"
+    f.write_text("task: {name: synthetic, num_clients: 6, alpha: 0.5}\n"
+                 "algorithm: {name: gluon-ef21-sarah, lr: 0.1, schedule: constant, refresh_prob: 0.2, "
+                 "compressor: {name: topk, ratio: 0.1}}\n")
+    assert dict(load(f, ["algorithm.compressor={name: svd, rank: 1}"]).algorithm.compressor) == \
+        {"name": "svd", "rank": 1}
+    gluon = load(f, ["algorithm={name: gluon}"]).algorithm
+    assert gluon.name == "gluon" and "refresh_prob" not in gluon and "compressor" not in gluon
+    assert (gluon.lr, gluon.schedule) == (0.1, "constant")  # what the file wrote and still applies is kept
+    assert dict(load(f, ["task.name=digits"]).task) == {"name": "digits"}
+    kept = load(f, ["algorithm.compressor.ratio=0.2", "task.num_clients=4"])  # same names: a plain merge
+    assert kept.algorithm.compressor == {"name": "topk", "ratio": 0.2} and kept.task.alpha == 0.5
+
+
 def test_another_algorithm_gets_its_own_defaults_and_keeps_what_the_user_wrote(tmp_path):
     """Naming another algorithm than the default one: an option its class declares a default for (DiLoCo's
     lr, an AdamW rate; FedAvg's identity compressor; MARINA's Rand-K) takes that default, not the default

@@ -154,6 +154,7 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
 def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[dict[str, Any]], None] | None,
                 resume: bool, nodes: list[dict[str, Any]] | None = None, grid: Any = None) -> Path:
     """:func:`run` in its locked run directory ``out``."""
+    t0 = time.perf_counter()  # summary.json's wall_time: building the task included
     spec = spec_of(cfg)
     snapshot = to_resume(out, spec) if resume else None
     _save_config(cfg, out / "config.yaml")
@@ -166,7 +167,6 @@ def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[
     evaluate = _Evaluator(task, algorithm.geometry, client_weights(task.objectives, spec["weights"]), spec["rounds"],
                           int(cfg.grad_norm_every))
     checkpointer = Checkpointer(out / CHECKPOINT, int(cfg.output.checkpoint_every), run_key(spec), resumed=snapshot)
-    t0 = time.perf_counter()
     start = snapshot.next_round if snapshot is not None else 0
     try:
         with checkpointer.signals(), _progress(progress, spec["rounds"], run_name(cfg), start) as tick:

@@ -52,6 +52,26 @@ def test_run_writes_documented_files_and_columns(tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(threads[same], m[same], check_exact=True)
 
 
+def test_summary_wall_time_counts_building_the_task(tmp_path, monkeypatch):
+    """summary.json's wall_time is the run's time in its process, the task's data built included (the
+    README's promise); it began after the build before."""
+    import time
+
+    from fedgluon.config import spec as specs
+
+    build = specs.build_cached
+
+    def slow_build(spec):
+        time.sleep(0.5)
+        return build(spec)
+
+    monkeypatch.setattr(specs, "build_cached", slow_build)
+    monkeypatch.chdir(tmp_path)
+    assert invoke("run", *FAST, "rounds=1", "--quiet").exit_code == 0
+    s = json.loads((tmp_path / "runs" / "gluon-ef21-sarah-synthetic-s0" / "summary.json").read_text())
+    assert s["wall_time"] >= 0.5
+
+
 @pytest.mark.parametrize("args, words", [
     (["algorithm.name=fedprox"], ["algorithm.name must be one of", "gluon-ef21"]),
     (["algorithm.compressor.ratio=-0.1"], ["ratio must be in (0, 1]"]),

@@ -78,7 +78,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "gluon-ef21-ef14-powersgd": {"algorithm": {"name": "gluon-ef21", "error_feedback": "ef14",
                                                "compressor": {"name": "powersgd", "rank": 1}}, **HALF},
     "gluon-ef21-sarah-randk_seeded": {"algorithm": {"name": "gluon-ef21-sarah", "refresh_period": 3,
-                                                    "compressor": {"name": "randk_seeded", "ratio": 0.3}}, **HALF},
+                                                    "compressor": {"name": "randk_seeded", "ratio": 0.6}}, **HALF},
     "gluon-ef21-mvr": {"algorithm": {"name": "gluon-ef21-mvr"}},
     "ef21-muon-bidir": {"algorithm": {"name": "ef21-muon-bidir"}, **HALF},
     "fedavg-topk-ef14": {"algorithm": {"name": "fedavg", "compressor": {"name": "topk", "ratio": 0.3},

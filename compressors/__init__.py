@@ -7,13 +7,21 @@ Imports neither Flower nor Ray (docs/DESIGN.md §1); conversion to Flower record
 """
 
 from compressors.bits import CONVENTIONS, BitCount, dense_bits
-from compressors.error_feedback import EF14, EF21, ERROR_FEEDBACK, NoFeedback, ef21_server_update, make_error_feedback
+from compressors.error_feedback import (
+    EF14,
+    EF21,
+    ERROR_FEEDBACK,
+    NoFeedback,
+    check_contractive,
+    ef21_server_update,
+    make_error_feedback,
+)
 from compressors.message import compress_message, decode_message, decode_messages, message_bits
 from compressors.operators import Compressor, Context, Properties
 from compressors.payload import Message, PayloadError, TensorPayload
 from compressors.registry import COMPRESSORS, make_compressor
 
 __all__ = ["BitCount", "CONVENTIONS", "COMPRESSORS", "Compressor", "Context", "EF14", "EF21", "ERROR_FEEDBACK",
-           "Message", "NoFeedback", "PayloadError", "Properties", "TensorPayload", "compress_message", "decode_message",
-           "decode_messages", "dense_bits", "ef21_server_update", "make_compressor", "make_error_feedback",
-           "message_bits"]
+           "Message", "NoFeedback", "PayloadError", "Properties", "TensorPayload", "check_contractive",
+           "compress_message", "decode_message", "decode_messages", "dense_bits", "ef21_server_update",
+           "make_compressor", "make_error_feedback", "message_bits"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from compressors import EF21, Compressor, make_compressor, make_error_feedback
+from compressors import EF21, Compressor, check_contractive, make_compressor, make_error_feedback
 from fedgluon.algorithms.aggregate import tracker_update, update_trackers, weighted_mean
 from fedgluon.algorithms.base import Algorithm, feedback_step
 
@@ -34,6 +34,7 @@ class FeedbackUplink(Algorithm):
     def __init__(self, geometry, **options):
         super().__init__(geometry, **options)
         self.compressor = make_compressor(self.opt["compressor"], "algorithm.compressor")
+        check_contractive(self.opt["error_feedback"], self.compressor, self.shapes)
         self.ef = make_error_feedback(self.opt["error_feedback"], self.compressor, self.opt["tracker"])
 
     @property

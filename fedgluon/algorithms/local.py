@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from compressors import Compressor, make_compressor, make_error_feedback
+from compressors import Compressor, check_contractive, make_compressor, make_error_feedback
 from fedgluon.algorithms.base import Algorithm, BlockGrads, BlockResult, Broadcast, feedback_step
 from fedgluon.clients.objective import Batch, SupervisedObjective
 from fedgluon.clients.table import ClientRows
@@ -47,6 +47,7 @@ class FedAvg(Algorithm):
         if isinstance(spec, dict) and spec.get("name") == "identity" and "values" not in spec:
             spec = {**spec, "values": self.opt["values"]}
         self.compressor = make_compressor(spec, "algorithm.compressor")
+        check_contractive(self.opt["error_feedback"], self.compressor, self.shapes)
         self.feedback = make_error_feedback(self.opt["error_feedback"], self.compressor)
 
     @property

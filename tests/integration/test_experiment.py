@@ -75,6 +75,8 @@ def test_summary_wall_time_counts_building_the_task(tmp_path, monkeypatch):
 @pytest.mark.parametrize("args, words", [
     (["algorithm.name=fedprox"], ["algorithm.name must be one of", "gluon-ef21"]),
     (["algorithm.compressor.ratio=-0.1"], ["ratio must be in (0, 1]"]),
+    (["algorithm.name=gluon-ef21", "algorithm.compressor={name: randk, ratio: 0.05}"],
+     ["algorithm.compressor is unbiased with omega = 19 >= 1", "error_feedback='ef21' needs a contractive one"]),
     (["task.name=fashion_mnist", "task.data_dir=/nonexistent"], ["task:", "apt-get install dataset-fashion-mnist"]),
     (["colour=red"], ["unknown config key 'colour'", "algorithm"]),
     (["engine.name=spark"], ["engine.name must be one of", "inprocess"]),

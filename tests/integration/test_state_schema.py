@@ -31,7 +31,7 @@ ALGORITHMS = [
     {"name": "gluon-sarah", "refresh_prob": 0.5}, {"name": "limuon", "rank": 1}, {"name": "gluon-marina"},
     {"name": "gluon-dasha-mvr"}, {"name": "gluon-ef21"}, {"name": "gluon-ef21", "tracker": "fixed16"},
     {"name": "gluon-ef21", "error_feedback": "ef14", "compressor": {"name": "powersgd", "rank": 1}},
-    {"name": "gluon-ef21-sarah", "compressor": {"name": "randk_seeded", "ratio": 0.3}},
+    {"name": "gluon-ef21-sarah", "compressor": {"name": "randk_seeded", "ratio": 0.6}},
     {"name": "gluon-ef21-mvr"}, {"name": "ef21-muon-bidir"},
     {"name": "fedavg", "compressor": {"name": "topk", "ratio": 0.3}, "error_feedback": "ef14"},
     {"name": "local-gluon", "local_steps": 2}, {"name": "sgd"}, {"name": "adamw"},

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from compressors import EF14, EF21, Context, decode_message, ef21_server_update, make_compressor, make_error_feedback
-from compressors.error_feedback import stack_states, step_one
+from compressors.error_feedback import check_contractive, stack_states, step_one
 from compressors.payload import PayloadError, PayloadRows
 from compressors.registry import COMPRESSORS
 from compressors.values import VALUE_CODECS
@@ -81,6 +81,29 @@ def test_fixed16_tracker_stays_close_to_full_precision():
 def test_fixed16_needs_exact_difference_transport():
     with pytest.raises(ValueError, match="fixed16"):
         EF21(make_compressor({"name": "randk", "ratio": 0.1}), tracker="fixed16")
+
+
+@pytest.mark.parametrize("spec, refused", [
+    ({"name": "randk", "ratio": 0.05}, True),  # omega = d/k - 1 = 19
+    ({"name": "randk_seeded", "ratio": 0.4}, True),  # omega = 1.5
+    ({"name": "identity", "values": "qsgd", "levels": 1}, True),
+    ({"name": "randk", "ratio": 0.6}, False),  # omega = 2/3: contractive with alpha = 1/3
+    ({"name": "identity", "values": "natural"}, False),  # omega = 1/8
+    ({"name": "topk", "ratio": 0.05}, False), ({"name": "svd", "rank": 1}, False), ({"name": "identity"}, False),
+])
+def test_feedback_refuses_an_unbiased_compressor_of_omega_at_least_one(spec, refused):
+    """EF21 and EF14 need E||C(x) - x||^2 <= (1 - alpha)||x||^2, alpha > 0; an unbiased C is such a compressor
+    exactly when omega < 1 (alpha = 1 - omega). The declared omega decides, checked on every layer; feedback
+    'none' takes any compressor."""
+    shapes = {"w": (20, 10), "b": (10,)}
+    C = make_compressor(spec)
+    for feedback in ("ef21", "ef14"):
+        if refused:
+            with pytest.raises(ValueError, match=r"^compressor is unbiased with omega = .* >= 1 on layer 'w'"):
+                check_contractive(feedback, C, shapes)
+        else:
+            check_contractive(feedback, C, shapes)
+    check_contractive("none", C, shapes)
 
 
 def test_ef14_telescopes():

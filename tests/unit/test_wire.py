@@ -34,7 +34,7 @@ CLIENTS = list(range(6))
 ROUND = 2
 ALGORITHMS = [
     {"name": "gluon-dasha-mvr"},  # two payload groups: first messages dense, the rest rand-k
-    {"name": "gluon-ef21", "compressor": {"name": "randk_seeded", "ratio": 0.3}},  # a header (seed) per layer
+    {"name": "gluon-ef21", "compressor": {"name": "randk_seeded", "ratio": 0.6}},  # a header (seed) per layer
     {"name": "gluon-ef21", "error_feedback": "ef14", "compressor": {"name": "powersgd", "rank": 1}},
     {"name": "gluon-ef21", "tracker": "fixed16"},
     {"name": "gluon", "nesterov": True, "state_dtype": "bfloat16"},

@@ -122,7 +122,9 @@ def sweep(config: str | None, args: tuple[str, ...], name: str | None, parallel:
           quiet: bool) -> None:
     """Sweep CONFIG over a grid: key=[a,b,c] axes (seed=[0,1,2] for seeds), key=value overrides."""
     from fedgluon.config.schema import ConfigError
+    from fedgluon.exp.experiment import resumable
     from fedgluon.exp.sweep import sweep as run_sweep
+    from fedgluon.sim.checkpoint import RunInterrupted, RunStopped
 
     if config is not None and "=" in config and not Path(config).exists():
         args, config = (config, *args), None
@@ -135,11 +137,17 @@ def sweep(config: str | None, args: tuple[str, ...], name: str | None, parallel:
     except ConfigError as err:
         _fail(err)
         return
+    except RunStopped as err:
+        click.echo(f"\nstopped: {err}", err=True)
+        if err.checkpoint is not None and resumable(err):
+            click.echo("continue with the same sweep command: complete members are kept and this one resumes "
+                       f"from {err.checkpoint}", err=True)
+        sys.exit(130 if isinstance(err, RunInterrupted) else 1)
     import pandas as pd
 
     table = pd.read_csv(out / "table.csv") if (out / "table.csv").exists() else pd.DataFrame()
     click.echo(f"\n{out}")
-    if not table.empty:
+    if not table.empty and not quiet:
         cols = [c for c in ("config", "final_test_accuracy_mean", "final_test_accuracy_std",
                             "uplink_bits_per_client_mean", "bits_to_target_mean") if c in table]
         click.echo(table[cols].to_string(index=False))

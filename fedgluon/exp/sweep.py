@@ -8,7 +8,8 @@ writes ``<output.dir>/<sweep name>/<member>/`` (a run directory each, see fedglu
 in the sweep directory, ``members.csv`` (one row per member), ``table.csv`` (mean and std over
 seeds per configuration, plus bits to reach the target accuracy), ``pareto.png`` and ``curves.png`` (test
 loss and accuracy against uplink bits, rounds and simulated time, per configuration). Members whose
-run directory is complete are skipped, so an interrupted sweep continues where it stopped.
+run directory is complete are skipped, and a member stopped with a checkpoint (Ctrl-C) resumes from it, so
+an interrupted sweep, run again, continues where it stopped.
 
 Members run one after another on the configured engine (Flower's Ray engine starts and stops Ray
 for every simulation, so it is never nested inside Ray tasks). ``parallel=N`` runs
@@ -35,6 +36,7 @@ from fedgluon.config.run_dir import MARKER, prepare_dir
 from fedgluon.config.sections import differences, dotted, listed
 from fedgluon.exp.cluster import with_absolute_data_paths
 from fedgluon.exp.experiment import is_complete, run
+from fedgluon.exp.resume import CHECKPOINT, to_resume
 
 
 def parse_grid(args: Sequence[str]) -> tuple[list[str], dict[str, list[Any]]]:
@@ -107,7 +109,10 @@ def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | No
                 raise configs.ConfigError(f"sweep member {sweep_dir / mname} is complete but ran another config "
                                           f"({listed(changes)}); give this sweep another --name")
             continue
-        cfg.output.overwrite = True  # an incomplete member directory is a leftover of an interrupted sweep
+        # an incomplete member directory is a leftover of an interrupted sweep: continued from its checkpoint
+        # where that run may resume (the sequential path), else started again
+        resumes = not parallel and _resumable(sweep_dir / mname, cfg)
+        cfg.output.overwrite = not resumes
         todo.append((mname, cfg))
     created = not sweep_dir.exists()
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -118,8 +123,8 @@ def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | No
         else:
             for i, (mname, cfg) in enumerate(todo):
                 if progress:
-                    print(f"[{i + 1}/{len(todo)}] {mname}")
-                run(cfg, progress=progress)
+                    print(f"[{i + 1}/{len(todo)}] {mname}" + ("" if cfg.output.overwrite else " (resumed)"))
+                run(cfg, progress=progress, resume=not cfg.output.overwrite, out_dir=sweep_dir / mname)
     except configs.ConfigError:  # refused before any member ran (a share the cluster lacks, say): the
         with contextlib.suppress(OSError):  # the refusal is what the user needs, whatever the cleanup meets
             if created and [p.name for p in sweep_dir.iterdir()] == ["sweep.json"]:  # a corrected rerun starts clean
@@ -220,6 +225,17 @@ def _run_parallel(todo, workers: int, address: str | None, sweep_dir: Path, prog
         summarise(sweep_dir)
         raise configs.ConfigError(f"{len(failures)} sweep member(s) failed (their directories hold what they "
                                   f"wrote; rerun the sweep to retry them): {'; '.join(failures)}")
+
+
+def _resumable(member_dir: Path, cfg: DictConfig) -> bool:
+    """Whether ``member_dir`` holds a checkpoint that a run of ``cfg`` may resume (fedgluon.exp.resume)."""
+    if not (member_dir / CHECKPOINT).is_file():
+        return False
+    try:
+        to_resume(member_dir, configs.spec_of(cfg))
+    except configs.ConfigError:
+        return False
+    return True
 
 
 def run_member(cfg: Any) -> dict[str, Any]:

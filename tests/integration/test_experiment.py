@@ -145,6 +145,7 @@ def test_sweep_2x2_then_rerun_skips(tmp_path, monkeypatch):
             "--name", "s", "--quiet"]
     out = invoke(*args)
     assert out.exit_code == 0, out.output
+    assert "final_test_accuracy_mean" not in out.output  # --quiet: no summary table either
     d = tmp_path / "runs" / "s"
     runs = [p for p in d.iterdir() if p.is_dir()]
     assert len(runs) == 4 and all((p / "summary.json").exists() for p in runs)
@@ -163,6 +164,38 @@ def test_sweep_2x2_then_rerun_skips(tmp_path, monkeypatch):
         else:
             assert (p / "summary.json").stat().st_mtime_ns == stamps[p.name]
     assert invoke("plot", str(d)).exit_code == 0
+
+
+def test_an_interrupted_sweep_member_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """SIGTERM (as Ctrl-C) in a member's round 2: one stop line, how to continue, exit 130, no traceback; the
+    same command again keeps the complete member, resumes the stopped one from its checkpoint (before, it
+    started again from round 0) and ends with the files of a sweep never interrupted (wall times aside)."""
+    import os
+    import signal
+
+    from fedgluon.exp import sweep as sweeps
+
+    monkeypatch.chdir(tmp_path)
+    args = ["sweep", *FAST, "output.checkpoint_every=0", "seed=[0,1]", "--quiet"]
+    assert invoke(*args, "--name", "whole").exit_code == 0
+    real_run, calls = sweeps.run, []
+
+    def run(cfg, **kwargs):
+        calls.append((cfg.output.name, kwargs.get("resume", False)))
+        if len(calls) == 2:  # the second member, the first time
+            kwargs["on_round"] = lambda row: row["round"] == 2 and os.kill(os.getpid(), signal.SIGTERM)
+        return real_run(cfg, **kwargs)
+
+    monkeypatch.setattr(sweeps, "run", run)
+    out = invoke(*args, "--name", "cut")
+    assert out.exit_code == 130 and "Traceback" not in out.output, out.output
+    assert "stopped: received SIGTERM" in out.output and "continue with the same sweep command" in out.output
+    assert invoke(*args, "--name", "cut").exit_code == 0
+    assert calls == [("seed=0", False), ("seed=1", False), ("seed=1", True)]
+    for member in ("seed=0", "seed=1"):
+        whole, cut = (pd.read_csv(tmp_path / "runs" / d / member / "metrics.csv") for d in ("whole", "cut"))
+        same = [c for c in whole.columns if c not in TIMING_COLUMNS]
+        pd.testing.assert_frame_equal(cut[same], whole[same], check_exact=True)
 
 
 def test_a_rerun_sweep_never_reports_old_results_as_new(tmp_path, monkeypatch):

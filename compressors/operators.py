@@ -99,10 +99,6 @@ class Compressor:
     def __repr__(self) -> str:
         return f"Compressor({self.structure!r}, values={self.values.name})"
 
-    @property
-    def stateful(self) -> bool:
-        return self.structure.stateful
-
     def _structure_for(self, shape: tuple[int, ...]) -> Structure:
         return self.structure if self.structure.active(shape) else self._dense
 

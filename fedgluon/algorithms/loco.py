@@ -67,8 +67,6 @@ from fedgluon.algorithms.server_opt import torch_step
 from fedgluon.clients.table import ClientRows
 from fedgluon.lmo.estimators import AdamMoments
 
-Tensors = dict[str, Tensor]
-
 INNER = ("adamw", "sgd")
 
 

@@ -1,5 +1,5 @@
-"""Text of error messages: values a client sent (:func:`shown`), and the config field a check names
-(:func:`prefixed`).
+"""Text of error messages: values a client sent (:func:`shown`), the config field a check names
+(:func:`prefixed`), and an error's first line (:func:`first_line`).
 
 ``str`` or ``repr`` of a client's value can raise (Python refuses to print an integer of more than 4,300
 digits, and an object's ``__str__`` may fail) or be huge; a server that formats such a value in an error
@@ -28,6 +28,12 @@ def shown(value: object, limit: int = 80, *, as_repr: bool = True) -> str:
         return text
     half = max(1, limit // 2)
     return f"{text[:half]} …[{len(text) - 2 * half} characters cut]… {text[-half:]}"
+
+
+def first_line(what: object) -> str:
+    """The first non-blank line of ``str(what)``, stripped (an exception without a message: its type's name)."""
+    line = next((ln.strip() for ln in str(what).splitlines() if ln.strip()), "")
+    return line or (type(what).__name__ if isinstance(what, BaseException) else "")
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedgluon.config.schema import ConfigError
+from fedgluon.core.text import first_line
 from fedgluon.runtime.ray_session import ray_daemons_in_own_session
 
 PACKAGES = ("fedgluon", "compressors", "strategies")
@@ -80,7 +81,7 @@ def connect(address: str | None, *, num_cpus: float | None = None, task_share: M
                          logging_level=logging.WARNING, log_to_driver=log_to_driver, **kwargs)
         except (ConnectionError, ValueError, RuntimeError) as err:
             raise ConfigError(f"engine.address={address!r}: cannot connect to a Ray cluster there: "
-                              f"{_first_line(err)}") from None
+                              f"{first_line(err)}") from None
     try:
         nodes = ray_nodes()
         check_shares(nodes, task_share or {})
@@ -168,7 +169,7 @@ def _probe(paths: Sequence[str]) -> dict[str, Any]:
         try:
             module = importlib.import_module(name)
         except Exception as err:  # noqa: BLE001 - reported to the driver as one line
-            out.setdefault("errors", []).append(f"cannot import {name}: {type(err).__name__}: {_first_line(err)}")
+            out.setdefault("errors", []).append(f"cannot import {name}: {type(err).__name__}: {first_line(err)}")
             continue
         if name in VERSIONED:
             out[name] = getattr(module, "__version__", "?")
@@ -192,7 +193,7 @@ def probe_nodes(nodes: Sequence[Mapping[str, Any]], data_paths: Sequence[str] = 
         try:
             got = ray.get(ref, timeout=timeout)
         except Exception as err:  # noqa: BLE001 - a runtime_env that fails to set up, a node that died...
-            raise ConfigError(f"{where} cannot run fedgluon: {type(err).__name__}: {_first_line(err)}") from None
+            raise ConfigError(f"{where} cannot run fedgluon: {type(err).__name__}: {first_line(err)}") from None
         problems = list(got.get("errors", []))
         problems += [f"{name} {got[name]} where the driver has {mine[name]}" for name in VERSIONED
                      if name in got and got[name] != mine.get(name)]
@@ -246,11 +247,6 @@ def device_info(name: str) -> dict[str, str]:
     if name.startswith("cuda") and torch.cuda.is_available():
         out["name"] = torch.cuda.get_device_name(torch.device(name))
     return out
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def for_run(cfg: Any) -> list[dict[str, Any]] | None:

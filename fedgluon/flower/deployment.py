@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -31,8 +30,6 @@ from typing import Any
 
 from fedgluon.config.schema import ConfigError
 from fedgluon.core.text import shown
-
-log = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parents[2]  # the Flower app (project) directory: fedgluon/flower/ is two below
 PACKAGES = ("fedgluon", "strategies", "compressors")  # the code whose digest the version check compares

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from compressors import BitCount
+from fedgluon.core.text import first_line
 
 FORMAT = 4  # 4: client states as one client-state table (3: one tree per client; 2: one unnamed journal)
 
@@ -240,11 +241,6 @@ def _damaged(path: Path, what: str) -> CheckpointError:
     return CheckpointError(f"{path} cannot be resumed: {what}")
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _read_payload(path: Path) -> dict[str, Any]:
     """The snapshot file's dict, its format and fields checked (not the journal)."""
     try:
@@ -256,7 +252,7 @@ def _read_payload(path: Path) -> dict[str, Any]:
     except (RuntimeError, EOFError, ValueError, OSError, IndexError, KeyError) as err:
         if path.exists() and path.stat().st_size == 0:
             raise _damaged(path, "it is empty") from None
-        raise _damaged(path, f"it is truncated or damaged ({_first_line(err)})") from None
+        raise _damaged(path, f"it is truncated or damaged ({first_line(err)})") from None
     if not isinstance(data, dict) or "format" not in data:
         raise _damaged(path, "it is not a fedgluon checkpoint")
     if data["format"] != FORMAT:
@@ -282,7 +278,7 @@ def _read_journal(path: Path, spec: dict[str, Any]) -> tuple[list[dict[str, Any]
     except FileNotFoundError:
         raise _damaged(path, f"its rows journal {jpath.name} is missing") from None
     except OSError as err:
-        raise _damaged(path, f"its rows journal {jpath.name} cannot be read ({_first_line(err)})") from None
+        raise _damaged(path, f"its rows journal {jpath.name} cannot be read ({first_line(err)})") from None
     if len(data) < spec["size"]:
         raise _damaged(path, f"its rows journal {jpath.name} holds {len(data)} bytes, fewer than the "
                              f"{spec['size']} the checkpoint counts")

@@ -51,7 +51,6 @@ from fedgluon.sim.faults import FaultPlan
 from fedgluon.sim.federation import Evaluate, Federation, RoundPlan, client_weights_from_sizes
 
 log = logging.getLogger("fedgluon.sim.driver")
-Tensors = dict[str, Tensor]
 Tamper = Callable[[int, int, ClientReply], Any]
 
 

@@ -71,10 +71,6 @@ class FaultPlan:
             raise ValueError(f"faults.phase must be an integer >= 0, got {phase!r}")
         return cls(p_raise, p_delay, delay, tuple((int(k), int(j)) for k, j in die), phase)
 
-    @property
-    def active(self) -> bool:
-        return bool(self.raise_prob or self.delay_prob or self.die)
-
     def draw(self, seed: int, client: int, k: int, phase: int = 0) -> str | None:
         """``"die"``, ``"raise"``, ``"delay"`` or None for client ``client`` in phase ``phase`` of round ``k``
         (None in every phase but the plan's)."""

@@ -55,7 +55,7 @@ from fedgluon.algorithms.block import Proposal
 from fedgluon.clients.state_schema import StateSchema
 from fedgluon.clients.table import ClientRows, ClientStateTable, nest
 from fedgluon.core.rng import generator
-from fedgluon.core.text import MAX_CLIENT_TEXT, shown
+from fedgluon.core.text import MAX_CLIENT_TEXT, first_line, shown
 from fedgluon.sim.checkpoint import ActorDeathError, Checkpointer, NonFiniteStateError, RunStopped, Snapshot
 from fedgluon.sim.metrics import bit_columns, client_rows, round_row
 
@@ -155,7 +155,6 @@ class Federation:
                  checkpointer: Checkpointer | None = None, resume: Snapshot | None = None,
                  max_failed_rounds: int = 0, schema: StateSchema):
         self.algorithm, self.num_clients, self.rounds, self.seed = algorithm, num_clients, rounds, seed
-        self.schema = schema
         self.max_failed_rounds = max_failed_rounds  # 0: never stop for rounds without an accepted client
         self.participation, self.evaluate, self.eval_every = participation, evaluate, eval_every
         self.on_round, self.checkpointer = on_round, checkpointer
@@ -328,7 +327,7 @@ class Federation:
         if died:
             j = min(died)
             self._stop(ActorDeathError, f"round {k}: the worker running client {j} died "
-                                        f"({_first_line(clip_text(died[j], 300))}); Flower's Ray actor pool "
+                                        f"({first_line(clip_text(died[j], 300))}); Flower's Ray actor pool "
                                         f"does not replace dead actors, so the run stops here")
 
     def _commit(self, proposed: Sequence[Proposal], outcome: ServerOutcome, first: set[int], k: int,
@@ -401,10 +400,6 @@ def _non_finite_state(state: Mapping[str, Any]) -> list[str]:
 
     visit(state, "")
     return bad
-
-
-def _first_line(text: str) -> str:
-    return next((ln.strip() for ln in (text or "").splitlines() if ln.strip()), text)
 
 
 def _last_line(text: str) -> str:

@@ -6,7 +6,9 @@ and covers every sample exactly once.
   the clients (Hsu, Qi, Brown 2019); small α → skewed label mixes, large α → close to iid. Redrawn
   (bounded) until every client has at least ``min_size`` samples.
 * ``shards`` — sort by label, cut into ``n·k`` shards, give each client k shards (McMahan et al. 2017).
-* ``natural`` — one client per value of a group array (writer, speaking role, …).
+
+Tasks whose data come in clients already (LEAF synthetic, one distribution per client; Shakespeare, one
+client per speaking role) make their own split and do not call :func:`partition`.
 """
 
 from __future__ import annotations
@@ -18,20 +20,15 @@ import numpy as np
 if TYPE_CHECKING:
     import pandas as pd
 
-SCHEMES = ("iid", "dirichlet", "shards", "natural")
+SCHEMES = ("iid", "dirichlet", "shards")
 
 
 def partition(labels: np.ndarray, num_clients: int, scheme: str = "iid", *, seed: int = 0, alpha: float = 0.5,
-              shards_per_client: int = 2, groups: np.ndarray | None = None, min_size: int = 1,
+              shards_per_client: int = 2, min_size: int = 1,
               max_tries: int = 100) -> list[np.ndarray]:
     labels = np.asarray(labels)
     n = len(labels)
     rng = np.random.default_rng(seed)
-    if scheme == "natural":
-        if groups is None or len(groups) != n:
-            raise ValueError("partition 'natural' needs a groups array with one entry per sample")
-        _, inverse = np.unique(groups, return_inverse=True)
-        return [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
     if not 1 <= num_clients <= n:
         raise ValueError(f"num_clients must be in [1, {n}], got {num_clients}")
     if scheme == "iid":

@@ -149,8 +149,12 @@ def sweep(config: str | None, args: tuple[str, ...], name: str | None, parallel:
     click.echo(f"\n{out}")
     if not table.empty and not quiet:
         cols = [c for c in ("config", "final_test_accuracy_mean", "final_test_accuracy_std",
-                            "uplink_bits_per_client_mean", "bits_to_target_mean") if c in table]
+                            "uplink_bits_per_client_mean", "bits_to_target_mean", "bits_to_target_count") if c in table]
         click.echo(table[cols].to_string(index=False))
+        if "bits_to_target_mean" in table and table["target_accuracy"].notna().any():
+            click.echo(f"bits_to_target: uplink bits per client until test accuracy "
+                       f"{float(table['target_accuracy'].iloc[0]):.4g} (95% of the best member's final accuracy), "
+                       f"mean over the bits_to_target_count seeds that reached it")
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

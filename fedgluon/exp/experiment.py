@@ -62,7 +62,9 @@ METRIC_COLUMNS = {
     "down_<conv>_total": "downlink bits to all receivers",
     "test_loss / test_accuracy [/ test_perplexity]": "central evaluation on held-out data (every eval_every rounds)",
     "grad_dual_norm": "Σ_i ‖∇_i f(X)‖_(i)* of the full-batch gradient (every grad_norm_every rounds)",
-    "up_bits_cum / up_bits_per_client_cum / down_bits_cum": "cumulative bits under network.bits",
+    "up_bits_cum / up_bits_per_client_cum / down_bits_cum": "cumulative bits under network.bits; per client: the "
+                                                             "sum of each round's mean over its accepted clients "
+                                                             "(a client that took part in every round)",
     "sim_round_time / sim_time": "simulated seconds: 2·latency + max uplink / up bw + per-client downlink / down bw",
     "wall_time": "seconds the round took here",
     "server_time": "seconds of it in the server step (validation, aggregation, LMO step)",

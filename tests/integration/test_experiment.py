@@ -223,11 +223,13 @@ def test_a_rerun_sweep_never_reports_old_results_as_new(tmp_path, monkeypatch):
 
 def test_sweep_over_whole_algorithm_sections_and_seeds(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    out = invoke("sweep", *FAST, "--name", "mixed", "--quiet",
+    out = invoke("sweep", *FAST, "--name", "mixed",
                  "algorithm=[{name: gluon, lr: 0.05},"
                  " {name: gluon-ef21, lr: 0.05, compressor: {name: topk, ratio: 0.1}}]",
                  "seed=[0,1]")
     assert out.exit_code == 0, out.output
+    assert "bits_to_target_count" in out.output  # the table says over how many seeds the mean is
+    assert "bits_to_target: uplink bits per client until test accuracy" in out.output
     table = pd.read_csv(tmp_path / "runs" / "mixed" / "table.csv")
     assert len(table) == 2 and (table["final_test_accuracy_count"] == 2).all()
     bits = table.set_index("config")["uplink_bits_per_client_mean"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,7 +208,7 @@ def collect(dirs: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
 
 def _sweep_runs(sweep_dir: Path, prefix: str = "") -> tuple[list[Run], list[str]]:
     """A sweep's members that have metrics (labelled as in its table.csv) and the names of those without."""
-    from fedgluon.exp.sweep import member_name, members
+    from fedgluon.exp.sweep import member_name, members, value_label
 
     try:
         grid = json.loads((sweep_dir / "sweep.json").read_text())["grid"]
@@ -220,26 +220,9 @@ def _sweep_runs(sweep_dir: Path, prefix: str = "") -> tuple[list[Run], list[str]
         if _read_metrics(d / "metrics.csv") is None or not (d / "config.yaml").is_file():
             missing.append(d.name)
             continue
-        label = ",".join(_axis_label(k, v, grid) for k, v in values.items() if k != "seed") or "base"
+        label = ",".join(value_label(k, v, grid) for k, v in values.items() if k != "seed") or "base"
         runs.append(_load_run(d, sweep_dir, label=prefix + label))
     return runs, missing
-
-
-def _axis_label(key: str, value: Any, grid: Mapping[str, list[Any]]) -> str:
-    """A grid value as in the sweep's table.csv (fedgluon.exp.sweep.value_label); a whole section that shares
-    its name with another value of the axis also shows the keys that tell them apart, e.g.
-    ``gluon-ef21-38b6e4 (compressor.ratio=0.1)``."""
-    from fedgluon.exp.sweep import value_label
-
-    label = value_label(key, value, dict(grid))
-    if not isinstance(value, Mapping):
-        return label
-    same = [dotted(o) for o in grid[key] if isinstance(o, Mapping) and o.get("name") == value.get("name")]
-    if len(same) < 2:
-        return label
-    mine = dotted(value)
-    keys = sorted({k for f in same for k in f if len({json.dumps(g.get(k), default=str) for g in same}) > 1})
-    return f"{label} ({', '.join(f'{k}={mine.get(k)}' for k in keys[:3])}{', …' if len(keys) > 3 else ''})"
 
 
 def _read_metrics(path: Path) -> pd.DataFrame | None:

@@ -63,21 +63,41 @@ def members(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
-def value_label(key: str, v: Any, grid: dict[str, list[Any]] | None = None) -> str:
-    """A grid value as text: a mapping (a whole section) shows its ``name``, plus a short hash of its
-    content when another value of the same axis has that name."""
-    if not isinstance(v, dict):
-        return str(v)
-    same = [o for o in (grid or {}).get(key, []) if isinstance(o, dict) and o.get("name") == v.get("name")]
-    if len(same) < 2:
-        return str(v.get("name", v))
+def _same_name(key: str, v: Any, grid: Mapping[str, list[Any]] | None) -> list[dict[str, Any]]:
+    """The values of axis ``key`` that are mappings of ``v``'s ``name`` (``v`` itself included)."""
+    return [o for o in (grid or {}).get(key, []) if isinstance(o, dict) and o.get("name") == v.get("name")]
+
+
+def _hashed(v: dict[str, Any]) -> str:
     return f"{v.get('name')}-{hashlib.sha1(json.dumps(v, sort_keys=True).encode()).hexdigest()[:6]}"
 
 
+def value_label(key: str, v: Any, grid: Mapping[str, list[Any]] | None = None) -> str:
+    """A grid value as tables and legends show it: a mapping (a whole section) by its ``name``, and where
+    another value of the axis has that name, with the options that tell them apart, e.g.
+    ``gluon-ef21 (compressor.name=svd, compressor.rank=1)`` (its name and a short hash of its content where
+    more than three options differ)."""
+    if not isinstance(v, dict):
+        return str(v)
+    same = _same_name(key, v, grid)
+    if len(same) < 2:
+        return str(v.get("name", v))
+    flat = [dotted(o) for o in same]
+    keys = sorted({k for f in flat for k in f if len({json.dumps(g.get(k), default=str) for g in flat}) > 1})
+    if len(keys) > 3:
+        return _hashed(v)
+    mine = dotted(v)
+    shown = ", ".join(f"{k}={mine[k]}" for k in keys if k in mine)
+    return f"{v.get('name')} ({shown})" if shown else str(v.get("name"))
+
+
 def member_name(values: dict[str, Any], grid: dict[str, list[Any]] | None = None) -> str:
-    """``key=value,...`` with the last part of each dotted key (see :func:`value_label`)."""
-    parts = [f"{k.split('.')[-1]}={value_label(k, v, grid)}" for k, v in values.items()]
-    return ",".join(parts).replace("/", "_") or "base"
+    """``key=value,...`` with the last part of each dotted key: the member's directory name. A whole section
+    shows its ``name``, plus a short hash of its content where another value of the axis has that name."""
+    def part(k: str, v: Any) -> str:
+        return _hashed(v) if isinstance(v, dict) and len(_same_name(k, v, grid)) > 1 else value_label(k, v, grid)
+
+    return ",".join(f"{k.split('.')[-1]}={part(k, v)}" for k, v in values.items()).replace("/", "_") or "base"
 
 
 def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | None = None, progress: bool = True,

@@ -1,6 +1,7 @@
 """Configs, the fedgluon CLI, run directories, sweeps."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -8,6 +9,7 @@ from click.testing import CliRunner
 
 from fedgluon.exp.cli import main
 from fedgluon.exp.experiment import METRIC_COLUMNS
+from fedgluon.exp.sweep import value_label
 from fedgluon.sim.metrics import TIMING_COLUMNS
 
 FAST = ["engine.name=plain", "rounds=6", "task.num_clients=4", "task.mean_samples=40", "grad_norm_every=3"]
@@ -360,6 +362,10 @@ def test_sweep_members_with_the_same_algorithm_name_stay_apart(tmp_path, monkeyp
     members = pd.read_csv(tmp_path / "runs" / "same" / "members.csv")
     table = pd.read_csv(tmp_path / "runs" / "same" / "table.csv")
     assert members["member"].nunique() == 2 and len(table) == 2
-    assert all(c.startswith("gluon-ef21-") for c in table["config"])
-    bits = table["uplink_bits_per_client_mean"]
-    assert bits.max() > 3 * bits.min()  # 50% vs 10% top-k
+    assert sorted(table["config"]) == ["gluon-ef21 (compressor.ratio=0.1)", "gluon-ef21 (compressor.ratio=0.5)"]
+    bits = table.set_index("config")["uplink_bits_per_client_mean"]
+    assert bits["gluon-ef21 (compressor.ratio=0.5)"] > 3 * bits["gluon-ef21 (compressor.ratio=0.1)"]
+    assert all(m.startswith("algorithm=gluon-ef21-") for m in members["member"])  # directories: name and hash
+    many = {"name": "a", "b": 1, "c": 1, "d": 1, "e": 1}  # more than three options differ: name and hash
+    grid = {"algorithm": [many, {"name": "a", "b": 2, "c": 2, "d": 2, "e": 2}]}
+    assert re.fullmatch(r"a-[0-9a-f]{6}", value_label("algorithm", many, grid))

@@ -182,9 +182,9 @@ class Curve:
 
 
 def collect(dirs: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
-    """The runs in ``dirs`` (run directories, or sweep directories whose members with metrics are taken,
-    complete or not) and notes on sweep members that have not started. A directory that is neither is a
-    :class:`PlotError`."""
+    """The runs in ``dirs`` (run directories, or sweep or tune directories whose members or trials with metrics
+    are taken, complete or not) and notes on those that have not started. A directory that is none of these
+    is a :class:`PlotError`."""
     runs: list[Run] = []
     notes: list[str] = []
     seen: set[Path] = set()
@@ -195,10 +195,15 @@ def collect(dirs: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
             found, missing = _sweep_runs(d, prefix=f"{d.name}: " if several else "")
             if missing:
                 notes.append(f"{d}: {len(missing)} member(s) without metrics yet: {', '.join(missing)}")
+        elif (d / "tuned.csv").is_file():
+            found, missing = _tune_runs(d, prefix=f"{d.name}: " if several else "")
+            if missing:
+                notes.append(f"{d}: {len(missing)} trial(s) without metrics: {', '.join(missing)}")
         elif (d / "metrics.csv").is_file():
             found = [_load_run(d, d, label=None)]
         else:
-            raise PlotError(f"{d} is neither a run directory (metrics.csv) nor a sweep directory (sweep.json)")
+            raise PlotError(f"{d} is neither a run directory (metrics.csv), a sweep directory (sweep.json) nor a "
+                            f"tune directory (tuned.csv)")
         for run in found:
             if run.path.resolve() not in seen:
                 seen.add(run.path.resolve())
@@ -238,6 +243,25 @@ def _read_metrics(path: Path) -> pd.DataFrame | None:
     return frame if len(frame) else None
 
 
+def _tune_runs(tune_dir: Path, prefix: str = "") -> tuple[list[Run], list[str]]:
+    """A tune's trials that have metrics (``tuned.csv``'s ``run_dir``), labelled ``<algorithm> <config>``,
+    and the run directories of those without."""
+    try:
+        trials = pd.read_csv(tune_dir / "tuned.csv")
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
+        raise PlotError(f"{tune_dir / 'tuned.csv'} cannot be read: {str(err).strip().splitlines()[0]}") from None
+    if not {"algorithm", "config", "run_dir"} <= set(trials.columns):
+        raise PlotError(f"{tune_dir / 'tuned.csv'} is not a tune's table (no algorithm, config and run_dir columns)")
+    runs, missing = [], []
+    for row in trials.itertuples():
+        d = tune_dir / str(row.run_dir)
+        if (d / "metrics.csv").is_file():
+            runs.append(_load_run(d, tune_dir, label=f"{prefix}{row.algorithm} {row.config}"))
+        else:
+            missing.append(str(row.run_dir))
+    return runs, missing
+
+
 def _load_run(d: Path, source: Path, label: str | None) -> Run:
     from omegaconf import OmegaConf
 
@@ -258,8 +282,8 @@ def _load_run(d: Path, source: Path, label: str | None) -> Run:
     if evaluated:
         frame = frame.dropna(subset=evaluated, how="all")
     seed = int(config.get("seed", 0))
-    if label is None:  # a run directory's default name is <algorithm>-<task>-s<seed>
-        label = re.sub(rf"-s{seed}$", "", d.name)
+    if label is None:  # a run directory's default name is <algorithm>-<task>-s<seed>; a member's has seed=<seed>
+        label = ",".join(p for p in re.sub(rf"-s{seed}$", "", d.name).split(",") if p != f"seed={seed}") or d.name
     key = json.dumps({k: v for k, v in config.items() if k not in NOT_CONFIG}, sort_keys=True, default=str)
     complete = is_complete(d)
     return Run(path=d, source=source, label=label, key=key, config=config, seed=seed, complete=complete,
@@ -441,6 +465,8 @@ def compare(dirs: Sequence[str | Path], path: str | Path, title: str | None = No
     check_comparable(runs)
     curves = group(runs)
     if title is None:
-        title = f"{', '.join(Path(d).name for d in dirs)}: task {runs[0].task}"
+        names = [Path(d).name for d in dirs]
+        shown = ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])} and {len(names) - 2} more"
+        title = f"{shown}: task {runs[0].task}"
     plot_curves(curves, path, convention=runs[0].convention, title=title, time_label=_network_label(runs))
     return curves, notes + [n for c in curves for n in c.notes]

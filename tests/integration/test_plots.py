@@ -140,6 +140,30 @@ def test_different_tasks_or_bit_conventions_are_one_error_line(tmp_path, second,
     assert len(lines) == 1 and lines[0].startswith("error: ") and all(w in lines[0] for w in words), lines
 
 
+def test_a_tune_directory_draws_its_trials_one_curve_per_config(tmp_path):
+    """``fedgluon plot TUNE_DIR`` (before: "neither a run nor a sweep directory") takes the trials that have
+    metrics from tuned.csv, one curve per algorithm and config over seeds, labelled without the seed;
+    a trial without metrics is noted. Run directories named ``...,seed=N`` drop the seed from the label too."""
+    tune = tmp_path / "tune"
+    rows = []
+    for lr in (0.05, 0.2):
+        for seed in (0, 1):
+            run_dir = f"gluon-ef21-1/runs/lr={lr},seed={seed}"
+            write_run(tune / run_dir, [f"seed={seed}", f"algorithm.lr={lr}"])
+            rows.append({"algorithm": "gluon-ef21-1", "config": f"lr={lr}", "seed": seed, "run_dir": run_dir})
+    rows.append({"algorithm": "gluon-ef21-1", "config": "lr=0.9", "seed": 0,
+                 "run_dir": "gluon-ef21-1/runs/lr=0.9,seed=0"})  # stopped before its first evaluation
+    pd.DataFrame(rows).to_csv(tune / "tuned.csv", index=False)
+    runs, notes = plots.collect([tune])
+    curves = plots.group(runs)
+    assert [(c.label, len(c.runs)) for c in curves] == [("gluon-ef21-1 lr=0.05", 2), ("gluon-ef21-1 lr=0.2", 2)]
+    assert len(notes) == 1 and "lr=0.9,seed=0" in notes[0]
+    trials = sorted((tune / "gluon-ef21-1" / "runs").iterdir())
+    assert [c.label for c in plots.group(plots.collect(trials)[0])] == ["lr=0.05", "lr=0.2"]
+    out = invoke("plot", str(tune), "--out", str(tmp_path / "t.png"))
+    assert out.exit_code == 0 and (tmp_path / "t.png").stat().st_size > 10_000, out.output
+
+
 def test_a_directory_that_is_neither_run_nor_sweep_is_one_error_line(tmp_path):
     run = write_run(tmp_path / "r")
     (tmp_path / "empty").mkdir()

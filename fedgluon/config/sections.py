@@ -7,7 +7,8 @@ such a run's saved section spells out what a file would otherwise take from the 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -139,6 +140,12 @@ def dotted(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def differing_keys(flat: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The keys whose values are not all the same across these flattened configs (:func:`dotted`; a key one
+    of them lacks counts as None), sorted: what tells configurations apart in a label."""
+    return sorted({k for f in flat for k in f if len({json.dumps(g.get(k), default=str) for g in flat}) > 1})
 
 
 def differences(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:

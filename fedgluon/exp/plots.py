@@ -29,7 +29,7 @@ import pandas as pd  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from fedgluon.config.sections import dotted  # noqa: E402
+from fedgluon.config.sections import differing_keys, dotted  # noqa: E402
 
 BITS = "up_bits_per_client_cum"
 X_AXES = (BITS, "round", "sim_time")
@@ -376,7 +376,7 @@ def _disambiguate(curves: list[Curve]) -> None:
         by_label.setdefault(c.label, []).append(c)
     for same in (v for v in by_label.values() if len(v) > 1):
         flat = [dotted({k: v for k, v in c.runs[0].config.items() if k not in NOT_CONFIG}) for c in same]
-        keys = sorted({k for f in flat for k in f if len({json.dumps(g.get(k), default=str) for g in flat}) > 1})
+        keys = differing_keys(flat)
         for c, f in zip(same, flat):
             c.label += " [" + ", ".join(f"{k}={f.get(k)}" for k in keys[:3]) + ("…" if len(keys) > 3 else "") + "]"
 

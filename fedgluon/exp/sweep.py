@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedgluon.config import schema as configs
 from fedgluon.config.run_dir import MARKER, prepare_dir
-from fedgluon.config.sections import differences, dotted, listed
+from fedgluon.config.sections import differences, differing_keys, dotted, listed
 from fedgluon.exp.cluster import with_absolute_data_paths
 from fedgluon.exp.experiment import is_complete, run
 from fedgluon.exp.resume import CHECKPOINT, to_resume
@@ -82,8 +82,7 @@ def value_label(key: str, v: Any, grid: Mapping[str, list[Any]] | None = None) -
     same = _same_name(key, v, grid)
     if len(same) < 2:
         return str(v.get("name", v))
-    flat = [dotted(o) for o in same]
-    keys = sorted({k for f in flat for k in f if len({json.dumps(g.get(k), default=str) for g in flat}) > 1})
+    keys = differing_keys([dotted(o) for o in same])
     if len(keys) > 3:
         return _hashed(v)
     mine = dotted(v)

@@ -188,9 +188,10 @@ def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[
             _write_stopped(out, cfg, out / CHECKPOINT, f"{type(err).__name__}: {shown(err, 1000, as_repr=False)}",
                            True, time.perf_counter() - t0, start, grid)
         raise
-    _write_results(out, cfg, history, clients, final, time.perf_counter() - t0, resumed_from=start,
-                   state_bytes=state_bytes, placement=placed, deployed=grid is not None)
-    remove_checkpoint(out / CHECKPOINT)
+    with checkpointer.signals():  # a Ctrl-C after the last round lets the results be written (a second one aborts)
+        _write_results(out, cfg, history, clients, final, time.perf_counter() - t0, resumed_from=start,
+                       state_bytes=state_bytes, placement=placed, deployed=grid is not None)
+        remove_checkpoint(out / CHECKPOINT)
     return out
 
 

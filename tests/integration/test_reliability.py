@@ -127,6 +127,20 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, engine):
     same_run(full, cut)
 
 
+def test_a_ctrl_c_while_the_results_are_written_lets_them_be_written(tmp_path, monkeypatch):
+    """SIGINT after the last round, while the files are written (plots take a moment): before, click's bare
+    "Aborted!" and an incomplete run directory; now the run is written in full and ends normally."""
+    write = experiment._write_results
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "_write_results", interrupted)
+    out = experiment.run(load_cfg(tmp_path, "engine.name=plain", "rounds=3", "output.name=r"), progress=False)
+    assert experiment.is_complete(out) and not (out / "checkpoint.pt").exists()
+
+
 @pytest.mark.parametrize("name", ["gluon-ef21-mvr", "fedmuon", "fedmuon-bc"])
 def test_sigterm_under_partial_participation_with_x_prev_then_resume_on_flower(tmp_path, name):
     """2 of 6 clients a round, blocks of 2 on the in-process Flower engine, the resumed run's files equal an

@@ -13,12 +13,7 @@ client per speaking role) make their own split and do not call :func:`partition`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 SCHEMES = ("iid", "dirichlet", "shards")
 
@@ -69,10 +64,3 @@ def summary_rows(parts: list[np.ndarray], labels: np.ndarray) -> list[dict[str, 
         counts = {f"label_{c}": int((labels[idx] == c).sum()) for c in classes}
         rows.append({"client": j, "size": len(idx), **counts})
     return rows
-
-
-def summary(parts: list[np.ndarray], labels: np.ndarray) -> pd.DataFrame:
-    """:func:`summary_rows` as a DataFrame."""
-    import pandas as pd
-
-    return pd.DataFrame(summary_rows(parts, labels))

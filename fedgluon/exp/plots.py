@@ -30,6 +30,7 @@ from matplotlib import ticker  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from fedgluon.config.sections import differing_keys, dotted  # noqa: E402
+from fedgluon.core.text import first_line  # noqa: E402
 
 BITS = "up_bits_per_client_cum"
 X_AXES = (BITS, "round", "sim_time")
@@ -202,8 +203,7 @@ def collect(dirs: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
         elif (d / "metrics.csv").is_file():
             found = [_load_run(d, d, label=None)]
         else:
-            raise PlotError(f"{d} is neither a run directory (metrics.csv), a sweep directory (sweep.json) nor a "
-                            f"tune directory (tuned.csv)")
+            raise PlotError(f"{d} is neither a run (metrics.csv), a sweep (sweep.json) nor a tune (tuned.csv)")
         for run in found:
             if run.path.resolve() not in seen:
                 seen.add(run.path.resolve())
@@ -247,11 +247,9 @@ def _tune_runs(tune_dir: Path, prefix: str = "") -> tuple[list[Run], list[str]]:
     """A tune's trials that have metrics (``tuned.csv``'s ``run_dir``), labelled ``<algorithm> <config>``,
     and the run directories of those without."""
     try:
-        trials = pd.read_csv(tune_dir / "tuned.csv")
-    except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
-        raise PlotError(f"{tune_dir / 'tuned.csv'} cannot be read: {str(err).strip().splitlines()[0]}") from None
-    if not {"algorithm", "config", "run_dir"} <= set(trials.columns):
-        raise PlotError(f"{tune_dir / 'tuned.csv'} is not a tune's table (no algorithm, config and run_dir columns)")
+        trials = pd.read_csv(tune_dir / "tuned.csv")[["algorithm", "config", "run_dir"]]
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, KeyError) as err:
+        raise PlotError(f"{tune_dir / 'tuned.csv'} is not a tune's table: {first_line(err)}") from None
     runs, missing = [], []
     for row in trials.itertuples():
         d = tune_dir / str(row.run_dir)

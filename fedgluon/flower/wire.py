@@ -47,13 +47,10 @@ from fedgluon.core.text import MAX_CLIENT_TEXT, shown
 
 RAW = "fedgluon.raw"
 # dtype names an Array may carry -> little-endian NumPy dtype (bfloat16 travels as its int16 bit pattern)
-DTYPES = {name: np.dtype(name).newbyteorder("<") for name in
-          ("bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "float16", "float32", "float64")}
+NUMPY = ("bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "float16", "float32", "float64")
+DTYPES = {name: np.dtype(name).newbyteorder("<") for name in NUMPY}
 DTYPES["bfloat16"] = np.dtype("<i2")
-TORCH_NAMES = {torch.bool: "bool", torch.uint8: "uint8", torch.int8: "int8", torch.uint16: "uint16",
-               torch.int16: "int16", torch.uint32: "uint32", torch.int32: "int32", torch.int64: "int64",
-               torch.float16: "float16", torch.float32: "float32", torch.float64: "float64",
-               torch.bfloat16: "bfloat16"}
+TORCH_NAMES = {getattr(torch, name): name for name in (*NUMPY, "bfloat16")}
 GROUPS = ("dense", "uplink")  # the payload groups an algorithm may ask for (Algorithm.reply_group)
 MAX_PARTS = 8  # the most arrays one layer's payload rows may have (indices, values, factors, bits)
 

@@ -170,7 +170,7 @@ def test_a_directory_that_is_neither_run_nor_sweep_is_one_error_line(tmp_path):
     for args in ([tmp_path / "empty"], [run, tmp_path / "empty"]):
         out = invoke("plot", *args)
         lines = out.output.strip().splitlines()
-        assert out.exit_code == 2 and len(lines) == 1 and "neither a run directory" in lines[0], lines
+        assert out.exit_code == 2 and len(lines) == 1 and "neither a run (metrics.csv)" in lines[0], lines
 
 
 def test_an_out_that_cannot_be_written_is_one_error_line_naming_it(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())  # wherever tests/ nests
 MAX_TOP_LEVEL_MODULES = 8  # issue 30: "fedgluon/ has at most 8 modules at its top level"
+MAX_FORMATTED_LINES = 500  # issue 28: "after ruff format, no library file is over 500 lines"
 
 
 def lint_imports(*args: str) -> subprocess.CompletedProcess:
@@ -41,3 +42,18 @@ def test_a_broken_contract_fails_lint_imports(tmp_path):
 def test_fedgluon_has_few_top_level_modules():
     modules = sorted(p.name for p in (ROOT / "fedgluon").glob("*.py"))
     assert len(modules) <= MAX_TOP_LEVEL_MODULES, f"fedgluon/ has {len(modules)} top-level modules: {modules}"
+
+
+def test_no_library_file_is_over_500_lines_after_ruff_format(tmp_path):
+    """The library packages formatted as ruff would (line length 120) in a copy: each module at most
+    MAX_FORMATTED_LINES lines, so a module that grows past one job is split rather than reflowed."""
+    import shutil
+
+    for package in ("fedgluon", "strategies", "compressors"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    run = subprocess.run([sys.executable, "-m", "ruff", "format", "-q", "--line-length", "120", "--no-cache", "."],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = {str(p.relative_to(tmp_path)): len(p.read_text().splitlines()) for p in tmp_path.rglob("*.py")}
+    assert len(lines) > 50 and max(lines.values()) > 300  # the copy is the library, formatted
+    assert {p: n for p, n in lines.items() if n > MAX_FORMATTED_LINES} == {}

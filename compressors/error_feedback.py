@@ -274,22 +274,27 @@ def split_states(tree: Any, count: int) -> list[Any]:
 ERROR_FEEDBACK = ("ef21", "ef14", "none")
 
 
-def check_contractive(feedback: str, compressor: Compressor, shapes: Mapping[str, tuple[int, ...]]) -> None:
+def check_contractive(feedback: str, compressor: Compressor, shapes: Mapping[str, tuple[int, ...]],
+                      field: str = "compressor") -> None:
     """EF21 and EF14 assume a contractive compressor, ``E‖C(x) − x‖² ≤ (1 − α)‖x‖²`` with α > 0 (EF21's
     Definition 1; ``Properties.alpha``). An unbiased C with variance ω < 1 is one (α = 1 − ω, as
     ``E‖C(x) − x‖² = E‖C(x)‖² − ‖x‖² ≤ ω‖x‖²``); with ω ≥ 1 (rand-k below half of a layer, few-level QSGD)
-    the feedback loop keeps the scaled-up noise and a run learns little, without an error. Such a pairing
-    raises ValueError naming the layer and ω; the
-    mechanics themselves (:class:`EF21`, :class:`EF14`) take any compressor. ``feedback="none"`` takes any."""
+    the feedback loop keeps the scaled-up noise and a run learns little, without an error; a value codec after
+    such a structure (rand-k with fp16 values) keeps it too. Such a pairing raises ValueError naming ``field``,
+    the layer and ω; the mechanics themselves (:class:`EF21`, :class:`EF14`) take any compressor.
+    ``feedback="none"`` takes any; ``"EF21-P"`` is the downlink's feedback."""
     if feedback == "none":
         return
     for layer, shape in shapes.items():
-        p = compressor.properties(tuple(shape))
-        if p.kind == "unbiased" and p.omega is not None and p.omega >= 1:
-            raise ValueError(f"compressor is unbiased with omega = {p.omega:.3g} >= 1 on layer {layer!r}, and "
-                             f"error_feedback={feedback!r} needs a contractive one; use topk, svd, rsvd or powersgd, "
-                             f"rand-k of more than half of each layer, error_feedback='none', or an algorithm for "
-                             f"unbiased compressors (gluon-marina, gluon-dasha-mvr)")
+        p, s = compressor.properties(tuple(shape)), compressor.structure
+        omega = p.omega if p.kind == "unbiased" else \
+            s.omega(tuple(shape)) if s.kind == "unbiased" and s.active(tuple(shape)) else None
+        if omega is not None and omega >= 1:
+            other = "" if field != "compressor" else \
+                ", error_feedback='none', or an algorithm for unbiased compressors (gluon-marina, gluon-dasha-mvr)"
+            raise ValueError(f"{field} is unbiased with omega = {omega:.3g} >= 1 on layer {layer!r}, and its error "
+                             f"feedback ({feedback}) needs a contractive one; use topk, svd, rsvd or powersgd, "
+                             f"rand-k of more than half of each layer{other}")
 
 
 def make_error_feedback(name: str, compressor: Compressor, tracker: str = "full") -> ErrorFeedback:

@@ -45,7 +45,7 @@ from torch.utils._pytree import tree_map
 
 from compressors import Compressor, PayloadError, decode_message, decode_messages, make_compressor
 from compressors.bits import dense_bits
-from compressors.error_feedback import split_states, stack_states
+from compressors.error_feedback import check_contractive, split_states, stack_states
 from compressors.message import compress_block, compress_message
 from fedgluon.algorithms.aggregate import DecodedReplies, weighted_mean
 from fedgluon.algorithms.block import BlockGrads, BlockResult, PayloadGroup, concat
@@ -100,6 +100,8 @@ class Algorithm:
                                 constrained=self.opt["constrained"])
         self.dense = make_compressor({"name": "identity", "values": self.opt["values"]}, "algorithm")
         self.downlink = make_compressor(self.opt["downlink"], "algorithm.downlink") if self.opt["downlink"] else None
+        if self.downlink is not None:
+            check_contractive("EF21-P", self.downlink, self.shapes, "downlink")
         est_name = self.estimator_name()
         self.est: Estimator | None = make_estimator(est_name, **self._estimator_options()) if est_name else None
         if self.opt["state_dtype"] not in STATE_DTYPES:

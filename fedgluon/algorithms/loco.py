@@ -26,8 +26,8 @@ with top-k or low-bit quantisers; its default ``C`` is the deterministic 2-bit q
 per-tensor scale (``compressor: int2``, :class:`compressors.values.SymmetricInt`: the symmetric absmax
 grid {−s, 0, s}, s = max|v|; [RECON] the paper's own definition of its grid was not available here).
 
-Both take any compressor and ``error_feedback`` (``none`` or ``ef14``; DiLoCo's default: identity,
-none; MuLoCo's: int2, ef14).
+Both take any compressor and ``error_feedback`` (``none`` or ``ef14``, which needs a contractive compressor:
+``compressors.check_contractive``; DiLoCo's default: identity, none; MuLoCo's: int2, ef14).
 
 **Choices fedgluon made where the papers are silent** (or set for language-model scale):
 

@@ -1,6 +1,6 @@
 """Non-LMO baselines: a torch optimizer on the server, applied to the (compressed) aggregate.
 
-Clients send plain stochastic gradients through EF21 with any compressor (identity by default), so
+Clients send plain stochastic gradients through EF21 with a contractive compressor (identity by default), so
 the server's ``G = Σ_j w_j G_j`` tracks the mean gradient (docs/ALGORITHMS.md §8.1) — or through EF14 / no
 feedback (``error_feedback``), the PowerSGD recipe with ``compressor: powersgd``; the server then takes
 a ``torch.optim.SGD`` (momentum) or ``torch.optim.AdamW`` step with ``.grad = G`` at the learning rate

@@ -136,8 +136,8 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
                 raise ConfigError(f"overrides must look like key=value, got {bad}")
             dotlist = _from_dotlist(list(overrides))
             _refuse_overwrite(dotlist, "a key=value override")
-            user = _merged(user, dotlist, options_that_apply)
-        cfg = _merged(cfg, user, defaults_that_apply)
+            user = _merged(user, dotlist, user=True)
+        cfg = _merged(cfg, user, user=False)
         for section in replace or {}:  # written out as a file's section would read on reload
             cfg[section] = explicit(section, cfg[section])
         cfg.output.overwrite = bool(overwrite)
@@ -147,10 +147,11 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
-def _merged(base: DictConfig, top: DictConfig, kept: Callable[[str, str, DictConfig], dict[str, Any]]) -> DictConfig:
-    """``top`` merged over ``base`` (the defaults under the user's settings, or a file under its overrides), where
-    a section of ``top`` that names another task or algorithm keeps of ``base``'s only ``kept(section, name,
-    base section)``, and a sub-mapping of ``top`` of another ``name`` (a compressor) replaces ``base``'s."""
+def _merged(base: DictConfig, top: DictConfig, *, user: bool) -> DictConfig:
+    """``top`` merged over ``base``: the user's settings over the defaults, or (``user``) a file's key=value
+    overrides over it. A section of ``top`` that names another task or algorithm keeps of ``base``'s only
+    :func:`defaults_that_apply` (or, of what the user wrote, :func:`options_that_apply`); a sub-mapping of
+    another ``name`` (a compressor) replaces ``base``'s, keeping (``user``) the options that still apply."""
     base = base.copy()
     for section in SECTIONS:
         mine, theirs = top.get(section), base.get(section)
@@ -158,8 +159,8 @@ def _merged(base: DictConfig, top: DictConfig, kept: Callable[[str, str, DictCon
             continue
         named = mine.get("name")
         if named is not None and named != theirs.get("name"):
-            base[section] = kept(section, str(named), theirs)
-        base[section] = without_renamed_parts(base[section], mine)
+            base[section] = (options_that_apply if user else defaults_that_apply)(section, str(named), theirs)
+        base[section] = without_renamed_parts(base[section], mine, keep=user)
     return OmegaConf.merge(base, top)
 
 

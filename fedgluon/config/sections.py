@@ -31,7 +31,7 @@ def defaults_that_apply(section: str, name: str, defaults: DictConfig) -> dict[s
     otherwise (a shared ``BASE_OPTIONS`` option, such as Gluon's radius ``lr`` or the schedule, which
     means the same for every algorithm that does not declare its own). Options the user writes are
     merged over these by :func:`fedgluon.config.schema.load`, so they are always kept."""
-    kept = options_that_apply(section, name, defaults)
+    kept = options_that_apply(section, name, defaults) if section == "algorithm" else {}
     if not kept:
         return {}
     from fedgluon.algorithms import ALGORITHMS
@@ -40,19 +40,40 @@ def defaults_that_apply(section: str, name: str, defaults: DictConfig) -> dict[s
     return {k: own.get(k, v) for k, v in kept.items()}
 
 
-def options_that_apply(section: str, name: str, options: DictConfig) -> dict[str, Any]:
-    """The options of a section that still mean something for the task or algorithm ``name``: none of
-    another task's, and of an algorithm's those the class of ``name`` accepts (an unknown name keeps none:
-    validation names it)."""
-    from fedgluon.algorithms import ALGORITHMS
+OWN_TASK_OPTIONS = {"synthetic": frozenset({"alpha", "beta"})}  # LEAF's α, β; elsewhere α is Dirichlet's
 
-    cls = ALGORITHMS.get(name) if section == "algorithm" else None
-    if cls is None:
-        return {}
-    accepted = {**cls.BASE_OPTIONS, **cls.OPTIONS}
+
+def options_that_apply(section: str, name: str, options: DictConfig) -> dict[str, Any]:
+    """The options a user wrote in a section that still mean the same for the task or algorithm ``name``:
+    of an algorithm's, those the class of ``name`` accepts; of a task's, those the builders of ``name``
+    take, but none of :data:`OWN_TASK_OPTIONS` of either task (an unknown name keeps none: validation
+    names it)."""
+    from fedgluon.algorithms import ALGORITHMS
+    from fedgluon.tasks import registry as tasks
+
     kept = OmegaConf.to_container(options)
     assert isinstance(kept, dict)
+    if section == "task" and name in tasks.TASKS:
+        own = OWN_TASK_OPTIONS.get(name, frozenset()) | OWN_TASK_OPTIONS.get(str(kept.get("name")), frozenset())
+        accepted = tasks.task_options(name)[0] - own
+    elif section == "algorithm" and name in ALGORITHMS:
+        accepted = {*ALGORITHMS[name].BASE_OPTIONS, *ALGORITHMS[name].OPTIONS}
+    else:
+        return {}
     return {k: v for k, v in kept.items() if k in accepted}
+
+
+def compressor_options_that_apply(old: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The options of a compressor mapping ``old`` that the compressor ``name`` takes too (a ratio from one
+    sparsifier to another, the value codec unless ``name`` fixes its own); none for a name that is no
+    compressor."""
+    from compressors.registry import COMPRESSORS
+
+    if name not in COMPRESSORS:
+        return {}
+    _, options, values = COMPRESSORS[name]
+    takes = {*options, "levels", *(("values",) if values == "fp32" else ())}
+    return {k: copy.deepcopy(v) for k, v in old.items() if k in takes}
 
 
 def explicit(name: str, section: Mapping[str, Any]) -> dict[str, Any]:
@@ -118,16 +139,19 @@ def _fill_defaults(out: dict[str, Any], keys: Mapping[str, Any], builder: Any) -
             out[key] = list(value) if isinstance(value, tuple) else copy.deepcopy(value)
 
 
-def without_renamed_parts(defaults: DictConfig, user: DictConfig) -> DictConfig:
+def without_renamed_parts(defaults: DictConfig, user: DictConfig, keep: bool = False) -> DictConfig:
     """Drop a default sub-mapping (a compressor, say) that the user replaces by one with another ``name``:
-    ``{name: topk, ratio: 0.05}`` must not leave its ``ratio`` in ``{name: powersgd, rank: 2}``."""
+    ``{name: topk, ratio: 0.05}`` must not leave its ``ratio`` in ``{name: powersgd, rank: 2}``. With
+    ``keep`` (a file under its overrides) a compressor keeps :func:`compressor_options_that_apply`."""
     out = OmegaConf.to_container(defaults)
     assert isinstance(out, dict)
     for key, value in user.items():
         old = out.get(key)
         if isinstance(value, DictConfig) and isinstance(old, dict) and "name" in value and \
                 value.get("name") != old.get("name"):
-            del out[key]
+            out[key] = compressor_options_that_apply(old, str(value.get("name"))) if keep else {}
+            if not out[key]:
+                del out[key]
     return OmegaConf.create(out)
 
 

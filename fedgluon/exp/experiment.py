@@ -44,7 +44,7 @@ from fedgluon.core.text import shown
 from fedgluon.exp import cluster
 from fedgluon.exp.resume import CHECKPOINT, ENVIRONMENT, check_table, resumable, run_key, to_resume  # noqa: F401 (re-exported)
 from fedgluon.runtime.threads import torch_threads
-from fedgluon.sim.checkpoint import Checkpointer, RunStopped
+from fedgluon.sim.checkpoint import Checkpointer, RunInterrupted, RunStopped
 from fedgluon.sim.checkpoint import load as load_checkpoint
 from fedgluon.sim.checkpoint import remove as remove_checkpoint
 from fedgluon.sim.faults import FaultPlan
@@ -192,6 +192,9 @@ def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[
         _write_results(out, cfg, history, clients, final, time.perf_counter() - t0, resumed_from=start,
                        state_bytes=state_bytes, placement=placed, deployed=grid is not None)
         remove_checkpoint(out / CHECKPOINT)
+    if checkpointer.stop_requested:  # then the caller (a sweep's next member, say) stops all the same
+        raise RunInterrupted(f"{checkpointer.reason} while the results were written: {out} is complete",
+                             int(spec["rounds"]))
     return out
 
 

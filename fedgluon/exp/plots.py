@@ -248,7 +248,7 @@ def _tune_runs(tune_dir: Path, prefix: str = "") -> tuple[list[Run], list[str]]:
     and the run directories of those without."""
     try:
         trials = pd.read_csv(tune_dir / "tuned.csv")[["algorithm", "config", "run_dir"]]
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, KeyError) as err:
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, KeyError, UnicodeDecodeError) as err:
         raise PlotError(f"{tune_dir / 'tuned.csv'} is not a tune's table: {first_line(err)}") from None
     runs, missing = [], []
     for row in trials.itertuples():

@@ -143,7 +143,7 @@ def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | No
             for i, (mname, cfg) in enumerate(todo):
                 if progress:
                     print(f"[{i + 1}/{len(todo)}] {mname}" + ("" if cfg.output.overwrite else " (resumed)"))
-                run(cfg, progress=progress, resume=not cfg.output.overwrite, out_dir=sweep_dir / mname)
+                _run_member_here(cfg, sweep_dir / mname, progress)
     except configs.ConfigError:  # refused before any member ran (a share the cluster lacks, say): the
         with contextlib.suppress(OSError):  # the refusal is what the user needs, whatever the cleanup meets
             if created and [p.name for p in sweep_dir.iterdir()] == ["sweep.json"]:  # a corrected rerun starts clean
@@ -246,11 +246,27 @@ def _run_parallel(todo, workers: int, address: str | None, sweep_dir: Path, prog
                                   f"wrote; rerun the sweep to retry them): {'; '.join(failures)}")
 
 
+def _run_member_here(cfg: DictConfig, member_dir: Path, progress: bool) -> None:
+    """Run a member in this process: resumed from its checkpoint when :func:`_resumable` said so, and started
+    again if the resume is refused all the same (a checkpoint whose rows do not fit the task)."""
+    if not cfg.output.overwrite:
+        try:
+            run(cfg, progress=progress, resume=True, out_dir=member_dir)
+            return
+        except configs.ConfigError as err:
+            print(f"note: {member_dir.name} cannot resume ({err}); starting it again")
+            cfg.output.overwrite = True
+    run(cfg, progress=progress, out_dir=member_dir)
+
+
 def _resumable(member_dir: Path, cfg: DictConfig) -> bool:
-    """Whether ``member_dir`` holds a checkpoint that a run of ``cfg`` may resume (fedgluon.exp.resume)."""
+    """Whether ``member_dir`` holds a checkpoint that a run of ``cfg`` may resume (fedgluon.exp.resume), of
+    a run of this very config (engine and output aside), as a complete member must be."""
     if not (member_dir / CHECKPOINT).is_file():
         return False
     try:
+        if changes_from(member_dir, cfg):
+            return False
         to_resume(member_dir, configs.spec_of(cfg))
     except configs.ConfigError:
         return False

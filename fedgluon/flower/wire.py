@@ -311,6 +311,8 @@ def _read_run(arrays: _Noted, meta: _Noted, r: int, js: list[int], round_: int,
         if g not in GROUPS:
             raise WireError(f"unknown payload group {shown(g, 40)}")
         rows = [_int(i, "rows", 0, b - 1) for i in _list(meta, f"{r}/p/{g}/rows", most=b, unique=True)]
+        if not rows:  # a group is listed for its clients: an empty one could only hide unread keys
+            raise WireError(f"run {r}'s payload group {g!r} lists no rows")
         try:
             names = _list(meta, f"{r}/p/{g}/layers", most=len(shapes), unique=True)
             if not all(isinstance(n, str) for n in names):

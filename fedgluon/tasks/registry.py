@@ -283,6 +283,17 @@ TASKS: dict[str, Callable[..., Task]] = {
 }
 
 
+def task_options(name: str) -> tuple[set[str], bool]:
+    """The options task ``name`` takes, and whether its builder names them all (else it passes ``**kw`` on to
+    :func:`_classification`, whose keyword options are counted and which checks them)."""
+    params = inspect.signature(TASKS[name]).parameters
+    named = {n for n, p in params.items() if p.kind is not p.VAR_KEYWORD}
+    if len(named) == len(params):
+        return named, True
+    passed = inspect.signature(_classification).parameters
+    return named | {n for n, p in passed.items() if p.kind is p.KEYWORD_ONLY}, False
+
+
 def make_task(spec: Mapping[str, Any]) -> Task:
     """Build a task from ``{"name": ..., **options}``."""
     spec = dict(spec)
@@ -294,10 +305,9 @@ def make_task(spec: Mapping[str, Any]) -> Task:
                                    all(type(w) is int and w >= 1 for w in hidden)):
         raise ValueError(f"task.hidden must be a list of hidden layer widths, integers >= 1 ([] for none), "
                          f"got {hidden!r}")
-    params = inspect.signature(TASKS[name]).parameters
-    accepted = [n for n, p in params.items() if p.kind is not p.VAR_KEYWORD]
-    unknown = sorted(set(spec) - set(accepted))
-    if unknown and len(accepted) == len(params):  # a builder that passes **kw on is checked where they land
+    accepted, named_all = task_options(name)
+    unknown = sorted(set(spec) - accepted)
+    if unknown and named_all:  # a builder that passes **kw on is checked where they land
         raise ValueError(f"task {name!r} got unknown option(s) {unknown}; allowed: {sorted(accepted)}")
     try:
         return TASKS[name](**spec)

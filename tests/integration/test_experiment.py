@@ -78,7 +78,9 @@ def test_summary_wall_time_counts_building_the_task(tmp_path, monkeypatch):
     (["algorithm.name=fedprox"], ["algorithm.name must be one of", "gluon-ef21"]),
     (["algorithm.compressor.ratio=-0.1"], ["ratio must be in (0, 1]"]),
     (["algorithm.name=gluon-ef21", "algorithm.compressor={name: randk, ratio: 0.05}"],
-     ["algorithm.compressor is unbiased with omega = 19 >= 1", "error_feedback='ef21' needs a contractive one"]),
+     ["algorithm.compressor is unbiased with omega = 19 >= 1", "feedback (ef21) needs a contractive one"]),
+    (["algorithm.downlink={name: randk, ratio: 0.05}"], ["algorithm.downlink is unbiased with omega = 19 >= 1",
+                                                        "feedback (EF21-P) needs a contractive one"]),
     (["task.name=fashion_mnist", "task.data_dir=/nonexistent"], ["task:", "apt-get install dataset-fashion-mnist"]),
     (["colour=red"], ["unknown config key 'colour'", "algorithm"]),
     (["engine.name=spark"], ["engine.name must be one of", "inprocess"]),
@@ -200,6 +202,33 @@ def test_an_interrupted_sweep_member_resumes_from_its_checkpoint(tmp_path, monke
         pd.testing.assert_frame_equal(cut[same], whole[same], check_exact=True)
 
 
+def test_a_stopped_member_whose_config_changed_starts_again(tmp_path, monkeypatch):
+    """A resume may change the run's environment (faults, timeouts), a sweep member may not: like a complete
+    member, a stopped one resumes only under the config it ran, else it starts again."""
+    import os
+    import signal
+
+    from fedgluon.exp import sweep as sweeps
+
+    monkeypatch.chdir(tmp_path)
+    base = tmp_path / "base.yaml"
+    base.write_text("max_failed_rounds: 10\n")
+    args = ["sweep", str(base), *FAST, "output.checkpoint_every=0", "seed=[0]", "--quiet", "--name", "s"]
+    real_run, calls = sweeps.run, []
+
+    def run(cfg, **kwargs):
+        calls.append(kwargs.get("resume", False))
+        if len(calls) == 1:
+            kwargs["on_round"] = lambda row: row["round"] == 2 and os.kill(os.getpid(), signal.SIGTERM)
+        return real_run(cfg, **kwargs)
+
+    monkeypatch.setattr(sweeps, "run", run)
+    assert invoke(*args).exit_code == 130
+    base.write_text("max_failed_rounds: 5\n")  # the same file, another environment
+    assert invoke(*args).exit_code == 0
+    assert calls == [False, False]
+
+
 def test_a_rerun_sweep_never_reports_old_results_as_new(tmp_path, monkeypatch):
     """Complete members are kept only if they ran the config they would run now (engine and output aside); a
     sweep directory holds one sweep's config file and overrides, whose grid may grow."""
@@ -308,8 +337,9 @@ def test_switching_task_or_algorithm_drops_the_defaults_of_the_other(tmp_path):
 
 
 def test_an_override_renaming_a_part_of_the_file_takes_nothing_of_it_that_does_not_apply(tmp_path):
-    """The rules between the defaults and the user's settings hold between a file and its overrides too:
-    a compressor, algorithm or task of another name keeps none of the file's options that do not apply
+    """The rules between the defaults and the user's settings hold between a file and its overrides too,
+    keeping what the user wrote that still applies: a compressor, algorithm or task of another name keeps
+    none of the file's options that do not apply
     (before, the README's quickstart.yaml with ``algorithm.compressor={name: svd, rank: 1}`` was refused for
     top-k's ``ratio``, and ``algorithm={name: gluon}`` for SARAH's ``refresh_prob`` and the compressor)."""
     from fedgluon.config.schema import load
@@ -323,7 +353,9 @@ def test_an_override_renaming_a_part_of_the_file_takes_nothing_of_it_that_does_n
     gluon = load(f, ["algorithm={name: gluon}"]).algorithm
     assert gluon.name == "gluon" and "refresh_prob" not in gluon and "compressor" not in gluon
     assert (gluon.lr, gluon.schedule) == (0.1, "constant")  # what the file wrote and still applies is kept
-    assert dict(load(f, ["task.name=digits"]).task) == {"name": "digits"}
+    assert dict(load(f, ["task.name=digits"]).task) == {"name": "digits", "num_clients": 6}  # alpha: LEAF's
+    renamed = load(f, ["algorithm.compressor.name=randk_seeded", "algorithm.error_feedback=none"]).algorithm
+    assert dict(renamed.compressor) == {"name": "randk_seeded", "ratio": 0.1}  # the file's ratio applies to rand-k
     kept = load(f, ["algorithm.compressor.ratio=0.2", "task.num_clients=4"])  # same names: a plain merge
     assert kept.algorithm.compressor == {"name": "topk", "ratio": 0.2} and kept.task.alpha == 0.5
 

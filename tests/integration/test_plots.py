@@ -162,6 +162,9 @@ def test_a_tune_directory_draws_its_trials_one_curve_per_config(tmp_path):
     assert [c.label for c in plots.group(plots.collect(trials)[0])] == ["lr=0.05", "lr=0.2"]
     out = invoke("plot", str(tune), "--out", str(tmp_path / "t.png"))
     assert out.exit_code == 0 and (tmp_path / "t.png").stat().st_size > 10_000, out.output
+    (tune / "tuned.csv").write_bytes(bytes(range(256)) * 4)  # not a table, not even text: one error line
+    out = invoke("plot", str(tune), "--out", str(tmp_path / "t.png"))
+    assert out.exit_code == 2 and out.output.startswith("error: ") and "not a tune's table" in out.output, out.output
 
 
 def test_a_directory_that_is_neither_run_nor_sweep_is_one_error_line(tmp_path):

@@ -129,7 +129,8 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, engine):
 
 def test_a_ctrl_c_while_the_results_are_written_lets_them_be_written(tmp_path, monkeypatch):
     """SIGINT after the last round, while the files are written (plots take a moment): before, click's bare
-    "Aborted!" and an incomplete run directory; now the run is written in full and ends normally."""
+    "Aborted!" and an incomplete run directory; now the run is written in full, then stops as asked (a
+    sweep does not go on to its next member)."""
     write = experiment._write_results
 
     def interrupted(*args, **kwargs):
@@ -137,8 +138,10 @@ def test_a_ctrl_c_while_the_results_are_written_lets_them_be_written(tmp_path, m
         return write(*args, **kwargs)
 
     monkeypatch.setattr(experiment, "_write_results", interrupted)
-    out = experiment.run(load_cfg(tmp_path, "engine.name=plain", "rounds=3", "output.name=r"), progress=False)
-    assert experiment.is_complete(out) and not (out / "checkpoint.pt").exists()
+    with pytest.raises(RunInterrupted, match="SIGINT while the results were written") as stop:
+        experiment.run(load_cfg(tmp_path, "engine.name=plain", "rounds=3", "output.name=r"), progress=False)
+    out = tmp_path / "r"
+    assert experiment.is_complete(out) and not (out / "checkpoint.pt").exists() and stop.value.checkpoint is None
 
 
 @pytest.mark.parametrize("name", ["gluon-ef21-mvr", "fedmuon", "fedmuon-bc"])

@@ -402,6 +402,16 @@ def test_a_key_the_server_does_not_expect_rejects_the_block(how):
     assert all("does not expect" in why for why in got.rejected.values())
 
 
+def test_a_payload_group_of_no_rows_rejects_the_block():
+    """A listed group must hold clients: a failing group of no rows rejected nobody and let every key under
+    its prefix go unread (a review found it)."""
+    algo, table, results = world(ALGORITHMS[0])
+    arrays, meta = results_to_records(results, algo.derived)
+    meta["0/p/dense/rows"], meta["0/p/dense/layers"], meta["0/p/dense/hidden"] = [], ["nope"], [1, 2, 3]
+    got = read(algo, table, arrays, meta)
+    assert got.rejected.keys() == set(CLIENTS) and all("lists no rows" in why for why in got.rejected.values())
+
+
 def test_clients_the_reply_does_not_cover_fail():
     algo, table, results = world(ALGORITHMS[1], run=2)
     arrays, meta = results_to_records(results[:2], algo.derived)

@@ -288,3 +288,14 @@ def test_ef14_changes_the_trajectory_and_bad_feedback_is_named():
         make_algorithm("gluon-ef21", geom, error_feedback="ef99")
     with pytest.raises(ValueError, match="tracker='fixed16' needs error_feedback='ef21'"):
         make_algorithm("gluon-ef21", geom, error_feedback="ef14", tracker="fixed16")
+
+
+@pytest.mark.parametrize("rank", [1, 12])
+def test_limuon_runs_whatever_layers_its_rank_factors(rank):
+    """Rank 12 factors no layer of the 10-12-4 MLP (all kept full), rank 1 every matrix: a branch of the state
+    without leaves is not kept by the client-state table, and the next round read it as missing (KeyError
+    'P' for every client from round 1, found by a review)."""
+    _, objs, X0, geom = problem()
+    _, res = trajectory("limuon", objs, X0, geom, rounds=3, rank=rank)
+    log = res.client_log
+    assert log and all(r["status"] == "accepted" for r in log), {r["reason"] for r in log}

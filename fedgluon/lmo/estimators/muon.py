@@ -228,8 +228,9 @@ class LiMuon(Estimator):
                 "full": {k: t for k, t in m.items() if k not in P}}
 
     def _expand(self, state: State, like: Mapping[str, Tensor]) -> Tensors:
-        out = dict(state["full"])
-        for k, P in state["P"].items():
+        # a branch without leaves (no layer factored, or every layer) is not kept by the client-state table
+        out = dict(state.get("full", {}))
+        for k, P in state.get("P", {}).items():
             Q = state["Q"][k]
             out[k] = torch.stack([(P[i] @ Q[i].mT).reshape(like[k].shape[1:]) for i in range(P.shape[0])])
         return out

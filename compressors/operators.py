@@ -288,6 +288,17 @@ class Compressor:
         return out
 
 
+def unbiased_omega(compressor: Compressor, shapes: Mapping[str, tuple[int, ...]], who: str) -> float:
+    """The largest variance ω of ``compressor`` over these layer shapes, for an algorithm (``who``: MARINA,
+    DASHA) whose analysis needs ``E[Q(x)] = x``; ValueError where a layer's compressor is not unbiased
+    (top-k, low rank, deterministic int-b)."""
+    props = [compressor.properties(tuple(shape)) for shape in shapes.values()]
+    if any(p.kind not in ("unbiased", "identity") for p in props):
+        raise ValueError(f"compressor must be unbiased for {who} (E[Q(x)] = x: randk, randk_seeded, qsgd, natural "
+                         f"or identity), got {compressor!r}")
+    return max((p.omega or 0.0 for p in props), default=0.0)
+
+
 def _relative_error(values: ValueCodec, n: int) -> float:
     """u with ``‖Q(y) − y‖ ≤ u‖y‖`` on n values: ``√(1 − α)`` (a rounding codec's unit roundoff)."""
     return math.sqrt(1 - values.alpha(n))

@@ -40,6 +40,11 @@ OPTION_KINDS = {"ratio": float, "min_k": int, "rank": int, "min_compression_rate
                 "warm_start": bool, "levels": int}
 
 
+def fixes_values(name: str) -> bool:
+    """Whether compressor ``name`` is named after its value codec (``qsgd``: dense QSGD), which it then fixes."""
+    return name in VALUE_CODECS
+
+
 def is_number(v: Any) -> bool:
     """An int or float, not a bool."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -72,7 +77,7 @@ def make_compressor(spec: str | Mapping[str, Any], where: str = "compressor") ->
     if unknown:
         raise ValueError(f"{where} {name!r} takes options {sorted(options) + ['levels', 'values']}, "
                          f"got unknown {sorted(unknown)}")
-    if name in ("qsgd", "natural", "int2") and values != default_values:
+    if fixes_values(name) and values != default_values:
         raise ValueError(f"{where} {name!r} fixes values={default_values!r}")
     for key, value in {**spec, "levels": levels}.items():
         words, ok = KINDS[OPTION_KINDS[key]]

@@ -74,7 +74,7 @@ class ValueCodec(ABC):
     (:meth:`encode_row`), so every row is computed exactly as a lone vector would be."""
 
     name: str
-    kind: str  # "exact" | "rounding" | "unbiased"
+    kind: str  # "exact" | "rounding" | "unbiased" | "contractive" (states alpha(n))
     unit_roundoff: float = 0.0
     draws: bool = False  # whether encode uses its generator (else it gets None)
 

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 
 from compressors import Compressor, make_compressor
+from compressors.operators import unbiased_omega
 from fedgluon.algorithms.aggregate import tracker_update, update_trackers, weighted_mean
 from fedgluon.algorithms.base import Algorithm
 
@@ -35,6 +36,7 @@ class GluonMARINA(Algorithm):
     def __init__(self, geometry, **options):
         super().__init__(geometry, **options)
         self.compressor = make_compressor(self.opt["compressor"], "algorithm.compressor")
+        unbiased_omega(self.compressor, self.shapes, self.name)
 
     @property
     def uplink(self) -> Compressor:
@@ -83,10 +85,7 @@ class GluonDASHAMVR(Algorithm):
     def __init__(self, geometry, **options):
         super().__init__(geometry, **options)
         self.compressor = make_compressor(self.opt["compressor"], "algorithm.compressor")
-        props = [self.compressor.properties(s) for s in self.shapes.values()]
-        if any(p.kind not in ("unbiased", "identity") for p in props):
-            raise ValueError(f"gluon-dasha-mvr needs an unbiased compressor, got {self.opt['compressor']!r}")
-        omega = max(p.omega or 0.0 for p in props)
+        omega = unbiased_omega(self.compressor, self.shapes, self.name)
         self.a = self.opt["a"] if self.opt["a"] is not None else 1.0 / (2 * omega + 1)
 
     @property

@@ -67,12 +67,11 @@ def compressor_options_that_apply(old: Mapping[str, Any], name: str) -> dict[str
     """The options of a compressor mapping ``old`` that the compressor ``name`` takes too (a ratio from one
     sparsifier to another, the value codec unless ``name`` fixes its own); none for a name that is no
     compressor."""
-    from compressors.registry import COMPRESSORS
+    from compressors.registry import COMPRESSORS, fixes_values
 
     if name not in COMPRESSORS:
         return {}
-    _, options, values = COMPRESSORS[name]
-    takes = {*options, "levels", *(("values",) if values == "fp32" else ())}
+    takes = {*COMPRESSORS[name][1], "levels", *(() if fixes_values(name) else ("values",))}
     return {k: copy.deepcopy(v) for k, v in old.items() if k in takes}
 
 

@@ -27,8 +27,9 @@ def main() -> None:
 
 @main.command("list")
 def list_cmd() -> None:
-    """List methods, estimators, norms, geometry presets, schedules and compressors, one per line."""
+    """List methods, estimators, norms, geometry presets, schedules, compressors and value codecs, one per line."""
     from compressors.registry import COMPRESSORS
+    from compressors.values import VALUE_CODECS
     from fedgluon.algorithms import ALGORITHMS
     from fedgluon.config.schema import ENGINES
     from fedgluon.lmo.estimators import ESTIMATORS
@@ -41,7 +42,7 @@ def list_cmd() -> None:
     for title, names in [("algorithms", sorted(ALGORITHMS)), ("tasks", sorted(TASKS)), ("partitions", SCHEMES),
                          ("engines", ENGINES), ("optimizer methods", list(METHODS)), ("estimators", ESTIMATORS),
                          ("norms", NORM_NAMES), ("geometry presets", PRESETS), ("radius schedules", SCHEDULES),
-                         ("compressors", sorted(COMPRESSORS))]:
+                         ("compressors", sorted(COMPRESSORS)), ("value codecs (compressor.values)", VALUE_CODECS)]:
         click.echo(f"{title}: {', '.join(names)}")
 
 

@@ -7,7 +7,7 @@ import torch
 from compressors import EF14, EF21, Context, decode_message, ef21_server_update, make_compressor, make_error_feedback
 from compressors.error_feedback import check_contractive, stack_states, step_one
 from compressors.payload import PayloadError, PayloadRows
-from compressors.registry import COMPRESSORS
+from compressors.registry import COMPRESSORS, fixes_values
 from compressors.values import VALUE_CODECS
 
 
@@ -143,7 +143,7 @@ def _payloads_equal(p, q):
 def _every_compressor():
     """Every structure the registry builds with every value codec it accepts."""
     for name, (_, options, default) in COMPRESSORS.items():
-        for values in VALUE_CODECS if name not in ("qsgd", "natural", "int2") else [default]:
+        for values in VALUE_CODECS if not fixes_values(name) else [default]:
             if values in ("int4", "int8") and name != "identity":  # int2's code at other widths: one structure
                 continue
             spec = {"name": name, "values": values}

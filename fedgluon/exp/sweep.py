@@ -100,8 +100,12 @@ def member_name(values: dict[str, Any], grid: dict[str, list[Any]] | None = None
 
 
 def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | None = None, progress: bool = True,
-          parallel: int = 0) -> Path:
-    """Run every grid member (skipping complete ones) and write the sweep summary; returns the sweep dir."""
+          parallel: int = 0, target: float | None = None) -> Path:
+    """Run every grid member (skipping complete ones) and write the sweep summary; returns the sweep dir.
+    ``target``: the test accuracy ``bits_to_target`` counts up to, kept in ``sweep.json`` for later summaries
+    (:func:`summarise`); None keeps the one given before, if any."""
+    if target is not None and not (isinstance(target, (int, float)) and 0 < target <= 1):
+        raise configs.ConfigError(f"--target is a test accuracy in (0, 1], got {target!r}")
     overrides, grid = parse_grid(args)
     base = configs.load(config_path, overrides)
     if base.engine.address and (parallel or base.engine.name == "ray"):
@@ -135,7 +139,10 @@ def sweep(config_path: str | Path | None, args: Sequence[str], *, name: str | No
         todo.append((mname, cfg))
     created = not sweep_dir.exists()
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "sweep.json").write_text(json.dumps({**about, "grid": grid}, indent=2))
+    if target is None and (sweep_dir / "sweep.json").is_file():  # the target a rerun without --target keeps
+        target = json.loads((sweep_dir / "sweep.json").read_text()).get("target")
+    record = {**about, "grid": grid, **({"target": target} if target is not None else {})}
+    (sweep_dir / "sweep.json").write_text(json.dumps(record, indent=2))
     try:
         if parallel and todo:
             _run_parallel(todo, parallel, base.engine.address, sweep_dir, progress)
@@ -353,7 +360,8 @@ def summarise(sweep_dir: str | Path, target: float | None = None, target_fractio
     as far as they got). ``echo`` receives the notes on members not started or incomplete, or why
     ``curves.png`` could not be drawn.
 
-    The target is ``target`` if given, else ``target_fraction`` × the best member's final accuracy;
+    The target is ``target`` if given, else the one ``sweep.json`` keeps (``fedgluon sweep --target``), else
+    ``target_fraction`` × the best member's final accuracy (``table.csv``'s ``target_accuracy``);
     ``bits_to_target`` is the cumulative uplink bits per client at the first evaluation reaching it
     (NaN if never reached).
     """
@@ -365,6 +373,8 @@ def summarise(sweep_dir: str | Path, target: float | None = None, target_fractio
     frame.to_csv(sweep_dir / "members.csv", index=False)
     if frame.empty:
         return frame
+    if target is None:
+        target = json.loads((sweep_dir / "sweep.json").read_text()).get("target")
     if target is None and frame["final_test_accuracy"].notna().any():
         target = target_fraction * float(frame["final_test_accuracy"].max())
     frame["bits_to_target"] = [_bits_to_target(sweep_dir / m, target) for m in frame["member"]]

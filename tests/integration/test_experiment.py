@@ -229,6 +229,22 @@ def test_a_stopped_member_whose_config_changed_starts_again(tmp_path, monkeypatc
     assert calls == [False, False]
 
 
+def test_a_sweep_target_is_kept_for_its_later_summaries(tmp_path, monkeypatch):
+    """--target sets the accuracy bits_to_target counts up to; sweep.json keeps it, so a rerun without it
+    and ``fedgluon plot`` (which summarises again) give the same table; a target outside (0, 1] is one line."""
+    monkeypatch.chdir(tmp_path)
+    args = ["sweep", *FAST, "seed=[0,1]", "--name", "t"]
+    out = invoke(*args, "--target", "0.3")
+    assert out.exit_code == 0 and "until test accuracy 0.3 (--target)" in out.output, out.output
+    table = tmp_path / "runs" / "t" / "table.csv"
+    assert (pd.read_csv(table)["target_accuracy"] == 0.3).all()
+    assert invoke(*args).exit_code == 0 and (pd.read_csv(table)["target_accuracy"] == 0.3).all()
+    assert invoke("plot", str(tmp_path / "runs" / "t")).exit_code == 0
+    assert (pd.read_csv(table)["target_accuracy"] == 0.3).all()
+    bad = invoke(*args, "--target", "80")
+    assert bad.exit_code == 2 and bad.output.startswith("error: --target is a test accuracy in (0, 1]"), bad.output
+
+
 def test_a_rerun_sweep_never_reports_old_results_as_new(tmp_path, monkeypatch):
     """Complete members are kept only if they ran the config they would run now (engine and output aside); a
     sweep directory holds one sweep's config file and overrides, whose grid may grow."""

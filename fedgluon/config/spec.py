@@ -29,7 +29,7 @@ from fedgluon.core.devices import resolve_device
 from fedgluon.core.text import prefixed
 from fedgluon.lmo.geometry import Geometry
 from fedgluon.sim.faults import FaultPlan
-from fedgluon.tasks.registry import Task, make_task
+from fedgluon.tasks.registry import Task, make_task, task_builders
 
 DEFAULTS: dict[str, Any] = {
     "task": {"name": "synthetic"}, "geometry": {"preset": "scion"}, "algorithm": {"name": "gluon"},
@@ -84,7 +84,7 @@ def build(spec: Mapping[str, Any]) -> tuple[Task, Algorithm]:
     the section's name in front (``algorithm.beta must be ...``)."""
     task_spec = {"seed": spec["seed"], **spec["task"]}
     check_option_types(task_spec, spec["algorithm"], spec["geometry"])
-    with prefixed("task", {*task_spec, *_annotated_kinds(*_task_builders(task_spec.get("name")))}):
+    with prefixed("task", {*task_spec, *_annotated_kinds(*task_builders(task_spec.get("name")))}):
         task = make_task(task_spec)
     with prefixed("geometry", spec["geometry"]):
         geometry = Geometry.from_model(task.model, **spec["geometry"])
@@ -95,13 +95,6 @@ def build(spec: Mapping[str, Any]) -> tuple[Task, Algorithm]:
     algorithm.client_device = resolve_device("client_device", spec.get("client_device", "cpu"))
     check_min_k(algorithm)
     return task, algorithm
-
-
-def _task_builders(name: Any) -> tuple[Any, ...]:
-    """The functions whose keyword options a task of this name takes (none for an unknown name)."""
-    from fedgluon.tasks import registry as tasks
-
-    return (tasks._classification, tasks.TASKS[name]) if name in tasks.TASKS else ()
 
 
 def _algorithm_defaults(name: Any) -> dict[str, Any]:
@@ -133,7 +126,7 @@ def check_option_types(task: Mapping[str, Any], algorithm: Mapping[str, Any],
     options; ``Geometry.from_shapes``), algorithm options against the type of their default (a number, a
     boolean or a string; options whose default is null or a mapping are the builders')."""
     sections = [("geometry", geometry or {}, _annotated_kinds(Geometry.from_shapes)),
-                ("task", task, _annotated_kinds(*_task_builders(task.get("name"))))]
+                ("task", task, _annotated_kinds(*task_builders(task.get("name"))))]
     for section, options, kinds in sections:
         for key, value in options.items():
             if key in kinds and not kinds[key][1](value):

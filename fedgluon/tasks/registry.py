@@ -283,15 +283,29 @@ TASKS: dict[str, Callable[..., Task]] = {
 }
 
 
+PASSED_ON: dict[Callable[..., Task], tuple[Callable[..., Task], ...]] = {
+    _libsvm: (_linear, _classification), _a9a: (_linear, _classification)}  # where a builder's **kw go
+
+
+def task_builders(name: Any) -> tuple[Callable[..., Task], ...]:
+    """The functions whose keyword options task ``name`` takes: its builder, then those its ``**kw`` reach
+    (:data:`PASSED_ON`, else :func:`_classification`, which checks them); none for an unknown name."""
+    builder = TASKS.get(name) if isinstance(name, str) else None
+    if builder is None:
+        return ()
+    if not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(builder).parameters.values()):
+        return (builder,)
+    return (builder, *PASSED_ON.get(builder, (_classification,)))
+
+
 def task_options(name: str) -> tuple[set[str], bool]:
-    """The options task ``name`` takes, and whether its builder names them all (else it passes ``**kw`` on to
-    :func:`_classification`, whose keyword options are counted and which checks them)."""
-    params = inspect.signature(TASKS[name]).parameters
-    named = {n for n, p in params.items() if p.kind is not p.VAR_KEYWORD}
-    if len(named) == len(params):
-        return named, True
-    passed = inspect.signature(_classification).parameters
-    return named | {n for n, p in passed.items() if p.kind is p.KEYWORD_ONLY}, False
+    """The options task ``name`` takes (of the functions its ``**kw`` reach, those with a default or keyword
+    only), and whether its builder names them all (:func:`task_builders`)."""
+    builder, *further = task_builders(name)
+    named = {n for n, p in inspect.signature(builder).parameters.items() if p.kind is not p.VAR_KEYWORD}
+    passed = {n for f in further for n, p in inspect.signature(f).parameters.items()
+              if p.kind is p.KEYWORD_ONLY or (p.default is not p.empty and p.kind is not p.VAR_KEYWORD)}
+    return named | passed, not further
 
 
 def make_task(spec: Mapping[str, Any]) -> Task:

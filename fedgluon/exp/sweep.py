@@ -36,7 +36,7 @@ from fedgluon.config.run_dir import MARKER, prepare_dir
 from fedgluon.config.sections import differences, differing_keys, dotted, listed
 from fedgluon.exp.cluster import with_absolute_data_paths
 from fedgluon.exp.experiment import is_complete, run
-from fedgluon.exp.resume import CHECKPOINT, to_resume
+from fedgluon.exp.resume import CHECKPOINT
 
 
 def parse_grid(args: Sequence[str]) -> tuple[list[str], dict[str, list[Any]]]:
@@ -267,17 +267,15 @@ def _run_member_here(cfg: DictConfig, member_dir: Path, progress: bool) -> None:
 
 
 def _resumable(member_dir: Path, cfg: DictConfig) -> bool:
-    """Whether ``member_dir`` holds a checkpoint that a run of ``cfg`` may resume (fedgluon.exp.resume), of
-    a run of this very config (engine and output aside), as a complete member must be."""
+    """Whether ``member_dir`` holds a checkpoint of a run of this very config (engine and output aside), as a
+    complete member must have; the run's own checks of the checkpoint (fedgluon.exp.resume.to_resume) come
+    when it resumes, and a refusal there starts it again (:func:`_run_member_here`)."""
     if not (member_dir / CHECKPOINT).is_file():
         return False
     try:
-        if changes_from(member_dir, cfg):
-            return False
-        to_resume(member_dir, configs.spec_of(cfg))
+        return not changes_from(member_dir, cfg)
     except configs.ConfigError:
         return False
-    return True
 
 
 def run_member(cfg: Any) -> dict[str, Any]:

@@ -48,7 +48,7 @@ def options_that_apply(section: str, name: str, options: DictConfig) -> dict[str
     of an algorithm's, those the class of ``name`` accepts; of a task's, those the builders of ``name``
     take, but none of :data:`OWN_TASK_OPTIONS` of either task (an unknown name keeps none: validation
     names it)."""
-    from fedgluon.algorithms import ALGORITHMS
+    from fedgluon.config.spec import algorithm_defaults
     from fedgluon.tasks import registry as tasks
 
     kept = OmegaConf.to_container(options)
@@ -56,8 +56,8 @@ def options_that_apply(section: str, name: str, options: DictConfig) -> dict[str
     if section == "task" and name in tasks.TASKS:
         own = OWN_TASK_OPTIONS.get(name, frozenset()) | OWN_TASK_OPTIONS.get(str(kept.get("name")), frozenset())
         accepted = tasks.task_options(name)[0] - own
-    elif section == "algorithm" and name in ALGORITHMS:
-        accepted = {*ALGORITHMS[name].BASE_OPTIONS, *ALGORITHMS[name].OPTIONS}
+    elif section == "algorithm":
+        accepted = set(algorithm_defaults(name))
     else:
         return {}
     return {k: v for k, v in kept.items() if k in accepted}
@@ -106,14 +106,14 @@ def _explicit_algorithm(out: dict[str, Any]) -> dict[str, Any]:
     compressor's name gets its structure's defaults for the options the default compressor names."""
     from compressors.registry import COMPRESSORS
     from fedgluon.algorithms import ALGORITHMS
+    from fedgluon.config.spec import algorithm_defaults
 
-    cls = ALGORITHMS.get(out.get("name"))  # type: ignore[arg-type]
-    if cls is None:
+    if out.get("name") not in ALGORITHMS:
         return out  # refused by validate
     default = DEFAULT_SECTIONS["algorithm"]
     applies = copy.deepcopy(default) if out["name"] == default["name"] else \
         defaults_that_apply("algorithm", out["name"], OmegaConf.create(default))
-    own = {**cls.BASE_OPTIONS, **cls.OPTIONS}
+    own = algorithm_defaults(out["name"])
     for key, value in applies.items():
         if key not in out:
             out[key] = copy.deepcopy(own.get(key))

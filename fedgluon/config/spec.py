@@ -90,14 +90,16 @@ def build(spec: Mapping[str, Any]) -> tuple[Task, Algorithm]:
         geometry = Geometry.from_model(task.model, **spec["geometry"])
     alg = dict(spec["algorithm"])
     name = alg.pop("name", None)
-    with prefixed("algorithm", {**alg, **_algorithm_defaults(name)}):
+    with prefixed("algorithm", {**alg, **algorithm_defaults(name)}):
         algorithm = make_algorithm(name, geometry, **alg)
     algorithm.client_device = resolve_device("client_device", spec.get("client_device", "cpu"))
     check_min_k(algorithm)
     return task, algorithm
 
 
-def _algorithm_defaults(name: Any) -> dict[str, Any]:
+def algorithm_defaults(name: Any) -> dict[str, Any]:
+    """Every option algorithm ``name`` takes, at its default (its class's ``BASE_OPTIONS`` and ``OPTIONS``, as
+    ``Algorithm.__init__`` merges them); none for an unknown name."""
     from fedgluon.algorithms import ALGORITHMS
 
     cls = ALGORITHMS.get(name)
@@ -122,8 +124,8 @@ def check_option_types(task: Mapping[str, Any], algorithm: Mapping[str, Any],
                        geometry: Mapping[str, Any] | None = None) -> None:
     """Refuse a task, geometry or algorithm option of the wrong scalar type (``task.num_clients=abc``,
     ``algorithm.lr=abc``) with a message naming it, before a builder trips over it. Task and geometry
-    options are checked against their builders' annotations (a task's and the partitioned tasks' shared
-    options; ``Geometry.from_shapes``), algorithm options against the type of their default (a number, a
+    options are checked against their builders' annotations (``fedgluon.tasks.registry.task_builders``;
+    ``Geometry.from_shapes``), algorithm options against the type of their default (a number, a
     boolean or a string; options whose default is null or a mapping are the builders')."""
     sections = [("geometry", geometry or {}, _annotated_kinds(Geometry.from_shapes)),
                 ("task", task, _annotated_kinds(*task_builders(task.get("name"))))]
@@ -131,7 +133,7 @@ def check_option_types(task: Mapping[str, Any], algorithm: Mapping[str, Any],
         for key, value in options.items():
             if key in kinds and not kinds[key][1](value):
                 raise ValueError(f"{section}.{key} must be {kinds[key][0]}, got {value!r}")
-    defaults = _algorithm_defaults(algorithm.get("name"))
+    defaults = algorithm_defaults(algorithm.get("name"))
     for key, value in algorithm.items():
         default = defaults.get(key)
         kind = bool if isinstance(default, bool) else float if is_number(default) else \

@@ -39,9 +39,9 @@ import os
 import pickle
 import re
 import secrets
-import signal
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ import torch
 
 from compressors import BitCount
 from fedgluon.core.text import first_line
+from fedgluon.runtime.stop_signals import stop_on_signals
 
 FORMAT = 4  # 4: client states as one client-state table (3: one tree per client; 2: one unnamed journal)
 
@@ -343,7 +344,9 @@ class Checkpointer:
         self.reason = ""
 
     def request_stop(self, reason: str = "stop requested") -> None:
-        self.reason = reason
+        """Stop at the end of the current round; the first request's ``reason`` is the one reported."""
+        if not self._stop.is_set():
+            self.reason = reason
         self._stop.set()
 
     @property
@@ -379,29 +382,8 @@ class Checkpointer:
             raise RunInterrupted(f"{self.reason}: stopped after round {k} ({k + 1} rounds run, rounds count from 0); "
                                  f"checkpoint {self.path}", k + 1, self.path)
 
-    def signals(self) -> _SignalGuard:
-        """A context manager: SIGINT/SIGTERM request a stop at the end of the current round; a second
-        SIGINT interrupts at once. Outside the main thread it does nothing."""
-        return _SignalGuard(self)
-
-
-class _SignalGuard:
-    def __init__(self, checkpointer: Checkpointer):
-        self.checkpointer = checkpointer
-        self.previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.checkpointer.stop_requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.checkpointer.request_stop(f"received {signal.Signals(signum).name}")
-
-    def __enter__(self) -> Checkpointer:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self.checkpointer
-
-    def __exit__(self, *exc: object) -> bool:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        return False
+    def signals(self) -> AbstractContextManager[None]:
+        """A context manager: SIGINT/SIGTERM, whichever thread receives them, request a stop at the end of
+        the current round; a second SIGINT interrupts at once (fedgluon/runtime/stop_signals.py). Outside
+        the main thread it does nothing."""
+        return stop_on_signals(self.request_stop, lambda: self.stop_requested)

@@ -35,7 +35,7 @@ committed; a client that fails or is rejected in any phase is out of the round, 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -43,9 +43,9 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from compressors import Compressor, PayloadError, decode_message, decode_messages, make_compressor
+from compressors import BitCount, Compressor, PayloadError, decode_message, decode_messages, make_compressor
 from compressors.bits import dense_bits
-from compressors.error_feedback import check_contractive, split_states, stack_states
+from compressors.error_feedback import check_contractive
 from compressors.message import compress_block, compress_message
 from fedgluon.algorithms.aggregate import DecodedReplies, weighted_mean
 from fedgluon.algorithms.block import BlockGrads, BlockResult, PayloadGroup, concat
@@ -80,6 +80,7 @@ class Algorithm:
         "state_dtype": None,  # "float16"/"bfloat16": store the client estimator's state compactly
     }
     OPTIONS: ClassVar[dict[str, Any]] = {}
+    compressor: Compressor | None = None  # the uplink compressor of a compressing method (set in its __init__)
     # where client blocks compute their vmapped gradients (the run spec's client_device; set by
     # fedgluon.config.spec.build); the states, estimators and compression stay on the CPU
     client_device: torch.device = torch.device("cpu")
@@ -121,8 +122,8 @@ class Algorithm:
 
     @property
     def uplink(self) -> Compressor:
-        """The compressor the server validates replies with."""
-        return self.dense
+        """The compressor the server validates replies with: the method's ``compressor``, else dense."""
+        return self.dense if self.compressor is None else self.compressor
 
     @property
     def needs_previous(self) -> bool:
@@ -281,8 +282,9 @@ class Algorithm:
     def reply_group(self, bc: Broadcast, first: bool) -> str:
         """The payload group a client's reply of this round belongs to, from the server's own flags and
         whether it is the client's first participation (``"dense"`` or ``"uplink"``; MARINA sends dense on
-        refresh rounds, DASHA a client's first message). Client and server both ask this."""
-        return "dense"
+        refresh rounds, DASHA a client's first message). Client and server both ask this. By default
+        ``"uplink"`` for a method with a ``compressor``, ``"dense"`` for the others."""
+        return "dense" if self.compressor is None else "uplink"
 
     def compressor_of(self, group: str) -> Compressor:
         """The compressor of a payload group."""
@@ -313,27 +315,32 @@ class Algorithm:
         (fedgluon/sim/federation.py)."""
         return float(torch.finfo(self._value_dtype).max) / (2 * max(1, num_clients))
 
-    def validate_each(self, replies: Mapping[int, Any], bc: Broadcast, first: Collection[int] = (),
-                      sparse: bool = False, max_abs: float | None = None
-                      ) -> Iterator[tuple[int, Tensors | PayloadError, Compressor | None]]:
-        """:meth:`validate` of every reply: yields ``(j, decoded or error, its uplink compressor)`` per
-        client (None for a reply whose compressor could not be told), the same results and errors as one
-        by one, with the messages of one uplink compressor checked and decoded together
-        (:func:`compressors.decode_messages`: one set of array operations per layer for a round's
-        top-k / rand-k payloads instead of one per client). With ``max_abs`` (:meth:`value_bound`), a
-        decoded value beyond it is a PayloadError for that client."""
+    def accept_each(self, replies: Mapping[int, Any], bc: Broadcast, weights: Mapping[int, float],
+                    first: Collection[int], add: Callable[[int, Tensors], None], sparse: bool = False
+                    ) -> tuple[dict[int, str], dict[int, BitCount]]:
+        """:meth:`validate` every reply, with values bounded by :meth:`value_bound`: ``add(j, decoded)`` for
+        each accepted one, in client order; returns the rejected clients' reasons and the accepted ones'
+        uplink bits, by client. The same results and errors as one by one, with the messages of one
+        uplink compressor checked and decoded together (:func:`compressors.decode_messages`: one set of
+        array operations per layer for a round's top-k / rand-k payloads instead of one per client)."""
         groups: dict[int, tuple[Compressor, dict[int, Any]]] = {}
+        rejected, uplink = {}, {}
         for j in sorted(replies):
             try:
                 compressor = self._reply_uplink(replies[j], j, bc, j in first)
             except PayloadError as err:
-                yield j, err, None
+                rejected[j] = str(err)
                 continue
             groups.setdefault(id(compressor), (compressor, {}))[1][j] = replies[j].message
         for compressor, messages in groups.values():
             for j, result in decode_messages(compressor, messages, self.reply_shapes(bc), dtype=self._value_dtype,
-                                             sparse=sparse, max_abs=max_abs):
-                yield j, result, compressor
+                                             sparse=sparse, max_abs=self.value_bound(len(weights))):
+                if isinstance(result, PayloadError):
+                    rejected[j] = str(result)
+                else:
+                    add(j, result)
+                    uplink[j] = compressor.message_bits(replies[j].message)
+        return dict(sorted(rejected.items())), dict(sorted(uplink.items()))
 
     @property
     def _value_dtype(self) -> torch.dtype:
@@ -368,15 +375,7 @@ class Algorithm:
         accepted ones and step; the outcome says who was accepted and why others were rejected."""
         k = bc.round
         decoded = DecodedReplies(lambda j: self.validate(replies[j], j, bc, j in first, sparse=True))
-        rejected, uplink = {}, {}
-        bound = self.value_bound(len(weights))
-        for j, result, compressor in self.validate_each(replies, bc, first, sparse=True, max_abs=bound):
-            if isinstance(result, PayloadError):
-                rejected[j] = str(result)
-            else:
-                decoded.add(j, result)
-                uplink[j] = compressor.message_bits(replies[j].message)
-        rejected, uplink = dict(sorted(rejected.items())), dict(sorted(uplink.items()))
+        rejected, uplink = self.accept_each(replies, bc, weights, first, decoded.add, sparse=True)
         state = dict(state)
         info = None
         G = self.aggregate(state, decoded, weights, bc) if decoded else None
@@ -409,19 +408,6 @@ class Algorithm:
         return state
 
 
-def feedback_step(ef: Any, state: State | None, v: Mapping[str, Tensor], bc: Broadcast, rows: ClientRows,
-                  group: str = "uplink") -> tuple[State, dict[str, PayloadGroup]]:
-    """One error-feedback step (``compressors.make_error_feedback``) over a block's rows, row i seeded by
-    (run seed, its client, round): the new ``ef`` and ``comp`` state pieces and the payload group.
-    Compressor warm starts (PowerSGD's Q) are kept per row; a first row's is ignored."""
-    seeds = [(bc.seed, j, bc.round) for j in rows.clients]
-    comp = (state or {}).get("comp") or None
-    held = split_states(comp, len(rows)) if comp else [None] * len(rows)
-    held = [None if f else c for c, f in zip(held, rows.first.tolist())]
-    layers, ef_state, comps = ef.step((state or {}).get("ef") or None, v, seeds, held)
-    return {"ef": ef_state, "comp": stack_states(comps) or {}}, {group: PayloadGroup(list(range(len(rows))), layers)}
-
-
 STATE_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "float16": torch.float16,
                                                        "bfloat16": torch.bfloat16}
 
@@ -431,5 +417,5 @@ def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
     return tree_map(lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t, obj)
 
 
-__all__ = ["Algorithm", "feedback_step", "BlockGrads", "BlockResult", "Broadcast", "ClientReply", "PayloadGroup",
+__all__ = ["Algorithm", "BlockGrads", "BlockResult", "Broadcast", "ClientReply", "PayloadGroup",
            "ServerOutcome"]

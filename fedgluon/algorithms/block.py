@@ -15,7 +15,7 @@ never from the codec a reply claims.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from compressors.error_feedback import split_states, stack_states
 from compressors.payload import PayloadRows, RowMessage
-from fedgluon.algorithms.messages import ClientReply
-from fedgluon.clients.table import flatten
+from fedgluon.algorithms.messages import Broadcast, ClientReply
+from fedgluon.clients.table import ClientRows, flatten
 
 Tensors = dict[str, Tensor]
 
@@ -119,3 +120,16 @@ def concat(parts: Sequence[BlockResult]) -> BlockResult:
 def _cat(trees: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: _cat([t[k] for t in trees]) if isinstance(v, dict) else torch.cat([t[k] for t in trees])
             for k, v in trees[0].items()}
+
+
+def feedback_step(ef: Any, state: dict[str, Any] | None, v: Mapping[str, Tensor], bc: Broadcast, rows: ClientRows,
+                  group: str = "uplink") -> tuple[dict[str, Any], dict[str, PayloadGroup]]:
+    """One error-feedback step (``compressors.make_error_feedback``) over a block's rows, row i seeded by
+    (run seed, its client, round): the new ``ef`` and ``comp`` state pieces and the payload group.
+    Compressor warm starts (PowerSGD's Q) are kept per row; a first row's is ignored."""
+    seeds = [(bc.seed, j, bc.round) for j in rows.clients]
+    comp = (state or {}).get("comp") or None
+    held = split_states(comp, len(rows)) if comp else [None] * len(rows)
+    held = [None if f else c for c, f in zip(held, rows.first.tolist())]
+    layers, ef_state, comps = ef.step((state or {}).get("ef") or None, v, seeds, held)
+    return {"ef": ef_state, "comp": stack_states(comps) or {}}, {group: PayloadGroup(list(range(len(rows))), layers)}

@@ -72,7 +72,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from compressors import PayloadError
 from compressors.bits import dense_bits
 from fedgluon.algorithms.aggregate import weighted_mean
 from fedgluon.algorithms.base import Algorithm, State
@@ -200,19 +199,12 @@ class Dion(Algorithm):
                      first: Collection[int] = ()) -> tuple[Broadcast, ServerOutcome]:
         """Phase 0's answer: ``P = orth(mean_j P_j)`` over the accepted clients, broadcast to them."""
         decoded: dict[int, Tensors] = {}
-        rejected, uplink = {}, {}
-        for j, result, compressor in self.validate_each(replies, bc, first, max_abs=self.value_bound(len(weights))):
-            if isinstance(result, PayloadError):
-                rejected[j] = str(result)
-            else:
-                assert compressor is not None
-                decoded[j] = result
-                uplink[j] = compressor.message_bits(replies[j].message)
+        rejected, uplink = self.accept_each(replies, bc, weights, first, decoded.__setitem__)
         P = {}
         if decoded:
             P = {P_KEY + n: torch.linalg.qr(v, mode="reduced").Q for n, v in weighted_mean(decoded, weights).items()}
         answer = Broadcast(bc.round, bc.seed, bc.model, dict(bc.flags), self._bits(P), phase=bc.phase + 1, extra=P)
-        return answer, ServerOutcome(sorted(decoded), dict(sorted(rejected.items())), dict(sorted(uplink.items())))
+        return answer, ServerOutcome(sorted(decoded), rejected, uplink)
 
     def aggregate(self, state: State, decoded: Mapping[int, Tensors], weights: Mapping[int, float],
                   bc: Broadcast) -> Tensors | None:

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from compressors import EF21, Compressor, check_contractive, make_compressor, make_error_feedback
+from compressors import EF21, check_contractive, make_compressor, make_error_feedback
 from fedgluon.algorithms.aggregate import tracker_update, update_trackers, weighted_mean
-from fedgluon.algorithms.base import Algorithm, feedback_step
+from fedgluon.algorithms.base import Algorithm
+from fedgluon.algorithms.block import feedback_step
 
 
 class FeedbackUplink(Algorithm):
@@ -37,16 +38,9 @@ class FeedbackUplink(Algorithm):
         check_contractive(self.opt["error_feedback"], self.compressor, self.shapes)
         self.ef = make_error_feedback(self.opt["error_feedback"], self.compressor, self.opt["tracker"])
 
-    @property
-    def uplink(self) -> Compressor:
-        return self.compressor
-
-    def reply_group(self, bc, first):
-        return "uplink"
-
     def local_update(self, state, grads, bc, rows):
         """The block's estimates, then one error-feedback step over its rows (one compression call per
-        layer, :func:`~fedgluon.algorithms.base.feedback_step`)."""
+        layer, :func:`~fedgluon.algorithms.block.feedback_step`)."""
         new, v = self.estimate(state, grads, rows.first)
         pieces, groups = feedback_step(self.ef, state, v, bc, rows)
         return {**new, **pieces}, groups

@@ -15,8 +15,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from compressors import Compressor, check_contractive, make_compressor, make_error_feedback
-from fedgluon.algorithms.base import Algorithm, BlockGrads, BlockResult, Broadcast, feedback_step
+from compressors import check_contractive, make_compressor, make_error_feedback
+from fedgluon.algorithms.base import Algorithm, BlockGrads, BlockResult, Broadcast
+from fedgluon.algorithms.block import feedback_step
 from fedgluon.clients.objective import Batch, SupervisedObjective
 from fedgluon.clients.table import ClientRows
 from fedgluon.clients.vectorised import stacked_gradients
@@ -49,13 +50,6 @@ class FedAvg(Algorithm):
         self.compressor = make_compressor(spec, "algorithm.compressor")
         check_contractive(self.opt["error_feedback"], self.compressor, self.shapes)
         self.feedback = make_error_feedback(self.opt["error_feedback"], self.compressor)
-
-    @property
-    def uplink(self) -> Compressor:
-        return self.compressor
-
-    def reply_group(self, bc, first):
-        return "uplink"
 
     def local_step(self, X: Tensors, g: Tensors, step: int, est_state: Any, first: Tensor) -> tuple[Tensors, Any]:
         """One local step of the block, ``X ← X − η g`` row by row."""

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from compressors import Compressor, make_compressor
+from compressors import make_compressor
 from compressors.operators import unbiased_omega
 from fedgluon.algorithms.aggregate import tracker_update, update_trackers, weighted_mean
 from fedgluon.algorithms.base import Algorithm
@@ -37,10 +37,6 @@ class GluonMARINA(Algorithm):
         super().__init__(geometry, **options)
         self.compressor = make_compressor(self.opt["compressor"], "algorithm.compressor")
         unbiased_omega(self.compressor, self.shapes, self.name)
-
-    @property
-    def uplink(self) -> Compressor:
-        return self.compressor
 
     @property
     def needs_previous(self) -> bool:
@@ -87,10 +83,6 @@ class GluonDASHAMVR(Algorithm):
         self.compressor = make_compressor(self.opt["compressor"], "algorithm.compressor")
         omega = unbiased_omega(self.compressor, self.shapes, self.name)
         self.a = self.opt["a"] if self.opt["a"] is not None else 1.0 / (2 * omega + 1)
-
-    @property
-    def uplink(self) -> Compressor:
-        return self.compressor
 
     def reply_group(self, bc, first):
         return "dense" if first else "uplink"

@@ -16,7 +16,7 @@ import torch
 
 from benchmarks.common import best_time, machine
 from compressors import make_compressor
-from compressors.operators import Context, topk_indices
+from compressors.structures import Context, topk_indices
 
 SPECS = [
     ("identity", "identity"),

@@ -29,11 +29,12 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
+from functools import partial
 
 import numpy as np
 import torch
 
-from benchmarks.common import machine
+from benchmarks.common import best_time, machine
 
 
 def load() -> str:
@@ -81,17 +82,6 @@ def compare(label: str, tuned: Callable[[], float], untuned: Callable[[], float]
     return med
 
 
-def best_of(fn: Callable[[], object], repeat: int) -> Callable[[], float]:
-    def timed() -> float:
-        best = float("inf")
-        for _ in range(repeat):
-            t = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t)
-        return best
-    return timed
-
-
 def topk(args: argparse.Namespace) -> None:
     from compressors import selection as sel
 
@@ -103,7 +93,7 @@ def topk(args: argparse.Namespace) -> None:
         plan, fixed = sel._plan(d, k, X.dtype), sel._sample_size(d, k)
         print(f"d={d} k={k} rows={X.shape[0]}: _plan -> {plan}, fixed rule -> {fixed}")
         def select(s: int | None, X=X, k=k, out=out) -> Callable[[], float]:
-            return best_of(lambda: sel._select_rows(X, k, out, s), 20)
+            return partial(best_time, lambda: sel._select_rows(X, k, out, s), 20, 0)
 
         compare(f"topk d={d}, exact against _plan", select(plan), select(None), args.pairs)
         compare(f"topk d={d}, sampled against _plan", select(plan), select(fixed), args.pairs)

@@ -40,40 +40,9 @@ from compressors.payload import (
     TensorPayload,
 )
 from compressors.sparse import SparseRows, SparseTensor
-from compressors.structures import (
-    Context,
-    Dense,
-    PowerSGD,
-    RandK,
-    RandKSeeded,
-    RandomizedSVD,
-    State,
-    Structure,
-    SVDLowRank,
-    TopK,
-    _Sparse,
-    topk_indices,
-    topk_rows,
-)
+from compressors.structures import Context, Dense, State, Structure, _Sparse
 from compressors.values import OWN, Raw, ValueCodec
 from fedgluon.core.text import shown
-
-__all__ = [
-    "Compressor",
-    "Context",
-    "Dense",
-    "PowerSGD",
-    "Properties",
-    "RandK",
-    "RandKSeeded",
-    "RandomizedSVD",
-    "SVDLowRank",
-    "State",
-    "Structure",
-    "TopK",
-    "topk_indices",
-    "topk_rows",
-]
 
 
 @dataclass(frozen=True)

@@ -8,17 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from compressors.operators import (
-    Compressor,
-    Dense,
-    PowerSGD,
-    RandK,
-    RandKSeeded,
-    RandomizedSVD,
-    Structure,
-    SVDLowRank,
-    TopK,
-)
+from compressors.operators import Compressor
+from compressors.structures import Dense, PowerSGD, RandK, RandKSeeded, RandomizedSVD, Structure, SVDLowRank, TopK
 from compressors.values import VALUE_CODECS, make_value_codec
 from fedgluon.core.text import prefixed
 

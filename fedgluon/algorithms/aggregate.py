@@ -15,9 +15,6 @@ from compressors.sparse import SparseTensor, WeightedSum, add_scaled_
 Tensors = dict[str, Tensor]
 
 
-
-
-
 class DecodedReplies(Mapping[int, Tensors]):
     """The accepted replies of a round, decoded: sparse layers as :class:`SparseTensor` (k values and
     indices), kept while they fit in ``budget`` bytes, decoded again on access beyond it, so a round of

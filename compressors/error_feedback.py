@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from compressors.message import contexts
+from compressors.message import compress_block, contexts
 from compressors.operators import Compressor, State
 from compressors.payload import Message, PayloadRows
 from compressors.sparse import WeightedSum
@@ -61,16 +61,13 @@ def add_own(compressor: Compressor, base: Mapping[str, Tensor], message: Message
 
 def _layer(compressor: Compressor, X: Tensor, other: Tensor | None, sign: float, kind: str,
            seed_parts: Sequence[tuple[int, ...]], layer: int, name: str, comp_states: CompStates
-           ) -> tuple[PayloadRows, Tensor | None, list[State | None]]:
+           ) -> tuple[PayloadRows, Tensor, list[State | None]]:
     """One layer of a step, in chunks of rows of about ``CHUNK_BYTES``: per chunk ``C = X + sign · other``
     (``other`` None: zero, so ``X ± 0`` as with a zero row; ``sign`` = ±1, so ``C`` is rounded once), its payload
-    rows, and the new state rows ``other + decode(C)`` (``kind="ef21"``) or ``C − decode(C)`` (``"ef14"``), none
-    for ``"none"``. Returns (payload rows, new state (B, *shape), new compressor states)."""
+    rows, and the new state rows ``other + decode(C)`` (``kind="ef21"``) or ``C − decode(C)`` (``"ef14"``).
+    Returns (payload rows, new state (B, *shape), new compressor states)."""
     B = X.shape[0]
     ctxs = contexts(compressor, seed_parts, layer, name, comp_states)
-    if kind == "none":
-        rows, states = compressor.encode(X, ctxs)
-        return rows, None, states
     row_bytes = X[0].numel() * X.element_size() if B else 1
     if B * row_bytes <= CHUNK_BYTES:  # one chunk: no buffers to manage
         C = torch.add(X, 0.0 if other is None else other, alpha=sign)
@@ -111,20 +108,17 @@ def _shares(compressor: Compressor, X: Tensor) -> bool:
 def _step(compressor: Compressor, X: Mapping[str, Tensor], others: Mapping[str, Tensor] | None, sign: float,
           kind: str, seed_parts: Sequence[tuple[int, ...]], comp_states: CompStates
           ) -> tuple[Rows, Tensors, list[dict[str, State]]]:
-    """:func:`_layer` for every layer (messages list their layers sorted; states keep ``X``'s order; none
-    for ``kind="none"``)."""
+    """:func:`_layer` for every layer (messages list their layers sorted; states keep ``X``'s order)."""
     rows: Rows = {}
     new: Tensors = {}
     comps: list[dict[str, State]] = [{} for _ in seed_parts]
     for i, n in enumerate(sorted(X)):
-        rows[n], layer_new, states = _layer(compressor, X[n], others[n] if others is not None else None, sign, kind,
-                                            seed_parts, i, n, comp_states)
-        if layer_new is not None:
-            new[n] = layer_new
+        rows[n], new[n], states = _layer(compressor, X[n], others[n] if others is not None else None, sign, kind,
+                                         seed_parts, i, n, comp_states)
         for comp, state in zip(comps, states):
             if state is not None:
                 comp[n] = state
-    return rows, {n: new[n] for n in X if n in new}, comps
+    return rows, {n: new[n] for n in X}, comps
 
 
 @dataclass
@@ -227,7 +221,7 @@ class NoFeedback:
 
     def step(self, state: Mapping[str, Tensors] | None, x: Mapping[str, Tensor], seed_parts: Sequence[tuple[int, ...]],
              comp_states: CompStates = None) -> tuple[Rows, dict[str, Tensors], list[dict[str, State]]]:
-        rows, _, comps = _step(self.compressor, x, None, 1.0, "none", seed_parts, comp_states)
+        rows, comps = compress_block(self.compressor, x, seed_parts, comp_states)
         return rows, {}, comps
 
 

@@ -50,7 +50,8 @@ KINDS: dict[type, tuple[str, Callable[[Any], bool]]] = {  # a scalar option's ty
 
 
 def make_compressor(spec: str | Mapping[str, Any], where: str = "compressor") -> Compressor:
-    """Build a compressor from a name or a mapping with ``name``, structure options, ``values``, ``levels``.
+    """Build a compressor from a name or a mapping with ``name``, structure options, ``values`` and (with
+    ``values`` qsgd) ``levels``.
     ``where`` names the mapping in error messages (``algorithm.compressor``, say): a bad field reads
     ``<where>.<field> must be ...``."""
     spec = {"name": spec} if isinstance(spec, str) else dict(spec)
@@ -63,16 +64,19 @@ def make_compressor(spec: str | Mapping[str, Any], where: str = "compressor") ->
     values = spec.pop("values", default_values)
     if values not in VALUE_CODECS:
         raise ValueError(f"{where}.values must be one of {list(VALUE_CODECS)}, got {values!r}")
-    levels = spec.pop("levels", 15)
+    levels = spec.pop("levels", None)
     unknown = set(spec) - set(options)
     if unknown:
         raise ValueError(f"{where} {name!r} takes options {sorted(options) + ['levels', 'values']}, "
                          f"got unknown {sorted(unknown)}")
     if fixes_values(name) and values != default_values:
         raise ValueError(f"{where} {name!r} fixes values={default_values!r}")
-    for key, value in {**spec, "levels": levels}.items():
+    if levels is not None and values != "qsgd":  # the one codec with levels: never silently ignored
+        raise ValueError(f"{where}.levels applies to values qsgd only (the compressor named qsgd, or values: qsgd), "
+                         f"got values {values!r}")
+    for key, value in {**spec, **({} if levels is None else {"levels": levels})}.items():
         words, ok = KINDS[OPTION_KINDS[key]]
         if not ok(value):
             raise ValueError(f"{where}.{key} must be {words}, got {value!r}")
     with prefixed(where, (*options, "levels")):  # the structure's or codec's own check, which names its field
-        return Compressor(factory(**spec), make_value_codec(values, levels), name=name)
+        return Compressor(factory(**spec), make_value_codec(values, 15 if levels is None else levels), name=name)

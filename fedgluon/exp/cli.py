@@ -42,7 +42,8 @@ def list_cmd() -> None:
     for title, names in [("algorithms", sorted(ALGORITHMS)), ("tasks", sorted(TASKS)), ("partitions", SCHEMES),
                          ("engines", ENGINES), ("optimizer methods", list(METHODS)), ("estimators", ESTIMATORS),
                          ("norms", NORM_NAMES), ("geometry presets", PRESETS), ("radius schedules", SCHEDULES),
-                         ("compressors", sorted(COMPRESSORS)), ("value codecs (compressor.values)", VALUE_CODECS)]:
+                         ("compressors", sorted(COMPRESSORS)),
+                         ("value codecs (compressor.values; qsgd takes compressor.levels, default 15)", VALUE_CODECS)]:
         click.echo(f"{title}: {', '.join(names)}")
 
 

@@ -257,6 +257,12 @@ def test_bad_compressor_configs():
         make_compressor({"name": "topk", "values": "int3"})
     with pytest.raises(ValueError, match="unknown"):
         make_compressor({"name": "topk", "rank": 2})
+    for spec in ({"name": "topk", "ratio": 0.1, "levels": 3}, {"name": "int2", "levels": 3},
+                 {"name": "identity", "values": "int8", "levels": 3}):  # levels would be ignored: refused
+        with pytest.raises(ValueError, match=r"compressor.levels applies to values qsgd only .* got values 'int"
+                                             r"|compressor.levels applies to values qsgd only .* got values 'fp32'"):
+            make_compressor(spec)
+    assert make_compressor({"name": "randk", "ratio": 0.1, "values": "qsgd", "levels": 3}).values.levels == 3
 
 
 def _reference_topk(X: np.ndarray, k: int) -> np.ndarray:

@@ -39,7 +39,6 @@ import os
 import pickle
 import re
 import secrets
-import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -340,18 +339,14 @@ class Checkpointer:
         # the committed journal and round of the checkpoint at path: loaded from it (resumed) or saved here
         self._journal = resumed.journal if resumed is not None else None
         self._round = resumed.next_round if self._journal is not None else None
-        self._stop = threading.Event()
-        self.reason = ""
+        self.stop_requested, self.reason = False, ""
 
     def request_stop(self, reason: str = "stop requested") -> None:
-        """Stop at the end of the current round; the first request's ``reason`` is the one reported."""
-        if not self._stop.is_set():
-            self.reason = reason
-        self._stop.set()
-
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop.is_set()
+        """Stop at the end of the current round; the first request's ``reason`` is the one reported. Takes
+        no lock: a signal handler calls it (fedgluon/runtime/stop_signals.py), and the run's thread reads
+        ``stop_requested`` at the end of each round."""
+        if not self.stop_requested:
+            self.reason, self.stop_requested = reason, True
 
     def save(self, snapshot: Snapshot) -> Path:
         """Save ``snapshot`` (module docstring), appending to the journal of the last save when there is
@@ -384,6 +379,6 @@ class Checkpointer:
 
     def signals(self) -> AbstractContextManager[None]:
         """A context manager: SIGINT/SIGTERM, whichever thread receives them, request a stop at the end of
-        the current round; a second SIGINT interrupts at once (fedgluon/runtime/stop_signals.py). Outside
-        the main thread it does nothing."""
+        the current round; a SIGINT after a stop was requested raises KeyboardInterrupt in the main thread
+        (fedgluon/runtime/stop_signals.py). Outside the main thread it does nothing."""
         return stop_on_signals(self.request_stop, lambda: self.stop_requested)

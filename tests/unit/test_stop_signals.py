@@ -1,9 +1,11 @@
 """SIGINT/SIGTERM reach the stop request whichever thread receives them (fedgluon/runtime/stop_signals.py).
 
-Each test sends the signal to one other thread (``signal.pthread_kill``), as the kernel may do with a signal
+Most tests send the signal to one other thread (``signal.pthread_kill``), as the kernel may do with a signal
 sent to the process, while the main thread waits on a lock without a timeout, as Flower's simulation engine
 does for a whole run. A Python-level handler alone runs only once that wait ends."""
 
+import os
+import resource
 import signal
 import threading
 import time
@@ -31,23 +33,61 @@ def _signal_from_another_thread(signums, then):
     return threading.Thread(target=other), held
 
 
+def _until(condition, seconds=10.0):
+    end = time.monotonic() + seconds
+    while not condition() and time.monotonic() < end:
+        time.sleep(0.005)
+    return condition()
+
+
+def _exit_status(pid, seconds=10.0):
+    """The child's exit status; a child still running after ``seconds`` is killed (status None)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return status
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
+
+
+def _no_guard_left(before):
+    """The handlers of ``before`` are back, no wake-up fd is set, and no watcher thread runs."""
+    fd = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(fd)
+    return ([signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before and fd == -1
+            and not [t for t in threading.enumerate() if t.name == "fedgluon-stop-signals"])
+
+
+@pytest.fixture
+def handlers():
+    return [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_to_another_thread_requests_the_stop_while_the_main_thread_is_blocked(tmp_path, signum):
+def test_a_signal_to_another_thread_requests_the_stop_while_the_main_thread_is_blocked(tmp_path, signum, handlers):
     checkpointer = Checkpointer(tmp_path / "c.pt")
     seen = []
     with checkpointer.signals():
-        thread, held = _signal_from_another_thread([signum], lambda: seen.append(checkpointer._stop.wait(10)))
+        thread, held = _signal_from_another_thread([signum], lambda: seen.append(_until(
+            lambda: checkpointer.stop_requested)))
         thread.start()
         held.acquire()  # no timeout: the main thread runs no handler until the other thread releases it
         thread.join()
     assert seen == [True] and checkpointer.reason == f"received {signal.Signals(signum).name}"
+    assert _no_guard_left(handlers)
 
 
-def test_a_second_sigint_interrupts_a_blocked_main_thread_and_the_first_reason_stays(tmp_path):
+def test_a_later_sigint_interrupts_a_blocked_main_thread_once(tmp_path, handlers):
+    """SIGTERM, then SIGINT twice, all to another thread: the stop keeps the first reason, one
+    KeyboardInterrupt ends the main thread's wait, and the cleanup after it runs to its end (a SIGTERM
+    handled after the interrupt does not raise again)."""
     checkpointer = Checkpointer(tmp_path / "c.pt")
-    never = threading.Event()
+    never, cleaned = threading.Event(), []
     with pytest.raises(KeyboardInterrupt), checkpointer.signals():
-        thread, held = _signal_from_another_thread([signal.SIGTERM, signal.SIGINT, signal.SIGINT],
+        thread, held = _signal_from_another_thread([signal.SIGTERM, signal.SIGINT, signal.SIGINT, signal.SIGTERM],
                                                    lambda: never.wait(10))
         thread.start()
         try:
@@ -55,12 +95,53 @@ def test_a_second_sigint_interrupts_a_blocked_main_thread_and_the_first_reason_s
         finally:
             never.set()
             thread.join()
-    assert checkpointer.stop_requested and checkpointer.reason == "received SIGTERM"
+            cleaned.append(True)
+    assert cleaned == [True] and checkpointer.reason == "received SIGTERM"
+    assert _no_guard_left(handlers)
 
 
-def test_handlers_and_the_wakeup_fd_are_restored(tmp_path):
-    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
-    with Checkpointer(tmp_path / "c.pt").signals():
-        assert signal.getsignal(signal.SIGTERM) is not before[1]
-    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
-    assert signal.set_wakeup_fd(-1) == -1
+def test_a_signal_the_main_thread_receives_is_acted_on_before_its_handler_returns(tmp_path, handlers):
+    for _ in range(50):
+        checkpointer = Checkpointer(tmp_path / "c.pt")
+        with checkpointer.signals():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert checkpointer.stop_requested
+    assert _no_guard_left(handlers)
+
+
+def test_a_child_forked_under_the_guard_keeps_its_signals_to_itself(tmp_path, handlers):
+    """The child gets the handlers from before the guard (its SIGINT is a KeyboardInterrupt) and none of
+    the pipe: its signal neither stops the parent nor counts as the parent's first SIGINT, and leaving the
+    guard does not wait for it."""
+    checkpointer = Checkpointer(tmp_path / "c.pt")
+    with checkpointer.signals():
+        pid = os.fork()
+        if pid == 0:  # the child
+            code = 1
+            try:
+                signal.raise_signal(signal.SIGINT)
+            except KeyboardInterrupt:
+                code = 0
+            finally:
+                os._exit(code)
+        status = _exit_status(pid)
+        time.sleep(0.1)
+        assert not checkpointer.stop_requested
+        os.kill(os.getpid(), signal.SIGINT)  # the parent's first: a stop, no KeyboardInterrupt
+    assert status is not None and os.waitstatus_to_exitcode(status) == 0 and checkpointer.reason == "received SIGINT"
+    assert _no_guard_left(handlers)
+
+
+def test_the_watcher_works_with_a_pipe_beyond_fd_1024(tmp_path, handlers):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if max(soft, hard if hard != resource.RLIM_INFINITY else 4096) < 1200:
+        pytest.skip("cannot open 1,200 files here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        test_a_signal_to_another_thread_requests_the_stop_while_the_main_thread_is_blocked(
+            tmp_path, signal.SIGTERM, handlers)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -67,7 +67,7 @@ def stop_on_signals(request_stop: Callable[[str], None], stop_requested: Callabl
 class _Guard:
     def __init__(self, request_stop: Callable[[str], None], stop_requested: Callable[[], bool]):
         self.request_stop, self.stop_requested = request_stop, stop_requested
-        self.main = threading.get_ident()
+        self.main, self.pid = threading.get_ident(), os.getpid()
         self.interrupt = False  # a SIGINT came after the stop request: the main thread raises
         self.closing = False  # exit() began: no more KeyboardInterrupt, no more wake-ups
         self.lock = threading.RLock()  # the handler may run nested in _drain, in the main thread
@@ -88,6 +88,8 @@ class _Guard:
     def exit(self) -> None:
         """The wake-up fd back before the handlers (a handler restored first could raise while the fd is still
         this pipe's); then the pipe closed, once the watcher has read what is left (fork: the module)."""
+        if os.getpid() != self.pid:  # a forked child leaving the parent's guard: the fork hook undid it
+            return
         self.closing = True
         try:
             current = signal.set_wakeup_fd(-1)  # another's, if entering stopped before setting this pipe's

@@ -109,10 +109,19 @@ def test_a_signal_the_main_thread_receives_is_acted_on_before_its_handler_return
     assert _no_guard_left(handlers)
 
 
-def test_a_child_forked_under_the_guard_keeps_its_signals_to_itself(tmp_path, handlers):
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handler for the test (an earlier test's Flower or Ray may have left another)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_child_forked_under_the_guard_keeps_its_signals_to_itself(tmp_path, default_sigint):
     """The child gets the handlers from before the guard (its SIGINT is a KeyboardInterrupt) and none of
     the pipe: its signal neither stops the parent nor counts as the parent's first SIGINT, and leaving the
     guard does not wait for it."""
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     checkpointer = Checkpointer(tmp_path / "c.pt")
     guard = checkpointer.signals()
     with guard:

@@ -74,9 +74,10 @@ def make_compressor(spec: str | Mapping[str, Any], where: str = "compressor") ->
     if levels is not None and values != "qsgd":  # the one codec with levels: never silently ignored
         raise ValueError(f"{where}.levels applies to values qsgd only (the compressor named qsgd, or values: qsgd), "
                          f"got values {values!r}")
-    for key, value in {**spec, **({} if levels is None else {"levels": levels})}.items():
+    for key, value in (spec if levels is None else {**spec, "levels": levels}).items():
         words, ok = KINDS[OPTION_KINDS[key]]
         if not ok(value):
             raise ValueError(f"{where}.{key} must be {words}, got {value!r}")
     with prefixed(where, (*options, "levels")):  # the structure's or codec's own check, which names its field
-        return Compressor(factory(**spec), make_value_codec(values, 15 if levels is None else levels), name=name)
+        codec = make_value_codec(values) if levels is None else make_value_codec(values, levels)
+        return Compressor(factory(**spec), codec, name=name)

@@ -29,7 +29,7 @@ def main() -> None:
 def list_cmd() -> None:
     """List methods, estimators, norms, geometry presets, schedules, compressors and value codecs, one per line."""
     from compressors.registry import COMPRESSORS
-    from compressors.values import VALUE_CODECS
+    from compressors.values import QSGD, VALUE_CODECS
     from fedgluon.algorithms import ALGORITHMS
     from fedgluon.config.schema import ENGINES
     from fedgluon.lmo.estimators import ESTIMATORS
@@ -43,7 +43,8 @@ def list_cmd() -> None:
                          ("engines", ENGINES), ("optimizer methods", list(METHODS)), ("estimators", ESTIMATORS),
                          ("norms", NORM_NAMES), ("geometry presets", PRESETS), ("radius schedules", SCHEDULES),
                          ("compressors", sorted(COMPRESSORS)),
-                         ("value codecs (compressor.values; qsgd takes compressor.levels, default 15)", VALUE_CODECS)]:
+                         (f"value codecs (compressor.values; qsgd takes compressor.levels, default {QSGD().levels})",
+                          VALUE_CODECS)]:
         click.echo(f"{title}: {', '.join(names)}")
 
 

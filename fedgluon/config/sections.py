@@ -63,15 +63,18 @@ def options_that_apply(section: str, name: str, options: DictConfig) -> dict[str
     return {k: v for k, v in kept.items() if k in accepted}
 
 
-def compressor_options_that_apply(old: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """The options of a compressor mapping ``old`` that the compressor ``name`` takes too (a ratio from one
-    sparsifier to another, the value codec unless ``name`` fixes its own); none for a name that is no
-    compressor."""
+def compressor_options_that_apply(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of a compressor mapping ``old`` that ``new``, a compressor of another name, takes too (a
+    ratio from one sparsifier to another, the value codec unless ``new``'s name fixes its own, QSGD's levels
+    where ``new`` ends up with qsgd values); none for a name that is no compressor."""
     from compressors.registry import COMPRESSORS, fixes_values
 
+    name = str(new.get("name"))
     if name not in COMPRESSORS:
         return {}
-    takes = {*COMPRESSORS[name][1], "levels", *(() if fixes_values(name) else ("values",))}
+    own_values = fixes_values(name)
+    values = new.get("values", COMPRESSORS[name][2] if own_values else old.get("values", COMPRESSORS[name][2]))
+    takes = {*COMPRESSORS[name][1], *(() if own_values else ("values",)), *(("levels",) if values == "qsgd" else ())}
     return {k: copy.deepcopy(v) for k, v in old.items() if k in takes}
 
 
@@ -148,7 +151,7 @@ def without_renamed_parts(defaults: DictConfig, user: DictConfig, keep: bool = F
         old = out.get(key)
         if isinstance(value, DictConfig) and isinstance(old, dict) and "name" in value and \
                 value.get("name") != old.get("name"):
-            out[key] = compressor_options_that_apply(old, str(value.get("name"))) if keep else {}
+            out[key] = compressor_options_that_apply(old, value) if keep else {}
             if not out[key]:
                 del out[key]
     return OmegaConf.create(out)

@@ -372,6 +372,12 @@ def test_an_override_renaming_a_part_of_the_file_takes_nothing_of_it_that_does_n
     assert dict(load(f, ["task.name=digits"]).task) == {"name": "digits", "num_clients": 6}  # alpha: LEAF's
     renamed = load(f, ["algorithm.compressor.name=randk_seeded", "algorithm.error_feedback=none"]).algorithm
     assert dict(renamed.compressor) == {"name": "randk_seeded", "ratio": 0.1}  # the file's ratio applies to rand-k
+    q = tmp_path / "q.yaml"  # QSGD's levels go where the codec stays qsgd, and nowhere else
+    q.write_text("algorithm: {name: gluon-ef21, compressor: {name: qsgd, levels: 7}}\n")
+    topk = load(q, ["algorithm.compressor.name=topk"]).algorithm.compressor
+    assert topk.name == "topk" and "levels" not in topk and "values" not in topk
+    topk = load(q, ["algorithm.compressor={name: topk, values: qsgd}"]).algorithm.compressor
+    assert (topk.name, topk["values"], topk.levels) == ("topk", "qsgd", 7)
     kept = load(f, ["algorithm.compressor.ratio=0.2", "task.num_clients=4"])  # same names: a plain merge
     assert kept.algorithm.compressor == {"name": "topk", "ratio": 0.2} and kept.task.alpha == 0.5
 

@@ -4,36 +4,12 @@
 decoupled momentum); ``orth-dion`` — Orth-Dion (Nakamori et al., arXiv 2605.16341), which replaces Dion's
 column normalisation of the right factor by a QR orthonormalisation.
 
-For each layer the geometry gives a spectral norm (a matrix W of shape m×n, the ``(shape[0],
-prod(shape[1:]))`` reshape as :class:`fedgluon.lmo.norms.Spectral` takes it), with rank
-``r = min(m, n, rank or ceil(rank_fraction·min(m, n)))`` and the server's right factor Q (n×r)
-broadcast with the model, round k is::
+Each spectral layer (the ``(shape[0], prod(shape[1:]))`` reshape, as :class:`fedgluon.lmo.norms.Spectral`
+takes it) runs docs/ALGORITHMS.md §16's round: phase 0 sends ``P_j = B_j Q``, phase 1 ``R_j = B_jᵀ P``, then
+``M_j ← B_j − (1−μ) P R_jᵀ`` and ``X ← X − t · P Q'ᵀ / c``; §16 has the costs and the reductions (tested).
 
-    phase 0, client j:  B_j = M_j + G_j                  (G_j = ∇f_j(X^k; ξ_j); M_j = 0 at first)
-                        sends P_j = B_j Q                  (m×r)
-    server:             P = orth(Σ_j w_j P_j / Σ_j w_j)    (QR, reduced; over the clients accepted)
-                        broadcasts P                       (m×r)
-    phase 1, client j:  sends R_j = B_jᵀ P                 (n×r)
-                        M_j ← B_j − (1−μ) P R_jᵀ           (error feedback: what the update did not consume)
-    server:             R = Σ_j w_j R_j / Σ_j w_j          (over the clients accepted in phase 1)
-                        Q' = right(R): colnorm (Dion), QR (Orth-Dion), or polar (``orthonormalise="svd"``)
-                        X ← X − t · P Q'ᵀ / c              (t the radius, c the spectral norm's factor)
-                        Q ← Q' for the next round
-
-so a spectral layer costs (m + n)·r values up per client and round (P and R) against m·n for a dense
-gradient, and (m + n)·r down besides the model every method broadcasts (Q with the model in phase 0's
-broadcast, P in phase 1's). Because the error feedback is linear in B_j,
-the mean of the clients' M_j is the M of single-device Dion on the mean gradient (the paper's
-"decoupled momentum"). At full rank with ``orthonormalise="svd"``, ``P Q'ᵀ = polar(mean_j B_j)`` and
-``mean_j M_j = μ·mean_j B_j``, so ``mean_j B_j`` follows heavy-ball momentum ``B ← μB + G``, which is
-``(1−μ)``-scaled EMA momentum: the method is Gluon/Muon with ``beta = μ`` (tested).
-
-Options and defaults: ``beta`` = the paper's μ (0.95, Dion's default), the weight of the old momentum as
-everywhere in fedgluon (Gluon's ``M ← βM + (1−β)g`` has the same polar direction up to the first step's
-scale, since both are sums ``Σ_s β^{k−s} G_s`` up to a constant); ``rank_fraction`` 0.25 (the paper's
-r = d/4 runs) unless ``rank`` (an integer) is given; ``orthonormalise``: ``"colnorm"`` for ``dion``,
-``"qr"`` for ``orth-dion`` (QR with T's diagonal non-negative, :func:`positive_qr`), ``"svd"`` (the exact
-rank-r polar factor) for reductions; ``eps`` 1e-8.
+Options: ``beta`` μ 0.95, ``rank_fraction`` 0.25 unless ``rank``, ``orthonormalise`` ``"colnorm"`` (dion),
+``"qr"`` (orth-dion, :func:`positive_qr`) or ``"svd"`` (the exact rank-r polar factor, for reductions), ``eps`` 1e-8.
 
 Where the papers are silent, fedgluon chose:
 

@@ -286,16 +286,9 @@ class SymmetricInt(ValueCodec):
 
         s = max_l |v_l|,   L = 2^{b−1} − 1,   q_l = round(L v_l / s) ∈ [−L, L],   Q(v)_l = s q_l / L
 
-    the symmetric absmax grid (zero and ±s are levels; b = 2 gives {−s, 0, s}). MuLoCo (arXiv
-    2505.23725) compresses the pseudo-gradient to 2 bits per value with a per-tensor scale and error
-    feedback. [RECON] The paper's text defining its grid was not available here (only its abstract and
-    summaries): this is the standard symmetric absmax quantiser with those properties.
-    Rounds half to even; ``q + L`` travels in b bits (one code unused), the scale as float32.
-
-    Deterministic, hence *biased*: no unbiasedness is claimed. Each entry goes to a level no farther
-    than 0 and the largest entry is exact (up to the float32 rounding of s, 2⁻²⁴ relative), so
-    ``‖Q(v) − v‖² ≤ ‖v‖² − s² ≤ (1 − 1/n)‖v‖²``: a contraction with α = 1/n on n values (``alpha``;
-    tests/unit/test_compressors.py measures it). A non-finite input sends zeros.
+    the symmetric absmax grid of docs/ALGORITHMS.md §15.3 (contractive with α = 1/n on n values: ``alpha``).
+    Rounds half to even; ``q + L`` travels in b bits (one code unused), the scale as float32. A non-finite
+    input sends zeros.
     """
 
     kind = "contractive"

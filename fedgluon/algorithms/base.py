@@ -114,9 +114,11 @@ class Algorithm:
         if self.refresh_policy is not None:
             flags["refresh"] = int(self.refresh_policy.due(k, generator(seed, "refresh", k)))
         model = server_state["W"] if self.downlink is not None else server_state["X"]
-        bits = server_state.get("downlink_bits") or dense_bits(sum(t.numel() for t in model.values()),
-                                                               self.dense.values.bits(1, {}).value_bits)
-        return Broadcast(k, seed, model, flags, bits)
+        return Broadcast(k, seed, model, flags, server_state.get("downlink_bits") or self.dense_bits(model))
+
+    def dense_bits(self, tensors: Mapping[str, Tensor]) -> BitCount:
+        """The bits of ``tensors`` sent dense at the run's value width (a broadcast's model, its extra terms)."""
+        return dense_bits(sum(t.numel() for t in tensors.values()), self.dense.values.bits(1, {}).value_bits)
 
     # ------------------------------------------------------------------ client: one step over a block
     def block_batches(self, bc: Broadcast, objectives: Sequence[SupervisedObjective],

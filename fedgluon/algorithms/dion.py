@@ -48,7 +48,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from compressors.bits import dense_bits
 from fedgluon.algorithms.aggregate import weighted_mean
 from fedgluon.algorithms.base import Algorithm, State
 from fedgluon.algorithms.block import BlockResult
@@ -56,6 +55,7 @@ from fedgluon.algorithms.messages import Broadcast, ServerOutcome
 from fedgluon.clients.objective import SupervisedObjective
 from fedgluon.clients.table import ClientRows
 from fedgluon.core.rng import generator
+from fedgluon.lmo.estimators.base import Rows
 from fedgluon.lmo.geometry import Geometry
 from fedgluon.lmo.norms import Spectral
 from fedgluon.lmo.step import StepInfo
@@ -125,11 +125,8 @@ class Dion(Algorithm):
         Q = {Q_KEY + n: self.right_factor(G[n]) if G is not None else self.initial_q(seed, n, dtype)
              for n in self.low_rank}
         bc.extra = Q
-        bc.bits = bc.bits + self._bits(Q)
+        bc.bits = bc.bits + self.dense_bits(Q)
         return bc
-
-    def _bits(self, tensors: Mapping[str, Tensor]) -> Any:
-        return dense_bits(sum(t.numel() for t in tensors.values()), self.dense.values.bits(1, {}).value_bits)
 
     # ------------------------------------------------------------------ client: the two phases
     def reply_shapes(self, bc: Broadcast) -> dict[str, tuple[int, ...]]:
@@ -145,8 +142,9 @@ class Dion(Algorithm):
         grads = self.gradients(rows, bc, objectives)
         old = (rows.tree or {}).get("M")
         M: Tensors = {}
+        fresh = Rows(rows.first)
         for n, g in grads.now.items():
-            prev = _zero_first(old[n], rows.first) if old is not None else torch.zeros_like(g)
+            prev = fresh.zero(old[n]) if old is not None else torch.zeros_like(g)
             M[n] = prev + g if n in self.low_rank else torch.lerp(prev, g, 1 - self.opt["beta"])
         P = {n: self._matrix(M[n], n) @ bc.extra[Q_KEY + n].to(M[n].dtype) for n in self.low_rank}
         return BlockResult(rows.clients, bc.round, self.send("dense", P, bc, rows), {"M": M}, grads.loss,
@@ -179,7 +177,7 @@ class Dion(Algorithm):
         P = {}
         if decoded:
             P = {P_KEY + n: torch.linalg.qr(v, mode="reduced").Q for n, v in weighted_mean(decoded, weights).items()}
-        answer = Broadcast(bc.round, bc.seed, bc.model, dict(bc.flags), self._bits(P), phase=bc.phase + 1, extra=P)
+        answer = Broadcast(bc.round, bc.seed, bc.model, dict(bc.flags), self.dense_bits(P), phase=bc.phase + 1, extra=P)
         return answer, ServerOutcome(sorted(decoded), rejected, uplink)
 
     def aggregate(self, state: State, decoded: Mapping[int, Tensors], weights: Mapping[int, float],
@@ -197,16 +195,8 @@ class Dion(Algorithm):
             P = G[P_KEY + n].to(Q.dtype)
             dirs[n] = -(P @ Q.mT).reshape(self.shapes[n]) / factor
             duals[n] = (1 - self.opt["beta"]) * (G[n] * Q).sum() / factor  # on EMA momentum's scale
-        step = self.lmo_step
-        radii = step.radius_rule.radii(k, self.geometry, duals)
-        X = {}
-        for n, x in state["X"].items():
-            shrink = 1.0 - step.decay * radii[n] / self.geometry.params[n].radius
-            move = radii[n] * dirs[n].to(x.dtype)
-            X[n] = x * shrink + move if shrink != 1.0 else x + move
-        info = StepInfo(radii={n: float(t) for n, t in radii.items()},
-                        dual_norms={n: float(d) for n, d in duals.items()})
-        return X, info
+        X = state["X"]  # the directions in the model's dtype before the radius multiplies them
+        return self.lmo_step.apply(X, {}, k, given=({n: d.to(X[n].dtype) for n, d in dirs.items()}, duals))
 
 
 class OrthDion(Dion):
@@ -223,11 +213,6 @@ def positive_qr(R: Tensor) -> Tensor:
     Q, T = torch.linalg.qr(R, mode="reduced")
     signs = torch.where(torch.diagonal(T, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(Q.dtype)
     return Q * signs.unsqueeze(-2)
-
-
-def _zero_first(rows: Tensor, first: Tensor) -> Tensor:
-    """``rows`` with the rows of first participants zeroed (their committed row is the table's zero fill)."""
-    return torch.where(first.reshape(-1, *([1] * (rows.ndim - 1))), torch.zeros_like(rows), rows)
 
 
 __all__ = ["Dion", "OrthDion"]

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from compressors.bits import dense_bits
 from fedgluon.algorithms.aggregate import tracker_update
 from fedgluon.algorithms.base import Broadcast
 from fedgluon.algorithms.local import LocalGluon
@@ -80,9 +79,7 @@ class FederatedMuon(LocalGluon):
         terms = self.downlink_terms(server_state)
         if not terms:
             return bc
-        width = self.dense.values.bits(1, {}).value_bits
-        bits = bc.bits + dense_bits(sum(t.numel() for t in terms.values()), width)
-        return dataclasses.replace(bc, extra=terms, bits=bits)
+        return dataclasses.replace(bc, extra=terms, bits=bc.bits + self.dense_bits(terms))
 
     def server_update(self, state, G, k):
         """FedAvg's ``X + η_s G`` on the model's layers of G (the terms are the server's state in G)."""

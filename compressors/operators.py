@@ -160,10 +160,10 @@ class Compressor:
         arrays, meta = rows.arrays, rows.meta
         if not isinstance(arrays, dict) or not isinstance(meta, dict):
             raise CodecError(layer, "arrays", "arrays and meta must be dicts")
-        want = set(s.array_keys) | {f"v.{k}" for k in self.values.keys()}
+        want = set(s.array_keys) | {f"v.{k}" for k in self.values.array_keys}
         if set(arrays) != want:
             raise CodecError(layer, "arrays", f"expected keys {sorted(want)}, got {sorted(map(str, arrays))}")
-        want_meta = set(s.meta_keys) | self.values.meta_keys()
+        want_meta = set(s.meta_keys | self.values.meta_keys)
         if set(meta) != want_meta:
             raise MetaError(layer, "meta", f"expected keys {sorted(want_meta)}, got {sorted(map(str, meta))}")
         for key, values in meta.items():

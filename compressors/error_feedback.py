@@ -1,13 +1,8 @@
 """Error feedback as pure state transitions on dicts of tensors.
 
-**EF21** (Richtárik, Sokolov, Fatkhullin 2021; docs/ALGORITHMS.md §8.1): client j keeps a tracker g_j, sends
-``R_j = C(v_j − g_j)`` and sets ``g_j ← g_j + R_j``; the server adds ``w_j R_j`` to its aggregate, so
-``G = Σ_j w_j g_j`` holds exactly as long as both sides add the *decoded* payload.
-
-**EF14** (error feedback with residual memory, Seide et al. 2014 / Stich et al. 2018): client keeps
-``e_j``, sends ``p = C(e_j + x_j)`` and keeps ``e_j ← e_j + x_j − p``.
-
-**None**: send ``C(x)`` as is (unbiased compressors, or to measure what feedback buys).
+**EF21** (docs/ALGORITHMS.md §8.1): send ``R_j = C(v_j − g_j)``, ``g_j ← g_j + R_j``; ``G = Σ_j w_j g_j`` holds
+exactly as both sides add the *decoded* payload. **EF14** (residual memory, Seide et al. 2014):
+``p = C(e_j + x_j)``, ``e_j ← e_j + x_j − p``. **None** sends ``C(x)`` as is.
 
 Every kind has one ``step(state, X, seed_parts, comp_states) -> (rows, state', comp_states')`` over a
 block of B clients: ``X[name]`` is (B, *shape), ``state`` a tree of (B, *shape) leaves (None before the

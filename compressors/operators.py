@@ -1,23 +1,8 @@
 """Compression operators = a *structure* (which numbers travel) ∘ a *value codec* (how they travel).
 
-Structures, applied per tensor (per layer; ratios give ``k_i = clamp(⌈ratio·d_i⌉, min_k, d_i)``):
-
-| structure     | sends                                        | kind                 | constant |
-| ------------- | -------------------------------------------- | -------------------- | -------- |
-| dense         | all d values                                 | exact                | |
-| topk          | k largest |x_l| and their indices            | contractive          | α = k/d |
-| randk         | k uniform coordinates (+ indices), ×d/k      | unbiased             | ω = d/k − 1 |
-| randk_seeded  | as randk; indices regenerated from a seed    | unbiased             | ω = d/k − 1 |
-| svd           | rank-r truncated SVD factors U_rΣ_r, V_r     | contractive          | α = r/min(m, n) |
-| rsvd          | randomized SVD factors (LiMuon's RSVD)       | biased, no guarantee | (measured in tests) |
-| powersgd      | one warm-started power step: P = orth(MQ), Q' = MᵀP | biased, no guarantee | (measured in tests) |
-
-Matrices are the ``(shape[0], prod(shape[1:]))`` view. Low-rank structures send a tensor dense when
-it is 1-D or ``m·n / ((m+n)·r) < min_compression_rate`` (PowerSGD's rule, default 2).
-
-Composition rules (docs/ALGORITHMS.md §1.3; proofs in the docstring of :meth:`Compressor.properties`):
-unbiased ∘ unbiased: ω = (1+ω₁)(1+ω₂) − 1; contractive ∘ unbiased, scaled by 1/(1+ω₂) at decode:
-α' = α/(1+ω₂); contractive ∘ rounding (fp16, unit roundoff u): α' = 1 − (s + u(1+s))², s = √(1−α).
+The structures (dense, topk, randk, randk_seeded, svd, rsvd, powersgd: what each sends, its kind and
+constant), the per-layer sizes ``k_i = clamp(⌈ratio·d_i⌉, min_k, d_i)``, the dense fallback of the low-rank
+structures and the composition rules: docs/ALGORITHMS.md §1.3 (proofs in :meth:`Compressor.properties`).
 """
 
 from __future__ import annotations
@@ -175,10 +160,10 @@ class Compressor:
         arrays, meta = rows.arrays, rows.meta
         if not isinstance(arrays, dict) or not isinstance(meta, dict):
             raise CodecError(layer, "arrays", "arrays and meta must be dicts")
-        want = set(s.array_keys) | {f"v.{k}" for k in self.values.keys()}
+        want = set(s.array_keys) | {f"v.{k}" for k in self.values.array_keys}
         if set(arrays) != want:
             raise CodecError(layer, "arrays", f"expected keys {sorted(want)}, got {sorted(map(str, arrays))}")
-        want_meta = set(s.meta_keys) | self.values.meta_keys()
+        want_meta = set(s.meta_keys | self.values.meta_keys)
         if set(meta) != want_meta:
             raise MetaError(layer, "meta", f"expected keys {sorted(want_meta)}, got {sorted(map(str, meta))}")
         for key, values in meta.items():

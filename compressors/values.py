@@ -63,9 +63,10 @@ def check_finite(a: np.ndarray, layer: str, key: str) -> None:
         raise NonFiniteError(layer, key, f"{int((~np.isfinite(a)).sum())} NaN/Inf entries")
 
 
-def _to_torch(a: np.ndarray, device: torch.device | str | None) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a)).to(device) if device is not None else torch.from_numpy(
-        np.ascontiguousarray(a))
+def _tensor(a: np.ndarray | Tensor, device: torch.device | str | None, dtype: torch.dtype | None = None) -> Tensor:
+    """``a`` as a tensor on ``device`` (None: where it is) in ``dtype`` (None: its own)."""
+    t = torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
+    return t.to(device=device, dtype=dtype)
 
 
 class ValueCodec(ABC):
@@ -77,6 +78,8 @@ class ValueCodec(ABC):
     kind: str  # "exact" | "rounding" | "unbiased" | "contractive" (states alpha(n))
     unit_roundoff: float = 0.0
     draws: bool = False  # whether encode uses its generator (else it gets None)
+    array_keys: frozenset[str] = frozenset({"v"})  # the arrays of a payload's values (``v.<key>`` on the wire)
+    meta_keys: frozenset[str] = frozenset()  # the per-row header fields
 
     def omega(self, n: int) -> float:
         return 0.0
@@ -108,12 +111,6 @@ class ValueCodec(ABC):
     @abstractmethod
     def bits(self, n: int, meta: dict[str, Any]) -> BitCount: ...
 
-    def keys(self) -> set[str]:
-        return {"v"}
-
-    def meta_keys(self) -> set[str]:
-        return set()
-
 
 class Raw(ValueCodec):
     """Values as they are, in float32 (``fp32``, the working precision) or float64 (``fp64``)."""
@@ -130,7 +127,7 @@ class Raw(ValueCodec):
     def decode(self, arrays, meta, n, layer, device=None, dtype=torch.float32):
         a = get_array(arrays, "v", layer, (self.dtype.type,), n)
         check_finite(a, layer, "v")
-        return _to_torch(a, device).to(dtype)
+        return _tensor(a, device, dtype)
 
     def bits(self, n, meta):
         return BitCount(value_bits=8 * self.dtype.itemsize * n, n_values=n)
@@ -140,9 +137,7 @@ class FP16(ValueCodec):
     """Scaled half precision: ``v ≈ scale · fp16(v / scale)`` with ``scale = max|v| / 2^14``."""
 
     name, kind, unit_roundoff = "fp16", "rounding", 2.0 ** -11
-
-    def keys(self):
-        return {"v", "scale"}
+    array_keys = frozenset({"v", "scale"})
 
     def encode_row(self, v, gen):
         v = v.detach().to("cpu", torch.float32)
@@ -159,7 +154,7 @@ class FP16(ValueCodec):
         check_finite(s, layer, "scale")
         if not (s > 0).all():
             raise MetaError(layer, "scale", f"must be positive, got {s[~(s > 0)][0]}")
-        out = _to_torch(a, device).to(torch.float32) * _to_torch(s, device)
+        out = _tensor(a, device, torch.float32) * _tensor(s, device)
         check_finite(out.cpu().numpy(), layer, "v·scale")
         return out.to(dtype)
 
@@ -196,11 +191,12 @@ def _decode_levels(arrays: dict[str, Any], scale_key: str, n: int, layer: str, w
     if np.abs(codes).max(initial=0) > levels:
         raise MetaError(layer, "q", f"quantisation level outside [-{levels}, {levels}]")
     vals = torch.from_numpy(codes).to(torch.float64) * torch.from_numpy(scale.astype(np.float64) / levels)
-    return vals.to(device=device, dtype=dtype) if device is not None else vals.to(dtype)
+    return _tensor(vals, device, dtype)
 
 
 class QSGD(ValueCodec):
     name, kind, draws = "qsgd", "unbiased", True
+    array_keys, meta_keys = frozenset({"norm", "q"}), frozenset({"levels"})
 
     def __init__(self, levels: int = 15):
         if not (isinstance(levels, int) and 1 <= levels <= 2 ** 15):
@@ -211,12 +207,6 @@ class QSGD(ValueCodec):
     def omega(self, n: int) -> float:
         s = self.levels
         return min(n / s ** 2, math.sqrt(n) / s)
-
-    def keys(self):
-        return {"norm", "q"}
-
-    def meta_keys(self):
-        return {"levels"}
 
     def encode_row(self, v, gen):
         v = v.detach().to("cpu", torch.float64)
@@ -245,13 +235,11 @@ class QSGD(ValueCodec):
 
 class Natural(ValueCodec):
     name, kind, draws = "natural", "unbiased", True
+    array_keys = frozenset({"e", "sign"})
     _MIN_EXP, _MAX_EXP = -126, 127
 
     def omega(self, n: int) -> float:
         return 1.0 / 8.0
-
-    def keys(self):
-        return {"e", "sign"}
 
     def encode_row(self, v, gen):
         v = v.detach().to("cpu", torch.float64)
@@ -275,7 +263,7 @@ class Natural(ValueCodec):
         neg = np.unpackbits(sign, axis=1, count=n).astype(bool)
         mag = np.where(code == 0, 0.0, np.exp2(code.astype(np.float64) - 127))
         vals = torch.from_numpy(np.where(neg, -mag, mag))
-        return vals.to(device=device, dtype=dtype) if device is not None else vals.to(dtype)
+        return _tensor(vals, device, dtype)
 
     def bits(self, n, meta):
         return BitCount(value_bits=9 * n, n_values=n)
@@ -286,19 +274,13 @@ class SymmetricInt(ValueCodec):
 
         s = max_l |v_l|,   L = 2^{b−1} − 1,   q_l = round(L v_l / s) ∈ [−L, L],   Q(v)_l = s q_l / L
 
-    the symmetric absmax grid (zero and ±s are levels; b = 2 gives {−s, 0, s}). MuLoCo (arXiv
-    2505.23725) compresses the pseudo-gradient to 2 bits per value with a per-tensor scale and error
-    feedback. [RECON] The paper's text defining its grid was not available here (only its abstract and
-    summaries): this is the standard symmetric absmax quantiser with those properties.
-    Rounds half to even; ``q + L`` travels in b bits (one code unused), the scale as float32.
-
-    Deterministic, hence *biased*: no unbiasedness is claimed. Each entry goes to a level no farther
-    than 0 and the largest entry is exact (up to the float32 rounding of s, 2⁻²⁴ relative), so
-    ``‖Q(v) − v‖² ≤ ‖v‖² − s² ≤ (1 − 1/n)‖v‖²``: a contraction with α = 1/n on n values (``alpha``;
-    tests/unit/test_compressors.py measures it). A non-finite input sends zeros.
+    the symmetric absmax grid of docs/ALGORITHMS.md §15.3 (contractive with α = 1/n on n values: ``alpha``).
+    Rounds half to even; ``q + L`` travels in b bits (one code unused), the scale as float32. A non-finite
+    input sends zeros.
     """
 
     kind = "contractive"
+    array_keys = frozenset({"q", "scale"})
     _WIDTHS = {"int2": 2, "int4": 4, "int8": 8}
 
     def __init__(self, name: str = "int2"):
@@ -310,9 +292,6 @@ class SymmetricInt(ValueCodec):
     def alpha(self, n: int) -> float:
         """The contraction constant on n values: ``‖Q(v) − v‖² ≤ (1 − α)‖v‖²`` with α = 1/n."""
         return 1.0 / max(1, n)
-
-    def keys(self):
-        return {"q", "scale"}
 
     def encode_row(self, v, gen):
         v = v.detach().to("cpu", torch.float64)

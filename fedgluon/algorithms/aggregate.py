@@ -9,7 +9,6 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from compressors.error_feedback import ef21_server_update
 from compressors.sparse import SparseTensor, WeightedSum, add_scaled_
 
 Tensors = dict[str, Tensor]
@@ -54,41 +53,29 @@ class DecodedReplies(Mapping[int, Tensors]):
         return len(self.decoded)
 
 
-class _Terms(Mapping[int, dict[str, Tensor | SparseTensor]]):
-    """``DecodedReplies`` seen through :meth:`DecodedReplies.terms` (sparse layers stay sparse)."""
-
-    def __init__(self, replies: DecodedReplies):
-        self.replies = replies
-
-    def __getitem__(self, j: int) -> dict[str, Tensor | SparseTensor]:
-        return self.replies.terms(j)
-
-    def __iter__(self):
-        return iter(self.replies)
-
-    def __len__(self) -> int:
-        return len(self.replies)
-
-
-def _terms(decoded: Mapping[int, Tensors]) -> Mapping[int, Mapping[str, Tensor | SparseTensor]]:
-    return _Terms(decoded) if isinstance(decoded, DecodedReplies) else decoded
+def _sum(start: dict[str, Tensor] | None, decoded: Mapping[int, Tensors], weight: Callable[[int], float]) -> Tensors:
+    """``start + Σ_j weight(j) V_j`` (zero where ``start`` is None), summed in client-id order; the stored,
+    possibly sparse, terms of :class:`DecodedReplies` are added at their indices."""
+    term = decoded.terms if isinstance(decoded, DecodedReplies) else decoded.__getitem__
+    out = WeightedSum(start)
+    for j in sorted(decoded):
+        out.add(weight(j), term(j))
+    return out.result()
 
 
 def weighted_mean(decoded: Mapping[int, Tensors], weights: Mapping[int, float]) -> Tensors:
     """``Σ_j w_j V_j / Σ_j w_j`` over the given clients, summed in client-id order from zero (sparse
     replies added at their indices)."""
     total = sum(weights[j] for j in decoded)
-    out, terms = WeightedSum(), _terms(decoded)
-    for j in sorted(decoded):
-        out.add(weights[j] / total, terms[j])
-    return out.result()
+    return _sum(None, decoded, lambda j: weights[j] / total)
 
 
 def tracker_update(G: Mapping[str, Tensor] | None, decoded: Mapping[int, Tensors], weights: Mapping[int, float],
                    like: Mapping[str, Tensor]) -> Tensors:
-    """``G ← G + Σ_{j accepted} w_j R_j`` (absent clients contribute their last tracker, docs/DESIGN.md §2)."""
-    start = G if G is not None else {n: torch.zeros_like(like[n]) for n in like}
-    return ef21_server_update(start, _terms(decoded), weights)
+    """``G ← G + Σ_{j accepted} w_j R_j`` in client-id order (absent clients contribute their last tracker,
+    docs/DESIGN.md §2): :func:`compressors.ef21_server_update` on the stored terms."""
+    start = {n: t.clone() for n, t in G.items()} if G is not None else {n: torch.zeros_like(like[n]) for n in like}
+    return _sum(start, decoded, weights.__getitem__)
 
 
 def update_trackers(columns: Mapping[str, Tensor], prefix: str, clients: Sequence[int], decoded: DecodedReplies,

@@ -1,36 +1,8 @@
-"""The algorithm interface (docs/DESIGN.md §3) and the plumbing every algorithm shares.
+"""The algorithm interface and the plumbing every algorithm shares.
 
-An algorithm is a client step over a block of clients and a server step, on dicts of tensors::
-
-    broadcast(server_state, k, ...)              -> Broadcast (model to compute at, flags, bits)
-    client_step(rows, broadcast, objectives)     -> BlockResult (proposed state rows, payload groups, metrics)
-    server_step(server_state, {j: reply}, broadcast, weights, first) -> (server_state', ServerOutcome)
-
-Every client-side tensor carries a leading client axis: ``rows`` are the block's committed states in
-the client-state table (:mod:`fedgluon.clients.table`), one row per client, and a single client is a
-block of one. The proposed state is *committed by the server only for accepted clients*
-(``ServerOutcome.accepted``); a rejected, failed or late client keeps its old row, so client and server
-trackers never drift apart (docs/DESIGN.md §2). Replies are processed in client-id order and all
-randomness comes from ``fedgluon.core.rng.generator(seed, purpose, client, round)``, so a row's result is
-the same whatever block it steps in.
-
-Subclasses are compositions of named parts: a client-side *estimator* (fedgluon.lmo.estimators), an
-*uplink* (what is compressed and how the server aggregates it), and a *server update* (the
-layer-wise LMO step by default). They override a few small hooks:
-
-* ``local_update(state, grads, bc, rows)`` → (new state pieces, payload groups), over the block
-* ``reply_group(bc, first)`` → the payload group a client must reply in (from the server's flags)
-* ``aggregate(server_state, decoded, weights, bc)`` → the server's estimate G
-* ``server_update(server_state, G, k)`` → new model X (default: LMO step)
-
-Phases. An algorithm may declare several client phases per round (``phases``, default 1). Each phase
-is a ``client_step`` over the block's rows (``bc.phase`` says which); its replies go to the server,
-which answers every phase before the last with ``server_phase`` (the next phase's broadcast, carrying
-what that phase needs in ``bc.extra``) and the last with ``server_step``. A later phase steps on the
-rows its client proposed in the phase before (the federation holds them, uncommitted). The commit
-rule spans the round: only the last phase's proposed rows of clients accepted in every phase are
-committed; a client that fails or is rejected in any phase is out of the round, its row unchanged
-(:class:`fedgluon.sim.federation.Federation`).
+docs/DESIGN.md §3, "Algorithm interface" (``broadcast``, ``client_step`` over a block of rows, ``server_step``;
+the hooks ``local_update``, ``reply_group``, ``aggregate``, ``server_update``) and "Rounds of several phases"
+(``phases``, ``server_phase``, the commit rule across phases); §2 for the commit rule and the randomness.
 """
 
 from __future__ import annotations
@@ -142,9 +114,11 @@ class Algorithm:
         if self.refresh_policy is not None:
             flags["refresh"] = int(self.refresh_policy.due(k, generator(seed, "refresh", k)))
         model = server_state["W"] if self.downlink is not None else server_state["X"]
-        bits = server_state.get("downlink_bits") or dense_bits(sum(t.numel() for t in model.values()),
-                                                               self.dense.values.bits(1, {}).value_bits)
-        return Broadcast(k, seed, model, flags, bits)
+        return Broadcast(k, seed, model, flags, server_state.get("downlink_bits") or self.dense_bits(model))
+
+    def dense_bits(self, tensors: Mapping[str, Tensor]) -> BitCount:
+        """The bits of ``tensors`` sent dense at the run's value width (a broadcast's model, its extra terms)."""
+        return dense_bits(sum(t.numel() for t in tensors.values()), self.dense.values.bits(1, {}).value_bits)
 
     # ------------------------------------------------------------------ client: one step over a block
     def block_batches(self, bc: Broadcast, objectives: Sequence[SupervisedObjective],

@@ -1,16 +1,6 @@
-"""What one client step of a block of B clients takes and makes (docs/DESIGN.md §3).
-
-Every tensor carries a leading client axis; a single client is a block of one. The step reads the
-block's committed rows (:class:`fedgluon.clients.table.ClientRows`) and makes
-
-* :class:`BlockGrads`: the gradients at the broadcast model and, for rows that have one, at their
-  ``X_prev`` on the same batch, as ``(B, *shape)`` tensors;
-* :class:`BlockResult`: the proposed state rows, the payloads in named *groups* (each a set of rows
-  with one codec per layer: DASHA sends a client's first message dense and the rest compressed, so a
-  block may hold both), per-row metrics, and the rows that failed (that client alone is lost).
-
-The server knows which group each client must use from its own flags (``Algorithm.reply_group``),
-never from the codec a reply claims.
+"""What one client step of a block of B clients takes and makes (docs/DESIGN.md §3, "Algorithm interface"):
+:class:`BlockGrads`, and :class:`BlockResult` (proposed state rows, payloads in named groups of rows with one
+codec per layer, per-row metrics, failed rows), every tensor with a leading client axis.
 """
 
 from __future__ import annotations

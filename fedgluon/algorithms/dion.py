@@ -4,36 +4,12 @@
 decoupled momentum); ``orth-dion`` — Orth-Dion (Nakamori et al., arXiv 2605.16341), which replaces Dion's
 column normalisation of the right factor by a QR orthonormalisation.
 
-For each layer the geometry gives a spectral norm (a matrix W of shape m×n, the ``(shape[0],
-prod(shape[1:]))`` reshape as :class:`fedgluon.lmo.norms.Spectral` takes it), with rank
-``r = min(m, n, rank or ceil(rank_fraction·min(m, n)))`` and the server's right factor Q (n×r)
-broadcast with the model, round k is::
+Each spectral layer (the ``(shape[0], prod(shape[1:]))`` reshape, as :class:`fedgluon.lmo.norms.Spectral`
+takes it) runs docs/ALGORITHMS.md §16's round: phase 0 sends ``P_j = B_j Q``, phase 1 ``R_j = B_jᵀ P``, then
+``M_j ← B_j − (1−μ) P R_jᵀ`` and ``X ← X − t · P Q'ᵀ / c``; §16 has the costs and the reductions (tested).
 
-    phase 0, client j:  B_j = M_j + G_j                  (G_j = ∇f_j(X^k; ξ_j); M_j = 0 at first)
-                        sends P_j = B_j Q                  (m×r)
-    server:             P = orth(Σ_j w_j P_j / Σ_j w_j)    (QR, reduced; over the clients accepted)
-                        broadcasts P                       (m×r)
-    phase 1, client j:  sends R_j = B_jᵀ P                 (n×r)
-                        M_j ← B_j − (1−μ) P R_jᵀ           (error feedback: what the update did not consume)
-    server:             R = Σ_j w_j R_j / Σ_j w_j          (over the clients accepted in phase 1)
-                        Q' = right(R): colnorm (Dion), QR (Orth-Dion), or polar (``orthonormalise="svd"``)
-                        X ← X − t · P Q'ᵀ / c              (t the radius, c the spectral norm's factor)
-                        Q ← Q' for the next round
-
-so a spectral layer costs (m + n)·r values up per client and round (P and R) against m·n for a dense
-gradient, and (m + n)·r down besides the model every method broadcasts (Q with the model in phase 0's
-broadcast, P in phase 1's). Because the error feedback is linear in B_j,
-the mean of the clients' M_j is the M of single-device Dion on the mean gradient (the paper's
-"decoupled momentum"). At full rank with ``orthonormalise="svd"``, ``P Q'ᵀ = polar(mean_j B_j)`` and
-``mean_j M_j = μ·mean_j B_j``, so ``mean_j B_j`` follows heavy-ball momentum ``B ← μB + G``, which is
-``(1−μ)``-scaled EMA momentum: the method is Gluon/Muon with ``beta = μ`` (tested).
-
-Options and defaults: ``beta`` = the paper's μ (0.95, Dion's default), the weight of the old momentum as
-everywhere in fedgluon (Gluon's ``M ← βM + (1−β)g`` has the same polar direction up to the first step's
-scale, since both are sums ``Σ_s β^{k−s} G_s`` up to a constant); ``rank_fraction`` 0.25 (the paper's
-r = d/4 runs) unless ``rank`` (an integer) is given; ``orthonormalise``: ``"colnorm"`` for ``dion``,
-``"qr"`` for ``orth-dion`` (QR with T's diagonal non-negative, :func:`positive_qr`), ``"svd"`` (the exact
-rank-r polar factor) for reductions; ``eps`` 1e-8.
+Options: ``beta`` μ 0.95, ``rank_fraction`` 0.25 unless ``rank``, ``orthonormalise`` ``"colnorm"`` (dion),
+``"qr"`` (orth-dion, :func:`positive_qr`) or ``"svd"`` (the exact rank-r polar factor, for reductions), ``eps`` 1e-8.
 
 Where the papers are silent, fedgluon chose:
 
@@ -72,7 +48,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from compressors.bits import dense_bits
 from fedgluon.algorithms.aggregate import weighted_mean
 from fedgluon.algorithms.base import Algorithm, State
 from fedgluon.algorithms.block import BlockResult
@@ -80,6 +55,7 @@ from fedgluon.algorithms.messages import Broadcast, ServerOutcome
 from fedgluon.clients.objective import SupervisedObjective
 from fedgluon.clients.table import ClientRows
 from fedgluon.core.rng import generator
+from fedgluon.lmo.estimators.base import Rows
 from fedgluon.lmo.geometry import Geometry
 from fedgluon.lmo.norms import Spectral
 from fedgluon.lmo.step import StepInfo
@@ -149,11 +125,8 @@ class Dion(Algorithm):
         Q = {Q_KEY + n: self.right_factor(G[n]) if G is not None else self.initial_q(seed, n, dtype)
              for n in self.low_rank}
         bc.extra = Q
-        bc.bits = bc.bits + self._bits(Q)
+        bc.bits = bc.bits + self.dense_bits(Q)
         return bc
-
-    def _bits(self, tensors: Mapping[str, Tensor]) -> Any:
-        return dense_bits(sum(t.numel() for t in tensors.values()), self.dense.values.bits(1, {}).value_bits)
 
     # ------------------------------------------------------------------ client: the two phases
     def reply_shapes(self, bc: Broadcast) -> dict[str, tuple[int, ...]]:
@@ -169,8 +142,9 @@ class Dion(Algorithm):
         grads = self.gradients(rows, bc, objectives)
         old = (rows.tree or {}).get("M")
         M: Tensors = {}
+        fresh = Rows(rows.first)
         for n, g in grads.now.items():
-            prev = _zero_first(old[n], rows.first) if old is not None else torch.zeros_like(g)
+            prev = fresh.zero(old[n]) if old is not None else torch.zeros_like(g)
             M[n] = prev + g if n in self.low_rank else torch.lerp(prev, g, 1 - self.opt["beta"])
         P = {n: self._matrix(M[n], n) @ bc.extra[Q_KEY + n].to(M[n].dtype) for n in self.low_rank}
         return BlockResult(rows.clients, bc.round, self.send("dense", P, bc, rows), {"M": M}, grads.loss,
@@ -203,7 +177,7 @@ class Dion(Algorithm):
         P = {}
         if decoded:
             P = {P_KEY + n: torch.linalg.qr(v, mode="reduced").Q for n, v in weighted_mean(decoded, weights).items()}
-        answer = Broadcast(bc.round, bc.seed, bc.model, dict(bc.flags), self._bits(P), phase=bc.phase + 1, extra=P)
+        answer = Broadcast(bc.round, bc.seed, bc.model, dict(bc.flags), self.dense_bits(P), phase=bc.phase + 1, extra=P)
         return answer, ServerOutcome(sorted(decoded), rejected, uplink)
 
     def aggregate(self, state: State, decoded: Mapping[int, Tensors], weights: Mapping[int, float],
@@ -221,16 +195,8 @@ class Dion(Algorithm):
             P = G[P_KEY + n].to(Q.dtype)
             dirs[n] = -(P @ Q.mT).reshape(self.shapes[n]) / factor
             duals[n] = (1 - self.opt["beta"]) * (G[n] * Q).sum() / factor  # on EMA momentum's scale
-        step = self.lmo_step
-        radii = step.radius_rule.radii(k, self.geometry, duals)
-        X = {}
-        for n, x in state["X"].items():
-            shrink = 1.0 - step.decay * radii[n] / self.geometry.params[n].radius
-            move = radii[n] * dirs[n].to(x.dtype)
-            X[n] = x * shrink + move if shrink != 1.0 else x + move
-        info = StepInfo(radii={n: float(t) for n, t in radii.items()},
-                        dual_norms={n: float(d) for n, d in duals.items()})
-        return X, info
+        X = state["X"]  # the directions in the model's dtype before the radius multiplies them
+        return self.lmo_step.apply(X, {}, k, given=({n: d.to(X[n].dtype) for n, d in dirs.items()}, duals))
 
 
 class OrthDion(Dion):
@@ -247,11 +213,6 @@ def positive_qr(R: Tensor) -> Tensor:
     Q, T = torch.linalg.qr(R, mode="reduced")
     signs = torch.where(torch.diagonal(T, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(Q.dtype)
     return Q * signs.unsqueeze(-2)
-
-
-def _zero_first(rows: Tensor, first: Tensor) -> Tensor:
-    """``rows`` with the rows of first participants zeroed (their committed row is the table's zero fill)."""
-    return torch.where(first.reshape(-1, *([1] * (rows.ndim - 1))), torch.zeros_like(rows), rows)
 
 
 __all__ = ["Dion", "OrthDion"]

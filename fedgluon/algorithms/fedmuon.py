@@ -1,12 +1,6 @@
-"""The federated Muon methods of two other groups, as compositions of ``local-gluon``'s parts: local LMO
-steps (:meth:`FedAvg.local_steps`), the delta uplink with its error feedback (:meth:`FedAvg.send_local`)
-and FedAvg's server step, plus the terms each method adds in both directions (docs/ALGORITHMS.md §14).
-
-Both methods send more than the model delta: a payload holds the delta under the model's layer names and each
-extra term under ``<term>:<layer>`` (:meth:`Algorithm.reply_shapes`), through the run's compressor. The server
-sends its terms beside the model, under the same names, dense at the run's value width, in the broadcast's
-``extra`` tensors (every engine ships them with the model). Bits count both: uplink bits are the payload's
-(delta + terms), downlink bits the broadcast's (model + terms), per receiving client.
+"""The two federated Muon methods of that name (docs/ALGORITHMS.md §14: payload and broadcast layout, bits), as
+compositions of ``local-gluon``'s parts: local LMO steps (:meth:`FedAvg.local_steps`), the delta uplink with
+its error feedback (:meth:`FedAvg.send_local`), FedAvg's server step, plus the terms each adds both ways.
 
 Partial participation and rejected replies: a term is aggregated over the accepted replies only; a
 rejected, failed or absent client keeps its committed state (its old momentum / control variate).
@@ -21,7 +15,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from compressors.bits import dense_bits
 from fedgluon.algorithms.aggregate import tracker_update
 from fedgluon.algorithms.base import Broadcast
 from fedgluon.algorithms.local import LocalGluon
@@ -86,9 +79,7 @@ class FederatedMuon(LocalGluon):
         terms = self.downlink_terms(server_state)
         if not terms:
             return bc
-        width = self.dense.values.bits(1, {}).value_bits
-        bits = bc.bits + dense_bits(sum(t.numel() for t in terms.values()), width)
-        return dataclasses.replace(bc, extra=terms, bits=bits)
+        return dataclasses.replace(bc, extra=terms, bits=bc.bits + self.dense_bits(terms))
 
     def server_update(self, state, G, k):
         """FedAvg's ``X + η_s G`` on the model's layers of G (the terms are the server's state in G)."""
@@ -97,32 +88,13 @@ class FederatedMuon(LocalGluon):
 
 
 class FedMuon(FederatedMuon):
-    """``fedmuon`` — FedMuon with momentum aggregation and local–global alignment (Liu, Shang, Zhou, Liu,
-    Liu, Liu, arXiv 2510.27403). Client i of S sampled, round r, local step k = 0..K−1 (the paper's)::
+    """``fedmuon`` — FedMuon with momentum aggregation and local–global alignment (Liu et al., arXiv
+    2510.27403; docs/ALGORITHMS.md §14.1: the paper's equations, defaults, bits and the choices fedgluon made
+    where it is silent). Per layer, radius t and weight-decay factor s of the run's LMO step::
 
-        M_i^{r,0} = M̄^r,   M_i^{r,k+1} = β M_i^{r,k} + g_i^{r,k}
-        x_i^{r,k+1} = x_i^{r,k} − η [(1−α) U V^T + α Δ^{g,r}],   U Σ V^T = SVD(M_i^{r,k+1})
-        x^{r+1} = x^r + (1/S) Σ_i (x_i^{r,K} − x^r),   Δ^{g,r+1} = −(x^{r+1} − x^r)/(Kη)
-        M̄^{r+1} = (1/S) Σ_i M_i^{r,K}
-
-    In fedgluon's terms, per layer with the run's geometry and radius t (local step kτ + s of the schedule):
-    ``M ← βM + (1−β)g`` (EMA: the paper's heavy-ball momentum times (1−β); the LMO does not see the
-    scale, and M̄ is the mean of the same scaled momenta, so the iterates are the paper's),
-    ``X ← X + (1−α)·t·lmo(M) + α·D`` with ``D = mean_i Δ_i / τ`` the last round's mean displacement per
-    local step (the paper's ``−ηΔᵍ`` for a constant η), and FedAvg's server step ``X + η_s·mean_i Δ_i``.
-
-    Defaults: α = 0.5 (the paper's experiments), τ = 5, β = 0.9, server_lr = 1 (the paper has none).
-    Communication: uplink ``Δ_i`` and ``M_i^{r,K}`` (2d values per client, through the run's compressor
-    with its error feedback); downlink ``X``, ``M̄`` and ``D`` (3d values per receiving client).
-    ``momentum_aggregation=False`` restarts M at 0 every round and sends no momenta; with α = 0 no D is
-    sent, and the method is ``local-gluon`` in the run's geometry (Muon's with the Muon preset).
-
-    Where the paper is silent, fedgluon chose: M̄⁰ = 0 and D⁰ = 0 (sent, and counted, from round 0); D
-    in model units, so a radius schedule or per-layer radii carry over; D computed before the server
-    learning rate; the means over the accepted replies (FedAvg's weights, renormalised: partial
-    participation averages the clients that replied); a round with no accepted reply keeps M̄ and D; the
-    weight decay of the run's LMO step shrinks X before the blended move; non-matrix layers take the
-    geometry's LMO.
+        M ← βM + (1−β)g                    (from M̄ each round; from 0 with momentum_aggregation=False)
+        X ← s·X + (1−α)·t·lmo(M) + α·D,    D = mean_i Δ_i / τ of the last round
+        server: X ← X + η_s·mean_i Δ_i,    M̄ ← mean_i M_i     (means over the accepted replies)
     """
 
     name = "fedmuon"
@@ -169,35 +141,15 @@ class FedMuon(FederatedMuon):
 
 
 class FedMuonBC(FederatedMuon):
-    """``fedmuon-bc`` — FedMuon, federated learning with bias-corrected LMO-based optimisation (Takezawa,
-    Koloskova, Jiang, Stich, arXiv 2509.26337, Alg. 1). Client i of S sampled from n, round r, local
-    step k = 0..K−1, with SCAFFOLD-like control variates c_i (client) and c (server)::
+    """``fedmuon-bc`` — FedMuon, federated learning with bias-corrected LMO-based optimisation (Takezawa et
+    al., arXiv 2509.26337, Alg. 1; docs/ALGORITHMS.md §14.2: the paper's equations, reduction and choices).
+    Client i with its momentum m_i as control variate c_i (client state), the server's c, weights w_i over
+    all clients (not renormalised over the accepted ones)::
 
-        m_i^{r,0} = c_i^r,   m_i^{r,k+1} = (1−a) m_i^{r,k} + a ∇f_i(x_i^{r,k}; ξ)
-        x_i^{r,k+1} = x_i^{r,k} + η lmo(m_i^{r,k+1} − c_i^r + c^r)
-        c_i^{r+1} = m_i^{r,K},   c^{r+1} = c^r + (1/n) Σ_{i∈S} (c_i^{r+1} − c_i^r)
-        x^{r+1} = x^r + (1/n) Σ_{i∈S} (x_i^{r,K} − x^r)
+        m ← βm + (1−β)g   (from c_i);     X ← s·X + t·lmo(m − c_i + c)
+        uplink Δx_i, Δc_i = m − c_i;     server: X ← X + η_s Σ_{i∈S} w_i Δx_i,   c ← c + Σ_{i∈S} w_i Δc_i
 
-    The correction makes the LMO see ``m_i − c_i + c``: the client's drift from its own last momentum,
-    around the mean of all clients' last momenta; without it (c_i = c) this is Local Muon, which the
-    paper shows need not converge under heterogeneity. fedgluon's ``beta = 1 − a``; the radius t of the
-    run's geometry and schedule is η; ``1/n`` is the client weight w_i (uniform or by samples, Σ_i w_i = 1
-    over all n clients: the sums are not renormalised over the accepted clients, as in the paper).
-
-    Reduction (implied by the paper: c = Σ_i w_i c_i at every round, so the correction vanishes when every
-    client's control variate is the same): one client, or identical clients on full batches with full
-    participation, server_lr = 1, is centralised Muon, ``M ← βM + (1−β)g``, ``X ← X + t lmo(M)``, run for
-    R·τ steps with the momentum kept across rounds (tests/unit/test_fedmuon.py).
-
-    Communication: uplink ``Δx_i = x_i^{r,K} − x^r`` and ``Δc_i = c_i^{r+1} − c_i^r`` (2d values, through
-    the run's compressor with its error feedback); downlink ``x`` and ``c`` (2d values). Client state
-    (the table): its momentum m_i, which is its control variate c_i.
-
-    Where the paper is silent (or not read here: its algorithm box was taken from a public reproduction
-    that cites it line by line), fedgluon chose: β = 0.9, τ = 5, server_lr = 1; c⁰ = c_i⁰ = 0; a
-    rejected or absent client keeps c_i and contributes nothing to c or x; with a lossy compressor the
-    client still keeps its exact m as c_i, so c drifts from Σ_i w_i c_i by the compression error (use the
-    identity compressor, the default, for the paper's method); weight decay as the run's LMO step.
+    server_lr defaults to 1; use the identity compressor (the default) for the paper's method.
     """
 
     name = "fedmuon-bc"

@@ -1,32 +1,10 @@
 """DiLoCo and MuLoCo: H inner steps with a kept inner optimizer, a compressed pseudo-gradient, an outer
 Nesterov step (docs/ALGORITHMS.md §15).
 
-**DiLoCo** (Douillard et al., arXiv 2311.08105, Algorithm 1). Round k, client j starts from the broadcast
-``X = X^k`` and takes H inner steps of its own optimizer (AdamW) on its own minibatches::
-
-    X_j^0 = X,   X_j^{h+1} = InnerOpt(X_j^h, ∇f_j(X_j^h; ξ_{j,h}))          h = 0, …, H−1
-    Δ_j = X − X_j^H                                                       (the pseudo-gradient)
-    Δ   = Σ_{j∈S} w_j Δ_j / Σ_{j∈S} w_j
-    X^{k+1} = OuterOpt(X, Δ):  b ← μ b + Δ,   X^{k+1} = X − η_out (Δ + μ b)   (Nesterov SGD)
-
-with the paper's outer defaults ``η_out = 0.7``, ``μ = 0.9`` (``outer_lr``, ``outer_momentum``) and
-AdamW inside (``X ← X(1 − ηλ) − η m̂/(√v̂ + ε)``, :class:`~fedgluon.lmo.estimators.AdamMoments`).
-Each worker keeps its inner optimizer's state across rounds (Algorithm 1 never resets it): here it
-is the client-state row's ``inner`` piece, so it checkpoints, is committed for accepted clients
-only, and its bytes are part of the client-state memory figures.
-
-**MuLoCo** (Thérien et al., arXiv 2505.23725): DiLoCo with Muon as the inner optimizer, here the
-layer-wise LMO step of the run's geometry (``muon`` preset: ``X_i ← X_i + t_i lmo_i(M_i)``) on the
-Nesterov EMA momentum ``M ← βM + (1−β)g``, estimate ``(1−β)g + βM`` (β = 0.95, Muon's defaults),
-with M kept across rounds; and the pseudo-gradient compressed with error feedback (EF14)::
-
-    p_j = C(e_j + Δ_j),   e_j ← e_j + Δ_j − p_j,   Δ = Σ_j w_j p_j / Σ_j w_j
-
-with top-k or low-bit quantisers; its default ``C`` is the deterministic 2-bit quantiser with a
-per-tensor scale (``compressor: int2``, :class:`compressors.values.SymmetricInt`: the symmetric absmax
-grid {−s, 0, s}, s = max|v|; [RECON] the paper's own definition of its grid was not available here).
-
-Both take any compressor and ``error_feedback`` (``none`` or ``ef14``, which needs a contractive compressor:
+The papers, update equations and defaults: docs/ALGORITHMS.md §15.1 (DiLoCo), §15.2 (MuLoCo), §15.3 (int-b).
+A client's inner optimizer state (AdamW's moments and step count; MuLoCo's Nesterov EMA momentum
+``M ← βM + (1−β)g``, estimate ``(1−β)g + βM``) is its client-state row's ``inner`` piece. Both take any
+compressor and ``error_feedback`` (``none`` or ``ef14``, which needs a contractive compressor:
 ``compressors.check_contractive``; DiLoCo's default: identity, none; MuLoCo's: int2, ef14).
 
 **Choices fedgluon made where the papers are silent** (or set for language-model scale):

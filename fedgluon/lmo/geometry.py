@@ -6,20 +6,9 @@ declare them: a model may carry ``parameter_roles = {"head.*": "head", "tok_emb.
 (fnmatch patterns on parameter names), or the caller passes ``roles=``. Undeclared parameters get
 a role from their shape: ≥3-D → ``conv``, 2-D → ``hidden``, ≤1-D → ``vector``.
 
-Presets (role → norm; Scion's ``Auto`` rules, docs/ALGORITHMS.md §1.1 and §4):
-
-| role                 | ``scion``                                   | ``muon``                                 |
-| -------------------- | ------------------------------------------- | ---------------------------------------- |
-| hidden (d_out×d_in)  | spectral, c = sqrt(d_in/d_out)              | spectral, c = 1/sqrt(max(1, d_out/d_in)) |
-| conv (C_out×C_in×k…) | spectral of reshape, c = k·sqrt(C_in/C_out) | the hidden rule on the reshape           |
-| embedding (V×D)      | row, c = 1/sqrt(D)                          | as scion                                 |
-| head (d_out×d_in)    | sign, c = d_in                              | as scion                                 |
-| vector               | rms                                         | as scion                                 |
-
-(k = product of kernel sizes; Scion's SpectralConv divides by k² for a k×k kernel; ``muon``'s hidden c is
-Muon's shape scale.) The other presets use one rule for every parameter: ``euclidean``, euclidean
-(layer-wise normalised GD); ``sign``, sign with c = 1 (layer-wise signGD); ``muon_mvr``, by shape: 2-D
-spectral with c = 1/(0.2·sqrt(max(d_out, d_in))), embeddings and heads too, others identity.
+Presets (role → norm, with shape factors c; Scion's ``Auto`` rules): ``scion``, ``muon``, ``euclidean``,
+``sign``, ``muon_mvr``, tabled in docs/ALGORITHMS.md §1.1 (k there is the product of the kernel sizes: Scion's
+SpectralConv divides by k² for a k×k kernel; ``muon``'s hidden c is Muon's shape scale).
 
 ``muon_mvr`` is the geometry of the Muon-MVR code (the ``form: reference`` of ``muon_mvr1/2``,
 :class:`fedgluon.lmo.estimators.MuonMVR`): a 2-D parameter moves by ``lr·0.2·sqrt(max(m, n))·UVᵀ``

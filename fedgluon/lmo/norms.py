@@ -11,15 +11,8 @@ and ``<G, lmo(G)> = −‖G‖_*``, ``‖lmo(G)‖ = 1`` (0 for G = 0). ``lmo`` 
 All methods act on a batch: the input has shape ``(B, *param_shape)`` so that same-shape
 parameters are handled in one call; ``norm``/``dual`` return shape ``(B,)``.
 
-| class       | base(X)                          | lmo_base(G)                 | base_*(G)          |
-| ----------- | -------------------------------- | --------------------------- | ------------------ |
-| Spectral    | σ_max of the (d0, rest) reshape  | −U Vᵀ                       | nuclear ‖G‖_S1     |
-| Sign        | max_ij |X_ij|  (ℓ1→ℓ∞ operator)  | −sign(G)                    | Σ |G_ij|           |
-| ColNorm     | max_j ‖X[:, j]‖₂ (ℓ1→ℓ2)         | −G[:, j] / ‖G[:, j]‖₂       | Σ_j ‖G[:, j]‖₂     |
-| RowNorm     | max_i ‖X[i, :]‖₂ (ℓ2→ℓ∞)         | −G[i, :] / ‖G[i, :]‖₂       | Σ_i ‖G[i, :]‖₂     |
-| Euclidean   | ‖X‖_F                            | −G / ‖G‖_F                  | ‖G‖_F              |
-
-RMS is ``Euclidean`` with ``c = 1/sqrt(numel)`` (Scion's BiasRMS: ``lmo = −G / rms(G)``).
+The classes (Spectral, Sign, ColNorm, RowNorm, Euclidean; RMS is Euclidean with ``c = 1/sqrt(numel)``) and
+their base norms, LMOs and duals: the table in docs/ALGORITHMS.md §1.1.
 
 ``Identity`` is *not* a norm ball: its "LMO" is ``−G/c``, so the step ``X + t·lmo(G)`` moves along the
 estimate itself (unnormalised). It serves parameters whose estimator already returns the step direction,

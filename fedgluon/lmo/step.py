@@ -60,9 +60,11 @@ class LMOStep:
         (per row for a block: shape (R,))."""
         return 1.0 - self.decay * info.radii[name] / self.geometry.params[name].radius
 
-    def directions(self, estimate: Mapping[str, Tensor], k: int) -> tuple[Tensors, StepInfo]:
-        """The displacement ``t_i lmo_i(G_i)`` of every parameter (before weight decay), per row for a block."""
-        dirs, duals = self.geometry.lmo_and_dual(estimate)
+    def directions(self, estimate: Mapping[str, Tensor], k: int,
+                   given: tuple[Mapping[str, Tensor], Mapping[str, Tensor]] | None = None) -> tuple[Tensors, StepInfo]:
+        """The displacement ``t_i lmo_i(G_i)`` of every parameter (before weight decay), per row for a block;
+        ``given``: the LMOs and dual norms (:meth:`Geometry.lmo_and_dual`'s pair) computed by the caller."""
+        dirs, duals = given if given is not None else self.geometry.lmo_and_dual(estimate)
         one = next(iter(duals.values()), torch.zeros(())).ndim == 0
         if one:
             radii = self.radius_rule.radii(k, self.geometry, duals)
@@ -98,9 +100,11 @@ class LMOStep:
         return x.mul_(s) if inplace else x * s
 
     def apply(self, params: Mapping[str, Tensor], estimate: Mapping[str, Tensor], k: int,
-              *, inplace: bool = False) -> tuple[Tensors, StepInfo]:
-        """New parameters after one step (written into ``params`` when ``inplace``)."""
-        moves, info = self.directions(estimate, k)
+              *, inplace: bool = False,
+              given: tuple[Mapping[str, Tensor], Mapping[str, Tensor]] | None = None) -> tuple[Tensors, StepInfo]:
+        """New parameters after one step (written into ``params`` when ``inplace``; ``given`` as in
+        :meth:`directions`)."""
+        moves, info = self.directions(estimate, k, given)
         out = {}
         with torch.no_grad():
             for name, x in params.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -191,10 +192,8 @@ def sweep(config: str | None, args: tuple[str, ...], name: str | None, parallel:
               help="continue the interrupted tune in this directory (no CONFIG, ARGS or other options)")
 @click.option("--quiet", is_flag=True, help="no line per finished trial")
 @click.option("--verbose", is_flag=True, help="Ray Tune's own progress tables and the trials' logs")
-def tune(config: str | None, args: tuple[str, ...], algorithms: tuple[str, ...], metric: str, mode: str, name: str,
-         search: str, samples: int | None, scheduler: str, grace_period: int | None, reduction_factor: float,
-         cpus_per_trial: float, gpus_per_trial: float, parallel: int, storage_path: str | None,
-         resume_dir: str | None, quiet: bool, verbose: bool) -> None:
+def tune(config: str | None, args: tuple[str, ...], algorithms: tuple[str, ...], resume_dir: str | None, quiet: bool,
+         verbose: bool, **options: Any) -> None:
     """Tune each algorithm over the grid in ARGS (e.g. "algorithm.lr=[0.01,0.03,0.1]") on Ray Tune and print
     the best; writes <output.dir>/<name>/ (tuned.csv, best.json, <algorithm>/best.yaml; fedgluon/exp/tuning.py)."""
     from fedgluon.config.schema import ConfigError
@@ -213,10 +212,7 @@ def tune(config: str | None, args: tuple[str, ...], algorithms: tuple[str, ...],
 
             algs = [OmegaConf.to_container(OmegaConf.create(a)) if a.strip().startswith("{") else a.strip()
                     for a in algorithms]
-            out = run_tune(config, args, algs, metric=metric, mode=mode, name=name, search=search, samples=samples,
-                           scheduler=scheduler, grace_period=grace_period, reduction_factor=reduction_factor,
-                           cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, parallel=parallel,
-                           storage_path=storage_path, progress=not quiet, verbose=verbose)
+            out = run_tune(config, args, algs, progress=not quiet, verbose=verbose, **options)
     except ConfigError as err:
         _fail(err)
         return

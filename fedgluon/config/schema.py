@@ -378,16 +378,10 @@ def spec_of(cfg: DictConfig) -> dict[str, Any]:
 
     c = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(c, dict)
-    participation = c["participation"]
-    if isinstance(participation, float) and participation > 1:
-        participation = int(participation)
-    return specs.normalise({"task": c["task"], "geometry": c["geometry"], "algorithm": c["algorithm"],
-                            "rounds": c["rounds"], "seed": c["seed"], "participation": participation,
-                            "weights": c["weights"], "eval_every": c["eval_every"], "threads": c["threads"],
-                            "round_timeout": c["round_timeout"], "node_timeout": c["node_timeout"],
-                            "faults": c["faults"], "block_size": c["engine"]["block_size"],
-                            "client_device": c["engine"]["client_device"],
-                            "max_failed_rounds": c["max_failed_rounds"]})
+    spec = {k: c[k] if k in c else c["engine"][k] for k in specs.DEFAULTS}  # block_size, client_device: engine's
+    if isinstance(spec["participation"], float) and spec["participation"] > 1:
+        spec["participation"] = int(spec["participation"])
+    return specs.normalise(spec)
 
 
 def run_name(cfg: DictConfig) -> str:

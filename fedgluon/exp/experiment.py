@@ -283,6 +283,11 @@ def _write_results(out: Path, cfg: DictConfig, history, clients, final, wall: fl
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
+SUMMARY_METRICS = ("final_test_accuracy final_test_loss best_test_accuracy best_test_loss final_grad_dual_norm "
+                   "uplink_bits_per_client sim_time").split()
+"""The measured fields of :func:`summarise`'s summary, which sweep tables aggregate and tunes rank by."""
+
+
 def summarise(frame: pd.DataFrame, cfg: DictConfig, wall: float) -> dict[str, Any]:
     def last(col: str) -> float | None:
         if col not in frame or frame[col].dropna().empty:

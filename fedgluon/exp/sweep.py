@@ -35,7 +35,7 @@ from fedgluon.config import schema as configs
 from fedgluon.config.run_dir import MARKER, prepare_dir
 from fedgluon.config.sections import differences, differing_keys, dotted, listed
 from fedgluon.exp.cluster import with_absolute_data_paths
-from fedgluon.exp.experiment import is_complete, run
+from fedgluon.exp.experiment import SUMMARY_METRICS, is_complete, run
 from fedgluon.exp.resume import CHECKPOINT
 
 
@@ -345,9 +345,8 @@ def load_members(sweep_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-TABLE_METRICS = ("final_test_accuracy", "final_test_loss", "best_test_accuracy", "best_test_loss",
-                 "final_grad_dual_norm", "uplink_bits_per_client", "bits_to_target", "sim_time")
-"""Summary fields a sweep table aggregates over seeds (those the runs measured) and ``tune`` can rank by."""
+TABLE_METRICS = (*SUMMARY_METRICS[:-1], "bits_to_target", SUMMARY_METRICS[-1])
+"""The fields a sweep table aggregates over seeds (those the runs measured), in table.csv's column order."""
 
 
 def summarise(sweep_dir: str | Path, target: float | None = None, target_fraction: float = 0.95,

@@ -23,12 +23,13 @@ checkpoint. A directory in use by another run is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -289,19 +290,16 @@ SUMMARY_METRICS = ("final_test_accuracy final_test_loss best_test_accuracy best_
 
 
 def summarise(frame: pd.DataFrame, cfg: DictConfig, wall: float) -> dict[str, Any]:
-    def last(col: str) -> float | None:
-        if col not in frame or frame[col].dropna().empty:
-            return None
-        return float(frame[col].dropna().iloc[-1])
-
-    def best(col: str, fn) -> float | None:
-        return None if col not in frame or frame[col].dropna().empty else float(fn(frame[col].dropna()))
+    def last(col: str, of: Callable[[pd.Series], Any] = lambda s: s.iloc[-1]) -> float | None:
+        """``of`` the column's measured values (by default the last); None where there are none."""
+        values = frame[col].dropna() if col in frame else None
+        return None if values is None or values.empty else float(of(values))
 
     out = {
         "name": run_name(cfg), "algorithm": cfg.algorithm["name"], "task": cfg.task["name"], "seed": int(cfg.seed),
         "rounds": len(frame), "engine": cfg.engine.name,
         "final_test_loss": last("test_loss"), "final_test_accuracy": last("test_accuracy"),
-        "best_test_accuracy": best("test_accuracy", max), "best_test_loss": best("test_loss", min),
+        "best_test_accuracy": last("test_accuracy", max), "best_test_loss": last("test_loss", min),
         "final_grad_dual_norm": last("grad_dual_norm"),
         "uplink_bits_total": last("up_bits_cum"), "uplink_bits_per_client": last("up_bits_per_client_cum"),
         "downlink_bits_total": last("down_bits_cum"), "sim_time": last("sim_time"),
@@ -312,39 +310,27 @@ def summarise(frame: pd.DataFrame, cfg: DictConfig, wall: float) -> dict[str, An
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
 
 
-class _progress:
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int, label: str, start: int = 0) -> Iterator[Callable[[dict[str, Any]], None]]:
     """A rich progress bar over rounds on a terminal, a plain line every tenth of the run elsewhere (a no-op
     when disabled)."""
+    def info(row: dict[str, Any]) -> list[str]:
+        return [f"{k}={row[k]:.4g}" for k in ("test_loss", "test_accuracy") if k in row]
 
-    def __init__(self, enabled: bool, total: int, label: str, start: int = 0):
-        self.enabled, self.total, self.label, self.start = enabled, total, label, start
-        self.bar: Any = None  # rich's Progress, on a terminal
+    if not enabled:
+        yield lambda row: None
+    elif not sys.stdout.isatty():  # a pipe or a file: plain lines, about ten a run (rich cuts a bar to 80 columns)
+        every = max(1, total // 10)
 
-    def __enter__(self):
-        if not self.enabled:
-            return lambda row: None
-        if not sys.stdout.isatty():  # a pipe or a file: plain lines, about ten a run (rich cuts a bar to 80 columns)
-            every = max(1, self.total // 10)
-
-            def line(row: dict[str, Any]) -> None:
-                done = int(row["round"]) + 1
-                if done % every == 0 or done == self.total:
-                    info = "".join(f" {k}={row[k]:.4g}" for k in ("test_loss", "test_accuracy") if k in row)
-                    print(f"{self.label}: round {done}/{self.total}{info}", flush=True)
-            return line
+        def line(row: dict[str, Any]) -> None:
+            done = int(row["round"]) + 1
+            if done % every == 0 or done == total:
+                print(" ".join([f"{label}: round {done}/{total}", *info(row)]), flush=True)
+        yield line
+    else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-        self.bar.__enter__()
-        self.task = self.bar.add_task(self.label, total=self.total, completed=self.start, info="")
-
-        def tick(row: dict[str, Any]) -> None:
-            info = " ".join(f"{k}={row[k]:.4g}" for k in ("test_loss", "test_accuracy") if k in row)
-            self.bar.update(self.task, advance=1, info=info)
-        return tick
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-        return False
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      TextColumn("{task.fields[info]}")) as bar:
+            task = bar.add_task(label, total=total, completed=start, info="")
+            yield lambda row: bar.update(task, advance=1, info=" ".join(info(row)))

@@ -42,17 +42,11 @@ def runtime_env(address: str | None) -> dict[str, Any]:
 
     if not address:
         return {"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}}
-    # regular packages: their __file__ is set
-    modules = [str(Path(sys.modules[name].__file__).parent) for name in _imported(PACKAGES)]  # type: ignore[arg-type]
-    return {"py_modules": modules, "excludes": ["__pycache__", "*.pyc"], "env_vars": dict(QUIET_ENV)}
-
-
-def _imported(names: Sequence[str]) -> list[str]:
     import importlib
 
-    for name in names:
-        importlib.import_module(name)
-    return list(names)
+    # regular packages: their __file__ is set
+    modules = [str(Path(importlib.import_module(n).__file__).parent) for n in PACKAGES]  # type: ignore[arg-type]
+    return {"py_modules": modules, "excludes": ["__pycache__", "*.pyc"], "env_vars": dict(QUIET_ENV)}
 
 
 def connect(address: str | None, *, num_cpus: float | None = None, task_share: Mapping[str, float] | None = None,

@@ -1,24 +1,8 @@
-"""Run one experiment config and write ``runs/<name>/``:
-
-| file | content |
-| --- | --- |
-| ``config.yaml`` | the resolved config |
-| ``partition.csv`` | client sizes (and label histograms) |
-| ``metrics.csv`` | one row per round (:data:`METRIC_COLUMNS` documents the columns) |
-| ``clients.csv`` | one row per sampled client per round: accepted / rejected / failed, reason, loss, bits |
-| ``summary.json`` | final and best metrics, totals, wall time; ``"complete": true`` is written last |
-| ``model.pt`` | the final parameters (a dict of tensors, ``torch.load(..., weights_only=True)``) |
-| ``plots.png`` | test loss and accuracy vs rounds and vs cumulative uplink bits per client |
-
-| ``checkpoint.pt`` | while the run is unfinished: the state to resume from, with its rows journal |
-| ``checkpoint.pt.rows.<id>.jsonl`` | (fedgluon/sim/checkpoint.py) |
-
-| ``.fedgluon-run`` | the marker of a directory fedgluon created, and the lock a run holds on it (:data:`MARKER`) |
-
-A directory without ``"complete": true`` in its summary is never reported as complete; an existing
-directory is only replaced with ``overwrite`` and only if it holds the marker (fedgluon/config/run_dir.py);
-``run(cfg, resume=True)`` (``fedgluon run --resume DIR``) continues an unfinished one from its
-checkpoint. A directory in use by another run is refused.
+"""Run one experiment config and write ``runs/<name>/``: ``config.yaml``, ``partition.csv``, ``metrics.csv``
+(:data:`METRIC_COLUMNS`), ``clients.csv``, ``summary.json`` (``"complete": true`` written last), ``model.pt``,
+``plots.png``, the marker ``.fedgluon-run`` (:data:`MARKER`, also the run's lock) and, while the run is unfinished,
+``checkpoint.pt`` with its rows journal (fedgluon/sim/checkpoint.py). The README ("Experiments: configs, runs,
+sweeps") describes each file and when a directory may be replaced (fedgluon/config/run_dir.py) or resumed.
 """
 
 from __future__ import annotations
@@ -121,20 +105,11 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
         on_round: Callable[[dict[str, Any]], None] | None = None, resume: bool = False, grid: Any = None) -> Path:
     """Run ``cfg`` on its engine and write the run directory (module docstring); returns its path.
     ``grid``: a Flower deployment's Grid (the ServerApp of ``flwr run``, fedgluon/flower/deployment.py), which is
-    then the engine instead of ``engine.name``.
-
-    The directory is created with its :data:`MARKER` (or, with ``output.overwrite``, an existing
-    fedgluon run directory is emptied, see :func:`prepare_dir`) and stays locked until the run ends,
-    so no other run can write into it or replace it meanwhile.
-
-    Every ``output.checkpoint_every`` rounds, on SIGINT/SIGTERM, on a dead Ray actor, on a NaN/Inf the
-    server computed and after ``max_failed_rounds`` rounds without an accepted client,
-    ``checkpoint.pt`` is written; all but the first raise :class:`~fedgluon.sim.checkpoint.RunStopped` after
-    writing the metrics so far (summary with ``"complete": false`` and the reason), as does an I/O error
-    while saving (:class:`~fedgluon.sim.checkpoint.SaveFailed`, the last complete checkpoint intact).
-    ``resume=True`` continues the run in ``out_dir`` from its checkpoint, after checking it (a bad one is a
-    ConfigError) and removing what killed saves left; the final metrics equal an uninterrupted run's in
-    every column but the wall times. The run computes with ``cfg.threads`` torch threads, the caller's
+    then the engine instead of ``engine.name``. The directory is created with its :data:`MARKER` (or, with
+    ``output.overwrite``, emptied: :func:`prepare_dir`) and stays locked until the run ends. Checkpoints and stops
+    are the README's ("Interrupted runs, faults and stops"): a stop raises
+    :class:`~fedgluon.sim.checkpoint.RunStopped` after writing the metrics so far; ``resume=True`` continues the
+    run in ``out_dir`` from its checkpoint. The run computes with ``cfg.threads`` torch threads, the caller's
     count restored after (fedgluon/runtime/threads.py)."""
     out = Path(out_dir) if out_dir is not None else Path(cfg.output.dir) / run_name(cfg)
     if resume and cfg.output.overwrite:

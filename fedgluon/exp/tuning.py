@@ -1,34 +1,9 @@
 """``fedgluon tune``: hyper-parameter search on Ray Tune, one :class:`ray.tune.Tuner` per algorithm.
 
-``fedgluon tune CONFIG "algorithm.lr=[0.3,1,3,10]" "seed=[0,1]" --algorithm gluon --algorithm "{name: ...}"``
-searches the grid axes of ``ARGS`` (the syntax of ``fedgluon sweep``, :func:`fedgluon.exp.sweep.parse_grid`)
-for every algorithm: the whole grid (``search="grid"``) or ``samples`` random points of it
-(``search="random"``). Every trial runs the config on fedgluon's plain engine in a Ray actor with
-``cpus_per_trial``/``gpus_per_trial`` and reports, after every round, the summary fields a run would
-write if it stopped there (:data:`METRICS`, plus ``round`` and ``client_rounds``, the client steps so
-far), so the ASHA scheduler (``scheduler="asha"``, over ``round``) stops poor trials early; ``"fifo"``
-runs every trial to the end. The last round is reported only once the run directory is complete. A run
-that stops itself (a NaN/Inf from too large a radius, rounds without a reply) ends its trial
-incomplete, with the reason in ``stopped``; any other exception fails the trial.
-
-The tune directory ``<output.dir>/<name>/`` holds:
-
-| path | content |
-| --- | --- |
-| ``tune.json`` | the request: config, overrides, grid, algorithms, metric, search, scheduler, resources |
-| ``tuned.csv`` | one row per trial: algorithm, config, grid values, ``rounds`` run, ``complete``, the |
-| | metrics at its last round, ``client_rounds``, ``status``, ``stopped``, ``best``, ``run_dir`` |
-| ``best.json`` | per algorithm: the best config, its metric and its trials |
-| ``<algorithm>/best.yaml`` | the best trial's full config (``fedgluon run`` it to reproduce the trial) |
-| ``<algorithm>/runs/<member>/`` | every trial's run directory (an early-stopped one is incomplete) |
-| ``<algorithm>/`` | Ray Tune's experiment state and trial directories (or under ``storage_path``) |
-
-An algorithm's best config is the one with the best ``metric`` (mean over its seeds) among the trials
-that ran every round: a trial stopped early was measured at an earlier round, so it never competes.
-An interrupted tune (Ctrl-C, a failed trial, a lost node) continues with :func:`resume`: algorithms
-that finished are kept, and the others go on with ``Tuner.restore`` (trials that finished are not run
-again; unfinished and failed ones start again). Several nodes need a ``storage_path`` that every node
-reaches (NFS or cloud storage, Ray's requirement) and ``output.dir`` on a shared filesystem.
+The README ("Tuning (Ray Tune)") describes the options, ASHA, the tune directory and ``--resume``. Each trial
+reports after every round the summary fields a run would write if it stopped there (:data:`METRICS`, ``round``,
+``client_rounds``), the last round once its run directory is complete; a run that stops itself (a NaN/Inf) ends
+its trial incomplete, with the reason in ``stopped``, and any other exception fails the trial.
 """
 
 from __future__ import annotations

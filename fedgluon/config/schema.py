@@ -1,15 +1,9 @@
 """Experiment configuration: OmegaConf structured configs (dataclasses), YAML files and ``key=value``
-overrides, validated with errors that name the field and the allowed values.
-
-The defaults *are* the small, meaningful run that ``fedgluon run`` does with no arguments:
-10 LEAF-synthetic clients, Gluon-EF21-SARAH with top-5% uplink compression, 30 rounds on Flower's
-Ray engine. ``task``, ``geometry`` and ``algorithm`` are open mappings checked by their builders
-(each builder names the allowed options); everything else is typed here, and :data:`RULES` gives
-every field's allowed values (numbers are finite). A bad value is one :class:`ConfigError` naming
-the field and its allowed values, whether it is out of range, of the wrong type or missing: null
-(``key=null``, or an empty ``key:`` in YAML); OmegaConf's ``???`` merges as "not given" and keeps
-the default. ``output.overwrite`` is never read from a file or an override (:func:`load`'s
-``overwrite``).
+overrides, validated with errors that name the field and the allowed values (README "Experiments: configs,
+runs, sweeps"). The defaults *are* the small, meaningful run of ``fedgluon run`` with no arguments. ``task``,
+``geometry`` and ``algorithm`` are open mappings checked by their builders; everything else is typed here,
+:data:`RULES` gives every field's allowed values (numbers are finite), and ``output.overwrite`` is never read
+from a file or an override (:func:`load`'s ``overwrite``).
 """
 
 from __future__ import annotations
@@ -378,16 +372,10 @@ def spec_of(cfg: DictConfig) -> dict[str, Any]:
 
     c = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(c, dict)
-    participation = c["participation"]
-    if isinstance(participation, float) and participation > 1:
-        participation = int(participation)
-    return specs.normalise({"task": c["task"], "geometry": c["geometry"], "algorithm": c["algorithm"],
-                            "rounds": c["rounds"], "seed": c["seed"], "participation": participation,
-                            "weights": c["weights"], "eval_every": c["eval_every"], "threads": c["threads"],
-                            "round_timeout": c["round_timeout"], "node_timeout": c["node_timeout"],
-                            "faults": c["faults"], "block_size": c["engine"]["block_size"],
-                            "client_device": c["engine"]["client_device"],
-                            "max_failed_rounds": c["max_failed_rounds"]})
+    spec = {k: c[k] if k in c else c["engine"][k] for k in specs.DEFAULTS}  # block_size, client_device: engine's
+    if isinstance(spec["participation"], float) and spec["participation"] > 1:
+        spec["participation"] = int(spec["participation"])
+    return specs.normalise(spec)
 
 
 def run_name(cfg: DictConfig) -> str:

@@ -1,17 +1,8 @@
-"""A run specification: one plain mapping that every engine (plain driver, in-process Flower grid,
-Flower on Ray, ``flwr run``) turns into the same task and algorithm.
-
-    {"task": {"name": "synthetic", "num_clients": 10},
-     "geometry": {"preset": "scion"},
-     "algorithm": {"name": "gluon-ef21-sarah", "lr": 0.05, "compressor": {"name": "topk", "ratio": 0.05}},
-     "rounds": 20, "seed": 0, "participation": 1.0, "weights": "uniform", "eval_every": 1,
-     "threads": 1, "round_timeout": 120.0, "faults": {"raise_prob": 0.1}}
-
-``faults`` (optional) injects client failures (fedgluon/sim/faults.py); ``block_size`` virtual clients
-are simulated per Flower node (fedgluon/clients/blocks.py); ``client_device`` (``"cpu"``, the default, ``"auto"``,
-``"cuda"``, ``"cuda:N"``) is where client blocks compute their vmapped gradients (fedgluon/clients/vectorised.py);
-``max_failed_rounds`` consecutive rounds without an accepted client stop the run (0: never;
-fedgluon/sim/federation.py).
+"""A run specification: one plain mapping that every engine (plain driver, in-process Flower grid, Flower on
+Ray, ``flwr run``) turns into the same task and algorithm; :data:`DEFAULTS` holds every key. ``faults``:
+fedgluon/sim/faults.py; ``block_size``: virtual clients per Flower node (fedgluon/clients/blocks.py), whose
+vmapped gradients are computed on ``client_device`` (fedgluon/clients/vectorised.py); ``max_failed_rounds``
+consecutive rounds without an accepted client stop the run (0: never; fedgluon/sim/federation.py).
 """
 
 from __future__ import annotations

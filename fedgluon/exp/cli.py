@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -61,6 +64,26 @@ def _fail(err: Exception) -> None:
     sys.exit(2)
 
 
+@contextlib.contextmanager
+def _reported(hint: str | None) -> Iterator[None]:
+    """A ConfigError as one ``error:`` line (exit 2); a stopped run as ``stopped: <reason>``, then ``hint``
+    (formatted with the stop's ``checkpoint``) where a resume can get past the stop (exit 130 after
+    SIGINT/SIGTERM, else 1)."""
+    from fedgluon.config.schema import ConfigError
+    from fedgluon.exp.resume import resumable
+    from fedgluon.sim.checkpoint import RunInterrupted, RunStopped
+
+    try:
+        yield
+    except ConfigError as err:
+        _fail(err)
+    except RunStopped as err:
+        click.echo(f"\nstopped: {err}", err=True)
+        if hint and err.checkpoint is not None and resumable(err):
+            click.echo(hint.format(checkpoint=err.checkpoint), err=True)
+        sys.exit(130 if isinstance(err, RunInterrupted) else 1)
+
+
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
@@ -79,14 +102,12 @@ def run(config: str | None, overrides: tuple[str, ...], engine: str | None, over
     SIGINT/SIGTERM stop the run after the current round with a checkpoint; --resume continues it.
     """
     from fedgluon.config.schema import ConfigError, load
-    from fedgluon.exp.experiment import resumable
     from fedgluon.exp.experiment import run as run_experiment
-    from fedgluon.sim.checkpoint import RunInterrupted, RunStopped
 
     if config is not None and "=" in config and not Path(config).exists():
         overrides, config = (config, *overrides), None
     extra = list(_with_engine(overrides, engine))
-    try:
+    with _reported("resume with: fedgluon run --resume {checkpoint.parent}"):
         if resume_dir is not None:
             if config is not None:
                 raise ConfigError("--resume takes the run's own config.yaml; pass overrides only, not a CONFIG file")
@@ -97,18 +118,10 @@ def run(config: str | None, overrides: tuple[str, ...], engine: str | None, over
             out = run_experiment(cfg, progress=not quiet, out_dir=resume_dir, resume=True)
         else:
             out = run_experiment(load(config, extra, overwrite=overwrite), progress=not quiet)
-    except ConfigError as err:
-        _fail(err)
-        return
-    except RunStopped as err:
-        click.echo(f"\nstopped: {err}", err=True)
-        if err.checkpoint is not None and resumable(err):
-            click.echo(f"resume with: fedgluon run --resume {err.checkpoint.parent}", err=True)
-        sys.exit(130 if isinstance(err, RunInterrupted) else 1)
     summary = json.loads((out / "summary.json").read_text())
     click.echo(f"\n{out}")
-    for key in ("algorithm", "task", "rounds", "final_test_loss", "final_test_accuracy", "uplink_bits_per_client",
-                "downlink_bits_total", "sim_time", "rejected", "failed", "wall_time"):
+    for key in ("algorithm task rounds final_test_loss final_test_accuracy uplink_bits_per_client downlink_bits_total "
+                "sim_time rejected failed wall_time").split():
         value = summary.get(key)
         click.echo(f"  {key:24s} {value:.6g}" if isinstance(value, float) else f"  {key:24s} {value}")
     click.echo(f"  files: {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))}")
@@ -127,34 +140,24 @@ def sweep(config: str | None, args: tuple[str, ...], name: str | None, parallel:
           quiet: bool, target: float | None) -> None:
     """Sweep CONFIG over a grid: key=[a,b,c] axes (seed=[0,1,2] for seeds), key=value overrides."""
     from fedgluon.config.schema import ConfigError
-    from fedgluon.exp.experiment import resumable
     from fedgluon.exp.sweep import sweep as run_sweep
-    from fedgluon.sim.checkpoint import RunInterrupted, RunStopped
 
     if config is not None and "=" in config and not Path(config).exists():
         args, config = (config, *args), None
     args = _with_engine(args, engine)
-    try:
+    with _reported("continue with the same sweep command: complete members are kept and this one resumes from "
+                   "{checkpoint}"):
         if parallel > 0 and engine not in (None, "plain"):
             raise ConfigError(f"--parallel runs every member on the plain engine; --engine {engine} cannot go "
                               f"with it (use --engine plain, or no --parallel)")
         out = run_sweep(config, args, name=name, progress=not quiet, parallel=parallel, target=target)
-    except ConfigError as err:
-        _fail(err)
-        return
-    except RunStopped as err:
-        click.echo(f"\nstopped: {err}", err=True)
-        if err.checkpoint is not None and resumable(err):
-            click.echo("continue with the same sweep command: complete members are kept and this one resumes "
-                       f"from {err.checkpoint}", err=True)
-        sys.exit(130 if isinstance(err, RunInterrupted) else 1)
     import pandas as pd
 
     table = pd.read_csv(out / "table.csv") if (out / "table.csv").exists() else pd.DataFrame()
     click.echo(f"\n{out}")
     if not table.empty and not quiet:
-        cols = [c for c in ("config", "final_test_accuracy_mean", "final_test_accuracy_std",
-                            "uplink_bits_per_client_mean", "bits_to_target_mean", "bits_to_target_count") if c in table]
+        cols = [c for c in ("config final_test_accuracy_mean final_test_accuracy_std uplink_bits_per_client_mean "
+                            "bits_to_target_mean bits_to_target_count").split() if c in table]
         click.echo(table[cols].to_string(index=False))
         if "bits_to_target_mean" in table and table["target_accuracy"].notna().any():
             given = json.loads((out / "sweep.json").read_text()).get("target") is not None
@@ -191,10 +194,8 @@ def sweep(config: str | None, args: tuple[str, ...], name: str | None, parallel:
               help="continue the interrupted tune in this directory (no CONFIG, ARGS or other options)")
 @click.option("--quiet", is_flag=True, help="no line per finished trial")
 @click.option("--verbose", is_flag=True, help="Ray Tune's own progress tables and the trials' logs")
-def tune(config: str | None, args: tuple[str, ...], algorithms: tuple[str, ...], metric: str, mode: str, name: str,
-         search: str, samples: int | None, scheduler: str, grace_period: int | None, reduction_factor: float,
-         cpus_per_trial: float, gpus_per_trial: float, parallel: int, storage_path: str | None,
-         resume_dir: str | None, quiet: bool, verbose: bool) -> None:
+def tune(config: str | None, args: tuple[str, ...], algorithms: tuple[str, ...], resume_dir: str | None, quiet: bool,
+         verbose: bool, **options: Any) -> None:
     """Tune each algorithm over the grid in ARGS (e.g. "algorithm.lr=[0.01,0.03,0.1]") on Ray Tune and print
     the best; writes <output.dir>/<name>/ (tuned.csv, best.json, <algorithm>/best.yaml; fedgluon/exp/tuning.py)."""
     from fedgluon.config.schema import ConfigError
@@ -204,22 +205,18 @@ def tune(config: str | None, args: tuple[str, ...], algorithms: tuple[str, ...],
     if config is not None and "=" in config and not Path(config).exists():
         args, config = (config, *args), None
     try:
-        if resume_dir is not None:
-            if config is not None or args or algorithms:
-                raise ConfigError("--resume continues the tune as it was asked; pass no CONFIG, ARGS or --algorithm")
-            out = resume(resume_dir, progress=not quiet, verbose=verbose)
-        else:
-            from omegaconf import OmegaConf
+        with _reported(None):
+            if resume_dir is not None:
+                if config is not None or args or algorithms:
+                    raise ConfigError("--resume continues the tune as it was asked; pass no CONFIG, ARGS or "
+                                      "--algorithm")
+                out = resume(resume_dir, progress=not quiet, verbose=verbose)
+            else:
+                from omegaconf import OmegaConf
 
-            algs = [OmegaConf.to_container(OmegaConf.create(a)) if a.strip().startswith("{") else a.strip()
-                    for a in algorithms]
-            out = run_tune(config, args, algs, metric=metric, mode=mode, name=name, search=search, samples=samples,
-                           scheduler=scheduler, grace_period=grace_period, reduction_factor=reduction_factor,
-                           cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, parallel=parallel,
-                           storage_path=storage_path, progress=not quiet, verbose=verbose)
-    except ConfigError as err:
-        _fail(err)
-        return
+                algs = [OmegaConf.to_container(OmegaConf.create(a)) if a.strip().startswith("{") else a.strip()
+                        for a in algorithms]
+                out = run_tune(config, args, algs, progress=not quiet, verbose=verbose, **options)
     except TuneIncomplete as err:
         click.echo(f"error: the tune did not finish ({err}); resume with: fedgluon tune --resume {err.tune_dir}",
                    err=True)

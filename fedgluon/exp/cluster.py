@@ -1,14 +1,8 @@
 """Ray clusters: connecting the driver, checking that the cluster can run what the config asks before
-anything is written, and recording where a run ran (``summary.json``'s ``nodes`` and ``devices``).
-
-On a cluster (``engine.address`` = ``auto`` or ``HOST:PORT``) the driver ships its own ``fedgluon``,
-``compressors`` and ``strategies`` packages to every node through Ray's ``runtime_env`` (``py_modules``),
-so the nodes need the same third-party packages (torch, flwr, ray...) but not fedgluon's code. Before a
-run, one probe task per node checks that it imports them at the driver's versions and finds the task's
-data files (``task.path`` / ``task.data_dir``, which must exist at the same path on every node);
-any failure is one :class:`~fedgluon.config.schema.ConfigError` line. A CPU or GPU share per client task
-that no node of the cluster can hold is refused the same way, in seconds, before any run directory
-exists (Ray would otherwise wait for resources that never come).
+anything is written, and recording where a run ran (``summary.json``'s ``nodes`` and ``devices``). The README
+("Ray cluster") gives the rules: this project's packages are shipped to the nodes, one probe task per node
+checks imports, versions and data files, and a CPU or GPU share no node holds is refused in seconds (Ray would
+otherwise wait for it forever), each failure one :class:`~fedgluon.config.schema.ConfigError` line.
 """
 
 from __future__ import annotations
@@ -42,28 +36,20 @@ def runtime_env(address: str | None) -> dict[str, Any]:
 
     if not address:
         return {"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}}
-    # regular packages: their __file__ is set
-    modules = [str(Path(sys.modules[name].__file__).parent) for name in _imported(PACKAGES)]  # type: ignore[arg-type]
-    return {"py_modules": modules, "excludes": ["__pycache__", "*.pyc"], "env_vars": dict(QUIET_ENV)}
-
-
-def _imported(names: Sequence[str]) -> list[str]:
     import importlib
 
-    for name in names:
-        importlib.import_module(name)
-    return list(names)
+    # regular packages: their __file__ is set
+    modules = [str(Path(importlib.import_module(n).__file__).parent) for n in PACKAGES]  # type: ignore[arg-type]
+    return {"py_modules": modules, "excludes": ["__pycache__", "*.pyc"], "env_vars": dict(QUIET_ENV)}
 
 
 def connect(address: str | None, *, num_cpus: float | None = None, task_share: Mapping[str, float] | None = None,
             data_paths: Sequence[str] = (), log_to_driver: bool = True) -> list[dict[str, Any]]:
-    """Start (``address`` None: a private local Ray with ``num_cpus`` CPUs) or join a Ray cluster, unless
-    Ray is already initialised in this process (then that instance is used as it is); returns its nodes
-    (:func:`ray_nodes`). ``task_share`` (``{"engine.num_cpus": 1, "engine.num_gpus": 0.5}``) is what each
-    task will ask for: a share no node holds is a :class:`ConfigError` naming the field and what the
-    cluster has. On a cluster each node is probed (:func:`probe_nodes`). ``log_to_driver=False`` keeps
-    the workers' output off this terminal. Ray is shut down again on any
-    error here; otherwise the caller (or Flower, at the end of a simulation) shuts it down."""
+    """Start (``address`` None: a private local Ray with ``num_cpus`` CPUs) or join a Ray cluster, unless Ray is
+    already initialised in this process (then used as it is); returns its nodes (:func:`ray_nodes`). A
+    ``task_share`` (``{"engine.num_cpus": 1}``) no node holds is a :class:`ConfigError`; on a cluster each node is
+    probed (:func:`probe_nodes`). Ray is shut down again on any error here; otherwise the caller (or Flower)
+    shuts it down."""
     import logging
 
     from fedgluon.flower.engines import _engine_notices_filtered, _quiet

@@ -1,10 +1,6 @@
 """``flwr run .``'s ServerApp (``pyproject.toml``'s ``serverapp``): a whole ``fedgluon run`` over a Flower
-deployment.
-
-It reads the ``fedgluon run`` config named by the Flower run config (``fedgluon.flower.deployment``) and
-writes the same run directory as ``fedgluon run`` (``fedgluon.exp.experiment``), to an absolute
-directory. A run that fails leaves ``"complete": false`` and the reason in its ``summary.json``
-(``flwr run`` exits 0 either way). The ClientApp of a deployment is ``fedgluon.flower.client_app.app``.
+deployment (README "Flower deployment"), writing the same run directory to an absolute directory; a run that
+fails leaves ``"complete": false`` and the reason in its ``summary.json`` (``flwr run`` exits 0 either way).
 """
 
 from __future__ import annotations

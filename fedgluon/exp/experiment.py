@@ -1,34 +1,19 @@
-"""Run one experiment config and write ``runs/<name>/``:
-
-| file | content |
-| --- | --- |
-| ``config.yaml`` | the resolved config |
-| ``partition.csv`` | client sizes (and label histograms) |
-| ``metrics.csv`` | one row per round (:data:`METRIC_COLUMNS` documents the columns) |
-| ``clients.csv`` | one row per sampled client per round: accepted / rejected / failed, reason, loss, bits |
-| ``summary.json`` | final and best metrics, totals, wall time; ``"complete": true`` is written last |
-| ``model.pt`` | the final parameters (a dict of tensors, ``torch.load(..., weights_only=True)``) |
-| ``plots.png`` | test loss and accuracy vs rounds and vs cumulative uplink bits per client |
-
-| ``checkpoint.pt`` | while the run is unfinished: the state to resume from, with its rows journal |
-| ``checkpoint.pt.rows.<id>.jsonl`` | (fedgluon/sim/checkpoint.py) |
-
-| ``.fedgluon-run`` | the marker of a directory fedgluon created, and the lock a run holds on it (:data:`MARKER`) |
-
-A directory without ``"complete": true`` in its summary is never reported as complete; an existing
-directory is only replaced with ``overwrite`` and only if it holds the marker (fedgluon/config/run_dir.py);
-``run(cfg, resume=True)`` (``fedgluon run --resume DIR``) continues an unfinished one from its
-checkpoint. A directory in use by another run is refused.
+"""Run one experiment config and write ``runs/<name>/``: ``config.yaml``, ``partition.csv``, ``metrics.csv``
+(:data:`METRIC_COLUMNS`), ``clients.csv``, ``summary.json`` (``"complete": true`` written last), ``model.pt``,
+``plots.png``, the marker ``.fedgluon-run`` (:data:`MARKER`, also the run's lock) and, while the run is unfinished,
+``checkpoint.pt`` with its rows journal (fedgluon/sim/checkpoint.py). The README ("Experiments: configs, runs,
+sweeps") describes each file and when a directory may be replaced (fedgluon/config/run_dir.py) or resumed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -120,20 +105,11 @@ def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = 
         on_round: Callable[[dict[str, Any]], None] | None = None, resume: bool = False, grid: Any = None) -> Path:
     """Run ``cfg`` on its engine and write the run directory (module docstring); returns its path.
     ``grid``: a Flower deployment's Grid (the ServerApp of ``flwr run``, fedgluon/flower/deployment.py), which is
-    then the engine instead of ``engine.name``.
-
-    The directory is created with its :data:`MARKER` (or, with ``output.overwrite``, an existing
-    fedgluon run directory is emptied, see :func:`prepare_dir`) and stays locked until the run ends,
-    so no other run can write into it or replace it meanwhile.
-
-    Every ``output.checkpoint_every`` rounds, on SIGINT/SIGTERM, on a dead Ray actor, on a NaN/Inf the
-    server computed and after ``max_failed_rounds`` rounds without an accepted client,
-    ``checkpoint.pt`` is written; all but the first raise :class:`~fedgluon.sim.checkpoint.RunStopped` after
-    writing the metrics so far (summary with ``"complete": false`` and the reason), as does an I/O error
-    while saving (:class:`~fedgluon.sim.checkpoint.SaveFailed`, the last complete checkpoint intact).
-    ``resume=True`` continues the run in ``out_dir`` from its checkpoint, after checking it (a bad one is a
-    ConfigError) and removing what killed saves left; the final metrics equal an uninterrupted run's in
-    every column but the wall times. The run computes with ``cfg.threads`` torch threads, the caller's
+    then the engine instead of ``engine.name``. The directory is created with its :data:`MARKER` (or, with
+    ``output.overwrite``, emptied: :func:`prepare_dir`) and stays locked until the run ends. Checkpoints and stops
+    are the README's ("Interrupted runs, faults and stops"): a stop raises
+    :class:`~fedgluon.sim.checkpoint.RunStopped` after writing the metrics so far; ``resume=True`` continues the
+    run in ``out_dir`` from its checkpoint. The run computes with ``cfg.threads`` torch threads, the caller's
     count restored after (fedgluon/runtime/threads.py)."""
     out = Path(out_dir) if out_dir is not None else Path(cfg.output.dir) / run_name(cfg)
     if resume and cfg.output.overwrite:
@@ -283,20 +259,22 @@ def _write_results(out: Path, cfg: DictConfig, history, clients, final, wall: fl
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def summarise(frame: pd.DataFrame, cfg: DictConfig, wall: float) -> dict[str, Any]:
-    def last(col: str) -> float | None:
-        if col not in frame or frame[col].dropna().empty:
-            return None
-        return float(frame[col].dropna().iloc[-1])
+SUMMARY_METRICS = ("final_test_accuracy final_test_loss best_test_accuracy best_test_loss final_grad_dual_norm "
+                   "uplink_bits_per_client sim_time").split()
+"""The measured fields of :func:`summarise`'s summary, which sweep tables aggregate and tunes rank by."""
 
-    def best(col: str, fn) -> float | None:
-        return None if col not in frame or frame[col].dropna().empty else float(fn(frame[col].dropna()))
+
+def summarise(frame: pd.DataFrame, cfg: DictConfig, wall: float) -> dict[str, Any]:
+    def last(col: str, of: Callable[[pd.Series], Any] = lambda s: s.iloc[-1]) -> float | None:
+        """``of`` the column's measured values (by default the last); None where there are none."""
+        values = frame[col].dropna() if col in frame else None
+        return None if values is None or values.empty else float(of(values))
 
     out = {
         "name": run_name(cfg), "algorithm": cfg.algorithm["name"], "task": cfg.task["name"], "seed": int(cfg.seed),
         "rounds": len(frame), "engine": cfg.engine.name,
         "final_test_loss": last("test_loss"), "final_test_accuracy": last("test_accuracy"),
-        "best_test_accuracy": best("test_accuracy", max), "best_test_loss": best("test_loss", min),
+        "best_test_accuracy": last("test_accuracy", max), "best_test_loss": last("test_loss", min),
         "final_grad_dual_norm": last("grad_dual_norm"),
         "uplink_bits_total": last("up_bits_cum"), "uplink_bits_per_client": last("up_bits_per_client_cum"),
         "downlink_bits_total": last("down_bits_cum"), "sim_time": last("sim_time"),
@@ -307,39 +285,27 @@ def summarise(frame: pd.DataFrame, cfg: DictConfig, wall: float) -> dict[str, An
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
 
 
-class _progress:
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int, label: str, start: int = 0) -> Iterator[Callable[[dict[str, Any]], None]]:
     """A rich progress bar over rounds on a terminal, a plain line every tenth of the run elsewhere (a no-op
     when disabled)."""
+    def info(row: dict[str, Any]) -> list[str]:
+        return [f"{k}={row[k]:.4g}" for k in ("test_loss", "test_accuracy") if k in row]
 
-    def __init__(self, enabled: bool, total: int, label: str, start: int = 0):
-        self.enabled, self.total, self.label, self.start = enabled, total, label, start
-        self.bar: Any = None  # rich's Progress, on a terminal
+    if not enabled:
+        yield lambda row: None
+    elif not sys.stdout.isatty():  # a pipe or a file: plain lines, about ten a run (rich cuts a bar to 80 columns)
+        every = max(1, total // 10)
 
-    def __enter__(self):
-        if not self.enabled:
-            return lambda row: None
-        if not sys.stdout.isatty():  # a pipe or a file: plain lines, about ten a run (rich cuts a bar to 80 columns)
-            every = max(1, self.total // 10)
-
-            def line(row: dict[str, Any]) -> None:
-                done = int(row["round"]) + 1
-                if done % every == 0 or done == self.total:
-                    info = "".join(f" {k}={row[k]:.4g}" for k in ("test_loss", "test_accuracy") if k in row)
-                    print(f"{self.label}: round {done}/{self.total}{info}", flush=True)
-            return line
+        def line(row: dict[str, Any]) -> None:
+            done = int(row["round"]) + 1
+            if done % every == 0 or done == total:
+                print(" ".join([f"{label}: round {done}/{total}", *info(row)]), flush=True)
+        yield line
+    else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-        self.bar.__enter__()
-        self.task = self.bar.add_task(self.label, total=self.total, completed=self.start, info="")
-
-        def tick(row: dict[str, Any]) -> None:
-            info = " ".join(f"{k}={row[k]:.4g}" for k in ("test_loss", "test_accuracy") if k in row)
-            self.bar.update(self.task, advance=1, info=info)
-        return tick
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-        return False
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      TextColumn("{task.fields[info]}")) as bar:
+            task = bar.add_task(label, total=total, completed=start, info="")
+            yield lambda row: bar.update(task, advance=1, info=" ".join(info(row)))

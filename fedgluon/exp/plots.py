@@ -1,14 +1,7 @@
-"""Plots of runs and sweeps (matplotlib, Agg backend).
-
-- :func:`plot_run`: one run's ``plots.png``, test loss and accuracy against rounds and uplink bits.
-- :func:`plot_pareto`: a sweep's ``pareto.png``, final accuracy against uplink bits per configuration.
-- :func:`compare` (``fedgluon plot DIR [DIR ...]``, and every sweep's ``curves.png``): test loss and accuracy
-  against cumulative uplink bits per client, rounds and simulated time, one curve per configuration (the
-  mean over its seeds) with the min–max band over seeds. :func:`collect` reads run and sweep directories,
-  :func:`group` puts the runs of one configuration (everything but the seed) together, :func:`aggregate`
-  computes a curve and its band.
-
-Axes name the bit convention; log axes carry at most a handful of labelled ticks (:func:`log_ticks`).
+"""Plots of runs and sweeps (matplotlib, Agg backend): a run's ``plots.png`` (:func:`plot_run`), a sweep's
+``pareto.png`` (:func:`plot_pareto`), and :func:`compare` (``fedgluon plot``, a sweep's ``curves.png``; README
+"Experiments: configs, runs, sweeps") from :func:`collect`, :func:`group` and :func:`aggregate`. Axes name the
+bit convention; log axes carry at most a handful of labelled ticks (:func:`log_ticks`).
 """
 
 from __future__ import annotations

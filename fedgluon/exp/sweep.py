@@ -1,21 +1,8 @@
-"""Sweeps: a grid over config keys and seeds, run member by member, summarised into tables, a
-communication-vs-accuracy Pareto plot and the curves of every configuration.
-
-``fedgluon sweep CONFIG algorithm.name=[gluon-ef21,gluon-ef21-sarah] algorithm.compressor.ratio=[0.01,0.05]
-seed=[0,1]``; an axis over a whole section replaces it per member, for algorithms whose options differ:
-``'algorithm=[{name: gluon, lr: 0.05}, {name: gluon-ef21, lr: 0.05, compressor: {name: topk, ratio: 0.05}}]'``
-writes ``<output.dir>/<sweep name>/<member>/`` (a run directory each, see fedgluon/exp/experiment.py) and,
-in the sweep directory, ``members.csv`` (one row per member), ``table.csv`` (mean and std over
-seeds per configuration, plus bits to reach the target accuracy), ``pareto.png`` and ``curves.png`` (test
-loss and accuracy against uplink bits, rounds and simulated time, per configuration). Members whose
-run directory is complete are skipped, and a member stopped with a checkpoint (Ctrl-C) resumes from it, so
-an interrupted sweep, run again, continues where it stopped.
-
-Members run one after another on the configured engine (Flower's Ray engine starts and stops Ray
-for every simulation, so it is never nested inside Ray tasks). ``parallel=N`` runs
-members as Ray tasks on the plain engine instead, N at a time, on a private local Ray or on the
-cluster at ``engine.address``; each task returns its run directory's files and the driver writes
-them under its own ``output.dir`` (no shared filesystem needed; fedgluon.exp.cluster ships the code).
+"""Sweeps: a grid over config keys and seeds, run member by member (a run directory each), summarised into
+``members.csv``, ``table.csv``, ``pareto.png`` and ``curves.png``; the README ("Experiments: configs, runs,
+sweeps", "Ray cluster") gives the syntax, the files and how an interrupted sweep continues. Members run one
+after another on the configured engine (Flower's Ray engine starts and stops Ray for every simulation, so it is
+never nested inside Ray tasks), or, with ``parallel=N``, as Ray tasks on the plain engine (:func:`_run_parallel`).
 """
 
 from __future__ import annotations
@@ -35,7 +22,7 @@ from fedgluon.config import schema as configs
 from fedgluon.config.run_dir import MARKER, prepare_dir
 from fedgluon.config.sections import differences, differing_keys, dotted, listed
 from fedgluon.exp.cluster import with_absolute_data_paths
-from fedgluon.exp.experiment import is_complete, run
+from fedgluon.exp.experiment import SUMMARY_METRICS, is_complete, run
 from fedgluon.exp.resume import CHECKPOINT
 
 
@@ -345,24 +332,17 @@ def load_members(sweep_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-TABLE_METRICS = ("final_test_accuracy", "final_test_loss", "best_test_accuracy", "best_test_loss",
-                 "final_grad_dual_norm", "uplink_bits_per_client", "bits_to_target", "sim_time")
-"""Summary fields a sweep table aggregates over seeds (those the runs measured) and ``tune`` can rank by."""
+TABLE_METRICS = (*SUMMARY_METRICS[:-1], "bits_to_target", SUMMARY_METRICS[-1])
+"""The fields a sweep table aggregates over seeds (those the runs measured), in table.csv's column order."""
 
 
 def summarise(sweep_dir: str | Path, target: float | None = None, target_fraction: float = 0.95,
               echo: Callable[[str], None] | None = None) -> pd.DataFrame:
-    """``members.csv``, ``table.csv`` (mean/std over seeds; bits to reach the target accuracy), ``pareto.png``
-    and ``curves.png`` (fedgluon.exp.plots.compare: test loss and accuracy against uplink bits, rounds and
-    simulated time, one curve per configuration with its min–max band over seeds; incomplete members drawn
-    as far as they got). ``echo`` receives the notes on members not started or incomplete, or why
-    ``curves.png`` could not be drawn.
-
-    The target is ``target`` if given, else the one ``sweep.json`` keeps (``fedgluon sweep --target``), else
-    ``target_fraction`` × the best member's final accuracy (``table.csv``'s ``target_accuracy``);
-    ``bits_to_target`` is the cumulative uplink bits per client at the first evaluation reaching it
-    (NaN if never reached).
-    """
+    """``members.csv``, ``table.csv``, ``pareto.png`` and ``curves.png`` (README "Experiments: configs, runs,
+    sweeps"); ``echo`` receives the notes on members not started or incomplete, or why ``curves.png`` could not
+    be drawn. The target is ``target``, else the one ``sweep.json`` keeps, else ``target_fraction`` × the best
+    member's final accuracy; ``bits_to_target`` is the cumulative uplink bits per client at the first evaluation
+    reaching it (NaN if never reached)."""
     from fedgluon.exp.plots import plot_pareto
 
     sweep_dir = Path(sweep_dir)

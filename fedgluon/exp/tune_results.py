@@ -15,10 +15,10 @@ from omegaconf import OmegaConf
 from ray.tune import Callback
 
 from fedgluon.config import schema as configs
+from fedgluon.exp.experiment import SUMMARY_METRICS
 from fedgluon.exp.sweep import value_label
 
-METRICS = ("final_test_loss", "final_test_accuracy", "best_test_accuracy", "best_test_loss",
-           "final_grad_dual_norm", "uplink_bits_per_client", "sim_time")
+METRICS = ("final_test_loss", *(m for m in SUMMARY_METRICS if m != "final_test_loss"))  # the default first
 """Summary fields (fedgluon/exp/experiment.py) a trial reports every round and ``metric`` may name."""
 
 

@@ -1,34 +1,9 @@
 """``fedgluon tune``: hyper-parameter search on Ray Tune, one :class:`ray.tune.Tuner` per algorithm.
 
-``fedgluon tune CONFIG "algorithm.lr=[0.3,1,3,10]" "seed=[0,1]" --algorithm gluon --algorithm "{name: ...}"``
-searches the grid axes of ``ARGS`` (the syntax of ``fedgluon sweep``, :func:`fedgluon.exp.sweep.parse_grid`)
-for every algorithm: the whole grid (``search="grid"``) or ``samples`` random points of it
-(``search="random"``). Every trial runs the config on fedgluon's plain engine in a Ray actor with
-``cpus_per_trial``/``gpus_per_trial`` and reports, after every round, the summary fields a run would
-write if it stopped there (:data:`METRICS`, plus ``round`` and ``client_rounds``, the client steps so
-far), so the ASHA scheduler (``scheduler="asha"``, over ``round``) stops poor trials early; ``"fifo"``
-runs every trial to the end. The last round is reported only once the run directory is complete. A run
-that stops itself (a NaN/Inf from too large a radius, rounds without a reply) ends its trial
-incomplete, with the reason in ``stopped``; any other exception fails the trial.
-
-The tune directory ``<output.dir>/<name>/`` holds:
-
-| path | content |
-| --- | --- |
-| ``tune.json`` | the request: config, overrides, grid, algorithms, metric, search, scheduler, resources |
-| ``tuned.csv`` | one row per trial: algorithm, config, grid values, ``rounds`` run, ``complete``, the |
-| | metrics at its last round, ``client_rounds``, ``status``, ``stopped``, ``best``, ``run_dir`` |
-| ``best.json`` | per algorithm: the best config, its metric and its trials |
-| ``<algorithm>/best.yaml`` | the best trial's full config (``fedgluon run`` it to reproduce the trial) |
-| ``<algorithm>/runs/<member>/`` | every trial's run directory (an early-stopped one is incomplete) |
-| ``<algorithm>/`` | Ray Tune's experiment state and trial directories (or under ``storage_path``) |
-
-An algorithm's best config is the one with the best ``metric`` (mean over its seeds) among the trials
-that ran every round: a trial stopped early was measured at an earlier round, so it never competes.
-An interrupted tune (Ctrl-C, a failed trial, a lost node) continues with :func:`resume`: algorithms
-that finished are kept, and the others go on with ``Tuner.restore`` (trials that finished are not run
-again; unfinished and failed ones start again). Several nodes need a ``storage_path`` that every node
-reaches (NFS or cloud storage, Ray's requirement) and ``output.dir`` on a shared filesystem.
+The README ("Tuning (Ray Tune)") describes the options, ASHA, the tune directory and ``--resume``. Each trial
+reports after every round the summary fields a run would write if it stopped there (:data:`METRICS`, ``round``,
+``client_rounds``), the last round once its run directory is complete; a run that stops itself (a NaN/Inf) ends
+its trial incomplete, with the reason in ``stopped``, and any other exception fails the trial.
 """
 
 from __future__ import annotations
@@ -38,14 +13,14 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from fedgluon.config import schema as configs
-from fedgluon.exp.sweep import _fmt, member_name, parse_grid
+from fedgluon.exp.sweep import _fmt, member_name, members, parse_grid
 from fedgluon.exp.tune_results import (  # noqa: F401
     METRICS,
     RunningSummary,
@@ -58,6 +33,20 @@ from fedgluon.exp.tune_results import (  # noqa: F401
 SEARCHES = ("grid", "random")
 SCHEDULERS = ("asha", "fifo")
 REQUEST = "tune.json"
+OPTIONS: dict[str, tuple[Any, str, Callable[[Any, int], bool]]] = {
+    # option: (default, what ``--option`` must be, its check given the config's rounds); in tune.json's order
+    "metric": ("final_test_loss", f"one of {list(METRICS)}", lambda v, _: v in METRICS),
+    "mode": ("min", "one of ['min', 'max']", lambda v, _: v in ("min", "max")),
+    "search": ("grid", f"one of {list(SEARCHES)}", lambda v, _: v in SEARCHES),
+    "samples": (None, "a positive integer", lambda v, _: v is None or (isinstance(v, int) and v >= 1)),
+    "scheduler": ("asha", f"one of {list(SCHEDULERS)}", lambda v, _: v in SCHEDULERS),
+    "grace_period": (None, "in [1, rounds={rounds}]", lambda v, rounds: v is None or 1 <= v <= rounds),
+    "reduction_factor": (3.0, "> 1", lambda v, _: v > 1),
+    "cpus_per_trial": (1.0, "> 0", lambda v, _: v > 0),
+    "gpus_per_trial": (0.0, ">= 0", lambda v, _: v >= 0),
+    "parallel": (0, ">= 0", lambda v, _: v >= 0),
+    "storage_path": (None, "", lambda v, _: True),
+}
 
 
 class TuneIncomplete(RuntimeError):
@@ -69,26 +58,22 @@ class TuneIncomplete(RuntimeError):
 
 
 def tune(config_path: str | Path | None, args: Sequence[str], algorithms: Sequence[str | dict[str, Any]] = (), *,
-         metric: str = "final_test_loss", mode: str = "min", name: str = "tune", search: str = "grid",
-         samples: int | None = None, scheduler: str = "asha", grace_period: int | None = None,
-         reduction_factor: float = 3.0, cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0,
-         parallel: int = 0, storage_path: str | None = None, progress: bool = True,
-         verbose: bool = False) -> Path:
+         name: str = "tune", progress: bool = True, verbose: bool = False, **options: Any) -> Path:
     """Tune every algorithm (a name keeping the config's other algorithm options, or a whole ``algorithm``
     mapping; none: the config's own) over the grid in ``args`` and write the tune directory (module
-    docstring); returns its path. ``parallel`` caps the trials running at once
-    (0: as many as the resources allow). Invalid options are a one-line :class:`ConfigError`, raised
-    before Ray starts or any directory is made; :class:`TuneIncomplete` when trials did not finish."""
+    docstring); returns its path. ``options`` are those of :data:`OPTIONS` (``parallel`` caps the trials
+    running at once; 0: as many as the resources allow). Invalid options are a one-line :class:`ConfigError`,
+    raised before Ray starts or any directory is made; :class:`TuneIncomplete` when trials did not finish."""
+    if unknown := sorted(set(options) - set(OPTIONS)):
+        raise TypeError(f"tune() got unexpected keyword arguments {unknown}")
+    options = {k: options.get(k, default) for k, (default, _, _) in OPTIONS.items()}
+    if options["storage_path"] and "://" not in str(options["storage_path"]):  # a local path: made absolute
+        options["storage_path"] = str(Path(str(options["storage_path"])).resolve())
     overrides, grid = parse_grid(args)
     base = configs.load(config_path, overrides)
     labels = algorithm_labels(algorithms, base)
-    if _is_local(storage_path):
-        storage_path = str(Path(str(storage_path)).resolve())
     request = {"config": str(Path(config_path).resolve()) if config_path else None, "overrides": list(overrides),
-               "grid": grid, "algorithms": [a for a in algorithms] or [None], "labels": labels, "metric": metric,
-               "mode": mode, "search": search, "samples": samples, "scheduler": scheduler,
-               "grace_period": grace_period, "reduction_factor": reduction_factor, "cpus_per_trial": cpus_per_trial,
-               "gpus_per_trial": gpus_per_trial, "parallel": parallel, "storage_path": storage_path}
+               "grid": grid, "algorithms": [a for a in algorithms] or [None], "labels": labels, **options}
     check_request(request, base)
     tune_dir = (Path(base.output.dir) / name).resolve()
     if tune_dir.exists():
@@ -123,43 +108,19 @@ def algorithm_labels(algorithms: Sequence[str | dict[str, Any]], base: Any) -> l
 def check_request(request: Mapping[str, Any], base: Any) -> None:
     """One-line :class:`ConfigError` for an option out of range, and for an algorithm or grid point whose
     config is invalid (each is loaded once, as a trial would)."""
-    bad = configs.ConfigError
-    if request["metric"] not in METRICS:
-        raise bad(f"--metric must be one of {list(METRICS)}, got {request['metric']!r}")
-    if request["mode"] not in ("min", "max"):
-        raise bad(f"--mode must be one of ['min', 'max'], got {request['mode']!r}")
-    if request["search"] not in SEARCHES:
-        raise bad(f"--search must be one of {list(SEARCHES)}, got {request['search']!r}")
-    if request["scheduler"] not in SCHEDULERS:
-        raise bad(f"--scheduler must be one of {list(SCHEDULERS)}, got {request['scheduler']!r}")
-    samples = request["samples"]
-    if samples is not None and (not isinstance(samples, int) or samples < 1):
-        raise bad(f"--samples must be a positive integer, got {samples!r}")
-    if request["search"] == "grid" and samples not in (None, 1):
-        raise bad("--samples is for --search random (grid search runs every grid point once)")
-    if not request["cpus_per_trial"] > 0:
-        raise bad(f"--cpus-per-trial must be > 0, got {request['cpus_per_trial']}")
-    if not request["gpus_per_trial"] >= 0:
-        raise bad(f"--gpus-per-trial must be >= 0, got {request['gpus_per_trial']}")
-    if request["parallel"] < 0:
-        raise bad(f"--parallel must be >= 0, got {request['parallel']}")
-    grace = request["grace_period"]
-    if grace is not None and not 1 <= grace <= int(base.rounds):
-        raise bad(f"--grace-period must be in [1, rounds={int(base.rounds)}], got {grace}")
-    if not request["reduction_factor"] > 1:
-        raise bad(f"--reduction-factor must be > 1, got {request['reduction_factor']}")
+    rounds = int(base.rounds)
+    for key, (_, words, ok) in OPTIONS.items():
+        if not ok(request[key], rounds):
+            raise configs.ConfigError(f"--{key.replace('_', '-')} must be {words.format(rounds=rounds)}, "
+                                      f"got {request[key]!r}")
+    if request["search"] == "grid" and request["samples"] not in (None, 1):
+        raise configs.ConfigError("--samples is for --search random (grid search runs every grid point once)")
     grid = request["grid"]
     first = {k: v[0] for k, v in grid.items()}
     for alg in request["algorithms"]:  # every value of every axis, the other axes at their first value
         for key, values in grid.items() or [(None, [None])]:
             for value in values:
                 trial_config(request, alg, {**first, **({key: value} if key else {})}, Path("."))
-
-
-def _grid_points(grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
-    from fedgluon.exp.sweep import members
-
-    return members(dict(grid))
 
 
 def trial_config(request: Mapping[str, Any], algorithm: str | dict[str, Any] | None, values: Mapping[str, Any],
@@ -276,9 +237,10 @@ def _tune_one(tune_dir: Path, request: Mapping[str, Any], label: str, alg: str |
         reporter.done = sum(1 for t in tune.ExperimentAnalysis(experiment).trials if t.status == "TERMINATED")
         tuner._local_tuner.get_run_config().callbacks = [reporter]  # Tuner.restore takes no RunConfig
     else:
-        tuner = tune.Tuner(trainable, param_space=_param_space(request),
-                           tune_config=_tune_config(request), run_config=_run_config(request, storage, label,
-                                                                                     reporter, verbose))
+        run_config = tune.RunConfig(name=label, storage_path=storage, verbose=2 if verbose else 0,
+                                    callbacks=[reporter], checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+        tuner = tune.Tuner(trainable, param_space=_param_space(request), tune_config=_tune_config(request),
+                           run_config=run_config)
     results = tuner.fit()
     rows, failed, unfinished = [], [], 0
     for result in results:
@@ -295,14 +257,10 @@ def _tune_one(tune_dir: Path, request: Mapping[str, Any], label: str, alg: str |
     return frame, "; ".join(failed) or None, unfinished + total - len(rows) > 0
 
 
-def _is_local(storage: str | None) -> bool:
-    return bool(storage) and "://" not in str(storage)
-
-
 def _trial_count(request: Mapping[str, Any]) -> int:
     if request["search"] == "random":
         return int(request["samples"] or 10)
-    return len(_grid_points(request["grid"]))
+    return len(members(dict(request["grid"])))
 
 
 def _param_space(request: Mapping[str, Any]) -> dict[str, Any]:
@@ -330,13 +288,6 @@ def _tune_config(request: Mapping[str, Any]) -> Any:
                            search_alg=BasicVariantGenerator(random_state=int(base.seed),
                                                             max_concurrent=int(request["parallel"])),
                            reuse_actors=False)
-
-
-def _run_config(request: Mapping[str, Any], storage: str, label: str, reporter: Any, verbose: bool) -> Any:
-    from ray import tune
-
-    return tune.RunConfig(name=label, storage_path=storage, verbose=2 if verbose else 0, callbacks=[reporter],
-                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
 
 
 def _trial(params: dict[str, Any], *, request: dict[str, Any], algorithm: Any, runs_dir: str) -> None:

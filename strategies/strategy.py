@@ -40,7 +40,7 @@ server. Client-sent values in messages go through :func:`fedgluon.core.text.show
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -51,13 +51,11 @@ from flwr.serverapp.strategy import Strategy
 from fedgluon.algorithms import Algorithm, ClientReply
 from fedgluon.algorithms.block import Proposal
 from fedgluon.clients.blocks import block_clients, block_of, by_block, num_blocks
-from fedgluon.clients.state_schema import StateSchema
 from fedgluon.core.text import shown
 from fedgluon.flower.wire import read_replies, rows_to_record, tensors_to_record
 from fedgluon.runtime.gc_pause import RoundPause, round_pauses
 from fedgluon.runtime.trace import phase
-from fedgluon.sim.checkpoint import Checkpointer, Snapshot
-from fedgluon.sim.federation import Evaluate, Federation, RoundPlan, client_weights_from_sizes, clip_text
+from fedgluon.sim.federation import Federation, RoundPlan, client_weights_from_sizes, clip_text
 
 log = logging.getLogger("fedgluon.strategy")
 
@@ -107,29 +105,23 @@ class Gathered(NamedTuple):
 
 class GluonStrategy(Strategy):
     """Drive ``algorithm`` over Flower messages (see module docstring). The server side of every round
-    is a :class:`fedgluon.sim.federation.Federation` (shared with the plain driver); ``resume`` continues a
-    checkpointed run, ``checkpointer`` writes checkpoints. ``sizes``: each client's number of samples
-    where the server knows them (the nodes must report the same; the weights come from them);
-    ``max_failed_rounds``: see :class:`~fedgluon.sim.federation.Federation`."""
+    is a :class:`fedgluon.sim.federation.Federation` (shared with the plain driver), made with the
+    keywords ``federation`` (``seed``, ``participation``, ``evaluate``, ``resume``, ``checkpointer``,
+    ``max_failed_rounds``, ``schema``, ...) and ``rounds``. ``weights``: the mode of the client weights
+    (:func:`~fedgluon.sim.federation.client_weights_from_sizes`), from ``sizes``, each client's number of
+    samples where the server knows them (the nodes must report the same), else from the nodes' counts."""
 
-    def __init__(self, algorithm: Algorithm, X0: Mapping[str, Any], num_clients: int, *, seed: int = 0,
-                 participation: float | int = 1.0, weights: str = "uniform", evaluate: Evaluate | None = None,
-                 eval_every: int = 1, on_round: Callable[[dict[str, Any]], None] | None = None, rounds: int = 0,
-                 checkpointer: Checkpointer | None = None, resume: Snapshot | None = None, block_size: int = 1,
-                 sizes: Sequence[int] | None = None, max_failed_rounds: int = 0, schema: StateSchema,
-                 deaths_stop_run: bool = True):
+    def __init__(self, algorithm: Algorithm, X0: Mapping[str, Any], num_clients: int, *, rounds: int = 0,
+                 weights: str = "uniform", block_size: int = 1, sizes: Sequence[int] | None = None,
+                 deaths_stop_run: bool = True, **federation: Any):
         self.algorithm = algorithm
         self.deaths_stop_run = deaths_stop_run  # module docstring: False on a Flower deployment
         self.num_clients = num_clients
         self.block_size = block_size
         self.num_nodes = num_blocks(num_clients, block_size)
-        self.seed = seed
         self.weights_mode = weights
         self.sizes = list(sizes) if sizes is not None else None
-        self.federation = Federation(algorithm, X0, num_clients, rounds, seed=seed, participation=participation,
-                                     evaluate=evaluate, eval_every=eval_every, on_round=on_round,
-                                     checkpointer=checkpointer, resume=resume, max_failed_rounds=max_failed_rounds,
-                                     schema=schema)
+        self.federation = Federation(algorithm, X0, num_clients, rounds, **federation)
         self.node_of: dict[int, int] = {}
         self.partition_of: dict[int, int] = {}
         self.ray_nodes: set[str] = set()
@@ -243,7 +235,7 @@ class GluonStrategy(Strategy):
         for block, js in self._expected.items():
             if block not in self.node_of:  # no node holds it: its clients fail (aggregate_train)
                 continue
-            cfg = ConfigRecord({"round": k, "seed": self.seed, "clients": js,
+            cfg = ConfigRecord({"round": k, "seed": self.federation.seed, "clients": js,
                                 "refresh": int(bc.flags.get("refresh", 0))})
             states, prev = rows_to_record(self.federation.rows(plan, js))
             content = RecordDict({"model": model, "config": cfg, "states": states, "prev": prev})

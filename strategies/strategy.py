@@ -41,18 +41,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedgluon.algorithms import Algorithm, ClientReply
-from fedgluon.algorithms.block import Proposal
+from fedgluon.algorithms import Algorithm
 from fedgluon.clients.blocks import block_clients, block_of, by_block, num_blocks
 from fedgluon.core.text import shown
-from fedgluon.flower.wire import read_replies, rows_to_record, tensors_to_record
+from fedgluon.flower.wire import BlockRead, read_replies, rows_to_record, tensors_to_record
 from fedgluon.runtime.gc_pause import RoundPause, round_pauses
 from fedgluon.runtime.trace import phase
 from fedgluon.sim.federation import Federation, RoundPlan, client_weights_from_sizes, clip_text
@@ -77,30 +75,6 @@ def runtime_failure(code: int) -> bool:
 
 class HandshakeError(ValueError):
     """A node's answer to the handshake query is unusable; the node is rejected."""
-
-
-@dataclass
-class BlockRead:
-    """What one block's reply says: its clients' parsed replies and proposed state columns per run,
-    failures (reported by the node, or the whole block's error), rejections, and the node's Ray node id."""
-
-    parsed: dict[int, ClientReply] = field(default_factory=dict)
-    proposed: list[Proposal] = field(default_factory=list)
-    failed: dict[int, str] = field(default_factory=dict)
-    rejected: dict[int, str] = field(default_factory=dict)
-    died: dict[int, str] = field(default_factory=dict)  # failed by a runtime error code (the worker died)
-    ray_node: str = ""
-    device: tuple[str, str] | None = None  # (where the node computed its gradients, the Ray GPU ids it held)
-
-
-class Gathered(NamedTuple):
-    """One phase's replies as :meth:`Federation.close_round` and :meth:`Federation.advance` take them."""
-
-    replies: dict[int, ClientReply]
-    proposed: list[Proposal]
-    failed: dict[int, str]
-    pre_rejected: dict[int, str]
-    died: dict[int, str]
 
 
 class GluonStrategy(Strategy):
@@ -264,14 +238,14 @@ class GluonStrategy(Strategy):
         got = self._gather(plan, replies, early)
         while plan.broadcast.phase + 1 < self.algorithm.phases:
             plan, got = self._later_phase(plan, got)
-        row = self.federation.close_round(plan, *got)
+        row = self.federation.close_round(plan, got.replies, got.proposed, got.failed, got.rejected, got.died)
         metrics = MetricRecord({key: float(v) for key, v in row.items() if isinstance(v, (int, float))})
         return tensors_to_record(self.server_state["X"]), metrics
 
-    def _later_phase(self, plan: RoundPlan, got: Gathered) -> tuple[RoundPlan, Gathered]:
+    def _later_phase(self, plan: RoundPlan, got: BlockRead) -> tuple[RoundPlan, BlockRead]:
         """Close ``plan``'s phase (``Federation.advance``), send the next phase to the clients it accepted
         and gather their replies (Algorithm docstring, "Phases")."""
-        plan = self.federation.advance(plan, *got)
+        plan = self.federation.advance(plan, got.replies, got.proposed, got.failed, got.rejected, got.died)
         self._round, self._expected = plan, by_block(plan.participants, self.block_size)
         messages = self._messages(plan)
         assert self._grid is not None, "configure_train keeps the grid"
@@ -279,15 +253,11 @@ class GluonStrategy(Strategy):
         return plan, self._gather(plan, replies, {})
 
     def _gather(self, plan: RoundPlan, replies: Iterable[Message],
-                early: Mapping[int, tuple[Message, BlockRead]]) -> Gathered:
-        """One phase's replies as ``Federation.close_round`` takes them (parsed replies, proposed rows,
-        failed, pre-rejected and died clients); expected clients without a reply failed."""
+                early: Mapping[int, tuple[Message, BlockRead]]) -> BlockRead:
+        """One phase's replies as ``Federation.close_round`` takes them (replies in client-id order,
+        proposed rows, failed, pre-rejected and died clients); expected clients without a reply failed."""
         k, expected = plan.k, self._expected
-        parsed: dict[int, ClientReply] = {}
-        proposed: list[Proposal] = []
-        failed: dict[int, str] = {}
-        pre_rejected: dict[int, str] = {}
-        died: dict[int, str] = {}
+        out = BlockRead()
         seen: set[int] = set()
         for msg in replies:
             block = self.partition_of.get(msg.metadata.src_node_id)
@@ -306,16 +276,13 @@ class GluonStrategy(Strategy):
                 self.ray_nodes.add(read.ray_node)
             if read.device is not None:
                 self.node_devices.add(read.device)
-            failed.update(read.failed)
-            died.update(read.died)
-            parsed.update(read.parsed)
-            proposed.extend(read.proposed)
-            pre_rejected.update(read.rejected)
+            out.merge(read)
         for j in plan.participants:
-            if j not in parsed and j not in failed and j not in pre_rejected:
+            if j not in out.replies and j not in out.failed and j not in out.rejected:
                 held = block_of(j, self.block_size) in self.node_of
-                failed[j] = "no reply before the round timeout" if held else NO_NODE
-        return Gathered(dict(sorted(parsed.items())), proposed, failed, pre_rejected, died)
+                out.failed[j] = "no reply before the round timeout" if held else NO_NODE
+        out.replies = dict(sorted(out.replies.items()))
+        return out
 
     def read_reply(self, msg: Message) -> None:
         """Read a reply of the current round as soon as it arrives (the Ray engine's grid calls this
@@ -352,19 +319,16 @@ class GluonStrategy(Strategy):
         arrays, configs = msg.content.array_records, msg.content.config_records
         info = configs.get("info")
         node = shown(info["ray_node"], 64, as_repr=False)[:64] if info is not None and info.get("ray_node") else ""
-        read = BlockRead(ray_node=node, device=_reported_device(info))
+        device = _reported_device(info)
         reported = configs.get("failed")
         reported = {int(j): clip_text(why) for j, why in reported.items() if _client_id(j) in clients} \
             if reported is not None else {}
         working = [j for j in clients if j not in reported]
-        got = read_replies(arrays.get("replies"), configs.get("meta"), working, self._round.k,
-                           self.federation.table, self.algorithm.reply_shapes(self._round.broadcast),
-                           self.algorithm.derived) if working else None
-        read.failed.update(reported)
-        if got is not None:
-            read.parsed, read.proposed = got.replies, got.proposed
-            read.failed.update({j: clip_text(why) for j, why in got.failed.items()})
-            read.rejected.update(got.rejected)
+        read = read_replies(arrays.get("replies"), configs.get("meta"), working, self._round.k,
+                            self.federation.table, self.algorithm.reply_shapes(self._round.broadcast),
+                            self.algorithm.derived) if working else BlockRead()
+        read.failed = {**reported, **{j: clip_text(why) for j, why in read.failed.items()}}
+        read.ray_node, read.device = node, device
         return read
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -224,13 +224,26 @@ def results_to_records(results: Sequence[BlockResult],
 
 @dataclass
 class BlockRead:
-    """What the server reads of one block's reply: its clients' replies, the proposed state columns of
-    each run (:data:`fedgluon.sim.federation.Proposal`), failed and rejected clients with their reasons."""
+    """What the server reads of one block's reply, or of a phase's replies (:meth:`merge`): its clients'
+    replies, the proposed state columns of each run (:data:`fedgluon.sim.federation.Proposal`), failed and
+    rejected clients with their reasons, those failed by a runtime error code (``died``: the worker died),
+    and the node's Ray node id and device (where it computed its gradients, the Ray GPU ids it held)."""
 
     replies: dict[int, ClientReply] = field(default_factory=dict)
     proposed: list[Proposal] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
+    died: dict[int, str] = field(default_factory=dict)
+    ray_node: str = ""
+    device: tuple[str, str] | None = None
+
+    def merge(self, other: BlockRead) -> None:
+        """Add ``other``'s clients (their replies, proposals, failures and rejections) to these."""
+        self.failed.update(other.failed)
+        self.died.update(other.died)
+        self.replies.update(other.replies)
+        self.proposed.extend(other.proposed)
+        self.rejected.update(other.rejected)
 
 
 def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, table: ClientStateTable,

@@ -223,8 +223,7 @@ class Federation:
         row = round_row(k, S, replies, outcome, bc, receivers, failed=len(failed))
         if plan.carry is not None:
             row.update(phase_columns)
-            row.update({f"down_{c}_total": sum(v for key, v in phase_columns.items()
-                                               if key.startswith("down_phase") and key.endswith(f"_{c}_total"))
+            row.update({f"down_{c}_total": sum(phase_columns[f"down_phase{p}_{c}_total"] for p in range(bc.phase + 1))
                         for c in CONVENTIONS})
         if self.evaluate is not None and ((k + 1) % self.eval_every == 0 or k + 1 == self.rounds):
             metrics = self.evaluate(state["X"], k)

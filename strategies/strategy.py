@@ -1,31 +1,14 @@
 """``GluonStrategy``: a Flower ``Strategy`` that runs any fedgluon algorithm's server step.
 
-Per round (Flower's ``Strategy.start`` loop calls these):
-
-* ``configure_train`` — samples clients (seeded, by partition id), asks the algorithm for the
-  broadcast (model, refresh flag, downlink bits) and sends each sampled client a ``train``
-  message with the model, the round's config and *its committed state* (client_app.py explains why).
-* ``aggregate_train`` — turns replies into payloads (``fedgluon.flower.wire``; anything malformed is
-  a rejection, a second reply from the same node is ignored), treats error replies and missing
-  replies as failures, and hands them to ``Federation.close_round`` (shared with the plain driver):
-  the algorithm's ``server_step`` validates every payload before touching server state, accepted
-  clients' returned states are committed, the metrics row is recorded, checkpoints are written, and
-  a dead Ray actor or a non-finite server step stops the run with a checkpoint.
-
-Each node simulates a block of ``block_size`` virtual clients (fedgluon/clients/blocks.py): one message
-per node carries the round's sampled clients of its block and their rows of the client-state table,
-and its reply their payload groups, proposed state columns and metrics (fedgluon/flower/wire.py). Before the
-first round (once ``serve`` has waited for the expected nodes) :meth:`connect` maps Flower's random node ids to
-blocks with a ``query`` handshake, checking what each node says (:meth:`GluonStrategy.hello`): a node with
-a bad answer is rejected and logged, and the clients of a block no node holds fail every round. Replies
-are processed in client-id order. Rejections and failures are logged with their reason, client text
-clipped (``fedgluon.sim.federation.clip_text``).
-
-Rounds of several client phases (``Algorithm.phases``, Dion's two uplinks): ``aggregate_train`` closes each
-phase before the last with ``Federation.advance`` and sends the next phase (its broadcast's ``extra``
-tensors and the rows the clients proposed in the phase before) to the clients it accepted, over the
-grid Flower handed ``configure_train``, in message group ``<round>.<phase>``; the last phase's replies
-go to ``close_round``. A client that fails or is rejected in any phase is out of the round, its row unchanged.
+What a round does is docs/DESIGN.md §3 ("Federation and drivers", "Rounds of several phases", "Flower apps
+and transport"): ``configure_train`` sends each node holding sampled clients a ``train`` message,
+``aggregate_train`` reads the replies (``fedgluon.flower.wire``) and hands them to ``Federation.advance`` (each
+phase but the last, whose next phase goes out over the grid Flower handed ``configure_train``) and
+``Federation.close_round``. Before the first round :meth:`GluonStrategy.connect` maps Flower's random node ids
+to blocks with a ``query`` handshake (:meth:`GluonStrategy.hello`): a node with a bad answer is rejected and
+logged, and the clients of a block no node holds fail every round. A second reply from the same node is
+ignored. Rejections and failures are logged with their reason, client text clipped
+(``fedgluon.sim.federation.clip_text``).
 
 A failed reply counts as a dead worker, which stops the run, only by its Flower error code
 (:func:`runtime_failure`): any code but ``CLIENT_APP_RAISED_EXCEPTION``, and only where the runtime is
@@ -78,8 +61,8 @@ class HandshakeError(ValueError):
 
 
 class GluonStrategy(Strategy):
-    """Drive ``algorithm`` over Flower messages (see module docstring). The server side of every round
-    is a :class:`fedgluon.sim.federation.Federation` (shared with the plain driver), made with the
+    """Drive ``algorithm`` over Flower messages (docs/DESIGN.md §3, "Flower apps and transport"). The server
+    side of every round is a :class:`fedgluon.sim.federation.Federation` (shared with the plain driver), made with the
     keywords ``federation`` (``seed``, ``participation``, ``evaluate``, ``resume``, ``checkpointer``,
     ``max_failed_rounds``, ``schema``, ...) and ``rounds``. ``weights``: the mode of the client weights
     (:func:`~fedgluon.sim.federation.client_weights_from_sizes`), from ``sizes``, each client's number of

@@ -1,15 +1,9 @@
-"""Three ways to drive the same Flower apps (docs/DESIGN.md §3 "Engines"):
+"""Three ways to drive the same Flower apps (docs/DESIGN.md §3, "Engines").
 
-* :func:`run_inprocess` — fedgluon's :class:`InProcessGrid` (a ``flwr.serverapp.Grid``) hands each
-  message to the real ``ClientApp`` in this process, in order; no Ray. For tests and quick runs.
-* :func:`run_ray` — Flower's simulation engine on Ray (``flwr.simulation.run_simulation``), with
-  per-client CPU/GPU shares, on a private local Ray instance or an existing cluster (``address``). A
-  private instance's processes run in a session of their own, so a SIGTERM to fedgluon's process group
-  stops the run after its round (fedgluon/runtime/ray_session.py).
-* ``flwr run .`` — the Flower-native way; ``pyproject.toml`` carries the app components.
-
-All three run ``strategies.server_app.serve`` and ``fedgluon.flower.client_app`` and produce the same
-metrics rows for the same spec and seed (replies in client-id order): the server and every client step
+:func:`run_inprocess` hands each message to the real ``ClientApp`` in this process (:class:`InProcessGrid`, no
+Ray); :func:`run_ray` runs Flower's simulation engine, whose private Ray's processes run in a session of their
+own (fedgluon/runtime/ray_session.py); ``flwr run .`` reads the app components from ``pyproject.toml``. All
+three run ``strategies.server_app.serve`` and ``fedgluon.flower.client_app``; the server and every client step
 compute with the spec's ``threads`` torch threads (fedgluon/runtime/threads.py).
 """
 

@@ -1,23 +1,10 @@
 """The plain reference driver: an in-process loop over ``client_step``/``server_step`` without Flower.
 
-Tests of the math use it, and benchmarks use it as the "plain loop" baseline. One round::
-
-    S = sorted(sample(seed, k))                         # fraction or count of the n clients, seeded
-    bc = algorithm.broadcast(server_state, k, seed, n)
-    for block in blocks(S):  result = algorithm.step_block(table.rows(block), bc, objectives)
-    server_state, outcome = algorithm.server_step(server_state, {j: reply_j}, bc, w, first)
-    table.commit(block, result.state, outcome.accepted)  # commit only what the server accepted
-
-The server side (sampling, ``server_step``, commits, rows, checkpoints) is
-:class:`fedgluon.sim.federation.Federation`, the same object the Flower strategy uses; this loop only
-calls the clients. Per-round rows hold the losses, participants, accepted and rejected counts,
-uplink bits in every convention (total, mean and max per accepted client), downlink bits, gradient evaluations and wall
-time; ``run_plain(...).frame()`` returns them as a pandas DataFrame.
-
-Each block of clients steps once per round over its rows of the client-state table
-(``Algorithm.step_block``: vmapped gradients, one estimator and one compression call per layer for the
-block, in runs of ``Algorithm.run_length`` clients); the server commits the proposed rows of accepted
-clients (:class:`fedgluon.sim.federation.Federation`). ``block_size=1`` steps client by client.
+Tests of the math use it, and benchmarks use it as the "plain loop" baseline (docs/DESIGN.md §3,
+"Federation and drivers"). The server side is :class:`fedgluon.sim.federation.Federation`, the same object the
+Flower strategy uses; this loop only steps the clients, each block once per round over its rows of the
+client-state table (``Algorithm.step_block``; ``block_size=1`` steps client by client).
+``run_plain(...).frame()`` returns the metrics rows as a pandas DataFrame.
 
 ``workers > 1`` steps that many blocks of clients at once, in threads (each with
 ``torch.get_num_threads() // workers`` torch threads; the server step keeps the caller's). A block's

@@ -47,26 +47,13 @@ import statistics
 import time
 from typing import NamedTuple
 
-from benchmarks.common import machine
+from benchmarks.common import machine, per_round, spec_for
 from benchmarks.flower_fedavg import run_stock_fedavg
 from fedgluon.config import spec as specs
 from fedgluon.core.devices import resolve_device
 from fedgluon.flower.engines import run_inprocess, run_ray
 from fedgluon.runtime import prepare_process
 from fedgluon.sim.driver import run_plain
-
-
-def spec_for(n: int, rounds: int, block_size: int = 1, hidden: int = 64, client_device: str = "cpu") -> dict:
-    return {"task": {"name": "synthetic", "num_clients": n, "hidden": [hidden], "mean_samples": 80},
-            "algorithm": {"name": "gluon-ef21", "lr": 0.05, "compressor": {"name": "topk", "ratio": 0.05}},
-            "rounds": rounds, "seed": 0, "eval_every": 10 ** 6, "node_timeout": 600.0, "round_timeout": 600.0,
-            "block_size": block_size, "client_device": client_device}
-
-
-def per_round(history: list[dict], skip: int = 1, key: str = "wall_time") -> float:
-    """Mean of ``key`` (seconds) over the rounds after the first ``skip``."""
-    rows = history[skip:] or history
-    return sum(r[key] for r in rows) / len(rows)
 
 
 def steady(history: list[dict]) -> float:

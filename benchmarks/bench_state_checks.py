@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -27,14 +26,7 @@ from fedgluon.clients.table import ClientStateTable
 from fedgluon.config import spec as specs
 from fedgluon.flower import wire
 
-from .bench_engines import spec_for
-from .common import machine
-
-
-def _seconds(fn: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
+from .common import machine, spec_for, timings
 
 
 def _headers(arrays: ArrayRecord, meta: ConfigRecord, table: ClientStateTable,
@@ -80,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     def read() -> object:
         return wire.read_replies(arrays, meta, clients, 0, table, algo.shapes, algo.derived)
 
-    aa = [_seconds(read) for _ in range(2)]
+    aa = timings(read, 2)
     runs = _headers(arrays, meta, table, algo.derived)
     parts: dict[str, Callable[[], object]] = {
         "read": read, "headers": lambda: _headers(arrays, meta, table, algo.derived), "scan": lambda: _scan(runs, meta),
@@ -88,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, list[float]] = {name: [] for name in parts}
     for i in range(args.pairs):
         for name in list(parts) if i % 2 == 0 else list(parts)[::-1]:
-            times[name].append(_seconds(parts[name]))
+            times[name] += timings(parts[name], 1)
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     blocks = args.clients / args.block
     checks = ms["headers"] + ms["scan"]

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from benchmarks.common import machine
+from benchmarks.common import machine, spec_for, timings
 
 
 def block_rows(clients: int, hidden: int = 64):
@@ -29,8 +28,6 @@ def block_rows(clients: int, hidden: int = 64):
     filled with random values (seed 0)."""
     from fedgluon.clients.table import ClientStateTable
     from fedgluon.config import spec as specs
-
-    from .bench_engines import spec_for
 
     task, algo = specs.build(specs.normalise(spec_for(clients, 1, clients, hidden)))
     table = ClientStateTable(algo.state_schema(task.objectives[0], task.initial_params(), 0), clients,
@@ -59,15 +56,6 @@ def in_band(record):
                         for k, a in record.items()})
 
 
-def _median_ms(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return 1e3 * statistics.median(times)
-
-
 def _round_trip_ms(node, rows, plain: bool, repeat: int) -> float:
     """Median milliseconds of ``rows`` sent to ``node`` inside a Flower ``Message`` and read back as rows."""
     from flwr.app import Message, RecordDict
@@ -83,7 +71,7 @@ def _round_trip_ms(node, rows, plain: bool, repeat: int) -> float:
         back = record_to_rows(rows.clients, ray.get(node.run.remote(message, plain)), prev)
         assert torch.equal(back.commits, rows.commits)
 
-    return _median_ms(trip, repeat)
+    return 1e3 * statistics.median(timings(trip, repeat))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
             rows = block_rows(n)
             a, r = (_round_trip_ms(node, rows, plain, args.repeat) for plain in (True, False))
             packed, prev = rows_to_record(rows)
-            pack = _median_ms(lambda: rows_to_record(rows), args.repeat)  # noqa: B023
-            read = _median_ms(lambda: record_to_rows(rows.clients, packed, prev), args.repeat)  # noqa: B023
+            pack, read = (1e3 * statistics.median(timings(fn, args.repeat)) for fn in (
+                lambda: rows_to_record(rows), lambda: record_to_rows(rows.clients, packed, prev)))  # noqa: B023
             mb = sum(len(a.data) for a in packed.values()) / 1e6
             print(f"{n:7d} {mb:6.1f} {a:9.1f} {r:12.1f} {a / r:16.2f}x {pack:8.2f} {read:8.2f}", flush=True)
     finally:

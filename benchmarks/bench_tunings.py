@@ -34,7 +34,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from benchmarks.common import best_time, machine
+from benchmarks.common import best_time, machine, per_round, spec_for
 
 
 def load() -> str:
@@ -42,23 +42,16 @@ def load() -> str:
         return "load " + " ".join(f.read().split()[:3])
 
 
-def spec_for(n: int, rounds: int, hidden: int) -> dict:
-    return {"task": {"name": "synthetic", "num_clients": n, "hidden": [hidden], "mean_samples": 80},
-            "algorithm": {"name": "gluon-ef21", "lr": 0.05, "compressor": {"name": "topk", "ratio": 0.05}},
-            "rounds": rounds, "seed": 0, "eval_every": 10 ** 6, "block_size": max(1, n // 2)}
-
-
 def round_time(n: int, rounds: int, hidden: int) -> float:
     """Mean wall time of the plain driver's rounds after the first two."""
     from fedgluon.config import spec as specs
     from fedgluon.sim.driver import run_plain
 
-    s = specs.normalise(spec_for(n, rounds, hidden))
+    s = specs.normalise(spec_for(n, rounds, max(1, n // 2), hidden))
     task, algo = specs.build_cached(s)
     history = run_plain(algo, task.objectives, task.initial_params(), rounds, seed=0,
                         block_size=int(s["block_size"])).history
-    rows = history[2:] or history
-    return sum(r["wall_time"] for r in rows) / len(rows)
+    return per_round(history, skip=2)
 
 
 def compare(label: str, tuned: Callable[[], float], untuned: Callable[[], float], pairs: int) -> float:

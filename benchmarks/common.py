@@ -1,4 +1,4 @@
-"""Timing helpers for benchmarks: best-of-N wall time after a warm-up, and a header naming the machine."""
+"""Helpers for benchmarks: the benchmarks' run spec, wall times after a warm-up, and a header naming the machine."""
 
 from __future__ import annotations
 
@@ -10,11 +10,25 @@ from collections.abc import Callable
 import torch
 
 
-def best_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
-    """Best wall-clock seconds of ``repeat`` calls after ``warmup`` calls (CUDA-synchronised)."""
+def spec_for(n: int, rounds: int, block_size: int = 1, hidden: int = 64, client_device: str = "cpu") -> dict:
+    """The benchmarks' run: ``n`` clients of the synthetic task (MLP 60→``hidden``→10), gluon-ef21 with top-5%."""
+    return {"task": {"name": "synthetic", "num_clients": n, "hidden": [hidden], "mean_samples": 80},
+            "algorithm": {"name": "gluon-ef21", "lr": 0.05, "compressor": {"name": "topk", "ratio": 0.05}},
+            "rounds": rounds, "seed": 0, "eval_every": 10 ** 6, "node_timeout": 600.0, "round_timeout": 600.0,
+            "block_size": block_size, "client_device": client_device}
+
+
+def per_round(history: list[dict], skip: int = 1, key: str = "wall_time") -> float:
+    """Mean of ``key`` (seconds) over the rounds after the first ``skip``."""
+    rows = history[skip:] or history
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def timings(fn: Callable[[], object], repeat: int, warmup: int = 0) -> list[float]:
+    """Wall-clock seconds of each of ``repeat`` calls after ``warmup`` calls (CUDA-synchronised)."""
     for _ in range(warmup):
         fn()
-    best = float("inf")
+    out = []
     for _ in range(repeat):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -22,8 +36,13 @@ def best_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> flo
         fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def best_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
+    """Best wall-clock seconds of ``repeat`` calls after ``warmup`` calls (CUDA-synchronised)."""
+    return min(timings(fn, repeat, warmup))
 
 
 def cpu_description() -> str:

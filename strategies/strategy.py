@@ -1,31 +1,14 @@
 """``GluonStrategy``: a Flower ``Strategy`` that runs any fedgluon algorithm's server step.
 
-Per round (Flower's ``Strategy.start`` loop calls these):
-
-* ``configure_train`` — samples clients (seeded, by partition id), asks the algorithm for the
-  broadcast (model, refresh flag, downlink bits) and sends each sampled client a ``train``
-  message with the model, the round's config and *its committed state* (client_app.py explains why).
-* ``aggregate_train`` — turns replies into payloads (``fedgluon.flower.wire``; anything malformed is
-  a rejection, a second reply from the same node is ignored), treats error replies and missing
-  replies as failures, and hands them to ``Federation.close_round`` (shared with the plain driver):
-  the algorithm's ``server_step`` validates every payload before touching server state, accepted
-  clients' returned states are committed, the metrics row is recorded, checkpoints are written, and
-  a dead Ray actor or a non-finite server step stops the run with a checkpoint.
-
-Each node simulates a block of ``block_size`` virtual clients (fedgluon/clients/blocks.py): one message
-per node carries the round's sampled clients of its block and their rows of the client-state table,
-and its reply their payload groups, proposed state columns and metrics (fedgluon/flower/wire.py). Before the
-first round (once ``serve`` has waited for the expected nodes) :meth:`connect` maps Flower's random node ids to
-blocks with a ``query`` handshake, checking what each node says (:meth:`GluonStrategy.hello`): a node with
-a bad answer is rejected and logged, and the clients of a block no node holds fail every round. Replies
-are processed in client-id order. Rejections and failures are logged with their reason, client text
-clipped (``fedgluon.sim.federation.clip_text``).
-
-Rounds of several client phases (``Algorithm.phases``, Dion's two uplinks): ``aggregate_train`` closes each
-phase before the last with ``Federation.advance`` and sends the next phase (its broadcast's ``extra``
-tensors and the rows the clients proposed in the phase before) to the clients it accepted, over the
-grid Flower handed ``configure_train``, in message group ``<round>.<phase>``; the last phase's replies
-go to ``close_round``. A client that fails or is rejected in any phase is out of the round, its row unchanged.
+What a round does is docs/DESIGN.md §3 ("Federation and drivers", "Rounds of several phases", "Flower apps
+and transport"): ``configure_train`` sends each node holding sampled clients a ``train`` message,
+``aggregate_train`` reads the replies (``fedgluon.flower.wire``) and hands them to ``Federation.advance`` (each
+phase but the last, whose next phase goes out over the grid Flower handed ``configure_train``) and
+``Federation.close_round``. Before the first round :meth:`GluonStrategy.connect` maps Flower's random node ids
+to blocks with a ``query`` handshake (:meth:`GluonStrategy.hello`): a node with a bad answer is rejected and
+logged, and the clients of a block no node holds fail every round. A second reply from the same node is
+ignored. Rejections and failures are logged with their reason, client text clipped
+(``fedgluon.sim.federation.clip_text``).
 
 A failed reply counts as a dead worker, which stops the run, only by its Flower error code
 (:func:`runtime_failure`): any code but ``CLIENT_APP_RAISED_EXCEPTION``, and only where the runtime is
@@ -40,24 +23,20 @@ server. Client-sent values in messages go through :func:`fedgluon.core.text.show
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedgluon.algorithms import Algorithm, ClientReply
-from fedgluon.algorithms.block import Proposal
+from fedgluon.algorithms import Algorithm
 from fedgluon.clients.blocks import block_clients, block_of, by_block, num_blocks
-from fedgluon.clients.state_schema import StateSchema
 from fedgluon.core.text import shown
-from fedgluon.flower.wire import read_replies, rows_to_record, tensors_to_record
+from fedgluon.flower.wire import BlockRead, read_replies, rows_to_record, tensors_to_record
 from fedgluon.runtime.gc_pause import RoundPause, round_pauses
 from fedgluon.runtime.trace import phase
-from fedgluon.sim.checkpoint import Checkpointer, Snapshot
-from fedgluon.sim.federation import Evaluate, Federation, RoundPlan, client_weights_from_sizes, clip_text
+from fedgluon.sim.federation import Federation, RoundPlan, client_weights_from_sizes, clip_text
 
 log = logging.getLogger("fedgluon.strategy")
 
@@ -81,55 +60,25 @@ class HandshakeError(ValueError):
     """A node's answer to the handshake query is unusable; the node is rejected."""
 
 
-@dataclass
-class BlockRead:
-    """What one block's reply says: its clients' parsed replies and proposed state columns per run,
-    failures (reported by the node, or the whole block's error), rejections, and the node's Ray node id."""
-
-    parsed: dict[int, ClientReply] = field(default_factory=dict)
-    proposed: list[Proposal] = field(default_factory=list)
-    failed: dict[int, str] = field(default_factory=dict)
-    rejected: dict[int, str] = field(default_factory=dict)
-    died: dict[int, str] = field(default_factory=dict)  # failed by a runtime error code (the worker died)
-    ray_node: str = ""
-    device: tuple[str, str] | None = None  # (where the node computed its gradients, the Ray GPU ids it held)
-
-
-class Gathered(NamedTuple):
-    """One phase's replies as :meth:`Federation.close_round` and :meth:`Federation.advance` take them."""
-
-    replies: dict[int, ClientReply]
-    proposed: list[Proposal]
-    failed: dict[int, str]
-    pre_rejected: dict[int, str]
-    died: dict[int, str]
-
-
 class GluonStrategy(Strategy):
-    """Drive ``algorithm`` over Flower messages (see module docstring). The server side of every round
-    is a :class:`fedgluon.sim.federation.Federation` (shared with the plain driver); ``resume`` continues a
-    checkpointed run, ``checkpointer`` writes checkpoints. ``sizes``: each client's number of samples
-    where the server knows them (the nodes must report the same; the weights come from them);
-    ``max_failed_rounds``: see :class:`~fedgluon.sim.federation.Federation`."""
+    """Drive ``algorithm`` over Flower messages (docs/DESIGN.md §3, "Flower apps and transport"). The server
+    side of every round is a :class:`fedgluon.sim.federation.Federation` (shared with the plain driver), made with the
+    keywords ``federation`` (``seed``, ``participation``, ``evaluate``, ``resume``, ``checkpointer``,
+    ``max_failed_rounds``, ``schema``, ...) and ``rounds``. ``weights``: the mode of the client weights
+    (:func:`~fedgluon.sim.federation.client_weights_from_sizes`), from ``sizes``, each client's number of
+    samples where the server knows them (the nodes must report the same), else from the nodes' counts."""
 
-    def __init__(self, algorithm: Algorithm, X0: Mapping[str, Any], num_clients: int, *, seed: int = 0,
-                 participation: float | int = 1.0, weights: str = "uniform", evaluate: Evaluate | None = None,
-                 eval_every: int = 1, on_round: Callable[[dict[str, Any]], None] | None = None, rounds: int = 0,
-                 checkpointer: Checkpointer | None = None, resume: Snapshot | None = None, block_size: int = 1,
-                 sizes: Sequence[int] | None = None, max_failed_rounds: int = 0, schema: StateSchema,
-                 deaths_stop_run: bool = True):
+    def __init__(self, algorithm: Algorithm, X0: Mapping[str, Any], num_clients: int, *, rounds: int = 0,
+                 weights: str = "uniform", block_size: int = 1, sizes: Sequence[int] | None = None,
+                 deaths_stop_run: bool = True, **federation: Any):
         self.algorithm = algorithm
         self.deaths_stop_run = deaths_stop_run  # module docstring: False on a Flower deployment
         self.num_clients = num_clients
         self.block_size = block_size
         self.num_nodes = num_blocks(num_clients, block_size)
-        self.seed = seed
         self.weights_mode = weights
         self.sizes = list(sizes) if sizes is not None else None
-        self.federation = Federation(algorithm, X0, num_clients, rounds, seed=seed, participation=participation,
-                                     evaluate=evaluate, eval_every=eval_every, on_round=on_round,
-                                     checkpointer=checkpointer, resume=resume, max_failed_rounds=max_failed_rounds,
-                                     schema=schema)
+        self.federation = Federation(algorithm, X0, num_clients, rounds, **federation)
         self.node_of: dict[int, int] = {}
         self.partition_of: dict[int, int] = {}
         self.ray_nodes: set[str] = set()
@@ -243,7 +192,7 @@ class GluonStrategy(Strategy):
         for block, js in self._expected.items():
             if block not in self.node_of:  # no node holds it: its clients fail (aggregate_train)
                 continue
-            cfg = ConfigRecord({"round": k, "seed": self.seed, "clients": js,
+            cfg = ConfigRecord({"round": k, "seed": self.federation.seed, "clients": js,
                                 "refresh": int(bc.flags.get("refresh", 0))})
             states, prev = rows_to_record(self.federation.rows(plan, js))
             content = RecordDict({"model": model, "config": cfg, "states": states, "prev": prev})
@@ -272,14 +221,14 @@ class GluonStrategy(Strategy):
         got = self._gather(plan, replies, early)
         while plan.broadcast.phase + 1 < self.algorithm.phases:
             plan, got = self._later_phase(plan, got)
-        row = self.federation.close_round(plan, *got)
+        row = self.federation.close_round(plan, got.replies, got.proposed, got.failed, got.rejected, got.died)
         metrics = MetricRecord({key: float(v) for key, v in row.items() if isinstance(v, (int, float))})
         return tensors_to_record(self.server_state["X"]), metrics
 
-    def _later_phase(self, plan: RoundPlan, got: Gathered) -> tuple[RoundPlan, Gathered]:
+    def _later_phase(self, plan: RoundPlan, got: BlockRead) -> tuple[RoundPlan, BlockRead]:
         """Close ``plan``'s phase (``Federation.advance``), send the next phase to the clients it accepted
         and gather their replies (Algorithm docstring, "Phases")."""
-        plan = self.federation.advance(plan, *got)
+        plan = self.federation.advance(plan, got.replies, got.proposed, got.failed, got.rejected, got.died)
         self._round, self._expected = plan, by_block(plan.participants, self.block_size)
         messages = self._messages(plan)
         assert self._grid is not None, "configure_train keeps the grid"
@@ -287,15 +236,11 @@ class GluonStrategy(Strategy):
         return plan, self._gather(plan, replies, {})
 
     def _gather(self, plan: RoundPlan, replies: Iterable[Message],
-                early: Mapping[int, tuple[Message, BlockRead]]) -> Gathered:
-        """One phase's replies as ``Federation.close_round`` takes them (parsed replies, proposed rows,
-        failed, pre-rejected and died clients); expected clients without a reply failed."""
+                early: Mapping[int, tuple[Message, BlockRead]]) -> BlockRead:
+        """One phase's replies as ``Federation.close_round`` takes them (replies in client-id order,
+        proposed rows, failed, pre-rejected and died clients); expected clients without a reply failed."""
         k, expected = plan.k, self._expected
-        parsed: dict[int, ClientReply] = {}
-        proposed: list[Proposal] = []
-        failed: dict[int, str] = {}
-        pre_rejected: dict[int, str] = {}
-        died: dict[int, str] = {}
+        out = BlockRead()
         seen: set[int] = set()
         for msg in replies:
             block = self.partition_of.get(msg.metadata.src_node_id)
@@ -314,16 +259,13 @@ class GluonStrategy(Strategy):
                 self.ray_nodes.add(read.ray_node)
             if read.device is not None:
                 self.node_devices.add(read.device)
-            failed.update(read.failed)
-            died.update(read.died)
-            parsed.update(read.parsed)
-            proposed.extend(read.proposed)
-            pre_rejected.update(read.rejected)
+            out.merge(read)
         for j in plan.participants:
-            if j not in parsed and j not in failed and j not in pre_rejected:
+            if j not in out.replies and j not in out.failed and j not in out.rejected:
                 held = block_of(j, self.block_size) in self.node_of
-                failed[j] = "no reply before the round timeout" if held else NO_NODE
-        return Gathered(dict(sorted(parsed.items())), proposed, failed, pre_rejected, died)
+                out.failed[j] = "no reply before the round timeout" if held else NO_NODE
+        out.replies = dict(sorted(out.replies.items()))
+        return out
 
     def read_reply(self, msg: Message) -> None:
         """Read a reply of the current round as soon as it arrives (the Ray engine's grid calls this
@@ -360,19 +302,16 @@ class GluonStrategy(Strategy):
         arrays, configs = msg.content.array_records, msg.content.config_records
         info = configs.get("info")
         node = shown(info["ray_node"], 64, as_repr=False)[:64] if info is not None and info.get("ray_node") else ""
-        read = BlockRead(ray_node=node, device=_reported_device(info))
+        device = _reported_device(info)
         reported = configs.get("failed")
         reported = {int(j): clip_text(why) for j, why in reported.items() if _client_id(j) in clients} \
             if reported is not None else {}
         working = [j for j in clients if j not in reported]
-        got = read_replies(arrays.get("replies"), configs.get("meta"), working, self._round.k,
-                           self.federation.table, self.algorithm.reply_shapes(self._round.broadcast),
-                           self.algorithm.derived) if working else None
-        read.failed.update(reported)
-        if got is not None:
-            read.parsed, read.proposed = got.replies, got.proposed
-            read.failed.update({j: clip_text(why) for j, why in got.failed.items()})
-            read.rejected.update(got.rejected)
+        read = read_replies(arrays.get("replies"), configs.get("meta"), working, self._round.k,
+                            self.federation.table, self.algorithm.reply_shapes(self._round.broadcast),
+                            self.algorithm.derived) if working else BlockRead()
+        read.failed = {**reported, **{j: clip_text(why) for j, why in read.failed.items()}}
+        read.ray_node, read.device = node, device
         return read
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

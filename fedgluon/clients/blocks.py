@@ -1,13 +1,9 @@
 """Client blocks: one Flower node simulates ``B`` consecutive virtual clients.
 
-Block ``p`` holds the virtual clients ``[pB, min((p+1)B, n))``; a run of n clients has
-``ceil(n / B)`` nodes. Virtual-client ids, partitions, states, seeds and batches are those of one
-client per node, and the gradients of a block are computed in vmapped calls (``fedgluon.clients.vectorised``),
-one per run of clients whose gradients take about ``Algorithm.RUN_BYTES`` (32 MiB: a block of 500
-clients of a 100k-parameter model steps in runs of 78 rather than in one call; BENCHMARKS.md has the
-speeds), equal to the per-client ones bitwise in float32 on this machine's BLAS;
-so a run with blocks gives the metrics of a run without (the reported training loss may differ in
-its last bit). ``B = 1`` is one client per node.
+Block ``p`` holds the virtual clients ``[pB, min((p+1)B, n))``; a run of n clients has ``ceil(n / B)`` nodes,
+and ``B = 1`` is one client per node. How a block steps (vmapped runs of about ``Algorithm.RUN_BYTES``), and
+why a run with blocks gives the metrics of one without: docs/DESIGN.md §3 ("Algorithm interface", "Flower apps
+and transport") and §2 ("Exactness").
 """
 
 from __future__ import annotations

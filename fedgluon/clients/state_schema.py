@@ -1,16 +1,8 @@
 """The client-state schema: the leaves, dtypes and shapes of every client's state, fixed from round 0.
 
-A client's state is a nested dict of tensors (an estimator's momentum, an error-feedback tracker, a
-compressor's warm start). Every client of a run holds the same layout, so the server fixes it once,
-before the first round; the client-state table (:mod:`fedgluon.clients.table`) holds one column per
-leaf, and every proposed state column is checked against it before it is committed, so a reply can
-neither grow the checkpoint nor slow later rounds.
-
-The layout is found, not hand-declared: :meth:`fedgluon.algorithms.Algorithm.state_schema` steps one
-throwaway client from no state at round 0 and reads the layout of what it proposes, so the schema
-cannot drift from the code that makes the states.
-
-Paths are ``/``-joined keys; an empty sub-dict is its path with a trailing ``/`` and no array."""
+Found, not hand-declared, by one throwaway client step (:meth:`fedgluon.algorithms.Algorithm.state_schema`);
+what the server checks against it: docs/DESIGN.md §3, "Client state". Paths are ``/``-joined keys; an empty
+sub-dict is its path with a trailing ``/`` and no array."""
 
 from __future__ import annotations
 
@@ -58,7 +50,7 @@ class Leaf:
 
 @dataclass(frozen=True)
 class StateSchema:
-    """Path → :class:`Leaf` of a client's state (module docstring)."""
+    """Path → :class:`Leaf` of a client's state (docs/DESIGN.md §3, "Client state")."""
 
     leaves: Mapping[str, Leaf]
 

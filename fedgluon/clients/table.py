@@ -1,22 +1,12 @@
 """The client-state table: every client's committed state, one tensor of shape ``(n_clients, *shape)``
 per leaf of the run's client-state schema (:mod:`fedgluon.clients.state_schema`).
 
-A block of B clients steps on its rows (:meth:`ClientStateTable.rows`): ``(B, *shape)`` tensors, a
-slice view when the clients are consecutive (a block of the full federation), a gathered copy otherwise.
-Algorithms never write into their inputs (docs/DESIGN.md §2), so the proposed rows are new tensors, and
-:meth:`ClientStateTable.commit` copies in the rows of *accepted* clients alone once the server step
-succeeded. Until then the table is the state from before the round: a run that stops mid-round saves
-it as it is, with no second copy of the table.
-
-Two pieces of every client's state are derived by the server, never read from a reply:
-
-* ``commits`` ((n,) int64): how many of the client's rounds were committed; 0 marks its *first
-  participation* (EMA's first ``m = g``, DASHA's dense first message). A zero-filled row never changes
-  the math: every first-round branch reads ``commits``.
-* ``seen`` ((n,) int64): the round whose broadcast model the client last computed at (−1: none). Its
-  ``X_prev`` is ``models[seen]``: the table keeps a history of broadcast models for as long as any
-  client points at one (one model under full participation, a few under partial participation),
-  instead of an ``(n, d)`` column.
+How a block steps on its rows (:meth:`ClientStateTable.rows`: views or gathered copies) and how only the
+accepted clients' rows are copied in after the server step (:meth:`ClientStateTable.commit`): docs/DESIGN.md
+§3, "Client state". The server derives two columns, never read from a reply: ``commits`` ((n,) int64; 0 marks
+a *first participation*: EMA's first ``m = g``, DASHA's dense first message) and ``seen`` ((n,) int64, −1:
+none; the client's ``X_prev`` is ``models[seen]``, a history of broadcast models kept while any client points
+at one, instead of an ``(n, d)`` column).
 """
 
 from __future__ import annotations
@@ -103,8 +93,8 @@ def _map(tree: Mapping[str, Any], f) -> dict[str, Any]:
 
 
 class ClientStateTable:
-    """Every client's committed state (module docstring); ``keep_models``: keep the broadcast models that
-    clients' ``seen`` points at (algorithms whose estimator needs ``X_prev``)."""
+    """Every client's committed state (docs/DESIGN.md §3, "Client state"); ``keep_models``: keep the
+    broadcast models that clients' ``seen`` points at (algorithms whose estimator needs ``X_prev``)."""
 
     FORMAT = 1
 

@@ -12,13 +12,8 @@ node by default). Handlers:
   metrics (``replies`` and ``meta``, fedgluon/flower/wire.py); clients whose injected fault raised are
   listed in ``failed``.
 
-Why the state travels with the messages: docs/DESIGN.md §2 wants client state keyed by partition id,
-committed only when the server accepts the payload, included in checkpoints and reachable from
-every node of a multi-node run. Flower's ``context.state`` is per node, saved even when the server
-has given up on the reply, and invisible to the server. Here the server keeps every client's
-committed state, sends it with the round's message and commits the returned state only for
-accepted payloads. State bytes are simulation bookkeeping: in a deployment they would stay on the
-device, so they are never counted as communication (bits come from the payload alone).
+Why the state travels with the messages, and is committed only for accepted payloads: docs/DESIGN.md §2,
+"Client state".
 """
 
 from __future__ import annotations

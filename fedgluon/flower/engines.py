@@ -1,21 +1,14 @@
-"""Three ways to drive the same Flower apps (docs/DESIGN.md §3 "Engines"):
+"""Three ways to drive the same Flower apps (docs/DESIGN.md §3, "Engines").
 
-* :func:`run_inprocess` — fedgluon's :class:`InProcessGrid` (a ``flwr.serverapp.Grid``) hands each
-  message to the real ``ClientApp`` in this process, in order; no Ray. For tests and quick runs.
-* :func:`run_ray` — Flower's simulation engine on Ray (``flwr.simulation.run_simulation``), with
-  per-client CPU/GPU shares, on a private local Ray instance or an existing cluster (``address``). A
-  private instance's processes run in a session of their own, so a SIGTERM to fedgluon's process group
-  stops the run after its round (fedgluon/runtime/ray_session.py).
-* ``flwr run .`` — the Flower-native way; ``pyproject.toml`` carries the app components.
-
-All three run ``strategies.server_app.serve`` and ``fedgluon.flower.client_app`` and produce the same
-metrics rows for the same spec and seed (replies in client-id order): the server and every client step
+:func:`run_inprocess` hands each message to the real ``ClientApp`` in this process (:class:`InProcessGrid`, no
+Ray); :func:`run_ray` runs Flower's simulation engine, whose private Ray's processes run in a session of their
+own (fedgluon/runtime/ray_session.py); ``flwr run .`` reads the app components from ``pyproject.toml``. All
+three run ``strategies.server_app.serve`` and ``fedgluon.flower.client_app``; the server and every client step
 compute with the spec's ``threads`` torch threads (fedgluon/runtime/threads.py).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -129,39 +122,27 @@ def _quiet() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
-class _WithoutRunSimulationDeprecation(logging.Filter):
+def _without_run_simulation_deprecation(record: logging.LogRecord) -> bool:
     """Drops flwr 1.42's warning that ``run_simulation`` is deprecated in favour of ``flwr run``: the Ray
     engine calls it on purpose (it is the Python entry to Flower's simulation engine; ``flwr run .``
     works too, README), and fedgluon pins flwr below 1.43."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "`run_simulation` function is deprecated" not in record.getMessage()
+    return "`run_simulation` function is deprecated" not in record.getMessage()
 
 
 @contextmanager
 def _engine_notices_filtered() -> Iterator[None]:
-    """:class:`_WithoutRunSimulationDeprecation` on Flower's logger for the duration, and without Ray's
+    """:func:`_without_run_simulation_deprecation` on Flower's logger for the duration, and without Ray's
     tip that a later Ray will stop hiding GPUs from tasks with no GPU share (``QUIET_ENV`` names the
     setting that keeps them hidden)."""
-    logger, quiet = logging.getLogger("flwr"), _WithoutRunSimulationDeprecation()
-    logger.addFilter(quiet)
+    logger = logging.getLogger("flwr")
+    logger.addFilter(_without_run_simulation_deprecation)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Tip: In future versions of Ray, Ray will no longer override",
                                     category=FutureWarning)
             yield
     finally:
-        logger.removeFilter(quiet)
-
-
-def _with_spec_threads(run: Callable[..., Any]) -> Callable[..., Any]:
-    """``run(spec, ...)`` with the spec's ``threads`` torch threads (the server's: the ClientApp sets, and
-    restores, its own in each handler), the caller's count restored afterwards (fedgluon/runtime/threads.py)."""
-    @functools.wraps(run)
-    def with_threads(spec: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
-        with torch_threads(int(specs.normalise(spec)["threads"])):
-            return run(spec, *args, **kwargs)
-    return with_threads
+        logger.removeFilter(_without_run_simulation_deprecation)
 
 
 @contextmanager
@@ -192,28 +173,28 @@ def _actors_end_quietly() -> Iterator[None]:
         BasicActorPool.terminate_all_actors = original  # type: ignore[method-assign]
 
 
-@_with_spec_threads
 def run_inprocess(spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None,
                   evaluate: Evaluate | None = None, checkpointer: Checkpointer | None = None,
                   resume: Snapshot | None = None):
     """Run the Flower ServerApp and ClientApp in this process; returns the GluonStrategy. Messages are
-    not serialised here."""
+    not serialised here. The task is built and the server computes with the spec's ``threads`` (the
+    ClientApp sets, and restores, its own in each handler; fedgluon/runtime/threads.py)."""
     from fedgluon.flower.client_app import make_client_app
     from strategies.server_app import make_server_app
 
-    _quiet()
     s = specs.normalise(spec)
-    task, _ = specs.build_cached(s)
-    grid = InProcessGrid(make_client_app(s), num_blocks(task.num_clients, s["block_size"]), seed=s["seed"])
-    # Flower's Message constructor reads the process's task identity; its runtimes set it like this
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
-    sink: list = []
-    server_app = make_server_app(s, sink, on_round, evaluate, checkpointer, resume)
-    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
-    return sink[0]
+    _quiet()
+    with torch_threads(int(s["threads"])):
+        task, _ = specs.build_cached(s)
+        grid = InProcessGrid(make_client_app(s), num_blocks(task.num_clients, s["block_size"]), seed=s["seed"])
+        # Flower's Message constructor reads the process's task identity; its runtimes set it like this
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
+        sink: list = []
+        server_app = make_server_app(s, sink, on_round, evaluate, checkpointer, resume)
+        server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+        return sink[0]
 
 
-@_with_spec_threads
 def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0.0, address: str | None = None,
             ray_init_args: Mapping[str, Any] | None = None,
             on_round: Callable[[dict[str, Any]], None] | None = None, evaluate: Evaluate | None = None,
@@ -228,21 +209,22 @@ def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0
     from fedgluon.flower.client_app import make_client_app
     from strategies.server_app import make_server_app
 
-    _quiet()
     s = specs.normalise(spec)
-    task, _ = specs.build_cached(s)
-    init_args: dict[str, Any] = {"address": address} if address else {"address": "local"}
-    init_args.update({"include_dashboard": False, **(ray_init_args or {})})
-    if num_cpus <= 0:
-        raise ValueError(f"num_cpus per client must be positive, got {num_cpus}")
+    _quiet()
     sink: list = []
-    nodes = num_blocks(task.num_clients, s["block_size"])
-    with faster_dispatch(nodes) if fast_dispatch else nullcontext(), _engine_notices_filtered(), \
-            _actors_end_quietly(), ray_daemons_in_own_session(address):
-        run_simulation(server_app=make_server_app(s, sink, on_round, evaluate, checkpointer, resume),
-                       client_app=make_client_app(s), num_supernodes=nodes,
-                       backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
-                                       "init_args": init_args})
+    with torch_threads(int(s["threads"])):  # the server's, as in run_inprocess
+        task, _ = specs.build_cached(s)
+        init_args: dict[str, Any] = {"address": address} if address else {"address": "local"}
+        init_args.update({"include_dashboard": False, **(ray_init_args or {})})
+        if num_cpus <= 0:
+            raise ValueError(f"num_cpus per client must be positive, got {num_cpus}")
+        nodes = num_blocks(task.num_clients, s["block_size"])
+        with faster_dispatch(nodes) if fast_dispatch else nullcontext(), _engine_notices_filtered(), \
+                _actors_end_quietly(), ray_daemons_in_own_session(address):
+            run_simulation(server_app=make_server_app(s, sink, on_round, evaluate, checkpointer, resume),
+                           client_app=make_client_app(s), num_supernodes=nodes,
+                           backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
+                                           "init_args": init_args})
     if not sink:
         raise RuntimeError("the Flower simulation ended without a result; the ServerApp failed (see the log above)")
     return sink[0]

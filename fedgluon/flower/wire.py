@@ -14,14 +14,11 @@ travels is one Flower ``Array`` per *column*, never one per client:
   its ``codec``, ``shape`` and header lists.
 
 Every ``Array`` holds raw little-endian bytes (``stype = "fedgluon.raw"``) of a dtype from a fixed list;
-nothing a node sends is ever unpickled. The server (:func:`read_replies`) checks, before it copies
-anything, the number of arrays and their total size (:func:`max_reply_bytes`, what the schema and the
-payload bounds allow), and each state column's dtype, shape and byte size against the schema
-(a mismatch rejects the clients of that run, with the reason), then scans the state columns for
-NaN/Inf row by row (that client alone is rejected). The payload arrays are checked per client by the
-compressors' decoders in the server step; a malformed group rejects its clients. A key of either record
-that the reader never asked for (an extra array, metric or run) rejects the block: what is not read is
-not trusted either.
+nothing a node sends is ever unpickled. :func:`read_replies` checks what docs/DESIGN.md §3 ("Flower apps and
+transport", "Client state") says, before it copies anything: the number of arrays and their total size
+(:func:`max_reply_bytes`), each state column's dtype, shape and byte size against the schema (a mismatch
+rejects the clients of that run); then it scans the state columns for NaN/Inf row by row (that client alone
+is rejected). The compressors' decoders check the payload arrays in the server step.
 """
 
 from __future__ import annotations
@@ -79,15 +76,12 @@ def _little_endian(a: np.ndarray | Tensor) -> tuple[str, np.ndarray]:
 
 
 class RawArray(Array):
-    """A raw-bytes Flower ``Array`` that holds its values as a flat ``uint8`` NumPy array, not ``bytes``:
-    making one copies nothing (it may share the memory of the tensor it was made from: don't write to
-    that while the record is in use), and the reader (:func:`_view`) takes the array itself. ``data``
-    makes the bytes only when something asks for them: Flower's own serialisation (deployments over
-    gRPC), which writes an object's ``__qualname__`` into its header, so a ``RawArray`` presents itself
-    as ``Array`` there and is inflated as one. Flower's simulation engine moves messages to and from its
-    Ray actors with pickle protocol 5, which hands the NumPy array to Ray's object store out of band;
-    unpickling rebuilds a ``RawArray`` from its dtype name, shape, stype and that buffer (no object of
-    the sender's choosing)."""
+    """A raw-bytes Flower ``Array`` that holds its values as a flat ``uint8`` NumPy array, not ``bytes``, which
+    it may share with the tensor it was made from (docs/DESIGN.md §3, "Flower apps and transport"); the reader
+    (:func:`_view`) takes the array itself. ``data`` makes the bytes only for Flower's gRPC serialisation, which
+    writes an object's ``__qualname__`` into its header: a ``RawArray`` presents itself as ``Array`` there.
+    Unpickling (Ray's out-of-band buffers) rebuilds one from its dtype name, shape, stype and buffer (no object
+    of the sender's choosing)."""
 
     __qualname__ = "Array"
 
@@ -224,13 +218,26 @@ def results_to_records(results: Sequence[BlockResult],
 
 @dataclass
 class BlockRead:
-    """What the server reads of one block's reply: its clients' replies, the proposed state columns of
-    each run (:data:`fedgluon.sim.federation.Proposal`), failed and rejected clients with their reasons."""
+    """What the server reads of one block's reply, or of a phase's replies (:meth:`merge`): its clients'
+    replies, the proposed state columns of each run (:data:`fedgluon.sim.federation.Proposal`), failed and
+    rejected clients with their reasons, those failed by a runtime error code (``died``: the worker died),
+    and the node's Ray node id and device (where it computed its gradients, the Ray GPU ids it held)."""
 
     replies: dict[int, ClientReply] = field(default_factory=dict)
     proposed: list[Proposal] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
+    died: dict[int, str] = field(default_factory=dict)
+    ray_node: str = ""
+    device: tuple[str, str] | None = None
+
+    def merge(self, other: BlockRead) -> None:
+        """Add ``other``'s clients (their replies, proposals, failures and rejections) to these."""
+        self.failed.update(other.failed)
+        self.died.update(other.died)
+        self.replies.update(other.replies)
+        self.proposed.extend(other.proposed)
+        self.rejected.update(other.rejected)
 
 
 def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, table: ClientStateTable,

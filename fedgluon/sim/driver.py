@@ -1,23 +1,10 @@
 """The plain reference driver: an in-process loop over ``client_step``/``server_step`` without Flower.
 
-Tests of the math use it, and benchmarks use it as the "plain loop" baseline. One round::
-
-    S = sorted(sample(seed, k))                         # fraction or count of the n clients, seeded
-    bc = algorithm.broadcast(server_state, k, seed, n)
-    for block in blocks(S):  result = algorithm.step_block(table.rows(block), bc, objectives)
-    server_state, outcome = algorithm.server_step(server_state, {j: reply_j}, bc, w, first)
-    table.commit(block, result.state, outcome.accepted)  # commit only what the server accepted
-
-The server side (sampling, ``server_step``, commits, rows, checkpoints) is
-:class:`fedgluon.sim.federation.Federation`, the same object the Flower strategy uses; this loop only
-calls the clients. Per-round rows hold the losses, participants, accepted and rejected counts,
-uplink bits in every convention (total, mean and max per accepted client), downlink bits, gradient evaluations and wall
-time; ``run_plain(...).frame()`` returns them as a pandas DataFrame.
-
-Each block of clients steps once per round over its rows of the client-state table
-(``Algorithm.step_block``: vmapped gradients, one estimator and one compression call per layer for the
-block, in runs of ``Algorithm.run_length`` clients); the server commits the proposed rows of accepted
-clients (:class:`fedgluon.sim.federation.Federation`). ``block_size=1`` steps client by client.
+Tests of the math use it, and benchmarks use it as the "plain loop" baseline (docs/DESIGN.md §3,
+"Federation and drivers"). The server side is :class:`fedgluon.sim.federation.Federation`, the same object the
+Flower strategy uses; this loop only steps the clients, each block once per round over its rows of the
+client-state table (``Algorithm.step_block``; ``block_size=1`` steps client by client).
+``run_plain(...).frame()`` returns the metrics rows as a pandas DataFrame.
 
 ``workers > 1`` steps that many blocks of clients at once, in threads (each with
 ``torch.get_num_threads() // workers`` torch threads; the server step keeps the caller's). A block's
@@ -36,6 +23,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -48,7 +36,7 @@ from fedgluon.clients.table import ClientRows, ClientStateTable
 from fedgluon.runtime.gc_pause import gc_paused
 from fedgluon.sim.checkpoint import Checkpointer, Snapshot
 from fedgluon.sim.faults import FaultPlan
-from fedgluon.sim.federation import Evaluate, Federation, RoundPlan, client_weights_from_sizes
+from fedgluon.sim.federation import Evaluate, Federation, client_weights_from_sizes
 
 log = logging.getLogger("fedgluon.sim.driver")
 Tamper = Callable[[int, int, ClientReply], Any]
@@ -92,54 +80,38 @@ def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X
                      schema=algorithm.state_schema(objectives[0], X0, seed))
     num_blocks(len(objectives), block_size)  # checks block_size
     with block_workers(workers, objectives) as pool:
-        _rounds(fed, algorithm, objectives, seed, faults, tamper, block_size, pool)
+        while not fed.done:
+            with gc_paused():
+                plan = fed.open_round()
+                for phase in range(algorithm.phases):  # one for most algorithms (Algorithm docstring, "Phases")
+                    kinds = {j: faults.draw(seed, j, plan.k, phase) if faults is not None else None
+                             for j in plan.participants}
+                    failed = {j: FAILURE_REASONS[kind] for j, kind in kinds.items() if kind is not None}
+                    died = {j: failed[j] for j, kind in kinds.items() if kind == "die"}  # what a runtime would report
+                    working = [j for j in plan.participants if j not in failed]
+                    results = step_blocks(algorithm, partial(fed.rows, plan), plan.broadcast, objectives,
+                                          list(by_block(working, block_size).values()), pool)
+                    replies: dict[int, ClientReply] = {}
+                    for result in results:
+                        failed.update(result.failures())
+                        for j, reply in result.replies().items():
+                            replies[j] = tamper(plan.k, j, reply) if tamper else reply
+                    args = (dict(sorted(replies.items())), [r.proposal(algorithm.derived) for r in results], failed)
+                    if phase + 1 < algorithm.phases:
+                        plan = fed.advance(plan, *args, died=died)
+                    else:
+                        fed.close_round(plan, *args, died=died)
     return RunResult(fed.history, fed.server_state, fed.table, fed.client_log)
 
 
-def _rounds(fed: Federation, algorithm: Algorithm, objectives: Sequence[SupervisedObjective], seed: int,
-            faults: FaultPlan | None, tamper: Tamper | None, block_size: int, pool: Executor | None) -> None:
-    while not fed.done:
-        with gc_paused():
-            plan = fed.open_round()
-            for phase in range(algorithm.phases):  # one for most algorithms (Algorithm docstring, "Phases")
-                kinds = {j: faults.draw(seed, j, plan.k, phase) if faults is not None else None
-                         for j in plan.participants}
-                failed = {j: FAILURE_REASONS[kind] for j, kind in kinds.items() if kind is not None}
-                died = {j: failed[j] for j, kind in kinds.items() if kind == "die"}  # what a runtime would report
-                working = [j for j in plan.participants if j not in failed]
-                results = step_blocks(algorithm, fed.table if phase == 0 else PlanRows(fed, plan), plan.broadcast,
-                                      objectives, list(by_block(working, block_size).values()), pool)
-                replies: dict[int, ClientReply] = {}
-                for result in results:
-                    failed.update(result.failures())
-                    for j, reply in result.replies().items():
-                        replies[j] = tamper(plan.k, j, reply) if tamper else reply
-                args = (dict(sorted(replies.items())), [r.proposal(algorithm.derived) for r in results], failed)
-                if phase + 1 < algorithm.phases:
-                    plan = fed.advance(plan, *args, died=died)
-                else:
-                    fed.close_round(plan, *args, died=died)
-
-
-@dataclass
-class PlanRows:
-    """The rows a later phase of ``plan`` steps on (``Federation.rows``), with the table's ``rows`` call."""
-
-    fed: Federation
-    plan: RoundPlan
-
-    def rows(self, clients: Sequence[int]) -> ClientRows:
-        return self.fed.rows(self.plan, clients)
-
-
-def step_blocks(algorithm: Algorithm, table: ClientStateTable | PlanRows, bc: Broadcast,
+def step_blocks(algorithm: Algorithm, rows: Callable[[Sequence[int]], ClientRows], bc: Broadcast,
                 objectives: Sequence[SupervisedObjective], blocks: list[list[int]],
                 pool: Executor | None = None) -> list[BlockResult]:
-    """Every block's step over its rows (``table.rows``: the committed rows, or a later phase's
-    :class:`PlanRows`; ``Algorithm.step_block``), on ``pool``'s threads when
-    given; the results of its runs, in block order."""
+    """Every block's step over its rows (``rows(block)``: ``Federation.rows`` of the phase, the committed
+    rows in a round's first; ``Algorithm.step_block``), on ``pool``'s threads when given; the results of
+    its runs, in block order."""
     def step(js: list[int]) -> list[BlockResult]:
-        return algorithm.step_block(table.rows(js), bc, objectives) if js else []
+        return algorithm.step_block(rows(js), bc, objectives) if js else []
 
     return [r for runs in (pool.map(step, blocks) if pool is not None and len(blocks) > 1 else map(step, blocks))
             for r in runs]

@@ -1,36 +1,19 @@
 """The server side of a run, shared by every engine: state, one round's bookkeeping, checkpoints.
 
-Engines only move messages. Each round::
-
-    plan = federation.open_round()            # sample S (seeded), broadcast X^k + flags
-    rows = federation.table.rows(block)       # a block's committed client states (fedgluon/clients/table.py)
-    ... the engine gets replies and proposed state rows from the clients in plan.participants ...
-    federation.close_round(plan, replies, proposed, failed, died=died)
-
-``close_round`` stops the run, before touching any state, when the *runtime* says a worker process
-died (``died``: the engine's word, from Ray/Flower error codes, never from a client's own text;
+What a round does is docs/DESIGN.md §3 ("Federation and drivers", "Client state", "Rounds of several
+phases") and §6. Engines only move messages: :meth:`Federation.open_round`, then the replies of
+``plan.participants`` to :meth:`Federation.close_round` (those of a phase before the last to
+:meth:`Federation.advance`, whose accepted clients step next on :meth:`Federation.rows`). ``close_round``
+stops the run, before touching any state, when the *runtime* says a worker process died (``died``: the
+engine's word, from Ray/Flower error codes, never from a client's own text;
 :class:`~fedgluon.sim.checkpoint.ActorDeathError`: Flower's Ray actor pool keeps sending tasks to a dead
-actor, so the run would silently lose clients); otherwise it runs the algorithm's ``server_step``
-(which validates every payload first), and stops with :class:`~fedgluon.sim.checkpoint.NonFiniteStateError`
-if any quantity the server computes is NaN/Inf: the server state (model, aggregate/estimator,
-optimizer), or the central evaluation (test loss and accuracy, the gradient's dual norm). Only
-then does it commit the proposed state rows of accepted clients into the client-state table
-(docs/DESIGN.md §2; a block whose proposed columns do not fit the schema is rejected before the
-server step, every client of it, with the reason, and so is a client whose first-phase reply reports a
-loss that is not finite: :func:`_non_finite_losses`), log rejections and failures
-with their reasons (client text clipped to :data:`MAX_CLIENT_TEXT` characters), record the metrics
-row, and hand the checkpointer a snapshot. These stops write the state from *before* the round, so a
-resumed run replays that round exactly.
-
-Phases. For an algorithm with several client phases per round (``Algorithm.phases``), the engine
-calls :meth:`Federation.advance` after each phase but the last: the algorithm's ``server_phase``
-validates the replies and answers with the next phase's broadcast; the accepted clients step next on
-the rows they proposed (:meth:`Federation.rows`), nothing is committed, and the server state is
-unchanged. ``close_round`` then sees the whole round: every sampled client, the failures and
-rejections of every phase, each accepted client's uplink bits summed over its phases, per-phase bit
-columns (``up_phase<p>_*``, ``down_phase<p>_*_total``), the round's downlink as their sum, and
-``phases`` (round trips, for the simulated time of fedgluon.exp.experiment). Only the
-last phase's rows of clients accepted in every phase are committed.
+actor, so the run would silently lose clients), and with :class:`~fedgluon.sim.checkpoint.NonFiniteStateError`
+when the server state (model, aggregate/estimator, optimizer) or the central evaluation (test loss and
+accuracy, the gradient's dual norm) is NaN/Inf. These stops write the state from *before* the round, so a
+resumed run replays that round exactly. A client whose first-phase reply reports a loss that is not finite
+is rejected (:func:`_non_finite_losses`). A round of several phases sums each accepted client's uplink bits
+over its phases and records per-phase bit columns (``up_phase<p>_*``, ``down_phase<p>_*_total``), the
+round's downlink as their sum, and ``phases`` (round trips, for the simulated time of fedgluon.exp.experiment).
 
 A run also stops (:class:`NoProgressError`, after the round, with a checkpoint of the state after
 it) when ``max_failed_rounds`` consecutive rounds accepted no client, and at its last round when no
@@ -123,9 +106,10 @@ def sample_clients(num_clients: int, k: int, seed: int, participation: float | i
 
 @dataclass
 class PhaseCarry:
-    """What the phases of a round before the current one left (module docstring, "Phases"): the clients
-    sampled, those failed or rejected with the reason, the accepted clients' uplink bits and metrics so
-    far, their proposed rows (``pending``: client → (proposal, row)), and per-phase bit columns."""
+    """What the phases of a round before the current one left (docs/DESIGN.md §3, "Rounds of several
+    phases"): the clients sampled, those failed or rejected with the reason, the accepted clients' uplink
+    bits and metrics so far, their proposed rows (``pending``: client → (proposal, row)), and per-phase bit
+    columns."""
 
     sampled: list[int]
     failed: dict[int, str] = field(default_factory=dict)
@@ -146,7 +130,8 @@ class RoundPlan:
 
 
 class Federation:
-    """Server state, every client's committed state and the run's records (module docstring)."""
+    """Server state, every client's committed state and the run's records (docs/DESIGN.md §3,
+    "Federation and drivers")."""
 
     def __init__(self, algorithm: Algorithm, X0: Mapping[str, Tensor], num_clients: int, rounds: int, *,
                  seed: int = 0, participation: float | int = 1.0, weights: Mapping[int, float] | None = None,
@@ -223,8 +208,7 @@ class Federation:
         row = round_row(k, S, replies, outcome, bc, receivers, failed=len(failed))
         if plan.carry is not None:
             row.update(phase_columns)
-            row.update({f"down_{c}_total": sum(v for key, v in phase_columns.items()
-                                               if key.startswith("down_phase") and key.endswith(f"_{c}_total"))
+            row.update({f"down_{c}_total": sum(phase_columns[f"down_phase{p}_{c}_total"] for p in range(bc.phase + 1))
                         for c in CONVENTIONS})
         if self.evaluate is not None and ((k + 1) % self.eval_every == 0 or k + 1 == self.rounds):
             metrics = self.evaluate(state["X"], k)
@@ -257,7 +241,7 @@ class Federation:
     def advance(self, plan: RoundPlan, replies: Mapping[int, ClientReply], proposed: Sequence[Proposal],
                 failed: Mapping[int, str] | None = None, pre_rejected: Mapping[int, str] | None = None,
                 died: Mapping[int, str] | None = None) -> RoundPlan:
-        """Close a phase before the round's last (module docstring, "Phases"; arguments as
+        """Close a phase before the round's last (docs/DESIGN.md §3, "Rounds of several phases"; arguments as
         :meth:`close_round`): the algorithm's ``server_phase`` validates the replies and answers with the
         next phase's broadcast; nothing is committed and the server state is unchanged. The clients it
         accepted step in the next phase on the rows they proposed here; the others are out of the round."""

@@ -16,7 +16,7 @@ from compressors.error_feedback import (
     ef21_server_update,
     make_error_feedback,
 )
-from compressors.message import compress_message, decode_message, decode_messages, message_bits
+from compressors.message import compress_message, decode_message, decode_messages
 from compressors.operators import Compressor, Context, Properties
 from compressors.payload import Message, PayloadError, TensorPayload
 from compressors.registry import COMPRESSORS, make_compressor
@@ -24,4 +24,4 @@ from compressors.registry import COMPRESSORS, make_compressor
 __all__ = ["BitCount", "CONVENTIONS", "COMPRESSORS", "Compressor", "Context", "EF14", "EF21", "ERROR_FEEDBACK",
            "Message", "NoFeedback", "PayloadError", "Properties", "TensorPayload", "check_contractive",
            "compress_message", "decode_message", "decode_messages", "dense_bits", "ef21_server_update",
-           "make_compressor", "make_error_feedback", "message_bits"]
+           "make_compressor", "make_error_feedback"]

@@ -8,7 +8,7 @@ Every kind has one ``step(state, X, seed_parts, comp_states) -> (rows, state', c
 block of B clients: ``X[name]`` is (B, *shape), ``state`` a tree of (B, *shape) leaves (None before the
 first round: zeros), ``seed_parts[i]`` and ``comp_states[i]`` client i's; ``rows[name]`` holds the B
 payloads (:class:`~compressors.payload.PayloadRows`). Row i depends on client i's inputs alone, so
-B = 1 is the per-client step (:func:`step_one`). A zero row of a state is a client's first round:
+B = 1 is the per-client step. A zero row of a state is a client's first round:
 zeros for the residual and full tracker (``x − 0 = x``), a zero ``step`` for fixed16 (set from the
 client's first estimate). ``tracks`` says whether the server keeps a running sum of the decoded
 messages (EF21: ``G = Σ_j w_j g_j``) or averages each round's (EF14, none).
@@ -37,7 +37,7 @@ from torch import Tensor
 
 from compressors.message import compress_block, contexts
 from compressors.operators import Compressor, State
-from compressors.payload import Message, PayloadRows
+from compressors.payload import PayloadRows
 from compressors.sparse import WeightedSum
 
 Tensors = dict[str, Tensor]
@@ -45,13 +45,6 @@ Rows = dict[str, PayloadRows]
 CompStates = Sequence[Mapping[str, State] | None] | None
 
 CHUNK_BYTES = 1 << 21  # a step takes a layer's rows in chunks of about this many bytes (they stay in the cache)
-
-
-def add_own(compressor: Compressor, base: Mapping[str, Tensor], message: Message, sign: float = 1.0) -> Tensors:
-    """``base + sign · decode(message)`` layer by layer for one client's own message, each a new tensor
-    (:meth:`Compressor.add_decoded_` on a block of one)."""
-    return {n: compressor.add_decoded_(base[n].clone().unsqueeze(0), PayloadRows.of(message[n]), sign)[0]
-            for n in base}
 
 
 def _layer(compressor: Compressor, X: Tensor, other: Tensor | None, sign: float, kind: str,
@@ -143,12 +136,6 @@ class EF21:
             return rows, {"g": g}, comps
         return self._step_fixed16(state, v, seed_parts, comp_states)
 
-    def tracker_values(self, state: Mapping[str, Tensors], like: Mapping[str, Tensor]) -> Tensors:
-        """The tracker g_j as a tensor dict in the working dtype (one client's state)."""
-        if self.tracker == "full":
-            return dict(state["g"])
-        return {n: state["q"][n].to(like[n].dtype) * state["step"][n].to(like[n].dtype) for n in like}
-
     def _first_steps(self, v: Tensor) -> Tensor:
         """Each row's grid step, a power of two: ``2^⌈log2(headroom · max|v| / 32767)⌉`` (2⁻²⁴ for a zero row)."""
         steps = []
@@ -221,19 +208,6 @@ class NoFeedback:
 
 
 ErrorFeedback = EF21 | EF14 | NoFeedback
-
-
-def _tree(state: Any, f) -> Any:
-    return {k: _tree(v, f) for k, v in state.items()} if isinstance(state, Mapping) else f(state)
-
-
-def step_one(ef: ErrorFeedback, state: Mapping[str, Tensors] | None, x: Mapping[str, Tensor],
-             seed_parts: tuple[int, ...], comp_states: Mapping[str, State] | None = None
-             ) -> tuple[Message, dict[str, Tensors], dict[str, State]]:
-    """``ef.step`` of one client (a block of one): its message, new state and new compressor states."""
-    rows, new, comps = ef.step(_tree(state, lambda t: t.unsqueeze(0)) if state else None,
-                               {n: t.unsqueeze(0) for n, t in x.items()}, [seed_parts], [comp_states])
-    return {n: r.payload(0) for n, r in rows.items()}, _tree(new, lambda t: t[0]), comps[0]
 
 
 def stack_states(states: Sequence[Mapping[str, Any] | None], like: Mapping[str, Any] | None = None) -> Any:

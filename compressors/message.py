@@ -1,4 +1,4 @@
-"""Layer-wise compression of a whole message (a dict of tensors), validated decoding and bits.
+"""Layer-wise compression of a whole message (a dict of tensors) and its validated decoding.
 
 Layers are processed in sorted-name order, and layer ``i`` of a message gets the seed
 ``derive_seed(*seed_parts, i)`` where ``seed_parts`` is e.g. ``(run_seed, client_id, round)``, so
@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from compressors.bits import BitCount
 from compressors.operators import Compressor, Context, State
 from compressors.payload import (
     LayerSetError,
@@ -238,8 +237,3 @@ def _check_range(name: str, tensor: Tensor | SparseTensor, max_abs: float) -> No
     values = tensor.values if isinstance(tensor, SparseTensor) else tensor
     if values.numel() and not float(values.abs().max()) <= max_abs:  # NaN included
         raise RangeError(name, "values", f"|v| up to {float(values.abs().max()):.4g}, the bound is {max_abs:.4g}")
-
-
-def message_bits(compressor: Compressor, message: Mapping[str, TensorPayload]) -> BitCount:
-    """Raw bit counts of a (valid) message: :meth:`Compressor.message_bits`."""
-    return compressor.message_bits(message)

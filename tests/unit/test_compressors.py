@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from compressors import TensorPayload, compress_message, decode_message, make_compressor, message_bits
-from compressors.error_feedback import add_own
+from compressors import TensorPayload, compress_message, decode_message, make_compressor
 from compressors.operators import Context
+from compressors.payload import PayloadRows
 
 UNBIASED = [{"name": "randk", "ratio": 0.1}, {"name": "randk_seeded", "ratio": 0.05},
             {"name": "qsgd", "levels": 4}, {"name": "natural"},
@@ -113,7 +113,7 @@ def test_int_codecs_count_b_bits_per_value_and_one_scale_per_tensor():
     for name, b in [("int2", 2), ("int4", 4), ("int8", 8)]:
         C = make_compressor({"name": "identity", "values": name})
         msg, _ = compress_message(C, x, (1, 2, 3))
-        assert message_bits(C, msg).total("int32") == b * 607 + 2 * 32
+        assert C.message_bits(msg).total("int32") == b * 607 + 2 * 32
     topk = make_compressor({"name": "topk", "ratio": 0.1, "values": "int2"})
     bits = topk.bits(topk.compress(torch.randn(1000))[0])
     assert (bits.value_bits, bits.scalar_bits, bits.n_indices) == (2 * 100, 32, 100)
@@ -159,7 +159,7 @@ def test_low_rank_sends_small_and_vector_tensors_dense():
     msg, _ = compress_message(C, {"b": torch.randn(10), "w": torch.randn(6, 5), "big": torch.randn(50, 40)}, (0,))
     assert msg["b"].codec == "dense/fp32" and msg["w"].codec == "dense/fp32"
     assert msg["big"].codec == "powersgd/fp32"
-    assert message_bits(C, msg).dense_fallbacks == 2
+    assert C.message_bits(msg).dense_fallbacks == 2
 
 
 def wire(payload: TensorPayload) -> TensorPayload:
@@ -206,7 +206,7 @@ def test_add_decoded_equals_the_dense_sum(spec, sign):
     msg, _ = compress_message(C, x, (7, 1, 3))
     decoded = decode_message(C, msg, {k: tuple(v.shape) for k, v in x.items()})
     for k in x:
-        got = add_own(C, {k: base[k]}, {k: msg[k]}, sign)[k]
+        got = C.add_decoded_(base[k].clone().unsqueeze(0), PayloadRows.of(msg[k]), sign)[0]  # a block of one
         assert torch.equal(got, base[k] + sign * decoded[k])
         assert not torch.equal(got, base[k])  # something was added
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from fedgluon.clients.objective import SupervisedObjective
+from fedgluon.clients.table import nest
 from fedgluon.config import spec as specs
 from fedgluon.lmo.geometry import Geometry
 from fedgluon.sim import checkpoint
@@ -32,6 +33,17 @@ def run_inprocess(spec: Mapping[str, Any], **kwargs: Any) -> Any:
     from fedgluon.flower.engines import run_inprocess as run
 
     return run(spec, **kwargs)
+
+
+def client_state(table, j: int) -> dict[str, Any]:
+    """Client ``j``'s committed state in a client-state table, as a tree of row views."""
+    return nest({p: c[j] for p, c in table.columns.items()})
+
+
+def journal_path(path: str | Path) -> Path:
+    """The rows journal that the checkpoint at ``path`` names (it must exist and be readable)."""
+    path = Path(path)
+    return path.with_name(checkpoint._read_payload(path)["journal"]["name"])
 
 
 def same_table(a, b) -> None:

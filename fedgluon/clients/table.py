@@ -2,7 +2,7 @@
 per leaf of the run's client-state schema (:mod:`fedgluon.clients.state_schema`).
 
 How a block steps on its rows (:meth:`ClientStateTable.rows`: views or gathered copies) and how only the
-accepted clients' rows are copied in after the server step (:meth:`ClientStateTable.commit`): docs/DESIGN.md
+accepted clients' rows are copied in after the server step (:meth:`ClientStateTable.write_accepted`): docs/DESIGN.md
 §3, "Client state". The server derives two columns, never read from a reply: ``commits`` ((n,) int64; 0 marks
 a *first participation*: EMA's first ``m = g``, DASHA's dense first message) and ``seen`` ((n,) int64, −1:
 none; the client's ``X_prev`` is ``models[seen]``, a history of broadcast models kept while any client points
@@ -179,12 +179,6 @@ class ClientStateTable:
         if self.keep_models:
             self.models[k] = dict(model)
 
-    def commit(self, clients: Sequence[int], proposed: Mapping[str, Tensor], accepted: Sequence[int], k: int,
-               model: Mapping[str, Tensor]) -> None:
-        """Commit round ``k``'s proposed rows (every schema path → (B, *shape), row i client ``clients[i]``)
-        of the ``accepted`` clients among them: :meth:`write` and :meth:`mark` them."""
-        self.mark(self.write_accepted(clients, proposed, set(accepted)), k, model)
-
     def settle(self) -> None:
         """Forget the models no client points at any more (after a round's commits)."""
         live = set(self.seen.tolist())
@@ -194,10 +188,6 @@ class ClientStateTable:
     def bytes_per_client(self) -> int:
         """Bytes of one client's row (state columns, ``commits`` and ``seen``)."""
         return self.schema.nbytes + 2 * self.commits.element_size()
-
-    def client_state(self, j: int) -> dict[str, Any]:
-        """Client ``j``'s committed state as a tree of row views (tests, inspection)."""
-        return nest({p: c[j] for p, c in self.columns.items()})
 
     def state_dict(self) -> dict[str, Any]:
         return {"format": self.FORMAT, "columns": self.columns, "commits": self.commits, "seen": self.seen,

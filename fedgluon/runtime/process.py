@@ -19,7 +19,7 @@ import torch
 
 from fedgluon.runtime.allocator import keep_freed_memory
 
-_owned = {"is": False}
+_owned = {"is": False}  # set by prepare_process (tests read it)
 
 
 def prepare_process(*, threads: int | None = None) -> dict[str, object]:
@@ -32,9 +32,4 @@ def prepare_process(*, threads: int | None = None) -> dict[str, object]:
             raise ValueError(f"threads must be at least 1, got {threads}")
         torch.set_num_threads(int(threads))
     return {"malloc": kept, "threads": torch.get_num_threads()}
-
-
-def owned() -> bool:
-    """Whether :func:`prepare_process` prepared this process."""
-    return _owned["is"]
 

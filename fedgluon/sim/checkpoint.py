@@ -114,12 +114,6 @@ def _temp_pattern(path: Path) -> re.Pattern[str]:
     return re.compile(r"\." + re.escape(path.name) + r"\.[0-9]+\.tmp")
 
 
-def journal_path(path: str | Path) -> Path:
-    """The rows journal that the checkpoint at ``path`` names (it must exist and be readable)."""
-    path = Path(path)
-    return path.with_name(_read_payload(path)["journal"]["name"])
-
-
 def _lines(snapshot: Snapshot, start: tuple[int, int]) -> bytes:
     rows = [json.dumps({"h": r}) for r in snapshot.history[start[0]:]]
     rows += [json.dumps({"c": r}) for r in snapshot.client_log[start[1]:]]

@@ -5,7 +5,7 @@ Which client task fails is decided by one uniform draw ``u`` from
 ``generator(seed, "fault", client, round)``: ``u < raise_prob`` raises, ``u < raise_prob + delay_prob``
 sleeps ``delay_s`` seconds before computing (the server's round deadline, ``round_timeout``, must be
 shorter for the reply to count as late). The draw is the same in every engine and independent of
-scheduling, so the expected failures of a run are known in advance (:func:`planned`). ``die`` names
+scheduling, so the expected failures of a run are known in advance. ``die`` names
 ``[round, client]`` tasks whose process exits (``os._exit``) inside a Ray worker; outside Ray the
 task raises :class:`SimulatedActorDeath`, which the in-process grid (the runtime there) reports with
 the error code of a crashed ClientApp, as Ray's reports a dead actor. The server takes only such
@@ -100,13 +100,3 @@ class FaultPlan:
             if exit_process:
                 os._exit(1)
             raise SimulatedActorDeath(f"injected actor death: client {client} in round {k}")
-
-    def planned(self, seed: int, rounds: int, participants: Mapping[int, Sequence[int]]) -> dict[tuple[int, int], str]:
-        """Every injected fault of a run, ``{(round, client): kind}``, given each round's participants."""
-        out = {}
-        for k in range(rounds):
-            for j in participants[k]:
-                kind = self.draw(seed, j, k, self.phase)
-                if kind is not None:
-                    out[(k, j)] = kind
-        return out

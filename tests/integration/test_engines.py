@@ -39,7 +39,7 @@ def test_client_app_pickles_as_its_spec(monkeypatch):
     assert isinstance(back, SpecClientApp) and back is pickle.loads(pickle.dumps(app))
     assert specs.normalise(SPEC) == specs.normalise(json.loads(back.spec_json))
     assert type(make_client_app()) is not SpecClientApp  # no fixed spec: the run config names it
-    assert process.owned()
+    assert process._owned["is"]
     torch.set_num_threads(threads)  # unpickling prepared this process: the spec's threads
 
 

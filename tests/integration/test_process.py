@@ -17,7 +17,7 @@ SPEC = {"task": {"name": "synthetic", "num_clients": 2, "dim": 4, "classes": 2, 
 
 STATE = ("import gc, json, torch; from fedgluon.runtime.allocator import applied; "
          "from fedgluon.runtime import process; "
-         "state = lambda: {'malloc': applied(), 'owned': process.owned(), 'threads': torch.get_num_threads(), "
+         "state = lambda: {'malloc': applied(), 'owned': process._owned['is'], 'threads': torch.get_num_threads(), "
          "'frozen': gc.get_freeze_count() > frozen0}; frozen0 = gc.get_freeze_count(); ")
 
 

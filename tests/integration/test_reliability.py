@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from helpers import same_table, stop_and_resume
+from helpers import journal_path, same_table, stop_and_resume
 
 from compressors import BitCount
 from fedgluon.config import schema as config
@@ -55,7 +55,7 @@ def test_checkpoint_files_are_atomic_and_load_without_unpickling(tmp_path):
                                 "seen": torch.tensor([-1, 0]), "models": {0: {"w": torch.full((3, 2), 2.0)}}},
                                [{"round": 0, "train_loss": 1.5}], [{"round": 0, "client": 1, "reason": ""}], "key")
     path = checkpoint.save(snap, tmp_path / "c.pt")
-    journal = checkpoint.journal_path(path)
+    journal = journal_path(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", journal.name]  # no temporary file left
     back = checkpoint.load(path)
     assert back.next_round == 1 and back.run_key == "key" and back.history == snap.history
@@ -85,7 +85,7 @@ def test_rows_journal_is_appended_and_reads_exactly_the_counted_rows(tmp_path):
     clients = [{"round": k, "client": j, "status": "accepted"} for k in range(3) for j in range(2)]
     for k in range(3):
         ckpt.after_round(k, lambda k=k: checkpoint.Snapshot(k + 1, {"X": {}}, {}, history[:k + 1], clients[:2 * k + 2]))
-    journal = checkpoint.journal_path(path)
+    journal = journal_path(path)
     assert len(journal.read_text().splitlines()) == 3 + 6  # each row written once
     back = checkpoint.load(path)
     assert back.history == history and back.client_log == clients and back.next_round == 3
@@ -97,7 +97,7 @@ def test_rows_journal_is_appended_and_reads_exactly_the_counted_rows(tmp_path):
     fresh.after_round(3, lambda: checkpoint.Snapshot(4, {"X": {}}, {}, [*history, {"round": 3, "train_loss": 3.0}],
                                                      clients))
     assert checkpoint.load(path).history[-1] == {"round": 3, "train_loss": 3.0}
-    assert checkpoint.journal_path(path) == journal and len(journal.read_text().splitlines()) == 4 + 6
+    assert journal_path(path) == journal and len(journal.read_text().splitlines()) == 4 + 6
     journal.write_text(journal.read_text().splitlines()[0] + "\n")
     with pytest.raises(checkpoint.CheckpointError, match="fewer than"):
         checkpoint.load(path)
@@ -318,6 +318,18 @@ def _running(pid: int) -> bool:
         return False
 
 
+def planned(plan: FaultPlan, seed: int, rounds: int, participants) -> dict[tuple[int, int], str]:
+    """Every injected fault of a run, ``{(round, client): kind}``, given each round's participants: the
+    clients' own draws (``FaultPlan.draw``), which are independent of scheduling."""
+    out = {}
+    for k in range(rounds):
+        for j in participants[k]:
+            kind = plan.draw(seed, j, k, plan.phase)
+            if kind is not None:
+                out[(k, j)] = kind
+    return out
+
+
 def test_injected_faults_are_failures_and_states_follow_accepted_rounds(tmp_path):
     """20% of client tasks raise or miss the deadline (a real sleep past round_timeout on the in-process
     Flower grid): the run completes, failure counts equal the planned injection, and metrics and every
@@ -333,7 +345,7 @@ def test_injected_faults_are_failures_and_states_follow_accepted_rounds(tmp_path
     assert len(frame) == 20
     from fedgluon.sim.federation import sample_clients
 
-    plan = FaultPlan.from_spec(faults).planned(5, 20, {k: sample_clients(8, k, 5, 0.75) for k in range(20)})
+    plan = planned(FaultPlan.from_spec(faults), 5, 20, {k: sample_clients(8, k, 5, 0.75) for k in range(20)})
     per_round = pd.Series([k for k, _ in plan], dtype=int).value_counts().reindex(range(20), fill_value=0)
     assert frame["failed"].tolist() == per_round.tolist()
     assert 0.1 < len(plan) / frame["participants"].sum() < 0.3 and {"raise", "delay"} <= set(plan.values())

@@ -24,6 +24,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import journal_path
 from test_reliability import same_run
 
 from compressors import BitCount
@@ -237,7 +238,7 @@ def test_a_failure_at_every_step_of_a_save_leaves_the_run_resumable(tmp_path, re
         if path.exists():
             assert checkpoint.load(path).next_round in (base + save, base + save + 1)
         _same_result(full, _finish(path))
-        assert [p.name for p in path.parent.iterdir() if ".rows." in p.name] == [checkpoint.journal_path(path).name]
+        assert [p.name for p in path.parent.iterdir() if ".rows." in p.name] == [journal_path(path).name]
 
 
 # ---------------------------------------------------------------------- whole runs: experiment.run and the CLI
@@ -394,7 +395,7 @@ def test_full_disk_in_the_first_save_after_resume(tmp_path, full_run, where):
     file, and resumes to the uninterrupted result once there is space."""
     cfg = _cfg(tmp_path, "disk")
     run_dir = _stopped_run(tmp_path, "disk")
-    journal = checkpoint.journal_path(run_dir / "checkpoint.pt").stat().st_size
+    journal = journal_path(run_dir / "checkpoint.pt").stat().st_size
     snapshot = (run_dir / "checkpoint.pt").stat().st_size
     assert journal + 1000 < snapshot
     limit = journal + 10 if where == "journal" else snapshot - 200
@@ -404,7 +405,7 @@ def test_full_disk_in_the_first_save_after_resume(tmp_path, full_run, where):
     assert "could not save the checkpoint of round 3" in stopped.stderr and "round 2 is intact" in stopped.stderr
     assert _leftovers(run_dir) == []
     if where == "journal":
-        assert checkpoint.journal_path(run_dir / "checkpoint.pt").stat().st_size == limit  # a partial append
+        assert journal_path(run_dir / "checkpoint.pt").stat().st_size == limit  # a partial append
     experiment.run(cfg, progress=False, out_dir=run_dir, resume=True)
     same_run(full_run, run_dir)
 
@@ -445,7 +446,7 @@ def test_an_edited_next_round_is_refused_not_marked_complete(tmp_path):
 
 def test_a_changed_or_missing_journal_is_refused(tmp_path):
     run_dir = _stopped_run(tmp_path)
-    journal = checkpoint.journal_path(run_dir / "checkpoint.pt")
+    journal = journal_path(run_dir / "checkpoint.pt")
     text = journal.read_text()
     journal.write_text(text.replace('"round": 1', '"round": 7', 1))
     assert "differs from the one the checkpoint was saved with" in _resume_error(run_dir)

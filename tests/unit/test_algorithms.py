@@ -6,7 +6,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from helpers import synthetic_federation
+from helpers import client_state, synthetic_federation
 
 from fedgluon.algorithms import ALGORITHMS, make_algorithm
 from fedgluon.clients.objective import SupervisedObjective
@@ -187,7 +187,7 @@ def test_rejected_payload_keeps_trackers_consistent(name):
     tracker_key = "ef" if name == "gluon-ef21" else None
     G = res.server_state["G"]
     for n in G:
-        rows = [res.table.client_state(j) for j in range(len(objs))]
+        rows = [client_state(res.table, j) for j in range(len(objs))]
         total = sum(w[j] * (rows[j][tracker_key]["g"][n] if tracker_key else rows[j]["g"][n])
                     for j in range(len(objs)))
         torch.testing.assert_close(G[n], total, rtol=1e-5, atol=1e-6)
@@ -203,7 +203,7 @@ def test_rejected_client_state_is_not_advanced():
         return reply
     run_a = run_plain(algo, objs, X0, 4, seed=0, tamper=tamper)
     run_b = run_plain(algo, objs, X0, 3, seed=0)
-    a, b = run_a.table.client_state(4), run_b.table.client_state(4)
+    a, b = client_state(run_a.table, 4), client_state(run_b.table, 4)
     for n in a["ef"]["g"]:
         assert torch.equal(a["ef"]["g"][n], b["ef"]["g"][n])
     # the rejected round is not counted: 3 commits, its X_prev still the model of round 2

@@ -8,7 +8,7 @@ import dataclasses
 import pandas as pd
 import pytest
 import torch
-from helpers import same_table
+from helpers import client_state, same_table
 
 from fedgluon.clients.state_schema import StateSchema
 from fedgluon.clients.table import NEVER, ClientRows, ClientStateTable, flatten, nest
@@ -40,6 +40,11 @@ def proposed(clients: list[int], value: float) -> dict[str, torch.Tensor]:
 
 def model(value: float) -> dict[str, torch.Tensor]:
     return {"w": torch.full((3, 2), value)}
+
+
+def commit(t: ClientStateTable, clients, rows, accepted, k, model) -> None:
+    """Commit round ``k``'s proposed rows of the ``accepted`` clients, as ``Federation._commit`` does for a block."""
+    t.mark(t.write_accepted(clients, rows, set(accepted)), k, model)
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -76,8 +81,8 @@ def test_rows_of_consecutive_clients_are_views_and_others_copies():
 
 def test_rows_carry_only_the_models_their_clients_point_at():
     t = table()
-    t.commit([0, 1], proposed([0, 1], 10), [0, 1], 0, model(0.5))
-    t.commit([1, 2], proposed([1, 2], 20), [1, 2], 1, model(1.5))
+    commit(t, [0, 1], proposed([0, 1], 10), [0, 1], 0, model(0.5))
+    commit(t, [1, 2], proposed([1, 2], 20), [1, 2], 1, model(1.5))
     assert t.seen.tolist() == [0, 1, 1, NEVER, NEVER, NEVER]
     assert sorted(t.rows([0, 3]).models) == [0] and sorted(t.rows([1, 2]).models) == [1]
     assert sorted(t.rows([0, 1, 2]).models) == [0, 1] and t.rows([4, 5]).models == {}
@@ -91,7 +96,7 @@ def test_commit_writes_only_accepted_rows_and_bumps_their_counters():
     before = {p: c.clone() for p, c in t.columns.items()}
     clients = [1, 2, 3, 4]
     new = proposed(clients, 50)
-    t.commit(clients, new, accepted=[1, 3], k=3, model=model(3.0))
+    commit(t, clients, new, accepted=[1, 3], k=3, model=model(3.0))
     for path, column in t.columns.items():
         for i, j in enumerate(clients):
             assert torch.equal(column[j], new[path][i] if j in (1, 3) else before[path][j]), (path, j)
@@ -100,9 +105,9 @@ def test_commit_writes_only_accepted_rows_and_bumps_their_counters():
     assert t.commits.tolist() == [0, 1, 0, 1, 0, 0]
     assert t.seen.tolist() == [NEVER, 3, NEVER, 3, NEVER, NEVER]
     assert sorted(t.models) == [3] and torch.equal(t.models[3]["w"], model(3.0)["w"])
-    t.commit(clients, proposed(clients, 60), accepted=[], k=4, model=model(4.0))  # nobody accepted: no change
+    commit(t, clients, proposed(clients, 60), accepted=[], k=4, model=model(4.0))  # nobody accepted: no change
     assert t.commits.tolist() == [0, 1, 0, 1, 0, 0] and sorted(t.models) == [3]
-    t.commit([1], proposed([1], 70), accepted=[1], k=5, model=model(5.0))
+    commit(t, [1], proposed([1], 70), accepted=[1], k=5, model=model(5.0))
     assert t.commits.tolist() == [0, 2, 0, 1, 0, 0] and t.seen.tolist()[1] == 5
 
 
@@ -110,27 +115,27 @@ def test_commit_copies_rows_handed_back_unchanged():
     """A block's step may hand back its input rows (views of the table's columns) as its proposal."""
     t = table()
     rows = t.rows([2, 3])
-    t.commit([2, 3], flatten(rows.tree), [2, 3], 0, model(0.0))
+    commit(t, [2, 3], flatten(rows.tree), [2, 3], 0, model(0.0))
     assert t.columns["ef/g/w"][:, 0, 0].tolist() == list(range(N))
     view = flatten(t.rows([0, 1, 2]).tree)
-    t.commit([3, 4, 5], view, [3, 4, 5], 1, model(1.0))  # rows 0..2 of the same column, into rows 3..5
+    commit(t, [3, 4, 5], view, [3, 4, 5], 1, model(1.0))  # rows 0..2 of the same column, into rows 3..5
     assert t.columns["ef/g/w"][:, 0, 0].tolist() == [0, 1, 2, 0, 1, 2]
 
 
 def test_settle_keeps_models_only_while_a_client_points_at_them():
     t = table()
-    t.commit([0, 1], proposed([0, 1], 1), [0, 1], 0, model(0.0))
-    t.commit([1, 2], proposed([1, 2], 1), [1, 2], 1, model(1.0))
+    commit(t, [0, 1], proposed([0, 1], 1), [0, 1], 0, model(0.0))
+    commit(t, [1, 2], proposed([1, 2], 1), [1, 2], 1, model(1.0))
     t.settle()
     assert sorted(t.models) == [0, 1]  # client 0 still points at round 0
-    t.commit([0], proposed([0], 1), [0], 2, model(2.0))
+    commit(t, [0], proposed([0], 1), [0], 2, model(2.0))
     t.settle()
     assert sorted(t.models) == [1, 2]
-    t.commit([0, 1, 2], proposed([0, 1, 2], 1), [0, 1, 2], 3, model(3.0))
+    commit(t, [0, 1, 2], proposed([0, 1, 2], 1), [0, 1, 2], 3, model(3.0))
     t.settle()
     assert sorted(t.models) == [3]
     plain = table(keep_models=False)
-    plain.commit([0], proposed([0], 1), [0], 0, model(0.0))
+    commit(plain, [0], proposed([0], 1), [0], 0, model(0.0))
     assert plain.models == {} and plain.seen.tolist()[0] == 0  # no X_prev: no model kept
 
 
@@ -149,8 +154,8 @@ def test_check_names_what_does_not_fit():
 
 def test_state_dict_round_trip():
     t = table()
-    t.commit([1, 2], proposed([1, 2], 9), [1, 2], 0, model(0.25))
-    t.commit([2, 5], proposed([2, 5], 7), [2, 5], 1, model(1.25))
+    commit(t, [1, 2], proposed([1, 2], 9), [1, 2], 0, model(0.25))
+    commit(t, [2, 5], proposed([2, 5], 7), [2, 5], 1, model(1.25))
     data = t.state_dict()
     back = ClientStateTable(StateSchema.of(STATE), N, keep_models=True)
     back.load_state_dict(data)
@@ -160,7 +165,7 @@ def test_state_dict_round_trip():
     back.columns["ef/g/w"].add_(1)  # the loaded table owns its tensors
     back.commits.add_(1)
     assert t.columns["ef/g/w"][0, 0, 0] == 0 and t.commits.tolist() == [0, 1, 2, 0, 0, 1]
-    assert back.client_state(2)["m"]["b"].tolist() == t.client_state(2)["m"]["b"].tolist()
+    assert client_state(back, 2)["m"]["b"].tolist() == client_state(t, 2)["m"]["b"].tolist()
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -177,8 +182,8 @@ def test_state_dict_round_trip():
 ])
 def test_load_state_dict_refuses_what_does_not_fit_and_changes_nothing(edit, message):
     t = table()
-    t.commit([1, 2], proposed([1, 2], 9), [1, 2], 0, model(0.25))
-    t.commit([5], proposed([5], 7), [5], 1, model(1.25))
+    commit(t, [1, 2], proposed([1, 2], 9), [1, 2], 0, model(0.25))
+    commit(t, [5], proposed([5], 7), [5], 1, model(1.25))
     target = table()
     with pytest.raises(ValueError) as err:
         target.load_state_dict(edit(t.state_dict()))
@@ -189,7 +194,7 @@ def test_load_state_dict_refuses_what_does_not_fit_and_changes_nothing(edit, mes
 
 def test_a_table_without_x_prev_loads_without_models():
     t = table(keep_models=False)
-    t.commit([1], proposed([1], 9), [1], 0, model(0.25))
+    commit(t, [1], proposed([1], 9), [1], 0, model(0.25))
     back = table(keep_models=False)
     back.load_state_dict(t.state_dict())
     assert back.seen.tolist()[1] == 0 and back.models == {}

@@ -4,6 +4,7 @@ float64, full local batches, constant radius; and the commit rule of rounds with
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import client_state
 from torch.func import functional_call
 
 from fedgluon.algorithms import make_algorithm
@@ -192,7 +193,7 @@ def test_a_client_out_in_phase_two_keeps_its_state_and_the_round_goes_on():
     row = after.frame().iloc[2]
     assert (row["failed"], row["rejected"], row["accepted"]) == (len(failing), 1, 6 - len(out))
     for j in range(6):
-        a, b = after.table.client_state(j)["M"], before.table.client_state(j)["M"]
+        a, b = client_state(after.table, j)["M"], client_state(before.table, j)["M"]
         same = all(torch.equal(a[n], b[n]) for n in a)
         assert same == (j in out), j
         assert int(after.table.commits[j]) == int(before.table.commits[j]) + (j not in out)

@@ -3,6 +3,7 @@ written here from the papers' equations (full local batches, SVD LMO), and their
 
 import pytest
 import torch
+from helpers import client_state
 from test_algorithms import EXACT, problem, trajectory
 
 from fedgluon.algorithms import make_algorithm
@@ -165,7 +166,7 @@ def test_a_reply_without_its_control_terms_is_rejected_and_c_stays_the_mean_of_t
     res = run_plain(algo, objs, X0, 4, seed=2, tamper=tamper)
     assert res.frame()["rejected"].tolist() == [0, 1, 0, 1]
     assert res.table.commits.tolist() == [4, 2, 4]
-    rows = [res.table.client_state(j)["m"] for j in range(3)]
+    rows = [client_state(res.table, j)["m"] for j in range(3)]
     c = {n.removeprefix("control:"): t for n, t in res.server_state["G"].items() if n.startswith("control:")}
     assert c.keys() == X0.keys()
     for n in c:

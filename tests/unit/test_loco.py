@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import client_state
 from torch.func import functional_call
 
 from fedgluon.algorithms import make_algorithm
@@ -100,7 +101,7 @@ def test_diloco_keeps_adamw_state_across_rounds():
     for n in kept:
         torch.testing.assert_close(res.server_state["X"][n], kept[n], rtol=1e-10, atol=1e-12)
     assert max(float((kept[n] - restarted[n]).abs().max()) for n in kept) > 1e-4
-    assert int(res.table.client_state(0)["inner"]["step"]["t"]) == 2 * H
+    assert int(client_state(res.table, 0)["inner"]["step"]["t"]) == 2 * H
 
 
 def test_muloco_keeps_momentum_across_rounds():
@@ -113,7 +114,7 @@ def test_muloco_keeps_momentum_across_rounds():
     X1 = final("muloco", objs, X0, geom, 1, local_steps=1, lr=0.05, beta=beta, nesterov=False,
                **PLAIN_OUTER).server_state["X"]
     g2 = grad(model, X1, batch(objs[0], 5, 0, 1))
-    m = res.table.client_state(0)["inner"]["m"]
+    m = client_state(res.table, 0)["inner"]["m"]
     for n in m:
         torch.testing.assert_close(m[n], beta * (1 - beta) * g1[n] + (1 - beta) * g2[n], rtol=1e-10, atol=1e-12)
 
@@ -184,6 +185,6 @@ def test_muloco_end_to_end_matches_inner_muon_ef14_int2_and_outer_nesterov():
     for n in X:
         torch.testing.assert_close(res.server_state["X"][n], X[n], rtol=1e-10, atol=1e-12)
     for j in range(2):
-        row = res.table.client_state(j)
+        row = client_state(res.table, j)
         for n in X:
             torch.testing.assert_close(row["inner"]["m"][n], M[j][n], rtol=1e-10, atol=1e-12)

@@ -1,6 +1,7 @@
 """Client-state bytes (fedgluon.core.memory) and the shared x_prev of the plain driver."""
 
 import torch
+from helpers import client_state
 
 from fedgluon.algorithms import make_algorithm
 from fedgluon.clients.objective import SupervisedObjective
@@ -77,7 +78,7 @@ def test_half_precision_estimator_state_halves_its_bytes_and_stays_close():
                                   compressor={"name": "topk", "ratio": 0.3})
             res[dtype, rounds] = run_plain(algo, objs, X0, rounds, seed=0)
     full, half = res[None, 6], res["float16", 6]
-    state = half.table.client_state(0)
+    state = client_state(half.table, 0)
     assert all(t.dtype == torch.float16 for t in state["est"]["m"].values())
     assert all(t.dtype == torch.float32 for t in state["ef"]["g"].values())
     assert client_state_bytes(full.table)["mean"] - client_state_bytes(half.table)["mean"] == 2 * P

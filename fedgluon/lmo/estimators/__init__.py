@@ -11,7 +11,7 @@ a caller can drop ``state'`` (a rejected client keeps its old state).
 
 Notation: ``g_now = ∇f(X^k; ξ_k)``; ``g_prev = ∇f(X^{k−1}; ξ_k)`` — the *same* sample ξ_k at the
 previous iterate (only estimators with ``needs_previous = True`` use it; it may be ``None`` when every
-row is a first step). Momentum ``beta`` weighs the *old* value.
+row is a first step). Momentum ``beta`` weighs the *old* value (docs/DESIGN.md §2, with the papers' translations).
 
 | name       | update                                                              | source |
 | ---------- | ------------------------------------------------------------------- | ------ |
@@ -24,9 +24,6 @@ row is a first step). Momentum ``beta`` weighs the *old* value.
 
 ``muon_mvr1/2`` also have ``form="reference"``: the published code's first step and AdamW on
 non-matrix parameters (:class:`MuonMVR`).
-
-LiMuon writes ``(1 − β_LiMuon)`` for our ``β``; EF21-Muon's and Scion's β weigh the new gradient
-and translate to ``β = 1 − β_paper``.
 
 Modules: :mod:`.base` (the interface, :class:`Rows`), :mod:`.momentum` (EMA, MVR, SARAH: elementwise),
 :mod:`.muon` (Muon-MVR, LiMuon: per-row norms and factors); this package re-exports them and builds them by

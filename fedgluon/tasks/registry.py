@@ -5,17 +5,7 @@ parameters (seeded), the model for the geometry, a partition summary (client siz
 histograms) and a central evaluation on held-out data (loss, accuracy; perplexity for language
 models).
 
-| task | data | default model | partition |
-| --- | --- | --- | --- |
-| ``synthetic`` | LEAF synthetic(α, β), generated | MLP / softmax regression | natural (one distribution per client) |
-| ``digits`` | scikit-learn digits (8×8) | MLP 64→128→10 | iid / dirichlet / shards |
-| ``breast_cancer`` | scikit-learn breast cancer | logistic regression | iid / dirichlet / shards |
-| ``fashion_mnist`` | Debian ``dataset-fashion-mnist`` IDX files (a) | small CNN (or MLP) | iid / dirichlet / shards |
-| ``libsvm`` | any LibSVM/svmlight file | logistic regression | iid / dirichlet / shards |
-| ``a9a_synthetic`` | a9a-shaped generator (123 binary features) | logistic regression | iid / dirichlet / shards |
-| ``shakespeare`` | vendored plays, next-character prediction | tiny GPT | natural, by speaking role |
-
-(a) or any directory of MNIST-format IDX files.
+The tasks, their data and options: README, "Tasks and data".
 """
 
 from __future__ import annotations

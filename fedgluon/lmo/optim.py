@@ -32,6 +32,7 @@ models in ``eval()`` mode in the closure if that matters.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -40,8 +41,9 @@ from torch import Tensor, nn
 
 from fedgluon.core.rng import generator
 from fedgluon.lmo.estimators import FORMS, Estimator, RefreshPolicy, make_estimator
+from fedgluon.lmo.estimators import OPTIONS as ESTIMATOR_OPTIONS
 from fedgluon.lmo.geometry import Geometry, check_muon_mvr_reference
-from fedgluon.lmo.radius import make_radius_rule
+from fedgluon.lmo.radius import make_radius_rule, make_schedule
 from fedgluon.lmo.step import LMOStep, StepInfo
 
 # Method presets: defaults that a user's keyword arguments override.
@@ -56,11 +58,15 @@ METHODS: dict[str, dict[str, Any]] = {
                     "power": 0.5},
     "limuon": {"preset": "muon", "estimator": "limuon", "beta": 0.9, "rank": 8},
 }
-_GEOMETRY_KEYS = ("preset", "roles", "overrides", "radius", "spectral_method", "ns_steps", "ns_coefficients",
-                  "ns_dtype", "ns_compile", "lmo_device")
-_ESTIMATOR_KEYS = ("beta", "nesterov", "init", "gamma", "clip", "rank", "oversample", "form", "adamw_betas",
-                   "adamw_eps")
-_SCHEDULE_KEYS = ("power", "total", "warmup", "final_fraction")
+
+
+def _keyword_only(fn: Callable[..., Any]) -> tuple[str, ...]:
+    return tuple(n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY)
+
+
+_GEOMETRY_KEYS = _keyword_only(Geometry.from_shapes)
+_ESTIMATOR_KEYS = tuple(k for k in ESTIMATOR_OPTIONS if k != "seed")  # the optimizer's own seed seeds LiMuon
+_SCHEDULE_KEYS = _keyword_only(make_schedule)
 
 
 def _method_config(method: str, options: Mapping[str, Any], estimator: Estimator | str | None) -> dict[str, Any]:

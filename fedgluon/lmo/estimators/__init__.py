@@ -35,7 +35,6 @@ None`` on its first step, the block step of one row.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,29 +45,28 @@ from fedgluon.lmo.estimators.momentum import MVR, SARAH, AdamMoments, EMAMomentu
 from fedgluon.lmo.estimators.muon import FORMS, LiMuon, MuonMVR
 
 __all__ = ["ESTIMATORS", "FORMS", "MVR", "SARAH", "AdamMoments", "EMAMomentum", "Estimator", "LiMuon", "MuonMVR",
-           "RefreshPolicy", "Rows", "State", "Tensors", "make_estimator"]
+           "OPTIONS", "RefreshPolicy", "Rows", "State", "Tensors", "make_estimator"]
 
-ESTIMATORS = ("ema", "mvr", "muon_mvr1", "muon_mvr2", "sarah", "limuon")
+_MUON_MVR_OPTIONS = ("beta", "gamma", "clip", "form", "adamw_betas", "adamw_eps")
+# name -> (class, fixed arguments, the config options it takes)
+_BUILDERS: dict[str, tuple[type[Estimator], dict[str, Any], tuple[str, ...]]] = {
+    "ema": (EMAMomentum, {}, ("beta", "nesterov", "init")),
+    "mvr": (MVR, {}, ("beta",)),
+    "muon_mvr1": (MuonMVR, {"variant": 1}, _MUON_MVR_OPTIONS),
+    "muon_mvr2": (MuonMVR, {"variant": 2}, _MUON_MVR_OPTIONS),
+    "sarah": (SARAH, {}, ()),
+    "limuon": (LiMuon, {}, ("beta", "rank", "oversample", "seed")),
+}
+ESTIMATORS = tuple(_BUILDERS)
+OPTIONS = tuple(dict.fromkeys(k for _, _, keys in _BUILDERS.values() for k in keys))  # every estimator's
 
 
 def make_estimator(name: str, **kwargs) -> Estimator:
-    """Build an estimator by name (see :data:`ESTIMATORS`) from keyword config values."""
-    if name == "ema":
-        return EMAMomentum(**_pick(kwargs, "beta", "nesterov", "init"))
-    if name == "mvr":
-        return MVR(**_pick(kwargs, "beta"))
-    if name in ("muon_mvr1", "muon_mvr2"):
-        return MuonMVR(variant=int(name[-1]), **_pick(kwargs, "beta", "gamma", "clip", "form", "adamw_betas",
-                                                      "adamw_eps"))
-    if name == "sarah":
-        return SARAH()
-    if name == "limuon":
-        return LiMuon(**_pick(kwargs, "beta", "rank", "oversample", "seed"))
-    raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {name!r}")
-
-
-def _pick(kwargs: Mapping[str, Any], *keys: str) -> dict[str, Any]:
-    return {k: kwargs[k] for k in keys if kwargs.get(k) is not None}
+    """Build an estimator by name (see :data:`ESTIMATORS`) from keyword config values (``None``: the default)."""
+    if not isinstance(name, str) or name not in _BUILDERS:
+        raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {name!r}")
+    cls, fixed, keys = _BUILDERS[name]
+    return cls(**fixed, **{k: kwargs[k] for k in keys if kwargs.get(k) is not None})
 
 
 @dataclass

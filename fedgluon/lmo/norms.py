@@ -5,22 +5,13 @@ scaling"), so its unit-ball minimiser and dual norm carry the inverse factor::
 
     lmo(G) = argmin_{‖U‖ ≤ 1} <G, U> = (1/c) · lmo_base(G),      ‖G‖_* = (1/c) · base_*(G)
 
-and ``<G, lmo(G)> = −‖G‖_*``, ``‖lmo(G)‖ = 1`` (0 for G = 0). ``lmo`` returns the *minimiser*
-(the step is ``X + t·lmo(G)``); Scion's code returns ``−lmo`` and subtracts it.
+and ``<G, lmo(G)> = −‖G‖_*``, ``‖lmo(G)‖ = 1`` (0 for G = 0); the sign convention of docs/DESIGN.md §2.
+Every method acts on a batch ``(B, *param_shape)`` of same-shape parameters; ``norm``/``dual`` return ``(B,)``.
+The classes' base norms, LMOs and duals (after LIONS-EPFL/scion ``scion.py``): docs/ALGORITHMS.md §1.1.
 
-All methods act on a batch: the input has shape ``(B, *param_shape)`` so that same-shape
-parameters are handled in one call; ``norm``/``dual`` return shape ``(B,)``.
-
-The classes (Spectral, Sign, ColNorm, RowNorm, Euclidean; RMS is Euclidean with ``c = 1/sqrt(numel)``) and
-their base norms, LMOs and duals: the table in docs/ALGORITHMS.md §1.1.
-
-``Identity`` is *not* a norm ball: its "LMO" is ``−G/c``, so the step ``X + t·lmo(G)`` moves along the
-estimate itself (unnormalised). It serves parameters whose estimator already returns the step direction,
-such as the AdamW part of the Muon-MVR reference form (:class:`fedgluon.lmo.estimators.MuonMVR`); with another
-estimator it is plain (momentum) SGD on that parameter. Its norm and dual norm, used for reporting, are
-the Euclidean ones (``c‖X‖_F``, ``‖G‖_F/c``), and ``‖lmo(G)‖ = 1`` does not hold.
-
-Sources: LIONS-EPFL/scion ``scion.py`` (docs/ALGORITHMS.md §1.1); Gluon's special cases (§1.1).
+``Identity`` is *not* a norm ball: its "LMO" is ``−G/c``, so the step follows the estimate itself. It serves
+parameters whose estimator already returns the step direction, such as the AdamW part of the Muon-MVR
+reference form (:class:`fedgluon.lmo.estimators.MuonMVR`); with another estimator it is plain (momentum) SGD.
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """Gradient estimators as pure state transitions over a block of clients.
 
-Every tensor carries a leading client axis: ``update(state, g_now, g_prev, first) -> (state', estimate)``
-steps B clients at once, ``state`` a dict of dicts of ``(B, *shape)`` tensors (one row per client, the
-layout of a client-state table), ``first`` a ``(B,)`` bool tensor marking each client's first step. A row
-of a client that never stepped is zero-filled (:meth:`Estimator.zero_state`), and a zero-filled row never
-changes the math: wherever the first step differs, the row is selected by ``first``. Row ``i`` of a block
-update equals the update of client ``i`` alone bitwise (``tests/unit/test_estimator_blocks.py``); per-row
-reductions (Muon-MVR's clipping norm, LiMuon's RSVD) stay per row. Updates never mutate their inputs, so
-a caller can drop ``state'`` (a rejected client keeps its old state).
+``update(state, g_now, g_prev, first) -> (state', estimate)`` steps B clients at once (docs/DESIGN.md §3,
+"Algorithm interface" and "Estimators"): ``state`` a dict of dicts of ``(B, *shape)`` tensors, one row per client
+(zero-filled before its first step: :meth:`Estimator.zero_state`), ``first`` a ``(B,)`` bool tensor selecting the
+rows whose first step differs. Row ``i`` equals client ``i``'s update alone bitwise
+(``tests/unit/test_estimator_blocks.py``). Updates never mutate their inputs.
 
 Notation: ``g_now = ∇f(X^k; ξ_k)``; ``g_prev = ∇f(X^{k−1}; ξ_k)`` — the *same* sample ξ_k at the
 previous iterate (only estimators with ``needs_previous = True`` use it; it may be ``None`` when every

@@ -6,28 +6,18 @@ declare them: a model may carry ``parameter_roles = {"head.*": "head", "tok_emb.
 (fnmatch patterns on parameter names), or the caller passes ``roles=``. Undeclared parameters get
 a role from their shape: ≥3-D → ``conv``, 2-D → ``hidden``, ≤1-D → ``vector``.
 
-Presets (role → norm, with shape factors c; Scion's ``Auto`` rules): ``scion``, ``muon``, ``euclidean``,
-``sign``, ``muon_mvr``, tabled in docs/ALGORITHMS.md §1.1 (k there is the product of the kernel sizes: Scion's
-SpectralConv divides by k² for a k×k kernel; ``muon``'s hidden c is Muon's shape scale).
-
-``muon_mvr`` is the geometry of the Muon-MVR code (the ``form: reference`` of ``muon_mvr1/2``,
-:class:`fedgluon.lmo.estimators.MuonMVR`): a 2-D parameter moves by ``lr·0.2·sqrt(max(m, n))·UVᵀ``
-(Moonlight's scale, where the ``muon`` preset has ``sqrt(max(1, m/n))``), and every other parameter by
-``lr`` times the AdamW direction the estimator returns (the ``identity`` norm of :mod:`fedgluon.lmo.norms`:
-the step takes the estimate as it is).
+Presets (role → norm, with shape factors c): :data:`PRESETS`, tabled in docs/ALGORITHMS.md §1.1 (Scion's
+SpectralConv divides by k² for a k×k kernel). ``muon_mvr`` is the Muon-MVR code's geometry (ALGORITHMS §6,
+:class:`fedgluon.lmo.estimators.MuonMVR`); it goes by shape, not role.
 
 Overrides: ``[{"pattern": "head.*", "norm": "col", "factor": 2.0, "radius": 16.0}, ...]``; later
 entries win. ``norm`` is one of :data:`NORM_NAMES`; without ``factor`` the norm's default rule for
 that shape is used. ``radius`` multipliers can also be given per role (``radius={"head": 16}``).
 
-Device (``lmo_device``): where the spectral LMOs run (Newton–Schulz or SVD: the step's hot path).
-``"auto"`` (default) moves each stacked group of spectral matrices that lies on the CPU to the GPU
-when torch sees one and brings the result back (tensors already on a GPU stay where they are), so a
-federated server whose state lives on the CPU still takes its LMO step on the GPU; ``"same"`` runs
-every LMO where its tensors are; ``"cpu"`` / ``"cuda"`` / ``"cuda:N"`` name a device. Other norms
-(sign, column, row, RMS) are elementwise and always run where their tensors are. With ``ns_dtype:
-auto`` NS runs in bf16 on a GPU and in fp32 on the CPU, so a run's numbers depend on whether a GPU
-was used: compare runs made on the same kind of machine, or set ``lmo_device: same``.
+Device (``lmo_device``, README "GPU"): where the spectral LMOs run. ``"auto"`` (default) moves each stacked group
+of spectral matrices on the CPU to the GPU when torch sees one and back (tensors on a GPU stay there); ``"same"``
+runs every LMO where its tensors are; ``"cpu"`` / ``"cuda"`` / ``"cuda:N"`` name a device. Other norms always run
+where their tensors are. NS runs in bf16 on a GPU, so compare runs made on the same kind of machine.
 """
 
 from __future__ import annotations

@@ -5,22 +5,13 @@ scaling"), so its unit-ball minimiser and dual norm carry the inverse factor::
 
     lmo(G) = argmin_{‖U‖ ≤ 1} <G, U> = (1/c) · lmo_base(G),      ‖G‖_* = (1/c) · base_*(G)
 
-and ``<G, lmo(G)> = −‖G‖_*``, ``‖lmo(G)‖ = 1`` (0 for G = 0). ``lmo`` returns the *minimiser*
-(the step is ``X + t·lmo(G)``); Scion's code returns ``−lmo`` and subtracts it.
+and ``<G, lmo(G)> = −‖G‖_*``, ``‖lmo(G)‖ = 1`` (0 for G = 0); the sign convention of docs/DESIGN.md §2.
+Every method acts on a batch ``(B, *param_shape)`` of same-shape parameters; ``norm``/``dual`` return ``(B,)``.
+The classes' base norms, LMOs and duals (after LIONS-EPFL/scion ``scion.py``): docs/ALGORITHMS.md §1.1.
 
-All methods act on a batch: the input has shape ``(B, *param_shape)`` so that same-shape
-parameters are handled in one call; ``norm``/``dual`` return shape ``(B,)``.
-
-The classes (Spectral, Sign, ColNorm, RowNorm, Euclidean; RMS is Euclidean with ``c = 1/sqrt(numel)``) and
-their base norms, LMOs and duals: the table in docs/ALGORITHMS.md §1.1.
-
-``Identity`` is *not* a norm ball: its "LMO" is ``−G/c``, so the step ``X + t·lmo(G)`` moves along the
-estimate itself (unnormalised). It serves parameters whose estimator already returns the step direction,
-such as the AdamW part of the Muon-MVR reference form (:class:`fedgluon.lmo.estimators.MuonMVR`); with another
-estimator it is plain (momentum) SGD on that parameter. Its norm and dual norm, used for reporting, are
-the Euclidean ones (``c‖X‖_F``, ``‖G‖_F/c``), and ``‖lmo(G)‖ = 1`` does not hold.
-
-Sources: LIONS-EPFL/scion ``scion.py`` (docs/ALGORITHMS.md §1.1); Gluon's special cases (§1.1).
+``Identity`` is *not* a norm ball: its "LMO" is ``−G/c``, so the step follows the estimate itself. It serves
+parameters whose estimator already returns the step direction, such as the AdamW part of the Muon-MVR
+reference form (:class:`fedgluon.lmo.estimators.MuonMVR`); with another estimator it is plain (momentum) SGD.
 """
 
 from __future__ import annotations
@@ -146,22 +137,18 @@ class Sign(Norm):
 
 @dataclass(frozen=True)
 class _GroupedEuclidean(Norm):
-    """Max over groups of the group ℓ2 norm; groups are slices along ``reduce_dims`` of a matrix."""
-
-    name: str = field(default="grouped", init=False)
+    """``c · max_g ‖X_g‖₂`` over groups g, the slices of X along :meth:`_dims` (by default all of X: one
+    group); LMO ``−G_g/(c‖G_g‖₂)`` per group, dual ``Σ_g ‖G_g‖₂/c``."""
 
     def _dims(self, G: Tensor) -> tuple[int, ...]:
-        raise NotImplementedError
+        return _batch_dims(G)
 
     def _lmo_base(self, G: Tensor) -> Tensor:
-        self._check(G)
-        unit, _ = _unit_and_norm(G, self._dims(G))
-        return -unit
+        return -_unit_and_norm(G, self._dims(G))[0]
 
     def _group_norms(self, G: Tensor) -> Tensor:
-        self._check(G)
-        _, n = _unit_and_norm(G, self._dims(G))
-        return n.flatten(1)
+        n = _unit_and_norm(G, self._dims(G))[1]
+        return n.reshape(n.shape[0], -1)
 
     def _norm_base(self, X: Tensor) -> Tensor:
         return self._group_norms(X).amax(dim=1)
@@ -169,9 +156,10 @@ class _GroupedEuclidean(Norm):
     def _dual_base(self, G: Tensor) -> Tensor:
         return self._group_norms(G).sum(dim=1)
 
-    def _check(self, G: Tensor) -> None:
+    def _matrix(self, G: Tensor, dim: int) -> tuple[int, ...]:
         if G.ndim != 3:
             raise ValueError(f"{self.name} norm needs 2-D parameters, got shape {tuple(G.shape[1:])}")
+        return (dim,)
 
 
 @dataclass(frozen=True)
@@ -181,7 +169,7 @@ class ColNorm(_GroupedEuclidean):
     name: str = field(default="col", init=False)
 
     def _dims(self, G: Tensor) -> tuple[int, ...]:
-        return (1,)
+        return self._matrix(G, 1)
 
 
 @dataclass(frozen=True)
@@ -191,24 +179,14 @@ class RowNorm(_GroupedEuclidean):
     name: str = field(default="row", init=False)
 
     def _dims(self, G: Tensor) -> tuple[int, ...]:
-        return (2,)
+        return self._matrix(G, 2)
 
 
 @dataclass(frozen=True)
-class Euclidean(Norm):
+class Euclidean(_GroupedEuclidean):
     """``c · ‖X‖_F``; with ``c = 1/sqrt(numel)`` this is the RMS norm of Scion's BiasRMS."""
 
     name: str = field(default="euclidean", init=False)
-
-    def _lmo_base(self, G: Tensor) -> Tensor:
-        unit, _ = _unit_and_norm(G, _batch_dims(G))
-        return -unit
-
-    def _norm_base(self, X: Tensor) -> Tensor:
-        return _unit_and_norm(X, _batch_dims(X))[1].flatten()
-
-    def _dual_base(self, G: Tensor) -> Tensor:
-        return self._norm_base(G)
 
 
 @dataclass(frozen=True)
@@ -224,7 +202,7 @@ def rms(shape: tuple[int, ...]) -> RMS:
 
 
 @dataclass(frozen=True)
-class Identity(Norm):
+class Identity(Euclidean):
     """Not an LMO (module doc): ``lmo(G) = −G/c``; norm ``c‖X‖_F`` and dual ``‖G‖_F/c`` for reporting.
 
     :meth:`lmo_and_dual` returns this Euclidean dual norm, not ``−<G, lmo(G)> = ‖G‖_F²/c``.
@@ -234,12 +212,6 @@ class Identity(Norm):
 
     def _lmo_base(self, G: Tensor) -> Tensor:
         return -G
-
-    def _norm_base(self, X: Tensor) -> Tensor:
-        return _unit_and_norm(X, _batch_dims(X))[1].flatten()
-
-    def _dual_base(self, G: Tensor) -> Tensor:
-        return self._norm_base(G)
 
     def lmo_and_dual(self, G: Tensor) -> tuple[Tensor, Tensor]:
         return self.lmo(G), self.dual(G)

@@ -25,15 +25,14 @@ SARAH/PAGE refreshes its estimate with a large-batch gradient on the steps its
 large batch. A forward pass at ``X^{k−1}`` also updates BatchNorm running statistics; evaluate such
 models in ``eval()`` mode in the closure if that matters.
 
-**Two forms of Muon-MVR.** ``Gluon(model, method="muon-mvr2")`` is fedgluon's form (first corrected
-gradient ``c₁ = g₁``, the ``muon`` geometry's scale ``sqrt(max(1, m/n))``, an LMO on every parameter);
-``Gluon(model, method="muon-mvr2", form="reference", lr=3e-3)`` is the published Muon-MVR code's update
-(arXiv 2509.15816, github.com/MaeChd/MUON-MVR): ``c₁ = g₁ + γβ/(1−β)·g₁``, ``0.2·sqrt(max(m, n))`` on
-every 2-D parameter, AdamW on the others (:class:`~fedgluon.lmo.estimators.MuonMVR` states it in full).
+**Two forms of Muon-MVR** (docs/ALGORITHMS.md §6): ``Gluon(model, method="muon-mvr2")`` is fedgluon's,
+``Gluon(model, method="muon-mvr2", form="reference", lr=3e-3)`` the published code's update
+(:class:`~fedgluon.lmo.estimators.MuonMVR` states it in full).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -42,8 +41,9 @@ from torch import Tensor, nn
 
 from fedgluon.core.rng import generator
 from fedgluon.lmo.estimators import FORMS, Estimator, RefreshPolicy, make_estimator
+from fedgluon.lmo.estimators import OPTIONS as ESTIMATOR_OPTIONS
 from fedgluon.lmo.geometry import Geometry, check_muon_mvr_reference
-from fedgluon.lmo.radius import make_radius_rule
+from fedgluon.lmo.radius import make_radius_rule, make_schedule
 from fedgluon.lmo.step import LMOStep, StepInfo
 
 # Method presets: defaults that a user's keyword arguments override.
@@ -58,11 +58,15 @@ METHODS: dict[str, dict[str, Any]] = {
                     "power": 0.5},
     "limuon": {"preset": "muon", "estimator": "limuon", "beta": 0.9, "rank": 8},
 }
-_GEOMETRY_KEYS = ("preset", "roles", "overrides", "radius", "spectral_method", "ns_steps", "ns_coefficients",
-                  "ns_dtype", "ns_compile", "lmo_device")
-_ESTIMATOR_KEYS = ("beta", "nesterov", "init", "gamma", "clip", "rank", "oversample", "form", "adamw_betas",
-                   "adamw_eps")
-_SCHEDULE_KEYS = ("power", "total", "warmup", "final_fraction")
+
+
+def _keyword_only(fn: Callable[..., Any]) -> tuple[str, ...]:
+    return tuple(n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY)
+
+
+_GEOMETRY_KEYS = _keyword_only(Geometry.from_shapes)
+_ESTIMATOR_KEYS = tuple(k for k in ESTIMATOR_OPTIONS if k != "seed")  # the optimizer's own seed seeds LiMuon
+_SCHEDULE_KEYS = _keyword_only(make_schedule)
 
 
 def _method_config(method: str, options: Mapping[str, Any], estimator: Estimator | str | None) -> dict[str, Any]:
@@ -95,19 +99,15 @@ class Gluon(torch.optim.Optimizer):
         geometry: a prebuilt :class:`Geometry`; otherwise built from ``preset``, ``roles``,
             ``overrides``, ``radius`` (per-role multipliers), ``spectral_method``, ``ns_*``.
         estimator: an :class:`Estimator` or its name, configured by ``beta``, ``nesterov``,
-            ``gamma``, ``clip``, ``rank``, ``oversample``.
+            ``gamma``, ``clip``, ``rank``, ``oversample`` (and ``adamw_betas``, ``adamw_eps`` with ``form``).
         schedule: a name from :data:`fedgluon.lmo.radius.SCHEDULES` or a callable ``k -> γ_k``,
             configured by ``power``, ``total``, ``warmup``, ``final_fraction``.
         adaptive: ``{"L0": ..., "L1": ...}`` to use Gluon's adaptive radius instead of a schedule.
         weight_decay, constrained: see :mod:`fedgluon.lmo.step`.
         refresh_prob / refresh_period: SARAH/PAGE refresh policy; ``seed`` seeds its coins.
-        form: ``"fedgluon"`` (default) or ``"reference"``, for ``muon-mvr1``/``muon-mvr2`` only: the
-            published Muon-MVR code's update (:class:`~fedgluon.lmo.estimators.MuonMVR`): its first step
-            (``last_grad`` from zero), its learning-rate scale ``0.2·sqrt(max(m, n))`` on every 2-D
-            parameter and AdamW (``adamw_betas``, ``adamw_eps``) on every other one. It makes
-            ``muon_mvr`` the default geometry preset, and needs a geometry of that shape. The code's
-            own defaults are ``lr=3e-3``, β = 0.95, γ = 0.025, ``weight_decay=0``; pass
-            ``lr=3e-3`` to match it (the optimizer's default lr stays 0.02).
+        form: ``"fedgluon"`` (default) or ``"reference"`` (``muon-mvr1``/``muon-mvr2`` only; module doc): makes
+            ``muon_mvr`` the default geometry preset and needs a geometry of that shape; pass ``lr=3e-3``, the
+            code's default, to match it (the optimizer's default lr stays 0.02).
     """
 
     def __init__(self, params: nn.Module | Iterable[tuple[str, Tensor]], lr: float = 0.02, *,

@@ -1,28 +1,16 @@
-"""Polar factor ``polar(G) = U Vᵀ`` of (batches of) matrices: Newton–Schulz and exact SVD.
+"""Polar factor ``polar(G) = U Vᵀ`` of (batches of) matrices: Newton–Schulz and exact SVD (docs/ALGORITHMS.md §1.2).
 
-For ``G = U Σ Vᵀ`` (reduced SVD) the spectral-norm LMO is ``-U Vᵀ`` (docs/DESIGN.md §2); this module
-computes the positive factor ``U Vᵀ`` and leaves the sign to :mod:`fedgluon.lmo.norms`.
+The spectral LMO is ``−U Vᵀ`` for ``G = U Σ Vᵀ`` (docs/DESIGN.md §2); :mod:`fedgluon.lmo.norms` adds the sign.
+Both oracles batch over leading dimensions (same-shape matrices in one call):
 
-Two oracles, both batched over leading dimensions (same-shape matrices in one call):
+* :class:`NewtonSchulz` — ``X ← a X + b (X Xᵀ) X + c (X Xᵀ)² X`` from ``X₀ = G / ‖G‖_F``, Muon's quintic or the
+  Polar Express coefficients (arXiv 2505.16932, Alg. 1: safety factor 1.01 on every polynomial but the last,
+  ``X₀ = G / (1.01 ‖G‖_F)``); its singular values land in a band around 1 (``tests/unit/test_polar.py``).
+* :class:`SVDPolar` — exact ``U Vᵀ``; directions with ``σ ≤ tol`` map to 0 (docs/DESIGN.md §2).
 
-* :class:`NewtonSchulz` — odd quintic iterations ``X ← a X + b (X Xᵀ) X + c (X Xᵀ)² X`` on
-  ``X₀ = G / ‖G‖_F``. Coefficients either the fixed quintic (3.4445, −4.7750, 2.0315) of
-  KellerJordan/Muon, or the per-step *Polar Express* coefficients of Amsel, Persson, Musco and
-  Gower, "The Polar Express: Optimal Matrix Sign Methods and Their Application to the Muon
-  Algorithm", arXiv 2505.16932, Algorithm 1 (safety factor 1.01 on every polynomial but the last,
-  and ``X₀ = G / (1.01 ‖G‖_F)``). NS is approximate: singular values of the output land in a band
-  around 1 (measured in ``tests/unit/test_polar.py``), not exactly on 1.
-* :class:`SVDPolar` — exact ``U Vᵀ`` from ``torch.linalg.svd``; singular directions with
-  ``σ ≤ tol`` map to 0 (the minimiser is not unique there, docs/DESIGN.md §2).
-
-Precision: ``dtype="auto"`` runs NS in bfloat16 on CUDA and in float32 on CPU (float64 inputs stay
-float64), because bf16 matmuls on AVX2 CPUs are far slower than fp32 (docs/DESIGN.md §5).
-
-``compile=True`` runs the iterations through ``torch.compile`` (TorchInductor), meant for CUDA, where
-it fuses the normalisation and the elementwise parts of each step around the matmuls. The first call
-per shape and dtype compiles (seconds); on CPU the matmuls stay the same BLAS
-calls, so it gains little there (``benchmarks/bench_lmo.py --compile`` measures it) and the result equals the
-eager one (tested).
+``dtype="auto"``: NS in bf16 on CUDA, fp32 on the CPU, fp64 inputs in fp64 (docs/DESIGN.md §5).
+``compile=True`` runs the iterations through ``torch.compile`` (meant for CUDA; README, "GPU"); on the CPU the
+result equals the eager one (tested).
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
-"""Radius schedules ``t_i^k`` for the layer-wise LMO step ``X_i ← X_i + t_i^k lmo_i(G_i)``.
+"""Radius rules ``t_i^k`` for the layer-wise LMO step ``X_i ← X_i + t_i^k lmo_i(G_i)`` (docs/DESIGN.md §3 "Radius").
 
-Two kinds of rule, both returning one radius per parameter:
+* :class:`Scheduled` — ``t_i^k = γ_k · ρ_i`` (γ_k from :func:`make_schedule`; Gluon Thm 2: ``γ (k+1)^{−3/4}``).
+* :class:`GluonAdaptive` — ``t_i^k = ‖G_i‖_* / (L0_i + L1_i ‖G_i‖_*)`` (Gluon Thm 1, docs/ALGORITHMS.md §2.2).
 
-* :class:`Scheduled` — ``t_i^k = γ_k · ρ_i``: a scalar schedule γ_k (constant, polynomial decay
-  ``γ (k+1)^−a``, warmup + cosine / linear) times the layer's radius multiplier ρ_i.
-  Gluon's stochastic theory (Thm 2, docs/ALGORITHMS.md §2.2) uses ``t_i (k+1)^{−3/4}``.
-* :class:`GluonAdaptive` — ``t_i^k = ‖G_i‖_* / (L0_i + L1_i ‖G_i‖_*)`` (Gluon Thm 1, docs/ALGORITHMS.md §2.2), with
-  the dual norm of the estimate handed to the LMO.
-
-:func:`fit_l0_l1` and :class:`SmoothnessTracker` estimate ``(L0_i, L1_i)`` along a trajectory
-(Gluon Eq. 10/30, docs/ALGORITHMS.md §2.3): ``L̂_i[k] = ‖g_i^{k+1} − g_i^k‖_* / ‖X_i^{k+1} − X_i^k‖`` fitted by
-``L0 + L1 ‖g_i^{k+1}‖_*`` under a hinge-weighted least squares that penalises underestimation.
-
-An LMO step moves each layer by exactly t_i, so variance reduction or compressed differences only
-pay off when the radius decays or adapts (docs/DESIGN.md §3).
+:func:`fit_l0_l1` and :class:`SmoothnessTracker` fit ``(L0_i, L1_i)`` along a trajectory
+(``L̂_i[k] = ‖g_i^{k+1} − g_i^k‖_* / ‖X_i^{k+1} − X_i^k‖``, docs/ALGORITHMS.md §2.3).
 """
 
 from __future__ import annotations

@@ -6,8 +6,7 @@ For every parameter i (Gluon Alg. 1; Scion's step in docs/DESIGN.md §2 sign con
 
 with radius ``t_i`` from the radius rule, multiplier ρ_i from the geometry and decoupled weight
 decay λ (Muon's ``p·(1 − lr·wd)``: with a scheduled radius ``t_i/ρ_i = γ_k`` is the learning rate).
-Scion's *constrained* mode is ``λ = 1``: ``X_i ← (1 − γ)X_i + γ·ρ_i lmo_i(G_i)``, a Frank–Wolfe step
-that keeps ``‖X_i‖ ≤ ρ_i`` once inside the ball.
+Scion's *constrained* mode (docs/ALGORITHMS.md §4) is ``λ = 1``: ``X_i ← (1 − γ)X_i + γ·ρ_i lmo_i(G_i)``.
 """
 
 from __future__ import annotations

@@ -5,17 +5,7 @@ parameters (seeded), the model for the geometry, a partition summary (client siz
 histograms) and a central evaluation on held-out data (loss, accuracy; perplexity for language
 models).
 
-| task | data | default model | partition |
-| --- | --- | --- | --- |
-| ``synthetic`` | LEAF synthetic(α, β), generated | MLP / softmax regression | natural (one distribution per client) |
-| ``digits`` | scikit-learn digits (8×8) | MLP 64→128→10 | iid / dirichlet / shards |
-| ``breast_cancer`` | scikit-learn breast cancer | logistic regression | iid / dirichlet / shards |
-| ``fashion_mnist`` | Debian ``dataset-fashion-mnist`` IDX files (a) | small CNN (or MLP) | iid / dirichlet / shards |
-| ``libsvm`` | any LibSVM/svmlight file | logistic regression | iid / dirichlet / shards |
-| ``a9a_synthetic`` | a9a-shaped generator (123 binary features) | logistic regression | iid / dirichlet / shards |
-| ``shakespeare`` | vendored plays, next-character prediction | tiny GPT | natural, by speaking role |
-
-(a) or any directory of MNIST-format IDX files.
+The tasks, their data and options: README, "Tasks and data".
 """
 
 from __future__ import annotations
@@ -115,10 +105,11 @@ class Task:
         return row
 
 
-def _objectives(model: nn.Module, x: Tensor, y: Tensor, parts: list[np.ndarray], batch_size: int,
-                large_batch_size: int | None, loss_fn=F.cross_entropy) -> list[SupervisedObjective]:
-    return [SupervisedObjective(model, x[torch.from_numpy(p)], y[torch.from_numpy(p)], batch_size=batch_size,
-                                large_batch_size=large_batch_size, loss_fn=loss_fn) for p in parts]
+def _objectives(model: nn.Module, data: list[tuple[Tensor, Tensor]], batch_size: int, large_batch_size: int | None,
+                loss_fn=F.cross_entropy) -> list[SupervisedObjective]:
+    """One client's objective per ``(inputs, targets)`` pair."""
+    return [SupervisedObjective(model, x, y, batch_size=batch_size, large_batch_size=large_batch_size, loss_fn=loss_fn)
+            for x, y in data]
 
 
 def stratified_split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
@@ -131,15 +122,16 @@ def stratified_split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: i
 
 
 def _classification(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray, model: nn.Module, *,
-                    num_clients: int, partition: str, alpha: float, shards_per_client: int, batch_size: int,
-                    large_batch_size: int | None, seed: int, dtype: str = "float32",
+                    num_clients: int = 10, partition: str = "iid", alpha: float = 0.5, shards_per_client: int = 2,
+                    batch_size: int = 32, large_batch_size: int | None = None, seed: int = 0, dtype: str = "float32",
                     loss: str = "cross_entropy") -> Task:
     torch_dtype = _dtype(dtype)
     parts = partitions.partition(y_tr, num_clients, partition, seed=seed, alpha=alpha,
                                  shards_per_client=shards_per_client)
     xt, yt = torch.tensor(x_tr, dtype=torch_dtype), torch.tensor(y_tr, dtype=torch.long)
     loss_fn, predict = LOSSES[loss]
-    return Task(model.to(torch_dtype), _objectives(model, xt, yt, parts, batch_size, large_batch_size, loss_fn),
+    data = [(xt[torch.from_numpy(p)], yt[torch.from_numpy(p)]) for p in parts]
+    return Task(model.to(torch_dtype), _objectives(model, data, batch_size, large_batch_size, loss_fn),
                 torch.tensor(x_te, dtype=torch_dtype), torch.tensor(y_te, dtype=torch.long), loss_fn=loss_fn,
                 summary_rows=partitions.summary_rows(parts, y_tr), predict=predict)
 
@@ -161,10 +153,6 @@ def _head(x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...], loss: str, bias
     return MLP(x.shape[1], tuple(hidden), 1 if loss == "sigmoid_squared" else classes, bias=bias)
 
 
-_PARTITION_DEFAULTS = {"num_clients": 10, "partition": "iid", "alpha": 0.5, "shards_per_client": 2, "batch_size": 32,
-                       "large_batch_size": None, "seed": 0}
-
-
 def _synthetic(num_clients: int = 10, alpha: float = 1.0, beta: float = 1.0, dim: int = 60, classes: int = 10,
                mean_samples: int = 100, hidden: tuple[int, ...] = (), batch_size: int = 32,
                large_batch_size: int | None = None, test_fraction: float = 0.2, seed: int = 0,
@@ -172,17 +160,14 @@ def _synthetic(num_clients: int = 10, alpha: float = 1.0, beta: float = 1.0, dim
     torch_dtype = _dtype(dtype)
     data = leaf_synthetic(num_clients, alpha, beta, dim=dim, classes=classes, mean_samples=mean_samples, seed=seed,
                           dtype=torch_dtype)
-    objectives, test_x, test_y = [], [], []
     torch.manual_seed(seed)
     model = MLP(dim, tuple(hidden), classes).to(torch_dtype)
-    for x, y in data:  # hold out the last test_fraction of every client's samples for central evaluation
-        cut = max(1, int(round(len(y) * (1 - test_fraction))))
-        objectives.append(SupervisedObjective(model, x[:cut], y[:cut], batch_size=batch_size,
-                                              large_batch_size=large_batch_size))
-        test_x.append(x[cut:])
-        test_y.append(y[cut:])
+    # hold out the last test_fraction of every client's samples for central evaluation
+    cuts = [max(1, int(round(len(y) * (1 - test_fraction)))) for _, y in data]
+    objectives = _objectives(model, [(x[:c], y[:c]) for (x, y), c in zip(data, cuts)], batch_size, large_batch_size)
     sizes = [{"client": j, "size": o.num_samples} for j, o in enumerate(objectives)]
-    return Task(model, objectives, torch.cat(test_x), torch.cat(test_y), summary_rows=sizes)
+    return Task(model, objectives, torch.cat([x[c:] for (x, _), c in zip(data, cuts)]),
+                torch.cat([y[c:] for (_, y), c in zip(data, cuts)]), summary_rows=sizes)
 
 
 def _sklearn(name: str, default_hidden: tuple[int, ...]):
@@ -190,12 +175,8 @@ def _sklearn(name: str, default_hidden: tuple[int, ...]):
               bias: bool = True, **kw: Any) -> Task:
         from fedgluon.tasks.data.tabular import load_sklearn
 
-        opts = {**_PARTITION_DEFAULTS, **kw}
-        x, y = load_sklearn(name)
-        x_tr, x_te, y_tr, y_te = stratified_split(x, y, test_fraction, opts["seed"])
-        torch.manual_seed(opts["seed"])
-        model = _head(x, y, default_hidden if hidden is None else hidden, loss, bias)
-        return _classification(x_tr, y_tr, x_te, y_te, model, loss=loss, **opts)
+        return _linear(*load_sklearn(name), test_fraction, default_hidden if hidden is None else hidden, loss, bias,
+                       **kw)
     return build
 
 
@@ -203,34 +184,32 @@ def _fashion_mnist(data_dir: str | None = None, model: str = "cnn", train_limit:
                    test_limit: int | None = None, widths: tuple[int, ...] = (32, 64), **kw: Any) -> Task:
     from fedgluon.tasks.data.idx import FASHION_MNIST_DIR, load_mnist_like
 
-    opts = {**_PARTITION_DEFAULTS, **kw}
     directory = data_dir or FASHION_MNIST_DIR
     x_tr, y_tr = load_mnist_like(directory, "train")
     x_te, y_te = load_mnist_like(directory, "test")
     if train_limit:
-        keep = np.random.default_rng(opts["seed"]).permutation(len(y_tr))[:train_limit]
+        keep = np.random.default_rng(kw.get("seed", 0)).permutation(len(y_tr))[:train_limit]
         x_tr, y_tr = x_tr[np.sort(keep)], y_tr[np.sort(keep)]
     if test_limit:
         x_te, y_te = x_te[:test_limit], y_te[:test_limit]
 
     def prep(x: np.ndarray) -> np.ndarray:
         return ((x.astype(np.float32) / 255.0 - 0.2860) / 0.3530)[:, None, :, :]
-    torch.manual_seed(opts["seed"])
+    torch.manual_seed(kw.get("seed", 0))
     if model == "cnn":
         net: nn.Module = SmallCNN(1, 10, tuple(widths), 28)
     elif model == "mlp":
         net = MLP(28 * 28, (256,), 10)
     else:
         raise ValueError(f"model must be one of ['cnn', 'mlp'], got {model!r}")
-    return _classification(prep(x_tr), y_tr.astype(np.int64), prep(x_te), y_te.astype(np.int64), net, **opts)
+    return _classification(prep(x_tr), y_tr.astype(np.int64), prep(x_te), y_te.astype(np.int64), net, **kw)
 
 
 def _linear(x: np.ndarray, y: np.ndarray, test_fraction: float = 0.2, hidden: tuple[int, ...] = (),
             loss: str = "cross_entropy", bias: bool = True, **kw: Any) -> Task:
-    opts = {**_PARTITION_DEFAULTS, **kw}
-    x_tr, x_te, y_tr, y_te = stratified_split(x, y, test_fraction, opts["seed"])
-    torch.manual_seed(opts["seed"])
-    return _classification(x_tr, y_tr, x_te, y_te, _head(x, y, hidden, loss, bias), loss=loss, **opts)
+    x_tr, x_te, y_tr, y_te = stratified_split(x, y, test_fraction, kw.get("seed", 0))
+    torch.manual_seed(kw.get("seed", 0))
+    return _classification(x_tr, y_tr, x_te, y_te, _head(x, y, hidden, loss, bias), loss=loss, **kw)
 
 
 def _libsvm(path: str | None = None, n_features: int | None = None, **kw: Any) -> Task:
@@ -260,11 +239,9 @@ def _shakespeare(plays: tuple[str, ...] | None = None, context: int = 64, min_ch
         raise ValueError(f"no speaking role has at least min_chars={min_chars} training characters")
     torch.manual_seed(seed)
     model = TinyGPT(len(corpus.vocab), context, dim, layers, heads)
-    objectives = []
-    for role in roles:
-        x, y = shk.windows(corpus.encode(corpus.train[role]), context, stride=context // 2)
-        objectives.append(SupervisedObjective(model, torch.from_numpy(x), torch.from_numpy(y), batch_size=batch_size,
-                                              large_batch_size=large_batch_size, loss_fn=lm_loss))
+    data = [shk.windows(corpus.encode(corpus.train[role]), context, stride=context // 2) for role in roles]
+    objectives = _objectives(model, [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in data], batch_size,
+                             large_batch_size, lm_loss)
     vx, vy = shk.windows(corpus.encode(corpus.validation), context)
     summary = [{"client": j, "play": r[0], "role": r[1], "size": o.num_samples, "chars": len(corpus.train[r])}
                for j, (r, o) in enumerate(zip(roles, objectives))]

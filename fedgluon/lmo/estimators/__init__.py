@@ -1,17 +1,14 @@
 """Gradient estimators as pure state transitions over a block of clients.
 
-Every tensor carries a leading client axis: ``update(state, g_now, g_prev, first) -> (state', estimate)``
-steps B clients at once, ``state`` a dict of dicts of ``(B, *shape)`` tensors (one row per client, the
-layout of a client-state table), ``first`` a ``(B,)`` bool tensor marking each client's first step. A row
-of a client that never stepped is zero-filled (:meth:`Estimator.zero_state`), and a zero-filled row never
-changes the math: wherever the first step differs, the row is selected by ``first``. Row ``i`` of a block
-update equals the update of client ``i`` alone bitwise (``tests/unit/test_estimator_blocks.py``); per-row
-reductions (Muon-MVR's clipping norm, LiMuon's RSVD) stay per row. Updates never mutate their inputs, so
-a caller can drop ``state'`` (a rejected client keeps its old state).
+``update(state, g_now, g_prev, first) -> (state', estimate)`` steps B clients at once (docs/DESIGN.md §3,
+"Algorithm interface" and "Estimators"): ``state`` a dict of dicts of ``(B, *shape)`` tensors, one row per client
+(zero-filled before its first step: :meth:`Estimator.zero_state`), ``first`` a ``(B,)`` bool tensor selecting the
+rows whose first step differs. Row ``i`` equals client ``i``'s update alone bitwise
+(``tests/unit/test_estimator_blocks.py``). Updates never mutate their inputs.
 
 Notation: ``g_now = ∇f(X^k; ξ_k)``; ``g_prev = ∇f(X^{k−1}; ξ_k)`` — the *same* sample ξ_k at the
 previous iterate (only estimators with ``needs_previous = True`` use it; it may be ``None`` when every
-row is a first step). Momentum ``beta`` weighs the *old* value.
+row is a first step). Momentum ``beta`` weighs the *old* value (docs/DESIGN.md §2, with the papers' translations).
 
 | name       | update                                                              | source |
 | ---------- | ------------------------------------------------------------------- | ------ |
@@ -25,9 +22,6 @@ row is a first step). Momentum ``beta`` weighs the *old* value.
 ``muon_mvr1/2`` also have ``form="reference"``: the published code's first step and AdamW on
 non-matrix parameters (:class:`MuonMVR`).
 
-LiMuon writes ``(1 − β_LiMuon)`` for our ``β``; EF21-Muon's and Scion's β weigh the new gradient
-and translate to ``β = 1 − β_paper``.
-
 Modules: :mod:`.base` (the interface, :class:`Rows`), :mod:`.momentum` (EMA, MVR, SARAH: elementwise),
 :mod:`.muon` (Muon-MVR, LiMuon: per-row norms and factors); this package re-exports them and builds them by
 name (:func:`make_estimator`).
@@ -38,7 +32,6 @@ None`` on its first step, the block step of one row.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,29 +42,28 @@ from fedgluon.lmo.estimators.momentum import MVR, SARAH, AdamMoments, EMAMomentu
 from fedgluon.lmo.estimators.muon import FORMS, LiMuon, MuonMVR
 
 __all__ = ["ESTIMATORS", "FORMS", "MVR", "SARAH", "AdamMoments", "EMAMomentum", "Estimator", "LiMuon", "MuonMVR",
-           "RefreshPolicy", "Rows", "State", "Tensors", "make_estimator"]
+           "OPTIONS", "RefreshPolicy", "Rows", "State", "Tensors", "make_estimator"]
 
-ESTIMATORS = ("ema", "mvr", "muon_mvr1", "muon_mvr2", "sarah", "limuon")
+_MUON_MVR_OPTIONS = ("beta", "gamma", "clip", "form", "adamw_betas", "adamw_eps")
+# name -> (class, fixed arguments, the config options it takes)
+_BUILDERS: dict[str, tuple[type[Estimator], dict[str, Any], tuple[str, ...]]] = {
+    "ema": (EMAMomentum, {}, ("beta", "nesterov", "init")),
+    "mvr": (MVR, {}, ("beta",)),
+    "muon_mvr1": (MuonMVR, {"variant": 1}, _MUON_MVR_OPTIONS),
+    "muon_mvr2": (MuonMVR, {"variant": 2}, _MUON_MVR_OPTIONS),
+    "sarah": (SARAH, {}, ()),
+    "limuon": (LiMuon, {}, ("beta", "rank", "oversample", "seed")),
+}
+ESTIMATORS = tuple(_BUILDERS)
+OPTIONS = tuple(dict.fromkeys(k for _, _, keys in _BUILDERS.values() for k in keys))  # every estimator's
 
 
 def make_estimator(name: str, **kwargs) -> Estimator:
-    """Build an estimator by name (see :data:`ESTIMATORS`) from keyword config values."""
-    if name == "ema":
-        return EMAMomentum(**_pick(kwargs, "beta", "nesterov", "init"))
-    if name == "mvr":
-        return MVR(**_pick(kwargs, "beta"))
-    if name in ("muon_mvr1", "muon_mvr2"):
-        return MuonMVR(variant=int(name[-1]), **_pick(kwargs, "beta", "gamma", "clip", "form", "adamw_betas",
-                                                      "adamw_eps"))
-    if name == "sarah":
-        return SARAH()
-    if name == "limuon":
-        return LiMuon(**_pick(kwargs, "beta", "rank", "oversample", "seed"))
-    raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {name!r}")
-
-
-def _pick(kwargs: Mapping[str, Any], *keys: str) -> dict[str, Any]:
-    return {k: kwargs[k] for k in keys if kwargs.get(k) is not None}
+    """Build an estimator by name (see :data:`ESTIMATORS`) from keyword config values (``None``: the default)."""
+    if not isinstance(name, str) or name not in _BUILDERS:
+        raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {name!r}")
+    cls, fixed, keys = _BUILDERS[name]
+    return cls(**fixed, **{k: kwargs[k] for k in keys if kwargs.get(k) is not None})
 
 
 @dataclass

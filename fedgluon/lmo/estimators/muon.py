@@ -48,7 +48,8 @@ FORMS = ("fedgluon", "reference")
 @dataclass
 class MuonMVR(Estimator):
     """Muon-MVR1/2 (Chang, Liu, Yuan, "On the Convergence of Muon and Beyond", arXiv 2509.15816; code
-    github.com/MaeChd/MUON-MVR, class ``MuonMVR``, which follows the MARS-M code), in two forms.
+    github.com/MaeChd/MUON-MVR, class ``MuonMVR``, which follows the MARS-M code), in two forms
+    (docs/ALGORITHMS.md §6, with ``variant`` 1's and 2's ``g_last``).
 
     ``form="fedgluon"`` (default), per parameter, from M = 0::
 
@@ -56,33 +57,20 @@ class MuonMVR(Estimator):
         if clip and ‖c‖_F > 1: c ← c/‖c‖_F
         M ← βM + (1−β)c;  estimate M
 
-    ``variant=1`` (one gradient per step, the code's ``is_approx=True``): ``g_last`` is the previous
-    step's gradient on the previous batch, kept in the state. ``variant=2`` (two gradients per step,
-    ``is_approx=False``): ``g_last = ∇f(X^{k−1}; ξ_k)`` on the current batch.
+    ``form="reference"`` is the published code's update, step for step. Its ``last_grad`` starts at 0, so
+    ``c₁ = g₁ + γβ/(1−β)·g₁`` (before clipping). 2-D parameters estimate ``M/(1−β)``, the code's Newton–Schulz
+    input: the scale changes no LMO (fedgluon's NS divides by ‖·‖_F exactly, SVD is scale-free; only the
+    code's ``‖X‖ + 1e-7`` in its bf16 NS would notice), and the step reports the dual norms of M/(1−β). Every
+    other parameter (the code tests ``p.ndim == 2``) takes the code's AdamW branch on the same corrected
+    gradient, β₁ in place of β in c, ``β₁, β₂ = adamw_betas``, ``ε = adamw_eps``::
 
-    ``form="reference"`` is the published code's update, step for step:
-
-    * the code keeps ``last_grad`` from zero, so the first step's ``c₁ = g₁ + γβ/(1−β)·g₁``
-      (1.475·g₁ at γ = 0.025, β = 0.95), before clipping; later steps as above;
-    * 2-D parameters: M as above, estimate ``M/(1−β)``, the code's Newton–Schulz input. The scale
-      changes no LMO: fedgluon's NS divides by ‖·‖_F exactly and SVD is scale-free, so only the code's
-      ``‖X‖ + 1e-7`` in its bf16 NS (3 quintic steps in the copy read) would notice; the step's reported
-      dual norms are those of M/(1−β);
-    * every other parameter (vectors, conv kernels, scalars: the code tests ``p.ndim == 2``) takes the
-      code's AdamW branch on the same corrected gradient, with ``β₁, β₂ = adamw_betas`` (the code's
-      defaults (0.95, 0.99)) and β₁ in place of β in c::
-
-          c = g + γ·β₁/(1−β₁)·(g − g_last), clipped as above
           m ← β₁m + (1−β₁)c;  v ← β₂v + (1−β₂)c²            (from m = v = 0)
-          estimate  m/(ε + √v) · √(1−β₂ᵗ)/(1−β₁ᵗ)             (t = 1, 2, …; ε = adamw_eps = 1e-8)
+          estimate  m/(ε + √v) · √(1−β₂ᵗ)/(1−β₁ᵗ)             (t = 1, 2, …)
 
-    The estimate is the step direction itself; with the ``muon_mvr`` geometry preset (2-D spectral
-    with Moonlight's scale ``0.2·sqrt(max(m, n))``, the rest ``identity``) and weight decay λ the step is
-    the code's ``X ← X(1 − lr·λ) − lr·0.2·sqrt(max(m, n))·polar(M/(1−β))`` for matrices and
-    ``X ← X(1 − lr·λ) − lr·estimate`` for the rest. The code's defaults: lr 3e-3, β = 0.95,
-    γ = 0.025, weight decay 0. Clipping follows ``clip`` (the code always clips). In ``variant=2`` the
-    code's training loop reloads X^{k−1}, back-propagates the current batch there and calls
-    ``update_last_grad()`` before each step but the first, which is ``g_last = ∇f(X^{k−1}; ξ_k)`` here.
+    With the ``muon_mvr`` geometry preset and weight decay λ the step is then the code's
+    ``X ← X(1 − lr·λ) − lr·0.2·sqrt(max(m, n))·polar(M/(1−β))`` for matrices and ``X ← X(1 − lr·λ) − lr·estimate``
+    for the rest. Clipping follows ``clip`` (the code always clips). In ``variant=2`` the code's loop
+    back-propagates the current batch at X^{k−1} before each step but the first: ``g_last = ∇f(X^{k−1}; ξ_k)``.
 
     Source read: the repository itself could not be fetched when this was written; the update above is
     from a public copy of its ``MuonMVR`` class (github.com/RayCyder/Intro, a CIFAR-10 notebook, marked

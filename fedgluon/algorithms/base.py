@@ -28,6 +28,7 @@ from fedgluon.clients.state_schema import StateSchema
 from fedgluon.clients.table import ClientRows, nest
 from fedgluon.clients.vectorised import stacked_gradients
 from fedgluon.core.rng import derive_seeds, generator, purpose_code
+from fedgluon.lmo.estimators import OPTIONS as ESTIMATOR_OPTIONS
 from fedgluon.lmo.estimators import Estimator, RefreshPolicy, make_estimator
 from fedgluon.lmo.geometry import Geometry
 from fedgluon.lmo.radius import make_radius_rule
@@ -76,7 +77,8 @@ class Algorithm:
         if self.downlink is not None:
             check_contractive("EF21-P", self.downlink, self.shapes, "downlink")
         est_name = self.estimator_name()
-        self.est: Estimator | None = make_estimator(est_name, **self._estimator_options()) if est_name else None
+        own = {k: self.opt[k] for k in ESTIMATOR_OPTIONS if k in self.opt}  # make_estimator takes its estimator's
+        self.est: Estimator | None = make_estimator(est_name, **own) if est_name else None
         if self.opt["state_dtype"] not in STATE_DTYPES:
             raise ValueError(f"state_dtype must be one of {list(STATE_DTYPES)}, got {self.opt['state_dtype']!r}")
         self.state_dtype = STATE_DTYPES[self.opt["state_dtype"]]
@@ -87,10 +89,6 @@ class Algorithm:
 
     def estimator_name(self) -> str | None:
         return self.estimator
-
-    def _estimator_options(self) -> dict[str, Any]:
-        return {k: self.opt[k] for k in ("beta", "nesterov", "gamma", "clip", "rank", "oversample", "seed")
-                if k in self.opt}
 
     @property
     def uplink(self) -> Compressor:

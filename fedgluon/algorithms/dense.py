@@ -56,7 +56,6 @@ class GluonMVR(Algorithm):
     OPTIONS: ClassVar[dict[str, Any]] = {"variant": "storm", "beta": 0.9, "gamma": 0.025, "clip": True,
                                          "form": "fedgluon", "adamw_betas": (0.95, 0.99), "adamw_eps": 1e-8}
     VARIANTS = {"storm": "mvr", "muon_mvr1": "muon_mvr1", "muon_mvr2": "muon_mvr2"}
-    MUON_KEYS = ("beta", "gamma", "clip", "form", "adamw_betas", "adamw_eps")
 
     def __init__(self, geometry: Geometry, **options: Any):
         if options.get("form") == "reference" and options.get("variant") in ("muon_mvr1", "muon_mvr2"):
@@ -75,10 +74,6 @@ class GluonMVR(Algorithm):
             raise ValueError("algorithm.form 'reference' applies to variants ['muon_mvr1', 'muon_mvr2'], "
                              "got variant 'storm'")
         return self.VARIANTS[variant]
-
-    def _estimator_options(self):
-        keys = ("beta",) if self.opt["variant"] == "storm" else self.MUON_KEYS
-        return {k: self.opt[k] for k in keys}
 
 
 class GluonSARAH(Algorithm):

@@ -146,6 +146,21 @@ def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[
                           int(cfg.grad_norm_every))
     checkpointer = Checkpointer(out / CHECKPOINT, int(cfg.output.checkpoint_every), run_key(spec), resumed=snapshot)
     start = snapshot.next_round if snapshot is not None else 0
+
+    def write(history, clients, final, **summary: Any) -> None:
+        _write_results(out, cfg, history, clients, final, time.perf_counter() - t0, resumed_from=start,
+                       deployed=grid is not None, **summary)
+
+    def write_stopped(checkpoint: Path, reason: str, can_resume: bool) -> None:
+        """The files of a run stopped by ``reason``, from the rounds its ``checkpoint`` holds (metrics, client
+        log, summary with ``"complete": false``); an unreadable checkpoint or an OS error (the full disk that
+        stopped a save, say) leaves them unwritten, logged: the checkpoint itself is never touched."""
+        try:
+            snap = load_checkpoint(checkpoint)
+            write(snap.history, snap.client_log, None, stopped=reason, resumable=can_resume)
+        except Exception as err:  # noqa: BLE001 - the stop's own error, re-raised by the caller, is what matters
+            log.warning("could not write the results of the stopped run to %s: %s", out, err)
+
     try:
         with checkpointer.signals(), _progress(progress, spec["rounds"], run_name(cfg), start) as tick:
             def round_done(row: dict[str, Any]) -> None:
@@ -153,38 +168,24 @@ def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[
                 if on_round is not None:
                     on_round(row)
 
-            history, final, clients, state_bytes, placed = _run_engine(cfg, spec, task, algorithm, evaluate,
-                                                                       round_done, checkpointer, snapshot, nodes, grid)
+            res, table, placed = _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer,
+                                             snapshot, nodes, grid)
     except RunStopped as err:
         if err.checkpoint is not None:
-            _write_stopped(out, cfg, err.checkpoint, str(err), resumable(err), time.perf_counter() - t0, start, grid)
+            write_stopped(err.checkpoint, str(err), resumable(err))
         raise
     except Exception as err:  # the engine failed mid-run (a SuperLink gone, Ray lost): as far as the last save
         if (out / CHECKPOINT).is_file():
-            _write_stopped(out, cfg, out / CHECKPOINT, f"{type(err).__name__}: {shown(err, 1000, as_repr=False)}",
-                           True, time.perf_counter() - t0, start, grid)
+            write_stopped(out / CHECKPOINT, f"{type(err).__name__}: {shown(err, 1000, as_repr=False)}", True)
         raise
     with checkpointer.signals():  # a Ctrl-C after the last round lets the results be written (a second one aborts)
-        _write_results(out, cfg, history, clients, final, time.perf_counter() - t0, resumed_from=start,
-                       state_bytes=state_bytes, placement=placed, deployed=grid is not None)
+        write(res.history, res.client_log, res.server_state["X"], state_bytes=client_state_bytes(table),
+              placement=placed)
         remove_checkpoint(out / CHECKPOINT)
     if checkpointer.stop_requested:  # then the caller (a sweep's next member, say) stops all the same
         raise RunInterrupted(f"{checkpointer.reason} while the results were written: {out} is complete",
                              int(spec["rounds"]))
     return out
-
-
-def _write_stopped(out: Path, cfg: DictConfig, checkpoint: Path, reason: str, can_resume: bool, wall: float,
-                   start: int, grid: Any) -> None:
-    """The files of a run stopped by ``reason``, from the rounds its ``checkpoint`` holds (metrics, client
-    log, summary with ``"complete": false``); an unreadable checkpoint or an OS error (the full disk that
-    stopped a save, say) leaves them unwritten, logged: the checkpoint itself is never touched."""
-    try:
-        snap = load_checkpoint(checkpoint)
-        _write_results(out, cfg, snap.history, snap.client_log, None, wall, stopped=reason, resumed_from=start,
-                       resumable=can_resume, deployed=grid is not None)
-    except Exception as err:  # noqa: BLE001 - the stop's own error, re-raised by the caller, is what matters
-        log.warning("could not write the results of the stopped run to %s: %s", out, err)
 
 
 def _save_config(cfg: DictConfig, path: Path) -> None:
@@ -197,8 +198,8 @@ def _save_config(cfg: DictConfig, path: Path) -> None:
 
 
 def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, snapshot, nodes=None, grid=None):
-    """The run on its engine (``grid``: a Flower deployment's): history, final parameters, client log, state
-    bytes and :func:`fedgluon.exp.cluster.placement`."""
+    """The run on its engine (``grid``: a Flower deployment's): its result (``history``, ``server_state``,
+    ``client_log``), its client table and :func:`fedgluon.exp.cluster.placement`."""
     engine = "deployment" if grid is not None else cfg.engine.name
     if engine == "plain":
         from fedgluon.sim.driver import run_plain
@@ -208,8 +209,7 @@ def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, 
                         eval_every=spec["eval_every"], on_round=round_done, faults=FaultPlan.from_spec(spec["faults"]),
                         checkpointer=checkpointer, resume=snapshot, block_size=spec["block_size"],
                         workers=cfg.engine.workers, max_failed_rounds=spec["max_failed_rounds"])
-        return (res.history, res.server_state["X"], res.client_log, client_state_bytes(res.table),
-                cluster.placement(algorithm))
+        return res, res.table, cluster.placement(algorithm)
     from fedgluon.flower.engines import run_inprocess, run_ray
 
     if engine == "deployment":  # flwr run: this ServerApp's grid (fedgluon/flower/deployment.py)
@@ -222,8 +222,7 @@ def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, 
         strategy = run_ray(spec, num_cpus=cfg.engine.num_cpus, num_gpus=cfg.engine.num_gpus, address=cfg.engine.address,
                            on_round=round_done, evaluate=evaluate, checkpointer=checkpointer, resume=snapshot,
                            fast_dispatch=bool(cfg.engine.fast_dispatch))
-    return (strategy.history, strategy.server_state["X"], strategy.client_log,
-            client_state_bytes(strategy.federation.table),
+    return (strategy, strategy.federation.table,
             cluster.placement(algorithm, strategy, nodes) if engine == "ray" else cluster.placement(algorithm))
 
 

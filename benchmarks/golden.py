@@ -187,8 +187,8 @@ def save(goldens: Mapping[str, Artefacts], directory: Path) -> None:
     and ``about.json`` (where they were made)."""
     directory.mkdir(parents=True, exist_ok=True)
     for k, a in goldens.items():
-        (directory / f"{k}.metrics.csv").write_text(to_csv(a["metrics"]))
-        (directory / f"{k}.clients.csv").write_text(to_csv(a["clients"]))
+        for what in ARTEFACTS[:2]:
+            (directory / f"{k}.{what}.csv").write_text(to_csv(a[what]))
     torch.save({k: a["model"] for k, a in goldens.items()}, directory / "models.pt")
     about = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "rounds": ROUNDS, "seed": SEED,
@@ -199,10 +199,8 @@ def save(goldens: Mapping[str, Artefacts], directory: Path) -> None:
 def load(directory: Path) -> dict[str, Artefacts]:
     """The goldens :func:`save` wrote to ``directory``."""
     models = torch.load(directory / "models.pt", weights_only=True)
-
-    def frame(k: str, what: str) -> pd.DataFrame:
-        return read_csv(directory / f"{k}.{what}.csv")
-    return {k: {"metrics": frame(k, "metrics"), "clients": frame(k, "clients"), "model": m} for k, m in models.items()}
+    return {k: {**{a: read_csv(directory / f"{k}.{a}.csv") for a in ARTEFACTS[:2]}, "model": m}
+            for k, m in models.items()}
 
 
 @dataclass
@@ -298,9 +296,7 @@ def diff_models(new: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor]
 
 def diff(new: Artefacts, ref: Artefacts, tolerance: float = 0.0) -> dict[str, Diff]:
     """Each artefact of ``new`` against ``ref``."""
-    return {"metrics": diff_frames(new["metrics"], ref["metrics"], tolerance),
-            "clients": diff_frames(new["clients"], ref["clients"], tolerance),
-            "model": diff_models(new["model"], ref["model"], tolerance)}
+    return {a: (diff_models if a == "model" else diff_frames)(new[a], ref[a], tolerance) for a in ARTEFACTS}
 
 
 def table(rows: Iterable[tuple[str, dict[str, Diff]]], first: str) -> list[str]:
@@ -318,14 +314,13 @@ def compare_trees(new: Mapping[str, Artefacts], old: Mapping[str, Artefacts], to
     ``tolerance`` (a run only one side has is a failure)."""
     rows, ok = [], True
     for k in sorted(set(new) | set(old), key=_order):
-        if k not in new or k not in old:
-            missing = Diff(within=False, note="missing in " + ("this tree" if k not in new else "the other"))
-            rows.append((_label(k), dict.fromkeys(ARTEFACTS, missing)))
-            ok = False
-            continue
-        d = diff(new[k], old[k], tolerance)
+        if k in new and k in old:
+            d = diff(new[k], old[k], tolerance)
+        else:
+            d = dict.fromkeys(ARTEFACTS, Diff(within=False, note="missing in " + ("the other" if k in new else
+                                                                                  "this tree")))
         ok &= all(x.within and not x.note for x in d.values())
-        rows.append((_label(k), d))
+        rows.append(("  ".join(k.rsplit(".", 2)), d))  # CONFIG  B<b>  ENGINE
     return table(rows, "configuration  B  engine"), ok
 
 
@@ -356,13 +351,7 @@ def _parts(key: str) -> tuple[str, int, str]:
 def _order(key: str) -> tuple[int, int, int]:
     config, b, engine = _parts(key)
     names = list(CONFIGS)
-    engines = list(ENGINES)
-    return names.index(config) if config in names else len(names), b, engines.index(engine) if engine in engines else 9
-
-
-def _label(key: str) -> str:
-    config, b, engine = _parts(key)
-    return f"{config}  B{b}  {engine}"
+    return names.index(config) if config in names else len(names), b, ENGINES.index(engine) if engine in ENGINES else 9
 
 
 def against(rev: str, only: str | None, threads: int, tolerance: float, echo: Callable[[str], None] = print

@@ -185,18 +185,17 @@ def collect(dirs: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
     several = len(dirs) > 1
     for given in dirs:
         d = Path(given)
+        prefix = f"{d.name}: " if several else ""
         if (d / "sweep.json").is_file():
-            found, missing = _sweep_runs(d, prefix=f"{d.name}: " if several else "")
-            if missing:
-                notes.append(f"{d}: {len(missing)} member(s) without metrics yet: {', '.join(missing)}")
+            (found, missing), what = _sweep_runs(d, prefix), "member(s) without metrics yet"
         elif (d / "tuned.csv").is_file():
-            found, missing = _tune_runs(d, prefix=f"{d.name}: " if several else "")
-            if missing:
-                notes.append(f"{d}: {len(missing)} trial(s) without metrics: {', '.join(missing)}")
+            (found, missing), what = _tune_runs(d, prefix), "trial(s) without metrics"
         elif (d / "metrics.csv").is_file():
-            found = [_load_run(d, d, label=None)]
+            found, missing, what = [_load_run(d, d, label=None)], [], ""
         else:
             raise PlotError(f"{d} is neither a run (metrics.csv), a sweep (sweep.json) nor a tune (tuned.csv)")
+        if missing:
+            notes.append(f"{d}: {len(missing)} {what}: {', '.join(missing)}")
         for run in found:
             if run.path.resolve() not in seen:
                 seen.add(run.path.resolve())
@@ -277,9 +276,8 @@ def _load_run(d: Path, source: Path, label: str | None) -> Run:
         label = ",".join(p for p in re.sub(rf"-s{seed}$", "", d.name).split(",") if p != f"seed={seed}") or d.name
     key = json.dumps({k: v for k, v in config.items() if k not in NOT_CONFIG}, sort_keys=True, default=str)
     complete = is_complete(d)
-    return Run(path=d, source=source, label=label, key=key, config=config, seed=seed, complete=complete,
-               rounds=int(config.get("rounds", 0)), frame=frame.reset_index(drop=True),
-               stopped="" if complete else _stop_reason(d))
+    rounds, stopped = int(config.get("rounds", 0)), "" if complete else _stop_reason(d)
+    return Run(d, source, label, key, config, seed, complete, rounds, frame.reset_index(drop=True), stopped)
 
 
 def _stop_reason(d: Path) -> str:

@@ -77,9 +77,7 @@ def summary(events: list[dict], skip: int = 2) -> list[tuple[str, float, float, 
     rounds: dict[int, list[dict]] = defaultdict(list)
     for e in events:
         rounds[e["round"]].append(e)
-    starts: dict[str, list[float]] = defaultdict(list)
-    ends: dict[str, list[float]] = defaultdict(list)
-    order: dict[str, int] = {}  # labels in order of first appearance
+    spans: dict[str, list[tuple[float, float]]] = {}  # labels in order of first appearance
     for k in sorted(rounds)[skip:]:
         configure = [e for e in rounds[k] if e["phase"] == "configure"]
         if not configure:
@@ -89,12 +87,13 @@ def summary(events: list[dict], skip: int = 2) -> list[tuple[str, float, float, 
         for e in sorted(rounds[k], key=lambda e: e["start"]):
             label = f"{e['phase']}#{seen[e['phase']]}"
             seen[e["phase"]] += 1
-            starts[label].append(1e3 * (e["start"] - t0))
-            ends[label].append(1e3 * (e["end"] - t0))
-            order.setdefault(label, len(order))
-    return [(label, statistics.median(starts[label]), min(starts[label]), max(starts[label]),
-             statistics.median(ends[label]), min(ends[label]), max(ends[label]))
-            for label in sorted(order, key=lambda lb: statistics.median(starts[lb]))]
+            spans.setdefault(label, []).append((1e3 * (e["start"] - t0), 1e3 * (e["end"] - t0)))
+
+    def stats(values: list[float]) -> tuple[float, float, float]:
+        return statistics.median(values), min(values), max(values)
+
+    rows = [(label, *stats([s for s, _ in se]), *stats([e for _, e in se])) for label, se in spans.items()]
+    return sorted(rows, key=lambda row: row[1])  # by median start; ties in order of first appearance
 
 
 def main(argv: list[str] | None = None) -> None:

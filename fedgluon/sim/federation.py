@@ -187,13 +187,9 @@ class Federation:
         client's message)."""
         k, S, bc = plan.k, plan.participants, plan.broadcast
         failed = {j: clip_text(why) for j, why in (failed or {}).items()}
-        self._check_died(k, died)
-        pre_rejected = {**(pre_rejected or {}), **self._unfit_states(replies, proposed),
-                        **_non_finite_losses(replies, bc.phase)}
+        pre_rejected, replies, first = self._screen(plan, replies, proposed, pre_rejected, died)
         if plan.carry is not None:
             S, failed, replies = self._merge_phases(plan, failed, replies)
-        replies = {j: r for j, r in replies.items() if j not in pre_rejected}
-        first = set((self.table.commits == 0).nonzero().flatten().tolist()) & set(replies)
         started = time.perf_counter()
         state, outcome = self.algorithm.server_step(self.server_state, replies, bc, self.weights, first)
         server_time = time.perf_counter() - started
@@ -203,13 +199,10 @@ class Federation:
         outcome.rejected.update(pre_rejected)
         outcome.rejected = {j: clip_text(why) for j, why in outcome.rejected.items()}
         receivers = self.num_clients if self.algorithm.downlink is not None else len(S)
+        phase_columns: dict[str, float] = {}
         if plan.carry is not None:
-            outcome, phase_columns = self._last_phase(plan, replies, outcome)
-        row = round_row(k, S, replies, outcome, bc, receivers, failed=len(failed))
-        if plan.carry is not None:
-            row.update(phase_columns)
-            row.update({f"down_{c}_total": sum(phase_columns[f"down_phase{p}_{c}_total"] for p in range(bc.phase + 1))
-                        for c in CONVENTIONS})
+            outcome, phase_columns = self._last_phase(plan, outcome)
+        row = round_row(k, S, replies, outcome, bc, receivers, failed=len(failed)) | phase_columns
         if self.evaluate is not None and ((k + 1) % self.eval_every == 0 or k + 1 == self.rounds):
             metrics = self.evaluate(state["X"], k)
             self._require_finite(k, [f"the central evaluation's {m} ({metrics[m]})" for m in FINITE_METRICS
@@ -245,27 +238,19 @@ class Federation:
         :meth:`close_round`): the algorithm's ``server_phase`` validates the replies and answers with the
         next phase's broadcast; nothing is committed and the server state is unchanged. The clients it
         accepted step in the next phase on the rows they proposed here; the others are out of the round."""
-        k, bc = plan.k, plan.broadcast
-        self._check_died(k, died)
+        pre_rejected, replies, first = self._screen(plan, replies, proposed, pre_rejected, died)
         carry = plan.carry if plan.carry is not None else PhaseCarry(list(plan.participants))
-        pre_rejected = {**(pre_rejected or {}), **self._unfit_states(replies, proposed),
-                        **_non_finite_losses(replies, bc.phase)}
-        replies = {j: r for j, r in replies.items() if j not in pre_rejected}
-        first = set((self.table.commits == 0).nonzero().flatten().tolist()) & set(replies)
-        answer, outcome = self.algorithm.server_phase(self.server_state, replies, bc, self.weights, first)
+        answer, outcome = self.algorithm.server_phase(self.server_state, replies, plan.broadcast, self.weights, first)
         accepted = set(outcome.accepted)
         carry.failed.update({j: clip_text(why) for j, why in (failed or {}).items()})
         carry.rejected.update({j: clip_text(why) for j, why in {**outcome.rejected, **pre_rejected}.items()})
-        p = bc.phase
-        carry.columns.update(bit_columns(f"up_phase{p}", outcome.uplink))
-        carry.columns.update({f"down_phase{p}_{c}_total": float(bc.bits.total(c) * len(plan.participants))
-                              for c in CONVENTIONS})
+        carry.columns.update(_phase_columns(plan, outcome))
         for j in sorted(accepted):
             carry.uplink[j] = carry.uplink.get(j, BitCount()) + outcome.uplink[j]
             loss, evals, samples = carry.metrics.get(j, (replies[j].loss, 0, 0))
             carry.metrics[j] = (loss, evals + replies[j].grad_evals, samples + replies[j].samples)
         carry.pending = {j: (prop, i) for prop in proposed for i, j in enumerate(prop.clients) if j in accepted}
-        return RoundPlan(k, sorted(accepted), answer, plan.started, carry)
+        return RoundPlan(plan.k, sorted(accepted), answer, plan.started, carry)
 
     def rows(self, plan: RoundPlan, clients: Sequence[int]) -> ClientRows:
         """The rows ``clients`` step on in ``plan``'s phase: their committed rows in a round's first phase,
@@ -291,28 +276,34 @@ class Federation:
             merged[j] = replace(r, loss=loss, grad_evals=evals + r.grad_evals, samples=samples + r.samples)
         return carry.sampled, {**carry.failed, **failed}, merged
 
-    def _last_phase(self, plan: RoundPlan, replies: Mapping[int, ClientReply],
-                    outcome: ServerOutcome) -> tuple[ServerOutcome, dict[str, float]]:
+    def _last_phase(self, plan: RoundPlan, outcome: ServerOutcome) -> tuple[ServerOutcome, dict[str, float]]:
         """The outcome of a round of several phases (rejections of every phase; each accepted client's
-        uplink bits summed over its phases) and the round's per-phase bit columns: ``up_phase<p>_*`` over
-        the clients accepted in phase p, ``down_phase<p>_<convention>_total`` what phase p's broadcast
-        cost its receivers."""
-        carry, bc = plan.carry, plan.broadcast
+        uplink bits summed over its phases) and the columns of its metrics row: the per-phase bit columns
+        (:func:`_phase_columns`) and the round's downlink, their sum."""
+        carry = plan.carry
         assert carry is not None
-        columns = {"phases": float(bc.phase + 1), **carry.columns}
-        columns.update(bit_columns(f"up_phase{bc.phase}", outcome.uplink))
-        columns.update({f"down_phase{bc.phase}_{c}_total": float(bc.bits.total(c) * len(plan.participants))
-                        for c in CONVENTIONS})
+        phases = plan.broadcast.phase + 1
+        columns = {"phases": float(phases), **carry.columns, **_phase_columns(plan, outcome)}
+        columns.update({f"down_{c}_total": sum(columns[f"down_phase{p}_{c}_total"] for p in range(phases))
+                        for c in CONVENTIONS})  # the round's downlink: its phases' (replaces round_row's)
         outcome.rejected = {**carry.rejected, **outcome.rejected}
         outcome.uplink = {j: carry.uplink.get(j, BitCount()) + bits for j, bits in outcome.uplink.items()}
         return outcome, columns
 
-    def _check_died(self, k: int, died: Mapping[int, str] | None) -> None:
+    def _screen(self, plan: RoundPlan, replies: Mapping[int, ClientReply], proposed: Sequence[Proposal],
+                pre_rejected: Mapping[int, str] | None, died: Mapping[int, str] | None
+                ) -> tuple[dict[int, str], dict[int, ClientReply], set[int]]:
+        """Stop if a worker ``died``; else the clients rejected before the server step (``pre_rejected``, unfit
+        states, non-finite losses), the others' replies, and which of those are first commits."""
         if died:
             j = min(died)
-            self._stop(ActorDeathError, f"round {k}: the worker running client {j} died "
+            self._stop(ActorDeathError, f"round {plan.k}: the worker running client {j} died "
                                         f"({first_line(clip_text(died[j], 300))}); Flower's Ray actor pool "
                                         f"does not replace dead actors, so the run stops here")
+        rejected = {**(pre_rejected or {}), **self._unfit_states(replies, proposed)}
+        rejected.update(_non_finite_losses(replies, plan.broadcast.phase))
+        replies = {j: r for j, r in replies.items() if j not in rejected}
+        return rejected, replies, set((self.table.commits == 0).nonzero().flatten().tolist()) & set(replies)
 
     def _commit(self, proposed: Sequence[Proposal], outcome: ServerOutcome, first: set[int], k: int,
                 bc: Broadcast) -> None:
@@ -365,6 +356,14 @@ class Federation:
             message += f"; checkpoint of round {self.next_round} in {path}"
         log.error(message)
         raise error(message, self.next_round, path)
+
+
+def _phase_columns(plan: RoundPlan, outcome: ServerOutcome) -> dict[str, float]:
+    """Phase p's bit columns: ``up_phase<p>_*`` over the clients it accepted, ``down_phase<p>_<convention>_total``
+    what its broadcast cost its receivers."""
+    bc = plan.broadcast
+    down = {f"down_phase{bc.phase}_{c}_total": float(bc.bits.total(c) * len(plan.participants)) for c in CONVENTIONS}
+    return {**bit_columns(f"up_phase{bc.phase}", outcome.uplink), **down}
 
 
 def _non_finite_state(state: Mapping[str, Any]) -> list[str]:

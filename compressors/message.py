@@ -98,8 +98,8 @@ def decode_message(compressor: Compressor, message: Mapping[str, TensorPayload],
         if isinstance(payload, TensorPayload):
             nbytes = payload.nbytes() if isinstance(payload.arrays, dict) else 0
             if nbytes > max_layer_bytes(shapes[name]):
-                raise SizeError(name, "arrays", f"{nbytes} bytes for a tensor of "
-                                                f"{4 * int(torch.Size(shapes[name]).numel())} dense bytes")
+                dense = 4 * int(torch.Size(shapes[name]).numel())
+                raise SizeError(name, "arrays", f"{nbytes} bytes for a tensor of {dense} dense bytes")
             total += nbytes
         out[name] = compressor.decompress(payload, shape=tuple(shapes[name]), layer=name, device=device, dtype=dtype,
                                         sparse=sparse)
@@ -135,25 +135,24 @@ def decode_messages(compressor: Compressor, messages: Mapping[int, Any], shapes:
     error."""
     chunk_of = _chunks(compressor, messages, shapes, sparse)
     pending: dict[int, dict[str, Tensor | SparseTensor] | None] = {}
+    options: dict[str, Any] = {"device": device, "dtype": dtype, "sparse": sparse, "max_abs": max_abs}
     for j in messages:
         if j in chunk_of and j not in pending:
             chunk = chunk_of[j]
             try:
-                pending.update(zip(chunk, _decode_chunk(compressor, [messages[i] for i in chunk], shapes, device=device,
-                                                        dtype=dtype, sparse=sparse, max_abs=max_abs)))
+                pending.update(zip(chunk, _decode_chunk(compressor, [messages[i] for i in chunk], shapes, **options)))
             except UNREADABLE:
                 pending.update(dict.fromkeys(chunk))  # None: one by one below
         decoded = pending.pop(j, None)
         if decoded is None:
             try:
-                decoded = decode_message(compressor, messages[j], shapes, device=device, dtype=dtype, sparse=sparse,
-                                         max_abs=max_abs)
+                decoded = decode_message(compressor, messages[j], shapes, **options)
             except PayloadError as err:
                 yield j, err
                 continue
             except UNREADABLE as err:  # a check this module lacks: still that message's rejection, not a crash
-                yield j, PayloadError("*", "payload", f"cannot be decoded ({type(err).__name__}: "
-                                                      f"{shown(err, 200, as_repr=False)})")
+                why = f"cannot be decoded ({type(err).__name__}: {shown(err, 200, as_repr=False)})"
+                yield j, PayloadError("*", "payload", why)
                 continue
         yield j, decoded
 

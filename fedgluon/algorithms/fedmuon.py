@@ -18,7 +18,6 @@ from torch import Tensor
 from fedgluon.algorithms.aggregate import tracker_update
 from fedgluon.algorithms.base import Broadcast
 from fedgluon.algorithms.local import LocalGluon
-from fedgluon.lmo.step import LMOStep
 
 Tensors = dict[str, Tensor]
 
@@ -33,21 +32,6 @@ def named(prefix: str, tensors: Mapping[str, Tensor]) -> Tensors:
 def part(prefix: str, tensors: Mapping[str, Tensor]) -> Tensors:
     """The tensors named ``prefix + layer`` of ``tensors``, by layer."""
     return {n.removeprefix(prefix): t for n, t in tensors.items() if n.startswith(prefix)}
-
-
-def rows_of(tensors: Mapping[str, Tensor], count: int) -> Tensors:
-    """One model's tensors as a block of ``count`` equal rows ((count, *shape), views)."""
-    return {n: t.expand(count, *t.shape) for n, t in tensors.items()}
-
-
-def aligned_rows(lmo_step: LMOStep, X: Tensors, m: Tensors, step: int, alpha: float, shift: Tensors) -> Tensors:
-    """Each row's step ``X_i ← s_i X_i + (1−α)·t_i lmo_i(m_i) + α·D_i`` over a block, with ``s_i`` the step's
-    weight-decay factor and D one model's shift (shared by the rows); ``α = 0`` is the plain LMO step."""
-    if alpha == 0:
-        return lmo_step.apply(X, m, step)[0]
-    moves, info = lmo_step.directions(m, step)
-    return {n: lmo_step.decayed(X[n], info, n) + (1 - alpha) * moves[n].to(X[n].dtype) + alpha * shift[n]
-            for n in X}
 
 
 class FederatedMuon(LocalGluon):
@@ -123,7 +107,8 @@ class FedMuon(FederatedMuon):
         """τ blended local steps from ``M̄`` (or from 0), then ``Δ`` and (with aggregation) ``M^τ`` uplink."""
         terms = bc.extra
         aggregate = self.opt["momentum_aggregation"]
-        start = {"m": rows_of(part(MOMENTUM, terms), len(rows))} if aggregate else None
+        rows_m = {n: t.expand(len(rows), *t.shape) for n, t in part(MOMENTUM, terms).items()}  # M̄ as equal rows
+        start = {"m": rows_m} if aggregate else None
         shift = part(STEP, terms)
         X, local, grads = self.local_steps(rows, bc, objectives, {"est": start, "shift": shift},
                                            first=not aggregate)
@@ -133,10 +118,16 @@ class FedMuon(FederatedMuon):
         return self.send_local(rows, bc, grads, payload)
 
     def local_step(self, X, g, step, est_state, first):
-        """``M ← βM + (1−β)g`` (from M̄, or restarted at step 0), then the blended LMO step of every row."""
+        """``M ← βM + (1−β)g`` (from M̄, or restarted at step 0), then each row's step ``X_i ← s_i X_i +
+        (1−α)·t_i lmo_i(M_i) + α·D_i``, ``s_i`` the weight-decay factor, D the rows' shared shift (α = 0: the
+        plain LMO step)."""
         est = est_state["est"]
         est, m = self.est.update(est if est is not None else self.est.zero_state(g), g, None, first)
-        X = aligned_rows(self.lmo_step, X, m, step, self.opt["alpha"], est_state["shift"])
+        alpha, D, lmo = self.opt["alpha"], est_state["shift"], self.lmo_step
+        if alpha == 0:
+            return lmo.apply(X, m, step)[0], {**est_state, "est": est}
+        moves, info = lmo.directions(m, step)
+        X = {n: lmo.decayed(X[n], info, n) + (1 - alpha) * moves[n].to(X[n].dtype) + alpha * D[n] for n in X}
         return X, {**est_state, "est": est}
 
 

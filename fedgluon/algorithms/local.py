@@ -18,17 +18,12 @@ from torch import Tensor
 from compressors import check_contractive, make_compressor, make_error_feedback
 from fedgluon.algorithms.base import Algorithm, BlockGrads, BlockResult, Broadcast
 from fedgluon.algorithms.block import feedback_step
-from fedgluon.clients.objective import Batch, SupervisedObjective
+from fedgluon.clients.objective import SupervisedObjective
 from fedgluon.clients.table import ClientRows
 from fedgluon.clients.vectorised import stacked_gradients
 from fedgluon.core.rng import generator
 
 Tensors = dict[str, Tensor]
-
-
-def objective_batch(objective, bc: Broadcast, j: int, s: int) -> Batch:
-    """Client j's minibatch of local step s ≥ 1 of round k: ``generator(seed, "sample", j, k, s)``."""
-    return objective.sample_batch(generator(bc.seed, "sample", j, bc.round, s))
 
 
 class FedAvg(Algorithm):
@@ -67,7 +62,7 @@ class FedAvg(Algorithm):
         first = torch.full((len(js),), first) if isinstance(first, bool) else first
         X, est_state = self.local_step(X, grads.now, bc.round * tau, est_state, first)
         for s in range(1, tau):
-            batches = [objective_batch(objectives[j], bc, j, s) for j in js]
+            batches = [objectives[j].sample_batch(generator(bc.seed, "sample", j, bc.round, s)) for j in js]
             _, g = stacked_gradients(objectives, js, batches, stacked=X, device=self.client_device)
             X, est_state = self.local_step(X, g, bc.round * tau + s, est_state, torch.zeros(len(js), dtype=torch.bool))
             for i, b in enumerate(batches):

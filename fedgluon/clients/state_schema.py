@@ -17,11 +17,6 @@ from torch import Tensor
 SEP = "/"
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float32`` → ``"float32"`` (the names the wire format uses)."""
-    return str(dtype).removeprefix("torch.")
-
-
 def leaves(tree: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
     """``(path, value)`` of every leaf of a nested dict, depth first in key order; an empty sub-dict
     yields ``(path + "/", None)``. A generator: a caller that stops at the first unknown path never
@@ -62,7 +57,7 @@ class StateSchema:
             if value is None:
                 out[path] = Leaf(None, ())
             elif isinstance(value, Tensor):
-                out[path] = Leaf(dtype_name(value.dtype), tuple(value.shape))
+                out[path] = Leaf(str(value.dtype).removeprefix("torch."), tuple(value.shape))
             else:
                 raise TypeError(f"client state leaf {path!r} is a {type(value).__name__}, not a tensor")
         return cls(out)

@@ -148,7 +148,7 @@ class _GroupedEuclidean(Norm):
 
     def _group_norms(self, G: Tensor) -> Tensor:
         n = _unit_and_norm(G, self._dims(G))[1]
-        return n.reshape(n.shape[0], -1)
+        return n.flatten(1) if n.ndim > 1 else n.unsqueeze(1)
 
     def _norm_base(self, X: Tensor) -> Tensor:
         return self._group_norms(X).amax(dim=1)
@@ -156,7 +156,8 @@ class _GroupedEuclidean(Norm):
     def _dual_base(self, G: Tensor) -> Tensor:
         return self._group_norms(G).sum(dim=1)
 
-    def _matrix(self, G: Tensor, dim: int) -> tuple[int, ...]:
+    def _matrix_axis(self, G: Tensor, dim: int) -> tuple[int, ...]:
+        """``(dim,)``, the axis of a block of matrices ``G`` (B, d_out, d_in) whose slices are the groups."""
         if G.ndim != 3:
             raise ValueError(f"{self.name} norm needs 2-D parameters, got shape {tuple(G.shape[1:])}")
         return (dim,)
@@ -169,7 +170,7 @@ class ColNorm(_GroupedEuclidean):
     name: str = field(default="col", init=False)
 
     def _dims(self, G: Tensor) -> tuple[int, ...]:
-        return self._matrix(G, 1)
+        return self._matrix_axis(G, 1)
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ class RowNorm(_GroupedEuclidean):
     name: str = field(default="row", init=False)
 
     def _dims(self, G: Tensor) -> tuple[int, ...]:
-        return self._matrix(G, 2)
+        return self._matrix_axis(G, 2)
 
 
 @dataclass(frozen=True)

@@ -147,17 +147,18 @@ def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[
     checkpointer = Checkpointer(out / CHECKPOINT, int(cfg.output.checkpoint_every), run_key(spec), resumed=snapshot)
     start = snapshot.next_round if snapshot is not None else 0
 
-    def write(history, clients, final, **summary: Any) -> None:
-        _write_results(out, cfg, history, clients, final, time.perf_counter() - t0, resumed_from=start,
-                       deployed=grid is not None, **summary)
+    def write(history, clients, final, wall: float, **summary: Any) -> None:
+        _write_results(out, cfg, history, clients, final, wall, resumed_from=start, deployed=grid is not None,
+                       **summary)
 
     def write_stopped(checkpoint: Path, reason: str, can_resume: bool) -> None:
         """The files of a run stopped by ``reason``, from the rounds its ``checkpoint`` holds (metrics, client
         log, summary with ``"complete": false``); an unreadable checkpoint or an OS error (the full disk that
         stopped a save, say) leaves them unwritten, logged: the checkpoint itself is never touched."""
+        wall = time.perf_counter() - t0
         try:
             snap = load_checkpoint(checkpoint)
-            write(snap.history, snap.client_log, None, stopped=reason, resumable=can_resume)
+            write(snap.history, snap.client_log, None, wall, stopped=reason, resumable=can_resume)
         except Exception as err:  # noqa: BLE001 - the stop's own error, re-raised by the caller, is what matters
             log.warning("could not write the results of the stopped run to %s: %s", out, err)
 
@@ -168,8 +169,8 @@ def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[
                 if on_round is not None:
                     on_round(row)
 
-            res, table, placed = _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer,
-                                             snapshot, nodes, grid)
+            res, state_bytes, placed = _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer,
+                                                   snapshot, nodes, grid)
     except RunStopped as err:
         if err.checkpoint is not None:
             write_stopped(err.checkpoint, str(err), resumable(err))
@@ -179,7 +180,7 @@ def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[
             write_stopped(out / CHECKPOINT, f"{type(err).__name__}: {shown(err, 1000, as_repr=False)}", True)
         raise
     with checkpointer.signals():  # a Ctrl-C after the last round lets the results be written (a second one aborts)
-        write(res.history, res.client_log, res.server_state["X"], state_bytes=client_state_bytes(table),
+        write(res.history, res.client_log, res.server_state["X"], time.perf_counter() - t0, state_bytes=state_bytes,
               placement=placed)
         remove_checkpoint(out / CHECKPOINT)
     if checkpointer.stop_requested:  # then the caller (a sweep's next member, say) stops all the same
@@ -199,7 +200,7 @@ def _save_config(cfg: DictConfig, path: Path) -> None:
 
 def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, snapshot, nodes=None, grid=None):
     """The run on its engine (``grid``: a Flower deployment's): its result (``history``, ``server_state``,
-    ``client_log``), its client table and :func:`fedgluon.exp.cluster.placement`."""
+    ``client_log``), the bytes of its client states and :func:`fedgluon.exp.cluster.placement`."""
     engine = "deployment" if grid is not None else cfg.engine.name
     if engine == "plain":
         from fedgluon.sim.driver import run_plain
@@ -209,7 +210,7 @@ def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, 
                         eval_every=spec["eval_every"], on_round=round_done, faults=FaultPlan.from_spec(spec["faults"]),
                         checkpointer=checkpointer, resume=snapshot, block_size=spec["block_size"],
                         workers=cfg.engine.workers, max_failed_rounds=spec["max_failed_rounds"])
-        return res, res.table, cluster.placement(algorithm)
+        return res, client_state_bytes(res.table), cluster.placement(algorithm)
     from fedgluon.flower.engines import run_inprocess, run_ray
 
     if engine == "deployment":  # flwr run: this ServerApp's grid (fedgluon/flower/deployment.py)
@@ -222,7 +223,7 @@ def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, 
         strategy = run_ray(spec, num_cpus=cfg.engine.num_cpus, num_gpus=cfg.engine.num_gpus, address=cfg.engine.address,
                            on_round=round_done, evaluate=evaluate, checkpointer=checkpointer, resume=snapshot,
                            fast_dispatch=bool(cfg.engine.fast_dispatch))
-    return (strategy, strategy.federation.table,
+    return (strategy, client_state_bytes(strategy.federation.table),
             cluster.placement(algorithm, strategy, nodes) if engine == "ray" else cluster.placement(algorithm))
 
 
@@ -258,8 +259,8 @@ def _write_results(out: Path, cfg: DictConfig, history, clients, final, wall: fl
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
-SUMMARY_METRICS = ("final_test_accuracy final_test_loss best_test_accuracy best_test_loss final_grad_dual_norm "
-                   "uplink_bits_per_client sim_time").split()
+SUMMARY_METRICS = tuple("final_test_accuracy final_test_loss best_test_accuracy best_test_loss final_grad_dual_norm "
+                        "uplink_bits_per_client sim_time".split())
 """The measured fields of :func:`summarise`'s summary, which sweep tables aggregate and tunes rank by."""
 
 

@@ -18,7 +18,7 @@ from fedgluon.sim.checkpoint import load as load_checkpoint
 from fedgluon.sim.checkpoint import sweep as sweep_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
-ENVIRONMENT = "threads round_timeout node_timeout faults block_size client_device max_failed_rounds".split()
+ENVIRONMENT = tuple("threads round_timeout node_timeout faults block_size client_device max_failed_rounds".split())
 """The spec fields that may change when a run is resumed."""
 
 

@@ -111,8 +111,9 @@ def check_request(request: Mapping[str, Any], base: Any) -> None:
     rounds = int(base.rounds)
     for key, (_, words, ok) in OPTIONS.items():
         if not ok(request[key], rounds):
-            raise configs.ConfigError(f"--{key.replace('_', '-')} must be {words.format(rounds=rounds)}, "
-                                      f"got {request[key]!r}")
+            value = request[key]
+            got = repr(value) if isinstance(value, str) else str(value)  # a NumPy float prints as 0.5
+            raise configs.ConfigError(f"--{key.replace('_', '-')} must be {words.format(rounds=rounds)}, got {got}")
     if request["search"] == "grid" and request["samples"] not in (None, 1):
         raise configs.ConfigError("--samples is for --search random (grid search runs every grid point once)")
     grid = request["grid"]

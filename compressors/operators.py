@@ -1,8 +1,19 @@
 """Compression operators = a *structure* (which numbers travel) ∘ a *value codec* (how they travel).
 
-The structures (dense, topk, randk, randk_seeded, svd, rsvd, powersgd: what each sends, its kind and
-constant), the per-layer sizes ``k_i = clamp(⌈ratio·d_i⌉, min_k, d_i)``, the dense fallback of the low-rank
-structures and the composition rules: docs/ALGORITHMS.md §1.3 (proofs in :meth:`Compressor.properties`).
+Structures, applied per tensor (per layer):
+
+| structure     | sends                                        | kind                 | constant |
+| ------------- | -------------------------------------------- | -------------------- | -------- |
+| dense         | all d values                                 | exact                | |
+| topk          | k largest |x_l| and their indices            | contractive          | α = k/d |
+| randk         | k uniform coordinates (+ indices), ×d/k      | unbiased             | ω = d/k − 1 |
+| randk_seeded  | as randk; indices regenerated from a seed    | unbiased             | ω = d/k − 1 |
+| svd           | rank-r truncated SVD factors U_rΣ_r, V_r     | contractive          | α = r/min(m, n) |
+| rsvd          | randomized SVD factors (LiMuon's RSVD)       | biased, no guarantee | (measured in tests) |
+| powersgd      | one warm-started power step: P = orth(MQ), Q' = MᵀP | biased, no guarantee | (measured in tests) |
+
+The per-layer sizes ``k_i = clamp(⌈ratio·d_i⌉, min_k, d_i)``, the dense fallback of the low-rank structures
+and the composition rules: docs/ALGORITHMS.md §1.3 (proofs in :meth:`Compressor.properties`); PowerSGD: §11.1.
 """
 
 from __future__ import annotations

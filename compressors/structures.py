@@ -1,4 +1,4 @@
-"""Structures: which numbers of a tensor travel (docs/ALGORITHMS.md §1.3 lists them).
+"""Structures: which numbers of a tensor travel (the table in :mod:`compressors.operators`).
 
 Every structure encodes and decodes a block of B rows at once — row i one client's tensor, flattened —
 and row i's result is a function of row i and its :class:`Context` (seed, state) alone, so a single

@@ -275,6 +275,8 @@ class SymmetricInt(ValueCodec):
         s = max_l |v_l|,   L = 2^{b−1} − 1,   q_l = round(L v_l / s) ∈ [−L, L],   Q(v)_l = s q_l / L
 
     the symmetric absmax grid of docs/ALGORITHMS.md §15.3 (contractive with α = 1/n on n values: ``alpha``).
+    [RECON] MuLoCo's own definition of its grid was not available: this is the standard quantiser with its
+    properties.
     Rounds half to even; ``q + L`` travels in b bits (one code unused), the scale as float32. A non-finite
     input sends zeros.
     """

@@ -227,7 +227,7 @@ class GluonStrategy(Strategy):
 
     def _later_phase(self, plan: RoundPlan, got: BlockRead) -> tuple[RoundPlan, BlockRead]:
         """Close ``plan``'s phase (``Federation.advance``), send the next phase to the clients it accepted
-        and gather their replies (Algorithm docstring, "Phases")."""
+        and gather their replies (docs/DESIGN.md §3, "Rounds of several phases")."""
         plan = self.federation.advance(plan, got.replies, got.proposed, got.failed, got.rejected, got.died)
         self._round, self._expected = plan, by_block(plan.participants, self.block_size)
         messages = self._messages(plan)

@@ -44,7 +44,7 @@ class Algorithm:
     name: ClassVar[str] = "base"
     estimator: ClassVar[str | None] = None  # client-side estimator name, or None for the plain gradient
     uses_refresh: ClassVar[bool] = False  # draws a large-batch refresh coin per round
-    phases: ClassVar[int] = 1  # client phases per round (module docstring, "Phases")
+    phases: ClassVar[int] = 1  # client phases per round (docs/DESIGN.md §3)
     BASE_OPTIONS: ClassVar[dict[str, Any]] = {
         "lr": 0.02, "schedule": "constant", "power": 0.75, "total": None, "warmup": 0, "final_fraction": 0.0,
         "adaptive": None, "weight_decay": 0.0, "constrained": False,
@@ -191,8 +191,8 @@ class Algorithm:
         return {group: PayloadGroup(at, layers)}
 
     def client_step(self, rows: ClientRows, bc: Broadcast, objectives: Sequence[SupervisedObjective]) -> BlockResult:
-        """One round of a block of clients (module docstring): gradients, estimator, uplink; the proposed
-        state is committed by the server for accepted clients only."""
+        """One round of a block of clients (docs/DESIGN.md §3, "Algorithm interface"): gradients, estimator,
+        uplink; the proposed state is committed by the server for accepted clients only."""
         grads = self.gradients(rows, bc, objectives)
         updates, groups = self.local_update(rows.tree, grads, bc, rows)
         return BlockResult(rows.clients, bc.round, groups, {**(rows.tree or {}), **updates}, grads.loss,
@@ -362,10 +362,10 @@ class Algorithm:
 
     def server_phase(self, state: State, replies: Mapping[int, Any], bc: Broadcast, weights: Mapping[int, float],
                      first: Collection[int] = ()) -> tuple[Broadcast, ServerOutcome]:
-        """The server's answer to phase ``bc.phase`` of a round with several phases (not the last; module
-        docstring, "Phases"): validate the replies as :meth:`server_step` does and return the next phase's
-        broadcast and who was accepted. The server state is not changed. Single-phase algorithms never
-        get here."""
+        """The server's answer to phase ``bc.phase`` of a round with several phases (not the last;
+        docs/DESIGN.md §3, "Rounds of several phases"): validate the replies as :meth:`server_step` does
+        and return the next phase's broadcast and who was accepted. The server state is not changed.
+        Single-phase algorithms never get here."""
         raise NotImplementedError(f"{self.name} has {self.phases} phase(s) per round")
 
     def _downlink_update(self, state: State, k: int, seed: int) -> State:

@@ -8,8 +8,11 @@ Each spectral layer (the ``(shape[0], prod(shape[1:]))`` reshape, as :class:`fed
 takes it) runs docs/ALGORITHMS.md §16's round: phase 0 sends ``P_j = B_j Q``, phase 1 ``R_j = B_jᵀ P``, then
 ``M_j ← B_j − (1−μ) P R_jᵀ`` and ``X ← X − t · P Q'ᵀ / c``; §16 has the costs and the reductions (tested).
 
-Options: ``beta`` μ 0.95, ``rank_fraction`` 0.25 unless ``rank``, ``orthonormalise`` ``"colnorm"`` (dion),
-``"qr"`` (orth-dion, :func:`positive_qr`) or ``"svd"`` (the exact rank-r polar factor, for reductions), ``eps`` 1e-8.
+Options: ``beta`` μ 0.95 (the old momentum's weight, as Gluon's ``M ← βM + (1−β)g``, which has the same polar
+direction as Dion's heavy-ball sum: both are ``Σ_s β^{k−s} G_s`` up to a constant); rank
+``r = min(m, n, rank or ⌈rank_fraction·min(m, n)⌉)``, ``rank_fraction`` 0.25; ``orthonormalise`` ``"colnorm"``
+(dion), ``"qr"`` (orth-dion, :func:`positive_qr`) or ``"svd"`` (the exact rank-r polar factor, for reductions);
+``eps`` 1e-8.
 
 Where the papers are silent, fedgluon chose:
 

@@ -1,7 +1,8 @@
 """DiLoCo and MuLoCo: H inner steps with a kept inner optimizer, a compressed pseudo-gradient, an outer
 Nesterov step (docs/ALGORITHMS.md §15).
 
-The papers, update equations and defaults: docs/ALGORITHMS.md §15.1 (DiLoCo), §15.2 (MuLoCo), §15.3 (int-b).
+The papers, update equations and defaults: docs/ALGORITHMS.md §15.1 (DiLoCo), §15.2 (MuLoCo), §15.3 (int-b;
+[RECON] MuLoCo's own definition of its 2-bit grid was not available here).
 A client's inner optimizer state (AdamW's moments and step count; MuLoCo's Nesterov EMA momentum
 ``M ← βM + (1−β)g``, estimate ``(1−β)g + βM``) is its client-state row's ``inner`` piece. Both take any
 compressor and ``error_feedback`` (``none`` or ``ef14``, which needs a contractive compressor:

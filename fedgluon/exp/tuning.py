@@ -60,8 +60,8 @@ class TuneIncomplete(RuntimeError):
 def tune(config_path: str | Path | None, args: Sequence[str], algorithms: Sequence[str | dict[str, Any]] = (), *,
          name: str = "tune", progress: bool = True, verbose: bool = False, **options: Any) -> Path:
     """Tune every algorithm (a name keeping the config's other algorithm options, or a whole ``algorithm``
-    mapping; none: the config's own) over the grid in ``args`` and write the tune directory (module
-    docstring); returns its path. ``options`` are those of :data:`OPTIONS` (``parallel`` caps the trials
+    mapping; none: the config's own) over the grid in ``args`` and write the tune directory (README,
+    "Tuning (Ray Tune)"); returns its path. ``options`` are those of :data:`OPTIONS` (``parallel`` caps the trials
     running at once; 0: as many as the resources allow). Invalid options are a one-line :class:`ConfigError`,
     raised before Ray starts or any directory is made; :class:`TuneIncomplete` when trials did not finish."""
     if unknown := sorted(set(options) - set(OPTIONS)):
@@ -87,7 +87,7 @@ def tune(config_path: str | Path | None, args: Sequence[str], algorithms: Sequen
 
 
 def resume(tune_dir: str | Path, *, progress: bool = True, verbose: bool = False) -> Path:
-    """Continue the tune in ``tune_dir`` (module docstring); returns its path."""
+    """Continue the tune in ``tune_dir`` (README, "Tuning (Ray Tune)": ``--resume``); returns its path."""
     tune_dir = Path(tune_dir).resolve()
     if not (tune_dir / REQUEST).is_file():
         raise configs.ConfigError(f"{tune_dir} is not a tune directory (no {REQUEST})")

@@ -14,10 +14,11 @@ Overrides: ``[{"pattern": "head.*", "norm": "col", "factor": 2.0, "radius": 16.0
 entries win. ``norm`` is one of :data:`NORM_NAMES`; without ``factor`` the norm's default rule for
 that shape is used. ``radius`` multipliers can also be given per role (``radius={"head": 16}``).
 
-Device (``lmo_device``, README "GPU"): where the spectral LMOs run. ``"auto"`` (default) moves each stacked group
-of spectral matrices on the CPU to the GPU when torch sees one and back (tensors on a GPU stay there); ``"same"``
-runs every LMO where its tensors are; ``"cpu"`` / ``"cuda"`` / ``"cuda:N"`` name a device. Other norms always run
-where their tensors are. NS runs in bf16 on a GPU, so compare runs made on the same kind of machine.
+Device (``lmo_device``; README, "Running on Flower and Ray", **GPU**): where the spectral LMOs run. ``"auto"``
+(default) moves each stacked group of spectral matrices on the CPU to the GPU when torch sees one and back
+(tensors on a GPU stay there); ``"same"`` runs every LMO where its tensors are; ``"cpu"`` / ``"cuda"`` /
+``"cuda:N"`` name a device. Other norms always run where their tensors are. NS runs in bf16 on a GPU, so compare
+runs made on the same kind of machine, or set ``lmo_device: same``.
 """
 
 from __future__ import annotations

@@ -106,8 +106,9 @@ class Gluon(torch.optim.Optimizer):
         weight_decay, constrained: see :mod:`fedgluon.lmo.step`.
         refresh_prob / refresh_period: SARAH/PAGE refresh policy; ``seed`` seeds its coins.
         form: ``"fedgluon"`` (default) or ``"reference"`` (``muon-mvr1``/``muon-mvr2`` only; module doc): makes
-            ``muon_mvr`` the default geometry preset and needs a geometry of that shape; pass ``lr=3e-3``, the
-            code's default, to match it (the optimizer's default lr stays 0.02).
+            ``muon_mvr`` the default geometry preset and needs a geometry of that shape. The code's defaults are
+            ``lr=3e-3``, β = 0.95, γ = 0.025 and ``weight_decay=0``; pass ``lr=3e-3`` to match it (the
+            optimizer's default lr stays 0.02).
     """
 
     def __init__(self, params: nn.Module | Iterable[tuple[str, Tensor]], lr: float = 0.02, *,

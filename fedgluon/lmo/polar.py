@@ -9,8 +9,8 @@ Both oracles batch over leading dimensions (same-shape matrices in one call):
 * :class:`SVDPolar` — exact ``U Vᵀ``; directions with ``σ ≤ tol`` map to 0 (docs/DESIGN.md §2).
 
 ``dtype="auto"``: NS in bf16 on CUDA, fp32 on the CPU, fp64 inputs in fp64 (docs/DESIGN.md §5).
-``compile=True`` runs the iterations through ``torch.compile`` (meant for CUDA; README, "GPU"); on the CPU the
-result equals the eager one (tested).
+``compile=True`` runs the iterations through ``torch.compile`` (meant for CUDA; its first call per shape compiles;
+README, "Benchmarks", and ``benchmarks/bench_lmo.py --compile``); on the CPU the result equals the eager one (tested).
 """
 
 from __future__ import annotations

@@ -80,28 +80,34 @@ def run_plain(algorithm: Algorithm, objectives: Sequence[SupervisedObjective], X
                      schema=algorithm.state_schema(objectives[0], X0, seed))
     num_blocks(len(objectives), block_size)  # checks block_size
     with block_workers(workers, objectives) as pool:
-        while not fed.done:
-            with gc_paused():
-                plan = fed.open_round()
-                for phase in range(algorithm.phases):  # one for most algorithms (Algorithm docstring, "Phases")
-                    kinds = {j: faults.draw(seed, j, plan.k, phase) if faults is not None else None
-                             for j in plan.participants}
-                    failed = {j: FAILURE_REASONS[kind] for j, kind in kinds.items() if kind is not None}
-                    died = {j: failed[j] for j, kind in kinds.items() if kind == "die"}  # what a runtime would report
-                    working = [j for j in plan.participants if j not in failed]
-                    results = step_blocks(algorithm, partial(fed.rows, plan), plan.broadcast, objectives,
-                                          list(by_block(working, block_size).values()), pool)
-                    replies: dict[int, ClientReply] = {}
-                    for result in results:
-                        failed.update(result.failures())
-                        for j, reply in result.replies().items():
-                            replies[j] = tamper(plan.k, j, reply) if tamper else reply
-                    args = (dict(sorted(replies.items())), [r.proposal(algorithm.derived) for r in results], failed)
-                    if phase + 1 < algorithm.phases:
-                        plan = fed.advance(plan, *args, died=died)
-                    else:
-                        fed.close_round(plan, *args, died=died)
+        _rounds(fed, algorithm, objectives, seed, faults, tamper, block_size, pool)
     return RunResult(fed.history, fed.server_state, fed.table, fed.client_log)
+
+
+def _rounds(fed: Federation, algorithm: Algorithm, objectives: Sequence[SupervisedObjective], seed: int,
+            faults: FaultPlan | None, tamper: Tamper | None, block_size: int, pool: Executor | None) -> None:
+    """The rounds, each of ``algorithm.phases`` phases (docs/DESIGN.md §3, "Rounds of several phases")."""
+    while not fed.done:
+        with gc_paused():
+            plan = fed.open_round()
+            for phase in range(algorithm.phases):  # one for most algorithms
+                kinds = {j: faults.draw(seed, j, plan.k, phase) if faults is not None else None
+                         for j in plan.participants}
+                failed = {j: FAILURE_REASONS[kind] for j, kind in kinds.items() if kind is not None}
+                died = {j: failed[j] for j, kind in kinds.items() if kind == "die"}  # what a runtime would report
+                working = [j for j in plan.participants if j not in failed]
+                results = step_blocks(algorithm, partial(fed.rows, plan), plan.broadcast, objectives,
+                                      list(by_block(working, block_size).values()), pool)
+                replies: dict[int, ClientReply] = {}
+                for result in results:
+                    failed.update(result.failures())
+                    for j, reply in result.replies().items():
+                        replies[j] = tamper(plan.k, j, reply) if tamper else reply
+                args = (dict(sorted(replies.items())), [r.proposal(algorithm.derived) for r in results], failed)
+                if phase + 1 < algorithm.phases:
+                    plan = fed.advance(plan, *args, died=died)
+                else:
+                    fed.close_round(plan, *args, died=died)
 
 
 def step_blocks(algorithm: Algorithm, rows: Callable[[Sequence[int]], ClientRows], bc: Broadcast,

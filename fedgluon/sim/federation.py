@@ -1,19 +1,19 @@
 """The server side of a run, shared by every engine: state, one round's bookkeeping, checkpoints.
 
-What a round does is docs/DESIGN.md §3 ("Federation and drivers", "Client state", "Rounds of several
-phases") and §6. Engines only move messages: :meth:`Federation.open_round`, then the replies of
-``plan.participants`` to :meth:`Federation.close_round` (those of a phase before the last to
-:meth:`Federation.advance`, whose accepted clients step next on :meth:`Federation.rows`). ``close_round``
-stops the run, before touching any state, when the *runtime* says a worker process died (``died``: the
-engine's word, from Ray/Flower error codes, never from a client's own text;
-:class:`~fedgluon.sim.checkpoint.ActorDeathError`: Flower's Ray actor pool keeps sending tasks to a dead
-actor, so the run would silently lose clients), and with :class:`~fedgluon.sim.checkpoint.NonFiniteStateError`
-when the server state (model, aggregate/estimator, optimizer) or the central evaluation (test loss and
-accuracy, the gradient's dual norm) is NaN/Inf. These stops write the state from *before* the round, so a
-resumed run replays that round exactly. A client whose first-phase reply reports a loss that is not finite
-is rejected (:func:`_non_finite_losses`). A round of several phases sums each accepted client's uplink bits
-over its phases and records per-phase bit columns (``up_phase<p>_*``, ``down_phase<p>_*_total``), the
-round's downlink as their sum, and ``phases`` (round trips, for the simulated time of fedgluon.exp.experiment).
+What a round does is docs/DESIGN.md §3 ("Federation and drivers", "Client state", "Rounds of several phases") and
+§6. Engines only move messages: :meth:`Federation.open_round`, then the replies of ``plan.participants`` to
+:meth:`Federation.close_round` (those of a phase before the last to :meth:`Federation.advance`, whose accepted
+clients step next on :meth:`Federation.rows`). ``close_round`` stops the run, before touching any state, when the
+*runtime* says a worker process died (``died``: the engine's word, from Ray/Flower error codes, never from a
+client's own text; :class:`~fedgluon.sim.checkpoint.ActorDeathError`: Flower's Ray actor pool keeps sending tasks
+to a dead actor, so the run would silently lose clients), and with
+:class:`~fedgluon.sim.checkpoint.NonFiniteStateError` when the server state (model, aggregate/estimator,
+optimizer) or the central evaluation (test loss and accuracy, the gradient's dual norm) is NaN/Inf. These stops
+write the state from *before* the round, so a resumed run replays that round exactly. A client whose first-phase
+reply reports a loss that is not finite is rejected (:func:`_non_finite_losses`). Reasons a client sent are
+clipped to :data:`MAX_CLIENT_TEXT` characters. A round of several phases sums each accepted client's uplink bits
+over its phases and records per-phase bit columns (``up_phase<p>_*``, ``down_phase<p>_*_total``), the round's
+downlink as their sum, and ``phases`` (round trips, for the simulated time of fedgluon.exp.experiment).
 
 A run also stops (:class:`NoProgressError`, after the round, with a checkpoint of the state after
 it) when ``max_failed_rounds`` consecutive rounds accepted no client, and at its last round when no

@@ -187,9 +187,11 @@ def collect(dirs: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
         d = Path(given)
         prefix = f"{d.name}: " if several else ""
         if (d / "sweep.json").is_file():
-            (found, missing), what = _sweep_runs(d, prefix), "member(s) without metrics yet"
+            found, missing = _sweep_runs(d, prefix)
+            what = "member(s) without metrics yet"
         elif (d / "tuned.csv").is_file():
-            (found, missing), what = _tune_runs(d, prefix), "trial(s) without metrics"
+            found, missing = _tune_runs(d, prefix)
+            what = "trial(s) without metrics"
         elif (d / "metrics.csv").is_file():
             found, missing, what = [_load_run(d, d, label=None)], [], ""
         else:
@@ -276,8 +278,9 @@ def _load_run(d: Path, source: Path, label: str | None) -> Run:
         label = ",".join(p for p in re.sub(rf"-s{seed}$", "", d.name).split(",") if p != f"seed={seed}") or d.name
     key = json.dumps({k: v for k, v in config.items() if k not in NOT_CONFIG}, sort_keys=True, default=str)
     complete = is_complete(d)
-    rounds, stopped = int(config.get("rounds", 0)), "" if complete else _stop_reason(d)
-    return Run(d, source, label, key, config, seed, complete, rounds, frame.reset_index(drop=True), stopped)
+    return Run(path=d, source=source, label=label, key=key, config=config, seed=seed, complete=complete,
+               rounds=int(config.get("rounds", 0)), frame=frame.reset_index(drop=True),
+               stopped="" if complete else _stop_reason(d))
 
 
 def _stop_reason(d: Path) -> str:

@@ -23,7 +23,7 @@ server. Client-sent values in messages go through :func:`fedgluon.core.text.show
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -32,11 +32,13 @@ from flwr.serverapp.strategy import Strategy
 
 from fedgluon.algorithms import Algorithm
 from fedgluon.clients.blocks import block_clients, block_of, by_block, num_blocks
+from fedgluon.clients.state_schema import StateSchema
 from fedgluon.core.text import shown
 from fedgluon.flower.wire import BlockRead, read_replies, rows_to_record, tensors_to_record
 from fedgluon.runtime.gc_pause import RoundPause, round_pauses
 from fedgluon.runtime.trace import phase
-from fedgluon.sim.federation import Federation, RoundPlan, client_weights_from_sizes, clip_text
+from fedgluon.sim.checkpoint import Checkpointer, Snapshot
+from fedgluon.sim.federation import Evaluate, Federation, RoundPlan, client_weights_from_sizes, clip_text
 
 log = logging.getLogger("fedgluon.strategy")
 
@@ -62,15 +64,18 @@ class HandshakeError(ValueError):
 
 class GluonStrategy(Strategy):
     """Drive ``algorithm`` over Flower messages (docs/DESIGN.md §3, "Flower apps and transport"). The server
-    side of every round is a :class:`fedgluon.sim.federation.Federation` (shared with the plain driver), made with the
-    keywords ``federation`` (``seed``, ``participation``, ``evaluate``, ``resume``, ``checkpointer``,
-    ``max_failed_rounds``, ``schema``, ...) and ``rounds``. ``weights``: the mode of the client weights
-    (:func:`~fedgluon.sim.federation.client_weights_from_sizes`), from ``sizes``, each client's number of
-    samples where the server knows them (the nodes must report the same), else from the nodes' counts."""
+    side of every round is a :class:`fedgluon.sim.federation.Federation` (shared with the plain driver), made with
+    this call's keywords of the same names; ``resume`` continues a checkpointed run, ``checkpointer`` writes
+    checkpoints. ``weights``: the mode of the client weights
+    (:func:`~fedgluon.sim.federation.client_weights_from_sizes`), from ``sizes``, each client's number of samples
+    where the server knows them (the nodes must report the same), else from the nodes' counts."""
 
-    def __init__(self, algorithm: Algorithm, X0: Mapping[str, Any], num_clients: int, *, rounds: int = 0,
-                 weights: str = "uniform", block_size: int = 1, sizes: Sequence[int] | None = None,
-                 deaths_stop_run: bool = True, **federation: Any):
+    def __init__(self, algorithm: Algorithm, X0: Mapping[str, Any], num_clients: int, *, schema: StateSchema,
+                 seed: int = 0, participation: float | int = 1.0, weights: str = "uniform",
+                 evaluate: Evaluate | None = None, eval_every: int = 1,
+                 on_round: Callable[[dict[str, Any]], None] | None = None, rounds: int = 0,
+                 checkpointer: Checkpointer | None = None, resume: Snapshot | None = None, block_size: int = 1,
+                 sizes: Sequence[int] | None = None, max_failed_rounds: int = 0, deaths_stop_run: bool = True):
         self.algorithm = algorithm
         self.deaths_stop_run = deaths_stop_run  # module docstring: False on a Flower deployment
         self.num_clients = num_clients
@@ -78,7 +83,10 @@ class GluonStrategy(Strategy):
         self.num_nodes = num_blocks(num_clients, block_size)
         self.weights_mode = weights
         self.sizes = list(sizes) if sizes is not None else None
-        self.federation = Federation(algorithm, X0, num_clients, rounds, **federation)
+        self.federation = Federation(algorithm, X0, num_clients, rounds, seed=seed, participation=participation,
+                                     evaluate=evaluate, eval_every=eval_every, on_round=on_round,
+                                     checkpointer=checkpointer, resume=resume, max_failed_rounds=max_failed_rounds,
+                                     schema=schema)
         self.node_of: dict[int, int] = {}
         self.partition_of: dict[int, int] = {}
         self.ray_nodes: set[str] = set()

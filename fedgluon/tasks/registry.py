@@ -181,35 +181,36 @@ def _sklearn(name: str, default_hidden: tuple[int, ...]):
 
 
 def _fashion_mnist(data_dir: str | None = None, model: str = "cnn", train_limit: int | None = None,
-                   test_limit: int | None = None, widths: tuple[int, ...] = (32, 64), **kw: Any) -> Task:
+                   test_limit: int | None = None, widths: tuple[int, ...] = (32, 64), seed: int = 0, **kw: Any) -> Task:
     from fedgluon.tasks.data.idx import FASHION_MNIST_DIR, load_mnist_like
 
     directory = data_dir or FASHION_MNIST_DIR
     x_tr, y_tr = load_mnist_like(directory, "train")
     x_te, y_te = load_mnist_like(directory, "test")
     if train_limit:
-        keep = np.random.default_rng(kw.get("seed", 0)).permutation(len(y_tr))[:train_limit]
+        keep = np.random.default_rng(seed).permutation(len(y_tr))[:train_limit]
         x_tr, y_tr = x_tr[np.sort(keep)], y_tr[np.sort(keep)]
     if test_limit:
         x_te, y_te = x_te[:test_limit], y_te[:test_limit]
 
     def prep(x: np.ndarray) -> np.ndarray:
         return ((x.astype(np.float32) / 255.0 - 0.2860) / 0.3530)[:, None, :, :]
-    torch.manual_seed(kw.get("seed", 0))
+    torch.manual_seed(seed)
     if model == "cnn":
         net: nn.Module = SmallCNN(1, 10, tuple(widths), 28)
     elif model == "mlp":
         net = MLP(28 * 28, (256,), 10)
     else:
         raise ValueError(f"model must be one of ['cnn', 'mlp'], got {model!r}")
-    return _classification(prep(x_tr), y_tr.astype(np.int64), prep(x_te), y_te.astype(np.int64), net, **kw)
+    return _classification(prep(x_tr), y_tr.astype(np.int64), prep(x_te), y_te.astype(np.int64), net, seed=seed,
+                           **kw)
 
 
 def _linear(x: np.ndarray, y: np.ndarray, test_fraction: float = 0.2, hidden: tuple[int, ...] = (),
-            loss: str = "cross_entropy", bias: bool = True, **kw: Any) -> Task:
-    x_tr, x_te, y_tr, y_te = stratified_split(x, y, test_fraction, kw.get("seed", 0))
-    torch.manual_seed(kw.get("seed", 0))
-    return _classification(x_tr, y_tr, x_te, y_te, _head(x, y, hidden, loss, bias), loss=loss, **kw)
+            loss: str = "cross_entropy", bias: bool = True, seed: int = 0, **kw: Any) -> Task:
+    x_tr, x_te, y_tr, y_te = stratified_split(x, y, test_fraction, seed)
+    torch.manual_seed(seed)
+    return _classification(x_tr, y_tr, x_te, y_te, _head(x, y, hidden, loss, bias), loss=loss, seed=seed, **kw)
 
 
 def _libsvm(path: str | None = None, n_features: int | None = None, **kw: Any) -> Task:
@@ -220,10 +221,10 @@ def _libsvm(path: str | None = None, n_features: int | None = None, **kw: Any) -
     return _linear(*load_libsvm(path, n_features), **kw)
 
 
-def _a9a(num_samples: int = 32561, **kw: Any) -> Task:
+def _a9a(num_samples: int = 32561, seed: int = 0, **kw: Any) -> Task:
     from fedgluon.tasks.data.tabular import a9a_like
 
-    return _linear(*a9a_like(num_samples, kw.get("seed", 0)), **kw)
+    return _linear(*a9a_like(num_samples, seed), seed=seed, **kw)
 
 
 def _shakespeare(plays: tuple[str, ...] | None = None, context: int = 64, min_chars: int = 2000,

@@ -197,7 +197,8 @@ def sweep(config: str | None, args: tuple[str, ...], name: str | None, parallel:
 def tune(config: str | None, args: tuple[str, ...], algorithms: tuple[str, ...], resume_dir: str | None, quiet: bool,
          verbose: bool, **options: Any) -> None:
     """Tune each algorithm over the grid in ARGS (e.g. "algorithm.lr=[0.01,0.03,0.1]") on Ray Tune and print
-    the best; writes <output.dir>/<name>/ (tuned.csv, best.json, <algorithm>/best.yaml; README, "Tuning")."""
+    the best; writes <output.dir>/<name>/ (tuned.csv, best.json, <algorithm>/best.yaml; README, "Tuning (Ray
+    Tune)")."""
     from fedgluon.config.schema import ConfigError
     from fedgluon.exp.tuning import TuneIncomplete, resume
     from fedgluon.exp.tuning import tune as run_tune

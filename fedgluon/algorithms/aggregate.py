@@ -73,7 +73,8 @@ def weighted_mean(decoded: Mapping[int, Tensors], weights: Mapping[int, float]) 
 def tracker_update(G: Mapping[str, Tensor] | None, decoded: Mapping[int, Tensors], weights: Mapping[int, float],
                    like: Mapping[str, Tensor]) -> Tensors:
     """``G ← G + Σ_{j accepted} w_j R_j`` in client-id order (absent clients contribute their last tracker,
-    docs/DESIGN.md §2): :func:`compressors.ef21_server_update` on the stored terms."""
+    docs/DESIGN.md §2): the sum of :func:`compressors.ef21_server_update`, over the stored (possibly sparse)
+    terms."""
     start = {n: t.clone() for n, t in G.items()} if G is not None else {n: torch.zeros_like(like[n]) for n in like}
     return _sum(start, decoded, weights.__getitem__)
 

@@ -38,7 +38,7 @@ from torch import Tensor
 from compressors.message import compress_block, contexts
 from compressors.operators import Compressor, State
 from compressors.payload import PayloadRows
-from compressors.sparse import WeightedSum
+from compressors.sparse import SparseTensor, weighted_sum
 
 Tensors = dict[str, Tensor]
 Rows = dict[str, PayloadRows]
@@ -171,13 +171,11 @@ class EF21:
         return rows, {"q": q_new, "step": step}, comps
 
 
-def ef21_server_update(G: Mapping[str, Tensor], decoded: Mapping[int, Mapping[str, Tensor]],
+def ef21_server_update(G: Mapping[str, Tensor], decoded: Mapping[int, Mapping[str, Tensor | SparseTensor]],
                        weights: Mapping[int, float]) -> Tensors:
-    """``G ← G + Σ_j w_j R_j`` over accepted clients, in client-id order (docs/DESIGN.md §2)."""
-    total = WeightedSum({n: t.clone() for n, t in G.items()})
-    for j in sorted(decoded):
-        total.add(weights[j], decoded[j])
-    return total.result()
+    """``G ← G + Σ_j w_j R_j`` over accepted clients, in client-id order (docs/DESIGN.md §2); sparse
+    ``R_j`` are added at their indices."""
+    return weighted_sum(G, decoded, weights)
 
 
 @dataclass

@@ -114,6 +114,16 @@ def add_scaled_(out: Tensor, w: float, r: Tensor | SparseTensor) -> Tensor:
     return out
 
 
+def weighted_sum(start: Mapping[str, Tensor], terms: Mapping[int, Mapping[str, Tensor | SparseTensor]],
+                 weights: Mapping[int, float]) -> dict[str, Tensor]:
+    """``start + Σ_j w_j r_j`` into a copy of ``start``, the terms ``r_j`` added in increasing ``j`` (a layer
+    that ``start`` lacks starts at zero); sparse terms at their indices (:class:`WeightedSum`)."""
+    total = WeightedSum({n: t.clone() for n, t in start.items()})
+    for j in sorted(terms):
+        total.add(weights[j], terms[j])
+    return total.result()
+
+
 class WeightedSum:
     """``out[n] += w_j · r_j[n]`` for the terms ``(w_j, r_j)`` given to :meth:`add` in order, each add
     rounded as :func:`add_scaled_` does. Consecutive rows of one :class:`SparseRows` (clients decoded as

@@ -9,24 +9,25 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from compressors.sparse import SparseTensor, WeightedSum, add_scaled_
+from compressors.error_feedback import ef21_server_update
+from compressors.sparse import SparseTensor, add_scaled_, weighted_sum
 
 Tensors = dict[str, Tensor]
+Terms = dict[str, Tensor | SparseTensor]  # a decoded reply: layer → dense tensor or sparse (k values, indices)
 
 
-class DecodedReplies(Mapping[int, Tensors]):
+class DecodedReplies(Mapping[int, Terms]):
     """The accepted replies of a round, decoded: sparse layers as :class:`SparseTensor` (k values and
     indices), kept while they fit in ``budget`` bytes, decoded again on access beyond it, so a round of
     many large clients never holds every dense payload at once (aggregations read each client once, in
-    id order). ``self[j]`` is dense; :meth:`terms` gives the stored (possibly sparse) form, which
-    :func:`weighted_mean` and :func:`tracker_update` add at the indices. Decoding is deterministic and
-    sparse adds equal dense ones, so every result is the same either way."""
+    id order). ``self[j]`` is the stored form, which the sums below add at the indices. Decoding is
+    deterministic and sparse adds equal dense ones, so every result is the same either way."""
 
     budget: ClassVar[int] = 256 * 2 ** 20
 
     def __init__(self, decode: Callable[[int], Mapping[str, Tensor | SparseTensor]]):
         self.decode = decode  # client → its reply decoded again (sparse layers sparse)
-        self.decoded: dict[int, dict[str, Tensor | SparseTensor] | None] = {}  # None: decode again on access
+        self.decoded: dict[int, Terms | None] = {}  # None: decode again on access
         self.kept_bytes = 0
 
     def add(self, j: int, tensors: Mapping[str, Tensor | SparseTensor]) -> None:
@@ -36,12 +37,9 @@ class DecodedReplies(Mapping[int, Tensors]):
         self.decoded[j] = dict(tensors) if keep else None
         self.kept_bytes += size if keep else 0
 
-    def terms(self, j: int) -> dict[str, Tensor | SparseTensor]:
+    def __getitem__(self, j: int) -> Terms:
         tensors = self.decoded[j]
         return dict(tensors) if tensors is not None else dict(self.decode(j))
-
-    def __getitem__(self, j: int) -> Tensors:
-        return {n: t.dense() if isinstance(t, SparseTensor) else t for n, t in self.terms(j).items()}
 
     def __contains__(self, j: object) -> bool:  # Mapping's default would decode
         return j in self.decoded
@@ -53,30 +51,18 @@ class DecodedReplies(Mapping[int, Tensors]):
         return len(self.decoded)
 
 
-def _sum(start: dict[str, Tensor] | None, decoded: Mapping[int, Tensors], weight: Callable[[int], float]) -> Tensors:
-    """``start + Σ_j weight(j) V_j`` (zero where ``start`` is None), summed in client-id order; the stored,
-    possibly sparse, terms of :class:`DecodedReplies` are added at their indices."""
-    term = decoded.terms if isinstance(decoded, DecodedReplies) else decoded.__getitem__
-    out = WeightedSum(start)
-    for j in sorted(decoded):
-        out.add(weight(j), term(j))
-    return out.result()
-
-
-def weighted_mean(decoded: Mapping[int, Tensors], weights: Mapping[int, float]) -> Tensors:
-    """``Σ_j w_j V_j / Σ_j w_j`` over the given clients, summed in client-id order from zero (sparse
-    replies added at their indices)."""
+def weighted_mean(decoded: Mapping[int, Mapping[str, Tensor | SparseTensor]], weights: Mapping[int, float]) -> Tensors:
+    """``Σ_j w_j V_j / Σ_j w_j`` over the given clients, summed in client-id order from zero."""
     total = sum(weights[j] for j in decoded)
-    return _sum(None, decoded, lambda j: weights[j] / total)
+    return weighted_sum({}, decoded, {j: weights[j] / total for j in decoded})
 
 
-def tracker_update(G: Mapping[str, Tensor] | None, decoded: Mapping[int, Tensors], weights: Mapping[int, float],
-                   like: Mapping[str, Tensor]) -> Tensors:
-    """``G ← G + Σ_{j accepted} w_j R_j`` in client-id order (absent clients contribute their last tracker,
-    docs/DESIGN.md §2): the sum of :func:`compressors.ef21_server_update`, over the stored (possibly sparse)
-    terms."""
-    start = {n: t.clone() for n, t in G.items()} if G is not None else {n: torch.zeros_like(like[n]) for n in like}
-    return _sum(start, decoded, weights.__getitem__)
+def tracker_update(G: Mapping[str, Tensor] | None, decoded: Mapping[int, Mapping[str, Tensor | SparseTensor]],
+                   weights: Mapping[int, float], like: Mapping[str, Tensor]) -> Tensors:
+    """:func:`compressors.ef21_server_update` from ``G`` (zeros like ``like`` when None): absent clients
+    contribute their last tracker (docs/DESIGN.md §2)."""
+    return ef21_server_update(G if G is not None else {n: torch.zeros_like(t) for n, t in like.items()}, decoded,
+                              weights)
 
 
 def update_trackers(columns: Mapping[str, Tensor], prefix: str, clients: Sequence[int], decoded: DecodedReplies,
@@ -90,7 +76,7 @@ def update_trackers(columns: Mapping[str, Tensor], prefix: str, clients: Sequenc
     layers = [(p, p.removeprefix(prefix)) for p in columns if p.startswith(prefix)]
     runs: dict[str, list[tuple[int, SparseTensor]]] = {p: [] for p, _ in layers}
     for j in clients:
-        terms = decoded.terms(j)
+        terms = decoded[j]
         for p, n in layers:
             term, run = terms[n], runs[p]
             if isinstance(term, SparseTensor) and term.block is not None and j not in first and (

@@ -238,7 +238,7 @@ class Algorithm:
                      first: Collection[int]) -> None:
         """Update, in place, the state columns under :attr:`derived` of the client-state table (``columns``:
         path → (n, *shape), row j client j) for the accepted ``clients``, from their committed rows and
-        their accepted payloads as the server step decoded them (``decoded.terms(j)``); ``first``: the
+        their accepted payloads as the server step decoded them (``decoded[j]``); ``first``: the
         clients whose first participation this was. Called at commit time, after the server step
         succeeded. Nothing by default."""
 

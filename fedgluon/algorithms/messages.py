@@ -48,7 +48,7 @@ class ClientReply:
 @dataclass
 class ServerOutcome:
     """Who was accepted, who rejected and why, the uplink bits per client, the step's info, and the
-    accepted payloads decoded (``decoded.terms(j)``: layer → tensor or sparse tensor)."""
+    accepted payloads decoded (``decoded[j]``: layer → tensor or sparse tensor)."""
 
     accepted: list[int]
     rejected: dict[int, str]

@@ -9,6 +9,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # without at the same load (load average 3.5-4.9); results are the same either way.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import signal  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -18,3 +20,15 @@ def _fixed_threads():
     torch.set_num_threads(2)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """A test that installs a SIGINT/SIGTERM handler (a run's stop signals) must leave the previous one.
+    Ray's own SIGTERM handler, which ``ray.init`` sets in a driver's main thread and keeps after
+    ``ray.shutdown`` (``sys.exit``: the process's exit handlers run), is Ray's to keep."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    changed = [s.name for s, h in before.items() if signal.getsignal(s) is not h
+               and not getattr(signal.getsignal(s), "__module__", "").startswith("ray.")]
+    assert not changed, f"the test left its own handler for {changed}"

@@ -58,7 +58,6 @@ class Compressor:
         self.values = values or Raw(np.float32)
         self.name = name or structure.name
         self._dense = Dense()
-        self._bits: dict[tuple[str, tuple[int, ...]], BitCount] = {}
         self._message_bits: dict[tuple, BitCount] = {}
 
     def __repr__(self) -> str:
@@ -66,13 +65,6 @@ class Compressor:
 
     def _structure_for(self, shape: tuple[int, ...]) -> Structure:
         return self.structure if self.structure.active(shape) else self._dense
-
-    def codecs(self, shape: tuple[int, ...]) -> set[str]:
-        """Codec ids this compressor may emit for ``shape``."""
-        return {f"{self._structure_for(shape).name}/{self.values.name}"}
-
-    def _shrink(self, structure: Structure) -> bool:
-        return structure.kind == "contractive" and self.values.kind == "unbiased"
 
     def properties(self, shape: tuple[int, ...]) -> Properties:
         """Kind and constant on ``shape``.
@@ -164,10 +156,10 @@ class Compressor:
             raise ShapeError(layer, "shape", f"expected {tuple(shape)}, got {pshape}")
         if any(s < 0 for s in pshape):
             raise ShapeError(layer, "shape", f"negative dimension in {pshape}")
-        allowed = self.codecs(pshape)
+        s = self._structure_for(pshape)
+        allowed = {f"{s.name}/{self.values.name}"}  # the one codec id this compressor emits for the shape
         if not isinstance(rows.codec, str) or rows.codec not in allowed:
             raise CodecError(layer, "codec", f"expected one of {sorted(allowed)}, got {shown(rows.codec, 60)}")
-        s = self._structure_for(pshape)
         arrays, meta = rows.arrays, rows.meta
         if not isinstance(arrays, dict) or not isinstance(meta, dict):
             raise CodecError(layer, "arrays", "arrays and meta must be dicts")
@@ -192,7 +184,7 @@ class Compressor:
         n = s.n_values(rows.shape)
         vals = self.values.decode({k[2:]: a for k, a in rows.arrays.items() if k.startswith("v.")}, rows.meta, n, layer,
                                   device=device, dtype=dtype or torch.float32)
-        if self._shrink(s):
+        if s.kind == "contractive" and self.values.kind == "unbiased":  # the composition rule's 1/(1+ω)
             vals = vals / (1 + self.values.omega(n))
         if sparse and isinstance(s, _Sparse):
             return s.decode_sparse(vals, rows.arrays, rows.meta, rows.shape, layer)
@@ -221,12 +213,8 @@ class Compressor:
         return isinstance(self._structure_for(shape), _Sparse)
 
     def bits(self, payload: TensorPayload) -> BitCount:
-        """Raw bit counts of a (valid) payload, from its codec and shape alone (no structure or value
-        codec reads its header), memoised per (codec, shape)."""
-        key = (payload.codec, tuple(payload.shape))
-        if key not in self._bits:
-            self._bits[key] = self._count_bits(key[1])
-        return self._bits[key]
+        """Raw bit counts of a (valid) payload: :meth:`message_bits` of a message of one layer."""
+        return self.message_bits({"": payload})
 
     def message_bits(self, message: Mapping[str, TensorPayload]) -> BitCount:
         """Raw bit counts of a (valid) message, summed over its layers' :meth:`bits` (each with the flag

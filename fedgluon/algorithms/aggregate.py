@@ -79,15 +79,13 @@ def update_trackers(columns: Mapping[str, Tensor], prefix: str, clients: Sequenc
         terms = decoded[j]
         for p, n in layers:
             term, run = terms[n], runs[p]
-            if isinstance(term, SparseTensor) and term.block is not None and j not in first and (
-                    not run or (run[-1][1].block is term.block and run[-1][1].row + 1 == term.row)):
+            blocked = isinstance(term, SparseTensor) and term.block is not None and j not in first
+            if not (blocked and run and run[-1][1].block is term.block and run[-1][1].row + 1 == term.row):
+                _add_run(columns[p], run)  # the run ends here
+            if blocked:
                 run.append((j, term))
-                continue
-            _add_run(columns[p], run)
-            if j in first:  # a copy, not 0 + R_j: the sign of a zero survives, as in the client's copy
+            elif j in first:  # a copy, not 0 + R_j: the sign of a zero survives, as in the client's copy
                 columns[p][j].copy_(term.dense() if isinstance(term, SparseTensor) else term)
-            elif isinstance(term, SparseTensor) and term.block is not None:
-                run.append((j, term))
             else:
                 add_scaled_(columns[p][j], 1.0, term)
     for p, _ in layers:

@@ -91,11 +91,6 @@ class Algorithm:
         return self.estimator
 
     @property
-    def uplink(self) -> Compressor:
-        """The compressor the server validates replies with: the method's ``compressor``, else dense."""
-        return self.dense if self.compressor is None else self.compressor
-
-    @property
     def needs_previous(self) -> bool:
         return bool(self.est and self.est.needs_previous)
 
@@ -119,24 +114,18 @@ class Algorithm:
         return dense_bits(sum(t.numel() for t in tensors.values()), self.dense.values.bits(1, {}).value_bits)
 
     # ------------------------------------------------------------------ client: one step over a block
-    def block_batches(self, bc: Broadcast, objectives: Sequence[SupervisedObjective],
-                      js: Sequence[int]) -> list[Batch]:
-        """Each client's batch of round k, from ``generator(seed, "sample", j, k)`` (the block's seeds from
-        :func:`fedgluon.core.rng.derive_seeds`; one generator re-seeded per client, which sets its whole
-        state): a large batch on refresh rounds, else a minibatch."""
-        seeds = derive_seeds(bc.seed, "sample", np.asarray(js, dtype=np.int64), bc.round).tolist()
-        gen = torch.Generator(device="cpu")
-        large = bool(bc.flags.get("refresh"))
-        return [(objectives[j].large_batch if large else objectives[j].sample_batch)(gen.manual_seed(s))
-                for j, s in zip(js, seeds)]
-
     def gradients(self, rows: ClientRows, bc: Broadcast, objectives: Sequence[SupervisedObjective]) -> BlockGrads:
         """The block's gradients at the broadcast model and, when the estimator needs them, at each row's
         ``X_prev`` (the model of round ``seen``) on the same batch: rows grouped by that round, each group
-        in vmapped calls (:func:`fedgluon.clients.vectorised.stacked_gradients`)."""
-        js = rows.clients
-        batches = self.block_batches(bc, objectives, js)
-        refresh = bool(bc.flags.get("refresh"))
+        in vmapped calls (:func:`fedgluon.clients.vectorised.stacked_gradients`). Client j's batch of round k
+        comes from ``generator(seed, "sample", j, k)`` (the block's seeds from
+        :func:`fedgluon.core.rng.derive_seeds`; one generator re-seeded per client, which sets its whole
+        state): a large batch on refresh rounds, else a minibatch."""
+        js, refresh = rows.clients, bool(bc.flags.get("refresh"))
+        seeds = derive_seeds(bc.seed, "sample", np.asarray(js, dtype=np.int64), bc.round).tolist()
+        gen = torch.Generator(device="cpu")
+        batches: list[Batch] = [(objectives[j].large_batch if refresh else objectives[j].sample_batch)(
+            gen.manual_seed(s)) for j, s in zip(js, seeds)]
         loss, now = stacked_gradients(objectives, js, batches, shared=bc.model, device=self.client_device)
         has_prev = torch.zeros(len(js), dtype=torch.bool)
         prev = None
@@ -210,10 +199,8 @@ class Algorithm:
 
     def step_block(self, rows: ClientRows, bc: Broadcast,
                    objectives: Sequence[SupervisedObjective]) -> list[BlockResult]:
-        """:meth:`client_step` of a block in runs of :meth:`run_length` clients, one result per run (each
-        row's result depends on its own client alone, so on neither the block nor the run). A run whose step raises an
-        ``ArithmeticError`` (fixed16's inexact tracker difference) is stepped row by row, and the rows
-        that fail are reported in ``failed``: only those clients are lost."""
+        """:meth:`client_step` of a block in runs of :meth:`run_length` clients, one result per run; a run that
+        raises ``ArithmeticError`` goes row by row, failing rows in ``failed`` (docs/DESIGN.md §3)."""
         parts = run_slices(len(rows), self.run_length(bc))
         results = [self._isolated(rows.part(part), bc, objectives) for part in parts]
         if self.derived:  # the server computes these itself: drop them now, not at the round's end
@@ -259,8 +246,8 @@ class Algorithm:
         return "dense" if self.compressor is None else "uplink"
 
     def compressor_of(self, group: str) -> Compressor:
-        """The compressor of a payload group."""
-        return self.dense if group == "dense" else self.uplink
+        """The compressor of a payload group: dense, or the method's ``compressor`` (dense without one)."""
+        return self.dense if group == "dense" or self.compressor is None else self.compressor
 
     def validate(self, reply: Any, j: int, bc: Broadcast, first: bool = False, sparse: bool = False) -> Tensors:
         """Decode a reply with its group's compressor's validators; raises PayloadError. With ``sparse``,
@@ -282,9 +269,7 @@ class Algorithm:
         order: the server's aggregates are sums of at most n terms ``w_j v_j`` with weights
         ``w_j ≤ 1`` (the weighted mean, ``Σ_j w_j v_j / Σ_j w_j``, and one round of a tracker,
         ``Σ_j w_j R_j``), so every partial sum is at most ``n·B = F/2`` in magnitude and, added to a
-        tracker below ``F/2``, stays finite. A tracker grown over many rounds beyond that, or a server
-        optimizer that squares the aggregate (AdamW), can still overflow; the run then stops cleanly
-        (fedgluon/sim/federation.py)."""
+        tracker below ``F/2``, stays finite. Its limits: README, "Interrupted runs, faults and stops"."""
         return float(torch.finfo(self._value_dtype).max) / (2 * max(1, num_clients))
 
     def accept_each(self, replies: Mapping[int, Any], bc: Broadcast, weights: Mapping[int, float],

@@ -122,27 +122,21 @@ def _quiet() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
-def _without_run_simulation_deprecation(record: logging.LogRecord) -> bool:
-    """Drops flwr 1.42's warning that ``run_simulation`` is deprecated in favour of ``flwr run``: the Ray
-    engine calls it on purpose (it is the Python entry to Flower's simulation engine; ``flwr run .``
-    works too, README), and fedgluon pins flwr below 1.43."""
-    return "`run_simulation` function is deprecated" not in record.getMessage()
-
-
 @contextmanager
 def _engine_notices_filtered() -> Iterator[None]:
-    """:func:`_without_run_simulation_deprecation` on Flower's logger for the duration, and without Ray's
-    tip that a later Ray will stop hiding GPUs from tasks with no GPU share (``QUIET_ENV`` names the
-    setting that keeps them hidden)."""
+    """For the duration, Flower's logger without flwr 1.42's warning that ``run_simulation`` is deprecated in
+    favour of ``flwr run`` (the Ray engine calls it on purpose: it is the Python entry to Flower's simulation
+    engine; ``flwr run .`` works too, README; fedgluon pins flwr below 1.43), and no Ray tip that a later Ray
+    will stop hiding GPUs from tasks with no GPU share (``QUIET_ENV`` names the setting that keeps them hidden)."""
     logger = logging.getLogger("flwr")
-    logger.addFilter(_without_run_simulation_deprecation)
+    logger.addFilter(drop := lambda record: "`run_simulation` function is deprecated" not in record.getMessage())
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Tip: In future versions of Ray, Ray will no longer override",
                                     category=FutureWarning)
             yield
     finally:
-        logger.removeFilter(_without_run_simulation_deprecation)
+        logger.removeFilter(drop)
 
 
 @contextmanager

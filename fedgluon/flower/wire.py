@@ -250,7 +250,7 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
     try:
         if not isinstance(arrays, ArrayRecord) or not isinstance(meta, ConfigRecord):
             raise WireError("the reply lacks its 'replies' or 'meta' record")
-        meta = _Noted(meta)
+        meta = _Noted(meta, [])
         runs = _int(meta.get("runs"), "runs", 0, len(clients))
         bound = len(clients) * (len(table.columns) + len(GROUPS) * len(shapes) * MAX_PARTS)
         if len(arrays) > bound:  # before reading any of them: a reply of 200,000 arrays is refused here
@@ -261,7 +261,7 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
                             f"{len(clients)} clients may")
         keys = list(arrays)  # the one walk over the arrays' keys
         stated = Counter(r for r, _, rest in (k.partition("/") for k in keys) if rest.startswith("s/"))
-        arrays = _Noted(arrays)
+        arrays = _Noted(arrays, meta.passed)
         expected = table.travelling(derived)
         wanted, seen = set(clients), set()
         for r in range(runs):
@@ -273,7 +273,7 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
                 _read_run(arrays, meta, r, js, round_, expected, shapes, stated[str(r)], out)
             except _Reject as err:
                 out.rejected.update(dict.fromkeys(js, str(err)))
-                _pass_over(f"{r}/", arrays, meta)
+                meta.passed.append(f"{r}/")
         extra = arrays.unasked(keys) + meta.unasked(list(meta.record))
         if extra:
             raise WireError(f"{len(extra)} key(s) the server does not expect, e.g. {shown(extra[:3], 120)}")
@@ -328,7 +328,7 @@ def _read_run(arrays: _Noted, meta: _Noted, r: int, js: list[int], round_: int,
         except WireError as err:
             out.rejected.update({js[i]: f"payload: {err}" for i in rows if i not in taken})
             taken.update(rows)
-            _pass_over(f"{r}/p/{g}/", arrays, meta)
+            meta.passed.append(f"{r}/p/{g}/")
             continue
         for pos, i in enumerate(rows):
             if i in taken:
@@ -346,10 +346,11 @@ class _Reject(WireError):
 
 class _Noted:
     """A record whose reads are noted: the keys a reply holds beyond those the reader asked for (outside the
-    prefixes it passed over: a rejected run or payload group, left unread) are :meth:`unasked`."""
+    prefixes in ``passed``, which a reply's two records share: a rejected run or payload group, left unread)
+    are :meth:`unasked`."""
 
-    def __init__(self, record: Any) -> None:
-        self.record, self.asked, self.passed = record, set[str](), list[str]()
+    def __init__(self, record: Any, passed: list[str]) -> None:
+        self.record, self.asked, self.passed = record, set[str](), passed
 
     def __getitem__(self, key: str) -> Any:
         self.asked.add(key)
@@ -362,11 +363,6 @@ class _Noted:
     def unasked(self, keys: Sequence[str]) -> list[str]:
         passed = tuple(self.passed)
         return [k for k in keys if k not in self.asked and not (passed and k.startswith(passed))]
-
-
-def _pass_over(prefix: str, *records: _Noted) -> None:
-    for record in records:
-        record.passed.append(prefix)
 
 
 def _payload_rows(arrays: _Noted, meta: _Noted, key: str, rows: int,

@@ -214,7 +214,7 @@ class Federation:
         for j, why in sorted(outcome.rejected.items()):
             log.warning("round %d: rejected client %d: %s", k, j, why)
         for j, why in sorted(failed.items()):
-            log.warning("round %d: client %d failed: %s", k, j, _last_line(why))
+            log.warning("round %d: client %d failed: %s", k, j, (why.strip().splitlines() or [why])[-1])
         self.client_log.extend(client_rows(k, S, replies, outcome, failed))
         row["server_time"] = server_time
         row["wall_time"] = time.perf_counter() - plan.started
@@ -383,8 +383,3 @@ def _non_finite_state(state: Mapping[str, Any]) -> list[str]:
 
     visit(state, "")
     return bad
-
-
-def _last_line(text: str) -> str:
-    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else text

@@ -363,8 +363,7 @@ def summarise(sweep_dir: str | Path, target: float | None = None, target_fractio
     table["target_accuracy"] = target
     table.to_csv(sweep_dir / "table.csv", index=False)
     convention = str(frame["bit_convention"].iloc[0]) if "bit_convention" in frame else "int32"
-    plot_pareto(table, sweep_dir / "pareto.png", label="config",
-                title=f"{sweep_dir.name}: final accuracy vs uplink bits per client",
+    plot_pareto(table, sweep_dir / "pareto.png", title=f"{sweep_dir.name}: final accuracy vs uplink bits per client",
                 xlabel=f"uplink bits per client, whole run ({convention} convention; mean over seeds)")
     return table
 

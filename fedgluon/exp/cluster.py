@@ -189,11 +189,6 @@ def probe_nodes(nodes: Sequence[Mapping[str, Any]], data_paths: Sequence[str] = 
                               f"on every node (README, 'Ray cluster')")
 
 
-def data_paths(task: Mapping[str, Any]) -> list[str]:
-    """The local data files a task config names (:data:`DATA_KEYS`), made absolute against this directory."""
-    return [os.path.abspath(str(task[k])) for k in DATA_KEYS if task.get(k)]
-
-
 def with_absolute_data_paths(cfg: Any) -> Any:
     """A copy of ``cfg`` whose task data files (:data:`DATA_KEYS`) are absolute against this directory: a
     Ray task on another node, or in a scratch directory, would otherwise resolve a relative path
@@ -225,16 +220,6 @@ def _ip() -> str:
         return ""
 
 
-def device_info(name: str) -> dict[str, str]:
-    """A device as ``{"device": "cpu"}`` or ``{"device": "cuda:0", "name": <the GPU's name>}``."""
-    import torch
-
-    out = {"device": name}
-    if name.startswith("cuda") and torch.cuda.is_available():
-        out["name"] = torch.cuda.get_device_name(torch.device(name))
-    return out
-
-
 def for_run(cfg: Any) -> list[dict[str, Any]] | None:
     """For the Ray engine, Ray started or joined (fedgluon.exp.cluster.connect) before the run directory exists,
     so a cluster that cannot run the config (a GPU share no node has, a node without fedgluon or the
@@ -242,7 +227,8 @@ def for_run(cfg: Any) -> list[dict[str, Any]] | None:
     if cfg.engine.name != "ray":
         return None
     share = {"engine.num_cpus": float(cfg.engine.num_cpus), "engine.num_gpus": float(cfg.engine.num_gpus)}
-    return connect(cfg.engine.address, task_share=share, data_paths=data_paths(cfg.task))
+    paths = [os.path.abspath(str(cfg.task[k])) for k in DATA_KEYS if cfg.task.get(k)]  # as a node must find them
+    return connect(cfg.engine.address, task_share=share, data_paths=paths)
 
 
 def placement(algorithm: Any, strategy: Any = None, nodes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -252,7 +238,12 @@ def placement(algorithm: Any, strategy: Any = None, nodes: list[dict[str, Any]] 
     sweep runs it as a Ray task) and the client device; on Ray, the nodes whose client actors replied,
     as the cluster listed them when the run started."""
     if strategy is None:
-        return {"nodes": [this_host()], "devices": [device_info(str(algorithm.client_device))]}
+        import torch
+
+        device = {"device": str(algorithm.client_device)}
+        if device["device"].startswith("cuda") and torch.cuda.is_available():
+            device["name"] = torch.cuda.get_device_name(torch.device(device["device"]))
+        return {"nodes": [this_host()], "devices": [device]}
     ran = [n for n in nodes or [] if n["node_id"] in strategy.ray_nodes]
     known = {n["node_id"] for n in ran}
     ran += [{"node_id": i, "hostname": None, "ip": None} for i in sorted(strategy.ray_nodes - known)]

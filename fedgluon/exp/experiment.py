@@ -72,20 +72,6 @@ def _grad_dual_norm(task, geometry, params: Mapping[str, torch.Tensor], weights:
         return math.nan
 
 
-class _Evaluator:
-    """Central evaluation plus, every ``grad_norm_every`` rounds, the true gradient's dual norm."""
-
-    def __init__(self, task, geometry, weights, rounds: int, grad_every: int):
-        self.task, self.geometry, self.weights = task, geometry, weights
-        self.rounds, self.grad_every = rounds, grad_every
-
-    def __call__(self, params: Mapping[str, torch.Tensor], k: int) -> dict[str, float]:
-        row = self.task.evaluate(params)
-        if self.grad_every and ((k + 1) % self.grad_every == 0 or k + 1 == self.rounds):
-            row["grad_dual_norm"] = _grad_dual_norm(self.task, self.geometry, params, self.weights)
-        return row
-
-
 def add_derived_columns(frame: pd.DataFrame, cfg: DictConfig) -> pd.DataFrame:
     """Cumulative bits and the simulated time of the bandwidth/latency model."""
     c, net = cfg.network.bits, cfg.network
@@ -142,8 +128,16 @@ def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[
     task.partition_summary.to_csv(out / "partition.csv", index=False)
     from fedgluon.sim.driver import client_weights
 
-    evaluate = _Evaluator(task, algorithm.geometry, client_weights(task.objectives, spec["weights"]), spec["rounds"],
-                          int(cfg.grad_norm_every))
+    weights, grad_every = client_weights(task.objectives, spec["weights"]), int(cfg.grad_norm_every)
+
+    def evaluate(params: Mapping[str, torch.Tensor], k: int) -> dict[str, float]:
+        """Central evaluation plus, every ``grad_norm_every`` rounds and after the last, the true gradient's
+        dual norm."""
+        row = task.evaluate(params)
+        if grad_every and ((k + 1) % grad_every == 0 or k + 1 == spec["rounds"]):
+            row["grad_dual_norm"] = _grad_dual_norm(task, algorithm.geometry, params, weights)
+        return row
+
     checkpointer = Checkpointer(out / CHECKPOINT, int(cfg.output.checkpoint_every), run_key(spec), resumed=snapshot)
     start = snapshot.next_round if snapshot is not None else 0
 

@@ -48,8 +48,9 @@ def log_ticks(ax: Any, axis: str = "x", max_ticks: int = 5) -> None:
     target.set_minor_locator(ticker.LogLocator(base=10, subs="auto", numticks=12))
     if not (lo > 0 and hi > lo):
         return
+    first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
     for subs in ((1, 2, 3, 4, 5, 6, 7, 8, 9), (1, 2, 3, 5), (1, 2, 5), (1, 3), (1,)):
-        ticks = _log_positions(lo, hi, subs)
+        ticks = [s * 10.0**e for e in range(first, last + 1) for s in subs if lo <= s * 10.0**e <= hi]
         if len(ticks) <= max_ticks:
             break
     if len(ticks) > max_ticks:  # many decades: every n-th power of ten
@@ -58,11 +59,6 @@ def log_ticks(ax: Any, axis: str = "x", max_ticks: int = 5) -> None:
         target.set_major_locator(ticker.FixedLocator(ticks))
     else:
         target.set_major_locator(ticker.MaxNLocator(nbins=max_ticks - 1))
-
-
-def _log_positions(lo: float, hi: float, subs: Sequence[int]) -> list[float]:
-    first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
-    return [s * 10.0 ** e for e in range(first, last + 1) for s in subs if lo <= s * 10.0 ** e <= hi]
 
 
 def plot_run(frame: pd.DataFrame, path: str | Path, title: str = "",
@@ -89,29 +85,23 @@ def plot_run(frame: pd.DataFrame, path: str | Path, title: str = "",
     plt.close(fig)
 
 
-def plot_pareto(table: pd.DataFrame, path: str | Path, x: str = "uplink_bits_per_client_mean",
-                y: str = "final_test_accuracy_mean", label: str = "member", title: str = "",
-                xlabel: str | None = None) -> None:
-    """One point per sweep configuration (mean over seeds, error bars = std) and the Pareto front
-    (fewest bits for at least that accuracy)."""
+def plot_pareto(table: pd.DataFrame, path: str | Path, title: str, xlabel: str) -> None:
+    """One point per configuration of a sweep's ``table`` (mean over seeds, error bars = std) and the Pareto
+    front (fewest bits for at least that accuracy)."""
+    x, y = "uplink_bits_per_client_mean", "final_test_accuracy_mean"
     fig, ax = plt.subplots(figsize=(7, 5))
     t = table.dropna(subset=[x, y]).sort_values(x)
-    xerr = t[x.replace("_mean", "_std")] if x.replace("_mean", "_std") in t else None
-    yerr = t[y.replace("_mean", "_std")] if y.replace("_mean", "_std") in t else None
+    xerr, yerr = (t.get(c.replace("_mean", "_std")) for c in (x, y))
     ax.errorbar(t[x], t[y], xerr=xerr, yerr=yerr, fmt="o", capsize=3)
     for _, r in t.iterrows():
-        ax.annotate(str(r[label]), (r[x], r[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    front, best = [], -float("inf")
-    for _, r in t.iterrows():
-        if r[y] > best:
-            best = r[y]
-            front.append((r[x], r[y]))
-    if front:
-        ax.step(*zip(*front), where="post", color="tab:red", alpha=0.6, label="Pareto front")
+        ax.annotate(str(r["config"]), (r[x], r[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = t[t[y] > t[y].cummax().shift(fill_value=-math.inf)]  # above every cheaper configuration
+    if len(front):
+        ax.step(front[x], front[y], where="post", color="tab:red", alpha=0.6, label="Pareto front")
         ax.legend()
     ax.set_xscale("log")
     log_ticks(ax)
-    ax.set_xlabel(xlabel or x.replace("_", " "))
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(y.replace("_", " "))
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -383,14 +373,6 @@ def _network_label(runs: Sequence[Run]) -> str:
             f"{n.get('latency_ms')} ms latency)")
 
 
-def plot_curves(curves: Sequence[Curve], path: str | Path, *, convention: str = "int32", title: str = "",
-                time_label: str = "simulated time (s)") -> None:
-    """:func:`draw_curves` saved at ``path``."""
-    fig = draw_curves(curves, convention=convention, title=title, time_label=time_label)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def draw_curves(curves: Sequence[Curve], *, convention: str = "int32", title: str = "",
                 time_label: str = "simulated time (s)") -> Figure:
     """Rows: test loss, test accuracy (those any curve has); columns: cumulative uplink bits per client (log,
@@ -450,7 +432,7 @@ def draw_curves(curves: Sequence[Curve], *, convention: str = "int32", title: st
 
 
 def compare(dirs: Sequence[str | Path], path: str | Path, title: str | None = None) -> tuple[list[Curve], list[str]]:
-    """Draw the runs and sweeps in ``dirs`` as :func:`plot_curves` at ``path``; returns the curves and notes
+    """Draw the runs and sweeps in ``dirs`` as :func:`draw_curves` at ``path``; returns the curves and notes
     (members not started, incomplete runs, repeated seeds). Directories of different tasks or bit conventions,
     or neither a run nor a sweep, are a :class:`PlotError`."""
     runs, notes = collect(dirs)
@@ -460,5 +442,7 @@ def compare(dirs: Sequence[str | Path], path: str | Path, title: str | None = No
         names = [Path(d).name for d in dirs]
         shown = ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])} and {len(names) - 2} more"
         title = f"{shown}: task {runs[0].task}"
-    plot_curves(curves, path, convention=runs[0].convention, title=title, time_label=_network_label(runs))
+    fig = draw_curves(curves, convention=runs[0].convention, title=title, time_label=_network_label(runs))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return curves, notes + [n for c in curves for n in c.notes]

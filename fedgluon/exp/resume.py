@@ -74,7 +74,8 @@ def check_table(path: Path, snapshot: Snapshot, task: Any, algorithm: Any, seed:
     loaded copy)."""
     from fedgluon.clients.table import ClientStateTable
 
-    held = _clients_held(snapshot.client_states)
+    commits = snapshot.client_states.get("commits") if isinstance(snapshot.client_states, dict) else None
+    held = int(commits.shape[0]) if hasattr(commits, "shape") and len(commits.shape) == 1 else None  # None: unknown
     if held != len(task.objectives):
         raise ConfigError(f"{path} cannot be resumed: it holds the states of {held} clients, the run has "
                           f"{len(task.objectives)}")
@@ -87,8 +88,3 @@ def check_table(path: Path, snapshot: Snapshot, task: Any, algorithm: Any, seed:
         raise ConfigError(f"{path} cannot be resumed: {str(err).splitlines()[0] if str(err) else err!r}; "
                           f"start the run again with --overwrite") from None
 
-
-def _clients_held(table: Any) -> int | None:
-    """How many clients a checkpoint's client-state table holds (None when it cannot tell)."""
-    commits = table.get("commits") if isinstance(table, dict) else None
-    return int(commits.shape[0]) if hasattr(commits, "shape") and len(commits.shape) == 1 else None

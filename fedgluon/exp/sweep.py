@@ -343,10 +343,15 @@ def summarise(sweep_dir: str | Path, target: float | None = None, target_fractio
     be drawn. The target is ``target``, else the one ``sweep.json`` keeps, else ``target_fraction`` × the best
     member's final accuracy; ``bits_to_target`` is the cumulative uplink bits per client at the first evaluation
     reaching it (NaN if never reached)."""
-    from fedgluon.exp.plots import plot_pareto
+    from fedgluon.exp.plots import PlotError, compare, plot_pareto
 
     sweep_dir = Path(sweep_dir)
-    _draw_curves(sweep_dir, echo)
+    try:
+        _, notes = compare([sweep_dir], sweep_dir / "curves.png")
+    except PlotError as err:  # members of different tasks, no evaluations yet
+        notes = [f"curves.png not drawn: {err}"]
+    for note in notes if echo is not None else ():
+        echo(f"note: {note}")
     frame = load_members(sweep_dir)
     frame.to_csv(sweep_dir / "members.csv", index=False)
     if frame.empty:
@@ -363,22 +368,9 @@ def summarise(sweep_dir: str | Path, target: float | None = None, target_fractio
     table["target_accuracy"] = target
     table.to_csv(sweep_dir / "table.csv", index=False)
     convention = str(frame["bit_convention"].iloc[0]) if "bit_convention" in frame else "int32"
-    plot_pareto(table, sweep_dir / "pareto.png", label="config",
-                title=f"{sweep_dir.name}: final accuracy vs uplink bits per client",
+    plot_pareto(table, sweep_dir / "pareto.png", title=f"{sweep_dir.name}: final accuracy vs uplink bits per client",
                 xlabel=f"uplink bits per client, whole run ({convention} convention; mean over seeds)")
     return table
-
-
-def _draw_curves(sweep_dir: Path, echo: Callable[[str], None] | None) -> None:
-    """``curves.png`` of the sweep, or a note on why not (members of different tasks, no evaluations yet)."""
-    from fedgluon.exp.plots import PlotError, compare
-
-    try:
-        _, notes = compare([sweep_dir], sweep_dir / "curves.png")
-    except PlotError as err:
-        notes = [f"curves.png not drawn: {err}"]
-    for note in notes if echo is not None else ():
-        echo(f"note: {note}")
 
 
 def _bits_to_target(run_dir: Path, target: float | None) -> float:

@@ -18,6 +18,7 @@ Run: ``python -m benchmarks.bench_memory [--quick] [--clients N] [--tracker fixe
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 
@@ -91,18 +92,13 @@ def many_clients(model, objectives, X0, algorithm: str, tracker: str, state_dtyp
     sizes = client_state_bytes(res.table)
     alone, marginal = alone_and_marginal(res.table)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     print(f"\n{n:,} clients x {P:,} parameters, {algorithm} (top-1%, {tracker} tracker, estimator state "
           f"{state_dtype or 'fp32'}), 2 rounds in {wall:.1f} s:")
     print(f"  client states: {sizes['total'] / 2**30:.2f} GiB in all, {alone / P:.2f} bytes/param for one "
           f"client alone, {marginal / P:.2f} marginal")
     print(f"  peak resident memory of this process: {peak / 2**30:.2f} GiB (the issue's budget for 1,000 clients "
-          f"x 1M parameters: 24 GiB; this machine has {_total_memory() / 2**30:.1f} GiB)")
-
-
-def _total_memory() -> float:
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+          f"x 1M parameters: 24 GiB; this machine has {memory / 2**30:.1f} GiB)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,15 +39,6 @@ def block_rows(clients: int, hidden: int = 64):
     return table.rows(range(clients))
 
 
-def records(rows, plain: bool):
-    """The rows' ``states`` and ``prev`` records (fedgluon/flower/wire.py), as Flower ``Array``s with
-    ``plain`` (bytes pickled in band), else as fedgluon's ``RawArray``s (out-of-band buffers)."""
-    from fedgluon.flower.wire import rows_to_record
-
-    states, prev = rows_to_record(rows)
-    return (in_band(states), in_band(prev)) if plain else (states, prev)
-
-
 def in_band(record):
     """The record with each array as a plain Flower ``Array`` (its bytes pickled in band)."""
     from flwr.app import Array, ArrayRecord
@@ -60,9 +51,11 @@ def _round_trip_ms(node, rows, plain: bool, repeat: int) -> float:
     """Median milliseconds of ``rows`` sent to ``node`` inside a Flower ``Message`` and read back as rows."""
     from flwr.app import Message, RecordDict
 
-    from fedgluon.flower.wire import record_to_rows
+    from fedgluon.flower.wire import record_to_rows, rows_to_record
 
-    states, prev = records(rows, plain)
+    states, prev = rows_to_record(rows)  # fedgluon's RawArrays (out-of-band buffers), or with plain Flower Arrays
+    if plain:
+        states, prev = in_band(states), in_band(prev)
     message = Message(RecordDict({"states": states, "prev": prev}), dst_node_id=1, message_type="train")
 
     def trip() -> None:

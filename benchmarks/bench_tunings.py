@@ -62,11 +62,9 @@ def compare(label: str, tuned: Callable[[], float], untuned: Callable[[], float]
     ratios = []
     for i in range(pairs):
         if i % 2:
-            b = untuned()
-            a = tuned()
+            b, a = untuned(), tuned()
         else:
-            a = tuned()
-            b = untuned()
+            a, b = tuned(), untuned()
         ratios.append(b / a)
         print(f"  pair {i + 1}: tuned {a:.4g}, untuned {b:.4g}, ratio {b / a:.3f} ({load()})", flush=True)
     med = statistics.median(ratios)

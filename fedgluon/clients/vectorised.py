@@ -29,9 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from fedgluon.clients.objective import Batch, SupervisedObjective, thread_model
-
-Tensors = dict[str, Tensor]
+from fedgluon.clients.objective import Batch, SupervisedObjective, Tensors, thread_model
 
 
 def can_vectorise(model: nn.Module) -> bool:
@@ -44,12 +42,6 @@ def warm_up() -> None:
     ClientApp calls this in a Ray worker's handshake, so that the worker's first round does not pay it, and
     so that those objects are made before the worker freezes what it keeps (fedgluon/runtime/gc_pause.py)."""
     vmap(grad_and_value(lambda x: (x * x).sum()))(torch.ones(2, 1))
-
-
-def _batch_kind(batch: Batch) -> tuple:
-    """What clients must share to be stacked into one vmapped call: their batches' shapes and dtypes."""
-    x, y = batch
-    return tuple(x.shape), tuple(y.shape), x.dtype, y.dtype
 
 
 def stacked_gradients(objectives: Sequence[SupervisedObjective], js: Sequence[int], batches: Sequence[Batch],
@@ -67,8 +59,8 @@ def stacked_gradients(objectives: Sequence[SupervisedObjective], js: Sequence[in
                                                    and objectives[j].loss_fn is first.loss_fn for j in js)
     names = first._names
     groups: dict[tuple, list[int]] = {}
-    for i, batch in enumerate(batches):
-        groups.setdefault(_batch_kind(batch) if vectorise else (i,), []).append(i)
+    for i, (x, y) in enumerate(batches):  # rows stacked into one call share their batches' shapes and dtypes
+        groups.setdefault((tuple(x.shape), tuple(y.shape), x.dtype, y.dtype) if vectorise else (i,), []).append(i)
     losses = [0.0] * len(js)
     out: Tensors = {}
     for rows in groups.values():

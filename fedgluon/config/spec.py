@@ -44,9 +44,9 @@ def normalise(spec: Mapping[str, Any] | None) -> dict[str, Any]:
     if not isinstance(out["block_size"], int) or out["block_size"] < 1:
         raise ValueError(f"block_size must be an integer >= 1, got {out['block_size']!r}")
     resolve_device("client_device", out["client_device"])
-    if isinstance(out["max_failed_rounds"], bool) or not isinstance(out["max_failed_rounds"], int) \
-            or out["max_failed_rounds"] < 0:
-        raise ValueError(f"max_failed_rounds must be an integer >= 0 (0: never stop), got {out['max_failed_rounds']!r}")
+    stop = out["max_failed_rounds"]
+    if isinstance(stop, bool) or not isinstance(stop, int) or stop < 0:
+        raise ValueError(f"max_failed_rounds must be an integer >= 0 (0: never stop), got {stop!r}")
     return out
 
 
@@ -126,9 +126,8 @@ def check_option_types(task: Mapping[str, Any], algorithm: Mapping[str, Any],
                 raise ValueError(f"{section}.{key} must be {kinds[key][0]}, got {value!r}")
     defaults = algorithm_defaults(algorithm.get("name"))
     for key, value in algorithm.items():
-        default = defaults.get(key)
-        kind = bool if isinstance(default, bool) else float if is_number(default) else \
-            str if isinstance(default, str) else None
+        d = defaults.get(key)
+        kind = bool if isinstance(d, bool) else str if isinstance(d, str) else float if is_number(d) else None
         if kind is None:
             continue  # options whose default is null or a mapping are the builders' to judge
         words, ok = KINDS[kind]

@@ -217,9 +217,8 @@ class Compressor:
         return self.message_bits({"": payload})
 
     def message_bits(self, message: Mapping[str, TensorPayload]) -> BitCount:
-        """Raw bit counts of a (valid) message, summed over its layers' :meth:`bits` (each with the flag
-        bit for the codec choice when the compressor can fall back to dense), memoised per sequence of
-        (codec, shape)."""
+        """Raw bit counts of a (valid) message, summed over its layers (each with the flag bit for the codec
+        choice when the compressor can fall back to dense), memoised per sequence of (codec, shape)."""
         # a row's codec and shape are its group's
         payloads = message.layers if isinstance(message, RowMessage) else message
         key = tuple((p.codec, tuple(p.shape)) for p in payloads.values())

@@ -29,6 +29,7 @@ def _signal_handlers_restored():
     ``ray.shutdown`` (``sys.exit``: the process's exit handlers run), is Ray's to keep."""
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     yield
-    changed = [s.name for s, h in before.items() if signal.getsignal(s) is not h
-               and not getattr(signal.getsignal(s), "__module__", "").startswith("ray.")]
+    after = {s: signal.getsignal(s) for s in before}
+    changed = [s.name for s, h in before.items()
+               if after[s] is not h and not (getattr(after[s], "__module__", None) or "").startswith("ray.")]
     assert not changed, f"the test left its own handler for {changed}"

@@ -19,7 +19,7 @@ from compressors import BitCount, Compressor, PayloadError, decode_message, deco
 from compressors.bits import dense_bits
 from compressors.error_feedback import check_contractive
 from compressors.message import compress_block, compress_message
-from fedgluon.algorithms.aggregate import DecodedReplies, weighted_mean
+from fedgluon.algorithms.aggregate import DecodedReplies, Terms, weighted_mean
 from fedgluon.algorithms.block import BlockGrads, BlockResult, PayloadGroup, concat
 from fedgluon.algorithms.messages import Broadcast, ClientReply, ServerOutcome
 from fedgluon.clients.blocks import run_slices
@@ -317,9 +317,11 @@ class Algorithm:
             raise PayloadError("*", "group", f"reply is in payload group {str(reply.group)[:40]!r}, expected {group!r}")
         return self.compressor_of(group)
 
-    def aggregate(self, state: State, decoded: Mapping[int, Tensors], weights: Mapping[int, float],
+    def aggregate(self, state: State, decoded: Mapping[int, Terms], weights: Mapping[int, float],
                   bc: Broadcast) -> Tensors | None:
-        """Default: the weighted mean of the accepted dense estimates, renormalised over them."""
+        """Default: the weighted mean of the accepted estimates, renormalised over them. A decoded layer may be
+        sparse (:class:`~compressors.sparse.SparseTensor`: ``.dense()``); :func:`~compressors.sparse.weighted_sum`
+        adds either kind."""
         return weighted_mean(decoded, weights)
 
     def server_update(self, state: State, G: Tensors, k: int) -> tuple[Tensors, StepInfo | None]:

@@ -126,8 +126,9 @@ def check_option_types(task: Mapping[str, Any], algorithm: Mapping[str, Any],
                 raise ValueError(f"{section}.{key} must be {kinds[key][0]}, got {value!r}")
     defaults = algorithm_defaults(algorithm.get("name"))
     for key, value in algorithm.items():
-        d = defaults.get(key)
-        kind = bool if isinstance(d, bool) else str if isinstance(d, str) else float if is_number(d) else None
+        default = defaults.get(key)
+        kind = bool if isinstance(default, bool) else str if isinstance(default, str) else \
+            float if is_number(default) else None
         if kind is None:
             continue  # options whose default is null or a mapping are the builders' to judge
         words, ok = KINDS[kind]

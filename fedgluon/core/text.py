@@ -36,6 +36,11 @@ def first_line(what: object) -> str:
     return line or (type(what).__name__ if isinstance(what, BaseException) else "")
 
 
+def last_line(text: str) -> str:
+    """The last line of ``text`` after stripping it (``text`` itself when that leaves none)."""
+    return (text.strip().splitlines() or [text])[-1]
+
+
 @contextmanager
 def prefixed(section: str, fields: Collection[str]) -> Iterator[None]:
     """A ValueError raised inside whose message begins with one of ``fields`` (a builder's ``beta must be in

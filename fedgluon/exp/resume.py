@@ -87,4 +87,3 @@ def check_table(path: Path, snapshot: Snapshot, task: Any, algorithm: Any, seed:
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ConfigError(f"{path} cannot be resumed: {str(err).splitlines()[0] if str(err) else err!r}; "
                           f"start the run again with --overwrite") from None
-

@@ -21,7 +21,14 @@ import pandas as pd
 
 from fedgluon.config import schema as configs
 from fedgluon.exp.sweep import _fmt, member_name, members, parse_grid
-from fedgluon.exp.tune_results import METRICS, RunningSummary, TrialProgress, best_configs, trial_id_of, write_best  # noqa: F401
+from fedgluon.exp.tune_results import (  # noqa: F401
+    METRICS,
+    RunningSummary,
+    TrialProgress,
+    best_configs,
+    trial_id_of,
+    write_best,
+)
 
 SEARCHES = ("grid", "random")
 SCHEDULERS = ("asha", "fifo")

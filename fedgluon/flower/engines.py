@@ -129,7 +129,10 @@ def _engine_notices_filtered() -> Iterator[None]:
     engine; ``flwr run .`` works too, README; fedgluon pins flwr below 1.43), and no Ray tip that a later Ray
     will stop hiding GPUs from tasks with no GPU share (``QUIET_ENV`` names the setting that keeps them hidden)."""
     logger = logging.getLogger("flwr")
-    logger.addFilter(drop := lambda record: "`run_simulation` function is deprecated" not in record.getMessage())
+    def drop(record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+    logger.addFilter(drop)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Tip: In future versions of Ray, Ray will no longer override",

@@ -250,7 +250,8 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
     try:
         if not isinstance(arrays, ArrayRecord) or not isinstance(meta, ConfigRecord):
             raise WireError("the reply lacks its 'replies' or 'meta' record")
-        meta = _Noted(meta, [])
+        passed: list[str] = []  # prefixes of rejected runs and payload groups, left unread in both records
+        meta = _Noted(meta, passed)
         runs = _int(meta.get("runs"), "runs", 0, len(clients))
         bound = len(clients) * (len(table.columns) + len(GROUPS) * len(shapes) * MAX_PARTS)
         if len(arrays) > bound:  # before reading any of them: a reply of 200,000 arrays is refused here
@@ -261,7 +262,7 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
                             f"{len(clients)} clients may")
         keys = list(arrays)  # the one walk over the arrays' keys
         stated = Counter(r for r, _, rest in (k.partition("/") for k in keys) if rest.startswith("s/"))
-        arrays = _Noted(arrays, meta.passed)
+        arrays = _Noted(arrays, passed)
         expected = table.travelling(derived)
         wanted, seen = set(clients), set()
         for r in range(runs):
@@ -273,7 +274,7 @@ def read_replies(arrays: Any, meta: Any, clients: Sequence[int], round_: int, ta
                 _read_run(arrays, meta, r, js, round_, expected, shapes, stated[str(r)], out)
             except _Reject as err:
                 out.rejected.update(dict.fromkeys(js, str(err)))
-                meta.passed.append(f"{r}/")
+                passed.append(f"{r}/")
         extra = arrays.unasked(keys) + meta.unasked(list(meta.record))
         if extra:
             raise WireError(f"{len(extra)} key(s) the server does not expect, e.g. {shown(extra[:3], 120)}")
@@ -328,7 +329,7 @@ def _read_run(arrays: _Noted, meta: _Noted, r: int, js: list[int], round_: int,
         except WireError as err:
             out.rejected.update({js[i]: f"payload: {err}" for i in rows if i not in taken})
             taken.update(rows)
-            meta.passed.append(f"{r}/p/{g}/")
+            meta.passed.append(f"{r}/p/{g}/")  # the list both records share
             continue
         for pos, i in enumerate(rows):
             if i in taken:

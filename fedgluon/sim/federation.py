@@ -38,7 +38,7 @@ from fedgluon.algorithms.block import Proposal
 from fedgluon.clients.state_schema import StateSchema
 from fedgluon.clients.table import ClientRows, ClientStateTable, nest
 from fedgluon.core.rng import generator
-from fedgluon.core.text import MAX_CLIENT_TEXT, first_line, shown
+from fedgluon.core.text import MAX_CLIENT_TEXT, first_line, last_line, shown
 from fedgluon.sim.checkpoint import ActorDeathError, Checkpointer, NonFiniteStateError, RunStopped, Snapshot
 from fedgluon.sim.metrics import bit_columns, client_rows, round_row
 
@@ -214,7 +214,7 @@ class Federation:
         for j, why in sorted(outcome.rejected.items()):
             log.warning("round %d: rejected client %d: %s", k, j, why)
         for j, why in sorted(failed.items()):
-            log.warning("round %d: client %d failed: %s", k, j, (why.strip().splitlines() or [why])[-1])
+            log.warning("round %d: client %d failed: %s", k, j, last_line(why))
         self.client_log.extend(client_rows(k, S, replies, outcome, failed))
         row["server_time"] = server_time
         row["wall_time"] = time.perf_counter() - plan.started

@@ -188,8 +188,9 @@ def _read_yaml(path: Path, own_run: bool) -> DictConfig:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"config file {path} is not plain YAML{where}: {problem}; tags such as !!python/... "
-                          f"are not allowed") from None
+        tag = isinstance(err, yaml.constructor.ConstructorError) and "tag" in str(problem)
+        raise ConfigError(f"config file {path} is not plain YAML{where}: {problem}"
+                          + ("; tags such as !!python/... are not allowed" if tag else "")) from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path} cannot be read: {err}") from None
     if not isinstance(loaded, DictConfig):

@@ -55,7 +55,7 @@ def options_that_apply(section: str, name: str, options: DictConfig) -> dict[str
     assert isinstance(kept, dict)
     if section == "task" and name in tasks.TASKS:
         own = OWN_TASK_OPTIONS.get(name, frozenset()) | OWN_TASK_OPTIONS.get(str(kept.get("name")), frozenset())
-        accepted = tasks.task_options(name)[0] - own
+        accepted = tasks.task_options(name) - own
     elif section == "algorithm":
         accepted = set(algorithm_defaults(name))
     else:

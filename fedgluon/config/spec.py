@@ -8,6 +8,7 @@ consecutive rounds without an accepted client stop the run (0: never; fedgluon/s
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import typing
@@ -77,6 +78,9 @@ def build(spec: Mapping[str, Any]) -> tuple[Task, Algorithm]:
     check_option_types(task_spec, spec["algorithm"], spec["geometry"])
     with prefixed("task", {*task_spec, *_annotated_kinds(*task_builders(task_spec.get("name")))}):
         task = make_task(task_spec)
+    unknown = sorted(set(spec["geometry"]) - GEOMETRY_OPTIONS)
+    if unknown:
+        raise ValueError(f"geometry got unknown option(s) {unknown}; allowed: {sorted(GEOMETRY_OPTIONS)}")
     with prefixed("geometry", spec["geometry"]):
         geometry = Geometry.from_model(task.model, **spec["geometry"])
     alg = dict(spec["algorithm"])
@@ -86,6 +90,10 @@ def build(spec: Mapping[str, Any]) -> tuple[Task, Algorithm]:
     algorithm.client_device = resolve_device("client_device", spec.get("client_device", "cpu"))
     check_min_k(algorithm)
     return task, algorithm
+
+
+GEOMETRY_OPTIONS = frozenset(n for n, p in inspect.signature(Geometry.from_shapes).parameters.items()
+                             if p.kind is p.KEYWORD_ONLY)  # the geometry section's options
 
 
 def algorithm_defaults(name: Any) -> dict[str, Any]:

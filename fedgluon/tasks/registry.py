@@ -276,14 +276,14 @@ def task_builders(name: Any) -> tuple[Callable[..., Task], ...]:
     return (builder, *PASSED_ON.get(builder, (_classification,)))
 
 
-def task_options(name: str) -> tuple[set[str], bool]:
-    """The options task ``name`` takes (of the functions its ``**kw`` reach, those with a default or keyword
-    only), and whether its builder names them all (:func:`task_builders`)."""
+def task_options(name: str) -> set[str]:
+    """The options task ``name`` takes: its builder's, and of the functions its ``**kw`` reach
+    (:func:`task_builders`) those with a default or keyword only."""
     builder, *further = task_builders(name)
     named = {n for n, p in inspect.signature(builder).parameters.items() if p.kind is not p.VAR_KEYWORD}
     passed = {n for f in further for n, p in inspect.signature(f).parameters.items()
               if p.kind is p.KEYWORD_ONLY or (p.default is not p.empty and p.kind is not p.VAR_KEYWORD)}
-    return named | passed, not further
+    return named | passed
 
 
 def make_task(spec: Mapping[str, Any]) -> Task:
@@ -297,9 +297,9 @@ def make_task(spec: Mapping[str, Any]) -> Task:
                                    all(type(w) is int and w >= 1 for w in hidden)):
         raise ValueError(f"task.hidden must be a list of hidden layer widths, integers >= 1 ([] for none), "
                          f"got {hidden!r}")
-    accepted, named_all = task_options(name)
+    accepted = task_options(name)
     unknown = sorted(set(spec) - accepted)
-    if unknown and named_all:  # a builder that passes **kw on is checked where they land
+    if unknown:
         raise ValueError(f"task {name!r} got unknown option(s) {unknown}; allowed: {sorted(accepted)}")
     try:
         return TASKS[name](**spec)

@@ -201,6 +201,17 @@ def test_yaml_python_tags_are_refused_without_running_them(tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.yaml"]
 
 
+@pytest.mark.parametrize("text, problem", [("task: {name: digits\n", "expected ',' or '}'"),
+                                           ("task:\n  name: digits\ntask:\n  name: synthetic\n", "duplicate key")])
+def test_yaml_slips_are_named_without_blaming_tags(tmp_path, monkeypatch, text, problem):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "slip.yaml").write_text(text)
+    out = CliRunner().invoke(main, ["run", "slip.yaml", *BASE], catch_exceptions=False)
+    line = one_error_line(out.output)
+    assert out.exit_code != 0 and "slip.yaml is not plain YAML (line" in line and problem in line, line
+    assert "tags" not in line
+
+
 @pytest.mark.parametrize("args, named", [(["participation=100"], "participation must be"),
                                          (["task.hidden=[-5]"], "task.hidden must be"), (["evil.yaml"], "!!python")])
 def test_the_installed_command_prints_one_line_and_no_traceback(tmp_path, args, named):

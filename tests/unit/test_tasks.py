@@ -27,8 +27,10 @@ def test_tasks_build_and_evaluate(spec):
 def test_task_errors():
     with pytest.raises(ValueError, match="task.name must be one of"):
         make_task({"name": "cifar10"})
-    with pytest.raises(ValueError, match="bad options for task 'digits'"):
-        make_task({"name": "digits", "colour": True})
+    for name in ("digits", "breast_cancer", "fashion_mnist", "a9a_synthetic", "libsvm"):  # builders passing **kw on
+        words = rf"task '{name}' got unknown option\(s\) \['partitoin'\]; allowed: .*'partition'"
+        with pytest.raises(ValueError, match=words):
+            make_task({"name": name, "partitoin": "iid"})
     with pytest.raises(ValueError, match="path must name a LibSVM"):
         make_task({"name": "libsvm"})
     with pytest.raises(FileNotFoundError, match="apt-get install"):

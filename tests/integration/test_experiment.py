@@ -88,6 +88,7 @@ def test_summary_wall_time_counts_building_the_task(tmp_path, monkeypatch):
     (["task.partition=shards"], ["task 'synthetic' got unknown option(s) ['partition']", "allowed", "num_clients"]),
     (["task.name=digits", "task.partitoin=iid"], ["task 'digits' got unknown option(s) ['partitoin']", "partition"]),
     (["geometry.present=muon"], ["geometry got unknown option(s) ['present']", "allowed", "preset"]),
+    (["task.name=digits", "task.alpha=0.3"], ["task.alpha applies to partition='dirichlet' only", "'iid'"]),
     (["algorithm.error_feedback=ef3"], ["error_feedback must be one of", "ef14"]),
     (["algorithm.name=sgd", "algorithm.adaptive={L0: 1.0, L1: 0.0}"], ["takes a schedule", "adaptive"]),
     (["task.name=digits", "task.loss=hinge"], ["task.loss must be one of", "sigmoid_squared"]),

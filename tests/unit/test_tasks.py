@@ -31,6 +31,9 @@ def test_task_errors():
         words = rf"task '{name}' got unknown option\(s\) \['partitoin'\]; allowed: .*'partition'"
         with pytest.raises(ValueError, match=words):
             make_task({"name": name, "partitoin": "iid"})
+    for key, scheme, other in (("alpha", "dirichlet", "iid"), ("shards_per_client", "shards", "dirichlet")):
+        with pytest.raises(ValueError, match=f"{key} applies to partition='{scheme}' only, got partition='{other}'"):
+            make_task({"name": "breast_cancer", "partition": other, key: 2})  # an option that would do nothing
     with pytest.raises(ValueError, match="path must name a LibSVM"):
         make_task({"name": "libsvm"})
     with pytest.raises(FileNotFoundError, match="apt-get install"):

@@ -14,7 +14,43 @@ import click
 RAY_TIP = "Tip: In future versions of Ray, Ray will no longer override"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class UsageLine(click.ClickException):
+    """A click usage error (an unknown option or command, a bad or missing argument) shown as fedgluon shows
+    every refusal: one ``error:`` line, exit code 2, here with a pointer to the command's ``--help``."""
+
+    exit_code = 2
+
+    def __init__(self, err: click.UsageError):
+        path = err.ctx.command_path if err.ctx is not None else "fedgluon"
+        super().__init__(f"{err.format_message().rstrip('.')}; see {path} --help")
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+@contextlib.contextmanager
+def _usage_in_one_line() -> Iterator[None]:
+    try:
+        yield
+    except click.UsageError as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # ``fedgluon`` alone: click prints the help
+            raise
+        raise UsageLine(err) from None
+
+
+class _Commands(click.Group):
+    """The ``fedgluon`` group: its commands' usage errors as :class:`UsageLine`."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _usage_in_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _usage_in_one_line():
+            return super().invoke(ctx)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fedgluon")
 def main() -> None:
     """fedgluon: communication-efficient federated training with layer-wise LMO optimizers."""

@@ -1,3 +1,4 @@
+import pytest
 from click.testing import CliRunner
 
 from fedgluon.exp.cli import main
@@ -74,3 +75,27 @@ def test_lmo_benchmark_times_the_widths_asked_for(capsys):
     assert out.count("bound/time") == 3 * 2 + 4 * (blocks - 2)
     with pytest.raises(SystemExit):
         bench_lmo.main(["--dim", "0"])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["run", "--engine", "foo"], ["'--engine'", "'foo' is not one of 'ray', 'inprocess', 'plain'",
+                                  "see fedgluon run --help"]),
+    (["nosuch"], ["No such command 'nosuch'", "see fedgluon --help"]),
+    (["plot", "nothere"], ["'nothere' does not exist", "see fedgluon plot --help"]),
+    (["run", "--resume", "nothere"], ["'--resume'", "does not exist"]),
+    (["run", "."], ["is a directory"]),
+    (["bench", "gpu"], ["'gpu' is not one of", "'lmo'", "see fedgluon bench --help"]),
+    (["plot", "--nope", "x"], ["No such option '--nope'", "see fedgluon plot --help"]),
+])
+def test_usage_errors_are_one_error_line_naming_the_allowed_values(tmp_path, monkeypatch, args, words):
+    """click's own refusals read as fedgluon's: one ``error:`` line, exit code 2, no usage block."""
+    monkeypatch.chdir(tmp_path)
+    out = CliRunner().invoke(main, args, prog_name="fedgluon")
+    lines = [line for line in out.output.splitlines() if line.strip()]
+    assert out.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), out.output
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_fedgluon_alone_still_prints_the_help():
+    out = CliRunner().invoke(main, [], prog_name="fedgluon")
+    assert "Usage: fedgluon" in out.output and "Commands:" in out.output

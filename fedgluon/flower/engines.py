@@ -218,10 +218,13 @@ def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0
         nodes = num_blocks(task.num_clients, s["block_size"])
         with faster_dispatch(nodes) if fast_dispatch else nullcontext(), _engine_notices_filtered(), \
                 _actors_end_quietly(), ray_daemons_in_own_session(address):
-            run_simulation(server_app=make_server_app(s, sink, on_round, evaluate, checkpointer, resume),
+            run_simulation(server_app=make_server_app(s, sink, on_round, evaluate, checkpointer, resume,
+                                                      errors_to_sink=True),
                            client_app=make_client_app(s), num_supernodes=nodes,
                            backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
                                            "init_args": init_args})
     if not sink:
         raise RuntimeError("the Flower simulation ended without a result; the ServerApp failed (see the log above)")
+    if isinstance(sink[0], Exception):  # what ended the ServerApp (a stop, a failure), raised here
+        raise sink[0]
     return sink[0]

@@ -127,11 +127,8 @@ def _classification(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: 
                     batch_size: int = 32, large_batch_size: int | None = None, seed: int = 0, dtype: str = "float32",
                     loss: str = "cross_entropy") -> Task:
     torch_dtype = _dtype(dtype)
-    given = {k: v for k, v in (("alpha", alpha), ("shards_per_client", shards_per_client)) if v is not None}
-    for key, scheme in (("alpha", "dirichlet"), ("shards_per_client", "shards")):
-        if key in given and partition != scheme and partition in partitions.SCHEMES:  # an option with no effect
-            raise ValueError(f"{key} applies to partition={scheme!r} only, got partition={partition!r}")
-    parts = partitions.partition(y_tr, num_clients, partition, seed=seed, **given)
+    parts = partitions.partition(y_tr, num_clients, partition, seed=seed, alpha=alpha,
+                                 shards_per_client=shards_per_client)
     xt, yt = torch.tensor(x_tr, dtype=torch_dtype), torch.tensor(y_tr, dtype=torch.long)
     loss_fn, predict = LOSSES[loss]
     data = [(xt[torch.from_numpy(p)], yt[torch.from_numpy(p)]) for p in parts]

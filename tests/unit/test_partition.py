@@ -52,3 +52,14 @@ def test_partition_errors():
         partition(LABELS, 5, "natural")  # the synthetic and shakespeare tasks split themselves
     with pytest.raises(ValueError, match="fewer than"):
         partition(LABELS[:30], 20, "dirichlet", alpha=0.01, min_size=5, max_tries=3)
+
+
+def test_an_option_of_another_scheme_is_refused():
+    """``alpha`` is Dirichlet's and ``shards_per_client`` the shards'; with another scheme they would do nothing."""
+    for scheme, kw in (("iid", {"alpha": 0.3}), ("shards", {"alpha": 0.3}),
+                       ("iid", {"shards_per_client": 2}), ("dirichlet", {"shards_per_client": 2})):
+        key = next(iter(kw))
+        with pytest.raises(ValueError, match=f"{key} applies to partition='.*' only, got partition='{scheme}'"):
+            partition(LABELS, 20, scheme, seed=0, **kw)
+    with pytest.raises(ValueError, match="partition must be one of"):
+        partition(LABELS, 20, "iid2", alpha=0.3)

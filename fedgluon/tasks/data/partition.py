@@ -18,9 +18,17 @@ import numpy as np
 SCHEMES = ("iid", "dirichlet", "shards")
 
 
-def partition(labels: np.ndarray, num_clients: int, scheme: str = "iid", *, seed: int = 0, alpha: float = 0.5,
-              shards_per_client: int = 2, min_size: int = 1,
+def partition(labels: np.ndarray, num_clients: int, scheme: str = "iid", *, seed: int = 0,
+              alpha: float | None = None, shards_per_client: int | None = None, min_size: int = 1,
               max_tries: int = 100) -> list[np.ndarray]:
+    """``scheme``'s split (module docstring). ``alpha`` (default 0.5) is ``dirichlet``'s and ``shards_per_client``
+    (default 2) is ``shards``'; given with another scheme, where it would do nothing, it is refused."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"partition must be one of {list(SCHEMES)}, got {scheme!r}")
+    for key, value, owner in (("alpha", alpha, "dirichlet"), ("shards_per_client", shards_per_client, "shards")):
+        if value is not None and scheme != owner:
+            raise ValueError(f"{key} applies to partition={owner!r} only, got partition={scheme!r}")
+    alpha, shards_per_client = 0.5 if alpha is None else alpha, 2 if shards_per_client is None else shards_per_client
     labels = np.asarray(labels)
     n = len(labels)
     rng = np.random.default_rng(seed)
@@ -44,15 +52,13 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str = "iid", *, seed
                 return out
         raise ValueError(f"dirichlet(alpha={alpha}) left a client with fewer than {min_size} samples in "
                          f"{max_tries} draws; raise alpha or lower min_size")
-    if scheme == "shards":
-        total = num_clients * shards_per_client
-        if total > n:
-            raise ValueError(f"{total} shards need at least {total} samples, got {n}")
-        order = np.argsort(labels, kind="stable")
-        shards = np.array_split(order, total)
-        assignment = rng.permutation(total).reshape(num_clients, shards_per_client)
-        return [np.sort(np.concatenate([shards[s] for s in row])) for row in assignment]
-    raise ValueError(f"partition must be one of {list(SCHEMES)}, got {scheme!r}")
+    total = num_clients * shards_per_client  # scheme "shards"
+    if total > n:
+        raise ValueError(f"{total} shards need at least {total} samples, got {n}")
+    order = np.argsort(labels, kind="stable")
+    shards = np.array_split(order, total)
+    assignment = rng.permutation(total).reshape(num_clients, shards_per_client)
+    return [np.sort(np.concatenate([shards[s] for s in row])) for row in assignment]
 
 
 def summary_rows(parts: list[np.ndarray], labels: np.ndarray) -> list[dict[str, int]]:

@@ -70,17 +70,20 @@ def build_cached(spec: Mapping[str, Any]) -> tuple[Task, Algorithm]:
     return _CACHE[k]
 
 
+GEOMETRY_OPTIONS = frozenset(n for n, p in inspect.signature(Geometry.from_shapes).parameters.items()
+                             if p.kind is p.KEYWORD_ONLY)  # the geometry section's options
+
+
 def build(spec: Mapping[str, Any]) -> tuple[Task, Algorithm]:
     """The task and the algorithm of a (normalised) spec; the task seed defaults to the run seed. A
     builder's ValueError that begins with one of its section's options (``beta must be in [0, 1)``) gets
     the section's name in front (``algorithm.beta must be ...``)."""
     task_spec = {"seed": spec["seed"], **spec["task"]}
+    if unknown := sorted(set(spec["geometry"]) - GEOMETRY_OPTIONS):  # before the task's data are loaded
+        raise ValueError(f"geometry got unknown option(s) {unknown}; allowed: {sorted(GEOMETRY_OPTIONS)}")
     check_option_types(task_spec, spec["algorithm"], spec["geometry"])
     with prefixed("task", {*task_spec, *_annotated_kinds(*task_builders(task_spec.get("name")))}):
         task = make_task(task_spec)
-    unknown = sorted(set(spec["geometry"]) - GEOMETRY_OPTIONS)
-    if unknown:
-        raise ValueError(f"geometry got unknown option(s) {unknown}; allowed: {sorted(GEOMETRY_OPTIONS)}")
     with prefixed("geometry", spec["geometry"]):
         geometry = Geometry.from_model(task.model, **spec["geometry"])
     alg = dict(spec["algorithm"])
@@ -90,10 +93,6 @@ def build(spec: Mapping[str, Any]) -> tuple[Task, Algorithm]:
     algorithm.client_device = resolve_device("client_device", spec.get("client_device", "cpu"))
     check_min_k(algorithm)
     return task, algorithm
-
-
-GEOMETRY_OPTIONS = frozenset(n for n, p in inspect.signature(Geometry.from_shapes).parameters.items()
-                             if p.kind is p.KEYWORD_ONLY)  # the geometry section's options
 
 
 def algorithm_defaults(name: Any) -> dict[str, Any]:

@@ -68,11 +68,10 @@ def serve(grid: Grid, spec: Mapping[str, Any], on_round: Callable[[dict[str, Any
 
 def make_server_app(spec: Mapping[str, Any] | None = None, sink: list | None = None,
                     on_round: Callable[[dict[str, Any]], None] | None = None, evaluate: Evaluate | None = None,
-                    checkpointer: Checkpointer | None = None, resume: Snapshot | None = None,
-                    errors_to_sink: bool = False) -> ServerApp:
-    """The ServerApp of ``spec``; it appends its strategy to ``sink`` when the run ends. With ``errors_to_sink``
-    an exception that ends the run is appended instead, and the app returns: Flower's simulation (flwr 1.42)
-    waits 3 s for the result of a ServerApp that raised, so ``run_ray`` takes the error from ``sink``."""
+                    checkpointer: Checkpointer | None = None, resume: Snapshot | None = None) -> ServerApp:
+    """The ServerApp of ``spec``. With a ``sink``, what ends the run goes there and the app returns: the strategy,
+    or the exception that stopped it (the engine raises it again; Flower's simulation, flwr 1.42, waits 3 s for
+    the result of a ServerApp that raised). Without one, an exception propagates to Flower."""
     fixed = specs.normalise(spec) if spec is not None else None
     app = ServerApp()
 
@@ -81,8 +80,8 @@ def make_server_app(spec: Mapping[str, Any] | None = None, sink: list | None = N
         s = fixed if fixed is not None else spec_from_context(context)
         try:
             strategy = serve(grid, s, on_round, evaluate, checkpointer, resume)
-        except Exception as err:  # noqa: BLE001 - handed over whole, raised again by the caller
-            if not errors_to_sink or sink is None:
+        except Exception as err:  # noqa: BLE001 - handed over whole, raised again by the engine
+            if sink is None:
                 raise
             sink.append(err)
             return

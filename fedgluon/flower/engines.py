@@ -129,6 +129,7 @@ def _engine_notices_filtered() -> Iterator[None]:
     engine; ``flwr run .`` works too, README; fedgluon pins flwr below 1.43), and no Ray tip that a later Ray
     will stop hiding GPUs from tasks with no GPU share (``QUIET_ENV`` names the setting that keeps them hidden)."""
     logger = logging.getLogger("flwr")
+
     def drop(record: logging.LogRecord) -> bool:
         return "`run_simulation` function is deprecated" not in record.getMessage()
 
@@ -189,7 +190,7 @@ def run_inprocess(spec: Mapping[str, Any], on_round: Callable[[dict[str, Any]], 
         sink: list = []
         server_app = make_server_app(s, sink, on_round, evaluate, checkpointer, resume)
         server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
-        return sink[0]
+    return _outcome(sink)
 
 
 def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0.0, address: str | None = None,
@@ -218,13 +219,17 @@ def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0
         nodes = num_blocks(task.num_clients, s["block_size"])
         with faster_dispatch(nodes) if fast_dispatch else nullcontext(), _engine_notices_filtered(), \
                 _actors_end_quietly(), ray_daemons_in_own_session(address):
-            run_simulation(server_app=make_server_app(s, sink, on_round, evaluate, checkpointer, resume,
-                                                      errors_to_sink=True),
+            run_simulation(server_app=make_server_app(s, sink, on_round, evaluate, checkpointer, resume),
                            client_app=make_client_app(s), num_supernodes=nodes,
                            backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
                                            "init_args": init_args})
+    return _outcome(sink)
+
+
+def _outcome(sink: list) -> Any:
+    """The GluonStrategy the engine's ServerApp left in ``sink``, or the exception that ended it, raised here."""
     if not sink:
         raise RuntimeError("the Flower simulation ended without a result; the ServerApp failed (see the log above)")
-    if isinstance(sink[0], Exception):  # what ended the ServerApp (a stop, a failure), raised here
+    if isinstance(sink[0], Exception):
         raise sink[0]
     return sink[0]

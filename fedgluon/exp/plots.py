@@ -1,7 +1,7 @@
 """Plots of runs and sweeps (matplotlib, Agg backend): a run's ``plots.png`` (:func:`plot_run`), a sweep's
 ``pareto.png`` (:func:`plot_pareto`), and :func:`compare` (``fedgluon plot``, a sweep's ``curves.png``; README
 "Experiments: configs, runs, sweeps") from :func:`collect`, :func:`group` and :func:`aggregate`. Axes name the
-bit convention; log axes carry at most a handful of labelled ticks (:func:`log_ticks`).
+bit convention; log axes carry at most a handful of labelled ticks (:func:`log_axis`).
 """
 
 from __future__ import annotations
@@ -37,10 +37,14 @@ class PlotError(ValueError):
     """Directories that cannot be drawn together; the message is one line."""
 
 
-def log_ticks(ax: Any, axis: str = "x", max_ticks: int = 5) -> None:
-    """Readable ticks on a log axis: at most ``max_ticks`` labelled ticks, at 1·10^k, or at 1, 2, 5·10^k
-    (and denser) when the data span under a few decades, with engineering labels (200k, 1M, 3G) and
-    unlabelled minor ticks; a span too narrow to hold two such ticks gets evenly spaced ones."""
+def log_axis(ax: Any, axis: str = "x", max_ticks: int = 5) -> None:
+    """A log scale on ``axis`` with readable ticks: at most ``max_ticks`` labelled ticks, at 1·10^k, or at
+    1, 2, 5·10^k (and denser) when the data span under a few decades, with engineering labels (200k, 1M, 3G)
+    and unlabelled minor ticks; a span too narrow to hold two such ticks gets evenly spaced ones. An axis
+    whose data have no positive value (no bits: no client was ever accepted) stays linear."""
+    if not math.isfinite(ax.dataLim.minposx if axis == "x" else ax.dataLim.minposy):
+        return
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
     lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
     target = ax.xaxis if axis == "x" else ax.yaxis
     target.set_major_formatter(ticker.EngFormatter(sep="\N{THIN SPACE}"))
@@ -74,8 +78,7 @@ def plot_run(frame: pd.DataFrame, path: str | Path, title: str = "",
         axes[row][0].xaxis.set_major_locator(ticker.MaxNLocator(nbins=8, integer=True))
         axes[row][1].plot(ev[BITS], ev[metric])
         axes[row][1].set_xlabel(f"cumulative {bits_label}")
-        axes[row][1].set_xscale("log")
-        log_ticks(axes[row][1])
+        log_axis(axes[row][1])
         for ax in axes[row]:
             ax.set_ylabel(metric.replace("_", " "))
             ax.grid(alpha=0.3)
@@ -99,8 +102,7 @@ def plot_pareto(table: pd.DataFrame, path: str | Path, title: str, xlabel: str) 
     if len(front):
         ax.step(front[x], front[y], where="post", color="tab:red", alpha=0.6, label="Pareto front")
         ax.legend()
-    ax.set_xscale("log")
-    log_ticks(ax)
+    log_axis(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(y.replace("_", " "))
     ax.set_title(title)
@@ -410,8 +412,7 @@ def draw_curves(curves: Sequence[Curve], *, convention: str = "int32", title: st
         for col, x in enumerate(xs):
             ax = axes[row][col]
             if x == BITS:
-                ax.set_xscale("log")
-                log_ticks(ax)
+                log_axis(ax)
             elif x == "round":
                 ax.xaxis.set_major_locator(ticker.MaxNLocator(nbins=6, integer=True))
             ax.set_xlabel(xlabels[x], fontsize=8 if x != "round" else None)

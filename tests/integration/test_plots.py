@@ -4,6 +4,7 @@ fedgluon.exp.experiment and fedgluon.exp.sweep write them, without training."""
 
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -196,13 +197,12 @@ def test_several_directories_draw_one_figure_and_one_run_keeps_plots_png(tmp_pat
 
 
 @pytest.mark.parametrize("lo, hi", [(1.5e5, 1.8e5), (1.2e5, 4e5), (1.4e5, 2.9e6), (6e3, 3e6), (200, 1e12)])
-def test_log_ticks_are_few_and_do_not_overlap(lo, hi):
+def test_log_axis_ticks_are_few_and_do_not_overlap(lo, hi):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.6, 2))
     ax.plot([lo, hi], [0, 1])
-    ax.set_xscale("log")
-    plots.log_ticks(ax)
+    plots.log_axis(ax)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     labels = [t for t in ax.get_xticklabels(which="both") if t.get_text() and lo <= t.get_position()[0] <= hi]
@@ -210,6 +210,15 @@ def test_log_ticks_are_few_and_do_not_overlap(lo, hi):
     boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
     assert all(left.x1 < right.x0 for left, right in zip(boxes, boxes[1:]))
     plt.close(fig)
+
+
+def test_a_run_without_bits_draws_its_bits_axis_linear_without_a_warning(tmp_path):
+    """No client was ever accepted: zero bits throughout, which a log axis cannot show (matplotlib warned)."""
+    frame = pd.read_csv(write_run(tmp_path / "r", up_bits=0.0) / "metrics.csv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plots.plot_run(frame, tmp_path / "plots.png")
+    assert (tmp_path / "plots.png").stat().st_size > 10_000
 
 
 def test_a_curve_with_nothing_to_draw_leaves_the_others_in_the_legend(tmp_path):

@@ -230,7 +230,7 @@ class Compressor:
         s = self._structure_for(shape)
         fell_back = s is self._dense and self.structure is not self._dense
         fallback = BitCount(dense_fallbacks=1) if fell_back else BitCount()
-        return s.bits(shape, {}) + self.values.bits(s.n_values(shape), {}) + fallback
+        return s.bits(shape) + self.values.bits(s.n_values(shape)) + fallback
 
     def __call__(self, x: Tensor, ctx: Context | None = None) -> Tensor:
         """``C(x)``: compress and decompress (for analysis and tests)."""

@@ -101,7 +101,9 @@ class Structure(ABC):
                shape: tuple[int, ...], layer: str) -> Tensor:
         """(B, n) decoded values and the rows' arrays and headers → the (B, *shape) tensors."""
 
-    def bits(self, shape: tuple[int, ...], meta: Mapping[str, Any]) -> BitCount:
+    def bits(self, shape: tuple[int, ...]) -> BitCount:
+        """The bits of what this structure adds to a row's values (indices, seeds, factors' shapes), a
+        function of the shape alone (:meth:`ValueCodec.bits`)."""
         return BitCount()
 
 
@@ -178,7 +180,7 @@ class _Sparse(Structure):
         scale = self._scale(shape)
         return SparseRows(idx, values * scale if scale != 1.0 else values, shape)
 
-    def bits(self, shape, meta):
+    def bits(self, shape):
         d, k = numel(shape), self.k(shape)
         return BitCount(n_indices=k, index_bits_log2=k * max(1, math.ceil(math.log2(d))),
                         coo_bits=64 * len(shape) * k, bitmask_bits=d)
@@ -284,7 +286,7 @@ class RandKSeeded(RandK):
                 raise MetaError(layer, "seed", f"must be an integer in [0, 2^63), got {shown(seed, 40)}")
         return _randk_rows(numel(shape), self.k(shape), [int(s) for s in seeds]).numpy()
 
-    def bits(self, shape, meta):
+    def bits(self, shape):
         return BitCount(seed_bits=64)
 
 

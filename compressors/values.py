@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextvars
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -85,8 +86,9 @@ class ValueCodec(ABC):
         return 0.0
 
     def alpha(self, n: int) -> float:
-        """``‖Q(v) − v‖² ≤ (1 − α)‖v‖²`` for exact, rounding and contractive codecs on n values (rounding:
-        1 − u² from the unit roundoff u)."""
+        """``‖Q(v) − v‖² ≤ (1 − α)‖v‖²`` for exact, rounding and contractive codecs on n values, for every v
+        (rounding: 1 − u² from the unit roundoff u): a codec whose contraction depends on the data states its
+        worst case over all v of length n (int-b: 1/n)."""
         return 1.0 - self.unit_roundoff ** 2
 
     def encode(self, V: Tensor, gens: list[torch.Generator] | None) -> tuple[Arrays, dict[str, list]]:
@@ -109,7 +111,9 @@ class ValueCodec(ABC):
         values (raises a PayloadError)."""
 
     @abstractmethod
-    def bits(self, n: int, meta: dict[str, Any]) -> BitCount: ...
+    def bits(self, n: int) -> BitCount:
+        """The bits of one row of n values: a function of n alone, since a payload's size is fixed by its
+        codec and shape (the compressor counts each (codec, shape) once and reuses it)."""
 
 
 class Raw(ValueCodec):
@@ -129,7 +133,7 @@ class Raw(ValueCodec):
         check_finite(a, layer, "v")
         return _tensor(a, device, dtype)
 
-    def bits(self, n, meta):
+    def bits(self, n):
         return BitCount(value_bits=8 * self.dtype.itemsize * n, n_values=n)
 
 
@@ -158,7 +162,7 @@ class FP16(ValueCodec):
         check_finite(out.cpu().numpy(), layer, "v·scale")
         return out.to(dtype)
 
-    def bits(self, n, meta):
+    def bits(self, n):
         return BitCount(value_bits=16 * n, n_values=n, scalar_bits=32)
 
 
@@ -229,7 +233,7 @@ class QSGD(ValueCodec):
                 raise MetaError(layer, "levels", f"expected {self.levels}, got {shown(levels, 40)}")
         return _decode_levels(arrays, "norm", n, layer, self.width, self.levels, device, dtype)
 
-    def bits(self, n, meta):
+    def bits(self, n):
         return BitCount(value_bits=self.width * n, n_values=n, scalar_bits=32)
 
 
@@ -265,7 +269,7 @@ class Natural(ValueCodec):
         vals = torch.from_numpy(np.where(neg, -mag, mag))
         return _tensor(vals, device, dtype)
 
-    def bits(self, n, meta):
+    def bits(self, n):
         return BitCount(value_bits=9 * n, n_values=n)
 
 
@@ -310,24 +314,20 @@ class SymmetricInt(ValueCodec):
     def decode(self, arrays, meta, n, layer, device=None, dtype=torch.float32):
         return _decode_levels(arrays, "scale", n, layer, self.width, self.top, device, dtype)
 
-    def bits(self, n, meta):
+    def bits(self, n):
         return BitCount(value_bits=self.width * n, n_values=n, scalar_bits=32)
 
 
-VALUE_CODECS = ("fp32", "fp64", "fp16", "qsgd", "natural", "int2", "int4", "int8")
+VALUE_CODECS: dict[str, Callable[[int], ValueCodec]] = {
+    "fp32": lambda levels: Raw(np.float32), "fp64": lambda levels: Raw(np.float64), "fp16": lambda levels: FP16(),
+    "qsgd": QSGD, "natural": lambda levels: Natural(), "int2": lambda levels: SymmetricInt("int2"),
+    "int4": lambda levels: SymmetricInt("int4"), "int8": lambda levels: SymmetricInt("int8"),
+}
+"""Every value codec by name, built from QSGD's ``levels`` (which the others ignore): a codec is registered here
+once, and then works under every structure (``compressor.values``)."""
 
 
 def make_value_codec(name: str, levels: int = 15) -> ValueCodec:
-    if name == "fp32":
-        return Raw(np.float32)
-    if name == "fp64":
-        return Raw(np.float64)
-    if name == "fp16":
-        return FP16()
-    if name == "qsgd":
-        return QSGD(levels)
-    if name == "natural":
-        return Natural()
-    if name in ("int2", "int4", "int8"):
-        return SymmetricInt(name)
-    raise ValueError(f"values must be one of {list(VALUE_CODECS)}, got {name!r}")
+    if name not in VALUE_CODECS:
+        raise ValueError(f"values must be one of {list(VALUE_CODECS)}, got {name!r}")
+    return VALUE_CODECS[name](levels)

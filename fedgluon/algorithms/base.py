@@ -111,7 +111,7 @@ class Algorithm:
 
     def dense_bits(self, tensors: Mapping[str, Tensor]) -> BitCount:
         """The bits of ``tensors`` sent dense at the run's value width (a broadcast's model, its extra terms)."""
-        return dense_bits(sum(t.numel() for t in tensors.values()), self.dense.values.bits(1, {}).value_bits)
+        return dense_bits(sum(t.numel() for t in tensors.values()), self.dense.values.bits(1).value_bits)
 
     # ------------------------------------------------------------------ client: one step over a block
     def gradients(self, rows: ClientRows, bc: Broadcast, objectives: Sequence[SupervisedObjective]) -> BlockGrads:

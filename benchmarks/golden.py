@@ -15,7 +15,7 @@ exactly: :func:`read_csv`), so a saved trajectory compares bit for bit with a fr
 Torch runs with one thread (``--threads``): the same float32 results on this machine, run after run.
 
     python -m benchmarks.golden                      # run this tree; print whether B = 1 equals B = 4
-    python -m benchmarks.golden --save DIR           # ... and write its artefacts to DIR
+    python -m benchmarks.golden --save DIR           # ... and write its artefacts to DIR (others there are kept)
     python -m benchmarks.golden --against main       # this tree against revision main, on this machine
     python -m benchmarks.golden --against main --tolerance 1e-6 --only ef21   # a regular expression
 
@@ -61,8 +61,8 @@ BLOCKS = (1, 4)
 HALF = {"participation": 0.5}  # 3 of the 6 clients a round: states kept across skipped rounds
 
 # name -> spec fields over {"task": TASK, "rounds": ROUNDS, "seed": SEED}; the algorithm's lr is 0.05 unless set.
-# The configurations of tests/integration/test_state_schema.py::ALGORITHMS, plus refresh periods and partial
-# participation.
+# At least one per registered algorithm (tests/integration/test_golden.py checks), some with refresh periods and
+# partial participation; tests/integration/test_state_schema.py runs their algorithm sections too.
 CONFIGS: dict[str, dict[str, Any]] = {
     "gluon": {"algorithm": {"name": "gluon"}},
     "gluon-nesterov-bf16": {"algorithm": {"name": "gluon", "nesterov": True, "state_dtype": "bfloat16"}, **HALF},
@@ -86,9 +86,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "local-gluon-2": {"algorithm": {"name": "local-gluon", "local_steps": 2}},
     "sgd": {"algorithm": {"name": "sgd"}, **HALF},
     "adamw": {"algorithm": {"name": "adamw"}},
+    "fedmuon-2": {"algorithm": {"name": "fedmuon", "local_steps": 2}, **HALF},
+    "fedmuon-bc-2": {"algorithm": {"name": "fedmuon-bc", "local_steps": 2}},
+    "diloco-2": {"algorithm": {"name": "diloco", "local_steps": 2}, **HALF},
+    "muloco-2": {"algorithm": {"name": "muloco", "local_steps": 2}},
+    "dion-r2": {"algorithm": {"name": "dion", "rank": 2}, **HALF},
+    "orth-dion-r2": {"algorithm": {"name": "orth-dion", "rank": 2}},
 }
 # also run on the in-process Flower engine (it builds the same task and algorithm from the spec)
-INPROCESS = ("gluon-ef21", "gluon-ef21-sarah-randk_seeded", "gluon-dasha-mvr", "ef21-muon-bidir", "local-gluon-2")
+INPROCESS = ("gluon-ef21", "gluon-ef21-sarah-randk_seeded", "gluon-dasha-mvr", "ef21-muon-bidir", "local-gluon-2",
+             "fedmuon-2", "dion-r2")
 ENGINES = ("plain", "inprocess")
 ARTEFACTS = ("metrics", "clients", "model")
 # integer-valued columns: equal or wrong, whatever the tolerance (float columns of counts and bits included)
@@ -184,15 +191,26 @@ def run_all(only: str | None = None, threads: int = 1, echo: Callable[[str], Non
 
 def save(goldens: Mapping[str, Artefacts], directory: Path) -> None:
     """``directory/<key>.metrics.csv``, ``<key>.clients.csv``, one ``models.pt`` ({key: {name: tensor}})
-    and ``about.json`` (where they were made)."""
+    and ``about.json`` (the task, and where each run was made). Goldens already in ``directory`` that
+    ``goldens`` lacks are kept, so ``--save DIR --only CONFIG`` adds or re-records one configuration;
+    goldens of another task, round count or seed are refused."""
     directory.mkdir(parents=True, exist_ok=True)
+    about = {"rounds": ROUNDS, "seed": SEED, "task": TASK, "runs": {}}
+    models = {}
+    if (directory / "about.json").is_file():
+        old = json.loads((directory / "about.json").read_text())
+        if {k: old.get(k) for k in ("rounds", "seed", "task")} != {k: about[k] for k in ("rounds", "seed", "task")}:
+            raise SystemExit(f"error: {directory} holds goldens of another task, round count or seed: save to an "
+                             "empty directory")
+        about["runs"], models = old["runs"], torch.load(directory / "models.pt", weights_only=True)
+    made = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     for k, a in goldens.items():
         for what in ARTEFACTS[:2]:
             (directory / f"{k}.{what}.csv").write_text(to_csv(a[what]))
-    torch.save({k: a["model"] for k, a in goldens.items()}, directory / "models.pt")
-    about = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "rounds": ROUNDS, "seed": SEED,
-             "task": TASK, "runs": sorted(goldens)}
+        models[k], about["runs"][k] = a["model"], made
+    torch.save(dict(sorted(models.items())), directory / "models.pt")
+    about["runs"] = dict(sorted(about["runs"].items()))
     (directory / "about.json").write_text(json.dumps(about, indent=1) + "\n")
 
 

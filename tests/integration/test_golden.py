@@ -12,7 +12,9 @@ status, a rejection's reason) must be exactly equal. On one machine, ``python -m
 --against REV`` checks bit for bit. One configuration was re-recorded since: error feedback refuses an
 unbiased compressor of omega >= 1 (``compressors.check_contractive``), so gluon-ef21-sarah-randk_seeded now
 keeps 60 % of each layer instead of 30 %, recorded on an AVX-512 VM and bitwise equal to 152a05d's code
-there (``python -m benchmarks.golden --against 152a05d --only gluon-ef21-sarah-randk``).
+there (``python -m benchmarks.golden --against 152a05d --only gluon-ef21-sarah-randk``). The configurations
+of the methods added after the refactor (FedMuon, FedMuon-BC, DiLoCo, MuLoCo, Dion, Orth-Dion) were recorded
+from the code of 3e87b2b on an AVX-512 VM; ``about.json`` says where each run was made.
 """
 
 import re
@@ -36,6 +38,29 @@ def stored():
 def test_the_stored_goldens_cover_every_run_and_stay_small(stored):
     assert sorted(stored) == sorted(golden.run_key(*r) for r in golden.runs())
     assert sum(p.stat().st_size for p in STORED.iterdir()) < 500_000
+
+
+def test_every_registered_algorithm_has_a_golden_configuration():
+    """A new algorithm gets a configuration in ``benchmarks/golden.py`` (``CONFIGS``), recorded with
+    ``python -m benchmarks.golden --save tests/data/golden --only '^<configuration>\\.'`` (the others are kept)."""
+    from fedgluon.algorithms import ALGORITHMS
+
+    missing = sorted(set(ALGORITHMS) - {c["algorithm"]["name"] for c in golden.CONFIGS.values()})
+    assert not missing, f"algorithms without a golden configuration: {missing}"
+
+
+def test_saving_some_configurations_keeps_the_others_and_refuses_another_task(tmp_path, stored):
+    keys = sorted(stored)
+    golden.save({k: stored[k] for k in keys[:3]}, tmp_path)
+    golden.save({k: stored[k] for k in keys[2:5]}, tmp_path)
+    again = golden.load(tmp_path)
+    assert sorted(again) == keys[:5]
+    assert all(d.equal for k in keys[:5] for d in golden.diff(again[k], stored[k]).values())
+    about = (tmp_path / "about.json").read_text()
+    assert all(k in about for k in keys[:5]) and '"cpu_capability"' in about
+    (tmp_path / "about.json").write_text(about.replace('"rounds": 5', '"rounds": 6'))
+    with pytest.raises(SystemExit, match="another task"):
+        golden.save({keys[0]: stored[keys[0]]}, tmp_path)
 
 
 @pytest.mark.parametrize("config", list(golden.CONFIGS))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import golden
 from fedgluon.clients.state_schema import StateSchema
 from fedgluon.clients.table import flatten
 from fedgluon.config import spec as specs
@@ -25,26 +26,14 @@ from fedgluon.sim.federation import Federation
 
 TASK = {"name": "synthetic", "num_clients": 6, "dim": 6, "classes": 3, "hidden": [5], "mean_samples": 20,
         "batch_size": 8}
-ALGORITHMS = [
-    {"name": "gluon"}, {"name": "gluon", "nesterov": True, "state_dtype": "bfloat16"}, {"name": "gluon-mvr"},
-    {"name": "gluon-mvr", "variant": "muon_mvr1"}, {"name": "gluon-mvr", "variant": "muon_mvr2"},
-    {"name": "gluon-sarah", "refresh_prob": 0.5}, {"name": "limuon", "rank": 1}, {"name": "gluon-marina"},
-    {"name": "gluon-dasha-mvr"}, {"name": "gluon-ef21"}, {"name": "gluon-ef21", "tracker": "fixed16"},
-    {"name": "gluon-ef21", "error_feedback": "ef14", "compressor": {"name": "powersgd", "rank": 1}},
-    {"name": "gluon-ef21-sarah", "compressor": {"name": "randk_seeded", "ratio": 0.6}},
-    {"name": "gluon-ef21-mvr"}, {"name": "ef21-muon-bidir"},
-    {"name": "fedavg", "compressor": {"name": "topk", "ratio": 0.3}, "error_feedback": "ef14"},
-    {"name": "local-gluon", "local_steps": 2}, {"name": "sgd"}, {"name": "adamw"},
-    {"name": "fedmuon", "local_steps": 2}, {"name": "fedmuon-bc", "local_steps": 2},
-    {"name": "diloco", "local_steps": 2}, {"name": "muloco", "local_steps": 2},
-]
+ALGORITHMS = {name: config["algorithm"] for name, config in golden.CONFIGS.items()}  # every algorithm (test_golden)
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS, ids=lambda a: "-".join(str(v) for v in a.values()))
-def test_every_algorithm_keeps_the_state_layout_its_first_step_fixes(algorithm):
+@pytest.mark.parametrize("config", ALGORITHMS)
+def test_every_algorithm_keeps_the_state_layout_its_first_step_fixes(config):
     """Over 4 rounds at participation 0.5 (first and later participations mixed in a block) no state is
     rejected, and a step of every client from the table the run left proposes columns that fit it."""
-    spec = specs.normalise({"task": TASK, "algorithm": {"lr": 0.05, **algorithm}, "seed": 3})
+    spec = specs.normalise({"task": TASK, "algorithm": {"lr": 0.05, **ALGORITHMS[config]}, "seed": 3})
     task, algo = specs.build(spec)
     X0 = task.initial_params()
     schema = algo.state_schema(task.objectives[0], X0, 3)

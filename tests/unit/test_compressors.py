@@ -177,7 +177,18 @@ ALL = ["identity", "qsgd", "natural", {"name": "topk", "ratio": 0.1}, {"name": "
        {"name": "powersgd", "rank": 2}, {"name": "topk", "ratio": 0.1, "values": "fp16"},
        {"name": "topk", "ratio": 0.1, "values": "qsgd", "levels": 3}, {"name": "randk", "ratio": 0.1,
                                                                         "values": "natural"},
-       "int2", {"name": "topk", "ratio": 0.1, "values": "int4"}]
+       "int2", {"name": "topk", "ratio": 0.1, "values": "int4"}, {"name": "randk", "ratio": 0.1, "values": "fp64"},
+       {"name": "svd", "rank": 2, "values": "int8"}]
+
+
+def test_the_list_covers_every_registered_compressor_and_value_codec():
+    """A new compressor or value codec joins ``ALL`` (and with it the tests below)."""
+    from compressors.registry import COMPRESSORS
+    from compressors.values import VALUE_CODECS
+
+    built = [make_compressor(spec) for spec in ALL]
+    assert not set(COMPRESSORS) - {C.name for C in built}
+    assert not set(VALUE_CODECS) - {C.values.name for C in built}
 
 
 @pytest.mark.parametrize("spec", ALL, ids=str)

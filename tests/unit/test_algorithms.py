@@ -54,12 +54,43 @@ IDENTITY = {"name": "identity", "values": "fp64"}
     ("gluon-ef21", "gluon", {"beta": 0.8}),
     ("gluon-ef21-sarah", "gluon-sarah", {"refresh_prob": 0.2}),
     ("gluon-ef21-mvr", "gluon-mvr", {"beta": 0.7}),
+    ("gluon-ef21", "gluon", {"beta": 0.8, "nesterov": True}),
 ])
 def test_ef21_identity_equals_uncompressed_parent(compressed, parent, shared):
     _, objs, X0, geom = problem()
     xs, _ = trajectory(compressed, objs, X0, geom, compressor=IDENTITY, **EXACT, **shared)
     ys, _ = trajectory(parent, objs, X0, geom, **EXACT, **shared)
     assert_same(xs, ys)
+
+
+def test_ef21_with_nesterov_equals_an_independent_loop():
+    """``gluon-ef21`` with ``nesterov`` and top-k (float64, full local batches, 3 clients) against a loop
+    written here: ``m_j ← βm_j + (1−β)g_j``, ``d_j = βm_j + (1−β)g_j``, ``G_j ← G_j + topk(d_j − G_j)``,
+    ``X ← X + t_k lmo(mean_j G_j)`` with ``t_k = lr (k+1)^{-1/2}``."""
+    _, objs, X0, geom = problem(num_clients=3, batch_size=10 ** 6)
+    beta, ratio = 0.8, 0.3
+    xs, _ = trajectory("gluon-ef21", objs, X0, geom, beta=beta, nesterov=True,
+                       compressor={"name": "topk", "ratio": ratio, "values": "fp64"}, **EXACT)
+
+    def topk(t):
+        k = max(1, int(np.ceil(ratio * t.numel())))
+        flat, out = t.flatten(), torch.zeros(t.numel(), dtype=t.dtype)
+        idx = flat.abs().topk(k).indices
+        out[idx] = flat[idx]
+        return out.view_as(t)
+
+    X = {n: t.clone() for n, t in X0.items()}
+    m = [{n: torch.zeros_like(t) for n, t in X0.items()} for _ in objs]
+    G = [{n: torch.zeros_like(t) for n, t in X0.items()} for _ in objs]
+    for k in range(ROUNDS):
+        for j, obj in enumerate(objs):
+            _, g = obj.gradient(X, obj.full_batch())
+            m[j] = {n: beta * m[j][n] + (1 - beta) * g[n] for n in X}
+            G[j] = {n: G[j][n] + topk(beta * m[j][n] + (1 - beta) * g[n] - G[j][n]) for n in X}
+        step = geom.lmo({n: sum(Gj[n] for Gj in G) / len(G) for n in X})
+        X = {n: X[n] + EXACT["lr"] * (k + 1) ** -0.5 * step[n] for n in X}
+        for n in X:
+            torch.testing.assert_close(xs[k][n], X[n], rtol=1e-8, atol=1e-10, msg=f"round {k}, {n}")
 
 
 def test_marina_identity_no_refresh_equals_sarah():

@@ -125,8 +125,11 @@ def test_bits_to_target_budget_and_saving_are_counted_per_seed():
     assert row.loc["fast", "up_saving_vs_gluon"] == pytest.approx(25 / 3)
     assert row.loc["gluon", "test_loss_at_budget_mean"] == pytest.approx(2.05)  # the last evaluation within 22
     assert row.loc["fast", "test_loss_at_budget_mean"] == pytest.approx((1.8 + 2.0 + 2.7) / 3)  # whole runs
-    text = report.markdown(frame, "shakespeare", target, budget)
-    assert "| fast | lr 0.1 | 2/3 | 3e-06 ± 1.4e-06 |" in text
+    text = report.markdown(frame, "shakespeare", target, budget, every=1)
+    assert "| fast | lr 0.1 | 2/3 | 3e-06 ± 1.4e-06 | 3e-05 ± 1.4e-05 | 8.3×* |" in text  # 2 of 3 seeds: marked
+    assert "| gluon | lr 1 | 2/2 | 2.5e-05 ± 7.1e-06 | 2.5e-05 ± 7.1e-06 | 1× | 2.05 ± 0.071 |" in text
+    over = report.markdown(frame.assign(test_loss_at_budget_mean=math.nan), "shakespeare", target, budget, every=3)
+    assert "| 1× | over budget |" in over and "steps of 3 round(s)' bits" in over
 
 
 def test_a_method_subset_names_its_members_as_the_whole_study_does(capsys):

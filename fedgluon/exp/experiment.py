@@ -143,7 +143,7 @@ def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[
 
     def write(history, clients, final, wall: float, **summary: Any) -> None:
         _write_results(out, cfg, history, clients, final, wall, resumed_from=start, deployed=grid is not None,
-                       **summary)
+                       options=algorithm.opt, **summary)
 
     def write_stopped(checkpoint: Path, reason: str, can_resume: bool) -> None:
         """The files of a run stopped by ``reason``, from the rounds its ``checkpoint`` holds (metrics, client
@@ -223,10 +223,12 @@ def _run_engine(cfg, spec, task, algorithm, evaluate, round_done, checkpointer, 
 
 def _write_results(out: Path, cfg: DictConfig, history, clients, final, wall: float, *, stopped: str | None = None,
                    resumed_from: int = 0, state_bytes: Mapping[str, float] | None = None,
-                   resumable: bool = True, placement: Mapping[str, Any] | None = None, deployed: bool = False) -> None:
+                   resumable: bool = True, placement: Mapping[str, Any] | None = None, deployed: bool = False,
+                   options: Mapping[str, Any] | None = None) -> None:
     """metrics.csv, clients.csv, model.pt, plots.png and summary.json (``"complete": true`` only when the
     run finished; a stopped run's summary says why and where it stopped, and how to resume it where a
-    resume can help)."""
+    resume can help; ``algorithm_options``: every option of the algorithm as the run used it, its defaults
+    included, and the ``versions`` of the packages that computed it)."""
     frame = add_derived_columns(pd.DataFrame(history), cfg) if history else pd.DataFrame()
     frame.to_csv(out / "metrics.csv", index=False)
     pd.DataFrame(clients).to_csv(out / "clients.csv", index=False)
@@ -239,6 +241,9 @@ def _write_results(out: Path, cfg: DictConfig, history, clients, final, wall: fl
                  bits_label=f"uplink bits per client ({cfg.network.bits} convention)")
     summary = summarise(frame, cfg, wall)
     summary["resumed_from_round"] = resumed_from
+    if options is not None:
+        summary["algorithm_options"] = json.loads(json.dumps(dict(options), default=str))
+    summary["versions"] = {p: _version(p) for p in ("fedgluon", "torch", "flwr", "numpy")}
     if deployed:
         summary["engine"] = "flower-deployment"
     if state_bytes is not None:  # what the simulator holds per client at the end (fedgluon.core.memory)
@@ -251,6 +256,16 @@ def _write_results(out: Path, cfg: DictConfig, history, clients, final, wall: fl
             summary["resume"] = "flwr run ... --run-config resume=true (same config)" if deployed else \
                 f"fedgluon run --resume {out}"
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def _version(package: str) -> str | None:
+    """The installed version of ``package`` (None where it is not installed), without importing it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 SUMMARY_METRICS = tuple("final_test_accuracy final_test_loss best_test_accuracy best_test_loss final_grad_dual_norm "

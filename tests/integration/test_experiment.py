@@ -5,6 +5,7 @@ import re
 
 import pandas as pd
 import pytest
+import torch
 from click.testing import CliRunner
 
 from fedgluon.exp.cli import main
@@ -40,6 +41,9 @@ def test_run_writes_documented_files_and_columns(tmp_path, monkeypatch):
     assert len(m) == 6 and m["grad_dual_norm"].notna().sum() == 2 and (m["sim_time"].diff().dropna() > 0).all()
     s = json.loads((d / "summary.json").read_text())
     assert s["complete"] and s["rounds"] == 6 and s["uplink_bits_per_client"] == m["up_int32_mean"].sum()
+    # every option as the run used it, those the config did not write included, and what computed it
+    assert s["algorithm_options"]["refresh_prob"] == 0.1 and s["algorithm_options"]["error_feedback"] == "ef21"
+    assert s["versions"]["torch"] == torch.__version__ and set(s["versions"]) == {"fedgluon", "torch", "flwr", "numpy"}
     clients = pd.read_csv(d / "clients.csv")
     assert len(clients) == 6 * 4 and set(clients.status) == {"accepted"}
     # never overwritten without --overwrite

@@ -150,6 +150,8 @@ def test_wrong_type_and_missing_values_name_the_allowed_values(tmp_path, monkeyp
     ("algorithm.compressor.ratio=[0.1,0.2]", ["algorithm.compressor.ratio must be a number"]),
     ("algorithm.compressor={name: topk", ["override 'algorithm.compressor={name: topk'", "not YAML"]),
     ("algorithm.compressor.name=int8", ["algorithm.compressor.name must be one of", "values int8"]),
+    ("~algorithm.refresh_prob", ["overrides must look like key=value", "not removed or added", "only the options"]),
+    ("+algorithm.extra=1", ["overrides must look like key=value", "Hydra's ~ and +"]),
 ])
 def test_values_accepted_or_crashing_before_are_refused(tmp_path, monkeypatch, override, words):
     """Each of these ran (or died with a traceback, or with a message that did not name the field)."""

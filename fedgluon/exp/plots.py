@@ -73,8 +73,8 @@ def plot_run(frame: pd.DataFrame, path: str | Path, title: str = "",
     for row, metric in enumerate(METRICS):
         if metric not in ev:
             continue
-        axes[row][0].plot(ev["round"], ev[metric])
-        axes[row][0].set_xlabel("round")
+        axes[row][0].plot(ev["round"] + 1, ev[metric])  # the 0-based round index: rounds completed
+        axes[row][0].set_xlabel("rounds completed")
         axes[row][0].xaxis.set_major_locator(ticker.MaxNLocator(nbins=8, integer=True))
         axes[row][1].plot(ev[BITS], ev[metric])
         axes[row][1].set_xlabel(f"cumulative {bits_label}")
@@ -385,7 +385,7 @@ def draw_curves(curves: Sequence[Curve], *, convention: str = "int32", title: st
     xs = [x for x in X_AXES if any(x in c.frame for c in curves)]
     if not metrics or not xs:
         raise PlotError("the runs have no test evaluations to draw")
-    xlabels = {BITS: f"cumulative uplink bits per client ({convention} convention)", "round": "round",
+    xlabels = {BITS: f"cumulative uplink bits per client ({convention} convention)", "round": "rounds completed",
                "sim_time": time_label}
     fig, axes = plt.subplots(len(metrics), len(xs), figsize=(4.6 * len(xs), 3.4 * len(metrics)), squeeze=False)
     colours = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
@@ -401,13 +401,14 @@ def draw_curves(curves: Sequence[Curve], *, convention: str = "int32", title: st
                 if x not in f:
                     continue
                 ax = axes[row][col]
-                (line,) = ax.plot(f[x], f[f"{m}_mean"], color=colour, linestyle=style, lw=1.4)
+                xv = f[x] + 1 if x == "round" else f[x]  # the metrics' 0-based round index: rounds completed
+                (line,) = ax.plot(xv, f[f"{m}_mean"], color=colour, linestyle=style, lw=1.4)
                 if not named:  # the curve's first line names it in the legend
                     handles.append(line)
                     labels.append(c.legend())
                     named = True
                 if band.any():
-                    ax.fill_between(f[x], f[f"{m}_min"], f[f"{m}_max"], where=band, color=colour, alpha=0.18, lw=0)
+                    ax.fill_between(xv, f[f"{m}_min"], f[f"{m}_max"], where=band, color=colour, alpha=0.18, lw=0)
     for row, m in enumerate(metrics):
         for col, x in enumerate(xs):
             ax = axes[row][col]

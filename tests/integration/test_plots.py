@@ -221,6 +221,14 @@ def test_a_run_without_bits_draws_its_bits_axis_linear_without_a_warning(tmp_pat
     assert (tmp_path / "plots.png").stat().st_size > 10_000
 
 
+def test_the_round_axis_counts_rounds_completed(tmp_path):
+    """metrics.csv's ``round`` is the 0-based index of the round just done: an evaluation after the first round
+    is drawn at 1, the last of 4 rounds at 4."""
+    fig = plots.draw_curves(plots.group(plots.collect([write_run(tmp_path / "r")])[0]))
+    ax = next(a for a in fig.axes if a.get_xlabel() == "rounds completed")
+    assert list(ax.get_lines()[0].get_xdata()) == [1, 2, 3, 4]
+
+
 def test_a_curve_with_nothing_to_draw_leaves_the_others_in_the_legend(tmp_path):
     run = write_run(tmp_path / "r")
     real = plots.group(plots.collect([run])[0])[0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import Tensor
@@ -30,6 +30,13 @@ class Broadcast:
     bits: BitCount = field(default_factory=BitCount)
     phase: int = 0
     extra: Tensors = field(default_factory=dict)
+
+    def as_sent(self) -> Broadcast:
+        """This broadcast with C-contiguous tensors, as every engine's wire delivers it (the federation hands
+        clients this form): a client's matmul may round otherwise for an operand of another layout (LAPACK's
+        QR returns a column-major Q), and the plain driver would then differ from the Flower engines."""
+        return replace(self, model={n: t.contiguous() for n, t in self.model.items()},
+                       extra={n: t.contiguous() for n, t in self.extra.items()})
 
 
 @dataclass

@@ -174,7 +174,7 @@ class Federation:
     def open_round(self) -> RoundPlan:
         k = self.next_round
         S = sample_clients(self.num_clients, k, self.seed, self.participation)
-        bc = self.algorithm.broadcast(self.server_state, k, self.seed, self.num_clients)
+        bc = self.algorithm.broadcast(self.server_state, k, self.seed, self.num_clients).as_sent()
         return RoundPlan(k, S, bc, time.perf_counter())
 
     def close_round(self, plan: RoundPlan, replies: Mapping[int, ClientReply], proposed: Sequence[Proposal],
@@ -241,6 +241,7 @@ class Federation:
         pre_rejected, replies, first = self._screen(plan, replies, proposed, pre_rejected, died)
         carry = plan.carry if plan.carry is not None else PhaseCarry(list(plan.participants))
         answer, outcome = self.algorithm.server_phase(self.server_state, replies, plan.broadcast, self.weights, first)
+        answer = answer.as_sent()
         accepted = set(outcome.accepted)
         carry.failed.update({j: clip_text(why) for j, why in (failed or {}).items()})
         carry.rejected.update({j: clip_text(why) for j, why in {**outcome.rejected, **pre_rejected}.items()})

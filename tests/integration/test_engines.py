@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import inbox_targets, nan_in_payload, plain_frame, plain_table, same_metrics, same_table
 
+from benchmarks import golden
 from fedgluon.config import spec as specs
 from fedgluon.flower.client_app import make_client_app
 from fedgluon.flower.engines import InProcessGrid, run_inprocess, run_ray
@@ -49,6 +50,18 @@ def test_inprocess_flower_equals_plain_driver():
     same_metrics(pd.DataFrame(strategy.history), plain_frame(SPEC))
     assert len(strategy.history) == SPEC["rounds"]
     same_table(strategy.federation.table, plain_table(SPEC))
+
+
+FIRST_CONFIG = {c["algorithm"]["name"]: name for name, c in reversed(list(golden.CONFIGS.items()))}
+
+
+@pytest.mark.parametrize("config", sorted(FIRST_CONFIG.values()))
+def test_every_algorithm_on_the_inprocess_engine_equals_the_plain_driver(config):
+    """Each registered algorithm (its first golden configuration, some at participation 0.5), blocks of 4:
+    metrics, per-client rows and final model bitwise equal, the Flower apps against the plain driver."""
+    inprocess, plain = (golden.run_one(config, 4, engine) for engine in ("inprocess", "plain"))
+    diffs = golden.diff(inprocess, plain)
+    assert all(d.equal for d in diffs.values()), {a: d.text() for a, d in diffs.items()}
 
 
 def test_client_state_commits_only_accepted_rounds(monkeypatch, caplog):

@@ -14,7 +14,8 @@ unbiased compressor of omega >= 1 (``compressors.check_contractive``), so gluon-
 keeps 60 % of each layer instead of 30 %, recorded on an AVX-512 VM and bitwise equal to 152a05d's code
 there (``python -m benchmarks.golden --against 152a05d --only gluon-ef21-sarah-randk``). The configurations
 of the methods added after the refactor (FedMuon, FedMuon-BC, DiLoCo, MuLoCo, Dion, Orth-Dion) were recorded
-from the code of 3e87b2b on an AVX-512 VM; ``about.json`` says where each run was made.
+later on an AVX-512 VM (Orth-Dion's plain runs again once the plain driver handed clients the broadcast in
+the layout the wire gives: ``Broadcast.as_sent``); ``about.json`` says where each run was made.
 """
 
 import re

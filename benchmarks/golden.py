@@ -189,6 +189,9 @@ def run_all(only: str | None = None, threads: int = 1, echo: Callable[[str], Non
         torch.set_num_threads(before)
 
 
+MADE = ("torch", "python", "machine", "cpu_capability")  # where a golden run was made (about.json)
+
+
 def save(goldens: Mapping[str, Artefacts], directory: Path) -> None:
     """``directory/<key>.metrics.csv``, ``<key>.clients.csv``, one ``models.pt`` ({key: {name: tensor}})
     and ``about.json`` (the task, and where each run was made). Goldens already in ``directory`` that
@@ -202,9 +205,11 @@ def save(goldens: Mapping[str, Artefacts], directory: Path) -> None:
         if {k: old.get(k) for k in ("rounds", "seed", "task")} != {k: about[k] for k in ("rounds", "seed", "task")}:
             raise SystemExit(f"error: {directory} holds goldens of another task, round count or seed: save to an "
                              "empty directory")
-        about["runs"], models = old["runs"], torch.load(directory / "models.pt", weights_only=True)
-    made = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+        runs = old["runs"]  # before per-run provenance: a list of keys, one provenance at the top level
+        about["runs"] = runs if isinstance(runs, dict) else {k: {f: old.get(f) for f in MADE} for k in runs}
+        models = torch.load(directory / "models.pt", weights_only=True)
+    made = dict(zip(MADE, (torch.__version__, platform.python_version(), platform.machine(),
+                           torch.backends.cpu.get_cpu_capability())))
     for k, a in goldens.items():
         for what in ARTEFACTS[:2]:
             (directory / f"{k}.{what}.csv").write_text(to_csv(a[what]))

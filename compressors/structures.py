@@ -102,8 +102,8 @@ class Structure(ABC):
         """(B, n) decoded values and the rows' arrays and headers → the (B, *shape) tensors."""
 
     def bits(self, shape: tuple[int, ...]) -> BitCount:
-        """The bits of what this structure adds to a row's values (indices, seeds, factors' shapes), a
-        function of the shape alone (:meth:`ValueCodec.bits`)."""
+        """The bits of what this structure adds to a row's values (indices, a seed; low-rank factors add
+        none), a function of the shape alone (:meth:`ValueCodec.bits`)."""
         return BitCount()
 
 

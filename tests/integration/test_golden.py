@@ -18,6 +18,7 @@ later on an AVX-512 VM (Orth-Dion's plain runs again once the plain driver hande
 the layout the wire gives: ``Broadcast.as_sent``); ``about.json`` says where each run was made.
 """
 
+import json
 import re
 from pathlib import Path
 
@@ -62,6 +63,13 @@ def test_saving_some_configurations_keeps_the_others_and_refuses_another_task(tm
     (tmp_path / "about.json").write_text(about.replace('"rounds": 5', '"rounds": 6'))
     with pytest.raises(SystemExit, match="another task"):
         golden.save({keys[0]: stored[keys[0]]}, tmp_path)
+    # a store from before per-run provenance: its one provenance goes to each of its runs
+    older = {**json.loads(about), "runs": keys[:5], "torch": "0.old", "cpu_capability": "AVX2"}
+    (tmp_path / "about.json").write_text(json.dumps(older))
+    golden.save({keys[5]: stored[keys[5]]}, tmp_path)
+    runs = json.loads((tmp_path / "about.json").read_text())["runs"]
+    assert sorted(runs) == keys[:6] and runs[keys[0]]["torch"] == "0.old"
+    assert runs[keys[5]]["torch"] == torch.__version__
 
 
 @pytest.mark.parametrize("config", list(golden.CONFIGS))

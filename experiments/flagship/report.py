@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from experiments.flagship.plan import Chosen, Method  # noqa: E402
-from experiments.flagship.study import check_members, grid_of, member_labels  # noqa: E402
+from experiments.flagship.study import check_members, grid_of, member_config, member_labels  # noqa: E402
 from fedgluon.exp.plots import collect, draw_curves, group  # noqa: E402
 
 TARGETS = {"shakespeare": ("test_loss", "min"), "fmnist": ("test_accuracy", "max")}
@@ -106,13 +106,15 @@ def table(runs: dict[str, list[SeedRun]], task: str, methods: Sequence[Method], 
         up = [float(h["up_bits_per_client_cum"].iloc[0]) for h in hits if len(h)]
         down = [float(h["down_bits_per_client_cum"].iloc[0]) for h in hits if len(h)]
         final = mean_std([float(r.metrics[metric].iloc[-1]) for r in rs])
-        budgeted = mean_std([at_budget(r.metrics, metric, budget) for r in rs])
+        within = [at_budget(r.metrics, metric, budget) for r in rs]
+        budgeted = mean_std(within)
         rows.append({"method": m.label, "value": chosen.get(task, {}).get(m.label, {}).get("value"),
                      "tuned": m.key, "seeds": len(rs), "reached": len(up),
                      "up_to_target_mean": mean_std(up)[0], "up_to_target_std": mean_std(up)[1],
                      "down_to_target_mean": mean_std(down)[0], "down_to_target_std": mean_std(down)[1],
                      f"final_{metric}_mean": final[0], f"final_{metric}_std": final[1],
                      f"{metric}_at_budget_mean": budgeted[0], f"{metric}_at_budget_std": budgeted[1],
+                     "within_budget": sum(x == x for x in within),
                      "up_total_mean": totals.get(m.label, math.nan)})
     frame = pd.DataFrame(rows)
     base = frame.set_index("method")["up_to_target_mean"].get(BASELINE, math.nan)
@@ -143,16 +145,18 @@ def markdown(frame: pd.DataFrame, task: str, target: float, budget: float, every
              f"| uplink saving vs gluon | {name} at budget | final {name} |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in frame.to_dict("records"):
-        saving, partial = r["up_saving_vs_gluon"], 0 < r["reached"] < r["seeds"]
+        saving, seeds = r["up_saving_vs_gluon"], r["seeds"]
+        some = {n: "*" if 0 < n < seeds else "" for n in (r["reached"], r["within_budget"])}
         lines.append(
-            f"| {r['method']} | {r['tuned']} {r['value']:g} | {r['reached']}/{r['seeds']} | "
+            f"| {r['method']} | {r['tuned']} {r['value']:g} | {r['reached']}/{seeds} | "
             f"{_pm(r['up_to_target_mean'], r['up_to_target_std'], 1e6)} | "
             f"{_pm(r['down_to_target_mean'], r['down_to_target_std'], 1e6)} | "
-            f"{'—' if saving != saving else f'{saving:.2g}×' + ('*' if partial else '')} | "
-            f"{_pm(r[f'{metric}_at_budget_mean'], r[f'{metric}_at_budget_std'], over='over budget')} | "
-            f"{_pm(r[f'final_{metric}_mean'], r[f'final_{metric}_std'])} |")
-    lines += ["", "—: the target was not reached. Over budget: the method's first evaluation already cost more uplink "
-              "than the budget. *: from the seeds that reached the target only, which favours the method."]
+            f"{'—' if saving != saving else f'{saving:.2g}×' + some[r['reached']]} | "
+            f"{_pm(r[f'{metric}_at_budget_mean'], r[f'{metric}_at_budget_std'], over='over budget' if seeds else '—')}"
+            f"{some[r['within_budget']]} | {_pm(r[f'final_{metric}_mean'], r[f'final_{metric}_std'])} |")
+    lines += ["", "—: the target was not reached (or no seed ran). Over budget: the method's first evaluation already "
+              "cost more uplink than the budget. *: over the seeds that reached the target (saving), or that had an "
+              "evaluation within the budget (at budget), only."]
     return "\n".join(lines) + "\n"
 
 
@@ -181,8 +185,7 @@ def report(task: str, sweep_dir: Path, methods: Sequence[Method], chosen: Chosen
     frame, target, budget = table(runs, task, methods, chosen, target)
     results.mkdir(parents=True, exist_ok=True)
     frame.to_csv(results / f"{task}.csv", index=False)
-    every = min((int(r.metrics["round"].diff().min()) for rs in runs.values() for r in rs if len(r.metrics) > 1),
-                default=1)
+    every = int(member_config(task, overrides, grid["algorithm"][0], grid["seed"][0]).eval_every)
     text = markdown(frame, task, target, budget, every)
     (results / f"{task}.md").write_text(text)
     figure(sweep_dir, labels, results / f"{task}.png", title=f"flagship study: {task} ({len(seeds)} seeds)")

@@ -58,6 +58,7 @@ def test_study_runs_every_member_and_reports_the_table_and_figure(tmp_path, caps
     assert table.loc[2, "up_total_mean"] == pytest.approx(table.loc[0, "up_total_mean"] / 25, rel=0.02)
     assert (tmp_path / "results" / "fmnist.png").stat().st_size > 0
     assert "| gluon-ef21 top-10% | lr " in printed
+    assert "an evaluation every 3 round(s)" in printed  # the members' eval_every, though each evaluates once
     # a member directory that holds another run (here: fewer rounds) is refused, never counted as the member
     assert main(["study", *SMALL, "--set", "rounds=2", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err

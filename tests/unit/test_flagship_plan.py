@@ -130,6 +130,11 @@ def test_bits_to_target_budget_and_saving_are_counted_per_seed():
     assert "| gluon | lr 1 | 2/2 | 2.5e-05 ± 7.1e-06 | 2.5e-05 ± 7.1e-06 | 1× | 2.05 ± 0.071 |" in text
     over = report.markdown(frame.assign(test_loss_at_budget_mean=math.nan), "shakespeare", target, budget, every=3)
     assert "| 1× | over budget |" in over and "steps of 3 round(s)' bits" in over
+    some = report.markdown(frame.assign(within_budget=[2, 1]), "shakespeare", target, budget, every=1)
+    assert "| 8.3×* | 2.17 ± 0.47* |" in some  # fast: 1 of its 3 seeds within the budget: marked
+    none = report.markdown(frame.assign(seeds=0, reached=0, test_loss_at_budget_mean=math.nan), "shakespeare",
+                           target, budget, every=1)
+    assert "over budget" not in none.split("\n\n")[1]  # no seed ran: nothing is over any budget
 
 
 def test_a_method_subset_names_its_members_as_the_whole_study_does(capsys):

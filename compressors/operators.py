@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,6 +63,17 @@ class Compressor:
 
     def __repr__(self) -> str:
         return f"Compressor({self.structure!r}, values={self.values.name})"
+
+    def options(self) -> dict[str, Any]:
+        """This compressor as a config mapping, every setting at the value it runs with, defaults included
+        (``make_compressor`` of it builds the same compressor)."""
+        s = self.structure
+        out: dict[str, Any] = {"name": self.name, **({f.name: getattr(s, f.name) for f in fields(s)}
+                                                      if is_dataclass(s) else {})}
+        out["values"] = self.values.name
+        if hasattr(self.values, "levels"):  # QSGD's
+            out["levels"] = self.values.levels
+        return out
 
     def _structure_for(self, shape: tuple[int, ...]) -> Structure:
         return self.structure if self.structure.active(shape) else self._dense

@@ -143,7 +143,7 @@ def _run_locked(cfg: DictConfig, out: Path, progress: bool, on_round: Callable[[
 
     def write(history, clients, final, wall: float, **summary: Any) -> None:
         _write_results(out, cfg, history, clients, final, wall, resumed_from=start, deployed=grid is not None,
-                       options=algorithm.opt, **summary)
+                       options=_resolved_options(algorithm), **summary)
 
     def write_stopped(checkpoint: Path, reason: str, can_resume: bool) -> None:
         """The files of a run stopped by ``reason``, from the rounds its ``checkpoint`` holds (metrics, client
@@ -256,6 +256,15 @@ def _write_results(out: Path, cfg: DictConfig, history, clients, final, wall: fl
             summary["resume"] = "flwr run ... --run-config resume=true (same config)" if deployed else \
                 f"fedgluon run --resume {out}"
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def _resolved_options(algorithm: Any) -> dict[str, Any]:
+    """The algorithm's options as the run uses them, its compressors' settings included (their defaults too)."""
+    out = dict(algorithm.opt)
+    for key, compressor in (("compressor", algorithm.compressor), ("downlink", algorithm.downlink)):
+        if compressor is not None and out.get(key) is not None:
+            out[key] = compressor.options()
+    return out
 
 
 def _version(package: str) -> str | None:

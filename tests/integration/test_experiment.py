@@ -43,6 +43,7 @@ def test_run_writes_documented_files_and_columns(tmp_path, monkeypatch):
     assert s["complete"] and s["rounds"] == 6 and s["uplink_bits_per_client"] == m["up_int32_mean"].sum()
     # every option as the run used it, those the config did not write included, and what computed it
     assert s["algorithm_options"]["refresh_prob"] == 0.1 and s["algorithm_options"]["error_feedback"] == "ef21"
+    assert s["algorithm_options"]["compressor"] == {"name": "topk", "ratio": 0.05, "min_k": 1, "values": "fp32"}
     assert s["versions"]["torch"] == torch.__version__ and set(s["versions"]) == {"fedgluon", "torch", "flwr", "numpy"}
     clients = pd.read_csv(d / "clients.csv")
     assert len(clients) == 6 * 4 and set(clients.status) == {"accepted"}

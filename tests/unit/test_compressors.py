@@ -192,6 +192,16 @@ def test_the_list_covers_every_registered_compressor_and_value_codec():
 
 
 @pytest.mark.parametrize("spec", ALL, ids=str)
+def test_options_state_every_setting_and_build_the_same_compressor(spec):
+    C = make_compressor(spec)
+    options = C.options()
+    assert make_compressor(options).options() == options
+    assert {"name", "values"} <= set(options) and ("levels" in options) == (options["values"] == "qsgd")
+    if C.name in ("topk", "randk"):
+        assert options["min_k"] == 1  # a default the spec did not write
+
+
+@pytest.mark.parametrize("spec", ALL, ids=str)
 def test_round_trip_lossless(spec):
     C = make_compressor(spec)
     x = {"w": torch.randn(40, 30), "b": torch.randn(40), "c": torch.randn(8, 3, 3, 3)}

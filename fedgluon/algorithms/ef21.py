@@ -64,7 +64,7 @@ class FeedbackUplink(Algorithm):
 class GluonEF21(FeedbackUplink):
     """``gluon-ef21`` — EF21-Muon uplink (Gruntkowska et al., arXiv 2510.00643): EMA momentum
     ``M_j ← βM_j + (1−β)∇f_j(X^k; ξ)`` compressed with EF21; with ``nesterov`` the client compresses
-    Muon's Nesterov direction ``βM_j + (1−β)∇f_j(X^k; ξ)`` instead of ``M_j``."""
+    Muon's Nesterov direction ``d_j = βM_j + (1−β)∇f_j(X^k; ξ)`` (from the ``M_j`` just updated) instead."""
 
     name = "gluon-ef21"
     estimator = "ema"

@@ -212,13 +212,21 @@ def test_log_axis_ticks_are_few_and_do_not_overlap(lo, hi):
     plt.close(fig)
 
 
-def test_a_run_without_bits_draws_its_bits_axis_linear_without_a_warning(tmp_path):
+@pytest.mark.parametrize("figure", ["run", "curves", "pareto"])
+def test_a_run_without_bits_draws_its_bits_axis_linear_without_a_warning(tmp_path, figure):
     """No client was ever accepted: zero bits throughout, which a log axis cannot show (matplotlib warned)."""
-    frame = pd.read_csv(write_run(tmp_path / "r", up_bits=0.0) / "metrics.csv")
+    run = write_run(tmp_path / "r", up_bits=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        plots.plot_run(frame, tmp_path / "plots.png")
-    assert (tmp_path / "plots.png").stat().st_size > 10_000
+        if figure == "run":
+            plots.plot_run(pd.read_csv(run / "metrics.csv"), tmp_path / "out.png")
+        elif figure == "curves":
+            plots.draw_curves(plots.group(plots.collect([run])[0])).savefig(tmp_path / "out.png")
+        else:
+            table = pd.DataFrame({"config": ["a", "b"], "uplink_bits_per_client_mean": [0.0, 0.0],
+                                  "final_test_accuracy_mean": [0.5, 0.6]})
+            plots.plot_pareto(table, tmp_path / "out.png", "no bits", "uplink bits per client")
+    assert (tmp_path / "out.png").stat().st_size > 10_000
 
 
 def test_the_round_axis_counts_rounds_completed(tmp_path):

@@ -27,6 +27,9 @@ from fedgluon.sim.federation import Federation
 TASK = {"name": "synthetic", "num_clients": 6, "dim": 6, "classes": 3, "hidden": [5], "mean_samples": 20,
         "batch_size": 8}
 ALGORITHMS = {name: config["algorithm"] for name, config in golden.CONFIGS.items()}  # every algorithm (test_golden)
+ALGORITHMS.update({  # refreshes drawn at random (the goldens' MARINA and EF21-SARAH refresh on a period)
+    "gluon-marina-drawn": {"name": "gluon-marina"},
+    "gluon-ef21-sarah-drawn": {"name": "gluon-ef21-sarah", "compressor": {"name": "randk_seeded", "ratio": 0.6}}})
 
 
 @pytest.mark.parametrize("config", ALGORITHMS)

@@ -22,7 +22,19 @@ from compressors.payload import (
 
 SHAPES = {"w": (30, 20), "b": (30,)}
 SPECS = ["identity", {"name": "topk", "ratio": 0.1}, {"name": "randk_seeded", "ratio": 0.1}, "qsgd", "natural",
-         {"name": "svd", "rank": 2}, {"name": "topk", "ratio": 0.1, "values": "fp16"}, "int2"]
+         {"name": "svd", "rank": 2}, {"name": "topk", "ratio": 0.1, "values": "fp16"}, "int2",
+         {"name": "randk", "ratio": 0.1, "values": "fp64"}, {"name": "rsvd", "rank": 2}, {"name": "powersgd", "rank": 2},
+         {"name": "topk", "ratio": 0.1, "values": "int4"}, {"name": "identity", "values": "int8"}]
+
+
+def test_the_fuzzed_specs_cover_every_compressor_and_value_codec():
+    """A new compressor or value codec joins ``SPECS``, so that the fuzzing below sends it hostile payloads."""
+    from compressors.registry import COMPRESSORS
+    from compressors.values import VALUE_CODECS
+
+    built = [make_compressor(spec) for spec in SPECS]
+    assert not set(COMPRESSORS) - {C.name for C in built}
+    assert not set(VALUE_CODECS) - {C.values.name for C in built}
 
 
 def valid(spec):
@@ -106,7 +118,8 @@ arrays_st = st.one_of(
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=st.sampled_from(SPECS), layer=st.sampled_from(["w", "b"]),
        codec=st.one_of(st.none(), st.sampled_from(["dense/fp32", "topk/fp32", "randk_seeded/fp32", "dense/qsgd",
-                                                   "dense/natural", "svd/fp32", "topk/fp16", "dense/int2", "x"])),
+                                                   "dense/natural", "svd/fp32", "topk/fp16", "dense/int2", "x",
+                                                   "randk/fp64", "rsvd/fp32", "powersgd/fp32", "topk/int4"])),
        shape=st.one_of(st.none(), st.sampled_from([(30, 20), (30,), (20, 30), (600,), (-1, 5), ("a",)])),
        key=st.one_of(st.none(), st.sampled_from(["v.v", "idx", "v.scale", "v.q", "v.norm", "v.e", "v.sign", "zz"])),
        array=arrays_st,

@@ -23,8 +23,9 @@ from compressors.payload import (
 SHAPES = {"w": (30, 20), "b": (30,)}
 SPECS = ["identity", {"name": "topk", "ratio": 0.1}, {"name": "randk_seeded", "ratio": 0.1}, "qsgd", "natural",
          {"name": "svd", "rank": 2}, {"name": "topk", "ratio": 0.1, "values": "fp16"}, "int2",
-         {"name": "randk", "ratio": 0.1, "values": "fp64"}, {"name": "rsvd", "rank": 2}, {"name": "powersgd", "rank": 2},
-         {"name": "topk", "ratio": 0.1, "values": "int4"}, {"name": "identity", "values": "int8"}]
+         {"name": "randk", "ratio": 0.1, "values": "fp64"}, {"name": "rsvd", "rank": 2},
+         {"name": "powersgd", "rank": 2}, {"name": "topk", "ratio": 0.1, "values": "int4"},
+         {"name": "identity", "values": "int8"}]
 
 
 def test_the_fuzzed_specs_cover_every_compressor_and_value_codec():

@@ -243,7 +243,7 @@ def _write_results(out: Path, cfg: DictConfig, history, clients, final, wall: fl
     summary["resumed_from_round"] = resumed_from
     if options is not None:
         summary["algorithm_options"] = json.loads(json.dumps(dict(options), default=str))
-    summary["versions"] = {p: _version(p) for p in ("fedgluon", "torch", "flwr", "numpy")}
+    summary["versions"] = {p: _version(p) for p in cluster.VERSIONED}  # the packages a cluster's nodes must share
     if deployed:
         summary["engine"] = "flower-deployment"
     if state_bytes is not None:  # what the simulator holds per client at the end (fedgluon.core.memory)

@@ -125,11 +125,11 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             user[section] = value
             cfg[section] = {}
         if overrides:
-            bad = [o for o in overrides if "=" not in o or o.startswith(("~", "+"))]
+            hydra = [o for o in overrides if o.startswith(("~", "+"))]
+            bad = [o for o in overrides if "=" not in o or o in hydra]
             if bad:
                 hint = ("; keys are not removed or added with Hydra's ~ and +: an algorithm, task or compressor of "
-                        "another name keeps only the options it takes" if any(o.startswith(("~", "+")) for o in bad)
-                        else "")
+                        "another name keeps only the options it takes" if hydra else "")
                 raise ConfigError(f"overrides must look like key=value, got {bad}{hint}")
             dotlist = _from_dotlist(list(overrides))
             _refuse_overwrite(dotlist, "a key=value override")

@@ -28,6 +28,7 @@ from fedgluon.core.memory import client_state_bytes
 from fedgluon.core.text import shown
 from fedgluon.exp import cluster
 from fedgluon.exp.resume import CHECKPOINT, ENVIRONMENT, check_table, resumable, run_key, to_resume  # noqa: F401 (re-exported)
+from fedgluon.runtime.ray_session import sigterm_restored
 from fedgluon.runtime.threads import torch_threads
 from fedgluon.sim.checkpoint import Checkpointer, RunInterrupted, RunStopped
 from fedgluon.sim.checkpoint import load as load_checkpoint
@@ -87,6 +88,7 @@ def add_derived_columns(frame: pd.DataFrame, cfg: DictConfig) -> pd.DataFrame:
     return f
 
 
+@sigterm_restored()  # Ray's own handler ends with Ray
 def run(cfg: DictConfig, *, progress: bool = True, out_dir: str | Path | None = None,
         on_round: Callable[[dict[str, Any]], None] | None = None, resume: bool = False, grid: Any = None) -> Path:
     """Run ``cfg`` on its engine and write the run directory (module docstring); returns its path.

@@ -24,6 +24,7 @@ from fedgluon.config.sections import differences, differing_keys, dotted, listed
 from fedgluon.exp.cluster import with_absolute_data_paths
 from fedgluon.exp.experiment import SUMMARY_METRICS, is_complete, run
 from fedgluon.exp.resume import CHECKPOINT
+from fedgluon.runtime.ray_session import sigterm_restored
 
 
 def parse_grid(args: Sequence[str]) -> tuple[list[str], dict[str, list[Any]]]:
@@ -186,6 +187,7 @@ def _fmt(v: Any) -> str:
     return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
 
 
+@sigterm_restored()  # Ray's own handler ends with Ray
 def _run_parallel(todo, workers: int, address: str | None, sweep_dir: Path, progress: bool = False) -> None:
     """The members as Ray tasks on the plain engine, at most ``workers`` at a time, on a private local Ray
     (``workers`` × the largest ``threads`` CPUs) or the cluster at ``address``. Each task runs its member in

@@ -29,6 +29,7 @@ from fedgluon.exp.tune_results import (  # noqa: F401
     trial_id_of,
     write_best,
 )
+from fedgluon.runtime.ray_session import sigterm_restored
 
 SEARCHES = ("grid", "random")
 SCHEDULERS = ("asha", "fifo")
@@ -57,6 +58,7 @@ class TuneIncomplete(RuntimeError):
         self.tune_dir = tune_dir
 
 
+@sigterm_restored()  # Ray's own handler ends with Ray
 def tune(config_path: str | Path | None, args: Sequence[str], algorithms: Sequence[str | dict[str, Any]] = (), *,
          name: str = "tune", progress: bool = True, verbose: bool = False, **options: Any) -> Path:
     """Tune every algorithm (a name keeping the config's other algorithm options, or a whole ``algorithm``
@@ -86,6 +88,7 @@ def tune(config_path: str | Path | None, args: Sequence[str], algorithms: Sequen
     return tune_dir
 
 
+@sigterm_restored()
 def resume(tune_dir: str | Path, *, progress: bool = True, verbose: bool = False) -> Path:
     """Continue the tune in ``tune_dir`` (README, "Tuning (Ray Tune)": ``--resume``); returns its path."""
     tune_dir = Path(tune_dir).resolve()

@@ -30,7 +30,7 @@ from fedgluon.clients.blocks import num_blocks
 from fedgluon.config import spec as specs
 from fedgluon.core.rng import derive_seed
 from fedgluon.flower.dispatch import faster_dispatch
-from fedgluon.runtime.ray_session import ray_daemons_in_own_session
+from fedgluon.runtime.ray_session import ray_daemons_in_own_session, sigterm_restored
 from fedgluon.runtime.threads import torch_threads
 from fedgluon.sim.checkpoint import Checkpointer, Snapshot
 from fedgluon.sim.faults import SimulatedActorDeath
@@ -218,7 +218,7 @@ def run_ray(spec: Mapping[str, Any], *, num_cpus: float = 1, num_gpus: float = 0
             raise ValueError(f"num_cpus per client must be positive, got {num_cpus}")
         nodes = num_blocks(task.num_clients, s["block_size"])
         with faster_dispatch(nodes) if fast_dispatch else nullcontext(), _engine_notices_filtered(), \
-                _actors_end_quietly(), ray_daemons_in_own_session(address):
+                _actors_end_quietly(), ray_daemons_in_own_session(address), sigterm_restored():
             run_simulation(server_app=make_server_app(s, sink, on_round, evaluate, checkpointer, resume),
                            client_app=make_client_app(s), num_supernodes=nodes,
                            backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},

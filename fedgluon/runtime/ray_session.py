@@ -12,6 +12,11 @@ handles SIGINT/SIGTERM and shuts Ray down at the end, as before. They still end 
 without doing so: on Linux Ray starts them with kernel fate-sharing (``PR_SET_PDEATHSIG``), which this
 module requires; elsewhere Ray's reaper finds them through this group, and they are left in it.
 
+:func:`sigterm_restored` puts back, when Ray is done, the SIGTERM handler this process had before: ``ray.init``
+in the main thread installs its own (``sys.exit``, so that a SIGTERM runs Ray's shutdown at exit), which
+``ray.shutdown`` leaves in place. A notebook or a test process that had run fedgluon on Ray would otherwise
+answer every later SIGTERM with ``SystemExit``.
+
 A patch of Ray's private ``ray._private.services.ConsolePopen`` (the ``subprocess.Popen`` Ray starts its
 processes with, in Ray 2.55), held while Flower's simulation or fedgluon's own ``ray.init`` runs, and
 only where it is found with Ray's fate-sharing; otherwise nothing is changed (a debug log line says when
@@ -22,6 +27,8 @@ before.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -60,3 +67,17 @@ def ray_daemons_in_own_session(address: str | None = None) -> Iterator[None]:
         yield
     finally:
         services.ConsolePopen = original
+
+
+@contextmanager
+def sigterm_restored() -> Iterator[None]:
+    """While active, Ray may be started and shut down; at the end the SIGTERM handler is again the one found at
+    the start (see the module). Usable as a decorator. Off the main thread, where no handler can be set,
+    nothing is changed."""
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        main = threading.current_thread() is threading.main_thread()
+        if main and before is not None and signal.getsignal(signal.SIGTERM) is not before:
+            signal.signal(signal.SIGTERM, before)

@@ -107,7 +107,11 @@ def test_ray_simulation_equals_inprocess_and_plain_driver():
     """On Ray with blocks of 2 virtual clients per node (one client per node on Ray: test_reliability),
     the metrics equal the plain driver's and the in-process engine's, and so does every client's row of
     the client-state table; neither flwr 1.42's deprecation of ``run_simulation``, which the Ray engine
-    calls on purpose, nor Ray's tip on the GPU hiding that fedgluon.flower.engines.QUIET_ENV pins is shown."""
+    calls on purpose, nor Ray's tip on the GPU hiding that fedgluon.flower.engines.QUIET_ENV pins is shown;
+    and the SIGTERM handler Ray's init installs ends with Ray."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
     shown: list[str] = []
     flwr_log, handler = logging.getLogger("flwr"), logging.Handler()
     handler.emit = lambda record: shown.append(record.getMessage())
@@ -118,6 +122,7 @@ def test_ray_simulation_equals_inprocess_and_plain_driver():
             strategy = run_ray({**SPEC, "block_size": 2}, num_cpus=1, ray_init_args={"num_cpus": 2})
     finally:
         flwr_log.removeHandler(handler)
+    assert signal.getsignal(signal.SIGTERM) is before
     assert not [m for m in shown if "`run_simulation` function is deprecated" in m]
     assert not [w for w in caught if "Ray will no longer override accelerator" in str(w.message)]
     assert strategy.node_devices == {("cpu", "")}  # no GPU share: Ray assigned the nodes no GPU

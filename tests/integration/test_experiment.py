@@ -332,10 +332,16 @@ def test_python_api_loads_runs_and_sweeps(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_fedgluon_run_without_arguments_on_ray(tmp_path, monkeypatch):
-    """The README's first command: the default config (10 clients, 30 rounds) on Flower's Ray engine."""
+    """The README's first command: the default config (10 clients, 30 rounds) on Flower's Ray engine. The
+    process's SIGTERM handler is its own again after the run: ray.init installs one (sys.exit) that
+    ray.shutdown leaves behind."""
+    import signal
+
     monkeypatch.chdir(tmp_path)
+    before = signal.getsignal(signal.SIGTERM)
     out = invoke("run", "--quiet")
     assert out.exit_code == 0, out.output
+    assert signal.getsignal(signal.SIGTERM) is before
     d = tmp_path / "runs" / "gluon-ef21-sarah-synthetic-s0"
     m = pd.read_csv(d / "metrics.csv")
     assert len(m) == 30 and (d / "plots.png").stat().st_size > 10_000

@@ -139,8 +139,8 @@ def markdown(frame: pd.DataFrame, task: str, target: float, budget: float, every
              f"budget: {budget / 1e6:.3g} Mbit uplink per client (the median method's whole run).",
              "Bits per client, int32 convention, mean ± std over the seeds that reached the target, counted up to "
              f"the first evaluation at the target: with an evaluation every {every} round(s) they move in steps of "
-             f"{every} round(s)' bits. Each value was tuned on seed 0 by this same test metric (there is no separate "
-             "validation split), and seed 0's run is that trial.", "",
+             f"{every} round(s)' bits. Each value was tuned on seed 0 by this same test metric (not on a validation "
+             "split), and seed 0's run is that trial.", "",
              "| method | tuned value | reached | uplink to target (Mbit) | downlink to target (Mbit) "
              f"| uplink saving vs gluon | {name} at budget | final {name} |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]

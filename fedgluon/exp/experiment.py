@@ -47,6 +47,8 @@ METRIC_COLUMNS = {
     "up_<conv>_{total,mean,max}": "uplink bits under each convention (values, log2d, int32, coo64, bitmask)",
     "down_<conv>_total": "downlink bits to all receivers",
     "test_loss / test_accuracy [/ test_perplexity]": "central evaluation on held-out data (every eval_every rounds)",
+    "val_loss / val_accuracy [/ val_perplexity]": "the same on the validation split the clients held back "
+                                                  "(task.validation_fraction > 0)",
     "grad_dual_norm": "Σ_i ‖∇_i f(X)‖_(i)* of the full-batch gradient (every grad_norm_every rounds)",
     "up_bits_cum / up_bits_per_client_cum / down_bits_cum": "cumulative bits under network.bits; per client: the "
                                                              "sum of each round's mean over its accepted clients "
@@ -279,8 +281,9 @@ def _version(package: str) -> str | None:
         return None
 
 
-SUMMARY_METRICS = tuple("final_test_accuracy final_test_loss best_test_accuracy best_test_loss final_grad_dual_norm "
-                        "uplink_bits_per_client sim_time".split())
+SUMMARY_METRICS = tuple("final_test_accuracy final_test_loss best_test_accuracy best_test_loss final_val_accuracy "
+                        "final_val_loss best_val_accuracy best_val_loss final_grad_dual_norm uplink_bits_per_client "
+                        "sim_time".split())
 """The measured fields of :func:`summarise`'s summary, which sweep tables aggregate and tunes rank by."""
 
 
@@ -290,12 +293,15 @@ def summarise(frame: pd.DataFrame, cfg: DictConfig, wall: float) -> dict[str, An
         values = frame[col].dropna() if col in frame else None
         return None if values is None or values.empty else float(of(values))
 
+    def scores(split: str) -> dict[str, float | None]:
+        loss, acc = f"{split}_loss", f"{split}_accuracy"
+        return {f"final_{loss}": last(loss), f"final_{acc}": last(acc), f"best_{acc}": last(acc, max),
+                f"best_{loss}": last(loss, min)}
+
     out = {
         "name": run_name(cfg), "algorithm": cfg.algorithm["name"], "task": cfg.task["name"], "seed": int(cfg.seed),
         "rounds": len(frame), "engine": cfg.engine.name,
-        "final_test_loss": last("test_loss"), "final_test_accuracy": last("test_accuracy"),
-        "best_test_accuracy": last("test_accuracy", max), "best_test_loss": last("test_loss", min),
-        "final_grad_dual_norm": last("grad_dual_norm"),
+        **scores("test"), **scores("val"), "final_grad_dual_norm": last("grad_dual_norm"),
         "uplink_bits_total": last("up_bits_cum"), "uplink_bits_per_client": last("up_bits_per_client_cum"),
         "downlink_bits_total": last("down_bits_cum"), "sim_time": last("sim_time"),
         "rejected": int(frame["rejected"].sum()) if "rejected" in frame else 0,

@@ -42,7 +42,8 @@ class RunningSummary:
                      + per_client_down / (net.downlink_mbps * 1e6))
         self.values["uplink_bits_per_client"] = self.values.get("uplink_bits_per_client", 0) + row[f"up_{c}_mean"]
         self.values["sim_time"] = self.values.get("sim_time", 0) + sim_round
-        for col, best in (("test_loss", min), ("test_accuracy", max), ("grad_dual_norm", None)):
+        for col, best in (("test_loss", min), ("test_accuracy", max), ("val_loss", min), ("val_accuracy", max),
+                          ("grad_dual_norm", None)):
             v = row.get(col)
             if v is None or math.isnan(v):
                 continue

@@ -46,7 +46,7 @@ log = logging.getLogger("fedgluon.sim.federation")
 
 Evaluate = Callable[[Mapping[str, Tensor], int], dict[str, float]]  # (model, round) -> metrics
 
-FINITE_METRICS = ("test_loss", "test_accuracy", "grad_dual_norm")  # central evaluation: a NaN/Inf stops the run
+FINITE_METRICS = ("test_loss", "test_accuracy", "val_loss", "val_accuracy", "grad_dual_norm")  # a NaN/Inf stops it
 SMALLER_RADIUS = ("start a new run with a smaller radius (algorithm.lr, or its schedule); "
                   "a resume may not change it")
 

@@ -2,8 +2,9 @@
 
 A task gives each client its :class:`~fedgluon.clients.objective.SupervisedObjective`, the initial model
 parameters (seeded), the model for the geometry, a partition summary (client sizes and label
-histograms) and a central evaluation on held-out data (loss, accuracy; perplexity for language
-models).
+histograms) and a central evaluation on held-out test data (loss, accuracy; perplexity for language
+models), and on a validation split the clients held back from their training data when the task's
+``validation_fraction`` is above 0 (:func:`hold_back`), so that tuning need not look at the test data.
 
 The tasks, their data and options: README, "Tasks and data".
 """
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fedgluon.clients.objective import SupervisedObjective
+from fedgluon.core.rng import generator
 from fedgluon.tasks.data import partition as partitions
 from fedgluon.tasks.data.synthetic import leaf_synthetic
 from fedgluon.tasks.models import MLP, SmallCNN, TinyGPT
@@ -72,6 +74,7 @@ class Task:
     summary_rows: list[dict[str, Any]] = field(default_factory=list)  # one per client: see partition_summary
     eval_batch: int = 2048
     predict: Callable[[Tensor], Tensor] = argmax_prediction
+    validation: tuple[Tensor, Tensor] | None = None  # (inputs, targets) the clients held back: hold_back
 
     @property
     def partition_summary(self) -> pd.DataFrame:
@@ -89,20 +92,47 @@ class Task:
         return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def evaluate(self, params: Mapping[str, Tensor]) -> dict[str, float]:
-        """Central evaluation on the held-out set: ``test_loss``, ``test_accuracy`` (+ ``test_perplexity``)."""
+        """Central evaluation: ``test_loss``, ``test_accuracy`` (+ ``test_perplexity``) on the held-out test data,
+        and the same as ``val_*`` on the task's validation split if it has one."""
+        row = self._scores(params, self.test_inputs, self.test_targets, "test")
+        if self.validation is not None:
+            row.update(self._scores(params, *self.validation, "val"))
+        return row
+
+    def _scores(self, params: Mapping[str, Tensor], inputs: Tensor, targets: Tensor, split: str) -> dict[str, float]:
         total_loss, correct, count = 0.0, 0, 0
         with torch.no_grad():
-            for i in range(0, len(self.test_targets), self.eval_batch):
-                x, y = self.test_inputs[i:i + self.eval_batch], self.test_targets[i:i + self.eval_batch]
+            for i in range(0, len(targets), self.eval_batch):
+                x, y = inputs[i:i + self.eval_batch], targets[i:i + self.eval_batch]
                 out = functional_call(self.model, dict(params), (x,))
                 total_loss += float(self.loss_fn(out, y)) * y.numel()
                 correct += int((self.predict(out) == y).sum())
                 count += y.numel()
         loss = total_loss / max(1, count)
-        row = {"test_loss": loss, "test_accuracy": correct / max(1, count)}
+        row = {f"{split}_loss": loss, f"{split}_accuracy": correct / max(1, count)}
         if self.language_model:
-            row["test_perplexity"] = math.exp(min(loss, 50.0))
+            row[f"{split}_perplexity"] = math.exp(min(loss, 50.0))
         return row
+
+
+def hold_back(data: list[tuple[Tensor, Tensor]], fraction: float, seed: int
+              ) -> tuple[list[tuple[Tensor, Tensor]], tuple[Tensor, Tensor] | None]:
+    """A validation split from the clients' own training data (task option ``validation_fraction``): client
+    ``j`` keeps its samples but a random ``floor(fraction * n_j)`` of them (drawn with
+    ``generator(seed, "validation", j)``; at least one sample kept, order preserved), and the samples held back,
+    in client order, are the validation set. ``fraction`` 0 changes nothing (validation None)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {fraction}")
+    if fraction == 0:
+        return data, None
+    kept, held = [], []
+    for j, (x, y) in enumerate(data):
+        order = torch.randperm(len(y), generator=generator(seed, "validation", j))
+        k = min(int(len(y) * fraction), len(y) - 1)
+        keep, back = order[k:].sort().values, order[:k].sort().values
+        kept.append((x[keep], y[keep]))
+        held.append((x[back], y[back]))
+    return kept, (torch.cat([x for x, _ in held]), torch.cat([y for _, y in held]))
 
 
 def _objectives(model: nn.Module, data: list[tuple[Tensor, Tensor]], batch_size: int, large_batch_size: int | None,
@@ -125,16 +155,17 @@ def _classification(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: 
                     num_clients: int = 10, partition: str = "iid", alpha: float | None = None,
                     shards_per_client: int | None = None,
                     batch_size: int = 32, large_batch_size: int | None = None, seed: int = 0, dtype: str = "float32",
-                    loss: str = "cross_entropy") -> Task:
+                    loss: str = "cross_entropy", validation_fraction: float = 0.0) -> Task:
     torch_dtype = _dtype(dtype)
     parts = partitions.partition(y_tr, num_clients, partition, seed=seed, alpha=alpha,
                                  shards_per_client=shards_per_client)
     xt, yt = torch.tensor(x_tr, dtype=torch_dtype), torch.tensor(y_tr, dtype=torch.long)
     loss_fn, predict = LOSSES[loss]
-    data = [(xt[torch.from_numpy(p)], yt[torch.from_numpy(p)]) for p in parts]
+    data, validation = hold_back([(xt[torch.from_numpy(p)], yt[torch.from_numpy(p)]) for p in parts],
+                                 validation_fraction, seed)
     return Task(model.to(torch_dtype), _objectives(model, data, batch_size, large_batch_size, loss_fn),
                 torch.tensor(x_te, dtype=torch_dtype), torch.tensor(y_te, dtype=torch.long), loss_fn=loss_fn,
-                summary_rows=partitions.summary_rows(parts, y_tr), predict=predict)
+                summary_rows=partitions.summary_rows(parts, y_tr), predict=predict, validation=validation)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -157,7 +188,7 @@ def _head(x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...], loss: str, bias
 def _synthetic(num_clients: int = 10, alpha: float = 1.0, beta: float = 1.0, dim: int = 60, classes: int = 10,
                mean_samples: int = 100, hidden: tuple[int, ...] = (), batch_size: int = 32,
                large_batch_size: int | None = None, test_fraction: float = 0.2, seed: int = 0,
-               dtype: str = "float32") -> Task:
+               dtype: str = "float32", validation_fraction: float = 0.0) -> Task:
     torch_dtype = _dtype(dtype)
     data = leaf_synthetic(num_clients, alpha, beta, dim=dim, classes=classes, mean_samples=mean_samples, seed=seed,
                           dtype=torch_dtype)
@@ -165,10 +196,11 @@ def _synthetic(num_clients: int = 10, alpha: float = 1.0, beta: float = 1.0, dim
     model = MLP(dim, tuple(hidden), classes).to(torch_dtype)
     # hold out the last test_fraction of every client's samples for central evaluation
     cuts = [max(1, int(round(len(y) * (1 - test_fraction)))) for _, y in data]
-    objectives = _objectives(model, [(x[:c], y[:c]) for (x, y), c in zip(data, cuts)], batch_size, large_batch_size)
+    train, validation = hold_back([(x[:c], y[:c]) for (x, y), c in zip(data, cuts)], validation_fraction, seed)
+    objectives = _objectives(model, train, batch_size, large_batch_size)
     sizes = [{"client": j, "size": o.num_samples} for j, o in enumerate(objectives)]
     return Task(model, objectives, torch.cat([x[c:] for (x, _), c in zip(data, cuts)]),
-                torch.cat([y[c:] for (_, y), c in zip(data, cuts)]), summary_rows=sizes)
+                torch.cat([y[c:] for (_, y), c in zip(data, cuts)]), summary_rows=sizes, validation=validation)
 
 
 def _sklearn(name: str, default_hidden: tuple[int, ...]):
@@ -230,25 +262,35 @@ def _a9a(num_samples: int = 32561, seed: int = 0, **kw: Any) -> Task:
 
 def _shakespeare(plays: tuple[str, ...] | None = None, context: int = 64, min_chars: int = 2000,
                  max_clients: int | None = 20, dim: int = 64, layers: int = 2, heads: int = 4, batch_size: int = 16,
-                 large_batch_size: int | None = None, val_fraction: float = 0.1, seed: int = 0) -> Task:
+                 large_batch_size: int | None = None, test_fraction: float = 0.1, validation_fraction: float = 0.0,
+                 seed: int = 0) -> Task:
+    """One client per speaking role. With ``validation_fraction`` f, each role keeps the first
+    ``ceil((1 - f) n)`` characters of its training text and holds back the rest as its validation text (whole
+    windows of it), so no training window overlaps validation text."""
     from fedgluon.tasks.data import shakespeare as shk
 
-    corpus = shk.build_corpus(tuple(plays) if plays else shk.PLAYS, val_fraction)
+    if not 0 <= validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    corpus = shk.build_corpus(tuple(plays) if plays else shk.PLAYS, test_fraction)
+    cut = {k: len(text) - int(len(text) * validation_fraction) for k, text in corpus.train.items()}
     floor = max(min_chars, context + 1)  # a client needs at least one full window
-    roles = sorted((k for k, text in corpus.train.items() if len(text) >= floor),
-                   key=lambda k: (-len(corpus.train[k]), k))[:max_clients]
+    roles = sorted((k for k in corpus.train if cut[k] >= floor), key=lambda k: (-cut[k], k))[:max_clients]
     if not roles:
         raise ValueError(f"no speaking role has at least min_chars={min_chars} training characters")
     torch.manual_seed(seed)
     model = TinyGPT(len(corpus.vocab), context, dim, layers, heads)
-    data = [shk.windows(corpus.encode(corpus.train[role]), context, stride=context // 2) for role in roles]
-    objectives = _objectives(model, [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in data], batch_size,
+
+    def tensors(text: str, stride: int | None = None) -> tuple[Tensor, Tensor]:
+        x, y = shk.windows(corpus.encode(text), context, stride)
+        return torch.from_numpy(x), torch.from_numpy(y)
+    objectives = _objectives(model, [tensors(corpus.train[r][:cut[r]], context // 2) for r in roles], batch_size,
                              large_batch_size, lm_loss)
-    vx, vy = shk.windows(corpus.encode(corpus.validation), context)
-    summary = [{"client": j, "play": r[0], "role": r[1], "size": o.num_samples, "chars": len(corpus.train[r])}
+    held = [tensors(corpus.train[r][cut[r]:]) for r in roles] if validation_fraction else []
+    validation = (torch.cat([x for x, _ in held]), torch.cat([y for _, y in held])) if held else None
+    summary = [{"client": j, "play": r[0], "role": r[1], "size": o.num_samples, "chars": cut[r]}
                for j, (r, o) in enumerate(zip(roles, objectives))]
-    return Task(model, objectives, torch.from_numpy(vx), torch.from_numpy(vy), loss_fn=lm_loss, language_model=True,
-                summary_rows=summary, eval_batch=256)
+    return Task(model, objectives, *tensors(corpus.test), loss_fn=lm_loss, language_model=True,
+                summary_rows=summary, eval_batch=256, validation=validation)
 
 
 TASKS: dict[str, Callable[..., Task]] = {

@@ -181,7 +181,8 @@ def test_best_config_is_the_best_mean_over_seeds_of_complete_trials():
 
 
 def test_running_summary_equals_the_summary_of_the_rounds_so_far(tmp_path):
-    """What a trial reports after each round is what summary.json would hold had the run stopped there."""
+    """What a trial reports after each round is what summary.json would hold had the run stopped there, the
+    validation split's metrics (which a tune may rank by: ``--metric final_val_loss``) included."""
     import math
 
     from fedgluon.config.schema import load
@@ -189,7 +190,7 @@ def test_running_summary_equals_the_summary_of_the_rounds_so_far(tmp_path):
     from fedgluon.exp.tuning import RunningSummary
 
     cfg = load(None, [*FAST, "rounds=5", "eval_every=2", "grad_norm_every=2", "network.bits=values",
-                      f"output.dir={tmp_path}"])
+                      "task.validation_fraction=0.25", f"output.dir={tmp_path}"])
     rows, reports = [], []
     running = RunningSummary(cfg)
 
@@ -205,3 +206,4 @@ def test_running_summary_equals_the_summary_of_the_rounds_so_far(tmp_path):
             want = math.nan if summary[m] is None else summary[m]
             assert report[m] == want or (math.isnan(report[m]) and math.isnan(want)), (k, m, report[m], want)
     assert math.isnan(reports[0]["final_test_loss"]) and not math.isnan(reports[1]["final_test_loss"])
+    assert {"final_val_loss", "best_val_accuracy"} <= set(METRICS) and not math.isnan(reports[-1]["final_val_loss"])

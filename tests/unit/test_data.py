@@ -114,12 +114,12 @@ def test_parse_play_all_speaker_formats():
 
 
 def test_shakespeare_corpus_split_without_leaking():
-    corpus = shk.build_corpus(val_fraction=0.1)
+    corpus = shk.build_corpus(test_fraction=0.1)
     train = "".join(corpus.train.values())
     speeches = shk.load_speeches()
-    assert len(train) + len(corpus.validation) == sum(len(s.text) for s in speeches)
-    long_val = [s.text for s in speeches if len(s.text) > 300 and s.text in corpus.validation]
-    assert long_val and not any(t in train for t in long_val)
+    assert len(train) + len(corpus.test) == sum(len(s.text) for s in speeches)
+    long_test = [s.text for s in speeches if len(s.text) > 300 and s.text in corpus.test]
+    assert long_test and not any(t in train for t in long_test)
     assert len(corpus.train) > 50 and len(corpus.vocab) < 100
     x, y = shk.windows(corpus.encode("abcdefghij"), 4, stride=2)
     assert x.shape == (3, 4) and np.array_equal(x[:, 1:], y[:, :-1])

@@ -60,3 +60,54 @@ def test_sigmoid_squared_binary_task():
     assert acc == pytest.approx(float(((task.test_inputs @ w[0] > 0).long() == task.test_targets).double().mean()))
     with pytest.raises(ValueError, match="needs a binary dataset, this one has 10 classes"):
         make_task({"name": "digits", "loss": "sigmoid_squared"})
+
+
+def _rows(x: torch.Tensor, y: torch.Tensor) -> list[tuple]:
+    """A client's samples as a sorted list (a multiset): one tuple per sample."""
+    return sorted(tuple(a.flatten().tolist()) + (int(b),) for a, b in zip(x, y))
+
+
+@pytest.mark.parametrize("spec", FAST[:2], ids=lambda s: s["name"])
+def test_a_validation_split_is_held_back_from_each_clients_training_data(spec):
+    """``validation_fraction`` f: client j trains on all but ``floor(f n_j)`` of the samples it has without the
+    option, and exactly those held-back samples, of all clients, are the validation set (no sample is in
+    both); ``val_*`` are the test metrics' formulas on them; the split is seeded; f = 0 is the task without it."""
+    plain, split = make_task(spec), make_task({**spec, "validation_fraction": 0.25})
+    assert make_task({**spec, "validation_fraction": 0}).validation is None and plain.validation is None
+    held: list[tuple] = []
+    for a, b in zip(plain.objectives, split.objectives):
+        n = a.num_samples
+        assert b.num_samples == n - int(0.25 * n)
+        back = sorted(set(_rows(a.inputs, a.targets)) - set(_rows(b.inputs, b.targets)))
+        assert _rows(a.inputs, a.targets) == sorted(_rows(b.inputs, b.targets) + back)
+        held += back
+    assert sorted(held) == _rows(*split.validation)
+    x, y = split.validation
+    metrics = split.evaluate(params := split.initial_params())
+    out = torch.func.functional_call(split.model, params, (x,))
+    assert metrics["val_loss"] == pytest.approx(float(split.loss_fn(out, y)), rel=1e-5)
+    assert metrics["val_accuracy"] == pytest.approx(float((out.argmax(1) == y).double().mean()))
+    assert metrics["test_loss"] == plain.evaluate(plain.initial_params())["test_loss"]
+    assert all(torch.equal(u, v) for u, v in zip(split.validation, make_task({**spec,
+                                                                              "validation_fraction": 0.25}).validation))
+    with pytest.raises(ValueError, match=r"validation_fraction must be in \[0, 1\), got 1"):
+        make_task({**spec, "validation_fraction": 1})
+
+
+def test_shakespeare_roles_hold_back_the_end_of_their_text():
+    """On Shakespeare each role keeps the first ceil((1 - f) n) characters of its training text and its
+    validation windows are cut from the rest alone: no training window overlaps validation text."""
+    from fedgluon.tasks.data import shakespeare as shk
+
+    task = make_task({"name": "shakespeare", "max_clients": 3, "validation_fraction": 0.2})
+    corpus = shk.build_corpus()
+    val_x = []
+    for obj, row in zip(task.objectives, task.partition_summary.itertuples()):
+        text = corpus.train[(row.play, row.role)]
+        cut = len(text) - int(0.2 * len(text))
+        assert row.chars == cut
+        x, y = shk.windows(corpus.encode(text[:cut]), 64, stride=32)
+        assert torch.equal(obj.inputs, torch.from_numpy(x)) and torch.equal(obj.targets, torch.from_numpy(y))
+        val_x.append(torch.from_numpy(shk.windows(corpus.encode(text[cut:]), 64)[0]))
+    assert torch.equal(task.validation[0], torch.cat(val_x)) and len(task.validation[0]) > 0
+    assert "val_perplexity" in task.evaluate(task.initial_params())

@@ -3,9 +3,9 @@
 
 The vendored plays (``fedgluon/tasks/data/shakespeare/``, CC BY 2.5, see ATTRIBUTION.md) are parsed into
 speeches: a paragraph whose first line is a speaker name (``NAME.``, ``Name.`` or ``NAME``) and
-whose other lines are the speech, from the first ``ACT`` heading on. Train/validation split
-*without leaking text*: within each play the last ``val_fraction`` of speeches (a contiguous block)
-is validation, so no training window overlaps validation text.
+whose other lines are the speech, from the first ``ACT`` heading on. Train/test split *without leaking
+text*: within each play the last ``test_fraction`` of speeches (a contiguous block) is test text, so no
+training window overlaps test text.
 """
 
 from __future__ import annotations
@@ -61,32 +61,32 @@ def load_speeches(plays: tuple[str, ...] = PLAYS, data_dir: str | Path = DATA_DI
 
 @dataclass
 class CharCorpus:
-    """Per-role training text, validation text, and the character vocabulary."""
+    """Per-role training text, the test text, and the character vocabulary."""
 
     vocab: list[str]
     train: dict[tuple[str, str], str]
-    validation: str
+    test: str
 
     def encode(self, text: str) -> np.ndarray:
         index = {c: i for i, c in enumerate(self.vocab)}
         return np.array([index.get(c, 0) for c in text], dtype=np.int64)
 
 
-def build_corpus(plays: tuple[str, ...] = PLAYS, val_fraction: float = 0.1, data_dir: str | Path = DATA_DIR
+def build_corpus(plays: tuple[str, ...] = PLAYS, test_fraction: float = 0.1, data_dir: str | Path = DATA_DIR
                  ) -> CharCorpus:
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     speeches = load_speeches(plays, data_dir)
     train: dict[tuple[str, str], str] = {}
-    val_parts = []
+    test_parts = []
     for play in plays:
         ps = [s for s in speeches if s.play == play]
-        cut = int(round(len(ps) * (1 - val_fraction)))
+        cut = int(round(len(ps) * (1 - test_fraction)))
         for s in ps[:cut]:
             train[(s.play, s.role)] = train.get((s.play, s.role), "") + s.text
-        val_parts.extend(s.text for s in ps[cut:])
-    vocab = sorted(set("".join(train.values())) | set("".join(val_parts)))
-    return CharCorpus(vocab, train, "".join(val_parts))
+        test_parts.extend(s.text for s in ps[cut:])
+    vocab = sorted(set("".join(train.values())) | set("".join(test_parts)))
+    return CharCorpus(vocab, train, "".join(test_parts))
 
 
 def windows(tokens: np.ndarray, context: int, stride: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -4,6 +4,11 @@
     python -m experiments.flagship study           # phase 2: 3 seeds at the chosen values, then the report
     python -m experiments.flagship study --quick   # the whole pipeline in a few minutes (not a result)
     python -m experiments.flagship report          # the tables and figures again, from the study's runs
+
+A tune that never looks at the test data, then the study on seeds it never ran (experiments/README.md):
+
+    python -m experiments.flagship tune --set task.validation_fraction=0.1 --metric final_val_loss --chosen clean.yaml
+    python -m experiments.flagship study --chosen clean.yaml --seeds 1 2 3 --out runs/flagship-clean
 """
 
 from __future__ import annotations
@@ -53,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chosen", type=Path, default=plan.CHOSEN_FILE,
                     help="the chosen values: tune writes them, study and report read them [default: %(default)s]")
     ap.add_argument("--no-extend", action="store_true", help="tune: do not try one step beyond a grid edge")
+    ap.add_argument("--metric", choices=plan.METRICS, default=plan.METRIC,
+                    help="tune: what to rank by; final_val_loss needs --set task.validation_fraction=F "
+                         "[default: %(default)s]")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help=f"study, report: the seeds [default: {' '.join(map(str, plan.SEEDS))}; --quick: 0]")
     args = ap.parse_args(argv)
     try:
         methods = plan.load_methods()
@@ -63,18 +73,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.phase == "tune" and args.quick:
             raise plan.PlanError("--quick is for study and report (phase 1's ASHA needs whole runs); for a short "
                                  "tune give --set rounds=R --chosen PATH")
+        if args.metric != plan.METRIC and not any(s.startswith("task.validation_fraction=") for s in args.set):
+            raise plan.PlanError(f"--metric {args.metric} needs a validation split: give --set "
+                                 "task.validation_fraction=F (0 < F < 1)")
         if args.phase == "tune" and args.set and args.chosen == plan.CHOSEN_FILE:
             raise plan.PlanError("tune with --set must write its values elsewhere: give --chosen PATH "
                                  f"(the committed {plan.CHOSEN_FILE.name} holds the study's values)")
         if args.phase == "tune":
             for task in tasks:
-                run_tunes(task, methods, out / "tune", overrides=args.set, parallel=args.parallel)
+                run_tunes(task, methods, out / "tune", overrides=args.set, parallel=args.parallel, metric=args.metric)
                 chosen = choose(task, methods, out / "tune", overrides=args.set, extend_edges=not args.no_extend,
-                                parallel=args.parallel)
+                                parallel=args.parallel, metric=args.metric)
                 write_chosen({task: chosen}, args.chosen, header=HEADER)
                 print(f"{task}: chosen values (written to {args.chosen}):", *summary_lines(chosen), sep="\n")
             return 0
-        seeds = (0,) if args.quick else plan.SEEDS
+        seeds = tuple(args.seeds or ((0,) if args.quick else plan.SEEDS))
         chosen = plan.load_chosen(args.chosen)
         dirs = {t: out / t for t in tasks}
         if args.phase == "study":

@@ -20,6 +20,10 @@ TASKS = {"shakespeare": HERE / "shakespeare.yaml", "fmnist": HERE / "fmnist.yaml
 METHODS_FILE = HERE / "methods.yaml"
 CHOSEN_FILE = HERE / "chosen.yaml"
 SEEDS = (0, 1, 2)
+METRIC = "final_test_loss"
+METRICS = (METRIC, "final_val_loss")
+"""What phase 1 may rank by: the final test loss (the committed values), or the loss on a validation split the
+clients hold back (``--set task.validation_fraction=F``)."""
 
 
 class PlanError(ValueError):
@@ -76,13 +80,18 @@ Chosen = dict[str, dict[str, dict[str, Any]]]
 
 
 def load_chosen(path: Path = CHOSEN_FILE) -> Chosen:
-    """``chosen.yaml``: task → method label → ``{value, grid, index, edge, metric, ...}``."""
+    """``chosen.yaml``: task → method label → ``{value, grid, index, edge, <metric>: its value, ...}``."""
     if not path.is_file():
         raise PlanError(f"{path} does not exist: run phase 1 first (python -m experiments.flagship tune)")
     raw = OmegaConf.to_container(OmegaConf.load(path))
     if not isinstance(raw, dict):
         raise PlanError(f"{path} must map task → method label → chosen value")
     return raw  # type: ignore[return-value]  # checked per entry by chosen_value
+
+
+def tuned_by(entry: dict[str, Any]) -> str:
+    """The metric a chosen.yaml entry was chosen by: the one of :data:`METRICS` it records."""
+    return next((m for m in METRICS if m in entry), METRIC)
 
 
 def chosen_value(chosen: Chosen, task: str, method: Method) -> float:

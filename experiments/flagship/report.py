@@ -31,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from experiments.flagship.plan import Chosen, Method  # noqa: E402
+from experiments.flagship.plan import METRIC, SEEDS, Chosen, Method, tuned_by  # noqa: E402
 from experiments.flagship.study import check_members, grid_of, member_config, member_labels  # noqa: E402
 from fedgluon.exp.plots import collect, draw_curves, group  # noqa: E402
 
@@ -130,17 +130,23 @@ def _pm(mean: float, std: float, scale: float = 1.0, digits: int = 3, over: str 
     return text + (f" ± {std / scale:.2g}" if std == std else "")
 
 
-def markdown(frame: pd.DataFrame, task: str, target: float, budget: float, every: int) -> str:
-    """The table as Markdown, with what its figures can and cannot say (``every``: rounds between evaluations)."""
+def markdown(frame: pd.DataFrame, task: str, target: float, budget: float, every: int, tuned_metric: str = METRIC,
+             seeds: Sequence[int] = SEEDS) -> str:
+    """The table as Markdown, with what its figures can and cannot say (``every``: rounds between evaluations;
+    ``tuned_metric``: the metric phase 1 chose by; ``seeds``: the study's)."""
     metric, mode = TARGETS[task]
     name = metric.replace("_", " ")
+    on_test = tuned_metric == METRIC
+    how = ("by its final test loss, on the same test data as this table (not on a validation split)" if on_test else
+           "by its final loss on a validation split the clients held back from training (not on the test data)")
+    seed0 = ("; none of the seeds here was tuned on" if 0 not in seeds else
+             ", and seed 0's run is that trial" if on_test else ", and seed 0 is the seed it was tuned on")
     lines = [f"Target: {name} {'≤' if mode == 'min' else '≥'} {target:.4g} (what dense Gluon reaches halfway, "
              "mean of its seeds);",
              f"budget: {budget / 1e6:.3g} Mbit uplink per client (the median method's whole run).",
              "Bits per client, int32 convention, mean ± std over the seeds that reached the target, counted up to "
              f"the first evaluation at the target: with an evaluation every {every} round(s) they move in steps of "
-             f"{every} round(s)' bits. Each value was tuned on seed 0 by this same test metric (not on a validation "
-             "split), and seed 0's run is that trial.", "",
+             f"{every} round(s)' bits. Each value was tuned on seed 0 {how}{seed0}.", "",
              "| method | tuned value | reached | uplink to target (Mbit) | downlink to target (Mbit) "
              f"| uplink saving vs gluon | {name} at budget | final {name} |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -186,7 +192,8 @@ def report(task: str, sweep_dir: Path, methods: Sequence[Method], chosen: Chosen
     results.mkdir(parents=True, exist_ok=True)
     frame.to_csv(results / f"{task}.csv", index=False)
     every = int(member_config(task, overrides, grid["algorithm"][0], grid["seed"][0]).eval_every)
-    text = markdown(frame, task, target, budget, every)
+    text = markdown(frame, task, target, budget, every, next((tuned_by(c) for c in chosen.get(task, {}).values()),
+                                                              METRIC), seeds)
     (results / f"{task}.md").write_text(text)
     figure(sweep_dir, labels, results / f"{task}.png", title=f"flagship study: {task} ({len(seeds)} seeds)")
     return text

@@ -6,7 +6,9 @@ Methods that tune the same key over the same grid share one tune directory per t
 directory that exists is continued (``fedgluon tune --resume``) or, once complete, read: the phase is
 resumable by running the same command again. ASHA (grace period: two evaluations, reduction factor 3) stops
 poor trials early; a trial stopped early never competes (only trials that ran every round do), and the
-metric is the final test loss.
+metric is the final test loss, or with ``metric="final_val_loss"`` (``--metric``) the final loss on a
+validation split the clients hold back (given by ``--set task.validation_fraction=F``), so that the test data
+choose nothing.
 
 A method whose best value lies on its grid's edge gets one more trial one grid step beyond it
 (``<out>/<task>/extend/``); the better of the two is chosen. ``chosen.yaml`` records, per task and method,
@@ -25,16 +27,14 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-from experiments.flagship.plan import CHOSEN_FILE, TASKS, Chosen, Method, edge_of, extend
+from experiments.flagship.plan import CHOSEN_FILE, METRIC, TASKS, Chosen, Method, edge_of, extend, tuned_by
 from fedgluon.config import schema as configs
 from fedgluon.exp.sweep import parse_grid
 from fedgluon.exp.tuning import resume, tune
 
-METRIC = "final_test_loss"
-
 
 def run_tunes(task: str, methods: Sequence[Method], out: Path, *, overrides: Sequence[str] = (), parallel: int = 2,
-              progress: bool = True) -> None:
+              progress: bool = True, metric: str = METRIC) -> None:
     """Tune every method of ``methods`` on ``task`` over its grid, the methods sharing a (key, grid) in one
     ``fedgluon tune``: a tune that holds a method already is continued or, complete, left as it is."""
     groups: dict[tuple[str, str], list[Method]] = {}
@@ -43,7 +43,7 @@ def run_tunes(task: str, methods: Sequence[Method], out: Path, *, overrides: Seq
     for (key, grid_name), group in groups.items():
         axis = f"algorithm.{key}=[{','.join(repr(v) for v in group[0].grid)}]"
         ensure(out / task, task, [*overrides, axis], [m.algorithm for m in group], f"{key}-{grid_name}", parallel,
-               progress)
+               progress, metric)
 
 
 def requests(task_dir: Path) -> dict[Path, dict[str, Any]]:
@@ -52,7 +52,7 @@ def requests(task_dir: Path) -> dict[Path, dict[str, Any]]:
 
 
 def ensure(task_dir: Path, task: str, args: Sequence[str], algorithms: list[dict[str, Any]], name: str,
-           parallel: int, progress: bool) -> None:
+           parallel: int, progress: bool, metric: str = METRIC) -> None:
     """Every algorithm of ``algorithms`` tuned over the grid in ``args``: the tunes that hold some of them are
     continued if unfinished, and the others are tuned in a new directory (``name``, or ``name-<hash>`` when a
     tune of other algorithms has that name)."""
@@ -60,7 +60,8 @@ def ensure(task_dir: Path, task: str, args: Sequence[str], algorithms: list[dict
     missing = list(algorithms)
     for d, request in requests(task_dir).items():
         held = [a for a in request["algorithms"] if a in missing]
-        if not held or request["grid"] != grid or request["overrides"] != [*overrides, f"output.dir={task_dir}"]:
+        same = request["grid"] == grid and request.get("metric", METRIC) == metric
+        if not held or not same or request["overrides"] != [*overrides, f"output.dir={task_dir}"]:
             continue
         if not _finished(d, request):
             resume(d, progress=progress)
@@ -70,7 +71,7 @@ def ensure(task_dir: Path, task: str, args: Sequence[str], algorithms: list[dict
     if (task_dir / name).exists():
         name += "-" + hashlib.sha1(json.dumps(missing, sort_keys=True).encode()).hexdigest()[:6]
     base = configs.load(TASKS[task], overrides)
-    tune(TASKS[task], [*args, f"output.dir={task_dir}"], missing, metric=METRIC, mode="min", name=name,
+    tune(TASKS[task], [*args, f"output.dir={task_dir}"], missing, metric=metric, mode="min", name=name,
          scheduler="asha", grace_period=min(int(base.rounds), 2 * int(base.eval_every)), reduction_factor=3.0,
          parallel=parallel, progress=progress)
 
@@ -79,13 +80,17 @@ def _finished(d: Path, request: dict[str, Any]) -> bool:
     return (d / "best.json").is_file() and all((d / label / "trials.csv").is_file() for label in request["labels"])
 
 
-def trials_of(task_dir: Path, method: Method, overrides: Sequence[str] = ()) -> dict[float, float]:
-    """value → final test loss of ``method``'s trials that ran every round, in every tune under ``task_dir``
-    made with these ``overrides`` (a smoke tune with ``--set rounds=2`` never mixes with the real one)."""
+def trials_of(task_dir: Path, method: Method, overrides: Sequence[str] = (), metric: str = METRIC
+              ) -> dict[float, float]:
+    """value → ``metric`` of ``method``'s trials that ran every round, in every tune under ``task_dir`` made
+    with these ``overrides`` and ranked by this ``metric`` (a smoke tune with ``--set rounds=2`` never mixes
+    with the real one)."""
     found: dict[float, float] = {}
     mine = json.dumps(method.algorithm, sort_keys=True)
     for d, request in requests(task_dir).items():
-        if not (d / "tuned.csv").is_file() or request.get("overrides") != [*overrides, f"output.dir={task_dir}"]:
+        ours = (request.get("overrides") == [*overrides, f"output.dir={task_dir}"]
+                and request.get("metric", METRIC) == metric)  # another metric decided its early stops
+        if not (d / "tuned.csv").is_file() or not ours:
             continue
         table = pd.read_csv(d / "tuned.csv")
         for label, alg in zip(request["labels"], request["algorithms"]):
@@ -96,25 +101,26 @@ def trials_of(task_dir: Path, method: Method, overrides: Sequence[str] = ()) -> 
             column = f"algorithm.{method.key}"
             if column not in trials or trials[column].isna().all():  # an extension: the value is in the section
                 trials = trials.assign(**{column: alg[method.key]})
-            found.update(scores(trials, method.key))
+            found.update(scores(trials, method.key, metric))
     return found
 
 
-def scores(trials: pd.DataFrame, key: str) -> dict[float, float]:
-    """value → the metric of the trials that ran every round (stopped early or diverged: absent)."""
-    done = trials[trials["complete"].astype(bool) & trials[METRIC].notna()]
-    return {float(v): float(x) for v, x in zip(done[f"algorithm.{key}"], done[METRIC])}
+def scores(trials: pd.DataFrame, key: str, metric: str = METRIC) -> dict[float, float]:
+    """value → ``metric`` of the trials that ran every round (stopped early or diverged: absent)."""
+    done = trials[trials["complete"].astype(bool) & trials[metric].notna()]
+    return {float(v): float(x) for v, x in zip(done[f"algorithm.{key}"], done[metric])}
 
 
 def choose(task: str, methods: Sequence[Method], out: Path, *, overrides: Sequence[str] = (), extend_edges: bool = True,
-           parallel: int = 2, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """The chosen value per method (tuning one step beyond a grid edge first where that is where the best lies)."""
-    found = {m.label: trials_of(out / task, m, overrides) for m in methods}
+           parallel: int = 2, progress: bool = True, metric: str = METRIC) -> dict[str, dict[str, Any]]:
+    """The chosen value per method (tuning one step beyond a grid edge first where that is where the best lies);
+    each entry holds the ``metric`` of the chosen value under the metric's name."""
+    found = {m.label: trials_of(out / task, m, overrides, metric) for m in methods}
     edges = [m for m in methods if found[m.label] and edge_of(m.grid, _best(found[m.label])) in ("low", "high")]
     if extend_edges and edges:
         algorithms = [m.algorithm_at(extend(m.grid, edge_of(m.grid, _best(found[m.label])))) for m in edges]
-        ensure(out / task, task, list(overrides), algorithms, "extend", parallel, progress)
-        found = {m.label: trials_of(out / task, m, overrides) for m in methods}
+        ensure(out / task, task, list(overrides), algorithms, "extend", parallel, progress, metric)
+        found = {m.label: trials_of(out / task, m, overrides, metric) for m in methods}
     chosen = {}
     for m in methods:
         grid = sorted({*m.grid, *found[m.label]})
@@ -125,7 +131,7 @@ def choose(task: str, methods: Sequence[Method], out: Path, *, overrides: Sequen
         best = _best(found[m.label])
         chosen[m.label] = {"value": best, "grid": grid, "index": grid.index(best),
                            "edge": edge_of(tuple(grid), best) or "none",
-                           METRIC: found[m.label][best],
+                           metric: found[m.label][best],
                            "trials": {str(v): round(x, 5) for v, x in sorted(found[m.label].items())}}
     return chosen
 
@@ -152,5 +158,5 @@ def summary_lines(chosen: dict[str, dict[str, Any]]) -> list[str]:
         else:
             flag = "" if c["edge"] == "none" else f"  [on the grid's {c['edge']} edge]"
             lines.append(f"  {label}: {c['value']:g} (index {c['index']} of {len(c['grid'])}; "
-                         f"{METRIC} {c[METRIC]:.4f}){flag}")
+                         f"{tuned_by(c)} {c[tuned_by(c)]:.4f}){flag}")
     return lines

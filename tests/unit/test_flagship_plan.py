@@ -74,10 +74,10 @@ def test_methods_file_errors_name_the_entry(tmp_path):
         plan.load_methods(path)
 
 
-def _tune_dir(tmp_path, labels, algorithms, rows):
-    d = tmp_path / "lr-radius"
+def _tune_dir(tmp_path, labels, algorithms, rows, metric="final_test_loss", name="lr-radius"):
+    d = tmp_path / name
     d.mkdir(parents=True)
-    (d / "tune.json").write_text(json.dumps({"labels": labels, "algorithms": algorithms,
+    (d / "tune.json").write_text(json.dumps({"labels": labels, "algorithms": algorithms, "metric": metric,
                                              "overrides": [f"output.dir={tmp_path}"]}))
     pd.DataFrame(rows).to_csv(d / "tuned.csv", index=False)
     return tmp_path
@@ -97,6 +97,22 @@ def test_choose_takes_the_best_complete_trial_and_flags_an_edge(tmp_path):
     assert chosen["b"]["value"] == 0.03 and chosen["b"]["edge"] == "low" and chosen["b"]["index"] == 0
     smoke = flagship_tune.choose("fmnist", [a], out, overrides=["rounds=2"], extend_edges=False)
     assert smoke["a"]["value"] is None  # a tune made with other overrides is never read
+
+
+def test_a_tune_on_the_validation_split_chooses_by_it_alone(tmp_path):
+    """``--metric final_val_loss``: the value with the best validation loss wins although another has the
+    better test loss; the entry records the metric it was chosen by, and a tune ranked by the test loss (whose
+    early stops were decided by it) is not read."""
+    a = plan.Method("a", {"name": "gluon"}, "lr", "radius", (0.03, 0.1, 0.3, 1.0))
+    rows = [{"algorithm": "gluon", "algorithm.lr": v, "complete": True, "final_test_loss": t, "final_val_loss": x}
+            for v, t, x in ((0.03, 2.0, 2.1), (0.1, 1.2, 1.6), (0.3, 1.4, 1.5), (1.0, 1.9, 2.0))]
+    _tune_dir(tmp_path / "fmnist", ["gluon"], [a.algorithm], rows, metric="final_val_loss")
+    _tune_dir(tmp_path / "fmnist", ["gluon"], [a.algorithm], [{**r, "final_val_loss": 0.0} for r in rows],
+              name="ranked-by-test")
+    chosen = flagship_tune.choose("fmnist", [a], tmp_path, extend_edges=False, metric="final_val_loss")["a"]
+    assert chosen["value"] == 0.3 and chosen["final_val_loss"] == 1.5 and "final_test_loss" not in chosen
+    assert plan.tuned_by(chosen) == "final_val_loss"
+    assert flagship_tune.choose("fmnist", [a], tmp_path, extend_edges=False)["a"]["value"] == 0.1  # by test loss
 
 
 def _run(label, seed, up, down, loss):
@@ -135,6 +151,10 @@ def test_bits_to_target_budget_and_saving_are_counted_per_seed():
     none = report.markdown(frame.assign(seeds=0, reached=0, test_loss_at_budget_mean=math.nan), "shakespeare",
                            target, budget, every=1)
     assert "over budget" not in none.split("\n\n")[1]  # no seed ran: nothing is over any budget
+    assert "by its final test loss, on the same test data as this table" in text and "that trial" in text
+    clean = report.markdown(frame, "shakespeare", target, budget, every=1, tuned_metric="final_val_loss",
+                            seeds=(1, 2, 3))
+    assert "validation split the clients held back from training (not on the test data); none of the seeds" in clean
 
 
 def test_a_method_subset_names_its_members_as_the_whole_study_does(capsys):

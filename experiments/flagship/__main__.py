@@ -24,8 +24,9 @@ from experiments.flagship.tune import choose, run_tunes, summary_lines, write_ch
 
 HEADER = ("# Phase 1 of the flagship study (python -m experiments.flagship tune): per task and method, the\n"
           "# chosen value, the grid searched (with any one-step extension beyond an edge), the value's index in\n"
-          "# it, whether it still lies on the grid's edge, and the final test loss of seed 0 at every value whose\n"
-          "# trial ran every round (ASHA stops the others early).\n")
+          "# it, whether it still lies on the grid's edge, and the metric it was ranked by (final_test_loss, or\n"
+          "# final_val_loss on a validation split) of seed 0 at every value whose trial ran every round (ASHA stops\n"
+          "# the others early).\n")
 
 
 def selected(methods: list[plan.Method], labels: list[str], widen: bool) -> list[plan.Method]:

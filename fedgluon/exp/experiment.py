@@ -34,6 +34,7 @@ from fedgluon.sim.checkpoint import Checkpointer, RunInterrupted, RunStopped
 from fedgluon.sim.checkpoint import load as load_checkpoint
 from fedgluon.sim.checkpoint import remove as remove_checkpoint
 from fedgluon.sim.faults import FaultPlan
+from fedgluon.tasks.registry import EVAL_SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -281,9 +282,8 @@ def _version(package: str) -> str | None:
         return None
 
 
-SUMMARY_METRICS = tuple("final_test_accuracy final_test_loss best_test_accuracy best_test_loss final_val_accuracy "
-                        "final_val_loss best_val_accuracy best_val_loss final_grad_dual_norm uplink_bits_per_client "
-                        "sim_time".split())
+SUMMARY_METRICS = (*(f"{when}_{split}_{m}" for split in EVAL_SPLITS for when in ("final", "best")
+                     for m in ("accuracy", "loss")), "final_grad_dual_norm", "uplink_bits_per_client", "sim_time")
 """The measured fields of :func:`summarise`'s summary, which sweep tables aggregate and tunes rank by."""
 
 
@@ -301,7 +301,8 @@ def summarise(frame: pd.DataFrame, cfg: DictConfig, wall: float) -> dict[str, An
     out = {
         "name": run_name(cfg), "algorithm": cfg.algorithm["name"], "task": cfg.task["name"], "seed": int(cfg.seed),
         "rounds": len(frame), "engine": cfg.engine.name,
-        **scores("test"), **scores("val"), "final_grad_dual_norm": last("grad_dual_norm"),
+        **{k: v for split in EVAL_SPLITS for k, v in scores(split).items()},
+        "final_grad_dual_norm": last("grad_dual_norm"),
         "uplink_bits_total": last("up_bits_cum"), "uplink_bits_per_client": last("up_bits_per_client_cum"),
         "downlink_bits_total": last("down_bits_cum"), "sim_time": last("sim_time"),
         "rejected": int(frame["rejected"].sum()) if "rejected" in frame else 0,

@@ -4,7 +4,8 @@ A task gives each client its :class:`~fedgluon.clients.objective.SupervisedObjec
 parameters (seeded), the model for the geometry, a partition summary (client sizes and label
 histograms) and a central evaluation on held-out test data (loss, accuracy; perplexity for language
 models), and on a validation split the clients held back from their training data when the task's
-``validation_fraction`` is above 0 (:func:`hold_back`), so that tuning need not look at the test data.
+``validation_fraction`` is above 0 (:func:`hold_back`, :func:`validation_set`), so that tuning need not look
+at the test data.
 
 The tasks, their data and options: README, "Tasks and data".
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -74,7 +75,7 @@ class Task:
     summary_rows: list[dict[str, Any]] = field(default_factory=list)  # one per client: see partition_summary
     eval_batch: int = 2048
     predict: Callable[[Tensor], Tensor] = argmax_prediction
-    validation: tuple[Tensor, Tensor] | None = None  # (inputs, targets) the clients held back: hold_back
+    validation: tuple[Tensor, Tensor] | None = None  # (inputs, targets) the clients held back: validation_set
 
     @property
     def partition_summary(self) -> pd.DataFrame:
@@ -115,24 +116,38 @@ class Task:
         return row
 
 
-def hold_back(data: list[tuple[Tensor, Tensor]], fraction: float, seed: int
-              ) -> tuple[list[tuple[Tensor, Tensor]], tuple[Tensor, Tensor] | None]:
-    """A validation split from the clients' own training data (task option ``validation_fraction``): client
-    ``j`` keeps its samples but a random ``floor(fraction * n_j)`` of them (drawn with
-    ``generator(seed, "validation", j)``; at least one sample kept, order preserved), and the samples held back,
-    in client order, are the validation set. ``fraction`` 0 changes nothing (validation None)."""
+EVAL_SPLITS = ("test", "val")
+"""The evaluation splits, as their metrics' prefixes: the held-out test data, and the validation split."""
+
+
+def _fraction(fraction: float) -> float:
     if not 0 <= fraction < 1:
         raise ValueError(f"validation_fraction must be in [0, 1), got {fraction}")
-    if fraction == 0:
-        return data, None
-    kept, held = [], []
-    for j, (x, y) in enumerate(data):
-        order = torch.randperm(len(y), generator=generator(seed, "validation", j))
-        k = min(int(len(y) * fraction), len(y) - 1)
-        keep, back = order[k:].sort().values, order[:k].sort().values
-        kept.append((x[keep], y[keep]))
-        held.append((x[back], y[back]))
-    return kept, (torch.cat([x for x, _ in held]), torch.cat([y for _, y in held]))
+    return fraction
+
+
+def hold_back(sizes: Sequence[int], fraction: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A validation split from the clients' own training data (task option ``validation_fraction``): per client
+    ``j`` of ``sizes``, the sorted indices of the samples it keeps and of the ``min(floor(fraction * n_j),
+    n_j - 1)`` it holds back, drawn with ``generator(seed, "validation", j)``. ``fraction`` 0 holds back none."""
+    out = []
+    for j, n in enumerate(sizes):
+        k = min(int(n * _fraction(fraction)), n - 1)
+        order = torch.randperm(n, generator=generator(seed, "validation", j)).numpy() if k > 0 else np.arange(n)
+        out.append((np.sort(order[k:]), np.sort(order[:k])))
+    return out
+
+
+def validation_set(held: Sequence[tuple[Tensor, Tensor]], fraction: float) -> tuple[Tensor, Tensor] | None:
+    """The samples the clients held back, in client order, as one validation set (None for ``fraction`` 0).
+    Holding back nothing is an error: an empty set would score a perfect loss of 0."""
+    if not fraction:
+        return None
+    x, y = torch.cat([x for x, _ in held]), torch.cat([y for _, y in held])
+    if not len(y):
+        raise ValueError(f"validation_fraction={fraction} holds back no sample (a client holds back "
+                         f"floor(f * n) of its n samples, a shakespeare role whole windows of its text): raise it")
+    return x, y
 
 
 def _objectives(model: nn.Module, data: list[tuple[Tensor, Tensor]], batch_size: int, large_batch_size: int | None,
@@ -161,11 +176,14 @@ def _classification(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: 
                                  shards_per_client=shards_per_client)
     xt, yt = torch.tensor(x_tr, dtype=torch_dtype), torch.tensor(y_tr, dtype=torch.long)
     loss_fn, predict = LOSSES[loss]
-    data, validation = hold_back([(xt[torch.from_numpy(p)], yt[torch.from_numpy(p)]) for p in parts],
-                                 validation_fraction, seed)
-    return Task(model.to(torch_dtype), _objectives(model, data, batch_size, large_batch_size, loss_fn),
+    splits = hold_back([len(p) for p in parts], validation_fraction, seed)
+    kept = [torch.from_numpy(p[keep]) for p, (keep, _) in zip(parts, splits)]
+    held = [torch.from_numpy(p[back]) for p, (_, back) in zip(parts, splits)]
+    return Task(model.to(torch_dtype), _objectives(model, [(xt[i], yt[i]) for i in kept], batch_size, large_batch_size,
+                                                   loss_fn),
                 torch.tensor(x_te, dtype=torch_dtype), torch.tensor(y_te, dtype=torch.long), loss_fn=loss_fn,
-                summary_rows=partitions.summary_rows(parts, y_tr), predict=predict, validation=validation)
+                summary_rows=partitions.summary_rows([i.numpy() for i in kept], y_tr), predict=predict,
+                validation=validation_set([(xt[i], yt[i]) for i in held], validation_fraction))
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -196,11 +214,14 @@ def _synthetic(num_clients: int = 10, alpha: float = 1.0, beta: float = 1.0, dim
     model = MLP(dim, tuple(hidden), classes).to(torch_dtype)
     # hold out the last test_fraction of every client's samples for central evaluation
     cuts = [max(1, int(round(len(y) * (1 - test_fraction)))) for _, y in data]
-    train, validation = hold_back([(x[:c], y[:c]) for (x, y), c in zip(data, cuts)], validation_fraction, seed)
-    objectives = _objectives(model, train, batch_size, large_batch_size)
+    splits = hold_back(cuts, validation_fraction, seed)
+    objectives = _objectives(model, [(x[keep], y[keep]) for (x, y), (keep, _) in zip(data, splits)], batch_size,
+                             large_batch_size)
     sizes = [{"client": j, "size": o.num_samples} for j, o in enumerate(objectives)]
     return Task(model, objectives, torch.cat([x[c:] for (x, _), c in zip(data, cuts)]),
-                torch.cat([y[c:] for (_, y), c in zip(data, cuts)]), summary_rows=sizes, validation=validation)
+                torch.cat([y[c:] for (_, y), c in zip(data, cuts)]), summary_rows=sizes,
+                validation=validation_set([(x[back], y[back]) for (x, y), (_, back) in zip(data, splits)],
+                                          validation_fraction))
 
 
 def _sklearn(name: str, default_hidden: tuple[int, ...]):
@@ -269,14 +290,13 @@ def _shakespeare(plays: tuple[str, ...] | None = None, context: int = 64, min_ch
     windows of it), so no training window overlaps validation text."""
     from fedgluon.tasks.data import shakespeare as shk
 
-    if not 0 <= validation_fraction < 1:
-        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     corpus = shk.build_corpus(tuple(plays) if plays else shk.PLAYS, test_fraction)
-    cut = {k: len(text) - int(len(text) * validation_fraction) for k, text in corpus.train.items()}
+    cut = {k: len(text) - int(len(text) * _fraction(validation_fraction)) for k, text in corpus.train.items()}
     floor = max(min_chars, context + 1)  # a client needs at least one full window
     roles = sorted((k for k in corpus.train if cut[k] >= floor), key=lambda k: (-cut[k], k))[:max_clients]
     if not roles:
-        raise ValueError(f"no speaking role has at least min_chars={min_chars} training characters")
+        kept = f" after validation_fraction={validation_fraction} held back the rest" if validation_fraction else ""
+        raise ValueError(f"no speaking role has at least min_chars={min_chars} training characters{kept}")
     torch.manual_seed(seed)
     model = TinyGPT(len(corpus.vocab), context, dim, layers, heads)
 
@@ -285,8 +305,7 @@ def _shakespeare(plays: tuple[str, ...] | None = None, context: int = 64, min_ch
         return torch.from_numpy(x), torch.from_numpy(y)
     objectives = _objectives(model, [tensors(corpus.train[r][:cut[r]], context // 2) for r in roles], batch_size,
                              large_batch_size, lm_loss)
-    held = [tensors(corpus.train[r][cut[r]:]) for r in roles] if validation_fraction else []
-    validation = (torch.cat([x for x, _ in held]), torch.cat([y for _, y in held])) if held else None
+    validation = validation_set([tensors(corpus.train[r][cut[r]:]) for r in roles], validation_fraction)
     summary = [{"client": j, "play": r[0], "role": r[1], "size": o.num_samples, "chars": cut[r]}
                for j, (r, o) in enumerate(zip(roles, objectives))]
     return Task(model, objectives, *tensors(corpus.test), loss_fn=lm_loss, language_model=True,

@@ -74,6 +74,7 @@ def test_a_validation_split_is_held_back_from_each_clients_training_data(spec):
     both); ``val_*`` are the test metrics' formulas on them; the split is seeded; f = 0 is the task without it."""
     plain, split = make_task(spec), make_task({**spec, "validation_fraction": 0.25})
     assert make_task({**spec, "validation_fraction": 0}).validation is None and plain.validation is None
+    assert split.partition_summary["size"].sum() == sum(o.num_samples for o in split.objectives)
     held: list[tuple] = []
     for a, b in zip(plain.objectives, split.objectives):
         n = a.num_samples
@@ -92,6 +93,8 @@ def test_a_validation_split_is_held_back_from_each_clients_training_data(spec):
                                                                               "validation_fraction": 0.25}).validation))
     with pytest.raises(ValueError, match=r"validation_fraction must be in \[0, 1\), got 1"):
         make_task({**spec, "validation_fraction": 1})
+    with pytest.raises(ValueError, match="validation_fraction=0.0001 holds back no sample"):  # it would score 0
+        make_task({**spec, "validation_fraction": 0.0001})
 
 
 def test_shakespeare_roles_hold_back_the_end_of_their_text():
@@ -111,3 +114,7 @@ def test_shakespeare_roles_hold_back_the_end_of_their_text():
         val_x.append(torch.from_numpy(shk.windows(corpus.encode(text[cut:]), 64)[0]))
     assert torch.equal(task.validation[0], torch.cat(val_x)) and len(task.validation[0]) > 0
     assert "val_perplexity" in task.evaluate(task.initial_params())
+    with pytest.raises(ValueError, match="holds back no sample"):  # tails shorter than a window
+        make_task({"name": "shakespeare", "max_clients": 3, "validation_fraction": 0.001})
+    with pytest.raises(ValueError, match="after validation_fraction=0.99 held back the rest"):
+        make_task({"name": "shakespeare", "max_clients": 3, "validation_fraction": 0.99})

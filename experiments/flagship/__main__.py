@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the chosen values: tune writes them, study and report read them [default: %(default)s]")
     ap.add_argument("--no-extend", action="store_true", help="tune: do not try one step beyond a grid edge")
     ap.add_argument("--metric", choices=plan.METRICS, default=plan.METRIC,
-                    help="tune: what to rank by; final_val_loss needs --set task.validation_fraction=F "
-                         "[default: %(default)s]")
+                    help="tune: what to rank by; final_val_loss needs --set task.validation_fraction=F, "
+                         "0 < F < 1 [default: %(default)s]")
     ap.add_argument("--seeds", type=int, nargs="+", default=None,
                     help=f"study, report: the seeds [default: {' '.join(map(str, plan.SEEDS))}; --quick: 0]")
     args = ap.parse_args(argv)
@@ -74,9 +74,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.phase == "tune" and args.quick:
             raise plan.PlanError("--quick is for study and report (phase 1's ASHA needs whole runs); for a short "
                                  "tune give --set rounds=R --chosen PATH")
-        if args.metric != plan.METRIC and not any(s.startswith("task.validation_fraction=") for s in args.set):
-            raise plan.PlanError(f"--metric {args.metric} needs a validation split: give --set "
-                                 "task.validation_fraction=F (0 < F < 1)")
         if args.phase == "tune" and args.set and args.chosen == plan.CHOSEN_FILE:
             raise plan.PlanError("tune with --set must write its values elsewhere: give --chosen PATH "
                                  f"(the committed {plan.CHOSEN_FILE.name} holds the study's values)")
@@ -91,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds = tuple(args.seeds or ((0,) if args.quick else plan.SEEDS))
         chosen = plan.load_chosen(args.chosen)
         dirs = {t: out / t for t in tasks}
+        if args.phase == "report" and not args.seeds:  # the seeds the study ran, where it says
+            seeds = next((tuple(s) for d in dirs.values() if (s := plan.study_seeds(d))), seeds)
         if args.phase == "study":
             dirs = run_study(tasks, methods, chosen, out, seeds=seeds, quick=args.quick, parallel=args.parallel,
                              overrides=args.set)

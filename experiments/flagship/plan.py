@@ -8,6 +8,8 @@ A method is one configuration of the study: an ``algorithm`` section without its
 from __future__ import annotations
 
 import copy
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,9 +91,19 @@ def load_chosen(path: Path = CHOSEN_FILE) -> Chosen:
     return raw  # type: ignore[return-value]  # checked per entry by chosen_value
 
 
-def tuned_by(entry: dict[str, Any]) -> str:
-    """The metric a chosen.yaml entry was chosen by: the one of :data:`METRICS` it records."""
-    return next((m for m in METRICS if m in entry), METRIC)
+def tuned_by(entries: Iterable[dict[str, Any]]) -> str:
+    """The metric chosen.yaml entries (a task's) were chosen by: the one of :data:`METRICS` they record (entries
+    without a value record none); a :class:`PlanError` where they name two."""
+    found = {m for entry in entries for m in METRICS if m in entry}
+    if len(found) > 1:
+        raise PlanError(f"chosen values of one task were ranked by different metrics: {sorted(found)}")
+    return found.pop() if found else METRIC
+
+
+def study_seeds(sweep_dir: Path) -> list[int] | None:
+    """The seeds a task's phase 2 ran, from its sweep's ``sweep.json`` (None before it ran)."""
+    path = sweep_dir / "sweep.json"
+    return json.loads(path.read_text())["grid"].get("seed") if path.is_file() else None
 
 
 def chosen_value(chosen: Chosen, task: str, method: Method) -> float:

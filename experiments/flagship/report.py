@@ -90,7 +90,7 @@ def table(runs: dict[str, list[SeedRun]], task: str, methods: Sequence[Method], 
     metric, mode = TARGETS[task]
     if not runs:
         raise ValueError("no complete member of the study in its sweep directory: run `python -m experiments.flagship "
-                         "study` first (with the same --task, --set and --quick)")
+                         "study` first (with the same --task, --set, --seeds and --quick)")
     if target is None:
         if BASELINE not in runs:
             raise ValueError(f"no complete {BASELINE!r} run in the sweep: its halfway value is the target, so "
@@ -192,8 +192,7 @@ def report(task: str, sweep_dir: Path, methods: Sequence[Method], chosen: Chosen
     results.mkdir(parents=True, exist_ok=True)
     frame.to_csv(results / f"{task}.csv", index=False)
     every = int(member_config(task, overrides, grid["algorithm"][0], grid["seed"][0]).eval_every)
-    text = markdown(frame, task, target, budget, every, next((tuned_by(c) for c in chosen.get(task, {}).values()),
-                                                              METRIC), seeds)
+    text = markdown(frame, task, target, budget, every, tuned_by(chosen.get(task, {}).values()), seeds)
     (results / f"{task}.md").write_text(text)
     figure(sweep_dir, labels, results / f"{task}.png", title=f"flagship study: {task} ({len(seeds)} seeds)")
     return text

@@ -158,5 +158,5 @@ def summary_lines(chosen: dict[str, dict[str, Any]]) -> list[str]:
         else:
             flag = "" if c["edge"] == "none" else f"  [on the grid's {c['edge']} edge]"
             lines.append(f"  {label}: {c['value']:g} (index {c['index']} of {len(c['grid'])}; "
-                         f"{tuned_by(c)} {c[tuned_by(c)]:.4f}){flag}")
+                         f"{tuned_by([c])} {c[tuned_by([c])]:.4f}){flag}")
     return lines

@@ -156,9 +156,11 @@ def run(config: str | None, overrides: tuple[str, ...], engine: str | None, over
             out = run_experiment(load(config, extra, overwrite=overwrite), progress=not quiet)
     summary = json.loads((out / "summary.json").read_text())
     click.echo(f"\n{out}")
-    for key in ("algorithm task rounds final_test_loss final_test_accuracy uplink_bits_per_client downlink_bits_total "
-                "sim_time rejected failed wall_time").split():
+    for key in ("algorithm task rounds final_test_loss final_test_accuracy final_val_loss final_val_accuracy "
+                "uplink_bits_per_client downlink_bits_total sim_time rejected failed wall_time").split():
         value = summary.get(key)
+        if value is None and "_val_" in key:  # no validation split
+            continue
         click.echo(f"  {key:24s} {value:.6g}" if isinstance(value, float) else f"  {key:24s} {value}")
     click.echo(f"  files: {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))}")
 

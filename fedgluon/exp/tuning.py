@@ -110,7 +110,8 @@ def algorithm_labels(algorithms: Sequence[str | dict[str, Any]], base: Any) -> l
 
 def check_request(request: Mapping[str, Any], base: Any) -> None:
     """One-line :class:`ConfigError` for an option out of range, and for an algorithm or grid point whose
-    config is invalid (each is loaded once, as a trial would)."""
+    config is invalid (each is loaded once, as a trial would) or that has no validation split to give a
+    ``--metric`` of one (``final_val_loss``: every trial would report NaN)."""
     rounds = int(base.rounds)
     for key, (_, words, ok) in OPTIONS.items():
         if not ok(request[key], rounds):
@@ -124,7 +125,10 @@ def check_request(request: Mapping[str, Any], base: Any) -> None:
     for alg in request["algorithms"]:  # every value of every axis, the other axes at their first value
         for key, values in grid.items() or [(None, [None])]:
             for value in values:
-                trial_config(request, alg, {**first, **({key: value} if key else {})}, Path("."))
+                cfg = trial_config(request, alg, {**first, **({key: value} if key else {})}, Path("."))
+                if "_val_" in request["metric"] and not cfg.task.get("validation_fraction"):
+                    raise configs.ConfigError(f"--metric {request['metric']} needs a validation split: set "
+                                              "task.validation_fraction (0 < f < 1)")
 
 
 def trial_config(request: Mapping[str, Any], algorithm: str | dict[str, Any] | None, values: Mapping[str, Any],

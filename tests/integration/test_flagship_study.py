@@ -78,7 +78,8 @@ def test_a_bad_method_label_is_one_error_line(tmp_path, capsys):
 @pytest.mark.parametrize("argv, says", [
     (["tune", "--quick"], "error: --quick is for study and report"),
     (["report", "--task", "fmnist"], "error: no complete member of the study"),  # nothing ran under --out yet
-    (["tune", "--metric", "final_val_loss"], "error: --metric final_val_loss needs a validation split"),
+    (["tune", "--metric", "final_val_loss", "--task", "fmnist", "--method", "gluon", "--set",
+      "task.validation_fraction=0", "--chosen", "unused.yaml"], "error: --metric final_val_loss needs a validation"),
 ])
 def test_a_command_that_cannot_work_is_one_error_line(tmp_path, capsys, argv, says):
     assert main([*argv, "--out", str(tmp_path)]) == 2

@@ -143,6 +143,8 @@ def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path):
     (["--gpus-per-trial", "-1"], "--gpus-per-trial must be >= 0"),
     (["--samples", "3"], "--samples is for --search random"),
     (["--metric", "accuracy"], "--metric must be one of"),
+    (["--metric", "final_val_loss"], "--metric final_val_loss needs a validation split: set task.validation_fraction"),
+    (["--metric", "best_val_accuracy", "task.validation_fraction=0"], "needs a validation split"),
     (["--grace-period", "9"], "--grace-period must be in [1, rounds=3]"),
     (["algorithm.lr=[0.1,-1]"], "lr must be a positive"),
 ])

@@ -111,7 +111,9 @@ def test_a_tune_on_the_validation_split_chooses_by_it_alone(tmp_path):
               name="ranked-by-test")
     chosen = flagship_tune.choose("fmnist", [a], tmp_path, extend_edges=False, metric="final_val_loss")["a"]
     assert chosen["value"] == 0.3 and chosen["final_val_loss"] == 1.5 and "final_test_loss" not in chosen
-    assert plan.tuned_by(chosen) == "final_val_loss"
+    assert plan.tuned_by([chosen, {"value": None}]) == "final_val_loss"  # an entry without a value names none
+    with pytest.raises(plan.PlanError, match="ranked by different metrics"):
+        plan.tuned_by([chosen, {"value": 0.1, "final_test_loss": 1.0}])
     assert flagship_tune.choose("fmnist", [a], tmp_path, extend_edges=False)["a"]["value"] == 0.1  # by test loss
 
 
@@ -176,3 +178,10 @@ def test_a_method_subset_names_its_members_as_the_whole_study_does(capsys):
     names = member_labels(subset, grid_of("fmnist", subset, plan.SEEDS, chosen))
     assert set(names.items()) <= set(whole.items()) and len(names) == 3 * len(plan.SEEDS)
     assert [m.label for m in selected(methods, [ef21[0]], widen=False)] == ef21[:1]  # tune: exactly as asked
+
+
+def test_a_report_takes_the_seeds_its_study_ran(tmp_path):
+    """``report`` without ``--seeds`` reads them from the task's sweep (a study run with ``--seeds 1 2 3``)."""
+    assert plan.study_seeds(tmp_path) is None
+    (tmp_path / "sweep.json").write_text(json.dumps({"config": "x", "overrides": [], "grid": {"seed": [1, 2, 3]}}))
+    assert plan.study_seeds(tmp_path) == [1, 2, 3]

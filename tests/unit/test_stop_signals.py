@@ -158,3 +158,41 @@ def test_the_watcher_works_with_a_pipe_beyond_fd_1024(tmp_path, handlers):
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_sigterm_restored_puts_back_the_handler_a_ray_init_would_leave():
+    """``ray.init`` installs a SIGTERM handler that ``ray.shutdown`` leaves; ``sigterm_restored`` (as a context
+    and as a decorator) puts the earlier one back, after an exception too, and changes nothing off the main
+    thread, where no handler can be set."""
+    from fedgluon.runtime.ray_session import sigterm_restored
+
+    def rays(signum, frame):  # what ray.init installs: sys.exit(signum)
+        raise SystemExit(signum)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with sigterm_restored():
+        signal.signal(signal.SIGTERM, rays)
+    assert signal.getsignal(signal.SIGTERM) is before
+    with pytest.raises(RuntimeError), sigterm_restored():
+        signal.signal(signal.SIGTERM, rays)
+        raise RuntimeError("the run failed")
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    @sigterm_restored()
+    def run():
+        signal.signal(signal.SIGTERM, rays)
+    run()
+    run()
+    assert signal.getsignal(signal.SIGTERM) is before
+    errors: list[BaseException] = []
+
+    def off_main():
+        try:
+            with sigterm_restored():
+                pass
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+    worker = threading.Thread(target=off_main)
+    worker.start()
+    worker.join()
+    assert not errors and signal.getsignal(signal.SIGTERM) is before

@@ -60,8 +60,7 @@ def ensure(task_dir: Path, task: str, args: Sequence[str], algorithms: list[dict
     missing = list(algorithms)
     for d, request in requests(task_dir).items():
         held = [a for a in request["algorithms"] if a in missing]
-        same = request["grid"] == grid and request.get("metric", METRIC) == metric
-        if not held or not same or request["overrides"] != [*overrides, f"output.dir={task_dir}"]:
+        if not held or request["grid"] != grid or not _made_with(request, overrides, task_dir, metric):
             continue
         if not _finished(d, request):
             resume(d, progress=progress)
@@ -88,9 +87,7 @@ def trials_of(task_dir: Path, method: Method, overrides: Sequence[str] = (), met
     found: dict[float, float] = {}
     mine = json.dumps(method.algorithm, sort_keys=True)
     for d, request in requests(task_dir).items():
-        ours = (request.get("overrides") == [*overrides, f"output.dir={task_dir}"]
-                and request.get("metric", METRIC) == metric)  # another metric decided its early stops
-        if not (d / "tuned.csv").is_file() or not ours:
+        if not (d / "tuned.csv").is_file() or not _made_with(request, overrides, task_dir, metric):
             continue
         table = pd.read_csv(d / "tuned.csv")
         for label, alg in zip(request["labels"], request["algorithms"]):
@@ -103,6 +100,13 @@ def trials_of(task_dir: Path, method: Method, overrides: Sequence[str] = (), met
                 trials = trials.assign(**{column: alg[method.key]})
             found.update(scores(trials, method.key, metric))
     return found
+
+
+def _made_with(request: dict[str, Any], overrides: Sequence[str], task_dir: Path, metric: str) -> bool:
+    """Whether a tune's request was made with these ``overrides`` and ranked by ``metric`` (another metric
+    decided its early stops)."""
+    return (request.get("overrides") == [*overrides, f"output.dir={task_dir}"]
+            and request.get("metric", METRIC) == metric)
 
 
 def scores(trials: pd.DataFrame, key: str, metric: str = METRIC) -> dict[float, float]:
@@ -158,5 +162,5 @@ def summary_lines(chosen: dict[str, dict[str, Any]]) -> list[str]:
         else:
             flag = "" if c["edge"] == "none" else f"  [on the grid's {c['edge']} edge]"
             lines.append(f"  {label}: {c['value']:g} (index {c['index']} of {len(c['grid'])}; "
-                         f"{tuned_by([c])} {c[tuned_by([c])]:.4f}){flag}")
+                         f"{(m := tuned_by([c]))} {c[m]:.4f}){flag}")
     return lines

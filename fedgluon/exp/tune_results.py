@@ -17,7 +17,7 @@ from ray.tune import Callback
 from fedgluon.config import schema as configs
 from fedgluon.exp.experiment import SUMMARY_METRICS
 from fedgluon.exp.sweep import value_label
-from fedgluon.tasks.registry import EVAL_SPLITS
+from fedgluon.tasks.registry import EVAL_METRICS
 
 METRICS = ("final_test_loss", *(m for m in SUMMARY_METRICS if m != "final_test_loss"))  # the default first
 """Summary fields (fedgluon/exp/experiment.py) a trial reports every round and ``metric`` may name."""
@@ -43,8 +43,7 @@ class RunningSummary:
                      + per_client_down / (net.downlink_mbps * 1e6))
         self.values["uplink_bits_per_client"] = self.values.get("uplink_bits_per_client", 0) + row[f"up_{c}_mean"]
         self.values["sim_time"] = self.values.get("sim_time", 0) + sim_round
-        scored = [(f"{split}_{m}", best) for split in EVAL_SPLITS for m, best in (("loss", min), ("accuracy", max))]
-        for col, best in (*scored, ("grad_dual_norm", None)):
+        for col, best in (*EVAL_METRICS.items(), ("grad_dual_norm", None)):
             v = row.get(col)
             if v is None or math.isnan(v):
                 continue

@@ -41,13 +41,13 @@ from fedgluon.core.rng import generator
 from fedgluon.core.text import MAX_CLIENT_TEXT, first_line, last_line, shown
 from fedgluon.sim.checkpoint import ActorDeathError, Checkpointer, NonFiniteStateError, RunStopped, Snapshot
 from fedgluon.sim.metrics import bit_columns, client_rows, round_row
-from fedgluon.tasks.registry import EVAL_SPLITS
+from fedgluon.tasks.registry import EVAL_METRICS
 
 log = logging.getLogger("fedgluon.sim.federation")
 
 Evaluate = Callable[[Mapping[str, Tensor], int], dict[str, float]]  # (model, round) -> metrics
 
-FINITE_METRICS = (*(f"{split}_{m}" for split in EVAL_SPLITS for m in ("loss", "accuracy")), "grad_dual_norm")
+FINITE_METRICS = (*EVAL_METRICS, "grad_dual_norm")
 """The central evaluation's metrics that stop the run when NaN or infinite."""
 SMALLER_RADIUS = ("start a new run with a smaller radius (algorithm.lr, or its schedule); "
                   "a resume may not change it")

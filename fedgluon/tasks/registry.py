@@ -118,6 +118,9 @@ class Task:
 
 EVAL_SPLITS = ("test", "val")
 """The evaluation splits, as their metrics' prefixes: the held-out test data, and the validation split."""
+EVAL_METRICS: dict[str, Callable[[float, float], float]] = {
+    f"{split}_{m}": better for split in EVAL_SPLITS for m, better in (("loss", min), ("accuracy", max))}
+"""The central evaluation's loss and accuracy of every split → which of two values is the better one."""
 
 
 def _fraction(fraction: float) -> float:
@@ -130,9 +133,9 @@ def hold_back(sizes: Sequence[int], fraction: float, seed: int) -> list[tuple[np
     """A validation split from the clients' own training data (task option ``validation_fraction``): per client
     ``j`` of ``sizes``, the sorted indices of the samples it keeps and of the ``min(floor(fraction * n_j),
     n_j - 1)`` it holds back, drawn with ``generator(seed, "validation", j)``. ``fraction`` 0 holds back none."""
-    out = []
+    fraction, out = _fraction(fraction), []
     for j, n in enumerate(sizes):
-        k = min(int(n * _fraction(fraction)), n - 1)
+        k = min(int(n * fraction), n - 1)
         order = torch.randperm(n, generator=generator(seed, "validation", j)).numpy() if k > 0 else np.arange(n)
         out.append((np.sort(order[k:]), np.sort(order[:k])))
     return out
@@ -291,7 +294,8 @@ def _shakespeare(plays: tuple[str, ...] | None = None, context: int = 64, min_ch
     from fedgluon.tasks.data import shakespeare as shk
 
     corpus = shk.build_corpus(tuple(plays) if plays else shk.PLAYS, test_fraction)
-    cut = {k: len(text) - int(len(text) * _fraction(validation_fraction)) for k, text in corpus.train.items()}
+    f = _fraction(validation_fraction)
+    cut = {k: len(text) - int(len(text) * f) for k, text in corpus.train.items()}
     floor = max(min_chars, context + 1)  # a client needs at least one full window
     roles = sorted((k for k in corpus.train if cut[k] >= floor), key=lambda k: (-cut[k], k))[:max_clients]
     if not roles:
